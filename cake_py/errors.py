@@ -1,0 +1,43 @@
+"""One exception family for cake_py; every message names the bad value so users can act on it."""
+
+from __future__ import annotations
+
+
+class CakeError(Exception):
+    """Base of every error cake_py raises on purpose. `str(error)` is a complete one-line message."""
+
+
+class ConfigError(CakeError):
+    """A setting, flag or cluster.yaml value is invalid."""
+
+
+class ModelError(CakeError):
+    """A model cannot be found, read or understood."""
+
+
+class ModelNotFoundError(ModelError):
+    """The model path or Hub id does not exist (or is not cached while offline)."""
+
+
+class UnsupportedArchitectureError(ModelError):
+    """config.json names an architecture cake_py does not implement."""
+
+
+class WeightsError(ModelError):
+    """A weights file is truncated, corrupt or lacks a tensor the model needs."""
+
+
+class RequestError(CakeError):
+    """A generation request is invalid (bad sampling value, prompt too long, ...)."""
+
+
+class ContextLengthError(RequestError):
+    """The prompt does not fit in the model's context window."""
+
+
+class ClusterError(CakeError):
+    """A worker is unreachable, refuses us, or the topology is invalid."""
+
+
+class StageError(ClusterError):
+    """A pipeline stage failed while serving a forward pass."""

@@ -1,0 +1,120 @@
+"""ModelConfig: the architecture hyper-parameters of a decoder-only transformer, parsed from HF config.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cake_py.errors import UnsupportedArchitectureError
+
+# architectures[0] or model_type → family handled by cake_py.models.llama (all are Llama-shaped decoders).
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    kind: str = "default"  # default | llama3 | linear
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str  # llama | mistral | qwen2 | qwen3
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2, Llama attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    architecture: str = "LlamaForCausalLM"
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Parse a HF config.json dict; an architecture we do not implement is an UnsupportedArchitectureError."""
+        architectures = raw.get("architectures") or []
+        architecture = architectures[0] if architectures else None
+        model_type = raw.get("model_type")
+        if architecture is not None and architecture in SUPPORTED_ARCHITECTURES:
+            family = SUPPORTED_ARCHITECTURES[architecture]
+        elif architecture is None and model_type in SUPPORTED_MODEL_TYPES:
+            family = str(model_type)
+            architecture = next(a for a, f in SUPPORTED_ARCHITECTURES.items() if f == family)
+        else:
+            name = architecture or model_type or "<none>"
+            supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+            raise UnsupportedArchitectureError(f"unsupported architecture {name!r} (supported: {supported})")
+
+        n_heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        head_dim = raw.get("head_dim") or hidden // n_heads
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
+        attention_bias = bool(raw.get("attention_bias", False))
+        # Mistral always honours sliding_window; Qwen2/3 only when use_sliding_window is set.
+        sliding = raw.get("sliding_window") if family == "mistral" or raw.get("use_sliding_window") else None
+        return cls(
+            family=family,
+            architecture=str(architecture),
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            n_layers=int(raw["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=_parse_rope(raw),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or attention_bias,
+            o_bias=family != "qwen2" and attention_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=family == "qwen3",
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
+    # transformers ≥5 writes `rope_parameters`; older configs use `rope_theta` + `rope_scaling`.
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    params = {**params, **{k: v for k, v in scaling.items() if v is not None}}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = str(params.get("rope_type", params.get("type", "default")))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedArchitectureError(
+            f"unsupported rope_scaling type {kind!r} (supported: {', '.join(sorted(SUPPORTED_ROPE_TYPES))})"
+        )
+    return RopeConfig(
+        theta=theta,
+        kind=kind,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+    )

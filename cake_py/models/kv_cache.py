@@ -1,0 +1,105 @@
+"""Per-sequence KV caches for a range of layers, and the batch layout the model runs on.
+
+A batch is a list of `SequenceSlice`s whose tokens are concatenated along the first axis of the hidden states
+(a "varlen" layout): sequences of different lengths, some prefilling and some decoding, share every matmul.
+Each sequence owns one growing cache per layer; memory follows what sequences actually use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+_GROWTH_QUANTUM = 256  # capacity grows in whole multiples of this many positions
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """`n_tokens` consecutive tokens of sequence `seq_id`, the first at position `start_pos`."""
+
+    seq_id: int
+    start_pos: int
+    n_tokens: int
+
+
+Batch = Sequence[SequenceSlice]
+
+
+def batch_positions(batch: Batch, device: torch.device | None = None) -> torch.Tensor:
+    """The absolute position of every token of the batch, in layout order: (T,)."""
+    if len(batch) == 1:
+        s = batch[0]
+        return torch.arange(s.start_pos, s.start_pos + s.n_tokens, device=device)
+    return torch.cat([torch.arange(s.start_pos, s.start_pos + s.n_tokens, device=device) for s in batch])
+
+
+class LayerCache:
+    """Keys and values of one layer for one sequence: (1, n_kv_heads, capacity, head_dim) each."""
+
+    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.n_kv_heads, self.head_dim, self.dtype, self.device = n_kv_heads, head_dim, dtype, device
+        self.keys = torch.empty(1, n_kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (1, n_kv, t, hd) at `start_pos` and return views of the cache up to the new end."""
+        if start_pos > self.length:
+            raise ValueError(f"cache holds {self.length} positions; cannot write at position {start_pos}")
+        end = start_pos + keys.shape[2]
+        if end > self.keys.shape[2]:
+            self._grow(end)
+        self.keys[:, :, start_pos:end] = keys
+        self.values[:, :, start_pos:end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.keys.shape[2])
+        capacity = -(-capacity // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
+        keys = torch.empty(1, self.n_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
+        values = torch.empty_like(keys)
+        keys[:, :, : self.length] = self.keys[:, :, : self.length]
+        values[:, :, : self.length] = self.values[:, :, : self.length]
+        self.keys, self.values = keys, values
+
+
+class KVStore:
+    """The caches of every live sequence for `n_layers` consecutive layers of one stage."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self._caches: dict[int, list[LayerCache]] = {}
+
+    def for_batch(self, batch: Batch) -> list[list[LayerCache]]:
+        """Per sequence of the batch, its per-layer caches (created on first sight)."""
+        return [self._get(s.seq_id) for s in batch]
+
+    def _get(self, seq_id: int) -> list[LayerCache]:
+        caches = self._caches.get(seq_id)
+        if caches is None:
+            caches = [LayerCache(self.n_kv_heads, self.head_dim, self.dtype, self.device) for _ in range(self.n_layers)]
+            self._caches[seq_id] = caches
+        return caches
+
+    def length(self, seq_id: int) -> int:
+        caches = self._caches.get(seq_id)
+        return caches[0].length if caches else 0
+
+    def release(self, seq_ids: Iterable[int]) -> None:
+        for seq_id in seq_ids:
+            self._caches.pop(seq_id, None)
+
+    def sequence_ids(self) -> list[int]:
+        return list(self._caches)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for caches in self._caches.values() for c in caches)

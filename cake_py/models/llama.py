@@ -1,0 +1,196 @@
+"""The Llama family of decoders (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) in plain torch.
+
+A `Transformer` is one stage's part of the model: layers [start, end) plus, optionally, the token embedding and
+the head (final norm + lm_head). It never knows where the other layers run. Hidden states use the varlen layout
+of `kv_cache.Batch`: (T, hidden) with the tokens of every sequence of the batch concatenated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cake_py.models.config import ModelConfig, RopeConfig
+from cake_py.models.kv_cache import Batch, KVStore, LayerCache, batch_positions
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference implementation, scale in the weights' dtype.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """(head_dim/2,) float32 inverse frequencies, with Llama 3 or linear scaling applied."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        old_context = rope.original_max_position_embeddings
+        low_wavelen = old_context / rope.low_freq_factor
+        high_wavelen = old_context / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos and sin for each position: (T, 1, head_dim), computed in float32 then cast."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (T, heads, head_dim) by the tables (HF's rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.sliding_window = config.sliding_window
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.wqkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.wo = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, caches: list[LayerCache]
+    ) -> torch.Tensor:
+        n_tokens = x.shape[0]
+        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)
+        q = q.view(n_tokens, self.n_heads, self.head_dim)  # (T, n_heads, head_dim)
+        k = k.view(n_tokens, self.n_kv_heads, self.head_dim)  # (T, n_kv_heads, head_dim)
+        v = v.view(n_tokens, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        outputs = []
+        offset = 0
+        for piece, cache in zip(batch, caches, strict=True):
+            end = offset + piece.n_tokens
+            q_seq = q[offset:end].transpose(0, 1).unsqueeze(0)  # (1, n_heads, t, head_dim)
+            k_seq = k[offset:end].transpose(0, 1).unsqueeze(0)  # (1, n_kv_heads, t, head_dim)
+            v_seq = v[offset:end].transpose(0, 1).unsqueeze(0)
+            keys, values = cache.update(k_seq, v_seq, piece.start_pos)  # (1, n_kv_heads, L, head_dim)
+            mask = self._mask(piece.start_pos, piece.n_tokens, keys.shape[2], x.device)
+            out = F.scaled_dot_product_attention(
+                q_seq, keys, values, attn_mask=mask, is_causal=mask is None and piece.n_tokens > 1, enable_gqa=True
+            )  # (1, n_heads, t, head_dim)
+            outputs.append(out[0].transpose(0, 1).reshape(piece.n_tokens, -1))
+            offset = end
+        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return self.wo(attended)
+
+    def _mask(self, start_pos: int, n_tokens: int, n_keys: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (t, L) mask where a plain causal or no mask is not enough; None otherwise."""
+        window = self.sliding_window
+        windowed = window is not None and n_keys > window
+        if not windowed and (n_tokens == 1 or start_pos == 0):
+            return None  # decode sees every key; a fresh prefill is plain causal
+        query_pos = torch.arange(start_pos, start_pos + n_tokens, device=device)[:, None]
+        key_pos = torch.arange(n_keys, device=device)[None, :]
+        mask = key_pos <= query_pos
+        if window is not None and windowed:
+            mask &= key_pos > query_pos - window
+        return mask
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)  # gate ‖ up
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, caches: list[LayerCache]
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, batch, caches)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Layers [start, end) of a model, with the embedding and/or the head when this part holds them."""
+
+    def __init__(self, config: ModelConfig, start: int, end: int, *, with_embedding: bool, with_head: bool) -> None:
+        super().__init__()
+        if not 0 <= start <= end <= config.n_layers:
+            raise ValueError(f"layer range [{start}, {end}) is outside the model's {config.n_layers} layers")
+        self.config, self.start, self.end = config, start, end
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if with_embedding else None
+        self.layers = nn.ModuleList(Block(config) for _ in range(start, end))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if with_head else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if with_head else None
+        self.inv_freq = rope_inverse_frequencies(config.rope, config.head_dim)
+
+    @property
+    def n_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def new_kv_store(self) -> KVStore:
+        return KVStore(self.n_layers, self.config.n_kv_heads, self.config.head_dim, self.dtype, self.device)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(T,) token ids → (T, hidden)."""
+        if self.embed_tokens is None:
+            raise RuntimeError("this part of the model does not hold the embedding")
+        return self.embed_tokens(tokens)
+
+    def forward_layers(self, hidden: torch.Tensor, batch: Batch, kv: KVStore) -> torch.Tensor:
+        """Run (T, hidden) through this part's layers, reading and extending each sequence's KV cache."""
+        if self.n_layers == 0:
+            return hidden
+        positions = batch_positions(batch, hidden.device)
+        cos, sin = rope_tables(self.inv_freq.to(hidden.device), positions, hidden.dtype)
+        per_sequence = kv.for_batch(batch)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, cos, sin, batch, [caches[index] for caches in per_sequence])
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) → (N, vocab) float32 logits."""
+        if self.norm is None or self.lm_head is None:
+            raise RuntimeError("this part of the model does not hold the head")
+        return self.lm_head(self.norm(hidden)).float()

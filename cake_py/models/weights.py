@@ -1,0 +1,250 @@
+"""Weight sources: safetensors folders (single or sharded) and GGUF files, and loading a layer range from them.
+
+A `WeightSource` speaks HF tensor names (`model.layers.3.self_attn.q_proj.weight`). `load_transformer` asks it
+for exactly the tensors of one stage, so a stage holding layers [10, 20) never reads layer 3.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from cake_py.errors import ModelNotFoundError, WeightsError
+from cake_py.models.config import ModelConfig
+from cake_py.models.llama import Transformer
+
+LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.")
+EMBEDDING = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+_SAFETENSORS_DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a tensor is on disk (for topology and placement): its dtype name, shape and stored size."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    size_bytes: int
+
+
+class WeightSource(Protocol):
+    """Tensors by HF name plus the HF config dict that describes them."""
+
+    path: Path
+
+    @property
+    def config(self) -> dict[str, Any]: ...
+
+    def names(self) -> list[str]: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
+
+
+class SafetensorsWeights:
+    """A HF model folder: config.json plus model.safetensors or shards listed in model.safetensors.index.json."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise ModelNotFoundError(f"no config.json in model folder {str(folder)!r}")
+        try:
+            self._config = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise WeightsError(f"cannot read {str(config_path)!r}: {error}") from error
+        self._files = self._shard_map(folder)
+        self._infos = {info.name: info for file in sorted(set(self._files.values())) for info in _read_header(file)}
+        missing = set(self._files) - set(self._infos)
+        if missing:
+            raise WeightsError(f"{str(folder)!r}: index lists tensors missing from the shards: {sorted(missing)[:3]}")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._config
+
+    @staticmethod
+    def _shard_map(folder: Path) -> dict[str, Path]:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as error:
+                raise WeightsError(f"cannot read shard index {str(index)!r}: {error}") from error
+            return {name: folder / file for name, file in weight_map.items()}
+        single = folder / "model.safetensors"
+        if not single.is_file():
+            raise ModelNotFoundError(f"no model.safetensors or model.safetensors.index.json in {str(folder)!r}")
+        return {info.name: single for info in _read_header(single)}
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self._files:
+                raise WeightsError(f"tensor {name!r} is missing from {str(self.path)!r}")
+            by_file.setdefault(self._files[name], []).append(name)
+        tensors: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in file_names:
+                        tensors[name] = handle.get_tensor(name).to(dtype)
+            except (SafetensorError, OSError, RuntimeError) as error:
+                raise WeightsError(f"cannot read {str(file)!r}: {error}") from error
+        return tensors
+
+
+def _read_header(file: Path) -> list[TensorInfo]:
+    """Parse a safetensors header and check that the file is long enough for every tensor it declares."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                raise WeightsError(f"safetensors file {str(file)!r} is truncated (header of {header_len} bytes)")
+            header = json.loads(handle.read(header_len))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise WeightsError(f"cannot read safetensors file {str(file)!r}: {error}") from error
+    infos = []
+    data_len = size - 8 - header_len
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        if end > data_len:
+            raise WeightsError(f"safetensors file {str(file)!r} is truncated: tensor {name!r} ends past the file")
+        infos.append(TensorInfo(name, meta["dtype"], tuple(meta["shape"]), end - begin))
+    return infos
+
+
+def layer_tensor_names(source: WeightSource, layer: int) -> list[str]:
+    prefix = f"model.layers.{layer}."
+    return [name for name in source.names() if name.startswith(prefix)]
+
+
+def stage_tensor_names(
+    source: WeightSource, config: ModelConfig, start: int, end: int, *, with_embedding: bool, with_head: bool
+) -> list[str]:
+    """Exactly the HF tensors a stage holding layers [start, end) (and maybe embedding/head) needs."""
+    names = [n for n in source.names() if (m := LAYER_PATTERN.match(n)) and start <= int(m.group(1)) < end]
+    available = set(source.names())
+    if with_embedding:
+        names.append(EMBEDDING)
+    if with_head:
+        names.append(FINAL_NORM)
+        tied = config.tie_word_embeddings or LM_HEAD not in available
+        names.append(EMBEDDING if tied else LM_HEAD)
+    return list(dict.fromkeys(names))
+
+
+def to_module_state(
+    tensors: dict[str, torch.Tensor],
+    config: ModelConfig,
+    start: int,
+    end: int,
+    *,
+    with_embedding: bool,
+    with_head: bool,
+) -> dict[str, torch.Tensor]:
+    """Rename HF tensors to `Transformer` parameters, fusing q/k/v and gate/up projections."""
+    state: dict[str, torch.Tensor] = {}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise WeightsError(f"tensor {name!r} is missing from the weights")
+        return tensors[name]
+
+    for index, layer in enumerate(range(start, end)):
+        hf, ours = f"model.layers.{layer}.", f"layers.{index}."
+        attn = hf + "self_attn."
+        state[ours + "attention_norm.weight"] = take(hf + "input_layernorm.weight")
+        state[ours + "ffn_norm.weight"] = take(hf + "post_attention_layernorm.weight")
+        state[ours + "attention.wqkv.weight"] = torch.cat([take(f"{attn}{p}_proj.weight") for p in "qkv"])
+        if config.qkv_bias:
+            state[ours + "attention.wqkv.bias"] = torch.cat([take(f"{attn}{p}_proj.bias") for p in "qkv"])
+        state[ours + "attention.wo.weight"] = take(attn + "o_proj.weight")
+        if config.o_bias:
+            state[ours + "attention.wo.bias"] = take(attn + "o_proj.bias")
+        if config.qk_norm:
+            state[ours + "attention.q_norm.weight"] = take(attn + "q_norm.weight")
+            state[ours + "attention.k_norm.weight"] = take(attn + "k_norm.weight")
+        mlp = hf + "mlp."
+        state[ours + "feed_forward.w13.weight"] = torch.cat([take(f"{mlp}{p}_proj.weight") for p in ("gate", "up")])
+        state[ours + "feed_forward.w2.weight"] = take(mlp + "down_proj.weight")
+        if config.mlp_bias:
+            state[ours + "feed_forward.w13.bias"] = torch.cat([take(f"{mlp}{p}_proj.bias") for p in ("gate", "up")])
+            state[ours + "feed_forward.w2.bias"] = take(mlp + "down_proj.bias")
+    if with_embedding:
+        state["embed_tokens.weight"] = take(EMBEDDING)
+    if with_head:
+        state["norm.weight"] = take(FINAL_NORM)
+        state["lm_head.weight"] = tensors[LM_HEAD] if LM_HEAD in tensors else take(EMBEDDING)
+    return state
+
+
+def build_transformer(
+    config: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    start: int,
+    end: int,
+    *,
+    with_embedding: bool,
+    with_head: bool,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> Transformer:
+    """A `Transformer` for [start, end) whose parameters are exactly `tensors` (HF names), in `dtype`."""
+    with torch.device("meta"):
+        model = Transformer(config, start, end, with_embedding=with_embedding, with_head=with_head)
+    state = to_module_state(tensors, config, start, end, with_embedding=with_embedding, with_head=with_head)
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for name, shape in expected.items():
+        if name in state and tuple(state[name].shape) != shape:
+            raise WeightsError(f"tensor for {name!r} has shape {tuple(state[name].shape)}, expected {shape}")
+    if state.get("embed_tokens.weight") is not None and "lm_head.weight" in state:
+        if state["lm_head.weight"].data_ptr() != state["embed_tokens.weight"].data_ptr() and config.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]  # one copy of tied weights in memory
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_transformer(
+    source: WeightSource,
+    config: ModelConfig,
+    start: int,
+    end: int,
+    *,
+    with_embedding: bool,
+    with_head: bool,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> Transformer:
+    """Read only the tensors of [start, end) (+ embedding/head) from `source` and build the stage's model."""
+    names = stage_tensor_names(source, config, start, end, with_embedding=with_embedding, with_head=with_head)
+    tensors = source.load(names, dtype)
+    return build_transformer(
+        config, tensors, start, end, with_embedding=with_embedding, with_head=with_head, dtype=dtype, device=device
+    )
