@@ -1,0 +1,217 @@
+"""The `cake` command: flags → settings → run. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cake_py import __version__
+from cake_py.config import (
+    DEFAULT_SERVE_PORT,
+    DEFAULT_WORKER_PORT,
+    DEVICES,
+    DTYPES,
+    ServeSettings,
+    WorkerSettings,
+    check_device,
+    check_dtype,
+    default_cache_dir,
+    env,
+    load_cluster_file,
+    parse_ui_auth,
+    parse_workers_flag,
+)
+from cake_py.errors import CakeError, ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (plus usage) and exits 2, never a traceback."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must not be negative")
+    return number
+
+
+def _tls_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate of this node (enables TLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of this node")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA bundle used to verify the other side")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cake", description="Distributed inference cluster for transformer models.")
+    parser.add_argument("--version", action="version", version=f"cake_py {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible API + web UI)")
+    serve.add_argument("model", nargs="?", help="HF repo id, local HF folder or .gguf file (default: embedded)")
+    serve.add_argument("--model-path", dest="model_path", help="alias of MODEL")
+    serve.add_argument("--config", type=Path, help="cluster.yaml with the model and workers")
+    serve.add_argument("--workers", help="comma-separated HOST:PORT of workers (automatic placement)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_positive_int, default=DEFAULT_SERVE_PORT)
+    serve.add_argument("--model-name", help="model id reported by the API (default: the model's id)")
+    serve.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    serve.add_argument("--device", default="auto", choices=DEVICES)
+    serve.add_argument("--api-key", help="require this Bearer key on the API (also CAKE_API_KEY)")
+    serve.add_argument("--ui-auth", help="USER:PASS for HTTP Basic auth on the web UI and topology")
+    serve.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
+    serve.add_argument("--threads", type=_positive_int, help="torch threads of the master")
+    serve.add_argument("--rate-limit", type=_positive_int, default=60, help="requests/min per client; 0 = off")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _tls_flags(serve)
+
+    worker = commands.add_parser("worker", help="run a worker that holds a range of layers for a master")
+    worker.add_argument("--host", default="0.0.0.0")
+    worker.add_argument("--port", type=_positive_int, default=DEFAULT_WORKER_PORT)
+    worker.add_argument("--name", help="worker name shown in the topology (default: hostname:port)")
+    worker.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
+    worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
+    worker.add_argument("--device", default="auto", choices=DEVICES)
+    worker.add_argument("--threads", type=_positive_int, help="torch threads of this worker")
+    worker.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _tls_flags(worker)
+
+    run = commands.add_parser("run", help="generate one answer locally and stream it to stdout")
+    run.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
+    run.add_argument("--max-tokens", type=_positive_int, default=512)
+    run.add_argument("--temperature", type=float, default=0.0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    run.add_argument("--device", default="auto", choices=DEVICES)
+    run.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
+
+    pull = commands.add_parser("pull", help="download a model from the Hugging Face Hub into the HF cache")
+    pull.add_argument("model")
+    commands.add_parser("list", help="list models in the HF cache")
+    remove = commands.add_parser("rm", help="delete a model from the HF cache")
+    remove.add_argument("model")
+    return parser
+
+
+def _serve_settings(args: argparse.Namespace) -> ServeSettings:
+    if args.model and args.model_path and args.model != args.model_path:
+        raise ConfigError(f"MODEL {args.model!r} and --model-path {args.model_path!r} disagree")
+    model = args.model or args.model_path
+    workers = []
+    if args.config is not None:
+        cluster = load_cluster_file(args.config)
+        model = model or cluster.model
+        workers = cluster.workers
+    if args.workers:
+        if workers:
+            raise ConfigError("give workers either with --workers or in --config, not both")
+        workers = parse_workers_flag(args.workers)
+    return ServeSettings(
+        model=model,
+        config_path=args.config,
+        workers=workers,
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name,
+        dtype=check_dtype(args.dtype),
+        device=check_device(args.device),
+        api_key=args.api_key or env("CAKE_API_KEY"),
+        ui_auth=parse_ui_auth(args.ui_auth),
+        cluster_key=args.cluster_key or env("CAKE_CLUSTER_KEY"),
+        log_level=args.log_level,
+        threads=args.threads,
+        rate_limit=args.rate_limit,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+    )
+
+
+def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    return WorkerSettings(
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        cluster_key=args.cluster_key or env("CAKE_CLUSTER_KEY"),
+        cache_dir=args.cache_dir or default_cache_dir(),
+        device=check_device(args.device),
+        threads=args.threads,
+        log_level=args.log_level,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+    )
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from cake_py.api.server import serve
+
+        serve(_serve_settings(args))
+    elif args.command == "worker":
+        from cake_py.rpc.server import run_worker
+
+        run_worker(_worker_settings(args))
+    elif args.command == "run":
+        from cake_py.engine.oneshot import run_prompt
+        from cake_py.models.sampling import SamplingParams
+
+        if len(args.args) > 2:
+            raise ConfigError(f"cake run takes [MODEL] PROMPT, got {len(args.args)} arguments (quote the prompt)")
+        model, prompt = (None, args.args[0]) if len(args.args) == 1 else args.args
+        params = SamplingParams(
+            max_tokens=max(args.max_tokens, 1), temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        run_prompt(model, prompt, params, write, dtype=args.dtype, device=args.device, raw=args.raw)
+        sys.stdout.write("\n")
+    elif args.command == "pull":
+        from cake_py.models.hub import download
+
+        print(download(args.model))
+    elif args.command == "list":
+        from cake_py.models.hub import list_cached
+
+        for model in list_cached():
+            print(f"{model.repo_id}\t{model.size_bytes / 1e6:.1f} MB\t{model.path}")
+    elif args.command == "rm":
+        from cake_py.models.hub import remove_cached
+
+        freed = remove_cached(args.model)
+        print(f"removed {args.model} ({freed / 1e6:.1f} MB freed)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(args, "log_level", "warning").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return _dispatch(args)
+    except CakeError as error:
+        print(f"cake: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

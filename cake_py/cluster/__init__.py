@@ -1,0 +1,1 @@
+"""The cluster: pipeline stages (local or remote), topology and placement."""

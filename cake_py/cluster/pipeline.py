@@ -1,0 +1,64 @@
+"""The pipeline: the master's embedding and head around an ordered list of stages covering every layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cake_py.cluster.stage import LocalStage, Stage
+from cake_py.errors import ClusterError
+from cake_py.models.hub import ModelSource
+from cake_py.models.kv_cache import Batch
+from cake_py.models.llama import Transformer
+from cake_py.models.weights import load_transformer
+
+
+class Pipeline:
+    """Token ids → embedding → stage after stage → final norm + lm_head → logits of the rows asked for."""
+
+    def __init__(self, ends: Transformer, stages: Sequence[Stage]) -> None:
+        covered = 0
+        for stage in stages:
+            if stage.start != covered:
+                raise ClusterError(f"stage {stage.name!r} starts at layer {stage.start}, expected {covered}")
+            covered = stage.end
+        if covered != ends.config.n_layers:
+            raise ClusterError(f"stages cover layers [0, {covered}) of a model with {ends.config.n_layers} layers")
+        self.ends = ends
+        self.stages = list(stages)
+        self.config = ends.config
+
+    def logits(self, token_ids: torch.Tensor, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
+        """(T,) ids in the batch's layout → (len(rows), vocab) float32 logits at those token rows."""
+        hidden = self.ends.embed(token_ids)
+        for stage in self.stages:
+            hidden = stage.forward(hidden, batch)
+        return self.ends.head(hidden[list(rows)])
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        for stage in self.stages:
+            stage.release(seq_ids)
+
+    def healthy(self) -> bool:
+        return all(stage.healthy() for stage in self.stages)
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
+
+
+def load_ends(source: ModelSource, dtype: torch.dtype, device: str = "cpu") -> Transformer:
+    """The master's own part: embedding, final norm and lm_head, no layers."""
+    return load_transformer(
+        source.weights, source.config, 0, 0, with_embedding=True, with_head=True, dtype=dtype, device=device
+    )
+
+
+def local_pipeline(source: ModelSource, dtype: torch.dtype, device: str = "cpu") -> Pipeline:
+    """Every layer in this process: the single-node engine."""
+    n_layers = source.config.n_layers
+    layers = load_transformer(
+        source.weights, source.config, 0, n_layers, with_embedding=False, with_head=False, dtype=dtype, device=device
+    )
+    return Pipeline(load_ends(source, dtype, device), [LocalStage(layers)])

@@ -1,0 +1,168 @@
+"""Settings dataclasses and cluster.yaml parsing. The only module that reads environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cake_py.errors import ConfigError
+
+DTYPES = ("bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_WORKER_PORT = 10128
+DEFAULT_SERVE_PORT = 8080
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """A worker as the master knows it: a name, an address, and optionally the half-open layer range it must hold."""
+
+    name: str
+    address: str
+    layers: tuple[int, int] | None = None
+
+
+@dataclass
+class ServeSettings:
+    model: str | None = None
+    config_path: Path | None = None
+    workers: list[WorkerSpec] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_SERVE_PORT
+    model_name: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    api_key: str | None = None
+    ui_auth: tuple[str, str] | None = None
+    cluster_key: str | None = None
+    log_level: str = "info"
+    threads: int | None = None
+    rate_limit: int = 60  # requests per minute per client on generation routes; 0 turns it off
+    rate_burst: int = 10
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_running: int = 16
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+
+@dataclass
+class WorkerSettings:
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_WORKER_PORT
+    name: str | None = None
+    cluster_key: str | None = None
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    device: str = "auto"
+    threads: int | None = None
+    log_level: str = "info"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+
+def env(name: str) -> str | None:
+    """An environment variable, empty treated as unset."""
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def default_cache_dir() -> Path:
+    base = env("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cake" / "worker"
+
+
+def check_dtype(value: str) -> str:
+    if value not in DTYPES:
+        raise ConfigError(f"unknown dtype {value!r} (choose one of {', '.join(DTYPES)})")
+    return value
+
+
+def check_device(value: str) -> str:
+    if value not in DEVICES:
+        raise ConfigError(f"unknown device {value!r} (choose one of {', '.join(DEVICES)})")
+    return value
+
+
+def parse_ui_auth(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"--ui-auth must be USER:PASS, got {value!r}")
+    return user, password
+
+
+def parse_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"worker address {value!r} is not HOST:PORT")
+    return value
+
+
+def parse_layers(value: Any, where: str) -> tuple[int, int]:
+    """'0-14' (inclusive, like Cake's model.layers.0-14) or '7' → half-open (start, end)."""
+    text = str(value).strip()
+    text = text.removeprefix("model.layers.")
+    match = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", text)
+    if not match:
+        raise ConfigError(f"{where}: layers {value!r} is not a range like '0-14'")
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) is not None else first
+    if last < first:
+        raise ConfigError(f"{where}: layers {value!r} ends before it starts")
+    return first, last + 1
+
+
+def parse_workers_flag(value: str) -> list[WorkerSpec]:
+    addresses = [item.strip() for item in value.split(",") if item.strip()]
+    if not addresses:
+        raise ConfigError(f"--workers {value!r} lists no HOST:PORT")
+    return [WorkerSpec(f"worker-{i + 1}", parse_address(address)) for i, address in enumerate(addresses)]
+
+
+@dataclass(frozen=True)
+class ClusterFile:
+    model: str | None
+    workers: list[WorkerSpec]
+
+
+def load_cluster_file(path: Path) -> ClusterFile:
+    """Parse cluster.yaml: `model` (optional) and `workers: [{name, address, layers?}]`."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read cluster config {str(path)!r}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cluster config {str(path)!r} is not valid YAML: {error}") from error
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"cluster config {str(path)!r} must be a mapping with 'workers'")
+    unknown = set(data) - {"model", "workers"}
+    if unknown:
+        raise ConfigError(f"cluster config {str(path)!r}: unknown key(s) {', '.join(sorted(unknown))}")
+    raw_workers = data.get("workers") or []
+    if not isinstance(raw_workers, list):
+        raise ConfigError(f"cluster config {str(path)!r}: 'workers' must be a list")
+    workers: list[WorkerSpec] = []
+    for index, item in enumerate(raw_workers):
+        if not isinstance(item, dict) or "address" not in item:
+            raise ConfigError(f"cluster config {str(path)!r}: worker #{index + 1} needs an 'address'")
+        name = str(item.get("name") or f"worker-{index + 1}")
+        extra = set(item) - {"name", "address", "layers"}
+        if extra:
+            raise ConfigError(f"worker {name!r}: unknown key(s) {', '.join(sorted(extra))}")
+        layers = parse_layers(item["layers"], f"worker {name!r}") if item.get("layers") is not None else None
+        workers.append(WorkerSpec(name, parse_address(str(item["address"])), layers))
+    names = [w.name for w in workers]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ConfigError(f"cluster config {str(path)!r}: duplicate worker name(s) {', '.join(sorted(duplicates))}")
+    model = data.get("model")
+    return ClusterFile(str(model) if model else None, workers)

@@ -1,0 +1,239 @@
+"""The engine thread: continuous batching over a pipeline.
+
+Every step the scheduler takes each running sequence's next slice (one token when decoding, a chunk of the prompt
+when prefilling), runs them through the pipeline as one varlen batch, samples the sequences whose slice reached
+their end, and streams the results. New requests join at the next step; finished ones free their KV caches on
+every stage at once. Torch runs only on this thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from itertools import count
+
+import torch
+
+from cake_py.cluster.pipeline import Pipeline
+from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
+from cake_py.errors import CakeError, ContextLengthError, RequestError
+from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.sampling import SamplingParams
+from cake_py.models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    requests_total: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    steps: int = 0
+    running: int = 0
+    waiting: int = 0
+    last_step_ms: float = 0.0
+    time_to_first_token_ms: list[float] = field(default_factory=list)
+    tokens_per_second: float = 0.0  # generated tokens per second over the recent steps
+
+
+class Engine:
+    """Owns a pipeline and a tokenizer; `submit` is thread-safe and returns at once."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        tokenizer: Tokenizer,
+        *,
+        max_running: int = 16,
+        max_batch_tokens: int = 512,
+        context_length: int | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+        self.max_running = max_running
+        self.max_batch_tokens = max_batch_tokens
+        self.context_length = context_length or pipeline.config.max_position_embeddings
+        self.stats = EngineStats()
+        self._ids = count(1)
+        self._inbox: queue.SimpleQueue[Sequence | int] = queue.SimpleQueue()  # new sequences, or ids to cancel
+        self._wake = threading.Event()
+        self._waiting: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._rate_window: list[tuple[float, int]] = []
+
+    # ---- public, any thread ----
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="cake-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def check_prompt(self, n_prompt: int, params: SamplingParams) -> SamplingParams:
+        """Raise ContextLengthError when the prompt alone fills the context; clip max_tokens to what is left."""
+        if n_prompt == 0:
+            raise RequestError("the prompt is empty")
+        room = self.context_length - n_prompt
+        if room <= 0:
+            raise ContextLengthError(
+                f"the prompt has {n_prompt} tokens but the model's context is {self.context_length} tokens"
+            )
+        if params.max_tokens > room:
+            params = replace(params, max_tokens=room)
+        return params
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: EventSink) -> int:
+        """Queue a generation; events go to `sink` from the engine thread. Returns the sequence id."""
+        params = self.check_prompt(len(prompt_ids), params)
+        seq = Sequence(next(self._ids), list(prompt_ids), params, self.tokenizer, sink)
+        self._inbox.put(seq)
+        self._wake.set()
+        return seq.seq_id
+
+    def cancel(self, seq_id: int) -> None:
+        self._inbox.put(seq_id)
+        self._wake.set()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
+        """Blocking iterator over one generation's events (for the CLI and tests)."""
+        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        seq_id = self.submit(prompt_ids, params, events.put)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.finished:
+                    return
+        finally:
+            self.cancel(seq_id)  # a no-op when it already finished; frees caches when the caller stopped early
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running) + len(self._waiting)
+
+    # ---- engine thread ----
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                self._drain_inbox()
+                if not self._running and not self._waiting:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    self.step()
+                except Exception:  # the engine must outlive any one bad step
+                    log.exception("engine step failed")
+            for seq in self._running + self._waiting:
+                self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error="the server is stopping"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Sequence):
+                self._waiting.append(item)
+                self.stats.requests_total += 1
+                continue
+            for seq in self._running + self._waiting:
+                if seq.seq_id == item and not seq.cancelled:
+                    seq.cancelled = True
+                    self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="cancelled"))
+
+    def step(self) -> None:
+        """One scheduler step: decode every running sequence, prefill what fits, sample, stream."""
+        while self._waiting and len(self._running) < self.max_running:
+            self._running.append(self._waiting.pop(0))
+        self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
+        budget = self.max_batch_tokens
+        batch: list[SequenceSlice] = []
+        ids: list[int] = []
+        members: list[Sequence] = []
+        # Decoding sequences first: they cost one token each and keep streams flowing during long prefills.
+        for seq in sorted(self._running, key=lambda s: s.prefilling):
+            if budget <= 0:
+                break
+            known = seq.all_ids
+            n = min(len(known) - seq.n_cached, budget)
+            batch.append(SequenceSlice(seq.seq_id, seq.n_cached, n))
+            ids.extend(known[seq.n_cached : seq.n_cached + n])
+            members.append(seq)
+            budget -= n
+        if not batch:
+            return
+        rows, sampled_members, offset = [], [], 0
+        for piece, seq in zip(batch, members, strict=True):
+            offset += piece.n_tokens
+            if piece.start_pos + piece.n_tokens == seq.n_tokens:  # slice reaches the end: next token is due
+                rows.append(offset - 1)
+                sampled_members.append(seq)
+        began = time.perf_counter()
+        try:
+            logits = self.pipeline.logits(torch.tensor(ids, dtype=torch.long), batch, rows)
+        except CakeError as error:
+            for seq in members:
+                self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(error)))
+            return
+        for piece, seq in zip(batch, members, strict=True):
+            seq.n_cached = piece.start_pos + piece.n_tokens
+        for row, seq in enumerate(sampled_members):
+            event = seq.accept(seq.sampler.sample(logits[row], seq.all_ids))
+            if seq.first_token_at is not None and len(seq.output_ids) == 1:
+                self.stats.time_to_first_token_ms.append((seq.first_token_at - seq.created) * 1000)
+                del self.stats.time_to_first_token_ms[:-256]
+            if event.finished:
+                self._finish(seq, event)
+            else:
+                self._emit(seq, event)
+        self._account(len(sampled_members), len(ids) - len(sampled_members), time.perf_counter() - began)
+
+    def _account(self, generated: int, prompt: int, seconds: float) -> None:
+        stats = self.stats
+        stats.steps += 1
+        stats.tokens_generated += generated
+        stats.prompt_tokens += prompt
+        stats.last_step_ms = seconds * 1000
+        now = time.monotonic()
+        self._rate_window.append((now, generated))
+        self._rate_window = [(t, n) for t, n in self._rate_window if now - t < 5.0]
+        span = now - self._rate_window[0][0] if len(self._rate_window) > 1 else 0.0
+        stats.tokens_per_second = sum(n for _, n in self._rate_window[1:]) / span if span > 0 else 0.0
+
+    def _emit(self, seq: Sequence, event: GenerationEvent) -> None:
+        try:
+            seq.sink(event)
+        except Exception:  # a broken consumer cancels its own sequence, nothing else
+            log.exception("event sink of sequence %d failed", seq.seq_id)
+            seq.cancelled = True
+            self._finish(seq, None)
+
+    def _finish(self, seq: Sequence, event: GenerationEvent | None) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        try:
+            self.pipeline.release([seq.seq_id])
+        except CakeError as error:
+            log.warning("releasing sequence %d failed: %s", seq.seq_id, error)
+        if event is not None:
+            event.prompt_tokens = len(seq.prompt_ids)
+            event.completion_tokens = len(seq.output_ids)
+            try:
+                seq.sink(event)
+            except Exception:
+                log.exception("event sink of sequence %d failed", seq.seq_id)

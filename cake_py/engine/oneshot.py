@@ -1,0 +1,41 @@
+"""`cake run`: one prompt through a local engine, streamed to a text sink."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cake_py.cluster.pipeline import local_pipeline
+from cake_py.engine.engine import Engine
+from cake_py.errors import CakeError
+from cake_py.models.device import resolve_device, torch_dtype
+from cake_py.models.hub import resolve_model
+from cake_py.models.sampling import SamplingParams
+
+
+def run_prompt(
+    model: str | None,
+    prompt: str,
+    params: SamplingParams,
+    write: Callable[[str], None],
+    *,
+    dtype: str = "bfloat16",
+    device: str = "auto",
+    raw: bool = False,
+) -> str:
+    """Generate an answer to `prompt` (chat-templated unless `raw`), writing text as it streams; returns it."""
+    source = resolve_model(model)
+    tokenizer = source.tokenizer
+    prompt_ids = tokenizer.encode(prompt) if raw else tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    engine = Engine(local_pipeline(source, torch_dtype(dtype), resolve_device(device)), tokenizer)
+    engine.start()
+    pieces = []
+    try:
+        for event in engine.generate(prompt_ids, params):
+            if event.error:
+                raise CakeError(event.error)
+            if event.text:
+                write(event.text)
+                pieces.append(event.text)
+    finally:
+        engine.stop()
+    return "".join(pieces)

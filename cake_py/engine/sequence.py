@@ -1,0 +1,84 @@
+"""One generation request as the engine tracks it, and the events it streams back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cake_py.models.sampling import SampledToken, Sampler, SamplingParams, StopMatcher
+from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass
+class GenerationEvent:
+    """Emitted by the engine thread: a text delta, and on the last event the finish reason (or an error)."""
+
+    seq_id: int
+    text: str = ""
+    tokens: list[SampledToken] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+EventSink = Callable[[GenerationEvent], None]
+
+
+class Sequence:
+    """Prompt, generated tokens, sampling state and how far its KV caches have been filled."""
+
+    def __init__(
+        self, seq_id: int, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, sink: EventSink
+    ) -> None:
+        self.seq_id = seq_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sink = sink
+        self.sampler = Sampler(params)
+        self.decoder = IncrementalDecoder(tokenizer, prompt_ids)
+        self.stop = StopMatcher(params.stop)
+        self.stop_ids = frozenset() if params.ignore_eos else tokenizer.eos_token_ids | params.stop_token_ids
+        self.output_ids: list[int] = []
+        self.n_cached = 0  # tokens whose keys/values every stage holds
+        self.cancelled = False
+        self.created = time.monotonic()
+        self.first_token_at: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_cached < len(self.prompt_ids)
+
+    def accept(self, sampled: SampledToken) -> GenerationEvent:
+        """Record a new token; returns the event to emit (finished when EOS, a stop string or max_tokens)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.output_ids.append(sampled.token_id)
+        event = GenerationEvent(self.seq_id, tokens=[sampled])
+        if sampled.token_id in self.stop_ids:
+            event.text = self.stop.flush()
+            event.finish_reason = "stop"
+        else:
+            text, stopped = self.stop.feed(self.decoder.push(sampled.token_id))
+            event.text = text
+            if stopped:
+                event.finish_reason = "stop"
+            elif len(self.output_ids) >= self.params.max_tokens:
+                event.text += self.stop.feed(self.decoder.flush())[0] + self.stop.flush()
+                event.finish_reason = "length"
+        event.prompt_tokens = len(self.prompt_ids)
+        event.completion_tokens = len(self.output_ids)
+        return event

