@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from cake_py.api import health, openai
+from cake_py.api import health, openai, topology
 from cake_py.api.errors import EXCEPTION_HANDLERS
 from cake_py.api.state import ServerState
 
@@ -25,7 +25,7 @@ def create_app(state: ServerState) -> Starlette:
                 state.engine.stop()
                 state.engine.pipeline.close()
 
-    routes: list[BaseRoute] = [*health.ROUTES, *openai.ROUTES]
+    routes: list[BaseRoute] = [*health.ROUTES, *openai.ROUTES, *topology.ROUTES]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
     app.state.cake = state
     return app

@@ -6,6 +6,7 @@ import logging
 
 from cake_py.api.app import create_app
 from cake_py.api.state import ServerState
+from cake_py.cluster.hostinfo import measure_tflops
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import Engine
@@ -30,7 +31,14 @@ def build_state(settings: ServeSettings) -> ServerState:
     source = resolve_model(settings.model)
     pipeline = build_pipeline(settings, source, device)
     engine = Engine(pipeline, source.tokenizer, max_running=settings.max_running)
-    return ServerState(engine=engine, source=source, settings=settings, dtype=settings.dtype, device=device)
+    return ServerState(
+        engine=engine,
+        source=source,
+        settings=settings,
+        dtype=settings.dtype,
+        device=device,
+        tflops=measure_tflops(device),
+    )
 
 
 def serve(settings: ServeSettings) -> None:

@@ -17,6 +17,7 @@ class ServerState:
     settings: ServeSettings
     dtype: str = "bfloat16"
     device: str = "cpu"
+    tflops: float = 0.0  # measured once at startup: measuring runs torch, which never runs on the event loop
     started: float = field(default_factory=time.time)
 
     @property

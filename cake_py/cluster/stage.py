@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -51,6 +51,10 @@ class Stage(Protocol):
 
     def healthy(self) -> bool: ...
 
+    def describe(self) -> dict[str, Any]:
+        """The node this stage runs on, for topology: `local` True for the master's own layers."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -75,6 +79,16 @@ class LocalStage:
 
     def healthy(self) -> bool:
         return True
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "local": True,
+            "name": self.name,
+            "status": "up",
+            "forward_ms": round(self.stats.forward_ms, 3),
+            "kv_cache_bytes": self.kv.nbytes,
+            "live_sequences": len(self.kv.sequence_ids()),
+        }
 
     def close(self) -> None:
         self.kv.release(self.kv.sequence_ids())

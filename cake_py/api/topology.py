@@ -1,0 +1,45 @@
+"""GET /api/v1/topology: answered from the event loop without touching torch, so it works mid-generation."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py.api.errors import ApiError
+from cake_py.api.state import ServerState
+from cake_py.cluster.hostinfo import host_facts
+from cake_py.cluster.topology import build_topology
+
+
+def live_figures(state: ServerState) -> dict[str, object]:
+    engine = state.engine
+    if engine is None:
+        return {}
+    stats = engine.stats
+    return {
+        "tokens_per_second": round(stats.tokens_per_second, 2),
+        "requests_in_flight": stats.running,
+        "queue_depth": stats.waiting,
+        "requests_total": stats.requests_total,
+        "tokens_generated": stats.tokens_generated,
+        "last_step_ms": round(stats.last_step_ms, 3),
+    }
+
+
+async def topology(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    if state.engine is None or state.source is None:
+        raise ApiError(404, "No text model loaded")
+    document = build_topology(
+        state.source,
+        state.model_name,
+        state.dtype,
+        state.engine.pipeline,
+        host_facts(state.device, state.tflops),
+        live_figures(state),
+    )
+    return JSONResponse(document)
+
+
+ROUTES = [Route("/api/v1/topology", topology, methods=["GET"])]

@@ -1,0 +1,83 @@
+"""Facts about this machine (for handshakes, topology and /system/info) and a quick measured speed figure."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from cake_py import __version__
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    hostname: str
+    os: str
+    device: str
+    backend: str
+    memory_total_bytes: int
+    memory_free_bytes: int
+    tflops: float
+    torch_version: str
+    threads: int
+    cake_version: str
+    python_version: str
+    cpu_count: int
+    ram_total_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def device_memory(device: str) -> tuple[int, int]:
+    """(total, free) bytes of the memory that holds weights on `device`."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return int(total), int(free)
+    memory = psutil.virtual_memory()
+    return int(memory.total), int(memory.available)
+
+
+@functools.cache
+def measure_tflops(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Matmul throughput in TFLOP/s over ~0.1 s: the relative speed figure used for placement."""
+    size = 256 if device == "cpu" else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    with torch.inference_mode():
+        torch.mm(a, b)
+        runs, began = 0, time.perf_counter()
+        while time.perf_counter() - began < 0.1:
+            torch.mm(a, b)
+            runs += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - began
+    return round(2 * size**3 * runs / elapsed / 1e12, 4)
+
+
+def host_facts(device: str, tflops: float) -> HostFacts:
+    """Current facts of this host; `tflops` comes from `measure_tflops`, run once at startup (it runs torch)."""
+    total, free = device_memory(device)
+    return HostFacts(
+        hostname=socket.gethostname(),
+        os=f"{platform.system()} {platform.release()}",
+        device=device,
+        backend=device.split(":")[0],
+        memory_total_bytes=total,
+        memory_free_bytes=free,
+        tflops=tflops,
+        torch_version=torch.__version__,
+        threads=torch.get_num_threads(),
+        cake_version=__version__,
+        python_version=platform.python_version(),
+        cpu_count=os.cpu_count() or 1,
+        ram_total_bytes=int(psutil.virtual_memory().total),
+    )
