@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random-weight HF model folders, written once per test session."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+# The repository root, so that `cake_py` and `tests.fixtures` import without installing the package.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.fixtures.tiny_models import write_tiny_model  # noqa: E402
+
+TinyModelFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
+    """`factory(kind, sharded=False)` → a folder holding that tiny model, written on first use and then reused.
+
+    The folders are shared by the whole session: tests that damage a model must copy it first.
+    """
+    root = tmp_path_factory.mktemp("tiny_models")
+    folders: dict[tuple[str, bool], Path] = {}
+
+    def factory(kind: str, *, sharded: bool = False) -> Path:
+        key = (kind, sharded)
+        if key not in folders:
+            folders[key] = write_tiny_model(root / f"{kind}{'-sharded' if sharded else ''}", kind, sharded=sharded)
+        return folders[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory: TinyModelFactory) -> Path:
+    """The tiny GQA Llama (untied head) folder."""
+    return tiny_model_factory("llama")

@@ -1,0 +1,96 @@
+"""Sampling: parameter validation, greedy, seeds, top-k/top-p, repetition penalty and stop strings."""
+
+import pytest
+import torch
+
+from cake_py.errors import RequestError
+from cake_py.models.sampling import (
+    Sampler,
+    SamplingParams,
+    StopMatcher,
+    apply_repetition_penalty,
+    filter_logits,
+)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("max_tokens", 0, "max_tokens"),
+        ("temperature", -0.5, "temperature"),
+        ("top_p", 0.0, "top_p"),
+        ("top_p", 1.5, "top_p"),
+        ("top_k", -1, "top_k"),
+        ("repetition_penalty", 0.0, "repetition_penalty"),
+        ("top_logprobs", 50, "top_logprobs"),
+    ],
+)
+def test_bad_values_are_named(field: str, value: object, needle: str) -> None:
+    with pytest.raises(RequestError, match=needle) as caught:
+        SamplingParams(**{field: value})  # type: ignore[arg-type]
+    assert str(value) in str(caught.value)
+
+
+def test_greedy_picks_the_argmax() -> None:
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert Sampler(SamplingParams(temperature=0.0)).sample(logits, []).token_id == 1
+
+
+def test_same_seed_same_tokens_and_different_seed_differs() -> None:
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+
+    def draw(seed: int) -> list[int]:
+        sampler = Sampler(SamplingParams(temperature=1.5, seed=seed))
+        return [sampler.sample(logits, []).token_id for _ in range(20)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_top_k_keeps_only_k_tokens() -> None:
+    logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    filtered = filter_logits(logits, top_k=2, top_p=1.0)
+    assert torch.isfinite(filtered).tolist() == [True, True, False, False, False]
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    filtered = filter_logits(probs.log(), top_k=0, top_p=0.75)
+    # 0.5 < 0.75, 0.5 + 0.3 crosses it: the first two stay
+    assert torch.isfinite(filtered).tolist() == [True, True, False, False]
+
+
+def test_sampling_never_leaves_the_nucleus() -> None:
+    logits = torch.tensor([2.0, 1.9, -5.0, -5.0, -5.0])
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=1))
+    assert {sampler.sample(logits, []).token_id for _ in range(50)} <= {0, 1}
+
+
+def test_repetition_penalty_matches_transformers_rule() -> None:
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    penalised = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert penalised.tolist() == [1.0, -4.0, 1.0]
+    assert logits.tolist() == [2.0, -2.0, 1.0]  # input untouched
+
+
+def test_logprobs_are_normalised() -> None:
+    logits = torch.tensor([1.0, 2.0, 3.0])
+    token = Sampler(SamplingParams(temperature=0.0, logprobs=True, top_logprobs=2)).sample(logits, [])
+    expected = torch.log_softmax(logits, -1)
+    assert token.token_id == 2
+    assert token.logprob == pytest.approx(float(expected[2]))
+    assert [i for i, _ in token.top_logprobs] == [2, 1]
+
+
+def test_stop_matcher_holds_back_partial_matches() -> None:
+    matcher = StopMatcher(["STOP"])
+    assert matcher.feed("hello S") == ("hello ", False)
+    assert matcher.feed("T") == ("", False)
+    assert matcher.feed("x") == ("STx", False)
+    assert matcher.feed(" ST") == (" ", False)
+    assert matcher.feed("OP and more") == ("", True)
+
+
+def test_stop_matcher_earliest_of_several() -> None:
+    matcher = StopMatcher(["world", "lo"])
+    assert matcher.feed("hello world") == ("hel", True)

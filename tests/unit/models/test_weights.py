@@ -1,0 +1,149 @@
+"""Loading weights from HF safetensors folders: sharding, layer ranges that read only their own tensors, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+import torch
+
+from cake_py.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
+from cake_py.models.config import ModelConfig
+from cake_py.models.weights import SafetensorsWeights, load_transformer, stage_tensor_names
+
+
+def load_whole(folder: Path) -> torch.nn.Module:
+    source = SafetensorsWeights(folder)
+    config = ModelConfig.from_hf(source.config)
+    return load_transformer(
+        source, config, 0, config.n_layers, with_embedding=True, with_head=True, dtype=torch.float32
+    )
+
+
+def copy_model(folder: Path, destination: Path) -> Path:
+    """A private copy of a session-shared tiny model, safe to damage."""
+    return Path(shutil.copytree(folder, destination / folder.name))
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_sharded_model_equals_single_file(tiny_model_factory) -> None:
+    single_folder, sharded_folder = tiny_model_factory("llama"), tiny_model_factory("llama", sharded=True)
+    shards = sorted(sharded_folder.glob("model-*.safetensors"))
+    assert (sharded_folder / "model.safetensors.index.json").is_file() and len(shards) > 2
+    assert not (sharded_folder / "model.safetensors").exists()
+
+    single, sharded = SafetensorsWeights(single_folder), SafetensorsWeights(sharded_folder)
+    assert sorted(sharded.names()) == sorted(single.names())
+    assert all(sharded.info(name) == single.info(name) for name in single.names())
+
+    single_state, sharded_state = load_whole(single_folder).state_dict(), load_whole(sharded_folder).state_dict()
+    assert single_state.keys() == sharded_state.keys()
+    for name, tensor in single_state.items():
+        assert torch.equal(sharded_state[name], tensor), name
+
+
+def test_layer_range_reads_only_its_layer(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = SafetensorsWeights(tiny_llama)
+    config = ModelConfig.from_hf(source.config)
+    assert config.n_layers >= 3
+
+    names = stage_tensor_names(source, config, 1, 2, with_embedding=False, with_head=False)
+    assert names and all(name.startswith("model.layers.1.") for name in names)
+    assert set(names) == {name for name in source.names() if name.startswith("model.layers.1.")}
+
+    read: list[str] = []
+    original_load = SafetensorsWeights.load
+
+    def recording_load(self: SafetensorsWeights, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        names = list(names)
+        read.extend(names)
+        return original_load(self, names, dtype)
+
+    monkeypatch.setattr(SafetensorsWeights, "load", recording_load)
+    model = load_transformer(source, config, 1, 2, with_embedding=False, with_head=False, dtype=torch.float32)
+    assert sorted(read) == sorted(names)
+
+    assert model.embed_tokens is None and model.norm is None and model.lm_head is None
+    assert len(model.layers) == 1 and (model.start, model.end) == (1, 2)
+    parameters = dict(model.named_parameters())
+    assert parameters and all(name.startswith("layers.0.") for name in parameters)
+    # Our layer 0 is the model's layer 1, not layer 0 or 2.
+    expected = source.load(
+        ["model.layers.1.self_attn.o_proj.weight", "model.layers.0.self_attn.o_proj.weight"], torch.float32
+    )
+    assert torch.equal(parameters["layers.0.attention.wo.weight"], expected["model.layers.1.self_attn.o_proj.weight"])
+    assert not torch.equal(
+        parameters["layers.0.attention.wo.weight"], expected["model.layers.0.self_attn.o_proj.weight"]
+    )
+
+
+def test_tied_head_reads_the_embedding(tiny_model_factory) -> None:
+    source = SafetensorsWeights(tiny_model_factory("smollm"))
+    config = ModelConfig.from_hf(source.config)
+    names = stage_tensor_names(source, config, config.n_layers, config.n_layers, with_embedding=False, with_head=True)
+    assert sorted(names) == ["model.embed_tokens.weight", "model.norm.weight"]
+    model = load_transformer(
+        source, config, 0, config.n_layers, with_embedding=True, with_head=True, dtype=torch.float32
+    )
+    assert model.lm_head is not None and model.embed_tokens is not None
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+
+
+def test_missing_folder_is_model_not_found(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        SafetensorsWeights(missing)
+
+
+def test_folder_without_weights_is_model_not_found(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match="model.safetensors"):
+        SafetensorsWeights(folder)
+
+
+def test_unsupported_architecture_is_named(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    edit_config(folder, architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox")
+    source = SafetensorsWeights(folder)
+    with pytest.raises(UnsupportedArchitectureError, match="GPTNeoXForCausalLM"):
+        ModelConfig.from_hf(source.config)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_truncated_safetensors_is_weights_error(tiny_model_factory, tmp_path: Path, sharded: bool) -> None:
+    folder = copy_model(tiny_model_factory("llama", sharded=sharded), tmp_path)
+    damaged = max(folder.glob("*.safetensors"), key=lambda file: file.stat().st_size)
+    with damaged.open("r+b") as handle:
+        handle.truncate(damaged.stat().st_size // 2)
+    with pytest.raises(WeightsError, match=damaged.name) as raised:
+        SafetensorsWeights(folder)
+    assert "truncated" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "rope_fields",
+    [
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}},
+        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}},
+    ],
+    ids=["rope_scaling", "rope_parameters"],
+)
+def test_unsupported_rope_type_is_named(tiny_llama: Path, tmp_path: Path, rope_fields: dict[str, object]) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    edit_config(folder, **rope_fields)
+    with pytest.raises(UnsupportedArchitectureError, match="yarn"):
+        ModelConfig.from_hf(SafetensorsWeights(folder).config)
+
+
+def test_llama3_rope_parameters_are_parsed(tiny_model_factory) -> None:
+    rope = ModelConfig.from_hf(SafetensorsWeights(tiny_model_factory("llama3")).config).rope
+    assert (rope.kind, rope.theta, rope.factor) == ("llama3", 500000.0, 8.0)
+    assert (rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position_embeddings) == (1.0, 4.0, 64)

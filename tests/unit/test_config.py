@@ -1,0 +1,73 @@
+"""cluster.yaml parsing, layer ranges and flag validation: every error names the bad value."""
+
+from pathlib import Path
+
+import pytest
+
+from cake_py.config import (
+    WorkerSpec,
+    load_cluster_file,
+    parse_address,
+    parse_layers,
+    parse_ui_auth,
+    parse_workers_flag,
+)
+from cake_py.errors import ConfigError
+
+
+def test_layers_are_inclusive_in_yaml_and_half_open_inside() -> None:
+    assert parse_layers("0-14", "w") == (0, 15)
+    assert parse_layers("model.layers.15-29", "w") == (15, 30)
+    assert parse_layers(7, "w") == (7, 8)
+
+
+@pytest.mark.parametrize("value", ["a-b", "5-2", "", "1-2-3"])
+def test_bad_layers_name_worker_and_value(value: str) -> None:
+    with pytest.raises(ConfigError, match="gpu-1") as caught:
+        parse_layers(value, "worker 'gpu-1'")
+    assert repr(value) in str(caught.value)
+
+
+def test_cluster_file(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        "model: org/model\n"
+        "workers:\n"
+        "  - name: a\n    address: 10.0.0.5:10128\n    layers: '0-14'\n"
+        "  - name: b\n    address: 10.0.0.6:10128\n"
+    )
+    cluster = load_cluster_file(path)
+    assert cluster.model == "org/model"
+    assert cluster.workers == [WorkerSpec("a", "10.0.0.5:10128", (0, 15)), WorkerSpec("b", "10.0.0.6:10128")]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("workers: [{name: a}]", "address"),
+        ("workers: [{address: 'nohost'}]", "nohost"),
+        ("workers: [{address: 'h:1', name: a}, {address: 'h:2', name: a}]", "duplicate"),
+        ("wrkers: []", "wrkers"),
+        ("workers: [{address: 'h:1', layer: 3}]", "layer"),
+        ("workers: [", "YAML"),
+    ],
+)
+def test_bad_cluster_files(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_cluster_file(path)
+
+
+def test_missing_cluster_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_cluster_file(tmp_path / "nope.yaml")
+
+
+def test_flags() -> None:
+    assert [w.address for w in parse_workers_flag("a:1, b:2")] == ["a:1", "b:2"]
+    assert parse_ui_auth("u:p") == ("u", "p")
+    with pytest.raises(ConfigError, match="'up'"):
+        parse_ui_auth("up")
+    with pytest.raises(ConfigError, match="'host:99999'"):
+        parse_address("host:99999")
