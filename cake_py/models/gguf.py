@@ -1,0 +1,349 @@
+"""GGUF files (llama.cpp's format) as a `WeightSource`: HF config, HF tensor names, lazy dequantization, tokenizer.
+
+A GGUF carries everything a HF folder does, spelled llama.cpp's way: hyper-parameters as `{arch}.*` metadata,
+tensors as `blk.N.attn_q.weight` (possibly quantized, shapes innermost-first, q/k rows permuted for llama), and the
+tokenizer as `tokenizer.ggml.*` arrays. `GGUFWeights` translates each into the HF form the rest of cake_py speaks.
+Construction only parses the header; `load` dequantizes just the tensors it is asked for, from a read-only memmap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from cake_py.errors import ModelNotFoundError, WeightsError
+from cake_py.models.weights import TensorInfo
+
+# general.architecture → HF architectures[0]; an architecture missing here keeps its GGUF name, so
+# ModelConfig.from_hf reports it as unsupported by that name.
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# llama.cpp's converter interleaves the two rotary halves of each q/k head for these (they use its "normal" rope);
+# Qwen use the NEOX rope, which already matches HF's rotate-half layout, so their rows are stored as is.
+_PERMUTED_ARCHITECTURES = {"llama", "mistral"}
+
+_TOP_LEVEL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
+_CONTROL, _USER_DEFINED = 3, 4
+
+# tokenizer.ggml.pre → the split regex the merges were learned with (llama.cpp's llama-vocab.cpp lists the same).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O_SPLIT),
+}
+
+
+class GGUFWeights:
+    """One `.gguf` file as a `WeightSource` (plus the tokenizer it embeds)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        try:
+            # Maps the file read-only and parses metadata and tensor descriptors; no tensor data is touched.
+            self._reader = gguf.GGUFReader(path, "r")
+        except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as error:
+            # A cut file fails here too: the reader's views of the missing bytes come up short.
+            raise WeightsError(f"cannot read GGUF file {str(path)!r} (corrupt or truncated): {error}") from error
+        # Tensors map to HF names; ones the Llama family has no use for (e.g. `rope_freqs`) are left out.
+        self._tensors: dict[str, gguf.ReaderTensor] = {
+            hf_name: tensor for tensor in self._reader.tensors if (hf_name := _hf_name(tensor.name)) is not None
+        }
+        self.architecture = str(self._value("general.architecture", "<none>"))
+        self._config = self._build_config()
+
+    def _value(self, key: str, default: Any = None) -> Any:
+        field = self._reader.get_field(key)
+        return default if field is None else field.contents()
+
+    def _arch_value(self, key: str, default: Any = None) -> Any:
+        return self._value(f"{self.architecture}.{key}", default)
+
+    @cached_property
+    def _tokens(self) -> list[str]:
+        return list(self._value("tokenizer.ggml.tokens", []))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._config
+
+    def _build_config(self) -> dict[str, Any]:
+        arch = self.architecture
+        if arch in _ARCHITECTURES:  # an unknown one is reported by ModelConfig.from_hf, naming the architecture
+            for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
+                if self._arch_value(key) is None:
+                    raise WeightsError(f"GGUF file {str(self.path)!r} lacks the metadata key {arch}.{key}")
+        n_heads = self._arch_value("attention.head_count")
+        n_kv_heads = self._arch_value("attention.head_count_kv", n_heads)
+        embedding = self._tensors.get("model.embed_tokens.weight")
+        vocab_size = self._arch_value("vocab_size")
+        if vocab_size is None:  # older converters omit it; the embedding's row count is authoritative
+            vocab_size = int(embedding.shape[-1]) if embedding is not None else len(self._tokens)
+        config: dict[str, Any] = {
+            "architectures": [_ARCHITECTURES.get(arch, arch)],
+            "model_type": arch,
+            "vocab_size": vocab_size,
+            "hidden_size": self._arch_value("embedding_length"),
+            "intermediate_size": self._arch_value("feed_forward_length"),
+            "num_hidden_layers": self._arch_value("block_count"),
+            "num_attention_heads": n_heads,
+            # Per-layer head counts (hybrid models) come as a list; uniform models have one value.
+            "num_key_value_heads": max(n_kv_heads) if isinstance(n_kv_heads, list) else n_kv_heads,
+            "rms_norm_eps": self._arch_value("attention.layer_norm_rms_epsilon", 1e-6),
+            "rope_theta": self._arch_value("rope.freq_base", 10000.0),
+            "max_position_embeddings": self._arch_value("context_length", 2048),
+            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "bos_token_id": self._value("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self._value("tokenizer.ggml.eos_token_id"),
+        }
+        if (head_dim := self._arch_value("attention.key_length")) is not None:
+            config["head_dim"] = head_dim
+        if "model.layers.0.self_attn.q_proj.bias" in self._tensors and arch != "qwen2":
+            config["attention_bias"] = True  # Qwen2's q/k/v bias is implied by its family
+        if "model.layers.0.mlp.gate_proj.bias" in self._tensors:
+            config["mlp_bias"] = True
+        scaling = self._arch_value("rope.scaling.type")
+        if scaling not in (None, "none"):
+            config["rope_scaling"] = {"rope_type": scaling, "factor": self._arch_value("rope.scaling.factor", 1.0)}
+            if (original := self._arch_value("rope.scaling.original_context_length")) is not None:
+                config["rope_scaling"]["original_max_position_embeddings"] = original
+        return config
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def _tensor(self, name: str) -> gguf.ReaderTensor:
+        if name not in self._tensors:
+            raise WeightsError(f"tensor {name!r} is missing from {str(self.path)!r}")
+        return self._tensors[name]
+
+    def info(self, name: str) -> TensorInfo:
+        tensor = self._tensor(name)
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists ne[0] (innermost) first
+        return TensorInfo(name, tensor.tensor_type.name, shape, int(tensor.n_bytes))
+
+    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {name: self._load_one(name).to(dtype) for name in names}
+
+    def _load_one(self, name: str) -> torch.Tensor:
+        tensor = self._tensor(name)
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as error:
+            raise WeightsError(
+                f"tensor {name!r} in {str(self.path)!r} has quantization type {tensor.tensor_type.name!r}, "
+                "which cannot be dequantized"
+            ) from error
+        if not array.flags.writeable:  # unquantized tensors come back as views of the read-only memmap
+            array = array.copy()
+        weights = torch.from_numpy(array.astype(np.float32, copy=False)).reshape(self.info(name).shape)
+        if self.architecture in _PERMUTED_ARCHITECTURES:
+            if name.endswith(("q_proj.weight", "q_proj.bias")):
+                weights = _unpermute_rows(weights, int(self._config["num_attention_heads"]))
+            elif name.endswith(("k_proj.weight", "k_proj.bias")):
+                weights = _unpermute_rows(weights, int(self._config["num_key_value_heads"]))
+        return weights
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        tokens = self._tokens
+
+        def token(key: str) -> str | None:
+            token_id = self._value(f"tokenizer.ggml.{key}")
+            return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
+
+        # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
+        default_bos = self._value("tokenizer.ggml.model") == "llama"
+        config: dict[str, Any] = {
+            "bos_token": token("bos_token_id"),
+            "eos_token": token("eos_token_id"),
+            "unk_token": token("unknown_token_id"),
+            "pad_token": token("padding_token_id"),
+            "add_bos_token": bool(self._value("tokenizer.ggml.add_bos_token", default_bos)),
+            "add_eos_token": bool(self._value("tokenizer.ggml.add_eos_token", False)),
+        }
+        if (template := self._value("tokenizer.chat_template")) is not None:
+            config["chat_template"] = template
+        return config
+
+    def tokenizer_json(self) -> str:
+        kind = self._value("tokenizer.ggml.model")
+        tokens = self._tokens
+        if not tokens:
+            raise WeightsError(f"GGUF file {str(self.path)!r} has no tokenizer (tokenizer.ggml.tokens)")
+        token_types: list[int] = self._value("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges: list[str] | None = self._value("tokenizer.ggml.merges")
+        if kind == "gpt2":
+            tokenizer, byte_level = self._byte_level_tokenizer(tokens, merges), True
+        elif kind == "llama":
+            tokenizer, byte_level = self._sentencepiece_tokenizer(tokens, merges), False
+        else:
+            raise WeightsError(
+                f"GGUF file {str(self.path)!r} has tokenizer model {kind!r}; supported: 'gpt2' (BPE), 'llama'"
+            )
+        _add_file_tokens(tokenizer, tokens, token_types, byte_level)
+        config = self.tokenizer_config()
+        # Like transformers' TokenizersBackend.update_post_processor: BOS/EOS come from the post-processor.
+        bos = config["bos_token"] if config["add_bos_token"] else None
+        eos = config["eos_token"] if config["add_eos_token"] else None
+        if bos is not None or eos is not None:
+            single = " ".join(part for part in (bos and f"{bos}:0", "$A:0", eos and f"{eos}:0") if part)
+            pair = " ".join(part for part in (single, bos and f"{bos}:1", "$B:1", eos and f"{eos}:1") if part)
+            ids = {bos: self._value("tokenizer.ggml.bos_token_id"), eos: self._value("tokenizer.ggml.eos_token_id")}
+            specials = [(token, token_id) for token, token_id in ids.items() if token is not None]
+            tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+        return tokenizer.to_str()
+
+    def _byte_level_tokenizer(self, tokens: list[str], merges: list[str] | None) -> Tokenizer:
+        """GPT-2 style byte-level BPE, split by the regex its `tokenizer.ggml.pre` names."""
+        if merges is None:
+            raise WeightsError(f"GGUF file {str(self.path)!r} has a BPE tokenizer without tokenizer.ggml.merges")
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        # A token written in plain UTF-8 instead of the byte alphabet is respelled, as transformers does.
+        vocab = {
+            (token if set(token) <= alphabet else spell.pre_tokenize_str(token)[0][0]): index
+            for index, token in enumerate(tokens)
+        }
+        tokenizer = Tokenizer(models.BPE(vocab, [_split_merge(merge) for merge in merges], fuse_unk=False))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+        pre = self._value("tokenizer.ggml.pre", "default")
+        if (split := _PRE_TOKENIZER_SPLITS.get(pre)) is not None:
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
+        elif pre == "smollm":
+            # SmolLM's own tokenizer.json: single digits, then the GPT-2 regex (llama.cpp: "\p{N}" + GPT-2).
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), byte_level]
+            )
+        else:
+            tokenizer.pre_tokenizer = byte_level
+        tokenizer.decoder = decoders.ByteLevel()
+        return tokenizer
+
+    def _sentencepiece_tokenizer(self, tokens: list[str], merges: list[str] | None) -> Tokenizer:
+        """A SentencePiece BPE vocabulary (`▁` for spaces, `<0xNN>` byte fallback), as transformers' LlamaTokenizer."""
+        vocab = {token: index for index, token in enumerate(tokens)}
+        if merges is not None:
+            pairs = [_split_merge(merge) for merge in merges]
+        else:
+            scores: list[float] = self._value("tokenizer.ggml.scores") or [0.0] * len(tokens)
+            pairs = _merges_from_scores(vocab, dict(zip(tokens, scores, strict=False)))
+        unk_id = self._value("tokenizer.ggml.unknown_token_id")
+        unk = tokens[unk_id] if unk_id is not None else None
+        tokenizer = Tokenizer(models.BPE(vocab, pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
+        prefix_space = bool(self._value("tokenizer.ggml.add_space_prefix", True))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix_space else "never", split=False
+        )
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if prefix_space:
+            steps.append(decoders.Strip(content=" ", left=1, right=0))
+        tokenizer.decoder = decoders.Sequence(steps)
+        return tokenizer
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor, or None for one the Llama family has no use for (e.g. `rope_freqs`)."""
+    if gguf_name in _TOP_LEVEL_NAMES:
+        return _TOP_LEVEL_NAMES[gguf_name]
+    match = _BLOCK_PATTERN.match(gguf_name)
+    if match is None or match.group(2) not in _BLOCK_NAMES:
+        return None
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+
+
+def _unpermute_rows(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's `LlamaModel.permute`, which stores each head's rows as interleaved (x0, y0, x1, …)
+    pairs; HF keeps the two rotary halves contiguous. Works for weights (out, in) and biases (out,)."""
+    head_half = weights.shape[0] // n_heads // 2
+    return weights.reshape(n_heads, head_half, 2, *weights.shape[1:]).transpose(1, 2).reshape(weights.shape)
+
+
+def _split_merge(merge: str) -> tuple[str, str]:
+    left, _, right = merge.partition(" ")
+    return left, right
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Merges a SentencePiece vocabulary implies: every split of a token into two tokens, best-scored first.
+
+    Same order as transformers' `generate_merges`, so the tokenizer encodes exactly as the HF one built from the file.
+    """
+    ranked: list[tuple[str, str, float]] = []
+    for token, score in scores.items():
+        local = [
+            (token[:i], token[i:], score) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab
+        ]
+        ranked.extend(sorted(local, key=lambda merge: (vocab[merge[0]], vocab[merge[1]])))
+    ranked.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=True)
+    return [(left, right) for left, right, _ in ranked]
+
+
+def _add_file_tokens(tokenizer: Tokenizer, tokens: list[str], token_types: list[int], byte_level: bool) -> None:
+    """Keep control tokens (`<|im_start|>`) and user-defined ones (`<think>`) whole instead of splitting them."""
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet()) if byte_level else None
+    # A byte-level "control" token outside the byte alphabet is a llama.cpp mislabel; transformers skips it too.
+    control = [
+        AddedToken(token, normalized=False, special=True)
+        for token, kind in zip(tokens, token_types, strict=False)
+        if kind == _CONTROL and (alphabet is None or set(token) <= alphabet)
+    ]
+    tokenizer.add_special_tokens(control)
+    vocab = tokenizer.get_vocab()
+    user_defined = [
+        AddedToken(token, normalized=False, special=False)
+        for token, kind in zip(tokens, token_types, strict=False)
+        if kind == _USER_DEFINED and token in vocab
+    ]
+    tokenizer.add_tokens(user_defined)

