@@ -1,0 +1,105 @@
+"""Building the master's pipeline over workers: handshake, placement, weight streaming, stage order."""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from cake_py.cluster.pipeline import Pipeline, load_ends
+from cake_py.cluster.placement import NodeCapacity, check_manual, place_automatically
+from cake_py.cluster.stage import LocalStage, Stage
+from cake_py.config import ServeSettings
+from cake_py.errors import ClusterError
+from cake_py.models.hub import ModelSource
+from cake_py.models.weights import LAYER_PATTERN, load_transformer
+from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
+from cake_py.rpc.security import channel_credentials
+
+log = logging.getLogger(__name__)
+
+
+def layer_bytes(source: ModelSource, dtype: torch.dtype) -> list[int]:
+    """Bytes each layer takes in memory once loaded in `dtype` (not its size on disk, which may be quantized)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [0] * source.config.n_layers
+    for name in source.weights.names():
+        match = LAYER_PATTERN.match(name)
+        if match and int(match.group(1)) < len(sizes):
+            numel = 1
+            for dim in source.weights.info(name).shape:
+                numel *= dim
+            sizes[int(match.group(1))] += numel * itemsize
+    return sizes
+
+
+def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.dtype, device: str) -> Pipeline:
+    """Handshake every worker, place the layers, stream them, and chain the stages in layer order."""
+    credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    connections = [WorkerConnection(spec, settings.cluster_key, credentials) for spec in settings.workers]
+    n_layers = source.config.n_layers
+    try:
+        with ThreadPoolExecutor(max_workers=len(connections)) as pool:
+            replies = list(pool.map(lambda c: c.handshake(), connections))
+        if any(spec.layers is not None for spec in settings.workers):
+            ranges = check_manual({spec.name: spec.layers for spec in settings.workers}, n_layers)
+        else:
+            nodes = [
+                NodeCapacity(conn.spec.name, reply.host.memory_free_bytes, reply.host.tflops)
+                for conn, reply in zip(connections, replies, strict=True)
+            ]
+            ranges = place_automatically(layer_bytes(source, dtype), nodes)
+        config_json = json.dumps(source.weights.config)
+        assignments = {
+            conn.spec.name: Assignment(source.model_id, config_json, source.weights, *ranges[conn.spec.name], dtype)
+            for conn in connections
+            if conn.spec.name in ranges and ranges[conn.spec.name][0] < ranges[conn.spec.name][1]
+        }
+        active = [conn for conn in connections if conn.spec.name in assignments]
+        with ThreadPoolExecutor(max_workers=max(len(active), 1)) as pool:
+            replies_assign = list(pool.map(lambda c: c.assign(assignments[c.spec.name]), active))
+        for conn, reply in zip(active, replies_assign, strict=True):
+            log.info(
+                "%s holds layers %d-%d (%.1f MB streamed, %.1f MB from its cache, %d ms)",
+                conn.label, reply.layers.start, reply.layers.end - 1,
+                reply.received_bytes / 1e6, reply.reused_bytes / 1e6, reply.load_ms,
+            )  # fmt: skip
+    except ClusterError:
+        for conn in connections:
+            conn.close()
+        raise
+    for conn in connections:
+        if conn.spec.name not in assignments:
+            conn.close()
+    stages: list[Stage] = [RemoteStage(conn, assignments[conn.spec.name]) for conn in active]
+    stages += _master_stages(source, dtype, device, [(s.start, s.end) for s in stages])
+    stages.sort(key=lambda stage: stage.start)
+    return Pipeline(load_ends(source, dtype, device), stages)
+
+
+def _master_stages(
+    source: ModelSource, dtype: torch.dtype, device: str, taken: list[tuple[int, int]]
+) -> list[LocalStage]:
+    """LocalStages for every run of layers no worker holds."""
+    held = [False] * source.config.n_layers
+    for start, end in taken:
+        for layer in range(start, end):
+            held[layer] = True
+    stages, layer = [], 0
+    while layer < len(held):
+        if held[layer]:
+            layer += 1
+            continue
+        end = layer
+        while end < len(held) and not held[end]:
+            end += 1
+        model = load_transformer(
+            source.weights, source.config, layer, end, with_embedding=False, with_head=False, dtype=dtype, device=device
+        )
+        stages.append(LocalStage(model, name="master"))
+        layer = end
+    if stages:
+        log.info("master keeps layers %s", ", ".join(f"{s.start}-{s.end - 1}" for s in stages))
+    return stages

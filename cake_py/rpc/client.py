@@ -1,0 +1,371 @@
+"""The master's side of the wire: a connection to one worker, weight streaming, and RemoteStage.
+
+RemoteStage keeps one Forward stream open and does one message each way per step. A monitor thread pings the
+worker every second: when it stops answering, the stage turns down (in-flight calls fail at once, /health
+turns 503), and the monitor reconnects with backoff, re-assigning the layers (from the worker's disk cache) so
+the cluster serves again without a restart.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from cake_py.cluster.stage import StageStats
+from cake_py.config import WorkerSpec
+from cake_py.errors import ClusterError, StageError
+from cake_py.models.kv_cache import Batch
+from cake_py.models.weights import LAYER_PATTERN, WeightSource
+from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES
+from cake_py.rpc.codec import decode_tensor, dtype_to_pb, encode_tensor
+from cake_py.rpc.pb import worker_pb2 as pb
+from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
+from cake_py.rpc.security import key_metadata
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+HANDSHAKE_TIMEOUT_S = 10.0
+PING_INTERVAL_S = 1.0
+PING_TIMEOUT_S = 1.5
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.contiguous()
+    return ctypes.string_at(tensor.data_ptr(), tensor.nbytes) if tensor.numel() else b""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What a worker must hold: a model's layers [start, end) computed in `dtype`."""
+
+    model_id: str
+    config_json: str
+    source: WeightSource
+    start: int
+    end: int
+    dtype: torch.dtype
+
+    def names_by_layer(self) -> Iterator[list[str]]:
+        by_layer: dict[int, list[str]] = {}
+        for name in self.source.names():
+            match = LAYER_PATTERN.match(name)
+            if match and self.start <= int(match.group(1)) < self.end:
+                by_layer.setdefault(int(match.group(1)), []).append(name)
+        for layer in sorted(by_layer):
+            yield by_layer[layer]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The range's tensors in the compute dtype, one layer in memory at a time."""
+        for names in self.names_by_layer():
+            loaded = self.source.load(names, self.dtype)
+            yield from ((name, loaded[name]) for name in names)
+
+
+class WorkerConnection:
+    """A channel to one worker, with the cluster key on every call; errors name the worker."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        cluster_key: str | None,
+        credentials: grpc.ChannelCredentials | None,
+        master_name: str = "master",
+    ) -> None:
+        self.spec = spec
+        self.metadata = key_metadata(cluster_key)
+        self.credentials = credentials
+        self.master_name = master_name
+        self.channel: grpc.Channel | None = None
+        self.stub: pb_grpc.WorkerStub | None = None
+        self.host: pb.HostInfo | None = None
+        self._manifest: list[pb.TensorSpec] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"worker {self.spec.name!r} at {self.spec.address}"
+
+    def _open(self) -> pb_grpc.WorkerStub:
+        if self.stub is None:
+            if self.credentials is not None:
+                self.channel = grpc.secure_channel(self.spec.address, self.credentials, options=CHANNEL_OPTIONS)
+            else:
+                self.channel = grpc.insecure_channel(self.spec.address, options=CHANNEL_OPTIONS)
+            self.stub = pb_grpc.WorkerStub(self.channel)
+        return self.stub
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.channel, self.stub = None, None
+
+    def error(self, error: grpc.RpcError, doing: str) -> ClusterError:
+        code = error.code() if isinstance(error, grpc.Call) else None
+        details = error.details() if isinstance(error, grpc.Call) else str(error)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return ClusterError(f"{self.label} refused our cluster key: give master and worker the same --cluster-key")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return ClusterError(f"{self.label} is unreachable ({doing}): {details}")
+        return ClusterError(f"{self.label} failed while {doing}: {details}")
+
+    def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> pb.HandshakeReply:
+        stub = self._open()
+        try:
+            reply = stub.Handshake(
+                pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, master_name=self.master_name),
+                timeout=timeout,
+                metadata=self.metadata,
+                wait_for_ready=True,
+            )
+        except grpc.RpcError as error:
+            raise self.error(error, "handshaking") from None
+        if reply.protocol_version != PROTOCOL_VERSION:
+            raise ClusterError(f"{self.label} speaks protocol {reply.protocol_version}, we speak {PROTOCOL_VERSION}")
+        self.host = reply.host
+        return reply
+
+    def info(self, timeout: float = PING_TIMEOUT_S) -> pb.InfoReply:
+        try:
+            return self._open().Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as error:
+            raise self.error(error, "reporting its status") from None
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        try:
+            self._open().Release(pb.ReleaseRequest(seq_ids=list(seq_ids)), timeout=5, metadata=self.metadata)
+        except grpc.RpcError as error:
+            raise self.error(error, "releasing sequences") from None
+
+    def manifest(self, assignment: Assignment) -> list[pb.TensorSpec]:
+        """Name, dtype, shape and sha256 of every tensor of the assignment (computed once, then reused)."""
+        if self._manifest is None:
+            specs = []
+            for name, tensor in assignment.tensors():
+                data = _raw_bytes(tensor)
+                specs.append(
+                    pb.TensorSpec(
+                        name=name,
+                        dtype=dtype_to_pb(tensor.dtype),  # type: ignore[arg-type]
+                        shape=list(tensor.shape),
+                        sha256=hashlib.sha256(data).hexdigest(),
+                        size_bytes=len(data),
+                    )
+                )
+            self._manifest = specs
+        return self._manifest
+
+    def assign(self, assignment: Assignment) -> pb.AssignReply:
+        """Send the layer range; only tensors missing from the worker's cache cross the wire."""
+        stub = self._open()
+        specs = self.manifest(assignment)
+        try:
+            prepared = stub.Prepare(
+                pb.PrepareRequest(model_id=assignment.model_id, tensors=specs), timeout=60, metadata=self.metadata
+            )
+            missing = set(prepared.missing_sha256)
+            header = pb.AssignHeader(
+                model_id=assignment.model_id,
+                config_json=assignment.config_json,
+                layers=pb.LayerRange(start=assignment.start, end=assignment.end),
+                compute_dtype=dtype_to_pb(assignment.dtype),  # type: ignore[arg-type]
+                tensors=specs,
+            )
+            digests = {spec.name: spec.sha256 for spec in specs}
+
+            def chunks() -> Iterator[pb.AssignChunk]:
+                yield pb.AssignChunk(header=header)
+                sent: set[str] = set()
+                if not missing:
+                    return
+                for name, tensor in assignment.tensors():
+                    digest = digests[name]
+                    if digest not in missing or digest in sent:
+                        continue
+                    sent.add(digest)
+                    data = memoryview(_raw_bytes(tensor))
+                    for offset in range(0, len(data), WEIGHT_CHUNK_BYTES):
+                        piece = data[offset : offset + WEIGHT_CHUNK_BYTES]
+                        yield pb.AssignChunk(chunk=pb.TensorChunk(name=name, offset=offset, data=bytes(piece)))
+
+            return stub.Assign(chunks(), timeout=3600, metadata=self.metadata)
+        except grpc.RpcError as error:
+            raise self.error(error, f"loading layers {assignment.start}-{assignment.end - 1}") from None
+
+
+class RemoteStage:
+    """Layers [start, end) on a worker, behind the same protocol as LocalStage."""
+
+    def __init__(self, connection: WorkerConnection, assignment: Assignment) -> None:
+        self.connection = connection
+        self.assignment = assignment
+        self.name = connection.spec.name
+        self.start, self.end = assignment.start, assignment.end
+        self.stats = StageStats()
+        self._up = True
+        self._status_error = ""
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # guards the stream objects, not the engine (the only forward caller)
+        self._outbox: queue.SimpleQueue[pb.ForwardRequest | None] | None = None
+        self._call: Any = None
+        self._closing = threading.Event()
+        self._last_info: pb.InfoReply | None = None
+        self._monitor = threading.Thread(target=self._watch, name=f"cake-monitor-{self.name}", daemon=True)
+        self._monitor.start()
+
+    # ---- the stream ----
+    def _stream(self) -> tuple[queue.SimpleQueue[pb.ForwardRequest | None], Any]:
+        with self._lock:
+            if self._call is None or self._outbox is None:
+                outbox: queue.SimpleQueue[pb.ForwardRequest | None] = queue.SimpleQueue()
+
+                def requests() -> Iterator[pb.ForwardRequest]:
+                    while (item := outbox.get()) is not None:
+                        yield item
+
+                stub = self.connection._open()
+                self._call = stub.Forward(requests(), metadata=self.connection.metadata)
+                self._outbox = outbox
+            return self._outbox, self._call
+
+    def _drop_stream(self) -> None:
+        with self._lock:
+            if self._outbox is not None:
+                self._outbox.put(None)
+            if self._call is not None:
+                self._call.cancel()
+            self._outbox, self._call = None, None
+
+    def forward(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if not self._up:
+            raise StageError(f"{self.connection.label} is down: {self._status_error}")
+        began = time.perf_counter()
+        request = pb.ForwardRequest(
+            request_id=next(self._ids),
+            sequences=[pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens) for s in batch],
+        )
+        encode_tensor(hidden, out=request.hidden)
+        outbox, call = self._stream()
+        outbox.put(request)
+        try:
+            reply = next(call)
+        except (grpc.RpcError, StopIteration) as error:
+            self._mark_down(str(error.details() if isinstance(error, grpc.Call) else "stream ended"))
+            raise StageError(f"{self.connection.label} failed during a forward pass: {self._status_error}") from None
+        if reply.error:
+            raise StageError(f"{self.connection.label}: {reply.error}")
+        out = decode_tensor(reply.hidden).to(hidden.device)
+        round_trip_ms = (time.perf_counter() - began) * 1000
+        self.stats.record(reply.forward_us / 1000, round_trip_ms, len(request.hidden.data), len(reply.hidden.data))
+        return out
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        if not self._up:
+            return  # a down worker lost its caches with its process, or will drop them on timeout
+        try:
+            self.connection.release(seq_ids)
+        except ClusterError as error:
+            log.warning("%s", error)
+
+    # ---- health ----
+    def healthy(self) -> bool:
+        return self._up
+
+    def _mark_down(self, reason: str) -> None:
+        if self._up:
+            log.error("%s is down: %s", self.connection.label, reason)
+        self._up, self._status_error = False, reason
+        self._drop_stream()
+
+    def _watch(self) -> None:
+        backoff = 0.5
+        while not self._closing.wait(PING_INTERVAL_S if self._up else backoff):
+            if self._up:
+                try:
+                    self._last_info = self.connection.info()
+                    if self._last_info.status != pb.WORKER_STATUS_READY:
+                        self._mark_down(f"worker lost its layers (status {self._last_info.status})")
+                except ClusterError as error:
+                    self._mark_down(str(error))
+                continue
+            try:
+                self._reconnect()
+                backoff = 0.5
+            except ClusterError as error:
+                self._status_error = str(error)
+                backoff = min(backoff * 2, 5.0)
+
+    def _reconnect(self) -> None:
+        reply = self.connection.handshake(timeout=PING_TIMEOUT_S)
+        layers = reply.layers if reply.HasField("layers") else None
+        same = layers is not None and (layers.start, layers.end) == (self.start, self.end)
+        if not same or reply.model_id != self.assignment.model_id:
+            self.connection.assign(self.assignment)
+        self._last_info = self.connection.info()
+        self._up, self._status_error = True, ""
+        log.info("%s is back with layers %d-%d", self.connection.label, self.start, self.end - 1)
+
+    def describe(self) -> dict[str, Any]:
+        host = self.connection.host
+        info = self._last_info
+        node: dict[str, Any] = {
+            "local": False,
+            "name": self.name,
+            "host": self.connection.spec.address,
+            "status": "up" if self._up else "down",
+            "error": self._status_error or None,
+            "forward_ms": round(self.stats.forward_ms, 3),
+            "round_trip_ms": round(self.stats.round_trip_ms, 3),
+            "hop_ms": round(max(self.stats.round_trip_ms - self.stats.forward_ms, 0.0), 3),
+            "bytes_sent": self.stats.bytes_sent,
+            "bytes_received": self.stats.bytes_received,
+        }
+        if host is not None:
+            node.update(
+                description=f"{host.backend} {host.hostname}",
+                device=host.device,
+                backend=host.backend,
+                hostname=host.hostname,
+                os=host.os,
+                vram_bytes=host.memory_total_bytes,
+                memory_free_bytes=host.memory_free_bytes,
+                tflops=host.tflops,
+                threads=host.threads,
+                torch_version=host.torch_version,
+            )
+        if info is not None:
+            node.update(
+                kv_cache_bytes=info.kv_cache_bytes,
+                weights_bytes=info.weights_bytes,
+                live_sequences=info.live_sequences,
+                cpu_percent=info.cpu_percent,
+                process_rss_bytes=info.process_rss_bytes,
+                memory_used_bytes=info.host.memory_total_bytes - info.host.memory_free_bytes,
+            )
+        return node
+
+    def close(self) -> None:
+        self._closing.set()
+        self._drop_stream()
+        self.connection.close()
+
+
+ConnectionFactory = Callable[[WorkerSpec], WorkerConnection]

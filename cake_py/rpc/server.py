@@ -1,0 +1,261 @@
+"""`cake worker`: the gRPC servicer that holds layers [start, end) of a model and their KV caches.
+
+It needs no model files: the master sends the config and streams the weights once (verified, cached on disk by
+content hash). Forward runs on a long-lived bidirectional stream, one message each way per step. Torch runs on
+gRPC's handler threads, serialised by one lock so an Assign never races a Forward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any, cast
+
+import grpc
+import psutil
+import torch
+
+from cake_py.cluster.hostinfo import HostFacts, host_facts, measure_tflops
+from cake_py.config import WorkerSettings
+from cake_py.errors import CakeError, ClusterError
+from cake_py.models.config import ModelConfig
+from cake_py.models.device import resolve_device, set_threads
+from cake_py.models.kv_cache import KVStore, SequenceSlice
+from cake_py.models.llama import Transformer
+from cake_py.models.weights import build_transformer
+from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from cake_py.rpc.codec import decode_tensor, dtype_from_pb, dtype_to_pb, encode_tensor
+from cake_py.rpc.pb import worker_pb2 as pb
+from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
+from cake_py.rpc.security import ClusterKeyInterceptor, server_credentials
+from cake_py.rpc.weight_cache import TensorWriter, WeightCache
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+]
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    def __init__(self, settings: WorkerSettings, device: str, tflops: float) -> None:
+        self.settings = settings
+        self.device = device
+        self.tflops = tflops
+        self.name = settings.name or f"{os.uname().nodename}:{settings.port}"
+        self.cache = WeightCache(settings.cache_dir)
+        self.lock = threading.Lock()
+        self.model: Transformer | None = None
+        self.kv: KVStore | None = None
+        self.model_id = ""
+        self.compute_dtype = torch.bfloat16
+        self.status = pb.WORKER_STATUS_IDLE
+        self.error = ""
+        self.weights_bytes = 0
+        self.started = time.time()
+        self.process = psutil.Process()
+
+    # ---- host facts ----
+    def _host(self) -> pb.HostInfo:
+        facts: HostFacts = host_facts(self.device, self.tflops)
+        values = facts.as_dict()
+        values["worker_name"] = self.name
+        return pb.HostInfo(**{k: v for k, v in values.items() if k in pb.HostInfo.DESCRIPTOR.fields_by_name})
+
+    def _layers(self) -> pb.LayerRange | None:
+        return pb.LayerRange(start=self.model.start, end=self.model.end) if self.model is not None else None
+
+    def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeReply:
+        if request.protocol_version != PROTOCOL_VERSION:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {request.protocol_version} is not this worker's {PROTOCOL_VERSION}: "
+                "run the same cake_py version on master and workers",
+            )
+        log.info("handshake from master %r", request.master_name or context.peer())
+        return pb.HandshakeReply(
+            protocol_version=PROTOCOL_VERSION, host=self._host(), model_id=self.model_id, layers=self._layers()
+        )
+
+    def Prepare(self, request: pb.PrepareRequest, context: grpc.ServicerContext) -> pb.PrepareReply:
+        missing, cached = [], 0
+        try:
+            for spec in request.tensors:
+                if self.cache.has(spec.sha256, spec.size_bytes):
+                    cached += spec.size_bytes
+                elif spec.sha256 not in missing:
+                    missing.append(spec.sha256)
+        except ClusterError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return pb.PrepareReply(missing_sha256=missing, cached_bytes=cached)
+
+    def Assign(self, request_iterator: Iterator[pb.AssignChunk], context: grpc.ServicerContext) -> pb.AssignReply:
+        began = time.perf_counter()
+        writers: dict[str, TensorWriter] = {}
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("payload") != "header":
+                raise ClusterError("Assign must start with a header")
+            header = first.header
+            config = ModelConfig.from_hf(json.loads(header.config_json))
+            start, end = header.layers.start, header.layers.end
+            if not 0 <= start < end <= config.n_layers:
+                raise ClusterError(f"layers [{start}, {end}) are outside the model's {config.n_layers} layers")
+            specs = {spec.name: spec for spec in header.tensors}
+            received = 0
+            self.status = pb.WORKER_STATUS_LOADING
+            for message in request_iterator:
+                chunk = message.chunk
+                spec = specs.get(chunk.name)
+                if spec is None:
+                    raise ClusterError(f"weight chunk for {chunk.name!r}, which the header does not list")
+                writer = writers.get(spec.sha256)
+                if writer is None:
+                    writer = writers[spec.sha256] = self.cache.writer(spec.sha256, spec.size_bytes)
+                writer.write(chunk.offset, chunk.data)
+                received += len(chunk.data)
+                if writer.complete:
+                    writer.commit()
+            incomplete = [sha for sha, w in writers.items() if not w.complete]
+            if incomplete:
+                raise ClusterError(f"weight stream ended with {len(incomplete)} tensor(s) incomplete")
+            tensors = {}
+            for name, spec in specs.items():
+                if not self.cache.has(spec.sha256, spec.size_bytes):
+                    raise ClusterError(f"tensor {name!r} was neither streamed nor in the cache")
+                tensors[name] = self.cache.load(spec.sha256, dtype_from_pb(spec.dtype), tuple(spec.shape))
+            dtype = dtype_from_pb(header.compute_dtype)
+            with self.lock:
+                self.model, self.kv = None, None  # free the old layers before building the new ones
+                model = build_transformer(
+                    config, tensors, start, end, with_embedding=False, with_head=False, dtype=dtype, device=self.device
+                )
+                self.model, self.kv = model, model.new_kv_store()
+                self.model_id, self.compute_dtype = header.model_id, dtype
+                self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                self.status, self.error = pb.WORKER_STATUS_READY, ""
+            total = sum(spec.size_bytes for spec in specs.values())
+            log.info(
+                "assigned %s layers %d-%d: %.1f MB received, %.1f MB from cache",
+                header.model_id, start, end - 1, received / 1e6, (total - received) / 1e6,
+            )  # fmt: skip
+            return pb.AssignReply(
+                layers=pb.LayerRange(start=start, end=end),
+                received_bytes=received,
+                reused_bytes=max(total - received, 0),
+                n_tensors=len(specs),
+                load_ms=int((time.perf_counter() - began) * 1000),
+            )
+        except (CakeError, ValueError, KeyError) as error:
+            for writer in writers.values():
+                if not writer.complete:
+                    writer.abort()
+            self.status, self.error = pb.WORKER_STATUS_FAILED, str(error)
+            log.error("assignment failed: %s", error)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"assignment failed: {error}")
+            raise  # unreachable: abort raises
+
+    def Forward(
+        self, request_iterator: Iterator[pb.ForwardRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ForwardReply]:
+        with torch.inference_mode():
+            for request in request_iterator:
+                yield self._forward_one(request)
+
+    def _forward_one(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+        reply = pb.ForwardReply(request_id=request.request_id)
+        try:
+            batch = [SequenceSlice(s.seq_id, s.start_pos, s.n_tokens) for s in request.sequences]
+            hidden = decode_tensor(request.hidden)
+            with self.lock:
+                model, kv = self.model, self.kv
+                if model is None or kv is None:
+                    raise ClusterError(f"worker {self.name!r} has no layers assigned")
+                if hidden.ndim != 2 or hidden.shape[0] != sum(s.n_tokens for s in batch):
+                    raise ClusterError(f"hidden states of shape {list(hidden.shape)} do not match the batch")
+                for piece in batch:
+                    if piece.start_pos != kv.length(piece.seq_id):
+                        raise ClusterError(
+                            f"sequence {piece.seq_id} starts at {piece.start_pos} but this worker holds "
+                            f"{kv.length(piece.seq_id)} of its positions"
+                        )
+                began = time.perf_counter()
+                out = model.forward_layers(hidden.to(device=self.device, dtype=model.dtype), batch, kv)
+                reply.forward_us = int((time.perf_counter() - began) * 1e6)
+            encode_tensor(out.to(hidden.dtype), out=reply.hidden)
+        except (CakeError, ValueError, RuntimeError) as error:
+            reply.error = str(error)
+        return reply
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseReply:
+        with self.lock:
+            if self.kv is None:
+                return pb.ReleaseReply(released=0)
+            live = set(self.kv.sequence_ids())
+            ids = [i for i in request.seq_ids if i in live]
+            self.kv.release(ids)
+        return pb.ReleaseReply(released=len(ids))
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:
+        kv = self.kv
+        return pb.InfoReply(
+            status=self.status,
+            host=self._host(),
+            model_id=self.model_id,
+            layers=self._layers(),
+            compute_dtype=cast(Any, dtype_to_pb(self.compute_dtype)),  # the stubs type enum fields as DType
+            live_sequences=len(kv.sequence_ids()) if kv else 0,
+            kv_cache_bytes=kv.nbytes if kv else 0,
+            weights_bytes=self.weights_bytes,
+            uptime_seconds=time.time() - self.started,
+            cpu_percent=self.process.cpu_percent(),
+            process_rss_bytes=self.process.memory_info().rss,
+            error=self.error,
+            protocol_version=PROTOCOL_VERSION,
+        )
+
+
+def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer, int]:
+    """Start serving; returns the server, its servicer and the bound port."""
+    set_threads(settings.threads)
+    device = resolve_device(settings.device)
+    servicer = WorkerServicer(settings, device, measure_tflops(device))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="cake-worker"),
+        interceptors=[ClusterKeyInterceptor(settings.cluster_key)],
+        options=SERVER_OPTIONS,
+    )
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise ClusterError(f"cannot listen on {address}: {error}") from error
+    if port == 0:
+        raise ClusterError(f"cannot listen on {address}: the port is in use or the host is not local")
+    server.start()
+    return server, servicer, port
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    server, servicer, port = start_server(settings)
+    if not settings.cluster_key:
+        log.warning("no --cluster-key: any master that can reach this worker can use it")
+    tls = "TLS" if settings.tls_cert else "plaintext"
+    print(f"cake worker {servicer.name!r} listening on {settings.host}:{port} ({tls}, device {servicer.device})",
+          flush=True)  # fmt: skip
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=1).wait()

@@ -1,0 +1,81 @@
+"""The worker's on-disk weight cache: one file of raw tensor bytes per sha256, so a restart downloads nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from cake_py.errors import ClusterError
+
+
+class WeightCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ClusterError(f"cannot create weight cache {str(root)!r}: {error.strerror}") from error
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ClusterError(f"invalid sha256 {sha256!r} in the weight manifest")
+        return self.root / sha256[:2] / sha256
+
+    def has(self, sha256: str, size: int) -> bool:
+        path = self.path(sha256)
+        return path.is_file() and path.stat().st_size == size
+
+    def writer(self, sha256: str, size: int) -> TensorWriter:
+        return TensorWriter(self, sha256, size)
+
+    def load(self, sha256: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        path = self.path(sha256)
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.from_file(str(path), shared=False, size=numel, dtype=dtype).reshape(shape)
+
+
+class TensorWriter:
+    """Receives one tensor's chunks into a temp file; `commit` verifies the sha256 and moves it into place."""
+
+    def __init__(self, cache: WeightCache, sha256: str, size: int) -> None:
+        self.cache, self.sha256, self.size = cache, sha256, size
+        self.final = cache.path(sha256)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = self.final.with_name(f"{sha256}.{os.getpid()}.partial")
+        self.handle = self.temp.open("wb")
+        self.digest = hashlib.sha256()
+        self.written = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset != self.written:
+            raise ClusterError(f"weight chunk for {self.sha256[:12]} at offset {offset}, expected {self.written}")
+        if self.written + len(data) > self.size:
+            raise ClusterError(f"weight chunks for {self.sha256[:12]} exceed its declared {self.size} bytes")
+        self.handle.write(data)
+        self.digest.update(data)
+        self.written += len(data)
+
+    @property
+    def complete(self) -> bool:
+        return self.written == self.size
+
+    def commit(self) -> None:
+        self.handle.close()
+        if self.written != self.size or self.digest.hexdigest() != self.sha256:
+            self.temp.unlink(missing_ok=True)
+            raise ClusterError(
+                f"weight data failed verification: got {self.written} bytes with sha256 "
+                f"{self.digest.hexdigest()[:12]}, expected {self.size} bytes with {self.sha256[:12]}"
+            )
+        os.replace(self.temp, self.final)
+
+    def abort(self) -> None:
+        self.handle.close()
+        self.temp.unlink(missing_ok=True)
