@@ -1,0 +1,101 @@
+"""The engine: continuous batching gives each sequence the tokens it would get alone; limits, stops, cancel."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from cake_py.cluster.pipeline import local_pipeline
+from cake_py.engine.engine import Engine
+from cake_py.engine.sequence import GenerationEvent
+from cake_py.errors import ContextLengthError
+from cake_py.models.hub import resolve_model
+from cake_py.models.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_factory) -> Iterator[Engine]:  # type: ignore[no-untyped-def]
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, max_batch_tokens=64)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def run(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], GenerationEvent]:
+    tokens: list[int] = []
+    last = None
+    for event in engine.generate(prompt, params):
+        tokens += [t.token_id for t in event.tokens]
+        last = event
+    assert last is not None
+    return tokens, last
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+
+
+def test_concurrent_sequences_match_solo_runs(engine: Engine) -> None:
+    prompts = [list(range(5, 5 + n)) for n in (3, 40, 150, 9)]  # 150 > max_batch_tokens: chunked prefill
+    solo = [run(engine, p, GREEDY)[0] for p in prompts]
+    results: dict[int, list[int]] = {}
+
+    def worker(index: int) -> None:
+        results[index] = run(engine, prompts[index], GREEDY)[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [results[i] for i in range(len(prompts))] == solo
+    assert engine.stats.running + engine.stats.waiting <= len(prompts)
+
+
+def test_length_finish_and_usage(engine: Engine) -> None:
+    tokens, last = run(engine, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True))
+    assert len(tokens) == 7
+    assert last.finish_reason == "length"
+    assert (last.prompt_tokens, last.completion_tokens) == (3, 7)
+
+
+def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+    params = SamplingParams(temperature=1.0, max_tokens=16, seed=123, ignore_eos=True)
+    assert run(engine, [9, 10, 11], params)[0] == run(engine, [9, 10, 11], params)[0]
+
+
+def test_stop_string_ends_with_stop_and_is_not_emitted(engine: Engine) -> None:
+    text_tokens, _ = run(engine, [5, 6, 7], GREEDY)
+    full = engine.tokenizer.decode(text_tokens)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), f"degenerate generation {full!r}"
+    events = list(engine.generate([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=20, stop=(stop,))))
+    text = "".join(e.text for e in events)
+    assert events[-1].finish_reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+def test_prompt_longer_than_context_is_refused(engine: Engine) -> None:
+    with pytest.raises(ContextLengthError, match="512"):
+        engine.submit(list(range(600)), GREEDY, lambda e: None)
+
+
+def test_max_tokens_is_clipped_to_the_context(engine: Engine) -> None:
+    params = engine.check_prompt(500, SamplingParams(max_tokens=2048))
+    assert params.max_tokens == 12
+
+
+def test_cancel_frees_kv_caches(engine: Engine) -> None:
+    events = engine.generate([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+    next(events)
+    events.close()  # the consumer walks away: generate() cancels its sequence
+    stage = engine.pipeline.stages[0]
+    for _ in range(200):
+        if not stage.kv.sequence_ids() and engine.in_flight == 0:  # type: ignore[attr-defined]
+            break
+        threading.Event().wait(0.02)
+    assert stage.kv.sequence_ids() == []  # type: ignore[attr-defined]
+    assert engine.in_flight == 0

@@ -1,0 +1,65 @@
+"""Tokenizer: chat template rendering like transformers, incremental UTF-8-safe detokenization."""
+
+from pathlib import Path
+
+import pytest
+
+from cake_py.errors import ModelError
+from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_factory) -> Tokenizer:  # type: ignore[no-untyped-def]
+    return Tokenizer.from_folder(tiny_model_factory("llama"))
+
+
+def test_chat_template_matches_transformers(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    folder = tiny_model_factory("llama")
+    ours = Tokenizer.from_folder(folder)
+    reference = AutoTokenizer.from_pretrained(folder)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ours.render_chat(messages) == expected
+    assert ours.encode_chat(messages) == reference(expected, add_special_tokens=False)["input_ids"]
+
+
+def test_eos_comes_from_the_files(tokenizer: Tokenizer) -> None:
+    assert tokenizer.backend.token_to_id("<|im_end|>") in tokenizer.eos_token_ids
+
+
+def test_incremental_decoding_equals_full_decoding(tokenizer: Tokenizer) -> None:
+    text = "Streaming text: naïve café — 東京 🚀 done."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(token) for token in ids] + [decoder.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert all("\ufffd" not in piece for piece in pieces)  # never half a character
+
+
+def test_incremental_decoding_decodes_only_a_window(tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = tokenizer.encode("word " * 200, add_special_tokens=False)
+    decoder = IncrementalDecoder(tokenizer)
+    longest = 0
+    original = tokenizer.decode
+
+    def spy(batch, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal longest
+        longest = max(longest, len(batch))
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", spy)
+    for token in ids:
+        decoder.push(token)
+    assert longest < 12  # a few tokens, never the whole output
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="tokenizer.json"):
+        Tokenizer.from_folder(tmp_path)
