@@ -1,0 +1,93 @@
+"""The CLI: bad input is one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def cake(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cake_py.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_lists_every_command() -> None:
+    result = cake("--help")
+    assert result.returncode == 0
+    for command in ("serve", "worker", "run", "pull", "list", "rm"):
+        assert command in result.stdout
+
+
+def test_bad_flag_value() -> None:
+    result = cake("serve", "--dtype", "int3")
+    assert result.returncode == 2
+    assert "int3" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    assert_one_line_error(cake("run", str(tmp_path / "nope"), "hi"), "nope", "does not exist")
+
+
+def test_missing_gguf(tmp_path: Path) -> None:
+    assert_one_line_error(cake("run", str(tmp_path / "model.gguf"), "hi"), "model.gguf")
+
+
+def test_bad_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all" * 100)
+    assert_one_line_error(cake("run", str(bad), "hi"), "bad.gguf")
+
+
+def test_unknown_architecture(tmp_path: Path, tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["FancyNetForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(cake("run", str(folder), "hi"), "FancyNetForCausalLM")
+
+
+def test_unknown_hub_id_offline(tmp_path: Path) -> None:
+    env = {**_base_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    assert_one_line_error(cake("run", "nobody/no-such-model", "hi", env=env), "nobody/no-such-model")
+
+
+def test_bad_cluster_config(tmp_path: Path) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_text("workers:\n  - name: a\n    address: nohost\n")
+    assert_one_line_error(cake("serve", "--config", str(config)), "nohost")
+
+
+def test_run_on_a_tiny_model_streams_text(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    result = cake("run", str(tiny_model_factory("llama")), "hello", "--max-tokens", "5", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("command", [("rm", "nobody/absent")])
+def test_cache_commands_offline(tmp_path: Path, command: tuple[str, ...]) -> None:
+    env = {**_base_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    assert_one_line_error(cake(*command, env=env), "nobody/absent")
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
