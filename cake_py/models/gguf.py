@@ -171,6 +171,41 @@ class GGUFWeights:
     def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {name: self._load_one(name).to(dtype) for name in names}
 
+    def int4_names(self) -> set[str]:
+        """2-D weights stored in a 4-bit format (Q4_0, Q4_1) that `load_int4` can hand over without dequantizing."""
+        return {
+            name
+            for name, tensor in self._tensors.items()
+            if tensor.tensor_type in _INT4_TYPES and len(tensor.shape) == 2 and name.endswith(".weight")
+        }
+
+    def load_int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A Q4_0/Q4_1 weight as (uint8 (N, K) values 0..15, float32 (K/32, N, 2) scale and zero per group).
+
+        Represents `(q - 8) * scale + zero` exactly (see cake_py.models.quant), rows un-permuted like `load`.
+        """
+        tensor = self._tensor(name)
+        if tensor.tensor_type not in _INT4_TYPES:
+            raise WeightsError(f"tensor {name!r} is {tensor.tensor_type.name}, not a 4-bit type")
+        n_rows, n_cols = self.info(name).shape
+        blocks = np.asarray(tensor.data).reshape(n_rows, n_cols // 32, -1)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
+        if tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1:
+            m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            packed, zero = blocks[..., 4:20], m + 8 * d
+        else:
+            packed, zero = blocks[..., 2:18], np.zeros_like(d)
+        # A block stores element j in the low nibble of byte j and element j + 16 in its high nibble.
+        values = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(n_rows, n_cols)
+        q = torch.from_numpy(np.ascontiguousarray(values))
+        scales = torch.from_numpy(np.stack([d, zero], axis=-1))  # (N, K/32, 2)
+        if self.architecture in _PERMUTED_ARCHITECTURES:
+            if name.endswith("q_proj.weight"):
+                q, scales = (_unpermute_rows(t, int(self._config["num_attention_heads"])) for t in (q, scales))
+            elif name.endswith("k_proj.weight"):
+                q, scales = (_unpermute_rows(t, int(self._config["num_key_value_heads"])) for t in (q, scales))
+        return q.contiguous(), scales.transpose(0, 1).contiguous()
+
     def _load_one(self, name: str) -> torch.Tensor:
         tensor = self._tensor(name)
         try:
@@ -301,6 +336,9 @@ def _hf_name(gguf_name: str) -> str | None:
         return None
     layer, part, kind = match.groups()
     return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+
+
+_INT4_TYPES = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
 
 
 def _unpermute_rows(weights: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -94,13 +94,26 @@ class Attention(nn.Module):
             v_seq = v[offset:end].transpose(0, 1).unsqueeze(0)
             keys, values = cache.update(k_seq, v_seq, piece.start_pos)  # (1, n_kv_heads, L, head_dim)
             mask = self._mask(piece.start_pos, piece.n_tokens, keys.shape[2], x.device)
-            out = F.scaled_dot_product_attention(
-                q_seq, keys, values, attn_mask=mask, is_causal=mask is None and piece.n_tokens > 1, enable_gqa=True
-            )  # (1, n_heads, t, head_dim)
-            outputs.append(out[0].transpose(0, 1).reshape(piece.n_tokens, -1))
+            if piece.n_tokens == 1 and mask is None:
+                outputs.append(self._decode_attention(q[offset], keys[0], values[0]))
+            else:
+                out = F.scaled_dot_product_attention(
+                    q_seq, keys, values, attn_mask=mask, is_causal=mask is None and piece.n_tokens > 1, enable_gqa=True
+                )  # (1, n_heads, t, head_dim)
+                outputs.append(out[0].transpose(0, 1).reshape(piece.n_tokens, -1))
             offset = end
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return self.wo(attended)
+
+    def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """One query token against its cache, as two small batched matmuls per kv head (half the cost of the
+        CPU SDPA kernels at this size). q: (n_heads, head_dim); keys, values: (n_kv_heads, L, head_dim)."""
+        group = self.n_heads // self.n_kv_heads
+        # Accumulate in float32 like the fused kernels do, so 16-bit results track them token for token.
+        q = q.view(self.n_kv_heads, group, self.head_dim).float()  # (n_kv_heads, group, head_dim)
+        scores = torch.bmm(q, keys.float().transpose(1, 2)) * self.head_dim**-0.5  # (n_kv_heads, group, L)
+        out = torch.bmm(torch.softmax(scores, dim=-1), values.float())  # (n_kv_heads, group, head_dim)
+        return out.to(values.dtype).reshape(1, self.n_heads * self.head_dim)
 
     def _mask(self, start_pos: int, n_tokens: int, n_keys: int, device: torch.device) -> torch.Tensor | None:
         """Boolean (t, L) mask where a plain causal or no mask is not enough; None otherwise."""

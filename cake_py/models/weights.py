@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from cake_py.errors import ModelNotFoundError, WeightsError
 from cake_py.models.config import ModelConfig
 from cake_py.models.llama import Transformer
+from cake_py.models.quant import Q4_SCALES, Q4_WEIGHT, Int4Linear, dequantize, int4_supported
 
 LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.")
 EMBEDDING = "model.embed_tokens.weight"
@@ -159,6 +160,21 @@ def stage_tensor_names(
     return list(dict.fromkeys(names))
 
 
+def load_stage_tensors(source: WeightSource, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The named tensors in `dtype`; 4-bit GGUF weights stay 4-bit (as `.q4_weight` + `.q4_scales`) when the
+    compute dtype is 16-bit, since decode speed is bound by the bytes of weights read per token."""
+    names = list(names)
+    int4_names: set[str] = set()
+    if dtype in (torch.bfloat16, torch.float16):
+        int4_names = set(getattr(source, "int4_names", lambda: set())()) & set(names)
+    tensors = source.load([n for n in names if n not in int4_names], dtype)
+    for name in int4_names:
+        prefix = name.removesuffix(".weight")
+        q, scales = source.load_int4(name)  # type: ignore[attr-defined]
+        tensors[f"{prefix}.{Q4_WEIGHT}"], tensors[f"{prefix}.{Q4_SCALES}"] = q, scales
+    return tensors
+
+
 def to_module_state(
     tensors: dict[str, torch.Tensor],
     config: ModelConfig,
@@ -168,7 +184,11 @@ def to_module_state(
     with_embedding: bool,
     with_head: bool,
 ) -> dict[str, torch.Tensor]:
-    """Rename HF tensors to `Transformer` parameters, fusing q/k/v and gate/up projections."""
+    """Rename HF tensors to `Transformer` parameters, fusing q/k/v and gate/up projections.
+
+    4-bit weights keep their `.q4_weight`/`.q4_scales` form when every part of a fused projection has it;
+    otherwise they are dequantized so the parts can be concatenated.
+    """
     state: dict[str, torch.Tensor] = {}
 
     def take(name: str) -> torch.Tensor:
@@ -176,31 +196,45 @@ def to_module_state(
             raise WeightsError(f"tensor {name!r} is missing from the weights")
         return tensors[name]
 
+    def dense(prefix: str) -> torch.Tensor:
+        if f"{prefix}.weight" not in tensors and f"{prefix}.{Q4_WEIGHT}" in tensors:
+            return dequantize(tensors[f"{prefix}.{Q4_WEIGHT}"], tensors[f"{prefix}.{Q4_SCALES}"])
+        return take(f"{prefix}.weight")
+
+    def linear(parts: list[str], target: str) -> None:
+        if all(f"{p}.{Q4_WEIGHT}" in tensors for p in parts):
+            state[f"{target}.{Q4_WEIGHT}"] = torch.cat([tensors[f"{p}.{Q4_WEIGHT}"] for p in parts])
+            state[f"{target}.{Q4_SCALES}"] = torch.cat([tensors[f"{p}.{Q4_SCALES}"] for p in parts], dim=1)
+        else:
+            weights = [dense(p) for p in parts]
+            state[f"{target}.weight"] = weights[0] if len(weights) == 1 else torch.cat(weights)
+
     for index, layer in enumerate(range(start, end)):
         hf, ours = f"model.layers.{layer}.", f"layers.{index}."
         attn = hf + "self_attn."
         state[ours + "attention_norm.weight"] = take(hf + "input_layernorm.weight")
         state[ours + "ffn_norm.weight"] = take(hf + "post_attention_layernorm.weight")
-        state[ours + "attention.wqkv.weight"] = torch.cat([take(f"{attn}{p}_proj.weight") for p in "qkv"])
+        linear([f"{attn}{p}_proj" for p in "qkv"], ours + "attention.wqkv")
         if config.qkv_bias:
             state[ours + "attention.wqkv.bias"] = torch.cat([take(f"{attn}{p}_proj.bias") for p in "qkv"])
-        state[ours + "attention.wo.weight"] = take(attn + "o_proj.weight")
+        linear([attn + "o_proj"], ours + "attention.wo")
         if config.o_bias:
             state[ours + "attention.wo.bias"] = take(attn + "o_proj.bias")
         if config.qk_norm:
             state[ours + "attention.q_norm.weight"] = take(attn + "q_norm.weight")
             state[ours + "attention.k_norm.weight"] = take(attn + "k_norm.weight")
         mlp = hf + "mlp."
-        state[ours + "feed_forward.w13.weight"] = torch.cat([take(f"{mlp}{p}_proj.weight") for p in ("gate", "up")])
-        state[ours + "feed_forward.w2.weight"] = take(mlp + "down_proj.weight")
+        linear([mlp + "gate_proj", mlp + "up_proj"], ours + "feed_forward.w13")
+        linear([mlp + "down_proj"], ours + "feed_forward.w2")
         if config.mlp_bias:
             state[ours + "feed_forward.w13.bias"] = torch.cat([take(f"{mlp}{p}_proj.bias") for p in ("gate", "up")])
             state[ours + "feed_forward.w2.bias"] = take(mlp + "down_proj.bias")
     if with_embedding:
-        state["embed_tokens.weight"] = take(EMBEDDING)
+        state["embed_tokens.weight"] = dense(EMBEDDING.removesuffix(".weight"))
     if with_head:
         state["norm.weight"] = take(FINAL_NORM)
-        state["lm_head.weight"] = tensors[LM_HEAD] if LM_HEAD in tensors else take(EMBEDDING)
+        has_head = LM_HEAD in tensors or f"{LM_HEAD.removesuffix('.weight')}.{Q4_WEIGHT}" in tensors
+        state["lm_head.weight"] = dense((LM_HEAD if has_head else EMBEDDING).removesuffix(".weight"))
     return state
 
 
@@ -219,6 +253,7 @@ def build_transformer(
     with torch.device("meta"):
         model = Transformer(config, start, end, with_embedding=with_embedding, with_head=with_head)
     state = to_module_state(tensors, config, start, end, with_embedding=with_embedding, with_head=with_head)
+    int4_modules = _install_int4(model, state, dtype, device)
     state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     for name, shape in expected.items():
@@ -227,8 +262,31 @@ def build_transformer(
     if state.get("embed_tokens.weight") is not None and "lm_head.weight" in state:
         if state["lm_head.weight"].data_ptr() != state["embed_tokens.weight"].data_ptr() and config.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]  # one copy of tied weights in memory
-    model.load_state_dict(state, strict=True, assign=True)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [key for key in result.missing_keys if key.rsplit(".", 1)[0] not in int4_modules]
+    if missing or result.unexpected_keys:
+        raise WeightsError(
+            f"weights do not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
     return model.eval().requires_grad_(False)
+
+
+def _install_int4(
+    model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
+) -> set[str]:
+    """Swap the Linear of every `.q4_weight` entry for an Int4Linear (CPU, 16-bit), or dequantize it elsewhere."""
+    installed = set()
+    for key in [k for k in state if k.endswith(f".{Q4_WEIGHT}")]:
+        path = key.removesuffix(f".{Q4_WEIGHT}")
+        q, scales = state.pop(key), state.pop(f"{path}.{Q4_SCALES}")
+        if int4_supported(device, dtype):
+            parent, _, child = path.rpartition(".")
+            bias = state.pop(f"{path}.bias", None)
+            model.get_submodule(parent).register_module(child, Int4Linear(q, scales, bias, dtype))
+            installed.add(path)
+        else:
+            state[f"{path}.weight"] = dequantize(q, scales)
+    return installed
 
 
 def load_transformer(
@@ -244,7 +302,7 @@ def load_transformer(
 ) -> Transformer:
     """Read only the tensors of [start, end) (+ embedding/head) from `source` and build the stage's model."""
     names = stage_tensor_names(source, config, start, end, with_embedding=with_embedding, with_head=with_head)
-    tensors = source.load(names, dtype)
+    tensors = load_stage_tensors(source, names, dtype)
     return build_transformer(
         config, tensors, start, end, with_embedding=with_embedding, with_head=with_head, dtype=dtype, device=device
     )

@@ -26,7 +26,7 @@ from cake_py.cluster.stage import StageStats
 from cake_py.config import WorkerSpec
 from cake_py.errors import ClusterError, StageError
 from cake_py.models.kv_cache import Batch
-from cake_py.models.weights import LAYER_PATTERN, WeightSource
+from cake_py.models.weights import LAYER_PATTERN, WeightSource, load_stage_tensors
 from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES
 from cake_py.rpc.codec import decode_tensor, dtype_to_pb, encode_tensor
 from cake_py.rpc.pb import worker_pb2 as pb
@@ -77,8 +77,8 @@ class Assignment:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The range's tensors in the compute dtype, one layer in memory at a time."""
         for names in self.names_by_layer():
-            loaded = self.source.load(names, self.dtype)
-            yield from ((name, loaded[name]) for name in names)
+            loaded = load_stage_tensors(self.source, names, self.dtype)
+            yield from loaded.items()
 
 
 class WorkerConnection:
@@ -124,7 +124,14 @@ class WorkerConnection:
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return ClusterError(f"{self.label} refused our cluster key: give master and worker the same --cluster-key")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return ClusterError(f"{self.label} is unreachable ({doing}): {details}")
+            # A TLS mismatch looks like an unreachable worker from here: gRPC retries the failed handshakes.
+            hint = (
+                "is `cake worker` running there, without TLS? (a TLS worker needs --tls-ca on the master)"
+                if self.credentials is None
+                else "is `cake worker` running there with TLS, and is its certificate signed by --tls-ca for this "
+                "address?"
+            )
+            return ClusterError(f"{self.label} is unreachable ({doing}): {details}; {hint}")
         return ClusterError(f"{self.label} failed while {doing}: {details}")
 
     def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> pb.HandshakeReply:
@@ -228,6 +235,10 @@ class RemoteStage:
         self._call: Any = None
         self._closing = threading.Event()
         self._last_info: pb.InfoReply | None = None
+        # Sequences finished while the worker was down: it may still hold their caches (a network cut, a pause),
+        # so they are released once it is back.
+        self._unreleased: set[int] = set()
+        self._unreleased_lock = threading.Lock()
         self._monitor = threading.Thread(target=self._watch, name=f"cake-monitor-{self.name}", daemon=True)
         self._monitor.start()
 
@@ -279,7 +290,9 @@ class RemoteStage:
 
     def release(self, seq_ids: Sequence[int]) -> None:
         if not self._up:
-            return  # a down worker lost its caches with its process, or will drop them on timeout
+            with self._unreleased_lock:
+                self._unreleased.update(seq_ids)
+            return
         try:
             self.connection.release(seq_ids)
         except ClusterError as error:
@@ -317,8 +330,17 @@ class RemoteStage:
         reply = self.connection.handshake(timeout=PING_TIMEOUT_S)
         layers = reply.layers if reply.HasField("layers") else None
         same = layers is not None and (layers.start, layers.end) == (self.start, self.end)
+        with self._unreleased_lock:
+            stale, self._unreleased = self._unreleased, set()
         if not same or reply.model_id != self.assignment.model_id:
-            self.connection.assign(self.assignment)
+            self.connection.assign(self.assignment)  # a fresh model: no caches left from before
+        elif stale:
+            try:
+                self.connection.release(sorted(stale))
+            except ClusterError:
+                with self._unreleased_lock:
+                    self._unreleased |= stale
+                raise
         self._last_info = self.connection.info()
         self._up, self._status_error = True, ""
         log.info("%s is back with layers %d-%d", self.connection.label, self.start, self.end - 1)
@@ -364,6 +386,9 @@ class RemoteStage:
 
     def close(self) -> None:
         self._closing.set()
+        # Let a ping in flight finish first: closing the channel under it would fail it with a non-gRPC error in the
+        # monitor thread, and a monitor still running after close would reopen the channel.
+        self._monitor.join(timeout=PING_TIMEOUT_S + 1.0)
         self._drop_stream()
         self.connection.close()
 
