@@ -55,3 +55,50 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+# ---- 8-bit rows: the embedding and lm_head of a quantized GGUF (Q8_0 and friends) ----
+Q8_WEIGHT = "q8_weight"
+Q8_SCALES = "q8_scales"
+
+
+def quantize_rows_int8(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float → int8 (N, K) and float32 (N,) scales, symmetric per row."""
+    scales = weights.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(weights.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_rows_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.float() * scales[:, None]
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ with int8 rows and one scale per output row (torch's CPU int8 weight-only kernel)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q)
+        self.register_buffer("scales", scales.to(dtype))
+        self.q: torch.Tensor
+        self.scales: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        out = torch._weight_int8pack_mm(rows, self.q, self.scales)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Embedding(nn.Module):
+    """Token lookup from int8 rows: only the looked-up rows are dequantized."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scales", scales.to(dtype))
+        self.q: torch.Tensor
+        self.scales: torch.Tensor
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.q[ids].to(self.scales.dtype) * self.scales[ids, None]

@@ -20,12 +20,25 @@ from safetensors import SafetensorError, safe_open
 from cake_py.errors import ModelNotFoundError, WeightsError
 from cake_py.models.config import ModelConfig
 from cake_py.models.llama import Transformer
-from cake_py.models.quant import Q4_SCALES, Q4_WEIGHT, Int4Linear, dequantize, int4_supported
+from cake_py.models.quant import (
+    Q4_SCALES,
+    Q4_WEIGHT,
+    Q8_SCALES,
+    Q8_WEIGHT,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    dequantize,
+    dequantize_rows_int8,
+    int4_supported,
+    quantize_rows_int8,
+)
 
 LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.")
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
+_FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}  # stored types that are not quantized (safetensors and GGUF names)
 
 _SAFETENSORS_DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -161,13 +174,21 @@ def stage_tensor_names(
 
 
 def load_stage_tensors(source: WeightSource, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The named tensors in `dtype`; 4-bit GGUF weights stay 4-bit (as `.q4_weight` + `.q4_scales`) when the
-    compute dtype is 16-bit, since decode speed is bound by the bytes of weights read per token."""
+    """The named tensors in `dtype`. With a 16-bit compute dtype, weights a GGUF stores quantized stay small:
+    4-bit layer weights as `.q4_weight` + `.q4_scales`, a quantized embedding/lm_head as int8 rows
+    (`.q8_weight` + `.q8_scales`), since decode speed is bound by the bytes of weights read per token."""
     names = list(names)
     int4_names: set[str] = set()
     if dtype in (torch.bfloat16, torch.float16):
         int4_names = set(getattr(source, "int4_names", lambda: set())()) & set(names)
-    tensors = source.load([n for n in names if n not in int4_names], dtype)
+    int8_names: set[str] = set()
+    if dtype in (torch.bfloat16, torch.float16):
+        int8_names = {n for n in names if n in (EMBEDDING, LM_HEAD) and source.info(n).dtype not in _FLOAT_TYPES}
+    tensors = source.load([n for n in names if n not in int4_names | int8_names], dtype)
+    for name in int8_names:
+        prefix = name.removesuffix(".weight")
+        dense = source.load([name], torch.float32)[name]
+        tensors[f"{prefix}.{Q8_WEIGHT}"], tensors[f"{prefix}.{Q8_SCALES}"] = quantize_rows_int8(dense)
     for name in int4_names:
         prefix = name.removesuffix(".weight")
         q, scales = source.load_int4(name)  # type: ignore[attr-defined]
@@ -199,7 +220,17 @@ def to_module_state(
     def dense(prefix: str) -> torch.Tensor:
         if f"{prefix}.weight" not in tensors and f"{prefix}.{Q4_WEIGHT}" in tensors:
             return dequantize(tensors[f"{prefix}.{Q4_WEIGHT}"], tensors[f"{prefix}.{Q4_SCALES}"])
+        if f"{prefix}.weight" not in tensors and f"{prefix}.{Q8_WEIGHT}" in tensors:
+            return dequantize_rows_int8(tensors[f"{prefix}.{Q8_WEIGHT}"], tensors[f"{prefix}.{Q8_SCALES}"])
         return take(f"{prefix}.weight")
+
+    def rows(prefix: str, target: str) -> None:
+        """Embedding or head: int8 rows when the weights came that way, else dense."""
+        if f"{prefix}.{Q8_WEIGHT}" in tensors:
+            state[f"{target}.{Q8_WEIGHT}"] = tensors[f"{prefix}.{Q8_WEIGHT}"]
+            state[f"{target}.{Q8_SCALES}"] = tensors[f"{prefix}.{Q8_SCALES}"]
+        else:
+            state[f"{target}.weight"] = dense(prefix)
 
     def linear(parts: list[str], target: str) -> None:
         if all(f"{p}.{Q4_WEIGHT}" in tensors for p in parts):
@@ -230,11 +261,12 @@ def to_module_state(
             state[ours + "feed_forward.w13.bias"] = torch.cat([take(f"{mlp}{p}_proj.bias") for p in ("gate", "up")])
             state[ours + "feed_forward.w2.bias"] = take(mlp + "down_proj.bias")
     if with_embedding:
-        state["embed_tokens.weight"] = dense(EMBEDDING.removesuffix(".weight"))
+        rows(EMBEDDING.removesuffix(".weight"), "embed_tokens")
     if with_head:
         state["norm.weight"] = take(FINAL_NORM)
-        has_head = LM_HEAD in tensors or f"{LM_HEAD.removesuffix('.weight')}.{Q4_WEIGHT}" in tensors
-        state["lm_head.weight"] = dense((LM_HEAD if has_head else EMBEDDING).removesuffix(".weight"))
+        head = LM_HEAD.removesuffix(".weight")
+        has_head = any(f"{head}.{kind}" in tensors for kind in ("weight", Q4_WEIGHT, Q8_WEIGHT))
+        rows(head if has_head else EMBEDDING.removesuffix(".weight"), "lm_head")
     return state
 
 
@@ -253,7 +285,7 @@ def build_transformer(
     with torch.device("meta"):
         model = Transformer(config, start, end, with_embedding=with_embedding, with_head=with_head)
     state = to_module_state(tensors, config, start, end, with_embedding=with_embedding, with_head=with_head)
-    int4_modules = _install_int4(model, state, dtype, device)
+    int4_modules = _install_int4(model, state, dtype, device) | _install_int8(model, state, dtype, device)
     state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     for name, shape in expected.items():
@@ -269,6 +301,23 @@ def build_transformer(
             f"weights do not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
         )
     return model.eval().requires_grad_(False)
+
+
+def _install_int8(
+    model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
+) -> set[str]:
+    """Swap the embedding/lm_head with int8-row versions (CPU, 16-bit), or dequantize them elsewhere."""
+    installed = set()
+    for key in [k for k in state if k.endswith(f".{Q8_WEIGHT}")]:
+        path = key.removesuffix(f".{Q8_WEIGHT}")
+        q, scales = state.pop(key), state.pop(f"{path}.{Q8_SCALES}")
+        if int4_supported(device, dtype):
+            module = Int8Embedding(q, scales, dtype) if path == "embed_tokens" else Int8Linear(q, scales, dtype)
+            model.register_module(path, module)
+            installed.add(path)
+        else:
+            state[f"{path}.weight"] = dequantize_rows_int8(q, scales)
+    return installed
 
 
 def _install_int4(
