@@ -1,0 +1,78 @@
+"""Quantized weights: int4 blocks and int8 rows compute what their dequantized weights compute."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.quant import (
+    GROUP_SIZE,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    dequantize,
+    dequantize_rows_int8,
+    quantize_rows_int8,
+)
+
+
+def random_int4(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    scales = torch.rand(k // GROUP_SIZE, n, 2, generator=generator) * 0.1
+    return q, scales
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 96, 64), (5, 192, 128), (70, 64, 96)])
+def test_int4_linear_matches_dense(rows: int, n: int, k: int) -> None:
+    q, scales = random_int4(n, k)
+    bias = torch.randn(n)
+    layer = Int4Linear(q, scales, bias, torch.bfloat16)
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), dequantize(q, scales).bfloat16().float(), bias)
+    # both sides see bf16 inputs; the kernel keeps bf16 scales
+    assert torch.allclose(layer(x).float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+
+
+def test_dequantize_formula() -> None:
+    q = torch.arange(16, dtype=torch.uint8).repeat(2).reshape(1, 32)
+    scales = torch.tensor([[[0.5, 1.0]]])  # scale 0.5, zero 1.0: w = (q - 8) * 0.5 + 1
+    assert dequantize(q, scales)[0, :16].tolist() == [(v - 8) * 0.5 + 1 for v in range(16)]
+
+
+def test_int8_rows_round_trip_and_kernels() -> None:
+    weights = torch.randn(50, 64)
+    q, scales = quantize_rows_int8(weights)
+    assert q.dtype == torch.int8
+    assert (dequantize_rows_int8(q, scales) - weights).abs().max() <= scales.max() / 2 + 1e-6
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), dequantize_rows_int8(q, scales))
+    assert torch.allclose(Int8Linear(q, scales, torch.bfloat16)(x).float(), expected, atol=0.1, rtol=0.02)
+    ids = torch.tensor([3, 0, 49])
+    looked_up = Int8Embedding(q, scales, torch.bfloat16)(ids).float()
+    assert torch.allclose(looked_up, dequantize_rows_int8(q, scales)[ids], atol=0.02, rtol=0.01)
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_quantized_tracks_float32() -> None:
+    """The embedded Q4_1 model in bf16 runs on int4/int8 kernels and agrees with its exact float32 dequantization."""
+    from cake_py.models.hub import resolve_model
+    from cake_py.models.weights import load_transformer
+
+    source = resolve_model(None)
+    config = source.config
+    ids = torch.tensor(source.tokenizer.encode("The capital of France is Paris, and the capital of Italy is"))
+    logits = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model = load_transformer(
+            source.weights, config, 0, config.n_layers, with_embedding=True, with_head=True, dtype=dtype
+        )
+        if dtype == torch.bfloat16:
+            assert any(isinstance(m, Int4Linear) for m in model.modules())
+            assert isinstance(model.lm_head, Int8Linear)
+        with torch.inference_mode():
+            batch = [SequenceSlice(0, 0, len(ids))]
+            logits[dtype] = model.head(model.forward_layers(model.embed(ids), batch, model.new_kv_store()))
+    agree = (logits[torch.bfloat16].argmax(-1) == logits[torch.float32].argmax(-1)).float().mean()
+    assert agree >= 0.9
+    assert logits[torch.bfloat16][-1].argmax() == logits[torch.float32][-1].argmax()
