@@ -44,6 +44,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be positive")
+    return number
+
+
 def _tls_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate of this node (enables TLS)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of this node")
@@ -68,8 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require this Bearer key on the API (also CAKE_API_KEY)")
     serve.add_argument("--ui-auth", help="USER:PASS for HTTP Basic auth on the web UI and topology")
     serve.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
+    serve.add_argument(
+        "--connect-timeout", type=_positive_float, default=10.0, help="seconds to wait for each worker at startup"
+    )
     serve.add_argument("--threads", type=_positive_int, help="torch threads of the master")
     serve.add_argument("--rate-limit", type=_positive_int, default=60, help="requests/min per client; 0 = off")
+    serve.add_argument("--rate-burst", type=_positive_int, default=10, help="requests a client may send at once")
+    serve.add_argument(
+        "--max-body-bytes", type=_positive_int, default=8 * 1024 * 1024, help="largest request body; 0 = no limit"
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _tls_flags(serve)
 
@@ -130,9 +147,12 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         log_level=args.log_level,
         threads=args.threads,
         rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        max_body_bytes=args.max_body_bytes,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
+        connect_timeout=args.connect_timeout,
     )
 
 

@@ -1,4 +1,5 @@
-"""The Starlette app factory: routes of every surface, exception handlers, and the engine's lifetime."""
+"""The Starlette app factory: routes of every surface, the middleware stack, exception handlers, and the engine's
+lifetime."""
 
 from __future__ import annotations
 
@@ -6,14 +7,19 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.routing import BaseRoute
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Route
 
-from cake_py.api import health, openai, topology
+from cake_py.api import health, management, media, metrics, native, openai, openapi, system, topology, web
 from cake_py.api.errors import EXCEPTION_HANDLERS
+from cake_py.api.metrics import ApiMetrics, MetricsMiddleware
+from cake_py.api.middleware import AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware
 from cake_py.api.state import ServerState
 
 
 def create_app(state: ServerState) -> Starlette:
+    """The app serving `state`: every surface, the middleware stack and the JSON error handlers."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if state.engine is not None:
@@ -21,11 +27,37 @@ def create_app(state: ServerState) -> Starlette:
         try:
             yield
         finally:
-            if state.engine is not None:
+            if state.engine is not None:  # the engine serving now: a /models/load may have replaced the first one
                 state.engine.stop()
                 state.engine.pipeline.close()
 
-    routes: list[BaseRoute] = [*health.ROUTES, *openai.ROUTES, *topology.ROUTES]
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
+    routes: list[BaseRoute] = [
+        *health.ROUTES,
+        *openai.ROUTES,
+        *media.ROUTES,
+        *topology.ROUTES,
+        *native.ROUTES,
+        *management.ROUTES,
+        *system.ROUTES,
+        *metrics.ROUTES,
+        *openapi.ROUTES,
+        *web.ROUTES,
+    ]
+    settings = state.settings
+    state.metrics = ApiMetrics(state)
+    paths = frozenset(route.path for route in routes if isinstance(route, Route))
+    # Outermost first: every request is counted, then authenticated, then rate limited, then size-checked.
+    middleware = [
+        Middleware(MetricsMiddleware, state=state, paths=paths),
+        Middleware(AuthMiddleware, api_key=settings.api_key, ui_auth=settings.ui_auth),
+        Middleware(RateLimitMiddleware, per_minute=settings.rate_limit, burst=settings.rate_burst),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
     app.state.cake = state
     return app

@@ -1,29 +1,43 @@
-"""HTTP errors and the one seam that turns every failure into a JSON body (never HTML, never a traceback)."""
+"""HTTP errors and the one seam that turns every failure into a JSON body (never HTML, never a traceback).
+
+The body's shape follows the route family (see `paths`): `{"error": …}` on Cake/OpenAI routes, `{"detail": …}` on
+the seed-001 native routes. The pure-ASGI middleware answers through `send_error` with the same rules.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Send
 
-from cake_py.errors import CakeError, ClusterError, ContextLengthError, ModelError, RequestError
+from cake_py.api.paths import uses_detail_errors
+from cake_py.errors import (
+    CakeError,
+    ClusterError,
+    ContextLengthError,
+    ModelNotFoundError,
+    RequestError,
+    UnsupportedArchitectureError,
+)
 
 log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """An error with its HTTP status; `style` picks the body shape of the route family."""
+    """An error with its HTTP status; the body shape is picked by the route family of the request's path."""
 
     def __init__(self, status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers
 
 
-def error_body(request: Request, message: str, code: str | None = None) -> dict[str, object]:
-    """`{"detail": …}` on the seed-001 native routes, `{"error": …}` everywhere else (Cake/OpenAI)."""
-    if getattr(request.state, "detail_errors", False):
+def error_payload(path: str, message: str, code: str | None = None) -> dict[str, object]:
+    """`{"detail": …}` on the seed-001 native routes, `{"error": …}` (plus `code` when known) everywhere else."""
+    if uses_detail_errors(path):
         return {"detail": message}
     body: dict[str, object] = {"error": message}
     if code:
@@ -31,16 +45,39 @@ def error_body(request: Request, message: str, code: str | None = None) -> dict[
     return body
 
 
-def status_of(error: CakeError) -> tuple[int, str | None]:
+def error_body(request: Request, message: str, code: str | None = None) -> dict[str, object]:
+    return error_payload(request.url.path, message, code)
+
+
+def status_of(error: CakeError, *, detail_style: bool = False) -> tuple[int, str | None]:
+    """HTTP status (and OpenAI error code) of a cake_py error.
+
+    A prompt longer than the context is OpenAI's 400 `context_length_exceeded` on the OpenAI routes and seed 001's
+    413 "input too long" on the native ones.
+    """
     if isinstance(error, ContextLengthError):
-        return 400, "context_length_exceeded"
-    if isinstance(error, RequestError):
+        return (413, None) if detail_style else (400, "context_length_exceeded")
+    if isinstance(error, RequestError | UnsupportedArchitectureError):
         return 400, None
+    if isinstance(error, ModelNotFoundError):
+        return 404, None
     if isinstance(error, ClusterError):
         return 503, None
-    if isinstance(error, ModelError):
-        return 500, None
     return 500, None
+
+
+def api_error(error: CakeError, path: str) -> ApiError:
+    status, code = status_of(error, detail_style=uses_detail_errors(path))
+    return ApiError(status, str(error), code=code)
+
+
+async def send_error(send: Send, path: str, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    """A JSON error answered straight from ASGI middleware, before (or instead of) any route."""
+    body = json.dumps(error_payload(path, message)).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:
@@ -50,8 +87,10 @@ async def api_error_handler(request: Request, exc: Exception) -> Response:
 
 async def cake_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, CakeError)
-    status, code = status_of(exc)
-    return JSONResponse(error_body(request, str(exc), code), status_code=status)
+    error = api_error(exc, request.url.path)
+    if error.status >= 500:
+        log.warning("%s %s failed: %s", request.method, request.url.path, exc)
+    return JSONResponse(error_body(request, error.message, error.code), status_code=error.status)
 
 
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
@@ -66,7 +105,8 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
 
 async def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(error_body(request, f"internal error: {type(exc).__name__}"), status_code=500)
+    message = f"internal error: {type(exc).__name__}: {exc}"[:300]
+    return JSONResponse(error_body(request, message), status_code=500)
 
 
 EXCEPTION_HANDLERS = {

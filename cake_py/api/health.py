@@ -1,9 +1,11 @@
-"""/health: 200 while every stage of the served pipeline is up, 503 otherwise (seeds 000–002)."""
+"""/health (seeds 000–002): 200 `{"status": "healthy", "running": true, …}` while every stage of the served
+pipeline is up; 503 when a stage is down or the model is being switched. Never behind the API key."""
 
 from __future__ import annotations
 
 import time
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -12,14 +14,15 @@ from cake_py import __version__
 from cake_py.api.state import ServerState
 
 
-async def health(request: Request) -> Response:
-    state: ServerState = request.app.state.cake
+def health_document(state: ServerState) -> tuple[dict[str, object], int]:
     engine = state.engine
     stages = engine.pipeline.stages if engine else []
     down = [stage.name for stage in stages if not stage.healthy()]
-    body = {
-        "status": "unhealthy" if down else "healthy",
-        "running": engine is not None and not down,
+    switching = state.switching
+    status = "loading" if switching else "unhealthy" if down else "healthy"
+    body: dict[str, object] = {
+        "status": status,
+        "running": engine is not None and not down and not switching,
         "model": state.model_name if state.source else None,
         "version": __version__,
         "uptime_seconds": round(time.time() - state.started, 1),
@@ -27,7 +30,15 @@ async def health(request: Request) -> Response:
     }
     if down:
         body["error"] = f"pipeline stage(s) down: {', '.join(down)}"
-    return JSONResponse(body, status_code=503 if down else 200)
+    elif switching:
+        body["error"] = f"the server is {switching}"
+    return body, 503 if down or switching else 200
+
+
+async def health(request: Request) -> Response:
+    # A remote stage's health may ask its worker, so it is read off the event loop.
+    body, status = await run_in_threadpool(health_document, request.app.state.cake)
+    return JSONResponse(body, status_code=status)
 
 
 ROUTES = [Route("/health", health, methods=["GET"])]

@@ -1,47 +1,55 @@
-"""OpenAI-compatible routes: /v1/chat/completions (+ Cake's /api/v1 alias), /v1/completions, /v1/models."""
+"""OpenAI-compatible routes: /v1/chat/completions (+ Cake's /api/v1 alias), /v1/completions, /v1/models.
+
+Streams follow Cake's chunk sequence: a role chunk per choice, content deltas, a finish chunk per choice (the last
+one carries `usage`), then `data: [DONE]`. `usage.prompt_tokens` counts tokens.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.schemas import chat_messages, choice_count, json_body, openai_sampling
 from cake_py.api.state import ServerState
-from cake_py.api.streaming import SSE_HEADERS, EventStream, sse
-from cake_py.engine.engine import Engine
-from cake_py.engine.sequence import GenerationEvent
+from cake_py.api.streaming import (
+    EventStream,
+    GenerationResponse,
+    collect_all,
+    event_error,
+    merged,
+    open_streams,
+    sse,
+    usage,
+)
 from cake_py.models.sampling import SampledToken, SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
-
-def _ready(request: Request) -> tuple[ServerState, Engine, Tokenizer]:
-    state: ServerState = request.app.state.cake
-    if state.engine is None or state.source is None:
-        raise ApiError(404, "No text model loaded")
-    return state, state.engine, state.source.tokenizer
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+MAX_PROMPTS = 16
 
 
 def _seeded(params: SamplingParams, index: int) -> SamplingParams:
     """Choice i of n gets seed+i, so n choices differ yet the request stays reproducible."""
-    from dataclasses import replace
-
     return params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
+
+
+def _finish_reason(reason: str | None) -> str:
+    return "stop" if reason in (None, "cancelled") else reason
+
+
+def _reject_unsupported(body: dict[str, Any]) -> None:
+    if body.get("tools"):
+        raise ApiError(400, "tools are not supported by this server; send the request without 'tools'")
+    if body.get("top_logprobs") and not body.get("logprobs"):
+        raise ApiError(400, f"top_logprobs ({body['top_logprobs']!r}) needs logprobs: true")
 
 
 def _chat_logprobs(tokens: list[SampledToken], tokenizer: Tokenizer) -> list[dict[str, Any]]:
@@ -56,51 +64,38 @@ def _chat_logprobs(tokens: list[SampledToken], tokenizer: Tokenizer) -> list[dic
     ]
 
 
-async def _collect(stream: EventStream) -> tuple[str, list[SampledToken], GenerationEvent]:
-    text, tokens = [], []
-    async for event in stream:
-        text.append(event.text)
-        tokens.extend(event.tokens)
-        if event.finished:
-            if event.error:
-                raise ApiError(503 if "worker" in event.error or "stage" in event.error else 500, event.error)
-            return "".join(text), tokens, event
-    raise ApiError(500, "generation ended without a result")
+def _stream_error(error: ApiError) -> str:
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return sse({"error": {"message": error.message, "type": kind, "code": error.code or error.status}})
 
 
 async def chat_completions(request: Request) -> Response:
-    state, engine, tokenizer = _ready(request)
+    state: ServerState = request.app.state.cake
+    engine, source = state.ready()
+    tokenizer = source.tokenizer
     body = await json_body(request)
+    _reject_unsupported(body)
     messages = chat_messages(body)
     params = openai_sampling(body)
     n = choice_count(body)
     prompt_ids = await run_in_threadpool(tokenizer.encode_chat, messages)
     params = engine.check_prompt(len(prompt_ids), params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    model = state.model_name
-    streams = [EventStream(engine, prompt_ids, _seeded(params, i)) for i in range(n)]
+    created, model = int(time.time()), state.model_name
+    streams = open_streams(state, engine, [prompt_ids] * n, [_seeded(params, i) for i in range(n)])
     if body.get("stream"):
-        return StreamingResponse(
-            _chat_stream(streams, completion_id, created, model, tokenizer, params),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-    try:
-        results = [await _collect(stream) for stream in streams]
-    finally:
-        for stream in streams:
-            stream.cancel()
-    choices = []
-    for index, (text, tokens, last) in enumerate(results):
-        choice: dict[str, Any] = {
+        chunks = _chat_stream(request, streams, completion_id, created, model, tokenizer, params)
+        return GenerationResponse(chunks, streams, "text/event-stream")
+    results = await collect_all(request, streams)
+    choices = [
+        {
             "index": index,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": last.finish_reason,
-            "logprobs": {"content": _chat_logprobs(tokens, tokenizer)} if params.logprobs else None,
+            "message": {"role": "assistant", "content": result.text},
+            "finish_reason": _finish_reason(result.last.finish_reason),
+            "logprobs": {"content": _chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None,
         }
-        choices.append(choice)
-    completion_tokens = sum(last.completion_tokens for _, _, last in results)
+        for index, result in enumerate(results)
+    ]
     return JSONResponse(
         {
             "id": completion_id,
@@ -108,37 +103,13 @@ async def chat_completions(request: Request) -> Response:
             "created": created,
             "model": model,
             "choices": choices,
-            "usage": _usage(len(prompt_ids), completion_tokens),
+            "usage": usage(len(prompt_ids), sum(result.last.completion_tokens for result in results)),
         }
     )
 
 
-async def _merged(streams: list[EventStream]) -> AsyncIterator[tuple[int, GenerationEvent]]:
-    """Events of several streams as they come, tagged with the choice index."""
-    import asyncio
-
-    iterators = [stream.__aiter__() for stream in streams]
-    pending = {asyncio.ensure_future(anext(it)): index for index, it in enumerate(iterators)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                index = pending.pop(task)
-                try:
-                    event = task.result()
-                except StopAsyncIteration:
-                    continue
-                yield index, event
-                if not event.finished:
-                    pending[asyncio.ensure_future(anext(iterators[index]))] = index
-    finally:
-        for task in pending:
-            task.cancel()
-        for stream in streams:
-            stream.cancel()
-
-
 async def _chat_stream(
+    request: Request,
     streams: list[EventStream],
     completion_id: str,
     created: int,
@@ -160,11 +131,11 @@ async def _chat_stream(
         }
 
     for index in range(len(streams)):
-        yield sse(chunk(index, {"role": "assistant", "content": ""}))
-    completion_tokens, prompt_tokens, open_streams = 0, 0, len(streams)
-    async for index, event in _merged(streams):
+        yield sse(chunk(index, {"role": "assistant"}))
+    completion_tokens, prompt_tokens, open_count = 0, 0, len(streams)
+    async for index, event in merged(streams):
         if event.error:
-            yield sse({"error": {"message": event.error, "type": "server_error"}})
+            yield _stream_error(event_error(event, request.url.path))
             return
         extra: dict[str, Any] = {}
         if params.logprobs and event.tokens:
@@ -174,31 +145,62 @@ async def _chat_stream(
         if event.finished:
             completion_tokens += event.completion_tokens
             prompt_tokens = event.prompt_tokens
-            open_streams -= 1
-            finish = "stop" if event.finish_reason == "cancelled" else event.finish_reason
-            usage = {"usage": _usage(prompt_tokens, completion_tokens)} if open_streams == 0 else {}
-            yield sse(chunk(index, {}, finish, **usage))
+            open_count -= 1
+            last = {"usage": usage(prompt_tokens, completion_tokens)} if open_count == 0 else {}
+            yield sse(chunk(index, {}, _finish_reason(event.finish_reason), **last))
     yield sse("[DONE]")
 
 
-async def completions(request: Request) -> Response:
-    state, engine, tokenizer = _ready(request)
-    body = await json_body(request)
+def _completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
+    """`prompt` as OpenAI takes it: a string, a list of strings, a list of token ids, or a list of those lists."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, f"prompt must be a non-empty string, got {prompt!r}")
-    params = openai_sampling(body, default_max_tokens=16)
-    n = choice_count(body)
-    prompt_ids = await run_in_threadpool(tokenizer.encode, prompt)
-    params = engine.check_prompt(len(prompt_ids), params)
-    completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-    created, model = int(time.time()), state.model_name
-    streams = [EventStream(engine, prompt_ids, _seeded(params, i)) for i in range(n)]
-    echo = prompt if body.get("echo") else ""
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        prompts = prompt
+    else:
+        raise ApiError(400, f"prompt must be a string, a list of strings or a list of token ids, got {prompt!r}")
+    for item in prompts:
+        ids_ok = isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+        if not (isinstance(item, str) and item) and not ids_ok:
+            raise ApiError(400, f"prompt {item!r} must be a non-empty string or a non-empty list of token ids")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} are allowed")
+    return prompts
 
-    def legacy_logprobs(tokens: list[SampledToken]) -> dict[str, Any] | None:
+
+async def completions(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    engine, source = state.ready()
+    tokenizer = source.tokenizer
+    body = await json_body(request)
+    _reject_unsupported(body)
+    prompts = _completion_prompts(body)
+    params = openai_sampling(body)
+    n = choice_count(body)
+
+    def encode_all() -> list[list[int]]:
+        return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+    prompt_ids = await run_in_threadpool(encode_all)
+    for ids in prompt_ids:
+        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+            raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size}), got {ids!r}"[:300])
+        params = engine.check_prompt(len(ids), params)
+    echo = [tokenizer.decode(ids) if body.get("echo") else "" for ids in prompt_ids]
+    completion_id, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), state.model_name
+    # Choice k is prompt k // n, sample k % n.
+    streams = open_streams(
+        state,
+        engine,
+        [ids for ids in prompt_ids for _ in range(n)],
+        [_seeded(params, i) for _ in prompt_ids for i in range(n)],
+    )
+    n_prompt_tokens = sum(len(ids) for ids in prompt_ids)  # counted once per prompt, like OpenAI
+
+    def legacy_logprobs(tokens: list[SampledToken], offset: int) -> dict[str, Any] | None:
         if not params.logprobs:
             return None
         texts = [tokenizer.token_text(t.token_id) for t in tokens]
@@ -206,55 +208,59 @@ async def completions(request: Request) -> Response:
             "tokens": texts,
             "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": [{tokenizer.token_text(i): lp for i, lp in t.top_logprobs} for t in tokens],
-            "text_offset": [sum(len(x) for x in texts[:k]) + len(echo) for k in range(len(texts))],
+            "text_offset": [offset + sum(len(x) for x in texts[:k]) for k in range(len(texts))],
+        }
+
+    def piece(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
         }
 
     if body.get("stream"):
 
         async def stream_chunks() -> AsyncIterator[str]:
-            total, open_streams = 0, n
-            async for index, event in _merged(streams):
+            total, open_count = 0, len(streams)
+            offsets = [len(echo[k // n]) for k in range(len(streams))]
+            for index in range(len(streams)):
+                if echo[index // n]:
+                    yield sse(piece(index, echo[index // n], None, None))
+            async for index, event in merged(streams):
                 if event.error:
-                    yield sse({"error": {"message": event.error, "type": "server_error"}})
+                    yield _stream_error(event_error(event, request.url.path))
                     return
                 finish = None
                 if event.finished:
                     total += event.completion_tokens
-                    open_streams -= 1
-                    finish = "stop" if event.finish_reason == "cancelled" else event.finish_reason
-                piece: dict[str, Any] = {
-                    "id": completion_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [
-                        {"index": index, "text": event.text, "finish_reason": finish,
-                         "logprobs": legacy_logprobs(event.tokens)}
-                    ],
-                }  # fmt: skip
-                if event.finished and open_streams == 0:
-                    piece["usage"] = _usage(len(prompt_ids), total)
-                yield sse(piece)
+                    open_count -= 1
+                    finish = _finish_reason(event.finish_reason)
+                chunk = piece(index, event.text, finish, legacy_logprobs(event.tokens, offsets[index]))
+                offsets[index] += len(event.text)
+                if event.finished and open_count == 0:
+                    chunk["usage"] = usage(n_prompt_tokens, total)
+                yield sse(chunk)
             yield sse("[DONE]")
 
-        return StreamingResponse(stream_chunks(), media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        results = [await _collect(stream) for stream in streams]
-    finally:
-        for stream in streams:
-            stream.cancel()
+        return GenerationResponse(stream_chunks(), streams, "text/event-stream")
+    results = await collect_all(request, streams)
+    choices = []
+    for index, result in enumerate(results):
+        prefix = echo[index // n]
+        choice = piece(index, prefix + result.text, _finish_reason(result.last.finish_reason), None)["choices"][0]
+        choice["logprobs"] = legacy_logprobs(result.tokens, len(prefix))
+        choices.append(choice)
     return JSONResponse(
         {
             "id": completion_id,
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [
-                {"index": i, "text": echo + text, "finish_reason": last.finish_reason,
-                 "logprobs": legacy_logprobs(tokens)}
-                for i, (text, tokens, last) in enumerate(results)
-            ],  # fmt: skip
-            "usage": _usage(len(prompt_ids), sum(last.completion_tokens for _, _, last in results)),
+            "choices": choices,
+            "usage": usage(n_prompt_tokens, sum(result.last.completion_tokens for result in results)),
         }
     )
 

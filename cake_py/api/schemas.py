@@ -116,3 +116,49 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
             raise ApiError(400, f"messages[{index}].content must be a string, got {content!r}")
         result.append({"role": "system" if role == "developer" else role, "content": content})
     return result
+
+
+# Seed 001's response-quality defaults, shared by the JSON and the multipart forms of the native routes.
+NATIVE_DEFAULTS: dict[str, Any] = {
+    "max_length": 8192,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 80,
+    "repetition_penalty": 1.15,
+    "do_sample": True,
+}
+NATIVE_FIELDS = frozenset({*NATIVE_DEFAULTS, "seed", "stop"})
+
+
+def native_sampling(body: dict[str, Any], *, max_key: str = "max_length") -> SamplingParams:
+    """Seed 001's sampling fields with its defaults; `do_sample: false` is greedy decoding."""
+    do_sample = flag(body, "do_sample", NATIVE_DEFAULTS["do_sample"])
+    seed = number(body, "seed", 0, integer=True) if body.get("seed") is not None else None
+    try:
+        return SamplingParams(
+            max_tokens=int(number({max_key: body.get(max_key)}, max_key, NATIVE_DEFAULTS["max_length"], integer=True)),
+            temperature=float(number(body, "temperature", NATIVE_DEFAULTS["temperature"])) if do_sample else 0.0,
+            top_p=float(number(body, "top_p", NATIVE_DEFAULTS["top_p"])),
+            top_k=int(number(body, "top_k", NATIVE_DEFAULTS["top_k"], integer=True)),
+            repetition_penalty=float(number(body, "repetition_penalty", NATIVE_DEFAULTS["repetition_penalty"])),
+            seed=seed,
+            stop=stop_strings(body.get("stop")),
+        )
+    except RequestError as error:
+        raise ApiError(400, str(error)) from error
+
+
+def text_field(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def string_list(body: dict[str, Any], key: str, *, max_items: int) -> list[str]:
+    value = body.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value):
+        raise ApiError(400, f"{key} must be a non-empty list of non-empty strings, got {value!r}")
+    if len(value) > max_items:
+        raise ApiError(400, f"{key} holds {len(value)} items; at most {max_items} are allowed")
+    return value

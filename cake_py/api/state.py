@@ -1,13 +1,22 @@
-"""What every route needs: the engine serving the current model, its source and name, and the settings."""
+"""What every route needs: the engine serving the current model, its source and name, the settings, and the
+switch guard that keeps requests off an engine that is being replaced."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from cake_py.api.errors import ApiError
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import Engine
 from cake_py.models.hub import ModelSource
+
+if TYPE_CHECKING:
+    from cake_py.api.metrics import ApiMetrics
+
+NO_TEXT_MODEL = "No text model loaded"
 
 
 @dataclass
@@ -19,9 +28,27 @@ class ServerState:
     device: str = "cpu"
     tflops: float = 0.0  # measured once at startup: measuring runs torch, which never runs on the event loop
     started: float = field(default_factory=time.time)
+    switching: str | None = None  # what /models/load or /models/unload is doing, while it runs
+    switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    metrics: ApiMetrics | None = None  # set by create_app: one registry per app
 
     @property
     def model_name(self) -> str:
         if self.settings.model_name:
             return self.settings.model_name
         return self.source.model_id if self.source else "none"
+
+    def ready(self) -> tuple[Engine, ModelSource]:
+        """The engine and model to generate with; 503 while the model is being switched, 404 when none is loaded."""
+        if self.switching is not None:
+            raise ApiError(503, f"the server is {self.switching}; retry shortly", headers={"Retry-After": "5"})
+        if self.engine is None or self.source is None:
+            raise ApiError(404, NO_TEXT_MODEL)
+        return self.engine, self.source
+
+    def still_serving(self, engine: Engine) -> None:
+        """Called right before submitting (on the event loop, after any await): the engine was not switched away."""
+        if self.switching is not None or self.engine is not engine:
+            raise ApiError(
+                503, "the served model changed while the request was prepared; retry", headers={"Retry-After": "5"}
+            )

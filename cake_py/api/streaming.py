@@ -1,29 +1,48 @@
-"""Bridge from the engine thread to asyncio, and the server-sent-events framing."""
+"""Bridge from the engine thread to asyncio: one stream per sequence, collecting, merging, and the wire framings.
+
+Leaving a stream early (client gone, task cancelled) cancels its sequence, which frees its KV caches on every
+stage. Blocking routes watch for the client going away too, so an abandoned request stops generating.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from cake_py.api.errors import ApiError, api_error
+from cake_py.api.state import ServerState
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
-from cake_py.models.sampling import SamplingParams
+from cake_py.models.sampling import SampledToken, SamplingParams
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer": only ever seen in metrics
 
 
 class EventStream:
-    """Receives one sequence's events on the engine thread and yields them on the event loop.
+    """Receives one sequence's events on the engine thread and yields them on the event loop."""
 
-    Leaving the iteration early (client gone, task cancelled) cancels the sequence, which frees its KV caches on
-    every stage.
-    """
-
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_first_token: Callable[[float], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.finished = False
+        self.on_first_token = on_first_token
+        self.submitted = time.perf_counter()
         self.seq_id = engine.submit(prompt_ids, params, self._sink)
 
     def _sink(self, event: GenerationEvent) -> None:
@@ -33,17 +52,147 @@ class EventStream:
         try:
             while True:
                 event = await self.queue.get()
+                if self.on_first_token is not None and event.tokens:
+                    self.on_first_token(time.perf_counter() - self.submitted)
+                    self.on_first_token = None
                 yield event
                 if event.finished:
                     self.finished = True
                     return
         finally:
-            if not self.finished:
-                self.engine.cancel(self.seq_id)
+            self.cancel()
 
     def cancel(self) -> None:
         if not self.finished:
+            self.finished = True
             self.engine.cancel(self.seq_id)
+
+
+def open_streams(
+    state: ServerState, engine: Engine, prompts: list[list[int]], params: list[SamplingParams]
+) -> list[EventStream]:
+    """Submit every prompt at once (they batch together in the engine); no await between the check and the submit."""
+    state.still_serving(engine)
+    observe = state.metrics.observe_first_token if state.metrics else None
+    streams: list[EventStream] = []
+    try:
+        for prompt_ids, sampling in zip(prompts, params, strict=True):
+            streams.append(EventStream(engine, prompt_ids, sampling, observe))
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams
+
+
+@dataclass
+class Result:
+    """A finished generation: its text, its sampled tokens (for logprobs) and its last event."""
+
+    text: str
+    tokens: list[SampledToken]
+    last: GenerationEvent
+
+
+def event_error(event: GenerationEvent, path: str) -> ApiError:
+    """The honest status of a failed generation: the engine's exception, mapped at the one seam in errors.py."""
+    if event.exception is not None:
+        return api_error(event.exception, path)
+    return ApiError(500, event.error or "generation failed")
+
+
+async def collect(stream: EventStream, path: str) -> Result:
+    text: list[str] = []
+    tokens: list[SampledToken] = []
+    async for event in stream:
+        text.append(event.text)
+        tokens.extend(event.tokens)
+        if event.finished:
+            if event.error:
+                raise event_error(event, path)
+            return Result("".join(text), tokens, event)
+    raise ApiError(500, "generation ended without a result")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (the body has been read, so the next message says so)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect_all(request: Request, streams: list[EventStream]) -> list[Result]:
+    """Every stream's result, in order; the first failure fails them all, and a client that leaves cancels them."""
+    path = request.url.path
+    tasks = [asyncio.ensure_future(collect(stream, path)) for stream in streams]
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        while True:
+            for done in tasks:
+                if done.done() and (error := done.exception()) is not None:
+                    raise error
+            if all(task.done() for task in tasks):
+                return [task.result() for task in tasks]
+            if watcher.done():
+                raise ApiError(CLIENT_CLOSED, "the client closed the connection")
+            running = [task for task in tasks if not task.done()]
+            await asyncio.wait([*running, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, watcher, return_exceptions=True)
+        for stream in streams:
+            stream.cancel()
+
+
+async def merged(streams: list[EventStream]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """Events of several streams as they come, tagged with the stream's index."""
+    iterators = [stream.__aiter__() for stream in streams]
+    pending = {asyncio.ensure_future(anext(it)): index for index, it in enumerate(iterators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                try:
+                    event = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield index, event
+                if not event.finished:
+                    pending[asyncio.ensure_future(anext(iterators[index]))] = index
+    finally:
+        for task in pending:
+            task.cancel()
+        for stream in streams:
+            stream.cancel()
+
+
+class GenerationResponse(StreamingResponse):
+    """A streamed answer that cancels its sequences however it ends, even when the client leaves before the
+    first chunk (then the body's generator never starts, so its own cleanup never runs)."""
+
+    def __init__(self, content: AsyncIterator[str], streams: list[EventStream], media_type: str) -> None:
+        headers = SSE_HEADERS if media_type == "text/event-stream" else {"Cache-Control": "no-cache"}
+        super().__init__(content, media_type=media_type, headers=headers)
+        self.streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for stream in self.streams:
+                stream.cancel()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -51,4 +200,5 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {payload}\n\n"
 
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+def ndjson(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n"

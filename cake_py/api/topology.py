@@ -17,10 +17,13 @@ def live_figures(state: ServerState) -> dict[str, object]:
     if engine is None:
         return {}
     stats = engine.stats
+    # Read fresh from the engine: stats.running/waiting and the rate are only updated by steps, so they go stale
+    # (and would show a busy cluster) as soon as the engine goes idle.
+    in_flight = engine.in_flight
     return {
-        "tokens_per_second": round(stats.tokens_per_second, 2),
-        "requests_in_flight": stats.running,
-        "queue_depth": stats.waiting,
+        "tokens_per_second": round(stats.tokens_per_second, 2) if in_flight else 0.0,
+        "requests_in_flight": in_flight,
+        "queue_depth": engine.queue_depth,
         "requests_total": stats.requests_total,
         "tokens_generated": stats.tokens_generated,
         "last_step_ms": round(stats.last_step_ms, 3),

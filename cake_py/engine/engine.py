@@ -20,7 +20,7 @@ import torch
 
 from cake_py.cluster.pipeline import Pipeline
 from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
-from cake_py.errors import CakeError, ContextLengthError, RequestError
+from cake_py.errors import CakeError, ClusterError, ContextLengthError, RequestError
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
@@ -123,6 +123,11 @@ class Engine:
     def in_flight(self) -> int:
         return len(self._running) + len(self._waiting)
 
+    @property
+    def queue_depth(self) -> int:
+        """Sequences admitted but not yet running (fresh, unlike stats.waiting, which is set once per step)."""
+        return len(self._waiting) + self._inbox.qsize()
+
     # ---- engine thread ----
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -136,8 +141,11 @@ class Engine:
                     self.step()
                 except Exception:  # the engine must outlive any one bad step
                     log.exception("engine step failed")
+            stopping = ClusterError("the engine stopped: the server is shutting down or switching models")
             for seq in self._running + self._waiting:
-                self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error="the server is stopping"))
+                self._finish(
+                    seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(stopping), exception=stopping)
+                )
 
     def _drain_inbox(self) -> None:
         while True:
@@ -184,9 +192,12 @@ class Engine:
         began = time.perf_counter()
         try:
             logits = self.pipeline.logits(torch.tensor(ids, dtype=torch.long), batch, rows)
-        except CakeError as error:
+        except Exception as error:  # a failed step ends its own sequences, never the engine or other requests
+            if not isinstance(error, CakeError):
+                log.exception("forward pass failed")
+                error = CakeError(f"internal error in the forward pass: {type(error).__name__}: {error}")
             for seq in members:
-                self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(error)))
+                self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(error), exception=error))
             return
         for piece, seq in zip(batch, members, strict=True):
             seq.n_cached = piece.start_pos + piece.n_tokens

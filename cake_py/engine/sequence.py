@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cake_py.errors import CakeError
 from cake_py.models.sampling import SampledToken, Sampler, SamplingParams, StopMatcher
 from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -19,6 +20,7 @@ class GenerationEvent:
     tokens: list[SampledToken] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    exception: CakeError | None = None  # what failed, so each surface can map it to its own status
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

@@ -1,0 +1,145 @@
+"""Seed 001's model management: /models/load, /models/current, /models/available, /models/unload.
+
+A load resolves and checks the new model first (so a bad id leaves the served model untouched), then stops the
+old engine, closes its pipeline (freeing its layers on every stage), and builds the new pipeline across the same
+cluster. Generation requests during the switch get 503; after an unload they get 404 "No text model loaded".
+Everything that touches torch or the disk runs in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py.api.errors import ApiError
+from cake_py.api.schemas import json_body
+from cake_py.api.state import ServerState
+from cake_py.engine.engine import Engine
+from cake_py.models.hub import EMBEDDED_MODEL_ID, ModelSource, list_cached, resolve_model
+
+
+def current_model(state: ServerState) -> dict[str, Any]:
+    engine, source = state.engine, state.source
+    if engine is None or source is None:
+        return {"loaded": False, "model_id": None, "name": None}
+    config = source.config
+    return {
+        "loaded": True,
+        "model_id": source.model_id,
+        "name": state.model_name,
+        "architecture": config.architecture,
+        "family": config.family,
+        "n_layers": config.n_layers,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "context_length": engine.context_length,
+        "dtype": state.dtype,
+        "device": state.device,
+        "stages": [{"name": stage.name, "layers": [stage.start, stage.end]} for stage in engine.pipeline.stages],
+    }
+
+
+def _retire(engine: Engine | None) -> None:
+    """Stop an engine (its in-flight requests end with a 503) and free its layers and caches on every stage."""
+    if engine is not None:
+        engine.stop()
+        engine.pipeline.close()
+
+
+def _build_engine(state: ServerState, source: ModelSource, settings: Any) -> Engine:
+    from cake_py.api.server import build_pipeline
+
+    pipeline = build_pipeline(settings, source, state.device)
+    engine = Engine(pipeline, source.tokenizer, max_running=settings.max_running)
+    engine.start()
+    return engine
+
+
+def _resolve(model_id: str | None) -> ModelSource:
+    source = resolve_model(model_id)
+    source.tokenizer  # noqa: B018 - read now, so a broken tokenizer fails the load before the old model is dropped
+    return source
+
+
+def _busy(state: ServerState) -> ApiError:
+    return ApiError(503, f"the server is already {state.switching or 'switching models'}; retry when it is done")
+
+
+async def load_model(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    body = await json_body(request)
+    model_id = body.get("model_id")
+    if model_id is not None and (not isinstance(model_id, str) or not model_id.strip()):
+        raise ApiError(400, f"model_id must be a Hub id, a local path or null (the embedded default), got {model_id!r}")
+    if state.switch_lock.locked():
+        raise _busy(state)
+    async with state.switch_lock:
+        source = await run_in_threadpool(_resolve, model_id)
+        settings = replace(state.settings, model=model_id, model_name=None)
+        state.switching = f"loading model {source.model_id!r}"
+        try:
+            old, state.engine, state.source = state.engine, None, None
+            await run_in_threadpool(_retire, old)
+            engine = await run_in_threadpool(_build_engine, state, source, settings)
+            state.engine, state.source, state.settings = engine, source, settings
+        finally:
+            state.switching = None
+    return JSONResponse({"status": "loaded", **current_model(state)})
+
+
+async def unload_model(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    if state.switch_lock.locked():
+        raise _busy(state)
+    async with state.switch_lock:
+        if state.engine is None:
+            raise ApiError(404, "No text model loaded")
+        unloaded = state.model_name
+        state.switching = f"unloading model {unloaded!r}"
+        try:
+            old, state.engine, state.source = state.engine, None, None
+            await run_in_threadpool(_retire, old)
+        finally:
+            state.switching = None
+    return JSONResponse({"status": "unloaded", "model_id": unloaded})
+
+
+async def get_current(request: Request) -> Response:
+    return JSONResponse(current_model(request.app.state.cake))
+
+
+def _available(state: ServerState) -> list[dict[str, Any]]:
+    """Embedded default, configured model and HF cache; `load_as` is the `model_id` to send to /models/load."""
+    models: dict[str, dict[str, Any]] = {}
+
+    def add(model_id: str, origin: str, load_as: str | None, **extra: Any) -> None:
+        entry = models.setdefault(model_id, {"model_id": model_id, "load_as": load_as, "sources": [], "loaded": False})
+        entry["sources"].append(origin)
+        entry["loaded"] = entry["loaded"] or (state.source is not None and load_as == state.settings.model)
+        entry.update(extra)
+
+    add(EMBEDDED_MODEL_ID, "embedded", None)
+    if state.settings.model:
+        add(state.settings.model, "configured", state.settings.model)
+    for cached in list_cached():
+        add(cached.repo_id, "hf-cache", cached.repo_id, size_bytes=cached.size_bytes, path=str(cached.path))
+    return list(models.values())
+
+
+async def get_available(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    models = await run_in_threadpool(_available, state)  # scanning the HF cache reads the disk
+    return JSONResponse({"models": models, "current": state.source.model_id if state.source else None})
+
+
+ROUTES = [
+    Route("/models/load", load_model, methods=["POST"]),
+    Route("/models/current", get_current, methods=["GET"]),
+    Route("/models/available", get_available, methods=["GET"]),
+    Route("/models/unload", unload_model, methods=["POST"]),
+]

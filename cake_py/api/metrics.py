@@ -1,0 +1,143 @@
+"""GET /metrics in Prometheus text format, from a registry owned by the app (several apps can live in a process).
+
+HTTP figures (requests by route and status, durations, time to first token) are recorded as requests happen; the
+engine's and the stages' figures (tokens, tokens/s, queue depth, per-stage forward and per-hop round-trip ms) are
+read at scrape time by a custom collector, so they are never stale and cost nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cake_py.api.state import ServerState
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class EngineCollector(Collector):
+    """Engine and stage figures, read from the live objects at each scrape."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        state, engine = self.state, self.state.engine
+        loaded = GaugeMetricFamily("cake_model_loaded", "1 while a text model is served", labels=["model"])
+        if state.source is not None:
+            loaded.add_metric([state.model_name], 1.0)
+        yield loaded
+        if engine is None:
+            return
+        stats = engine.stats
+        yield CounterMetricFamily(
+            "cake_engine_requests", "Sequences submitted to the engine", value=stats.requests_total
+        )
+        yield CounterMetricFamily("cake_generated_tokens", "Tokens generated", value=stats.tokens_generated)
+        yield CounterMetricFamily("cake_prompt_tokens", "Prompt tokens prefilled", value=stats.prompt_tokens)
+        yield CounterMetricFamily("cake_engine_steps", "Scheduler steps run", value=stats.steps)
+        yield GaugeMetricFamily(
+            "cake_tokens_per_second", "Generated tokens/s over recent steps", stats.tokens_per_second
+        )
+        yield GaugeMetricFamily("cake_queue_depth", "Sequences waiting to start", value=engine.queue_depth)
+        yield GaugeMetricFamily("cake_sequences_in_flight", "Sequences running or waiting", value=engine.in_flight)
+        yield GaugeMetricFamily("cake_engine_step_ms", "Duration of the last scheduler step", value=stats.last_step_ms)
+        forward = GaugeMetricFamily("cake_stage_forward_ms", "Moving average of a stage's compute", labels=["stage"])
+        hop = GaugeMetricFamily("cake_stage_round_trip_ms", "Moving average of a hop to a stage", labels=["stage"])
+        calls = CounterMetricFamily("cake_stage_calls", "Forward calls per stage", labels=["stage"])
+        sent = CounterMetricFamily("cake_stage_sent_bytes", "Bytes sent to a stage", labels=["stage"])
+        received = CounterMetricFamily("cake_stage_received_bytes", "Bytes received from a stage", labels=["stage"])
+        for stage in engine.pipeline.stages:
+            figures = stage.stats
+            forward.add_metric([stage.name], figures.forward_ms)
+            hop.add_metric([stage.name], figures.round_trip_ms)
+            calls.add_metric([stage.name], figures.calls)
+            sent.add_metric([stage.name], figures.bytes_sent)
+            received.add_metric([stage.name], figures.bytes_received)
+        yield from (forward, hop, calls, sent, received)
+
+
+class ApiMetrics:
+    def __init__(self, state: ServerState) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cake_http_requests",
+            "HTTP requests by route and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "cake_http_request_duration_seconds",
+            "Time to the whole answer",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "cake_http_requests_in_progress", "HTTP requests being answered", registry=self.registry
+        )
+        self.first_token = Histogram(
+            "cake_time_to_first_token_seconds",
+            "From submit to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(EngineCollector(state))
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.first_token.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI (streams pass through untouched): counts each request by its route template and final status."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, paths: frozenset[str] = frozenset()) -> None:
+        self.app = app
+        self.state = state
+        self.paths = paths  # known route paths: a request refused before routing is still labelled by its route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self.state.metrics
+        if scope["type"] != "http" or metrics is None:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        began = time.perf_counter()
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.in_progress.inc()
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            metrics.in_progress.dec()
+            path = scope["path"]
+            label = getattr(scope.get("route"), "path", None) or (path if path in self.paths else "unmatched")
+            metrics.requests.labels(label, scope["method"], str(status)).inc()
+            metrics.duration.labels(label).observe(time.perf_counter() - began)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    assert state.metrics is not None
+    body = await run_in_threadpool(state.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [Route("/metrics", metrics_endpoint, methods=["GET"])]

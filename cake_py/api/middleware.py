@@ -1,0 +1,172 @@
+"""Auth, rate limits and body limits as pure ASGI middleware.
+
+Pure ASGI, not BaseHTTPMiddleware: streams and client disconnects must pass through untouched, so that a client
+that leaves mid-stream cancels its sequence. Refusals are JSON in the route family's shape (see `paths`).
+
+- API key (`--api-key`, `CAKE_API_KEY`): `Authorization: Bearer KEY` on every route but /health and the UI page.
+- UI auth (`--ui-auth USER:PASS`): HTTP Basic on the UI (`/`, its assets, `/api/v1/topology`). A request has one
+  Authorization header, so there Basic stands in for the key.
+- Rate limit (seed 001): a token bucket per client address, on generation routes only. (There is one API key, so
+  a bucket per key would be one bucket for everyone; and without a key, a bearer token costs nothing to change.)
+- Body limit: a Content-Length over the limit is refused before reading; a body without one is counted as it
+  streams and refused as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cake_py.api.errors import ApiError, send_error
+from cake_py.api.paths import PUBLIC_PATHS, is_generation, is_ui, is_ui_page
+
+REALM = 'Basic realm="cake", charset="UTF-8"'
+
+
+def _bearer(headers: Headers) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _basic(headers: Headers) -> tuple[str, str] | None:
+    scheme, _, encoded = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str | None = None, ui_auth: tuple[str, str] | None = None) -> None:
+        self.app, self.api_key, self.ui_auth = app, api_key, ui_auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(scope["path"], Headers(scope=scope))
+            if refusal is not None:
+                message, challenge = refusal
+                await send_error(send, scope["path"], 401, message, {"WWW-Authenticate": challenge})
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, path: str, headers: Headers) -> tuple[str, str] | None:
+        """None when the request may pass, else (message, WWW-Authenticate challenge)."""
+        if path in PUBLIC_PATHS:
+            return None
+        if is_ui(path) and self.ui_auth is not None:
+            credentials = _basic(headers)
+            user, password = self.ui_auth
+            if credentials is None:
+                return "this page needs the --ui-auth user and password (HTTP Basic)", REALM
+            if not (_same(credentials[0], user) & _same(credentials[1], password)):
+                return f"wrong user or password for user {credentials[0]!r}", REALM
+            return None
+        if is_ui_page(path) or self.api_key is None:
+            return None
+        token = _bearer(headers)
+        if token is None:
+            return "missing API key: send the header 'Authorization: Bearer <key>'", "Bearer"
+        if not _same(token, self.api_key):
+            return "invalid API key", 'Bearer error="invalid_token"'
+        return None
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """Token buckets: `burst` requests at once, refilled at `per_minute` / 60 per second, per client key."""
+
+    MAX_CLIENTS = 10_000
+
+    def __init__(self, per_minute: int, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = float(max(burst, 1))
+        self.clock = clock
+        self.buckets: dict[str, _Bucket] = {}
+
+    def acquire(self, key: str) -> float:
+        """Take one request from `key`'s bucket: 0.0 when allowed, else the seconds until one is available."""
+        now = self.clock()
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            if len(self.buckets) >= self.MAX_CLIENTS:
+                self._forget_idle(now)
+            bucket = self.buckets[key] = _Bucket(self.capacity, now)
+        bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self.rate
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop buckets that have refilled completely: forgetting them changes nothing."""
+        full = [key for key, b in self.buckets.items() if b.tokens + (now - b.updated) * self.rate >= self.capacity]
+        for key in full:
+            del self.buckets[key]
+
+
+class RateLimitMiddleware:
+    def __init__(self, app: ASGIApp, per_minute: int, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.app = app
+        self.limiter = RateLimiter(per_minute, burst, clock) if per_minute > 0 else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.limiter is not None and scope["type"] == "http" and is_generation(scope["path"]):
+            client = scope.get("client")
+            wait = self.limiter.acquire(client[0] if client else "unknown")
+            if wait > 0:
+                per_minute = round(self.limiter.rate * 60)
+                message = f"rate limit exceeded: {per_minute} requests per minute (burst {self.limiter.capacity:.0f})"
+                retry = str(max(1, math.ceil(wait)))
+                await send_error(send, scope["path"], 429, f"{message}; retry in {retry} s", {"Retry-After": retry})
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self, size: int | str) -> str:
+        return f"request body of {size} bytes is over the limit of {self.max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.max_bytes <= 0:
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await send_error(send, scope["path"], 413, self._too_large(int(declared)))
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise ApiError(413, self._too_large(f"more than {self.max_bytes}"))
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,0 +1,146 @@
+"""Seed 001's native JSON routes: /generate (SSE when `stream`), /chat, /generate/batch. Errors are `{"detail": …}`.
+
+`/generate` also takes seed 000's multipart form: the route dispatches on Content-Type to `multipart`.
+Streams send one JSON object per event, `data: {"text": "<delta>"}`, a last one with `finish_reason` and `usage`,
+then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py.api import multipart
+from cake_py.api.errors import ApiError, api_error
+from cake_py.api.schemas import chat_messages, flag, json_body, native_sampling, string_list, text_field
+from cake_py.api.state import ServerState
+from cake_py.api.streaming import (
+    EventStream,
+    GenerationResponse,
+    collect_all,
+    event_error,
+    merged,
+    open_streams,
+    sse,
+    usage,
+)
+from cake_py.engine.engine import Engine
+from cake_py.errors import CakeError
+from cake_py.models.hub import ModelSource
+
+MAX_BATCH = 64
+
+
+def check_model_id(body: dict[str, Any], state: ServerState, source: ModelSource) -> None:
+    """`model_id` may name the served model (or be null); another model must be loaded with /models/load first."""
+    model_id = body.get("model_id")
+    if model_id is None or model_id in (state.model_name, source.model_id):
+        return
+    raise ApiError(404, f"model {model_id!r} is not loaded (serving {state.model_name!r}); load it with /models/load")
+
+
+async def _prepare(request: Request) -> tuple[ServerState, Engine, ModelSource, dict[str, Any]]:
+    state: ServerState = request.app.state.cake
+    engine, source = state.ready()
+    body = await json_body(request)
+    check_model_id(body, state, source)
+    return state, engine, source, body
+
+
+async def _native_stream(request: Request, stream: EventStream) -> AsyncIterator[str]:
+    async for _, event in merged([stream]):
+        if event.error:
+            yield sse({"detail": event_error(event, request.url.path).message})
+            return
+        if event.text:
+            yield sse({"text": event.text})
+        if event.finished:
+            yield sse(
+                {
+                    "text": "",
+                    "finish_reason": "stop" if event.finish_reason == "cancelled" else event.finish_reason,
+                    "usage": usage(event.prompt_tokens, event.completion_tokens),
+                }
+            )
+    yield sse("[DONE]")
+
+
+async def generate(request: Request) -> Response:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        return await multipart.generate_form(request)
+    state, engine, source, body = await _prepare(request)
+    prompt = text_field(body, "prompt")
+    params = native_sampling(body)
+    stream = flag(body, "stream", False)
+    prompt_ids = await run_in_threadpool(source.tokenizer.encode, prompt)
+    params = engine.check_prompt(len(prompt_ids), params)
+    streams = open_streams(state, engine, [prompt_ids], [params])
+    if stream:
+        return GenerationResponse(_native_stream(request, streams[0]), streams, "text/event-stream")
+    (result,) = await collect_all(request, streams)
+    return JSONResponse(
+        {
+            "response": result.text,
+            "finish_reason": result.last.finish_reason,
+            "usage": usage(len(prompt_ids), result.last.completion_tokens),
+        }
+    )
+
+
+async def chat(request: Request) -> Response:
+    state, engine, source, body = await _prepare(request)
+    messages = chat_messages(body)
+    params = native_sampling(body)
+    stream = flag(body, "stream", False)
+    prompt_ids = await run_in_threadpool(source.tokenizer.encode_chat, messages)
+    params = engine.check_prompt(len(prompt_ids), params)
+    streams = open_streams(state, engine, [prompt_ids], [params])
+    if stream:
+        return GenerationResponse(_native_stream(request, streams[0]), streams, "text/event-stream")
+    (result,) = await collect_all(request, streams)
+    return JSONResponse(
+        {
+            "choices": [
+                {
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.last.finish_reason,
+                }
+            ],
+            "usage": usage(len(prompt_ids), result.last.completion_tokens),
+        }
+    )
+
+
+async def generate_batch(request: Request) -> Response:
+    """Every prompt is submitted before any is awaited, so the engine batches them together."""
+    state, engine, source, body = await _prepare(request)
+    prompts = string_list(body, "prompts", max_items=MAX_BATCH)
+    params = native_sampling(body)
+    prompt_ids = await run_in_threadpool(lambda: [source.tokenizer.encode(prompt) for prompt in prompts])
+    per_prompt = []
+    for index, ids in enumerate(prompt_ids):
+        try:
+            per_prompt.append(engine.check_prompt(len(ids), params))
+        except CakeError as error:
+            raise ApiError(api_error(error, request.url.path).status, f"prompts[{index}]: {error}") from error
+    results = await collect_all(request, open_streams(state, engine, prompt_ids, per_prompt))
+    return JSONResponse(
+        {
+            "responses": [result.text for result in results],
+            "finish_reasons": [result.last.finish_reason for result in results],
+            "usage": usage(sum(map(len, prompt_ids)), sum(result.last.completion_tokens for result in results)),
+        }
+    )
+
+
+ROUTES = [
+    Route("/generate", generate, methods=["POST"]),
+    Route("/chat", chat, methods=["POST"]),
+    Route("/generate/batch", generate_batch, methods=["POST"]),
+]

@@ -1,0 +1,244 @@
+"""JSON schemas of the request and response bodies, for the OpenAPI document in `openapi`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def obj(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+STR, INT, NUM, BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+NULL_STR = {"type": ["string", "null"]}
+STOP = {"oneOf": [STR, {"type": "array", "items": STR, "maxItems": 16}]}
+USAGE = obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT})
+MESSAGE = obj({"role": {"enum": ["system", "user", "assistant", "tool", "developer"]}, "content": STR}, ("role",))
+NATIVE_SAMPLING = {
+    "model_id": NULL_STR,
+    "max_length": {"type": ["integer", "null"], "default": 8192, "description": "clipped to the model's context"},
+    "temperature": {**NUM, "default": 0.7},
+    "top_p": {**NUM, "default": 0.9},
+    "top_k": {**INT, "default": 80},
+    "repetition_penalty": {**NUM, "default": 1.15},
+    "do_sample": {**BOOL, "default": True},
+    "seed": INT,
+    "stop": STOP,
+}
+OPENAI_SAMPLING = {
+    "model": {**STR, "description": "ignored: the served model answers"},
+    "max_tokens": {**INT, "default": 2048, "description": "clipped to the room left in the context"},
+    "temperature": {**NUM, "default": 1.0},
+    "top_p": {**NUM, "default": 1.0},
+    "top_k": INT,
+    "repetition_penalty": NUM,
+    "stop": STOP,
+    "seed": INT,
+    "n": {**INT, "minimum": 1, "maximum": 8},
+    "stream": BOOL,
+}
+FINISH = {"enum": ["stop", "length"]}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": obj({"error": STR, "code": STR}, ("error",)),
+    "Detail": obj({"detail": STR}, ("detail",)),
+    "Usage": USAGE,
+    "ChatCompletionRequest": obj(
+        {
+            **OPENAI_SAMPLING,
+            "messages": {"type": "array", "items": MESSAGE, "minItems": 1},
+            "logprobs": BOOL,
+            "top_logprobs": {**INT, "maximum": 20},
+        },
+        ("messages",),
+    ),
+    "ChatCompletion": obj(
+        {
+            "id": STR,
+            "object": {"const": "chat.completion"},
+            "created": INT,
+            "model": STR,
+            "choices": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "index": INT,
+                        "message": MESSAGE,
+                        "finish_reason": FINISH,
+                        "logprobs": {"type": ["object", "null"]},
+                    }
+                ),
+            },
+            "usage": ref("Usage"),
+        }
+    ),
+    "ChatCompletionChunk": obj(
+        {
+            "id": STR,
+            "object": {"const": "chat.completion.chunk"},
+            "created": INT,
+            "model": STR,
+            "choices": {
+                "type": "array",
+                "items": obj({"index": INT, "delta": obj({"role": STR, "content": STR}), "finish_reason": FINISH}),
+            },
+            "usage": ref("Usage"),
+        }
+    ),
+    "CompletionRequest": obj(
+        {
+            **OPENAI_SAMPLING,
+            "prompt": {"oneOf": [STR, {"type": "array", "items": STR}, {"type": "array", "items": INT}]},
+            "echo": BOOL,
+            "logprobs": {**INT, "maximum": 20},
+        },
+        ("prompt",),
+    ),
+    "Completion": obj(
+        {
+            "id": STR,
+            "object": {"const": "text_completion"},
+            "created": INT,
+            "model": STR,
+            "choices": {
+                "type": "array",
+                "items": obj(
+                    {"index": INT, "text": STR, "finish_reason": FINISH, "logprobs": {"type": ["object", "null"]}}
+                ),
+            },
+            "usage": ref("Usage"),
+        }
+    ),
+    "ModelList": obj(
+        {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": obj({"id": STR, "object": STR, "created": INT, "owned_by": STR})},
+        }
+    ),
+    "GenerateRequest": obj({**NATIVE_SAMPLING, "prompt": STR, "stream": BOOL}, ("prompt",)),
+    "GenerateResponse": obj({"response": STR, "finish_reason": FINISH, "usage": ref("Usage")}),
+    "NativeStreamEvent": obj({"text": STR, "finish_reason": FINISH, "usage": ref("Usage"), "detail": STR}),
+    "GenerateForm": obj(
+        {
+            "text": STR,
+            "files": {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "description": "media: refused with 400 naming the modality (the served models are text-only)",
+            },
+            "input_modalities": {**STR, "default": "auto"},
+            "output_modalities": {**STR, "default": "text"},
+            "streaming": {**BOOL, "default": False},
+            "model_kwargs": {
+                **STR,
+                "description": "JSON object: temperature, top_p, top_k, repetition_penalty, "
+                "seed, stop, max_output_tokens, do_sample, chat_template, system",
+            },
+            "request_id": STR,
+        },
+        ("text",),
+    ),
+    "GenerateFormResponse": obj(
+        {
+            "request_id": STR,
+            "outputs": obj(
+                {
+                    "text": {
+                        "type": "array",
+                        "items": obj({"data": {**STR, "contentEncoding": "base64"}, "metadata": {"type": "object"}}),
+                    }
+                }
+            ),
+        }
+    ),
+    "GenerateFormEvent": obj(
+        {
+            "request_id": STR,
+            "modality": {"const": "text"},
+            "data": {**STR, "contentEncoding": "base64"},
+            "metadata": {"type": "object"},
+            "done": BOOL,
+            "error": STR,
+        }
+    ),
+    "ChatRequest": obj(
+        {**NATIVE_SAMPLING, "messages": {"type": "array", "items": MESSAGE}, "stream": BOOL}, ("messages",)
+    ),
+    "ChatResponse": obj(
+        {
+            "choices": {"type": "array", "items": obj({"message": MESSAGE, "finish_reason": FINISH})},
+            "usage": ref("Usage"),
+        }
+    ),
+    "BatchRequest": obj(
+        {**NATIVE_SAMPLING, "prompts": {"type": "array", "items": STR, "minItems": 1, "maxItems": 64}}, ("prompts",)
+    ),
+    "BatchResponse": obj(
+        {
+            "responses": {"type": "array", "items": STR},
+            "finish_reasons": {"type": "array", "items": FINISH},
+            "usage": ref("Usage"),
+        }
+    ),
+    "LoadRequest": obj({"model_id": {**NULL_STR, "description": "Hub id, local folder, .gguf; null = embedded"}}),
+    "CurrentModel": obj(
+        {
+            "loaded": BOOL,
+            "model_id": NULL_STR,
+            "name": NULL_STR,
+            "architecture": STR,
+            "n_layers": INT,
+            "context_length": INT,
+            "dtype": STR,
+            "device": STR,
+            "stages": {"type": "array", "items": {"type": "object"}},
+        }
+    ),
+    "AvailableModels": obj(
+        {
+            "current": NULL_STR,
+            "models": {
+                "type": "array",
+                "items": obj(
+                    {"model_id": STR, "load_as": NULL_STR, "loaded": BOOL, "sources": {"type": "array", "items": STR}}
+                ),
+            },
+        }
+    ),
+    "SystemInfo": obj(
+        {
+            "master": {"type": "object"},
+            "workers": {"type": "array", "items": {"type": "object"}},
+            "stages": {"type": "array", "items": {"type": "object"}},
+            "model": ref("CurrentModel"),
+        }
+    ),
+    "Health": obj(
+        {
+            "status": {"enum": ["healthy", "unhealthy", "loading"]},
+            "running": BOOL,
+            "model": NULL_STR,
+            "stages": {"type": "array", "items": {"type": "object"}},
+            "error": STR,
+        }
+    ),
+    "Topology": obj(
+        {
+            "model": STR,
+            "model_id": STR,
+            "dtype": STR,
+            "num_layers": INT,
+            "memory_bytes": INT,
+            "master": {"type": "object"},
+            "workers": {"type": "array", "items": {"type": "object"}},
+            "layer_details": {"type": "object"},
+        }
+    ),
+}

@@ -1,0 +1,80 @@
+"""GET /system/info (seed 001): the master's CPU, RAM, accelerator and versions, and every stage's node.
+
+Remote stages describe their worker (host facts from its handshake, status, latency). Reading host facts touches
+torch (accelerator memory), so the document is built in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from importlib import metadata
+from typing import Any
+
+import psutil
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py.api.management import current_model
+from cake_py.api.state import ServerState
+from cake_py.cluster.hostinfo import host_facts
+from cake_py.errors import CakeError
+
+PACKAGES = ("torch", "starlette", "uvicorn", "grpcio", "tokenizers", "prometheus-client")
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("cake_py", *PACKAGES):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _master(state: ServerState) -> dict[str, Any]:
+    memory = psutil.virtual_memory()
+    process = psutil.Process()
+    return {
+        **host_facts(state.device, state.tflops).as_dict(),
+        "cpu_model": platform.processor() or platform.machine(),
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "ram_available_bytes": int(memory.available),
+        "ram_used_percent": memory.percent,
+        "process_rss_bytes": int(process.memory_info().rss),
+        "uptime_seconds": round(time.time() - state.started, 1),
+        "versions": _versions(),
+    }
+
+
+def _stage(stage: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": stage.name, "layers": [stage.start, stage.end]}
+    try:
+        entry.update(stage.describe())
+        entry["healthy"] = bool(stage.healthy())
+    except CakeError as error:  # a worker that cannot be reached is reported, not fatal
+        entry.update({"healthy": False, "status": "down", "error": str(error)})
+    return entry
+
+
+def system_info_document(state: ServerState) -> dict[str, Any]:
+    engine = state.engine
+    stages = [_stage(stage) for stage in engine.pipeline.stages] if engine else []
+    return {
+        "master": _master(state),
+        "workers": [stage for stage in stages if not stage.get("local")],
+        "stages": stages,
+        "model": current_model(state),
+    }
+
+
+async def system_info(request: Request) -> Response:
+    return JSONResponse(await run_in_threadpool(system_info_document, request.app.state.cake))
+
+
+ROUTES = [Route("/system/info", system_info, methods=["GET"])]

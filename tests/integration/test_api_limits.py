@@ -1,0 +1,120 @@
+"""Auth, rate limits, body limits and cancellation against real uvicorn servers on the tiny Llama."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from cake_py.cluster.stage import LocalStage
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+MESSAGES = [{"role": "user", "content": "Tell me about cake."}]
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_api_key_through_the_openai_client(tiny_llama: Path) -> None:
+    with running_server(tiny_settings(tiny_llama, api_key="sekrit")) as server:
+        with OpenAI(base_url=server.openai_url, api_key="wrong", max_retries=0) as intruder:
+            with pytest.raises(openai.AuthenticationError) as refused:
+                intruder.chat.completions.create(model="x", messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
+            assert refused.value.status_code == 401
+        with OpenAI(base_url=server.openai_url, api_key="sekrit", max_retries=0) as client:
+            completion = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
+            assert completion.usage is not None and completion.usage.completion_tokens == 2
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
+        native = httpx.post(f"{server.base_url}/generate", json={"prompt": "hi"})
+        assert native.status_code == 401
+        assert "Bearer" in native.json()["detail"]
+
+
+def test_rate_limit_through_the_openai_client(tiny_llama: Path) -> None:
+    with running_server(tiny_settings(tiny_llama, rate_limit=60, rate_burst=2)) as server:
+        with OpenAI(base_url=server.openai_url, api_key="client-a", max_retries=0) as client:
+            for _ in range(2):
+                client.completions.create(model="x", prompt="cake", max_tokens=1)
+            with pytest.raises(openai.RateLimitError) as limited:
+                client.completions.create(model="x", prompt="cake", max_tokens=1)
+            assert limited.value.response.headers["retry-after"] == "1"
+            assert [m.id for m in client.models.list()]  # not a generation route: never limited
+
+
+def test_bodies_over_the_limit_are_refused_unread(tiny_llama: Path) -> None:
+    with running_server(tiny_settings(tiny_llama, max_body_bytes=2048)) as server:
+        url = f"{server.base_url}/v1/chat/completions"
+        declared = httpx.post(url, content=b"x" * 100_000, headers={"content-type": "application/json"})
+        assert declared.status_code == 413
+        assert declared.json()["error"] == "request body of 100000 bytes is over the limit of 2048 bytes"
+
+        def chunked() -> Iterator[bytes]:
+            for _ in range(10):
+                yield b" " * 1000
+
+        streamed = httpx.post(
+            f"{server.base_url}/chat", content=chunked(), headers={"content-type": "application/json"}
+        )
+        assert streamed.status_code == 413
+        assert "over the limit of 2048 bytes" in streamed.json()["detail"]
+        assert httpx.post(url, json={"messages": MESSAGES, "max_tokens": 1}).status_code == 200
+
+
+@pytest.fixture
+def slow_server(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ServerHandle, list[LocalStage]]]:
+    """Every forward pass takes 20 ms more, so a long generation is still running when the client leaves."""
+    with running_server(tiny_settings(tiny_llama)) as server:
+        assert server.state.engine is not None
+        stages = [stage for stage in server.state.engine.pipeline.stages if isinstance(stage, LocalStage)]
+        assert stages
+        for stage in stages:
+            original = stage.forward
+
+            def slowed(*args: object, _original: Callable[..., object] = original) -> object:
+                time.sleep(0.02)
+                return _original(*args)
+
+            monkeypatch.setattr(stage, "forward", slowed)
+        yield server, stages
+
+
+def test_a_client_leaving_mid_stream_frees_its_kv_cache_on_every_stage(
+    slow_server: tuple[ServerHandle, list[LocalStage]],
+) -> None:
+    server, stages = slow_server
+    engine = server.state.engine
+    assert engine is not None
+    body = {"messages": MESSAGES, "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            received = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data: ")]
+            assert len(received) >= 3
+            assert engine.in_flight == 1
+            assert all(stage.kv.sequence_ids() for stage in stages)  # live while streaming
+        left_at = time.monotonic()
+    assert _wait_for(lambda: engine.in_flight == 0 and not any(stage.kv.sequence_ids() for stage in stages))
+    assert time.monotonic() - left_at < 5  # the remaining ~400 tokens would take ~8 s more
+    assert engine.stats.tokens_generated < 200
+
+
+def test_a_client_leaving_a_blocking_request_cancels_it(slow_server: tuple[ServerHandle, list[LocalStage]]) -> None:
+    server, stages = slow_server
+    engine = server.state.engine
+    assert engine is not None
+    body = {"prompt": "The oven", "max_length": 400, "do_sample": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/generate", json=body, timeout=0.5)
+    assert _wait_for(lambda: engine.in_flight == 0 and not any(stage.kv.sequence_ids() for stage in stages))
+    assert engine.stats.tokens_generated < 200

@@ -1,0 +1,80 @@
+"""Model management over a real server: unload, load the embedded SmolLM2 (503 while switching), answer, load back."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cake_py.models.hub import EMBEDDED_MODEL_ID
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama: Path) -> Iterator[ServerHandle]:
+    with running_server(tiny_settings(tiny_llama, model_name="tiny")) as handle:
+        yield handle
+
+
+def test_unload_then_generation_routes_say_no_text_model(server: ServerHandle, tiny_llama: Path) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        assert http.get("/models/current").json()["model_id"] == tiny_llama.name
+        assert http.post("/models/unload").json() == {"status": "unloaded", "model_id": "tiny"}
+        assert http.post("/generate", json={"prompt": "hi"}).json() == {"detail": "No text model loaded"}
+        chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert (chat.status_code, chat.json()) == (404, {"error": "No text model loaded"})
+        assert http.get("/v1/models").json()["data"] == []
+        assert http.get("/health").json()["running"] is False
+        assert http.get("/metrics").status_code == 200
+
+
+def test_load_switches_the_model_and_answers_503_meanwhile(server: ServerHandle) -> None:
+    outcome: dict[str, httpx.Response] = {}
+
+    def load() -> None:
+        outcome["load"] = httpx.post(f"{server.base_url}/models/load", json={"model_id": None}, timeout=120)
+
+    loader = threading.Thread(target=load)
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        loader.start()
+        seen: list[httpx.Response] = []
+        while loader.is_alive() and len(seen) < 200:
+            response = http.post("/generate", json={"prompt": "hi", "max_length": 1})
+            if response.status_code == 503:
+                seen.append(response)
+                health = http.get("/health")
+                busy = http.post("/models/load", json={"model_id": None})
+                break
+        loader.join()
+        assert seen, "no request arrived while the model was being switched"
+        assert "loading model" in seen[0].json()["detail"]
+        assert seen[0].headers["retry-after"] == "5"
+        assert (health.status_code, health.json()["status"]) == (503, "loading")
+        assert busy.status_code == 503 and "already" in busy.json()["detail"]
+        loaded = outcome["load"]
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["model_id"] == EMBEDDED_MODEL_ID
+        assert http.get("/v1/models").json()["data"][0]["id"] == EMBEDDED_MODEL_ID
+        available = http.get("/models/available").json()
+        assert available["current"] == EMBEDDED_MODEL_ID
+        embedded = next(m for m in available["models"] if m["model_id"] == EMBEDDED_MODEL_ID)
+        assert embedded["loaded"] is True and embedded["load_as"] is None
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        answer = http.post("/chat", json={"messages": question, "max_length": 24, "do_sample": False}).json()
+        assert "Paris" in answer["choices"][0]["message"]["content"]
+
+
+def test_load_back_by_path_and_a_bad_id_leaves_the_served_model(server: ServerHandle, tiny_llama: Path) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        missing = http.post("/models/load", json={"model_id": str(tiny_llama / "missing")})
+        assert missing.status_code == 404
+        assert http.get("/models/current").json()["loaded"] is True  # still serving the previous model
+        back = http.post("/models/load", json={"model_id": str(tiny_llama)})
+        assert back.status_code == 200
+        assert back.json()["n_layers"] == 3
+        assert http.post("/generate", json={"prompt": "hi", "max_length": 2}).status_code == 200

@@ -1,0 +1,245 @@
+"""Seed 000/001 native routes over a real uvicorn server: JSON /generate, /chat, /generate/batch, the multipart
+/generate as curl sends it, system info, metrics, and the honest statuses of engine failures."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cake_py.errors import ModelError, StageError
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama: Path) -> Iterator[ServerHandle]:
+    with running_server(tiny_settings(tiny_llama)) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerHandle) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        yield client
+
+
+def _sse_events(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_generate_json_blocking_uses_the_raw_prompt(http: httpx.Client, server: ServerHandle) -> None:
+    response = http.post("/generate", json={"prompt": "The oven", "max_length": 6, "do_sample": False})
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"response", "finish_reason", "usage"}
+    assert server.state.source is not None
+    n_prompt = len(server.state.source.tokenizer.encode("The oven"))
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 6, "total_tokens": n_prompt + 6}
+    again = http.post("/generate", json={"prompt": "The oven", "max_length": 6, "do_sample": False})
+    assert again.json()["response"] == body["response"]  # do_sample false is greedy
+
+
+def test_generate_json_stream_is_sse_ending_in_done(http: httpx.Client) -> None:
+    blocking = http.post("/generate", json={"prompt": "The oven", "max_length": 6, "do_sample": False}).json()
+    request = {"prompt": "The oven", "max_length": 6, "do_sample": False, "stream": True}
+    with http.stream("POST", "/generate", json=request) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert "".join(chunk["text"] for chunk in chunks) == blocking["response"]
+    assert chunks[-1]["finish_reason"] == "length"
+    assert chunks[-1]["usage"] == blocking["usage"]
+
+
+def test_chat_blocking_and_streaming(http: httpx.Client, server: ServerHandle) -> None:
+    messages = [{"role": "system", "content": "You bake."}, {"role": "user", "content": "Hello"}]
+    body = http.post("/chat", json={"messages": messages, "max_length": 5, "do_sample": False}).json()
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert server.state.source is not None
+    assert body["usage"]["prompt_tokens"] == len(server.state.source.tokenizer.encode_chat(messages))
+    with http.stream(
+        "POST", "/chat", json={"messages": messages, "max_length": 5, "do_sample": False, "stream": True}
+    ) as r:
+        events = _sse_events(r)
+    assert "".join(json.loads(e)["text"] for e in events[:-1]) == body["choices"][0]["message"]["content"]
+
+
+def test_batch_prompts_run_together_in_the_engine(http: httpx.Client, server: ServerHandle) -> None:
+    engine = server.state.engine
+    assert engine is not None
+    steps, tokens = engine.stats.steps, engine.stats.tokens_generated
+    prompts = ["The oven", "A quick cake", "Paris is"]
+    response = http.post("/generate/batch", json={"prompts": prompts, "max_length": 8, "do_sample": False})
+    assert response.status_code == 200
+    body = response.json()
+    batch_steps, generated = engine.stats.steps - steps, engine.stats.tokens_generated - tokens
+    assert len(body["responses"]) == 3
+    assert generated == body["usage"]["completion_tokens"]
+    # Together: about one step per token of the longest answer; one at a time it would be a step per token.
+    assert batch_steps <= 8 + 2
+    assert batch_steps < generated
+    singles = [http.post("/generate", json={"prompt": p, "max_length": 8, "do_sample": False}).json() for p in prompts]
+    assert body["responses"] == [single["response"] for single in singles]
+
+
+def test_native_errors_are_detail_with_seed_001_statuses(http: httpx.Client) -> None:
+    too_long = http.post("/generate", json={"prompt": "cake " * 600})
+    assert too_long.status_code == 413
+    assert "512 tokens" in too_long.json()["detail"]
+    bad = http.post("/chat", json={"messages": [{"role": "user", "content": "hi"}], "top_p": 2})
+    assert bad.status_code == 400
+    assert bad.json() == {"detail": "top_p must be in (0, 1], got 2.0"}
+    other_model = http.post("/generate", json={"prompt": "hi", "model_id": "microsoft/phi-2"})
+    assert other_model.status_code == 404
+    assert "'microsoft/phi-2'" in other_model.json()["detail"]
+    batch = http.post("/generate/batch", json={"prompts": ["ok", "cake " * 600]})
+    assert batch.status_code == 413
+    assert batch.json()["detail"].startswith("prompts[1]:")
+    assert http.post("/generate/batch", json={"prompts": []}).status_code == 400
+
+
+def _curl(server: ServerHandle, *args: str) -> subprocess.CompletedProcess[str]:
+    command = ["curl", "-sS", "-w", "\n%{http_code}", f"{server.base_url}/generate", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+
+
+def _split(result: subprocess.CompletedProcess[str]) -> tuple[str, int]:
+    body, _, status = result.stdout.rpartition("\n")
+    return body, int(status)
+
+
+@needs_curl
+def test_multipart_generate_as_curl_sends_it(server: ServerHandle) -> None:
+    kwargs = '{"max_output_tokens": 6, "do_sample": false}'
+    body, status = _split(
+        _curl(
+            server,
+            "-F",
+            "text=Hello",
+            "-F",
+            "streaming=false",
+            "-F",
+            f"model_kwargs={kwargs}",
+            "-F",
+            "request_id=req-42",
+        )
+    )
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["request_id"] == "req-42"
+    (output,) = answer["outputs"]["text"]
+    text = base64.b64decode(output["data"]).decode("utf-8")
+    assert output["metadata"]["finish_reason"] == "length"
+    assert output["metadata"]["usage"]["completion_tokens"] == 6
+    stream_body, stream_status = _split(
+        _curl(server, "-N", "-F", "text=Hello", "-F", "streaming=true", "-F", f"model_kwargs={kwargs}")
+    )
+    assert stream_status == 200
+    events = [json.loads(line) for line in stream_body.splitlines() if line]
+    assert len({event["request_id"] for event in events}) == 1
+    assert all(event["modality"] == "text" for event in events)
+    assert "".join(base64.b64decode(event["data"]).decode("utf-8") for event in events) == text
+    assert events[-1]["done"] is True
+    assert events[-1]["metadata"]["usage"]["completion_tokens"] == 6
+
+
+@needs_curl
+def test_multipart_media_for_a_text_model_is_400_naming_the_modality(server: ServerHandle, tmp_path: Path) -> None:
+    picture = tmp_path / "cat.jpg"
+    picture.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    body, status = _split(_curl(server, "-F", "text=What is in this image?", "-F", f"files=@{picture}"))
+    assert status == 400
+    assert "image input 'cat.jpg'" in json.loads(body)["detail"]
+    body, status = _split(_curl(server, "-F", "text=hello there", "-F", "output_modalities=audio"))
+    assert status == 400
+    assert "output modality 'audio'" in json.loads(body)["detail"]
+    body, status = _split(_curl(server, "-F", "text=hi", "-F", 'model_kwargs={"voice": "tara"}'))
+    assert status == 400
+    assert "'voice'" in json.loads(body)["detail"]
+    body, status = _split(_curl(server, "-F", "text=hi", "-F", "model_kwargs=[1]"))
+    assert status == 400
+    assert "JSON object" in json.loads(body)["detail"]
+
+
+def test_multipart_through_httpx_and_a_missing_text(http: httpx.Client) -> None:
+    files = {"text": (None, ""), "streaming": (None, "false")}
+    missing = http.post("/generate", files=files)
+    assert missing.status_code == 400
+    assert "text must be a non-empty prompt" in missing.json()["detail"]
+
+
+def test_system_info_describes_master_and_stages(http: httpx.Client) -> None:
+    info = http.get("/system/info").json()
+    master = info["master"]
+    for key in ("hostname", "os", "cpu_count", "ram_total_bytes", "ram_available_bytes", "device", "versions"):
+        assert key in master, key
+    assert master["versions"]["torch"]
+    assert info["stages"][0]["layers"] == [0, 3]
+    assert info["stages"][0]["local"] is True
+    assert info["workers"] == []
+    assert info["model"]["loaded"] is True
+
+
+def test_metrics_count_requests_tokens_and_stage_latency(http: httpx.Client) -> None:
+    http.post("/generate", json={"prompt": "The oven", "max_length": 3})
+    text = http.get("/metrics").text
+    assert 'cake_http_requests_total{method="POST",route="/generate",status="200"}' in text
+    for name in (
+        "cake_generated_tokens_total",
+        "cake_prompt_tokens_total",
+        "cake_time_to_first_token_seconds_count",
+        "cake_tokens_per_second",
+        "cake_queue_depth",
+        'cake_stage_forward_ms{stage="master"}',
+        'cake_stage_round_trip_ms{stage="master"}',
+    ):
+        assert name in text, name
+    generated = next(line for line in text.splitlines() if line.startswith("cake_generated_tokens_total"))
+    assert float(generated.split()[-1]) > 0
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [(StageError("worker 'gpu-1' stopped answering"), 503), (ModelError("weights of layer 2 are NaN"), 500)],
+)
+def test_engine_failures_get_honest_statuses(
+    http: httpx.Client, server: ServerHandle, monkeypatch: pytest.MonkeyPatch, failure: Exception, status: int
+) -> None:
+    assert server.state.engine is not None
+    stage = server.state.engine.pipeline.stages[0]
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise failure
+
+    monkeypatch.setattr(stage, "forward", broken)
+    chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert chat.status_code == status
+    assert chat.json() == {"error": str(failure)}
+    native = http.post("/generate", json={"prompt": "hi", "max_length": 3})
+    assert native.status_code == status
+    assert native.json() == {"detail": str(failure)}
+    monkeypatch.undo()
+    assert http.post("/generate", json={"prompt": "hi", "max_length": 2}).status_code == 200
+
+
+def test_health_is_503_when_a_stage_is_down(
+    http: httpx.Client, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert http.get("/health").json()["status"] == "healthy"
+    assert server.state.engine is not None
+    monkeypatch.setattr(server.state.engine.pipeline.stages[0], "healthy", lambda: False)
+    down = http.get("/health")
+    assert down.status_code == 503
+    assert down.json()["status"] == "unhealthy"
+    assert down.json()["running"] is False
+    assert "master" in down.json()["error"]

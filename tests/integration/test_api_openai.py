@@ -1,0 +1,186 @@
+"""The OpenAI surface through the official `openai` client against a real uvicorn server on the tiny Llama."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama: Path) -> Iterator[ServerHandle]:
+    with running_server(tiny_settings(tiny_llama, model_name="tiny-llama")) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerHandle) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60) as openai_client:
+        yield openai_client
+
+
+def _greedy_chat(client: OpenAI, max_tokens: int = 12) -> str:
+    completion = client.chat.completions.create(
+        model="ignored",
+        messages=MESSAGES,
+        max_tokens=max_tokens,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    return completion.choices[0].message.content or ""
+
+
+def test_chat_blocking_counts_prompt_tokens_and_stops_at_max_tokens(client: OpenAI, server: ServerHandle) -> None:
+    completion = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=7, temperature=0)  # type: ignore[arg-type]
+    assert completion.object == "chat.completion"
+    assert completion.model == "tiny-llama"
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason == "length"
+    assert server.state.source is not None
+    n_prompt = len(server.state.source.tokenizer.encode_chat(MESSAGES))
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (n_prompt, 7)
+    assert completion.usage.total_tokens == n_prompt + 7
+
+
+def test_chat_stream_is_role_deltas_finish_with_usage_then_done(client: OpenAI, server: ServerHandle) -> None:
+    expected = _greedy_chat(client)
+    body = {"messages": MESSAGES, "max_tokens": 12, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    middle = chunks[1:-1]
+    assert middle and all(set(chunk["choices"][0]["delta"]) == {"content"} for chunk in middle)
+    assert all(chunk["choices"][0]["finish_reason"] is None and "usage" not in chunk for chunk in middle)
+    last = chunks[-1]
+    assert last["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert last["usage"]["completion_tokens"] == 12
+    assert "".join(chunk["choices"][0]["delta"]["content"] for chunk in middle) == expected
+
+
+def test_chat_stream_through_the_openai_client(client: OpenAI) -> None:
+    expected = _greedy_chat(client)
+    stream = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+        usage = chunk.usage or usage
+    assert "".join(pieces) == expected
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == 12
+
+
+def test_seed_makes_sampling_reproducible(client: OpenAI) -> None:
+    def sample(seed: int) -> str:
+        completion = client.chat.completions.create(
+            model="x",
+            messages=MESSAGES,
+            max_tokens=16,
+            temperature=1.0,
+            seed=seed,  # type: ignore[arg-type]
+        )
+        return completion.choices[0].message.content or ""
+
+    assert sample(7) == sample(7)
+    assert len({sample(7), sample(8), sample(9)}) > 1
+
+
+def test_stop_string_ends_the_text_before_it(client: OpenAI) -> None:
+    text = _greedy_chat(client, max_tokens=24)
+    match = re.search(r"[A-Za-z]{2,}", text[1:])
+    assert match, f"the tiny model's greedy text {text!r} has no word to stop on"
+    stop = match.group(0)
+    completion = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=24,
+        temperature=0,
+        stop=[stop],  # type: ignore[arg-type]
+    )
+    assert completion.choices[0].message.content == text[: text.find(stop)]
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_with_logprobs(client: OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=5,
+        temperature=0.8,
+        seed=3,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,  # type: ignore[arg-type]
+    )
+    assert [choice.index for choice in completion.choices] == [0, 1]
+    for choice in completion.choices:
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        assert len(choice.logprobs.content) == 5
+        assert all(len(entry.top_logprobs) == 3 and entry.logprob <= 0 for entry in choice.logprobs.content)
+    assert completion.usage is not None and completion.usage.completion_tokens == 10
+
+
+def test_completions_blocking_and_streaming_agree(client: OpenAI, server: ServerHandle) -> None:
+    completion = client.completions.create(model="x", prompt="The cake is", max_tokens=6, temperature=0)
+    assert completion.object == "text_completion"
+    assert completion.choices[0].finish_reason == "length"
+    assert server.state.source is not None
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == len(server.state.source.tokenizer.encode("The cake is"))
+    streamed = client.completions.create(model="x", prompt="The cake is", max_tokens=6, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == completion.choices[0].text
+
+
+def test_models_lists_the_served_model_name(client: OpenAI) -> None:
+    assert [model.id for model in client.models.list()] == ["tiny-llama"]
+
+
+def test_error_classes(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="x", messages=MESSAGES, temperature=-1)  # type: ignore[arg-type]
+    assert bad.value.status_code == 400
+    assert bad.value.body == "temperature must be between 0 and 100, got -1.0"  # the client unwraps {"error": …}
+    long_prompt = [{"role": "user", "content": "cake " * 1000}]
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="x", messages=long_prompt)  # type: ignore[arg-type]
+    assert too_long.value.response.json()["code"] == "context_length_exceeded"
+    assert "512 tokens" in too_long.value.response.json()["error"]
+    with pytest.raises(openai.NotFoundError) as no_image:
+        client.images.generate(prompt="a cake", model="x")
+    assert no_image.value.body == "No image model loaded"
+
+
+def test_max_tokens_is_clipped_to_the_room_left_in_the_context(client: OpenAI, server: ServerHandle) -> None:
+    assert server.state.source is not None
+    token = server.state.source.tokenizer.encode("cake")[0]
+    completion = client.completions.create(model="x", prompt=[token] * 505, max_tokens=100, temperature=0)
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == 505
+    assert completion.usage.completion_tokens <= 7
+    if completion.usage.completion_tokens == 7:
+        assert completion.choices[0].finish_reason == "length"

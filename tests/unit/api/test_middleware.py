@@ -1,0 +1,147 @@
+"""Auth, rate limit and body limit middleware: statuses, headers and JSON bodies, on an app with no model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Iterator
+
+import pytest
+from starlette.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
+
+from cake_py.api.app import create_app
+from cake_py.api.middleware import RateLimiter, RateLimitMiddleware
+from cake_py.api.state import ServerState
+from cake_py.config import ServeSettings
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def _client(**settings: object) -> TestClient:
+    state = ServerState(engine=None, source=None, settings=ServeSettings(**settings))  # type: ignore[arg-type]
+    return TestClient(create_app(state))
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.fixture
+def keyed() -> Iterator[TestClient]:
+    with _client(api_key="sekrit", rate_limit=0) as client:
+        yield client
+
+
+def test_api_key_is_required_on_every_route_but_health(keyed: TestClient) -> None:
+    assert keyed.get("/health").status_code == 200
+    missing = keyed.post("/v1/chat/completions", json=CHAT)
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in missing.json()["error"]
+    wrong = keyed.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert wrong.json() == {"error": "invalid API key"}
+    native = keyed.get("/models/current")
+    assert native.status_code == 401
+    assert "detail" in native.json()
+    for path in ("/metrics", "/openapi.json", "/system/info", "/api/v1/topology"):
+        assert keyed.get(path).status_code == 401, path
+    good = {"Authorization": "Bearer sekrit"}
+    assert keyed.get("/v1/models", headers=good).status_code == 200
+    assert keyed.post("/v1/chat/completions", json=CHAT, headers=good).status_code == 404  # past auth: no model
+
+
+def test_the_ui_page_loads_without_the_api_key(keyed: TestClient) -> None:
+    page = keyed.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+
+
+def test_ui_auth_guards_the_page_and_topology_with_basic() -> None:
+    with _client(ui_auth=("admin", "pw"), api_key="sekrit") as client:
+        for path in ("/", "/api/v1/topology"):
+            refused = client.get(path)
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"].startswith("Basic")
+            assert client.get(path, headers=_basic("admin", "wrong")).status_code == 401
+        assert "'admin'" in client.get("/", headers=_basic("admin", "wrong")).json()["error"]
+        assert client.get("/", headers=_basic("admin", "pw")).status_code == 200
+        assert client.get("/api/v1/topology", headers=_basic("admin", "pw")).status_code == 404  # no model
+        assert client.get("/health").status_code == 200
+
+
+def test_rate_limit_answers_429_with_retry_after_on_generation_routes_only() -> None:
+    with _client(rate_limit=60, rate_burst=2) as client:
+        statuses = [client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(2)]
+        assert statuses == [404, 404]
+        limited = client.post("/v1/chat/completions", json=CHAT)
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+        assert "60 requests per minute" in limited.json()["error"]
+        native = client.post("/generate", json={"prompt": "hi"})
+        assert native.status_code == 429
+        assert "detail" in native.json()
+        assert all(client.get("/v1/models").status_code == 200 for _ in range(5))  # not a generation route
+        other_token = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer other"})
+        assert other_token.status_code == 429  # a new bearer token is not a new client
+
+
+def test_rate_limit_buckets_are_per_client_address() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = RateLimitMiddleware(app, per_minute=60, burst=1)
+    statuses: list[int] = []
+
+    async def record(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def run() -> None:
+        for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):
+            scope = {"type": "http", "method": "POST", "path": "/generate", "headers": [], "client": (address, 1)}
+            await middleware(scope, receive, record)
+
+    asyncio.run(run())
+    assert statuses == [200, 429, 200]
+
+
+def test_rate_limit_zero_turns_it_off() -> None:
+    with _client(rate_limit=0, rate_burst=1) as client:
+        assert all(client.post("/v1/completions", json={"prompt": "x"}).status_code == 404 for _ in range(15))
+
+
+def test_token_bucket_refills_at_the_rate() -> None:
+    now = [0.0]
+    limiter = RateLimiter(per_minute=60, burst=3, clock=lambda: now[0])
+    assert [limiter.acquire("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.acquire("a") == pytest.approx(1.0)
+    assert limiter.acquire("b") == 0.0
+    now[0] = 0.5
+    assert limiter.acquire("a") == pytest.approx(0.5)
+    now[0] = 1.0
+    assert limiter.acquire("a") == 0.0
+    now[0] = 100.0
+    assert [limiter.acquire("a") for _ in range(4)][-1] > 0  # refills to the burst, no further
+
+
+def test_body_over_the_limit_is_413_from_content_length_or_while_streaming() -> None:
+    with _client(max_body_bytes=100, rate_limit=0) as client:
+        declared = client.post("/v1/chat/completions", content=b"x" * 101, headers={"content-type": "application/json"})
+        assert declared.status_code == 413
+        assert declared.json() == {"error": "request body of 101 bytes is over the limit of 100 bytes"}
+
+        def chunks() -> Iterator[bytes]:
+            yield b"{" + b" " * 60
+            yield b" " * 60 + b"}"
+
+        streamed = client.post("/models/load", content=chunks(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413
+        assert "over the limit of 100 bytes" in streamed.json()["detail"]
+        small = client.post("/models/load", content=b"[]", headers={"content-type": "application/json"})
+        assert small.status_code == 400
