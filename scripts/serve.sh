@@ -1,6 +1,19 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the main job: `cake serve` on the embedded default model.
+# Sets everything up, then runs the main job: two local `cake worker`s and the `cake serve` master on the
+# embedded default model (SmolLM2-135M-Instruct), at http://127.0.0.1:8080 (override with PORT=...).
+# Extra arguments go to `cake serve`. Ctrl-C stops the master and both workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/cake serve "$@"
+PORT="${PORT:-8080}"
+CACHE="${CAKE_WORKER_CACHE:-.cache/workers}"
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+for i in 1 2; do
+    # One torch thread each: three processes share this machine's cores without spinning against each other.
+    .venv/bin/cake worker --host 127.0.0.1 --port $((10127 + i)) --name "local-$i" --threads 1 \
+        --cache-dir "$CACHE/local-$i" &
+    pids+=($!)
+done
+.venv/bin/cake serve --workers 127.0.0.1:10128,127.0.0.1:10129 --port "$PORT" --threads 1 "$@"
