@@ -1,0 +1,214 @@
+// The chat view: streams POST /v1/chat/completions (SSE over fetch), keeps the conversation in memory, and stops a
+// reply by aborting the fetch (the server cancels the sequence when the connection closes). Model output goes into
+// the page with textContent only.
+
+import { el } from "./dom.js";
+
+const STORAGE = { apiKey: "cake.apiKey", system: "cake.systemPrompt", temperature: "cake.temperature", maxTokens: "cake.maxTokens" };
+
+/** Yields the `data:` payload of each server-sent event of a response body. */
+export async function* sseEvents(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let end;
+      while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
+        const event = buffer.slice(0, end);
+        buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
+        const data = event
+          .split(/\r?\n/)
+          .filter((line) => line.startsWith("data:"))
+          .map((line) => line.slice(5).replace(/^ /, ""))
+          .join("\n");
+        if (data) yield data;
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    const error = body.error ?? body.detail;
+    return typeof error === "string" ? error : error?.message ?? `HTTP ${response.status}`;
+  } catch {
+    return `HTTP ${response.status}`;
+  }
+}
+
+export function startChat() {
+  const $ = (id) => document.getElementById(id);
+  const form = $("composer");
+  const prompt = $("prompt");
+  const send = $("send");
+  const stop = $("stop");
+  const list = $("messages");
+  const errorBanner = $("chat-error");
+  const fields = { apiKey: $("api-key"), system: $("system-prompt"), temperature: $("temperature"), maxTokens: $("max-tokens") };
+
+  const conversation = []; // [{role, content}] without the system prompt, which is read fresh on every send
+  let controller = null;
+  let epoch = 0; // bumped by "New chat", so a reply still unwinding does not write into the new conversation
+
+  if (matchMedia("(max-width: 860px)").matches) $("settings").open = false; // phones: the conversation first
+
+  for (const [name, input] of Object.entries(fields)) {
+    const saved = localStorage.getItem(STORAGE[name]);
+    if (saved !== null) input.value = saved;
+    input.addEventListener("input", () => localStorage.setItem(STORAGE[name], input.value));
+  }
+
+  function setState(text) {
+    $("chat-state").textContent = text;
+  }
+
+  function showFigures(tokens, firstTokenAt) {
+    $("chat-tokens").textContent = String(tokens);
+    const seconds = firstTokenAt === null ? 0 : (performance.now() - firstTokenAt) / 1000;
+    $("chat-tps").textContent = seconds > 0 ? (tokens / seconds).toFixed(1) : "0.0";
+  }
+
+  function showError(message) {
+    errorBanner.textContent = message;
+    errorBanner.hidden = !message;
+  }
+
+  function addMessage(role, text) {
+    $("chat-empty").hidden = true;
+    const content = el("div", { className: "content" }, text);
+    const meta = el("div", { className: "meta" });
+    const message = el(
+      "div",
+      { className: `message ${role}`, dataset: { testid: `${role}-message` } },
+      el("div", { className: "who" }, role === "user" ? "You" : "Model"),
+      content,
+      meta,
+    );
+    list.append(message);
+    list.scrollTop = list.scrollHeight;
+    return { message, content, meta };
+  }
+
+  function setBusy(busy) {
+    send.hidden = busy;
+    stop.hidden = !busy;
+    prompt.disabled = busy;
+    if (!busy) prompt.focus();
+  }
+
+  function request() {
+    const messages = [...conversation];
+    const system = fields.system.value.trim();
+    if (system) messages.unshift({ role: "system", content: system });
+    const body = { messages, stream: true };
+    const temperature = Number.parseFloat(fields.temperature.value);
+    const maxTokens = Number.parseInt(fields.maxTokens.value, 10);
+    if (Number.isFinite(temperature)) body.temperature = temperature;
+    if (Number.isFinite(maxTokens)) body.max_tokens = maxTokens;
+    const headers = { "Content-Type": "application/json" };
+    const key = fields.apiKey.value.trim();
+    if (key) headers.Authorization = `Bearer ${key}`;
+    return { headers, body: JSON.stringify(body) };
+  }
+
+  async function ask(text) {
+    showError("");
+    conversation.push({ role: "user", content: text });
+    addMessage("user", text);
+    const reply = addMessage("assistant", "");
+    reply.message.classList.add("streaming");
+    reply.message.dataset.state = "streaming";
+    controller = new AbortController();
+    setBusy(true);
+    setState("waiting for the first token…");
+    showFigures(0, null);
+
+    let answer = "";
+    let tokens = 0;
+    let firstTokenAt = null;
+    let finish = null;
+    let outcome = "done";
+    const asked = epoch;
+    try {
+      const { headers, body } = request();
+      const response = await fetch("/v1/chat/completions", { method: "POST", headers, body, signal: controller.signal });
+      if (!response.ok) {
+        const message = await errorMessage(response);
+        if (response.status === 401) {
+          $("settings").open = true;
+          fields.apiKey.focus();
+          throw new Error(`${message}: enter the server's API key in Settings`);
+        }
+        throw new Error(message);
+      }
+      for await (const data of sseEvents(response.body)) {
+        if (data === "[DONE]") break;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message ?? String(chunk.error));
+        const choice = chunk.choices?.[0];
+        const delta = choice?.delta?.content;
+        if (delta) {
+          firstTokenAt ??= performance.now();
+          answer += delta;
+          tokens += 1; // an estimate until the finish chunk's usage gives the real count
+          reply.content.textContent = answer;
+          list.scrollTop = list.scrollHeight;
+          setState("streaming");
+        }
+        if (choice?.finish_reason) finish = choice.finish_reason;
+        if (chunk.usage) tokens = chunk.usage.completion_tokens;
+        showFigures(tokens, firstTokenAt);
+      }
+      if (finish === "length") outcome = "max tokens";
+    } catch (error) {
+      if (error.name === "AbortError") outcome = "stopped";
+      else {
+        outcome = "error";
+        showError(error.message);
+      }
+    } finally {
+      controller = null;
+      showFigures(tokens, firstTokenAt);
+      reply.message.classList.remove("streaming");
+      reply.message.dataset.state = outcome;
+      reply.meta.textContent = `${tokens} tokens · ${$("chat-tps").textContent} tok/s · ${outcome}`;
+      if (asked === epoch) {
+        if (answer) conversation.push({ role: "assistant", content: answer });
+        else conversation.pop(); // the question got no answer: leave it out of the context of the next one
+      }
+      setState(outcome);
+      setBusy(false);
+    }
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = prompt.value.trim();
+    if (!text || controller) return;
+    prompt.value = "";
+    ask(text);
+  });
+  prompt.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  stop.addEventListener("click", () => controller?.abort());
+  $("new-chat").addEventListener("click", () => {
+    controller?.abort();
+    epoch += 1;
+    conversation.length = 0;
+    list.replaceChildren($("chat-empty"));
+    $("chat-empty").hidden = false;
+    showError("");
+    showFigures(0, null);
+    setState("idle");
+  });
+}

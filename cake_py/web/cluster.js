@@ -1,0 +1,298 @@
+// The cluster view: polls GET /api/v1/topology every second and draws the pipeline, master → workers, one card
+// per node. Cards are created once and updated in place, so an expanded layer stays open across refreshes.
+
+import { el, formatBytes, formatMs, setText } from "./dom.js";
+
+const POLL_MS = 1000;
+const TIMEOUT_MS = 2500;
+
+/** "model.layers.7" → 7 */
+function layerIndex(name) {
+  return Number(name.slice(name.lastIndexOf(".") + 1));
+}
+
+/** [0,1,2,3,6] → "0–3, 6" (inclusive, like Cake's "model.layers.0-3") */
+export function layerRanges(names) {
+  const indices = names.map(layerIndex).sort((a, b) => a - b);
+  const parts = [];
+  let start = null;
+  indices.forEach((index, i) => {
+    if (start === null) start = index;
+    if (indices[i + 1] !== index + 1) {
+      parts.push(start === index ? String(index) : `${start}–${index}`);
+      start = null;
+    }
+  });
+  return parts.join(", ");
+}
+
+function memoryOf(node) {
+  const total = node.vram_bytes;
+  if (!total) return null;
+  const used = node.memory_used_bytes ?? total - (node.memory_free_bytes ?? total);
+  return { used: Math.max(0, Math.min(used, total)), total };
+}
+
+/** One node's card: built once, then `update(node)` on every poll. */
+class NodeCard {
+  constructor(name, role, expanded) {
+    this.name = name;
+    this.details = {};
+    this.expanded = expanded; // shared Set of "node|layer" keys, survives re-renders
+    this.layerKey = null; // nothing drawn yet
+    this.status = el("span", { className: "status" });
+    this.facts = el("dl", { className: "facts" });
+    this.memoryFill = el("span", { className: "fill" });
+    this.memoryLabel = el("span", { className: "mem-label" });
+    this.metrics = el("div", { className: "metrics" });
+    this.range = el("span", { className: "range" });
+    this.chips = el("div", { className: "chips" });
+    this.tensors = el("div", { className: "tensors" });
+    this.error = el("p", { className: "node-error" });
+    this.root = el(
+      "article",
+      { className: `node ${role}`, dataset: { node: name, testid: `node-${name}` } },
+      el("header", {}, el("span", { className: "role" }, role), el("h3", {}, name), this.status),
+      this.facts,
+      el("div", { className: "memory" }, el("div", { className: "bar" }, this.memoryFill), this.memoryLabel),
+      this.metrics,
+      el("div", { className: "layers" }, el("div", { className: "layers-head" }, this.range), this.chips),
+      this.tensors,
+      this.error,
+    );
+  }
+
+  update(node, host, details) {
+    this.details = details;
+    const up = node.status === "up";
+    this.root.classList.toggle("down", !up);
+    this.root.classList.remove("stale");
+    this.root.dataset.status = node.status;
+    this.status.textContent = up ? "up" : "down";
+    this.error.textContent = up ? "" : node.error || "not answering";
+
+    this.facts.replaceChildren(
+      ...fact("host", host),
+      ...fact("device", [node.device, node.hostname].filter(Boolean).join(" · ") || "unknown"),
+      ...fact("os", node.os || "unknown"),
+      ...(this.root.classList.contains("master") ? fact("runs", "embeddings, lm_head, sampling") : []),
+    );
+
+    const memory = memoryOf(node);
+    this.memoryFill.style.width = memory ? `${((100 * memory.used) / memory.total).toFixed(1)}%` : "0%";
+    this.memoryFill.classList.toggle("high", Boolean(memory && memory.used / memory.total > 0.9));
+    this.memoryLabel.textContent = memory
+      ? `${formatBytes(memory.used)} of ${formatBytes(memory.total)} used`
+      : "memory unknown";
+
+    const figures = node.layers?.length ? [["forward", formatMs(node.forward_ms ?? NaN)]] : [];
+    if (node.weights_bytes !== undefined) figures.push(["weights", formatBytes(node.weights_bytes)]);
+    if (node.kv_cache_bytes !== undefined) figures.push(["kv cache", formatBytes(node.kv_cache_bytes)]);
+    if (node.live_sequences !== undefined) figures.push(["sequences", String(node.live_sequences)]);
+    if (node.tflops) figures.push(["speed", formatFlops(node.tflops)]);
+    this.metrics.replaceChildren(
+      ...figures.map(([label, value]) => el("span", { className: "metric" }, el("b", {}, value), ` ${label}`)),
+    );
+
+    this.updateLayers(node.layers || []);
+  }
+
+  markStale() {
+    this.root.classList.add("stale");
+  }
+
+  updateLayers(layers) {
+    const key = layers.join(",");
+    if (key === this.layerKey) return;
+    this.layerKey = key;
+    this.range.textContent = layers.length ? `layers ${layerRanges(layers)} (${layers.length})` : "no transformer layers";
+    this.range.classList.toggle("muted", !layers.length);
+    this.chips.replaceChildren(
+      ...layers.map((layer) => {
+        const chip = el("button", { type: "button", className: "chip", dataset: { layer } }, String(layerIndex(layer)));
+        chip.addEventListener("click", () => this.toggle(layer));
+        return chip;
+      }),
+    );
+    this.renderTensors();
+  }
+
+  toggle(layer) {
+    const key = `${this.name}|${layer}`;
+    if (this.expanded.has(key)) this.expanded.delete(key);
+    else this.expanded.add(key);
+    this.renderTensors();
+  }
+
+  renderTensors() {
+    const open = [];
+    for (const chip of this.chips.children) {
+      const isOpen = this.expanded.has(`${this.name}|${chip.dataset.layer}`);
+      chip.setAttribute("aria-expanded", String(isOpen));
+      if (isOpen) open.push(chip.dataset.layer);
+    }
+    this.tensors.replaceChildren(...open.map((layer) => tensorTable(layer, this.details[layer])));
+    this.root.classList.toggle("expanded", open.length > 0);
+  }
+}
+
+function formatFlops(tflops) {
+  return tflops >= 1 ? `${tflops.toFixed(1)} TFLOP/s` : `${(tflops * 1000).toFixed(0)} GFLOP/s`;
+}
+
+/** "self_attn.q_proj.weight" → text pieces with a line-break opportunity after each dot. */
+function breakable(name) {
+  return name.split(/(?<=\.)/).flatMap((part, i) => (i ? [el("wbr"), part] : [part]));
+}
+
+function fact(label, value) {
+  return [el("dt", {}, label), el("dd", { title: value }, value)];
+}
+
+function tensorTable(layer, detail) {
+  const tensors = detail?.tensors ?? [];
+  const rows = tensors.map((tensor) =>
+    el(
+      "tr",
+      {},
+      el("td", { className: "mono name", title: tensor.name }, ...breakable(tensor.short_name || tensor.name)),
+      el("td", {}, tensor.dtype),
+      el("td", { className: "mono" }, tensor.shape.join(" × ")),
+      el("td", { className: "num" }, formatBytes(tensor.size_bytes)),
+    ),
+  );
+  return el(
+    "div",
+    { className: "tensor-block", dataset: { layer } },
+    el(
+      "div",
+      { className: "tensor-caption" },
+      el("b", {}, layer),
+      ` · ${tensors.length} tensors · ${formatBytes(detail?.total_bytes ?? 0)}`,
+    ),
+    el(
+      "div",
+      { className: "table-scroll" },
+      el(
+        "table",
+        {},
+        el("thead", {}, el("tr", {}, ...["tensor", "dtype", "shape", "size"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, ...rows),
+      ),
+    ),
+  );
+}
+
+function hop(worker) {
+  const down = worker.status !== "up";
+  return el(
+    "div",
+    { className: `hop${down ? " down" : ""}`, dataset: { to: worker.name } },
+    el("span", { className: "arrow", ariaHidden: "true" }),
+    el("b", {}, formatMs(worker.round_trip_ms ?? NaN)),
+    el("span", { className: "hop-label" }, "round trip"),
+    el("span", { className: "hop-label muted" }, `${formatMs(worker.hop_ms ?? NaN)} wire`),
+  );
+}
+
+async function problem(response) {
+  try {
+    const body = await response.json();
+    return body.error ?? `HTTP ${response.status}`;
+  } catch {
+    return `HTTP ${response.status}`;
+  }
+}
+
+export function startCluster(onLive) {
+  const pipeline = document.getElementById("pipeline");
+  const banner = document.getElementById("cluster-banner");
+  const cards = new Map();
+  const expanded = new Set();
+  let order = "";
+  let model = null;
+
+  function render(topology) {
+    if (topology.model_id !== model) {
+      // Another model (a /models/load): its layers and tensors differ, so every card starts afresh.
+      model = topology.model_id;
+      cards.clear();
+      expanded.clear();
+      order = "";
+    }
+    const nodes = [{ ...topology.master, name: topology.master.name || "master" }, ...topology.workers];
+    const seen = new Set();
+    nodes.forEach((node, i) => {
+      seen.add(node.name);
+      if (!cards.has(node.name)) {
+        cards.set(node.name, new NodeCard(node.name, i === 0 ? "master" : "worker", expanded));
+      }
+      cards.get(node.name).update(node, i === 0 ? location.host : node.host, topology.layer_details ?? {});
+    });
+    for (const name of [...cards.keys()]) if (!seen.has(name)) cards.delete(name);
+
+    // Rebuild the pipeline only when its shape changes; the hops between cards are small, so they are redrawn.
+    const shape = nodes.map((n) => n.name).join(">");
+    const children = [cards.get(nodes[0].name).root];
+    for (const worker of nodes.slice(1)) children.push(hop(worker), cards.get(worker.name).root);
+    if (shape !== order) {
+      order = shape;
+      pipeline.replaceChildren(...children);
+    } else {
+      pipeline.querySelectorAll(".hop").forEach((old, i) => old.replaceWith(children[2 * i + 1]));
+    }
+
+    const live = topology.live ?? {};
+    const up = topology.workers.filter((w) => w.status === "up").length;
+    setText("sum-model", topology.model);
+    setText("sum-dtype", `${topology.model_id} · ${topology.dtype}`);
+    setText("sum-layers", String(topology.num_layers));
+    setText("sum-nodes", `on ${nodes.length} nodes · ${up + 1} up`);
+    setText("sum-weights", formatBytes(topology.memory_bytes));
+    setText("sum-layer-size", `${formatBytes(topology.layer_size_bytes)} per layer`);
+    setText("sum-tps", (live.tokens_per_second ?? 0).toFixed(1));
+    setText("sum-step", `last step ${formatMs(live.last_step_ms ?? NaN)}`);
+    setText("sum-in-flight", String(live.requests_in_flight ?? 0));
+    setText("sum-queue", `${live.queue_depth ?? 0} queued`);
+    setText("sum-total", String(live.requests_total ?? 0));
+    setText("sum-tokens", `${live.tokens_generated ?? 0} tokens generated`);
+  }
+
+  function setConnected(ok, message) {
+    const connection = document.getElementById("connection");
+    connection.className = `conn ${ok ? "ok" : "lost"}`;
+    connection.title = ok ? "topology: live" : `topology: ${message}`;
+    banner.hidden = ok;
+    if (!ok) {
+      banner.textContent = `${message}. Retrying every second…`;
+      for (const card of cards.values()) card.markStale();
+    }
+  }
+
+  async function fetchTopology() {
+    try {
+      const response = await fetch("/api/v1/topology", { cache: "no-store", signal: AbortSignal.timeout(TIMEOUT_MS) });
+      if (!response.ok) throw new Error(`The topology is unavailable: ${await problem(response)}`);
+      return await response.json();
+    } catch (error) {
+      const unreachable = error.name === "TimeoutError" || error instanceof TypeError; // no answer at all
+      setConnected(false, unreachable ? "The master is not answering" : error.message);
+      return null;
+    }
+  }
+
+  async function poll() {
+    const topology = await fetchTopology();
+    try {
+      if (topology) {
+        render(topology);
+        setConnected(true);
+      }
+      onLive(topology);
+    } finally {
+      setTimeout(poll, POLL_MS); // after the answer, so a slow master is never asked twice at once
+    }
+  }
+
+  poll();
+}

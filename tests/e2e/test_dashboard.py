@@ -1,0 +1,444 @@
+"""The web dashboard in real headless Chromium (Debian's, driven by Playwright) against a live master with two real
+`cake worker` processes serving the tiny Llama.
+
+What a person sees: both workers with their layer ranges, a layer's tensors, live figures that move without a
+reload, a chat that streams token by token and keeps the conversation, a stop button that cancels the generation
+on the server (and frees it on every worker), model output shown as text even when it looks like HTML, an API key
+field that the server's key check accepts, a phone-sized screen without sideways scrolling, a master that stops
+answering and a killed worker's card both shown within 5 s. Screenshots of every view go to
+`test-artifacts/dashboard/`.
+
+The last test kills a worker of the module's cluster, so it stays last in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
+
+from cake_py.engine.engine import Engine
+from tests.fixtures.cluster import LocalCluster, WorkerProcess
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
+DESKTOP: ViewportSize = {"width": 1400, "height": 900}
+PHONE: ViewportSize = {"width": 390, "height": 844}
+PROMPT = "What is the capital of France?"
+
+
+@dataclass
+class Cluster:
+    server: ServerHandle
+    workers: dict[str, WorkerProcess]
+
+    @property
+    def url(self) -> str:
+        return f"{self.server.base_url}/"
+
+    @property
+    def engine(self) -> Engine:
+        assert self.server.state.engine is not None
+        return self.server.state.engine
+
+    def topology(self) -> dict[str, Any]:
+        response = httpx.get(f"{self.server.base_url}/api/v1/topology", timeout=10)
+        response.raise_for_status()
+        document: dict[str, Any] = response.json()
+        return document
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A master (in this process, so tests can read its engine) over worker-1 (layers 0-1) and worker-2 (layer 2)."""
+    with LocalCluster(tmp_path_factory.mktemp("dashboard-cluster")) as processes:
+        worker_1, worker_2 = processes.start_workers(2)
+        specs = [worker_1.spec((0, 2)), worker_2.spec((2, 3))]
+        with running_server(tiny_settings(tiny_llama, workers=specs, model_name="tiny-llama")) as server:
+            yield Cluster(server, {worker.name: worker for worker in (worker_1, worker_2)})
+
+
+# ---- the browser -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"Debian's Chromium is missing at {CHROMIUM}: the browser tests need it and never skip. "
+            "Install it with `scripts/setup.sh --browser` (or `apt-get install -y chromium`)."
+        )
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def _collect_problems(page: Page) -> list[str]:
+    """Script errors and console errors of `page`, as they happen."""
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    return problems
+
+
+@pytest.fixture()
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh browser context (empty localStorage) whose page must raise no script error and log no console error."""
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    problems = _collect_problems(page)
+    try:
+        yield page
+    finally:
+        context.close()
+    assert problems == [], f"the page reported errors: {problems}"
+
+
+def _screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")  # else the sticky header is drawn mid-page in a full-page shot
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+@pytest.fixture()
+def throttle(monkeypatch: pytest.MonkeyPatch) -> Callable[[Engine, float], None]:
+    """Slow an engine to one step per `seconds`, so a reply takes long enough to watch arrive and to stop."""
+
+    def apply(engine: Engine, seconds: float) -> None:
+        step = engine.step
+
+        def slow_step() -> None:
+            time.sleep(seconds)
+            step()
+
+        monkeypatch.setattr(engine, "step", slow_step)
+
+    return apply
+
+
+def _watch_text(page: Page, selector: str) -> None:
+    """Record, in window.__lengths, the text length of the last element matching `selector` at every DOM change."""
+    page.evaluate(
+        """selector => {
+            window.__lengths = [];
+            new MutationObserver(() => {
+                const nodes = document.querySelectorAll(selector);
+                if (nodes.length) window.__lengths.push(nodes[nodes.length - 1].textContent.length);
+            }).observe(document.body, { childList: true, subtree: true, characterData: true });
+        }""",
+        selector,
+    )
+
+
+def _greedy_reply(cluster: Cluster, messages: list[dict[str, str]], max_tokens: int) -> str:
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    response = httpx.post(f"{cluster.server.base_url}/v1/chat/completions", json=body, timeout=60)
+    response.raise_for_status()
+    content: str = response.json()["choices"][0]["message"]["content"]
+    return content
+
+
+def _send(page: Page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+
+
+# ---- cluster view ------------------------------------------------------------------------------------------------
+
+
+def test_cluster_view_draws_the_pipeline_with_both_workers_and_their_layers(page: Page, cluster: Cluster) -> None:
+    topology = cluster.topology()
+    page.goto(cluster.url)
+
+    worker_1, worker_2 = page.get_by_test_id("node-worker-1"), page.get_by_test_id("node-worker-2")
+    expect(worker_1).to_contain_text("layers 0–1 (2)")
+    expect(worker_2).to_contain_text("layers 2 (1)")
+    expect(page.get_by_test_id("node-master")).to_contain_text("no transformer layers")
+    # Drawn in the order a token travels: master, then the workers in layer order.
+    order = page.locator("#pipeline [data-node]").evaluate_all("nodes => nodes.map(n => n.dataset.node)")
+    assert order == ["master", "worker-1", "worker-2"]
+
+    for name, card in (("worker-1", worker_1), ("worker-2", worker_2)):
+        node = next(w for w in topology["workers"] if w["name"] == name)
+        expect(card).to_have_attribute("data-status", "up")
+        expect(card.locator(".status")).to_have_text("up")
+        expect(card).to_contain_text(cluster.workers[name].address)
+        expect(card).to_contain_text(node["device"])
+        expect(card).to_contain_text(node["os"])
+        expect(card.locator(".mem-label")).to_have_text(
+            re.compile(r"^\d+(\.\d)? [KMGT]?B of \d+(\.\d)? [KMGT]?B used$")
+        )
+        width = card.locator(".memory .fill").evaluate("bar => bar.style.width")
+        assert 0 < float(width.rstrip("%")) <= 100
+
+    # A layer expands to its tensors: every tensor of the layer, with dtype, shape and size.
+    tensors = topology["layer_details"]["model.layers.1"]["tensors"]
+    worker_1.locator(".chip", has_text="1").click()
+    table = worker_1.locator('.tensor-block[data-layer="model.layers.1"]')
+    expect(table.locator("tbody tr")).to_have_count(len(tensors))
+    q_proj = next(t for t in tensors if t["short_name"] == "self_attn.q_proj.weight")
+    row = table.locator("tr", has_text="self_attn.q_proj.weight")
+    expect(row).to_contain_text(q_proj["dtype"])
+    expect(row).to_contain_text(" × ".join(str(d) for d in q_proj["shape"]))
+    # ...and stays open across the next refreshes (cards are updated in place, not redrawn).
+    page.wait_for_timeout(2500)
+    expect(table).to_be_visible()
+    _screenshot(page, "cluster.png")
+
+    worker_1.locator(".chip", has_text="1").click()
+    expect(table).to_have_count(0)
+
+
+def test_live_figures_refresh_without_a_reload(
+    page: Page, cluster: Cluster, throttle: Callable[[Engine, float], None]
+) -> None:
+    page.goto(cluster.url)
+    expect(page.get_by_test_id("node-worker-1")).to_have_attribute("data-status", "up")
+    page.evaluate("window.__sameDocument = true")
+    before = cluster.topology()["live"]["requests_total"]
+    expect(page.locator("#sum-total")).to_have_text(str(before))
+
+    throttle(cluster.engine, 0.05)
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 100, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{cluster.server.base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if '"content"' in line)  # generating now
+        expect(page.locator("#live-in-flight")).to_have_text("1", timeout=3000)
+        expect(page.locator("#sum-in-flight")).to_have_text("1")
+        expect(page.locator("#live-tps")).not_to_have_text(re.compile(r"^(0\.0|–)$"), timeout=3000)
+        for _ in lines:
+            pass
+
+    expect(page.locator("#sum-total")).to_have_text(str(before + 1), timeout=3000)
+    expect(page.locator("#live-in-flight")).to_have_text("0", timeout=3000)
+    # Per-stage forward time and per-hop round trip, measured by the master, now show on the cards and arrows.
+    for name in ("worker-1", "worker-2"):
+        expect(page.get_by_test_id(f"node-{name}").locator(".metric", has_text="forward")).not_to_have_text(
+            re.compile(r"^0\.0 ms")
+        )
+        hop = page.locator(f'.hop[data-to="{name}"]')
+        expect(hop).to_contain_text("round trip")
+        expect(hop.locator("b")).to_have_text(re.compile(r"^\d+(\.\d)? ms$"))
+        expect(hop.locator("b")).not_to_have_text("0.0 ms")
+    assert page.evaluate("window.__sameDocument") is True
+
+
+# ---- chat view ---------------------------------------------------------------------------------------------------
+
+
+def test_chat_streams_a_reply_and_keeps_the_conversation(
+    page: Page, cluster: Cluster, throttle: Callable[[Engine, float], None]
+) -> None:
+    max_tokens = 40
+    expected = _greedy_reply(cluster, [{"role": "user", "content": PROMPT}], max_tokens)
+    throttle(cluster.engine, 0.03)  # one token per network read: the text must be seen to grow
+    page.goto(f"{cluster.url}#chat")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(max_tokens))
+    _watch_text(page, '[data-testid="assistant-message"] .content')
+    requests: list[Any] = []
+    page.on("request", lambda request: requests.append(request) if request.method == "POST" else None)
+
+    _send(page, PROMPT)
+    reply = page.get_by_test_id("assistant-message").last
+    expect(reply).to_have_attribute("data-state", "streaming")
+    expect(reply.locator(".content")).not_to_be_empty()
+    expect(page.locator("#stop")).to_be_visible()
+    expect(reply).to_have_attribute("data-state", "max tokens", timeout=20_000)
+
+    assert reply.locator(".content").text_content() == expected  # the streamed deltas add up to the reply
+    lengths = page.evaluate("window.__lengths")
+    growing = sorted({n for n in lengths if 0 < n < len(expected)})
+    assert len(growing) >= 5, f"the reply did not arrive incrementally: text lengths seen {lengths}"
+    assert page.locator("#chat-tokens").text_content() == str(max_tokens)
+    assert float(page.locator("#chat-tps").text_content() or "0") > 0
+    expect(reply.locator(".meta")).to_contain_text(f"{max_tokens} tokens")
+    expect(page.locator("#send")).to_be_visible()
+
+    # The second turn carries the whole conversation, the system prompt first.
+    page.fill("#system-prompt", "You answer in one word.")
+    page.fill("#max-tokens", "8")
+    _send(page, "And of Italy?")
+    expect(page.get_by_test_id("assistant-message")).to_have_count(2)
+    expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "max tokens", timeout=20_000)
+    sent = requests[-1].post_data_json
+    assert sent["stream"] is True and sent["temperature"] == 0 and sent["max_tokens"] == 8
+    assert sent["messages"] == [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": expected},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    _screenshot(page, "chat.png")
+
+
+def test_stop_button_cancels_the_generation_on_the_server(
+    page: Page, cluster: Cluster, throttle: Callable[[Engine, float], None]
+) -> None:
+    engine = cluster.engine
+    throttle(engine, 0.05)  # 400 tokens would take 20 s: long enough to press stop in the middle
+    page.goto(f"{cluster.url}#chat")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "400")
+    _send(page, PROMPT)
+
+    expect(page.locator("#chat-tokens")).not_to_have_text(re.compile(r"^[0-2]$"), timeout=10_000)
+    assert engine.in_flight == 1
+    page.click("#stop")
+
+    reply = page.get_by_test_id("assistant-message").last
+    expect(reply).to_have_attribute("data-state", "stopped")
+    deadline = time.monotonic() + 5
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.in_flight == 0, "the server kept generating after the stop button"
+    # ...and every worker freed the sequence's KV caches.
+    deadline, live = time.monotonic() + 5, [None]
+    while live != [0, 0] and time.monotonic() < deadline:  # workers report on their next status ping (1 s)
+        time.sleep(0.1)
+        live = [w.get("live_sequences") for w in cluster.topology()["workers"]]
+    assert live == [0, 0], f"sequences still held by the workers after stop: {live}"
+    generated = engine.stats.tokens_generated
+    time.sleep(0.5)
+    assert engine.stats.tokens_generated == generated
+    assert int(page.locator("#chat-tokens").text_content() or "0") < 400
+    expect(page.locator("#send")).to_be_visible()
+    expect(page.locator("#stop")).to_be_hidden()
+    expect(page.locator("#chat-state")).to_have_text("stopped")
+
+
+def test_model_output_is_inserted_as_text_never_as_html(page: Page, cluster: Cluster) -> None:
+    """A reply that looks like markup shows as those characters; no element or script comes from it."""
+    markup = '<img src="x" onerror="window.__owned = 1"><b>bold</b>'
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": markup[:20]}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": markup[20:]}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"completion_tokens": 2}},
+    ]
+    stream = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=stream),
+    )
+    page.goto(f"{cluster.url}#chat")
+    _send(page, "show me markup")
+    reply = page.get_by_test_id("assistant-message").last
+    expect(reply).to_have_attribute("data-state", "done")
+    assert reply.locator(".content").text_content() == markup
+    assert reply.locator(".content *").count() == 0
+    assert page.evaluate("window.__owned") is None
+    expect(page.locator("#chat-tokens")).to_have_text("2")
+
+
+def test_api_key_field_is_sent_as_bearer_and_kept(browser: Browser, tiny_llama: Path) -> None:
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        problems = _collect_problems(page)
+        with running_server(tiny_settings(tiny_llama, api_key="sesame")) as server:
+            page.goto(f"{server.base_url}/#chat")
+            page.fill("#max-tokens", "4")
+            _send(page, PROMPT)
+            # Without the key the server refuses, and the page says where the key goes.
+            expect(page.locator("#chat-error")).to_contain_text("API key")
+            expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "error")
+
+            page.fill("#api-key", "sesame")
+            _send(page, PROMPT)
+            expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "max tokens")
+            expect(page.locator("#chat-error")).to_be_hidden()
+
+            page.reload()
+            expect(page.locator("#api-key")).to_have_value("sesame")
+        # Chromium logs the refused request as a failed resource; anything else is a real problem.
+        assert [p for p in problems if "status of 401" not in p] == []
+        assert any("status of 401" in p for p in problems)
+    finally:
+        context.close()
+
+
+def test_a_master_that_stops_answering_is_shown_within_5_seconds(browser: Browser, tiny_llama: Path) -> None:
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        problems = _collect_problems(page)
+        with running_server(tiny_settings(tiny_llama)) as server:
+            page.goto(f"{server.base_url}/")
+            expect(page.locator("#connection")).to_have_class(re.compile(r"\bok\b"))
+            expect(page.locator("#cluster-banner")).to_be_hidden()
+        stopped = time.monotonic()
+        expect(page.locator("#cluster-banner")).to_contain_text("not answering", timeout=5000)
+        assert time.monotonic() - stopped < 5
+        expect(page.locator("#connection")).to_have_class(re.compile(r"\blost\b"))
+        expect(page.get_by_test_id("node-master")).to_have_class(re.compile(r"\bstale\b"))
+        # The refused polls show in the console as failed resources; anything else is a real problem.
+        assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
+    finally:
+        context.close()
+
+
+# ---- small screens -----------------------------------------------------------------------------------------------
+
+
+def test_phone_sized_screen_has_no_horizontal_scroll(browser: Browser, cluster: Cluster) -> None:
+    context = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True)
+    try:
+        page = context.new_page()
+        page.goto(cluster.url)
+        expect(page.get_by_test_id("node-worker-2")).to_have_attribute("data-status", "up")
+        page.get_by_test_id("node-worker-1").locator(".chip", has_text="0").click()
+        expect(page.locator(".tensor-block")).to_have_count(1)
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        _screenshot(page, "phone-cluster.png")
+
+        page.goto(f"{cluster.url}#chat")
+        expect(page.locator("#settings")).not_to_have_attribute("open", "")  # collapsed on a phone
+        page.click("#settings summary")
+        page.fill("#max-tokens", "24")
+        _send(page, PROMPT)
+        expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", re.compile("done|max"))
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        _screenshot(page, "phone-chat.png")
+    finally:
+        context.close()
+
+
+# ---- faults (last: it kills a worker of the module's cluster) ----------------------------------------------------
+
+
+def test_killed_worker_turns_its_card_down_within_5_seconds(page: Page, cluster: Cluster) -> None:
+    page.goto(cluster.url)
+    card = page.get_by_test_id("node-worker-2")
+    expect(card).to_have_attribute("data-status", "up")
+
+    cluster.workers["worker-2"].kill()
+    killed = time.monotonic()
+    expect(card).to_have_attribute("data-status", "down", timeout=5000)
+    assert time.monotonic() - killed < 5
+    expect(card).to_have_class(re.compile(r"\bdown\b"))
+    expect(card.locator(".status")).to_have_text("down")
+    expect(card.locator(".node-error")).not_to_be_empty()
+    expect(page.locator('.hop[data-to="worker-2"]')).to_have_class(re.compile(r"\bdown\b"))
+    expect(page.get_by_test_id("node-worker-1")).to_have_attribute("data-status", "up")
+    _screenshot(page, "cluster-worker-down.png")
