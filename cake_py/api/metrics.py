@@ -46,7 +46,7 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("cake_prompt_tokens", "Prompt tokens prefilled", value=stats.prompt_tokens)
         yield CounterMetricFamily("cake_engine_steps", "Scheduler steps run", value=stats.steps)
         yield GaugeMetricFamily(
-            "cake_tokens_per_second", "Generated tokens/s over recent steps", stats.tokens_per_second
+            "cake_tokens_per_second", "Generated tokens/s over the last 5 s", engine.tokens_per_second()
         )
         yield GaugeMetricFamily("cake_queue_depth", "Sequences waiting to start", value=engine.queue_depth)
         yield GaugeMetricFamily("cake_sequences_in_flight", "Sequences running or waiting", value=engine.in_flight)

@@ -21,7 +21,7 @@ def live_figures(state: ServerState) -> dict[str, object]:
     # (and would show a busy cluster) as soon as the engine goes idle.
     in_flight = engine.in_flight
     return {
-        "tokens_per_second": round(stats.tokens_per_second, 2) if in_flight else 0.0,
+        "tokens_per_second": round(engine.tokens_per_second(), 2),
         "requests_in_flight": in_flight,
         "queue_depth": engine.queue_depth,
         "requests_total": stats.requests_total,

@@ -119,6 +119,15 @@ class Engine:
         finally:
             self.cancel(seq_id)  # a no-op when it already finished; frees caches when the caller stopped early
 
+    def tokens_per_second(self) -> float:
+        """Generated tokens/s over the last 5 s; 0 once the engine has been idle that long."""
+        now = time.monotonic()
+        window = [(t, n) for t, n in list(self._rate_window) if now - t < 5.0]
+        if not window:
+            return 0.0
+        span = now - window[0][0]
+        return sum(n for _, n in window) / span if span > 0.05 else self.stats.tokens_per_second
+
     @property
     def in_flight(self) -> int:
         return len(self._running) + len(self._waiting)
