@@ -47,6 +47,7 @@ class ServeSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    connect_timeout: float = 10.0  # seconds to wait for each worker at startup (it may still be starting)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from cake_py.cluster.pipeline import Pipeline, load_ends
 from cake_py.cluster.placement import NodeCapacity, check_manual, place_automatically
 from cake_py.cluster.stage import LocalStage, Stage
-from cake_py.config import ServeSettings
+from cake_py.config import ServeSettings, WorkerSpec
 from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource
 from cake_py.models.weights import LAYER_PATTERN, load_transformer
@@ -35,17 +35,29 @@ def layer_bytes(source: ModelSource, dtype: torch.dtype) -> list[int]:
     return sizes
 
 
+def check_addresses(workers: list[WorkerSpec]) -> None:
+    """One worker process holds one layer range: listing it twice would give it two ranges and run the wrong one."""
+    seen: dict[str, str] = {}
+    for spec in workers:
+        if spec.address in seen:
+            raise ClusterError(f"workers {seen[spec.address]!r} and {spec.name!r} have the same address {spec.address}")
+        seen[spec.address] = spec.name
+
+
 def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.dtype, device: str) -> Pipeline:
     """Handshake every worker, place the layers, stream them, and chain the stages in layer order."""
+    n_layers = source.config.n_layers
+    check_addresses(settings.workers)
+    ranges: dict[str, tuple[int, int]] | None = None
+    if any(spec.layers is not None for spec in settings.workers):
+        # A bad cluster.yaml is reported before any worker is contacted (an unreachable one would hide it).
+        ranges = check_manual({spec.name: spec.layers for spec in settings.workers}, n_layers)
     credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
     connections = [WorkerConnection(spec, settings.cluster_key, credentials) for spec in settings.workers]
-    n_layers = source.config.n_layers
     try:
         with ThreadPoolExecutor(max_workers=len(connections)) as pool:
-            replies = list(pool.map(lambda c: c.handshake(), connections))
-        if any(spec.layers is not None for spec in settings.workers):
-            ranges = check_manual({spec.name: spec.layers for spec in settings.workers}, n_layers)
-        else:
+            replies = list(pool.map(lambda c: c.handshake(settings.connect_timeout), connections))
+        if ranges is None:
             nodes = [
                 NodeCapacity(conn.spec.name, reply.host.memory_free_bytes, reply.host.tflops)
                 for conn, reply in zip(connections, replies, strict=True)

@@ -5,6 +5,12 @@ Nothing outside this package imports `cake_py.rpc.pb`; the rest of cake_py speak
 
 from __future__ import annotations
 
+import os
+
+# gRPC's C core logs every failed connection or TLS handshake attempt to stderr (several lines a second while it
+# retries); our own errors already say what went wrong, once. Set before any module of this package imports grpc.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 # Version of the wire contract in proto/cake/v1/worker.proto. Bump it on any change a peer built from the old
 # .proto would misread; Handshake refuses a peer whose version differs.
 PROTOCOL_VERSION = 1

@@ -124,15 +124,16 @@ class WorkerConnection:
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return ClusterError(f"{self.label} refused our cluster key: give master and worker the same --cluster-key")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            # A TLS mismatch looks like an unreachable worker from here: gRPC retries the failed handshakes.
-            hint = (
-                "is `cake worker` running there, without TLS? (a TLS worker needs --tls-ca on the master)"
-                if self.credentials is None
-                else "is `cake worker` running there with TLS, and is its certificate signed by --tls-ca for this "
-                "address?"
-            )
-            return ClusterError(f"{self.label} is unreachable ({doing}): {details}; {hint}")
+            return ClusterError(f"{self.label} is unreachable ({doing}): {details}{self._first_contact_hint(doing)}")
         return ClusterError(f"{self.label} failed while {doing}: {details}")
+
+    def _first_contact_hint(self, doing: str) -> str:
+        # A TLS mismatch looks like an unreachable worker from here: gRPC just retries the failed TLS handshakes.
+        if doing != "handshaking":
+            return ""
+        if self.credentials is None:
+            return "; is `cake worker` running there, without TLS? (a TLS worker needs --tls-ca on the master)"
+        return "; is `cake worker` running there with TLS, and is its certificate signed by --tls-ca for this address?"
 
     def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> pb.HandshakeReply:
         stub = self._open()
@@ -313,9 +314,13 @@ class RemoteStage:
         while not self._closing.wait(PING_INTERVAL_S if self._up else backoff):
             if self._up:
                 try:
-                    self._last_info = self.connection.info()
-                    if self._last_info.status != pb.WORKER_STATUS_READY:
-                        self._mark_down(f"worker lost its layers (status {self._last_info.status})")
+                    info = self._last_info = self.connection.info()
+                    held = (info.layers.start, info.layers.end) if info.HasField("layers") else None
+                    if info.status != pb.WORKER_STATUS_READY:
+                        self._mark_down(f"worker lost its layers (status {info.status})")
+                    elif held != (self.start, self.end) or info.model_id != self.assignment.model_id:
+                        # Someone else (another master) re-assigned it: forwarding would run the wrong layers.
+                        self._mark_down(f"worker now holds other layers ({info.model_id} {held})")
                 except ClusterError as error:
                     self._mark_down(str(error))
                 continue

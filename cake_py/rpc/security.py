@@ -7,6 +7,7 @@ answers UNAUTHENTICATED otherwise. TLS (optional) uses PEM files; with a CA give
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import grpc
 from cake_py.errors import ConfigError
 
 KEY_HEADER = "x-cake-cluster-key"
+
+log = logging.getLogger(__name__)
 
 
 def _read(path: Path | None, what: str) -> bytes | None:
@@ -42,13 +45,14 @@ class ClusterKeyInterceptor(grpc.ServerInterceptor):
         given_bytes = given.encode() if isinstance(given, str) else bytes(given)
         if hmac.compare_digest(given_bytes, self.key):
             return continuation(handler_call_details)
-        return _deny(handler_call_details.method or "")
+        return _deny(handler_call_details.method or "", "a wrong" if given_bytes else "no")
 
 
-def _deny(method: str) -> grpc.RpcMethodHandler:
+def _deny(method: str, given: str) -> grpc.RpcMethodHandler:
     message = "cluster key rejected: the master's --cluster-key does not match this worker's"
 
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
+        log.warning("refused %s from %s: it gave %s cluster key (see --cluster-key)", method, context.peer(), given)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     if method.endswith("/Forward"):

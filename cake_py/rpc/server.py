@@ -43,6 +43,9 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    # gRPC turns SO_REUSEPORT on by default: a second worker on a busy port would then start "fine" and the kernel
+    # would split masters' connections between the two. A busy port must be an error.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -90,7 +93,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         missing, cached = [], 0
         try:
             for spec in request.tensors:
-                if self.cache.has(spec.sha256, spec.size_bytes):
+                if self.cache.verify(spec.sha256, spec.size_bytes):
                     cached += spec.size_bytes
                 elif spec.sha256 not in missing:
                     missing.append(spec.sha256)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from cake_py.errors import ClusterError
+
+log = logging.getLogger(__name__)
 
 
 class WeightCache:
@@ -25,8 +28,22 @@ class WeightCache:
         return self.root / sha256[:2] / sha256
 
     def has(self, sha256: str, size: int) -> bool:
+        """Present with the right size (cheap; use `verify` before trusting a file from an earlier run)."""
         path = self.path(sha256)
         return path.is_file() and path.stat().st_size == size
+
+    def verify(self, sha256: str, size: int) -> bool:
+        """Present and its bytes hash to `sha256`. A damaged file is deleted, so that it is streamed again."""
+        path = self.path(sha256)
+        if not path.is_file():
+            return False
+        if path.stat().st_size == size:
+            with path.open("rb") as handle:
+                if hashlib.file_digest(handle, "sha256").hexdigest() == sha256:
+                    return True
+        log.warning("weight cache file %s is damaged (size or sha256 differs): streaming it again", path)
+        path.unlink(missing_ok=True)
+        return False
 
     def writer(self, sha256: str, size: int) -> TensorWriter:
         return TensorWriter(self, sha256, size)

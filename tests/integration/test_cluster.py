@@ -1,0 +1,305 @@
+"""A master and real `cake worker` processes on 127.0.0.1 compute exactly what a single node computes.
+
+Three workers are started once for the module and re-assigned layers by each test (an Assign replaces whatever a
+worker held, KV caches included). Everything runs in float32 on one torch thread per worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cake_py.api.server import build_pipeline
+from cake_py.cluster.pipeline import Pipeline, local_pipeline
+from cake_py.cluster.stage import LocalStage
+from cake_py.config import ServeSettings, WorkerSpec, load_cluster_file
+from cake_py.engine.engine import Engine
+from cake_py.engine.sequence import GenerationEvent
+from cake_py.models.hub import ModelSource, resolve_model
+from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.weights import load_transformer
+from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
+from cake_py.rpc.pb import worker_pb2 as pb
+from tests.conftest import TinyModelFactory
+from tests.fixtures.cluster import (
+    LocalCluster,
+    WorkerProcess,
+    collect,
+    generate_tokens,
+    greedy,
+    token_ids,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+PROMPT = "The quick brown cake bakes over the river"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def workers(cluster: LocalCluster) -> list[WorkerProcess]:
+    return cluster.start_workers(3)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_factory: TinyModelFactory) -> ModelSource:
+    return resolve_model(str(tiny_model_factory("llama")))  # 3 layers
+
+
+@pytest.fixture(scope="module")
+def single_node_tokens(llama: ModelSource) -> list[int]:
+    return generate_tokens(local_pipeline(llama, torch.float32), llama.tokenizer, llama.tokenizer.encode(PROMPT))
+
+
+def settings_for(source: ModelSource, workers: list[WorkerSpec]) -> ServeSettings:
+    return ServeSettings(model=source.model_id, workers=workers, dtype="float32", device="cpu")
+
+
+def layout(pipeline: Pipeline) -> list[tuple[str, int, int]]:
+    return [(stage.name, stage.start, stage.end) for stage in pipeline.stages]
+
+
+def live_sequences(pipeline: Pipeline) -> dict[str, int]:
+    return {
+        stage.name: stage.connection.info().live_sequences
+        for stage in pipeline.stages
+        if isinstance(stage, RemoteStage)
+    }
+
+
+# ---- 1. greedy tokens over 1, 2 and 3 workers equal a single node ----
+
+PLACEMENTS: dict[str, list[tuple[int, int] | None]] = {
+    "1-worker-automatic": [None],
+    "2-workers-automatic": [None, None],
+    "2-workers-manual": [(0, 2), (2, 3)],
+    "3-workers-manual": [(0, 1), (1, 2), (2, 3)],
+}
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_greedy_tokens_equal_single_node(
+    placement: str, workers: list[WorkerProcess], llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    ranges = PLACEMENTS[placement]
+    specs = [worker.spec(layers) for worker, layers in zip(workers, ranges, strict=False)]
+    pipeline = build_pipeline(settings_for(llama, specs), llama, "cpu")
+    try:
+        stages = layout(pipeline)
+        # Every layer runs on a worker (automatic placement leaves nothing on the master); manual ranges are kept.
+        assert all(name in {spec.name for spec in specs} for name, _, _ in stages), stages
+        if ranges[0] is not None:
+            assert stages == [(spec.name, *layers) for spec, layers in zip(specs, ranges, strict=True) if layers]
+        tokens = generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT))
+        assert tokens == single_node_tokens
+        assert all(stage.stats.calls > 0 and stage.stats.bytes_sent > 0 for stage in pipeline.stages)
+        # 10. The finished sequence's KV caches are gone from every worker.
+        assert set(live_sequences(pipeline).values()) == {0}
+    finally:
+        pipeline.close()
+
+
+def test_other_architecture_with_biases_over_two_workers(
+    workers: list[WorkerProcess], tiny_model_factory: TinyModelFactory
+) -> None:
+    qwen2 = resolve_model(str(tiny_model_factory("qwen2")))  # 2 layers, attention biases
+    prompt = qwen2.tokenizer.encode(PROMPT)
+    expected = generate_tokens(local_pipeline(qwen2, torch.float32), qwen2.tokenizer, prompt)
+    specs = [workers[0].spec((0, 1)), workers[1].spec((1, 2))]
+    pipeline = build_pipeline(settings_for(qwen2, specs), qwen2, "cpu")
+    try:
+        assert generate_tokens(pipeline, qwen2.tokenizer, prompt) == expected
+    finally:
+        pipeline.close()
+
+
+# ---- 2. a remote stage computes what the same layers compute locally ----
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_remote_stage_output_equals_local_stage(
+    dtype: torch.dtype, tolerance: float, workers: list[WorkerProcess], llama: ModelSource
+) -> None:
+    assignment = Assignment(llama.model_id, json.dumps(llama.weights.config), llama.weights, 1, 3, dtype)
+    connection = WorkerConnection(workers[0].spec(), None, None)
+    connection.handshake()
+    connection.assign(assignment)
+    remote = RemoteStage(connection, assignment)
+    layers = load_transformer(
+        llama.weights, llama.config, 1, 3, with_embedding=False, with_head=False, dtype=dtype, device="cpu"
+    )
+    local = LocalStage(layers)
+    generator = torch.Generator().manual_seed(0)
+    hidden_size = llama.config.hidden_size
+    steps = [
+        # Two sequences of different lengths prefilling together,
+        [SequenceSlice(7, 0, 5), SequenceSlice(9, 0, 3)],
+        # then both decoding one token (attending to their own caches only),
+        [SequenceSlice(7, 5, 1), SequenceSlice(9, 3, 1)],
+        # then one prefilling a chunk while the other decodes, in the other order.
+        [SequenceSlice(9, 4, 4), SequenceSlice(7, 6, 1)],
+    ]
+    try:
+        for batch in steps:
+            hidden = torch.randn(sum(s.n_tokens for s in batch), hidden_size, generator=generator).to(dtype)
+            expected = local.forward(hidden, batch)
+            got = remote.forward(hidden, batch)
+            assert got.dtype == dtype and got.shape == hidden.shape
+            assert not torch.allclose(expected, hidden, atol=0.1)  # the layers did change the hidden states
+            torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+        assert connection.info().live_sequences == 2
+        remote.release([7, 9])
+        assert connection.info().live_sequences == 0
+    finally:
+        remote.close()
+
+
+# ---- 3. manual placement from cluster.yaml, the master keeping the middle layer ----
+
+
+def test_cluster_yaml_with_master_keeping_the_middle_layer(
+    tmp_path: Path, workers: list[WorkerProcess], llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        "workers:\n"
+        f'  - name: first\n    address: {workers[0].address}\n    layers: "model.layers.0"\n'
+        f'  - name: last\n    address: {workers[1].address}\n    layers: "2-2"\n'
+    )
+    cluster_file = load_cluster_file(config)
+    assert [(w.name, w.layers) for w in cluster_file.workers] == [("first", (0, 1)), ("last", (2, 3))]
+    pipeline = build_pipeline(settings_for(llama, cluster_file.workers), llama, "cpu")
+    try:
+        assert layout(pipeline) == [("first", 0, 1), ("master", 1, 2), ("last", 2, 3)]
+        assert isinstance(pipeline.stages[1], LocalStage)
+        assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == single_node_tokens
+        assert live_sequences(pipeline) == {"first": 0, "last": 0}
+    finally:
+        pipeline.close()
+
+
+# ---- a worker re-assigned behind the master's back (another master) is not used with the wrong layers ----
+
+
+def test_worker_reassigned_by_someone_else_turns_down_and_is_restored(
+    workers: list[WorkerProcess], llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    pipeline = build_pipeline(settings_for(llama, [workers[0].spec((0, 3))]), llama, "cpu")
+    try:
+        intruder = WorkerConnection(workers[0].spec(), None, None)
+        try:
+            intruder.assign(
+                Assignment(llama.model_id, json.dumps(llama.weights.config), llama.weights, 1, 3, torch.float32)
+            )
+        finally:
+            intruder.close()
+        wait_until(lambda: not pipeline.healthy(), 3.0, "the master noticing its worker holds other layers")
+        wait_until(pipeline.healthy, 15.0, "the master re-assigning its layers")
+        assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == single_node_tokens
+    finally:
+        pipeline.close()
+
+
+# ---- 10. sequences are released on every worker, also when several ran in one batch ----
+
+
+def test_concurrent_sequences_are_released_on_every_worker(
+    workers: list[WorkerProcess], llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    specs = [workers[0].spec((0, 1)), workers[1].spec((1, 3))]
+    pipeline = build_pipeline(settings_for(llama, specs), llama, "cpu")
+    engine = Engine(pipeline, llama.tokenizer)
+    engine.start()
+    try:
+        short, long = llama.tokenizer.encode(PROMPT), llama.tokenizer.encode(PROMPT + " and the city sleeps") * 3
+        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        engine.submit(long, greedy(40), events.put)  # runs alongside the next one, in the same batches
+        first = collect(engine, short, greedy(32), timeout=60)
+        assert token_ids(first) == single_node_tokens
+        second = collect(engine, short, greedy(8), timeout=60)
+        assert token_ids(second) == single_node_tokens[:8]
+        assert engine.in_flight == 0
+        assert live_sequences(pipeline) == {workers[0].name: 0, workers[1].name: 0}
+    finally:
+        engine.stop()
+        pipeline.close()
+
+
+# ---- 7. the weight cache: a restarted worker downloads nothing; a damaged file is streamed again ----
+
+
+def test_weight_cache_survives_a_restart_and_repairs_a_damaged_file(
+    cluster: LocalCluster, llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    worker = cluster.worker(name="cached")
+    worker.start()
+    assignment = Assignment(llama.model_id, json.dumps(llama.weights.config), llama.weights, 0, 3, torch.float32)
+
+    def assign() -> pb.AssignReply:
+        connection = WorkerConnection(worker.spec(), None, None)
+        try:
+            return connection.assign(assignment)
+        finally:
+            connection.close()
+
+    first = assign()
+    manifest = WorkerConnection(worker.spec(), None, None).manifest(assignment)
+    total = sum({spec.sha256: spec.size_bytes for spec in manifest}.values())
+    assert (first.received_bytes, first.reused_bytes) == (total, 0)
+    assert total > 100_000
+
+    worker.stop()
+    worker.start()  # same port, same --cache-dir
+    again = assign()
+    assert (again.received_bytes, again.reused_bytes) == (0, total)
+    assert "0.0 MB received" in worker.stderr
+
+    # Damage one cached tensor without changing its size: the worker must notice and ask for it again.
+    victim = max(manifest, key=lambda spec: spec.size_bytes)
+    path = worker.cache_dir / victim.sha256[:2] / victim.sha256
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+    repaired = assign()
+    assert repaired.received_bytes == victim.size_bytes
+    assert "damaged" in worker.stderr
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == victim.sha256
+
+    pipeline = build_pipeline(settings_for(llama, [worker.spec()]), llama, "cpu")
+    try:
+        assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == single_node_tokens
+    finally:
+        pipeline.close()
+        worker.stop()
+
+
+# ---- 1b. the real model, SmolLM2-135M, in float32 over two workers ----
+
+
+@pytest.mark.slow
+def test_smollm2_over_two_workers_equals_single_node(workers: list[WorkerProcess]) -> None:
+    smollm = resolve_model(None)
+    prompt = smollm.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    expected = generate_tokens(local_pipeline(smollm, torch.float32), smollm.tokenizer, prompt, max_tokens=16)
+    n_layers = smollm.config.n_layers
+    specs = [workers[1].spec((0, n_layers // 2)), workers[2].spec((n_layers // 2, n_layers))]
+    pipeline = build_pipeline(settings_for(smollm, specs), smollm, "cpu")
+    try:
+        assert [stage.name for stage in pipeline.stages] == [spec.name for spec in specs]
+        tokens = generate_tokens(pipeline, smollm.tokenizer, prompt, max_tokens=16, timeout=120)
+        assert tokens == expected
+        assert "Paris" in smollm.tokenizer.decode(tokens)
+    finally:
+        pipeline.close()

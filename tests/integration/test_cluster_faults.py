@@ -1,0 +1,203 @@
+"""Faults with real worker processes: killed or paused mid-generation, back again, and seen over HTTP.
+
+Every wait is bounded: a request that hangs, a stage that never turns down or never comes back fails the test.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import torch
+
+from cake_py.api.server import build_pipeline
+from cake_py.cluster.pipeline import Pipeline, local_pipeline
+from cake_py.config import ServeSettings, WorkerSpec
+from cake_py.engine.engine import Engine
+from cake_py.engine.sequence import GenerationEvent
+from cake_py.errors import ClusterError
+from cake_py.models.hub import ModelSource, resolve_model
+from cake_py.rpc.client import RemoteStage
+from tests.conftest import TinyModelFactory
+from tests.fixtures.cluster import LocalCluster, collect, generate_tokens, greedy, token_ids, wait_until
+from tests.fixtures.server import running_server, tiny_settings
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPT = "The quick brown cake bakes over the river"
+LONG = 450  # tokens: far more than a test waits for before it breaks a worker (the tiny model's context is 512)
+
+
+@pytest.fixture
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path_factory.mktemp("faults")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_factory: TinyModelFactory) -> ModelSource:
+    return resolve_model(str(tiny_model_factory("llama")))
+
+
+@pytest.fixture(scope="module")
+def single_node_tokens(llama: ModelSource) -> list[int]:
+    return generate_tokens(local_pipeline(llama, torch.float32), llama.tokenizer, llama.tokenizer.encode(PROMPT))
+
+
+def finish(events: queue.SimpleQueue[GenerationEvent], timeout: float) -> list[GenerationEvent]:
+    """The remaining events of a generation, up to its last; fails instead of hanging."""
+    result: list[GenerationEvent] = []
+    deadline = time.monotonic() + timeout
+    while not result or not result[-1].finished:
+        try:
+            result.append(events.get(timeout=max(deadline - time.monotonic(), 0.001)))
+        except queue.Empty:
+            pytest.fail(f"the generation neither finished nor failed within {timeout} s: it hangs")
+    return result
+
+
+def start_long_generation(engine: Engine, prompt: list[int]) -> tuple[int, queue.SimpleQueue[GenerationEvent]]:
+    """Submit a long greedy generation; returns its id and events once its first token arrived (it is under way)."""
+    events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+    seq_id = engine.submit(prompt, greedy(LONG), events.put)
+    first = events.get(timeout=30)
+    assert not first.finished, first
+    return seq_id, events
+
+
+def serving_engine(llama: ModelSource, workers: list[WorkerSpec]) -> tuple[Pipeline, Engine]:
+    settings = ServeSettings(model=llama.model_id, workers=workers, dtype="float32", device="cpu")
+    pipeline = build_pipeline(settings, llama, "cpu")
+    engine = Engine(pipeline, llama.tokenizer)
+    engine.start()
+    return pipeline, engine
+
+
+# ---- 8. a worker killed mid-generation: an error, not a hang; down at once; back after a restart ----
+
+
+def test_killed_worker_fails_the_request_and_the_stage_comes_back(
+    cluster: LocalCluster, llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    worker = cluster.worker()
+    worker.start()
+    pipeline, engine = serving_engine(llama, [worker.spec()])
+    prompt = llama.tokenizer.encode(PROMPT)
+    try:
+        assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
+
+        _, events = start_long_generation(engine, prompt)
+        worker.kill()
+        rest = finish(events, timeout=10)
+        last = rest[-1]
+        assert last.finish_reason == "error"
+        assert isinstance(last.exception, ClusterError)
+        assert last.error is not None and worker.address in last.error, last.error
+        assert 1 + len(token_ids(rest)) < LONG
+        wait_until(lambda: not pipeline.healthy(), 3.0, "the pipeline turning unhealthy")
+        refused = collect(engine, prompt, greedy(4), timeout=5)[-1]  # new requests fail at once, never wait
+        assert refused.finish_reason == "error" and "is down" in (refused.error or ""), refused.error
+
+        worker.start()  # same port, same cache dir
+        wait_until(pipeline.healthy, 15.0, "the master reconnecting to the restarted worker")
+        assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
+        assert "0.0 MB received" in worker.stderr  # its layers came from its disk cache
+
+        # An idle worker that dies is noticed by the monitor's pings, within a few seconds.
+        worker.kill()
+        wait_until(lambda: not pipeline.healthy(), 3.5, "the pipeline noticing an idle worker died")
+    finally:
+        engine.stop()
+        pipeline.close()
+
+
+# ---- a paused worker (a network stall): the request fails, and its caches do not leak once it is back ----
+
+
+def test_paused_worker_fails_the_request_and_its_stale_caches_are_released(
+    cluster: LocalCluster, llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    first, second = cluster.start_workers(2)
+    pipeline, engine = serving_engine(llama, [first.spec((0, 1)), second.spec((1, 3))])
+    prompt = llama.tokenizer.encode(PROMPT)
+    try:
+        _, events = start_long_generation(engine, prompt)
+        second.pause()
+        last = finish(events, timeout=10)[-1]
+        assert last.finish_reason == "error" and last.error is not None and second.address in last.error
+        assert not pipeline.healthy()
+        second.resume()
+        wait_until(pipeline.healthy, 15.0, "the master reconnecting to the resumed worker")
+        # The worker kept its layers (no re-assignment), so the failed sequence's caches must be released explicitly.
+        stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+        wait_until(
+            lambda: all(stage.connection.info().live_sequences == 0 for stage in stages),
+            5.0,
+            "every worker dropping the failed sequence's KV caches",
+        )
+        assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
+    finally:
+        second.resume()
+        engine.stop()
+        pipeline.close()
+
+
+# ---- 9. GET /api/v1/topology answers during a generation, with live figures, and shows a dead worker ----
+
+
+def test_topology_and_health_over_http_during_generation_and_faults(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory
+) -> None:
+    first, second = cluster.start_workers(2)
+    settings = tiny_settings(tiny_model_factory("llama"), workers=[first.spec((0, 2)), second.spec((2, 3))])
+    with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=5.0) as http:
+        engine = server.state.engine
+        assert engine is not None
+        prompt = engine.tokenizer.encode(PROMPT)
+        seq_id, events = start_long_generation(engine, prompt)
+
+        began = time.monotonic()
+        response = http.get("/api/v1/topology")
+        elapsed = time.monotonic() - began
+        assert response.status_code == 200, response.text
+        assert elapsed < 1.0, f"topology took {elapsed:.2f} s during a generation"
+        topology = response.json()
+        assert topology["live"]["requests_in_flight"] == 1  # answered while the generation ran
+        assert topology["num_layers"] == 3
+        assert topology["master"]["layers"] == []
+        assert set(topology["layer_details"]) == {"model.layers.0", "model.layers.1", "model.layers.2"}
+        nodes = {node["name"]: node for node in topology["workers"]}
+        assert nodes[first.name]["layers"] == ["model.layers.0", "model.layers.1"]
+        assert nodes[second.name]["layers"] == ["model.layers.2"]
+        for worker in (first, second):
+            node = nodes[worker.name]
+            assert node["host"] == worker.address
+            assert node["status"] == "up"
+            assert node["forward_ms"] > 0
+            assert node["round_trip_ms"] >= node["forward_ms"]
+            assert node["bytes_sent"] > 0 and node["bytes_received"] > 0
+
+        engine.cancel(seq_id)
+        assert finish(events, timeout=10)[-1].finish_reason == "cancelled"
+        assert http.get("/health").status_code == 200
+
+        second.kill()
+
+        def second_is_down() -> bool:
+            document = http.get("/api/v1/topology").json()
+            return {node["name"]: node["status"] for node in document["workers"]}[second.name] == "down"
+
+        wait_until(second_is_down, 3.5, "the topology showing the killed worker down")
+        health = http.get("/health")
+        assert health.status_code == 503, health.text
+        completion = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        assert completion.status_code >= 500 and "error" in completion.json(), completion.text
+
+        second.start()
+        wait_until(lambda: http.get("/health").status_code == 200, 15.0, "/health turning 200 after the restart")
+        completion = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        assert completion.status_code == 200, completion.text
+        assert completion.json()["usage"]["completion_tokens"] >= 1

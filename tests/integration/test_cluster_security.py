@@ -1,0 +1,270 @@
+"""Startup errors through the real CLI, the cluster key, and TLS (with certificates this module makes with openssl)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from cake_py.api.server import build_pipeline
+from cake_py.cluster.pipeline import local_pipeline
+from cake_py.config import ServeSettings, WorkerSpec
+from cake_py.errors import ClusterError
+from cake_py.models.hub import ModelSource, resolve_model
+from tests.conftest import TinyModelFactory
+from tests.fixtures.cluster import LocalCluster, WorkerProcess, free_port, generate_tokens, run_cake
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPT = "The quick brown cake bakes over the river"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_factory: TinyModelFactory) -> Path:
+    return tiny_model_factory("llama")  # 3 layers
+
+
+@pytest.fixture(scope="module")
+def llama(tiny: Path) -> ModelSource:
+    return resolve_model(str(tiny))
+
+
+@pytest.fixture(scope="module")
+def single_node_tokens(llama: ModelSource) -> list[int]:
+    return generate_tokens(local_pipeline(llama, torch.float32), llama.tokenizer, llama.tokenizer.encode(PROMPT))
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The CLI failed with exactly one line on stderr and no traceback; returns that line."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("cake: error: "), lines[0]
+    return lines[0]
+
+
+def serve_args(model: Path, *flags: str) -> list[str]:
+    return ["serve", str(model), "--port", str(free_port()), "--device", "cpu", "--dtype", "float32", *flags]
+
+
+# ---- 4. startup errors through `cake serve` ----
+
+
+def test_unreachable_worker_is_one_line_naming_it(tiny: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    result = run_cake(*serve_args(tiny, "--workers", address, "--connect-timeout", "1"))
+    line = one_line_error(result)
+    assert address in line and "unreachable" in line, line
+
+
+def write_cluster_yaml(path: Path, layers: dict[str, str]) -> Path:
+    """cluster.yaml for workers that do not exist: topology errors must come before any worker is contacted."""
+    entries = "".join(
+        f'  - name: {name}\n    address: 127.0.0.1:{free_port()}\n    layers: "{value}"\n'
+        for name, value in layers.items()
+    )
+    path.write_text(f"workers:\n{entries}")
+    return path
+
+
+def test_overlapping_layers_name_both_workers_and_the_layers(tmp_path: Path, tiny: Path) -> None:
+    config = write_cluster_yaml(tmp_path / "cluster.yaml", {"box-a": "0-1", "box-b": "1-2"})
+    # The default 10 s connect timeout stands: the error must not wait for the (absent) workers.
+    line = one_line_error(run_cake(*serve_args(tiny, "--config", str(config)), timeout=8))
+    assert "'box-a' (layers 0-1)" in line and "'box-b' (layers 1-2)" in line and "overlap on layer 1" in line, line
+
+
+def test_out_of_range_layers_name_the_worker(tmp_path: Path, tiny: Path) -> None:
+    config = write_cluster_yaml(tmp_path / "cluster.yaml", {"box-a": "0-0", "too-far": "1-3"})
+    line = one_line_error(run_cake(*serve_args(tiny, "--config", str(config)), timeout=8))
+    assert "worker 'too-far': layers 1-3 out of range" in line and "0-2" in line, line
+
+
+def test_the_same_worker_listed_twice_is_an_error(llama: ModelSource) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    settings = ServeSettings(workers=[WorkerSpec("one", address), WorkerSpec("two", address)], dtype="float32")
+    with pytest.raises(ClusterError, match=rf"workers 'one' and 'two' have the same address {address}"):
+        build_pipeline(settings, llama, "cpu")
+
+
+# ---- TLS material, made with the openssl CLI ----
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path  # signs the two below
+    server_cert: Path  # for 127.0.0.1 and localhost
+    server_key: Path
+    client_cert: Path  # a master's certificate, for workers that require one
+    client_key: Path
+    other_ca: Path  # a CA that signed nothing here
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _issue(folder: Path, name: str, subject: str, extensions: str) -> None:
+    """`name`.pem/.key: an EC key and a certificate signed by ca.pem."""
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", "-subj", subject, cwd=folder)  # fmt: skip
+    (folder / f"{name}.ext").write_text(extensions)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)  # fmt: skip
+
+
+def _self_signed_ca(folder: Path, name: str, subject: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", subject, cwd=folder)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to make the test certificates")
+    folder = tmp_path_factory.mktemp("tls")
+    _self_signed_ca(folder, "ca", "/CN=cake test CA")
+    _self_signed_ca(folder, "other-ca", "/CN=another CA")
+    _issue(
+        folder, "server", "/CN=localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+    )
+    _issue(folder, "client", "/CN=cake master", "extendedKeyUsage=clientAuth\n")
+    return Certificates(
+        ca=folder / "ca.pem",
+        server_cert=folder / "server.pem",
+        server_key=folder / "server.key",
+        client_cert=folder / "client.pem",
+        client_key=folder / "client.key",
+        other_ca=folder / "other-ca.pem",
+    )
+
+
+@dataclass(frozen=True)
+class SecureWorkers:
+    keyed: WorkerProcess  # --cluster-key right
+    tls: WorkerProcess  # --tls-cert/--tls-key
+    mutual: WorkerProcess  # ... and --tls-ca: masters must present a certificate from that CA
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory, certificates: Certificates) -> Iterator[SecureWorkers]:
+    server = ["--tls-cert", str(certificates.server_cert), "--tls-key", str(certificates.server_key)]
+    with LocalCluster(tmp_path_factory.mktemp("secure")) as cluster:
+        workers = SecureWorkers(
+            keyed=cluster.worker("--cluster-key", "right", name="keyed"),
+            tls=cluster.worker(*server, name="tls"),
+            mutual=cluster.worker(*server, "--tls-ca", str(certificates.ca), name="mutual"),
+        )
+        for worker in (workers.keyed, workers.tls, workers.mutual):
+            worker.launch()  # side by side: their startups overlap
+        for worker in (workers.keyed, workers.tls, workers.mutual):
+            worker.wait_ready()
+        yield workers
+
+
+def settings_for(
+    worker: WorkerProcess,
+    *,
+    cluster_key: str | None = None,
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    connect_timeout: float = 2.0,
+) -> ServeSettings:
+    return ServeSettings(
+        workers=[worker.spec()],
+        dtype="float32",
+        device="cpu",
+        cluster_key=cluster_key,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        connect_timeout=connect_timeout,
+    )
+
+
+def assert_serves(settings: ServeSettings, llama: ModelSource, expected: list[int]) -> None:
+    pipeline = build_pipeline(settings, llama, "cpu")
+    try:
+        assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == expected
+    finally:
+        pipeline.close()
+
+
+# ---- 5. the cluster key ----
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_worker_refuses_a_master_without_its_cluster_key(
+    key: str | None, secure: SecureWorkers, llama: ModelSource
+) -> None:
+    with pytest.raises(ClusterError) as caught:
+        build_pipeline(settings_for(secure.keyed, cluster_key=key), llama, "cpu")
+    message = str(caught.value)
+    assert secure.keyed.address in message and "--cluster-key" in message, message
+    given = "no cluster key" if key is None else "a wrong cluster key"
+    assert "refused" in secure.keyed.stderr and given in secure.keyed.stderr, secure.keyed.stderr
+
+
+def test_worker_serves_a_master_with_its_cluster_key(
+    secure: SecureWorkers, llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    assert_serves(settings_for(secure.keyed, cluster_key="right"), llama, single_node_tokens)
+
+
+def test_wrong_cluster_key_through_the_cli_is_one_line(secure: SecureWorkers, tiny: Path) -> None:
+    flags = ("--workers", secure.keyed.address, "--cluster-key", "wrong")
+    line = one_line_error(run_cake(*serve_args(tiny, *flags)))
+    assert secure.keyed.address in line and "cluster key" in line, line
+
+
+# ---- 6. TLS ----
+
+
+def test_tls_worker_serves_a_master_that_trusts_its_ca(
+    secure: SecureWorkers, certificates: Certificates, llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    assert "(TLS" in secure.tls.stdout
+    assert_serves(settings_for(secure.tls, tls_ca=certificates.ca), llama, single_node_tokens)
+
+
+def test_plaintext_master_refuses_a_tls_worker(secure: SecureWorkers, llama: ModelSource) -> None:
+    with pytest.raises(ClusterError) as caught:
+        build_pipeline(settings_for(secure.tls, connect_timeout=1.0), llama, "cpu")
+    message = str(caught.value)
+    assert secure.tls.address in message and "a TLS worker needs --tls-ca" in message, message
+
+
+def test_tls_master_against_a_plaintext_worker_is_one_line(
+    secure: SecureWorkers, certificates: Certificates, tiny: Path
+) -> None:
+    # gRPC logs every failed TLS handshake while it retries until the deadline: none of that may reach stderr.
+    flags = ("--workers", secure.keyed.address, "--cluster-key", "right", "--tls-ca", str(certificates.ca))
+    line = one_line_error(run_cake(*serve_args(tiny, *flags, "--connect-timeout", "1")))
+    assert secure.keyed.address in line and "with TLS" in line, line
+
+
+def test_master_trusting_another_ca_refuses_the_tls_worker(
+    secure: SecureWorkers, certificates: Certificates, llama: ModelSource
+) -> None:
+    with pytest.raises(ClusterError) as caught:
+        build_pipeline(settings_for(secure.tls, tls_ca=certificates.other_ca, connect_timeout=1.0), llama, "cpu")
+    message = str(caught.value)
+    assert secure.tls.address in message and "certificate signed by --tls-ca" in message, message
+
+
+def test_mutual_tls_needs_the_masters_certificate(
+    secure: SecureWorkers, certificates: Certificates, llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    with pytest.raises(ClusterError, match="unreachable"):
+        build_pipeline(settings_for(secure.mutual, tls_ca=certificates.ca, connect_timeout=1.0), llama, "cpu")
+    with_certificate = settings_for(
+        secure.mutual, tls_ca=certificates.ca, tls_cert=certificates.client_cert, tls_key=certificates.client_key
+    )
+    assert_serves(with_certificate, llama, single_node_tokens)
