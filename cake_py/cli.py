@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
     worker.add_argument("--device", default="auto", choices=DEVICES)
     worker.add_argument("--threads", type=_positive_int, help="torch threads of this worker")
+    worker.add_argument(
+        "--kv-idle-seconds", type=_positive_int, default=600, help="free a sequence's KV caches after this idle time"
+    )
     worker.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _tls_flags(worker)
 
@@ -169,6 +172,7 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
+        kv_idle_seconds=max(args.kv_idle_seconds, 1),
     )
 
 

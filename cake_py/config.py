@@ -23,6 +23,7 @@ class WorkerSpec:
     name: str
     address: str
     layers: tuple[int, int] | None = None
+    named: bool = True  # False for --workers entries: the worker's own --name is shown instead
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ServeSettings:
 
 @dataclass
 class WorkerSettings:
+    kv_idle_seconds: float = 600.0  # KV caches of a sequence no master touched for this long are freed
     host: str = "0.0.0.0"
     port: int = DEFAULT_WORKER_PORT
     name: str | None = None
@@ -122,7 +124,7 @@ def parse_workers_flag(value: str) -> list[WorkerSpec]:
     addresses = [item.strip() for item in value.split(",") if item.strip()]
     if not addresses:
         raise ConfigError(f"--workers {value!r} lists no HOST:PORT")
-    return [WorkerSpec(f"worker-{i + 1}", parse_address(address)) for i, address in enumerate(addresses)]
+    return [WorkerSpec(f"worker-{i + 1}", parse_address(address), named=False) for i, address in enumerate(addresses)]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -57,6 +59,7 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
     try:
         with ThreadPoolExecutor(max_workers=len(connections)) as pool:
             replies = list(pool.map(lambda c: c.handshake(settings.connect_timeout), connections))
+        _adopt_worker_names(connections, replies)
         if ranges is None:
             nodes = [
                 NodeCapacity(conn.spec.name, reply.host.memory_free_bytes, reply.host.tflops)
@@ -89,6 +92,17 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
     stages += _master_stages(source, dtype, device, [(s.start, s.end) for s in stages])
     stages.sort(key=lambda stage: stage.start)
     return Pipeline(load_ends(source, dtype, device), stages)
+
+
+def _adopt_worker_names(connections: list[WorkerConnection], replies: list[Any]) -> None:
+    """Workers given by --workers (no names) are shown under the --name they report, when those are unique."""
+    reported = [reply.host.worker_name for reply in replies]
+    if len(set(reported)) != len(reported) or not all(reported):
+        return
+    taken = {conn.spec.name for conn in connections if conn.spec.named}
+    for conn, name in zip(connections, reported, strict=True):
+        if not conn.spec.named and name not in taken:
+            conn.spec = replace(conn.spec, name=name)
 
 
 def _master_stages(

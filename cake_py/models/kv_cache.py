@@ -7,6 +7,7 @@ Each sequence owns one growing cache per layer; memory follows what sequences ac
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -77,12 +78,14 @@ class KVStore:
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self._caches: dict[int, list[LayerCache]] = {}
+        self._last_used: dict[int, float] = {}
 
     def for_batch(self, batch: Batch) -> list[list[LayerCache]]:
         """Per sequence of the batch, its per-layer caches (created on first sight)."""
         return [self._get(s.seq_id) for s in batch]
 
     def _get(self, seq_id: int) -> list[LayerCache]:
+        self._last_used[seq_id] = time.monotonic()
         caches = self._caches.get(seq_id)
         if caches is None:
             caches = [LayerCache(self.n_kv_heads, self.head_dim, self.dtype, self.device) for _ in range(self.n_layers)]
@@ -96,6 +99,14 @@ class KVStore:
     def release(self, seq_ids: Iterable[int]) -> None:
         for seq_id in seq_ids:
             self._caches.pop(seq_id, None)
+            self._last_used.pop(seq_id, None)
+
+    def release_idle(self, idle_seconds: float) -> list[int]:
+        """Free the sequences untouched for `idle_seconds` (their master died or forgot them); returns their ids."""
+        cutoff = time.monotonic() - idle_seconds
+        stale = [seq_id for seq_id, used in list(self._last_used.items()) if used < cutoff]
+        self.release(stale)
+        return stale
 
     def sequence_ids(self) -> list[int]:
         return list(self._caches)

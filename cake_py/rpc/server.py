@@ -250,6 +250,15 @@ def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer,
     return server, servicer, port
 
 
+def _reap_idle_sequences(servicer: WorkerServicer, idle_seconds: float, stop: threading.Event) -> None:
+    """Free KV caches a master never released (it died, or lost the stream) once they sit idle long enough."""
+    while not stop.wait(min(idle_seconds / 4, 30.0)):
+        with servicer.lock:
+            stale = servicer.kv.release_idle(idle_seconds) if servicer.kv is not None else []
+        if stale:
+            log.info("released %d sequence(s) idle for over %.0f s", len(stale), idle_seconds)
+
+
 def run_worker(settings: WorkerSettings) -> None:
     server, servicer, port = start_server(settings)
     if not settings.cluster_key:
@@ -258,6 +267,9 @@ def run_worker(settings: WorkerSettings) -> None:
     print(f"cake worker {servicer.name!r} listening on {settings.host}:{port} ({tls}, device {servicer.device})",
           flush=True)  # fmt: skip
     stop = threading.Event()
+    threading.Thread(
+        target=_reap_idle_sequences, args=(servicer, settings.kv_idle_seconds, stop), name="cake-reaper", daemon=True
+    ).start()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()

@@ -303,3 +303,23 @@ def test_smollm2_over_two_workers_equals_single_node(workers: list[WorkerProcess
         assert "Paris" in smollm.tokenizer.decode(tokens)
     finally:
         pipeline.close()
+
+
+# ---- a sequence its master never releases is freed after --kv-idle-seconds ----
+
+
+def test_worker_frees_sequences_no_master_releases(cluster: LocalCluster, llama: ModelSource) -> None:
+    worker = cluster.worker("--kv-idle-seconds", "1", name="reaper")
+    worker.start()
+    assignment = Assignment(llama.model_id, json.dumps(llama.weights.config), llama.weights, 0, 3, torch.float32)
+    connection = WorkerConnection(worker.spec(), None, None)
+    connection.handshake()
+    connection.assign(assignment)
+    remote = RemoteStage(connection, assignment)
+    try:
+        remote.forward(torch.randn(4, llama.config.hidden_size), [SequenceSlice(5, 0, 4)])
+        assert connection.info().live_sequences == 1
+        wait_until(lambda: connection.info().live_sequences == 0, 10.0, "the idle sequence to be freed")
+    finally:
+        remote.close()
+        worker.kill()

@@ -147,3 +147,18 @@ def test_llama3_rope_parameters_are_parsed(tiny_model_factory) -> None:
     rope = ModelConfig.from_hf(SafetensorsWeights(tiny_model_factory("llama3")).config).rope
     assert (rope.kind, rope.theta, rope.factor) == ("llama3", 500000.0, 8.0)
     assert (rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position_embeddings) == (1.0, 4.0, 64)
+
+
+def test_kv_store_releases_idle_sequences() -> None:
+    import time
+
+    import torch
+
+    from cake_py.models.kv_cache import KVStore, SequenceSlice
+
+    store = KVStore(2, 1, 4, torch.float32, torch.device("cpu"))
+    store.for_batch([SequenceSlice(1, 0, 1), SequenceSlice(2, 0, 1)])
+    time.sleep(0.05)
+    store.for_batch([SequenceSlice(2, 1, 1)])
+    assert store.release_idle(0.03) == [1]
+    assert store.sequence_ids() == [2]
