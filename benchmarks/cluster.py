@@ -28,6 +28,7 @@ from cake_py.api.server import build_pipeline  # noqa: E402
 from cake_py.cluster.stage import StageStats  # noqa: E402
 from cake_py.config import ServeSettings, WorkerSpec  # noqa: E402
 from cake_py.engine.engine import Engine  # noqa: E402
+from cake_py.models.device import release_openmp_threads  # noqa: E402
 from cake_py.models.hub import ModelSource, resolve_model  # noqa: E402
 from cake_py.models.sampling import SamplingParams  # noqa: E402
 
@@ -71,6 +72,7 @@ def run_config(
         stage.stats = RecordingStats()
         recorders.append(stage.stats)
     engine = Engine(pipeline, source.tokenizer)
+    release_openmp_threads()  # loading ran on this thread; the engine thread must own the only OpenMP pool
     engine.start()
     try:
         result = decode_ms(engine, ids, tokens, runs)

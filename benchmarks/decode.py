@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cake_py.cluster.pipeline import Pipeline, load_ends  # noqa: E402
 from cake_py.cluster.stage import LocalStage  # noqa: E402
 from cake_py.engine.engine import Engine  # noqa: E402
+from cake_py.models.device import release_openmp_threads  # noqa: E402
 from cake_py.models.hub import ModelSource, embedded_model_path, resolve_model  # noqa: E402
 from cake_py.models.sampling import SamplingParams  # noqa: E402
 from cake_py.models.weights import build_transformer, load_transformer  # noqa: E402
@@ -56,6 +57,7 @@ def cake_pipeline(source: ModelSource, dtype: torch.dtype, dense: bool) -> Pipel
 
 def time_cake(source: ModelSource, dtype: torch.dtype, dense: bool, tokens: int, runs: int) -> tuple[float, float]:
     engine = Engine(cake_pipeline(source, dtype, dense), source.tokenizer)
+    release_openmp_threads()  # loading ran on this thread; the engine thread must own the only OpenMP pool
     engine.start()
     ids = prompt_ids(source)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)

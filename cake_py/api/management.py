@@ -20,6 +20,7 @@ from cake_py.api.errors import ApiError
 from cake_py.api.schemas import json_body
 from cake_py.api.state import ServerState
 from cake_py.engine.engine import Engine
+from cake_py.models.device import release_openmp_threads
 from cake_py.models.hub import EMBEDDED_MODEL_ID, ModelSource, list_cached, resolve_model
 
 
@@ -56,6 +57,7 @@ def _build_engine(state: ServerState, source: ModelSource, settings: Any) -> Eng
 
     pipeline = build_pipeline(settings, source, state.device)
     engine = Engine(pipeline, source.tokenizer, max_running=settings.max_running)
+    release_openmp_threads()  # this pool thread is done with torch; the engine thread must own the only pool
     engine.start()
     return engine
 

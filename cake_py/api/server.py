@@ -10,7 +10,7 @@ from cake_py.cluster.hostinfo import measure_tflops
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import Engine
-from cake_py.models.device import resolve_device, set_threads, torch_dtype
+from cake_py.models.device import release_openmp_threads, resolve_device, set_threads, torch_dtype
 from cake_py.models.hub import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,15 @@ def build_state(settings: ServeSettings) -> ServerState:
     source = resolve_model(settings.model)
     pipeline = build_pipeline(settings, source, device)
     engine = Engine(pipeline, source.tokenizer, max_running=settings.max_running)
+    tflops = measure_tflops(device)
+    release_openmp_threads()  # the engine thread must own the only OpenMP pool
     return ServerState(
         engine=engine,
         source=source,
         settings=settings,
         dtype=settings.dtype,
         device=device,
-        tflops=measure_tflops(device),
+        tflops=tflops,
     )
 
 

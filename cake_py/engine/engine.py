@@ -21,6 +21,7 @@ import torch
 from cake_py.cluster.pipeline import Pipeline
 from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
 from cake_py.errors import CakeError, ClusterError, ContextLengthError, RequestError
+from cake_py.models.device import tune_allocator
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
@@ -70,6 +71,7 @@ class Engine:
 
     # ---- public, any thread ----
     def start(self) -> None:
+        tune_allocator()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="cake-engine", daemon=True)
             self._thread.start()

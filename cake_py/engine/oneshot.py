@@ -7,7 +7,7 @@ from collections.abc import Callable
 from cake_py.cluster.pipeline import local_pipeline
 from cake_py.engine.engine import Engine
 from cake_py.errors import CakeError
-from cake_py.models.device import resolve_device, torch_dtype
+from cake_py.models.device import release_openmp_threads, resolve_device, torch_dtype
 from cake_py.models.hub import resolve_model
 from cake_py.models.sampling import SamplingParams
 
@@ -27,6 +27,7 @@ def run_prompt(
     tokenizer = source.tokenizer
     prompt_ids = tokenizer.encode(prompt) if raw else tokenizer.encode_chat([{"role": "user", "content": prompt}])
     engine = Engine(local_pipeline(source, torch_dtype(dtype), resolve_device(device)), tokenizer)
+    release_openmp_threads()  # loading ran here; the engine thread must own the only OpenMP pool
     engine.start()
     pieces = []
     try:

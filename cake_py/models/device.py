@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
+from pathlib import Path
+
 import torch
 
 from cake_py.errors import ConfigError
@@ -31,6 +35,64 @@ def torch_dtype(name: str) -> torch.dtype:
         return TORCH_DTYPES[name]
     except KeyError:
         raise ConfigError(f"unknown dtype {name!r} (choose one of {', '.join(TORCH_DTYPES)})") from None
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_allocator_tuned = False
+
+
+def tune_allocator() -> None:
+    """Stop glibc from handing freed memory back to the OS after every op in non-main threads.
+
+    Torch frees and re-allocates its temporaries on every op. In a thread's own malloc arena glibc trims the heap
+    on each free, so the next allocation page-faults: on the engine and worker threads that made every kernel
+    about 2x slower than the same call on the main thread. High trim/mmap thresholds keep those pages mapped.
+    A no-op where glibc is not the allocator.
+    """
+    global _allocator_tuned
+    if _allocator_tuned or sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's maximum
+        libc.mallopt(_M_TRIM_THRESHOLD, 512 * 1024 * 1024)
+    except (OSError, AttributeError):
+        return
+    _allocator_tuned = True
+
+
+_openmp: list[ctypes.CDLL] | None = None  # [] once looked for and not found
+
+
+def _openmp_library() -> ctypes.CDLL | None:
+    """The libgomp torch runs on (its bundled copy when it has one), or None."""
+    global _openmp
+    if _openmp is None:
+        _openmp = []
+        bundled = sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"))
+        for candidate in [*map(str, bundled), "libgomp.so.1"]:
+            try:
+                library = ctypes.CDLL(candidate)
+                library.omp_pause_resource_all.argtypes = [ctypes.c_int]
+                _openmp = [library]
+                break
+            except (OSError, AttributeError):
+                continue
+    return _openmp[0] if _openmp else None
+
+
+def release_openmp_threads() -> None:
+    """Free the calling thread's OpenMP worker threads once it is done with torch.
+
+    libgomp keeps a worker pool per thread that ever ran a parallel op, and once it manages more threads than
+    there are cores it stops spinning between parallel regions in *every* pool. A model loaded on the main thread
+    and then run on the engine thread was 2x slower per token for that reason. Threads that only load (the main
+    thread, gRPC handlers building layers) call this when done, so the compute thread's pool is the only one.
+    """
+    library = _openmp_library()
+    if library is not None:
+        library.omp_pause_resource_all(2)  # omp_pause_hard: also frees the pool's threads
 
 
 def set_threads(threads: int | None) -> None:

@@ -25,7 +25,7 @@ from cake_py.cluster.hostinfo import HostFacts, host_facts, measure_tflops
 from cake_py.config import WorkerSettings
 from cake_py.errors import CakeError, ClusterError
 from cake_py.models.config import ModelConfig
-from cake_py.models.device import resolve_device, set_threads
+from cake_py.models.device import release_openmp_threads, resolve_device, set_threads, tune_allocator
 from cake_py.models.kv_cache import KVStore, SequenceSlice
 from cake_py.models.llama import Transformer
 from cake_py.models.weights import build_transformer
@@ -143,6 +143,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     config, tensors, start, end, with_embedding=False, with_head=False, dtype=dtype, device=self.device
                 )
                 self.model, self.kv = model, model.new_kv_store()
+                release_openmp_threads()  # this handler thread is done with torch; Forward's must own the pool
                 self.model_id, self.compute_dtype = header.model_id, dtype
                 self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
                 self.status, self.error = pb.WORKER_STATUS_READY, ""
@@ -170,9 +171,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def Forward(
         self, request_iterator: Iterator[pb.ForwardRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ForwardReply]:
-        with torch.inference_mode():
-            for request in request_iterator:
-                yield self._forward_one(request)
+        try:
+            with torch.inference_mode():
+                for request in request_iterator:
+                    yield self._forward_one(request)
+        finally:
+            release_openmp_threads()  # the stream is over: its pool must not slow the next stream's
 
     def _forward_one(self, request: pb.ForwardRequest) -> pb.ForwardReply:
         reply = pb.ForwardReply(request_id=request.request_id)
@@ -230,8 +234,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer, int]:
     """Start serving; returns the server, its servicer and the bound port."""
     set_threads(settings.threads)
+    tune_allocator()
     device = resolve_device(settings.device)
     servicer = WorkerServicer(settings, device, measure_tflops(device))
+    release_openmp_threads()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="cake-worker"),
         interceptors=[ClusterKeyInterceptor(settings.cluster_key)],
