@@ -80,6 +80,8 @@ def run_config(
         engine.stop()
         pipeline.close()
     hops = [hop for recorder in recorders for hop in recorder.hops_ms]
+    for stage, recorder in zip(pipeline.stages, recorders, strict=True):
+        print(f"  {stage.name}: layers {stage.start}-{stage.end - 1}, forward {recorder.forward_ms:.2f} ms (moving avg)")
     return result, hops
 
 

@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default="auto", choices=DEVICES)
     worker.add_argument("--threads", type=_positive_int, help="torch threads of this worker")
     worker.add_argument(
+        "--data-port",
+        type=int,
+        default=0,
+        help="TCP port of the forward fast path (0: any free port, announced to the master; -1: off, gRPC only)",
+    )
+    worker.add_argument(
         "--kv-idle-seconds", type=_positive_int, default=600, help="free a sequence's KV caches after this idle time"
     )
     worker.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -173,6 +179,7 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         kv_idle_seconds=max(args.kv_idle_seconds, 1),
+        data_port=args.data_port,
     )
 
 

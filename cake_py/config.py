@@ -54,6 +54,7 @@ class ServeSettings:
 @dataclass
 class WorkerSettings:
     kv_idle_seconds: float = 600.0  # KV caches of a sequence no master touched for this long are freed
+    data_port: int = 0  # forward fast path: 0 = a free port (announced in the handshake), -1 = off
     host: str = "0.0.0.0"
     port: int = DEFAULT_WORKER_PORT
     name: str | None = None

@@ -18,6 +18,7 @@ from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource
 from cake_py.models.weights import LAYER_PATTERN, load_transformer
 from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
+from cake_py.rpc.dataplane import client_tls
 from cake_py.rpc.security import channel_credentials
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
         # A bad cluster.yaml is reported before any worker is contacted (an unreachable one would hide it).
         ranges = check_manual({spec.name: spec.layers for spec in settings.workers}, n_layers)
     credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    connections = [WorkerConnection(spec, settings.cluster_key, credentials) for spec in settings.workers]
+    tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    connections = [WorkerConnection(spec, settings.cluster_key, credentials, tls=tls) for spec in settings.workers]
     try:
         with ThreadPoolExecutor(max_workers=len(connections)) as pool:
             replies = list(pool.map(lambda c: c.handshake(settings.connect_timeout), connections))

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from cake_py.cluster.stage import StageStats
 from cake_py.config import WorkerSpec
@@ -29,6 +31,7 @@ from cake_py.models.kv_cache import Batch
 from cake_py.models.weights import LAYER_PATTERN, WeightSource, load_stage_tensors
 from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES
 from cake_py.rpc.codec import decode_tensor, dtype_to_pb, encode_tensor
+from cake_py.rpc.dataplane import DataPlaneClient
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
 from cake_py.rpc.security import key_metadata
@@ -90,8 +93,13 @@ class WorkerConnection:
         cluster_key: str | None,
         credentials: grpc.ChannelCredentials | None,
         master_name: str = "master",
+        *,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.spec = spec
+        self.cluster_key = cluster_key
+        self.tls = tls  # for the forward fast path; gRPC has its own `credentials`
+        self.data_port = 0
         self.metadata = key_metadata(cluster_key)
         self.credentials = credentials
         self.master_name = master_name
@@ -149,6 +157,7 @@ class WorkerConnection:
         if reply.protocol_version != PROTOCOL_VERSION:
             raise ClusterError(f"{self.label} speaks protocol {reply.protocol_version}, we speak {PROTOCOL_VERSION}")
         self.host = reply.host
+        self.data_port = reply.data_port
         return reply
 
     def info(self, timeout: float = PING_TIMEOUT_S) -> pb.InfoReply:
@@ -234,6 +243,8 @@ class RemoteStage:
         self._lock = threading.Lock()  # guards the stream objects, not the engine (the only forward caller)
         self._outbox: queue.SimpleQueue[pb.ForwardRequest | None] | None = None
         self._call: Any = None
+        self._fast: DataPlaneClient | None = None
+        self._fast_failed = False  # this connection's fast path was tried and refused: use the gRPC stream
         self._closing = threading.Event()
         self._last_info: pb.InfoReply | None = None
         # Sequences finished while the worker was down: it may still hold their caches (a network cut, a pause),
@@ -258,8 +269,34 @@ class RemoteStage:
                 self._outbox = outbox
             return self._outbox, self._call
 
+    def _fast_path(self) -> DataPlaneClient | None:
+        """The fast-path connection, opened on first use; None when the worker offers none or it failed."""
+        if self._fast is None and not self._fast_failed and self.connection.data_port:
+            host = self.connection.spec.address.rpartition(":")[0].strip("[]")
+            client = DataPlaneClient(host, self.connection.data_port, self.connection.cluster_key, self.connection.tls)
+            try:
+                client.connect(timeout=PING_TIMEOUT_S)
+            except ClusterError as error:
+                self._fast_failed = True
+                log.warning("%s: %s; using the gRPC Forward stream", self.connection.label, error)
+                return None
+            with self._lock:
+                self._fast = client
+        return self._fast
+
+    @property
+    def transport(self) -> str:
+        """How hidden states travel to this worker: "fast" or "fast+tls" (the socket path), "grpc" (the stream)."""
+        fast = self._fast
+        if fast is not None and fast.sock is not None:
+            return "fast+tls" if isinstance(fast.sock, ssl.SSLSocket) else "fast"
+        return "grpc"
+
     def _drop_stream(self) -> None:
         with self._lock:
+            if self._fast is not None:
+                self._fast.close()
+            self._fast, self._fast_failed = None, False
             if self._outbox is not None:
                 self._outbox.put(None)
             if self._call is not None:
@@ -275,13 +312,25 @@ class RemoteStage:
             sequences=[pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens) for s in batch],
         )
         encode_tensor(hidden, out=request.hidden)
-        outbox, call = self._stream()
-        outbox.put(request)
-        try:
-            reply = next(call)
-        except (grpc.RpcError, StopIteration) as error:
-            self._mark_down(str(error.details() if isinstance(error, grpc.Call) else "stream ended"))
-            raise StageError(f"{self.connection.label} failed during a forward pass: {self._status_error}") from None
+        fast = self._fast_path()
+        if fast is not None:
+            try:
+                reply = pb.ForwardReply.FromString(fast.exchange(request.SerializeToString()))
+            except (OSError, ConnectionError, DecodeError) as error:
+                self._mark_down(f"the forward connection broke: {error}")
+                raise StageError(
+                    f"{self.connection.label} failed during a forward pass: {self._status_error}"
+                ) from None
+        else:
+            outbox, call = self._stream()
+            outbox.put(request)
+            try:
+                reply = next(call)
+            except (grpc.RpcError, StopIteration) as error:
+                self._mark_down(str(error.details() if isinstance(error, grpc.Call) else "stream ended"))
+                raise StageError(
+                    f"{self.connection.label} failed during a forward pass: {self._status_error}"
+                ) from None
         if reply.error:
             raise StageError(f"{self.connection.label}: {reply.error}")
         out = decode_tensor(reply.hidden).to(hidden.device)
@@ -364,6 +413,7 @@ class RemoteStage:
             "hop_ms": round(max(self.stats.round_trip_ms - self.stats.forward_ms, 0.0), 3),
             "bytes_sent": self.stats.bytes_sent,
             "bytes_received": self.stats.bytes_received,
+            "transport": self.transport,
         }
         if host is not None:
             node.update(

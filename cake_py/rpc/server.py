@@ -20,6 +20,7 @@ from typing import Any, cast
 import grpc
 import psutil
 import torch
+from google.protobuf.message import DecodeError
 
 from cake_py.cluster.hostinfo import HostFacts, host_facts, measure_tflops
 from cake_py.config import WorkerSettings
@@ -31,6 +32,7 @@ from cake_py.models.llama import Transformer
 from cake_py.models.weights import build_transformer
 from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from cake_py.rpc.codec import decode_tensor, dtype_from_pb, dtype_to_pb, encode_tensor
+from cake_py.rpc.dataplane import DataPlaneServer, server_tls
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
 from cake_py.rpc.security import ClusterKeyInterceptor, server_credentials
@@ -65,6 +67,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.error = ""
         self.weights_bytes = 0
         self.started = time.time()
+        self.dataplane: DataPlaneServer | None = None
         self.process = psutil.Process()
 
     # ---- host facts ----
@@ -86,7 +89,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             )
         log.info("handshake from master %r", request.master_name or context.peer())
         return pb.HandshakeReply(
-            protocol_version=PROTOCOL_VERSION, host=self._host(), model_id=self.model_id, layers=self._layers()
+            protocol_version=PROTOCOL_VERSION,
+            host=self._host(),
+            model_id=self.model_id,
+            layers=self._layers(),
+            data_port=self.dataplane.port if self.dataplane is not None else 0,
         )
 
     def Prepare(self, request: pb.PrepareRequest, context: grpc.ServicerContext) -> pb.PrepareReply:
@@ -178,6 +185,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         finally:
             release_openmp_threads()  # the stream is over: its pool must not slow the next stream's
 
+    def forward_frame(self, payload: bytes) -> bytes:
+        """The fast path's handler: one serialized ForwardRequest in, one serialized ForwardReply out."""
+        try:
+            request = pb.ForwardRequest.FromString(payload)
+        except DecodeError:
+            return pb.ForwardReply(error="malformed ForwardRequest").SerializeToString()
+        with torch.inference_mode():
+            return self._forward_one(request).SerializeToString()
+
     def _forward_one(self, request: pb.ForwardRequest) -> pb.ForwardReply:
         reply = pb.ForwardReply(request_id=request.request_id)
         try:
@@ -252,6 +268,16 @@ def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer,
         raise ClusterError(f"cannot listen on {address}: {error}") from error
     if port == 0:
         raise ClusterError(f"cannot listen on {address}: the port is in use or the host is not local")
+    if settings.data_port >= 0:
+        servicer.dataplane = DataPlaneServer(
+            settings.host,
+            settings.data_port,
+            servicer.forward_frame,
+            settings.cluster_key,
+            server_tls(settings.tls_cert, settings.tls_key, settings.tls_ca),
+            on_connection_end=release_openmp_threads,
+        )
+        servicer.dataplane.start()
     server.start()
     return server, servicer, port
 
@@ -270,7 +296,8 @@ def run_worker(settings: WorkerSettings) -> None:
     if not settings.cluster_key:
         log.warning("no --cluster-key: any master that can reach this worker can use it")
     tls = "TLS" if settings.tls_cert else "plaintext"
-    print(f"cake worker {servicer.name!r} listening on {settings.host}:{port} ({tls}, device {servicer.device})",
+    fast = f", forward fast path on port {servicer.dataplane.port}" if servicer.dataplane else ""
+    print(f"cake worker {servicer.name!r} listening on {settings.host}:{port} ({tls}, device {servicer.device}{fast})",
           flush=True)  # fmt: skip
     stop = threading.Event()
     threading.Thread(
@@ -279,4 +306,6 @@ def run_worker(settings: WorkerSettings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
+    if servicer.dataplane is not None:
+        servicer.dataplane.close()
     server.stop(grace=1).wait()

@@ -323,3 +323,24 @@ def test_worker_frees_sequences_no_master_releases(cluster: LocalCluster, llama:
     finally:
         remote.close()
         worker.kill()
+
+
+# ---- the forward fast path, and the gRPC stream when a worker offers none ----
+
+
+def test_fast_path_by_default_and_grpc_stream_without_it(
+    cluster: LocalCluster, workers: list[WorkerProcess], llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    plain = cluster.worker("--data-port", "-1", name="grpc-only")
+    plain.start()
+    try:
+        settings = settings_for(llama, [workers[0].spec((0, 2)), plain.spec((2, 3))])
+        pipeline = build_pipeline(settings, llama, "cpu")
+        try:
+            prompt = llama.tokenizer.encode(PROMPT)
+            assert generate_tokens(pipeline, llama.tokenizer, prompt) == single_node_tokens
+            assert [s.transport for s in pipeline.stages if isinstance(s, RemoteStage)] == ["fast", "grpc"]
+        finally:
+            pipeline.close()
+    finally:
+        plain.kill()

@@ -16,6 +16,8 @@ from cake_py.cluster.pipeline import local_pipeline
 from cake_py.config import ServeSettings, WorkerSpec
 from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource, resolve_model
+from cake_py.rpc.client import RemoteStage, WorkerConnection
+from cake_py.rpc.dataplane import DataPlaneClient
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import LocalCluster, WorkerProcess, free_port, generate_tokens, run_cake
 
@@ -193,8 +195,20 @@ def assert_serves(settings: ServeSettings, llama: ModelSource, expected: list[in
     pipeline = build_pipeline(settings, llama, "cpu")
     try:
         assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == expected
+        # Hidden states took the fast path, with TLS whenever the gRPC link has it.
+        expected_transport = "fast+tls" if settings.tls_ca else "fast"
+        assert [s.transport for s in pipeline.stages if isinstance(s, RemoteStage)] == [expected_transport]
     finally:
         pipeline.close()
+
+
+def test_fast_path_refuses_a_wrong_cluster_key(secure: SecureWorkers) -> None:
+    connection = WorkerConnection(secure.keyed.spec(), "right", None)
+    connection.handshake()
+    assert connection.data_port > 0
+    with pytest.raises(ClusterError, match="cluster key rejected"):
+        DataPlaneClient("127.0.0.1", connection.data_port, "wrong", None).connect(timeout=5)
+    connection.close()
 
 
 # ---- 5. the cluster key ----

@@ -1,0 +1,88 @@
+"""The forward fast path's framing, hello and cluster-key check, on real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from cake_py.errors import ClusterError
+from cake_py.rpc.dataplane import DataPlaneClient, DataPlaneServer, read_frame, write_frame
+
+
+def test_frames_round_trip_over_a_socket_pair() -> None:
+    left, right = socket.socketpair()
+    payloads = [b"", b"x", bytes(range(256)) * 5000]  # the last is larger than a socket buffer
+    with left, right:
+        writer = threading.Thread(target=lambda: [write_frame(left, p) for p in payloads])
+        writer.start()
+        assert [read_frame(right) for _ in payloads] == payloads
+        writer.join(timeout=5)
+
+
+def test_an_oversized_frame_is_refused_without_reading_it() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(struct.pack("<I", 0xFFFFFFFF))
+        with pytest.raises(ConnectionError, match="over the"):
+            read_frame(right)
+
+
+@pytest.fixture
+def echo_server() -> Iterator[DataPlaneServer]:
+    ended = threading.Event()
+    server = DataPlaneServer("127.0.0.1", 0, lambda data: data[::-1], "secret", None, on_connection_end=ended.set)
+    server.start()
+    yield server
+    server.close()
+
+
+def test_client_exchanges_frames_with_the_key(echo_server: DataPlaneServer) -> None:
+    client = DataPlaneClient("127.0.0.1", echo_server.port, "secret", None)
+    client.connect(timeout=5)
+    assert client.exchange(b"abc") == b"cba"
+    assert client.exchange(b"") == b""
+    client.close()
+    with pytest.raises(ConnectionError):
+        client.exchange(b"after close")
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_a_wrong_or_missing_key_is_refused(echo_server: DataPlaneServer, key: str | None) -> None:
+    with pytest.raises(ClusterError, match="cluster key rejected"):
+        DataPlaneClient("127.0.0.1", echo_server.port, key, None).connect(timeout=5)
+
+
+def test_nothing_listening_is_a_clear_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ClusterError, match=f"127.0.0.1:{port}"):
+        DataPlaneClient("127.0.0.1", port, None, None).connect(timeout=2)
+
+
+def test_closing_unblocks_a_waiting_exchange() -> None:
+    slow = threading.Event()
+    server = DataPlaneServer("127.0.0.1", 0, lambda data: (slow.wait(10), data)[1], None, None)
+    server.start()
+    client = DataPlaneClient("127.0.0.1", server.port, None, None)
+    client.connect(timeout=5)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.exchange(b"hang")
+        except (OSError, ConnectionError) as error:
+            errors.append(error)
+
+    waiter = threading.Thread(target=call)
+    waiter.start()
+    threading.Event().wait(0.2)
+    client.close()  # what the stage's health monitor does when the worker stops answering
+    waiter.join(timeout=5)
+    slow.set()
+    server.close()
+    assert not waiter.is_alive() and errors
