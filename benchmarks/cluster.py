@@ -81,7 +81,7 @@ def run_config(
         pipeline.close()
     hops = [hop for recorder in recorders for hop in recorder.hops_ms]
     for stage, recorder in zip(pipeline.stages, recorders, strict=True):
-        print(f"  {stage.name}: layers {stage.start}-{stage.end - 1}, forward {recorder.forward_ms:.2f} ms (moving avg)")
+        print(f"  {stage.name}: layers {stage.start}-{stage.end - 1}, forward {recorder.forward_ms:.2f} ms (avg)")
     return result, hops
 
 
