@@ -100,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--master-threads", type=int, default=1)
     args = parser.parse_args()
     source = resolve_model(None)
     ids = source.tokenizer.encode_chat([{"role": "user", "content": "Tell me about Paris."}])
@@ -110,7 +111,7 @@ def main() -> None:
             cluster = ServeSettings(dtype="bfloat16", workers=[WorkerSpec(f"w{i}", a) for i, a in enumerate(addresses)])
             one_1, _ = run_config(source, single, 1, ids, args.tokens, args.runs)
             one_2, _ = run_config(source, single, 2, ids, args.tokens, args.runs)
-            two, hops = run_config(source, cluster, 1, ids, args.tokens, args.runs)
+            two, hops = run_config(source, cluster, args.master_threads, ids, args.tokens, args.runs)
         finally:
             for worker in workers:
                 worker.kill()
@@ -120,7 +121,7 @@ def main() -> None:
     print(f"SmolLM2-135M Q4_1, bf16, {len(ids)}-token prompt, {args.tokens} new tokens, median of {args.runs}")
     print(f"single node, 1 thread              {one_1:7.2f} ms/token")
     print(f"single node, 2 threads             {one_2:7.2f} ms/token")
-    print(f"master + 2 workers, 1 thread each  {two:7.2f} ms/token  "
+    print(f"master ({args.master_threads} thr) + 2 workers (1 thr) {two:7.2f} ms/token  "
           f"= {two / one_1:.2f}x single/1 thread, {two / one_2:.2f}x single/2 threads")  # fmt: skip
     print(f"one hop (round trip - worker compute): p50 {p50:.3f} ms, p90 {p90:.3f} ms over {len(hops)} calls")
 
