@@ -85,6 +85,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        if len(batch) > 1 and all(p.n_tokens == 1 for p in batch) and self._window_unused(batch):
+            return self.wo(self._batched_decode_attention(q, k, v, batch, caches))
         outputs = []
         offset = 0
         for piece, cache in zip(batch, caches, strict=True):
@@ -114,6 +116,33 @@ class Attention(nn.Module):
         scores = torch.bmm(q, keys.float().transpose(1, 2)) * self.head_dim**-0.5  # (n_kv_heads, group, L)
         out = torch.bmm(torch.softmax(scores, dim=-1), values.float())  # (n_kv_heads, group, head_dim)
         return out.to(values.dtype).reshape(1, self.n_heads * self.head_dim)
+
+    def _window_unused(self, batch: Batch) -> bool:
+        return self.sliding_window is None or all(p.start_pos + p.n_tokens <= self.sliding_window for p in batch)
+
+    def _batched_decode_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, caches: list[LayerCache]
+    ) -> torch.Tensor:
+        """One new token for each of n sequences, attended in one pass over their caches padded to the longest.
+
+        q: (n, n_heads, head_dim); k, v: (n, n_kv_heads, head_dim) → (n, n_heads * head_dim).
+        """
+        n, group = len(batch), self.n_heads // self.n_kv_heads
+        lengths = [piece.start_pos + 1 for piece in batch]
+        longest = max(lengths)
+        keys = k.new_zeros(n, self.n_kv_heads, longest, self.head_dim)  # (n, n_kv_heads, L, head_dim)
+        values = v.new_zeros(n, self.n_kv_heads, longest, self.head_dim)
+        for index, (piece, cache) in enumerate(zip(batch, caches, strict=True)):
+            new_k, new_v = (t[index].view(1, self.n_kv_heads, 1, self.head_dim) for t in (k, v))
+            cached_k, cached_v = cache.update(new_k, new_v, piece.start_pos)
+            keys[index, :, : lengths[index]] = cached_k[0]
+            values[index, :, : lengths[index]] = cached_v[0]
+        queries = q.view(n, self.n_kv_heads, group, self.head_dim).float()  # (n, n_kv_heads, group, head_dim)
+        scores = torch.matmul(queries, keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # (n, kv, group, L)
+        padding = torch.arange(longest, device=q.device)[None, :] >= torch.tensor(lengths, device=q.device)[:, None]
+        scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (n, n_kv_heads, group, head_dim)
+        return out.to(v.dtype).reshape(n, self.n_heads * self.head_dim)
 
     def _mask(self, start_pos: int, n_tokens: int, n_keys: int, device: torch.device) -> torch.Tensor | None:
         """Boolean (t, L) mask where a plain causal or no mask is not enough; None otherwise."""

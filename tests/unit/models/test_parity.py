@@ -192,6 +192,21 @@ def test_mixed_decode_and_prefill_batch(pair: Pair) -> None:
 
 
 @torch.inference_mode()
+def test_several_sequences_decoding_together(pair: Pair) -> None:
+    """Three sequences of different lengths decoding in one call take the batched decode-attention path."""
+    n = len(pair.prompt)
+    sequences = [pair.prompt, continuation(pair, n + 10, seed=1), continuation(pair, n + 4, seed=2)]
+    kv = pair.ours.new_kv_store()
+    run(pair.ours, kv, [(i, 0, ids[:-3]) for i, ids in enumerate(sequences)])
+    for back in (3, 2, 1):
+        pieces = [(i, len(ids) - back, ids[len(ids) - back : len(ids) - back + 1]) for i, ids in enumerate(sequences)]
+        for logits, ids in zip(run(pair.ours, kv, pieces), sequences, strict=True):
+            position = len(ids) - back
+            assert_logits_close(logits, reference_logits(pair.reference, ids[: position + 1])[-1:])
+    assert [kv.length(i) for i in range(3)] == [len(ids) for ids in sequences]
+
+
+@torch.inference_mode()
 def test_split_model_equals_whole(pair: Pair) -> None:
     split = pair.config.n_layers // 2
     front, back = load_ours(pair.folder, end=split), load_ours(pair.folder, start=split)
