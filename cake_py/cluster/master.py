@@ -91,9 +91,14 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
         if conn.spec.name not in assignments:
             conn.close()
     stages: list[Stage] = [RemoteStage(conn, assignments[conn.spec.name]) for conn in active]
-    stages += _master_stages(source, dtype, device, [(s.start, s.end) for s in stages])
-    stages.sort(key=lambda stage: stage.start)
-    return Pipeline(load_ends(source, dtype, device), stages)
+    try:
+        stages += _master_stages(source, dtype, device, [(s.start, s.end) for s in stages])
+        stages.sort(key=lambda stage: stage.start)
+        return Pipeline(load_ends(source, dtype, device), stages)
+    except BaseException:
+        for stage in stages:  # loading the master's own part failed: stop the monitors, close the channels
+            stage.close()
+        raise
 
 
 def _adopt_worker_names(connections: list[WorkerConnection], replies: list[Any]) -> None:
