@@ -113,6 +113,13 @@ class GGUFWeights:
     def config(self) -> dict[str, Any]:
         return self._config
 
+    def _rope_freq_factors(self) -> list[float] | None:
+        """llama.cpp stores Llama 3 rope scaling as a `rope_freqs` tensor of per-frequency divisors."""
+        tensor = next((t for t in self._reader.tensors if t.name == "rope_freqs.weight"), None)
+        if tensor is None:
+            return None
+        return [float(x) for x in gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)]
+
     def _build_config(self) -> dict[str, Any]:
         arch = self.architecture
         if arch in _ARCHITECTURES:  # an unknown one is reported by ModelConfig.from_hf, naming the architecture
@@ -153,6 +160,8 @@ class GGUFWeights:
             config["rope_scaling"] = {"rope_type": scaling, "factor": self._arch_value("rope.scaling.factor", 1.0)}
             if (original := self._arch_value("rope.scaling.original_context_length")) is not None:
                 config["rope_scaling"]["original_max_position_embeddings"] = original
+        if (factors := self._rope_freq_factors()) is not None:
+            config["rope_freq_factors"] = factors
         return config
 
     def names(self) -> list[str]:

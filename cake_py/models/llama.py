@@ -32,6 +32,10 @@ class RMSNorm(nn.Module):
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     """(head_dim/2,) float32 inverse frequencies, with Llama 3 or linear scaling applied."""
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if rope.freq_factors is not None:
+        if len(rope.freq_factors) != len(inv_freq):
+            raise ValueError(f"{len(rope.freq_factors)} rope frequency factors for a head_dim of {head_dim}")
+        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32, device="cpu")
     if rope.kind == "linear":
         return inv_freq / rope.factor
     if rope.kind == "llama3":

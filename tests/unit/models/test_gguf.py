@@ -354,3 +354,58 @@ def test_missing_hyper_parameter_names_the_key(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(WeightsError, match=r"llama\.embedding_length"):
         GGUFWeights(path)
+
+
+def test_llama3_rope_from_a_gguf_rope_freqs_tensor(tiny_model_factory: Any, tmp_path: Path) -> None:
+    """llama.cpp writes Llama 3 rope scaling as per-frequency divisors; the model must compute what HF's llama3
+    rope_scaling computes, not plain rope."""
+    from cake_py.models.llama import rope_inverse_frequencies
+
+    folder = tiny_model_factory("llama3")
+    original = SafetensorsWeights(folder)
+    config = ModelConfig.from_hf(original.config)
+    assert config.rope.kind == "llama3"
+    plain = rope_inverse_frequencies(dataclasses.replace(config.rope, kind="default"), config.head_dim)
+    scaled = rope_inverse_frequencies(config.rope, config.head_dim)
+    factors = (plain / scaled).numpy().astype(np.float32)  # what convert_hf_to_gguf stores as rope_freqs
+    assert not np.allclose(factors, 1.0)
+
+    path = tmp_path / "llama3.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(config.n_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope.theta)
+    writer.add_vocab_size(config.vocab_size)
+    _write_tokenizer(writer, folder)
+    writer.add_tensor("rope_freqs.weight", factors)
+    for name, tensor in original.load(original.names(), torch.float32).items():
+        array = tensor.numpy()
+        if ".q_proj." in name:
+            array = _permute(array, config.n_heads)
+        elif ".k_proj." in name:
+            array = _permute(array, config.n_kv_heads)
+        writer.add_tensor(_gguf_name(name), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    weights = GGUFWeights(path)
+    gguf_config = ModelConfig.from_hf(weights.config)
+    assert gguf_config.rope.freq_factors is not None
+    torch.testing.assert_close(rope_inverse_frequencies(gguf_config.rope, gguf_config.head_dim), scaled)
+    ids = torch.arange(3, 40)
+    logits = []
+    for source, model_config in ((weights, gguf_config), (original, config)):
+        model = load_transformer(
+            source, model_config, 0, model_config.n_layers, with_embedding=True, with_head=True, dtype=torch.float32
+        )
+        with torch.inference_mode():
+            batch = [SequenceSlice(0, 0, len(ids))]
+            logits.append(model.head(model.forward_layers(model.embed(ids), batch, model.new_kv_store())))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
