@@ -1,23 +1,21 @@
-"""The master's side of the wire: a connection to one worker, weight streaming, and RemoteStage.
+"""RemoteStage: layers [start, end) on a worker, behind the same protocol as LocalStage.
 
-RemoteStage keeps one Forward stream open and does one message each way per step. A monitor thread pings the
-worker every second: when it stops answering, the stage turns down (in-flight calls fail at once, /health
-turns 503), and the monitor reconnects with backoff, re-assigning the layers (from the worker's disk cache) so
-the cluster serves again without a restart.
+Hidden states take the forward fast path (cake_py.rpc.dataplane) when the worker offers one, else one long-lived
+gRPC Forward stream; one message each way per step either way. A monitor thread pings the worker every second:
+when it stops answering, the stage turns down (in-flight calls fail at once, /health turns 503), and the monitor
+reconnects with backoff, re-assigning the layers (from the worker's disk cache) so the cluster serves again
+without a restart.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import itertools
 import logging
 import queue
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -25,207 +23,16 @@ import torch
 from google.protobuf.message import DecodeError
 
 from cake_py.cluster.stage import StageStats
-from cake_py.config import WorkerSpec
 from cake_py.errors import ClusterError, StageError
 from cake_py.models.kv_cache import Batch
-from cake_py.models.weights import LAYER_PATTERN, WeightSource, load_stage_tensors
-from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES
-from cake_py.rpc.codec import decode_tensor, dtype_to_pb, encode_tensor
+from cake_py.rpc.codec import decode_tensor, encode_tensor
+from cake_py.rpc.connection import PING_INTERVAL_S, PING_TIMEOUT_S, Assignment, WorkerConnection
 from cake_py.rpc.dataplane import DataPlaneClient
 from cake_py.rpc.pb import worker_pb2 as pb
-from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
-from cake_py.rpc.security import key_metadata
+
+__all__ = ["Assignment", "RemoteStage", "WorkerConnection"]
 
 log = logging.getLogger(__name__)
-
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.enable_retries", 0),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
-HANDSHAKE_TIMEOUT_S = 10.0
-PING_INTERVAL_S = 1.0
-PING_TIMEOUT_S = 1.5
-
-
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
-    tensor = tensor.contiguous()
-    return ctypes.string_at(tensor.data_ptr(), tensor.nbytes) if tensor.numel() else b""
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """What a worker must hold: a model's layers [start, end) computed in `dtype`."""
-
-    model_id: str
-    config_json: str
-    source: WeightSource
-    start: int
-    end: int
-    dtype: torch.dtype
-
-    def names_by_layer(self) -> Iterator[list[str]]:
-        by_layer: dict[int, list[str]] = {}
-        for name in self.source.names():
-            match = LAYER_PATTERN.match(name)
-            if match and self.start <= int(match.group(1)) < self.end:
-                by_layer.setdefault(int(match.group(1)), []).append(name)
-        for layer in sorted(by_layer):
-            yield by_layer[layer]
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The range's tensors in the compute dtype, one layer in memory at a time."""
-        for names in self.names_by_layer():
-            loaded = load_stage_tensors(self.source, names, self.dtype)
-            yield from loaded.items()
-
-
-class WorkerConnection:
-    """A channel to one worker, with the cluster key on every call; errors name the worker."""
-
-    def __init__(
-        self,
-        spec: WorkerSpec,
-        cluster_key: str | None,
-        credentials: grpc.ChannelCredentials | None,
-        master_name: str = "master",
-        *,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        self.spec = spec
-        self.cluster_key = cluster_key
-        self.tls = tls  # for the forward fast path; gRPC has its own `credentials`
-        self.data_port = 0
-        self.metadata = key_metadata(cluster_key)
-        self.credentials = credentials
-        self.master_name = master_name
-        self.channel: grpc.Channel | None = None
-        self.stub: pb_grpc.WorkerStub | None = None
-        self.host: pb.HostInfo | None = None
-        self._manifest: list[pb.TensorSpec] | None = None
-
-    @property
-    def label(self) -> str:
-        return f"worker {self.spec.name!r} at {self.spec.address}"
-
-    def _open(self) -> pb_grpc.WorkerStub:
-        if self.stub is None:
-            if self.credentials is not None:
-                self.channel = grpc.secure_channel(self.spec.address, self.credentials, options=CHANNEL_OPTIONS)
-            else:
-                self.channel = grpc.insecure_channel(self.spec.address, options=CHANNEL_OPTIONS)
-            self.stub = pb_grpc.WorkerStub(self.channel)
-        return self.stub
-
-    def close(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-        self.channel, self.stub = None, None
-
-    def error(self, error: grpc.RpcError, doing: str) -> ClusterError:
-        code = error.code() if isinstance(error, grpc.Call) else None
-        details = error.details() if isinstance(error, grpc.Call) else str(error)
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            return ClusterError(f"{self.label} refused our cluster key: give master and worker the same --cluster-key")
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return ClusterError(f"{self.label} is unreachable ({doing}): {details}{self._first_contact_hint(doing)}")
-        return ClusterError(f"{self.label} failed while {doing}: {details}")
-
-    def _first_contact_hint(self, doing: str) -> str:
-        # A TLS mismatch looks like an unreachable worker from here: gRPC just retries the failed TLS handshakes.
-        if doing != "handshaking":
-            return ""
-        if self.credentials is None:
-            return "; is `cake worker` running there, without TLS? (a TLS worker needs --tls-ca on the master)"
-        return "; is `cake worker` running there with TLS, and is its certificate signed by --tls-ca for this address?"
-
-    def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> pb.HandshakeReply:
-        stub = self._open()
-        try:
-            reply = stub.Handshake(
-                pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, master_name=self.master_name),
-                timeout=timeout,
-                metadata=self.metadata,
-                wait_for_ready=True,
-            )
-        except grpc.RpcError as error:
-            raise self.error(error, "handshaking") from None
-        if reply.protocol_version != PROTOCOL_VERSION:
-            raise ClusterError(f"{self.label} speaks protocol {reply.protocol_version}, we speak {PROTOCOL_VERSION}")
-        self.host = reply.host
-        self.data_port = reply.data_port
-        return reply
-
-    def info(self, timeout: float = PING_TIMEOUT_S) -> pb.InfoReply:
-        try:
-            return self._open().Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
-        except grpc.RpcError as error:
-            raise self.error(error, "reporting its status") from None
-
-    def release(self, seq_ids: Sequence[int]) -> None:
-        try:
-            self._open().Release(pb.ReleaseRequest(seq_ids=list(seq_ids)), timeout=5, metadata=self.metadata)
-        except grpc.RpcError as error:
-            raise self.error(error, "releasing sequences") from None
-
-    def manifest(self, assignment: Assignment) -> list[pb.TensorSpec]:
-        """Name, dtype, shape and sha256 of every tensor of the assignment (computed once, then reused)."""
-        if self._manifest is None:
-            specs = []
-            for name, tensor in assignment.tensors():
-                data = _raw_bytes(tensor)
-                specs.append(
-                    pb.TensorSpec(
-                        name=name,
-                        dtype=dtype_to_pb(tensor.dtype),  # type: ignore[arg-type]
-                        shape=list(tensor.shape),
-                        sha256=hashlib.sha256(data).hexdigest(),
-                        size_bytes=len(data),
-                    )
-                )
-            self._manifest = specs
-        return self._manifest
-
-    def assign(self, assignment: Assignment) -> pb.AssignReply:
-        """Send the layer range; only tensors missing from the worker's cache cross the wire."""
-        stub = self._open()
-        specs = self.manifest(assignment)
-        try:
-            prepared = stub.Prepare(
-                pb.PrepareRequest(model_id=assignment.model_id, tensors=specs), timeout=60, metadata=self.metadata
-            )
-            missing = set(prepared.missing_sha256)
-            header = pb.AssignHeader(
-                model_id=assignment.model_id,
-                config_json=assignment.config_json,
-                layers=pb.LayerRange(start=assignment.start, end=assignment.end),
-                compute_dtype=dtype_to_pb(assignment.dtype),  # type: ignore[arg-type]
-                tensors=specs,
-            )
-            digests = {spec.name: spec.sha256 for spec in specs}
-
-            def chunks() -> Iterator[pb.AssignChunk]:
-                yield pb.AssignChunk(header=header)
-                sent: set[str] = set()
-                if not missing:
-                    return
-                for name, tensor in assignment.tensors():
-                    digest = digests[name]
-                    if digest not in missing or digest in sent:
-                        continue
-                    sent.add(digest)
-                    data = memoryview(_raw_bytes(tensor))
-                    for offset in range(0, len(data), WEIGHT_CHUNK_BYTES):
-                        piece = data[offset : offset + WEIGHT_CHUNK_BYTES]
-                        yield pb.AssignChunk(chunk=pb.TensorChunk(name=name, offset=offset, data=bytes(piece)))
-
-            return stub.Assign(chunks(), timeout=3600, metadata=self.metadata)
-        except grpc.RpcError as error:
-            raise self.error(error, f"loading layers {assignment.start}-{assignment.end - 1}") from None
 
 
 class RemoteStage:
@@ -446,6 +253,3 @@ class RemoteStage:
         self._monitor.join(timeout=PING_TIMEOUT_S + 1.0)
         self._drop_stream()
         self.connection.close()
-
-
-ConnectionFactory = Callable[[WorkerSpec], WorkerConnection]
