@@ -59,11 +59,13 @@ def build_topology(
     total = sum(weights_info.size_bytes for weights_info in map(source.weights.info, source.weights.names()))
     layer_sizes = [entry["total_bytes"] for entry in details.values()]
     master_layers: list[str] = []
+    master_forward_ms = 0.0
     workers = []
     for stage in pipeline.stages:
         node = stage.describe()
         if node.get("local"):
             master_layers += layer_names(stage.start, stage.end)
+            master_forward_ms += stage.stats.forward_ms
             continue
         node["layers"] = layer_names(stage.start, stage.end)
         workers.append(node)
@@ -85,7 +87,7 @@ def build_topology(
             "hostname": master.hostname,
             "os": master.os,
             "status": "up",
-            "forward_ms": sum(s.stats.forward_ms for s in pipeline.stages if s.describe().get("local")),
+            "forward_ms": master_forward_ms,
         },
         "workers": workers,
         "layer_details": details,

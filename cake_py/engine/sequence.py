@@ -47,18 +47,16 @@ class Sequence:
         self.stop = StopMatcher(params.stop)
         self.stop_ids = frozenset() if params.ignore_eos else tokenizer.eos_token_ids | params.stop_token_ids
         self.output_ids: list[int] = []
+        # prompt + output, grown in place: the scheduler and sampler read it every step, so it is never rebuilt.
+        self.all_ids: list[int] = list(prompt_ids)
         self.n_cached = 0  # tokens whose keys/values every stage holds
         self.cancelled = False
         self.created = time.monotonic()
         self.first_token_at: float | None = None
 
     @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    @property
     def n_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.all_ids)
 
     @property
     def prefilling(self) -> bool:
@@ -69,6 +67,7 @@ class Sequence:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.output_ids.append(sampled.token_id)
+        self.all_ids.append(sampled.token_id)
         event = GenerationEvent(self.seq_id, tokens=[sampled])
         if sampled.token_id in self.stop_ids:
             event.text = self.stop.flush()

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from cake_py.errors import ModelNotFoundError, WeightsError
 from cake_py.models.config import ModelConfig
@@ -285,7 +286,7 @@ def build_transformer(
     with torch.device("meta"):
         model = Transformer(config, start, end, with_embedding=with_embedding, with_head=with_head)
     state = to_module_state(tensors, config, start, end, with_embedding=with_embedding, with_head=with_head)
-    int4_modules = _install_int4(model, state, dtype, device) | _install_int8(model, state, dtype, device)
+    quantized_modules = _install_quantized(model, state, dtype, device)
     state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     for name, shape in expected.items():
@@ -295,7 +296,7 @@ def build_transformer(
         if state["lm_head.weight"].data_ptr() != state["embed_tokens.weight"].data_ptr() and config.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]  # one copy of tied weights in memory
     result = model.load_state_dict(state, strict=False, assign=True)
-    missing = [key for key in result.missing_keys if key.rsplit(".", 1)[0] not in int4_modules]
+    missing = [key for key in result.missing_keys if key.rsplit(".", 1)[0] not in quantized_modules]
     if missing or result.unexpected_keys:
         raise WeightsError(
             f"weights do not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
@@ -303,38 +304,30 @@ def build_transformer(
     return model.eval().requires_grad_(False)
 
 
-def _install_int8(
+def _install_quantized(
     model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
 ) -> set[str]:
-    """Swap the embedding/lm_head with int8-row versions (CPU, 16-bit), or dequantize them elsewhere."""
+    """Swap the module of each `.q4_weight` / `.q8_weight` entry for its quantized kernel (CPU, 16-bit), or
+    dequantize the entry into a plain `.weight` elsewhere. Returns the paths of the swapped modules."""
     installed = set()
-    for key in [k for k in state if k.endswith(f".{Q8_WEIGHT}")]:
-        path = key.removesuffix(f".{Q8_WEIGHT}")
-        q, scales = state.pop(key), state.pop(f"{path}.{Q8_SCALES}")
-        if int4_supported(device, dtype):
-            module = Int8Embedding(q, scales, dtype) if path == "embed_tokens" else Int8Linear(q, scales, dtype)
-            model.register_module(path, module)
-            installed.add(path)
-        else:
-            state[f"{path}.weight"] = dequantize_rows_int8(q, scales)
-    return installed
-
-
-def _install_int4(
-    model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
-) -> set[str]:
-    """Swap the Linear of every `.q4_weight` entry for an Int4Linear (CPU, 16-bit), or dequantize it elsewhere."""
-    installed = set()
-    for key in [k for k in state if k.endswith(f".{Q4_WEIGHT}")]:
-        path = key.removesuffix(f".{Q4_WEIGHT}")
-        q, scales = state.pop(key), state.pop(f"{path}.{Q4_SCALES}")
-        if int4_supported(device, dtype):
+    for weight_key, scales_key in ((Q4_WEIGHT, Q4_SCALES), (Q8_WEIGHT, Q8_SCALES)):
+        for key in [k for k in state if k.endswith(f".{weight_key}")]:
+            path = key.removesuffix(f".{weight_key}")
+            q, scales = state.pop(key), state.pop(f"{path}.{scales_key}")
+            four_bit = weight_key == Q4_WEIGHT
+            if not int4_supported(device, dtype):
+                state[f"{path}.weight"] = dequantize(q, scales) if four_bit else dequantize_rows_int8(q, scales)
+                continue
+            module: nn.Module
+            if four_bit:
+                module = Int4Linear(q, scales, state.pop(f"{path}.bias", None), dtype)
+            elif path == "embed_tokens":
+                module = Int8Embedding(q, scales, dtype)
+            else:
+                module = Int8Linear(q, scales, dtype)
             parent, _, child = path.rpartition(".")
-            bias = state.pop(f"{path}.bias", None)
-            model.get_submodule(parent).register_module(child, Int4Linear(q, scales, bias, dtype))
+            (model.get_submodule(parent) if parent else model).register_module(child, module)
             installed.add(path)
-        else:
-            state[f"{path}.weight"] = dequantize(q, scales)
     return installed
 
 

@@ -199,7 +199,12 @@ def _write_tokenizer(writer: gguf.GGUFWriter, folder: Path) -> None:
     writer.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
 
 
-def _write_gguf(folder: Path, path: Path, quant: Callable[[str], gguf.GGMLQuantizationType]) -> Path:
+def _write_gguf(
+    folder: Path,
+    path: Path,
+    quant: Callable[[str], gguf.GGMLQuantizationType],
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
     source = SafetensorsWeights(folder)
     config = ModelConfig.from_hf(source.config)
     arch = config.family
@@ -216,6 +221,8 @@ def _write_gguf(folder: Path, path: Path, quant: Callable[[str], gguf.GGMLQuanti
     writer.add_rope_freq_base(config.rope.theta)
     writer.add_vocab_size(config.vocab_size)
     _write_tokenizer(writer, folder)
+    for name, array in (extra or {}).items():  # tensors without an HF name, such as rope_freqs
+        writer.add_tensor(name, array)
     for name, tensor in source.load(source.names(), torch.float32).items():
         array = tensor.numpy()
         if arch == "llama" and ".q_proj." in name:
@@ -370,31 +377,9 @@ def test_llama3_rope_from_a_gguf_rope_freqs_tensor(tiny_model_factory: Any, tmp_
     factors = (plain / scaled).numpy().astype(np.float32)  # what convert_hf_to_gguf stores as rope_freqs
     assert not np.allclose(factors, 1.0)
 
-    path = tmp_path / "llama3.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(config.n_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.n_heads)
-    writer.add_head_count_kv(config.n_kv_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope.theta)
-    writer.add_vocab_size(config.vocab_size)
-    _write_tokenizer(writer, folder)
-    writer.add_tensor("rope_freqs.weight", factors)
-    for name, tensor in original.load(original.names(), torch.float32).items():
-        array = tensor.numpy()
-        if ".q_proj." in name:
-            array = _permute(array, config.n_heads)
-        elif ".k_proj." in name:
-            array = _permute(array, config.n_kv_heads)
-        writer.add_tensor(_gguf_name(name), array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
+    path = _write_gguf(
+        folder, tmp_path / "llama3.gguf", lambda _: gguf.GGMLQuantizationType.F32, {"rope_freqs.weight": factors}
+    )
     weights = GGUFWeights(path)
     gguf_config = ModelConfig.from_hf(weights.config)
     assert gguf_config.rope.freq_factors is not None
