@@ -21,6 +21,7 @@ from cake_py.config import (
     default_cache_dir,
     env,
     load_cluster_file,
+    parse_cpus,
     parse_ui_auth,
     parse_workers_flag,
 )
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--connect-timeout", type=_positive_float, default=10.0, help="seconds to wait for each worker at startup"
     )
     serve.add_argument("--threads", type=_positive_int, help="torch threads of the master")
+    serve.add_argument("--cpus", help="run on these CPUs only, e.g. 0-3,6 (default threads: their count)")
     serve.add_argument("--rate-limit", type=_positive_int, default=60, help="requests/min per client; 0 = off")
     serve.add_argument("--rate-burst", type=_positive_int, default=10, help="requests a client may send at once")
     serve.add_argument(
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
     worker.add_argument("--device", default="auto", choices=DEVICES)
     worker.add_argument("--threads", type=_positive_int, help="torch threads of this worker")
+    worker.add_argument("--cpus", help="run on these CPUs only, e.g. 0-3,6 (default threads: their count)")
     worker.add_argument(
         "--data-port",
         type=int,
@@ -141,6 +144,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         if workers:
             raise ConfigError("give workers either with --workers or in --config, not both")
         workers = parse_workers_flag(args.workers)
+    cpus = parse_cpus(args.cpus)
     return ServeSettings(
         model=model,
         config_path=args.config,
@@ -154,7 +158,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         ui_auth=parse_ui_auth(args.ui_auth),
         cluster_key=args.cluster_key or env("CAKE_CLUSTER_KEY"),
         log_level=args.log_level,
-        threads=args.threads,
+        threads=_threads(args.threads, cpus),
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
         max_body_bytes=args.max_body_bytes,
@@ -162,10 +166,17 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         connect_timeout=args.connect_timeout,
+        cpus=cpus,
     )
 
 
+def _threads(threads: int | None, cpus: tuple[int, ...] | None) -> int | None:
+    """--threads as given, else one per CPU of --cpus, else torch's default."""
+    return threads if threads is not None else (len(cpus) if cpus else None)
+
+
 def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    cpus = parse_cpus(args.cpus)
     return WorkerSettings(
         host=args.host,
         port=args.port,
@@ -173,13 +184,14 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
         cluster_key=args.cluster_key or env("CAKE_CLUSTER_KEY"),
         cache_dir=args.cache_dir or default_cache_dir(),
         device=check_device(args.device),
-        threads=args.threads,
+        threads=_threads(args.threads, cpus),
         log_level=args.log_level,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         kv_idle_seconds=max(args.kv_idle_seconds, 1),
         data_port=args.data_port,
+        cpus=cpus,
     )
 
 

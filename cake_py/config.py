@@ -49,6 +49,7 @@ class ServeSettings:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     connect_timeout: float = 10.0  # seconds to wait for each worker at startup (it may still be starting)
+    cpus: tuple[int, ...] | None = None  # CPUs this process may run on (--cpus); None = wherever the OS likes
 
 
 @dataclass
@@ -66,6 +67,7 @@ class WorkerSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    cpus: tuple[int, ...] | None = None
 
 
 def env(name: str) -> str | None:
@@ -107,18 +109,34 @@ def parse_address(value: str) -> str:
     return value
 
 
-def parse_layers(value: Any, where: str) -> tuple[int, int]:
-    """'0-14' (inclusive, like Cake's model.layers.0-14) or '7' → half-open (start, end)."""
-    text = str(value).strip()
-    text = text.removeprefix("model.layers.")
-    match = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", text)
+def _inclusive_range(text: str, what: str, example: str) -> tuple[int, int]:
+    """'3-7' or '3' → (3, 7) or (3, 3); ConfigError naming `what` otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", text)
     if not match:
-        raise ConfigError(f"{where}: layers {value!r} is not a range like '0-14'")
+        raise ConfigError(f"{what} is not a number or a range like {example!r}")
     first = int(match.group(1))
     last = int(match.group(2)) if match.group(2) is not None else first
     if last < first:
-        raise ConfigError(f"{where}: layers {value!r} ends before it starts")
+        raise ConfigError(f"{what} ends before it starts")
+    return first, last
+
+
+def parse_layers(value: Any, where: str) -> tuple[int, int]:
+    """'0-14' (inclusive, like Cake's model.layers.0-14) or '7' → half-open (start, end)."""
+    text = str(value).strip().removeprefix("model.layers.")
+    first, last = _inclusive_range(text, f"{where}: layers {value!r}", "0-14")
     return first, last + 1
+
+
+def parse_cpus(value: str | None) -> tuple[int, ...] | None:
+    """'0-3,6' (taskset's list form) → (0, 1, 2, 3, 6); None stays None. Checks the form, not the machine."""
+    if value is None:
+        return None
+    cpus: set[int] = set()
+    for item in value.split(","):
+        first, last = _inclusive_range(item, f"--cpus {value!r}: {item.strip()!r}", "0-3")
+        cpus.update(range(first, last + 1))
+    return tuple(sorted(cpus))
 
 
 def parse_workers_flag(value: str) -> list[WorkerSpec]:

@@ -26,7 +26,13 @@ from cake_py.cluster.hostinfo import HostFacts, host_facts, measure_tflops
 from cake_py.config import WorkerSettings
 from cake_py.errors import CakeError, ClusterError
 from cake_py.models.config import ModelConfig
-from cake_py.models.device import release_openmp_threads, resolve_device, set_threads, tune_allocator
+from cake_py.models.device import (
+    pin_cpus,
+    release_openmp_threads,
+    resolve_device,
+    set_threads,
+    tune_allocator,
+)
 from cake_py.models.kv_cache import KVStore, SequenceSlice
 from cake_py.models.llama import Transformer
 from cake_py.models.weights import build_transformer
@@ -292,6 +298,7 @@ def _reap_idle_sequences(servicer: WorkerServicer, idle_seconds: float, stop: th
 
 
 def run_worker(settings: WorkerSettings) -> None:
+    pin_cpus(settings.cpus)
     server, servicer, port = start_server(settings)
     if not settings.cluster_key:
         log.warning("no --cluster-key: any master that can reach this worker can use it")

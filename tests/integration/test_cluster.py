@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -322,6 +324,40 @@ def test_worker_frees_sequences_no_master_releases(cluster: LocalCluster, llama:
         wait_until(lambda: connection.info().live_sequences == 0, 10.0, "the idle sequence to be freed")
     finally:
         remote.close()
+        worker.kill()
+
+
+# ---- --cpus: master and workers sharing one core, every thread of theirs on it ----
+
+
+def _thread_cpus(pid: int) -> set[str]:
+    """The Cpus_allowed_list of every thread of a process."""
+    found = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                found.add(line.split(":", 1)[1].strip())
+    return found
+
+
+def test_master_and_worker_pinned_to_one_cpu(cluster: LocalCluster, tiny_model_factory: TinyModelFactory) -> None:
+    cpu = str(max(os.sched_getaffinity(0)))  # the last CPU: not where an unpinned process would report alone
+    worker = cluster.worker("--cpus", cpu, name="pinned")
+    worker.start()
+    master = cluster.serve(str(tiny_model_factory("llama")), "--workers", worker.address, "--cpus", cpu)
+    try:
+        reply = httpx.post(
+            f"{master.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0}, timeout=60
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 4
+        topology = httpx.get(f"{master.url}/api/v1/topology", timeout=10).json()
+        assert [w["layers"] for w in topology["workers"]] == [["model.layers.0", "model.layers.1", "model.layers.2"]]
+        for process in (worker, master):
+            assert process.process is not None
+            assert _thread_cpus(process.process.pid) == {cpu}, process.name
+    finally:
+        master.kill()
         worker.kill()
 
 

@@ -38,6 +38,11 @@ def test_bad_flag_value() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("command", "value", "needle"), [("worker", "9999", "9999"), ("serve", "0-x", "'0-x'")])
+def test_bad_cpus(command: str, value: str, needle: str) -> None:
+    assert_one_line_error(cake(command, "--cpus", value, "--port", "1"), needle)
+
+
 def test_missing_model_path(tmp_path: Path) -> None:
     assert_one_line_error(cake("run", str(tmp_path / "nope"), "hi"), "nope", "does not exist")
 

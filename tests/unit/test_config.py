@@ -8,6 +8,7 @@ from cake_py.config import (
     WorkerSpec,
     load_cluster_file,
     parse_address,
+    parse_cpus,
     parse_layers,
     parse_ui_auth,
     parse_workers_flag,
@@ -71,3 +72,19 @@ def test_flags() -> None:
         parse_ui_auth("up")
     with pytest.raises(ConfigError, match="'host:99999'"):
         parse_address("host:99999")
+
+
+@pytest.mark.parametrize(
+    ("value", "cpus"),
+    [(None, None), ("0", (0,)), ("0-3", (0, 1, 2, 3)), ("3,1-2, 1", (1, 2, 3)), (" 6 - 7 ", (6, 7))],
+)
+def test_cpus_in_tasksets_list_form(value: str | None, cpus: tuple[int, ...] | None) -> None:
+    assert parse_cpus(value) == cpus
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"), [("", "''"), ("a", "'a'"), ("0,,1", "''"), ("3-1", "'3-1'"), ("-1", "'-1'")]
+)
+def test_bad_cpus_name_the_item(value: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        parse_cpus(value)
