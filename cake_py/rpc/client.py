@@ -140,7 +140,9 @@ class RemoteStage:
                 ) from None
         if reply.error:
             raise StageError(f"{self.connection.label}: {reply.error}")
-        out = decode_tensor(reply.hidden).to(hidden.device)
+        out = decode_tensor(reply.hidden)
+        if hidden.device.type != "cpu":
+            out = out.to(hidden.device)
         round_trip_ms = (time.perf_counter() - began) * 1000
         self.stats.record(reply.forward_us / 1000, round_trip_ms, len(request.hidden.data), len(reply.hidden.data))
         return out
