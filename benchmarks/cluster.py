@@ -1,11 +1,19 @@
 """Cluster overhead: decode ms/token of SmolLM2 on one node vs master + 2 workers on loopback, and one hop's cost.
 
-    .venv/bin/python benchmarks/cluster.py [--tokens 64] [--runs 3]
+    .venv/bin/python benchmarks/cluster.py [--tokens 64] [--rounds 4] [--cpus 0]
 
-Same model (the embedded Q4_1 GGUF, bf16), same prompt, greedy, EOS ignored, median of --runs after a warm-up,
-everything measured in this one run. The workers are real `cake worker` processes on 127.0.0.1 with one torch
-thread each; the master is this process. A hop's cost is the round trip the master sees minus the worker's own
-compute time, per Forward call (p50), i.e. what gRPC, the codec and the stream add.
+Same model (the embedded Q4_1 GGUF, bf16), same prompt, greedy, EOS ignored. The workers are real `cake worker`
+processes on 127.0.0.1 with one torch thread each; the master is this process, with one thread. Every round
+measures each configuration once (a warm-up then --runs generations, median), so slow phases of a shared machine
+hit all of them alike; the ratios are medians of the per-round ratios.
+
+Configurations:
+  single, --cpus       one process, one thread, on the --cpus cores
+  single, all cores    one process, one thread per core this process may use
+  cluster, --cpus      master + 2 workers, one thread each, all on the --cpus cores (`--cpus` of cake serve/worker)
+  cluster, unpinned    the same processes wherever the OS puts them
+
+A hop's cost is the round trip the master sees minus the worker's own compute, per Forward call (p50).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from cake_py.api.server import build_pipeline  # noqa: E402
 from cake_py.cluster.stage import StageStats  # noqa: E402
-from cake_py.config import ServeSettings, WorkerSpec  # noqa: E402
+from cake_py.config import ServeSettings, WorkerSpec, parse_cpus  # noqa: E402
 from cake_py.engine.engine import Engine  # noqa: E402
 from cake_py.models.device import release_openmp_threads  # noqa: E402
 from cake_py.models.hub import ModelSource, resolve_model  # noqa: E402
@@ -39,9 +47,11 @@ class RecordingStats(StageStats):
     def __init__(self) -> None:
         super().__init__()
         self.hops_ms: list[float] = []
+        self.forwards_ms: list[float] = []
 
     def record(self, forward_ms: float, round_trip_ms: float = 0.0, sent: int = 0, received: int = 0) -> None:
         super().record(forward_ms, round_trip_ms, sent, received)
+        self.forwards_ms.append(forward_ms)
         if round_trip_ms:
             self.hops_ms.append(round_trip_ms - forward_ms)
 
@@ -64,7 +74,8 @@ def decode_ms(engine: Engine, ids: list[int], tokens: int, runs: int) -> float:
 
 def run_config(
     source: ModelSource, settings: ServeSettings, threads: int, ids: list[int], tokens: int, runs: int
-) -> tuple[float, list[float]]:
+) -> tuple[float, list[RecordingStats]]:
+    """ms/token of one configuration, and its stages' recorded calls."""
     torch.set_num_threads(threads)
     pipeline = build_pipeline(settings, source, "cpu")
     recorders = []
@@ -75,14 +86,19 @@ def run_config(
     release_openmp_threads()  # loading ran on this thread; the engine thread must own the only OpenMP pool
     engine.start()
     try:
-        result = decode_ms(engine, ids, tokens, runs)
+        return decode_ms(engine, ids, tokens, runs), recorders
     finally:
         engine.stop()
         pipeline.close()
-    hops = [hop for recorder in recorders for hop in recorder.hops_ms]
-    for stage, recorder in zip(pipeline.stages, recorders, strict=True):
-        print(f"  {stage.name}: layers {stage.start}-{stage.end - 1}, forward {recorder.forward_ms:.2f} ms (avg)")
-    return result, hops
+
+
+def set_process_cpus(pid: int, cpus: tuple[int, ...]) -> None:
+    """Every thread of a process onto `cpus` (`taskset -a -p`; `--cpus` of cake serve/worker does it at start)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except ProcessLookupError:
+            pass
 
 
 def start_workers(count: int, cache: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
@@ -91,39 +107,71 @@ def start_workers(count: int, cache: Path) -> tuple[list[subprocess.Popen[bytes]
         port = 10700 + index
         command = [sys.executable, "-m", "cake_py.cli", "worker", "--host", "127.0.0.1", "--port", str(port),
                    "--threads", "1", "--cache-dir", str(cache / str(index)), "--log-level", "warning"]  # fmt: skip
-        processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ}))
+        processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))
         addresses.append(f"127.0.0.1:{port}")
+    time.sleep(1.0)
     return processes, addresses
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(len(ordered) * fraction), len(ordered) - 1)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--master-threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=2, help="generations per configuration per round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--cpus", default="0", help="cores of the pinned configurations (taskset list form)")
     args = parser.parse_args()
+    everywhere = tuple(sorted(os.sched_getaffinity(0)))
+    pinned = parse_cpus(args.cpus) or everywhere
     source = resolve_model(None)
     ids = source.tokenizer.encode_chat([{"role": "user", "content": "Tell me about Paris."}])
     single = ServeSettings(dtype="bfloat16")
+    names = ["single, --cpus", "single, all cores", "cluster, --cpus", "cluster, unpinned"]
+    results: dict[str, list[float]] = {name: [] for name in names}
+    hops: dict[str, list[float]] = {name: [] for name in names[2:]}
+    worker_forward: list[float] = []
     with tempfile.TemporaryDirectory() as cache:
         workers, addresses = start_workers(2, Path(cache))
+        cluster = ServeSettings(dtype="bfloat16", workers=[WorkerSpec(f"w{i}", a) for i, a in enumerate(addresses)])
         try:
-            cluster = ServeSettings(dtype="bfloat16", workers=[WorkerSpec(f"w{i}", a) for i, a in enumerate(addresses)])
-            one_1, _ = run_config(source, single, 1, ids, args.tokens, args.runs)
-            one_2, _ = run_config(source, single, 2, ids, args.tokens, args.runs)
-            two, hops = run_config(source, cluster, args.master_threads, ids, args.tokens, args.runs)
+            for round_index in range(args.rounds):
+                for name in names:
+                    cpus = pinned if name.endswith("--cpus") else everywhere
+                    for pid in [os.getpid()] + [worker.pid for worker in workers]:
+                        set_process_cpus(pid, cpus)
+                    threads = len(everywhere) if name == "single, all cores" else 1
+                    settings = cluster if name.startswith("cluster") else single
+                    ms, recorders = run_config(source, settings, threads, ids, args.tokens, args.runs)
+                    results[name].append(ms)
+                    if name in hops:
+                        hops[name] += [hop for recorder in recorders for hop in recorder.hops_ms]
+                    if name == "cluster, --cpus":
+                        worker_forward.append(sum(statistics.median(r.forwards_ms) for r in recorders))
+                print(f"round {round_index + 1}: " + ", ".join(f"{n} {results[n][-1]:.2f}" for n in names), flush=True)
         finally:
             for worker in workers:
                 worker.kill()
                 worker.wait()
-    hops.sort()
-    p50, p90 = hops[len(hops) // 2], hops[int(len(hops) * 0.9)]
-    print(f"SmolLM2-135M Q4_1, bf16, {len(ids)}-token prompt, {args.tokens} new tokens, median of {args.runs}")
-    print(f"single node, 1 thread              {one_1:7.2f} ms/token")
-    print(f"single node, 2 threads             {one_2:7.2f} ms/token")
-    print(f"master ({args.master_threads} thr) + 2 workers (1 thr) {two:7.2f} ms/token  "
-          f"= {two / one_1:.2f}x single/1 thread, {two / one_2:.2f}x single/2 threads")  # fmt: skip
-    print(f"one hop (round trip - worker compute): p50 {p50:.3f} ms, p90 {p90:.3f} ms over {len(hops)} calls")
+    median = {name: statistics.median(values) for name, values in results.items()}
+
+    def ratio(over: str, under: str) -> float:
+        return statistics.median(a / b for a, b in zip(results[over], results[under], strict=True))
+
+    print(f"\nSmolLM2-135M Q4_1, bf16, {len(ids)}-token prompt, {args.tokens} new tokens, {args.rounds} rounds, "
+          f"--cpus {args.cpus}, {len(everywhere)} cores")  # fmt: skip
+    for name in names:
+        print(f"{name:20s} {median[name]:7.2f} ms/token (median of rounds)")
+    print(f"workers' own compute per token (cluster, --cpus): {statistics.median(worker_forward):.2f} ms")
+    print(f"cluster, --cpus / single, --cpus     {ratio('cluster, --cpus', 'single, --cpus'):.2f}x")
+    print(f"cluster, --cpus / single, all cores  {ratio('cluster, --cpus', 'single, all cores'):.2f}x")
+    print(f"cluster, unpinned / single, all cores {ratio('cluster, unpinned', 'single, all cores'):.2f}x")
+    for name, values in hops.items():
+        print(f"one hop, {name}: p50 {percentile(values, 0.5):.3f} ms, p90 {percentile(values, 0.9):.3f} ms "
+              f"over {len(values)} calls")  # fmt: skip
 
 
 if __name__ == "__main__":
