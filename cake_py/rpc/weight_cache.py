@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 class WeightCache:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Files this process has hashed (or written and hashed), with the (size, mtime_ns, inode) they had then:
+        # a re-assignment (a reconnect, a model switch back) re-hashes only what changed on disk since.
+        self._verified: dict[str, tuple[int, int, int]] = {}
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -33,17 +36,33 @@ class WeightCache:
         return path.is_file() and path.stat().st_size == size
 
     def verify(self, sha256: str, size: int) -> bool:
-        """Present and its bytes hash to `sha256`. A damaged file is deleted, so that it is streamed again."""
+        """Present and its bytes hash to `sha256`. A damaged file is deleted, so that it is streamed again.
+
+        A file this process already verified is trusted while its size, mtime and inode are unchanged.
+        """
         path = self.path(sha256)
-        if not path.is_file():
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            self._verified.pop(sha256, None)
             return False
-        if path.stat().st_size == size:
+        identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if stat.st_size == size and self._verified.get(sha256) == identity:
+            return True
+        if stat.st_size == size:
             with path.open("rb") as handle:
                 if hashlib.file_digest(handle, "sha256").hexdigest() == sha256:
+                    self._verified[sha256] = identity
                     return True
         log.warning("weight cache file %s is damaged (size or sha256 differs): streaming it again", path)
+        self._verified.pop(sha256, None)
         path.unlink(missing_ok=True)
         return False
+
+    def _committed(self, sha256: str) -> None:
+        """A file just written and hashed while streaming: verified, as it lies on disk now."""
+        stat = self.path(sha256).stat()
+        self._verified[sha256] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
     def writer(self, sha256: str, size: int) -> TensorWriter:
         return TensorWriter(self, sha256, size)
@@ -92,6 +111,7 @@ class TensorWriter:
                 f"{self.digest.hexdigest()[:12]}, expected {self.size} bytes with {self.sha256[:12]}"
             )
         os.replace(self.temp, self.final)
+        self.cache._committed(self.sha256)
 
     def abort(self) -> None:
         self.handle.close()

@@ -1,0 +1,66 @@
+"""The worker's weight cache: content-addressed files, hashed once per process unless they change on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from cake_py.rpc import weight_cache
+from cake_py.rpc.weight_cache import WeightCache
+
+
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every file the cache hashes to verify it, by name."""
+    seen: list[str] = []
+    real = hashlib.file_digest
+
+    def counting(handle, digest):  # type: ignore[no-untyped-def]
+        seen.append(Path(handle.name).name)
+        return real(handle, digest)
+
+    monkeypatch.setattr(weight_cache.hashlib, "file_digest", counting)
+    return seen
+
+
+def store(cache: WeightCache, data: bytes) -> str:
+    sha = hashlib.sha256(data).hexdigest()
+    writer = cache.writer(sha, len(data))
+    writer.write(0, data)
+    writer.commit()
+    return sha
+
+
+def test_streamed_file_is_trusted_until_it_changes(tmp_path: Path, hashes: list[str]) -> None:
+    cache = WeightCache(tmp_path)
+    data = os.urandom(4096)
+    sha = store(cache, data)
+    assert cache.verify(sha, len(data)) and cache.verify(sha, len(data))
+    assert hashes == []  # hashed while it streamed in
+
+    damaged = bytearray(data)
+    damaged[100] ^= 0xFF
+    cache.path(sha).write_bytes(bytes(damaged))  # same size, new mtime
+    assert not cache.verify(sha, len(data))
+    assert hashes == [sha]
+    assert not cache.path(sha).exists()  # deleted, so it is streamed again
+
+
+def test_a_restarted_worker_hashes_each_file_once(tmp_path: Path, hashes: list[str]) -> None:
+    data = os.urandom(4096)
+    sha = store(WeightCache(tmp_path), data)
+    restarted = WeightCache(tmp_path)
+    assert restarted.verify(sha, len(data)) and restarted.verify(sha, len(data))
+    assert hashes == [sha]
+
+
+def test_wrong_size_or_missing(tmp_path: Path, hashes: list[str]) -> None:
+    cache = WeightCache(tmp_path)
+    data = os.urandom(1024)
+    sha = store(cache, data)
+    assert not cache.verify(sha, len(data) + 1)
+    assert not cache.verify(sha, len(data))  # the wrong-size check deleted it
+    assert hashes == []
