@@ -7,13 +7,16 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PORT="${PORT:-8080}"
 CACHE="${CAKE_WORKER_CACHE:-.cache/workers}"
+# A batch-1 pipeline runs one stage at a time: master and workers on the same core hand each token over with a
+# context switch instead of waking an idle core (benchmarks/cluster.py: ~1.2x single node instead of ~1.6x).
+CPUS="${CAKE_CPUS:-$(.venv/bin/python -c 'import os; print(min(os.sched_getaffinity(0)))')}"
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 for i in 1 2; do
     # One torch thread each: three processes share this machine's cores without spinning against each other.
-    .venv/bin/cake worker --host 127.0.0.1 --port $((10127 + i)) --name "local-$i" --threads 1 \
+    .venv/bin/cake worker --host 127.0.0.1 --port $((10127 + i)) --name "local-$i" --threads 1 --cpus "$CPUS" \
         --cache-dir "$CACHE/local-$i" &
     pids+=($!)
 done
-.venv/bin/cake serve --workers 127.0.0.1:10128,127.0.0.1:10129 --port "$PORT" --threads 1 "$@"
+.venv/bin/cake serve --workers 127.0.0.1:10128,127.0.0.1:10129 --port "$PORT" --threads 1 --cpus "$CPUS" "$@"
