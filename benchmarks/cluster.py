@@ -11,9 +11,11 @@ Configurations:
   single, --cpus       one process, one thread, on the --cpus cores
   single, all cores    one process, one thread per core this process may use
   cluster, --cpus      master + 2 workers, one thread each, all on the --cpus cores (`--cpus` of cake serve/worker)
-  cluster, unpinned    the same processes wherever the OS puts them
+  cluster, no chain    the same, with every worker answering the master (`--no-chain`) instead of the next worker
+  cluster, unpinned    the same processes as "cluster, --cpus" wherever the OS puts them
 
-A hop's cost is the round trip the master sees minus the worker's own compute, per Forward call (p50).
+A hop's cost is the round trip the master sees minus the worker's own compute, per Forward call (p50); in a chain,
+the chain's time minus its workers' compute, shared out evenly between its stages.
 """
 
 from __future__ import annotations
@@ -130,22 +132,28 @@ def main() -> None:
     source = resolve_model(None)
     ids = source.tokenizer.encode_chat([{"role": "user", "content": "Tell me about Paris."}])
     single = ServeSettings(dtype="bfloat16")
-    names = ["single, --cpus", "single, all cores", "cluster, --cpus", "cluster, unpinned"]
+    names = ["single, --cpus", "single, all cores", "cluster, --cpus", "cluster, no chain", "cluster, unpinned"]
     results: dict[str, list[float]] = {name: [] for name in names}
     hops: dict[str, list[float]] = {name: [] for name in names[2:]}
     worker_forward: list[float] = []
     with tempfile.TemporaryDirectory() as cache:
         workers, addresses = start_workers(2, Path(cache))
-        cluster = ServeSettings(dtype="bfloat16", workers=[WorkerSpec(f"w{i}", a) for i, a in enumerate(addresses)])
+        specs = [WorkerSpec(f"w{i}", address) for i, address in enumerate(addresses)]
+        configurations = {
+            "single, --cpus": single,
+            "single, all cores": single,
+            "cluster, --cpus": ServeSettings(dtype="bfloat16", workers=specs),
+            "cluster, no chain": ServeSettings(dtype="bfloat16", workers=specs, chain=False),
+            "cluster, unpinned": ServeSettings(dtype="bfloat16", workers=specs),
+        }
         try:
             for round_index in range(args.rounds):
                 for name in names:
-                    cpus = pinned if name.endswith("--cpus") else everywhere
+                    cpus = everywhere if name in ("single, all cores", "cluster, unpinned") else pinned
                     for pid in [os.getpid()] + [worker.pid for worker in workers]:
                         set_process_cpus(pid, cpus)
                     threads = len(everywhere) if name == "single, all cores" else 1
-                    settings = cluster if name.startswith("cluster") else single
-                    ms, recorders = run_config(source, settings, threads, ids, args.tokens, args.runs)
+                    ms, recorders = run_config(source, configurations[name], threads, ids, args.tokens, args.runs)
                     results[name].append(ms)
                     if name in hops:
                         hops[name] += [hop for recorder in recorders for hop in recorder.hops_ms]
@@ -168,6 +176,7 @@ def main() -> None:
     print(f"workers' own compute per token (cluster, --cpus): {statistics.median(worker_forward):.2f} ms")
     print(f"cluster, --cpus / single, --cpus     {ratio('cluster, --cpus', 'single, --cpus'):.2f}x")
     print(f"cluster, --cpus / single, all cores  {ratio('cluster, --cpus', 'single, all cores'):.2f}x")
+    print(f"cluster, no chain / single, --cpus   {ratio('cluster, no chain', 'single, --cpus'):.2f}x")
     print(f"cluster, unpinned / single, all cores {ratio('cluster, unpinned', 'single, all cores'):.2f}x")
     for name, values in hops.items():
         print(f"one hop, {name}: p50 {percentile(values, 0.5):.3f} ms, p90 {percentile(values, 0.9):.3f} ms "

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--threads", type=_positive_int, help="torch threads of the master")
     serve.add_argument("--cpus", help="run on these CPUs only, e.g. 0-3,6 (default threads: their count)")
+    serve.add_argument(
+        "--no-chain",
+        dest="chain",
+        action="store_false",
+        help="send hidden states back through the master after every worker instead of worker to worker",
+    )
     serve.add_argument("--rate-limit", type=_positive_int, default=60, help="requests/min per client; 0 = off")
     serve.add_argument("--rate-burst", type=_positive_int, default=10, help="requests a client may send at once")
     serve.add_argument(
@@ -167,6 +173,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         tls_ca=args.tls_ca,
         connect_timeout=args.connect_timeout,
         cpus=cpus,
+        chain=args.chain,
     )
 
 

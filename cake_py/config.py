@@ -50,6 +50,7 @@ class ServeSettings:
     tls_ca: Path | None = None
     connect_timeout: float = 10.0  # seconds to wait for each worker at startup (it may still be starting)
     cpus: tuple[int, ...] | None = None  # CPUs this process may run on (--cpus); None = wherever the OS likes
+    chain: bool = True  # workers pass hidden states straight to the next worker (--no-chain: via the master)
 
 
 @dataclass

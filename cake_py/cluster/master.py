@@ -94,7 +94,7 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
     try:
         stages += _master_stages(source, dtype, device, [(s.start, s.end) for s in stages])
         stages.sort(key=lambda stage: stage.start)
-        return Pipeline(load_ends(source, dtype, device), stages)
+        return Pipeline(load_ends(source, dtype, device), stages, chain=settings.chain)
     except BaseException:
         for stage in stages:  # loading the master's own part failed: stop the monitors, close the channels
             stage.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -14,10 +15,25 @@ from cake_py.models.llama import Transformer
 from cake_py.models.weights import load_transformer
 
 
-class Pipeline:
-    """Token ids → embedding → stage after stage → final norm + lm_head → logits of the rows asked for."""
+@runtime_checkable
+class ChainableStage(Protocol):
+    """A stage that can hand its output straight to the stages after it (workers on the forward fast path)."""
 
-    def __init__(self, ends: Transformer, stages: Sequence[Stage]) -> None:
+    def chainable(self) -> bool: ...
+
+    def forward_chain(self, followers: Sequence[Any], hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Run this stage and then `followers` in one chained call; returns the output and how many ran."""
+        ...
+
+
+class Pipeline:
+    """Token ids → embedding → stage after stage → final norm + lm_head → logits of the rows asked for.
+
+    Consecutive stages that can chain (remote workers on the fast path, `chain` on) run as one chained call: each
+    worker passes its output to the next and the last one answers, one handoff per stage plus one.
+    """
+
+    def __init__(self, ends: Transformer, stages: Sequence[Stage], chain: bool = True) -> None:
         covered = 0
         for stage in stages:
             if stage.start != covered:
@@ -28,13 +44,33 @@ class Pipeline:
         self.ends = ends
         self.stages = list(stages)
         self.config = ends.config
+        self.chain = chain
 
     def logits(self, token_ids: torch.Tensor, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
         """(T,) ids in the batch's layout → (len(rows), vocab) float32 logits at those token rows."""
         hidden = self.ends.embed(token_ids)
-        for stage in self.stages:
-            hidden = stage.forward(hidden, batch)
+        index = 0
+        while index < len(self.stages):
+            stage = self.stages[index]
+            followers = self._chainable_run(index + 1) if self._chainable(stage) else []
+            if followers:
+                hidden, ran = cast(ChainableStage, stage).forward_chain(followers, hidden, batch)
+            else:
+                hidden, ran = stage.forward(hidden, batch), 1
+            index += ran
         return self.ends.head(hidden[list(rows)])
+
+    def _chainable(self, stage: Stage) -> bool:
+        return self.chain and isinstance(stage, ChainableStage) and stage.chainable()
+
+    def _chainable_run(self, start: int) -> list[Stage]:
+        """The stages from `start` on that can join a chain, up to the first that cannot."""
+        run = []
+        for stage in self.stages[start:]:
+            if not self._chainable(stage):
+                break
+            run.append(stage)
+        return run
 
     def release(self, seq_ids: Sequence[int]) -> None:
         for stage in self.stages:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import select
+import socket
 import ssl
 import threading
 import time
@@ -27,12 +29,15 @@ from cake_py.errors import ClusterError, StageError
 from cake_py.models.kv_cache import Batch
 from cake_py.rpc.codec import decode_tensor, encode_tensor
 from cake_py.rpc.connection import PING_INTERVAL_S, PING_TIMEOUT_S, Assignment, WorkerConnection
-from cake_py.rpc.dataplane import DataPlaneClient
+from cake_py.rpc.dataplane import DataPlaneClient, read_frame
 from cake_py.rpc.pb import worker_pb2 as pb
 
 __all__ = ["Assignment", "RemoteStage", "WorkerConnection"]
 
 log = logging.getLogger(__name__)
+
+# One sequence for every stage of the process: a late answer to a failed step can never match a newer request.
+_REQUEST_IDS = itertools.count(1)
 
 
 class RemoteStage:
@@ -46,12 +51,13 @@ class RemoteStage:
         self.stats = StageStats()
         self._up = True
         self._status_error = ""
-        self._ids = itertools.count(1)
         self._lock = threading.Lock()  # guards the stream objects, not the engine (the only forward caller)
         self._outbox: queue.SimpleQueue[pb.ForwardRequest | None] | None = None
         self._call: Any = None
         self._fast: DataPlaneClient | None = None
         self._fast_failed = False  # this connection's fast path was tried and refused: use the gRPC stream
+        self._chain_off = False  # a worker of a chain could not reach the next one: this stage is not chained again
+        self.chained_calls = 0  # forward passes this stage ran inside a chained call
         self._closing = threading.Event()
         self._last_info: pb.InfoReply | None = None
         # Sequences finished while the worker was down: it may still hold their caches (a network cut, a pause),
@@ -115,7 +121,7 @@ class RemoteStage:
             raise StageError(f"{self.connection.label} is down: {self._status_error}")
         began = time.perf_counter()
         request = pb.ForwardRequest(
-            request_id=next(self._ids),
+            request_id=next(_REQUEST_IDS),
             sequences=[pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens) for s in batch],
         )
         encode_tensor(hidden, out=request.hidden)
@@ -124,10 +130,7 @@ class RemoteStage:
             try:
                 reply = pb.ForwardReply.FromString(fast.exchange(request.SerializeToString()))
             except (OSError, ConnectionError, DecodeError) as error:
-                self._mark_down(f"the forward connection broke: {error}")
-                raise StageError(
-                    f"{self.connection.label} failed during a forward pass: {self._status_error}"
-                ) from None
+                raise self._broken(error) from None
         else:
             outbox, call = self._stream()
             outbox.put(request)
@@ -146,6 +149,98 @@ class RemoteStage:
         round_trip_ms = (time.perf_counter() - began) * 1000
         self.stats.record(reply.forward_us / 1000, round_trip_ms, len(request.hidden.data), len(reply.hidden.data))
         return out
+
+    # ---- chained forward ----
+    def chainable(self) -> bool:
+        """Whether this stage can take part in a chained forward: up, on a plaintext fast path."""
+        return self._chain_client() is not None
+
+    def _chain_client(self) -> DataPlaneClient | None:
+        if not self._up or self._chain_off:
+            return None
+        fast = self._fast_path()
+        return fast if fast is not None and fast.sock is not None and fast.tls is None else None
+
+    def forward_chain(
+        self, followers: Sequence[RemoteStage], hidden: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, int]:
+        """Run this stage and then `followers`, each worker passing its output straight to the next; the last one
+        answers. Returns the hidden states and how many stages ran: fewer than all when a worker could not reach
+        the next one (the caller goes on from there, and these stages are not chained again)."""
+        chain = [self, *followers]
+        clients = []
+        for stage in chain:
+            client = stage._chain_client()
+            if client is None:
+                return self.forward(hidden, batch), 1
+            clients.append(client)
+        began = time.perf_counter()
+        request = pb.ForwardRequest(
+            request_id=next(_REQUEST_IDS),
+            sequences=[pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens) for s in batch],
+            next=[
+                pb.ChainHop(host=client.host, data_port=client.port, session=client.session, name=stage.name)
+                for stage, client in zip(followers, clients[1:], strict=True)
+            ],
+            reply_session=clients[0].session,
+        )
+        encode_tensor(hidden, out=request.hidden)
+        payload = request.SerializeToString()
+        # Any worker of the chain may answer: the last with the result, another with an error or a broken chain.
+        by_socket: dict[socket.socket, RemoteStage] = {}
+        for stage, client in zip(chain, clients, strict=True):
+            if client.sock is None:  # closed since: the stage was just marked down
+                raise stage._broken(ConnectionError("the connection closed"))
+            by_socket[client.sock] = stage
+        try:
+            clients[0].send(payload)
+        except (OSError, ConnectionError) as error:
+            raise self._broken(error) from None
+        while True:
+            try:
+                readable, _, _ = select.select(list(by_socket), [], [])
+            except (OSError, ValueError) as error:  # a socket closed under us: its stage was marked down
+                down = next((stage for stage in chain if not stage._up), self)
+                raise down._broken(error) from None
+            for sock in readable:
+                stage = by_socket[sock]
+                try:
+                    reply = pb.ForwardReply.FromString(read_frame(sock))
+                except (OSError, ConnectionError, DecodeError) as error:
+                    raise stage._broken(error) from None
+                if reply.request_id != request.request_id:
+                    continue  # an answer to an earlier, failed step
+                if reply.error:
+                    raise StageError(f"{stage.connection.label}: {reply.error}")
+                ran = chain.index(stage) + 1
+                if ran < len(chain):
+                    if not reply.chain_error:
+                        raise StageError(f"{stage.connection.label} answered a chained forward it should pass on")
+                    log.warning("%s; these workers are not chained again", reply.chain_error)
+                    for member in chain:
+                        member._chain_off = True
+                out = decode_tensor(reply.hidden)
+                if hidden.device.type != "cpu":
+                    out = out.to(hidden.device)
+                forward_us = list(reply.chain_forward_us)
+                self._record_chain(chain[:ran], forward_us, began, len(payload), len(reply.hidden.data))
+                return out, ran
+
+    def _record_chain(
+        self, ran: Sequence[RemoteStage], forward_us: list[int], began: float, sent: int, received: int
+    ) -> None:
+        """Each stage's own compute, the chain's transfer time shared out evenly as each stage's hop, and the bytes
+        that went into and out of each stage (from the master or from the worker before it: the same sizes)."""
+        total_ms = (time.perf_counter() - began) * 1000
+        forwards = [us / 1000 for us in forward_us[: len(ran)]] + [0.0] * (len(ran) - len(forward_us))
+        transfer = max(total_ms - sum(forwards), 0.0) / len(ran)
+        for stage, forward_ms in zip(ran, forwards, strict=True):
+            stage.stats.record(forward_ms, forward_ms + transfer, sent, received)
+            stage.chained_calls += 1
+
+    def _broken(self, error: BaseException) -> StageError:
+        self._mark_down(f"the forward connection broke: {error}")
+        return StageError(f"{self.connection.label} failed during a forward pass: {self._status_error}")
 
     def release(self, seq_ids: Sequence[int]) -> None:
         if not self._up:
@@ -223,6 +318,7 @@ class RemoteStage:
             "bytes_sent": self.stats.bytes_sent,
             "bytes_received": self.stats.bytes_received,
             "transport": self.transport,
+            "chained_calls": self.chained_calls,
         }
         if host is not None:
             node.update(

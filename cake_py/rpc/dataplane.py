@@ -6,14 +6,20 @@ frame and reads the answer itself, and the worker's connection thread reads, com
 per direction. The messages are the same protobuf messages as the gRPC Forward stream (proto/cake/v1).
 
 Framing: a 4-byte little-endian length, then the serialized message. The master's first frame is a hello,
-`HELLO_MAGIC` followed by the cluster key; the worker answers `b"\\x01"`, or `b"\\x00"` and a reason, then closes.
-Control calls (handshake, weights, release, info) stay on gRPC.
+`HELLO_MAGIC`, a 16-byte session id, then the cluster key; the worker answers `b"\\x01"`, or `b"\\x00"` and a
+reason, then closes. Control calls (handshake, weights, release, info) stay on gRPC.
+
+Chained forward: a worker may pass its output straight to the next worker (a `PeerLinks` connection, which is
+only ever written to) and the last one answers the master on the master's own connection, found by its session
+id: one handoff per stage plus one back, instead of two per stage. A connection is then read by its own thread
+and written by another, which plain TCP sockets allow; the master chains only over plaintext connections.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -26,7 +32,8 @@ from cake_py.rpc import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-HELLO_MAGIC = b"CAKE-FWD-2\n"
+HELLO_MAGIC = b"CAKE-FWD-3\n"
+SESSION_BYTES = 16
 _LENGTH = struct.Struct("<I")
 
 
@@ -83,13 +90,16 @@ def _tune(sock: socket.socket) -> None:
 
 
 class DataPlaneServer:
-    """Accepts masters' fast-path connections; each is served by its own thread calling `handler`."""
+    """Accepts fast-path connections; each is served by its own thread calling `handler`.
+
+    `handler` returns the frame to answer with, or None when it answered elsewhere (a chained forward).
+    """
 
     def __init__(
         self,
         host: str,
         port: int,
-        handler: Callable[[bytes], bytes],
+        handler: Callable[[bytes], bytes | None],
         cluster_key: str | None,
         tls: ssl.SSLContext | None,
         on_connection_end: Callable[[], None] = lambda: None,
@@ -110,6 +120,9 @@ class DataPlaneServer:
         self.port = int(self.listener.getsockname()[1])
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="cake-dataplane", daemon=True)
+        # Open connections by the session id of their hello, each with the lock its writers take.
+        self._sessions: dict[bytes, tuple[socket.socket, threading.Lock]] = {}
+        self._sessions_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -130,25 +143,51 @@ class DataPlaneServer:
                 return
             threading.Thread(target=self._serve, args=(conn, peer), name="cake-forward", daemon=True).start()
 
+    def send_to_session(self, session: bytes, payload: bytes) -> bool:
+        """Write a frame on the connection whose hello carried `session`; False if it is gone or broke."""
+        with self._sessions_lock:
+            entry = self._sessions.get(session)
+        if entry is None:
+            return False
+        conn, lock = entry
+        try:
+            with lock:
+                write_frame(conn, payload)
+        except (OSError, ssl.SSLError):
+            return False
+        return True
+
     def _serve(self, conn: socket.socket, peer: object) -> None:
+        session = b""
         try:
             _tune(conn)
             if self.tls is not None:
                 conn = self.tls.wrap_socket(conn, server_side=True)
             hello = read_frame(conn)
-            if not hello.startswith(HELLO_MAGIC):
+            if not hello.startswith(HELLO_MAGIC) or len(hello) < len(HELLO_MAGIC) + SESSION_BYTES:
                 write_frame(conn, b"\x00not a cake forward connection (protocol mismatch)")
                 return
-            if self.key and not hmac.compare_digest(hello[len(HELLO_MAGIC) :], self.key):
+            key = hello[len(HELLO_MAGIC) + SESSION_BYTES :]
+            if self.key and not hmac.compare_digest(key, self.key):
                 log.warning("refused a forward connection from %s: wrong or missing cluster key", peer)
                 write_frame(conn, b"\x00cluster key rejected")
                 return
+            lock = threading.Lock()
+            session = hello[len(HELLO_MAGIC) : len(HELLO_MAGIC) + SESSION_BYTES]
+            with self._sessions_lock:
+                self._sessions[session] = (conn, lock)
             write_frame(conn, b"\x01")
             while True:
-                write_frame(conn, self.handler(read_frame(conn)))
+                answer = self.handler(read_frame(conn))
+                if answer is not None:
+                    with lock:
+                        write_frame(conn, answer)
         except (OSError, ssl.SSLError, ConnectionError):
             pass  # the master went away; its sequences are released by Release or the idle timeout
         finally:
+            with self._sessions_lock:
+                if session and self._sessions.get(session, (None,))[0] is conn:
+                    del self._sessions[session]
             conn.close()
             self.on_connection_end()
 
@@ -160,6 +199,7 @@ class DataPlaneClient:
         self.host, self.port = host, port
         self.key = (cluster_key or "").encode()
         self.tls = tls
+        self.session = os.urandom(SESSION_BYTES)  # how the worker names this connection in chained replies
         self.sock: socket.socket | None = None
 
     def connect(self, timeout: float) -> None:
@@ -168,7 +208,7 @@ class DataPlaneClient:
             _tune(sock)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.host)
-            write_frame(sock, HELLO_MAGIC + self.key)
+            write_frame(sock, HELLO_MAGIC + self.session + self.key)
             answer = read_frame(sock)
         except (OSError, ssl.SSLError, ConnectionError) as error:
             raise ClusterError(f"forward fast path to {self.host}:{self.port} failed: {error}") from None
@@ -179,11 +219,16 @@ class DataPlaneClient:
         self.sock = sock
 
     def exchange(self, payload: bytes) -> bytes:
+        sock = self.send(payload)
+        return read_frame(sock)
+
+    def send(self, payload: bytes) -> socket.socket:
+        """Write one frame; returns the socket, to read the answer from."""
         sock = self.sock
         if sock is None:
             raise ConnectionError("the forward fast path is closed")
         write_frame(sock, payload)
-        return read_frame(sock)
+        return sock
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
@@ -193,3 +238,38 @@ class DataPlaneClient:
             except OSError:
                 pass
             sock.close()
+
+
+class PeerLinks:
+    """A worker's write-only connections to the next workers of chained forwards, opened on first use."""
+
+    def __init__(self, cluster_key: str | None, timeout: float = 5.0) -> None:
+        self.key = cluster_key
+        self.timeout = timeout
+        self._links: dict[tuple[str, int], DataPlaneClient] = {}
+        self._lock = threading.Lock()
+
+    def send(self, host: str, port: int, payload: bytes) -> None:
+        """One frame to the worker at host:port; a broken link is reopened once. ClusterError when unreachable."""
+        with self._lock:
+            link = self._links.get((host, port))
+            for attempt in range(2):
+                if link is None:
+                    link = DataPlaneClient(host, port, self.key, None)
+                    link.connect(self.timeout)  # ClusterError, naming host:port
+                    self._links[(host, port)] = link
+                try:
+                    link.send(payload)
+                    return
+                except (OSError, ConnectionError) as error:
+                    link.close()
+                    del self._links[(host, port)]
+                    link = None
+                    if attempt:
+                        raise ClusterError(f"forward to {host}:{port} failed: {error}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            for link in self._links.values():
+                link.close()
+            self._links.clear()

@@ -1,8 +1,9 @@
 """`cake worker`: the gRPC servicer that holds layers [start, end) of a model and their KV caches.
 
 It needs no model files: the master sends the config and streams the weights once (verified, cached on disk by
-content hash). Forward runs on a long-lived bidirectional stream, one message each way per step. Torch runs on
-gRPC's handler threads, serialised by one lock so an Assign never races a Forward.
+content hash). Forward runs on the fast path (cake_py.rpc.dataplane) or a long-lived bidirectional gRPC stream,
+one message each way per step; a chained forward is passed on to the next worker instead of answered. Torch runs
+on the connection and handler threads, serialised by one lock so an Assign never races a Forward.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from cake_py.models.llama import Transformer
 from cake_py.models.weights import build_transformer
 from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from cake_py.rpc.codec import decode_tensor, dtype_from_pb, dtype_to_pb, encode_tensor
-from cake_py.rpc.dataplane import DataPlaneServer, server_tls
+from cake_py.rpc.dataplane import DataPlaneServer, PeerLinks, server_tls
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
 from cake_py.rpc.security import ClusterKeyInterceptor, server_credentials
@@ -74,6 +75,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.weights_bytes = 0
         self.started = time.time()
         self.dataplane: DataPlaneServer | None = None
+        self.peers = PeerLinks(settings.cluster_key)  # to the next workers of chained forwards
         self.process = psutil.Process()
 
     # ---- host facts ----
@@ -191,14 +193,38 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         finally:
             release_openmp_threads()  # the stream is over: its pool must not slow the next stream's
 
-    def forward_frame(self, payload: bytes) -> bytes:
-        """The fast path's handler: one serialized ForwardRequest in, one serialized ForwardReply out."""
+    def forward_frame(self, payload: bytes) -> bytes | None:
+        """The fast path's handler: a serialized ForwardRequest in, the serialized ForwardReply to answer with, or
+        None when a chained request was passed on or answered on the master's own connection."""
         try:
             request = pb.ForwardRequest.FromString(payload)
         except DecodeError:
             return pb.ForwardReply(error="malformed ForwardRequest").SerializeToString()
         with torch.inference_mode():
-            return self._forward_one(request).SerializeToString()
+            reply = self._forward_one(request)
+        if not request.reply_session:
+            return reply.SerializeToString()
+        reply.chain_forward_us.extend([*request.chain_forward_us, reply.forward_us])
+        if request.next and not reply.error:
+            hop = request.next[0]
+            onward = pb.ForwardRequest(
+                request_id=request.request_id,
+                sequences=request.sequences,
+                hidden=reply.hidden,
+                next=request.next[1:],
+                reply_session=hop.session,
+                chain_forward_us=reply.chain_forward_us,
+            )
+            try:
+                self.peers.send(hop.host, hop.data_port, onward.SerializeToString())
+                return None
+            except ClusterError as error:
+                reply.chain_error = f"worker {self.name!r} cannot pass its output to {hop.name!r}: {error}"
+                log.warning("%s", reply.chain_error)
+        assert self.dataplane is not None  # chained requests only arrive on the fast path
+        if not self.dataplane.send_to_session(request.reply_session, reply.SerializeToString()):
+            log.warning("chained forward %d: its master's connection is gone", request.request_id)
+        return None
 
     def _forward_one(self, request: pb.ForwardRequest) -> pb.ForwardReply:
         reply = pb.ForwardReply(request_id=request.request_id)
@@ -317,4 +343,5 @@ def run_worker(settings: WorkerSettings) -> None:
     stop.wait()
     if servicer.dataplane is not None:
         servicer.dataplane.close()
+    servicer.peers.close()
     server.stop(grace=1).wait()

@@ -27,12 +27,15 @@ from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.weights import load_transformer
 from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
+from cake_py.rpc.codec import decode_tensor, encode_tensor
+from cake_py.rpc.dataplane import DataPlaneClient
 from cake_py.rpc.pb import worker_pb2 as pb
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import (
     LocalCluster,
     WorkerProcess,
     collect,
+    free_port,
     generate_tokens,
     greedy,
     token_ids,
@@ -325,6 +328,87 @@ def test_worker_frees_sequences_no_master_releases(cluster: LocalCluster, llama:
     finally:
         remote.close()
         worker.kill()
+
+
+# ---- chained forward: each worker passes its output to the next, the last answers the master ----
+
+
+def remote_stages(pipeline: Pipeline) -> list[RemoteStage]:
+    return [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+
+
+def test_workers_chain_and_fall_back_to_the_master_when_one_cannot_reach_the_next(
+    workers: list[WorkerProcess], llama: ModelSource, single_node_tokens: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    specs = [worker.spec(layers) for worker, layers in zip(workers, PLACEMENTS["3-workers-manual"], strict=True)]
+    prompt = llama.tokenizer.encode(PROMPT)
+    pipeline = build_pipeline(settings_for(llama, specs), llama, "cpu")
+    try:
+        assert generate_tokens(pipeline, llama.tokenizer, prompt) == single_node_tokens
+        stages = remote_stages(pipeline)
+        steps = stages[0].stats.calls
+        assert [stage.chained_calls for stage in stages] == [steps] * 3
+        assert all(stage.describe()["chained_calls"] == steps for stage in stages)
+
+        # The master reaches the last worker, the middle one cannot (a wrong port): the middle worker answers the
+        # master with its output, the master runs the last stage itself, and stops chaining these workers.
+        fast = stages[2]._fast
+        assert fast is not None
+        fast.port = free_port()  # only what the chain tells the middle worker; the master's socket stays open
+        assert generate_tokens(pipeline, llama.tokenizer, prompt) == single_node_tokens
+        assert f"cannot pass its output to {stages[2].name!r}" in caplog.text
+        assert not any(stage.chainable() for stage in stages)
+        assert stages[2].chained_calls == steps and stages[2].stats.calls > steps
+    finally:
+        pipeline.close()
+
+
+def test_no_chain_sends_every_hop_through_the_master(
+    workers: list[WorkerProcess], llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    specs = [workers[0].spec((0, 2)), workers[1].spec((2, 3))]
+    settings = settings_for(llama, specs)
+    settings.chain = False
+    pipeline = build_pipeline(settings, llama, "cpu")
+    try:
+        assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == single_node_tokens
+        assert [stage.chained_calls for stage in remote_stages(pipeline)] == [0, 0]
+        assert all(stage.stats.calls > 0 for stage in remote_stages(pipeline))
+    finally:
+        pipeline.close()
+
+
+def test_chained_request_to_an_unreachable_worker_is_answered_with_the_output(
+    workers: list[WorkerProcess], llama: ModelSource
+) -> None:
+    """The protocol itself: a worker that cannot reach `next` answers on the master's connection, hidden included."""
+    assignment = Assignment(llama.model_id, json.dumps(llama.weights.config), llama.weights, 0, 3, torch.float32)
+    connection = WorkerConnection(workers[0].spec(), None, None)
+    reply = connection.handshake()
+    connection.assign(assignment)
+    client = DataPlaneClient("127.0.0.1", reply.data_port, None, None)
+    client.connect(timeout=5)
+    hidden = torch.randn(4, llama.config.hidden_size)
+    request = pb.ForwardRequest(
+        request_id=7,
+        sequences=[pb.SequenceSlice(seq_id=99, start_pos=0, n_tokens=4)],
+        next=[pb.ChainHop(host="127.0.0.1", data_port=free_port(), session=b"x" * 16, name="ghost")],
+        reply_session=client.session,
+    )
+    encode_tensor(hidden, out=request.hidden)
+    try:
+        answer = pb.ForwardReply.FromString(client.exchange(request.SerializeToString()))
+        assert answer.request_id == 7 and not answer.error
+        assert "'ghost'" in answer.chain_error and "refused" in answer.chain_error.lower()
+        assert len(answer.chain_forward_us) == 1
+        expected = LocalStage(load_transformer(llama.weights, llama.config, 0, 3, with_embedding=False,
+                                               with_head=False, dtype=torch.float32))  # fmt: skip
+        want = expected.forward(hidden, [SequenceSlice(99, 0, 4)])
+        torch.testing.assert_close(decode_tensor(answer.hidden), want, atol=1e-5, rtol=1e-5)
+    finally:
+        client.close()
+        connection.release([99])
+        connection.close()
 
 
 # ---- --cpus: master and workers sharing one core, every thread of theirs on it ----

@@ -145,6 +145,36 @@ def test_paused_worker_fails_the_request_and_its_stale_caches_are_released(
         pipeline.close()
 
 
+# ---- the first worker of a chain killed mid-generation: the master waits on every worker of the chain ----
+
+
+def test_first_worker_of_a_chain_killed_mid_generation(
+    cluster: LocalCluster, llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    first, second = cluster.start_workers(2)
+    pipeline, engine = serving_engine(llama, [first.spec((0, 1)), second.spec((1, 3))])
+    stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+    prompt = llama.tokenizer.encode(PROMPT)
+    try:
+        assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
+        assert all(stage.chained_calls > 0 for stage in stages)
+
+        _, events = start_long_generation(engine, prompt)
+        first.kill()
+        last = finish(events, timeout=10)[-1]
+        assert last.finish_reason == "error" and last.error is not None and first.address in last.error, last.error
+        wait_until(lambda: not pipeline.healthy(), 3.0, "the pipeline turning unhealthy")
+
+        first.start()
+        wait_until(pipeline.healthy, 15.0, "the master reconnecting to the restarted worker")
+        chained = stages[1].chained_calls
+        assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
+        assert stages[1].chained_calls > chained  # chained again, through the restarted worker
+    finally:
+        engine.stop()
+        pipeline.close()
+
+
 # ---- 9. GET /api/v1/topology answers during a generation, with live figures, and shows a dead worker ----
 
 

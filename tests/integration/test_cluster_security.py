@@ -150,6 +150,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 @dataclass(frozen=True)
 class SecureWorkers:
     keyed: WorkerProcess  # --cluster-key right
+    keyed_too: WorkerProcess  # another, for chained forwards between keyed workers
     tls: WorkerProcess  # --tls-cert/--tls-key
     mutual: WorkerProcess  # ... and --tls-ca: masters must present a certificate from that CA
 
@@ -160,12 +161,14 @@ def secure(tmp_path_factory: pytest.TempPathFactory, certificates: Certificates)
     with LocalCluster(tmp_path_factory.mktemp("secure")) as cluster:
         workers = SecureWorkers(
             keyed=cluster.worker("--cluster-key", "right", name="keyed"),
+            keyed_too=cluster.worker("--cluster-key", "right", name="keyed-too"),
             tls=cluster.worker(*server, name="tls"),
             mutual=cluster.worker(*server, "--tls-ca", str(certificates.ca), name="mutual"),
         )
-        for worker in (workers.keyed, workers.tls, workers.mutual):
+        every = (workers.keyed, workers.keyed_too, workers.tls, workers.mutual)
+        for worker in every:
             worker.launch()  # side by side: their startups overlap
-        for worker in (workers.keyed, workers.tls, workers.mutual):
+        for worker in every:
             worker.wait_ready()
         yield workers
 
@@ -230,6 +233,40 @@ def test_worker_serves_a_master_with_its_cluster_key(
     secure: SecureWorkers, llama: ModelSource, single_node_tokens: list[int]
 ) -> None:
     assert_serves(settings_for(secure.keyed, cluster_key="right"), llama, single_node_tokens)
+
+
+def test_keyed_workers_chain_with_the_cluster_key(
+    secure: SecureWorkers, llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    """A worker passing hidden states to the next one presents the cluster key like a master does."""
+    settings = settings_for(secure.keyed, cluster_key="right")
+    settings.workers = [secure.keyed.spec((0, 2)), secure.keyed_too.spec((2, 3))]
+    pipeline = build_pipeline(settings, llama, "cpu")
+    try:
+        assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == single_node_tokens
+        stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+        assert all(stage.chained_calls == stage.stats.calls > 0 for stage in stages)
+    finally:
+        pipeline.close()
+    assert "refused" not in secure.keyed_too.stderr
+
+
+def test_tls_workers_are_not_chained(
+    secure: SecureWorkers, certificates: Certificates, llama: ModelSource, single_node_tokens: list[int]
+) -> None:
+    """Chaining writes a reply on a connection another thread reads: plain TCP allows it, a TLS socket does not."""
+    settings = settings_for(
+        secure.tls, tls_ca=certificates.ca, tls_cert=certificates.client_cert, tls_key=certificates.client_key
+    )
+    settings.workers = [secure.tls.spec((0, 2)), secure.mutual.spec((2, 3))]
+    pipeline = build_pipeline(settings, llama, "cpu")
+    try:
+        assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == single_node_tokens
+        stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+        assert [stage.transport for stage in stages] == ["fast+tls", "fast+tls"]
+        assert [stage.chained_calls for stage in stages] == [0, 0]
+    finally:
+        pipeline.close()
 
 
 def test_wrong_cluster_key_through_the_cli_is_one_line(secure: SecureWorkers, tiny: Path) -> None:

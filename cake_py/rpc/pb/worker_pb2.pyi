@@ -204,26 +204,48 @@ class SequenceSlice(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., n_tokens: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "sequences", "hidden")
+    __slots__ = ("request_id", "sequences", "hidden", "next", "reply_session", "chain_forward_us")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_SESSION_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FORWARD_US_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceSlice]
     hidden: Tensor
-    def __init__(self, request_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    next: _containers.RepeatedCompositeFieldContainer[ChainHop]
+    reply_session: bytes
+    chain_forward_us: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next: _Optional[_Iterable[_Union[ChainHop, _Mapping]]] = ..., reply_session: _Optional[bytes] = ..., chain_forward_us: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ChainHop(_message.Message):
+    __slots__ = ("host", "data_port", "session", "name")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    data_port: int
+    session: bytes
+    name: str
+    def __init__(self, host: _Optional[str] = ..., data_port: _Optional[int] = ..., session: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("request_id", "hidden", "forward_us", "error")
+    __slots__ = ("request_id", "hidden", "forward_us", "error", "chain_forward_us", "chain_error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     FORWARD_US_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FORWARD_US_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     hidden: Tensor
     forward_us: int
     error: str
-    def __init__(self, request_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., forward_us: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    chain_forward_us: _containers.RepeatedScalarFieldContainer[int]
+    chain_error: str
+    def __init__(self, request_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., forward_us: _Optional[int] = ..., error: _Optional[str] = ..., chain_forward_us: _Optional[_Iterable[int]] = ..., chain_error: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_ids",)
