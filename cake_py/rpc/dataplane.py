@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -259,6 +260,8 @@ class PeerLinks:
                     link.connect(self.timeout)  # ClusterError, naming host:port
                     self._links[(host, port)] = link
                 try:
+                    if _closed_by_peer(link):
+                        raise ConnectionError("the next worker closed the connection (it restarted?)")
                     link.send(payload)
                     return
                 except (OSError, ConnectionError) as error:
@@ -273,3 +276,13 @@ class PeerLinks:
             for link in self._links.values():
                 link.close()
             self._links.clear()
+
+
+def _closed_by_peer(link: DataPlaneClient) -> bool:
+    """Whether a write-only link was closed at the other end. Its peer never writes after the hello, so anything
+    readable is the end of the stream; a write would still succeed once and the frame would be lost."""
+    sock = link.sock
+    if sock is None:
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)

@@ -22,7 +22,7 @@ from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.rpc.client import RemoteStage
 from tests.conftest import TinyModelFactory
-from tests.fixtures.cluster import LocalCluster, collect, generate_tokens, greedy, token_ids, wait_until
+from tests.fixtures.cluster import LocalCluster, collect, free_port, generate_tokens, greedy, token_ids, wait_until
 from tests.fixtures.server import running_server, tiny_settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,7 +151,10 @@ def test_paused_worker_fails_the_request_and_its_stale_caches_are_released(
 def test_first_worker_of_a_chain_killed_mid_generation(
     cluster: LocalCluster, llama: ModelSource, single_node_tokens: list[int]
 ) -> None:
-    first, second = cluster.start_workers(2)
+    first = cluster.worker()
+    second = cluster.worker("--data-port", str(free_port()))  # the same fast-path port after a restart
+    for worker in (first, second):
+        worker.start()
     pipeline, engine = serving_engine(llama, [first.spec((0, 1)), second.spec((1, 3))])
     stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
     prompt = llama.tokenizer.encode(PROMPT)
@@ -170,6 +173,15 @@ def test_first_worker_of_a_chain_killed_mid_generation(
         chained = stages[1].chained_calls
         assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
         assert stages[1].chained_calls > chained  # chained again, through the restarted worker
+
+        # The last worker restarts while idle: the first one's link to it is stale and must not swallow a step.
+        second.kill()
+        wait_until(lambda: not pipeline.healthy(), 3.5, "the pipeline noticing the idle worker died")
+        second.start()
+        wait_until(pipeline.healthy, 15.0, "the master reconnecting to the restarted worker")
+        chained = stages[1].chained_calls
+        assert token_ids(collect(engine, prompt, greedy(32), timeout=30)) == single_node_tokens
+        assert stages[1].chained_calls > chained
     finally:
         engine.stop()
         pipeline.close()
