@@ -212,16 +212,19 @@ class Engine:
             return
         for piece, seq in zip(batch, members, strict=True):
             seq.n_cached = piece.start_pos + piece.n_tokens
+        events = []
         for row, seq in enumerate(sampled_members):
-            event = seq.accept(seq.sampler.sample(logits[row], seq.all_ids))
+            events.append((seq, seq.accept(seq.sampler.sample(logits[row], seq.all_ids))))
             if seq.first_token_at is not None and len(seq.output_ids) == 1:
                 self.stats.time_to_first_token_ms.append((seq.first_token_at - seq.created) * 1000)
                 del self.stats.time_to_first_token_ms[:-256]
+        # Counted before anyone hears of them: a client that got its last token then reads the stats sees it.
+        self._account(len(sampled_members), len(ids) - len(sampled_members), time.perf_counter() - began)
+        for seq, event in events:
             if event.finished:
                 self._finish(seq, event)
             else:
                 self._emit(seq, event)
-        self._account(len(sampled_members), len(ids) - len(sampled_members), time.perf_counter() - began)
 
     def _account(self, generated: int, prompt: int, seconds: float) -> None:
         stats = self.stats

@@ -62,6 +62,24 @@ def test_length_finish_and_usage(engine: Engine) -> None:
     assert (last.prompt_tokens, last.completion_tokens) == (3, 7)
 
 
+def test_stats_count_a_token_before_its_event_is_delivered(engine: Engine) -> None:
+    """A client that received its last token and then reads the stats (/metrics, usage checks) must find it."""
+    done = threading.Event()
+    before = engine.stats.tokens_generated
+    seen: list[tuple[int, int]] = []  # (tokens delivered so far, tokens the stats counted at that moment)
+
+    def sink(event: GenerationEvent) -> None:  # runs on the engine thread, as each event is delivered
+        delivered = (seen[-1][0] if seen else 0) + len(event.tokens)
+        seen.append((delivered, engine.stats.tokens_generated - before))
+        if event.finished:
+            done.set()
+
+    engine.submit([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), sink)
+    assert done.wait(60)
+    assert seen[-1][0] == 6
+    assert all(counted >= delivered for delivered, counted in seen), seen
+
+
 def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
     params = SamplingParams(temperature=1.0, max_tokens=16, seed=123, ignore_eos=True)
     assert run(engine, [9, 10, 11], params)[0] == run(engine, [9, 10, 11], params)[0]
