@@ -135,7 +135,7 @@ def main() -> None:
     names = ["single, --cpus", "single, all cores", "cluster, --cpus", "cluster, no chain", "cluster, unpinned"]
     results: dict[str, list[float]] = {name: [] for name in names}
     hops: dict[str, list[float]] = {name: [] for name in names[2:]}
-    worker_forward: list[float] = []
+    layers_ms: dict[str, list[float]] = {"single, --cpus": [], "cluster, --cpus": []}  # per token, summed over stages
     with tempfile.TemporaryDirectory() as cache:
         workers, addresses = start_workers(2, Path(cache))
         specs = [WorkerSpec(f"w{i}", address) for i, address in enumerate(addresses)]
@@ -157,8 +157,8 @@ def main() -> None:
                     results[name].append(ms)
                     if name in hops:
                         hops[name] += [hop for recorder in recorders for hop in recorder.hops_ms]
-                    if name == "cluster, --cpus":
-                        worker_forward.append(sum(statistics.median(r.forwards_ms) for r in recorders))
+                    if name in layers_ms:
+                        layers_ms[name].append(sum(statistics.median(r.forwards_ms) for r in recorders))
                 print(f"round {round_index + 1}: " + ", ".join(f"{n} {results[n][-1]:.2f}" for n in names), flush=True)
         finally:
             for worker in workers:
@@ -173,7 +173,8 @@ def main() -> None:
           f"--cpus {args.cpus}, {len(everywhere)} cores")  # fmt: skip
     for name in names:
         print(f"{name:20s} {median[name]:7.2f} ms/token (median of rounds)")
-    print(f"workers' own compute per token (cluster, --cpus): {statistics.median(worker_forward):.2f} ms")
+    for name, values in layers_ms.items():
+        print(f"the 30 layers' own compute per token, {name}: {statistics.median(values):.2f} ms")
     print(f"cluster, --cpus / single, --cpus     {ratio('cluster, --cpus', 'single, --cpus'):.2f}x")
     print(f"cluster, --cpus / single, all cores  {ratio('cluster, --cpus', 'single, all cores'):.2f}x")
     print(f"cluster, no chain / single, --cpus   {ratio('cluster, no chain', 'single, --cpus'):.2f}x")
