@@ -96,3 +96,15 @@ def _base_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+
+
+def test_flags_reach_the_settings() -> None:
+    from cake_py.cli import _serve_settings, _worker_settings, build_parser
+
+    parser = build_parser()
+    serve = _serve_settings(parser.parse_args(["serve", "--workers", "a:1,b:2", "--no-chain", "--cpus", "0-1"]))
+    assert (serve.chain, serve.cpus, serve.threads) == (False, (0, 1), 2)
+    assert _serve_settings(parser.parse_args(["serve", "--cpus", "3", "--threads", "1"])).threads == 1
+    assert _serve_settings(parser.parse_args(["serve"])).chain is True
+    worker = _worker_settings(parser.parse_args(["worker", "--cpus", "0,2"]))
+    assert (worker.cpus, worker.threads) == ((0, 2), 2)
