@@ -204,25 +204,24 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             reply = self._forward_one(request)
         if not request.reply_session:
             return reply.SerializeToString()
-        reply.chain_forward_us.extend([*request.chain_forward_us, reply.forward_us])
+        reply_to = request.reply_session
+        request.chain_forward_us.append(reply.forward_us)
         if request.next and not reply.error:
+            # The request goes on as it came, with this stage's output and one hop fewer: no new message to build.
             hop = request.next[0]
-            onward = pb.ForwardRequest(
-                request_id=request.request_id,
-                sequences=request.sequences,
-                hidden=reply.hidden,
-                next=request.next[1:],
-                reply_session=hop.session,
-                chain_forward_us=reply.chain_forward_us,
-            )
+            host, port, name = hop.host, hop.data_port, hop.name
+            request.reply_session = hop.session
+            del request.next[0]
+            request.hidden.data = reply.hidden.data
             try:
-                self.peers.send(hop.host, hop.data_port, onward.SerializeToString())
+                self.peers.send(host, port, request.SerializeToString())
                 return None
             except ClusterError as error:
-                reply.chain_error = f"worker {self.name!r} cannot pass its output to {hop.name!r}: {error}"
+                reply.chain_error = f"worker {self.name!r} cannot pass its output to {name!r}: {error}"
                 log.warning("%s", reply.chain_error)
+        reply.chain_forward_us.extend(request.chain_forward_us)
         assert self.dataplane is not None  # chained requests only arrive on the fast path
-        if not self.dataplane.send_to_session(request.reply_session, reply.SerializeToString()):
+        if not self.dataplane.send_to_session(reply_to, reply.SerializeToString()):
             log.warning("chained forward %d: its master's connection is gone", request.request_id)
         return None
 
