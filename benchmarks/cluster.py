@@ -38,7 +38,7 @@ from cake_py.api.server import build_pipeline  # noqa: E402
 from cake_py.cluster.stage import StageStats  # noqa: E402
 from cake_py.config import ServeSettings, WorkerSpec, parse_cpus  # noqa: E402
 from cake_py.engine.engine import Engine  # noqa: E402
-from cake_py.models.device import release_openmp_threads  # noqa: E402
+from cake_py.models.device import release_openmp_threads, set_process_cpus  # noqa: E402
 from cake_py.models.hub import ModelSource, resolve_model  # noqa: E402
 from cake_py.models.sampling import SamplingParams  # noqa: E402
 
@@ -92,15 +92,6 @@ def run_config(
     finally:
         engine.stop()
         pipeline.close()
-
-
-def set_process_cpus(pid: int, cpus: tuple[int, ...]) -> None:
-    """Every thread of a process onto `cpus` (`taskset -a -p`; `--cpus` of cake serve/worker does it at start)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            os.sched_setaffinity(int(task.name), cpus)
-        except ProcessLookupError:
-            pass
 
 
 def start_workers(count: int, cache: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:

@@ -7,7 +7,7 @@ then `data: [DONE]`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -22,6 +22,7 @@ from cake_py.api.state import ServerState
 from cake_py.api.streaming import (
     EventStream,
     GenerationResponse,
+    Result,
     collect_all,
     event_error,
     merged,
@@ -32,6 +33,7 @@ from cake_py.api.streaming import (
 from cake_py.engine.engine import Engine
 from cake_py.errors import CakeError
 from cake_py.models.hub import ModelSource
+from cake_py.models.sampling import SamplingParams
 
 MAX_BATCH = 64
 
@@ -76,45 +78,48 @@ async def generate(request: Request) -> Response:
         return await multipart.generate_form(request)
     state, engine, source, body = await _prepare(request)
     prompt = text_field(body, "prompt")
-    params = native_sampling(body)
-    stream = flag(body, "stream", False)
+    params, stream = native_sampling(body), flag(body, "stream", False)
     prompt_ids = await run_in_threadpool(source.tokenizer.encode, prompt)
-    params = engine.check_prompt(len(prompt_ids), params)
-    streams = open_streams(state, engine, [prompt_ids], [params])
-    if stream:
-        return GenerationResponse(_native_stream(request, streams[0]), streams, "text/event-stream")
-    (result,) = await collect_all(request, streams)
-    return JSONResponse(
-        {
-            "response": result.text,
-            "finish_reason": result.last.finish_reason,
-            "usage": usage(len(prompt_ids), result.last.completion_tokens),
-        }
-    )
+    return await _one_generation(
+        request, state, engine, prompt_ids, params, stream,
+        lambda result: {"response": result.text, "finish_reason": result.last.finish_reason},
+    )  # fmt: skip
 
 
 async def chat(request: Request) -> Response:
     state, engine, source, body = await _prepare(request)
     messages = chat_messages(body)
-    params = native_sampling(body)
-    stream = flag(body, "stream", False)
+    params, stream = native_sampling(body), flag(body, "stream", False)
     prompt_ids = await run_in_threadpool(source.tokenizer.encode_chat, messages)
-    params = engine.check_prompt(len(prompt_ids), params)
-    streams = open_streams(state, engine, [prompt_ids], [params])
-    if stream:
-        return GenerationResponse(_native_stream(request, streams[0]), streams, "text/event-stream")
-    (result,) = await collect_all(request, streams)
-    return JSONResponse(
-        {
+    return await _one_generation(
+        request, state, engine, prompt_ids, params, stream,
+        lambda result: {
             "choices": [
                 {
                     "message": {"role": "assistant", "content": result.text},
                     "finish_reason": result.last.finish_reason,
                 }
-            ],
-            "usage": usage(len(prompt_ids), result.last.completion_tokens),
-        }
-    )
+            ]
+        },
+    )  # fmt: skip
+
+
+async def _one_generation(
+    request: Request,
+    state: ServerState,
+    engine: Engine,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    stream: bool,
+    answer: Callable[[Result], dict[str, Any]],
+) -> Response:
+    """Run one prompt: an SSE stream, or `answer(result)` with `usage` as JSON."""
+    params = engine.check_prompt(len(prompt_ids), params)
+    streams = open_streams(state, engine, [prompt_ids], [params])
+    if stream:
+        return GenerationResponse(_native_stream(request, streams[0]), streams, "text/event-stream")
+    (result,) = await collect_all(request, streams)
+    return JSONResponse({**answer(result), "usage": usage(len(prompt_ids), result.last.completion_tokens)})
 
 
 async def generate_batch(request: Request) -> Response:

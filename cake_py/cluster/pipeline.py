@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -44,32 +44,29 @@ class Pipeline:
         self.ends = ends
         self.stages = list(stages)
         self.config = ends.config
-        self.chain = chain
+        # The stages that can ever chain, decided once: whether one can right now is asked per step.
+        self._chainers = [stage if chain and isinstance(stage, ChainableStage) else None for stage in self.stages]
 
     def logits(self, token_ids: torch.Tensor, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
         """(T,) ids in the batch's layout → (len(rows), vocab) float32 logits at those token rows."""
         hidden = self.ends.embed(token_ids)
         index = 0
         while index < len(self.stages):
-            stage = self.stages[index]
-            followers = self._chainable_run(index + 1) if self._chainable(stage) else []
-            if followers:
-                hidden, ran = cast(ChainableStage, stage).forward_chain(followers, hidden, batch)
+            run = self._chain_from(index)
+            if len(run) > 1:
+                hidden, ran = run[0].forward_chain(run[1:], hidden, batch)
             else:
-                hidden, ran = stage.forward(hidden, batch), 1
+                hidden, ran = self.stages[index].forward(hidden, batch), 1
             index += ran
         return self.ends.head(hidden[list(rows)])
 
-    def _chainable(self, stage: Stage) -> bool:
-        return self.chain and isinstance(stage, ChainableStage) and stage.chainable()
-
-    def _chainable_run(self, start: int) -> list[Stage]:
-        """The stages from `start` on that can join a chain, up to the first that cannot."""
-        run = []
-        for stage in self.stages[start:]:
-            if not self._chainable(stage):
+    def _chain_from(self, start: int) -> list[ChainableStage]:
+        """The stages from `start` on that can chain now, up to the first that cannot."""
+        run: list[ChainableStage] = []
+        for chainer in self._chainers[start:]:
+            if chainer is None or not chainer.chainable():
                 break
-            run.append(stage)
+            run.append(chainer)
         return run
 
     def release(self, seq_ids: Sequence[int]) -> None:

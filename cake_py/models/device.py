@@ -122,10 +122,15 @@ def pin_cpus(cpus: tuple[int, ...] | None) -> None:
             f"--cpus: CPU {', '.join(map(str, missing)) or '(none)'} is not available to this process "
             f"(available: {_cpu_list(available)})"
         )
+    set_process_cpus(os.getpid(), cpus)  # imports may already have started threads: every one of them moves
+
+
+def set_process_cpus(pid: int, cpus: tuple[int, ...]) -> None:
+    """Every thread of process `pid` onto `cpus` (what `taskset -a -p` does); threads started later inherit it."""
     try:
-        threads = [int(tid) for tid in os.listdir("/proc/self/task")]  # imports may have started some already
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
     except OSError:
-        threads = [0]
+        threads = [pid]
     for thread in threads:
         try:
             os.sched_setaffinity(thread, cpus)

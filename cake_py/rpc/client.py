@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 _REQUEST_IDS = itertools.count(1)
 
 
+def _on_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A decoded (CPU) tensor moved to the device of `like`; no torch call when that is the CPU (the hot path)."""
+    return tensor if like.device.type == "cpu" else tensor.to(like.device)
+
+
 class RemoteStage:
     """Layers [start, end) on a worker, behind the same protocol as LocalStage."""
 
@@ -143,9 +148,7 @@ class RemoteStage:
                 ) from None
         if reply.error:
             raise StageError(f"{self.connection.label}: {reply.error}")
-        out = decode_tensor(reply.hidden)
-        if hidden.device.type != "cpu":
-            out = out.to(hidden.device)
+        out = _on_device_of(decode_tensor(reply.hidden), hidden)
         round_trip_ms = (time.perf_counter() - began) * 1000
         self.stats.record(reply.forward_us / 1000, round_trip_ms, len(request.hidden.data), len(reply.hidden.data))
         return out
@@ -169,9 +172,9 @@ class RemoteStage:
         the next one (the caller goes on from there, and these stages are not chained again)."""
         chain = [self, *followers]
         clients = []
-        for stage in chain:
-            client = stage._chain_client()
-            if client is None:
+        for stage in chain:  # the caller just saw every one chainable; one may have gone down since
+            client = stage._fast
+            if client is None or not stage._up:
                 return self.forward(hidden, batch), 1
             clients.append(client)
         began = time.perf_counter()
@@ -219,9 +222,7 @@ class RemoteStage:
                     log.warning("%s; these workers are not chained again", reply.chain_error)
                     for member in chain:
                         member._chain_off = True
-                out = decode_tensor(reply.hidden)
-                if hidden.device.type != "cpu":
-                    out = out.to(hidden.device)
+                out = _on_device_of(decode_tensor(reply.hidden), hidden)
                 forward_us = list(reply.chain_forward_us)
                 self._record_chain(chain[:ran], forward_us, began, len(payload), len(reply.hidden.data))
                 return out, ran
