@@ -51,7 +51,9 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
-def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def rope_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for each position: (T, 1, head_dim), computed in float32 then cast."""
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
     angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, head_dim)
@@ -202,6 +204,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if with_head else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if with_head else None
         self.inv_freq = rope_inverse_frequencies(config.rope, config.head_dim)
+        # cos and sin of positions [0, n), (n, 1, head_dim) each, grown on demand: a decode step slices its rows
+        # instead of running a dozen small ops per step (per stage, in a cluster).
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -228,12 +233,29 @@ class Transformer(nn.Module):
         """Run (T, hidden) through this part's layers, reading and extending each sequence's KV cache."""
         if self.n_layers == 0:
             return hidden
-        positions = batch_positions(batch, hidden.device)
-        cos, sin = rope_tables(self.inv_freq.to(hidden.device), positions, hidden.dtype)
+        cos, sin = self.rope(batch, hidden)
         per_sequence = kv.for_batch(batch)
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, cos, sin, batch, [caches[index] for caches in per_sequence])
         return hidden
+
+    def rope(self, batch: Batch, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for every token of the batch, in layout order: (T, 1, head_dim) each, on `like`'s device and
+        dtype. Rows of a table computed once, so equal to computing them for these positions alone."""
+        end = max(s.start_pos + s.n_tokens for s in batch)
+        tables = self._rope
+        if tables is not None and (tables[0].dtype != like.dtype or tables[0].device != like.device):
+            tables = None  # another dtype or device: start over
+        if tables is None or tables[0].shape[0] < end:
+            size = max(end, 2 * tables[0].shape[0] if tables is not None else 256)
+            positions = torch.arange(size, device=like.device)
+            tables = self._rope = rope_tables(self.inv_freq.to(like.device), positions, like.dtype)
+        cos, sin = tables
+        if len(batch) == 1:
+            s = batch[0]
+            return cos[s.start_pos : s.start_pos + s.n_tokens], sin[s.start_pos : s.start_pos + s.n_tokens]
+        positions = batch_positions(batch, like.device)
+        return cos[positions], sin[positions]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) → (N, vocab) float32 logits."""

@@ -200,8 +200,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             request = pb.ForwardRequest.FromString(payload)
         except DecodeError:
             return pb.ForwardReply(error="malformed ForwardRequest").SerializeToString()
-        with torch.inference_mode():
-            reply = self._forward_one(request)
+        reply = self._forward_one(request)  # the fast path's threads run in inference mode (start_server)
         if not request.reply_session:
             return reply.SerializeToString()
         reply_to = request.reply_session
@@ -243,9 +242,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                             f"{kv.length(piece.seq_id)} of its positions"
                         )
                 # Each torch call costs tens of microseconds with caches cold from the layers: skip the no-op ones.
-                same = hidden.dtype == model.dtype and self.device == "cpu"
+                same = hidden.dtype == self.compute_dtype and self.device == "cpu"
                 began = time.perf_counter()
-                out = model.forward_layers(hidden if same else hidden.to(self.device, model.dtype), batch, kv)
+                out = model.forward_layers(hidden if same else hidden.to(self.device, self.compute_dtype), batch, kv)
                 reply.forward_us = int((time.perf_counter() - began) * 1e6)
             encode_tensor(out if out.dtype == hidden.dtype else out.to(hidden.dtype), out=reply.hidden)
         except (CakeError, ValueError, RuntimeError) as error:
@@ -309,6 +308,7 @@ def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer,
             settings.cluster_key,
             server_tls(settings.tls_cert, settings.tls_key, settings.tls_ca),
             on_connection_end=release_openmp_threads,
+            thread_context=torch.inference_mode,
         )
         servicer.dataplane.start()
     server.start()
