@@ -10,7 +10,8 @@ hit all of them alike; the ratios are medians of the per-round ratios.
 Configurations:
   single, --cpus       one process, one thread, on the --cpus cores
   single, all cores    one process, one thread per core this process may use
-  cluster, --cpus      master + 2 workers, one thread each, all on the --cpus cores (`--cpus` of cake serve/worker)
+  cluster, --cpus      master + 2 workers, one thread each, all on the --cpus cores (`--cpus` of cake serve/worker:
+                       pinned, and SCHED_BATCH)
   cluster, no chain    the same, with every worker answering the master (`--no-chain`) instead of the next worker
   cluster, unpinned    the same processes as "cluster, --cpus" wherever the OS puts them
 
@@ -38,7 +39,7 @@ from cake_py.api.server import build_pipeline  # noqa: E402
 from cake_py.cluster.stage import StageStats  # noqa: E402
 from cake_py.config import ServeSettings, WorkerSpec, parse_cpus  # noqa: E402
 from cake_py.engine.engine import Engine  # noqa: E402
-from cake_py.models.device import release_openmp_threads, set_process_cpus  # noqa: E402
+from cake_py.models.device import release_openmp_threads, set_process_batch, set_process_cpus  # noqa: E402
 from cake_py.models.hub import ModelSource, resolve_model  # noqa: E402
 from cake_py.models.sampling import SamplingParams  # noqa: E402
 
@@ -140,9 +141,10 @@ def main() -> None:
         try:
             for round_index in range(args.rounds):
                 for name in names:
-                    cpus = everywhere if name in ("single, all cores", "cluster, unpinned") else pinned
+                    unpinned = name in ("single, all cores", "cluster, unpinned")
                     for pid in [os.getpid()] + [worker.pid for worker in workers]:
-                        set_process_cpus(pid, cpus)
+                        set_process_cpus(pid, everywhere if unpinned else pinned)
+                        set_process_batch(pid, not unpinned)  # as --cpus does
                     threads = len(everywhere) if name == "single, all cores" else 1
                     ms, recorders = run_config(source, configurations[name], threads, ids, args.tokens, args.runs)
                     results[name].append(ms)

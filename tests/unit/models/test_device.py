@@ -1,4 +1,5 @@
-"""Process placement: --cpus pins every thread of the process, those started before and after the call."""
+"""Process placement: --cpus pins every thread of the process, those started before and after the call, and makes
+them SCHED_BATCH (no wake-up preemption between stages sharing a core)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ SCRIPT = textwrap.dedent(
                 found |= {line.split(":")[1].strip() for line in status if line.startswith("Cpus_allowed_list")}
         return sorted(found)
 
+    def policies():
+        return sorted({os.sched_getscheduler(int(tid)) for tid in os.listdir("/proc/self/task")})
+
     release = threading.Event()
     early = threading.Thread(target=release.wait)  # like a thread an import started
     early.start()
@@ -32,7 +36,7 @@ SCRIPT = textwrap.dedent(
         error = str(caught)
     late = threading.Thread(target=release.wait)
     late.start()
-    result = {"masks": masks(), "error": error}
+    result = {"masks": masks(), "policies": policies(), "error": error}
     release.set()
     print(json.dumps(result))
     """
@@ -45,15 +49,30 @@ def pin(cpus: list[int] | None) -> dict[str, object]:
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
-def test_every_thread_is_pinned() -> None:
+def test_every_thread_is_pinned_and_batch_scheduled() -> None:
     cpu = max(os.sched_getaffinity(0))
-    assert pin([cpu]) == {"masks": [str(cpu)], "error": None}
+    assert pin([cpu]) == {"masks": [str(cpu)], "policies": [os.SCHED_BATCH], "error": None}
 
 
-def test_none_leaves_the_mask_alone() -> None:
+def test_none_leaves_the_mask_and_policy_alone() -> None:
     result = pin(None)
     assert result["error"] is None
     assert len(result["masks"]) == 1  # type: ignore[arg-type]
+    assert result["policies"] == [os.sched_getscheduler(0)]
+
+
+def test_batch_policy_is_undone() -> None:
+    from cake_py.models.device import set_process_batch
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        set_process_batch(child.pid, True)
+        assert os.sched_getscheduler(child.pid) == os.SCHED_BATCH
+        set_process_batch(child.pid, False)
+        assert os.sched_getscheduler(child.pid) == os.SCHED_OTHER
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_unavailable_cpu_is_named() -> None:
