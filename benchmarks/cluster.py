@@ -1,11 +1,12 @@
 """Cluster overhead: decode ms/token of SmolLM2 on one node vs master + 2 workers on loopback, and one hop's cost.
 
-    .venv/bin/python benchmarks/cluster.py [--tokens 64] [--rounds 4] [--cpus 0]
+    .venv/bin/python benchmarks/cluster.py [--tokens 64] [--rounds 20] [--cpus 0]
 
 Same model (the embedded Q4_1 GGUF, bf16), same prompt, greedy, EOS ignored. The workers are real `cake worker`
-processes on 127.0.0.1 with one torch thread each; the master is this process, with one thread. Every round
-measures each configuration once (a warm-up then --runs generations, median), so slow phases of a shared machine
-hit all of them alike; the ratios are medians of the per-round ratios.
+processes on 127.0.0.1 with one torch thread each; the master is this process, with one thread. Every
+configuration has its engine loaded and warm from the start, and each round runs one generation of each, a second
+or so apart: this VM has slow phases lasting seconds, and only configurations measured close together compare. The
+ratios are medians of the per-round ratios.
 
 Configurations:
   single, --cpus       one process, one thread, on the --cpus cores
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cake_py.api.server import build_pipeline  # noqa: E402
+from cake_py.cluster.pipeline import Pipeline  # noqa: E402
 from cake_py.cluster.stage import StageStats  # noqa: E402
 from cake_py.config import ServeSettings, WorkerSpec, parse_cpus  # noqa: E402
 from cake_py.engine.engine import Engine  # noqa: E402
@@ -59,40 +61,28 @@ class RecordingStats(StageStats):
             self.hops_ms.append(round_trip_ms - forward_ms)
 
 
-def decode_ms(engine: Engine, ids: list[int], tokens: int, runs: int) -> float:
+def decode_ms(engine: Engine, ids: list[int], tokens: int) -> float:
+    """ms per generated token after the first, of one greedy generation."""
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    times = []
-    for run in range(runs + 1):
-        first = None
-        for event in engine.generate(ids, params):
-            if event.error:
-                raise SystemExit(f"generation failed: {event.error}")
-            if first is None and event.tokens:
-                first = time.perf_counter()
-        assert first is not None
-        if run:
-            times.append((time.perf_counter() - first) / (tokens - 1) * 1000)
-    return statistics.median(times)
+    first = None
+    for event in engine.generate(ids, params):
+        if event.error:
+            raise SystemExit(f"generation failed: {event.error}")
+        if first is None and event.tokens:
+            first = time.perf_counter()
+    assert first is not None
+    return (time.perf_counter() - first) / (tokens - 1) * 1000
 
 
-def run_config(
-    source: ModelSource, settings: ServeSettings, threads: int, ids: list[int], tokens: int, runs: int
-) -> tuple[float, list[RecordingStats]]:
-    """ms/token of one configuration, and its stages' recorded calls."""
+def start_engine(pipeline: Pipeline, source: ModelSource, threads: int, ids: list[int]) -> Engine:
+    """An engine whose thread computes with `threads` torch threads: a thread takes the count that is set when it
+    first computes, so each engine runs a warm-up generation before the next one's count is set."""
     torch.set_num_threads(threads)
-    pipeline = build_pipeline(settings, source, "cpu")
-    recorders = []
-    for stage in pipeline.stages:
-        stage.stats = RecordingStats()
-        recorders.append(stage.stats)
     engine = Engine(pipeline, source.tokenizer)
     release_openmp_threads()  # loading ran on this thread; the engine thread must own the only OpenMP pool
     engine.start()
-    try:
-        return decode_ms(engine, ids, tokens, runs), recorders
-    finally:
-        engine.stop()
-        pipeline.close()
+    decode_ms(engine, ids, 8)
+    return engine
 
 
 def start_workers(count: int, cache: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
@@ -115,45 +105,49 @@ def percentile(values: list[float], fraction: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=2, help="generations per configuration per round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--cpus", default="0", help="cores of the pinned configurations (taskset list form)")
     args = parser.parse_args()
     everywhere = tuple(sorted(os.sched_getaffinity(0)))
     pinned = parse_cpus(args.cpus) or everywhere
     source = resolve_model(None)
     ids = source.tokenizer.encode_chat([{"role": "user", "content": "Tell me about Paris."}])
-    single = ServeSettings(dtype="bfloat16")
     names = ["single, --cpus", "single, all cores", "cluster, --cpus", "cluster, no chain", "cluster, unpinned"]
     results: dict[str, list[float]] = {name: [] for name in names}
-    hops: dict[str, list[float]] = {name: [] for name in names[2:]}
-    layers_ms: dict[str, list[float]] = {"single, --cpus": [], "cluster, --cpus": []}  # per token, summed over stages
+    stats: dict[str, list[RecordingStats]] = {}
     with tempfile.TemporaryDirectory() as cache:
         workers, addresses = start_workers(2, Path(cache))
         specs = [WorkerSpec(f"w{i}", address) for i, address in enumerate(addresses)]
-        configurations = {
-            "single, --cpus": single,
-            "single, all cores": single,
-            "cluster, --cpus": ServeSettings(dtype="bfloat16", workers=specs),
-            "cluster, no chain": ServeSettings(dtype="bfloat16", workers=specs, chain=False),
-            "cluster, unpinned": ServeSettings(dtype="bfloat16", workers=specs),
-        }
+        engines: dict[str, Engine] = {}
         try:
+            single = build_pipeline(ServeSettings(dtype="bfloat16"), source, "cpu")
+            cluster = build_pipeline(ServeSettings(dtype="bfloat16", workers=specs), source, "cpu")
+            # The same stages (workers, connections) behind a pipeline that never chains.
+            unchained = Pipeline(cluster.ends, cluster.stages, chain=False)
+            setups = {  # pipeline, torch threads
+                "single, --cpus": (single, 1),
+                "single, all cores": (single, len(everywhere)),
+                "cluster, --cpus": (cluster, 1),
+                "cluster, no chain": (unchained, 1),
+                "cluster, unpinned": (cluster, 1),
+            }
+            for name, (pipeline, threads) in setups.items():
+                engines[name] = start_engine(pipeline, source, threads, ids)
+                stats[name] = [RecordingStats() for _ in pipeline.stages]
             for round_index in range(args.rounds):
                 for name in names:
                     unpinned = name in ("single, all cores", "cluster, unpinned")
                     for pid in [os.getpid()] + [worker.pid for worker in workers]:
                         set_process_cpus(pid, everywhere if unpinned else pinned)
                         set_process_batch(pid, not unpinned)  # as --cpus does
-                    threads = len(everywhere) if name == "single, all cores" else 1
-                    ms, recorders = run_config(source, configurations[name], threads, ids, args.tokens, args.runs)
-                    results[name].append(ms)
-                    if name in hops:
-                        hops[name] += [hop for recorder in recorders for hop in recorder.hops_ms]
-                    if name in layers_ms:
-                        layers_ms[name].append(sum(statistics.median(r.forwards_ms) for r in recorders))
+                    engine = engines[name]
+                    for stage, recorder in zip(engine.pipeline.stages, stats[name], strict=True):
+                        stage.stats = recorder
+                    results[name].append(decode_ms(engine, ids, args.tokens))
                 print(f"round {round_index + 1}: " + ", ".join(f"{n} {results[n][-1]:.2f}" for n in names), flush=True)
         finally:
+            for engine in engines.values():
+                engine.stop()
             for worker in workers:
                 worker.kill()
                 worker.wait()
@@ -166,15 +160,17 @@ def main() -> None:
           f"--cpus {args.cpus}, {len(everywhere)} cores")  # fmt: skip
     for name in names:
         print(f"{name:20s} {median[name]:7.2f} ms/token (median of rounds)")
-    for name, values in layers_ms.items():
-        print(f"the 30 layers' own compute per token, {name}: {statistics.median(values):.2f} ms")
+    for name in ("single, --cpus", "cluster, --cpus"):
+        compute = sum(statistics.median(recorder.forwards_ms) for recorder in stats[name])
+        print(f"the 30 layers' own compute per token, {name}: {compute:.2f} ms")
     print(f"cluster, --cpus / single, --cpus     {ratio('cluster, --cpus', 'single, --cpus'):.2f}x")
     print(f"cluster, --cpus / single, all cores  {ratio('cluster, --cpus', 'single, all cores'):.2f}x")
     print(f"cluster, no chain / single, --cpus   {ratio('cluster, no chain', 'single, --cpus'):.2f}x")
     print(f"cluster, unpinned / single, all cores {ratio('cluster, unpinned', 'single, all cores'):.2f}x")
-    for name, values in hops.items():
-        print(f"one hop, {name}: p50 {percentile(values, 0.5):.3f} ms, p90 {percentile(values, 0.9):.3f} ms "
-              f"over {len(values)} calls")  # fmt: skip
+    for name in names[2:]:
+        hops = [hop for recorder in stats[name] for hop in recorder.hops_ms]
+        print(f"one hop, {name}: p50 {percentile(hops, 0.5):.3f} ms, p90 {percentile(hops, 0.9):.3f} ms "
+              f"over {len(hops)} calls")  # fmt: skip
 
 
 if __name__ == "__main__":
