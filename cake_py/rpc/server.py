@@ -200,10 +200,23 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             request = pb.ForwardRequest.FromString(payload)
         except DecodeError:
             return pb.ForwardReply(error="malformed ForwardRequest").SerializeToString()
-        reply = self._forward_one(request)  # the fast path's threads run in inference mode (start_server)
-        if not request.reply_session:
-            return reply.SerializeToString()
         reply_to = request.reply_session
+        try:
+            return self._forward_frame(request, reply_to)
+        except Exception as error:  # the one seam: whatever went wrong must reach the master, which waits for it
+            log.exception("forward %d failed", request.request_id)
+            reply = pb.ForwardReply(
+                request_id=request.request_id, error=f"worker {self.name!r} failed: {type(error).__name__}: {error}"
+            )
+            if not reply_to:
+                return reply.SerializeToString()
+            self._answer_session(reply_to, reply)
+            return None
+
+    def _forward_frame(self, request: pb.ForwardRequest, reply_to: bytes) -> bytes | None:
+        reply = self._forward_one(request)  # the fast path's threads run in inference mode (start_server)
+        if not reply_to:
+            return reply.SerializeToString()
         request.chain_forward_us.append(reply.forward_us)
         if request.next and not reply.error:
             # The request goes on as it came, with this stage's output and one hop fewer: no new message to build.
@@ -219,10 +232,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 reply.chain_error = f"worker {self.name!r} cannot pass its output to {name!r}: {error}"
                 log.warning("%s", reply.chain_error)
         reply.chain_forward_us.extend(request.chain_forward_us)
-        assert self.dataplane is not None  # chained requests only arrive on the fast path
-        if not self.dataplane.send_to_session(reply_to, reply.SerializeToString()):
-            log.warning("chained forward %d: its master's connection is gone", request.request_id)
+        self._answer_session(reply_to, reply)
         return None
+
+    def _answer_session(self, session: bytes, reply: pb.ForwardReply) -> None:
+        """Answer a chained forward on its master's own connection to this worker."""
+        assert self.dataplane is not None  # chained requests only arrive on the fast path
+        if not self.dataplane.send_to_session(session, reply.SerializeToString()):
+            log.warning("chained forward %d: its master's connection is gone", reply.request_id)
 
     def _forward_one(self, request: pb.ForwardRequest) -> pb.ForwardReply:
         reply = pb.ForwardReply(request_id=request.request_id)
@@ -249,6 +266,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             encode_tensor(out if out.dtype == hidden.dtype else out.to(hidden.dtype), out=reply.hidden)
         except (CakeError, ValueError, RuntimeError) as error:
             reply.error = str(error)
+        except Exception as error:  # a bug, not bad input: still an answer, not a dead stream or connection
+            log.exception("forward %d failed", request.request_id)
+            reply.error = f"worker {self.name!r} failed: {type(error).__name__}: {error}"
         return reply
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseReply:
