@@ -17,7 +17,10 @@ Configurations:
   cluster, unpinned    the same processes as "cluster, --cpus" wherever the OS puts them
 
 A hop's cost is the round trip the master sees minus the worker's own compute, per Forward call (p50); in a chain,
-the chain's time minus its workers' compute, shared out evenly between its stages.
+the chain's time minus its workers' compute, shared out evenly between its stages. "In the pipeline" it includes
+running cold after the other processes' layers on a shared core; "back to back" is the hop alone: a third worker
+holding one layer, called once per decode token, one call right after another, pinned (--cpus, SCHED_BATCH) and
+unpinned.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ sys.path.insert(0, str(ROOT))
 
 from cake_py.api.server import build_pipeline  # noqa: E402
 from cake_py.cluster.pipeline import Pipeline  # noqa: E402
-from cake_py.cluster.stage import StageStats  # noqa: E402
+from cake_py.cluster.stage import Stage, StageStats  # noqa: E402
 from cake_py.config import ServeSettings, WorkerSpec, parse_cpus  # noqa: E402
 from cake_py.engine.engine import Engine  # noqa: E402
 from cake_py.models.device import release_openmp_threads, set_process_batch, set_process_cpus  # noqa: E402
 from cake_py.models.hub import ModelSource, resolve_model  # noqa: E402
+from cake_py.models.kv_cache import SequenceSlice  # noqa: E402
 from cake_py.models.sampling import SamplingParams  # noqa: E402
 
 
@@ -85,6 +89,20 @@ def start_engine(pipeline: Pipeline, source: ModelSource, threads: int, ids: lis
     return engine
 
 
+def back_to_back_hops(stage: Stage, hidden_size: int, calls: int) -> list[float]:
+    """Forward calls of one decode token each to one worker, one right after the other (nothing else runs in
+    between): each call's round trip minus the worker's own compute, in ms."""
+    recorder = RecordingStats()
+    stage.stats = recorder
+    hidden = torch.zeros(1, hidden_size, dtype=torch.bfloat16)
+    seq_id = 1 << 40  # no engine's
+    with torch.inference_mode():
+        for position in range(calls):
+            stage.forward(hidden, [SequenceSlice(seq_id, position, 1)])
+    stage.release([seq_id])
+    return recorder.hops_ms
+
+
 def start_workers(count: int, cache: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     processes, addresses = [], []
     for index in range(count):
@@ -107,6 +125,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--cpus", default="0", help="cores of the pinned configurations (taskset list form)")
+    parser.add_argument("--hop-calls", type=int, default=200, help="back-to-back Forward calls to one worker")
     args = parser.parse_args()
     everywhere = tuple(sorted(os.sched_getaffinity(0)))
     pinned = parse_cpus(args.cpus) or everywhere
@@ -115,9 +134,10 @@ def main() -> None:
     names = ["single, --cpus", "single, all cores", "cluster, --cpus", "cluster, no chain", "cluster, unpinned"]
     results: dict[str, list[float]] = {name: [] for name in names}
     stats: dict[str, list[RecordingStats]] = {}
+    back_to_back: dict[bool, list[float]] = {}  # unpinned or not: hop ms of back-to-back Forward calls
     with tempfile.TemporaryDirectory() as cache:
-        workers, addresses = start_workers(2, Path(cache))
-        specs = [WorkerSpec(f"w{i}", address) for i, address in enumerate(addresses)]
+        workers, addresses = start_workers(3, Path(cache))
+        specs = [WorkerSpec(f"w{i}", address) for i, address in enumerate(addresses[:2])]
         engines: dict[str, Engine] = {}
         try:
             single = build_pipeline(ServeSettings(dtype="bfloat16"), source, "cpu")
@@ -145,6 +165,20 @@ def main() -> None:
                         stage.stats = recorder
                     results[name].append(decode_ms(engine, ids, args.tokens))
                 print(f"round {round_index + 1}: " + ", ".join(f"{n} {results[n][-1]:.2f}" for n in names), flush=True)
+            # The hop alone: a third worker holding one layer, called back to back (the master keeps the rest).
+            torch.set_num_threads(1)
+            one_layer = build_pipeline(
+                ServeSettings(dtype="bfloat16", workers=[WorkerSpec("hop", addresses[2], layers=(0, 1))]), source, "cpu"
+            )
+            try:
+                for unpinned in (False, True):
+                    for pid in [os.getpid()] + [worker.pid for worker in workers]:
+                        set_process_cpus(pid, everywhere if unpinned else pinned)
+                        set_process_batch(pid, not unpinned)
+                    hidden_size = source.config.hidden_size
+                    back_to_back[unpinned] = back_to_back_hops(one_layer.stages[0], hidden_size, args.hop_calls)
+            finally:
+                one_layer.close()
         finally:
             for engine in engines.values():
                 engine.stop()
@@ -167,10 +201,12 @@ def main() -> None:
     print(f"cluster, --cpus / single, all cores  {ratio('cluster, --cpus', 'single, all cores'):.2f}x")
     print(f"cluster, no chain / single, --cpus   {ratio('cluster, no chain', 'single, --cpus'):.2f}x")
     print(f"cluster, unpinned / single, all cores {ratio('cluster, unpinned', 'single, all cores'):.2f}x")
-    for name in names[2:]:
-        hops = [hop for recorder in stats[name] for hop in recorder.hops_ms]
-        print(f"one hop, {name}: p50 {percentile(hops, 0.5):.3f} ms, p90 {percentile(hops, 0.9):.3f} ms "
-              f"over {len(hops)} calls")  # fmt: skip
+    hops = {f"in the pipeline, {name}": [h for r in stats[name] for h in r.hops_ms] for name in names[2:]}
+    hops["back to back, --cpus"] = back_to_back[False]
+    hops["back to back, unpinned"] = back_to_back[True]
+    for name, values in hops.items():
+        print(f"one hop, {name}: p50 {percentile(values, 0.5):.3f} ms, p90 {percentile(values, 0.9):.3f} ms "
+              f"over {len(values)} calls")  # fmt: skip
 
 
 if __name__ == "__main__":
