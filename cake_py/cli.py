@@ -35,6 +35,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+CPUS_HELP = "run on these CPUs only, e.g. 0-3,6, as SCHED_BATCH (default threads: their count)"
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--connect-timeout", type=_positive_float, default=10.0, help="seconds to wait for each worker at startup"
     )
     serve.add_argument("--threads", type=_positive_int, help="torch threads of the master")
-    serve.add_argument("--cpus", help="run on these CPUs only, e.g. 0-3,6 (default threads: their count)")
+    serve.add_argument("--cpus", help=CPUS_HELP)
     serve.add_argument(
         "--no-chain",
         dest="chain",
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
     worker.add_argument("--device", default="auto", choices=DEVICES)
     worker.add_argument("--threads", type=_positive_int, help="torch threads of this worker")
-    worker.add_argument("--cpus", help="run on these CPUs only, e.g. 0-3,6 (default threads: their count)")
+    worker.add_argument("--cpus", help=CPUS_HELP)
     worker.add_argument(
         "--data-port",
         type=int,
