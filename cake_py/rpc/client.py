@@ -155,14 +155,11 @@ class RemoteStage:
 
     # ---- chained forward ----
     def chainable(self) -> bool:
-        """Whether this stage can take part in a chained forward: up, on a plaintext fast path."""
-        return self._chain_client() is not None
-
-    def _chain_client(self) -> DataPlaneClient | None:
+        """Whether this stage can take part in a chained forward: up, on the fast path."""
         if not self._up or self._chain_off:
-            return None
+            return False
         fast = self._fast_path()
-        return fast if fast is not None and fast.sock is not None and fast.tls is None else None
+        return fast is not None and fast.sock is not None
 
     def forward_chain(
         self, followers: Sequence[RemoteStage], hidden: torch.Tensor, batch: Batch
@@ -201,7 +198,9 @@ class RemoteStage:
             raise self._broken(error) from None
         while True:
             try:
-                readable, _, _ = select.select(list(by_socket), [], [])
+                # A TLS socket may hold an answer already decrypted, which select cannot see.
+                readable: list[socket.socket] = [s for s in by_socket if isinstance(s, ssl.SSLSocket) and s.pending()]
+                readable = readable or select.select(list(by_socket), [], [])[0]
             except (OSError, ValueError) as error:  # a socket closed under us: its stage was marked down
                 down = next((stage for stage in chain if not stage._up), self)
                 raise down._broken(error) from None

@@ -11,8 +11,10 @@ reason, then closes. Control calls (handshake, weights, release, info) stay on g
 
 Chained forward: a worker may pass its output straight to the next worker (a `PeerLinks` connection, which is
 only ever written to) and the last one answers the master on the master's own connection, found by its session
-id: one handoff per stage plus one back, instead of two per stage. A connection is then read by its own thread
-and written by another, which plain TCP sockets allow; the master chains only over plaintext connections.
+id: one handoff per stage plus one back, instead of two per stage. That answer is written by another thread than
+the connection's own, which a plain TCP socket allows; a TLS connection's state belongs to its own thread (OpenSSL
+objects are not safe to read and write from two threads at once), so there the answer is queued and the
+connection's thread, woken by a pipe, writes it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import queue
 import select
 import socket
 import ssl
@@ -65,6 +68,9 @@ def server_tls(cert: Path | None, key: Path | None, ca: Path | None) -> ssl.SSLC
     if cert is None or key is None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # No session tickets: nothing is resumed, and a worker's peer link reads nothing after the hello (anything
+    # readable there means the other end closed it).
+    context.num_tickets = 0
     try:
         context.load_cert_chain(str(cert), str(key))
         if ca is not None:
@@ -89,6 +95,58 @@ def client_tls(cert: Path | None, key: Path | None, ca: Path | None) -> ssl.SSLC
 
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _Session:
+    """An accepted connection: its own thread reads it and answers (`answer`); other threads write frames on it
+    with `send` (chained replies to the master)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()  # writers; and `closed`
+        self.closed = False
+        self.tls = isinstance(conn, ssl.SSLSocket)
+        # TLS: frames other threads send wait here for the connection's thread, woken through the pipe.
+        self.outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.wake_read, self.wake_write = os.pipe() if self.tls else (-1, -1)
+
+    def send(self, payload: bytes) -> None:
+        """Write a frame from any thread."""
+        with self.lock:
+            if self.closed:
+                raise ConnectionError("the connection closed")
+            if self.tls:
+                self.outbox.put(payload)
+                os.write(self.wake_write, b"\0")
+            else:
+                write_frame(self.conn, payload)
+
+    def answer(self, payload: bytes) -> None:
+        """Write a frame from the connection's own thread."""
+        with self.lock:
+            write_frame(self.conn, payload)
+
+    def next_frame(self) -> bytes:
+        """The next frame the peer sends (the connection's own thread); on TLS, queued frames are written meanwhile."""
+        if isinstance(self.conn, ssl.SSLSocket):
+            fd = self.conn.fileno()
+            while not self.conn.pending():  # bytes already decrypted, which select cannot see
+                readable, _, _ = select.select([fd, self.wake_read], [], [])
+                if self.wake_read in readable:
+                    os.read(self.wake_read, 4096)
+                    while not self.outbox.empty():
+                        self.answer(self.outbox.get())
+                if fd in readable:
+                    break
+        return read_frame(self.conn)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            if self.tls:
+                os.close(self.wake_read)
+                os.close(self.wake_write)
+            self.conn.close()
 
 
 class DataPlaneServer:
@@ -126,8 +184,8 @@ class DataPlaneServer:
         self.port = int(self.listener.getsockname()[1])
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="cake-dataplane", daemon=True)
-        # Open connections by the session id of their hello, each with the lock its writers take.
-        self._sessions: dict[bytes, tuple[socket.socket, threading.Lock]] = {}
+        # Open connections by the session id of their hello.
+        self._sessions: dict[bytes, _Session] = {}
         self._sessions_lock = threading.Lock()
 
     def start(self) -> None:
@@ -155,16 +213,14 @@ class DataPlaneServer:
             entry = self._sessions.get(session)
         if entry is None:
             return False
-        conn, lock = entry
         try:
-            with lock:
-                write_frame(conn, payload)
-        except (OSError, ssl.SSLError):
+            entry.send(payload)
+        except (OSError, ssl.SSLError, ConnectionError):
             return False
         return True
 
     def _serve(self, conn: socket.socket, peer: object) -> None:
-        session = b""
+        session, entry = b"", None
         try:
             _tune(conn)
             if self.tls is not None:
@@ -178,24 +234,26 @@ class DataPlaneServer:
                 log.warning("refused a forward connection from %s: wrong or missing cluster key", peer)
                 write_frame(conn, b"\x00cluster key rejected")
                 return
-            lock = threading.Lock()
             session = hello[len(HELLO_MAGIC) : len(HELLO_MAGIC) + SESSION_BYTES]
+            entry = _Session(conn)
             with self._sessions_lock:
-                self._sessions[session] = (conn, lock)
+                self._sessions[session] = entry
             write_frame(conn, b"\x01")
             with self.thread_context():
                 while True:
-                    answer = self.handler(read_frame(conn))
+                    answer = self.handler(entry.next_frame())
                     if answer is not None:
-                        with lock:
-                            write_frame(conn, answer)
+                        entry.answer(answer)
         except (OSError, ssl.SSLError, ConnectionError):
             pass  # the master went away; its sequences are released by Release or the idle timeout
         finally:
             with self._sessions_lock:
-                if session and self._sessions.get(session, (None,))[0] is conn:
+                if entry is not None and self._sessions.get(session) is entry:
                     del self._sessions[session]
-            conn.close()
+            if entry is not None:
+                entry.close()
+            else:
+                conn.close()
             self.on_connection_end()
 
 
@@ -248,10 +306,12 @@ class DataPlaneClient:
 
 
 class PeerLinks:
-    """A worker's write-only connections to the next workers of chained forwards, opened on first use."""
+    """A worker's write-only connections to the next workers of chained forwards, opened on first use; over TLS
+    when `tls` is given (the worker's own certificate, and its CA to verify the next one)."""
 
-    def __init__(self, cluster_key: str | None, timeout: float = 5.0) -> None:
+    def __init__(self, cluster_key: str | None, tls: ssl.SSLContext | None = None, timeout: float = 5.0) -> None:
         self.key = cluster_key
+        self.tls = tls
         self.timeout = timeout
         self._links: dict[tuple[str, int], DataPlaneClient] = {}
         self._lock = threading.Lock()
@@ -262,7 +322,7 @@ class PeerLinks:
             link = self._links.get((host, port))
             for attempt in range(2):
                 if link is None:
-                    link = DataPlaneClient(host, port, self.key, None)
+                    link = DataPlaneClient(host, port, self.key, self.tls)
                     link.connect(self.timeout)  # ClusterError, naming host:port
                     self._links[(host, port)] = link
                 try:

@@ -39,7 +39,7 @@ from cake_py.models.llama import Transformer
 from cake_py.models.weights import build_transformer
 from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from cake_py.rpc.codec import decode_tensor, dtype_from_pb, dtype_to_pb, encode_tensor
-from cake_py.rpc.dataplane import DataPlaneServer, PeerLinks, server_tls
+from cake_py.rpc.dataplane import DataPlaneServer, PeerLinks, client_tls, server_tls
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
 from cake_py.rpc.security import ClusterKeyInterceptor, server_credentials
@@ -75,7 +75,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.weights_bytes = 0
         self.started = time.time()
         self.dataplane: DataPlaneServer | None = None
-        self.peers = PeerLinks(settings.cluster_key)  # to the next workers of chained forwards
+        # To the next workers of chained forwards: a TLS worker's peers are TLS workers of the same cluster.
+        tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca) if settings.tls_cert else None
+        self.peers = PeerLinks(settings.cluster_key, tls)
         self.process = psutil.Process()
 
     # ---- host facts ----

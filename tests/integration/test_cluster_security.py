@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cake_py.api.server import build_pipeline
-from cake_py.cluster.pipeline import local_pipeline
+from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.config import ServeSettings, WorkerSpec
 from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource, resolve_model
@@ -134,7 +134,11 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     _self_signed_ca(folder, "ca", "/CN=cake test CA")
     _self_signed_ca(folder, "other-ca", "/CN=another CA")
     _issue(
-        folder, "server", "/CN=localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+        folder,
+        "server",
+        "/CN=localhost",
+        # A worker also presents it to the next worker of a chain, as a client.
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
     )
     _issue(folder, "client", "/CN=cake master", "extendedKeyUsage=clientAuth\n")
     return Certificates(
@@ -153,6 +157,7 @@ class SecureWorkers:
     keyed_too: WorkerProcess  # another, for chained forwards between keyed workers
     tls: WorkerProcess  # --tls-cert/--tls-key
     mutual: WorkerProcess  # ... and --tls-ca: masters must present a certificate from that CA
+    mutual_too: WorkerProcess  # another, for chained forwards over TLS
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +169,9 @@ def secure(tmp_path_factory: pytest.TempPathFactory, certificates: Certificates)
             keyed_too=cluster.worker("--cluster-key", "right", name="keyed-too"),
             tls=cluster.worker(*server, name="tls"),
             mutual=cluster.worker(*server, "--tls-ca", str(certificates.ca), name="mutual"),
+            mutual_too=cluster.worker(*server, "--tls-ca", str(certificates.ca), name="mutual-too"),
         )
-        every = (workers.keyed, workers.keyed_too, workers.tls, workers.mutual)
+        every = (workers.keyed, workers.keyed_too, workers.tls, workers.mutual, workers.mutual_too)
         for worker in every:
             worker.launch()  # side by side: their startups overlap
         for worker in every:
@@ -251,20 +257,48 @@ def test_keyed_workers_chain_with_the_cluster_key(
     assert "refused" not in secure.keyed_too.stderr
 
 
-def test_tls_workers_are_not_chained(
+def tls_pipeline(
+    certificates: Certificates, first: WorkerProcess, second: WorkerProcess, llama: ModelSource
+) -> Pipeline:
+    """A TLS master (mutual: it presents its certificate) with `first` on layers 0-1 and `second` on layer 2."""
+    settings = settings_for(
+        first, tls_ca=certificates.ca, tls_cert=certificates.client_cert, tls_key=certificates.client_key
+    )
+    settings.workers = [first.spec((0, 2)), second.spec((2, 3))]
+    return build_pipeline(settings, llama, "cpu")
+
+
+def test_tls_workers_chain(
     secure: SecureWorkers, certificates: Certificates, llama: ModelSource, single_node_tokens: list[int]
 ) -> None:
-    """Chaining writes a reply on a connection another thread reads: plain TCP allows it, a TLS socket does not."""
-    settings = settings_for(
-        secure.tls, tls_ca=certificates.ca, tls_cert=certificates.client_cert, tls_key=certificates.client_key
-    )
-    settings.workers = [secure.tls.spec((0, 2)), secure.mutual.spec((2, 3))]
-    pipeline = build_pipeline(settings, llama, "cpu")
+    """Each worker verifies the next with its --tls-ca and presents its own certificate; the last one's answer is
+    written on the master's TLS connection by that connection's own thread."""
+    pipeline = tls_pipeline(certificates, secure.mutual, secure.mutual_too, llama)
+    try:
+        for _ in range(2):  # the second time over links and sessions already open
+            assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == single_node_tokens
+        stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+        assert [stage.transport for stage in stages] == ["fast+tls", "fast+tls"]
+        assert all(stage.chained_calls == stage.stats.calls > 0 for stage in stages)
+    finally:
+        pipeline.close()
+
+
+def test_a_tls_worker_that_cannot_verify_the_next_answers_the_master(
+    secure: SecureWorkers,
+    certificates: Certificates,
+    llama: ModelSource,
+    single_node_tokens: list[int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without --tls-ca a worker cannot verify the next one: it answers with its output, the master runs the rest."""
+    pipeline = tls_pipeline(certificates, secure.tls, secure.mutual, llama)
     try:
         assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == single_node_tokens
         stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
-        assert [stage.transport for stage in stages] == ["fast+tls", "fast+tls"]
-        assert [stage.chained_calls for stage in stages] == [0, 0]
+        assert "cannot pass its output to 'mutual'" in caplog.text and "certificate" in caplog.text
+        assert not any(stage.chainable() for stage in stages)
+        assert stages[1].chained_calls == 0 and stages[1].stats.calls > 0
     finally:
         pipeline.close()
 
