@@ -194,13 +194,17 @@ class RemoteStage:
             by_socket[client.sock] = stage
         try:
             clients[0].send(payload)
+            poller = select.poll()  # poll, not select: descriptors may be numbered past select's 1024
+            for sock in by_socket:
+                poller.register(sock, select.POLLIN)
+            by_fd = {sock.fileno(): sock for sock in by_socket}
         except (OSError, ConnectionError) as error:
             raise self._broken(error) from None
         while True:
             try:
-                # A TLS socket may hold an answer already decrypted, which select cannot see.
+                # A TLS socket may hold an answer already decrypted, which poll cannot see.
                 readable: list[socket.socket] = [s for s in by_socket if isinstance(s, ssl.SSLSocket) and s.pending()]
-                readable = readable or select.select(list(by_socket), [], [])[0]
+                readable = readable or [by_fd[fd] for fd, _ in poller.poll()]
             except (OSError, ValueError) as error:  # a socket closed under us: its stage was marked down
                 down = next((stage for stage in chain if not stage._up), self)
                 raise down._broken(error) from None

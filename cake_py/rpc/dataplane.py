@@ -109,6 +109,11 @@ class _Session:
         # TLS: frames other threads send wait here for the connection's thread, woken through the pipe.
         self.outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.wake_read, self.wake_write = os.pipe() if self.tls else (-1, -1)
+        self.poller = select.poll()  # poll, not select: descriptors may be numbered past select's 1024
+        if self.tls:
+            os.set_blocking(self.wake_write, False)  # a full pipe already holds a wake-up
+            self.poller.register(conn, select.POLLIN)
+            self.poller.register(self.wake_read, select.POLLIN)
 
     def send(self, payload: bytes) -> None:
         """Write a frame from any thread."""
@@ -117,26 +122,32 @@ class _Session:
                 raise ConnectionError("the connection closed")
             if self.tls:
                 self.outbox.put(payload)
-                os.write(self.wake_write, b"\0")
+                try:
+                    os.write(self.wake_write, b"\0")
+                except BlockingIOError:
+                    pass
             else:
                 write_frame(self.conn, payload)
 
     def answer(self, payload: bytes) -> None:
-        """Write a frame from the connection's own thread."""
-        with self.lock:
+        """Write a frame from the connection's own thread (on TLS the only writer: no lock to hold up `send`)."""
+        if self.tls:
             write_frame(self.conn, payload)
+        else:
+            with self.lock:
+                write_frame(self.conn, payload)
 
     def next_frame(self) -> bytes:
         """The next frame the peer sends (the connection's own thread); on TLS, queued frames are written meanwhile."""
         if isinstance(self.conn, ssl.SSLSocket):
             fd = self.conn.fileno()
-            while not self.conn.pending():  # bytes already decrypted, which select cannot see
-                readable, _, _ = select.select([fd, self.wake_read], [], [])
-                if self.wake_read in readable:
+            while not self.conn.pending():  # bytes already decrypted, which poll cannot see
+                ready = {ready_fd for ready_fd, _ in self.poller.poll()}
+                if self.wake_read in ready:
                     os.read(self.wake_read, 4096)
                     while not self.outbox.empty():
                         self.answer(self.outbox.get())
-                if fd in readable:
+                if fd in ready:  # data, or the peer closed it (read_frame says which)
                     break
         return read_frame(self.conn)
 
@@ -246,6 +257,8 @@ class DataPlaneServer:
                         entry.answer(answer)
         except (OSError, ssl.SSLError, ConnectionError):
             pass  # the master went away; its sequences are released by Release or the idle timeout
+        except Exception:  # a bug: into the log, not a silent thread death
+            log.exception("forward connection from %s failed", peer)
         finally:
             with self._sessions_lock:
                 if entry is not None and self._sessions.get(session) is entry:
@@ -350,5 +363,6 @@ def _closed_by_peer(link: DataPlaneClient) -> bool:
     sock = link.sock
     if sock is None:
         return True
-    readable, _, _ = select.select([sock], [], [], 0)
-    return bool(readable)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))

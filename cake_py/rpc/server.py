@@ -351,6 +351,9 @@ def run_worker(settings: WorkerSettings) -> None:
     server, servicer, port = start_server(settings)
     if not settings.cluster_key:
         log.warning("no --cluster-key: any master that can reach this worker can use it")
+    if settings.tls_cert and not settings.tls_ca:
+        log.warning("--tls-cert without --tls-ca: this worker cannot verify the next worker of a chained forward, "
+                    "so its output goes back through the master")  # fmt: skip
     tls = "TLS" if settings.tls_cert else "plaintext"
     fast = f", forward fast path on port {servicer.dataplane.port}" if servicer.dataplane else ""
     print(f"cake worker {servicer.name!r} listening on {settings.host}:{port} ({tls}, device {servicer.device}{fast})",

@@ -297,6 +297,7 @@ def test_a_tls_worker_that_cannot_verify_the_next_answers_the_master(
         assert generate_tokens(pipeline, llama.tokenizer, llama.tokenizer.encode(PROMPT)) == single_node_tokens
         stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
         assert "cannot pass its output to 'mutual'" in caplog.text and "certificate" in caplog.text
+        assert "--tls-cert without --tls-ca" in secure.tls.stderr  # it said so when it started
         assert not any(stage.chainable() for stage in stages)
         assert stages[1].chained_calls == 0 and stages[1].stats.calls > 0
     finally:
