@@ -211,7 +211,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         serve(_serve_settings(args))
     elif args.command == "worker":
-        from cake_py.rpc.server import run_worker
+        from cake_py.rpc.worker import run_worker
 
         run_worker(_worker_settings(args))
     elif args.command == "run":

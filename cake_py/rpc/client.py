@@ -39,10 +39,22 @@ log = logging.getLogger(__name__)
 # One sequence for every stage of the process: a late answer to a failed step can never match a newer request.
 _REQUEST_IDS = itertools.count(1)
 
+# A chained forward that no worker of its chain has worked on for this long was lost on the way (a worker's
+# connection thread died with it, say): the step fails instead of waiting forever.
+CHAIN_STALL_S = 30.0
+
 
 def _on_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A decoded (CPU) tensor moved to the device of `like`; no torch call when that is the CPU (the hot path)."""
     return tensor if like.device.type == "cpu" else tensor.to(like.device)
+
+
+def _chain_stalled(chain: Sequence[RemoteStage], sent_at: float) -> bool:
+    """Whether every worker of the chain, asked since the forward was sent, has worked on no forward for
+    CHAIN_STALL_S (a worker working now, or too old to say, answers 0 and never looks idle)."""
+    now = time.monotonic()
+    quiet_since = now - CHAIN_STALL_S
+    return sent_at < quiet_since and all(s._info_at > sent_at and s._worked_at < quiet_since for s in chain)
 
 
 class RemoteStage:
@@ -65,6 +77,8 @@ class RemoteStage:
         self.chained_calls = 0  # forward passes this stage ran inside a chained call
         self._closing = threading.Event()
         self._last_info: pb.InfoReply | None = None
+        self._info_at = 0.0  # time.monotonic() of the last ping's answer
+        self._worked_at = 0.0  # when, by that answer, the worker last worked on a forward (now: working, or can't say)
         # Sequences finished while the worker was down: it may still hold their caches (a network cut, a pause),
         # so they are released once it is back.
         self._unreleased: set[int] = set()
@@ -194,6 +208,7 @@ class RemoteStage:
             by_socket[client.sock] = stage
         try:
             clients[0].send(payload)
+            sent_at = time.monotonic()
             poller = select.poll()  # poll, not select: descriptors may be numbered past select's 1024
             for sock in by_socket:
                 poller.register(sock, select.POLLIN)
@@ -204,10 +219,17 @@ class RemoteStage:
             try:
                 # A TLS socket may hold an answer already decrypted, which poll cannot see.
                 readable: list[socket.socket] = [s for s in by_socket if isinstance(s, ssl.SSLSocket) and s.pending()]
-                readable = readable or [by_fd[fd] for fd, _ in poller.poll()]
+                readable = readable or [by_fd[fd] for fd, _ in poller.poll(PING_INTERVAL_S * 1000)]
             except (OSError, ValueError) as error:  # a socket closed under us: its stage was marked down
                 down = next((stage for stage in chain if not stage._up), self)
                 raise down._broken(error) from None
+            if not readable and _chain_stalled(chain, sent_at):
+                for member in chain:
+                    member._chain_off = True
+                raise StageError(
+                    f"chained forward {request.request_id} through {', '.join(s.name for s in chain)} was lost: no "
+                    f"worker has worked on it for {CHAIN_STALL_S:.0f} s; these workers are not chained again"
+                )
             for sock in readable:
                 stage = by_socket[sock]
                 try:
@@ -272,6 +294,8 @@ class RemoteStage:
             if self._up:
                 try:
                     info = self._last_info = self.connection.info()
+                    self._info_at = time.monotonic()
+                    self._worked_at = self._info_at - info.forward_idle_seconds
                     held = (info.layers.start, info.layers.end) if info.HasField("layers") else None
                     if info.status != pb.WORKER_STATUS_READY:
                         self._mark_down(f"worker lost its layers (status {info.status})")

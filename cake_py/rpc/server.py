@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from typing import Any, cast
 
 import grpc
@@ -23,39 +21,45 @@ import psutil
 import torch
 from google.protobuf.message import DecodeError
 
-from cake_py.cluster.hostinfo import HostFacts, host_facts, measure_tflops
+from cake_py.cluster.hostinfo import HostFacts, host_facts
 from cake_py.config import WorkerSettings
 from cake_py.errors import CakeError, ClusterError
 from cake_py.models.config import ModelConfig
-from cake_py.models.device import (
-    pin_cpus,
-    release_openmp_threads,
-    resolve_device,
-    set_threads,
-    tune_allocator,
-)
+from cake_py.models.device import release_openmp_threads
 from cake_py.models.kv_cache import KVStore, SequenceSlice
 from cake_py.models.llama import Transformer
 from cake_py.models.weights import build_transformer
-from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from cake_py.rpc import PROTOCOL_VERSION
 from cake_py.rpc.codec import decode_tensor, dtype_from_pb, dtype_to_pb, encode_tensor
-from cake_py.rpc.dataplane import DataPlaneServer, PeerLinks, client_tls, server_tls
+from cake_py.rpc.dataplane import DataPlaneServer, PeerLinks, client_tls
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
-from cake_py.rpc.security import ClusterKeyInterceptor, server_credentials
 from cake_py.rpc.weight_cache import TensorWriter, WeightCache
 
 log = logging.getLogger(__name__)
 
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-    # gRPC turns SO_REUSEPORT on by default: a second worker on a busy port would then start "fine" and the kernel
-    # would split masters' connections between the two. A busy port must be an error.
-    ("grpc.so_reuseport", 0),
-]
+
+class ForwardActivity:
+    """Forward passes in progress and when the last one ended, for InfoReply.forward_idle_seconds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._since = time.monotonic()
+
+    def begin(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._active -= 1
+            self._since = time.monotonic()
+
+    def idle_seconds(self) -> float:
+        """0 while a forward pass is in progress, else the seconds since the last one ended (never 0)."""
+        with self._lock:
+            return 0.0 if self._active else max(time.monotonic() - self._since, 1e-6)
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
@@ -79,6 +83,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca) if settings.tls_cert else None
         self.peers = PeerLinks(settings.cluster_key, tls)
         self.process = psutil.Process()
+        self.activity = ForwardActivity()
 
     # ---- host facts ----
     def _host(self) -> pb.HostInfo:
@@ -191,7 +196,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         try:
             with torch.inference_mode():
                 for request in request_iterator:
-                    yield self._forward_one(request)
+                    self.activity.begin()
+                    try:
+                        reply = self._forward_one(request)
+                    finally:
+                        self.activity.end()
+                    yield reply
         finally:
             release_openmp_threads()  # the stream is over: its pool must not slow the next stream's
 
@@ -203,6 +213,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         except DecodeError:
             return pb.ForwardReply(error="malformed ForwardRequest").SerializeToString()
         reply_to = request.reply_session
+        self.activity.begin()
         try:
             return self._forward_frame(request, reply_to)
         except Exception as error:  # the one seam: whatever went wrong must reach the master, which waits for it
@@ -214,9 +225,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 return reply.SerializeToString()
             self._answer_session(reply_to, reply)
             return None
+        finally:
+            self.activity.end()
 
     def _forward_frame(self, request: pb.ForwardRequest, reply_to: bytes) -> bytes | None:
-        reply = self._forward_one(request)  # the fast path's threads run in inference mode (start_server)
+        reply = self._forward_one(request)  # the fast path's threads run in inference mode (see worker.py)
         if not reply_to:
             return reply.SerializeToString()
         request.chain_forward_us.append(reply.forward_us)
@@ -298,74 +311,5 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             process_rss_bytes=self.process.memory_info().rss,
             error=self.error,
             protocol_version=PROTOCOL_VERSION,
+            forward_idle_seconds=self.activity.idle_seconds(),
         )
-
-
-def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer, int]:
-    """Start serving; returns the server, its servicer and the bound port."""
-    set_threads(settings.threads)
-    tune_allocator()
-    device = resolve_device(settings.device)
-    servicer = WorkerServicer(settings, device, measure_tflops(device))
-    release_openmp_threads()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="cake-worker"),
-        interceptors=[ClusterKeyInterceptor(settings.cluster_key)],
-        options=SERVER_OPTIONS,
-    )
-    pb_grpc.add_WorkerServicer_to_server(servicer, server)
-    address = f"{settings.host}:{settings.port}"
-    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as error:
-        raise ClusterError(f"cannot listen on {address}: {error}") from error
-    if port == 0:
-        raise ClusterError(f"cannot listen on {address}: the port is in use or the host is not local")
-    if settings.data_port >= 0:
-        servicer.dataplane = DataPlaneServer(
-            settings.host,
-            settings.data_port,
-            servicer.forward_frame,
-            settings.cluster_key,
-            server_tls(settings.tls_cert, settings.tls_key, settings.tls_ca),
-            on_connection_end=release_openmp_threads,
-            thread_context=torch.inference_mode,
-        )
-        servicer.dataplane.start()
-    server.start()
-    return server, servicer, port
-
-
-def _reap_idle_sequences(servicer: WorkerServicer, idle_seconds: float, stop: threading.Event) -> None:
-    """Free KV caches a master never released (it died, or lost the stream) once they sit idle long enough."""
-    while not stop.wait(min(idle_seconds / 4, 30.0)):
-        with servicer.lock:
-            stale = servicer.kv.release_idle(idle_seconds) if servicer.kv is not None else []
-        if stale:
-            log.info("released %d sequence(s) idle for over %.0f s", len(stale), idle_seconds)
-
-
-def run_worker(settings: WorkerSettings) -> None:
-    pin_cpus(settings.cpus)
-    server, servicer, port = start_server(settings)
-    if not settings.cluster_key:
-        log.warning("no --cluster-key: any master that can reach this worker can use it")
-    if settings.tls_cert and not settings.tls_ca:
-        log.warning("--tls-cert without --tls-ca: this worker cannot verify the next worker of a chained forward, "
-                    "so its output goes back through the master")  # fmt: skip
-    tls = "TLS" if settings.tls_cert else "plaintext"
-    fast = f", forward fast path on port {servicer.dataplane.port}" if servicer.dataplane else ""
-    print(f"cake worker {servicer.name!r} listening on {settings.host}:{port} ({tls}, device {servicer.device}{fast})",
-          flush=True)  # fmt: skip
-    stop = threading.Event()
-    threading.Thread(
-        target=_reap_idle_sequences, args=(servicer, settings.kv_idle_seconds, stop), name="cake-reaper", daemon=True
-    ).start()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
-    if servicer.dataplane is not None:
-        servicer.dataplane.close()
-    servicer.peers.close()
-    server.stop(grace=1).wait()

@@ -20,7 +20,9 @@ from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
 from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource, resolve_model
+from cake_py.rpc import client as client_module
 from cake_py.rpc.client import RemoteStage
+from cake_py.rpc.dataplane import DataPlaneServer
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import LocalCluster, collect, free_port, generate_tokens, greedy, token_ids, wait_until
 from tests.fixtures.server import running_server, tiny_settings
@@ -185,6 +187,38 @@ def test_first_worker_of_a_chain_killed_mid_generation(
     finally:
         engine.stop()
         pipeline.close()
+
+
+# ---- a chained forward lost between workers: the step fails in bounded time, the cluster serves on ----
+
+
+def test_a_chained_forward_lost_on_the_way_fails_the_step(
+    cluster: LocalCluster, llama: ModelSource, single_node_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first worker passes its output to a server that takes frames and never answers: both real workers
+    stay up and idle, so only their pings' forward_idle_seconds can tell the master its hidden states are gone."""
+    monkeypatch.setattr(client_module, "CHAIN_STALL_S", 2.0)
+    black_hole = DataPlaneServer("127.0.0.1", 0, lambda frame: None, None, None)
+    black_hole.start()
+    first, second = cluster.start_workers(2)
+    pipeline, engine = serving_engine(llama, [first.spec((0, 1)), second.spec((1, 3))])
+    stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+    prompt = llama.tokenizer.encode(PROMPT)
+    try:
+        assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
+        fast = stages[1]._fast
+        assert fast is not None
+        fast.port = black_hole.port  # what the chain tells the first worker; the master's own socket stays open
+        began = time.monotonic()
+        last = collect(engine, prompt, greedy(32), timeout=20)[-1]
+        assert last.finish_reason == "error" and last.error is not None and "was lost" in last.error, last.error
+        assert time.monotonic() - began < 10
+        assert pipeline.healthy() and not any(stage.chainable() for stage in stages)
+        assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens  # via the master
+    finally:
+        engine.stop()
+        pipeline.close()
+        black_hole.close()
 
 
 # ---- 9. GET /api/v1/topology answers during a generation, with live figures, and shows a dead worker ----

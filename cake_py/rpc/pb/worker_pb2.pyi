@@ -264,7 +264,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("status", "host", "model_id", "layers", "compute_dtype", "live_sequences", "kv_cache_bytes", "weights_bytes", "uptime_seconds", "cpu_percent", "process_rss_bytes", "error", "protocol_version")
+    __slots__ = ("status", "host", "model_id", "layers", "compute_dtype", "live_sequences", "kv_cache_bytes", "weights_bytes", "uptime_seconds", "cpu_percent", "process_rss_bytes", "error", "protocol_version", "forward_idle_seconds")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,7 @@ class InfoReply(_message.Message):
     PROCESS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     status: WorkerStatus
     host: HostInfo
     model_id: str
@@ -291,4 +292,5 @@ class InfoReply(_message.Message):
     process_rss_bytes: int
     error: str
     protocol_version: int
-    def __init__(self, status: _Optional[_Union[WorkerStatus, str]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., compute_dtype: _Optional[_Union[DType, str]] = ..., live_sequences: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., process_rss_bytes: _Optional[int] = ..., error: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    forward_idle_seconds: float
+    def __init__(self, status: _Optional[_Union[WorkerStatus, str]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., compute_dtype: _Optional[_Union[DType, str]] = ..., live_sequences: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., process_rss_bytes: _Optional[int] = ..., error: _Optional[str] = ..., protocol_version: _Optional[int] = ..., forward_idle_seconds: _Optional[float] = ...) -> None: ...

@@ -16,11 +16,13 @@ from cake_py.models.kv_cache import Batch, KVStore
 from cake_py.rpc.codec import encode_tensor
 from cake_py.rpc.dataplane import PeerLinks
 from cake_py.rpc.pb import worker_pb2 as pb
-from cake_py.rpc.server import WorkerServicer
+from cake_py.rpc.server import ForwardActivity, WorkerServicer
 
 
 class BrokenLayers:
     """Layers whose forward fails in a way no handler expects."""
+
+    start, end = 0, 1
 
     def forward_layers(self, hidden: torch.Tensor, batch: Batch, kv: KVStore) -> torch.Tensor:
         raise TypeError("unexpected layer failure")
@@ -98,3 +100,18 @@ def test_a_next_hop_no_socket_can_reach_is_a_chain_error_naming_it() -> None:
     """The worker then answers the master with its output (a chain_error) instead of failing the step."""
     with pytest.raises(ClusterError, match="bad-host:1"):
         PeerLinks(None, timeout=1).send("bad-host", 1, b"frame")
+
+
+def test_forward_activity_reads_idle_only_between_forwards(servicer: WorkerServicer) -> None:
+    """A master reads 0 as "working, or cannot tell", so an idle worker never reports 0."""
+    activity = ForwardActivity()
+    assert activity.idle_seconds() > 0
+    activity.begin()
+    activity.begin()
+    activity.end()
+    assert activity.idle_seconds() == 0  # one still in progress
+    activity.end()
+    assert 0 < activity.idle_seconds() < 5
+    servicer.forward_frame(request().SerializeToString())  # fails inside, still counted as ended
+    assert servicer.activity.idle_seconds() > 0
+    assert servicer.Info(pb.InfoRequest(), None).forward_idle_seconds > 0  # type: ignore[arg-type]
