@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from cake_py.rpc.client import RemoteStage, WorkerConnection
 from cake_py.rpc.dataplane import DataPlaneClient
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import LocalCluster, WorkerProcess, free_port, generate_tokens, run_cake
+from tests.fixtures.tls import Certificates, make_certificates
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,57 +98,9 @@ def test_the_same_worker_listed_twice_is_an_error(llama: ModelSource) -> None:
 # ---- TLS material, made with the openssl CLI ----
 
 
-@dataclass(frozen=True)
-class Certificates:
-    ca: Path  # signs the two below
-    server_cert: Path  # for 127.0.0.1 and localhost
-    server_key: Path
-    client_cert: Path  # a master's certificate, for workers that require one
-    client_key: Path
-    other_ca: Path  # a CA that signed nothing here
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def _issue(folder: Path, name: str, subject: str, extensions: str) -> None:
-    """`name`.pem/.key: an EC key and a certificate signed by ca.pem."""
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", "-subj", subject, cwd=folder)  # fmt: skip
-    (folder / f"{name}.ext").write_text(extensions)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)  # fmt: skip
-
-
-def _self_signed_ca(folder: Path, name: str, subject: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", subject, cwd=folder)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl CLI is needed to make the test certificates")
-    folder = tmp_path_factory.mktemp("tls")
-    _self_signed_ca(folder, "ca", "/CN=cake test CA")
-    _self_signed_ca(folder, "other-ca", "/CN=another CA")
-    _issue(
-        folder,
-        "server",
-        "/CN=localhost",
-        # A worker also presents it to the next worker of a chain, as a client.
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    _issue(folder, "client", "/CN=cake master", "extendedKeyUsage=clientAuth\n")
-    return Certificates(
-        ca=folder / "ca.pem",
-        server_cert=folder / "server.pem",
-        server_key=folder / "server.key",
-        client_cert=folder / "client.pem",
-        client_key=folder / "client.key",
-        other_ca=folder / "other-ca.pem",
-    )
+    return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
 @dataclass(frozen=True)

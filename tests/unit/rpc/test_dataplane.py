@@ -6,11 +6,13 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from cake_py.errors import ClusterError
-from cake_py.rpc.dataplane import DataPlaneClient, DataPlaneServer, read_frame, write_frame
+from cake_py.rpc.dataplane import DataPlaneClient, DataPlaneServer, client_tls, read_frame, server_tls, write_frame
+from tests.fixtures.tls import make_certificates
 
 
 def test_frames_round_trip_over_a_socket_pair() -> None:
@@ -86,3 +88,37 @@ def test_closing_unblocks_a_waiting_exchange() -> None:
     slow.set()
     server.close()
     assert not waiter.is_alive() and errors
+
+
+# ---- a TLS connection: frames other threads send are written by the connection's own thread ----
+
+
+def test_tls_frames_sent_from_other_threads_arrive_in_order(tmp_path: Path) -> None:
+    """More frames than the wake pipe holds are queued while the connection's thread is busy in its handler:
+    every one arrives, in order, after that handler's own answer."""
+    certificates = make_certificates(tmp_path)
+    busy, queued = threading.Event(), threading.Event()
+
+    def handler(frame: bytes) -> bytes:
+        busy.set()
+        assert queued.wait(30)
+        return frame[::-1]
+
+    server = DataPlaneServer(
+        "127.0.0.1", 0, handler, None, server_tls(certificates.server_cert, certificates.server_key, None)
+    )
+    server.start()
+    client = DataPlaneClient("127.0.0.1", server.port, None, client_tls(None, None, certificates.ca))
+    client.connect(timeout=5)
+    pushed = [b"pushed %d" % index for index in range(70_000)]  # a pipe holds 65536 wake-up bytes
+    try:
+        sock = client.send(b"abc")
+        assert busy.wait(10)
+        assert all(server.send_to_session(client.session, frame) for frame in pushed)
+        queued.set()
+        assert read_frame(sock) == b"cba"
+        assert [read_frame(sock) for _ in pushed] == pushed
+    finally:
+        queued.set()
+        client.close()
+        server.close()
