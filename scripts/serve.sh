@@ -8,7 +8,7 @@ bash scripts/setup.sh
 PORT="${PORT:-8080}"
 CACHE="${CAKE_WORKER_CACHE:-.cache/workers}"
 # A batch-1 pipeline runs one stage at a time: master and workers on the same core hand each token over with a
-# context switch instead of waking an idle core (benchmarks/cluster.py: ~1.17x single node instead of ~1.6x).
+# context switch instead of waking an idle core (benchmarks/cluster.py: 1.15-1.22x single node instead of ~1.6x).
 CPUS="${CAKE_CPUS:-$(.venv/bin/python -c 'import os; print(min(os.sched_getaffinity(0)))')}"
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }

@@ -116,7 +116,7 @@ def pin_cpus(cpus: tuple[int, ...] | None) -> None:
 
     A pinned process also runs as SCHED_BATCH (`set_process_batch`): a stage woken by its input then waits for the
     stage that sent it to block, instead of preempting it and being preempted back a moment later to let it
-    finish its send, two context switches that each refill the caches of the layers (1.24x -> 1.16x).
+    finish its send: two context switches per handoff, each refilling the caches of the layers.
     """
     if cpus is None:
         return
