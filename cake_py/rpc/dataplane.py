@@ -279,6 +279,7 @@ class DataPlaneClient:
         self.tls = tls
         self.session = os.urandom(SESSION_BYTES)  # how the worker names this connection in chained replies
         self.sock: socket.socket | None = None
+        self._poller = select.poll()  # the socket, for `closed_by_peer`; poll, not select: fds may pass 1024
 
     def connect(self, timeout: float) -> None:
         try:
@@ -294,6 +295,7 @@ class DataPlaneClient:
             sock.close()
             raise ClusterError(f"forward fast path to {self.host}:{self.port} refused: {answer[1:].decode()}")
         sock.settimeout(None)  # a hung worker is caught by the stage's health monitor, which closes this socket
+        self._poller.register(sock, select.POLLIN)
         self.sock = sock
 
     def exchange(self, payload: bytes) -> bytes:
@@ -308,9 +310,15 @@ class DataPlaneClient:
         write_frame(sock, payload)
         return sock
 
+    def closed_by_peer(self) -> bool:
+        """Whether a write-only link was closed at the other end. Its peer never writes after the hello, so anything
+        readable is the end of the stream; a write would still succeed once and the frame would be lost."""
+        return self.sock is None or bool(self._poller.poll(0))
+
     def close(self) -> None:
         sock, self.sock = self.sock, None
         if sock is not None:
+            self._poller.unregister(sock)
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # unblocks a thread waiting in recv
             except OSError:
@@ -339,7 +347,7 @@ class PeerLinks:
                     link.connect(self.timeout)  # ClusterError, naming host:port
                     self._links[(host, port)] = link
                 try:
-                    if _closed_by_peer(link):
+                    if link.closed_by_peer():
                         raise ConnectionError("the next worker closed the connection (it restarted?)")
                     link.send(payload)
                     return
@@ -355,14 +363,3 @@ class PeerLinks:
             for link in self._links.values():
                 link.close()
             self._links.clear()
-
-
-def _closed_by_peer(link: DataPlaneClient) -> bool:
-    """Whether a write-only link was closed at the other end. Its peer never writes after the hello, so anything
-    readable is the end of the stream; a write would still succeed once and the frame would be lost."""
-    sock = link.sock
-    if sock is None:
-        return True
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
