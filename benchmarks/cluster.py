@@ -1,9 +1,11 @@
 """Cluster overhead: decode ms/token of SmolLM2 on one node vs master + 2 workers on loopback, and one hop's cost.
 
-    .venv/bin/python benchmarks/cluster.py [--tokens 64] [--rounds 20] [--cpus 0]
+    .venv/bin/python benchmarks/cluster.py [--tokens 64] [--rounds 20] [--cpus 0] [--dtype bfloat16|float32] [--dense]
 
-Same model (the embedded Q4_1 GGUF, bf16), same prompt, greedy, EOS ignored. The workers are real `cake worker`
-processes on 127.0.0.1 with one torch thread each; the master is this process, with one thread. Every
+Same model (the embedded Q4_1 GGUF: bf16 with int4 kernels; `--dense` writes it out as the Hub's bf16 safetensors
+checkpoint, every weight dequantized; `--dtype float32` computes dense in float32), same prompt, greedy, EOS
+ignored. The workers are real `cake worker` processes on 127.0.0.1 with one torch thread each; the master is this
+process, with one thread. Every
 configuration has its engine loaded and warm from the start, and each round runs one generation of each, a second
 or so apart: this VM has slow phases lasting seconds, and only configurations measured close together compare. The
 ratios are medians of the per-round ratios.
@@ -26,7 +28,9 @@ unpinned.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,9 +50,11 @@ from cake_py.cluster.stage import Stage, StageStats  # noqa: E402
 from cake_py.config import ServeSettings, WorkerSpec, parse_cpus  # noqa: E402
 from cake_py.engine.engine import Engine  # noqa: E402
 from cake_py.models.device import release_openmp_threads, set_process_batch, set_process_cpus  # noqa: E402
+from cake_py.models.gguf import GGUFWeights  # noqa: E402
 from cake_py.models.hub import ModelSource, resolve_model  # noqa: E402
 from cake_py.models.kv_cache import SequenceSlice  # noqa: E402
 from cake_py.models.sampling import SamplingParams  # noqa: E402
+from cake_py.rpc.codec import dtype_from_name  # noqa: E402
 
 
 class RecordingStats(StageStats):
@@ -89,12 +96,12 @@ def start_engine(pipeline: Pipeline, source: ModelSource, threads: int, ids: lis
     return engine
 
 
-def back_to_back_hops(stage: Stage, hidden_size: int, calls: int) -> list[float]:
+def back_to_back_hops(stage: Stage, hidden_size: int, dtype: torch.dtype, calls: int) -> list[float]:
     """Forward calls of one decode token each to one worker, one right after the other (nothing else runs in
     between): each call's round trip minus the worker's own compute, in ms."""
     recorder = RecordingStats()
     stage.stats = recorder
-    hidden = torch.zeros(1, hidden_size, dtype=torch.bfloat16)
+    hidden = torch.zeros(1, hidden_size, dtype=dtype)
     seq_id = 1 << 40  # no engine's
     with torch.inference_mode():
         for position in range(calls):
@@ -103,10 +110,24 @@ def back_to_back_hops(stage: Stage, hidden_size: int, calls: int) -> list[float]
     return recorder.hops_ms
 
 
+def write_dense_checkpoint(source: ModelSource, folder: Path) -> ModelSource:
+    """SmolLM2 as the Hub publishes it: a bf16 safetensors folder (config, tokenizer, chat template), written from
+    the embedded GGUF with every weight dequantized, and served like any local HF folder."""
+    weights = source.weights
+    assert isinstance(weights, GGUFWeights)
+    save_file(weights.load(weights.names(), torch.bfloat16), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({**weights.config, "torch_dtype": "bfloat16"}))
+    (folder / "tokenizer.json").write_text(weights.tokenizer_json())
+    (folder / "tokenizer_config.json").write_text(json.dumps(weights.tokenizer_config()))
+    return resolve_model(str(folder))
+
+
 def start_workers(count: int, cache: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     processes, addresses = [], []
     for index in range(count):
-        port = 10700 + index
+        with socket.socket() as probe:  # a free port (another run may hold fixed ones)
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
         command = [sys.executable, "-m", "cake_py.cli", "worker", "--host", "127.0.0.1", "--port", str(port),
                    "--threads", "1", "--cache-dir", str(cache / str(index)), "--log-level", "warning"]  # fmt: skip
         processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))
@@ -125,23 +146,28 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--cpus", default="0", help="cores of the pinned configurations (taskset list form)")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (4-bit int4 kernels unless --dense) or float32")
+    parser.add_argument("--dense", action="store_true", help="the Hub's bf16 checkpoint: every weight dequantized")
     parser.add_argument("--hop-calls", type=int, default=200, help="back-to-back Forward calls to one worker")
     args = parser.parse_args()
     everywhere = tuple(sorted(os.sched_getaffinity(0)))
     pinned = parse_cpus(args.cpus) or everywhere
-    source = resolve_model(None)
-    ids = source.tokenizer.encode_chat([{"role": "user", "content": "Tell me about Paris."}])
     names = ["single, --cpus", "single, all cores", "cluster, --cpus", "cluster, no chain", "cluster, unpinned"]
     results: dict[str, list[float]] = {name: [] for name in names}
     stats: dict[str, list[RecordingStats]] = {}
     back_to_back: dict[bool, list[float]] = {}  # unpinned or not: hop ms of back-to-back Forward calls
     with tempfile.TemporaryDirectory() as cache:
+        source = resolve_model(None)
+        if args.dense:
+            (Path(cache) / "dense").mkdir()
+            source = write_dense_checkpoint(source, Path(cache) / "dense")
+        ids = source.tokenizer.encode_chat([{"role": "user", "content": "Tell me about Paris."}])
         workers, addresses = start_workers(3, Path(cache))
         specs = [WorkerSpec(f"w{i}", address) for i, address in enumerate(addresses[:2])]
         engines: dict[str, Engine] = {}
         try:
-            single = build_pipeline(ServeSettings(dtype="bfloat16"), source, "cpu")
-            cluster = build_pipeline(ServeSettings(dtype="bfloat16", workers=specs), source, "cpu")
+            single = build_pipeline(ServeSettings(dtype=args.dtype), source, "cpu")
+            cluster = build_pipeline(ServeSettings(dtype=args.dtype, workers=specs), source, "cpu")
             # The same stages (workers, connections) behind a pipeline that never chains.
             unchained = Pipeline(cluster.ends, cluster.stages, chain=False)
             setups = {  # pipeline, torch threads
@@ -168,7 +194,7 @@ def main() -> None:
             # The hop alone: a third worker holding one layer, called back to back (the master keeps the rest).
             torch.set_num_threads(1)
             one_layer = build_pipeline(
-                ServeSettings(dtype="bfloat16", workers=[WorkerSpec("hop", addresses[2], layers=(0, 1))]), source, "cpu"
+                ServeSettings(dtype=args.dtype, workers=[WorkerSpec("hop", addresses[2], layers=(0, 1))]), source, "cpu"
             )
             try:
                 for unpinned in (False, True):
@@ -176,7 +202,9 @@ def main() -> None:
                         set_process_cpus(pid, everywhere if unpinned else pinned)
                         set_process_batch(pid, not unpinned)
                     hidden_size = source.config.hidden_size
-                    back_to_back[unpinned] = back_to_back_hops(one_layer.stages[0], hidden_size, args.hop_calls)
+                    back_to_back[unpinned] = back_to_back_hops(
+                        one_layer.stages[0], hidden_size, dtype_from_name(args.dtype), args.hop_calls
+                    )
             finally:
                 one_layer.close()
         finally:
@@ -190,8 +218,9 @@ def main() -> None:
     def ratio(over: str, under: str) -> float:
         return statistics.median(a / b for a, b in zip(results[over], results[under], strict=True))
 
-    print(f"\nSmolLM2-135M Q4_1, bf16, {len(ids)}-token prompt, {args.tokens} new tokens, {args.rounds} rounds, "
-          f"--cpus {args.cpus}, {len(everywhere)} cores")  # fmt: skip
+    weights = "Q4_1 dequantized to a bf16 safetensors checkpoint" if args.dense else "Q4_1"
+    print(f"\nSmolLM2-135M {weights}, --dtype {args.dtype}, {len(ids)}-token prompt, {args.tokens} new tokens, "
+          f"{args.rounds} rounds, --cpus {args.cpus}, {len(everywhere)} cores")  # fmt: skip
     for name in names:
         print(f"{name:20s} {median[name]:7.2f} ms/token (median of rounds)")
     for name in ("single, --cpus", "cluster, --cpus"):
