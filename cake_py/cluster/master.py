@@ -83,7 +83,7 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
                 conn.label, reply.layers.start, reply.layers.end - 1,
                 reply.received_bytes / 1e6, reply.reused_bytes / 1e6, reply.load_ms,
             )  # fmt: skip
-    except ClusterError:
+    except BaseException:  # a worker, or the weights (a bad shard), failed: close every channel opened here
         for conn in connections:
             conn.close()
         raise

@@ -113,4 +113,5 @@ class KVStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for caches in self._caches.values() for c in caches)
+        # A snapshot first: Info and the dashboard read this while the forward thread adds and drops sequences.
+        return sum(c.nbytes for caches in list(self._caches.values()) for c in caches)

@@ -23,6 +23,7 @@ from cake_py.cluster.stage import LocalStage
 from cake_py.config import ServeSettings, WorkerSpec, load_cluster_file
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
+from cake_py.errors import WeightsError
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.weights import load_transformer
@@ -464,3 +465,27 @@ def test_fast_path_by_default_and_grpc_stream_without_it(
             pipeline.close()
     finally:
         plain.kill()
+
+
+# ---- a model that fails while its layers are handed out leaves no channel open ----
+
+
+def test_weights_failing_during_assignment_close_every_worker_channel(
+    workers: list[WorkerProcess], llama: ModelSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[str] = []
+    real_close = WorkerConnection.close
+
+    def failing_assign(self: WorkerConnection, assignment: Assignment) -> None:
+        raise WeightsError("tensor 'model.layers.0.mlp.up_proj.weight' is truncated")
+
+    def recording_close(self: WorkerConnection) -> None:
+        closed.append(self.spec.name)
+        real_close(self)
+
+    monkeypatch.setattr(WorkerConnection, "assign", failing_assign)
+    monkeypatch.setattr(WorkerConnection, "close", recording_close)
+    specs = [workers[0].spec((0, 2)), workers[1].spec((2, 3))]
+    with pytest.raises(WeightsError, match="truncated"):
+        build_pipeline(settings_for(llama, specs), llama, "cpu")
+    assert sorted(closed) == sorted(spec.name for spec in specs)

@@ -1,0 +1,36 @@
+"""KVStore bookkeeping read from other threads than the forward's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cake_py.models.kv_cache import KVStore, LayerCache, SequenceSlice
+
+
+def test_nbytes_survives_sequences_added_while_it_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Info and the dashboard sum the caches while the forward thread adds and frees sequences: here a sequence is
+    # added in the middle of the sum, which used to raise "dictionary changed size during iteration".
+    store = KVStore(2, 1, 4, torch.float32, torch.device("cpu"))
+    store.for_batch([SequenceSlice(1, 0, 1), SequenceSlice(2, 0, 1)])
+    real = LayerCache.nbytes.fget
+    assert real is not None
+    added: list[bool] = []
+
+    def nbytes_that_adds_a_sequence(cache: LayerCache) -> int:
+        if not added:
+            added.append(True)
+            store.for_batch([SequenceSlice(3, 0, 1)])
+        return real(cache)
+
+    monkeypatch.setattr(LayerCache, "nbytes", property(nbytes_that_adds_a_sequence))
+    assert store.nbytes == 0  # nothing written yet: empty caches
+    assert sorted(store.sequence_ids()) == [1, 2, 3]
+
+
+def test_nbytes_counts_keys_and_values_of_every_sequence() -> None:
+    store = KVStore(2, 1, 4, torch.float32, torch.device("cpu"))
+    caches = store.for_batch([SequenceSlice(1, 0, 1)])[0]
+    caches[0].update(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), 0)
+    capacity = caches[0].keys.shape[2]
+    assert store.nbytes == 2 * capacity * 4 * 4  # one layer written: keys + values, float32
