@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 
 HELLO_MAGIC = b"CAKE-FWD-3\n"
 SESSION_BYTES = 16
+MAX_HELLO_BYTES = 4096  # magic + session + cluster key: read before the key is checked, so kept small
+# Before its hello is accepted a connection gets this long per read (TLS handshake included): a client that
+# connects and sends nothing must not hold a thread and a socket for ever.
+HELLO_TIMEOUT_S = 10.0
+# A worker's write to the next worker of a chain. Its connection thread also serves its master, so a next worker
+# that stops reading (frozen, or its link silently dead) must fail the send, not hold that thread until TCP gives up.
+PEER_SEND_TIMEOUT_S = 30.0
 _LENGTH = struct.Struct("<I")
 
 
@@ -53,10 +60,10 @@ def _read_exact(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
-def read_frame(sock: socket.socket) -> bytes:
+def read_frame(sock: socket.socket, limit: int = MAX_MESSAGE_BYTES) -> bytes:
     (size,) = _LENGTH.unpack(_read_exact(sock, _LENGTH.size))
-    if size > MAX_MESSAGE_BYTES:
-        raise ConnectionError(f"frame of {size} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    if size > limit:
+        raise ConnectionError(f"frame of {size} bytes is over the {limit}-byte limit")
     return _read_exact(sock, size) if size else b""
 
 
@@ -95,6 +102,11 @@ def client_tls(cert: Path | None, key: Path | None, ca: Path | None) -> ssl.SSLC
 
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Keepalive probes find a peer whose host died without closing (power, network cut) in about a minute.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class _Session:
@@ -177,8 +189,10 @@ class DataPlaneServer:
         tls: ssl.SSLContext | None,
         on_connection_end: Callable[[], None] = lambda: None,
         thread_context: Callable[[], AbstractContextManager[object]] = nullcontext,
+        hello_timeout: float = HELLO_TIMEOUT_S,
     ) -> None:
         self.handler = handler
+        self.hello_timeout = hello_timeout
         self.thread_context = thread_context
         self.key = (cluster_key or "").encode()
         self.tls = tls
@@ -214,8 +228,13 @@ class DataPlaneServer:
         while not self._closed.is_set():
             try:
                 conn, peer = self.listener.accept()
-            except OSError:
-                return
+            except OSError as error:
+                if self._closed.is_set():
+                    return
+                # Out of descriptors (EMFILE), say: the fast path must come back once some are free.
+                log.warning("forward fast path: accept failed: %s", error)
+                self._closed.wait(0.5)
+                continue
             threading.Thread(target=self._serve, args=(conn, peer), name="cake-forward", daemon=True).start()
 
     def send_to_session(self, session: bytes, payload: bytes) -> bool:
@@ -234,9 +253,10 @@ class DataPlaneServer:
         session, entry = b"", None
         try:
             _tune(conn)
+            conn.settimeout(self.hello_timeout)
             if self.tls is not None:
                 conn = self.tls.wrap_socket(conn, server_side=True)
-            hello = read_frame(conn)
+            hello = read_frame(conn, MAX_HELLO_BYTES)
             if not hello.startswith(HELLO_MAGIC) or len(hello) < len(HELLO_MAGIC) + SESSION_BYTES:
                 write_frame(conn, b"\x00not a cake forward connection (protocol mismatch)")
                 return
@@ -250,6 +270,7 @@ class DataPlaneServer:
             with self._sessions_lock:
                 self._sessions[session] = entry
             write_frame(conn, b"\x01")
+            conn.settimeout(None)  # a known master: between its steps the connection may idle for hours
             with self.thread_context():
                 while True:
                     answer = self.handler(entry.next_frame())
@@ -330,10 +351,17 @@ class PeerLinks:
     """A worker's write-only connections to the next workers of chained forwards, opened on first use; over TLS
     when `tls` is given (the worker's own certificate, and its CA to verify the next one)."""
 
-    def __init__(self, cluster_key: str | None, tls: ssl.SSLContext | None = None, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        cluster_key: str | None,
+        tls: ssl.SSLContext | None = None,
+        timeout: float = 5.0,
+        send_timeout: float = PEER_SEND_TIMEOUT_S,
+    ) -> None:
         self.key = cluster_key
         self.tls = tls
         self.timeout = timeout
+        self.send_timeout = send_timeout
         self._links: dict[tuple[str, int], DataPlaneClient] = {}
         self._lock = threading.Lock()
 
@@ -345,6 +373,8 @@ class PeerLinks:
                 if link is None:
                     link = DataPlaneClient(host, port, self.key, self.tls)
                     link.connect(self.timeout)  # ClusterError, naming host:port
+                    assert link.sock is not None
+                    link.sock.settimeout(self.send_timeout)  # a frame whose sendall times out closes the link
                     self._links[(host, port)] = link
                 try:
                     if link.closed_by_peer():

@@ -5,13 +5,23 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cake_py.errors import ClusterError
-from cake_py.rpc.dataplane import DataPlaneClient, DataPlaneServer, client_tls, read_frame, server_tls, write_frame
+from cake_py.rpc.dataplane import (
+    MAX_HELLO_BYTES,
+    DataPlaneClient,
+    DataPlaneServer,
+    PeerLinks,
+    client_tls,
+    read_frame,
+    server_tls,
+    write_frame,
+)
 from tests.fixtures.tls import make_certificates
 
 
@@ -88,6 +98,90 @@ def test_closing_unblocks_a_waiting_exchange() -> None:
     slow.set()
     server.close()
     assert not waiter.is_alive() and errors
+
+
+# ---- peers that go quiet: nothing here waits on them for ever ----
+
+
+def test_a_client_that_sends_no_hello_is_dropped() -> None:
+    ended = threading.Event()
+    server = DataPlaneServer("127.0.0.1", 0, lambda data: data, None, None, ended.set, hello_timeout=0.3)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as silent:
+            assert ended.wait(5), "the connection's thread still waits for a hello"
+            silent.settimeout(5)
+            assert silent.recv(1) == b""  # closed by the worker
+    finally:
+        server.close()
+
+
+def test_an_oversized_hello_is_refused_without_reading_it(echo_server: DataPlaneServer) -> None:
+    with socket.create_connection(("127.0.0.1", echo_server.port)) as client:
+        client.sendall(struct.pack("<I", MAX_HELLO_BYTES + 1))  # and never the 4 KB it announces
+        client.settimeout(5)
+        assert client.recv(1) == b""
+
+
+def test_accept_goes_on_after_a_failure() -> None:
+    class FailsOnce:
+        """The listener, failing its first accept as when the process is out of descriptors (EMFILE)."""
+
+        def __init__(self, listener: socket.socket) -> None:
+            self.listener, self.failed = listener, False
+
+        def accept(self) -> tuple[socket.socket, object]:
+            if not self.failed:
+                self.failed = True
+                raise OSError(24, "Too many open files")
+            return self.listener.accept()
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.listener, name)
+
+    server = DataPlaneServer("127.0.0.1", 0, lambda data: data[::-1], None, None)
+    server.listener = FailsOnce(server.listener)  # type: ignore[assignment]
+    server.start()
+    try:
+        client = DataPlaneClient("127.0.0.1", server.port, None, None)
+        client.connect(timeout=5)
+        assert client.exchange(b"ab") == b"ba"
+        client.close()
+    finally:
+        server.close()
+
+
+def test_a_next_worker_that_stops_reading_fails_the_send() -> None:
+    """A worker's link to the next one: that worker answers the hello, then reads nothing (frozen). The send
+    fails within its timeout, as a ClusterError naming the address, instead of blocking the sending thread."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+
+    def frozen_worker() -> None:
+        for _ in range(2):  # the first link, and the one reopened after it failed
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            read_frame(conn)
+            write_frame(conn, b"\x01")
+
+    thread = threading.Thread(target=frozen_worker, daemon=True)
+    thread.start()
+    links = PeerLinks(None, timeout=5, send_timeout=0.3)
+    try:
+        began = time.monotonic()
+        with pytest.raises(ClusterError, match=f"127.0.0.1:{port}.*timed out"):
+            links.send("127.0.0.1", port, bytes(64 << 20))  # far more than the socket buffers hold
+        assert time.monotonic() - began < 5
+    finally:
+        links.close()
+        listener.close()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
 
 
 # ---- a TLS connection: frames other threads send are written by the connection's own thread ----
