@@ -103,9 +103,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 "run the same cake_py version on master and workers",
             )
         log.info("handshake from master %r", request.master_name or context.peer())
+        host = self._host()
+        # Placement follows: the memory this worker's current layers and caches hold is freed by the next Assign,
+        # so a master that restarts places the model on the same memory as before.
+        kv = self.kv
+        held = self.weights_bytes + (kv.nbytes if kv is not None else 0)
+        host.memory_free_bytes = min(host.memory_total_bytes, host.memory_free_bytes + held)
         return pb.HandshakeReply(
             protocol_version=PROTOCOL_VERSION,
-            host=self._host(),
+            host=host,
             model_id=self.model_id,
             layers=self._layers(),
             data_port=self.dataplane.port if self.dataplane is not None else 0,
@@ -153,6 +159,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             incomplete = [sha for sha, w in writers.items() if not w.complete]
             if incomplete:
                 raise ClusterError(f"weight stream ended with {len(incomplete)} tensor(s) incomplete")
+            with self.lock:  # free the old layers before loading the new ones: memory for one set, not both
+                self.model, self.kv, self.weights_bytes, self.model_id = None, None, 0, ""
             tensors = {}
             for name, spec in specs.items():
                 if not self.cache.has(spec.sha256, spec.size_bytes):
@@ -160,14 +168,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 tensors[name] = self.cache.load(spec.sha256, dtype_from_pb(spec.dtype), tuple(spec.shape))
             dtype = dtype_from_pb(header.compute_dtype)
             with self.lock:
-                self.model, self.kv = None, None  # free the old layers before building the new ones
                 model = build_transformer(
                     config, tensors, start, end, with_embedding=False, with_head=False, dtype=dtype, device=self.device
                 )
                 self.model, self.kv = model, model.new_kv_store()
                 release_openmp_threads()  # this handler thread is done with torch; Forward's must own the pool
                 self.model_id, self.compute_dtype = header.model_id, dtype
-                self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                # Buffers too: 4-bit layers keep their packed weights and scales as buffers.
+                self.weights_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
                 self.status, self.error = pb.WORKER_STATUS_READY, ""
             total = sum(spec.size_bytes for spec in specs.values())
             log.info(
@@ -182,13 +190,25 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 load_ms=int((time.perf_counter() - began) * 1000),
             )
         except (CakeError, ValueError, KeyError) as error:
-            for writer in writers.values():
-                if not writer.complete:
-                    writer.abort()
-            self.status, self.error = pb.WORKER_STATUS_FAILED, str(error)
-            log.error("assignment failed: %s", error)
+            self._assignment_failed(writers, str(error))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"assignment failed: {error}")
             raise  # unreachable: abort raises
+        except BaseException as error:  # the master cancelled, the disk filled, memory ran out: never stuck LOADING
+            self._assignment_failed(writers, f"{type(error).__name__}: {error}")
+            raise
+
+    def _assignment_failed(self, writers: dict[str, TensorWriter], reason: str) -> None:
+        """Drop the partial files of an assignment that did not finish; the worker is READY again if it still
+        holds its previous layers (the failure came before they were freed), else FAILED."""
+        for writer in writers.values():
+            if not writer.complete:
+                writer.abort()
+        log.error("assignment failed: %s", reason)
+        with self.lock:
+            if self.model is not None:
+                self.status = pb.WORKER_STATUS_READY
+            else:
+                self.status, self.error = pb.WORKER_STATUS_FAILED, reason
 
     def Forward(
         self, request_iterator: Iterator[pb.ForwardRequest], context: grpc.ServicerContext

@@ -5,15 +5,21 @@ open; a plain one would close the connection and take a healthy worker down."""
 
 from __future__ import annotations
 
+import ctypes
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from cake_py.config import WorkerSettings
+from cake_py.config import WorkerSettings, WorkerSpec
 from cake_py.errors import ClusterError
+from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import Batch, KVStore
+from cake_py.rpc import PROTOCOL_VERSION
 from cake_py.rpc.codec import encode_tensor
+from cake_py.rpc.connection import Assignment, WorkerConnection
 from cake_py.rpc.dataplane import PeerLinks
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.server import ForwardActivity, WorkerServicer
@@ -115,3 +121,98 @@ def test_forward_activity_reads_idle_only_between_forwards(servicer: WorkerServi
     servicer.forward_frame(request().SerializeToString())  # fails inside, still counted as ended
     assert servicer.activity.idle_seconds() > 0
     assert servicer.Info(pb.InfoRequest(), None).forward_idle_seconds > 0  # type: ignore[arg-type]
+
+
+# ---- Assign: what an assignment that does not finish leaves behind ----
+
+
+class Context:
+    """The bits of grpc.ServicerContext the handlers use."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def abort(self, code: object, details: str) -> None:
+        raise RuntimeError(f"aborted: {details}")
+
+
+def assign_messages(source: ModelSource, start: int, end: int) -> list[pb.AssignChunk]:
+    """What a master streams for layers [start, end) of `source` in float32, to a worker with an empty cache."""
+    assignment = Assignment(
+        source.model_id, json.dumps(source.weights.config), source.weights, start, end, torch.float32
+    )
+    specs = WorkerConnection(WorkerSpec("w", "127.0.0.1:1"), None, None).manifest(assignment)
+    header = pb.AssignHeader(
+        model_id=source.model_id,
+        config_json=assignment.config_json,
+        layers=pb.LayerRange(start=start, end=end),
+        compute_dtype=pb.DTYPE_FLOAT32,
+        tensors=specs,
+    )
+    messages = [pb.AssignChunk(header=header)]
+    for name, tensor in assignment.tensors():
+        data = ctypes.string_at(tensor.data_ptr(), tensor.nbytes)
+        messages.append(pb.AssignChunk(chunk=pb.TensorChunk(name=name, offset=0, data=data)))
+    return messages
+
+
+def cut_off(messages: list[pb.AssignChunk], after: int) -> Iterator[pb.AssignChunk]:
+    """The stream as the servicer reads it when the master goes away after `after` messages."""
+    yield from messages[:after]
+    raise RuntimeError("the master cancelled the call")
+
+
+@pytest.fixture
+def fresh_worker(tmp_path: Path) -> WorkerServicer:
+    return WorkerServicer(WorkerSettings(name="w1", cache_dir=tmp_path / "cache"), "cpu", 1.0)
+
+
+def test_an_assignment_cut_off_keeps_the_previous_layers(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
+    source = resolve_model(str(tiny_llama))
+    fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+    held = fresh_worker.model
+    assert held is not None and fresh_worker.status == pb.WORKER_STATUS_READY
+    with pytest.raises(RuntimeError, match="cancelled"):
+        fresh_worker.Assign(cut_off(assign_messages(source, 1, 3), 2), Context())  # type: ignore[arg-type]
+    assert fresh_worker.model is held and fresh_worker.status == pb.WORKER_STATUS_READY
+    assert not list((fresh_worker.settings.cache_dir).glob("*.partial"))
+
+
+def test_an_assignment_cut_off_with_nothing_held_is_failed(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
+    source = resolve_model(str(tiny_llama))
+    messages = assign_messages(source, 0, 2)
+    # Half a tensor, then the end: the partial file is dropped, the worker is FAILED and says why.
+    first = messages[1].chunk
+    half = pb.AssignChunk(chunk=pb.TensorChunk(name=first.name, offset=0, data=first.data[: len(first.data) // 2]))
+    with pytest.raises(RuntimeError, match="cancelled"):
+        fresh_worker.Assign(cut_off([messages[0], half], 2), Context())  # type: ignore[arg-type]
+    assert fresh_worker.status == pb.WORKER_STATUS_FAILED and "cancelled" in fresh_worker.error
+    assert not [p for p in fresh_worker.settings.cache_dir.rglob("*") if p.is_file()]
+
+
+def test_old_layers_are_freed_before_the_new_ones_load(
+    fresh_worker: WorkerServicer, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = resolve_model(str(tiny_llama))
+    fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+    holding_while_loading: list[bool] = []
+    real_load = fresh_worker.cache.load
+
+    def load(sha256: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        holding_while_loading.append(fresh_worker.model is not None)
+        return real_load(sha256, dtype, shape)
+
+    monkeypatch.setattr(fresh_worker.cache, "load", load)
+    fresh_worker.Assign(iter(assign_messages(source, 1, 3)), Context())  # type: ignore[arg-type]
+    assert holding_while_loading and not any(holding_while_loading)
+    assert fresh_worker.model is not None and (fresh_worker.model.start, fresh_worker.model.end) == (1, 3)
+    assert fresh_worker.weights_bytes == sum(p.nbytes for p in fresh_worker.model.parameters())
+
+
+def test_handshake_counts_the_memory_held_layers_would_give_back(fresh_worker: WorkerServicer) -> None:
+    handshake = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION)
+    plain = fresh_worker.Handshake(handshake, Context())  # type: ignore[arg-type]
+    assert plain.host.memory_free_bytes < plain.host.memory_total_bytes
+    fresh_worker.weights_bytes = plain.host.memory_total_bytes  # as if its layers filled the memory
+    credited = fresh_worker.Handshake(handshake, Context())  # type: ignore[arg-type]
+    assert credited.host.memory_free_bytes == credited.host.memory_total_bytes
