@@ -28,6 +28,8 @@ from cake_py.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+ENGINE_STOPPED = "the engine stopped: the server is shutting down or switching models"
+
 
 @dataclass
 class EngineStats:
@@ -66,6 +68,9 @@ class Engine:
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []
         self._stopping = False
+        # Held to queue a sequence, and by the engine thread for its last look at the inbox: a sequence is either
+        # refused (the engine is stopping) or seen and ended by that last look, never left waiting.
+        self._submit_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._rate_window: list[tuple[float, int]] = []
 
@@ -100,7 +105,10 @@ class Engine:
         """Queue a generation; events go to `sink` from the engine thread. Returns the sequence id."""
         params = self.check_prompt(len(prompt_ids), params)
         seq = Sequence(next(self._ids), list(prompt_ids), params, self.tokenizer, sink)
-        self._inbox.put(seq)
+        with self._submit_lock:
+            if self._stopping:
+                raise ClusterError(ENGINE_STOPPED)
+            self._inbox.put(seq)
         self._wake.set()
         return seq.seq_id
 
@@ -152,7 +160,9 @@ class Engine:
                     self.step()
                 except Exception:  # the engine must outlive any one bad step
                     log.exception("engine step failed")
-            stopping = ClusterError("the engine stopped: the server is shutting down or switching models")
+            with self._submit_lock:
+                self._drain_inbox()  # sequences submitted during the last step
+            stopping = ClusterError(ENGINE_STOPPED)
             for seq in self._running + self._waiting:
                 self._finish(
                     seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(stopping), exception=stopping)
@@ -214,7 +224,13 @@ class Engine:
             seq.n_cached = piece.start_pos + piece.n_tokens
         events = []
         for row, seq in enumerate(sampled_members):
-            events.append((seq, seq.accept(seq.sampler.sample(logits[row], seq.all_ids))))
+            try:
+                event = seq.accept(seq.sampler.sample(logits[row], seq.all_ids))
+            except Exception as error:  # one sequence's sampling failed: it ends alone, the others go on
+                log.exception("sampling failed for sequence %d", seq.seq_id)
+                failure = CakeError(f"internal error while sampling: {type(error).__name__}: {error}")
+                event = GenerationEvent(seq.seq_id, finish_reason="error", error=str(failure), exception=failure)
+            events.append((seq, event))
             if seq.first_token_at is not None and len(seq.output_ids) == 1:
                 self.stats.time_to_first_token_ms.append((seq.first_token_at - seq.created) * 1000)
                 del self.stats.time_to_first_token_ms[:-256]

@@ -15,6 +15,7 @@ from cake_py.errors import RequestError
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,15 @@ class SamplingParams:
             raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise RequestError(f"seed must fit in 64 bits, got {self.seed}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below vLLM's epsilon a temperature is greedy: dividing by it would overflow float32 to inf and NaN.
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class Sampler:
         self.params = params
         self.generator = torch.Generator()
         if params.seed is not None:
-            self.generator.manual_seed(params.seed)
+            self.generator.manual_seed(params.seed % 2**64)  # per-choice seeds (seed + index) may pass 2**64 - 1
         else:
             self.generator.seed()
 
@@ -79,7 +83,9 @@ class Sampler:
         if params.greedy:
             token = int(torch.argmax(logits))
         else:
-            probs = torch.softmax(filter_logits(logits / params.temperature, params.top_k, params.top_p), dim=-1)
+            # Shifted so the best logit is 0 before dividing: a small temperature cannot overflow the others.
+            scaled = (logits - logits.max()) / params.temperature
+            probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         if not params.logprobs:
             return SampledToken(token)
@@ -96,7 +102,10 @@ def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penal
     seen = torch.tensor(sorted(set(history)), dtype=torch.long)
     scores = logits[seen]
     logits = logits.clone()
-    logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    # A penalty near 0 or at its top can overflow: keep the scores finite (inf - inf would be NaN downstream).
+    limit = torch.finfo(logits.dtype).max
+    logits[seen] = penalized.clamp(-limit, limit)
     return logits
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -11,9 +11,9 @@ import torch
 from cake_py.cluster.pipeline import local_pipeline
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
-from cake_py.errors import ContextLengthError
+from cake_py.errors import ClusterError, ContextLengthError
 from cake_py.models.hub import resolve_model
-from cake_py.models.sampling import SamplingParams
+from cake_py.models.sampling import SampledToken, Sampler, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,73 @@ def test_cancel_frees_kv_caches(engine: Engine) -> None:
         threading.Event().wait(0.02)
     assert stage.kv.sequence_ids() == []  # type: ignore[attr-defined]
     assert engine.in_flight == 0
+
+
+# ---- one bad sequence, or a stop, never leaves another request without its answer ----
+
+
+def test_a_sequence_whose_sampling_fails_ends_alone(
+    tiny_model_factory,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    source = resolve_model(str(tiny_model_factory("llama")))
+    real_sample = Sampler.sample
+
+    def sample(self: Sampler, logits: torch.Tensor, history: list[int]) -> SampledToken:
+        if self.params.seed == 666:
+            raise RuntimeError("sampler broke")
+        return real_sample(self, logits, history)
+
+    monkeypatch.setattr(Sampler, "sample", sample)
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)
+    events: dict[str, list[GenerationEvent]] = {"good": [], "bad": []}
+    done = {name: threading.Event() for name in events}
+
+    def sink(name: str) -> Callable[[GenerationEvent], None]:
+        def put(event: GenerationEvent) -> None:
+            events[name].append(event)
+            if event.finished:
+                done[name].set()
+
+        return put
+
+    # Both queued before the engine starts: they share every step.
+    engine.submit([5, 6, 7], GREEDY, sink("good"))
+    engine.submit([5, 6, 7], SamplingParams(temperature=1.0, seed=666, max_tokens=20), sink("bad"))
+    engine.start()
+    try:
+        assert done["good"].wait(60) and done["bad"].wait(60)
+    finally:
+        engine.stop()
+    assert events["bad"][-1].finish_reason == "error" and "sampler broke" in (events["bad"][-1].error or "")
+    good = [t.token_id for event in events["good"] for t in event.tokens]
+    assert events["good"][-1].finish_reason == "length" and len(good) == GREEDY.max_tokens
+
+
+def test_a_sequence_submitted_while_the_engine_stops_gets_an_answer(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    source = resolve_model(str(tiny_model_factory("llama")))
+    pipeline = local_pipeline(source, torch.float32)
+    in_step, release = threading.Event(), threading.Event()
+    real_logits = pipeline.logits
+
+    def gated_logits(*args: object) -> torch.Tensor:
+        in_step.set()
+        release.wait(30)
+        return real_logits(*args)  # type: ignore[arg-type]
+
+    pipeline.logits = gated_logits  # type: ignore[method-assign]
+    engine = Engine(pipeline, source.tokenizer)
+    engine.start()
+    answers: list[GenerationEvent] = []
+    engine.submit([5, 6, 7], GREEDY, lambda event: None)
+    assert in_step.wait(30)
+    engine.submit([8, 9], GREEDY, answers.append)  # queued while a step runs
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    while not engine._stopping:
+        threading.Event().wait(0.01)
+    release.set()
+    stopper.join(timeout=30)
+    assert answers and answers[-1].finish_reason == "error" and "engine stopped" in (answers[-1].error or "")
+    with pytest.raises(ClusterError, match="engine stopped"):
+        engine.submit([5], GREEDY, answers.append)

@@ -23,6 +23,8 @@ from cake_py.models.sampling import (
         ("top_k", -1, "top_k"),
         ("repetition_penalty", 0.0, "repetition_penalty"),
         ("top_logprobs", 50, "top_logprobs"),
+        ("seed", 2**64, "seed"),
+        ("seed", -(2**63) - 1, "seed"),
     ],
 )
 def test_bad_values_are_named(field: str, value: object, needle: str) -> None:
@@ -45,6 +47,22 @@ def test_same_seed_same_tokens_and_different_seed_differs() -> None:
 
     assert draw(7) == draw(7)
     assert draw(7) != draw(8)
+
+
+@pytest.mark.parametrize("params", [{"temperature": 1e-300}, {"temperature": 1.0, "repetition_penalty": 1e-300}])
+def test_extreme_values_still_sample_a_token(params: dict[str, float]) -> None:
+    # Dividing by a tiny temperature or penalty overflowed to inf, and torch.multinomial raised on NaN.
+    logits = torch.tensor([0.5, 3.0, 2.9, -1.0])
+    token = Sampler(SamplingParams(**params, seed=1)).sample(logits, [0, 1]).token_id  # type: ignore[arg-type]
+    assert 0 <= token < 4
+    if "repetition_penalty" not in params:
+        assert token == 1  # a temperature near 0 is greedy
+
+
+def test_seeds_anywhere_in_64_bits_are_accepted() -> None:
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    for seed in (-(2**63), -1, 2**64 - 1):
+        Sampler(SamplingParams(temperature=1.0, seed=seed)).sample(logits, [])
 
 
 def test_top_k_keeps_only_k_tokens() -> None:
