@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import PurePath
@@ -133,7 +134,7 @@ def _b64(text: str) -> str:
 async def generate_form(request: Request) -> Response:
     state: ServerState = request.app.state.cake
     engine, source = state.ready()
-    max_size = state.settings.max_body_bytes
+    max_size = state.settings.max_body_bytes or sys.maxsize  # 0: no limit, as for the body
     async with request.form(
         max_files=MAX_FILES, max_fields=len(FORM_FIELDS) + MAX_FILES, max_part_size=max_size
     ) as form:

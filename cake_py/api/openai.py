@@ -38,7 +38,9 @@ MAX_PROMPTS = 16
 
 def _seeded(params: SamplingParams, index: int) -> SamplingParams:
     """Choice i of n gets seed+i, so n choices differ yet the request stays reproducible."""
-    return params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
+    if params.seed is None or index == 0:
+        return params
+    return replace(params, seed=(params.seed + index) % 2**64)  # a seed near 2**64 wraps around
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -185,10 +187,11 @@ async def completions(request: Request) -> Response:
         return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
     prompt_ids = await run_in_threadpool(encode_all)
+    per_prompt = []  # each prompt's max_tokens is clipped to its own room in the context, not the longest's
     for ids in prompt_ids:
         if any(not 0 <= t < tokenizer.vocab_size for t in ids):
             raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size}), got {ids!r}"[:300])
-        params = engine.check_prompt(len(ids), params)
+        per_prompt.append(engine.check_prompt(len(ids), params))
     echo = [tokenizer.decode(ids) if body.get("echo") else "" for ids in prompt_ids]
     completion_id, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), state.model_name
     # Choice k is prompt k // n, sample k % n.
@@ -196,7 +199,7 @@ async def completions(request: Request) -> Response:
         state,
         engine,
         [ids for ids in prompt_ids for _ in range(n)],
-        [_seeded(params, i) for _ in prompt_ids for i in range(n)],
+        [_seeded(clipped, i) for clipped in per_prompt for i in range(n)],
     )
     n_prompt_tokens = sum(len(ids) for ids in prompt_ids)  # counted once per prompt, like OpenAI
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -30,11 +33,11 @@ def live_figures(state: ServerState) -> dict[str, object]:
     }
 
 
-async def topology(request: Request) -> Response:
-    state: ServerState = request.app.state.cake
+def topology_document(state: ServerState) -> dict[str, Any]:
+    """The topology of the served model now; run off the event loop (host facts may ask the accelerator)."""
     if state.engine is None or state.source is None:
         raise ApiError(404, "No text model loaded")
-    document = build_topology(
+    return build_topology(
         state.source,
         state.model_name,
         state.dtype,
@@ -42,7 +45,10 @@ async def topology(request: Request) -> Response:
         host_facts(state.device, state.tflops),
         live_figures(state),
     )
-    return JSONResponse(document)
+
+
+async def topology(request: Request) -> Response:
+    return JSONResponse(await run_in_threadpool(topology_document, request.app.state.cake))
 
 
 ROUTES = [Route("/api/v1/topology", topology, methods=["GET"])]

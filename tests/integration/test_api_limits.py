@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,8 @@ import openai
 import pytest
 from openai import OpenAI
 
+from cake_py.api import topology as topology_module
+from cake_py.cluster.hostinfo import HostFacts
 from cake_py.cluster.stage import LocalStage
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
@@ -69,6 +72,30 @@ def test_bodies_over_the_limit_are_refused_unread(tiny_llama: Path) -> None:
         assert streamed.status_code == 413
         assert "over the limit of 2048 bytes" in streamed.json()["detail"]
         assert httpx.post(url, json={"messages": MESSAGES, "max_tokens": 1}).status_code == 200
+
+
+def test_no_body_limit_also_lifts_the_form_part_limit(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --max-body-bytes 0 turns the limit off; multipart /generate passed the 0 on as a 0-byte part limit.
+    # Also: the topology document is built off the event loop (host facts may ask the accelerator).
+    loop_threads: list[bool] = []
+    real_facts = topology_module.host_facts
+
+    def host_facts(device: str, tflops: float) -> HostFacts:
+        try:
+            asyncio.get_running_loop()
+            loop_threads.append(True)
+        except RuntimeError:
+            loop_threads.append(False)
+        return real_facts(device, tflops)
+
+    monkeypatch.setattr(topology_module, "host_facts", host_facts)
+    with running_server(tiny_settings(tiny_llama, max_body_bytes=0)) as server:
+        form = {"text": "Hello", "streaming": "false", "model_kwargs": '{"max_output_tokens": 2}'}
+        parts = {name: (None, value) for name, value in form.items()}  # multipart fields, as curl -F sends them
+        response = httpx.post(f"{server.base_url}/generate", files=parts, timeout=60)
+        assert response.status_code == 200, response.text
+        assert httpx.get(f"{server.base_url}/api/v1/topology", timeout=10).status_code == 200
+    assert loop_threads == [False]
 
 
 @pytest.fixture

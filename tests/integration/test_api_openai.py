@@ -184,3 +184,38 @@ def test_max_tokens_is_clipped_to_the_room_left_in_the_context(client: OpenAI, s
     assert completion.usage.completion_tokens <= 7
     if completion.usage.completion_tokens == 7:
         assert completion.choices[0].finish_reason == "length"
+
+
+def test_each_prompt_of_a_completion_keeps_its_own_room(server: ServerHandle) -> None:
+    # A long prompt beside a short one clips only its own max_tokens (the short one used to get the long one's).
+    assert server.state.source is not None
+    token = server.state.source.tokenizer.encode("cake")[0]
+    body = {"prompt": [[token] * 3, [token] * 509], "max_tokens": 20, "temperature": 0}
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    short, long = sorted(response.json()["choices"], key=lambda choice: choice["index"])
+    assert short["finish_reason"] == "length" and long["finish_reason"] == "length"
+    assert response.json()["usage"]["completion_tokens"] > 20  # the short prompt's 20, plus the long one's 3
+
+
+@pytest.mark.parametrize(("seed", "n"), [(2**64 - 1, 2), (-(2**63), 1)])
+def test_any_64_bit_seed_is_accepted(server: ServerHandle, seed: int, n: int) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 2, "seed": seed, "n": n}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == n
+
+
+def test_a_seed_past_64_bits_is_a_400_naming_it(server: ServerHandle) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 2, "seed": 2**64}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    assert "seed" in response.json()["error"] and str(2**64) in response.json()["error"]
+
+
+def test_a_tiny_temperature_beside_another_request_harms_neither(client: OpenAI, server: ServerHandle) -> None:
+    expected = _greedy_chat(client, max_tokens=8)
+    body = {"messages": MESSAGES, "max_tokens": 8, "temperature": 1e-300}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == expected  # that close to 0 is greedy
