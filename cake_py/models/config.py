@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cake_py.errors import UnsupportedArchitectureError
+from cake_py.errors import ModelError, UnsupportedArchitectureError
 
 # architectures[0] or model_type → family handled by cake_py.models.llama (all are Llama-shaped decoders).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -55,7 +55,36 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Parse a HF config.json dict; an architecture we do not implement is an UnsupportedArchitectureError."""
+        """Parse a HF config.json dict; an architecture we do not implement is an UnsupportedArchitectureError,
+        a missing or malformed field a ModelError naming it."""
+        if not isinstance(raw, dict):
+            raise ModelError(f"config.json must hold a JSON object, not a {type(raw).__name__}")
+        try:
+            config = cls._parse(raw)
+        except KeyError as error:
+            raise ModelError(f"config.json has no {error.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ModelError(f"config.json has a malformed field: {error}") from None
+        sizes = {
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.n_layers,
+            "num_key_value_heads": config.n_kv_heads,
+            "head_dim": config.head_dim,
+        }
+        for name, value in sizes.items():
+            if value <= 0:
+                raise ModelError(f"config.json: {name} must be positive, got {value}")
+        if config.n_heads % config.n_kv_heads:
+            raise ModelError(
+                f"config.json: num_attention_heads ({config.n_heads}) is not a multiple of num_key_value_heads "
+                f"({config.n_kv_heads})"
+            )
+        return config
+
+    @classmethod
+    def _parse(cls, raw: dict[str, Any]) -> ModelConfig:
         architectures = raw.get("architectures") or []
         architecture = architectures[0] if architectures else None
         model_type = raw.get("model_type")
@@ -70,6 +99,8 @@ class ModelConfig:
             raise UnsupportedArchitectureError(f"unsupported architecture {name!r} (supported: {supported})")
 
         n_heads = int(raw["num_attention_heads"])
+        if n_heads <= 0:
+            raise ValueError(f"num_attention_heads must be positive, got {n_heads}")
         hidden = int(raw["hidden_size"])
         head_dim = raw.get("head_dim") or hidden // n_heads
         eos = raw.get("eos_token_id")

@@ -53,6 +53,13 @@ class Tokenizer:
         except Exception as error:  # the tokenizers library raises plain Exception subclasses
             raise ModelError(f"cannot read tokenizer {str(path)!r}: {error}") from error
         config = _read_json(folder / "tokenizer_config.json")
+        # Where transformers ≥ 4.43 saves the template; like transformers, it wins over tokenizer_config.json's.
+        template_file = folder / "chat_template.jinja"
+        if template_file.is_file():
+            try:
+                config["chat_template"] = template_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise ModelError(f"cannot read chat template {str(template_file)!r}: {error}") from error
         eos = set(eos_token_ids) | _eos_ids(_read_json(folder / "generation_config.json").get("eos_token_id"))
         return cls(backend, config, eos)
 

@@ -100,9 +100,9 @@ class SafetensorsWeights:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError) as error:
-                raise WeightsError(f"cannot read shard index {str(index)!r}: {error}") from error
-            return {name: folder / file for name, file in weight_map.items()}
+                return {str(name): folder / str(file) for name, file in weight_map.items()}
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise WeightsError(f"cannot read shard index {str(index)!r}: {error!r}") from None
         single = folder / "model.safetensors"
         if not single.is_file():
             raise ModelNotFoundError(f"no model.safetensors or model.safetensors.index.json in {str(folder)!r}")
@@ -144,13 +144,21 @@ def _read_header(file: Path) -> list[TensorInfo]:
         raise WeightsError(f"cannot read safetensors file {str(file)!r}: {error}") from error
     infos = []
     data_len = size - 8 - header_len
+    if not isinstance(header, dict):
+        raise WeightsError(f"safetensors file {str(file)!r} has a malformed header (not a JSON object)")
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        begin, end = meta["data_offsets"]
+        try:
+            begin, end = (int(offset) for offset in meta["data_offsets"])
+            info = TensorInfo(name, str(meta["dtype"]), tuple(int(dim) for dim in meta["shape"]), end - begin)
+        except (KeyError, TypeError, ValueError) as error:
+            raise WeightsError(
+                f"safetensors file {str(file)!r}: tensor {name!r} has a malformed entry ({error!r})"
+            ) from None
         if end > data_len:
             raise WeightsError(f"safetensors file {str(file)!r} is truncated: tensor {name!r} ends past the file")
-        infos.append(TensorInfo(name, meta["dtype"], tuple(meta["shape"]), end - begin))
+        infos.append(info)
     return infos
 
 

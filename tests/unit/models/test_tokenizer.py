@@ -1,5 +1,7 @@
 """Tokenizer: chat template rendering like transformers, incremental UTF-8-safe detokenization."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,22 @@ def test_incremental_decoding_decodes_only_a_window(tokenizer: Tokenizer, monkey
 def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="tokenizer.json"):
         Tokenizer.from_folder(tmp_path)
+
+
+def test_a_chat_template_file_is_the_template(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # transformers ≥ 4.43 saves the template as chat_template.jinja, not in tokenizer_config.json.
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = Tokenizer.from_folder(folder).render_chat(messages)
+    assert rendered == "[user] hi\n"
+    reference = AutoTokenizer.from_pretrained(folder)
+    assert rendered == reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
 
-from cake_py.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
+from cake_py.errors import ModelError, ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from cake_py.models.config import ModelConfig
 from cake_py.models.weights import SafetensorsWeights, load_transformer, stage_tensor_names
 
@@ -126,6 +127,50 @@ def test_truncated_safetensors_is_weights_error(tiny_model_factory, tmp_path: Pa
     with pytest.raises(WeightsError, match=damaged.name) as raised:
         SafetensorsWeights(folder)
     assert "truncated" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ([1, 2], "JSON object"),
+        ({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}, "'num_attention_heads'"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be positive, got 0"),
+        ({"num_attention_heads": "four"}, "malformed field"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads (3)"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be positive, got 0"),
+    ],
+    ids=["a-list", "missing-heads", "zero-heads", "text-heads", "gqa-mismatch", "no-layers"],
+)
+def test_a_malformed_config_is_a_model_error_naming_the_field(
+    tiny_llama: Path, tmp_path: Path, config: object, needle: str
+) -> None:
+    raw = config if not isinstance(config, dict) or "architectures" in config else None
+    if raw is None:
+        folder = copy_model(tiny_llama, tmp_path)
+        edit_config(folder, **config)  # type: ignore[arg-type]
+        raw = SafetensorsWeights(folder).config
+    with pytest.raises(ModelError) as raised:
+        ModelConfig.from_hf(raw)  # type: ignore[arg-type]
+    assert needle in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"[1, 2]", b'{"w": {"dtype": "F32", "shape": [1]}}', b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": 7}}'],
+    ids=["a-list", "no-offsets", "bad-offsets"],
+)
+def test_a_malformed_safetensors_header_is_a_weights_error(tiny_llama: Path, tmp_path: Path, header: bytes) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with pytest.raises(WeightsError, match="model.safetensors"):
+        SafetensorsWeights(folder)
+
+
+def test_a_shard_index_that_is_not_a_map_is_a_weights_error(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = copy_model(tiny_model_factory("llama", sharded=True), tmp_path)
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}')
+    with pytest.raises(WeightsError, match="shard index"):
+        SafetensorsWeights(folder)
 
 
 @pytest.mark.parametrize(
