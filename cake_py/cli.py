@@ -38,6 +38,17 @@ class _Parser(argparse.ArgumentParser):
 CPUS_HELP = "run on these CPUs only, e.g. 0-3,6, as SCHED_BATCH (default threads: their count)"
 
 
+def _port(value: str) -> int:
+    number = _positive_int(value)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (0-65535)")
+    return number
+
+
+def _data_port(value: str) -> int:
+    return -1 if value.strip() == "-1" else _port(value)
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -75,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="cluster.yaml with the model and workers")
     serve.add_argument("--workers", help="comma-separated HOST:PORT of workers (automatic placement)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_positive_int, default=DEFAULT_SERVE_PORT)
+    serve.add_argument("--port", type=_port, default=DEFAULT_SERVE_PORT)
     serve.add_argument("--model-name", help="model id reported by the API (default: the model's id)")
     serve.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     serve.add_argument("--device", default="auto", choices=DEVICES)
@@ -103,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run a worker that holds a range of layers for a master")
     worker.add_argument("--host", default="0.0.0.0")
-    worker.add_argument("--port", type=_positive_int, default=DEFAULT_WORKER_PORT)
+    worker.add_argument("--port", type=_port, default=DEFAULT_WORKER_PORT)
     worker.add_argument("--name", help="worker name shown in the topology (default: hostname:port)")
     worker.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
     worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
@@ -112,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--cpus", help=CPUS_HELP)
     worker.add_argument(
         "--data-port",
-        type=int,
+        type=_data_port,
         default=0,
         help="TCP port of the forward fast path (0: any free port, announced to the master; -1: off, gRPC only)",
     )

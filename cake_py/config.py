@@ -129,6 +129,9 @@ def parse_layers(value: Any, where: str) -> tuple[int, int]:
     return first, last + 1
 
 
+MAX_CPU_NUMBER = 8192  # Linux's CONFIG_NR_CPUS ceiling: a larger number is a typo, not a machine
+
+
 def parse_cpus(value: str | None) -> tuple[int, ...] | None:
     """'0-3,6' (taskset's list form) → (0, 1, 2, 3, 6); None stays None. Checks the form, not the machine."""
     if value is None:
@@ -136,6 +139,8 @@ def parse_cpus(value: str | None) -> tuple[int, ...] | None:
     cpus: set[int] = set()
     for item in value.split(","):
         first, last = _inclusive_range(item, f"--cpus {value!r}: {item.strip()!r}", "0-3")
+        if last >= MAX_CPU_NUMBER:
+            raise ConfigError(f"--cpus {value!r}: CPU {last} is past the largest CPU number Linux allows")
         cpus.update(range(first, last + 1))
     return tuple(sorted(cpus))
 
@@ -158,11 +163,12 @@ def load_cluster_file(path: Path) -> ClusterFile:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes())  # bytes: PyYAML reads UTF-8/16 and their BOMs itself
     except OSError as error:
         raise ConfigError(f"cannot read cluster config {str(path)!r}: {error.strerror}") from error
     except yaml.YAMLError as error:
-        raise ConfigError(f"cluster config {str(path)!r} is not valid YAML: {error}") from error
+        where = " ".join(str(error).split())  # PyYAML's message spans lines; an error here is one line
+        raise ConfigError(f"cluster config {str(path)!r} is not valid YAML: {where}") from error
     if data is None:
         data = {}
     if not isinstance(data, dict):

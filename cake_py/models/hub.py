@@ -21,6 +21,8 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # What a text model needs from a Hub repo; skips other formats (.bin, .pth, onnx) the repo may also carry.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+# Mistral's repos also carry their own-format copy of the weights (consolidated.safetensors), as large as the model.
+HUB_IGNORED = ["consolidated*.safetensors", "original/*"]
 
 
 @dataclass
@@ -64,13 +66,18 @@ def resolve_model(spec: str | None) -> ModelSource:
 
     if spec is None or spec == "":
         return ModelSource(EMBEDDED_MODEL_ID, GGUFWeights(embedded_model_path()))
-    path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # "~user/..." for a user this system does not know
+        raise ModelNotFoundError(f"model path {spec!r} does not exist (no such user's home)") from None
+    if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {spec!r} does not exist")
         return ModelSource(path.stem, GGUFWeights(path))
     if path.is_dir():
         return ModelSource(path.name, SafetensorsWeights(path))
+    if path.exists():
+        raise ModelNotFoundError(f"model path {spec!r} is neither a model folder nor a .gguf file")
     if _looks_like_path(spec):
         raise ModelNotFoundError(f"model path {spec!r} does not exist")
     return ModelSource(spec, SafetensorsWeights(download(spec)))
@@ -88,7 +95,7 @@ def download(repo_id: str) -> Path:
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ModelNotFoundError(f"{repo_id!r} is neither a local path nor a Hub id of the form 'org/name'")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
         raise ModelNotFoundError(
             f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {error})"

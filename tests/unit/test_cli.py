@@ -38,9 +38,28 @@ def test_bad_flag_value() -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(("command", "value", "needle"), [("worker", "9999", "9999"), ("serve", "0-x", "'0-x'")])
+@pytest.mark.parametrize(
+    ("command", "value", "needle"),
+    [("worker", "9999", "9999"), ("serve", "0-x", "'0-x'"), ("serve", "0-4000000000", "4000000000")],
+)
 def test_bad_cpus(command: str, value: str, needle: str) -> None:
     assert_one_line_error(cake(command, "--cpus", value, "--port", "1"), needle)
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [("serve", "--port", "70000"), ("worker", "--port", "65536"), ("worker", "--data-port", "70001")],
+)
+def test_a_port_past_65535_is_refused(command: str, flag: str, value: str) -> None:
+    # It used to bind the port modulo 65536 (worker) or end in an OverflowError traceback (serve).
+    assert_one_line_error(cake(command, flag, value), flag, value, "0-65535")
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfeworkers: []", b"workers:\n  - name: a\xff\n"], ids=["bom", "byte"])
+def test_a_cluster_config_that_is_not_text_is_one_line(tmp_path: Path, content: bytes) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_bytes(content)
+    assert_one_line_error(cake("serve", "--config", str(config)), "cluster.yaml", "not valid YAML")
 
 
 def test_missing_model_path(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cake_py.errors import ModelNotFoundError
-from cake_py.models.hub import embedded_model_path, resolve_model
+from cake_py.models.hub import HUB_IGNORED, HUB_PATTERNS, embedded_model_path, resolve_model
 
 
 def make_hf_cache(cache: Path, repo_id: str, model_folder: Path) -> Path:
@@ -73,3 +73,34 @@ def test_missing_paths_are_named(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "x.gguf"))
     with pytest.raises(ModelNotFoundError, match="a/b/c"):
         resolve_model("a/b/c")
+
+
+def test_model_paths_that_are_not_models_are_named(tmp_path: Path) -> None:
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match="neither a model folder nor a .gguf file"):
+        resolve_model(str(weights))  # a file inside a model folder, not the folder
+    with pytest.raises(ModelNotFoundError, match="GGUF file .*UPPER.GGUF"):
+        resolve_model(str(tmp_path / "UPPER.GGUF"))  # the suffix in capitals is still a GGUF
+    with pytest.raises(ModelNotFoundError, match="no such user"):
+        resolve_model("~no-such-user-here/model")
+
+
+def test_hub_downloads_skip_mistral_consolidated_weights() -> None:
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = [
+        "config.json",
+        "model-00001-of-00003.safetensors",
+        "model.safetensors.index.json",
+        "consolidated.safetensors",
+        "original/consolidated.00.pth",
+        "params.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "pytorch_model.bin",
+    ]
+    kept = list(filter_repo_objects(files, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED))
+    assert "consolidated.safetensors" not in kept and "pytorch_model.bin" not in kept
+    assert {"config.json", "model-00001-of-00003.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(kept)
