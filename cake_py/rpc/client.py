@@ -275,17 +275,20 @@ class RemoteStage:
             return
         try:
             self.connection.release(seq_ids)
-        except ClusterError as error:
+        except ClusterError as error:  # up a moment ago: freed at the next ping the worker answers
             log.warning("%s", error)
+            with self._unreleased_lock:
+                self._unreleased.update(seq_ids)
 
     # ---- health ----
     def healthy(self) -> bool:
         return self._up
 
     def _mark_down(self, reason: str) -> None:
-        if self._up:
+        if self._up:  # the first reason is the cause; later ones are its echoes (a cancelled stream, a closed socket)
             log.error("%s is down: %s", self.connection.label, reason)
-        self._up, self._status_error = False, reason
+            self._status_error = reason
+        self._up = False
         self._drop_stream()
 
     def _watch(self) -> None:
@@ -302,6 +305,8 @@ class RemoteStage:
                     elif held != (self.start, self.end) or info.model_id != self.assignment.model_id:
                         # Someone else (another master) re-assigned it: forwarding would run the wrong layers.
                         self._mark_down(f"worker now holds other layers ({info.model_id} {held})")
+                    else:
+                        self._release_unreleased()
                 except ClusterError as error:
                     self._mark_down(str(error))
                 continue
@@ -312,21 +317,28 @@ class RemoteStage:
                 self._status_error = str(error)
                 backoff = min(backoff * 2, 5.0)
 
-    def _reconnect(self) -> None:
-        reply = self.connection.handshake(timeout=PING_TIMEOUT_S)
-        layers = reply.layers if reply.HasField("layers") else None
-        same = layers is not None and (layers.start, layers.end) == (self.start, self.end)
+    def _release_unreleased(self) -> None:
+        """Free the sequences a failed Release left on the worker (it answers again)."""
         with self._unreleased_lock:
             stale, self._unreleased = self._unreleased, set()
-        if not same or reply.model_id != self.assignment.model_id:
-            self.connection.assign(self.assignment)  # a fresh model: no caches left from before
-        elif stale:
+        if stale:
             try:
                 self.connection.release(sorted(stale))
             except ClusterError:
                 with self._unreleased_lock:
                     self._unreleased |= stale
                 raise
+
+    def _reconnect(self) -> None:
+        reply = self.connection.handshake(timeout=PING_TIMEOUT_S)
+        layers = reply.layers if reply.HasField("layers") else None
+        same = layers is not None and (layers.start, layers.end) == (self.start, self.end)
+        if not same or reply.model_id != self.assignment.model_id:
+            with self._unreleased_lock:
+                self._unreleased = set()
+            self.connection.assign(self.assignment)  # a fresh model: no caches left from before
+        else:
+            self._release_unreleased()
         self._last_info = self.connection.info()
         self._up, self._status_error = True, ""
         log.info("%s is back with layers %d-%d", self.connection.label, self.start, self.end - 1)

@@ -37,6 +37,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 HANDSHAKE_TIMEOUT_S = 10.0
+VERIFY_BYTES_PER_S = 50e6  # the slowest rate a worker may hash its cached weights at (an old disk, no SHA units)
 PING_INTERVAL_S = 1.0
 PING_TIMEOUT_S = 1.5
 
@@ -183,10 +184,18 @@ class WorkerConnection:
         """Send the layer range; only tensors missing from the worker's cache cross the wire."""
         stub = self._open()
         specs = self.manifest(assignment)
+        layers = f"layers {assignment.start}-{assignment.end - 1}"
+        # The worker hashes every cached tensor it has: give it time for a large model on a slow disk.
+        total = sum(spec.size_bytes for spec in specs)
         try:
             prepared = stub.Prepare(
-                pb.PrepareRequest(model_id=assignment.model_id, tensors=specs), timeout=60, metadata=self.metadata
+                pb.PrepareRequest(model_id=assignment.model_id, tensors=specs),
+                timeout=max(60.0, total / VERIFY_BYTES_PER_S),
+                metadata=self.metadata,
             )
+        except grpc.RpcError as error:
+            raise self.error(error, f"verifying its weight cache for {layers}") from None
+        try:
             missing = set(prepared.missing_sha256)
             header = pb.AssignHeader(
                 model_id=assignment.model_id,
@@ -214,4 +223,4 @@ class WorkerConnection:
 
             return stub.Assign(chunks(), timeout=3600, metadata=self.metadata)
         except grpc.RpcError as error:
-            raise self.error(error, f"loading layers {assignment.start}-{assignment.end - 1}") from None
+            raise self.error(error, f"loading {layers}") from None

@@ -1,0 +1,96 @@
+"""The master's side of a worker (RemoteStage, WorkerConnection) against stand-ins: what it frees, when, and what
+it says when something fails. Real worker processes are in tests/integration."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from cake_py.config import WorkerSpec
+from cake_py.errors import ClusterError
+from cake_py.rpc.client import RemoteStage
+from cake_py.rpc.connection import VERIFY_BYTES_PER_S, Assignment, WorkerConnection
+from cake_py.rpc.pb import worker_pb2 as pb
+
+
+class FlakyConnection:
+    """A WorkerConnection stand-in that is up, holds layers 0-2, and fails its first Release."""
+
+    label = "worker 'w1' at 127.0.0.1:1"
+    spec = WorkerSpec("w1", "127.0.0.1:1")
+    data_port = 0
+
+    def __init__(self) -> None:
+        self.released: list[list[int]] = []
+        self.release_failures = 1
+        self.released_again = threading.Event()
+
+    def info(self, timeout: float = 1.5) -> pb.InfoReply:
+        return pb.InfoReply(
+            status=pb.WORKER_STATUS_READY, layers=pb.LayerRange(start=0, end=2), model_id="m", forward_idle_seconds=1
+        )
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        if self.release_failures:
+            self.release_failures -= 1
+            raise ClusterError(f"{self.label} is unreachable (releasing sequences): Deadline Exceeded")
+        self.released.append(list(seq_ids))
+        self.released_again.set()
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def stage() -> Iterator[tuple[RemoteStage, FlakyConnection]]:
+    connection = FlakyConnection()
+    assignment = Assignment("m", "{}", None, 0, 2, torch.float32)  # type: ignore[arg-type]
+    remote = RemoteStage(connection, assignment)  # type: ignore[arg-type]
+    yield remote, connection
+    remote.close()
+
+
+def test_a_release_that_fails_while_up_is_retried_at_the_next_ping(stage: tuple[RemoteStage, FlakyConnection]) -> None:
+    remote, connection = stage
+    remote.release([7, 8])  # the worker's link blips: this Release times out, the stage is still up
+    assert connection.released_again.wait(5), "the sequences were never released: their KV caches leak"
+    assert connection.released == [[7, 8]]
+
+
+def test_the_first_reason_a_stage_went_down_is_kept(stage: tuple[RemoteStage, FlakyConnection]) -> None:
+    remote, _ = stage
+    remote._mark_down("unreachable (reporting its status): Deadline Exceeded")
+    remote._mark_down("Locally cancelled by application!")  # the engine thread, seeing its stream cancelled
+    assert remote._status_error == "unreachable (reporting its status): Deadline Exceeded"
+    assert not remote.healthy()
+
+
+class TimeoutStub:
+    """A worker stub whose Prepare records its deadline and then misses it."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def Prepare(self, request: Any, timeout: float, metadata: Any) -> Any:
+        self.timeouts.append(timeout)
+        error = grpc.RpcError()
+        error.code = lambda: grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        error.details = lambda: "Deadline Exceeded"  # type: ignore[attr-defined]
+        raise error
+
+
+def test_verifying_a_large_cache_gets_time_and_says_what_timed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    connection = WorkerConnection(WorkerSpec("w1", "127.0.0.1:1"), None, None)
+    stub = TimeoutStub()
+    monkeypatch.setattr(connection, "_open", lambda: stub)
+    size = 40 * 10**9  # a 40 GB stage: hashing it on a slow disk takes minutes
+    spec = pb.TensorSpec(name="model.layers.0.w", dtype=pb.DTYPE_BFLOAT16, shape=[1], sha256="0" * 64, size_bytes=size)
+    monkeypatch.setattr(connection, "manifest", lambda assignment: [spec])
+    with pytest.raises(ClusterError, match="verifying its weight cache for layers 0-9"):
+        connection.assign(Assignment("m", "{}", None, 0, 10, torch.bfloat16))  # type: ignore[arg-type]
+    assert stub.timeouts == [size / VERIFY_BYTES_PER_S]
