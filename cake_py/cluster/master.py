@@ -64,7 +64,13 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
         _adopt_worker_names(connections, replies)
         if ranges is None:
             nodes = [
-                NodeCapacity(conn.spec.name, reply.host.memory_free_bytes, reply.host.tflops)
+                # Workers on one host share its RAM (or one GPU): each reports that memory whole.
+                NodeCapacity(
+                    conn.spec.name,
+                    reply.host.memory_free_bytes,
+                    reply.host.tflops,
+                    memory_pool=f"{reply.host.hostname}/{reply.host.device}",
+                )
                 for conn, reply in zip(connections, replies, strict=True)
             ]
             ranges = place_automatically(layer_bytes(source, dtype), nodes)

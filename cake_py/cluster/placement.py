@@ -7,7 +7,7 @@ each worker's measured speed, capped by its free memory, in the order the worker
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cake_py.errors import ClusterError
 
@@ -20,6 +20,8 @@ class NodeCapacity:
     name: str
     free_bytes: int
     tflops: float
+    # Nodes naming the same pool draw on one memory (workers on one host's RAM, or one GPU): each reports it whole.
+    memory_pool: str = ""
 
 
 def _describe(start: int, end: int) -> str:
@@ -54,52 +56,74 @@ def check_manual(ranges: dict[str, tuple[int, int] | None], n_layers: int) -> di
 
 
 def place_automatically(layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity]) -> dict[str, tuple[int, int]]:
-    """Contiguous ranges in node order, sized by speed share and capped by memory; every layer is placed."""
+    """Contiguous ranges in node order, sized by speed share and capped by memory; every layer is placed.
+
+    Each node takes its speed share of the layers left, but no more than its memory holds and no fewer than the
+    nodes after it leave uncovered (so a memory-capped node at the end pushes layers forward, onto the fastest of
+    the nodes before it that have room, in order).
+    """
     n_layers = len(layer_bytes)
     if not nodes:
         raise ClusterError("no workers to place layers on")
+    nodes = share_pools(nodes)
+    budgets = [node.free_bytes * MEMORY_HEADROOM for node in nodes]
+    if sum(layer_bytes) > sum(budgets):
+        raise ClusterError(
+            f"the model needs {sum(layer_bytes) / 1e9:.2f} GB for its layers but the workers have "
+            f"{sum(budgets) / 1e9:.2f} GB usable: it fits nowhere"
+        )
+    # must_reach[i]: the first layer that nodes i, i+1, ... can hold between them, each filling up from the back.
+    must_reach = [n_layers] * (len(nodes) + 1)
+    for index in range(len(nodes) - 1, -1, -1):
+        begin, used = must_reach[index + 1], 0
+        while begin > 0 and used + layer_bytes[begin - 1] <= budgets[index]:
+            used += layer_bytes[begin - 1]
+            begin -= 1
+        must_reach[index] = begin
+    if must_reach[0] > 0:
+        _raise_unplaced(layer_bytes, budgets)
     result: dict[str, tuple[int, int]] = {}
     start = 0
     for index, node in enumerate(nodes):
         rest = nodes[index:]
-        remaining = n_layers - start
         total_speed = sum(max(n.tflops, 1e-9) for n in rest)
-        target = remaining if index == len(nodes) - 1 else round(remaining * max(node.tflops, 1e-9) / total_speed)
-        budget = node.free_bytes * MEMORY_HEADROOM
+        target = start + round((n_layers - start) * max(node.tflops, 1e-9) / total_speed)
         end, used = start, 0
-        while end < n_layers and end - start < target and used + layer_bytes[end] <= budget:
+        while end < n_layers and used + layer_bytes[end] <= budgets[index]:  # as far as memory allows
             used += layer_bytes[end]
             end += 1
+        end = max(min(target, end), must_reach[index + 1])
         result[node.name] = (start, end)
         start = end
-    if start < n_layers:
-        # Memory capped someone: let nodes after a capped one absorb the rest, re-running without speed targets.
-        needed = sum(layer_bytes[start:])
-        spare = sum(max(0.0, n.free_bytes * MEMORY_HEADROOM) for n in nodes) - sum(layer_bytes)
-        if spare < 0:
-            raise ClusterError(
-                f"the model needs {sum(layer_bytes) / 1e9:.2f} GB for its layers but the workers have "
-                f"{sum(n.free_bytes for n in nodes) * MEMORY_HEADROOM / 1e9:.2f} GB usable: it fits nowhere"
-            )
-        return _fill_by_memory(layer_bytes, nodes, needed)
     return result
 
 
-def _fill_by_memory(
-    layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity], _needed: int
-) -> dict[str, tuple[int, int]]:
-    """Greedy contiguous fill, each node taking as many layers as its memory allows."""
-    result: dict[str, tuple[int, int]] = {}
-    start = 0
+def share_pools(nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
+    """Split each shared memory pool between its nodes in proportion to their speed (equally without speeds)."""
+    pools: dict[str, list[NodeCapacity]] = {}
     for node in nodes:
-        budget, end, used = node.free_bytes * MEMORY_HEADROOM, start, 0
-        while end < len(layer_bytes) and used + layer_bytes[end] <= budget:
-            used += layer_bytes[end]
-            end += 1
-        result[node.name] = (start, end)
-        start = end
-    if start < len(layer_bytes):
-        raise ClusterError(
-            f"layers {start}-{len(layer_bytes) - 1} fit on no worker: the model does not fit in the cluster's memory"
-        )
-    return result
+        if node.memory_pool:
+            pools.setdefault(node.memory_pool, []).append(node)
+    shared = []
+    for node in nodes:
+        members = pools.get(node.memory_pool, [node])
+        if len(members) > 1:
+            free = min(member.free_bytes for member in members)  # each reported the pool whole, a moment apart
+            speed = sum(max(member.tflops, 1e-9) for member in members)
+            node = replace(node, free_bytes=int(free * max(node.tflops, 1e-9) / speed))
+        shared.append(node)
+    return shared
+
+
+def _raise_unplaced(layer_bytes: Sequence[int], budgets: Sequence[float]) -> None:
+    """The layers left over when each node in turn takes all its memory holds: enough memory in total, not in
+    contiguous pieces."""
+    start = 0
+    for budget in budgets:
+        used = 0
+        while start < len(layer_bytes) and used + layer_bytes[start] <= budget:
+            used += layer_bytes[start]
+            start += 1
+    raise ClusterError(
+        f"layers {start}-{len(layer_bytes) - 1} fit on no worker: the model does not fit in the cluster's memory"
+    )

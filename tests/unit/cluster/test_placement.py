@@ -74,6 +74,26 @@ def test_last_node_capped_falls_back_to_filling_by_memory() -> None:
     assert ranges == {"a": (0, 8), "b": (8, 10)}
 
 
+def test_a_capped_last_node_still_gets_its_share_and_the_first_the_rest() -> None:
+    # Speed says gpu takes 9 of 10 layers; its memory holds 7: it keeps 7 and cpu takes 3 (not 10, leaving gpu none).
+    ranges = place_automatically([GB] * 10, [node("cpu", 100, 1.0), node("gpu", 9, 9.0)])
+    assert ranges == {"cpu": (0, 3), "gpu": (3, 10)}
+
+
+def test_workers_sharing_one_memory_share_its_budget() -> None:
+    # Two workers on one host each report the host's 50 GB free: together they hold 40 GB of layers, not 80.
+    same_host = [NodeCapacity("a", 50 * GB, 1.0, "host/cpu"), NodeCapacity("b", 50 * GB, 1.0, "host/cpu")]
+    with pytest.raises(ClusterError, match="fits nowhere"):
+        place_automatically([GB] * 60, same_host)
+    assert place_automatically([GB] * 40, same_host) == {"a": (0, 20), "b": (20, 40)}
+    # Shared in proportion to speed: a 3x faster worker gets 3/4 of the pool (30 GB: 24 layers at most).
+    uneven = [NodeCapacity("slow", 40 * GB, 1.0, "host/cpu"), NodeCapacity("fast", 40 * GB, 3.0, "host/cpu")]
+    assert place_automatically([GB] * 32, uneven) == {"slow": (0, 8), "fast": (8, 32)}
+    # Other pools (another host, or another GPU of the same host) are not shared.
+    apart = [NodeCapacity("a", 50 * GB, 1.0, "h1/cpu"), NodeCapacity("b", 50 * GB, 1.0, "h2/cpu")]
+    assert place_automatically([GB] * 60, apart) == {"a": (0, 30), "b": (30, 60)}
+
+
 def test_memory_cap_uses_each_layers_own_size() -> None:
     # Layer 0 is large (an embedding-heavy first layer, say): 3 GB + 1 GB fit in a's 4 GB budget, the next does not.
     sizes = [3 * GB, GB, GB, GB, GB]
@@ -97,13 +117,24 @@ def test_random_clusters_place_every_layer_contiguously_within_memory(seed: int)
     try:
         ranges = place_automatically(sizes, nodes)
     except ClusterError as error:
-        # Allowed only when the layers really do not fit: in total, or in contiguous pieces.
+        # Allowed only when the layers really do not fit: in total, or in contiguous pieces (checked by brute force).
         assert "fit" in str(error)
+        assert not _fits_somehow(sizes, [n.free_bytes * MEMORY_HEADROOM for n in nodes])
         return
     assert_contiguous_cover(ranges, [n.name for n in nodes], n_layers)
     for n in nodes:
         start, end = ranges[n.name]
         assert sum(sizes[start:end]) <= n.free_bytes * MEMORY_HEADROOM, f"{n.name} holds more than its memory"
+
+
+def _fits_somehow(sizes: list[int], budgets: list[float]) -> bool:
+    """Whether some split of `sizes` into len(budgets) contiguous runs, in order, fits every budget."""
+    reachable = {0}  # layers placed so far, over every way of filling the nodes seen
+    for budget in budgets:
+        reachable = {
+            end for start in reachable for end in range(start, len(sizes) + 1) if sum(sizes[start:end]) <= budget
+        }
+    return len(sizes) in reachable
 
 
 def test_model_that_fits_nowhere_is_an_error_naming_the_sizes() -> None:
