@@ -142,6 +142,7 @@ class RemoteStage:
         request = pb.ForwardRequest(
             request_id=next(_REQUEST_IDS),
             sequences=[pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens) for s in batch],
+            assignment=self.connection.assignment,
         )
         encode_tensor(hidden, out=request.hidden)
         fast = self._fast_path()
@@ -193,10 +194,17 @@ class RemoteStage:
             request_id=next(_REQUEST_IDS),
             sequences=[pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens) for s in batch],
             next=[
-                pb.ChainHop(host=client.host, data_port=client.port, session=client.session, name=stage.name)
+                pb.ChainHop(
+                    host=client.host,
+                    data_port=client.port,
+                    session=client.session,
+                    name=stage.name,
+                    assignment=stage.connection.assignment,
+                )
                 for stage, client in zip(followers, clients[1:], strict=True)
             ],
             reply_session=clients[0].session,
+            assignment=self.connection.assignment,
         )
         encode_tensor(hidden, out=request.hidden)
         payload = request.SerializeToString()
@@ -302,9 +310,13 @@ class RemoteStage:
                     held = (info.layers.start, info.layers.end) if info.HasField("layers") else None
                     if info.status != pb.WORKER_STATUS_READY:
                         self._mark_down(f"worker lost its layers (status {info.status})")
-                    elif held != (self.start, self.end) or info.model_id != self.assignment.model_id:
-                        # Someone else (another master) re-assigned it: forwarding would run the wrong layers.
-                        self._mark_down(f"worker now holds other layers ({info.model_id} {held})")
+                    elif (
+                        held != (self.start, self.end)
+                        or info.model_id != self.assignment.model_id
+                        or (info.assignment and info.assignment != self.connection.assignment)
+                    ):
+                        # Someone else (another master) re-assigned it: its caches and maybe its layers are not ours.
+                        self._mark_down(f"worker was re-assigned: it holds {info.model_id} {held}")
                     else:
                         self._release_unreleased()
                 except ClusterError as error:

@@ -96,6 +96,7 @@ class WorkerConnection:
         self.channel: grpc.Channel | None = None
         self.stub: pb_grpc.WorkerStub | None = None
         self.host: pb.HostInfo | None = None
+        self.assignment = 0  # the worker's assignment number, as its last handshake or our last Assign said
         self._manifest: list[pb.TensorSpec] | None = None
 
     @property
@@ -148,6 +149,7 @@ class WorkerConnection:
             raise ClusterError(f"{self.label} speaks protocol {reply.protocol_version}, we speak {PROTOCOL_VERSION}")
         self.host = reply.host
         self.data_port = reply.data_port
+        self.assignment = reply.assignment
         return reply
 
     def info(self, timeout: float = PING_TIMEOUT_S) -> pb.InfoReply:
@@ -221,6 +223,8 @@ class WorkerConnection:
                         piece = data[offset : offset + WEIGHT_CHUNK_BYTES]
                         yield pb.AssignChunk(chunk=pb.TensorChunk(name=name, offset=offset, data=bytes(piece)))
 
-            return stub.Assign(chunks(), timeout=3600, metadata=self.metadata)
+            reply = stub.Assign(chunks(), timeout=3600, metadata=self.metadata)
+            self.assignment = reply.assignment
+            return reply
         except grpc.RpcError as error:
             raise self.error(error, f"loading {layers}") from None

@@ -73,6 +73,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.model: Transformer | None = None
         self.kv: KVStore | None = None
         self.model_id = ""
+        self.assignment = 0  # changes with every Assign (random, so never the same across restarts); 0: none yet
         self.compute_dtype = torch.bfloat16
         self.status = pb.WORKER_STATUS_IDLE
         self.error = ""
@@ -115,6 +116,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             model_id=self.model_id,
             layers=self._layers(),
             data_port=self.dataplane.port if self.dataplane is not None else 0,
+            assignment=self.assignment,
         )
 
     def Prepare(self, request: pb.PrepareRequest, context: grpc.ServicerContext) -> pb.PrepareReply:
@@ -160,7 +162,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if incomplete:
                 raise ClusterError(f"weight stream ended with {len(incomplete)} tensor(s) incomplete")
             with self.lock:  # free the old layers before loading the new ones: memory for one set, not both
-                self.model, self.kv, self.weights_bytes, self.model_id = None, None, 0, ""
+                self.model, self.kv, self.weights_bytes, self.model_id, self.assignment = None, None, 0, "", 0
             tensors = {}
             for name, spec in specs.items():
                 if not self.cache.has(spec.sha256, spec.size_bytes):
@@ -174,6 +176,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 self.model, self.kv = model, model.new_kv_store()
                 release_openmp_threads()  # this handler thread is done with torch; Forward's must own the pool
                 self.model_id, self.compute_dtype = header.model_id, dtype
+                self.assignment = int.from_bytes(os.urandom(8), "little") | 1
                 # Buffers too: 4-bit layers keep their packed weights and scales as buffers.
                 self.weights_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
                 self.status, self.error = pb.WORKER_STATUS_READY, ""
@@ -188,6 +191,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 reused_bytes=max(total - received, 0),
                 n_tensors=len(specs),
                 load_ms=int((time.perf_counter() - began) * 1000),
+                assignment=self.assignment,
             )
         except (CakeError, ValueError, KeyError) as error:
             self._assignment_failed(writers, str(error))
@@ -258,6 +262,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             hop = request.next[0]
             host, port, name = hop.host, hop.data_port, hop.name
             request.reply_session = hop.session
+            request.assignment = hop.assignment
             del request.next[0]
             request.hidden.data = reply.hidden.data
             try:
@@ -285,6 +290,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 model, kv = self.model, self.kv
                 if model is None or kv is None:
                     raise ClusterError(f"worker {self.name!r} has no layers assigned")
+                if request.assignment and request.assignment != self.assignment:
+                    raise ClusterError(
+                        f"worker {self.name!r} was re-assigned since (another master?): it now holds "
+                        f"{self.model_id} layers {model.start}-{model.end - 1}"
+                    )
                 if hidden.ndim != 2 or hidden.shape[0] != sum(s.n_tokens for s in batch):
                     raise ClusterError(f"hidden states of shape {list(hidden.shape)} do not match the batch")
                 for piece in batch:
@@ -332,4 +342,5 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             error=self.error,
             protocol_version=PROTOCOL_VERSION,
             forward_idle_seconds=self.activity.idle_seconds(),
+            assignment=self.assignment,
         )

@@ -104,18 +104,20 @@ class HandshakeRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., master_name: _Optional[str] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("protocol_version", "host", "model_id", "layers", "data_port")
+    __slots__ = ("protocol_version", "host", "model_id", "layers", "data_port", "assignment")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     host: HostInfo
     model_id: str
     layers: LayerRange
     data_port: int
-    def __init__(self, protocol_version: _Optional[int] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., data_port: _Optional[int] = ...) -> None: ...
+    assignment: int
+    def __init__(self, protocol_version: _Optional[int] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., data_port: _Optional[int] = ..., assignment: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "sha256", "size_bytes")
@@ -180,18 +182,20 @@ class AssignChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[AssignHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class AssignReply(_message.Message):
-    __slots__ = ("layers", "received_bytes", "reused_bytes", "n_tensors", "load_ms")
+    __slots__ = ("layers", "received_bytes", "reused_bytes", "n_tensors", "load_ms", "assignment")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     REUSED_BYTES_FIELD_NUMBER: _ClassVar[int]
     N_TENSORS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     layers: LayerRange
     received_bytes: int
     reused_bytes: int
     n_tensors: int
     load_ms: int
-    def __init__(self, layers: _Optional[_Union[LayerRange, _Mapping]] = ..., received_bytes: _Optional[int] = ..., reused_bytes: _Optional[int] = ..., n_tensors: _Optional[int] = ..., load_ms: _Optional[int] = ...) -> None: ...
+    assignment: int
+    def __init__(self, layers: _Optional[_Union[LayerRange, _Mapping]] = ..., received_bytes: _Optional[int] = ..., reused_bytes: _Optional[int] = ..., n_tensors: _Optional[int] = ..., load_ms: _Optional[int] = ..., assignment: _Optional[int] = ...) -> None: ...
 
 class SequenceSlice(_message.Message):
     __slots__ = ("seq_id", "start_pos", "n_tokens")
@@ -204,32 +208,36 @@ class SequenceSlice(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., n_tokens: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "sequences", "hidden", "next", "reply_session", "chain_forward_us")
+    __slots__ = ("request_id", "sequences", "hidden", "next", "reply_session", "chain_forward_us", "assignment")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     NEXT_FIELD_NUMBER: _ClassVar[int]
     REPLY_SESSION_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FORWARD_US_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceSlice]
     hidden: Tensor
     next: _containers.RepeatedCompositeFieldContainer[ChainHop]
     reply_session: bytes
     chain_forward_us: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next: _Optional[_Iterable[_Union[ChainHop, _Mapping]]] = ..., reply_session: _Optional[bytes] = ..., chain_forward_us: _Optional[_Iterable[int]] = ...) -> None: ...
+    assignment: int
+    def __init__(self, request_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next: _Optional[_Iterable[_Union[ChainHop, _Mapping]]] = ..., reply_session: _Optional[bytes] = ..., chain_forward_us: _Optional[_Iterable[int]] = ..., assignment: _Optional[int] = ...) -> None: ...
 
 class ChainHop(_message.Message):
-    __slots__ = ("host", "data_port", "session", "name")
+    __slots__ = ("host", "data_port", "session", "name", "assignment")
     HOST_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     host: str
     data_port: int
     session: bytes
     name: str
-    def __init__(self, host: _Optional[str] = ..., data_port: _Optional[int] = ..., session: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+    assignment: int
+    def __init__(self, host: _Optional[str] = ..., data_port: _Optional[int] = ..., session: _Optional[bytes] = ..., name: _Optional[str] = ..., assignment: _Optional[int] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("request_id", "hidden", "forward_us", "error", "chain_forward_us", "chain_error")
@@ -264,7 +272,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("status", "host", "model_id", "layers", "compute_dtype", "live_sequences", "kv_cache_bytes", "weights_bytes", "uptime_seconds", "cpu_percent", "process_rss_bytes", "error", "protocol_version", "forward_idle_seconds")
+    __slots__ = ("status", "host", "model_id", "layers", "compute_dtype", "live_sequences", "kv_cache_bytes", "weights_bytes", "uptime_seconds", "cpu_percent", "process_rss_bytes", "error", "protocol_version", "forward_idle_seconds", "assignment")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +287,7 @@ class InfoReply(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FORWARD_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     status: WorkerStatus
     host: HostInfo
     model_id: str
@@ -293,4 +302,5 @@ class InfoReply(_message.Message):
     error: str
     protocol_version: int
     forward_idle_seconds: float
-    def __init__(self, status: _Optional[_Union[WorkerStatus, str]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., compute_dtype: _Optional[_Union[DType, str]] = ..., live_sequences: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., process_rss_bytes: _Optional[int] = ..., error: _Optional[str] = ..., protocol_version: _Optional[int] = ..., forward_idle_seconds: _Optional[float] = ...) -> None: ...
+    assignment: int
+    def __init__(self, status: _Optional[_Union[WorkerStatus, str]] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., compute_dtype: _Optional[_Union[DType, str]] = ..., live_sequences: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., process_rss_bytes: _Optional[int] = ..., error: _Optional[str] = ..., protocol_version: _Optional[int] = ..., forward_idle_seconds: _Optional[float] = ..., assignment: _Optional[int] = ...) -> None: ...

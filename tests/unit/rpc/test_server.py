@@ -216,3 +216,27 @@ def test_handshake_counts_the_memory_held_layers_would_give_back(fresh_worker: W
     fresh_worker.weights_bytes = plain.host.memory_total_bytes  # as if its layers filled the memory
     credited = fresh_worker.Handshake(handshake, Context())  # type: ignore[arg-type]
     assert credited.host.memory_free_bytes == credited.host.memory_total_bytes
+
+
+def test_a_forward_placed_with_another_assignment_is_refused(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
+    source = resolve_model(str(tiny_llama))
+    first = fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+    handshake = fresh_worker.Handshake(pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION), Context())  # type: ignore[arg-type]
+    assert first.assignment and handshake.assignment == first.assignment
+
+    def forward(assignment: int, seq_id: int) -> pb.ForwardReply:
+        message = pb.ForwardRequest(
+            request_id=1, sequences=[pb.SequenceSlice(seq_id=seq_id, start_pos=0, n_tokens=1)], assignment=assignment
+        )
+        encode_tensor(torch.ones(1, source.config.hidden_size), out=message.hidden)
+        answer = fresh_worker.forward_frame(message.SerializeToString())
+        assert answer is not None
+        return pb.ForwardReply.FromString(answer)
+
+    assert forward(first.assignment, 1).error == ""
+    assert forward(0, 2).error == ""  # 0: a master that does not check
+    # Another master places other layers here: our next forward must fail, not run them.
+    second = fresh_worker.Assign(iter(assign_messages(source, 1, 3)), Context())  # type: ignore[arg-type]
+    assert second.assignment != first.assignment
+    refused = forward(first.assignment, 3)
+    assert "re-assigned" in refused.error and "layers 1-2" in refused.error
