@@ -48,7 +48,9 @@ class ModelConfig:
     o_bias: bool = False  # bias on the output projection (Llama attention_bias)
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of the layers that have one (see `window_of`)
+    # Per layer, whether it attends through the window; empty: every layer does when sliding_window is set.
+    windowed_layers: tuple[bool, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
@@ -83,6 +85,12 @@ class ModelConfig:
             )
         return config
 
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (absolute index), or None when it attends to every position."""
+        if self.sliding_window is None or (self.windowed_layers and not self.windowed_layers[layer]):
+            return None
+        return self.sliding_window
+
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> ModelConfig:
         architectures = raw.get("architectures") or []
@@ -106,8 +114,7 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
         attention_bias = bool(raw.get("attention_bias", False))
-        # Mistral always honours sliding_window; Qwen2/3 only when use_sliding_window is set.
-        sliding = raw.get("sliding_window") if family == "mistral" or raw.get("use_sliding_window") else None
+        sliding, windowed = _sliding_window(raw, family, int(raw["num_hidden_layers"]))
         return cls(
             family=family,
             architecture=str(architecture),
@@ -127,9 +134,29 @@ class ModelConfig:
             mlp_bias=bool(raw.get("mlp_bias", False)),
             qk_norm=family == "qwen3",
             sliding_window=int(sliding) if sliding else None,
+            windowed_layers=windowed,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
+
+
+def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[int | None, tuple[bool, ...]]:
+    """The window and which layers use it, as transformers decides: config.json's `layer_types` when given; else
+    Mistral windows every layer, and Qwen2/Qwen3 (with use_sliding_window) the layers from max_window_layers on."""
+    window = raw.get("sliding_window")
+    if not window:
+        return None, ()
+    layer_types = raw.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == n_layers:
+        windowed = tuple(kind == "sliding_attention" for kind in layer_types)
+    elif family == "mistral":
+        windowed = (True,) * n_layers
+    elif family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
+        first = int(raw.get("max_window_layers", 28))
+        windowed = tuple(index >= first for index in range(n_layers))
+    else:
+        return None, ()
+    return (int(window), windowed) if any(windowed) else (None, ())
 
 
 def _parse_rope(raw: dict[str, Any]) -> RopeConfig:

@@ -68,10 +68,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.sliding_window = config.sliding_window
+        self.sliding_window = config.window_of(layer)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
         self.wqkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
@@ -177,10 +177,10 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, layer)  # the absolute layer index: some models window only some layers
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
@@ -200,7 +200,7 @@ class Transformer(nn.Module):
             raise ValueError(f"layer range [{start}, {end}) is outside the model's {config.n_layers} layers")
         self.config, self.start, self.end = config, start, end
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if with_embedding else None
-        self.layers = nn.ModuleList(Block(config) for _ in range(start, end))
+        self.layers = nn.ModuleList(Block(config, layer) for layer in range(start, end))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if with_head else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if with_head else None
         self.inv_freq = rope_inverse_frequencies(config.rope, config.head_dim)

@@ -409,7 +409,8 @@ def test_live_closing_a_stream_early_leaves_the_server_serving(client: CakeClien
     with client.stream(text="Tell me a story", max_output_tokens=200) as events:
         first = next(events)
     assert isinstance(first, TextChunk)
-    assert client.chat("Hi", max_output_tokens=2).usage["completion_tokens"] == 2
+    # Sampled from random weights, the end token may come first: what matters is that the server still answers.
+    assert client.chat("Hi", max_output_tokens=2, do_sample=False).usage["completion_tokens"] in (1, 2)
 
 
 def test_live_async_client(server: ServerHandle) -> None:

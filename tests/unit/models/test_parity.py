@@ -101,8 +101,11 @@ def test_fixture_exercises_the_architecture(pair: Pair) -> None:
         assert not torch.allclose(rope_inverse_frequencies(config.rope, config.head_dim), default)
     if pair.kind == "smollm":
         assert config.tie_word_embeddings and "lm_head.weight" not in SafetensorsWeights(pair.folder).names()
-    if pair.kind == "mistral":
+    if pair.kind in ("mistral", "qwen2", "qwen3"):
         assert config.sliding_window is not None and config.sliding_window < len(pair.prompt) + N_GREEDY
+        # Mistral windows every layer; Qwen only from max_window_layers (1) on, as transformers decides.
+        expected = [config.sliding_window] * 3 if pair.kind == "mistral" else [None, config.sliding_window]
+        assert [config.window_of(layer) for layer in range(config.n_layers)] == expected
     if pair.kind == "qwen2":
         biases = [p for name, p in pair.reference.named_parameters() if name.endswith("proj.bias")]
         assert config.qkv_bias and biases and all(p.abs().min() > 0 for p in biases)

@@ -207,3 +207,30 @@ def test_kv_store_releases_idle_sequences() -> None:
     store.for_batch([SequenceSlice(2, 1, 1)])
     assert store.release_idle(0.03) == [1]
     assert store.sequence_ids() == [2]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        # Qwen2 without layer_types: transformers' rule, the layers from max_window_layers on (default 28).
+        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, [None] * 3),
+        (
+            {"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "max_window_layers": 2},
+            [None, None, 8],
+        ),
+        ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False}, [None] * 3),
+        # layer_types, when given, decides.
+        ({"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}, [8, None, 8]),
+        # Llama has no sliding window, whatever the config carries.
+        ({"use_sliding_window": True}, [None] * 3),
+        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, [8] * 3),
+    ],
+    ids=["qwen-default", "qwen-from-2", "qwen-off", "layer-types", "llama", "mistral"],
+)
+def test_which_layers_use_the_sliding_window(
+    tiny_llama: Path, tmp_path: Path, fields: dict[str, object], expected: list[int | None]
+) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    edit_config(folder, sliding_window=8, **fields)
+    config = ModelConfig.from_hf(SafetensorsWeights(folder).config)
+    assert [config.window_of(layer) for layer in range(config.n_layers)] == expected
