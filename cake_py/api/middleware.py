@@ -15,7 +15,6 @@ that leaves mid-stream cancels its sequence. Refusals are JSON in the route fami
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import math
 import time
@@ -42,7 +41,7 @@ def _basic(headers: Headers) -> tuple[str, str] | None:
         return None
     try:
         user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):  # binascii.Error, and non-ASCII text b64decode refuses
         return None
     return (user, password) if sep else None
 

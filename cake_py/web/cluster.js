@@ -221,20 +221,21 @@ export function startCluster(onLive) {
       order = "";
     }
     const nodes = [{ ...topology.master, name: topology.master.name || "master" }, ...topology.workers];
+    // Cards are keyed by role and name: a worker may be called "master" too.
+    const keyOf = (node, i) => `${i === 0 ? "master" : "worker"}:${node.name}`;
     const seen = new Set();
     nodes.forEach((node, i) => {
-      seen.add(node.name);
-      if (!cards.has(node.name)) {
-        cards.set(node.name, new NodeCard(node.name, i === 0 ? "master" : "worker", expanded));
-      }
-      cards.get(node.name).update(node, i === 0 ? location.host : node.host, topology.layer_details ?? {});
+      const key = keyOf(node, i);
+      seen.add(key);
+      if (!cards.has(key)) cards.set(key, new NodeCard(node.name, i === 0 ? "master" : "worker", expanded));
+      cards.get(key).update(node, i === 0 ? location.host : node.host, topology.layer_details ?? {});
     });
-    for (const name of [...cards.keys()]) if (!seen.has(name)) cards.delete(name);
+    for (const key of [...cards.keys()]) if (!seen.has(key)) cards.delete(key);
 
     // Rebuild the pipeline only when its shape changes; the hops between cards are small, so they are redrawn.
-    const shape = nodes.map((n) => n.name).join(">");
-    const children = [cards.get(nodes[0].name).root];
-    for (const worker of nodes.slice(1)) children.push(hop(worker), cards.get(worker.name).root);
+    const shape = nodes.map(keyOf).join(">");
+    const children = [cards.get(keyOf(nodes[0], 0)).root];
+    nodes.slice(1).forEach((worker, i) => children.push(hop(worker), cards.get(keyOf(worker, i + 1)).root));
     if (shape !== order) {
       order = shape;
       pipeline.replaceChildren(...children);
@@ -269,9 +270,27 @@ export function startCluster(onLive) {
     }
   }
 
+  // A master with --api-key (and no --ui-auth) guards the topology with the same key as the API: once it asks for
+  // a Bearer token, send the one saved in the chat's settings. With --ui-auth the browser's Basic login is used,
+  // which an Authorization header of ours would replace, so none is sent until a Bearer challenge comes.
+  let bearer = false;
+
   async function fetchTopology() {
     try {
-      const response = await fetch("/api/v1/topology", { cache: "no-store", signal: AbortSignal.timeout(TIMEOUT_MS) });
+      const headers = {};
+      const key = (localStorage.getItem("cake.apiKey") ?? "").trim();
+      if (bearer && key) headers.Authorization = `Bearer ${key}`;
+      const response = await fetch("/api/v1/topology", {
+        cache: "no-store",
+        headers,
+        signal: AbortSignal.timeout(TIMEOUT_MS),
+      });
+      if (response.status === 401 && (response.headers.get("WWW-Authenticate") ?? "").startsWith("Bearer")) {
+        const retry = !bearer && key;
+        bearer = true;
+        if (retry) return await fetchTopology();
+        throw new Error(`The topology needs the API key: enter it in Chat → Settings (${await problem(response)})`);
+      }
       if (!response.ok) throw new Error(`The topology is unavailable: ${await problem(response)}`);
       return await response.json();
     } catch (error) {

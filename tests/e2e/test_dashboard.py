@@ -378,6 +378,26 @@ def test_api_key_field_is_sent_as_bearer_and_kept(browser: Browser, tiny_llama: 
         context.close()
 
 
+def test_the_cluster_view_uses_the_saved_api_key(browser: Browser, tiny_llama: Path) -> None:
+    # With --api-key (and no --ui-auth) the topology needs the key: the view says where it goes, then uses it.
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        problems = _collect_problems(page)
+        with running_server(tiny_settings(tiny_llama, api_key="sesame")) as server:
+            page.goto(f"{server.base_url}/")
+            expect(page.locator("#cluster-banner")).to_contain_text("needs the API key")
+            page.goto(f"{server.base_url}/#chat")
+            page.fill("#api-key", "sesame")
+            page.goto(f"{server.base_url}/")
+            expect(page.locator("#connection")).to_have_class(re.compile(r"\bok\b"))
+            expect(page.locator("#cluster-banner")).to_be_hidden()
+            expect(page.get_by_test_id("node-master")).to_be_visible()
+        assert [p for p in problems if "status of 401" not in p] == []
+    finally:
+        context.close()
+
+
 def test_a_master_that_stops_answering_is_shown_within_5_seconds(browser: Browser, tiny_llama: Path) -> None:
     context = browser.new_context(viewport=DESKTOP)
     try:

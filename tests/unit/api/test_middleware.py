@@ -71,6 +71,14 @@ def test_ui_auth_guards_the_page_and_topology_with_basic() -> None:
         assert client.get("/health").status_code == 200
 
 
+def test_a_malformed_basic_header_is_a_401_not_a_500() -> None:
+    with _client(ui_auth=("admin", "pw")) as client:
+        for header in (b"Basic \xe9", b"Basic %%%", b"Basic " + base64.b64encode(b"\xff\xfe")):
+            refused = client.get("/", headers={"Authorization": header})
+            assert refused.status_code == 401, (header, refused.text)
+            assert refused.headers["www-authenticate"].startswith("Basic")
+
+
 def test_rate_limit_answers_429_with_retry_after_on_generation_routes_only() -> None:
     with _client(rate_limit=60, rate_burst=2) as client:
         statuses = [client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(2)]
