@@ -178,6 +178,18 @@ def test_multipart_through_httpx_and_a_missing_text(http: httpx.Client) -> None:
     assert "text must be a non-empty prompt" in missing.json()["detail"]
 
 
+def test_multipart_streams_unless_told_otherwise(http: httpx.Client) -> None:
+    # Seed 000 passes streaming=false to get one JSON document; without the field the answer is an NDJSON stream.
+    files = {"text": (None, "Hello"), "model_kwargs": (None, '{"max_output_tokens": 3}')}
+    streamed = http.post("/generate", files=files)
+    assert streamed.status_code == 200
+    assert streamed.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in streamed.text.splitlines() if line.strip()]
+    assert lines and lines[-1]["done"] is True
+    single = http.post("/generate", files={**files, "streaming": (None, "false")})
+    assert single.headers["content-type"].startswith("application/json") and "outputs" in single.json()
+
+
 def test_system_info_describes_master_and_stages(http: httpx.Client) -> None:
     info = http.get("/system/info").json()
     master = info["master"]
