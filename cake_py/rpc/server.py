@@ -165,7 +165,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 self.model, self.kv, self.weights_bytes, self.model_id, self.assignment = None, None, 0, "", 0
             tensors = {}
             for name, spec in specs.items():
-                if not self.cache.has(spec.sha256, spec.size_bytes):
+                # verify, not a size check: free when Prepare hashed it in this process, and it may not have
+                if not self.cache.verify(spec.sha256, spec.size_bytes):
                     raise ClusterError(f"tensor {name!r} was neither streamed nor in the cache")
                 tensors[name] = self.cache.load(spec.sha256, dtype_from_pb(spec.dtype), tuple(spec.shape))
             dtype = dtype_from_pb(header.compute_dtype)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
+import psutil
 import torch
 
 from cake_py.errors import ClusterError
@@ -24,6 +26,14 @@ class WeightCache:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ClusterError(f"cannot create weight cache {str(root)!r}: {error.strerror}") from error
+        self._remove_orphans()
+
+    def _remove_orphans(self) -> None:
+        """Delete temp files a killed worker left (their process is gone): they would stay for ever otherwise."""
+        for temp in self.root.glob("??/*.partial"):
+            pid = temp.name.split(".")[1] if temp.name.count(".") >= 2 else ""
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                temp.unlink(missing_ok=True)
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -84,8 +94,11 @@ class TensorWriter:
         self.cache, self.sha256, self.size = cache, sha256, size
         self.final = cache.path(sha256)
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = self.final.with_name(f"{sha256}.{os.getpid()}.partial")
-        self.handle = self.temp.open("wb")
+        # One temp file per writer: two Assigns streaming the same tensor (two masters, or a master that came back
+        # before its old stream ended) must not write into, or delete, each other's file.
+        descriptor, name = tempfile.mkstemp(dir=self.final.parent, prefix=f"{sha256}.{os.getpid()}.", suffix=".partial")
+        self.temp = Path(name)
+        self.handle = os.fdopen(descriptor, "wb")
         self.digest = hashlib.sha256()
         self.written = 0
 
@@ -110,9 +123,12 @@ class TensorWriter:
                 f"weight data failed verification: got {self.written} bytes with sha256 "
                 f"{self.digest.hexdigest()[:12]}, expected {self.size} bytes with {self.sha256[:12]}"
             )
+        if self.cache.verify(self.sha256, self.size):  # another writer committed it meanwhile: keep that one
+            self.temp.unlink(missing_ok=True)
+            return
         os.replace(self.temp, self.final)
         self.cache._committed(self.sha256)
 
     def abort(self) -> None:
-        self.handle.close()
+        self.handle.close()  # a no-op when commit closed it already
         self.temp.unlink(missing_ok=True)

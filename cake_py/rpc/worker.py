@@ -4,7 +4,9 @@ caches no master released, and the run loop that ends on SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from concurrent import futures
 
@@ -95,10 +97,20 @@ def run_worker(settings: WorkerSettings) -> None:
     threading.Thread(
         target=_reap_idle_sequences, args=(servicer, settings.kv_idle_seconds, stop), name="cake-reaper", daemon=True
     ).start()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():  # asked again: whatever still runs (a long cache hash, say) is not waited for
+            os._exit(128 + signum)
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     stop.wait()
     if servicer.dataplane is not None:
         servicer.dataplane.close()
     servicer.peers.close()
     server.stop(grace=1).wait()
+    # A handler cancelled by the stop may still be hashing or loading gigabytes; exiting must not wait for it.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)

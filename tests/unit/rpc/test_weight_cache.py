@@ -64,3 +64,38 @@ def test_wrong_size_or_missing(tmp_path: Path, hashes: list[str]) -> None:
     assert not cache.verify(sha, len(data) + 1)
     assert not cache.verify(sha, len(data))  # the wrong-size check deleted it
     assert hashes == []
+
+
+def test_two_writers_of_one_tensor_never_share_a_file(tmp_path: Path) -> None:
+    # Two Assigns streaming the same tensor at once (two masters; a master back before its old stream ended).
+    cache = WeightCache(tmp_path)
+    data = os.urandom(4 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    first, second = cache.writer(sha, len(data)), cache.writer(sha, len(data))
+    assert first.temp != second.temp
+    half = len(data) // 2
+    first.write(0, data[:half])
+    second.write(0, data[:half])  # used to truncate the first writer's file
+    first.write(half, data[half:])
+    first.commit()
+    second.write(half, data[half:])
+    second.commit()  # the tensor is already there: kept, no error
+    assert cache.path(sha).read_bytes() == data
+    assert not list(tmp_path.rglob("*.partial"))
+    # An old stream that gives up late removes only its own file.
+    third = cache.writer(sha, len(data))
+    late = cache.writer(sha, len(data))
+    late.abort()
+    assert third.temp.exists()
+    third.abort()
+
+
+def test_temp_files_of_dead_workers_are_removed_at_start(tmp_path: Path) -> None:
+    cache = WeightCache(tmp_path)
+    sha = hashlib.sha256(b"x").hexdigest()
+    live = cache.writer(sha, 1)  # this process: kept
+    orphan = cache.path(sha).with_name(f"{sha}.999999999.abc.partial")  # no such pid
+    orphan.write_bytes(b"half")
+    WeightCache(tmp_path)
+    assert not orphan.exists() and live.temp.exists()
+    live.abort()
