@@ -242,7 +242,8 @@ async def completions(request: Request) -> Response:
                     open_count -= 1
                     finish = _finish_reason(event.finish_reason)
                 chunk = piece(index, event.text, finish, legacy_logprobs(event.tokens, offsets[index]))
-                offsets[index] += len(event.text)
+                # By the tokens' own text, as the blocking answer counts: emitted text lags held-back characters.
+                offsets[index] += sum(len(tokenizer.token_text(t.token_id)) for t in event.tokens)
                 if event.finished and open_count == 0:
                     chunk["usage"] = usage(n_prompt_tokens, total)
                 yield sse(chunk)

@@ -55,9 +55,10 @@ class EventStream:
                 if self.on_first_token is not None and event.tokens:
                     self.on_first_token(time.perf_counter() - self.submitted)
                     self.on_first_token = None
+                if event.finished:  # before the yield: a reader that stops at the last event never resumes us
+                    self.finished = True
                 yield event
                 if event.finished:
-                    self.finished = True
                     return
         finally:
             self.cancel()

@@ -64,13 +64,14 @@ class Engine:
         self.stats = EngineStats()
         self._ids = count(1)
         self._inbox: queue.SimpleQueue[Sequence | int] = queue.SimpleQueue()  # new sequences, or ids to cancel
+        self._queued = 0  # sequences in the inbox (cancel requests there are not queued work)
         self._wake = threading.Event()
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []
         self._stopping = False
         # Held to queue a sequence, and by the engine thread for its last look at the inbox: a sequence is either
         # refused (the engine is stopping) or seen and ended by that last look, never left waiting.
-        self._submit_lock = threading.Lock()
+        self._submit_lock = threading.RLock()  # re-entered: the last look at the inbox counts what it takes
         self._thread: threading.Thread | None = None
         self._rate_window: list[tuple[float, int]] = []
 
@@ -108,6 +109,7 @@ class Engine:
         with self._submit_lock:
             if self._stopping:
                 raise ClusterError(ENGINE_STOPPED)
+            self._queued += 1
             self._inbox.put(seq)
         self._wake.set()
         return seq.seq_id
@@ -145,7 +147,7 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         """Sequences admitted but not yet running (fresh, unlike stats.waiting, which is set once per step)."""
-        return len(self._waiting) + self._inbox.qsize()
+        return len(self._waiting) + self._queued
 
     # ---- engine thread ----
     def _loop(self) -> None:
@@ -175,6 +177,8 @@ class Engine:
             except queue.Empty:
                 return
             if isinstance(item, Sequence):
+                with self._submit_lock:
+                    self._queued -= 1
                 self._waiting.append(item)
                 self.stats.requests_total += 1
                 continue
@@ -235,7 +239,11 @@ class Engine:
                 self.stats.time_to_first_token_ms.append((seq.first_token_at - seq.created) * 1000)
                 del self.stats.time_to_first_token_ms[:-256]
         # Counted before anyone hears of them: a client that got its last token then reads the stats sees it.
-        self._account(len(sampled_members), len(ids) - len(sampled_members), time.perf_counter() - began)
+        prompt_tokens = sum(  # the slices' overlap with their prompts (a prefill's last token is a prompt token)
+            max(0, min(piece.start_pos + piece.n_tokens, len(seq.prompt_ids)) - piece.start_pos)
+            for piece, seq in zip(batch, members, strict=True)
+        )
+        self._account(len(sampled_members), prompt_tokens, time.perf_counter() - began)
         for seq, event in events:
             if event.finished:
                 self._finish(seq, event)

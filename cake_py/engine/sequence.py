@@ -70,7 +70,8 @@ class Sequence:
         self.all_ids.append(sampled.token_id)
         event = GenerationEvent(self.seq_id, tokens=[sampled])
         if sampled.token_id in self.stop_ids:
-            event.text = self.stop.flush()
+            # The end token adds no text; what the decoder held back (a partial character) still goes out.
+            event.text = self.stop.feed(self.decoder.flush())[0] + self.stop.flush()
             event.finish_reason = "stop"
         else:
             text, stopped = self.stop.feed(self.decoder.push(sampled.token_id))

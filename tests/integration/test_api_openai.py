@@ -219,3 +219,28 @@ def test_a_tiny_temperature_beside_another_request_harms_neither(client: OpenAI,
     response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == expected  # that close to 0 is greedy
+
+
+def test_streamed_logprob_offsets_match_the_blocking_ones(server: ServerHandle) -> None:
+    body = {"prompt": "The cake is", "max_tokens": 12, "temperature": 0, "logprobs": 1}
+    blocking = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60).json()
+    offsets: list[int] = []
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json={**body, "stream": True}, timeout=60) as sse:
+        for line in sse.iter_lines():
+            if line.startswith("data: {"):
+                logprobs = json.loads(line.removeprefix("data: "))["choices"][0]["logprobs"]
+                offsets += logprobs["text_offset"] if logprobs else []
+    assert offsets == blocking["choices"][0]["logprobs"]["text_offset"]
+
+
+def test_a_finished_request_sends_the_engine_no_cancel(server: ServerHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cancel for a finished request used to sit in the engine's inbox and count as queued work (queue_depth).
+    engine = server.state.engine
+    assert engine is not None
+    cancels: list[int] = []
+    monkeypatch.setattr(engine, "cancel", cancels.append)
+    for stream in (False, True):
+        body = {"messages": MESSAGES, "max_tokens": 3, "stream": stream}
+        assert httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    assert cancels == []
+    assert engine.queue_depth == 0

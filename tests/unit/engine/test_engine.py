@@ -10,7 +10,7 @@ import torch
 
 from cake_py.cluster.pipeline import local_pipeline
 from cake_py.engine.engine import Engine
-from cake_py.engine.sequence import GenerationEvent
+from cake_py.engine.sequence import GenerationEvent, Sequence
 from cake_py.errors import ClusterError, ContextLengthError
 from cake_py.models.hub import resolve_model
 from cake_py.models.sampling import SampledToken, Sampler, SamplingParams
@@ -187,3 +187,24 @@ def test_a_sequence_submitted_while_the_engine_stops_gets_an_answer(tiny_model_f
     assert answers and answers[-1].finish_reason == "error" and "engine stopped" in (answers[-1].error or "")
     with pytest.raises(ClusterError, match="engine stopped"):
         engine.submit([5], GREEDY, answers.append)
+
+
+# ---- bookkeeping: prompt counts, text held back at the end, no cancel for a finished request ----
+
+
+def test_prompt_tokens_are_counted_whole(engine: Engine) -> None:
+    before = engine.stats.prompt_tokens
+    run(engine, list(range(5, 15)), SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert engine.stats.prompt_tokens - before == 10  # the prefill's last token is a prompt token too
+
+
+def test_the_end_token_flushes_a_partial_character(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    source = resolve_model(str(tiny_model_factory("llama")))
+    tokenizer = source.tokenizer
+    partial = next(i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]) == "\ufffd")  # one UTF-8 byte
+    eos = min(tokenizer.eos_token_ids)
+    seq = Sequence(1, [5, 6], SamplingParams(max_tokens=10), tokenizer, lambda event: None)
+    held = seq.accept(SampledToken(partial))
+    assert held.text == ""  # the decoder waits for the rest of the character
+    end = seq.accept(SampledToken(eos))
+    assert end.finish_reason == "stop" and end.text == "\ufffd"  # what it held is not lost at the end
