@@ -48,8 +48,17 @@ def _finish_reason(reason: str | None) -> str:
 
 
 def _reject_unsupported(body: dict[str, Any]) -> None:
+    """Refuse what would otherwise be silently ignored and give an answer of another kind than asked for."""
     if body.get("tools"):
         raise ApiError(400, "tools are not supported by this server; send the request without 'tools'")
+    if body.get("functions"):
+        raise ApiError(400, "functions are not supported by this server; send the request without 'functions'")
+    response_format = body.get("response_format")
+    kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+    if response_format is not None and kind != "text":
+        raise ApiError(
+            400, f"response_format {kind!r} is not supported by this server (no constrained decoding); use 'text'"
+        )
     if body.get("top_logprobs") and not body.get("logprobs"):
         raise ApiError(400, f"top_logprobs ({body['top_logprobs']!r}) needs logprobs: true")
 
@@ -133,7 +142,7 @@ async def _chat_stream(
         }
 
     for index in range(len(streams)):
-        yield sse(chunk(index, {"role": "assistant"}))
+        yield sse(chunk(index, {"role": "assistant", "content": ""}))  # as OpenAI's first chunk
     completion_tokens, prompt_tokens, open_count = 0, 0, len(streams)
     async for index, event in merged(streams):
         if event.error:
@@ -269,12 +278,22 @@ async def completions(request: Request) -> Response:
     )
 
 
+def _served_models(state: ServerState) -> list[dict[str, Any]]:
+    if state.source is None:
+        return []
+    return [{"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "cake"}]
+
+
 async def list_models(request: Request) -> Response:
-    state: ServerState = request.app.state.cake
-    data = []
-    if state.source is not None:
-        data.append({"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "cake"})
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": _served_models(request.app.state.cake)})
+
+
+async def retrieve_model(request: Request) -> Response:
+    model_id = request.path_params["model_id"]
+    for model in _served_models(request.app.state.cake):
+        if model["id"] == model_id:
+            return JSONResponse(model)
+    raise ApiError(404, f"model {model_id!r} is not served here (GET /v1/models lists what is)")
 
 
 ROUTES = [
@@ -282,4 +301,5 @@ ROUTES = [
     Route("/api/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
 ]

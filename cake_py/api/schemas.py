@@ -56,7 +56,9 @@ def stop_strings(value: Any) -> tuple[str, ...]:
 
 def openai_sampling(body: dict[str, Any], *, default_max_tokens: int = 2048) -> SamplingParams:
     """Sampling fields of the OpenAI chat and completion routes."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:  # absent, or sent as null by clients that send every field
+        max_tokens = body.get("max_tokens")
     logprobs_value = body.get("logprobs")
     top_logprobs = number(body, "top_logprobs", 0, integer=True)
     if isinstance(logprobs_value, int) and not isinstance(logprobs_value, bool):  # legacy completions: an int
@@ -100,7 +102,9 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
             raise ApiError(400, f"messages[{index}] must be an object, got {message!r}")
         role = message.get("role")
         if role not in ("system", "user", "assistant", "tool", "developer"):
-            raise ApiError(400, f"messages[{index}].role {role!r} is not one of system, user, assistant, tool")
+            raise ApiError(
+                400, f"messages[{index}].role {role!r} is not one of system, developer, user, assistant, tool"
+            )
         content = message.get("content")
         if isinstance(content, list):
             parts = []

@@ -37,8 +37,8 @@ class SamplingParams:
             raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 100.0:
             raise RequestError(f"temperature must be between 0 and 100, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise RequestError(f"top_p must be between 0 and 1, got {self.top_p}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be 0 (off) or positive, got {self.top_k}")
         if not 0.0 < self.repetition_penalty <= 10.0:
@@ -55,7 +55,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         # Below vLLM's epsilon a temperature is greedy: dividing by it would overflow float32 to inf and NaN.
-        return self.temperature < GREEDY_BELOW or self.top_k == 1
+        # top_p 0 keeps only the most likely token, as OpenAI reads it.
+        return self.temperature < GREEDY_BELOW or self.top_k == 1 or self.top_p == 0.0
 
 
 @dataclass(frozen=True)

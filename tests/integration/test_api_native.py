@@ -98,7 +98,7 @@ def test_native_errors_are_detail_with_seed_001_statuses(http: httpx.Client) -> 
     assert "512 tokens" in too_long.json()["detail"]
     bad = http.post("/chat", json={"messages": [{"role": "user", "content": "hi"}], "top_p": 2})
     assert bad.status_code == 400
-    assert bad.json() == {"detail": "top_p must be in (0, 1], got 2.0"}
+    assert bad.json() == {"detail": "top_p must be between 0 and 1, got 2.0"}
     other_model = http.post("/generate", json={"prompt": "hi", "model_id": "microsoft/phi-2"})
     assert other_model.status_code == 404
     assert "'microsoft/phi-2'" in other_model.json()["detail"]

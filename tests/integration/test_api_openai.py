@@ -62,7 +62,7 @@ def test_chat_stream_is_role_deltas_finish_with_usage_then_done(client: OpenAI, 
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # as OpenAI sends it
     assert len({chunk["id"] for chunk in chunks}) == 1
     assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
     middle = chunks[1:-1]
@@ -244,3 +244,39 @@ def test_a_finished_request_sends_the_engine_no_cancel(server: ServerHandle, mon
         assert httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60).status_code == 200
     assert cancels == []
     assert engine.queue_depth == 0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema"}},
+        {"functions": [{"name": "f"}]},
+    ],
+    ids=["json_object", "json_schema", "functions"],
+)
+def test_output_constraints_it_cannot_honour_are_a_400(server: ServerHandle, extra: dict[str, object]) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 2, **extra}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    assert next(iter(extra)) in response.json()["error"]
+    text = {"messages": MESSAGES, "max_tokens": 2, "response_format": {"type": "text"}}
+    assert httpx.post(f"{server.base_url}/v1/chat/completions", json=text, timeout=60).status_code == 200
+
+
+def test_openai_client_details(client: OpenAI, server: ServerHandle) -> None:
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("another-model")
+    # The first streamed chunk carries content "" (the SDK's accumulated message is then never None).
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "stream": True}
+    ) as sse:
+        first = json.loads(next(line for line in sse.iter_lines() if line.startswith("data: ")).removeprefix("data: "))
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    # top_p 0 is accepted (greedy); a null max_completion_tokens leaves max_tokens in charge.
+    greedy = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=5, top_p=0)  # type: ignore[arg-type]
+    assert greedy.choices[0].message.content == _greedy_chat(client, max_tokens=5)
+    body = {"messages": MESSAGES, "max_tokens": 3, "max_completion_tokens": None, "temperature": 0}
+    answer = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60).json()
+    assert answer["usage"]["completion_tokens"] <= 3

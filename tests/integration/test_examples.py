@@ -88,7 +88,7 @@ def test_curl_chat(server: ServerHandle) -> None:
     events = _sse(output)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["usage"]["completion_tokens"] <= 32
 
 

@@ -18,7 +18,7 @@ from cake_py.models.sampling import (
     [
         ("max_tokens", 0, "max_tokens"),
         ("temperature", -0.5, "temperature"),
-        ("top_p", 0.0, "top_p"),
+        ("top_p", -0.1, "top_p"),
         ("top_p", 1.5, "top_p"),
         ("top_k", -1, "top_k"),
         ("repetition_penalty", 0.0, "repetition_penalty"),
@@ -57,6 +57,12 @@ def test_extreme_values_still_sample_a_token(params: dict[str, float]) -> None:
     assert 0 <= token < 4
     if "repetition_penalty" not in params:
         assert token == 1  # a temperature near 0 is greedy
+
+
+def test_top_p_zero_is_greedy() -> None:
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    params = SamplingParams(temperature=1.0, top_p=0.0)
+    assert params.greedy and all(Sampler(params).sample(logits, []).token_id == 1 for _ in range(20))
 
 
 def test_seeds_anywhere_in_64_bits_are_accepted() -> None:
