@@ -83,6 +83,12 @@ PATHS: dict[str, dict[str, Any]] = {
         )
     },
     "/v1/models": {"get": _op("The served model", _json(ref("ModelList")), errors=(401,))},
+    "/v1/models/{model_id}": {
+        "get": {
+            **_op("One served model by id (ids may hold '/'); 404 for another", _json(ref("Model")), errors=(401, 404)),
+            "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": STR}],
+        }
+    },
     "/v1/images/generations": {"post": _media_op("Image generation: 404 until an image model is loaded")},
     "/api/v1/image": {"post": _media_op("Image generation (Cake legacy): 404 until an image model is loaded")},
     "/v1/audio/speech": {"post": _media_op("Text to speech: 404 until an audio model is loaded")},

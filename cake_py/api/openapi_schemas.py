@@ -116,12 +116,8 @@ SCHEMAS: dict[str, Any] = {
             "usage": ref("Usage"),
         }
     ),
-    "ModelList": obj(
-        {
-            "object": {"const": "list"},
-            "data": {"type": "array", "items": obj({"id": STR, "object": STR, "created": INT, "owned_by": STR})},
-        }
-    ),
+    "Model": obj({"id": STR, "object": STR, "created": INT, "owned_by": STR}),
+    "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}}),
     "GenerateRequest": obj({**NATIVE_SAMPLING, "prompt": STR, "stream": BOOL}, ("prompt",)),
     "GenerateResponse": obj({"response": STR, "finish_reason": FINISH, "usage": ref("Usage")}),
     "NativeStreamEvent": obj({"text": STR, "finish_reason": FINISH, "usage": ref("Usage"), "detail": STR}),
