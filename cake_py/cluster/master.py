@@ -61,6 +61,7 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
     try:
         with ThreadPoolExecutor(max_workers=len(connections)) as pool:
             replies = list(pool.map(lambda c: c.handshake(settings.connect_timeout), connections))
+        _refuse_the_same_worker_twice(connections, replies)
         _adopt_worker_names(connections, replies)
         if ranges is None:
             nodes = [
@@ -105,6 +106,20 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
         for stage in stages:  # loading the master's own part failed: stop the monitors, close the channels
             stage.close()
         raise
+
+
+def _refuse_the_same_worker_twice(connections: list[WorkerConnection], replies: list[Any]) -> None:
+    """Two addresses of one worker (`localhost:10128` and `127.0.0.1:10128`) pass the address check; its answers
+    give it away: two stages there would keep re-assigning it from under each other."""
+    seen: dict[tuple[str, str, int], WorkerConnection] = {}
+    for conn, reply in zip(connections, replies, strict=True):
+        identity = (reply.host.hostname, reply.host.worker_name, reply.data_port)
+        other = seen.setdefault(identity, conn)
+        if other is not conn:
+            raise ClusterError(
+                f"workers {other.spec.name!r} ({other.spec.address}) and {conn.spec.name!r} ({conn.spec.address}) "
+                f"are the same worker, {reply.host.worker_name!r} on {reply.host.hostname}: list it once"
+            )
 
 
 def _adopt_worker_names(connections: list[WorkerConnection], replies: list[Any]) -> None:

@@ -23,7 +23,7 @@ from cake_py.cluster.stage import LocalStage
 from cake_py.config import ServeSettings, WorkerSpec, load_cluster_file
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
-from cake_py.errors import WeightsError
+from cake_py.errors import ClusterError, WeightsError
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.weights import load_transformer
@@ -489,3 +489,12 @@ def test_weights_failing_during_assignment_close_every_worker_channel(
     with pytest.raises(WeightsError, match="truncated"):
         build_pipeline(settings_for(llama, specs), llama, "cpu")
     assert sorted(closed) == sorted(spec.name for spec in specs)
+
+
+def test_one_worker_listed_under_two_addresses_is_a_startup_error(
+    workers: list[WorkerProcess], llama: ModelSource
+) -> None:
+    port = workers[0].spec().address.rpartition(":")[2]
+    specs = [WorkerSpec("a", f"127.0.0.1:{port}"), WorkerSpec("b", f"localhost:{port}")]
+    with pytest.raises(ClusterError, match=r"'a' \(127\.0\.0\.1:\d+\) and 'b' \(localhost:\d+\) are the same worker"):
+        build_pipeline(settings_for(llama, specs), llama, "cpu")
