@@ -66,7 +66,7 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
 def _chat_logprobs(tokens: list[SampledToken], tokenizer: Tokenizer) -> list[dict[str, Any]]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = tokenizer.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": logprob, "bytes": list(tokenizer.token_bytes(token_id))}
 
     return [
         {**entry(t.token_id, t.logprob or 0.0), "top_logprobs": [entry(i, lp) for i, lp in t.top_logprobs]}

@@ -8,6 +8,7 @@ UTF-8-safe text deltas while decoding only a small window per token.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,8 @@ class Tokenizer:
             eos.add(eos_id)
         self.eos_token_ids = frozenset(eos)
         self._template: jinja2.Template | None = None
+        self._added = {token.content for token in backend.get_added_tokens_decoder().values()}
+        self._byte_level = _uses_byte_level(backend)
 
     @classmethod
     def from_folder(cls, folder: Path, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
@@ -84,6 +87,21 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (for logprobs)."""
         return self.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (OpenAI's logprob `bytes`): a token holding part of a UTF-8 character gives
+        that part, where its text alone is only U+FFFD."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if piece in self._added:  # special tokens: their text
+            return piece.encode("utf-8")
+        byte_fallback = _BYTE_FALLBACK.fullmatch(piece)  # SentencePiece's <0xNN> tokens
+        if byte_fallback:
+            return bytes([int(byte_fallback.group(1), 16)])
+        if self._byte_level and all(char in _UNICODE_TO_BYTE for char in piece):  # GPT-2 style byte-level BPE
+            return bytes(_UNICODE_TO_BYTE[char] for char in piece)
+        return self.token_text(token_id).encode("utf-8")
 
     def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         """The model's chat template applied to `messages`, as transformers' apply_chat_template renders it."""
@@ -173,6 +191,35 @@ def _template_text(value: Any) -> str | None:
         named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
         return named.get("default") or next(iter(named.values()), None)
     return value if isinstance(value, str) else None
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's table of the printable character that stands for each byte in a byte-level BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {char: byte for byte, char in _byte_to_unicode().items()}
+
+
+def _uses_byte_level(backend: HFTokenizer) -> bool:
+    """Whether the tokenizer's decoder is (or contains) a ByteLevel decoder."""
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+    except (ValueError, TypeError):
+        return False
+    parts = decoder.get("decoders", [decoder]) if isinstance(decoder, dict) else []
+    return any(isinstance(part, dict) and part.get("type") == "ByteLevel" for part in parts)
 
 
 def _token_text(value: Any) -> str | None:

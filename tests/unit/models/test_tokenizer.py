@@ -84,3 +84,13 @@ def test_a_chat_template_file_is_the_template(tiny_model_factory, tmp_path: Path
     assert rendered == "[user] hi\n"
     reference = AutoTokenizer.from_pretrained(folder)
     assert rendered == reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_token_bytes_rebuild_text_whose_characters_span_tokens(tokenizer: Tokenizer) -> None:
+    # OpenAI's logprob `bytes`: joined, they give back the text, where each token's own text may be only U+FFFD.
+    text = "café 日本 🎂 ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert any(tokenizer.token_text(i) == "\ufffd" for i in ids)  # some token holds part of a character
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8")
+    end = tokenizer.backend.token_to_id("<|im_end|>")
+    assert tokenizer.token_bytes(end) == b"<|im_end|>"
