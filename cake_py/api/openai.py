@@ -250,9 +250,10 @@ async def completions(request: Request) -> Response:
                     total += event.completion_tokens
                     open_count -= 1
                     finish = _finish_reason(event.finish_reason)
-                chunk = piece(index, event.text, finish, legacy_logprobs(event.tokens, offsets[index]))
-                # By the tokens' own text, as the blocking answer counts: emitted text lags held-back characters.
-                offsets[index] += sum(len(tokenizer.token_text(t.token_id)) for t in event.tokens)
+                logprobs = legacy_logprobs(event.tokens, offsets[index])
+                if logprobs is not None:  # by the tokens' own text, as the blocking answer counts (not emitted text)
+                    offsets[index] += sum(len(token) for token in logprobs["tokens"])
+                chunk = piece(index, event.text, finish, logprobs)
                 if event.finished and open_count == 0:
                     chunk["usage"] = usage(n_prompt_tokens, total)
                 yield sse(chunk)

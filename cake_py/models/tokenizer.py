@@ -43,7 +43,7 @@ class Tokenizer:
         self.eos_token_ids = frozenset(eos)
         self._template: jinja2.Template | None = None
         self._added = {token.content for token in backend.get_added_tokens_decoder().values()}
-        self._byte_level = _uses_byte_level(backend)
+        self._byte_level: bool | None = None  # whether the decoder is byte-level: looked up on first use
 
     @classmethod
     def from_folder(cls, folder: Path, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
@@ -99,6 +99,8 @@ class Tokenizer:
         byte_fallback = _BYTE_FALLBACK.fullmatch(piece)  # SentencePiece's <0xNN> tokens
         if byte_fallback:
             return bytes([int(byte_fallback.group(1), 16)])
+        if self._byte_level is None:  # serializes the whole tokenizer: only for the first logprob asked for
+            self._byte_level = _uses_byte_level(self.backend)
         if self._byte_level and all(char in _UNICODE_TO_BYTE for char in piece):  # GPT-2 style byte-level BPE
             return bytes(_UNICODE_TO_BYTE[char] for char in piece)
         return self.token_text(token_id).encode("utf-8")

@@ -40,11 +40,6 @@ class WeightCache:
             raise ClusterError(f"invalid sha256 {sha256!r} in the weight manifest")
         return self.root / sha256[:2] / sha256
 
-    def has(self, sha256: str, size: int) -> bool:
-        """Present with the right size (cheap; use `verify` before trusting a file from an earlier run)."""
-        path = self.path(sha256)
-        return path.is_file() and path.stat().st_size == size
-
     def verify(self, sha256: str, size: int) -> bool:
         """Present and its bytes hash to `sha256`. A damaged file is deleted, so that it is streamed again.
 

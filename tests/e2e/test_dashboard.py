@@ -13,6 +13,7 @@ The last test kills a worker of the module's cluster, so it stays last in the fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -101,16 +102,22 @@ def _collect_problems(page: Page) -> list[str]:
     return problems
 
 
-@pytest.fixture()
-def page(browser: Browser) -> Iterator[Page]:
-    """A fresh browser context (empty localStorage) whose page must raise no script error and log no console error."""
+@contextlib.contextmanager
+def _fresh_page(browser: Browser) -> Iterator[tuple[Page, list[str]]]:
+    """A page in a new browser context (empty localStorage), and the script and console errors it reports."""
     context = browser.new_context(viewport=DESKTOP)
-    page = context.new_page()
-    problems = _collect_problems(page)
     try:
-        yield page
+        page = context.new_page()
+        yield page, _collect_problems(page)
     finally:
         context.close()
+
+
+@pytest.fixture()
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh page that must raise no script error and log no console error."""
+    with _fresh_page(browser) as (page, problems):
+        yield page
     assert problems == [], f"the page reported errors: {problems}"
 
 
@@ -352,10 +359,7 @@ def test_model_output_is_inserted_as_text_never_as_html(page: Page, cluster: Clu
 
 
 def test_api_key_field_is_sent_as_bearer_and_kept(browser: Browser, tiny_llama: Path) -> None:
-    context = browser.new_context(viewport=DESKTOP)
-    try:
-        page = context.new_page()
-        problems = _collect_problems(page)
+    with _fresh_page(browser) as (page, problems):
         with running_server(tiny_settings(tiny_llama, api_key="sesame")) as server:
             page.goto(f"{server.base_url}/#chat")
             page.fill("#max-tokens", "4")
@@ -374,16 +378,11 @@ def test_api_key_field_is_sent_as_bearer_and_kept(browser: Browser, tiny_llama: 
         # Chromium logs the refused request as a failed resource; anything else is a real problem.
         assert [p for p in problems if "status of 401" not in p] == []
         assert any("status of 401" in p for p in problems)
-    finally:
-        context.close()
 
 
 def test_the_cluster_view_uses_the_saved_api_key(browser: Browser, tiny_llama: Path) -> None:
     # With --api-key (and no --ui-auth) the topology needs the key: the view says where it goes, then uses it.
-    context = browser.new_context(viewport=DESKTOP)
-    try:
-        page = context.new_page()
-        problems = _collect_problems(page)
+    with _fresh_page(browser) as (page, problems):
         with running_server(tiny_settings(tiny_llama, api_key="sesame")) as server:
             page.goto(f"{server.base_url}/")
             expect(page.locator("#cluster-banner")).to_contain_text("needs the API key")
@@ -394,15 +393,10 @@ def test_the_cluster_view_uses_the_saved_api_key(browser: Browser, tiny_llama: P
             expect(page.locator("#cluster-banner")).to_be_hidden()
             expect(page.get_by_test_id("node-master")).to_be_visible()
         assert [p for p in problems if "status of 401" not in p] == []
-    finally:
-        context.close()
 
 
 def test_a_master_that_stops_answering_is_shown_within_5_seconds(browser: Browser, tiny_llama: Path) -> None:
-    context = browser.new_context(viewport=DESKTOP)
-    try:
-        page = context.new_page()
-        problems = _collect_problems(page)
+    with _fresh_page(browser) as (page, problems):
         with running_server(tiny_settings(tiny_llama)) as server:
             page.goto(f"{server.base_url}/")
             expect(page.locator("#connection")).to_have_class(re.compile(r"\bok\b"))
@@ -414,8 +408,6 @@ def test_a_master_that_stops_answering_is_shown_within_5_seconds(browser: Browse
         expect(page.get_by_test_id("node-master")).to_have_class(re.compile(r"\bstale\b"))
         # The refused polls show in the console as failed resources; anything else is a real problem.
         assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
-    finally:
-        context.close()
 
 
 # ---- small screens -----------------------------------------------------------------------------------------------
