@@ -17,7 +17,7 @@ from cake_py.api.state import ServerState
 def health_document(state: ServerState) -> tuple[dict[str, object], int]:
     engine = state.engine
     stages = engine.pipeline.stages if engine else []
-    down = [stage.name for stage in stages if not stage.healthy()]
+    down = engine.pipeline.down_stages() if engine else []
     switching = state.switching
     status = "loading" if switching else "unhealthy" if down else "healthy"
     body: dict[str, object] = {

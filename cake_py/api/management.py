@@ -2,12 +2,16 @@
 
 A load resolves and checks the new model first (so a bad id leaves the served model untouched), then stops the
 old engine, closes its pipeline (freeing its layers on every stage), and builds the new pipeline across the same
-cluster. Generation requests during the switch get 503; after an unload they get 404 "No text model loaded".
+cluster. The workers cannot hold both models, so when the new one fails to build (a broken weights file, a worker
+gone), the old one is built again and served; the error says so. A load while a stage is down is refused before
+anything is touched. Generation requests during the switch get 503; after an unload they get 404 "No text model
+loaded".
 Everything that touches torch or the disk runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -16,12 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cake_py.api.errors import ApiError
+from cake_py.api.errors import ApiError, status_of
 from cake_py.api.schemas import json_body
 from cake_py.api.state import ServerState
 from cake_py.engine.engine import Engine
+from cake_py.errors import CakeError
 from cake_py.models.device import release_openmp_threads
 from cake_py.models.hub import EMBEDDED_MODEL_ID, ModelSource, list_cached, resolve_model
+
+log = logging.getLogger(__name__)
 
 
 def current_model(state: ServerState) -> dict[str, Any]:
@@ -75,23 +82,58 @@ def _busy(state: ServerState) -> ApiError:
 async def load_model(request: Request) -> Response:
     state: ServerState = request.app.state.cake
     body = await json_body(request)
-    model_id = body.get("model_id")
+    if "model_id" not in body:
+        raise ApiError(400, "model_id is required: a Hub id, a local path, or null for the embedded default")
+    model_id = body["model_id"]
     if model_id is not None and (not isinstance(model_id, str) or not model_id.strip()):
         raise ApiError(400, f"model_id must be a Hub id, a local path or null (the embedded default), got {model_id!r}")
     if state.switch_lock.locked():
         raise _busy(state)
     async with state.switch_lock:
+        if state.engine is not None and (down := state.engine.pipeline.down_stages()):
+            raise ApiError(
+                503,
+                f"pipeline stage(s) down: {', '.join(down)}; {state.model_name!r} is still loaded. "
+                "Load again once GET /health answers 200",
+                headers={"Retry-After": "5"},
+            )
         source = await run_in_threadpool(_resolve, model_id)
         settings = replace(state.settings, model=model_id, model_name=None)
         state.switching = f"loading model {source.model_id!r}"
         try:
-            old, state.engine, state.source = state.engine, None, None
-            await run_in_threadpool(_retire, old)
-            engine = await run_in_threadpool(_build_engine, state, source, settings)
+            old_engine, old_source, old_settings = state.engine, state.source, state.settings
+            old_name = state.model_name
+            state.engine, state.source = None, None
+            await run_in_threadpool(_retire, old_engine)
+            try:
+                engine = await run_in_threadpool(_build_engine, state, source, settings)
+            except Exception as error:
+                if old_source is None:
+                    raise
+                raise await _restore(state, old_source, old_settings, old_name, error) from error
             state.engine, state.source, state.settings = engine, source, settings
+            state.remember(model_id)
         finally:
             state.switching = None
     return JSONResponse({"status": "loaded", **current_model(state)})
+
+
+async def _restore(state: ServerState, source: ModelSource, settings: Any, name: str, error: Exception) -> ApiError:
+    """After a failed load, serve the previous model again; the ApiError to answer says what happened to it."""
+    if isinstance(error, CakeError):
+        status = status_of(error, detail_style=True)[0]
+    else:  # a bug: keep its traceback in the log
+        log.error("loading a model failed", exc_info=error)
+        status = 500
+    try:
+        engine = await run_in_threadpool(_build_engine, state, source, settings)
+    except Exception as restore_error:
+        log.error("the previous model %r could not be loaded again: %s", name, restore_error)
+        return ApiError(
+            status, f"{error}; the previous model {name!r} could not be loaded again ({restore_error}): none is loaded"
+        )
+    state.engine, state.source, state.settings = engine, source, settings
+    return ApiError(status, f"{error}; the previous model {name!r} is served again")
 
 
 async def unload_model(request: Request) -> Response:
@@ -116,7 +158,8 @@ async def get_current(request: Request) -> Response:
 
 
 def _available(state: ServerState) -> list[dict[str, Any]]:
-    """Embedded default, configured model and HF cache; `load_as` is the `model_id` to send to /models/load."""
+    """Embedded default, the models served since start, and the HF cache; `load_as` is the `model_id` to send to
+    /models/load."""
     models: dict[str, dict[str, Any]] = {}
 
     def add(model_id: str, origin: str, load_as: str | None, **extra: Any) -> None:
@@ -126,8 +169,8 @@ def _available(state: ServerState) -> list[dict[str, Any]]:
         entry.update(extra)
 
     add(EMBEDDED_MODEL_ID, "embedded", None)
-    if state.settings.model:
-        add(state.settings.model, "configured", state.settings.model)
+    for served in state.served_models:
+        add(served, "configured" if served == state.configured_model else "loaded", served)
     for cached in list_cached():
         add(cached.repo_id, "hf-cache", cached.repo_id, size_bytes=cached.size_bytes, path=str(cached.path))
     return list(models.values())
@@ -136,7 +179,9 @@ def _available(state: ServerState) -> list[dict[str, Any]]:
 async def get_available(request: Request) -> Response:
     state: ServerState = request.app.state.cake
     models = await run_in_threadpool(_available, state)  # scanning the HF cache reads the disk
-    return JSONResponse({"models": models, "current": state.source.model_id if state.source else None})
+    # `current` is the served entry's model_id: the id or path it was loaded as, not its folder's name.
+    current = (state.settings.model or EMBEDDED_MODEL_ID) if state.source else None
+    return JSONResponse({"models": models, "current": current})
 
 
 ROUTES = [

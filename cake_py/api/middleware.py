@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -105,11 +106,12 @@ class RateLimiter:
     def acquire(self, key: str) -> float:
         """Take one request from `key`'s bucket: 0.0 when allowed, else the seconds until one is available."""
         now = self.clock()
-        bucket = self.buckets.get(key)
+        bucket = self.buckets.pop(key, None)  # re-inserted below: the dict's order is least recently seen first
         if bucket is None:
             if len(self.buckets) >= self.MAX_CLIENTS:
-                self._forget_idle(now)
-            bucket = self.buckets[key] = _Bucket(self.capacity, now)
+                self._make_room(now)
+            bucket = _Bucket(self.capacity, now)
+        self.buckets[key] = bucket
         bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
         if bucket.tokens >= 1.0:
@@ -117,10 +119,15 @@ class RateLimiter:
             return 0.0
         return (1.0 - bucket.tokens) / self.rate
 
-    def _forget_idle(self, now: float) -> None:
-        """Drop buckets that have refilled completely: forgetting them changes nothing."""
+    def _make_room(self, now: float) -> None:
+        """Drop buckets that have refilled completely (forgetting them changes nothing), then, if that freed less than
+        a tenth, the least recently seen: the scan runs at most once per MAX_CLIENTS / 10 new clients, however many
+        addresses a client rotates through."""
         full = [key for key, b in self.buckets.items() if b.tokens + (now - b.updated) * self.rate >= self.capacity]
         for key in full:
+            del self.buckets[key]
+        excess = len(self.buckets) - self.MAX_CLIENTS * 9 // 10
+        for key in list(itertools.islice(self.buckets, max(excess, 0))):
             del self.buckets[key]
 
 

@@ -97,8 +97,8 @@ def _model_kwargs(form: FormData) -> dict[str, Any]:
     assert isinstance(raw, str)
     try:
         kwargs = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ApiError(400, f"model_kwargs is not valid JSON ({error}): {raw[:200]!r}") from error
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, over-long integers, deep nesting
+        raise ApiError(400, f"model_kwargs is not valid JSON ({str(error)[:200]}): {raw[:200]!r}") from None
     if not isinstance(kwargs, dict):
         raise ApiError(400, f"model_kwargs must be a JSON object, got {raw[:200]!r}")
     unknown = sorted(set(kwargs) - KWARGS)

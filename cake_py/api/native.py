@@ -41,7 +41,9 @@ MAX_BATCH = 64
 def check_model_id(body: dict[str, Any], state: ServerState, source: ModelSource) -> None:
     """`model_id` may name the served model (or be null); another model must be loaded with /models/load first."""
     model_id = body.get("model_id")
-    if model_id is None or model_id in (state.model_name, source.model_id):
+    if model_id is not None and not isinstance(model_id, str):
+        raise ApiError(400, f"model_id must be a string (the served model's name or id) or null, got {model_id!r}")
+    if model_id is None or model_id in (state.model_name, source.model_id, state.settings.model):
         return
     raise ApiError(404, f"model {model_id!r} is not loaded (serving {state.model_name!r}); load it with /models/load")
 
@@ -58,7 +60,7 @@ async def _native_stream(request: Request, stream: EventStream) -> AsyncIterator
     async for _, event in merged([stream]):
         if event.error:
             yield sse({"detail": event_error(event, request.url.path).message})
-            return
+            break  # seed 001: [DONE] marks the end of every stream
         if event.text:
             yield sse({"text": event.text})
         if event.finished:
@@ -73,8 +75,11 @@ async def _native_stream(request: Request, stream: EventStream) -> AsyncIterator
 
 
 async def generate(request: Request) -> Response:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        return await multipart.generate_form(request)
+    # `curl -d '{…}'` without -H labels a JSON body as a form: a body that opens like a JSON object is read as one.
+    if media_type == "application/x-www-form-urlencoded" and not (await request.body()).lstrip().startswith(b"{"):
         return await multipart.generate_form(request)
     state, engine, source, body = await _prepare(request)
     prompt = text_field(body, "prompt")

@@ -147,7 +147,7 @@ async def _chat_stream(
     async for index, event in merged(streams):
         if event.error:
             yield _stream_error(event_error(event, request.url.path))
-            return
+            break  # the stream still ends with [DONE], as vLLM's does after an error
         extra: dict[str, Any] = {}
         if params.logprobs and event.tokens:
             extra["logprobs"] = {"content": _chat_logprobs(event.tokens, tokenizer)}
@@ -244,7 +244,7 @@ async def completions(request: Request) -> Response:
             async for index, event in merged(streams):
                 if event.error:
                     yield _stream_error(event_error(event, request.url.path))
-                    return
+                    break  # the stream still ends with [DONE], as vLLM's does after an error
                 finish = None
                 if event.finished:
                     total += event.completion_tokens

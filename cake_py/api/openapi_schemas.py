@@ -131,7 +131,7 @@ SCHEMAS: dict[str, Any] = {
             },
             "input_modalities": {**STR, "default": "auto"},
             "output_modalities": {**STR, "default": "text"},
-            "streaming": {**BOOL, "default": False},
+            "streaming": {**BOOL, "default": True, "description": "NDJSON events; false answers one JSON document"},
             "model_kwargs": {
                 **STR,
                 "description": "JSON object: temperature, top_p, top_k, repetition_penalty, "
@@ -183,7 +183,9 @@ SCHEMAS: dict[str, Any] = {
             "usage": ref("Usage"),
         }
     ),
-    "LoadRequest": obj({"model_id": {**NULL_STR, "description": "Hub id, local folder, .gguf; null = embedded"}}),
+    "LoadRequest": obj(
+        {"model_id": {**NULL_STR, "description": "Hub id, local folder, .gguf; null = embedded"}}, ("model_id",)
+    ),
     "CurrentModel": obj(
         {
             "loaded": BOOL,

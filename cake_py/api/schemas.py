@@ -18,8 +18,8 @@ async def json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
         body = json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"request body is not valid JSON: {error}") from error
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, over-long integers, deep nesting
+        raise ApiError(400, f"request body is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body

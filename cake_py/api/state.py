@@ -31,6 +31,17 @@ class ServerState:
     switching: str | None = None  # what /models/load or /models/unload is doing, while it runs
     switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     metrics: ApiMetrics | None = None  # set by create_app: one registry per app
+    # The model ids (paths or Hub ids) served since start, so /models/available still lists them after a switch.
+    served_models: list[str] = field(default_factory=list)
+    configured_model: str | None = field(init=False)  # the one the server started with (None: embedded)
+
+    def __post_init__(self) -> None:
+        self.configured_model = self.settings.model
+        self.remember(self.settings.model)
+
+    def remember(self, model_id: str | None) -> None:
+        if model_id and model_id not in self.served_models:
+            self.served_models.append(model_id)
 
     @property
     def model_name(self) -> str:
@@ -39,11 +50,19 @@ class ServerState:
         return self.source.model_id if self.source else "none"
 
     def ready(self) -> tuple[Engine, ModelSource]:
-        """The engine and model to generate with; 503 while the model is being switched, 404 when none is loaded."""
+        """The engine and model to generate with; 503 while the model is being switched or a stage of its pipeline
+        is down (before a stream's 200 is sent, not as an error inside it), 404 when none is loaded."""
         if self.switching is not None:
             raise ApiError(503, f"the server is {self.switching}; retry shortly", headers={"Retry-After": "5"})
         if self.engine is None or self.source is None:
             raise ApiError(404, NO_TEXT_MODEL)
+        down = self.engine.pipeline.down_stages()
+        if down:
+            raise ApiError(
+                503,
+                f"pipeline stage(s) down: {', '.join(down)}; the master reconnects on its own (see GET /health)",
+                headers={"Retry-After": "5"},
+            )
         return self.engine, self.source
 
     def still_serving(self, engine: Engine) -> None:

@@ -196,10 +196,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+# Line breaks to `str.splitlines` (so to many clients' line readers) that JSON leaves raw inside strings when it does
+# not escape non-ASCII; escaping just these keeps every event on its one line and the rest of the text readable.
+_RAW_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _json_line(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).translate(_RAW_LINE_BREAKS)
+
+
 def sse(data: dict[str, Any] | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    payload = data if isinstance(data, str) else _json_line(data)
     return f"data: {payload}\n\n"
 
 
 def ndjson(data: dict[str, Any]) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n"
+    return _json_line(data) + "\n"

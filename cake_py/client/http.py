@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import httpx
 
@@ -21,7 +21,7 @@ from cake_py.client.results import AsyncEventStream, AudioBuffer, EventStream, G
 
 DEFAULT_TIMEOUT = 600.0
 
-MediaFile = str | os.PathLike[str] | bytes | tuple[str, bytes]
+MediaFile = str | os.PathLike[str] | bytes | bytearray | memoryview | tuple[str, bytes]
 Media = MediaFile | Sequence[MediaFile]
 _DEFAULT_NAMES = {"image": "image.png", "audio": "audio.wav", "video": "video.mp4"}
 
@@ -30,11 +30,12 @@ def _media_files(media: Media | None, kind: str) -> list[tuple[str, bytes]]:
     """A path, raw bytes, a (filename, bytes) tuple, or a list of those → (filename, bytes) uploads."""
     if media is None:
         return []
-    is_pair = isinstance(media, tuple) and len(media) == 2 and isinstance(media[1], bytes | bytearray)
-    items: Sequence[Any] = [media] if isinstance(media, str | bytes | os.PathLike) or is_pair else media
+    is_pair = isinstance(media, tuple) and len(media) == 2 and isinstance(media[1], bytes | bytearray | memoryview)
+    one = isinstance(media, str | bytes | bytearray | memoryview | os.PathLike)
+    items: Sequence[Any] = [media] if one or is_pair else cast(Sequence[Any], media)
     files = []
     for item in items:
-        if isinstance(item, bytes | bytearray):
+        if isinstance(item, bytes | bytearray | memoryview):
             files.append((_DEFAULT_NAMES[kind], bytes(item)))
         elif isinstance(item, tuple):
             files.append((str(item[0]), bytes(item[1])))

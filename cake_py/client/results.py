@@ -175,7 +175,7 @@ def parse_result(body: Any) -> GenerateResult:
     return GenerateResult(str(body.get("request_id", "")), text, images, audio, body)
 
 
-def parse_stream_line(line: str) -> StreamEvent | None:
+def parse_stream_line(line: str | bytes) -> StreamEvent | None:
     """One NDJSON line → an event; None for blank lines and modalities this SDK does not know."""
     if not line.strip():
         return None
@@ -186,17 +186,34 @@ def parse_stream_line(line: str) -> StreamEvent | None:
             raise StreamError(str(item["error"]), request_id)
         data = _decode(item)
         metadata = dict(item.get("metadata") or {})
-    except (AttributeError, TypeError, ValueError) as error:
+        done = bool(item.get("done", False))
+        modality = item.get("modality", "text")
+        if modality == "text":
+            return TextChunk(data.decode("utf-8"), metadata, done, request_id)
+        if modality == "image":
+            return ImageChunk(data, metadata, done, request_id)
+        if modality == "audio":
+            rate = int(metadata.get("sample_rate", DEFAULT_SAMPLE_RATE))
+            return AudioChunk(data, rate, metadata, done, request_id)
+    except (AttributeError, TypeError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError included
         raise CakeClientError(f"malformed stream line ({error}): {line[:200]!r}") from error
-    done = bool(item.get("done", False))
-    modality = item.get("modality", "text")
-    if modality == "text":
-        return TextChunk(data.decode("utf-8"), metadata, done, request_id)
-    if modality == "image":
-        return ImageChunk(data, metadata, done, request_id)
-    if modality == "audio":
-        return AudioChunk(data, int(metadata.get("sample_rate", DEFAULT_SAMPLE_RATE)), metadata, done, request_id)
     return None
+
+
+class LineSplitter:
+    """NDJSON lines out of byte chunks, split at b"\\n" only. httpx's `iter_lines` splits like `str.splitlines`,
+    which also breaks a line at U+2028, U+0085 and other separators that JSON strings may hold raw."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        return lines
+
+    def end(self) -> list[bytes]:
+        rest, self._pending = self._pending, b""
+        return [rest] if rest.strip() else []
 
 
 class EventStream:
@@ -208,10 +225,14 @@ class EventStream:
         self._events = self._read()
 
     def _read(self) -> Generator[StreamEvent, None, None]:
+        lines = LineSplitter()
         try:
-            for line in self._response.iter_lines():
-                event = parse_stream_line(line)
-                if event is not None:
+            for chunk in self._response.iter_bytes():
+                for line in lines.feed(chunk):
+                    if (event := parse_stream_line(line)) is not None:
+                        yield event
+            for line in lines.end():
+                if (event := parse_stream_line(line)) is not None:
                     yield event
         except httpx.TransportError as error:
             raise connection_error(self._base_url, error) from error
@@ -243,10 +264,14 @@ class AsyncEventStream:
         self._events = self._read()
 
     async def _read(self) -> AsyncGenerator[StreamEvent, None]:
+        lines = LineSplitter()
         try:
-            async for line in self._response.aiter_lines():
-                event = parse_stream_line(line)
-                if event is not None:
+            async for chunk in self._response.aiter_bytes():
+                for line in lines.feed(chunk):
+                    if (event := parse_stream_line(line)) is not None:
+                        yield event
+            for line in lines.end():
+                if (event := parse_stream_line(line)) is not None:
                     yield event
         except httpx.TransportError as error:
             raise connection_error(self._base_url, error) from error

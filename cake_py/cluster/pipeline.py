@@ -76,6 +76,10 @@ class Pipeline:
     def healthy(self) -> bool:
         return all(stage.healthy() for stage in self.stages)
 
+    def down_stages(self) -> list[str]:
+        """The names of the stages that are down now (cheap: each stage keeps its state, nothing is asked)."""
+        return [stage.name for stage in self.stages if not stage.healthy()]
+
     def close(self) -> None:
         for stage in self.stages:
             stage.close()

@@ -90,10 +90,15 @@ def _looks_like_path(spec: str) -> bool:
 def download(repo_id: str) -> Path:
     """The snapshot folder of `repo_id`, downloaded into the HF cache if needed (from cache when offline)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.utils import validate_repo_id
 
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ModelNotFoundError(f"{repo_id!r} is neither a local path nor a Hub id of the form 'org/name'")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:  # spaces, "--", ".." and the like: a bad id, so 404 like any unknown one
+        raise ModelNotFoundError(f"{repo_id!r} is neither a local path nor a valid Hub id: {error}") from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:

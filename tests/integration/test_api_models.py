@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +35,7 @@ def test_unload_then_generation_routes_say_no_text_model(server: ServerHandle, t
         assert http.get("/metrics").status_code == 200
 
 
-def test_load_switches_the_model_and_answers_503_meanwhile(server: ServerHandle) -> None:
+def test_load_switches_the_model_and_answers_503_meanwhile(server: ServerHandle, tiny_llama: Path) -> None:
     outcome: dict[str, httpx.Response] = {}
 
     def load() -> None:
@@ -64,6 +66,8 @@ def test_load_switches_the_model_and_answers_503_meanwhile(server: ServerHandle)
         assert available["current"] == EMBEDDED_MODEL_ID
         embedded = next(m for m in available["models"] if m["model_id"] == EMBEDDED_MODEL_ID)
         assert embedded["loaded"] is True and embedded["load_as"] is None
+        started_with = next(m for m in available["models"] if m["model_id"] == str(tiny_llama))  # still listed
+        assert started_with["sources"] == ["configured"] and started_with["loaded"] is False
         question = [{"role": "user", "content": "What is the capital of France?"}]
         answer = http.post("/chat", json={"messages": question, "max_length": 24, "do_sample": False}).json()
         assert "Paris" in answer["choices"][0]["message"]["content"]
@@ -78,3 +82,30 @@ def test_load_back_by_path_and_a_bad_id_leaves_the_served_model(server: ServerHa
         assert back.status_code == 200
         assert back.json()["n_layers"] == 3
         assert http.post("/generate", json={"prompt": "hi", "max_length": 2}).status_code == 200
+
+
+def test_a_model_that_fails_to_build_leaves_the_previous_one_served(
+    server: ServerHandle, tiny_llama: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["num_hidden_layers"] += 1  # resolves and reads fine; building it finds layer 3's weights missing
+    (broken / "config.json").write_text(json.dumps(config))
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        missing_key = http.post("/models/load", json={"model": str(broken)})
+        assert missing_key.status_code == 400 and "model_id is required" in missing_key.json()["detail"]
+        failed = http.post("/models/load", json={"model_id": str(broken)})
+        assert failed.status_code == 500, failed.text
+        detail = failed.json()["detail"]
+        assert "model.layers.3" in detail and "is served again" in detail, detail
+        current = http.get("/models/current").json()
+        assert current["loaded"] is True and current["n_layers"] == 3
+        # The served model answers to the path it was loaded as, which /models/available calls it by.
+        available = http.get("/models/available").json()
+        assert available["current"] == str(tiny_llama)
+        assert next(m for m in available["models"] if m["model_id"] == str(tiny_llama))["loaded"] is True
+        answer = http.post("/generate", json={"prompt": "hi", "max_length": 2, "model_id": str(tiny_llama)})
+        assert answer.status_code == 200, answer.text
+        wrong_type = http.post("/generate", json={"prompt": "hi", "model_id": 5})
+        assert wrong_type.status_code == 400 and "model_id" in wrong_type.json()["detail"]

@@ -154,6 +154,27 @@ def test_multipart_generate_as_curl_sends_it(server: ServerHandle) -> None:
 
 
 @needs_curl
+def test_a_json_body_sent_with_curl_d_alone_is_read_as_json(server: ServerHandle) -> None:
+    """`curl -d '{…}'` without -H labels the body application/x-www-form-urlencoded."""
+    body, status = _split(_curl(server, "-d", '{"prompt": "The oven", "max_length": 3, "do_sample": false}'))
+    assert status == 200, body
+    assert json.loads(body)["usage"]["completion_tokens"] == 3
+    form, form_status = _split(_curl(server, "-d", "text=The oven", "-d", "streaming=false"))  # a real urlencoded form
+    assert form_status == 200, form
+    assert "outputs" in json.loads(form)
+
+
+def test_the_multipart_content_type_is_matched_whatever_its_case(http: httpx.Client) -> None:
+    boundary = "cakeboundary"
+    payload = f'--{boundary}\r\nContent-Disposition: form-data; name="text"\r\n\r\nHello\r\n'
+    payload += f'--{boundary}\r\nContent-Disposition: form-data; name="streaming"\r\n\r\nfalse\r\n--{boundary}--\r\n'
+    headers = {"content-type": f"Multipart/Form-Data; boundary={boundary}"}
+    response = http.post("/generate", content=payload.encode(), headers=headers)
+    assert response.status_code == 200, response.text
+    assert "outputs" in response.json()
+
+
+@needs_curl
 def test_multipart_media_for_a_text_model_is_400_naming_the_modality(server: ServerHandle, tmp_path: Path) -> None:
     picture = tmp_path / "cat.jpg"
     picture.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -242,6 +263,29 @@ def test_engine_failures_get_honest_statuses(
     assert native.json() == {"detail": str(failure)}
     monkeypatch.undo()
     assert http.post("/generate", json={"prompt": "hi", "max_length": 2}).status_code == 200
+
+
+def test_a_stream_that_fails_ends_with_an_error_event_then_done(
+    http: httpx.Client, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert server.state.engine is not None
+    stage = server.state.engine.pipeline.stages[0]
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise StageError("worker 'gpu-1' stopped answering")
+
+    monkeypatch.setattr(stage, "forward", broken)
+    for path, body, key in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}, "error"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 3}, "error"),
+        ("/generate", {"prompt": "hi", "max_length": 3}, "detail"),
+    ):
+        with http.stream("POST", path, json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            events = _sse_events(response)
+        assert events[-1] == "[DONE]", (path, events)
+        error = json.loads(events[-2])[key]
+        assert "gpu-1" in (error if isinstance(error, str) else error["message"]), (path, events)
 
 
 def test_health_is_503_when_a_stage_is_down(

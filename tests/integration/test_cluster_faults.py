@@ -270,7 +270,22 @@ def test_topology_and_health_over_http_during_generation_and_faults(
         health = http.get("/health")
         assert health.status_code == 503, health.text
         completion = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
-        assert completion.status_code >= 500 and "error" in completion.json(), completion.text
+        assert completion.status_code == 503 and second.name in completion.json()["error"], completion.text
+        # A stream is refused before its 200, not with an error inside a 200 stream.
+        for path, body in (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+            ("/generate", {"prompt": PROMPT, "max_length": 2, "stream": True}),
+        ):
+            streamed = http.post(path, json=body)
+            assert streamed.status_code == 503, (path, streamed.text)
+            assert streamed.headers["content-type"] == "application/json"
+            assert second.name in streamed.text and streamed.headers["retry-after"] == "5"
+        form = http.post("/generate", files={"text": (None, PROMPT)})
+        assert form.status_code == 503 and second.name in form.json()["detail"], form.text
+        # A model switch now would leave nothing served: it is refused, and the model stays loaded.
+        load = http.post("/models/load", json={"model_id": None})
+        assert load.status_code == 503 and "still loaded" in load.json()["detail"], load.text
+        assert http.get("/models/current").json()["loaded"] is True
 
         second.start()
         wait_until(lambda: http.get("/health").status_code == 200, 15.0, "/health turning 200 after the restart")

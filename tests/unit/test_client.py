@@ -144,6 +144,7 @@ def test_media_is_uploaded_as_files_from_paths_bytes_and_pairs(tmp_path: Path) -
         return httpx.Response(200, json=ANSWER)
 
     _client(handler).generate(text="What is this?", images=[photo, b"png-bytes"], audio=("hi.mp3", b"mp3"), video=b"v")
+    _client(handler).generate(text="And this?", images=bytearray(b"raw"), audio=memoryview(b"pcm"))
     files = [
         (part.get_param("name", header="content-disposition"), part.get_filename(), _payload(part))
         for part in _parts(seen[0])
@@ -155,6 +156,8 @@ def test_media_is_uploaded_as_files_from_paths_bytes_and_pairs(tmp_path: Path) -
         ("files", "hi.mp3", b"mp3"),
         ("files", "video.mp4", b"v"),
     ]
+    second = [(part.get_filename(), _payload(part)) for part in _parts(seen[1]) if part.get_filename() is not None]
+    assert second == [("image.png", b"raw"), ("audio.wav", b"pcm")]
 
 
 def test_a_blocking_answer_becomes_a_generate_result(tmp_path: Path) -> None:
@@ -220,10 +223,48 @@ def test_an_error_line_in_a_stream_raises_stream_error() -> None:
     assert caught.value.request_id == "s"
 
 
-def test_a_malformed_stream_line_is_a_client_error() -> None:
-    stream = _client(lambda request: httpx.Response(200, content=b"not json\n")).stream(text="Hi")
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json",
+        json.dumps({"modality": "text", "data": _b64(b"\xff\xfe")}).encode(),  # not UTF-8 text
+        json.dumps({"modality": "audio", "data": "", "metadata": {"sample_rate": "fast"}}).encode(),
+    ],
+)
+def test_a_malformed_stream_line_is_a_client_error(line: bytes) -> None:
+    stream = _client(lambda request: httpx.Response(200, content=line + b"\n")).stream(text="Hi")
     with pytest.raises(CakeClientError, match="malformed stream line"):
         list(stream)
+
+
+def test_stream_lines_split_only_at_newlines_whatever_the_chunks() -> None:
+    """JSON strings may hold U+2028, U+0085… raw; str.splitlines (httpx's iter_lines) would cut the line there."""
+    odd = "a\u2028b\x85c\u2029d"
+    body = (
+        _ndjson(
+            {"request_id": odd, "modality": "text", "data": _b64(odd), "metadata": {}},
+            {"request_id": odd, "modality": "text", "data": "", "metadata": {}, "done": True},
+        )
+        .replace(b"\\u2028", "\u2028".encode())
+        .replace(b"\\u0085", "\x85".encode())
+    )
+    assert "\u2028".encode() in body
+    chunks = [body[index : index + 7] for index in range(0, len(body), 7)]
+    handler = lambda request: httpx.Response(200, content=iter(chunks))  # noqa: E731
+    expected = [TextChunk(odd, {}, False, odd), TextChunk("", {}, True, odd)]
+    assert list(_client(handler).stream(text="Hi")) == expected
+
+    async def read_async() -> list[Any]:
+        async def body_chunks() -> Any:
+            for chunk in chunks:
+                yield chunk
+
+        client = AsyncCakeClient(
+            "http://cake.test", transport=httpx.MockTransport(lambda r: httpx.Response(200, content=body_chunks()))
+        )
+        return [event async for event in await client.generate(text="Hi", stream=True)]
+
+    assert asyncio.run(read_async()) == expected
 
 
 @pytest.mark.parametrize(

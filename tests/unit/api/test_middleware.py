@@ -138,6 +138,27 @@ def test_token_bucket_refills_at_the_rate() -> None:
     assert [limiter.acquire("a") for _ in range(4)][-1] > 0  # refills to the burst, no further
 
 
+def test_rate_limit_buckets_stay_bounded_when_addresses_rotate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(RateLimiter, "MAX_CLIENTS", 100)
+    now = [0.0]
+    limiter = RateLimiter(per_minute=60, burst=2, clock=lambda: now[0])
+    scans = 0
+    make_room = limiter._make_room
+
+    def counted(at: float) -> None:
+        nonlocal scans
+        scans += 1
+        make_room(at)
+
+    monkeypatch.setattr(limiter, "_make_room", counted)
+    assert limiter.acquire("steady") == 0.0 and limiter.acquire("steady") == 0.0  # its burst spent
+    for index in range(1000):  # no bucket ever refills in this frozen time: none is "idle"
+        limiter.acquire(f"rotating-{index}")
+        assert limiter.acquire("steady") > 0  # a client seen all along keeps its empty bucket
+        assert len(limiter.buckets) <= 100
+    assert scans <= 1000 // 10 + 1  # a scan frees a tenth: not one O(n) scan per new address
+
+
 def test_body_over_the_limit_is_413_from_content_length_or_while_streaming() -> None:
     with _client(max_body_bytes=100, rate_limit=0) as client:
         declared = client.post("/v1/chat/completions", content=b"x" * 101, headers={"content-type": "application/json"})

@@ -127,3 +127,13 @@ def test_metrics_are_prometheus_text_from_a_registry_per_app(client: TestClient)
     other = ServerState(engine=None, source=None, settings=ServeSettings())
     with TestClient(create_app(other)) as second:
         assert 'route="/health"' not in second.get("/metrics").text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"model_id": ' + b"9" * 5000 + b"}", b"\xff{}", b"{"],
+)
+def test_json_that_python_cannot_read_is_a_400(client: TestClient, raw: bytes) -> None:
+    response = client.post("/models/load", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith("request body is not valid JSON")
