@@ -94,6 +94,8 @@ class ModelConfig:
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> ModelConfig:
         architectures = raw.get("architectures") or []
+        if not isinstance(architectures, list):
+            raise ValueError(f"architectures must be a list, got {architectures!r}")
         architecture = architectures[0] if architectures else None
         model_type = raw.get("model_type")
         if architecture is not None and architecture in SUPPORTED_ARCHITECTURES:
@@ -106,13 +108,18 @@ class ModelConfig:
             supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
             raise UnsupportedArchitectureError(f"unsupported architecture {name!r} (supported: {supported})")
 
+        _check_computable(raw)
         n_heads = int(raw["num_attention_heads"])
         if n_heads <= 0:
             raise ValueError(f"num_attention_heads must be positive, got {n_heads}")
         hidden = int(raw["hidden_size"])
         head_dim = raw.get("head_dim") or hidden // n_heads
         eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
+        eos_ids = (
+            tuple(_token_id(i) for i in eos)
+            if isinstance(eos, list)
+            else ((_token_id(eos),) if eos is not None else ())
+        )
         attention_bias = bool(raw.get("attention_bias", False))
         sliding, windowed = _sliding_window(raw, family, int(raw["num_hidden_layers"]))
         return cls(
@@ -135,9 +142,34 @@ class ModelConfig:
             qk_norm=family == "qwen3",
             sliding_window=int(sliding) if sliding else None,
             windowed_layers=windowed,
-            bos_token_id=raw.get("bos_token_id"),
+            bos_token_id=_token_id(raw["bos_token_id"]) if raw.get("bos_token_id") is not None else None,
             eos_token_ids=eos_ids,
         )
+
+
+# What the layer code computes: a checkpoint that needs anything else would load and answer garbage, so it is refused.
+SUPPORTED_ACTIVATIONS = {"silu", "swish"}
+
+
+def _check_computable(raw: dict[str, Any]) -> None:
+    quantization = raw.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
+        raise UnsupportedArchitectureError(
+            f"unsupported quantized checkpoint (quantization_config quant_method {method!r}); use the unquantized "
+            "model or a GGUF file"
+        )
+    activation = raw.get("hidden_act", "silu")
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise UnsupportedArchitectureError(
+            f"unsupported hidden_act {activation!r} (supported: {', '.join(sorted(SUPPORTED_ACTIVATIONS))})"
+        )
+
+
+def _token_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"token ids must be integers, got {value!r}")
+    return value
 
 
 def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[int | None, tuple[bool, ...]]:
@@ -165,7 +197,10 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     scaling = raw.get("rope_scaling") or {}
     params = {**params, **{k: v for k, v in scaling.items() if v is not None}}
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    kind = str(params.get("rope_type", params.get("type", "default")))
+    # rope_scaling's own kind wins: transformers 5 also writes rope_parameters' "rope_type": "default" beside it.
+    kind = str(
+        scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or params.get("type") or "default"
+    )
     if kind not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedArchitectureError(
             f"unsupported rope_scaling type {kind!r} (supported: {', '.join(sorted(SUPPORTED_ROPE_TYPES))})"

@@ -71,6 +71,8 @@ _GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Pre-tokenizer names whose rule is GPT-2's own regex, which ByteLevel(use_regex=True) applies.
+_GPT2_PRE_TOKENIZERS = {"default", "gpt-2", "gpt2"}
 _PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
@@ -107,7 +109,10 @@ class GGUFWeights:
 
     @cached_property
     def _tokens(self) -> list[str]:
-        return list(self._value("tokenizer.ggml.tokens", []))
+        try:
+            return list(self._value("tokenizer.ggml.tokens", []))
+        except UnicodeDecodeError as error:
+            raise WeightsError(f"GGUF file {str(self.path)!r} has a token that is not UTF-8: {error}") from None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -256,6 +261,15 @@ class GGUFWeights:
         return config
 
     def tokenizer_json(self) -> str:
+        """The embedded vocabulary as a tokenizer.json document; WeightsError when it cannot make a tokenizer."""
+        try:
+            return self._tokenizer_json()
+        except WeightsError:
+            raise
+        except Exception as error:  # the tokenizers library raises plain Exception on what it cannot build
+            raise WeightsError(f"GGUF file {str(self.path)!r} has a tokenizer that cannot be built: {error}") from None
+
+    def _tokenizer_json(self) -> str:
         kind = self._value("tokenizer.ggml.model")
         tokens = self._tokens
         if not tokens:
@@ -294,7 +308,7 @@ class GGUFWeights:
             (token if set(token) <= alphabet else spell.pre_tokenize_str(token)[0][0]): index
             for index, token in enumerate(tokens)
         }
-        tokenizer = Tokenizer(models.BPE(vocab, [_split_merge(merge) for merge in merges], fuse_unk=False))
+        tokenizer = Tokenizer(models.BPE(vocab, self._merge_pairs(merges, vocab), fuse_unk=False))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
         pre = self._value("tokenizer.ggml.pre", "default")
         if (split := _PRE_TOKENIZER_SPLITS.get(pre)) is not None:
@@ -309,20 +323,39 @@ class GGUFWeights:
             tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
                 [pre_tokenizers.Digits(individual_digits=True), byte_level]
             )
-        else:
+        elif pre in _GPT2_PRE_TOKENIZERS:
             tokenizer.pre_tokenizer = byte_level
+        else:  # another split rule would tokenize prompts unlike the model's training; llama.cpp refuses it too
+            known = sorted({*_PRE_TOKENIZER_SPLITS, *_GPT2_PRE_TOKENIZERS, "smollm"})
+            raise WeightsError(
+                f"GGUF file {str(self.path)!r} has an unsupported pre-tokenizer tokenizer.ggml.pre {pre!r} "
+                f"(supported: {', '.join(known)})"
+            )
         tokenizer.decoder = decoders.ByteLevel()
         return tokenizer
+
+    def _merge_pairs(self, merges: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+        """The merges as pairs, each checked: the tokenizers library panics on a merge of tokens it does not know."""
+        pairs = [_split_merge(merge) for merge in merges]
+        for (left, right), merge in zip(pairs, merges, strict=True):
+            if left not in vocab or right not in vocab or left + right not in vocab:
+                raise WeightsError(f"GGUF file {str(self.path)!r}: merge {merge!r} names tokens it does not have")
+        return pairs
 
     def _sentencepiece_tokenizer(self, tokens: list[str], merges: list[str] | None) -> Tokenizer:
         """A SentencePiece BPE vocabulary (`▁` for spaces, `<0xNN>` byte fallback), as transformers' LlamaTokenizer."""
         vocab = {token: index for index, token in enumerate(tokens)}
         if merges is not None:
-            pairs = [_split_merge(merge) for merge in merges]
+            pairs = self._merge_pairs(merges, vocab)
         else:
             scores: list[float] = self._value("tokenizer.ggml.scores") or [0.0] * len(tokens)
             pairs = _merges_from_scores(vocab, dict(zip(tokens, scores, strict=False)))
         unk_id = self._value("tokenizer.ggml.unknown_token_id")
+        if unk_id is not None and not 0 <= unk_id < len(tokens):
+            raise WeightsError(
+                f"GGUF file {str(self.path)!r}: tokenizer.ggml.unknown_token_id {unk_id} is not one of its "
+                f"{len(tokens)} tokens"
+            )
         unk = tokens[unk_id] if unk_id is not None else None
         tokenizer = Tokenizer(models.BPE(vocab, pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
         prefix_space = bool(self._value("tokenizer.ggml.add_space_prefix", True))

@@ -7,6 +7,12 @@ by huggingface_hub itself). `cake pull|list|rm` are thin wrappers over the same 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -87,10 +93,8 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
-def download(repo_id: str) -> Path:
-    """The snapshot folder of `repo_id`, downloaded into the HF cache if needed (from cache when offline)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -99,16 +103,74 @@ def download(repo_id: str) -> Path:
         validate_repo_id(repo_id)
     except HFValidationError as error:  # spaces, "--", ".." and the like: a bad id, so 404 like any unknown one
         raise ModelNotFoundError(f"{repo_id!r} is neither a local path nor a valid Hub id: {error}") from None
+
+
+def _repo_folder(repo_id: str) -> Path:
+    """Where huggingface_hub keeps a model repo: `<HF_HUB_CACHE>/models--org--name`."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # huggingface_hub's HTTP errors span several lines
+
+
+@contextmanager
+def _hub_warnings_silenced() -> Iterator[None]:
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED))
+        yield
+    finally:
+        hub_log.setLevel(level)
+
+
+def download(repo_id: str) -> Path:
+    """The snapshot folder of `repo_id`, downloaded into the HF cache if needed (from cache when offline).
+
+    Only repos with config.json and safetensors weights can be served; for any other, what the download left in
+    the cache is removed again (unless the repo was cached before) and the error says what is missing.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    _check_repo_id(repo_id)
+    folder = _repo_folder(repo_id)
+    cached_before = folder.exists()
+    try:
+        with _hub_warnings_silenced():  # "No files matched …": the check below says it in our words, on one line
+            snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
         raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {error})"
+            f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {_one_line(error)})"
         ) from error
+    except GatedRepoError as error:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is gated: accept its terms on huggingface.co and set HF_TOKEN"
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise ModelNotFoundError(f"model {repo_id!r} is not on the Hub (or is private: set HF_TOKEN)") from error
     except HfHubHTTPError as error:
-        raise ModelNotFoundError(f"cannot download {repo_id!r} from the Hub: {error}") from error
+        raise ModelNotFoundError(f"cannot download {repo_id!r} from the Hub: {_one_line(error)}") from error
     except (OSError, ValueError) as error:
-        raise ModelError(f"cannot download {repo_id!r}: {error}") from error
+        raise ModelError(f"cannot download {repo_id!r}: {_one_line(error)}") from error
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if not (snapshot / "config.json").is_file() or not any((snapshot / name).is_file() for name in weights):
+        if not cached_before:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise ModelNotFoundError(
+            f"Hub repo {repo_id!r} has no config.json with model.safetensors (or its shard index): cake_py serves "
+            "Hugging Face safetensors checkpoints; for a GGUF, download the file and pass its path"
+        )
+    return snapshot
 
 
 @dataclass(frozen=True)
@@ -120,13 +182,15 @@ class CachedModel:
 
 
 def list_cached() -> list[CachedModel]:
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
         info = scan_cache_dir()
     except CacheNotFound:
         return []
+    except (OSError, ValueError) as error:  # HF_HUB_CACHE is a file, unreadable, …
+        raise ModelError(f"cannot read the HF cache {constants.HF_HUB_CACHE!r}: {error}") from None
     return sorted(
         (
             CachedModel(
@@ -140,17 +204,19 @@ def list_cached() -> list[CachedModel]:
 
 
 def remove_cached(repo_id: str) -> int:
-    """Delete every cached revision of `repo_id`; returns the bytes freed."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    try:
-        info = scan_cache_dir()
-    except CacheNotFound:
-        info = None
-    repos = [r for r in info.repos if r.repo_id == repo_id and r.repo_type == "model"] if info else []
-    if not repos or info is None:
+    """Delete `repo_id`'s folder from the HF cache, every revision (as huggingface_hub does when all of a repo's
+    revisions are deleted); returns the bytes freed. A half-downloaded repo that scanning skips is removed too."""
+    _check_repo_id(repo_id)
+    folder = _repo_folder(repo_id)
+    if not folder.is_dir():
         raise ModelNotFoundError(f"model {repo_id!r} is not in the HF cache")
-    strategy = info.delete_revisions(*(rev.commit_hash for repo in repos for rev in repo.revisions))
-    strategy.execute()
-    return int(strategy.expected_freed_size)
+    freed = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            status = os.lstat(os.path.join(root, name))
+            freed += status.st_size if stat.S_ISREG(status.st_mode) else 0  # blobs; snapshots only link to them
+    try:
+        shutil.rmtree(folder)
+    except OSError as error:
+        raise ModelError(f"cannot remove {str(folder)!r}: {error}") from None
+    return freed

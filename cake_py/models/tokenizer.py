@@ -63,7 +63,8 @@ class Tokenizer:
                 config["chat_template"] = template_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as error:
                 raise ModelError(f"cannot read chat template {str(template_file)!r}: {error}") from error
-        eos = set(eos_token_ids) | _eos_ids(_read_json(folder / "generation_config.json").get("eos_token_id"))
+        generation = folder / "generation_config.json"
+        eos = set(eos_token_ids) | _eos_ids(_read_json(generation).get("eos_token_id"), generation)
         return cls(backend, config, eos)
 
     @classmethod
@@ -230,10 +231,11 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _eos_ids(value: Any) -> set[int]:
-    if isinstance(value, list):
-        return {int(v) for v in value}
-    return {int(value)} if value is not None else set()
+def _eos_ids(value: Any, source: Path) -> set[int]:
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ModelError(f"{str(source)!r}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return set(values)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -100,9 +100,14 @@ class SafetensorsWeights:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                return {str(name): folder / str(file) for name, file in weight_map.items()}
+                files = {str(name): str(file) for name, file in weight_map.items()}
             except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
                 raise WeightsError(f"cannot read shard index {str(index)!r}: {error!r}") from None
+            for file in set(files.values()):
+                # Shards sit beside the index (an HF cache links them to its blobs, so this is checked by name).
+                if Path(file).is_absolute() or ".." in Path(file).parts:
+                    raise WeightsError(f"shard index {str(index)!r} names a file outside the model folder: {file!r}")
+            return {name: folder / file for name, file in files.items()}
         single = folder / "model.safetensors"
         if not single.is_file():
             raise ModelNotFoundError(f"no model.safetensors or model.safetensors.index.json in {str(folder)!r}")
@@ -112,6 +117,8 @@ class SafetensorsWeights:
         return list(self._files)
 
     def info(self, name: str) -> TensorInfo:
+        if name not in self._infos:
+            raise WeightsError(f"tensor {name!r} is missing from {str(self.path)!r}")
         return self._infos[name]
 
     def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -119,6 +126,12 @@ class SafetensorsWeights:
         for name in names:
             if name not in self._files:
                 raise WeightsError(f"tensor {name!r} is missing from {str(self.path)!r}")
+            stored = self.info(name).dtype
+            if stored not in _FLOAT_TYPES:  # F8 or integer codes are quantized: a plain cast would make garbage
+                raise WeightsError(
+                    f"tensor {name!r} in {str(self.path)!r} is stored as {stored}; only unquantized float weights "
+                    f"({', '.join(sorted(_FLOAT_TYPES))}) can be read from safetensors"
+                )
             by_file.setdefault(self._files[name], []).append(name)
         tensors: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():

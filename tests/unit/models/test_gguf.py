@@ -398,3 +398,48 @@ def test_llama3_rope_from_a_gguf_rope_freqs_tensor(tiny_model_factory: Any, tmp_
             batch = [SequenceSlice(0, 0, len(ids))]
             logits.append(model.head(model.forward_layers(model.embed(ids), batch, model.new_kv_store())))
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+
+
+def _tokenizer_only(path: Path, model: str, tokens: list[str], **extra: Any) -> GGUFWeights:
+    """A GGUF holding just enough to build its tokenizer, with the tokenizer.ggml.* values in `extra`."""
+    writer = gguf.GGUFWriter(path, "llama")
+    for add, value in [("block_count", 1), ("embedding_length", 64), ("feed_forward_length", 128), ("head_count", 2)]:
+        getattr(writer, f"add_{add}")(value)
+    writer.add_tokenizer_model(model)
+    writer.add_token_list(tokens)
+    for key, value in extra.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFWeights(path)
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "message"),
+    [
+        ("gpt2", {"tokenizer_pre": "tekken", "token_merges": ["a b"]}, r"pre-tokenizer tokenizer\.ggml\.pre 'tekken'"),
+        ("gpt2", {"tokenizer_pre": "default", "token_merges": ["zz q"]}, "merge 'zz q' names tokens it does not have"),
+        ("gpt2", {"tokenizer_pre": "default", "token_merges": ["b a"]}, "merge 'b a' names tokens it does not have"),
+        ("llama", {"unk_token_id": 99999}, "unknown_token_id 99999 is not one of its 3 tokens"),
+    ],
+)
+def test_a_tokenizer_that_cannot_be_built_is_a_weights_error(
+    tmp_path: Path, model: str, extra: dict[str, Any], message: str
+) -> None:
+    source = _tokenizer_only(tmp_path / "t.gguf", model, ["a", "b", "ab"], **extra)
+    with pytest.raises(WeightsError, match=message):
+        source.tokenizer_json()
+
+
+def test_a_token_that_is_not_utf8_is_a_weights_error(tmp_path: Path) -> None:
+    tokens = ["a", "b", "ab"]
+    source = _tokenizer_only(tmp_path / "t.gguf", "gpt2", tokens, tokenizer_pre="default", token_merges=["a b"])
+    data = bytearray((tmp_path / "t.gguf").read_bytes())
+    at = data.rindex(b"\x01\x00\x00\x00\x00\x00\x00\x00b")  # the last token's length (u64) and its byte
+    data[at + 8] = 0xFF
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="not UTF-8"):
+        GGUFWeights(tmp_path / "bad.gguf").tokenizer_json()
+    assert source.tokenizer_json()  # the file it came from is fine

@@ -11,6 +11,7 @@ import pytest
 
 from cake_py.errors import ModelNotFoundError
 from cake_py.models.hub import HUB_IGNORED, HUB_PATTERNS, embedded_model_path, resolve_model
+from tests.fixtures.fake_hub import fake_hub, folder_files
 
 
 def make_hf_cache(cache: Path, repo_id: str, model_folder: Path) -> Path:
@@ -104,3 +105,56 @@ def test_hub_downloads_skip_mistral_consolidated_weights() -> None:
     kept = list(filter_repo_objects(files, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED))
     assert "consolidated.safetensors" not in kept and "pytorch_model.bin" not in kept
     assert {"config.json", "model-00001-of-00003.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(kept)
+
+
+def _cake(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "cake_py.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_pull_list_rm_through_huggingface_hub_from_a_hub_over_http(tmp_path: Path, tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    tiny = folder_files(tiny_model_factory("llama"))
+    repos = {
+        "org/good": tiny,
+        "org/renamed": tiny,  # the same commit as org/good: removing one must leave the other
+        "org/bin-only": {"config.json": tiny["config.json"], "pytorch_model.bin": b"x" * 100},
+        "org/gguf-only": {"README.md": b"hi", "model.Q4_0.gguf": b"GGUF"},
+    }
+    hf_home = tmp_path / "hf"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    with fake_hub(repos) as endpoint:
+        env.update(HF_HOME=str(hf_home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1")
+        for repo in ("org/good", "org/renamed"):
+            pulled = _cake(env, "pull", repo)
+            assert pulled.returncode == 0, pulled.stderr
+            assert (Path(pulled.stdout.strip()) / "model.safetensors").is_file()
+        for repo in ("org/bin-only", "org/gguf-only"):
+            refused = _cake(env, "pull", repo)
+            assert refused.returncode == 1
+            assert refused.stderr.count("\n") == 1 and "no config.json with model.safetensors" in refused.stderr
+            assert not (hf_home / "hub" / f"models--{repo.replace('/', '--')}").exists()  # nothing left behind
+        missing = _cake(env, "pull", "org/nope")
+        assert missing.returncode == 1
+        assert missing.stderr == "cake: error: model 'org/nope' is not on the Hub (or is private: set HF_TOKEN)\n"
+    listed = _cake(env, "list")
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["org/good", "org/renamed"]
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    removed = _cake(offline, "rm", "org/renamed")
+    assert removed.returncode == 0 and removed.stdout.startswith("removed org/renamed ("), removed.stderr
+    assert [line.split("\t")[0] for line in _cake(offline, "list").stdout.splitlines()] == ["org/good"]
+    answer = _cake(offline, "run", "org/good", "Hello", "--max-tokens", "2", "--dtype", "float32")
+    assert answer.returncode == 0, answer.stderr  # served from the cache, no Hub
+
+
+def test_an_hf_cache_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    import os
+
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("x")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(not_a_folder))
+    listed = _cake(env, "list")
+    assert listed.returncode == 1 and listed.stderr.startswith("cake: error: cannot read the HF cache")
+    assert listed.stderr.count("\n") == 1

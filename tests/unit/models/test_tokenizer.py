@@ -67,6 +67,17 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
         Tokenizer.from_folder(tmp_path)
 
 
+@pytest.mark.parametrize("eos", ["x", [2, None], True])
+def test_a_malformed_generation_config_eos_is_a_clear_error(tiny_model_factory, tmp_path: Path, eos: object) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    with pytest.raises(ModelError, match=r"generation_config\.json.*eos_token_id must be a token id"):
+        Tokenizer.from_folder(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    assert {1, 2} <= Tokenizer.from_folder(folder).eos_token_ids
+
+
 def test_a_chat_template_file_is_the_template(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # transformers ≥ 4.43 saves the template as chat_template.jinja, not in tokenizer_config.json.
     from transformers import AutoTokenizer

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from cake_py.errors import ModelError, ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from cake_py.models.config import ModelConfig
@@ -138,8 +139,10 @@ def test_truncated_safetensors_is_weights_error(tiny_model_factory, tmp_path: Pa
         ({"num_attention_heads": "four"}, "malformed field"),
         ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads (3)"),
         ({"num_hidden_layers": 0}, "num_hidden_layers must be positive, got 0"),
+        ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
+        ({"eos_token_id": [2, None]}, "token ids must be integers, got None"),
     ],
-    ids=["a-list", "missing-heads", "zero-heads", "text-heads", "gqa-mismatch", "no-layers"],
+    ids=["a-list", "missing-heads", "zero-heads", "text-heads", "gqa-mismatch", "no-layers", "arch-text", "eos-null"],
 )
 def test_a_malformed_config_is_a_model_error_naming_the_field(
     tiny_llama: Path, tmp_path: Path, config: object, needle: str
@@ -186,6 +189,74 @@ def test_unsupported_rope_type_is_named(tiny_llama: Path, tmp_path: Path, rope_f
     edit_config(folder, **rope_fields)
     with pytest.raises(UnsupportedArchitectureError, match="yarn"):
         ModelConfig.from_hf(SafetensorsWeights(folder).config)
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        (
+            {"quantization_config": {"quant_method": "fp8"}},
+            "quantized checkpoint (quantization_config quant_method 'fp8')",
+        ),
+        ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quant_method 'gptq'"),
+        ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+        # transformers 5 writes rope_parameters' "default" beside an older rope_scaling: the scaling is what counts.
+        ({"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
+    ],
+    ids=["fp8", "gptq", "gelu", "dynamic-type"],
+)
+def test_a_checkpoint_the_layers_would_compute_wrongly_is_refused(
+    tiny_llama: Path, tmp_path: Path, fields: dict[str, object], needle: str
+) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    edit_config(folder, **fields)
+    with pytest.raises(UnsupportedArchitectureError) as raised:
+        ModelConfig.from_hf(SafetensorsWeights(folder).config)
+    assert needle in str(raised.value)
+
+
+def test_rope_scaling_type_is_read_beside_default_rope_parameters(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    edit_config(
+        folder,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        rope_scaling={"type": "linear", "factor": 2.0},
+    )
+    rope = ModelConfig.from_hf(SafetensorsWeights(folder).config).rope
+    assert (rope.kind, rope.factor) == ("linear", 2.0)
+    edit_config(folder, hidden_act="silu", rope_scaling=None)
+    assert ModelConfig.from_hf(SafetensorsWeights(folder).config).rope.kind == "default"
+
+
+def test_quantized_or_missing_tensors_are_weights_errors(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    embedding = tensors.pop("model.embed_tokens.weight")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].to(
+        torch.float8_e4m3fn
+    )
+    save_file(tensors, folder / "model.safetensors")
+    source = SafetensorsWeights(folder)
+    with pytest.raises(WeightsError, match=r"'model\.embed_tokens\.weight' is missing"):
+        source.info("model.embed_tokens.weight")
+    with pytest.raises(WeightsError, match=r"q_proj\.weight.* is stored as F8_E4M3"):
+        source.load(["model.layers.0.self_attn.q_proj.weight"], torch.float32)
+    assert embedding.numel()
+
+
+@pytest.mark.parametrize("shard", ["../other/model.safetensors", "/etc/passwd"])
+def test_a_shard_index_naming_files_outside_the_folder_is_refused(
+    tiny_model_factory,
+    tmp_path: Path,
+    shard: str,  # type: ignore[no-untyped-def]
+) -> None:
+    folder = copy_model(tiny_model_factory("llama", sharded=True), tmp_path)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match="outside the model folder"):
+        SafetensorsWeights(folder)
 
 
 def test_llama3_rope_parameters_are_parsed(tiny_model_factory) -> None:
