@@ -38,6 +38,13 @@ class _Parser(argparse.ArgumentParser):
 CPUS_HELP = "run on these CPUs only, e.g. 0-3,6, as SCHED_BATCH (default threads: their count)"
 
 
+def _at_least_one(value: str) -> int:
+    number = _positive_int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return number
+
+
 def _port(value: str) -> int:
     number = _positive_int(value)
     if number > 65535:
@@ -108,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rate-burst", type=_positive_int, default=10, help="requests a client may send at once")
     serve.add_argument(
         "--max-body-bytes", type=_positive_int, default=8 * 1024 * 1024, help="largest request body; 0 = no limit"
+    )
+    serve.add_argument("--max-running", type=_at_least_one, default=16, help="sequences decoded together per step")
+    serve.add_argument(
+        "--max-queue", type=_at_least_one, default=1024, help="sequences waiting to start; more get a 503"
+    )
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=_at_least_one,
+        default=512,
+        help="tokens per step: a long prompt's prefill runs in chunks of this size beside the running streams",
     )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _tls_flags(serve)
@@ -182,6 +199,9 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
         max_body_bytes=args.max_body_bytes,
+        max_running=args.max_running,
+        max_queued=args.max_queue,
+        max_batch_tokens=args.max_batch_tokens,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,

@@ -44,7 +44,9 @@ class ServeSettings:
     rate_limit: int = 60  # requests per minute per client on generation routes; 0 turns it off
     rate_burst: int = 10
     max_body_bytes: int = 8 * 1024 * 1024
-    max_running: int = 16
+    max_running: int = 16  # sequences decoded together in one step
+    max_queued: int = 1024  # sequences waiting to start; past it a request gets 503 and Retry-After
+    max_batch_tokens: int = 512  # tokens per step: what a long prompt's prefill adds to every running stream's step
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

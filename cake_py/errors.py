@@ -35,6 +35,10 @@ class ContextLengthError(RequestError):
     """The prompt does not fit in the model's context window."""
 
 
+class OverloadedError(CakeError):
+    """Too many requests are waiting: refused now rather than queued for minutes."""
+
+
 class ClusterError(CakeError):
     """A worker is unreachable, refuses us, or the topology is invalid."""
 

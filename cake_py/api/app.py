@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 
@@ -28,8 +29,7 @@ def create_app(state: ServerState) -> Starlette:
             yield
         finally:
             if state.engine is not None:  # the engine serving now: a /models/load may have replaced the first one
-                state.engine.stop()
-                state.engine.pipeline.close()
+                await run_in_threadpool(state.engine.close)  # joins the engine thread: never on the event loop
 
     routes: list[BaseRoute] = [
         *health.ROUTES,

@@ -20,6 +20,7 @@ from cake_py.errors import (
     ClusterError,
     ContextLengthError,
     ModelNotFoundError,
+    OverloadedError,
     RequestError,
     UnsupportedArchitectureError,
 )
@@ -61,14 +62,15 @@ def status_of(error: CakeError, *, detail_style: bool = False) -> tuple[int, str
         return 400, None
     if isinstance(error, ModelNotFoundError):
         return 404, None
-    if isinstance(error, ClusterError):
+    if isinstance(error, ClusterError | OverloadedError):
         return 503, None
     return 500, None
 
 
 def api_error(error: CakeError, path: str) -> ApiError:
     status, code = status_of(error, detail_style=uses_detail_errors(path))
-    return ApiError(status, str(error), code=code)
+    headers = {"Retry-After": "5"} if isinstance(error, OverloadedError) else None
+    return ApiError(status, str(error), code=code, headers=headers)
 
 
 async def send_error(send: Send, path: str, status: int, message: str, headers: dict[str, str] | None = None) -> None:
@@ -90,7 +92,7 @@ async def cake_error_handler(request: Request, exc: Exception) -> Response:
     error = api_error(exc, request.url.path)
     if error.status >= 500:
         log.warning("%s %s failed: %s", request.method, request.url.path, exc)
-    return JSONResponse(error_body(request, error.message, error.code), status_code=error.status)
+    return JSONResponse(error_body(request, error.message, error.code), status_code=error.status, headers=error.headers)
 
 
 async def http_exception_handler(request: Request, exc: Exception) -> Response:

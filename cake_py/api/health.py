@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from cake_py import __version__
 from cake_py.api.state import ServerState
+from cake_py.engine.engine import ENGINE_DEAD
 
 
 def health_document(state: ServerState) -> tuple[dict[str, object], int]:
@@ -19,20 +20,23 @@ def health_document(state: ServerState) -> tuple[dict[str, object], int]:
     stages = engine.pipeline.stages if engine else []
     down = engine.pipeline.down_stages() if engine else []
     switching = state.switching
-    status = "loading" if switching else "unhealthy" if down else "healthy"
+    died = engine is not None and engine.died
+    status = "loading" if switching else "unhealthy" if down or died else "healthy"
     body: dict[str, object] = {
         "status": status,
-        "running": engine is not None and not down and not switching,
+        "running": engine is not None and not down and not switching and not died,
         "model": state.model_name if state.source else None,
         "version": __version__,
         "uptime_seconds": round(time.time() - state.started, 1),
         "stages": [{"name": s.name, "layers": [s.start, s.end], "up": s.name not in down} for s in stages],
     }
-    if down:
+    if died:
+        body["error"] = ENGINE_DEAD
+    elif down:
         body["error"] = f"pipeline stage(s) down: {', '.join(down)}"
     elif switching:
         body["error"] = f"the server is {switching}"
-    return body, 503 if down or switching else 200
+    return body, 503 if down or switching or died else 200
 
 
 async def health(request: Request) -> Response:

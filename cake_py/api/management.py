@@ -55,15 +55,14 @@ def current_model(state: ServerState) -> dict[str, Any]:
 def _retire(engine: Engine | None) -> None:
     """Stop an engine (its in-flight requests end with a 503) and free its layers and caches on every stage."""
     if engine is not None:
-        engine.stop()
-        engine.pipeline.close()
+        engine.close()
 
 
 def _build_engine(state: ServerState, source: ModelSource, settings: Any) -> Engine:
-    from cake_py.api.server import build_pipeline
+    from cake_py.api.server import build_pipeline, make_engine
 
     pipeline = build_pipeline(settings, source, state.device)
-    engine = Engine(pipeline, source.tokenizer, max_running=settings.max_running)
+    engine = make_engine(pipeline, source, settings)
     release_openmp_threads()  # this pool thread is done with torch; the engine thread must own the only pool
     engine.start()
     return engine

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+from types import FrameType
+
+import uvicorn
 
 from cake_py.api.app import create_app
 from cake_py.api.state import ServerState
@@ -25,12 +28,22 @@ def build_pipeline(settings: ServeSettings, source: ModelSource, device: str) ->
     return local_pipeline(source, dtype, device)
 
 
+def make_engine(pipeline: Pipeline, source: ModelSource, settings: ServeSettings) -> Engine:
+    return Engine(
+        pipeline,
+        source.tokenizer,
+        max_running=settings.max_running,
+        max_queued=settings.max_queued,
+        max_batch_tokens=settings.max_batch_tokens,
+    )
+
+
 def build_state(settings: ServeSettings) -> ServerState:
     set_threads(settings.threads)
     device = resolve_device(settings.device)
     source = resolve_model(settings.model)
     pipeline = build_pipeline(settings, source, device)
-    engine = Engine(pipeline, source.tokenizer, max_running=settings.max_running)
+    engine = make_engine(pipeline, source, settings)
     tflops = measure_tflops(device)
     release_openmp_threads()  # the engine thread must own the only OpenMP pool
     return ServerState(
@@ -44,15 +57,28 @@ def build_state(settings: ServeSettings) -> ServerState:
 
 
 def serve(settings: ServeSettings) -> None:
-    import uvicorn
-
     pin_cpus(settings.cpus)
     state = build_state(settings)
     log.info("serving %s on http://%s:%d", state.model_name, settings.host, settings.port)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(state),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
     )
+    _Server(config, state).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also stops the engine as soon as a shutdown signal arrives: every open stream then
+    ends with an error event and [DONE] within the grace period, instead of being cut when it runs out."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.state.engine is not None:
+            self.state.engine.request_stop()  # does not wait: this runs in the signal handler, on the event loop
+        super().handle_exit(sig, frame)

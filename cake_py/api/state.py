@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from cake_py.api.errors import ApiError
 from cake_py.config import ServeSettings
-from cake_py.engine.engine import Engine
+from cake_py.engine.engine import ENGINE_DEAD, Engine
 from cake_py.models.hub import ModelSource
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ class ServerState:
             raise ApiError(503, f"the server is {self.switching}; retry shortly", headers={"Retry-After": "5"})
         if self.engine is None or self.source is None:
             raise ApiError(404, NO_TEXT_MODEL)
+        if self.engine.died:
+            raise ApiError(503, ENGINE_DEAD)
         down = self.engine.pipeline.down_stages()
         if down:
             raise ApiError(

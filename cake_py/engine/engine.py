@@ -20,7 +20,7 @@ import torch
 
 from cake_py.cluster.pipeline import Pipeline
 from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
-from cake_py.errors import CakeError, ClusterError, ContextLengthError, RequestError
+from cake_py.errors import CakeError, ClusterError, ContextLengthError, OverloadedError, RequestError
 from cake_py.models.device import tune_allocator
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.sampling import SamplingParams
@@ -29,6 +29,7 @@ from cake_py.models.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 ENGINE_STOPPED = "the engine stopped: the server is shutting down or switching models"
+ENGINE_DEAD = "the engine thread died (see the server log); restart the server"
 
 
 @dataclass
@@ -54,20 +55,25 @@ class Engine:
         *,
         max_running: int = 16,
         max_batch_tokens: int = 512,
+        max_queued: int = 1024,
         context_length: int | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
+        self.max_queued = max_queued  # sequences admitted but not running; past it submit raises OverloadedError
         self.context_length = context_length or pipeline.config.max_position_embeddings
+        self.vocab_size = pipeline.config.vocab_size
         self.stats = EngineStats()
         self._ids = count(1)
         self._inbox: queue.SimpleQueue[Sequence | int] = queue.SimpleQueue()  # new sequences, or ids to cancel
         self._queued = 0  # sequences in the inbox (cancel requests there are not queued work)
         self._wake = threading.Event()
-        self._waiting: list[Sequence] = []
-        self._running: list[Sequence] = []
+        # By id, in arrival order: a cancel or a finish finds its sequence at once, however long the queue.
+        self._waiting: dict[int, Sequence] = {}
+        self._running: dict[int, Sequence] = {}
+        self._to_release: list[int] = []  # finished sequences that reached the pipeline: released once per step
         self._stopping = False
         # Held to queue a sequence, and by the engine thread for its last look at the inbox: a sequence is either
         # refused (the engine is stopping) or seen and ended by that last look, never left waiting.
@@ -82,12 +88,43 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="cake-engine", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Begin stopping without waiting: every queued and running sequence ends with an ENGINE_STOPPED error
+        (which its stream still delivers), and new submits are refused."""
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop and wait for the engine thread; False if it is still inside a step after `timeout` seconds (it ends
+        after that step: `join` waits for it)."""
+        self.request_stop()
+        return self.join(timeout)
+
+    def close(self) -> None:
+        """Stop, then close the pipeline (freeing its layers and caches on every stage). A thread still inside a
+        step after stop's wait keeps its pipeline until that step ends: closing it under the step would fail the
+        step's calls and leave what they reopen behind."""
+        if self.stop():
+            self.pipeline.close()
+            return
+        log.error("the engine is still inside a step; its pipeline is closed when that step ends")
+
+        def close_after() -> None:
+            self.join()
+            self.pipeline.close()
+
+        threading.Thread(target=close_after, name="cake-engine-close", daemon=True).start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
+
+    @property
+    def died(self) -> bool:
+        """Whether the engine thread ended without being asked to (a bug): nothing would ever answer."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stopping
 
     def check_prompt(self, n_prompt: int, params: SamplingParams) -> SamplingParams:
         """Raise ContextLengthError when the prompt alone fills the context; clip max_tokens to what is left."""
@@ -103,12 +140,25 @@ class Engine:
         return params
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: EventSink) -> int:
-        """Queue a generation; events go to `sink` from the engine thread. Returns the sequence id."""
+        """Queue a generation; events go to `sink` from the engine thread. Returns the sequence id.
+
+        RequestError for a bad prompt, OverloadedError when `max_queued` sequences already wait, ClusterError when
+        the engine is stopping or its thread died."""
         params = self.check_prompt(len(prompt_ids), params)
+        bad = next((token for token in prompt_ids if not 0 <= token < self.vocab_size), None)
+        if bad is not None:  # it would fail the embedding lookup of the whole batch it joins
+            raise RequestError(f"token id {bad} is outside the model's vocabulary (0-{self.vocab_size - 1})")
         seq = Sequence(next(self._ids), list(prompt_ids), params, self.tokenizer, sink)
         with self._submit_lock:
             if self._stopping:
                 raise ClusterError(ENGINE_STOPPED)
+            if self.died:
+                raise ClusterError(ENGINE_DEAD)
+            if self.queue_depth >= self.max_queued:
+                raise OverloadedError(
+                    f"the server is busy: {self.queue_depth} sequences are waiting to start (--max-queue "
+                    f"{self.max_queued}); retry shortly"
+                )
             self._queued += 1
             self._inbox.put(seq)
         self._wake.set()
@@ -151,24 +201,31 @@ class Engine:
 
     # ---- engine thread ----
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while not self._stopping:
-                self._drain_inbox()
-                if not self._running and not self._waiting:
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                try:
-                    self.step()
-                except Exception:  # the engine must outlive any one bad step
-                    log.exception("engine step failed")
-            with self._submit_lock:
-                self._drain_inbox()  # sequences submitted during the last step
-            stopping = ClusterError(ENGINE_STOPPED)
-            for seq in self._running + self._waiting:
-                self._finish(
-                    seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(stopping), exception=stopping)
-                )
+        try:
+            with torch.inference_mode():
+                while not self._stopping:
+                    try:
+                        self._drain_inbox()
+                        if not self._running and not self._waiting:
+                            self._release_finished()
+                            self._wake.wait(timeout=0.5)
+                            self._wake.clear()
+                            continue
+                        self.step()
+                    except Exception:  # the engine must outlive any one bad step
+                        log.exception("engine step failed")
+                    self._release_finished()
+                with self._submit_lock:
+                    self._drain_inbox()  # sequences submitted during the last step
+                stopping = ClusterError(ENGINE_STOPPED)
+                for seq in [*self._running.values(), *self._waiting.values()]:
+                    self._finish(
+                        seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(stopping), exception=stopping)
+                    )
+                self._release_finished()
+        except BaseException:
+            log.critical("the engine thread died", exc_info=True)  # `died` turns True: /health answers 503
+            raise
 
     def _drain_inbox(self) -> None:
         while True:
@@ -179,25 +236,37 @@ class Engine:
             if isinstance(item, Sequence):
                 with self._submit_lock:
                     self._queued -= 1
-                self._waiting.append(item)
+                self._waiting[item.seq_id] = item
                 self.stats.requests_total += 1
                 continue
-            for seq in self._running + self._waiting:
-                if seq.seq_id == item and not seq.cancelled:
-                    seq.cancelled = True
-                    self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="cancelled"))
+            seq = self._running.get(item) or self._waiting.get(item)
+            if seq is not None and not seq.cancelled:
+                seq.cancelled = True
+                self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="cancelled"))
+
+    def _release_finished(self) -> None:
+        """Free the KV caches of the sequences finished since the last call: one Release per stage, not one per
+        sequence (each a round trip to a worker), and none for sequences that never reached the pipeline."""
+        if not self._to_release:
+            return
+        seq_ids, self._to_release = self._to_release, []
+        try:
+            self.pipeline.release(seq_ids)
+        except CakeError as error:
+            log.warning("releasing %d sequence(s) failed: %s", len(seq_ids), error)
 
     def step(self) -> None:
         """One scheduler step: decode every running sequence, prefill what fits, sample, stream."""
         while self._waiting and len(self._running) < self.max_running:
-            self._running.append(self._waiting.pop(0))
+            seq = self._waiting.pop(next(iter(self._waiting)))  # the oldest
+            self._running[seq.seq_id] = seq
         self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
         budget = self.max_batch_tokens
         batch: list[SequenceSlice] = []
         ids: list[int] = []
         members: list[Sequence] = []
         # Decoding sequences first: they cost one token each and keep streams flowing during long prefills.
-        for seq in sorted(self._running, key=lambda s: s.prefilling):
+        for seq in sorted(self._running.values(), key=lambda s: s.prefilling):
             if budget <= 0:
                 break
             known = seq.all_ids
@@ -214,6 +283,8 @@ class Engine:
             if piece.start_pos + piece.n_tokens == seq.n_tokens:  # slice reaches the end: next token is due
                 rows.append(offset - 1)
                 sampled_members.append(seq)
+        for seq in members:
+            seq.reached_pipeline = True  # from here a stage may hold its caches, even if the step fails
         began = time.perf_counter()
         try:
             logits = self.pipeline.logits(torch.tensor(ids, dtype=torch.long), batch, rows)
@@ -271,14 +342,10 @@ class Engine:
             self._finish(seq, None)
 
     def _finish(self, seq: Sequence, event: GenerationEvent | None) -> None:
-        if seq in self._running:
-            self._running.remove(seq)
-        if seq in self._waiting:
-            self._waiting.remove(seq)
-        try:
-            self.pipeline.release([seq.seq_id])
-        except CakeError as error:
-            log.warning("releasing sequence %d failed: %s", seq.seq_id, error)
+        self._running.pop(seq.seq_id, None)
+        self._waiting.pop(seq.seq_id, None)
+        if seq.reached_pipeline:
+            self._to_release.append(seq.seq_id)
         if event is not None:
             event.prompt_tokens = len(seq.prompt_ids)
             event.completion_tokens = len(seq.output_ids)

@@ -50,6 +50,7 @@ class Sequence:
         # prompt + output, grown in place: the scheduler and sampler read it every step, so it is never rebuilt.
         self.all_ids: list[int] = list(prompt_ids)
         self.n_cached = 0  # tokens whose keys/values every stage holds
+        self.reached_pipeline = False  # a step included it: stages may hold caches to release
         self.cancelled = False
         self.created = time.monotonic()
         self.first_token_at: float | None = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from openai import OpenAI
 from cake_py.api import topology as topology_module
 from cake_py.cluster.hostinfo import HostFacts
 from cake_py.cluster.stage import LocalStage
+from tests.fixtures.cluster import LocalCluster
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 MESSAGES = [{"role": "user", "content": "Tell me about cake."}]
@@ -145,3 +148,30 @@ def test_a_client_leaving_a_blocking_request_cancels_it(slow_server: tuple[Serve
         httpx.post(f"{server.base_url}/generate", json=body, timeout=0.5)
     assert _wait_for(lambda: engine.in_flight == 0 and not any(stage.kv.sequence_ids() for stage in stages))
     assert engine.stats.tokens_generated < 200
+
+
+def test_a_full_queue_is_a_503_and_shutdown_ends_every_open_stream(tiny_llama: Path, tmp_path: Path) -> None:
+    """A real `cake serve`: one sequence runs, three wait, the fifth request is refused; then SIGTERM. Every open
+    stream ends with the engine's error and [DONE] inside the grace period, none is cut mid-chunk."""
+    body = {"messages": MESSAGES, "max_tokens": 400, "temperature": 0, "stream": True}
+    with LocalCluster(tmp_path) as cluster, httpx.Client(timeout=30) as http:
+        master = cluster.serve(str(tiny_llama), "--max-running", "1", "--max-queue", "3")
+        with contextlib.ExitStack() as streams:
+            opened = []
+            for _ in range(4):
+                response = streams.enter_context(http.stream("POST", f"{master.url}/v1/chat/completions", json=body))
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))  # its role chunk: admitted
+                opened.append(lines)
+            refused = http.post(f"{master.url}/v1/chat/completions", json={**body, "stream": False})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text
+            assert "--max-queue 3" in refused.json()["error"]
+            master.signal(signal.SIGTERM)
+            endings = [[line for line in lines if line.startswith("data: ")][-2:] for lines in opened]
+        assert master.process is not None  # uvicorn ends by re-raising the signal once it has shut down cleanly
+        assert master.process.wait(timeout=15) == -signal.SIGTERM, master.stderr[-2000:]
+        assert "Traceback" not in master.stderr, master.stderr[-4000:]
+    assert all(ending[-1] == "data: [DONE]" for ending in endings), endings
+    stopped = [ending for ending in endings if "engine stopped" in ending[0]]
+    assert len(stopped) >= 3, endings  # the queued ones at least: they never ran

@@ -299,3 +299,15 @@ def test_health_is_503_when_a_stage_is_down(
     assert down.json()["status"] == "unhealthy"
     assert down.json()["running"] is False
     assert "master" in down.json()["error"]
+
+
+def test_a_dead_engine_thread_turns_health_and_requests_503(
+    http: httpx.Client, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert server.state.engine is not None
+    monkeypatch.setattr(type(server.state.engine), "died", property(lambda engine: True))
+    health = http.get("/health")
+    assert health.status_code == 503 and health.json()["running"] is False
+    assert "engine thread died" in health.json()["error"]
+    refused = http.post("/generate", json={"prompt": "hi", "max_length": 2, "stream": True})
+    assert refused.status_code == 503 and "engine thread died" in refused.json()["detail"]

@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from cake_py.cluster.pipeline import local_pipeline
+from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent, Sequence
-from cake_py.errors import ClusterError, ContextLengthError
+from cake_py.errors import ClusterError, ContextLengthError, OverloadedError, RequestError
 from cake_py.models.hub import resolve_model
 from cake_py.models.sampling import SampledToken, Sampler, SamplingParams
 
@@ -208,3 +208,96 @@ def test_the_end_token_flushes_a_partial_character(tiny_model_factory) -> None: 
     assert held.text == ""  # the decoder waits for the rest of the character
     end = seq.accept(SampledToken(eos))
     assert end.finish_reason == "stop" and end.text == "\ufffd"  # what it held is not lost at the end
+
+
+# ---- limits and bookkeeping under load: a bounded queue, batched releases, a dead thread noticed ----
+
+
+def _counting_releases(pipeline: Pipeline) -> list[list[int]]:
+    calls: list[list[int]] = []
+    real_release = pipeline.release
+
+    def release(seq_ids: list[int]) -> None:
+        calls.append(list(seq_ids))
+        real_release(seq_ids)
+
+    pipeline.release = release  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_full_queue_refuses_and_queued_cancels_release_nothing(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    source = resolve_model(str(tiny_model_factory("llama")))
+    pipeline = local_pipeline(source, torch.float32)
+    releases = _counting_releases(pipeline)
+    engine = Engine(pipeline, source.tokenizer, max_running=2, max_queued=500)
+    finished: list[GenerationEvent] = []
+    ids = [engine.submit([5, 6, 7], GREEDY, finished.append) for _ in range(500)]  # not started: all wait
+    with pytest.raises(OverloadedError, match="500 sequences are waiting"):
+        engine.submit([5, 6, 7], GREEDY, finished.append)
+    for seq_id in ids[2:]:
+        engine.cancel(seq_id)
+    engine.start()
+    try:
+        for _ in range(3000):
+            if len(finished) == 500 and engine.in_flight == 0:
+                break
+            threading.Event().wait(0.02)
+    finally:
+        engine.stop()
+    reasons = [event.finish_reason for event in finished]
+    assert reasons.count("cancelled") == 498 and reasons.count("length") == 2
+    # Only the two that ran had caches anywhere; they are released together or one step apart, never per cancel.
+    released = [seq_id for call in releases for seq_id in call]
+    assert sorted(released) == sorted(ids[:2]) and len(releases) <= 2
+
+
+def test_a_token_outside_the_vocabulary_is_refused_at_submit(engine: Engine) -> None:
+    vocab = engine.pipeline.config.vocab_size
+    with pytest.raises(RequestError, match=f"token id {vocab} is outside the model's vocabulary"):
+        engine.submit([5, vocab], GREEDY, lambda event: None)
+    with pytest.raises(RequestError, match="token id -1"):
+        engine.submit([-1], GREEDY, lambda event: None)
+
+
+class _ThreadKiller(BaseException):
+    """Not an Exception: what no step handler catches (standing in for a bug in the loop itself)."""
+
+
+def test_a_dead_engine_thread_is_reported_not_waited_for(tiny_model_factory, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)
+
+    def broken_drain() -> None:
+        raise _ThreadKiller
+
+    monkeypatch.setattr(engine, "_drain_inbox", broken_drain)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's death is the point
+    engine.start()
+    assert engine.join(10)
+    assert engine.died
+    with pytest.raises(ClusterError, match="engine thread died"):
+        engine.submit([5, 6], GREEDY, lambda event: None)
+
+
+def test_close_waits_for_a_step_in_progress_before_closing_the_pipeline(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    source = resolve_model(str(tiny_model_factory("llama")))
+    pipeline = local_pipeline(source, torch.float32)
+    in_step, release = threading.Event(), threading.Event()
+    real_logits, closed = pipeline.logits, threading.Event()
+
+    def gated_logits(*args: object) -> torch.Tensor:
+        in_step.set()
+        release.wait(30)
+        return real_logits(*args)  # type: ignore[arg-type]
+
+    pipeline.logits = gated_logits  # type: ignore[method-assign]
+    pipeline.close = closed.set  # type: ignore[method-assign]
+    engine = Engine(pipeline, source.tokenizer)
+    engine.start()
+    engine.submit([5, 6, 7], GREEDY, lambda event: None)
+    assert in_step.wait(30)
+    engine.stop = lambda timeout=30.0: Engine.stop(engine, 0.2)  # type: ignore[method-assign]
+    engine.close()
+    assert not closed.is_set()  # the step still runs on this pipeline
+    release.set()
+    assert closed.wait(10) and engine.join(10)
