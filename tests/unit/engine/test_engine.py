@@ -210,6 +210,15 @@ def test_the_end_token_flushes_a_partial_character(tiny_model_factory) -> None: 
     assert end.finish_reason == "stop" and end.text == "\ufffd"  # what it held is not lost at the end
 
 
+def test_ignore_eos_still_stops_at_the_requests_own_stop_token_ids(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    tokenizer = resolve_model(str(tiny_model_factory("llama"))).tokenizer
+    eos = min(tokenizer.eos_token_ids)
+    params = SamplingParams(max_tokens=10, ignore_eos=True, stop_token_ids=frozenset({42}))
+    seq = Sequence(1, [5, 6], params, tokenizer, lambda event: None)
+    assert seq.accept(SampledToken(eos)).finish_reason is None  # the model's end token is ignored
+    assert seq.accept(SampledToken(42)).finish_reason == "stop"
+
+
 # ---- limits and bookkeeping under load: a bounded queue, batched releases, a dead thread noticed ----
 
 
