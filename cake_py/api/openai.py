@@ -1,7 +1,9 @@
 """OpenAI-compatible routes: /v1/chat/completions (+ Cake's /api/v1 alias), /v1/completions, /v1/models.
 
 Streams follow Cake's chunk sequence: a role chunk per choice, content deltas, a finish chunk per choice (the last
-one carries `usage`), then `data: [DONE]`. `usage.prompt_tokens` counts tokens.
+one carries `usage`), then `data: [DONE]`. With `stream_options.include_usage` they follow OpenAI's instead: no chunk
+carries usage but one more, `"choices": []`, just before `data: [DONE]` (`false`: none at all).
+`usage.prompt_tokens` counts tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
-from cake_py.api.schemas import chat_messages, choice_count, json_body, openai_sampling
+from cake_py.api.schemas import (
+    chat_messages,
+    chat_template_options,
+    choice_count,
+    flag,
+    json_body,
+    openai_sampling,
+    stream_usage,
+)
 from cake_py.api.state import ServerState
 from cake_py.api.streaming import (
     EventStream,
@@ -34,6 +44,7 @@ from cake_py.models.sampling import SampledToken, SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
 MAX_PROMPTS = 16
+COMPLETION_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's legacy API and vLLM (chat keeps 2048)
 
 
 def _seeded(params: SamplingParams, index: int) -> SamplingParams:
@@ -63,6 +74,24 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
         raise ApiError(400, f"top_logprobs ({body['top_logprobs']!r}) needs logprobs: true")
 
 
+def _reject_unsupported_completion(body: dict[str, Any]) -> None:
+    """The legacy completion fields this server cannot honour, refused rather than ignored."""
+    if body.get("suffix") is not None:
+        raise ApiError(
+            400, f"suffix ({body['suffix']!r}) is not supported by this server; send it without 'suffix'"[:300]
+        )
+    best_of = body.get("best_of")
+    if best_of is not None and (best_of != 1 or isinstance(best_of, bool)):
+        raise ApiError(400, f"best_of ({best_of!r}) is not supported by this server; leave it out or send 1"[:300])
+
+
+def _usage_chunk(completion_id: str, kind: str, created: int, model: str, usage_: dict[str, int]) -> str:
+    """OpenAI's usage chunk (stream_options.include_usage): no choices, just before `data: [DONE]`."""
+    return sse(
+        {"id": completion_id, "object": kind, "created": created, "model": model, "choices": [], "usage": usage_}
+    )
+
+
 def _chat_logprobs(tokens: list[SampledToken], tokenizer: Tokenizer) -> list[dict[str, Any]]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = tokenizer.token_text(token_id)
@@ -87,15 +116,24 @@ async def chat_completions(request: Request) -> Response:
     body = await json_body(request)
     _reject_unsupported(body)
     messages = chat_messages(body)
-    params = openai_sampling(body)
+    template = chat_template_options(body, messages)
+    params = openai_sampling(body, vocab_size=engine.vocab_size)
     n = choice_count(body)
-    prompt_ids = await run_in_threadpool(tokenizer.encode_chat, messages)
+    stream = flag(body, "stream", False)
+    include_usage = stream_usage(body, stream)
+    prompt_ids = await run_in_threadpool(
+        tokenizer.encode_chat,
+        messages,
+        add_generation_prompt=template.add_generation_prompt,
+        continue_final_message=template.continue_final_message,
+        template_kwargs=template.kwargs,
+    )
     params = engine.check_prompt(len(prompt_ids), params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created, model = int(time.time()), state.model_name
     streams = open_streams(state, engine, [prompt_ids] * n, [_seeded(params, i) for i in range(n)])
-    if body.get("stream"):
-        chunks = _chat_stream(request, streams, completion_id, created, model, tokenizer, params)
+    if stream:
+        chunks = _chat_stream(request, streams, completion_id, created, model, tokenizer, params, include_usage)
         return GenerationResponse(chunks, streams, "text/event-stream")
     results = await collect_all(request, streams)
     choices = [
@@ -127,6 +165,7 @@ async def _chat_stream(
     model: str,
     tokenizer: Tokenizer,
     params: SamplingParams,
+    include_usage: bool | None,
 ) -> AsyncIterator[str]:
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
@@ -157,8 +196,12 @@ async def _chat_stream(
             completion_tokens += event.completion_tokens
             prompt_tokens = event.prompt_tokens
             open_count -= 1
-            last = {"usage": usage(prompt_tokens, completion_tokens)} if open_count == 0 else {}
+            on_finish = include_usage is None and open_count == 0  # Cake's default: usage on the last finish chunk
+            last = {"usage": usage(prompt_tokens, completion_tokens)} if on_finish else {}
             yield sse(chunk(index, {}, _finish_reason(event.finish_reason), **last))
+    if include_usage and open_count == 0:
+        kind = "chat.completion.chunk"
+        yield _usage_chunk(completion_id, kind, created, model, usage(prompt_tokens, completion_tokens))
     yield sse("[DONE]")
 
 
@@ -188,9 +231,13 @@ async def completions(request: Request) -> Response:
     tokenizer = source.tokenizer
     body = await json_body(request)
     _reject_unsupported(body)
+    _reject_unsupported_completion(body)
     prompts = _completion_prompts(body)
-    params = openai_sampling(body)
+    params = openai_sampling(body, vocab_size=engine.vocab_size, default_max_tokens=COMPLETION_MAX_TOKENS)
     n = choice_count(body)
+    stream = flag(body, "stream", False)
+    include_usage = stream_usage(body, stream)
+    echo_prompt = flag(body, "echo", False)
 
     def encode_all() -> list[list[int]]:
         return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -201,7 +248,14 @@ async def completions(request: Request) -> Response:
         if any(not 0 <= t < tokenizer.vocab_size for t in ids):
             raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size}), got {ids!r}"[:300])
         per_prompt.append(engine.check_prompt(len(ids), params))
-    echo = [tokenizer.decode(ids) if body.get("echo") else "" for ids in prompt_ids]
+
+    def echoed(prompt: str | list[int]) -> str:
+        """The prompt as sent: a string as it is, token ids with their special tokens (part of the prompt too)."""
+        if not echo_prompt:
+            return ""
+        return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
+
+    echo = [echoed(prompt) for prompt in prompts]
     completion_id, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), state.model_name
     # Choice k is prompt k // n, sample k % n.
     streams = open_streams(
@@ -233,7 +287,7 @@ async def completions(request: Request) -> Response:
             "choices": [choice],
         }
 
-    if body.get("stream"):
+    if stream:
 
         async def stream_chunks() -> AsyncIterator[str]:
             total, open_count = 0, len(streams)
@@ -254,9 +308,11 @@ async def completions(request: Request) -> Response:
                 if logprobs is not None:  # by the tokens' own text, as the blocking answer counts (not emitted text)
                     offsets[index] += sum(len(token) for token in logprobs["tokens"])
                 chunk = piece(index, event.text, finish, logprobs)
-                if event.finished and open_count == 0:
+                if event.finished and open_count == 0 and include_usage is None:
                     chunk["usage"] = usage(n_prompt_tokens, total)
                 yield sse(chunk)
+            if include_usage and open_count == 0:
+                yield _usage_chunk(completion_id, "text_completion", created, model, usage(n_prompt_tokens, total))
             yield sse("[DONE]")
 
         return GenerationResponse(stream_chunks(), streams, "text/event-stream")

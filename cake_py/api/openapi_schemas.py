@@ -32,17 +32,31 @@ NATIVE_SAMPLING = {
     "seed": INT,
     "stop": STOP,
 }
+PENALTY = {**NUM, "minimum": -2, "maximum": 2, "default": 0}
 OPENAI_SAMPLING = {
     "model": {**STR, "description": "ignored: the served model answers"},
     "max_tokens": {**INT, "default": 2048, "description": "clipped to the room left in the context"},
     "temperature": {**NUM, "default": 1.0},
     "top_p": {**NUM, "default": 1.0},
-    "top_k": INT,
+    "top_k": {**INT, "minimum": -1, "description": "0 or -1: off"},
     "repetition_penalty": NUM,
+    "presence_penalty": {**PENALTY, "description": "subtracted once from the logit of each token generated so far"},
+    "frequency_penalty": {**PENALTY, "description": "subtracted from a token's logit per time it was generated"},
+    "logit_bias": {
+        "type": "object",
+        "propertyNames": {"pattern": "^[0-9]+$"},
+        "additionalProperties": {**NUM, "minimum": -100, "maximum": 100},
+        "description": "token id → bias added to its logit",
+    },
     "stop": STOP,
     "seed": INT,
     "n": {**INT, "minimum": 1, "maximum": 8},
     "stream": BOOL,
+    "stream_options": {
+        **obj({"include_usage": BOOL}),
+        "description": "only with stream: true; include_usage true sends usage in one last chunk with no choices, "
+        "false in none; absent, the last finish chunk carries it",
+    },
 }
 FINISH = {"enum": ["stop", "length"]}
 
@@ -56,6 +70,13 @@ SCHEMAS: dict[str, Any] = {
             "messages": {"type": "array", "items": MESSAGE, "minItems": 1},
             "logprobs": BOOL,
             "top_logprobs": {**INT, "maximum": 20},
+            "add_generation_prompt": {**BOOL, "default": True},
+            "continue_final_message": {
+                **BOOL,
+                "default": False,
+                "description": "continue the last (assistant) message; needs add_generation_prompt: false",
+            },
+            "chat_template_kwargs": {"type": "object", "description": "extra variables for the chat template"},
         },
         ("messages",),
     ),
@@ -95,8 +116,11 @@ SCHEMAS: dict[str, Any] = {
     "CompletionRequest": obj(
         {
             **OPENAI_SAMPLING,
+            "max_tokens": {**INT, "default": 16, "description": "clipped to the room left in the context"},
             "prompt": {"oneOf": [STR, {"type": "array", "items": STR}, {"type": "array", "items": INT}]},
             "echo": BOOL,
+            "suffix": {"type": "null", "description": "any other value is a 400"},
+            "best_of": {"const": 1, "description": "any other value is a 400"},
             "logprobs": {**INT, "maximum": 20},
         },
         ("prompt",),

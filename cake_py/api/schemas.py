@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -32,6 +34,11 @@ def number(body: dict[str, Any], key: str, default: float, *, integer: bool = Fa
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
         kind = "an integer" if integer else "a number"
         raise ApiError(400, f"{key} must be {kind}, got {value!r}")
+    if not integer and isinstance(value, int):
+        try:
+            float(value)  # the callers convert it: an integer past float's range would raise there, as a 500
+        except OverflowError:
+            raise ApiError(400, f"{key} is out of range, got {value!r}"[:300]) from None
     return value
 
 
@@ -54,8 +61,31 @@ def stop_strings(value: Any) -> tuple[str, ...]:
     raise ApiError(400, f"stop must be a string or a list of strings, got {value!r}")
 
 
-def openai_sampling(body: dict[str, Any], *, default_max_tokens: int = 2048) -> SamplingParams:
-    """Sampling fields of the OpenAI chat and completion routes."""
+_TOKEN_ID = re.compile(r"[0-9]+")  # int() would also take " 7", "+7", "7_0" and non-ASCII digits
+
+
+def logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: a JSON object of token ids (its keys, strings of integers) to a bias in [-100, 100]."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ApiError(400, f"logit_bias must be an object of token ids to biases, got {value!r}"[:300])
+    biases: dict[int, float] = {}
+    for key, bias in value.items():
+        if not _TOKEN_ID.fullmatch(key):
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id (a string of a non-negative integer)"[:300])
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise ApiError(400, f"logit_bias value of token {key} must be a number in [-100, 100], got {bias!r}"[:300])
+        if len(key.lstrip("0")) > 18 or int(key) >= vocab_size:  # the length check keeps int() cheap
+            raise ApiError(
+                400, f"logit_bias token id {key} is outside the model's vocabulary (0-{vocab_size - 1})"[:300]
+            )
+        biases[int(key)] = float(bias)  # "7" and "07" name one token: the last one wins, as a dict does
+    return tuple(biases.items())
+
+
+def openai_sampling(body: dict[str, Any], *, vocab_size: int, default_max_tokens: int = 2048) -> SamplingParams:
+    """Sampling fields of the OpenAI chat and completion routes; `vocab_size` bounds logit_bias's token ids."""
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:  # absent, or sent as null by clients that send every field
         max_tokens = body.get("max_tokens")
@@ -75,6 +105,9 @@ def openai_sampling(body: dict[str, Any], *, default_max_tokens: int = 2048) -> 
             top_p=float(number(body, "top_p", 1.0)),
             top_k=int(number(body, "top_k", 0, integer=True)),
             repetition_penalty=float(number(body, "repetition_penalty", 1.0)),
+            presence_penalty=float(number(body, "presence_penalty", 0.0)),
+            frequency_penalty=float(number(body, "frequency_penalty", 0.0)),
+            logit_bias=logit_bias(body.get("logit_bias"), vocab_size),
             seed=seed,
             stop=stop_strings(body.get("stop")),
             logprobs=logprobs,
@@ -91,8 +124,62 @@ def choice_count(body: dict[str, Any]) -> int:
     return int(n)
 
 
+def stream_usage(body: dict[str, Any], stream: bool) -> bool | None:
+    """`stream_options.include_usage`: True (usage in one extra last chunk), False (none), None (not given)."""
+    options = body.get("stream_options")
+    if options is None:
+        return None
+    if not stream:  # as OpenAI and vLLM answer
+        raise ApiError(400, "stream_options is only allowed when stream is true")
+    if not isinstance(options, dict):
+        raise ApiError(400, f"stream_options must be an object, got {options!r}"[:300])
+    include = options.get("include_usage")
+    if include is None:
+        return None
+    if not isinstance(include, bool):
+        raise ApiError(400, f"stream_options.include_usage must be true or false, got {include!r}"[:300])
+    return include
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    """How the model's chat template renders the messages (the fields vLLM and transformers share)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra variables the template can read
+
+
+# Variables the server itself gives the template (or fields refused elsewhere): chat_template_kwargs cannot set them.
+_RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "continue_final_message", "tools")
+
+
+def chat_template_options(body: dict[str, Any], messages: list[dict[str, str]]) -> ChatTemplateOptions:
+    add_generation_prompt = flag(body, "add_generation_prompt", True)
+    continue_final_message = flag(body, "continue_final_message", False)
+    if continue_final_message and add_generation_prompt:
+        raise ApiError(
+            400,
+            "continue_final_message and add_generation_prompt cannot both be true; send add_generation_prompt: false",
+        )
+    if continue_final_message and messages[-1]["role"] != "assistant":
+        raise ApiError(
+            400, f"continue_final_message needs the last message to be the assistant's, not {messages[-1]['role']!r}"
+        )
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise ApiError(400, f"chat_template_kwargs must be an object, got {kwargs!r}"[:300])
+    if reserved := [key for key in _RESERVED_TEMPLATE_VARIABLES if key in kwargs]:
+        raise ApiError(
+            400, f"chat_template_kwargs cannot set {reserved[0]!r}: the server sets it from the request's fields"
+        )
+    return ChatTemplateOptions(add_generation_prompt, continue_final_message, kwargs)
+
+
 def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    """OpenAI messages → [{role, content: str}]; content parts of type text are joined."""
+    """OpenAI messages → [{role, content: str}]; content parts of type text are joined by newlines, as vLLM does."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
@@ -113,7 +200,7 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
                     kind = part.get("type") if isinstance(part, dict) else part
                     raise ApiError(400, f"messages[{index}] has a {kind!r} part; this model only reads text")
                 parts.append(str(part.get("text", "")))
-            content = "".join(parts)
+            content = "\n".join(parts)
         if content is None:
             content = ""
         if not isinstance(content, str):

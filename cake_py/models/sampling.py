@@ -1,12 +1,14 @@
-"""Sampling parameters and the per-sequence sampler: greedy, temperature, top-k, top-p, repetition penalty, seed.
+"""Sampling parameters and the per-sequence sampler: greedy, temperature, top-k, top-p, logit bias, repetition,
+frequency and presence penalties, seed.
 
 A `Sampler` belongs to one sequence: it owns that sequence's random generator, so the same seed gives the same
-text no matter what else is in the batch.
+text no matter what else is in the batch, and it counts the tokens it chose (the frequency and presence penalties
+weigh only those, not the prompt, as OpenAI and vLLM do).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +18,8 @@ from cake_py.errors import RequestError
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,11 @@ class SamplingParams:
     max_tokens: int = 2048
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 disables top-k
+    top_k: int = 0  # 0 (and vLLM's -1) disables top-k
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); ids are unique
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
@@ -39,10 +46,18 @@ class SamplingParams:
             raise RequestError(f"temperature must be between 0 and 100, got {self.temperature}")
         if not 0.0 <= self.top_p <= 1.0:
             raise RequestError(f"top_p must be between 0 and 1, got {self.top_p}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if self.top_k < -1:
+            raise RequestError(f"top_k must be -1 or 0 (off) or positive, got {self.top_k}")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise RequestError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise RequestError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        for token_id, bias in self.logit_bias:
+            if token_id < 0:
+                raise RequestError(f"logit_bias token id {token_id} is negative")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise RequestError(f"logit_bias of token {token_id} must be between -100 and 100, got {bias}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
         if any(not s for s in self.stop):
@@ -76,18 +91,28 @@ class Sampler:
             self.generator.manual_seed(params.seed % 2**64)  # per-choice seeds (seed + index) may pass 2**64 - 1
         else:
             self.generator.seed()
+        self.generated: dict[int, int] = {}  # token id → how many times this sampler chose it
 
     def sample(self, logits: torch.Tensor, history: Sequence[int]) -> SampledToken:
+        """`history` is the prompt and the tokens generated so far (the repetition penalty weighs both)."""
         params = self.params
+        # vLLM's order: the bias first, then the penalties; all of them before greedy's argmax too.
+        if params.logit_bias:
+            logits = apply_logit_bias(logits, params.logit_bias)
         if params.repetition_penalty != 1.0 and history:
             logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+        if (params.frequency_penalty or params.presence_penalty) and self.generated:
+            logits = apply_frequency_presence(logits, self.generated, params.frequency_penalty, params.presence_penalty)
         if params.greedy:
             token = int(torch.argmax(logits))
         else:
             # Shifted so the best logit is 0 before dividing: a small temperature cannot overflow the others.
             scaled = (logits - logits.max()) / params.temperature
             probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
+            # The generator lives on the CPU (multinomial refuses a CPU generator with a CUDA or MPS tensor), which
+            # also makes a seed draw the same tokens whatever device computed the logits.
+            token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        self.generated[token] = self.generated.get(token, 0) + 1
         if not params.logprobs:
             return SampledToken(token)
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -98,9 +123,25 @@ class Sampler:
         return SampledToken(token, float(logprobs[token]), top)
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """OpenAI's logit_bias: each value is added to its token's logit (-100 all but bans it, 100 all but forces it)."""
+    ids = torch.tensor([token_id for token_id, _ in bias], dtype=torch.long, device=logits.device)
+    values = torch.tensor([value for _, value in bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, ids, values)
+
+
+def apply_frequency_presence(
+    logits: torch.Tensor, counts: Mapping[int, int], frequency: float, presence: float
+) -> torch.Tensor:
+    """OpenAI's rule: logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, c = generated counts."""
+    ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+    seen = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, ids, -(seen * frequency + presence))  # every count here is at least 1
+
+
 def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
     """CTRL's penalty as transformers applies it: divide positive logits of seen tokens, multiply negative ones."""
-    seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+    seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=logits.device)
     scores = logits[seen]
     logits = logits.clone()
     penalized = torch.where(scores < 0, scores * penalty, scores / penalty)

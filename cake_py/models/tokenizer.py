@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from cake_py.errors import ModelError, RequestError
 
 _REPLACEMENT = "\ufffd"
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' own mark, so both cut prompts at the same place
 
 
 class Tokenizer:
@@ -106,25 +107,77 @@ class Tokenizer:
             return bytes(_UNICODE_TO_BYTE[char] for char in piece)
         return self.token_text(token_id).encode("utf-8")
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """The model's chat template applied to `messages`, as transformers' apply_chat_template renders it."""
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The model's chat template applied to `messages`, as transformers' apply_chat_template renders it.
+
+        `continue_final_message` leaves the last message open, cut right after its content, for the model to go
+        on writing it; `template_kwargs` are extra variables for the template (e.g. enable_thinking).
+        """
+        messages = [dict(message) for message in messages]  # the caller's messages stay untouched
+        final = ""
+        if continue_final_message:
+            if not messages:
+                raise RequestError("continue_final_message needs at least one message")
+            # transformers' rule: mark the end of the final content, render, then cut at the mark.
+            final = str(messages[-1].get("content") or "")
+            messages[-1]["content"] = final + _CONTINUE_TAG
         if self.chat_template is None:
-            return _fallback_chat(messages, add_generation_prompt)
-        if self._template is None:
-            self._template = _compile(self.chat_template)
-        try:
-            return self._template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
+            rendered = _fallback_chat(messages, add_generation_prompt)
+        else:
+            rendered = self._render_template(messages, add_generation_prompt, template_kwargs or {})
+        if not continue_final_message:
+            return rendered
+        mark = _CONTINUE_TAG.strip()
+        if final.strip() not in rendered or mark not in rendered:
+            raise RequestError(
+                "continue_final_message: the model's chat template does not write the final message's content as "
+                "it is, so there is no place to continue it from"
             )
+        cut = rendered.rindex(mark)
+        if rendered[cut : cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+            return rendered[:cut]
+        return rendered[:cut].rstrip()  # the template trimmed the content's trailing space: so does the prompt
+
+    def _render_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, template_kwargs: Mapping[str, Any]
+    ) -> str:
+        if self._template is None:
+            self._template = _compile(self.chat_template or "")
+        # transformers passes tools and documents (None here) and lets extra variables override the special tokens.
+        variables = {
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+            "tools": None,
+            "documents": None,
+            **template_kwargs,
+        }
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as error:
             raise RequestError(f"the model's chat template rejected the messages: {error}") from error
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
         # The template writes any BOS itself, so special tokens are not added again.
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        text = self.render_chat(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            template_kwargs=template_kwargs,
+        )
         return self.encode(text, add_special_tokens=False)
 
 

@@ -6,12 +6,14 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
 
+from cake_py.models.tokenizer import Tokenizer
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -280,3 +282,230 @@ def test_openai_client_details(client: OpenAI, server: ServerHandle) -> None:
     body = {"messages": MESSAGES, "max_tokens": 3, "max_completion_tokens": None, "temperature": 0}
     answer = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60).json()
     assert answer["usage"]["completion_tokens"] <= 3
+
+
+def _tokenizer(server: ServerHandle) -> Tokenizer:
+    assert server.state.source is not None
+    return server.state.source.tokenizer
+
+
+def _post(server: ServerHandle, route: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{route}", json=body, timeout=60)
+
+
+def _sse_chunks(server: ServerHandle, route: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every chunk of a stream, checked to end with `data: [DONE]`."""
+    with httpx.stream("POST", f"{server.base_url}{route}", json=body, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_logit_bias_steers_the_tokens(server: ServerHandle, route: str) -> None:
+    token = _tokenizer(server).encode(" cake")[0]
+    body = {"messages": MESSAGES, "prompt": "The cake is", "max_tokens": 4, "temperature": 0}
+    body["logit_bias"] = {str(token): 100}
+    response = _post(server, route, body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert (choice["message"]["content"] if "message" in choice else choice["text"]) == " cake" * 4
+
+
+@pytest.mark.parametrize(
+    ("bias", "needle"),
+    [({"cake": 1}, "'cake'"), ({"-1": 1}, "'-1'"), ({"384": 1}, "384"), ({"5": 101}, "101"), ({"5": "1"}, "'1'")],
+)
+def test_a_bad_logit_bias_is_a_400_naming_it(server: ServerHandle, bias: dict[str, object], needle: str) -> None:
+    response = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "logit_bias": bias})
+    assert response.status_code == 400
+    assert "logit_bias" in response.json()["error"] and needle in response.json()["error"]
+
+
+def _chat_token_bytes(server: ServerHandle, **extra: Any) -> list[bytes]:
+    """The greedy tokens of a chat answer, as their bytes (unique per token of a byte-level BPE)."""
+    body = {"messages": MESSAGES, "max_tokens": 16, "temperature": 0, "logprobs": True, **extra}
+    response = _post(server, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    return [bytes(entry["bytes"]) for entry in response.json()["choices"][0]["logprobs"]["content"]]
+
+
+@pytest.mark.parametrize("penalty", ["presence_penalty", "frequency_penalty"])
+def test_penalties_stop_greedy_decoding_repeating_itself(server: ServerHandle, penalty: str) -> None:
+    plain = _chat_token_bytes(server)
+    assert len(set(plain)) < len(plain), f"the tiny model's greedy tokens {plain!r} repeat nothing to penalise"
+    # Its logits lie within 2 of each other: a seen token that pays 2 never wins again.
+    penalised = _chat_token_bytes(server, **{penalty: 2})
+    assert len(set(penalised)) == len(penalised) == 16
+    body = {"prompt": "The cake is", "max_tokens": 16, "temperature": 0}
+    texts = {
+        _post(server, "/v1/completions", {**body, penalty: value}).json()["choices"][0]["text"] for value in (0, 2)
+    }
+    assert len(texts) == 2  # /v1/completions honours it too
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("presence_penalty", 2.5), ("frequency_penalty", -3), ("presence_penalty", "high")]
+)
+def test_a_penalty_outside_its_range_is_a_400(server: ServerHandle, field: str, value: object) -> None:
+    response = _post(server, "/v1/completions", {"prompt": "cake", "max_tokens": 2, field: value})
+    assert response.status_code == 400
+    assert field in response.json()["error"] and str(value) in response.json()["error"]
+
+
+def test_completions_echo_the_prompt_as_sent(server: ServerHandle) -> None:
+    tokenizer = _tokenizer(server)
+    text = "<|im_start|>The  cake is"  # a special token and a double space, that a skip-special decode would lose
+    body = {"prompt": text, "max_tokens": 3, "temperature": 0, "echo": True}
+    blocking = _post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    assert blocking.startswith(text)
+    streamed = _sse_chunks(server, "/v1/completions", {**body, "stream": True})
+    assert streamed[0]["choices"][0]["text"] == text
+    ids = [tokenizer.backend.token_to_id("<|im_start|>"), *tokenizer.encode("The cake")]
+    by_ids = _post(server, "/v1/completions", {**body, "prompt": ids}).json()["choices"][0]["text"]
+    assert by_ids.startswith("<|im_start|>The cake")
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ({"suffix": "!"}, 400),
+        ({"suffix": ""}, 400),
+        ({"best_of": 2}, 400),
+        ({"best_of": 1}, 200),
+        ({"suffix": None}, 200),
+    ],
+)
+def test_suffix_and_best_of_are_refused_not_ignored(
+    server: ServerHandle, extra: dict[str, object], status: int
+) -> None:
+    response = _post(server, "/v1/completions", {"prompt": "cake", "max_tokens": 2, **extra})
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert next(iter(extra)) in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("route", "extra"),
+    [
+        ("/v1/completions", {"stream": "false"}),
+        ("/v1/completions", {"echo": "true"}),
+        ("/v1/chat/completions", {"stream": 1}),
+    ],
+)
+def test_stream_and_echo_must_be_booleans(server: ServerHandle, route: str, extra: dict[str, object]) -> None:
+    body = {"messages": MESSAGES, "prompt": "cake", "max_tokens": 2, **extra}
+    response = _post(server, route, body)
+    assert response.status_code == 400
+    assert next(iter(extra)) in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"stream_options": {"include_usage": True}}, "only allowed when stream is true"),
+        ({"stream": True, "stream_options": "usage"}, "stream_options must be an object"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
+    ],
+)
+def test_bad_stream_options_are_a_400(server: ServerHandle, extra: dict[str, object], needle: str) -> None:
+    for route in ("/v1/chat/completions", "/v1/completions"):
+        response = _post(server, route, {"messages": MESSAGES, "prompt": "cake", "max_tokens": 2, **extra})
+        assert response.status_code == 400
+        assert needle in response.json()["error"]
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_include_usage_sends_one_last_usage_chunk_with_no_choices(server: ServerHandle, route: str) -> None:
+    body = {"messages": MESSAGES, "prompt": "The cake is", "max_tokens": 5, "n": 2, "stream": True}
+    chunks = _sse_chunks(server, route, {**body, "stream_options": {"include_usage": True}})
+    *content, last = chunks
+    assert all("usage" not in chunk for chunk in content)
+    assert sum(1 for chunk in content if chunk["choices"][0]["finish_reason"]) == 2
+    assert last["choices"] == [] and last["id"] == content[0]["id"]
+    assert last["usage"]["completion_tokens"] == 10
+    quiet = _sse_chunks(server, route, {**body, "stream_options": {"include_usage": False}})
+    assert all("usage" not in chunk and chunk["choices"] for chunk in quiet)
+
+
+def test_include_usage_through_the_openai_client(client: OpenAI) -> None:
+    stream = client.chat.completions.create(  # type: ignore[call-overload]
+        model="x",
+        messages=MESSAGES,
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert [chunk.usage is not None for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
+def test_text_parts_of_a_message_are_joined_by_newlines(server: ServerHandle) -> None:
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]
+    body = {"messages": [{"role": "user", "content": parts}], "max_tokens": 1}
+    response = _post(server, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    tokenizer = _tokenizer(server)
+    joined = tokenizer.encode_chat([{"role": "user", "content": "Hello\nWorld"}])
+    assert len(joined) != len(tokenizer.encode_chat([{"role": "user", "content": "HelloWorld"}]))
+    assert response.json()["usage"]["prompt_tokens"] == len(joined)
+
+
+@pytest.mark.parametrize(("top_k", "status"), [(-1, 200), (0, 200), (-2, 400)])
+def test_top_k_minus_one_is_off(server: ServerHandle, top_k: int, status: int) -> None:
+    response = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "top_k": top_k})
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert "top_k" in response.json()["error"] and "-2" in response.json()["error"]
+
+
+def test_completions_default_to_16_tokens(server: ServerHandle) -> None:
+    ends = {str(token): -100 for token in _tokenizer(server).eos_token_ids}  # nothing ends it early
+    response = _post(server, "/v1/completions", {"prompt": "The cake is", "logit_bias": ends})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 16
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+
+
+CONTINUED = [MESSAGES[0], {"role": "assistant", "content": "The capital is"}]
+
+
+def test_continue_final_message_continues_the_assistants_text(server: ServerHandle) -> None:
+    tokenizer = _tokenizer(server)
+    expected = tokenizer.encode_chat(CONTINUED, add_generation_prompt=False, continue_final_message=True)
+    assert tokenizer.decode(expected, skip_special_tokens=False).endswith("<|im_start|>assistant\nThe capital is")
+    body = {"messages": CONTINUED, "max_tokens": 6, "temperature": 0}
+    body |= {"add_generation_prompt": False, "continue_final_message": True}
+    answer = _post(server, "/v1/chat/completions", body).json()
+    assert answer["usage"]["prompt_tokens"] == len(expected)
+    same = _post(server, "/v1/completions", {"prompt": expected, "max_tokens": 6, "temperature": 0}).json()
+    assert answer["choices"][0]["message"]["content"] == same["choices"][0]["text"]
+    closed = _post(server, "/v1/chat/completions", {**body, "continue_final_message": False}).json()
+    assert closed["usage"]["prompt_tokens"] == len(tokenizer.encode_chat(CONTINUED, add_generation_prompt=False))
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"continue_final_message": True}, "add_generation_prompt"),  # the default true generation prompt
+        ({"continue_final_message": True, "add_generation_prompt": False, "messages": MESSAGES}, "'user'"),
+        ({"add_generation_prompt": "no"}, "add_generation_prompt"),
+        ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"messages": []}}, "'messages'"),
+    ],
+)
+def test_bad_chat_template_controls_are_a_400(server: ServerHandle, extra: dict[str, object], needle: str) -> None:
+    response = _post(server, "/v1/chat/completions", {"messages": CONTINUED, "max_tokens": 2, **extra})
+    assert response.status_code == 400
+    assert needle in response.json()["error"]
+
+
+def test_chat_template_kwargs_reach_the_template(server: ServerHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer = _tokenizer(server)
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ messages[-1]['content'] }}{{ suffix | default('') }}")
+    monkeypatch.setattr(tokenizer, "_template", None)  # compiled again from the template above, then restored
+    body = {"messages": MESSAGES, "max_tokens": 1, "chat_template_kwargs": {"suffix": " cake cake"}}
+    answer = _post(server, "/v1/chat/completions", body).json()
+    assert answer["usage"]["prompt_tokens"] == len(tokenizer.encode(MESSAGES[0]["content"] + " cake cake"))

@@ -1,4 +1,5 @@
-"""Sampling: parameter validation, greedy, seeds, top-k/top-p, repetition penalty and stop strings."""
+"""Sampling: parameter validation, greedy, seeds, top-k/top-p, logit bias, repetition, frequency and presence
+penalties, and stop strings."""
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from cake_py.models.sampling import (
     Sampler,
     SamplingParams,
     StopMatcher,
+    apply_frequency_presence,
+    apply_logit_bias,
     apply_repetition_penalty,
     filter_logits,
 )
@@ -20,7 +23,11 @@ from cake_py.models.sampling import (
         ("temperature", -0.5, "temperature"),
         ("top_p", -0.1, "top_p"),
         ("top_p", 1.5, "top_p"),
-        ("top_k", -1, "top_k"),
+        ("top_k", -2, "top_k"),
+        ("presence_penalty", 2.5, "presence_penalty"),
+        ("presence_penalty", -2.1, "presence_penalty"),
+        ("frequency_penalty", 3.0, "frequency_penalty"),
+        ("frequency_penalty", -2.5, "frequency_penalty"),
         ("repetition_penalty", 0.0, "repetition_penalty"),
         ("top_logprobs", 50, "top_logprobs"),
         ("seed", 2**64, "seed"),
@@ -118,3 +125,86 @@ def test_stop_matcher_holds_back_partial_matches() -> None:
 def test_stop_matcher_earliest_of_several() -> None:
     matcher = StopMatcher(["world", "lo"])
     assert matcher.feed("hello world") == ("hel", True)
+
+
+def test_top_k_minus_one_is_off_like_zero() -> None:
+    # vLLM documents -1 as "all tokens".
+    logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    params = SamplingParams(top_k=-1)
+    assert not params.greedy
+    assert torch.isfinite(filter_logits(logits, params.top_k, 1.0)).all()
+
+
+@pytest.mark.parametrize("bias", [(5, 100.5), (5, -101.0), (-1, 1.0)], ids=str)
+def test_bad_logit_bias_is_named(bias: tuple[int, float]) -> None:
+    with pytest.raises(RequestError, match="logit_bias") as caught:
+        SamplingParams(logit_bias=(bias,))
+    assert str(bias[0]) in str(caught.value)
+
+
+def test_logit_bias_adds_to_the_logits_and_steers_greedy_decoding() -> None:
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert apply_logit_bias(logits, [(0, 5.0), (1, -100.0)]).tolist() == pytest.approx([5.1, -97.0, 2.9, -1.0])
+    assert logits.tolist() == pytest.approx([0.1, 3.0, 2.9, -1.0])  # input untouched
+    banned = Sampler(SamplingParams(temperature=0.0, logit_bias=((1, -100.0),)))
+    assert banned.sample(logits, []).token_id == 2
+    forced = Sampler(SamplingParams(temperature=1.0, seed=0, logit_bias=((3, 100.0),)))
+    assert {forced.sample(logits, []).token_id for _ in range(20)} == {3}
+
+
+def test_frequency_and_presence_follow_openais_formula() -> None:
+    # logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty
+    logits = torch.tensor([1.0, 1.0, 1.0])
+    penalised = apply_frequency_presence(logits, {0: 2, 1: 1}, frequency=0.5, presence=0.25)
+    assert penalised.tolist() == pytest.approx([-0.25, 0.25, 1.0])
+    assert logits.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("penalties", "expected"),
+    [
+        ({}, [0, 0, 0, 0]),
+        ({"presence_penalty": 0.15}, [0, 1, 0, 0]),  # a seen token pays once, however often it came
+        ({"frequency_penalty": 0.15}, [0, 1, 0, 2]),  # and here once per time it came
+        ({"frequency_penalty": -0.5}, [0, 0, 0, 0]),  # negative: repeating is encouraged
+    ],
+)
+def test_penalties_weigh_the_generated_tokens_not_the_prompt(penalties: dict[str, float], expected: list[int]) -> None:
+    logits = torch.tensor([1.0, 0.9, 0.8])
+    sampler = Sampler(SamplingParams(temperature=0.0, **penalties))  # type: ignore[arg-type]
+    history = [0, 0, 0]  # the prompt is all token 0: the first greedy pick is 0 all the same
+    tokens = []
+    for _ in range(4):
+        tokens.append(sampler.sample(logits, history).token_id)
+        history.append(tokens[-1])
+    assert tokens == expected
+
+
+def test_penalties_apply_when_sampling_too() -> None:
+    # Token 0 starts 20 logits ahead (unpenalised, every pick is 0) and loses 2 per pick plus 2 once: about ten
+    # picks bring it level with the others (which then pay for their own picks too).
+    logits = torch.tensor([20.0, 0.0, 0.0])
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0, presence_penalty=2.0, frequency_penalty=2.0))
+    tokens = [sampler.sample(logits, []).token_id for _ in range(20)]
+    assert tokens[:5] == [0] * 5
+    assert 8 <= tokens.count(0) <= 15
+    plain = Sampler(SamplingParams(temperature=1.0, seed=0))
+    assert [plain.sample(logits, []).token_id for _ in range(20)] == [0] * 20
+
+
+_DEVICES = (
+    ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
+)
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_seeded_sampling_draws_the_same_tokens_on_any_device(device: str) -> None:
+    # The generator is a CPU one: logits on an accelerator used to make torch.multinomial raise. Only the CPU runs
+    # where no accelerator is present; on a CUDA or MPS machine this checks the fix itself.
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+
+    def draw(on: str) -> list[int]:
+        sampler = Sampler(SamplingParams(temperature=1.5, top_k=50, seed=11, logit_bias=((3, 2.0),)))
+        return [sampler.sample(logits.to(on), [1, 2]).token_id for _ in range(20)]
+
+    assert draw(device) == draw("cpu")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cake_py.errors import ModelError
+from cake_py.errors import ModelError, RequestError
 from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -105,3 +105,80 @@ def test_token_bytes_rebuild_text_whose_characters_span_tokens(tokenizer: Tokeni
     assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8")
     end = tokenizer.backend.token_to_id("<|im_end|>")
     assert tokenizer.token_bytes(end) == b"<|im_end|>"
+
+
+CONVERSATION = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital is "},
+]
+
+
+@pytest.mark.parametrize("content", ["The capital is ", "The capital is", ""])
+def test_continue_final_message_cuts_where_transformers_does(tiny_model_factory, content: str) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    folder = tiny_model_factory("llama")
+    messages = [CONVERSATION[0], {"role": "assistant", "content": content}]
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, tokenize=False, continue_final_message=True
+    )
+    rendered = Tokenizer.from_folder(folder).render_chat(
+        messages, add_generation_prompt=False, continue_final_message=True
+    )
+    assert rendered == expected
+    assert rendered.endswith("<|im_start|>assistant\n" + content)  # the message is left open, no <|im_end|>
+    assert messages[-1]["content"] == content  # the caller's messages are not touched
+
+
+def test_no_generation_prompt_matches_transformers(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    folder = tiny_model_factory("llama")
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        CONVERSATION, tokenize=False, add_generation_prompt=False
+    )
+    rendered = Tokenizer.from_folder(folder).render_chat(CONVERSATION, add_generation_prompt=False)
+    assert rendered == expected and rendered.endswith("<|im_end|>\n")
+
+
+# A template that reads an extra variable (as Qwen3's enable_thinking) and trims what it writes.
+KWARGS_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}</{{ m['role'] }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined and not enable_thinking %}"
+    "<think></think>{% endif %}{% endif %}"
+)
+
+
+def _with_template(folder: Path, tmp_path: Path, template: str) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    (copy / "chat_template.jinja").write_text(template)
+    return copy
+
+
+def test_template_kwargs_and_a_trimming_template_match_transformers(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    folder = _with_template(tiny_model_factory("llama"), tmp_path, KWARGS_TEMPLATE)
+    ours, reference = Tokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
+    user = CONVERSATION[:1]
+    thinking_off = ours.render_chat(user, template_kwargs={"enable_thinking": False})
+    assert thinking_off.endswith("<assistant><think></think>")
+    assert thinking_off == reference.apply_chat_template(
+        user, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert ours.render_chat(user).endswith("<assistant>")
+    # The template trims the final content's trailing space: the cut prompt drops it too, as transformers' does.
+    continued = ours.render_chat(CONVERSATION, add_generation_prompt=False, continue_final_message=True)
+    assert continued.endswith("<assistant>The capital is")
+    assert continued == reference.apply_chat_template(CONVERSATION, tokenize=False, continue_final_message=True)
+
+
+def test_continuing_a_message_the_template_drops_is_a_request_error(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = _with_template(
+        tiny_model_factory("llama"), tmp_path, "{% for m in messages %}[{{ m['role'] }}]{% endfor %}"
+    )
+    with pytest.raises(RequestError, match="continue_final_message"):
+        Tokenizer.from_folder(folder).render_chat(
+            CONVERSATION, add_generation_prompt=False, continue_final_message=True
+        )
