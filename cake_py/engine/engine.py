@@ -74,6 +74,7 @@ class Engine:
         self._waiting: dict[int, Sequence] = {}
         self._running: dict[int, Sequence] = {}
         self._to_release: list[int] = []  # finished sequences that reached the pipeline: released once per step
+        self._finished: list[tuple[Sequence, GenerationEvent | None]] = []  # their last events, sent after that
         self._stopping = False
         # Held to queue a sequence, and by the engine thread for its last look at the inbox: a sequence is either
         # refused (the engine is stopping) or seen and ended by that last look, never left waiting.
@@ -207,14 +208,14 @@ class Engine:
                     try:
                         self._drain_inbox()
                         if not self._running and not self._waiting:
-                            self._release_finished()
+                            self._settle()
                             self._wake.wait(timeout=0.5)
                             self._wake.clear()
                             continue
                         self.step()
                     except Exception:  # the engine must outlive any one bad step
                         log.exception("engine step failed")
-                    self._release_finished()
+                    self._settle()
                 with self._submit_lock:
                     self._drain_inbox()  # sequences submitted during the last step
                 stopping = ClusterError(ENGINE_STOPPED)
@@ -222,7 +223,7 @@ class Engine:
                     self._finish(
                         seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(stopping), exception=stopping)
                     )
-                self._release_finished()
+                self._settle()
         except BaseException:
             log.critical("the engine thread died", exc_info=True)  # `died` turns True: /health answers 503
             raise
@@ -244,16 +245,26 @@ class Engine:
                 seq.cancelled = True
                 self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="cancelled"))
 
-    def _release_finished(self) -> None:
-        """Free the KV caches of the sequences finished since the last call: one Release per stage, not one per
-        sequence (each a round trip to a worker), and none for sequences that never reached the pipeline."""
-        if not self._to_release:
-            return
-        seq_ids, self._to_release = self._to_release, []
-        try:
-            self.pipeline.release(seq_ids)
-        except CakeError as error:
-            log.warning("releasing %d sequence(s) failed: %s", len(seq_ids), error)
+    def _settle(self) -> None:
+        """Free the KV caches of the sequences finished since the last call, then send their last events (a client
+        that heard its answer finds its caches gone). One Release per stage, not one per sequence (each a round
+        trip to a worker), and none for sequences that never reached the pipeline."""
+        if self._to_release:
+            seq_ids, self._to_release = self._to_release, []
+            try:
+                self.pipeline.release(seq_ids)
+            except CakeError as error:
+                log.warning("releasing %d sequence(s) failed: %s", len(seq_ids), error)
+        finished, self._finished = self._finished, []
+        for seq, event in finished:
+            if event is None:
+                continue
+            event.prompt_tokens = len(seq.prompt_ids)
+            event.completion_tokens = len(seq.output_ids)
+            try:
+                seq.sink(event)
+            except Exception:
+                log.exception("event sink of sequence %d failed", seq.seq_id)
 
     def step(self) -> None:
         """One scheduler step: decode every running sequence, prefill what fits, sample, stream."""
@@ -320,6 +331,7 @@ class Engine:
                 self._finish(seq, event)
             else:
                 self._emit(seq, event)
+        self._settle()
 
     def _account(self, generated: int, prompt: int, seconds: float) -> None:
         stats = self.stats
@@ -342,14 +354,9 @@ class Engine:
             self._finish(seq, None)
 
     def _finish(self, seq: Sequence, event: GenerationEvent | None) -> None:
+        """Take a sequence out of the schedule; `_settle` releases its caches and then sends `event`."""
         self._running.pop(seq.seq_id, None)
         self._waiting.pop(seq.seq_id, None)
         if seq.reached_pipeline:
             self._to_release.append(seq.seq_id)
-        if event is not None:
-            event.prompt_tokens = len(seq.prompt_ids)
-            event.completion_tokens = len(seq.output_ids)
-            try:
-                seq.sink(event)
-            except Exception:
-                log.exception("event sink of sequence %d failed", seq.seq_id)
+        self._finished.append((seq, event))
