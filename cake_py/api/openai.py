@@ -233,11 +233,14 @@ async def completions(request: Request) -> Response:
     _reject_unsupported(body)
     _reject_unsupported_completion(body)
     prompts = _completion_prompts(body)
-    params = openai_sampling(body, vocab_size=engine.vocab_size, default_max_tokens=COMPLETION_MAX_TOKENS)
+    echo_prompt = flag(body, "echo", False)
+    # echo with logprobs scores the prompt too (each token given the ones before it), and may generate nothing.
+    params = openai_sampling(
+        body, vocab_size=engine.vocab_size, default_max_tokens=COMPLETION_MAX_TOKENS, prompt_logprobs=echo_prompt
+    )
     n = choice_count(body)
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)
-    echo_prompt = flag(body, "echo", False)
 
     def encode_all() -> list[list[int]]:
         return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -266,16 +269,29 @@ async def completions(request: Request) -> Response:
     )
     n_prompt_tokens = sum(len(ids) for ids in prompt_ids)  # counted once per prompt, like OpenAI
 
-    def legacy_logprobs(tokens: list[SampledToken], offset: int) -> dict[str, Any] | None:
+    def legacy_logprobs(
+        tokens: list[SampledToken], offset: int, prompt: tuple[int, list[SampledToken]] | None = None
+    ) -> dict[str, Any] | None:
+        """OpenAI's legacy logprobs of `tokens`, their text starting at `offset`. With `prompt` (its first token id
+        and the scored rest), the prompt's tokens come first, from offset 0; the first has no logprob (null)."""
         if not params.logprobs:
             return None
+        entries: list[SampledToken | None] = list(tokens)
         texts = [tokenizer.token_text(t.token_id) for t in tokens]
+        if prompt is not None:
+            first, scored = prompt
+            entries = [None, *scored, *entries]
+            texts = [tokenizer.token_text(first), *(tokenizer.token_text(t.token_id) for t in scored), *texts]
+            offset = 0
         return {
             "tokens": texts,
-            "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{tokenizer.token_text(i): lp for i, lp in t.top_logprobs} for t in tokens],
+            "token_logprobs": [t.logprob if t else None for t in entries],
+            "top_logprobs": [{tokenizer.token_text(i): lp for i, lp in t.top_logprobs} if t else None for t in entries],
             "text_offset": [offset + sum(len(x) for x in texts[:k]) for k in range(len(texts))],
         }
+
+    def scored_prompt(index: int, scored: list[SampledToken] | None) -> tuple[int, list[SampledToken]] | None:
+        return (prompt_ids[index // n][0], scored) if params.prompt_logprobs and scored is not None else None
 
     def piece(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
         choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
@@ -293,12 +309,17 @@ async def completions(request: Request) -> Response:
             total, open_count = 0, len(streams)
             offsets = [len(echo[k // n]) for k in range(len(streams))]
             for index in range(len(streams)):
-                if echo[index // n]:
+                if echo[index // n] and not params.prompt_logprobs:
                     yield sse(piece(index, echo[index // n], None, None))
             async for index, event in merged(streams):
                 if event.error:
                     yield _stream_error(event_error(event, request.url.path))
                     break  # the stream still ends with [DONE], as vLLM's does after an error
+                if event.prompt_logprobs is not None:  # scored: the echo goes out with its logprobs, first
+                    echoed_logprobs = legacy_logprobs([], 0, scored_prompt(index, event.prompt_logprobs))
+                    assert echoed_logprobs is not None
+                    yield sse(piece(index, echo[index // n], None, echoed_logprobs))
+                    offsets[index] = sum(len(token) for token in echoed_logprobs["tokens"])
                 finish = None
                 if event.finished:
                     total += event.completion_tokens
@@ -321,7 +342,7 @@ async def completions(request: Request) -> Response:
     for index, result in enumerate(results):
         prefix = echo[index // n]
         choice = piece(index, prefix + result.text, _finish_reason(result.last.finish_reason), None)["choices"][0]
-        choice["logprobs"] = legacy_logprobs(result.tokens, len(prefix))
+        choice["logprobs"] = legacy_logprobs(result.tokens, len(prefix), scored_prompt(index, result.prompt_logprobs))
         choices.append(choice)
     return JSONResponse(
         {

@@ -118,7 +118,7 @@ SCHEMAS: dict[str, Any] = {
             **OPENAI_SAMPLING,
             "max_tokens": {**INT, "default": 16, "description": "clipped to the room left in the context"},
             "prompt": {"oneOf": [STR, {"type": "array", "items": STR}, {"type": "array", "items": INT}]},
-            "echo": BOOL,
+            "echo": {**BOOL, "description": "with logprobs, the prompt's tokens are scored too (max_tokens may be 0)"},
             "suffix": {"type": "null", "description": "any other value is a 400"},
             "best_of": {"const": 1, "description": "any other value is a 400"},
             "logprobs": {**INT, "maximum": 20},

@@ -84,8 +84,11 @@ def logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
     return tuple(biases.items())
 
 
-def openai_sampling(body: dict[str, Any], *, vocab_size: int, default_max_tokens: int = 2048) -> SamplingParams:
-    """Sampling fields of the OpenAI chat and completion routes; `vocab_size` bounds logit_bias's token ids."""
+def openai_sampling(
+    body: dict[str, Any], *, vocab_size: int, default_max_tokens: int = 2048, prompt_logprobs: bool = False
+) -> SamplingParams:
+    """Sampling fields of the OpenAI chat and completion routes; `vocab_size` bounds logit_bias's token ids.
+    `prompt_logprobs` scores the prompt too (completions' echo with logprobs), which allows max_tokens 0."""
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:  # absent, or sent as null by clients that send every field
         max_tokens = body.get("max_tokens")
@@ -112,6 +115,7 @@ def openai_sampling(body: dict[str, Any], *, vocab_size: int, default_max_tokens
             stop=stop_strings(body.get("stop")),
             logprobs=logprobs,
             top_logprobs=int(top_logprobs),
+            prompt_logprobs=prompt_logprobs and logprobs,
         )
     except RequestError as error:
         raise ApiError(400, str(error)) from error

@@ -93,6 +93,7 @@ class Result:
     text: str
     tokens: list[SampledToken]
     last: GenerationEvent
+    prompt_logprobs: list[SampledToken] | None = None  # asked for with SamplingParams.prompt_logprobs
 
 
 def event_error(event: GenerationEvent, path: str) -> ApiError:
@@ -105,13 +106,15 @@ def event_error(event: GenerationEvent, path: str) -> ApiError:
 async def collect(stream: EventStream, path: str) -> Result:
     text: list[str] = []
     tokens: list[SampledToken] = []
+    prompt_logprobs = None
     async for event in stream:
         text.append(event.text)
         tokens.extend(event.tokens)
+        prompt_logprobs = event.prompt_logprobs or prompt_logprobs
         if event.finished:
             if event.error:
                 raise event_error(event, path)
-            return Result("".join(text), tokens, event)
+            return Result("".join(text), tokens, event, prompt_logprobs)
     raise ApiError(500, "generation ended without a result")
 
 

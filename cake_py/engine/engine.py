@@ -23,7 +23,7 @@ from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
 from cake_py.errors import CakeError, ClusterError, ContextLengthError, OverloadedError, RequestError
 from cake_py.models.device import tune_allocator
 from cake_py.models.kv_cache import SequenceSlice
-from cake_py.models.sampling import SamplingParams
+from cake_py.models.sampling import SamplingParams, prompt_token_logprobs
 from cake_py.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class Engine:
             event.prompt_tokens = len(seq.prompt_ids)
             event.completion_tokens = len(seq.output_ids)
             try:
-                seq.sink(event)
+                seq.sink(seq.with_prompt_logprobs(event))
             except Exception:
                 log.exception("event sink of sequence %d failed", seq.seq_id)
 
@@ -289,7 +289,11 @@ class Engine:
         if not batch:
             return
         rows, sampled_members, offset = [], [], 0
+        scored: list[tuple[Sequence, list[int], list[int]]] = []  # prompt logprobs: rows and the tokens they score
         for piece, seq in zip(batch, members, strict=True):
+            scoring_rows, targets = seq.scoring_rows(piece.start_pos, piece.n_tokens, offset)
+            if scoring_rows:
+                scored.append((seq, scoring_rows, targets))
             offset += piece.n_tokens
             if piece.start_pos + piece.n_tokens == seq.n_tokens:  # slice reaches the end: next token is due
                 rows.append(offset - 1)
@@ -298,7 +302,8 @@ class Engine:
             seq.reached_pipeline = True  # from here a stage may hold its caches, even if the step fails
         began = time.perf_counter()
         try:
-            logits = self.pipeline.logits(torch.tensor(ids, dtype=torch.long), batch, rows)
+            head_rows = rows + [row for _, scoring_rows, _ in scored for row in scoring_rows]
+            logits = self.pipeline.logits(torch.tensor(ids, dtype=torch.long), batch, head_rows)
         except Exception as error:  # a failed step ends its own sequences, never the engine or other requests
             if not isinstance(error, CakeError):
                 log.exception("forward pass failed")
@@ -308,8 +313,17 @@ class Engine:
             return
         for piece, seq in zip(batch, members, strict=True):
             seq.n_cached = piece.start_pos + piece.n_tokens
+        first = len(rows)
+        for seq, scoring_rows, targets in scored:
+            assert seq.prompt_logprobs is not None
+            chunk = logits[first : first + len(scoring_rows)]
+            seq.prompt_logprobs += prompt_token_logprobs(chunk, targets, seq.params.top_logprobs)
+            first += len(scoring_rows)
         events = []
         for row, seq in enumerate(sampled_members):
+            if seq.params.max_tokens == 0:  # the prompt was only to be scored
+                events.append((seq, GenerationEvent(seq.seq_id, finish_reason="length")))
+                continue
             try:
                 event = seq.accept(seq.sampler.sample(logits[row], seq.all_ids))
             except Exception as error:  # one sequence's sampling failed: it ends alone, the others go on
@@ -325,7 +339,8 @@ class Engine:
             max(0, min(piece.start_pos + piece.n_tokens, len(seq.prompt_ids)) - piece.start_pos)
             for piece, seq in zip(batch, members, strict=True)
         )
-        self._account(len(sampled_members), prompt_tokens, time.perf_counter() - began)
+        generated = sum(1 for seq in sampled_members if seq.params.max_tokens)
+        self._account(generated, prompt_tokens, time.perf_counter() - began)
         for seq, event in events:
             if event.finished:
                 self._finish(seq, event)
@@ -347,7 +362,7 @@ class Engine:
 
     def _emit(self, seq: Sequence, event: GenerationEvent) -> None:
         try:
-            seq.sink(event)
+            seq.sink(seq.with_prompt_logprobs(event))
         except Exception:  # a broken consumer cancels its own sequence, nothing else
             log.exception("event sink of sequence %d failed", seq.seq_id)
             seq.cancelled = True

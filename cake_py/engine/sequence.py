@@ -23,6 +23,8 @@ class GenerationEvent:
     exception: CakeError | None = None  # what failed, so each surface can map it to its own status
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # With SamplingParams.prompt_logprobs, on the sequence's first event: prompt tokens 1… with their logprobs.
+    prompt_logprobs: list[SampledToken] | None = None
 
     @property
     def finished(self) -> bool:
@@ -52,9 +54,26 @@ class Sequence:
         self.all_ids: list[int] = list(prompt_ids)
         self.n_cached = 0  # tokens whose keys/values every stage holds
         self.reached_pipeline = False  # a step included it: stages may hold caches to release
+        self.prompt_logprobs: list[SampledToken] | None = [] if params.prompt_logprobs else None
+        self.prompt_logprobs_sent = False
         self.cancelled = False
         self.created = time.monotonic()
         self.first_token_at: float | None = None
+
+    def scoring_rows(self, start_pos: int, n_tokens: int, first_row: int) -> tuple[list[int], list[int]]:
+        """With prompt logprobs: the batch rows of a slice [start_pos, start_pos + n_tokens) starting at batch row
+        `first_row` whose logits predict a prompt token, and those tokens. Position p predicts token p + 1; the
+        prompt's last position predicts the first generated token, which is sampled, not scored."""
+        if self.prompt_logprobs is None:
+            return [], []
+        positions = range(start_pos, min(start_pos + n_tokens, len(self.prompt_ids) - 1))
+        return [first_row + p - start_pos for p in positions], [self.prompt_ids[p + 1] for p in positions]
+
+    def with_prompt_logprobs(self, event: GenerationEvent) -> GenerationEvent:
+        """The sequence's first event carries its prompt logprobs."""
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            event.prompt_logprobs, self.prompt_logprobs_sent = self.prompt_logprobs, True
+        return event
 
     @property
     def n_tokens(self) -> int:

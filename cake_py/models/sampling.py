@@ -38,10 +38,14 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # The logprob of every prompt token after the first (with top_logprobs alternatives): scoring a text, as
+    # /v1/completions does with echo and logprobs. max_tokens may then be 0: the prompt is scored, nothing generated.
+    prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs else 1):
+            needs = "0 (scoring the prompt)" if self.prompt_logprobs else "1"
+            raise RequestError(f"max_tokens must be at least {needs}, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 100.0:
             raise RequestError(f"temperature must be between 0 and 100, got {self.temperature}")
         if not 0.0 <= self.top_p <= 1.0:
@@ -121,6 +125,20 @@ class Sampler:
             values, indices = torch.topk(logprobs, params.top_logprobs)
             top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
         return SampledToken(token, float(logprobs[token]), top)
+
+
+def prompt_token_logprobs(logits: torch.Tensor, targets: Sequence[int], top: int) -> list[SampledToken]:
+    """For (rows, vocab) logits each predicting the token in `targets`: that token's logprob, and the `top` most
+    likely tokens with theirs. The model's raw distribution: no sampling parameter applies to a prompt."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
+    if not top:
+        return [SampledToken(token, value) for token, value in zip(targets, chosen, strict=True)]
+    values, indices = torch.topk(logprobs, top, dim=-1)
+    return [
+        SampledToken(token, value, tuple(zip(row_ids, row_values, strict=True)))
+        for token, value, row_ids, row_values in zip(targets, chosen, indices.tolist(), values.tolist(), strict=True)
+    ]
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:

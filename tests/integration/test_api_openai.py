@@ -509,3 +509,57 @@ def test_chat_template_kwargs_reach_the_template(server: ServerHandle, monkeypat
     body = {"messages": MESSAGES, "max_tokens": 1, "chat_template_kwargs": {"suffix": " cake cake"}}
     answer = _post(server, "/v1/chat/completions", body).json()
     assert answer["usage"]["prompt_tokens"] == len(tokenizer.encode(MESSAGES[0]["content"] + " cake cake"))
+
+
+def _reference_prompt_logprobs(folder: Path, ids: list[int]) -> list[float]:
+    """transformers' logprob of each prompt token after the first, given the tokens before it."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return [float(logprobs[position, ids[position + 1]]) for position in range(len(ids) - 1)]
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_transformers(
+    client: OpenAI, server: ServerHandle, tiny_llama: Path
+) -> None:
+    """What lm-evaluation-harness's loglikelihood requests send: echo, logprobs, max_tokens 0."""
+    assert server.state.source is not None
+    prompt = "The quick brown cake bakes over the river"
+    ids = server.state.source.tokenizer.encode(prompt)
+    reference = _reference_prompt_logprobs(tiny_llama, ids)
+    scored = client.completions.create(model="x", prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.token_logprobs is not None
+    assert len(logprobs.tokens) == len(ids) and logprobs.token_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(reference, abs=1e-4)
+    assert logprobs.top_logprobs is not None and logprobs.top_logprobs[0] is None
+    for top, own in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:], strict=True):
+        # Two alternatives, keyed by their text (two tokens with one text collide in OpenAI's legacy format).
+        assert 1 <= len(top) <= 2 and own is not None and max(top.values()) >= own - 1e-6
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:k])) for k in range(len(ids))]
+
+    # With a completion after it, and streamed: the prompt's entries come first, then the generated tokens'.
+    blocking = client.completions.create(model="x", prompt=ids, max_tokens=3, echo=True, logprobs=0, temperature=0)
+    entries = blocking.choices[0].logprobs
+    assert entries is not None and entries.token_logprobs is not None
+    assert entries.token_logprobs[1 : len(ids)] == pytest.approx(reference, abs=1e-4)
+    assert len(entries.token_logprobs) == len(ids) + 3
+    stream = client.completions.create(
+        model="x", prompt=ids, max_tokens=3, echo=True, logprobs=0, temperature=0, stream=True
+    )
+    streamed: list[float | None] = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.token_logprobs or []
+    assert streamed == pytest.approx(entries.token_logprobs, abs=1e-5)
+
+    # max_tokens 0 only scores: without echo and logprobs there is nothing to answer.
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="x", prompt=prompt, max_tokens=0, echo=True)

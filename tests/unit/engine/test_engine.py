@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -310,3 +311,28 @@ def test_close_waits_for_a_step_in_progress_before_closing_the_pipeline(tiny_mod
     assert not closed.is_set()  # the step still runs on this pipeline
     release.set()
     assert closed.wait(10) and engine.join(10)
+
+
+def test_prompt_logprobs_survive_chunked_prefill_and_max_tokens_zero_only_scores(
+    engine: Engine,
+    tiny_model_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    prompt = [5 + (i * 7) % 200 for i in range(150)]  # three prefill chunks in the fixture's engine (64 tokens)
+    scoring = SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=True, logprobs=True, top_logprobs=3)
+    events = list(engine.generate(prompt, scoring))
+    assert len(events) == 1 and events[0].finish_reason == "length" and events[0].tokens == []
+    chunked = events[0].prompt_logprobs
+    assert chunked is not None and [t.token_id for t in chunked] == prompt[1:]
+    assert all(len(t.top_logprobs) == 3 for t in chunked)
+    source = resolve_model(str(tiny_model_factory("llama")))
+    whole = Engine(local_pipeline(source, torch.float32), source.tokenizer, max_batch_tokens=512)
+    whole.start()
+    try:
+        first, *rest = list(whole.generate(prompt, replace(scoring, max_tokens=2)))
+    finally:
+        whole.stop()
+    assert first.prompt_logprobs is not None and all(event.prompt_logprobs is None for event in rest)
+    assert [t.logprob for t in first.prompt_logprobs] == pytest.approx([t.logprob for t in chunked], abs=1e-5)
+    assert sum(len(event.tokens) for event in [first, *rest]) == 2
+    with pytest.raises(RequestError, match="max_tokens must be at least 1"):
+        SamplingParams(max_tokens=0)
