@@ -43,7 +43,7 @@ class EventStream:
         self.finished = False
         self.on_first_token = on_first_token
         self.submitted = time.perf_counter()
-        self.seq_id = engine.submit(prompt_ids, params, self._sink)
+        self.seq_id = engine.submit(prompt_ids, params, self._sink, queue_checked=True)  # by open_streams
 
     def _sink(self, event: GenerationEvent) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -74,6 +74,7 @@ def open_streams(
 ) -> list[EventStream]:
     """Submit every prompt at once (they batch together in the engine); no await between the check and the submit."""
     state.still_serving(engine)
+    engine.check_room(len(prompts))  # the whole request, not sequence by sequence: it must not crowd itself out
     observe = state.metrics.observe_first_token if state.metrics else None
     streams: list[EventStream] = []
     try:
@@ -110,7 +111,8 @@ async def collect(stream: EventStream, path: str) -> Result:
     async for event in stream:
         text.append(event.text)
         tokens.extend(event.tokens)
-        prompt_logprobs = event.prompt_logprobs or prompt_logprobs
+        if event.prompt_logprobs is not None:  # an empty list is an answer too: a one-token prompt
+            prompt_logprobs = event.prompt_logprobs
         if event.finished:
             if event.error:
                 raise event_error(event, path)

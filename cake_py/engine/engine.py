@@ -76,6 +76,7 @@ class Engine:
         self._to_release: list[int] = []  # finished sequences that reached the pipeline: released once per step
         self._finished: list[tuple[Sequence, GenerationEvent | None]] = []  # their last events, sent after that
         self._stopping = False
+        self._dead = False  # the thread ended on an error no step handler caught
         # Held to queue a sequence, and by the engine thread for its last look at the inbox: a sequence is either
         # refused (the engine is stopping) or seen and ended by that last look, never left waiting.
         self._submit_lock = threading.RLock()  # re-entered: the last look at the inbox counts what it takes
@@ -125,7 +126,7 @@ class Engine:
     @property
     def died(self) -> bool:
         """Whether the engine thread ended without being asked to (a bug): nothing would ever answer."""
-        return self._thread is not None and not self._thread.is_alive() and not self._stopping
+        return self._dead or (self._thread is not None and not self._thread.is_alive() and not self._stopping)
 
     def check_prompt(self, n_prompt: int, params: SamplingParams) -> SamplingParams:
         """Raise ContextLengthError when the prompt alone fills the context; clip max_tokens to what is left."""
@@ -140,26 +141,39 @@ class Engine:
             params = replace(params, max_tokens=room)
         return params
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: EventSink) -> int:
+    def check_room(self, count: int) -> None:
+        """Whether a request of `count` sequences may queue now: OverloadedError while the queue is too full for
+        them (retry later), RequestError if they could never fit. Submit them with `queue_checked=True`."""
+        if count > self.max_queued:
+            raise RequestError(
+                f"the request needs {count} sequences (prompts × n) but at most {self.max_queued} can wait to start "
+                "(--max-queue): send fewer at once"
+            )
+        if self.queue_depth + count > self.max_queued:
+            raise OverloadedError(
+                f"the server is busy: {self.queue_depth} sequences are waiting to start (--max-queue "
+                f"{self.max_queued}); retry shortly"
+            )
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, sink: EventSink, *, queue_checked: bool = False
+    ) -> int:
         """Queue a generation; events go to `sink` from the engine thread. Returns the sequence id.
 
-        RequestError for a bad prompt, OverloadedError when `max_queued` sequences already wait, ClusterError when
-        the engine is stopping or its thread died."""
+        RequestError for a bad prompt, OverloadedError when `max_queued` sequences already wait (unless the request
+        passed `check_room` as a whole), ClusterError when the engine is stopping or its thread died."""
         params = self.check_prompt(len(prompt_ids), params)
         bad = next((token for token in prompt_ids if not 0 <= token < self.vocab_size), None)
         if bad is not None:  # it would fail the embedding lookup of the whole batch it joins
             raise RequestError(f"token id {bad} is outside the model's vocabulary (0-{self.vocab_size - 1})")
         seq = Sequence(next(self._ids), list(prompt_ids), params, self.tokenizer, sink)
         with self._submit_lock:
-            if self._stopping:
-                raise ClusterError(ENGINE_STOPPED)
             if self.died:
                 raise ClusterError(ENGINE_DEAD)
-            if self.queue_depth >= self.max_queued:
-                raise OverloadedError(
-                    f"the server is busy: {self.queue_depth} sequences are waiting to start (--max-queue "
-                    f"{self.max_queued}); retry shortly"
-                )
+            if self._stopping:
+                raise ClusterError(ENGINE_STOPPED)
+            if not queue_checked:
+                self.check_room(1)
             self._queued += 1
             self._inbox.put(seq)
         self._wake.set()
@@ -215,7 +229,7 @@ class Engine:
                         self.step()
                     except Exception:  # the engine must outlive any one bad step
                         log.exception("engine step failed")
-                    self._settle()
+                    self._settle()  # never raises: what it runs is guarded inside
                 with self._submit_lock:
                     self._drain_inbox()  # sequences submitted during the last step
                 stopping = ClusterError(ENGINE_STOPPED)
@@ -226,7 +240,35 @@ class Engine:
                 self._settle()
         except BaseException:
             log.critical("the engine thread died", exc_info=True)  # `died` turns True: /health answers 503
+            self._abandon()
             raise
+
+    def _abandon(self) -> None:
+        """The thread is dying: every sequence it knows still gets a last event, so no request waits for ever."""
+        dead = ClusterError(ENGINE_DEAD)
+        with self._submit_lock:
+            self._dead = self._stopping = True  # refuse new work from here on
+            try:
+                while True:
+                    item = self._inbox.get_nowait()
+                    if isinstance(item, Sequence):
+                        self._waiting[item.seq_id] = item
+            except queue.Empty:
+                pass
+            self._queued = 0
+        pending = [seq for seq, event in self._finished if event is not None]
+        events = [event for _, event in self._finished if event is not None]
+        self._finished = []
+        for seq in [*self._running.values(), *self._waiting.values()]:
+            pending.append(seq)
+            events.append(GenerationEvent(seq.seq_id, finish_reason="error", error=str(dead), exception=dead))
+        self._running.clear()
+        self._waiting.clear()
+        for seq, event in zip(pending, events, strict=True):
+            try:
+                seq.sink(event)
+            except Exception:
+                log.exception("event sink of sequence %d failed", seq.seq_id)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -255,6 +297,8 @@ class Engine:
                 self.pipeline.release(seq_ids)
             except CakeError as error:
                 log.warning("releasing %d sequence(s) failed: %s", len(seq_ids), error)
+            except Exception:  # a bug (a closed channel, …): logged; the last events below must still go out
+                log.exception("releasing %d sequence(s) failed", len(seq_ids))
         finished, self._finished = self._finished, []
         for seq, event in finished:
             if event is None:

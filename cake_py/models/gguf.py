@@ -8,6 +8,7 @@ Construction only parses the header; `load` dequantizes just the tensors it is a
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from functools import cached_property
@@ -21,6 +22,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from cake_py.errors import ModelNotFoundError, WeightsError
 from cake_py.models.weights import TensorInfo
+
+log = logging.getLogger(__name__)
 
 # general.architecture → HF architectures[0]; an architecture missing here keeps its GGUF name, so
 # ModelConfig.from_hf reports it as unsupported by that name.
@@ -71,12 +74,20 @@ _GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# Pre-tokenizer names whose rule is GPT-2's own regex, which ByteLevel(use_regex=True) applies.
+# Mistral's Tekken (Mistral-Nemo, Mistral-Small 3, Ministral, Devstral: all "llama" GGUFs), from its tokenizer.json.
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Pre-tokenizer names whose rule is GPT-2's own regex, which ByteLevel(use_regex=True) applies. Names in neither
+# table load with it too, with a warning: their prompts may split differently from how the model was trained.
 _GPT2_PRE_TOKENIZERS = {"default", "gpt-2", "gpt2"}
 _PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
     **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
 }
 
 
@@ -323,14 +334,15 @@ class GGUFWeights:
             tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
                 [pre_tokenizers.Digits(individual_digits=True), byte_level]
             )
-        elif pre in _GPT2_PRE_TOKENIZERS:
+        else:
+            if pre not in _GPT2_PRE_TOKENIZERS:
+                log.warning(
+                    "GGUF file %r: pre-tokenizer tokenizer.ggml.pre %r is not known here; splitting text as GPT-2 "
+                    "does, which may differ from the model's own rule",
+                    str(self.path),
+                    pre,
+                )
             tokenizer.pre_tokenizer = byte_level
-        else:  # another split rule would tokenize prompts unlike the model's training; llama.cpp refuses it too
-            known = sorted({*_PRE_TOKENIZER_SPLITS, *_GPT2_PRE_TOKENIZERS, "smollm"})
-            raise WeightsError(
-                f"GGUF file {str(self.path)!r} has an unsupported pre-tokenizer tokenizer.ggml.pre {pre!r} "
-                f"(supported: {', '.join(known)})"
-            )
         tokenizer.decoder = decoders.ByteLevel()
         return tokenizer
 

@@ -162,6 +162,9 @@ class Tokenizer:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as error:
             raise RequestError(f"the model's chat template rejected the messages: {error}") from error
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
+            # Values a request controls (message fields, chat_template_kwargs) of a type the template cannot use.
+            raise RequestError(f"the model's chat template cannot render these messages: {error}") from error
 
     def encode_chat(
         self,

@@ -560,6 +560,12 @@ def test_echo_with_logprobs_scores_the_prompt_like_transformers(
             streamed += chunk.choices[0].logprobs.token_logprobs or []
     assert streamed == pytest.approx(entries.token_logprobs, abs=1e-5)
 
+    # A one-token prompt has nothing to score but is still echoed first, with a null logprob.
+    single = client.completions.create(model="x", prompt=ids[:1], max_tokens=1, echo=True, logprobs=0, temperature=0)
+    one = single.choices[0].logprobs
+    assert one is not None and one.token_logprobs is not None and one.token_logprobs[0] is None
+    assert len(one.token_logprobs) == 2 and one.text_offset is not None and one.text_offset[0] == 0
+
     # max_tokens 0 only scores: without echo and logprobs there is nothing to answer.
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="x", prompt=prompt, max_tokens=0, echo=True)

@@ -280,13 +280,48 @@ def test_a_dead_engine_thread_is_reported_not_waited_for(tiny_model_factory, mon
     def broken_drain() -> None:
         raise _ThreadKiller
 
+    events: list[GenerationEvent] = []
+    engine.submit([5, 6], GREEDY, events.append)  # queued before the thread starts, and dies
     monkeypatch.setattr(engine, "_drain_inbox", broken_drain)
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's death is the point
     engine.start()
     assert engine.join(10)
     assert engine.died
+    # The request it held still hears why, instead of waiting for ever.
+    assert [event.finish_reason for event in events] == ["error"] and "engine thread died" in (events[0].error or "")
     with pytest.raises(ClusterError, match="engine thread died"):
         engine.submit([5, 6], GREEDY, lambda event: None)
+
+
+def test_a_release_that_raises_loses_no_answer_and_stops_nothing(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    source = resolve_model(str(tiny_model_factory("llama")))
+    pipeline = local_pipeline(source, torch.float32)
+
+    def broken_release(seq_ids: list[int]) -> None:
+        raise ValueError("Cannot invoke RPC on closed channel!")  # what gRPC raises, not a CakeError
+
+    pipeline.release = broken_release  # type: ignore[method-assign]
+    engine = Engine(pipeline, source.tokenizer)
+    engine.start()
+    try:
+        for _ in range(2):  # the second request is served after the first one's release failed
+            tokens, last = run(engine, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+            assert len(tokens) == 3 and last.finish_reason == "length"
+        assert not engine.died
+    finally:
+        engine.stop()
+
+
+def test_a_request_is_admitted_whole_or_refused_whole(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, max_queued=4)
+    engine.check_room(4)  # an idle engine takes a request of 4 sequences, submitted one after another
+    for _ in range(3):
+        engine.submit([5], GREEDY, lambda event: None, queue_checked=True)
+    with pytest.raises(OverloadedError, match="3 sequences are waiting"):
+        engine.check_room(2)
+    with pytest.raises(RequestError, match="needs 5 sequences"):
+        engine.check_room(5)  # never fits: a 400, not "retry shortly"
 
 
 def test_close_waits_for_a_step_in_progress_before_closing_the_pipeline(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]

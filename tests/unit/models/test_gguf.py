@@ -419,7 +419,6 @@ def _tokenizer_only(path: Path, model: str, tokens: list[str], **extra: Any) -> 
 @pytest.mark.parametrize(
     ("model", "extra", "message"),
     [
-        ("gpt2", {"tokenizer_pre": "tekken", "token_merges": ["a b"]}, r"pre-tokenizer tokenizer\.ggml\.pre 'tekken'"),
         ("gpt2", {"tokenizer_pre": "default", "token_merges": ["zz q"]}, "merge 'zz q' names tokens it does not have"),
         ("gpt2", {"tokenizer_pre": "default", "token_merges": ["b a"]}, "merge 'b a' names tokens it does not have"),
         ("llama", {"unk_token_id": 99999}, "unknown_token_id 99999 is not one of its 3 tokens"),
@@ -443,3 +442,17 @@ def test_a_token_that_is_not_utf8_is_a_weights_error(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="not UTF-8"):
         GGUFWeights(tmp_path / "bad.gguf").tokenizer_json()
     assert source.tokenizer_json()  # the file it came from is fine
+
+
+def test_tekken_splits_as_mistral_and_an_unknown_pre_tokenizer_loads_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokens = ["a", "b", "ab"]
+    tekken = _tokenizer_only(tmp_path / "t.gguf", "gpt2", tokens, tokenizer_pre="tekken", token_merges=["a b"])
+    pieces = Tokenizer.from_str(tekken.tokenizer_json()).pre_tokenizer.pre_tokenize_str("HelloWorld 123")
+    # Tekken splits at a capital and every digit alone (GPT-2's rule keeps "HelloWorld" and " 123" whole).
+    assert [piece for piece, _ in pieces] == ["Hello", "World", "Ġ", "1", "2", "3"]
+    other = _tokenizer_only(tmp_path / "o.gguf", "gpt2", tokens, tokenizer_pre="made-up", token_merges=["a b"])
+    with caplog.at_level("WARNING"):
+        assert other.tokenizer_json()
+    assert "tokenizer.ggml.pre 'made-up' is not known here" in caplog.text

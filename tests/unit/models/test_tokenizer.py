@@ -182,3 +182,15 @@ def test_continuing_a_message_the_template_drops_is_a_request_error(tiny_model_f
         Tokenizer.from_folder(folder).render_chat(
             CONVERSATION, add_generation_prompt=False, continue_final_message=True
         )
+
+
+def test_template_variables_of_the_wrong_type_are_a_request_error(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    # Llama 3.1's template writes "Today Date: " + date_string: a number there is a TypeError inside jinja.
+    (folder / "chat_template.jinja").write_text("{{ 'Today Date: ' + date_string }}{{ messages[0]['content'] }}")
+    tokenizer = Tokenizer.from_folder(folder)
+    messages = [{"role": "user", "content": "hi"}]
+    assert tokenizer.render_chat(messages, template_kwargs={"date_string": "1 Jan"}) == "Today Date: 1 Janhi"
+    with pytest.raises(RequestError, match="cannot render"):
+        tokenizer.render_chat(messages, template_kwargs={"date_string": 5})
