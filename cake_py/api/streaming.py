@@ -36,6 +36,7 @@ class EventStream:
         prompt_ids: list[int],
         params: SamplingParams,
         on_first_token: Callable[[float], None] | None = None,
+        share_prefill_with: int | None = None,
     ) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
@@ -43,7 +44,9 @@ class EventStream:
         self.finished = False
         self.on_first_token = on_first_token
         self.submitted = time.perf_counter()
-        self.seq_id = engine.submit(prompt_ids, params, self._sink, queue_checked=True)  # by open_streams
+        self.seq_id = engine.submit(
+            prompt_ids, params, self._sink, queue_checked=True, share_prefill_with=share_prefill_with
+        )  # the room was checked by open_streams, for the whole request
 
     def _sink(self, event: GenerationEvent) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -77,9 +80,13 @@ def open_streams(
     engine.check_room(len(prompts))  # the whole request, not sequence by sequence: it must not crowd itself out
     observe = state.metrics.observe_first_token if state.metrics else None
     streams: list[EventStream] = []
+    first_with: dict[tuple[int, ...], int] = {}  # a prompt → the sequence that prefills it for the others (n > 1)
     try:
         for prompt_ids, sampling in zip(prompts, params, strict=True):
-            streams.append(EventStream(engine, prompt_ids, sampling, observe))
+            key = tuple(prompt_ids)
+            stream = EventStream(engine, prompt_ids, sampling, observe, first_with.get(key))
+            first_with.setdefault(key, stream.seq_id)
+            streams.append(stream)
     except BaseException:
         for stream in streams:
             stream.cancel()

@@ -3,7 +3,8 @@
 Every step the scheduler takes each running sequence's next slice (one token when decoding, a chunk of the prompt
 when prefilling), runs them through the pipeline as one varlen batch, samples the sequences whose slice reached
 their end, and streams the results. New requests join at the next step; finished ones free their KV caches on
-every stage at once. Torch runs only on this thread.
+every stage at once. The choices of an n > 1 request share one prefill: the later ones start from a copy of the
+first one's caches (on every stage) and compute only the prompt's last token. Torch runs only on this thread.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import count
 
 import torch
 
 from cake_py.cluster.pipeline import Pipeline
+from cake_py.engine.plan import plan_step
 from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
+from cake_py.engine.stats import EngineStats
 from cake_py.errors import CakeError, ClusterError, ContextLengthError, OverloadedError, RequestError
 from cake_py.models.device import tune_allocator
-from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.sampling import SamplingParams, prompt_token_logprobs
 from cake_py.models.tokenizer import Tokenizer
 
@@ -30,19 +32,6 @@ log = logging.getLogger(__name__)
 
 ENGINE_STOPPED = "the engine stopped: the server is shutting down or switching models"
 ENGINE_DEAD = "the engine thread died (see the server log); restart the server"
-
-
-@dataclass
-class EngineStats:
-    requests_total: int = 0
-    tokens_generated: int = 0
-    prompt_tokens: int = 0
-    steps: int = 0
-    running: int = 0
-    waiting: int = 0
-    last_step_ms: float = 0.0
-    time_to_first_token_ms: list[float] = field(default_factory=list)
-    tokens_per_second: float = 0.0  # generated tokens per second over the recent steps
 
 
 class Engine:
@@ -81,7 +70,6 @@ class Engine:
         # refused (the engine is stopping) or seen and ended by that last look, never left waiting.
         self._submit_lock = threading.RLock()  # re-entered: the last look at the inbox counts what it takes
         self._thread: threading.Thread | None = None
-        self._rate_window: list[tuple[float, int]] = []
 
     # ---- public, any thread ----
     def start(self) -> None:
@@ -156,17 +144,28 @@ class Engine:
             )
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, sink: EventSink, *, queue_checked: bool = False
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: EventSink,
+        *,
+        queue_checked: bool = False,
+        share_prefill_with: int | None = None,
     ) -> int:
         """Queue a generation; events go to `sink` from the engine thread. Returns the sequence id.
 
-        RequestError for a bad prompt, OverloadedError when `max_queued` sequences already wait (unless the request
-        passed `check_room` as a whole), ClusterError when the engine is stopping or its thread died."""
+        `share_prefill_with` names an earlier sequence with the same prompt (another choice of an n > 1 request):
+        once its prefill is done, this one starts from a copy of its caches on every stage and computes only the
+        prompt's last token, for its own first sample. RequestError for a bad prompt, OverloadedError when
+        `max_queued` sequences already wait (unless the request passed `check_room` as a whole), ClusterError when
+        the engine is stopping or its thread died."""
         params = self.check_prompt(len(prompt_ids), params)
         bad = next((token for token in prompt_ids if not 0 <= token < self.vocab_size), None)
         if bad is not None:  # it would fail the embedding lookup of the whole batch it joins
             raise RequestError(f"token id {bad} is outside the model's vocabulary (0-{self.vocab_size - 1})")
         seq = Sequence(next(self._ids), list(prompt_ids), params, self.tokenizer, sink)
+        if not params.prompt_logprobs:  # a copied prefill scores nothing
+            seq.leader = share_prefill_with
         with self._submit_lock:
             if self.died:
                 raise ClusterError(ENGINE_DEAD)
@@ -198,12 +197,7 @@ class Engine:
 
     def tokens_per_second(self) -> float:
         """Generated tokens/s over the last 5 s; 0 once the engine has been idle that long."""
-        now = time.monotonic()
-        window = [(t, n) for t, n in list(self._rate_window) if now - t < 5.0]
-        if not window:
-            return 0.0
-        span = now - window[0][0]
-        return sum(n for _, n in window) / span if span > 0.05 else self.stats.tokens_per_second
+        return self.stats.current_rate()
 
     @property
     def in_flight(self) -> int:
@@ -316,38 +310,15 @@ class Engine:
             seq = self._waiting.pop(next(iter(self._waiting)))  # the oldest
             self._running[seq.seq_id] = seq
         self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
-        budget = self.max_batch_tokens
-        batch: list[SequenceSlice] = []
-        ids: list[int] = []
-        members: list[Sequence] = []
-        # Decoding sequences first: they cost one token each and keep streams flowing during long prefills.
-        for seq in sorted(self._running.values(), key=lambda s: s.prefilling):
-            if budget <= 0:
-                break
-            known = seq.all_ids
-            n = min(len(known) - seq.n_cached, budget)
-            batch.append(SequenceSlice(seq.seq_id, seq.n_cached, n))
-            ids.extend(known[seq.n_cached : seq.n_cached + n])
-            members.append(seq)
-            budget -= n
-        if not batch:
+        plan = plan_step(self._running.values(), self.max_batch_tokens, self._shared_prefill)
+        if not plan.batch:
             return
-        rows, sampled_members, offset = [], [], 0
-        scored: list[tuple[Sequence, list[int], list[int]]] = []  # prompt logprobs: rows and the tokens they score
-        for piece, seq in zip(batch, members, strict=True):
-            scoring_rows, targets = seq.scoring_rows(piece.start_pos, piece.n_tokens, offset)
-            if scoring_rows:
-                scored.append((seq, scoring_rows, targets))
-            offset += piece.n_tokens
-            if piece.start_pos + piece.n_tokens == seq.n_tokens:  # slice reaches the end: next token is due
-                rows.append(offset - 1)
-                sampled_members.append(seq)
+        batch, members, rows, sampled_members = plan.batch, plan.members, plan.rows, plan.sampled
         for seq in members:
             seq.reached_pipeline = True  # from here a stage may hold its caches, even if the step fails
         began = time.perf_counter()
         try:
-            head_rows = rows + [row for _, scoring_rows, _ in scored for row in scoring_rows]
-            logits = self.pipeline.logits(torch.tensor(ids, dtype=torch.long), batch, head_rows)
+            logits = self.pipeline.logits(torch.tensor(plan.ids, dtype=torch.long), batch, plan.head_rows)
         except Exception as error:  # a failed step ends its own sequences, never the engine or other requests
             if not isinstance(error, CakeError):
                 log.exception("forward pass failed")
@@ -358,7 +329,7 @@ class Engine:
         for piece, seq in zip(batch, members, strict=True):
             seq.n_cached = piece.start_pos + piece.n_tokens
         first = len(rows)
-        for seq, scoring_rows, targets in scored:
+        for seq, scoring_rows, targets in plan.scored:
             assert seq.prompt_logprobs is not None
             chunk = logits[first : first + len(scoring_rows)]
             seq.prompt_logprobs += prompt_token_logprobs(chunk, targets, seq.params.top_logprobs)
@@ -376,15 +347,14 @@ class Engine:
                 event = GenerationEvent(seq.seq_id, finish_reason="error", error=str(failure), exception=failure)
             events.append((seq, event))
             if seq.first_token_at is not None and len(seq.output_ids) == 1:
-                self.stats.time_to_first_token_ms.append((seq.first_token_at - seq.created) * 1000)
-                del self.stats.time_to_first_token_ms[:-256]
+                self.stats.record_first_token((seq.first_token_at - seq.created) * 1000)
         # Counted before anyone hears of them: a client that got its last token then reads the stats sees it.
         prompt_tokens = sum(  # the slices' overlap with their prompts (a prefill's last token is a prompt token)
             max(0, min(piece.start_pos + piece.n_tokens, len(seq.prompt_ids)) - piece.start_pos)
             for piece, seq in zip(batch, members, strict=True)
         )
         generated = sum(1 for seq in sampled_members if seq.params.max_tokens)
-        self._account(generated, prompt_tokens, time.perf_counter() - began)
+        self.stats.record_step(generated, prompt_tokens, time.perf_counter() - began)
         for seq, event in events:
             if event.finished:
                 self._finish(seq, event)
@@ -392,17 +362,21 @@ class Engine:
                 self._emit(seq, event)
         self._settle()
 
-    def _account(self, generated: int, prompt: int, seconds: float) -> None:
-        stats = self.stats
-        stats.steps += 1
-        stats.tokens_generated += generated
-        stats.prompt_tokens += prompt
-        stats.last_step_ms = seconds * 1000
-        now = time.monotonic()
-        self._rate_window.append((now, generated))
-        self._rate_window = [(t, n) for t, n in self._rate_window if now - t < 5.0]
-        span = now - self._rate_window[0][0] if len(self._rate_window) > 1 else 0.0
-        stats.tokens_per_second = sum(n for _, n in self._rate_window[1:]) / span if span > 0 else 0.0
+    def _shared_prefill(self, seq: Sequence) -> int | None:
+        """For a sequence that shares its leader's prefill and has not started: the leader's id once that prefill is
+        done (this sequence then holds all but the prompt's last token, copied), 0 while it runs, None when there is
+        nothing to share (the leader is gone, or its prompt differs): the sequence prefills alone."""
+        if seq.leader is None or seq.n_cached:
+            return None
+        leader = self._running.get(seq.leader)
+        shared = len(seq.prompt_ids) - 1
+        if leader is None or leader.prompt_ids != seq.prompt_ids or shared < 1:
+            seq.leader = None
+            return None
+        if leader.n_cached < shared:
+            return 0
+        seq.n_cached = shared
+        return leader.seq_id
 
     def _emit(self, seq: Sequence, event: GenerationEvent) -> None:
         try:

@@ -56,6 +56,8 @@ class Sequence:
         self.reached_pipeline = False  # a step included it: stages may hold caches to release
         self.prompt_logprobs: list[SampledToken] | None = [] if params.prompt_logprobs else None
         self.prompt_logprobs_sent = False
+        # A sequence with the same prompt whose prefill this one copies instead of repeating (see Engine.submit).
+        self.leader: int | None = None
         self.cancelled = False
         self.created = time.monotonic()
         self.first_token_at: float | None = None

@@ -18,11 +18,16 @@ _GROWTH_QUANTUM = 256  # capacity grows in whole multiples of this many position
 
 @dataclass(frozen=True)
 class SequenceSlice:
-    """`n_tokens` consecutive tokens of sequence `seq_id`, the first at position `start_pos`."""
+    """`n_tokens` consecutive tokens of sequence `seq_id`, the first at position `start_pos`.
+
+    With `copy_from`, the sequence has no caches yet: they start as a copy of the first `start_pos` positions of
+    sequence `copy_from`'s (the choices of an n > 1 request share their prompt's prefill).
+    """
 
     seq_id: int
     start_pos: int
     n_tokens: int
+    copy_from: int | None = None
 
 
 Batch = Sequence[SequenceSlice]
@@ -61,6 +66,16 @@ class LayerCache:
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def copy_prefix(self, source: LayerCache, n_positions: int) -> None:
+        """Become a copy of `source`'s first `n_positions` positions (this cache is new and empty)."""
+        capacity = -(-max(n_positions, 1) // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
+        shape = (1, self.n_kv_heads, capacity, self.head_dim)
+        self.keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.empty_like(self.keys)
+        self.keys[:, :, :n_positions] = source.keys[:, :, :n_positions]
+        self.values[:, :, :n_positions] = source.values[:, :, :n_positions]
+        self.length = n_positions
+
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.keys.shape[2])
         capacity = -(-capacity // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
@@ -81,8 +96,30 @@ class KVStore:
         self._last_used: dict[int, float] = {}
 
     def for_batch(self, batch: Batch) -> list[list[LayerCache]]:
-        """Per sequence of the batch, its per-layer caches (created on first sight)."""
+        """Per sequence of the batch, its per-layer caches (created on first sight, copied for a `copy_from`)."""
+        for piece in batch:
+            if piece.copy_from is not None and piece.seq_id not in self._caches:
+                self._copy(piece.copy_from, piece.seq_id, piece.start_pos)
         return [self._get(s.seq_id) for s in batch]
+
+    def check_copy(self, piece: SequenceSlice) -> None:
+        """ValueError unless `piece.copy_from` can seed `piece`: a new sequence, a source holding its prefix."""
+        if piece.seq_id in self._caches:
+            raise ValueError(f"sequence {piece.seq_id} already has caches; it cannot start as a copy")
+        if self.length(piece.copy_from or 0) < piece.start_pos:
+            raise ValueError(
+                f"sequence {piece.seq_id} starts as a copy of {piece.start_pos} positions of sequence "
+                f"{piece.copy_from}, which holds {self.length(piece.copy_from or 0)}"
+            )
+
+    def _copy(self, source_id: int, seq_id: int, n_positions: int) -> None:
+        source = self._caches.get(source_id)
+        if source is None or source[0].length < n_positions:
+            held = source[0].length if source else 0
+            raise ValueError(f"cannot copy {n_positions} positions of sequence {source_id}: it holds {held}")
+        caches = self._get(seq_id)
+        for cache, original in zip(caches, source, strict=True):
+            cache.copy_prefix(original, n_positions)
 
     def _get(self, seq_id: int) -> list[LayerCache]:
         self._last_used[seq_id] = time.monotonic()

@@ -57,6 +57,13 @@ def _chain_stalled(chain: Sequence[RemoteStage], sent_at: float) -> bool:
     return sent_at < quiet_since and all(s._info_at > sent_at and s._worked_at < quiet_since for s in chain)
 
 
+def _wire_slices(batch: Batch) -> list[pb.SequenceSlice]:
+    return [
+        pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens, copy_from=s.copy_from or 0)
+        for s in batch
+    ]
+
+
 class RemoteStage:
     """Layers [start, end) on a worker, behind the same protocol as LocalStage."""
 
@@ -141,7 +148,7 @@ class RemoteStage:
         began = time.perf_counter()
         request = pb.ForwardRequest(
             request_id=next(_REQUEST_IDS),
-            sequences=[pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens) for s in batch],
+            sequences=_wire_slices(batch),
             assignment=self.connection.assignment,
         )
         encode_tensor(hidden, out=request.hidden)
@@ -192,7 +199,7 @@ class RemoteStage:
         began = time.perf_counter()
         request = pb.ForwardRequest(
             request_id=next(_REQUEST_IDS),
-            sequences=[pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens) for s in batch],
+            sequences=_wire_slices(batch),
             next=[
                 pb.ChainHop(
                     host=client.host,

@@ -285,7 +285,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def _forward_one(self, request: pb.ForwardRequest) -> pb.ForwardReply:
         reply = pb.ForwardReply(request_id=request.request_id)
         try:
-            batch = [SequenceSlice(s.seq_id, s.start_pos, s.n_tokens) for s in request.sequences]
+            batch = [SequenceSlice(s.seq_id, s.start_pos, s.n_tokens, s.copy_from or None) for s in request.sequences]
             hidden = decode_tensor(request.hidden)
             with self.lock:
                 model, kv = self.model, self.kv
@@ -299,7 +299,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if hidden.ndim != 2 or hidden.shape[0] != sum(s.n_tokens for s in batch):
                     raise ClusterError(f"hidden states of shape {list(hidden.shape)} do not match the batch")
                 for piece in batch:
-                    if piece.start_pos != kv.length(piece.seq_id):
+                    if piece.copy_from is not None:
+                        kv.check_copy(piece)  # ValueError naming both sequences
+                    elif piece.start_pos != kv.length(piece.seq_id):
                         raise ClusterError(
                             f"sequence {piece.seq_id} starts at {piece.start_pos} but this worker holds "
                             f"{kv.length(piece.seq_id)} of its positions"

@@ -26,6 +26,7 @@ from cake_py.engine.sequence import GenerationEvent
 from cake_py.errors import ClusterError, WeightsError
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.sampling import SamplingParams
 from cake_py.models.weights import load_transformer
 from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
 from cake_py.rpc.codec import decode_tensor, encode_tensor
@@ -238,6 +239,46 @@ def test_concurrent_sequences_are_released_on_every_worker(
         assert token_ids(second) == single_node_tokens[:8]
         assert engine.in_flight == 0
         assert live_sequences(pipeline) == {workers[0].name: 0, workers[1].name: 0}
+    finally:
+        engine.stop()
+        pipeline.close()
+
+
+def _seeded_choices(engine: Engine, prompt: list[int], share: bool) -> list[list[int]]:
+    """Three seeded choices of one prompt, the later ones copying the first one's prefill when `share`."""
+    params = [SamplingParams(temperature=0.9, max_tokens=10, seed=seed, ignore_eos=True) for seed in range(3)]
+    sinks: list[queue.SimpleQueue[GenerationEvent]] = [queue.SimpleQueue() for _ in params]
+    leader = None
+    for choice, sink in zip(params, sinks, strict=True):
+        seq_id = engine.submit(prompt, choice, sink.put, share_prefill_with=leader if share else None)
+        leader = leader or seq_id
+    tokens = []
+    for sink in sinks:
+        events = [sink.get(timeout=60)]
+        while not events[-1].finished:
+            events.append(sink.get(timeout=60))
+        assert events[-1].finish_reason == "length", events[-1]
+        tokens.append(token_ids(events))
+    return tokens
+
+
+def test_choices_copy_one_prefill_on_every_worker(workers: list[WorkerProcess], llama: ModelSource) -> None:
+    """n > 1: each worker copies the first choice's caches for the others, chained; tokens as on a single node."""
+    prompt = llama.tokenizer.encode(PROMPT + " and the city sleeps") * 3
+    single = Engine(local_pipeline(llama, torch.float32), llama.tokenizer)
+    single.start()
+    try:
+        expected = _seeded_choices(single, prompt, share=False)
+    finally:
+        single.stop()
+    specs = [workers[0].spec((0, 1)), workers[1].spec((1, 3))]
+    pipeline = build_pipeline(settings_for(llama, specs), llama, "cpu")
+    engine = Engine(pipeline, llama.tokenizer)
+    engine.start()
+    try:
+        assert _seeded_choices(engine, prompt, share=True) == expected
+        assert engine.stats.prompt_tokens == len(prompt) + 2  # one prefill; the others computed one token each
+        wait_until(lambda: live_sequences(pipeline) == {workers[0].name: 0, workers[1].name: 0}, 5.0, "releases")
     finally:
         engine.stop()
         pipeline.close()

@@ -371,3 +371,27 @@ def test_prompt_logprobs_survive_chunked_prefill_and_max_tokens_zero_only_scores
     assert sum(len(event.tokens) for event in [first, *rest]) == 2
     with pytest.raises(RequestError, match="max_tokens must be at least 1"):
         SamplingParams(max_tokens=0)
+
+
+def test_choices_sharing_a_prefill_sample_as_if_each_had_its_own(engine: Engine) -> None:
+    prompt = [5 + (i * 11) % 300 for i in range(150)]  # three prefill chunks of the fixture's 64 tokens
+    seeded = [SamplingParams(temperature=0.9, max_tokens=12, seed=seed, ignore_eos=True) for seed in range(4)]
+    alone = [run(engine, prompt, params)[0] for params in seeded]
+    before = engine.stats.prompt_tokens
+    results: dict[int, list[int]] = {index: [] for index in range(4)}
+    done = threading.Semaphore(0)
+    leader = None
+    for index, params in enumerate(seeded):
+
+        def sink(event: GenerationEvent, index: int = index) -> None:
+            results[index] += [t.token_id for t in event.tokens]
+            if event.finished:
+                done.release()
+
+        seq_id = engine.submit(prompt, params, sink, share_prefill_with=leader)
+        leader = leader or seq_id
+    for _ in range(4):
+        assert done.acquire(timeout=60)
+    assert [results[index] for index in range(4)] == alone
+    # One prefill of 150 tokens; each other choice computed only the prompt's last token.
+    assert engine.stats.prompt_tokens - before == 150 + 3

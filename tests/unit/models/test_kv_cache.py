@@ -34,3 +34,21 @@ def test_nbytes_counts_keys_and_values_of_every_sequence() -> None:
     caches[0].update(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), 0)
     capacity = caches[0].keys.shape[2]
     assert store.nbytes == 2 * capacity * 4 * 4  # one layer written: keys + values, float32
+
+
+def test_a_sequence_can_start_as_a_copy_of_anothers_prefix() -> None:
+    store = KVStore(n_layers=2, n_kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+    (source_caches,) = store.for_batch([SequenceSlice(1, 0, 3)])
+    for cache in source_caches:
+        cache.update(torch.arange(6.0).view(1, 1, 3, 2), torch.arange(6.0).view(1, 1, 3, 2) + 10, 0)
+    copy = SequenceSlice(2, 2, 1, copy_from=1)
+    store.check_copy(copy)
+    (copied,) = store.for_batch([copy])
+    assert [cache.length for cache in copied] == [2, 2]
+    assert torch.equal(copied[0].keys[:, :, :2], source_caches[0].keys[:, :, :2])
+    copied[0].update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 2)
+    assert source_caches[0].keys[0, 0, 2].tolist() == [4.0, 5.0]  # the source is untouched
+    with pytest.raises(ValueError, match="already has caches"):
+        store.check_copy(SequenceSlice(2, 2, 1, copy_from=1))
+    with pytest.raises(ValueError, match="which holds 3"):
+        store.check_copy(SequenceSlice(3, 4, 1, copy_from=1))

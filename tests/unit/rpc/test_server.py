@@ -240,3 +240,23 @@ def test_a_forward_placed_with_another_assignment_is_refused(fresh_worker: Worke
     assert second.assignment != first.assignment
     refused = forward(first.assignment, 3)
     assert "re-assigned" in refused.error and "layers 1-2" in refused.error
+
+
+def test_a_copy_from_a_sequence_the_worker_lacks_is_refused(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
+    source = resolve_model(str(tiny_llama))
+    fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+
+    def forward(*pieces: pb.SequenceSlice) -> pb.ForwardReply:
+        message = pb.ForwardRequest(request_id=1, sequences=list(pieces))
+        encode_tensor(torch.ones(sum(p.n_tokens for p in pieces), source.config.hidden_size), out=message.hidden)
+        answer = fresh_worker.forward_frame(message.SerializeToString())
+        assert answer is not None
+        return pb.ForwardReply.FromString(answer)
+
+    assert forward(pb.SequenceSlice(seq_id=1, start_pos=0, n_tokens=3)).error == ""
+    copied = forward(pb.SequenceSlice(seq_id=2, start_pos=2, n_tokens=1, copy_from=1))
+    assert copied.error == "" and fresh_worker.kv is not None and fresh_worker.kv.length(2) == 3
+    beyond = forward(pb.SequenceSlice(seq_id=3, start_pos=5, n_tokens=1, copy_from=1))
+    assert "copy of 5 positions of sequence 1, which holds 3" in beyond.error
+    missing = forward(pb.SequenceSlice(seq_id=4, start_pos=1, n_tokens=1, copy_from=99))
+    assert "sequence 99, which holds 0" in missing.error

@@ -1,0 +1,55 @@
+"""One scheduler step's plan: which slice of each running sequence joins the varlen batch, and which rows of the
+batch's output need logits (the next token of a sequence whose slice reaches its end, and with prompt logprobs the
+rows that score prompt tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from cake_py.engine.sequence import Sequence
+from cake_py.models.kv_cache import SequenceSlice
+
+
+@dataclass
+class StepPlan:
+    batch: list[SequenceSlice] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the batch's token ids, in layout order
+    members: list[Sequence] = field(default_factory=list)  # the sequence of each slice
+    rows: list[int] = field(default_factory=list)  # batch rows whose logits are sampled, one per `sampled`
+    sampled: list[Sequence] = field(default_factory=list)
+    scored: list[tuple[Sequence, list[int], list[int]]] = field(default_factory=list)  # rows, the tokens they score
+
+    @property
+    def head_rows(self) -> list[int]:
+        """Every row the head computes logits for: the sampled ones first, then the scoring ones."""
+        return self.rows + [row for _, rows, _ in self.scored for row in rows]
+
+
+def plan_step(running: Iterable[Sequence], budget: int, shared_prefill: Callable[[Sequence], int | None]) -> StepPlan:
+    """Slices of at most `budget` tokens in all. Decoding sequences come first: they cost one token each and keep
+    streams flowing during long prefills. `shared_prefill(seq)` is 0 for a sequence that waits for the prefill it
+    will copy, else the id to copy from (or None)."""
+    plan = StepPlan()
+    for seq in sorted(running, key=lambda s: s.prefilling):
+        if budget <= 0:
+            break
+        copy_from = shared_prefill(seq)
+        if copy_from == 0:
+            continue
+        known = seq.all_ids
+        n = min(len(known) - seq.n_cached, budget)
+        plan.batch.append(SequenceSlice(seq.seq_id, seq.n_cached, n, copy_from))
+        plan.ids.extend(known[seq.n_cached : seq.n_cached + n])
+        plan.members.append(seq)
+        budget -= n
+    offset = 0
+    for piece, seq in zip(plan.batch, plan.members, strict=True):
+        scoring_rows, targets = seq.scoring_rows(piece.start_pos, piece.n_tokens, offset)
+        if scoring_rows:
+            plan.scored.append((seq, scoring_rows, targets))
+        offset += piece.n_tokens
+        if piece.start_pos + piece.n_tokens == seq.n_tokens:  # the slice reaches the end: the next token is due
+            plan.rows.append(offset - 1)
+            plan.sampled.append(seq)
+    return plan
