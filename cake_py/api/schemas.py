@@ -14,6 +14,7 @@ from cake_py.errors import RequestError
 from cake_py.models.sampling import SamplingParams
 
 MAX_CHOICES = 8
+MAX_TOKEN_IDS = 64  # stop_token_ids per request
 
 
 async def json_body(request: Request) -> dict[str, Any]:
@@ -107,6 +108,10 @@ def openai_sampling(
             temperature=float(number(body, "temperature", 1.0)),
             top_p=float(number(body, "top_p", 1.0)),
             top_k=int(number(body, "top_k", 0, integer=True)),
+            min_p=float(number(body, "min_p", 0.0)),
+            min_tokens=int(number(body, "min_tokens", 0, integer=True)),
+            ignore_eos=flag(body, "ignore_eos", False),
+            stop_token_ids=token_ids(body, "stop_token_ids", vocab_size),
             repetition_penalty=float(number(body, "repetition_penalty", 1.0)),
             presence_penalty=float(number(body, "presence_penalty", 0.0)),
             frequency_penalty=float(number(body, "frequency_penalty", 0.0)),
@@ -119,6 +124,19 @@ def openai_sampling(
         )
     except RequestError as error:
         raise ApiError(400, str(error)) from error
+
+
+def token_ids(body: dict[str, Any], key: str, vocab_size: int) -> frozenset[int]:
+    """A list of token ids of the model's vocabulary (vLLM's stop_token_ids); absent or null: none."""
+    value = body.get(key)
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or len(value) > MAX_TOKEN_IDS:
+        raise ApiError(400, f"{key} must be a list of at most {MAX_TOKEN_IDS} token ids, got {value!r}"[:300])
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < vocab_size:
+            raise ApiError(400, f"{key}: {item!r} is not a token id of this model (0-{vocab_size - 1})"[:300])
+    return frozenset(value)
 
 
 def choice_count(body: dict[str, Any]) -> int:

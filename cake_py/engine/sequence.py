@@ -44,11 +44,11 @@ class Sequence:
         self.prompt_ids = prompt_ids
         self.params = params
         self.sink = sink
-        self.sampler = Sampler(params)
         self.decoder = IncrementalDecoder(tokenizer, prompt_ids)
         self.stop = StopMatcher(params.stop)
         # ignore_eos drops the model's end tokens only: ids the request itself asks to stop at still stop it.
         self.stop_ids = (frozenset() if params.ignore_eos else tokenizer.eos_token_ids) | params.stop_token_ids
+        self.sampler = Sampler(params, self.stop_ids)
         self.output_ids: list[int] = []
         # prompt + output, grown in place: the scheduler and sampler read it every step, so it is never rebuilt.
         self.all_ids: list[int] = list(prompt_ids)

@@ -8,6 +8,7 @@ weigh only those, not the prompt, as OpenAI and vLLM do).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 (and vLLM's -1) disables top-k
+    min_p: float = 0.0  # vLLM's: drop tokens less likely than min_p times the most likely one
+    min_tokens: int = 0  # vLLM's: end tokens (EOS, stop_token_ids) cannot be drawn before this many tokens
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -50,6 +53,12 @@ class SamplingParams:
             raise RequestError(f"temperature must be between 0 and 100, got {self.temperature}")
         if not 0.0 <= self.top_p <= 1.0:
             raise RequestError(f"top_p must be between 0 and 1, got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise RequestError(f"min_p must be between 0 and 1, got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(
+                f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
         if self.top_k < -1:
             raise RequestError(f"top_k must be -1 or 0 (off) or positive, got {self.top_k}")
         if not 0.0 < self.repetition_penalty <= 10.0:
@@ -88,8 +97,9 @@ class SampledToken:
 class Sampler:
     """Chooses the next token of one sequence from its (vocab,) float32 logits."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, end_ids: frozenset[int] = frozenset()) -> None:
         self.params = params
+        self.end_ids = torch.tensor(sorted(end_ids), dtype=torch.long)  # held back until min_tokens are drawn
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed % 2**64)  # per-choice seeds (seed + index) may pass 2**64 - 1
@@ -105,6 +115,8 @@ class Sampler:
             logits = apply_logit_bias(logits, params.logit_bias)
         if params.repetition_penalty != 1.0 and history:
             logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+        if params.min_tokens and len(self.end_ids) and sum(self.generated.values()) < params.min_tokens:
+            logits = logits.index_fill(0, self.end_ids.to(logits.device), float("-inf"))
         if (params.frequency_penalty or params.presence_penalty) and self.generated:
             logits = apply_frequency_presence(logits, self.generated, params.frequency_penalty, params.presence_penalty)
         if params.greedy:
@@ -112,7 +124,7 @@ class Sampler:
         else:
             # Shifted so the best logit is 0 before dividing: a small temperature cannot overflow the others.
             scaled = (logits - logits.max()) / params.temperature
-            probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
+            probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p, params.min_p), dim=-1)
             # The generator lives on the CPU (multinomial refuses a CPU generator with a CUDA or MPS tensor), which
             # also makes a seed draw the same tokens whatever device computed the logits.
             token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
@@ -169,8 +181,11 @@ def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penal
     return logits
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits outside the top-k and outside the smallest set whose probability reaches top-p."""
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Mask logits outside the top-k, outside the smallest set whose probability reaches top-p, and those whose
+    probability is under min_p times the most likely token's."""
+    if min_p > 0.0:  # p < min_p * p_max  ⇔  logit < max_logit + log(min_p)
+        logits = logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
     if top_k > 0 and top_k < logits.shape[-1]:
         threshold = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < threshold, float("-inf"))

@@ -569,3 +569,26 @@ def test_echo_with_logprobs_scores_the_prompt_like_transformers(
     # max_tokens 0 only scores: without echo and logprobs there is nothing to answer.
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="x", prompt=prompt, max_tokens=0, echo=True)
+
+
+def test_vllm_end_token_controls(client: OpenAI, server: ServerHandle) -> None:
+    """ignore_eos, min_tokens and stop_token_ids (vLLM's extra fields), with the end token forced by logit_bias."""
+    assert server.state.source is not None
+    eos = min(server.state.source.tokenizer.eos_token_ids)
+
+    def complete(**extra: Any) -> Any:
+        body = {"logit_bias": {str(eos): 100}, **extra}
+        return client.completions.create(model="x", prompt="Hello", max_tokens=6, temperature=0, extra_body=body)
+
+    assert complete().usage.completion_tokens == 1  # the forced end token, at once
+    ignoring = complete(ignore_eos=True)
+    assert (ignoring.choices[0].finish_reason, ignoring.usage.completion_tokens) == ("length", 6)
+    assert complete(min_tokens=3).usage.completion_tokens == 4  # three others, then the end token
+    stopped = client.completions.create(
+        model="x", prompt="Hello", max_tokens=6, temperature=0,
+        extra_body={"logit_bias": {"7": 100}, "stop_token_ids": [7], "ignore_eos": True},
+    )  # fmt: skip
+    assert (stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == ("stop", 1)
+    for bad in ({"stop_token_ids": [10**9]}, {"min_tokens": 7}, {"min_p": 1.5}, {"ignore_eos": "yes"}):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="x", prompt="Hello", max_tokens=6, extra_body=bad)

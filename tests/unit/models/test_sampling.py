@@ -208,3 +208,20 @@ def test_seeded_sampling_draws_the_same_tokens_on_any_device(device: str) -> Non
         return [sampler.sample(logits.to(on), [1, 2]).token_id for _ in range(20)]
 
     assert draw(device) == draw("cpu")
+
+
+def test_min_p_keeps_tokens_at_least_that_fraction_of_the_best() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    kept = torch.isfinite(filter_logits(probs.log(), 0, 1.0, min_p=0.2))
+    assert kept.tolist() == [True, True, True, False]  # 0.05 < 0.2 * 0.5
+    params = SamplingParams(temperature=1.0, min_p=0.2, seed=3)
+    sampler = Sampler(params)
+    assert all(sampler.sample(probs.log(), []).token_id != 3 for _ in range(200))
+
+
+def test_min_tokens_holds_end_tokens_back_until_enough_are_drawn() -> None:
+    logits = torch.tensor([0.0, 0.0, 50.0])  # token 2 (the end token) all but certain
+    sampler = Sampler(SamplingParams(temperature=0.0, min_tokens=2), end_ids=frozenset({2}))
+    assert [sampler.sample(logits, []).token_id for _ in range(3)] == [0, 0, 2]
+    with pytest.raises(RequestError, match="min_tokens must be between 0 and max_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
