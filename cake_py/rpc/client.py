@@ -28,7 +28,13 @@ from cake_py.cluster.stage import StageStats
 from cake_py.errors import ClusterError, StageError
 from cake_py.models.kv_cache import Batch
 from cake_py.rpc.codec import decode_tensor, encode_tensor
-from cake_py.rpc.connection import PING_INTERVAL_S, PING_TIMEOUT_S, Assignment, WorkerConnection
+from cake_py.rpc.connection import (
+    PING_INTERVAL_S,
+    PING_TIMEOUT_S,
+    TAKEOVER_IDLE_S,
+    Assignment,
+    WorkerConnection,
+)
 from cake_py.rpc.dataplane import DataPlaneClient, read_frame
 from cake_py.rpc.pb import worker_pb2 as pb
 
@@ -155,7 +161,11 @@ class RemoteStage:
         fast = self._fast_path()
         if fast is not None:
             try:
-                reply = pb.ForwardReply.FromString(fast.exchange(request.SerializeToString()))
+                sock = fast.send(request.SerializeToString())
+                reply = pb.ForwardReply.FromString(read_frame(sock))
+                # A chained step that failed may still be answered here later: such answers are skipped.
+                while reply.request_id != request.request_id:
+                    reply = pb.ForwardReply.FromString(read_frame(sock))
             except (OSError, ConnectionError, DecodeError) as error:
                 raise self._broken(error) from None
         else:
@@ -171,6 +181,11 @@ class RemoteStage:
         if reply.error:
             raise StageError(f"{self.connection.label}: {reply.error}")
         out = _on_device_of(decode_tensor(reply.hidden), hidden)
+        if out.shape != hidden.shape:  # the layers keep the shape: anything else is not this batch's answer
+            raise StageError(
+                f"{self.connection.label} answered hidden states of shape {list(out.shape)} for a batch of shape "
+                f"{list(hidden.shape)}"
+            )
         round_trip_ms = (time.perf_counter() - began) * 1000
         self.stats.record(reply.forward_us / 1000, round_trip_ms, len(request.hidden.data), len(reply.hidden.data))
         return out
@@ -351,13 +366,20 @@ class RemoteStage:
     def _reconnect(self) -> None:
         reply = self.connection.handshake(timeout=PING_TIMEOUT_S)
         layers = reply.layers if reply.HasField("layers") else None
-        same = layers is not None and (layers.start, layers.end) == (self.start, self.end)
-        if not same or reply.model_id != self.assignment.model_id:
+        held = (layers.start, layers.end) if layers is not None else None
+        if reply.assignment and reply.assignment == self.connection.assignment and held == (self.start, self.end):
+            self._release_unreleased()  # it kept our layers and caches (a pause, a network cut)
+        else:
+            if reply.assignment:  # another master's layers (same model name or not: the number tells)
+                idle = self.connection.info().forward_idle_seconds
+                if idle < TAKEOVER_IDLE_S:
+                    raise ClusterError(
+                        f"{self.connection.label} now serves another master ({reply.model_id} layers {held}, in use "
+                        f"{idle:.0f} s ago); taken back once it has been idle for {TAKEOVER_IDLE_S:.0f} s"
+                    )
             with self._unreleased_lock:
                 self._unreleased = set()
-            self.connection.assign(self.assignment)  # a fresh model: no caches left from before
-        else:
-            self._release_unreleased()
+            self.connection.assign(self.assignment)  # restarted, or abandoned: our weights, no caches from before
         self._last_info = self.connection.info()
         self._up, self._status_error = True, ""
         log.info("%s is back with layers %d-%d", self.connection.label, self.start, self.end - 1)

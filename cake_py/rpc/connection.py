@@ -40,6 +40,11 @@ HANDSHAKE_TIMEOUT_S = 10.0
 VERIFY_BYTES_PER_S = 50e6  # the slowest rate a worker may hash its cached weights at (an old disk, no SHA units)
 PING_INTERVAL_S = 1.0
 PING_TIMEOUT_S = 1.5
+# Release runs on the engine thread, between steps: a hung worker may hold every stream up this long before the
+# ids wait for the health monitor instead (it marks the worker down within about PING_TIMEOUT_S anyway).
+RELEASE_TIMEOUT_S = 1.5
+# A worker that another master re-assigned is taken back only once that master has left it idle this long.
+TAKEOVER_IDLE_S = 60.0
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
@@ -149,7 +154,8 @@ class WorkerConnection:
             raise ClusterError(f"{self.label} speaks protocol {reply.protocol_version}, we speak {PROTOCOL_VERSION}")
         self.host = reply.host
         self.data_port = reply.data_port
-        self.assignment = reply.assignment
+        # `assignment` stays the number of OUR last Assign: the worker's current one (reply.assignment) may be
+        # another master's, whose layers and caches a forward must never run on.
         return reply
 
     def info(self, timeout: float = PING_TIMEOUT_S) -> pb.InfoReply:
@@ -160,7 +166,8 @@ class WorkerConnection:
 
     def release(self, seq_ids: Sequence[int]) -> None:
         try:
-            self._open().Release(pb.ReleaseRequest(seq_ids=list(seq_ids)), timeout=5, metadata=self.metadata)
+            request = pb.ReleaseRequest(seq_ids=list(seq_ids), assignment=self.assignment)
+            self._open().Release(request, timeout=RELEASE_TIMEOUT_S, metadata=self.metadata)
         except grpc.RpcError as error:
             raise self.error(error, "releasing sequences") from None
 

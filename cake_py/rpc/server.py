@@ -321,7 +321,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseReply:
         with self.lock:
-            if self.kv is None:
+            if self.kv is None or (request.assignment and request.assignment != self.assignment):
                 return pb.ReleaseReply(released=0)
             live = set(self.kv.sequence_ids())
             ids = [i for i in request.seq_ids if i in live]

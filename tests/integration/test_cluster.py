@@ -28,6 +28,7 @@ from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.weights import load_transformer
+from cake_py.rpc import client as client_module
 from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
 from cake_py.rpc.codec import decode_tensor, encode_tensor
 from cake_py.rpc.dataplane import DataPlaneClient
@@ -201,8 +202,9 @@ def test_cluster_yaml_with_master_keeping_the_middle_layer(
 
 
 def test_worker_reassigned_by_someone_else_turns_down_and_is_restored(
-    workers: list[WorkerProcess], llama: ModelSource, single_node_tokens: list[int]
+    workers: list[WorkerProcess], llama: ModelSource, single_node_tokens: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(client_module, "TAKEOVER_IDLE_S", 1.0)  # taken back once the other party leaves it idle
     pipeline = build_pipeline(settings_for(llama, [workers[0].spec((0, 3))]), llama, "cpu")
     try:
         intruder = WorkerConnection(workers[0].spec(), None, None)

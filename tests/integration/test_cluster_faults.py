@@ -6,12 +6,15 @@ Every wait is bounded: a request that hangs, a stage that never turns down or ne
 from __future__ import annotations
 
 import queue
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from cake_py.api.server import build_pipeline
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
@@ -292,3 +295,45 @@ def test_topology_and_health_over_http_during_generation_and_faults(
         completion = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
         assert completion.status_code == 200, completion.text
         assert completion.json()["usage"]["completion_tokens"] >= 1
+
+
+# ---- a worker another master re-assigned: never run on its weights; taken back only once it is left idle ----
+
+
+def test_a_worker_taken_by_another_master_is_not_used_until_left_idle(
+    cluster: LocalCluster,
+    llama: ModelSource,
+    single_node_tokens: list[int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Another model under the same folder name: a name check alone would take its layers for ours.
+    other_folder = tmp_path / "other" / "llama"
+    shutil.copytree(llama.weights.path, other_folder)
+    tensors = load_file(other_folder / "model.safetensors")
+    save_file({name: tensor * 1.5 for name, tensor in tensors.items()}, other_folder / "model.safetensors")
+    other = resolve_model(str(other_folder))
+    assert other.model_id == llama.model_id
+    worker = cluster.worker()
+    worker.start()
+    pipeline, engine = serving_engine(llama, [worker.spec()])
+    prompt = llama.tokenizer.encode(PROMPT)
+    try:
+        assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
+        intruder, intruder_engine = serving_engine(other, [worker.spec()])  # a second master assigns it
+        try:
+            assert token_ids(collect(intruder_engine, prompt, greedy(4), timeout=60)) != single_node_tokens[:4]
+            wait_until(lambda: not pipeline.healthy(), 3.5, "the first master noticing the re-assignment")
+            refused = collect(engine, prompt, greedy(4), timeout=10)[-1]
+            assert refused.finish_reason == "error", refused  # not the other model's tokens
+            stage = pipeline.stages[0]
+            wait_until(lambda: "now serves another master" in str(stage.describe()["error"]), 10.0, "a clear reason")
+            monkeypatch.setattr(client_module, "TAKEOVER_IDLE_S", 0.5)  # the intruder has gone quiet
+            wait_until(pipeline.healthy, 15.0, "the first master taking its worker back")
+            assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
+        finally:
+            intruder_engine.stop()
+            intruder.close()
+    finally:
+        engine.stop()
+        pipeline.close()

@@ -258,10 +258,12 @@ class ForwardReply(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., forward_us: _Optional[int] = ..., error: _Optional[str] = ..., chain_forward_us: _Optional[_Iterable[int]] = ..., chain_error: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("seq_ids",)
+    __slots__ = ("seq_ids", "assignment")
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    assignment: int
+    def __init__(self, seq_ids: _Optional[_Iterable[int]] = ..., assignment: _Optional[int] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ("released",)

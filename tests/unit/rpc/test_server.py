@@ -260,3 +260,15 @@ def test_a_copy_from_a_sequence_the_worker_lacks_is_refused(fresh_worker: Worker
     assert "copy of 5 positions of sequence 1, which holds 3" in beyond.error
     missing = forward(pb.SequenceSlice(seq_id=4, start_pos=1, n_tokens=1, copy_from=99))
     assert "sequence 99, which holds 0" in missing.error
+
+
+def test_a_release_for_another_assignment_frees_nothing(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
+    source = resolve_model(str(tiny_llama))
+    reply = fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+    message = pb.ForwardRequest(request_id=1, sequences=[pb.SequenceSlice(seq_id=1, start_pos=0, n_tokens=2)])
+    encode_tensor(torch.ones(2, source.config.hidden_size), out=message.hidden)
+    assert pb.ForwardReply.FromString(fresh_worker.forward_frame(message.SerializeToString()) or b"").error == ""
+    stale = fresh_worker.Release(pb.ReleaseRequest(seq_ids=[1], assignment=reply.assignment ^ 2), Context())  # type: ignore[arg-type]
+    assert stale.released == 0 and fresh_worker.kv is not None and fresh_worker.kv.sequence_ids() == [1]
+    ours = fresh_worker.Release(pb.ReleaseRequest(seq_ids=[1], assignment=reply.assignment), Context())  # type: ignore[arg-type]
+    assert ours.released == 1 and fresh_worker.kv.sequence_ids() == []
