@@ -109,7 +109,15 @@ def parse_address(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"worker address {value!r} is not HOST:PORT")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ConfigError(f"worker address {value!r}: write an IPv6 address in brackets, like [{host}]:{port}")
     return value
+
+
+def listen_address(host: str, port: int) -> str:
+    """HOST:PORT as gRPC reads it: an IPv6 host in brackets ("::" → "[::]:10128")."""
+    bare = host.strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
 
 
 def _inclusive_range(text: str, what: str, example: str) -> tuple[int, int]:

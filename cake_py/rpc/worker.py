@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from cake_py.cluster.hostinfo import measure_tflops
-from cake_py.config import WorkerSettings
+from cake_py.config import WorkerSettings, listen_address
 from cake_py.errors import ClusterError
 from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_device, set_threads, tune_allocator
 from cake_py.rpc import MAX_MESSAGE_BYTES
@@ -49,7 +49,7 @@ def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer,
         options=SERVER_OPTIONS,
     )
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
-    address = f"{settings.host}:{settings.port}"
+    address = listen_address(settings.host, settings.port)
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -59,7 +59,7 @@ def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer,
         raise ClusterError(f"cannot listen on {address}: the port is in use or the host is not local")
     if settings.data_port >= 0:
         servicer.dataplane = DataPlaneServer(
-            settings.host,
+            settings.host.strip("[]"),  # a socket binds the bare address
             settings.data_port,
             servicer.forward_frame,
             settings.cluster_key,

@@ -6,6 +6,7 @@ import pytest
 
 from cake_py.config import (
     WorkerSpec,
+    listen_address,
     load_cluster_file,
     parse_address,
     parse_cpus,
@@ -72,6 +73,18 @@ def test_flags() -> None:
         parse_ui_auth("up")
     with pytest.raises(ConfigError, match="'host:99999'"):
         parse_address("host:99999")
+
+
+def test_ipv6_addresses_are_bracketed() -> None:
+    assert parse_address("[::1]:10128") == "[::1]:10128"
+    with pytest.raises(ConfigError, match=r"in brackets, like \[::1\]:10128"):
+        parse_address("::1:10128")  # gRPC would read it as another address
+    assert [listen_address(host, 7) for host in ("::", "[::1]", "0.0.0.0", "box")] == [
+        "[::]:7",
+        "[::1]:7",
+        "0.0.0.0:7",
+        "box:7",
+    ]
 
 
 @pytest.mark.parametrize(
