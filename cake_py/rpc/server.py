@@ -198,6 +198,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self._assignment_failed(writers, str(error))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"assignment failed: {error}")
             raise  # unreachable: abort raises
+        except OSError as error:  # the cache's disk: full, read-only, gone
+            reason = f"cannot write the weight cache {str(self.cache.root)!r}: {error.strerror or error}"
+            self._assignment_failed(writers, reason)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"assignment failed: {reason}")
+            raise  # unreachable: abort raises
         except BaseException as error:  # the master cancelled, the disk filled, memory ran out: never stuck LOADING
             self._assignment_failed(writers, f"{type(error).__name__}: {error}")
             raise
@@ -206,8 +211,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         """Drop the partial files of an assignment that did not finish; the worker is READY again if it still
         holds its previous layers (the failure came before they were freed), else FAILED."""
         for writer in writers.values():
-            if not writer.complete:
-                writer.abort()
+            writer.abort()  # committed ones have no temp file left; any other (a failed flush too) is removed
         log.error("assignment failed: %s", reason)
         with self.lock:
             if self.model is not None:

@@ -15,6 +15,8 @@ from cake_py.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
+_OPEN_TEMPS: set[Path] = set()  # the temp files this process's writers have open
+
 
 class WeightCache:
     def __init__(self, root: Path) -> None:
@@ -29,10 +31,15 @@ class WeightCache:
         self._remove_orphans()
 
     def _remove_orphans(self) -> None:
-        """Delete temp files a killed worker left (their process is gone): they would stay for ever otherwise."""
+        """Delete temp files a killed worker left (their process is gone): they would stay for ever otherwise.
+        Files named with this process's own id are orphans too unless one of its writers has them open (in a
+        container every worker is PID 1, so an earlier run's files carry the same id)."""
         for temp in self.root.glob("??/*.partial"):
             pid = temp.name.split(".")[1] if temp.name.count(".") >= 2 else ""
-            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            if not pid.isdigit():
+                continue
+            ours = int(pid) == os.getpid()
+            if (ours and temp.resolve() not in _OPEN_TEMPS) or (not ours and not psutil.pid_exists(int(pid))):
                 temp.unlink(missing_ok=True)
 
     def path(self, sha256: str) -> Path:
@@ -92,7 +99,8 @@ class TensorWriter:
         # One temp file per writer: two Assigns streaming the same tensor (two masters, or a master that came back
         # before its old stream ended) must not write into, or delete, each other's file.
         descriptor, name = tempfile.mkstemp(dir=self.final.parent, prefix=f"{sha256}.{os.getpid()}.", suffix=".partial")
-        self.temp = Path(name)
+        self.temp = Path(name).resolve()
+        _OPEN_TEMPS.add(self.temp)
         self.handle = os.fdopen(descriptor, "wb")
         self.digest = hashlib.sha256()
         self.written = 0
@@ -111,7 +119,12 @@ class TensorWriter:
         return self.written == self.size
 
     def commit(self) -> None:
-        self.handle.close()
+        _OPEN_TEMPS.discard(self.temp)
+        try:
+            self.handle.close()  # flushes: a full disk fails here
+        except OSError:
+            self.temp.unlink(missing_ok=True)
+            raise
         if self.written != self.size or self.digest.hexdigest() != self.sha256:
             self.temp.unlink(missing_ok=True)
             raise ClusterError(
@@ -125,5 +138,10 @@ class TensorWriter:
         self.cache._committed(self.sha256)
 
     def abort(self) -> None:
-        self.handle.close()  # a no-op when commit closed it already
+        """Drop the temp file, whatever state the writer is in (a committed one has none left)."""
+        _OPEN_TEMPS.discard(self.temp)
+        try:
+            self.handle.close()  # a no-op when commit closed it already
+        except OSError:
+            pass  # the flush of a full disk: the file goes anyway
         self.temp.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from cake_py.rpc.connection import Assignment, WorkerConnection
 from cake_py.rpc.dataplane import PeerLinks
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.server import ForwardActivity, WorkerServicer
+from cake_py.rpc.weight_cache import TensorWriter
 
 
 class BrokenLayers:
@@ -272,3 +273,24 @@ def test_a_release_for_another_assignment_frees_nothing(fresh_worker: WorkerServ
     assert stale.released == 0 and fresh_worker.kv is not None and fresh_worker.kv.sequence_ids() == [1]
     ours = fresh_worker.Release(pb.ReleaseRequest(seq_ids=[1], assignment=reply.assignment), Context())  # type: ignore[arg-type]
     assert ours.released == 1 and fresh_worker.kv.sequence_ids() == []
+
+
+def test_a_full_disk_fails_the_assignment_naming_the_cache_and_leaves_no_temp_files(
+    fresh_worker: WorkerServicer, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = resolve_model(str(tiny_llama))
+    real_write = TensorWriter.write
+    writes = 0
+
+    def filling(self: TensorWriter, offset: int, data: bytes) -> None:
+        nonlocal writes
+        writes += 1
+        if writes > 3:
+            raise OSError(28, "No space left on device")
+        real_write(self, offset, data)
+
+    monkeypatch.setattr(TensorWriter, "write", filling)
+    with pytest.raises(RuntimeError, match="cannot write the weight cache .*No space left on device"):
+        fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+    assert str(fresh_worker.settings.cache_dir) in fresh_worker.error
+    assert not list(fresh_worker.settings.cache_dir.glob("??/*.partial"))

@@ -99,3 +99,32 @@ def test_temp_files_of_dead_workers_are_removed_at_start(tmp_path: Path) -> None
     WeightCache(tmp_path)
     assert not orphan.exists() and live.temp.exists()
     live.abort()
+
+
+def test_an_earlier_runs_files_under_this_processs_id_are_removed_at_start(tmp_path: Path) -> None:
+    """In a container every worker is PID 1: a killed one's temp files carry the id of the next run."""
+    cache = WeightCache(tmp_path)
+    sha = hashlib.sha256(b"x").hexdigest()
+    left = cache.path(sha).with_name(f"{sha}.{os.getpid()}.earlier.partial")
+    left.parent.mkdir(parents=True, exist_ok=True)
+    left.write_bytes(b"half")
+    WeightCache(tmp_path)
+    assert not left.exists()
+
+
+def test_a_commit_whose_flush_fails_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = WeightCache(tmp_path)
+    data = b"weights"
+    writer = cache.writer(hashlib.sha256(data).hexdigest(), len(data))
+    writer.write(0, data)
+    real_close = writer.handle.close
+
+    def full_disk() -> None:
+        real_close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer.handle, "close", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        writer.commit()
+    assert not writer.temp.exists() and not list(tmp_path.glob("??/*.partial"))
+    writer.abort()  # what a failed Assign does to every writer: harmless now
