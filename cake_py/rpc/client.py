@@ -426,9 +426,15 @@ class RemoteStage:
         return node
 
     def close(self) -> None:
+        """Stop using the worker and free its memory: it drops our layers (the weights stay in its disk cache)."""
         self._closing.set()
         # Let a ping in flight finish first: closing the channel under it would fail it with a non-gRPC error in the
         # monitor thread, and a monitor still running after close would reopen the channel.
         self._monitor.join(timeout=PING_TIMEOUT_S + 1.0)
         self._drop_stream()
+        if self._up:
+            try:
+                self.connection.unassign()
+            except ClusterError as error:  # it may be gone; a worker restarted holds nothing anyway
+                log.warning("%s", error)
         self.connection.close()

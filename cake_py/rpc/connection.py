@@ -171,6 +171,18 @@ class WorkerConnection:
         except grpc.RpcError as error:
             raise self.error(error, "releasing sequences") from None
 
+    def unassign(self, timeout: float = RELEASE_TIMEOUT_S) -> None:
+        """Ask the worker to drop our layers (if it still holds them); ClusterError when it does not answer."""
+        if not self.assignment:
+            return
+        try:
+            self._open().Unassign(
+                pb.UnassignRequest(assignment=self.assignment), timeout=timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as error:
+            raise self.error(error, "dropping its layers") from None
+        self.assignment = 0
+
     def manifest(self, assignment: Assignment) -> list[pb.TensorSpec]:
         """Name, dtype, shape and sha256 of every tensor of the assignment (computed once, then reused)."""
         if self._manifest is None:

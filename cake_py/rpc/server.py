@@ -332,6 +332,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self.kv.release(ids)
         return pb.ReleaseReply(released=len(ids))
 
+    def Unassign(self, request: pb.UnassignRequest, context: grpc.ServicerContext) -> pb.UnassignReply:
+        with self.lock:
+            if not request.assignment or request.assignment != self.assignment:
+                return pb.UnassignReply(dropped=False)
+            self.model, self.kv, self.weights_bytes, self.model_id, self.assignment = None, None, 0, "", 0
+            self.status, self.error = pb.WORKER_STATUS_IDLE, ""
+        log.info("layers dropped: their master unloaded its model or shut down")
+        return pb.UnassignReply(dropped=True)
+
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:
         kv = self.kv
         return pb.InfoReply(

@@ -221,6 +221,26 @@ def test_worker_reassigned_by_someone_else_turns_down_and_is_restored(
         pipeline.close()
 
 
+def test_closing_a_pipeline_frees_its_layers_on_the_workers(workers: list[WorkerProcess], llama: ModelSource) -> None:
+    """/models/unload and a master's shutdown: the worker drops the weights (they stay in its disk cache)."""
+    pipeline = build_pipeline(settings_for(llama, [workers[0].spec((0, 3))]), llama, "cpu")
+    observer = WorkerConnection(workers[0].spec(), None, None)
+    try:
+        held = observer.info()
+        assert held.status == pb.WORKER_STATUS_READY and held.weights_bytes > 0
+        stale = WorkerConnection(workers[0].spec(), None, None)
+        stale.assignment = 12345  # not the worker's: ignored
+        stale.unassign()
+        stale.close()
+        assert observer.info().status == pb.WORKER_STATUS_READY
+        pipeline.close()
+        freed = observer.info()
+        assert (freed.status, freed.weights_bytes, freed.HasField("layers")) == (pb.WORKER_STATUS_IDLE, 0, False)
+    finally:
+        observer.close()
+        pipeline.close()
+
+
 # ---- 10. sequences are released on every worker, also when several ran in one batch ----
 
 

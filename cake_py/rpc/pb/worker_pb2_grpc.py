@@ -60,6 +60,11 @@ class WorkerStub:
                 request_serializer=cake_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=cake_dot_v1_dot_worker__pb2.ReleaseReply.FromString,
                 _registered_method=True)
+        self.Unassign = channel.unary_unary(
+                '/cake.v1.Worker/Unassign',
+                request_serializer=cake_dot_v1_dot_worker__pb2.UnassignRequest.SerializeToString,
+                response_deserializer=cake_dot_v1_dot_worker__pb2.UnassignReply.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/cake.v1.Worker/Info',
                 request_serializer=cake_dot_v1_dot_worker__pb2.InfoRequest.SerializeToString,
@@ -109,6 +114,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Unassign(self, request, context):
+        """Drop the layers of an assignment (the master unloads its model or shuts down): weights and caches leave
+        memory; the disk cache keeps the weights for the next Assign.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Health and live figures, for /health, /system/info, /api/v1/topology and the dashboard.
         """
@@ -143,6 +156,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=cake_dot_v1_dot_worker__pb2.ReleaseRequest.FromString,
                     response_serializer=cake_dot_v1_dot_worker__pb2.ReleaseReply.SerializeToString,
+            ),
+            'Unassign': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unassign,
+                    request_deserializer=cake_dot_v1_dot_worker__pb2.UnassignRequest.FromString,
+                    response_serializer=cake_dot_v1_dot_worker__pb2.UnassignReply.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -286,6 +304,33 @@ class Worker:
             '/cake.v1.Worker/Release',
             cake_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
             cake_dot_v1_dot_worker__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unassign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cake.v1.Worker/Unassign',
+            cake_dot_v1_dot_worker__pb2.UnassignRequest.SerializeToString,
+            cake_dot_v1_dot_worker__pb2.UnassignReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,7 +48,7 @@ def test_generated_code_imports_as_a_package_without_warnings() -> None:
         "assert worker_pb2_grpc.cake_dot_v1_dot_worker__pb2 is worker_pb2\n"
         "assert worker_pb2.DESCRIPTOR.package == 'cake.v1'\n"
         "assert set(worker_pb2.DESCRIPTOR.services_by_name['Worker'].methods_by_name) == "
-        "{'Handshake', 'Prepare', 'Assign', 'Forward', 'Release', 'Info'}\n"
+        "{'Handshake', 'Prepare', 'Assign', 'Forward', 'Release', 'Unassign', 'Info'}\n"
         "worker_pb2_grpc.WorkerStub, worker_pb2_grpc.WorkerServicer, worker_pb2_grpc.add_WorkerServicer_to_server\n"
     )
     result = subprocess.run(

@@ -29,6 +29,7 @@ class FlakyConnection:
         self.released: list[list[int]] = []
         self.release_failures = 1
         self.released_again = threading.Event()
+        self.unassigned = False
 
     def info(self, timeout: float = 1.5) -> pb.InfoReply:
         return pb.InfoReply(
@@ -41,6 +42,9 @@ class FlakyConnection:
             raise ClusterError(f"{self.label} is unreachable (releasing sequences): Deadline Exceeded")
         self.released.append(list(seq_ids))
         self.released_again.set()
+
+    def unassign(self) -> None:
+        self.unassigned = True
 
     def close(self) -> None:
         pass
