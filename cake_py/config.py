@@ -114,6 +114,14 @@ def parse_address(value: str) -> str:
     return value
 
 
+def check_cluster_key(key: str | None) -> str | None:
+    """A cluster key travels in gRPC metadata, which carries printable ASCII only: anything else would fail every
+    call with a cryptic transport error, so it is refused at startup."""
+    if key is not None and (not key or not all(" " <= char <= "~" for char in key)):
+        raise ConfigError("--cluster-key must be printable ASCII (letters, digits, punctuation), and not empty")
+    return key
+
+
 def listen_address(host: str, port: int) -> str:
     """HOST:PORT as gRPC reads it: an IPv6 host in brackets ("::" → "[::]:10128")."""
     bare = host.strip("[]")

@@ -127,3 +127,8 @@ def test_flags_reach_the_settings() -> None:
     assert _serve_settings(parser.parse_args(["serve"])).chain is True
     worker = _worker_settings(parser.parse_args(["worker", "--cpus", "0,2"]))
     assert (worker.cpus, worker.threads) == ((0, 2), 2)
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_cluster_key_grpc_cannot_carry_is_refused_at_start(command: str) -> None:
+    assert_one_line_error(cake(command, "--cluster-key", "geheimer-schlüssel", "--port", "1"), "printable ASCII")
