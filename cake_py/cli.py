@@ -19,6 +19,7 @@ from cake_py.config import (
     check_cluster_key,
     check_device,
     check_dtype,
+    check_tls_files,
     default_cache_dir,
     env,
     load_cluster_file,
@@ -151,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _tls_flags(worker)
 
-    run = commands.add_parser("run", help="generate one answer locally and stream it to stdout")
+    run = commands.add_parser(
+        "run",
+        help="generate one answer locally and stream it to stdout",
+        usage="cake run [-h] [options] [MODEL] PROMPT",  # argparse would print "[MODEL] PROMPT [[MODEL] PROMPT ...]"
+    )
     run.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
     run.add_argument("--max-tokens", type=_positive_int, default=512)
     run.add_argument("--temperature", type=float, default=0.0)
@@ -203,13 +208,20 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         max_running=args.max_running,
         max_queued=args.max_queue,
         max_batch_tokens=args.max_batch_tokens,
-        tls_cert=args.tls_cert,
+        tls_cert=_tls(args),
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         connect_timeout=args.connect_timeout,
         cpus=cpus,
         chain=args.chain,
     )
+
+
+def _tls(args: argparse.Namespace) -> Path | None:
+    """--tls-cert, once the three TLS flags are checked together."""
+    check_tls_files(args.tls_cert, args.tls_key, args.tls_ca)
+    tls_cert: Path | None = args.tls_cert
+    return tls_cert
 
 
 def _threads(threads: int | None, cpus: tuple[int, ...] | None) -> int | None:
@@ -228,7 +240,7 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
         device=check_device(args.device),
         threads=_threads(args.threads, cpus),
         log_level=args.log_level,
-        tls_cert=args.tls_cert,
+        tls_cert=_tls(args),
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         kv_idle_seconds=max(args.kv_idle_seconds, 1),

@@ -122,6 +122,21 @@ def check_cluster_key(key: str | None) -> str | None:
     return key
 
 
+def check_tls_files(cert: Path | None, key: Path | None, ca: Path | None) -> None:
+    """--tls-cert and --tls-key come together, and every file given can be read: checked at startup, before any
+    connection would fail on them (a master with no workers would never find out)."""
+    if (cert is None) != (key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both (the certificate and its private key)")
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
+        if path is None:
+            continue
+        try:
+            with path.open("rb") as handle:
+                handle.read(1)
+        except OSError as error:
+            raise ConfigError(f"{flag} {str(path)!r} cannot be read: {error.strerror or error}") from None
+
+
 def listen_address(host: str, port: int) -> str:
     """HOST:PORT as gRPC reads it: an IPv6 host in brackets ("::" → "[::]:10128")."""
     bare = host.strip("[]")

@@ -132,3 +132,12 @@ def test_flags_reach_the_settings() -> None:
 @pytest.mark.parametrize("command", ["serve", "worker"])
 def test_a_cluster_key_grpc_cannot_carry_is_refused_at_start(command: str) -> None:
     assert_one_line_error(cake(command, "--cluster-key", "geheimer-schlüssel", "--port", "1"), "printable ASCII")
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_tls_flags_are_checked_at_start_even_with_no_worker_to_reach(command: str, tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pem")
+    assert_one_line_error(cake(command, "--tls-cert", missing, "--tls-key", missing, "--port", "1"), missing)
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    assert_one_line_error(cake(command, "--tls-cert", str(cert), "--port", "1"), "--tls-cert and --tls-key")
