@@ -71,6 +71,7 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
                     reply.host.memory_free_bytes,
                     reply.host.tflops,
                     memory_pool=f"{reply.host.hostname}/{reply.host.device}",
+                    held_bytes=reply.held_bytes,
                 )
                 for conn, reply in zip(connections, replies, strict=True)
             ]

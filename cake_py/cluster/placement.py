@@ -22,6 +22,8 @@ class NodeCapacity:
     tflops: float
     # Nodes naming the same pool draw on one memory (workers on one host's RAM, or one GPU): each reports it whole.
     memory_pool: str = ""
+    # Of free_bytes, what the node's own current layers and caches hold (freed when it is re-assigned).
+    held_bytes: int = 0
 
 
 def _describe(start: int, end: int) -> str:
@@ -108,7 +110,10 @@ def share_pools(nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
     for node in nodes:
         members = pools.get(node.memory_pool, [node])
         if len(members) > 1:
-            free = min(member.free_bytes for member in members)  # each reported the pool whole, a moment apart
+            # Each reported the pool whole, a moment apart, plus what it holds itself: the pool's free memory is
+            # the least of what they saw free, plus everything all of them hold (a restarted master re-places it).
+            seen_free = min(member.free_bytes - member.held_bytes for member in members)
+            free = seen_free + sum(member.held_bytes for member in members)
             speed = sum(max(member.tflops, 1e-9) for member in members)
             node = replace(node, free_bytes=int(free * max(node.tflops, 1e-9) / speed))
         shared.append(node)

@@ -117,6 +117,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             layers=self._layers(),
             data_port=self.dataplane.port if self.dataplane is not None else 0,
             assignment=self.assignment,
+            held_bytes=held,
         )
 
     def Prepare(self, request: pb.PrepareRequest, context: grpc.ServicerContext) -> pb.PrepareReply:

@@ -104,20 +104,22 @@ class HandshakeRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., master_name: _Optional[str] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("protocol_version", "host", "model_id", "layers", "data_port", "assignment")
+    __slots__ = ("protocol_version", "host", "model_id", "layers", "data_port", "assignment", "held_bytes")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     host: HostInfo
     model_id: str
     layers: LayerRange
     data_port: int
     assignment: int
-    def __init__(self, protocol_version: _Optional[int] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., data_port: _Optional[int] = ..., assignment: _Optional[int] = ...) -> None: ...
+    held_bytes: int
+    def __init__(self, protocol_version: _Optional[int] = ..., host: _Optional[_Union[HostInfo, _Mapping]] = ..., model_id: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., data_port: _Optional[int] = ..., assignment: _Optional[int] = ..., held_bytes: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "sha256", "size_bytes")

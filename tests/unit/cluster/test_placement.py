@@ -94,6 +94,16 @@ def test_workers_sharing_one_memory_share_its_budget() -> None:
     assert place_automatically([GB] * 60, apart) == {"a": (0, 30), "b": (30, 60)}
 
 
+def test_a_restarted_master_counts_what_every_worker_of_a_host_holds() -> None:
+    # 25 GB host, two workers holding 9 GB of layers each: each sees 7 GB free plus its own 9 GB, so 16 GB. The
+    # host has 7 + 9 + 9 = 25 GB for the model again, not 16.
+    held = [NodeCapacity(name, 16 * GB, 1.0, "host/cpu", held_bytes=9 * GB) for name in ("a", "b")]
+    assert place_automatically([GB] * 18, held) == {"a": (0, 9), "b": (9, 18)}
+    nothing_held = [NodeCapacity(name, 16 * GB, 1.0, "host/cpu") for name in ("a", "b")]
+    with pytest.raises(ClusterError, match="fits nowhere"):
+        place_automatically([GB] * 18, nothing_held)
+
+
 def test_memory_cap_uses_each_layers_own_size() -> None:
     # Layer 0 is large (an embedding-heavy first layer, say): 3 GB + 1 GB fit in a's 4 GB budget, the next does not.
     sizes = [3 * GB, GB, GB, GB, GB]
