@@ -217,6 +217,7 @@ def test_handshake_counts_the_memory_held_layers_would_give_back(fresh_worker: W
     fresh_worker.weights_bytes = plain.host.memory_total_bytes  # as if its layers filled the memory
     credited = fresh_worker.Handshake(handshake, Context())  # type: ignore[arg-type]
     assert credited.host.memory_free_bytes == credited.host.memory_total_bytes
+    assert (plain.held_bytes, credited.held_bytes) == (0, plain.host.memory_total_bytes)  # for a shared host's sum
 
 
 def test_a_forward_placed_with_another_assignment_is_refused(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
