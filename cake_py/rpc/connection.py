@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import socket
 import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -137,7 +138,23 @@ class WorkerConnection:
             return ""
         if self.credentials is None:
             return "; is `cake worker` running there, without TLS? (a TLS worker needs --tls-ca on the master)"
-        return "; is `cake worker` running there with TLS, and is its certificate signed by --tls-ca for this address?"
+        hint = "; is `cake worker` running there with TLS, and is its certificate signed by --tls-ca for this address?"
+        return hint + self._tls_probe()
+
+    def _tls_probe(self) -> str:
+        """gRPC only says it could not connect: a TLS handshake of our own finds out why the certificate failed."""
+        if self.tls is None:
+            return ""
+        host, _, port = self.spec.address.rpartition(":")
+        host = host.strip("[]")
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0) as raw:
+                with self.tls.wrap_socket(raw, server_hostname=host):
+                    return ""
+        except ssl.SSLCertVerificationError as error:
+            return f" (its certificate: {error.verify_message})"
+        except (OSError, ssl.SSLError, ValueError):
+            return ""
 
     def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> pb.HandshakeReply:
         stub = self._open()

@@ -295,6 +295,7 @@ def test_master_trusting_another_ca_refuses_the_tls_worker(
         build_pipeline(settings_for(secure.tls, tls_ca=certificates.other_ca, connect_timeout=1.0), llama, "cpu")
     message = str(caught.value)
     assert secure.tls.address in message and "certificate signed by --tls-ca" in message, message
+    assert "(its certificate: unable to get local issuer certificate)" in message, message  # the exact reason
 
 
 def test_mutual_tls_needs_the_masters_certificate(
