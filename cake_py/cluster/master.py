@@ -95,8 +95,14 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
         for conn in connections:
             conn.close()
         raise
-    for conn in connections:
+    for conn, reply in zip(connections, replies, strict=True):
         if conn.spec.name not in assignments:
+            if reply.held_bytes:  # placement counted what it holds as free: it must really be freed
+                conn.assignment = reply.assignment
+                try:
+                    conn.unassign()
+                except ClusterError as error:
+                    log.warning("%s keeps its old layers: %s", conn.label, error)
             conn.close()
     stages: list[Stage] = [RemoteStage(conn, assignments[conn.spec.name]) for conn in active]
     try:

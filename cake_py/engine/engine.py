@@ -64,6 +64,9 @@ class Engine:
         self._running: dict[int, Sequence] = {}
         self._to_release: list[int] = []  # finished sequences that reached the pipeline: released once per step
         self._finished: list[tuple[Sequence, GenerationEvent | None]] = []  # their last events, sent after that
+        # Finished sequences whose prefill other choices still wait to copy: released once none does.
+        self._kept_for_copies: dict[int, Sequence] = {}
+        self._inbox_copies: dict[int, int] = {}  # leader id → choices still in the inbox that will copy it
         self._stopping = False
         self._dead = False  # the thread ended on an error no step handler caught
         # Held to queue a sequence, and by the engine thread for its last look at the inbox: a sequence is either
@@ -126,7 +129,7 @@ class Engine:
                 f"the prompt has {n_prompt} tokens but the model's context is {self.context_length} tokens"
             )
         if params.max_tokens > room:
-            params = replace(params, max_tokens=room)
+            params = replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         return params
 
     def check_room(self, count: int) -> None:
@@ -173,6 +176,8 @@ class Engine:
                 raise ClusterError(ENGINE_STOPPED)
             if not queue_checked:
                 self.check_room(1)
+            if seq.leader is not None:
+                self._inbox_copies[seq.leader] = self._inbox_copies.get(seq.leader, 0) + 1
             self._queued += 1
             self._inbox.put(seq)
         self._wake.set()
@@ -273,6 +278,10 @@ class Engine:
             if isinstance(item, Sequence):
                 with self._submit_lock:
                     self._queued -= 1
+                    if item.leader is not None:
+                        left = self._inbox_copies.pop(item.leader, 1) - 1
+                        if left:
+                            self._inbox_copies[item.leader] = left
                 self._waiting[item.seq_id] = item
                 self.stats.requests_total += 1
                 continue
@@ -285,6 +294,9 @@ class Engine:
         """Free the KV caches of the sequences finished since the last call, then send their last events (a client
         that heard its answer finds its caches gone). One Release per stage, not one per sequence (each a round
         trip to a worker), and none for sequences that never reached the pipeline."""
+        for leader_id in [leader_id for leader_id in self._kept_for_copies if not self._awaited(leader_id)]:
+            del self._kept_for_copies[leader_id]  # every choice has its copy (or ended): the caches can go
+            self._to_release.append(leader_id)
         if self._to_release:
             seq_ids, self._to_release = self._to_release, []
             try:
@@ -368,7 +380,7 @@ class Engine:
         nothing to share (the leader is gone, or its prompt differs): the sequence prefills alone."""
         if seq.leader is None or seq.n_cached:
             return None
-        leader = self._running.get(seq.leader)
+        leader = self._running.get(seq.leader) or self._kept_for_copies.get(seq.leader)
         shared = len(seq.prompt_ids) - 1
         if leader is None or leader.prompt_ids != seq.prompt_ids or shared < 1:
             seq.leader = None
@@ -387,9 +399,22 @@ class Engine:
             self._finish(seq, None)
 
     def _finish(self, seq: Sequence, event: GenerationEvent | None) -> None:
-        """Take a sequence out of the schedule; `_settle` releases its caches and then sends `event`."""
+        """Take a sequence out of the schedule; `_settle` releases its caches and then sends `event`. A finished
+        prefill that other choices wait to copy (a first token that ended its choice) keeps its caches until
+        they have copied it."""
         self._running.pop(seq.seq_id, None)
         self._waiting.pop(seq.seq_id, None)
-        if seq.reached_pipeline:
+        copyable = event is not None and not event.error and not seq.prefilling
+        if copyable and self._awaited(seq.seq_id):
+            self._kept_for_copies[seq.seq_id] = seq
+        elif seq.reached_pipeline:
             self._to_release.append(seq.seq_id)
         self._finished.append((seq, event))
+
+    def _awaited(self, leader_id: int) -> bool:
+        """Whether a choice still waits to copy this sequence's prefill (queued, or not yet seen in the inbox)."""
+        if self._inbox_copies.get(leader_id):
+            return True
+        return any(
+            seq.leader == leader_id and not seq.n_cached for seq in (*self._running.values(), *self._waiting.values())
+        )

@@ -163,8 +163,9 @@ class RemoteStage:
             try:
                 sock = fast.send(request.SerializeToString())
                 reply = pb.ForwardReply.FromString(read_frame(sock))
-                # A chained step that failed may still be answered here later: such answers are skipped.
-                while reply.request_id != request.request_id:
+                # A chained step that failed may still be answered here later: such answers are skipped. An error
+                # without an id (the worker could not parse the request) is this request's answer.
+                while reply.request_id != request.request_id and not (reply.error and not reply.request_id):
                     reply = pb.ForwardReply.FromString(read_frame(sock))
             except (OSError, ConnectionError, DecodeError) as error:
                 raise self._broken(error) from None
@@ -370,8 +371,11 @@ class RemoteStage:
         if reply.assignment and reply.assignment == self.connection.assignment and held == (self.start, self.end):
             self._release_unreleased()  # it kept our layers and caches (a pause, a network cut)
         else:
+            info = self.connection.info()
+            if info.status == pb.WORKER_STATUS_LOADING:  # another master's Assign under way: never two at once
+                raise ClusterError(f"{self.connection.label} is loading layers for another master")
             if reply.assignment:  # another master's layers (same model name or not: the number tells)
-                idle = self.connection.info().forward_idle_seconds
+                idle = info.forward_idle_seconds  # counted from its Assign too: a fresh one is not idle
                 if idle < TAKEOVER_IDLE_S:
                     raise ClusterError(
                         f"{self.connection.label} now serves another master ({reply.model_id} layers {held}, in use "

@@ -56,6 +56,11 @@ class ForwardActivity:
             self._active -= 1
             self._since = time.monotonic()
 
+    def touch(self) -> None:
+        """Count as work now (an Assign: the master that made it is about to use the worker)."""
+        with self._lock:
+            self._since = time.monotonic()
+
     def idle_seconds(self) -> float:
         """0 while a forward pass is in progress, else the seconds since the last one ended (never 0)."""
         with self._lock:
@@ -179,6 +184,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 release_openmp_threads()  # this handler thread is done with torch; Forward's must own the pool
                 self.model_id, self.compute_dtype = header.model_id, dtype
                 self.assignment = int.from_bytes(os.urandom(8), "little") | 1
+                self.activity.touch()  # a fresh assignment is not an idle worker another master may take
                 # Buffers too: 4-bit layers keep their packed weights and scales as buffers.
                 self.weights_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
                 self.status, self.error = pb.WORKER_STATUS_READY, ""

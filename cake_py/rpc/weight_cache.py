@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from cake_py.errors import ClusterError
 log = logging.getLogger(__name__)
 
 _OPEN_TEMPS: set[Path] = set()  # the temp files this process's writers have open
+# In temp file names: a process id only means something on its own machine (or container).
+_HOST = "".join(char if char.isalnum() or char == "-" else "-" for char in socket.gethostname()) or "host"
 
 
 class WeightCache:
@@ -35,9 +38,10 @@ class WeightCache:
         Files named with this process's own id are orphans too unless one of its writers has them open (in a
         container every worker is PID 1, so an earlier run's files carry the same id)."""
         for temp in self.root.glob("??/*.partial"):
-            pid = temp.name.split(".")[1] if temp.name.count(".") >= 2 else ""
-            if not pid.isdigit():
-                continue
+            parts = temp.name.split(".")  # sha256, pid, host, random, "partial" (older files: no host)
+            pid = parts[1] if len(parts) >= 4 else ""
+            if not pid.isdigit() or (len(parts) >= 5 and parts[2] != _HOST):
+                continue  # another machine's (a shared volume): whether its writer lives cannot be told from here
             ours = int(pid) == os.getpid()
             if (ours and temp.resolve() not in _OPEN_TEMPS) or (not ours and not psutil.pid_exists(int(pid))):
                 temp.unlink(missing_ok=True)
@@ -98,7 +102,9 @@ class TensorWriter:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         # One temp file per writer: two Assigns streaming the same tensor (two masters, or a master that came back
         # before its old stream ended) must not write into, or delete, each other's file.
-        descriptor, name = tempfile.mkstemp(dir=self.final.parent, prefix=f"{sha256}.{os.getpid()}.", suffix=".partial")
+        descriptor, name = tempfile.mkstemp(
+            dir=self.final.parent, prefix=f"{sha256}.{os.getpid()}.{_HOST}.", suffix=".partial"
+        )
         self.temp = Path(name).resolve()
         _OPEN_TEMPS.add(self.temp)
         self.handle = os.fdopen(descriptor, "wb")

@@ -91,8 +91,8 @@ def run_worker(settings: WorkerSettings) -> None:
                     "so its output goes back through the master")  # fmt: skip
     tls = "TLS" if settings.tls_cert else "plaintext"
     fast = f", forward fast path on port {servicer.dataplane.port}" if servicer.dataplane else ""
-    print(f"cake worker {servicer.name!r} listening on {settings.host}:{port} ({tls}, device {servicer.device}{fast})",
-          flush=True)  # fmt: skip
+    where = listen_address(settings.host, port)
+    print(f"cake worker {servicer.name!r} listening on {where} ({tls}, device {servicer.device}{fast})", flush=True)
     stop = threading.Event()
     threading.Thread(
         target=_reap_idle_sequences, args=(servicer, settings.kv_idle_seconds, stop), name="cake-reaper", daemon=True

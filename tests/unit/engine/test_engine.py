@@ -395,3 +395,33 @@ def test_choices_sharing_a_prefill_sample_as_if_each_had_its_own(engine: Engine)
     assert [results[index] for index in range(4)] == alone
     # One prefill of 150 tokens; each other choice computed only the prompt's last token.
     assert engine.stats.prompt_tokens - before == 150 + 3
+
+
+def test_a_first_choice_that_ends_on_its_first_token_still_shares_its_prefill(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, max_batch_tokens=64)
+    prompt = [5 + (i * 13) % 300 for i in range(150)]
+    before = engine.stats.prompt_tokens
+    done = threading.Semaphore(0)
+    lengths: dict[int, int] = {}
+    leader = None
+    for index, max_tokens in enumerate((1, 8, 8)):
+        params = SamplingParams(temperature=0.9, seed=index, max_tokens=max_tokens, ignore_eos=True)
+
+        def sink(event: GenerationEvent, index: int = index) -> None:
+            lengths[index] = lengths.get(index, 0) + len(event.tokens)
+            if event.finished:
+                done.release()
+
+        seq_id = engine.submit(prompt, params, sink, share_prefill_with=leader)
+        leader = leader or seq_id
+    assert leader is not None and engine._awaited(leader)  # known while the copies still sit in the inbox
+    engine.start()
+    try:
+        for _ in range(3):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert lengths == {0: 1, 1: 8, 2: 8}
+    assert engine.stats.prompt_tokens - before == 150 + 2  # the finished first choice kept its caches to be copied
+    assert engine.pipeline.stages[0].kv.sequence_ids() == []  # type: ignore[attr-defined]  # and then let go

@@ -128,3 +128,19 @@ def test_a_commit_whose_flush_fails_leaves_no_temp_file(tmp_path: Path, monkeypa
         writer.commit()
     assert not writer.temp.exists() and not list(tmp_path.glob("??/*.partial"))
     writer.abort()  # what a failed Assign does to every writer: harmless now
+
+
+def test_temp_files_of_another_machine_sharing_the_volume_are_kept(tmp_path: Path) -> None:
+    cache = WeightCache(tmp_path)
+    sha = hashlib.sha256(b"x").hexdigest()
+    folder = cache.path(sha).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    elsewhere = folder / f"{sha}.{os.getpid()}.another-container.abc123.partial"  # its PID 1 is not ours
+    earlier = folder / f"{sha}.{os.getpid()}.{weight_cache._HOST}.def456.partial"  # this container, a killed run
+    for file in (elsewhere, earlier):
+        file.write_bytes(b"half")
+    writer = cache.writer(sha, 1)
+    assert f".{os.getpid()}.{weight_cache._HOST}." in writer.temp.name
+    WeightCache(tmp_path)
+    assert elsewhere.exists() and not earlier.exists() and writer.temp.exists()
+    writer.abort()
