@@ -425,3 +425,9 @@ def test_a_first_choice_that_ends_on_its_first_token_still_shares_its_prefill(ti
     assert lengths == {0: 1, 1: 8, 2: 8}
     assert engine.stats.prompt_tokens - before == 150 + 2  # the finished first choice kept its caches to be copied
     assert engine.pipeline.stages[0].kv.sequence_ids() == []  # type: ignore[attr-defined]  # and then let go
+
+
+def test_min_tokens_is_clipped_with_max_tokens_to_the_room_left(engine: Engine) -> None:
+    room = engine.context_length - 100
+    clipped = engine.check_prompt(100, SamplingParams(max_tokens=10**6, min_tokens=10**5))
+    assert (clipped.max_tokens, clipped.min_tokens) == (room, room)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -295,3 +296,12 @@ def test_a_full_disk_fails_the_assignment_naming_the_cache_and_leaves_no_temp_fi
         fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
     assert str(fresh_worker.settings.cache_dir) in fresh_worker.error
     assert not list(fresh_worker.settings.cache_dir.glob("??/*.partial"))
+
+
+def test_an_assign_counts_as_activity(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
+    """Another master's takeover rule reads forward_idle_seconds: a fresh assignment must not look idle."""
+    source = resolve_model(str(tiny_llama))
+    time.sleep(0.3)
+    before = fresh_worker.activity.idle_seconds()
+    fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+    assert before >= 0.3 and fresh_worker.activity.idle_seconds() < 0.3
