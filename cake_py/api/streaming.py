@@ -82,11 +82,12 @@ def open_streams(
     streams: list[EventStream] = []
     first_with: dict[tuple[int, ...], int] = {}  # a prompt → the sequence that prefills it for the others (n > 1)
     try:
-        for prompt_ids, sampling in zip(prompts, params, strict=True):
-            key = tuple(prompt_ids)
-            stream = EventStream(engine, prompt_ids, sampling, observe, first_with.get(key))
-            first_with.setdefault(key, stream.seq_id)
-            streams.append(stream)
+        with engine.submitting():  # they start together, in one step
+            for prompt_ids, sampling in zip(prompts, params, strict=True):
+                key = tuple(prompt_ids)
+                stream = EventStream(engine, prompt_ids, sampling, observe, first_with.get(key))
+                first_with.setdefault(key, stream.seq_id)
+                streams.append(stream)
     except BaseException:
         for stream in streams:
             stream.cancel()

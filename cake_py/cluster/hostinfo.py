@@ -31,6 +31,7 @@ class HostFacts:
     python_version: str
     cpu_count: int
     ram_total_bytes: int
+    memory_id: str = "ram"  # see memory_identity
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +44,15 @@ def device_memory(device: str) -> tuple[int, int]:
         return int(total), int(free)
     memory = psutil.virtual_memory()
     return int(memory.total), int(memory.available)
+
+
+def memory_identity(device: str) -> str:
+    """Which memory holds weights on `device`: "ram" for host memory (cpu; mps's unified memory), else the GPU's
+    UUID (a worker sees its GPU as cuda:0 whichever of the box's GPUs CUDA_VISIBLE_DEVICES gave it)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        uuid = getattr(torch.cuda.get_device_properties(torch.device(device)), "uuid", None)
+        return f"cuda-{uuid}" if uuid is not None else device
+    return "ram"
 
 
 @functools.cache
@@ -87,4 +97,5 @@ def host_facts(device: str, tflops: float) -> HostFacts:
         python_version=platform.python_version(),
         cpu_count=os.cpu_count() or 1,
         ram_total_bytes=int(psutil.virtual_memory().total),
+        memory_id=memory_identity(device),
     )

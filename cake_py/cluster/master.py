@@ -47,6 +47,12 @@ def check_addresses(workers: list[WorkerSpec]) -> None:
         seen[spec.address] = spec.name
 
 
+def memory_pool(host: Any) -> str:
+    """A handshake's HostInfo → its memory pool. Workers naming the same pool draw on one memory: a host's RAM,
+    or one GPU (by its UUID; not every GPU of a box, and not a GPU and the RAM)."""
+    return f"{host.hostname}/{host.memory_id or host.device}"
+
+
 def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.dtype, device: str) -> Pipeline:
     """Handshake every worker, place the layers, stream them, and chain the stages in layer order."""
     n_layers = source.config.n_layers
@@ -70,7 +76,7 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
                     conn.spec.name,
                     reply.host.memory_free_bytes,
                     reply.host.tflops,
-                    memory_pool=f"{reply.host.hostname}/{reply.host.device}",
+                    memory_pool=memory_pool(reply.host),
                     held_bytes=reply.held_bytes,
                 )
                 for conn, reply in zip(connections, replies, strict=True)

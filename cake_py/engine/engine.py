@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from itertools import count
 
@@ -131,6 +132,13 @@ class Engine:
         if params.max_tokens > room:
             params = replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         return params
+
+    @contextmanager
+    def submitting(self) -> Iterator[None]:
+        """Submit several sequences as one request: the engine sees them all at once, so they start in one step
+        (and choices find the prefill they copy)."""
+        with self._submit_lock:  # the engine thread takes it for each sequence it takes from the inbox
+            yield
 
     def check_room(self, count: int) -> None:
         """Whether a request of `count` sequences may queue now: OverloadedError while the queue is too full for

@@ -214,3 +214,17 @@ def test_invalid_manual_ranges_name_the_workers_and_layers(
 ) -> None:
     with pytest.raises(ClusterError, match=message):
         check_manual(given, n_layers)
+
+
+def test_memory_pools_are_a_hosts_ram_or_one_gpu() -> None:
+    from types import SimpleNamespace
+
+    from cake_py.cluster.master import memory_pool
+
+    def host(name: str, memory_id: str, device: str = "cuda") -> object:
+        return SimpleNamespace(hostname=name, memory_id=memory_id, device=device)
+
+    # Two workers on one box, each given one of its GPUs (both see it as cuda:0): two pools, not one.
+    assert memory_pool(host("box", "cuda-GPU-1")) != memory_pool(host("box", "cuda-GPU-2"))
+    assert memory_pool(host("box", "ram", "cpu")) == memory_pool(host("box", "ram", "mps"))  # unified memory
+    assert memory_pool(host("box", "", "cpu")) == "box/cpu"  # a worker older than memory_id: as before
