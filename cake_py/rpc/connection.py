@@ -102,7 +102,7 @@ class WorkerConnection:
         self.channel: grpc.Channel | None = None
         self.stub: pb_grpc.WorkerStub | None = None
         self.host: pb.HostInfo | None = None
-        self.assignment = 0  # the worker's assignment number, as its last handshake or our last Assign said
+        self.assignment = 0  # the number of our last Assign on this worker (0: none, or dropped by unassign)
         self._manifest: list[pb.TensorSpec] | None = None
 
     @property

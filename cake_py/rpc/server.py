@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 class ForwardActivity:
-    """Forward passes in progress and when the last one ended, for InfoReply.forward_idle_seconds."""
+    """Forward passes in progress and when the last one (or the last Assign) ended, for
+    InfoReply.forward_idle_seconds."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
