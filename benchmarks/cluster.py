@@ -1,6 +1,7 @@
 """Cluster overhead: decode ms/token of SmolLM2 on one node vs master + 2 workers on loopback, and one hop's cost.
 
     .venv/bin/python benchmarks/cluster.py [--tokens 64] [--rounds 20] [--cpus 0] [--dtype bfloat16|float32] [--dense]
+                                           [--device cpu|cuda]
 
 Same model (the embedded Q4_1 GGUF: bf16 with int4 kernels; `--dense` writes it out as the Hub's bf16 safetensors
 checkpoint, every weight dequantized; `--dtype float32` computes dense in float32), same prompt, greedy, EOS
@@ -96,12 +97,12 @@ def start_engine(pipeline: Pipeline, source: ModelSource, threads: int, ids: lis
     return engine
 
 
-def back_to_back_hops(stage: Stage, hidden_size: int, dtype: torch.dtype, calls: int) -> list[float]:
+def back_to_back_hops(stage: Stage, hidden_size: int, dtype: torch.dtype, device: str, calls: int) -> list[float]:
     """Forward calls of one decode token each to one worker, one right after the other (nothing else runs in
     between): each call's round trip minus the worker's own compute, in ms."""
     recorder = RecordingStats()
     stage.stats = recorder
-    hidden = torch.zeros(1, hidden_size, dtype=dtype)
+    hidden = torch.zeros(1, hidden_size, dtype=dtype, device=device)
     seq_id = 1 << 40  # no engine's
     with torch.inference_mode():
         for position in range(calls):
@@ -122,14 +123,15 @@ def write_dense_checkpoint(source: ModelSource, folder: Path) -> ModelSource:
     return resolve_model(str(folder))
 
 
-def start_workers(count: int, cache: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+def start_workers(count: int, cache: Path, device: str) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     processes, addresses = [], []
     for index in range(count):
         with socket.socket() as probe:  # a free port (another run may hold fixed ones)
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         command = [sys.executable, "-m", "cake_py.cli", "worker", "--host", "127.0.0.1", "--port", str(port),
-                   "--threads", "1", "--cache-dir", str(cache / str(index)), "--log-level", "warning"]  # fmt: skip
+                   "--threads", "1", "--cache-dir", str(cache / str(index)), "--log-level", "warning",
+                   "--device", device]  # fmt: skip
         processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))
         addresses.append(f"127.0.0.1:{port}")
     time.sleep(1.0)
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("--cpus", default="0", help="cores of the pinned configurations (taskset list form)")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (4-bit int4 kernels unless --dense) or float32")
     parser.add_argument("--dense", action="store_true", help="the Hub's bf16 checkpoint: every weight dequantized")
+    parser.add_argument("--device", default="cpu", help="where the master and the workers compute (cpu or cuda)")
     parser.add_argument("--hop-calls", type=int, default=200, help="back-to-back Forward calls to one worker")
     args = parser.parse_args()
     everywhere = tuple(sorted(os.sched_getaffinity(0)))
@@ -162,12 +165,12 @@ def main() -> None:
             (Path(cache) / "dense").mkdir()
             source = write_dense_checkpoint(source, Path(cache) / "dense")
         ids = source.tokenizer.encode_chat([{"role": "user", "content": "Tell me about Paris."}])
-        workers, addresses = start_workers(3, Path(cache))
+        workers, addresses = start_workers(3, Path(cache), args.device)
         specs = [WorkerSpec(f"w{i}", address) for i, address in enumerate(addresses[:2])]
         engines: dict[str, Engine] = {}
         try:
-            single = build_pipeline(ServeSettings(dtype=args.dtype), source, "cpu")
-            cluster = build_pipeline(ServeSettings(dtype=args.dtype, workers=specs), source, "cpu")
+            single = build_pipeline(ServeSettings(dtype=args.dtype), source, args.device)
+            cluster = build_pipeline(ServeSettings(dtype=args.dtype, workers=specs), source, args.device)
             # The same stages (workers, connections) behind a pipeline that never chains.
             unchained = Pipeline(cluster.ends, cluster.stages, chain=False)
             setups = {  # pipeline, torch threads
@@ -194,7 +197,9 @@ def main() -> None:
             # The hop alone: a third worker holding one layer, called back to back (the master keeps the rest).
             torch.set_num_threads(1)
             one_layer = build_pipeline(
-                ServeSettings(dtype=args.dtype, workers=[WorkerSpec("hop", addresses[2], layers=(0, 1))]), source, "cpu"
+                ServeSettings(dtype=args.dtype, workers=[WorkerSpec("hop", addresses[2], layers=(0, 1))]),
+                source,
+                args.device,
             )
             try:
                 for unpinned in (False, True):
@@ -203,7 +208,7 @@ def main() -> None:
                         set_process_batch(pid, not unpinned)
                     hidden_size = source.config.hidden_size
                     back_to_back[unpinned] = back_to_back_hops(
-                        one_layer.stages[0], hidden_size, dtype_from_name(args.dtype), args.hop_calls
+                        one_layer.stages[0], hidden_size, dtype_from_name(args.dtype), args.device, args.hop_calls
                     )
             finally:
                 one_layer.close()
@@ -220,7 +225,7 @@ def main() -> None:
 
     weights = "Q4_1 dequantized to a bf16 safetensors checkpoint" if args.dense else "Q4_1"
     print(f"\nSmolLM2-135M {weights}, --dtype {args.dtype}, {len(ids)}-token prompt, {args.tokens} new tokens, "
-          f"{args.rounds} rounds, --cpus {args.cpus}, {len(everywhere)} cores")  # fmt: skip
+          f"{args.rounds} rounds, --cpus {args.cpus}, {len(everywhere)} cores, --device {args.device}")  # fmt: skip
     for name in names:
         print(f"{name:20s} {median[name]:7.2f} ms/token (median of rounds)")
     for name in ("single, --cpus", "cluster, --cpus"):

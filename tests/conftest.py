@@ -42,3 +42,14 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFac
 def tiny_llama(tiny_model_factory: TinyModelFactory) -> Path:
     """The tiny GQA Llama (untied head) folder."""
     return tiny_model_factory("llama")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--gpu", action="store_true", default=False, help="run tests/gpu (needs CUDA; CI has no GPU)")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/gpu is collected only with --gpu: CI has no GPU, and there those tests fail rather than skip."""
+    if collection_path == REPO_ROOT / "tests" / "gpu" and not config.getoption("--gpu"):
+        return True
+    return None

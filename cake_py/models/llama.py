@@ -224,10 +224,10 @@ class Transformer(nn.Module):
         return KVStore(self.n_layers, self.config.n_kv_heads, self.config.head_dim, self.dtype, self.device)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(T,) token ids → (T, hidden)."""
+        """(T,) token ids (on any device: the engine builds them on the CPU) → (T, hidden) on this model's device."""
         if self.embed_tokens is None:
             raise RuntimeError("this part of the model does not hold the embedding")
-        return self.embed_tokens(tokens)
+        return self.embed_tokens(tokens.to(self.device, non_blocking=True))
 
     def forward_layers(self, hidden: torch.Tensor, batch: Batch, kv: KVStore) -> torch.Tensor:
         """Run (T, hidden) through this part's layers, reading and extending each sequence's KV cache."""
