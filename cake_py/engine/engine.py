@@ -26,6 +26,7 @@ from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
 from cake_py.engine.stats import EngineStats
 from cake_py.errors import CakeError, ClusterError, ContextLengthError, OverloadedError, RequestError
 from cake_py.models.device import tune_allocator
+from cake_py.models.kv_cache import Batch
 from cake_py.models.sampling import SamplingParams, prompt_token_logprobs
 from cake_py.models.tokenizer import Tokenizer
 
@@ -68,6 +69,9 @@ class Engine:
         # Finished sequences whose prefill other choices still wait to copy: released once none does.
         self._kept_for_copies: dict[int, Sequence] = {}
         self._inbox_copies: dict[int, int] = {}  # leader id → choices still in the inbox that will copy it
+        # The sequences of a failed step, in order: each runs alone until it has passed a step (or failed one alone),
+        # so that one sequence's fault (or a batch too big for memory) ends only its own request.
+        self._suspects: dict[int, None] = {}
         self._stopping = False
         self._dead = False  # the thread ended on an error no step handler caught
         # Held to queue a sequence, and by the engine thread for its last look at the inbox: a sequence is either
@@ -330,7 +334,11 @@ class Engine:
             seq = self._waiting.pop(next(iter(self._waiting)))  # the oldest
             self._running[seq.seq_id] = seq
         self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
-        plan = plan_step(self._running.values(), self.max_batch_tokens, self._shared_prefill)
+        suspect = self._next_suspect()
+        candidates = [suspect] if suspect is not None else self._running.values()
+        plan = plan_step(candidates, self.max_batch_tokens, self._shared_prefill)
+        if suspect is not None:
+            self._suspects.pop(suspect.seq_id)  # it runs alone now (or waits, unplanned, for the prefill it copies)
         if not plan.batch:
             return
         batch, members, rows, sampled_members = plan.batch, plan.members, plan.rows, plan.sampled
@@ -343,6 +351,10 @@ class Engine:
             if not isinstance(error, CakeError):
                 log.exception("forward pass failed")
                 error = CakeError(f"internal error in the forward pass: {type(error).__name__}: {error}")
+            if len(members) > 1 and not self.pipeline.down_stages():
+                log.warning("a step of %d sequences failed (%s): each runs alone once", len(members), error)
+                self._retry_alone(batch, members)
+                return
             for seq in members:
                 self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(error), exception=error))
             return
@@ -381,6 +393,30 @@ class Engine:
             else:
                 self._emit(seq, event)
         self._settle()
+
+    def _next_suspect(self) -> Sequence | None:
+        """The first sequence of a failed step still running, to be run alone."""
+        while self._suspects:
+            seq_id = next(iter(self._suspects))
+            seq = self._running.get(seq_id)
+            if seq is not None:
+                return seq
+            del self._suspects[seq_id]  # finished or cancelled meanwhile
+        return None
+
+    def _retry_alone(self, batch: Batch, members: list[Sequence]) -> None:
+        """After a failed step of several sequences (no stage down): each runs its slice again alone. A rewrite of
+        the same positions is harmless to the caches a stage already extended; a sequence that was to start as a
+        copy of another's prefill drops what a stage may have copied, and is planned as a copy again."""
+        copies = [seq for piece, seq in zip(batch, members, strict=True) if piece.copy_from is not None]
+        for seq in copies:
+            seq.n_cached = 0
+        if copies:
+            try:
+                self.pipeline.release([seq.seq_id for seq in copies])
+            except Exception as error:  # the retry then fails for these alone, and says why
+                log.warning("releasing the failed copies failed: %s", error)
+        self._suspects.update(dict.fromkeys(seq.seq_id for seq in members))
 
     def _shared_prefill(self, seq: Sequence) -> int | None:
         """For a sequence that shares its leader's prefill and has not started: the leader's id once that prefill is
