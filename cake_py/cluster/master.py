@@ -19,7 +19,7 @@ from cake_py.models.hub import ModelSource
 from cake_py.models.weights import LAYER_PATTERN, load_transformer
 from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
 from cake_py.rpc.dataplane import client_tls
-from cake_py.rpc.security import channel_credentials
+from cake_py.rpc.security import channel_credentials, warn_if_key_in_plaintext
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
         ranges = check_manual({spec.name: spec.layers for spec in settings.workers}, n_layers)
     credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
     tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    hosts = [spec.address.rpartition(":")[0] for spec in settings.workers]
+    warn_if_key_in_plaintext(settings.cluster_key, credentials is not None, hosts, "the master")
     connections = [WorkerConnection(spec, settings.cluster_key, credentials, tls=tls) for spec in settings.workers]
     try:
         with ThreadPoolExecutor(max_workers=len(connections)) as pool:

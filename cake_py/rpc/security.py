@@ -7,8 +7,9 @@ answers UNAUTHENTICATED otherwise. TLS (optional) uses PEM files; with a CA give
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,29 @@ def _deny(method: str, given: str) -> grpc.RpcMethodHandler:
     if method.endswith("/Assign"):
         return grpc.stream_unary_rpc_method_handler(abort)
     return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def warn_if_key_in_plaintext(key: str | None, tls: bool, hosts: Iterable[str], who: str) -> None:
+    """The cluster key travels as-is in every call: without TLS, anyone who can read the traffic between two
+    machines can reuse it. Loopback traffic never leaves the machine, so it is not warned about."""
+    exposed = [host for host in hosts if not _is_loopback(host)]
+    if key and not tls and exposed:
+        log.warning(
+            "%s: the cluster key crosses the network to %s in plaintext (no TLS); anyone who can read that traffic "
+            "can reuse it: add --tls-cert/--tls-key (and --tls-ca) on master and workers",
+            who,
+            ", ".join(exposed),
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve anywhere
 
 
 def key_metadata(key: str | None) -> tuple[tuple[str, str], ...]:

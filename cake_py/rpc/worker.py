@@ -20,7 +20,7 @@ from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_devi
 from cake_py.rpc import MAX_MESSAGE_BYTES
 from cake_py.rpc.dataplane import DataPlaneServer, server_tls
 from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
-from cake_py.rpc.security import ClusterKeyInterceptor, server_credentials
+from cake_py.rpc.security import ClusterKeyInterceptor, server_credentials, warn_if_key_in_plaintext
 from cake_py.rpc.server import WorkerServicer
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ def run_worker(settings: WorkerSettings) -> None:
     server, servicer, port = start_server(settings)
     if not settings.cluster_key:
         log.warning("no --cluster-key: any master that can reach this worker can use it")
+    # A wildcard address listens on every interface, the network's too.
+    warn_if_key_in_plaintext(settings.cluster_key, bool(settings.tls_cert), [settings.host], "this worker")
     if settings.tls_cert and not settings.tls_ca:
         log.warning("--tls-cert without --tls-ca: this worker cannot verify the next worker of a chained forward, "
                     "so its output goes back through the master")  # fmt: skip
