@@ -127,16 +127,27 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         )
 
     def Prepare(self, request: pb.PrepareRequest, context: grpc.ServicerContext) -> pb.PrepareReply:
-        missing, cached = [], 0
+        missing: dict[str, int] = {}  # sha256 → bytes to stream
+        cached = 0
         try:
             for spec in request.tensors:
                 if self.cache.verify(spec.sha256, spec.size_bytes):
                     cached += spec.size_bytes
-                elif spec.sha256 not in missing:
-                    missing.append(spec.sha256)
+                else:
+                    missing[spec.sha256] = spec.size_bytes
+            free = self.cache.free_bytes()
         except ClusterError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return pb.PrepareReply(missing_sha256=missing, cached_bytes=cached)
+        # Refused before a byte streams: a master retrying every few seconds would otherwise stream the weights
+        # again each time, only to fill the disk again.
+        needed = sum(missing.values())
+        if needed > free:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the weight cache {str(self.cache.root)!r} has {free / 1e9:.2f} GB free and the missing weights need "
+                f"{needed / 1e9:.2f} GB: free space there, or start the worker with another --cache-dir",
+            )
+        return pb.PrepareReply(missing_sha256=list(missing), cached_bytes=cached)
 
     def Assign(self, request_iterator: Iterator[pb.AssignChunk], context: grpc.ServicerContext) -> pb.AssignReply:
         began = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -50,6 +51,13 @@ class WeightCache:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise ClusterError(f"invalid sha256 {sha256!r} in the weight manifest")
         return self.root / sha256[:2] / sha256
+
+    def free_bytes(self) -> int:
+        """Bytes free on the cache's disk for this process (what a non-root user may write)."""
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError as error:
+            raise ClusterError(f"cannot read the free space of weight cache {str(self.root)!r}: {error}") from error
 
     def verify(self, sha256: str, size: int) -> bool:
         """Present and its bytes hash to `sha256`. A damaged file is deleted, so that it is streamed again.

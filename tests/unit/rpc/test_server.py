@@ -305,3 +305,21 @@ def test_an_assign_counts_as_activity(fresh_worker: WorkerServicer, tiny_llama: 
     before = fresh_worker.activity.idle_seconds()
     fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
     assert before >= 0.3 and fresh_worker.activity.idle_seconds() < 0.3
+
+
+def test_a_disk_too_small_for_the_missing_weights_is_refused_before_they_stream(
+    fresh_worker: WorkerServicer, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = resolve_model(str(tiny_llama))
+    header = assign_messages(source, 0, 2)[0].header
+    needed = sum(spec.size_bytes for spec in header.tensors)
+    monkeypatch.setattr(fresh_worker.cache, "free_bytes", lambda: needed - 1)
+    prepare = pb.PrepareRequest(model_id=source.model_id, tensors=header.tensors)
+    with pytest.raises(RuntimeError, match=r"weight cache .* has 0\.00 GB free and the missing weights need 0\.00 GB"):
+        fresh_worker.Prepare(prepare, Context())  # type: ignore[arg-type]
+    monkeypatch.setattr(fresh_worker.cache, "free_bytes", lambda: needed)
+    assert len(fresh_worker.Prepare(prepare, Context()).missing_sha256) == len(header.tensors)  # type: ignore[arg-type]
+    # Once cached, nothing is missing: any free space will do.
+    fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+    monkeypatch.setattr(fresh_worker.cache, "free_bytes", lambda: 0)
+    assert fresh_worker.Prepare(prepare, Context()).missing_sha256 == []  # type: ignore[arg-type]
