@@ -405,17 +405,13 @@ class Engine:
         return None
 
     def _retry_alone(self, batch: Batch, members: list[Sequence]) -> None:
-        """After a failed step of several sequences (no stage down): each runs its slice again alone. A rewrite of
-        the same positions is harmless to the caches a stage already extended; a sequence that was to start as a
-        copy of another's prefill drops what a stage may have copied, and is planned as a copy again."""
-        copies = [seq for piece, seq in zip(batch, members, strict=True) if piece.copy_from is not None]
-        for seq in copies:
-            seq.n_cached = 0
-        if copies:
-            try:
-                self.pipeline.release([seq.seq_id for seq in copies])
-            except Exception as error:  # the retry then fails for these alone, and says why
-                log.warning("releasing the failed copies failed: %s", error)
+        """After a failed step of several sequences (no stage down): each runs its slice again alone. Stages that
+        ran the failed step rewrite the same positions (workers accept a slice that starts before what they hold);
+        a sequence that was to start as a copy of another's prefill is planned as a copy again, which replaces
+        whatever a stage had copied."""
+        for piece, seq in zip(batch, members, strict=True):
+            if piece.copy_from is not None:
+                seq.n_cached = 0
         self._suspects.update(dict.fromkeys(seq.seq_id for seq in members))
 
     def _shared_prefill(self, seq: Sequence) -> int | None:

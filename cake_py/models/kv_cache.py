@@ -96,16 +96,15 @@ class KVStore:
         self._last_used: dict[int, float] = {}
 
     def for_batch(self, batch: Batch) -> list[list[LayerCache]]:
-        """Per sequence of the batch, its per-layer caches (created on first sight, copied for a `copy_from`)."""
+        """Per sequence of the batch, its per-layer caches (created on first sight, copied for a `copy_from`: a copy
+        replaces whatever the sequence held, so a failed step that had copied already can run again)."""
         for piece in batch:
-            if piece.copy_from is not None and piece.seq_id not in self._caches:
+            if piece.copy_from is not None:
                 self._copy(piece.copy_from, piece.seq_id, piece.start_pos)
         return [self._get(s.seq_id) for s in batch]
 
     def check_copy(self, piece: SequenceSlice) -> None:
-        """ValueError unless `piece.copy_from` can seed `piece`: a new sequence, a source holding its prefix."""
-        if piece.seq_id in self._caches:
-            raise ValueError(f"sequence {piece.seq_id} already has caches; it cannot start as a copy")
+        """ValueError unless `piece.copy_from` can seed `piece`: a source holding its prefix."""
         if self.length(piece.copy_from or 0) < piece.start_pos:
             raise ValueError(
                 f"sequence {piece.seq_id} starts as a copy of {piece.start_pos} positions of sequence "

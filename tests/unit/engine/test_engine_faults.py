@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from cake_py.cluster.pipeline import Pipeline, local_pipeline
-from cake_py.cluster.stage import LocalStage
+from cake_py.cluster.pipeline import Pipeline, load_ends, local_pipeline
+from cake_py.cluster.stage import LocalStage, StageStats
+from cake_py.config import WorkerSettings
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
+from cake_py.errors import StageError
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import Batch
 from cake_py.models.sampling import SamplingParams
+from cake_py.rpc.codec import decode_tensor, encode_tensor
+from cake_py.rpc.pb import worker_pb2 as pb
+from cake_py.rpc.server import WorkerServicer
+from tests.unit.rpc.test_server import Context, assign_messages
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
@@ -159,3 +167,103 @@ def test_a_sequence_failing_alone_ends_with_the_error(source: ModelSource) -> No
     assert results[0][-1].finish_reason == "error"
     assert "internal error in the forward pass: RuntimeError: out of memory (simulated)" in (results[0][-1].error or "")
     assert engine.pipeline.stages[0].failures == 1  # type: ignore[attr-defined]  # no retry of a lone sequence
+
+
+class InProcessWorker:
+    """A stage that is a real worker's forward handler (its checks of each slice against its caches included),
+    failing like a worker out of memory when `fault(batch)` says so: before computing, or after."""
+
+    def __init__(
+        self, root: Path, source: ModelSource, layers: tuple[int, int], fault: Callable[[Batch], bool], after: bool
+    ) -> None:
+        self.start, self.end = layers
+        self.name, self.stats, self.fault, self.after = f"w{self.start}", StageStats(), fault, after
+        self.worker = WorkerServicer(WorkerSettings(name=self.name, cache_dir=root / self.name), "cpu", 1.0)
+        self.worker.Assign(iter(assign_messages(source, *layers)), Context())  # type: ignore[arg-type]
+
+    def forward(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if not self.after and self.fault(batch):
+            raise StageError(f"{self.name}: CUDA out of memory (simulated)")
+        slices = [pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens) for s in batch]
+        for wire, piece in zip(slices, batch, strict=True):
+            wire.copy_from = piece.copy_from or 0
+        request = pb.ForwardRequest(request_id=1, sequences=slices)
+        encode_tensor(hidden, out=request.hidden)
+        reply = self.worker._forward_one(request)
+        if reply.error:
+            raise StageError(f"{self.name}: {reply.error}")
+        if self.after and self.fault(batch):
+            raise StageError(f"{self.name}: CUDA out of memory (simulated)")
+        return decode_tensor(reply.hidden)
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        assert self.worker.kv is not None
+        self.worker.kv.release(seq_ids)
+
+    def healthy(self) -> bool:
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("where", ["second-worker", "one-worker-after-its-layers"])
+def test_a_worker_failing_after_caches_grew_ends_only_the_request_at_fault(
+    where: str, source: ModelSource, tmp_path: Path
+) -> None:
+    """The first worker (or the failing one's own layers) extended every sequence's caches before the step failed:
+    each run alone rewrites those positions, and only the poisoned request ends."""
+    poisoned = {2}
+
+    def fault(batch: Batch) -> bool:
+        return any(piece.seq_id in poisoned for piece in batch)
+
+    n = source.config.n_layers
+    if where == "second-worker":
+        stages = [
+            InProcessWorker(tmp_path, source, (0, 1), lambda batch: False, after=False),
+            InProcessWorker(tmp_path, source, (1, n), fault, after=False),
+        ]
+    else:
+        stages = [InProcessWorker(tmp_path, source, (0, n), fault, after=True)]
+    engine = Engine(Pipeline(load_ends(source, torch.float32), stages), source.tokenizer, max_batch_tokens=64)
+    requests = [(prompt, GREEDY) for prompt in PROMPTS]
+    expected = alone(source, requests)
+    engine.start()
+    try:
+        _, results = run_together(engine, requests)
+    finally:
+        engine.stop()
+    last = [events[-1] for events in results]
+    assert [event.finish_reason for event in last] == ["length", "error", "length"], [e.error for e in last]
+    assert "CUDA out of memory (simulated)" in (last[1].error or "")
+    assert [tokens(results[0]), tokens(results[2])] == [expected[0], expected[2]]
+
+
+def test_choices_copied_on_a_worker_before_its_step_failed_copy_again_there(
+    source: ModelSource, tmp_path: Path
+) -> None:
+    failed = threading.Event()
+
+    def fail_once(batch: Batch) -> bool:
+        if failed.is_set() or not any(piece.copy_from for piece in batch):
+            return False
+        failed.set()
+        return True
+
+    n = source.config.n_layers
+    stages = [InProcessWorker(tmp_path, source, (0, n), fail_once, after=True)]
+    engine = Engine(Pipeline(load_ends(source, torch.float32), stages), source.tokenizer, max_batch_tokens=64)
+    prompt = [5 + (i * 7) % 200 for i in range(40)]
+    seeded = [(prompt, SamplingParams(temperature=0.9, seed=seed, max_tokens=6, ignore_eos=True)) for seed in range(3)]
+    expected = alone(source, seeded)
+    engine.start()
+    try:
+        _, results = run_together(engine, seeded, share_prefill=True)
+    finally:
+        engine.stop()
+    assert failed.is_set()
+    assert [tokens(events) for events in results] == expected
