@@ -132,18 +132,22 @@ def test_a_batch_too_big_for_its_step_still_finishes_every_sequence(source: Mode
     assert engine.pipeline.stages[0].failures > 0  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("after", [False, True], ids=["before-the-copy", "after-the-copy"])
-def test_choices_in_a_failed_step_copy_the_prefill_again(after: bool, source: ModelSource) -> None:
-    """The step failed before the stage copied the first choice's prefill, or after: the retry copies afresh."""
-    failed = threading.Event()
+class FailOnceOnACopy:
+    """Fails the first step that holds a choice starting as a copy of another's prefill."""
 
-    def fail_once(batch: Batch) -> bool:
-        if failed.is_set() or not any(piece.copy_from for piece in batch):
+    def __init__(self) -> None:
+        self.failed = False
+
+    def __call__(self, batch: Batch) -> bool:
+        if self.failed or not any(piece.copy_from for piece in batch):
             return False
-        failed.set()
+        self.failed = True
         return True
 
-    engine = faulty_engine(source, fail_once, after=after)
+
+def check_choices_survive(engine: Engine, fault: FailOnceOnACopy, source: ModelSource) -> None:
+    """Three seeded choices sharing one prefill, through `engine` whose stage fails with `fault`: each samples what
+    it samples alone."""
     prompt = [5 + (i * 7) % 200 for i in range(40)]
     seeded = [(prompt, SamplingParams(temperature=0.9, seed=seed, max_tokens=6, ignore_eos=True)) for seed in range(3)]
     expected = alone(source, seeded)
@@ -152,9 +156,16 @@ def test_choices_in_a_failed_step_copy_the_prefill_again(after: bool, source: Mo
         _, results = run_together(engine, seeded, share_prefill=True)
     finally:
         engine.stop()
-    assert failed.is_set()
+    assert fault.failed
     assert [tokens(events) for events in results] == expected
     assert all(events[-1].error is None for events in results)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-the-copy", "after-the-copy"])
+def test_choices_in_a_failed_step_copy_the_prefill_again(after: bool, source: ModelSource) -> None:
+    """The step failed before the stage copied the first choice's prefill, or after: the retry copies afresh."""
+    fault = FailOnceOnACopy()
+    check_choices_survive(faulty_engine(source, fault, after=after), fault, source)
 
 
 def test_a_sequence_failing_alone_ends_with_the_error(source: ModelSource) -> None:
@@ -246,24 +257,7 @@ def test_a_worker_failing_after_caches_grew_ends_only_the_request_at_fault(
 def test_choices_copied_on_a_worker_before_its_step_failed_copy_again_there(
     source: ModelSource, tmp_path: Path
 ) -> None:
-    failed = threading.Event()
-
-    def fail_once(batch: Batch) -> bool:
-        if failed.is_set() or not any(piece.copy_from for piece in batch):
-            return False
-        failed.set()
-        return True
-
-    n = source.config.n_layers
-    stages = [InProcessWorker(tmp_path, source, (0, n), fail_once, after=True)]
+    fault = FailOnceOnACopy()
+    stages = [InProcessWorker(tmp_path, source, (0, source.config.n_layers), fault, after=True)]
     engine = Engine(Pipeline(load_ends(source, torch.float32), stages), source.tokenizer, max_batch_tokens=64)
-    prompt = [5 + (i * 7) % 200 for i in range(40)]
-    seeded = [(prompt, SamplingParams(temperature=0.9, seed=seed, max_tokens=6, ignore_eos=True)) for seed in range(3)]
-    expected = alone(source, seeded)
-    engine.start()
-    try:
-        _, results = run_together(engine, seeded, share_prefill=True)
-    finally:
-        engine.stop()
-    assert failed.is_set()
-    assert [tokens(events) for events in results] == expected
+    check_choices_survive(engine, fault, source)
