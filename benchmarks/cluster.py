@@ -1,7 +1,7 @@
 """Cluster overhead: decode ms/token of SmolLM2 on one node vs master + 2 workers on loopback, and one hop's cost.
 
     .venv/bin/python benchmarks/cluster.py [--tokens 64] [--rounds 20] [--cpus 0] [--dtype bfloat16|float32] [--dense]
-                                           [--device cpu|cuda]
+                                           [--device cpu|cuda] [--no-cuda-graphs]
 
 Same model (the embedded Q4_1 GGUF: bf16 with int4 kernels; `--dense` writes it out as the Hub's bf16 safetensors
 checkpoint, every weight dequantized; `--dtype float32` computes dense in float32), same prompt, greedy, EOS
@@ -50,6 +50,7 @@ from cake_py.cluster.pipeline import Pipeline  # noqa: E402
 from cake_py.cluster.stage import Stage, StageStats  # noqa: E402
 from cake_py.config import ServeSettings, WorkerSpec, parse_cpus  # noqa: E402
 from cake_py.engine.engine import Engine  # noqa: E402
+from cake_py.models import graphs  # noqa: E402
 from cake_py.models.device import release_openmp_threads, set_process_batch, set_process_cpus  # noqa: E402
 from cake_py.models.gguf import GGUFWeights  # noqa: E402
 from cake_py.models.hub import ModelSource, resolve_model  # noqa: E402
@@ -123,7 +124,9 @@ def write_dense_checkpoint(source: ModelSource, folder: Path) -> ModelSource:
     return resolve_model(str(folder))
 
 
-def start_workers(count: int, cache: Path, device: str) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+def start_workers(
+    count: int, cache: Path, device: str, graphs_flag: list[str]
+) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     processes, addresses = [], []
     for index in range(count):
         with socket.socket() as probe:  # a free port (another run may hold fixed ones)
@@ -131,7 +134,7 @@ def start_workers(count: int, cache: Path, device: str) -> tuple[list[subprocess
             port = probe.getsockname()[1]
         command = [sys.executable, "-m", "cake_py.cli", "worker", "--host", "127.0.0.1", "--port", str(port),
                    "--threads", "1", "--cache-dir", str(cache / str(index)), "--log-level", "warning",
-                   "--device", device]  # fmt: skip
+                   "--device", device, *graphs_flag]  # fmt: skip
         processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))
         addresses.append(f"127.0.0.1:{port}")
     time.sleep(1.0)
@@ -151,8 +154,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (4-bit int4 kernels unless --dense) or float32")
     parser.add_argument("--dense", action="store_true", help="the Hub's bf16 checkpoint: every weight dequantized")
     parser.add_argument("--device", default="cpu", help="where the master and the workers compute (cpu or cuda)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="GPU: every step eager")
     parser.add_argument("--hop-calls", type=int, default=200, help="back-to-back Forward calls to one worker")
     args = parser.parse_args()
+    graphs.set_enabled(args.cuda_graphs)
     everywhere = tuple(sorted(os.sched_getaffinity(0)))
     pinned = parse_cpus(args.cpus) or everywhere
     names = ["single, --cpus", "single, all cores", "cluster, --cpus", "cluster, no chain", "cluster, unpinned"]
@@ -165,7 +170,8 @@ def main() -> None:
             (Path(cache) / "dense").mkdir()
             source = write_dense_checkpoint(source, Path(cache) / "dense")
         ids = source.tokenizer.encode_chat([{"role": "user", "content": "Tell me about Paris."}])
-        workers, addresses = start_workers(3, Path(cache), args.device)
+        graphs_flag = [] if args.cuda_graphs else ["--no-cuda-graphs"]
+        workers, addresses = start_workers(3, Path(cache), args.device, graphs_flag)
         specs = [WorkerSpec(f"w{i}", address) for i, address in enumerate(addresses[:2])]
         engines: dict[str, Engine] = {}
         try:
@@ -225,7 +231,8 @@ def main() -> None:
 
     weights = "Q4_1 dequantized to a bf16 safetensors checkpoint" if args.dense else "Q4_1"
     print(f"\nSmolLM2-135M {weights}, --dtype {args.dtype}, {len(ids)}-token prompt, {args.tokens} new tokens, "
-          f"{args.rounds} rounds, --cpus {args.cpus}, {len(everywhere)} cores, --device {args.device}")  # fmt: skip
+          f"{args.rounds} rounds, --cpus {args.cpus}, {len(everywhere)} cores, --device {args.device}"
+          f"{'' if args.cuda_graphs else ' --no-cuda-graphs'}")  # fmt: skip
     for name in names:
         print(f"{name:20s} {median[name]:7.2f} ms/token (median of rounds)")
     for name in ("single, --cpus", "cluster, --cpus"):

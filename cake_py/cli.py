@@ -12,7 +12,6 @@ from cake_py import __version__
 from cake_py.config import (
     DEFAULT_SERVE_PORT,
     DEFAULT_WORKER_PORT,
-    DEVICES,
     DTYPES,
     ServeSettings,
     WorkerSettings,
@@ -38,6 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 CPUS_HELP = "run on these CPUs only, e.g. 0-3,6, as SCHED_BATCH (default threads: their count)"
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (one GPU of several) or mps"
 
 
 def _at_least_one(value: str) -> int:
@@ -78,6 +78,15 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _graphs_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="on a GPU, run every decode step eagerly instead of replaying one sequence's steps as CUDA graphs",
+    )
+
+
 def _tls_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate of this node (enables TLS)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of this node")
@@ -98,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=DEFAULT_SERVE_PORT)
     serve.add_argument("--model-name", help="model id reported by the API (default: the model's id)")
     serve.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    serve.add_argument("--device", default="auto", choices=DEVICES)
+    serve.add_argument("--device", default="auto", help=DEVICE_HELP)
     serve.add_argument("--api-key", help="require this Bearer key on the API (also CAKE_API_KEY)")
     serve.add_argument("--ui-auth", help="USER:PASS for HTTP Basic auth on the web UI and topology")
     serve.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
@@ -129,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per step: a long prompt's prefill runs in chunks of this size beside the running streams",
     )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _graphs_flag(serve)
     _tls_flags(serve)
 
     worker = commands.add_parser("worker", help="run a worker that holds a range of layers for a master")
@@ -137,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", help="worker name shown in the topology (default: hostname:port)")
     worker.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
     worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
-    worker.add_argument("--device", default="auto", choices=DEVICES)
+    worker.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _graphs_flag(worker)
     worker.add_argument("--threads", type=_positive_int, help="torch threads of this worker")
     worker.add_argument("--cpus", help=CPUS_HELP)
     worker.add_argument(
@@ -163,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int)
     run.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    run.add_argument("--device", default="auto", choices=DEVICES)
+    run.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _graphs_flag(run)
     run.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
 
     pull = commands.add_parser("pull", help="download a model from the Hugging Face Hub into the HF cache")
@@ -214,6 +226,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         connect_timeout=args.connect_timeout,
         cpus=cpus,
         chain=args.chain,
+        cuda_graphs=args.cuda_graphs,
     )
 
 
@@ -246,6 +259,7 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
         kv_idle_seconds=max(args.kv_idle_seconds, 1),
         data_port=args.data_port,
         cpus=cpus,
+        cuda_graphs=args.cuda_graphs,
     )
 
 
@@ -273,7 +287,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        run_prompt(model, prompt, params, write, dtype=args.dtype, device=args.device, raw=args.raw)
+        device = check_device(args.device)
+        run_prompt(
+            model, prompt, params, write, dtype=args.dtype, device=device, raw=args.raw, cuda_graphs=args.cuda_graphs
+        )
         sys.stdout.write("\n")
     elif args.command == "pull":
         from cake_py.models.hub import download

@@ -53,6 +53,7 @@ class ServeSettings:
     connect_timeout: float = 10.0  # seconds to wait for each worker at startup (it may still be starting)
     cpus: tuple[int, ...] | None = None  # CPUs this process may run on (--cpus); None = wherever the OS likes
     chain: bool = True  # workers pass hidden states straight to the next worker (--no-chain: via the master)
+    cuda_graphs: bool = True  # on a GPU, one sequence's decode steps replay as CUDA graphs (--no-cuda-graphs)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class WorkerSettings:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     cpus: tuple[int, ...] | None = None
+    cuda_graphs: bool = True
 
 
 def env(name: str) -> str | None:
@@ -91,8 +93,10 @@ def check_dtype(value: str) -> str:
 
 
 def check_device(value: str) -> str:
-    if value not in DEVICES:
-        raise ConfigError(f"unknown device {value!r} (choose one of {', '.join(DEVICES)})")
+    """auto, cpu, cuda, mps, or cuda:N for one GPU of several (whether it exists is checked when it is used)."""
+    index = value.removeprefix("cuda:")
+    if value not in DEVICES and not (index != value and index.isdigit()):
+        raise ConfigError(f"unknown device {value!r} (choose one of {', '.join(DEVICES)}, or cuda:N)")
     return value
 
 

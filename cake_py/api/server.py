@@ -13,6 +13,7 @@ from cake_py.cluster.hostinfo import measure_tflops
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import Engine
+from cake_py.models import graphs
 from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_device, set_threads, torch_dtype
 from cake_py.models.hub import ModelSource, resolve_model
 
@@ -58,6 +59,7 @@ def build_state(settings: ServeSettings) -> ServerState:
 
 def serve(settings: ServeSettings) -> None:
     pin_cpus(settings.cpus)
+    graphs.set_enabled(settings.cuda_graphs)
     state = build_state(settings)
     log.info("serving %s on http://%s:%d", state.model_name, settings.host, settings.port)
     config = uvicorn.Config(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from cake_py.cluster.pipeline import local_pipeline
 from cake_py.engine.engine import Engine
 from cake_py.errors import CakeError
+from cake_py.models import graphs
 from cake_py.models.device import release_openmp_threads, resolve_device, torch_dtype
 from cake_py.models.hub import resolve_model
 from cake_py.models.sampling import SamplingParams
@@ -21,8 +22,10 @@ def run_prompt(
     dtype: str = "bfloat16",
     device: str = "auto",
     raw: bool = False,
+    cuda_graphs: bool = True,
 ) -> str:
     """Generate an answer to `prompt` (chat-templated unless `raw`), writing text as it streams; returns it."""
+    graphs.set_enabled(cuda_graphs)
     source = resolve_model(model)
     tokenizer = source.tokenizer
     prompt_ids = tokenizer.encode(prompt) if raw else tokenizer.encode_chat([{"role": "user", "content": prompt}])

@@ -27,6 +27,11 @@ def resolve_device(name: str) -> str:
         return "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
+    if name.startswith("cuda:") and name[5:].isdigit():
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(name[5:]) >= count:
+            raise ConfigError(f"--device {name} was asked for but torch sees {count} CUDA device(s)")
+        return name
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps was asked for but torch sees no MPS device")
     if name not in ("cpu", "cuda", "mps"):

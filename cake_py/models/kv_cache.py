@@ -70,8 +70,8 @@ class LayerCache:
         """Become a copy of `source`'s first `n_positions` positions (this cache is new and empty)."""
         capacity = -(-max(n_positions, 1) // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
         shape = (1, self.n_kv_heads, capacity, self.head_dim)
-        self.keys = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.values = torch.empty_like(self.keys)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)  # see _grow
+        self.values = torch.zeros_like(self.keys)
         self.keys[:, :, :n_positions] = source.keys[:, :, :n_positions]
         self.values[:, :, :n_positions] = source.values[:, :, :n_positions]
         self.length = n_positions
@@ -79,8 +79,10 @@ class LayerCache:
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.keys.shape[2])
         capacity = -(-capacity // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
-        keys = torch.empty(1, self.n_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
-        values = torch.empty_like(keys)
+        # Zeros, not garbage, past the length: a graphed decode step reads the whole capacity, masked, and a NaN
+        # there would survive the mask.
+        keys = torch.zeros(1, self.n_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
         keys[:, :, : self.length] = self.keys[:, :, : self.length]
         values[:, :, : self.length] = self.values[:, :, : self.length]
         self.keys, self.values = keys, values
@@ -127,6 +129,10 @@ class KVStore:
             caches = [LayerCache(self.n_kv_heads, self.head_dim, self.dtype, self.device) for _ in range(self.n_layers)]
             self._caches[seq_id] = caches
         return caches
+
+    def caches_of(self, seq_id: int) -> list[LayerCache] | None:
+        """The sequence's per-layer caches, if it has any (nothing is created)."""
+        return self._caches.get(seq_id)
 
     def length(self, seq_id: int) -> int:
         caches = self._caches.get(seq_id)

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cake_py.models import graphs
 from cake_py.models.config import ModelConfig, RopeConfig
+from cake_py.models.graphs import DecodeGraphs
 from cake_py.models.kv_cache import Batch, KVStore, LayerCache, batch_positions
 
 
@@ -79,18 +81,27 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(T, hidden) → q (T, n_heads, head_dim), k and v (T, n_kv_heads, head_dim), q and k rotated."""
+        n_tokens = x.shape[0]
+        qkv = self.wqkv(x)
+        q_size, kv_size, _ = self.split_sizes
+        v = qkv[:, q_size + kv_size :].view(n_tokens, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(qkv[:, :q_size].view(n_tokens, self.n_heads, self.head_dim))
+            k = self.k_norm(qkv[:, q_size : q_size + kv_size].view(n_tokens, self.n_kv_heads, self.head_dim))
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        # Queries and keys side by side: one rotation for both (half the small ops of a decode step).
+        qk = qkv[:, : q_size + kv_size].view(n_tokens, self.n_heads + self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(qk, cos, sin).split((self.n_heads, self.n_kv_heads), dim=1)
+        return q, k, v
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, caches: list[LayerCache]
     ) -> torch.Tensor:
-        n_tokens = x.shape[0]
-        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)
-        q = q.view(n_tokens, self.n_heads, self.head_dim)  # (T, n_heads, head_dim)
-        k = k.view(n_tokens, self.n_kv_heads, self.head_dim)  # (T, n_kv_heads, head_dim)
-        v = v.view(n_tokens, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
+        q, k, v = self.project(x, cos, sin)
         if len(batch) > 1 and all(p.n_tokens == 1 for p in batch) and self._window_unused(batch):
             return self.wo(self._batched_decode_attention(q, k, v, batch, caches))
         outputs = []
@@ -102,7 +113,7 @@ class Attention(nn.Module):
             v_seq = v[offset:end].transpose(0, 1).unsqueeze(0)
             keys, values = cache.update(k_seq, v_seq, piece.start_pos)  # (1, n_kv_heads, L, head_dim)
             mask = self._mask(piece.start_pos, piece.n_tokens, keys.shape[2], x.device)
-            if piece.n_tokens == 1 and mask is None:
+            if piece.n_tokens == 1 and mask is None and x.device.type == "cpu":
                 outputs.append(self._decode_attention(q[offset], keys[0], values[0]))
             else:
                 out = F.scaled_dot_product_attention(
@@ -113,9 +124,28 @@ class Attention(nn.Module):
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return self.wo(attended)
 
+    def decode_static(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: torch.Tensor, cache: LayerCache
+    ) -> torch.Tensor:
+        """One token of one sequence at `position` ((1,) on the device), with fixed shapes and addresses only (what
+        a CUDA graph can replay): the new keys/values go in at `position`, and attention reads the whole cache, up
+        to its capacity, masking every position after this one (and outside the window). x: (1, hidden)."""
+        q, k, v = self.project(x, cos, sin)
+        cache.keys.index_copy_(2, position, k.transpose(0, 1).unsqueeze(0))  # (1, n_kv_heads, 1, head_dim)
+        cache.values.index_copy_(2, position, v.transpose(0, 1).unsqueeze(0))
+        key_pos = torch.arange(cache.keys.shape[2], device=x.device)
+        visible = key_pos <= position
+        if self.sliding_window is not None:
+            visible &= key_pos > position - self.sliding_window
+        query = q.transpose(0, 1).unsqueeze(0)  # (1, n_heads, 1, head_dim)
+        mask = visible.view(1, 1, 1, -1)
+        out = F.scaled_dot_product_attention(query, cache.keys, cache.values, attn_mask=mask, enable_gqa=True)
+        return self.wo(out.view(1, self.n_heads * self.head_dim))
+
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """One query token against its cache, as two small batched matmuls per kv head (half the cost of the
-        CPU SDPA kernels at this size). q: (n_heads, head_dim); keys, values: (n_kv_heads, L, head_dim)."""
+        CPU SDPA kernels at this size; on a GPU, one SDPA kernel beats these eight small ones).
+        q: (n_heads, head_dim); keys, values: (n_kv_heads, L, head_dim)."""
         group = self.n_heads // self.n_kv_heads
         # Accumulate in float32 like the fused kernels do, so 16-bit results track them token for token.
         q = q.view(self.n_kv_heads, group, self.head_dim).float()  # (n_kv_heads, group, head_dim)
@@ -190,6 +220,12 @@ class Block(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, batch, caches)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def decode_static(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: torch.Tensor, cache: LayerCache
+    ) -> torch.Tensor:
+        h = x + self.attention.decode_static(self.attention_norm(x), cos, sin, position, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
 
 class Transformer(nn.Module):
     """Layers [start, end) of a model, with the embedding and/or the head when this part holds them."""
@@ -207,6 +243,8 @@ class Transformer(nn.Module):
         # cos and sin of positions [0, n), (n, 1, head_dim) each, grown on demand: a decode step slices its rows
         # instead of running a dozen small ops per step (per stage, in a cluster).
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.cuda_graphs = graphs.enabled()  # on a GPU, replay one sequence's decode steps (models/graphs.py)
+        self._decode_graphs: DecodeGraphs | None = None
 
     @property
     def n_layers(self) -> int:
@@ -233,16 +271,31 @@ class Transformer(nn.Module):
         """Run (T, hidden) through this part's layers, reading and extending each sequence's KV cache."""
         if self.n_layers == 0:
             return hidden
+        if self.cuda_graphs and hidden.is_cuda and len(batch) == 1:
+            if self._decode_graphs is None:
+                self._decode_graphs = DecodeGraphs(self)
+            out = self._decode_graphs.run(hidden, batch[0], kv)  # one sequence's decode step, replayed
+            if out is not None:
+                return out
         cos, sin = self.rope(batch, hidden)
         per_sequence = kv.for_batch(batch)
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, cos, sin, batch, [caches[index] for caches in per_sequence])
         return hidden
 
-    def rope(self, batch: Batch, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for every token of the batch, in layout order: (T, 1, head_dim) each, on `like`'s device and
-        dtype. Rows of a table computed once, so equal to computing them for these positions alone."""
-        end = max(s.start_pos + s.n_tokens for s in batch)
+    def decode_static(self, hidden: torch.Tensor, position: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
+        """One token of one sequence through this part's layers with fixed shapes and addresses (see
+        `Attention.decode_static`); `caches` are the sequence's, one per layer, and their lengths are not updated.
+        Run it only after `_rope_tables(capacity)`: the tables must already cover every position it may be asked."""
+        cos, sin = self._rope_tables(1, hidden)
+        cos, sin = cos.index_select(0, position), sin.index_select(0, position)  # (1, 1, head_dim)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            assert isinstance(layer, Block)
+            hidden = layer.decode_static(hidden, cos, sin, position, cache)
+        return hidden
+
+    def _rope_tables(self, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of positions [0, n ≥ end): (n, 1, head_dim) each, on `like`'s device and dtype."""
         tables = self._rope
         if tables is not None and (tables[0].dtype != like.dtype or tables[0].device != like.device):
             tables = None  # another dtype or device: start over
@@ -250,7 +303,12 @@ class Transformer(nn.Module):
             size = max(end, 2 * tables[0].shape[0] if tables is not None else 256)
             positions = torch.arange(size, device=like.device)
             tables = self._rope = rope_tables(self.inv_freq.to(like.device), positions, like.dtype)
-        cos, sin = tables
+        return tables
+
+    def rope(self, batch: Batch, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for every token of the batch, in layout order: (T, 1, head_dim) each, on `like`'s device and
+        dtype. Rows of a table computed once, so equal to computing them for these positions alone."""
+        cos, sin = self._rope_tables(max(s.start_pos + s.n_tokens for s in batch), like)
         if len(batch) == 1:
             s = batch[0]
             return cos[s.start_pos : s.start_pos + s.n_tokens], sin[s.start_pos : s.start_pos + s.n_tokens]

@@ -65,8 +65,34 @@ def test_float32_on_the_gpu_equals_the_cpu(kind: str, tiny_model_factory: TinyMo
     cpu, gpu = local_pipeline(source, torch.float32, "cpu"), local_pipeline(source, torch.float32, DEVICE)
     assert gpu.ends.device.type == torch.device(DEVICE).type
     torch.testing.assert_close(prefill_logits(gpu, ids), prefill_logits(cpu, ids), atol=2e-4, rtol=1e-4)
-    # Decode runs other kernels (one query row, the caches grown step by step): greedy tokens must agree too.
+    # Decode runs other kernels (one query row, replayed as CUDA graphs): greedy tokens must agree too.
     assert generate_tokens(gpu, source.tokenizer, ids) == generate_tokens(cpu, source.tokenizer, ids)
+    assert_graphed(gpu)
+
+
+def assert_graphed(pipeline: Pipeline) -> None:
+    """The pipeline's local layers replayed their decode steps as CUDA graphs (on a GPU)."""
+    if DEVICE != "cuda":
+        return
+    model = pipeline.stages[0].model  # type: ignore[attr-defined]
+    assert model._decode_graphs is not None and not model._decode_graphs.disabled
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen3"])
+def test_graphed_decode_across_a_reallocation_equals_eager(kind: str, tiny_model_factory: TinyModelFactory) -> None:
+    """A 250-token prompt and 24 tokens more: the caches grow past 256 positions mid-generation (the graph is
+    recorded again), and the windowed models slide their window all along. Graphs, eager and the CPU agree."""
+    source = resolve_model(str(tiny_model_factory(kind)))
+    ids = [5 + (i * 13) % 300 for i in range(250)]
+    graphed = local_pipeline(source, torch.float32, DEVICE)
+    eager = local_pipeline(source, torch.float32, DEVICE)
+    eager.stages[0].model.cuda_graphs = False  # type: ignore[attr-defined]
+    tokens = generate_tokens(graphed, source.tokenizer, ids, max_tokens=24)
+    assert tokens == generate_tokens(eager, source.tokenizer, ids, max_tokens=24)
+    # Again on the same layers: the first sequence's graph is dropped, the next one's recorded.
+    assert generate_tokens(graphed, source.tokenizer, ids, max_tokens=24) == tokens
+    assert tokens == generate_tokens(local_pipeline(source, torch.float32, "cpu"), source.tokenizer, ids, 24)
+    assert_graphed(graphed)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -133,6 +159,7 @@ def test_choices_share_their_prefill_on_the_gpu(tiny_llama: Path) -> None:
         engine.stop()
     assert [_tokens(events) for events in shared] == alone
     assert engine.stats.prompt_tokens - before == 150 + 2
+    assert_graphed(engine.pipeline)  # alone, each was graphed; together, they ran eagerly in one batch
 
 
 def _tokens(events: list[GenerationEvent]) -> list[int]:

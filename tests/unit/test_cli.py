@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def cake(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -127,6 +128,25 @@ def test_flags_reach_the_settings() -> None:
     assert _serve_settings(parser.parse_args(["serve"])).chain is True
     worker = _worker_settings(parser.parse_args(["worker", "--cpus", "0,2"]))
     assert (worker.cpus, worker.threads) == ((0, 2), 2)
+    assert (serve.cuda_graphs, worker.cuda_graphs) == (True, True)
+    assert _serve_settings(parser.parse_args(["serve", "--no-cuda-graphs", "--device", "cuda:1"])).cuda_graphs is False
+    worker = _worker_settings(parser.parse_args(["worker", "--no-cuda-graphs", "--device", "cuda:0"]))
+    assert (worker.cuda_graphs, worker.device) == (False, "cuda:0")
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "run"])
+@pytest.mark.parametrize("device", ["cuda:x", "gpu", "cuda:-1"])
+def test_a_device_that_is_no_device_is_refused(command: str, device: str) -> None:
+    assert_one_line_error(cake(command, *(["hello"] if command == "run" else []), "--device", device), repr(device))
+
+
+def test_a_gpu_index_past_the_last_gpu_is_refused() -> None:
+    from cake_py.errors import ConfigError
+    from cake_py.models.device import resolve_device
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match=rf"--device cuda:{count} .* torch sees {count} CUDA device"):
+        resolve_device(f"cuda:{count}")
 
 
 @pytest.mark.parametrize("command", ["serve", "worker"])

@@ -1,0 +1,46 @@
+"""The fixed-shape decode step that CUDA graphs record computes what the eager decode step computes.
+
+The recording and replaying itself needs a GPU (tests/gpu); the step's math runs anywhere, so it is checked here
+against the eager path for every architecture, through and past a sliding window.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cake_py.models.hub import resolve_model
+from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.weights import load_transformer
+from tests.conftest import TinyModelFactory
+from tests.fixtures.tiny_models import KINDS
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_static_decode_step_computes_what_the_eager_one_does(
+    kind: str, tiny_model_factory: TinyModelFactory
+) -> None:
+    source = resolve_model(str(tiny_model_factory(kind)))
+    config = source.config
+    layers = load_transformer(
+        source.weights, config, 0, config.n_layers, with_embedding=False, with_head=False, dtype=torch.float32
+    )
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randn(12, config.hidden_size, generator=generator)
+    eager_kv, static_kv = layers.new_kv_store(), layers.new_kv_store()
+    for kv in (eager_kv, static_kv):
+        layers.forward_layers(prompt, [SequenceSlice(1, 0, 12)], kv)
+    for position in range(12, 40):  # past the tiny Mistral's and Qwen's 16-token windows
+        x = torch.randn(1, config.hidden_size, generator=generator)
+        eager = layers.forward_layers(x, [SequenceSlice(1, position, 1)], eager_kv)
+        caches = static_kv.caches_of(1)
+        assert caches is not None and caches[0].keys.shape[2] > position
+        layers._rope_tables(caches[0].keys.shape[2], x)
+        static = layers.decode_static(x, torch.tensor([position]), caches)
+        for cache in caches:
+            cache.length = position + 1
+        torch.testing.assert_close(static, eager, atol=1e-4, rtol=1e-4)
+    # The caches past the written positions are zeros: the static step reads them (masked), and NaN would leak.
+    caches = static_kv.caches_of(1)
+    assert caches is not None
+    assert not caches[0].keys[:, :, 40:].any()
