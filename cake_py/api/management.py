@@ -25,7 +25,7 @@ from cake_py.api.schemas import json_body
 from cake_py.api.state import ServerState
 from cake_py.engine.engine import Engine
 from cake_py.errors import CakeError
-from cake_py.models.device import release_openmp_threads
+from cake_py.models.device import release_device_memory, release_openmp_threads
 from cake_py.models.hub import EMBEDDED_MODEL_ID, ModelSource, list_cached, resolve_model
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ async def load_model(request: Request) -> Response:
             old_name = state.model_name
             state.engine, state.source = None, None
             await run_in_threadpool(_retire, old_engine)
+            old_engine = None  # the new model must not load while this one still holds its memory
+            await run_in_threadpool(release_device_memory, state.device)
             try:
                 engine = await run_in_threadpool(_build_engine, state, source, settings)
             except Exception as error:
@@ -147,6 +149,8 @@ async def unload_model(request: Request) -> Response:
         try:
             old, state.engine, state.source = state.engine, None, None
             await run_in_threadpool(_retire, old)
+            del old
+            await run_in_threadpool(release_device_memory, state.device)
         finally:
             state.switching = None
     return JSONResponse({"status": "unloaded", "model_id": unloaded})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import sys
@@ -37,6 +38,23 @@ def resolve_device(name: str) -> str:
     if name not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"unknown device {name!r} (choose auto, cpu, cuda or mps)")
     return name
+
+
+def release_device_memory(device: str) -> None:
+    """Give back the memory of models and caches just dropped. Reference cycles are collected now rather than
+    whenever; on a GPU, torch's caching allocator otherwise keeps their blocks reserved for this process, and the
+    device's free memory (what placement reads, for this process and any other on the GPU) would not count them."""
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def held_device_memory(device: str) -> int:
+    """Bytes of the device's memory this process holds through torch (GPU: reserved by its allocator), 0 on the
+    CPU, where the caller counts its weights and caches itself."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.memory_reserved(torch.device(device)))
+    return 0
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -25,7 +25,7 @@ from cake_py.cluster.hostinfo import HostFacts, host_facts
 from cake_py.config import WorkerSettings
 from cake_py.errors import CakeError, ClusterError
 from cake_py.models.config import ModelConfig
-from cake_py.models.device import release_openmp_threads
+from cake_py.models.device import held_device_memory, release_device_memory, release_openmp_threads
 from cake_py.models.kv_cache import KVStore, SequenceSlice
 from cake_py.models.llama import Transformer
 from cake_py.models.weights import build_transformer
@@ -115,6 +115,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # so a master that restarts places the model on the same memory as before.
         kv = self.kv
         held = self.weights_bytes + (kv.nbytes if kv is not None else 0)
+        if self.model is not None:  # on a GPU, what its allocator reserves: activations' blocks too
+            held = max(held, held_device_memory(self.device))
         host.memory_free_bytes = min(host.memory_total_bytes, host.memory_free_bytes + held)
         return pb.HandshakeReply(
             protocol_version=PROTOCOL_VERSION,
@@ -181,6 +183,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 raise ClusterError(f"weight stream ended with {len(incomplete)} tensor(s) incomplete")
             with self.lock:  # free the old layers before loading the new ones: memory for one set, not both
                 self.model, self.kv, self.weights_bytes, self.model_id, self.assignment = None, None, 0, "", 0
+            release_device_memory(self.device)
             tensors = {}
             for name, spec in specs.items():
                 # verify, not a size check: free when Prepare hashed it in this process, and it may not have
@@ -357,6 +360,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 return pb.UnassignReply(dropped=False)
             self.model, self.kv, self.weights_bytes, self.model_id, self.assignment = None, None, 0, "", 0
             self.status, self.error = pb.WORKER_STATUS_IDLE, ""
+        release_device_memory(self.device)  # a GPU's free memory counts them again (placement reads it)
         log.info("layers dropped: their master unloaded its model or shut down")
         return pb.UnassignReply(dropped=True)
 

@@ -1,5 +1,5 @@
 """Process placement: --cpus pins every thread of the process, those started before and after the call, and makes
-them SCHED_BATCH (no wake-up preemption between stages sharing a core)."""
+them SCHED_BATCH (no wake-up preemption between stages sharing a core); a GPU's memory is given back and counted."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -83,3 +85,18 @@ def test_unavailable_cpu_is_named() -> None:
 
 def test_empty_set_is_an_error() -> None:
     assert "not available" in str(pin([])["error"])
+
+
+def test_device_memory_is_given_back_and_counted_on_a_gpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from cake_py.models.device import held_device_memory, release_device_memory
+
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 7 * 2**30)
+    release_device_memory("cpu")
+    assert emptied == [] and held_device_memory("cpu") == 0
+    release_device_memory("cuda:1")
+    assert emptied == [True] and held_device_memory("cuda:1") == 7 * 2**30

@@ -323,3 +323,26 @@ def test_a_disk_too_small_for_the_missing_weights_is_refused_before_they_stream(
     fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
     monkeypatch.setattr(fresh_worker.cache, "free_bytes", lambda: 0)
     assert fresh_worker.Prepare(prepare, Context()).missing_sha256 == []  # type: ignore[arg-type]
+
+
+def test_a_gpu_worker_gives_dropped_layers_back_and_counts_what_its_allocator_holds(
+    fresh_worker: WorkerServicer, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU, torch's allocator keeps a dropped model's blocks (and activations') reserved: the worker empties
+    it when it drops layers, and a handshake credits all of it as memory the next assignment frees."""
+    from cake_py.rpc import server
+
+    released: list[str] = []
+    monkeypatch.setattr(server, "release_device_memory", released.append)
+    monkeypatch.setattr(server, "held_device_memory", lambda device: 10**12 if device == "cuda" else 0)
+    source = resolve_model(str(tiny_llama))
+    first = fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+    assert released == ["cpu"]  # the previous (no) layers, dropped before loading
+    handshake = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION)
+    assert fresh_worker.Handshake(handshake, Context()).held_bytes == fresh_worker.weights_bytes  # type: ignore[arg-type]
+    fresh_worker.device = "cuda"
+    assert fresh_worker.Handshake(handshake, Context()).held_bytes == 10**12  # type: ignore[arg-type]
+    unassign = pb.UnassignRequest(assignment=first.assignment)
+    assert fresh_worker.Unassign(unassign, Context()).dropped  # type: ignore[arg-type]
+    assert released == ["cpu", "cuda"]
+    assert fresh_worker.Handshake(handshake, Context()).held_bytes == 0  # type: ignore[arg-type]  # holds nothing now
