@@ -71,6 +71,8 @@ class LocalStage:
     def forward(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         began = time.perf_counter()
         out = self.model.forward_layers(hidden, batch, self.kv)
+        if out.is_cuda:  # the GPU's time, not only the launches' (the head waits for it anyway)
+            torch.cuda.synchronize(out.device)
         self.stats.record((time.perf_counter() - began) * 1000)
         return out
 

@@ -116,7 +116,10 @@ class Sampler:
         if params.repetition_penalty != 1.0 and history:
             logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
         if params.min_tokens and len(self.end_ids) and sum(self.generated.values()) < params.min_tokens:
-            logits = logits.index_fill(0, self.end_ids.to(logits.device), float("-inf"))
+            # End ids come from the model's own files, unchecked: one past the vocabulary would be a device-side
+            # assert on a GPU, which breaks every later request of the process.
+            end_ids = self.end_ids[self.end_ids < logits.shape[-1]]
+            logits = logits.index_fill(0, end_ids.to(logits.device), float("-inf"))
         if (params.frequency_penalty or params.presence_penalty) and self.generated:
             logits = apply_frequency_presence(logits, self.generated, params.frequency_penalty, params.presence_penalty)
         if params.greedy:

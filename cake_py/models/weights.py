@@ -307,8 +307,12 @@ def build_transformer(
     with torch.device("meta"):
         model = Transformer(config, start, end, with_embedding=with_embedding, with_head=with_head)
     state = to_module_state(tensors, config, start, end, with_embedding=with_embedding, with_head=with_head)
-    quantized_modules = _install_quantized(model, state, dtype, device)
-    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+    what = f"layers {start}-{end - 1}" if end > start else "the embedding and head"
+    try:
+        quantized_modules = _install_quantized(model, state, dtype, device)
+        state = placed(state, dtype, device, what)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        raise _placement_error(error, what, dtype, device) from None
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     for name, shape in expected.items():
         if name in state and tuple(state[name].shape) != shape:
@@ -323,6 +327,22 @@ def build_transformer(
             f"weights do not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
         )
     return model.eval().requires_grad_(False)
+
+
+def placed(
+    state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str, what: str
+) -> dict[str, torch.Tensor]:
+    """Every tensor in `dtype` on `device`; a device without the memory (or the dtype) is a one-line WeightsError."""
+    try:
+        return {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        raise _placement_error(error, what, dtype, device) from None
+
+
+def _placement_error(error: BaseException, what: str, dtype: torch.dtype, device: torch.device | str) -> WeightsError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    hint = "spread the model over workers, or use a smaller --dtype" if "memory" in reason.lower() else "try --dtype"
+    return WeightsError(f"cannot place {what} on {device} in {str(dtype).removeprefix('torch.')}: {reason} ({hint})")
 
 
 def _install_quantized(

@@ -336,6 +336,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 same = hidden.dtype == self.compute_dtype and self.device == "cpu"
                 began = time.perf_counter()
                 out = model.forward_layers(hidden if same else hidden.to(self.device, self.compute_dtype), batch, kv)
+                if out.is_cuda:  # the GPU's time, not only the launches' (encoding the answer waits for it anyway)
+                    torch.cuda.synchronize(out.device)
                 reply.forward_us = int((time.perf_counter() - began) * 1e6)
             encode_tensor(out if out.dtype == hidden.dtype else out.to(hidden.dtype), out=reply.hidden)
         except (CakeError, ValueError, RuntimeError) as error:

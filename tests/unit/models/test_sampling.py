@@ -223,5 +223,9 @@ def test_min_tokens_holds_end_tokens_back_until_enough_are_drawn() -> None:
     logits = torch.tensor([0.0, 0.0, 50.0])  # token 2 (the end token) all but certain
     sampler = Sampler(SamplingParams(temperature=0.0, min_tokens=2), end_ids=frozenset({2}))
     assert [sampler.sample(logits, []).token_id for _ in range(3)] == [0, 0, 2]
+    # An end id past the vocabulary (a model file's mistake) is ignored, not indexed: on a GPU that would be a
+    # device-side assert breaking the whole process.
+    sampler = Sampler(SamplingParams(temperature=0.0, min_tokens=1), end_ids=frozenset({2, 3}))
+    assert sampler.sample(logits, []).token_id == 0
     with pytest.raises(RequestError, match="min_tokens must be between 0 and max_tokens"):
         SamplingParams(max_tokens=4, min_tokens=5)

@@ -305,3 +305,20 @@ def test_which_layers_use_the_sliding_window(
     edit_config(folder, sliding_window=8, **fields)
     config = ModelConfig.from_hf(SafetensorsWeights(folder).config)
     assert [config.window_of(layer) for layer in range(config.n_layers)] == expected
+
+
+def test_a_device_without_the_memory_is_a_one_line_error() -> None:
+    import torch
+
+    from cake_py.errors import WeightsError
+    from cake_py.models.weights import placed
+
+    class OnAFullGpu:
+        def to(self, **_: object) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nIncluding other memory")
+
+    with pytest.raises(WeightsError) as caught:
+        placed({"w": OnAFullGpu()}, torch.bfloat16, "cuda:0", "layers 0-4")  # type: ignore[dict-item]
+    message = str(caught.value)
+    assert message.startswith("cannot place layers 0-4 on cuda:0 in bfloat16: CUDA out of memory. Tried to allocate")
+    assert "\n" not in message and "spread the model over workers" in message
