@@ -12,6 +12,7 @@ from cake_py.models.sampling import (
     apply_frequency_presence,
     apply_logit_bias,
     apply_repetition_penalty,
+    candidates,
     filter_logits,
 )
 
@@ -89,6 +90,32 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     filtered = filter_logits(probs.log(), top_k=0, top_p=0.75)
     # 0.5 < 0.75, 0.5 + 0.3 crosses it: the first two stay
     assert torch.isfinite(filtered).tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "min_p"),
+    [(0, 1.0, 0.0), (40, 1.0, 0.0), (0, 0.9, 0.0), (0, 0.999, 0.0), (80, 0.9, 0.0), (0, 0.5, 0.05), (7, 0.3, 0.1)],
+)
+@pytest.mark.parametrize("spread", [0.5, 3.0, 10.0])  # flat (a wide nucleus) to peaked
+def test_fast_candidates_are_the_filtered_distribution(top_k: int, top_p: float, min_p: float, spread: float) -> None:
+    """`candidates` (what the sampler draws from) computes `filter_logits`' distribution over fewer tokens."""
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(int(spread * 10))) * spread
+    expected = torch.softmax(filter_logits(logits, top_k, top_p, min_p), dim=-1)
+    ids, probs = candidates(logits, top_k, top_p, min_p)
+    dense = probs / probs.sum()
+    if ids is not None:
+        dense = torch.zeros_like(expected).index_put_((ids,), dense)
+    torch.testing.assert_close(dense, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_draw_follows_the_distribution() -> None:
+    """The inverse-CDF draw picks each token as often as its probability says (and never a masked one)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0, float("-inf")])
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=7))
+    counts = torch.bincount(torch.tensor([sampler.sample(logits, []).token_id for _ in range(20000)]), minlength=6)
+    expected = torch.softmax(logits, dim=-1)
+    assert counts[5] == 0
+    torch.testing.assert_close(counts.double() / 20000, expected.double(), atol=0.01, rtol=0)
 
 
 def test_sampling_never_leaves_the_nucleus() -> None:
