@@ -22,6 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cake_py.api.state import ServerState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# The methods a request is labelled with; any other is "other": a label per method a client makes up (the metrics
+# middleware counts even refused, unauthenticated requests) would let anyone grow the registry without bound.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
 class EngineCollector(Collector):
@@ -129,7 +132,8 @@ class MetricsMiddleware:
             metrics.in_progress.dec()
             path = scope["path"]
             label = getattr(scope.get("route"), "path", None) or (path if path in self.paths else "unmatched")
-            metrics.requests.labels(label, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            metrics.requests.labels(label, method, str(status)).inc()
             metrics.duration.labels(label).observe(time.perf_counter() - began)
 
 
