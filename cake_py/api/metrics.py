@@ -20,11 +20,17 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cake_py.api.state import ServerState
+from cake_py.cluster.stage import Stage
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # The methods a request is labelled with; any other is "other": a label per method a client makes up (the metrics
 # middleware counts even refused, unauthenticated requests) would let anyone grow the registry without bound.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+def stage_labels(stage: Stage) -> list[str]:
+    """A stage's series labels: its name and its layers, inclusive like cluster.yaml's ("0-4")."""
+    return [stage.name, f"{stage.start}-{stage.end - 1}"]
 
 
 class EngineCollector(Collector):
@@ -54,18 +60,21 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("cake_queue_depth", "Sequences waiting to start", value=engine.queue_depth)
         yield GaugeMetricFamily("cake_sequences_in_flight", "Sequences running or waiting", value=engine.in_flight)
         yield GaugeMetricFamily("cake_engine_step_ms", "Duration of the last scheduler step", value=stats.last_step_ms)
-        forward = GaugeMetricFamily("cake_stage_forward_ms", "Moving average of a stage's compute", labels=["stage"])
-        hop = GaugeMetricFamily("cake_stage_round_trip_ms", "Moving average of a hop to a stage", labels=["stage"])
-        calls = CounterMetricFamily("cake_stage_calls", "Forward calls per stage", labels=["stage"])
-        sent = CounterMetricFamily("cake_stage_sent_bytes", "Bytes sent to a stage", labels=["stage"])
-        received = CounterMetricFamily("cake_stage_received_bytes", "Bytes received from a stage", labels=["stage"])
+        # A stage's name alone is not unique: the master keeps every run of layers no worker holds, each a stage
+        # called "master" (layers 0-4 and 20-29 around a worker's 5-19). Its layers tell the series apart.
+        labels = ["stage", "layers"]
+        forward = GaugeMetricFamily("cake_stage_forward_ms", "Moving average of a stage's compute", labels=labels)
+        hop = GaugeMetricFamily("cake_stage_round_trip_ms", "Moving average of a hop to a stage", labels=labels)
+        calls = CounterMetricFamily("cake_stage_calls", "Forward calls per stage", labels=labels)
+        sent = CounterMetricFamily("cake_stage_sent_bytes", "Bytes sent to a stage", labels=labels)
+        received = CounterMetricFamily("cake_stage_received_bytes", "Bytes received from a stage", labels=labels)
         for stage in engine.pipeline.stages:
-            figures = stage.stats
-            forward.add_metric([stage.name], figures.forward_ms)
-            hop.add_metric([stage.name], figures.round_trip_ms)
-            calls.add_metric([stage.name], figures.calls)
-            sent.add_metric([stage.name], figures.bytes_sent)
-            received.add_metric([stage.name], figures.bytes_received)
+            figures, key = stage.stats, stage_labels(stage)
+            forward.add_metric(key, figures.forward_ms)
+            hop.add_metric(key, figures.round_trip_ms)
+            calls.add_metric(key, figures.calls)
+            sent.add_metric(key, figures.bytes_sent)
+            received.add_metric(key, figures.bytes_received)
         yield from (forward, hop, calls, sent, received)
 
 

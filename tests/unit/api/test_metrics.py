@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 from cake_py.api.app import create_app
 from cake_py.api.state import ServerState
 from cake_py.config import ServeSettings
+from cake_py.engine.engine import Engine
 
 
 @pytest.fixture
@@ -43,3 +44,25 @@ def test_made_up_http_methods_share_one_other_label(client: TestClient) -> None:
     }
     assert counts == {"other": 4.0, "GET": 1.0, "OPTIONS": 1.0}
     assert "X12345" not in text and "BREW" not in text
+
+
+def test_every_stage_has_its_own_series_even_when_names_repeat(
+    split_engine: Callable[[list[tuple[str, int, int]]], Engine], tiny_state: Callable[[Engine | None], ServerState]
+) -> None:
+    # A worker on layer 1 leaves the master two runs of layers, two stages both called "master".
+    engine = split_engine([("master", 0, 1), ("gpu-box", 1, 2), ("master", 2, 3)])
+    with TestClient(create_app(tiny_state(engine))) as client:
+        text = client.get("/metrics").text
+    expected = [
+        {"stage": "master", "layers": "0-0"},
+        {"stage": "gpu-box", "layers": "1-1"},
+        {"stage": "master", "layers": "2-2"},
+    ]
+    for name in (
+        "cake_stage_forward_ms",
+        "cake_stage_round_trip_ms",
+        "cake_stage_calls_total",
+        "cake_stage_sent_bytes_total",
+        "cake_stage_received_bytes_total",
+    ):
+        assert [labels for labels, _ in samples(text, name)] == expected, name
