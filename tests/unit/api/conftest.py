@@ -45,6 +45,7 @@ def tiny_state(tiny_llama: Path) -> TinyState:
 
     def build(engine: Engine | None) -> ServerState:
         source = resolve_model(str(tiny_llama)) if engine is not None else None
-        return ServerState(engine=engine, source=source, settings=ServeSettings(model=str(tiny_llama), rate_limit=0))
+        settings = ServeSettings(model=str(tiny_llama), dtype="float32", rate_limit=0)
+        return ServerState(engine=engine, source=source, settings=settings, dtype="float32")
 
     return build

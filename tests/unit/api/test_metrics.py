@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from cake_py.api.app import create_app
 from cake_py.api.state import ServerState
+from cake_py.cluster.pipeline import local_pipeline
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import Engine
+from cake_py.models.hub import resolve_model
 
 
 @pytest.fixture
@@ -66,3 +70,52 @@ def test_every_stage_has_its_own_series_even_when_names_repeat(
         "cake_stage_received_bytes_total",
     ):
         assert [labels for labels, _ in samples(text, name)] == expected, name
+
+
+ENGINE_COUNTERS = (
+    "cake_engine_requests_total",
+    "cake_generated_tokens_total",
+    "cake_prompt_tokens_total",
+    "cake_engine_steps_total",
+)
+
+
+def counters(client: TestClient) -> dict[str, float]:
+    """The engine counters and the master stage's calls, from one scrape (a missing series reads as absent)."""
+    text = client.get("/metrics").text
+    values = {name: value for name in ENGINE_COUNTERS for _, value in samples(text, name)}
+    for labels, value in samples(text, "cake_stage_calls_total"):
+        values[f"calls {labels['stage']} {labels['layers']}"] = value
+    return values
+
+
+def test_engine_counters_keep_counting_across_unload_and_load(
+    tiny_llama: Path, tiny_state: Callable[[Engine | None], ServerState]
+) -> None:
+    source = resolve_model(str(tiny_llama))
+    state = tiny_state(Engine(local_pipeline(source, torch.float32), source.tokenizer))
+    with TestClient(create_app(state)) as client:
+
+        def complete() -> int:
+            body = {"prompt": "The oven", "max_tokens": 3, "temperature": 0}
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200
+            tokens: int = response.json()["usage"]["completion_tokens"]
+            assert tokens > 0
+            return tokens
+
+        first = complete()
+        served = counters(client)
+        assert served["cake_generated_tokens_total"] == first and served["cake_engine_requests_total"] == 1
+        assert served["calls master 0-2"] > 0
+
+        assert client.post("/models/unload").status_code == 200
+        assert counters(client) == served  # nothing served now: the totals are still there, not gone or 0
+
+        assert client.post("/models/load", json={"model_id": str(tiny_llama)}).status_code == 200
+        assert counters(client) == served  # a fresh engine counts from 0: added to what the others counted
+        second = complete()
+        again = counters(client)
+    assert again["cake_generated_tokens_total"] == first + second and again["cake_engine_requests_total"] == 2
+    for name, value in served.items():
+        assert again[name] > value, name
