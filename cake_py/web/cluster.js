@@ -28,8 +28,9 @@ export function layerRanges(names) {
 
 function memoryOf(node) {
   const total = node.vram_bytes;
-  if (!total) return null;
-  const used = node.memory_used_bytes ?? total - (node.memory_free_bytes ?? total);
+  // A worker that is down reports no used or free memory: unknown, not empty.
+  if (!total || (node.memory_used_bytes == null && node.memory_free_bytes == null)) return null;
+  const used = node.memory_used_bytes ?? total - node.memory_free_bytes;
   return { used: Math.max(0, Math.min(used, total)), total };
 }
 
@@ -86,9 +87,10 @@ class NodeCard {
       : "memory unknown";
 
     const figures = node.layers?.length ? [["forward", formatMs(node.forward_ms ?? NaN)]] : [];
-    if (node.weights_bytes !== undefined) figures.push(["weights", formatBytes(node.weights_bytes)]);
-    if (node.kv_cache_bytes !== undefined) figures.push(["kv cache", formatBytes(node.kv_cache_bytes)]);
-    if (node.live_sequences !== undefined) figures.push(["sequences", String(node.live_sequences)]);
+    // null: not known now (a worker that is down), so not shown rather than shown as 0.
+    if (node.weights_bytes != null) figures.push(["weights", formatBytes(node.weights_bytes)]);
+    if (node.kv_cache_bytes != null) figures.push(["kv cache", formatBytes(node.kv_cache_bytes)]);
+    if (node.live_sequences != null) figures.push(["sequences", String(node.live_sequences)]);
     if (node.tflops) figures.push(["speed", formatFlops(node.tflops)]);
     this.metrics.replaceChildren(
       ...figures.map(([label, value]) => el("span", { className: "metric" }, el("b", {}, value), ` ${label}`)),

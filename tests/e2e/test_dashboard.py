@@ -451,6 +451,10 @@ def test_killed_worker_turns_its_card_down_within_5_seconds(page: Page, cluster:
     expect(card).to_have_class(re.compile(r"\bdown\b"))
     expect(card.locator(".status")).to_have_text("down")
     expect(card.locator(".node-error")).not_to_be_empty()
+    # What its last ping said of its memory and caches no longer holds: shown as unknown, not as stale figures.
+    expect(card.locator(".mem-label")).to_have_text("memory unknown")
+    expect(card.locator(".metric", has_text="kv cache")).to_have_count(0)
+    expect(card.locator(".metric", has_text="sequences")).to_have_count(0)
     expect(page.locator('.hop[data-to="worker-2"]')).to_have_class(re.compile(r"\bdown\b"))
     expect(page.get_by_test_id("node-worker-1")).to_have_attribute("data-status", "up")
     _screenshot(page, "cluster-worker-down.png")
