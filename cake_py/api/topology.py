@@ -13,6 +13,7 @@ from cake_py.api.errors import ApiError
 from cake_py.api.state import ServerState
 from cake_py.cluster.hostinfo import host_facts
 from cake_py.cluster.topology import build_topology
+from cake_py.engine.engine import ENGINE_DEAD
 
 
 def live_figures(state: ServerState) -> dict[str, object]:
@@ -44,6 +45,7 @@ def topology_document(state: ServerState) -> dict[str, Any]:
         state.engine.pipeline,
         host_facts(state.device, state.tflops),
         live_figures(state),
+        master_error=ENGINE_DEAD if state.engine.died else None,
     )
 
 

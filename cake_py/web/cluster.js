@@ -246,11 +246,11 @@ export function startCluster(onLive) {
     }
 
     const live = topology.live ?? {};
-    const up = topology.workers.filter((w) => w.status === "up").length;
+    const up = nodes.filter((node) => node.status === "up").length; // the master too: its engine may have died
     setText("sum-model", topology.model);
     setText("sum-dtype", `${topology.model_id} · ${topology.dtype}`);
     setText("sum-layers", String(topology.num_layers));
-    setText("sum-nodes", `on ${nodes.length} nodes · ${up + 1} up`);
+    setText("sum-nodes", `on ${nodes.length} nodes · ${up} up`);
     setText("sum-weights", formatBytes(topology.memory_bytes));
     setText("sum-layer-size", `${formatBytes(topology.layer_size_bytes)} per layer`);
     setText("sum-tps", (live.tokens_per_second ?? 0).toFixed(1));
