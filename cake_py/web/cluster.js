@@ -1,5 +1,6 @@
 // The cluster view: polls GET /api/v1/topology every second and draws the pipeline, master → workers, one card
-// per node. Cards are created once and updated in place, so an expanded layer stays open across refreshes.
+// per node. Cards are created once and updated in place, so an expanded layer stays open across refreshes. With no
+// model served (none loaded, or a switch under way) the cards and figures are cleared and the view says which.
 
 import { el, formatBytes, formatMs, setText } from "./dom.js";
 
@@ -261,6 +262,24 @@ export function startCluster(onLive) {
     setText("sum-tokens", `${live.tokens_generated ?? 0} tokens generated`);
   }
 
+  // The master answers but serves no model: none is loaded (404), or one is being loaded or unloaded (503). What
+  // was drawn belongs to a model that is gone, so the cards and figures go, not just dim.
+  function showNoModel(state) {
+    model = null;
+    cards.clear();
+    expanded.clear();
+    order = `none:${state.label}:${state.reason}`; // redrawn when what it says changes, never matches a pipeline
+    if (pipeline.dataset.shown === order) return;
+    pipeline.dataset.shown = order;
+    pipeline.replaceChildren(
+      el("p", { className: "no-model", dataset: { testid: "no-model" } }, el("b", {}, state.label), ` ${state.reason}`),
+    );
+    setText("sum-model", state.label);
+    setText("sum-dtype", state.reason);
+    for (const id of ["sum-layers", "sum-weights", "sum-tps", "sum-in-flight", "sum-total"]) setText(id, "–");
+    for (const id of ["sum-nodes", "sum-layer-size", "sum-step", "sum-queue", "sum-tokens"]) setText(id, "");
+  }
+
   function setConnected(ok, message) {
     const connection = document.getElementById("connection");
     connection.className = `conn ${ok ? "ok" : "lost"}`;
@@ -293,8 +312,12 @@ export function startCluster(onLive) {
         if (retry) return await fetchTopology();
         throw new Error(`The topology needs the API key: enter it in Chat → Settings (${await problem(response)})`);
       }
+      if (response.status === 404 || response.status === 503) {
+        const label = response.status === 404 ? "No model loaded" : "Loading…";
+        return { noModel: { label, reason: await problem(response) } };
+      }
       if (!response.ok) throw new Error(`The topology is unavailable: ${await problem(response)}`);
-      return await response.json();
+      return { topology: await response.json() };
     } catch (error) {
       const unreachable = error.name === "TimeoutError" || error instanceof TypeError; // no answer at all
       setConnected(false, unreachable ? "The master is not answering" : error.message);
@@ -303,13 +326,12 @@ export function startCluster(onLive) {
   }
 
   async function poll() {
-    const topology = await fetchTopology();
+    const answer = await fetchTopology();
     try {
-      if (topology) {
-        render(topology);
-        setConnected(true);
-      }
-      onLive(topology);
+      if (answer?.topology) render(answer.topology);
+      else if (answer?.noModel) showNoModel(answer.noModel);
+      if (answer) setConnected(true);
+      onLive(answer?.topology ?? null, answer?.noModel?.label);
     } finally {
       setTimeout(poll, POLL_MS); // after the answer, so a slow master is never asked twice at once
     }

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
+from cake_py.api import management
 from cake_py.engine.engine import Engine
 from tests.fixtures.cluster import LocalCluster, WorkerProcess
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
@@ -408,6 +411,59 @@ def test_a_master_that_stops_answering_is_shown_within_5_seconds(browser: Browse
         expect(page.get_by_test_id("node-master")).to_have_class(re.compile(r"\bstale\b"))
         # The refused polls show in the console as failed resources; anything else is a real problem.
         assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
+
+
+def test_an_unload_and_a_model_switch_clear_the_view(
+    browser: Browser, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What was drawn belongs to a model that is gone: cards, tiles and the header's name go, and the view says why."""
+    with _fresh_page(browser) as (page, problems):
+        with running_server(tiny_settings(tiny_llama, model_name="tiny-llama")) as server:
+            page.goto(f"{server.base_url}/")
+            expect(page.locator("#model-name")).to_have_text("tiny-llama")
+            expect(page.get_by_test_id("node-master")).to_contain_text("layers 0–2 (3)")
+            expect(page.locator("#sum-layers")).to_have_text("3")
+
+            assert httpx.post(f"{server.base_url}/models/unload", timeout=30).status_code == 200
+            expect(page.locator("#model-name")).to_have_text("No model loaded")
+            expect(page.get_by_test_id("node-master")).to_have_count(0)
+            expect(page.get_by_test_id("no-model")).to_contain_text("No model loaded")
+            expect(page.locator("#sum-model")).to_have_text("No model loaded")
+            for tile in ("#sum-layers", "#sum-weights", "#sum-total"):
+                expect(page.locator(tile)).to_have_text("–")
+            expect(page.locator("#cluster-banner")).to_be_hidden()  # the master answers: nothing is broken
+            expect(page.locator("#connection")).to_have_class(re.compile(r"\bok\b"))
+
+            # A load that takes a while: the view says so until the new model is served.
+            building = threading.Event()
+            go_on = threading.Event()
+            build = management._build_engine
+
+            def slow_build(*args: Any) -> Engine:
+                building.set()
+                go_on.wait(30)
+                return build(*args)
+
+            monkeypatch.setattr(management, "_build_engine", slow_build)
+            with ThreadPoolExecutor(1) as pool:
+                load = pool.submit(
+                    httpx.post, f"{server.base_url}/models/load", json={"model_id": str(tiny_llama)}, timeout=60
+                )
+                assert building.wait(30)
+                expect(page.locator("#model-name")).to_have_text("Loading…")
+                expect(page.locator("#sum-model")).to_have_text("Loading…")
+                expect(page.get_by_test_id("no-model")).to_contain_text("loading model")
+                go_on.set()
+                assert load.result().status_code == 200
+
+            name = server.state.model_name
+            expect(page.locator("#model-name")).to_have_text(name)
+            expect(page.get_by_test_id("node-master")).to_contain_text("layers 0–2 (3)")
+            expect(page.locator("#sum-layers")).to_have_text("3")
+            expect(page.get_by_test_id("no-model")).to_have_count(0)
+            _screenshot(page, "cluster-after-switch.png")
+        # Chromium logs the 404 and 503 answers as failed resources; anything else is a real problem.
+        assert [p for p in problems if not re.search(r"status of (404|503)", p)] == []
 
 
 # ---- small screens -----------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from starlette.testclient import TestClient
 
+from cake_py.api.app import create_app
 from cake_py.api.state import ServerState
 from cake_py.api.topology import topology_document
 from cake_py.engine.engine import ENGINE_DEAD, Engine
@@ -53,3 +55,23 @@ def test_a_master_whose_engine_died_is_shown_down_with_why(
     master = topology_document(state)["master"]
     assert master["status"] == "down"
     assert master["error"] == ENGINE_DEAD
+
+
+def test_a_model_switch_is_503_and_no_model_is_404(
+    split_engine: Callable[[list[tuple[str, int, int]]], Engine], tiny_state: Callable[[Engine | None], ServerState]
+) -> None:
+    engine = split_engine([("master", 0, 3)])
+    state = tiny_state(engine)
+    with TestClient(create_app(state)) as client:
+        assert client.get("/api/v1/topology").status_code == 200
+        # What /models/load and /models/unload set while they run: the old engine is gone, the new one not there.
+        state.engine, state.source, state.switching = None, None, "loading model 'tiny'"
+        switching = client.get("/api/v1/topology")
+        assert switching.status_code == 503
+        assert switching.json() == {"error": "the server is loading model 'tiny'; retry shortly"}
+        assert switching.headers["Retry-After"] == "5"
+        state.switching = None
+        unloaded = client.get("/api/v1/topology")
+        assert unloaded.status_code == 404
+        assert unloaded.json() == {"error": "No text model loaded"}
+    engine.close()  # taken off the state by hand: the app's shutdown no longer sees it
