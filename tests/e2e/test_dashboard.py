@@ -337,6 +337,45 @@ def test_stop_button_cancels_the_generation_on_the_server(
     expect(page.locator("#chat-state")).to_have_text("stopped")
 
 
+DISTANCE_TO_END = "(l => l.scrollHeight - l.scrollTop - l.clientHeight)(document.getElementById('messages'))"
+REPLY_LONGER_THAN = "n => [...document.querySelectorAll('.message.assistant .content')].pop().textContent.length > n"
+
+
+def test_a_reader_who_scrolls_up_during_a_reply_stays_where_they_are(
+    page: Page, cluster: Cluster, throttle: Callable[[Engine, float], None]
+) -> None:
+    throttle(cluster.engine, 0.05)  # 400 tokens would take 20 s: time to scroll while the reply grows
+    page.goto(f"{cluster.url}#chat")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "400")
+    # An earlier conversation taller than the list, so that it scrolls.
+    page.evaluate(
+        """() => {
+            const earlier = document.createElement("div");
+            earlier.style.minHeight = "3000px";
+            document.getElementById("messages").append(earlier);
+        }"""
+    )
+    _send(page, PROMPT)
+    reply = page.get_by_test_id("assistant-message").last.locator(".content")
+
+    def wait_for_more_text() -> None:
+        page.wait_for_function(REPLY_LONGER_THAN, arg=len(reply.text_content() or "") + 20)
+
+    expect(reply).not_to_be_empty(timeout=10_000)
+    assert page.evaluate(DISTANCE_TO_END) <= 40  # at the end of the conversation, it follows the reply
+
+    page.evaluate("document.getElementById('messages').scrollTop = 100")  # the reader scrolls up to read
+    wait_for_more_text()
+    assert page.evaluate("document.getElementById('messages').scrollTop") == 100  # no jump back to the bottom
+
+    page.evaluate("(list => { list.scrollTop = list.scrollHeight; })(document.getElementById('messages'))")
+    wait_for_more_text()
+    assert page.evaluate(DISTANCE_TO_END) <= 40  # back at the end, it follows again
+    page.click("#stop")
+    expect(page.locator("#chat-state")).to_have_text("stopped")
+
+
 def test_model_output_is_inserted_as_text_never_as_html(page: Page, cluster: Cluster) -> None:
     """A reply that looks like markup shows as those characters; no element or script comes from it."""
     markup = '<img src="x" onerror="window.__owned = 1"><b>bold</b>'
