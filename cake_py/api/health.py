@@ -18,7 +18,9 @@ from cake_py.engine.engine import ENGINE_DEAD
 def health_document(state: ServerState) -> tuple[dict[str, object], int]:
     engine = state.engine
     stages = engine.pipeline.stages if engine else []
-    down = engine.pipeline.down_stages() if engine else []
+    # Read once per stage, not by name: the master's stages all share the name "master".
+    up = [stage.healthy() for stage in stages]
+    down = [stage.name for stage, stage_up in zip(stages, up, strict=True) if not stage_up]
     switching = state.switching
     died = engine is not None and engine.died
     status = "loading" if switching else "unhealthy" if down or died else "healthy"
@@ -28,7 +30,10 @@ def health_document(state: ServerState) -> tuple[dict[str, object], int]:
         "model": state.model_name if state.source else None,
         "version": __version__,
         "uptime_seconds": round(time.time() - state.started, 1),
-        "stages": [{"name": s.name, "layers": [s.start, s.end], "up": s.name not in down} for s in stages],
+        "stages": [
+            {"name": stage.name, "layers": [stage.start, stage.end], "up": stage_up}
+            for stage, stage_up in zip(stages, up, strict=True)
+        ],
     }
     if died:
         body["error"] = ENGINE_DEAD

@@ -19,9 +19,20 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cake_py.api.state import ServerState
+from cake_py.api.state import ServerState, StageKey
+from cake_py.cluster.stage import StageStats
+from cake_py.engine.stats import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# The methods a request is labelled with; any other is "other": a label per method a client makes up (the metrics
+# middleware counts even refused, unauthenticated requests) would let anyone grow the registry without bound.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+def stage_labels(key: StageKey) -> list[str]:
+    """A stage's series labels: its name and its layers, inclusive like cluster.yaml's ("0-4")."""
+    name, start, end = key
+    return [name, f"{start}-{end - 1}"]
 
 
 class EngineCollector(Collector):
@@ -31,39 +42,51 @@ class EngineCollector(Collector):
         self.state = state
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        state, engine = self.state, self.state.engine
+        state, engine, retired = self.state, self.state.engine, self.state.retired
         loaded = GaugeMetricFamily("cake_model_loaded", "1 while a text model is served", labels=["model"])
         if state.source is not None:
             loaded.add_metric([state.model_name], 1.0)
         yield loaded
+        # Counters are the process's: what the engines replaced since start counted, plus the one serving now.
+        stats = engine.stats if engine is not None else EngineStats()
+        yield CounterMetricFamily(
+            "cake_engine_requests", "Sequences submitted to the engine", value=retired.requests + stats.requests_total
+        )
+        yield CounterMetricFamily(
+            "cake_generated_tokens", "Tokens generated", value=retired.generated_tokens + stats.tokens_generated
+        )
+        yield CounterMetricFamily(
+            "cake_prompt_tokens", "Prompt tokens prefilled", value=retired.prompt_tokens + stats.prompt_tokens
+        )
+        yield CounterMetricFamily("cake_engine_steps", "Scheduler steps run", value=retired.steps + stats.steps)
+        # A stage's name alone is not unique: the master keeps every run of layers no worker holds, each a stage
+        # called "master" (layers 0-4 and 20-29 around a worker's 5-19). Its layers tell the series apart.
+        labels = ["stage", "layers"]
+        calls = CounterMetricFamily("cake_stage_calls", "Forward calls per stage", labels=labels)
+        sent = CounterMetricFamily("cake_stage_sent_bytes", "Bytes sent to a stage", labels=labels)
+        received = CounterMetricFamily("cake_stage_received_bytes", "Bytes received from a stage", labels=labels)
+        stages = engine.pipeline.stages if engine is not None else []
+        current = {(stage.name, stage.start, stage.end): stage.stats for stage in stages}
+        for key in [*current, *(key for key in retired.stage_calls if key not in current)]:
+            figures = current.get(key, StageStats())
+            calls.add_metric(stage_labels(key), retired.stage_calls.get(key, 0) + figures.calls)
+            sent.add_metric(stage_labels(key), retired.stage_sent_bytes.get(key, 0) + figures.bytes_sent)
+            received.add_metric(stage_labels(key), retired.stage_received_bytes.get(key, 0) + figures.bytes_received)
+        yield from (calls, sent, received)
         if engine is None:
             return
-        stats = engine.stats
-        yield CounterMetricFamily(
-            "cake_engine_requests", "Sequences submitted to the engine", value=stats.requests_total
-        )
-        yield CounterMetricFamily("cake_generated_tokens", "Tokens generated", value=stats.tokens_generated)
-        yield CounterMetricFamily("cake_prompt_tokens", "Prompt tokens prefilled", value=stats.prompt_tokens)
-        yield CounterMetricFamily("cake_engine_steps", "Scheduler steps run", value=stats.steps)
         yield GaugeMetricFamily(
             "cake_tokens_per_second", "Generated tokens/s over the last 5 s", engine.tokens_per_second()
         )
         yield GaugeMetricFamily("cake_queue_depth", "Sequences waiting to start", value=engine.queue_depth)
         yield GaugeMetricFamily("cake_sequences_in_flight", "Sequences running or waiting", value=engine.in_flight)
         yield GaugeMetricFamily("cake_engine_step_ms", "Duration of the last scheduler step", value=stats.last_step_ms)
-        forward = GaugeMetricFamily("cake_stage_forward_ms", "Moving average of a stage's compute", labels=["stage"])
-        hop = GaugeMetricFamily("cake_stage_round_trip_ms", "Moving average of a hop to a stage", labels=["stage"])
-        calls = CounterMetricFamily("cake_stage_calls", "Forward calls per stage", labels=["stage"])
-        sent = CounterMetricFamily("cake_stage_sent_bytes", "Bytes sent to a stage", labels=["stage"])
-        received = CounterMetricFamily("cake_stage_received_bytes", "Bytes received from a stage", labels=["stage"])
-        for stage in engine.pipeline.stages:
-            figures = stage.stats
-            forward.add_metric([stage.name], figures.forward_ms)
-            hop.add_metric([stage.name], figures.round_trip_ms)
-            calls.add_metric([stage.name], figures.calls)
-            sent.add_metric([stage.name], figures.bytes_sent)
-            received.add_metric([stage.name], figures.bytes_received)
-        yield from (forward, hop, calls, sent, received)
+        forward = GaugeMetricFamily("cake_stage_forward_ms", "Moving average of a stage's compute", labels=labels)
+        hop = GaugeMetricFamily("cake_stage_round_trip_ms", "Moving average of a hop to a stage", labels=labels)
+        for key, figures in current.items():
+            forward.add_metric(stage_labels(key), figures.forward_ms)
+            hop.add_metric(stage_labels(key), figures.round_trip_ms)
+        yield from (forward, hop)
 
 
 class ApiMetrics:
@@ -129,7 +152,8 @@ class MetricsMiddleware:
             metrics.in_progress.dec()
             path = scope["path"]
             label = getattr(scope.get("route"), "path", None) or (path if path in self.paths else "unmatched")
-            metrics.requests.labels(label, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            metrics.requests.labels(label, method, str(status)).inc()
             metrics.duration.labels(label).observe(time.perf_counter() - began)
 
 

@@ -19,6 +19,35 @@ if TYPE_CHECKING:
 NO_TEXT_MODEL = "No text model loaded"
 
 
+StageKey = tuple[str, int, int]  # a stage's name and layers [start, end): names alone repeat ("master")
+
+
+@dataclass
+class RetiredTotals:
+    """What the engines that stopped serving counted, so that /metrics counters only ever grow in this process: an
+    unload or a load replaces the engine, whose own counts start at 0."""
+
+    requests: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    steps: int = 0
+    stage_calls: dict[StageKey, int] = field(default_factory=dict)
+    stage_sent_bytes: dict[StageKey, int] = field(default_factory=dict)
+    stage_received_bytes: dict[StageKey, int] = field(default_factory=dict)
+
+    def add(self, engine: Engine) -> None:
+        stats = engine.stats
+        self.requests += stats.requests_total
+        self.generated_tokens += stats.tokens_generated
+        self.prompt_tokens += stats.prompt_tokens
+        self.steps += stats.steps
+        for stage in engine.pipeline.stages:
+            key = (stage.name, stage.start, stage.end)
+            self.stage_calls[key] = self.stage_calls.get(key, 0) + stage.stats.calls
+            self.stage_sent_bytes[key] = self.stage_sent_bytes.get(key, 0) + stage.stats.bytes_sent
+            self.stage_received_bytes[key] = self.stage_received_bytes.get(key, 0) + stage.stats.bytes_received
+
+
 @dataclass
 class ServerState:
     engine: Engine | None
@@ -34,6 +63,16 @@ class ServerState:
     # The model ids (paths or Hub ids) served since start, so /models/available still lists them after a switch.
     served_models: list[str] = field(default_factory=list)
     configured_model: str | None = field(init=False)  # the one the server started with (None: embedded)
+    retired: RetiredTotals = field(default_factory=RetiredTotals)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Whoever replaces the engine (/models/load, /models/unload, a failed load's restore), its counts are kept:
+        # taken at the moment it stops serving, so a scrape never sees them missing.
+        if name == "engine":
+            old = self.__dict__.get("engine")
+            if old is not None and old is not value:
+                self.retired.add(old)
+        super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
         self.configured_model = self.settings.model

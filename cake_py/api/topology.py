@@ -10,9 +10,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
-from cake_py.api.state import ServerState
+from cake_py.api.state import NO_TEXT_MODEL, ServerState
 from cake_py.cluster.hostinfo import host_facts
 from cake_py.cluster.topology import build_topology
+from cake_py.engine.engine import ENGINE_DEAD
 
 
 def live_figures(state: ServerState) -> dict[str, object]:
@@ -34,9 +35,12 @@ def live_figures(state: ServerState) -> dict[str, object]:
 
 
 def topology_document(state: ServerState) -> dict[str, Any]:
-    """The topology of the served model now; run off the event loop (host facts may ask the accelerator)."""
+    """The topology of the served model now; run off the event loop (host facts may ask the accelerator). 503 while
+    /models/load or /models/unload runs (like /health's "loading"), 404 when no model is loaded."""
+    if state.switching is not None:
+        raise ApiError(503, f"the server is {state.switching}; retry shortly", headers={"Retry-After": "5"})
     if state.engine is None or state.source is None:
-        raise ApiError(404, "No text model loaded")
+        raise ApiError(404, NO_TEXT_MODEL)
     return build_topology(
         state.source,
         state.model_name,
@@ -44,6 +48,7 @@ def topology_document(state: ServerState) -> dict[str, Any]:
         state.engine.pipeline,
         host_facts(state.device, state.tflops),
         live_figures(state),
+        master_error=ENGINE_DEAD if state.engine.died else None,
     )
 
 

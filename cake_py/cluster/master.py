@@ -138,9 +138,10 @@ def _refuse_the_same_worker_twice(connections: list[WorkerConnection], replies: 
 
 
 def _adopt_worker_names(connections: list[WorkerConnection], replies: list[Any]) -> None:
-    """Workers given by --workers (no names) are shown under the --name they report, when those are unique."""
+    """Workers given by --workers (no names) are shown under the --name they report, when those are unique and none
+    is "master", the name of the master's own stages (its card, /health and /metrics would mix the two up)."""
     reported = [reply.host.worker_name for reply in replies]
-    if len(set(reported)) != len(reported) or not all(reported):
+    if len(set(reported)) != len(reported) or not all(reported) or "master" in reported:
         return
     taken = {conn.spec.name for conn in connections if conn.spec.named}
     for conn, name in zip(connections, reported, strict=True):

@@ -54,18 +54,25 @@ def build_topology(
     pipeline: Pipeline,
     master: HostFacts,
     live: dict[str, Any],
+    master_error: str | None = None,
 ) -> dict[str, Any]:
+    """The document; `master_error` says why the master itself cannot serve (its engine thread died), if it can't."""
     details = layer_details(source)
     total = sum(weights_info.size_bytes for weights_info in map(source.weights.info, source.weights.names()))
     layer_sizes = [entry["total_bytes"] for entry in details.values()]
     master_layers: list[str] = []
     master_forward_ms = 0.0
+    master_kv_bytes = 0
+    master_sequences = 0
     workers = []
     for stage in pipeline.stages:
         node = stage.describe()
         if node.get("local"):
             master_layers += layer_names(stage.start, stage.end)
             master_forward_ms += stage.stats.forward_ms
+            master_kv_bytes += node.get("kv_cache_bytes", 0)
+            # Every stage holds caches for the same sequences: the most any holds is how many the master holds.
+            master_sequences = max(master_sequences, node.get("live_sequences", 0))
             continue
         node["layers"] = layer_names(stage.start, stage.end)
         workers.append(node)
@@ -86,8 +93,11 @@ def build_topology(
             "tflops": master.tflops,
             "hostname": master.hostname,
             "os": master.os,
-            "status": "up",
+            "status": "down" if master_error else "up",
+            "error": master_error,
             "forward_ms": master_forward_ms,
+            "kv_cache_bytes": master_kv_bytes,
+            "live_sequences": master_sequences,
         },
         "workers": workers,
         "layer_details": details,

@@ -389,8 +389,11 @@ class RemoteStage:
         log.info("%s is back with layers %d-%d", self.connection.label, self.start, self.end - 1)
 
     def describe(self) -> dict[str, Any]:
-        host = self.connection.host
-        info = self._last_info
+        # The last ping's figures while the worker is up; once down they describe a worker that is gone (its caches,
+        # its sequences, its load), so they are unknown (None), not shown as if live.
+        info = self._last_info if self._up else None
+        # Host facts: the last ping's (current free memory), else the handshake's.
+        host = info.host if info is not None and info.HasField("host") else self.connection.host
         node: dict[str, Any] = {
             "local": False,
             "name": self.name,
@@ -413,7 +416,7 @@ class RemoteStage:
                 hostname=host.hostname,
                 os=host.os,
                 vram_bytes=host.memory_total_bytes,
-                memory_free_bytes=host.memory_free_bytes,
+                memory_free_bytes=host.memory_free_bytes if self._up else None,
                 tflops=host.tflops,
                 threads=host.threads,
                 torch_version=host.torch_version,
@@ -426,6 +429,15 @@ class RemoteStage:
                 cpu_percent=info.cpu_percent,
                 process_rss_bytes=info.process_rss_bytes,
                 memory_used_bytes=info.host.memory_total_bytes - info.host.memory_free_bytes,
+            )
+        elif not self._up:
+            node.update(
+                kv_cache_bytes=None,
+                weights_bytes=None,
+                live_sequences=None,
+                cpu_percent=None,
+                process_rss_bytes=None,
+                memory_used_bytes=None,
             )
         return node
 

@@ -17,12 +17,16 @@ function showView() {
   if (view === "chat") document.getElementById("prompt").focus();
 }
 
-function showLive(topology) {
+/** `noModel`: what to show instead of a model name when none is served ("No model loaded", "Loading…"); with
+ * neither (the master is not answering) the last name stays, as the cards do. */
+function showLive(topology, noModel) {
   const live = topology?.live ?? {};
   setText("live-tps", live.tokens_per_second !== undefined ? live.tokens_per_second.toFixed(1) : "–");
   setText("live-in-flight", String(live.requests_in_flight ?? "–"));
   setText("live-queue", String(live.queue_depth ?? "–"));
   if (topology) setText("model-name", topology.model);
+  else if (noModel) setText("model-name", noModel);
+  document.getElementById("model-name").classList.toggle("none", !topology && Boolean(noModel));
 }
 
 window.addEventListener("hashchange", showView);

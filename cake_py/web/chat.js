@@ -4,6 +4,7 @@
 
 import { el } from "./dom.js";
 
+const FOLLOW_SLACK_PX = 40; // this close to the bottom of the conversation counts as reading its end
 const STORAGE = { apiKey: "cake.apiKey", system: "cake.systemPrompt", temperature: "cake.temperature", maxTokens: "cake.maxTokens" };
 
 /** Yields the `data:` payload of each server-sent event of a response body. */
@@ -157,8 +158,10 @@ export function startChat() {
           firstTokenAt ??= performance.now();
           answer += delta;
           tokens += 1; // an estimate until the finish chunk's usage gives the real count
+          // Follow the reply only for a reader already at its end: one who scrolled up to read stays there.
+          const following = list.scrollHeight - list.scrollTop - list.clientHeight <= FOLLOW_SLACK_PX;
           reply.content.textContent = answer;
-          list.scrollTop = list.scrollHeight;
+          if (following) list.scrollTop = list.scrollHeight;
           setState("streaming");
         }
         if (choice?.finish_reason) finish = choice.finish_reason;

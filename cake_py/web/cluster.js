@@ -1,5 +1,6 @@
 // The cluster view: polls GET /api/v1/topology every second and draws the pipeline, master → workers, one card
-// per node. Cards are created once and updated in place, so an expanded layer stays open across refreshes.
+// per node. Cards are created once and updated in place, so an expanded layer stays open across refreshes. With no
+// model served (none loaded, or a switch under way) the cards and figures are cleared and the view says which.
 
 import { el, formatBytes, formatMs, setText } from "./dom.js";
 
@@ -28,8 +29,9 @@ export function layerRanges(names) {
 
 function memoryOf(node) {
   const total = node.vram_bytes;
-  if (!total) return null;
-  const used = node.memory_used_bytes ?? total - (node.memory_free_bytes ?? total);
+  // A worker that is down reports no used or free memory: unknown, not empty.
+  if (!total || (node.memory_used_bytes == null && node.memory_free_bytes == null)) return null;
+  const used = node.memory_used_bytes ?? total - node.memory_free_bytes;
   return { used: Math.max(0, Math.min(used, total)), total };
 }
 
@@ -86,9 +88,10 @@ class NodeCard {
       : "memory unknown";
 
     const figures = node.layers?.length ? [["forward", formatMs(node.forward_ms ?? NaN)]] : [];
-    if (node.weights_bytes !== undefined) figures.push(["weights", formatBytes(node.weights_bytes)]);
-    if (node.kv_cache_bytes !== undefined) figures.push(["kv cache", formatBytes(node.kv_cache_bytes)]);
-    if (node.live_sequences !== undefined) figures.push(["sequences", String(node.live_sequences)]);
+    // null: not known now (a worker that is down), so not shown rather than shown as 0.
+    if (node.weights_bytes != null) figures.push(["weights", formatBytes(node.weights_bytes)]);
+    if (node.kv_cache_bytes != null) figures.push(["kv cache", formatBytes(node.kv_cache_bytes)]);
+    if (node.live_sequences != null) figures.push(["sequences", String(node.live_sequences)]);
     if (node.tflops) figures.push(["speed", formatFlops(node.tflops)]);
     this.metrics.replaceChildren(
       ...figures.map(([label, value]) => el("span", { className: "metric" }, el("b", {}, value), ` ${label}`)),
@@ -244,11 +247,11 @@ export function startCluster(onLive) {
     }
 
     const live = topology.live ?? {};
-    const up = topology.workers.filter((w) => w.status === "up").length;
+    const up = nodes.filter((node) => node.status === "up").length; // the master too: its engine may have died
     setText("sum-model", topology.model);
     setText("sum-dtype", `${topology.model_id} · ${topology.dtype}`);
     setText("sum-layers", String(topology.num_layers));
-    setText("sum-nodes", `on ${nodes.length} nodes · ${up + 1} up`);
+    setText("sum-nodes", `on ${nodes.length} nodes · ${up} up`);
     setText("sum-weights", formatBytes(topology.memory_bytes));
     setText("sum-layer-size", `${formatBytes(topology.layer_size_bytes)} per layer`);
     setText("sum-tps", (live.tokens_per_second ?? 0).toFixed(1));
@@ -257,6 +260,24 @@ export function startCluster(onLive) {
     setText("sum-queue", `${live.queue_depth ?? 0} queued`);
     setText("sum-total", String(live.requests_total ?? 0));
     setText("sum-tokens", `${live.tokens_generated ?? 0} tokens generated`);
+  }
+
+  // The master answers but serves no model: none is loaded (404), or one is being loaded or unloaded (503). What
+  // was drawn belongs to a model that is gone, so the cards and figures go, not just dim.
+  function showNoModel(state) {
+    model = null;
+    cards.clear();
+    expanded.clear();
+    order = `none:${state.label}:${state.reason}`; // redrawn when what it says changes, never matches a pipeline
+    if (pipeline.dataset.shown === order) return;
+    pipeline.dataset.shown = order;
+    pipeline.replaceChildren(
+      el("p", { className: "no-model", dataset: { testid: "no-model" } }, el("b", {}, state.label), ` ${state.reason}`),
+    );
+    setText("sum-model", state.label);
+    setText("sum-dtype", state.reason);
+    for (const id of ["sum-layers", "sum-weights", "sum-tps", "sum-in-flight", "sum-total"]) setText(id, "–");
+    for (const id of ["sum-nodes", "sum-layer-size", "sum-step", "sum-queue", "sum-tokens"]) setText(id, "");
   }
 
   function setConnected(ok, message) {
@@ -291,8 +312,12 @@ export function startCluster(onLive) {
         if (retry) return await fetchTopology();
         throw new Error(`The topology needs the API key: enter it in Chat → Settings (${await problem(response)})`);
       }
+      if (response.status === 404 || response.status === 503) {
+        const label = response.status === 404 ? "No model loaded" : "Loading…";
+        return { noModel: { label, reason: await problem(response) } };
+      }
       if (!response.ok) throw new Error(`The topology is unavailable: ${await problem(response)}`);
-      return await response.json();
+      return { topology: await response.json() };
     } catch (error) {
       const unreachable = error.name === "TimeoutError" || error instanceof TypeError; // no answer at all
       setConnected(false, unreachable ? "The master is not answering" : error.message);
@@ -301,13 +326,12 @@ export function startCluster(onLive) {
   }
 
   async function poll() {
-    const topology = await fetchTopology();
+    const answer = await fetchTopology();
     try {
-      if (topology) {
-        render(topology);
-        setConnected(true);
-      }
-      onLive(topology);
+      if (answer?.topology) render(answer.topology);
+      else if (answer?.noModel) showNoModel(answer.noModel);
+      if (answer) setConnected(true);
+      onLive(answer?.topology ?? null, answer?.noModel?.label);
     } finally {
       setTimeout(poll, POLL_MS); // after the answer, so a slow master is never asked twice at once
     }

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
+from cake_py.api import management
 from cake_py.engine.engine import Engine
 from tests.fixtures.cluster import LocalCluster, WorkerProcess
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
@@ -334,6 +337,45 @@ def test_stop_button_cancels_the_generation_on_the_server(
     expect(page.locator("#chat-state")).to_have_text("stopped")
 
 
+DISTANCE_TO_END = "(l => l.scrollHeight - l.scrollTop - l.clientHeight)(document.getElementById('messages'))"
+REPLY_LONGER_THAN = "n => [...document.querySelectorAll('.message.assistant .content')].pop().textContent.length > n"
+
+
+def test_a_reader_who_scrolls_up_during_a_reply_stays_where_they_are(
+    page: Page, cluster: Cluster, throttle: Callable[[Engine, float], None]
+) -> None:
+    throttle(cluster.engine, 0.05)  # 400 tokens would take 20 s: time to scroll while the reply grows
+    page.goto(f"{cluster.url}#chat")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "400")
+    # An earlier conversation taller than the list, so that it scrolls.
+    page.evaluate(
+        """() => {
+            const earlier = document.createElement("div");
+            earlier.style.minHeight = "3000px";
+            document.getElementById("messages").append(earlier);
+        }"""
+    )
+    _send(page, PROMPT)
+    reply = page.get_by_test_id("assistant-message").last.locator(".content")
+
+    def wait_for_more_text() -> None:
+        page.wait_for_function(REPLY_LONGER_THAN, arg=len(reply.text_content() or "") + 20)
+
+    expect(reply).not_to_be_empty(timeout=10_000)
+    assert page.evaluate(DISTANCE_TO_END) <= 40  # at the end of the conversation, it follows the reply
+
+    page.evaluate("document.getElementById('messages').scrollTop = 100")  # the reader scrolls up to read
+    wait_for_more_text()
+    assert page.evaluate("document.getElementById('messages').scrollTop") == 100  # no jump back to the bottom
+
+    page.evaluate("(list => { list.scrollTop = list.scrollHeight; })(document.getElementById('messages'))")
+    wait_for_more_text()
+    assert page.evaluate(DISTANCE_TO_END) <= 40  # back at the end, it follows again
+    page.click("#stop")
+    expect(page.locator("#chat-state")).to_have_text("stopped")
+
+
 def test_model_output_is_inserted_as_text_never_as_html(page: Page, cluster: Cluster) -> None:
     """A reply that looks like markup shows as those characters; no element or script comes from it."""
     markup = '<img src="x" onerror="window.__owned = 1"><b>bold</b>'
@@ -410,6 +452,59 @@ def test_a_master_that_stops_answering_is_shown_within_5_seconds(browser: Browse
         assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
 
 
+def test_an_unload_and_a_model_switch_clear_the_view(
+    browser: Browser, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What was drawn belongs to a model that is gone: cards, tiles and the header's name go, and the view says why."""
+    with _fresh_page(browser) as (page, problems):
+        with running_server(tiny_settings(tiny_llama, model_name="tiny-llama")) as server:
+            page.goto(f"{server.base_url}/")
+            expect(page.locator("#model-name")).to_have_text("tiny-llama")
+            expect(page.get_by_test_id("node-master")).to_contain_text("layers 0–2 (3)")
+            expect(page.locator("#sum-layers")).to_have_text("3")
+
+            assert httpx.post(f"{server.base_url}/models/unload", timeout=30).status_code == 200
+            expect(page.locator("#model-name")).to_have_text("No model loaded")
+            expect(page.get_by_test_id("node-master")).to_have_count(0)
+            expect(page.get_by_test_id("no-model")).to_contain_text("No model loaded")
+            expect(page.locator("#sum-model")).to_have_text("No model loaded")
+            for tile in ("#sum-layers", "#sum-weights", "#sum-total"):
+                expect(page.locator(tile)).to_have_text("–")
+            expect(page.locator("#cluster-banner")).to_be_hidden()  # the master answers: nothing is broken
+            expect(page.locator("#connection")).to_have_class(re.compile(r"\bok\b"))
+
+            # A load that takes a while: the view says so until the new model is served.
+            building = threading.Event()
+            go_on = threading.Event()
+            build = management._build_engine
+
+            def slow_build(*args: Any) -> Engine:
+                building.set()
+                go_on.wait(30)
+                return build(*args)
+
+            monkeypatch.setattr(management, "_build_engine", slow_build)
+            with ThreadPoolExecutor(1) as pool:
+                load = pool.submit(
+                    httpx.post, f"{server.base_url}/models/load", json={"model_id": str(tiny_llama)}, timeout=60
+                )
+                assert building.wait(30)
+                expect(page.locator("#model-name")).to_have_text("Loading…")
+                expect(page.locator("#sum-model")).to_have_text("Loading…")
+                expect(page.get_by_test_id("no-model")).to_contain_text("loading model")
+                go_on.set()
+                assert load.result().status_code == 200
+
+            name = server.state.model_name
+            expect(page.locator("#model-name")).to_have_text(name)
+            expect(page.get_by_test_id("node-master")).to_contain_text("layers 0–2 (3)")
+            expect(page.locator("#sum-layers")).to_have_text("3")
+            expect(page.get_by_test_id("no-model")).to_have_count(0)
+            _screenshot(page, "cluster-after-switch.png")
+        # Chromium logs the 404 and 503 answers as failed resources; anything else is a real problem.
+        assert [p for p in problems if not re.search(r"status of (404|503)", p)] == []
+
+
 # ---- small screens -----------------------------------------------------------------------------------------------
 
 
@@ -451,6 +546,10 @@ def test_killed_worker_turns_its_card_down_within_5_seconds(page: Page, cluster:
     expect(card).to_have_class(re.compile(r"\bdown\b"))
     expect(card.locator(".status")).to_have_text("down")
     expect(card.locator(".node-error")).not_to_be_empty()
+    # What its last ping said of its memory and caches no longer holds: shown as unknown, not as stale figures.
+    expect(card.locator(".mem-label")).to_have_text("memory unknown")
+    expect(card.locator(".metric", has_text="kv cache")).to_have_count(0)
+    expect(card.locator(".metric", has_text="sequences")).to_have_count(0)
     expect(page.locator('.hop[data-to="worker-2"]')).to_have_class(re.compile(r"\bdown\b"))
     expect(page.get_by_test_id("node-worker-1")).to_have_attribute("data-status", "up")
     _screenshot(page, "cluster-worker-down.png")

@@ -233,8 +233,8 @@ def test_metrics_count_requests_tokens_and_stage_latency(http: httpx.Client) -> 
         "cake_time_to_first_token_seconds_count",
         "cake_tokens_per_second",
         "cake_queue_depth",
-        'cake_stage_forward_ms{stage="master"}',
-        'cake_stage_round_trip_ms{stage="master"}',
+        'cake_stage_forward_ms{layers="0-2",stage="master"}',
+        'cake_stage_round_trip_ms{layers="0-2",stage="master"}',
     ):
         assert name in text, name
     generated = next(line for line in text.splitlines() if line.startswith("cake_generated_tokens_total"))

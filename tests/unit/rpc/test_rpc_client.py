@@ -4,6 +4,7 @@ it says when something fails. Real worker processes are in tests/integration."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -72,6 +73,68 @@ def test_the_first_reason_a_stage_went_down_is_kept(stage: tuple[RemoteStage, Fl
     remote._mark_down("Locally cancelled by application!")  # the engine thread, seeing its stream cancelled
     assert remote._status_error == "unreachable (reporting its status): Deadline Exceeded"
     assert not remote.healthy()
+
+
+GIB = 1 << 30
+
+
+class PingedConnection:
+    """A WorkerConnection stand-in for a worker up with layers 0-2 whose free memory fell from 6 GiB at the
+    handshake to 2 GiB by its pings; once the worker is gone, it answers no handshake."""
+
+    label = "worker 'w1' at 127.0.0.1:1"
+    spec = WorkerSpec("w1", "127.0.0.1:1")
+    data_port = 0
+    host = pb.HostInfo(hostname="box", device="cpu", memory_total_bytes=8 * GIB, memory_free_bytes=6 * GIB)
+
+    def info(self, timeout: float = 1.5) -> pb.InfoReply:
+        host = pb.HostInfo()
+        host.CopyFrom(self.host)
+        host.memory_free_bytes = 2 * GIB
+        return pb.InfoReply(
+            status=pb.WORKER_STATUS_READY,
+            host=host,
+            layers=pb.LayerRange(start=0, end=2),
+            model_id="m",
+            kv_cache_bytes=4096,
+            weights_bytes=1024,
+            live_sequences=3,
+            cpu_percent=55.0,
+            process_rss_bytes=GIB,
+        )
+
+    def handshake(self, timeout: float = 1.5) -> pb.HandshakeReply:
+        raise ClusterError(f"{self.label} is unreachable (handshake): Connection refused")
+
+    def unassign(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_worker_figures_come_from_its_last_ping_and_are_unknown_once_it_is_down() -> None:
+    assignment = Assignment("m", "{}", None, 0, 2, torch.float32)  # type: ignore[arg-type]
+    remote = RemoteStage(PingedConnection(), assignment)  # type: ignore[arg-type]
+    try:
+        deadline = time.monotonic() + 5
+        while remote.describe().get("live_sequences") is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the monitor pings every second
+        node = remote.describe()
+        # Free and used memory from one ping, not free from the handshake and used from the ping.
+        assert node["vram_bytes"] == 8 * GIB
+        assert node["memory_free_bytes"] == 2 * GIB and node["memory_used_bytes"] == 6 * GIB
+        assert (node["kv_cache_bytes"], node["live_sequences"], node["cpu_percent"]) == (4096, 3, 55.0)
+
+        remote._mark_down("unreachable (reporting its status): Deadline Exceeded")
+        down = remote.describe()
+        assert down["status"] == "down"
+        # What the last ping said of its caches, sequences, load and memory no longer holds: unknown, not stale.
+        for figure in ("kv_cache_bytes", "live_sequences", "cpu_percent", "memory_free_bytes", "memory_used_bytes"):
+            assert down[figure] is None, figure
+        assert (down["hostname"], down["vram_bytes"]) == ("box", 8 * GIB)  # what it is stays known
+    finally:
+        remote.close()
 
 
 class TimeoutStub:

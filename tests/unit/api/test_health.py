@@ -1,0 +1,31 @@
+"""GET /health: each stage of the served pipeline reports its own state, whatever it is called."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from cake_py.api.health import health_document
+from cake_py.api.state import ServerState
+from cake_py.engine.engine import Engine
+
+
+def test_each_stage_is_up_or_down_on_its_own_even_when_names_repeat(
+    split_engine: Callable[[list[tuple[str, int, int]]], Engine],
+    tiny_state: Callable[[Engine | None], ServerState],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker that calls itself "master" (cluster.yaml may name it so) holds layer 1 and is down; the master's own
+    # stages around it are up.
+    engine = split_engine([("master", 0, 1), ("master", 1, 2), ("master", 2, 3)])
+    monkeypatch.setattr(engine.pipeline.stages[1], "healthy", lambda: False)
+    body, status = health_document(tiny_state(engine))
+    assert status == 503
+    assert body["status"] == "unhealthy" and body["running"] is False
+    assert body["stages"] == [
+        {"name": "master", "layers": [0, 1], "up": True},
+        {"name": "master", "layers": [1, 2], "up": False},
+        {"name": "master", "layers": [2, 3], "up": True},
+    ]
+    assert body["error"] == "pipeline stage(s) down: master"

@@ -1,0 +1,121 @@
+"""GET /metrics: bounded label sets, one series per stage, and engine counters that never go back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from cake_py.api.app import create_app
+from cake_py.api.state import ServerState
+from cake_py.cluster.pipeline import local_pipeline
+from cake_py.config import ServeSettings
+from cake_py.engine.engine import Engine
+from cake_py.models.hub import resolve_model
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    state = ServerState(engine=None, source=None, settings=ServeSettings(rate_limit=0))
+    with TestClient(create_app(state)) as test_client:
+        yield test_client
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The (labels, value) of every sample called `name` in a Prometheus exposition."""
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def test_made_up_http_methods_share_one_other_label(client: TestClient) -> None:
+    for method in ("X12345", "X67890", "BREW", "PROPFIND"):
+        client.request(method, "/health")
+    client.get("/health")
+    client.request("OPTIONS", "/health")
+    text = client.get("/metrics").text
+    counts = {
+        labels["method"]: value
+        for labels, value in samples(text, "cake_http_requests_total")
+        if labels["route"] == "/health"
+    }
+    assert counts == {"other": 4.0, "GET": 1.0, "OPTIONS": 1.0}
+    assert "X12345" not in text and "BREW" not in text
+
+
+def test_every_stage_has_its_own_series_even_when_names_repeat(
+    split_engine: Callable[[list[tuple[str, int, int]]], Engine], tiny_state: Callable[[Engine | None], ServerState]
+) -> None:
+    # A worker on layer 1 leaves the master two runs of layers, two stages both called "master".
+    engine = split_engine([("master", 0, 1), ("gpu-box", 1, 2), ("master", 2, 3)])
+    with TestClient(create_app(tiny_state(engine))) as client:
+        text = client.get("/metrics").text
+    expected = [
+        {"stage": "master", "layers": "0-0"},
+        {"stage": "gpu-box", "layers": "1-1"},
+        {"stage": "master", "layers": "2-2"},
+    ]
+    for name in (
+        "cake_stage_forward_ms",
+        "cake_stage_round_trip_ms",
+        "cake_stage_calls_total",
+        "cake_stage_sent_bytes_total",
+        "cake_stage_received_bytes_total",
+    ):
+        assert [labels for labels, _ in samples(text, name)] == expected, name
+
+
+ENGINE_COUNTERS = (
+    "cake_engine_requests_total",
+    "cake_generated_tokens_total",
+    "cake_prompt_tokens_total",
+    "cake_engine_steps_total",
+)
+
+
+def counters(client: TestClient) -> dict[str, float]:
+    """The engine counters and the master stage's calls, from one scrape (a missing series reads as absent)."""
+    text = client.get("/metrics").text
+    values = {name: value for name in ENGINE_COUNTERS for _, value in samples(text, name)}
+    for labels, value in samples(text, "cake_stage_calls_total"):
+        values[f"calls {labels['stage']} {labels['layers']}"] = value
+    return values
+
+
+def test_engine_counters_keep_counting_across_unload_and_load(
+    tiny_llama: Path, tiny_state: Callable[[Engine | None], ServerState]
+) -> None:
+    source = resolve_model(str(tiny_llama))
+    state = tiny_state(Engine(local_pipeline(source, torch.float32), source.tokenizer))
+    with TestClient(create_app(state)) as client:
+
+        def complete() -> int:
+            body = {"prompt": "The oven", "max_tokens": 3, "temperature": 0}
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200
+            tokens: int = response.json()["usage"]["completion_tokens"]
+            assert tokens > 0
+            return tokens
+
+        first = complete()
+        served = counters(client)
+        assert served["cake_generated_tokens_total"] == first and served["cake_engine_requests_total"] == 1
+        assert served["calls master 0-2"] > 0
+
+        assert client.post("/models/unload").status_code == 200
+        assert counters(client) == served  # nothing served now: the totals are still there, not gone or 0
+
+        assert client.post("/models/load", json={"model_id": str(tiny_llama)}).status_code == 200
+        assert counters(client) == served  # a fresh engine counts from 0: added to what the others counted
+        second = complete()
+        again = counters(client)
+    assert again["cake_generated_tokens_total"] == first + second and again["cake_engine_requests_total"] == 2
+    for name, value in served.items():
+        assert again[name] > value, name

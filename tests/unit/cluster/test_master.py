@@ -1,0 +1,30 @@
+"""The master's handling of its workers' handshakes, against stand-ins (real workers are in tests/integration)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from cake_py.cluster.master import _adopt_worker_names
+from cake_py.config import parse_workers_flag
+
+
+def _handshakes(*names: str) -> tuple[list[Any], list[Any]]:
+    """Connections as --workers gives them (worker-1, worker-2, … unnamed) and replies reporting `names`."""
+    specs = parse_workers_flag(",".join(f"127.0.0.1:{10128 + i}" for i in range(len(names))))
+    connections = [SimpleNamespace(spec=spec) for spec in specs]
+    replies = [SimpleNamespace(host=SimpleNamespace(worker_name=name)) for name in names]
+    return connections, replies
+
+
+def test_workers_given_by_address_are_shown_under_the_names_they_report() -> None:
+    connections, replies = _handshakes("gpu-a", "gpu-b")
+    _adopt_worker_names(connections, replies)
+    assert [conn.spec.name for conn in connections] == ["gpu-a", "gpu-b"]
+
+
+def test_a_worker_that_calls_itself_master_keeps_its_address_name() -> None:
+    # "master" is the name of the master's own stages: a worker under it would be mixed up with them.
+    connections, replies = _handshakes("gpu-a", "master")
+    _adopt_worker_names(connections, replies)
+    assert [conn.spec.name for conn in connections] == ["worker-1", "worker-2"]
