@@ -221,6 +221,8 @@ def load_cluster_file(path: Path) -> ClusterFile:
         if not isinstance(item, dict) or "address" not in item:
             raise ConfigError(f"cluster config {str(path)!r}: worker #{index + 1} needs an 'address'")
         name = str(item.get("name") or f"worker-{index + 1}")
+        if name == "master":  # the master's own stages carry that name (topology, /health, /metrics)
+            raise ConfigError(f"cluster config {str(path)!r}: worker {index + 1} may not be named 'master'")
         extra = set(item) - {"name", "address", "layers"}
         if extra:
             raise ConfigError(f"worker {name!r}: unknown key(s) {', '.join(sorted(extra))}")

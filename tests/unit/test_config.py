@@ -49,6 +49,7 @@ def test_cluster_file(tmp_path: Path) -> None:
         ("workers: [{name: a}]", "address"),
         ("workers: [{address: 'nohost'}]", "nohost"),
         ("workers: [{address: 'h:1', name: a}, {address: 'h:2', name: a}]", "duplicate"),
+        ("workers: [{address: 'h:1', name: a}, {address: 'h:2', name: master}]", "worker 2 may not be named 'master'"),
         ("wrkers: []", "wrkers"),
         ("workers: [{address: 'h:1', layer: 3}]", "layer"),
         ("workers: [", "YAML"),
