@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import socket
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from cake_py.cluster.hostinfo import memory_identity
 from cake_py.cluster.pipeline import Pipeline, load_ends
 from cake_py.cluster.placement import NodeCapacity, check_manual, place_automatically
 from cake_py.cluster.stage import LocalStage, Stage
@@ -24,18 +28,26 @@ from cake_py.rpc.security import channel_credentials, warn_if_key_in_plaintext
 log = logging.getLogger(__name__)
 
 
-def layer_bytes(source: ModelSource, dtype: torch.dtype) -> list[int]:
-    """Bytes each layer takes in memory once loaded in `dtype` (not its size on disk, which may be quantized)."""
+def _loaded_bytes(source: ModelSource, dtype: torch.dtype) -> Iterator[tuple[str, int]]:
+    """(name, bytes once loaded in `dtype`) of every tensor: not its size on disk, which may be quantized."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = [0] * source.config.n_layers
     for name in source.weights.names():
+        yield name, math.prod(source.weights.info(name).shape) * itemsize
+
+
+def layer_bytes(source: ModelSource, dtype: torch.dtype) -> list[int]:
+    """Bytes each layer takes in memory once loaded in `dtype`."""
+    sizes = [0] * source.config.n_layers
+    for name, size in _loaded_bytes(source, dtype):
         match = LAYER_PATTERN.match(name)
         if match and int(match.group(1)) < len(sizes):
-            numel = 1
-            for dim in source.weights.info(name).shape:
-                numel *= dim
-            sizes[int(match.group(1))] += numel * itemsize
+            sizes[int(match.group(1))] += size
     return sizes
+
+
+def ends_bytes(source: ModelSource, dtype: torch.dtype) -> int:
+    """Bytes the master's own part (embedding, final norm, head) takes once loaded in `dtype`."""
+    return sum(size for name, size in _loaded_bytes(source, dtype) if not LAYER_PATTERN.match(name))
 
 
 def check_addresses(workers: list[WorkerSpec]) -> None:
@@ -83,7 +95,9 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
                 )
                 for conn, reply in zip(connections, replies, strict=True)
             ]
-            ranges = place_automatically(layer_bytes(source, dtype), nodes)
+            # The master loads its embedding and head after placement, on memory some workers may share.
+            master_pool = f"{socket.gethostname()}/{memory_identity(device)}"
+            ranges = place_automatically(layer_bytes(source, dtype), nodes, {master_pool: ends_bytes(source, dtype)})
         config_json = json.dumps(source.weights.config)
         assignments = {
             conn.spec.name: Assignment(source.model_id, config_json, source.weights, *ranges[conn.spec.name], dtype)

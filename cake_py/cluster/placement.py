@@ -6,7 +6,7 @@ each worker's measured speed, capped by its free memory, in the order the worker
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from cake_py.errors import ClusterError
@@ -57,8 +57,11 @@ def check_manual(ranges: dict[str, tuple[int, int] | None], n_layers: int) -> di
     return given
 
 
-def place_automatically(layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity]) -> dict[str, tuple[int, int]]:
+def place_automatically(
+    layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity], reserved: Mapping[str, int] | None = None
+) -> dict[str, tuple[int, int]]:
     """Contiguous ranges in node order, sized by speed share and capped by memory; every layer is placed.
+    `reserved` is memory already promised in a pool (the master's embedding and head, on its own host's RAM or GPU).
 
     Each node takes its speed share of the layers left, but no more than its memory holds and no fewer than the
     nodes after it leave uncovered (so a memory-capped node at the end pushes layers forward, onto the fastest of
@@ -67,7 +70,7 @@ def place_automatically(layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity
     n_layers = len(layer_bytes)
     if not nodes:
         raise ClusterError("no workers to place layers on")
-    nodes = share_pools(nodes)
+    nodes = share_pools(nodes, reserved or {})
     budgets = [node.free_bytes * MEMORY_HEADROOM for node in nodes]
     if sum(layer_bytes) > sum(budgets):
         raise ClusterError(
@@ -100,8 +103,9 @@ def place_automatically(layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity
     return result
 
 
-def share_pools(nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
-    """Split each shared memory pool between its nodes in proportion to their speed (equally without speeds)."""
+def share_pools(nodes: Sequence[NodeCapacity], reserved: Mapping[str, int] | None = None) -> list[NodeCapacity]:
+    """Split each shared memory pool between its nodes in proportion to their speed (equally without speeds),
+    less what `reserved` already promises in that pool."""
     pools: dict[str, list[NodeCapacity]] = {}
     for node in nodes:
         if node.memory_pool:
@@ -109,11 +113,12 @@ def share_pools(nodes: Sequence[NodeCapacity]) -> list[NodeCapacity]:
     shared = []
     for node in nodes:
         members = pools.get(node.memory_pool, [node])
-        if len(members) > 1:
+        taken = (reserved or {}).get(node.memory_pool, 0) if node.memory_pool else 0
+        if len(members) > 1 or taken:
             # Each reported the pool whole, a moment apart, plus what it holds itself: the pool's free memory is
             # the least of what they saw free, plus everything all of them hold (a restarted master re-places it).
             seen_free = min(member.free_bytes - member.held_bytes for member in members)
-            free = seen_free + sum(member.held_bytes for member in members)
+            free = max(seen_free + sum(member.held_bytes for member in members) - taken, 0)
             speed = sum(max(member.tflops, 1e-9) for member in members)
             node = replace(node, free_bytes=int(free * max(node.tflops, 1e-9) / speed))
         shared.append(node)

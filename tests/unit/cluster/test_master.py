@@ -28,3 +28,18 @@ def test_a_worker_that_calls_itself_master_keeps_its_address_name() -> None:
     connections, replies = _handshakes("gpu-a", "master")
     _adopt_worker_names(connections, replies)
     assert [conn.spec.name for conn in connections] == ["worker-1", "worker-2"]
+
+
+def test_the_masters_own_part_and_the_layers_add_up_to_the_whole_model(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from cake_py.cluster.master import ends_bytes, layer_bytes
+    from cake_py.cluster.pipeline import load_ends
+    from cake_py.models.hub import resolve_model
+
+    source = resolve_model(str(tiny_model_factory("llama")))  # untied head: embedding and lm_head both count
+    ends = load_ends(source, torch.float32)
+    assert ends_bytes(source, torch.float32) == sum(p.nbytes for p in ends.parameters())
+    assert ends_bytes(source, torch.bfloat16) * 2 == ends_bytes(source, torch.float32)
+    total = sum(t.numel() * 4 for t in source.weights.load(source.weights.names(), torch.float32).values())
+    assert sum(layer_bytes(source, torch.float32)) + ends_bytes(source, torch.float32) == total

@@ -228,3 +228,18 @@ def test_memory_pools_are_a_hosts_ram_or_one_gpu() -> None:
     assert memory_pool(host("box", "cuda-GPU-1")) != memory_pool(host("box", "cuda-GPU-2"))
     assert memory_pool(host("box", "ram", "cpu")) == memory_pool(host("box", "ram", "mps"))  # unified memory
     assert memory_pool(host("box", "", "cpu")) == "box/cpu"  # a worker older than memory_id: as before
+
+
+def test_memory_the_master_takes_in_a_workers_pool_is_not_given_to_it() -> None:
+    # The master's embedding and head (10 GB) go on the GPU one of the workers uses: that worker has 20 GB left.
+    gpu = [NodeCapacity("same-gpu", 30 * GB, 1.0, "box/cuda-1"), NodeCapacity("other", 30 * GB, 1.0, "box/cuda-2")]
+    assert place_automatically([GB] * 40, gpu) == {"same-gpu": (0, 20), "other": (20, 40)}
+    reserved = {"box/cuda-1": 10 * GB}
+    assert place_automatically([GB] * 40, gpu, reserved) == {"same-gpu": (0, 16), "other": (16, 40)}
+    # Shared by two workers, the pool is split after the master's share is taken out.
+    pool = [NodeCapacity(name, 30 * GB, 1.0, "box/cuda-1") for name in ("a", "b")]
+    assert place_automatically([GB] * 16, pool, reserved) == {"a": (0, 8), "b": (8, 16)}
+    with pytest.raises(ClusterError, match="fits nowhere"):
+        place_automatically([GB] * 17, pool, reserved)
+    # A pool no worker uses changes nothing.
+    assert place_automatically([GB] * 40, gpu, {"elsewhere/ram": 100 * GB}) == {"same-gpu": (0, 20), "other": (20, 40)}
