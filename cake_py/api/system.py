@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from cake_py.api.management import current_model
 from cake_py.api.state import ServerState
-from cake_py.cluster.hostinfo import host_facts
+from cake_py.cluster.hostinfo import cpu_model, host_facts
 from cake_py.errors import CakeError
 
 PACKAGES = ("torch", "starlette", "uvicorn", "grpcio", "tokenizers", "prometheus-client")
@@ -41,7 +41,7 @@ def _master(state: ServerState) -> dict[str, Any]:
     process = psutil.Process()
     return {
         **host_facts(state.device, state.tflops).as_dict(),
-        "cpu_model": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_percent": psutil.cpu_percent(interval=None),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "ram_available_bytes": int(memory.available),
@@ -52,8 +52,15 @@ def _master(state: ServerState) -> dict[str, Any]:
     }
 
 
+# Of a worker's handshake, what /system/info adds to its stage's description (the topology's).
+HOST_FIELDS = ("accelerator", "cake_version", "python_version", "cpu_count", "ram_total_bytes", "memory_id")
+
+
 def _stage(stage: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {"name": stage.name, "layers": [stage.start, stage.end]}
+    host = getattr(getattr(stage, "connection", None), "host", None)
+    if host is not None:
+        entry.update({name: getattr(host, name) for name in HOST_FIELDS})
     try:
         entry.update(stage.describe())
         entry["healthy"] = bool(stage.healthy())

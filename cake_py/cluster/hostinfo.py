@@ -32,6 +32,7 @@ class HostFacts:
     cpu_count: int
     ram_total_bytes: int
     memory_id: str = "ram"  # see memory_identity
+    accelerator: str = ""  # see accelerator_name
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +54,30 @@ def memory_identity(device: str) -> str:
         uuid = getattr(torch.cuda.get_device_properties(torch.device(device)), "uuid", None)
         return f"cuda-{uuid}" if uuid is not None else device
     return "ram"
+
+
+@functools.cache
+def accelerator_name(device: str) -> str:
+    """What computes on `device`: the GPU's name, "Apple MPS", or the CPU's model."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    if device == "mps":
+        return "Apple MPS"
+    return cpu_model()
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 9R14 96-Core Processor"); the architecture where the OS does not say."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Hardware") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.cache
@@ -98,4 +123,5 @@ def host_facts(device: str, tflops: float) -> HostFacts:
         cpu_count=os.cpu_count() or 1,
         ram_total_bytes=int(psutil.virtual_memory().total),
         memory_id=memory_identity(device),
+        accelerator=accelerator_name(device),
     )

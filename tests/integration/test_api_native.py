@@ -217,6 +217,8 @@ def test_system_info_describes_master_and_stages(http: httpx.Client) -> None:
     for key in ("hostname", "os", "cpu_count", "ram_total_bytes", "ram_available_bytes", "device", "versions"):
         assert key in master, key
     assert master["versions"]["torch"]
+    # The CPU's model (here the device is the CPU), not just its architecture.
+    assert master["accelerator"] == master["cpu_model"] and master["cpu_model"] not in ("", "x86_64", "aarch64")
     assert info["stages"][0]["layers"] == [0, 3]
     assert info["stages"][0]["local"] is True
     assert info["workers"] == []

@@ -24,61 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63\x61ke/v1/worker.proto\x12\x07\x63\x61ke.v1\"D\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.cake.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\xba\x02\n\x08HostInfo\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\n\n\x02os\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06tflops\x18\x08 \x01(\x01\x12\x15\n\rtorch_version\x18\t \x01(\t\x12\x0f\n\x07threads\x18\n \x01(\r\x12\x14\n\x0c\x63\x61ke_version\x18\x0b \x01(\t\x12\x16\n\x0epython_version\x18\x0c \x01(\t\x12\x11\n\tcpu_count\x18\r \x01(\r\x12\x17\n\x0fram_total_bytes\x18\x0e \x01(\x04\x12\x11\n\tmemory_id\x18\x0f \x01(\t\"A\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0bmaster_name\x18\x02 \x01(\t\"\xbd\x01\n\x0eHandshakeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1f\n\x04host\x18\x02 \x01(\x0b\x32\x11.cake.v1.HostInfo\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12#\n\x06layers\x18\x04 \x01(\x0b\x32\x13.cake.v1.LayerRange\x12\x11\n\tdata_port\x18\x05 \x01(\r\x12\x12\n\nassignment\x18\x06 \x01(\x04\x12\x12\n\nheld_bytes\x18\x07 \x01(\x04\"l\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0e.cake.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\"H\n\x0ePrepareRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12$\n\x07tensors\x18\x02 \x03(\x0b\x32\x13.cake.v1.TensorSpec\"<\n\x0cPrepareReply\x12\x16\n\x0emissing_sha256\x18\x01 \x03(\t\x12\x14\n\x0c\x63\x61\x63hed_bytes\x18\x02 \x01(\x04\"\xa7\x01\n\x0c\x41ssignHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12#\n\x06layers\x18\x03 \x01(\x0b\x32\x13.cake.v1.LayerRange\x12%\n\rcompute_dtype\x18\x04 \x01(\x0e\x32\x0e.cake.v1.DType\x12$\n\x07tensors\x18\x05 \x03(\x0b\x32\x13.cake.v1.TensorSpec\"9\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"h\n\x0b\x41ssignChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.cake.v1.AssignHeaderH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.cake.v1.TensorChunkH\x00\x42\t\n\x07payload\"\x98\x01\n\x0b\x41ssignReply\x12#\n\x06layers\x18\x01 \x01(\x0b\x32\x13.cake.v1.LayerRange\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x14\n\x0creused_bytes\x18\x03 \x01(\x04\x12\x11\n\tn_tensors\x18\x04 \x01(\r\x12\x0f\n\x07load_ms\x18\x05 \x01(\x04\x12\x12\n\nassignment\x18\x06 \x01(\x04\"W\n\rSequenceSlice\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x11\n\tcopy_from\x18\x04 \x01(\x04\"\xd6\x01\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.cake.v1.SequenceSlice\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.cake.v1.Tensor\x12\x1f\n\x04next\x18\x04 \x03(\x0b\x32\x11.cake.v1.ChainHop\x12\x15\n\rreply_session\x18\x05 \x01(\x0c\x12\x18\n\x10\x63hain_forward_us\x18\x06 \x03(\x04\x12\x12\n\nassignment\x18\x07 \x01(\x04\"^\n\x08\x43hainHop\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x11\n\tdata_port\x18\x02 \x01(\r\x12\x0f\n\x07session\x18\x03 \x01(\x0c\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x12\n\nassignment\x18\x05 \x01(\x04\"\x95\x01\n\x0c\x46orwardReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x1f\n\x06hidden\x18\x02 \x01(\x0b\x32\x0f.cake.v1.Tensor\x12\x12\n\nforward_us\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x18\n\x10\x63hain_forward_us\x18\x05 \x03(\x04\x12\x13\n\x0b\x63hain_error\x18\x06 \x01(\t\"5\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x12\n\nassignment\x18\x02 \x01(\x04\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\r\"%\n\x0fUnassignRequest\x12\x12\n\nassignment\x18\x01 \x01(\x04\" \n\rUnassignReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\x9b\x03\n\tInfoReply\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.cake.v1.WorkerStatus\x12\x1f\n\x04host\x18\x02 \x01(\x0b\x32\x11.cake.v1.HostInfo\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12#\n\x06layers\x18\x04 \x01(\x0b\x32\x13.cake.v1.LayerRange\x12%\n\rcompute_dtype\x18\x05 \x01(\x0e\x32\x0e.cake.v1.DType\x12\x16\n\x0elive_sequences\x18\x06 \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x07 \x01(\x04\x12\x15\n\rweights_bytes\x18\x08 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\n \x01(\x01\x12\x19\n\x11process_rss_bytes\x18\x0b \x01(\x04\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x18\n\x10protocol_version\x18\r \x01(\r\x12\x1c\n\x14\x66orward_idle_seconds\x18\x0e \x01(\x01\x12\x12\n\nassignment\x18\x0f \x01(\x04*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x11\n\rDTYPE_FLOAT64\x10\x08\x12\x0f\n\x0b\x44TYPE_INT16\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*\x93\x01\n\x0cWorkerStatus\x12\x1d\n\x19WORKER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATUS_IDLE\x10\x01\x12\x19\n\x15WORKER_STATUS_LOADING\x10\x02\x12\x17\n\x13WORKER_STATUS_READY\x10\x03\x12\x18\n\x14WORKER_STATUS_FAILED\x10\x04\x32\xa6\x03\n\x06Worker\x12?\n\tHandshake\x12\x19.cake.v1.HandshakeRequest\x1a\x17.cake.v1.HandshakeReply\x12\x39\n\x07Prepare\x12\x17.cake.v1.PrepareRequest\x1a\x15.cake.v1.PrepareReply\x12\x36\n\x06\x41ssign\x12\x14.cake.v1.AssignChunk\x1a\x14.cake.v1.AssignReply(\x01\x12=\n\x07\x46orward\x12\x17.cake.v1.ForwardRequest\x1a\x15.cake.v1.ForwardReply(\x01\x30\x01\x12\x39\n\x07Release\x12\x17.cake.v1.ReleaseRequest\x1a\x15.cake.v1.ReleaseReply\x12<\n\x08Unassign\x12\x18.cake.v1.UnassignRequest\x1a\x16.cake.v1.UnassignReply\x12\x30\n\x04Info\x12\x14.cake.v1.InfoRequest\x1a\x12.cake.v1.InfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63\x61ke/v1/worker.proto\x12\x07\x63\x61ke.v1\"D\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.cake.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\xcf\x02\n\x08HostInfo\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\n\n\x02os\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06tflops\x18\x08 \x01(\x01\x12\x15\n\rtorch_version\x18\t \x01(\t\x12\x0f\n\x07threads\x18\n \x01(\r\x12\x14\n\x0c\x63\x61ke_version\x18\x0b \x01(\t\x12\x16\n\x0epython_version\x18\x0c \x01(\t\x12\x11\n\tcpu_count\x18\r \x01(\r\x12\x17\n\x0fram_total_bytes\x18\x0e \x01(\x04\x12\x11\n\tmemory_id\x18\x0f \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x10 \x01(\t\"A\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0bmaster_name\x18\x02 \x01(\t\"\xbd\x01\n\x0eHandshakeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1f\n\x04host\x18\x02 \x01(\x0b\x32\x11.cake.v1.HostInfo\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12#\n\x06layers\x18\x04 \x01(\x0b\x32\x13.cake.v1.LayerRange\x12\x11\n\tdata_port\x18\x05 \x01(\r\x12\x12\n\nassignment\x18\x06 \x01(\x04\x12\x12\n\nheld_bytes\x18\x07 \x01(\x04\"l\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0e.cake.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\"H\n\x0ePrepareRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12$\n\x07tensors\x18\x02 \x03(\x0b\x32\x13.cake.v1.TensorSpec\"<\n\x0cPrepareReply\x12\x16\n\x0emissing_sha256\x18\x01 \x03(\t\x12\x14\n\x0c\x63\x61\x63hed_bytes\x18\x02 \x01(\x04\"\xa7\x01\n\x0c\x41ssignHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12#\n\x06layers\x18\x03 \x01(\x0b\x32\x13.cake.v1.LayerRange\x12%\n\rcompute_dtype\x18\x04 \x01(\x0e\x32\x0e.cake.v1.DType\x12$\n\x07tensors\x18\x05 \x03(\x0b\x32\x13.cake.v1.TensorSpec\"9\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"h\n\x0b\x41ssignChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.cake.v1.AssignHeaderH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.cake.v1.TensorChunkH\x00\x42\t\n\x07payload\"\x98\x01\n\x0b\x41ssignReply\x12#\n\x06layers\x18\x01 \x01(\x0b\x32\x13.cake.v1.LayerRange\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x14\n\x0creused_bytes\x18\x03 \x01(\x04\x12\x11\n\tn_tensors\x18\x04 \x01(\r\x12\x0f\n\x07load_ms\x18\x05 \x01(\x04\x12\x12\n\nassignment\x18\x06 \x01(\x04\"W\n\rSequenceSlice\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x11\n\tcopy_from\x18\x04 \x01(\x04\"\xd6\x01\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.cake.v1.SequenceSlice\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.cake.v1.Tensor\x12\x1f\n\x04next\x18\x04 \x03(\x0b\x32\x11.cake.v1.ChainHop\x12\x15\n\rreply_session\x18\x05 \x01(\x0c\x12\x18\n\x10\x63hain_forward_us\x18\x06 \x03(\x04\x12\x12\n\nassignment\x18\x07 \x01(\x04\"^\n\x08\x43hainHop\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x11\n\tdata_port\x18\x02 \x01(\r\x12\x0f\n\x07session\x18\x03 \x01(\x0c\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x12\n\nassignment\x18\x05 \x01(\x04\"\x95\x01\n\x0c\x46orwardReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x1f\n\x06hidden\x18\x02 \x01(\x0b\x32\x0f.cake.v1.Tensor\x12\x12\n\nforward_us\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x18\n\x10\x63hain_forward_us\x18\x05 \x03(\x04\x12\x13\n\x0b\x63hain_error\x18\x06 \x01(\t\"5\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x12\n\nassignment\x18\x02 \x01(\x04\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\r\"%\n\x0fUnassignRequest\x12\x12\n\nassignment\x18\x01 \x01(\x04\" \n\rUnassignReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\x9b\x03\n\tInfoReply\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.cake.v1.WorkerStatus\x12\x1f\n\x04host\x18\x02 \x01(\x0b\x32\x11.cake.v1.HostInfo\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12#\n\x06layers\x18\x04 \x01(\x0b\x32\x13.cake.v1.LayerRange\x12%\n\rcompute_dtype\x18\x05 \x01(\x0e\x32\x0e.cake.v1.DType\x12\x16\n\x0elive_sequences\x18\x06 \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x07 \x01(\x04\x12\x15\n\rweights_bytes\x18\x08 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\n \x01(\x01\x12\x19\n\x11process_rss_bytes\x18\x0b \x01(\x04\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x18\n\x10protocol_version\x18\r \x01(\r\x12\x1c\n\x14\x66orward_idle_seconds\x18\x0e \x01(\x01\x12\x12\n\nassignment\x18\x0f \x01(\x04*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x11\n\rDTYPE_FLOAT64\x10\x08\x12\x0f\n\x0b\x44TYPE_INT16\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*\x93\x01\n\x0cWorkerStatus\x12\x1d\n\x19WORKER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATUS_IDLE\x10\x01\x12\x19\n\x15WORKER_STATUS_LOADING\x10\x02\x12\x17\n\x13WORKER_STATUS_READY\x10\x03\x12\x18\n\x14WORKER_STATUS_FAILED\x10\x04\x32\xa6\x03\n\x06Worker\x12?\n\tHandshake\x12\x19.cake.v1.HandshakeRequest\x1a\x17.cake.v1.HandshakeReply\x12\x39\n\x07Prepare\x12\x17.cake.v1.PrepareRequest\x1a\x15.cake.v1.PrepareReply\x12\x36\n\x06\x41ssign\x12\x14.cake.v1.AssignChunk\x1a\x14.cake.v1.AssignReply(\x01\x12=\n\x07\x46orward\x12\x17.cake.v1.ForwardRequest\x1a\x15.cake.v1.ForwardReply(\x01\x30\x01\x12\x39\n\x07Release\x12\x17.cake.v1.ReleaseRequest\x1a\x15.cake.v1.ReleaseReply\x12<\n\x08Unassign\x12\x18.cake.v1.UnassignRequest\x1a\x16.cake.v1.UnassignReply\x12\x30\n\x04Info\x12\x14.cake.v1.InfoRequest\x1a\x12.cake.v1.InfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cake.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2603
-  _globals['_DTYPE']._serialized_end=2810
-  _globals['_WORKERSTATUS']._serialized_start=2813
-  _globals['_WORKERSTATUS']._serialized_end=2960
+  _globals['_DTYPE']._serialized_start=2624
+  _globals['_DTYPE']._serialized_end=2831
+  _globals['_WORKERSTATUS']._serialized_start=2834
+  _globals['_WORKERSTATUS']._serialized_end=2981
   _globals['_TENSOR']._serialized_start=33
   _globals['_TENSOR']._serialized_end=101
   _globals['_LAYERRANGE']._serialized_start=103
   _globals['_LAYERRANGE']._serialized_end=143
   _globals['_HOSTINFO']._serialized_start=146
-  _globals['_HOSTINFO']._serialized_end=460
-  _globals['_HANDSHAKEREQUEST']._serialized_start=462
-  _globals['_HANDSHAKEREQUEST']._serialized_end=527
-  _globals['_HANDSHAKEREPLY']._serialized_start=530
-  _globals['_HANDSHAKEREPLY']._serialized_end=719
-  _globals['_TENSORSPEC']._serialized_start=721
-  _globals['_TENSORSPEC']._serialized_end=829
-  _globals['_PREPAREREQUEST']._serialized_start=831
-  _globals['_PREPAREREQUEST']._serialized_end=903
-  _globals['_PREPAREREPLY']._serialized_start=905
-  _globals['_PREPAREREPLY']._serialized_end=965
-  _globals['_ASSIGNHEADER']._serialized_start=968
-  _globals['_ASSIGNHEADER']._serialized_end=1135
-  _globals['_TENSORCHUNK']._serialized_start=1137
-  _globals['_TENSORCHUNK']._serialized_end=1194
-  _globals['_ASSIGNCHUNK']._serialized_start=1196
-  _globals['_ASSIGNCHUNK']._serialized_end=1300
-  _globals['_ASSIGNREPLY']._serialized_start=1303
-  _globals['_ASSIGNREPLY']._serialized_end=1455
-  _globals['_SEQUENCESLICE']._serialized_start=1457
-  _globals['_SEQUENCESLICE']._serialized_end=1544
-  _globals['_FORWARDREQUEST']._serialized_start=1547
-  _globals['_FORWARDREQUEST']._serialized_end=1761
-  _globals['_CHAINHOP']._serialized_start=1763
-  _globals['_CHAINHOP']._serialized_end=1857
-  _globals['_FORWARDREPLY']._serialized_start=1860
-  _globals['_FORWARDREPLY']._serialized_end=2009
-  _globals['_RELEASEREQUEST']._serialized_start=2011
-  _globals['_RELEASEREQUEST']._serialized_end=2064
-  _globals['_RELEASEREPLY']._serialized_start=2066
-  _globals['_RELEASEREPLY']._serialized_end=2098
-  _globals['_UNASSIGNREQUEST']._serialized_start=2100
-  _globals['_UNASSIGNREQUEST']._serialized_end=2137
-  _globals['_UNASSIGNREPLY']._serialized_start=2139
-  _globals['_UNASSIGNREPLY']._serialized_end=2171
-  _globals['_INFOREQUEST']._serialized_start=2173
-  _globals['_INFOREQUEST']._serialized_end=2186
-  _globals['_INFOREPLY']._serialized_start=2189
-  _globals['_INFOREPLY']._serialized_end=2600
-  _globals['_WORKER']._serialized_start=2963
-  _globals['_WORKER']._serialized_end=3385
+  _globals['_HOSTINFO']._serialized_end=481
+  _globals['_HANDSHAKEREQUEST']._serialized_start=483
+  _globals['_HANDSHAKEREQUEST']._serialized_end=548
+  _globals['_HANDSHAKEREPLY']._serialized_start=551
+  _globals['_HANDSHAKEREPLY']._serialized_end=740
+  _globals['_TENSORSPEC']._serialized_start=742
+  _globals['_TENSORSPEC']._serialized_end=850
+  _globals['_PREPAREREQUEST']._serialized_start=852
+  _globals['_PREPAREREQUEST']._serialized_end=924
+  _globals['_PREPAREREPLY']._serialized_start=926
+  _globals['_PREPAREREPLY']._serialized_end=986
+  _globals['_ASSIGNHEADER']._serialized_start=989
+  _globals['_ASSIGNHEADER']._serialized_end=1156
+  _globals['_TENSORCHUNK']._serialized_start=1158
+  _globals['_TENSORCHUNK']._serialized_end=1215
+  _globals['_ASSIGNCHUNK']._serialized_start=1217
+  _globals['_ASSIGNCHUNK']._serialized_end=1321
+  _globals['_ASSIGNREPLY']._serialized_start=1324
+  _globals['_ASSIGNREPLY']._serialized_end=1476
+  _globals['_SEQUENCESLICE']._serialized_start=1478
+  _globals['_SEQUENCESLICE']._serialized_end=1565
+  _globals['_FORWARDREQUEST']._serialized_start=1568
+  _globals['_FORWARDREQUEST']._serialized_end=1782
+  _globals['_CHAINHOP']._serialized_start=1784
+  _globals['_CHAINHOP']._serialized_end=1878
+  _globals['_FORWARDREPLY']._serialized_start=1881
+  _globals['_FORWARDREPLY']._serialized_end=2030
+  _globals['_RELEASEREQUEST']._serialized_start=2032
+  _globals['_RELEASEREQUEST']._serialized_end=2085
+  _globals['_RELEASEREPLY']._serialized_start=2087
+  _globals['_RELEASEREPLY']._serialized_end=2119
+  _globals['_UNASSIGNREQUEST']._serialized_start=2121
+  _globals['_UNASSIGNREQUEST']._serialized_end=2158
+  _globals['_UNASSIGNREPLY']._serialized_start=2160
+  _globals['_UNASSIGNREPLY']._serialized_end=2192
+  _globals['_INFOREQUEST']._serialized_start=2194
+  _globals['_INFOREQUEST']._serialized_end=2207
+  _globals['_INFOREPLY']._serialized_start=2210
+  _globals['_INFOREPLY']._serialized_end=2621
+  _globals['_WORKER']._serialized_start=2984
+  _globals['_WORKER']._serialized_end=3406
 # @@protoc_insertion_point(module_scope)

@@ -64,7 +64,7 @@ class LayerRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class HostInfo(_message.Message):
-    __slots__ = ("worker_name", "hostname", "os", "device", "backend", "memory_total_bytes", "memory_free_bytes", "tflops", "torch_version", "threads", "cake_version", "python_version", "cpu_count", "ram_total_bytes", "memory_id")
+    __slots__ = ("worker_name", "hostname", "os", "device", "backend", "memory_total_bytes", "memory_free_bytes", "tflops", "torch_version", "threads", "cake_version", "python_version", "cpu_count", "ram_total_bytes", "memory_id", "accelerator")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     OS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class HostInfo(_message.Message):
     CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     RAM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
     worker_name: str
     hostname: str
     os: str
@@ -95,7 +96,8 @@ class HostInfo(_message.Message):
     cpu_count: int
     ram_total_bytes: int
     memory_id: str
-    def __init__(self, worker_name: _Optional[str] = ..., hostname: _Optional[str] = ..., os: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., tflops: _Optional[float] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., cake_version: _Optional[str] = ..., python_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., ram_total_bytes: _Optional[int] = ..., memory_id: _Optional[str] = ...) -> None: ...
+    accelerator: str
+    def __init__(self, worker_name: _Optional[str] = ..., hostname: _Optional[str] = ..., os: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., tflops: _Optional[float] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., cake_version: _Optional[str] = ..., python_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., ram_total_bytes: _Optional[int] = ..., memory_id: _Optional[str] = ..., accelerator: _Optional[str] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("protocol_version", "master_name")
