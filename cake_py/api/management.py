@@ -126,6 +126,7 @@ async def _restore(state: ServerState, source: ModelSource, settings: Any, name:
     else:  # a bug: keep its traceback in the log
         log.error("loading a model failed", exc_info=error)
         status = 500
+    await run_in_threadpool(release_device_memory, state.device)  # what the failed build placed
     try:
         engine = await run_in_threadpool(_build_engine, state, source, settings)
     except Exception as restore_error:

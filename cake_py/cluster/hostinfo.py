@@ -99,7 +99,7 @@ def measure_tflops(device: str = "cpu", dtype: torch.dtype = torch.float32) -> f
                 torch.mm(a, b)
                 runs += 1
             if device.startswith("cuda"):
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(torch.device(device))
             best = max(best, 2 * size**3 * runs / (time.perf_counter() - began) / 1e12)
             time.sleep(0.005)  # let a neighbour measuring at the same time have the core
     return round(best, 4)

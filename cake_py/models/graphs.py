@@ -14,6 +14,7 @@ failure) runs eagerly, and so does everything after a recording that failed (log
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,38 +43,44 @@ def enabled() -> bool:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    buffers: tuple[int, ...]  # the address of every layer's keys when recorded: replayed only while unchanged
+    buffers: tuple[tuple[int, int, int], ...]  # each layer's keys, values and capacity when recorded (see _buffers)
     hidden: torch.Tensor  # (1, hidden): the step's input is copied here
     position: torch.Tensor  # (1,) long: the new token's position
     out: torch.Tensor  # (1, hidden): the step's output, overwritten by each replay
     rope: tuple[torch.Tensor, torch.Tensor]  # the tables the graph reads, kept alive with it
 
 
+def _buffers(caches: list[LayerCache]) -> tuple[tuple[int, int, int], ...]:
+    """What a recorded step reads and writes: replayed only while every layer's caches are these same buffers."""
+    return tuple((cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape[2]) for cache in caches)
+
+
 class DecodeGraphs:
-    """The recorded decode steps of one stage's model, by sequence id."""
+    """The recorded decode steps of one stage's model. Each sequence's graph lives in its KV store beside its
+    caches (`KVStore.graphs`), and goes with them when the sequence is released."""
 
     def __init__(self, model: Transformer) -> None:
-        self.model = model
-        self.graphs: dict[int, _Graph] = {}
+        self.model = weakref.ref(model)  # the model holds this object: no cycle to wait for the collector
         self.disabled = False
+        self.stream: torch.cuda.Stream | None = None  # where steps are recorded, on the model's GPU
 
     def run(self, hidden: torch.Tensor, piece: SequenceSlice, kv: KVStore) -> torch.Tensor | None:
         """The layers' output for a one-token step of one sequence, replayed; None when it must run eagerly."""
         if self.disabled or piece.n_tokens != 1 or piece.copy_from is not None:
             return None
-        caches = kv.caches_of(piece.seq_id)
+        caches = kv.caches_of(piece.seq_id)  # marks the sequence used (the worker frees idle ones)
         if not caches or piece.start_pos != caches[0].length or piece.start_pos >= caches[0].keys.shape[2]:
             return None  # new, rewound (a step run again) or full (it grows eagerly, then is recorded again)
-        buffers = tuple(cache.keys.data_ptr() for cache in caches)
-        graph = self.graphs.get(piece.seq_id)
+        buffers = _buffers(caches)
+        graph = kv.graphs.get(piece.seq_id)
         with torch.cuda.device(hidden.device):  # recorded and replayed on the model's GPU (cuda:N)
-            if graph is None or graph.buffers != buffers:
+            if not isinstance(graph, _Graph) or graph.buffers != buffers:
                 try:
-                    graph = self.graphs[piece.seq_id] = self._record(hidden, piece.start_pos, caches, buffers, kv)
+                    graph = kv.graphs[piece.seq_id] = self._record(hidden, piece.start_pos, caches, buffers)
                 except Exception:  # an op that cannot be recorded, out of memory, …: eager from now on
                     log.warning("cannot record decode steps as CUDA graphs; running them eagerly", exc_info=True)
                     self.disabled = True
-                    self.graphs.clear()
+                    kv.graphs.clear()
                     return None
             else:
                 graph.hidden.copy_(hidden)
@@ -84,31 +91,33 @@ class DecodeGraphs:
         return graph.out.clone()
 
     def _record(
-        self,
-        hidden: torch.Tensor,
-        position: int,
-        caches: list[LayerCache],
-        buffers: tuple[int, ...],
-        kv: KVStore,
+        self, hidden: torch.Tensor, position: int, caches: list[LayerCache], buffers: tuple[tuple[int, int, int], ...]
     ) -> _Graph:
-        """Record the step at `position` (the warm-up runs it for real: the replay recomputes the same values)."""
-        live = set(kv.sequence_ids())
-        for seq_id in [seq_id for seq_id in self.graphs if seq_id not in live]:
-            del self.graphs[seq_id]  # finished sequences: their graphs hold memory in the pool
-        model = self.model
+        """Record the step at `position` (the warm-up runs it for real: the replay recomputes the same values).
+
+        Not `torch.cuda.graph`: it synchronizes the device and empties the allocator's cache at every recording,
+        which is every new sequence's first step."""
+        model = self.model()
+        if model is None:
+            raise RuntimeError("the model is gone")
         rope = model._rope_tables(caches[0].keys.shape[2], hidden)
         static_hidden = hidden.detach().clone()
         static_position = torch.full((1,), position, dtype=torch.long, device=hidden.device)
-        side = torch.cuda.Stream(hidden.device)
-        side.wait_stream(torch.cuda.current_stream(hidden.device))
-        with torch.cuda.stream(side):  # warm-up off the capture: library handles, kernel choices
-            model.decode_static(static_hidden, static_position, caches)
-        torch.cuda.current_stream(hidden.device).wait_stream(side)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(hidden.device)
+        current = torch.cuda.current_stream(hidden.device)
+        self.stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
-        # Each graph has its own memory pool (a few MB): a pool shared between graphs is freed with the last graph
-        # that used it, and recording into it afterwards fails. thread_local: CUDA calls of other threads (a
-        # handshake reading free memory) do not break the recording.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = model.decode_static(static_hidden, static_position, caches)
+        with torch.cuda.stream(self.stream):  # recording needs a stream of its own
+            model.decode_static(static_hidden, static_position, caches)  # warm-up: library handles, kernel choices
+            # Its own memory pool (a few MB) per graph: a pool shared between graphs is freed with the last graph
+            # that used it, and recording into it afterwards fails. thread_local: CUDA calls of other threads (a
+            # handshake reading free memory) do not break the recording.
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                out = model.decode_static(static_hidden, static_position, caches)
+            finally:
+                graph.capture_end()
+        current.wait_stream(self.stream)
         graph.replay()
         return _Graph(graph, buffers, static_hidden, static_position, out, rope)

@@ -96,6 +96,8 @@ class KVStore:
         self.dtype, self.device = dtype, device
         self._caches: dict[int, list[LayerCache]] = {}
         self._last_used: dict[int, float] = {}
+        # Per sequence, whatever a model keeps beside its caches (a recorded decode step): released with them.
+        self.graphs: dict[int, object] = {}
 
     def for_batch(self, batch: Batch) -> list[list[LayerCache]]:
         """Per sequence of the batch, its per-layer caches (created on first sight, copied for a `copy_from`: a copy
@@ -131,8 +133,11 @@ class KVStore:
         return caches
 
     def caches_of(self, seq_id: int) -> list[LayerCache] | None:
-        """The sequence's per-layer caches, if it has any (nothing is created)."""
-        return self._caches.get(seq_id)
+        """The sequence's per-layer caches, if it has any (nothing is created); it counts as used now."""
+        caches = self._caches.get(seq_id)
+        if caches is not None:
+            self._last_used[seq_id] = time.monotonic()
+        return caches
 
     def length(self, seq_id: int) -> int:
         caches = self._caches.get(seq_id)
@@ -142,6 +147,7 @@ class KVStore:
         for seq_id in seq_ids:
             self._caches.pop(seq_id, None)
             self._last_used.pop(seq_id, None)
+            self.graphs.pop(seq_id, None)
 
     def release_idle(self, idle_seconds: float) -> list[int]:
         """Free the sequences untouched for `idle_seconds` (their master died or forgot them); returns their ids."""

@@ -130,6 +130,8 @@ class Sampler:
             ids, probs = candidates(scaled, params.top_k, params.top_p, params.min_p)
             # Drawn on the CPU with a CPU generator: a seed draws the same tokens whatever device computed the logits.
             cdf = probs.cpu().double().cumsum(0)
+            if not 0.0 < float(cdf[-1]) < math.inf:  # NaN logits (a broken stage), or every token masked
+                raise ValueError(f"the logits give no token a probability (their total is {float(cdf[-1])})")
             uniform = torch.rand(1, dtype=torch.float64, generator=self.generator) * cdf[-1]
             index = min(int(torch.searchsorted(cdf, uniform, right=True)), len(cdf) - 1)
             token = int(ids[index]) if ids is not None else index
@@ -200,6 +202,9 @@ def candidates(
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         values, ids = torch.topk(logits, top_k)  # descending
+        tied = int((logits >= values[-1]).sum())  # tokens tied with the k-th stay, as in filter_logits
+        if tied > top_k:
+            values, ids = torch.topk(logits, tied)
         probs = torch.softmax(values, dim=-1)  # renormalised over the k, as filter_logits' softmax is
     elif top_p < 1.0:
         full = torch.softmax(logits, dim=-1)

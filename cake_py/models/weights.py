@@ -310,9 +310,11 @@ def build_transformer(
     what = f"layers {start}-{end - 1}" if end > start else "the embedding and head"
     try:
         quantized_modules = _install_quantized(model, state, dtype, device)
-        state = placed(state, dtype, device, what)
     except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not _is_placement_error(error):
+            raise
         raise _placement_error(error, what, dtype, device) from None
+    state = placed(state, dtype, device, what)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     for name, shape in expected.items():
         if name in state and tuple(state[name].shape) != shape:
@@ -336,7 +338,17 @@ def placed(
     try:
         return {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
     except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not _is_placement_error(error):
+            raise
         raise _placement_error(error, what, dtype, device) from None
+
+
+def _is_placement_error(error: BaseException) -> bool:
+    """Out of memory, or a dtype the device cannot hold: the user's to fix. Anything else is a bug to report."""
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or any(
+        word in text for word in ("out of memory", "not enough memory", "allocate", "not supported", "unsupported")
+    )
 
 
 def _placement_error(error: BaseException, what: str, dtype: torch.dtype, device: torch.device | str) -> WeightsError:

@@ -240,6 +240,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 self.status = pb.WORKER_STATUS_READY
             else:
                 self.status, self.error = pb.WORKER_STATUS_FAILED, reason
+        release_device_memory(self.device)  # what the failed load placed: free again for the master's retry
 
     def Forward(
         self, request_iterator: Iterator[pb.ForwardRequest], context: grpc.ServicerContext

@@ -55,3 +55,15 @@ def test_a_sequence_can_start_as_a_copy_of_anothers_prefix() -> None:
     assert torch.equal(again[0].keys[:, :, :2], source_caches[0].keys[:, :, :2])
     with pytest.raises(ValueError, match="which holds 3"):
         store.check_copy(SequenceSlice(3, 4, 1, copy_from=1))
+
+
+def test_reading_a_sequences_caches_counts_as_use_and_a_release_drops_what_lives_beside_them() -> None:
+    """A graphed decode step only reads the caches: the worker's idle reaper must still see the sequence as live."""
+    store = KVStore(n_layers=1, n_kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+    store.for_batch([SequenceSlice(1, 0, 1)])
+    store._last_used[1] -= 1000  # untouched for 1000 s
+    assert store.caches_of(1) is not None
+    assert store.release_idle(10) == []  # the read just now counts
+    store.graphs[1] = "a recorded step"
+    store.release([1])
+    assert store.caches_of(1) is None and store.graphs == {}

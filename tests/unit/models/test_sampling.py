@@ -108,6 +108,24 @@ def test_fast_candidates_are_the_filtered_distribution(top_k: int, top_p: float,
     torch.testing.assert_close(dense, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_tokens_tied_with_the_kth_stay_candidates() -> None:
+    logits = torch.tensor([2.0, 1.0, 1.0, 1.0, 0.0])
+    ids, probs = candidates(logits, 2, 1.0)
+    assert ids is not None and sorted(ids.tolist()) == [0, 1, 2, 3]
+    expected = torch.softmax(filter_logits(logits, 2, 1.0), dim=-1)
+    torch.testing.assert_close(torch.zeros(5).index_put_((ids,), probs / probs.sum()), expected)
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(top_k=5), SamplingParams(top_p=0.9)]
+)
+def test_nan_logits_are_an_error_not_a_token(params: SamplingParams) -> None:
+    logits = torch.zeros(100)
+    logits[7] = float("nan")
+    with pytest.raises(ValueError, match="no token a probability"):
+        Sampler(params).sample(logits, [])
+
+
 def test_a_draw_follows_the_distribution() -> None:
     """The inverse-CDF draw picks each token as often as its probability says (and never a masked one)."""
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0, float("-inf")])

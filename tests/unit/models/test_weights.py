@@ -322,3 +322,16 @@ def test_a_device_without_the_memory_is_a_one_line_error() -> None:
     message = str(caught.value)
     assert message.startswith("cannot place layers 0-4 on cuda:0 in bfloat16: CUDA out of memory. Tried to allocate")
     assert "\n" not in message and "spread the model over workers" in message
+
+
+def test_a_bug_while_placing_weights_is_not_reported_as_a_full_device() -> None:
+    import torch
+
+    from cake_py.models.weights import placed
+
+    class Broken:
+        def to(self, **_: object) -> torch.Tensor:
+            raise RuntimeError("view size is not compatible with input tensor's size and stride")
+
+    with pytest.raises(RuntimeError, match="view size"):
+        placed({"w": Broken()}, torch.bfloat16, "cuda:0", "layers 0-4")  # type: ignore[dict-item]
