@@ -28,8 +28,9 @@ def live_figures(state: ServerState) -> dict[str, object]:
         "tokens_per_second": round(engine.tokens_per_second(), 2),
         "requests_in_flight": in_flight,
         "queue_depth": engine.queue_depth,
-        "requests_total": stats.requests_total,
-        "tokens_generated": stats.tokens_generated,
+        # For the process, like /metrics' counters: what the engines this one replaced counted too.
+        "requests_total": state.retired.requests + stats.requests_total,
+        "tokens_generated": state.retired.generated_tokens + stats.tokens_generated,
         "last_step_ms": round(stats.last_step_ms, 3),
     }
 

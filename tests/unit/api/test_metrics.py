@@ -116,6 +116,8 @@ def test_engine_counters_keep_counting_across_unload_and_load(
         assert counters(client) == served  # a fresh engine counts from 0: added to what the others counted
         second = complete()
         again = counters(client)
+        live = client.get("/api/v1/topology").json()["live"]  # the dashboard's tiles count for the process too
     assert again["cake_generated_tokens_total"] == first + second and again["cake_engine_requests_total"] == 2
+    assert (live["tokens_generated"], live["requests_total"]) == (first + second, 2)
     for name, value in served.items():
         assert again[name] > value, name
