@@ -8,7 +8,8 @@ masking what lies after the new token. One graph per sequence, recorded on its f
 time its caches are reallocated (they grow by doubling); dropped once the sequence's caches are gone.
 
 Anything else (a prefill, several sequences in a step, a step that grows the caches, a step run again after a
-failure) runs eagerly, and so does everything after a recording that failed (logged once).
+failure) runs eagerly. A recording that fails (out of memory for a moment) makes the next 256 steps eager; after
+three failures, every step is.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from cake_py.models.llama import Transformer
 
 log = logging.getLogger(__name__)
+
+MAX_FAILURES = 3
+RETRY_AFTER_STEPS = 256
 
 _enabled = True  # --no-cuda-graphs turns it off for the whole process
 
@@ -61,12 +65,18 @@ class DecodeGraphs:
 
     def __init__(self, model: Transformer) -> None:
         self.model = weakref.ref(model)  # the model holds this object: no cycle to wait for the collector
-        self.disabled = False
+        self.disabled = False  # after MAX_FAILURES failed recordings: eager for good
+        self.failures = 0
+        self.steps = 0  # decode steps offered to run()
+        self.eager_until = 0  # after a failed recording, steps run eagerly until then (out of memory may pass)
         self.stream: torch.cuda.Stream | None = None  # where steps are recorded, on the model's GPU
 
     def run(self, hidden: torch.Tensor, piece: SequenceSlice, kv: KVStore) -> torch.Tensor | None:
         """The layers' output for a one-token step of one sequence, replayed; None when it must run eagerly."""
         if self.disabled or piece.n_tokens != 1 or piece.copy_from is not None:
+            return None
+        self.steps += 1
+        if self.steps < self.eager_until:
             return None
         caches = kv.caches_of(piece.seq_id)  # marks the sequence used (the worker frees idle ones)
         if not caches or piece.start_pos != caches[0].length or piece.start_pos >= caches[0].keys.shape[2]:
@@ -77,9 +87,8 @@ class DecodeGraphs:
             if not isinstance(graph, _Graph) or graph.buffers != buffers:
                 try:
                     graph = kv.graphs[piece.seq_id] = self._record(hidden, piece.start_pos, caches, buffers)
-                except Exception:  # an op that cannot be recorded, out of memory, …: eager from now on
-                    log.warning("cannot record decode steps as CUDA graphs; running them eagerly", exc_info=True)
-                    self.disabled = True
+                except Exception as error:  # an op that cannot be recorded, out of memory, …
+                    self._failed(error)
                     kv.graphs.clear()
                     return None
             else:
@@ -89,6 +98,21 @@ class DecodeGraphs:
         for cache in caches:
             cache.length = piece.start_pos + 1
         return graph.out.clone()
+
+    def _failed(self, error: Exception) -> None:
+        """Run eagerly for a while and try again (memory may have been short for a moment); after MAX_FAILURES
+        failures, for good."""
+        self.failures += 1
+        if self.failures >= MAX_FAILURES:
+            self.disabled = True
+            log.warning("cannot record decode steps as CUDA graphs (%s); running them eagerly from now on", error)
+        else:
+            self.eager_until = self.steps + RETRY_AFTER_STEPS
+            log.warning(
+                "cannot record decode steps as CUDA graphs; running them eagerly for %d steps",
+                RETRY_AFTER_STEPS,
+                exc_info=self.failures == 1,  # the first time with its traceback
+            )
 
     def _record(
         self, hidden: torch.Tensor, position: int, caches: list[LayerCache], buffers: tuple[tuple[int, int, int], ...]

@@ -44,3 +44,34 @@ def test_the_static_decode_step_computes_what_the_eager_one_does(
     caches = static_kv.caches_of(1)
     assert caches is not None
     assert not caches[0].keys[:, :, 40:].any()
+
+
+def test_a_failed_recording_runs_eagerly_for_a_while_then_tries_again(
+    tiny_model_factory: TinyModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory for a moment must not cost graphs for the process's lifetime; three failures do."""
+    import contextlib
+
+    from cake_py.models import graphs
+
+    source = resolve_model(str(tiny_model_factory("llama")))
+    layers = load_transformer(
+        source.weights, source.config, 0, source.config.n_layers, with_embedding=False, with_head=False,
+        dtype=torch.float32,
+    )  # fmt: skip
+    kv = layers.new_kv_store()
+    layers.forward_layers(torch.zeros(4, source.config.hidden_size), [SequenceSlice(1, 0, 4)], kv)
+    recordings: list[int] = []
+
+    def failing(self: graphs.DecodeGraphs, *args: object) -> None:
+        recordings.append(self.steps)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(graphs.DecodeGraphs, "_record", failing)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # the CPU stands in
+    decode = graphs.DecodeGraphs(layers)
+    hidden = torch.zeros(1, source.config.hidden_size)
+    for _ in range(3 * graphs.RETRY_AFTER_STEPS + 10):
+        assert decode.run(hidden, SequenceSlice(1, 4, 1), kv) is None  # eager every time: the caller computes
+    assert recordings == [1, 1 + graphs.RETRY_AFTER_STEPS, 1 + 2 * graphs.RETRY_AFTER_STEPS]
+    assert decode.disabled and kv.graphs == {}
