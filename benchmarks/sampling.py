@@ -1,6 +1,6 @@
 """Drawing one token: the sampler against the straightforward way (mask the whole vocabulary, sort, multinomial).
 
-    .venv/bin/python benchmarks/sampling.py [--draws 300] [--vocab 49152] [--threads 1]
+    .venv/bin/python benchmarks/sampling.py [--draws 300] [--threads 1]
 
 Logits over SmolLM2's vocabulary size: the embedded model's own logits for a short chat prompt (real
 distributions: a nucleus of a few tokens to a few hundred). Each setting is timed both ways in this run, median of
