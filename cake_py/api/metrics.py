@@ -42,7 +42,8 @@ class EngineCollector(Collector):
         self.state = state
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        state, engine, retired = self.state, self.state.engine, self.state.retired
+        state = self.state
+        engine, retired = state.counted  # together: see ServerState.counted
         loaded = GaugeMetricFamily("cake_model_loaded", "1 while a text model is served", labels=["model"])
         if state.source is not None:
             loaded.add_metric([state.model_name], 1.0)

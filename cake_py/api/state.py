@@ -35,17 +35,24 @@ class RetiredTotals:
     stage_sent_bytes: dict[StageKey, int] = field(default_factory=dict)
     stage_received_bytes: dict[StageKey, int] = field(default_factory=dict)
 
-    def add(self, engine: Engine) -> None:
+    def plus(self, engine: Engine) -> RetiredTotals:
+        """These totals and `engine`'s, as a new object: a scrape reading this one meanwhile sees it unchanged."""
         stats = engine.stats
-        self.requests += stats.requests_total
-        self.generated_tokens += stats.tokens_generated
-        self.prompt_tokens += stats.prompt_tokens
-        self.steps += stats.steps
+        totals = RetiredTotals(
+            self.requests + stats.requests_total,
+            self.generated_tokens + stats.tokens_generated,
+            self.prompt_tokens + stats.prompt_tokens,
+            self.steps + stats.steps,
+            dict(self.stage_calls),
+            dict(self.stage_sent_bytes),
+            dict(self.stage_received_bytes),
+        )
         for stage in engine.pipeline.stages:
             key = (stage.name, stage.start, stage.end)
-            self.stage_calls[key] = self.stage_calls.get(key, 0) + stage.stats.calls
-            self.stage_sent_bytes[key] = self.stage_sent_bytes.get(key, 0) + stage.stats.bytes_sent
-            self.stage_received_bytes[key] = self.stage_received_bytes.get(key, 0) + stage.stats.bytes_received
+            totals.stage_calls[key] = totals.stage_calls.get(key, 0) + stage.stats.calls
+            totals.stage_sent_bytes[key] = totals.stage_sent_bytes.get(key, 0) + stage.stats.bytes_sent
+            totals.stage_received_bytes[key] = totals.stage_received_bytes.get(key, 0) + stage.stats.bytes_received
+        return totals
 
 
 @dataclass
@@ -64,14 +71,22 @@ class ServerState:
     served_models: list[str] = field(default_factory=list)
     configured_model: str | None = field(init=False)  # the one the server started with (None: embedded)
     retired: RetiredTotals = field(default_factory=RetiredTotals)
+    # The engine serving now and what the engines before it counted, as one value: a scrape in another thread reads
+    # both at once, so it never counts an engine twice (live and retired) or not at all.
+    counted: tuple[Engine | None, RetiredTotals] = field(init=False, repr=False)
 
     def __setattr__(self, name: str, value: object) -> None:
         # Whoever replaces the engine (/models/load, /models/unload, a failed load's restore), its counts are kept:
         # taken at the moment it stops serving, so a scrape never sees them missing.
         if name == "engine":
+            retired = self.__dict__.get("retired") or RetiredTotals()
             old = self.__dict__.get("engine")
             if old is not None and old is not value:
-                self.retired.add(old)
+                retired = retired.plus(old)
+            super().__setattr__("retired", retired)
+            super().__setattr__("counted", (value, retired))
+        elif name == "retired":  # the dataclass's own initialisation
+            super().__setattr__("counted", (self.__dict__.get("engine"), value))
         super().__setattr__(name, value)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ from cake_py.engine.engine import ENGINE_DEAD
 
 
 def live_figures(state: ServerState) -> dict[str, object]:
-    engine = state.engine
+    engine, retired = state.counted  # together: see ServerState.counted
     if engine is None:
         return {}
     stats = engine.stats
@@ -29,8 +29,8 @@ def live_figures(state: ServerState) -> dict[str, object]:
         "requests_in_flight": in_flight,
         "queue_depth": engine.queue_depth,
         # For the process, like /metrics' counters: what the engines this one replaced counted too.
-        "requests_total": state.retired.requests + stats.requests_total,
-        "tokens_generated": state.retired.generated_tokens + stats.tokens_generated,
+        "requests_total": retired.requests + stats.requests_total,
+        "tokens_generated": retired.generated_tokens + stats.tokens_generated,
         "last_step_ms": round(stats.last_step_ms, 3),
     }
 
@@ -40,16 +40,17 @@ def topology_document(state: ServerState) -> dict[str, Any]:
     /models/load or /models/unload runs (like /health's "loading"), 404 when no model is loaded."""
     if state.switching is not None:
         raise ApiError(503, f"the server is {state.switching}; retry shortly", headers={"Retry-After": "5"})
-    if state.engine is None or state.source is None:
+    engine, source = state.engine, state.source  # read once: a switch may replace them while this runs
+    if engine is None or source is None:
         raise ApiError(404, NO_TEXT_MODEL)
     return build_topology(
-        state.source,
+        source,
         state.model_name,
         state.dtype,
-        state.engine.pipeline,
+        engine.pipeline,
         host_facts(state.device, state.tflops),
         live_figures(state),
-        master_error=ENGINE_DEAD if state.engine.died else None,
+        master_error=ENGINE_DEAD if engine.died else None,
     )
 
 

@@ -391,14 +391,15 @@ class RemoteStage:
     def describe(self) -> dict[str, Any]:
         # The last ping's figures while the worker is up; once down they describe a worker that is gone (its caches,
         # its sequences, its load), so they are unknown (None), not shown as if live.
-        info = self._last_info if self._up else None
+        up = self._up  # read once: the monitor thread may mark the worker down or up meanwhile
+        info = self._last_info if up else None
         # Host facts: the last ping's (current free memory), else the handshake's.
         host = info.host if info is not None and info.HasField("host") else self.connection.host
         node: dict[str, Any] = {
             "local": False,
             "name": self.name,
             "host": self.connection.spec.address,
-            "status": "up" if self._up else "down",
+            "status": "up" if up else "down",
             "error": self._status_error or None,
             "forward_ms": round(self.stats.forward_ms, 3),
             "round_trip_ms": round(self.stats.round_trip_ms, 3),
@@ -416,7 +417,7 @@ class RemoteStage:
                 hostname=host.hostname,
                 os=host.os,
                 vram_bytes=host.memory_total_bytes,
-                memory_free_bytes=host.memory_free_bytes if self._up else None,
+                memory_free_bytes=host.memory_free_bytes if up else None,
                 tflops=host.tflops,
                 threads=host.threads,
                 torch_version=host.torch_version,
@@ -430,7 +431,7 @@ class RemoteStage:
                 process_rss_bytes=info.process_rss_bytes,
                 memory_used_bytes=info.host.memory_total_bytes - info.host.memory_free_bytes,
             )
-        elif not self._up:
+        elif not up:
             node.update(
                 kv_cache_bytes=None,
                 weights_bytes=None,

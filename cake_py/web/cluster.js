@@ -265,12 +265,13 @@ export function startCluster(onLive) {
   // The master answers but serves no model: none is loaded (404), or one is being loaded or unloaded (503). What
   // was drawn belongs to a model that is gone, so the cards and figures go, not just dim.
   function showNoModel(state) {
+    // Redrawn when what it says changes; a model drawn since resets `order`, so the same words draw again then.
+    const shown = `none:${state.label}:${state.reason}`;
+    if (order === shown) return;
     model = null;
     cards.clear();
     expanded.clear();
-    order = `none:${state.label}:${state.reason}`; // redrawn when what it says changes, never matches a pipeline
-    if (pipeline.dataset.shown === order) return;
-    pipeline.dataset.shown = order;
+    order = shown;
     pipeline.replaceChildren(
       el("p", { className: "no-model", dataset: { testid: "no-model" } }, el("b", {}, state.label), ` ${state.reason}`),
     );

@@ -501,6 +501,21 @@ def test_an_unload_and_a_model_switch_clear_the_view(
             expect(page.locator("#sum-layers")).to_have_text("3")
             expect(page.get_by_test_id("no-model")).to_have_count(0)
             _screenshot(page, "cluster-after-switch.png")
+
+            # The same model loaded again says the same words as the first load: the cards still go meanwhile.
+            building.clear()
+            go_on.clear()
+            with ThreadPoolExecutor(1) as pool:
+                load = pool.submit(
+                    httpx.post, f"{server.base_url}/models/load", json={"model_id": str(tiny_llama)}, timeout=60
+                )
+                assert building.wait(30)
+                expect(page.get_by_test_id("no-model")).to_contain_text("loading model")
+                expect(page.get_by_test_id("node-master")).to_have_count(0)
+                expect(page.locator("#sum-layers")).to_have_text("–")
+                go_on.set()
+                assert load.result().status_code == 200
+            expect(page.get_by_test_id("node-master")).to_contain_text("layers 0–2 (3)")
         # Chromium logs the 404 and 503 answers as failed resources; anything else is a real problem.
         assert [p for p in problems if not re.search(r"status of (404|503)", p)] == []
 

@@ -11,11 +11,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from cake_py.api.app import create_app
+from cake_py.api.metrics import EngineCollector
 from cake_py.api.state import ServerState
 from cake_py.cluster.pipeline import local_pipeline
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import Engine
 from cake_py.models.hub import resolve_model
+from tests.unit.api.conftest import SplitEngine, TinyState
 
 
 @pytest.fixture
@@ -121,3 +123,21 @@ def test_engine_counters_keep_counting_across_unload_and_load(
     assert (live["tokens_generated"], live["requests_total"]) == (first + second, 2)
     for name, value in served.items():
         assert again[name] > value, name
+
+
+def test_a_scrape_racing_an_engine_swap_counts_the_engine_once(
+    split_engine: SplitEngine, tiny_state: TinyState
+) -> None:
+    """The swap happens on the event loop while a scrape renders in a thread: forced here between two metrics."""
+    engine = split_engine([("master", 0, 3)])
+    engine.stats.tokens_generated, engine.stats.requests_total = 7, 2
+    state = tiny_state(engine)
+    scrape = EngineCollector(state).collect()
+    first = next(scrape)  # cake_model_loaded; the engine and its totals are read by now
+    state.engine = None  # /models/unload
+    families = {family.name: family for family in [first, *scrape]}
+    assert families["cake_generated_tokens"].samples[0].value == 7  # not 14 (live and retired), not 0
+    assert families["cake_engine_requests"].samples[0].value == 2
+    after = {family.name: family for family in EngineCollector(state).collect()}
+    assert after["cake_generated_tokens"].samples[0].value == 7  # retired now, counted once
+    assert state.counted == (None, state.retired)
