@@ -39,7 +39,7 @@ def test_api_key_through_the_openai_client(tiny_llama: Path) -> None:
                 intruder.chat.completions.create(model="x", messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
             assert refused.value.status_code == 401
         with OpenAI(base_url=server.openai_url, api_key="sekrit", max_retries=0) as client:
-            completion = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
+            completion = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=2, temperature=0)  # type: ignore[arg-type]
             assert completion.usage is not None and completion.usage.completion_tokens == 2
         assert httpx.get(f"{server.base_url}/health").status_code == 200
         native = httpx.post(f"{server.base_url}/generate", json={"prompt": "hi"})

@@ -418,7 +418,8 @@ def test_bad_stream_options_are_a_400(server: ServerHandle, extra: dict[str, obj
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
 def test_include_usage_sends_one_last_usage_chunk_with_no_choices(server: ServerHandle, route: str) -> None:
-    body = {"messages": MESSAGES, "prompt": "The cake is", "max_tokens": 5, "n": 2, "stream": True}
+    # Greedy: a sampled end token would end a choice early (about one run in 25 with this tiny model's 2 × 5 draws).
+    body = {"messages": MESSAGES, "prompt": "The cake is", "max_tokens": 5, "n": 2, "stream": True, "temperature": 0}
     chunks = _sse_chunks(server, route, {**body, "stream_options": {"include_usage": True}})
     *content, last = chunks
     assert all("usage" not in chunk for chunk in content)
@@ -434,6 +435,7 @@ def test_include_usage_through_the_openai_client(client: OpenAI) -> None:
         model="x",
         messages=MESSAGES,
         max_tokens=4,
+        temperature=0,  # a sampled end token would end it early
         stream=True,
         stream_options={"include_usage": True},
     )
