@@ -334,11 +334,9 @@ class Engine:
             seq = self._waiting.pop(next(iter(self._waiting)))  # the oldest
             self._running[seq.seq_id] = seq
         self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
-        suspect = self._next_suspect()
+        suspect = self._take_suspect()  # it runs alone now (or waits, unplanned, for the prefill it copies)
         candidates = [suspect] if suspect is not None else self._running.values()
         plan = plan_step(candidates, self.max_batch_tokens, self._shared_prefill)
-        if suspect is not None:
-            self._suspects.pop(suspect.seq_id)  # it runs alone now (or waits, unplanned, for the prefill it copies)
         if not plan.batch:
             return
         batch, members, rows, sampled_members = plan.batch, plan.members, plan.rows, plan.sampled
@@ -394,14 +392,15 @@ class Engine:
                 self._emit(seq, event)
         self._settle()
 
-    def _next_suspect(self) -> Sequence | None:
-        """The first sequence of a failed step still running, to be run alone."""
+    def _take_suspect(self) -> Sequence | None:
+        """The first sequence of a failed step still running (finished or cancelled ones are skipped), to be run
+        alone; taken off the list."""
         while self._suspects:
             seq_id = next(iter(self._suspects))
+            del self._suspects[seq_id]
             seq = self._running.get(seq_id)
             if seq is not None:
                 return seq
-            del self._suspects[seq_id]  # finished or cancelled meanwhile
         return None
 
     def _retry_alone(self, batch: Batch, members: list[Sequence]) -> None:
