@@ -40,6 +40,7 @@ from cake_py.api.streaming import (
     sse,
     usage,
 )
+from cake_py.api.structured import structured_grammar
 from cake_py.models.sampling import SampledToken, SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
@@ -64,12 +65,6 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
         raise ApiError(400, "tools are not supported by this server; send the request without 'tools'")
     if body.get("functions"):
         raise ApiError(400, "functions are not supported by this server; send the request without 'functions'")
-    response_format = body.get("response_format")
-    kind = response_format.get("type") if isinstance(response_format, dict) else response_format
-    if response_format is not None and kind != "text":
-        raise ApiError(
-            400, f"response_format {kind!r} is not supported by this server (no constrained decoding); use 'text'"
-        )
     if body.get("top_logprobs") and not body.get("logprobs"):
         raise ApiError(400, f"top_logprobs ({body['top_logprobs']!r}) needs logprobs: true")
 
@@ -118,6 +113,7 @@ async def chat_completions(request: Request) -> Response:
     messages = chat_messages(body)
     template = chat_template_options(body, messages)
     params = openai_sampling(body, vocab_size=engine.vocab_size)
+    params = replace(params, grammar=await structured_grammar(body, tokenizer))
     n = choice_count(body)
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)
@@ -238,6 +234,7 @@ async def completions(request: Request) -> Response:
     params = openai_sampling(
         body, vocab_size=engine.vocab_size, default_max_tokens=COMPLETION_MAX_TOKENS, prompt_logprobs=echo_prompt
     )
+    params = replace(params, grammar=await structured_grammar(body, tokenizer))
     n = choice_count(body)
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)

@@ -61,6 +61,32 @@ OPENAI_SAMPLING = {
         "description": "only with stream: true; include_usage true sends usage in one last chunk with no choices, "
         "false in none; absent, the last finish chunk carries it",
     },
+    "response_format": {
+        "oneOf": [
+            obj({"type": {"const": "text"}}, ("type",)),
+            obj({"type": {"const": "json_object"}}, ("type",)),
+            obj(
+                {
+                    "type": {"const": "json_schema"},
+                    "json_schema": obj({"name": STR, "schema": {"type": "object"}, "strict": BOOL}, ("schema",)),
+                },
+                ("type", "json_schema"),
+            ),
+        ],
+        "description": "json_object: one JSON object; json_schema: JSON valid against the schema (constrained)",
+    },
+    "structured_outputs": {
+        **obj(
+            {
+                "json": {"type": ["object", "string"], "description": "a JSON schema, or its JSON text"},
+                "json_object": {"const": True},
+                "regex": STR,
+                "choice": {"type": "array", "items": STR, "minItems": 1, "maxItems": 256},
+                "grammar": {**STR, "description": "llguidance's Lark syntax"},
+            }
+        ),
+        "description": "vLLM's: exactly one field; the output is held to it",
+    },
 }
 FINISH = {"enum": ["stop", "length"]}
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cake_py.errors import CakeError
+from cake_py.models.grammar import compiler_for
 from cake_py.models.sampling import SampledToken, Sampler, SamplingParams, StopMatcher
 from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -48,7 +49,8 @@ class Sequence:
         self.stop = StopMatcher(params.stop)
         # ignore_eos drops the model's end tokens only: ids the request itself asks to stop at still stop it.
         self.stop_ids = (frozenset() if params.ignore_eos else tokenizer.eos_token_ids) | params.stop_token_ids
-        self.sampler = Sampler(params, self.stop_ids)
+        grammar = compiler_for(tokenizer).matcher(params.grammar) if params.grammar is not None else None
+        self.sampler = Sampler(params, self.stop_ids, grammar)
         self.output_ids: list[int] = []
         # prompt + output, grown in place: the scheduler and sampler read it every step, so it is never rebuilt.
         self.all_ids: list[int] = list(prompt_ids)
@@ -100,6 +102,9 @@ class Sequence:
             text, stopped = self.stop.feed(self.decoder.push(sampled.token_id))
             event.text = text
             if stopped:
+                event.finish_reason = "stop"
+            elif self.sampler.grammar is not None and self.sampler.grammar.finished:  # the structure is complete
+                event.text += self.stop.feed(self.decoder.flush())[0] + self.stop.flush()
                 event.finish_reason = "stop"
             elif len(self.output_ids) >= self.params.max_tokens:
                 event.text += self.stop.feed(self.decoder.flush())[0] + self.stop.flush()

@@ -1,5 +1,5 @@
 """Sampling parameters and the per-sequence sampler: greedy, temperature, top-k, top-p, logit bias, repetition,
-frequency and presence penalties, seed.
+frequency and presence penalties, seed, and a grammar the output must match.
 
 A `Sampler` belongs to one sequence: it owns that sequence's random generator, so the same seed gives the same
 text no matter what else is in the batch, and it counts the tokens it chose (the frequency and presence penalties
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cake_py.errors import RequestError
+from cake_py.models.grammar import GrammarMatcher
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -44,6 +45,8 @@ class SamplingParams:
     # The logprob of every prompt token after the first (with top_logprobs alternatives): scoring a text, as
     # /v1/completions does with echo and logprobs. max_tokens may then be 0: the prompt is scored, nothing generated.
     prompt_logprobs: bool = False
+    # Structured output: llguidance's grammar text (see models/grammar.py) that the generated text must match.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < (0 if self.prompt_logprobs else 1):
@@ -97,8 +100,11 @@ class SampledToken:
 class Sampler:
     """Chooses the next token of one sequence from its (vocab,) float32 logits."""
 
-    def __init__(self, params: SamplingParams, end_ids: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self, params: SamplingParams, end_ids: frozenset[int] = frozenset(), grammar: GrammarMatcher | None = None
+    ) -> None:
         self.params = params
+        self.grammar = grammar  # params.grammar's matcher, advanced by every token drawn
         self.end_ids = torch.tensor(sorted(end_ids), dtype=torch.long)  # held back until min_tokens are drawn
         self.generator = torch.Generator()
         if params.seed is not None:
@@ -122,6 +128,9 @@ class Sampler:
             logits = logits.index_fill(0, end_ids.to(logits.device), float("-inf"))
         if (params.frequency_penalty or params.presence_penalty) and self.generated:
             logits = apply_frequency_presence(logits, self.generated, params.frequency_penalty, params.presence_penalty)
+        if self.grammar is not None:  # last: no processor may bring back a token the grammar forbids
+            allowed = self.grammar.allowed(logits.shape[-1]).to(logits.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
         if params.greedy:
             token = int(torch.argmax(logits))
         else:
@@ -135,6 +144,8 @@ class Sampler:
             uniform = torch.rand(1, dtype=torch.float64, generator=self.generator) * cdf[-1]
             index = min(int(torch.searchsorted(cdf, uniform, right=True)), len(cdf) - 1)
             token = int(ids[index]) if ids is not None else index
+        if self.grammar is not None:
+            self.grammar.consume(token)
         self.generated[token] = self.generated.get(token, 0) + 1
         if not params.logprobs:
             return SampledToken(token)

@@ -37,3 +37,26 @@ def test_engine_answers_paris_in_float32_too() -> None:
     assert "Paris" in text
     assert "".join(pieces) == text
     assert torch.get_num_threads() >= 1
+
+
+def test_json_schema_answer_names_paris() -> None:
+    import json
+
+    from cake_py.engine.oneshot import run_prompt
+    from cake_py.models.grammar import json_grammar
+    from cake_py.models.sampling import SamplingParams
+
+    schema = {
+        "type": "object",
+        "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+        "required": ["country", "capital"],
+        "additionalProperties": False,
+    }
+    text = run_prompt(
+        None,
+        "What is the capital of France? Answer in JSON.",
+        SamplingParams(temperature=0.0, max_tokens=64, grammar=json_grammar(schema)),
+        lambda piece: None,
+    )
+    answer = json.loads(text)
+    assert answer["capital"] == "Paris"

@@ -1,0 +1,118 @@
+"""Structured output on the OpenAI routes: OpenAI's `response_format` and vLLM's `structured_outputs` (and its
+older `guided_*` fields) → one grammar for the sampler (models/grammar.py).
+
+- `response_format`: `{"type": "text"}` (nothing), `{"type": "json_object"}` (any JSON object),
+  `{"type": "json_schema", "json_schema": {"name": …, "schema": {…}, "strict": …}}`.
+- `structured_outputs`: exactly one of `json` (a schema, as an object or its JSON text), `json_object: true`,
+  `regex`, `choice` (a list of strings), `grammar` (llguidance's Lark syntax).
+- `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`: the same, as vLLM named them before 0.12.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from cake_py.api.errors import ApiError
+from cake_py.errors import RequestError
+from cake_py.models.grammar import choice_grammar, compiler_for, json_grammar, lark_grammar, regex_grammar
+from cake_py.models.tokenizer import Tokenizer
+
+_STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+_GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+
+
+def _schema(value: Any, where: str) -> Any:
+    """A JSON schema given as an object or as its JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as error:
+            raise ApiError(400, f"{where} is not valid JSON: {error}") from None
+    return value
+
+
+def _from_response_format(value: Any) -> Callable[[], str] | None:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return lambda: json_grammar(None)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise ApiError(400, "response_format json_schema needs a json_schema object with a 'schema'")
+        schema = spec["schema"]
+        return lambda: json_grammar(_schema(schema, "response_format.json_schema.schema"))
+    shown = repr(kind if isinstance(value, dict) else value)[:200]
+    raise ApiError(400, f"response_format type {shown} is not supported; use text, json_object or json_schema")
+
+
+def _from_structured(kind: str, value: Any, where: str) -> Callable[[], str]:
+    if kind == "json":
+        return lambda: json_grammar(_schema(value, where))
+    if kind == "json_object":
+        if value is not True:
+            raise ApiError(400, f"{where} must be true, got {value!r}"[:300])
+        return lambda: json_grammar(None)
+    if kind == "regex":
+        return lambda: regex_grammar(value)
+    if kind == "choice":
+        return lambda: choice_grammar(value)
+    return lambda: lark_grammar(value)
+
+
+def _requested(body: dict[str, Any]) -> list[tuple[str, Callable[[], str] | None]]:
+    """(field, how to build its grammar) for every structured-output field the request sets."""
+    found: list[tuple[str, Callable[[], str] | None]] = []
+    if body.get("response_format") is not None:
+        found.append(("response_format", _from_response_format(body["response_format"])))
+    structured = body.get("structured_outputs")
+    if structured is not None:
+        if not isinstance(structured, dict):
+            raise ApiError(400, f"structured_outputs must be an object, got {structured!r}"[:300])
+        unknown = sorted(set(structured) - set(_STRUCTURED_KINDS))
+        if unknown:
+            raise ApiError(
+                400,
+                f"structured_outputs field {unknown[0]!r} is not supported; use one of {', '.join(_STRUCTURED_KINDS)}",
+            )
+        for kind, value in structured.items():
+            if value is not None:
+                found.append(
+                    (f"structured_outputs.{kind}", _from_structured(kind, value, f"structured_outputs.{kind}"))
+                )
+    for field, kind in _GUIDED_FIELDS.items():
+        if body.get(field) is not None:
+            found.append((field, _from_structured(kind, body[field], field)))
+    return found
+
+
+async def structured_grammar(body: dict[str, Any], tokenizer: Tokenizer) -> str | None:
+    """The grammar the request's output must match, compiled once (off the event loop) so a bad schema, regex or
+    grammar is a 400 naming the problem; None when the output is free text."""
+    requested = [(field, build) for field, build in _requested(body) if build is not None]
+    if not requested:
+        return None
+    if len(requested) > 1:
+        fields = ", ".join(field for field, _ in requested)
+        raise ApiError(400, f"send one kind of structured output at a time, not {fields}")
+    field, build = requested[0]
+
+    def compile_() -> str:
+        grammar = build()
+        compiler_for(tokenizer).check(grammar)
+        return grammar
+
+    try:
+        return await run_in_threadpool(compile_)
+    except RequestError as error:
+        raise ApiError(400, f"{field}: {error}"[:1000]) from None

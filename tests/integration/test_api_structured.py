@@ -1,0 +1,153 @@
+"""Structured output through the official `openai` client against a real server on the tiny Llama: its random
+weights want arbitrary text, so every valid answer here is the grammar's doing."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+MESSAGES = [{"role": "user", "content": "Give me a color as JSON."}]
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
+    "required": ["ok", "color"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama: Path) -> Iterator[ServerHandle]:
+    with running_server(tiny_settings(tiny_llama, model_name="tiny-llama")) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerHandle) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120) as openai_client:
+        yield openai_client
+
+
+def _check(value: Any) -> None:
+    assert set(value) == {"ok", "color"}
+    assert isinstance(value["ok"], bool) and value["color"] in ("red", "green", "blue")
+
+
+def test_chat_json_schema_answers_match_the_schema(client: OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=300,
+        seed=4,
+        n=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": SCHEMA, "strict": True}},
+    )
+    assert len(completion.choices) == 3
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop"
+        _check(json.loads(choice.message.content or ""))
+
+
+def test_streamed_json_schema_answer_is_the_same_as_blocking(client: OpenAI) -> None:
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "pick", "schema": SCHEMA}}
+    blocking = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=300,
+        temperature=0,
+        response_format=fmt,  # type: ignore[arg-type]
+    )
+    stream = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=300,
+        temperature=0,
+        response_format=fmt,
+        stream=True,  # type: ignore[arg-type]
+    )
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == blocking.choices[0].message.content
+    assert finish == "stop"
+    _check(json.loads("".join(pieces)))
+
+
+def test_json_object_mode_and_vllm_fields(client: OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=40,
+        seed=1,
+        response_format={"type": "json_object"},
+    )
+    content = completion.choices[0].message.content or ""
+    assert content.startswith("{")
+    if completion.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+    chosen = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=20,
+        seed=2,
+        extra_body={"structured_outputs": {"choice": ["cat", "dog", "bird"]}},
+    )
+    assert chosen.choices[0].message.content in ("cat", "dog", "bird")
+    guided = client.completions.create(
+        model="x", prompt="Number: ", max_tokens=20, seed=3, extra_body={"guided_regex": r"[0-9]{2,4}"}
+    )
+    assert re.fullmatch(r"[0-9]{2,4}", guided.choices[0].text)
+    assert guided.choices[0].finish_reason == "stop"
+    schema_text = client.completions.create(
+        model="x",
+        prompt="JSON: ",
+        max_tokens=300,
+        seed=5,
+        extra_body={"structured_outputs": {"json": json.dumps(SCHEMA)}},
+    )
+    _check(json.loads(schema_text.choices[0].text))
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+            "nope",
+        ),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "schema"),
+        ({"response_format": {"type": "yaml"}}, "yaml"),
+        ({"response_format": "json"}, "response_format"),
+        ({"structured_outputs": {"regex": "(oops"}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"choice": "cat"}}, "choices must be a non-empty list"),
+        ({"structured_outputs": {"json": "{not json"}}, "not valid JSON"),
+        ({"structured_outputs": {"structural_tag": {}}}, "structural_tag"),
+        ({"structured_outputs": {"json_object": "yes"}}, "must be true"),
+        ({"structured_outputs": ["json"]}, "must be an object"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "one kind of structured output"),
+        ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "one kind of structured output"),
+        ({"guided_grammar": "start: nothing_here"}, "nothing_here"),
+    ],
+)
+def test_bad_structured_output_requests_are_400s_naming_the_problem(
+    server: ServerHandle, extra: dict[str, Any], needle: str
+) -> None:
+    for route, body in (
+        ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 5, **extra}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 5, **extra}),
+    ):
+        response = httpx.post(f"{server.base_url}{route}", json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        assert needle in response.json()["error"]
+    health = httpx.get(f"{server.base_url}/health", timeout=10)
+    assert health.status_code == 200
