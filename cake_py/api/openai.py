@@ -40,7 +40,8 @@ from cake_py.api.streaming import (
     sse,
     usage,
 )
-from cake_py.api.structured import structured_grammar
+from cake_py.api.structured import compiled_grammar, structured_grammar
+from cake_py.api.tools import ToolRequest, ToolStream, calls_grammar, parse_answer, prompt_messages, tool_request
 from cake_py.models.sampling import SampledToken, SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
@@ -61,10 +62,6 @@ def _finish_reason(reason: str | None) -> str:
 
 def _reject_unsupported(body: dict[str, Any]) -> None:
     """Refuse what would otherwise be silently ignored and give an answer of another kind than asked for."""
-    if body.get("tools"):
-        raise ApiError(400, "tools are not supported by this server; send the request without 'tools'")
-    if body.get("functions"):
-        raise ApiError(400, "functions are not supported by this server; send the request without 'functions'")
     if body.get("top_logprobs") and not body.get("logprobs"):
         raise ApiError(400, f"top_logprobs ({body['top_logprobs']!r}) needs logprobs: true")
 
@@ -112,35 +109,42 @@ async def chat_completions(request: Request) -> Response:
     _reject_unsupported(body)
     messages = chat_messages(body)
     template = chat_template_options(body, messages)
+    tools = tool_request(body)
     params = openai_sampling(body, vocab_size=engine.vocab_size)
-    params = replace(params, grammar=await structured_grammar(body, tokenizer))
+    grammar = await structured_grammar(body, tokenizer)
+    if tools.forced:
+        if grammar is not None:
+            raise ApiError(400, f"tool_choice {tools.choice!r} writes calls, so it cannot be combined with a format")
+        grammar = await compiled_grammar(lambda: calls_grammar(tools), tokenizer, "tools")
+    params = replace(params, grammar=grammar)
     n = choice_count(body)
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)
+    messages, tool_variables = prompt_messages(messages, tools, tokenizer.reads_tools)
     prompt_ids = await run_in_threadpool(
         tokenizer.encode_chat,
         messages,
         add_generation_prompt=template.add_generation_prompt,
         continue_final_message=template.continue_final_message,
-        template_kwargs=template.kwargs,
+        template_kwargs={**template.kwargs, **tool_variables},
     )
     params = engine.check_prompt(len(prompt_ids), params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created, model = int(time.time()), state.model_name
     streams = open_streams(state, engine, [prompt_ids] * n, [_seeded(params, i) for i in range(n)])
     if stream:
-        chunks = _chat_stream(request, streams, completion_id, created, model, tokenizer, params, include_usage)
+        chunks = _chat_stream(request, streams, completion_id, created, model, tokenizer, params, include_usage, tools)
         return GenerationResponse(chunks, streams, "text/event-stream")
     results = await collect_all(request, streams)
-    choices = [
-        {
-            "index": index,
-            "message": {"role": "assistant", "content": result.text},
-            "finish_reason": _finish_reason(result.last.finish_reason),
-            "logprobs": {"content": _chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None,
-        }
-        for index, result in enumerate(results)
-    ]
+    choices = []
+    for index, result in enumerate(results):
+        answer = parse_answer(result.text, tools)
+        message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+        if answer.tool_calls:
+            message["tool_calls"] = answer.tool_calls
+        finish = "tool_calls" if answer.tool_calls else _finish_reason(result.last.finish_reason)
+        logprobs = {"content": _chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None
+        choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
     return JSONResponse(
         {
             "id": completion_id,
@@ -162,6 +166,7 @@ async def _chat_stream(
     tokenizer: Tokenizer,
     params: SamplingParams,
     include_usage: bool | None,
+    tools: ToolRequest,
 ) -> AsyncIterator[str]:
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
@@ -179,6 +184,7 @@ async def _chat_stream(
     for index in range(len(streams)):
         yield sse(chunk(index, {"role": "assistant", "content": ""}))  # as OpenAI's first chunk
     completion_tokens, prompt_tokens, open_count = 0, 0, len(streams)
+    answers = [ToolStream(tools) for _ in streams]  # each choice's text, held where a call may be starting
     async for index, event in merged(streams):
         if event.error:
             yield _stream_error(event_error(event, request.url.path))
@@ -186,15 +192,23 @@ async def _chat_stream(
         extra: dict[str, Any] = {}
         if params.logprobs and event.tokens:
             extra["logprobs"] = {"content": _chat_logprobs(event.tokens, tokenizer)}
-        if event.text or "logprobs" in extra:
-            yield sse(chunk(index, {"content": event.text}, **extra))
+        text = answers[index].feed(event.text)
+        if text or "logprobs" in extra:
+            yield sse(chunk(index, {"content": text}, **extra))
         if event.finished:
+            rest, calls = answers[index].finish()
+            if rest:
+                yield sse(chunk(index, {"content": rest}))
+            if calls:
+                deltas = [{"index": position, **call} for position, call in enumerate(calls)]
+                yield sse(chunk(index, {"tool_calls": deltas}))
             completion_tokens += event.completion_tokens
             prompt_tokens = event.prompt_tokens
             open_count -= 1
             on_finish = include_usage is None and open_count == 0  # Cake's default: usage on the last finish chunk
             last = {"usage": usage(prompt_tokens, completion_tokens)} if on_finish else {}
-            yield sse(chunk(index, {}, _finish_reason(event.finish_reason), **last))
+            finish = "tool_calls" if calls else _finish_reason(event.finish_reason)
+            yield sse(chunk(index, {}, finish, **last))
     if include_usage and open_count == 0:
         kind = "chat.completion.chunk"
         yield _usage_chunk(completion_id, kind, created, model, usage(prompt_tokens, completion_tokens))

@@ -21,6 +21,36 @@ NULL_STR = {"type": ["string", "null"]}
 STOP = {"oneOf": [STR, {"type": "array", "items": STR, "maxItems": 16}]}
 USAGE = obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT})
 MESSAGE = obj({"role": {"enum": ["system", "user", "assistant", "tool", "developer"]}, "content": STR}, ("role",))
+TOOL_CALL = obj(
+    {
+        "id": STR,
+        "type": {"const": "function"},
+        "function": obj({"name": STR, "arguments": {**STR, "description": "a JSON object, as text"}}),
+    }
+)
+CHAT_MESSAGE = obj(
+    {
+        **MESSAGE["properties"],
+        "content": NULL_STR,
+        "tool_calls": {"type": "array", "items": TOOL_CALL},
+        "tool_call_id": {**STR, "description": "on a tool message: the call it answers"},
+    },
+    ("role",),
+)
+TOOL = obj(
+    {
+        "type": {"const": "function"},
+        "function": obj(
+            {
+                "name": {**STR, "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "description": STR,
+                "parameters": {"type": "object", "description": "a JSON schema of the arguments"},
+            },
+            ("name",),
+        ),
+    },
+    ("type", "function"),
+)
 NATIVE_SAMPLING = {
     "model_id": NULL_STR,
     "max_length": {"type": ["integer", "null"], "default": 8192, "description": "clipped to the model's context"},
@@ -89,6 +119,7 @@ OPENAI_SAMPLING = {
     },
 }
 FINISH = {"enum": ["stop", "length"]}
+CHAT_FINISH = {"enum": ["stop", "length", "tool_calls"]}
 
 SCHEMAS: dict[str, Any] = {
     "Error": obj({"error": STR, "code": STR}, ("error",)),
@@ -97,7 +128,19 @@ SCHEMAS: dict[str, Any] = {
     "ChatCompletionRequest": obj(
         {
             **OPENAI_SAMPLING,
-            "messages": {"type": "array", "items": MESSAGE, "minItems": 1},
+            "messages": {"type": "array", "items": CHAT_MESSAGE, "minItems": 1},
+            "tools": {"type": "array", "items": TOOL, "maxItems": 128},
+            "tool_choice": {
+                "oneOf": [
+                    {"enum": ["none", "auto", "required"]},
+                    obj(
+                        {"type": {"const": "function"}, "function": obj({"name": STR}, ("name",))}, ("type", "function")
+                    ),
+                ],
+                "description": "auto (the default with tools): the model decides; required or a named function: the "
+                "output is held to valid calls",
+            },
+            "parallel_tool_calls": {**BOOL, "default": True},
             "logprobs": BOOL,
             "top_logprobs": {**INT, "maximum": 20},
             "add_generation_prompt": {**BOOL, "default": True},
@@ -121,8 +164,8 @@ SCHEMAS: dict[str, Any] = {
                 "items": obj(
                     {
                         "index": INT,
-                        "message": MESSAGE,
-                        "finish_reason": FINISH,
+                        "message": CHAT_MESSAGE,
+                        "finish_reason": CHAT_FINISH,
                         "logprobs": {"type": ["object", "null"]},
                     }
                 ),
@@ -138,7 +181,22 @@ SCHEMAS: dict[str, Any] = {
             "model": STR,
             "choices": {
                 "type": "array",
-                "items": obj({"index": INT, "delta": obj({"role": STR, "content": STR}), "finish_reason": FINISH}),
+                "items": obj(
+                    {
+                        "index": INT,
+                        "delta": obj(
+                            {
+                                "role": STR,
+                                "content": STR,
+                                "tool_calls": {
+                                    "type": "array",
+                                    "items": {**TOOL_CALL, "properties": {"index": INT, **TOOL_CALL["properties"]}},
+                                },
+                            }
+                        ),
+                        "finish_reason": CHAT_FINISH,
+                    }
+                ),
             },
             "usage": ref("Usage"),
         }

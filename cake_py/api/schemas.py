@@ -200,8 +200,9 @@ def chat_template_options(body: dict[str, Any], messages: list[dict[str, str]]) 
     return ChatTemplateOptions(add_generation_prompt, continue_final_message, kwargs)
 
 
-def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    """OpenAI messages → [{role, content: str}]; content parts of type text are joined by newlines, as vLLM does."""
+def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI messages → [{role, content: str}]; content parts of type text are joined by newlines, as vLLM does.
+    An assistant's `tool_calls` and a tool message's `tool_call_id` are kept (checked) for the template."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
@@ -227,8 +228,39 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
             content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{index}].content must be a string, got {content!r}")
-        result.append({"role": "system" if role == "developer" else role, "content": content})
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+        if role == "assistant" and message.get("tool_calls"):
+            entry["tool_calls"] = _tool_calls(message["tool_calls"], f"messages[{index}].tool_calls")
+        if role == "tool" and message.get("tool_call_id") is not None:
+            if not isinstance(message["tool_call_id"], str):
+                raise ApiError(400, f"messages[{index}].tool_call_id must be a string")
+            entry["tool_call_id"] = message["tool_call_id"]
+        result.append(entry)
     return result
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier calls: [{id, type: function, function: {name, arguments: JSON text}}]."""
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where} must be a list of tool calls, got {value!r}"[:300])
+    calls = []
+    for index, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise ApiError(
+                400, f'{where}[{index}] must be {{"type": "function", "function": {{"name", "arguments"}}}}'[:300]
+            )
+        call_id = call.get("id")
+        calls.append(
+            {
+                "id": call_id if isinstance(call_id, str) else f"call_{index}",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    return calls
 
 
 # Seed 001's response-quality defaults, shared by the JSON and the multipart forms of the native routes.

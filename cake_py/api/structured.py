@@ -106,6 +106,11 @@ async def structured_grammar(body: dict[str, Any], tokenizer: Tokenizer) -> str 
         fields = ", ".join(field for field, _ in requested)
         raise ApiError(400, f"send one kind of structured output at a time, not {fields}")
     field, build = requested[0]
+    return await compiled_grammar(build, tokenizer, field)
+
+
+async def compiled_grammar(build: Callable[[], str], tokenizer: Tokenizer, field: str) -> str:
+    """`build()`'s grammar, compiled on a worker thread; a 400 naming `field` when it does not compile."""
 
     def compile_() -> str:
         grammar = build()

@@ -77,6 +77,11 @@ class Tokenizer:
         return cls(backend, tokenizer_config, eos_token_ids)
 
     @property
+    def reads_tools(self) -> bool:
+        """Whether the chat template renders a `tools` variable (tool definitions in the prompt)."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
+    @property
     def vocab_size(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,13 @@ SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama: Path) -> Iterator[ServerHandle]:
-    with running_server(tiny_settings(tiny_llama, model_name="tiny-llama")) as handle:
+def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    # A copy with a longer context: the tools' descriptions in the prompt pass the fixture's 512 tokens.
+    folder = tmp_path_factory.mktemp("long-context") / "tiny-llama"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    with running_server(tiny_settings(folder, model_name="tiny-llama")) as handle:
         yield handle
 
 
@@ -151,3 +157,111 @@ def test_bad_structured_output_requests_are_400s_naming_the_problem(
         assert needle in response.json()["error"]
     health = httpx.get(f"{server.base_url}/health", timeout=10)
     assert health.status_code == 200
+
+
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def _arguments(call: Any) -> dict[str, Any]:
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+    return arguments
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_calls_blocking_and_streamed(client: OpenAI, tool_choice: Any) -> None:
+    kwargs: Any = {"model": "x", "messages": ASK, "tools": [WEATHER_TOOL], "tool_choice": tool_choice}
+    completion = client.chat.completions.create(**kwargs, max_tokens=300, temperature=0)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert choice.message.tool_calls
+    expected = [_arguments(call) for call in choice.message.tool_calls]
+    chunks = list(client.chat.completions.create(**kwargs, max_tokens=300, temperature=0, stream=True))
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    assert all(not delta.content for delta in deltas)
+    calls = [call for delta in deltas for call in delta.tool_calls or []]
+    assert [json.loads(call.function.arguments) for call in calls] == expected  # type: ignore[arg-type]
+    assert [call.index for call in calls] == list(range(len(calls)))
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_tool_choice_reads_a_hermes_call_from_the_answer(client: OpenAI) -> None:
+    # The random model would never call a tool by itself: a regex makes it write what a Hermes-style model writes.
+    call = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+    written = f"Checking.\n<tool_call>\n{call}\n</tool_call>"
+    regex = written.replace(".", r"\.").replace("{", r"\{").replace("}", r"\}")
+    kwargs: Any = {"model": "x", "messages": ASK, "tools": [WEATHER_TOOL], "max_tokens": 200, "seed": 1}
+    extra = {"structured_outputs": {"regex": regex}}
+    completion = client.chat.completions.create(**kwargs, extra_body=extra)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Checking."
+    assert choice.message.tool_calls and _arguments(choice.message.tool_calls[0]) == {
+        "city": "Paris",
+        "unit": "celsius",
+    }
+    chunks = list(client.chat.completions.create(**kwargs, extra_body=extra, stream=True))
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    assert "".join(delta.content or "" for delta in deltas).strip() == "Checking."
+    assert sum(len(delta.tool_calls or []) for delta in deltas) == 1
+    plain = client.chat.completions.create(**{**kwargs, "tool_choice": "none"}, extra_body=extra)
+    assert plain.choices[0].message.content == written and not plain.choices[0].message.tool_calls
+
+
+def test_tool_history_is_accepted(client: OpenAI) -> None:
+    messages: Any = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"},
+    ]
+    completion = client.chat.completions.create(
+        model="x", messages=messages, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=3
+    )
+    assert completion.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}}, "'x'"),
+        ({"tool_choice": "required"}, "needs tools"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "format"),
+        (
+            {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": 3}}]}]},
+            "tool_calls[0]",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
+                "tool_choice": "required",
+            },
+            "bogus",
+        ),
+    ],
+)
+def test_bad_tool_requests_are_400s(server: ServerHandle, extra: dict[str, Any], needle: str) -> None:
+    body = {"messages": ASK, "max_tokens": 5, **extra}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert needle in response.json()["error"]

@@ -1,0 +1,313 @@
+"""Tool calling on /v1/chat/completions: OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, and the
+messages that carry calls (`assistant.tool_calls`) and their results (`tool`).
+
+- The prompt: a chat template that reads `tools` gets them, as transformers passes them. Any other template gets them
+  in a system message asking for Hermes-style calls, `<tool_call>{"name": …, "arguments": {…}}</tool_call>` (the
+  format of Qwen2.5's own template), and earlier calls and results are written into the messages in that format.
+- `tool_choice: "required"` or a named function: the output is held to JSON calls of the given tools (a grammar
+  built from their parameter schemas), so any model calls them, with valid arguments.
+- `tool_choice: "auto"` (the default with tools): the model decides; calls are read from its text: Hermes
+  `<tool_call>` blocks, or a whole answer that is a JSON call (or a list of them) as Llama 3 and Mistral write them.
+  Text that is not a call of a given tool stays content.
+- `tool_choice: "none"`: no tools in the prompt, plain text out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from cake_py.api.errors import ApiError
+from cake_py.models.grammar import json_grammar
+
+MAX_TOOLS = 128
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_OPEN_TAG = "<tool_call>"
+# How a whole answer that is a call may start (Llama 3.1's python tag, Mistral's marker, or JSON itself).
+_JSON_CALL_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
+
+_SYSTEM_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    'XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """What a request asks of tools: the tools, and how the model must use them."""
+
+    tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's [{"type": "function", "function": {…}}]
+    choice: str = "none"  # "none" | "auto" | "required" | "function"
+    function: str | None = None  # the named function of tool_choice {"type": "function", …}
+    parallel: bool = True
+
+    @property
+    def names(self) -> set[str]:
+        return {tool["function"]["name"] for tool in self.tools}
+
+    @property
+    def active(self) -> bool:
+        return self.choice != "none"
+
+    @property
+    def forced(self) -> bool:
+        return self.choice in ("required", "function")
+
+
+def tool_request(body: dict[str, Any]) -> ToolRequest:
+    """`tools`, `tool_choice` and `parallel_tool_calls`, checked; a 400 naming the bad value otherwise."""
+    if body.get("functions") is not None or body.get("function_call") is not None:
+        raise ApiError(400, "functions and function_call are OpenAI's deprecated fields; send tools and tool_choice")
+    raw_tools = body.get("tools")
+    choice_value = body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ApiError(400, f"parallel_tool_calls must be true or false, got {parallel!r}"[:300])
+    if raw_tools is None or raw_tools == []:
+        if choice_value not in (None, "none"):
+            raise ApiError(400, f"tool_choice {choice_value!r} needs tools"[:300])
+        return ToolRequest()
+    if not isinstance(raw_tools, list) or len(raw_tools) > MAX_TOOLS:
+        raise ApiError(400, f"tools must be a list of at most {MAX_TOOLS} function tools")
+    tools = [_tool(index, tool) for index, tool in enumerate(raw_tools)]
+    names = [tool["function"]["name"] for tool in tools]
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise ApiError(400, f"tools name the function {duplicate!r} twice")
+    function = None
+    if choice_value is None:
+        choice = "auto"
+    elif choice_value in ("none", "auto", "required"):
+        choice = choice_value
+    elif isinstance(choice_value, dict) and choice_value.get("type") == "function":
+        named = choice_value.get("function")
+        function = named.get("name") if isinstance(named, dict) else None
+        if function not in names:
+            raise ApiError(400, f"tool_choice names the function {function!r}, which is not one of the tools")
+        choice = "function"
+    else:
+        raise ApiError(
+            400, f"tool_choice must be none, auto, required or a function to call, got {choice_value!r}"[:300]
+        )
+    return ToolRequest(tools, choice, function, parallel is not False)
+
+
+def _tool(index: int, tool: Any) -> dict[str, Any]:
+    where = f"tools[{index}]"
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+        raise ApiError(400, f'{where} must be {{"type": "function", "function": {{…}}}}, got {tool!r}'[:300])
+    function = tool["function"]
+    name = function.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ApiError(400, f"{where}.function.name must be 1-64 letters, digits, _ or -, got {name!r}"[:300])
+    parameters = function.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise ApiError(400, f"{where}.function.parameters must be a JSON schema object, got {parameters!r}"[:300])
+    description = function.get("description")
+    if description is not None and not isinstance(description, str):
+        raise ApiError(400, f"{where}.function.description must be a string, got {description!r}"[:300])
+    clean: dict[str, Any] = {"name": name, "parameters": parameters}
+    if description:
+        clean["description"] = description
+    return {"type": "function", "function": clean}
+
+
+def calls_grammar(request: ToolRequest) -> str:
+    """The grammar of the calls a forced tool_choice allows: one call of the named function, or (required) a JSON
+    list of one or more calls (exactly one without parallel_tool_calls) of any of the tools."""
+
+    def call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+        function = tool["function"]
+        arguments = function["parameters"]
+        if "properties" in arguments and "additionalProperties" not in arguments:
+            # Only the declared arguments (OpenAI's strict mode requires this): a model may not invent others.
+            arguments = {**arguments, "additionalProperties": False}
+        return {
+            "type": "object",
+            "properties": {"name": {"const": function["name"]}, "arguments": arguments},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+
+    if request.choice == "function":
+        tool = next(tool for tool in request.tools if tool["function"]["name"] == request.function)
+        return json_grammar(call_schema(tool))
+    calls: dict[str, Any] = {"type": "array", "items": {"anyOf": [call_schema(tool) for tool in request.tools]}}
+    calls["minItems"] = 1
+    if not request.parallel:
+        calls["maxItems"] = 1
+    return json_grammar(calls)
+
+
+def prompt_messages(
+    messages: list[dict[str, Any]], request: ToolRequest, template_reads_tools: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages to render and the template variables (tools) for them."""
+    if template_reads_tools:
+        return [_for_template(message) for message in messages], ({"tools": request.tools} if request.active else {})
+    rendered = [_as_text(message) for message in messages]
+    if request.active:
+        listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in request.tools)
+        instructions = _SYSTEM_PROMPT.format(tools=listing)
+        if rendered and rendered[0]["role"] == "system":
+            rendered[0] = {"role": "system", "content": f"{rendered[0]['content']}\n\n{instructions}"}
+        else:
+            rendered.insert(0, {"role": "system", "content": instructions})
+    return rendered, {}
+
+
+def _for_template(message: dict[str, Any]) -> dict[str, Any]:
+    """Tool calls as templates read them (transformers' convention): arguments as an object, not JSON text."""
+    if "tool_calls" not in message:
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        function = dict(call["function"])
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except ValueError:
+            pass  # not JSON: the template gets the text as it was sent
+        calls.append({**call, "function": function})
+    return {**message, "tool_calls": calls}
+
+
+def _as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """A message for a template that knows nothing of tools: calls and results written in the Hermes format."""
+    if message["role"] == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
+    if "tool_calls" not in message:
+        return {"role": message["role"], "content": message["content"]}
+    blocks = []
+    for call in message["tool_calls"]:
+        name, arguments = json.dumps(call["function"]["name"]), call["function"]["arguments"] or "{}"
+        blocks.append(f'<tool_call>\n{{"name": {name}, "arguments": {arguments}}}\n</tool_call>')
+    content = "\n".join(([message["content"]] if message["content"] else []) + blocks)
+    return {"role": "assistant", "content": content}
+
+
+@dataclass
+class ParsedAnswer:
+    content: str | None
+    tool_calls: list[dict[str, Any]]
+
+
+def parse_answer(text: str, request: ToolRequest) -> ParsedAnswer:
+    """Split a finished answer into its content and the calls of the request's tools it makes."""
+    if not request.active:
+        return ParsedAnswer(text, [])
+    if request.forced:
+        calls = _json_calls(text, request)
+        return ParsedAnswer(None, calls) if calls else ParsedAnswer(text, [])
+    calls, kept = [], []
+    last = 0
+    for match in _CALL_BLOCK.finditer(text):
+        found = _json_calls(match.group(1), request)
+        if found:
+            kept.append(text[last : match.start()])
+            calls += found
+            last = match.end()
+    if calls:
+        content = ("".join(kept) + text[last:]).strip()
+        return ParsedAnswer(content or None, calls)
+    stripped = text.strip()
+    for prefix in _JSON_CALL_PREFIXES:
+        stripped = stripped.removeprefix(prefix).strip()
+    calls = _json_calls(stripped, request) if stripped[:1] in ("{", "[") else []
+    return ParsedAnswer(None, calls) if calls else ParsedAnswer(text, [])
+
+
+def _json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
+    """OpenAI tool calls from JSON text holding one call or a list of calls, each `{"name", "arguments"}` (or
+    Llama's "parameters"), every one of a given tool; [] if the text is anything else."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or item.get("name") not in request.names:
+            return []
+        arguments = item.get("arguments", item.get("parameters", {}))
+        if isinstance(arguments, str):  # some models write the arguments as JSON text
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return []
+        if not isinstance(arguments, dict):
+            return []
+        calls.append(
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": item["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
+            }
+        )
+    return calls
+
+
+class ToolStream:
+    """Streams an answer that may hold calls: text goes out as it comes until a call may be starting (a `<tool_call>`
+    tag, or an answer that opens as JSON); from there it is held, and read when the choice finishes."""
+
+    def __init__(self, request: ToolRequest) -> None:
+        self.request = request
+        self.text = ""  # the whole answer so far
+        self.sent = 0  # how much of it went out as content
+        self.holding = request.forced  # forced calls: nothing is content
+
+    def feed(self, delta: str) -> str:
+        """Content to send now."""
+        self.text += delta
+        if not self.request.active:
+            self.sent = len(self.text)
+            return delta
+        if self.holding:
+            return ""
+        start = self.text.lstrip()
+        if self.sent == 0 and (not start or start[0] in "{[<" and _could_open_json(start)):
+            return ""  # it may be a JSON call (or only whitespace so far): wait
+        tag = self.text.find(_OPEN_TAG, self.sent)
+        if tag >= 0:
+            self.holding = True
+            return self._send_until(tag)
+        return self._send_until(len(self.text) - _partial_tag(self.text))
+
+    def _send_until(self, end: int) -> str:
+        out = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """(content not sent yet, calls) once the answer is complete."""
+        parsed = parse_answer(self.text, self.request)
+        if not parsed.tool_calls:
+            return self._send_until(len(self.text)), []
+        # What was sent is text before the first call; what is left of the content is the text around the calls.
+        rest = (parsed.content or "") if self.sent == 0 else _CALL_BLOCK.sub("", self.text[self.sent :]).rstrip()
+        self.sent = len(self.text)
+        return rest, parsed.tool_calls
+
+
+def _could_open_json(start: str) -> bool:
+    """Whether an answer starting with `start` may still turn out to be a JSON call or a tag."""
+    if start[0] in "{[":
+        return True
+    prefixes = (*_JSON_CALL_PREFIXES, _OPEN_TAG)
+    return any(prefix.startswith(start[: len(prefix)]) or start.startswith(prefix) for prefix in prefixes)
+
+
+def _partial_tag(text: str) -> int:
+    """How many characters at the end of `text` could be the start of a `<tool_call>` tag."""
+    for size in range(min(len(_OPEN_TAG) - 1, len(text)), 0, -1):
+        if _OPEN_TAG.startswith(text[-size:]):
+            return size
+    return 0

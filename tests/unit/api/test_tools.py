@@ -1,0 +1,234 @@
+"""Tool calling: request checks, the prompt, calls read from answers (whole and streamed), and forced calls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cake_py.api.errors import ApiError
+from cake_py.api.tools import ToolRequest, ToolStream, calls_grammar, parse_answer, prompt_messages, tool_request
+from cake_py.engine.sequence import Sequence
+from cake_py.models.sampling import SamplingParams
+from cake_py.models.tokenizer import Tokenizer
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _request(choice: Any = None, parallel: bool | None = None) -> ToolRequest:
+    body: dict[str, Any] = {"tools": [WEATHER, TIME]}
+    if choice is not None:
+        body["tool_choice"] = choice
+    if parallel is not None:
+        body["parallel_tool_calls"] = parallel
+    return tool_request(body)
+
+
+def test_tool_choice_defaults_and_forms() -> None:
+    assert tool_request({}).choice == "none" and not tool_request({}).active
+    assert _request().choice == "auto"
+    assert _request("required").forced
+    named = _request({"type": "function", "function": {"name": "get_time"}})
+    assert (named.choice, named.function, named.forced) == ("function", "get_time", True)
+    assert not _request(parallel=False).parallel
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"tools": "get_weather"}, "tools must be a list"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0] must be"),
+        ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "parameters must be"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "description": 3}}]}, "description"),
+        ({"tools": [WEATHER, WEATHER]}, "'get_weather' twice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice must be"),
+        ({"tool_choice": "required"}, "needs tools"),
+        ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+    ],
+)
+def test_bad_tool_requests_are_400s_naming_the_value(body: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ApiError, match=None) as caught:
+        tool_request(body)
+    assert caught.value.status == 400
+    assert needle in caught.value.message
+
+
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "names"),
+    [
+        (f"Let me look.\n<tool_call>\n{CALL}\n</tool_call>", "Let me look.", ["get_weather"]),
+        (
+            f"<tool_call>{CALL}</tool_call>\n<tool_call>" + '{"name": "get_time", "arguments": {}}</tool_call>',
+            None,
+            ["get_weather", "get_time"],
+        ),
+        (CALL, None, ["get_weather"]),
+        ('{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "f"}}', None, ["get_weather"]),  # Llama 3
+        ("<|python_tag|>" + CALL, None, ["get_weather"]),
+        (f"[TOOL_CALLS] [{CALL}]", None, ["get_weather"]),  # Mistral
+        ('{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}', None, ["get_weather"]),  # JSON text
+        ("It is sunny in Paris.", "It is sunny in Paris.", []),
+        (
+            '<tool_call>{"name": "launch_rocket", "arguments": {}}</tool_call>',
+            '<tool_call>{"name": "launch_rocket", "arguments": {}}</tool_call>',
+            [],
+        ),
+        ("<tool_call>{not json</tool_call>", "<tool_call>{not json</tool_call>", []),
+        ('{"answer": 42}', '{"answer": 42}', []),
+        ('[{"name": "get_weather", "arguments": 5}]', '[{"name": "get_weather", "arguments": 5}]', []),
+    ],
+)
+def test_calls_are_read_from_answers(text: str, content: str | None, names: list[str]) -> None:
+    answer = parse_answer(text, _request())
+    assert answer.content == content
+    assert [call["function"]["name"] for call in answer.tool_calls] == names
+    for call in answer.tool_calls:
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        assert isinstance(json.loads(call["function"]["arguments"]), dict)
+    assert len({call["id"] for call in answer.tool_calls}) == len(names)
+    assert parse_answer(text, tool_request({})).content == text  # no tools: text is text
+
+
+def _streamed(text: str, request: ToolRequest, step: int = 1) -> tuple[list[str], str, list[dict[str, Any]]]:
+    stream = ToolStream(request)
+    pieces = [stream.feed(text[i : i + step]) for i in range(0, len(text), step)]
+    rest, calls = stream.finish()
+    return pieces, rest, calls
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_a_stream_sends_text_as_it_comes_and_holds_calls(step: int) -> None:
+    text = f"Let me look up Paris.\n<tool_call>\n{CALL}\n</tool_call>"
+    pieces, rest, calls = _streamed(text, _request(), step)
+    assert "".join(pieces) + rest == "Let me look up Paris.\n"
+    assert "<" not in "".join(pieces)
+    assert [call["function"]["name"] for call in calls] == ["get_weather"]
+    if step == 1:
+        assert pieces[0] == "L"  # plain text is not held back
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Plain words < and > [1] {x}", '{"answer": 42}', "[1, 2, 3]", "<b>bold</b>", "  <tool_c", "<tool_call>oops"],
+)
+def test_a_stream_of_an_answer_without_calls_sends_it_all(text: str) -> None:
+    for step in (1, 4):
+        pieces, rest, calls = _streamed(text, _request(), step)
+        assert "".join(pieces) + rest == text
+        assert calls == []
+
+
+def test_a_stream_of_a_whole_json_call_sends_no_content() -> None:
+    pieces, rest, calls = _streamed("  " + CALL, _request(), 2)
+    assert "".join(pieces) + rest == ""
+    assert len(calls) == 1
+
+
+def test_the_prompt_of_a_template_without_tools_describes_them(tiny_llama: Path) -> None:
+    tokenizer = Tokenizer.from_folder(tiny_llama)
+    assert not tokenizer.reads_tools
+    history = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    messages, variables = prompt_messages(history, _request(), tokenizer.reads_tools)
+    assert variables == {}
+    assert messages[0]["content"].startswith("Be brief.\n\n# Tools")
+    assert '"name": "get_weather"' in messages[0]["content"] and "<tool_call>" in messages[0]["content"]
+    assert messages[2] == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+    }
+    assert messages[3] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}
+    prompt = tokenizer.render_chat(messages)
+    assert "get_time" in prompt and "<tool_response>" in prompt
+    none, _ = prompt_messages(history[1:2], _request("none"), False)
+    assert none == history[1:2]  # tool_choice none: no tools in the prompt
+
+
+def test_a_template_that_reads_tools_gets_them(tiny_llama: Path) -> None:
+    base = Tokenizer.from_folder(tiny_llama)
+    template = (
+        "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments.city }}{% endfor %}\n"
+        "{% endfor %}"
+    )
+    tokenizer = Tokenizer(base.backend, {**base.config, "chat_template": template})
+    assert tokenizer.reads_tools
+    history = [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+            ],
+        }
+    ]
+    messages, variables = prompt_messages(history, _request(), tokenizer.reads_tools)
+    assert [tool["function"]["name"] for tool in variables["tools"]] == ["get_weather", "get_time"]
+    prompt = tokenizer.render_chat(messages, template_kwargs=variables)
+    assert prompt.startswith("TOOLS:get_weather;get_time;")
+    assert "CALL get_weather Oslo" in prompt  # arguments reach the template as an object
+
+
+def _forced(tokenizer: Tokenizer, request: ToolRequest, seed: int) -> str:
+    params = SamplingParams(max_tokens=400, temperature=1.0, seed=seed, grammar=calls_grammar(request))
+    seq = Sequence(1, tokenizer.encode("hi"), params, tokenizer, lambda event: None)
+    random = torch.Generator().manual_seed(seed)
+    for _ in range(params.max_tokens):
+        if seq.accept(
+            seq.sampler.sample(torch.randn(tokenizer.vocab_size, generator=random) * 3, seq.all_ids)
+        ).finished:
+            return tokenizer.decode(seq.output_ids)
+    raise AssertionError("the forced call never finished")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_forced_tool_choices_always_give_valid_calls(tiny_llama: Path, seed: int) -> None:
+    tokenizer = Tokenizer.from_folder(tiny_llama)
+    for request, allowed in (
+        (_request({"type": "function", "function": {"name": "get_weather"}}), {"get_weather"}),
+        (_request("required", parallel=False), {"get_weather", "get_time"}),
+        (_request("required"), {"get_weather", "get_time"}),
+    ):
+        answer = parse_answer(_forced(tokenizer, request, seed), request)
+        assert answer.content is None and answer.tool_calls
+        assert {call["function"]["name"] for call in answer.tool_calls} <= allowed
+        if request.choice == "function" or not request.parallel:
+            assert len(answer.tool_calls) == 1
+        for call in answer.tool_calls:
+            arguments = json.loads(call["function"]["arguments"])
+            if call["function"]["name"] == "get_weather":
+                assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("c", "f")
+            else:
+                assert arguments == {}
