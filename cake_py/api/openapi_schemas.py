@@ -94,11 +94,14 @@ OPENAI_SAMPLING = {
     "response_format": {
         "oneOf": [
             obj({"type": {"const": "text"}}, ("type",)),
-            obj({"type": {"const": "json_object"}}, ("type",)),
+            obj({"type": {"const": "json_object"}, "schema": {"type": "object"}}, ("type",)),
             obj(
                 {
                     "type": {"const": "json_schema"},
-                    "json_schema": obj({"name": STR, "schema": {"type": "object"}, "strict": BOOL}, ("schema",)),
+                    "json_schema": obj(
+                        {"name": STR, "schema": {"type": ["object", "string"]}, "strict": BOOL},
+                        (),
+                    ),
                 },
                 ("type", "json_schema"),
             ),
@@ -108,15 +111,25 @@ OPENAI_SAMPLING = {
     "structured_outputs": {
         **obj(
             {
-                "json": {"type": ["object", "string"], "description": "a JSON schema, or its JSON text"},
+                "json": {"type": ["object", "string", "boolean"], "description": "a JSON schema, or its JSON text"},
                 "json_object": {"const": True},
                 "regex": STR,
                 "choice": {"type": "array", "items": STR, "minItems": 1, "maxItems": 256},
-                "grammar": {**STR, "description": "llguidance's Lark syntax"},
+                "grammar": {**STR, "description": "llguidance's Lark syntax, or GBNF"},
+                "whitespace_pattern": {**STR, "description": "what may stand between JSON tokens"},
+                "disable_any_whitespace": BOOL,
+                "disable_fallback": BOOL,
+                "disable_additional_properties": {"const": False},
             }
         ),
-        "description": "vLLM's: exactly one field; the output is held to it",
+        "description": "vLLM's: exactly one of json, json_object, regex, choice, grammar; the output is held to it",
     },
+    "guided_json": {"type": ["object", "string"], "description": "vLLM before 0.12: structured_outputs.json"},
+    "guided_regex": STR,
+    "guided_choice": {"type": "array", "items": STR},
+    "guided_grammar": STR,
+    "json_schema": {"type": "object", "description": "llama.cpp's: JSON valid against this schema"},
+    "grammar": {**STR, "description": "llama.cpp's: a GBNF (or Lark) grammar the output follows"},
 }
 FINISH = {"enum": ["stop", "length"]}
 CHAT_FINISH = {"enum": ["stop", "length", "tool_calls"]}

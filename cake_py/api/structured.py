@@ -4,8 +4,11 @@ older `guided_*` fields) → one grammar for the sampler (models/grammar.py).
 - `response_format`: `{"type": "text"}` (nothing), `{"type": "json_object"}` (any JSON object),
   `{"type": "json_schema", "json_schema": {"name": …, "schema": {…}, "strict": …}}`.
 - `structured_outputs`: exactly one of `json` (a schema, as an object or its JSON text), `json_object: true`,
-  `regex`, `choice` (a list of strings), `grammar` (llguidance's Lark syntax).
+  `regex`, `choice` (a list of strings), `grammar` (llguidance's Lark syntax, or GBNF).
+  Beside it, `whitespace_pattern` or `disable_any_whitespace` set how JSON may be spaced.
 - `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`: the same, as vLLM named them before 0.12.
+- llama.cpp's forms: `response_format: {"type": "json_object", "schema": {…}}`, top-level `json_schema` and
+  `grammar` (GBNF, which llguidance converts; Lark too).
 """
 
 from __future__ import annotations
@@ -18,25 +21,44 @@ from starlette.concurrency import run_in_threadpool
 
 from cake_py.api.errors import ApiError
 from cake_py.errors import RequestError
-from cake_py.models.grammar import choice_grammar, compiler_for, json_grammar, lark_grammar, regex_grammar
+from cake_py.models.grammar import (
+    CompiledGrammar,
+    choice_grammar,
+    compiler_for,
+    json_grammar,
+    lark_grammar,
+    regex_grammar,
+)
 from cake_py.models.tokenizer import Tokenizer
 
 _STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# vLLM's options beside the kind: how JSON may be spaced; its backend fallback means nothing here.
+_STRUCTURED_OPTIONS = (
+    "whitespace_pattern",
+    "disable_any_whitespace",
+    "disable_fallback",
+    "disable_additional_properties",
+)
 _GUIDED_FIELDS = {
     "guided_json": "json",
     "guided_regex": "regex",
     "guided_choice": "choice",
     "guided_grammar": "grammar",
+    "json_schema": "json",  # llama.cpp's top-level fields
+    "grammar": "grammar",
 }
+_DEFAULT_WHITESPACE = object()
 
 
 def _schema(value: Any, where: str) -> Any:
-    """A JSON schema given as an object or as its JSON text."""
+    """A JSON schema given as an object (or true) or as its JSON text."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
-        except ValueError as error:
-            raise ApiError(400, f"{where} is not valid JSON: {error}") from None
+            value = json.loads(value)
+        except (ValueError, RecursionError) as error:
+            raise ApiError(400, f"{where} is not valid JSON: {str(error)[:200]}") from None
+    if not isinstance(value, dict) and value is not True:
+        raise ApiError(400, f"{where} must be a JSON schema object, got {value!r}"[:300])
     return value
 
 
@@ -45,29 +67,50 @@ def _from_response_format(value: Any) -> Callable[[], str] | None:
     if kind == "text":
         return None
     if kind == "json_object":
+        if value.get("schema") is not None:  # llama.cpp's form: a JSON object of this schema
+            schema = _schema(value["schema"], "response_format.schema")
+            return lambda: json_grammar(schema)
         return lambda: json_grammar(None)
     if kind == "json_schema":
         spec = value.get("json_schema")
-        if not isinstance(spec, dict) or "schema" not in spec:
-            raise ApiError(400, "response_format json_schema needs a json_schema object with a 'schema'")
-        schema = spec["schema"]
-        return lambda: json_grammar(_schema(schema, "response_format.json_schema.schema"))
+        if not isinstance(spec, dict):
+            raise ApiError(400, "response_format json_schema needs a json_schema object, with its 'schema'")
+        if spec.get("schema") is None:  # OpenAI's schema is optional: then any JSON object
+            return lambda: json_grammar(None)
+        schema = _schema(spec["schema"], "response_format.json_schema.schema")
+        return lambda: json_grammar(schema)
     shown = repr(kind if isinstance(value, dict) else value)[:200]
     raise ApiError(400, f"response_format type {shown} is not supported; use text, json_object or json_schema")
 
 
-def _from_structured(kind: str, value: Any, where: str) -> Callable[[], str]:
+def _from_structured(kind: str, value: Any, where: str, whitespace: Any = _DEFAULT_WHITESPACE) -> Callable[[], str]:
+    spacing: dict[str, Any] = {} if whitespace is _DEFAULT_WHITESPACE else {"whitespace": whitespace}
     if kind == "json":
-        return lambda: json_grammar(_schema(value, where))
+        schema = _schema(value, where)
+        return lambda: json_grammar(schema, **spacing)
     if kind == "json_object":
         if value is not True:
             raise ApiError(400, f"{where} must be true, got {value!r}"[:300])
-        return lambda: json_grammar(None)
+        return lambda: json_grammar(None, **spacing)
     if kind == "regex":
         return lambda: regex_grammar(value)
     if kind == "choice":
         return lambda: choice_grammar(value)
     return lambda: lark_grammar(value)
+
+
+def _whitespace(structured: dict[str, Any]) -> Any:
+    """vLLM's spacing options: `whitespace_pattern` (a regex), `disable_any_whitespace` (none at all)."""
+    if structured.get("disable_additional_properties") is True:
+        raise ApiError(400, "structured_outputs.disable_additional_properties is not supported; set it in the schema")
+    pattern = structured.get("whitespace_pattern")
+    if structured.get("disable_any_whitespace") is True:
+        return None
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            raise ApiError(400, f"structured_outputs.whitespace_pattern must be a regex string, got {pattern!r}"[:300])
+        return pattern
+    return _DEFAULT_WHITESPACE
 
 
 def _requested(body: dict[str, Any]) -> list[tuple[str, Callable[[], str] | None]]:
@@ -79,24 +122,22 @@ def _requested(body: dict[str, Any]) -> list[tuple[str, Callable[[], str] | None
     if structured is not None:
         if not isinstance(structured, dict):
             raise ApiError(400, f"structured_outputs must be an object, got {structured!r}"[:300])
-        unknown = sorted(set(structured) - set(_STRUCTURED_KINDS))
+        unknown = sorted(set(structured) - set(_STRUCTURED_KINDS) - set(_STRUCTURED_OPTIONS))
         if unknown:
-            raise ApiError(
-                400,
-                f"structured_outputs field {unknown[0]!r} is not supported; use one of {', '.join(_STRUCTURED_KINDS)}",
-            )
-        for kind, value in structured.items():
-            if value is not None:
-                found.append(
-                    (f"structured_outputs.{kind}", _from_structured(kind, value, f"structured_outputs.{kind}"))
-                )
+            kinds = ", ".join(_STRUCTURED_KINDS)
+            raise ApiError(400, f"structured_outputs field {unknown[0]!r} is not supported; use one of {kinds}")
+        whitespace = _whitespace(structured)
+        for kind in _STRUCTURED_KINDS:
+            if structured.get(kind) is not None:
+                where = f"structured_outputs.{kind}"
+                found.append((where, _from_structured(kind, structured[kind], where, whitespace)))
     for field, kind in _GUIDED_FIELDS.items():
         if body.get(field) is not None:
             found.append((field, _from_structured(kind, body[field], field)))
     return found
 
 
-async def structured_grammar(body: dict[str, Any], tokenizer: Tokenizer) -> str | None:
+async def structured_grammar(body: dict[str, Any], tokenizer: Tokenizer) -> CompiledGrammar | None:
     """The grammar the request's output must match, compiled once (off the event loop) so a bad schema, regex or
     grammar is a 400 naming the problem; None when the output is free text."""
     requested = [(field, build) for field, build in _requested(body) if build is not None]
@@ -109,13 +150,11 @@ async def structured_grammar(body: dict[str, Any], tokenizer: Tokenizer) -> str 
     return await compiled_grammar(build, tokenizer, field)
 
 
-async def compiled_grammar(build: Callable[[], str], tokenizer: Tokenizer, field: str) -> str:
+async def compiled_grammar(build: Callable[[], str], tokenizer: Tokenizer, field: str) -> CompiledGrammar:
     """`build()`'s grammar, compiled on a worker thread; a 400 naming `field` when it does not compile."""
 
-    def compile_() -> str:
-        grammar = build()
-        compiler_for(tokenizer).check(grammar)
-        return grammar
+    def compile_() -> CompiledGrammar:
+        return compiler_for(tokenizer).compile(build())
 
     try:
         return await run_in_threadpool(compile_)

@@ -372,8 +372,11 @@ class Engine:
             try:
                 event = seq.accept(seq.sampler.sample(logits[row], seq.all_ids))
             except Exception as error:  # one sequence's sampling failed: it ends alone, the others go on
-                log.exception("sampling failed for sequence %d", seq.seq_id)
-                failure = CakeError(f"internal error while sampling: {type(error).__name__}: {error}")
+                if isinstance(error, CakeError):  # the request's own fault (its grammar), named
+                    failure = error
+                else:
+                    log.exception("sampling failed for sequence %d", seq.seq_id)
+                    failure = CakeError(f"internal error while sampling: {type(error).__name__}: {error}")
                 event = GenerationEvent(seq.seq_id, finish_reason="error", error=str(failure), exception=failure)
             events.append((seq, event))
             if seq.first_token_at is not None and len(seq.output_ids) == 1:

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cake_py.errors import CakeError
-from cake_py.models.grammar import compiler_for
 from cake_py.models.sampling import SampledToken, Sampler, SamplingParams, StopMatcher
 from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -49,7 +48,7 @@ class Sequence:
         self.stop = StopMatcher(params.stop)
         # ignore_eos drops the model's end tokens only: ids the request itself asks to stop at still stop it.
         self.stop_ids = (frozenset() if params.ignore_eos else tokenizer.eos_token_ids) | params.stop_token_ids
-        grammar = compiler_for(tokenizer).matcher(params.grammar) if params.grammar is not None else None
+        grammar = params.grammar.start() if params.grammar is not None else None
         self.sampler = Sampler(params, self.stop_ids, grammar)
         self.output_ids: list[int] = []
         # prompt + output, grown in place: the scheduler and sampler read it every step, so it is never rebuilt.

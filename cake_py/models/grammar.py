@@ -13,8 +13,9 @@ import json
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import llguidance
 import torch
@@ -25,17 +26,22 @@ from cake_py.models.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
+T = TypeVar("T")
+
 MAX_CHOICES = 256
 MAX_GRAMMAR_CHARS = 100_000  # a schema, regex or grammar longer than this is refused before compiling
 _COMPILED_KEPT = 64  # compiled grammars kept per tokenizer, most recently used first
 # JSON may hold whitespace between tokens, up to this much at each place: unbounded whitespace lets a small model
 # fill max_tokens with newlines, a known failure of JSON modes.
-_JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,16}"}
+_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,16}"
+# lenient: keywords llguidance does not implement (uniqueItems, which pydantic writes for sets; not; contains;
+# if/then) are not enforced, rather than refusing the schema.
 
 
-def json_grammar(schema: Mapping[str, Any] | bool | None) -> str:
+def json_grammar(schema: Mapping[str, Any] | bool | None, *, whitespace: str | None = _WHITESPACE) -> str:
     """The grammar of JSON text matching `schema`; None: any JSON object (OpenAI's `json_object` mode).
-    RequestError when the schema is not a JSON object (or true), or cannot be serialized."""
+    `whitespace`: the regex of what may stand between JSON tokens (None: nothing). RequestError when the schema is
+    not a JSON object (or true), or cannot be serialized."""
     if schema is None:
         schema = {"type": "object"}
     if schema is True:
@@ -44,11 +50,16 @@ def json_grammar(schema: Mapping[str, Any] | bool | None) -> str:
         raise RequestError(f"a JSON schema must be an object, got {_shown(schema)}")
     try:
         text = json.dumps(schema)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         raise RequestError(f"the JSON schema cannot be read: {error}") from None
     _check_size("JSON schema", text)
     try:
-        return str(llguidance.LLMatcher.grammar_from_json_schema(text, overrides=_JSON_OPTIONS))
+        options: JsonCompileOptions = {"lenient": True}
+        if whitespace is None:
+            options["whitespace_flexible"] = False
+        else:
+            options["whitespace_pattern"] = whitespace
+        return str(llguidance.LLMatcher.grammar_from_json_schema(text, overrides=options))
     except ValueError as error:
         raise RequestError(f"the JSON schema is invalid: {error}") from None
 
@@ -79,78 +90,148 @@ def choice_grammar(choices: Sequence[str]) -> str:
 
 
 def lark_grammar(text: str) -> str:
-    """A grammar in llguidance's Lark syntax (`start: …` rules, regexes as /…/, `%json {schema}`)."""
+    """A grammar in llguidance's Lark syntax (`start: …` rules, regexes as /…/, `%json {schema}`), or in llama.cpp's
+    GBNF (`root ::= …`), which llguidance converts."""
     if not isinstance(text, str) or not text.strip():
         raise RequestError(f"a grammar must be a non-empty string, got {_shown(text)}")
     _check_size("grammar", text)
-    return str(llguidance.LLMatcher.grammar_from_lark(text))
+    try:
+        return str(llguidance.grammar_from("grammar", text))
+    except ValueError as error:
+        raise RequestError(f"the grammar cannot be read: {str(error)[:500]}") from None
 
 
 class GrammarMatcher:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, on_error: Callable[[], None]) -> None:
         self.matcher = matcher
         self.vocab_size = vocab_size  # the tokenizer's; logits may be wider (padded embeddings), never allowed
+        self.on_error = on_error
 
     def allowed(self, width: int) -> torch.Tensor:
         """(width,) bool: the tokens that keep the output valid."""
-        allowed = torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8) != 0
+        bias = self.matcher.compute_logit_bias()
+        self._check()
+        allowed = torch.frombuffer(bytearray(bias), dtype=torch.uint8) != 0
         if width > self.vocab_size:
             return torch.cat([allowed, torch.zeros(width - self.vocab_size, dtype=torch.bool)])
         return allowed[:width]
 
     def consume(self, token_id: int) -> None:
-        if not self.matcher.consume_token(token_id):
-            raise ValueError(f"the grammar does not allow token {token_id}: {self.matcher.get_error()}")
+        self.matcher.consume_token(token_id)
+        self._check()
+
+    def _check(self) -> None:
+        """A parser limit reached mid-output (a grammar too large for its input) ends the request, named; the
+        compiled grammar is dropped, since copies of it share the exhausted state."""
+        if self.matcher.is_error():
+            self.on_error()
+            reason = str(self.matcher.get_error()).strip().splitlines()
+            raise RequestError(f"the structured output grammar failed: {reason[0][:300] if reason else 'unknown'}")
 
     @property
     def finished(self) -> bool:
         """Nothing more may follow: the output is complete."""
-        return bool(self.matcher.is_stopped())
+        return bool(self.matcher.is_stopped()) and not self.matcher.is_error()
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledGrammar:
+    """A grammar compiled for one tokenizer (sampling parameters carry it); `start()` gives each sequence its own
+    matcher, a copy, never a compile: sequences are made on the event loop."""
+
+    text: str
+    prototype: llguidance.LLMatcher
+    vocab_size: int
+    compiler: GrammarCompiler
+
+    def start(self) -> GrammarMatcher:
+        return GrammarMatcher(self.prototype.deep_copy(), self.vocab_size, lambda: self.compiler.forget(self.text))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CompiledGrammar) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
 
 
 class GrammarCompiler:
-    """Compiles grammars for one tokenizer. Thread-safe: the API checks grammars on worker threads, the engine
-    makes matchers when it takes a sequence."""
+    """Compiles grammars for one tokenizer, keeping the most recent. Thread-safe: compiles run on a big-stack thread
+    of their own (llguidance recurses once per level of a grammar: a deep one overflows a normal thread's stack and
+    kills the process) and hold no lock, so one slow compile delays nobody else."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache and the llguidance tokenizer
         self._llg_tokenizer: llguidance.LLTokenizer | None = None
-        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._compiled: OrderedDict[str, CompiledGrammar] = OrderedDict()
 
     def _grammar_tokenizer(self) -> llguidance.LLTokenizer:
         # Built on first use (a quarter of a second for a 49k vocabulary), under the lock: once per tokenizer.
-        if self._llg_tokenizer is None:
-            end_ids = sorted(self.tokenizer.eos_token_ids)
-            if not end_ids:
-                raise RequestError("structured output needs the model's end token, and this model names none")
-            try:
-                self._llg_tokenizer = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), eos_token=end_ids)
-            except Exception as error:  # llguidance raises plain exceptions for tokenizers it cannot read
-                raise RequestError(f"structured output cannot use this model's tokenizer: {error}") from None
-        return self._llg_tokenizer
+        with self._lock:
+            if self._llg_tokenizer is None:
+                vocab = self.tokenizer.vocab_size
+                end_ids = sorted(token for token in self.tokenizer.eos_token_ids if token < vocab)
+                if not end_ids:
+                    raise RequestError("structured output needs the model's end token, and this model names none")
+                try:
+                    self._llg_tokenizer = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), eos_token=end_ids)
+                except Exception as error:  # llguidance raises plain exceptions for tokenizers it cannot read
+                    raise RequestError(f"structured output cannot use this model's tokenizer: {error}") from None
+            return self._llg_tokenizer
 
-    def matcher(self, grammar: str) -> GrammarMatcher:
-        """A fresh matcher at the start of `grammar`; RequestError naming the problem when it does not compile."""
+    def compile(self, grammar: str) -> CompiledGrammar:
+        """`grammar` compiled (or taken from the cache); RequestError naming the problem when it does not compile.
+        Blocks for as long as the compile takes: call it off the event loop."""
         with self._lock:
             compiled = self._compiled.get(grammar)
-            if compiled is None:
-                tokenizer = self._grammar_tokenizer()
-                compiled = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-                if compiled.is_error():
-                    raise RequestError(f"the structured output grammar is invalid: {compiled.get_error()}")
-                self._compiled[grammar] = compiled
-                while len(self._compiled) > _COMPILED_KEPT:
-                    self._compiled.popitem(last=False)
-            self._compiled.move_to_end(grammar)
-            vocab_size = int(self._grammar_tokenizer().vocab_size)
-            return GrammarMatcher(compiled.deep_copy(), vocab_size)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+                return compiled
+        tokenizer = self._grammar_tokenizer()
+        prototype = _on_big_stack(lambda: llguidance.LLMatcher(tokenizer, grammar, log_level=0))
+        if prototype.is_error():
+            reason = str(prototype.get_error()).strip().splitlines()
+            raise RequestError(f"the structured output grammar is invalid: {reason[0][:500] if reason else '?'}")
+        compiled = CompiledGrammar(grammar, prototype, int(tokenizer.vocab_size), self)
+        with self._lock:
+            self._compiled[grammar] = compiled
+            while len(self._compiled) > _COMPILED_KEPT:
+                self._compiled.popitem(last=False)
+        return compiled
 
-    def check(self, grammar: str) -> None:
-        """RequestError when `grammar` does not compile (and it is kept compiled for the sequences that use it)."""
-        self.matcher(grammar)
+    def forget(self, grammar: str) -> None:
+        with self._lock:
+            self._compiled.pop(grammar, None)
+
+
+_STACK_BYTES = 256 << 20  # virtual: only the pages a deep grammar touches are ever committed
+_stack_lock = threading.Lock()
+
+
+def _on_big_stack(work: Callable[[], T]) -> T:
+    """`work()` on a fresh thread with a 256 MiB stack (a 100 kB grammar nests at most a few thousand levels)."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as error:  # handed to the caller's thread
+            failure.append(error)
+
+    with _stack_lock:  # stack_size is process-wide: set it only around this thread's creation
+        previous = threading.stack_size(_STACK_BYTES)
+        try:
+            thread = threading.Thread(target=run, name="cake-grammar-compile", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 _compilers: weakref.WeakKeyDictionary[Tokenizer, GrammarCompiler] = weakref.WeakKeyDictionary()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cake_py.errors import RequestError
-from cake_py.models.grammar import GrammarMatcher
+from cake_py.models.grammar import CompiledGrammar, GrammarMatcher
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -45,8 +45,8 @@ class SamplingParams:
     # The logprob of every prompt token after the first (with top_logprobs alternatives): scoring a text, as
     # /v1/completions does with echo and logprobs. max_tokens may then be 0: the prompt is scored, nothing generated.
     prompt_logprobs: bool = False
-    # Structured output: llguidance's grammar text (see models/grammar.py) that the generated text must match.
-    grammar: str | None = None
+    # Structured output: the compiled grammar (see models/grammar.py) the generated text must match.
+    grammar: CompiledGrammar | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < (0 if self.prompt_logprobs else 1):
@@ -131,6 +131,11 @@ class Sampler:
         if self.grammar is not None:  # last: no processor may bring back a token the grammar forbids
             allowed = self.grammar.allowed(logits.shape[-1]).to(logits.device)
             logits = logits.masked_fill(~allowed, float("-inf"))
+            if not bool(torch.isfinite(logits).any()):
+                raise RequestError(
+                    "no token can come next: the structured output allows only tokens that min_tokens, "
+                    "stop_token_ids or logit_bias rule out"
+                )
         if params.greedy:
             token = int(torch.argmax(logits))
         else:
@@ -153,7 +158,9 @@ class Sampler:
         top: tuple[tuple[int, float], ...] = ()
         if params.top_logprobs:
             values, indices = torch.topk(logprobs, params.top_logprobs)
-            top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
+            # Tokens a grammar or a -100 bias rules out have no probability: they are not alternatives (and -inf
+            # is not JSON).
+            top = tuple((i, v) for i, v in zip(indices.tolist(), values.tolist(), strict=True) if v > -math.inf)
         return SampledToken(token, float(logprobs[token]), top)
 
 

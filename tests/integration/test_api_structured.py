@@ -131,7 +131,7 @@ def test_json_object_mode_and_vllm_fields(client: OpenAI) -> None:
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
             "nope",
         ),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "schema"),
+        ({"structured_outputs": {"json": "null"}}, "must be a JSON schema object"),
         ({"response_format": {"type": "yaml"}}, "yaml"),
         ({"response_format": "json"}, "response_format"),
         ({"structured_outputs": {"regex": "(oops"}}, "structured_outputs.regex"),
@@ -265,3 +265,24 @@ def test_bad_tool_requests_are_400s(server: ServerHandle, extra: dict[str, Any],
     response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
     assert needle in response.json()["error"]
+
+
+def test_llama_cpp_forms_gbnf_and_vllm_spacing(client: OpenAI) -> None:
+    def chat(extra: dict[str, Any]) -> str:
+        completion = client.chat.completions.create(
+            model="x",
+            messages=MESSAGES,
+            max_tokens=300,
+            seed=7,
+            extra_body=extra,  # type: ignore[arg-type]
+        )
+        assert completion.choices[0].finish_reason == "stop"
+        return completion.choices[0].message.content or ""
+
+    _check(json.loads(chat({"response_format": {"type": "json_object", "schema": SCHEMA}})))
+    _check(json.loads(chat({"json_schema": SCHEMA})))
+    assert chat({"grammar": 'root ::= "yes" | "no"'}) in ("yes", "no")  # GBNF, as llama.cpp takes it
+    assert chat({"structured_outputs": {"grammar": "root ::= [0-9] [0-9]"}}).isdigit()
+    compact = chat({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True, "disable_fallback": False}})
+    _check(json.loads(compact))
+    assert not any(character.isspace() for character in compact)

@@ -43,7 +43,8 @@ def test_json_schema_answer_names_paris() -> None:
     import json
 
     from cake_py.engine.oneshot import run_prompt
-    from cake_py.models.grammar import json_grammar
+    from cake_py.models.grammar import compiler_for, json_grammar
+    from cake_py.models.hub import resolve_model
     from cake_py.models.sampling import SamplingParams
 
     schema = {
@@ -52,10 +53,11 @@ def test_json_schema_answer_names_paris() -> None:
         "required": ["country", "capital"],
         "additionalProperties": False,
     }
+    grammar = compiler_for(resolve_model(None).tokenizer).compile(json_grammar(schema))
     text = run_prompt(
         None,
         "What is the capital of France? Answer in JSON.",
-        SamplingParams(temperature=0.0, max_tokens=64, grammar=json_grammar(schema)),
+        SamplingParams(temperature=0.0, max_tokens=64, grammar=grammar),
         lambda piece: None,
     )
     answer = json.loads(text)

@@ -12,6 +12,7 @@ import torch
 from cake_py.api.errors import ApiError
 from cake_py.api.tools import ToolRequest, ToolStream, calls_grammar, parse_answer, prompt_messages, tool_request
 from cake_py.engine.sequence import Sequence
+from cake_py.models.grammar import compiler_for
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
@@ -202,7 +203,8 @@ def test_a_template_that_reads_tools_gets_them(tiny_llama: Path) -> None:
 
 
 def _forced(tokenizer: Tokenizer, request: ToolRequest, seed: int) -> str:
-    params = SamplingParams(max_tokens=400, temperature=1.0, seed=seed, grammar=calls_grammar(request))
+    grammar = compiler_for(tokenizer).compile(calls_grammar(request))
+    params = SamplingParams(max_tokens=400, temperature=1.0, seed=seed, grammar=grammar)
     seq = Sequence(1, tokenizer.encode("hi"), params, tokenizer, lambda event: None)
     random = torch.Generator().manual_seed(seed)
     for _ in range(params.max_tokens):

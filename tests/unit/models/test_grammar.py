@@ -5,8 +5,10 @@ prefer)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,18 +39,19 @@ def tokenizer(tiny_llama: Path) -> Tokenizer:
     return Tokenizer.from_folder(tiny_llama)
 
 
-def _generate(
-    tokenizer: Tokenizer, grammar: str, *, seed: int, max_tokens: int = 300, greedy: bool = False
-) -> Sequence:
+def _generate(tokenizer: Tokenizer, grammar: str, *, seed: int, max_tokens: int = 300, **options: Any) -> Sequence:
     """Run a sequence on random logits (a model that wants anything) until it ends; returns it."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, grammar=grammar)
-    events: list[object] = []
+    compiled = compiler_for(tokenizer).compile(grammar)
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, grammar=compiled, **options)
+    events: list[Any] = []
     seq = Sequence(1, tokenizer.encode("hi"), params, tokenizer, events.append)
     random = torch.Generator().manual_seed(seed)
     width = tokenizer.vocab_size + 5  # logits wider than the tokenizer (padded embeddings): never drawn
     for _ in range(max_tokens):
         logits = torch.randn(width, generator=random) * 3
         event = seq.accept(seq.sampler.sample(logits, seq.all_ids))
+        events.append(event)
+        seq.events = events  # type: ignore[attr-defined]
         assert all(token.token_id < tokenizer.vocab_size for token in event.tokens)
         if event.finished:
             seq.last_event = event  # type: ignore[attr-defined]
@@ -81,7 +84,7 @@ def test_choice_and_regex_outputs_match_whole(tokenizer: Tokenizer, seed: int) -
 
 def test_greedy_with_a_grammar_takes_the_best_allowed_token(tokenizer: Tokenizer) -> None:
     grammar = choice_grammar(["alpha", "beta"])
-    matcher = compiler_for(tokenizer).matcher(grammar)
+    matcher = compiler_for(tokenizer).compile(grammar).start()
     logits = torch.zeros(tokenizer.vocab_size)
     allowed = matcher.allowed(tokenizer.vocab_size)
     assert 0 < int(allowed.sum()) < tokenizer.vocab_size
@@ -112,11 +115,11 @@ def test_a_grammar_ending_with_max_tokens_stops_for_length(tokenizer: Tokenizer)
 
 def test_each_sequence_gets_its_own_matcher(tokenizer: Tokenizer) -> None:
     grammar = choice_grammar(["left", "right"])
-    first, second = (compiler_for(tokenizer).matcher(grammar) for _ in range(2))
+    first, second = (compiler_for(tokenizer).compile(grammar).start() for _ in range(2))
     token = tokenizer.encode("left", add_special_tokens=False)[0]
     first.consume(token)
     assert not torch.equal(first.allowed(tokenizer.vocab_size), second.allowed(tokenizer.vocab_size))
-    with pytest.raises(ValueError, match="does not allow token"):
+    with pytest.raises(RequestError, match="grammar failed"):
         first.consume(tokenizer.encode("zzz", add_special_tokens=False)[0])
 
 
@@ -151,10 +154,55 @@ def test_bad_grammar_inputs_are_named(build: object, needle: str) -> None:
 )
 def test_grammars_that_do_not_compile_are_request_errors(tokenizer: Tokenizer, grammar: object, needle: str) -> None:
     with pytest.raises(RequestError, match=needle):
-        compiler_for(tokenizer).check(grammar())  # type: ignore[operator]
+        compiler_for(tokenizer).compile(grammar())  # type: ignore[operator]
 
 
-def test_a_sequence_with_a_bad_grammar_is_refused(tokenizer: Tokenizer) -> None:
-    params = SamplingParams(grammar=json_grammar({"type": "nonsense"}))
-    with pytest.raises(RequestError, match="nonsense"):
-        Sequence(1, [1, 2], params, tokenizer, lambda event: None)
+def test_errors_during_generation_are_named_and_do_not_poison_the_grammar(tokenizer: Tokenizer) -> None:
+    # Compiles, then hits a parser limit at its first token: a request error naming it, and the compiled grammar
+    # is dropped (copies share its exhausted state), so the next request compiles afresh.
+    grammar = regex_grammar("a{1000000}")
+    compiler = compiler_for(tokenizer)
+    compiled = compiler.compile(grammar)
+    with pytest.raises(RequestError, match="grammar failed") as caught:
+        _generate(tokenizer, grammar, seed=0, max_tokens=3)
+    assert len(str(caught.value)) < 400
+    assert compiler.compile(grammar) is not compiled
+
+
+def test_deep_grammars_compile_without_overflowing_the_stack(tokenizer: Tokenizer) -> None:
+    # Each level is a recursion inside llguidance: on a normal thread's stack these killed the process.
+    chain = "start: r0\n" + "\n".join(f'r{i}: "a" r{i + 1} | "b"' for i in range(3000)) + '\nr3000: "end"'
+    compiler_for(tokenizer).compile(lark_grammar(chain))
+    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(1200)}
+    defs["d1200"] = {"type": "string"}
+    compiler_for(tokenizer).compile(json_grammar({"$defs": defs, "$ref": "#/$defs/d0"}))
+
+
+def test_top_logprobs_list_only_tokens_that_could_be_drawn(tokenizer: Tokenizer) -> None:
+    events: list[Any] = []
+    compiled = compiler_for(tokenizer).compile(choice_grammar(["yes", "no"]))
+    params = SamplingParams(max_tokens=5, temperature=1.0, seed=1, logprobs=True, top_logprobs=20, grammar=compiled)
+    seq = Sequence(1, [1], params, tokenizer, events.append)
+    token = seq.sampler.sample(torch.randn(tokenizer.vocab_size), seq.all_ids)
+    assert 1 <= len(token.top_logprobs) <= 2
+    assert all(math.isfinite(logprob) for _, logprob in token.top_logprobs)
+
+
+def test_the_structure_ends_the_choice_even_with_ignore_eos(tokenizer: Tokenizer) -> None:
+    seq = _generate(tokenizer, choice_grammar(["done"]), seed=0, ignore_eos=True)
+    assert seq.last_event.finish_reason == "stop"  # type: ignore[attr-defined]
+    assert _text(tokenizer, seq) == "done"
+    assert not set(seq.output_ids) & tokenizer.eos_token_ids
+
+
+def test_a_grammar_and_min_tokens_that_leave_no_token_are_a_request_error(tokenizer: Tokenizer) -> None:
+    # The one token the grammar allows is a stop token, which min_tokens holds back.
+    (only,) = tokenizer.encode("q", add_special_tokens=False)
+    with pytest.raises(RequestError, match="no token can come next"):
+        _generate(tokenizer, choice_grammar(["q"]), seed=0, min_tokens=2, stop_token_ids=frozenset({only}))
+
+
+def test_tokens_after_the_end_keep_finish_reason_and_stop_strings(tokenizer: Tokenizer) -> None:
+    seq = _generate(tokenizer, choice_grammar(["alpha beta"]), seed=0, stop=(" beta",))
+    assert seq.last_event.finish_reason == "stop"  # type: ignore[attr-defined]
+    assert "".join(event.text for event in seq.events) == "alpha"  # type: ignore[attr-defined]
