@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="tokens per step: a long prompt's prefill runs in chunks of this size beside the running streams",
     )
+    serve.add_argument(
+        "--prefix-cache-tokens",
+        type=_positive_int,
+        default=8192,
+        help="keep finished sequences' KV caches (up to this many tokens in all) for prompts that start with the "
+        "same tokens, e.g. the next turn of a chat; 0 turns it off",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _graphs_flag(serve)
     _tls_flags(serve)
@@ -220,6 +227,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         max_running=args.max_running,
         max_queued=args.max_queue,
         max_batch_tokens=args.max_batch_tokens,
+        prefix_cache_tokens=args.prefix_cache_tokens,
         tls_cert=_tls(args),
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,

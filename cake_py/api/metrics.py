@@ -60,6 +60,16 @@ class EngineCollector(Collector):
             "cake_prompt_tokens", "Prompt tokens prefilled", value=retired.prompt_tokens + stats.prompt_tokens
         )
         yield CounterMetricFamily("cake_engine_steps", "Scheduler steps run", value=retired.steps + stats.steps)
+        yield CounterMetricFamily(
+            "cake_prefix_cached_tokens",
+            "Prompt tokens copied from kept caches instead of prefilled (prefix caching)",
+            value=retired.prefix_cached_tokens + stats.prefix_cached_tokens,
+        )
+        yield GaugeMetricFamily(
+            "cake_prefix_cache_kept_tokens",
+            "Tokens whose caches are kept for prompts that start the same way",
+            value=engine.prefix_cache.tokens if engine is not None else 0,
+        )
         # A stage's name alone is not unique: the master keeps every run of layers no worker holds, each a stage
         # called "master" (layers 0-4 and 20-29 around a worker's 5-19). Its layers tell the series apart.
         labels = ["stage", "layers"]

@@ -36,6 +36,7 @@ def make_engine(pipeline: Pipeline, source: ModelSource, settings: ServeSettings
         max_running=settings.max_running,
         max_queued=settings.max_queued,
         max_batch_tokens=settings.max_batch_tokens,
+        prefix_cache_tokens=settings.prefix_cache_tokens,
     )
 
 

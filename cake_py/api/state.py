@@ -34,6 +34,7 @@ class RetiredTotals:
     stage_calls: dict[StageKey, int] = field(default_factory=dict)
     stage_sent_bytes: dict[StageKey, int] = field(default_factory=dict)
     stage_received_bytes: dict[StageKey, int] = field(default_factory=dict)
+    prefix_cached_tokens: int = 0
 
     def plus(self, engine: Engine) -> RetiredTotals:
         """These totals and `engine`'s, as a new object: a scrape reading this one meanwhile sees it unchanged."""
@@ -46,6 +47,7 @@ class RetiredTotals:
             dict(self.stage_calls),
             dict(self.stage_sent_bytes),
             dict(self.stage_received_bytes),
+            self.prefix_cached_tokens + stats.prefix_cached_tokens,
         )
         for stage in engine.pipeline.stages:
             key = (stage.name, stage.start, stage.end)

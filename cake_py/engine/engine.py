@@ -4,7 +4,9 @@ Every step the scheduler takes each running sequence's next slice (one token whe
 when prefilling), runs them through the pipeline as one varlen batch, samples the sequences whose slice reached
 their end, and streams the results. New requests join at the next step; finished ones free their KV caches on
 every stage at once. The choices of an n > 1 request share one prefill: the later ones start from a copy of the
-first one's caches (on every stage) and compute only the prompt's last token. Torch runs only on this thread.
+first one's caches (on every stage) and compute only the prompt's last token; likewise a new prompt that starts
+with a finished sequence's tokens copies its kept caches (prefix caching, engine/prefix_cache.py). Torch runs only
+on this thread.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from cake_py.cluster.pipeline import Pipeline
 from cake_py.engine.plan import plan_step
+from cake_py.engine.prefix_cache import PrefixCache
 from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
 from cake_py.engine.stats import EngineStats
 from cake_py.errors import CakeError, ClusterError, ContextLengthError, OverloadedError, RequestError
@@ -48,6 +51,7 @@ class Engine:
         max_batch_tokens: int = 512,
         max_queued: int = 1024,
         context_length: int | None = None,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.pipeline = pipeline
         self.tokenizer = tokenizer
@@ -69,6 +73,9 @@ class Engine:
         # Finished sequences whose prefill other choices still wait to copy: released once none does.
         self._kept_for_copies: dict[int, Sequence] = {}
         self._inbox_copies: dict[int, int] = {}  # leader id → choices still in the inbox that will copy it
+        # Finished sequences whose caches stay for later prompts that start the same way (0 tokens: none are kept).
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
+        self._prefix_copies: dict[int, int] = {}  # sequence → the kept one its first slice copies, this step
         # The sequences of a failed step, in order: each runs alone until it has passed a step (or failed one alone),
         # so that one sequence's fault (or a batch too big for memory) ends only its own request.
         self._suspects: dict[int, None] = {}
@@ -306,6 +313,7 @@ class Engine:
         """Free the KV caches of the sequences finished since the last call, then send their last events (a client
         that heard its answer finds its caches gone). One Release per stage, not one per sequence (each a round
         trip to a worker), and none for sequences that never reached the pipeline."""
+        self._to_release += self.prefix_cache.expired()
         for leader_id in [leader_id for leader_id in self._kept_for_copies if not self._awaited(leader_id)]:
             del self._kept_for_copies[leader_id]  # every choice has its copy (or ended): the caches can go
             self._to_release.append(leader_id)
@@ -336,7 +344,8 @@ class Engine:
         self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
         suspect = self._take_suspect()  # it runs alone now (or waits, unplanned, for the prefill it copies)
         candidates = [suspect] if suspect is not None else self._running.values()
-        plan = plan_step(candidates, self.max_batch_tokens, self._shared_prefill)
+        self._prefix_copies.clear()
+        plan = plan_step(candidates, self.max_batch_tokens, self._copy_source)
         if not plan.batch:
             return
         batch, members, rows, sampled_members = plan.batch, plan.members, plan.rows, plan.sampled
@@ -349,6 +358,11 @@ class Engine:
             if not isinstance(error, CakeError):
                 log.exception("forward pass failed")
                 error = CakeError(f"internal error in the forward pass: {type(error).__name__}: {error}")
+            if self._prefix_copies and not self.pipeline.down_stages():
+                # A kept cache a stage no longer holds (its idle timeout, a restart): forget it, start afresh.
+                log.warning("a step copying kept prefixes failed (%s): they are dropped and the step retried", error)
+                self._drop_prefix_copies(batch, members)
+                return
             if len(members) > 1 and not self.pipeline.down_stages():
                 log.warning("a step of %d sequences failed (%s): each runs alone once", len(members), error)
                 self._retry_alone(batch, members)
@@ -358,6 +372,7 @@ class Engine:
             return
         for piece, seq in zip(batch, members, strict=True):
             seq.n_cached = piece.start_pos + piece.n_tokens
+        self.stats.prefix_cached_tokens += sum(p.start_pos for p in batch if p.seq_id in self._prefix_copies)
         first = len(rows)
         for seq, scoring_rows, targets in plan.scored:
             assert seq.prompt_logprobs is not None
@@ -416,6 +431,30 @@ class Engine:
                 seq.n_cached = 0
         self._suspects.update(dict.fromkeys(seq.seq_id for seq in members))
 
+    def _copy_source(self, seq: Sequence) -> int | None:
+        """The sequence whose caches `seq`'s first slice copies: its leader's prefill (n > 1 choices), else the kept
+        sequence sharing the longest prefix with its prompt (prefix caching); 0 while the leader's prefill runs."""
+        shared = self._shared_prefill(seq)
+        if shared is not None or seq.n_cached or seq.leader is not None or seq.params.prompt_logprobs:
+            return shared
+        match = self.prefix_cache.match(seq.prompt_ids)
+        if match is None:
+            return None
+        kept, seq.n_cached = match
+        self._prefix_copies[seq.seq_id] = kept
+        return kept
+
+    def _drop_prefix_copies(self, batch: Batch, members: list[Sequence]) -> None:
+        """After a failed step that copied kept prefixes: those entries are let go, and every sequence of the step
+        runs it again (the copying ones from scratch)."""
+        for kept in set(self._prefix_copies.values()):
+            if self.prefix_cache.forget(kept):
+                self._to_release.append(kept)
+        for piece, seq in zip(batch, members, strict=True):
+            if piece.copy_from is not None:
+                seq.n_cached = 0
+        self._prefix_copies.clear()
+
     def _shared_prefill(self, seq: Sequence) -> int | None:
         """For a sequence that shares its leader's prefill and has not started: the leader's id once that prefill is
         done (this sequence then holds all but the prompt's last token, copied), 0 while it runs, None when there is
@@ -449,6 +488,8 @@ class Engine:
         copyable = event is not None and not event.error and not seq.prefilling
         if copyable and self._awaited(seq.seq_id):
             self._kept_for_copies[seq.seq_id] = seq
+        elif seq.reached_pipeline and event is not None and not event.error and self.prefix_cache.max_tokens:
+            self._to_release += self.prefix_cache.add(seq.seq_id, seq.all_ids[: seq.n_cached])
         elif seq.reached_pipeline:
             self._to_release.append(seq.seq_id)
         self._finished.append((seq, event))

@@ -15,6 +15,7 @@ class EngineStats:
     requests_total: int = 0
     tokens_generated: int = 0
     prompt_tokens: int = 0
+    prefix_cached_tokens: int = 0  # prompt tokens copied from kept caches instead of computed (prefix caching)
     steps: int = 0
     running: int = 0
     waiting: int = 0

@@ -306,6 +306,43 @@ def test_choices_copy_one_prefill_on_every_worker(workers: list[WorkerProcess], 
         pipeline.close()
 
 
+def _greedy(engine: Engine, prompt: list[int], max_tokens: int) -> list[int]:
+    events = collect(engine, prompt, greedy(max_tokens), 60.0)
+    assert events[-1].error is None, events[-1].error
+    return token_ids(events)
+
+
+def test_a_chat_turn_copies_the_kept_prefix_on_every_worker(workers: list[WorkerProcess], llama: ModelSource) -> None:
+    """Prefix caching through workers: the second turn copies the first turn's caches on every stage (chained) and
+    computes only its new tokens; its tokens are a single node's. A worker that lost the kept caches costs a retry."""
+    first_turn = llama.tokenizer.encode(PROMPT + " and the night is long") * 3
+    specs = [workers[0].spec((0, 1)), workers[1].spec((1, 3))]
+    pipeline = build_pipeline(settings_for(llama, specs), llama, "cpu")
+    engine = Engine(pipeline, llama.tokenizer, prefix_cache_tokens=4096)
+    single = Engine(local_pipeline(llama, torch.float32), llama.tokenizer)
+    engine.start()
+    single.start()
+    try:
+        answer = _greedy(engine, first_turn, 8)
+        second_turn = first_turn + answer + llama.tokenizer.encode(" and then?")
+        wait_until(lambda: engine.in_flight == 0, 5.0, "the first turn to finish")
+        before = engine.stats.prompt_tokens
+        assert _greedy(engine, second_turn, 8) == _greedy(single, second_turn, 8)
+        kept = len(first_turn) + len(answer) - 1
+        assert engine.stats.prefix_cached_tokens == kept
+        assert engine.stats.prompt_tokens - before == len(second_turn) - kept
+        # The workers drop what the master keeps (as their idle timeout would): the next turn is computed whole.
+        wait_until(lambda: engine.in_flight == 0, 5.0, "the second turn to finish")
+        pipeline.release(list(engine.prefix_cache._entries))  # noqa: SLF001
+        third_turn = second_turn + [5, 6, 7]
+        assert _greedy(engine, third_turn, 6) == _greedy(single, third_turn, 6)
+        assert engine.stats.prefix_cached_tokens == kept
+    finally:
+        engine.stop()
+        single.stop()
+        pipeline.close()
+
+
 # ---- 7. the weight cache: a restarted worker downloads nothing; a damaged file is streamed again ----
 
 

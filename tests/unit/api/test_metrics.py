@@ -141,3 +141,25 @@ def test_a_scrape_racing_an_engine_swap_counts_the_engine_once(
     after = {family.name: family for family in EngineCollector(state).collect()}
     assert after["cake_generated_tokens"].samples[0].value == 7  # retired now, counted once
     assert state.counted == (None, state.retired)
+
+
+def test_a_second_chat_turn_counts_the_prompt_tokens_it_copied(
+    tiny_llama: Path, tiny_state: Callable[[Engine | None], ServerState]
+) -> None:
+    source = resolve_model(str(tiny_llama))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, prefix_cache_tokens=4096)
+    with TestClient(create_app(tiny_state(engine))) as client:
+        system = {"role": "system", "content": "You answer questions about ovens and bread, briefly. " * 4}
+        turn = [system, {"role": "user", "content": "Why does bread rise?"}]
+        first = client.post("/v1/chat/completions", json={"messages": turn, "max_tokens": 4, "temperature": 0})
+        assert first.status_code == 200
+        text = client.get("/metrics").text
+        assert samples(text, "cake_prefix_cached_tokens_total") == [({}, 0.0)]
+        ((_, kept),) = samples(text, "cake_prefix_cache_kept_tokens")
+        assert kept > 0
+        turn += [{"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]}]
+        turn += [{"role": "user", "content": "And cake?"}]
+        second = client.post("/v1/chat/completions", json={"messages": turn, "max_tokens": 4, "temperature": 0})
+        assert second.status_code == 200
+        ((_, copied),) = samples(client.get("/metrics").text, "cake_prefix_cached_tokens_total")
+        assert copied >= first.json()["usage"]["prompt_tokens"] - 1

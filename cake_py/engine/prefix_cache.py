@@ -1,0 +1,109 @@
+"""Prefix caching: finished sequences keep their KV caches on every stage for a while, so a later prompt that starts
+with the same tokens (the next turn of a chat, a shared system prompt) copies them and computes only the rest.
+
+This is bookkeeping only: which finished sequences are kept and what they hold. The copy itself is a stage's
+`copy_from` (the first `start_pos` positions of another sequence), the same as n > 1 choices use, so it works
+unchanged through workers. Kept caches are bounded by a token budget and an idle time, least recently used first;
+a worker may also have dropped them (its own idle timeout, a restart), which the engine learns from a failed copy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MIN_MATCH = 16  # a shorter shared prefix saves less than it costs to look up and copy
+IDLE_SECONDS = 300.0  # kept caches unused this long are let go (workers free idle caches after --kv-idle-seconds)
+
+
+@dataclass
+class _Entry:
+    tokens: tuple[int, ...]
+    last_used: float
+
+
+class PrefixCache:
+    """The finished sequences whose caches stay on every stage, by sequence id, least recently used first."""
+
+    def __init__(self, max_tokens: int, *, min_match: int = MIN_MATCH, idle_seconds: float = IDLE_SECONDS) -> None:
+        self.max_tokens = max_tokens
+        self.min_match = max(1, min_match)
+        self.idle_seconds = idle_seconds
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self.tokens = 0  # held by all entries
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, seq_id: int, tokens: Sequence[int]) -> list[int]:
+        """Keep `seq_id`'s caches, which hold `tokens`; returns the ids whose caches can go now (evicted entries,
+        or `seq_id` itself when it is not worth keeping)."""
+        tokens = tuple(tokens)
+        if len(tokens) < self.min_match or len(tokens) > self.max_tokens:
+            return [seq_id]
+        released = []
+        for other, entry in list(self._entries.items()):
+            if _prefix_length(entry.tokens, tokens) == len(entry.tokens):  # the new one holds all it holds
+                released.append(self._drop(other))
+            elif _prefix_length(entry.tokens, tokens) == len(tokens):  # it already holds all the new one holds
+                self._entries.move_to_end(other)
+                entry.last_used = time.monotonic()
+                return [*released, seq_id]
+        self._entries[seq_id] = _Entry(tokens, time.monotonic())
+        self.tokens += len(tokens)
+        while self.tokens > self.max_tokens:
+            released.append(self._drop(next(iter(self._entries))))
+        return released
+
+    def match(self, prompt: Sequence[int]) -> tuple[int, int] | None:
+        """(kept sequence id, positions to copy) for the entry sharing the longest prefix with `prompt`, at most all
+        but its last token (whose logits are needed); None below `min_match`. The entry counts as used."""
+        best: tuple[int, int] | None = None
+        limit = len(prompt) - 1
+        for seq_id, entry in self._entries.items():
+            shared = _prefix_length(entry.tokens, prompt, limit)
+            if shared >= self.min_match and (best is None or shared > best[1]):
+                best = (seq_id, shared)
+        if best is not None:
+            self._entries.move_to_end(best[0])
+            self._entries[best[0]].last_used = time.monotonic()
+        return best
+
+    def expired(self) -> list[int]:
+        """Drop the entries idle past `idle_seconds`; returns their ids."""
+        cutoff = time.monotonic() - self.idle_seconds
+        return [self._drop(seq_id) for seq_id, entry in list(self._entries.items()) if entry.last_used < cutoff]
+
+    def forget(self, seq_id: int) -> bool:
+        """Drop one entry (its caches are gone or broken); whether it was kept."""
+        if seq_id not in self._entries:
+            return False
+        self._drop(seq_id)
+        return True
+
+    def clear(self) -> list[int]:
+        return [self._drop(seq_id) for seq_id in list(self._entries)]
+
+    def _drop(self, seq_id: int) -> int:
+        self.tokens -= len(self._entries.pop(seq_id).tokens)
+        return seq_id
+
+
+def _prefix_length(held: Sequence[int], prompt: Sequence[int], limit: int | None = None) -> int:
+    """How many leading tokens `held` and `prompt` share (at most `limit`)."""
+    end = min(len(held), len(prompt), len(prompt) if limit is None else limit)
+    if tuple(held[:end]) == tuple(prompt[:end]):  # the common case, a whole match, compared in C
+        return end
+    low, high = 0, end  # the first difference, by bisection over slice comparisons
+    while low < high:
+        middle = (low + high + 1) // 2
+        if tuple(held[:middle]) == tuple(prompt[:middle]):
+            low = middle
+        else:
+            high = middle - 1
+    return low
