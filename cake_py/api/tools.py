@@ -25,7 +25,9 @@ from cake_py.models.grammar import json_grammar
 
 MAX_TOOLS = 128
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+# A block, or a last one the answer ended in before its closing tag (cut at the end token, as vLLM's Hermes parser
+# also reads it).
+_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _OPEN_TAG = "<tool_call>"
 # How a whole answer that is a call may start (Llama 3.1's python tag, Mistral's marker, or JSON itself).
 _JSON_CALL_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
@@ -87,7 +89,9 @@ def tool_request(body: dict[str, Any]) -> ToolRequest:
         choice = choice_value
     elif isinstance(choice_value, dict) and choice_value.get("type") == "function":
         named = choice_value.get("function")
-        function = named.get("name") if isinstance(named, dict) else None
+        if not isinstance(named, dict):
+            raise ApiError(400, f'tool_choice.function must be {{"name": …}}, got {named!r}'[:300])
+        function = named.get("name")
         if function not in names:
             raise ApiError(400, f"tool_choice names the function {function!r}, which is not one of the tools")
         choice = "function"
@@ -109,8 +113,8 @@ def _tool(index: int, tool: Any) -> dict[str, Any]:
     parameters = function.get("parameters")
     if parameters is None:
         parameters = {"type": "object", "properties": {}}
-    if not isinstance(parameters, dict):
-        raise ApiError(400, f"{where}.function.parameters must be a JSON schema object, got {parameters!r}"[:300])
+    if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+        raise ApiError(400, f"{where}.function.parameters must be a JSON schema of an object, got {parameters!r}"[:300])
     description = function.get("description")
     if description is not None and not isinstance(description, str):
         raise ApiError(400, f"{where}.function.description must be a string, got {description!r}"[:300])
@@ -124,27 +128,46 @@ def calls_grammar(request: ToolRequest) -> str:
     """The grammar of the calls a forced tool_choice allows: one call of the named function, or (required) a JSON
     list of one or more calls (exactly one without parallel_tool_calls) of any of the tools."""
 
-    def call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    definitions: dict[str, Any] = {}
+
+    def call_schema(index: int, tool: dict[str, Any]) -> dict[str, Any]:
         function = tool["function"]
-        arguments = function["parameters"]
+        # The tool's schema moves under the wrapper's $defs: its own references ("#/$defs/…", "#") are rebased
+        # there, so they still point into it.
+        arguments = {**function["parameters"], "type": "object"}
         if "properties" in arguments and "additionalProperties" not in arguments:
             # Only the declared arguments (OpenAI's strict mode requires this): a model may not invent others.
-            arguments = {**arguments, "additionalProperties": False}
+            arguments["additionalProperties"] = False
+        name = f"tool{index}"
+        definitions[name] = _rebased(arguments, f"#/$defs/{name}")
         return {
             "type": "object",
-            "properties": {"name": {"const": function["name"]}, "arguments": arguments},
+            "properties": {"name": {"const": function["name"]}, "arguments": {"$ref": f"#/$defs/{name}"}},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
 
     if request.choice == "function":
-        tool = next(tool for tool in request.tools if tool["function"]["name"] == request.function)
-        return json_grammar(call_schema(tool))
-    calls: dict[str, Any] = {"type": "array", "items": {"anyOf": [call_schema(tool) for tool in request.tools]}}
-    calls["minItems"] = 1
+        index = next(i for i, tool in enumerate(request.tools) if tool["function"]["name"] == request.function)
+        return json_grammar({**call_schema(index, request.tools[index]), "$defs": definitions})
+    items = [call_schema(index, tool) for index, tool in enumerate(request.tools)]
+    calls: dict[str, Any] = {"type": "array", "items": {"anyOf": items}, "minItems": 1, "$defs": definitions}
     if not request.parallel:
         calls["maxItems"] = 1
     return json_grammar(calls)
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """`schema` with its local references ("#…") made relative to `base`, where it is moved."""
+    if isinstance(schema, dict):
+        moved = {key: _rebased(value, base) for key, value in schema.items()}
+        reference = schema.get("$ref")
+        if isinstance(reference, str) and reference.startswith("#"):
+            moved["$ref"] = base + reference[1:]
+        return moved
+    if isinstance(schema, list):
+        return [_rebased(value, base) for value in schema]
+    return schema
 
 
 def prompt_messages(
@@ -153,7 +176,15 @@ def prompt_messages(
     """The messages to render and the template variables (tools) for them."""
     if template_reads_tools:
         return [_for_template(message) for message in messages], ({"tools": request.tools} if request.active else {})
-    rendered = [_as_text(message) for message in messages]
+    rendered: list[dict[str, Any]] = []
+    for message in messages:
+        text = _as_text(message)
+        if message["role"] == "tool" and rendered and rendered[-1].get("tool_results"):
+            # Consecutive results go in one user turn, as Qwen2.5's template writes them.
+            rendered[-1] = {**rendered[-1], "content": f"{rendered[-1]['content']}\n{text['content']}"}
+        else:
+            rendered.append({**text, "tool_results": True} if message["role"] == "tool" else text)
+    rendered = [{key: value for key, value in m.items() if key != "tool_results"} for m in rendered]
     if request.active:
         listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in request.tools)
         instructions = _SYSTEM_PROMPT.format(tools=listing)
@@ -173,7 +204,7 @@ def _for_template(message: dict[str, Any]) -> dict[str, Any]:
         function = dict(call["function"])
         try:
             function["arguments"] = json.loads(function["arguments"])
-        except ValueError:
+        except (ValueError, RecursionError):
             pass  # not JSON: the template gets the text as it was sent
         calls.append({**call, "function": function})
     return {**message, "tool_calls": calls}
@@ -200,28 +231,36 @@ class ParsedAnswer:
 
 
 def parse_answer(text: str, request: ToolRequest) -> ParsedAnswer:
-    """Split a finished answer into its content and the calls of the request's tools it makes."""
+    """Split a finished answer into its content and the calls of the request's tools it makes (the first only,
+    without parallel_tool_calls)."""
     if not request.active:
         return ParsedAnswer(text, [])
     if request.forced:
         calls = _json_calls(text, request)
-        return ParsedAnswer(None, calls) if calls else ParsedAnswer(text, [])
-    calls, kept = [], []
-    last = 0
+        return ParsedAnswer(None, calls[:1] if not request.parallel else calls) if calls else ParsedAnswer(text, [])
+    around, calls = _blocks(text, request)
+    if not calls:
+        stripped = text.strip()
+        for prefix in _JSON_CALL_PREFIXES:
+            stripped = stripped.removeprefix(prefix).strip()
+        calls = _json_calls(stripped, request) if stripped[:1] in ("{", "[") else []
+        around = "" if calls else text
+    if not calls:
+        return ParsedAnswer(text, [])
+    return ParsedAnswer(around.strip() or None, calls if request.parallel else calls[:1])
+
+
+def _blocks(text: str, request: ToolRequest) -> tuple[str, list[dict[str, Any]]]:
+    """The `<tool_call>` blocks of `text` that call a given tool, and the text around them (blocks that are not
+    such calls stay in it)."""
+    calls, kept, last = [], [], 0
     for match in _CALL_BLOCK.finditer(text):
         found = _json_calls(match.group(1), request)
         if found:
             kept.append(text[last : match.start()])
             calls += found
             last = match.end()
-    if calls:
-        content = ("".join(kept) + text[last:]).strip()
-        return ParsedAnswer(content or None, calls)
-    stripped = text.strip()
-    for prefix in _JSON_CALL_PREFIXES:
-        stripped = stripped.removeprefix(prefix).strip()
-    calls = _json_calls(stripped, request) if stripped[:1] in ("{", "[") else []
-    return ParsedAnswer(None, calls) if calls else ParsedAnswer(text, [])
+    return "".join(kept) + text[last:], calls
 
 
 def _json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
@@ -229,18 +268,19 @@ def _json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
     Llama's "parameters"), every one of a given tool; [] if the text is anything else."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     items = value if isinstance(value, list) else [value]
     calls = []
     for item in items:
-        if not isinstance(item, dict) or item.get("name") not in request.names:
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or name not in request.names:
             return []
         arguments = item.get("arguments", item.get("parameters", {}))
         if isinstance(arguments, str):  # some models write the arguments as JSON text
             try:
                 arguments = json.loads(arguments)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return []
         if not isinstance(arguments, dict):
             return []
@@ -292,7 +332,7 @@ class ToolStream:
         if not parsed.tool_calls:
             return self._send_until(len(self.text)), []
         # What was sent is text before the first call; what is left of the content is the text around the calls.
-        rest = (parsed.content or "") if self.sent == 0 else _CALL_BLOCK.sub("", self.text[self.sent :]).rstrip()
+        rest = (parsed.content or "") if self.sent == 0 else _blocks(self.text, self.request)[0][self.sent :].rstrip()
         self.sent = len(self.text)
         return rest, parsed.tool_calls
 

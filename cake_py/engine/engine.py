@@ -488,7 +488,8 @@ class Engine:
         copyable = event is not None and not event.error and not seq.prefilling
         if copyable and self._awaited(seq.seq_id):
             self._kept_for_copies[seq.seq_id] = seq
-        elif seq.reached_pipeline and event is not None and not event.error and self.prefix_cache.max_tokens:
+        elif seq.reached_pipeline and event is not None and event.finish_reason in ("stop", "length"):
+            # Kept for a later prompt that starts the same way; a cancelled one frees its caches at once.
             self._to_release += self.prefix_cache.add(seq.seq_id, seq.all_ids[: seq.n_cached])
         elif seq.reached_pipeline:
             self._to_release.append(seq.seq_id)

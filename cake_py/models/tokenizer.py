@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -79,7 +80,13 @@ class Tokenizer:
     @property
     def reads_tools(self) -> bool:
         """Whether the chat template renders a `tools` variable (tool definitions in the prompt)."""
-        return self.chat_template is not None and "tools" in self.chat_template
+        if self.chat_template is None or "tools" not in self.chat_template:
+            return False
+        try:  # a variable the template reads, not the word in a comment or a string
+            environment = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+            return "tools" in meta.find_undeclared_variables(environment.parse(self.chat_template))
+        except jinja2.TemplateSyntaxError:
+            return False
 
     @property
     def vocab_size(self) -> int:

@@ -12,6 +12,7 @@ import torch
 from cake_py.api.errors import ApiError
 from cake_py.api.tools import ToolRequest, ToolStream, calls_grammar, parse_answer, prompt_messages, tool_request
 from cake_py.engine.sequence import Sequence
+from cake_py.errors import RequestError
 from cake_py.models.grammar import compiler_for
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
@@ -234,3 +235,109 @@ def test_forced_tool_choices_always_give_valid_calls(tiny_llama: Path, seed: int
                 assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("c", "f")
             else:
                 assert arguments == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": {"nested": 1}, "arguments": {}}',  # a name that is not a string
+        '[{"name": ["get_weather"], "arguments": {}}]',
+        "[" * 5000 + "]" * 5000,  # deeper than json.loads recurses
+        "<tool_call>" + "[" * 5000 + "</tool_call>",
+    ],
+)
+def test_answers_that_are_not_calls_stay_content(text: str) -> None:
+    assert parse_answer(text, _request()) == parse_answer(text, _request()).__class__(text, [])
+    pieces, rest, calls = _streamed(text, _request(), 7)
+    assert "".join(pieces) + rest == text and calls == []
+
+
+def test_a_stream_keeps_blocks_that_are_not_calls_as_the_whole_answer_does() -> None:
+    text = f"Let me check.\n<tool_call>{CALL}</tool_call>\nAlso <tool_call>{{bad json}}</tool_call> end"
+    whole = parse_answer(text, _request())
+    assert whole.content == "Let me check.\n\nAlso <tool_call>{bad json}</tool_call> end"
+    for step in (1, 5, 1000):
+        pieces, rest, calls = _streamed(text, _request(), step)
+        assert ("".join(pieces) + rest).strip() == whole.content
+        assert len(calls) == 1
+
+
+def test_a_last_call_without_its_closing_tag_counts_and_parallel_false_keeps_one() -> None:
+    assert [c["function"]["name"] for c in parse_answer(f"<tool_call>\n{CALL}\n", _request()).tool_calls] == [
+        "get_weather"
+    ]
+    two = f"<tool_call>{CALL}</tool_call><tool_call>{CALL}</tool_call>"
+    assert len(parse_answer(two, _request()).tool_calls) == 2
+    assert len(parse_answer(two, _request(parallel=False)).tool_calls) == 1
+
+
+def test_forced_calls_follow_the_tools_own_definitions(tiny_llama: Path) -> None:
+    tokenizer = Tokenizer.from_folder(tiny_llama)
+    located = {
+        "type": "function",
+        "function": {
+            "name": "locate",
+            "parameters": {
+                "$defs": {"Place": {"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}}},
+                "type": "object",
+                "properties": {"place": {"$ref": "#/$defs/Place"}, "next": {"$ref": "#"}},
+                "required": ["place"],
+            },
+        },
+    }
+    choice = {"type": "function", "function": {"name": "locate"}}
+    request = tool_request({"tools": [located, TIME], "tool_choice": choice})
+    grammar = compiler_for(tokenizer).compile(calls_grammar(request))
+
+    def accepted(arguments: str) -> bool:
+        matcher = grammar.start()
+        text = '{"name": "locate", "arguments": ' + arguments + "}"
+        try:
+            for token in tokenizer.encode(text, add_special_tokens=False):
+                matcher.consume(token)
+        except RequestError:
+            return False
+        return matcher.finished
+
+    assert accepted('{"place": {"city": "Oslo"}}')
+    assert accepted('{"place": {"city": "Oslo"}, "next": {"place": {"city": "Rome"}}}')  # "#": the tool's schema
+    assert not accepted('{"place": {"city": "Paris"}}')  # the tool's own $defs apply
+    assert not accepted('{"place": {}, "next": {"name": "locate", "arguments": {"place": {}}}}')  # not the wrapper
+    for seed in range(2):
+        answer = parse_answer(_forced(tokenizer, request, seed), request)
+        if answer.tool_calls:  # random logits may nest "next" past max_tokens
+            assert json.loads(answer.tool_calls[0]["function"]["arguments"])["place"].keys() <= {"city"}
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "tools", "needle"),
+    [
+        ({"type": "function", "function": "get_weather"}, [WEATHER], "tool_choice.function must be"),
+        ("auto", [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], "of an object"),
+    ],
+)
+def test_more_bad_tool_requests(tool_choice: Any, tools: list[Any], needle: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        tool_request({"tools": tools, "tool_choice": tool_choice})
+    assert needle in caught.value.message
+
+
+def test_only_a_template_that_reads_the_tools_variable_gets_them(tiny_llama: Path) -> None:
+    base = Tokenizer.from_folder(tiny_llama)
+    commented = "{# no tools support here #}{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert not Tokenizer(base.backend, {**base.config, "chat_template": commented}).reads_tools
+    reading = "{% for t in tools or [] %}{{ t }}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert Tokenizer(base.backend, {**base.config, "chat_template": reading}).reads_tools
+
+
+def test_consecutive_tool_results_share_one_turn() -> None:
+    history = [
+        {"role": "user", "content": "Weather and time?"},
+        {"role": "tool", "tool_call_id": "a", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "b", "content": "noon"},
+    ]
+    messages, _ = prompt_messages(history, _request(), template_reads_tools=False)
+    assert messages[-1] == {
+        "role": "user",
+        "content": "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nnoon\n</tool_response>",
+    }
