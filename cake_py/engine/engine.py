@@ -248,6 +248,7 @@ class Engine:
                     except Exception:  # the engine must outlive any one bad step
                         log.exception("engine step failed")
                     self._settle()  # never raises: what it runs is guarded inside
+                self._to_release += self.prefix_cache.clear()  # released by the last _settle below
                 with self._submit_lock:
                     self._drain_inbox()  # sequences submitted during the last step
                 stopping = ClusterError(ENGINE_STOPPED)
@@ -359,8 +360,10 @@ class Engine:
                 log.exception("forward pass failed")
                 error = CakeError(f"internal error in the forward pass: {type(error).__name__}: {error}")
             if self._prefix_copies and not self.pipeline.down_stages():
-                # A kept cache a stage no longer holds (its idle timeout, a restart): forget it, start afresh.
-                log.warning("a step copying kept prefixes failed (%s): they are dropped and the step retried", error)
+                # A kept cache a stage no longer holds (its idle timeout, a restart: then it lost them all).
+                log.warning(
+                    "a step copying kept prefixes failed (%s): the kept caches are dropped, the step retried", error
+                )
                 self._drop_prefix_copies(batch, members)
                 return
             if len(members) > 1 and not self.pipeline.down_stages():
@@ -445,11 +448,11 @@ class Engine:
         return kept
 
     def _drop_prefix_copies(self, batch: Batch, members: list[Sequence]) -> None:
-        """After a failed step that copied kept prefixes: those entries are let go, and every sequence of the step
-        runs it again (the copying ones from scratch)."""
-        for kept in set(self._prefix_copies.values()):
-            if self.prefix_cache.forget(kept):
-                self._to_release.append(kept)
+        """After a failed step that copied kept prefixes: every kept cache is let go (a stage that lost one, restarted
+        or reassigned, lost them all: dropping only those matched would fail a step per entry), and every sequence of
+        the step runs it again, the copying ones from scratch. That retry copies nothing, so it fails at most once
+        more, on the usual path."""
+        self._to_release += self.prefix_cache.clear()
         for piece, seq in zip(batch, members, strict=True):
             if piece.copy_from is not None:
                 seq.n_cached = 0

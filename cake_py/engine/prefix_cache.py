@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MIN_MATCH = 16  # a shorter shared prefix saves less than it costs to look up and copy
+QUANTUM = 256  # stages hold caches in whole blocks of this many positions (models/kv_cache.py): the budget counts them
 IDLE_SECONDS = 300.0  # kept caches unused this long are let go (workers free idle caches after --kv-idle-seconds)
 
 
@@ -27,12 +28,24 @@ class _Entry:
 class PrefixCache:
     """The finished sequences whose caches stay on every stage, by sequence id, least recently used first."""
 
-    def __init__(self, max_tokens: int, *, min_match: int = MIN_MATCH, idle_seconds: float = IDLE_SECONDS) -> None:
-        self.max_tokens = max_tokens
+    def __init__(
+        self,
+        max_tokens: int,
+        *,
+        min_match: int = MIN_MATCH,
+        idle_seconds: float = IDLE_SECONDS,
+        quantum: int = QUANTUM,
+    ) -> None:
+        self.max_tokens = max_tokens  # the budget, in positions as the stages hold them (whole blocks)
         self.min_match = max(1, min_match)
         self.idle_seconds = idle_seconds
+        self.quantum = max(1, quantum)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self.tokens = 0  # held by all entries
+        self.positions = 0  # what they take on the stages: each entry's tokens rounded up to whole blocks
+
+    def _charge(self, n_tokens: int) -> int:
+        return -(-max(n_tokens, 1) // self.quantum) * self.quantum
 
     def __contains__(self, seq_id: object) -> bool:
         return seq_id in self._entries
@@ -44,7 +57,7 @@ class PrefixCache:
         """Keep `seq_id`'s caches, which hold `tokens`; returns the ids whose caches can go now (evicted entries,
         or `seq_id` itself when it is not worth keeping)."""
         tokens = tuple(tokens)
-        if len(tokens) < self.min_match or len(tokens) > self.max_tokens:
+        if len(tokens) < self.min_match or self._charge(len(tokens)) > self.max_tokens:
             return [seq_id]
         released = []
         for other, entry in list(self._entries.items()):
@@ -56,7 +69,8 @@ class PrefixCache:
                 return [*released, seq_id]
         self._entries[seq_id] = _Entry(tokens, time.monotonic())
         self.tokens += len(tokens)
-        while self.tokens > self.max_tokens:
+        self.positions += self._charge(len(tokens))
+        while self.positions > self.max_tokens:
             released.append(self._drop(next(iter(self._entries))))
         return released
 
@@ -90,7 +104,9 @@ class PrefixCache:
         return [self._drop(seq_id) for seq_id in list(self._entries)]
 
     def _drop(self, seq_id: int) -> int:
-        self.tokens -= len(self._entries.pop(seq_id).tokens)
+        n_tokens = len(self._entries.pop(seq_id).tokens)
+        self.tokens -= n_tokens
+        self.positions -= self._charge(n_tokens)
         return seq_id
 
 

@@ -120,6 +120,7 @@ class KVStore:
         if source is None or source[0].length < n_positions:
             held = source[0].length if source else 0
             raise ValueError(f"cannot copy {n_positions} positions of sequence {source_id}: it holds {held}")
+        self._last_used[source_id] = time.monotonic()  # a kept prefix copied all day is in use, not idle
         caches = self._get(seq_id)
         for cache, original in zip(caches, source, strict=True):
             cache.copy_prefix(original, n_positions)

@@ -20,7 +20,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
 def test_the_longest_shared_prefix_wins_and_leaves_the_last_prompt_token() -> None:
-    cache = PrefixCache(1000, min_match=4)
+    cache = PrefixCache(1000, min_match=4, quantum=1)
     assert cache.add(1, list(range(10))) == []
     assert cache.add(2, [0, 1, 2, 3, 4, 99, 98, 97]) == []
     assert cache.match(list(range(20))) == (1, 10)
@@ -31,7 +31,7 @@ def test_the_longest_shared_prefix_wins_and_leaves_the_last_prompt_token() -> No
 
 
 def test_entries_are_bounded_by_tokens_least_recently_used_first() -> None:
-    cache = PrefixCache(25, min_match=4)
+    cache = PrefixCache(25, min_match=4, quantum=1)
     assert cache.add(1, [1] * 10) == []
     assert cache.add(2, [2] * 10) == []
     cache.match([1] * 12)  # 1 is used: 2 is now the oldest
@@ -42,8 +42,17 @@ def test_entries_are_bounded_by_tokens_least_recently_used_first() -> None:
     assert sorted(cache.clear()) == [1, 3] and cache.tokens == 0
 
 
+def test_the_budget_counts_positions_in_the_stages_whole_blocks() -> None:
+    cache = PrefixCache(1024, min_match=4)  # blocks of 256 positions, as the stages hold caches
+    assert cache.add(1, [1] * 17) == [] and cache.positions == 256 and cache.tokens == 17
+    assert cache.add(2, [2] * 300) == [] and cache.positions == 768
+    assert cache.add(3, [3] * 257) == [1]  # 512 more: the oldest goes
+    assert (cache.positions, cache.tokens) == (1024, 557)
+    assert cache.add(4, [4] * 1025) == [4]  # more than the whole budget
+
+
 def test_a_continuation_replaces_the_entry_it_extends() -> None:
-    cache = PrefixCache(1000, min_match=4)
+    cache = PrefixCache(1000, min_match=4, quantum=1)
     cache.add(1, list(range(10)))
     assert cache.add(2, list(range(15))) == [1]  # the second turn holds all the first held
     assert cache.add(3, list(range(12))) == [3]  # already held by 2
@@ -51,7 +60,7 @@ def test_a_continuation_replaces_the_entry_it_extends() -> None:
 
 
 def test_idle_entries_expire() -> None:
-    cache = PrefixCache(1000, min_match=4, idle_seconds=0.0)
+    cache = PrefixCache(1000, min_match=4, idle_seconds=0.0, quantum=1)
     cache.add(7, list(range(10)))
     assert cache.expired() == [7]
     assert cache.match(list(range(20))) is None
@@ -157,3 +166,79 @@ def test_the_serve_flag_sets_the_budget(tmp_path: Path) -> None:
     assert serve_settings(args).prefix_cache_tokens == 0
     default = build_parser().parse_args(["serve", str(tmp_path)])
     assert serve_settings(default).prefix_cache_tokens == 8192
+
+
+class _FailingCopies:
+    """Wraps a pipeline: counts forward calls and fails those that copy a kept prefix, or every call of `poison`."""
+
+    def __init__(self, engine: Engine, poison: int | None = None) -> None:
+        self.calls = self.failures = 0
+        self.poison = poison
+        real = engine.pipeline.logits
+
+        def logits(ids, batch, rows):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            copying = any(p.copy_from is not None for p in batch)
+            if (self.poison is None and copying) or (self.poison is not None and int(ids[-1]) == self.poison):
+                self.failures += 1
+                raise RuntimeError("the stage lost its caches" if self.poison is None else "out of memory")
+            return real(ids, batch, rows)
+
+        engine.pipeline.logits = logits  # type: ignore[method-assign]
+
+
+def _kept_chats(engine: Engine, system: list[int], count: int) -> None:
+    for index in range(count):
+        _tokens(engine, system + [20 + index, 30 + index], SamplingParams(temperature=0.0, max_tokens=2))
+        _wait_idle(engine)
+
+
+def test_a_stage_that_lost_every_kept_cache_costs_one_failed_step(engines: tuple[Engine, Engine]) -> None:
+    cached, plain = engines
+    system = [11 + (i * 5) % 200 for i in range(40)]
+    _kept_chats(cached, system, 6)
+    assert len(cached.prefix_cache) == 6
+    failing = _FailingCopies(cached)
+    question = system + [99, 98]
+    assert _tokens(cached, question) == _tokens(plain, question)
+    assert failing.failures == 1  # not one per kept entry
+    assert len(cached.prefix_cache) <= 1  # all dropped (the answer just given may be kept anew)
+
+
+def test_an_unrelated_failure_in_a_copying_step_is_reported_after_one_retry(engines: tuple[Engine, Engine]) -> None:
+    cached, _ = engines
+    system = [13 + (i * 3) % 200 for i in range(40)]
+    _kept_chats(cached, system, 6)
+    failing = _FailingCopies(cached, poison=77)
+    events = list(cached.generate(system + [76, 77], GREEDY))
+    assert events[-1].error is not None and "out of memory" in events[-1].error
+    assert failing.failures == 2  # the copying step, then the same step without copies: the real error
+
+
+def test_kept_caches_are_exactly_those_the_stages_hold(model_source) -> None:  # type: ignore[no-untyped-def]
+    engine = Engine(
+        local_pipeline(model_source, torch.float32),
+        model_source.tokenizer,
+        prefix_cache_tokens=512,
+    )
+    engine.start()
+    try:
+        stage = engine.pipeline.stages[0]
+        for index in range(4):  # 256 positions each: a 512 budget keeps two
+            _tokens(engine, [40 + index] * 30, SamplingParams(temperature=0.0, max_tokens=3))
+            _wait_idle(engine)
+            assert sorted(stage.kv.sequence_ids()) == sorted(engine.prefix_cache._entries)  # type: ignore[attr-defined]  # noqa: SLF001
+        assert len(engine.prefix_cache) == 2
+        cancelled = engine.generate([60] * 30, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        next(cancelled)
+        cancelled.close()  # a cancelled answer is not kept
+        _wait_idle(engine)
+        for _ in range(100):
+            if sorted(stage.kv.sequence_ids()) == sorted(engine.prefix_cache._entries):  # type: ignore[attr-defined]  # noqa: SLF001
+                break
+            threading.Event().wait(0.02)
+        assert len(engine.prefix_cache) == 2
+        assert sorted(stage.kv.sequence_ids()) == sorted(engine.prefix_cache._entries)  # type: ignore[attr-defined]  # noqa: SLF001
+    finally:
+        engine.stop()
+    assert stage.kv.sequence_ids() == []  # type: ignore[attr-defined]  # stopping releases what was kept

@@ -67,3 +67,11 @@ def test_reading_a_sequences_caches_counts_as_use_and_a_release_drops_what_lives
     store.graphs[1] = "a recorded step"
     store.release([1])
     assert store.caches_of(1) is None and store.graphs == {}
+
+
+def test_copying_a_sequence_counts_as_using_it() -> None:
+    store = KVStore(1, 2, 4, torch.float32, torch.device("cpu"))
+    store.for_batch([SequenceSlice(1, 0, 3)])[0][0].update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), 0)
+    store._last_used[1] -= 100  # noqa: SLF001  # written long ago
+    store.for_batch([SequenceSlice(2, 2, 1, copy_from=1)])
+    assert store.release_idle(50) == []  # a kept prefix copied just now is in use
