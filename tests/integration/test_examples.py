@@ -32,6 +32,17 @@ def server(tiny_llama: Path) -> Iterator[ServerHandle]:
         yield handle
 
 
+@pytest.fixture(scope="module")
+def long_context_server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    """The tiny model with a longer context: a tool's description in the prompt passes its 512 tokens."""
+    folder = tmp_path_factory.mktemp("long-context") / "llama"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    with running_server(tiny_settings(folder)) as handle:
+        yield handle
+
+
 def _run(command: list[str], server: ServerHandle, *args: str, env: dict[str, str] | None = None) -> str:
     environment = {k: v for k, v in os.environ.items() if k not in ("CAKE_API_KEY", "CAKE_UI_AUTH")}
     environment |= {"CAKE_BASE_URL": server.base_url, "CAKE_MAX_TOKENS": "8", "PYTHONPATH": str(REPO_ROOT)}
@@ -66,6 +77,17 @@ def test_openai_chat_example(server: ServerHandle) -> None:
     assert re.search(r"^finish_reason: (stop|length), prompt_tokens: \d+, completion_tokens: [1-8]$", output, re.M)
     assert any(line.startswith("streaming: ") for line in lines)
     assert re.fullmatch(r"finish_reason: (stop|length), completion_tokens: [1-8]", lines[-1])
+
+
+def test_openai_structured_example(long_context_server: ServerHandle) -> None:
+    output = _run([sys.executable, str(EXAMPLES / "openai_structured.py")], long_context_server)
+    lines = output.splitlines()
+    assert lines[0].startswith("json")  # parsed, or cut by CAKE_MAX_TOKENS=8 on random weights
+    assert lines[1] in ("choice: yes", "choice: no")
+    call = re.fullmatch(r"tool call: get_weather\((.*)\), finish_reason: tool_calls", lines[2])
+    assert call is not None, lines[2]
+    assert set(json.loads(call.group(1))) == {"city", "unit"}
+    assert lines[3].startswith("answer: ")
 
 
 def test_sdk_example(server: ServerHandle) -> None:
