@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,3 +55,13 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     if collection_path == REPO_ROOT / "tests" / "gpu" and not config.getoption("--gpu"):
         return True
     return None
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_long_context(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with a 2048-token context (the fixture's is 512): for prompts holding tool descriptions."""
+    folder = tmp_path_factory.mktemp("long-context") / "llama"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    return folder

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,9 @@ SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    # A copy with a longer context: the tools' descriptions in the prompt pass the fixture's 512 tokens.
-    folder = tmp_path_factory.mktemp("long-context") / "tiny-llama"
-    shutil.copytree(tiny_llama, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
-    with running_server(tiny_settings(folder, model_name="tiny-llama")) as handle:
+def server(tiny_llama_long_context: Path) -> Iterator[ServerHandle]:
+    # A longer context: the tools' descriptions in the prompt pass the fixture's 512 tokens.
+    with running_server(tiny_settings(tiny_llama_long_context, model_name="tiny-llama")) as handle:
         yield handle
 
 

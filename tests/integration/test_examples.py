@@ -33,13 +33,8 @@ def server(tiny_llama: Path) -> Iterator[ServerHandle]:
 
 
 @pytest.fixture(scope="module")
-def long_context_server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    """The tiny model with a longer context: a tool's description in the prompt passes its 512 tokens."""
-    folder = tmp_path_factory.mktemp("long-context") / "llama"
-    shutil.copytree(tiny_llama, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
-    with running_server(tiny_settings(folder)) as handle:
+def long_context_server(tiny_llama_long_context: Path) -> Iterator[ServerHandle]:
+    with running_server(tiny_settings(tiny_llama_long_context)) as handle:
         yield handle
 
 
