@@ -31,6 +31,9 @@ T = TypeVar("T")
 MAX_CHOICES = 256
 MAX_GRAMMAR_CHARS = 100_000  # a schema, regex or grammar longer than this is refused before compiling
 _COMPILED_KEPT = 64  # compiled grammars kept per tokenizer, most recently used first
+# ... and at most this much grammar text: a compiled 100 kB schema holds about 30 MB, so the cache stays well under a
+# gigabyte however large the grammars sent.
+_COMPILED_CHARS_KEPT = 1_000_000
 # JSON may hold whitespace between tokens, up to this much at each place: unbounded whitespace lets a small model
 # fill max_tokens with newlines, a known failure of JSON modes.
 _WHITESPACE = r"[\x20\x0A\x0D\x09]{0,16}"
@@ -166,6 +169,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()  # the cache and the llguidance tokenizer
         self._llg_tokenizer: llguidance.LLTokenizer | None = None
         self._compiled: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._chars = 0  # the kept grammars' text
 
     def _grammar_tokenizer(self) -> llguidance.LLTokenizer:
         # Built on first use (a quarter of a second for a 49k vocabulary), under the lock: once per tokenizer.
@@ -196,14 +200,19 @@ class GrammarCompiler:
             raise RequestError(f"the structured output grammar is invalid: {reason[0][:500] if reason else '?'}")
         compiled = CompiledGrammar(grammar, prototype, int(tokenizer.vocab_size), self)
         with self._lock:
-            self._compiled[grammar] = compiled
-            while len(self._compiled) > _COMPILED_KEPT:
-                self._compiled.popitem(last=False)
+            if grammar not in self._compiled:
+                self._compiled[grammar] = compiled
+                self._chars += len(grammar)
+            while len(self._compiled) > 1 and (
+                len(self._compiled) > _COMPILED_KEPT or self._chars > _COMPILED_CHARS_KEPT
+            ):
+                self._chars -= len(self._compiled.popitem(last=False)[0])
         return compiled
 
     def forget(self, grammar: str) -> None:
         with self._lock:
-            self._compiled.pop(grammar, None)
+            if self._compiled.pop(grammar, None) is not None:
+                self._chars -= len(grammar)
 
 
 _STACK_BYTES = 256 << 20  # virtual: only the pages a deep grammar touches are ever committed

@@ -206,3 +206,13 @@ def test_tokens_after_the_end_keep_finish_reason_and_stop_strings(tokenizer: Tok
     seq = _generate(tokenizer, choice_grammar(["alpha beta"]), seed=0, stop=(" beta",))
     assert seq.last_event.finish_reason == "stop"  # type: ignore[attr-defined]
     assert "".join(event.text for event in seq.events) == "alpha"  # type: ignore[attr-defined]
+
+
+def test_the_compiled_grammars_kept_are_bounded_by_their_text(tokenizer: Tokenizer) -> None:
+    compiler = compiler_for(tokenizer)
+    big = [json_grammar({"description": f"{index}" + "x" * 90_000}) for index in range(15)]
+    for grammar in big:
+        compiler.compile(grammar)
+    assert compiler._chars <= 1_000_000  # noqa: SLF001
+    assert 1 <= len(compiler._compiled) < len(big)  # noqa: SLF001
+    assert big[-1] in compiler._compiled and big[0] not in compiler._compiled  # noqa: SLF001
