@@ -70,6 +70,11 @@ class EngineCollector(Collector):
             "Tokens whose caches are kept for prompts that start the same way",
             value=engine.prefix_cache.tokens if engine is not None else 0,
         )
+        yield GaugeMetricFamily(
+            "cake_prefix_cache_kept_sequences",
+            "Finished sequences whose caches are kept on every stage (a worker's live sequences include them)",
+            value=len(engine.prefix_cache) if engine is not None else 0,
+        )
         # A stage's name alone is not unique: the master keeps every run of layers no worker holds, each a stage
         # called "master" (layers 0-4 and 20-29 around a worker's 5-19). Its layers tell the series apart.
         labels = ["stage", "layers"]

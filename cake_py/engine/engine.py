@@ -471,6 +471,11 @@ class Engine:
             return None
         if leader.n_cached < shared:
             return 0
+        kept = self._prefix_copies.get(leader.seq_id)
+        if kept is not None:  # the leader copies a kept prefix in this very step (stages hold none of it yet)
+            seq.n_cached = shared
+            self._prefix_copies[seq.seq_id] = kept
+            return kept
         seq.n_cached = shared
         return leader.seq_id
 

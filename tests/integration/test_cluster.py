@@ -271,9 +271,10 @@ def _seeded_choices(engine: Engine, prompt: list[int], share: bool) -> list[list
     params = [SamplingParams(temperature=0.9, max_tokens=10, seed=seed, ignore_eos=True) for seed in range(3)]
     sinks: list[queue.SimpleQueue[GenerationEvent]] = [queue.SimpleQueue() for _ in params]
     leader = None
-    for choice, sink in zip(params, sinks, strict=True):
-        seq_id = engine.submit(prompt, choice, sink.put, share_prefill_with=leader if share else None)
-        leader = leader or seq_id
+    with engine.submitting():  # one request's choices start in one step, as the HTTP routes submit them
+        for choice, sink in zip(params, sinks, strict=True):
+            seq_id = engine.submit(prompt, choice, sink.put, share_prefill_with=leader if share else None)
+            leader = leader or seq_id
     tokens = []
     for sink in sinks:
         events = [sink.get(timeout=60)]
@@ -331,12 +332,18 @@ def test_a_chat_turn_copies_the_kept_prefix_on_every_worker(workers: list[Worker
         kept = len(first_turn) + len(answer) - 1
         assert engine.stats.prefix_cached_tokens == kept
         assert engine.stats.prompt_tokens - before == len(second_turn) - kept
-        # The workers drop what the master keeps (as their idle timeout would): the next turn is computed whole.
+        # Choices of the first turn's prompt again: each copies the kept cache in the same step (a worker checks
+        # every copy before it makes any: one copying the leader, which holds nothing yet, would fail the step).
         wait_until(lambda: engine.in_flight == 0, 5.0, "the second turn to finish")
+        assert _seeded_choices(engine, first_turn, share=True) == _seeded_choices(single, first_turn, share=False)
+        assert engine.stats.prefix_cached_tokens == kept + 3 * (len(first_turn) - 1)
+        # The workers drop what the master keeps (as their idle timeout would): the next turn is computed whole.
+        wait_until(lambda: engine.in_flight == 0, 5.0, "the choices to finish")
+        copied = engine.stats.prefix_cached_tokens
         pipeline.release(list(engine.prefix_cache._entries))  # noqa: SLF001
         third_turn = second_turn + [5, 6, 7]
         assert _greedy(engine, third_turn, 6) == _greedy(single, third_turn, 6)
-        assert engine.stats.prefix_cached_tokens == kept
+        assert engine.stats.prefix_cached_tokens == copied
     finally:
         engine.stop()
         single.stop()

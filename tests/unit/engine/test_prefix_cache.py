@@ -3,6 +3,7 @@ later prompt with the same start gives the tokens it gives without them, computi
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from cake_py.cluster.pipeline import local_pipeline
 from cake_py.engine.engine import Engine
 from cake_py.engine.prefix_cache import PrefixCache
+from cake_py.engine.sequence import GenerationEvent
 from cake_py.models.hub import resolve_model
 from cake_py.models.sampling import SamplingParams
 
@@ -242,3 +244,35 @@ def test_kept_caches_are_exactly_those_the_stages_hold(model_source) -> None:  #
     finally:
         engine.stop()
     assert stage.kv.sequence_ids() == []  # type: ignore[attr-defined]  # stopping releases what was kept
+
+
+def test_choices_of_a_prompt_a_kept_cache_covers_copy_it_in_one_step(engines: tuple[Engine, Engine]) -> None:
+    cached, plain = engines
+    prompt = [17 + (i * 9) % 300 for i in range(60)]
+    _tokens(cached, prompt)  # kept: the prompt and its answer
+    _wait_idle(cached)
+    failing = _FailingCopies(cached, poison=-1)  # counts forward calls; fails none
+    seeded = [SamplingParams(temperature=0.9, max_tokens=6, seed=seed, ignore_eos=True) for seed in range(3)]
+
+    def choices(engine: Engine) -> list[list[int]]:
+        sinks: list[queue.SimpleQueue[GenerationEvent]] = [queue.SimpleQueue() for _ in seeded]
+        leader = None
+        with engine.submitting():
+            for params, sink in zip(seeded, sinks, strict=True):
+                seq_id = engine.submit(prompt, params, sink.put, share_prefill_with=leader)
+                leader = leader or seq_id
+        out = []
+        for sink in sinks:
+            events = [sink.get(timeout=60)]
+            while not events[-1].finished:
+                events.append(sink.get(timeout=60))
+            assert events[-1].error is None, events[-1].error
+            out.append([token.token_id for event in events for token in event.tokens])
+        return out
+
+    before = cached.stats.prefix_cached_tokens
+    assert choices(cached) == choices(plain)
+    assert failing.failures == 0
+    # Each choice copies the kept cache itself: a worker checks every copy of a step before it makes any, so one
+    # copying the leader, which holds nothing yet, would fail the step (and drop every kept cache).
+    assert cached.stats.prefix_cached_tokens - before == len(seeded) * (len(prompt) - 1)
