@@ -112,10 +112,11 @@ async def chat_completions(request: Request) -> Response:
     tools = tool_request(body)
     params = openai_sampling(body, vocab_size=engine.vocab_size)
     grammar = await structured_grammar(body, tokenizer)
-    if tools.forced:
-        if grammar is not None:
-            raise ApiError(400, f"tool_choice {tools.choice!r} writes calls, so it cannot be combined with a format")
-        grammar = await compiled_grammar(lambda: calls_grammar(tools), tokenizer, "tools")
+    if tools.forced and grammar is not None:
+        raise ApiError(400, f"tool_choice {tools.choice!r} writes calls, so it cannot be combined with a format")
+    if tools.active:  # compiled under auto too: a tool whose schema cannot hold is a 400 whatever the model does
+        calls = await compiled_grammar(lambda: calls_grammar(tools), tokenizer, "tools")
+        grammar = calls if tools.forced else grammar
     params = replace(params, grammar=grammar)
     n = choice_count(body)
     stream = flag(body, "stream", False)

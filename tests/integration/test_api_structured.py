@@ -253,6 +253,17 @@ def test_tool_history_is_accepted(client: OpenAI) -> None:
             },
             "bogus",
         ),
+        (  # under auto (the default) too: the tools' schemas are compiled whatever the model does
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"properties": {"a": {"type": "nope"}}}},
+                    }
+                ]
+            },
+            "nope",
+        ),
     ],
 )
 def test_bad_tool_requests_are_400s(server: ServerHandle, extra: dict[str, Any], needle: str) -> None:
