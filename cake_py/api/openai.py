@@ -68,6 +68,9 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
 
 def _reject_unsupported_completion(body: dict[str, Any]) -> None:
     """The legacy completion fields this server cannot honour, refused rather than ignored."""
+    for field in ("tools", "tool_choice", "functions", "function_call"):
+        if body.get(field) is not None:
+            raise ApiError(400, f"{field} is a chat field: send it to /v1/chat/completions")
     if body.get("suffix") is not None:
         raise ApiError(
             400, f"suffix ({body['suffix']!r}) is not supported by this server; send it without 'suffix'"[:300]

@@ -273,6 +273,15 @@ def test_bad_tool_requests_are_400s(server: ServerHandle, extra: dict[str, Any],
     assert needle in response.json()["error"]
 
 
+@pytest.mark.parametrize("field", ["tools", "tool_choice", "functions"])
+def test_tool_fields_on_plain_completions_are_400s(server: ServerHandle, field: str) -> None:
+    value = {"tools": [WEATHER_TOOL], "tool_choice": "required", "functions": [{"name": "f"}]}[field]
+    body = {"prompt": "hi", "max_tokens": 3, field: value}
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert f"{field} is a chat field" in response.json()["error"]
+
+
 def test_llama_cpp_forms_gbnf_and_vllm_spacing(client: OpenAI) -> None:
     def chat(extra: dict[str, Any]) -> str:
         completion = client.chat.completions.create(
