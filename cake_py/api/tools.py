@@ -177,14 +177,15 @@ def prompt_messages(
     if template_reads_tools:
         return [_for_template(message) for message in messages], ({"tools": request.tools} if request.active else {})
     rendered: list[dict[str, Any]] = []
+    after_tool = False
     for message in messages:
         text = _as_text(message)
-        if message["role"] == "tool" and rendered and rendered[-1].get("tool_results"):
-            # Consecutive results go in one user turn, as Qwen2.5's template writes them.
+        is_tool = message["role"] == "tool"
+        if is_tool and after_tool:  # consecutive results go in one user turn, as Qwen2.5's template writes them
             rendered[-1] = {**rendered[-1], "content": f"{rendered[-1]['content']}\n{text['content']}"}
         else:
-            rendered.append({**text, "tool_results": True} if message["role"] == "tool" else text)
-    rendered = [{key: value for key, value in m.items() if key != "tool_results"} for m in rendered]
+            rendered.append(text)
+        after_tool = is_tool
     if request.active:
         listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in request.tools)
         instructions = _SYSTEM_PROMPT.format(tools=listing)

@@ -61,9 +61,10 @@ class PrefixCache:
             return [seq_id]
         released = []
         for other, entry in list(self._entries.items()):
-            if _prefix_length(entry.tokens, tokens) == len(entry.tokens):  # the new one holds all it holds
+            shared = _prefix_length(entry.tokens, tokens)
+            if shared == len(entry.tokens):  # the new one holds all it holds
                 released.append(self._drop(other))
-            elif _prefix_length(entry.tokens, tokens) == len(tokens):  # it already holds all the new one holds
+            elif shared == len(tokens):  # it already holds all the new one holds
                 self._entries.move_to_end(other)
                 entry.last_used = time.monotonic()
                 return [*released, seq_id]
@@ -115,11 +116,4 @@ def _prefix_length(held: Sequence[int], prompt: Sequence[int], limit: int | None
     end = min(len(held), len(prompt), len(prompt) if limit is None else limit)
     if tuple(held[:end]) == tuple(prompt[:end]):  # the common case, a whole match, compared in C
         return end
-    low, high = 0, end  # the first difference, by bisection over slice comparisons
-    while low < high:
-        middle = (low + high + 1) // 2
-        if tuple(held[:middle]) == tuple(prompt[:middle]):
-            low = middle
-        else:
-            high = middle - 1
-    return low
+    return next(index for index in range(end) if held[index] != prompt[index])
