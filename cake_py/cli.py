@@ -13,6 +13,7 @@ from cake_py.config import (
     DEFAULT_SERVE_PORT,
     DEFAULT_WORKER_PORT,
     DTYPES,
+    POOLING_KINDS,
     ServeSettings,
     WorkerSettings,
     check_cluster_key,
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep finished sequences' KV caches (up to this many tokens in all) for prompts that start with the "
         "same tokens, e.g. the next turn of a chat; 0 turns it off",
     )
+    serve.add_argument(
+        "--pooling",
+        choices=POOLING_KINDS,
+        default=None,
+        help="how /v1/embeddings pools a prompt's final hidden states: its last token or the mean of all of them "
+        "(default: what the model folder's sentence-transformers config says, else last)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _graphs_flag(serve)
     _tls_flags(serve)
@@ -228,6 +236,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         max_queued=args.max_queue,
         max_batch_tokens=args.max_batch_tokens,
         prefix_cache_tokens=args.prefix_cache_tokens,
+        pooling=args.pooling,
         tls_cert=_tls(args),
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,

@@ -11,7 +11,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 
-from cake_py.api import health, management, media, metrics, native, openai, openapi, system, topology, web
+from cake_py.api import (
+    embeddings,
+    health,
+    management,
+    media,
+    metrics,
+    native,
+    openai,
+    openapi,
+    system,
+    topology,
+    web,
+)
 from cake_py.api.errors import EXCEPTION_HANDLERS
 from cake_py.api.metrics import ApiMetrics, MetricsMiddleware
 from cake_py.api.middleware import AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware
@@ -34,6 +46,7 @@ def create_app(state: ServerState) -> Starlette:
     routes: list[BaseRoute] = [
         *health.ROUTES,
         *openai.ROUTES,
+        *embeddings.ROUTES,
         *media.ROUTES,
         *topology.ROUTES,
         *native.ROUTES,

@@ -82,6 +82,14 @@ PATHS: dict[str, dict[str, Any]] = {
             errors=GEN,
         )
     },
+    "/v1/embeddings": {
+        "post": _op(
+            "OpenAI embeddings: each input's final hidden states pooled (--pooling: last token or mean)",
+            _json(ref("EmbeddingList")),
+            body=_json(ref("EmbeddingRequest")),
+            errors=GEN,
+        )
+    },
     "/v1/models": {"get": _op("The served model", _json(ref("ModelList")), errors=(401,))},
     "/v1/models/{model_id}": {
         "get": {

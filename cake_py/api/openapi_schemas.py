@@ -241,6 +241,50 @@ SCHEMAS: dict[str, Any] = {
             "usage": ref("Usage"),
         }
     ),
+    "EmbeddingRequest": obj(
+        {
+            "input": {
+                "oneOf": [
+                    STR,
+                    {"type": "array", "items": STR, "maxItems": 2048},
+                    {"type": "array", "items": INT},
+                    {"type": "array", "items": {"type": "array", "items": INT}, "maxItems": 2048},
+                ]
+            },
+            "model": {**STR, "description": "accepted and ignored: the served model answers"},
+            "encoding_format": {"enum": ["float", "base64"], "default": "float"},
+            "dimensions": {**INT, "description": "only the model's hidden size; any other value is a 400"},
+            "normalize": {**BOOL, "default": True, "description": "vLLM's: false keeps the pooled vector's length"},
+            "truncate_prompt_tokens": {**INT, "description": "vLLM's: keep each input's last k tokens (-1: context)"},
+            "add_special_tokens": {**BOOL, "default": True},
+            "user": STR,
+        },
+        ("input",),
+    ),
+    "EmbeddingList": obj(
+        {
+            "id": STR,
+            "object": {"const": "list"},
+            "created": INT,
+            "model": STR,
+            "data": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "object": {"const": "embedding"},
+                        "index": INT,
+                        "embedding": {
+                            "oneOf": [
+                                {"type": "array", "items": {"type": "number"}},
+                                {**STR, "description": "base64 of little-endian float32"},
+                            ]
+                        },
+                    }
+                ),
+            },
+            "usage": obj({"prompt_tokens": INT, "total_tokens": INT}),
+        }
+    ),
     "Model": obj({"id": STR, "object": STR, "created": INT, "owned_by": STR}),
     "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}}),
     "GenerateRequest": obj({**NATIVE_SAMPLING, "prompt": STR, "stream": BOOL}, ("prompt",)),

@@ -26,6 +26,7 @@ GENERATION_PATHS = frozenset(
         "/v1/chat/completions",
         "/api/v1/chat/completions",
         "/v1/completions",
+        "/v1/embeddings",
         "/generate",
         "/chat",
         "/generate/batch",

@@ -12,6 +12,7 @@ from cake_py.api.errors import ApiError
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import ENGINE_DEAD, Engine
 from cake_py.models.hub import ModelSource
+from cake_py.models.pooling import DEFAULT_POOLING
 
 if TYPE_CHECKING:
     from cake_py.api.metrics import ApiMetrics
@@ -104,6 +105,11 @@ class ServerState:
         if self.settings.model_name:
             return self.settings.model_name
         return self.source.model_id if self.source else "none"
+
+    @property
+    def pooling(self) -> str:
+        """How /v1/embeddings pools: --pooling, else what the model folder says, else the last token."""
+        return self.settings.pooling or (self.source.pooling if self.source else None) or DEFAULT_POOLING
 
     def ready(self) -> tuple[Engine, ModelSource]:
         """The engine and model to generate with; 503 while the model is being switched or a stage of its pipeline

@@ -49,6 +49,13 @@ class Pipeline:
 
     def logits(self, token_ids: torch.Tensor, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
         """(T,) ids in the batch's layout → (len(rows), vocab) float32 logits at those token rows."""
+        return self.run(token_ids, batch, rows)[0]
+
+    def run(
+        self, token_ids: torch.Tensor, batch: Batch, rows: Sequence[int], hidden_rows: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`logits`, and the final hidden states (float32, after the final norm) at `hidden_rows` when any are asked
+        for (embeddings): (len(hidden_rows), hidden)."""
         hidden = self.ends.embed(token_ids)
         index = 0
         while index < len(self.stages):
@@ -58,7 +65,8 @@ class Pipeline:
             else:
                 hidden, ran = self.stages[index].forward(hidden, batch), 1
             index += ran
-        return self.ends.head(hidden[list(rows)])
+        final = self.ends.final_hidden(hidden[list(hidden_rows)]) if hidden_rows else None
+        return self.ends.head(hidden[list(rows)]), final
 
     def _chain_from(self, start: int) -> list[ChainableStage]:
         """The stages from `start` on that can chain now, up to the first that cannot."""

@@ -136,7 +136,7 @@ class Engine:
         if n_prompt == 0:
             raise RequestError("the prompt is empty")
         room = self.context_length - n_prompt
-        if room <= 0:
+        if room < 0 or (room == 0 and params.pooling is None):  # an embedding needs no room for an answer
             raise ContextLengthError(
                 f"the prompt has {n_prompt} tokens but the model's context is {self.context_length} tokens"
             )
@@ -186,7 +186,7 @@ class Engine:
         if bad is not None:  # it would fail the embedding lookup of the whole batch it joins
             raise RequestError(f"token id {bad} is outside the model's vocabulary (0-{self.vocab_size - 1})")
         seq = Sequence(next(self._ids), list(prompt_ids), params, self.tokenizer, sink)
-        if not params.prompt_logprobs:  # a copied prefill scores nothing
+        if not seq.reads_every_prompt_row:  # a copied prefill scores and pools nothing
             seq.leader = share_prefill_with
         with self._submit_lock:
             if self.died:
@@ -354,7 +354,8 @@ class Engine:
             seq.reached_pipeline = True  # from here a stage may hold its caches, even if the step fails
         began = time.perf_counter()
         try:
-            logits = self.pipeline.logits(torch.tensor(plan.ids, dtype=torch.long), batch, plan.head_rows)
+            ids = torch.tensor(plan.ids, dtype=torch.long)
+            logits, hidden = self.pipeline.run(ids, batch, plan.head_rows, plan.hidden_rows)
         except Exception as error:  # a failed step ends its own sequences, never the engine or other requests
             if not isinstance(error, CakeError):
                 log.exception("forward pass failed")
@@ -382,7 +383,7 @@ class Engine:
             chunk = logits[first : first + len(scoring_rows)]
             seq.prompt_logprobs += prompt_token_logprobs(chunk, targets, seq.params.top_logprobs)
             first += len(scoring_rows)
-        events = []
+        events = self._pool(plan.pooled, hidden)
         for row, seq in enumerate(sampled_members):
             if seq.params.max_tokens == 0:  # the prompt was only to be scored
                 events.append((seq, GenerationEvent(seq.seq_id, finish_reason="length")))
@@ -413,6 +414,22 @@ class Engine:
                 self._emit(seq, event)
         self._settle()
 
+    @staticmethod
+    def _pool(
+        pooled: list[tuple[Sequence, list[int], bool]], hidden: torch.Tensor | None
+    ) -> list[tuple[Sequence, GenerationEvent]]:
+        """Add this step's final hidden states to each embedding; the finished ones' last events."""
+        events, first = [], 0
+        for seq, rows, ends in pooled:
+            assert seq.pooled is not None
+            if rows:
+                assert hidden is not None
+                seq.pooled.add(hidden[first : first + len(rows)])
+                first += len(rows)
+            if ends:
+                events.append((seq, GenerationEvent(seq.seq_id, finish_reason="stop", embedding=seq.pooled.result())))
+        return events
+
     def _take_suspect(self) -> Sequence | None:
         """The first sequence of a failed step still running (finished or cancelled ones are skipped), to be run
         alone; taken off the list."""
@@ -438,7 +455,7 @@ class Engine:
         """The sequence whose caches `seq`'s first slice copies: its leader's prefill (n > 1 choices), else the kept
         sequence sharing the longest prefix with its prompt (prefix caching); 0 while the leader's prefill runs."""
         shared = self._shared_prefill(seq)
-        if shared is not None or seq.n_cached or seq.leader is not None or seq.params.prompt_logprobs:
+        if shared is not None or seq.n_cached or seq.leader is not None or seq.reads_every_prompt_row:
             return shared
         match = self.prefix_cache.match(seq.prompt_ids)
         if match is None:
@@ -494,10 +511,13 @@ class Engine:
         self._running.pop(seq.seq_id, None)
         self._waiting.pop(seq.seq_id, None)
         copyable = event is not None and not event.error and not seq.prefilling
+        finished = event is not None and event.finish_reason in ("stop", "length")
+        keepable = seq.reached_pipeline and finished and seq.pooled is None
         if copyable and self._awaited(seq.seq_id):
             self._kept_for_copies[seq.seq_id] = seq
-        elif seq.reached_pipeline and event is not None and event.finish_reason in ("stop", "length"):
-            # Kept for a later prompt that starts the same way; a cancelled one frees its caches at once.
+        elif keepable:
+            # Kept for a later prompt that starts the same way; a cancelled one frees its caches at once. Embeddings
+            # are not kept: indexing a corpus would push out every chat's history.
             self._to_release += self.prefix_cache.add(seq.seq_id, seq.all_ids[: seq.n_cached])
         elif seq.reached_pipeline:
             self._to_release.append(seq.seq_id)

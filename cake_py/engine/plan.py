@@ -1,6 +1,6 @@
 """One scheduler step's plan: which slice of each running sequence joins the varlen batch, and which rows of the
 batch's output need logits (the next token of a sequence whose slice reaches its end, and with prompt logprobs the
-rows that score prompt tokens)."""
+rows that score prompt tokens), and which need final hidden states (embeddings)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ class StepPlan:
     rows: list[int] = field(default_factory=list)  # batch rows whose logits are sampled, one per `sampled`
     sampled: list[Sequence] = field(default_factory=list)
     scored: list[tuple[Sequence, list[int], list[int]]] = field(default_factory=list)  # rows, the tokens they score
+    # Embeddings: a sequence, the batch rows whose final hidden states it pools, and whether its prompt ends here.
+    pooled: list[tuple[Sequence, list[int], bool]] = field(default_factory=list)
+
+    @property
+    def hidden_rows(self) -> list[int]:
+        """Every row whose final hidden state an embedding pools, in `pooled` order."""
+        return [row for _, rows, _ in self.pooled for row in rows]
 
     @property
     def head_rows(self) -> list[int]:
@@ -48,6 +55,13 @@ def plan_step(running: Iterable[Sequence], budget: int, shared_prefill: Callable
         scoring_rows, targets = seq.scoring_rows(piece.start_pos, piece.n_tokens, offset)
         if scoring_rows:
             plan.scored.append((seq, scoring_rows, targets))
+        pooling = seq.params.pooling
+        if pooling is not None:  # an embedding: nothing is sampled
+            positions = pooling.rows(piece.start_pos, piece.n_tokens, len(seq.prompt_ids))
+            rows = [offset + position - piece.start_pos for position in positions]
+            plan.pooled.append((seq, rows, piece.start_pos + piece.n_tokens == seq.n_tokens))
+            offset += piece.n_tokens
+            continue
         offset += piece.n_tokens
         if piece.start_pos + piece.n_tokens == seq.n_tokens:  # the slice reaches the end: the next token is due
             plan.rows.append(offset - 1)

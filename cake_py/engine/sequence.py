@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cake_py.errors import CakeError
+from cake_py.models.pooling import PoolingState
 from cake_py.models.sampling import SampledToken, Sampler, SamplingParams, StopMatcher
 from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -25,6 +26,8 @@ class GenerationEvent:
     completion_tokens: int = 0
     # With SamplingParams.prompt_logprobs, on the sequence's first event: prompt tokens 1… with their logprobs.
     prompt_logprobs: list[SampledToken] | None = None
+    # With SamplingParams.pooling, on the last event: the embedding, little-endian float32 bytes.
+    embedding: bytes | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,6 +60,7 @@ class Sequence:
         self.reached_pipeline = False  # a step included it: stages may hold caches to release
         self.prompt_logprobs: list[SampledToken] | None = [] if params.prompt_logprobs else None
         self.prompt_logprobs_sent = False
+        self.pooled = PoolingState(params.pooling) if params.pooling is not None else None  # an embedding's rows
         # A sequence with the same prompt whose prefill this one copies instead of repeating (see Engine.submit).
         self.leader: int | None = None
         self.cancelled = False
@@ -81,6 +85,12 @@ class Sequence:
     @property
     def n_tokens(self) -> int:
         return len(self.all_ids)
+
+    @property
+    def reads_every_prompt_row(self) -> bool:
+        """Whether each prompt position's output is needed (scoring, mean pooling): its prefill cannot be copied."""
+        pooling = self.params.pooling
+        return self.params.prompt_logprobs or (pooling is not None and pooling.kind == "mean")
 
     @property
     def prefilling(self) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cake_py.errors import ModelError, ModelNotFoundError
 from cake_py.models.config import ModelConfig
+from cake_py.models.pooling import folder_pooling
 from cake_py.models.tokenizer import Tokenizer
 from cake_py.models.weights import SafetensorsWeights, WeightSource
 
@@ -51,6 +52,11 @@ class ModelSource:
                 self.weights.tokenizer_json(), self.weights.tokenizer_config(), self.config.eos_token_ids
             )
         return Tokenizer.from_folder(self.weights.path, self.config.eos_token_ids)
+
+    @cached_property
+    def pooling(self) -> str | None:
+        """How the model's embeddings pool, when its folder says (a sentence-transformers config); None otherwise."""
+        return folder_pooling(self.weights.path) if self.weights.path.is_dir() else None
 
 
 def embedded_model_path() -> Path:

@@ -320,3 +320,10 @@ class Transformer(nn.Module):
         if self.norm is None or self.lm_head is None:
             raise RuntimeError("this part of the model does not hold the head")
         return self.lm_head(self.norm(hidden)).float()
+
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) after the last layer → (N, hidden) float32 after the final norm: the model's last hidden state
+        (transformers' `last_hidden_state`), which embeddings pool."""
+        if self.norm is None:
+            raise RuntimeError("this part of the model does not hold the final norm")
+        return self.norm(hidden).float()

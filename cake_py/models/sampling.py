@@ -16,6 +16,7 @@ import torch
 
 from cake_py.errors import RequestError
 from cake_py.models.grammar import CompiledGrammar, GrammarMatcher
+from cake_py.models.pooling import Pooling
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -47,9 +48,13 @@ class SamplingParams:
     prompt_logprobs: bool = False
     # Structured output: the compiled grammar (see models/grammar.py) the generated text must match.
     grammar: CompiledGrammar | None = None
+    # An embedding instead of a generation: the prompt's hidden states pooled (max_tokens is then 0).
+    pooling: Pooling | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < (0 if self.prompt_logprobs else 1):
+        if self.pooling is not None and self.max_tokens:
+            raise RequestError(f"an embedding generates nothing: max_tokens must be 0, got {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs or self.pooling else 1):
             needs = "0 (scoring the prompt)" if self.prompt_logprobs else "1"
             raise RequestError(f"max_tokens must be at least {needs}, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 100.0:

@@ -26,6 +26,7 @@ from cake_py.engine.sequence import GenerationEvent
 from cake_py.errors import ClusterError, WeightsError
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.pooling import Pooling
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.weights import load_transformer
 from cake_py.rpc import client as client_module
@@ -344,6 +345,31 @@ def test_a_chat_turn_copies_the_kept_prefix_on_every_worker(workers: list[Worker
         third_turn = second_turn + [5, 6, 7]
         assert _greedy(engine, third_turn, 6) == _greedy(single, third_turn, 6)
         assert engine.stats.prefix_cached_tokens == copied
+    finally:
+        engine.stop()
+        single.stop()
+        pipeline.close()
+
+
+def test_embeddings_through_workers_equal_a_single_node(workers: list[WorkerProcess], llama: ModelSource) -> None:
+    """An embedding's hidden states come back from the last worker (chained) and are pooled on the master: the same
+    vector as a single node, for both poolings, a prompt prefilled over several steps included."""
+    prompt = llama.tokenizer.encode(PROMPT + " and the night is long") * 2
+    specs = [workers[0].spec((0, 1)), workers[1].spec((1, 3))]
+    pipeline = build_pipeline(settings_for(llama, specs), llama, "cpu")
+    engine = Engine(pipeline, llama.tokenizer, max_batch_tokens=8)
+    single = Engine(local_pipeline(llama, torch.float32), llama.tokenizer)
+    engine.start()
+    single.start()
+    try:
+        for kind in ("last", "mean"):
+            params = SamplingParams(max_tokens=0, pooling=Pooling(kind))
+            ours, theirs = (collect(e, prompt, params, 60.0)[-1].embedding for e in (engine, single))
+            assert ours is not None and theirs is not None
+            vectors = [torch.frombuffer(bytearray(data), dtype=torch.float32) for data in (ours, theirs)]
+            torch.testing.assert_close(vectors[0], vectors[1], rtol=0.0, atol=1e-5)
+        assert engine.stats.steps >= 2 * -(-len(prompt) // 8)
+        wait_until(lambda: live_sequences(pipeline) == {workers[0].name: 0, workers[1].name: 0}, 5.0, "releases")
     finally:
         engine.stop()
         single.stop()

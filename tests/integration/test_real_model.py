@@ -62,3 +62,39 @@ def test_json_schema_answer_names_paris() -> None:
     )
     answer = json.loads(text)
     assert answer["capital"] == "Paris"
+
+
+def test_embeddings_put_a_paraphrase_nearest() -> None:
+    """SmolLM2's pooled hidden states, as /v1/embeddings serves them: a paraphrase is nearer than unrelated text."""
+    import queue
+
+    import torch
+
+    from cake_py.cluster.pipeline import local_pipeline
+    from cake_py.engine.engine import Engine
+    from cake_py.models.hub import resolve_model
+    from cake_py.models.pooling import Pooling
+    from cake_py.models.sampling import SamplingParams
+
+    source = resolve_model(None)
+    engine = Engine(local_pipeline(source, torch.bfloat16), source.tokenizer)
+    engine.start()
+    texts = [
+        "Paris is the capital of France.",
+        "The French capital is Paris.",
+        "I like to eat bananas for breakfast.",
+        "Python is a programming language.",
+    ]
+    try:
+        for kind in ("last", "mean"):
+            vectors = []
+            for text in texts:
+                events: queue.SimpleQueue = queue.SimpleQueue()  # type: ignore[type-arg]
+                engine.submit(
+                    source.tokenizer.encode(text), SamplingParams(max_tokens=0, pooling=Pooling(kind)), events.put
+                )
+                vectors.append(torch.frombuffer(bytearray(events.get(timeout=120).embedding), dtype=torch.float32))
+            similarity = [float(vectors[0] @ other) for other in vectors[1:]]
+            assert similarity[0] > max(similarity[1:]) + 0.05, (kind, similarity)
+    finally:
+        engine.close()

@@ -132,6 +132,11 @@ def test_flags_reach_the_settings() -> None:
     assert _serve_settings(parser.parse_args(["serve", "--no-cuda-graphs", "--device", "cuda:1"])).cuda_graphs is False
     worker = _worker_settings(parser.parse_args(["worker", "--no-cuda-graphs", "--device", "cuda:0"]))
     assert (worker.cuda_graphs, worker.device) == (False, "cuda:0")
+    assert (serve.pooling, _serve_settings(parser.parse_args(["serve", "--pooling", "mean"])).pooling) == (None, "mean")
+
+
+def test_an_unknown_pooling_is_refused() -> None:
+    assert_one_line_error(cake("serve", "--pooling", "cls"), "'cls'")
 
 
 @pytest.mark.parametrize("command", ["serve", "worker", "run"])

@@ -165,14 +165,14 @@ def test_a_sequence_submitted_while_the_engine_stops_gets_an_answer(tiny_model_f
     source = resolve_model(str(tiny_model_factory("llama")))
     pipeline = local_pipeline(source, torch.float32)
     in_step, release = threading.Event(), threading.Event()
-    real_logits = pipeline.logits
+    real_run = pipeline.run
 
-    def gated_logits(*args: object) -> torch.Tensor:
+    def gated_run(*args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
         in_step.set()
         release.wait(30)
-        return real_logits(*args)  # type: ignore[arg-type]
+        return real_run(*args)  # type: ignore[arg-type]
 
-    pipeline.logits = gated_logits  # type: ignore[method-assign]
+    pipeline.run = gated_run  # type: ignore[method-assign]
     engine = Engine(pipeline, source.tokenizer)
     engine.start()
     answers: list[GenerationEvent] = []
@@ -328,14 +328,14 @@ def test_close_waits_for_a_step_in_progress_before_closing_the_pipeline(tiny_mod
     source = resolve_model(str(tiny_model_factory("llama")))
     pipeline = local_pipeline(source, torch.float32)
     in_step, release = threading.Event(), threading.Event()
-    real_logits, closed = pipeline.logits, threading.Event()
+    real_run, closed = pipeline.run, threading.Event()
 
-    def gated_logits(*args: object) -> torch.Tensor:
+    def gated_run(*args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
         in_step.set()
         release.wait(30)
-        return real_logits(*args)  # type: ignore[arg-type]
+        return real_run(*args)  # type: ignore[arg-type]
 
-    pipeline.logits = gated_logits  # type: ignore[method-assign]
+    pipeline.run = gated_run  # type: ignore[method-assign]
     pipeline.close = closed.set  # type: ignore[method-assign]
     engine = Engine(pipeline, source.tokenizer)
     engine.start()

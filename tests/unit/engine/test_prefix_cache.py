@@ -176,17 +176,17 @@ class _FailingCopies:
     def __init__(self, engine: Engine, poison: int | None = None) -> None:
         self.calls = self.failures = 0
         self.poison = poison
-        real = engine.pipeline.logits
+        real = engine.pipeline.run
 
-        def logits(ids, batch, rows):  # type: ignore[no-untyped-def]
+        def run(ids, batch, rows, hidden_rows=()):  # type: ignore[no-untyped-def]
             self.calls += 1
             copying = any(p.copy_from is not None for p in batch)
             if (self.poison is None and copying) or (self.poison is not None and int(ids[-1]) == self.poison):
                 self.failures += 1
                 raise RuntimeError("the stage lost its caches" if self.poison is None else "out of memory")
-            return real(ids, batch, rows)
+            return real(ids, batch, rows, hidden_rows)
 
-        engine.pipeline.logits = logits  # type: ignore[method-assign]
+        engine.pipeline.run = run  # type: ignore[method-assign]
 
 
 def _kept_chats(engine: Engine, system: list[int], count: int) -> None:

@@ -1,0 +1,129 @@
+"""OpenAI's POST /v1/embeddings: each input's final hidden states pooled into one vector by the engine.
+
+Inputs join the engine's batches like any prompt (through every worker of a cluster); nothing is generated. The
+pooling (`last` token or `mean`) is the server's (`--pooling`, else the model folder's sentence-transformers config,
+else `last`); vectors are unit length unless the request sends vLLM's `normalize: false`. `encoding_format: base64`
+is the vector's little-endian float32 bytes, as OpenAI's and what its Python client asks for by default.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+import uuid
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py.api.errors import ApiError
+from cake_py.api.schemas import flag, json_body
+from cake_py.api.state import ServerState
+from cake_py.api.streaming import collect_all, open_streams
+from cake_py.models.pooling import Pooling
+from cake_py.models.sampling import SamplingParams
+
+MAX_INPUTS = 2048  # OpenAI's limit per request (--max-queue may allow fewer)
+ENCODINGS = ("float", "base64")
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def embedding_inputs(body: dict[str, Any]) -> list[str | list[int]]:
+    """`input` as OpenAI takes it: a string, a list of strings, a list of token ids, or a list of those lists."""
+    value = body.get("input")
+    if isinstance(value, str) or (_is_ids(value) and value):
+        inputs: list[Any] = [value]
+    elif isinstance(value, list) and value:
+        inputs = value
+    else:
+        raise ApiError(400, f"input must be a string, a list of strings or a list of token ids, got {value!r}"[:300])
+    for index, item in enumerate(inputs):
+        if not (isinstance(item, str) or _is_ids(item)) or not item:
+            raise ApiError(400, f"input[{index}] must be a non-empty string or list of token ids, got {item!r}"[:300])
+    if len(inputs) > MAX_INPUTS:
+        raise ApiError(400, f"input holds {len(inputs)} items; at most {MAX_INPUTS} are allowed per request")
+    return inputs
+
+
+def _truncation(body: dict[str, Any], context_length: int) -> int | None:
+    """vLLM's truncate_prompt_tokens: keep each input's last k tokens (-1: as many as the context holds)."""
+    value = body.get("truncate_prompt_tokens")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or value >= 1):
+        raise ApiError(400, f"truncate_prompt_tokens must be -1 or a positive integer, got {value!r}"[:300])
+    if value > context_length:
+        raise ApiError(
+            400, f"truncate_prompt_tokens ({value}) is larger than the model's context ({context_length} tokens)"
+        )
+    return context_length if value == -1 else value
+
+
+def _vector(data: bytes, encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(data).decode("ascii")
+    return list(struct.unpack(f"<{len(data) // 4}f", data))
+
+
+async def embeddings(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    engine, source = state.ready()
+    tokenizer = source.tokenizer
+    body = await json_body(request)
+    inputs = embedding_inputs(body)
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ENCODINGS:
+        raise ApiError(400, f"encoding_format must be one of {', '.join(ENCODINGS)}, got {encoding!r}"[:300])
+    size = source.config.hidden_size
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (isinstance(dimensions, bool) or dimensions != size):
+        raise ApiError(
+            400, f"dimensions ({dimensions!r}): this model's embeddings have {size} dimensions and cannot be shortened"
+        )
+    pooling = Pooling(state.pooling, normalize=flag(body, "normalize", True))
+    add_special_tokens = flag(body, "add_special_tokens", True)
+    keep = _truncation(body, engine.context_length)
+
+    def encode_all() -> list[list[int]]:
+        return [
+            tokenizer.encode(item, add_special_tokens=add_special_tokens) if isinstance(item, str) else list(item)
+            for item in inputs
+        ]
+
+    prompts = await run_in_threadpool(encode_all)
+    params = SamplingParams(max_tokens=0, pooling=pooling)
+    for index, ids in enumerate(prompts):
+        if keep is not None:
+            prompts[index] = ids = ids[-keep:]
+        bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"input[{index}]: token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})")
+        if not ids:
+            raise ApiError(400, f"input[{index}] is empty once tokenized")
+        engine.check_prompt(len(ids), params)  # ContextLengthError: a 400 with code context_length_exceeded
+    streams = open_streams(state, engine, prompts, [params] * len(prompts))
+    results = await collect_all(request, streams)
+    data = []
+    for index, result in enumerate(results):
+        assert result.last.embedding is not None
+        data.append({"object": "embedding", "index": index, "embedding": _vector(result.last.embedding, encoding)})
+    n_tokens = sum(len(ids) for ids in prompts)
+    return JSONResponse(
+        {
+            "id": f"embd-{uuid.uuid4().hex[:24]}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": state.model_name,
+            "data": data,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
+    )
+
+
+ROUTES = [Route("/v1/embeddings", embeddings, methods=["POST"])]
