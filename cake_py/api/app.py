@@ -21,6 +21,7 @@ from cake_py.api import (
     openai,
     openapi,
     system,
+    tokens,
     topology,
     web,
 )
@@ -47,6 +48,7 @@ def create_app(state: ServerState) -> Starlette:
         *health.ROUTES,
         *openai.ROUTES,
         *embeddings.ROUTES,
+        *tokens.ROUTES,
         *media.ROUTES,
         *topology.ROUTES,
         *native.ROUTES,

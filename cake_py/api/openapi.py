@@ -90,6 +90,22 @@ PATHS: dict[str, dict[str, Any]] = {
             errors=GEN,
         )
     },
+    "/tokenize": {
+        "post": _op(
+            "Text or a chat → token ids (vLLM's and llama.cpp's shapes)",
+            _json(ref("Tokenized")),
+            body=_json(ref("TokenizeRequest")),
+            errors=(400, 401, 404, 503),
+        )
+    },
+    "/detokenize": {
+        "post": _op(
+            "Token ids → text (vLLM's prompt and llama.cpp's content)",
+            _json(ref("Detokenized")),
+            body=_json(ref("DetokenizeRequest")),
+            errors=(400, 401, 404, 503),
+        )
+    },
     "/v1/models": {"get": _op("The served model", _json(ref("ModelList")), errors=(401,))},
     "/v1/models/{model_id}": {
         "get": {

@@ -285,6 +285,31 @@ SCHEMAS: dict[str, Any] = {
             "usage": obj({"prompt_tokens": INT, "total_tokens": INT}),
         }
     ),
+    "TokenizeRequest": obj(
+        {
+            "prompt": {**STR, "description": "vLLM's: text (add_special_tokens defaults to true)"},
+            "messages": {"type": "array", "description": "vLLM's: a chat, rendered as /v1/chat/completions would"},
+            "content": {**STR, "description": "llama.cpp's: text (add_special defaults to false)"},
+            "add_special_tokens": BOOL,
+            "add_special": BOOL,
+            "with_pieces": {**BOOL, "description": "llama.cpp's: tokens as {id, piece}"},
+            "return_token_strs": {**BOOL, "description": "vLLM's: the tokens' vocabulary strings too"},
+            "add_generation_prompt": BOOL,
+            "continue_final_message": BOOL,
+            "chat_template_kwargs": {"type": "object"},
+            "tools": {"type": "array"},
+        }
+    ),
+    "Tokenized": obj(
+        {
+            "count": INT,
+            "max_model_len": INT,
+            "tokens": {"type": "array", "items": {"oneOf": [INT, obj({"id": INT, "piece": STR})]}},
+            "token_strs": {"type": "array", "items": STR},
+        }
+    ),
+    "DetokenizeRequest": obj({"tokens": {"type": "array", "items": INT}}, ("tokens",)),
+    "Detokenized": obj({"prompt": STR, "content": STR}),
     "Model": obj({"id": STR, "object": STR, "created": INT, "owned_by": STR}),
     "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}}),
     "GenerateRequest": obj({**NATIVE_SAMPLING, "prompt": STR, "stream": BOOL}, ("prompt",)),

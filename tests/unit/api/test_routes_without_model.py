@@ -28,6 +28,9 @@ def client() -> Iterator[TestClient]:
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
         ("/api/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
         ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/embeddings", {"input": "hi"}),
+        ("/tokenize", {"prompt": "hi"}),
+        ("/detokenize", {"tokens": [1, 2]}),
     ],
 )
 def test_text_routes_say_no_text_model_in_cake_shape(client: TestClient, path: str, body: dict[str, object]) -> None:

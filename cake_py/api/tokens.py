@@ -1,0 +1,116 @@
+"""POST /tokenize and /detokenize, in vLLM's and llama.cpp server's shapes (both serve these paths).
+
+/tokenize takes vLLM's `prompt` (text) or `messages` (a chat, rendered as /v1/chat/completions would render it, tools
+included: the count is what that request's prompt costs), or llama.cpp's `content`. The answer is vLLM's `count`,
+`max_model_len` and `tokens`; with llama.cpp's `with_pieces`, `tokens` holds `{id, piece}` objects as llama.cpp
+sends them. /detokenize answers the text under both servers' names, `prompt` (vLLM) and `content` (llama.cpp).
+The tokenizer runs off the event loop; no engine is needed, so a cluster with a stage down still answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py.api.errors import ApiError
+from cake_py.api.schemas import chat_messages, chat_template_options, flag, json_body
+from cake_py.api.state import NO_TEXT_MODEL, ServerState
+from cake_py.api.tools import prompt_messages, tool_request
+from cake_py.models.hub import ModelSource
+from cake_py.models.tokenizer import Tokenizer
+
+TEXT_FIELDS = ("prompt", "messages", "content")
+
+
+def _source(state: ServerState) -> ModelSource:
+    if state.switching is not None:
+        raise ApiError(503, f"the server is {state.switching}; retry shortly", headers={"Retry-After": "5"})
+    if state.source is None:
+        raise ApiError(404, NO_TEXT_MODEL)
+    return state.source
+
+
+def _context_length(state: ServerState, source: ModelSource) -> int:
+    engine = state.engine
+    return engine.context_length if engine is not None else source.config.max_position_embeddings
+
+
+def _piece(tokenizer: Tokenizer, token_id: int) -> str | list[int]:
+    """llama.cpp's piece: the token's text, or its bytes when they are not whole UTF-8 characters."""
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
+
+
+async def tokenize(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    source = _source(state)
+    tokenizer = source.tokenizer
+    body = await json_body(request)
+    given = [name for name in TEXT_FIELDS if body.get(name) is not None]
+    if len(given) != 1:
+        raise ApiError(
+            400,
+            "send exactly one of prompt (text), messages (a chat) or content (llama.cpp's text)"
+            + (f"; got {', '.join(given)}" if given else ""),
+        )
+    field = given[0]
+    with_pieces = flag(body, "with_pieces", False)
+    token_strs = flag(body, "return_token_strs", False)
+    if not flag(body, "parse_special", True):
+        raise ApiError(400, "parse_special: false is not supported: special tokens in the text are always parsed")
+    if field == "messages":
+        messages = chat_messages(body)
+        template = chat_template_options(body, messages)
+        tools = tool_request(body)
+        messages, tool_variables = prompt_messages(messages, tools, tokenizer.reads_tools)
+        add_special = flag(body, "add_special_tokens", False)  # the template writes its own (vLLM's default)
+
+        def encode() -> list[int]:
+            text = tokenizer.render_chat(
+                messages,
+                add_generation_prompt=template.add_generation_prompt,
+                continue_final_message=template.continue_final_message,
+                template_kwargs={**template.kwargs, **tool_variables},
+            )
+            return tokenizer.encode(text, add_special_tokens=add_special)
+
+    else:
+        text = body[field]
+        if not isinstance(text, str):
+            raise ApiError(400, f"{field} must be a string, got {text!r}"[:300])
+        # vLLM adds special tokens (a BOS) by default, llama.cpp's add_special does not.
+        add_special = flag(body, "add_special", False) if field == "content" else flag(body, "add_special_tokens", True)
+
+        def encode() -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=add_special)
+
+    ids = await run_in_threadpool(encode)
+    answer: dict[str, Any] = {"count": len(ids), "max_model_len": _context_length(state, source)}
+    answer["tokens"] = [{"id": i, "piece": _piece(tokenizer, i)} for i in ids] if with_pieces else ids
+    if token_strs:
+        answer["token_strs"] = [tokenizer.backend.id_to_token(i) for i in ids]
+    return JSONResponse(answer)
+
+
+async def detokenize(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    tokenizer = _source(state).tokenizer
+    body = await json_body(request)
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ApiError(400, f"tokens must be a list of token ids, got {ids!r}"[:300])
+    bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"token id {bad} is outside the model's vocabulary (0-{tokenizer.vocab_size - 1})")
+    text = await run_in_threadpool(tokenizer.decode, ids, skip_special_tokens=False)
+    return JSONResponse({"prompt": text, "content": text})
+
+
+ROUTES = [Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"])]

@@ -1,0 +1,97 @@
+"""POST /tokenize and /detokenize against a real uvicorn server on the tiny Llama, in vLLM's and llama.cpp's shapes:
+ids are transformers' own, a chat counts what /v1/chat/completions' prompt costs, and text survives a round trip."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "The capital of France is Paris. Déjà vu, naïve café!"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama: Path) -> Iterator[ServerHandle]:
+    with running_server(tiny_settings(tiny_llama)) as handle:
+        yield handle
+
+
+def post(server: ServerHandle, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", json=body, timeout=60)
+
+
+def test_a_prompt_is_tokenized_as_transformers_does(server: ServerHandle, tiny_llama: Path) -> None:
+    reference = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    answer = post(server, "/tokenize", {"prompt": TEXT, "return_token_strs": True}).json()
+    expected = reference(TEXT).input_ids
+    assert answer["tokens"] == expected and answer["count"] == len(expected)
+    assert answer["token_strs"] == reference.convert_ids_to_tokens(expected)
+    assert server.state.engine is not None
+    assert answer["max_model_len"] == server.state.engine.context_length
+
+
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_a_chat_counts_what_its_completion_prompt_costs(server: ServerHandle, tools: list[Any] | None) -> None:
+    extra = {"tools": tools} if tools else {}
+    counted = post(server, "/tokenize", {"messages": MESSAGES, **extra}).json()["count"]
+    completion = post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, **extra}).json()
+    assert counted == completion["usage"]["prompt_tokens"]
+    without_prompt = post(server, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False, **extra})
+    assert without_prompt.json()["count"] < counted
+
+
+def test_llama_cpp_content_and_pieces(server: ServerHandle) -> None:
+    assert server.state.source is not None
+    tokenizer = server.state.source.tokenizer
+    plain = post(server, "/tokenize", {"content": "Hello world"}).json()
+    assert plain["tokens"] == tokenizer.encode("Hello world", add_special_tokens=False)
+    pieces = post(server, "/tokenize", {"content": "Hello world", "with_pieces": True}).json()["tokens"]
+    assert [piece["id"] for piece in pieces] == plain["tokens"]
+    assert "".join(piece["piece"] for piece in pieces) == "Hello world"
+    multibyte = post(server, "/tokenize", {"content": "é", "with_pieces": True}).json()["tokens"]
+    assert all(isinstance(piece["piece"], str | list) for piece in multibyte)
+
+
+def test_detokenize_gives_the_text_back_under_both_names(server: ServerHandle) -> None:
+    ids = post(server, "/tokenize", {"prompt": TEXT, "add_special_tokens": False}).json()["tokens"]
+    answer = post(server, "/detokenize", {"tokens": ids}).json()
+    assert answer == {"prompt": TEXT, "content": TEXT}
+    assert post(server, "/detokenize", {"tokens": []}).json()["content"] == ""
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("/tokenize", {}, "exactly one of"),
+        ("/tokenize", {"prompt": "a", "content": "b"}, "got prompt, content"),
+        ("/tokenize", {"content": ["a"]}, "content must be a string"),
+        ("/tokenize", {"messages": []}, "messages"),
+        ("/tokenize", {"prompt": "a", "parse_special": False}, "parse_special"),
+        ("/tokenize", {"prompt": "a", "with_pieces": "yes"}, "with_pieces"),
+        ("/detokenize", {"tokens": "1 2"}, "tokens must be"),
+        ("/detokenize", {"tokens": [1, 99999]}, "99999"),
+        ("/detokenize", {"tokens": [True]}, "tokens must be"),
+    ],
+)
+def test_bad_requests_are_named(server: ServerHandle, path: str, body: dict[str, Any], needle: str) -> None:
+    response = post(server, path, body)
+    assert response.status_code == 400, response.text
+    assert needle in response.json()["error"]
