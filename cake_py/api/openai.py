@@ -80,7 +80,7 @@ def _reject_unsupported_completion(body: dict[str, Any]) -> None:
         raise ApiError(400, f"best_of ({best_of!r}) is not supported by this server; leave it out or send 1"[:300])
 
 
-def _usage_chunk(completion_id: str, kind: str, created: int, model: str, usage_: dict[str, int]) -> str:
+def _usage_chunk(completion_id: str, kind: str, created: int, model: str, usage_: dict[str, Any]) -> str:
     """OpenAI's usage chunk (stream_options.include_usage): no choices, just before `data: [DONE]`."""
     return sse(
         {"id": completion_id, "object": kind, "created": created, "model": model, "choices": [], "usage": usage_}
@@ -156,7 +156,11 @@ async def chat_completions(request: Request) -> Response:
             "created": created,
             "model": model,
             "choices": choices,
-            "usage": usage(len(prompt_ids), sum(result.last.completion_tokens for result in results)),
+            "usage": usage(
+                len(prompt_ids),
+                sum(result.last.completion_tokens for result in results),
+                max(result.last.cached_tokens for result in results),
+            ),
         }
     )
 
@@ -187,7 +191,7 @@ async def _chat_stream(
 
     for index in range(len(streams)):
         yield sse(chunk(index, {"role": "assistant", "content": ""}))  # as OpenAI's first chunk
-    completion_tokens, prompt_tokens, open_count = 0, 0, len(streams)
+    completion_tokens, prompt_tokens, cached_tokens, open_count = 0, 0, 0, len(streams)
     answers = [ToolStream(tools) for _ in streams]  # each choice's text, held where a call may be starting
     async for index, event in merged(streams):
         if event.error:
@@ -208,14 +212,15 @@ async def _chat_stream(
                 yield sse(chunk(index, {"tool_calls": deltas}))
             completion_tokens += event.completion_tokens
             prompt_tokens = event.prompt_tokens
+            cached_tokens = max(cached_tokens, event.cached_tokens)
             open_count -= 1
             on_finish = include_usage is None and open_count == 0  # Cake's default: usage on the last finish chunk
-            last = {"usage": usage(prompt_tokens, completion_tokens)} if on_finish else {}
+            last = {"usage": usage(prompt_tokens, completion_tokens, cached_tokens)} if on_finish else {}
             finish = "tool_calls" if calls else _finish_reason(event.finish_reason)
             yield sse(chunk(index, {}, finish, **last))
     if include_usage and open_count == 0:
         kind = "chat.completion.chunk"
-        yield _usage_chunk(completion_id, kind, created, model, usage(prompt_tokens, completion_tokens))
+        yield _usage_chunk(completion_id, kind, created, model, usage(prompt_tokens, completion_tokens, cached_tokens))
     yield sse("[DONE]")
 
 

@@ -201,12 +201,16 @@ class GenerationResponse(StreamingResponse):
                 stream.cancel()
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; with `cached_tokens`, its `prompt_tokens_details` (prompt tokens the prefix cache gave)."""
+    counts: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        counts["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return counts
 
 
 # Line breaks to `str.splitlines` (so to many clients' line readers) that JSON leaves raw inside strings when it does

@@ -332,6 +332,7 @@ class Engine:
                 continue
             event.prompt_tokens = len(seq.prompt_ids)
             event.completion_tokens = len(seq.output_ids)
+            event.cached_tokens = seq.cached_tokens
             try:
                 seq.sink(seq.with_prompt_logprobs(event))
             except Exception:
@@ -376,7 +377,9 @@ class Engine:
             return
         for piece, seq in zip(batch, members, strict=True):
             seq.n_cached = piece.start_pos + piece.n_tokens
-        self.stats.prefix_cached_tokens += sum(p.start_pos for p in batch if p.seq_id in self._prefix_copies)
+            if piece.seq_id in self._prefix_copies:
+                seq.cached_tokens = piece.start_pos  # prompt tokens a kept cache gave it (usage's cached_tokens)
+                self.stats.prefix_cached_tokens += piece.start_pos
         first = len(rows)
         for seq, scoring_rows, targets in plan.scored:
             assert seq.prompt_logprobs is not None

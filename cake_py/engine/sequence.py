@@ -24,6 +24,7 @@ class GenerationEvent:
     exception: CakeError | None = None  # what failed, so each surface can map it to its own status
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose caches were copied from a kept sequence (prefix caching)
     # With SamplingParams.prompt_logprobs, on the sequence's first event: prompt tokens 1… with their logprobs.
     prompt_logprobs: list[SampledToken] | None = None
     # With SamplingParams.pooling, on the last event: the embedding, little-endian float32 bytes.
@@ -57,6 +58,7 @@ class Sequence:
         # prompt + output, grown in place: the scheduler and sampler read it every step, so it is never rebuilt.
         self.all_ids: list[int] = list(prompt_ids)
         self.n_cached = 0  # tokens whose keys/values every stage holds
+        self.cached_tokens = 0  # prompt tokens copied from a kept sequence instead of computed
         self.reached_pipeline = False  # a step included it: stages may hold caches to release
         self.prompt_logprobs: list[SampledToken] | None = [] if params.prompt_logprobs else None
         self.prompt_logprobs_sent = False
@@ -120,4 +122,5 @@ class Sequence:
                 event.finish_reason = "length"
         event.prompt_tokens = len(self.prompt_ids)
         event.completion_tokens = len(self.output_ids)
+        event.cached_tokens = self.cached_tokens
         return event

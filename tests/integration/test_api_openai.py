@@ -594,3 +594,24 @@ def test_vllm_end_token_controls(client: OpenAI, server: ServerHandle) -> None:
     for bad in ({"stop_token_ids": [10**9]}, {"min_tokens": 7}, {"min_p": 1.5}, {"ignore_eos": "yes"}):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="x", prompt="Hello", max_tokens=6, extra_body=bad)
+
+
+def test_a_chat_turn_reports_the_prompt_tokens_the_prefix_cache_gave(client: OpenAI) -> None:
+    system = {"role": "system", "content": "You answer questions about European capitals in one short sentence. " * 3}
+    first = [system, {"role": "user", "content": "What is the capital of France?"}]
+    answer = client.chat.completions.create(model="x", messages=first, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    assert answer.usage.prompt_tokens_details.cached_tokens == 0
+    second = [*first, {"role": "assistant", "content": answer.choices[0].message.content or ""}]
+    second.append({"role": "user", "content": "And of Spain?"})
+    stream = client.chat.completions.create(
+        model="x",
+        messages=second,
+        max_tokens=4,
+        temperature=0,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
+    assert usage.prompt_tokens_details is not None
+    assert answer.usage.prompt_tokens <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
