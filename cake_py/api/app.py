@@ -20,6 +20,7 @@ from cake_py.api import (
     native,
     openai,
     openapi,
+    responses,
     system,
     tokens,
     topology,
@@ -47,6 +48,7 @@ def create_app(state: ServerState) -> Starlette:
     routes: list[BaseRoute] = [
         *health.ROUTES,
         *openai.ROUTES,
+        *responses.ROUTES,
         *embeddings.ROUTES,
         *tokens.ROUTES,
         *media.ROUTES,

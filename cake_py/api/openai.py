@@ -87,7 +87,7 @@ def _usage_chunk(completion_id: str, kind: str, created: int, model: str, usage_
     )
 
 
-def _chat_logprobs(tokens: list[SampledToken], tokenizer: Tokenizer) -> list[dict[str, Any]]:
+def chat_logprobs(tokens: list[SampledToken], tokenizer: Tokenizer) -> list[dict[str, Any]]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = tokenizer.token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(tokenizer.token_bytes(token_id))}
@@ -147,7 +147,7 @@ async def chat_completions(request: Request) -> Response:
         if answer.tool_calls:
             message["tool_calls"] = answer.tool_calls
         finish = "tool_calls" if answer.tool_calls else _finish_reason(result.last.finish_reason)
-        logprobs = {"content": _chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None
+        logprobs = {"content": chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None
         choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
     return JSONResponse(
         {
@@ -199,7 +199,7 @@ async def _chat_stream(
             break  # the stream still ends with [DONE], as vLLM's does after an error
         extra: dict[str, Any] = {}
         if params.logprobs and event.tokens:
-            extra["logprobs"] = {"content": _chat_logprobs(event.tokens, tokenizer)}
+            extra["logprobs"] = {"content": chat_logprobs(event.tokens, tokenizer)}
         text = answers[index].feed(event.text)
         if text or "logprobs" in extra:
             yield sse(chunk(index, {"content": text}, **extra))

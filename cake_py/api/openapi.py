@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py import __version__
-from cake_py.api.openapi_schemas import SCHEMAS, STR, obj, ref
+from cake_py.api.openapi_schemas import INT, SCHEMAS, STR, obj, ref
 
 STATUS_TEXT = {
     400: "malformed or invalid request",
@@ -89,6 +89,39 @@ PATHS: dict[str, dict[str, Any]] = {
             body=_json(ref("EmbeddingRequest")),
             errors=GEN,
         )
+    },
+    "/v1/responses": {
+        "post": _op(
+            "OpenAI Responses API (SSE semantic events when stream)",
+            {**_json(ref("Response")), **SSE},
+            body=_json(ref("ResponseRequest")),
+            errors=GEN,
+        )
+    },
+    "/v1/responses/{response_id}": {
+        "get": {
+            **_op("A stored response", _json(ref("Response")), errors=(401, 404)),
+            "parameters": [{"name": "response_id", "in": "path", "required": True, "schema": STR}],
+        },
+        "delete": {
+            **_op("Delete a stored response", _json({"type": "object"}), errors=(401, 404)),
+            "parameters": [{"name": "response_id", "in": "path", "required": True, "schema": STR}],
+        },
+    },
+    "/v1/responses/{response_id}/input_items": {
+        "get": {
+            **_op(
+                "A stored response's input items (order, limit, after)",
+                _json({"type": "object"}),
+                errors=(400, 401, 404),
+            ),
+            "parameters": [
+                {"name": "response_id", "in": "path", "required": True, "schema": STR},
+                {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+                {"name": "limit", "in": "query", "schema": INT},
+                {"name": "after", "in": "query", "schema": STR},
+            ],
+        }
     },
     "/tokenize": {
         "post": _op(

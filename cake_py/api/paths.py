@@ -27,6 +27,7 @@ GENERATION_PATHS = frozenset(
         "/api/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        "/v1/responses",
         "/generate",
         "/chat",
         "/generate/batch",

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cake_py.api.errors import ApiError
+from cake_py.api.response_store import ResponseStore
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import ENGINE_DEAD, Engine
 from cake_py.models.hub import ModelSource
@@ -74,6 +75,7 @@ class ServerState:
     served_models: list[str] = field(default_factory=list)
     configured_model: str | None = field(init=False)  # the one the server started with (None: embedded)
     retired: RetiredTotals = field(default_factory=RetiredTotals)
+    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
     # The engine serving now and what the engines before it counted, as one value: a scrape in another thread reads
     # both at once, so it never counts an engine twice (live and retired) or not at all.
     counted: tuple[Engine | None, RetiredTotals] = field(init=False, repr=False)

@@ -29,6 +29,7 @@ def client() -> Iterator[TestClient]:
         ("/api/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
         ("/v1/completions", {"prompt": "hi"}),
         ("/v1/embeddings", {"input": "hi"}),
+        ("/v1/responses", {"input": "hi"}),
         ("/tokenize", {"prompt": "hi"}),
         ("/detokenize", {"tokens": [1, 2]}),
     ],

@@ -1,0 +1,374 @@
+"""OpenAI's Responses API: POST /v1/responses, blocking or streamed as its semantic events, and the responses it
+stores: GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items.
+
+A request becomes a chat (responses_input.py): `instructions` is its system message, `previous_response_id` puts the
+stored conversation that response ended before the new input (its instructions are not carried over, as in
+OpenAI's API), and it then runs as /v1/chat/completions runs one: the model's chat template, function tools, and
+`text.format` as structured output. The answer's `output` is a message (`output_text`) and/or `function_call`
+items. A stream is `response.created`, `response.in_progress`, each item's `output_item.added`, its deltas and
+`.done` events, then `response.completed` (or `response.incomplete` at `max_output_tokens`, or `response.failed`);
+every event carries `type` and `sequence_number`, and there is no `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from itertools import count
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py.api.errors import ApiError
+from cake_py.api.openai import chat_logprobs
+from cake_py.api.response_store import StoredResponse
+from cake_py.api.responses_input import chat_format, chat_history, chat_tools, input_items, new_id
+from cake_py.api.schemas import flag, json_body, number, openai_sampling
+from cake_py.api.state import ServerState
+from cake_py.api.streaming import EventStream, GenerationResponse, collect_all, event_error, open_streams, sse
+from cake_py.api.structured import compiled_grammar, structured_grammar
+from cake_py.api.tools import ToolRequest, ToolStream, calls_grammar, parse_answer, prompt_messages, tool_request
+from cake_py.engine.sequence import GenerationEvent
+from cake_py.models.tokenizer import Tokenizer
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# Sampling fields passed on as the chat completion reads them (vLLM's extras included); the rest are Responses'.
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "top_logprobs")
+
+
+@dataclass
+class Draft:
+    """The response being answered: its id and the request fields the response object repeats."""
+
+    id: str
+    created_at: int
+    model: str
+    echo: dict[str, Any]
+    store: bool
+    history: list[dict[str, Any]]  # the conversation before the answer (for the store)
+    items: list[dict[str, Any]]  # this request's input items (for the store)
+    tokenizer: Tokenizer
+    logprobs: bool
+
+    def body(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None,
+        *,
+        error: dict[str, Any] | None = None,
+        incomplete: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": error,
+            "incomplete_details": incomplete,
+            "model": self.model,
+            "output": output,
+            "usage": usage,
+            **self.echo,
+        }
+
+
+def _usage(event: GenerationEvent) -> dict[str, Any]:
+    return {
+        "input_tokens": event.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": event.cached_tokens},
+        "output_tokens": event.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
+
+
+def _message(item_id: str, text: str, status: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [part]}
+
+
+def _call(call: dict[str, Any], status: str = "completed", arguments: str | None = None) -> dict[str, Any]:
+    function = call["function"]
+    return {
+        "type": "function_call",
+        "id": call["item_id"],
+        "call_id": call["id"],
+        "name": function["name"],
+        "arguments": function["arguments"] if arguments is None else arguments,
+        "status": status,
+    }
+
+
+def _status(event: GenerationEvent) -> tuple[str, dict[str, Any] | None]:
+    if event.finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    return "completed", None
+
+
+def _finish(
+    state: ServerState,
+    draft: Draft,
+    message: dict[str, Any] | None,
+    calls: list[dict[str, Any]],
+    last: GenerationEvent,
+) -> dict[str, Any]:
+    """The finished response object; stored (with its conversation) unless the request said `store: false`."""
+    status, incomplete = _status(last)
+    output = ([message] if message is not None else []) + [_call(call) for call in calls]
+    response = draft.body(status, output, _usage(last), incomplete=incomplete)
+    if draft.store:
+        answer: dict[str, Any] = {"role": "assistant", "content": message["content"][0]["text"] if message else ""}
+        if calls:
+            answer["tool_calls"] = [{k: v for k, v in call.items() if k != "item_id"} for call in calls]
+        state.responses.put(StoredResponse(response, draft.items, [*draft.history, answer]))
+    return response
+
+
+def _with_item_ids(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**call, "item_id": new_id("fc")} for call in calls]
+
+
+async def create_response(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    engine, source = state.ready()
+    tokenizer = source.tokenizer
+    body = await json_body(request)
+    for field in ("background", "conversation", "prompt"):
+        if body.get(field) not in (None, False):
+            raise ApiError(400, f"{field} is not supported by this server; send the request without it")
+    truncation = body.get("truncation")
+    if truncation not in (None, "disabled"):
+        raise ApiError(400, f"truncation {truncation!r} is not supported: only disabled (an over-long input is a 400)")
+    include = body.get("include") or []
+    if not isinstance(include, list) or any(item != LOGPROBS_INCLUDE for item in include):
+        raise ApiError(400, f"include may only hold {LOGPROBS_INCLUDE!r}, got {include!r}"[:300])
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise ApiError(400, f"instructions must be a string, got {instructions!r}"[:300])
+    metadata = body.get("metadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()) and len(metadata) <= 16
+    ):
+        raise ApiError(400, "metadata must be an object of at most 16 string values")
+    items = input_items(body.get("input"))
+    previous_id = body.get("previous_response_id")
+    history: list[dict[str, Any]] = []
+    if previous_id is not None:
+        previous = state.responses.get(previous_id) if isinstance(previous_id, str) else None
+        if previous is None:
+            raise ApiError(400, f"previous_response_id: no stored response has the id {previous_id!r}"[:300])
+        history = list(previous.conversation)
+    history += chat_history(items)
+    tools = tool_request(chat_tools(body))
+    max_output = body.get("max_output_tokens")
+    if max_output is not None:
+        number(body, "max_output_tokens", 0, integer=True)  # a 400 naming it when it is not an integer
+        if max_output < 1:
+            raise ApiError(400, f"max_output_tokens must be at least 1, got {max_output}")
+    sampling = {key: body[key] for key in _SAMPLING_FIELDS if key in body}
+    params = openai_sampling(
+        {**sampling, "max_tokens": max_output, "logprobs": bool(include)}, vocab_size=engine.vocab_size
+    )
+    grammar = await structured_grammar(chat_format(body), tokenizer)
+    if tools.forced and grammar is not None:
+        raise ApiError(400, f"tool_choice {tools.choice!r} writes calls, so it cannot be combined with text.format")
+    if tools.active:
+        tool_grammar = await compiled_grammar(lambda: calls_grammar(tools), tokenizer, "tools")
+        grammar = tool_grammar if tools.forced else grammar
+    params = replace(params, grammar=grammar)
+    stream = flag(body, "stream", False)
+    store = flag(body, "store", True)
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    messages, tool_variables = prompt_messages(system + history, tools, tokenizer.reads_tools)
+    if not messages:
+        raise ApiError(400, "input holds no message to answer")
+    prompt_ids = await run_in_threadpool(tokenizer.encode_chat, messages, template_kwargs=tool_variables)
+    params = engine.check_prompt(len(prompt_ids), params)
+    draft = Draft(
+        id=new_id("resp"),
+        created_at=int(time.time()),
+        model=state.model_name,
+        echo={
+            "instructions": instructions,
+            "max_output_tokens": max_output,
+            "parallel_tool_calls": tools.parallel,
+            "previous_response_id": previous_id,
+            "reasoning": {"effort": None, "summary": None},
+            "store": store,
+            "temperature": params.temperature,
+            "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
+            "tool_choice": body.get("tool_choice") or ("auto" if tools.tools else "none"),
+            "tools": body.get("tools") or [],
+            "top_p": params.top_p,
+            "truncation": "disabled",
+            "user": body.get("user"),
+            "metadata": metadata or {},
+            "background": False,
+        },
+        store=store,
+        history=history,
+        items=items,
+        tokenizer=tokenizer,
+        logprobs=bool(include),
+    )
+    streams = open_streams(state, engine, [prompt_ids], [params])
+    if stream:
+        return GenerationResponse(_events(request, state, streams[0], draft, tools), streams, "text/event-stream")
+    result = (await collect_all(request, streams))[0]
+    parsed = parse_answer(result.text, tools)
+    calls = _with_item_ids(parsed.tool_calls)
+    logprobs = chat_logprobs(result.tokens, tokenizer) if draft.logprobs else []
+    status, _ = _status(result.last)
+    message = None
+    if parsed.content or not calls:
+        message = _message(new_id("msg"), parsed.content or "", status, logprobs)
+    return JSONResponse(_finish(state, draft, message, calls, result.last))
+
+
+async def _events(
+    request: Request, state: ServerState, stream: EventStream, draft: Draft, tools: ToolRequest
+) -> AsyncIterator[str]:
+    numbers = count()
+
+    def event(kind: str, **fields: Any) -> str:
+        return f"event: {kind}\n" + sse({"type": kind, "sequence_number": next(numbers), **fields})
+
+    yield event("response.created", response=draft.body("in_progress", [], None))
+    yield event("response.in_progress", response=draft.body("in_progress", [], None))
+    answer = ToolStream(tools)
+    message_id: str | None = None
+    text: list[str] = []
+    logprobs: list[dict[str, Any]] = []  # every token's, for the message's done events
+    pending: list[dict[str, Any]] = []  # those not yet sent with a delta
+    where = {"output_index": 0, "content_index": 0}
+
+    def open_message() -> list[str]:
+        nonlocal message_id
+        message_id = new_id("msg")
+        return [
+            event("response.output_item.added", output_index=0, item={**_message(message_id, "", "in_progress", [])}),
+            event(
+                "response.content_part.added",
+                item_id=message_id,
+                **where,
+                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+            ),
+        ]
+
+    def delta(piece: str) -> list[str]:
+        out = open_message() if message_id is None else []
+        text.append(piece)
+        out.append(event("response.output_text.delta", item_id=message_id, **where, delta=piece, logprobs=pending[:]))
+        pending.clear()
+        return out
+
+    async for generated in stream:
+        if generated.error:
+            error = event_error(generated, request.url.path)
+            code = "server_error" if error.status >= 500 else "invalid_request"
+            failed = draft.body("failed", [], None, error={"code": code, "message": error.message})
+            yield event("response.failed", response=failed)
+            return
+        if draft.logprobs and generated.tokens:
+            new = chat_logprobs(generated.tokens, draft.tokenizer)
+            logprobs.extend(new)
+            pending.extend(new)
+        piece = answer.feed(generated.text)
+        if piece:
+            for line in delta(piece):
+                yield line
+        if not generated.finished:
+            continue
+        rest, parsed_calls = answer.finish()
+        if rest:
+            for line in delta(rest):
+                yield line
+        status, _ = _status(generated)
+        message = None
+        if message_id is not None or not parsed_calls:
+            for line in [] if message_id is not None else open_message():
+                yield line
+            assert message_id is not None
+            message = _message(message_id, "".join(text), status, logprobs)
+            part = message["content"][0]
+            yield event("response.output_text.done", item_id=message_id, **where, text=part["text"], logprobs=logprobs)
+            yield event("response.content_part.done", item_id=message_id, **where, part=part)
+            yield event("response.output_item.done", output_index=0, item=message)
+        calls = _with_item_ids(parsed_calls)
+        first = 1 if message is not None else 0
+        for index, call in enumerate(calls, start=first):
+            arguments = call["function"]["arguments"]
+            yield event("response.output_item.added", output_index=index, item=_call(call, "in_progress", ""))
+            ids = {"item_id": call["item_id"], "output_index": index}
+            yield event("response.function_call_arguments.delta", **ids, delta=arguments)
+            yield event("response.function_call_arguments.done", **ids, arguments=arguments)
+            yield event("response.output_item.done", output_index=index, item=_call(call))
+        final = _finish(state, draft, message, calls, generated)
+        kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+        yield event(kind, response=final)
+        return
+
+
+def _stored(state: ServerState, response_id: str) -> StoredResponse:
+    stored = state.responses.get(response_id)
+    if stored is None:
+        raise ApiError(404, f"no stored response has the id {response_id!r}"[:300])
+    return stored
+
+
+async def get_response(request: Request) -> Response:
+    return JSONResponse(_stored(request.app.state.cake, request.path_params["response_id"]).response)
+
+
+async def delete_response(request: Request) -> Response:
+    response_id = request.path_params["response_id"]
+    state: ServerState = request.app.state.cake
+    _stored(state, response_id)
+    state.responses.delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+async def list_input_items(request: Request) -> Response:
+    """OpenAI's listing: `order` (desc by default), `limit` (20, at most 100), `after` (an item id)."""
+    items = list(_stored(request.app.state.cake, request.path_params["response_id"]).input_items)
+    query = request.query_params
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f"order must be asc or desc, got {order!r}"[:300])
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise ApiError(400, f"limit must be an integer from 1 to 100, got {query.get('limit')!r}"[:300])
+    if order == "desc":
+        items.reverse()
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise ApiError(400, f"after: no input item of this response has the id {after!r}"[:300])
+        items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
+
+
+ROUTES = [
+    Route("/v1/responses", create_response, methods=["POST"]),
+    Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+    Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+    Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+]

@@ -1,0 +1,270 @@
+"""OpenAI's Responses API through the official `openai` client against a real uvicorn server on the tiny Llama: the
+same answers as the chat completion of the same conversation, its event stream as the client's own stream helper
+accumulates it, stored conversations (`previous_response_id`), function tools and `text.format`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+QUESTION = "What is the capital of France?"
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    # a bounded string: the random tiny model would otherwise write a city until max_output_tokens
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_long_context: Path) -> Iterator[ServerHandle]:
+    # 2048 tokens of context: room for the tool instructions' prompt and a call
+    with running_server(tiny_settings(tiny_llama_long_context, model_name="tiny-llama")) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerHandle) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60) as openai_client:
+        yield openai_client
+
+
+def chat(client: OpenAI, messages: list[dict[str, Any]], max_tokens: int, **extra: Any) -> Any:
+    return client.chat.completions.create(
+        model="x",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        temperature=0,  # type: ignore[arg-type]
+        **extra,
+    )
+
+
+def test_a_response_answers_as_the_chat_completion_of_its_conversation(client: OpenAI) -> None:
+    response = client.responses.create(
+        model="x", instructions="Be brief.", input=QUESTION, max_output_tokens=8, temperature=0
+    )
+    expected = chat(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}], 8)
+    assert response.object == "response" and response.id.startswith("resp_") and response.model == "tiny-llama"
+    assert response.output_text == expected.choices[0].message.content
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (expected.usage.prompt_tokens, 8)
+    assert response.usage.total_tokens == response.usage.input_tokens + 8
+    [message] = response.output
+    assert message.type == "message" and message.role == "assistant" and message.status == "incomplete"
+    assert response.instructions == "Be brief." and response.max_output_tokens == 8
+
+
+def test_the_stream_is_what_the_client_accumulates(client: OpenAI, server: ServerHandle) -> None:
+    blocking = client.responses.create(model="x", input=QUESTION, max_output_tokens=10, temperature=0, store=False)
+    with client.responses.stream(model="x", input=QUESTION, max_output_tokens=10, temperature=0) as stream:
+        events = list(stream)
+    final = events[-1].response  # type: ignore[union-attr]  # response.incomplete: get_final_response wants completed
+    assert final.output_text == blocking.output_text
+    kinds = [event.type for event in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert deltas == blocking.output_text
+    body = {"input": QUESTION, "max_output_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body, timeout=60) as raw:
+        lines = [line for line in raw.iter_lines() if line]
+    assert lines[0] == "event: response.created" and json.loads(lines[1][6:])["type"] == "response.created"
+    assert "data: [DONE]" not in lines
+
+
+def test_a_stored_conversation_goes_on_from_its_last_response(client: OpenAI, server: ServerHandle) -> None:
+    first = client.responses.create(model="x", instructions="Be brief.", input=QUESTION, max_output_tokens=6)
+    second = client.responses.create(
+        model="x", previous_response_id=first.id, input="And of Spain?", max_output_tokens=4, temperature=0
+    )
+    history = [
+        {"role": "user", "content": QUESTION},  # the first request's instructions are not carried over
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "And of Spain?"},
+    ]
+    expected = chat(client, history, 4)
+    assert second.output_text == expected.choices[0].message.content
+    assert second.usage is not None and second.usage.input_tokens == expected.usage.prompt_tokens
+    assert second.previous_response_id == first.id
+    fetched = client.responses.retrieve(second.id)
+    assert fetched.output_text == second.output_text and fetched.usage == second.usage
+    items = client.responses.input_items.list(second.id, order="asc")
+    assert [item.type for item in items.data] == ["message"]
+    assert items.data[0].content[0].text == "And of Spain?"  # type: ignore[union-attr]
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    assert client.responses.retrieve(second.id).id == second.id  # it keeps its whole conversation
+    third = client.responses.create(model="x", previous_response_id=second.id, input="Thanks", max_output_tokens=2)
+    assert third.usage is not None and third.usage.input_tokens > second.usage.input_tokens
+
+
+def test_store_false_keeps_nothing(client: OpenAI, server: ServerHandle) -> None:
+    response = client.responses.create(model="x", input=QUESTION, max_output_tokens=2, store=False)
+    assert response.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response.id)
+    reply = httpx.post(
+        f"{server.base_url}/v1/responses", json={"input": "hi", "previous_response_id": response.id}, timeout=60
+    )
+    assert reply.status_code == 400 and response.id in reply.json()["error"]
+
+
+def test_a_required_tool_is_called_and_its_output_answered(client: OpenAI) -> None:
+    response = client.responses.create(
+        model="x",
+        input="Weather in Paris?",
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="required",
+        max_output_tokens=300,
+        temperature=0,
+    )
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert calls and response.status == "completed"
+    call = calls[0]
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    assert call.call_id.startswith("call_") and call.id is not None and call.id.startswith("fc_")
+    follow_up = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "22 C and sunny"},
+    ]
+    answer = client.responses.create(
+        model="x",
+        input=follow_up,  # type: ignore[arg-type]
+        tools=[WEATHER],  # type: ignore[list-item]
+        max_output_tokens=5,
+        temperature=0,
+    )
+    chat_tool = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+    expected = chat(
+        client,
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": call.call_id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": call.call_id, "content": "22 C and sunny"},
+        ],
+        5,
+        tools=[chat_tool],
+    )
+    assert answer.usage is not None and answer.usage.input_tokens == expected.usage.prompt_tokens
+    assert answer.output_text == (expected.choices[0].message.content or "")
+
+
+def test_a_streamed_call_comes_as_its_argument_events(client: OpenAI) -> None:
+    with client.responses.stream(
+        model="x",
+        input="Weather in Paris?",
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=300,
+        temperature=0,
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [event.type for event in events]
+    assert "response.function_call_arguments.delta" in kinds and kinds[-1] == "response.completed"
+    [call] = [item for item in final.output if item.type == "function_call"]
+    done = next(event for event in events if event.type == "response.function_call_arguments.done")
+    assert done.arguments == call.arguments and "city" in json.loads(call.arguments)
+
+
+def test_text_format_json_schema_holds_the_output(client: OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "sunny": {"type": "boolean"}},
+        "required": ["city", "sunny"],
+        "additionalProperties": False,
+    }
+    response = client.responses.create(
+        model="x",
+        input="Weather?",
+        text={"format": {"type": "json_schema", "name": "weather", "schema": schema, "strict": True}},
+        max_output_tokens=64,
+    )
+    value = json.loads(response.output_text)
+    assert set(value) == {"city", "sunny"} and isinstance(value["sunny"], bool)
+    assert response.text.format.type == "json_schema"  # type: ignore[union-attr]
+
+
+def test_logprobs_come_with_the_output_text(client: OpenAI) -> None:
+    response = client.responses.create(
+        model="x", input=QUESTION, max_output_tokens=5, include=["message.output_text.logprobs"], top_logprobs=2
+    )
+    part = response.output[0].content[0]  # type: ignore[union-attr]
+    assert part.logprobs is not None and len(part.logprobs) == 5
+    assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in part.logprobs)
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({}, "input must be"),
+        ({"input": []}, "input must be"),
+        ({"input": [{"type": "image_generation_call"}]}, "'image_generation_call'"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "'input_image'"),
+        ({"input": [{"role": "robot", "content": "hi"}]}, "'robot'"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "call_id"),
+        ({"input": "hi", "tools": [{"type": "web_search"}]}, "'web_search'"),
+        ({"input": "hi", "include": ["file_search_call.results"]}, "include"),
+        ({"input": "hi", "truncation": "auto"}, "truncation"),
+        ({"input": "hi", "background": True}, "background"),
+        ({"input": "hi", "previous_response_id": "resp_nope"}, "resp_nope"),
+        ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "hi", "max_output_tokens": "8"}, "max_output_tokens"),
+        ({"input": "hi", "text": {"format": {"type": "grammar"}}}, "text.format"),
+        ({"input": "hi", "tool_choice": "required"}, "needs tools"),
+        ({"input": "hi", "metadata": {"a": 1}}, "metadata"),
+    ],
+)
+def test_bad_requests_are_named(server: ServerHandle, body: dict[str, Any], needle: str) -> None:
+    response = httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert needle in response.json()["error"]
+
+
+def test_input_items_pages(client: OpenAI, server: ServerHandle) -> None:
+    messages = [{"role": "user", "content": f"message {index}"} for index in range(5)]
+    response = client.responses.create(model="x", input=messages, max_output_tokens=1)  # type: ignore[arg-type]
+    url = f"{server.base_url}/v1/responses/{response.id}/input_items"
+    newest = httpx.get(url, params={"limit": 2}).json()
+    assert [item["content"][0]["text"] for item in newest["data"]] == ["message 4", "message 3"]
+    assert newest["has_more"] is True
+    rest = httpx.get(url, params={"limit": 10, "after": newest["last_id"]}).json()
+    assert [item["content"][0]["text"] for item in rest["data"]] == ["message 2", "message 1", "message 0"]
+    assert rest["has_more"] is False
+    assert httpx.get(url, params={"limit": 0}).status_code == 400
+    assert httpx.delete(f"{server.base_url}/v1/responses/resp_nope").status_code == 404
