@@ -5,8 +5,9 @@ when prefilling), runs them through the pipeline as one varlen batch, samples th
 their end, and streams the results. New requests join at the next step; finished ones free their KV caches on
 every stage at once. The choices of an n > 1 request share one prefill: the later ones start from a copy of the
 first one's caches (on every stage) and compute only the prompt's last token; likewise a new prompt that starts
-with a finished sequence's tokens copies its kept caches (prefix caching, engine/prefix_cache.py). Torch runs only
-on this thread.
+with a finished sequence's tokens copies its kept caches (prefix caching): engine/copies.py decides both. What a
+step's outputs mean for each sequence (tokens, prompt scores, embeddings) is engine/outputs.py. Torch runs only on
+this thread.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from itertools import count
 import torch
 
 from cake_py.cluster.pipeline import Pipeline
+from cake_py.engine.copies import CopySources
+from cake_py.engine.outputs import step_events
 from cake_py.engine.plan import plan_step
-from cake_py.engine.prefix_cache import PrefixCache
 from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
 from cake_py.engine.stats import EngineStats
 from cake_py.errors import CakeError, ClusterError, ContextLengthError, OverloadedError, RequestError
 from cake_py.models.device import tune_allocator
 from cake_py.models.kv_cache import Batch
-from cake_py.models.sampling import SamplingParams, prompt_token_logprobs
+from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -70,12 +72,9 @@ class Engine:
         self._running: dict[int, Sequence] = {}
         self._to_release: list[int] = []  # finished sequences that reached the pipeline: released once per step
         self._finished: list[tuple[Sequence, GenerationEvent | None]] = []  # their last events, sent after that
-        # Finished sequences whose prefill other choices still wait to copy: released once none does.
-        self._kept_for_copies: dict[int, Sequence] = {}
-        self._inbox_copies: dict[int, int] = {}  # leader id → choices still in the inbox that will copy it
-        # Finished sequences whose caches stay for later prompts that start the same way (0 tokens: none are kept).
-        self.prefix_cache = PrefixCache(prefix_cache_tokens)
-        self._prefix_copies: dict[int, int] = {}  # sequence → the kept one its first slice copies, this step
+        # Choices copying their leader's prefill, and the finished sequences kept for prompts that start the same way.
+        self.copies = CopySources(prefix_cache_tokens, self._running, self._waiting)
+        self.prefix_cache = self.copies.prefix_cache
         # The sequences of a failed step, in order: each runs alone until it has passed a step (or failed one alone),
         # so that one sequence's fault (or a batch too big for memory) ends only its own request.
         self._suspects: dict[int, None] = {}
@@ -195,8 +194,7 @@ class Engine:
                 raise ClusterError(ENGINE_STOPPED)
             if not queue_checked:
                 self.check_room(1)
-            if seq.leader is not None:
-                self._inbox_copies[seq.leader] = self._inbox_copies.get(seq.leader, 0) + 1
+            self.copies.queued(seq)
             self._queued += 1
             self._inbox.put(seq)
         self._wake.set()
@@ -298,10 +296,7 @@ class Engine:
             if isinstance(item, Sequence):
                 with self._submit_lock:
                     self._queued -= 1
-                    if item.leader is not None:
-                        left = self._inbox_copies.pop(item.leader, 1) - 1
-                        if left:
-                            self._inbox_copies[item.leader] = left
+                    self.copies.taken(item)
                 self._waiting[item.seq_id] = item
                 self.stats.requests_total += 1
                 continue
@@ -314,10 +309,7 @@ class Engine:
         """Free the KV caches of the sequences finished since the last call, then send their last events (a client
         that heard its answer finds its caches gone). One Release per stage, not one per sequence (each a round
         trip to a worker), and none for sequences that never reached the pipeline."""
-        self._to_release += self.prefix_cache.expired()
-        for leader_id in [leader_id for leader_id in self._kept_for_copies if not self._awaited(leader_id)]:
-            del self._kept_for_copies[leader_id]  # every choice has its copy (or ended): the caches can go
-            self._to_release.append(leader_id)
+        self._to_release += self.copies.releasable()
         if self._to_release:
             seq_ids, self._to_release = self._to_release, []
             try:
@@ -346,11 +338,11 @@ class Engine:
         self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
         suspect = self._take_suspect()  # it runs alone now (or waits, unplanned, for the prefill it copies)
         candidates = [suspect] if suspect is not None else self._running.values()
-        self._prefix_copies.clear()
-        plan = plan_step(candidates, self.max_batch_tokens, self._copy_source)
+        self.copies.new_step()
+        plan = plan_step(candidates, self.max_batch_tokens, self.copies.source)
         if not plan.batch:
             return
-        batch, members, rows, sampled_members = plan.batch, plan.members, plan.rows, plan.sampled
+        batch, members = plan.batch, plan.members
         for seq in members:
             seq.reached_pipeline = True  # from here a stage may hold its caches, even if the step fails
         began = time.perf_counter()
@@ -361,12 +353,12 @@ class Engine:
             if not isinstance(error, CakeError):
                 log.exception("forward pass failed")
                 error = CakeError(f"internal error in the forward pass: {type(error).__name__}: {error}")
-            if self._prefix_copies and not self.pipeline.down_stages():
+            if self.copies.prefix_copies and not self.pipeline.down_stages():
                 # A kept cache a stage no longer holds (its idle timeout, a restart: then it lost them all).
                 log.warning(
                     "a step copying kept prefixes failed (%s): the kept caches are dropped, the step retried", error
                 )
-                self._drop_prefix_copies(batch, members)
+                self._to_release += self.copies.drop_prefixes(batch, members)
                 return
             if len(members) > 1 and not self.pipeline.down_stages():
                 log.warning("a step of %d sequences failed (%s): each runs alone once", len(members), error)
@@ -377,38 +369,16 @@ class Engine:
             return
         for piece, seq in zip(batch, members, strict=True):
             seq.n_cached = piece.start_pos + piece.n_tokens
-            if piece.seq_id in self._prefix_copies:
+            if piece.seq_id in self.copies.prefix_copies:
                 seq.cached_tokens = piece.start_pos  # prompt tokens a kept cache gave it (usage's cached_tokens)
                 self.stats.prefix_cached_tokens += piece.start_pos
-        first = len(rows)
-        for seq, scoring_rows, targets in plan.scored:
-            assert seq.prompt_logprobs is not None
-            chunk = logits[first : first + len(scoring_rows)]
-            seq.prompt_logprobs += prompt_token_logprobs(chunk, targets, seq.params.top_logprobs)
-            first += len(scoring_rows)
-        events = self._pool(plan.pooled, hidden)
-        for row, seq in enumerate(sampled_members):
-            if seq.params.max_tokens == 0:  # the prompt was only to be scored
-                events.append((seq, GenerationEvent(seq.seq_id, finish_reason="length")))
-                continue
-            try:
-                event = seq.accept(seq.sampler.sample(logits[row], seq.all_ids))
-            except Exception as error:  # one sequence's sampling failed: it ends alone, the others go on
-                if isinstance(error, CakeError):  # the request's own fault (its grammar), named
-                    failure = error
-                else:
-                    log.exception("sampling failed for sequence %d", seq.seq_id)
-                    failure = CakeError(f"internal error while sampling: {type(error).__name__}: {error}")
-                event = GenerationEvent(seq.seq_id, finish_reason="error", error=str(failure), exception=failure)
-            events.append((seq, event))
-            if seq.first_token_at is not None and len(seq.output_ids) == 1:
-                self.stats.record_first_token((seq.first_token_at - seq.created) * 1000)
+        events = step_events(plan, logits, hidden, self.stats)
         # Counted before anyone hears of them: a client that got its last token then reads the stats sees it.
         prompt_tokens = sum(  # the slices' overlap with their prompts (a prefill's last token is a prompt token)
             max(0, min(piece.start_pos + piece.n_tokens, len(seq.prompt_ids)) - piece.start_pos)
             for piece, seq in zip(batch, members, strict=True)
         )
-        generated = sum(1 for seq in sampled_members if seq.params.max_tokens)
+        generated = sum(1 for seq in plan.sampled if seq.params.max_tokens)
         self.stats.record_step(generated, prompt_tokens, time.perf_counter() - began)
         for seq, event in events:
             if event.finished:
@@ -416,22 +386,6 @@ class Engine:
             else:
                 self._emit(seq, event)
         self._settle()
-
-    @staticmethod
-    def _pool(
-        pooled: list[tuple[Sequence, list[int], bool]], hidden: torch.Tensor | None
-    ) -> list[tuple[Sequence, GenerationEvent]]:
-        """Add this step's final hidden states to each embedding; the finished ones' last events."""
-        events, first = [], 0
-        for seq, rows, ends in pooled:
-            assert seq.pooled is not None
-            if rows:
-                assert hidden is not None
-                seq.pooled.add(hidden[first : first + len(rows)])
-                first += len(rows)
-            if ends:
-                events.append((seq, GenerationEvent(seq.seq_id, finish_reason="stop", embedding=seq.pooled.result())))
-        return events
 
     def _take_suspect(self) -> Sequence | None:
         """The first sequence of a failed step still running (finished or cancelled ones are skipped), to be run
@@ -454,51 +408,6 @@ class Engine:
                 seq.n_cached = 0
         self._suspects.update(dict.fromkeys(seq.seq_id for seq in members))
 
-    def _copy_source(self, seq: Sequence) -> int | None:
-        """The sequence whose caches `seq`'s first slice copies: its leader's prefill (n > 1 choices), else the kept
-        sequence sharing the longest prefix with its prompt (prefix caching); 0 while the leader's prefill runs."""
-        shared = self._shared_prefill(seq)
-        if shared is not None or seq.n_cached or seq.leader is not None or seq.reads_every_prompt_row:
-            return shared
-        match = self.prefix_cache.match(seq.prompt_ids)
-        if match is None:
-            return None
-        kept, seq.n_cached = match
-        self._prefix_copies[seq.seq_id] = kept
-        return kept
-
-    def _drop_prefix_copies(self, batch: Batch, members: list[Sequence]) -> None:
-        """After a failed step that copied kept prefixes: every kept cache is let go (a stage that lost one, restarted
-        or reassigned, lost them all: dropping only those matched would fail a step per entry), and every sequence of
-        the step runs it again, the copying ones from scratch. That retry copies nothing, so it fails at most once
-        more, on the usual path."""
-        self._to_release += self.prefix_cache.clear()
-        for piece, seq in zip(batch, members, strict=True):
-            if piece.copy_from is not None:
-                seq.n_cached = 0
-        self._prefix_copies.clear()
-
-    def _shared_prefill(self, seq: Sequence) -> int | None:
-        """For a sequence that shares its leader's prefill and has not started: the leader's id once that prefill is
-        done (this sequence then holds all but the prompt's last token, copied), 0 while it runs, None when there is
-        nothing to share (the leader is gone, or its prompt differs): the sequence prefills alone."""
-        if seq.leader is None or seq.n_cached:
-            return None
-        leader = self._running.get(seq.leader) or self._kept_for_copies.get(seq.leader)
-        shared = len(seq.prompt_ids) - 1
-        if leader is None or leader.prompt_ids != seq.prompt_ids or shared < 1:
-            seq.leader = None
-            return None
-        if leader.n_cached < shared:
-            return 0
-        kept = self._prefix_copies.get(leader.seq_id)
-        if kept is not None:  # the leader copies a kept prefix in this very step (stages hold none of it yet)
-            seq.n_cached = shared
-            self._prefix_copies[seq.seq_id] = kept
-            return kept
-        seq.n_cached = shared
-        return leader.seq_id
-
     def _emit(self, seq: Sequence, event: GenerationEvent) -> None:
         try:
             seq.sink(seq.with_prompt_logprobs(event))
@@ -508,28 +417,9 @@ class Engine:
             self._finish(seq, None)
 
     def _finish(self, seq: Sequence, event: GenerationEvent | None) -> None:
-        """Take a sequence out of the schedule; `_settle` releases its caches and then sends `event`. A finished
-        prefill that other choices wait to copy (a first token that ended its choice) keeps its caches until
-        they have copied it."""
+        """Take a sequence out of the schedule; `_settle` releases its caches (unless they are kept: engine/copies.py)
+        and then sends `event`."""
         self._running.pop(seq.seq_id, None)
         self._waiting.pop(seq.seq_id, None)
-        copyable = event is not None and not event.error and not seq.prefilling
-        finished = event is not None and event.finish_reason in ("stop", "length")
-        keepable = seq.reached_pipeline and finished and seq.pooled is None
-        if copyable and self._awaited(seq.seq_id):
-            self._kept_for_copies[seq.seq_id] = seq
-        elif keepable:
-            # Kept for a later prompt that starts the same way; a cancelled one frees its caches at once. Embeddings
-            # are not kept: indexing a corpus would push out every chat's history.
-            self._to_release += self.prefix_cache.add(seq.seq_id, seq.all_ids[: seq.n_cached])
-        elif seq.reached_pipeline:
-            self._to_release.append(seq.seq_id)
+        self._to_release += self.copies.finished(seq, event)
         self._finished.append((seq, event))
-
-    def _awaited(self, leader_id: int) -> bool:
-        """Whether a choice still waits to copy this sequence's prefill (queued, or not yet seen in the inbox)."""
-        if self._inbox_copies.get(leader_id):
-            return True
-        return any(
-            seq.leader == leader_id and not seq.n_cached for seq in (*self._running.values(), *self._waiting.values())
-        )

@@ -415,7 +415,7 @@ def test_a_first_choice_that_ends_on_its_first_token_still_shares_its_prefill(ti
 
         seq_id = engine.submit(prompt, params, sink, share_prefill_with=leader)
         leader = leader or seq_id
-    assert leader is not None and engine._awaited(leader)  # known while the copies still sit in the inbox
+    assert leader is not None and engine.copies.awaited(leader)  # known while the copies still sit in the inbox
     engine.start()
     try:
         for _ in range(3):

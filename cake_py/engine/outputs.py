@@ -1,0 +1,68 @@
+"""What one step's outputs mean for its sequences: the prompt scores, the embeddings and the sampled tokens, as the
+events the engine then streams (or ends the sequences with). Runs on the engine thread."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from cake_py.engine.plan import StepPlan
+from cake_py.engine.sequence import GenerationEvent, Sequence
+from cake_py.engine.stats import EngineStats
+from cake_py.errors import CakeError
+from cake_py.models.sampling import prompt_token_logprobs
+
+log = logging.getLogger(__name__)
+
+Events = list[tuple[Sequence, GenerationEvent]]
+
+
+def step_events(plan: StepPlan, logits: torch.Tensor, hidden: torch.Tensor | None, stats: EngineStats) -> Events:
+    """`logits` at `plan.head_rows` and the final `hidden` states at `plan.hidden_rows` → each sequence's event."""
+    _score_prompts(plan, logits)
+    return _pool(plan, hidden) + _sample(plan, logits, stats)
+
+
+def _score_prompts(plan: StepPlan, logits: torch.Tensor) -> None:
+    first = len(plan.rows)  # the scoring rows follow the sampled ones
+    for seq, scoring_rows, targets in plan.scored:
+        assert seq.prompt_logprobs is not None
+        chunk = logits[first : first + len(scoring_rows)]
+        seq.prompt_logprobs += prompt_token_logprobs(chunk, targets, seq.params.top_logprobs)
+        first += len(scoring_rows)
+
+
+def _pool(plan: StepPlan, hidden: torch.Tensor | None) -> Events:
+    """Add this step's final hidden states to each embedding; the finished ones' last events."""
+    events, first = [], 0
+    for seq, rows, ends in plan.pooled:
+        assert seq.pooled is not None
+        if rows:
+            assert hidden is not None
+            seq.pooled.add(hidden[first : first + len(rows)])
+            first += len(rows)
+        if ends:
+            events.append((seq, GenerationEvent(seq.seq_id, finish_reason="stop", embedding=seq.pooled.result())))
+    return events
+
+
+def _sample(plan: StepPlan, logits: torch.Tensor, stats: EngineStats) -> Events:
+    events: Events = []
+    for row, seq in enumerate(plan.sampled):
+        if seq.params.max_tokens == 0:  # the prompt was only to be scored
+            events.append((seq, GenerationEvent(seq.seq_id, finish_reason="length")))
+            continue
+        try:
+            event = seq.accept(seq.sampler.sample(logits[row], seq.all_ids))
+        except Exception as error:  # one sequence's sampling failed: it ends alone, the others go on
+            if isinstance(error, CakeError):  # the request's own fault (its grammar), named
+                failure = error
+            else:
+                log.exception("sampling failed for sequence %d", seq.seq_id)
+                failure = CakeError(f"internal error while sampling: {type(error).__name__}: {error}")
+            event = GenerationEvent(seq.seq_id, finish_reason="error", error=str(failure), exception=failure)
+        events.append((seq, event))
+        if seq.first_token_at is not None and len(seq.output_ids) == 1:
+            stats.record_first_token((seq.first_token_at - seq.created) * 1000)
+    return events
