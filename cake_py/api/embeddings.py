@@ -109,21 +109,27 @@ async def embeddings(request: Request) -> Response:
         engine.check_prompt(len(ids), params)  # ContextLengthError: a 400 with code context_length_exceeded
     streams = open_streams(state, engine, prompts, [params] * len(prompts))
     results = await collect_all(request, streams)
-    data = []
-    for index, result in enumerate(results):
-        assert result.last.embedding is not None
-        data.append({"object": "embedding", "index": index, "embedding": _vector(result.last.embedding, encoding)})
     n_tokens = sum(len(ids) for ids in prompts)
-    return JSONResponse(
-        {
-            "id": f"embd-{uuid.uuid4().hex[:24]}",
-            "object": "list",
-            "created": int(time.time()),
-            "model": state.model_name,
-            "data": data,
-            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-        }
-    )
+    vectors = [result.last.embedding for result in results]
+    model = state.model_name
+
+    def answer() -> Response:  # thousands of vectors take a while to write out: off the event loop
+        data = []
+        for index, vector in enumerate(vectors):
+            assert vector is not None
+            data.append({"object": "embedding", "index": index, "embedding": _vector(vector, encoding)})
+        return JSONResponse(
+            {
+                "id": f"embd-{uuid.uuid4().hex[:24]}",
+                "object": "list",
+                "created": int(time.time()),
+                "model": model,
+                "data": data,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            }
+        )
+
+    return await run_in_threadpool(answer)
 
 
 ROUTES = [Route("/v1/embeddings", embeddings, methods=["POST"])]

@@ -15,6 +15,7 @@ from cake_py.models.sampling import SamplingParams
 
 MAX_CHOICES = 8
 MAX_TOKEN_IDS = 64  # stop_token_ids per request
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff, escaped in JSON text
 
 
 async def json_body(request: Request) -> dict[str, Any]:
@@ -25,6 +26,12 @@ async def json_body(request: Request) -> dict[str, Any]:
         raise ApiError(400, f"request body is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):  # a pair makes one character; a lone half is no text at all
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as error:
+            bad = error.object[error.start : error.end].encode("unicode_escape").decode()
+            raise ApiError(400, f"request body holds a lone UTF-16 surrogate ({bad}), which is not text") from None
     return body
 
 

@@ -35,15 +35,23 @@ def _score_prompts(plan: StepPlan, logits: torch.Tensor) -> None:
 
 def _pool(plan: StepPlan, hidden: torch.Tensor | None) -> Events:
     """Add this step's final hidden states to each embedding; the finished ones' last events."""
-    events, first = [], 0
+    events: Events = []
+    first = 0
     for seq, rows, ends in plan.pooled:
         assert seq.pooled is not None
-        if rows:
-            assert hidden is not None
-            seq.pooled.add(hidden[first : first + len(rows)])
-            first += len(rows)
-        if ends:
-            events.append((seq, GenerationEvent(seq.seq_id, finish_reason="stop", embedding=seq.pooled.result())))
+        part = hidden[first : first + len(rows)] if rows and hidden is not None else None
+        first += len(rows)
+        try:
+            if part is not None:
+                seq.pooled.add(part)
+            if ends:
+                events.append((seq, GenerationEvent(seq.seq_id, finish_reason="stop", embedding=seq.pooled.result())))
+        except Exception as error:  # one embedding's failure ends it alone, as a sampling failure does
+            log.exception("pooling failed for sequence %d", seq.seq_id)
+            failure = CakeError(f"internal error while pooling: {type(error).__name__}: {error}")
+            events.append(
+                (seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(failure), exception=failure))
+            )
     return events
 
 
@@ -61,8 +69,12 @@ def _sample(plan: StepPlan, logits: torch.Tensor, stats: EngineStats) -> Events:
             else:
                 log.exception("sampling failed for sequence %d", seq.seq_id)
                 failure = CakeError(f"internal error while sampling: {type(error).__name__}: {error}")
-            event = GenerationEvent(seq.seq_id, finish_reason="error", error=str(failure), exception=failure)
+            event = _failed(seq, failure)
         events.append((seq, event))
         if seq.first_token_at is not None and len(seq.output_ids) == 1:
             stats.record_first_token((seq.first_token_at - seq.created) * 1000)
     return events
+
+
+def _failed(seq: Sequence, failure: CakeError) -> GenerationEvent:
+    return GenerationEvent(seq.seq_id, finish_reason="error", error=str(failure), exception=failure)

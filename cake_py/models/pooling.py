@@ -69,7 +69,8 @@ class PoolingState:
         vector = self.total / self.count if self.pooling.kind == "mean" else self.total
         if self.pooling.normalize:
             vector = torch.nn.functional.normalize(vector, dim=0)
-        return vector.to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+        # The head may sit on a GPU: the bytes are read on the CPU.
+        return vector.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
 
 
 def folder_pooling(folder: Path) -> str | None:

@@ -24,6 +24,7 @@ from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
 from cake_py.models.hub import ModelSource, embedded_model_path, resolve_model
 from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.pooling import Pooling
 from cake_py.models.sampling import SamplingParams
 from cake_py.rpc.client import RemoteStage
 from tests.conftest import TinyModelFactory
@@ -160,6 +161,26 @@ def test_choices_share_their_prefill_on_the_gpu(tiny_llama: Path) -> None:
     assert [_tokens(events) for events in shared] == alone
     assert engine.stats.prompt_tokens - before == 150 + 2
     assert_graphed(engine.pipeline)  # alone, each was graphed; together, they ran eagerly in one batch
+
+
+def test_embeddings_on_the_gpu_equal_the_cpu(tiny_llama: Path) -> None:
+    """The pooled vector leaves the device for its bytes; both poolings equal the CPU's."""
+    source = resolve_model(str(tiny_llama))
+    prompt = [5 + (i * 11) % 300 for i in range(40)]
+    vectors = {}
+    for device in ("cpu", DEVICE):
+        engine = Engine(local_pipeline(source, torch.float32, device), source.tokenizer, max_batch_tokens=16)
+        engine.start()
+        try:
+            for kind in ("last", "mean"):
+                params = SamplingParams(max_tokens=0, pooling=Pooling(kind))
+                [events] = _collect(engine, [(prompt, params, None)])
+                assert events[-1].embedding is not None
+                vectors[device, kind] = torch.frombuffer(bytearray(events[-1].embedding), dtype=torch.float32)
+        finally:
+            engine.stop()
+    for kind in ("last", "mean"):
+        torch.testing.assert_close(vectors[DEVICE, kind], vectors["cpu", kind], rtol=0.0, atol=1e-4)
 
 
 def _tokens(events: list[GenerationEvent]) -> list[int]:

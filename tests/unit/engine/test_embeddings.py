@@ -166,3 +166,30 @@ def test_a_sentence_transformers_folder_says_how_it_pools(tmp_path: Path) -> Non
     assert folder_pooling(tmp_path) is None  # not run here: --pooling decides, with a warning
     config.write_text("not json")
     assert folder_pooling(tmp_path) is None
+
+
+def test_a_failing_embedding_ends_alone(engine_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A pooling failure (a bug, a device the vector cannot leave) ends that embedding with an error; the generation
+    sharing its step goes on as if alone."""
+    engine = engine_factory()
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    alone = [t.token_id for event in run(engine, PROMPT[:7], greedy) for t in event.tokens]
+
+    def broken(self: object) -> bytes:
+        raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+    monkeypatch.setattr("cake_py.models.pooling.PoolingState.result", broken)
+    events: dict[str, queue.SimpleQueue[GenerationEvent]] = {"gen": queue.SimpleQueue(), "emb": queue.SimpleQueue()}
+    with engine.submitting():
+        engine.submit(PROMPT[:7], greedy, events["gen"].put)
+        engine.submit(PROMPT, embed_params(), events["emb"].put)
+    failed = events["emb"].get(timeout=60)
+    assert failed.finish_reason == "error" and failed.error is not None and "pooling" in failed.error
+    tokens: list[int] = []
+    while True:
+        event = events["gen"].get(timeout=60)
+        assert event.error is None
+        tokens += [t.token_id for t in event.tokens]
+        if event.finished:
+            break
+    assert tokens == alone
