@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -64,6 +65,8 @@ class Engine:
         self.vocab_size = pipeline.config.vocab_size
         self.stats = EngineStats()
         self._ids = count(1)
+        self._request_ids = count(1)
+        self._request: int | None = None  # the request being submitted inside `submitting()`
         self._inbox: queue.SimpleQueue[Sequence | int] = queue.SimpleQueue()  # new sequences, or ids to cancel
         self._queued = 0  # sequences in the inbox (cancel requests there are not queued work)
         self._wake = threading.Event()
@@ -148,7 +151,11 @@ class Engine:
         """Submit several sequences as one request: the engine sees them all at once, so they start in one step
         (and choices find the prefill they copy)."""
         with self._submit_lock:  # the engine thread takes it for each sequence it takes from the inbox
-            yield
+            outer, self._request = self._request, self._request or next(self._request_ids)
+            try:
+                yield
+            finally:
+                self._request = outer
 
     def check_room(self, count: int) -> None:
         """Whether a request of `count` sequences may queue now: OverloadedError while the queue is too full for
@@ -194,6 +201,7 @@ class Engine:
                 raise ClusterError(ENGINE_STOPPED)
             if not queue_checked:
                 self.check_room(1)
+            seq.request = self._request or next(self._request_ids)
             self.copies.queued(seq)
             self._queued += 1
             self._inbox.put(seq)
@@ -332,9 +340,7 @@ class Engine:
 
     def step(self) -> None:
         """One scheduler step: decode every running sequence, prefill what fits, sample, stream."""
-        while self._waiting and len(self._running) < self.max_running:
-            seq = self._waiting.pop(next(iter(self._waiting)))  # the oldest
-            self._running[seq.seq_id] = seq
+        self._admit()
         self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
         suspect = self._take_suspect()  # it runs alone now (or waits, unplanned, for the prefill it copies)
         candidates = [suspect] if suspect is not None else self._running.values()
@@ -386,6 +392,28 @@ class Engine:
             else:
                 self._emit(seq, event)
         self._settle()
+
+    def _admit(self) -> None:
+        """Start waiting sequences while there is room, fairly between requests: the next is the oldest of the request
+        with the fewest running (a request of a thousand inputs must not hold every slot while a chat waits behind
+        it), the oldest first among equals."""
+        room = self.max_running - len(self._running)
+        if room <= 0 or not self._waiting:
+            return
+        by_request: dict[int, list[Sequence]] = {}  # each request's waiting sequences, oldest first
+        for seq in self._waiting.values():
+            by_request.setdefault(seq.request, []).append(seq)
+        running = Counter(seq.request for seq in self._running.values())
+        heads = {request: 0 for request in by_request}
+        for _ in range(min(room, len(self._waiting))):
+            request = min(heads, key=lambda r: (running[r], by_request[r][heads[r]].seq_id))
+            seq = by_request[request][heads[request]]
+            heads[request] += 1
+            if heads[request] == len(by_request[request]):
+                del heads[request]
+            running[request] += 1
+            del self._waiting[seq.seq_id]
+            self._running[seq.seq_id] = seq
 
     def _take_suspect(self) -> Sequence | None:
         """The first sequence of a failed step still running (finished or cancelled ones are skipped), to be run

@@ -65,6 +65,7 @@ class Sequence:
         self.pooled = PoolingState(params.pooling) if params.pooling is not None else None  # an embedding's rows
         # A sequence with the same prompt whose prefill this one copies instead of repeating (see Engine.submit).
         self.leader: int | None = None
+        self.request = 0  # the request it belongs to (the engine starts requests' sequences fairly)
         self.cancelled = False
         self.created = time.monotonic()
         self.first_token_at: float | None = None

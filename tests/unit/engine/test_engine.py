@@ -431,3 +431,36 @@ def test_min_tokens_is_clipped_with_max_tokens_to_the_room_left(engine: Engine) 
     room = engine.context_length - 100
     clipped = engine.check_prompt(100, SamplingParams(max_tokens=10**6, min_tokens=10**5))
     assert (clipped.max_tokens, clipped.min_tokens) == (room, room)
+
+
+def test_waiting_sequences_start_fairly_between_requests(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Room goes to the request with the fewest running sequences: a request sent after a big one starts in the
+    next free slot instead of behind all of the big one's sequences."""
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, max_running=2)
+    order: list[str] = []
+    lock = threading.Lock()
+    done = threading.Semaphore(0)
+
+    def sink(name: str) -> Callable[[GenerationEvent], None]:
+        def receive(event: GenerationEvent) -> None:
+            if event.finished:
+                with lock:
+                    order.append(name)
+                done.release()
+
+        return receive
+
+    long = replace(GREEDY, max_tokens=8)
+    engine.start()
+    try:
+        with engine.submitting():  # one request of six sequences
+            for index in range(6):
+                engine.submit([5, 6, 7 + index], long, sink(f"big-{index}"))
+        engine.submit([9, 9, 9], replace(GREEDY, max_tokens=2), sink("chat"))
+        for _ in range(7):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert order.index("chat") <= 3, order  # the first two big ones, at most one more, then the chat
+    assert sorted(order) == sorted([*(f"big-{index}" for index in range(6)), "chat"])
