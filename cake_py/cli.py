@@ -24,6 +24,7 @@ from cake_py.config import (
     env,
     load_cluster_file,
     parse_cpus,
+    parse_origins,
     parse_ui_auth,
     parse_workers_flag,
 )
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", help=DEVICE_HELP)
     serve.add_argument("--api-key", help="require this Bearer key on the API (also CAKE_API_KEY)")
     serve.add_argument("--ui-auth", help="USER:PASS for HTTP Basic auth on the web UI and topology")
+    serve.add_argument(
+        "--allowed-origins",
+        default="*",
+        help="comma-separated origins whose browser pages may call the API (CORS); * = any, '' = none",
+    )
     serve.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
     serve.add_argument(
         "--connect-timeout", type=_positive_float, default=10.0, help="seconds to wait for each worker at startup"
@@ -230,6 +236,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         log_level=args.log_level,
         threads=_threads(args.threads, cpus),
         rate_limit=args.rate_limit,
+        allowed_origins=parse_origins(args.allowed_origins),
         rate_burst=args.rate_burst,
         max_body_bytes=args.max_body_bytes,
         max_running=args.max_running,

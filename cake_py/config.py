@@ -41,6 +41,7 @@ class ServeSettings:
     device: str = "auto"
     api_key: str | None = None
     ui_auth: tuple[str, str] | None = None
+    allowed_origins: tuple[str, ...] = ("*",)  # CORS: origins whose pages may call the API; () = none
     cluster_key: str | None = None
     log_level: str = "info"
     threads: int | None = None
@@ -103,6 +104,15 @@ def check_device(value: str) -> str:
     if value not in DEVICES and not (index != value and index.isdigit()):
         raise ConfigError(f"unknown device {value!r} (choose one of {', '.join(DEVICES)}, or cuda:N)")
     return value
+
+
+def parse_origins(value: str) -> tuple[str, ...]:
+    """--allowed-origins: `*`, or comma-separated origins such as https://app.example.com ('' allows none)."""
+    origins = tuple(origin.strip().rstrip("/") for origin in value.split(",") if origin.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(f"--allowed-origins: {origin!r} is not * or an origin such as https://app.example.com")
+    return origins
 
 
 def parse_ui_auth(value: str | None) -> tuple[str, str] | None:

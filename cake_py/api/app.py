@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Route
 
 from cake_py.api import (
@@ -30,6 +31,23 @@ from cake_py.api.errors import EXCEPTION_HANDLERS
 from cake_py.api.metrics import ApiMetrics, MetricsMiddleware
 from cake_py.api.middleware import AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware
 from cake_py.api.state import ServerState
+
+
+def _cors(origins: tuple[str, ...]) -> list[Middleware]:
+    """Browser pages from these origins may call the API (CORS, as vLLM and llama.cpp's server allow by default).
+    No credentials: a key is sent as a header the page sets, never a cookie the browser adds on its own."""
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
+    ]
 
 
 def create_app(state: ServerState) -> Starlette:
@@ -65,6 +83,8 @@ def create_app(state: ServerState) -> Starlette:
     paths = frozenset(route.path for route in routes if isinstance(route, Route))
     # Outermost first: every request is counted, then authenticated, then rate limited, then size-checked.
     middleware = [
+        # Outside the key check: a browser's preflight carries no key, and a 401 must still reach the page.
+        *_cors(settings.allowed_origins),
         Middleware(MetricsMiddleware, state=state, paths=paths),
         Middleware(AuthMiddleware, api_key=settings.api_key, ui_auth=settings.ui_auth),
         Middleware(RateLimitMiddleware, per_minute=settings.rate_limit, burst=settings.rate_burst),

@@ -139,6 +139,10 @@ def test_an_unknown_pooling_is_refused() -> None:
     assert_one_line_error(cake("serve", "--pooling", "cls"), "'cls'")
 
 
+def test_a_bad_allowed_origin_is_refused() -> None:
+    assert_one_line_error(cake("serve", "--allowed-origins", "*,ftp://x"), "'ftp://x'")
+
+
 @pytest.mark.parametrize("command", ["serve", "worker", "run"])
 @pytest.mark.parametrize("device", ["cuda:x", "gpu", "cuda:-1"])
 def test_a_device_that_is_no_device_is_refused(command: str, device: str) -> None:

@@ -102,3 +102,16 @@ def test_cpus_in_tasksets_list_form(value: str | None, cpus: tuple[int, ...] | N
 def test_bad_cpus_name_the_item(value: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         parse_cpus(value)
+
+
+def test_allowed_origins_are_star_or_origins() -> None:
+    from cake_py.config import parse_origins
+
+    assert parse_origins("*") == ("*",)
+    assert parse_origins("") == ()
+    assert parse_origins("https://a.example.com/, http://localhost:3000") == (
+        "https://a.example.com",
+        "http://localhost:3000",
+    )
+    with pytest.raises(ConfigError, match="'ftp://x'"):
+        parse_origins("ftp://x")

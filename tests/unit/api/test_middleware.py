@@ -174,3 +174,36 @@ def test_body_over_the_limit_is_413_from_content_length_or_while_streaming() -> 
         assert "over the limit of 100 bytes" in streamed.json()["detail"]
         small = client.post("/models/load", content=b"[]", headers={"content-type": "application/json"})
         assert small.status_code == 400
+
+
+PREFLIGHT = {
+    "Origin": "https://app.example.com",
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type",
+}
+
+
+def test_browser_pages_of_any_origin_may_call_the_api_by_default(keyed: TestClient) -> None:
+    """CORS as vLLM and llama.cpp's server allow it: a preflight needs no key, and a refusal still reaches the page."""
+    preflight = keyed.options("/v1/chat/completions", headers=PREFLIGHT)
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    refused = keyed.post("/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example.com"})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in refused.headers  # a page cannot borrow the browser's Basic auth
+
+
+def test_allowed_origins_limit_or_turn_off_cors() -> None:
+    with _client(allowed_origins=("https://app.example.com",), rate_limit=0) as client:
+        assert client.options("/v1/models", headers=PREFLIGHT).status_code == 200
+        other = {**PREFLIGHT, "Origin": "https://evil.example.org"}
+        assert client.options("/v1/models", headers=other).status_code == 400
+        answer = client.get("/v1/models", headers={"Origin": "https://evil.example.org"})
+        assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+        mine = client.get("/v1/models", headers={"Origin": "https://app.example.com"})
+        assert mine.headers["access-control-allow-origin"] == "https://app.example.com"
+    with _client(allowed_origins=(), rate_limit=0) as client:
+        answer = client.get("/v1/models", headers={"Origin": "https://app.example.com"})
+        assert "access-control-allow-origin" not in answer.headers
