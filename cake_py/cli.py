@@ -80,6 +80,17 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _gigabytes(value: str) -> int:
+    """A size in GB (decimal, as disks are sold) → bytes; 0 allowed."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of GB") from None
+    if not 0 <= number < 1e9:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a size in GB, 0 or more")
+    return int(number * 1e9)
+
+
 def _graphs_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-cuda-graphs",
@@ -168,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", help="worker name shown in the topology (default: hostname:port)")
     worker.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
     worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
+    worker.add_argument(
+        "--cache-max-gb",
+        type=_gigabytes,
+        default=0,
+        help="largest size of the weight cache: weights unused the longest are deleted to make room (0: no limit)",
+    )
     worker.add_argument("--device", default="auto", help=DEVICE_HELP)
     _graphs_flag(worker)
     worker.add_argument("--threads", type=_positive_int, help="torch threads of this worker")
@@ -274,6 +291,7 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
         name=args.name,
         cluster_key=check_cluster_key(args.cluster_key or env("CAKE_CLUSTER_KEY")),
         cache_dir=args.cache_dir or default_cache_dir(),
+        cache_max_bytes=args.cache_max_gb,
         device=check_device(args.device),
         threads=_threads(args.threads, cpus),
         log_level=args.log_level,

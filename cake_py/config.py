@@ -71,6 +71,7 @@ class WorkerSettings:
     name: str | None = None
     cluster_key: str | None = None
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    cache_max_bytes: int = 0  # the weight cache's size limit (least recently used weights go first); 0: none
     device: str = "auto"
     threads: int | None = None
     log_level: str = "info"

@@ -74,7 +74,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.device = device
         self.tflops = tflops
         self.name = settings.name or f"{os.uname().nodename}:{settings.port}"
-        self.cache = WeightCache(settings.cache_dir)
+        self.cache = WeightCache(settings.cache_dir, settings.cache_max_bytes)
         self.lock = threading.Lock()
         self.model: Transformer | None = None
         self.kv: KVStore | None = None
@@ -134,12 +134,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         try:
             for spec in request.tensors:
                 if self.cache.verify(spec.sha256, spec.size_bytes):
+                    self.cache.touch(spec.sha256)  # in use again: the last to be evicted
                     cached += spec.size_bytes
                 else:
                     missing[spec.sha256] = spec.size_bytes
-            free = self.cache.free_bytes()
         except ClusterError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        try:  # under --cache-max-gb, the weights unused the longest make room for the missing ones
+            self.cache.make_room({spec.sha256 for spec in request.tensors}, sum(missing.values()))
+            free = self.cache.free_bytes()
+        except ClusterError as error:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         # Refused before a byte streams: a master retrying every few seconds would otherwise stream the weights
         # again each time, only to fill the disk again.
         needed = sum(missing.values())

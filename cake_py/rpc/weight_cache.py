@@ -1,4 +1,7 @@
-"""The worker's on-disk weight cache: one file of raw tensor bytes per sha256, so a restart downloads nothing."""
+"""The worker's on-disk weight cache: one file of raw tensor bytes per sha256, so a restart downloads nothing.
+
+With a size limit (`--cache-max-gb`), files unused the longest go first to make room for an assignment's missing
+weights; a file's mtime marks its last use (set when it is verified for an assignment)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from pathlib import Path
 
 import psutil
@@ -23,8 +27,10 @@ _HOST = "".join(char if char.isalnum() or char == "-" else "-" for char in socke
 
 
 class WeightCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_bytes: int = 0) -> None:
         self.root = root
+        self.max_bytes = max_bytes  # 0: no limit but the disk's
+        self._evicting = threading.Lock()  # two masters' Prepares must not pick the same room
         # Files this process has hashed (or written and hashed), with the (size, mtime_ns, inode) they had then:
         # a re-assignment (a reconnect, a model switch back) re-hashes only what changed on disk since.
         self._verified: dict[str, tuple[int, int, int]] = {}
@@ -82,6 +88,57 @@ class WeightCache:
         self._verified.pop(sha256, None)
         path.unlink(missing_ok=True)
         return False
+
+    def touch(self, sha256: str) -> None:
+        """Mark a verified file as used now (eviction goes by least recent use); it stays verified."""
+        path = self.path(sha256)
+        try:
+            os.utime(path)
+            stat = path.stat()
+        except OSError:
+            return  # a read-only cache still serves: only its eviction order is off
+        if sha256 in self._verified:
+            self._verified[sha256] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+    def files(self) -> list[tuple[float, int, str]]:
+        """(mtime, size, sha256) of every committed file, least recently used first."""
+        found = []
+        for path in self.root.glob("??/*"):
+            if len(path.name) != 64 or path.name[:2] != path.parent.name:
+                continue  # temp files, strangers
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            found.append((stat.st_mtime, stat.st_size, path.name))
+        return sorted(found)
+
+    def make_room(self, keep: set[str], needed: int) -> int:
+        """Under the size limit, delete the least recently used files outside `keep` until `needed` more bytes fit
+        beside what stays; returns the bytes freed. ClusterError when `keep` and `needed` alone pass the limit."""
+        if not self.max_bytes:
+            return 0
+        with self._evicting:
+            files = self.files()
+            kept = sum(size for _, size, sha in files if sha in keep)
+            if kept + needed > self.max_bytes:
+                raise ClusterError(
+                    f"this assignment's weights take {(kept + needed) / 1e9:.2f} GB, more than the weight cache's "
+                    f"--cache-max-gb {self.max_bytes / 1e9:.2f}: raise it, or give this worker fewer layers"
+                )
+            used, freed = sum(size for _, size, _ in files), 0
+            for _, size, sha in files:
+                if used + needed <= self.max_bytes:
+                    break
+                if sha in keep:
+                    continue
+                self.path(sha).unlink(missing_ok=True)
+                self._verified.pop(sha, None)
+                used -= size
+                freed += size
+            if freed:
+                log.info("weight cache: removed %.1f MB unused the longest to stay under its limit", freed / 1e6)
+            return freed
 
     def _committed(self, sha256: str) -> None:
         """A file just written and hashed while streaming: verified, as it lies on disk now."""

@@ -133,10 +133,16 @@ def test_flags_reach_the_settings() -> None:
     worker = _worker_settings(parser.parse_args(["worker", "--no-cuda-graphs", "--device", "cuda:0"]))
     assert (worker.cuda_graphs, worker.device) == (False, "cuda:0")
     assert (serve.pooling, _serve_settings(parser.parse_args(["serve", "--pooling", "mean"])).pooling) == (None, "mean")
+    assert _worker_settings(parser.parse_args(["worker", "--cache-max-gb", "2.5"])).cache_max_bytes == 2_500_000_000
+    assert _worker_settings(parser.parse_args(["worker"])).cache_max_bytes == 0
 
 
 def test_an_unknown_pooling_is_refused() -> None:
     assert_one_line_error(cake("serve", "--pooling", "cls"), "'cls'")
+
+
+def test_a_bad_cache_limit_is_refused() -> None:
+    assert_one_line_error(cake("worker", "--cache-max-gb", "-1"), "'-1'")
 
 
 def test_a_bad_allowed_origin_is_refused() -> None:

@@ -325,6 +325,33 @@ def test_a_disk_too_small_for_the_missing_weights_is_refused_before_they_stream(
     assert fresh_worker.Prepare(prepare, Context()).missing_sha256 == []  # type: ignore[arg-type]
 
 
+def test_a_cache_size_limit_evicts_the_weights_unused_the_longest(tmp_path: Path, tiny_llama: Path) -> None:
+    """--cache-max-gb: layers 0-1 then 2-3 fit only one at a time; the second assignment's Prepare deletes the first's
+    weights (unused the longest) before any streams, and a limit smaller than one assignment is a refusal naming it."""
+    source = resolve_model(str(tiny_llama))
+    first, second = assign_messages(source, 0, 1), assign_messages(source, 1, 2)
+    sizes = [sum(spec.size_bytes for spec in messages[0].header.tensors) for messages in (first, second)]
+    worker = WorkerServicer(WorkerSettings(cache_dir=tmp_path, cache_max_bytes=max(sizes) + 100), "cpu", 1.0)
+
+    def prepare(messages: list[pb.AssignChunk]) -> list[str]:
+        request = pb.PrepareRequest(model_id=source.model_id, tensors=messages[0].header.tensors)
+        return list(worker.Prepare(request, Context()).missing_sha256)  # type: ignore[arg-type]
+
+    assert prepare(first)
+    worker.Assign(iter(first), Context())  # type: ignore[arg-type]
+    assert prepare(first) == []  # cached, and within the limit
+    first_files = {spec.sha256 for spec in first[0].header.tensors}
+    assert len(prepare(second)) == len(second[0].header.tensors)
+    on_disk = {sha for _, _, sha in worker.cache.files()}
+    assert not first_files & on_disk  # made room for the second before it streamed
+    worker.Assign(iter(second), Context())  # type: ignore[arg-type]
+    assert sum(size for _, size, _ in worker.cache.files()) <= max(sizes) + 100
+    small = WorkerServicer(WorkerSettings(cache_dir=tmp_path / "small", cache_max_bytes=min(sizes) - 1), "cpu", 1.0)
+    request = pb.PrepareRequest(model_id=source.model_id, tensors=first[0].header.tensors)
+    with pytest.raises(RuntimeError, match="--cache-max-gb"):
+        small.Prepare(request, Context())  # type: ignore[arg-type]
+
+
 def test_a_gpu_worker_gives_dropped_layers_back_and_counts_what_its_allocator_holds(
     fresh_worker: WorkerServicer, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cake_py.errors import ClusterError
 from cake_py.rpc import weight_cache
 from cake_py.rpc.weight_cache import WeightCache
 
@@ -144,3 +145,19 @@ def test_temp_files_of_another_machine_sharing_the_volume_are_kept(tmp_path: Pat
     WeightCache(tmp_path)
     assert elsewhere.exists() and not earlier.exists() and writer.temp.exists()
     writer.abort()
+
+
+def test_make_room_deletes_the_least_recently_used_outside_the_kept_set(tmp_path: Path, hashes: list[str]) -> None:
+    cache = WeightCache(tmp_path, max_bytes=3000)
+    old, middle, new = (store(cache, os.urandom(1000)) for _ in range(3))
+    for age, sha in ((300, old), (200, middle), (100, new)):
+        stamp = cache.path(sha).stat().st_mtime - age
+        os.utime(cache.path(sha), (stamp, stamp))
+    cache.touch(old)  # used again: now the most recent
+    assert cache.verify(old, 1000) and hashes == []  # a touch keeps it verified
+    assert cache.make_room(keep={new}, needed=0) == 0  # 3000 bytes fit the limit
+    assert cache.make_room(keep={new}, needed=1500) == 2000  # middle (oldest now), then old; new is kept
+    assert [sha for _, _, sha in cache.files()] == [new]
+    with pytest.raises(ClusterError, match="--cache-max-gb"):
+        cache.make_room(keep={new}, needed=2500)
+    assert WeightCache(tmp_path / "unlimited").make_room(keep=set(), needed=10**15) == 0
