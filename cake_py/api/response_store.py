@@ -4,13 +4,14 @@ text it holds; a restart forgets them (as vLLM's store does)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 MAX_RESPONSES = 1024
-MAX_CHARACTERS = 64 * 1024 * 1024  # of message text over every stored conversation
+MAX_CHARACTERS = 64 * 1024 * 1024  # of JSON over every stored response, its input items and conversation
 
 
 @dataclass(frozen=True)
@@ -20,10 +21,9 @@ class StoredResponse:
     conversation: list[dict[str, Any]]  # chat messages up to and including this response's output
 
 
-def _size(conversation: list[dict[str, Any]]) -> int:
-    return sum(
-        len(str(message.get("content") or "")) + len(str(message.get("tool_calls") or "")) for message in conversation
-    )
+def _size(stored: StoredResponse) -> int:
+    """What an entry holds, as JSON characters (its Python objects take a few times more)."""
+    return len(json.dumps([stored.response, stored.input_items, stored.conversation], ensure_ascii=False))
 
 
 class ResponseStore:
@@ -38,7 +38,7 @@ class ResponseStore:
         return len(self._entries)
 
     def put(self, stored: StoredResponse) -> None:
-        size = _size(stored.conversation)
+        size = _size(stored)
         with self._lock:
             self._drop(stored.response["id"])
             self._entries[stored.response["id"]] = (stored, size)

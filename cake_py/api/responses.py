@@ -125,8 +125,18 @@ def _finish(
         answer: dict[str, Any] = {"role": "assistant", "content": message["content"][0]["text"] if message else ""}
         if calls:
             answer["tool_calls"] = [{k: v for k, v in call.items() if k != "item_id"} for call in calls]
-        state.responses.put(StoredResponse(response, draft.items, [*draft.history, answer]))
+        state.responses.put(StoredResponse(_without_logprobs(response), draft.items, [*draft.history, answer]))
     return response
+
+
+def _without_logprobs(response: dict[str, Any]) -> dict[str, Any]:
+    """The stored copy: logprobs (20 alternatives a token) would take most of the store for little use."""
+    output = []
+    for item in response["output"]:
+        if item["type"] == "message":
+            item = {**item, "content": [{**part, "logprobs": []} for part in item["content"]]}
+        output.append(item)
+    return {**response, "output": output}
 
 
 def _with_item_ids(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -145,8 +155,9 @@ async def create_response(request: Request) -> Response:
     if truncation not in (None, "disabled"):
         raise ApiError(400, f"truncation {truncation!r} is not supported: only disabled (an over-long input is a 400)")
     include = body.get("include") or []
-    if not isinstance(include, list) or any(item != LOGPROBS_INCLUDE for item in include):
-        raise ApiError(400, f"include may only hold {LOGPROBS_INCLUDE!r}, got {include!r}"[:300])
+    if not isinstance(include, list) or not all(isinstance(item, str) for item in include):
+        raise ApiError(400, f"include must be a list of strings, got {include!r}"[:300])
+    want_logprobs = LOGPROBS_INCLUDE in include  # the others name outputs this server never makes (reasoning, tools' …)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise ApiError(400, f"instructions must be a string, got {instructions!r}"[:300])
@@ -172,7 +183,7 @@ async def create_response(request: Request) -> Response:
             raise ApiError(400, f"max_output_tokens must be at least 1, got {max_output}")
     sampling = {key: body[key] for key in _SAMPLING_FIELDS if key in body}
     params = openai_sampling(
-        {**sampling, "max_tokens": max_output, "logprobs": bool(include)}, vocab_size=engine.vocab_size
+        {**sampling, "max_tokens": max_output, "logprobs": want_logprobs}, vocab_size=engine.vocab_size
     )
     grammar = await structured_grammar(chat_format(body), tokenizer)
     if tools.forced and grammar is not None:
@@ -202,7 +213,7 @@ async def create_response(request: Request) -> Response:
             "store": store,
             "temperature": params.temperature,
             "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
-            "tool_choice": body.get("tool_choice") or ("auto" if tools.tools else "none"),
+            "tool_choice": body.get("tool_choice") or "auto",
             "tools": body.get("tools") or [],
             "top_p": params.top_p,
             "truncation": "disabled",
@@ -214,7 +225,7 @@ async def create_response(request: Request) -> Response:
         history=history,
         items=items,
         tokenizer=tokenizer,
-        logprobs=bool(include),
+        logprobs=want_logprobs,
     )
     streams = open_streams(state, engine, [prompt_ids], [params])
     if stream:
@@ -250,8 +261,10 @@ async def _events(
     def open_message() -> list[str]:
         nonlocal message_id
         message_id = new_id("msg")
+        # content: [] here; the part comes with content_part.added, which a client appends to this item
+        opening = {**_message(message_id, "", "in_progress", []), "content": []}
         return [
-            event("response.output_item.added", output_index=0, item={**_message(message_id, "", "in_progress", [])}),
+            event("response.output_item.added", output_index=0, item=opening),
             event(
                 "response.content_part.added",
                 item_id=message_id,
@@ -270,7 +283,7 @@ async def _events(
     async for generated in stream:
         if generated.error:
             error = event_error(generated, request.url.path)
-            code = "server_error" if error.status >= 500 else "invalid_request"
+            code = "server_error" if error.status >= 500 else "invalid_prompt"  # codes of OpenAI's ResponseError
             failed = draft.body("failed", [], None, error={"code": code, "message": error.message})
             yield event("response.failed", response=failed)
             return

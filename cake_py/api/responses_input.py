@@ -62,14 +62,16 @@ def input_items(value: Any) -> list[dict[str, Any]]:
             role = item.get("role")
             if role not in ROLES:
                 raise ApiError(400, f"{where}.role {role!r} is not one of {', '.join(ROLES)}"[:300])
-            part = "output_text" if role == "assistant" else "input_text"
             text = _text(item.get("content"), where)
+            part: dict[str, Any] = {"type": "input_text", "text": text}
+            if role == "assistant":
+                part = {"type": "output_text", "text": text, "annotations": []}
             items.append(
                 {
                     "type": "message",
-                    "id": item.get("id") or new_id("msg"),
+                    "id": _item_id(item, "msg", where),
                     "role": role,
-                    "content": [{"type": part, "text": text}],
+                    "content": [part],
                     "status": "completed",
                 }
             )
@@ -77,7 +79,7 @@ def input_items(value: Any) -> list[dict[str, Any]]:
             items.append(
                 {
                     "type": "function_call",
-                    "id": item.get("id") or new_id("fc"),
+                    "id": _item_id(item, "fc", where),
                     "call_id": _string(item, "call_id", where),
                     "name": _string(item, "name", where),
                     "arguments": _string(item, "arguments", where),
@@ -89,7 +91,7 @@ def input_items(value: Any) -> list[dict[str, Any]]:
             items.append(
                 {
                     "type": "function_call_output",
-                    "id": item.get("id") or new_id("fco"),
+                    "id": _item_id(item, "fco", where),
                     "call_id": _string(item, "call_id", where),
                     "output": output if isinstance(output, str) else _text(output, f"{where}.output"),
                     "status": "completed",
@@ -100,7 +102,20 @@ def input_items(value: Any) -> list[dict[str, Any]]:
                 400,
                 f"{where} of type {kind!r} is not supported; send message, function_call or function_call_output items",
             )
+    ids = [item["id"] for item in items]
+    if len(set(ids)) != len(ids):
+        duplicate = next(item_id for item_id in ids if ids.count(item_id) > 1)
+        raise ApiError(400, f"input items share the id {duplicate!r}; each item's id must be unique"[:300])
     return items
+
+
+def _item_id(item: dict[str, Any], prefix: str, where: str) -> str:
+    value = item.get("id")
+    if value is None:
+        return new_id(prefix)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{where}.id must be a non-empty string, got {value!r}"[:300])
+    return value
 
 
 def chat_history(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -126,7 +141,8 @@ def chat_history(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def chat_tools(body: dict[str, Any]) -> dict[str, Any]:
-    """`tools`, `tool_choice` and `parallel_tool_calls` in the chat completion's form (for `tool_request`)."""
+    """`tools`, `tool_choice` and `parallel_tool_calls` in the chat completion's form (for `tool_request`).
+    `auto`, the Responses API's default, means nothing without tools."""
     tools = body.get("tools")
     converted: Any = tools
     if isinstance(tools, list):
@@ -143,6 +159,8 @@ def chat_tools(body: dict[str, Any]) -> dict[str, Any]:
             function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
             converted.append({"type": "function", "function": function})
     choice = body.get("tool_choice")
+    if choice == "auto" and not tools:
+        choice = None
     if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     return {"tools": converted, "tool_choice": choice, "parallel_tool_calls": body.get("parallel_tool_calls")}
@@ -165,6 +183,9 @@ def chat_format(body: dict[str, Any]) -> dict[str, Any]:
         return {"response_format": {"type": "json_object"}}
     if kind == "json_schema":
         assert isinstance(form, dict)
+        for key, expected in (("name", str), ("schema", dict)):
+            if not isinstance(form.get(key), expected):
+                raise ApiError(400, f"text.format.{key} is required for json_schema, got {form.get(key)!r}"[:300])
         schema = {key: form[key] for key in ("name", "schema", "strict", "description") if key in form}
         return {"response_format": {"type": "json_schema", "json_schema": schema}}
     raise ApiError(400, f"text.format must be of type text, json_object or json_schema, got {form!r}"[:300])
