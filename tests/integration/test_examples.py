@@ -85,6 +85,18 @@ def test_openai_structured_example(long_context_server: ServerHandle) -> None:
     assert lines[3].startswith("answer: ")
 
 
+def test_openai_responses_example(server: ServerHandle) -> None:
+    output = _run([sys.executable, str(EXAMPLES / "openai_responses.py")], server)
+    lines = output.splitlines()
+    assert re.fullmatch(r"first \((completed|incomplete)\): .*", lines[0])
+    assert re.fullmatch(r"second \((completed|incomplete)\): .*", lines[1])
+    turn = re.fullmatch(r"second turn: (\d+) input tokens, (\d+) cached", lines[2])
+    assert turn is not None and 0 < int(turn.group(2)) < int(turn.group(1))  # the first turn's caches were kept
+    assert lines[3].startswith("streamed: ")
+    assert re.search(r"^stream ended: response\.(completed|incomplete)$", output, re.M)
+    assert re.search(r"^embeddings: 3 of 64 dimensions; nearest to the first: '.*'$", output, re.M)
+
+
 def test_sdk_example(server: ServerHandle) -> None:
     output = _run([sys.executable, str(EXAMPLES / "sdk_generate.py")], server)
     assert "health: healthy (model llama)" in output
@@ -191,7 +203,7 @@ def test_curl_images_and_audio_say_no_model_is_loaded(server: ServerHandle) -> N
 
 def test_examples_say_clearly_when_no_server_answers() -> None:
     environment = dict(os.environ, CAKE_BASE_URL="http://127.0.0.1:9", PYTHONPATH=str(REPO_ROOT))
-    for example in ("sdk_generate.py", "openai_chat.py"):
+    for example in ("sdk_generate.py", "openai_chat.py", "openai_responses.py"):
         result = subprocess.run(
             [sys.executable, str(EXAMPLES / example)], env=environment, capture_output=True, text=True, timeout=60
         )
