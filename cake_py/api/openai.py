@@ -41,7 +41,8 @@ from cake_py.api.streaming import (
     usage,
 )
 from cake_py.api.structured import compiled_grammar, structured_grammar
-from cake_py.api.tools import ToolRequest, ToolStream, calls_grammar, parse_answer, prompt_messages, tool_request
+from cake_py.api.tool_stream import CallDelta, ToolStream
+from cake_py.api.tools import ToolRequest, calls_grammar, parse_answer, prompt_messages, tool_request
 from cake_py.models.sampling import SampledToken, SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
@@ -200,15 +201,18 @@ async def _chat_stream(
         extra: dict[str, Any] = {}
         if params.logprobs and event.tokens:
             extra["logprobs"] = {"content": chat_logprobs(event.tokens, tokenizer)}
-        text = answers[index].feed(event.text)
+        answer = answers[index]
+        text = answer.feed(event.text)
         if text or "logprobs" in extra:
             yield sse(chunk(index, {"content": text}, **extra))
+        if answer.deltas:  # forced calls, as they are written
+            yield sse(chunk(index, {"tool_calls": [_call_delta(delta) for delta in answer.deltas]}))
         if event.finished:
-            rest, calls = answers[index].finish()
-            if rest:
-                yield sse(chunk(index, {"content": rest}))
-            if calls:
-                deltas = [{"index": position, **call} for position, call in enumerate(calls)]
+            done = answer.finish()
+            if done.content:
+                yield sse(chunk(index, {"content": done.content}))
+            if done.unsent:
+                deltas = [{"index": position, **call} for position, call in enumerate(done.unsent)]
                 yield sse(chunk(index, {"tool_calls": deltas}))
             completion_tokens += event.completion_tokens
             prompt_tokens = event.prompt_tokens
@@ -216,12 +220,20 @@ async def _chat_stream(
             open_count -= 1
             on_finish = include_usage is None and open_count == 0  # Cake's default: usage on the last finish chunk
             last = {"usage": usage(prompt_tokens, completion_tokens, cached_tokens)} if on_finish else {}
-            finish = "tool_calls" if calls else _finish_reason(event.finish_reason)
+            finish = "tool_calls" if done.calls else _finish_reason(event.finish_reason)
             yield sse(chunk(index, {}, finish, **last))
     if include_usage and open_count == 0:
         kind = "chat.completion.chunk"
         yield _usage_chunk(completion_id, kind, created, model, usage(prompt_tokens, completion_tokens, cached_tokens))
     yield sse("[DONE]")
+
+
+def _call_delta(delta: CallDelta) -> dict[str, Any]:
+    """A streamed call's piece as OpenAI's tool_calls delta: the header first (id, name), then arguments text."""
+    if delta.id is None:
+        return {"index": delta.index, "function": {"arguments": delta.arguments}}
+    function = {"name": delta.name, "arguments": delta.arguments}
+    return {"index": delta.index, "id": delta.id, "type": "function", "function": function}
 
 
 def _completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:

@@ -31,7 +31,8 @@ from cake_py.api.schemas import flag, json_body, number, openai_sampling
 from cake_py.api.state import ServerState
 from cake_py.api.streaming import EventStream, GenerationResponse, collect_all, event_error, open_streams, sse
 from cake_py.api.structured import compiled_grammar, structured_grammar
-from cake_py.api.tools import ToolRequest, ToolStream, calls_grammar, parse_answer, prompt_messages, tool_request
+from cake_py.api.tool_stream import CallDelta, ToolStream
+from cake_py.api.tools import ToolRequest, calls_grammar, parse_answer, prompt_messages, tool_request
 from cake_py.engine.sequence import GenerationEvent
 from cake_py.models.tokenizer import Tokenizer
 
@@ -92,7 +93,8 @@ def _message(item_id: str, text: str, status: str, logprobs: list[dict[str, Any]
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [part]}
 
 
-def _call(call: dict[str, Any], status: str = "completed", arguments: str | None = None) -> dict[str, Any]:
+def _call(call: dict[str, Any], status: str | None = None, arguments: str | None = None) -> dict[str, Any]:
+    """A call as a function_call output item (`status`: the call's own, else completed)."""
     function = call["function"]
     return {
         "type": "function_call",
@@ -100,7 +102,7 @@ def _call(call: dict[str, Any], status: str = "completed", arguments: str | None
         "call_id": call["id"],
         "name": function["name"],
         "arguments": function["arguments"] if arguments is None else arguments,
-        "status": status,
+        "status": status or call.get("status", "completed"),
     }
 
 
@@ -124,7 +126,9 @@ def _finish(
     if draft.store:
         answer: dict[str, Any] = {"role": "assistant", "content": message["content"][0]["text"] if message else ""}
         if calls:
-            answer["tool_calls"] = [{k: v for k, v in call.items() if k != "item_id"} for call in calls]
+            answer["tool_calls"] = [
+                {"id": call["id"], "type": "function", "function": call["function"]} for call in calls
+            ]
         state.responses.put(StoredResponse(_without_logprobs(response), draft.items, [*draft.history, answer]))
     return response
 
@@ -253,18 +257,21 @@ async def _events(
     yield event("response.in_progress", response=draft.body("in_progress", [], None))
     answer = ToolStream(tools)
     message_id: str | None = None
+    outputs = 0  # output items opened so far: the next one's output_index
     text: list[str] = []
     logprobs: list[dict[str, Any]] = []  # every token's, for the message's done events
     pending: list[dict[str, Any]] = []  # those not yet sent with a delta
     where = {"output_index": 0, "content_index": 0}
+    streamed: dict[int, dict[str, Any]] = {}  # forced calls as they are written, by their index in the answer
 
     def open_message() -> list[str]:
-        nonlocal message_id
+        nonlocal message_id, outputs
         message_id = new_id("msg")
+        where["output_index"], outputs = outputs, outputs + 1
         # content: [] here; the part comes with content_part.added, which a client appends to this item
         opening = {**_message(message_id, "", "in_progress", []), "content": []}
         return [
-            event("response.output_item.added", output_index=0, item=opening),
+            event("response.output_item.added", output_index=where["output_index"], item=opening),
             event(
                 "response.content_part.added",
                 item_id=message_id,
@@ -280,6 +287,24 @@ async def _events(
         pending.clear()
         return out
 
+    def call_pieces(deltas: list[CallDelta]) -> list[str]:
+        nonlocal outputs
+        out = []
+        for piece in deltas:
+            if piece.id is not None:  # a new call: its item opens
+                function = {"name": piece.name, "arguments": ""}
+                opened: dict[str, Any] = {"id": piece.id, "function": function, "item_id": new_id("fc")}
+                opened["output_index"], outputs = outputs, outputs + 1
+                streamed[piece.index] = opened
+                item = _call(opened, "in_progress")
+                out.append(event("response.output_item.added", output_index=opened["output_index"], item=item))
+            call = streamed[piece.index]
+            if piece.arguments:
+                call["function"]["arguments"] += piece.arguments
+                ids = {"item_id": call["item_id"], "output_index": call["output_index"]}
+                out.append(event("response.function_call_arguments.delta", **ids, delta=piece.arguments))
+        return out
+
     async for generated in stream:
         if generated.error:
             error = event_error(generated, request.url.path)
@@ -292,18 +317,17 @@ async def _events(
             logprobs.extend(new)
             pending.extend(new)
         piece = answer.feed(generated.text)
-        if piece:
-            for line in delta(piece):
-                yield line
+        for line in [*(delta(piece) if piece else []), *call_pieces(answer.deltas)]:
+            yield line
         if not generated.finished:
             continue
-        rest, parsed_calls = answer.finish()
-        if rest:
-            for line in delta(rest):
+        done = answer.finish()
+        if done.content:
+            for line in delta(done.content):
                 yield line
         status, _ = _status(generated)
         message = None
-        if message_id is not None or not parsed_calls:
+        if message_id is not None or not (done.calls or streamed):  # text came, or nothing else did
             for line in [] if message_id is not None else open_message():
                 yield line
             assert message_id is not None
@@ -311,16 +335,23 @@ async def _events(
             part = message["content"][0]
             yield event("response.output_text.done", item_id=message_id, **where, text=part["text"], logprobs=logprobs)
             yield event("response.content_part.done", item_id=message_id, **where, part=part)
-            yield event("response.output_item.done", output_index=0, item=message)
-        calls = _with_item_ids(parsed_calls)
-        first = 1 if message is not None else 0
-        for index, call in enumerate(calls, start=first):
-            arguments = call["function"]["arguments"]
-            yield event("response.output_item.added", output_index=index, item=_call(call, "in_progress", ""))
-            ids = {"item_id": call["item_id"], "output_index": index}
-            yield event("response.function_call_arguments.delta", **ids, delta=arguments)
-            yield event("response.function_call_arguments.done", **ids, arguments=arguments)
-            yield event("response.output_item.done", output_index=index, item=_call(call))
+            yield event("response.output_item.done", output_index=where["output_index"], item=message)
+        calls = []
+        for call in streamed.values():  # complete when the answer parsed; else cut short by max_output_tokens
+            call["status"] = "completed" if done.calls else "incomplete"
+            calls.append(call)
+        for call in _with_item_ids(done.unsent):  # whole calls, read at the end (tool_choice auto)
+            call["output_index"], outputs = outputs, outputs + 1
+            ids = {"item_id": call["item_id"], "output_index": call["output_index"]}
+            yield event(
+                "response.output_item.added", output_index=call["output_index"], item=_call(call, "in_progress", "")
+            )
+            yield event("response.function_call_arguments.delta", **ids, delta=call["function"]["arguments"])
+            calls.append(call)
+        for call in calls:
+            ids = {"item_id": call["item_id"], "output_index": call["output_index"]}
+            yield event("response.function_call_arguments.done", **ids, arguments=call["function"]["arguments"])
+            yield event("response.output_item.done", output_index=call["output_index"], item=_call(call))
         final = _finish(state, draft, message, calls, generated)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         yield event(kind, response=final)

@@ -28,9 +28,9 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # A block, or a last one the answer ended in before its closing tag (cut at the end token, as vLLM's Hermes parser
 # also reads it).
 _CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-_OPEN_TAG = "<tool_call>"
+OPEN_TAG = "<tool_call>"
 # How a whole answer that is a call may start (Llama 3.1's python tag, Mistral's marker, or JSON itself).
-_JSON_CALL_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
+JSON_CALL_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
 
 _SYSTEM_PROMPT = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -242,7 +242,7 @@ def parse_answer(text: str, request: ToolRequest) -> ParsedAnswer:
     around, calls = _blocks(text, request)
     if not calls:
         stripped = text.strip()
-        for prefix in _JSON_CALL_PREFIXES:
+        for prefix in JSON_CALL_PREFIXES:
             stripped = stripped.removeprefix(prefix).strip()
         calls = _json_calls(stripped, request) if stripped[:1] in ("{", "[") else []
         around = "" if calls else text
@@ -295,60 +295,6 @@ def _json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
     return calls
 
 
-class ToolStream:
-    """Streams an answer that may hold calls: text goes out as it comes until a call may be starting (a `<tool_call>`
-    tag, or an answer that opens as JSON); from there it is held, and read when the choice finishes."""
-
-    def __init__(self, request: ToolRequest) -> None:
-        self.request = request
-        self.text = ""  # the whole answer so far
-        self.sent = 0  # how much of it went out as content
-        self.holding = request.forced  # forced calls: nothing is content
-
-    def feed(self, delta: str) -> str:
-        """Content to send now."""
-        self.text += delta
-        if not self.request.active:
-            self.sent = len(self.text)
-            return delta
-        if self.holding:
-            return ""
-        start = self.text.lstrip()
-        if self.sent == 0 and (not start or start[0] in "{[<" and _could_open_json(start)):
-            return ""  # it may be a JSON call (or only whitespace so far): wait
-        tag = self.text.find(_OPEN_TAG, self.sent)
-        if tag >= 0:
-            self.holding = True
-            return self._send_until(tag)
-        return self._send_until(len(self.text) - _partial_tag(self.text))
-
-    def _send_until(self, end: int) -> str:
-        out = self.text[self.sent : end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return out
-
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """(content not sent yet, calls) once the answer is complete."""
-        parsed = parse_answer(self.text, self.request)
-        if not parsed.tool_calls:
-            return self._send_until(len(self.text)), []
-        # What was sent is text before the first call; what is left of the content is the text around the calls.
-        rest = (parsed.content or "") if self.sent == 0 else _blocks(self.text, self.request)[0][self.sent :].rstrip()
-        self.sent = len(self.text)
-        return rest, parsed.tool_calls
-
-
-def _could_open_json(start: str) -> bool:
-    """Whether an answer starting with `start` may still turn out to be a JSON call or a tag."""
-    if start[0] in "{[":
-        return True
-    prefixes = (*_JSON_CALL_PREFIXES, _OPEN_TAG)
-    return any(prefix.startswith(start[: len(prefix)]) or start.startswith(prefix) for prefix in prefixes)
-
-
-def _partial_tag(text: str) -> int:
-    """How many characters at the end of `text` could be the start of a `<tool_call>` tag."""
-    for size in range(min(len(_OPEN_TAG) - 1, len(text)), 0, -1):
-        if _OPEN_TAG.startswith(text[-size:]):
-            return size
-    return 0
+def text_around_blocks(text: str, request: ToolRequest) -> str:
+    """`text` without its `<tool_call>` blocks that call a given tool."""
+    return _blocks(text, request)[0]

@@ -200,6 +200,10 @@ def test_a_streamed_call_comes_as_its_argument_events(client: OpenAI) -> None:
     [call] = [item for item in final.output if item.type == "function_call"]
     done = next(event for event in events if event.type == "response.function_call_arguments.done")
     assert done.arguments == call.arguments and "city" in json.loads(call.arguments)
+    pieces = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1 and "".join(pieces) == call.arguments  # streamed as written, not whole at the end
+    added = next(event for event in events if event.type == "response.output_item.added")
+    assert added.item.type == "function_call" and added.item.arguments == ""  # type: ignore[union-attr]
 
 
 def test_text_format_json_schema_holds_the_output(client: OpenAI) -> None:

@@ -188,9 +188,17 @@ def test_forced_tool_calls_blocking_and_streamed(client: OpenAI, tool_choice: An
     chunks = list(client.chat.completions.create(**kwargs, max_tokens=300, temperature=0, stream=True))
     deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
     assert all(not delta.content for delta in deltas)
-    calls = [call for delta in deltas for call in delta.tool_calls or []]
-    assert [json.loads(call.function.arguments) for call in calls] == expected  # type: ignore[arg-type]
-    assert [call.index for call in calls] == list(range(len(calls)))
+    pieces = [call for delta in deltas for call in delta.tool_calls or []]
+    assert len(pieces) > len(expected)  # arguments streamed as they were written, not whole at the end
+    streamed: dict[int, dict[str, str]] = {}  # accumulated by index, as OpenAI's clients do
+    for piece in pieces:
+        assert piece.function is not None
+        if piece.id is not None:
+            assert piece.index not in streamed and piece.type == "function" and piece.function.name == "get_weather"
+            streamed[piece.index] = {"id": piece.id, "arguments": ""}
+        streamed[piece.index]["arguments"] += piece.function.arguments or ""
+    assert sorted(streamed) == list(range(len(expected)))
+    assert [json.loads(streamed[index]["arguments"]) for index in sorted(streamed)] == expected
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 

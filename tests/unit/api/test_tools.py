@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cake_py.api.errors import ApiError
-from cake_py.api.tools import ToolRequest, ToolStream, calls_grammar, parse_answer, prompt_messages, tool_request
+from cake_py.api.tool_stream import ToolStream
+from cake_py.api.tools import ToolRequest, calls_grammar, parse_answer, prompt_messages, tool_request
 from cake_py.engine.sequence import Sequence
 from cake_py.errors import RequestError
 from cake_py.models.grammar import compiler_for
@@ -115,8 +116,9 @@ def test_calls_are_read_from_answers(text: str, content: str | None, names: list
 def _streamed(text: str, request: ToolRequest, step: int = 1) -> tuple[list[str], str, list[dict[str, Any]]]:
     stream = ToolStream(request)
     pieces = [stream.feed(text[i : i + step]) for i in range(0, len(text), step)]
-    rest, calls = stream.finish()
-    return pieces, rest, calls
+    done = stream.finish()
+    assert done.unsent == done.calls  # tool_choice auto: calls go whole, at the end
+    return pieces, done.content, done.calls
 
 
 @pytest.mark.parametrize("step", [1, 3, 1000])
