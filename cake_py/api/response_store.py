@@ -1,6 +1,7 @@
-"""The Responses API's stored responses (`store: true`, its default): what `previous_response_id`,
-GET /v1/responses/{id} and its input_items read. In memory, least recently used first, bounded by count and by the
-text it holds; a restart forgets them (as vLLM's store does)."""
+"""The Responses API's stored responses (`store: true`, its default), and the routes that read them:
+GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items (`previous_response_id` reads them too).
+In memory, least recently used first, bounded by count and by the JSON it holds; a restart forgets them (as vLLM's
+store does)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py.api.errors import ApiError
+
+if TYPE_CHECKING:
+    from cake_py.api.state import ServerState
 
 MAX_RESPONSES = 1024
 MAX_CHARACTERS = 64 * 1024 * 1024  # of JSON over every stored response, its input items and conversation
@@ -66,3 +76,62 @@ class ResponseStore:
             return False
         self._characters -= entry[1]
         return True
+
+
+def _stored(state: ServerState, response_id: str) -> StoredResponse:
+    stored = state.responses.get(response_id)
+    if stored is None:
+        raise ApiError(404, f"no stored response has the id {response_id!r}"[:300])
+    return stored
+
+
+async def get_response(request: Request) -> Response:
+    return JSONResponse(_stored(request.app.state.cake, request.path_params["response_id"]).response)
+
+
+async def delete_response(request: Request) -> Response:
+    response_id = request.path_params["response_id"]
+    state: ServerState = request.app.state.cake
+    _stored(state, response_id)
+    state.responses.delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+async def list_input_items(request: Request) -> Response:
+    """OpenAI's listing: `order` (desc by default), `limit` (20, at most 100), `after` (an item id)."""
+    items = list(_stored(request.app.state.cake, request.path_params["response_id"]).input_items)
+    query = request.query_params
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f"order must be asc or desc, got {order!r}"[:300])
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise ApiError(400, f"limit must be an integer from 1 to 100, got {query.get('limit')!r}"[:300])
+    if order == "desc":
+        items.reverse()
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise ApiError(400, f"after: no input item of this response has the id {after!r}"[:300])
+        items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
+
+
+ROUTES = [
+    Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+    Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+    Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+]

@@ -1,5 +1,5 @@
-"""OpenAI's Responses API: POST /v1/responses, blocking or streamed as its semantic events, and the responses it
-stores: GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items.
+"""OpenAI's Responses API: POST /v1/responses, blocking or streamed as its semantic events (the responses it stores
+and their routes are response_store.py).
 
 A request becomes a chat (responses_input.py): `instructions` is its system message, `previous_response_id` puts the
 stored conversation that response ended before the new input (its instructions are not carried over, as in
@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cake_py.api import response_store
 from cake_py.api.errors import ApiError
 from cake_py.api.openai import chat_logprobs
 from cake_py.api.response_store import StoredResponse
@@ -358,61 +359,4 @@ async def _events(
         return
 
 
-def _stored(state: ServerState, response_id: str) -> StoredResponse:
-    stored = state.responses.get(response_id)
-    if stored is None:
-        raise ApiError(404, f"no stored response has the id {response_id!r}"[:300])
-    return stored
-
-
-async def get_response(request: Request) -> Response:
-    return JSONResponse(_stored(request.app.state.cake, request.path_params["response_id"]).response)
-
-
-async def delete_response(request: Request) -> Response:
-    response_id = request.path_params["response_id"]
-    state: ServerState = request.app.state.cake
-    _stored(state, response_id)
-    state.responses.delete(response_id)
-    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
-
-
-async def list_input_items(request: Request) -> Response:
-    """OpenAI's listing: `order` (desc by default), `limit` (20, at most 100), `after` (an item id)."""
-    items = list(_stored(request.app.state.cake, request.path_params["response_id"]).input_items)
-    query = request.query_params
-    order = query.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise ApiError(400, f"order must be asc or desc, got {order!r}"[:300])
-    try:
-        limit = int(query.get("limit", "20"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 100:
-        raise ApiError(400, f"limit must be an integer from 1 to 100, got {query.get('limit')!r}"[:300])
-    if order == "desc":
-        items.reverse()
-    after = query.get("after")
-    if after is not None:
-        ids = [item["id"] for item in items]
-        if after not in ids:
-            raise ApiError(400, f"after: no input item of this response has the id {after!r}"[:300])
-        items = items[ids.index(after) + 1 :]
-    page = items[:limit]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(items) > limit,
-        }
-    )
-
-
-ROUTES = [
-    Route("/v1/responses", create_response, methods=["POST"]),
-    Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
-    Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
-    Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
-]
+ROUTES = [Route("/v1/responses", create_response, methods=["POST"]), *response_store.ROUTES]
