@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "same tokens, e.g. the next turn of a chat; 0 turns it off",
     )
     serve.add_argument(
+        "--speculative-tokens",
+        type=_positive_int,
+        default=0,
+        help="prompt lookup decoding: up to this many draft tokens per decode step, taken from where the text's last "
+        "words appeared before and kept while the model agrees (same output, fewer steps); 0 turns it off",
+    )
+    serve.add_argument(
         "--pooling",
         choices=POOLING_KINDS,
         default=None,
@@ -261,6 +268,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         max_batch_tokens=args.max_batch_tokens,
         prefix_cache_tokens=args.prefix_cache_tokens,
         pooling=args.pooling,
+        speculative_tokens=args.speculative_tokens,
         tls_cert=_tls(args),
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,

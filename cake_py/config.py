@@ -52,6 +52,7 @@ class ServeSettings:
     max_queued: int = 1024  # sequences waiting to start; past it a request gets 503 and Retry-After
     max_batch_tokens: int = 512  # tokens per step: what a long prompt's prefill adds to every running stream's step
     prefix_cache_tokens: int = 8192  # finished sequences' caches kept for prompts that start the same way; 0: off
+    speculative_tokens: int = 0  # prompt lookup decoding: draft tokens per decode step; 0: off
     pooling: str | None = None  # /v1/embeddings: last or mean; None: the model folder's, else last
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -65,6 +65,16 @@ class EngineCollector(Collector):
             "Prompt tokens copied from kept caches instead of prefilled (prefix caching)",
             value=retired.prefix_cached_tokens + stats.prefix_cached_tokens,
         )
+        yield CounterMetricFamily(
+            "cake_draft_tokens",
+            "Tokens drafted by prompt lookup decoding (--speculative-tokens)",
+            value=retired.draft_tokens + stats.draft_tokens,
+        )
+        yield CounterMetricFamily(
+            "cake_accepted_draft_tokens",
+            "Drafted tokens the samples confirmed (each one a step saved)",
+            value=retired.accepted_draft_tokens + stats.accepted_draft_tokens,
+        )
         yield GaugeMetricFamily(
             "cake_prefix_cache_kept_tokens",
             "Tokens whose caches are kept for prompts that start the same way",

@@ -37,6 +37,7 @@ def make_engine(pipeline: Pipeline, source: ModelSource, settings: ServeSettings
         max_queued=settings.max_queued,
         max_batch_tokens=settings.max_batch_tokens,
         prefix_cache_tokens=settings.prefix_cache_tokens,
+        speculative_tokens=settings.speculative_tokens,
     )
 
 

@@ -37,6 +37,8 @@ class RetiredTotals:
     stage_sent_bytes: dict[StageKey, int] = field(default_factory=dict)
     stage_received_bytes: dict[StageKey, int] = field(default_factory=dict)
     prefix_cached_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     def plus(self, engine: Engine) -> RetiredTotals:
         """These totals and `engine`'s, as a new object: a scrape reading this one meanwhile sees it unchanged."""
@@ -50,6 +52,8 @@ class RetiredTotals:
             dict(self.stage_sent_bytes),
             dict(self.stage_received_bytes),
             self.prefix_cached_tokens + stats.prefix_cached_tokens,
+            self.draft_tokens + stats.draft_tokens,
+            self.accepted_draft_tokens + stats.accepted_draft_tokens,
         )
         for stage in engine.pipeline.stages:
             key = (stage.name, stage.start, stage.end)

@@ -55,11 +55,13 @@ class Engine:
         max_queued: int = 1024,
         context_length: int | None = None,
         prefix_cache_tokens: int = 0,
+        speculative_tokens: int = 0,
     ) -> None:
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
+        self.speculative_tokens = speculative_tokens  # prompt lookup drafts per decode step (engine/speculation.py)
         self.max_queued = max_queued  # sequences admitted but not running; past it submit raises OverloadedError
         self.context_length = context_length or pipeline.config.max_position_embeddings
         self.vocab_size = pipeline.config.vocab_size
@@ -345,7 +347,7 @@ class Engine:
         suspect = self._take_suspect()  # it runs alone now (or waits, unplanned, for the prefill it copies)
         candidates = [suspect] if suspect is not None else self._running.values()
         self.copies.new_step()
-        plan = plan_step(candidates, self.max_batch_tokens, self.copies.source)
+        plan = plan_step(candidates, self.max_batch_tokens, self.copies.source, self.speculative_tokens)
         if not plan.batch:
             return
         batch, members = plan.batch, plan.members
@@ -379,12 +381,16 @@ class Engine:
                 seq.cached_tokens = piece.start_pos  # prompt tokens a kept cache gave it (usage's cached_tokens)
                 self.stats.prefix_cached_tokens += piece.start_pos
         events = step_events(plan, logits, hidden, self.stats)
+        for seq in members:
+            if seq.drafts:  # positions past the last kept draft hold rejected guesses: the next slice rewrites them
+                seq.n_cached = min(seq.n_cached, seq.n_tokens - 1)
+                seq.drafts = []
         # Counted before anyone hears of them: a client that got its last token then reads the stats sees it.
         prompt_tokens = sum(  # the slices' overlap with their prompts (a prefill's last token is a prompt token)
             max(0, min(piece.start_pos + piece.n_tokens, len(seq.prompt_ids)) - piece.start_pos)
             for piece, seq in zip(batch, members, strict=True)
         )
-        generated = sum(1 for seq in plan.sampled if seq.params.max_tokens)
+        generated = sum(len(event.tokens) for _, event in events)
         self.stats.record_step(generated, prompt_tokens, time.perf_counter() - began)
         for seq, event in events:
             if event.finished:

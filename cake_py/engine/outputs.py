@@ -56,11 +56,19 @@ def _pool(plan: StepPlan, hidden: torch.Tensor | None) -> Events:
 
 
 def _sample(plan: StepPlan, logits: torch.Tensor, stats: EngineStats) -> Events:
+    """One token per sampled row, in order. A drafting sequence's rows are sampled while each sample equals the
+    draft token its row was computed after: the first that differs (or the row after the last draft) is its last."""
     events: Events = []
+    done: set[int] = set()  # sequences whose rows this step are over
+    rows_taken: dict[int, int] = {}
     for row, seq in enumerate(plan.sampled):
+        if seq.seq_id in done:
+            continue
         if seq.params.max_tokens == 0:  # the prompt was only to be scored
             events.append((seq, GenerationEvent(seq.seq_id, finish_reason="length")))
             continue
+        index = rows_taken.get(seq.seq_id, 0)
+        rows_taken[seq.seq_id] = index + 1
         try:
             event = seq.accept(seq.sampler.sample(logits[row], seq.all_ids))
         except Exception as error:  # one sequence's sampling failed: it ends alone, the others go on
@@ -73,6 +81,12 @@ def _sample(plan: StepPlan, logits: torch.Tensor, stats: EngineStats) -> Events:
         events.append((seq, event))
         if seq.first_token_at is not None and len(seq.output_ids) == 1:
             stats.record_first_token((seq.first_token_at - seq.created) * 1000)
+        drafts = seq.drafts
+        if event.finished or index >= len(drafts) or event.tokens[-1].token_id != drafts[index]:
+            done.add(seq.seq_id)
+            if drafts and seq.lookup is not None:
+                seq.lookup.verified(len(drafts), index)
+                stats.record_drafts(len(drafts), index)
     return events
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from cake_py.engine.sequence import Sequence
 from cake_py.models.kv_cache import SequenceSlice
 
+SPECULATE_MAX_DECODING = 2  # drafts only while this few sequences decode together
+
 
 @dataclass
 class StepPlan:
@@ -17,7 +19,7 @@ class StepPlan:
     ids: list[int] = field(default_factory=list)  # the batch's token ids, in layout order
     members: list[Sequence] = field(default_factory=list)  # the sequence of each slice
     rows: list[int] = field(default_factory=list)  # batch rows whose logits are sampled, one per `sampled`
-    sampled: list[Sequence] = field(default_factory=list)
+    sampled: list[Sequence] = field(default_factory=list)  # a drafting sequence once per row of its slice
     scored: list[tuple[Sequence, list[int], list[int]]] = field(default_factory=list)  # rows, the tokens they score
     # Embeddings: a sequence, the batch rows whose final hidden states it pools, and whether its prompt ends here.
     pooled: list[tuple[Sequence, list[int], bool]] = field(default_factory=list)
@@ -33,12 +35,21 @@ class StepPlan:
         return self.rows + [row for _, rows, _ in self.scored for row in rows]
 
 
-def plan_step(running: Iterable[Sequence], budget: int, shared_prefill: Callable[[Sequence], int | None]) -> StepPlan:
+def plan_step(
+    running: Iterable[Sequence],
+    budget: int,
+    shared_prefill: Callable[[Sequence], int | None],
+    speculate: int = 0,
+) -> StepPlan:
     """Slices of at most `budget` tokens in all. Decoding sequences come first: they cost one token each and keep
     streams flowing during long prefills. `shared_prefill(seq)` is 0 for a sequence that waits for the prefill it
-    will copy, else the id to copy from (or None)."""
+    will copy, else the id to copy from (or None). With `speculate`, a decoding sequence (when at most
+    SPECULATE_MAX_DECODING decode in this step) adds up to that many draft tokens to its slice."""
     plan = StepPlan()
-    for seq in sorted(running, key=lambda s: s.prefilling):
+    ordered = sorted(running, key=lambda s: s.prefilling)
+    if sum(not seq.prefilling for seq in ordered) > SPECULATE_MAX_DECODING:
+        speculate = 0  # a batch already shares each pass over the weights: drafts would only add rows
+    for seq in ordered:
         if budget <= 0:
             break
         copy_from = shared_prefill(seq)
@@ -46,10 +57,14 @@ def plan_step(running: Iterable[Sequence], budget: int, shared_prefill: Callable
             continue
         known = seq.all_ids
         n = min(len(known) - seq.n_cached, budget)
-        plan.batch.append(SequenceSlice(seq.seq_id, seq.n_cached, n, copy_from))
-        plan.ids.extend(known[seq.n_cached : seq.n_cached + n])
+        drafts: list[int] = []
+        if speculate and n == 1 and copy_from is None and seq.params.pooling is None:
+            drafts = seq.draft(min(speculate, budget - 1))
+        seq.drafts = drafts
+        plan.batch.append(SequenceSlice(seq.seq_id, seq.n_cached, n + len(drafts), copy_from))
+        plan.ids.extend(known[seq.n_cached : seq.n_cached + n] + drafts)
         plan.members.append(seq)
-        budget -= n
+        budget -= n + len(drafts)
     offset = 0
     for piece, seq in zip(plan.batch, plan.members, strict=True):
         scoring_rows, targets = seq.scoring_rows(piece.start_pos, piece.n_tokens, offset)
@@ -63,7 +78,8 @@ def plan_step(running: Iterable[Sequence], budget: int, shared_prefill: Callable
             offset += piece.n_tokens
             continue
         offset += piece.n_tokens
-        if piece.start_pos + piece.n_tokens == seq.n_tokens:  # the slice reaches the end: the next token is due
-            plan.rows.append(offset - 1)
-            plan.sampled.append(seq)
+        if piece.start_pos + piece.n_tokens == seq.n_tokens + len(seq.drafts):  # it reaches the end: a token is due
+            sampled = 1 + len(seq.drafts)  # a draft's rows too: each is sampled while the drafts before it hold
+            plan.rows.extend(range(offset - sampled, offset))
+            plan.sampled.extend([seq] * sampled)
     return plan

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cake_py.engine.speculation import PromptLookup
 from cake_py.errors import CakeError
 from cake_py.models.pooling import PoolingState
 from cake_py.models.sampling import SampledToken, Sampler, SamplingParams, StopMatcher
@@ -66,6 +67,8 @@ class Sequence:
         # A sequence with the same prompt whose prefill this one copies instead of repeating (see Engine.submit).
         self.leader: int | None = None
         self.request = 0  # the request it belongs to (the engine starts requests' sequences fairly)
+        self.lookup: PromptLookup | None = None  # prompt lookup decoding's index, made on the first draft
+        self.drafts: list[int] = []  # this step's draft tokens (engine/speculation.py)
         self.cancelled = False
         self.created = time.monotonic()
         self.first_token_at: float | None = None
@@ -88,6 +91,17 @@ class Sequence:
     @property
     def n_tokens(self) -> int:
         return len(self.all_ids)
+
+    def draft(self, limit: int) -> list[int]:
+        """Draft tokens for a decode step (at most `limit`, and none past max_tokens): what followed the last n-gram
+        the last time it appeared."""
+        limit = min(limit, self.params.max_tokens - len(self.output_ids) - 1)
+        if limit <= 0:
+            return []
+        if self.lookup is None:
+            self.lookup = PromptLookup()
+        self.drafts = self.lookup.propose(self.all_ids, limit)
+        return self.drafts
 
     @property
     def reads_every_prompt_row(self) -> bool:

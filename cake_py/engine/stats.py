@@ -16,6 +16,8 @@ class EngineStats:
     tokens_generated: int = 0
     prompt_tokens: int = 0
     prefix_cached_tokens: int = 0  # prompt tokens copied from kept caches instead of computed (prefix caching)
+    draft_tokens: int = 0  # prompt lookup decoding: tokens drafted, and of those the ones the samples confirmed
+    accepted_draft_tokens: int = 0
     steps: int = 0
     running: int = 0
     waiting: int = 0
@@ -35,6 +37,10 @@ class EngineStats:
         self._rate_window = [(t, n) for t, n in self._rate_window if now - t < RATE_WINDOW_S]
         span = now - self._rate_window[0][0] if len(self._rate_window) > 1 else 0.0
         self.tokens_per_second = sum(n for _, n in self._rate_window[1:]) / span if span > 0 else 0.0
+
+    def record_drafts(self, proposed: int, accepted: int) -> None:
+        self.draft_tokens += proposed
+        self.accepted_draft_tokens += accepted
 
     def record_first_token(self, milliseconds: float) -> None:
         self.time_to_first_token_ms.append(milliseconds)

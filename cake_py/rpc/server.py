@@ -141,7 +141,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         except ClusterError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         try:  # under --cache-max-gb, the weights unused the longest make room for the missing ones
-            self.cache.make_room({spec.sha256 for spec in request.tensors}, sum(missing.values()))
+            sizes = {spec.sha256: spec.size_bytes for spec in request.tensors}
+            self.cache.reserve(sizes, sum(missing.values()))
             free = self.cache.free_bytes()
         except ClusterError as error:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
@@ -159,6 +160,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def Assign(self, request_iterator: Iterator[pb.AssignChunk], context: grpc.ServicerContext) -> pb.AssignReply:
         began = time.perf_counter()
         writers: dict[str, TensorWriter] = {}
+        pinned: list[str] = []
         try:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("payload") != "header":
@@ -169,6 +171,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if not 0 <= start < end <= config.n_layers:
                 raise ClusterError(f"layers [{start}, {end}) are outside the model's {config.n_layers} layers")
             specs = {spec.name: spec for spec in header.tensors}
+            pinned = [spec.sha256 for spec in header.tensors]
             received = 0
             self.status = pb.WORKER_STATUS_LOADING
             for message in request_iterator:
@@ -233,6 +236,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         except BaseException as error:  # the master cancelled, the disk filled, memory ran out: never stuck LOADING
             self._assignment_failed(writers, f"{type(error).__name__}: {error}")
             raise
+        finally:
+            self.cache.release(pinned)  # what Prepare kept from eviction for it may go again
 
     def _assignment_failed(self, writers: dict[str, TensorWriter], reason: str) -> None:
         """Drop the partial files of an assignment that did not finish; the worker is READY again if it still

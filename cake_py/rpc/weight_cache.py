@@ -5,6 +5,7 @@ weights; a file's mtime marks its last use (set when it is verified for an assig
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -12,15 +13,19 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
 import torch
 
-from cake_py.errors import ClusterError
+from cake_py.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
 
+LOCK_FILE = ".workers.lock"  # in the cache folder: shared by workers without a size limit, exclusive with one
+PIN_SECONDS = 600.0  # an assignment's files stay safe from eviction this long between Prepare and Assign's end
 _OPEN_TEMPS: set[Path] = set()  # the temp files this process's writers have open
 # In temp file names: a process id only means something on its own machine (or container).
 _HOST = "".join(char if char.isalnum() or char == "-" else "-" for char in socket.gethostname()) or "host"
@@ -31,6 +36,8 @@ class WeightCache:
         self.root = root
         self.max_bytes = max_bytes  # 0: no limit but the disk's
         self._evicting = threading.Lock()  # two masters' Prepares must not pick the same room
+        # Assignments between their Prepare and the end of their Assign: files kept from eviction, room reserved.
+        self._pins: dict[frozenset[str], tuple[float, dict[str, int]]] = {}
         # Files this process has hashed (or written and hashed), with the (size, mtime_ns, inode) they had then:
         # a re-assignment (a reconnect, a model switch back) re-hashes only what changed on disk since.
         self._verified: dict[str, tuple[int, int, int]] = {}
@@ -38,7 +45,38 @@ class WeightCache:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ClusterError(f"cannot create weight cache {str(root)!r}: {error.strerror}") from error
+        self._claim()
         self._remove_orphans()
+
+    def close(self) -> None:
+        """Let go of the folder (its lock): another worker may claim it."""
+        lock_file = self.__dict__.pop("_lock_file", None)
+        if lock_file is not None:
+            lock_file.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _claim(self) -> None:
+        """A worker that deletes weights (a size limit) must be the only one using the folder; others share it. A
+        lock on a file in the folder, held while this process lives, tells them apart across processes."""
+        try:
+            self._lock_file = (self.root / LOCK_FILE).open("a")
+        except OSError as error:
+            raise ClusterError(f"cannot open weight cache {str(self.root)!r}: {error.strerror or error}") from error
+        try:
+            fcntl.flock(self._lock_file, (fcntl.LOCK_EX if self.max_bytes else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            if self.max_bytes:
+                raise ConfigError(
+                    f"weight cache {str(self.root)!r} is in use by another worker: with --cache-max-gb a worker "
+                    "deletes weights, so it needs a --cache-dir of its own"
+                ) from None
+            raise ConfigError(
+                f"weight cache {str(self.root)!r} belongs to a worker started with --cache-max-gb, which deletes "
+                "weights: give this worker another --cache-dir"
+            ) from None
 
     def _remove_orphans(self) -> None:
         """Delete temp files a killed worker left (their process is gone): they would stay for ever otherwise.
@@ -103,42 +141,70 @@ class WeightCache:
     def files(self) -> list[tuple[float, int, str]]:
         """(mtime, size, sha256) of every committed file, least recently used first."""
         found = []
-        for path in self.root.glob("??/*"):
-            if len(path.name) != 64 or path.name[:2] != path.parent.name:
-                continue  # temp files, strangers
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            found.append((stat.st_mtime, stat.st_size, path.name))
+        try:
+            for path in self.root.glob("??/*"):
+                if len(path.name) != 64 or path.name[:2] != path.parent.name:
+                    continue  # temp files, strangers
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                found.append((stat.st_mtime, stat.st_size, path.name))
+        except OSError as error:
+            raise ClusterError(f"cannot list weight cache {str(self.root)!r}: {error.strerror or error}") from None
         return sorted(found)
 
-    def make_room(self, keep: set[str], needed: int) -> int:
-        """Under the size limit, delete the least recently used files outside `keep` until `needed` more bytes fit
-        beside what stays; returns the bytes freed. ClusterError when `keep` and `needed` alone pass the limit."""
+    def reserve(self, sizes: dict[str, int], missing: int) -> int:
+        """Under the size limit: make room for an assignment's weights (`sizes`, sha256 → bytes; `missing` of them
+        still to stream) by deleting the files unused the longest, and keep its files (and the room for the missing
+        ones) from other assignments' eviction until `release` (or PIN_SECONDS). Returns the bytes freed;
+        ClusterError when they cannot fit."""
         if not self.max_bytes:
             return 0
         with self._evicting:
+            now = time.monotonic()
+            self._pins = {key: pin for key, pin in self._pins.items() if pin[0] > now}
+            pinned = {sha: size for _, pin_sizes in self._pins.values() for sha, size in pin_sizes.items()}
             files = self.files()
-            kept = sum(size for _, size, sha in files if sha in keep)
-            if kept + needed > self.max_bytes:
+            on_disk = {sha: size for _, size, sha in files}
+            held = sum(on_disk[sha] for sha in sizes if sha in on_disk)
+            if held + missing > self.max_bytes:
                 raise ClusterError(
-                    f"this assignment's weights take {(kept + needed) / 1e9:.2f} GB, more than the weight cache's "
+                    f"this assignment's weights take {(held + missing) / 1e9:.2f} GB, more than the weight cache's "
                     f"--cache-max-gb {self.max_bytes / 1e9:.2f}: raise it, or give this worker fewer layers"
                 )
-            used, freed = sum(size for _, size, _ in files), 0
+            # Other assignments in progress: their files stay, and what they still stream is room already taken.
+            streaming = sum(size for sha, size in pinned.items() if sha not in on_disk and sha not in sizes)
+            used, freed = sum(on_disk.values()) + streaming, 0
             for _, size, sha in files:
-                if used + needed <= self.max_bytes:
+                if used + missing <= self.max_bytes:
                     break
-                if sha in keep:
+                if sha in sizes or sha in pinned:
                     continue
-                self.path(sha).unlink(missing_ok=True)
+                try:
+                    self.path(sha).unlink(missing_ok=True)
+                except OSError as error:
+                    raise ClusterError(
+                        f"cannot delete from weight cache {str(self.root)!r} to stay under --cache-max-gb: "
+                        f"{error.strerror or error}"
+                    ) from None
                 self._verified.pop(sha, None)
                 used -= size
                 freed += size
+            if used + missing > self.max_bytes:
+                raise ClusterError(
+                    f"the weight cache {str(self.root)!r} cannot make room for {missing / 1e9:.2f} GB under its "
+                    f"--cache-max-gb {self.max_bytes / 1e9:.2f}: other assignments in progress hold the rest; retry"
+                )
+            self._pins[frozenset(sizes)] = (now + PIN_SECONDS, dict(sizes))
             if freed:
                 log.info("weight cache: removed %.1f MB unused the longest to stay under its limit", freed / 1e6)
             return freed
+
+    def release(self, shas: Iterable[str]) -> None:
+        """An assignment ended (loaded or failed): its files may be evicted again."""
+        with self._evicting:
+            self._pins.pop(frozenset(shas), None)
 
     def _committed(self, sha256: str) -> None:
         """A file just written and hashed while streaming: verified, as it lies on disk now."""

@@ -24,6 +24,7 @@ from cake_py.config import ServeSettings, WorkerSpec, load_cluster_file
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
 from cake_py.errors import ClusterError, WeightsError
+from cake_py.models.grammar import compiler_for, regex_grammar
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.pooling import Pooling
@@ -369,6 +370,33 @@ def test_embeddings_through_workers_equal_a_single_node(workers: list[WorkerProc
             vectors = [torch.frombuffer(bytearray(data), dtype=torch.float32) for data in (ours, theirs)]
             torch.testing.assert_close(vectors[0], vectors[1], rtol=0.0, atol=1e-5)
         assert engine.stats.steps >= 2 * -(-len(prompt) // 8)
+        wait_until(lambda: live_sequences(pipeline) == {workers[0].name: 0, workers[1].name: 0}, 5.0, "releases")
+    finally:
+        engine.stop()
+        single.stop()
+        pipeline.close()
+
+
+def test_speculative_drafts_through_workers_equal_a_single_node(
+    workers: list[WorkerProcess], llama: ModelSource
+) -> None:
+    """Prompt lookup drafts travel as multi-token slices through the chained workers; rejected drafts' positions are
+    rewritten on every worker by the next slice: the tokens are a single node's, one at a time."""
+    grammar = compiler_for(llama.tokenizer).compile(regex_grammar("(ab cd ){4}(ab ce ){4}"))
+    params = SamplingParams(temperature=0.0, max_tokens=60, grammar=grammar)
+    prompt = llama.tokenizer.encode(PROMPT)
+    specs = [workers[0].spec((0, 1)), workers[1].spec((1, 3))]
+    pipeline = build_pipeline(settings_for(llama, specs), llama, "cpu")
+    engine = Engine(pipeline, llama.tokenizer, speculative_tokens=4)
+    single = Engine(local_pipeline(llama, torch.float32), llama.tokenizer)
+    engine.start()
+    single.start()
+    try:
+        expected = token_ids(collect(single, prompt, params, 60.0))
+        assert token_ids(collect(engine, prompt, params, 60.0)) == expected
+        stats = engine.stats
+        assert 0 < stats.accepted_draft_tokens < stats.draft_tokens  # drafts held, and some were rewritten
+        assert stats.steps < single.stats.steps
         wait_until(lambda: live_sequences(pipeline) == {workers[0].name: 0, workers[1].name: 0}, 5.0, "releases")
     finally:
         engine.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cake_py.errors import ClusterError
+from cake_py.errors import ClusterError, ConfigError
 from cake_py.rpc import weight_cache
 from cake_py.rpc.weight_cache import WeightCache
 
@@ -147,7 +147,7 @@ def test_temp_files_of_another_machine_sharing_the_volume_are_kept(tmp_path: Pat
     writer.abort()
 
 
-def test_make_room_deletes_the_least_recently_used_outside_the_kept_set(tmp_path: Path, hashes: list[str]) -> None:
+def test_reserve_deletes_the_least_recently_used_outside_the_assignment(tmp_path: Path, hashes: list[str]) -> None:
     cache = WeightCache(tmp_path, max_bytes=3000)
     old, middle, new = (store(cache, os.urandom(1000)) for _ in range(3))
     for age, sha in ((300, old), (200, middle), (100, new)):
@@ -155,9 +155,49 @@ def test_make_room_deletes_the_least_recently_used_outside_the_kept_set(tmp_path
         os.utime(cache.path(sha), (stamp, stamp))
     cache.touch(old)  # used again: now the most recent
     assert cache.verify(old, 1000) and hashes == []  # a touch keeps it verified
-    assert cache.make_room(keep={new}, needed=0) == 0  # 3000 bytes fit the limit
-    assert cache.make_room(keep={new}, needed=1500) == 2000  # middle (oldest now), then old; new is kept
+    assert cache.reserve({new: 1000}, missing=0) == 0  # 3000 bytes fit the limit
+    cache.release([new])
+    assert cache.reserve({new: 1000, "f" * 64: 1500}, missing=1500) == 2000  # middle (oldest now), then old
     assert [sha for _, _, sha in cache.files()] == [new]
     with pytest.raises(ClusterError, match="--cache-max-gb"):
-        cache.make_room(keep={new}, needed=2500)
-    assert WeightCache(tmp_path / "unlimited").make_room(keep=set(), needed=10**15) == 0
+        cache.reserve({new: 1000, "e" * 64: 2500}, missing=2500)
+    assert WeightCache(tmp_path / "unlimited").reserve({}, missing=10**15) == 0
+
+
+def test_an_assignment_in_progress_keeps_its_files_and_its_room(tmp_path: Path) -> None:
+    """Between a Prepare and the end of its Assign, another assignment's eviction spares its cached files and counts
+    the bytes it still streams; a failure to make room names the limit."""
+    cache = WeightCache(tmp_path, max_bytes=2500)
+    first, second = (store(cache, os.urandom(1000)) for _ in range(2))
+    assert cache.reserve({first: 1000, "a" * 64: 1000}, missing=1000) == 1000  # second goes; 1000 still to stream
+    assert not cache.path(second).exists()
+    with pytest.raises(ClusterError, match="other assignments in progress"):
+        cache.reserve({"b" * 64: 1000}, missing=1000)  # 1000 on disk + 1000 streaming + 1000 > 2500; first is kept
+    assert cache.verify(first, 1000)
+    cache.release([first, "a" * 64])
+    assert cache.reserve({"b" * 64: 2000}, missing=2000) == 1000  # now first may go
+    assert not cache.path(first).exists()
+
+
+def test_a_worker_with_a_limit_needs_its_folder_alone(tmp_path: Path) -> None:
+    sharing = WeightCache(tmp_path)  # a worker without a limit: others may share
+    WeightCache(tmp_path).reserve({}, 0)
+    with pytest.raises(ConfigError, match="a --cache-dir of its own"):
+        WeightCache(tmp_path, max_bytes=10**9)
+    del sharing
+    limited = WeightCache(tmp_path, max_bytes=10**9)
+    with pytest.raises(ConfigError, match="another --cache-dir"):
+        WeightCache(tmp_path)
+    del limited
+
+
+def test_an_eviction_the_disk_refuses_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = WeightCache(tmp_path, max_bytes=1500)
+    store(cache, os.urandom(1000))
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(ClusterError, match=r"cannot delete from weight cache .*Read-only file system"):
+        cache.reserve({"c" * 64: 1000}, missing=1000)

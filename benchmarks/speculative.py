@@ -1,0 +1,121 @@
+"""Prompt lookup decoding: decode ms/token with `--speculative-tokens K` drafts vs none, on text that repeats its
+prompt (a revision of a given paragraph) and on text that does not (a story).
+
+    .venv/bin/python benchmarks/speculative.py [--tokens 96] [--runs 3] [--threads 2] [--drafts 4]
+
+SmolLM2-135M (the embedded Q4_1 GGUF), bf16, greedy, the model's chat template. Two engines in this run, one
+drafting and one not, load the same weights; each round sends both the same requests, alternating which goes
+first. Decode time is from a request's first token to its last, per token after the first (prefill excluded), the
+median of --runs after a warm-up round. Greedy output is the same either way (checked); the drafting engine says
+how many of its drafted tokens the model confirmed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cake_py.cluster.pipeline import local_pipeline  # noqa: E402
+from cake_py.engine.engine import Engine  # noqa: E402
+from cake_py.engine.sequence import GenerationEvent  # noqa: E402
+from cake_py.models.device import release_openmp_threads  # noqa: E402
+from cake_py.models.hub import resolve_model  # noqa: E402
+from cake_py.models.sampling import SamplingParams  # noqa: E402
+
+PARAGRAPH = (
+    "The cluster splits the model's layers across three machines. Each worker holds a contigous range of layers and "
+    "their key value caches, and the master keeps the embeddings, the final norm and the head. When a request "
+    "arrives, the master embeds the prompt, sends the hidden states to the first worker, which passes its output to "
+    "the next, and the last one answers the master, which samples the next token and streams it to the client."
+)
+TASKS = {
+    "revision": f"Fix the spelling in this text and write it out again in full:\n\n{PARAGRAPH}",
+    "story": "Write a short story about a dragon who learns to bake bread.",
+}
+
+
+def decode(engine: Engine, ids: list[int], tokens: int) -> tuple[list[int], float]:
+    """The greedy answer's token ids, and its decode seconds per token after the first."""
+    events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+    engine.submit(ids, SamplingParams(temperature=0.0, max_tokens=tokens), events.put)
+    out: list[int] = []
+    first = last = 0.0
+    while True:
+        event = events.get()
+        if event.error:
+            raise SystemExit(event.error)
+        if event.tokens:
+            last = time.perf_counter()
+            first = first or last
+            out += [token.token_id for token in event.tokens]
+        if event.finished:
+            return out, (last - first) / max(len(out) - 1, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--drafts", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    source = resolve_model(None)
+    engines = {
+        drafts: Engine(local_pipeline(source, torch.bfloat16), source.tokenizer, speculative_tokens=drafts)
+        for drafts in (0, args.drafts)
+    }
+    release_openmp_threads()  # loading ran on this thread; the engine threads must own their OpenMP pools
+    for engine in engines.values():
+        engine.start()
+    prompts = {name: source.tokenizer.encode_chat([{"role": "user", "content": text}]) for name, text in TASKS.items()}
+    times: dict[tuple[str, int], list[float]] = {(name, d): [] for name in TASKS for d in engines}
+    drafted: dict[str, tuple[int, int, int]] = {}
+    try:
+        for run in range(args.runs + 1):
+            for name, ids in prompts.items():
+                order = list(engines.items()) if run % 2 else list(reversed(engines.items()))
+                outputs = {}
+                for drafts, engine in order:
+                    stats = engine.stats
+                    before = (stats.draft_tokens, stats.accepted_draft_tokens, stats.steps)
+                    outputs[drafts], seconds = decode(engine, ids, args.tokens)
+                    if run:  # the first round warms up
+                        times[name, drafts].append(seconds * 1000)
+                        if drafts:
+                            proposed, accepted, steps = (
+                                after - earlier
+                                for after, earlier in zip(
+                                    (stats.draft_tokens, stats.accepted_draft_tokens, stats.steps), before, strict=True
+                                )
+                            )
+                            drafted[name] = (proposed, accepted, steps)
+                if outputs[0] != outputs[args.drafts]:
+                    print(f"warning: {name}: the outputs differ (16-bit rounding of a batched step)", file=sys.stderr)
+    finally:
+        for engine in engines.values():
+            engine.stop()
+    print(f"SmolLM2-135M Q4_1 (bf16, int4 kernels), {args.threads} threads, greedy, up to {args.tokens} tokens, "
+          f"median of {args.runs}")  # fmt: skip
+    print(f"| task | no drafts ms/token | {args.drafts} drafts ms/token | speedup | drafted / confirmed (last run) |")
+    print("|---|---|---|---|---|")
+    for name in TASKS:
+        plain = statistics.median(times[name, 0])
+        drafting = statistics.median(times[name, args.drafts])
+        proposed, accepted, steps = drafted.get(name, (0, 0, 0))
+        print(
+            f"| {name} | {plain:.2f} | {drafting:.2f} | {plain / drafting:.2f}x | "
+            f"{proposed} / {accepted} in {steps} steps |"
+        )
+
+
+if __name__ == "__main__":
+    main()

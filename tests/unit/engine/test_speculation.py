@@ -1,0 +1,147 @@
+"""Prompt lookup decoding: drafts come from the sequence's own earlier text, and the engine keeps a draft only while
+its own samples equal it, so the tokens are those of decoding one at a time, in fewer steps."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cake_py.cluster.pipeline import local_pipeline
+from cake_py.engine.engine import Engine
+from cake_py.engine.sequence import GenerationEvent
+from cake_py.engine.speculation import PromptLookup
+from cake_py.models.grammar import compiler_for, regex_grammar
+from cake_py.models.hub import resolve_model
+from cake_py.models.sampling import SamplingParams
+
+REPEATED = [5, 17, 42, 9, 33, 8, 61, 2] * 4  # a prompt whose continuation the model tends to copy
+
+
+def test_drafts_are_what_followed_the_last_ngram_before() -> None:
+    lookup = PromptLookup()
+    tokens = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3]
+    assert lookup.propose(tokens, 3) == [4, 5, 9]  # (1, 2, 3) was followed by 4, 5, 9
+    assert lookup.propose([*tokens, 4], 2) == [5, 9]  # (2, 3, 4) as well, found in the index as it grew
+    assert PromptLookup().propose([1, 2, 3, 7, 8], 3) == []  # nothing repeats
+    assert lookup.propose([*tokens, 4, 5], 0) == []
+    latest = PromptLookup()
+    assert latest.propose([7, 8, 1, 7, 8, 2, 7, 8], 1) == [2]  # the latest occurrence wins
+
+
+def test_a_wholly_rejected_draft_waits_longer_each_time() -> None:
+    lookup = PromptLookup()
+    tokens = [1, 2, 3, 1, 2]
+    waits = []
+    for _ in range(4):
+        steps = 0
+        while not lookup.propose(tokens, 2):
+            steps += 1
+        waits.append(steps)
+        lookup.verified(2, 0)
+    assert waits == [0, 1, 2, 4]
+    lookup.verified(2, 1)  # an accepted token resets it
+    while not lookup.propose(tokens, 2):
+        pass
+    lookup.verified(2, 2)
+    assert lookup.propose(tokens, 2)
+
+
+@pytest.fixture
+def engines(tiny_model_factory) -> Iterator:  # type: ignore[no-untyped-def]
+    made: list[Engine] = []
+
+    def make(**options: int) -> Engine:
+        source = resolve_model(str(tiny_model_factory("llama")))
+        engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, **options)
+        engine.start()
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+def tokens(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], GenerationEvent]:
+    events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+    engine.submit(prompt, params, events.put)
+    out: list[int] = []
+    while True:
+        event = events.get(timeout=60)
+        out += [token.token_id for token in event.tokens]
+        if event.finished:
+            return out, event
+
+
+def repeating(engine: Engine, **options: object) -> SamplingParams:
+    """Greedy decoding that repeats: one token far likelier than the rest (logit_bias), so drafts hold."""
+    settings: dict[str, object] = {"temperature": 0.0, "logit_bias": ((77, 30.0),), **options}
+    return SamplingParams(max_tokens=40, ignore_eos=True, **settings)  # type: ignore[arg-type]
+
+
+def grammar_params(engine: Engine, **options: object) -> SamplingParams:
+    """Text a grammar holds to a pattern that repeats and then changes: drafts of the repeats hold, those made
+    before the change are rejected."""
+    grammar = compiler_for(engine.tokenizer).compile(regex_grammar("(ab cd ){4}(ab ce ){4}"))
+    return SamplingParams(temperature=0.0, max_tokens=60, grammar=grammar, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("make", "options"),
+    [
+        (repeating, {}),
+        (repeating, {"temperature": 0.9, "seed": 7, "logit_bias": ((77, 8.0),)}),  # sampled: 77 mostly, not always
+        (repeating, {"repetition_penalty": 1.05, "logprobs": True, "top_logprobs": 2}),
+        (grammar_params, {}),
+    ],
+)
+def test_speculation_gives_the_tokens_of_one_at_a_time_in_fewer_steps(engines, make, options) -> None:  # type: ignore[no-untyped-def]
+    plain, speculative = engines(), engines(speculative_tokens=4)
+    params = make(plain, **options)
+    expected, expected_last = tokens(plain, REPEATED, params)
+    got, last = tokens(speculative, REPEATED, make(speculative, **options))
+    assert got == expected
+    assert (last.finish_reason, last.completion_tokens) == (expected_last.finish_reason, len(expected))
+    stats = speculative.stats
+    assert stats.tokens_generated == len(expected)
+    assert stats.accepted_draft_tokens > 0 and stats.steps < plain.stats.steps
+    if make is grammar_params:
+        assert stats.accepted_draft_tokens < stats.draft_tokens  # the change rejected some
+
+
+def test_unrepeated_text_drafts_nothing_and_costs_no_steps(engines) -> None:  # type: ignore[no-untyped-def]
+    plain, speculative = engines(), engines(speculative_tokens=4)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    assert tokens(speculative, [5, 6, 7], params)[0] == tokens(plain, [5, 6, 7], params)[0]
+    assert speculative.stats.steps == plain.stats.steps
+
+
+def test_speculation_stops_at_max_tokens_and_stop_strings(engines) -> None:  # type: ignore[no-untyped-def]
+    plain, speculative = engines(), engines(speculative_tokens=6)
+    for max_tokens in (1, 2, 3, 7):
+        params = replace(repeating(plain), max_tokens=max_tokens)
+        assert tokens(speculative, REPEATED, params)[0] == tokens(plain, REPEATED, params)[0]
+    text = plain.tokenizer.decode(tokens(plain, REPEATED, repeating(plain))[0])
+    stop = text[len(text) // 2 :][:2]
+    params = replace(repeating(plain), stop=(stop,))
+    plain_out, plain_last = tokens(plain, REPEATED, params)
+    spec_out, spec_last = tokens(speculative, REPEATED, params)
+    assert spec_last.finish_reason == plain_last.finish_reason == "stop"
+    assert (spec_out, spec_last.completion_tokens) == (plain_out, plain_last.completion_tokens)
+
+
+def test_kept_caches_after_rejected_drafts_continue_the_sequence(engines) -> None:  # type: ignore[no-untyped-def]
+    """A chat's next turn copies the kept caches of a speculative one: the rejected drafts' positions must not leak."""
+    plain, speculative = engines(prefix_cache_tokens=4096), engines(prefix_cache_tokens=4096, speculative_tokens=4)
+    greedy = grammar_params(plain)
+    first = tokens(plain, REPEATED, greedy)[0]
+    assert tokens(speculative, REPEATED, grammar_params(speculative))[0] == first
+    assert speculative.stats.accepted_draft_tokens < speculative.stats.draft_tokens  # rejected drafts were written
+    follow = [*REPEATED, *first, 70, 71, 72]
+    after = replace(greedy, grammar=None, max_tokens=24, ignore_eos=True)
+    assert tokens(speculative, follow, after)[0] == tokens(plain, follow, after)[0]
+    assert speculative.stats.prefix_cached_tokens > 0
