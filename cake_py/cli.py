@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ui-auth", help="USER:PASS for HTTP Basic auth on the web UI and topology")
     serve.add_argument(
         "--allowed-origins",
-        default="*",
-        help="comma-separated origins whose browser pages may call the API (CORS); * = any, '' = none",
+        help="comma-separated origins whose browser pages may call the API (CORS); * = any, '' = none "
+        "(default: any when --api-key is set, else none: a page could otherwise use an open server)",
     )
     serve.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
     serve.add_argument(
@@ -260,7 +260,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         log_level=args.log_level,
         threads=_threads(args.threads, cpus),
         rate_limit=args.rate_limit,
-        allowed_origins=parse_origins(args.allowed_origins),
+        allowed_origins=parse_origins(args.allowed_origins) if args.allowed_origins is not None else None,
         rate_burst=args.rate_burst,
         max_body_bytes=args.max_body_bytes,
         max_running=args.max_running,

@@ -41,7 +41,8 @@ class ServeSettings:
     device: str = "auto"
     api_key: str | None = None
     ui_auth: tuple[str, str] | None = None
-    allowed_origins: tuple[str, ...] = ("*",)  # CORS: origins whose pages may call the API; () = none
+    # CORS: origins whose pages may call the API; () = none; None = any (*) when --api-key guards it, else none
+    allowed_origins: tuple[str, ...] | None = None
     cluster_key: str | None = None
     log_level: str = "info"
     threads: int | None = None

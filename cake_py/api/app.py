@@ -31,11 +31,16 @@ from cake_py.api.errors import EXCEPTION_HANDLERS
 from cake_py.api.metrics import ApiMetrics, MetricsMiddleware
 from cake_py.api.middleware import AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware
 from cake_py.api.state import ServerState
+from cake_py.config import ServeSettings
 
 
-def _cors(origins: tuple[str, ...]) -> list[Middleware]:
-    """Browser pages from these origins may call the API (CORS, as vLLM and llama.cpp's server allow by default).
-    No credentials: a key is sent as a header the page sets, never a cookie the browser adds on its own."""
+def _cors(settings: ServeSettings) -> list[Middleware]:
+    """Browser pages from these origins may call the API (CORS). By default any origin may when an API key guards the
+    server (as vLLM and llama.cpp's server allow), none when nothing does: any site a user visits could read an open
+    server on their machine. No credentials: a key is a header the page sets, never a cookie the browser adds."""
+    origins = settings.allowed_origins
+    if origins is None:
+        origins = ("*",) if settings.api_key else ()
     if not origins:
         return []
     return [
@@ -84,7 +89,7 @@ def create_app(state: ServerState) -> Starlette:
     # Outermost first: every request is counted, then authenticated, then rate limited, then size-checked.
     middleware = [
         # Outside the key check: a browser's preflight carries no key, and a 401 must still reach the page.
-        *_cors(settings.allowed_origins),
+        *_cors(settings),
         Middleware(MetricsMiddleware, state=state, paths=paths),
         Middleware(AuthMiddleware, api_key=settings.api_key, ui_auth=settings.ui_auth),
         Middleware(RateLimitMiddleware, per_minute=settings.rate_limit, burst=settings.rate_burst),

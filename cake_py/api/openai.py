@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
+from cake_py.api.forced_calls import CallDelta
 from cake_py.api.schemas import (
     chat_messages,
     chat_template_options,
@@ -41,7 +42,7 @@ from cake_py.api.streaming import (
     usage,
 )
 from cake_py.api.structured import compiled_grammar, structured_grammar
-from cake_py.api.tool_stream import CallDelta, ToolStream
+from cake_py.api.tool_stream import ToolStream
 from cake_py.api.tools import ToolRequest, calls_grammar, parse_answer, prompt_messages, tool_request
 from cake_py.models.sampling import SampledToken, SamplingParams
 from cake_py.models.tokenizer import Tokenizer
@@ -59,6 +60,11 @@ def _seeded(params: SamplingParams, index: int) -> SamplingParams:
 
 def _finish_reason(reason: str | None) -> str:
     return "stop" if reason in (None, "cancelled") else reason
+
+
+def _call_finish(called: bool, reason: str | None) -> str:
+    """`tool_calls` for an answer that calls tools, unless max_tokens cut it (a call may be partial): `length`."""
+    return "tool_calls" if called and reason != "length" else _finish_reason(reason)
 
 
 def _reject_unsupported(body: dict[str, Any]) -> None:
@@ -147,7 +153,7 @@ async def chat_completions(request: Request) -> Response:
         message: dict[str, Any] = {"role": "assistant", "content": answer.content}
         if answer.tool_calls:
             message["tool_calls"] = answer.tool_calls
-        finish = "tool_calls" if answer.tool_calls else _finish_reason(result.last.finish_reason)
+        finish = _call_finish(bool(answer.tool_calls), result.last.finish_reason)
         logprobs = {"content": chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None
         choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
     return JSONResponse(
@@ -220,7 +226,7 @@ async def _chat_stream(
             open_count -= 1
             on_finish = include_usage is None and open_count == 0  # Cake's default: usage on the last finish chunk
             last = {"usage": usage(prompt_tokens, completion_tokens, cached_tokens)} if on_finish else {}
-            finish = "tool_calls" if done.calls else _finish_reason(event.finish_reason)
+            finish = _call_finish(bool(done.calls), event.finish_reason)
             yield sse(chunk(index, {}, finish, **last))
     if include_usage and open_count == 0:
         kind = "chat.completion.chunk"

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from cake_py.api import response_store
 from cake_py.api.errors import ApiError
+from cake_py.api.forced_calls import CallDelta
 from cake_py.api.openai import chat_logprobs
 from cake_py.api.response_store import StoredResponse
 from cake_py.api.responses_input import chat_format, chat_history, chat_tools, input_items, new_id
@@ -32,7 +33,7 @@ from cake_py.api.schemas import flag, json_body, number, openai_sampling
 from cake_py.api.state import ServerState
 from cake_py.api.streaming import EventStream, GenerationResponse, collect_all, event_error, open_streams, sse
 from cake_py.api.structured import compiled_grammar, structured_grammar
-from cake_py.api.tool_stream import CallDelta, ToolStream
+from cake_py.api.tool_stream import ToolStream
 from cake_py.api.tools import ToolRequest, calls_grammar, parse_answer, prompt_messages, tool_request
 from cake_py.engine.sequence import GenerationEvent
 from cake_py.models.tokenizer import Tokenizer
@@ -237,9 +238,9 @@ async def create_response(request: Request) -> Response:
         return GenerationResponse(_events(request, state, streams[0], draft, tools), streams, "text/event-stream")
     result = (await collect_all(request, streams))[0]
     parsed = parse_answer(result.text, tools)
-    calls = _with_item_ids(parsed.tool_calls)
-    logprobs = chat_logprobs(result.tokens, tokenizer) if draft.logprobs else []
     status, _ = _status(result.last)
+    calls = [{**call, "status": status} for call in _with_item_ids(parsed.tool_calls)]
+    logprobs = chat_logprobs(result.tokens, tokenizer) if draft.logprobs else []
     message = None
     if parsed.content or not calls:
         message = _message(new_id("msg"), parsed.content or "", status, logprobs)
@@ -338,11 +339,12 @@ async def _events(
             yield event("response.content_part.done", item_id=message_id, **where, part=part)
             yield event("response.output_item.done", output_index=where["output_index"], item=message)
         calls = []
-        for call in streamed.values():  # complete when the answer parsed; else cut short by max_output_tokens
-            call["status"] = "completed" if done.calls else "incomplete"
+        for call in streamed.values():  # the last one partial when max_output_tokens cut the answer
+            call["status"] = status
             calls.append(call)
         for call in _with_item_ids(done.unsent):  # whole calls, read at the end (tool_choice auto)
             call["output_index"], outputs = outputs, outputs + 1
+            call["status"] = status
             ids = {"item_id": call["item_id"], "output_index": call["output_index"]}
             yield event(
                 "response.output_item.added", output_index=call["output_index"], item=_call(call, "in_progress", "")

@@ -3,154 +3,18 @@
 - `tool_choice` `auto`: text goes out as it comes until a call may be starting (a `<tool_call>` tag, or an answer
   that opens as JSON); from there it is held, and read when the choice finishes (the model may not have written a
   call after all, and what was streamed cannot be taken back).
-- Forced calls (`required`, a named function): the grammar guarantees the shape, `{"name": …, "arguments": {…}}`
-  or a list of those, so each call goes out as it is written, as OpenAI streams calls: its id and name once the
-  name is complete, then its arguments' JSON piece by piece (spaced as `json.dumps` spaces it).
+- Forced calls (`required`, a named function): the grammar guarantees the shape, so each call goes out as it is
+  written (api/forced_calls.py), as OpenAI streams calls: its id and name once the name is complete, then its
+  arguments' JSON piece by piece.
 """
 
 from __future__ import annotations
 
-import json
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from cake_py.api.forced_calls import CallDelta, ForcedCalls
 from cake_py.api.tools import JSON_CALL_PREFIXES, OPEN_TAG, ToolRequest, parse_answer, text_around_blocks
-
-
-@dataclass
-class CallDelta:
-    """A piece of a streamed call: its header (`id` and `name`, arguments still empty) or more `arguments` text."""
-
-    index: int
-    arguments: str = ""
-    id: str | None = None
-    name: str | None = None
-
-
-@dataclass
-class StreamedCall:
-    id: str
-    name: str
-    arguments: list[str] = field(default_factory=list)
-
-    def as_call(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": "".join(self.arguments)},
-        }
-
-
-class ForcedCalls:
-    """Reads forced calls' JSON character by character as it is generated, keeping only what a call needs: the
-    depth of the call objects, which key a value belongs to, and the arguments' text (whitespace outside strings
-    dropped, `: ` and `, ` as json.dumps writes them)."""
-
-    def __init__(self, listed: bool) -> None:
-        self.call_depth = 2 if listed else 1  # [ {call}, … ] or {call}
-        self.depth = 0
-        self.in_string = False
-        self.escaped = False
-        self.string: list[str] = []  # the string being read at the call's depth
-        self.expecting_key = False
-        self.key: str | None = None  # the call object's key whose value comes next
-        self.capturing = False  # inside a call's arguments value
-        self.named = False  # the current call object's name has been read
-        self.unordered = False  # a call wrote its arguments first: nothing streams, the calls go whole at the end
-        self.calls: list[StreamedCall] = []
-        self.deltas: list[CallDelta] = []
-
-    def feed(self, text: str) -> list[CallDelta]:
-        """The call deltas `text` completes."""
-        for char in text:
-            if self.capturing:
-                self._argument_char(char)
-            else:
-                self._frame_char(char)
-        deltas, self.deltas = self.deltas, []
-        return [] if self.unordered else _merged(deltas)
-
-    def _argument_char(self, char: str) -> None:
-        call = self.calls[-1]
-        piece = char
-        if self.in_string:
-            if self.escaped:
-                self.escaped = False
-            elif char == "\\":
-                self.escaped = True
-            elif char == '"':
-                self.in_string = False
-        elif char.isspace():
-            return
-        elif char == '"':
-            self.in_string = True
-        elif char in "{[":
-            self.depth += 1
-        elif char in "}]":
-            self.depth -= 1
-        elif char in ":,":
-            piece += " "
-        call.arguments.append(piece)
-        self.deltas.append(CallDelta(len(self.calls) - 1, arguments=piece))
-        if self.depth == self.call_depth:  # the arguments' value closed
-            self.capturing = False
-
-    def _frame_char(self, char: str) -> None:
-        if self.in_string:
-            if self.escaped:
-                self.escaped = False
-                self.string.append(char)
-            elif char == "\\":
-                self.escaped = True
-                self.string.append(char)
-            elif char == '"':
-                self.in_string = False
-                self._string_read(json.loads('"' + "".join(self.string) + '"'))
-            else:
-                self.string.append(char)
-            return
-        if char == '"':
-            self.in_string, self.string = True, []
-        elif char in "{[":
-            if self.depth == self.call_depth and self.key == "arguments" and not self.expecting_key:
-                if not self.named:  # arguments before the name: nothing to announce them under
-                    self.unordered = True
-                else:
-                    self.capturing = True
-                    self._argument_char(char)
-                    return
-            self.depth += 1
-            if self.depth == self.call_depth and char == "{":  # a new call object
-                self.expecting_key, self.key, self.named = True, None, False
-        elif char in "}]":
-            self.depth -= 1
-        elif self.depth == self.call_depth and char == ",":
-            self.expecting_key, self.key = True, None
-        elif self.depth == self.call_depth and char == ":":
-            self.expecting_key = False
-
-    def _string_read(self, value: str) -> None:
-        if self.depth != self.call_depth:
-            return
-        if self.expecting_key:
-            self.key = value
-        elif self.key == "name" and not self.named:
-            self.named = True
-            self.calls.append(StreamedCall(f"call_{uuid.uuid4().hex[:24]}", value))
-            self.deltas.append(CallDelta(len(self.calls) - 1, id=self.calls[-1].id, name=value))
-
-
-def _merged(deltas: list[CallDelta]) -> list[CallDelta]:
-    """Consecutive argument pieces of one call as one delta."""
-    merged: list[CallDelta] = []
-    for delta in deltas:
-        last = merged[-1] if merged else None
-        if last is not None and delta.id is None and last.index == delta.index:
-            last.arguments += delta.arguments
-        else:
-            merged.append(CallDelta(delta.index, delta.arguments, delta.id, delta.name))
-    return merged
 
 
 @dataclass
@@ -199,11 +63,11 @@ class ToolStream:
     def finish(self) -> Finished:
         """What is left to send once the answer is complete, and all its calls."""
         if self.forced is not None:
-            calls = parse_answer(self.text, self.request).tool_calls
             if self.forced.unordered:
+                calls = parse_answer(self.text, self.request).tool_calls
                 return Finished("", calls, calls)
-            # A complete answer holds every streamed call; one cut short (max_tokens) holds none, whatever streamed.
-            return Finished("", [], [call.as_call() for call in self.forced.calls] if calls else [])
+            # Cut short (max_tokens), the last call's arguments are what was written of them, as the blocking answer's.
+            return Finished("", [], self.forced.tool_calls())
         parsed = parse_answer(self.text, self.request)
         if not parsed.tool_calls:
             return Finished(self._send_until(len(self.text)), [], [])

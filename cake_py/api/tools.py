@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cake_py.api.errors import ApiError
+from cake_py.api.forced_calls import ForcedCalls
 from cake_py.models.grammar import json_grammar
 
 MAX_TOOLS = 128
@@ -236,9 +237,14 @@ def parse_answer(text: str, request: ToolRequest) -> ParsedAnswer:
     without parallel_tool_calls)."""
     if not request.active:
         return ParsedAnswer(text, [])
-    if request.forced:
-        calls = _json_calls(text, request)
-        return ParsedAnswer(None, calls[:1] if not request.parallel else calls) if calls else ParsedAnswer(text, [])
+    if request.forced:  # read as a stream reads it: the same text for the calls, the same partial call if cut
+        reader = ForcedCalls(listed=request.choice == "required")
+        reader.feed(text)
+        if reader.unordered:  # arguments written before the name
+            calls = _json_calls(text, request)
+            return ParsedAnswer(None, calls[:1] if not request.parallel else calls) if calls else ParsedAnswer(text, [])
+        calls = reader.tool_calls()
+        return ParsedAnswer(None, calls[:1] if not request.parallel else calls)
     around, calls = _blocks(text, request)
     if not calls:
         stripped = text.strip()
@@ -285,11 +291,15 @@ def _json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
                 return []
         if not isinstance(arguments, dict):
             return []
+        try:  # a number past a float's range (1E400) would come back as Infinity, which no JSON parser reads
+            arguments_text = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            return []
         calls.append(
             {
                 "id": f"call_{uuid.uuid4().hex[:24]}",
                 "type": "function",
-                "function": {"name": item["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
+                "function": {"name": item["name"], "arguments": arguments_text},
             }
         )
     return calls

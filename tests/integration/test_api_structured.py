@@ -309,3 +309,20 @@ def test_llama_cpp_forms_gbnf_and_vllm_spacing(client: OpenAI) -> None:
     compact = chat({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True, "disable_fallback": False}})
     _check(json.loads(compact))
     assert not any(character.isspace() for character in compact)
+
+
+def test_a_forced_call_cut_by_max_tokens_is_the_same_partial_call_streamed_or_not(client: OpenAI) -> None:
+    kwargs: Any = {"model": "x", "messages": ASK, "tools": [WEATHER_TOOL], "tool_choice": "required"}
+    completion = client.chat.completions.create(**kwargs, max_tokens=42, temperature=0)  # cut inside the arguments
+    choice = completion.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None
+    chunks = list(client.chat.completions.create(**kwargs, max_tokens=42, temperature=0, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    streamed: dict[int, str] = {}
+    for chunk in chunks:
+        for piece in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            streamed[piece.index] = streamed.get(piece.index, "") + (
+                (piece.function and piece.function.arguments) or ""
+            )
+    blocking = {index: call.function.arguments for index, call in enumerate(choice.message.tool_calls or [])}
+    assert streamed == blocking and blocking  # the call as far as it was written, either way

@@ -207,3 +207,9 @@ def test_allowed_origins_limit_or_turn_off_cors() -> None:
     with _client(allowed_origins=(), rate_limit=0) as client:
         answer = client.get("/v1/models", headers={"Origin": "https://app.example.com"})
         assert "access-control-allow-origin" not in answer.headers
+    with _client(rate_limit=0) as client:  # no key, no flag: an open server is not readable by other sites' pages
+        answer = client.get("/v1/models", headers={"Origin": "https://app.example.com"})
+        assert "access-control-allow-origin" not in answer.headers
+    with _client(allowed_origins=("*",), rate_limit=0) as client:  # unless asked for
+        answer = client.get("/v1/models", headers={"Origin": "https://app.example.com"})
+        assert answer.headers["access-control-allow-origin"] == "*"

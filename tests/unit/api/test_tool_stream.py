@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from cake_py.api.tool_stream import CallDelta, ToolStream
-from cake_py.api.tools import tool_request
+from cake_py.api.forced_calls import CallDelta
+from cake_py.api.tool_stream import ToolStream
+from cake_py.api.tools import parse_answer, tool_request
 
 TOOLS = [
     {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
@@ -67,11 +68,35 @@ def test_required_calls_stream_one_after_the_other(step: int) -> None:
     assert [call["id"] for call in stream.finish().calls] == [call["id"] for call in calls]
 
 
-def test_a_call_cut_short_streamed_what_it_had_and_counts_as_no_call() -> None:
-    deltas, stream = _stream('[{"name": "search", "arguments": {"q": "unfinish', "required", 3)
+def test_a_call_cut_short_is_what_was_written_of_it_streamed_or_not() -> None:
+    text = '[{"name": "search", "arguments": {"q": "unfinish'
+    deltas, stream = _stream(text, "required", 3)
     assert _calls(deltas) == [{"id": deltas[0].id, "name": "search", "arguments": '{"q": "unfinish'}]
     done = stream.finish()
-    assert done.calls == [] and done.unsent == []  # finish_reason stays length
+    assert done.unsent == [] and [call["function"]["arguments"] for call in done.calls] == ['{"q": "unfinish']
+    blocking = parse_answer(text, tool_request({"tools": TOOLS, "tool_choice": "required"}))
+    assert blocking.content is None
+    assert [call["function"] for call in blocking.tool_calls] == [call["function"] for call in done.calls]
+
+
+@pytest.mark.parametrize("step", [1, 4])
+def test_the_blocking_answer_reads_calls_as_the_stream_does(step: int) -> None:
+    """The same text either way: numbers as written (1.50, 1E400), escapes kept, json.dumps' spacing."""
+    arguments = '{ "x" : 1E400,\n "p":1.50 , "b" : "\\u0008 \\" }", "d": [1,\t2] }'
+    text = '{"name": "search", "arguments": ' + arguments + "}"
+    deltas, stream = _stream(text, {"type": "function", "function": {"name": "search"}}, step)
+    [streamed] = _calls(deltas)
+    assert streamed["arguments"] == '{"x": 1E400, "p": 1.50, "b": "\\u0008 \\" }", "d": [1, 2]}'
+    request = tool_request({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "search"}}})
+    [call] = parse_answer(text, request).tool_calls
+    assert call["function"]["arguments"] == streamed["arguments"]
+    assert json.loads(call["function"]["arguments"])["p"] == 1.5
+
+
+def test_an_auto_call_whose_number_no_json_parser_reads_is_text() -> None:
+    text = '<tool_call>{"name": "search", "arguments": {"x": 1E400}}</tool_call>'
+    answer = parse_answer(text, tool_request({"tools": TOOLS}))
+    assert answer.tool_calls == [] and answer.content == text
 
 
 def test_arguments_written_before_the_name_go_whole_at_the_end() -> None:

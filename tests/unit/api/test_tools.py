@@ -306,9 +306,14 @@ def test_forced_calls_follow_the_tools_own_definitions(tiny_llama: Path) -> None
     assert not accepted('{"place": {"city": "Paris"}}')  # the tool's own $defs apply
     assert not accepted('{"place": {}, "next": {"name": "locate", "arguments": {"place": {}}}}')  # not the wrapper
     for seed in range(2):
-        answer = parse_answer(_forced(tokenizer, request, seed), request)
-        if answer.tool_calls:  # random logits may nest "next" past max_tokens
-            assert json.loads(answer.tool_calls[0]["function"]["arguments"])["place"].keys() <= {"city"}
+        text = _forced(tokenizer, request, seed)
+        answer = parse_answer(text, request)
+        assert answer.tool_calls or '"arguments"' not in text  # a call, partial when max_tokens cut it
+        try:
+            arguments = json.loads(answer.tool_calls[0]["function"]["arguments"])
+        except (IndexError, ValueError):
+            continue  # random logits may nest "next" past max_tokens
+        assert arguments["place"].keys() <= {"city"}
 
 
 @pytest.mark.parametrize(
