@@ -135,6 +135,8 @@ def test_flags_reach_the_settings() -> None:
     assert (serve.pooling, _serve_settings(parser.parse_args(["serve", "--pooling", "mean"])).pooling) == (None, "mean")
     assert _worker_settings(parser.parse_args(["worker", "--cache-max-gb", "2.5"])).cache_max_bytes == 2_500_000_000
     assert _worker_settings(parser.parse_args(["worker"])).cache_max_bytes == 0
+    assert _serve_settings(parser.parse_args(["serve", "--speculative-tokens", "6"])).speculative_tokens == 6
+    assert _serve_settings(parser.parse_args(["serve"])).speculative_tokens == 0
 
 
 def test_an_unknown_pooling_is_refused() -> None:

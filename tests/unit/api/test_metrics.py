@@ -163,3 +163,19 @@ def test_a_second_chat_turn_counts_the_prompt_tokens_it_copied(
         assert second.status_code == 200
         ((_, copied),) = samples(client.get("/metrics").text, "cake_prefix_cached_tokens_total")
         assert copied >= first.json()["usage"]["prompt_tokens"] - 1
+
+
+def test_drafted_and_confirmed_tokens_are_counted(
+    tiny_llama: Path, tiny_state: Callable[[Engine | None], ServerState]
+) -> None:
+    source = resolve_model(str(tiny_llama))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, speculative_tokens=4)
+    with TestClient(create_app(tiny_state(engine))) as client:
+        # One token far likelier than the rest: the answer repeats it, and the drafts of it hold.
+        body = {"prompt": "The oven", "max_tokens": 20, "temperature": 0, "logit_bias": {"77": 30}}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        text = client.get("/metrics").text
+    ((_, drafted),) = samples(text, "cake_draft_tokens_total")
+    ((_, confirmed),) = samples(text, "cake_accepted_draft_tokens_total")
+    assert drafted >= confirmed > 0
+    assert (drafted, confirmed) == (engine.stats.draft_tokens, engine.stats.accepted_draft_tokens)
