@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help=DEVICE_HELP)
     _graphs_flag(run)
     run.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
+    run.add_argument(
+        "--speculative-tokens", type=_positive_int, default=0, help="prompt lookup decoding's drafts per step (0: off)"
+    )
 
     pull = commands.add_parser("pull", help="download a model from the Hugging Face Hub into the HF cache")
     pull.add_argument("model")
@@ -338,9 +341,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
         device = check_device(args.device)
-        run_prompt(
-            model, prompt, params, write, dtype=args.dtype, device=device, raw=args.raw, cuda_graphs=args.cuda_graphs
-        )
+        options = {"dtype": args.dtype, "device": device, "raw": args.raw, "cuda_graphs": args.cuda_graphs}
+        run_prompt(model, prompt, params, write, speculative_tokens=args.speculative_tokens, **options)
         sys.stdout.write("\n")
     elif args.command == "pull":
         from cake_py.models.hub import download

@@ -23,13 +23,15 @@ def run_prompt(
     device: str = "auto",
     raw: bool = False,
     cuda_graphs: bool = True,
+    speculative_tokens: int = 0,
 ) -> str:
     """Generate an answer to `prompt` (chat-templated unless `raw`), writing text as it streams; returns it."""
     graphs.set_enabled(cuda_graphs)
     source = resolve_model(model)
     tokenizer = source.tokenizer
     prompt_ids = tokenizer.encode(prompt) if raw else tokenizer.encode_chat([{"role": "user", "content": prompt}])
-    engine = Engine(local_pipeline(source, torch_dtype(dtype), resolve_device(device)), tokenizer)
+    pipeline = local_pipeline(source, torch_dtype(dtype), resolve_device(device))
+    engine = Engine(pipeline, tokenizer, speculative_tokens=speculative_tokens)
     release_openmp_threads()  # loading ran here; the engine thread must own the only OpenMP pool
     engine.start()
     pieces = []

@@ -104,6 +104,11 @@ def test_run_on_a_tiny_model_streams_text(tiny_model_factory) -> None:  # type: 
     result = cake("run", str(tiny_model_factory("llama")), "hello", "--max-tokens", "5", "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+    drafting = cake(
+        "run", str(tiny_model_factory("llama")), "hello", "--max-tokens", "5", "--dtype", "float32",
+        "--speculative-tokens", "4",
+    )  # fmt: skip
+    assert drafting.returncode == 0 and drafting.stdout == result.stdout  # greedy: the same answer
 
 
 @pytest.mark.parametrize("command", [("rm", "nobody/absent")])
