@@ -380,11 +380,13 @@ class Engine:
             if piece.seq_id in self.copies.prefix_copies:
                 seq.cached_tokens = piece.start_pos  # prompt tokens a kept cache gave it (usage's cached_tokens)
                 self.stats.prefix_cached_tokens += piece.start_pos
-        events = step_events(plan, logits, hidden, self.stats)
-        for seq in members:
-            if seq.drafts:  # positions past the last kept draft hold rejected guesses: the next slice rewrites them
-                seq.n_cached = min(seq.n_cached, seq.n_tokens - 1)
-                seq.drafts = []
+        try:
+            events = step_events(plan, logits, hidden, self.stats)
+        finally:
+            for seq in members:
+                if seq.drafts:  # positions past the last kept draft hold rejected guesses: the next slice rewrites them
+                    seq.n_cached = min(seq.n_cached, seq.n_tokens - 1)
+                    seq.drafts = []
         # Counted before anyone hears of them: a client that got its last token then reads the stats sees it.
         prompt_tokens = sum(  # the slices' overlap with their prompts (a prefill's last token is a prompt token)
             max(0, min(piece.start_pos + piece.n_tokens, len(seq.prompt_ids)) - piece.start_pos)
@@ -393,6 +395,8 @@ class Engine:
         generated = sum(len(event.tokens) for _, event in events)
         self.stats.record_step(generated, prompt_tokens, time.perf_counter() - began)
         for seq, event in events:
+            if seq.seq_id not in self._running:  # its consumer broke on an earlier event of this step: it is over
+                continue
             if event.finished:
                 self._finish(seq, event)
             else:

@@ -82,11 +82,13 @@ def _sample(plan: StepPlan, logits: torch.Tensor, stats: EngineStats) -> Events:
         if seq.first_token_at is not None and len(seq.output_ids) == 1:
             stats.record_first_token((seq.first_token_at - seq.created) * 1000)
         drafts = seq.drafts
-        if event.finished or index >= len(drafts) or event.tokens[-1].token_id != drafts[index]:
+        matched = index < len(drafts) and bool(event.tokens) and event.tokens[-1].token_id == drafts[index]
+        if event.finished or not matched:
             done.add(seq.seq_id)
             if drafts and seq.lookup is not None:
-                seq.lookup.verified(len(drafts), index)
-                stats.record_drafts(len(drafts), index)
+                confirmed = index + matched  # a draft the last token equals counts (it ended on a stop, say)
+                seq.lookup.verified(len(drafts), confirmed)
+                stats.record_drafts(len(drafts), confirmed)
     return events
 
 

@@ -49,7 +49,7 @@ def plan_step(
     ordered = sorted(running, key=lambda s: s.prefilling)
     if sum(not seq.prefilling for seq in ordered) > SPECULATE_MAX_DECODING:
         speculate = 0  # a batch already shares each pass over the weights: drafts would only add rows
-    for seq in ordered:
+    for position, seq in enumerate(ordered):
         if budget <= 0:
             break
         copy_from = shared_prefill(seq)
@@ -59,7 +59,8 @@ def plan_step(
         n = min(len(known) - seq.n_cached, budget)
         drafts: list[int] = []
         if speculate and n == 1 and copy_from is None and seq.params.pooling is None:
-            drafts = seq.draft(min(speculate, budget - 1))
+            later = len(ordered) - position - 1  # drafts leave each later sequence at least one token of the budget
+            drafts = seq.draft(min(speculate, budget - 1 - later))
         seq.drafts = drafts
         plan.batch.append(SequenceSlice(seq.seq_id, seq.n_cached, n + len(drafts), copy_from))
         plan.ids.extend(known[seq.n_cached : seq.n_cached + n] + drafts)

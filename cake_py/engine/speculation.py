@@ -39,7 +39,12 @@ class PromptLookup:
         for size in NGRAM_SIZES:
             found = self.last_end.get(tuple(tokens[end - size :])) if end > size else None
             if found is not None and found < end:
-                return tokens[found : found + limit]
+                # The text goes on as it went on after that occurrence; where that runs into the present (a pattern
+                # repeating with period end - found), it goes on repeating.
+                drafts: list[int] = []
+                for offset in range(found, found + limit):
+                    drafts.append(tokens[offset] if offset < end else drafts[offset - end])
+                return drafts
         return []
 
     def verified(self, proposed: int, accepted: int) -> None:

@@ -4,7 +4,9 @@ its own samples equal it, so the tokens are those of decoding one at a time, in 
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
@@ -30,6 +32,7 @@ def test_drafts_are_what_followed_the_last_ngram_before() -> None:
     assert lookup.propose([*tokens, 4, 5], 0) == []
     latest = PromptLookup()
     assert latest.propose([7, 8, 1, 7, 8, 2, 7, 8], 1) == [2]  # the latest occurrence wins
+    assert PromptLookup().propose([4, 7, 8, 7, 8], 5) == [7, 8, 7, 8, 7]  # a pattern that repeats goes on repeating
 
 
 def test_a_wholly_rejected_draft_waits_longer_each_time() -> None:
@@ -145,3 +148,49 @@ def test_kept_caches_after_rejected_drafts_continue_the_sequence(engines) -> Non
     after = replace(greedy, grammar=None, max_tokens=24, ignore_eos=True)
     assert tokens(speculative, follow, after)[0] == tokens(plain, follow, after)[0]
     assert speculative.stats.prefix_cached_tokens > 0
+
+
+def test_a_consumer_that_breaks_mid_step_ends_its_sequence_once(engines) -> None:  # type: ignore[no-untyped-def]
+    """A step gives a drafting sequence several events: when its sink fails on one, the rest are dropped and the
+    sequence is let go once, not kept for later prompts (its caches are released)."""
+    engine = engines(speculative_tokens=4, prefix_cache_tokens=4096)
+    params = repeating(engine)
+    seen: list[int] = []
+
+    def sink(event: GenerationEvent) -> None:
+        seen.append(event.completion_tokens)
+        if event.completion_tokens == 10:
+            raise RuntimeError("the client's stream broke")
+
+    engine.submit(REPEATED, params, sink)
+    deadline = time.monotonic() + 30
+    while (10 not in seen or engine.in_flight) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # anything still sent after the failure would arrive by now
+    assert seen[-1] == 10 and seen == sorted(set(seen))  # nothing after the failure
+    assert len(engine.prefix_cache) == 0
+    assert tokens(engine, REPEATED, params)[0]  # the next prompt with the same start runs
+
+
+def test_drafts_leave_room_in_the_step_for_every_other_sequence(engines) -> None:  # type: ignore[no-untyped-def]
+    engine = engines(speculative_tokens=16, max_batch_tokens=16)
+    long = replace(repeating(engine), max_tokens=300)
+    finished: list[str] = []
+    done = threading.Semaphore(0)
+
+    def sink(name: str) -> Callable[[GenerationEvent], None]:
+        def receive(event: GenerationEvent) -> None:
+            if name == "drafting" and event.completion_tokens >= 20 and not submitted:  # drafting in full by now
+                submitted.append(True)
+                engine.submit(list(range(40, 51)), SamplingParams(temperature=0.0, max_tokens=1), sink("short"))
+            if event.finished:
+                finished.append(name)
+                done.release()
+
+        return receive
+
+    submitted: list[bool] = []
+    engine.submit(REPEATED, long, sink("drafting"))
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    assert finished == ["short", "drafting"]  # its prefill got a token of every step, not none until the end
+    assert engine.stats.accepted_draft_tokens > 0
