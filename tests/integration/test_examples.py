@@ -127,6 +127,29 @@ def test_curl_completions(server: ServerHandle) -> None:
     assert body["choices"][0]["logprobs"] is not None
 
 
+def test_curl_responses(server: ServerHandle) -> None:
+    output = _curl("responses.sh", server)
+    first, second, stored = _json_lines(output)
+    assert first["object"] == "response" and second["previous_response_id"] == first["id"]
+    assert stored == first
+    events = re.findall(r"^event: (\S+)$", output, re.M)
+    assert events[:2] == ["response.created", "response.in_progress"]
+    assert events[-1] in ("response.completed", "response.incomplete") and "[DONE]" not in output
+
+
+def test_curl_embeddings(server: ServerHandle) -> None:
+    (body,) = _json_lines(_curl("embeddings.sh", server))
+    assert [item["index"] for item in body["data"]] == [0, 1] and len(body["data"][0]["embedding"]) == 64
+
+
+def test_curl_tokenize(server: ServerHandle) -> None:
+    by_prompt, by_messages, by_content, text = _json_lines(_curl("tokenize.sh", server))
+    assert by_prompt["count"] == len(by_prompt["tokens"]) == len(by_prompt["token_strs"])
+    assert by_messages["count"] > by_prompt["count"]
+    assert all(set(piece) == {"id", "piece"} for piece in by_content["tokens"])
+    assert set(text) == {"prompt", "content"}
+
+
 def test_curl_models(server: ServerHandle) -> None:
     (body,) = _json_lines(_curl("models.sh", server))
     assert [model["id"] for model in body["data"]] == ["llama"]
@@ -226,6 +249,9 @@ def test_every_curl_script_is_tested() -> None:
         "metrics.sh",
         "topology.sh",
         "images_audio.sh",
+        "responses.sh",
+        "embeddings.sh",
+        "tokenize.sh",
     }
     assert {path.name for path in CURL_SCRIPTS.glob("*.sh")} == tested
 
