@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def new_call_id(length: int | None = None) -> str:
+    """A tool call's id: OpenAI's form (`call_` and 24 hex digits), or `length` alphanumerics where the model's
+    template requires that (Mistral's: 9)."""
+    return uuid.uuid4().hex[:length] if length else f"call_{uuid.uuid4().hex[:24]}"
+
+
 @dataclass
 class CallDelta:
     """A piece of a streamed call: its header (`id` and `name`, arguments still empty) or more `arguments` text."""
@@ -42,7 +48,8 @@ class ForcedCalls:
     depth of the call objects, which key a value belongs to, and the arguments' text (whitespace outside strings
     dropped, `: ` and `, ` as json.dumps writes them)."""
 
-    def __init__(self, listed: bool) -> None:
+    def __init__(self, listed: bool, id_length: int | None = None) -> None:
+        self.id_length = id_length  # the ids the template requires (new_call_id)
         self.call_depth = 2 if listed else 1  # [ {call}, … ] or {call}
         self.depth = 0
         self.in_string = False
@@ -136,7 +143,7 @@ class ForcedCalls:
             self.key = value
         elif self.key == "name" and not self.named:
             self.named = True
-            self.calls.append(StreamedCall(f"call_{uuid.uuid4().hex[:24]}", value))
+            self.calls.append(StreamedCall(new_call_id(self.id_length), value))
             self.deltas.append(CallDelta(len(self.calls) - 1, id=self.calls[-1].id, name=value))
 
 

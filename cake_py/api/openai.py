@@ -119,7 +119,7 @@ async def chat_completions(request: Request) -> Response:
     _reject_unsupported(body)
     messages = chat_messages(body)
     template = chat_template_options(body, messages)
-    tools = tool_request(body)
+    tools = tool_request(body, tokenizer.tool_call_id_length)
     params = openai_sampling(body, vocab_size=engine.vocab_size)
     grammar = await structured_grammar(body, tokenizer)
     if tools.forced and grammar is not None:

@@ -181,7 +181,7 @@ async def create_response(request: Request) -> Response:
             raise ApiError(400, f"previous_response_id: no stored response has the id {previous_id!r}"[:300])
         history = list(previous.conversation)
     history += chat_history(items)
-    tools = tool_request(chat_tools(body))
+    tools = tool_request(chat_tools(body), tokenizer.tool_call_id_length)
     max_output = body.get("max_output_tokens")
     if max_output is not None:
         number(body, "max_output_tokens", 0, integer=True)  # a 400 naming it when it is not an integer

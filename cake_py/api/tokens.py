@@ -68,7 +68,7 @@ async def tokenize(request: Request) -> Response:
     if field == "messages":
         messages = chat_messages(body)
         template = chat_template_options(body, messages)
-        tools = tool_request(body)
+        tools = tool_request(body, tokenizer.tool_call_id_length)
         messages, tool_variables = prompt_messages(messages, tools, tokenizer.reads_tools)
         add_special = flag(body, "add_special_tokens", False)  # the template writes its own (vLLM's default)
 

@@ -32,7 +32,7 @@ class ToolStream:
         self.text = ""  # the whole answer so far
         self.sent = 0  # how much of it went out as content
         self.holding = request.forced  # forced calls: nothing is content
-        self.forced = ForcedCalls(listed=request.choice == "required") if request.forced else None
+        self.forced = ForcedCalls(request.choice == "required", request.id_length) if request.forced else None
         self.deltas: list[CallDelta] = []  # call pieces of the last feed
 
     def feed(self, delta: str) -> str:

@@ -14,14 +14,14 @@ messages that carry calls (`assistant.tool_calls`) and their results (`tool`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from cake_py.api.errors import ApiError
-from cake_py.api.forced_calls import ForcedCalls
+from cake_py.api.forced_calls import ForcedCalls, new_call_id
 from cake_py.models.grammar import json_grammar
 
 MAX_TOOLS = 128
@@ -49,6 +49,7 @@ class ToolRequest:
     choice: str = "none"  # "none" | "auto" | "required" | "function"
     function: str | None = None  # the named function of tool_choice {"type": "function", …}
     parallel: bool = True
+    id_length: int | None = None  # the call ids the model's template requires (Mistral's: 9 characters)
 
     @property
     def names(self) -> set[str]:
@@ -63,8 +64,9 @@ class ToolRequest:
         return self.choice in ("required", "function")
 
 
-def tool_request(body: dict[str, Any]) -> ToolRequest:
-    """`tools`, `tool_choice` and `parallel_tool_calls`, checked; a 400 naming the bad value otherwise."""
+def tool_request(body: dict[str, Any], id_length: int | None = None) -> ToolRequest:
+    """`tools`, `tool_choice` and `parallel_tool_calls`, checked; a 400 naming the bad value otherwise. `id_length`:
+    the call ids the model's template requires (Tokenizer.tool_call_id_length)."""
     if body.get("functions") is not None or body.get("function_call") is not None:
         raise ApiError(400, "functions and function_call are OpenAI's deprecated fields; send tools and tool_choice")
     raw_tools = body.get("tools")
@@ -75,7 +77,7 @@ def tool_request(body: dict[str, Any]) -> ToolRequest:
     if raw_tools is None or raw_tools == []:
         if choice_value not in (None, "none"):
             raise ApiError(400, f"tool_choice {choice_value!r} needs tools"[:300])
-        return ToolRequest()
+        return ToolRequest(id_length=id_length)
     if not isinstance(raw_tools, list) or len(raw_tools) > MAX_TOOLS:
         raise ApiError(400, f"tools must be a list of at most {MAX_TOOLS} function tools")
     tools = [_tool(index, tool) for index, tool in enumerate(raw_tools)]
@@ -100,7 +102,7 @@ def tool_request(body: dict[str, Any]) -> ToolRequest:
         raise ApiError(
             400, f"tool_choice must be none, auto, required or a function to call, got {choice_value!r}"[:300]
         )
-    return ToolRequest(tools, choice, function, parallel is not False)
+    return ToolRequest(tools, choice, function, parallel is not False, id_length)
 
 
 def _tool(index: int, tool: Any) -> dict[str, Any]:
@@ -175,6 +177,8 @@ def prompt_messages(
     messages: list[dict[str, Any]], request: ToolRequest, template_reads_tools: bool
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The messages to render and the template variables (tools) for them."""
+    if request.id_length:
+        messages = _template_ids(messages, request.id_length)
     if template_reads_tools:
         return [_for_template(message) for message in messages], ({"tools": request.tools} if request.active else {})
     rendered: list[dict[str, Any]] = []
@@ -195,6 +199,30 @@ def prompt_messages(
         else:
             rendered.insert(0, {"role": "system", "content": instructions})
     return rendered, {}
+
+
+def _template_ids(messages: list[dict[str, Any]], length: int) -> list[dict[str, Any]]:
+    """Call ids as a template that checks their length takes them: another server's (OpenAI's `call_…`) become
+    `length` alphanumerics, each id the same wherever it appears (its call and its result), as vLLM does for
+    Mistral's templates."""
+
+    def short(call_id: str) -> str:
+        if len(call_id) == length and call_id.isalnum():
+            return call_id
+        letters = "".join(char for char in call_id if char.isalnum())
+        if len(letters) >= length:  # OpenAI's call_ and 24 random hex digits: the last ones
+            return letters[-length:]
+        return hashlib.sha256(call_id.encode()).hexdigest()[:length]
+
+    converted = []
+    for message in messages:
+        if message.get("tool_calls"):
+            calls = [{**call, "id": short(call["id"])} for call in message["tool_calls"]]
+            message = {**message, "tool_calls": calls}
+        if isinstance(message.get("tool_call_id"), str):
+            message = {**message, "tool_call_id": short(message["tool_call_id"])}
+        converted.append(message)
+    return converted
 
 
 def _for_template(message: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +266,7 @@ def parse_answer(text: str, request: ToolRequest) -> ParsedAnswer:
     if not request.active:
         return ParsedAnswer(text, [])
     if request.forced:  # read as a stream reads it: the same text for the calls, the same partial call if cut
-        reader = ForcedCalls(listed=request.choice == "required")
+        reader = ForcedCalls(listed=request.choice == "required", id_length=request.id_length)
         reader.feed(text)
         if reader.unordered:  # arguments written before the name
             calls = _json_calls(text, request)
@@ -297,7 +325,7 @@ def _json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
             return []
         calls.append(
             {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "id": new_call_id(request.id_length),
                 "type": "function",
                 "function": {"name": item["name"], "arguments": arguments_text},
             }

@@ -25,6 +25,10 @@ _REPLACEMENT = "\ufffd"
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' own mark, so both cut prompts at the same place
 
 
+# A template that refuses tool call ids of another length: `tool_call.id|length != 9` (Mistral's templates).
+_ID_LENGTH_CHECK = re.compile(r"tool_call(?:\.id|_id)\s*\|\s*length\s*[!=]=\s*(\d+)")
+
+
 class Tokenizer:
     """Text ↔ token ids, the chat template, and the set of token ids that end a generation."""
 
@@ -87,6 +91,12 @@ class Tokenizer:
             return "tools" in meta.find_undeclared_variables(environment.parse(self.chat_template))
         except jinja2.TemplateSyntaxError:
             return False
+
+    @property
+    def tool_call_id_length(self) -> int | None:
+        """The length the chat template requires of tool call ids (Mistral's raise unless it is 9), if any."""
+        match = _ID_LENGTH_CHECK.search(self.chat_template or "")
+        return int(match.group(1)) if match else None
 
     @property
     def vocab_size(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -348,3 +349,49 @@ def test_consecutive_tool_results_share_one_turn() -> None:
         "role": "user",
         "content": "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nnoon\n</tool_response>",
     }
+
+
+MISTRAL_LIKE = (
+    "{% for m in messages %}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "{% if c.id|length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}"
+    "{% endif %}[CALL {{ c.id }}]{% endfor %}"
+    "{% elif m.role == 'tool' %}{% if m.tool_call_id|length != 9 %}{{ raise_exception('bad id') }}{% endif %}"
+    "[RESULT {{ m.tool_call_id }}: {{ m.content }}]"
+    "{% else %}{{ m.role }}: {{ m.content }}{% endif %}{% endfor %}"
+    "{% if tools %}{% endif %}"
+)
+
+
+def test_a_template_that_checks_call_ids_gets_ids_it_takes(tiny_llama: Path) -> None:
+    """Mistral's templates raise unless a call id has 9 characters: OpenAI-style ids from the conversation are
+    shortened (the same id in a call and its result), and calls this server makes get 9-character ids."""
+    base = Tokenizer.from_folder(tiny_llama)
+    tokenizer = Tokenizer(base.backend, {**base.config, "chat_template": MISTRAL_LIKE})
+    assert tokenizer.tool_call_id_length == 9 and base.tool_call_id_length is None
+    request = tool_request({"tools": [WEATHER], "tool_choice": "required"}, tokenizer.tool_call_id_length)
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_0123456789abcdef01234567",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{}"},
+                },
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_0123456789abcdef01234567", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+    ]
+    messages, variables = prompt_messages(history, request, tokenizer.reads_tools)
+    prompt = tokenizer.render_chat(messages, template_kwargs=variables)  # no raise
+    calls = re.findall(r"\[CALL (\w+)\]", prompt)
+    results = re.findall(r"\[RESULT (\w+):", prompt)
+    assert calls == results and len(set(calls)) == 2 and all(len(call) == 9 for call in calls)
+    assert calls[0] == "abcdef01234567"[-9:]  # the last characters of OpenAI's random part
+    answer = parse_answer('[{"name": "get_weather", "arguments": {"city": "Oslo"}}]', request)
+    assert [len(call["id"]) for call in answer.tool_calls] == [9] and answer.tool_calls[0]["id"].isalnum()
