@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.forced_calls import CallDelta
+from cake_py.api.reasoning import ReasoningStream, is_reasoning_template, opens_thinking, split_reasoning
 from cake_py.api.schemas import (
     chat_messages,
     chat_template_options,
@@ -132,25 +133,33 @@ async def chat_completions(request: Request) -> Response:
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)
     messages, tool_variables = prompt_messages(messages, tools, tokenizer.reads_tools)
-    prompt_ids = await run_in_threadpool(
-        tokenizer.encode_chat,
+    prompt_text = await run_in_threadpool(
+        tokenizer.render_chat,
         messages,
         add_generation_prompt=template.add_generation_prompt,
         continue_final_message=template.continue_final_message,
         template_kwargs={**template.kwargs, **tool_variables},
     )
+    prompt_ids = await run_in_threadpool(tokenizer.encode, prompt_text, add_special_tokens=False)  # as encode_chat
     params = engine.check_prompt(len(prompt_ids), params)
+    # A reasoning model's thinking goes to reasoning_content; None: not one (its text is all content).
+    thinking = opens_thinking(prompt_text) if is_reasoning_template(tokenizer.chat_template) and not grammar else None
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created, model = int(time.time()), state.model_name
     streams = open_streams(state, engine, [prompt_ids] * n, [_seeded(params, i) for i in range(n)])
     if stream:
-        chunks = _chat_stream(request, streams, completion_id, created, model, tokenizer, params, include_usage, tools)
+        chunks = _chat_stream(
+            request, streams, completion_id, created, model, tokenizer, params, include_usage, tools, thinking
+        )
         return GenerationResponse(chunks, streams, "text/event-stream")
     results = await collect_all(request, streams)
     choices = []
     for index, result in enumerate(results):
-        answer = parse_answer(result.text, tools)
-        message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+        reasoning, text = split_reasoning(result.text, thinking) if thinking is not None else (None, result.text)
+        answer = parse_answer(text or "", tools)
+        message: dict[str, Any] = {"role": "assistant", "content": answer.content if text is not None else None}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
         if answer.tool_calls:
             message["tool_calls"] = answer.tool_calls
         finish = _call_finish(bool(answer.tool_calls), result.last.finish_reason)
@@ -182,6 +191,7 @@ async def _chat_stream(
     params: SamplingParams,
     include_usage: bool | None,
     tools: ToolRequest,
+    thinking: bool | None,
 ) -> AsyncIterator[str]:
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
@@ -200,6 +210,7 @@ async def _chat_stream(
         yield sse(chunk(index, {"role": "assistant", "content": ""}))  # as OpenAI's first chunk
     completion_tokens, prompt_tokens, cached_tokens, open_count = 0, 0, 0, len(streams)
     answers = [ToolStream(tools) for _ in streams]  # each choice's text, held where a call may be starting
+    thoughts = [ReasoningStream(thinking) if thinking is not None else None for _ in streams]
     async for index, event in merged(streams):
         if event.error:
             yield _stream_error(event_error(event, request.url.path))
@@ -207,8 +218,16 @@ async def _chat_stream(
         extra: dict[str, Any] = {}
         if params.logprobs and event.tokens:
             extra["logprobs"] = {"content": chat_logprobs(event.tokens, tokenizer)}
-        answer = answers[index]
-        text = answer.feed(event.text)
+        answer, thought = answers[index], thoughts[index]
+        text = event.text
+        if thought is not None:
+            reasoning, text = thought.feed(text)
+            if event.finished:
+                more_reasoning, rest = thought.finish()
+                reasoning, text = reasoning + more_reasoning, text + rest
+            if reasoning:
+                yield sse(chunk(index, {"reasoning_content": reasoning}))
+        text = answer.feed(text)
         if text or "logprobs" in extra:
             yield sse(chunk(index, {"content": text}, **extra))
         if answer.deltas:  # forced calls, as they are written

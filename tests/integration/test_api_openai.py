@@ -615,3 +615,44 @@ def test_a_chat_turn_reports_the_prompt_tokens_the_prefix_cache_gave(client: Ope
     usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
     assert usage.prompt_tokens_details is not None
     assert answer.usage.prompt_tokens <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+
+
+REASONING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{{ m.content.split('</think>')[-1] if m.role == 'assistant' else m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}"
+    "{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def reasoning_server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    """The tiny Llama behind a template that opens a thinking block for the model, as DeepSeek-R1's does."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("reasoning") / "llama"
+    shutil.copytree(tiny_llama, folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "chat_template": REASONING_TEMPLATE}))
+    with running_server(tiny_settings(folder)) as handle:
+        yield handle
+
+
+def test_a_reasoning_models_thinking_is_reasoning_content(reasoning_server: ServerHandle) -> None:
+    """The prompt leaves the model thinking: what it writes before </think> (here all of it, the random model never
+    closes the block) is reasoning_content, blocking and streamed alike; enable_thinking false makes it content."""
+    url = f"{reasoning_server.base_url}/v1/chat/completions"
+    body: dict[str, Any] = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    message = httpx.post(url, json=body, timeout=60).json()["choices"][0]["message"]
+    assert message["reasoning_content"] and message["content"] is None
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    streamed = "".join(delta.get("reasoning_content", "") for delta in deltas)
+    assert streamed.strip() == message["reasoning_content"]
+    assert not "".join(delta.get("content") or "" for delta in deltas)
+    plain = {**body, "chat_template_kwargs": {"enable_thinking": False}}
+    message = httpx.post(url, json=plain, timeout=60).json()["choices"][0]["message"]
+    assert message["content"] and "reasoning_content" not in message

@@ -1,0 +1,84 @@
+"""Reasoning models' thinking, apart from their answer: `<think>…</think>` (Qwen3, QwQ, DeepSeek-R1 and their
+distills) goes to a chat message's `reasoning_content` (DeepSeek's and vLLM's field), the rest is its `content`.
+
+A model is taken for a reasoning model when its chat template writes `</think>`. Its answer thinks first when it
+opens with `<think>`, or when the prompt itself ends with `<think>` (templates that open the thinking for the
+model, as DeepSeek-R1's does): then everything up to `</think>` is reasoning, all of it if the answer stops before.
+Qwen3's `enable_thinking: false` (chat_template_kwargs) writes an empty, closed thinking block in the prompt: the
+answer is content only.
+"""
+
+from __future__ import annotations
+
+OPEN, CLOSE = "<think>", "</think>"
+
+
+def is_reasoning_template(template: str | None) -> bool:
+    return template is not None and CLOSE in template
+
+
+def opens_thinking(prompt: str) -> bool:
+    """Whether the prompt leaves the model inside a thinking block."""
+    return prompt.rstrip().endswith(OPEN)
+
+
+def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str | None]:
+    """(reasoning, content) of a whole answer; `thinking`: the prompt left the model inside a block."""
+    stream = ReasoningStream(thinking)
+    reasoning, content = stream.feed(text)
+    more_reasoning, more_content = stream.finish()
+    reasoning, content = reasoning + more_reasoning, content + more_content
+    if not stream.thought:
+        return None, text
+    return reasoning.strip(), content.lstrip() or None
+
+
+class ReasoningStream:
+    """Splits an answer as it streams: `feed` gives (reasoning, content) to send now, holding back what may be the
+    start of a tag."""
+
+    def __init__(self, thinking: bool) -> None:
+        self.state = "reasoning" if thinking else "start"  # start → reasoning → content, or start → content
+        self.thought = thinking  # whether the answer had a thinking part
+        self.held = ""
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        text = self.held + delta
+        self.held = ""
+        reasoning, content = "", ""
+        if self.state == "start":
+            stripped = text.lstrip()
+            if OPEN.startswith(stripped):  # whitespace, or part of the tag so far: wait
+                self.held = text
+                return "", ""
+            if stripped.startswith(OPEN):
+                self.state, self.thought = "reasoning", True
+                text = stripped[len(OPEN) :]
+            else:
+                self.state = "content"
+        if self.state == "reasoning":
+            end = text.find(CLOSE)
+            if end < 0:
+                keep = _partial(text, CLOSE)
+                self.held = text[len(text) - keep :] if keep else ""
+                return text[: len(text) - keep], ""
+            reasoning, text = text[:end], text[end + len(CLOSE) :]
+            self.state = "content"
+        if self.state == "content":
+            content = text
+        return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        """What was held back, once the answer is complete."""
+        held, self.held = self.held, ""
+        if self.state == "reasoning":
+            return held, ""
+        return "", held
+
+
+def _partial(text: str, tag: str) -> int:
+    """How many characters at the end of `text` could be the start of `tag`."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
