@@ -58,6 +58,24 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_reasoning(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama behind a reasoning model's template: it opens a thinking block for the model (as DeepSeek-R1's
+    does) unless enable_thinking is false (as Qwen3's), and leaves past answers' thinking out."""
+    folder = tmp_path_factory.mktemp("reasoning") / "llama"
+    shutil.copytree(tiny_llama, folder)
+    config_path = folder / "tokenizer_config.json"
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{{ m.content.split('</think>')[-1] if m.role == 'assistant' else m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n"
+        "{% endif %}{% endif %}"
+    )
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "chat_template": template}))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_long_context(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with a 2048-token context (the fixture's is 512): for prompts holding tool descriptions."""
     folder = tmp_path_factory.mktemp("long-context") / "llama"

@@ -41,6 +41,7 @@ class ReasoningStream:
         self.state = "reasoning" if thinking else "start"  # start → reasoning → content, or start → content
         self.thought = thinking  # whether the answer had a thinking part
         self.held = ""
+        self.trim = False  # the answer after </think> starts at its first non-space
 
     def feed(self, delta: str) -> tuple[str, str]:
         text = self.held + delta
@@ -63,8 +64,11 @@ class ReasoningStream:
                 self.held = text[len(text) - keep :] if keep else ""
                 return text[: len(text) - keep], ""
             reasoning, text = text[:end], text[end + len(CLOSE) :]
-            self.state = "content"
+            self.state, self.trim = "content", True
         if self.state == "content":
+            if self.trim:
+                text = text.lstrip()
+                self.trim = not text
             content = text
         return reasoning, content
 

@@ -27,9 +27,10 @@ from cake_py.api import response_store
 from cake_py.api.errors import ApiError
 from cake_py.api.forced_calls import CallDelta
 from cake_py.api.openai import chat_logprobs
+from cake_py.api.reasoning import ReasoningStream, is_reasoning_template, opens_thinking, split_reasoning
 from cake_py.api.response_store import StoredResponse
 from cake_py.api.responses_input import chat_format, chat_history, chat_tools, input_items, new_id
-from cake_py.api.schemas import flag, json_body, number, openai_sampling
+from cake_py.api.schemas import chat_template_options, flag, json_body, number, openai_sampling
 from cake_py.api.state import ServerState
 from cake_py.api.streaming import EventStream, GenerationResponse, collect_all, event_error, open_streams, sse
 from cake_py.api.structured import compiled_grammar, structured_grammar
@@ -56,6 +57,7 @@ class Draft:
     items: list[dict[str, Any]]  # this request's input items (for the store)
     tokenizer: Tokenizer
     logprobs: bool
+    thinking: bool | None = None  # a reasoning model's answer: whether it starts inside <think> (None: not one)
 
     def body(
         self,
@@ -95,6 +97,12 @@ def _message(item_id: str, text: str, status: str, logprobs: list[dict[str, Any]
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [part]}
 
 
+def _reasoning(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A reasoning model's thinking as a reasoning output item (its text as reasoning_text content)."""
+    content = [{"type": "reasoning_text", "text": text}] if text else []
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
+
+
 def _call(call: dict[str, Any], status: str | None = None, arguments: str | None = None) -> dict[str, Any]:
     """A call as a function_call output item (`status`: the call's own, else completed)."""
     function = call["function"]
@@ -120,10 +128,12 @@ def _finish(
     message: dict[str, Any] | None,
     calls: list[dict[str, Any]],
     last: GenerationEvent,
+    reasoning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The finished response object; stored (with its conversation) unless the request said `store: false`."""
+    """The finished response object; stored (with its conversation) unless the request said `store: false`. The
+    stored conversation leaves the thinking out, as reasoning models' templates leave it out of past turns."""
     status, incomplete = _status(last)
-    output = ([message] if message is not None else []) + [_call(call) for call in calls]
+    output = [item for item in (reasoning, message) if item is not None] + [_call(call) for call in calls]
     response = draft.body(status, output, _usage(last), incomplete=incomplete)
     if draft.store:
         answer: dict[str, Any] = {"role": "assistant", "content": message["content"][0]["text"] if message else ""}
@@ -204,8 +214,11 @@ async def create_response(request: Request) -> Response:
     messages, tool_variables = prompt_messages(system + history, tools, tokenizer.reads_tools)
     if not messages:
         raise ApiError(400, "input holds no message to answer")
-    prompt_ids = await run_in_threadpool(tokenizer.encode_chat, messages, template_kwargs=tool_variables)
+    kwargs = chat_template_options(body, messages).kwargs  # vLLM's chat_template_kwargs (e.g. enable_thinking)
+    prompt_text = await run_in_threadpool(tokenizer.render_chat, messages, template_kwargs={**kwargs, **tool_variables})
+    prompt_ids = await run_in_threadpool(tokenizer.encode, prompt_text, add_special_tokens=False)  # as encode_chat
     params = engine.check_prompt(len(prompt_ids), params)
+    thinking = opens_thinking(prompt_text) if is_reasoning_template(tokenizer.chat_template) and not grammar else None
     draft = Draft(
         id=new_id("resp"),
         created_at=int(time.time()),
@@ -232,19 +245,22 @@ async def create_response(request: Request) -> Response:
         items=items,
         tokenizer=tokenizer,
         logprobs=want_logprobs,
+        thinking=thinking,
     )
     streams = open_streams(state, engine, [prompt_ids], [params])
     if stream:
         return GenerationResponse(_events(request, state, streams[0], draft, tools), streams, "text/event-stream")
     result = (await collect_all(request, streams))[0]
-    parsed = parse_answer(result.text, tools)
+    thought, text = split_reasoning(result.text, thinking) if thinking is not None else (None, result.text)
+    parsed = parse_answer(text or "", tools)
     status, _ = _status(result.last)
     calls = [{**call, "status": status} for call in _with_item_ids(parsed.tool_calls)]
     logprobs = chat_logprobs(result.tokens, tokenizer) if draft.logprobs else []
+    reasoning = _reasoning(new_id("rs"), thought, status) if thought is not None else None
     message = None
-    if parsed.content or not calls:
+    if (text and parsed.content) or not (calls or reasoning):
         message = _message(new_id("msg"), parsed.content or "", status, logprobs)
-    return JSONResponse(_finish(state, draft, message, calls, result.last))
+    return JSONResponse(_finish(state, draft, message, calls, result.last, reasoning))
 
 
 async def _events(
@@ -265,6 +281,9 @@ async def _events(
     pending: list[dict[str, Any]] = []  # those not yet sent with a delta
     where = {"output_index": 0, "content_index": 0}
     streamed: dict[int, dict[str, Any]] = {}  # forced calls as they are written, by their index in the answer
+    thought = ReasoningStream(draft.thinking) if draft.thinking is not None else None
+    thinking: dict[str, Any] = {}  # the reasoning item while it is open: id, output_index, text pieces
+    reasoning: dict[str, Any] | None = None  # and once it is done
 
     def open_message() -> list[str]:
         nonlocal message_id, outputs
@@ -288,6 +307,31 @@ async def _events(
         out.append(event("response.output_text.delta", item_id=message_id, **where, delta=piece, logprobs=pending[:]))
         pending.clear()
         return out
+
+    def reasoning_piece(piece: str) -> list[str]:
+        nonlocal outputs
+        out = []
+        if not thinking:
+            thinking.update(id=new_id("rs"), output_index=outputs, text=[])
+            outputs += 1
+            opening = _reasoning(thinking["id"], "", "in_progress")
+            out.append(event("response.output_item.added", output_index=thinking["output_index"], item=opening))
+        thinking["text"].append(piece)
+        ids = {"item_id": thinking["id"], "output_index": thinking["output_index"], "content_index": 0}
+        out.append(event("response.reasoning_text.delta", **ids, delta=piece))
+        return out
+
+    def close_reasoning(status: str) -> list[str]:
+        nonlocal reasoning
+        if not thinking or reasoning is not None:
+            return []
+        reasoning = _reasoning(thinking["id"], "".join(thinking["text"]).strip(), status)
+        ids = {"item_id": thinking["id"], "output_index": thinking["output_index"], "content_index": 0}
+        text = reasoning["content"][0]["text"] if reasoning["content"] else ""
+        return [
+            event("response.reasoning_text.done", **ids, text=text),
+            event("response.output_item.done", output_index=thinking["output_index"], item=reasoning),
+        ]
 
     def call_pieces(deltas: list[CallDelta]) -> list[str]:
         nonlocal outputs
@@ -318,7 +362,18 @@ async def _events(
             new = chat_logprobs(generated.tokens, draft.tokenizer)
             logprobs.extend(new)
             pending.extend(new)
-        piece = answer.feed(generated.text)
+        said = generated.text
+        if thought is not None:
+            thought_piece, said = thought.feed(said)
+            if generated.finished:
+                more, rest = thought.finish()
+                thought_piece, said = thought_piece + more, said + rest
+            lines = reasoning_piece(thought_piece) if thought_piece else []
+            if said or generated.finished:  # the thinking is over
+                lines += close_reasoning(_status(generated)[0] if generated.finished and not said else "completed")
+            for line in lines:
+                yield line
+        piece = answer.feed(said)
         for line in [*(delta(piece) if piece else []), *call_pieces(answer.deltas)]:
             yield line
         if not generated.finished:
@@ -329,7 +384,7 @@ async def _events(
                 yield line
         status, _ = _status(generated)
         message = None
-        if message_id is not None or not (done.calls or streamed):  # text came, or nothing else did
+        if message_id is not None or not (done.calls or streamed or reasoning):  # text came, or nothing else did
             for line in [] if message_id is not None else open_message():
                 yield line
             assert message_id is not None
@@ -355,7 +410,7 @@ async def _events(
             ids = {"item_id": call["item_id"], "output_index": call["output_index"]}
             yield event("response.function_call_arguments.done", **ids, arguments=call["function"]["arguments"])
             yield event("response.output_item.done", output_index=call["output_index"], item=_call(call))
-        final = _finish(state, draft, message, calls, generated)
+        final = _finish(state, draft, message, calls, generated, reasoning)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         yield event(kind, response=final)
         return

@@ -617,26 +617,9 @@ def test_a_chat_turn_reports_the_prompt_tokens_the_prefix_cache_gave(client: Ope
     assert answer.usage.prompt_tokens <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
 
 
-REASONING_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{{ m.content.split('</think>')[-1] if m.role == 'assistant' else m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}"
-    "{% endif %}"
-)
-
-
 @pytest.fixture(scope="module")
-def reasoning_server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    """The tiny Llama behind a template that opens a thinking block for the model, as DeepSeek-R1's does."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("reasoning") / "llama"
-    shutil.copytree(tiny_llama, folder)
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "chat_template": REASONING_TEMPLATE}))
-    with running_server(tiny_settings(folder)) as handle:
+def reasoning_server(tiny_llama_reasoning: Path) -> Iterator[ServerHandle]:
+    with running_server(tiny_settings(tiny_llama_reasoning)) as handle:
         yield handle
 
 

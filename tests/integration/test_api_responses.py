@@ -309,3 +309,37 @@ def test_the_stored_copy_leaves_logprobs_out(client: OpenAI) -> None:
     stored = client.responses.retrieve(response.id)
     assert stored.output_text == response.output_text
     assert stored.output[0].content[0].logprobs == []  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def reasoning_client(tiny_llama_reasoning: Path) -> Iterator[OpenAI]:
+    with (
+        running_server(tiny_settings(tiny_llama_reasoning)) as handle,
+        OpenAI(base_url=handle.openai_url, api_key="unused", max_retries=0, timeout=60) as openai_client,
+    ):
+        yield openai_client
+
+
+def test_a_reasoning_models_thinking_is_a_reasoning_item(reasoning_client: OpenAI) -> None:
+    """The template opens a thinking block and the random model never closes it: all of its answer is a reasoning
+    item, blocking and streamed alike; with enable_thinking off there is none."""
+    response = reasoning_client.responses.create(model="x", input=QUESTION, max_output_tokens=8, temperature=0)
+    [item] = response.output
+    assert item.type == "reasoning" and item.content and item.content[0].text
+    with reasoning_client.responses.stream(model="x", input=QUESTION, max_output_tokens=8, temperature=0) as stream:
+        events = list(stream)
+    kinds = [event.type for event in events]
+    assert kinds[2] == "response.output_item.added" and "response.reasoning_text.delta" in kinds
+    done = next(event for event in events if event.type == "response.reasoning_text.done")
+    pieces = "".join(event.delta for event in events if event.type == "response.reasoning_text.delta")
+    assert done.text == pieces.strip() == item.content[0].text
+    final = events[-1].response  # type: ignore[union-attr]
+    assert [output.type for output in final.output] == ["reasoning"]
+    plain = reasoning_client.responses.create(
+        model="x",
+        input=QUESTION,
+        max_output_tokens=8,
+        temperature=0,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    assert [output.type for output in plain.output] == ["message"]
