@@ -143,7 +143,9 @@ async def chat_completions(request: Request) -> Response:
     prompt_ids = await run_in_threadpool(tokenizer.encode, prompt_text, add_special_tokens=False)  # as encode_chat
     params = engine.check_prompt(len(prompt_ids), params)
     # A reasoning model's thinking goes to reasoning_content; None: not one (its text is all content).
-    thinking = opens_thinking(prompt_text) if is_reasoning_template(tokenizer.chat_template) and not grammar else None
+    continued = messages[-1]["content"] if template.continue_final_message else None
+    reasoning_model = is_reasoning_template(tokenizer.chat_template) and not grammar
+    thinking = opens_thinking(prompt_text, continued) if reasoning_model else None
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created, model = int(time.time()), state.model_name
     streams = open_streams(state, engine, [prompt_ids] * n, [_seeded(params, i) for i in range(n)])

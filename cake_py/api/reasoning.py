@@ -17,8 +17,11 @@ def is_reasoning_template(template: str | None) -> bool:
     return template is not None and CLOSE in template
 
 
-def opens_thinking(prompt: str) -> bool:
-    """Whether the prompt leaves the model inside a thinking block."""
+def opens_thinking(prompt: str, continued: str | None = None) -> bool:
+    """Whether the prompt leaves the model inside a thinking block: it ends with `<think>`, or the final message it
+    continues (`continued`: continue_final_message) opened one it did not close."""
+    if continued is not None and continued.rfind(OPEN) > continued.rfind(CLOSE):
+        return True
     return prompt.rstrip().endswith(OPEN)
 
 
@@ -30,7 +33,7 @@ def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str | None]:
     reasoning, content = reasoning + more_reasoning, content + more_content
     if not stream.thought:
         return None, text
-    return reasoning.strip(), content.lstrip() or None
+    return reasoning or None, content or None  # an empty block is no thinking
 
 
 class ReasoningStream:
@@ -42,6 +45,7 @@ class ReasoningStream:
         self.thought = thinking  # whether the answer had a thinking part
         self.held = ""
         self.trim = False  # the answer after </think> starts at its first non-space
+        self.trim_reasoning = thinking  # so does the thinking after <think>; its end's spaces are held until more comes
 
     def feed(self, delta: str) -> tuple[str, str]:
         text = self.held + delta
@@ -53,17 +57,22 @@ class ReasoningStream:
                 self.held = text
                 return "", ""
             if stripped.startswith(OPEN):
-                self.state, self.thought = "reasoning", True
+                self.state, self.thought, self.trim_reasoning = "reasoning", True, True
                 text = stripped[len(OPEN) :]
             else:
                 self.state = "content"
         if self.state == "reasoning":
+            if self.trim_reasoning:
+                text = text.lstrip()
+                self.trim_reasoning = not text
             end = text.find(CLOSE)
             if end < 0:
                 keep = _partial(text, CLOSE)
-                self.held = text[len(text) - keep :] if keep else ""
-                return text[: len(text) - keep], ""
-            reasoning, text = text[:end], text[end + len(CLOSE) :]
+                sendable = text[: len(text) - keep]
+                kept = len(sendable) - len(sendable.rstrip())  # trailing spaces wait: they may end the thinking
+                self.held = text[len(sendable) - kept :]
+                return sendable[: len(sendable) - kept], ""
+            reasoning, text = text[:end].rstrip(), text[end + len(CLOSE) :]
             self.state, self.trim = "content", True
         if self.state == "content":
             if self.trim:
@@ -76,7 +85,7 @@ class ReasoningStream:
         """What was held back, once the answer is complete."""
         held, self.held = self.held, ""
         if self.state == "reasoning":
-            return held, ""
+            return held.rstrip(), ""
         return "", held
 
 

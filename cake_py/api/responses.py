@@ -256,7 +256,8 @@ async def create_response(request: Request) -> Response:
     status, _ = _status(result.last)
     calls = [{**call, "status": status} for call in _with_item_ids(parsed.tool_calls)]
     logprobs = chat_logprobs(result.tokens, tokenizer) if draft.logprobs else []
-    reasoning = _reasoning(new_id("rs"), thought, status) if thought is not None else None
+    # The thinking is over (completed) once an answer follows it; else it ends as the response does.
+    reasoning = _reasoning(new_id("rs"), thought, status if text is None else "completed") if thought else None
     message = None
     if (text and parsed.content) or not (calls or reasoning):
         message = _message(new_id("msg"), parsed.content or "", status, logprobs)

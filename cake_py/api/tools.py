@@ -203,15 +203,12 @@ def prompt_messages(
 
 def _template_ids(messages: list[dict[str, Any]], length: int) -> list[dict[str, Any]]:
     """Call ids as a template that checks their length takes them: another server's (OpenAI's `call_…`) become
-    `length` alphanumerics, each id the same wherever it appears (its call and its result), as vLLM does for
-    Mistral's templates."""
+    `length` hex digits of their digest, each id the same wherever it appears (its call and its result)."""
 
     def short(call_id: str) -> str:
         if len(call_id) == length and call_id.isalnum():
             return call_id
-        letters = "".join(char for char in call_id if char.isalnum())
-        if len(letters) >= length:  # OpenAI's call_ and 24 random hex digits: the last ones
-            return letters[-length:]
+        # A digest, not a cut: ids that differ anywhere stay different.
         return hashlib.sha256(call_id.encode()).hexdigest()[:length]
 
     converted = []

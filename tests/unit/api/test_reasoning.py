@@ -15,6 +15,8 @@ CASES = [
     ("Paris.", False, (None, "Paris.")),
     ("<b>bold</b> <think>late</think>", False, (None, "<b>bold</b> <think>late</think>")),  # only at the start
     ("", False, (None, "")),
+    ("<think>\n\n</think>\n\nHi", False, (None, "Hi")),  # an empty block is no thinking
+    ("\n  plan  \n</think>  done", True, ("plan", "done")),
 ]
 
 
@@ -35,8 +37,8 @@ def test_a_stream_sends_the_same_parts_in_any_pieces(text: str, thinking: bool, 
     thought, said = stream.finish()
     reasoning, content = reasoning + thought, content + said
     whole_reasoning, whole_content = split_reasoning(text, thinking)
-    assert reasoning.strip() == (whole_reasoning or "")
-    assert content.lstrip() == (whole_content or "") if stream.thought else content == text
+    assert reasoning == (whole_reasoning or "")  # the same text, spaces included, as the blocking answer's
+    assert content == (whole_content or "") if stream.thought else content == text
 
 
 def test_which_templates_and_prompts_think() -> None:
@@ -44,3 +46,5 @@ def test_which_templates_and_prompts_think() -> None:
     assert not is_reasoning_template(None)
     assert opens_thinking("<|im_start|>assistant\n<think>\n")
     assert not opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3's enable_thinking: false
+    assert opens_thinking("…<think>\nLet me", continued="<think>\nLet me")  # continuing a message mid-thought
+    assert not opens_thinking("…</think>\nSo", continued="<think>a</think>\nSo")
