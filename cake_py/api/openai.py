@@ -133,14 +133,13 @@ async def chat_completions(request: Request) -> Response:
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)
     messages, tool_variables = prompt_messages(messages, tools, tokenizer.reads_tools)
-    prompt_text = await run_in_threadpool(
-        tokenizer.render_chat,
+    prompt_text, prompt_ids = await run_in_threadpool(
+        tokenizer.chat_prompt,
         messages,
         add_generation_prompt=template.add_generation_prompt,
         continue_final_message=template.continue_final_message,
         template_kwargs={**template.kwargs, **tool_variables},
     )
-    prompt_ids = await run_in_threadpool(tokenizer.encode, prompt_text, add_special_tokens=False)  # as encode_chat
     params = engine.check_prompt(len(prompt_ids), params)
     # A reasoning model's thinking goes to reasoning_content; None: not one (its text is all content).
     continued = messages[-1]["content"] if template.continue_final_message else None
@@ -223,10 +222,7 @@ async def _chat_stream(
         answer, thought = answers[index], thoughts[index]
         text = event.text
         if thought is not None:
-            reasoning, text = thought.feed(text)
-            if event.finished:
-                more_reasoning, rest = thought.finish()
-                reasoning, text = reasoning + more_reasoning, text + rest
+            reasoning, text = thought.feed(text, last=event.finished)
             if reasoning:
                 yield sse(chunk(index, {"reasoning_content": reasoning}))
         text = answer.feed(text)

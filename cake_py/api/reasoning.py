@@ -28,9 +28,7 @@ def opens_thinking(prompt: str, continued: str | None = None) -> bool:
 def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str | None]:
     """(reasoning, content) of a whole answer; `thinking`: the prompt left the model inside a block."""
     stream = ReasoningStream(thinking)
-    reasoning, content = stream.feed(text)
-    more_reasoning, more_content = stream.finish()
-    reasoning, content = reasoning + more_reasoning, content + more_content
+    reasoning, content = stream.feed(text, last=True)
     if not stream.thought:
         return None, text
     return reasoning or None, content or None  # an empty block is no thinking
@@ -47,7 +45,15 @@ class ReasoningStream:
         self.trim = False  # the answer after </think> starts at its first non-space
         self.trim_reasoning = thinking  # so does the thinking after <think>; its end's spaces are held until more comes
 
-    def feed(self, delta: str) -> tuple[str, str]:
+    def feed(self, delta: str, *, last: bool = False) -> tuple[str, str]:
+        """(reasoning, content) to send now; `last`: the answer ends with `delta`, nothing is held back."""
+        reasoning, content = self._split(delta)
+        if last:
+            held_reasoning, held_content = self.finish()
+            reasoning, content = reasoning + held_reasoning, content + held_content
+        return reasoning, content
+
+    def _split(self, delta: str) -> tuple[str, str]:
         text = self.held + delta
         self.held = ""
         reasoning, content = "", ""

@@ -215,8 +215,9 @@ async def create_response(request: Request) -> Response:
     if not messages:
         raise ApiError(400, "input holds no message to answer")
     kwargs = chat_template_options(body, messages).kwargs  # vLLM's chat_template_kwargs (e.g. enable_thinking)
-    prompt_text = await run_in_threadpool(tokenizer.render_chat, messages, template_kwargs={**kwargs, **tool_variables})
-    prompt_ids = await run_in_threadpool(tokenizer.encode, prompt_text, add_special_tokens=False)  # as encode_chat
+    prompt_text, prompt_ids = await run_in_threadpool(
+        tokenizer.chat_prompt, messages, template_kwargs={**kwargs, **tool_variables}
+    )
     params = engine.check_prompt(len(prompt_ids), params)
     thinking = opens_thinking(prompt_text) if is_reasoning_template(tokenizer.chat_template) and not grammar else None
     draft = Draft(
@@ -365,10 +366,7 @@ async def _events(
             pending.extend(new)
         said = generated.text
         if thought is not None:
-            thought_piece, said = thought.feed(said)
-            if generated.finished:
-                more, rest = thought.finish()
-                thought_piece, said = thought_piece + more, said + rest
+            thought_piece, said = thought.feed(said, last=generated.finished)
             lines = reasoning_piece(thought_piece) if thought_piece else []
             if said or generated.finished:  # the thinking is over
                 lines += close_reasoning(_status(generated)[0] if generated.finished and not said else "completed")

@@ -196,6 +196,22 @@ class Tokenizer:
         continue_final_message: bool = False,
         template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
+        return self.chat_prompt(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            template_kwargs=template_kwargs,
+        )[1]
+
+    def chat_prompt(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> tuple[str, list[int]]:
+        """The rendered chat prompt and its token ids (encode_chat's, with the text it encoded)."""
         # The template writes any BOS itself, so special tokens are not added again.
         text = self.render_chat(
             messages,
@@ -203,7 +219,7 @@ class Tokenizer:
             continue_final_message=continue_final_message,
             template_kwargs=template_kwargs,
         )
-        return self.encode(text, add_special_tokens=False)
+        return text, self.encode(text, add_special_tokens=False)
 
 
 class IncrementalDecoder:
