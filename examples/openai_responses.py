@@ -4,7 +4,8 @@
 
 1. A conversation kept by the server: the second turn sends only `previous_response_id` and its new question.
 2. A streamed answer, printed as its `response.output_text.delta` events arrive.
-3. Embeddings of three sentences, and which one is nearest the first (unit vectors: the dot product is the cosine).
+3. A background response: the server answers on its own; the client polls it until it has ended.
+4. Embeddings of three sentences, and which one is nearest the first (unit vectors: the dot product is the cosine).
 
 Environment: CAKE_BASE_URL (default http://127.0.0.1:8080), CAKE_API_KEY (when the server runs with --api-key),
 CAKE_MAX_TOKENS (default 64). Needs `pip install openai`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from openai import APIConnectionError, OpenAI
 
@@ -56,7 +58,16 @@ def main() -> int:
             elif event.type in ("response.completed", "response.incomplete"):
                 print(f"\nstream ended: {event.type}")
 
-    # 3. Embeddings.
+    # 3. In the background: the create call returns at once (queued); poll (or client.responses.cancel(job.id)).
+    job = client.responses.create(
+        model=model, input="Name three French cheeses.", max_output_tokens=max_tokens, background=True
+    )
+    while job.status in ("queued", "in_progress"):
+        time.sleep(0.2)
+        job = client.responses.retrieve(job.id)
+    print(f"background ({job.status}): {job.output_text}")
+
+    # 4. Embeddings.
     texts = ["Paris is the capital of France.", "The French capital is Paris.", "I like to eat bananas."]
     vectors = [item.embedding for item in client.embeddings.create(model=model, input=texts).data]
     similarity = [sum(a * b for a, b in zip(vectors[0], other, strict=True)) for other in vectors[1:]]

@@ -65,6 +65,7 @@ def create_app(state: ServerState) -> Starlette:
         try:
             yield
         finally:
+            await state.responses.stop_background()  # each run stores itself cancelled and leaves the engine
             if state.engine is not None:  # the engine serving now: a /models/load may have replaced the first one
                 await run_in_threadpool(state.engine.close)  # joins the engine thread: never on the event loop
 

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py import __version__
-from cake_py.api.openapi_schemas import INT, SCHEMAS, STR, obj, ref
+from cake_py.api.openapi_schemas import BOOL, INT, SCHEMAS, STR, obj, ref
 
 STATUS_TEXT = {
     400: "malformed or invalid request",
@@ -100,11 +100,29 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/responses/{response_id}": {
         "get": {
-            **_op("A stored response", _json(ref("Response")), errors=(401, 404)),
-            "parameters": [{"name": "response_id", "in": "path", "required": True, "schema": STR}],
+            **_op(
+                "A response as far as it has come; with stream, a background response's events after starting_after",
+                {**_json(ref("Response")), **SSE},
+                errors=(400, 401, 404),
+            ),
+            "parameters": [
+                {"name": "response_id", "in": "path", "required": True, "schema": STR},
+                {"name": "stream", "in": "query", "schema": BOOL},
+                {"name": "starting_after", "in": "query", "schema": INT},
+            ],
         },
         "delete": {
-            **_op("Delete a stored response", _json({"type": "object"}), errors=(401, 404)),
+            **_op(
+                "Delete a stored response (a running background one is cancelled)",
+                _json({"type": "object"}),
+                errors=(400, 401, 404),
+            ),
+            "parameters": [{"name": "response_id", "in": "path", "required": True, "schema": STR}],
+        },
+    },
+    "/v1/responses/{response_id}/cancel": {
+        "post": {
+            **_op("Cancel a background response", _json(ref("Response")), errors=(400, 401, 404)),
             "parameters": [{"name": "response_id", "in": "path", "required": True, "schema": STR}],
         },
     },

@@ -1,23 +1,27 @@
-"""The Responses API's stored responses (`store: true`, its default), and the routes that read them:
-GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items (`previous_response_id` reads them too).
-In memory, least recently used first, bounded by count and by the JSON it holds; a restart forgets them (as vLLM's
-store does)."""
+"""The Responses API's stored responses (`store: true`, its default), those still being answered, and the routes
+that read them: GET and DELETE /v1/responses/{id} (GET also replays a background response's events with
+`stream=true`), POST /v1/responses/{id}/cancel, GET /v1/responses/{id}/input_items (`previous_response_id` reads
+them too). In memory, least recently used first, bounded by count and by the JSON it holds; a restart forgets them
+(as vLLM's store does)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 
 if TYPE_CHECKING:
+    from cake_py.api.background import LiveResponse
     from cake_py.api.state import ServerState
 
 MAX_RESPONSES = 1024
@@ -29,11 +33,16 @@ class StoredResponse:
     response: dict[str, Any]  # the response object as it was answered
     input_items: list[dict[str, Any]]  # this request's own input items (ids included)
     conversation: list[dict[str, Any]]  # chat messages up to and including this response's output
+    events: tuple[str, ...] = ()  # a background response's events, as SSE lines by sequence number
+
+    def with_events(self, lines: Iterable[str]) -> StoredResponse:
+        return replace(self, events=tuple(lines))
 
 
 def _size(stored: StoredResponse) -> int:
     """What an entry holds, as JSON characters (its Python objects take a few times more)."""
-    return len(json.dumps([stored.response, stored.input_items, stored.conversation], ensure_ascii=False))
+    held = [stored.response, stored.input_items, stored.conversation, stored.events]
+    return len(json.dumps(held, ensure_ascii=False))
 
 
 class ResponseStore:
@@ -43,6 +52,7 @@ class ResponseStore:
         self._entries: OrderedDict[str, tuple[StoredResponse, int]] = OrderedDict()
         self._characters = 0
         self._lock = threading.Lock()  # routes run on the event loop, but tests and threads may read it too
+        self._live: dict[str, LiveResponse] = {}  # responses being answered (stored ones and background runs)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -70,6 +80,21 @@ class ResponseStore:
         with self._lock:
             return self._drop(response_id)
 
+    def start_live(self, live: LiveResponse) -> None:
+        self._live[live.id] = live
+
+    def end_live(self, live: LiveResponse) -> None:
+        if self._live.get(live.id) is live:
+            del self._live[live.id]
+
+    def live(self, response_id: str) -> LiveResponse | None:
+        return self._live.get(response_id)
+
+    async def stop_background(self) -> None:
+        """Cancel every background run (the server is stopping): each stores itself as cancelled."""
+        runs = [live for live in list(self._live.values()) if live.background]
+        await asyncio.gather(*(live.cancel() for live in runs))
+
     def _drop(self, response_id: str) -> bool:
         entry = self._entries.pop(response_id, None)
         if entry is None:
@@ -86,12 +111,75 @@ def _stored(state: ServerState, response_id: str) -> StoredResponse:
 
 
 async def get_response(request: Request) -> Response:
-    return JSONResponse(_stored(request.app.state.cake, request.path_params["response_id"]).response)
+    """The response as far as it has come (`queued`/`in_progress` while it is answered); with `stream=true`, a
+    background response's events after `starting_after` (default: all), then the rest as they come."""
+    state: ServerState = request.app.state.cake
+    response_id = request.path_params["response_id"]
+    stream = request.query_params.get("stream", "false").lower()
+    if stream not in ("true", "false"):
+        raise ApiError(400, f"stream must be true or false, got {stream!r}"[:300])
+    live = state.responses.live(response_id)
+    if stream == "false":
+        return JSONResponse(live.response if live is not None else _stored(state, response_id).response)
+    raw = request.query_params.get("starting_after", "-1")
+    try:
+        after = int(raw)
+    except ValueError:
+        raise ApiError(
+            400, f"starting_after must be an integer (an event's sequence_number), got {raw!r}"[:300]
+        ) from None
+    lines: AsyncIterator[str]
+    if live is not None and live.background:
+        lines = live.follow(after)
+    else:
+        stored = state.responses.get(response_id) if live is None else None
+        if stored is None and live is None:
+            raise ApiError(404, f"no stored response has the id {response_id!r}"[:300])
+        if stored is None or not stored.events:
+            raise ApiError(
+                400,
+                f"response {response_id!r} was not created with background: true, so it cannot be streamed again"[:300],
+            )
+        lines = _replay(stored.events[max(after + 1, 0) :])
+    return StreamingResponse(
+        lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+async def _replay(lines: tuple[str, ...]) -> AsyncIterator[str]:
+    for line in lines:
+        yield line
+
+
+async def cancel_response(request: Request) -> Response:
+    """Stop a background response: it ends `cancelled` with what it had. One that ended already is returned as it
+    is (cancelling is idempotent); only background responses can be cancelled, as in OpenAI's API."""
+    state: ServerState = request.app.state.cake
+    response_id = request.path_params["response_id"]
+    live = state.responses.live(response_id)
+    if live is not None and live.background:
+        await live.cancel()
+    elif live is not None:
+        raise ApiError(
+            400, f"response {response_id!r} was not created with background: true, so it cannot be cancelled"
+        )
+    stored = _stored(state, response_id)
+    if not stored.response.get("background"):
+        raise ApiError(
+            400, f"response {response_id!r} was not created with background: true, so it cannot be cancelled"
+        )
+    return JSONResponse(stored.response)
 
 
 async def delete_response(request: Request) -> Response:
+    """Forget a response; one still being answered in the background is cancelled first."""
     response_id = request.path_params["response_id"]
     state: ServerState = request.app.state.cake
+    live = state.responses.live(response_id)
+    if live is not None and live.background:
+        await live.cancel()
+    elif live is not None:
+        raise ApiError(400, f"response {response_id!r} is still being answered; delete it once it has ended")
     _stored(state, response_id)
     state.responses.delete(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
@@ -99,7 +187,10 @@ async def delete_response(request: Request) -> Response:
 
 async def list_input_items(request: Request) -> Response:
     """OpenAI's listing: `order` (desc by default), `limit` (20, at most 100), `after` (an item id)."""
-    items = list(_stored(request.app.state.cake, request.path_params["response_id"]).input_items)
+    state: ServerState = request.app.state.cake
+    response_id = request.path_params["response_id"]
+    live = state.responses.live(response_id)
+    items = list(live.input_items if live is not None else _stored(state, response_id).input_items)
     query = request.query_params
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -133,5 +224,6 @@ async def list_input_items(request: Request) -> Response:
 ROUTES = [
     Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
     Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+    Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
     Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
 ]

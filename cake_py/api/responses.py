@@ -12,6 +12,7 @@ every event carries `type` and `sequence_number`, and there is no `[DONE]`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -20,10 +21,11 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cake_py.api import response_store
+from cake_py.api.background import LiveResponse, run_in_background, sse_event
 from cake_py.api.errors import ApiError
 from cake_py.api.forced_calls import CallDelta
 from cake_py.api.openai import chat_logprobs
@@ -32,7 +34,14 @@ from cake_py.api.response_store import StoredResponse
 from cake_py.api.responses_input import chat_format, chat_history, chat_tools, input_items, new_id
 from cake_py.api.schemas import chat_template_options, flag, json_body, number, openai_sampling
 from cake_py.api.state import ServerState
-from cake_py.api.streaming import EventStream, GenerationResponse, collect_all, event_error, open_streams, sse
+from cake_py.api.streaming import (
+    SSE_HEADERS,
+    EventStream,
+    GenerationResponse,
+    collect_all,
+    event_error,
+    open_streams,
+)
 from cake_py.api.structured import compiled_grammar, structured_grammar
 from cake_py.api.tool_stream import ToolStream
 from cake_py.api.tools import ToolRequest, calls_grammar, parse_answer, prompt_messages, tool_request
@@ -58,6 +67,7 @@ class Draft:
     tokenizer: Tokenizer
     logprobs: bool
     thinking: bool | None = None  # a reasoning model's answer: whether it starts inside <think> (None: not one)
+    background: bool = False  # answered by a task of the server's own (background.py)
 
     def body(
         self,
@@ -164,7 +174,7 @@ async def create_response(request: Request) -> Response:
     engine, source = state.ready()
     tokenizer = source.tokenizer
     body = await json_body(request)
-    for field in ("background", "conversation", "prompt"):
+    for field in ("conversation", "prompt"):
         if body.get(field) not in (None, False):
             raise ApiError(400, f"{field} is not supported by this server; send the request without it")
     truncation = body.get("truncation")
@@ -187,6 +197,8 @@ async def create_response(request: Request) -> Response:
     history: list[dict[str, Any]] = []
     if previous_id is not None:
         previous = state.responses.get(previous_id) if isinstance(previous_id, str) else None
+        if previous is None and isinstance(previous_id, str) and state.responses.live(previous_id) is not None:
+            raise ApiError(400, f"previous_response_id: response {previous_id!r} is still being answered"[:300])
         if previous is None:
             raise ApiError(400, f"previous_response_id: no stored response has the id {previous_id!r}"[:300])
         history = list(previous.conversation)
@@ -210,6 +222,9 @@ async def create_response(request: Request) -> Response:
     params = replace(params, grammar=grammar)
     stream = flag(body, "stream", False)
     store = flag(body, "store", True)
+    background = flag(body, "background", False)
+    if background and not store:
+        raise ApiError(400, "background: true needs store: true (a background response is read back from the store)")
     system = [{"role": "system", "content": instructions}] if instructions else []
     messages, tool_variables = prompt_messages(system + history, tools, tokenizer.reads_tools)
     if not messages:
@@ -239,7 +254,7 @@ async def create_response(request: Request) -> Response:
             "truncation": "disabled",
             "user": body.get("user"),
             "metadata": metadata or {},
-            "background": False,
+            "background": background,
         },
         store=store,
         history=history,
@@ -247,11 +262,22 @@ async def create_response(request: Request) -> Response:
         tokenizer=tokenizer,
         logprobs=want_logprobs,
         thinking=thinking,
+        background=background,
     )
     streams = open_streams(state, engine, [prompt_ids], [params])
+    live = LiveResponse(draft.body("queued" if background else "in_progress", [], None), items, background=background)
+    events = _events(request.url.path, state, streams[0], draft, tools)
+    if background:
+        return _start_background(state, live, events, draft, streams, stream)
+    if store:  # GET /v1/responses/{id} finds it in_progress until it is stored
+        state.responses.start_live(live)
     if stream:
-        return GenerationResponse(_events(request, state, streams[0], draft, tools), streams, "text/event-stream")
-    result = (await collect_all(request, streams))[0]
+        lines = (sse_event(event) async for event in _tracked(live, events))
+        return GenerationResponse(lines, streams, "text/event-stream", on_close=lambda: state.responses.end_live(live))
+    try:
+        result = (await collect_all(request, streams))[0]
+    finally:
+        state.responses.end_live(live)
     thought, text = split_reasoning(result.text, thinking) if thinking is not None else (None, result.text)
     parsed = parse_answer(text or "", tools)
     status, _ = _status(result.last)
@@ -265,16 +291,44 @@ async def create_response(request: Request) -> Response:
     return JSONResponse(_finish(state, draft, message, calls, result.last, reasoning))
 
 
+def _start_background(
+    state: ServerState,
+    live: LiveResponse,
+    events: AsyncIterator[dict[str, Any]],
+    draft: Draft,
+    streams: list[EventStream],
+    stream: bool,
+) -> Response:
+    """Answer in a task of the server's own; the request returns the queued response, or follows its events."""
+    state.responses.start_live(live)
+    stand_in = StoredResponse(live.response, draft.items, draft.history)
+    live.task = asyncio.create_task(run_in_background(live, events, state.responses, stand_in, streams))
+    if stream:
+        return StreamingResponse(live.follow(-1), media_type="text/event-stream", headers=SSE_HEADERS)
+    return JSONResponse(live.response)
+
+
+async def _tracked(live: LiveResponse, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    async for event in events:
+        live.record(event)
+        yield event
+
+
 async def _events(
-    request: Request, state: ServerState, stream: EventStream, draft: Draft, tools: ToolRequest
-) -> AsyncIterator[str]:
+    path: str, state: ServerState, stream: EventStream, draft: Draft, tools: ToolRequest
+) -> AsyncIterator[dict[str, Any]]:
     numbers = count()
 
-    def event(kind: str, **fields: Any) -> str:
-        return f"event: {kind}\n" + sse({"type": kind, "sequence_number": next(numbers), **fields})
+    def event(kind: str, **fields: Any) -> dict[str, Any]:
+        return {"type": kind, "sequence_number": next(numbers), **fields}
 
-    yield event("response.created", response=draft.body("in_progress", [], None))
-    yield event("response.in_progress", response=draft.body("in_progress", [], None))
+    if draft.background:  # queued until the engine's first answer (after the prompt's prefill)
+        yield event("response.created", response=draft.body("queued", [], None))
+        yield event("response.queued", response=draft.body("queued", [], None))
+    else:
+        yield event("response.created", response=draft.body("in_progress", [], None))
+        yield event("response.in_progress", response=draft.body("in_progress", [], None))
+    started = not draft.background
     answer = ToolStream(tools)
     message_id: str | None = None
     outputs = 0  # output items opened so far: the next one's output_index
@@ -287,7 +341,7 @@ async def _events(
     thinking: dict[str, Any] = {}  # the reasoning item while it is open: id, output_index, text pieces
     reasoning: dict[str, Any] | None = None  # and once it is done
 
-    def open_message() -> list[str]:
+    def open_message() -> list[dict[str, Any]]:
         nonlocal message_id, outputs
         message_id = new_id("msg")
         where["output_index"], outputs = outputs, outputs + 1
@@ -303,16 +357,16 @@ async def _events(
             ),
         ]
 
-    def delta(piece: str) -> list[str]:
+    def delta(piece: str) -> list[dict[str, Any]]:
         out = open_message() if message_id is None else []
         text.append(piece)
         out.append(event("response.output_text.delta", item_id=message_id, **where, delta=piece, logprobs=pending[:]))
         pending.clear()
         return out
 
-    def reasoning_piece(piece: str) -> list[str]:
+    def reasoning_piece(piece: str) -> list[dict[str, Any]]:
         nonlocal outputs
-        out = []
+        out: list[dict[str, Any]] = []
         if not thinking:
             thinking.update(id=new_id("rs"), output_index=outputs, text=[])
             outputs += 1
@@ -323,7 +377,7 @@ async def _events(
         out.append(event("response.reasoning_text.delta", **ids, delta=piece))
         return out
 
-    def close_reasoning(status: str) -> list[str]:
+    def close_reasoning(status: str) -> list[dict[str, Any]]:
         nonlocal reasoning
         if not thinking or reasoning is not None:
             return []
@@ -335,9 +389,9 @@ async def _events(
             event("response.output_item.done", output_index=thinking["output_index"], item=reasoning),
         ]
 
-    def call_pieces(deltas: list[CallDelta]) -> list[str]:
+    def call_pieces(deltas: list[CallDelta]) -> list[dict[str, Any]]:
         nonlocal outputs
-        out = []
+        out: list[dict[str, Any]] = []
         for piece in deltas:
             if piece.id is not None:  # a new call: its item opens
                 function = {"name": piece.name, "arguments": ""}
@@ -354,10 +408,15 @@ async def _events(
         return out
 
     async for generated in stream:
+        if not started:
+            started = True
+            yield event("response.in_progress", response=draft.body("in_progress", [], None))
         if generated.error:
-            error = event_error(generated, request.url.path)
+            error = event_error(generated, path)
             code = "server_error" if error.status >= 500 else "invalid_prompt"  # codes of OpenAI's ResponseError
             failed = draft.body("failed", [], None, error={"code": code, "message": error.message})
+            if draft.background:  # polled for: what became of it must be there to read
+                state.responses.put(StoredResponse(failed, draft.items, draft.history))
             yield event("response.failed", response=failed)
             return
         if draft.logprobs and generated.tokens:

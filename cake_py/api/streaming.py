@@ -188,10 +188,17 @@ class GenerationResponse(StreamingResponse):
     """A streamed answer that cancels its sequences however it ends, even when the client leaves before the
     first chunk (then the body's generator never starts, so its own cleanup never runs)."""
 
-    def __init__(self, content: AsyncIterator[str], streams: list[EventStream], media_type: str) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        streams: list[EventStream],
+        media_type: str,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         headers = SSE_HEADERS if media_type == "text/event-stream" else {"Cache-Control": "no-cache"}
         super().__init__(content, media_type=media_type, headers=headers)
         self.streams = streams
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -199,6 +206,8 @@ class GenerationResponse(StreamingResponse):
         finally:
             for stream in self.streams:
                 stream.cancel()
+            if self.on_close is not None:
+                self.on_close()
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:

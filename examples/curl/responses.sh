@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# OpenAI's Responses API: POST /v1/responses, a second turn by previous_response_id, its stream, the stored response.
+# OpenAI's Responses API: POST /v1/responses, a second turn by previous_response_id, its stream, the stored response,
+# a background response and its events replayed.
 #   CAKE_BASE_URL  the master (default http://127.0.0.1:8080)
 #   CAKE_API_KEY   sent as "Authorization: Bearer ..." when set (the server's --api-key)
 set -euo pipefail
@@ -21,4 +22,14 @@ echo
 "${CURL[@]}" -N "$BASE/v1/responses" -H 'Content-Type: application/json' \
   -d '{"input": "Write a haiku about cake.", "max_output_tokens": 32, "stream": true}'
 "${CURL[@]}" "$BASE/v1/responses/$id"
+echo
+# In the background: answered whether or not anyone listens; read it, replay its events after number 2, cancel it.
+job=$("${CURL[@]}" "$BASE/v1/responses" -H 'Content-Type: application/json' \
+  -d '{"input": "Name three French cheeses.", "max_output_tokens": 32, "background": true}')
+echo "$job"
+job_id=$(printf '%s' "$job" | sed -E 's/^\{"id": ?"([^"]+)".*/\1/')
+"${CURL[@]}" "$BASE/v1/responses/$job_id"
+echo
+"${CURL[@]}" -N "$BASE/v1/responses/$job_id?stream=true&starting_after=2"
+"${CURL[@]}" -X POST "$BASE/v1/responses/$job_id/cancel"
 echo

@@ -94,6 +94,7 @@ def test_openai_responses_example(server: ServerHandle) -> None:
     assert turn is not None and 0 < int(turn.group(2)) < int(turn.group(1))  # the first turn's caches were kept
     assert lines[3].startswith("streamed: ")
     assert re.search(r"^stream ended: response\.(completed|incomplete)$", output, re.M)
+    assert re.search(r"^background \((completed|incomplete)\): ", output, re.M)
     assert re.search(r"^embeddings: 3 of 64 dimensions; nearest to the first: '.*'$", output, re.M)
 
 
@@ -129,12 +130,21 @@ def test_curl_completions(server: ServerHandle) -> None:
 
 def test_curl_responses(server: ServerHandle) -> None:
     output = _curl("responses.sh", server)
-    first, second, stored = _json_lines(output)
+    first, second, stored, job, polled, cancelled = _json_lines(output)
     assert first["object"] == "response" and second["previous_response_id"] == first["id"]
     assert stored == first
     events = re.findall(r"^event: (\S+)$", output, re.M)
     assert events[:2] == ["response.created", "response.in_progress"]
-    assert events[-1] in ("response.completed", "response.incomplete") and "[DONE]" not in output
+    assert "[DONE]" not in output
+    assert job["status"] == "queued" and job["background"] is True and polled["id"] == cancelled["id"] == job["id"]
+    lines = output.splitlines()
+    objects = [index for index, line in enumerate(lines) if line.startswith("{")]
+    replayed = [json.loads(line) for line in _sse("\n".join(lines[objects[4] :]))]  # printed after the poll
+    # it starts after event 2 (created, queued, in_progress are 0-2) and ends as the response did, once it has
+    assert [event["sequence_number"] for event in replayed] == list(range(3, 3 + len(replayed)))
+    assert (
+        cancelled["status"] in ("completed", "incomplete") and replayed[-1]["type"] == f"response.{cancelled['status']}"
+    )
 
 
 def test_curl_embeddings(server: ServerHandle) -> None:

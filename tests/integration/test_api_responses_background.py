@@ -1,0 +1,193 @@
+"""Background responses (`background: true`) through the official `openai` client against a real uvicorn server on
+the tiny Llama: answered by the server whether or not anyone listens, polled, streamed and resumed from any event,
+cancelled; and GET of a response that is still being answered."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+QUESTION = "What is the capital of France?"
+LONG = 1500  # output tokens: seconds of work for the tiny model, so a cancel lands mid-answer
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_long_context: Path) -> Iterator[ServerHandle]:
+    with running_server(tiny_settings(tiny_llama_long_context, model_name="tiny-llama")) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerHandle) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60) as openai_client:
+        yield openai_client
+
+
+def wait_until_done(client: OpenAI, response_id: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.responses.retrieve(response_id)
+        if response.status not in ("queued", "in_progress"):
+            return response
+        time.sleep(0.05)
+    raise AssertionError(f"{response_id} still {response.status} after {timeout} s")
+
+
+def generated_tokens(server: ServerHandle) -> int:
+    engine = server.state.engine
+    assert engine is not None
+    return engine.stats.tokens_generated
+
+
+def stopped_early(server: ServerHandle, tokens_before: int) -> bool:
+    """Whether the engine is idle having generated fewer than LONG tokens since `tokens_before` (the tiny model
+    writes LONG tokens in about a second: a run that was not stopped would finish them)."""
+    engine = server.state.engine
+    assert engine is not None
+    deadline = time.monotonic() + 10
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.in_flight == 0 and generated_tokens(server) - tokens_before < LONG
+
+
+def sse_events(lines: Iterator[str]) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+
+
+def first_event(lines: Iterator[str], kind: str) -> dict[str, Any]:
+    """The first event of type `kind`, reading no further."""
+    for line in lines:
+        if line.startswith("data: ") and (event := json.loads(line[6:]))["type"] == kind:
+            return event
+    raise AssertionError(f"no {kind} event")
+
+
+def test_a_background_response_is_answered_without_its_request(client: OpenAI) -> None:
+    expected = client.responses.create(model="x", input=QUESTION, max_output_tokens=12, temperature=0, store=False)
+    started = client.responses.create(model="x", input=QUESTION, max_output_tokens=12, temperature=0, background=True)
+    assert started.status == "queued" and started.background is True and started.output == []
+    done = wait_until_done(client, started.id)
+    assert done.status == expected.status and done.output_text == expected.output_text
+    assert done.background is True and done.usage is not None and done.usage.output_tokens == 12
+    items = client.responses.input_items.list(started.id)
+    assert [item.content[0].text for item in items.data] == [QUESTION]  # type: ignore[union-attr]
+    follow_up = client.responses.create(
+        model="x", input="And Spain?", previous_response_id=started.id, max_output_tokens=2
+    )
+    assert follow_up.status == "incomplete"
+
+
+def test_a_poll_reads_the_answer_as_far_as_it_has_come(client: OpenAI, server: ServerHandle) -> None:
+    started = client.responses.create(model="x", input=QUESTION, max_output_tokens=LONG, temperature=0, background=True)
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(seen) < 3:
+        poll = httpx.get(f"{server.base_url}/v1/responses/{started.id}").json()
+        if poll["status"] != "in_progress":
+            break
+        if poll["output"]:
+            seen.append(poll["output"][0]["content"][0]["text"])
+        time.sleep(0.02)
+    client.responses.cancel(started.id)
+    assert len(seen) >= 2, seen
+    assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:], strict=False))
+
+
+def test_a_background_stream_resumes_after_any_event(client: OpenAI, server: ServerHandle) -> None:
+    body = {"input": QUESTION, "max_output_tokens": 16, "temperature": 0, "background": True, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body, timeout=60) as raw:
+        first = sse_events(raw.iter_lines())
+    kinds = [event["type"] for event in first]
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"]
+    assert first[0]["response"]["status"] == "queued" and kinds[-1] == "response.incomplete"
+    assert [event["sequence_number"] for event in first] == list(range(len(first)))
+    response_id = first[0]["response"]["id"]
+    url = f"{server.base_url}/v1/responses/{response_id}"
+    with httpx.stream("GET", url, params={"stream": "true", "starting_after": 5}, timeout=60) as raw:
+        assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
+        assert sse_events(raw.iter_lines()) == first[6:]
+    with client.responses.retrieve(response_id, stream=True) as replay:  # the official client: from the start
+        assert [event.type for event in replay] == kinds
+    assert httpx.get(url, params={"stream": "true", "starting_after": "x"}).status_code == 400
+
+
+def test_a_stream_left_early_does_not_stop_a_background_response(client: OpenAI, server: ServerHandle) -> None:
+    body = {"input": QUESTION, "max_output_tokens": 24, "temperature": 0, "background": True, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body, timeout=60) as raw:
+        lines = raw.iter_lines()
+        created = first_event(lines, "response.created")
+    done = wait_until_done(client, created["response"]["id"])
+    assert done.status == "incomplete" and done.usage is not None and done.usage.output_tokens == 24
+
+
+def test_cancel_stops_a_background_response(client: OpenAI, server: ServerHandle) -> None:
+    before = generated_tokens(server)
+    started = client.responses.create(model="x", input=QUESTION, max_output_tokens=LONG, temperature=0, background=True)
+    deadline = time.monotonic() + 30
+    while client.responses.retrieve(started.id).status == "queued" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cancelled = client.responses.cancel(started.id)
+    assert cancelled.status == "cancelled" and cancelled.background is True
+    [message] = cancelled.output
+    assert message.status == "incomplete"  # type: ignore[union-attr]
+    assert client.responses.retrieve(started.id).status == "cancelled"
+    assert client.responses.cancel(started.id).status == "cancelled"  # idempotent
+    assert stopped_early(server, before)  # its sequence left the engine
+
+
+def test_delete_cancels_a_running_background_response(client: OpenAI, server: ServerHandle) -> None:
+    before = generated_tokens(server)
+    started = client.responses.create(model="x", input=QUESTION, max_output_tokens=LONG, temperature=0, background=True)
+    url = f"{server.base_url}/v1/responses/{started.id}"
+    assert httpx.delete(url).json()["deleted"] is True
+    assert httpx.get(url).status_code == 404
+    assert stopped_early(server, before)
+
+
+def test_only_background_responses_are_cancelled_or_streamed_again(client: OpenAI, server: ServerHandle) -> None:
+    plain = client.responses.create(model="x", input=QUESTION, max_output_tokens=2)
+    url = f"{server.base_url}/v1/responses/{plain.id}"
+    refused = httpx.post(f"{url}/cancel")
+    assert refused.status_code == 400 and "background" in refused.json()["error"]
+    assert httpx.get(url, params={"stream": "true"}).status_code == 400
+    assert httpx.post(f"{server.base_url}/v1/responses/resp_nope/cancel").status_code == 404
+    finished = client.responses.create(model="x", input=QUESTION, max_output_tokens=2, background=True)
+    done = wait_until_done(client, finished.id)
+    assert client.responses.cancel(finished.id).status == done.status  # an ended one is returned as it is
+
+
+def test_a_response_being_answered_reads_in_progress(client: OpenAI, server: ServerHandle) -> None:
+    body = {"input": QUESTION, "max_output_tokens": LONG, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body, timeout=60) as raw:
+        lines = raw.iter_lines()
+        created = first_event(lines, "response.created")
+        url = f"{server.base_url}/v1/responses/{created['response']['id']}"
+        assert httpx.get(url).json()["status"] == "in_progress"
+        continued = httpx.post(
+            f"{server.base_url}/v1/responses", json={"input": "hi", "previous_response_id": created["response"]["id"]}
+        )
+        assert continued.status_code == 400 and "still being answered" in continued.json()["error"]
+    deadline = time.monotonic() + 10
+    while httpx.get(url).status_code != 404 and time.monotonic() < deadline:  # left early: never stored
+        time.sleep(0.01)
+    assert httpx.get(url).status_code == 404
+
+
+def test_a_server_stopping_cancels_its_background_responses(tiny_llama_long_context: Path) -> None:
+    with running_server(tiny_settings(tiny_llama_long_context)) as handle:
+        body = {"input": QUESTION, "max_output_tokens": LONG, "temperature": 0, "background": True}
+        response_id = httpx.post(f"{handle.base_url}/v1/responses", json=body, timeout=60).json()["id"]
+        engine = handle.state.engine
+        assert engine is not None
+    stored = handle.state.responses.get(response_id)
+    assert stored is not None and stored.response["status"] == "cancelled"
+    assert engine.in_flight == 0
