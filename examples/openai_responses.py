@@ -37,6 +37,7 @@ def main() -> int:
     print(f"first ({first.status}): {first.output_text}")
     second = client.responses.create(
         model=model,
+        instructions="Answer in one sentence.",  # not carried over from the first turn: sent again
         previous_response_id=first.id,
         input="And what language is spoken there?",
         temperature=0,

@@ -87,12 +87,12 @@ def test_openai_structured_example(long_context_server: ServerHandle) -> None:
 
 def test_openai_responses_example(server: ServerHandle) -> None:
     output = _run([sys.executable, str(EXAMPLES / "openai_responses.py")], server)
-    lines = output.splitlines()
-    assert re.fullmatch(r"first \((completed|incomplete)\): .*", lines[0])
-    assert re.fullmatch(r"second \((completed|incomplete)\): .*", lines[1])
-    turn = re.fullmatch(r"second turn: (\d+) input tokens, (\d+) cached", lines[2])
+    # searched, not read by line number: the tiny model's random text may hold line breaks
+    assert re.match(r"first \((completed|incomplete)\): ", output)
+    assert re.search(r"^second \((completed|incomplete)\): ", output, re.M)
+    turn = re.search(r"^second turn: (\d+) input tokens, (\d+) cached$", output, re.M)
     assert turn is not None and 0 < int(turn.group(2)) < int(turn.group(1))  # the first turn's caches were kept
-    assert lines[3].startswith("streamed: ")
+    assert re.search(r"^streamed: ", output, re.M)
     assert re.search(r"^stream ended: response\.(completed|incomplete)$", output, re.M)
     assert re.search(r"^background \((completed|incomplete)\): ", output, re.M)
     assert re.search(r"^embeddings: 3 of 64 dimensions; nearest to the first: '.*'$", output, re.M)
