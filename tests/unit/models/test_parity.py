@@ -14,6 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from cake_py.models import llama
 from cake_py.models.config import ModelConfig, RopeConfig
 from cake_py.models.kv_cache import KVStore, SequenceSlice
 from cake_py.models.llama import Transformer, rope_inverse_frequencies
@@ -194,9 +195,19 @@ def test_mixed_decode_and_prefill_batch(pair: Pair) -> None:
     assert [kv.length(seq) for seq in (1, 2, 3)] == [len(decoding), len(fresh), len(chunked)]
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["one padded pass", "one pass per sequence"])
 @torch.inference_mode()
-def test_several_sequences_decoding_together(pair: Pair) -> None:
-    """Three sequences of different lengths decoding in one call take the batched decode-attention path."""
+def test_several_sequences_decoding_together(pair: Pair, padded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three sequences of different lengths decoding in one call: attending as one padded batch (short caches on a
+    CPU) or one sequence at a time (long ones) gives the same logits."""
+    monkeypatch.setattr(llama, "BATCHED_DECODE_MAX_KEYS", 10**6 if padded else 0)
+    passes = []
+    padded_pass = llama.Attention._batched_decode_attention
+    monkeypatch.setattr(
+        llama.Attention,
+        "_batched_decode_attention",
+        lambda self, *args: passes.append(1) or padded_pass(self, *args),
+    )
     n = len(pair.prompt)
     sequences = [pair.prompt, continuation(pair, n + 10, seed=1), continuation(pair, n + 4, seed=2)]
     kv = pair.ours.new_kv_store()
@@ -207,6 +218,10 @@ def test_several_sequences_decoding_together(pair: Pair) -> None:
             position = len(ids) - back
             assert_logits_close(logits, reference_logits(pair.reference, ids[: position + 1])[-1:])
     assert [kv.length(i) for i in range(3)] == [len(ids) for ids in sequences]
+    longest = [max(len(ids) - back for ids in sequences) + 1 for back in (3, 2, 1)]
+    windows = [pair.config.window_of(layer) for layer in range(pair.config.n_layers)]
+    unwindowed = sum(window is None or keys <= window for keys in longest for window in windows)
+    assert len(passes) == (unwindowed if padded else 0)  # a layer whose window the caches passed goes one by one
 
 
 @torch.inference_mode()
