@@ -5,13 +5,15 @@ A background response is answered by a task of the server's own, not by the requ
 returns at once (status `queued`), and the answer goes on whether or not anyone listens. Its events are kept, so
 `GET /v1/responses/{id}?stream=true&starting_after=N` can replay them from any point and follow the rest, and a
 poll reads the response as far as it has come (its output items with their text so far). `POST …/cancel` stops it:
-its sequence leaves the engine and the response ends `cancelled`, with the output it had.
+its sequence leaves the engine and the response ends `cancelled`, with the output it had (its stream's last event is
+then `response.cancelled`, this server's own: OpenAI's stream has no event for it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,8 +32,9 @@ def sse_event(event: dict[str, Any]) -> str:
 
 
 def apply_event(response: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
-    """`response` (the object as far as the stream has come) after `event`, as the official client's accumulator
-    builds it; a new object where the event carries a whole response, else `response` changed in place."""
+    """`response` (the object as far as the stream has come) after `event`, much as the official client's accumulator
+    builds it (a done item replaces the added one, and reasoning text accumulates); a new object where the event
+    carries a whole response, else `response` changed in place."""
     if "response" in event:  # created, queued, in_progress and the terminal events: the whole object
         return copy.deepcopy(event["response"])
     kind, output = event["type"], response["output"]
@@ -55,10 +58,36 @@ def apply_event(response: dict[str, Any], event: dict[str, Any]) -> dict[str, An
 
 def cancelled(response: dict[str, Any]) -> dict[str, Any]:
     """The response object of a run cancelled at `response`: what it had, its unfinished items incomplete."""
+    return {**unfinished(response), "status": "cancelled"}
+
+
+def unfinished(response: dict[str, Any]) -> dict[str, Any]:
+    """`response` with the items still being written marked incomplete (a run that ended early)."""
     output = [
         {**item, "status": "incomplete"} if item.get("status") == "in_progress" else item for item in response["output"]
     ]
-    return {**response, "status": "cancelled", "output": output}
+    return {**response, "output": output}
+
+
+def without_logprobs(value: Any) -> Any:
+    """`value` with every `logprobs` list emptied: what the store keeps (20 alternatives a token would take most of
+    it for little use)."""
+    if isinstance(value, dict):
+        return {key: [] if key == "logprobs" else without_logprobs(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_logprobs(item) for item in value]
+    return value
+
+
+def _stored_lines(lines: list[str]) -> tuple[str, ...]:
+    """The event lines the store keeps: those holding logprobs rewritten without them."""
+    kept = []
+    for line in lines:
+        if '"logprobs":[{' in line:
+            event = json.loads(line[line.index("data: ") + len("data: ") :])
+            line = sse_event(without_logprobs(event))
+        kept.append(line)
+    return tuple(kept)
 
 
 class LiveResponse:
@@ -72,6 +101,7 @@ class LiveResponse:
         self.lines: list[str] = []
         self.finished = False
         self.task: asyncio.Task[None] | None = None
+        self.loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()  # set, and replaced, at every new line: followers wait on the one they saw
 
     @property
@@ -83,6 +113,10 @@ class LiveResponse:
         if self.background:
             self.lines.append(sse_event(event))
             self._notify()
+
+    def record_end(self, kind: str, response: dict[str, Any]) -> None:
+        """A last event of this server's own (the run did not end by its events): `kind` carrying `response`."""
+        self.record({"type": kind, "sequence_number": len(self.lines), "response": response})
 
     def finish(self) -> None:
         self.finished = True
@@ -110,38 +144,53 @@ class LiveResponse:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
 
+    def cancel_soon(self) -> None:
+        """Cancel from any thread, a signal handler included (the server stopping)."""
+        if self.task is not None:
+            self.loop.call_soon_threadsafe(self.task.cancel)
 
-async def run_in_background(
+
+def start_in_background(
     live: LiveResponse,
     events: AsyncIterator[dict[str, Any]],
     store: ResponseStore,
-    stored: StoredResponse,
+    stand_in: StoredResponse,
     streams: list[EventStream],
 ) -> None:
-    """Answer a background response: record its events, then keep them with the stored response (its `stored`
-    stand-in, the conversation before the answer, is what a cancelled or broken run leaves)."""
+    """Answer a background response in a task of its own. `stand_in` (the conversation before the answer) is what
+    is stored for a run that does not complete."""
+    store.start_live(live)
+    live.task = asyncio.create_task(_run(live, events))
+    # A done callback, not the coroutine's own `finally`: a task cancelled before its first step never runs that.
+    live.task.add_done_callback(lambda _: _end(live, store, stand_in, streams))
+
+
+async def _run(live: LiveResponse, events: AsyncIterator[dict[str, Any]]) -> None:
     try:
         async for event in events:
+            if event["type"] == "response.failed":  # keep what was written before the failure
+                event = {**event, "response": {**event["response"], "output": unfinished(live.response)["output"]}}
             live.record(event)
-    except asyncio.CancelledError:
-        _end(live, store, stored, cancelled(live.response))
-        raise
     except Exception:  # a bug: into the log, and the response ends failed rather than in_progress for ever
         log.exception("background response %s failed", live.id)
         error = {"code": "server_error", "message": "the server failed while answering this response"}
-        _end(live, store, stored, {**live.response, "status": "failed", "error": error})
+        live.record_end("response.failed", {**unfinished(live.response), "status": "failed", "error": error})
+
+
+def _end(live: LiveResponse, store: ResponseStore, stand_in: StoredResponse, streams: list[EventStream]) -> None:
+    """The run is over, however it ended: its sequence leaves the engine, its end is stored with its events, and its
+    followers are told (a cancelled run ends with a `response.cancelled` event of this server's own)."""
+    if live.finished:
+        return
+    for stream in streams:
+        stream.cancel()
+    if live.response["status"] not in TERMINAL:
+        live.record_end("response.cancelled", cancelled(live.response))
+    answered = store.get(live.id)  # a completed run stored itself, with its conversation, before its last event
+    if answered is not None and answered.response["status"] == live.response["status"]:
+        final = answered
     else:
-        final = store.get(live.id)  # the run stored its answer (or its failure) before its last event
-        if final is None or final.response["status"] not in TERMINAL:
-            final = StoredResponse(live.response, stored.input_items, stored.conversation)
-        store.put(final.with_events(live.lines))
-    finally:
-        for stream in streams:  # cancelled before `events` began, its sequence would stay in the engine
-            stream.cancel()
-        store.end_live(live)
-        live.finish()
-
-
-def _end(live: LiveResponse, store: ResponseStore, stored: StoredResponse, response: dict[str, Any]) -> None:
-    live.response = response
-    store.put(StoredResponse(response, stored.input_items, stored.conversation).with_events(live.lines))
+        final = StoredResponse(without_logprobs(live.response), stand_in.input_items, stand_in.conversation)
+    store.put(final.with_events(_stored_lines(live.lines)))
+    store.end_live(live)
+    live.finish()

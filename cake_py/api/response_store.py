@@ -95,6 +95,13 @@ class ResponseStore:
         runs = [live for live in list(self._live.values()) if live.background]
         await asyncio.gather(*(live.cancel() for live in runs))
 
+    def stop_background_soon(self) -> None:
+        """The same from a signal handler: each run is cancelled on its event loop, before the engine's stop
+        reaches it (that is scheduled after)."""
+        for live in list(self._live.values()):
+            if live.background:
+                live.cancel_soon()
+
     def _drop(self, response_id: str) -> bool:
         entry = self._entries.pop(response_id, None)
         if entry is None:
@@ -152,22 +159,22 @@ async def _replay(lines: tuple[str, ...]) -> AsyncIterator[str]:
 
 
 async def cancel_response(request: Request) -> Response:
-    """Stop a background response: it ends `cancelled` with what it had. One that ended already is returned as it
-    is (cancelling is idempotent); only background responses can be cancelled, as in OpenAI's API."""
+    """Stop a background response: it ends `cancelled` with what it had. Cancelling it again returns it as it is;
+    one that ended otherwise, or one created without `background`, is a 400 (as in OpenAI's API)."""
     state: ServerState = request.app.state.cake
     response_id = request.path_params["response_id"]
     live = state.responses.live(response_id)
     if live is not None and live.background:
         await live.cancel()
-    elif live is not None:
+        return JSONResponse(_stored(state, response_id).response)
+    stored = _stored(state, response_id) if live is None else None
+    if stored is None or not stored.response.get("background"):
         raise ApiError(
             400, f"response {response_id!r} was not created with background: true, so it cannot be cancelled"
         )
-    stored = _stored(state, response_id)
-    if not stored.response.get("background"):
-        raise ApiError(
-            400, f"response {response_id!r} was not created with background: true, so it cannot be cancelled"
-        )
+    status = stored.response["status"]
+    if status != "cancelled":
+        raise ApiError(400, f"response {response_id!r} is {status}: only a queued or in_progress one can be cancelled")
     return JSONResponse(stored.response)
 
 

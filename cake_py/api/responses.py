@@ -12,7 +12,6 @@ every event carries `type` and `sequence_number`, and there is no `[DONE]`.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cake_py.api import response_store
-from cake_py.api.background import LiveResponse, run_in_background, sse_event
+from cake_py.api.background import LiveResponse, sse_event, start_in_background, without_logprobs
 from cake_py.api.errors import ApiError
 from cake_py.api.forced_calls import CallDelta
 from cake_py.api.openai import chat_logprobs
@@ -151,18 +150,8 @@ def _finish(
             answer["tool_calls"] = [
                 {"id": call["id"], "type": "function", "function": call["function"]} for call in calls
             ]
-        state.responses.put(StoredResponse(_without_logprobs(response), draft.items, [*draft.history, answer]))
+        state.responses.put(StoredResponse(without_logprobs(response), draft.items, [*draft.history, answer]))
     return response
-
-
-def _without_logprobs(response: dict[str, Any]) -> dict[str, Any]:
-    """The stored copy: logprobs (20 alternatives a token) would take most of the store for little use."""
-    output = []
-    for item in response["output"]:
-        if item["type"] == "message":
-            item = {**item, "content": [{**part, "logprobs": []} for part in item["content"]]}
-        output.append(item)
-    return {**response, "output": output}
 
 
 def _with_item_ids(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -300,9 +289,8 @@ def _start_background(
     stream: bool,
 ) -> Response:
     """Answer in a task of the server's own; the request returns the queued response, or follows its events."""
-    state.responses.start_live(live)
     stand_in = StoredResponse(live.response, draft.items, draft.history)
-    live.task = asyncio.create_task(run_in_background(live, events, state.responses, stand_in, streams))
+    start_in_background(live, events, state.responses, stand_in, streams)
     if stream:
         return StreamingResponse(live.follow(-1), media_type="text/event-stream", headers=SSE_HEADERS)
     return JSONResponse(live.response)
@@ -415,8 +403,6 @@ async def _events(
             error = event_error(generated, path)
             code = "server_error" if error.status >= 500 else "invalid_prompt"  # codes of OpenAI's ResponseError
             failed = draft.body("failed", [], None, error={"code": code, "message": error.message})
-            if draft.background:  # polled for: what became of it must be there to read
-                state.responses.put(StoredResponse(failed, draft.items, draft.history))
             yield event("response.failed", response=failed)
             return
         if draft.logprobs and generated.tokens:

@@ -74,6 +74,15 @@ def serve(settings: ServeSettings) -> None:
     _Server(config, state).run()
 
 
+def begin_shutdown(state: ServerState) -> None:
+    """What a shutdown signal starts, without waiting (it runs in the signal handler): background responses are
+    cancelled (they end `cancelled`, not failed by the engine's stop, which reaches them after), and the engine
+    stops, so every open stream ends with an error event."""
+    state.responses.stop_background_soon()
+    if state.engine is not None:
+        state.engine.request_stop()
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, which also stops the engine as soon as a shutdown signal arrives: every open stream then
     ends with an error event and [DONE] within the grace period, instead of being cut when it runs out."""
@@ -83,6 +92,5 @@ class _Server(uvicorn.Server):
         self.state = state
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.state.engine is not None:
-            self.state.engine.request_stop()  # does not wait: this runs in the signal handler, on the event loop
+        begin_shutdown(self.state)
         super().handle_exit(sig, frame)

@@ -5,6 +5,7 @@ cancelled; and GET of a response that is still being answered."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from cake_py.api.server import begin_shutdown
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 QUESTION = "What is the capital of France?"
@@ -132,6 +134,15 @@ def test_a_stream_left_early_does_not_stop_a_background_response(client: OpenAI,
 def test_cancel_stops_a_background_response(client: OpenAI, server: ServerHandle) -> None:
     before = generated_tokens(server)
     started = client.responses.create(model="x", input=QUESTION, max_output_tokens=LONG, temperature=0, background=True)
+    url = f"{server.base_url}/v1/responses/{started.id}"
+    followed: list[dict[str, Any]] = []
+
+    def follow() -> None:
+        with httpx.stream("GET", url, params={"stream": "true"}, timeout=60) as raw:
+            followed.extend(sse_events(raw.iter_lines()))
+
+    follower = threading.Thread(target=follow)
+    follower.start()
     deadline = time.monotonic() + 30
     while client.responses.retrieve(started.id).status == "queued" and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -142,6 +153,13 @@ def test_cancel_stops_a_background_response(client: OpenAI, server: ServerHandle
     assert client.responses.retrieve(started.id).status == "cancelled"
     assert client.responses.cancel(started.id).status == "cancelled"  # idempotent
     assert stopped_early(server, before)  # its sequence left the engine
+    follower.join(timeout=10)
+    assert not follower.is_alive()  # a follower is told the run is over: a last event of this server's own
+    last = followed[-1]
+    assert last["type"] == "response.cancelled" and last["response"]["status"] == "cancelled"
+    assert last["response"]["output"][0]["content"][0]["text"] == message.content[0].text  # type: ignore[union-attr]
+    with httpx.stream("GET", url, params={"stream": "true", "starting_after": len(followed) - 2}) as raw:
+        assert [event["type"] for event in sse_events(raw.iter_lines())] == ["response.cancelled"]
 
 
 def test_delete_cancels_a_running_background_response(client: OpenAI, server: ServerHandle) -> None:
@@ -162,7 +180,8 @@ def test_only_background_responses_are_cancelled_or_streamed_again(client: OpenA
     assert httpx.post(f"{server.base_url}/v1/responses/resp_nope/cancel").status_code == 404
     finished = client.responses.create(model="x", input=QUESTION, max_output_tokens=2, background=True)
     done = wait_until_done(client, finished.id)
-    assert client.responses.cancel(finished.id).status == done.status  # an ended one is returned as it is
+    ended = httpx.post(f"{server.base_url}/v1/responses/{finished.id}/cancel")  # OpenAI: cannot cancel a completed one
+    assert ended.status_code == 400 and done.status in ended.json()["error"]
 
 
 def test_a_response_being_answered_reads_in_progress(client: OpenAI, server: ServerHandle) -> None:
@@ -183,11 +202,61 @@ def test_a_response_being_answered_reads_in_progress(client: OpenAI, server: Ser
 
 
 def test_a_server_stopping_cancels_its_background_responses(tiny_llama_long_context: Path) -> None:
+    """What a shutdown signal does (begin_shutdown, then the lifespan's end): running background responses end
+    cancelled with the output they had, not failed by the engine's stop."""
     with running_server(tiny_settings(tiny_llama_long_context)) as handle:
-        body = {"input": QUESTION, "max_output_tokens": LONG, "temperature": 0, "background": True}
-        response_id = httpx.post(f"{handle.base_url}/v1/responses", json=body, timeout=60).json()["id"]
+        response_id = started_with_output(handle)
+        begin_shutdown(handle.state)
+        stored = wait_stored(handle, response_id)
+    assert stored["status"] == "cancelled" and stored["output"][0]["status"] == "incomplete"
+    assert stored["output"][0]["content"][0]["text"]
+
+
+def test_an_engine_that_stops_fails_a_background_response_keeping_its_output(tiny_llama_long_context: Path) -> None:
+    """The engine stopping alone (a model switch) fails a running background response; what it wrote stays."""
+    with running_server(tiny_settings(tiny_llama_long_context)) as handle:
+        response_id = started_with_output(handle)
         engine = handle.state.engine
         assert engine is not None
-    stored = handle.state.responses.get(response_id)
-    assert stored is not None and stored.response["status"] == "cancelled"
-    assert engine.in_flight == 0
+        engine.request_stop()
+        stored = wait_stored(handle, response_id)
+    assert stored["status"] == "failed" and "engine stopped" in stored["error"]["message"]
+    assert stored["output"][0]["status"] == "incomplete" and stored["output"][0]["content"][0]["text"]
+
+
+def test_replayed_events_leave_logprobs_out_as_the_store_does(client: OpenAI, server: ServerHandle) -> None:
+    body = {
+        "input": QUESTION,
+        "max_output_tokens": 6,
+        "background": True,
+        "stream": True,
+        "include": ["message.output_text.logprobs"],
+        "top_logprobs": 3,
+    }
+    with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body, timeout=60) as raw:
+        live = sse_events(raw.iter_lines())
+    assert any(event.get("logprobs") for event in live)  # its own stream had them
+    url = f"{server.base_url}/v1/responses/{live[0]['response']['id']}"
+    with httpx.stream("GET", url, params={"stream": "true"}, timeout=60) as raw:
+        replayed = sse_events(raw.iter_lines())
+    assert [event["type"] for event in replayed] == [event["type"] for event in live]
+    assert 'logprobs":[{' not in json.dumps(replayed, separators=(",", ":"))
+
+
+def started_with_output(handle: ServerHandle) -> str:
+    """A background response answering the tiny model for LONG tokens, once its output has begun."""
+    body = {"input": QUESTION, "max_output_tokens": LONG, "temperature": 0, "background": True}
+    response_id = str(httpx.post(f"{handle.base_url}/v1/responses", json=body, timeout=60).json()["id"])
+    deadline = time.monotonic() + 30
+    while not httpx.get(f"{handle.base_url}/v1/responses/{response_id}").json()["output"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return response_id
+
+
+def wait_stored(handle: ServerHandle, response_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while (stored := handle.state.responses.get(response_id)) is None or handle.state.responses.live(response_id):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return stored.response
