@@ -1,5 +1,6 @@
 """Prompt lookup decoding: decode ms/token with `--speculative-tokens K` drafts vs none, on text that repeats its
-prompt (a revision of a given paragraph) and on text that does not (a story).
+prompt (a revision of a given paragraph) and on text that does not (a story); and the story again with a predicted
+output (OpenAI's `prediction`: here its own earlier answer as text, as a client regenerating it would send).
 
     .venv/bin/python benchmarks/speculative.py [--tokens 96] [--runs 3] [--threads 2] [--drafts 6]
 
@@ -43,10 +44,10 @@ TASKS = {
 }
 
 
-def decode(engine: Engine, ids: list[int], tokens: int) -> tuple[list[int], float]:
+def decode(engine: Engine, ids: list[int], tokens: int, prediction: tuple[int, ...] = ()) -> tuple[list[int], float]:
     """The greedy answer's token ids, and its decode seconds per token after the first."""
     events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
-    engine.submit(ids, SamplingParams(temperature=0.0, max_tokens=tokens), events.put)
+    engine.submit(ids, SamplingParams(temperature=0.0, max_tokens=tokens, prediction=prediction), events.put)
     out: list[int] = []
     first = last = 0.0
     while True:
@@ -76,6 +77,7 @@ def main() -> None:
     prompts = {name: source.tokenizer.encode_chat([{"role": "user", "content": text}]) for name, text in TASKS.items()}
     settings = (0, args.drafts)
     times: dict[tuple[str, int], list[float]] = {(name, d): [] for name in TASKS for d in settings}
+    times["story, predicted", 8] = []
     drafted: dict[str, tuple[int, int, int]] = {}
     try:
         for run in range(args.runs + 1):
@@ -98,6 +100,15 @@ def main() -> None:
                             drafted[name] = (proposed, accepted, steps)
                 if outputs[0] != outputs[args.drafts]:
                     print(f"warning: {name}: the outputs differ (16-bit rounding of a batched step)", file=sys.stderr)
+                if name == "story":  # once more, predicted: its answer as text, re-encoded as a client's would be
+                    engine.speculative_tokens = 0  # a prediction drafts on its own (8 tokens a step)
+                    text = source.tokenizer.decode(outputs[0])
+                    prediction = tuple(source.tokenizer.encode(text, add_special_tokens=False))
+                    predicted, seconds = decode(engine, ids, args.tokens, prediction)
+                    if run:
+                        times["story, predicted", 8].append(seconds * 1000)
+                    if predicted != outputs[0]:
+                        print("warning: story, predicted: the output differs (16-bit rounding)", file=sys.stderr)
     finally:
         engine.stop()
     print(f"SmolLM2-135M Q4_1 (bf16, int4 kernels), {args.threads} threads, greedy, up to {args.tokens} tokens, "
@@ -112,6 +123,10 @@ def main() -> None:
             f"| {name} | {plain:.2f} | {drafting:.2f} | {plain / drafting:.2f}x | "
             f"{proposed} / {accepted} in {steps} steps |"
         )
+    predicted = statistics.median(times["story, predicted", 8])
+    plain = statistics.median(times["story", 0])
+    print(f"| story, its earlier answer as `prediction` (8 drafts) | {plain:.2f} | {predicted:.2f} | "
+          f"{plain / predicted:.2f}x | |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from cake_py.api.schemas import (
     flag,
     json_body,
     openai_sampling,
+    predicted_output,
     stream_usage,
 )
 from cake_py.api.state import ServerState
@@ -45,6 +46,7 @@ from cake_py.api.streaming import (
 from cake_py.api.structured import compiled_grammar, structured_grammar
 from cake_py.api.tool_stream import ToolStream
 from cake_py.api.tools import ToolRequest, calls_grammar, parse_answer, prompt_messages, tool_request
+from cake_py.engine.sequence import GenerationEvent
 from cake_py.models.sampling import SampledToken, SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
@@ -88,6 +90,13 @@ def _reject_unsupported_completion(body: dict[str, Any]) -> None:
         raise ApiError(400, f"best_of ({best_of!r}) is not supported by this server; leave it out or send 1"[:300])
 
 
+def _predicted(params: SamplingParams, events: list[GenerationEvent]) -> tuple[int, int] | None:
+    """The usage's accepted and rejected prediction tokens over a request's choices; None without a prediction."""
+    if not params.prediction:
+        return None
+    return sum(e.accepted_prediction_tokens for e in events), sum(e.rejected_prediction_tokens for e in events)
+
+
 def _usage_chunk(completion_id: str, kind: str, created: int, model: str, usage_: dict[str, Any]) -> str:
     """OpenAI's usage chunk (stream_options.include_usage): no choices, just before `data: [DONE]`."""
     return sse(
@@ -128,7 +137,8 @@ async def chat_completions(request: Request) -> Response:
     if tools.active:  # compiled under auto too: a tool whose schema cannot hold is a 400 whatever the model does
         calls = await compiled_grammar(lambda: calls_grammar(tools), tokenizer, "tools")
         grammar = calls if tools.forced else grammar
-    params = replace(params, grammar=grammar)
+    prediction = await run_in_threadpool(predicted_output, body, tokenizer)
+    params = replace(params, grammar=grammar, prediction=prediction)
     n = choice_count(body)
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)
@@ -177,6 +187,7 @@ async def chat_completions(request: Request) -> Response:
                 len(prompt_ids),
                 sum(result.last.completion_tokens for result in results),
                 max(result.last.cached_tokens for result in results),
+                _predicted(params, [result.last for result in results]),
             ),
         }
     )
@@ -210,6 +221,7 @@ async def _chat_stream(
     for index in range(len(streams)):
         yield sse(chunk(index, {"role": "assistant", "content": ""}))  # as OpenAI's first chunk
     completion_tokens, prompt_tokens, cached_tokens, open_count = 0, 0, 0, len(streams)
+    last_events: list[GenerationEvent] = []
     answers = [ToolStream(tools) for _ in streams]  # each choice's text, held where a call may be starting
     thoughts = [ReasoningStream(thinking) if thinking is not None else None for _ in streams]
     async for index, event in merged(streams):
@@ -240,14 +252,17 @@ async def _chat_stream(
             completion_tokens += event.completion_tokens
             prompt_tokens = event.prompt_tokens
             cached_tokens = max(cached_tokens, event.cached_tokens)
+            last_events.append(event)
             open_count -= 1
             on_finish = include_usage is None and open_count == 0  # Cake's default: usage on the last finish chunk
-            last = {"usage": usage(prompt_tokens, completion_tokens, cached_tokens)} if on_finish else {}
+            counts = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))
+            last = {"usage": counts} if on_finish else {}
             finish = _call_finish(bool(done.calls), event.finish_reason)
             yield sse(chunk(index, {}, finish, **last))
     if include_usage and open_count == 0:
         kind = "chat.completion.chunk"
-        yield _usage_chunk(completion_id, kind, created, model, usage(prompt_tokens, completion_tokens, cached_tokens))
+        counts = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))
+        yield _usage_chunk(completion_id, kind, created, model, counts)
     yield sse("[DONE]")
 
 

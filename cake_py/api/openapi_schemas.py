@@ -156,6 +156,11 @@ SCHEMAS: dict[str, Any] = {
             "parallel_tool_calls": {**BOOL, "default": True},
             "logprobs": BOOL,
             "top_logprobs": {**INT, "maximum": 20},
+            "prediction": {
+                **obj({"type": {"const": "content"}, "content": {"oneOf": [STR, {"type": "array"}]}}, ("type",)),
+                "description": "the expected answer (Predicted Outputs): drafted and verified, the same answer in "
+                "fewer steps where it holds",
+            },
             "add_generation_prompt": {**BOOL, "default": True},
             "continue_final_message": {
                 **BOOL,

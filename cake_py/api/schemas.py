@@ -12,6 +12,7 @@ from starlette.requests import Request
 from cake_py.api.errors import ApiError
 from cake_py.errors import RequestError
 from cake_py.models.sampling import SamplingParams
+from cake_py.models.tokenizer import Tokenizer
 
 MAX_CHOICES = 8
 MAX_TOKEN_IDS = 64  # stop_token_ids per request
@@ -314,3 +315,20 @@ def string_list(body: dict[str, Any], key: str, *, max_items: int) -> list[str]:
     if len(value) > max_items:
         raise ApiError(400, f"{key} holds {len(value)} items; at most {max_items} are allowed")
     return value
+
+
+def predicted_output(body: dict[str, Any], tokenizer: Tokenizer) -> tuple[int, ...]:
+    """OpenAI's `prediction` ({"type": "content", "content": text or text parts}) as token ids; () without one."""
+    prediction = body.get("prediction")
+    if prediction is None:
+        return ()
+    if not isinstance(prediction, dict) or prediction.get("type") != "content":
+        raise ApiError(400, f'prediction must be {{"type": "content", "content": …}}, got {prediction!r}'[:300])
+    content = prediction.get("content")
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
+    ):
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"prediction.content must be a string or a list of text parts, got {content!r}"[:300])
+    return tuple(tokenizer.encode(content, add_special_tokens=False))

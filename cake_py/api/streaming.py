@@ -210,8 +210,14 @@ class GenerationResponse(StreamingResponse):
                 self.on_close()
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
-    """OpenAI's usage; with `cached_tokens`, its `prompt_tokens_details` (prompt tokens the prefix cache gave)."""
+def usage(
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int | None = None,
+    predicted: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """OpenAI's usage; with `cached_tokens`, its `prompt_tokens_details` (prompt tokens the prefix cache gave); with
+    `predicted` (a request's predicted output), its `completion_tokens_details`: the accepted and rejected tokens."""
     counts: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -219,6 +225,12 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None 
     }
     if cached_tokens is not None:
         counts["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if predicted is not None:
+        accepted, rejected = predicted
+        counts["completion_tokens_details"] = {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": rejected,
+        }
     return counts
 
 

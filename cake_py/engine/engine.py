@@ -332,9 +332,7 @@ class Engine:
         for seq, event in finished:
             if event is None:
                 continue
-            event.prompt_tokens = len(seq.prompt_ids)
-            event.completion_tokens = len(seq.output_ids)
-            event.cached_tokens = seq.cached_tokens
+            seq.count_into(event)  # its drafts' counts are final only now (verified after its last token)
             try:
                 seq.sink(seq.with_prompt_logprobs(event))
             except Exception:

@@ -85,9 +85,9 @@ def _sample(plan: StepPlan, logits: torch.Tensor, stats: EngineStats) -> Events:
         matched = index < len(drafts) and bool(event.tokens) and event.tokens[-1].token_id == drafts[index]
         if event.finished or not matched:
             done.add(seq.seq_id)
-            if drafts and seq.lookup is not None:
+            if drafts:
                 confirmed = index + matched  # a draft the last token equals counts (it ended on a stop, say)
-                seq.lookup.verified(len(drafts), confirmed)
+                seq.verified(confirmed)
                 stats.record_drafts(len(drafts), confirmed)
     return events
 

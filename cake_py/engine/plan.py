@@ -11,6 +11,7 @@ from cake_py.engine.sequence import Sequence
 from cake_py.models.kv_cache import SequenceSlice
 
 SPECULATE_MAX_DECODING = 2  # drafts only while this few sequences decode together
+PREDICTION_DRAFTS = 8  # draft tokens per step from a predicted output when --speculative-tokens does not say
 
 
 @dataclass
@@ -44,11 +45,12 @@ def plan_step(
     """Slices of at most `budget` tokens in all. Decoding sequences come first: they cost one token each and keep
     streams flowing during long prefills. `shared_prefill(seq)` is 0 for a sequence that waits for the prefill it
     will copy, else the id to copy from (or None). With `speculate`, a decoding sequence (when at most
-    SPECULATE_MAX_DECODING decode in this step) adds up to that many draft tokens to its slice."""
+    SPECULATE_MAX_DECODING decode in this step) adds up to that many draft tokens to its slice; one with a predicted
+    output drafts from it (up to `speculate`, or PREDICTION_DRAFTS when that is 0) whatever `speculate` is."""
     plan = StepPlan()
     ordered = sorted(running, key=lambda s: s.prefilling)
-    if sum(not seq.prefilling for seq in ordered) > SPECULATE_MAX_DECODING:
-        speculate = 0  # a batch already shares each pass over the weights: drafts would only add rows
+    drafting = sum(not seq.prefilling for seq in ordered) <= SPECULATE_MAX_DECODING
+    # (beyond that, a batch already shares each pass over the weights: drafts would only add rows)
     for position, seq in enumerate(ordered):
         if budget <= 0:
             break
@@ -58,9 +60,10 @@ def plan_step(
         known = seq.all_ids
         n = min(len(known) - seq.n_cached, budget)
         drafts: list[int] = []
-        if speculate and n == 1 and copy_from is None and seq.params.pooling is None:
+        limit = speculate or (PREDICTION_DRAFTS if seq.prediction is not None else 0)
+        if drafting and limit and n == 1 and copy_from is None and seq.params.pooling is None:
             later = len(ordered) - position - 1  # drafts leave each later sequence at least one token of the budget
-            drafts = seq.draft(min(speculate, budget - 1 - later))
+            drafts = seq.draft(min(limit, budget - 1 - later), lookup=speculate > 0)
         seq.drafts = drafts
         plan.batch.append(SequenceSlice(seq.seq_id, seq.n_cached, n + len(drafts), copy_from))
         plan.ids.extend(known[seq.n_cached : seq.n_cached + n] + drafts)

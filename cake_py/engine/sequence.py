@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cake_py.engine.speculation import PromptLookup
+from cake_py.engine.speculation import PredictionLookup, PromptLookup
 from cake_py.errors import CakeError
 from cake_py.models.pooling import PoolingState
 from cake_py.models.sampling import SampledToken, Sampler, SamplingParams, StopMatcher
@@ -26,6 +26,9 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose caches were copied from a kept sequence (prefix caching)
+    # With SamplingParams.prediction: drafted from it and kept, and drafted from it and computed in vain.
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
     # With SamplingParams.prompt_logprobs, on the sequence's first event: prompt tokens 1… with their logprobs.
     prompt_logprobs: list[SampledToken] | None = None
     # With SamplingParams.pooling, on the last event: the embedding, little-endian float32 bytes.
@@ -68,7 +71,11 @@ class Sequence:
         self.leader: int | None = None
         self.request = 0  # the request it belongs to (the engine starts requests' sequences fairly)
         self.lookup: PromptLookup | None = None  # prompt lookup decoding's index, made on the first draft
+        self.prediction = PredictionLookup(params.prediction) if params.prediction else None
         self.drafts: list[int] = []  # this step's draft tokens (engine/speculation.py)
+        self.drafts_predicted = False  # whether they came from the prediction
+        self.accepted_prediction_tokens = 0
+        self.rejected_prediction_tokens = 0
         self.cancelled = False
         self.created = time.monotonic()
         self.first_token_at: float | None = None
@@ -92,16 +99,31 @@ class Sequence:
     def n_tokens(self) -> int:
         return len(self.all_ids)
 
-    def draft(self, limit: int) -> list[int]:
-        """Draft tokens for a decode step (at most `limit`, and none past max_tokens): what followed the last n-gram
-        the last time it appeared."""
+    def draft(self, limit: int, *, lookup: bool = True) -> list[int]:
+        """Draft tokens for a decode step (at most `limit`, and none past max_tokens): the predicted output's next
+        tokens where the request gave one and the output stands in it, else (with `lookup`) what followed the last
+        n-gram the last time it appeared."""
         limit = min(limit, self.params.max_tokens - len(self.output_ids) - 1)
+        self.drafts, self.drafts_predicted = [], False
         if limit <= 0:
             return []
-        if self.lookup is None:
-            self.lookup = PromptLookup()
-        self.drafts = self.lookup.propose(self.all_ids, limit)
+        if self.prediction is not None:
+            self.drafts = self.prediction.propose(self.output_ids, limit)
+            self.drafts_predicted = bool(self.drafts)
+        if not self.drafts and lookup:
+            if self.lookup is None:
+                self.lookup = PromptLookup()
+            self.drafts = self.lookup.propose(self.all_ids, limit)
         return self.drafts
+
+    def verified(self, confirmed: int) -> None:
+        """How this step's drafts fared: the first `confirmed` were kept."""
+        if self.drafts_predicted and self.prediction is not None:
+            self.prediction.verified(len(self.drafts), confirmed)
+            self.accepted_prediction_tokens += confirmed
+            self.rejected_prediction_tokens += len(self.drafts) - confirmed
+        elif self.lookup is not None:
+            self.lookup.verified(len(self.drafts), confirmed)
 
     @property
     def reads_every_prompt_row(self) -> bool:
@@ -135,7 +157,13 @@ class Sequence:
             elif len(self.output_ids) >= self.params.max_tokens:
                 event.text += self.stop.feed(self.decoder.flush())[0] + self.stop.flush()
                 event.finish_reason = "length"
+        self.count_into(event)
+        return event
+
+    def count_into(self, event: GenerationEvent) -> None:
+        """The usage figures an event carries."""
         event.prompt_tokens = len(self.prompt_ids)
         event.completion_tokens = len(self.output_ids)
         event.cached_tokens = self.cached_tokens
-        return event
+        event.accepted_prediction_tokens = self.accepted_prediction_tokens
+        event.rejected_prediction_tokens = self.rejected_prediction_tokens

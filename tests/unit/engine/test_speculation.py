@@ -1,5 +1,6 @@
-"""Prompt lookup decoding: drafts come from the sequence's own earlier text, and the engine keeps a draft only while
-its own samples equal it, so the tokens are those of decoding one at a time, in fewer steps."""
+"""Prompt lookup decoding: drafts come from the sequence's own earlier text (or from a predicted output), and the
+engine keeps a draft only while its own samples equal it, so the tokens are those of decoding one at a time, in
+fewer steps."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from cake_py.cluster.pipeline import local_pipeline
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
-from cake_py.engine.speculation import PromptLookup
+from cake_py.engine.speculation import PredictionLookup, PromptLookup
 from cake_py.models.grammar import compiler_for, regex_grammar
 from cake_py.models.hub import resolve_model
 from cake_py.models.sampling import SamplingParams
@@ -51,6 +52,21 @@ def test_a_wholly_rejected_draft_waits_longer_each_time() -> None:
         pass
     lookup.verified(2, 2)
     assert lookup.propose(tokens, 2)
+
+
+def test_a_prediction_drafts_from_where_the_output_stands_in_it() -> None:
+    prediction = PredictionLookup([10, 11, 12, 13, 14, 15, 16, 11, 12, 20])
+    assert prediction.propose([], 3) == [10, 11, 12]  # nothing written yet: its start
+    assert prediction.propose([10, 11], 3) == [12, 13, 14]
+    assert prediction.propose([10, 11, 12, 13, 99], 3) == []  # written differently: nothing to align with
+    assert prediction.propose([10, 11, 12, 13, 99, 15], 3) == [16, 11, 12]  # back in step with it
+    # (11, 12) occurs twice: the occurrence at or after where the output stood is the one
+    assert prediction.propose([10, 11, 12, 13, 99, 15, 16, 11, 12], 2) == [20]
+    assert PredictionLookup([1, 2]).propose([1, 2], 4) == []  # at its end
+    rejected = PredictionLookup([1, 2, 3, 1, 2, 3])
+    assert rejected.propose([1], 2) == [2, 3]
+    rejected.verified(2, 0)
+    assert rejected.propose([1, 5], 2) == []  # backing off, as prompt lookup does
 
 
 @pytest.fixture
@@ -194,3 +210,21 @@ def test_drafts_leave_room_in_the_step_for_every_other_sequence(engines) -> None
     assert done.acquire(timeout=60) and done.acquire(timeout=60)
     assert finished == ["short", "drafting"]  # its prefill got a token of every step, not none until the end
     assert engine.stats.accepted_draft_tokens > 0
+
+
+def test_a_predicted_output_is_drafted_without_speculative_tokens(engines) -> None:  # type: ignore[no-untyped-def]
+    """With --speculative-tokens 0 a request's prediction still drafts: the same tokens as decoding one at a time,
+    in fewer steps when it holds, and its usage counts the drafts it kept and those computed in vain."""
+    engine = engines()
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    expected, _ = tokens(engine, [5, 6, 7], params)
+    steps = engine.stats.steps
+    right, last = tokens(engine, [5, 6, 7], replace(params, prediction=tuple(expected)))
+    assert right == expected and engine.stats.steps - steps < len(expected) // 2
+    assert last.accepted_prediction_tokens >= len(expected) // 2 and last.rejected_prediction_tokens == 0
+    wrong_prediction = tuple(expected[:6]) + (3,) * 6 + tuple(expected[12:])
+    steps = engine.stats.steps
+    wrong, last = tokens(engine, [5, 6, 7], replace(params, prediction=wrong_prediction))
+    assert wrong == expected and engine.stats.steps - steps < len(expected)
+    assert last.rejected_prediction_tokens > 0 and last.accepted_prediction_tokens >= 12
+    assert (last.finish_reason, last.completion_tokens) == ("length", len(expected))
