@@ -67,7 +67,7 @@ class EngineCollector(Collector):
         )
         yield CounterMetricFamily(
             "cake_draft_tokens",
-            "Tokens drafted by prompt lookup decoding (--speculative-tokens)",
+            "Tokens drafted by prompt lookup decoding (--speculative-tokens) or from requests' predicted outputs",
             value=retired.draft_tokens + stats.draft_tokens,
         )
         yield CounterMetricFamily(

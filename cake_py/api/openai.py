@@ -92,7 +92,7 @@ def _reject_unsupported_completion(body: dict[str, Any]) -> None:
 
 def _predicted(params: SamplingParams, events: list[GenerationEvent]) -> tuple[int, int] | None:
     """The usage's accepted and rejected prediction tokens over a request's choices; None without a prediction."""
-    if not params.prediction:
+    if params.prediction is None:
         return None
     return sum(e.accepted_prediction_tokens for e in events), sum(e.rejected_prediction_tokens for e in events)
 
@@ -137,7 +137,7 @@ async def chat_completions(request: Request) -> Response:
     if tools.active:  # compiled under auto too: a tool whose schema cannot hold is a 400 whatever the model does
         calls = await compiled_grammar(lambda: calls_grammar(tools), tokenizer, "tools")
         grammar = calls if tools.forced else grammar
-    prediction = await run_in_threadpool(predicted_output, body, tokenizer)
+    prediction = await run_in_threadpool(predicted_output, body, tokenizer, engine.vocab_size, engine.context_length)
     params = replace(params, grammar=grammar, prediction=prediction)
     n = choice_count(body)
     stream = flag(body, "stream", False)

@@ -317,11 +317,14 @@ def string_list(body: dict[str, Any], key: str, *, max_items: int) -> list[str]:
     return value
 
 
-def predicted_output(body: dict[str, Any], tokenizer: Tokenizer) -> tuple[int, ...]:
-    """OpenAI's `prediction` ({"type": "content", "content": text or text parts}) as token ids; () without one."""
+def predicted_output(
+    body: dict[str, Any], tokenizer: Tokenizer, vocab_size: int, context_length: int
+) -> tuple[int, ...] | None:
+    """OpenAI's `prediction` ({"type": "content", "content": text or text parts}) as token ids; None without one.
+    Longer than the model's context it could never be the answer (and its index would cost for nothing): a 400."""
     prediction = body.get("prediction")
     if prediction is None:
-        return ()
+        return None
     if not isinstance(prediction, dict) or prediction.get("type") != "content":
         raise ApiError(400, f'prediction must be {{"type": "content", "content": …}}, got {prediction!r}'[:300])
     content = prediction.get("content")
@@ -331,4 +334,10 @@ def predicted_output(body: dict[str, Any], tokenizer: Tokenizer) -> tuple[int, .
         content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise ApiError(400, f"prediction.content must be a string or a list of text parts, got {content!r}"[:300])
-    return tuple(tokenizer.encode(content, add_special_tokens=False))
+    ids = tuple(tokenizer.encode(content, add_special_tokens=False))
+    if len(ids) > context_length:
+        raise ApiError(400, f"prediction has {len(ids)} tokens, more than the model's context of {context_length}")
+    outside = next((token for token in ids if token >= vocab_size), None)
+    if outside is not None:  # a token the tokenizer adds past the model's embeddings: it would fail the step
+        raise ApiError(400, f"prediction holds token id {outside}, outside the model's vocabulary (0-{vocab_size - 1})")
+    return ids

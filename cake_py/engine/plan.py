@@ -60,7 +60,7 @@ def plan_step(
         known = seq.all_ids
         n = min(len(known) - seq.n_cached, budget)
         drafts: list[int] = []
-        limit = speculate or (PREDICTION_DRAFTS if seq.prediction is not None else 0)
+        limit = speculate or (PREDICTION_DRAFTS if seq.params.prediction else 0)
         if drafting and limit and n == 1 and copy_from is None and seq.params.pooling is None:
             later = len(ordered) - position - 1  # drafts leave each later sequence at least one token of the budget
             drafts = seq.draft(min(limit, budget - 1 - later), lookup=speculate > 0)

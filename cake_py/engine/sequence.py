@@ -71,7 +71,7 @@ class Sequence:
         self.leader: int | None = None
         self.request = 0  # the request it belongs to (the engine starts requests' sequences fairly)
         self.lookup: PromptLookup | None = None  # prompt lookup decoding's index, made on the first draft
-        self.prediction = PredictionLookup(params.prediction) if params.prediction else None
+        self.prediction: PredictionLookup | None = None  # its index, made on the first draft (the engine thread)
         self.drafts: list[int] = []  # this step's draft tokens (engine/speculation.py)
         self.drafts_predicted = False  # whether they came from the prediction
         self.accepted_prediction_tokens = 0
@@ -107,7 +107,9 @@ class Sequence:
         self.drafts, self.drafts_predicted = [], False
         if limit <= 0:
             return []
-        if self.prediction is not None:
+        if self.params.prediction:
+            if self.prediction is None:
+                self.prediction = PredictionLookup(self.params.prediction)
             self.drafts = self.prediction.propose(self.output_ids, limit)
             self.drafts_predicted = bool(self.drafts)
         if not self.drafts and lookup:

@@ -10,12 +10,14 @@ the same draws), only in fewer steps: fewer passes over the weights, and on a cl
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Sequence
 
 NGRAM_SIZES = (3, 2)  # longest first: a longer match predicts better
 MAX_BACKOFF_STEPS = 16
-PREDICTION_NGRAM_SIZES = (3, 2, 1)  # a prediction is meant to be the output: even one shared token aligns them
+PREDICTION_NGRAM = 3  # the output's last tokens that place it in a prediction
+PREDICTION_WINDOW = 64  # how far from where it should be two shared tokens may place it
+MAX_PLACES_TRIED = 256  # occurrences of its last token looked at, per step
 
 
 class _Backoff:
@@ -75,35 +77,55 @@ class PromptLookup(_Backoff):
 
 
 class PredictionLookup(_Backoff):
-    """One sequence's drafts from its predicted output: where the output stands in the prediction (its last tokens'
-    first occurrence there at or after where it stood before), the prediction's next tokens. After a stretch the
-    model wrote differently, the output's next tokens that the prediction also holds align it again."""
+    """One sequence's drafts from its predicted output: the prediction's next tokens from where the output stands in
+    it. That is where the output would be had it followed the prediction since it was last placed (`expected`),
+    while its last token agrees there. Otherwise the model wrote something else: the output is placed again where
+    its last 3 tokens (anywhere ahead) or 2 (near `expected`) occur in the prediction next, and where they occur
+    nowhere it is taken for a substitution, and the prediction goes on from `expected`."""
 
     def __init__(self, prediction: Sequence[int]) -> None:
         super().__init__()
         self.prediction = list(prediction)
-        self.ends: dict[tuple[int, ...], list[int]] = {}  # n-gram → where its occurrences in the prediction end
-        for size in PREDICTION_NGRAM_SIZES:
-            for end in range(size, len(self.prediction) + 1):
-                self.ends.setdefault(tuple(self.prediction[end - size : end]), []).append(end)
-        self.cursor = 0  # the position in the prediction the output's end was last aligned with
+        self.ends: dict[int, list[int]] = {}  # token → the positions just after its occurrences in the prediction
+        for end, token in enumerate(self.prediction, start=1):
+            self.ends.setdefault(token, []).append(end)
+        self.cursor = 0  # where in the prediction the output stood when last placed …
+        self.placed_at = 0  # … and how many tokens it had then
+        self.confirmed = 0  # the last place its own tokens matched (a substitution's guess is not one)
 
     def propose(self, output: Sequence[int], limit: int) -> list[int]:
         """Up to `limit` tokens of the prediction that follow where `output` (the generated tokens) stands in it."""
         if self._skips(limit):
             return []
-        cursor = self._align(output)
-        if cursor is None:
-            return []
-        self.cursor = cursor
-        return self.prediction[cursor : cursor + limit]
+        self.cursor, self.placed_at = self._place(output), len(output)
+        return self.prediction[self.cursor : self.cursor + limit]
 
-    def _align(self, output: Sequence[int]) -> int | None:
+    def _place(self, output: Sequence[int]) -> int:
         if not output:
             return 0
-        for size in PREDICTION_NGRAM_SIZES:
-            ends = self.ends.get(tuple(output[-size:])) if len(output) >= size else None
-            if ends:
-                later = bisect_left(ends, self.cursor)
-                return ends[later] if later < len(ends) else ends[-1]
-        return None
+        expected = min(self.cursor + len(output) - self.placed_at, len(self.prediction))
+        if self._shared(expected, output):
+            self.confirmed = expected
+            return expected
+        best, best_key = expected, (0, 0)
+        ends = self.ends.get(output[-1], [])
+        first = bisect_right(ends, self.confirmed)  # past where it last matched: the output does not go back
+        for end in ends[first : first + MAX_PLACES_TRIED]:
+            shared, distance = self._shared(end, output), abs(end - expected)
+            if shared == PREDICTION_NGRAM or (shared == 2 and distance <= PREDICTION_WINDOW):
+                key = (shared, -distance)
+                if key > best_key:
+                    best, best_key = end, key
+        if best_key[0]:
+            self.confirmed = best
+        return best
+
+    def _shared(self, end: int, output: Sequence[int]) -> int:
+        """How many of the output's last tokens (at most PREDICTION_NGRAM) end the prediction's first `end`."""
+        shared = 0
+        while (
+            shared < min(PREDICTION_NGRAM, end, len(output))
+            and self.prediction[end - 1 - shared] == output[len(output) - 1 - shared]
+        ):
+            shared += 1
+        return shared

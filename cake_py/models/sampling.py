@@ -51,7 +51,7 @@ class SamplingParams:
     # An embedding instead of a generation: the prompt's hidden states pooled (max_tokens is then 0).
     pooling: Pooling | None = None
     # OpenAI's Predicted Outputs: token ids the output is expected to hold, drafted and verified (speculation.py).
-    prediction: tuple[int, ...] = ()
+    prediction: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.pooling is not None and self.max_tokens:

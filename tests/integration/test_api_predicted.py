@@ -12,6 +12,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from cake_py.api.errors import ApiError
+from cake_py.api.schemas import predicted_output
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Write out the alphabet."}]
@@ -78,9 +80,29 @@ def test_a_streamed_answer_counts_them_in_its_usage_chunk(client: OpenAI) -> Non
         ({"type": "text", "content": "abc"}, "prediction must be"),
         ({"type": "content", "content": 5}, "prediction.content"),
         ({"type": "content", "content": [{"type": "image_url"}]}, "prediction.content"),
+        ({"type": "content", "content": "word " * 2000}, "more than the model's context of 512"),
     ],
 )
 def test_a_bad_prediction_is_named(server: ServerHandle, prediction: Any, needle: str) -> None:
     body = {"messages": MESSAGES, "max_tokens": 2, "prediction": prediction}
     answer = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
     assert answer.status_code == 400 and needle in answer.json()["error"]
+
+
+def test_an_empty_prediction_counts_nothing(client: OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=4, prediction={"type": "content", "content": ""}
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens_details is not None
+    details = answer.usage.completion_tokens_details
+    assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (0, 0)
+
+
+def test_a_prediction_token_outside_the_vocabulary_is_named() -> None:
+    class Tokens:  # a tokenizer whose added token lies past the model's embeddings
+        def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+            return [5, 384, 6]
+
+    with pytest.raises(ApiError) as refused:
+        predicted_output({"prediction": {"type": "content", "content": "x"}}, Tokens(), 384, 512)  # type: ignore[arg-type]
+    assert refused.value.status == 400 and "token id 384" in refused.value.message

@@ -58,15 +58,43 @@ def test_a_prediction_drafts_from_where_the_output_stands_in_it() -> None:
     prediction = PredictionLookup([10, 11, 12, 13, 14, 15, 16, 11, 12, 20])
     assert prediction.propose([], 3) == [10, 11, 12]  # nothing written yet: its start
     assert prediction.propose([10, 11], 3) == [12, 13, 14]
-    assert prediction.propose([10, 11, 12, 13, 99], 3) == []  # written differently: nothing to align with
-    assert prediction.propose([10, 11, 12, 13, 99, 15], 3) == [16, 11, 12]  # back in step with it
-    # (11, 12) occurs twice: the occurrence at or after where the output stood is the one
+    assert prediction.propose([10, 11, 12, 13, 99], 3) == [15, 16, 11]  # 99 is nowhere: taken for a substitution
+    assert prediction.propose([10, 11, 12, 13, 99, 15], 3) == [16, 11, 12]
+    # (11, 12) occurs twice: the output stands where it would had it followed the prediction
     assert prediction.propose([10, 11, 12, 13, 99, 15, 16, 11, 12], 2) == [20]
     assert PredictionLookup([1, 2]).propose([1, 2], 4) == []  # at its end
     rejected = PredictionLookup([1, 2, 3, 1, 2, 3])
     assert rejected.propose([1], 2) == [2, 3]
     rejected.verified(2, 0)
     assert rejected.propose([1, 5], 2) == []  # backing off, as prompt lookup does
+
+
+def drafting(prediction: list[int], answer: list[int], limit: int = 4) -> tuple[int, int]:
+    """Steps and rejected draft tokens to write `answer` with drafts from `prediction`, as the engine keeps them: a
+    draft token while it equals the answer's, then one token of the answer's own."""
+    lookup, output, steps, rejected = PredictionLookup(prediction), list(answer[:1]), 0, 0
+    while len(output) < len(answer):
+        drafts = lookup.propose(output, limit)
+        kept = 0
+        while kept < len(drafts) and len(output) + kept < len(answer) and drafts[kept] == answer[len(output) + kept]:
+            kept += 1
+        lookup.verified(len(drafts), kept)
+        rejected += len(drafts) - kept
+        output = answer[: len(output) + kept + 1]
+        steps += 1
+    return steps, rejected
+
+
+def test_a_prediction_stays_in_step_with_text_that_repeats_and_realigns_after_edits() -> None:
+    periodic = [1, 2, 3, 4] * 6
+    assert drafting(periodic, periodic) == (5, 0)  # 24 tokens, 1 + 5 a step
+    text = list(range(100, 160))
+    substituted = text[:20] + [7] + text[21:]
+    inserted = text[:20] + [7, 8] + text[20:]
+    deleted = text[:20] + text[30:]
+    for answer in (substituted, inserted, deleted):
+        steps, rejected = drafting(text, answer)
+        assert steps <= len(answer) // 5 + 4 and rejected <= 12, (steps, rejected)
 
 
 @pytest.fixture
