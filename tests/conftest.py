@@ -83,3 +83,28 @@ def tiny_llama_long_context(tiny_llama: Path, tmp_path_factory: pytest.TempPathF
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_fim(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with fill-in-the-middle tokens (Qwen2.5-Coder's names): its last three BPE merges' tokens
+    become the special tokens <|fim_prefix|>, <|fim_suffix|> and <|fim_middle|> (same ids, same embeddings)."""
+    folder = tmp_path_factory.mktemp("fim") / "llama"
+    shutil.copytree(tiny_llama, folder)
+    path = folder / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    vocab: dict[str, int] = tokenizer["model"]["vocab"]
+    last = sorted(vocab, key=vocab.__getitem__)[-3:]
+    names = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    merges = tokenizer["model"]["merges"]
+    joined = [merge if isinstance(merge, str) else " ".join(merge) for merge in merges]
+    tokenizer["model"]["merges"] = [m for m, j in zip(merges, joined, strict=True) if j.replace(" ", "") not in last]
+    for old, name in zip(last, names, strict=True):
+        token_id = vocab.pop(old)
+        vocab[name] = token_id
+        tokenizer["added_tokens"].append(
+            {"id": token_id, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+        )  # fmt: skip
+    path.write_text(json.dumps(tokenizer))
+    return folder

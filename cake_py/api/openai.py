@@ -81,10 +81,6 @@ def _reject_unsupported_completion(body: dict[str, Any]) -> None:
     for field in ("tools", "tool_choice", "functions", "function_call"):
         if body.get(field) is not None:
             raise ApiError(400, f"{field} is a chat field: send it to /v1/chat/completions")
-    if body.get("suffix") is not None:
-        raise ApiError(
-            400, f"suffix ({body['suffix']!r}) is not supported by this server; send it without 'suffix'"[:300]
-        )
     best_of = body.get("best_of")
     if best_of is not None and (best_of != 1 or isinstance(best_of, bool)):
         raise ApiError(400, f"best_of ({best_of!r}) is not supported by this server; leave it out or send 1"[:300])
@@ -95,6 +91,27 @@ def _predicted(params: SamplingParams, events: list[GenerationEvent]) -> tuple[i
     if params.prediction is None:
         return None
     return sum(e.accepted_prediction_tokens for e in events), sum(e.rejected_prediction_tokens for e in events)
+
+
+def _fill_in_middle(
+    body: dict[str, Any], tokenizer: Tokenizer, model: str, echo: bool
+) -> tuple[tuple[int, int, int], str] | None:
+    """OpenAI's `suffix` on /v1/completions: the model's fill-in-the-middle tokens and the suffix; None without one."""
+    suffix = body.get("suffix")
+    if suffix is None:
+        return None
+    if not isinstance(suffix, str):
+        raise ApiError(400, f"suffix must be a string, got {suffix!r}"[:300])
+    if echo:
+        raise ApiError(400, "echo cannot be combined with suffix")
+    tokens = tokenizer.fill_in_middle
+    if tokens is None:
+        raise ApiError(
+            400,
+            f"suffix needs a model with fill-in-the-middle tokens (<|fim_prefix|>, <|fim_suffix|>, <|fim_middle|> or "
+            f"its family's); {model} has none",
+        )
+    return tokens, suffix
 
 
 def _usage_chunk(completion_id: str, kind: str, created: int, model: str, usage_: dict[str, Any]) -> str:
@@ -303,17 +320,30 @@ async def completions(request: Request) -> Response:
     _reject_unsupported_completion(body)
     prompts = _completion_prompts(body)
     echo_prompt = flag(body, "echo", False)
+    fim = _fill_in_middle(body, tokenizer, state.model_name, echo_prompt)
     # echo with logprobs scores the prompt too (each token given the ones before it), and may generate nothing.
     params = openai_sampling(
         body, vocab_size=engine.vocab_size, default_max_tokens=COMPLETION_MAX_TOKENS, prompt_logprobs=echo_prompt
     )
     params = replace(params, grammar=await structured_grammar(body, tokenizer))
+    if fim is not None:  # the markers and file tokens a code model may write after the middle end it too
+        params = replace(params, stop_token_ids=params.stop_token_ids | tokenizer.fill_in_middle_stops)
     n = choice_count(body)
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)
 
     def encode_all() -> list[list[int]]:
-        return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if fim is None:
+            return encoded
+        (prefix_id, suffix_id, middle_id), suffix = fim
+        # Prefix-suffix-middle: the answer is what goes between. Special tokens the tokenizer adds (a BOS) lead.
+        lead = tokenizer.encode("")
+        after = [suffix_id, *tokenizer.encode(suffix, add_special_tokens=False), middle_id]
+        return [
+            [*lead, prefix_id, *(tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else p), *after]
+            for p in prompts
+        ]
 
     prompt_ids = await run_in_threadpool(encode_all)
     per_prompt = []  # each prompt's max_tokens is clipped to its own room in the context, not the longest's

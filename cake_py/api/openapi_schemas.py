@@ -225,7 +225,7 @@ SCHEMAS: dict[str, Any] = {
             "max_tokens": {**INT, "default": 16, "description": "clipped to the room left in the context"},
             "prompt": {"oneOf": [STR, {"type": "array", "items": STR}, {"type": "array", "items": INT}]},
             "echo": {**BOOL, "description": "with logprobs, the prompt's tokens are scored too (max_tokens may be 0)"},
-            "suffix": {"type": "null", "description": "any other value is a 400"},
+            "suffix": {**STR, "description": "fill in the middle (a model with FIM tokens; else a 400)"},
             "best_of": {"const": 1, "description": "any other value is a 400"},
             "logprobs": {**INT, "maximum": 20},
         },

@@ -29,6 +29,15 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' own mark, so both
 _ID_LENGTH_CHECK = re.compile(r"tool_call(?:\.id|_id)\s*\|\s*length\s*[!=]=\s*(\d+)")
 
 
+# Prefix, suffix, middle: the PSM order every one of these models was trained on.
+_FIM_TOKENS = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, StarCoder2, CodeGemma
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SantaCoder
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
+)
+_FIM_AFTER_MIDDLE = ("<|fim_pad|>", "<fim_pad>", "<|file_sep|>", "<file_sep>", "<|repo_name|>", "<repo_name>")
+
+
 class Tokenizer:
     """Text ↔ token ids, the chat template, and the set of token ids that end a generation."""
 
@@ -101,6 +110,25 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def fill_in_middle(self) -> tuple[int, int, int] | None:
+        """The prefix, suffix and middle tokens of fill-in-the-middle prompts (code models: Qwen2.5-Coder,
+        StarCoder, DeepSeek-Coder), when the vocabulary has them as special tokens."""
+        for names in _FIM_TOKENS:
+            if all(name in self._added for name in names):
+                prefix, suffix, middle = (self.backend.token_to_id(name) for name in names)
+                if prefix is not None and suffix is not None and middle is not None:
+                    return prefix, suffix, middle
+        return None
+
+    @property
+    def fill_in_middle_stops(self) -> frozenset[int]:
+        """Tokens that end a fill-in-the-middle answer besides the end tokens: the FIM markers and the file and
+        padding tokens code models write after the middle (llama.cpp's infill stops at them too)."""
+        names = {name for names in _FIM_TOKENS for name in names} | set(_FIM_AFTER_MIDDLE)
+        ids = (self.backend.token_to_id(name) for name in names if name in self._added)
+        return frozenset(token for token in ids if token is not None)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)

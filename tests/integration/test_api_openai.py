@@ -377,7 +377,7 @@ def test_completions_echo_the_prompt_as_sent(server: ServerHandle) -> None:
         ({"suffix": None}, 200),
     ],
 )
-def test_suffix_and_best_of_are_refused_not_ignored(
+def test_a_suffix_without_fill_in_the_middle_tokens_and_best_of_are_refused(
     server: ServerHandle, extra: dict[str, object], status: int
 ) -> None:
     response = _post(server, "/v1/completions", {"prompt": "cake", "max_tokens": 2, **extra})

@@ -4,8 +4,6 @@ uvicorn server on the tiny Llama: the same answer as without it, with the usage'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,21 +12,12 @@ from openai import OpenAI
 
 from cake_py.api.errors import ApiError
 from cake_py.api.schemas import predicted_output
-from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+from tests.fixtures.server import ServerHandle
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Write out the alphabet."}]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama: Path) -> Iterator[ServerHandle]:
-    with running_server(tiny_settings(tiny_llama)) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerHandle) -> Iterator[OpenAI]:
-    with OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60) as openai_client:
-        yield openai_client
+SERVED_MODEL = "tiny_llama"  # the server and client fixtures: tests/integration/conftest.py
 
 
 def test_a_prediction_gives_the_same_answer_and_counts_its_tokens(client: OpenAI) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from openai import OpenAI
 
 from cake_py.api.server import begin_shutdown
@@ -22,16 +21,8 @@ QUESTION = "What is the capital of France?"
 LONG = 1500  # output tokens: seconds of work for the tiny model, so a cancel lands mid-answer
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama_long_context: Path) -> Iterator[ServerHandle]:
-    with running_server(tiny_settings(tiny_llama_long_context, model_name="tiny-llama")) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerHandle) -> Iterator[OpenAI]:
-    with OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60) as openai_client:
-        yield openai_client
+SERVED_MODEL = "tiny_llama_long_context"  # the server and client fixtures: tests/integration/conftest.py
+SERVED_OPTIONS = {"model_name": "tiny-llama"}
 
 
 def wait_until_done(client: OpenAI, response_id: str, timeout: float = 60) -> Any:
