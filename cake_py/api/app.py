@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route
 from cake_py.api import (
     embeddings,
     health,
+    infill,
     management,
     media,
     metrics,
@@ -74,6 +75,7 @@ def create_app(state: ServerState) -> Starlette:
         *openai.ROUTES,
         *responses.ROUTES,
         *embeddings.ROUTES,
+        *infill.ROUTES,
         *tokens.ROUTES,
         *media.ROUTES,
         *topology.ROUTES,

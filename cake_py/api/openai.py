@@ -93,10 +93,8 @@ def _predicted(params: SamplingParams, events: list[GenerationEvent]) -> tuple[i
     return sum(e.accepted_prediction_tokens for e in events), sum(e.rejected_prediction_tokens for e in events)
 
 
-def _fill_in_middle(
-    body: dict[str, Any], tokenizer: Tokenizer, model: str, echo: bool
-) -> tuple[tuple[int, int, int], str] | None:
-    """OpenAI's `suffix` on /v1/completions: the model's fill-in-the-middle tokens and the suffix; None without one."""
+def _fill_in_middle(body: dict[str, Any], tokenizer: Tokenizer, model: str, echo: bool) -> str | None:
+    """OpenAI's `suffix` on /v1/completions (checked: the model has fill-in-the-middle tokens); None without one."""
     suffix = body.get("suffix")
     if suffix is None:
         return None
@@ -104,14 +102,16 @@ def _fill_in_middle(
         raise ApiError(400, f"suffix must be a string, got {suffix!r}"[:300])
     if echo:
         raise ApiError(400, "echo cannot be combined with suffix")
-    tokens = tokenizer.fill_in_middle
-    if tokens is None:
-        raise ApiError(
-            400,
-            f"suffix needs a model with fill-in-the-middle tokens (<|fim_prefix|>, <|fim_suffix|>, <|fim_middle|> or "
-            f"its family's); {model} has none",
-        )
-    return tokens, suffix
+    if tokenizer.fill_in_middle is None:
+        raise ApiError(400, no_fill_in_middle("suffix", model))
+    return suffix
+
+
+def no_fill_in_middle(field: str, model: str) -> str:
+    return (
+        f"{field} needs a model with fill-in-the-middle tokens (<|fim_prefix|>, <|fim_suffix|>, <|fim_middle|> or "
+        f"its family's); {model} has none"
+    )
 
 
 def _usage_chunk(completion_id: str, kind: str, created: int, model: str, usage_: dict[str, Any]) -> str:
@@ -333,17 +333,9 @@ async def completions(request: Request) -> Response:
     include_usage = stream_usage(body, stream)
 
     def encode_all() -> list[list[int]]:
-        encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        if fim is None:
-            return encoded
-        (prefix_id, suffix_id, middle_id), suffix = fim
-        # Prefix-suffix-middle: the answer is what goes between. Special tokens the tokenizer adds (a BOS) lead.
-        lead = tokenizer.encode("")
-        after = [suffix_id, *tokenizer.encode(suffix, add_special_tokens=False), middle_id]
-        return [
-            [*lead, prefix_id, *(tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else p), *after]
-            for p in prompts
-        ]
+        if fim is not None:  # prefix-suffix-middle: the answer is what goes between
+            return [tokenizer.fill_in_middle_prompt(p, fim) for p in prompts]
+        return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
     prompt_ids = await run_in_threadpool(encode_all)
     per_prompt = []  # each prompt's max_tokens is clipped to its own room in the context, not the longest's

@@ -82,6 +82,14 @@ PATHS: dict[str, dict[str, Any]] = {
             errors=GEN,
         )
     },
+    "/infill": {
+        "post": _op(
+            "llama.cpp's fill in the middle (input_prefix, input_suffix, prompt, input_extra; its sampling fields)",
+            {**_json(ref("Infill")), **SSE},
+            body=_json(ref("InfillRequest")),
+            errors=GEN,
+        )
+    },
     "/v1/embeddings": {
         "post": _op(
             "OpenAI embeddings: each input's final hidden states pooled (--pooling: last token or mean)",

@@ -35,7 +35,9 @@ _FIM_TOKENS = (
     ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SantaCoder
     ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
 )
-_FIM_AFTER_MIDDLE = ("<|fim_pad|>", "<fim_pad>", "<|file_sep|>", "<file_sep>", "<|repo_name|>", "<repo_name>")
+_REPO_TOKENS = ("<|repo_name|>", "<repo_name>")
+_FILE_SEPARATORS = ("<|file_sep|>", "<file_sep>")
+_FIM_AFTER_MIDDLE = ("<|fim_pad|>", "<fim_pad>", *_REPO_TOKENS, *_FILE_SEPARATORS)
 
 
 class Tokenizer:
@@ -120,6 +122,44 @@ class Tokenizer:
                 prefix, suffix, middle = (self.backend.token_to_id(name) for name in names)
                 if prefix is not None and suffix is not None and middle is not None:
                     return prefix, suffix, middle
+        return None
+
+    def fill_in_middle_prompt(
+        self,
+        prefix: str | Sequence[int],
+        suffix: str,
+        *,
+        middle: str = "",
+        files: Sequence[tuple[str, str]] = (),
+    ) -> list[int]:
+        """A fill-in-the-middle prompt, prefix-suffix-middle (`middle`: the start of the middle, already written),
+        after any token the tokenizer puts first (a BOS). `files` (name, text) are context from other files: in the
+        repository format where the model has its tokens (Qwen2.5-Coder's <|repo_name|>/<|file_sep|>, as llama.cpp's
+        /infill writes it), else their text before the rest. ValueError without FIM tokens."""
+        tokens = self.fill_in_middle
+        if tokens is None:
+            raise ValueError("the model has no fill-in-the-middle tokens")
+        prefix_id, suffix_id, middle_id = tokens
+        ids = self.encode("")
+        if files:
+            repo, separator = self._added_id(_REPO_TOKENS), self._added_id(_FILE_SEPARATORS)
+            if repo is not None and separator is not None:
+                ids += [repo, *self.encode("myproject\n", add_special_tokens=False)]
+                for name, text in files:
+                    ids += [separator, *self.encode(f"{name}\n{text}", add_special_tokens=False)]
+                ids += [separator, *self.encode("filename\n", add_special_tokens=False)]
+            else:
+                for _, text in files:
+                    ids += self.encode(text, add_special_tokens=False)
+        before = self.encode(prefix, add_special_tokens=False) if isinstance(prefix, str) else list(prefix)
+        after = self.encode(suffix, add_special_tokens=False)
+        return [*ids, prefix_id, *before, suffix_id, *after, middle_id, *self.encode(middle, add_special_tokens=False)]
+
+    def _added_id(self, names: Sequence[str]) -> int | None:
+        """The id of the first of `names` that is an added (special) token."""
+        for name in names:
+            if name in self._added and (token := self.backend.token_to_id(name)) is not None:
+                return int(token)
         return None
 
     @property

@@ -4,6 +4,7 @@ between."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from cake_py.models.tokenizer import Tokenizer
-from tests.fixtures.server import ServerHandle
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 PREFIX, SUFFIX = "def cake(layers):\n    return ", "\n\nprint(cake(3))\n"
 
@@ -53,3 +54,63 @@ def test_a_fill_in_the_middle_marker_ends_the_middle(server: ServerHandle, tiny_
 def test_bad_suffixes_are_named(server: ServerHandle, extra: dict[str, object], needle: str) -> None:
     answer = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "a", "max_tokens": 2, **extra})
     assert answer.status_code == 400 and needle in answer.json()["error"]
+
+
+def test_infill_is_llama_cpps_fill_in_the_middle(client: OpenAI, server: ServerHandle, tiny_llama_fim: Path) -> None:
+    """/infill's middle is the completion of the same prefix-suffix-middle prompt, `prompt` its typed start."""
+    tokenizer = Tokenizer.from_folder(tiny_llama_fim)
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": "cake", "n_predict": 8, "temperature": 0}
+    answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60).json()
+    ids = tokenizer.fill_in_middle_prompt(PREFIX, SUFFIX, middle="cake")
+    expected = client.completions.create(model="x", prompt=ids, max_tokens=8, temperature=0)
+    assert answer["content"] == expected.choices[0].text and answer["stop"] is True
+    assert (answer["tokens_predicted"], answer["tokens_evaluated"]) == (8, len(ids))
+    assert answer["stop_type"] == "limit" and answer["timings"]["predicted_n"] == 8
+    with httpx.stream("POST", f"{server.base_url}/infill", json={**body, "stream": True}, timeout=60) as raw:
+        events = [json.loads(line[6:]) for line in raw.iter_lines() if line.startswith("data: ")]
+    assert "".join(event["content"] for event in events) == answer["content"]
+    assert [event["stop"] for event in events] == [False] * (len(events) - 1) + [True]
+    assert events[-1]["tokens_predicted"] == 8
+
+
+def test_infill_puts_other_files_first_and_stops_like_llama_cpp(server: ServerHandle, tiny_llama_fim: Path) -> None:
+    tokenizer = Tokenizer.from_folder(tiny_llama_fim)
+    assert tokenizer.fill_in_middle is not None
+    files = [("oven.py", "HEAT = 180\n")]
+    ids = tokenizer.fill_in_middle_prompt(PREFIX, SUFFIX, files=files)
+    extra_ids = tokenizer.encode("HEAT = 180\n")
+    assert ids[: len(extra_ids)] == extra_ids  # no repository tokens in this model: the chunk's text comes first
+    assert ids[len(extra_ids)] == tokenizer.fill_in_middle[0] and ids[-1] == tokenizer.fill_in_middle[2]
+    body = {
+        "input_prefix": PREFIX,
+        "input_suffix": SUFFIX,
+        "input_extra": [{"filename": name, "text": text} for name, text in files],
+        "n_predict": 6,
+        "temperature": 0,
+    }
+    answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60).json()
+    assert answer["tokens_evaluated"] == len(ids)
+    content = answer["content"]
+    assert len(content) >= 2 and answer["stop_type"] == "limit"
+    stopped = httpx.post(f"{server.base_url}/infill", json={**body, "stop": [content[-1]]}, timeout=60).json()
+    assert stopped["stop_type"] == "word" and stopped["content"] == content[: content.index(content[-1])]
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"input_prefix": 3}, "input_prefix"),
+        ({"input_extra": [{"text": 5}]}, "input_extra"),
+        ({"n_predict": 0}, "n_predict"),
+        ({"temperature": "hot"}, "temperature"),
+    ],
+)
+def test_bad_infill_fields_are_named(server: ServerHandle, body: dict[str, object], needle: str) -> None:
+    answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60)
+    assert answer.status_code == 400 and needle in answer.json()["error"]
+
+
+def test_infill_needs_fill_in_the_middle_tokens(tiny_llama: Path) -> None:
+    with running_server(tiny_settings(tiny_llama)) as handle:
+        answer = httpx.post(f"{handle.base_url}/infill", json={"input_prefix": "a"}, timeout=60)
+    assert answer.status_code == 400 and "fill-in-the-middle tokens" in answer.json()["error"]
