@@ -292,7 +292,8 @@ def _call_delta(delta: CallDelta) -> dict[str, Any]:
 
 
 def _completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
-    """`prompt` as OpenAI takes it: a string, a list of strings, a list of token ids, or a list of those lists."""
+    """`prompt` as OpenAI takes it: a string, a list of strings, a list of token ids, or a list of those lists (an
+    empty string too with a `suffix`: filling in at the start of a file)."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts: list[Any] = [prompt]
@@ -304,7 +305,8 @@ def _completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
         raise ApiError(400, f"prompt must be a string, a list of strings or a list of token ids, got {prompt!r}")
     for item in prompts:
         ids_ok = isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
-        if not (isinstance(item, str) and item) and not ids_ok:
+        text_ok = isinstance(item, str) and (item or body.get("suffix") is not None)
+        if not text_ok and not ids_ok:
             raise ApiError(400, f"prompt {item!r} must be a non-empty string or a non-empty list of token ids")
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} are allowed")

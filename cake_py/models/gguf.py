@@ -314,9 +314,14 @@ class GGUFWeights:
             raise WeightsError(f"GGUF file {str(self.path)!r} has a BPE tokenizer without tokenizer.ggml.merges")
         alphabet = set(pre_tokenizers.ByteLevel.alphabet())
         spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        # A token written in plain UTF-8 instead of the byte alphabet is respelled, as transformers does.
+        # A token written in plain UTF-8 instead of the byte alphabet is respelled, as transformers does; DeepSeek's
+        # special tokens keep their text (they are added whole, below).
         vocab = {
-            (token if set(token) <= alphabet else spell.pre_tokenize_str(token)[0][0]): index
+            (
+                token
+                if set(token) <= alphabet or _FULL_WIDTH_SPECIAL.fullmatch(token)
+                else spell.pre_tokenize_str(token)[0][0]
+            ): index
             for index, token in enumerate(tokens)
         }
         tokenizer = Tokenizer(models.BPE(vocab, self._merge_pairs(merges, vocab), fuse_unk=False))
@@ -422,14 +427,18 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     return [(left, right) for left, right, _ in ranked]
 
 
+_FULL_WIDTH_SPECIAL = re.compile(r"<｜[^｜]+｜>")  # DeepSeek's special tokens: full-width bars
+
+
 def _add_file_tokens(tokenizer: Tokenizer, tokens: list[str], token_types: list[int], byte_level: bool) -> None:
     """Keep control tokens (`<|im_start|>`) and user-defined ones (`<think>`) whole instead of splitting them."""
     alphabet = set(pre_tokenizers.ByteLevel.alphabet()) if byte_level else None
-    # A byte-level "control" token outside the byte alphabet is a llama.cpp mislabel; transformers skips it too.
+    # A byte-level "control" token outside the byte alphabet is a llama.cpp mislabel, which transformers skips too,
+    # except DeepSeek's `<｜…｜>` ones (its fill-in-the-middle markers among them), which llama.cpp marks on purpose.
     control = [
         AddedToken(token, normalized=False, special=True)
         for token, kind in zip(tokens, token_types, strict=False)
-        if kind == _CONTROL and (alphabet is None or set(token) <= alphabet)
+        if kind == _CONTROL and (alphabet is None or set(token) <= alphabet or _FULL_WIDTH_SPECIAL.fullmatch(token))
     ]
     tokenizer.add_special_tokens(control)
     vocab = tokenizer.get_vocab()

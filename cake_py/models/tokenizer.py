@@ -31,13 +31,25 @@ _ID_LENGTH_CHECK = re.compile(r"tool_call(?:\.id|_id)\s*\|\s*length\s*[!=]=\s*(\
 
 # Prefix, suffix, middle: the PSM order every one of these models was trained on.
 _FIM_TOKENS = (
-    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, StarCoder2, CodeGemma
-    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SantaCoder
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, CodeGemma
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, StarCoder2, Granite-code
+    ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),  # SantaCoder
     ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
 )
-_REPO_TOKENS = ("<|repo_name|>", "<repo_name>")
+_REPO_TOKENS = ("<|repo_name|>", "<repo_name>", "<reponame>")
 _FILE_SEPARATORS = ("<|file_sep|>", "<file_sep>")
-_FIM_AFTER_MIDDLE = ("<|fim_pad|>", "<fim_pad>", *_REPO_TOKENS, *_FILE_SEPARATORS)
+# After the middle a code model may write these (llama.cpp's infill stops at its end, pad, repo and file tokens):
+# Qwen's middle ends with <|endoftext|>, which an Instruct GGUF does not name as its end token.
+_FIM_AFTER_MIDDLE = (
+    "<|fim_pad|>",
+    "<fim_pad>",
+    "<fim-pad>",
+    "<|endoftext|>",
+    "<|file_separator|>",
+    "<filename>",
+    *_REPO_TOKENS,
+    *_FILE_SEPARATORS,
+)
 
 
 class Tokenizer:

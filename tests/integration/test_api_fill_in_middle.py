@@ -114,3 +114,10 @@ def test_infill_needs_fill_in_the_middle_tokens(tiny_llama: Path) -> None:
     with running_server(tiny_settings(tiny_llama)) as handle:
         answer = httpx.post(f"{handle.base_url}/infill", json={"input_prefix": "a"}, timeout=60)
     assert answer.status_code == 400 and "fill-in-the-middle tokens" in answer.json()["error"]
+
+
+def test_the_start_of_a_file_is_filled_in_too(client: OpenAI, tiny_llama_fim: Path) -> None:
+    """An empty prefix (the cursor at the top of the file) is a prompt with a suffix."""
+    tokenizer = Tokenizer.from_folder(tiny_llama_fim)
+    answer = client.completions.create(model="x", prompt="", suffix=SUFFIX, max_tokens=3, temperature=0)
+    assert answer.usage is not None and answer.usage.prompt_tokens == len(tokenizer.fill_in_middle_prompt("", SUFFIX))

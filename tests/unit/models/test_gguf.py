@@ -20,6 +20,7 @@ from cake_py.errors import ModelNotFoundError, UnsupportedArchitectureError, Wei
 from cake_py.models.config import ModelConfig
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.tokenizer import Tokenizer as CakeTokenizer
 from cake_py.models.weights import SafetensorsWeights, layer_tensor_names, load_transformer
 
 transformers = pytest.importorskip("transformers")
@@ -456,3 +457,38 @@ def test_tekken_splits_as_mistral_and_an_unknown_pre_tokenizer_loads_with_a_warn
     with caplog.at_level("WARNING"):
         assert other.tokenizer_json()
     assert "tokenizer.ggml.pre 'made-up' is not known here" in caplog.text
+
+
+@pytest.mark.parametrize("token_type", [3, 4], ids=["control", "user-defined"])
+def test_deepseek_fill_in_the_middle_tokens_stay_whole(
+    token_type: int, tiny_model_factory: Any, tmp_path: Path
+) -> None:
+    """DeepSeek-Coder's `<｜fim▁begin｜>`… are outside the byte alphabet: llama.cpp marks them on purpose, and they
+    must stay whole tokens (fill in the middle finds them) instead of being respelled or skipped."""
+    folder = tiny_model_factory("llama")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = {**spec["model"]["vocab"], **{added["content"]: added["id"] for added in spec["added_tokens"]}}
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    special = {added["content"] for added in spec["added_tokens"]}
+    names = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
+    writer = gguf.GGUFWriter(tmp_path / "deepseek.gguf", "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens + names)
+    writer.add_token_types([3 if token in special else 1 for token in tokens] + [token_type] * len(names))
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = GGUFWeights(tmp_path / "deepseek.gguf")
+    tokenizer = CakeTokenizer.from_json(source.tokenizer_json(), source.tokenizer_config())
+    ids = tuple(range(len(tokens), len(tokens) + 3))
+    assert tokenizer.fill_in_middle == ids
+    assert tokenizer.encode(f"{names[0]}def", add_special_tokens=False)[0] == ids[0]
+    assert tokenizer.decode([ids[1]], skip_special_tokens=False) == names[1]
