@@ -1,9 +1,10 @@
 """llama.cpp's POST /infill: fill in the middle for code editors (llama.vscode, llama.vim), with a code model's FIM
-tokens. `input_prefix` and `input_suffix` are the code around the cursor, `prompt` the start of the middle already
-typed, `input_extra` other files' chunks (`[{"filename", "text"}]`, in the repository format where the model has
-its tokens); the answer is llama.cpp's completion object (`content`, `stop`, `tokens_predicted`, `stop_type`, …),
-or with `stream` its SSE events, `data: {"content": "<piece>", "stop": false}`, then the whole object with
-`stop: true` (no `[DONE]`, as llama.cpp sends none). Sampling takes llama.cpp's names and defaults.
+tokens. `input_prefix` and `input_suffix` are the code around the cursor, `prompt` the start of the cursor's line
+(after the prefix, as llama.cpp puts it), `input_extra` other files' chunks (`[{"filename", "text"}]`); the answer
+is llama.cpp's completion object (`content`, `stop`, `tokens_predicted`, `stop_type`, `timings`,
+`generation_settings`, …), or with `stream` its SSE events, `data: {"content": "<piece>", "stop": false}`, then the
+whole object with `stop: true` (no `[DONE]`, as llama.cpp sends none). Sampling takes llama.cpp's names and
+defaults; `n_predict: 0` only reads the prompt into the prefix cache (the editors' warm-up requests).
 """
 
 from __future__ import annotations
@@ -39,27 +40,26 @@ def _text(body: dict[str, Any], key: str) -> str:
 
 
 def _files(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """`input_extra`: chunks `{"filename", "text"}`, `text` required, the name `tmp` by default (as llama.cpp)."""
     chunks = body.get("input_extra") or []
     if not isinstance(chunks, list) or not all(
-        isinstance(chunk, dict)
-        and isinstance(chunk.get("text", ""), str)
-        and isinstance(chunk.get("filename", ""), str)
+        isinstance(chunk, dict) and isinstance(chunk.get("text"), str) and isinstance(chunk.get("filename", "tmp"), str)
         for chunk in chunks
     ):
         raise ApiError(400, f'input_extra must be a list of {{"filename", "text"}} strings, got {chunks!r}'[:300])
-    return [(chunk.get("filename", ""), chunk.get("text", "")) for chunk in chunks]
+    return [(chunk.get("filename", "tmp"), chunk["text"]) for chunk in chunks]
 
 
-def llama_sampling(body: dict[str, Any], context_length: int) -> SamplingParams:
-    """llama.cpp's sampling fields with its defaults; `n_predict` -1 (the default) generates until the end token or
-    the context is full."""
+def llama_sampling(body: dict[str, Any], context_length: int) -> tuple[SamplingParams, int]:
+    """llama.cpp's sampling fields with its defaults, and `n_predict`: -1 (the default) generates until the end token
+    or the context is full, 0 nothing (the prompt is only read)."""
     n_predict = int(number(body, "n_predict", -1, integer=True))
-    if n_predict == 0 or n_predict < -1:
-        raise ApiError(400, f"n_predict must be -1 (no limit) or at least 1, got {n_predict}")
+    if n_predict < -1:
+        raise ApiError(400, f"n_predict must be -1 (no limit), 0 (read the prompt only) or more, got {n_predict}")
     seed = int(number(body, "seed", -1, integer=True))
     try:
-        return SamplingParams(
-            max_tokens=context_length if n_predict == -1 else n_predict,
+        params = SamplingParams(
+            max_tokens={-1: context_length, 0: 1}.get(n_predict, n_predict),
             temperature=float(number(body, "temperature", 0.8)),
             top_k=int(number(body, "top_k", 40, integer=True)),
             top_p=float(number(body, "top_p", 0.95)),
@@ -73,6 +73,7 @@ def llama_sampling(body: dict[str, Any], context_length: int) -> SamplingParams:
         )
     except RequestError as error:
         raise ApiError(400, str(error)) from error
+    return params, n_predict
 
 
 async def infill(request: Request) -> Response:
@@ -88,51 +89,89 @@ async def infill(request: Request) -> Response:
         _text(body, "prompt"),
         _files(body),
     )
-    params = llama_sampling(body, engine.context_length)
-    # The markers and file tokens a code model may write after the middle end it too.
-    params = replace(params, stop_token_ids=params.stop_token_ids | tokenizer.fill_in_middle_stops)
-    prompt_ids = await run_in_threadpool(tokenizer.fill_in_middle_prompt, prefix, suffix, middle=typed, files=files)
+    params, n_predict = llama_sampling(body, engine.context_length)
+    if not params.ignore_eos:  # the markers and file tokens a code model may write after the middle end it too
+        params = replace(params, stop_token_ids=params.stop_token_ids | tokenizer.fill_in_middle_stops)
+
+    def prompt() -> list[int]:
+        return tokenizer.fill_in_middle_prompt(prefix, suffix, typed=typed, files=files)
+
+    prompt_ids = await run_in_threadpool(prompt)
     params = engine.check_prompt(len(prompt_ids), params)  # n_predict -1: what room the context has
     streams = open_streams(state, engine, [prompt_ids], [params])
-    answer = _Answer(state.model_name, tokenizer, len(prompt_ids))
-    if flag(body, "stream", False):
+    answer = _Answer(state.model_name, tokenizer, len(prompt_ids), params, n_predict, engine.context_length)
+    if flag(body, "stream", False) and n_predict:
         return GenerationResponse(_stream(request, streams[0], answer), streams, "text/event-stream")
     result = (await collect_all(request, streams))[0]
-    return JSONResponse(answer.final(result.text, result.last))
+    final = answer.final(result.text, result.last, streams[0])
+    if flag(body, "stream", False):  # n_predict 0, streamed: its one event
+        return GenerationResponse(_once(final), [], "text/event-stream")
+    return JSONResponse(final)
 
 
 class _Answer:
-    """llama.cpp's completion object for one infill: what it counts and how it stopped."""
+    """llama.cpp's completion object for one infill: what it counts, how it stopped, with which settings."""
 
-    def __init__(self, model: str, tokenizer: Tokenizer, prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        tokenizer: Tokenizer,
+        prompt_tokens: int,
+        params: SamplingParams,
+        n_predict: int,
+        context_length: int,
+    ) -> None:
         self.model, self.tokenizer, self.prompt_tokens = model, tokenizer, prompt_tokens
-        self.started = time.perf_counter()
-        self.first: float | None = None
+        self.params, self.n_predict, self.context_length = params, n_predict, context_length
 
-    def seen(self, event: GenerationEvent) -> None:
-        if self.first is None and event.tokens:
-            self.first = time.perf_counter()
-
-    def final(self, content: str, last: GenerationEvent) -> dict[str, Any]:
+    def final(self, content: str, last: GenerationEvent, stream: EventStream) -> dict[str, Any]:
         now = time.perf_counter()
-        first = self.first or now
+        first = stream.first_token_at or now
+        predicted = last.completion_tokens if self.n_predict else 0  # n_predict 0: its one token is not an answer
         ended_by_token = bool(last.tokens) and last.tokens[-1].token_id in self._ends()
         stop_type = "limit" if last.finish_reason == "length" else "eos" if ended_by_token else "word"
+        prompt_ms, predicted_ms = (first - stream.submitted) * 1000, (now - first) * 1000
         return {
-            "content": content,
+            "content": content if self.n_predict else "",
             "stop": True,
             "model": self.model,
-            "tokens_predicted": last.completion_tokens,
+            "tokens_predicted": predicted,
             "tokens_evaluated": self.prompt_tokens,
             "tokens_cached": last.cached_tokens,
-            "stop_type": stop_type,
+            "stop_type": "limit" if not self.n_predict else stop_type,
+            "stopping_word": "",
             "truncated": False,
+            "generation_settings": self._settings(),
             "timings": {
-                "prompt_n": self.prompt_tokens,
-                "prompt_ms": round((first - self.started) * 1000, 3),
-                "predicted_n": last.completion_tokens,
-                "predicted_ms": round((now - first) * 1000, 3),
+                "cache_n": last.cached_tokens,
+                "prompt_n": self.prompt_tokens - last.cached_tokens,
+                "prompt_ms": round(prompt_ms, 3),
+                "prompt_per_token_ms": round(prompt_ms / max(self.prompt_tokens - last.cached_tokens, 1), 3),
+                "prompt_per_second": round((self.prompt_tokens - last.cached_tokens) / max(prompt_ms / 1000, 1e-9), 3),
+                "predicted_n": predicted,
+                "predicted_ms": round(predicted_ms, 3),
+                "predicted_per_token_ms": round(predicted_ms / max(predicted, 1), 3),
+                "predicted_per_second": round(predicted / max(predicted_ms / 1000, 1e-9), 3),
             },
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        params = self.params
+        return {
+            "n_ctx": self.context_length,
+            "n_predict": self.n_predict,
+            "model": self.model,
+            "temperature": params.temperature,
+            "top_k": params.top_k,
+            "top_p": params.top_p,
+            "min_p": params.min_p,
+            "repeat_penalty": params.repetition_penalty,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "seed": -1 if params.seed is None else params.seed,
+            "stop": list(params.stop),
+            "ignore_eos": params.ignore_eos,
+            "stream": False,
         }
 
     def _ends(self) -> frozenset[int]:
@@ -142,7 +181,6 @@ class _Answer:
 async def _stream(request: Request, stream: EventStream, answer: _Answer) -> AsyncIterator[str]:
     pieces: list[str] = []
     async for event in stream:
-        answer.seen(event)
         if event.error:
             yield sse({"error": event_error(event, request.url.path).message})
             return
@@ -150,8 +188,12 @@ async def _stream(request: Request, stream: EventStream, answer: _Answer) -> Asy
             pieces.append(event.text)
             yield sse({"content": event.text, "stop": False})
         if event.finished:
-            yield sse(answer.final("".join(pieces), event) | {"content": ""})
+            yield sse(answer.final("".join(pieces), event, stream) | {"content": ""})
             return
+
+
+async def _once(final: dict[str, Any]) -> AsyncIterator[str]:
+    yield sse(final | {"content": ""})
 
 
 ROUTES = [Route("/infill", infill, methods=["POST"])]

@@ -44,6 +44,7 @@ class EventStream:
         self.finished = False
         self.on_first_token = on_first_token
         self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None  # perf_counter when its first token came
         self.seq_id = engine.submit(
             prompt_ids, params, self._sink, queue_checked=True, share_prefill_with=share_prefill_with
         )  # the room was checked by open_streams, for the whole request
@@ -55,6 +56,8 @@ class EventStream:
         try:
             while True:
                 event = await self.queue.get()
+                if self.first_token_at is None and event.tokens:
+                    self.first_token_at = time.perf_counter()
                 if self.on_first_token is not None and event.tokens:
                     self.on_first_token(time.perf_counter() - self.submitted)
                     self.on_first_token = None

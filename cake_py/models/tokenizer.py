@@ -73,6 +73,7 @@ class Tokenizer:
         self._template: jinja2.Template | None = None
         self._added = {token.content for token in backend.get_added_tokens_decoder().values()}
         self._byte_level: bool | None = None  # whether the decoder is byte-level: looked up on first use
+        self._literal: HFTokenizer | None = None  # for encode_literal, made on first use
 
     @classmethod
     def from_folder(cls, folder: Path, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
@@ -141,31 +142,41 @@ class Tokenizer:
         prefix: str | Sequence[int],
         suffix: str,
         *,
-        middle: str = "",
+        typed: str = "",
         files: Sequence[tuple[str, str]] = (),
     ) -> list[int]:
-        """A fill-in-the-middle prompt, prefix-suffix-middle (`middle`: the start of the middle, already written),
-        after any token the tokenizer puts first (a BOS). `files` (name, text) are context from other files: in the
-        repository format where the model has its tokens (Qwen2.5-Coder's <|repo_name|>/<|file_sep|>, as llama.cpp's
-        /infill writes it), else their text before the rest. ValueError without FIM tokens."""
+        """A fill-in-the-middle prompt, prefix-suffix-middle, after any token the tokenizer puts first (a BOS), as
+        llama.cpp's /infill builds it: `typed` (the start of the cursor's line) goes after the prefix; `files` (name,
+        text) are other files' chunks, in the repository format where the model has its tokens (Qwen2.5-Coder's
+        <|repo_name|>/<|file_sep|>), else each after a `--- snippet ---` line. Code is read as text: a special
+        token's name written in it stays text. ValueError without FIM tokens."""
         tokens = self.fill_in_middle
         if tokens is None:
             raise ValueError("the model has no fill-in-the-middle tokens")
         prefix_id, suffix_id, middle_id = tokens
+        literal = self.encode_literal
         ids = self.encode("")
         if files:
             repo, separator = self._added_id(_REPO_TOKENS), self._added_id(_FILE_SEPARATORS)
             if repo is not None and separator is not None:
-                ids += [repo, *self.encode("myproject\n", add_special_tokens=False)]
+                ids += [repo, *literal("myproject\n")]
                 for name, text in files:
-                    ids += [separator, *self.encode(f"{name}\n{text}", add_special_tokens=False)]
-                ids += [separator, *self.encode("filename\n", add_special_tokens=False)]
+                    ids += [separator, *literal(f"{name}\n"), *literal(text)]
+                ids += [separator, *literal("filename\n")]
             else:
                 for _, text in files:
-                    ids += self.encode(text, add_special_tokens=False)
-        before = self.encode(prefix, add_special_tokens=False) if isinstance(prefix, str) else list(prefix)
-        after = self.encode(suffix, add_special_tokens=False)
-        return [*ids, prefix_id, *before, suffix_id, *after, middle_id, *self.encode(middle, add_special_tokens=False)]
+                    ids += literal(f"\n\n--- snippet ---\n\n{text}")
+        before = literal(prefix) if isinstance(prefix, str) else list(prefix)
+        return [*ids, prefix_id, *before, *literal(typed), suffix_id, *literal(suffix), middle_id]
+
+    def encode_literal(self, text: str) -> list[int]:
+        """`text` as plain text, special tokens' names in it included (no special tokens added either)."""
+        if not text:
+            return []
+        if self._literal is None:  # a copy: the flag is the backend's, and encode runs on several threads
+            self._literal = HFTokenizer.from_str(self.backend.to_str())
+            self._literal.encode_special_tokens = True
+        return list(self._literal.encode(text, add_special_tokens=False).ids)
 
     def _added_id(self, names: Sequence[str]) -> int | None:
         """The id of the first of `names` that is an added (special) token."""

@@ -57,15 +57,22 @@ def test_bad_suffixes_are_named(server: ServerHandle, extra: dict[str, object], 
 
 
 def test_infill_is_llama_cpps_fill_in_the_middle(client: OpenAI, server: ServerHandle, tiny_llama_fim: Path) -> None:
-    """/infill's middle is the completion of the same prefix-suffix-middle prompt, `prompt` its typed start."""
+    """/infill's middle is the completion of llama.cpp's prompt: the typed start of the line after the prefix."""
     tokenizer = Tokenizer.from_folder(tiny_llama_fim)
+    assert tokenizer.fill_in_middle is not None
+    prefix_id, suffix_id, middle_id = tokenizer.fill_in_middle
     body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": "cake", "n_predict": 8, "temperature": 0}
     answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60).json()
-    ids = tokenizer.fill_in_middle_prompt(PREFIX, SUFFIX, middle="cake")
+    text = tokenizer.encode_literal
+    ids = [prefix_id, *text(PREFIX), *text("cake"), suffix_id, *text(SUFFIX), middle_id]
+    assert tokenizer.fill_in_middle_prompt(PREFIX, SUFFIX, typed="cake") == ids
     expected = client.completions.create(model="x", prompt=ids, max_tokens=8, temperature=0)
     assert answer["content"] == expected.choices[0].text and answer["stop"] is True
     assert (answer["tokens_predicted"], answer["tokens_evaluated"]) == (8, len(ids))
     assert answer["stop_type"] == "limit" and answer["timings"]["predicted_n"] == 8
+    assert answer["timings"]["predicted_ms"] > 0 and answer["timings"]["predicted_per_second"] > 0
+    settings = answer["generation_settings"]
+    assert (settings["n_ctx"], settings["n_predict"], settings["temperature"], settings["top_k"]) == (512, 8, 0, 40)
     with httpx.stream("POST", f"{server.base_url}/infill", json={**body, "stream": True}, timeout=60) as raw:
         events = [json.loads(line[6:]) for line in raw.iter_lines() if line.startswith("data: ")]
     assert "".join(event["content"] for event in events) == answer["content"]
@@ -73,14 +80,35 @@ def test_infill_is_llama_cpps_fill_in_the_middle(client: OpenAI, server: ServerH
     assert events[-1]["tokens_predicted"] == 8
 
 
+def test_n_predict_0_reads_the_prompt_into_the_cache(server: ServerHandle) -> None:
+    """The editors' warm-up request: nothing is generated, and the next request finds the prompt cached."""
+    body = {"input_prefix": PREFIX * 4, "input_suffix": SUFFIX, "temperature": 0}
+    warm = httpx.post(f"{server.base_url}/infill", json={**body, "n_predict": 0}, timeout=60).json()
+    assert (warm["content"], warm["tokens_predicted"], warm["stop_type"]) == ("", 0, "limit")
+    answer = httpx.post(f"{server.base_url}/infill", json={**body, "n_predict": 2}, timeout=60).json()
+    assert answer["tokens_cached"] > answer["tokens_evaluated"] // 2
+
+
+def test_code_naming_special_tokens_stays_text(server: ServerHandle, tiny_llama_fim: Path) -> None:
+    """llama.cpp reads the code as text: a FIM marker's name written in it is not the marker."""
+    tokenizer = Tokenizer.from_folder(tiny_llama_fim)
+    assert tokenizer.fill_in_middle is not None
+    prefix = 'MARKER = "<|fim_prefix|>"\n'
+    ids = tokenizer.fill_in_middle_prompt(prefix, "<|fim_middle|>")
+    assert ids.count(tokenizer.fill_in_middle[0]) == 1 and ids.count(tokenizer.fill_in_middle[2]) == 1
+    body = {"input_prefix": prefix, "input_suffix": "<|fim_middle|>", "n_predict": 1}
+    answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60).json()
+    assert answer["tokens_evaluated"] == len(ids)
+
+
 def test_infill_puts_other_files_first_and_stops_like_llama_cpp(server: ServerHandle, tiny_llama_fim: Path) -> None:
     tokenizer = Tokenizer.from_folder(tiny_llama_fim)
     assert tokenizer.fill_in_middle is not None
     files = [("oven.py", "HEAT = 180\n")]
     ids = tokenizer.fill_in_middle_prompt(PREFIX, SUFFIX, files=files)
-    extra_ids = tokenizer.encode("HEAT = 180\n")
-    assert ids[: len(extra_ids)] == extra_ids  # no repository tokens in this model: the chunk's text comes first
-    assert ids[len(extra_ids)] == tokenizer.fill_in_middle[0] and ids[-1] == tokenizer.fill_in_middle[2]
+    chunk = tokenizer.encode_literal("\n\n--- snippet ---\n\nHEAT = 180\n")
+    assert ids[: len(chunk)] == chunk  # no repository tokens in this model: each chunk after a snippet line
+    assert ids[len(chunk)] == tokenizer.fill_in_middle[0] and ids[-1] == tokenizer.fill_in_middle[2]
     body = {
         "input_prefix": PREFIX,
         "input_suffix": SUFFIX,
@@ -101,7 +129,8 @@ def test_infill_puts_other_files_first_and_stops_like_llama_cpp(server: ServerHa
     [
         ({"input_prefix": 3}, "input_prefix"),
         ({"input_extra": [{"text": 5}]}, "input_extra"),
-        ({"n_predict": 0}, "n_predict"),
+        ({"input_extra": [{"filename": "a.py"}]}, "input_extra"),
+        ({"n_predict": -2}, "n_predict"),
         ({"temperature": "hot"}, "temperature"),
     ],
 )
