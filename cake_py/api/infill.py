@@ -29,6 +29,8 @@ from cake_py.errors import RequestError
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
+DEFAULT_ANSWER_ROOM = 256  # tokens kept free for the answer when a long request is cut to fit (n_predict -1 or 0)
+
 
 def _text(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
@@ -48,6 +50,29 @@ def _files(body: dict[str, Any]) -> list[tuple[str, str]]:
     ):
         raise ApiError(400, f'input_extra must be a list of {{"filename", "text"}} strings, got {chunks!r}'[:300])
     return [(chunk.get("filename", "tmp"), chunk["text"]) for chunk in chunks]
+
+
+def fitted_prompt(
+    tokenizer: Tokenizer, prefix: str, suffix: str, typed: str, files: list[tuple[str, str]], budget: int
+) -> tuple[list[int], bool]:
+    """The FIM prompt within `budget` tokens, and whether it was cut, as llama.cpp fits an editor's request to the
+    context instead of refusing it: the oldest chunks of other files go first, then the prefix loses its start and
+    the suffix its end, three tokens to one."""
+    ids = tokenizer.fill_in_middle_prompt(prefix, suffix, typed=typed, files=files)
+    if len(ids) <= budget:
+        return ids, False
+    while files and len(ids) > budget:
+        files = files[1:]
+        ids = tokenizer.fill_in_middle_prompt(prefix, suffix, typed=typed, files=files)
+    before, after = tokenizer.encode_literal(prefix), tokenizer.encode_literal(suffix)
+    over = len(ids) - budget
+    if over > 0:
+        from_suffix = min(len(after), over // 4)
+        from_prefix = min(len(before), over - from_suffix)
+        from_suffix = min(len(after), over - from_prefix)
+        before, after = before[from_prefix:], after[: len(after) - from_suffix]
+        ids = tokenizer.fill_in_middle_prompt(before, after, typed=typed)
+    return ids, True
 
 
 def llama_sampling(body: dict[str, Any], context_length: int) -> tuple[SamplingParams, int]:
@@ -93,13 +118,16 @@ async def infill(request: Request) -> Response:
     if not params.ignore_eos:  # the markers and file tokens a code model may write after the middle end it too
         params = replace(params, stop_token_ids=params.stop_token_ids | tokenizer.fill_in_middle_stops)
 
-    def prompt() -> list[int]:
-        return tokenizer.fill_in_middle_prompt(prefix, suffix, typed=typed, files=files)
+    reserve = min(n_predict if n_predict > 0 else DEFAULT_ANSWER_ROOM, engine.context_length // 4)
 
-    prompt_ids = await run_in_threadpool(prompt)
+    def prompt() -> tuple[list[int], bool]:
+        return fitted_prompt(tokenizer, prefix, suffix, typed, files, engine.context_length - max(reserve, 1))
+
+    prompt_ids, truncated = await run_in_threadpool(prompt)
     params = engine.check_prompt(len(prompt_ids), params)  # n_predict -1: what room the context has
     streams = open_streams(state, engine, [prompt_ids], [params])
     answer = _Answer(state.model_name, tokenizer, len(prompt_ids), params, n_predict, engine.context_length)
+    answer.truncated = truncated
     if flag(body, "stream", False) and n_predict:
         return GenerationResponse(_stream(request, streams[0], answer), streams, "text/event-stream")
     result = (await collect_all(request, streams))[0]
@@ -123,6 +151,7 @@ class _Answer:
     ) -> None:
         self.model, self.tokenizer, self.prompt_tokens = model, tokenizer, prompt_tokens
         self.params, self.n_predict, self.context_length = params, n_predict, context_length
+        self.truncated = False  # the request was cut to fit the context
 
     def final(self, content: str, last: GenerationEvent, stream: EventStream) -> dict[str, Any]:
         now = time.perf_counter()
@@ -140,7 +169,7 @@ class _Answer:
             "tokens_cached": last.cached_tokens,
             "stop_type": "limit" if not self.n_predict else stop_type,
             "stopping_word": "",
-            "truncated": False,
+            "truncated": self.truncated,
             "generation_settings": self._settings(),
             "timings": {
                 "cache_n": last.cached_tokens,

@@ -140,7 +140,7 @@ class Tokenizer:
     def fill_in_middle_prompt(
         self,
         prefix: str | Sequence[int],
-        suffix: str,
+        suffix: str | Sequence[int],
         *,
         typed: str = "",
         files: Sequence[tuple[str, str]] = (),
@@ -167,7 +167,8 @@ class Tokenizer:
                 for _, text in files:
                     ids += literal(f"\n\n--- snippet ---\n\n{text}")
         before = literal(prefix) if isinstance(prefix, str) else list(prefix)
-        return [*ids, prefix_id, *before, *literal(typed), suffix_id, *literal(suffix), middle_id]
+        after = literal(suffix) if isinstance(suffix, str) else list(suffix)
+        return [*ids, prefix_id, *before, *literal(typed), suffix_id, *after, middle_id]
 
     def encode_literal(self, text: str) -> list[int]:
         """`text` as plain text, special tokens' names in it included (no special tokens added either)."""

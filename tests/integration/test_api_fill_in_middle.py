@@ -124,6 +124,23 @@ def test_infill_puts_other_files_first_and_stops_like_llama_cpp(server: ServerHa
     assert stopped["stop_type"] == "word" and stopped["content"] == content[: content.index(content[-1])]
 
 
+def test_a_request_past_the_context_is_cut_to_fit_as_llama_cpp_does(server: ServerHandle, tiny_llama_fim: Path) -> None:
+    """Other files' oldest chunks go first, then the prefix's start and the suffix's end: the answer comes."""
+    tokenizer = Tokenizer.from_folder(tiny_llama_fim)
+    chunks = [{"filename": f"f{index}.py", "text": f"VALUE_{index} = {index}\n" * 4} for index in range(30)]
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": chunks, "n_predict": 4, "temperature": 0}
+    answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60).json()
+    assert answer["truncated"] is True and answer["tokens_predicted"] == 4
+    assert answer["tokens_evaluated"] <= 512 - 4
+    kept = tokenizer.fill_in_middle_prompt(PREFIX, SUFFIX, files=[(c["filename"], c["text"]) for c in chunks[-3:]])
+    assert answer["tokens_evaluated"] >= len(kept)  # the newest chunks stayed
+    long_prefix = "".join(f"step_{index} = bake(step_{index - 1})\n" for index in range(400))
+    cut = httpx.post(f"{server.base_url}/infill", json={**body, "input_extra": [], "input_prefix": long_prefix}).json()
+    assert cut["truncated"] is True and cut["tokens_evaluated"] == 512 - 4
+    whole = httpx.post(f"{server.base_url}/infill", json={**body, "input_extra": []}, timeout=60).json()
+    assert whole["truncated"] is False
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
