@@ -4,7 +4,8 @@ tokens. `input_prefix` and `input_suffix` are the code around the cursor, `promp
 is llama.cpp's completion object (`content`, `stop`, `tokens_predicted`, `stop_type`, `timings`,
 `generation_settings`, …), or with `stream` its SSE events, `data: {"content": "<piece>", "stop": false}`, then the
 whole object with `stop: true` (no `[DONE]`, as llama.cpp sends none). Sampling takes llama.cpp's names and
-defaults; `n_predict: 0` only reads the prompt into the prefix cache (the editors' warm-up requests).
+defaults; `n_predict: 0` only reads the prompt into the prefix cache (the editors' warm-up requests); `n_indent` and
+`t_max_predict_ms` end the middle as llama.cpp's server does (EditorLimits).
 """
 
 from __future__ import annotations
@@ -75,6 +76,48 @@ def fitted_prompt(
     return ids, True
 
 
+class EditorLimits:
+    """llama.cpp's limits for editors, on the middle as it streams: `n_indent` ends it before the first line (after
+    its first) indented less than that many spaces or tabs, cut where that line's text begins; `t_max_predict_ms`
+    ends it once that long has passed since its first token and it holds a line break. Either ends it `limit`."""
+
+    def __init__(self, n_indent: int, t_max_predict_ms: float) -> None:
+        self.n_indent, self.t_max = n_indent, t_max_predict_ms / 1000
+        self.text = ""
+        self.checked = -1  # the last line break whose next line's indentation is known
+        self.started: float | None = None
+
+    def __call__(self, event: GenerationEvent) -> GenerationEvent:
+        if self.started is None and event.tokens:
+            self.started = time.perf_counter()
+        before = len(self.text)
+        self.text += event.text
+        cut = self._under_indented() if self.n_indent else None
+        if cut is not None:
+            self.text = self.text[:cut]
+            return replace(event, text=self.text[before:], finish_reason="length")
+        late = self.started is not None and time.perf_counter() - self.started > self.t_max
+        if self.t_max and late and "\n" in self.text:
+            return replace(event, finish_reason="length")
+        return event
+
+    def _under_indented(self) -> int | None:
+        """Where the first under-indented line's text begins, once it is known; None while there is none."""
+        while (newline := self.text.find("\n", self.checked + 1)) >= 0:
+            start = newline + 1
+            line = self.text[start:].split("\n", 1)[0]
+            text_at = len(line) - len(line.lstrip(" \t"))
+            if text_at == len(line):  # blank so far (or only indentation): not known yet
+                if start + len(line) < len(self.text):  # a blank line: nothing to judge
+                    self.checked = newline
+                    continue
+                return None
+            self.checked = newline
+            if text_at < self.n_indent:
+                return start + text_at
+        return None
+
+
 def llama_sampling(body: dict[str, Any], context_length: int) -> tuple[SamplingParams, int]:
     """llama.cpp's sampling fields with its defaults, and `n_predict`: -1 (the default) generates until the end token
     or the context is full, 0 nothing (the prompt is only read)."""
@@ -125,7 +168,13 @@ async def infill(request: Request) -> Response:
 
     prompt_ids, truncated = await run_in_threadpool(prompt)
     params = engine.check_prompt(len(prompt_ids), params)  # n_predict -1: what room the context has
+    n_indent = int(number(body, "n_indent", 0, integer=True))
+    t_max = float(number(body, "t_max_predict_ms", 0))
+    if n_indent < 0 or t_max < 0:
+        raise ApiError(400, f"n_indent and t_max_predict_ms must be 0 (off) or more, got {n_indent} and {t_max}")
     streams = open_streams(state, engine, [prompt_ids], [params])
+    if n_indent or t_max:
+        streams[0].limit = EditorLimits(n_indent, t_max)
     answer = _Answer(state.model_name, tokenizer, len(prompt_ids), params, n_predict, engine.context_length)
     answer.truncated = truncated
     if flag(body, "stream", False) and n_predict:

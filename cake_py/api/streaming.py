@@ -45,6 +45,9 @@ class EventStream:
         self.on_first_token = on_first_token
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None  # perf_counter when its first token came
+        # Sees each event before it is yielded and may end the stream early (returns it finished): its sequence
+        # then leaves the engine. (/infill's editor limits.)
+        self.limit: Callable[[GenerationEvent], GenerationEvent] | None = None
         self.seq_id = engine.submit(
             prompt_ids, params, self._sink, queue_checked=True, share_prefill_with=share_prefill_with
         )  # the room was checked by open_streams, for the whole request
@@ -61,6 +64,13 @@ class EventStream:
                 if self.on_first_token is not None and event.tokens:
                     self.on_first_token(time.perf_counter() - self.submitted)
                     self.on_first_token = None
+                if self.limit is not None and not event.finished:
+                    event = self.limit(event)
+                    if event.finished:  # ended here, not by the engine: its sequence goes
+                        self.finished = True
+                        self.engine.cancel(self.seq_id)
+                        yield event
+                        return
                 if event.finished:  # before the yield: a reader that stops at the last event never resumes us
                     self.finished = True
                 yield event

@@ -22,3 +22,44 @@ def test_an_event_stays_on_one_line_and_keeps_its_text(write: object) -> None:
 
 def test_sse_passes_done_through() -> None:
     assert sse("[DONE]") == "data: [DONE]\n\n"
+
+
+def test_a_limit_that_ends_a_stream_ends_its_sequence(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """EventStream.limit (/infill's editor limits): the event it returns finished is the stream's last, and the
+    engine stops generating that sequence."""
+    import asyncio
+    import time
+    from dataclasses import replace
+
+    import torch
+
+    from cake_py.api.streaming import EventStream
+    from cake_py.cluster.pipeline import local_pipeline
+    from cake_py.engine.engine import Engine
+    from cake_py.engine.sequence import GenerationEvent
+    from cake_py.models.hub import resolve_model
+    from cake_py.models.sampling import SamplingParams
+
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)
+    engine.start()
+    seen: list[GenerationEvent] = []
+
+    def third_ends(event: GenerationEvent) -> GenerationEvent:
+        seen.append(event)
+        return replace(event, finish_reason="length") if len(seen) == 3 else event
+
+    async def run() -> list[GenerationEvent]:
+        stream = EventStream(engine, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        stream.limit = third_ends
+        return [event async for event in stream]
+
+    try:
+        events = asyncio.run(run())
+        deadline = time.monotonic() + 10
+        while engine.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(events) == 3 and events[-1].finish_reason == "length"
+        assert engine.in_flight == 0 and engine.stats.tokens_generated < 400
+    finally:
+        engine.close()
