@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Route
 
 from cake_py.api import (
+    completions,
     embeddings,
     health,
     infill,
@@ -73,6 +74,7 @@ def create_app(state: ServerState) -> Starlette:
     routes: list[BaseRoute] = [
         *health.ROUTES,
         *openai.ROUTES,
+        *completions.ROUTES,
         *responses.ROUTES,
         *embeddings.ROUTES,
         *infill.ROUTES,

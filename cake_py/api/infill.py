@@ -20,13 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cake_py.api.completions import no_fill_in_middle
 from cake_py.api.errors import ApiError
-from cake_py.api.openai import no_fill_in_middle
 from cake_py.api.schemas import flag, json_body, number, stop_strings
 from cake_py.api.state import ServerState
 from cake_py.api.streaming import EventStream, GenerationResponse, collect_all, event_error, open_streams, sse
 from cake_py.engine.sequence import GenerationEvent
 from cake_py.errors import RequestError
+from cake_py.models.fill_in_middle import fim_prompt, fim_stops, fim_tokens
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
@@ -59,12 +60,12 @@ def fitted_prompt(
     """The FIM prompt within `budget` tokens, and whether it was cut, as llama.cpp fits an editor's request to the
     context instead of refusing it: the oldest chunks of other files go first, then the prefix loses its start and
     the suffix its end, three tokens to one."""
-    ids = tokenizer.fill_in_middle_prompt(prefix, suffix, typed=typed, files=files)
+    ids = fim_prompt(tokenizer, prefix, suffix, typed=typed, files=files)
     if len(ids) <= budget:
         return ids, False
     while files and len(ids) > budget:
         files = files[1:]
-        ids = tokenizer.fill_in_middle_prompt(prefix, suffix, typed=typed, files=files)
+        ids = fim_prompt(tokenizer, prefix, suffix, typed=typed, files=files)
     before, after = tokenizer.encode_literal(prefix), tokenizer.encode_literal(suffix)
     over = len(ids) - budget
     if over > 0:
@@ -72,7 +73,7 @@ def fitted_prompt(
         from_prefix = min(len(before), over - from_suffix)
         from_suffix = min(len(after), over - from_prefix)
         before, after = before[from_prefix:], after[: len(after) - from_suffix]
-        ids = tokenizer.fill_in_middle_prompt(before, after, typed=typed)
+        ids = fim_prompt(tokenizer, before, after, typed=typed)
     return ids, True
 
 
@@ -149,7 +150,7 @@ async def infill(request: Request) -> Response:
     engine, source = state.ready()
     tokenizer = source.tokenizer
     body = await json_body(request)
-    if tokenizer.fill_in_middle is None:
+    if fim_tokens(tokenizer) is None:
         raise ApiError(400, no_fill_in_middle("/infill", state.model_name))
     prefix, suffix, typed, files = (
         _text(body, "input_prefix"),
@@ -159,7 +160,7 @@ async def infill(request: Request) -> Response:
     )
     params, n_predict = llama_sampling(body, engine.context_length)
     if not params.ignore_eos:  # the markers and file tokens a code model may write after the middle end it too
-        params = replace(params, stop_token_ids=params.stop_token_ids | tokenizer.fill_in_middle_stops)
+        params = replace(params, stop_token_ids=params.stop_token_ids | fim_stops(tokenizer))
 
     reserve = min(n_predict if n_predict > 0 else DEFAULT_ANSWER_ROOM, engine.context_length // 4)
 
@@ -253,7 +254,7 @@ class _Answer:
         }
 
     def _ends(self) -> frozenset[int]:
-        return self.tokenizer.eos_token_ids | self.tokenizer.fill_in_middle_stops
+        return self.tokenizer.eos_token_ids | fim_stops(self.tokenizer)
 
 
 async def _stream(request: Request, stream: EventStream, answer: _Answer) -> AsyncIterator[str]:

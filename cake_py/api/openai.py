@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/chat/completions (+ Cake's /api/v1 alias), /v1/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/chat/completions (+ Cake's /api/v1 alias) and /v1/models (completions.py: the rest).
 
 Streams follow Cake's chunk sequence: a role chunk per choice, content deltas, a finish chunk per choice (the last
 one carries `usage`), then `data: [DONE]`. With `stream_options.include_usage` they follow OpenAI's instead: no chunk
@@ -50,40 +50,27 @@ from cake_py.engine.sequence import GenerationEvent
 from cake_py.models.sampling import SampledToken, SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
-MAX_PROMPTS = 16
-COMPLETION_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's legacy API and vLLM (chat keeps 2048)
 
-
-def _seeded(params: SamplingParams, index: int) -> SamplingParams:
+def seeded(params: SamplingParams, index: int) -> SamplingParams:
     """Choice i of n gets seed+i, so n choices differ yet the request stays reproducible."""
     if params.seed is None or index == 0:
         return params
     return replace(params, seed=(params.seed + index) % 2**64)  # a seed near 2**64 wraps around
 
 
-def _finish_reason(reason: str | None) -> str:
+def finish_reason(reason: str | None) -> str:
     return "stop" if reason in (None, "cancelled") else reason
 
 
 def _call_finish(called: bool, reason: str | None) -> str:
     """`tool_calls` for an answer that calls tools, unless max_tokens cut it (a call may be partial): `length`."""
-    return "tool_calls" if called and reason != "length" else _finish_reason(reason)
+    return "tool_calls" if called and reason != "length" else finish_reason(reason)
 
 
-def _reject_unsupported(body: dict[str, Any]) -> None:
+def reject_unsupported(body: dict[str, Any]) -> None:
     """Refuse what would otherwise be silently ignored and give an answer of another kind than asked for."""
     if body.get("top_logprobs") and not body.get("logprobs"):
         raise ApiError(400, f"top_logprobs ({body['top_logprobs']!r}) needs logprobs: true")
-
-
-def _reject_unsupported_completion(body: dict[str, Any]) -> None:
-    """The legacy completion fields this server cannot honour, refused rather than ignored."""
-    for field in ("tools", "tool_choice", "functions", "function_call"):
-        if body.get(field) is not None:
-            raise ApiError(400, f"{field} is a chat field: send it to /v1/chat/completions")
-    best_of = body.get("best_of")
-    if best_of is not None and (best_of != 1 or isinstance(best_of, bool)):
-        raise ApiError(400, f"best_of ({best_of!r}) is not supported by this server; leave it out or send 1"[:300])
 
 
 def _predicted(params: SamplingParams, events: list[GenerationEvent]) -> tuple[int, int] | None:
@@ -93,28 +80,7 @@ def _predicted(params: SamplingParams, events: list[GenerationEvent]) -> tuple[i
     return sum(e.accepted_prediction_tokens for e in events), sum(e.rejected_prediction_tokens for e in events)
 
 
-def _fill_in_middle(body: dict[str, Any], tokenizer: Tokenizer, model: str, echo: bool) -> str | None:
-    """OpenAI's `suffix` on /v1/completions (checked: the model has fill-in-the-middle tokens); None without one."""
-    suffix = body.get("suffix")
-    if suffix is None:
-        return None
-    if not isinstance(suffix, str):
-        raise ApiError(400, f"suffix must be a string, got {suffix!r}"[:300])
-    if echo:
-        raise ApiError(400, "echo cannot be combined with suffix")
-    if tokenizer.fill_in_middle is None:
-        raise ApiError(400, no_fill_in_middle("suffix", model))
-    return suffix
-
-
-def no_fill_in_middle(field: str, model: str) -> str:
-    return (
-        f"{field} needs a model with fill-in-the-middle tokens (<|fim_prefix|>, <|fim_suffix|>, <|fim_middle|> or "
-        f"its family's); {model} has none"
-    )
-
-
-def _usage_chunk(completion_id: str, kind: str, created: int, model: str, usage_: dict[str, Any]) -> str:
+def usage_chunk(completion_id: str, kind: str, created: int, model: str, usage_: dict[str, Any]) -> str:
     """OpenAI's usage chunk (stream_options.include_usage): no choices, just before `data: [DONE]`."""
     return sse(
         {"id": completion_id, "object": kind, "created": created, "model": model, "choices": [], "usage": usage_}
@@ -133,7 +99,7 @@ def chat_logprobs(tokens: list[SampledToken], tokenizer: Tokenizer) -> list[dict
     ]
 
 
-def _stream_error(error: ApiError) -> str:
+def stream_error(error: ApiError) -> str:
     kind = "invalid_request_error" if error.status < 500 else "server_error"
     return sse({"error": {"message": error.message, "type": kind, "code": error.code or error.status}})
 
@@ -143,7 +109,7 @@ async def chat_completions(request: Request) -> Response:
     engine, source = state.ready()
     tokenizer = source.tokenizer
     body = await json_body(request)
-    _reject_unsupported(body)
+    reject_unsupported(body)
     messages = chat_messages(body)
     template = chat_template_options(body, messages)
     tools = tool_request(body, tokenizer.tool_call_id_length)
@@ -174,7 +140,7 @@ async def chat_completions(request: Request) -> Response:
     thinking = opens_thinking(prompt_text, continued) if reasoning_model else None
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created, model = int(time.time()), state.model_name
-    streams = open_streams(state, engine, [prompt_ids] * n, [_seeded(params, i) for i in range(n)])
+    streams = open_streams(state, engine, [prompt_ids] * n, [seeded(params, i) for i in range(n)])
     if stream:
         chunks = _chat_stream(
             request, streams, completion_id, created, model, tokenizer, params, include_usage, tools, thinking
@@ -243,7 +209,7 @@ async def _chat_stream(
     thoughts = [ReasoningStream(thinking) if thinking is not None else None for _ in streams]
     async for index, event in merged(streams):
         if event.error:
-            yield _stream_error(event_error(event, request.url.path))
+            yield stream_error(event_error(event, request.url.path))
             break  # the stream still ends with [DONE], as vLLM's does after an error
         extra: dict[str, Any] = {}
         if params.logprobs and event.tokens:
@@ -279,7 +245,7 @@ async def _chat_stream(
     if include_usage and open_count == 0:
         kind = "chat.completion.chunk"
         counts = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))
-        yield _usage_chunk(completion_id, kind, created, model, counts)
+        yield usage_chunk(completion_id, kind, created, model, counts)
     yield sse("[DONE]")
 
 
@@ -289,165 +255,6 @@ def _call_delta(delta: CallDelta) -> dict[str, Any]:
         return {"index": delta.index, "function": {"arguments": delta.arguments}}
     function = {"name": delta.name, "arguments": delta.arguments}
     return {"index": delta.index, "id": delta.id, "type": "function", "function": function}
-
-
-def _completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
-    """`prompt` as OpenAI takes it: a string, a list of strings, a list of token ids, or a list of those lists (an
-    empty string too with a `suffix`: filling in at the start of a file)."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts: list[Any] = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt:
-        prompts = prompt
-    else:
-        raise ApiError(400, f"prompt must be a string, a list of strings or a list of token ids, got {prompt!r}")
-    for item in prompts:
-        ids_ok = isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
-        text_ok = isinstance(item, str) and (item or body.get("suffix") is not None)
-        if not text_ok and not ids_ok:
-            raise ApiError(400, f"prompt {item!r} must be a non-empty string or a non-empty list of token ids")
-    if len(prompts) > MAX_PROMPTS:
-        raise ApiError(400, f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} are allowed")
-    return prompts
-
-
-async def completions(request: Request) -> Response:
-    state: ServerState = request.app.state.cake
-    engine, source = state.ready()
-    tokenizer = source.tokenizer
-    body = await json_body(request)
-    _reject_unsupported(body)
-    _reject_unsupported_completion(body)
-    prompts = _completion_prompts(body)
-    echo_prompt = flag(body, "echo", False)
-    fim = _fill_in_middle(body, tokenizer, state.model_name, echo_prompt)
-    # echo with logprobs scores the prompt too (each token given the ones before it), and may generate nothing.
-    params = openai_sampling(
-        body, vocab_size=engine.vocab_size, default_max_tokens=COMPLETION_MAX_TOKENS, prompt_logprobs=echo_prompt
-    )
-    params = replace(params, grammar=await structured_grammar(body, tokenizer))
-    if fim is not None:  # the markers and file tokens a code model may write after the middle end it too
-        params = replace(params, stop_token_ids=params.stop_token_ids | tokenizer.fill_in_middle_stops)
-    n = choice_count(body)
-    stream = flag(body, "stream", False)
-    include_usage = stream_usage(body, stream)
-
-    def encode_all() -> list[list[int]]:
-        if fim is not None:  # prefix-suffix-middle: the answer is what goes between
-            return [tokenizer.fill_in_middle_prompt(p, fim) for p in prompts]
-        return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-
-    prompt_ids = await run_in_threadpool(encode_all)
-    per_prompt = []  # each prompt's max_tokens is clipped to its own room in the context, not the longest's
-    for ids in prompt_ids:
-        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
-            raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size}), got {ids!r}"[:300])
-        per_prompt.append(engine.check_prompt(len(ids), params))
-
-    def echoed(prompt: str | list[int]) -> str:
-        """The prompt as sent: a string as it is, token ids with their special tokens (part of the prompt too)."""
-        if not echo_prompt:
-            return ""
-        return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
-
-    echo = [echoed(prompt) for prompt in prompts]
-    completion_id, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), state.model_name
-    # Choice k is prompt k // n, sample k % n.
-    streams = open_streams(
-        state,
-        engine,
-        [ids for ids in prompt_ids for _ in range(n)],
-        [_seeded(clipped, i) for clipped in per_prompt for i in range(n)],
-    )
-    n_prompt_tokens = sum(len(ids) for ids in prompt_ids)  # counted once per prompt, like OpenAI
-
-    def legacy_logprobs(
-        tokens: list[SampledToken], offset: int, prompt: tuple[int, list[SampledToken]] | None = None
-    ) -> dict[str, Any] | None:
-        """OpenAI's legacy logprobs of `tokens`, their text starting at `offset`. With `prompt` (its first token id
-        and the scored rest), the prompt's tokens come first, from offset 0; the first has no logprob (null)."""
-        if not params.logprobs:
-            return None
-        entries: list[SampledToken | None] = list(tokens)
-        texts = [tokenizer.token_text(t.token_id) for t in tokens]
-        if prompt is not None:
-            first, scored = prompt
-            entries = [None, *scored, *entries]
-            texts = [tokenizer.token_text(first), *(tokenizer.token_text(t.token_id) for t in scored), *texts]
-            offset = 0
-        return {
-            "tokens": texts,
-            "token_logprobs": [t.logprob if t else None for t in entries],
-            "top_logprobs": [{tokenizer.token_text(i): lp for i, lp in t.top_logprobs} if t else None for t in entries],
-            "text_offset": [offset + sum(len(x) for x in texts[:k]) for k in range(len(texts))],
-        }
-
-    def scored_prompt(index: int, scored: list[SampledToken] | None) -> tuple[int, list[SampledToken]] | None:
-        return (prompt_ids[index // n][0], scored) if params.prompt_logprobs and scored is not None else None
-
-    def piece(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-        choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-        }
-
-    if stream:
-
-        async def stream_chunks() -> AsyncIterator[str]:
-            total, open_count = 0, len(streams)
-            offsets = [len(echo[k // n]) for k in range(len(streams))]
-            for index in range(len(streams)):
-                if echo[index // n] and not params.prompt_logprobs:
-                    yield sse(piece(index, echo[index // n], None, None))
-            async for index, event in merged(streams):
-                if event.error:
-                    yield _stream_error(event_error(event, request.url.path))
-                    break  # the stream still ends with [DONE], as vLLM's does after an error
-                if event.prompt_logprobs is not None:  # scored: the echo goes out with its logprobs, first
-                    echoed_logprobs = legacy_logprobs([], 0, scored_prompt(index, event.prompt_logprobs))
-                    assert echoed_logprobs is not None
-                    yield sse(piece(index, echo[index // n], None, echoed_logprobs))
-                    offsets[index] = sum(len(token) for token in echoed_logprobs["tokens"])
-                finish = None
-                if event.finished:
-                    total += event.completion_tokens
-                    open_count -= 1
-                    finish = _finish_reason(event.finish_reason)
-                logprobs = legacy_logprobs(event.tokens, offsets[index])
-                if logprobs is not None:  # by the tokens' own text, as the blocking answer counts (not emitted text)
-                    offsets[index] += sum(len(token) for token in logprobs["tokens"])
-                chunk = piece(index, event.text, finish, logprobs)
-                if event.finished and open_count == 0 and include_usage is None:
-                    chunk["usage"] = usage(n_prompt_tokens, total)
-                yield sse(chunk)
-            if include_usage and open_count == 0:
-                yield _usage_chunk(completion_id, "text_completion", created, model, usage(n_prompt_tokens, total))
-            yield sse("[DONE]")
-
-        return GenerationResponse(stream_chunks(), streams, "text/event-stream")
-    results = await collect_all(request, streams)
-    choices = []
-    for index, result in enumerate(results):
-        prefix = echo[index // n]
-        choice = piece(index, prefix + result.text, _finish_reason(result.last.finish_reason), None)["choices"][0]
-        choice["logprobs"] = legacy_logprobs(result.tokens, len(prefix), scored_prompt(index, result.prompt_logprobs))
-        choices.append(choice)
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-            "usage": usage(n_prompt_tokens, sum(result.last.completion_tokens for result in results)),
-        }
-    )
 
 
 def _served_models(state: ServerState) -> list[dict[str, Any]]:
@@ -471,7 +278,6 @@ async def retrieve_model(request: Request) -> Response:
 ROUTES = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/api/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
 ]

@@ -29,29 +29,6 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' own mark, so both
 _ID_LENGTH_CHECK = re.compile(r"tool_call(?:\.id|_id)\s*\|\s*length\s*[!=]=\s*(\d+)")
 
 
-# Prefix, suffix, middle: the PSM order every one of these models was trained on.
-_FIM_TOKENS = (
-    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, CodeGemma
-    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, StarCoder2, Granite-code
-    ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),  # SantaCoder
-    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
-)
-_REPO_TOKENS = ("<|repo_name|>", "<repo_name>", "<reponame>")
-_FILE_SEPARATORS = ("<|file_sep|>", "<file_sep>")
-# After the middle a code model may write these (llama.cpp's infill stops at its end, pad, repo and file tokens):
-# Qwen's middle ends with <|endoftext|>, which an Instruct GGUF does not name as its end token.
-_FIM_AFTER_MIDDLE = (
-    "<|fim_pad|>",
-    "<fim_pad>",
-    "<fim-pad>",
-    "<|endoftext|>",
-    "<|file_separator|>",
-    "<filename>",
-    *_REPO_TOKENS,
-    *_FILE_SEPARATORS,
-)
-
-
 class Tokenizer:
     """Text ↔ token ids, the chat template, and the set of token ids that end a generation."""
 
@@ -126,50 +103,6 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
 
-    @property
-    def fill_in_middle(self) -> tuple[int, int, int] | None:
-        """The prefix, suffix and middle tokens of fill-in-the-middle prompts (code models: Qwen2.5-Coder,
-        StarCoder, DeepSeek-Coder), when the vocabulary has them as special tokens."""
-        for names in _FIM_TOKENS:
-            if all(name in self._added for name in names):
-                prefix, suffix, middle = (self.backend.token_to_id(name) for name in names)
-                if prefix is not None and suffix is not None and middle is not None:
-                    return prefix, suffix, middle
-        return None
-
-    def fill_in_middle_prompt(
-        self,
-        prefix: str | Sequence[int],
-        suffix: str | Sequence[int],
-        *,
-        typed: str = "",
-        files: Sequence[tuple[str, str]] = (),
-    ) -> list[int]:
-        """A fill-in-the-middle prompt, prefix-suffix-middle, after any token the tokenizer puts first (a BOS), as
-        llama.cpp's /infill builds it: `typed` (the start of the cursor's line) goes after the prefix; `files` (name,
-        text) are other files' chunks, in the repository format where the model has its tokens (Qwen2.5-Coder's
-        <|repo_name|>/<|file_sep|>), else each after a `--- snippet ---` line. Code is read as text: a special
-        token's name written in it stays text. ValueError without FIM tokens."""
-        tokens = self.fill_in_middle
-        if tokens is None:
-            raise ValueError("the model has no fill-in-the-middle tokens")
-        prefix_id, suffix_id, middle_id = tokens
-        literal = self.encode_literal
-        ids = self.encode("")
-        if files:
-            repo, separator = self._added_id(_REPO_TOKENS), self._added_id(_FILE_SEPARATORS)
-            if repo is not None and separator is not None:
-                ids += [repo, *literal("myproject\n")]
-                for name, text in files:
-                    ids += [separator, *literal(f"{name}\n"), *literal(text)]
-                ids += [separator, *literal("filename\n")]
-            else:
-                for _, text in files:
-                    ids += literal(f"\n\n--- snippet ---\n\n{text}")
-        before = literal(prefix) if isinstance(prefix, str) else list(prefix)
-        after = literal(suffix) if isinstance(suffix, str) else list(suffix)
-        return [*ids, prefix_id, *before, *literal(typed), suffix_id, *after, middle_id]
-
     def encode_literal(self, text: str) -> list[int]:
         """`text` as plain text, special tokens' names in it included (no special tokens added either)."""
         if not text:
@@ -179,20 +112,10 @@ class Tokenizer:
             self._literal.encode_special_tokens = True
         return list(self._literal.encode(text, add_special_tokens=False).ids)
 
-    def _added_id(self, names: Sequence[str]) -> int | None:
-        """The id of the first of `names` that is an added (special) token."""
-        for name in names:
-            if name in self._added and (token := self.backend.token_to_id(name)) is not None:
-                return int(token)
-        return None
-
-    @property
-    def fill_in_middle_stops(self) -> frozenset[int]:
-        """Tokens that end a fill-in-the-middle answer besides the end tokens: the FIM markers and the file and
-        padding tokens code models write after the middle (llama.cpp's infill stops at them too)."""
-        names = {name for names in _FIM_TOKENS for name in names} | set(_FIM_AFTER_MIDDLE)
-        ids = (self.backend.token_to_id(name) for name in names if name in self._added)
-        return frozenset(token for token in ids if token is not None)
+    def added_id(self, name: str) -> int | None:
+        """The id of `name` when it is an added token of the vocabulary (a special token), else None."""
+        token = self.backend.token_to_id(name) if name in self._added else None
+        return None if token is None else int(token)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from cake_py.models.fill_in_middle import fim_prompt, fim_tokens
 from cake_py.models.tokenizer import Tokenizer
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
@@ -24,8 +25,8 @@ def test_the_middle_is_the_completion_of_the_prefix_suffix_middle_prompt(
     client: OpenAI, server: ServerHandle, tiny_llama_fim: Path
 ) -> None:
     tokenizer = Tokenizer.from_folder(tiny_llama_fim)
-    assert tokenizer.fill_in_middle is not None
-    prefix_id, suffix_id, middle_id = tokenizer.fill_in_middle
+    assert fim_tokens(tokenizer) is not None
+    prefix_id, suffix_id, middle_id = fim_tokens(tokenizer)
     middle = client.completions.create(model="x", prompt=PREFIX, suffix=SUFFIX, max_tokens=12, temperature=0)
     ids = [prefix_id, *tokenizer.encode(PREFIX), suffix_id, *tokenizer.encode(SUFFIX), middle_id]
     expected = client.completions.create(model="x", prompt=ids, max_tokens=12, temperature=0)
@@ -41,8 +42,8 @@ def test_the_middle_is_the_completion_of_the_prefix_suffix_middle_prompt(
 
 def test_a_fill_in_the_middle_marker_ends_the_middle(server: ServerHandle, tiny_llama_fim: Path) -> None:
     tokenizer = Tokenizer.from_folder(tiny_llama_fim)
-    assert tokenizer.fill_in_middle is not None
-    prefix_id = tokenizer.fill_in_middle[0]
+    assert fim_tokens(tokenizer) is not None
+    prefix_id = fim_tokens(tokenizer)[0]
     body = {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 4, "logit_bias": {str(prefix_id): 100}}
     answer = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60).json()
     assert answer["choices"][0]["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] == 1
@@ -59,13 +60,13 @@ def test_bad_suffixes_are_named(server: ServerHandle, extra: dict[str, object], 
 def test_infill_is_llama_cpps_fill_in_the_middle(client: OpenAI, server: ServerHandle, tiny_llama_fim: Path) -> None:
     """/infill's middle is the completion of llama.cpp's prompt: the typed start of the line after the prefix."""
     tokenizer = Tokenizer.from_folder(tiny_llama_fim)
-    assert tokenizer.fill_in_middle is not None
-    prefix_id, suffix_id, middle_id = tokenizer.fill_in_middle
+    assert fim_tokens(tokenizer) is not None
+    prefix_id, suffix_id, middle_id = fim_tokens(tokenizer)
     body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": "cake", "n_predict": 8, "temperature": 0}
     answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60).json()
     text = tokenizer.encode_literal
     ids = [prefix_id, *text(PREFIX), *text("cake"), suffix_id, *text(SUFFIX), middle_id]
-    assert tokenizer.fill_in_middle_prompt(PREFIX, SUFFIX, typed="cake") == ids
+    assert fim_prompt(tokenizer, PREFIX, SUFFIX, typed="cake") == ids
     expected = client.completions.create(model="x", prompt=ids, max_tokens=8, temperature=0)
     assert answer["content"] == expected.choices[0].text and answer["stop"] is True
     assert (answer["tokens_predicted"], answer["tokens_evaluated"]) == (8, len(ids))
@@ -92,10 +93,10 @@ def test_n_predict_0_reads_the_prompt_into_the_cache(server: ServerHandle) -> No
 def test_code_naming_special_tokens_stays_text(server: ServerHandle, tiny_llama_fim: Path) -> None:
     """llama.cpp reads the code as text: a FIM marker's name written in it is not the marker."""
     tokenizer = Tokenizer.from_folder(tiny_llama_fim)
-    assert tokenizer.fill_in_middle is not None
+    assert fim_tokens(tokenizer) is not None
     prefix = 'MARKER = "<|fim_prefix|>"\n'
-    ids = tokenizer.fill_in_middle_prompt(prefix, "<|fim_middle|>")
-    assert ids.count(tokenizer.fill_in_middle[0]) == 1 and ids.count(tokenizer.fill_in_middle[2]) == 1
+    ids = fim_prompt(tokenizer, prefix, "<|fim_middle|>")
+    assert ids.count(fim_tokens(tokenizer)[0]) == 1 and ids.count(fim_tokens(tokenizer)[2]) == 1
     body = {"input_prefix": prefix, "input_suffix": "<|fim_middle|>", "n_predict": 1}
     answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60).json()
     assert answer["tokens_evaluated"] == len(ids)
@@ -103,12 +104,12 @@ def test_code_naming_special_tokens_stays_text(server: ServerHandle, tiny_llama_
 
 def test_infill_puts_other_files_first_and_stops_like_llama_cpp(server: ServerHandle, tiny_llama_fim: Path) -> None:
     tokenizer = Tokenizer.from_folder(tiny_llama_fim)
-    assert tokenizer.fill_in_middle is not None
+    assert fim_tokens(tokenizer) is not None
     files = [("oven.py", "HEAT = 180\n")]
-    ids = tokenizer.fill_in_middle_prompt(PREFIX, SUFFIX, files=files)
+    ids = fim_prompt(tokenizer, PREFIX, SUFFIX, files=files)
     chunk = tokenizer.encode_literal("\n\n--- snippet ---\n\nHEAT = 180\n")
     assert ids[: len(chunk)] == chunk  # no repository tokens in this model: each chunk after a snippet line
-    assert ids[len(chunk)] == tokenizer.fill_in_middle[0] and ids[-1] == tokenizer.fill_in_middle[2]
+    assert ids[len(chunk)] == fim_tokens(tokenizer)[0] and ids[-1] == fim_tokens(tokenizer)[2]
     body = {
         "input_prefix": PREFIX,
         "input_suffix": SUFFIX,
@@ -132,7 +133,7 @@ def test_a_request_past_the_context_is_cut_to_fit_as_llama_cpp_does(server: Serv
     answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60).json()
     assert answer["truncated"] is True and answer["tokens_predicted"] == 4
     assert answer["tokens_evaluated"] <= 512 - 4
-    kept = tokenizer.fill_in_middle_prompt(PREFIX, SUFFIX, files=[(c["filename"], c["text"]) for c in chunks[-3:]])
+    kept = fim_prompt(tokenizer, PREFIX, SUFFIX, files=[(c["filename"], c["text"]) for c in chunks[-3:]])
     assert answer["tokens_evaluated"] >= len(kept)  # the newest chunks stayed
     long_prefix = "".join(f"step_{index} = bake(step_{index - 1})\n" for index in range(400))
     cut = httpx.post(f"{server.base_url}/infill", json={**body, "input_extra": [], "input_prefix": long_prefix}).json()
@@ -166,4 +167,4 @@ def test_the_start_of_a_file_is_filled_in_too(client: OpenAI, tiny_llama_fim: Pa
     """An empty prefix (the cursor at the top of the file) is a prompt with a suffix."""
     tokenizer = Tokenizer.from_folder(tiny_llama_fim)
     answer = client.completions.create(model="x", prompt="", suffix=SUFFIX, max_tokens=3, temperature=0)
-    assert answer.usage is not None and answer.usage.prompt_tokens == len(tokenizer.fill_in_middle_prompt("", SUFFIX))
+    assert answer.usage is not None and answer.usage.prompt_tokens == len(fim_prompt(tokenizer, "", SUFFIX))

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from cake_py.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from cake_py.models.config import ModelConfig
+from cake_py.models.fill_in_middle import fim_tokens
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.tokenizer import Tokenizer as CakeTokenizer
@@ -489,6 +490,6 @@ def test_deepseek_fill_in_the_middle_tokens_stay_whole(
     source = GGUFWeights(tmp_path / "deepseek.gguf")
     tokenizer = CakeTokenizer.from_json(source.tokenizer_json(), source.tokenizer_config())
     ids = tuple(range(len(tokens), len(tokens) + 3))
-    assert tokenizer.fill_in_middle == ids
+    assert fim_tokens(tokenizer) == ids
     assert tokenizer.encode(f"{names[0]}def", add_special_tokens=False)[0] == ids[0]
     assert tokenizer.decode([ids[1]], skip_special_tokens=False) == names[1]
