@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.fixtures.tiny_models import write_tiny_model  # noqa: E402
+from tests.fixtures.tiny_models import with_special_tokens, write_tiny_model  # noqa: E402
 
 TinyModelFactory = Callable[..., Path]
 
@@ -92,19 +92,7 @@ def tiny_llama_fim(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -
     folder = tmp_path_factory.mktemp("fim") / "llama"
     shutil.copytree(tiny_llama, folder)
     path = folder / "tokenizer.json"
-    tokenizer = json.loads(path.read_text())
-    vocab: dict[str, int] = tokenizer["model"]["vocab"]
-    last = sorted(vocab, key=vocab.__getitem__)[-3:]
     names = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
-    merges = tokenizer["model"]["merges"]
-    joined = [merge if isinstance(merge, str) else " ".join(merge) for merge in merges]
-    tokenizer["model"]["merges"] = [m for m, j in zip(merges, joined, strict=True) if j.replace(" ", "") not in last]
-    for old, name in zip(last, names, strict=True):
-        token_id = vocab.pop(old)
-        vocab[name] = token_id
-        tokenizer["added_tokens"].append(
-            {"id": token_id, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True}
-        )  # fmt: skip
+    tokenizer = with_special_tokens(json.loads(path.read_text()), names)
     path.write_text(json.dumps(tokenizer))
     return folder
