@@ -1,0 +1,121 @@
+"""The Responses API's objects: the response being answered (`Draft`), its output items (message, reasoning,
+function call), its status and usage, and the finished response as it is stored (responses.py answers with them,
+response_events.py streams them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cake_py.api.background import without_logprobs
+from cake_py.api.response_store import StoredResponse
+from cake_py.api.responses_input import new_id
+from cake_py.api.state import ServerState
+from cake_py.engine.sequence import GenerationEvent
+from cake_py.models.tokenizer import Tokenizer
+
+
+@dataclass
+class Draft:
+    """The response being answered: its id and the request fields the response object repeats."""
+
+    id: str
+    created_at: int
+    model: str
+    echo: dict[str, Any]
+    store: bool
+    history: list[dict[str, Any]]  # the conversation before the answer (for the store)
+    items: list[dict[str, Any]]  # this request's input items (for the store)
+    tokenizer: Tokenizer
+    logprobs: bool
+    thinking: bool | None = None  # a reasoning model's answer: whether it starts inside <think> (None: not one)
+    background: bool = False  # answered by a task of the server's own (background.py)
+
+    def body(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None,
+        *,
+        error: dict[str, Any] | None = None,
+        incomplete: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": error,
+            "incomplete_details": incomplete,
+            "model": self.model,
+            "output": output,
+            "usage": usage,
+            **self.echo,
+        }
+
+
+def usage_of(event: GenerationEvent) -> dict[str, Any]:
+    return {
+        "input_tokens": event.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": event.cached_tokens},
+        "output_tokens": event.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
+
+
+def message_item(item_id: str, text: str, status: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [part]}
+
+
+def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A reasoning model's thinking as a reasoning output item (its text as reasoning_text content)."""
+    content = [{"type": "reasoning_text", "text": text}] if text else []
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
+
+
+def call_item(call: dict[str, Any], status: str | None = None, arguments: str | None = None) -> dict[str, Any]:
+    """A call as a function_call output item (`status`: the call's own, else completed)."""
+    function = call["function"]
+    return {
+        "type": "function_call",
+        "id": call["item_id"],
+        "call_id": call["id"],
+        "name": function["name"],
+        "arguments": function["arguments"] if arguments is None else arguments,
+        "status": status or call.get("status", "completed"),
+    }
+
+
+def status_of(event: GenerationEvent) -> tuple[str, dict[str, Any] | None]:
+    if event.finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    return "completed", None
+
+
+def finish_response(
+    state: ServerState,
+    draft: Draft,
+    message: dict[str, Any] | None,
+    calls: list[dict[str, Any]],
+    last: GenerationEvent,
+    reasoning: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The finished response object; stored (with its conversation) unless the request said `store: false`. The
+    stored conversation leaves the thinking out, as reasoning models' templates leave it out of past turns."""
+    status, incomplete = status_of(last)
+    output = [item for item in (reasoning, message) if item is not None] + [call_item(call) for call in calls]
+    response = draft.body(status, output, usage_of(last), incomplete=incomplete)
+    if draft.store:
+        answer: dict[str, Any] = {"role": "assistant", "content": message["content"][0]["text"] if message else ""}
+        if calls:
+            answer["tool_calls"] = [
+                {"id": call["id"], "type": "function", "function": call["function"]} for call in calls
+            ]
+        state.responses.put(StoredResponse(without_logprobs(response), draft.items, [*draft.history, answer]))
+    return response
+
+
+def with_item_ids(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**call, "item_id": new_id("fc")} for call in calls]
