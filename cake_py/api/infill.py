@@ -63,9 +63,17 @@ def fitted_prompt(
     ids = fim_prompt(tokenizer, prefix, suffix, typed=typed, files=files)
     if len(ids) <= budget:
         return ids, False
-    while files and len(ids) > budget:
-        files = files[1:]
-        ids = fim_prompt(tokenizer, prefix, suffix, typed=typed, files=files)
+    # The fewest oldest chunks to drop, by bisection: each try tokenizes the whole prompt again, and an editor's ring
+    # holds dozens of chunks, so dropping them one at a time would cost a quadratic number of chunk encodes.
+    low, high = 0, len(files)  # dropping `high` chunks fits, or none do and the prefix/suffix cut below must
+    while low < high:
+        middle = (low + high) // 2
+        if len(fim_prompt(tokenizer, prefix, suffix, typed=typed, files=files[middle:])) <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    files = files[high:]
+    ids = fim_prompt(tokenizer, prefix, suffix, typed=typed, files=files)
     before, after = tokenizer.encode_literal(prefix), tokenizer.encode_literal(suffix)
     over = len(ids) - budget
     if over > 0:
@@ -206,6 +214,7 @@ class _Answer:
     def final(self, content: str, last: GenerationEvent, stream: EventStream) -> dict[str, Any]:
         now = time.perf_counter()
         first = stream.first_token_at or now
+        computed = self.prompt_tokens - last.cached_tokens  # prompt tokens not given by the prefix cache
         predicted = last.completion_tokens if self.n_predict else 0  # n_predict 0: its one token is not an answer
         ended_by_token = bool(last.tokens) and last.tokens[-1].token_id in self._ends()
         stop_type = "limit" if last.finish_reason == "length" else "eos" if ended_by_token else "word"
@@ -223,10 +232,10 @@ class _Answer:
             "generation_settings": self._settings(),
             "timings": {
                 "cache_n": last.cached_tokens,
-                "prompt_n": self.prompt_tokens - last.cached_tokens,
+                "prompt_n": computed,
                 "prompt_ms": round(prompt_ms, 3),
-                "prompt_per_token_ms": round(prompt_ms / max(self.prompt_tokens - last.cached_tokens, 1), 3),
-                "prompt_per_second": round((self.prompt_tokens - last.cached_tokens) / max(prompt_ms / 1000, 1e-9), 3),
+                "prompt_per_token_ms": round(prompt_ms / max(computed, 1), 3),
+                "prompt_per_second": round(computed / max(prompt_ms / 1000, 1e-9), 3),
                 "predicted_n": predicted,
                 "predicted_ms": round(predicted_ms, 3),
                 "predicted_per_token_ms": round(predicted_ms / max(predicted, 1), 3),
