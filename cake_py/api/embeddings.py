@@ -20,9 +20,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
-from cake_py.api.schemas import flag, json_body
+from cake_py.api.schemas import flag, json_body, number
 from cake_py.api.state import ServerState
 from cake_py.api.streaming import collect_all, open_streams
+from cake_py.errors import RequestError
 from cake_py.models.pooling import Pooling
 from cake_py.models.sampling import SamplingParams
 
@@ -97,7 +98,10 @@ async def embeddings(request: Request) -> Response:
         ]
 
     prompts = await run_in_threadpool(encode_all)
-    params = SamplingParams(max_tokens=0, pooling=pooling)
+    try:
+        params = SamplingParams(max_tokens=0, pooling=pooling, priority=int(number(body, "priority", 0, integer=True)))
+    except RequestError as error:
+        raise ApiError(400, str(error)) from error
     for index, ids in enumerate(prompts):
         if keep is not None:
             prompts[index] = ids = ids[-keep:]

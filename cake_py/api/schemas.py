@@ -129,6 +129,7 @@ def openai_sampling(
             logprobs=logprobs,
             top_logprobs=int(top_logprobs),
             prompt_logprobs=prompt_logprobs and logprobs,
+            priority=int(number(body, "priority", 0, integer=True)),
         )
     except RequestError as error:
         raise ApiError(400, str(error)) from error

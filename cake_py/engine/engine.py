@@ -402,9 +402,10 @@ class Engine:
         self._settle()
 
     def _admit(self) -> None:
-        """Start waiting sequences while there is room, fairly between requests: the next is the oldest of the request
-        with the fewest running (a request of a thousand inputs must not hold every slot while a chat waits behind
-        it), the oldest first among equals."""
+        """Start waiting sequences while there is room, by priority (lower first: a Batch API request waits while
+        an interactive one waits), then fairly between requests: the next is the oldest of the request with the fewest
+        running (a request of a thousand inputs must not hold every slot while a chat waits behind it), the oldest
+        first among equals."""
         room = self.max_running - len(self._running)
         if room <= 0 or not self._waiting:
             return
@@ -414,7 +415,10 @@ class Engine:
         running = Counter(seq.request for seq in self._running.values())
         heads = {request: 0 for request in by_request}
         for _ in range(min(room, len(self._waiting))):
-            request = min(heads, key=lambda r: (running[r], by_request[r][heads[r]].seq_id))
+            request = min(
+                heads,
+                key=lambda r: (by_request[r][heads[r]].params.priority, running[r], by_request[r][heads[r]].seq_id),
+            )
             seq = by_request[request][heads[request]]
             heads[request] += 1
             if heads[request] == len(by_request[request]):

@@ -22,6 +22,7 @@ MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+MAX_PRIORITY = 2**31 - 1  # a 32-bit integer, either sign
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 
 
@@ -52,6 +53,8 @@ class SamplingParams:
     pooling: Pooling | None = None
     # OpenAI's Predicted Outputs: token ids the output is expected to hold, drafted and verified (speculation.py).
     prediction: tuple[int, ...] | None = None
+    # vLLM's: when sequences wait for a slot, a lower priority starts first (Batch API requests run at 1).
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if self.pooling is not None and self.max_tokens:
@@ -87,6 +90,8 @@ class SamplingParams:
             raise RequestError("stop strings must not be empty")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise RequestError(f"seed must fit in 64 bits, got {self.seed}")
+        if not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
+            raise RequestError(f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}, got {self.priority}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
 

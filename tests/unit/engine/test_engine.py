@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -464,3 +465,45 @@ def test_waiting_sequences_start_fairly_between_requests(tiny_model_factory) -> 
         engine.stop()
     assert order.index("chat") <= 3, order  # the first two big ones, at most one more, then the chat
     assert sorted(order) == sorted([*(f"big-{index}" for index in range(6)), "chat"])
+
+
+def test_a_lower_priority_number_starts_first(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's `priority`: of the sequences waiting for a slot, the lowest number starts first, whatever the order
+    they came in (a Batch API request, at 1, waits while an interactive one, at 0, waits)."""
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, max_running=1)
+    started: list[str] = []
+    lock = threading.Lock()
+    done = threading.Semaphore(0)
+
+    def sink(name: str) -> Callable[[GenerationEvent], None]:
+        def receive(event: GenerationEvent) -> None:
+            with lock:
+                if name not in started:
+                    started.append(name)
+            if event.finished:
+                done.release()
+
+        return receive
+
+    engine.start()
+    try:
+        # The one slot is busy while the others come, each its own request.
+        engine.submit([9, 9, 9], replace(GREEDY, max_tokens=300, ignore_eos=True), sink("first"))
+        deadline = time.monotonic() + 60
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for index, priority in enumerate((1, 1, 0, 5, -2)):
+            params = replace(GREEDY, max_tokens=2, priority=priority)
+            engine.submit([5, 6, 7 + index], params, sink(f"p{priority}-{index}"))
+        for _ in range(6):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert started == ["first", "p-2-4", "p0-2", "p1-0", "p1-1", "p5-3"]
+
+
+def test_priority_is_a_32_bit_integer() -> None:
+    assert SamplingParams(priority=-(2**31) + 1).priority == -(2**31) + 1
+    with pytest.raises(RequestError, match="priority must be between"):
+        SamplingParams(priority=2**31)
