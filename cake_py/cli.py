@@ -21,6 +21,7 @@ from cake_py.config import (
     check_dtype,
     check_tls_files,
     default_cache_dir,
+    default_files_dir,
     env,
     load_cluster_file,
     parse_cpus,
@@ -133,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--connect-timeout", type=_positive_float, default=10.0, help="seconds to wait for each worker at startup"
     )
     serve.add_argument("--threads", type=_positive_int, help="torch threads of the master")
+    serve.add_argument("--files-dir", type=Path, help=f"Files and Batch APIs' storage (default: {default_files_dir()})")
+    serve.add_argument(
+        "--max-file-mb", type=_at_least_one, default=512, help="largest file the Files API accepts, in MiB"
+    )
+    serve.add_argument(
+        "--batch-concurrency",
+        type=_at_least_one,
+        help="requests of one batch running at once (default: half of --max-running)",
+    )
     serve.add_argument("--cpus", help=CPUS_HELP)
     serve.add_argument(
         "--no-chain",
@@ -279,6 +289,9 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         cpus=cpus,
         chain=args.chain,
         cuda_graphs=args.cuda_graphs,
+        files_dir=args.files_dir or default_files_dir(),
+        max_file_bytes=args.max_file_mb * 1024 * 1024,
+        batch_concurrency=args.batch_concurrency,
     )
 
 

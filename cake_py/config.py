@@ -62,6 +62,11 @@ class ServeSettings:
     cpus: tuple[int, ...] | None = None  # CPUs this process may run on (--cpus); None = wherever the OS likes
     chain: bool = True  # workers pass hidden states straight to the next worker (--no-chain: via the master)
     cuda_graphs: bool = True  # on a GPU, one sequence's decode steps replay as CUDA graphs (--no-cuda-graphs)
+    # The Files and Batch APIs: where files and batches are kept, the largest upload, and how many of a batch's
+    # requests run at once (None: half of max_running, so interactive requests keep slots of their own).
+    files_dir: Path = field(default_factory=lambda: default_files_dir())
+    max_file_bytes: int = 512 * 1024 * 1024
+    batch_concurrency: int | None = None
 
 
 @dataclass
@@ -93,6 +98,11 @@ def env(name: str) -> str | None:
 def default_cache_dir() -> Path:
     base = env("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "cake" / "worker"
+
+
+def default_files_dir() -> Path:
+    base = env("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cake" / "files"
 
 
 def check_dtype(value: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,15 @@ from tests.fixtures.tiny_models import with_special_tokens, write_tiny_model  # 
 TinyModelFactory = Callable[..., Path]
 
 pytest_plugins = ["tests.fixtures.no_skip"]  # CAKE_NO_SKIP=1: a skipped test fails the run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The Files and Batch APIs keep what they store under $XDG_DATA_HOME: in tests, a session's own folder, never
+    the user's (and the `cake serve` processes tests start inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data_home")))
+        yield
 
 
 @pytest.fixture(scope="session")

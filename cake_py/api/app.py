@@ -10,11 +10,14 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.routing import BaseRoute, Route
 
 from cake_py.api import (
+    batches,
     completions,
     embeddings,
+    files,
     health,
     infill,
     management,
@@ -29,6 +32,7 @@ from cake_py.api import (
     topology,
     web,
 )
+from cake_py.api.batch_runner import BatchRunner
 from cake_py.api.errors import EXCEPTION_HANDLERS
 from cake_py.api.metrics import ApiMetrics, MetricsMiddleware
 from cake_py.api.middleware import AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware
@@ -64,9 +68,12 @@ def create_app(state: ServerState) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if state.engine is not None:
             state.engine.start()
+        assert state.batches is not None
+        await state.batches.start()  # batches a stopped server had not finished go on
         try:
             yield
         finally:
+            await state.batches.stop()  # before the engine stops: a request it ends would count as failed
             await state.responses.stop_background()  # each run stores itself cancelled and leaves the engine
             if state.engine is not None:  # the engine serving now: a /models/load may have replaced the first one
                 await run_in_threadpool(state.engine.close)  # joins the engine thread: never on the event loop
@@ -77,6 +84,8 @@ def create_app(state: ServerState) -> Starlette:
         *completions.ROUTES,
         *responses.ROUTES,
         *embeddings.ROUTES,
+        *files.ROUTES,
+        *batches.ROUTES,
         *infill.ROUTES,
         *tokens.ROUTES,
         *media.ROUTES,
@@ -98,7 +107,11 @@ def create_app(state: ServerState) -> Starlette:
         Middleware(MetricsMiddleware, state=state, paths=paths),
         Middleware(AuthMiddleware, api_key=settings.api_key, ui_auth=settings.ui_auth),
         Middleware(RateLimitMiddleware, per_minute=settings.rate_limit, burst=settings.rate_burst),
-        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+        Middleware(
+            BodyLimitMiddleware,
+            max_bytes=settings.max_body_bytes,
+            overrides={files.UPLOAD_PATH: settings.max_file_bytes + files.FORM_OVERHEAD_BYTES},
+        ),
     ]
     app = Starlette(
         routes=routes,
@@ -107,4 +120,8 @@ def create_app(state: ServerState) -> Starlette:
         lifespan=lifespan,
     )
     app.state.cake = state
+    # A batch's requests go to the routes and their error handlers, not through the middleware (auth, rate limit).
+    dispatch = ExceptionMiddleware(app.router, handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+    concurrency = settings.batch_concurrency or max(1, settings.max_running // 2)
+    state.batches = BatchRunner(settings.files_dir, state.files, app, dispatch, concurrency)
     return app

@@ -150,19 +150,23 @@ class RateLimitMiddleware:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    """413 for a body over `max_bytes` (0: no limit), or over the path's own limit in `overrides` (uploads)."""
 
-    def _too_large(self, size: int | str) -> str:
-        return f"request body of {size} bytes is over the limit of {self.max_bytes} bytes"
+    def __init__(self, app: ASGIApp, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
+        self.app, self.max_bytes, self.overrides = app, max_bytes, overrides or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.max_bytes <= 0:
+        limit = self.overrides.get(scope.get("path", ""), self.max_bytes) if scope["type"] == "http" else 0
+        if limit <= 0:
             await self.app(scope, receive, send)
             return
+
+        def too_large(size: int | str) -> str:
+            return f"request body of {size} bytes is over the limit of {limit} bytes"
+
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_error(send, scope["path"], 413, self._too_large(int(declared)))
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await send_error(send, scope["path"], 413, too_large(int(declared)))
             return
         received = 0
 
@@ -171,8 +175,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise ApiError(413, self._too_large(f"more than {self.max_bytes}"))
+                if received > limit:
+                    raise ApiError(413, too_large(f"more than {limit}"))
             return message
 
         await self.app(scope, counted, send)

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py import __version__
+from cake_py.api import openapi_files
 from cake_py.api.openapi_schemas import BOOL, INT, SCHEMAS, STR, obj, ref
 
 STATUS_TEXT = {
@@ -256,6 +257,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/health": {"get": _op("200 while every stage is up, 503 otherwise", _json(ref("Health")), security=PUBLIC)},
     "/metrics": {"get": _op("Prometheus metrics", {"text/plain": {"schema": STR}}, errors=(401,))},
     "/openapi.json": {"get": _op("This document", _json({"type": "object"}), errors=(401,))},
+    **openapi_files.paths(_op, _json),
 }
 
 
@@ -269,7 +271,7 @@ def document() -> dict[str, Any]:
         },
         "paths": PATHS,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **openapi_files.SCHEMAS},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "basic": {"type": "http", "scheme": "basic"},

@@ -28,6 +28,7 @@ GENERATION_PATHS = frozenset(
         "/v1/completions",
         "/v1/embeddings",
         "/v1/responses",
+        "/v1/batches",
         "/generate",
         "/chat",
         "/generate/batch",

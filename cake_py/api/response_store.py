@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
+from cake_py.api.listing import list_page
 
 if TYPE_CHECKING:
     from cake_py.api.background import LiveResponse
@@ -198,34 +199,7 @@ async def list_input_items(request: Request) -> Response:
     response_id = request.path_params["response_id"]
     live = state.responses.live(response_id)
     items = list(live.input_items if live is not None else _stored(state, response_id).input_items)
-    query = request.query_params
-    order = query.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise ApiError(400, f"order must be asc or desc, got {order!r}"[:300])
-    try:
-        limit = int(query.get("limit", "20"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 100:
-        raise ApiError(400, f"limit must be an integer from 1 to 100, got {query.get('limit')!r}"[:300])
-    if order == "desc":
-        items.reverse()
-    after = query.get("after")
-    if after is not None:
-        ids = [item["id"] for item in items]
-        if after not in ids:
-            raise ApiError(400, f"after: no input item of this response has the id {after!r}"[:300])
-        items = items[ids.index(after) + 1 :]
-    page = items[:limit]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(items) > limit,
-        }
-    )
+    return JSONResponse(list_page(request.query_params, items, what="input item of this response"))
 
 
 ROUTES = [

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cake_py.api.errors import ApiError
+from cake_py.api.file_store import FileStore
 from cake_py.api.response_store import ResponseStore
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import ENGINE_DEAD, Engine
@@ -16,6 +17,7 @@ from cake_py.models.hub import ModelSource
 from cake_py.models.pooling import DEFAULT_POOLING
 
 if TYPE_CHECKING:
+    from cake_py.api.batch_runner import BatchRunner
     from cake_py.api.metrics import ApiMetrics
 
 NO_TEXT_MODEL = "No text model loaded"
@@ -80,6 +82,8 @@ class ServerState:
     configured_model: str | None = field(init=False)  # the one the server started with (None: embedded)
     retired: RetiredTotals = field(default_factory=RetiredTotals)
     responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
+    files: FileStore = field(init=False)  # the Files API's, under --files-dir
+    batches: BatchRunner | None = None  # the Batch API's runs: set by create_app (they call the app's routes)
     # The engine serving now and what the engines before it counted, as one value: a scrape in another thread reads
     # both at once, so it never counts an engine twice (live and retired) or not at all.
     counted: tuple[Engine | None, RetiredTotals] = field(init=False, repr=False)
@@ -100,6 +104,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.configured_model = self.settings.model
+        self.files = FileStore(self.settings.files_dir, self.settings.max_file_bytes)
         self.remember(self.settings.model)
 
     def remember(self, model_id: str | None) -> None:

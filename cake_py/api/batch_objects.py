@@ -1,0 +1,131 @@
+"""The Batch API's objects: OpenAI's Batch object as stored (with its request counts and token usage) and a batch's
+input file, read and checked line by line (OpenAI's BatchError objects for what is wrong with it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+MAX_REQUESTS = 50_000  # OpenAI's most requests in one batch
+MAX_REPORTED_ERRORS = 100  # of an input file that fails validation
+TERMINAL = ("failed", "completed", "expired", "cancelled")
+USAGE_KEYS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens")
+
+
+@dataclass
+class Batch:
+    """OpenAI's Batch object, as stored."""
+
+    id: str
+    endpoint: str
+    input_file_id: str
+    created_at: int
+    expires_at: int
+    model: str
+    metadata: dict[str, str] | None = None
+    status: str = "validating"
+    errors: list[dict[str, Any]] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    usage: dict[str, int] = field(default_factory=lambda: dict.fromkeys(USAGE_KEYS, 0))
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        counts = {"total": body.pop("total"), "completed": body.pop("completed"), "failed": body.pop("failed")}
+        usage = body.pop("usage")
+        return {
+            **body,
+            "object": "batch",
+            "completion_window": "24h",
+            "errors": {"object": "list", "data": self.errors} if self.errors is not None else None,
+            "request_counts": counts,
+            "usage": {
+                "input_tokens": usage["input_tokens"],
+                "input_tokens_details": {"cached_tokens": usage["cached_tokens"]},
+                "output_tokens": usage["output_tokens"],
+                "output_tokens_details": {"reasoning_tokens": usage["reasoning_tokens"]},
+                "total_tokens": usage["input_tokens"] + usage["output_tokens"],
+            },
+        }
+
+
+def add_usage(total: dict[str, int], body: Any) -> None:
+    """Counts one answer's usage: chat and completions (`prompt_tokens`…), responses (`input_tokens`…), embeddings."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return
+    input_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    output_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+    found = {
+        "input_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
+        "output_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
+        "cached_tokens": input_details.get("cached_tokens") if isinstance(input_details, dict) else None,
+        "reasoning_tokens": output_details.get("reasoning_tokens") if isinstance(output_details, dict) else None,
+    }
+    for key, value in found.items():
+        if isinstance(value, int):
+            total[key] += value
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    custom_id: str
+    body: dict[str, Any]
+
+
+def read_requests(path: Path, endpoint: str) -> tuple[list[BatchRequest], list[dict[str, Any]]]:
+    """A batch input file's requests, or what is wrong with it (OpenAI's BatchError objects, by line)."""
+    requests: list[BatchRequest] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def error(line: int | None, code: str, message: str, param: str | None = None) -> None:
+        errors.append({"code": code, "line": line, "message": message, "param": param})
+
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if len(errors) >= MAX_REPORTED_ERRORS:
+                break
+            if not raw.strip():
+                continue
+            try:
+                entry = json.loads(raw)
+            except (ValueError, RecursionError):
+                error(number, "invalid_json_line", f"line {number} is not valid JSON")
+                continue
+            if not isinstance(entry, dict):
+                error(number, "invalid_request", f"line {number} is not a JSON object")
+                continue
+            custom_id, body = entry.get("custom_id"), entry.get("body")
+            if not isinstance(custom_id, str) or not custom_id:
+                error(number, "invalid_request", f"line {number} has no custom_id (a non-empty string)", "custom_id")
+            elif custom_id in seen:
+                error(number, "duplicate_custom_id", f"custom_id {custom_id!r} is used more than once", "custom_id")
+            elif entry.get("method") != "POST":
+                error(number, "invalid_request", f"method must be POST, got {entry.get('method')!r}", "method")
+            elif entry.get("url") != endpoint:
+                error(number, "mismatched_endpoint", f"url {entry.get('url')!r} is not the batch's {endpoint}", "url")
+            elif not isinstance(body, dict):
+                error(number, "invalid_request", f"line {number}'s body is not a JSON object", "body")
+            else:
+                seen.add(custom_id)
+                requests.append(BatchRequest(custom_id, body))
+                if len(requests) > MAX_REQUESTS:
+                    error(None, "too_many_requests", f"a batch holds at most {MAX_REQUESTS} requests")
+                    break
+    if not requests and not errors:
+        error(None, "empty_file", "the input file holds no requests")
+    return requests, errors

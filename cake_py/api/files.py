@@ -1,0 +1,122 @@
+"""OpenAI's Files API, which the Batch API reads its requests from and writes its results to: POST /v1/files
+(multipart `file`, `purpose`, optional `expires_after[anchor]`/`expires_after[seconds]`), GET /v1/files (`purpose`,
+`order`, `limit` up to 10,000, `after`), GET and DELETE /v1/files/{id}, GET /v1/files/{id}/content. Stored on disk
+by `file_store.FileStore`."""
+
+from __future__ import annotations
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py.api.errors import ApiError
+from cake_py.api.file_store import (
+    BATCH_FILE_TTL_S,
+    MAX_TTL_S,
+    MIN_TTL_S,
+    UPLOAD_PURPOSES,
+    FileStore,
+    FileTooLargeError,
+    StoredFile,
+)
+from cake_py.api.listing import list_page
+from cake_py.api.state import ServerState
+
+MAX_LISTED = 10_000  # OpenAI's most files per page, and its default
+UPLOAD_PATH = "/v1/files"
+FORM_OVERHEAD_BYTES = 64 * 1024  # an upload's body: the file, its form fields and boundaries
+
+
+def store_of(request: Request) -> FileStore:
+    state: ServerState = request.app.state.cake
+    return state.files
+
+
+async def stored_file(store: FileStore, file_id: str) -> StoredFile:
+    try:
+        return await run_in_threadpool(store.get, file_id)
+    except KeyError:
+        raise ApiError(404, f"no file with id {file_id!r}"[:300]) from None
+
+
+def _ttl(expires_after: dict[str, str], purpose: str) -> int | None:
+    """Seconds until the file expires: `expires_after` (anchored at `created_at`), else 30 days for batch input."""
+    if not expires_after:
+        return BATCH_FILE_TTL_S if purpose == "batch" else None
+    if expires_after.get("anchor") != "created_at":
+        raise ApiError(400, f"expires_after[anchor] must be 'created_at', got {expires_after.get('anchor')!r}"[:300])
+    seconds = expires_after.get("seconds", "")
+    if not seconds.isdigit() or not MIN_TTL_S <= int(seconds) <= MAX_TTL_S:
+        raise ApiError(
+            400, f"expires_after[seconds] must be an integer from {MIN_TTL_S} to {MAX_TTL_S}, got {seconds!r}"[:300]
+        )
+    return int(seconds)
+
+
+async def upload_file(request: Request) -> Response:
+    store = store_of(request)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "upload a file as multipart/form-data with the fields file and purpose")
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload = form.get("file")
+        purpose = form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "the field file (the file's content) is missing")
+        if purpose not in UPLOAD_PURPOSES:
+            raise ApiError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}, got {purpose!r}"[:300])
+        prefix = "expires_after["
+        expires_after = {
+            key[len(prefix) : -1]: value
+            for key, value in form.items()
+            if key.startswith(prefix) and key.endswith("]") and isinstance(value, str)
+        }
+        ttl = _ttl(expires_after, purpose)
+        filename = upload.filename or "upload"
+        try:
+            stored = await run_in_threadpool(store.add, upload.file, filename, purpose, ttl)
+        except FileTooLargeError as error:
+            raise ApiError(413, str(error)) from None
+    return JSONResponse(stored.to_json())
+
+
+async def list_files(request: Request) -> Response:
+    purpose = request.query_params.get("purpose")
+    files = await run_in_threadpool(store_of(request).list, purpose, newest_first=False)
+    page = list_page(
+        request.query_params,
+        [f.to_json() for f in files],
+        what="file",
+        default_limit=MAX_LISTED,
+        max_limit=MAX_LISTED,
+    )
+    return JSONResponse(page)
+
+
+async def retrieve_file(request: Request) -> Response:
+    stored = await stored_file(store_of(request), request.path_params["file_id"])
+    return JSONResponse(stored.to_json())
+
+
+async def delete_file(request: Request) -> Response:
+    file_id = request.path_params["file_id"]
+    if not await run_in_threadpool(store_of(request).delete, file_id):
+        raise ApiError(404, f"no file with id {file_id!r}"[:300])
+    return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+
+async def file_content(request: Request) -> Response:
+    store = store_of(request)
+    stored = await stored_file(store, request.path_params["file_id"])
+    # A deletion between here and the read ends the response short; FileResponse reads in a thread.
+    return FileResponse(store.bytes_of(stored), media_type="application/octet-stream", filename=stored.filename)
+
+
+ROUTES = [
+    Route(UPLOAD_PATH, upload_file, methods=["POST"]),
+    Route("/v1/files", list_files, methods=["GET"]),
+    Route("/v1/files/{file_id}", retrieve_file, methods=["GET"]),
+    Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
+    Route("/v1/files/{file_id}/content", file_content, methods=["GET"]),
+]

@@ -1,0 +1,93 @@
+"""A batch's input file read and checked line by line, its usage summed from each route's answer shape, and the
+Batch object as OpenAI's client reads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from openai.types import Batch as OpenAIBatch
+
+from cake_py.api.batch_objects import MAX_REPORTED_ERRORS, USAGE_KEYS, Batch, add_usage, read_requests
+
+URL = "/v1/chat/completions"
+
+
+def write(path: Path, lines: list[Any]) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def line(custom_id: str, **changes: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": URL, "body": {"messages": []}, **changes}
+
+
+def test_requests_are_read_in_order_skipping_blank_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "in.jsonl", [line("a"), "", "   ", line("b")])
+    requests, errors = read_requests(path, URL)
+    assert errors == [] and [r.custom_id for r in requests] == ["a", "b"]
+
+
+def test_each_bad_line_is_named_with_its_code(tmp_path: Path) -> None:
+    lines = [
+        line("a"),
+        line("a"),
+        line(""),
+        line("m", method="GET"),
+        line("u", url="/v1/completions"),
+        line("b", body=[1]),
+        "[1, 2]",
+        "{oops",
+    ]
+    _, errors = read_requests(write(tmp_path / "in.jsonl", lines), URL)
+    assert [(e["line"], e["code"], e["param"]) for e in errors] == [
+        (2, "duplicate_custom_id", "custom_id"),
+        (3, "invalid_request", "custom_id"),
+        (4, "invalid_request", "method"),
+        (5, "mismatched_endpoint", "url"),
+        (6, "invalid_request", "body"),
+        (7, "invalid_request", None),
+        (8, "invalid_json_line", None),
+    ]
+
+
+def test_an_empty_file_and_a_flood_of_errors(tmp_path: Path) -> None:
+    _, errors = read_requests(write(tmp_path / "empty.jsonl", ["", ""]), URL)
+    assert [e["code"] for e in errors] == ["empty_file"]
+    _, errors = read_requests(write(tmp_path / "bad.jsonl", ["{oops"] * (MAX_REPORTED_ERRORS + 50)), URL)
+    assert len(errors) == MAX_REPORTED_ERRORS
+
+
+def test_usage_is_summed_from_every_answer_shape() -> None:
+    total = dict.fromkeys(USAGE_KEYS, 0)
+    chat = {
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 4},
+        "completion_tokens_details": {"reasoning_tokens": 2},
+    }
+    add_usage(total, {"usage": chat})
+    add_usage(total, {"usage": {"input_tokens": 7, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 1}}})
+    add_usage(total, {"usage": {"prompt_tokens": 6, "total_tokens": 6}})  # embeddings
+    add_usage(total, {"error": "no usage here"})
+    add_usage(total, ["not", "an", "object"])
+    assert total == {"input_tokens": 23, "output_tokens": 8, "cached_tokens": 5, "reasoning_tokens": 2}
+
+
+def test_the_batch_object_is_what_openais_client_reads() -> None:
+    batch = Batch(
+        id="batch_1", endpoint=URL, input_file_id="file-1", created_at=10, expires_at=86410, model="m", total=3
+    )
+    batch.completed, batch.failed = 2, 1
+    batch.usage["input_tokens"], batch.usage["output_tokens"] = 30, 12
+    parsed = OpenAIBatch.model_validate(batch.to_json())
+    assert parsed.request_counts is not None and parsed.request_counts.model_dump() == {
+        "completed": 2,
+        "failed": 1,
+        "total": 3,
+    }
+    assert parsed.usage is not None and parsed.usage.total_tokens == 42
+    assert parsed.errors is None and parsed.completion_window == "24h"
+    batch.errors = [{"code": "empty_file", "line": None, "message": "m", "param": None}]
+    assert OpenAIBatch.model_validate(batch.to_json()).errors.data[0].code == "empty_file"  # type: ignore[union-attr]

@@ -1,0 +1,68 @@
+"""The Files API's disk store: files kept with their metadata, found again by a new store on the same folder,
+expired and deleted ones gone from disk, unfinished uploads and foreign names ignored."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+
+from cake_py.api.file_store import FileStore, FileTooLargeError
+
+
+def test_a_file_is_kept_listed_and_found_by_a_new_store(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, max_file_bytes=0)
+    first = store.add(io.BytesIO(b"abc"), "a.jsonl", "batch", None)
+    second = store.add_lines([b"one\n", b"two\n"], "b.jsonl", "batch_output", 3600)
+    assert (first.bytes, second.bytes) == (3, 8)
+    assert (store.directory / first.id).read_bytes() == b"abc"
+    assert second.expires_at == second.created_at + 3600
+    again = FileStore(tmp_path, max_file_bytes=0)  # a restarted server
+    assert again.get(first.id) == first and again.get(second.id) == second
+    assert [f.id for f in again.list("batch")] == [first.id]
+    assert {f.id for f in again.list()} == {first.id, second.id}
+    assert first.to_json()["object"] == "file" and first.to_json()["status"] == "processed"
+
+
+def test_delete_removes_the_bytes_and_the_metadata(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, max_file_bytes=0)
+    stored = store.add(io.BytesIO(b"abc"), "a", "user_data", None)
+    assert store.delete(stored.id)
+    assert list(store.directory.iterdir()) == []
+    assert not store.delete(stored.id)
+    with pytest.raises(KeyError):
+        store.get(stored.id)
+
+
+def test_an_expired_file_goes_when_the_store_is_next_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = FileStore(tmp_path, max_file_bytes=0)
+    stored = store.add(io.BytesIO(b"abc"), "a", "batch", 60)
+    kept = store.add(io.BytesIO(b"abc"), "b", "batch", None)
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    with pytest.raises(KeyError):
+        store.get(stored.id)
+    assert [f.id for f in store.list()] == [kept.id]
+    assert sorted(p.name for p in store.directory.iterdir()) == sorted([kept.id, f"{kept.id}.json"])
+
+
+def test_a_file_over_the_limit_leaves_nothing(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, max_file_bytes=4)
+    with pytest.raises(FileTooLargeError, match="'big' is over the 4-byte limit"):
+        store.add(io.BytesIO(b"12345"), "big", "batch", None)
+    assert list(store.directory.iterdir()) == []
+    assert store.add(io.BytesIO(b"1234"), "fits", "batch", None).bytes == 4
+
+
+def test_unfinished_uploads_and_foreign_names_are_not_files(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, max_file_bytes=0)
+    stored = store.add(io.BytesIO(b"abc"), "a", "batch", None)
+    (store.directory / "file-0123456789abcdef01234567").write_bytes(b"no metadata: an upload cut short")
+    (store.directory / "file-zzz.json").write_text("{not json")
+    again = FileStore(tmp_path, max_file_bytes=0)
+    assert [f.id for f in again.list()] == [stored.id]
+    for name in ("../../etc/passwd", "file-0123456789abcdef01234567", f"{stored.id}/../x", stored.id.upper()):
+        with pytest.raises(KeyError):
+            again.get(name)
