@@ -17,8 +17,8 @@ from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.openai import finish_reason, reject_unsupported, seeded, stream_error, usage_chunk
-from cake_py.api.schemas import choice_count, flag, json_body, openai_sampling, stream_usage
-from cake_py.api.state import ServerState
+from cake_py.api.schemas import choice_count, flag, openai_sampling, stream_usage
+from cake_py.api.state import generation_request
 from cake_py.api.streaming import GenerationResponse, collect_all, event_error, merged, open_streams, sse, usage
 from cake_py.api.structured import structured_grammar
 from cake_py.models.fill_in_middle import fim_prompt, fim_stops, fim_tokens
@@ -83,10 +83,8 @@ def _completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
 
 
 async def completions(request: Request) -> Response:
-    state: ServerState = request.app.state.cake
-    engine, source = state.ready()
+    state, engine, source, body = await generation_request(request)
     tokenizer = source.tokenizer
-    body = await json_body(request)
     reject_unsupported(body)
     _reject_unsupported_completion(body)
     prompts = _completion_prompts(body)

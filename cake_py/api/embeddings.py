@@ -20,8 +20,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
-from cake_py.api.schemas import flag, json_body, number
-from cake_py.api.state import ServerState
+from cake_py.api.schemas import flag, number
+from cake_py.api.state import generation_request
 from cake_py.api.streaming import collect_all, open_streams
 from cake_py.errors import RequestError
 from cake_py.models.pooling import Pooling
@@ -73,10 +73,8 @@ def _vector(data: bytes, encoding: str) -> list[float] | str:
 
 
 async def embeddings(request: Request) -> Response:
-    state: ServerState = request.app.state.cake
-    engine, source = state.ready()
+    state, engine, source, body = await generation_request(request)
     tokenizer = source.tokenizer
-    body = await json_body(request)
     inputs = embedding_inputs(body)
     encoding = body.get("encoding_format") or "float"
     if encoding not in ENCODINGS:

@@ -10,8 +10,6 @@ defaults; `n_predict: 0` only reads the prompt into the prefix cache (the editor
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -22,13 +20,11 @@ from starlette.routing import Route
 
 from cake_py.api.completions import no_fill_in_middle
 from cake_py.api.errors import ApiError
-from cake_py.api.schemas import flag, json_body, number, stop_strings
-from cake_py.api.state import ServerState
-from cake_py.api.streaming import EventStream, GenerationResponse, collect_all, event_error, open_streams, sse
-from cake_py.engine.sequence import GenerationEvent
-from cake_py.errors import RequestError
+from cake_py.api.llama_cpp import Completion, EditorLimits, completion_events, llama_sampling, one_event
+from cake_py.api.schemas import flag
+from cake_py.api.state import generation_request
+from cake_py.api.streaming import GenerationResponse, collect_all, open_streams
 from cake_py.models.fill_in_middle import fim_prompt, fim_stops, fim_tokens
-from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
 DEFAULT_ANSWER_ROOM = 256  # tokens kept free for the answer when a long request is cut to fit (n_predict -1 or 0)
@@ -85,79 +81,9 @@ def fitted_prompt(
     return ids, True
 
 
-class EditorLimits:
-    """llama.cpp's limits for editors, on the middle as it streams: `n_indent` ends it before the first line (after
-    its first) indented less than that many spaces or tabs, cut where that line's text begins; `t_max_predict_ms`
-    ends it once that long has passed since its first token and it holds a line break. Either ends it `limit`."""
-
-    def __init__(self, n_indent: int, t_max_predict_ms: float) -> None:
-        self.n_indent, self.t_max = n_indent, t_max_predict_ms / 1000
-        self.text = ""
-        self.checked = -1  # the last line break whose next line's indentation is known
-        self.started: float | None = None
-
-    def __call__(self, event: GenerationEvent) -> GenerationEvent:
-        if self.started is None and event.tokens:
-            self.started = time.perf_counter()
-        before = len(self.text)
-        self.text += event.text
-        cut = self._under_indented() if self.n_indent else None
-        if cut is not None:
-            self.text = self.text[:cut]
-            return replace(event, text=self.text[before:], finish_reason="length")
-        late = self.started is not None and time.perf_counter() - self.started > self.t_max
-        if self.t_max and late and "\n" in self.text:
-            return replace(event, finish_reason="length")
-        return event
-
-    def _under_indented(self) -> int | None:
-        """Where the first under-indented line's text begins, once it is known; None while there is none."""
-        while (newline := self.text.find("\n", self.checked + 1)) >= 0:
-            start = newline + 1
-            line = self.text[start:].split("\n", 1)[0]
-            text_at = len(line) - len(line.lstrip(" \t"))
-            if text_at == len(line):  # blank so far (or only indentation): not known yet
-                if start + len(line) < len(self.text):  # a blank line: nothing to judge
-                    self.checked = newline
-                    continue
-                return None
-            self.checked = newline
-            if text_at < self.n_indent:
-                return start + text_at
-        return None
-
-
-def llama_sampling(body: dict[str, Any], context_length: int) -> tuple[SamplingParams, int]:
-    """llama.cpp's sampling fields with its defaults, and `n_predict`: -1 (the default) generates until the end token
-    or the context is full, 0 nothing (the prompt is only read)."""
-    n_predict = int(number(body, "n_predict", -1, integer=True))
-    if n_predict < -1:
-        raise ApiError(400, f"n_predict must be -1 (no limit), 0 (read the prompt only) or more, got {n_predict}")
-    seed = int(number(body, "seed", -1, integer=True))
-    try:
-        params = SamplingParams(
-            max_tokens={-1: context_length, 0: 1}.get(n_predict, n_predict),
-            temperature=float(number(body, "temperature", 0.8)),
-            top_k=int(number(body, "top_k", 40, integer=True)),
-            top_p=float(number(body, "top_p", 0.95)),
-            min_p=float(number(body, "min_p", 0.05)),
-            repetition_penalty=float(number(body, "repeat_penalty", 1.0)),
-            presence_penalty=float(number(body, "presence_penalty", 0.0)),
-            frequency_penalty=float(number(body, "frequency_penalty", 0.0)),
-            seed=None if seed == -1 else seed,
-            stop=stop_strings(body.get("stop")),
-            ignore_eos=flag(body, "ignore_eos", False),
-        )
-    except RequestError as error:
-        raise ApiError(400, str(error)) from error
-    return params, n_predict
-
-
 async def infill(request: Request) -> Response:
-    state: ServerState = request.app.state.cake
-    engine, source = state.ready()
+    state, engine, source, body = await generation_request(request)
     tokenizer = source.tokenizer
-    body = await json_body(request)
     if fim_tokens(tokenizer) is None:
         raise ApiError(400, no_fill_in_middle("/infill", state.model_name))
     prefix, suffix, typed, files = (
@@ -166,7 +92,7 @@ async def infill(request: Request) -> Response:
         _text(body, "prompt"),
         _files(body),
     )
-    params, n_predict = llama_sampling(body, engine.context_length)
+    params, n_predict = llama_sampling(body, engine.context_length, tokenizer)
     if not params.ignore_eos:  # the markers and file tokens a code model may write after the middle end it too
         params = replace(params, stop_token_ids=params.stop_token_ids | fim_stops(tokenizer))
 
@@ -177,111 +103,18 @@ async def infill(request: Request) -> Response:
 
     prompt_ids, truncated = await run_in_threadpool(prompt)
     params = engine.check_prompt(len(prompt_ids), params)  # n_predict -1: what room the context has
-    n_indent = int(number(body, "n_indent", 0, integer=True))
-    t_max = float(number(body, "t_max_predict_ms", 0))
-    if n_indent < 0 or t_max < 0:
-        raise ApiError(400, f"n_indent and t_max_predict_ms must be 0 (off) or more, got {n_indent} and {t_max}")
+    limits = EditorLimits.of(body)
     streams = open_streams(state, engine, [prompt_ids], [params])
-    if n_indent or t_max:
-        streams[0].limit = EditorLimits(n_indent, t_max)
-    answer = _Answer(state.model_name, tokenizer, len(prompt_ids), params, n_predict, engine.context_length)
+    streams[0].limit = limits
+    answer = Completion(state.model_name, tokenizer, len(prompt_ids), params, n_predict, engine.context_length)
     answer.truncated = truncated
     if flag(body, "stream", False) and n_predict:
-        return GenerationResponse(_stream(request, streams[0], answer), streams, "text/event-stream")
+        return GenerationResponse(completion_events(request, streams, [answer]), streams, "text/event-stream")
     result = (await collect_all(request, streams))[0]
-    final = answer.final(result.text, result.last, streams[0])
+    final = answer.final(result.text, result.last, streams[0], result.tokens)
     if flag(body, "stream", False):  # n_predict 0, streamed: its one event
-        return GenerationResponse(_once(final), [], "text/event-stream")
+        return GenerationResponse(one_event(final), [], "text/event-stream")
     return JSONResponse(final)
-
-
-class _Answer:
-    """llama.cpp's completion object for one infill: what it counts, how it stopped, with which settings."""
-
-    def __init__(
-        self,
-        model: str,
-        tokenizer: Tokenizer,
-        prompt_tokens: int,
-        params: SamplingParams,
-        n_predict: int,
-        context_length: int,
-    ) -> None:
-        self.model, self.tokenizer, self.prompt_tokens = model, tokenizer, prompt_tokens
-        self.params, self.n_predict, self.context_length = params, n_predict, context_length
-        self.truncated = False  # the request was cut to fit the context
-
-    def final(self, content: str, last: GenerationEvent, stream: EventStream) -> dict[str, Any]:
-        now = time.perf_counter()
-        first = stream.first_token_at or now
-        computed = self.prompt_tokens - last.cached_tokens  # prompt tokens not given by the prefix cache
-        predicted = last.completion_tokens if self.n_predict else 0  # n_predict 0: its one token is not an answer
-        ended_by_token = bool(last.tokens) and last.tokens[-1].token_id in self._ends()
-        stop_type = "limit" if last.finish_reason == "length" else "eos" if ended_by_token else "word"
-        prompt_ms, predicted_ms = (first - stream.submitted) * 1000, (now - first) * 1000
-        return {
-            "content": content if self.n_predict else "",
-            "stop": True,
-            "model": self.model,
-            "tokens_predicted": predicted,
-            "tokens_evaluated": self.prompt_tokens,
-            "tokens_cached": last.cached_tokens,
-            "stop_type": "limit" if not self.n_predict else stop_type,
-            "stopping_word": "",
-            "truncated": self.truncated,
-            "generation_settings": self._settings(),
-            "timings": {
-                "cache_n": last.cached_tokens,
-                "prompt_n": computed,
-                "prompt_ms": round(prompt_ms, 3),
-                "prompt_per_token_ms": round(prompt_ms / max(computed, 1), 3),
-                "prompt_per_second": round(computed / max(prompt_ms / 1000, 1e-9), 3),
-                "predicted_n": predicted,
-                "predicted_ms": round(predicted_ms, 3),
-                "predicted_per_token_ms": round(predicted_ms / max(predicted, 1), 3),
-                "predicted_per_second": round(predicted / max(predicted_ms / 1000, 1e-9), 3),
-            },
-        }
-
-    def _settings(self) -> dict[str, Any]:
-        params = self.params
-        return {
-            "n_ctx": self.context_length,
-            "n_predict": self.n_predict,
-            "model": self.model,
-            "temperature": params.temperature,
-            "top_k": params.top_k,
-            "top_p": params.top_p,
-            "min_p": params.min_p,
-            "repeat_penalty": params.repetition_penalty,
-            "presence_penalty": params.presence_penalty,
-            "frequency_penalty": params.frequency_penalty,
-            "seed": -1 if params.seed is None else params.seed,
-            "stop": list(params.stop),
-            "ignore_eos": params.ignore_eos,
-            "stream": False,
-        }
-
-    def _ends(self) -> frozenset[int]:
-        return self.tokenizer.eos_token_ids | fim_stops(self.tokenizer)
-
-
-async def _stream(request: Request, stream: EventStream, answer: _Answer) -> AsyncIterator[str]:
-    pieces: list[str] = []
-    async for event in stream:
-        if event.error:
-            yield sse({"error": event_error(event, request.url.path).message})
-            return
-        if event.text:
-            pieces.append(event.text)
-            yield sse({"content": event.text, "stop": False})
-        if event.finished:
-            yield sse(answer.final("".join(pieces), event, stream) | {"content": ""})
-            return
-
-
-async def _once(final: dict[str, Any]) -> AsyncIterator[str]:
-    yield sse(final | {"content": ""})
 
 
 ROUTES = [Route("/infill", infill, methods=["POST"])]

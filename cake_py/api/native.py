@@ -17,8 +17,8 @@ from starlette.routing import Route
 
 from cake_py.api import multipart
 from cake_py.api.errors import ApiError, api_error
-from cake_py.api.schemas import chat_messages, flag, json_body, native_sampling, string_list, text_field
-from cake_py.api.state import ServerState
+from cake_py.api.schemas import chat_messages, flag, native_sampling, string_list, text_field
+from cake_py.api.state import ServerState, generation_request
 from cake_py.api.streaming import (
     EventStream,
     GenerationResponse,
@@ -49,9 +49,7 @@ def check_model_id(body: dict[str, Any], state: ServerState, source: ModelSource
 
 
 async def _prepare(request: Request) -> tuple[ServerState, Engine, ModelSource, dict[str, Any]]:
-    state: ServerState = request.app.state.cake
-    engine, source = state.ready()
-    body = await json_body(request)
+    state, engine, source, body = await generation_request(request)
     check_model_id(body, state, source)
     return state, engine, source, body
 

@@ -27,12 +27,11 @@ from cake_py.api.schemas import (
     chat_template_options,
     choice_count,
     flag,
-    json_body,
     openai_sampling,
     predicted_output,
     stream_usage,
 )
-from cake_py.api.state import ServerState
+from cake_py.api.state import ServerState, generation_request
 from cake_py.api.streaming import (
     EventStream,
     GenerationResponse,
@@ -105,10 +104,8 @@ def stream_error(error: ApiError) -> str:
 
 
 async def chat_completions(request: Request) -> Response:
-    state: ServerState = request.app.state.cake
-    engine, source = state.ready()
+    state, engine, source, body = await generation_request(request)
     tokenizer = source.tokenizer
-    body = await json_body(request)
     reject_unsupported(body)
     messages = chat_messages(body)
     template = chat_template_options(body, messages)

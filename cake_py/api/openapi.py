@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py import __version__
-from cake_py.api import openapi_files
+from cake_py.api import openapi_files, openapi_llama
 from cake_py.api.openapi_schemas import BOOL, INT, SCHEMAS, STR, obj, ref
 
 STATUS_TEXT = {
@@ -80,14 +80,6 @@ PATHS: dict[str, dict[str, Any]] = {
             "OpenAI text completion (SSE when stream)",
             {**_json(ref("Completion")), **SSE},
             body=_json(ref("CompletionRequest")),
-            errors=GEN,
-        )
-    },
-    "/infill": {
-        "post": _op(
-            "llama.cpp's fill in the middle (input_prefix, input_suffix, prompt, input_extra; its sampling fields)",
-            {**_json(ref("Infill")), **SSE},
-            body=_json(ref("InfillRequest")),
             errors=GEN,
         )
     },
@@ -258,6 +250,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/metrics": {"get": _op("Prometheus metrics", {"text/plain": {"schema": STR}}, errors=(401,))},
     "/openapi.json": {"get": _op("This document", _json({"type": "object"}), errors=(401,))},
     **openapi_files.paths(_op, _json),
+    **openapi_llama.paths(_op, _json, SSE, GEN),
 }
 
 
@@ -271,7 +264,7 @@ def document() -> dict[str, Any]:
         },
         "paths": PATHS,
         "components": {
-            "schemas": {**SCHEMAS, **openapi_files.SCHEMAS},
+            "schemas": {**SCHEMAS, **openapi_files.SCHEMAS, **openapi_llama.SCHEMAS},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "basic": {"type": "http", "scheme": "basic"},

@@ -317,32 +317,6 @@ SCHEMAS: dict[str, Any] = {
     ),
     "DetokenizeRequest": obj({"tokens": {"type": "array", "items": INT}}, ("tokens",)),
     "Detokenized": obj({"prompt": STR, "content": STR}),
-    "InfillRequest": obj(
-        {
-            "input_prefix": STR,
-            "input_suffix": STR,
-            "prompt": {**STR, "description": "the start of the middle, already typed"},
-            "input_extra": {"type": "array", "items": obj({"filename": STR, "text": STR})},
-            "n_predict": {**INT, "default": -1},
-            "temperature": {**NUM, "default": 0.8},
-            "top_k": {**INT, "default": 40},
-            "top_p": {**NUM, "default": 0.95},
-            "min_p": {**NUM, "default": 0.05},
-            "repeat_penalty": {**NUM, "default": 1.0},
-            "seed": {**INT, "default": -1},
-            "stop": {"type": "array", "items": STR},
-            "stream": BOOL,
-        }
-    ),
-    "Infill": obj(
-        {
-            "content": STR,
-            "stop": BOOL,
-            "tokens_predicted": INT,
-            "tokens_evaluated": INT,
-            "stop_type": {"enum": ["eos", "limit", "word"]},
-        }
-    ),
     "ResponseRequest": obj(
         {
             "input": {"oneOf": [STR, {"type": "array", "items": {"type": "object"}}]},

@@ -29,6 +29,8 @@ GENERATION_PATHS = frozenset(
         "/v1/embeddings",
         "/v1/responses",
         "/v1/batches",
+        "/completion",
+        "/completions",
         "/generate",
         "/chat",
         "/generate/batch",

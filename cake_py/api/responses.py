@@ -37,8 +37,8 @@ from cake_py.api.response_objects import (
 )
 from cake_py.api.response_store import StoredResponse
 from cake_py.api.responses_input import chat_format, chat_history, chat_tools, input_items, new_id
-from cake_py.api.schemas import chat_template_options, flag, json_body, number, openai_sampling
-from cake_py.api.state import ServerState
+from cake_py.api.schemas import chat_template_options, flag, number, openai_sampling
+from cake_py.api.state import ServerState, generation_request
 from cake_py.api.streaming import (
     SSE_HEADERS,
     EventStream,
@@ -55,10 +55,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetitio
 
 
 async def create_response(request: Request) -> Response:
-    state: ServerState = request.app.state.cake
-    engine, source = state.ready()
+    state, engine, source, body = await generation_request(request)
     tokenizer = source.tokenizer
-    body = await json_body(request)
     for field in ("conversation", "prompt"):
         if body.get(field) not in (None, False):
             raise ApiError(400, f"{field} is not supported by this server; send the request without it")

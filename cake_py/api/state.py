@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
 
 from cake_py.api.errors import ApiError
 from cake_py.api.file_store import FileStore
 from cake_py.api.response_store import ResponseStore
+from cake_py.api.schemas import json_body
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import ENGINE_DEAD, Engine
 from cake_py.models.hub import ModelSource
@@ -146,3 +149,11 @@ class ServerState:
             raise ApiError(
                 503, "the served model changed while the request was prepared; retry", headers={"Retry-After": "5"}
             )
+
+
+async def generation_request(request: Request) -> tuple[ServerState, Engine, ModelSource, dict[str, Any]]:
+    """What a generation route starts from: the state, the engine and model serving now (`ready`: a 503 or 404
+    before the body is even read) and the request's JSON body."""
+    state: ServerState = request.app.state.cake
+    engine, source = state.ready()
+    return state, engine, source, await json_body(request)

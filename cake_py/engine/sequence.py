@@ -21,6 +21,8 @@ class GenerationEvent:
     text: str = ""
     tokens: list[SampledToken] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    # vLLM's: with finish_reason "stop", the stop string reached or the stop_token_ids token drawn (None for EOS).
+    stop_reason: str | int | None = None
     error: str | None = None
     exception: CakeError | None = None  # what failed, so each surface can map it to its own status
     prompt_tokens: int = 0
@@ -148,11 +150,13 @@ class Sequence:
             # The end token adds no text; what the decoder held back (a partial character) still goes out.
             event.text = self.stop.feed(self.decoder.flush())[0] + self.stop.flush()
             event.finish_reason = "stop"
+            if sampled.token_id in self.params.stop_token_ids:
+                event.stop_reason = sampled.token_id
         else:
             text, stopped = self.stop.feed(self.decoder.push(sampled.token_id))
             event.text = text
             if stopped:
-                event.finish_reason = "stop"
+                event.finish_reason, event.stop_reason = "stop", self.stop.matched
             elif self.sampler.grammar is not None and self.sampler.grammar.finished:  # the structure is complete
                 event.text += self.stop.feed(self.decoder.flush())[0] + self.stop.flush()
                 event.finish_reason = "stop"

@@ -276,16 +276,18 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(stops)
         self.pending = ""
+        self.matched: str | None = None  # the stop string reached (the earliest in the text; the first listed on a tie)
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Returns (text safe to emit now, whether a stop string was reached)."""
         if not self.stops:
             return delta, False
         text = self.pending + delta
-        hits = [index for stop in self.stops if (index := text.find(stop)) >= 0]
+        hits = [(index, order, stop) for order, stop in enumerate(self.stops) if (index := text.find(stop)) >= 0]
         if hits:
             self.pending = ""
-            return text[: min(hits)], True
+            index, _, self.matched = min(hits)
+            return text[:index], True
         hold = max((_overlap(text, stop) for stop in self.stops), default=0)
         self.pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold], False

@@ -507,3 +507,19 @@ def test_priority_is_a_32_bit_integer() -> None:
     assert SamplingParams(priority=-(2**31) + 1).priority == -(2**31) + 1
     with pytest.raises(RequestError, match="priority must be between"):
         SamplingParams(priority=2**31)
+
+
+def test_the_last_event_names_the_stop_string_or_token_that_ended_it(engine: Engine) -> None:
+    """vLLM's stop_reason: the stop string reached, or the stop_token_ids token drawn; None for a length finish."""
+    prompt = [5, 6, 7]
+    events = list(engine.generate(prompt, GREEDY))
+    assert events[-1].finish_reason == "length" and events[-1].stop_reason is None
+    ids = [token.token_id for event in events for token in event.tokens]
+    stop_id = ids[3]
+    by_token = list(engine.generate(prompt, replace(GREEDY, stop_token_ids=frozenset({stop_id}))))
+    assert (by_token[-1].finish_reason, by_token[-1].stop_reason) == ("stop", stop_id)
+    text = "".join(event.text for event in events)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), text
+    by_string = list(engine.generate(prompt, replace(GREEDY, stop=("NEVER-THERE", stop))))
+    assert (by_string[-1].finish_reason, by_string[-1].stop_reason) == ("stop", stop)

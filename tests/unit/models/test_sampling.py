@@ -170,6 +170,9 @@ def test_stop_matcher_holds_back_partial_matches() -> None:
 def test_stop_matcher_earliest_of_several() -> None:
     matcher = StopMatcher(["world", "lo"])
     assert matcher.feed("hello world") == ("hel", True)
+    assert matcher.matched == "lo"  # the one reached first in the text, whatever the order they were listed in
+    tie = StopMatcher(["ab", "a"])
+    assert tie.feed("xab") == ("x", True) and tie.matched == "ab"  # same place: the first listed
 
 
 def test_top_k_minus_one_is_off_like_zero() -> None:

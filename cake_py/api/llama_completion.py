@@ -1,0 +1,171 @@
+"""llama.cpp server's native completion routes, for the tools written against it (SillyTavern, scripts, its own
+`completion.js` clients): POST /completion (alias /completions) and GET /props.
+
+`/completion` takes `prompt` as llama.cpp does: a string, token ids, ids and strings mixed (one prompt; a string
+first gets the tokenizer's BOS), or a list of those (several prompts: a list of answers, or their events tagged by
+`index`). llama.cpp's sampling names and defaults (`llama_cpp.llama_sampling`), `n_probs`, `logit_bias` pairs,
+`grammar` (GBNF or Lark) and `json_schema`, `n_indent` and `t_max_predict_ms`, `return_tokens`; `cache_prompt`,
+`id_slot` and `samplers` are accepted and change nothing (the prefix cache is always on, the scheduler picks slots,
+the sampler order is fixed). `/props` is llama.cpp's description of the server: the defaults of `/completion`, the
+slots (`--max-running`), the model and its chat template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py import __version__
+from cake_py.api.errors import ApiError
+from cake_py.api.llama_cpp import Completion, EditorLimits, completion_events, llama_sampling, one_event
+from cake_py.api.schemas import flag
+from cake_py.api.state import ServerState, generation_request
+from cake_py.api.streaming import GenerationResponse, collect_all, open_streams
+from cake_py.api.structured import compiled_grammar
+from cake_py.models.grammar import CompiledGrammar, json_grammar, lark_grammar
+from cake_py.models.tokenizer import Tokenizer
+
+MAX_PROMPTS = 16
+
+Prompt = str | list[int | str]
+
+
+def _is_id(item: Any) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
+def _one_prompt(item: Any) -> bool:
+    """A string, or token ids with strings among them (non-empty)."""
+    return isinstance(item, str) or (
+        isinstance(item, list) and bool(item) and all(_is_id(part) or isinstance(part, str) for part in item)
+    )
+
+
+def _prompts(body: dict[str, Any]) -> list[Prompt]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and any(_is_id(part) for part in prompt) and _one_prompt(prompt):
+        prompts: list[Any] = [prompt]  # ids, with strings among them or not: one prompt
+    elif isinstance(prompt, list) and prompt:
+        prompts = prompt  # strings, or lists: one prompt each
+    else:
+        prompts = [prompt]
+    for item in prompts:
+        if not _one_prompt(item) or item == "":
+            raise ApiError(
+                400,
+                f"prompt must be a non-empty string, token ids (strings among them), or a list of those, got {item!r}"[
+                    :300
+                ],
+            )
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} are allowed")
+    return prompts
+
+
+def _encode(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+    """As llama.cpp tokenizes a prompt: a first string gets the tokenizer's BOS (when it adds one), later strings
+    none; token ids go in as they are."""
+    parts = [prompt] if isinstance(prompt, str) else prompt
+    ids: list[int] = []
+    for position, part in enumerate(parts):
+        if isinstance(part, str):
+            ids += tokenizer.encode(part, add_special_tokens=position == 0)
+        else:
+            ids.append(part)
+    return ids
+
+
+async def _grammar(body: dict[str, Any], tokenizer: Tokenizer) -> CompiledGrammar | None:
+    """llama.cpp's `grammar` (GBNF, or llguidance's Lark) or `json_schema`: the output must match it."""
+    grammar, schema = body.get("grammar"), body.get("json_schema")
+    if grammar is not None and schema is not None:
+        raise ApiError(400, "send grammar or json_schema, not both")
+    if grammar is not None:
+        return await compiled_grammar(lambda: lark_grammar(grammar), tokenizer, "grammar")
+    if schema is not None:
+        if not isinstance(schema, dict | bool):
+            raise ApiError(400, f"json_schema must be a JSON schema object, got {schema!r}"[:300])
+        return await compiled_grammar(lambda: json_grammar(schema), tokenizer, "json_schema")
+    return None
+
+
+async def completion(request: Request) -> Response:
+    state, engine, source, body = await generation_request(request)
+    tokenizer = source.tokenizer
+    prompts = _prompts(body)
+    params, n_predict = llama_sampling(body, engine.context_length, tokenizer)
+    params = replace(params, grammar=await _grammar(body, tokenizer))
+    return_tokens = flag(body, "return_tokens", False)
+    stream = flag(body, "stream", False)
+
+    def encode_all() -> list[list[int]]:
+        return [_encode(tokenizer, prompt) for prompt in prompts]
+
+    prompt_ids = await run_in_threadpool(encode_all)
+    per_prompt = []
+    for ids in prompt_ids:
+        bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"prompt token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})")
+        per_prompt.append(engine.check_prompt(len(ids), params))  # n_predict -1: each prompt's own room
+    limits = [EditorLimits.of(body) for _ in prompts]  # one each: they keep the text they have seen
+    streams = open_streams(state, engine, prompt_ids, per_prompt)
+    answers = []
+    for index, (prompt, ids, sampling, stream_) in enumerate(
+        zip(prompts, prompt_ids, per_prompt, streams, strict=True)
+    ):
+        stream_.limit = limits[index]
+        shown = prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+        answers.append(
+            Completion(
+                state.model_name,
+                tokenizer,
+                len(ids),
+                sampling,
+                n_predict,
+                engine.context_length,
+                index=index,
+                prompt=shown,
+                return_tokens=return_tokens,
+            )
+        )
+    if stream and n_predict:
+        return GenerationResponse(completion_events(request, streams, answers), streams, "text/event-stream")
+    results = await collect_all(request, streams)
+    finals = [
+        answer.final(result.text, result.last, stream_, result.tokens)
+        for answer, result, stream_ in zip(answers, results, streams, strict=True)
+    ]
+    if stream:  # n_predict 0, streamed: each prompt's one event
+        return GenerationResponse(one_event(*finals), [], "text/event-stream")
+    return JSONResponse(finals[0] if len(finals) == 1 else finals)
+
+
+async def props(request: Request) -> Response:
+    state: ServerState = request.app.state.cake
+    engine, source = state.ready()
+    params, n_predict = llama_sampling({}, engine.context_length, source.tokenizer)
+    defaults = Completion(state.model_name, source.tokenizer, 0, params, n_predict, engine.context_length).settings()
+    return JSONResponse(
+        {
+            "default_generation_settings": {"n_ctx": engine.context_length, "params": defaults, **defaults},
+            "total_slots": engine.max_running,
+            "model_alias": state.model_name,
+            "model_path": source.model_id,
+            "chat_template": source.tokenizer.chat_template or "",
+            "modalities": {"vision": False, "audio": False},
+            "build_info": f"cake_py {__version__}",
+        }
+    )
+
+
+ROUTES = [
+    Route("/completion", completion, methods=["POST"]),
+    Route("/completions", completion, methods=["POST"]),
+    Route("/props", props, methods=["GET"]),
+]

@@ -1,0 +1,267 @@
+"""llama.cpp server's shapes, shared by its routes here (`/completion`, `/infill`): its sampling names and defaults
+(`n_predict`, `repeat_penalty`, `n_probs`, `logit_bias` as pairs), its editor limits (`n_indent`,
+`t_max_predict_ms`), its completion object (`content`, `stop`, `tokens_predicted`, `stop_type`, `stopping_word`,
+`timings`, `generation_settings`, …) and its SSE stream: `data: {"content": "<piece>", "stop": false}` events, then
+the whole object with `stop: true`, and no `[DONE]` (llama.cpp sends none)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from starlette.requests import Request
+
+from cake_py.api.errors import ApiError
+from cake_py.api.schemas import flag, number, stop_strings
+from cake_py.api.streaming import EventStream, event_error, merged, sse
+from cake_py.engine.sequence import GenerationEvent
+from cake_py.errors import RequestError
+from cake_py.models.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SampledToken, SamplingParams
+from cake_py.models.tokenizer import Tokenizer
+
+
+def _logit_bias(value: Any, tokenizer: Tokenizer) -> tuple[tuple[int, float], ...]:
+    """llama.cpp's `logit_bias`: `[[token, bias], …]` or `{"token": bias}`, a token being an id or a string (each of
+    its tokens), the bias a number or `false` (never drawn: the lowest bias there is)."""
+    if value is None:
+        return ()
+    pairs = list(value.items()) if isinstance(value, dict) else value
+    if not isinstance(pairs, list) or not all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in pairs):
+        raise ApiError(400, f"logit_bias must be [[token, bias], …] or {{token: bias}}, got {value!r}"[:300])
+    biases: dict[int, float] = {}
+    for token, bias in pairs:
+        if bias is False:
+            bias = -MAX_LOGIT_BIAS
+        if isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise ApiError(400, f"logit_bias of {token!r} must be a number or false, got {bias!r}"[:300])
+        if isinstance(token, str) and token.lstrip("-").isdigit() and isinstance(value, dict):
+            ids = [int(token)]  # an object's keys are strings: "15043" names token 15043
+        elif isinstance(token, str):
+            ids = tokenizer.encode(token, add_special_tokens=False)
+        elif isinstance(token, int) and not isinstance(token, bool):
+            ids = [token]
+        else:
+            raise ApiError(400, f"logit_bias token must be an id or a string, got {token!r}"[:300])
+        for token_id in ids:
+            if not 0 <= token_id < tokenizer.vocab_size:
+                raise ApiError(
+                    400, f"logit_bias token id {token_id} is outside the vocabulary [0, {tokenizer.vocab_size})"
+                )
+            biases[token_id] = max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(bias)))
+    return tuple(biases.items())
+
+
+def llama_sampling(body: dict[str, Any], context_length: int, tokenizer: Tokenizer) -> tuple[SamplingParams, int]:
+    """llama.cpp's sampling fields with its defaults, and `n_predict`: -1 (the default) generates until the end token
+    or the context is full, 0 nothing (the prompt is only read). `n_probs` > 0 asks for that many alternatives of
+    each generated token (at most 20 here)."""
+    n_predict = int(number(body, "n_predict", -1, integer=True))
+    if n_predict < -1:
+        raise ApiError(400, f"n_predict must be -1 (no limit), 0 (read the prompt only) or more, got {n_predict}")
+    seed = int(number(body, "seed", -1, integer=True))
+    n_probs = int(number(body, "n_probs", 0, integer=True))
+    if not 0 <= n_probs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"n_probs must be between 0 and {MAX_TOP_LOGPROBS}, got {n_probs}")
+    try:
+        params = SamplingParams(
+            max_tokens={-1: context_length, 0: 1}.get(n_predict, n_predict),
+            temperature=max(0.0, float(number(body, "temperature", 0.8))),  # llama.cpp: ≤ 0 is greedy
+            top_k=max(0, int(number(body, "top_k", 40, integer=True))),  # ≤ 0: off
+            top_p=float(number(body, "top_p", 0.95)),
+            min_p=float(number(body, "min_p", 0.05)),
+            repetition_penalty=float(number(body, "repeat_penalty", 1.0)),
+            presence_penalty=float(number(body, "presence_penalty", 0.0)),
+            frequency_penalty=float(number(body, "frequency_penalty", 0.0)),
+            logit_bias=_logit_bias(body.get("logit_bias"), tokenizer),
+            seed=None if seed == -1 else seed,
+            stop=stop_strings(body.get("stop")),
+            ignore_eos=flag(body, "ignore_eos", False),
+            logprobs=n_probs > 0,
+            top_logprobs=n_probs,
+        )
+    except RequestError as error:
+        raise ApiError(400, str(error)) from error
+    return params, n_predict
+
+
+class EditorLimits:
+    """llama.cpp's limits for editors, on the text as it streams: `n_indent` ends it before the first line (after
+    its first) indented less than that many spaces or tabs, cut where that line's text begins; `t_max_predict_ms`
+    ends it once that long has passed since its first token and it holds a line break. Either ends it `limit`."""
+
+    def __init__(self, n_indent: int, t_max_predict_ms: float) -> None:
+        self.n_indent, self.t_max = n_indent, t_max_predict_ms / 1000
+        self.text = ""
+        self.checked = -1  # the last line break whose next line's indentation is known
+        self.started: float | None = None
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> EditorLimits | None:
+        """The request's limits; None when it sets none."""
+        n_indent = int(number(body, "n_indent", 0, integer=True))
+        t_max = float(number(body, "t_max_predict_ms", 0))
+        if n_indent < 0 or t_max < 0:
+            raise ApiError(400, f"n_indent and t_max_predict_ms must be 0 (off) or more, got {n_indent} and {t_max}")
+        return cls(n_indent, t_max) if n_indent or t_max else None
+
+    def __call__(self, event: GenerationEvent) -> GenerationEvent:
+        if self.started is None and event.tokens:
+            self.started = time.perf_counter()
+        before = len(self.text)
+        self.text += event.text
+        cut = self._under_indented() if self.n_indent else None
+        if cut is not None:
+            self.text = self.text[:cut]
+            return replace(event, text=self.text[before:], finish_reason="length")
+        late = self.started is not None and time.perf_counter() - self.started > self.t_max
+        if self.t_max and late and "\n" in self.text:
+            return replace(event, finish_reason="length")
+        return event
+
+    def _under_indented(self) -> int | None:
+        """Where the first under-indented line's text begins, once it is known; None while there is none."""
+        while (newline := self.text.find("\n", self.checked + 1)) >= 0:
+            start = newline + 1
+            line = self.text[start:].split("\n", 1)[0]
+            text_at = len(line) - len(line.lstrip(" \t"))
+            if text_at == len(line):  # blank so far (or only indentation): not known yet
+                if start + len(line) < len(self.text):  # a blank line: nothing to judge
+                    self.checked = newline
+                    continue
+                return None
+            self.checked = newline
+            if text_at < self.n_indent:
+                return start + text_at
+        return None
+
+
+class Completion:
+    """llama.cpp's completion object for one prompt: what it counts, how it stopped, with which settings."""
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: Tokenizer,
+        prompt_tokens: int,
+        params: SamplingParams,
+        n_predict: int,
+        context_length: int,
+        *,
+        index: int = 0,
+        prompt: str | None = None,
+        return_tokens: bool = False,
+    ) -> None:
+        self.model, self.tokenizer, self.prompt_tokens = model, tokenizer, prompt_tokens
+        self.params, self.n_predict, self.context_length = params, n_predict, context_length
+        self.index, self.prompt, self.return_tokens = index, prompt, return_tokens
+        self.truncated = False  # the request was cut to fit the context
+
+    def piece(self, event: GenerationEvent) -> dict[str, Any]:
+        """A streamed event's object: its text, and (when asked for) its tokens and their probabilities."""
+        return {"index": self.index, "content": event.text, "stop": False, **self._tokens(event.tokens)}
+
+    def final(
+        self, content: str, last: GenerationEvent, stream: EventStream, tokens: list[SampledToken]
+    ) -> dict[str, Any]:
+        """The whole object, once `last` ended it: `content` and `tokens` are all it generated."""
+        now = time.perf_counter()
+        first = stream.first_token_at or now
+        computed = self.prompt_tokens - last.cached_tokens  # prompt tokens not given by the prefix cache
+        predicted = last.completion_tokens if self.n_predict else 0  # n_predict 0: its one token is not an answer
+        by_word = isinstance(last.stop_reason, str)
+        stop_type = "limit" if last.finish_reason == "length" else "word" if by_word else "eos"
+        prompt_ms, predicted_ms = (first - stream.submitted) * 1000, (now - first) * 1000
+        answer: dict[str, Any] = {
+            "index": self.index,
+            "content": content if self.n_predict else "",
+            "id_slot": -1,
+            "stop": True,
+            "model": self.model,
+            "tokens_predicted": predicted,
+            "tokens_evaluated": self.prompt_tokens,
+            "tokens_cached": last.cached_tokens,
+            "stop_type": "limit" if not self.n_predict else stop_type,
+            "stopping_word": last.stop_reason if by_word else "",
+            "truncated": self.truncated,
+            "generation_settings": self.settings(),
+            "timings": {
+                "cache_n": last.cached_tokens,
+                "prompt_n": computed,
+                "prompt_ms": round(prompt_ms, 3),
+                "prompt_per_token_ms": round(prompt_ms / max(computed, 1), 3),
+                "prompt_per_second": round(computed / max(prompt_ms / 1000, 1e-9), 3),
+                "predicted_n": predicted,
+                "predicted_ms": round(predicted_ms, 3),
+                "predicted_per_token_ms": round(predicted_ms / max(predicted, 1), 3),
+                "predicted_per_second": round(predicted / max(predicted_ms / 1000, 1e-9), 3),
+            },
+        }
+        if self.prompt is not None:
+            answer["prompt"] = self.prompt
+        return answer | (self._tokens(tokens) if self.n_predict else {})
+
+    def _tokens(self, tokens: list[SampledToken]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        if self.return_tokens:
+            found["tokens"] = [token.token_id for token in tokens]
+        if self.params.logprobs:
+            found["completion_probabilities"] = [
+                {
+                    **self._entry(t.token_id, t.logprob or 0.0),
+                    "top_logprobs": [self._entry(i, lp) for i, lp in t.top_logprobs],
+                }
+                for t in tokens
+            ]
+        return found
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        raw = self.tokenizer.token_bytes(token_id)
+        return {"id": token_id, "token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def settings(self) -> dict[str, Any]:
+        params = self.params
+        return {
+            "n_ctx": self.context_length,
+            "n_predict": self.n_predict,
+            "model": self.model,
+            "temperature": params.temperature,
+            "top_k": params.top_k,
+            "top_p": params.top_p,
+            "min_p": params.min_p,
+            "repeat_penalty": params.repetition_penalty,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "seed": -1 if params.seed is None else params.seed,
+            "stop": list(params.stop),
+            "ignore_eos": params.ignore_eos,
+            "n_probs": params.top_logprobs,
+            "logit_bias": [list(pair) for pair in params.logit_bias],
+            "stream": False,
+        }
+
+
+async def completion_events(
+    request: Request, streams: list[EventStream], answers: list[Completion]
+) -> AsyncIterator[str]:
+    """Each prompt's SSE events as they come (tagged with its `index`): each text piece, then its whole object with
+    `stop: true` and empty content."""
+    pieces: list[list[str]] = [[] for _ in streams]
+    async for index, event in merged(streams):
+        if event.error:
+            yield sse({"error": event_error(event, request.url.path).message})
+            return
+        answer = answers[index]
+        pieces[index].append(event.text)
+        if event.text or (event.tokens and (answer.return_tokens or answer.params.logprobs)):
+            yield sse(answer.piece(event))
+        if event.finished:
+            # Its tokens went out with the pieces: the last object repeats none of them.
+            yield sse(answer.final("".join(pieces[index]), event, streams[index], []) | {"content": ""})
+
+
+async def one_event(*finals: dict[str, Any]) -> AsyncIterator[str]:
+    """The stream of answers that generate nothing (`n_predict: 0`): each one's last object."""
+    for final in finals:
+        yield sse(final | {"content": ""})

@@ -1,0 +1,170 @@
+"""llama.cpp's native /completion (and /completions) and /props against a real uvicorn server on the tiny Llama:
+its prompt shapes, its completion object blocking and streamed, token probabilities, stop words, grammars,
+logit_bias pairs, and the answers agreeing with what /v1/completions generates for the same tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from cake_py.models.tokenizer import Tokenizer
+from tests.fixtures.server import ServerHandle
+
+SERVED_MODEL = "tiny_llama"  # the server and client fixtures: tests/integration/conftest.py
+GREEDY = {"temperature": 0, "n_predict": 8}
+
+
+def post(server: ServerHandle, body: dict[str, Any], path: str = "/completion") -> Any:
+    answer = httpx.post(f"{server.base_url}{path}", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def events(server: ServerHandle, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream("POST", f"{server.base_url}/completion", json={**body, "stream": True}, timeout=60) as answer:
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in answer.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and "data: [DONE]" not in lines  # llama.cpp sends none
+    return [json.loads(line[6:]) for line in lines]
+
+
+def test_a_completion_is_what_v1_completions_generates(server: ServerHandle, client: OpenAI) -> None:
+    answer = post(server, {"prompt": "Once upon a time", **GREEDY})
+    openai = client.completions.create(model="x", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert answer["content"] == openai.choices[0].text
+    assert openai.usage is not None
+    assert (answer["tokens_predicted"], answer["tokens_evaluated"]) == (8, openai.usage.prompt_tokens)
+    assert (answer["stop"], answer["stop_type"], answer["stopping_word"], answer["index"]) == (True, "limit", "", 0)
+    assert answer["prompt"] == "Once upon a time" and answer["truncated"] is False
+    assert server.state.engine is not None
+    assert answer["generation_settings"]["n_ctx"] == server.state.engine.context_length
+    assert answer["generation_settings"]["n_predict"] == 8 and answer["timings"]["predicted_n"] == 8
+    assert post(server, {"prompt": "Once upon a time", **GREEDY}, "/completions")["content"] == answer["content"]
+
+
+def test_token_ids_and_mixed_prompts(server: ServerHandle, tiny_llama: Path) -> None:
+    tokenizer = Tokenizer.from_folder(tiny_llama)
+    head = tokenizer.encode("Once upon")
+    tail = tokenizer.encode(" a time", add_special_tokens=False)
+    by_ids = post(server, {"prompt": head + tail, **GREEDY})
+    mixed = post(server, {"prompt": [*head, " a time"], **GREEDY})  # a later string gets no BOS
+    assert mixed["content"] == by_ids["content"] and mixed["tokens_evaluated"] == len(head) + len(tail)
+    assert by_ids["prompt"] == tokenizer.decode(head + tail, skip_special_tokens=False)
+
+
+def test_several_prompts_get_a_list_of_answers(server: ServerHandle) -> None:
+    prompts = ["Once upon a time", "The cake is"]
+    answers = post(server, {"prompt": prompts, **GREEDY})
+    assert [a["index"] for a in answers] == [0, 1]
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert answer["content"] == post(server, {"prompt": prompt, **GREEDY})["content"]
+    streamed = events(server, {"prompt": prompts, **GREEDY})
+    for index, answer in enumerate(answers):
+        mine = [event for event in streamed if event["index"] == index]
+        assert "".join(event["content"] for event in mine) == answer["content"]
+        assert [event["stop"] for event in mine].count(True) == 1 and mine[-1]["stop"]
+
+
+def test_a_streamed_completion_ends_with_the_whole_object(server: ServerHandle) -> None:
+    blocking = post(server, {"prompt": "The cake is", **GREEDY})
+    streamed = events(server, {"prompt": "The cake is", **GREEDY})
+    pieces, last = streamed[:-1], streamed[-1]
+    assert all(not event["stop"] for event in pieces)
+    assert "".join(event["content"] for event in pieces) == blocking["content"]
+    assert last["stop"] and last["content"] == "" and last["tokens_predicted"] == 8 and "timings" in last
+
+
+def test_token_probabilities_and_tokens(server: ServerHandle, tiny_llama: Path) -> None:
+    answer = post(server, {"prompt": "The cake is", "n_probs": 3, "return_tokens": True, **GREEDY})
+    probabilities, tokens = answer["completion_probabilities"], answer["tokens"]
+    assert len(probabilities) == len(tokens) == 8
+    assert Tokenizer.from_folder(tiny_llama).decode(tokens) == answer["content"]
+    for token_id, entry in zip(tokens, probabilities, strict=True):
+        assert entry["id"] == token_id and len(entry["top_logprobs"]) == 3
+        assert entry["logprob"] == pytest.approx(max(top["logprob"] for top in entry["top_logprobs"]))  # greedy
+        assert entry["top_logprobs"][0]["id"] == token_id
+    streamed = events(server, {"prompt": "The cake is", "n_probs": 3, "return_tokens": True, **GREEDY})
+    assert [t for event in streamed[:-1] for t in event["tokens"]] == tokens
+    assert len([p for event in streamed[:-1] for p in event["completion_probabilities"]]) == 8
+
+
+def test_a_stop_word_is_named(server: ServerHandle) -> None:
+    content = post(server, {"prompt": "The cake is", **GREEDY})["content"]
+    word = content[3:5]
+    assert word.strip(), content
+    stopped = post(server, {"prompt": "The cake is", "stop": ["NOT-THERE", word], **GREEDY})
+    assert (stopped["stop_type"], stopped["stopping_word"]) == ("word", word)
+    assert stopped["content"] == content[: content.index(word)]
+
+
+def test_grammar_and_json_schema_hold_the_output(server: ServerHandle) -> None:
+    answer = post(server, {"prompt": "Is it?", "grammar": 'root ::= "yes" | "no"', "temperature": 0.8, "seed": 1})
+    assert answer["content"] in ("yes", "no") and answer["stop_type"] == "eos"
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    answer = post(server, {"prompt": "JSON:", "json_schema": schema, "n_predict": 40, "temperature": 0.8, "seed": 2})
+    assert isinstance(json.loads(answer["content"])["n"], int)
+
+
+def test_logit_bias_pairs_ban_or_favour_tokens(server: ServerHandle, tiny_llama: Path) -> None:
+    first = post(server, {"prompt": "The cake is", "return_tokens": True, **GREEDY})["tokens"][0]
+    banned = post(server, {"prompt": "The cake is", "return_tokens": True, "logit_bias": [[first, False]], **GREEDY})
+    assert first not in banned["tokens"]
+    favourite = Tokenizer.from_folder(tiny_llama).encode("zebra", add_special_tokens=False)[0]
+    favoured = post(
+        server, {"prompt": "The cake is", "return_tokens": True, "logit_bias": {str(favourite): 100}, **GREEDY}
+    )
+    assert set(favoured["tokens"]) == {favourite}
+
+
+WARM = "A long shared context that a client sends first, to have it read before the real request comes. " * 2
+
+
+def test_n_predict_zero_only_reads_the_prompt(server: ServerHandle) -> None:
+    answer = post(server, {"prompt": WARM, "n_predict": 0})
+    assert (answer["content"], answer["tokens_predicted"], answer["stop_type"]) == ("", 0, "limit")
+    again = post(server, {"prompt": WARM + "Now the question:", **GREEDY})
+    assert again["tokens_cached"] >= answer["tokens_evaluated"] - 1  # the first left its prompt in the prefix cache
+    (streamed,) = events(server, {"prompt": WARM, "n_predict": 0})
+    assert streamed["stop"] and streamed["tokens_predicted"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({}, "prompt must be"),
+        ({"prompt": ""}, "prompt must be"),
+        ({"prompt": [[1, 2], 3]}, "prompt must be"),
+        ({"prompt": "a", "n_probs": 50}, "n_probs must be between 0 and 20"),
+        ({"prompt": "a", "n_predict": -2}, "n_predict must be -1"),
+        ({"prompt": "a", "grammar": "root ::= ("}, "grammar"),
+        ({"prompt": "a", "grammar": 'root ::= "x"', "json_schema": {}}, "grammar or json_schema"),
+        ({"prompt": "a", "logit_bias": [[1, "high"]]}, "must be a number or false"),
+        ({"prompt": "a", "logit_bias": [[10**9, 1]]}, "outside the vocabulary"),
+        ({"prompt": [10**9]}, "outside the vocabulary"),
+    ],
+    ids=str,
+)
+def test_bad_requests_are_named(server: ServerHandle, body: dict[str, Any], needle: str) -> None:
+    answer = httpx.post(f"{server.base_url}/completion", json=body, timeout=60)
+    assert answer.status_code == 400 and needle in answer.json()["error"], answer.text
+
+
+def test_props_describes_the_server(server: ServerHandle) -> None:
+    props = httpx.get(f"{server.base_url}/props", timeout=60).json()
+    engine = server.state.engine
+    assert engine is not None
+    assert props["total_slots"] == engine.max_running
+    settings = props["default_generation_settings"]
+    assert settings["n_ctx"] == engine.context_length and settings["params"]["temperature"] == 0.8
+    assert settings["params"]["top_k"] == 40 and settings["params"]["n_predict"] == -1
+    assert props["model_alias"] == server.state.model_name and isinstance(props["chat_template"], str)
