@@ -103,6 +103,7 @@ def create_app(state: ServerState) -> Starlette:
     state.metrics = ApiMetrics(state)
     paths = frozenset(route.path for route in routes if isinstance(route, Route))
     # Outermost first: every request is counted, then authenticated, then rate limited, then size-checked.
+    upload_limit = settings.max_file_bytes and settings.max_file_bytes + files.FORM_OVERHEAD_BYTES  # 0: none
     middleware = [
         # Outside the key check: a browser's preflight carries no key, and a 401 must still reach the page.
         *_cors(settings),
@@ -112,7 +113,7 @@ def create_app(state: ServerState) -> Starlette:
         Middleware(
             BodyLimitMiddleware,
             max_bytes=settings.max_body_bytes,
-            overrides={files.UPLOAD_PATH: settings.max_file_bytes + files.FORM_OVERHEAD_BYTES},
+            overrides={files.UPLOAD_PATH: upload_limit},
         ),
     ]
     app = Starlette(
@@ -125,5 +126,5 @@ def create_app(state: ServerState) -> Starlette:
     # A batch's requests go to the routes and their error handlers, not through the middleware (auth, rate limit).
     dispatch = ExceptionMiddleware(app.router, handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
     concurrency = settings.batch_concurrency or max(1, settings.max_running // 2)
-    state.batches = BatchRunner(settings.files_dir, state.files, app, dispatch, concurrency)
+    state.batches = BatchRunner(settings.files_dir, state.files, app, dispatch, concurrency, settings.max_body_bytes)
     return app

@@ -41,9 +41,13 @@ class Batch:
     completed: int = 0
     failed: int = 0
     usage: dict[str, int] = field(default_factory=lambda: dict.fromkeys(USAGE_KEYS, 0))
+    output_ttl_s: int | None = None  # OpenAI's output_expires_after: how long its result files are kept
+    # Kept for a restart: the status it is being finished with (its files are being stored), so it ends the same.
+    finishing_as: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
+        del body["output_ttl_s"], body["finishing_as"]
         counts = {"total": body.pop("total"), "completed": body.pop("completed"), "failed": body.pop("failed")}
         usage = body.pop("usage")
         return {
@@ -86,8 +90,11 @@ class BatchRequest:
     body: dict[str, Any]
 
 
-def read_requests(path: Path, endpoint: str) -> tuple[list[BatchRequest], list[dict[str, Any]]]:
-    """A batch input file's requests, or what is wrong with it (OpenAI's BatchError objects, by line)."""
+def read_requests(
+    path: Path, endpoint: str, max_line_bytes: int = 0
+) -> tuple[list[BatchRequest], list[dict[str, Any]]]:
+    """A batch input file's requests, or what is wrong with it (OpenAI's BatchError objects, by line). A line longer
+    than `max_line_bytes` (the server's body limit; 0: none) is refused as the route would refuse its body."""
     requests: list[BatchRequest] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -100,6 +107,9 @@ def read_requests(path: Path, endpoint: str) -> tuple[list[BatchRequest], list[d
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
             if not raw.strip():
+                continue
+            if max_line_bytes and len(raw) > max_line_bytes:
+                error(number, "request_too_large", f"line {number} is over the {max_line_bytes}-byte request limit")
                 continue
             try:
                 entry = json.loads(raw)

@@ -2,16 +2,18 @@
 and their answers become its output and error files.
 
 Each request is sent to the route the batch names, in process (the routes and their error handlers, without the
-HTTP middleware: the batch was authenticated and rate limited once, when it was created), with vLLM's `priority`
-1 unless it sets one: waiting for a slot, it starts after interactive requests (0). At most `concurrency` of a
-batch's requests run at once, so interactive requests keep slots of their own. An answer of 429 or 503 (queue
-full, a stage down, the model being switched) is tried again later, until the batch expires 24 hours after it was
+HTTP middleware: the batch was authenticated once, when it was created), with vLLM's `priority` 1 unless it sets
+one: waiting for a slot, it starts after interactive requests (0). At most `concurrency` batch requests (of every
+batch together) run at once, so interactive requests keep slots of their own. An answer of 429 or 503 (queue full,
+a stage down, the model being switched) is tried again later, until the batch expires 24 hours after it was
 created; other answers are results: 2xx to the output file, the rest to the error file, one line each
 (`{id, custom_id, response: {status_code, request_id, body}, error}`), in the order they finish.
 
 Everything lives under `<files-dir>/batches/`: each batch's record (`<id>.json`, OpenAI's Batch object) and, while
 it runs, the lines answered so far (`<id>.output.jsonl`, `<id>.errors.jsonl`). A server stopped mid-batch picks it
-up where it was when it starts again: requests already answered are not sent again.
+up where it was when it starts again: requests already answered are not sent again (those it was answering when
+it stopped are). A run ends by storing those lines as its result files (`_finish`), whatever ends it: all answered,
+expired, cancelled, or failed (its input file gone, a bug).
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from starlette.types import ASGIApp, Message
+from starlette.types import ASGIApp
 
 from cake_py.api.batch_objects import TERMINAL, USAGE_KEYS, Batch, BatchRequest, add_usage, read_requests
 from cake_py.api.file_store import BATCH_OUTPUT, FileStore, write_json
+from cake_py.api.inprocess import post_json
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ BATCH_PRIORITY = 1  # vLLM's priority of a batch request that sets none (interac
 RETRY_S = 2.0  # before sending again a request answered 429 or 503
 SAVE_EVERY_S = 1.0  # a running batch's record is rewritten at most this often (its counts)
 RETRIED = (429, 503)
+_APPEND_LOCK = threading.Lock()  # result lines are appended from worker threads: one whole line at a time
 
 
 def _complete_lines(path: Path) -> Iterator[dict[str, Any]]:
@@ -62,15 +67,29 @@ def _complete_lines(path: Path) -> Iterator[dict[str, Any]]:
 class BatchRunner:
     """Batches by id, and the task running each one that has not ended."""
 
-    def __init__(self, directory: Path, files: FileStore, app: ASGIApp, dispatch: ASGIApp, concurrency: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        files: FileStore,
+        app: ASGIApp,
+        dispatch: ASGIApp,
+        concurrency: int,
+        max_line_bytes: int = 0,
+    ) -> None:
         self.directory = directory / "batches"
         self.files = files
         self.app = app  # what the routes find as request.app
         self.dispatch = dispatch  # the routes with their error handlers
-        self.concurrency = max(1, concurrency)
+        self.slots = asyncio.Semaphore(max(1, concurrency))  # shared by every batch
+        self.max_line_bytes = max_line_bytes
         self._batches: dict[str, Batch] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._sending: set[str] = set()  # batches whose run may be cancelled where it is (not while finishing)
+        self._writes: dict[str, set[asyncio.Future[None]]] = {}  # result lines still being appended, by batch
         self._saved: dict[str, float] = {}
+        self._versions: dict[str, int] = {}  # records are written from threads: an older one never overwrites
+        self._written: dict[str, int] = {}
+        self._write_lock = threading.Lock()
 
     # --- the records -------------------------------------------------------------------------------------------
 
@@ -82,10 +101,20 @@ class BatchRunner:
         return sorted(self._batches.values(), key=lambda b: b.created_at)
 
     async def _save(self, batch: Batch, *, now: bool = True) -> None:
+        """Writes the batch's record as it is at this call (`now` False: unless one was written within a second)."""
         if not now and time.monotonic() - self._saved.get(batch.id, 0.0) < SAVE_EVERY_S:
             return
         self._saved[batch.id] = time.monotonic()
-        await asyncio.to_thread(write_json, self.directory / f"{batch.id}.json", asdict(batch))
+        version = self._versions[batch.id] = self._versions.get(batch.id, 0) + 1
+        record = asdict(batch)
+
+        def write() -> None:
+            with self._write_lock:
+                if self._written.get(batch.id, 0) < version:
+                    write_json(self.directory / f"{batch.id}.json", record)
+                    self._written[batch.id] = version
+
+        await asyncio.to_thread(write)
 
     def _load(self) -> list[Batch]:
         batches = []
@@ -116,31 +145,19 @@ class BatchRunner:
         self.stop_soon()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
-    async def create(self, endpoint: str, input_file_id: str, metadata: dict[str, str] | None, model: str) -> Batch:
-        now = int(time.time())
-        batch = Batch(
-            id=f"batch_{secrets.token_hex(12)}",
-            endpoint=endpoint,
-            input_file_id=input_file_id,
-            created_at=now,
-            expires_at=now + COMPLETION_WINDOW_S,
-            model=model,
-            metadata=metadata,
-        )
+    async def create(self, batch: Batch) -> None:
         self._batches[batch.id] = batch
         await self._save(batch)
         self._launch(batch)
-        return batch
 
     async def cancel(self, batch: Batch) -> None:
         """A running batch stops sending requests and ends `cancelled` with what was answered (as OpenAI's does,
-        through `cancelling`)."""
+        through `cancelling`). One being finished (`finalizing`) ends as it was going to."""
         if batch.status in ("validating", "in_progress"):
             batch.status, batch.cancelling_at = "cancelling", int(time.time())
+            if batch.id in self._sending:  # else its run sees the status before it sends anything, or is finishing
+                self._tasks[batch.id].cancel("cancelled")
             await self._save(batch)
-            task = self._tasks.get(batch.id)
-            if task is not None:
-                task.cancel("cancelled")
 
     def _launch(self, batch: Batch) -> None:
         task = asyncio.get_running_loop().create_task(self._run(batch), name=f"cake-{batch.id}")
@@ -155,76 +172,72 @@ class BatchRunner:
     async def _run(self, batch: Batch) -> None:
         try:
             if batch.status in ("finalizing", "cancelling"):  # a restart: it had answered what it would
-                await self._finish(batch, "completed" if batch.status == "finalizing" else "cancelled", [])
+                await self._finish(batch, batch.finishing_as or "cancelled")
                 return
             try:
-                path = self.files.path(batch.input_file_id)
+                path = await asyncio.to_thread(self.files.path, batch.input_file_id)
             except KeyError:
                 message = f"input file {batch.input_file_id!r} no longer exists"
-                await self._fail(
-                    batch, [{"code": "missing_file", "line": None, "param": "input_file_id", "message": message}]
-                )
+                error = {"code": "missing_file", "line": None, "param": "input_file_id", "message": message}
+                await self._finish(batch, "failed", errors=[error])  # with what an earlier run answered
                 return
-            requests, errors = await asyncio.to_thread(read_requests, path, batch.endpoint)
+            requests, errors = await asyncio.to_thread(read_requests, path, batch.endpoint, self.max_line_bytes)
             if errors:
-                await self._fail(batch, errors)
+                await self._finish(batch, "failed", errors=errors)
+                return
+            if batch.status == "cancelling":  # while it was being read
+                await self._finish(batch, "cancelled")
                 return
             if batch.status == "validating":
                 batch.status, batch.in_progress_at, batch.total = "in_progress", int(time.time()), len(requests)
                 await self._save(batch)
-            answered = await asyncio.to_thread(self._recount, batch)
+            output, error_lines = self._partial(batch, "output"), self._partial(batch, "errors")
+            answered, batch.completed, batch.failed, batch.usage = await asyncio.to_thread(
+                _recount, output, error_lines
+            )
             pending = [request for request in requests if request.custom_id not in answered]
-            unsent = await self._send_all(batch, pending)
-            await self._finish(batch, "expired" if unsent else "completed", unsent)
+            unsent: list[BatchRequest] = []
+            self._sending.add(batch.id)
+            try:
+                unsent = await self._send_all(batch, pending)
+            except asyncio.CancelledError:
+                if batch.status != "cancelling":
+                    raise  # a shutdown: the record stays as it is, to be resumed
+            finally:
+                self._sending.discard(batch.id)
+            if batch.status == "cancelling":
+                await self._finish(batch, "cancelled")
+            else:
+                await self._finish(batch, "expired" if unsent else "completed", unsent)
         except asyncio.CancelledError:
-            if batch.status != "cancelling":
-                raise  # a shutdown: the record stays as it is, to be resumed
-            await self._finish(batch, "cancelled", [])
-        except Exception as error:  # a bug: the batch fails, saying so, instead of hanging in_progress
+            raise
+        except Exception as error:  # a bug: the batch fails, saying so, with what it answered, instead of hanging
             log.exception("batch %s failed", batch.id)
             message = f"internal error: {type(error).__name__}: {error}"[:300]
-            await self._fail(batch, [{"code": "internal_error", "line": None, "param": None, "message": message}])
-
-    def _recount(self, batch: Batch) -> set[str]:
-        """The custom ids answered by an earlier run of this batch; its counts and usage counted again from them."""
-        answered: set[str] = set()
-        batch.completed = batch.failed = 0
-        batch.usage = dict.fromkeys(USAGE_KEYS, 0)
-        for kind in ("output", "errors"):
-            for line in _complete_lines(self._partial(batch, kind)):
-                answered.add(str(line.get("custom_id")))
-                if kind == "output":
-                    batch.completed += 1
-                    add_usage(batch.usage, (line.get("response") or {}).get("body"))
-                else:
-                    batch.failed += 1
-        return answered
+            await self._finish(
+                batch, "failed", errors=[{"code": "internal_error", "line": None, "param": None, "message": message}]
+            )
 
     async def _send_all(self, batch: Batch, pending: list[BatchRequest]) -> list[BatchRequest]:
-        """Sends the requests, `concurrency` at a time; returns those not sent before the batch expired."""
-        slots = asyncio.Semaphore(self.concurrency)
-        write_lock = asyncio.Lock()
+        """Sends the requests as slots free up; returns those not sent before the batch expired."""
         async with asyncio.TaskGroup() as group:
             for index, request in enumerate(pending):
-                await slots.acquire()
+                await self.slots.acquire()
                 if time.time() >= batch.expires_at:
-                    slots.release()
+                    self.slots.release()
                     return pending[index:]
-                group.create_task(self._send(batch, request, slots, write_lock))
+                group.create_task(self._send(batch, request))
         return []
 
-    async def _send(self, batch: Batch, request: BatchRequest, slots: asyncio.Semaphore, lock: asyncio.Lock) -> None:
+    async def _send(self, batch: Batch, request: BatchRequest) -> None:
         try:
-            body = dict(request.body)
-            body.setdefault("priority", BATCH_PRIORITY)
-            if body.get("stream") or body.get("background"):
-                which = "stream" if body.get("stream") else "background"
-                status, answer = 400, {"error": f"{which} is not supported in a batch: its answer goes to a file"}
-            else:
-                status, answer = await self.call(batch.endpoint, body)
-                while status in RETRIED and time.time() < batch.expires_at:
-                    await asyncio.sleep(RETRY_S)
-                    status, answer = await self.call(batch.endpoint, body)
+            try:
+                status, answer = await self._answer(batch, request)
+            except (
+                Exception
+            ) as error:  # a request the in-process call cannot carry (a bug): its own line, not the batch's end
+                log.exception("batch %s: request %r failed", batch.id, request.custom_id)
+                status, answer = 500, {"error": f"internal error: {type(error).__name__}: {error}"[:300]}
             line = {
                 "id": f"batch_req_{secrets.token_hex(12)}",
                 "custom_id": request.custom_id,
@@ -232,104 +245,106 @@ class BatchRunner:
                 "error": None,
             }
             succeeded = 200 <= status < 300
-            async with lock:
-                await asyncio.to_thread(_append, self._partial(batch, "output" if succeeded else "errors"), line)
-                if succeeded:
-                    batch.completed += 1
-                    add_usage(batch.usage, answer)
-                else:
-                    batch.failed += 1
+            # Written even if the batch is cancelled meanwhile (its answer is in); _finish waits for it.
+            write = asyncio.ensure_future(
+                asyncio.to_thread(_append, self._partial(batch, "output" if succeeded else "errors"), [line])
+            )
+            writes = self._writes.setdefault(batch.id, set())
+            writes.add(write)
+            write.add_done_callback(writes.discard)
+            await asyncio.shield(write)
+            if succeeded:
+                batch.completed += 1
+                add_usage(batch.usage, answer)
+            else:
+                batch.failed += 1
             await self._save(batch, now=False)
         finally:
-            slots.release()
+            self.slots.release()
 
-    async def call(self, endpoint: str, body: dict[str, Any]) -> tuple[int, Any]:
-        """POSTs `body` to one of this server's routes, in process; its status and JSON answer."""
-        payload = json.dumps(body).encode()
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": endpoint,
-            "raw_path": endpoint.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-            "client": ("batch", 0),
-            "server": ("cake", 0),
-            "app": self.app,
-            "state": {},
-        }
-        sent_body = False
-        never = asyncio.Event()  # the "client" never goes away: a cancelled batch cancels the call itself
-        status, chunks = 500, []
+    async def _answer(self, batch: Batch, request: BatchRequest) -> tuple[int, Any]:
+        body = dict(request.body)
+        body.setdefault("priority", BATCH_PRIORITY)
+        if batch.endpoint == "/v1/responses":
+            body.setdefault("store", False)  # its answer is in the output file: kept there, not in the response store
+        for field in ("stream", "background"):
+            if body.get(field):
+                return 400, {"error": f"{field} is not supported in a batch: its answer goes to a file"}
+        status, answer = await post_json(self.app, self.dispatch, batch.endpoint, body)
+        while status in RETRIED and time.time() < batch.expires_at:
+            await asyncio.sleep(RETRY_S)
+            status, answer = await post_json(self.app, self.dispatch, batch.endpoint, body)
+        return status, answer
 
-        async def receive() -> Message:
-            nonlocal sent_body
-            if not sent_body:
-                sent_body = True
-                return {"type": "http.request", "body": payload, "more_body": False}
-            await never.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.dispatch(scope, receive, send)
-        try:
-            return status, json.loads(b"".join(chunks))
-        except ValueError:
-            return 500, {"error": f"the route answered {status} with a body that is not JSON"}
-
-    async def _fail(self, batch: Batch, errors: list[dict[str, Any]]) -> None:
-        batch.status, batch.failed_at, batch.errors = "failed", int(time.time()), errors
+    async def _finish(
+        self,
+        batch: Batch,
+        status: str,
+        unsent: list[BatchRequest] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Output and error files from the lines answered (and, when it expired, an error line for each request
+        never sent), then the final status. A restart in the middle finishes it again, the same way."""
+        pending = self._writes.get(batch.id)
+        if pending:
+            await asyncio.wait(pending)
+        output, error_lines = self._partial(batch, "output"), self._partial(batch, "errors")
+        if unsent:
+            expired = [
+                {
+                    "id": f"batch_req_{secrets.token_hex(12)}",
+                    "custom_id": request.custom_id,
+                    "response": None,
+                    "error": {"code": "batch_expired", "message": "the batch expired before this request was sent"},
+                }
+                for request in unsent
+            ]
+            await asyncio.to_thread(_append, error_lines, expired)
+        if errors is not None:
+            batch.errors = errors
+        batch.finishing_as = status
+        if status in ("completed", "expired"):  # cancelled ones show cancelling meanwhile, failed ones their stage
+            batch.status, batch.finalizing_at = "finalizing", int(time.time())
         await self._save(batch)
 
-    async def _finish(self, batch: Batch, status: str, unsent: list[BatchRequest]) -> None:
-        """Output and error files from the lines answered (and, when it expired, an error line for each request
-        never sent), then the final status."""
-        now = int(time.time())
-        if batch.status != "cancelling":
-            batch.status, batch.finalizing_at = "finalizing", now
-            await self._save(batch)
-        expired = [
-            {
-                "id": f"batch_req_{secrets.token_hex(12)}",
-                "custom_id": request.custom_id,
-                "response": None,
-                "error": {"code": "batch_expired", "message": "the batch expired before this request was sent"},
-            }
-            for request in unsent
-        ]
-        output, errors = self._partial(batch, "output"), self._partial(batch, "errors")
-
-        def store() -> tuple[str | None, str | None]:
-            self._recount(batch)  # what the files hold, whatever a cancelled request had counted
-            output_lines = [json.dumps(line).encode() + b"\n" for line in _complete_lines(output)]
-            error_lines = [json.dumps(line).encode() + b"\n" for line in [*_complete_lines(errors), *expired]]
-            batch.failed += len(expired)
+        def store() -> tuple[str | None, str | None, int, int, dict[str, int]]:
+            _, completed, failed, usage = _recount(output, error_lines)
             ids = []
-            for lines, kind in ((output_lines, "output"), (error_lines, "error")):
+            for path, kind in ((output, "output"), (error_lines, "error")):
+                lines = [json.dumps(line).encode() + b"\n" for line in _complete_lines(path)]
                 name = f"{batch.id}_{kind}.jsonl"
-                ids.append(self.files.add_lines(lines, name, BATCH_OUTPUT, None).id if lines else None)
-            return ids[0], ids[1]
+                ids.append(self.files.add_lines(lines, name, BATCH_OUTPUT, batch.output_ttl_s).id if lines else None)
+            return ids[0], ids[1], completed, failed, usage
 
-        batch.output_file_id, batch.error_file_id = await asyncio.to_thread(store)
-        batch.status = status
+        batch.output_file_id, batch.error_file_id, batch.completed, batch.failed, batch.usage = await asyncio.to_thread(
+            store
+        )
+        batch.status, batch.finishing_as = status, None
         setattr(batch, f"{status}_at", int(time.time()))
         await self._save(batch)
-        for path in (output, errors):
+        for path in (output, error_lines):
             with contextlib.suppress(OSError):
-                path.unlink()
+                await asyncio.to_thread(path.unlink)
 
 
-def _append(path: Path, line: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as handle:
-        handle.write(json.dumps(line).encode() + b"\n")
+def _recount(output: Path, errors: Path) -> tuple[set[str], int, int, dict[str, int]]:
+    """What a run's result lines hold: the custom ids answered, how many succeeded and failed, their usage."""
+    answered: set[str] = set()
+    completed = failed = 0
+    usage = dict.fromkeys(USAGE_KEYS, 0)
+    for line in _complete_lines(output):
+        answered.add(str(line.get("custom_id")))
+        completed += 1
+        add_usage(usage, (line.get("response") or {}).get("body"))
+    for line in _complete_lines(errors):
+        answered.add(str(line.get("custom_id")))
+        failed += 1
+    return answered, completed, failed, usage
+
+
+def _append(path: Path, lines: list[dict[str, Any]]) -> None:
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    with _APPEND_LOCK:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as handle:
+            handle.write(data)

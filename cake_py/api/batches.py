@@ -4,6 +4,8 @@ POST /v1/batches/{id}/cancel. `batch_runner.BatchRunner` runs them."""
 
 from __future__ import annotations
 
+import secrets
+import time
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -12,8 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.batch_objects import ENDPOINTS, TERMINAL, Batch
-from cake_py.api.batch_runner import BatchRunner
+from cake_py.api.batch_runner import COMPLETION_WINDOW_S, BatchRunner
 from cake_py.api.errors import ApiError
+from cake_py.api.file_store import MAX_TTL_S, MIN_TTL_S
 from cake_py.api.listing import list_page
 from cake_py.api.schemas import json_body
 from cake_py.api.state import ServerState
@@ -50,6 +53,18 @@ def _metadata(value: Any) -> dict[str, str] | None:
     return dict(value)
 
 
+def _output_ttl(value: Any) -> int | None:
+    """OpenAI's `output_expires_after` ({anchor: created_at, seconds}): how long the result files are kept."""
+    if value is None:
+        return None
+    seconds = value.get("seconds") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or value.get("anchor") != "created_at":
+        raise ApiError(400, f"output_expires_after must be {{anchor: 'created_at', seconds}}, got {value!r}"[:300])
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not MIN_TTL_S <= seconds <= MAX_TTL_S:
+        raise ApiError(400, f"output_expires_after.seconds must be from {MIN_TTL_S} to {MAX_TTL_S}, got {seconds!r}")
+    return seconds
+
+
 async def create_batch(request: Request) -> Response:
     state: ServerState = request.app.state.cake
     body = await json_body(request)
@@ -59,16 +74,30 @@ async def create_batch(request: Request) -> Response:
     if body.get("completion_window") != "24h":
         raise ApiError(400, f"completion_window must be '24h', got {body.get('completion_window')!r}"[:300])
     metadata = _metadata(body.get("metadata"))
+    output_ttl = _output_ttl(body.get("output_expires_after"))
     input_file_id = body.get("input_file_id")
-    if not isinstance(input_file_id, str):
+    if input_file_id is None:
         raise ApiError(400, "input_file_id (the id of a file uploaded with purpose batch) is missing")
+    if not isinstance(input_file_id, str):
+        raise ApiError(400, f"input_file_id must be a file id (a string), got {input_file_id!r}"[:300])
     try:
         stored = await run_in_threadpool(state.files.get, input_file_id)
     except KeyError:
         raise ApiError(400, f"input_file_id: no file with id {input_file_id!r}"[:300]) from None
     if stored.purpose != "batch":
         raise ApiError(400, f"input file {input_file_id!r} was uploaded with purpose {stored.purpose!r}, not 'batch'")
-    batch = await _runner(request).create(endpoint, input_file_id, metadata, state.model_name)
+    now = int(time.time())
+    batch = Batch(
+        id=f"batch_{secrets.token_hex(12)}",
+        endpoint=endpoint,
+        input_file_id=input_file_id,
+        created_at=now,
+        expires_at=now + COMPLETION_WINDOW_S,
+        model=state.model_name,
+        metadata=metadata,
+        output_ttl_s=output_ttl,
+    )
+    await _runner(request).create(batch)
     return JSONResponse(batch.to_json())
 
 

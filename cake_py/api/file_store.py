@@ -38,10 +38,13 @@ class StoredFile:
     filename: str
     purpose: str
     expires_at: int | None = None
+    stored_ns: int = 0  # when it was stored, in ns: files of one second keep their order across restarts
 
     def to_json(self) -> dict[str, object]:
         """OpenAI's File object (`status` is deprecated there; a stored file here is always `processed`)."""
-        return {**asdict(self), "object": "file", "status": "processed", "status_details": None}
+        shown = asdict(self)
+        del shown["stored_ns"]
+        return {**shown, "object": "file", "status": "processed", "status_details": None}
 
 
 class FileTooLargeError(RequestError):
@@ -91,8 +94,7 @@ class FileStore:
     def list(self, purpose: str | None = None, *, newest_first: bool = True) -> list[StoredFile]:
         with self._lock:
             files = [f for f in self._index().values() if purpose is None or f.purpose == purpose]
-        # Ids are random: among files of one second, the order they were stored in is kept by insertion order.
-        return sorted(files, key=lambda f: f.created_at, reverse=newest_first)
+        return sorted(files, key=lambda f: (f.created_at, f.stored_ns), reverse=newest_first)
 
     def add(self, source: BinaryIO, filename: str, purpose: str, ttl_s: int | None) -> StoredFile:
         """Store what `source` holds; FileTooLargeError past `max_file_bytes` (nothing is kept then)."""
@@ -128,10 +130,10 @@ class FileStore:
         except BaseException:
             target.unlink(missing_ok=True)
             raise
-        now = int(time.time())
-        stored = StoredFile(
-            file_id, target.stat().st_size, now, filename, purpose, now + ttl_s if ttl_s is not None else None
-        )
+        stored_ns = time.time_ns()
+        now = stored_ns // 1_000_000_000
+        expires = now + ttl_s if ttl_s is not None else None
+        stored = StoredFile(file_id, target.stat().st_size, now, filename, purpose, expires, stored_ns)
         _write_json(self.directory / f"{file_id}.json", asdict(stored))
         with self._lock:
             self._index()[file_id] = stored

@@ -28,7 +28,6 @@ GENERATION_PATHS = frozenset(
         "/v1/completions",
         "/v1/embeddings",
         "/v1/responses",
-        "/v1/batches",
         "/completion",
         "/completions",
         "/generate",

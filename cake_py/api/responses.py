@@ -51,7 +51,7 @@ from cake_py.api.tools import calls_grammar, parse_answer, prompt_messages, tool
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Sampling fields passed on as the chat completion reads them (vLLM's extras included); the rest are Responses'.
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "top_logprobs")
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "top_logprobs", "priority")
 
 
 async def create_response(request: Request) -> Response:

@@ -19,6 +19,8 @@ import openai
 import pytest
 from openai import OpenAI
 
+from cake_py.api import batch_runner, batches
+from cake_py.api.file_store import FileStore
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 MAX_FILE_BYTES = 256 * 1024
@@ -230,6 +232,88 @@ def test_completions_and_embeddings_batches(client: OpenAI) -> None:
     assert done.usage is not None and done.usage.input_tokens == direct.usage.prompt_tokens
 
 
+def test_a_responses_batch_keeps_its_answers_in_the_file_and_its_output_expires(client: OpenAI) -> None:
+    url = "/v1/responses"
+    lines = [request_line("r", {"model": "tiny", "input": "Hello", "max_output_tokens": 4}, url)]
+    batch = client.batches.create(
+        input_file_id=upload(client, lines),
+        endpoint=url,
+        completion_window="24h",
+        output_expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+    done = wait_for(client, batch.id, ("completed",))
+    body = result_lines(client, done.output_file_id)["r"]["response"]["body"]
+    assert body["object"] == "response" and body["status"] in ("completed", "incomplete")
+    with pytest.raises(openai.NotFoundError):  # store defaults to false in a batch: the response store keeps none
+        client.responses.retrieve(body["id"])
+    output_file = client.files.retrieve(done.output_file_id)  # type: ignore[arg-type]
+    assert output_file.expires_at == output_file.created_at + 7200
+
+
+def test_a_request_the_runner_cannot_carry_is_its_own_failed_line(
+    client: OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = batch_runner.post_json
+
+    async def failing(app: Any, dispatch: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        if body["messages"][0]["content"] == "break":
+            raise RecursionError("maximum recursion depth exceeded")
+        return await real(app, dispatch, path, body)
+
+    monkeypatch.setattr(batch_runner, "post_json", failing)
+    lines = [request_line("ok", chat_body("hi")), request_line("broken", chat_body("break"))]
+    batch = client.batches.create(
+        input_file_id=upload(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_for(client, batch.id, ("completed",))
+    assert done.request_counts is not None and (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+    error = result_lines(client, done.error_file_id)["broken"]["response"]
+    assert error["status_code"] == 500 and "RecursionError" in error["body"]["error"]
+
+
+def test_a_batch_past_its_window_expires_with_its_unsent_requests_named(
+    client: OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batches, "COMPLETION_WINDOW_S", 0)
+    lines = [request_line(f"x{i}", chat_body("hi")) for i in range(3)]
+    batch = client.batches.create(
+        input_file_id=upload(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_for(client, batch.id, ("expired",))
+    assert done.expired_at and done.output_file_id is None
+    assert done.request_counts is not None and (done.request_counts.total, done.request_counts.failed) == (3, 3)
+    errors = result_lines(client, done.error_file_id)
+    assert sorted(errors) == ["x0", "x1", "x2"]
+    assert all(line["error"]["code"] == "batch_expired" and line["response"] is None for line in errors.values())
+
+
+def test_a_batch_being_finished_ends_as_it_was_going_to(
+    client: OpenAI, files_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that comes while the result files are stored changes nothing: one output file, the batch completed,
+    on disk as in memory."""
+    real = FileStore.add_lines
+
+    def slow(self: FileStore, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileStore, "add_lines", slow)
+    batch = client.batches.create(
+        input_file_id=upload(client, [request_line("one", chat_body("hi"))]),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    wait_for(client, batch.id, ("finalizing",))
+    assert client.batches.cancel(batch.id).status == "finalizing"
+    done = wait_for(client, batch.id, ("completed", "cancelled"))
+    assert done.status == "completed"
+    outputs = [f for f in client.files.list(purpose="batch_output") if f.filename.startswith(batch.id)]
+    assert [f.id for f in outputs] == [done.output_file_id]
+    record = json.loads((files_dir / "batches" / f"{batch.id}.json").read_text())
+    assert record["status"] == "completed" and record["output_file_id"] == done.output_file_id
+
+
 def test_streamed_requests_fail_in_a_batch(client: OpenAI) -> None:
     lines = [request_line("s", chat_body("hi", stream=True))]
     done = wait_for(
@@ -285,8 +369,24 @@ def test_bad_batch_requests_are_refused_naming_the_value(client: OpenAI, server:
         )
     with refused(openai.NotFoundError, "no batch with id 'batch_nope'"):
         client.batches.retrieve("batch_nope")
-    answer = httpx.post(f"{server.openai_url}/chat/completions", json={**chat_body("hi"), "priority": "high"})
-    assert answer.status_code == 400 and "priority" in answer.json()["error"]
+    answer = httpx.post(
+        f"{server.openai_url}/batches",
+        json={"endpoint": "/v1/chat/completions", "input_file_id": ["x"], "completion_window": "24h"},
+    )
+    assert (
+        answer.status_code == 400 and "input_file_id must be a file id (a string), got ['x']" in answer.json()["error"]
+    )
+    with refused(openai.BadRequestError, "output_expires_after.seconds must be from 3600"):
+        client.batches.create(
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 60},
+        )
+    for route in ("chat/completions", "responses"):  # batch requests run at priority 1 through either
+        body = {**chat_body("hi"), "input": "hi", "priority": "high"}
+        answer = httpx.post(f"{server.openai_url}/{route}", json=body)
+        assert answer.status_code == 400 and "priority" in answer.json()["error"], route
 
 
 def test_a_finished_batch_cannot_be_cancelled(client: OpenAI) -> None:
@@ -371,3 +471,21 @@ def test_a_batch_goes_on_after_a_restart_without_sending_a_request_twice(tiny_ll
         assert engine is not None
         assert engine.stats.requests_total == 12 - answered_before  # only the ones not answered before
     assert not (tmp_path / "batches" / f"{batch_id}.output.jsonl").exists()  # the run's own lines, once stored
+
+
+def test_a_batch_whose_input_file_is_gone_after_a_restart_fails_keeping_its_answers(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    settings = tiny_settings(tiny_llama, model_name="tiny", files_dir=tmp_path, batch_concurrency=1)
+    with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
+        batch_id = long_batch(client, 12)
+        wait_for_answers(client, batch_id, 2)
+        input_file_id = client.batches.retrieve(batch_id).input_file_id
+    assert FileStore(tmp_path, max_file_bytes=0).delete(input_file_id)
+    with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
+        failed = wait_for(client, batch_id, ("failed",))
+        assert failed.errors is not None and failed.errors.data is not None
+        assert failed.errors.data[0].code == "missing_file" and input_file_id in (failed.errors.data[0].message or "")
+        answered = result_lines(client, failed.output_file_id)
+        assert len(answered) >= 2 and failed.request_counts is not None
+        assert failed.request_counts.completed == len(answered)

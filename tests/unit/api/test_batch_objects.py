@@ -91,3 +91,10 @@ def test_the_batch_object_is_what_openais_client_reads() -> None:
     assert parsed.errors is None and parsed.completion_window == "24h"
     batch.errors = [{"code": "empty_file", "line": None, "message": "m", "param": None}]
     assert OpenAIBatch.model_validate(batch.to_json()).errors.data[0].code == "empty_file"  # type: ignore[union-attr]
+
+
+def test_a_line_over_the_body_limit_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "in.jsonl", [line("small"), line("big", body={"text": "x" * 500})])
+    requests, errors = read_requests(path, URL, max_line_bytes=300)
+    assert [(e["line"], e["code"]) for e in errors] == [(2, "request_too_large")]
+    assert read_requests(path, URL)[1] == []  # no limit

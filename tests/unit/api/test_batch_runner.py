@@ -10,12 +10,12 @@ from cake_py.api.batch_runner import _append, _complete_lines
 
 def test_a_line_cut_short_is_dropped_and_the_file_mended(tmp_path: Path) -> None:
     path = tmp_path / "batch_1.output.jsonl"
-    _append(path, {"custom_id": "a"})
-    _append(path, {"custom_id": "b"})
+    _append(path, [{"custom_id": "a"}])
+    _append(path, [{"custom_id": "b"}])
     with open(path, "ab") as handle:
         handle.write(b'{"custom_id": "c", "resp')  # the server died mid-write
     assert [line["custom_id"] for line in _complete_lines(path)] == ["a", "b"]
-    _append(path, {"custom_id": "c"})
+    _append(path, [{"custom_id": "c"}])
     assert [line["custom_id"] for line in _complete_lines(path)] == ["a", "b", "c"]
 
 

@@ -66,3 +66,10 @@ def test_unfinished_uploads_and_foreign_names_are_not_files(tmp_path: Path) -> N
     for name in ("../../etc/passwd", "file-0123456789abcdef01234567", f"{stored.id}/../x", stored.id.upper()):
         with pytest.raises(KeyError):
             again.get(name)
+
+
+def test_files_of_one_second_keep_their_order_across_restarts(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, max_file_bytes=0)
+    ids = [store.add(io.BytesIO(b"x"), f"{i}", "batch", None).id for i in range(5)]
+    assert [f.id for f in store.list(newest_first=False)] == ids
+    assert [f.id for f in FileStore(tmp_path, max_file_bytes=0).list(newest_first=False)] == ids
