@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route
 
 from cake_py.api import (
     batches,
+    chat_store,
     completions,
     embeddings,
     files,
@@ -82,6 +83,7 @@ def create_app(state: ServerState) -> Starlette:
     routes: list[BaseRoute] = [
         *health.ROUTES,
         *openai.ROUTES,
+        *chat_store.ROUTES,
         *completions.ROUTES,
         *responses.ROUTES,
         *embeddings.ROUTES,

@@ -18,10 +18,8 @@ from cake_py.api.batch_runner import COMPLETION_WINDOW_S, BatchRunner
 from cake_py.api.errors import ApiError
 from cake_py.api.file_store import MAX_TTL_S, MIN_TTL_S
 from cake_py.api.listing import list_page
-from cake_py.api.schemas import json_body
+from cake_py.api.schemas import json_body, metadata_field
 from cake_py.api.state import ServerState
-
-MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's bounds
 
 
 def _runner(request: Request) -> BatchRunner:
@@ -36,21 +34,6 @@ def _batch(request: Request) -> Batch:
     if batch is None:
         raise ApiError(404, f"no batch with id {batch_id!r}"[:300])
     return batch
-
-
-def _metadata(value: Any) -> dict[str, str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict) or len(value) > MAX_METADATA_KEYS:
-        raise ApiError(400, f"metadata must be an object of at most {MAX_METADATA_KEYS} string values")
-    for key, item in value.items():
-        if len(key) > MAX_METADATA_KEY or not isinstance(item, str) or len(item) > MAX_METADATA_VALUE:
-            raise ApiError(
-                400,
-                f"metadata[{key[:80]!r}]: keys are at most {MAX_METADATA_KEY} characters, values strings of at most "
-                f"{MAX_METADATA_VALUE}",
-            )
-    return dict(value)
 
 
 def _output_ttl(value: Any) -> int | None:
@@ -73,7 +56,7 @@ async def create_batch(request: Request) -> Response:
         raise ApiError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}"[:300])
     if body.get("completion_window") != "24h":
         raise ApiError(400, f"completion_window must be '24h', got {body.get('completion_window')!r}"[:300])
-    metadata = _metadata(body.get("metadata"))
+    metadata = metadata_field(body.get("metadata"))
     output_ttl = _output_ttl(body.get("output_expires_after"))
     input_file_id = body.get("input_file_id")
     if input_file_id is None:

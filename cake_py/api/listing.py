@@ -19,10 +19,11 @@ def list_page(
     default_limit: int = 20,
     max_limit: int = 100,
     ordered: bool = True,
+    default_order: str = "desc",
 ) -> dict[str, Any]:
     """The page of `items` (oldest first) the query asks for; `ordered` False: no `order` (newest first always).
     A bad order or limit, or an `after` that names none of `what`, is a 400."""
-    order = query.get("order", "desc") if ordered else "desc"
+    order = query.get("order", default_order) if ordered else "desc"
     if order not in ("asc", "desc"):
         raise ApiError(400, f"order must be asc or desc, got {order!r}"[:300])
     try:

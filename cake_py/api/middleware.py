@@ -137,7 +137,7 @@ class RateLimitMiddleware:
         self.limiter = RateLimiter(per_minute, burst, clock) if per_minute > 0 else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.limiter is not None and scope["type"] == "http" and is_generation(scope["path"]):
+        if self.limiter is not None and scope["type"] == "http" and is_generation(scope["method"], scope["path"]):
             client = scope.get("client")
             wait = self.limiter.acquire(client[0] if client else "unknown")
             if wait > 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cake_py.api.chat_store import ChatFold
 from cake_py.api.errors import ApiError
 from cake_py.api.forced_calls import CallDelta
 from cake_py.api.reasoning import ReasoningStream, is_reasoning_template, opens_thinking, split_reasoning
@@ -27,6 +28,7 @@ from cake_py.api.schemas import (
     chat_template_options,
     choice_count,
     flag,
+    metadata_field,
     openai_sampling,
     predicted_output,
     stream_usage,
@@ -108,6 +110,8 @@ async def chat_completions(request: Request) -> Response:
     tokenizer = source.tokenizer
     reject_unsupported(body)
     messages = chat_messages(body)
+    store = flag(body, "store", False)  # OpenAI's stored completions (chat_store.py)
+    metadata = metadata_field(body.get("metadata"))
     template = chat_template_options(body, messages)
     tools = tool_request(body, tokenizer.tool_call_id_length)
     params = openai_sampling(body, vocab_size=engine.vocab_size)
@@ -138,9 +142,23 @@ async def chat_completions(request: Request) -> Response:
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created, model = int(time.time()), state.model_name
     streams = open_streams(state, engine, [prompt_ids] * n, [seeded(params, i) for i in range(n)])
+
+    def keep(completion: dict[str, Any]) -> None:
+        state.chat_completions.put(completion, body["messages"], metadata)
+
     if stream:
         chunks = _chat_stream(
-            request, streams, completion_id, created, model, tokenizer, params, include_usage, tools, thinking
+            request,
+            streams,
+            completion_id,
+            created,
+            model,
+            tokenizer,
+            params,
+            include_usage,
+            tools,
+            thinking,
+            keep if store else None,
         )
         return GenerationResponse(chunks, streams, "text/event-stream")
     results = await collect_all(request, streams)
@@ -156,21 +174,22 @@ async def chat_completions(request: Request) -> Response:
         finish = _call_finish(bool(answer.tool_calls), result.last.finish_reason)
         logprobs = {"content": chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None
         choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-            "usage": usage(
-                len(prompt_ids),
-                sum(result.last.completion_tokens for result in results),
-                max(result.last.cached_tokens for result in results),
-                _predicted(params, [result.last for result in results]),
-            ),
-        }
-    )
+    completion = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(
+            len(prompt_ids),
+            sum(result.last.completion_tokens for result in results),
+            max(result.last.cached_tokens for result in results),
+            _predicted(params, [result.last for result in results]),
+        ),
+    }
+    if store:
+        keep(completion)
+    return JSONResponse(completion)
 
 
 async def _chat_stream(
@@ -184,12 +203,16 @@ async def _chat_stream(
     include_usage: bool | None,
     tools: ToolRequest,
     thinking: bool | None,
+    keep: Callable[[dict[str, Any]], None] | None = None,
 ) -> AsyncIterator[str]:
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The chunks; with `keep` (store: true), the completion they make up is handed to it once every choice ended."""
+    fold = ChatFold() if keep is not None else None
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
         if "logprobs" in extra:
             choice["logprobs"] = extra.pop("logprobs")
-        return {
+        piece = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
@@ -197,9 +220,12 @@ async def _chat_stream(
             "choices": [choice],
             **extra,
         }
+        if fold is not None:
+            fold.add(piece)
+        return sse(piece)
 
     for index in range(len(streams)):
-        yield sse(chunk(index, {"role": "assistant", "content": ""}))  # as OpenAI's first chunk
+        yield chunk(index, {"role": "assistant", "content": ""})  # as OpenAI's first chunk
     completion_tokens, prompt_tokens, cached_tokens, open_count = 0, 0, 0, len(streams)
     last_events: list[GenerationEvent] = []
     answers = [ToolStream(tools) for _ in streams]  # each choice's text, held where a call may be starting
@@ -216,19 +242,19 @@ async def _chat_stream(
         if thought is not None:
             reasoning, text = thought.feed(text, last=event.finished)
             if reasoning:
-                yield sse(chunk(index, {"reasoning_content": reasoning}))
+                yield chunk(index, {"reasoning_content": reasoning})
         text = answer.feed(text)
         if text or "logprobs" in extra:
-            yield sse(chunk(index, {"content": text}, **extra))
+            yield chunk(index, {"content": text}, **extra)
         if answer.deltas:  # forced calls, as they are written
-            yield sse(chunk(index, {"tool_calls": [_call_delta(delta) for delta in answer.deltas]}))
+            yield chunk(index, {"tool_calls": [_call_delta(delta) for delta in answer.deltas]})
         if event.finished:
             done = answer.finish()
             if done.content:
-                yield sse(chunk(index, {"content": done.content}))
+                yield chunk(index, {"content": done.content})
             if done.unsent:
                 deltas = [{"index": position, **call} for position, call in enumerate(done.unsent)]
-                yield sse(chunk(index, {"tool_calls": deltas}))
+                yield chunk(index, {"tool_calls": deltas})
             completion_tokens += event.completion_tokens
             prompt_tokens = event.prompt_tokens
             cached_tokens = max(cached_tokens, event.cached_tokens)
@@ -238,11 +264,15 @@ async def _chat_stream(
             counts = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))
             last = {"usage": counts} if on_finish else {}
             finish = _call_finish(bool(done.calls), event.finish_reason)
-            yield sse(chunk(index, {}, finish, **last))
+            yield chunk(index, {}, finish, **last)
     if include_usage and open_count == 0:
         kind = "chat.completion.chunk"
         counts = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))
         yield usage_chunk(completion_id, kind, created, model, counts)
+        if fold is not None:
+            fold.add({"usage": counts})
+    if keep is not None and fold is not None and open_count == 0:  # every choice ended (not an error)
+        keep(fold.completion())
     yield sse("[DONE]")
 
 

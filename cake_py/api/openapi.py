@@ -53,6 +53,7 @@ def _op(
 
 
 GEN = (400, 401, 404, 413, 429, 500, 503)
+STORED = [{"name": "completion_id", "in": "path", "required": True, "schema": STR}]
 SSE = {"text/event-stream": {"schema": STR}}
 
 
@@ -73,7 +74,51 @@ PUBLIC: list[dict[str, list[str]]] = []
 UI: list[dict[str, list[str]]] = [{"basic": []}]
 
 PATHS: dict[str, dict[str, Any]] = {
-    "/v1/chat/completions": {"post": _chat_op()},
+    "/v1/chat/completions": {
+        "post": _chat_op(),
+        "get": {
+            **_op(
+                "Chat completions stored with store: true (model, metadata[key]=value, order (asc), limit, after)",
+                _json({"type": "object"}),
+                errors=(400, 401),
+            ),
+            "parameters": [
+                {"name": "model", "in": "query", "schema": STR},
+                {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+                {"name": "limit", "in": "query", "schema": INT},
+                {"name": "after", "in": "query", "schema": STR},
+            ],
+        },
+    },
+    "/v1/chat/completions/{completion_id}": {
+        "get": {
+            **_op("A stored chat completion", _json(ref("ChatCompletion")), errors=(401, 404)),
+            "parameters": STORED,
+        },
+        "post": {
+            **_op(
+                "Replace a stored chat completion's metadata",
+                _json(ref("ChatCompletion")),
+                body=_json(obj({"metadata": {"type": ["object", "null"]}}, ("metadata",))),
+                errors=(400, 401, 404),
+            ),
+            "parameters": STORED,
+        },
+        "delete": {
+            **_op("Delete a stored chat completion", _json({"type": "object"}), errors=(401, 404)),
+            "parameters": STORED,
+        },
+    },
+    "/v1/chat/completions/{completion_id}/messages": {
+        "get": {
+            **_op(
+                "A stored chat completion's request messages (order, limit, after)",
+                _json({"type": "object"}),
+                errors=(400, 401, 404),
+            ),
+            "parameters": STORED,
+        }
+    },
     "/api/v1/chat/completions": {"post": _chat_op()},
     "/v1/completions": {
         "post": _op(

@@ -51,8 +51,9 @@ def uses_detail_errors(path: str) -> bool:
     return path in DETAIL_PATHS
 
 
-def is_generation(path: str) -> bool:
-    return path in GENERATION_PATHS
+def is_generation(method: str, path: str) -> bool:
+    """A request that runs a model: a POST to a generation route (GET /v1/chat/completions only lists stored ones)."""
+    return method == "POST" and path in GENERATION_PATHS
 
 
 def is_ui(path: str) -> bool:

@@ -342,3 +342,22 @@ def predicted_output(
     if outside is not None:  # a token the tokenizer adds past the model's embeddings: it would fail the step
         raise ApiError(400, f"prediction holds token id {outside}, outside the model's vocabulary (0-{vocab_size - 1})")
     return ids
+
+
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's bounds
+
+
+def metadata_field(value: Any) -> dict[str, str] | None:
+    """OpenAI's `metadata`: up to 16 string values under keys of at most 64 characters; null is none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_METADATA_KEYS:
+        raise ApiError(400, f"metadata must be an object of at most {MAX_METADATA_KEYS} string values")
+    for key, item in value.items():
+        if len(key) > MAX_METADATA_KEY or not isinstance(item, str) or len(item) > MAX_METADATA_VALUE:
+            raise ApiError(
+                400,
+                f"metadata[{key[:80]!r}]: keys are at most {MAX_METADATA_KEY} characters, values strings of at most "
+                f"{MAX_METADATA_VALUE}",
+            )
+    return dict(value)

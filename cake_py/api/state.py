@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
+from cake_py.api.chat_store import ChatStore
 from cake_py.api.errors import ApiError
 from cake_py.api.file_store import FileStore
 from cake_py.api.response_store import ResponseStore
@@ -85,6 +86,7 @@ class ServerState:
     configured_model: str | None = field(init=False)  # the one the server started with (None: embedded)
     retired: RetiredTotals = field(default_factory=RetiredTotals)
     responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
+    chat_completions: ChatStore = field(default_factory=ChatStore)  # chat completions created with store: true
     files: FileStore = field(init=False)  # the Files API's, under --files-dir
     batches: BatchRunner | None = None  # the Batch API's runs: set by create_app (they call the app's routes)
     # The engine serving now and what the engines before it counted, as one value: a scrape in another thread reads

@@ -91,6 +91,8 @@ def test_rate_limit_answers_429_with_retry_after_on_generation_routes_only() -> 
         assert native.status_code == 429
         assert "detail" in native.json()
         assert all(client.get("/v1/models").status_code == 200 for _ in range(5))  # not a generation route
+        # Listing stored chat completions shares the path, not the cost: only the POST is limited.
+        assert all(client.get("/v1/chat/completions").status_code == 200 for _ in range(5))
         other_token = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer other"})
         assert other_token.status_code == 429  # a new bearer token is not a new client
 

@@ -66,9 +66,9 @@ def test_unknown_route_and_wrong_method_are_json(client: TestClient) -> None:
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/json"
     assert missing.json() == {"error": "no route for GET /v2/nothing"}
-    wrong = client.get("/v1/chat/completions")
+    wrong = client.put("/v1/chat/completions")
     assert wrong.status_code == 405
-    assert wrong.json() == {"error": "method GET is not allowed on /v1/chat/completions"}
+    assert wrong.json() == {"error": "method PUT is not allowed on /v1/chat/completions"}
     assert client.get("/models/load").json() == {"detail": "method GET is not allowed on /models/load"}
 
 
