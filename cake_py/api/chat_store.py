@@ -88,6 +88,7 @@ class ChatFold:
                 logprobs["content"] += piece["logprobs"].get("content") or []
             if piece.get("finish_reason"):
                 choice["finish_reason"] = piece["finish_reason"]
+                choice["stop_reason"] = piece.get("stop_reason")
 
     def completion(self) -> dict[str, Any]:
         choices = [self.choices[index] for index in sorted(self.choices)]

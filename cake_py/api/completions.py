@@ -154,8 +154,12 @@ async def completions(request: Request) -> Response:
     def scored_prompt(index: int, scored: list[SampledToken] | None) -> tuple[int, list[SampledToken]] | None:
         return (prompt_ids[index // n][0], scored) if params.prompt_logprobs and scored is not None else None
 
-    def piece(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    def piece(
+        index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None, stop: str | int | None = None
+    ) -> dict[str, Any]:
         choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+        if finish is not None:  # vLLM's: the stop string or stop_token_ids token that ended it, else null
+            choice["stop_reason"] = stop
         return {
             "id": completion_id,
             "object": "text_completion",
@@ -189,7 +193,7 @@ async def completions(request: Request) -> Response:
                 logprobs = legacy_logprobs(event.tokens, offsets[index])
                 if logprobs is not None:  # by the tokens' own text, as the blocking answer counts (not emitted text)
                     offsets[index] += sum(len(token) for token in logprobs["tokens"])
-                chunk = piece(index, event.text, finish, logprobs)
+                chunk = piece(index, event.text, finish, logprobs, event.stop_reason)
                 if event.finished and open_count == 0 and include_usage is None:
                     chunk["usage"] = usage(n_prompt_tokens, total)
                 yield sse(chunk)
@@ -202,7 +206,9 @@ async def completions(request: Request) -> Response:
     choices = []
     for index, result in enumerate(results):
         prefix = echo[index // n]
-        choice = piece(index, prefix + result.text, finish_reason(result.last.finish_reason), None)["choices"][0]
+        last = result.last
+        choice = piece(index, prefix + result.text, finish_reason(last.finish_reason), None, last.stop_reason)
+        choice = choice["choices"][0]
         choice["logprobs"] = legacy_logprobs(result.tokens, len(prefix), scored_prompt(index, result.prompt_logprobs))
         choices.append(choice)
     return JSONResponse(

@@ -173,7 +173,8 @@ async def chat_completions(request: Request) -> Response:
             message["tool_calls"] = answer.tool_calls
         finish = _call_finish(bool(answer.tool_calls), result.last.finish_reason)
         logprobs = {"content": chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None
-        choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
+        choice = {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
+        choices.append({**choice, "stop_reason": result.last.stop_reason})  # vLLM's: the stop string or token id
     completion = {
         "id": completion_id,
         "object": "chat.completion",
@@ -210,8 +211,9 @@ async def _chat_stream(
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
-        if "logprobs" in extra:
-            choice["logprobs"] = extra.pop("logprobs")
+        for key in ("logprobs", "stop_reason"):
+            if key in extra:
+                choice[key] = extra.pop(key)
         piece = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -264,7 +266,7 @@ async def _chat_stream(
             counts = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))
             last = {"usage": counts} if on_finish else {}
             finish = _call_finish(bool(done.calls), event.finish_reason)
-            yield chunk(index, {}, finish, **last)
+            yield chunk(index, {}, finish, stop_reason=event.stop_reason, **last)
     if include_usage and open_count == 0:
         kind = "chat.completion.chunk"
         counts = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))

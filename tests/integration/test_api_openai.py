@@ -71,7 +71,7 @@ def test_chat_stream_is_role_deltas_finish_with_usage_then_done(client: OpenAI, 
     assert middle and all(set(chunk["choices"][0]["delta"]) == {"content"} for chunk in middle)
     assert all(chunk["choices"][0]["finish_reason"] is None and "usage" not in chunk for chunk in middle)
     last = chunks[-1]
-    assert last["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert last["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length", "stop_reason": None}
     assert last["usage"]["completion_tokens"] == 12
     assert "".join(chunk["choices"][0]["delta"]["content"] for chunk in middle) == expected
 
@@ -126,6 +126,20 @@ def test_stop_string_ends_the_text_before_it(client: OpenAI) -> None:
     )
     assert completion.choices[0].message.content == text[: text.find(stop)]
     assert completion.choices[0].finish_reason == "stop"
+    assert completion.choices[0].model_dump()["stop_reason"] == stop  # vLLM's: which stop ended it
+    streamed = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=24, temperature=0, stop=[stop], stream=True
+    )
+    finishing = [choice for chunk in streamed for choice in chunk.choices if choice.finish_reason]
+    assert [choice.model_dump()["stop_reason"] for choice in finishing] == [stop]
+    legacy = client.completions.create(model="x", prompt="Once upon a time", max_tokens=24, temperature=0)
+    assert legacy.choices[0].model_dump()["stop_reason"] is None  # a length finish
+    word = re.search(r"[A-Za-z]{2,}", legacy.choices[0].text[1:])
+    assert word, legacy.choices[0].text
+    ended = client.completions.create(
+        model="x", prompt="Once upon a time", max_tokens=24, temperature=0, stop=["NEVER", word.group(0)]
+    )
+    assert ended.choices[0].model_dump()["stop_reason"] == word.group(0)
 
 
 def test_n_choices_with_logprobs(client: OpenAI) -> None:
