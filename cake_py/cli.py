@@ -71,6 +71,17 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _seconds_or_off(value: str) -> float:
+    """A duration in seconds, 0 turning the feature off."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be 0 (off) or a positive number of seconds")
+    return number
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -134,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--connect-timeout", type=_positive_float, default=10.0, help="seconds to wait for each worker at startup"
     )
     serve.add_argument("--threads", type=_positive_int, help="torch threads of the master")
+    serve.add_argument(
+        "--failover-after",
+        type=_seconds_or_off,
+        default=0.0,
+        metavar="SECONDS",
+        help="place the model again without a worker down this long, and with it once it is back (0: off)",
+    )
     serve.add_argument("--files-dir", type=Path, help=f"Files and Batch APIs' storage (default: {default_files_dir()})")
     serve.add_argument(
         "--max-file-mb", type=_at_least_one, default=512, help="largest file the Files API accepts, in MiB"
@@ -292,6 +310,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         files_dir=args.files_dir or default_files_dir(),
         max_file_bytes=args.max_file_mb * 1024 * 1024,
         batch_concurrency=args.batch_concurrency,
+        failover_after=args.failover_after,
     )
 
 

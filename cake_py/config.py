@@ -67,6 +67,8 @@ class ServeSettings:
     files_dir: Path = field(default_factory=lambda: default_files_dir())
     max_file_bytes: int = 512 * 1024 * 1024
     batch_concurrency: int | None = None
+    # A worker down this many seconds has its layers placed on the nodes still up (0: off; api/failover.py).
+    failover_after: float = 0.0
 
 
 @dataclass

@@ -36,6 +36,7 @@ from cake_py.api import (
 )
 from cake_py.api.batch_runner import BatchRunner
 from cake_py.api.errors import EXCEPTION_HANDLERS
+from cake_py.api.failover import Failover
 from cake_py.api.metrics import ApiMetrics, MetricsMiddleware
 from cake_py.api.middleware import AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware
 from cake_py.api.state import ServerState
@@ -72,9 +73,13 @@ def create_app(state: ServerState) -> Starlette:
             state.engine.start()
         assert state.batches is not None
         await state.batches.start()  # batches a stopped server had not finished go on
+        if state.failover is not None:
+            state.failover.start()
         try:
             yield
         finally:
+            if state.failover is not None:
+                await state.failover.stop()  # before anything stops: a stage it sees down would start a placement
             await state.batches.stop()  # before the engine stops: a request it ends would count as failed
             await state.responses.stop_background()  # each run stores itself cancelled and leaves the engine
             if state.engine is not None:  # the engine serving now: a /models/load may have replaced the first one
@@ -128,5 +133,7 @@ def create_app(state: ServerState) -> Starlette:
     # A batch's requests go to the routes and their error handlers, not through the middleware (auth, rate limit).
     dispatch = ExceptionMiddleware(app.router, handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
     concurrency = settings.batch_concurrency or max(1, settings.max_running // 2)
+    if settings.failover_after > 0 and settings.workers:
+        state.failover = Failover(state, settings.failover_after)
     state.batches = BatchRunner(settings.files_dir, state.files, app, dispatch, concurrency, settings.max_body_bytes)
     return app

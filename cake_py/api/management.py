@@ -52,13 +52,13 @@ def current_model(state: ServerState) -> dict[str, Any]:
     }
 
 
-def _retire(engine: Engine | None) -> None:
+def retire(engine: Engine | None) -> None:
     """Stop an engine (its in-flight requests end with a 503) and free its layers and caches on every stage."""
     if engine is not None:
         engine.close()
 
 
-def _build_engine(state: ServerState, source: ModelSource, settings: Any) -> Engine:
+def build_engine(state: ServerState, source: ModelSource, settings: Any) -> Engine:
     from cake_py.api.server import build_pipeline, make_engine
 
     pipeline = build_pipeline(settings, source, state.device)
@@ -103,11 +103,11 @@ async def load_model(request: Request) -> Response:
             old_engine, old_source, old_settings = state.engine, state.source, state.settings
             old_name = state.model_name
             state.engine, state.source = None, None
-            await run_in_threadpool(_retire, old_engine)
+            await run_in_threadpool(retire, old_engine)
             old_engine = None  # the new model must not load while this one still holds its memory
             await run_in_threadpool(release_device_memory, state.device)
             try:
-                engine = await run_in_threadpool(_build_engine, state, source, settings)
+                engine = await run_in_threadpool(build_engine, state, source, settings)
             except Exception as error:
                 if old_source is None:
                     raise
@@ -128,7 +128,7 @@ async def _restore(state: ServerState, source: ModelSource, settings: Any, name:
         status = 500
     await run_in_threadpool(release_device_memory, state.device)  # what the failed build placed
     try:
-        engine = await run_in_threadpool(_build_engine, state, source, settings)
+        engine = await run_in_threadpool(build_engine, state, source, settings)
     except Exception as restore_error:
         log.error("the previous model %r could not be loaded again: %s", name, restore_error)
         return ApiError(
@@ -149,7 +149,7 @@ async def unload_model(request: Request) -> Response:
         state.switching = f"unloading model {unloaded!r}"
         try:
             old, state.engine, state.source = state.engine, None, None
-            await run_in_threadpool(_retire, old)
+            await run_in_threadpool(retire, old)
             del old
             await run_in_threadpool(release_device_memory, state.device)
         finally:

@@ -78,6 +78,8 @@ def begin_shutdown(state: ServerState) -> None:
     """What a shutdown signal starts, without waiting (it runs in the signal handler): background responses are
     cancelled (they end `cancelled`, not failed by the engine's stop, which reaches them after), and the engine
     stops, so every open stream ends with an error event."""
+    if state.failover is not None:  # a stage the shutdown takes down must not start a placement
+        state.failover.stop_soon()
     if state.batches is not None:  # first: a batch request the engine's stop ends would be stored as failed
         state.batches.stop_soon()
     state.responses.stop_background_soon()

@@ -187,3 +187,25 @@ def _master_stages(
     if stages:
         log.info("master keeps layers %s", ", ".join(f"{s.start}-{s.end - 1}" for s in stages))
     return stages
+
+
+def answering_workers(settings: ServeSettings, workers: list[WorkerSpec], timeout: float) -> set[str]:
+    """The addresses of the workers that answer a handshake within `timeout` (with the cluster's key and TLS)."""
+    credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+
+    def answers(spec: WorkerSpec) -> bool:
+        connection = WorkerConnection(spec, settings.cluster_key, credentials, tls=tls)
+        try:
+            connection.handshake(timeout)
+            return True
+        except ClusterError:
+            return False
+        finally:
+            connection.close()
+
+    if not workers:
+        return set()
+    with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+        found = list(pool.map(answers, workers))
+    return {spec.address for spec, ok in zip(workers, found, strict=True) if ok}

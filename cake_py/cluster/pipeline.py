@@ -88,6 +88,13 @@ class Pipeline:
         """The names of the stages that are down now (cheap: each stage keeps its state, nothing is asked)."""
         return [stage.name for stage in self.stages if not stage.healthy()]
 
+    def down_workers(self) -> list[str]:
+        """The addresses of the workers whose stages are down now."""
+        return [stage.address for stage in self.stages if stage.address is not None and not stage.healthy()]
+
+    def worker_addresses(self) -> set[str]:
+        return {stage.address for stage in self.stages if stage.address is not None}
+
     def close(self) -> None:
         for stage in self.stages:
             stage.close()

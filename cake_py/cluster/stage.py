@@ -40,6 +40,7 @@ class Stage(Protocol):
     start: int
     end: int
     stats: StageStats
+    address: str | None  # the worker's HOST:PORT as configured; None for the master's own layers
 
     def forward(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """(T, hidden) in → (T, hidden) out, extending each sequence's KV caches on this stage."""
@@ -64,6 +65,7 @@ class LocalStage:
     def __init__(self, model: Transformer, name: str = "master") -> None:
         self.model = model
         self.name = name
+        self.address: str | None = None
         self.start, self.end = model.start, model.end
         self.kv = model.new_kv_store()
         self.stats = StageStats()

@@ -77,6 +77,7 @@ class RemoteStage:
         self.connection = connection
         self.assignment = assignment
         self.name = connection.spec.name
+        self.address: str | None = connection.spec.address
         self.start, self.end = assignment.start, assignment.end
         self.stats = StageStats()
         self._up = True

@@ -477,14 +477,14 @@ def test_an_unload_and_a_model_switch_clear_the_view(
             # A load that takes a while: the view says so until the new model is served.
             building = threading.Event()
             go_on = threading.Event()
-            build = management._build_engine
+            build = management.build_engine
 
             def slow_build(*args: Any) -> Engine:
                 building.set()
                 go_on.wait(30)
                 return build(*args)
 
-            monkeypatch.setattr(management, "_build_engine", slow_build)
+            monkeypatch.setattr(management, "build_engine", slow_build)
             with ThreadPoolExecutor(1) as pool:
                 load = pool.submit(
                     httpx.post, f"{server.base_url}/models/load", json={"model_id": str(tiny_llama)}, timeout=60

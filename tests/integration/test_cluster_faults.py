@@ -10,12 +10,14 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cake_py.api import failover as failover_module
 from cake_py.api.server import build_pipeline
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.config import ServeSettings, WorkerSpec
@@ -337,3 +339,87 @@ def test_a_worker_taken_by_another_master_is_not_used_until_left_idle(
     finally:
         engine.stop()
         pipeline.close()
+
+
+# ---- --failover-after: the model placed again without a dead worker, and with it once it is back ----
+
+
+def test_failover_serves_without_a_dead_worker_and_takes_it_back(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory
+) -> None:
+    first, second = cluster.start_workers(2)
+    workers = [first.spec((0, 2)), second.spec((2, 3))]
+    settings = tiny_settings(tiny_model_factory("llama"), workers=workers, failover_after=1.0)
+    with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=30.0) as http:
+
+        def greedy_text() -> str:
+            answer = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+            assert answer.status_code == 200, answer.text
+            return str(answer.json()["choices"][0]["text"])
+
+        def holders() -> dict[str, list[str]]:
+            """Who holds which layers; {} while the model is being placed (the topology is then a 503)."""
+            answer = http.get("/api/v1/topology")
+            if answer.status_code != 200:
+                return {}
+            document = answer.json()
+            found = {node["name"]: node["layers"] for node in document["workers"] if node["layers"]}
+            return {**found, "master": document["master"]["layers"]}
+
+        before = greedy_text()
+        assert holders() == {
+            first.name: ["model.layers.0", "model.layers.1"],
+            second.name: ["model.layers.2"],
+            "master": [],
+        }
+        second.kill()
+
+        def served_without_second() -> bool:
+            held = holders()
+            return bool(held) and second.name not in held and http.get("/health").status_code == 200
+
+        wait_until(served_without_second, 30.0, "the model placed again without the dead worker")
+        layers = sorted(layer for held in holders().values() for layer in held)
+        assert layers == ["model.layers.0", "model.layers.1", "model.layers.2"]  # every layer has a holder
+        assert greedy_text() == before  # the same tokens from the new placement
+        assert server.state.failover is not None and server.state.failover.left_out == {second.address}
+
+        second.start()  # back on its address: taken back once nothing is generated
+        wait_until(lambda: second.name in holders() and http.get("/health").status_code == 200, 30.0, "fail-back")
+        assert holders() == {
+            first.name: ["model.layers.0", "model.layers.1"],
+            second.name: ["model.layers.2"],
+            "master": [],
+        }
+        assert greedy_text() == before
+        assert server.state.failover.left_out == set()
+
+
+def test_a_failover_placement_that_fails_is_tried_again_and_said_meanwhile(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = cluster.start_workers(2)
+    settings = tiny_settings(tiny_model_factory("llama"), workers=[first.spec(), second.spec()], failover_after=1.0)
+    real, attempts = failover_module.build_engine, []
+
+    def flaky(*args: Any) -> Any:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise ClusterError("the model fits on none of the nodes left (a test's failure)")
+        return real(*args)
+
+    monkeypatch.setattr(failover_module, "build_engine", flaky)
+    monkeypatch.setattr(failover_module, "PROBE_S", 0.5)
+    with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=30.0) as http:
+        second.kill()
+        wait_until(lambda: len(attempts) >= 1, 30.0, "a first placement without the dead worker")
+        health = http.get("/health")
+        if len(attempts) == 1:  # not yet tried again: the reason is what is served
+            assert health.status_code == 503 and "fits on none of the nodes left" in health.json()["error"]
+            answer = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+            assert answer.status_code == 503 and "fits on none" in answer.json()["error"]
+        wait_until(lambda: http.get("/health").status_code == 200, 30.0, "the placement tried again")
+        assert len(attempts) == 2 and server.state.failover is not None
+        assert server.state.failover.left_out == {second.address} and server.state.failover.waiting is None
+        answer = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        assert answer.status_code == 200, answer.text

@@ -183,3 +183,16 @@ def test_tls_flags_are_checked_at_start_even_with_no_worker_to_reach(command: st
     cert = tmp_path / "cert.pem"
     cert.write_text("x")
     assert_one_line_error(cake(command, "--tls-cert", str(cert), "--port", "1"), "--tls-cert and --tls-key")
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "inf"])
+def test_a_bad_failover_delay_is_named(value: str) -> None:
+    assert_one_line_error(cake("serve", "--failover-after", value), "--failover-after", value)
+
+
+def test_failover_after_reaches_the_settings() -> None:
+    from cake_py.cli import _serve_settings, build_parser
+
+    args = build_parser().parse_args(["serve", "--workers", "127.0.0.1:1", "--failover-after", "2.5"])
+    assert _serve_settings(args).failover_after == 2.5
+    assert _serve_settings(build_parser().parse_args(["serve"])).failover_after == 0.0

@@ -23,7 +23,7 @@ def test_the_old_model_is_gone_before_the_new_one_loads(
     old_layers = weakref.ref(state.engine.pipeline.stages[0].model)  # type: ignore[attr-defined]
     alive_when_building: list[bool] = []
     released: list[str] = []
-    build, release = management._build_engine, management.release_device_memory
+    build, release = management.build_engine, management.release_device_memory
 
     def building(*args: Any) -> Any:
         alive_when_building.append(old_layers() is not None)
@@ -33,7 +33,7 @@ def test_the_old_model_is_gone_before_the_new_one_loads(
         release(device)
         released.append(device)
 
-    monkeypatch.setattr(management, "_build_engine", building)
+    monkeypatch.setattr(management, "build_engine", building)
     monkeypatch.setattr(management, "release_device_memory", releasing)
     with serving(state) as handle, httpx.Client(base_url=handle.base_url, timeout=120) as http:
         if route == "load":
