@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -29,8 +29,23 @@ MAX_CHARACTERS = 64 * 1024 * 1024  # of JSON over every stored completion and it
 
 @dataclass(frozen=True)
 class StoredCompletion:
-    completion: dict[str, Any]  # the chat completion as answered, with its metadata
-    messages: list[dict[str, Any]]  # the request's messages, each with an id
+    """One kept completion: its JSON text (Python objects of the same would take ~6× the memory), and what the
+    listing filters on."""
+
+    id: str
+    model: str
+    metadata: dict[str, str]
+    completion_text: str  # the chat completion as answered, without its metadata
+    messages_text: str  # the request's messages, each with an id
+
+    @property
+    def completion(self) -> dict[str, Any]:
+        return {**json.loads(self.completion_text), "metadata": self.metadata}
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = json.loads(self.messages_text)
+        return messages
 
 
 def stored_messages(completion_id: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -71,9 +86,10 @@ class ChatFold:
                 },
             )
             delta, message = piece.get("delta", {}), choice["message"]
-            for key in ("content", "reasoning_content"):
-                if delta.get(key):
-                    message[key] = (message.get(key) or "") + delta[key]
+            if delta.get("content") is not None:  # the first chunk's "" too: an empty answer is "", not null
+                message["content"] = (message["content"] or "") + delta["content"]
+            if delta.get("reasoning_content"):
+                message["reasoning_content"] = message.get("reasoning_content", "") + delta["reasoning_content"]
             for call in delta.get("tool_calls", []):
                 calls = message.setdefault("tool_calls", [])
                 while len(calls) <= call["index"]:
@@ -92,6 +108,9 @@ class ChatFold:
 
     def completion(self) -> dict[str, Any]:
         choices = [self.choices[index] for index in sorted(self.choices)]
+        for choice in choices:  # calls with no text: null content, as the blocking answer has it
+            if choice["message"].get("tool_calls") and not choice["message"]["content"]:
+                choice["message"]["content"] = None
         return {**self.head, "object": "chat.completion", "choices": choices, "usage": self.usage}
 
 
@@ -107,9 +126,13 @@ class ChatStore:
 
     def put(self, completion: dict[str, Any], messages: list[dict[str, Any]], metadata: dict[str, str] | None) -> None:
         stored = StoredCompletion(
-            {**completion, "metadata": metadata or {}}, stored_messages(completion["id"], messages)
+            completion["id"],
+            completion.get("model", ""),
+            metadata or {},
+            json.dumps(completion, ensure_ascii=False),
+            json.dumps(stored_messages(completion["id"], messages), ensure_ascii=False),
         )
-        size = len(json.dumps([stored.completion, stored.messages], ensure_ascii=False))
+        size = len(stored.completion_text) + len(stored.messages_text)
         with self._lock:
             self._drop(completion["id"])
             self._entries[completion["id"]] = (stored, size)
@@ -134,7 +157,7 @@ class ChatStore:
             entry = self._entries.get(completion_id)
             if entry is None:
                 return None
-            stored = StoredCompletion({**entry[0].completion, "metadata": metadata or {}}, entry[0].messages)
+            stored = replace(entry[0], metadata=metadata or {})
             self._entries[completion_id] = (stored, entry[1])
             return stored
 
@@ -167,14 +190,16 @@ async def list_completions(request: Request) -> Response:
     model = query.get("model")
     prefix = "metadata["
     wanted = {key[len(prefix) : -1]: value for key, value in query.items() if key.startswith(prefix) and key[-1] == "]"}
-    found = [
-        stored.completion
+    found = {
+        stored.id: stored
         for stored in _store(request).all()
-        if (model is None or stored.completion["model"] == model)
-        and all(stored.completion["metadata"].get(key) == value for key, value in wanted.items())
-    ]
-    # OpenAI's default order here is oldest first (asc), unlike its other lists.
-    return JSONResponse(list_page(query, found, what="stored chat completion", default_order="asc"))
+        if (model is None or stored.model == model)
+        and all(stored.metadata.get(key) == value for key, value in wanted.items())
+    }
+    # OpenAI's default order here is oldest first (asc), unlike its other lists. Only the page is read back.
+    page = list_page(query, [{"id": key} for key in found], what="stored chat completion", default_order="asc")
+    page["data"] = [found[item["id"]].completion for item in page["data"]]
+    return JSONResponse(page)
 
 
 async def retrieve_completion(request: Request) -> Response:

@@ -92,7 +92,7 @@ async def infill(request: Request) -> Response:
         _text(body, "prompt"),
         _files(body),
     )
-    params, n_predict = llama_sampling(body, engine.context_length, tokenizer)
+    params, n_predict = llama_sampling(body, engine.context_length, tokenizer, engine.vocab_size)
     if not params.ignore_eos:  # the markers and file tokens a code model may write after the middle end it too
         params = replace(params, stop_token_ids=params.stop_token_ids | fim_stops(tokenizer))
 

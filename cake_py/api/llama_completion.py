@@ -81,11 +81,13 @@ def _encode(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
 
 
 async def _grammar(body: dict[str, Any], tokenizer: Tokenizer) -> CompiledGrammar | None:
-    """llama.cpp's `grammar` (GBNF, or llguidance's Lark) or `json_schema`: the output must match it."""
+    """llama.cpp's `grammar` (GBNF, or llguidance's Lark) or `json_schema`: the output must match it. As llama.cpp
+    reads them, an empty grammar is none (clients such as SillyTavern always send one), and a grammar wins over a
+    json_schema sent with it."""
     grammar, schema = body.get("grammar"), body.get("json_schema")
-    if grammar is not None and schema is not None:
-        raise ApiError(400, "send grammar or json_schema, not both")
-    if grammar is not None:
+    if grammar is not None and not isinstance(grammar, str):
+        raise ApiError(400, f"grammar must be a string (GBNF), got {grammar!r}"[:300])
+    if grammar:
         return await compiled_grammar(lambda: lark_grammar(grammar), tokenizer, "grammar")
     if schema is not None:
         if not isinstance(schema, dict | bool):
@@ -98,7 +100,7 @@ async def completion(request: Request) -> Response:
     state, engine, source, body = await generation_request(request)
     tokenizer = source.tokenizer
     prompts = _prompts(body)
-    params, n_predict = llama_sampling(body, engine.context_length, tokenizer)
+    params, n_predict = llama_sampling(body, engine.context_length, tokenizer, engine.vocab_size)
     params = replace(params, grammar=await _grammar(body, tokenizer))
     return_tokens = flag(body, "return_tokens", False)
     stream = flag(body, "stream", False)
@@ -149,7 +151,7 @@ async def completion(request: Request) -> Response:
 async def props(request: Request) -> Response:
     state: ServerState = request.app.state.cake
     engine, source = state.ready()
-    params, n_predict = llama_sampling({}, engine.context_length, source.tokenizer)
+    params, n_predict = llama_sampling({}, engine.context_length, source.tokenizer, engine.vocab_size)
     defaults = Completion(state.model_name, source.tokenizer, 0, params, n_predict, engine.context_length).settings()
     return JSONResponse(
         {
@@ -158,6 +160,8 @@ async def props(request: Request) -> Response:
             "model_alias": state.model_name,
             "model_path": source.model_id,
             "chat_template": source.tokenizer.chat_template or "",
+            "bos_token": source.tokenizer.bos_token or "",
+            "eos_token": source.tokenizer.eos_token or "",
             "modalities": {"vision": False, "audio": False},
             "build_info": f"cake_py {__version__}",
         }

@@ -6,6 +6,7 @@ the whole object with `stop: true`, and no `[DONE]` (llama.cpp sends none)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -22,9 +23,9 @@ from cake_py.models.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SampledTok
 from cake_py.models.tokenizer import Tokenizer
 
 
-def _logit_bias(value: Any, tokenizer: Tokenizer) -> tuple[tuple[int, float], ...]:
+def _logit_bias(value: Any, tokenizer: Tokenizer, vocab_size: int) -> tuple[tuple[int, float], ...]:
     """llama.cpp's `logit_bias`: `[[token, bias], …]` or `{"token": bias}`, a token being an id or a string (each of
-    its tokens), the bias a number or `false` (never drawn: the lowest bias there is)."""
+    its tokens, read as plain text), the bias a number or `false` (never drawn: the lowest bias there is)."""
     if value is None:
         return ()
     pairs = list(value.items()) if isinstance(value, dict) else value
@@ -34,29 +35,36 @@ def _logit_bias(value: Any, tokenizer: Tokenizer) -> tuple[tuple[int, float], ..
     for token, bias in pairs:
         if bias is False:
             bias = -MAX_LOGIT_BIAS
-        if isinstance(bias, bool) or not isinstance(bias, int | float):
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
             raise ApiError(400, f"logit_bias of {token!r} must be a number or false, got {bias!r}"[:300])
         if isinstance(token, str) and token.lstrip("-").isdigit() and isinstance(value, dict):
             ids = [int(token)]  # an object's keys are strings: "15043" names token 15043
         elif isinstance(token, str):
-            ids = tokenizer.encode(token, add_special_tokens=False)
+            ids = tokenizer.encode_literal(token)
         elif isinstance(token, int) and not isinstance(token, bool):
             ids = [token]
         else:
             raise ApiError(400, f"logit_bias token must be an id or a string, got {token!r}"[:300])
         for token_id in ids:
-            if not 0 <= token_id < tokenizer.vocab_size:
-                raise ApiError(
-                    400, f"logit_bias token id {token_id} is outside the vocabulary [0, {tokenizer.vocab_size})"
-                )
+            if not 0 <= token_id < vocab_size:
+                raise ApiError(400, f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size})")
             biases[token_id] = max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(bias)))
     return tuple(biases.items())
 
 
-def llama_sampling(body: dict[str, Any], context_length: int, tokenizer: Tokenizer) -> tuple[SamplingParams, int]:
+def llama_sampling(
+    body: dict[str, Any], context_length: int, tokenizer: Tokenizer, vocab_size: int
+) -> tuple[SamplingParams, int]:
     """llama.cpp's sampling fields with its defaults, and `n_predict`: -1 (the default) generates until the end token
     or the context is full, 0 nothing (the prompt is only read). `n_probs` > 0 asks for that many alternatives of
-    each generated token (at most 20 here)."""
+    each generated token (at most 20 here), from the model's own distribution (llama.cpp's default;
+    `post_sampling_probs` is not supported). `repeat_penalty` weighs the last `repeat_last_n` tokens (64; 0: off;
+    -1: all). `vocab_size` is the model's (the logits'), which bounds logit_bias ids."""
+    if flag(body, "post_sampling_probs", False):
+        raise ApiError(400, "post_sampling_probs is not supported: n_probs gives the model's own probabilities")
+    repeat_last_n = int(number(body, "repeat_last_n", 64, integer=True))
+    if repeat_last_n < -1:
+        raise ApiError(400, f"repeat_last_n must be -1 (every token), 0 (off) or more, got {repeat_last_n}")
     n_predict = int(number(body, "n_predict", -1, integer=True))
     if n_predict < -1:
         raise ApiError(400, f"n_predict must be -1 (no limit), 0 (read the prompt only) or more, got {n_predict}")
@@ -71,15 +79,17 @@ def llama_sampling(body: dict[str, Any], context_length: int, tokenizer: Tokeniz
             top_k=max(0, int(number(body, "top_k", 40, integer=True))),  # ≤ 0: off
             top_p=float(number(body, "top_p", 0.95)),
             min_p=float(number(body, "min_p", 0.05)),
-            repetition_penalty=float(number(body, "repeat_penalty", 1.0)),
+            repetition_penalty=float(number(body, "repeat_penalty", 1.0)) if repeat_last_n else 1.0,
+            repetition_window=max(repeat_last_n, 0),
             presence_penalty=float(number(body, "presence_penalty", 0.0)),
             frequency_penalty=float(number(body, "frequency_penalty", 0.0)),
-            logit_bias=_logit_bias(body.get("logit_bias"), tokenizer),
+            logit_bias=_logit_bias(body.get("logit_bias"), tokenizer, vocab_size),
             seed=None if seed == -1 else seed,
             stop=stop_strings(body.get("stop")),
             ignore_eos=flag(body, "ignore_eos", False),
             logprobs=n_probs > 0,
             top_logprobs=n_probs,
+            raw_logprobs=True,
         )
     except RequestError as error:
         raise ApiError(400, str(error)) from error
@@ -116,7 +126,7 @@ class EditorLimits:
             self.text = self.text[:cut]
             return replace(event, text=self.text[before:], finish_reason="length")
         late = self.started is not None and time.perf_counter() - self.started > self.t_max
-        if self.t_max and late and "\n" in self.text:
+        if self.t_max and late and "\n" in self.text and not event.finished:
             return replace(event, finish_reason="length")
         return event
 
@@ -183,6 +193,7 @@ class Completion:
             "tokens_evaluated": self.prompt_tokens,
             "tokens_cached": last.cached_tokens,
             "stop_type": "limit" if not self.n_predict else stop_type,
+            "has_new_line": "\n" in content if self.n_predict else False,
             "stopping_word": last.stop_reason if by_word else "",
             "truncated": self.truncated,
             "generation_settings": self.settings(),
@@ -203,9 +214,8 @@ class Completion:
         return answer | (self._tokens(tokens) if self.n_predict else {})
 
     def _tokens(self, tokens: list[SampledToken]) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        if self.return_tokens:
-            found["tokens"] = [token.token_id for token in tokens]
+        # `tokens` is always there, as llama.cpp sends it: empty unless return_tokens asks for them.
+        found: dict[str, Any] = {"tokens": [token.token_id for token in tokens] if self.return_tokens else []}
         if self.params.logprobs:
             found["completion_probabilities"] = [
                 {
@@ -218,7 +228,8 @@ class Completion:
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         raw = self.tokenizer.token_bytes(token_id)
-        return {"id": token_id, "token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+        # Part of a character decodes to nothing, as llama.cpp trims it; `bytes` keeps it.
+        return {"id": token_id, "token": raw.decode("utf-8", "ignore"), "logprob": logprob, "bytes": list(raw)}
 
     def settings(self) -> dict[str, Any]:
         params = self.params
@@ -231,6 +242,7 @@ class Completion:
             "top_p": params.top_p,
             "min_p": params.min_p,
             "repeat_penalty": params.repetition_penalty,
+            "repeat_last_n": params.repetition_window or -1,
             "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty,
             "seed": -1 if params.seed is None else params.seed,

@@ -271,9 +271,9 @@ async def _chat_stream(
         kind = "chat.completion.chunk"
         counts = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))
         yield usage_chunk(completion_id, kind, created, model, counts)
-        if fold is not None:
-            fold.add({"usage": counts})
     if keep is not None and fold is not None and open_count == 0:  # every choice ended (not an error)
+        # The usage a blocking answer has, whether or not the stream sent it.
+        fold.usage = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))
         keep(fold.completion())
     yield sse("[DONE]")
 

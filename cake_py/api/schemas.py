@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ def number(body: dict[str, Any], key: str, default: float, *, integer: bool = Fa
             float(value)  # the callers convert it: an integer past float's range would raise there, as a 500
         except OverflowError:
             raise ApiError(400, f"{key} is out of range, got {value!r}"[:300]) from None
+    if isinstance(value, float) and not math.isfinite(value):  # Python's JSON reads NaN and Infinity
+        raise ApiError(400, f"{key} must be a finite number, got {value!r}")
     return value
 
 

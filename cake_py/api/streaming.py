@@ -64,13 +64,14 @@ class EventStream:
                 if self.on_first_token is not None and event.tokens:
                     self.on_first_token(time.perf_counter() - self.submitted)
                     self.on_first_token = None
-                if self.limit is not None and not event.finished:
-                    event = self.limit(event)
-                    if event.finished:  # ended here, not by the engine: its sequence goes
+                if self.limit is not None:  # the last event too: its text may hold what the limit cuts
+                    limited = self.limit(event)
+                    if limited.finished and not event.finished:  # ended here, not by the engine: its sequence goes
                         self.finished = True
                         self.engine.cancel(self.seq_id)
-                        yield event
+                        yield limited
                         return
+                    event = limited
                 if event.finished:  # before the yield: a reader that stops at the last event never resumes us
                     self.finished = True
                 yield event

@@ -35,6 +35,7 @@ class SamplingParams:
     min_p: float = 0.0  # vLLM's: drop tokens less likely than min_p times the most likely one
     min_tokens: int = 0  # vLLM's: end tokens (EOS, stop_token_ids) cannot be drawn before this many tokens
     repetition_penalty: float = 1.0
+    repetition_window: int = 0  # llama.cpp's repeat_last_n: the penalty weighs the last this many tokens; 0: all
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); ids are unique
@@ -42,6 +43,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    # Logprobs of the model's own distribution (llama.cpp's, vLLM's raw_logprobs) instead of the one the bias,
+    # penalties and grammar leave to draw from.
+    raw_logprobs: bool = False
     ignore_eos: bool = False
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
     # The logprob of every prompt token after the first (with top_logprobs alternatives): scoring a text, as
@@ -74,6 +78,8 @@ class SamplingParams:
             )
         if self.top_k < -1:
             raise RequestError(f"top_k must be -1 or 0 (off) or positive, got {self.top_k}")
+        if self.repetition_window < 0:
+            raise RequestError(f"repetition_window must be 0 (every token) or more, got {self.repetition_window}")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise RequestError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -128,11 +134,13 @@ class Sampler:
     def sample(self, logits: torch.Tensor, history: Sequence[int]) -> SampledToken:
         """`history` is the prompt and the tokens generated so far (the repetition penalty weighs both)."""
         params = self.params
+        raw = logits
         # vLLM's order: the bias first, then the penalties; all of them before greedy's argmax too.
         if params.logit_bias:
             logits = apply_logit_bias(logits, params.logit_bias)
         if params.repetition_penalty != 1.0 and history:
-            logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+            window = history[-params.repetition_window :] if params.repetition_window else history
+            logits = apply_repetition_penalty(logits, window, params.repetition_penalty)
         if params.min_tokens and len(self.end_ids) and sum(self.generated.values()) < params.min_tokens:
             # End ids come from the model's own files, unchecked: one past the vocabulary would be a device-side
             # assert on a GPU, which breaks every later request of the process.
@@ -166,7 +174,7 @@ class Sampler:
         self.generated[token] = self.generated.get(token, 0) + 1
         if not params.logprobs:
             return SampledToken(token)
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(raw if params.raw_logprobs else logits, dim=-1)
         top: tuple[tuple[int, float], ...] = ()
         if params.top_logprobs:
             values, indices = torch.topk(logprobs, params.top_logprobs)

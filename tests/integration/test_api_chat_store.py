@@ -51,6 +51,10 @@ def test_a_streamed_completion_is_stored_whole(client: OpenAI) -> None:
     assert stored.usage.completion_tokens == 6
     blocking = ask(client, "Tell me a story")
     assert stored.choices[0].message.content == blocking.choices[0].message.content
+    quiet = list(ask(client, "Tell me a story", store=True, stream=True, stream_options={"include_usage": False}))
+    assert all(chunk.usage is None for chunk in quiet)
+    kept = client.chat.completions.retrieve(quiet[0].id)
+    assert kept.usage is not None and kept.usage.completion_tokens == 6  # stored as a blocking answer has it
 
 
 def test_stored_completions_are_listed_filtered_updated_and_deleted(client: OpenAI) -> None:

@@ -147,7 +147,11 @@ def test_n_predict_zero_only_reads_the_prompt(server: ServerHandle) -> None:
         ({"prompt": "a", "n_probs": 50}, "n_probs must be between 0 and 20"),
         ({"prompt": "a", "n_predict": -2}, "n_predict must be -1"),
         ({"prompt": "a", "grammar": "root ::= ("}, "grammar"),
-        ({"prompt": "a", "grammar": 'root ::= "x"', "json_schema": {}}, "grammar or json_schema"),
+        ({"prompt": "a", "grammar": 3}, "grammar must be a string"),
+        ({"prompt": "a", "temperature": float("nan")}, "temperature must be a finite number"),
+        ({"prompt": "a", "logit_bias": [[5, float("nan")]]}, "must be a number or false"),
+        ({"prompt": "a", "repeat_last_n": -2}, "repeat_last_n must be -1"),
+        ({"prompt": "a", "post_sampling_probs": True}, "post_sampling_probs is not supported"),
         ({"prompt": "a", "logit_bias": [[1, "high"]]}, "must be a number or false"),
         ({"prompt": "a", "logit_bias": [[10**9, 1]]}, "outside the vocabulary"),
         ({"prompt": [10**9]}, "outside the vocabulary"),
@@ -155,7 +159,8 @@ def test_n_predict_zero_only_reads_the_prompt(server: ServerHandle) -> None:
     ids=str,
 )
 def test_bad_requests_are_named(server: ServerHandle, body: dict[str, Any], needle: str) -> None:
-    answer = httpx.post(f"{server.base_url}/completion", json=body, timeout=60)
+    # Python's JSON writes NaN as NaN, which Python's JSON reads (as clients' JSON libraries send it).
+    answer = httpx.post(f"{server.base_url}/completion", content=json.dumps(body), timeout=60)
     assert answer.status_code == 400 and needle in answer.json()["error"], answer.text
 
 
@@ -168,3 +173,41 @@ def test_props_describes_the_server(server: ServerHandle) -> None:
     assert settings["n_ctx"] == engine.context_length and settings["params"]["temperature"] == 0.8
     assert settings["params"]["top_k"] == 40 and settings["params"]["n_predict"] == -1
     assert props["model_alias"] == server.state.model_name and isinstance(props["chat_template"], str)
+
+
+def test_an_empty_grammar_is_none_and_a_grammar_wins_over_a_json_schema(server: ServerHandle) -> None:
+    """SillyTavern sends `grammar: ""` with every request; llama.cpp reads it as no grammar."""
+    free = post(server, {"prompt": "The cake is", "grammar": "", **GREEDY})
+    assert free["content"] == post(server, {"prompt": "The cake is", **GREEDY})["content"]
+    both = post(server, {"prompt": "Is it?", "grammar": 'root ::= "yes"', "json_schema": {"type": "integer"}})
+    assert both["content"] == "yes"
+    schema_only = post(server, {"prompt": "N:", "grammar": "", "json_schema": {"type": "integer"}, "n_predict": 6})
+    assert schema_only["content"].lstrip("-").isdigit()
+
+
+def test_probabilities_are_the_models_own_whatever_the_bias(server: ServerHandle) -> None:
+    plain = post(server, {"prompt": "The cake is", "n_probs": 2, **GREEDY})["completion_probabilities"][0]
+    forced_id = plain["top_logprobs"][1]["id"]  # the runner-up, forced by a +100 bias
+    body = {"prompt": "The cake is", "n_probs": 2, "logit_bias": [[forced_id, 100]], **GREEDY}
+    forced = post(server, body)["completion_probabilities"][0]
+    assert forced["id"] == forced_id
+    assert forced["logprob"] == pytest.approx(plain["top_logprobs"][1]["logprob"], abs=1e-4)  # not 0: unbiased
+    assert forced["top_logprobs"][0]["id"] == plain["id"]
+
+
+def test_repeat_penalty_weighs_only_the_last_repeat_last_n_tokens(server: ServerHandle) -> None:
+    prompt = "cake " * 40
+    plain = post(server, {"prompt": prompt, "return_tokens": True, **GREEDY})
+    off = post(server, {"prompt": prompt, "repeat_penalty": 5.0, "repeat_last_n": 0, "return_tokens": True, **GREEDY})
+    assert off["tokens"] == plain["tokens"]  # 0: no penalty at all
+    everything = {"prompt": prompt, "repeat_penalty": 5.0, "repeat_last_n": -1, "return_tokens": True, **GREEDY}
+    assert post(server, everything)["tokens"] != plain["tokens"]
+    assert off["generation_settings"]["repeat_last_n"] in (0, -1)
+    assert post(server, everything)["generation_settings"]["repeat_last_n"] == -1
+
+
+def test_llama_cpps_other_fields(server: ServerHandle) -> None:
+    answer = post(server, {"prompt": "The cake is", **GREEDY})
+    assert answer["tokens"] == [] and answer["has_new_line"] == ("\n" in answer["content"])
+    props = httpx.get(f"{server.base_url}/props", timeout=60).json()
+    assert isinstance(props["bos_token"], str) and isinstance(props["eos_token"], str)
