@@ -122,5 +122,18 @@ class Failover:
             log.warning("failover: %r is served %s", source.model_id, why)
 
 
+def left_out(state: ServerState) -> list[dict[str, str]]:
+    """The configured workers the served placement goes without (for /health and the topology)."""
+    failover = state.failover
+    if failover is None:
+        return []
+    reason = "down; the model was placed without it, and takes it back once it answers and nothing is generating"
+    return [
+        {"name": spec.name, "host": spec.address, "reason": reason}
+        for spec in failover.configured
+        if spec.address in failover.left_out
+    ]
+
+
 def _names(workers: list[WorkerSpec], addresses: set[str]) -> str:
     return ", ".join(f"{spec.name} ({spec.address})" for spec in workers if spec.address in addresses)

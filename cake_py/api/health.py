@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py import __version__
+from cake_py.api.failover import left_out
 from cake_py.api.state import ServerState
 from cake_py.engine.engine import ENGINE_DEAD
 
@@ -35,6 +36,8 @@ def health_document(state: ServerState) -> tuple[dict[str, object], int]:
             for stage, stage_up in zip(stages, up, strict=True)
         ],
     }
+    if state.failover is not None:  # --failover-after: configured workers the served placement goes without
+        body["left_out"] = left_out(state)
     if died:
         body["error"] = ENGINE_DEAD
     elif down:

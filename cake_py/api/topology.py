@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
+from cake_py.api.failover import left_out
 from cake_py.api.state import NO_TEXT_MODEL, ServerState
 from cake_py.cluster.hostinfo import host_facts
 from cake_py.cluster.topology import build_topology
@@ -43,7 +44,7 @@ def topology_document(state: ServerState) -> dict[str, Any]:
     engine, source = state.engine, state.source  # read once: a switch may replace them while this runs
     if engine is None or source is None:
         raise ApiError(404, NO_TEXT_MODEL)
-    return build_topology(
+    document = build_topology(
         source,
         state.model_name,
         state.dtype,
@@ -52,6 +53,9 @@ def topology_document(state: ServerState) -> dict[str, Any]:
         live_figures(state),
         master_error=ENGINE_DEAD if engine.died else None,
     )
+    if state.failover is not None:  # workers a failover placement goes without: not stages of the pipeline
+        document["left_out"] = left_out(state)
+    return document
 
 
 async def topology(request: Request) -> Response:

@@ -383,6 +383,9 @@ def test_failover_serves_without_a_dead_worker_and_takes_it_back(
         assert layers == ["model.layers.0", "model.layers.1", "model.layers.2"]  # every layer has a holder
         assert greedy_text() == before  # the same tokens from the new placement
         assert server.state.failover is not None and server.state.failover.left_out == {second.address}
+        named = [(w["name"], w["host"]) for w in http.get("/health").json()["left_out"]]
+        assert named == [(second.name, second.address)]
+        assert [w["name"] for w in http.get("/api/v1/topology").json()["left_out"]] == [second.name]
 
         second.start()  # back on its address: taken back once nothing is generated
         wait_until(lambda: second.name in holders() and http.get("/health").status_code == 200, 30.0, "fail-back")
@@ -392,7 +395,7 @@ def test_failover_serves_without_a_dead_worker_and_takes_it_back(
             "master": [],
         }
         assert greedy_text() == before
-        assert server.state.failover.left_out == set()
+        assert server.state.failover.left_out == set() and http.get("/health").json()["left_out"] == []
 
 
 def test_a_failover_placement_that_fails_is_tried_again_and_said_meanwhile(
