@@ -14,6 +14,7 @@ from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.routing import BaseRoute, Route
 
 from cake_py.api import (
+    anthropic,
     batches,
     chat_store,
     completions,
@@ -37,6 +38,7 @@ from cake_py.api import (
 from cake_py.api.batch_runner import BatchRunner
 from cake_py.api.errors import EXCEPTION_HANDLERS
 from cake_py.api.failover import Failover
+from cake_py.api.inprocess import Routes
 from cake_py.api.metrics import ApiMetrics, MetricsMiddleware
 from cake_py.api.middleware import AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware
 from cake_py.api.state import ServerState
@@ -88,6 +90,7 @@ def create_app(state: ServerState) -> Starlette:
     routes: list[BaseRoute] = [
         *health.ROUTES,
         *openai.ROUTES,
+        *anthropic.ROUTES,
         *chat_store.ROUTES,
         *completions.ROUTES,
         *responses.ROUTES,
@@ -131,9 +134,9 @@ def create_app(state: ServerState) -> Starlette:
     )
     app.state.cake = state
     # A batch's requests go to the routes and their error handlers, not through the middleware (auth, rate limit).
-    dispatch = ExceptionMiddleware(app.router, handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+    state.routes = Routes(app, ExceptionMiddleware(app.router, handlers=EXCEPTION_HANDLERS))  # type: ignore[arg-type]
     concurrency = settings.batch_concurrency or max(1, settings.max_running // 2)
     if settings.failover_after > 0 and settings.workers:
         state.failover = Failover(state, settings.failover_after)
-    state.batches = BatchRunner(settings.files_dir, state.files, app, dispatch, concurrency, settings.max_body_bytes)
+    state.batches = BatchRunner(settings.files_dir, state.files, state.routes, concurrency, settings.max_body_bytes)
     return app

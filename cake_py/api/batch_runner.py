@@ -30,11 +30,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from starlette.types import ASGIApp
-
 from cake_py.api.batch_objects import TERMINAL, USAGE_KEYS, Batch, BatchRequest, add_usage, read_requests
 from cake_py.api.file_store import BATCH_OUTPUT, FileStore, write_json
-from cake_py.api.inprocess import post_json
+from cake_py.api.inprocess import Routes
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +69,13 @@ class BatchRunner:
         self,
         directory: Path,
         files: FileStore,
-        app: ASGIApp,
-        dispatch: ASGIApp,
+        routes: Routes,
         concurrency: int,
         max_line_bytes: int = 0,
     ) -> None:
         self.directory = directory / "batches"
         self.files = files
-        self.app = app  # what the routes find as request.app
-        self.dispatch = dispatch  # the routes with their error handlers
+        self.routes = routes
         self.slots = asyncio.Semaphore(max(1, concurrency))  # shared by every batch
         self.max_line_bytes = max_line_bytes
         self._batches: dict[str, Batch] = {}
@@ -270,10 +266,10 @@ class BatchRunner:
         for field in ("stream", "background"):
             if body.get(field):
                 return 400, {"error": f"{field} is not supported in a batch: its answer goes to a file"}
-        status, answer = await post_json(self.app, self.dispatch, batch.endpoint, body)
+        status, answer = await self.routes.post(batch.endpoint, body)
         while status in RETRIED and time.time() < batch.expires_at:
             await asyncio.sleep(RETRY_S)
-            status, answer = await post_json(self.app, self.dispatch, batch.endpoint, body)
+            status, answer = await self.routes.post(batch.endpoint, body)
         return status, answer
 
     async def _finish(

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Send
 
-from cake_py.api.paths import uses_detail_errors
+from cake_py.api.paths import uses_anthropic_errors, uses_detail_errors
 from cake_py.errors import (
     CakeError,
     ClusterError,
@@ -36,18 +36,33 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.headers = status, message, code, headers
 
 
-def error_payload(path: str, message: str, code: str | None = None) -> dict[str, object]:
-    """`{"detail": …}` on the seed-001 native routes, `{"error": …}` (plus `code` when known) everywhere else."""
+# Anthropic's error types by status, for its Messages API's body.
+ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def error_payload(path: str, message: str, code: str | None = None, status: int = 400) -> dict[str, object]:
+    """`{"detail": …}` on the seed-001 native routes, Anthropic's `{"type": "error", "error": {type, message}}` on its
+    Messages API, `{"error": …}` (plus `code` when known) everywhere else."""
     if uses_detail_errors(path):
         return {"detail": message}
+    if uses_anthropic_errors(path):
+        return {"type": "error", "error": {"type": ANTHROPIC_ERRORS.get(status, "api_error"), "message": message}}
     body: dict[str, object] = {"error": message}
     if code:
         body["code"] = code
     return body
 
 
-def error_body(request: Request, message: str, code: str | None = None) -> dict[str, object]:
-    return error_payload(request.url.path, message, code)
+def error_body(request: Request, message: str, code: str | None = None, status: int = 400) -> dict[str, object]:
+    return error_payload(request.url.path, message, code, status)
 
 
 def status_of(error: CakeError, *, detail_style: bool = False) -> tuple[int, str | None]:
@@ -75,7 +90,7 @@ def api_error(error: CakeError, path: str) -> ApiError:
 
 async def send_error(send: Send, path: str, status: int, message: str, headers: dict[str, str] | None = None) -> None:
     """A JSON error answered straight from ASGI middleware, before (or instead of) any route."""
-    body = json.dumps(error_payload(path, message)).encode()
+    body = json.dumps(error_payload(path, message, status=status)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
@@ -84,7 +99,8 @@ async def send_error(send: Send, path: str, status: int, message: str, headers: 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return JSONResponse(error_body(request, exc.message, exc.code), status_code=exc.status, headers=exc.headers)
+    body = error_body(request, exc.message, exc.code, exc.status)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
 async def cake_error_handler(request: Request, exc: Exception) -> Response:
@@ -92,7 +108,8 @@ async def cake_error_handler(request: Request, exc: Exception) -> Response:
     error = api_error(exc, request.url.path)
     if error.status >= 500:
         log.warning("%s %s failed: %s", request.method, request.url.path, exc)
-    return JSONResponse(error_body(request, error.message, error.code), status_code=error.status, headers=error.headers)
+    body = error_body(request, error.message, error.code, error.status)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
@@ -102,13 +119,15 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
         message = f"no route for {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
-    return JSONResponse(error_body(request, message), status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(
+        error_body(request, message, status=exc.status_code), status_code=exc.status_code, headers=exc.headers
+    )
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     message = f"internal error: {type(exc).__name__}: {exc}"[:300]
-    return JSONResponse(error_body(request, message), status_code=500)
+    return JSONResponse(error_body(request, message, status=500), status_code=500)
 
 
 EXCEPTION_HANDLERS = {

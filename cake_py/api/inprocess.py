@@ -1,20 +1,20 @@
-"""A request to one of this server's routes from inside the server (the Batch API's requests): an ASGI call with a
-JSON body, whose status and JSON answer come back as values."""
+"""A request to one of this server's routes from inside the server (the Batch API's requests, the Anthropic Messages
+API's translation to chat completions): an ASGI call with a JSON body, whose status and JSON answer (or SSE events)
+come back as values."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import ASGIApp, Message
+from starlette.types import ASGIApp, Message, Scope
 
 
-async def post_json(app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    """POSTs `body` to `path` through `dispatch` (routes and error handlers; `app` is what they find as
-    request.app). The caller never goes away: cancelling this call is how it stops."""
-    payload = json.dumps(body).encode()
-    scope = {
+def _scope(app: ASGIApp, path: str, payload: bytes) -> Scope:
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -25,21 +25,34 @@ async def post_json(app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, 
         "root_path": "",
         "query_string": b"",
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        "client": ("batch", 0),
+        "client": ("cake", 0),
         "server": ("cake", 0),
         "app": app,
         "state": {},
     }
-    sent_body = False
-    status, chunks = 500, []
+
+
+def _receiver(payload: bytes) -> Callable[[], Awaitable[Message]]:
+    """The request's body, then nothing: the caller never goes away (a route watching for a disconnect waits until
+    it is cancelled, which is how the caller stops it)."""
+    sent = False
 
     async def receive() -> Message:
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
+        nonlocal sent
+        if not sent:
+            sent = True
             return {"type": "http.request", "body": payload, "more_body": False}
-        await asyncio.Event().wait()  # no disconnect: a route watching for one waits until it is cancelled
+        await asyncio.Event().wait()
         return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def post_json(app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """POSTs `body` to `path` through `dispatch` (routes and error handlers; `app` is what they find as
+    request.app). Cancelling this call is how the caller stops it."""
+    payload = json.dumps(body).encode()
+    status, chunks = 500, []
 
     async def send(message: Message) -> None:
         nonlocal status
@@ -48,8 +61,68 @@ async def post_json(app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, 
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await dispatch(scope, receive, send)
+    await dispatch(_scope(app, path, payload), _receiver(payload), send)
     try:
         return status, json.loads(b"".join(chunks))
     except ValueError:
         return 500, {"error": f"the route answered {status} with a body that is not JSON"}
+
+
+async def post_json_stream(
+    app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, Any]
+) -> tuple[int, Any, AsyncGenerator[Any, None] | None]:
+    """POSTs `body` to a route that answers with SSE: (status, error body, None) when it answers otherwise than 200,
+    else (200, None, the `data:` payloads as they come, parsed, up to `[DONE]`). Leaving the iterator early cancels
+    the route (its sequences leave the engine)."""
+    payload = json.dumps(body).encode()
+    messages: asyncio.Queue[Message] = asyncio.Queue()
+    task = asyncio.ensure_future(dispatch(_scope(app, path, payload), _receiver(payload), messages.put))
+    task.add_done_callback(lambda _: messages.put_nowait({"type": "cake.done"}))
+    start = await messages.get()
+    if start["type"] != "http.response.start":  # the route failed before answering: its error handler did not run
+        task.cancel()
+        return 500, {"error": "the route ended without an answer"}, None
+    if start["status"] != 200:
+        chunks = []
+        while (message := await messages.get())["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        try:
+            return start["status"], json.loads(b"".join(chunks)), None
+        except ValueError:
+            return start["status"], {"error": f"the route answered {start['status']}"}, None
+
+    async def events() -> AsyncGenerator[Any, None]:
+        pending = b""
+        try:
+            while (message := await messages.get())["type"] == "http.response.body":
+                pending += message.get("body", b"")
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data: "):
+                        continue
+                    if line[6:].strip() == b"[DONE]":
+                        return
+                    yield json.loads(line[6:])
+                if not message.get("more_body", False):
+                    return
+        finally:
+            task.cancel()
+
+    return 200, None, events()
+
+
+@dataclass(frozen=True)
+class Routes:
+    """This server's routes, to call from inside it: `app` is what they find as request.app, `dispatch` the routes
+    with their error handlers (no middleware: the caller's own request was authenticated and counted)."""
+
+    app: ASGIApp
+    dispatch: ASGIApp
+
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        return await post_json(self.app, self.dispatch, path, body)
+
+    async def post_stream(self, path: str, body: dict[str, Any]) -> tuple[int, Any, AsyncGenerator[Any, None] | None]:
+        return await post_json_stream(self.app, self.dispatch, path, body)

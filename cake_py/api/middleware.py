@@ -3,7 +3,8 @@
 Pure ASGI, not BaseHTTPMiddleware: streams and client disconnects must pass through untouched, so that a client
 that leaves mid-stream cancels its sequence. Refusals are JSON in the route family's shape (see `paths`).
 
-- API key (`--api-key`, `CAKE_API_KEY`): `Authorization: Bearer KEY` on every route but /health and the UI page.
+- API key (`--api-key`, `CAKE_API_KEY`): `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`) on every route
+  but /health and the UI page.
 - UI auth (`--ui-auth USER:PASS`): HTTP Basic on the UI (`/`, its assets, `/api/v1/topology`). A request has one
   Authorization header, so there Basic stands in for the key.
 - Rate limit (seed 001): a token bucket per client address, on generation routes only. (There is one API key, so
@@ -32,8 +33,11 @@ REALM = 'Basic realm="cake", charset="UTF-8"'
 
 
 def _bearer(headers: Headers) -> str | None:
+    """The API key: `Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY` (what its SDK sends)."""
     scheme, _, token = headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key", "").strip() or None
 
 
 def _basic(headers: Headers) -> tuple[str, str] | None:

@@ -294,6 +294,37 @@ PATHS: dict[str, dict[str, Any]] = {
     "/health": {"get": _op("200 while every stage is up, 503 otherwise", _json(ref("Health")), security=PUBLIC)},
     "/metrics": {"get": _op("Prometheus metrics", {"text/plain": {"schema": STR}}, errors=(401,))},
     "/openapi.json": {"get": _op("This document", _json({"type": "object"}), errors=(401,))},
+    "/v1/messages": {
+        "post": _op(
+            "Anthropic's Messages API (SSE events when stream), answered by the chat route",
+            {**_json({"type": "object", "description": "Anthropic's Message"}), **SSE},
+            body=_json(
+                obj(
+                    {
+                        "model": STR,
+                        "max_tokens": INT,
+                        "messages": {"type": "array", "items": {"type": "object"}},
+                        "system": {"oneOf": [STR, {"type": "array", "items": {"type": "object"}}]},
+                        "stop_sequences": {"type": "array", "items": STR},
+                        "stream": BOOL,
+                        "tools": {"type": "array", "items": {"type": "object"}},
+                        "tool_choice": {"type": "object"},
+                        "output_config": {"type": "object"},
+                    },
+                    ("model", "max_tokens", "messages"),
+                )
+            ),
+            errors=GEN,
+        )
+    },
+    "/v1/messages/count_tokens": {
+        "post": _op(
+            "Anthropic's token count of a Messages request (system, messages, tools)",
+            _json(obj({"input_tokens": INT})),
+            body=_json({"type": "object"}),
+            errors=(400, 401, 404, 503),
+        )
+    },
     **openapi_files.paths(_op, _json),
     **openapi_llama.paths(_op, _json, SSE, GEN),
 }

@@ -28,6 +28,7 @@ GENERATION_PATHS = frozenset(
         "/v1/completions",
         "/v1/embeddings",
         "/v1/responses",
+        "/v1/messages",
         "/completion",
         "/completions",
         "/generate",
@@ -49,6 +50,11 @@ PUBLIC_PATHS = frozenset({"/health"})
 
 def uses_detail_errors(path: str) -> bool:
     return path in DETAIL_PATHS
+
+
+def uses_anthropic_errors(path: str) -> bool:
+    """Anthropic's Messages API answers errors in Anthropic's shape, which its SDK reads."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def is_generation(method: str, path: str) -> bool:

@@ -23,6 +23,7 @@ from cake_py.models.pooling import DEFAULT_POOLING
 if TYPE_CHECKING:
     from cake_py.api.batch_runner import BatchRunner
     from cake_py.api.failover import Failover
+    from cake_py.api.inprocess import Routes
     from cake_py.api.metrics import ApiMetrics
 
 NO_TEXT_MODEL = "No text model loaded"
@@ -91,6 +92,7 @@ class ServerState:
     files: FileStore = field(init=False)  # the Files API's, under --files-dir
     batches: BatchRunner | None = None  # the Batch API's runs: set by create_app (they call the app's routes)
     failover: Failover | None = None  # with --failover-after and workers: set by create_app
+    routes: Routes | None = None  # the app's routes, to call from inside it: set by create_app
     # The engine serving now and what the engines before it counted, as one value: a scrape in another thread reads
     # both at once, so it never counts an engine twice (live and retired) or not at all.
     counted: tuple[Engine | None, RetiredTotals] = field(init=False, repr=False)

@@ -1,0 +1,357 @@
+"""Anthropic's Messages API, for the tools written against it (the `anthropic` SDK, agents): POST /v1/messages
+(blocking, or Anthropic's SSE events with `stream`) and POST /v1/messages/count_tokens.
+
+As vLLM serves it, a request is translated to a chat completion request and answered by the chat route, in process
+(inprocess.py): the same template, sampling, tool calling and reasoning; its answer (or its chunks) is translated
+back. `system` is the first message, content blocks `text`, `tool_use` and `tool_result` become chat messages and
+tool calls, `tools` (`input_schema`) and `tool_choice` (`auto`, `any`, `tool`, `none`) become OpenAI's,
+`output_config.format` (a JSON schema) becomes `response_format`, a reasoning model's thinking is a `thinking`
+block; other fields (`metadata`, `thinking`, `service_tier`, `cache_control`, …) change nothing here. Images,
+documents and server tools are a 400 naming the block. Errors use Anthropic's body, `{"type": "error", "error":
+{"type", "message"}}` (errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from cake_py.api.errors import ApiError
+from cake_py.api.inprocess import Routes
+from cake_py.api.schemas import flag, json_body
+from cake_py.api.streaming import SSE_HEADERS
+
+if TYPE_CHECKING:
+    from cake_py.api.state import ServerState
+
+STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}  # chat's finish_reason → Anthropic's stop_reason
+# Older clients' sampling fields, and vLLM's extensions, passed to the chat route as they are.
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "ignore_eos",
+    "min_tokens",
+    "repetition_penalty",
+    "priority",
+)
+
+
+def _text_blocks(value: Any, where: str) -> str:
+    """A string, or text blocks joined (a system prompt, a tool result)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in value):
+        return "".join(str(block.get("text", "")) for block in value)
+    raise ApiError(400, f"{where} must be a string or a list of text blocks, got {value!r}"[:300])
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Anthropic's `system` and `messages` as chat messages."""
+    chat: list[dict[str, Any]] = []
+    if body.get("system") is not None:
+        chat.append({"role": "system", "content": _text_blocks(body["system"], "system")})
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content}")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise ApiError(400, f"{where} must be {{role: user or assistant, content}}, got {message!r}"[:300])
+        content = message.get("content")
+        if isinstance(content, str):
+            chat.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise ApiError(400, f"{where}.content must be a string or a list of content blocks")
+        text, calls = [], []
+        for number, block in enumerate(content):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                text.append(str(block.get("text", "")))
+            elif kind == "tool_use" and message["role"] == "assistant":
+                arguments = json.dumps(block.get("input") or {})
+                calls.append(
+                    {
+                        "id": block.get("id"),
+                        "type": "function",
+                        "function": {"name": block.get("name"), "arguments": arguments},
+                    }
+                )
+            elif kind == "tool_result" and message["role"] == "user":
+                if text:  # text before a tool result stays before it
+                    chat.append({"role": "user", "content": "".join(text)})
+                    text = []
+                result = _text_blocks(block.get("content", ""), f"{where}.content[{number}].content")
+                if block.get("is_error"):
+                    result = f"Error: {result}"
+                chat.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": result})
+            elif kind in ("thinking", "redacted_thinking") and message["role"] == "assistant":
+                continue  # the model's earlier thinking: not part of the conversation it reads
+            else:
+                raise ApiError(400, f"{where}.content[{number}]: a {kind!r} block is not supported here"[:300])
+        if text or calls:
+            entry: dict[str, Any] = {"role": message["role"], "content": "".join(text) if text else None}
+            if calls:
+                entry["tool_calls"] = calls
+            chat.append(entry)
+    return chat
+
+
+def _tools(body: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic's `tools` and `tool_choice` as the chat route's fields."""
+    fields: dict[str, Any] = {}
+    tools = body.get("tools")
+    if tools:
+        if not isinstance(tools, list):
+            raise ApiError(400, "tools must be a list of {name, description, input_schema}")
+        converted = []
+        for index, tool in enumerate(tools):
+            if not isinstance(tool, dict) or "input_schema" not in tool:
+                kind = tool.get("type") if isinstance(tool, dict) else tool
+                raise ApiError(
+                    400, f"tools[{index}]: only custom tools (name, input_schema) are supported, got {kind!r}"[:300]
+                )
+            function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
+            if tool.get("description"):
+                function["description"] = tool["description"]
+            converted.append({"type": "function", "function": function})
+        fields["tools"] = converted
+    choice = body.get("tool_choice")
+    if choice is not None:
+        kind = choice.get("type") if isinstance(choice, dict) else None
+        if kind not in ("auto", "any", "tool", "none"):
+            raise ApiError(400, f"tool_choice.type must be auto, any, tool or none, got {kind!r}")
+        if kind == "tool":
+            fields["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+        else:
+            fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
+        if choice.get("disable_parallel_tool_use"):
+            fields["parallel_tool_calls"] = False
+    return fields
+
+
+def chat_request(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+    """The chat completion request an Anthropic Messages request is answered as."""
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ApiError(400, f"max_tokens (required) must be a positive integer, got {max_tokens!r}")
+    stops = body.get("stop_sequences")
+    if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
+        raise ApiError(400, f"stop_sequences must be a list of strings, got {stops!r}"[:300])
+    chat: dict[str, Any] = {"messages": _messages(body), "max_tokens": max_tokens, **_tools(body)}
+    # Older clients send temperature, top_p and top_k (the current API has none: the server's defaults apply).
+    chat.update({key: body[key] for key in SAMPLING if body.get(key) is not None})
+    output = body.get("output_config") or {}
+    if not isinstance(output, dict):
+        raise ApiError(400, f"output_config must be an object, got {output!r}"[:300])
+    if output.get("format") is not None:
+        form = output["format"]
+        if not isinstance(form, dict) or form.get("type") != "json_schema" or not isinstance(form.get("schema"), dict):
+            raise ApiError(400, f"output_config.format must be {{type: json_schema, schema}}, got {form!r}"[:300])
+        chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": form["schema"]}}
+    if stops:
+        chat["stop"] = stops
+    if stream:
+        chat.update(stream=True, stream_options={"include_usage": True})
+    return chat
+
+
+def _usage(usage: dict[str, Any] | None) -> dict[str, int]:
+    usage = usage or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return {
+        "input_tokens": int(usage.get("prompt_tokens", 0)) - cached,
+        "output_tokens": int(usage.get("completion_tokens", 0)),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+    }
+
+
+def _stop(finish: str | None, stop_reason: Any) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence for a chat choice's finish_reason and vLLM's stop_reason."""
+    if finish == "stop" and isinstance(stop_reason, str):
+        return "stop_sequence", stop_reason
+    return STOP_REASONS.get(finish or "", "end_turn"), None
+
+
+def _input(function: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments as a tool_use block's `input`; arguments cut short (max_tokens) are an empty input."""
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+    except ValueError:
+        return {}
+    return arguments if isinstance(arguments, dict) else {}
+
+
+def message_of(completion: dict[str, Any], model: str) -> dict[str, Any]:
+    """A chat completion as Anthropic's Message."""
+    choice = completion["choices"][0]
+    message = choice["message"]
+    content: list[dict[str, Any]] = []
+    if message.get("reasoning_content"):
+        content.append({"type": "thinking", "thinking": message["reasoning_content"], "signature": ""})
+    if message.get("content"):
+        content.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or []:
+        function = call["function"]
+        content.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": _input(function)})
+    stop_reason, stop_sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"))
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": _usage(completion.get("usage")),
+    }
+
+
+def _event(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+
+
+async def message_events(chunks: AsyncGenerator[Any, None], model: str) -> AsyncIterator[str]:
+    """The chat route's chunks as Anthropic's stream: message_start, each content block's start, deltas and stop
+    (text, thinking, tool_use with its input as JSON pieces), message_delta (stop_reason, usage), message_stop. A
+    client that leaves closes `chunks` at once, which stops the chat route (its sequence leaves the engine)."""
+    try:
+        async for event in _translate(chunks, model):
+            yield event
+    finally:
+        await chunks.aclose()
+
+
+async def _translate(chunks: AsyncIterator[Any], model: str) -> AsyncIterator[str]:
+    start: dict[str, Any] = {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": _usage(None),
+    }
+    yield _event("message_start", {"message": start})
+    block: str | None = None  # the kind of the content block open now
+    index = -1
+    finish: tuple[str, str | None] = ("end_turn", None)
+    usage: dict[str, int] = _usage(None)
+
+    def open_block(kind: str, content_block: dict[str, Any]) -> list[str]:
+        nonlocal block, index
+        events = [_event("content_block_stop", {"index": index})] if block is not None else []
+        block, index = kind, index + 1
+        return [*events, _event("content_block_start", {"index": index, "content_block": content_block})]
+
+    async for chunk in chunks:
+        if "error" in chunk:
+            error = chunk["error"]
+            message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+            yield _event("error", {"error": {"type": "api_error", "message": message}})
+            return
+        if chunk.get("usage"):
+            usage = _usage(chunk["usage"])
+        for choice in chunk.get("choices", []):
+            delta = choice.get("delta", {})
+            if delta.get("reasoning_content"):
+                if block != "thinking":
+                    for event in open_block("thinking", {"type": "thinking", "thinking": ""}):
+                        yield event
+                yield _event(
+                    "content_block_delta",
+                    {"index": index, "delta": {"type": "thinking_delta", "thinking": delta["reasoning_content"]}},
+                )
+            if delta.get("content"):
+                if block != "text":
+                    for event in open_block("text", {"type": "text", "text": ""}):
+                        yield event
+                yield _event(
+                    "content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": delta["content"]}}
+                )
+            for call in delta.get("tool_calls") or []:
+                function = call.get("function") or {}
+                if call.get("id"):  # a new call
+                    started = {"type": "tool_use", "id": call["id"], "name": function.get("name"), "input": {}}
+                    for event in open_block("tool_use", started):
+                        yield event
+                if function.get("arguments"):
+                    yield _event(
+                        "content_block_delta",
+                        {"index": index, "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}},
+                    )
+            if choice.get("finish_reason"):
+                finish = _stop(choice["finish_reason"], choice.get("stop_reason"))
+    if block is not None:
+        yield _event("content_block_stop", {"index": index})
+    stop_reason, stop_sequence = finish
+    yield _event(
+        "message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": usage}
+    )
+    yield _event("message_stop", {})
+
+
+def _model(request: Request, body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model (required) must be a string: any name, the served model answers")
+    state: ServerState = request.app.state.cake
+    return state.model_name
+
+
+def _routes(request: Request) -> Routes:
+    state: ServerState = request.app.state.cake
+    assert state.routes is not None  # create_app sets it
+    return state.routes
+
+
+async def messages(request: Request) -> Response:
+    body = await json_body(request)
+    model = _model(request, body)
+    stream = flag(body, "stream", False)
+    chat = chat_request(body, stream=stream)
+    if not stream:
+        status, answer = await _routes(request).post("/v1/chat/completions", chat)
+        if status != 200:
+            raise _translated(status, answer)
+        return JSONResponse(message_of(answer, model))
+    status, error, chunks = await _routes(request).post_stream("/v1/chat/completions", chat)
+    if chunks is None:
+        raise _translated(status, error)
+    return StreamingResponse(message_events(chunks, model), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def count_tokens(request: Request) -> Response:
+    body = await json_body(request)
+    _model(request, body)
+    tokenize = {"messages": _messages(body), **_tools(body)}
+    status, answer = await _routes(request).post("/tokenize", tokenize)
+    if status != 200:
+        raise _translated(status, answer)
+    return JSONResponse({"input_tokens": answer["count"]})
+
+
+def _translated(status: int, answer: Any) -> ApiError:
+    """The chat route's error, answered in this route's shape (the message kept, its Retry-After too)."""
+    message = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(message, dict):
+        message = message.get("message")
+    headers = {"Retry-After": "5"} if status in (429, 503) else None
+    return ApiError(status, str(message or f"the request failed ({status})"), headers=headers)
+
+
+ROUTES = [
+    Route("/v1/messages", messages, methods=["POST"]),
+    Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+]

@@ -1,0 +1,202 @@
+"""Anthropic's Messages API through the official `anthropic` client against a real uvicorn server on the tiny
+Llama: answers are the chat route's (same tokens), blocking and streamed, with stop sequences, forced tool use,
+tool results, token counting, the API key as x-api-key, and Anthropic's error body."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+SERVED_MODEL = "tiny_llama_long_context"  # the server and client fixtures: tests/integration/conftest.py
+SERVED_OPTIONS = {"model_name": "tiny"}
+QUESTION = "What is the capital of France?"
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city",
+    # a bounded string: the random tiny model would otherwise write a city until max_tokens
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}},
+        "required": ["city"],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def claude(server: ServerHandle) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60) as client:
+        yield client
+
+
+def ask(claude: anthropic.Anthropic, **extra: Any) -> Any:
+    fields: dict[str, Any] = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8}
+    # The current API has no temperature; older clients send one, and it is honoured (greedy here).
+    return claude.messages.create(model="tiny", extra_body={"temperature": 0}, **{**fields, **extra})
+
+
+def test_a_message_is_the_chat_routes_answer(claude: anthropic.Anthropic, client: OpenAI) -> None:
+    message = ask(claude, system="Be brief.")
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert (message.type, message.role, message.model) == ("message", "assistant", "tiny")
+    assert message.id.startswith("msg_") and [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == chat.choices[0].message.content
+    assert message.stop_reason == "max_tokens" and message.stop_sequence is None
+    assert chat.usage is not None and message.usage.output_tokens == 8
+    cached = message.usage.cache_read_input_tokens or 0
+    assert message.usage.input_tokens + cached == chat.usage.prompt_tokens
+    blocks = ask(claude, system=[{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}])
+    assert blocks.content[0].text == message.content[0].text
+
+
+def test_a_streamed_message_is_the_blocking_one(claude: anthropic.Anthropic) -> None:
+    blocking = ask(claude)
+    with claude.messages.stream(
+        model="tiny", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, extra_body={"temperature": 0}
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == blocking.content[0].text == final.content[0].text
+    assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 8
+    assert final.usage.input_tokens == blocking.usage.input_tokens + (blocking.usage.cache_read_input_tokens or 0) - (
+        final.usage.cache_read_input_tokens or 0
+    )
+
+
+def test_a_stop_sequence_is_named(claude: anthropic.Anthropic) -> None:
+    text = ask(claude, max_tokens=24).content[0].text
+    match = re.search(r"[A-Za-z]{2,}", text[1:])
+    assert match, f"the tiny model's greedy text {text!r} has no word to stop on"
+    word = match.group(0)
+    stopped = ask(claude, max_tokens=24, stop_sequences=["NEVER-THERE", word])
+    assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", word)
+    assert stopped.content[0].text == text[: text.find(word)]
+
+
+def test_a_forced_tool_use_and_its_result(claude: anthropic.Anthropic) -> None:
+    forced = {"type": "tool", "name": "get_weather"}
+    message = ask(claude, tools=[WEATHER], tool_choice=forced, max_tokens=300)
+    uses = [block for block in message.content if block.type == "tool_use"]
+    assert len(uses) == 1 and uses[0].name == "get_weather" and isinstance(uses[0].input["city"], str)
+    assert message.stop_reason == "tool_use" and uses[0].id
+    with claude.messages.stream(
+        model="tiny",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=300,
+        extra_body={"temperature": 0},
+        tools=[WEATHER],
+        tool_choice=forced,
+    ) as stream:
+        final = stream.get_final_message()
+    streamed = [block for block in final.content if block.type == "tool_use"]
+    assert [(b.name, b.input) for b in streamed] == [(uses[0].name, uses[0].input)]
+    answer = claude.messages.create(
+        model="tiny",
+        max_tokens=8,
+        tools=[WEATHER],
+        messages=[
+            {"role": "user", "content": QUESTION},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": uses[0].id, "name": "get_weather", "input": uses[0].input}],
+            },  # noqa: E501
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "Sunny"}]},
+        ],
+    )
+    assert answer.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
+def test_an_output_format_holds_the_answer_to_a_schema(claude: anthropic.Anthropic) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    message = ask(claude, max_tokens=40, output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert isinstance(json.loads(message.content[0].text)["n"], int)
+
+
+def test_count_tokens_is_what_a_message_reads(claude: anthropic.Anthropic) -> None:
+    counted = claude.messages.count_tokens(model="tiny", messages=[{"role": "user", "content": QUESTION}])
+    message = ask(claude)
+    assert counted.input_tokens == message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
+    with_tools = claude.messages.count_tokens(
+        model="tiny", messages=[{"role": "user", "content": QUESTION}], tools=[WEATHER]
+    )
+    assert with_tools.input_tokens >= counted.input_tokens
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"max_tokens": None}, "max_tokens (required)"),
+        ({"messages": []}, "messages must be a non-empty list"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "role: user or assistant"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+            "a 'image' block is not supported",
+        ),
+        ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type must be"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "only custom tools"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"output_config": {"format": {"type": "xml"}}}, "output_config.format must be"),
+    ],
+    ids=str,
+)
+def test_bad_requests_get_anthropics_error_body(server: ServerHandle, extra: dict[str, Any], needle: str) -> None:
+    body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], **extra}
+    body = {key: value for key, value in body.items() if value is not None}
+    answer = httpx.post(f"{server.base_url}/v1/messages", json=body, timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert needle in error["error"]["message"], error
+
+
+def test_the_sdk_reads_the_error(claude: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError, match="a 'image' block is not supported"):
+        claude.messages.create(
+            model="tiny",
+            max_tokens=4,
+            messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "x"}}]}],
+        )
+
+
+def test_the_api_key_may_come_as_x_api_key(tiny_llama: Path) -> None:
+    with running_server(tiny_settings(tiny_llama, api_key="sekrit")) as server:
+        with anthropic.Anthropic(base_url=server.base_url, api_key="sekrit", max_retries=0) as good:
+            assert good.messages.create(model="x", max_tokens=2, messages=[{"role": "user", "content": "hi"}]).content
+        with (
+            anthropic.Anthropic(base_url=server.base_url, api_key="wrong", max_retries=0) as bad,
+            pytest.raises(anthropic.AuthenticationError) as refused,
+        ):
+            bad.messages.create(model="x", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(server: ServerHandle) -> None:
+    engine = server.state.engine
+    assert engine is not None
+    body = {"model": "tiny", "max_tokens": 1500, "stream": True, "messages": [{"role": "user", "content": "Talk"}]}
+    before = engine.stats.tokens_generated
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/messages", json={**body, "ignore_eos": True}, timeout=60
+    ) as answer:
+        assert answer.status_code == 200
+        lines = answer.iter_lines()
+        assert next(lines).startswith("event: message_start")
+    deadline = time.monotonic() + 10
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.in_flight == 0 and engine.stats.tokens_generated - before < 1500
