@@ -19,8 +19,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from cake_py.api import batch_runner, batches
+from cake_py.api import batches
 from cake_py.api.file_store import FileStore
+from cake_py.api.inprocess import Routes
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 MAX_FILE_BYTES = 256 * 1024
@@ -253,14 +254,14 @@ def test_a_responses_batch_keeps_its_answers_in_the_file_and_its_output_expires(
 def test_a_request_the_runner_cannot_carry_is_its_own_failed_line(
     client: OpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = batch_runner.post_json
+    real = Routes.post
 
-    async def failing(app: Any, dispatch: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    async def failing(self: Routes, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         if body["messages"][0]["content"] == "break":
             raise RecursionError("maximum recursion depth exceeded")
-        return await real(app, dispatch, path, body)
+        return await real(self, path, body)
 
-    monkeypatch.setattr(batch_runner, "post_json", failing)
+    monkeypatch.setattr(Routes, "post", failing)
     lines = [request_line("ok", chat_body("hi")), request_line("broken", chat_body("break"))]
     batch = client.batches.create(
         input_file_id=upload(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
