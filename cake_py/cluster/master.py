@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cake_py.cluster.hostinfo import memory_identity
+from cake_py.cluster.hostinfo import device_memory, memory_identity
 from cake_py.cluster.pipeline import Pipeline, load_ends
 from cake_py.cluster.placement import NodeCapacity, check_manual, place_automatically
 from cake_py.cluster.stage import LocalStage, Stage
@@ -22,7 +22,9 @@ from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource
 from cake_py.models.weights import LAYER_PATTERN, load_transformer
 from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
+from cake_py.rpc.connection import TAKEOVER_IDLE_S
 from cake_py.rpc.dataplane import client_tls
+from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.security import channel_credentials, warn_if_key_in_plaintext
 
 log = logging.getLogger(__name__)
@@ -189,16 +191,28 @@ def _master_stages(
     return stages
 
 
-def answering_workers(settings: ServeSettings, workers: list[WorkerSpec], timeout: float) -> set[str]:
-    """The addresses of the workers that answer a handshake within `timeout` (with the cluster's key and TLS)."""
+def available_workers(
+    settings: ServeSettings, workers: list[WorkerSpec], timeout: float, pipeline: Pipeline | None
+) -> set[str]:
+    """The addresses of the workers a placement may take now: those answering a handshake within `timeout` (with
+    the cluster's key and TLS) that are not another master's in use. A worker holding an assignment other than the
+    one `pipeline` gave it is taken only once idle for TAKEOVER_IDLE_S, as a reconnecting stage takes it back."""
+    ours = {
+        stage.connection.spec.address: stage.connection.assignment
+        for stage in (pipeline.stages if pipeline is not None else [])
+        if isinstance(stage, RemoteStage)
+    }
     credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
     tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
-    def answers(spec: WorkerSpec) -> bool:
+    def available(spec: WorkerSpec) -> bool:
         connection = WorkerConnection(spec, settings.cluster_key, credentials, tls=tls)
         try:
-            connection.handshake(timeout)
-            return True
+            reply = connection.handshake(timeout)
+            if not reply.assignment or reply.assignment == ours.get(spec.address):
+                return True
+            info = connection.info(timeout)
+            return info.status != pb.WORKER_STATUS_LOADING and info.forward_idle_seconds >= TAKEOVER_IDLE_S
         except ClusterError:
             return False
         finally:
@@ -207,5 +221,17 @@ def answering_workers(settings: ServeSettings, workers: list[WorkerSpec], timeou
     if not workers:
         return set()
     with ThreadPoolExecutor(max_workers=len(workers)) as pool:
-        found = list(pool.map(answers, workers))
+        found = list(pool.map(available, workers))
     return {spec.address for spec, ok in zip(workers, found, strict=True) if ok}
+
+
+def check_master_holds_all(source: ModelSource, dtype: torch.dtype, device: str) -> None:
+    """ClusterError unless this process's free memory holds the whole model: placing it here with no worker left
+    must not end in the master killed for memory."""
+    needed = sum(layer_bytes(source, dtype)) + ends_bytes(source, dtype)
+    _, free = device_memory(device)
+    if needed > free:
+        raise ClusterError(
+            f"no worker can take layers and the master's free memory ({free / 1e9:.1f} GB on {device}) cannot hold "
+            f"the whole model ({needed / 1e9:.1f} GB)"
+        )

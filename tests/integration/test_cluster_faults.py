@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +20,15 @@ from safetensors.torch import load_file, save_file
 
 from cake_py.api import failover as failover_module
 from cake_py.api.server import build_pipeline
+from cake_py.cluster import master as master_module
+from cake_py.cluster.master import available_workers
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.config import ServeSettings, WorkerSpec
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
 from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource, resolve_model
+from cake_py.models.sampling import SamplingParams
 from cake_py.rpc import client as client_module
 from cake_py.rpc.client import RemoteStage
 from cake_py.rpc.dataplane import DataPlaneServer
@@ -345,8 +349,9 @@ def test_a_worker_taken_by_another_master_is_not_used_until_left_idle(
 
 
 def test_failover_serves_without_a_dead_worker_and_takes_it_back(
-    cluster: LocalCluster, tiny_model_factory: TinyModelFactory
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(failover_module, "BACK_FOR_S", 2.0)  # answering this long before it is taken back
     first, second = cluster.start_workers(2)
     workers = [first.spec((0, 2)), second.spec((2, 3))]
     settings = tiny_settings(tiny_model_factory("llama"), workers=workers, failover_after=1.0)
@@ -426,3 +431,82 @@ def test_a_failover_placement_that_fails_is_tried_again_and_said_meanwhile(
         assert server.state.failover.left_out == {second.address} and server.state.failover.waiting is None
         answer = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
         assert answer.status_code == 200, answer.text
+
+
+def test_a_failed_fail_back_serves_again_without_the_worker(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A left-out worker that answers again but cannot take its layers (here: a weight cache too small for any) is
+    held off, and the placement that worked is made again."""
+    monkeypatch.setattr(failover_module, "PROBE_S", 0.5)
+    monkeypatch.setattr(failover_module, "BACK_FOR_S", 1.0)
+    first, second = cluster.start_workers(2)
+    settings = tiny_settings(tiny_model_factory("llama"), workers=[first.spec(), second.spec()], failover_after=1.0)
+    with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=30.0) as http:
+        failover = server.state.failover
+        assert failover is not None
+        second.kill()
+        wait_until(
+            lambda: failover.left_out == {second.address} and http.get("/health").status_code == 200,
+            30.0,
+            "the model placed without the dead worker",
+        )
+        second.args += ["--cache-max-gb", "0.000001", "--cache-dir", str(tmp_path / "empty-cache")]
+        second.start()
+        wait_until(lambda: second.address in failover.held_off, 30.0, "a fail-back tried and failed")
+        wait_until(lambda: http.get("/health").status_code == 200, 30.0, "the degraded placement made again")
+        assert failover.left_out == {second.address} and failover.waiting is None
+        answer = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+
+
+def test_a_fail_back_waits_for_what_is_generating(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(failover_module, "PROBE_S", 0.5)
+    monkeypatch.setattr(failover_module, "BACK_FOR_S", 0.5)
+    first, second = cluster.start_workers(2)
+    settings = tiny_settings(tiny_model_factory("llama"), workers=[first.spec(), second.spec()], failover_after=1.0)
+    with running_server(settings) as server:
+        failover = server.state.failover
+        assert failover is not None
+        second.kill()
+        wait_until(lambda: failover.left_out == {second.address} and server.state.engine is not None, 30.0, "failover")
+        engine = server.state.engine
+        assert engine is not None
+        gate, ended = threading.Event(), threading.Event()
+
+        def held(event: GenerationEvent) -> None:  # the engine thread waits here: the generation stays in flight
+            gate.wait(30)
+            if event.finished:
+                ended.set()
+
+        engine.submit(engine.tokenizer.encode(PROMPT), SamplingParams(temperature=0, max_tokens=4), held)
+        second.start()
+        time.sleep(3.0)  # answering for longer than BACK_FOR_S, probed several times: held off by the generation
+        assert server.state.engine is engine and failover.left_out == {second.address}
+        gate.set()
+        assert ended.wait(30)  # it ran to its end, not cut by a switch
+        wait_until(lambda: not failover.left_out, 30.0, "the fail-back once nothing generates")
+
+
+def test_failover_does_not_take_a_worker_another_master_is_using(
+    cluster: LocalCluster, llama: ModelSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`available_workers` (what a failover placement may take): a worker holding another master's layers counts
+    only once that master has left it idle for TAKEOVER_IDLE_S; one holding ours, or nothing, counts at once."""
+    worker = cluster.worker()
+    worker.start()
+    settings = ServeSettings(workers=[worker.spec()])
+    assert available_workers(settings, [worker.spec()], 2.0, None) == {worker.address}  # holds nothing
+    pipeline, engine = serving_engine(llama, [worker.spec()])
+    try:
+        assert token_ids(collect(engine, llama.tokenizer.encode(PROMPT), greedy(4), timeout=60))
+        assert available_workers(settings, [worker.spec()], 2.0, pipeline) == {worker.address}  # ours
+        assert available_workers(settings, [worker.spec()], 2.0, None) == set()  # another master's, just used
+        monkeypatch.setattr(master_module, "TAKEOVER_IDLE_S", 0.5)
+        time.sleep(1.0)
+        assert available_workers(settings, [worker.spec()], 2.0, None) == {worker.address}  # left idle
+    finally:
+        engine.stop()
+        pipeline.close()
