@@ -115,6 +115,37 @@ class EngineCollector(Collector):
         yield from (forward, hop)
 
 
+class ServiceCollector(Collector):
+    """Batches by status, failover and the stores, read from the live objects at each scrape."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self.state
+        statuses = GaugeMetricFamily("cake_batches", "Batch API batches by status", labels=["status"])
+        pending = 0
+        by_status: dict[str, int] = {}
+        for batch in state.batches.all() if state.batches is not None else []:
+            by_status[batch.status] = by_status.get(batch.status, 0) + 1
+            if batch.status in ("validating", "in_progress"):
+                pending += max(0, batch.total - batch.completed - batch.failed)
+        for status, count in sorted(by_status.items()):
+            statuses.add_metric([status], count)
+        yield statuses
+        yield GaugeMetricFamily("cake_batch_requests_pending", "Batch requests not answered yet", value=pending)
+        if state.failover is not None:
+            yield GaugeMetricFamily(
+                "cake_failover_left_out_workers",
+                "Configured workers the served placement goes without (--failover-after)",
+                value=len(state.failover.left_out),
+            )
+        yield GaugeMetricFamily(
+            "cake_stored_chat_completions", "Chat completions kept (store: true)", value=len(state.chat_completions)
+        )
+        yield GaugeMetricFamily("cake_stored_responses", "Responses API responses kept", value=len(state.responses))
+
+
 class ApiMetrics:
     def __init__(self, state: ServerState) -> None:
         self.registry = CollectorRegistry()
@@ -141,6 +172,7 @@ class ApiMetrics:
             registry=self.registry,
         )
         self.registry.register(EngineCollector(state))
+        self.registry.register(ServiceCollector(state))
 
     def observe_first_token(self, seconds: float) -> None:
         self.first_token.observe(seconds)

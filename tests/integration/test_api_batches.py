@@ -165,7 +165,7 @@ def test_bad_uploads_are_refused_naming_why(client: OpenAI, server: ServerHandle
 # --- batches ---------------------------------------------------------------------------------------------------
 
 
-def test_a_chat_batch_answers_each_request_as_the_route_does(client: OpenAI) -> None:
+def test_a_chat_batch_answers_each_request_as_the_route_does(client: OpenAI, server: ServerHandle) -> None:
     questions = {"france": "What is the capital of France?", "sky": "Why is the sky blue?"}
     lines = [request_line(key, chat_body(question, temperature=0)) for key, question in questions.items()]
     lines.append(request_line("bad", chat_body("hi", temperature=-1)))
@@ -207,6 +207,9 @@ def test_a_chat_batch_answers_each_request_as_the_route_does(client: OpenAI) -> 
     assert (output_file.purpose, output_file.filename) == ("batch_output", f"{batch.id}_output.jsonl")
     assert client.batches.retrieve(batch.id).model_dump() == done.model_dump()
     assert batch.id in [b.id for b in client.batches.list()]
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    completed = re.search(r'^cake_batches\{status="completed"\} (\S+)$', metrics, re.MULTILINE)
+    assert completed and float(completed.group(1)) >= 1 and "cake_batch_requests_pending 0.0" in metrics
 
 
 def test_completions_and_embeddings_batches(client: OpenAI) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -22,12 +23,14 @@ def ask(client: OpenAI, question: str, **extra: Any) -> Any:
     )
 
 
-def test_a_stored_completion_is_retrieved_as_it_was_answered(client: OpenAI) -> None:
+def test_a_stored_completion_is_retrieved_as_it_was_answered(client: OpenAI, server: ServerHandle) -> None:
     answer = ask(client, "What is the capital of France?", store=True, metadata={"team": "geo"})
     stored = client.chat.completions.retrieve(answer.id)
     assert stored.choices[0].message.content == answer.choices[0].message.content
     assert stored.usage == answer.usage and stored.model == "tiny"
     assert stored.model_dump()["metadata"] == {"team": "geo"}
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=60).text
+    assert re.search(r"^cake_stored_chat_completions [1-9]", metrics, re.MULTILINE), metrics[-2000:]
     messages = client.chat.completions.messages.list(answer.id)
     assert [(m.role, m.content) for m in messages] == [("user", "What is the capital of France?")]
     assert messages.data[0].id == f"{answer.id}-0"
