@@ -251,7 +251,10 @@ export function startCluster(onLive) {
     setText("sum-model", topology.model);
     setText("sum-dtype", `${topology.model_id} · ${topology.dtype}`);
     setText("sum-layers", String(topology.num_layers));
-    setText("sum-nodes", `on ${nodes.length} nodes · ${up} up`);
+    // --failover-after: configured workers the served placement goes without.
+    const leftOut = (topology.left_out ?? []).map((worker) => worker.name);
+    const leftOutText = leftOut.length ? ` · left out: ${leftOut.join(", ")}` : "";
+    setText("sum-nodes", `on ${nodes.length} nodes · ${up} up${leftOutText}`);
     setText("sum-weights", formatBytes(topology.memory_bytes));
     setText("sum-layer-size", `${formatBytes(topology.layer_size_bytes)} per layer`);
     setText("sum-tps", (live.tokens_per_second ?? 0).toFixed(1));
