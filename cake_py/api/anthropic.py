@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from cake_py.api.anthropic_stream import message_events, stop_of, usage_of
 from cake_py.api.errors import ApiError
 from cake_py.api.inprocess import Routes
 from cake_py.api.schemas import flag, json_body
@@ -30,7 +32,6 @@ from cake_py.api.streaming import SSE_HEADERS
 if TYPE_CHECKING:
     from cake_py.api.state import ServerState
 
-STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}  # chat's finish_reason → Anthropic's stop_reason
 # Older clients' sampling fields, and vLLM's extensions, passed to the chat route as they are.
 SAMPLING = (
     "temperature",
@@ -46,19 +47,26 @@ SAMPLING = (
 
 
 def _text_blocks(value: Any, where: str) -> str:
-    """A string, or text blocks joined (a system prompt, a tool result)."""
+    """A string, or text blocks joined by line breaks, as the chat route joins text parts (a tool result)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in value):
-        return "".join(str(block.get("text", "")) for block in value)
+        return "\n".join(str(block.get("text", "")) for block in value)
     raise ApiError(400, f"{where} must be a string or a list of text blocks, got {value!r}"[:300])
+
+
+def _parts(blocks: list[Any]) -> list[dict[str, str]]:
+    """Text (strings, or text blocks) as chat text parts: the chat route joins them as it joins any."""
+    return [{"type": "text", "text": str(b.get("text", "")) if isinstance(b, dict) else b} for b in blocks]
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     """Anthropic's `system` and `messages` as chat messages."""
     chat: list[dict[str, Any]] = []
     if body.get("system") is not None:
-        chat.append({"role": "system", "content": _text_blocks(body["system"], "system")})
+        system = body["system"]
+        _text_blocks(system, "system")  # checked: a string or text blocks
+        chat.append({"role": "system", "content": system if isinstance(system, str) else _parts(system)})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content}")
@@ -70,9 +78,10 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(content, str):
             chat.append({"role": message["role"], "content": content})
             continue
-        if not isinstance(content, list):
-            raise ApiError(400, f"{where}.content must be a string or a list of content blocks")
-        text, calls = [], []
+        if not isinstance(content, list) or not content:
+            raise ApiError(400, f"{where}.content must be a string or a non-empty list of content blocks")
+        text: list[str] = []
+        calls = []
         for number, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
@@ -88,7 +97,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             elif kind == "tool_result" and message["role"] == "user":
                 if text:  # text before a tool result stays before it
-                    chat.append({"role": "user", "content": "".join(text)})
+                    chat.append({"role": "user", "content": _parts(text)})
                     text = []
                 result = _text_blocks(block.get("content", ""), f"{where}.content[{number}].content")
                 if block.get("is_error"):
@@ -99,7 +108,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             else:
                 raise ApiError(400, f"{where}.content[{number}]: a {kind!r} block is not supported here"[:300])
         if text or calls:
-            entry: dict[str, Any] = {"role": message["role"], "content": "".join(text) if text else None}
+            entry: dict[str, Any] = {"role": message["role"], "content": _parts(text) if text else None}
             if calls:
                 entry["tool_calls"] = calls
             chat.append(entry)
@@ -139,6 +148,14 @@ def _tools(body: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _continuation(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Messages that end with the assistant's (text) turn: the answer continues it (a prefill), as Anthropic's does."""
+    last = messages[-1]
+    if last["role"] == "assistant" and not last.get("tool_calls"):
+        return {"add_generation_prompt": False, "continue_final_message": True}
+    return {}
+
+
 def chat_request(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
     """The chat completion request an Anthropic Messages request is answered as."""
     max_tokens = body.get("max_tokens")
@@ -160,27 +177,14 @@ def chat_request(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": form["schema"]}}
     if stops:
         chat["stop"] = stops
+    chat.update(_continuation(chat["messages"]))
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "disabled"):
+        # A reasoning model's template switch (Qwen3's and others'): honoured where the template reads it.
+        chat["chat_template_kwargs"] = {"enable_thinking": thinking["type"] == "enabled"}
     if stream:
         chat.update(stream=True, stream_options={"include_usage": True})
     return chat
-
-
-def _usage(usage: dict[str, Any] | None) -> dict[str, int]:
-    usage = usage or {}
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return {
-        "input_tokens": int(usage.get("prompt_tokens", 0)) - cached,
-        "output_tokens": int(usage.get("completion_tokens", 0)),
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": cached,
-    }
-
-
-def _stop(finish: str | None, stop_reason: Any) -> tuple[str, str | None]:
-    """Anthropic's stop_reason and stop_sequence for a chat choice's finish_reason and vLLM's stop_reason."""
-    if finish == "stop" and isinstance(stop_reason, str):
-        return "stop_sequence", stop_reason
-    return STOP_REASONS.get(finish or "", "end_turn"), None
 
 
 def _input(function: dict[str, Any]) -> dict[str, Any]:
@@ -204,7 +208,7 @@ def message_of(completion: dict[str, Any], model: str) -> dict[str, Any]:
     for call in message.get("tool_calls") or []:
         function = call["function"]
         content.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": _input(function)})
-    stop_reason, stop_sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"))
+    stop_reason, stop_sequence = stop_of(choice.get("finish_reason"), choice.get("stop_reason"))
     return {
         "id": f"msg_{uuid.uuid4().hex[:24]}",
         "type": "message",
@@ -213,93 +217,8 @@ def message_of(completion: dict[str, Any], model: str) -> dict[str, Any]:
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": _usage(completion.get("usage")),
+        "usage": usage_of(completion.get("usage")),
     }
-
-
-def _event(kind: str, data: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
-
-
-async def message_events(chunks: AsyncGenerator[Any, None], model: str) -> AsyncIterator[str]:
-    """The chat route's chunks as Anthropic's stream: message_start, each content block's start, deltas and stop
-    (text, thinking, tool_use with its input as JSON pieces), message_delta (stop_reason, usage), message_stop. A
-    client that leaves closes `chunks` at once, which stops the chat route (its sequence leaves the engine)."""
-    try:
-        async for event in _translate(chunks, model):
-            yield event
-    finally:
-        await chunks.aclose()
-
-
-async def _translate(chunks: AsyncIterator[Any], model: str) -> AsyncIterator[str]:
-    start: dict[str, Any] = {
-        "id": f"msg_{uuid.uuid4().hex[:24]}",
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": _usage(None),
-    }
-    yield _event("message_start", {"message": start})
-    block: str | None = None  # the kind of the content block open now
-    index = -1
-    finish: tuple[str, str | None] = ("end_turn", None)
-    usage: dict[str, int] = _usage(None)
-
-    def open_block(kind: str, content_block: dict[str, Any]) -> list[str]:
-        nonlocal block, index
-        events = [_event("content_block_stop", {"index": index})] if block is not None else []
-        block, index = kind, index + 1
-        return [*events, _event("content_block_start", {"index": index, "content_block": content_block})]
-
-    async for chunk in chunks:
-        if "error" in chunk:
-            error = chunk["error"]
-            message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
-            yield _event("error", {"error": {"type": "api_error", "message": message}})
-            return
-        if chunk.get("usage"):
-            usage = _usage(chunk["usage"])
-        for choice in chunk.get("choices", []):
-            delta = choice.get("delta", {})
-            if delta.get("reasoning_content"):
-                if block != "thinking":
-                    for event in open_block("thinking", {"type": "thinking", "thinking": ""}):
-                        yield event
-                yield _event(
-                    "content_block_delta",
-                    {"index": index, "delta": {"type": "thinking_delta", "thinking": delta["reasoning_content"]}},
-                )
-            if delta.get("content"):
-                if block != "text":
-                    for event in open_block("text", {"type": "text", "text": ""}):
-                        yield event
-                yield _event(
-                    "content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": delta["content"]}}
-                )
-            for call in delta.get("tool_calls") or []:
-                function = call.get("function") or {}
-                if call.get("id"):  # a new call
-                    started = {"type": "tool_use", "id": call["id"], "name": function.get("name"), "input": {}}
-                    for event in open_block("tool_use", started):
-                        yield event
-                if function.get("arguments"):
-                    yield _event(
-                        "content_block_delta",
-                        {"index": index, "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}},
-                    )
-            if choice.get("finish_reason"):
-                finish = _stop(choice["finish_reason"], choice.get("stop_reason"))
-    if block is not None:
-        yield _event("content_block_stop", {"index": index})
-    stop_reason, stop_sequence = finish
-    yield _event(
-        "message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": usage}
-    )
-    yield _event("message_stop", {})
 
 
 def _model(request: Request, body: dict[str, Any]) -> str:
@@ -322,24 +241,41 @@ async def messages(request: Request) -> Response:
     stream = flag(body, "stream", False)
     chat = chat_request(body, stream=stream)
     if not stream:
-        status, answer = await _routes(request).post("/v1/chat/completions", chat)
+        # The client's own receive goes along: if it leaves, the chat route sees it and stops generating.
+        status, answer = await _routes(request).post("/v1/chat/completions", chat, request.receive)
         if status != 200:
             raise _translated(status, answer)
         return JSONResponse(message_of(answer, model))
     status, error, chunks = await _routes(request).post_stream("/v1/chat/completions", chat)
     if chunks is None:
         raise _translated(status, error)
-    return StreamingResponse(message_events(chunks, model), media_type="text/event-stream", headers=SSE_HEADERS)
+    return _Relay(chunks, model)
 
 
 async def count_tokens(request: Request) -> Response:
     body = await json_body(request)
     _model(request, body)
-    tokenize = {"messages": _messages(body), **_tools(body)}
+    chat = _messages(body)
+    tokenize = {"messages": chat, **_tools(body), **_continuation(chat)}
     status, answer = await _routes(request).post("/tokenize", tokenize)
     if status != 200:
         raise _translated(status, answer)
     return JSONResponse({"input_tokens": answer["count"]})
+
+
+class _Relay(StreamingResponse):
+    """The translated stream, which closes the chat route's stream however it ends: even when the client leaves
+    before the first event (the body's generator then never starts, so its own cleanup never runs)."""
+
+    def __init__(self, chunks: AsyncGenerator[Any, None], model: str) -> None:
+        super().__init__(message_events(chunks, model), media_type="text/event-stream", headers=SSE_HEADERS)
+        self.chunks = chunks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.chunks.aclose()
 
 
 def _translated(status: int, answer: Any) -> ApiError:

@@ -32,9 +32,13 @@ def _scope(app: ASGIApp, path: str, payload: bytes) -> Scope:
     }
 
 
-def _receiver(payload: bytes) -> Callable[[], Awaitable[Message]]:
-    """The request's body, then nothing: the caller never goes away (a route watching for a disconnect waits until
-    it is cancelled, which is how the caller stops it)."""
+Receive = Callable[[], Awaitable[Message]]
+
+
+def _receiver(payload: bytes, outer: Receive | None) -> Receive:
+    """The request's body, then what `outer` (the caller's own request, its body already read) receives next: its
+    client going away reaches the route as a disconnect, so the route stops. Without one the caller never goes away
+    (a route watching for a disconnect waits until it is cancelled, which is how such a caller stops it)."""
     sent = False
 
     async def receive() -> Message:
@@ -42,15 +46,19 @@ def _receiver(payload: bytes) -> Callable[[], Awaitable[Message]]:
         if not sent:
             sent = True
             return {"type": "http.request", "body": payload, "more_body": False}
+        if outer is not None:
+            return await outer()
         await asyncio.Event().wait()
         return {"type": "http.disconnect"}
 
     return receive
 
 
-async def post_json(app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+async def post_json(
+    app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, Any], outer: Receive | None = None
+) -> tuple[int, Any]:
     """POSTs `body` to `path` through `dispatch` (routes and error handlers; `app` is what they find as
-    request.app). Cancelling this call is how the caller stops it."""
+    request.app). Cancelling this call, or `outer`'s client leaving, is how the caller stops it."""
     payload = json.dumps(body).encode()
     status, chunks = 500, []
 
@@ -61,7 +69,7 @@ async def post_json(app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, 
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await dispatch(_scope(app, path, payload), _receiver(payload), send)
+    await dispatch(_scope(app, path, payload), _receiver(payload, outer), send)
     try:
         return status, json.loads(b"".join(chunks))
     except ValueError:
@@ -76,9 +84,13 @@ async def post_json_stream(
     the route (its sequences leave the engine)."""
     payload = json.dumps(body).encode()
     messages: asyncio.Queue[Message] = asyncio.Queue()
-    task = asyncio.ensure_future(dispatch(_scope(app, path, payload), _receiver(payload), messages.put))
+    task = asyncio.ensure_future(dispatch(_scope(app, path, payload), _receiver(payload, None), messages.put))
     task.add_done_callback(lambda _: messages.put_nowait({"type": "cake.done"}))
-    start = await messages.get()
+    try:
+        start = await messages.get()
+    except asyncio.CancelledError:  # the caller stopped (a shutdown) before the route answered: so does the route
+        task.cancel()
+        raise
     if start["type"] != "http.response.start":  # the route failed before answering: its error handler did not run
         task.cancel()
         return 500, {"error": "the route ended without an answer"}, None
@@ -94,6 +106,7 @@ async def post_json_stream(
             return start["status"], {"error": f"the route answered {start['status']}"}, None
 
     async def events() -> AsyncGenerator[Any, None]:
+        """The payloads up to `[DONE]`; a stream that ends without it (the route failed) raises StreamBroken."""
         pending = b""
         try:
             while (message := await messages.get())["type"] == "http.response.body":
@@ -106,11 +119,17 @@ async def post_json_stream(
                         return
                     yield json.loads(line[6:])
                 if not message.get("more_body", False):
-                    return
+                    break
+            failure = task.exception() if task.done() and not task.cancelled() else None
+            raise StreamBroken(f"the route's stream broke off: {failure or 'it ended without [DONE]'}")
         finally:
             task.cancel()
 
     return 200, None, events()
+
+
+class StreamBroken(Exception):
+    """A route's SSE stream ended without its `[DONE]`: the route failed mid-answer."""
 
 
 @dataclass(frozen=True)
@@ -121,8 +140,8 @@ class Routes:
     app: ASGIApp
     dispatch: ASGIApp
 
-    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        return await post_json(self.app, self.dispatch, path, body)
+    async def post(self, path: str, body: dict[str, Any], outer: Receive | None = None) -> tuple[int, Any]:
+        return await post_json(self.app, self.dispatch, path, body, outer)
 
     async def post_stream(self, path: str, body: dict[str, Any]) -> tuple[int, Any, AsyncGenerator[Any, None] | None]:
         return await post_json_stream(self.app, self.dispatch, path, body)

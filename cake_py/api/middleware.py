@@ -84,7 +84,7 @@ class AuthMiddleware:
             return None
         token = _bearer(headers)
         if token is None:
-            return "missing API key: send the header 'Authorization: Bearer <key>'", "Bearer"
+            return "missing API key: send the header 'Authorization: Bearer <key>' (or 'x-api-key: <key>')", "Bearer"
         if not _same(token, self.api_key):
             return "invalid API key", 'Bearer error="invalid_token"'
         return None

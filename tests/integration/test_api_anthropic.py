@@ -16,6 +16,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from cake_py.api.tool_stream import ToolStream
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 SERVED_MODEL = "tiny_llama_long_context"  # the server and client fixtures: tests/integration/conftest.py
@@ -60,7 +61,7 @@ def test_a_message_is_the_chat_routes_answer(claude: anthropic.Anthropic, client
     assert chat.usage is not None and message.usage.output_tokens == 8
     cached = message.usage.cache_read_input_tokens or 0
     assert message.usage.input_tokens + cached == chat.usage.prompt_tokens
-    blocks = ask(claude, system=[{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}])
+    blocks = ask(claude, system=[{"type": "text", "text": "Be brief."}])
     assert blocks.content[0].text == message.content[0].text
 
 
@@ -200,3 +201,60 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(server: ServerHandle
     while engine.in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.in_flight == 0 and engine.stats.tokens_generated - before < 1500
+
+
+def test_a_client_that_leaves_a_blocking_request_stops_its_generation(server: ServerHandle) -> None:
+    engine = server.state.engine
+    assert engine is not None
+    body = {"model": "tiny", "max_tokens": 1500, "messages": [{"role": "user", "content": "Talk"}], "ignore_eos": True}
+    before = engine.stats.tokens_generated
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.base_url}/v1/messages", json=body, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.in_flight == 0 and engine.stats.tokens_generated - before < 1500
+
+
+def test_a_chat_route_failing_mid_stream_is_an_error_event(
+    server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, calls = ToolStream.feed, []
+
+    def failing(self: ToolStream, text: str) -> str:
+        calls.append(text)
+        if len(calls) == 5:
+            raise RuntimeError("a bug in the middle of an answer")
+        return real(self, text)
+
+    monkeypatch.setattr(ToolStream, "feed", failing)
+    body = {"model": "tiny", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "Talk"}]}
+    with httpx.stream("POST", f"{server.base_url}/v1/messages", json=body, timeout=60) as answer:
+        kinds = [line[7:] for line in answer.iter_lines() if line.startswith("event: ")]
+    assert kinds[0] == "message_start" and kinds[-1] == "error" and "message_stop" not in kinds, kinds
+
+
+def test_an_assistant_prefill_is_continued(claude: anthropic.Anthropic, server: ServerHandle) -> None:
+    turns: list[Any] = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "The answer is ("}]
+    counted = claude.messages.count_tokens(model="tiny", messages=turns)
+    body = {"messages": turns, "add_generation_prompt": False, "continue_final_message": True}
+    continued = httpx.post(f"{server.base_url}/tokenize", json=body, timeout=60).json()
+    assert counted.input_tokens == continued["count"]
+    message = ask(claude, messages=turns)
+    cached = message.usage.cache_read_input_tokens or 0
+    assert message.usage.input_tokens + cached == continued["count"]
+
+
+def test_a_streamed_thinking_block_is_the_blocking_one(tiny_llama_reasoning: Path) -> None:
+    with (
+        running_server(tiny_settings(tiny_llama_reasoning)) as server,
+        anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0) as client,
+    ):
+        fields: dict[str, Any] = {"model": "x", "max_tokens": 12, "messages": [{"role": "user", "content": "Hi"}]}
+        blocking = client.messages.create(**fields, extra_body={"temperature": 0})
+        with client.messages.stream(**fields, extra_body={"temperature": 0}) as stream:
+            streamed = stream.get_final_message()
+        assert [block.to_dict() for block in streamed.content] == [block.to_dict() for block in blocking.content]
+        assert blocking.content[0].type == "thinking" and blocking.content[0].signature == ""
+        plain = client.messages.create(**fields, thinking={"type": "disabled"}, extra_body={"temperature": 0})
+        assert all(block.type != "thinking" for block in plain.content)  # the template's switch, honoured
