@@ -98,6 +98,22 @@ def test_openai_responses_example(server: ServerHandle) -> None:
     assert re.search(r"^embeddings: 3 of 64 dimensions; nearest to the first: '.*'$", output, re.M)
 
 
+def test_openai_batch_example(server: ServerHandle) -> None:
+    output = _run([sys.executable, str(EXAMPLES / "openai_batch.py")], server, "Name a cake.", "Name a river.")
+    lines = output.splitlines()
+    assert lines[0].startswith("batch: batch_") and lines[1] == "status: completed, completed: 2, failed: 0"
+    assert sorted(line.split(":")[0] for line in lines[2:]) == ["question-0", "question-1"]
+
+
+def test_anthropic_messages_example(server: ServerHandle) -> None:
+    output = _run([sys.executable, str(EXAMPLES / "anthropic_messages.py")], server, "Name a cake.")
+    lines = output.splitlines()
+    assert lines[0].startswith("blocking: ") and any(line.startswith("streaming: ") for line in lines)
+    assert re.fullmatch(r"stop_reason: (end_turn|max_tokens), output_tokens: [1-8]", lines[1])
+    assert re.fullmatch(r"stop_reason: (end_turn|max_tokens), output_tokens: [1-8]", lines[-2])
+    assert re.fullmatch(r"input_tokens: \d+", lines[-1])
+
+
 def test_sdk_example(server: ServerHandle) -> None:
     output = _run([sys.executable, str(EXAMPLES / "sdk_generate.py")], server)
     assert "health: healthy (model llama)" in output
@@ -236,7 +252,13 @@ def test_curl_images_and_audio_say_no_model_is_loaded(server: ServerHandle) -> N
 
 def test_examples_say_clearly_when_no_server_answers() -> None:
     environment = dict(os.environ, CAKE_BASE_URL="http://127.0.0.1:9", PYTHONPATH=str(REPO_ROOT))
-    for example in ("sdk_generate.py", "openai_chat.py", "openai_responses.py"):
+    for example in (
+        "sdk_generate.py",
+        "openai_chat.py",
+        "openai_responses.py",
+        "openai_batch.py",
+        "anthropic_messages.py",
+    ):
         result = subprocess.run(
             [sys.executable, str(EXAMPLES / example)], env=environment, capture_output=True, text=True, timeout=60
         )
