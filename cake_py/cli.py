@@ -9,6 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cake_py import __version__
+from cake_py.cli_values import (
+    at_least_one,
+    data_port,
+    gigabytes,
+    port,
+    positive_float,
+    positive_int,
+    seconds_or_off,
+)
 from cake_py.config import (
     DEFAULT_SERVE_PORT,
     DEFAULT_WORKER_PORT,
@@ -43,66 +52,6 @@ CPUS_HELP = "run on these CPUs only, e.g. 0-3,6, as SCHED_BATCH (default threads
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (one GPU of several) or mps"
 
 
-def _at_least_one(value: str) -> int:
-    number = _positive_int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
-    return number
-
-
-def _port(value: str) -> int:
-    number = _positive_int(value)
-    if number > 65535:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (0-65535)")
-    return number
-
-
-def _data_port(value: str) -> int:
-    return -1 if value.strip() == "-1" else _port(value)
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must not be negative")
-    return number
-
-
-def _seconds_or_off(value: str) -> float:
-    """A duration in seconds, 0 turning the feature off."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not 0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value!r} must be 0 (off) or a positive number of seconds")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be positive")
-    return number
-
-
-def _gigabytes(value: str) -> int:
-    """A size in GB (decimal, as disks are sold) → bytes; 0 allowed."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of GB") from None
-    if not 0 <= number < 1e9:
-        raise argparse.ArgumentTypeError(f"{value!r} must be a size in GB, 0 or more")
-    return int(number * 1e9)
-
-
 def _graphs_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-cuda-graphs",
@@ -129,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="cluster.yaml with the model and workers")
     serve.add_argument("--workers", help="comma-separated HOST:PORT of workers (automatic placement)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=DEFAULT_SERVE_PORT)
+    serve.add_argument("--port", type=port, default=DEFAULT_SERVE_PORT)
     serve.add_argument("--model-name", help="model id reported by the API (default: the model's id)")
     serve.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     serve.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -142,23 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
     serve.add_argument(
-        "--connect-timeout", type=_positive_float, default=10.0, help="seconds to wait for each worker at startup"
+        "--connect-timeout", type=positive_float, default=10.0, help="seconds to wait for each worker at startup"
     )
-    serve.add_argument("--threads", type=_positive_int, help="torch threads of the master")
+    serve.add_argument("--threads", type=positive_int, help="torch threads of the master")
     serve.add_argument(
         "--failover-after",
-        type=_seconds_or_off,
+        type=seconds_or_off,
         default=0.0,
         metavar="SECONDS",
         help="place the model again without a worker down this long, and with it once it is back (0: off)",
     )
     serve.add_argument("--files-dir", type=Path, help=f"Files and Batch APIs' storage (default: {default_files_dir()})")
     serve.add_argument(
-        "--max-file-mb", type=_at_least_one, default=512, help="largest file the Files API accepts, in MiB"
+        "--max-file-mb", type=at_least_one, default=512, help="largest file the Files API accepts, in MiB"
     )
     serve.add_argument(
         "--batch-concurrency",
-        type=_at_least_one,
+        type=at_least_one,
         help="requests of one batch running at once (default: half of --max-running)",
     )
     serve.add_argument("--cpus", help=CPUS_HELP)
@@ -168,31 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="send hidden states back through the master after every worker instead of worker to worker",
     )
-    serve.add_argument("--rate-limit", type=_positive_int, default=60, help="requests/min per client; 0 = off")
-    serve.add_argument("--rate-burst", type=_positive_int, default=10, help="requests a client may send at once")
+    serve.add_argument("--rate-limit", type=positive_int, default=60, help="requests/min per client; 0 = off")
+    serve.add_argument("--rate-burst", type=positive_int, default=10, help="requests a client may send at once")
     serve.add_argument(
-        "--max-body-bytes", type=_positive_int, default=8 * 1024 * 1024, help="largest request body; 0 = no limit"
+        "--max-body-bytes", type=positive_int, default=8 * 1024 * 1024, help="largest request body; 0 = no limit"
     )
-    serve.add_argument("--max-running", type=_at_least_one, default=16, help="sequences decoded together per step")
+    serve.add_argument("--max-running", type=at_least_one, default=16, help="sequences decoded together per step")
     serve.add_argument(
-        "--max-queue", type=_at_least_one, default=1024, help="sequences waiting to start; more get a 503"
+        "--max-queue", type=at_least_one, default=1024, help="sequences waiting to start; more get a 503"
     )
     serve.add_argument(
         "--max-batch-tokens",
-        type=_at_least_one,
+        type=at_least_one,
         default=512,
         help="tokens per step: a long prompt's prefill runs in chunks of this size beside the running streams",
     )
     serve.add_argument(
         "--prefix-cache-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=8192,
         help="keep finished sequences' KV caches (up to this many tokens in all) for prompts that start with the "
         "same tokens, e.g. the next turn of a chat; 0 turns it off",
     )
     serve.add_argument(
         "--speculative-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=0,
         help="prompt lookup decoding: up to this many draft tokens per decode step, taken from where the text's last "
         "words appeared before and kept while the model agrees (same output, fewer steps); 0 turns it off",
@@ -210,28 +159,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run a worker that holds a range of layers for a master")
     worker.add_argument("--host", default="0.0.0.0")
-    worker.add_argument("--port", type=_port, default=DEFAULT_WORKER_PORT)
+    worker.add_argument("--port", type=port, default=DEFAULT_WORKER_PORT)
     worker.add_argument("--name", help="worker name shown in the topology (default: hostname:port)")
     worker.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
     worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
     worker.add_argument(
         "--cache-max-gb",
-        type=_gigabytes,
+        type=gigabytes,
         default=0,
         help="largest size of the weight cache: weights unused the longest are deleted to make room (0: no limit)",
     )
     worker.add_argument("--device", default="auto", help=DEVICE_HELP)
     _graphs_flag(worker)
-    worker.add_argument("--threads", type=_positive_int, help="torch threads of this worker")
+    worker.add_argument("--threads", type=positive_int, help="torch threads of this worker")
     worker.add_argument("--cpus", help=CPUS_HELP)
     worker.add_argument(
         "--data-port",
-        type=_data_port,
+        type=data_port,
         default=0,
         help="TCP port of the forward fast path (0: any free port, announced to the master; -1: off, gRPC only)",
     )
     worker.add_argument(
-        "--kv-idle-seconds", type=_positive_int, default=600, help="free a sequence's KV caches after this idle time"
+        "--kv-idle-seconds", type=positive_int, default=600, help="free a sequence's KV caches after this idle time"
     )
     worker.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _tls_flags(worker)
@@ -242,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="cake run [-h] [options] [MODEL] PROMPT",  # argparse would print "[MODEL] PROMPT [[MODEL] PROMPT ...]"
     )
     run.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
-    run.add_argument("--max-tokens", type=_positive_int, default=512)
+    run.add_argument("--max-tokens", type=positive_int, default=512)
     run.add_argument("--temperature", type=float, default=0.0)
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int)
@@ -251,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _graphs_flag(run)
     run.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
     run.add_argument(
-        "--speculative-tokens", type=_positive_int, default=0, help="prompt lookup decoding's drafts per step (0: off)"
+        "--speculative-tokens", type=positive_int, default=0, help="prompt lookup decoding's drafts per step (0: off)"
     )
 
     pull = commands.add_parser("pull", help="download a model from the Hugging Face Hub into the HF cache")

@@ -1,0 +1,66 @@
+"""Value types of the `cake` command's flags: each turns a flag's text into its value or raises argparse's
+ArgumentTypeError naming it (argparse prints that as one line and exits 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def at_least_one(value: str) -> int:
+    number = positive_int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return number
+
+
+def port(value: str) -> int:
+    number = positive_int(value)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (0-65535)")
+    return number
+
+
+def data_port(value: str) -> int:
+    return -1 if value.strip() == "-1" else port(value)
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must not be negative")
+    return number
+
+
+def seconds_or_off(value: str) -> float:
+    """A duration in seconds, 0 turning the feature off."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be 0 (off) or a positive number of seconds")
+    return number
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be positive")
+    return number
+
+
+def gigabytes(value: str) -> int:
+    """A size in GB (decimal, as disks are sold) → bytes; 0 allowed."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of GB") from None
+    if not 0 <= number < 1e9:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a size in GB, 0 or more")
+    return int(number * 1e9)
