@@ -1,0 +1,45 @@
+"""The flags' value types: each value in range passes as its number, each other one names itself in the error."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from cake_py import cli_values
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "value"),
+    [
+        (cli_values.port, "8080", 8080),
+        (cli_values.data_port, "-1", -1),
+        (cli_values.at_least_one, "1", 1),
+        (cli_values.positive_int, "0", 0),
+        (cli_values.seconds_or_off, "0", 0.0),
+        (cli_values.seconds_or_off, "2.5", 2.5),
+        (cli_values.positive_float, "0.5", 0.5),
+    ],
+)
+def test_values_in_range_pass(kind: Callable[[str], Any], text: str, value: Any) -> None:
+    assert kind(text) == value
+
+
+@pytest.mark.parametrize(
+    ("kind", "text"),
+    [
+        (cli_values.port, "65536"),
+        (cli_values.data_port, "-2"),
+        (cli_values.at_least_one, "0"),
+        (cli_values.positive_int, "-3"),
+        (cli_values.positive_int, "x"),
+        (cli_values.seconds_or_off, "-1"),
+        (cli_values.seconds_or_off, "nan"),
+        (cli_values.positive_float, "0"),
+    ],
+)
+def test_values_out_of_range_are_named(kind: Callable[[str], Any], text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+        kind(text)
