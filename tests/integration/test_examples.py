@@ -102,16 +102,17 @@ def test_openai_batch_example(server: ServerHandle) -> None:
     output = _run([sys.executable, str(EXAMPLES / "openai_batch.py")], server, "Name a cake.", "Name a river.")
     lines = output.splitlines()
     assert lines[0].startswith("batch: batch_") and lines[1] == "status: completed, completed: 2, failed: 0"
-    assert sorted(line.split(":")[0] for line in lines[2:]) == ["question-0", "question-1"]
+    # The tiny model's answers may hold line breaks: each answer's first line names its request.
+    named = sorted(line.split(":")[0] for line in lines if re.match(r"question-\d: ", line))
+    assert named == ["question-0", "question-1"]
 
 
 def test_anthropic_messages_example(server: ServerHandle) -> None:
     output = _run([sys.executable, str(EXAMPLES / "anthropic_messages.py")], server, "Name a cake.")
-    lines = output.splitlines()
+    lines = output.splitlines()  # the tiny model's answers may hold line breaks: the figures' lines are found
     assert lines[0].startswith("blocking: ") and any(line.startswith("streaming: ") for line in lines)
-    assert re.fullmatch(r"stop_reason: (end_turn|max_tokens), output_tokens: [1-8]", lines[1])
-    assert re.fullmatch(r"stop_reason: (end_turn|max_tokens), output_tokens: [1-8]", lines[-2])
-    assert re.fullmatch(r"input_tokens: \d+", lines[-1])
+    stops = [line for line in lines if re.fullmatch(r"stop_reason: (end_turn|max_tokens), output_tokens: [1-8]", line)]
+    assert len(stops) == 2 and re.fullmatch(r"input_tokens: \d+", lines[-1])
 
 
 def test_sdk_example(server: ServerHandle) -> None:
