@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from cake_py.api.management import build_engine, retire
 from cake_py.api.state import ServerState
 from cake_py.cluster.master import available_workers, check_master_holds_all
+from cake_py.config import ServeSettings
 from cake_py.engine.engine import Engine
 from cake_py.models.device import release_device_memory, torch_dtype
 from cake_py.models.hub import ModelSource
@@ -182,8 +183,8 @@ class Failover:
         log.warning("failover: %r is served %s", source.model_id, why)
         return engine, ""
 
-    def _build_engine(self, source: ModelSource, settings: object) -> Engine:
-        if not getattr(settings, "workers", None):  # every layer here: only if this process's memory holds them
+    def _build_engine(self, source: ModelSource, settings: ServeSettings) -> Engine:
+        if not settings.workers:  # every layer here: only if this process's memory holds them
             check_master_holds_all(source, torch_dtype(self.state.settings.dtype), self.state.device)
         return build_engine(self.state, source, settings)
 
