@@ -248,14 +248,17 @@ async def _chat_stream(
         text = answer.feed(text)
         if text or "logprobs" in extra:
             yield chunk(index, {"content": text}, **extra)
-        if answer.deltas:  # forced calls, as they are written
+        if answer.deltas:  # calls, as they are written
             yield chunk(index, {"tool_calls": [_call_delta(delta) for delta in answer.deltas]})
         if event.finished:
             done = answer.finish()
+            if done.deltas:
+                yield chunk(index, {"tool_calls": [_call_delta(delta) for delta in done.deltas]})
             if done.content:
                 yield chunk(index, {"content": done.content})
             if done.unsent:
-                deltas = [{"index": position, **call} for position, call in enumerate(done.unsent)]
+                first = len(done.calls) - len(done.unsent)
+                deltas = [{"index": first + position, **call} for position, call in enumerate(done.unsent)]
                 yield chunk(index, {"tool_calls": deltas})
             completion_tokens += event.completion_tokens
             prompt_tokens = event.prompt_tokens

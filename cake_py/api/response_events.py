@@ -50,7 +50,7 @@ async def response_events(
     logprobs: list[dict[str, Any]] = []  # every token's, for the message's done events
     pending: list[dict[str, Any]] = []  # those not yet sent with a delta
     where = {"output_index": 0, "content_index": 0}
-    streamed: dict[int, dict[str, Any]] = {}  # forced calls as they are written, by their index in the answer
+    streamed: dict[int, dict[str, Any]] = {}  # calls as they are written, by their index in the answer
     thought = ReasoningStream(draft.thinking) if draft.thinking is not None else None
     thinking: dict[str, Any] = {}  # the reasoning item while it is open: id, output_index, text pieces
     reasoning: dict[str, Any] | None = None  # and once it is done
@@ -149,6 +149,8 @@ async def response_events(
         if not generated.finished:
             continue
         done = answer.finish()
+        for line in call_pieces(done.deltas):
+            yield line
         if done.content:
             for line in delta(done.content):
                 yield line
@@ -167,7 +169,7 @@ async def response_events(
         for call in streamed.values():  # the last one partial when max_output_tokens cut the answer
             call["status"] = status
             calls.append(call)
-        for call in with_item_ids(done.unsent):  # whole calls, read at the end (tool_choice auto)
+        for call in with_item_ids(done.unsent):  # whole calls, read at the end
             call["output_index"], outputs = outputs, outputs + 1
             call["status"] = status
             ids = {"item_id": call["item_id"], "output_index": call["output_index"]}

@@ -1,27 +1,38 @@
 """Streaming an answer that may hold tool calls (see tools.py for how calls are asked for and read).
 
-- `tool_choice` `auto`: text goes out as it comes until a call may be starting (a `<tool_call>` tag, or an answer
-  that opens as JSON); from there it is held, and read when the choice finishes (the model may not have written a
-  call after all, and what was streamed cannot be taken back).
+- `tool_choice` `auto`: text goes out as it comes. A Hermes `<tool_call>` block whose JSON names one of the tools
+  first streams as a call, as vLLM's Hermes parser streams it: its id and name once the name is complete, then its
+  arguments' JSON piece by piece, then text again after `</tool_call>`. A block that turns out not to be a call of
+  a given tool (another name, arguments before the name, a list), and an answer that opens as JSON (Llama 3's and
+  Mistral's whole-answer calls), are held and read when the choice finishes: what was streamed cannot be taken back.
+  A call whose JSON breaks after its name went out keeps the arguments written, as a call cut by max_tokens does.
 - Forced calls (`required`, a named function): the grammar guarantees the shape, so each call goes out as it is
-  written (api/forced_calls.py), as OpenAI streams calls: its id and name once the name is complete, then its
-  arguments' JSON piece by piece.
+  written (api/forced_calls.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from cake_py.api.forced_calls import CallDelta, ForcedCalls
-from cake_py.api.tools import JSON_CALL_PREFIXES, OPEN_TAG, ToolRequest, parse_answer, text_around_blocks
+from cake_py.api.forced_calls import CallDelta, ForcedCalls, StreamedCall
+from cake_py.api.tools import (
+    CLOSE_TAG,
+    JSON_CALL_PREFIXES,
+    OPEN_TAG,
+    ToolRequest,
+    blocks_and_calls,
+    json_calls,
+    parse_answer,
+)
 
 
 @dataclass
 class Finished:
     content: str  # content not sent yet
-    unsent: list[dict[str, Any]]  # calls to send whole now (auto); streamed ones went out already
+    unsent: list[dict[str, Any]]  # calls to send whole now; the first's index is `len(calls) - len(unsent)`
     calls: list[dict[str, Any]]  # every call of the answer, as OpenAI's tool_calls
+    deltas: list[CallDelta] = field(default_factory=list)  # the last pieces of calls that streamed
 
 
 class ToolStream:
@@ -30,65 +41,167 @@ class ToolStream:
     def __init__(self, request: ToolRequest) -> None:
         self.request = request
         self.text = ""  # the whole answer so far
-        self.sent = 0  # how much of it went out as content
-        self.holding = request.forced  # forced calls: nothing is content
-        self.forced = ForcedCalls(request.choice == "required", request.id_length) if request.forced else None
+        self.sent = 0  # where the text not yet sent as content starts (or, in a block, where the block's tag is)
         self.deltas: list[CallDelta] = []  # call pieces of the last feed
+        self.forced = ForcedCalls(request.choice == "required", request.id_length) if request.forced else None
+        self.holding = False  # auto: the rest of the answer is read when it finishes
+        self.streamed: list[StreamedCall] = []  # auto: calls that went out as they were written
+        self.after_block = False  # auto: whitespace right after a streamed call is held until text follows it
+        self.block: _Block | None = None  # auto: the `<tool_call>` block being read
 
     def feed(self, delta: str) -> str:
-        """Content to send now (and, for forced calls, `deltas`)."""
+        """Content to send now (and, in `deltas`, call pieces)."""
         self.text += delta
+        self.deltas = []
         if self.forced is not None:
             self.deltas = self.forced.feed(delta)
             return ""
         if not self.request.active:
             self.sent = len(self.text)
             return delta
-        if self.holding:
-            return ""
-        start = self.text.lstrip()
-        if self.sent == 0 and (not start or start[0] in "{[<" and _could_open_json(start)):
-            return ""  # it may be a JSON call (or only whitespace so far): wait
-        tag = self.text.find(OPEN_TAG, self.sent)
-        if tag >= 0:
-            self.holding = True
-            return self._send_until(tag)
-        return self._send_until(len(self.text) - _partial_tag(self.text))
+        out: list[str] = []
+        while not self.holding:
+            if self.block is not None and not self._read_block():
+                break
+            if self.sent == 0 and not self.streamed and _may_be_json_call(self.text.lstrip()):
+                break  # it may be a JSON call (or only whitespace so far): wait
+            tag = self.text.find(OPEN_TAG, self.sent)
+            if tag < 0:
+                out.append(self._send_until(len(self.text) - _partial(self.text, OPEN_TAG)))
+                break
+            out.append(self._send_until(tag))
+            if self.sent < tag:  # only whitespace since the last call: it goes nowhere
+                self.sent = tag
+            self.block = _Block(tag + len(OPEN_TAG), self.request, len(self.streamed))
+        return "".join(out)
 
     def _send_until(self, end: int) -> str:
         out = self.text[self.sent : end] if end > self.sent else ""
+        if self.after_block and not out.strip():
+            return ""
+        self.after_block = False
         self.sent = max(self.sent, end)
         return out
 
+    def _read_block(self) -> bool:
+        """Read the open block as far as the text goes; True once it closed as a streamed call."""
+        block = self.block
+        assert block is not None
+        close = self.text.find(CLOSE_TAG, block.start)
+        end = close if close >= 0 else len(self.text) - _partial(self.text, CLOSE_TAG)
+        self._take(block.read(self.text, end, allow_call=self.request.parallel or not self.streamed))
+        if block.rejected or close >= 0 and block.call is None:  # not a call of a given tool: read at the end
+            self.holding, self.block = True, None
+            return False
+        if close < 0:
+            return False
+        self._take(block.finish(self.text[block.start : close]))
+        self.block, self.sent, self.after_block = None, close + len(CLOSE_TAG), True
+        return True
+
+    def _take(self, deltas: list[CallDelta]) -> None:
+        block = self.block
+        assert block is not None
+        if block.call is not None and (not self.streamed or self.streamed[-1] is not block.call):
+            self.streamed.append(block.call)
+        self.deltas += deltas
+
     def finish(self) -> Finished:
         """What is left to send once the answer is complete, and all its calls."""
+        self.deltas = []
         if self.forced is not None:
             if self.forced.unordered:
                 calls = parse_answer(self.text, self.request).tool_calls
                 return Finished("", calls, calls)
             # Cut short (max_tokens), the last call's arguments are what was written of them, as the blocking answer's.
             return Finished("", [], self.forced.tool_calls())
-        parsed = parse_answer(self.text, self.request)
-        if not parsed.tool_calls:
-            return Finished(self._send_until(len(self.text)), [], [])
-        # What was sent is text before the first call; what is left of the content is the text around the calls.
-        around = text_around_blocks(self.text, self.request)
-        rest = (parsed.content or "") if self.sent == 0 else around[self.sent :].rstrip()
+        block, self.block = self.block, None
+        if block is not None and block.call is not None:  # the answer ended inside a streamed call
+            deltas = block.read(self.text, len(self.text), allow_call=True)
+            deltas += block.finish(self.text[block.start :])
+            self.sent = len(self.text)
+            return Finished("", [], self._streamed_calls(), deltas)
+        if self.sent == 0 and not self.streamed:  # nothing went out: the answer is read whole, as a blocking one is
+            parsed = parse_answer(self.text, self.request)
+            if not parsed.tool_calls:
+                return Finished(self._send_until(len(self.text)), [], [])
+            self.sent = len(self.text)
+            return Finished(parsed.content or "", parsed.tool_calls, parsed.tool_calls)
+        around, unsent = blocks_and_calls(self.text[self.sent :], self.request)
+        if not self.request.parallel:
+            unsent = [] if self.streamed else unsent[:1]
+        content = around.rstrip()
+        if self.after_block and not content.strip():
+            content = ""
         self.sent = len(self.text)
-        return Finished(rest, parsed.tool_calls, parsed.tool_calls)
+        return Finished(content, unsent, [*self._streamed_calls(), *unsent])
+
+    def _streamed_calls(self) -> list[dict[str, Any]]:
+        return [call.as_call() for call in self.streamed]
 
 
-def _could_open_json(start: str) -> bool:
-    """Whether an answer starting with `start` may still turn out to be a JSON call or a tag."""
+class _Block:
+    """A `<tool_call>` block of an auto answer, read by a ForcedCalls reader as it is written (from `start`, just
+    after its tag): `call` once its JSON named one of the tools before anything else."""
+
+    def __init__(self, start: int, request: ToolRequest, index: int) -> None:
+        self.start = start
+        self.read_to = start
+        self.request = request
+        self.index = index  # the call's index in the answer
+        self.reader = ForcedCalls(listed=False, id_length=request.id_length)
+        self.call: StreamedCall | None = None
+        self.rejected = False
+
+    def read(self, text: str, end: int, allow_call: bool) -> list[CallDelta]:
+        if end <= self.read_to or self.rejected:
+            return []
+        if self.call is None and text[self.start : end].lstrip()[:1] not in ("", "{"):
+            self.rejected = True  # a list of calls, or not JSON: read whole at the end
+            return []
+        piece, self.read_to = text[self.read_to : end], end
+        deltas = [delta for delta in self.reader.feed(piece) if delta.index == 0]  # one call per block
+        if self.reader.unordered:
+            self.rejected = self.call is None
+            return []
+        out = []
+        for delta in deltas:
+            if delta.id is not None:
+                if delta.name not in self.request.names or not allow_call:
+                    self.rejected = True
+                    return []
+                self.call = self.reader.calls[0]
+            out.append(CallDelta(self.index, delta.arguments, delta.id, delta.name))
+        return out
+
+    def finish(self, block_text: str) -> list[CallDelta]:
+        """The block is complete: arguments the reader could not stream (written as JSON text, or under Llama's
+        "parameters") go out whole."""
+        if self.call is None or self.call.arguments:
+            return []
+        found = json_calls(block_text.strip(), self.request)
+        if len(found) != 1 or found[0]["function"]["name"] != self.call.name:
+            return []
+        arguments = found[0]["function"]["arguments"]
+        self.call.arguments.append(arguments)
+        return [CallDelta(self.index, arguments)]
+
+
+def _may_be_json_call(start: str) -> bool:
+    """Whether an answer starting with `start` may still turn out to be a whole-answer JSON call."""
+    if not start:
+        return True
+    if start.startswith(OPEN_TAG):
+        return False  # a block: read as it comes
     if start[0] in "{[":
         return True
     prefixes = (*JSON_CALL_PREFIXES, OPEN_TAG)
     return any(prefix.startswith(start[: len(prefix)]) or start.startswith(prefix) for prefix in prefixes)
 
 
-def _partial_tag(text: str) -> int:
-    """How many characters at the end of `text` could be the start of a `<tool_call>` tag."""
-    for size in range(min(len(OPEN_TAG) - 1, len(text)), 0, -1):
-        if OPEN_TAG.startswith(text[-size:]):
+def _partial(text: str, tag: str) -> int:
+    """How many characters at the end of `text` could be the start of `tag`."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
             return size
     return 0

@@ -30,6 +30,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # also reads it).
 _CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 OPEN_TAG = "<tool_call>"
+CLOSE_TAG = "</tool_call>"
 # How a whole answer that is a call may start (Llama 3.1's python tag, Mistral's marker, or JSON itself).
 JSON_CALL_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
 
@@ -266,28 +267,28 @@ def parse_answer(text: str, request: ToolRequest) -> ParsedAnswer:
         reader = ForcedCalls(listed=request.choice == "required", id_length=request.id_length)
         reader.feed(text)
         if reader.unordered:  # arguments written before the name
-            calls = _json_calls(text, request)
+            calls = json_calls(text, request)
             return ParsedAnswer(None, calls[:1] if not request.parallel else calls) if calls else ParsedAnswer(text, [])
         calls = reader.tool_calls()
         return ParsedAnswer(None, calls[:1] if not request.parallel else calls)
-    around, calls = _blocks(text, request)
+    around, calls = blocks_and_calls(text, request)
     if not calls:
         stripped = text.strip()
         for prefix in JSON_CALL_PREFIXES:
             stripped = stripped.removeprefix(prefix).strip()
-        calls = _json_calls(stripped, request) if stripped[:1] in ("{", "[") else []
+        calls = json_calls(stripped, request) if stripped[:1] in ("{", "[") else []
         around = "" if calls else text
     if not calls:
         return ParsedAnswer(text, [])
     return ParsedAnswer(around.strip() or None, calls if request.parallel else calls[:1])
 
 
-def _blocks(text: str, request: ToolRequest) -> tuple[str, list[dict[str, Any]]]:
+def blocks_and_calls(text: str, request: ToolRequest) -> tuple[str, list[dict[str, Any]]]:
     """The `<tool_call>` blocks of `text` that call a given tool, and the text around them (blocks that are not
     such calls stay in it)."""
     calls, kept, last = [], [], 0
     for match in _CALL_BLOCK.finditer(text):
-        found = _json_calls(match.group(1), request)
+        found = json_calls(match.group(1), request)
         if found:
             kept.append(text[last : match.start()])
             calls += found
@@ -295,7 +296,7 @@ def _blocks(text: str, request: ToolRequest) -> tuple[str, list[dict[str, Any]]]
     return "".join(kept) + text[last:], calls
 
 
-def _json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
+def json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
     """OpenAI tool calls from JSON text holding one call or a list of calls, each `{"name", "arguments"}` (or
     Llama's "parameters"), every one of a given tool; [] if the text is anything else."""
     try:
@@ -328,8 +329,3 @@ def _json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
             }
         )
     return calls
-
-
-def text_around_blocks(text: str, request: ToolRequest) -> str:
-    """`text` without its `<tool_call>` blocks that call a given tool."""
-    return _blocks(text, request)[0]

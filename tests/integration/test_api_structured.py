@@ -220,7 +220,14 @@ def test_auto_tool_choice_reads_a_hermes_call_from_the_answer(client: OpenAI) ->
     chunks = list(client.chat.completions.create(**kwargs, extra_body=extra, stream=True))
     deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
     assert "".join(delta.content or "" for delta in deltas).strip() == "Checking."
-    assert sum(len(delta.tool_calls or []) for delta in deltas) == 1
+    # The call streams as it is written: its id and name first, then its arguments in pieces, as vLLM's Hermes parser.
+    pieces = [piece for delta in deltas for piece in delta.tool_calls or []]
+    assert len(pieces) > 3 and {piece.index for piece in pieces} == {0}
+    assert pieces[0].id and pieces[0].function and pieces[0].function.name == "get_weather"
+    assert all(piece.id is None for piece in pieces[1:])
+    streamed = "".join(piece.function.arguments or "" for piece in pieces if piece.function)
+    assert json.loads(streamed) == {"city": "Paris", "unit": "celsius"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
     plain = client.chat.completions.create(**{**kwargs, "tool_choice": "none"}, extra_body=extra)
     assert plain.choices[0].message.content == written and not plain.choices[0].message.tool_calls
 

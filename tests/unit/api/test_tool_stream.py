@@ -1,5 +1,6 @@
-"""Forced tool calls streamed as they are written: a call's header once its name is complete, then its arguments'
-JSON piece by piece, spaced as json.dumps spaces it, whatever whitespace the model put around it."""
+"""Tool calls streamed as they are written (forced ones, and auto Hermes blocks): a call's header once its name is
+complete, then its arguments' JSON piece by piece, spaced as json.dumps spaces it, whatever whitespace the model put
+around it; blocks that are not calls of the tools are held and read at the end."""
 
 from __future__ import annotations
 
@@ -106,3 +107,82 @@ def test_arguments_written_before_the_name_go_whole_at_the_end() -> None:
     assert deltas == []
     done = stream.finish()
     assert [call["function"]["name"] for call in done.unsent] == ["search"] and done.unsent == done.calls
+
+
+def _auto(text: str, step: int, parallel: bool = True) -> tuple[str, list[CallDelta], Any]:
+    """Content sent (as it came, then at the end), call deltas as they came, and the finished stream."""
+    stream = ToolStream(tool_request({"tools": TOOLS, "parallel_tool_calls": parallel}))
+    content, deltas = "", []
+    for start in range(0, len(text), step):
+        content += stream.feed(text[start : start + step])
+        deltas += stream.deltas
+    done = stream.finish()
+    return content + done.content, deltas + done.deltas, done
+
+
+def _block(name: str, arguments: Any) -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, indent=2) + "\n</tool_call>"
+
+
+@pytest.mark.parametrize("step", [1, 3, 10_000])
+def test_an_auto_hermes_call_streams_as_it_is_written_then_text_goes_on(step: int) -> None:
+    text = f"Let me look.\n{_block('get_weather', ARGUMENTS)}\n\n{_block('search', {'q': 'x'})}\nDone."
+    content, deltas, done = _auto(text, step)
+    assert content == "Let me look.\n\nDone."  # the blocking answer's, less the blank lines between the calls
+    calls = _calls(deltas)
+    assert [call["name"] for call in calls] == ["get_weather", "search"]
+    assert [json.loads(call["arguments"]) for call in calls] == [ARGUMENTS, {"q": "x"}]
+    assert done.unsent == [] and [call["id"] for call in done.calls] == [call["id"] for call in calls]
+    blocking = parse_answer(text, tool_request({"tools": TOOLS}))
+    assert [json.loads(call["function"]["arguments"]) for call in blocking.tool_calls] == [ARGUMENTS, {"q": "x"}]
+    if step == 1:
+        assert len(deltas) > 20  # piece by piece
+        assert deltas[0].id is not None and deltas[0].index == 0 and deltas[0].arguments == ""
+
+
+def test_an_auto_call_streams_before_the_answer_is_complete() -> None:
+    stream = ToolStream(tool_request({"tools": TOOLS}))
+    assert stream.feed('<tool_call>{"name": "search", "arguments": {"q": "sun') == ""
+    assert [(delta.name, delta.arguments) for delta in stream.deltas] == [("search", '{"q": "sun')]
+    assert stream.feed('ny"}}</tool_') == "" and stream.deltas[0].arguments == 'ny"}'
+    assert stream.feed("call> It is.") == " It is."
+
+
+def test_an_auto_call_cut_short_keeps_what_was_written() -> None:
+    content, deltas, done = _auto('Sure. <tool_call>{"name": "search", "arguments": {"q": "unfin', 4)
+    assert content == "Sure. "
+    assert _calls(deltas) == [{"id": deltas[0].id, "name": "search", "arguments": '{"q": "unfin'}]
+    assert done.unsent == [] and done.calls[0]["function"]["arguments"] == '{"q": "unfin'
+
+
+@pytest.mark.parametrize("step", [1, 6])
+def test_blocks_that_are_not_calls_of_the_tools_are_held_and_read_at_the_end(step: int) -> None:
+    for block in (
+        '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',  # not one of the tools
+        '<tool_call>{"arguments": {}, "name": "search"}</tool_call>',  # arguments first: nothing to announce them under
+        '<tool_call>[{"name": "search", "arguments": {}}]</tool_call>',  # a list
+        "<tool_call>{not json}</tool_call>",
+    ):
+        text = f"Hm. {block} And {_block('search', {'q': 1})} end"
+        content, deltas, done = _auto(text, step)
+        blocking = parse_answer(text, tool_request({"tools": TOOLS}))
+        assert deltas == [] and done.unsent == done.calls
+        assert content.strip() == blocking.content
+        assert [call["function"]["name"] for call in done.calls] == [c["function"]["name"] for c in blocking.tool_calls]
+
+
+def test_arguments_written_as_json_text_go_out_when_the_block_closes() -> None:
+    text = '<tool_call>{"name": "search", "arguments": "{\\"q\\": \\"x\\"}"}</tool_call>'
+    content, deltas, done = _auto(text, 2)
+    assert content == ""
+    assert _calls(deltas) == [{"id": deltas[0].id, "name": "search", "arguments": '{"q": "x"}'}]
+    assert done.calls[0]["function"]["arguments"] == '{"q": "x"}'
+
+
+def test_without_parallel_calls_only_the_first_call_is_made() -> None:
+    text = f"{_block('search', {'q': 1})}\n{_block('get_weather', {})} bye"
+    content, deltas, done = _auto(text, 3, parallel=False)
+    blocking = parse_answer(text, tool_request({"tools": TOOLS, "parallel_tool_calls": False}))
+    assert [call["name"] for call in _calls(deltas)] == ["search"] and done.unsent == []
+    assert len(done.calls) == len(blocking.tool_calls) == 1
+    assert content.strip() == blocking.content == "bye"

@@ -116,15 +116,29 @@ def test_calls_are_read_from_answers(text: str, content: str | None, names: list
 
 
 def _streamed(text: str, request: ToolRequest, step: int = 1) -> tuple[list[str], str, list[dict[str, Any]]]:
+    """The content pieces, the content left at the end and the calls, as a client accumulates them from the deltas
+    and the whole calls sent at the end (which must be the stream's own list of calls)."""
     stream = ToolStream(request)
-    pieces = [stream.feed(text[i : i + step]) for i in range(0, len(text), step)]
+    pieces, deltas = [], []
+    for i in range(0, len(text), step):
+        pieces.append(stream.feed(text[i : i + step]))
+        deltas += stream.deltas
     done = stream.finish()
-    assert done.unsent == done.calls  # tool_choice auto: calls go whole, at the end
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in [*deltas, *done.deltas]:
+        if delta.id is not None:
+            assert delta.index not in calls
+            calls[delta.index] = {"id": delta.id, "type": "function", "function": {"name": delta.name, "arguments": ""}}
+        calls[delta.index]["function"]["arguments"] += delta.arguments
+    first_unsent = len(done.calls) - len(done.unsent)
+    assert sorted(calls) == list(range(first_unsent))
+    accumulated = [calls[index] for index in sorted(calls)] + done.unsent
+    assert accumulated == done.calls
     return pieces, done.content, done.calls
 
 
 @pytest.mark.parametrize("step", [1, 3, 1000])
-def test_a_stream_sends_text_as_it_comes_and_holds_calls(step: int) -> None:
+def test_a_stream_sends_text_as_it_comes_then_the_call(step: int) -> None:
     text = f"Let me look up Paris.\n<tool_call>\n{CALL}\n</tool_call>"
     pieces, rest, calls = _streamed(text, _request(), step)
     assert "".join(pieces) + rest == "Let me look up Paris.\n"
