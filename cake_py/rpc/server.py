@@ -74,6 +74,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.device = device
         self.tflops = tflops
         self.name = settings.name or f"{os.uname().nodename}:{settings.port}"
+        self.last_master: str | None = None  # who handshook last: a master probing every few seconds is logged once
         self.cache = WeightCache(settings.cache_dir, settings.cache_max_bytes)
         self.lock = threading.Lock()
         self.model: Transformer | None = None
@@ -109,7 +110,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 f"protocol version {request.protocol_version} is not this worker's {PROTOCOL_VERSION}: "
                 "run the same cake_py version on master and workers",
             )
-        log.info("handshake from master %r", request.master_name or context.peer())
+        master = request.master_name or context.peer()
+        log.log(logging.DEBUG if master == self.last_master else logging.INFO, "handshake from master %r", master)
+        self.last_master = master
         host = self._host()
         # Placement follows: the memory this worker's current layers and caches hold is freed by the next Assign,
         # so a master that restarts places the model on the same memory as before.

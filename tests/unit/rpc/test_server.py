@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,24 @@ def test_forward_activity_reads_idle_only_between_forwards(servicer: WorkerServi
     servicer.forward_frame(request().SerializeToString())  # fails inside, still counted as ended
     assert servicer.activity.idle_seconds() > 0
     assert servicer.Info(pb.InfoRequest(), None).forward_idle_seconds > 0  # type: ignore[arg-type]
+
+
+def test_a_master_probing_again_and_again_is_logged_once(
+    servicer: WorkerServicer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Failover probes a left-out worker every few seconds: its log must not fill with the same handshake."""
+    caplog.set_level(logging.INFO, logger="cake_py.rpc.server")
+    servicer.dataplane = None  # only gRPC
+    for master in ("m1", "m1", "m1", "m2", "m2"):
+        reply = servicer.Handshake(
+            pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, master_name=master),
+            Context(),  # type: ignore[arg-type]
+        )
+        assert reply.protocol_version == PROTOCOL_VERSION
+    assert [record.getMessage() for record in caplog.records] == [
+        "handshake from master 'm1'",
+        "handshake from master 'm2'",
+    ]
 
 
 # ---- Assign: what an assignment that does not finish leaves behind ----
