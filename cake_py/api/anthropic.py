@@ -46,6 +46,18 @@ SAMPLING = (
 )
 
 
+# The fields of a chat request that shape its prompt.
+PROMPT_FIELDS = (
+    "messages",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template_kwargs",
+)
+
+
 def _text_blocks(value: Any, where: str) -> str:
     """A string, or text blocks joined by line breaks, as the chat route joins text parts (a tool result)."""
     if isinstance(value, str):
@@ -178,13 +190,23 @@ def chat_request(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
     if stops:
         chat["stop"] = stops
     chat.update(_continuation(chat["messages"]))
-    thinking = body.get("thinking")
-    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "disabled"):
-        # A reasoning model's template switch (Qwen3's and others'): honoured where the template reads it.
-        chat["chat_template_kwargs"] = {"enable_thinking": thinking["type"] == "enabled"}
+    chat.update(_thinking(body))
     if stream:
         chat.update(stream=True, stream_options={"include_usage": True})
     return chat
+
+
+def _thinking(body: dict[str, Any]) -> dict[str, Any]:
+    """A reasoning model's template switch (Qwen3's and others'), honoured where the template reads it."""
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "disabled"):
+        return {"chat_template_kwargs": {"enable_thinking": thinking["type"] == "enabled"}}
+    return {}
+
+
+def _prompt(chat: dict[str, Any]) -> dict[str, Any]:
+    """The /tokenize request that counts the prompt a chat request renders."""
+    return {key: chat[key] for key in PROMPT_FIELDS if key in chat}
 
 
 def _input(function: dict[str, Any]) -> dict[str, Any]:
@@ -246,17 +268,21 @@ async def messages(request: Request) -> Response:
         if status != 200:
             raise _translated(status, answer)
         return JSONResponse(message_of(answer, model))
+    # message_start carries the prompt's size, as Anthropic's does: counted as the chat route renders it (a bad
+    # request fails there, with its own error).
+    status, counted = await _routes(request).post("/tokenize", _prompt(chat))
+    input_tokens = counted["count"] if status == 200 else 0
     status, error, chunks = await _routes(request).post_stream("/v1/chat/completions", chat)
     if chunks is None:
         raise _translated(status, error)
-    return _Relay(chunks, model)
+    return _Relay(chunks, model, input_tokens)
 
 
 async def count_tokens(request: Request) -> Response:
     body = await json_body(request)
     _model(request, body)
     chat = _messages(body)
-    tokenize = {"messages": chat, **_tools(body), **_continuation(chat)}
+    tokenize = {"messages": chat, **_tools(body), **_continuation(chat), **_thinking(body)}
     status, answer = await _routes(request).post("/tokenize", tokenize)
     if status != 200:
         raise _translated(status, answer)
@@ -267,8 +293,9 @@ class _Relay(StreamingResponse):
     """The translated stream, which closes the chat route's stream however it ends: even when the client leaves
     before the first event (the body's generator then never starts, so its own cleanup never runs)."""
 
-    def __init__(self, chunks: AsyncGenerator[Any, None], model: str) -> None:
-        super().__init__(message_events(chunks, model), media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(self, chunks: AsyncGenerator[Any, None], model: str, input_tokens: int) -> None:
+        events = message_events(chunks, model, input_tokens)
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
         self.chunks = chunks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

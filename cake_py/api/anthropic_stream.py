@@ -42,18 +42,18 @@ def _event(kind: str, data: dict[str, Any]) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
 
 
-async def message_events(chunks: AsyncGenerator[Any, None], model: str) -> AsyncIterator[str]:
+async def message_events(chunks: AsyncGenerator[Any, None], model: str, input_tokens: int) -> AsyncIterator[str]:
     """The chat route's chunks as Anthropic's stream: message_start, each content block's start, deltas and stop
     (text, thinking, tool_use with its input as JSON pieces), message_delta (stop_reason, usage), message_stop. A
     client that leaves closes `chunks` at once, which stops the chat route (its sequence leaves the engine)."""
     try:
-        async for event in _translate(chunks, model):
+        async for event in _translate(chunks, model, input_tokens):
             yield event
     finally:
         await chunks.aclose()
 
 
-async def _translate(chunks: AsyncIterator[Any], model: str) -> AsyncIterator[str]:
+async def _translate(chunks: AsyncIterator[Any], model: str, input_tokens: int) -> AsyncIterator[str]:
     start: dict[str, Any] = {
         "id": f"msg_{uuid.uuid4().hex[:24]}",
         "type": "message",
@@ -62,7 +62,8 @@ async def _translate(chunks: AsyncIterator[Any], model: str) -> AsyncIterator[st
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": usage_of(None),  # known once the answer ends: message_delta carries it (the SDK takes it from there)
+        # The prompt's size; the final figures (with what the prefix cache gave) come in message_delta.
+        "usage": {**usage_of(None), "input_tokens": input_tokens},
     }
     yield _event("message_start", {"message": start})
     blocks = _Blocks()

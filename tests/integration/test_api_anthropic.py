@@ -79,6 +79,17 @@ def test_a_streamed_message_is_the_blocking_one(claude: anthropic.Anthropic) -> 
     )
 
 
+def test_message_start_counts_the_prompt(claude: anthropic.Anthropic) -> None:
+    """As Anthropic's: the prompt's size comes first; how much the prefix cache gave, at the end."""
+    turns: Any = [{"role": "user", "content": QUESTION}]
+    counted = claude.messages.count_tokens(model="tiny", messages=turns)
+    with claude.messages.stream(model="tiny", messages=turns, max_tokens=3) as stream:
+        first = next(iter(stream))
+        final = stream.get_final_message()
+    assert first.type == "message_start" and first.message.usage.input_tokens == counted.input_tokens > 0
+    assert final.usage.input_tokens + (final.usage.cache_read_input_tokens or 0) == counted.input_tokens
+
+
 def test_a_stop_sequence_is_named(claude: anthropic.Anthropic) -> None:
     text = ask(claude, max_tokens=24).content[0].text
     match = re.search(r"[A-Za-z]{2,}", text[1:])
@@ -258,3 +269,5 @@ def test_a_streamed_thinking_block_is_the_blocking_one(tiny_llama_reasoning: Pat
         assert blocking.content[0].type == "thinking" and blocking.content[0].signature == ""
         plain = client.messages.create(**fields, thinking={"type": "disabled"}, extra_body={"temperature": 0})
         assert all(block.type != "thinking" for block in plain.content)  # the template's switch, honoured
+        counted = client.messages.count_tokens(model="x", messages=fields["messages"], thinking={"type": "disabled"})
+        assert counted.input_tokens == plain.usage.input_tokens + (plain.usage.cache_read_input_tokens or 0)
