@@ -3,9 +3,10 @@ again over the workers that still answer, so the cluster serves without it (with
 every layer if its free memory holds them); once a left-out worker has answered for a while and nothing is being
 generated, the configured cluster is placed again (fail-back).
 
-Each is a model switch as /models/load makes one (management.py): the old engine stops (its requests had already
-failed with the stage), its layers are freed, the new placement is streamed (from the workers' disk caches where
-they hold the weights), and requests meanwhile get a 503 with Retry-After naming why. Manual layer ranges assume
+Each is a model switch as /models/load makes one (management.py): the old engine stops, its layers are freed, the
+new placement is streamed (from the workers' disk caches where they hold the weights), and new requests meanwhile
+get a 503 with Retry-After naming why. Requests in flight are handed over (the engine held them while the stage was
+down): the new engine computes them again from their first token, and their streams go on. Manual layer ranges assume
 every configured worker, so a placement without one is automatic. A worker another master is using is not taken
 (as a reconnecting stage does not take it). A placement that fails falls back to the last one that worked, and the
 workers it added are left out for a while (doubling, to 5 minutes); when none can be made (the model fits on none
@@ -27,6 +28,8 @@ from cake_py.api.state import ServerState
 from cake_py.cluster.master import available_workers, check_master_holds_all
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import Engine
+from cake_py.engine.sequence import GenerationEvent, Sequence
+from cake_py.errors import ClusterError
 from cake_py.models.device import release_device_memory, torch_dtype
 from cake_py.models.hub import ModelSource
 
@@ -139,18 +142,22 @@ class Failover:
                     state.switching = None
                     return
             old, state.engine = state.engine, None
-            await run_in_threadpool(retire, old)
-            old = None
+            # Requests in flight wait for the new placement and go on there, computed again from their first token.
+            handed = await run_in_threadpool(_hand_over, old) if old is not None else []
             reasons = []
             for workers in attempts:
                 engine, reason = await self._build(source, workers)
                 if engine is not None:
+                    if handed:
+                        log.warning("failover: %d request(s) in flight go on over the new placement", len(handed))
+                        _adopt(engine, handed, old)
                     return
                 reasons.append(reason)
                 for address in workers - self.working:  # the workers this attempt added: left out for a while
                     _, hold = self.held_off.get(address, (0.0, HOLD_OFF_S))
                     self.held_off[address] = (time.monotonic() + hold, min(hold * 2, MAX_HOLD_OFF_S))
             self._wait(source, "; ".join(reasons))
+            _end(handed, ClusterError(f"{source.model_id!r} could not be placed again: {'; '.join(reasons)}"))
 
     async def _build(self, source: ModelSource, workers: set[str]) -> tuple[Engine | None, str]:
         """Serve `source` over `workers` (addresses); (the engine, "") or (None, why not)."""
@@ -194,6 +201,29 @@ class Failover:
 
     def describe(self, addresses: set[str]) -> str:
         return ", ".join(f"{self.names.get(address, address)} ({address})" for address in sorted(addresses))
+
+
+def _hand_over(engine: Engine) -> list[Sequence]:
+    """Stop the engine, keeping its unfinished sequences for the next one, and free its layers on every stage."""
+    sequences = engine.hand_over()
+    engine.close()
+    return sequences
+
+
+def _adopt(engine: Engine, sequences: list[Sequence], predecessor: Engine | None) -> None:
+    try:
+        engine.adopt(sequences, predecessor)
+    except ClusterError as error:  # stopping already (a shutdown)
+        _end(sequences, error)
+
+
+def _end(sequences: list[Sequence], error: ClusterError) -> None:
+    """Handed-over sequences no engine will take: each request ends with `error`."""
+    for seq in sequences:
+        try:
+            seq.sink(GenerationEvent(seq.seq_id, finish_reason="error", error=str(error), exception=error))
+        except Exception:
+            log.exception("event sink of sequence %d failed", seq.seq_id)
 
 
 def _close_later(done: asyncio.Future[Engine]) -> None:

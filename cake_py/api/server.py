@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from itertools import count
 from types import FrameType
 
 import uvicorn
@@ -29,8 +30,14 @@ def build_pipeline(settings: ServeSettings, source: ModelSource, device: str) ->
     return local_pipeline(source, dtype, device)
 
 
+# One numbering for the sequences of every engine the server makes: a sequence handed over to the engine that
+# replaces its own (failover) keeps its id, and no other sequence there has it.
+SEQ_IDS = count(1)
+FAILOVER_HOLD_MARGIN_S = 30.0  # past --failover-after: time for the failover's check to start the new placement
+
+
 def make_engine(pipeline: Pipeline, source: ModelSource, settings: ServeSettings) -> Engine:
-    return Engine(
+    engine = Engine(
         pipeline,
         source.tokenizer,
         max_running=settings.max_running,
@@ -38,7 +45,12 @@ def make_engine(pipeline: Pipeline, source: ModelSource, settings: ServeSettings
         max_batch_tokens=settings.max_batch_tokens,
         prefix_cache_tokens=settings.prefix_cache_tokens,
         speculative_tokens=settings.speculative_tokens,
+        seq_ids=SEQ_IDS,
     )
+    if settings.failover_after > 0 and settings.workers:
+        # Requests a dead worker interrupts wait for the failover (api/failover.py) instead of failing.
+        engine.hold_s = settings.failover_after + FAILOVER_HOLD_MARGIN_S
+    return engine
 
 
 def build_state(settings: ServeSettings) -> ServerState:

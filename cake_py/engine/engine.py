@@ -6,8 +6,9 @@ their end, and streams the results. New requests join at the next step; finished
 every stage at once. The choices of an n > 1 request share one prefill: the later ones start from a copy of the
 first one's caches (on every stage) and compute only the prompt's last token; likewise a new prompt that starts
 with a finished sequence's tokens copies its kept caches (prefix caching): engine/copies.py decides both. What a
-step's outputs mean for each sequence (tokens, prompt scores, embeddings) is engine/outputs.py. Torch runs only on
-this thread.
+step's outputs mean for each sequence (tokens, prompt scores, embeddings) is engine/outputs.py. With `hold_s`
+(failover), the sequences of a step that failed because a stage is down wait for it, or move to the engine that
+replaces this one (`hand_over`, `adopt`), computed again from their first token. Torch runs only on this thread.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 
 ENGINE_STOPPED = "the engine stopped: the server is shutting down or switching models"
 ENGINE_DEAD = "the engine thread died (see the server log); restart the server"
+HOLD_CHECK_S = 0.5  # how often held sequences look whether the pipeline is whole again
+
+# Requests are numbered for fairness between them, across engines: a request handed over to the engine that
+# replaces its own (failover) stays apart from that engine's own.
+_REQUEST_IDS = count(1)
 
 
 class Engine:
@@ -56,6 +62,7 @@ class Engine:
         context_length: int | None = None,
         prefix_cache_tokens: int = 0,
         speculative_tokens: int = 0,
+        seq_ids: Iterator[int] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.tokenizer = tokenizer
@@ -66,8 +73,8 @@ class Engine:
         self.context_length = context_length or pipeline.config.max_position_embeddings
         self.vocab_size = pipeline.config.vocab_size
         self.stats = EngineStats()
-        self._ids = count(1)
-        self._request_ids = count(1)
+        # Engines that may hand sequences over to each other share one numbering (a sequence keeps its id).
+        self._seq_ids = seq_ids if seq_ids is not None else count(1)
         self._request: int | None = None  # the request being submitted inside `submitting()`
         self._inbox: queue.SimpleQueue[Sequence | int] = queue.SimpleQueue()  # new sequences, or ids to cancel
         self._queued = 0  # sequences in the inbox (cancel requests there are not queued work)
@@ -89,6 +96,14 @@ class Engine:
         # refused (the engine is stopping) or seen and ended by that last look, never left waiting.
         self._submit_lock = threading.RLock()  # re-entered: the last look at the inbox counts what it takes
         self._thread: threading.Thread | None = None
+        # With hold_s > 0 (failover), a step that fails because a stage is down does not end its sequences: they
+        # wait, for up to hold_s, to be computed again once the pipeline is whole, or on the engine that replaces
+        # this one (hand_over, adopt).
+        self.hold_s = 0.0
+        self._held_since: float | None = None  # when the pipeline was first seen down with sequences to run
+        self._handing_over = False
+        self._handed: list[Sequence] | None = None  # what hand_over gives the next engine
+        self._successor: Engine | None = None  # where cancels go once this engine's sequences moved there
 
     # ---- public, any thread ----
     def start(self) -> None:
@@ -153,7 +168,7 @@ class Engine:
         """Submit several sequences as one request: the engine sees them all at once, so they start in one step
         (and choices find the prefill they copy)."""
         with self._submit_lock:  # the engine thread takes it for each sequence it takes from the inbox
-            outer, self._request = self._request, self._request or next(self._request_ids)
+            outer, self._request = self._request, self._request or next(_REQUEST_IDS)
             try:
                 yield
             finally:
@@ -193,7 +208,7 @@ class Engine:
         bad = next((token for token in prompt_ids if not 0 <= token < self.vocab_size), None)
         if bad is not None:  # it would fail the embedding lookup of the whole batch it joins
             raise RequestError(f"token id {bad} is outside the model's vocabulary (0-{self.vocab_size - 1})")
-        seq = Sequence(next(self._ids), list(prompt_ids), params, self.tokenizer, sink)
+        seq = Sequence(next(self._seq_ids), list(prompt_ids), params, self.tokenizer, sink)
         if not seq.reads_every_prompt_row:  # a copied prefill scores and pools nothing
             seq.leader = share_prefill_with
         with self._submit_lock:
@@ -203,7 +218,7 @@ class Engine:
                 raise ClusterError(ENGINE_STOPPED)
             if not queue_checked:
                 self.check_room(1)
-            seq.request = self._request or next(self._request_ids)
+            seq.request = self._request or next(_REQUEST_IDS)
             self.copies.queued(seq)
             self._queued += 1
             self._inbox.put(seq)
@@ -211,7 +226,47 @@ class Engine:
         return seq.seq_id
 
     def cancel(self, seq_id: int) -> None:
-        self._inbox.put(seq_id)
+        with self._submit_lock:  # not lost between this engine and the one its sequences moved to
+            successor = self._successor
+            if successor is None:
+                self._inbox.put(seq_id)
+                self._wake.set()
+                return
+        successor.cancel(seq_id)
+
+    def hand_over(self, timeout: float = 60.0) -> list[Sequence]:
+        """Stop, and give back every sequence not finished instead of ending it, each to be computed again from its
+        first token (its output so far is kept: nothing is sampled twice) on the engine that replaces this one
+        (`adopt`). [] if the thread is still inside a step after `timeout` (it then ends them itself)."""
+        self._handing_over = True
+        self.request_stop()
+        self.join(timeout)
+        with self._submit_lock:
+            handed, self._handed = self._handed, []
+            self._handing_over = False  # a thread still inside its step ends its sequences as a stop does
+        return handed or []
+
+    def adopt(self, sequences: list[Sequence], predecessor: Engine | None) -> None:
+        """Go on with the sequences `predecessor.hand_over()` gave; cancels sent to it from now on come here."""
+        with self._submit_lock:
+            if self._stopping:
+                raise ClusterError(ENGINE_STOPPED)
+            for seq in sequences:
+                self._queued += 1
+                self._inbox.put(seq)
+        if predecessor is not None:
+            with predecessor._submit_lock:
+                predecessor._successor = self
+                cancels = []
+                while True:  # cancels that reached it after it stopped
+                    try:
+                        item = predecessor._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(item, int):
+                        cancels.append(item)
+            for seq_id in cancels:
+                self.cancel(seq_id)
         self._wake.set()
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
@@ -248,19 +303,30 @@ class Engine:
                     try:
                         self._drain_inbox()
                         if not self._running and not self._waiting:
+                            self._held_since = None
                             self._settle()
                             self._wake.wait(timeout=0.5)
                             self._wake.clear()
                             continue
-                        self.step()
+                        if not (self.hold_s > 0 and self._hold()):
+                            self.step()
                     except Exception:  # the engine must outlive any one bad step
                         log.exception("engine step failed")
                     self._settle()  # never raises: what it runs is guarded inside
                 self._to_release += self.prefix_cache.clear()  # released by the last _settle below
                 with self._submit_lock:
                     self._drain_inbox()  # sequences submitted during the last step
+                    left = [*self._running.values(), *self._waiting.values()]
+                    if self._handing_over:
+                        self._handed = left
+                        for seq in left:
+                            seq.restart()
+                            seq.reached_pipeline = False  # its caches go with this engine's pipeline
+                        left = []
+                        self._running.clear()
+                        self._waiting.clear()
                 stopping = ClusterError(ENGINE_STOPPED)
-                for seq in [*self._running.values(), *self._waiting.values()]:
+                for seq in left:
                     self._finish(
                         seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(stopping), exception=stopping)
                     )
@@ -370,6 +436,11 @@ class Engine:
                 log.warning("a step of %d sequences failed (%s): each runs alone once", len(members), error)
                 self._retry_alone(batch, members)
                 return
+            if self.hold_s > 0 and self.pipeline.down_stages():  # computed again once the pipeline is whole
+                log.warning("a stage is down (%s): %d sequence(s) wait for it, or for a failover", error, len(members))
+                for seq in members:
+                    seq.restart()
+                return
             for seq in members:
                 self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(error), exception=error))
             return
@@ -400,6 +471,26 @@ class Engine:
             else:
                 self._emit(seq, event)
         self._settle()
+
+    def _hold(self) -> bool:
+        """While a stage is down, wait (cancels still end their sequences); after hold_s, end every sequence with
+        why. True while holding."""
+        down = self.pipeline.down_stages()
+        if not down:
+            self._held_since = None
+            return False
+        now = time.monotonic()
+        if self._held_since is None:
+            self._held_since = now
+        elif now - self._held_since > self.hold_s:
+            error = ClusterError(f"pipeline stage(s) down for over {self.hold_s:.0f} s: {', '.join(down)}")
+            for seq in [*self._running.values(), *self._waiting.values()]:
+                self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(error), exception=error))
+            self._held_since = None
+            return True
+        self._wake.wait(HOLD_CHECK_S)
+        self._wake.clear()
+        return True
 
     def _admit(self) -> None:
         """Start waiting sequences while there is room, by priority (lower first: a Batch API request waits while

@@ -82,6 +82,17 @@ class Sequence:
         self.created = time.monotonic()
         self.first_token_at: float | None = None
 
+    def restart(self) -> None:
+        """Its caches are lost (a stage went down, or it moves to another engine): it is computed again from its
+        first token, its output so far kept (nothing is sampled again) and its choice no longer copying a leader."""
+        self.n_cached = 0
+        self.drafts = []
+        self.leader = None
+        if self.pooled is not None and self.params.pooling is not None:
+            self.pooled = PoolingState(self.params.pooling)
+        if self.prompt_logprobs is not None:  # scored again only if not sent yet
+            self.prompt_logprobs = None if self.prompt_logprobs_sent else []
+
     def scoring_rows(self, start_pos: int, n_tokens: int, first_row: int) -> tuple[list[int], list[int]]:
         """With prompt logprobs: the batch rows of a slice [start_pos, start_pos + n_tokens) starting at batch row
         `first_row` whose logits predict a prompt token, and those tokens. Position p predicts token p + 1; the

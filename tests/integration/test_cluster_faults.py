@@ -5,6 +5,7 @@ Every wait is bounded: a request that hangs, a stage that never turns down or ne
 
 from __future__ import annotations
 
+import json
 import queue
 import shutil
 import threading
@@ -402,6 +403,34 @@ def test_failover_serves_without_a_dead_worker_and_takes_it_back(
         }
         assert greedy_text() == before
         assert server.state.failover.left_out == set() and http.get("/health").json()["left_out"] == []
+
+
+def test_a_request_in_flight_when_a_worker_dies_goes_on_over_the_new_placement(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory
+) -> None:
+    first, second = cluster.start_workers(2)
+    settings = tiny_settings(tiny_model_factory("llama"), workers=[first.spec(), second.spec()], failover_after=1.0)
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=60.0) as http:
+        uninterrupted = http.post("/v1/completions", json=body)
+        assert uninterrupted.status_code == 200, uninterrupted.text
+        engine = server.state.engine
+        pieces, finish = [], None
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+            for line in stream.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                assert "error" not in chunk, chunk
+                choice = chunk["choices"][0]
+                pieces.append(choice["text"])
+                finish = choice["finish_reason"] or finish
+                if len(pieces) == 5:
+                    second.kill()  # mid-answer: the request waits for the failover, then goes on
+        assert server.state.engine is not engine and server.state.failover is not None
+        assert server.state.failover.left_out == {second.address}  # it went on over the new placement
+        assert finish == "length"
+        assert "".join(pieces) == uninterrupted.json()["choices"][0]["text"]  # the same greedy answer, whole
 
 
 def test_a_failover_placement_that_fails_is_tried_again_and_said_meanwhile(

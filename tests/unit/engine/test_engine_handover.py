@@ -1,0 +1,193 @@
+"""With `hold_s` (failover), a step failing because a stage is down does not end its sequences: they wait, and go on
+(computed again from their first token, nothing sampled twice) once the stage is back or on the engine that replaces
+this one (`hand_over`, `adopt`); cancels follow them there, and waiting has a bound."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from itertools import count
+
+import pytest
+import torch
+
+from cake_py.cluster.pipeline import Pipeline, local_pipeline
+from cake_py.cluster.stage import LocalStage
+from cake_py.engine.engine import Engine
+from cake_py.engine.sequence import GenerationEvent
+from cake_py.errors import StageError
+from cake_py.models.hub import ModelSource, resolve_model
+from cake_py.models.kv_cache import Batch
+from cake_py.models.sampling import SamplingParams
+
+PROMPT = [5, 6, 7, 8, 9, 10]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+class DyingStage(LocalStage):
+    """A local stage that goes down on its `die_at`-th forward, losing every cache (as a killed worker does), until
+    `come_back()`."""
+
+    def __init__(self, stage: LocalStage, die_at: int) -> None:
+        super().__init__(stage.model, "worker")
+        self.calls, self.die_at, self.down = 0, die_at, False
+        self.went_down = threading.Event()
+
+    def forward(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        self.calls += 1
+        if self.down or self.calls == self.die_at:
+            self.down = True
+            self.kv.release(self.kv.sequence_ids())
+            self.went_down.set()
+            raise StageError("worker: the forward connection broke (simulated)")
+        return super().forward(hidden, batch)
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        if not self.down:
+            super().release(seq_ids)
+
+    def healthy(self) -> bool:
+        return not self.down
+
+    def come_back(self) -> None:
+        self.down = False
+
+
+@pytest.fixture(scope="module")
+def source(tiny_model_factory) -> ModelSource:  # type: ignore[no-untyped-def]
+    return resolve_model(str(tiny_model_factory("llama")))
+
+
+@pytest.fixture(scope="module")
+def expected(source: ModelSource) -> list[int]:
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)
+    engine.start()
+    try:
+        return tokens(list(engine.generate(PROMPT, GREEDY)))
+    finally:
+        engine.stop()
+
+
+def tokens(events: list[GenerationEvent]) -> list[int]:
+    return [token.token_id for event in events for token in event.tokens]
+
+
+def dying_engine(source: ModelSource, die_at: int, hold_s: float, ids: count[int] | None = None) -> Engine:
+    pipeline = local_pipeline(source, torch.float32)
+    stage = pipeline.stages[0]
+    assert isinstance(stage, LocalStage)
+    engine = Engine(Pipeline(pipeline.ends, [DyingStage(stage, die_at)]), source.tokenizer, seq_ids=ids)
+    engine.hold_s = hold_s
+    return engine
+
+
+def stage_of(engine: Engine) -> DyingStage:
+    stage = engine.pipeline.stages[0]
+    assert isinstance(stage, DyingStage)
+    return stage
+
+
+def collect(events: queue.SimpleQueue[GenerationEvent], timeout: float = 30.0) -> list[GenerationEvent]:
+    out: list[GenerationEvent] = []
+    deadline = time.monotonic() + timeout
+    while not out or not out[-1].finished:
+        out.append(events.get(timeout=max(deadline - time.monotonic(), 0.01)))
+    return out
+
+
+def test_a_sequence_waits_for_its_stage_and_goes_on_as_if_nothing_happened(
+    source: ModelSource, expected: list[int]
+) -> None:
+    engine = dying_engine(source, die_at=8, hold_s=30.0)  # the prefill, then a few decode steps
+    engine.start()
+    try:
+        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        engine.submit(PROMPT, GREEDY, events.put)
+        assert stage_of(engine).went_down.wait(30)
+        time.sleep(0.3)
+        assert engine.in_flight == 1  # held, not ended
+        stage_of(engine).come_back()
+        result = collect(events)
+    finally:
+        engine.stop()
+    assert result[-1].finish_reason == "length", result[-1].error
+    assert tokens(result) == expected  # computed again from its first token: the same greedy answer
+
+
+def test_waiting_has_a_bound(source: ModelSource) -> None:
+    engine = dying_engine(source, die_at=3, hold_s=0.5)
+    engine.start()
+    try:
+        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        began = time.monotonic()
+        engine.submit(PROMPT, GREEDY, events.put)
+        last = collect(events)[-1]
+    finally:
+        engine.stop()
+    assert last.finish_reason == "error" and "down for over 0 s: worker" in (last.error or "")
+    assert time.monotonic() - began < 10
+
+
+def test_a_held_sequence_can_be_cancelled(source: ModelSource) -> None:
+    engine = dying_engine(source, die_at=3, hold_s=60.0)
+    engine.start()
+    try:
+        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        seq_id = engine.submit(PROMPT, GREEDY, events.put)
+        assert stage_of(engine).went_down.wait(30)
+        engine.cancel(seq_id)
+        assert collect(events, timeout=5)[-1].finish_reason == "cancelled"
+        assert engine.in_flight == 0
+    finally:
+        engine.stop()
+
+
+def test_without_hold_a_stage_down_ends_the_request(source: ModelSource) -> None:
+    engine = dying_engine(source, die_at=3, hold_s=0.0)
+    engine.start()
+    try:
+        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        engine.submit(PROMPT, GREEDY, events.put)
+        last = collect(events, timeout=10)[-1]
+    finally:
+        engine.stop()
+    assert last.finish_reason == "error" and "simulated" in (last.error or "")
+
+
+def test_sequences_handed_over_go_on_on_the_next_engine_and_cancels_follow_them(
+    source: ModelSource, expected: list[int]
+) -> None:
+    ids = count(1)  # one numbering, as the server's engines share
+    old = dying_engine(source, die_at=8, hold_s=60.0, ids=ids)
+    old.start()
+    kept: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+    dropped: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+    old.submit(PROMPT, GREEDY, kept.put)
+    cancelled = old.submit(PROMPT, GREEDY, dropped.put)
+    assert stage_of(old).went_down.wait(30)
+    handed = old.hand_over()
+    old.close()
+    assert sorted(seq.seq_id for seq in handed) == [cancelled - 1, cancelled]
+    old.cancel(cancelled)  # a client leaves between the engines: the cancel is kept for the next one
+    new = Engine(local_pipeline(source, torch.float32), source.tokenizer, seq_ids=ids)
+    new.start()
+    try:
+        own: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        assert new.submit(PROMPT, GREEDY, own.put) == cancelled + 1  # no id the handed sequences hold
+        new.adopt(handed, old)
+        assert collect(dropped)[-1].finish_reason == "cancelled"
+        result = collect(kept)
+        assert result[-1].finish_reason == "length", result[-1].error
+        assert tokens(result) == expected
+        assert tokens(collect(own)) == expected
+    finally:
+        new.stop()
+
+
+def test_an_engine_with_nothing_in_flight_hands_over_nothing(source: ModelSource) -> None:
+    engine = dying_engine(source, die_at=1000, hold_s=5.0)
+    engine.start()
+    assert engine.hand_over() == []
+    engine.close()
