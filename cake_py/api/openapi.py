@@ -195,6 +195,14 @@ PATHS: dict[str, dict[str, Any]] = {
             errors=(400, 401, 404, 503),
         )
     },
+    "/apply-template": {
+        "post": _op(
+            "A chat → the prompt text it is answered from (llama.cpp's), to edit and send to /completion",
+            _json(ref("AppliedTemplate")),
+            body=_json(ref("ApplyTemplateRequest")),
+            errors=(400, 401, 404, 503),
+        )
+    },
     "/detokenize": {
         "post": _op(
             "Token ids → text (vLLM's prompt and llama.cpp's content)",

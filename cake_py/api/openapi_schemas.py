@@ -317,6 +317,17 @@ SCHEMAS: dict[str, Any] = {
     ),
     "DetokenizeRequest": obj({"tokens": {"type": "array", "items": INT}}, ("tokens",)),
     "Detokenized": obj({"prompt": STR, "content": STR}),
+    "ApplyTemplateRequest": obj(
+        {
+            "messages": {"type": "array", "description": "chat turns as /v1/chat/completions takes them"},
+            "tools": {"type": "array"},
+            "add_generation_prompt": BOOL,
+            "continue_final_message": BOOL,
+            "chat_template_kwargs": {"type": "object"},
+        },
+        ("messages",),
+    ),
+    "AppliedTemplate": obj({"prompt": STR}),
     "ResponseRequest": obj(
         {
             "input": {"oneOf": [STR, {"type": "array", "items": {"type": "object"}}]},

@@ -1,4 +1,5 @@
-"""POST /tokenize and /detokenize, in vLLM's and llama.cpp server's shapes (both serve these paths).
+"""POST /tokenize and /detokenize, in vLLM's and llama.cpp server's shapes (both serve these paths), and llama.cpp's
+POST /apply-template (a chat's prompt text, as /v1/chat/completions renders it: `{"prompt": …}`).
 
 /tokenize takes vLLM's `prompt` (text) or `messages` (a chat, rendered as /v1/chat/completions would render it, tools
 included: the count is what that request's prompt costs), or llama.cpp's `content`. The answer is vLLM's `count`,
@@ -9,6 +10,7 @@ The tokenizer runs off the event loop; no engine is needed, so a cluster with a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -66,20 +68,11 @@ async def tokenize(request: Request) -> Response:
     if not flag(body, "parse_special", True):
         raise ApiError(400, "parse_special: false is not supported: special tokens in the text are always parsed")
     if field == "messages":
-        messages = chat_messages(body)
-        template = chat_template_options(body, messages)
-        tools = tool_request(body, tokenizer.tool_call_id_length)
-        messages, tool_variables = prompt_messages(messages, tools, tokenizer.reads_tools)
+        render = _chat_renderer(body, tokenizer)
         add_special = flag(body, "add_special_tokens", False)  # the template writes its own (vLLM's default)
 
         def encode() -> list[int]:
-            text = tokenizer.render_chat(
-                messages,
-                add_generation_prompt=template.add_generation_prompt,
-                continue_final_message=template.continue_final_message,
-                template_kwargs={**template.kwargs, **tool_variables},
-            )
-            return tokenizer.encode(text, add_special_tokens=add_special)
+            return tokenizer.encode(render(), add_special_tokens=add_special)
 
     else:
         text = body[field]
@@ -99,6 +92,34 @@ async def tokenize(request: Request) -> Response:
     return JSONResponse(answer)
 
 
+def _chat_renderer(body: dict[str, Any], tokenizer: Tokenizer) -> Callable[[], str]:
+    """The prompt text /v1/chat/completions renders for the body's `messages` (tools and template options included):
+    checked now (a 400 naming the bad value), rendered when called (off the event loop)."""
+    messages = chat_messages(body)
+    template = chat_template_options(body, messages)
+    tools = tool_request(body, tokenizer.tool_call_id_length)
+    messages, tool_variables = prompt_messages(messages, tools, tokenizer.reads_tools)
+
+    def render() -> str:
+        return tokenizer.render_chat(
+            messages,
+            add_generation_prompt=template.add_generation_prompt,
+            continue_final_message=template.continue_final_message,
+            template_kwargs={**template.kwargs, **tool_variables},
+        )
+
+    return render
+
+
+async def apply_template(request: Request) -> Response:
+    """llama.cpp's /apply-template: the prompt a chat renders to, to edit and send to /completion."""
+    tokenizer = _source(request.app.state.cake).tokenizer
+    body = await json_body(request)
+    if body.get("messages") is None:
+        raise ApiError(400, "messages is required: chat turns as /v1/chat/completions takes them")
+    return JSONResponse({"prompt": await run_in_threadpool(_chat_renderer(body, tokenizer))})
+
+
 async def detokenize(request: Request) -> Response:
     state: ServerState = request.app.state.cake
     tokenizer = _source(state).tokenizer
@@ -113,4 +134,8 @@ async def detokenize(request: Request) -> Response:
     return JSONResponse({"prompt": text, "content": text})
 
 
-ROUTES = [Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"])]
+ROUTES = [
+    Route("/tokenize", tokenize, methods=["POST"]),
+    Route("/detokenize", detokenize, methods=["POST"]),
+    Route("/apply-template", apply_template, methods=["POST"]),
+]

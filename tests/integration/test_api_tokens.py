@@ -1,5 +1,6 @@
-"""POST /tokenize and /detokenize against a real uvicorn server on the tiny Llama, in vLLM's and llama.cpp's shapes:
-ids are transformers' own, a chat counts what /v1/chat/completions' prompt costs, and text survives a round trip."""
+"""POST /tokenize, /detokenize and /apply-template against a real uvicorn server on the tiny Llama, in vLLM's and
+llama.cpp's shapes: ids are transformers' own, a chat counts what /v1/chat/completions' prompt costs, and text
+survives a round trip."""
 
 from __future__ import annotations
 
@@ -79,6 +80,22 @@ def test_detokenize_gives_the_text_back_under_both_names(server: ServerHandle) -
     assert post(server, "/detokenize", {"tokens": []}).json()["content"] == ""
 
 
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_apply_template_gives_the_prompt_a_chat_is_answered_from(server: ServerHandle, tools: list[Any] | None) -> None:
+    """llama.cpp's /apply-template: the text, edited or not, sent to /completion is the chat's own prompt."""
+    extra = {"tools": tools} if tools else {}
+    answer = post(server, "/apply-template", {"messages": MESSAGES, **extra})
+    assert answer.status_code == 200, answer.text
+    prompt = answer.json()["prompt"]
+    assert "What is the capital of France?" in prompt and ("get_weather" in prompt) == bool(tools)
+    counted = post(server, "/tokenize", {"messages": MESSAGES, **extra}).json()["tokens"]
+    assert post(server, "/tokenize", {"content": prompt}).json()["tokens"] == counted
+    greedy = {"temperature": 0, "max_tokens": 5}
+    chat = post(server, "/v1/chat/completions", {"messages": MESSAGES, **greedy, **extra}).json()
+    completed = post(server, "/completion", {"prompt": prompt, "n_predict": 5, "temperature": 0}).json()
+    assert completed["content"] == chat["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "needle"),
     [
@@ -92,6 +109,8 @@ def test_detokenize_gives_the_text_back_under_both_names(server: ServerHandle) -
         ("/detokenize", {"tokens": [1, 99999]}, "99999"),
         ("/detokenize", {"tokens": [True]}, "tokens must be"),
         ("/tokenize", {"content": "a\ud800b"}, "surrogate"),
+        ("/apply-template", {}, "messages is required"),
+        ("/apply-template", {"messages": [{"role": "wizard", "content": "x"}]}, "wizard"),
     ],
 )
 def test_bad_requests_are_named(server: ServerHandle, path: str, body: dict[str, Any], needle: str) -> None:
