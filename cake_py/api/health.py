@@ -1,5 +1,6 @@
 """/health (seeds 000–002): 200 `{"status": "healthy", "running": true, …}` while every stage of the served
-pipeline is up; 503 when a stage is down or the model is being switched. Never behind the API key."""
+pipeline is up; 503 when a stage is down or the model is being switched. Never behind the API key, nor are vLLM's
+/ping (the same probe) and /version."""
 
 from __future__ import annotations
 
@@ -53,4 +54,13 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, status_code=status)
 
 
-ROUTES = [Route("/health", health, methods=["GET"])]
+async def version(request: Request) -> Response:
+    """vLLM's GET /version."""
+    return JSONResponse({"version": __version__})
+
+
+ROUTES = [
+    Route("/health", health, methods=["GET"]),
+    Route("/ping", health, methods=["GET", "POST"]),  # vLLM's (SageMaker's) name for the same probe
+    Route("/version", version, methods=["GET"]),
+]

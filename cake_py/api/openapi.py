@@ -300,6 +300,10 @@ PATHS: dict[str, dict[str, Any]] = {
         )
     },
     "/health": {"get": _op("200 while every stage is up, 503 otherwise", _json(ref("Health")), security=PUBLIC)},
+    "/ping": {
+        method: _op("vLLM's name for /health", _json(ref("Health")), security=PUBLIC) for method in ("get", "post")
+    },
+    "/version": {"get": _op("vLLM's: the server's version", _json(obj({"version": STR})), security=PUBLIC)},
     "/metrics": {"get": _op("Prometheus metrics", {"text/plain": {"schema": STR}}, errors=(401,))},
     "/openapi.json": {"get": _op("This document", _json({"type": "object"}), errors=(401,))},
     "/v1/messages": {

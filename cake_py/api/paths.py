@@ -45,7 +45,7 @@ UI_PATHS = frozenset({"/", "/api/v1/topology"})
 UI_PREFIXES = ("/static/", "/web/")
 
 # Never behind a key: load balancers and orchestrators probe it.
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version"})
 
 
 def uses_detail_errors(path: str) -> bool:

@@ -1,11 +1,13 @@
-"""GET /health: each stage of the served pipeline reports its own state, whatever it is called."""
+"""GET /health (and vLLM's /ping): each stage of the served pipeline reports its own state, whatever it is called."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import pytest
+from starlette.testclient import TestClient
 
+from cake_py.api.app import create_app
 from cake_py.api.health import health_document
 from cake_py.api.state import ServerState
 from cake_py.engine.engine import Engine
@@ -29,3 +31,16 @@ def test_each_stage_is_up_or_down_on_its_own_even_when_names_repeat(
         {"name": "master", "layers": [2, 3], "up": True},
     ]
     assert body["error"] == "pipeline stage(s) down: master"
+
+
+def test_vllms_ping_answers_as_health_does(
+    split_engine: Callable[[list[tuple[str, int, int]]], Engine],
+    tiny_state: Callable[[Engine | None], ServerState],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = split_engine([("master", 0, 1), ("w1", 1, 3)])
+    with TestClient(create_app(tiny_state(engine))) as client:
+        assert client.get("/ping").status_code == client.post("/ping").status_code == 200
+        monkeypatch.setattr(engine.pipeline.stages[1], "healthy", lambda: False)
+        down = client.post("/ping")
+        assert down.status_code == 503 and down.json() == client.get("/health").json()

@@ -10,6 +10,7 @@ import pytest
 from starlette.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
+from cake_py import __version__
 from cake_py.api.app import create_app
 from cake_py.api.middleware import RateLimiter, RateLimitMiddleware
 from cake_py.api.state import ServerState
@@ -35,6 +36,8 @@ def keyed() -> Iterator[TestClient]:
 
 def test_api_key_is_required_on_every_route_but_health(keyed: TestClient) -> None:
     assert keyed.get("/health").status_code == 200
+    assert keyed.get("/ping").status_code == keyed.post("/ping").status_code == 200  # vLLM's probes
+    assert keyed.get("/version").json() == {"version": __version__}
     missing = keyed.post("/v1/chat/completions", json=CHAT)
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer"
