@@ -33,6 +33,7 @@ from cake_py.config import (
     default_files_dir,
     env,
     load_cluster_file,
+    parse_api_keys,
     parse_cpus,
     parse_origins,
     parse_ui_auth,
@@ -82,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", help="model id reported by the API (default: the model's id)")
     serve.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     serve.add_argument("--device", default="auto", help=DEVICE_HELP)
-    serve.add_argument("--api-key", help="require this Bearer key on the API (also CAKE_API_KEY)")
+    serve.add_argument(
+        "--api-key",
+        help="require this Bearer key on the API, or any of KEY1,KEY2,… (also CAKE_API_KEY); with several, each key's "
+        "files, batches and stored answers are its own",
+    )
+    serve.add_argument("--api-key-file", type=Path, help="API keys, one per line (# comments); adds to --api-key")
     serve.add_argument("--ui-auth", help="USER:PASS for HTTP Basic auth on the web UI and topology")
     serve.add_argument(
         "--allowed-origins",
@@ -234,7 +240,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         model_name=args.model_name,
         dtype=check_dtype(args.dtype),
         device=check_device(args.device),
-        api_key=args.api_key or env("CAKE_API_KEY"),
+        api_keys=parse_api_keys(args.api_key or env("CAKE_API_KEY"), args.api_key_file),
         ui_auth=parse_ui_auth(args.ui_auth),
         cluster_key=check_cluster_key(args.cluster_key or env("CAKE_CLUSTER_KEY")),
         log_level=args.log_level,

@@ -39,7 +39,9 @@ class ServeSettings:
     model_name: str | None = None
     dtype: str = "bfloat16"
     device: str = "auto"
-    api_key: str | None = None
+    # Bearer keys the API takes (--api-key, --api-key-file): none leaves it open; with several, each key's stored
+    # objects (files, batches, stored completions and responses) are its own, and each has its own rate limit.
+    api_keys: tuple[str, ...] = ()
     ui_auth: tuple[str, str] | None = None
     # CORS: origins whose pages may call the API; () = none; None = any (*) when --api-key guards it, else none
     allowed_origins: tuple[str, ...] | None = None
@@ -128,6 +130,27 @@ def parse_origins(value: str) -> tuple[str, ...]:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ConfigError(f"--allowed-origins: {origin!r} is not * or an origin such as https://app.example.com")
     return origins
+
+
+def parse_api_keys(value: str | None, key_file: Path | None = None) -> tuple[str, ...]:
+    """--api-key KEY[,KEY…] (a comma-separated list, as llama.cpp's server takes it) and --api-key-file (one key per
+    line; blank lines and # comments skipped). A key travels in an HTTP header: printable ASCII without spaces. The
+    messages name where a bad key is, never the key."""
+    keys = [("--api-key", key.strip()) for key in (value or "").split(",") if key.strip()]
+    if key_file is not None:
+        try:
+            lines = key_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"--api-key-file {str(key_file)!r} cannot be read: {error}") from None
+        found = [(f"line {n} of --api-key-file", line.strip()) for n, line in enumerate(lines, 1)]
+        found = [(where, line) for where, line in found if line and not line.startswith("#")]
+        if not found:
+            raise ConfigError(f"--api-key-file {str(key_file)!r} holds no key (one per line)")
+        keys += found
+    for where, key in keys:
+        if not all("!" <= char <= "~" for char in key):
+            raise ConfigError(f"the API key of {where} must be printable ASCII without spaces")
+    return tuple(dict.fromkeys(key for _, key in keys))
 
 
 def parse_ui_auth(value: str | None) -> tuple[str, str] | None:

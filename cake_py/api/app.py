@@ -51,7 +51,7 @@ def _cors(settings: ServeSettings) -> list[Middleware]:
     server on their machine. No credentials: a key is a header the page sets, never a cookie the browser adds."""
     origins = settings.allowed_origins
     if origins is None:
-        origins = ("*",) if settings.api_key else ()
+        origins = ("*",) if settings.api_keys else ()
     if not origins:
         return []
     return [
@@ -118,7 +118,7 @@ def create_app(state: ServerState) -> Starlette:
         # Outside the key check: a browser's preflight carries no key, and a 401 must still reach the page.
         *_cors(settings),
         Middleware(MetricsMiddleware, state=state, paths=paths),
-        Middleware(AuthMiddleware, api_key=settings.api_key, ui_auth=settings.ui_auth),
+        Middleware(AuthMiddleware, api_keys=settings.api_keys, ui_auth=settings.ui_auth),
         Middleware(RateLimitMiddleware, per_minute=settings.rate_limit, burst=settings.rate_burst),
         Middleware(
             BodyLimitMiddleware,

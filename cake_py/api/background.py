@@ -94,10 +94,13 @@ class LiveResponse:
     """A response being answered: its object so far (`response`) and, for a background run, its events (SSE lines
     by sequence number) and the task answering it."""
 
-    def __init__(self, response: dict[str, Any], input_items: list[dict[str, Any]], *, background: bool) -> None:
+    def __init__(
+        self, response: dict[str, Any], input_items: list[dict[str, Any]], *, background: bool, owner: str = ""
+    ) -> None:
         self.response = response
         self.input_items = input_items
         self.background = background
+        self.owner = owner  # the API key's owner that asked for it: only it sees it
         self.lines: list[str] = []
         self.finished = False
         self.task: asyncio.Task[None] | None = None
@@ -186,11 +189,14 @@ def _end(live: LiveResponse, store: ResponseStore, stand_in: StoredResponse, str
         stream.cancel()
     if live.response["status"] not in TERMINAL:
         live.record_end("response.cancelled", cancelled(live.response))
-    answered = store.get(live.id)  # a completed run stored itself, with its conversation, before its last event
+    # A completed run stored itself, with its conversation, before its last event.
+    answered = store.get(live.id, live.owner)
     if answered is not None and answered.response["status"] == live.response["status"]:
         final = answered
     else:
-        final = StoredResponse(without_logprobs(live.response), stand_in.input_items, stand_in.conversation)
+        final = StoredResponse(
+            without_logprobs(live.response), stand_in.input_items, stand_in.conversation, owner=live.owner
+        )
     store.put(final.with_events(_stored_lines(live.lines)))
     store.end_live(live)
     live.finish()

@@ -44,10 +44,11 @@ class Batch:
     output_ttl_s: int | None = None  # OpenAI's output_expires_after: how long its result files are kept
     # Kept for a restart: the status it is being finished with (its files are being stored), so it ends the same.
     finishing_as: str | None = None
+    owner: str = ""  # the API key's owner that made it (middleware.request_owner): its requests and files are its own
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
-        del body["output_ttl_s"], body["finishing_as"]
+        del body["output_ttl_s"], body["finishing_as"], body["owner"]
         counts = {"total": body.pop("total"), "completed": body.pop("completed"), "failed": body.pop("failed")}
         usage = body.pop("usage")
         return {

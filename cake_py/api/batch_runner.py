@@ -266,10 +266,10 @@ class BatchRunner:
         for field in ("stream", "background"):
             if body.get(field):
                 return 400, {"error": f"{field} is not supported in a batch: its answer goes to a file"}
-        status, answer = await self.routes.post(batch.endpoint, body)
+        status, answer = await self.routes.post(batch.endpoint, body, owner=batch.owner)
         while status in RETRIED and time.time() < batch.expires_at:
             await asyncio.sleep(RETRY_S)
-            status, answer = await self.routes.post(batch.endpoint, body)
+            status, answer = await self.routes.post(batch.endpoint, body, owner=batch.owner)
         return status, answer
 
     async def _finish(
@@ -309,7 +309,10 @@ class BatchRunner:
             for path, kind in ((output, "output"), (error_lines, "error")):
                 lines = [json.dumps(line).encode() + b"\n" for line in _complete_lines(path)]
                 name = f"{batch.id}_{kind}.jsonl"
-                ids.append(self.files.add_lines(lines, name, BATCH_OUTPUT, batch.output_ttl_s).id if lines else None)
+                kept = (
+                    self.files.add_lines(lines, name, BATCH_OUTPUT, batch.output_ttl_s, batch.owner) if lines else None
+                )
+                ids.append(kept.id if kept is not None else None)
             return ids[0], ids[1], completed, failed, usage
 
         batch.output_file_id, batch.error_file_id, batch.completed, batch.failed, batch.usage = await asyncio.to_thread(

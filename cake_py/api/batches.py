@@ -18,6 +18,7 @@ from cake_py.api.batch_runner import COMPLETION_WINDOW_S, BatchRunner
 from cake_py.api.errors import ApiError
 from cake_py.api.file_store import MAX_TTL_S, MIN_TTL_S
 from cake_py.api.listing import list_page
+from cake_py.api.middleware import request_owner
 from cake_py.api.schemas import json_body, metadata_field
 from cake_py.api.state import ServerState
 
@@ -31,7 +32,7 @@ def _runner(request: Request) -> BatchRunner:
 def _batch(request: Request) -> Batch:
     batch_id = request.path_params["batch_id"]
     batch = _runner(request).get(batch_id)
-    if batch is None:
+    if batch is None or batch.owner != request_owner(request):  # another key's is not found
         raise ApiError(404, f"no batch with id {batch_id!r}"[:300])
     return batch
 
@@ -63,10 +64,13 @@ async def create_batch(request: Request) -> Response:
         raise ApiError(400, "input_file_id (the id of a file uploaded with purpose batch) is missing")
     if not isinstance(input_file_id, str):
         raise ApiError(400, f"input_file_id must be a file id (a string), got {input_file_id!r}"[:300])
+    owner = request_owner(request)
     try:
         stored = await run_in_threadpool(state.files.get, input_file_id)
     except KeyError:
-        raise ApiError(400, f"input_file_id: no file with id {input_file_id!r}"[:300]) from None
+        stored = None
+    if stored is None or stored.owner != owner:  # another key's file is not found
+        raise ApiError(400, f"input_file_id: no file with id {input_file_id!r}"[:300])
     if stored.purpose != "batch":
         raise ApiError(400, f"input file {input_file_id!r} was uploaded with purpose {stored.purpose!r}, not 'batch'")
     now = int(time.time())
@@ -79,13 +83,15 @@ async def create_batch(request: Request) -> Response:
         model=state.model_name,
         metadata=metadata,
         output_ttl_s=output_ttl,
+        owner=owner,
     )
     await _runner(request).create(batch)
     return JSONResponse(batch.to_json())
 
 
 async def list_batches(request: Request) -> Response:
-    batches = [batch.to_json() for batch in _runner(request).all()]
+    owner = request_owner(request)
+    batches = [batch.to_json() for batch in _runner(request).all() if batch.owner == owner]
     return JSONResponse(list_page(request.query_params, batches, what="batch", ordered=False))
 
 

@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.listing import list_page
+from cake_py.api.middleware import request_owner
 from cake_py.api.schemas import json_body, metadata_field
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class StoredCompletion:
     metadata: dict[str, str]
     completion_text: str  # the chat completion as answered, without its metadata
     messages_text: str  # the request's messages, each with an id
+    owner: str = ""  # the API key's owner that made it (middleware.request_owner): only it sees it
 
     @property
     def completion(self) -> dict[str, Any]:
@@ -124,13 +126,20 @@ class ChatStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, completion: dict[str, Any], messages: list[dict[str, Any]], metadata: dict[str, str] | None) -> None:
+    def put(
+        self,
+        completion: dict[str, Any],
+        messages: list[dict[str, Any]],
+        metadata: dict[str, str] | None,
+        owner: str = "",
+    ) -> None:
         stored = StoredCompletion(
             completion["id"],
             completion.get("model", ""),
             metadata or {},
             json.dumps(completion, ensure_ascii=False),
             json.dumps(stored_messages(completion["id"], messages), ensure_ascii=False),
+            owner,
         )
         size = len(stored.completion_text) + len(stored.messages_text)
         with self._lock:
@@ -180,7 +189,7 @@ def _store(request: Request) -> ChatStore:
 def _stored(request: Request) -> StoredCompletion:
     completion_id = request.path_params["completion_id"]
     stored = _store(request).get(completion_id)
-    if stored is None:
+    if stored is None or stored.owner != request_owner(request):  # another key's is not found
         raise ApiError(404, f"no stored chat completion with id {completion_id!r} (create it with store: true)"[:300])
     return stored
 
@@ -190,10 +199,12 @@ async def list_completions(request: Request) -> Response:
     model = query.get("model")
     prefix = "metadata["
     wanted = {key[len(prefix) : -1]: value for key, value in query.items() if key.startswith(prefix) and key[-1] == "]"}
+    owner = request_owner(request)
     found = {
         stored.id: stored
         for stored in _store(request).all()
-        if (model is None or stored.model == model)
+        if stored.owner == owner
+        and (model is None or stored.model == model)
         and all(stored.metadata.get(key) == value for key, value in wanted.items())
     }
     # OpenAI's default order here is oldest first (asc), unlike its other lists. Only the page is read back.

@@ -39,11 +39,12 @@ class StoredFile:
     purpose: str
     expires_at: int | None = None
     stored_ns: int = 0  # when it was stored, in ns: files of one second keep their order across restarts
+    owner: str = ""  # the API key's owner that made it (middleware.request_owner): only it sees it
 
     def to_json(self) -> dict[str, object]:
         """OpenAI's File object (`status` is deprecated there; a stored file here is always `processed`)."""
         shown = asdict(self)
-        del shown["stored_ns"]
+        del shown["stored_ns"], shown["owner"]
         return {**shown, "object": "file", "status": "processed", "status_details": None}
 
 
@@ -91,12 +92,14 @@ class FileStore:
                 raise KeyError(file_id)
             return self._index()[file_id]
 
-    def list(self, purpose: str | None = None, *, newest_first: bool = True) -> list[StoredFile]:
+    def list(self, owner: str, purpose: str | None = None, *, newest_first: bool = True) -> list[StoredFile]:
         with self._lock:
-            files = [f for f in self._index().values() if purpose is None or f.purpose == purpose]
+            files = [
+                f for f in self._index().values() if f.owner == owner and (purpose is None or f.purpose == purpose)
+            ]
         return sorted(files, key=lambda f: (f.created_at, f.stored_ns), reverse=newest_first)
 
-    def add(self, source: BinaryIO, filename: str, purpose: str, ttl_s: int | None) -> StoredFile:
+    def add(self, source: BinaryIO, filename: str, purpose: str, ttl_s: int | None, owner: str = "") -> StoredFile:
         """Store what `source` holds; FileTooLargeError past `max_file_bytes` (nothing is kept then)."""
 
         def copy(target: BinaryIO) -> None:
@@ -109,18 +112,22 @@ class FileStore:
                     )
                 target.write(chunk)
 
-        return self._store(copy, filename, purpose, ttl_s)
+        return self._store(copy, filename, purpose, ttl_s, owner)
 
-    def add_lines(self, lines: Iterable[bytes], filename: str, purpose: str, ttl_s: int | None) -> StoredFile:
+    def add_lines(
+        self, lines: Iterable[bytes], filename: str, purpose: str, ttl_s: int | None, owner: str = ""
+    ) -> StoredFile:
         """Store lines (each ending in a newline) as one file: a batch's results."""
 
         def write(target: BinaryIO) -> None:
             for line in lines:
                 target.write(line)
 
-        return self._store(write, filename, purpose, ttl_s)
+        return self._store(write, filename, purpose, ttl_s, owner)
 
-    def _store(self, fill: Callable[[BinaryIO], None], filename: str, purpose: str, ttl_s: int | None) -> StoredFile:
+    def _store(
+        self, fill: Callable[[BinaryIO], None], filename: str, purpose: str, ttl_s: int | None, owner: str
+    ) -> StoredFile:
         self.directory.mkdir(parents=True, exist_ok=True)
         file_id = f"file-{secrets.token_hex(12)}"
         target = self.directory / file_id
@@ -133,7 +140,7 @@ class FileStore:
         stored_ns = time.time_ns()
         now = stored_ns // 1_000_000_000
         expires = now + ttl_s if ttl_s is not None else None
-        stored = StoredFile(file_id, target.stat().st_size, now, filename, purpose, expires, stored_ns)
+        stored = StoredFile(file_id, target.stat().st_size, now, filename, purpose, expires, stored_ns, owner)
         _write_json(self.directory / f"{file_id}.json", asdict(stored))
         with self._lock:
             self._index()[file_id] = stored

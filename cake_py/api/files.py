@@ -22,6 +22,7 @@ from cake_py.api.file_store import (
     StoredFile,
 )
 from cake_py.api.listing import list_page
+from cake_py.api.middleware import request_owner
 from cake_py.api.state import ServerState
 
 MAX_LISTED = 10_000  # OpenAI's most files per page, and its default
@@ -34,11 +35,15 @@ def store_of(request: Request) -> FileStore:
     return state.files
 
 
-async def stored_file(store: FileStore, file_id: str) -> StoredFile:
+async def stored_file(store: FileStore, file_id: str, owner: str) -> StoredFile:
+    """The file, if `owner` made it (another key's is not found)."""
     try:
-        return await run_in_threadpool(store.get, file_id)
+        stored = await run_in_threadpool(store.get, file_id)
     except KeyError:
-        raise ApiError(404, f"no file with id {file_id!r}"[:300]) from None
+        stored = None
+    if stored is None or stored.owner != owner:
+        raise ApiError(404, f"no file with id {file_id!r}"[:300])
+    return stored
 
 
 def _ttl(expires_after: dict[str, str], purpose: str) -> int | None:
@@ -75,7 +80,7 @@ async def upload_file(request: Request) -> Response:
         ttl = _ttl(expires_after, purpose)
         filename = upload.filename or "upload"
         try:
-            stored = await run_in_threadpool(store.add, upload.file, filename, purpose, ttl)
+            stored = await run_in_threadpool(store.add, upload.file, filename, purpose, ttl, request_owner(request))
         except FileTooLargeError as error:
             raise ApiError(413, str(error)) from None
     return JSONResponse(stored.to_json())
@@ -83,7 +88,7 @@ async def upload_file(request: Request) -> Response:
 
 async def list_files(request: Request) -> Response:
     purpose = request.query_params.get("purpose")
-    files = await run_in_threadpool(store_of(request).list, purpose, newest_first=False)
+    files = await run_in_threadpool(store_of(request).list, request_owner(request), purpose, newest_first=False)
     page = list_page(
         request.query_params,
         [f.to_json() for f in files],
@@ -95,12 +100,13 @@ async def list_files(request: Request) -> Response:
 
 
 async def retrieve_file(request: Request) -> Response:
-    stored = await stored_file(store_of(request), request.path_params["file_id"])
+    stored = await stored_file(store_of(request), request.path_params["file_id"], request_owner(request))
     return JSONResponse(stored.to_json())
 
 
 async def delete_file(request: Request) -> Response:
     file_id = request.path_params["file_id"]
+    await stored_file(store_of(request), file_id, request_owner(request))  # a 404 for another key's
     if not await run_in_threadpool(store_of(request).delete, file_id):
         raise ApiError(404, f"no file with id {file_id!r}"[:300])
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
@@ -108,7 +114,7 @@ async def delete_file(request: Request) -> Response:
 
 async def file_content(request: Request) -> Response:
     store = store_of(request)
-    stored = await stored_file(store, request.path_params["file_id"])
+    stored = await stored_file(store, request.path_params["file_id"], request_owner(request))
     # A deletion between here and the read ends the response short; FileResponse reads in a thread.
     return FileResponse(store.bytes_of(stored), media_type="application/octet-stream", filename=stored.filename)
 

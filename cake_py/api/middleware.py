@@ -3,12 +3,15 @@
 Pure ASGI, not BaseHTTPMiddleware: streams and client disconnects must pass through untouched, so that a client
 that leaves mid-stream cancels its sequence. Refusals are JSON in the route family's shape (see `paths`).
 
-- API key (`--api-key`, `CAKE_API_KEY`): `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`) on every route
-  but /health and the UI page.
+- API keys (`--api-key`, `--api-key-file`, `CAKE_API_KEY`): `Authorization: Bearer KEY` (or Anthropic's
+  `x-api-key: KEY`) on every route but the public ones (/health) and the UI page. With several keys, the request's
+  owner (`request_owner`: a digest of its key, never the key) is what stored objects belong to; with one key or
+  none everything is everyone's (owner "").
 - UI auth (`--ui-auth USER:PASS`): HTTP Basic on the UI (`/`, its assets, `/api/v1/topology`). A request has one
   Authorization header, so there Basic stands in for the key.
-- Rate limit (seed 001): a token bucket per client address, on generation routes only. (There is one API key, so
-  a bucket per key would be one bucket for everyone; and without a key, a bearer token costs nothing to change.)
+- Rate limit (seed 001): a token bucket per owner with several keys (people behind one address each get their
+  own), else per client address (one key is everyone's, and without a key a bearer token costs nothing to change);
+  on generation routes only.
 - Body limit: a Content-Length over the limit is refused before reading; a body without one is counted as it
   streams and refused as soon as it passes the limit.
 """
@@ -16,6 +19,7 @@ that leaves mid-stream cancels its sequence. Refusals are JSON in the route fami
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import itertools
 import math
@@ -24,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cake_py.api.errors import ApiError, send_error
@@ -55,17 +60,35 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+OWNER_KEY = "cake_owner"  # in the request's scope["state"]
+
+
+def owner_of(key: str) -> str:
+    """The owner a key stands for: a digest, so that nothing stored or logged holds the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def request_owner(request: Request) -> str:
+    """Whose stored objects a request sees and makes: its key's owner with several keys, else "" (everyone)."""
+    return str(request.scope.get("state", {}).get(OWNER_KEY, ""))
+
+
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str | None = None, ui_auth: tuple[str, str] | None = None) -> None:
-        self.app, self.api_key, self.ui_auth = app, api_key, ui_auth
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...] = (), ui_auth: tuple[str, str] | None = None) -> None:
+        self.app, self.api_keys, self.ui_auth = app, api_keys, ui_auth
+        self.owners = len(api_keys) > 1
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            refusal = self._refusal(scope["path"], Headers(scope=scope))
+            headers = Headers(scope=scope)
+            refusal = self._refusal(scope["path"], headers)
             if refusal is not None:
                 message, challenge = refusal
                 await send_error(send, scope["path"], 401, message, {"WWW-Authenticate": challenge})
                 return
+            token = _bearer(headers)
+            if self.owners and token is not None and token in self.api_keys:
+                scope.setdefault("state", {})[OWNER_KEY] = owner_of(token)
         await self.app(scope, receive, send)
 
     def _refusal(self, path: str, headers: Headers) -> tuple[str, str] | None:
@@ -80,12 +103,13 @@ class AuthMiddleware:
             if not (_same(credentials[0], user) & _same(credentials[1], password)):
                 return f"wrong user or password for user {credentials[0]!r}", REALM
             return None
-        if is_ui_page(path) or self.api_key is None:
+        if is_ui_page(path) or not self.api_keys:
             return None
         token = _bearer(headers)
         if token is None:
             return "missing API key: send the header 'Authorization: Bearer <key>' (or 'x-api-key: <key>')", "Bearer"
-        if not _same(token, self.api_key):
+        matches = [_same(token, key) for key in self.api_keys]  # every key compared: no timing says which is near
+        if not any(matches):
             return "invalid API key", 'Bearer error="invalid_token"'
         return None
 
@@ -143,7 +167,8 @@ class RateLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.limiter is not None and scope["type"] == "http" and is_generation(scope["method"], scope["path"]):
             client = scope.get("client")
-            wait = self.limiter.acquire(client[0] if client else "unknown")
+            owner = scope.get("state", {}).get(OWNER_KEY)
+            wait = self.limiter.acquire(f"key {owner}" if owner else client[0] if client else "unknown")
             if wait > 0:
                 per_minute = round(self.limiter.rate * 60)
                 message = f"rate limit exceeded: {per_minute} requests per minute (burst {self.limiter.capacity:.0f})"

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from cake_py.api.chat_store import ChatFold
 from cake_py.api.errors import ApiError
 from cake_py.api.forced_calls import CallDelta
+from cake_py.api.middleware import request_owner
 from cake_py.api.reasoning import ReasoningStream, is_reasoning_template, opens_thinking, split_reasoning
 from cake_py.api.schemas import (
     chat_messages,
@@ -144,7 +145,7 @@ async def chat_completions(request: Request) -> Response:
     streams = open_streams(state, engine, [prompt_ids] * n, [seeded(params, i) for i in range(n)])
 
     def keep(completion: dict[str, Any]) -> None:
-        state.chat_completions.put(completion, body["messages"], metadata)
+        state.chat_completions.put(completion, body["messages"], metadata, request_owner(request))
 
     if stream:
         chunks = _chat_stream(

@@ -30,6 +30,7 @@ class Draft:
     logprobs: bool
     thinking: bool | None = None  # a reasoning model's answer: whether it starts inside <think> (None: not one)
     background: bool = False  # answered by a task of the server's own (background.py)
+    owner: str = ""  # the API key's owner that asked (middleware.request_owner): the stored response is its own
 
     def body(
         self,
@@ -113,7 +114,8 @@ def finish_response(
             answer["tool_calls"] = [
                 {"id": call["id"], "type": "function", "function": call["function"]} for call in calls
             ]
-        state.responses.put(StoredResponse(without_logprobs(response), draft.items, [*draft.history, answer]))
+        stored = StoredResponse(without_logprobs(response), draft.items, [*draft.history, answer], owner=draft.owner)
+        state.responses.put(stored)
     return response
 
 

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.listing import list_page
+from cake_py.api.middleware import request_owner
 
 if TYPE_CHECKING:
     from cake_py.api.background import LiveResponse
@@ -35,6 +36,7 @@ class StoredResponse:
     input_items: list[dict[str, Any]]  # this request's own input items (ids included)
     conversation: list[dict[str, Any]]  # chat messages up to and including this response's output
     events: tuple[str, ...] = ()  # a background response's events, as SSE lines by sequence number
+    owner: str = ""  # the API key's owner that made it (middleware.request_owner): only it sees it
 
     def with_events(self, lines: Iterable[str]) -> StoredResponse:
         return replace(self, events=tuple(lines))
@@ -69,10 +71,11 @@ class ResponseStore:
             ):
                 self._drop(next(iter(self._entries)))
 
-    def get(self, response_id: str) -> StoredResponse | None:
+    def get(self, response_id: str, owner: str) -> StoredResponse | None:
+        """The stored response, if `owner` made it (another key's is not found)."""
         with self._lock:
             entry = self._entries.get(response_id)
-            if entry is None:
+            if entry is None or entry[0].owner != owner:
                 return None
             self._entries.move_to_end(response_id)
             return entry[0]
@@ -88,8 +91,9 @@ class ResponseStore:
         if self._live.get(live.id) is live:
             del self._live[live.id]
 
-    def live(self, response_id: str) -> LiveResponse | None:
-        return self._live.get(response_id)
+    def live(self, response_id: str, owner: str) -> LiveResponse | None:
+        live = self._live.get(response_id)
+        return live if live is not None and live.owner == owner else None
 
     async def stop_background(self) -> None:
         """Cancel every background run (the server is stopping): each stores itself as cancelled."""
@@ -111,8 +115,8 @@ class ResponseStore:
         return True
 
 
-def _stored(state: ServerState, response_id: str) -> StoredResponse:
-    stored = state.responses.get(response_id)
+def _stored(state: ServerState, response_id: str, owner: str) -> StoredResponse:
+    stored = state.responses.get(response_id, owner)
     if stored is None:
         raise ApiError(404, f"no stored response has the id {response_id!r}"[:300])
     return stored
@@ -122,13 +126,13 @@ async def get_response(request: Request) -> Response:
     """The response as far as it has come (`queued`/`in_progress` while it is answered); with `stream=true`, a
     background response's events after `starting_after` (default: all), then the rest as they come."""
     state: ServerState = request.app.state.cake
-    response_id = request.path_params["response_id"]
+    response_id, owner = request.path_params["response_id"], request_owner(request)
     stream = request.query_params.get("stream", "false").lower()
     if stream not in ("true", "false"):
         raise ApiError(400, f"stream must be true or false, got {stream!r}"[:300])
-    live = state.responses.live(response_id)
+    live = state.responses.live(response_id, owner)
     if stream == "false":
-        return JSONResponse(live.response if live is not None else _stored(state, response_id).response)
+        return JSONResponse(live.response if live is not None else _stored(state, response_id, owner).response)
     raw = request.query_params.get("starting_after", "-1")
     try:
         after = int(raw)
@@ -140,7 +144,7 @@ async def get_response(request: Request) -> Response:
     if live is not None and live.background:
         lines = live.follow(after)
     else:
-        stored = state.responses.get(response_id) if live is None else None
+        stored = state.responses.get(response_id, owner) if live is None else None
         if stored is None and live is None:
             raise ApiError(404, f"no stored response has the id {response_id!r}"[:300])
         if stored is None or not stored.events:
@@ -163,12 +167,12 @@ async def cancel_response(request: Request) -> Response:
     """Stop a background response: it ends `cancelled` with what it had. Cancelling it again returns it as it is;
     one that ended otherwise, or one created without `background`, is a 400 (as in OpenAI's API)."""
     state: ServerState = request.app.state.cake
-    response_id = request.path_params["response_id"]
-    live = state.responses.live(response_id)
+    response_id, owner = request.path_params["response_id"], request_owner(request)
+    live = state.responses.live(response_id, owner)
     if live is not None and live.background:
         await live.cancel()
-        return JSONResponse(_stored(state, response_id).response)
-    stored = _stored(state, response_id) if live is None else None
+        return JSONResponse(_stored(state, response_id, owner).response)
+    stored = _stored(state, response_id, owner) if live is None else None
     if stored is None or not stored.response.get("background"):
         raise ApiError(
             400, f"response {response_id!r} was not created with background: true, so it cannot be cancelled"
@@ -181,14 +185,14 @@ async def cancel_response(request: Request) -> Response:
 
 async def delete_response(request: Request) -> Response:
     """Forget a response; one still being answered in the background is cancelled first."""
-    response_id = request.path_params["response_id"]
+    response_id, owner = request.path_params["response_id"], request_owner(request)
     state: ServerState = request.app.state.cake
-    live = state.responses.live(response_id)
+    live = state.responses.live(response_id, owner)
     if live is not None and live.background:
         await live.cancel()
     elif live is not None:
         raise ApiError(400, f"response {response_id!r} is still being answered; delete it once it has ended")
-    _stored(state, response_id)
+    _stored(state, response_id, owner)
     state.responses.delete(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
@@ -196,9 +200,9 @@ async def delete_response(request: Request) -> Response:
 async def list_input_items(request: Request) -> Response:
     """OpenAI's listing: `order` (desc by default), `limit` (20, at most 100), `after` (an item id)."""
     state: ServerState = request.app.state.cake
-    response_id = request.path_params["response_id"]
-    live = state.responses.live(response_id)
-    items = list(live.input_items if live is not None else _stored(state, response_id).input_items)
+    response_id, owner = request.path_params["response_id"], request_owner(request)
+    live = state.responses.live(response_id, owner)
+    items = list(live.input_items if live is not None else _stored(state, response_id, owner).input_items)
     return JSONResponse(list_page(request.query_params, items, what="input item of this response"))
 
 

@@ -24,6 +24,7 @@ from starlette.routing import Route
 from cake_py.api import response_store
 from cake_py.api.background import LiveResponse, sse_event, start_in_background
 from cake_py.api.errors import ApiError
+from cake_py.api.middleware import request_owner
 from cake_py.api.openai import chat_logprobs
 from cake_py.api.reasoning import is_reasoning_template, opens_thinking, split_reasoning
 from cake_py.api.response_events import response_events
@@ -79,8 +80,9 @@ async def create_response(request: Request) -> Response:
     previous_id = body.get("previous_response_id")
     history: list[dict[str, Any]] = []
     if previous_id is not None:
-        previous = state.responses.get(previous_id) if isinstance(previous_id, str) else None
-        if previous is None and isinstance(previous_id, str) and state.responses.live(previous_id) is not None:
+        owner = request_owner(request)
+        previous = state.responses.get(previous_id, owner) if isinstance(previous_id, str) else None
+        if previous is None and isinstance(previous_id, str) and state.responses.live(previous_id, owner) is not None:
             raise ApiError(400, f"previous_response_id: response {previous_id!r} is still being answered"[:300])
         if previous is None:
             raise ApiError(400, f"previous_response_id: no stored response has the id {previous_id!r}"[:300])
@@ -146,9 +148,11 @@ async def create_response(request: Request) -> Response:
         logprobs=want_logprobs,
         thinking=thinking,
         background=background,
+        owner=request_owner(request),
     )
     streams = open_streams(state, engine, [prompt_ids], [params])
-    live = LiveResponse(draft.body("queued" if background else "in_progress", [], None), items, background=background)
+    opening = draft.body("queued" if background else "in_progress", [], None)
+    live = LiveResponse(opening, items, background=background, owner=draft.owner)
     events = response_events(request.url.path, state, streams[0], draft, tools)
     if background:
         return _start_background(state, live, events, draft, streams, stream)
@@ -183,7 +187,7 @@ def _start_background(
     stream: bool,
 ) -> Response:
     """Answer in a task of the server's own; the request returns the queued response, or follows its events."""
-    stand_in = StoredResponse(live.response, draft.items, draft.history)
+    stand_in = StoredResponse(live.response, draft.items, draft.history, owner=draft.owner)
     start_in_background(live, events, state.responses, stand_in, streams)
     if stream:
         return StreamingResponse(live.follow(-1), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -403,7 +403,7 @@ def test_model_output_is_inserted_as_text_never_as_html(page: Page, cluster: Clu
 
 def test_api_key_field_is_sent_as_bearer_and_kept(browser: Browser, tiny_llama: Path) -> None:
     with _fresh_page(browser) as (page, problems):
-        with running_server(tiny_settings(tiny_llama, api_key="sesame")) as server:
+        with running_server(tiny_settings(tiny_llama, api_keys=("sesame",))) as server:
             page.goto(f"{server.base_url}/#chat")
             page.fill("#max-tokens", "4")
             _send(page, PROMPT)
@@ -426,7 +426,7 @@ def test_api_key_field_is_sent_as_bearer_and_kept(browser: Browser, tiny_llama: 
 def test_the_cluster_view_uses_the_saved_api_key(browser: Browser, tiny_llama: Path) -> None:
     # With --api-key (and no --ui-auth) the topology needs the key: the view says where it goes, then uses it.
     with _fresh_page(browser) as (page, problems):
-        with running_server(tiny_settings(tiny_llama, api_key="sesame")) as server:
+        with running_server(tiny_settings(tiny_llama, api_keys=("sesame",))) as server:
             page.goto(f"{server.base_url}/")
             expect(page.locator("#cluster-banner")).to_contain_text("needs the API key")
             page.goto(f"{server.base_url}/#chat")

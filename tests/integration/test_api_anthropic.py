@@ -186,7 +186,7 @@ def test_the_sdk_reads_the_error(claude: anthropic.Anthropic) -> None:
 
 
 def test_the_api_key_may_come_as_x_api_key(tiny_llama: Path) -> None:
-    with running_server(tiny_settings(tiny_llama, api_key="sekrit")) as server:
+    with running_server(tiny_settings(tiny_llama, api_keys=("sekrit",))) as server:
         with anthropic.Anthropic(base_url=server.base_url, api_key="sekrit", max_retries=0) as good:
             assert good.messages.create(model="x", max_tokens=2, messages=[{"role": "user", "content": "hi"}]).content
         with (

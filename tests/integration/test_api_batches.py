@@ -259,10 +259,10 @@ def test_a_request_the_runner_cannot_carry_is_its_own_failed_line(
 ) -> None:
     real = Routes.post
 
-    async def failing(self: Routes, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    async def failing(self: Routes, path: str, body: dict[str, Any], **options: Any) -> tuple[int, Any]:
         if body["messages"][0]["content"] == "break":
             raise RecursionError("maximum recursion depth exceeded")
-        return await real(self, path, body)
+        return await real(self, path, body, **options)
 
     monkeypatch.setattr(Routes, "post", failing)
     lines = [request_line("ok", chat_body("hi")), request_line("broken", chat_body("break"))]

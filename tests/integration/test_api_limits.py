@@ -33,7 +33,7 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 def test_api_key_through_the_openai_client(tiny_llama: Path) -> None:
-    with running_server(tiny_settings(tiny_llama, api_key="sekrit")) as server:
+    with running_server(tiny_settings(tiny_llama, api_keys=("sekrit",))) as server:
         with OpenAI(base_url=server.openai_url, api_key="wrong", max_retries=0) as intruder:
             with pytest.raises(openai.AuthenticationError) as refused:
                 intruder.chat.completions.create(model="x", messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]

@@ -247,7 +247,9 @@ def started_with_output(handle: ServerHandle) -> str:
 
 def wait_stored(handle: ServerHandle, response_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 30
-    while (stored := handle.state.responses.get(response_id)) is None or handle.state.responses.live(response_id):
+    while (stored := handle.state.responses.get(response_id, "")) is None or handle.state.responses.live(
+        response_id, ""
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     return stored.response

@@ -144,6 +144,19 @@ def test_flags_reach_the_settings() -> None:
     assert _serve_settings(parser.parse_args(["serve"])).speculative_tokens == 0
 
 
+def test_api_keys_reach_the_settings(tmp_path: Path) -> None:
+    from cake_py.cli import _serve_settings, build_parser
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("bob-key\n")
+    args = build_parser().parse_args(["serve", "--api-key", "alice-key", "--api-key-file", str(keys)])
+    assert _serve_settings(args).api_keys == ("alice-key", "bob-key")
+
+
+def test_an_unreadable_api_key_file_is_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(cake("serve", "--api-key-file", str(tmp_path / "nope.txt")), "nope.txt")
+
+
 def test_an_unknown_pooling_is_refused() -> None:
     assert_one_line_error(cake("serve", "--pooling", "cls"), "'cls'")
 

@@ -467,7 +467,7 @@ def test_live_async_client(server: ServerHandle) -> None:
 
 
 def test_live_api_key_is_sent_as_a_bearer_token(tiny_llama: Path) -> None:
-    with running_server(tiny_settings(tiny_llama, api_key="sekret")) as keyed:
+    with running_server(tiny_settings(tiny_llama, api_keys=("sekret",))) as keyed:
         with CakeClient(keyed.base_url) as anonymous, CakeClient(keyed.base_url, api_key="wrong") as wrong:
             with pytest.raises(AuthenticationError, match="HTTP 401"):
                 anonymous.chat("Hi", max_output_tokens=1)

@@ -9,6 +9,7 @@ from cake_py.config import (
     listen_address,
     load_cluster_file,
     parse_address,
+    parse_api_keys,
     parse_cpus,
     parse_layers,
     parse_ui_auth,
@@ -115,3 +116,28 @@ def test_allowed_origins_are_star_or_origins() -> None:
     )
     with pytest.raises(ConfigError, match="'ftp://x'"):
         parse_origins("ftp://x")
+
+
+def test_api_keys_come_as_a_list_and_from_a_file(tmp_path: Path) -> None:
+    assert parse_api_keys(None) == () and parse_api_keys("") == ()
+    assert parse_api_keys("one") == ("one",)
+    assert parse_api_keys(" a , b,,a ") == ("a", "b")  # llama.cpp's comma-separated list, duplicates once
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# the team\nalice-key\n\n  bob-key  \n")
+    assert parse_api_keys("carol-key", keys) == ("carol-key", "alice-key", "bob-key")
+
+
+def test_bad_api_keys_are_named_by_place_not_by_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--api-key must be printable") as caught:
+        parse_api_keys("good,bad key")
+    assert "bad key" not in str(caught.value)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("fine\nsecr\u00e9t\n")
+    with pytest.raises(ConfigError, match="line 2 of --api-key-file"):
+        parse_api_keys(None, keys)
+    with pytest.raises(ConfigError, match="holds no key"):
+        empty = tmp_path / "empty.txt"
+        empty.write_text("# nothing yet\n")
+        parse_api_keys(None, empty)
+    with pytest.raises(ConfigError, match="missing.txt"):
+        parse_api_keys(None, tmp_path / "missing.txt")

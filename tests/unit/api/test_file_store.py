@@ -21,8 +21,8 @@ def test_a_file_is_kept_listed_and_found_by_a_new_store(tmp_path: Path) -> None:
     assert second.expires_at == second.created_at + 3600
     again = FileStore(tmp_path, max_file_bytes=0)  # a restarted server
     assert again.get(first.id) == first and again.get(second.id) == second
-    assert [f.id for f in again.list("batch")] == [first.id]
-    assert {f.id for f in again.list()} == {first.id, second.id}
+    assert [f.id for f in again.list("", "batch")] == [first.id]
+    assert {f.id for f in again.list("")} == {first.id, second.id}
     assert first.to_json()["object"] == "file" and first.to_json()["status"] == "processed"
 
 
@@ -44,7 +44,7 @@ def test_an_expired_file_goes_when_the_store_is_next_read(tmp_path: Path, monkey
     monkeypatch.setattr(time, "time", lambda: later)
     with pytest.raises(KeyError):
         store.get(stored.id)
-    assert [f.id for f in store.list()] == [kept.id]
+    assert [f.id for f in store.list("")] == [kept.id]
     assert sorted(p.name for p in store.directory.iterdir()) == sorted([kept.id, f"{kept.id}.json"])
 
 
@@ -62,7 +62,7 @@ def test_unfinished_uploads_and_foreign_names_are_not_files(tmp_path: Path) -> N
     (store.directory / "file-0123456789abcdef01234567").write_bytes(b"no metadata: an upload cut short")
     (store.directory / "file-zzz.json").write_text("{not json")
     again = FileStore(tmp_path, max_file_bytes=0)
-    assert [f.id for f in again.list()] == [stored.id]
+    assert [f.id for f in again.list("")] == [stored.id]
     for name in ("../../etc/passwd", "file-0123456789abcdef01234567", f"{stored.id}/../x", stored.id.upper()):
         with pytest.raises(KeyError):
             again.get(name)
@@ -71,5 +71,13 @@ def test_unfinished_uploads_and_foreign_names_are_not_files(tmp_path: Path) -> N
 def test_files_of_one_second_keep_their_order_across_restarts(tmp_path: Path) -> None:
     store = FileStore(tmp_path, max_file_bytes=0)
     ids = [store.add(io.BytesIO(b"x"), f"{i}", "batch", None).id for i in range(5)]
-    assert [f.id for f in store.list(newest_first=False)] == ids
-    assert [f.id for f in FileStore(tmp_path, max_file_bytes=0).list(newest_first=False)] == ids
+    assert [f.id for f in store.list("", newest_first=False)] == ids
+    assert [f.id for f in FileStore(tmp_path, max_file_bytes=0).list("", newest_first=False)] == ids
+
+
+def test_a_file_is_listed_for_its_owner_only_also_after_a_restart(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, max_file_bytes=0)
+    mine = store.add(io.BytesIO(b"x"), "a.jsonl", "batch", None, owner="alice")
+    assert [f.id for f in store.list("alice")] == [mine.id] and store.list("bob") == store.list("") == []
+    again = FileStore(tmp_path, max_file_bytes=0)
+    assert again.get(mine.id).owner == "alice" and "owner" not in again.get(mine.id).to_json()

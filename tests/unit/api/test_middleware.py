@@ -30,7 +30,7 @@ def _basic(user: str, password: str) -> dict[str, str]:
 
 @pytest.fixture
 def keyed() -> Iterator[TestClient]:
-    with _client(api_key="sekrit", rate_limit=0) as client:
+    with _client(api_keys=("sekrit",), rate_limit=0) as client:
         yield client
 
 
@@ -62,7 +62,7 @@ def test_the_ui_page_loads_without_the_api_key(keyed: TestClient) -> None:
 
 
 def test_ui_auth_guards_the_page_and_topology_with_basic() -> None:
-    with _client(ui_auth=("admin", "pw"), api_key="sekrit") as client:
+    with _client(ui_auth=("admin", "pw"), api_keys=("sekrit",)) as client:
         for path in ("/", "/api/v1/topology"):
             refused = client.get(path)
             assert refused.status_code == 401

@@ -13,16 +13,23 @@ def test_the_least_recently_used_go_first_past_the_count() -> None:
     store = ResponseStore(max_responses=2)
     store.put(stored("a"))
     store.put(stored("b"))
-    assert store.get("a") is not None  # a is used: b is now the oldest
+    assert store.get("a", "") is not None  # a is used: b is now the oldest
     store.put(stored("c"))
-    assert (store.get("a") is not None, store.get("b"), store.get("c") is not None) == (True, None, True)
+    assert (store.get("a", "") is not None, store.get("b", ""), store.get("c", "") is not None) == (True, None, True)
 
 
 def test_the_size_counts_the_whole_response_not_only_its_text() -> None:
     store = ResponseStore(max_characters=5000)
     store.put(stored("big", "x" * 3000))
     store.put(stored("bigger", "y" * 3000))
-    assert store.get("big") is None and store.get("bigger") is not None  # 6000 characters do not fit
+    assert store.get("big", "") is None and store.get("bigger", "") is not None  # 6000 characters do not fit
     store.put(stored("huge", "z" * 10_000))
-    assert len(store) == 1 and store.get("huge") is not None  # the newest stays even alone past the limit
+    assert len(store) == 1 and store.get("huge", "") is not None  # the newest stays even alone past the limit
     assert store.delete("huge") and not store.delete("huge") and len(store) == 0
+
+
+def test_a_response_is_only_its_owners() -> None:
+    store = ResponseStore()
+    store.put(StoredResponse({"id": "r"}, [], [], owner="alice"))
+    assert store.get("r", "alice") is not None
+    assert store.get("r", "bob") is None and store.get("r", "") is None  # another key's is not found

@@ -103,6 +103,6 @@ def test_the_ui_is_behind_ui_auth_and_outside_the_api_key() -> None:
         assert guarded.get(path, headers={"Authorization": f"Basic {token}"}).status_code == 200
 
     # An API key guards the API, not the page: the browser loads the page, then the chat sends the key.
-    keyed = _client(api_key="sesame")
+    keyed = _client(api_keys=("sesame",))
     for path in ("/", "/static/app.js", "/static/style.css"):
         assert keyed.get(path).status_code == 200

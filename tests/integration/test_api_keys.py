@@ -1,0 +1,122 @@
+"""Several API keys (`--api-key A,B`, `--api-key-file`) on a real server: each key's files, batches, stored chat
+completions and stored responses are its own (another key gets a 404, and its lists leave them out), a batch's
+requests and result files belong to its key, and each key has its own rate limit."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+
+ASK: Any = [{"role": "user", "content": "Tell me about cake."}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama: Path) -> Iterator[ServerHandle]:
+    with running_server(tiny_settings(tiny_llama, api_keys=("alice-key", "bob-key"))) as handle:
+        yield handle
+
+
+def client_of(server: ServerHandle, key: str) -> OpenAI:
+    return OpenAI(base_url=server.openai_url, api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def alice(server: ServerHandle) -> Iterator[OpenAI]:
+    with client_of(server, "alice-key") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def bob(server: ServerHandle) -> Iterator[OpenAI]:
+    with client_of(server, "bob-key") as client:
+        yield client
+
+
+def test_each_key_is_let_in_and_no_other(server: ServerHandle, alice: OpenAI, bob: OpenAI) -> None:
+    for client in (alice, bob):
+        assert client.chat.completions.create(model="x", messages=ASK, max_tokens=2).choices
+    with client_of(server, "alice-key,bob-key") as both, pytest.raises(openai.AuthenticationError):
+        both.models.list()
+
+
+def test_a_stored_chat_completion_is_its_keys_own(alice: OpenAI, bob: OpenAI) -> None:
+    made = alice.chat.completions.create(model="x", messages=ASK, max_tokens=2, store=True)
+    assert alice.chat.completions.retrieve(made.id).id == made.id
+    assert made.id in [stored.id for stored in alice.chat.completions.list()]
+    assert made.id not in [stored.id for stored in bob.chat.completions.list()]
+    for call in (
+        lambda: bob.chat.completions.retrieve(made.id),
+        lambda: bob.chat.completions.messages.list(made.id),
+        lambda: bob.chat.completions.update(made.id, metadata={"x": "y"}),
+        lambda: bob.chat.completions.delete(made.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert alice.chat.completions.retrieve(made.id).metadata in ({}, None)  # bob's update never reached it
+
+
+def test_a_stored_response_is_its_keys_own(alice: OpenAI, bob: OpenAI) -> None:
+    made = alice.responses.create(model="x", input="Tell me about cake.", max_output_tokens=16)
+    assert alice.responses.retrieve(made.id).id == made.id
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.retrieve(made.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.delete(made.id)
+    with pytest.raises(openai.BadRequestError) as refused:  # no reading alice's conversation
+        bob.responses.create(model="x", input="And then?", previous_response_id=made.id, max_output_tokens=16)
+    assert "no stored response" in str(refused.value.body)
+    assert alice.responses.create(model="x", input="And then?", previous_response_id=made.id, max_output_tokens=16)
+
+
+def test_files_and_batches_are_their_keys_own(alice: OpenAI, bob: OpenAI) -> None:
+    line = {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions"}
+    line["body"] = {"model": "x", "messages": ASK, "max_tokens": 4, "store": True}
+    upload = alice.files.create(file=("in.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")), purpose="batch")
+    assert upload.id in [f.id for f in alice.files.list()] and upload.id not in [f.id for f in bob.files.list()]
+    for call in (lambda: bob.files.retrieve(upload.id), lambda: bob.files.content(upload.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.NotFoundError):
+        bob.files.delete(upload.id)
+    with pytest.raises(openai.BadRequestError) as refused:
+        bob.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert "no file with id" in str(refused.value.body)
+
+    batch = alice.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.id not in [b.id for b in bob.batches.list()]
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.cancel(batch.id)
+    deadline = time.monotonic() + 60
+    while (batch := alice.batches.retrieve(batch.id)).status != "completed":
+        assert time.monotonic() < deadline and batch.status not in ("failed", "cancelled", "expired"), batch.status
+        time.sleep(0.05)
+    assert batch.output_file_id is not None
+    answer = json.loads(alice.files.content(batch.output_file_id).text)
+    with pytest.raises(openai.NotFoundError):
+        bob.files.content(batch.output_file_id)
+    # The batch's request ran as alice's: the completion it stored is hers.
+    stored_id = answer["response"]["body"]["id"]
+    assert alice.chat.completions.retrieve(stored_id).id == stored_id
+    with pytest.raises(openai.NotFoundError):
+        bob.chat.completions.retrieve(stored_id)
+
+
+def test_each_key_has_its_own_rate_limit(tiny_llama: Path) -> None:
+    settings = tiny_settings(tiny_llama, api_keys=("alice-key", "bob-key"), rate_limit=60, rate_burst=1)
+    with running_server(settings) as server, client_of(server, "alice-key") as a, client_of(server, "bob-key") as b:
+        a.completions.create(model="x", prompt="cake", max_tokens=1)
+        with pytest.raises(openai.RateLimitError):
+            a.completions.create(model="x", prompt="cake", max_tokens=1)
+        assert b.completions.create(model="x", prompt="cake", max_tokens=1).choices  # same address, its own bucket
