@@ -27,7 +27,7 @@ from cake_py.api.management import build_engine, retire
 from cake_py.api.state import ServerState
 from cake_py.cluster.master import available_workers, check_master_holds_all
 from cake_py.config import ServeSettings
-from cake_py.engine.engine import Engine
+from cake_py.engine.engine import ENGINE_STOPPED, Engine
 from cake_py.engine.sequence import GenerationEvent, Sequence
 from cake_py.errors import ClusterError
 from cake_py.models.device import release_device_memory, torch_dtype
@@ -56,6 +56,7 @@ class Failover:
         self.waiting: str | None = None  # why the last placement failed: nothing is served until one succeeds
         self.source: ModelSource | None = state.source
         self.stopping = False
+        self.handed: list[Sequence] = []  # requests in flight while a placement is made, for its new engine
         self._probed = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -63,8 +64,11 @@ class Failover:
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="cake-failover")
 
     def stop_soon(self) -> None:
-        """No placement starts after this (a shutdown); one under way finishes and closes what it built."""
+        """No placement starts after this (a shutdown); one under way finishes and closes what it built. Requests
+        waiting for it end now, while their clients are still there to hear it."""
         self.stopping = True
+        handed, self.handed = self.handed, []
+        _end(handed, ClusterError(ENGINE_STOPPED))
 
     async def stop(self) -> None:
         self.stopping = True
@@ -143,21 +147,28 @@ class Failover:
                     return
             old, state.engine = state.engine, None
             # Requests in flight wait for the new placement and go on there, computed again from their first token.
-            handed = await run_in_threadpool(_hand_over, old) if old is not None else []
-            reasons = []
-            for workers in attempts:
-                engine, reason = await self._build(source, workers)
-                if engine is not None:
-                    if handed:
-                        log.warning("failover: %d request(s) in flight go on over the new placement", len(handed))
-                        _adopt(engine, handed, old)
-                    return
-                reasons.append(reason)
-                for address in workers - self.working:  # the workers this attempt added: left out for a while
-                    _, hold = self.held_off.get(address, (0.0, HOLD_OFF_S))
-                    self.held_off[address] = (time.monotonic() + hold, min(hold * 2, MAX_HOLD_OFF_S))
-            self._wait(source, "; ".join(reasons))
-            _end(handed, ClusterError(f"{source.model_id!r} could not be placed again: {'; '.join(reasons)}"))
+            self.handed = await run_in_threadpool(_hand_over, old) if old is not None else []
+            reasons: list[str] = []
+            try:
+                for workers in attempts:
+                    engine, reason = await self._build(source, workers)
+                    if engine is not None:
+                        handed, self.handed = self.handed, []
+                        if handed:
+                            log.warning("failover: %d request(s) in flight go on over the new placement", len(handed))
+                            _adopt(engine, handed, old)
+                        return
+                    reasons.append(reason)
+                    if self.stopping:
+                        break
+                    for address in workers - self.working:  # the workers this attempt added: left out for a while
+                        _, hold = self.held_off.get(address, (0.0, HOLD_OFF_S))
+                        self.held_off[address] = (time.monotonic() + hold, min(hold * 2, MAX_HOLD_OFF_S))
+                self._wait(source, "; ".join(reasons))
+            finally:  # no placement took them (it failed, the server is stopping, or this was cancelled): they end
+                why = "; ".join(reasons) or "the server is stopping"
+                handed, self.handed = self.handed, []
+                _end(handed, ClusterError(f"{source.model_id!r} could not be placed again: {why}"))
 
     async def _build(self, source: ModelSource, workers: set[str]) -> tuple[Engine | None, str]:
         """Serve `source` over `workers` (addresses); (the engine, "") or (None, why not)."""

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 ENGINE_STOPPED = "the engine stopped: the server is shutting down or switching models"
 ENGINE_DEAD = "the engine thread died (see the server log); restart the server"
 HOLD_CHECK_S = 0.5  # how often held sequences look whether the pipeline is whole again
+# A sequence computed again this many times (a stage that keeps going down, perhaps because of this very request)
+# ends with the error instead of being held once more.
+MAX_RESTARTS = 3
 
 # Requests are numbered for fairness between them, across engines: a request handed over to the engine that
 # replaces its own (failover) stays apart from that engine's own.
@@ -374,7 +377,8 @@ class Engine:
                     self._queued -= 1
                     self.copies.taken(item)
                 self._waiting[item.seq_id] = item
-                self.stats.requests_total += 1
+                if not item.restarts:  # one handed over by another engine was counted there
+                    self.stats.requests_total += 1
                 continue
             seq = self._running.get(item) or self._waiting.get(item)
             if seq is not None and not seq.cancelled:
@@ -438,8 +442,9 @@ class Engine:
                 return
             if self.hold_s > 0 and self.pipeline.down_stages():  # computed again once the pipeline is whole
                 log.warning("a stage is down (%s): %d sequence(s) wait for it, or for a failover", error, len(members))
-                for seq in members:
-                    seq.restart()
+                self._held_since = time.monotonic()  # so _hold does not restart them a second time
+                for seq in list(self._running.values()):  # the others of the step's sequences lost theirs too
+                    self._restart(seq, error)
                 return
             for seq in members:
                 self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(error), exception=error))
@@ -482,6 +487,11 @@ class Engine:
         now = time.monotonic()
         if self._held_since is None:
             self._held_since = now
+            # A stage that went down lost its caches (a worker that restarts comes back without them), whether or
+            # not a step failed on it: every running sequence is computed again once the pipeline is whole.
+            error = ClusterError(f"pipeline stage(s) down: {', '.join(down)}")
+            for seq in list(self._running.values()):
+                self._restart(seq, error)
         elif now - self._held_since > self.hold_s:
             error = ClusterError(f"pipeline stage(s) down for over {self.hold_s:.0f} s: {', '.join(down)}")
             for seq in [*self._running.values(), *self._waiting.values()]:
@@ -491,6 +501,14 @@ class Engine:
         self._wake.wait(HOLD_CHECK_S)
         self._wake.clear()
         return True
+
+    def _restart(self, seq: Sequence, error: CakeError) -> None:
+        """Compute a sequence again from its first token, or end it with `error` once it has been MAX_RESTARTS times
+        (a stage that goes down again and again must not hold a request for ever)."""
+        if seq.restarts >= MAX_RESTARTS:
+            self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(error), exception=error))
+            return
+        seq.restart()
 
     def _admit(self) -> None:
         """Start waiting sequences while there is room, by priority (lower first: a Batch API request waits while

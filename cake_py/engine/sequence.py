@@ -79,13 +79,16 @@ class Sequence:
         self.accepted_prediction_tokens = 0
         self.rejected_prediction_tokens = 0
         self.cancelled = False
+        self.restarts = 0  # how often its caches were lost and it was computed again (restart)
         self.created = time.monotonic()
         self.first_token_at: float | None = None
 
     def restart(self) -> None:
         """Its caches are lost (a stage went down, or it moves to another engine): it is computed again from its
         first token, its output so far kept (nothing is sampled again) and its choice no longer copying a leader."""
+        self.restarts += 1
         self.n_cached = 0
+        self.cached_tokens = 0  # none of its prompt comes from a kept cache any more (one may match again)
         self.drafts = []
         self.leader = None
         if self.pooled is not None and self.params.pooling is not None:

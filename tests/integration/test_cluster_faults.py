@@ -449,8 +449,26 @@ def test_a_failover_placement_that_fails_is_tried_again_and_said_meanwhile(
     monkeypatch.setattr(failover_module, "build_engine", flaky)
     monkeypatch.setattr(failover_module, "PROBE_S", 0.5)
     with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=30.0) as http:
+        lines: list[str] = []
+        started = threading.Event()
+
+        def in_flight() -> None:  # a request under way when the worker dies: it waits, then hears why it ended
+            body = {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "ignore_eos": True, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as stream:
+                for line in stream.iter_lines():
+                    lines.append(line)
+                    started.set()
+
+        reader = threading.Thread(target=in_flight, daemon=True)
+        reader.start()
+        assert started.wait(30)
         second.kill()
         wait_until(lambda: len(attempts) >= 1, 30.0, "a first placement without the dead worker")
+        reader.join(30)
+        assert not reader.is_alive(), "the request in flight was left hanging"
+        errors = [line for line in lines if '"error"' in line]
+        assert errors and "could not be placed again" in errors[0] and "fits on none" in errors[0], lines[-3:]
+        assert [line for line in lines if line][-1] == "data: [DONE]"
         health = http.get("/health")
         if len(attempts) == 1:  # not yet tried again: the reason is what is served
             assert health.status_code == 503 and "fits on none of the nodes left" in health.json()["error"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence as Ids
 from itertools import count
 
 import pytest
@@ -16,7 +16,7 @@ import torch
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.cluster.stage import LocalStage
 from cake_py.engine.engine import Engine
-from cake_py.engine.sequence import GenerationEvent
+from cake_py.engine.sequence import GenerationEvent, Sequence
 from cake_py.errors import StageError
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import Batch
@@ -28,23 +28,27 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 class DyingStage(LocalStage):
     """A local stage that goes down on its `die_at`-th forward, losing every cache (as a killed worker does), until
-    `come_back()`."""
+    `come_back()`. With `between_steps`, that forward still answers: the stage is seen down only by the engine's next
+    look (as a worker whose health check fails while the master samples)."""
 
-    def __init__(self, stage: LocalStage, die_at: int) -> None:
+    def __init__(self, stage: LocalStage, die_at: int, between_steps: bool = False) -> None:
         super().__init__(stage.model, "worker")
-        self.calls, self.die_at, self.down = 0, die_at, False
+        self.calls, self.die_at, self.between_steps, self.down = 0, die_at, between_steps, False
         self.went_down = threading.Event()
 
     def forward(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         self.calls += 1
         if self.down or self.calls == self.die_at:
+            out = super().forward(hidden, batch) if self.between_steps and not self.down else None
             self.down = True
             self.kv.release(self.kv.sequence_ids())
             self.went_down.set()
+            if out is not None:
+                return out
             raise StageError("worker: the forward connection broke (simulated)")
         return super().forward(hidden, batch)
 
-    def release(self, seq_ids: Sequence[int]) -> None:
+    def release(self, seq_ids: Ids[int]) -> None:
         if not self.down:
             super().release(seq_ids)
 
@@ -74,11 +78,14 @@ def tokens(events: list[GenerationEvent]) -> list[int]:
     return [token.token_id for event in events for token in event.tokens]
 
 
-def dying_engine(source: ModelSource, die_at: int, hold_s: float, ids: count[int] | None = None) -> Engine:
+def dying_engine(
+    source: ModelSource, die_at: int, hold_s: float, ids: count[int] | None = None, between_steps: bool = False
+) -> Engine:
     pipeline = local_pipeline(source, torch.float32)
     stage = pipeline.stages[0]
     assert isinstance(stage, LocalStage)
-    engine = Engine(Pipeline(pipeline.ends, [DyingStage(stage, die_at)]), source.tokenizer, seq_ids=ids)
+    dying = DyingStage(stage, die_at, between_steps)
+    engine = Engine(Pipeline(pipeline.ends, [dying]), source.tokenizer, seq_ids=ids)
     engine.hold_s = hold_s
     return engine
 
@@ -114,6 +121,53 @@ def test_a_sequence_waits_for_its_stage_and_goes_on_as_if_nothing_happened(
         engine.stop()
     assert result[-1].finish_reason == "length", result[-1].error
     assert tokens(result) == expected  # computed again from its first token: the same greedy answer
+
+
+def test_a_stage_seen_down_between_steps_loses_no_request(source: ModelSource, expected: list[int]) -> None:
+    """No step failed on it, but its caches are gone all the same: the sequence is computed again."""
+    engine = dying_engine(source, die_at=8, hold_s=30.0, between_steps=True)
+    engine.start()
+    try:
+        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        engine.submit(PROMPT, GREEDY, events.put)
+        assert stage_of(engine).went_down.wait(30)
+        time.sleep(0.3)
+        stage_of(engine).come_back()
+        result = collect(events)
+    finally:
+        engine.stop()
+    assert result[-1].finish_reason == "length", result[-1].error
+    assert tokens(result) == expected
+
+
+def test_a_stage_that_keeps_going_down_ends_the_request(source: ModelSource) -> None:
+    """A worker that crashes on every forward (this request may be what kills it) must not hold it for ever."""
+    engine = dying_engine(source, die_at=3, hold_s=60.0)
+    stage = stage_of(engine)
+    engine.start()
+    back = threading.Event()
+
+    def revive() -> None:
+        while not back.wait(0.2):
+            stage.die_at = stage.calls + 1  # back, and down again at its next forward
+            stage.come_back()
+
+    threading.Thread(target=revive, daemon=True).start()
+    try:
+        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        engine.submit(PROMPT, GREEDY, events.put)
+        last = collect(events, timeout=20)[-1]
+    finally:
+        back.set()
+        engine.stop()
+    assert last.finish_reason == "error" and "simulated" in (last.error or "")
+
+
+def test_a_restarted_sequence_claims_no_cached_prompt(source: ModelSource) -> None:
+    seq = Sequence(1, PROMPT, GREEDY, source.tokenizer, lambda event: None)
+    seq.n_cached, seq.cached_tokens = 5, 4  # as after copying a kept prefix
+    seq.restart()
+    assert (seq.n_cached, seq.cached_tokens, seq.restarts) == (0, 0, 1)
 
 
 def test_waiting_has_a_bound(source: ModelSource) -> None:
@@ -182,6 +236,7 @@ def test_sequences_handed_over_go_on_on_the_next_engine_and_cancels_follow_them(
         assert result[-1].finish_reason == "length", result[-1].error
         assert tokens(result) == expected
         assert tokens(collect(own)) == expected
+        assert old.stats.requests_total + new.stats.requests_total == 3  # each request counted once
     finally:
         new.stop()
 
