@@ -104,10 +104,9 @@ def collect(events: queue.SimpleQueue[GenerationEvent], timeout: float = 30.0) -
     return out
 
 
-def test_a_sequence_waits_for_its_stage_and_goes_on_as_if_nothing_happened(
-    source: ModelSource, expected: list[int]
-) -> None:
-    engine = dying_engine(source, die_at=8, hold_s=30.0)  # the prefill, then a few decode steps
+def through_a_fall(engine: Engine) -> list[GenerationEvent]:
+    """A greedy generation whose stage goes down under it and comes back (without its caches) 0.3 s later; the
+    request is held meanwhile, not ended."""
     engine.start()
     try:
         events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
@@ -116,26 +115,22 @@ def test_a_sequence_waits_for_its_stage_and_goes_on_as_if_nothing_happened(
         time.sleep(0.3)
         assert engine.in_flight == 1  # held, not ended
         stage_of(engine).come_back()
-        result = collect(events)
+        return collect(events)
     finally:
         engine.stop()
+
+
+def test_a_sequence_waits_for_its_stage_and_goes_on_as_if_nothing_happened(
+    source: ModelSource, expected: list[int]
+) -> None:
+    result = through_a_fall(dying_engine(source, die_at=8, hold_s=30.0))  # the prefill, then a few decode steps
     assert result[-1].finish_reason == "length", result[-1].error
     assert tokens(result) == expected  # computed again from its first token: the same greedy answer
 
 
 def test_a_stage_seen_down_between_steps_loses_no_request(source: ModelSource, expected: list[int]) -> None:
     """No step failed on it, but its caches are gone all the same: the sequence is computed again."""
-    engine = dying_engine(source, die_at=8, hold_s=30.0, between_steps=True)
-    engine.start()
-    try:
-        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
-        engine.submit(PROMPT, GREEDY, events.put)
-        assert stage_of(engine).went_down.wait(30)
-        time.sleep(0.3)
-        stage_of(engine).come_back()
-        result = collect(events)
-    finally:
-        engine.stop()
+    result = through_a_fall(dying_engine(source, die_at=8, hold_s=30.0, between_steps=True))
     assert result[-1].finish_reason == "length", result[-1].error
     assert tokens(result) == expected
 
