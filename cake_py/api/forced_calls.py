@@ -71,7 +71,7 @@ class ForcedCalls:
             else:
                 self._frame_char(char)
         deltas, self.deltas = self.deltas, []
-        return [] if self.unordered else _merged(deltas)
+        return [] if self.unordered else merged(deltas)
 
     def tool_calls(self) -> list[dict[str, Any]]:
         """The calls read so far, as OpenAI's tool_calls (the last one's arguments partial if the text was cut)."""
@@ -147,7 +147,7 @@ class ForcedCalls:
             self.deltas.append(CallDelta(len(self.calls) - 1, id=self.calls[-1].id, name=value))
 
 
-def _merged(deltas: list[CallDelta]) -> list[CallDelta]:
+def merged(deltas: list[CallDelta]) -> list[CallDelta]:
     """Consecutive argument pieces of one call as one delta."""
     merged: list[CallDelta] = []
     for delta in deltas:

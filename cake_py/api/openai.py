@@ -246,11 +246,15 @@ async def _chat_stream(
             reasoning, text = thought.feed(text, last=event.finished)
             if reasoning:
                 yield chunk(index, {"reasoning_content": reasoning})
-        text = answer.feed(text)
-        if text or "logprobs" in extra:
-            yield chunk(index, {"content": text}, **extra)
-        if answer.deltas:  # calls, as they are written
-            yield chunk(index, {"tool_calls": [_call_delta(delta) for delta in answer.deltas]})
+        answer.feed(text)
+        for piece in _grouped(answer.pieces):  # content and calls as they are written, in their order
+            if isinstance(piece, str):
+                yield chunk(index, {"content": piece}, **extra)
+                extra = {}  # the step's logprobs go with its first content
+            else:
+                yield chunk(index, {"tool_calls": [_call_delta(delta) for delta in piece]})
+        if "logprobs" in extra:
+            yield chunk(index, {"content": ""}, **extra)
         if event.finished:
             done = answer.finish()
             if done.deltas:
@@ -280,6 +284,18 @@ async def _chat_stream(
         fold.usage = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))
         keep(fold.completion())
     yield sse("[DONE]")
+
+
+def _grouped(pieces: list[str | CallDelta]) -> list[str | list[CallDelta]]:
+    """Consecutive call pieces as one chunk's list (content pieces stay apart: each is one chunk)."""
+    grouped: list[str | list[CallDelta]] = []
+    for piece in pieces:
+        last = grouped[-1] if grouped else None
+        if isinstance(piece, CallDelta) and isinstance(last, list):
+            last.append(piece)
+        else:
+            grouped.append([piece] if isinstance(piece, CallDelta) else piece)
+    return grouped
 
 
 def _call_delta(delta: CallDelta) -> dict[str, Any]:

@@ -44,13 +44,17 @@ async def response_events(
         yield event("response.in_progress", response=draft.body("in_progress", [], None))
     started = not draft.background
     answer = ToolStream(tools)
-    message_id: str | None = None
+    message_id: str | None = None  # the message item open now (text after a call opens another one)
     outputs = 0  # output items opened so far: the next one's output_index
-    text: list[str] = []
-    logprobs: list[dict[str, Any]] = []  # every token's, for the message's done events
-    pending: list[dict[str, Any]] = []  # those not yet sent with a delta
+    text: list[str] = []  # the open message's text pieces
+    message_texts: list[str] = []  # every message's text, for the stored conversation
+    message_logprobs: list[dict[str, Any]] = []  # the open message's tokens' logprobs, for its done events
+    pending: list[dict[str, Any]] = []  # logprobs not yet sent with a delta
     where = {"output_index": 0, "content_index": 0}
     streamed: dict[int, dict[str, Any]] = {}  # calls as they are written, by their index in the answer
+    open_calls: list[int] = []  # those whose item is still open
+    finished: list[tuple[int, dict[str, Any]]] = []  # (output_index, item) of every item done, for the output
+    calls: list[dict[str, Any]] = []  # every call, in order, for the stored conversation
     thought = ReasoningStream(draft.thinking) if draft.thinking is not None else None
     thinking: dict[str, Any] = {}  # the reasoning item while it is open: id, output_index, text pieces
     reasoning: dict[str, Any] | None = None  # and once it is done
@@ -71,9 +75,44 @@ async def response_events(
             ),
         ]
 
+    def close_message(status: str) -> list[dict[str, Any]]:
+        """The open message is done (a call follows it, or the answer ended)."""
+        nonlocal message_id
+        if message_id is None:
+            return []
+        message = message_item(message_id, "".join(text), status, message_logprobs[:])
+        part = message["content"][0]
+        lines = [
+            event(
+                "response.output_text.done", item_id=message_id, **where, text=part["text"], logprobs=part["logprobs"]
+            ),
+            event("response.content_part.done", item_id=message_id, **where, part=part),
+            event("response.output_item.done", output_index=where["output_index"], item=message),
+        ]
+        finished.append((where["output_index"], message))
+        message_texts.append("".join(text))
+        message_id = None
+        text.clear()
+        message_logprobs.clear()
+        return lines
+
+    def close_calls(status: str) -> list[dict[str, Any]]:
+        """The streamed calls still open are done (text follows them, another call opens, or the answer ended)."""
+        lines = []
+        for index in open_calls:
+            call = {**streamed[index], "status": status}
+            ids = {"item_id": call["item_id"], "output_index": call["output_index"]}
+            lines.append(event("response.function_call_arguments.done", **ids, arguments=call["function"]["arguments"]))
+            lines.append(event("response.output_item.done", output_index=call["output_index"], item=call_item(call)))
+            finished.append((call["output_index"], call_item(call)))
+            calls.append(call)
+        open_calls.clear()
+        return lines
+
     def delta(piece: str) -> list[dict[str, Any]]:
-        out = open_message() if message_id is None else []
+        out = [*close_calls("completed"), *open_message()] if message_id is None else []
         text.append(piece)
+        message_logprobs.extend(pending)
         out.append(event("response.output_text.delta", item_id=message_id, **where, delta=piece, logprobs=pending[:]))
         pending.clear()
         return out
@@ -107,11 +146,13 @@ async def response_events(
         nonlocal outputs
         out: list[dict[str, Any]] = []
         for piece in deltas:
-            if piece.id is not None:  # a new call: its item opens
+            if piece.id is not None:  # a new call: its item opens, once the item before it is done
+                out += [*close_message("completed"), *close_calls("completed")]
                 function = {"name": piece.name, "arguments": ""}
                 opened: dict[str, Any] = {"id": piece.id, "function": function, "item_id": new_id("fc")}
                 opened["output_index"], outputs = outputs, outputs + 1
                 streamed[piece.index] = opened
+                open_calls.append(piece.index)
                 item = call_item(opened, "in_progress")
                 out.append(event("response.output_item.added", output_index=opened["output_index"], item=item))
             call = streamed[piece.index]
@@ -132,9 +173,7 @@ async def response_events(
             yield event("response.failed", response=failed)
             return
         if draft.logprobs and generated.tokens:
-            new = chat_logprobs(generated.tokens, draft.tokenizer)
-            logprobs.extend(new)
-            pending.extend(new)
+            pending.extend(chat_logprobs(generated.tokens, draft.tokenizer))
         said = generated.text
         if thought is not None:
             thought_piece, said = thought.feed(said, last=generated.finished)
@@ -143,32 +182,22 @@ async def response_events(
                 lines += close_reasoning(status_of(generated)[0] if generated.finished and not said else "completed")
             for line in lines:
                 yield line
-        piece = answer.feed(said)
-        for line in [*(delta(piece) if piece else []), *call_pieces(answer.deltas)]:
-            yield line
+        answer.feed(said)
+        for piece in answer.pieces:  # text and calls as they are written, in their order
+            for line in delta(piece) if isinstance(piece, str) else call_pieces([piece]):
+                yield line
         if not generated.finished:
             continue
         done = answer.finish()
-        for line in call_pieces(done.deltas):
+        for line in [*call_pieces(done.deltas), *(delta(done.content) if done.content else [])]:
             yield line
-        if done.content:
-            for line in delta(done.content):
-                yield line
         status, _ = status_of(generated)
-        message = None
-        if message_id is not None or not (done.calls or streamed or reasoning):  # text came, or nothing else did
-            for line in [] if message_id is not None else open_message():
+        if message_id is None and not (finished or streamed or done.unsent or reasoning):  # nothing came: an empty one
+            for line in open_message():
                 yield line
-            assert message_id is not None
-            message = message_item(message_id, "".join(text), status, logprobs)
-            part = message["content"][0]
-            yield event("response.output_text.done", item_id=message_id, **where, text=part["text"], logprobs=logprobs)
-            yield event("response.content_part.done", item_id=message_id, **where, part=part)
-            yield event("response.output_item.done", output_index=where["output_index"], item=message)
-        calls = []
-        for call in streamed.values():  # the last one partial when max_output_tokens cut the answer
-            call["status"] = status
-            calls.append(call)
+        message_logprobs.extend(pending)  # the last tokens' (a stop token's, say) go with the last message
+        for line in [*close_message(status), *close_calls(status)]:  # the last call partial if max_output_tokens cut it
+            yield line
         for call in with_item_ids(done.unsent):  # whole calls, read at the end
             call["output_index"], outputs = outputs, outputs + 1
             call["status"] = status
@@ -177,12 +206,16 @@ async def response_events(
                 "response.output_item.added", output_index=call["output_index"], item=call_item(call, "in_progress", "")
             )
             yield event("response.function_call_arguments.delta", **ids, delta=call["function"]["arguments"])
-            calls.append(call)
-        for call in calls:
-            ids = {"item_id": call["item_id"], "output_index": call["output_index"]}
             yield event("response.function_call_arguments.done", **ids, arguments=call["function"]["arguments"])
             yield event("response.output_item.done", output_index=call["output_index"], item=call_item(call))
-        final = finish_response(state, draft, message, calls, generated, reasoning)
+            finished.append((call["output_index"], call_item(call)))
+            calls.append(call)
+        if reasoning is not None:
+            finished.append((thinking["output_index"], reasoning))
+        output = [item for _, item in sorted(finished, key=lambda entry: entry[0])]
+        final = finish_response(
+            state, draft, None, calls, generated, reasoning, output=output, text="".join(message_texts)
+        )
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         yield event(kind, response=final)
         return

@@ -102,14 +102,22 @@ def finish_response(
     calls: list[dict[str, Any]],
     last: GenerationEvent,
     reasoning: dict[str, Any] | None = None,
+    *,
+    output: list[dict[str, Any]] | None = None,
+    text: str | None = None,
 ) -> dict[str, Any]:
     """The finished response object; stored (with its conversation) unless the request said `store: false`. The
-    stored conversation leaves the thinking out, as reasoning models' templates leave it out of past turns."""
+    stored conversation leaves the thinking out, as reasoning models' templates leave it out of past turns. A stream
+    gives its items in the order they came (`output`) and its messages' `text`; else it is the reasoning, the
+    message, then the calls."""
     status, incomplete = status_of(last)
-    output = [item for item in (reasoning, message) if item is not None] + [call_item(call) for call in calls]
+    if output is None:
+        output = [item for item in (reasoning, message) if item is not None] + [call_item(call) for call in calls]
+    if text is None:
+        text = message["content"][0]["text"] if message else ""
     response = draft.body(status, output, usage_of(last), incomplete=incomplete)
     if draft.store:
-        answer: dict[str, Any] = {"role": "assistant", "content": message["content"][0]["text"] if message else ""}
+        answer: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
             answer["tool_calls"] = [
                 {"id": call["id"], "type": "function", "function": call["function"]} for call in calls

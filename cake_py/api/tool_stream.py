@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cake_py.api.forced_calls import CallDelta, ForcedCalls, StreamedCall
+from cake_py.api.forced_calls import CallDelta, ForcedCalls, StreamedCall, merged
 from cake_py.api.tools import (
     CLOSE_TAG,
     JSON_CALL_PREFIXES,
@@ -43,6 +43,7 @@ class ToolStream:
         self.text = ""  # the whole answer so far
         self.sent = 0  # where the text not yet sent as content starts (or, in a block, where the block's tag is)
         self.deltas: list[CallDelta] = []  # call pieces of the last feed
+        self.pieces: list[str | CallDelta] = []  # what the last feed gives, content and call pieces, in order
         self.forced = ForcedCalls(request.choice == "required", request.id_length) if request.forced else None
         self.holding = False  # auto: the rest of the answer is read when it finishes
         self.streamed: list[StreamedCall] = []  # auto: calls that went out as they were written
@@ -52,12 +53,14 @@ class ToolStream:
     def feed(self, delta: str) -> str:
         """Content to send now (and, in `deltas`, call pieces)."""
         self.text += delta
-        self.deltas = []
+        self.deltas, self.pieces = [], []
         if self.forced is not None:
             self.deltas = self.forced.feed(delta)
+            self.pieces = list(self.deltas)
             return ""
         if not self.request.active:
             self.sent = len(self.text)
+            self.pieces = [delta] if delta else []
             return delta
         out: list[str] = []
         while not self.holding:
@@ -81,22 +84,34 @@ class ToolStream:
             return ""
         self.after_block = False
         self.sent = max(self.sent, end)
+        if out:
+            self.pieces.append(out)
         return out
 
     def _read_block(self) -> bool:
         """Read the open block as far as the text goes; True once it closed as a streamed call."""
         block = self.block
         assert block is not None
-        close = self.text.find(CLOSE_TAG, block.start)
-        end = close if close >= 0 else len(self.text) - _partial(self.text, CLOSE_TAG)
-        self._take(block.read(self.text, end, allow_call=self.request.parallel or not self.streamed))
+        allow_call = self.request.parallel or not self.streamed
+        while True:
+            close = self.text.find(CLOSE_TAG, block.search_from)
+            end = close if close >= 0 else len(self.text) - _partial(self.text, CLOSE_TAG)
+            self._take(block.read(self.text, end, allow_call))
+            if close < 0 or block.rejected or not block.in_string:
+                break
+            block.search_from = close + 1  # the tag is text inside one of the JSON's strings (an argument's value)
         if block.rejected or close >= 0 and block.call is None:  # not a call of a given tool: read at the end
             self.holding, self.block = True, None
             return False
-        if close < 0:
+        following = self.text.find(OPEN_TAG, block.complete_at) if block.complete_at is not None else -1
+        if following >= 0 and (close < 0 or following < close):  # a whole call, left open: the next block closes it
+            close = ended_at = following
+        elif close < 0:
             return False
+        else:
+            ended_at = close + len(CLOSE_TAG)
         self._take(block.finish(self.text[block.start : close]))
-        self.block, self.sent, self.after_block = None, close + len(CLOSE_TAG), True
+        self.block, self.sent, self.after_block = None, ended_at, True
         return True
 
     def _take(self, deltas: list[CallDelta]) -> None:
@@ -105,10 +120,11 @@ class ToolStream:
         if block.call is not None and (not self.streamed or self.streamed[-1] is not block.call):
             self.streamed.append(block.call)
         self.deltas += deltas
+        self.pieces += deltas
 
     def finish(self) -> Finished:
         """What is left to send once the answer is complete, and all its calls."""
-        self.deltas = []
+        self.deltas, self.pieces = [], []
         if self.forced is not None:
             if self.forced.unordered:
                 calls = parse_answer(self.text, self.request).tool_calls
@@ -152,15 +168,28 @@ class _Block:
         self.reader = ForcedCalls(listed=False, id_length=request.id_length)
         self.call: StreamedCall | None = None
         self.rejected = False
+        self.complete_at: int | None = None  # where its call's JSON object closed
+        self.search_from = start  # where its closing tag is looked for (past tags inside the JSON's strings)
+
+    @property
+    def in_string(self) -> bool:
+        """Whether what was read so far ends inside one of the JSON's strings."""
+        return self.complete_at is None and self.reader.in_string
 
     def read(self, text: str, end: int, allow_call: bool) -> list[CallDelta]:
-        if end <= self.read_to or self.rejected:
+        if end <= self.read_to or self.rejected or self.complete_at is not None:
             return []
         if self.call is None and text[self.start : end].lstrip()[:1] not in ("", "{"):
             self.rejected = True  # a list of calls, or not JSON: read whole at the end
             return []
-        piece, self.read_to = text[self.read_to : end], end
-        deltas = [delta for delta in self.reader.feed(piece) if delta.index == 0]  # one call per block
+        deltas = []
+        for position in range(self.read_to, end):  # up to where the call's object closes: the rest is not its JSON
+            deltas += self.reader.feed(text[position])
+            if self.reader.depth == 0 and self.reader.calls:
+                self.complete_at = position + 1
+                break
+        self.read_to = end
+        deltas = [delta for delta in merged(deltas) if delta.index == 0]  # one call per block
         if self.reader.unordered:
             self.rejected = self.call is None
             return []
@@ -180,9 +209,10 @@ class _Block:
         if self.call is None or self.call.arguments:
             return []
         found = json_calls(block_text.strip(), self.request)
-        if len(found) != 1 or found[0]["function"]["name"] != self.call.name:
-            return []
-        arguments = found[0]["function"]["arguments"]
+        if len(found) == 1 and found[0]["function"]["name"] == self.call.name:
+            arguments = found[0]["function"]["arguments"]
+        else:  # none that any parser reads (null, say): the call still needs arguments that are JSON
+            arguments = "{}"
         self.call.arguments.append(arguments)
         return [CallDelta(self.index, arguments)]
 

@@ -28,7 +28,6 @@ MAX_TOOLS = 128
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # A block, or a last one the answer ended in before its closing tag (cut at the end token, as vLLM's Hermes parser
 # also reads it).
-_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
 # How a whole answer that is a call may start (Llama 3.1's python tag, Mistral's marker, or JSON itself).
@@ -285,14 +284,30 @@ def parse_answer(text: str, request: ToolRequest) -> ParsedAnswer:
 
 def blocks_and_calls(text: str, request: ToolRequest) -> tuple[str, list[dict[str, Any]]]:
     """The `<tool_call>` blocks of `text` that call a given tool, and the text around them (blocks that are not
-    such calls stay in it)."""
-    calls, kept, last = [], [], 0
-    for match in _CALL_BLOCK.finditer(text):
-        found = json_calls(match.group(1), request)
+    such calls stay in it). A block ends at the first `</tool_call>` after which its JSON is a call (the tag may be
+    text inside an argument's string); one never closed runs to the next block or to the end, as vLLM's Hermes
+    parser reads it."""
+    calls, kept, last, position = [], [], 0, 0
+    while (start := text.find(OPEN_TAG, position)) >= 0:
+        inner = start + len(OPEN_TAG)
+        following = text.find(OPEN_TAG, inner)
+        limit = following if following >= 0 else len(text)
+        closes = [match.start() for match in re.finditer(re.escape(CLOSE_TAG), text[inner:limit])]
+        closes = [inner + close for close in closes]
+        found, end = [], limit
+        for close in closes:
+            found = json_calls(text[inner:close].strip(), request)
+            if found:
+                end = close + len(CLOSE_TAG)
+                break
+        if not closes:
+            found = json_calls(text[inner:limit].strip(), request)
         if found:
-            kept.append(text[last : match.start()])
+            kept.append(text[last:start])
             calls += found
-            last = match.end()
+            last = position = end
+        else:  # text: the next block starts after this one's first closing tag
+            position = closes[0] + len(CLOSE_TAG) if closes else inner
     return "".join(kept) + text[last:], calls
 
 

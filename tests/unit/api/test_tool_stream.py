@@ -186,3 +186,46 @@ def test_without_parallel_calls_only_the_first_call_is_made() -> None:
     assert [call["name"] for call in _calls(deltas)] == ["search"] and done.unsent == []
     assert len(done.calls) == len(blocking.tool_calls) == 1
     assert content.strip() == blocking.content == "bye"
+
+
+def test_a_closing_tag_inside_an_argument_is_the_arguments_text() -> None:
+    text = '<tool_call>{"name": "search", "arguments": {"q": "a </tool_call> b"}}</tool_call> after'
+    for step in (1, 5, 10_000):
+        content, deltas, done = _auto(text, step)
+        assert _calls(deltas) == [{"id": deltas[0].id, "name": "search", "arguments": '{"q": "a </tool_call> b"}'}]
+        assert content.strip() == "after"
+    blocking = parse_answer(text, tool_request({"tools": TOOLS}))
+    assert [json.loads(c["function"]["arguments"]) for c in blocking.tool_calls] == [{"q": "a </tool_call> b"}]
+    assert blocking.content == "after"
+
+
+def test_a_block_left_open_is_closed_by_the_next_one() -> None:
+    text = (
+        '<tool_call>{"name": "search", "arguments": {"q": 1}}\n'
+        '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call> ok'
+    )
+    for step in (1, 7, 10_000):
+        content, deltas, done = _auto(text, step)
+        assert [(call["name"], call["arguments"]) for call in _calls(deltas)] == [
+            ("search", '{"q": 1}'),
+            ("get_weather", "{}"),
+        ]
+        assert content.strip() == "ok" and done.unsent == []
+    blocking = parse_answer(text, tool_request({"tools": TOOLS}))
+    assert [c["function"]["name"] for c in blocking.tool_calls] == ["search", "get_weather"]
+    assert blocking.content == "ok"
+
+
+def test_arguments_no_parser_reads_become_an_empty_object() -> None:
+    content, deltas, done = _auto('<tool_call>{"name": "search", "arguments": null}</tool_call>', 3)
+    assert _calls(deltas)[0]["arguments"] == "{}" and done.calls[0]["function"]["arguments"] == "{}"
+
+
+def test_content_and_call_pieces_keep_their_order_within_one_feed() -> None:
+    """A feed of several tokens (speculative decoding) may end a call and start text: the call's last piece goes
+    first, so a client that closes a call when text comes (Anthropic's blocks) gets all of it."""
+    stream = ToolStream(tool_request({"tools": TOOLS}))
+    stream.feed('Hi <tool_call>{"name": "search", "arguments": {"q"')
+    assert [type(piece).__name__ for piece in stream.pieces] == ["str", "CallDelta"]
+    stream.feed(": 1}}</tool_call> Done.")
+    assert [piece if isinstance(piece, str) else piece.arguments for piece in stream.pieces] == [": 1}", " Done."]
