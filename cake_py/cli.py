@@ -231,6 +231,8 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
             raise ConfigError("give workers either with --workers or in --config, not both")
         workers = parse_workers_flag(args.workers)
     cpus = parse_cpus(args.cpus)
+    given = args.api_key if args.api_key is not None else env("CAKE_API_KEY")  # --api-key "" is an error, not open
+    api_keys, api_key_names = parse_api_keys(given, args.api_key_file)
     return ServeSettings(
         model=model,
         config_path=args.config,
@@ -240,7 +242,8 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         model_name=args.model_name,
         dtype=check_dtype(args.dtype),
         device=check_device(args.device),
-        api_keys=parse_api_keys(args.api_key or env("CAKE_API_KEY"), args.api_key_file),
+        api_keys=api_keys,
+        api_key_names=api_key_names,
         ui_auth=parse_ui_auth(args.ui_auth),
         cluster_key=check_cluster_key(args.cluster_key or env("CAKE_CLUSTER_KEY")),
         log_level=args.log_level,

@@ -42,6 +42,7 @@ class ServeSettings:
     # Bearer keys the API takes (--api-key, --api-key-file): none leaves it open; with several, each key's stored
     # objects (files, batches, stored completions and responses) are its own, and each has its own rate limit.
     api_keys: tuple[str, ...] = ()
+    api_key_names: dict[str, str] = field(default_factory=dict)  # key → the name --api-key-file gives it
     ui_auth: tuple[str, str] | None = None
     # CORS: origins whose pages may call the API; () = none; None = any (*) when --api-key guards it, else none
     allowed_origins: tuple[str, ...] | None = None
@@ -132,25 +133,36 @@ def parse_origins(value: str) -> tuple[str, ...]:
     return origins
 
 
-def parse_api_keys(value: str | None, key_file: Path | None = None) -> tuple[str, ...]:
+def parse_api_keys(value: str | None, key_file: Path | None = None) -> tuple[tuple[str, ...], dict[str, str]]:
     """--api-key KEY[,KEY…] (a comma-separated list, as llama.cpp's server takes it) and --api-key-file (one key per
-    line; blank lines and # comments skipped). A key travels in an HTTP header: printable ASCII without spaces. The
-    messages name where a bad key is, never the key."""
+    line, or a name and its key: `alice KEY`; blank lines and # comments skipped): the keys, and the names given. A
+    key travels in an HTTP header: printable ASCII without spaces. The messages name where a bad key is, never the
+    key."""
     keys = [("--api-key", key.strip()) for key in (value or "").split(",") if key.strip()]
+    if value is not None and not keys:  # given, but nothing in it: never a server left open by a typo
+        raise ConfigError("--api-key (or CAKE_API_KEY) holds no key: give KEY, or KEY1,KEY2")
+    names: dict[str, str] = {}
     if key_file is not None:
         try:
-            lines = key_file.read_text(encoding="utf-8").splitlines()
+            lines = key_file.read_text(encoding="utf-8-sig").splitlines()  # a BOM some editors write is not a key
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"--api-key-file {str(key_file)!r} cannot be read: {error}") from None
-        found = [(f"line {n} of --api-key-file", line.strip()) for n, line in enumerate(lines, 1)]
-        found = [(where, line) for where, line in found if line and not line.startswith("#")]
-        if not found:
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            where = f"line {number} of --api-key-file"
+            if len(fields) > 2 or len(fields) == 2 and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", fields[0]):
+                raise ConfigError(f"{where} must be a key, or a name (letters, digits, _ . @ -) and its key")
+            keys.append((where, fields[-1]))
+            if len(fields) == 2:
+                names[fields[1]] = fields[0]
+        if not any(where.startswith("line") for where, _ in keys):
             raise ConfigError(f"--api-key-file {str(key_file)!r} holds no key (one per line)")
-        keys += found
     for where, key in keys:
         if not all("!" <= char <= "~" for char in key):
             raise ConfigError(f"the API key of {where} must be printable ASCII without spaces")
-    return tuple(dict.fromkeys(key for _, key in keys))
+    return tuple(dict.fromkeys(key for _, key in keys)), names
 
 
 def parse_ui_auth(value: str | None) -> tuple[str, str] | None:

@@ -26,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 from cake_py.api.anthropic_stream import message_events, stop_of, usage_of
 from cake_py.api.errors import ApiError
 from cake_py.api.inprocess import Routes
+from cake_py.api.middleware import request_caller
 from cake_py.api.schemas import flag, json_body
 from cake_py.api.streaming import SSE_HEADERS
 
@@ -264,7 +265,9 @@ async def messages(request: Request) -> Response:
     chat = chat_request(body, stream=stream)
     if not stream:
         # The client's own receive goes along: if it leaves, the chat route sees it and stops generating.
-        status, answer = await _routes(request).post("/v1/chat/completions", chat, request.receive)
+        status, answer = await _routes(request).post(
+            "/v1/chat/completions", chat, request.receive, request_caller(request)
+        )
         if status != 200:
             raise _translated(status, answer)
         return JSONResponse(message_of(answer, model))
@@ -272,7 +275,7 @@ async def messages(request: Request) -> Response:
     # request fails there, with its own error).
     status, counted = await _routes(request).post("/tokenize", _prompt(chat))
     input_tokens = counted["count"] if status == 200 else 0
-    status, error, chunks = await _routes(request).post_stream("/v1/chat/completions", chat)
+    status, error, chunks = await _routes(request).post_stream("/v1/chat/completions", chat, request_caller(request))
     if chunks is None:
         raise _translated(status, error)
     return _Relay(chunks, model, input_tokens)

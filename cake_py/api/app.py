@@ -120,7 +120,9 @@ def create_app(state: ServerState) -> Starlette:
         # Outside the key check: a browser's preflight carries no key, and a 401 must still reach the page.
         *_cors(settings),
         Middleware(MetricsMiddleware, state=state, paths=paths),
-        Middleware(AuthMiddleware, api_keys=settings.api_keys, ui_auth=settings.ui_auth),
+        Middleware(
+            AuthMiddleware, api_keys=settings.api_keys, ui_auth=settings.ui_auth, key_names=settings.api_key_names
+        ),
         Middleware(RateLimitMiddleware, per_minute=settings.rate_limit, burst=settings.rate_burst),
         Middleware(
             BodyLimitMiddleware,

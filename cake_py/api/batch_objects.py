@@ -45,10 +45,11 @@ class Batch:
     # Kept for a restart: the status it is being finished with (its files are being stored), so it ends the same.
     finishing_as: str | None = None
     owner: str = ""  # the API key's owner that made it (middleware.request_owner): its requests and files are its own
+    key_name: str = ""  # and that key's name: its requests' usage is counted under it
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
-        del body["output_ttl_s"], body["finishing_as"], body["owner"]
+        del body["output_ttl_s"], body["finishing_as"], body["owner"], body["key_name"]
         counts = {"total": body.pop("total"), "completed": body.pop("completed"), "failed": body.pop("failed")}
         usage = body.pop("usage")
         return {

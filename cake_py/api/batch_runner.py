@@ -33,6 +33,7 @@ from typing import Any
 from cake_py.api.batch_objects import TERMINAL, USAGE_KEYS, Batch, BatchRequest, add_usage, read_requests
 from cake_py.api.file_store import BATCH_OUTPUT, FileStore, write_json
 from cake_py.api.inprocess import Routes
+from cake_py.api.middleware import Caller
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +267,10 @@ class BatchRunner:
         for field in ("stream", "background"):
             if body.get(field):
                 return 400, {"error": f"{field} is not supported in a batch: its answer goes to a file"}
-        status, answer = await self.routes.post(batch.endpoint, body, owner=batch.owner)
+        status, answer = await self.routes.post(batch.endpoint, body, caller=Caller(batch.owner, batch.key_name))
         while status in RETRIED and time.time() < batch.expires_at:
             await asyncio.sleep(RETRY_S)
-            status, answer = await self.routes.post(batch.endpoint, body, owner=batch.owner)
+            status, answer = await self.routes.post(batch.endpoint, body, caller=Caller(batch.owner, batch.key_name))
         return status, answer
 
     async def _finish(

@@ -18,7 +18,7 @@ from cake_py.api.batch_runner import COMPLETION_WINDOW_S, BatchRunner
 from cake_py.api.errors import ApiError
 from cake_py.api.file_store import MAX_TTL_S, MIN_TTL_S
 from cake_py.api.listing import list_page
-from cake_py.api.middleware import request_owner
+from cake_py.api.middleware import request_key_name, request_owner
 from cake_py.api.schemas import json_body, metadata_field
 from cake_py.api.state import ServerState
 
@@ -84,6 +84,7 @@ async def create_batch(request: Request) -> Response:
         metadata=metadata,
         output_ttl_s=output_ttl,
         owner=owner,
+        key_name=request_key_name(request),
     )
     await _runner(request).create(batch)
     return JSONResponse(batch.to_json())

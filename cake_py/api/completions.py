@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
+from cake_py.api.middleware import request_key_name
 from cake_py.api.openai import finish_reason, reject_unsupported, seeded, stream_error, usage_chunk
 from cake_py.api.schemas import choice_count, flag, openai_sampling, stream_usage
 from cake_py.api.state import generation_request
@@ -127,6 +128,7 @@ async def completions(request: Request) -> Response:
         engine,
         [ids for ids in prompt_ids for _ in range(n)],
         [seeded(clipped, i) for clipped in per_prompt for i in range(n)],
+        request_key_name(request),
     )
     n_prompt_tokens = sum(len(ids) for ids in prompt_ids)  # counted once per prompt, like OpenAI
 

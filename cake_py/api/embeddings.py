@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
+from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag, number
 from cake_py.api.state import generation_request
 from cake_py.api.streaming import collect_all, open_streams
@@ -109,7 +110,7 @@ async def embeddings(request: Request) -> Response:
         if not ids:
             raise ApiError(400, f"input[{index}] is empty once tokenized")
         engine.check_prompt(len(ids), params)  # ContextLengthError: a 400 with code context_length_exceeded
-    streams = open_streams(state, engine, prompts, [params] * len(prompts))
+    streams = open_streams(state, engine, prompts, [params] * len(prompts), request_key_name(request))
     results = await collect_all(request, streams)
     n_tokens = sum(len(ids) for ids in prompts)
     vectors = [result.last.embedding for result in results]

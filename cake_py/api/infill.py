@@ -21,6 +21,7 @@ from starlette.routing import Route
 from cake_py.api.completions import no_fill_in_middle
 from cake_py.api.errors import ApiError
 from cake_py.api.llama_cpp import Completion, EditorLimits, completion_events, llama_sampling, one_event
+from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag
 from cake_py.api.state import generation_request
 from cake_py.api.streaming import GenerationResponse, collect_all, open_streams
@@ -104,7 +105,7 @@ async def infill(request: Request) -> Response:
     prompt_ids, truncated = await run_in_threadpool(prompt)
     params = engine.check_prompt(len(prompt_ids), params)  # n_predict -1: what room the context has
     limits = EditorLimits.of(body)
-    streams = open_streams(state, engine, [prompt_ids], [params])
+    streams = open_streams(state, engine, [prompt_ids], [params], request_key_name(request))
     streams[0].limit = limits
     answer = Completion(state.model_name, tokenizer, len(prompt_ids), params, n_predict, engine.context_length)
     answer.truncated = truncated

@@ -12,10 +12,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Scope
 
-from cake_py.api.middleware import OWNER_KEY
+from cake_py.api.middleware import NOBODY, Caller
 
 
-def _scope(app: ASGIApp, path: str, payload: bytes, owner: str) -> Scope:
+def _scope(app: ASGIApp, path: str, payload: bytes, caller: Caller) -> Scope:
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -30,7 +30,7 @@ def _scope(app: ASGIApp, path: str, payload: bytes, owner: str) -> Scope:
         "client": ("cake", 0),
         "server": ("cake", 0),
         "app": app,
-        "state": {OWNER_KEY: owner} if owner else {},  # whose stored objects it makes (the caller's)
+        "state": caller.state(),  # whose stored objects it makes and whose usage it is (the caller's)
     }
 
 
@@ -57,7 +57,12 @@ def _receiver(payload: bytes, outer: Receive | None) -> Receive:
 
 
 async def post_json(
-    app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, Any], outer: Receive | None = None, owner: str = ""
+    app: ASGIApp,
+    dispatch: ASGIApp,
+    path: str,
+    body: dict[str, Any],
+    outer: Receive | None = None,
+    caller: Caller = NOBODY,
 ) -> tuple[int, Any]:
     """POSTs `body` to `path` through `dispatch` (routes and error handlers; `app` is what they find as
     request.app). Cancelling this call, or `outer`'s client leaving, is how the caller stops it."""
@@ -71,7 +76,7 @@ async def post_json(
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await dispatch(_scope(app, path, payload, owner), _receiver(payload, outer), send)
+    await dispatch(_scope(app, path, payload, caller), _receiver(payload, outer), send)
     try:
         return status, json.loads(b"".join(chunks))
     except ValueError:
@@ -79,14 +84,14 @@ async def post_json(
 
 
 async def post_json_stream(
-    app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, Any], owner: str = ""
+    app: ASGIApp, dispatch: ASGIApp, path: str, body: dict[str, Any], caller: Caller = NOBODY
 ) -> tuple[int, Any, AsyncGenerator[Any, None] | None]:
     """POSTs `body` to a route that answers with SSE: (status, error body, None) when it answers otherwise than 200,
     else (200, None, the `data:` payloads as they come, parsed, up to `[DONE]`). Leaving the iterator early cancels
     the route (its sequences leave the engine)."""
     payload = json.dumps(body).encode()
     messages: asyncio.Queue[Message] = asyncio.Queue()
-    task = asyncio.ensure_future(dispatch(_scope(app, path, payload, owner), _receiver(payload, None), messages.put))
+    task = asyncio.ensure_future(dispatch(_scope(app, path, payload, caller), _receiver(payload, None), messages.put))
     task.add_done_callback(lambda _: messages.put_nowait({"type": "cake.done"}))
     try:
         start = await messages.get()
@@ -143,12 +148,12 @@ class Routes:
     dispatch: ASGIApp
 
     async def post(
-        self, path: str, body: dict[str, Any], outer: Receive | None = None, owner: str = ""
+        self, path: str, body: dict[str, Any], outer: Receive | None = None, caller: Caller = NOBODY
     ) -> tuple[int, Any]:
-        """`owner`: whose stored objects the request makes and sees (the caller's: middleware.request_owner)."""
-        return await post_json(self.app, self.dispatch, path, body, outer, owner)
+        """`caller`: whose stored objects the request makes and sees, and whose usage it is (middleware.Caller)."""
+        return await post_json(self.app, self.dispatch, path, body, outer, caller)
 
     async def post_stream(
-        self, path: str, body: dict[str, Any], owner: str = ""
+        self, path: str, body: dict[str, Any], caller: Caller = NOBODY
     ) -> tuple[int, Any, AsyncGenerator[Any, None] | None]:
-        return await post_json_stream(self.app, self.dispatch, path, body, owner)
+        return await post_json_stream(self.app, self.dispatch, path, body, caller)

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from cake_py import __version__
 from cake_py.api.errors import ApiError
 from cake_py.api.llama_cpp import Completion, EditorLimits, completion_events, llama_sampling, one_event
+from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag
 from cake_py.api.state import ServerState, generation_request
 from cake_py.api.streaming import GenerationResponse, collect_all, open_streams
@@ -116,7 +117,7 @@ async def completion(request: Request) -> Response:
             raise ApiError(400, f"prompt token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})")
         per_prompt.append(engine.check_prompt(len(ids), params))  # n_predict -1: each prompt's own room
     limits = [EditorLimits.of(body) for _ in prompts]  # one each: they keep the text they have seen
-    streams = open_streams(state, engine, prompt_ids, per_prompt)
+    streams = open_streams(state, engine, prompt_ids, per_prompt, request_key_name(request))
     answers = []
     for index, (prompt, ids, sampling, stream_) in enumerate(
         zip(prompts, prompt_ids, per_prompt, streams, strict=True)

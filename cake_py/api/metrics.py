@@ -8,7 +8,7 @@ read at scrape time by a custom collector, so they are never stale and cost noth
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cake_py.api.state import ServerState, StageKey
 from cake_py.cluster.stage import StageStats
+from cake_py.engine.sequence import GenerationEvent
 from cake_py.engine.stats import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -171,11 +172,33 @@ class ApiMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # With several API keys (--api-key A,B or --api-key-file), what each key asked for, by its name.
+        self.key_requests = Counter(
+            "cake_api_key_requests", "Generation requests by API key", ["key"], registry=self.registry
+        )
+        self.key_prompt_tokens = Counter(
+            "cake_api_key_prompt_tokens", "Prompt tokens by API key", ["key"], registry=self.registry
+        )
+        self.key_completion_tokens = Counter(
+            "cake_api_key_completion_tokens", "Generated tokens by API key", ["key"], registry=self.registry
+        )
         self.registry.register(EngineCollector(state))
         self.registry.register(ServiceCollector(state))
 
     def observe_first_token(self, seconds: float) -> None:
         self.first_token.observe(seconds)
+
+    def key_usage(self, key: str, prompts: list[list[int]]) -> Callable[[GenerationEvent], None]:
+        """Count a request and its prompts (a prompt given n times, as n choices, once) under `key`; the callback
+        counts each sequence's generated tokens when it ends."""
+        self.key_requests.labels(key).inc()
+        self.key_prompt_tokens.labels(key).inc(sum(len(prompt) for prompt in {tuple(p): p for p in prompts}.values()))
+        generated = self.key_completion_tokens.labels(key)
+
+        def on_last(event: GenerationEvent) -> None:
+            generated.inc(event.completion_tokens)
+
+        return on_last
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

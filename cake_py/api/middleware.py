@@ -61,6 +61,7 @@ def _same(given: str, expected: str) -> bool:
 
 
 OWNER_KEY = "cake_owner"  # in the request's scope["state"]
+NAME_KEY = "cake_key_name"  # and the key's name, for the metrics: --api-key-file's, else the owner's first digits
 
 
 def owner_of(key: str) -> str:
@@ -68,50 +69,83 @@ def owner_of(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who a request is for, with several keys: its owner (stored objects) and its key's name (usage metrics)."""
+
+    owner: str = ""
+    key_name: str = ""
+
+    def state(self) -> dict[str, str]:
+        """As the middleware leaves it in a request's scope["state"]."""
+        return {OWNER_KEY: self.owner, NAME_KEY: self.key_name} if self.owner else {}
+
+
+NOBODY = Caller()
+
+
+def request_caller(request: Request) -> Caller:
+    return Caller(request_owner(request), request_key_name(request))
+
+
 def request_owner(request: Request) -> str:
     """Whose stored objects a request sees and makes: its key's owner with several keys, else "" (everyone)."""
     return str(request.scope.get("state", {}).get(OWNER_KEY, ""))
 
 
+def request_key_name(request: Request) -> str:
+    """The name its usage is counted under with several keys (`cake_api_key_*` metrics), else ""."""
+    return str(request.scope.get("state", {}).get(NAME_KEY, ""))
+
+
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...] = (), ui_auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_keys: tuple[str, ...] = (),
+        ui_auth: tuple[str, str] | None = None,
+        key_names: dict[str, str] | None = None,
+    ) -> None:
         self.app, self.api_keys, self.ui_auth = app, api_keys, ui_auth
         self.owners = len(api_keys) > 1
+        names = key_names or {}
+        self.identities = {key: (owner_of(key), names.get(key) or owner_of(key)[:12]) for key in api_keys}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            headers = Headers(scope=scope)
-            refusal = self._refusal(scope["path"], headers)
+            refusal, key = self._check(scope["path"], Headers(scope=scope))
             if refusal is not None:
                 message, challenge = refusal
                 await send_error(send, scope["path"], 401, message, {"WWW-Authenticate": challenge})
                 return
-            token = _bearer(headers)
-            if self.owners and token is not None and token in self.api_keys:
-                scope.setdefault("state", {})[OWNER_KEY] = owner_of(token)
+            if self.owners and key is not None:
+                state = scope.setdefault("state", {})
+                state[OWNER_KEY], state[NAME_KEY] = self.identities[key]
         await self.app(scope, receive, send)
 
-    def _refusal(self, path: str, headers: Headers) -> tuple[str, str] | None:
-        """None when the request may pass, else (message, WWW-Authenticate challenge)."""
+    def _check(self, path: str, headers: Headers) -> tuple[tuple[str, str] | None, str | None]:
+        """(None, the key it gave, if one was checked) when the request may pass, else ((message, WWW-Authenticate
+        challenge), None). Keys are compared only where one is required, and every one of them each time."""
         if path in PUBLIC_PATHS:
-            return None
+            return None, None
         if is_ui(path) and self.ui_auth is not None:
             credentials = _basic(headers)
             user, password = self.ui_auth
             if credentials is None:
-                return "this page needs the --ui-auth user and password (HTTP Basic)", REALM
+                return ("this page needs the --ui-auth user and password (HTTP Basic)", REALM), None
             if not (_same(credentials[0], user) & _same(credentials[1], password)):
-                return f"wrong user or password for user {credentials[0]!r}", REALM
-            return None
+                return (f"wrong user or password for user {credentials[0]!r}", REALM), None
+            return None, None
         if is_ui_page(path) or not self.api_keys:
-            return None
+            return None, None
         token = _bearer(headers)
         if token is None:
-            return "missing API key: send the header 'Authorization: Bearer <key>' (or 'x-api-key: <key>')", "Bearer"
+            missing = "missing API key: send the header 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
+            return (missing, "Bearer"), None
         matches = [_same(token, key) for key in self.api_keys]  # every key compared: no timing says which is near
         if not any(matches):
-            return "invalid API key", 'Bearer error="invalid_token"'
-        return None
+            return ("invalid API key", 'Bearer error="invalid_token"'), None
+        return None, self.api_keys[matches.index(True)]
 
 
 @dataclass

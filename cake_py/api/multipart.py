@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cake_py.api.errors import ApiError
+from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import NATIVE_FIELDS, flag, native_sampling
 from cake_py.api.state import ServerState
 from cake_py.api.streaming import (
@@ -159,7 +160,7 @@ async def generate_form(request: Request) -> Response:
     else:
         prompt_ids = await run_in_threadpool(source.tokenizer.encode, text)
     params = engine.check_prompt(len(prompt_ids), params)
-    streams = open_streams(state, engine, [prompt_ids], [params])
+    streams = open_streams(state, engine, [prompt_ids], [params], request_key_name(request))
     if streaming:
         return GenerationResponse(_ndjson_stream(request, streams, request_id), streams, "application/x-ndjson")
     (result,) = await collect_all(request, streams)

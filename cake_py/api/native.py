@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from cake_py.api import multipart
 from cake_py.api.errors import ApiError, api_error
+from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import chat_messages, flag, native_sampling, string_list, text_field
 from cake_py.api.state import ServerState, generation_request
 from cake_py.api.streaming import (
@@ -118,7 +119,7 @@ async def _one_generation(
 ) -> Response:
     """Run one prompt: an SSE stream, or `answer(result)` with `usage` as JSON."""
     params = engine.check_prompt(len(prompt_ids), params)
-    streams = open_streams(state, engine, [prompt_ids], [params])
+    streams = open_streams(state, engine, [prompt_ids], [params], request_key_name(request))
     if stream:
         return GenerationResponse(_native_stream(request, streams[0]), streams, "text/event-stream")
     (result,) = await collect_all(request, streams)
@@ -137,7 +138,7 @@ async def generate_batch(request: Request) -> Response:
             per_prompt.append(engine.check_prompt(len(ids), params))
         except CakeError as error:
             raise ApiError(api_error(error, request.url.path).status, f"prompts[{index}]: {error}") from error
-    results = await collect_all(request, open_streams(state, engine, prompt_ids, per_prompt))
+    results = await collect_all(request, open_streams(state, engine, prompt_ids, per_prompt, request_key_name(request)))
     return JSONResponse(
         {
             "responses": [result.text for result in results],

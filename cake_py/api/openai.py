@@ -22,7 +22,7 @@ from starlette.routing import Route
 from cake_py.api.chat_store import ChatFold
 from cake_py.api.errors import ApiError
 from cake_py.api.forced_calls import CallDelta
-from cake_py.api.middleware import request_owner
+from cake_py.api.middleware import request_key_name, request_owner
 from cake_py.api.reasoning import ReasoningStream, is_reasoning_template, opens_thinking, split_reasoning
 from cake_py.api.schemas import (
     chat_messages,
@@ -142,7 +142,9 @@ async def chat_completions(request: Request) -> Response:
     thinking = opens_thinking(prompt_text, continued) if reasoning_model else None
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created, model = int(time.time()), state.model_name
-    streams = open_streams(state, engine, [prompt_ids] * n, [seeded(params, i) for i in range(n)])
+    streams = open_streams(
+        state, engine, [prompt_ids] * n, [seeded(params, i) for i in range(n)], request_key_name(request)
+    )
 
     def keep(completion: dict[str, Any]) -> None:
         state.chat_completions.put(completion, body["messages"], metadata, request_owner(request))

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from cake_py.api import response_store
 from cake_py.api.background import LiveResponse, sse_event, start_in_background
 from cake_py.api.errors import ApiError
-from cake_py.api.middleware import request_owner
+from cake_py.api.middleware import request_key_name, request_owner
 from cake_py.api.openai import chat_logprobs
 from cake_py.api.reasoning import is_reasoning_template, opens_thinking, split_reasoning
 from cake_py.api.response_events import response_events
@@ -150,7 +150,7 @@ async def create_response(request: Request) -> Response:
         background=background,
         owner=request_owner(request),
     )
-    streams = open_streams(state, engine, [prompt_ids], [params])
+    streams = open_streams(state, engine, [prompt_ids], [params], request_key_name(request))
     opening = draft.body("queued" if background else "in_progress", [], None)
     live = LiveResponse(opening, items, background=background, owner=draft.owner)
     events = response_events(request.url.path, state, streams[0], draft, tools)

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from cake_py.api.embeddings import MAX_INPUTS
 from cake_py.api.errors import ApiError
-from cake_py.api.middleware import request_owner
+from cake_py.api.middleware import request_caller
 from cake_py.api.schemas import flag, json_body
 from cake_py.api.state import ServerState
 
@@ -58,7 +58,7 @@ async def _embedded(request: Request, body: dict[str, Any], texts: list[str]) ->
     state: ServerState = request.app.state.cake
     assert state.routes is not None  # create_app sets it
     ask = {"input": distinct, "encoding_format": "base64", **{key: body[key] for key in PASSED if key in body}}
-    status, answer = await state.routes.post("/v1/embeddings", ask, request.receive, request_owner(request))
+    status, answer = await state.routes.post("/v1/embeddings", ask, request.receive, request_caller(request))
     if status != 200:
         error = answer.get("error") if isinstance(answer, dict) else None
         raise ApiError(status, str(error or f"the embeddings failed ({status})"), headers=_retry(status))

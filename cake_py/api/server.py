@@ -76,6 +76,11 @@ def serve(settings: ServeSettings) -> None:
     graphs.set_enabled(settings.cuda_graphs)
     state = build_state(settings)
     log.info("serving %s on http://%s:%d", state.model_name, settings.host, settings.port)
+    if len(settings.api_keys) > 1:  # a comma in a single key's value would have split it: say what was read
+        named = ", ".join(sorted(set(settings.api_key_names.values()))) or "none named"
+        log.info(
+            "%d API keys (%s): each key's stored answers, files and batches are its own", len(settings.api_keys), named
+        )
     config = uvicorn.Config(
         create_app(state),
         host=settings.host,

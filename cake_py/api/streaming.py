@@ -37,6 +37,7 @@ class EventStream:
         params: SamplingParams,
         on_first_token: Callable[[float], None] | None = None,
         share_prefill_with: int | None = None,
+        on_last: Callable[[GenerationEvent], None] | None = None,
     ) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
@@ -48,11 +49,14 @@ class EventStream:
         # Sees each event before it is yielded and may end the stream early (returns it finished): its sequence
         # then leaves the engine. (/infill's editor limits.)
         self.limit: Callable[[GenerationEvent], GenerationEvent] | None = None
+        self.on_last = on_last  # sees the sequence's last event, on the engine thread (usage by key)
         self.seq_id = engine.submit(
             prompt_ids, params, self._sink, queue_checked=True, share_prefill_with=share_prefill_with
         )  # the room was checked by open_streams, for the whole request
 
     def _sink(self, event: GenerationEvent) -> None:
+        if event.finished and self.on_last is not None:
+            self.on_last(event)
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
     async def __aiter__(self) -> AsyncIterator[GenerationEvent]:
@@ -87,20 +91,23 @@ class EventStream:
 
 
 def open_streams(
-    state: ServerState, engine: Engine, prompts: list[list[int]], params: list[SamplingParams]
+    state: ServerState, engine: Engine, prompts: list[list[int]], params: list[SamplingParams], key: str = ""
 ) -> list[EventStream]:
-    """Submit every prompt at once (they batch together in the engine); no await between the check and the submit."""
+    """Submit every prompt at once (they batch together in the engine); no await between the check and the submit.
+    `key`: the API key's name its usage is counted under (middleware.request_key_name; "" with one key or none)."""
     state.still_serving(engine)
     engine.check_room(len(prompts))  # the whole request, not sequence by sequence: it must not crowd itself out
-    observe = state.metrics.observe_first_token if state.metrics else None
+    metrics = state.metrics
+    observe = metrics.observe_first_token if metrics else None
+    on_last = metrics.key_usage(key, prompts) if metrics and key else None
     streams: list[EventStream] = []
     first_with: dict[tuple[int, ...], int] = {}  # a prompt → the sequence that prefills it for the others (n > 1)
     try:
         with engine.submitting():  # they start together, in one step
             for prompt_ids, sampling in zip(prompts, params, strict=True):
-                key = tuple(prompt_ids)
-                stream = EventStream(engine, prompt_ids, sampling, observe, first_with.get(key))
-                first_with.setdefault(key, stream.seq_id)
+                shared = tuple(prompt_ids)
+                stream = EventStream(engine, prompt_ids, sampling, observe, first_with.get(shared), on_last)
+                first_with.setdefault(shared, stream.seq_id)
                 streams.append(stream)
     except BaseException:
         for stream in streams:

@@ -1,16 +1,20 @@
 """Several API keys (`--api-key A,B`, `--api-key-file`) on a real server: each key's files, batches, stored chat
 completions and stored responses are its own (another key gets a 404, and its lists leave them out), a batch's
-requests and result files belong to its key, and each key has its own rate limit."""
+requests and result files belong to its key, each key has its own rate limit, and /metrics counts each key's
+usage under its name."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -120,3 +124,29 @@ def test_each_key_has_its_own_rate_limit(tiny_llama: Path) -> None:
         with pytest.raises(openai.RateLimitError):
             a.completions.create(model="x", prompt="cake", max_tokens=1)
         assert b.completions.create(model="x", prompt="cake", max_tokens=1).choices  # same address, its own bucket
+
+
+def key_counts(metrics: str, name: str) -> tuple[float, float, float]:
+    """cake_api_key_{requests,prompt_tokens,completion_tokens}_total for the key named `name`."""
+
+    def value(family: str) -> float:
+        found = re.search(rf'^cake_api_key_{family}_total{{key="{re.escape(name)}"}} (\S+)$', metrics, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    return value("requests"), value("prompt_tokens"), value("completion_tokens")
+
+
+def test_each_keys_usage_is_counted_under_its_name(tiny_llama: Path) -> None:
+    settings = tiny_settings(tiny_llama, api_keys=("alice-key", "bob-key"), api_key_names={"alice-key": "alice"})
+    with running_server(settings) as server, client_of(server, "alice-key") as a, client_of(server, "bob-key") as b:
+        one = a.chat.completions.create(model="x", messages=ASK, max_tokens=3, n=2)
+        two = a.completions.create(model="x", prompt="cake", max_tokens=4)
+        b.completions.create(model="x", prompt="cake", max_tokens=5)
+        text = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": "Bearer bob-key"}).text
+        assert one.usage is not None and two.usage is not None
+        prompts = one.usage.prompt_tokens + two.usage.prompt_tokens  # the n=2 prompt counted once, as usage does
+        generated = one.usage.completion_tokens + two.usage.completion_tokens
+        assert key_counts(text, "alice") == (2.0, float(prompts), float(generated))
+        bob = hashlib.sha256(b"bob-key").hexdigest()[:12]  # no name given: the first digits of its digest
+        assert key_counts(text, bob)[0] == 1.0 and key_counts(text, bob)[2] == 5.0
+        assert "alice-key" not in text and "bob-key" not in text

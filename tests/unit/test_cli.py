@@ -148,13 +148,19 @@ def test_api_keys_reach_the_settings(tmp_path: Path) -> None:
     from cake_py.cli import _serve_settings, build_parser
 
     keys = tmp_path / "keys.txt"
-    keys.write_text("bob-key\n")
+    keys.write_text("bob bob-key\n")
     args = build_parser().parse_args(["serve", "--api-key", "alice-key", "--api-key-file", str(keys)])
-    assert _serve_settings(args).api_keys == ("alice-key", "bob-key")
+    settings = _serve_settings(args)
+    assert (settings.api_keys, settings.api_key_names) == (("alice-key", "bob-key"), {"bob-key": "bob"})
 
 
 def test_an_unreadable_api_key_file_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(cake("serve", "--api-key-file", str(tmp_path / "nope.txt")), "nope.txt")
+
+
+@pytest.mark.parametrize("value", ["", " ", ","])
+def test_an_api_key_with_no_key_in_it_is_refused_not_an_open_server(value: str) -> None:
+    assert_one_line_error(cake("serve", "--api-key", value), "holds no key")
 
 
 def test_an_unknown_pooling_is_refused() -> None:

@@ -119,22 +119,32 @@ def test_allowed_origins_are_star_or_origins() -> None:
 
 
 def test_api_keys_come_as_a_list_and_from_a_file(tmp_path: Path) -> None:
-    assert parse_api_keys(None) == () and parse_api_keys("") == ()
-    assert parse_api_keys("one") == ("one",)
-    assert parse_api_keys(" a , b,,a ") == ("a", "b")  # llama.cpp's comma-separated list, duplicates once
+    assert parse_api_keys(None) == ((), {})
+    assert parse_api_keys("one") == (("one",), {})
+    assert parse_api_keys(" a , b,,a ")[0] == ("a", "b")  # llama.cpp's comma-separated list, duplicates once
     keys = tmp_path / "keys.txt"
-    keys.write_text("# the team\nalice-key\n\n  bob-key  \n")
-    assert parse_api_keys("carol-key", keys) == ("carol-key", "alice-key", "bob-key")
+    keys.write_text("# the team\nalice-key\n\n  bob  bob-key  \n")
+    assert parse_api_keys("carol-key", keys) == (("carol-key", "alice-key", "bob-key"), {"bob-key": "bob"})
 
 
 def test_bad_api_keys_are_named_by_place_not_by_value(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--api-key must be printable") as caught:
         parse_api_keys("good,bad key")
     assert "bad key" not in str(caught.value)
+    for empty in ("", " ", ",", " , "):  # given, but no key in it: an error, never an open server
+        with pytest.raises(ConfigError, match="holds no key"):
+            parse_api_keys(empty)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfalice-key\n")  # as some editors save it
+    assert parse_api_keys(None, bom) == (("alice-key",), {})
     keys = tmp_path / "keys.txt"
     keys.write_text("fine\nsecr\u00e9t\n")
     with pytest.raises(ConfigError, match="line 2 of --api-key-file"):
         parse_api_keys(None, keys)
+    keys.write_text("fine\nbob the-key extra\n")
+    with pytest.raises(ConfigError, match="line 2 of --api-key-file must be a key, or a name") as caught:
+        parse_api_keys(None, keys)
+    assert "the-key" not in str(caught.value)
     with pytest.raises(ConfigError, match="holds no key"):
         empty = tmp_path / "empty.txt"
         empty.write_text("# nothing yet\n")

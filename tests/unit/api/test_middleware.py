@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from cake_py import __version__
 from cake_py.api.app import create_app
-from cake_py.api.middleware import RateLimiter, RateLimitMiddleware
+from cake_py.api.middleware import AuthMiddleware, RateLimiter, RateLimitMiddleware
 from cake_py.api.state import ServerState
 from cake_py.config import ServeSettings
 
@@ -218,3 +219,22 @@ def test_allowed_origins_limit_or_turn_off_cors() -> None:
     with _client(allowed_origins=("*",), rate_limit=0) as client:  # unless asked for
         answer = client.get("/v1/models", headers={"Origin": "https://app.example.com"})
         assert answer.headers["access-control-allow-origin"] == "*"
+
+
+async def _echo_state(scope: Scope, receive: Receive, send: Send) -> None:
+    """An app that answers with the request's scope["state"] as JSON."""
+    body = json.dumps(scope.get("state", {})).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _call(app: AuthMiddleware, path: str, headers: dict[str, str]) -> dict[str, str]:
+    answer: dict[str, str] = TestClient(app).get(path, headers=headers).json()  # no lifespan: a bare ASGI app
+    return answer
+
+
+def test_a_public_route_compares_no_key_and_sets_no_owner() -> None:
+    """/health takes no key: a header sent there is not compared with the keys (no timing to read), nor trusted."""
+    app = AuthMiddleware(_echo_state, api_keys=("alice-key", "bob-key"))
+    assert _call(app, "/health", {"authorization": "Bearer alice-key"}) == {}
+    assert "cake_owner" in _call(app, "/v1/models", {"authorization": "Bearer alice-key"})
