@@ -309,9 +309,23 @@ def _call_delta(delta: CallDelta) -> dict[str, Any]:
 
 
 def _served_models(state: ServerState) -> list[dict[str, Any]]:
-    if state.source is None:
+    """OpenAI's model object, with vLLM's `root` (what was loaded) and `max_model_len` (the context clients size
+    their prompts to)."""
+    source = state.source
+    if source is None:
         return []
-    return [{"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "cake"}]
+    context = state.engine.context_length if state.engine is not None else source.config.max_position_embeddings
+    return [
+        {
+            "id": state.model_name,
+            "object": "model",
+            "created": int(state.started),
+            "owned_by": "cake",
+            "root": source.model_id,
+            "parent": None,
+            "max_model_len": context,
+        }
+    ]
 
 
 async def list_models(request: Request) -> Response:

@@ -172,8 +172,14 @@ def test_completions_blocking_and_streaming_agree(client: OpenAI, server: Server
     assert "".join(chunk.choices[0].text for chunk in streamed) == completion.choices[0].text
 
 
-def test_models_lists_the_served_model_name(client: OpenAI) -> None:
-    assert [model.id for model in client.models.list()] == ["tiny-llama"]
+def test_models_lists_the_served_model_name(client: OpenAI, server: ServerHandle) -> None:
+    [model] = client.models.list()
+    assert model.id == "tiny-llama" and model.owned_by == "cake"
+    assert server.state.engine is not None and server.state.source is not None
+    extra = model.model_extra or {}  # vLLM's fields: what was loaded and the context to size prompts to
+    assert extra["max_model_len"] == server.state.engine.context_length
+    assert extra["root"] == server.state.source.model_id
+    assert client.models.retrieve("tiny-llama").model_extra == model.model_extra
 
 
 def test_error_classes(client: OpenAI) -> None:
