@@ -169,8 +169,50 @@ async def props(request: Request) -> Response:
     )
 
 
+async def slots(request: Request) -> Response:
+    """llama.cpp's GET /slots: a slot per sequence the engine runs at once (--max-running), busy ones first, with
+    their progress; the prompts' text is left out (several API keys may be several people). `fail_on_no_slot=1`:
+    a 503 when none is free."""
+    state: ServerState = request.app.state.cake
+    engine, _ = state.ready()
+    running = engine.running()
+    if request.query_params.get("fail_on_no_slot") in ("1", "true") and len(running) >= engine.max_running:
+        raise ApiError(503, "no slot available", headers={"Retry-After": "1"})
+    speculative = engine.speculative_tokens > 0
+    listed = []
+    for number in range(max(engine.max_running, len(running))):
+        seq = running[number] if number < len(running) else None
+        slot: dict[str, Any] = {
+            "id": number,
+            "id_task": seq.seq_id if seq is not None else -1,
+            "n_ctx": engine.context_length,
+            "speculative": speculative,
+            "is_processing": seq is not None,
+            "prompt": "",
+        }
+        if seq is None:
+            slot["next_token"] = {"has_next_token": True, "n_remain": -1, "n_decoded": 0}
+        else:
+            params = seq.params
+            slot["params"] = {
+                "n_predict": params.max_tokens,
+                "temperature": params.temperature,
+                "top_k": params.top_k,
+                "top_p": params.top_p,
+                "min_p": params.min_p,
+                "seed": params.seed if params.seed is not None else -1,
+            }
+            slot["n_prompt_tokens"] = len(seq.prompt_ids)
+            slot["n_prompt_tokens_processed"] = min(seq.n_cached, len(seq.prompt_ids))
+            decoded = len(seq.output_ids)
+            slot["next_token"] = {"has_next_token": True, "n_remain": params.max_tokens - decoded, "n_decoded": decoded}
+        listed.append(slot)
+    return JSONResponse(listed)
+
+
 ROUTES = [
     Route("/completion", completion, methods=["POST"]),
+    Route("/slots", slots, methods=["GET"]),
     Route("/completions", completion, methods=["POST"]),
     Route("/props", props, methods=["GET"]),
 ]

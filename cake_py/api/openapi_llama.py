@@ -45,6 +45,20 @@ COMPLETION = {
 }
 
 SCHEMAS: dict[str, Any] = {
+    "Slot": obj(
+        {
+            "id": INT,
+            "id_task": {**INT, "description": "the sequence's id; -1 when the slot is free"},
+            "n_ctx": INT,
+            "speculative": BOOL,
+            "is_processing": BOOL,
+            "prompt": {**STR, "description": "always empty: prompts are not shown"},
+            "params": {"type": "object"},
+            "n_prompt_tokens": INT,
+            "n_prompt_tokens_processed": INT,
+            "next_token": obj({"has_next_token": BOOL, "n_remain": INT, "n_decoded": INT}),
+        }
+    ),
     "InfillRequest": obj(
         {
             "input_prefix": STR,
@@ -112,6 +126,13 @@ def paths(op: Any, json: Any, sse: dict[str, Any], generation_errors: tuple[int,
                 {**json(ref("Infill")), **sse},
                 body=json(ref("InfillRequest")),
                 errors=generation_errors,
+            )
+        },
+        "/slots": {
+            "get": op(
+                "llama.cpp's slots: one per sequence run at once, busy ones with their progress (no prompt text)",
+                json({"type": "array", "items": ref("Slot")}),
+                errors=(401, 404, 503),
             )
         },
         "/props": {

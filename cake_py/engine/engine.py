@@ -285,6 +285,16 @@ class Engine:
         finally:
             self.cancel(seq_id)  # a no-op when it already finished; frees caches when the caller stopped early
 
+    def running(self) -> list[Sequence]:
+        """The sequences holding a slot now, for a look from another thread (llama.cpp's /slots): a copy, which
+        the engine thread may outdate at its next step."""
+        for _ in range(3):
+            try:
+                return list(self._running.values())
+            except RuntimeError:  # the engine thread changed the schedule during the copy: look again
+                continue
+        return []
+
     def tokens_per_second(self) -> float:
         """Generated tokens/s over the last 5 s; 0 once the engine has been idle that long."""
         return self.stats.current_rate()

@@ -13,7 +13,7 @@ import pytest
 from openai import OpenAI
 
 from cake_py.models.tokenizer import Tokenizer
-from tests.fixtures.server import ServerHandle
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 SERVED_MODEL = "tiny_llama"  # the server and client fixtures: tests/integration/conftest.py
 GREEDY = {"temperature": 0, "n_predict": 8}
@@ -211,3 +211,25 @@ def test_llama_cpps_other_fields(server: ServerHandle) -> None:
     assert answer["tokens"] == [] and answer["has_new_line"] == ("\n" in answer["content"])
     props = httpx.get(f"{server.base_url}/props", timeout=60).json()
     assert isinstance(props["bos_token"], str) and isinstance(props["eos_token"], str)
+
+
+def test_slots_show_what_runs_without_its_prompt(tiny_llama: Path) -> None:
+    """A generation in flight holds a slot (its progress, never its prompt's text); with every slot busy,
+    fail_on_no_slot is a 503."""
+    with running_server(tiny_settings(tiny_llama, max_running=1)) as server:
+        url = f"{server.base_url}/slots"
+        idle = httpx.get(url, timeout=30).json()
+        assert [(slot["id"], slot["id_task"], slot["is_processing"]) for slot in idle] == [(0, -1, False)]
+        assert httpx.get(url, params={"fail_on_no_slot": 1}, timeout=30).status_code == 200
+        body = {"prompt": "A secret prompt", "n_predict": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.base_url}/completion", json=body, timeout=60) as answer:
+            lines = answer.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass
+            [busy] = httpx.get(url, timeout=30).json()
+            full = httpx.get(url, params={"fail_on_no_slot": 1}, timeout=30)
+        assert busy["is_processing"] and busy["id_task"] >= 0 and busy["prompt"] == ""
+        assert "secret" not in json.dumps(busy)
+        assert busy["params"]["n_predict"] == 400 and busy["next_token"]["n_decoded"] >= 1
+        assert busy["next_token"]["n_remain"] == 400 - busy["next_token"]["n_decoded"]
+        assert full.status_code == 503 and full.json()["error"] == "no slot available"
