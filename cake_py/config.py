@@ -149,7 +149,9 @@ def parse_api_keys(value: str | None, key_file: Path | None = None) -> tuple[tup
             raise ConfigError(f"--api-key-file {str(key_file)!r} cannot be read: {error}") from None
         for number, line in enumerate(lines, 1):
             fields = line.split()
-            if not fields or fields[0].startswith("#"):
+            comment = next((at for at, field in enumerate(fields) if field.startswith("#")), len(fields))
+            fields = fields[:comment]  # `KEY  # bob's` keeps KEY: a comment is never read as a key
+            if not fields:
                 continue
             where = f"line {number} of --api-key-file"
             if len(fields) > 2 or len(fields) == 2 and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", fields[0]):

@@ -129,6 +129,7 @@ async def completions(request: Request) -> Response:
         [ids for ids in prompt_ids for _ in range(n)],
         [seeded(clipped, i) for clipped in per_prompt for i in range(n)],
         request_key_name(request),
+        n,
     )
     n_prompt_tokens = sum(len(ids) for ids in prompt_ids)  # counted once per prompt, like OpenAI
 

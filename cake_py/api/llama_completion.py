@@ -174,8 +174,9 @@ async def slots(request: Request) -> Response:
     their progress; the prompts' text is left out (several API keys may be several people). `fail_on_no_slot=1`:
     a 503 when none is free."""
     state: ServerState = request.app.state.cake
-    engine, _ = state.ready()
+    engine, source = state.ready()
     running = engine.running()
+    defaults, _ = llama_sampling({}, engine.context_length, source.tokenizer, engine.vocab_size)
     if request.query_params.get("fail_on_no_slot") in ("1", "true") and len(running) >= engine.max_running:
         raise ApiError(503, "no slot available", headers={"Retry-After": "1"})
     speculative = engine.speculative_tokens > 0
@@ -190,22 +191,26 @@ async def slots(request: Request) -> Response:
             "is_processing": seq is not None,
             "prompt": "",
         }
-        if seq is None:
-            slot["next_token"] = {"has_next_token": True, "n_remain": -1, "n_decoded": 0}
-        else:
-            params = seq.params
-            slot["params"] = {
-                "n_predict": params.max_tokens,
-                "temperature": params.temperature,
-                "top_k": params.top_k,
-                "top_p": params.top_p,
-                "min_p": params.min_p,
-                "seed": params.seed if params.seed is not None else -1,
-            }
+        params = seq.params if seq is not None else defaults  # a free slot shows /completion's defaults
+        slot["params"] = {
+            "n_predict": params.max_tokens if seq is not None else -1,
+            "temperature": params.temperature,
+            "top_k": params.top_k,
+            "top_p": params.top_p,
+            "min_p": params.min_p,
+            "seed": params.seed if params.seed is not None else -1,
+        }
+        decoded = len(seq.output_ids) if seq is not None else 0
+        if seq is not None:
             slot["n_prompt_tokens"] = len(seq.prompt_ids)
             slot["n_prompt_tokens_processed"] = min(seq.n_cached, len(seq.prompt_ids))
-            decoded = len(seq.output_ids)
-            slot["next_token"] = {"has_next_token": True, "n_remain": params.max_tokens - decoded, "n_decoded": decoded}
+        slot["next_token"] = {
+            "has_next_token": True,
+            "has_new_line": False,
+            "n_remain": params.max_tokens - decoded if seq is not None else -1,
+            "n_decoded": decoded,
+            "stopping_word": "",
+        }
         listed.append(slot)
     return JSONResponse(listed)
 

@@ -189,10 +189,10 @@ class ApiMetrics:
         self.first_token.observe(seconds)
 
     def key_usage(self, key: str, prompts: list[list[int]]) -> Callable[[GenerationEvent], None]:
-        """Count a request and its prompts (a prompt given n times, as n choices, once) under `key`; the callback
-        counts each sequence's generated tokens when it ends."""
+        """Count a request and its prompts under `key` (each prompt as its usage counts it: once for n choices, as
+        often as the request gives it); the callback counts each sequence's generated tokens when it ends."""
         self.key_requests.labels(key).inc()
-        self.key_prompt_tokens.labels(key).inc(sum(len(prompt) for prompt in {tuple(p): p for p in prompts}.values()))
+        self.key_prompt_tokens.labels(key).inc(sum(len(prompt) for prompt in prompts))
         generated = self.key_completion_tokens.labels(key)
 
         def on_last(event: GenerationEvent) -> None:

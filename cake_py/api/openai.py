@@ -143,7 +143,7 @@ async def chat_completions(request: Request) -> Response:
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created, model = int(time.time()), state.model_name
     streams = open_streams(
-        state, engine, [prompt_ids] * n, [seeded(params, i) for i in range(n)], request_key_name(request)
+        state, engine, [prompt_ids] * n, [seeded(params, i) for i in range(n)], request_key_name(request), n
     )
 
     def keep(completion: dict[str, Any]) -> None:

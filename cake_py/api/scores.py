@@ -15,12 +15,11 @@ every worker, context checks and errors), each distinct text embedded once.
 from __future__ import annotations
 
 import base64
-import math
-import struct
 import time
 import uuid
 from typing import Any
 
+import torch
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -37,10 +36,13 @@ PASSED = ("truncate_prompt_tokens", "priority", "add_special_tokens")
 
 
 def _texts(value: Any, name: str) -> list[str]:
-    """A string or a list of strings (rerank's documents may be `{"text": …}` objects), none empty."""
+    """A string or a list of strings (rerank's documents may be `{"text": …}` objects), none empty, at most
+    MAX_INPUTS (each is a pair to score)."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
         raise ApiError(400, f"{name} must be a string or a non-empty list of strings, got {value!r}"[:300])
+    if len(items) > MAX_INPUTS:
+        raise ApiError(400, f"{name} holds {len(items)} texts; at most {MAX_INPUTS} are allowed per request")
     texts = []
     for index, item in enumerate(items):
         text = item.get("text") if isinstance(item, dict) else item
@@ -50,37 +52,62 @@ def _texts(value: Any, name: str) -> list[str]:
     return texts
 
 
-async def _embedded(request: Request, body: dict[str, Any], texts: list[str]) -> tuple[dict[str, list[float]], int]:
-    """Each distinct text's unit vector, and the prompt tokens they took."""
-    distinct = list(dict.fromkeys(texts))
-    if len(distinct) > MAX_INPUTS:
-        raise ApiError(400, f"the request holds {len(distinct)} distinct texts; at most {MAX_INPUTS} are allowed")
+async def _embedded(
+    request: Request, body: dict[str, Any], fields: dict[str, list[str]]
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Each distinct text's embedding (of `fields`: the request's text fields by name), and the prompt tokens they
+    took."""
+    distinct = list(dict.fromkeys(text for texts in fields.values() for text in texts))
     state: ServerState = request.app.state.cake
     assert state.routes is not None  # create_app sets it
     ask = {"input": distinct, "encoding_format": "base64", **{key: body[key] for key in PASSED if key in body}}
     status, answer = await state.routes.post("/v1/embeddings", ask, request.receive, request_caller(request))
     if status != 200:
         error = answer.get("error") if isinstance(answer, dict) else None
-        raise ApiError(status, str(error or f"the embeddings failed ({status})"), headers=_retry(status))
+        code = answer.get("code") if isinstance(answer, dict) else None
+        if code == "context_length_exceeded":
+            raise ApiError(400, await _too_long(state, fields, str(error)), code=code)
+        raise ApiError(status, str(error or f"the embeddings failed ({status})"), code=code, headers=_retry(status))
 
-    def decode() -> dict[str, list[float]]:
+    def decode() -> dict[str, torch.Tensor]:
         vectors = {}
         for item in answer["data"]:
             raw = base64.b64decode(item["embedding"])
-            vectors[distinct[item["index"]]] = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+            vectors[distinct[item["index"]]] = torch.frombuffer(bytearray(raw), dtype=torch.float32)
         return vectors
 
     return await run_in_threadpool(decode), int(answer["usage"]["prompt_tokens"])
+
+
+async def _too_long(state: ServerState, fields: dict[str, list[str]], error: str) -> str:
+    """The embeddings' context error, naming the text it is about (the route only saw a list of inputs)."""
+    source, engine = state.source, state.engine
+    if source is None or engine is None:
+        return error
+
+    def first_too_long() -> str | None:
+        for name, texts in fields.items():
+            for index, text in enumerate(texts):
+                if len(source.tokenizer.encode(text)) > engine.context_length:
+                    return name if name == "query" else f"{name}[{index}]"
+        return None
+
+    where = await run_in_threadpool(first_too_long)
+    return f"{where}: {error}" if where else error
 
 
 def _retry(status: int) -> dict[str, str] | None:
     return {"Retry-After": "5"} if status in (429, 503) else None
 
 
-def cosine(a: list[float], b: list[float]) -> float:
-    dot = math.fsum(x * y for x, y in zip(a, b, strict=True))
-    norms = math.sqrt(math.fsum(x * x for x in a)) * math.sqrt(math.fsum(y * y for y in b))
-    return dot / norms if norms else 0.0
+def cosines(vectors: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> list[float]:
+    """Each pair's cosine similarity, in one batched computation; a 500 if an embedding is not finite."""
+    first = torch.stack([vectors[a] for a, _ in pairs])
+    second = torch.stack([vectors[b] for _, b in pairs])
+    scores = torch.nn.functional.cosine_similarity(first.double(), second.double(), dim=1)
+    if not bool(torch.isfinite(scores).all()):
+        raise ApiError(500, "the model's embeddings hold values that are not finite numbers")
+    return [float(score) for score in scores]
 
 
 async def score(request: Request) -> Response:
@@ -94,19 +121,26 @@ async def score(request: Request) -> Response:
         raise ApiError(
             400, f"text_1 holds {len(first)} texts and text_2 {len(second)}: give one text_1, or as many as text_2"
         )
-    vectors, tokens = await _embedded(request, body, [*first, *second])
-    scores = await run_in_threadpool(lambda: [cosine(vectors[a], vectors[b]) for a, b in pairs])
+    vectors, tokens = await _embedded(request, body, {"text_1": first, "text_2": second})
     state: ServerState = request.app.state.cake
-    return JSONResponse(
-        {
-            "id": f"score-{uuid.uuid4().hex[:24]}",
-            "object": "list",
-            "created": int(time.time()),
-            "model": state.model_name,
-            "data": [{"index": index, "object": "score", "score": value} for index, value in enumerate(scores)],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
+    model = state.model_name
+
+    def answer() -> Response:  # off the event loop: thousands of pairs take a while to score and write out
+        data = [
+            {"index": index, "object": "score", "score": value} for index, value in enumerate(cosines(vectors, pairs))
+        ]
+        return JSONResponse(
+            {
+                "id": f"score-{uuid.uuid4().hex[:24]}",
+                "object": "list",
+                "created": int(time.time()),
+                "model": model,
+                "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    return await run_in_threadpool(answer)
 
 
 async def rerank(request: Request) -> Response:
@@ -115,28 +149,33 @@ async def rerank(request: Request) -> Response:
     if not isinstance(query, str) or not query:
         raise ApiError(400, f"query must be a non-empty string, got {query!r}"[:300])
     documents = _texts(body.get("documents"), "documents")
-    top_n = body.get("top_n", 0)
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+    top_n = body.get("top_n")  # absent, null (LangChain's JinaRerank sends it) or 0: every document
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
         raise ApiError(400, f"top_n must be a non-negative integer (0: every document), got {top_n!r}"[:300])
     with_documents = flag(body, "return_documents", True)
-    vectors, tokens = await _embedded(request, body, [query, *documents])
-    scores = await run_in_threadpool(lambda: [cosine(vectors[query], vectors[text]) for text in documents])
-    ranked = sorted(range(len(documents)), key=lambda index: -scores[index])[: top_n or None]
-    results = []
-    for index in ranked:
-        result: dict[str, Any] = {"index": index, "relevance_score": scores[index]}
-        if with_documents:
-            result["document"] = {"text": documents[index]}
-        results.append(result)
+    vectors, tokens = await _embedded(request, body, {"query": [query], "documents": documents})
     state: ServerState = request.app.state.cake
-    return JSONResponse(
-        {
-            "id": f"rerank-{uuid.uuid4().hex[:24]}",
-            "model": state.model_name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "results": results,
-        }
-    )
+    model = state.model_name
+
+    def answer() -> Response:  # off the event loop, as score's
+        scores = cosines(vectors, [(query, text) for text in documents])
+        ranked = sorted(range(len(documents)), key=lambda index: -scores[index])[: top_n or None]
+        results = []
+        for index in ranked:
+            result: dict[str, Any] = {"index": index, "relevance_score": scores[index]}
+            if with_documents:
+                result["document"] = {"text": documents[index]}
+            results.append(result)
+        return JSONResponse(
+            {
+                "id": f"rerank-{uuid.uuid4().hex[:24]}",
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "results": results,
+            }
+        )
+
+    return await run_in_threadpool(answer)
 
 
 ROUTES = [

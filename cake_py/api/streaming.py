@@ -91,15 +91,21 @@ class EventStream:
 
 
 def open_streams(
-    state: ServerState, engine: Engine, prompts: list[list[int]], params: list[SamplingParams], key: str = ""
+    state: ServerState,
+    engine: Engine,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    key: str = "",
+    choices: int = 1,
 ) -> list[EventStream]:
     """Submit every prompt at once (they batch together in the engine); no await between the check and the submit.
-    `key`: the API key's name its usage is counted under (middleware.request_key_name; "" with one key or none)."""
+    `key`: the API key's name its usage is counted under (middleware.request_key_name; "" with one key or none);
+    `choices`: each prompt comes this many times in a row (n > 1), and its tokens count once, as usage counts them."""
     state.still_serving(engine)
     engine.check_room(len(prompts))  # the whole request, not sequence by sequence: it must not crowd itself out
     metrics = state.metrics
     observe = metrics.observe_first_token if metrics else None
-    on_last = metrics.key_usage(key, prompts) if metrics and key else None
+    on_last = metrics.key_usage(key, prompts[::choices]) if metrics and key else None
     streams: list[EventStream] = []
     first_with: dict[tuple[int, ...], int] = {}  # a prompt → the sequence that prefills it for the others (n > 1)
     try:

@@ -140,11 +140,11 @@ def test_each_keys_usage_is_counted_under_its_name(tiny_llama: Path) -> None:
     settings = tiny_settings(tiny_llama, api_keys=("alice-key", "bob-key"), api_key_names={"alice-key": "alice"})
     with running_server(settings) as server, client_of(server, "alice-key") as a, client_of(server, "bob-key") as b:
         one = a.chat.completions.create(model="x", messages=ASK, max_tokens=3, n=2)
-        two = a.completions.create(model="x", prompt="cake", max_tokens=4)
+        two = a.completions.create(model="x", prompt=["cake", "cake"], max_tokens=4, n=2)  # a prompt given twice
         b.completions.create(model="x", prompt="cake", max_tokens=5)
         text = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": "Bearer bob-key"}).text
         assert one.usage is not None and two.usage is not None
-        prompts = one.usage.prompt_tokens + two.usage.prompt_tokens  # the n=2 prompt counted once, as usage does
+        prompts = one.usage.prompt_tokens + two.usage.prompt_tokens  # as usage counts them: per prompt, not per choice
         generated = one.usage.completion_tokens + two.usage.completion_tokens
         assert key_counts(text, "alice") == (2.0, float(prompts), float(generated))
         bob = hashlib.sha256(b"bob-key").hexdigest()[:12]  # no name given: the first digits of its digest

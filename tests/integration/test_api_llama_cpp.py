@@ -220,6 +220,7 @@ def test_slots_show_what_runs_without_its_prompt(tiny_llama: Path) -> None:
         url = f"{server.base_url}/slots"
         idle = httpx.get(url, timeout=30).json()
         assert [(slot["id"], slot["id_task"], slot["is_processing"]) for slot in idle] == [(0, -1, False)]
+        assert idle[0]["params"]["temperature"] == 0.8 and idle[0]["next_token"]["n_remain"] == -1  # the defaults
         assert httpx.get(url, params={"fail_on_no_slot": 1}, timeout=30).status_code == 200
         body = {"prompt": "A secret prompt", "n_predict": 400, "temperature": 0, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{server.base_url}/completion", json=body, timeout=60) as answer:

@@ -95,10 +95,30 @@ def test_a_text_given_twice_is_embedded_once(server: ServerHandle) -> None:
         ("/v1/rerank", {"query": "q", "documents": [{"title": "a"}]}, "documents[0]"),
         ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, "top_n"),
         ("/v1/rerank", {"query": "q", "documents": ["a"], "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
-        ("/v1/rerank", {"query": "q " * 5000, "documents": ["a"]}, "context"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"] * 2049}, "documents holds 2049 texts; at most 2048"),
+        ("/v1/score", {"text_1": "a", "text_2": ["b"] * 2049}, "text_2 holds 2049 texts"),
     ],
 )
 def test_bad_requests_are_named(server: ServerHandle, path: str, body: dict[str, Any], needle: str) -> None:
     answer = post(server, path, body)
     assert answer.status_code == 400, answer.text
     assert needle in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "where"),
+    [
+        ("/v1/rerank", {"query": "q " * 5000, "documents": ["a"]}, "query: "),
+        ("/v1/rerank", {"query": "q", "documents": ["a", "cake " * 5000]}, "documents[1]: "),
+        ("/v1/score", {"text_1": "a", "text_2": ["b", "c", "cake " * 5000]}, "text_2[2]: "),
+    ],
+)
+def test_a_text_too_long_is_named(server: ServerHandle, path: str, body: dict[str, Any], where: str) -> None:
+    answer = post(server, path, body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"].startswith(where) and answer.json()["code"] == "context_length_exceeded"
+
+
+def test_langchains_null_top_n_is_every_document(server: ServerHandle) -> None:
+    answer = post(server, "/v1/rerank", {"query": QUERY, "documents": DOCUMENTS, "top_n": None})
+    assert answer.status_code == 200 and len(answer.json()["results"]) == len(DOCUMENTS)

@@ -123,8 +123,11 @@ def test_api_keys_come_as_a_list_and_from_a_file(tmp_path: Path) -> None:
     assert parse_api_keys("one") == (("one",), {})
     assert parse_api_keys(" a , b,,a ")[0] == ("a", "b")  # llama.cpp's comma-separated list, duplicates once
     keys = tmp_path / "keys.txt"
-    keys.write_text("# the team\nalice-key\n\n  bob  bob-key  \n")
-    assert parse_api_keys("carol-key", keys) == (("carol-key", "alice-key", "bob-key"), {"bob-key": "bob"})
+    keys.write_text("# the team\nalice-key\n\n  bob  bob-key  \ndave-key #dave's laptop\n")
+    assert parse_api_keys("carol-key", keys) == (
+        ("carol-key", "alice-key", "bob-key", "dave-key"),  # a comment after a key is never a key
+        {"bob-key": "bob"},
+    )
 
 
 def test_bad_api_keys_are_named_by_place_not_by_value(tmp_path: Path) -> None:
