@@ -14,6 +14,8 @@ from starlette.types import ASGIApp, Message, Scope
 
 from cake_py.api.middleware import NOBODY, Caller
 
+LARGE_ANSWER_BYTES = 256 * 1024
+
 
 def _scope(app: ASGIApp, path: str, payload: bytes, caller: Caller) -> Scope:
     return {
@@ -77,8 +79,11 @@ async def post_json(
             chunks.append(message.get("body", b""))
 
     await dispatch(_scope(app, path, payload, caller), _receiver(payload, outer), send)
+    answer = b"".join(chunks)
     try:
-        return status, json.loads(b"".join(chunks))
+        if len(answer) > LARGE_ANSWER_BYTES:  # thousands of embeddings: tens of ms of parsing, off the event loop
+            return status, await asyncio.to_thread(json.loads, answer)
+        return status, json.loads(answer)
     except ValueError:
         return 500, {"error": f"the route answered {status} with a body that is not JSON"}
 
