@@ -141,6 +141,12 @@ class ServiceCollector(Collector):
                 "Configured workers the served placement goes without (--failover-after)",
                 value=len(state.failover.left_out),
             )
+            engine = state.engine
+            yield GaugeMetricFamily(
+                "cake_failover_held_sequences",
+                "Sequences in flight waiting for a stage that is down to come back, or for the failover's placement",
+                value=(engine.held if engine is not None else 0) + len(state.failover.handed),
+            )
         yield GaugeMetricFamily(
             "cake_stored_chat_completions", "Chat completions kept (store: true)", value=len(state.chat_completions)
         )

@@ -54,6 +54,11 @@ class Faults:
     _stopping: bool
     _dead: bool
 
+    @property
+    def held(self) -> int:
+        """Sequences waiting while a stage is down (for it, or for a failover); 0 when none is."""
+        return len(self._running) + len(self._waiting) if self._held_since is not None else 0
+
     if TYPE_CHECKING:  # the Engine's
 
         def _finish(self, seq: Sequence, event: GenerationEvent | None) -> None: ...

@@ -392,7 +392,8 @@ def test_failover_serves_without_a_dead_worker_and_takes_it_back(
         named = [(w["name"], w["host"]) for w in http.get("/health").json()["left_out"]]
         assert named == [(second.name, second.address)]
         assert [w["name"] for w in http.get("/api/v1/topology").json()["left_out"]] == [second.name]
-        assert "cake_failover_left_out_workers 1.0" in http.get("/metrics").text
+        metrics = http.get("/metrics").text
+        assert "cake_failover_left_out_workers 1.0" in metrics and "cake_failover_held_sequences 0.0" in metrics
 
         second.start()  # back on its address: taken back once nothing is generated
         wait_until(lambda: second.name in holders() and http.get("/health").status_code == 200, 30.0, "fail-back")

@@ -113,9 +113,11 @@ def through_a_fall(engine: Engine) -> list[GenerationEvent]:
         engine.submit(PROMPT, GREEDY, events.put)
         assert stage_of(engine).went_down.wait(30)
         time.sleep(0.3)
-        assert engine.in_flight == 1  # held, not ended
+        assert engine.in_flight == engine.held == 1  # held, not ended
         stage_of(engine).come_back()
-        return collect(events)
+        result = collect(events)
+        assert engine.held == 0
+        return result
     finally:
         engine.stop()
 
