@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from cake_py.api.anthropic_stream import message_events, stop_of, usage_of
-from cake_py.api.errors import ApiError
+from cake_py.api.errors import ApiError, retry_headers
 from cake_py.api.inprocess import Routes
 from cake_py.api.middleware import request_caller
 from cake_py.api.schemas import flag, json_body
@@ -313,7 +313,7 @@ def _translated(status: int, answer: Any) -> ApiError:
     message = answer.get("error") if isinstance(answer, dict) else None
     if isinstance(message, dict):
         message = message.get("message")
-    headers = {"Retry-After": "5"} if status in (429, 503) else None
+    headers = retry_headers(status)
     return ApiError(status, str(message or f"the request failed ({status})"), headers=headers)
 
 

@@ -28,6 +28,11 @@ from cake_py.errors import (
 log = logging.getLogger(__name__)
 
 
+def retry_headers(status: int) -> dict[str, str] | None:
+    """Retry-After for an answer a client should retry (429, 503) that is passed on from another route."""
+    return {"Retry-After": "5"} if status in (429, 503) else None
+
+
 class ApiError(Exception):
     """An error with its HTTP status; the body shape is picked by the route family of the request's path."""
 

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.embeddings import MAX_INPUTS
-from cake_py.api.errors import ApiError
+from cake_py.api.errors import ApiError, retry_headers
 from cake_py.api.middleware import request_caller
 from cake_py.api.schemas import flag, json_body
 from cake_py.api.state import ServerState
@@ -67,7 +67,8 @@ async def _embedded(
         code = answer.get("code") if isinstance(answer, dict) else None
         if code == "context_length_exceeded":
             raise ApiError(400, await _too_long(state, fields, str(error)), code=code)
-        raise ApiError(status, str(error or f"the embeddings failed ({status})"), code=code, headers=_retry(status))
+        message = str(error or f"the embeddings failed ({status})")
+        raise ApiError(status, message, code=code, headers=retry_headers(status))
 
     def decode() -> dict[str, torch.Tensor]:
         vectors = {}
@@ -94,10 +95,6 @@ async def _too_long(state: ServerState, fields: dict[str, list[str]], error: str
 
     where = await run_in_threadpool(first_too_long)
     return f"{where}: {error}" if where else error
-
-
-def _retry(status: int) -> dict[str, str] | None:
-    return {"Retry-After": "5"} if status in (429, 503) else None
 
 
 def cosines(vectors: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> list[float]:

@@ -36,13 +36,13 @@ class Finished:
 
 
 class ToolStream:
-    """One choice's answer as it streams: `feed` gives the content to send and `deltas` the call pieces to send."""
+    """One choice's answer as it streams: `feed` gives the content to send, and `pieces` what to send in order
+    (content and call pieces)."""
 
     def __init__(self, request: ToolRequest) -> None:
         self.request = request
         self.text = ""  # the whole answer so far
         self.sent = 0  # where the text not yet sent as content starts (or, in a block, where the block's tag is)
-        self.deltas: list[CallDelta] = []  # call pieces of the last feed
         self.pieces: list[str | CallDelta] = []  # what the last feed gives, content and call pieces, in order
         self.forced = ForcedCalls(request.choice == "required", request.id_length) if request.forced else None
         self.holding = False  # auto: the rest of the answer is read when it finishes
@@ -51,12 +51,11 @@ class ToolStream:
         self.block: _Block | None = None  # auto: the `<tool_call>` block being read
 
     def feed(self, delta: str) -> str:
-        """Content to send now (and, in `deltas`, call pieces)."""
+        """Content to send now (and, in `pieces`, the call pieces among it)."""
         self.text += delta
-        self.deltas, self.pieces = [], []
+        self.pieces = []
         if self.forced is not None:
-            self.deltas = self.forced.feed(delta)
-            self.pieces = list(self.deltas)
+            self.pieces = list(self.forced.feed(delta))
             return ""
         if not self.request.active:
             self.sent = len(self.text)
@@ -77,6 +76,11 @@ class ToolStream:
                 self.sent = tag
             self.block = _Block(tag + len(OPEN_TAG), self.request, len(self.streamed))
         return "".join(out)
+
+    @property
+    def deltas(self) -> list[CallDelta]:
+        """The call pieces of the last feed."""
+        return [piece for piece in self.pieces if isinstance(piece, CallDelta)]
 
     def _send_until(self, end: int) -> str:
         out = self.text[self.sent : end] if end > self.sent else ""
@@ -119,12 +123,11 @@ class ToolStream:
         assert block is not None
         if block.call is not None and (not self.streamed or self.streamed[-1] is not block.call):
             self.streamed.append(block.call)
-        self.deltas += deltas
         self.pieces += deltas
 
     def finish(self) -> Finished:
         """What is left to send once the answer is complete, and all its calls."""
-        self.deltas, self.pieces = [], []
+        self.pieces = []
         if self.forced is not None:
             if self.forced.unordered:
                 calls = parse_answer(self.text, self.request).tool_calls
