@@ -38,6 +38,7 @@ from cake_py.config import (
     parse_origins,
     parse_ui_auth,
     parse_workers_flag,
+    read_chat_template,
 )
 from cake_py.errors import CakeError, ConfigError
 
@@ -159,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="how /v1/embeddings pools a prompt's final hidden states: its last token or the mean of all of them "
         "(default: what the model folder's sentence-transformers config says, else last)",
     )
+    serve.add_argument(
+        "--chat-template",
+        metavar="TEMPLATE",
+        help="a Jinja chat template (a file, or the template itself) to use instead of the model's own",
+    )
+    serve.add_argument(
+        "--max-model-len",
+        "--ctx-size",
+        dest="max_model_len",
+        type=at_least_one,
+        metavar="TOKENS",
+        help="the most tokens a sequence may hold, prompt and answer (default: the model's context)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _graphs_flag(serve)
     _tls_flags(serve)
@@ -205,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help=DEVICE_HELP)
     _graphs_flag(run)
     run.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
+    run.add_argument("--chat-template", metavar="TEMPLATE", help="a Jinja chat template (a file, or the template)")
     run.add_argument(
         "--speculative-tokens", type=positive_int, default=0, help="prompt lookup decoding's drafts per step (0: off)"
     )
@@ -269,6 +284,8 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         max_file_bytes=args.max_file_mb * 1024 * 1024,
         batch_concurrency=args.batch_concurrency,
         failover_after=args.failover_after,
+        chat_template=read_chat_template(args.chat_template),
+        max_model_len=args.max_model_len,
     )
 
 
@@ -332,6 +349,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         device = check_device(args.device)
         options = {"dtype": args.dtype, "device": device, "raw": args.raw, "cuda_graphs": args.cuda_graphs}
+        options["chat_template"] = read_chat_template(args.chat_template)
         run_prompt(model, prompt, params, write, speculative_tokens=args.speculative_tokens, **options)
         sys.stdout.write("\n")
     elif args.command == "pull":

@@ -72,6 +72,10 @@ class ServeSettings:
     batch_concurrency: int | None = None
     # A worker down this many seconds has its layers placed on the nodes still up (0: off; api/failover.py).
     failover_after: float = 0.0
+    # --chat-template: a Jinja chat template replacing the startup model's own (a model loaded later keeps its own)
+    chat_template: str | None = None
+    # --max-model-len: the most tokens a sequence may hold (prompt and answer), at most the model's context
+    max_model_len: int | None = None
 
 
 @dataclass
@@ -206,6 +210,31 @@ def check_tls_files(cert: Path | None, key: Path | None, ca: Path | None) -> Non
                 handle.read(1)
         except OSError as error:
             raise ConfigError(f"{flag} {str(path)!r} cannot be read: {error.strerror or error}") from None
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template, as vLLM takes it: a file holding a Jinja chat template, or the template itself."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise ConfigError("--chat-template is empty: give a template file or a Jinja template")
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except OSError:  # a long one-line template is no file name (ENAMETOOLONG)
+        is_file = False
+    if not is_file and ("{{" in value or "{%" in value):
+        return value
+    try:
+        template = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise ConfigError(f"--chat-template: cannot read {value!r}: {reason}") from None
+    if not template.strip():
+        raise ConfigError(f"--chat-template: the file {value!r} is empty")
+    return template
 
 
 def listen_address(host: str, port: int) -> str:

@@ -97,7 +97,8 @@ async def load_model(request: Request) -> Response:
                 headers={"Retry-After": "5"},
             )
         source = await run_in_threadpool(_resolve, model_id)
-        settings = replace(state.settings, model=model_id, model_name=None)
+        # --model-name and --chat-template are the startup model's; --max-model-len caps every model.
+        settings = replace(state.settings, model=model_id, model_name=None, chat_template=None)
         state.switching = f"loading model {source.model_id!r}"
         try:
             old_engine, old_source, old_settings = state.engine, state.source, state.settings

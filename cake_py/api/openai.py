@@ -34,7 +34,7 @@ from cake_py.api.schemas import (
     predicted_output,
     stream_usage,
 )
-from cake_py.api.state import ServerState, generation_request
+from cake_py.api.state import ServerState, context_length, generation_request
 from cake_py.api.streaming import (
     EventStream,
     GenerationResponse,
@@ -314,7 +314,8 @@ def _served_models(state: ServerState) -> list[dict[str, Any]]:
     source = state.source
     if source is None:
         return []
-    context = state.engine.context_length if state.engine is not None else source.config.max_position_embeddings
+    engine = state.engine
+    context = engine.context_length if engine is not None else context_length(source, state.settings)
     return [
         {
             "id": state.model_name,

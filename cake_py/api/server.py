@@ -9,11 +9,12 @@ from types import FrameType
 import uvicorn
 
 from cake_py.api.app import create_app
-from cake_py.api.state import ServerState
+from cake_py.api.state import ServerState, context_length
 from cake_py.cluster.hostinfo import measure_tflops
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import Engine
+from cake_py.errors import ConfigError
 from cake_py.models import graphs
 from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_device, set_threads, torch_dtype
 from cake_py.models.hub import ModelSource, resolve_model
@@ -46,6 +47,7 @@ def make_engine(pipeline: Pipeline, source: ModelSource, settings: ServeSettings
         prefix_cache_tokens=settings.prefix_cache_tokens,
         speculative_tokens=settings.speculative_tokens,
         seq_ids=SEQ_IDS,
+        context_length=context_length(source, settings),
     )
     if settings.failover_after > 0 and settings.workers:
         # Requests a dead worker interrupts wait for the failover (api/failover.py) instead of failing.
@@ -57,6 +59,13 @@ def build_state(settings: ServeSettings) -> ServerState:
     set_threads(settings.threads)
     device = resolve_device(settings.device)
     source = resolve_model(settings.model)
+    if settings.max_model_len and settings.max_model_len > source.config.max_position_embeddings:
+        raise ConfigError(
+            f"--max-model-len {settings.max_model_len} is longer than the context of {source.model_id} "
+            f"({source.config.max_position_embeddings} tokens)"
+        )
+    if settings.chat_template is not None:
+        source.tokenizer.set_chat_template(settings.chat_template)
     pipeline = build_pipeline(settings, source, device)
     engine = make_engine(pipeline, source, settings)
     tflops = measure_tflops(device)

@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 NO_TEXT_MODEL = "No text model loaded"
 
 
+def context_length(source: ModelSource, settings: ServeSettings) -> int:
+    """The most tokens a sequence of `source` may hold: --max-model-len, where the model's context is longer."""
+    context = source.config.max_position_embeddings
+    return min(settings.max_model_len, context) if settings.max_model_len else context
+
+
 StageKey = tuple[str, int, int]  # a stage's name and layers [start, end): names alone repeat ("master")
 
 

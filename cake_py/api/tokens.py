@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.schemas import chat_messages, chat_template_options, flag, json_body
-from cake_py.api.state import NO_TEXT_MODEL, ServerState
+from cake_py.api.state import NO_TEXT_MODEL, ServerState, context_length
 from cake_py.api.tools import prompt_messages, tool_request
 from cake_py.models.hub import ModelSource
 from cake_py.models.tokenizer import Tokenizer
@@ -38,7 +38,7 @@ def _source(state: ServerState) -> ModelSource:
 
 def _context_length(state: ServerState, source: ModelSource) -> int:
     engine = state.engine
-    return engine.context_length if engine is not None else source.config.max_position_embeddings
+    return engine.context_length if engine is not None else context_length(source, state.settings)
 
 
 def _piece(tokenizer: Tokenizer, token_id: int) -> str | list[int]:

@@ -24,11 +24,14 @@ def run_prompt(
     raw: bool = False,
     cuda_graphs: bool = True,
     speculative_tokens: int = 0,
+    chat_template: str | None = None,
 ) -> str:
     """Generate an answer to `prompt` (chat-templated unless `raw`), writing text as it streams; returns it."""
     graphs.set_enabled(cuda_graphs)
     source = resolve_model(model)
     tokenizer = source.tokenizer
+    if chat_template is not None:
+        tokenizer.set_chat_template(chat_template)
     prompt_ids = tokenizer.encode(prompt) if raw else tokenizer.encode_chat([{"role": "user", "content": prompt}])
     pipeline = local_pipeline(source, torch_dtype(dtype), resolve_device(device))
     engine = Engine(pipeline, tokenizer, speculative_tokens=speculative_tokens)

@@ -82,6 +82,15 @@ class Tokenizer:
             raise ModelError(f"cannot build tokenizer from model metadata: {error}") from error
         return cls(backend, tokenizer_config, eos_token_ids)
 
+    def set_chat_template(self, template: str) -> None:
+        """Render chats with `template` instead of the model's own (`cake serve --chat-template`); ModelError, with
+        the line, if it does not compile."""
+        try:
+            compiled = _compile(template)
+        except ModelError as error:
+            raise ModelError(str(error).replace("the model's chat template", "the chat template", 1)) from None
+        self.chat_template, self._template = template, compiled
+
     @property
     def reads_tools(self) -> bool:
         """Whether the chat template renders a `tools` variable (tool definitions in the prompt)."""
@@ -288,6 +297,8 @@ def _compile(source: str) -> jinja2.Template:
     environment.globals["strftime_now"] = strftime_now
     try:
         return environment.from_string(source)
+    except jinja2.TemplateSyntaxError as error:
+        raise ModelError(f"the model's chat template does not compile: line {error.lineno}: {error.message}") from error
     except jinja2.TemplateError as error:
         raise ModelError(f"the model's chat template does not compile: {error}") from error
 

@@ -117,3 +117,38 @@ def test_bad_requests_are_named(server: ServerHandle, path: str, body: dict[str,
     response = post(server, path, body)
     assert response.status_code == 400, response.text
     assert needle in response.json()["error"]
+
+
+BRACKETS = (
+    "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def test_a_server_chat_template_and_context_are_what_every_route_uses(tiny_llama: Path) -> None:
+    """`cake serve --chat-template T --max-model-len 64`: chats are rendered with T, prompts and answers fit in 64
+    tokens, and the routes that report the context say 64; a model loaded later renders with its own template."""
+    settings = tiny_settings(tiny_llama, chat_template=BRACKETS, max_model_len=64)
+    with running_server(settings) as server:
+        prompt = post(server, "/apply-template", {"messages": MESSAGES}).json()["prompt"]
+        assert prompt == "[system] Be brief.\n[user] What is the capital of France?\n[assistant] "
+        counted = post(server, "/tokenize", {"content": prompt}).json()
+        assert counted["max_model_len"] == 64
+        chat = post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1}).json()
+        assert chat["usage"]["prompt_tokens"] == counted["count"]
+        models = httpx.get(f"{server.base_url}/v1/models", timeout=30).json()["data"]
+        assert models[0]["max_model_len"] == 64
+        props = httpx.get(f"{server.base_url}/props", timeout=30).json()
+        assert (props["default_generation_settings"]["n_ctx"], props["chat_template"]) == (64, BRACKETS)
+
+        too_long = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 80}]})
+        assert too_long.status_code == 400 and too_long.json()["code"] == "context_length_exceeded"
+        assert "64" in too_long.json()["error"]
+        clipped = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 100, "ignore_eos": True}).json()
+        assert (clipped["usage"]["total_tokens"], clipped["choices"][0]["finish_reason"]) == (64, "length")
+
+        loaded = httpx.post(f"{server.base_url}/models/load", json={"model_id": str(tiny_llama)}, timeout=120)
+        assert loaded.status_code == 200, loaded.text
+        own = post(server, "/apply-template", {"messages": MESSAGES}).json()["prompt"]
+        assert not own.startswith("[system]")  # the tiny Llama's own template
+        assert post(server, "/tokenize", {"content": "a"}).json()["max_model_len"] == 64  # the cap stays

@@ -215,3 +215,56 @@ def test_failover_after_reaches_the_settings() -> None:
     args = build_parser().parse_args(["serve", "--workers", "127.0.0.1:1", "--failover-after", "2.5"])
     assert _serve_settings(args).failover_after == 2.5
     assert _serve_settings(build_parser().parse_args(["serve"])).failover_after == 0.0
+
+
+def test_chat_template_and_max_model_len_reach_the_settings(tmp_path: Path) -> None:
+    from cake_py.cli import _serve_settings, build_parser
+
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}", encoding="utf-8")
+    parser = build_parser()
+    settings = _serve_settings(parser.parse_args(["serve", "--chat-template", str(template), "--max-model-len", "512"]))
+    assert (settings.chat_template, settings.max_model_len) == (template.read_text(), 512)
+    inline = "{{ messages[0].content }}"
+    settings = _serve_settings(parser.parse_args(["serve", "--chat-template", inline, "--ctx-size", "64"]))
+    assert (settings.chat_template, settings.max_model_len) == (inline, 64)
+    settings = _serve_settings(parser.parse_args(["serve"]))
+    assert (settings.chat_template, settings.max_model_len) == (None, None)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "lots"])
+def test_a_bad_max_model_len_is_named(value: str) -> None:
+    assert_one_line_error(cake("serve", "--max-model-len", value), "--max-model-len", value)
+
+
+def test_a_chat_template_that_is_no_file_and_no_template_is_named(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.jinja")
+    assert_one_line_error(cake("serve", "--chat-template", missing), "--chat-template", "missing.jinja")
+
+
+def test_a_max_model_len_past_the_models_context_is_one_line(tiny_llama: Path) -> None:
+    # The tiny Llama's context is 512 positions (tests/fixtures/tiny_models.py).
+    result = cake("serve", str(tiny_llama), "--device", "cpu", "--max-model-len", "100000", timeout=60)
+    assert_one_line_error(result, "--max-model-len 100000", "context", "512 tokens")
+
+
+def test_a_chat_template_that_does_not_compile_names_its_line(tiny_llama: Path) -> None:
+    result = cake("serve", str(tiny_llama), "--device", "cpu", "--chat-template", "{{ ok }}\n{% if %}", timeout=60)
+    assert_one_line_error(result, "chat template does not compile", "line 2")
+
+
+def test_run_renders_with_the_chat_template_given(tiny_llama: Path) -> None:
+    from cake_py.engine.oneshot import run_prompt
+    from cake_py.models.hub import resolve_model
+    from cake_py.models.sampling import SamplingParams
+
+    model = tiny_llama
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    tokenizer = resolve_model(str(model)).tokenizer
+    expected = run_prompt(str(model), "[user] hi\n", params, lambda _: None, dtype="float32", device="cpu", raw=True)
+    given = run_prompt(
+        str(model), "hi", params, lambda _: None, dtype="float32", device="cpu",
+        chat_template="{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}",
+    )  # fmt: skip
+    assert given == expected
+    assert tokenizer.render_chat([{"role": "user", "content": "hi"}]) != "[user] hi\n"  # its own is another

@@ -14,6 +14,7 @@ from cake_py.config import (
     parse_layers,
     parse_ui_auth,
     parse_workers_flag,
+    read_chat_template,
 )
 from cake_py.errors import ConfigError
 
@@ -154,3 +155,32 @@ def test_bad_api_keys_are_named_by_place_not_by_value(tmp_path: Path) -> None:
         parse_api_keys(None, empty)
     with pytest.raises(ConfigError, match="missing.txt"):
         parse_api_keys(None, tmp_path / "missing.txt")
+
+
+def test_a_chat_template_is_a_file_or_the_template_itself(tmp_path: Path) -> None:
+    template = tmp_path / "chatml.jinja"
+    template.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    assert read_chat_template(str(template)) == template.read_text()
+    assert read_chat_template("{{ messages[-1].content }}") == "{{ messages[-1].content }}"
+    # A long one-line template is not a file name the OS would take, and may hold slashes.
+    long = "{% for m in messages %}" + "{{ m.content }} / " * 100 + "{% endfor %}"
+    assert read_chat_template(long) == long
+    assert read_chat_template(None) is None
+
+
+@pytest.mark.parametrize("name", ["missing.jinja", "under/a/file"])
+def test_a_chat_template_that_cannot_be_read_is_named(tmp_path: Path, name: str) -> None:
+    (tmp_path / "under").write_text("a file, not a folder")
+    with pytest.raises(ConfigError, match=f"--chat-template.*{name}"):
+        read_chat_template(str(tmp_path / name))
+
+
+def test_an_empty_chat_template_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--chat-template is empty"):
+        read_chat_template("  ")
+    (tmp_path / "empty.jinja").write_text("\n")
+    with pytest.raises(ConfigError, match="empty.jinja.*is empty"):
+        read_chat_template(str(tmp_path / "empty.jinja"))
+    (tmp_path / "latin1.jinja").write_bytes("{{ caf\xe9 }}".encode("latin-1"))
+    with pytest.raises(ConfigError, match="cannot read.*latin1.jinja"):
+        read_chat_template(str(tmp_path / "latin1.jinja"))

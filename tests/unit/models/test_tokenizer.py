@@ -194,3 +194,20 @@ def test_template_variables_of_the_wrong_type_are_a_request_error(tiny_model_fac
     assert tokenizer.render_chat(messages, template_kwargs={"date_string": "1 Jan"}) == "Today Date: 1 Janhi"
     with pytest.raises(RequestError, match="cannot render"):
         tokenizer.render_chat(messages, template_kwargs={"date_string": 5})
+
+
+def test_a_chat_template_given_replaces_the_models_own(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    tokenizer = Tokenizer.from_folder(tiny_model_factory("llama"))  # not the module's: this one is changed
+    messages = [{"role": "user", "content": "hi"}]
+    own = tokenizer.render_chat(messages)
+    tokenizer.set_chat_template("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    assert tokenizer.render_chat(messages) == "[user] hi\n" != own
+    assert tokenizer.chat_template is not None and "[{{ m.role }}]" in tokenizer.chat_template
+
+
+def test_a_chat_template_that_does_not_compile_names_its_line(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    tokenizer = Tokenizer.from_folder(tiny_model_factory("llama"))
+    before = tokenizer.chat_template
+    with pytest.raises(ModelError, match=r"^the chat template does not compile: line 3: "):
+        tokenizer.set_chat_template("{{ bos_token }}\n{% for m in messages %}\n{{ m.content }")
+    assert tokenizer.chat_template == before  # the model's own is kept
