@@ -27,7 +27,7 @@ from cake_py.api.anthropic_stream import message_events, stop_of, usage_of
 from cake_py.api.errors import ApiError, retry_headers
 from cake_py.api.inprocess import Routes
 from cake_py.api.middleware import request_caller
-from cake_py.api.schemas import flag, json_body
+from cake_py.api.schemas import flag, json_body, strict_loads
 from cake_py.api.streaming import SSE_HEADERS
 
 if TYPE_CHECKING:
@@ -64,12 +64,19 @@ def _text_blocks(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in value):
-        return "\n".join(str(block.get("text", "")) for block in value)
+        return "\n".join(_block_text(block, f"{where}[{index}]") for index, block in enumerate(value))
     raise ApiError(400, f"{where} must be a string or a list of text blocks, got {value!r}"[:300])
 
 
+def _block_text(block: dict[str, Any], where: str) -> str:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise ApiError(400, f"{where}.text must be a string, got {text!r}"[:300])
+    return text
+
+
 def _parts(blocks: list[Any]) -> list[dict[str, str]]:
-    """Text (strings, or text blocks) as chat text parts: the chat route joins them as it joins any."""
+    """Text (strings, or checked text blocks) as chat text parts: the chat route joins them as it joins any."""
     return [{"type": "text", "text": str(b.get("text", "")) if isinstance(b, dict) else b} for b in blocks]
 
 
@@ -98,7 +105,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         for number, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
-                text.append(str(block.get("text", "")))
+                text.append(_block_text(block, f"{where}.content[{number}]"))
             elif kind == "tool_use" and message["role"] == "assistant":
                 arguments = json.dumps(block.get("input") or {})
                 calls.append(
@@ -125,6 +132,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             if calls:
                 entry["tool_calls"] = calls
             chat.append(entry)
+    if all(message["role"] == "system" for message in chat):
+        raise ApiError(400, "messages hold nothing to answer: no text, tool use or tool result (only thinking blocks)")
     return chat
 
 
@@ -156,7 +165,7 @@ def _tools(body: dict[str, Any]) -> dict[str, Any]:
             fields["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
         else:
             fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
-        if choice.get("disable_parallel_tool_use"):
+        if flag(choice, "disable_parallel_tool_use", False):
             fields["parallel_tool_calls"] = False
     return fields
 
@@ -213,7 +222,7 @@ def _prompt(chat: dict[str, Any]) -> dict[str, Any]:
 def _input(function: dict[str, Any]) -> dict[str, Any]:
     """A call's arguments as a tool_use block's `input`; arguments cut short (max_tokens) are an empty input."""
     try:
-        arguments = json.loads(function.get("arguments") or "{}")
+        arguments = strict_loads(function.get("arguments") or "{}")
     except ValueError:
         return {}
     return arguments if isinstance(arguments, dict) else {}

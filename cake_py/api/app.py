@@ -37,7 +37,7 @@ from cake_py.api import (
     web,
 )
 from cake_py.api.batch_runner import BatchRunner
-from cake_py.api.errors import EXCEPTION_HANDLERS
+from cake_py.api.errors import EXCEPTION_HANDLERS, InternalErrorMiddleware
 from cake_py.api.failover import Failover
 from cake_py.api.inprocess import Routes
 from cake_py.api.metrics import ApiMetrics, MetricsMiddleware
@@ -119,6 +119,7 @@ def create_app(state: ServerState) -> Starlette:
     middleware = [
         # Outside the key check: a browser's preflight carries no key, and a 401 must still reach the page.
         *_cors(settings),
+        Middleware(InternalErrorMiddleware),  # inside CORS (a page may read the 500), outside the rest (counted)
         Middleware(MetricsMiddleware, state=state, paths=paths),
         Middleware(
             AuthMiddleware, api_keys=settings.api_keys, ui_auth=settings.ui_auth, key_names=settings.api_key_names

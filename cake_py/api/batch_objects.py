@@ -3,10 +3,11 @@ input file, read and checked line by line (OpenAI's BatchError objects for what 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cake_py.api.schemas import strict_loads
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 MAX_REQUESTS = 50_000  # OpenAI's most requests in one batch
@@ -114,7 +115,7 @@ def read_requests(
                 error(number, "request_too_large", f"line {number} is over the {max_line_bytes}-byte request limit")
                 continue
             try:
-                entry = json.loads(raw)
+                entry = strict_loads(raw)
             except (ValueError, RecursionError):
                 error(number, "invalid_json_line", f"line {number} is not valid JSON")
                 continue

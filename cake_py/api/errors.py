@@ -12,7 +12,7 @@ import logging
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cake_py.api.paths import uses_anthropic_errors, uses_detail_errors
 from cake_py.errors import (
@@ -133,6 +133,35 @@ async def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     message = f"internal error: {type(exc).__name__}: {exc}"[:300]
     return JSONResponse(error_body(request, message, status=500), status_code=500)
+
+
+class InternalErrorMiddleware:
+    """Answers an error no handler took (a bug) with the JSON 500 itself. Starlette's outermost middleware would
+    answer it too, but then raises it on to the server, which closes the connection: the client's next request on
+    that keep-alive connection would fail. A response already under way cannot become an error: that one is raised
+    on, and the connection ends."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            response = await internal_error_handler(Request(scope), exc)
+            await response(scope, receive, send)
 
 
 EXCEPTION_HANDLERS = {

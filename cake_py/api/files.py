@@ -5,6 +5,8 @@ by `file_store.FileStore`."""
 
 from __future__ import annotations
 
+import re
+
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -53,7 +55,8 @@ def _ttl(expires_after: dict[str, str], purpose: str) -> int | None:
     if expires_after.get("anchor") != "created_at":
         raise ApiError(400, f"expires_after[anchor] must be 'created_at', got {expires_after.get('anchor')!r}"[:300])
     seconds = expires_after.get("seconds", "")
-    if not seconds.isdigit() or not MIN_TTL_S <= int(seconds) <= MAX_TTL_S:
+    # ASCII digits, few enough for int(): str.isdigit() also takes "²", which int() refuses.
+    if not re.fullmatch(r"[0-9]{1,12}", seconds) or not MIN_TTL_S <= int(seconds) <= MAX_TTL_S:
         raise ApiError(
             400, f"expires_after[seconds] must be an integer from {MIN_TTL_S} to {MAX_TTL_S}, got {seconds!r}"[:300]
         )

@@ -105,15 +105,16 @@ async def infill(request: Request) -> Response:
     prompt_ids, truncated = await run_in_threadpool(prompt)
     params = engine.check_prompt(len(prompt_ids), params)  # n_predict -1: what room the context has
     limits = EditorLimits.of(body)
+    stream = flag(body, "stream", False)  # checked before anything is submitted: a 400 must not leave it running
     streams = open_streams(state, engine, [prompt_ids], [params], request_key_name(request))
     streams[0].limit = limits
     answer = Completion(state.model_name, tokenizer, len(prompt_ids), params, n_predict, engine.context_length)
     answer.truncated = truncated
-    if flag(body, "stream", False) and n_predict:
+    if stream and n_predict:
         return GenerationResponse(completion_events(request, streams, [answer]), streams, "text/event-stream")
     result = (await collect_all(request, streams))[0]
     final = answer.final(result.text, result.last, streams[0], result.tokens)
-    if flag(body, "stream", False):  # n_predict 0, streamed: its one event
+    if stream:  # n_predict 0, streamed: its one event
         return GenerationResponse(one_event(final), [], "text/event-stream")
     return JSONResponse(final)
 

@@ -7,6 +7,7 @@ the whole object with `stop: true`, and no `[DONE]` (llama.cpp sends none)."""
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -22,6 +23,8 @@ from cake_py.errors import RequestError
 from cake_py.models.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SampledToken, SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
+_TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits: str.isdigit() also takes "²", which int() refuses
+
 
 def _logit_bias(value: Any, tokenizer: Tokenizer, vocab_size: int) -> tuple[tuple[int, float], ...]:
     """llama.cpp's `logit_bias`: `[[token, bias], …]` or `{"token": bias}`, a token being an id or a string (each of
@@ -35,10 +38,14 @@ def _logit_bias(value: Any, tokenizer: Tokenizer, vocab_size: int) -> tuple[tupl
     for token, bias in pairs:
         if bias is False:
             bias = -MAX_LOGIT_BIAS
-        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+        finite = isinstance(bias, int) or (isinstance(bias, float) and math.isfinite(bias))
+        if isinstance(bias, bool) or not finite:
             raise ApiError(400, f"logit_bias of {token!r} must be a number or false, got {bias!r}"[:300])
-        if isinstance(token, str) and token.lstrip("-").isdigit() and isinstance(value, dict):
-            ids = [int(token)]  # an object's keys are strings: "15043" names token 15043
+        if isinstance(token, str) and _TOKEN_ID.fullmatch(token) and isinstance(value, dict):
+            # An object's keys are strings: "15043" names token 15043.
+            if len(token.lstrip("-0")) > 18:  # no vocabulary is that large; and int() of 5,000 digits raises
+                raise ApiError(400, f"logit_bias token id {token[:20]}… is outside the vocabulary [0, {vocab_size})")
+            ids = [int(token)]
         elif isinstance(token, str):
             ids = tokenizer.encode_literal(token)
         elif isinstance(token, int) and not isinstance(token, bool):
@@ -48,7 +55,7 @@ def _logit_bias(value: Any, tokenizer: Tokenizer, vocab_size: int) -> tuple[tupl
         for token_id in ids:
             if not 0 <= token_id < vocab_size:
                 raise ApiError(400, f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size})")
-            biases[token_id] = max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(bias)))
+            biases[token_id] = float(max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, bias)))  # an int past float's range too
     return tuple(biases.items())
 
 

@@ -10,7 +10,6 @@ only, so media in or out is a 400 naming the modality.
 from __future__ import annotations
 
 import base64
-import json
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from cake_py.api.errors import ApiError
 from cake_py.api.middleware import request_key_name
-from cake_py.api.schemas import NATIVE_FIELDS, flag, native_sampling
+from cake_py.api.schemas import NATIVE_FIELDS, flag, native_sampling, strict_loads
 from cake_py.api.state import ServerState
 from cake_py.api.streaming import (
     EventStream,
@@ -97,7 +96,7 @@ def _model_kwargs(form: FormData) -> dict[str, Any]:
         return {}
     assert isinstance(raw, str)
     try:
-        kwargs = json.loads(raw)
+        kwargs = strict_loads(raw)
     except (ValueError, RecursionError) as error:  # JSONDecodeError, over-long integers, deep nesting
         raise ApiError(400, f"model_kwargs is not valid JSON ({str(error)[:200]}): {raw[:200]!r}") from None
     if not isinstance(kwargs, dict):

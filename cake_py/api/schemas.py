@@ -20,10 +20,27 @@ MAX_TOKEN_IDS = 64  # stop_token_ids per request
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff, escaped in JSON text
 
 
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is past the range of a number")
+    return value
+
+
+def strict_loads(text: str | bytes) -> Any:
+    """JSON as RFC 8259 has it: Python's reader also takes NaN and Infinity (and reads 1e999 as infinity), which a
+    request could then have echoed back or stored, where no JSON writer can put them. ValueError, as json.loads."""
+    return json.loads(text, parse_constant=_not_a_number, parse_float=_finite)
+
+
 async def json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
-        body = json.loads(raw) if raw else None
+        body = strict_loads(raw) if raw else None
     except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, over-long integers, deep nesting
         raise ApiError(400, f"request body is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(body, dict):
@@ -88,11 +105,11 @@ def logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
             raise ApiError(400, f"logit_bias key {key!r} is not a token id (a string of a non-negative integer)"[:300])
         if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
             raise ApiError(400, f"logit_bias value of token {key} must be a number in [-100, 100], got {bias!r}"[:300])
-        if len(key.lstrip("0")) > 18 or int(key) >= vocab_size:  # the length check keeps int() cheap
-            raise ApiError(
-                400, f"logit_bias token id {key} is outside the model's vocabulary (0-{vocab_size - 1})"[:300]
-            )
-        biases[int(key)] = float(bias)  # "7" and "07" name one token: the last one wins, as a dict does
+        digits = key.lstrip("0") or "0"  # int() of 5,000 digits raises, leading zeros included
+        if len(digits) > 18 or int(digits) >= vocab_size:
+            shown = key if len(key) <= 24 else f"{key[:20]}…"
+            raise ApiError(400, f"logit_bias token id {shown} is outside the model's vocabulary (0-{vocab_size - 1})")
+        biases[int(digits)] = float(bias)  # "7" and "07" name one token: the last one wins, as a dict does
     return tuple(biases.items())
 
 
@@ -234,7 +251,10 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 if not isinstance(part, dict) or part.get("type") != "text":
                     kind = part.get("type") if isinstance(part, dict) else part
                     raise ApiError(400, f"messages[{index}] has a {kind!r} part; this model only reads text")
-                parts.append(str(part.get("text", "")))
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise ApiError(400, f"messages[{index}]: a text part's text must be a string, got {text!r}"[:300])
+                parts.append(text)
             content = "\n".join(parts)
         if content is None:
             content = ""

@@ -13,13 +13,13 @@ older `guided_*` fields) → one grammar for the sampler (models/grammar.py).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
 from cake_py.api.errors import ApiError
+from cake_py.api.schemas import strict_loads
 from cake_py.errors import RequestError
 from cake_py.models.grammar import (
     CompiledGrammar,
@@ -54,7 +54,7 @@ def _schema(value: Any, where: str) -> Any:
     """A JSON schema given as an object (or true) or as its JSON text."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = strict_loads(value)
         except (ValueError, RecursionError) as error:
             raise ApiError(400, f"{where} is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(value, dict) and value is not True:

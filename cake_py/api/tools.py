@@ -22,6 +22,7 @@ from typing import Any
 
 from cake_py.api.errors import ApiError
 from cake_py.api.forced_calls import ForcedCalls, new_call_id
+from cake_py.api.schemas import strict_loads
 from cake_py.models.grammar import json_grammar
 
 MAX_TOOLS = 128
@@ -315,7 +316,7 @@ def json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
     """OpenAI tool calls from JSON text holding one call or a list of calls, each `{"name", "arguments"}` (or
     Llama's "parameters"), every one of a given tool; [] if the text is anything else."""
     try:
-        value = json.loads(text)
+        value = strict_loads(text)
     except (ValueError, RecursionError):
         return []
     items = value if isinstance(value, list) else [value]
@@ -327,7 +328,7 @@ def json_calls(text: str, request: ToolRequest) -> list[dict[str, Any]]:
         arguments = item.get("arguments", item.get("parameters", {}))
         if isinstance(arguments, str):  # some models write the arguments as JSON text
             try:
-                arguments = json.loads(arguments)
+                arguments = strict_loads(arguments)
             except (ValueError, RecursionError):
                 return []
         if not isinstance(arguments, dict):

@@ -82,13 +82,17 @@ def resolve_model(spec: str | None) -> ModelSource:
         path = Path(spec).expanduser()
     except RuntimeError:  # "~user/..." for a user this system does not know
         raise ModelNotFoundError(f"model path {spec!r} does not exist (no such user's home)") from None
+    try:  # is_file and is_dir hide only "no such file": a name too long for the OS raises
+        is_file, is_dir, exists = path.is_file(), path.is_dir(), path.exists()
+    except OSError as error:
+        raise ModelNotFoundError(f"model path {spec[:200]!r} cannot be looked up: {error.strerror}") from None
     if path.suffix.lower() == ".gguf":
-        if not path.is_file():
+        if not is_file:
             raise ModelNotFoundError(f"GGUF file {spec!r} does not exist")
         return ModelSource(path.stem, GGUFWeights(path))
-    if path.is_dir():
+    if is_dir:
         return ModelSource(path.name, SafetensorsWeights(path))
-    if path.exists():
+    if exists:
         raise ModelNotFoundError(f"model path {spec!r} is neither a model folder nor a .gguf file")
     if _looks_like_path(spec):
         raise ModelNotFoundError(f"model path {spec!r} does not exist")

@@ -163,17 +163,32 @@ def test_count_tokens_is_what_a_message_reads(claude: anthropic.Anthropic) -> No
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "only custom tools"),
         ({"temperature": -1.0}, "temperature"),
         ({"output_config": {"format": {"type": "xml"}}}, "output_config.format must be"),
+        (
+            {"messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": "x"}]}]},
+            "messages hold nothing to answer",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": [{"type": "redacted_thinking", "data": "x"}]}]},
+            "messages hold nothing to answer",
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "content[0].text must be"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 12}]}]}, "content[0].text must be"),
+        ({"system": [{"type": "text", "text": {"a": 1}}]}, "system[0].text must be a string"),
+        ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": "x"}}, "disable_parallel_tool_use must be"),
     ],
     ids=str,
 )
 def test_bad_requests_get_anthropics_error_body(server: ServerHandle, extra: dict[str, Any], needle: str) -> None:
     body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], **extra}
     body = {key: value for key, value in body.items() if value is not None}
-    answer = httpx.post(f"{server.base_url}/v1/messages", json=body, timeout=60)
-    assert answer.status_code == 400, answer.text
-    error = answer.json()
-    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
-    assert needle in error["error"]["message"], error
+    for route, stream in (("/v1/messages", False), ("/v1/messages", True), ("/v1/messages/count_tokens", False)):
+        answer = httpx.post(f"{server.base_url}{route}", json={**body, "stream": stream}, timeout=60)
+        if route.endswith("count_tokens") and not ("messages" in needle or "text must be" in needle):
+            continue  # count_tokens reads the messages and system, not the sampling and output fields
+        assert answer.status_code == 400, (route, answer.text)
+        error = answer.json()
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+        assert needle in error["error"]["message"], error
 
 
 def test_the_sdk_reads_the_error(claude: anthropic.Anthropic) -> None:

@@ -144,6 +144,10 @@ def test_bad_uploads_are_refused_naming_why(client: OpenAI, server: ServerHandle
         client.files.create(
             file=("a.txt", io.BytesIO(b"x")), purpose="user_data", expires_after={"anchor": "created_at", "seconds": 5}
         )
+    for seconds in ("\u00b2", "9" * 5000, "-3600", " 3600"):  # "²" passes str.isdigit(), which int() refuses
+        fields = {"purpose": "user_data", "expires_after[anchor]": "created_at", "expires_after[seconds]": seconds}
+        answer = httpx.post(f"{server.openai_url}/files", data=fields, files={"file": ("a.txt", b"x")})
+        assert answer.status_code == 400 and "expires_after[seconds] must be" in answer.json()["error"], answer.text
     answer = httpx.post(f"{server.openai_url}/files", data={"purpose": "batch"}, files={"other": ("a", b"x")})
     assert answer.status_code == 400 and "the field file" in answer.json()["error"]
     answer = httpx.post(f"{server.openai_url}/files", json={"purpose": "batch"})

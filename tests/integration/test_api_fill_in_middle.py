@@ -5,6 +5,7 @@ between."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -155,6 +156,18 @@ def test_a_request_past_the_context_is_cut_to_fit_as_llama_cpp_does(server: Serv
 def test_bad_infill_fields_are_named(server: ServerHandle, body: dict[str, object], needle: str) -> None:
     answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60)
     assert answer.status_code == 400 and needle in answer.json()["error"]
+
+
+def test_a_bad_stream_flag_leaves_nothing_running(server: ServerHandle) -> None:
+    """The 400 comes before the prompt is submitted: it used to leave a generation running to the context's end."""
+    engine = server.state.engine
+    assert engine is not None
+    before = engine.stats.tokens_generated
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "stream": "yes", "ignore_eos": True}
+    answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60)
+    assert answer.status_code == 400 and "stream must be true or false" in answer.json()["error"]
+    time.sleep(0.5)
+    assert not engine.running() and engine.stats.tokens_generated == before
 
 
 def test_infill_needs_fill_in_the_middle_tokens(tiny_llama: Path) -> None:

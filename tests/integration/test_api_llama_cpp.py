@@ -124,6 +124,12 @@ def test_logit_bias_pairs_ban_or_favour_tokens(server: ServerHandle, tiny_llama:
         server, {"prompt": "The cake is", "return_tokens": True, "logit_bias": {str(favourite): 100}, **GREEDY}
     )
     assert set(favoured["tokens"]) == {favourite}
+    # Not ids: "²" is text (str.isdigit() says digit, int() does not), a bias past float's range is the largest.
+    for text in ("\u00b2", "--5"):
+        assert isinstance(post(server, {"prompt": "The cake is", "logit_bias": {text: 1}, **GREEDY})["content"], str)
+    huge_bias = {"prompt": "The cake is", "return_tokens": True, "logit_bias": [[favourite, 10**400]], **GREEDY}
+    huge = post(server, huge_bias)
+    assert set(huge["tokens"]) == {favourite}
 
 
 WARM = "A long shared context that a client sends first, to have it read before the real request comes. " * 2
@@ -148,18 +154,20 @@ def test_n_predict_zero_only_reads_the_prompt(server: ServerHandle) -> None:
         ({"prompt": "a", "n_predict": -2}, "n_predict must be -1"),
         ({"prompt": "a", "grammar": "root ::= ("}, "grammar"),
         ({"prompt": "a", "grammar": 3}, "grammar must be a string"),
-        ({"prompt": "a", "temperature": float("nan")}, "temperature must be a finite number"),
-        ({"prompt": "a", "logit_bias": [[5, float("nan")]]}, "must be a number or false"),
+        ({"prompt": "a", "temperature": float("nan")}, "NaN is not a JSON number"),
+        ({"prompt": "a", "logit_bias": [[5, float("inf")]]}, "Infinity is not a JSON number"),
+        ({"prompt": "a", "logit_bias": {"9" * 5000: 1}}, "outside the vocabulary"),
+        ({"prompt": "a", "logit_bias": {"-5": 1}}, "outside the vocabulary"),
         ({"prompt": "a", "repeat_last_n": -2}, "repeat_last_n must be -1"),
         ({"prompt": "a", "post_sampling_probs": True}, "post_sampling_probs is not supported"),
         ({"prompt": "a", "logit_bias": [[1, "high"]]}, "must be a number or false"),
         ({"prompt": "a", "logit_bias": [[10**9, 1]]}, "outside the vocabulary"),
         ({"prompt": [10**9]}, "outside the vocabulary"),
     ],
-    ids=str,
+    ids=lambda value: str(value)[:60],
 )
 def test_bad_requests_are_named(server: ServerHandle, body: dict[str, Any], needle: str) -> None:
-    # Python's JSON writes NaN as NaN, which Python's JSON reads (as clients' JSON libraries send it).
+    # Python's JSON writes NaN as NaN (as some clients' JSON libraries send it), which JSON has no word for.
     answer = httpx.post(f"{server.base_url}/completion", content=json.dumps(body), timeout=60)
     assert answer.status_code == 400 and needle in answer.json()["error"], answer.text
 

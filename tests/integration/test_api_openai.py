@@ -335,12 +335,30 @@ def test_logit_bias_steers_the_tokens(server: ServerHandle, route: str) -> None:
 
 @pytest.mark.parametrize(
     ("bias", "needle"),
-    [({"cake": 1}, "'cake'"), ({"-1": 1}, "'-1'"), ({"384": 1}, "384"), ({"5": 101}, "101"), ({"5": "1"}, "'1'")],
+    [
+        ({"cake": 1}, "'cake'"),
+        ({"-1": 1}, "'-1'"),
+        ({"384": 1}, "384"),
+        ({"5": 101}, "101"),
+        ({"5": "1"}, "'1'"),
+        ({"0" * 5000 + "99999": 1}, "outside the model's vocabulary"),  # int() refuses 5,000 digits, zeros or not
+        ({"\u00b2": 1}, "is not a token id"),
+    ],
+    ids=lambda value: str(value)[:60],
 )
 def test_a_bad_logit_bias_is_a_400_naming_it(server: ServerHandle, bias: dict[str, object], needle: str) -> None:
     response = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "logit_bias": bias})
     assert response.status_code == 400
     assert "logit_bias" in response.json()["error"] and needle in response.json()["error"]
+
+
+def test_a_logit_bias_id_with_leading_zeros_names_the_token(server: ServerHandle) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 2, "logit_bias": {"0" * 5000 + "7": 100}, "temperature": 0}
+    response = _post(server, "/v1/chat/completions", {**body, "logprobs": True})
+    assert response.status_code == 200, response.text
+    assert server.state.source is not None
+    seven = server.state.source.tokenizer.decode([7])
+    assert [entry["token"] for entry in response.json()["choices"][0]["logprobs"]["content"]] == [seven, seven]
 
 
 def _chat_token_bytes(server: ServerHandle, **extra: Any) -> list[bytes]:
@@ -659,3 +677,28 @@ def test_a_reasoning_models_thinking_is_reasoning_content(reasoning_server: Serv
     plain = {**body, "chat_template_kwargs": {"enable_thinking": False}}
     message = httpx.post(url, json=plain, timeout=60).json()["choices"][0]["message"]
     assert message["content"] and "reasoning_content" not in message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [[{"type": "text", "text": None}], [{"type": "text", "text": {"a": [1, 2]}}], [{"type": "text", "text": 123}],
+     [{"type": "text"}]],
+    ids=str,
+)  # fmt: skip
+def test_a_text_part_whose_text_is_no_string_is_a_400(server: ServerHandle, content: list[Any]) -> None:
+    messages = [{"role": "user", "content": content}]
+    for route in ("/v1/chat/completions", "/tokenize", "/apply-template"):
+        response = _post(server, route, {"messages": messages, "max_tokens": 1})
+        assert response.status_code == 400, (route, response.text)
+        assert "messages[0]: a text part's text must be a string" in response.json()["error"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_number_json_has_no_word_for_is_a_400_before_anything_runs(server: ServerHandle, literal: str) -> None:
+    """Python's JSON reads NaN and Infinity (and 1e999 as infinity): kept in a stored message or echoed in an answer,
+    they made the answer, or every later read of it, a 500."""
+    message = '{"role": "user", "content": "Hi", "name": ' + literal + "}"
+    body = '{"messages": [' + message + '], "max_tokens": 1, "store": true}'
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", content=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert "not valid JSON" in response.json()["error"] and literal.lstrip("-")[:5] in response.json()["error"]

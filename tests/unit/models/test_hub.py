@@ -85,6 +85,9 @@ def test_model_paths_that_are_not_models_are_named(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "UPPER.GGUF"))  # the suffix in capitals is still a GGUF
     with pytest.raises(ModelNotFoundError, match="no such user"):
         resolve_model("~no-such-user-here/model")
+    for name in ("a" * 5000 + ".gguf", "a" * 5000, f"/tmp/{'b' * 300}/x"):  # past the OS's name length
+        with pytest.raises(ModelNotFoundError, match="cannot be looked up: File name too long"):
+            resolve_model(name)
 
 
 def test_hub_downloads_skip_mistral_consolidated_weights() -> None:
