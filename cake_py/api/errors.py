@@ -10,7 +10,7 @@ import json
 import logging
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +26,7 @@ from cake_py.errors import (
 )
 
 log = logging.getLogger(__name__)
+CLIENT_CLOSED_REQUEST = 499
 
 
 def retry_headers(status: int) -> dict[str, str] | None:
@@ -89,8 +90,7 @@ def status_of(error: CakeError, *, detail_style: bool = False) -> tuple[int, str
 
 def api_error(error: CakeError, path: str) -> ApiError:
     status, code = status_of(error, detail_style=uses_detail_errors(path))
-    headers = {"Retry-After": "5"} if isinstance(error, OverloadedError) else None
-    return ApiError(status, str(error), code=code, headers=headers)
+    return ApiError(status, str(error), code=code, headers=retry_headers(status))  # a stage down, a full queue
 
 
 async def send_error(send: Send, path: str, status: int, message: str, headers: dict[str, str] | None = None) -> None:
@@ -127,6 +127,13 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     return JSONResponse(
         error_body(request, message, status=exc.status_code), status_code=exc.status_code, headers=exc.headers
     )
+
+
+async def client_gone_handler(request: Request, exc: Exception) -> Response:
+    """The client closed the connection before its request was all sent: nothing to answer, nothing went wrong
+    here. 499, nginx's "client closed request", is what the metrics count."""
+    log.info("%s %s: the client left before its request was sent", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> Response:
@@ -166,6 +173,7 @@ class InternalErrorMiddleware:
 
 EXCEPTION_HANDLERS = {
     ApiError: api_error_handler,
+    ClientDisconnect: client_gone_handler,
     CakeError: cake_error_handler,
     HTTPException: http_exception_handler,
     Exception: internal_error_handler,

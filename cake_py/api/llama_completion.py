@@ -151,7 +151,7 @@ async def completion(request: Request) -> Response:
 
 async def props(request: Request) -> Response:
     state: ServerState = request.app.state.cake
-    engine, source = state.ready()
+    engine, source = state.loaded()  # a status route: it answers while a stage is down
     params, n_predict = llama_sampling({}, engine.context_length, source.tokenizer, engine.vocab_size)
     defaults = Completion(state.model_name, source.tokenizer, 0, params, n_predict, engine.context_length).settings()
     return JSONResponse(
@@ -174,7 +174,7 @@ async def slots(request: Request) -> Response:
     their progress; the prompts' text is left out (several API keys may be several people). `fail_on_no_slot=1`:
     a 503 when none is free."""
     state: ServerState = request.app.state.cake
-    engine, source = state.ready()
+    engine, source = state.loaded()  # a status route: it answers while a stage is down
     running = engine.running()
     defaults, _ = llama_sampling({}, engine.context_length, source.tokenizer, engine.vocab_size)
     if request.query_params.get("fail_on_no_slot") in ("1", "true") and len(running) >= engine.max_running:

@@ -18,6 +18,7 @@ that leaves mid-stream cancels its sequence. Refusals are JSON in the route fami
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -35,6 +36,7 @@ from cake_py.api.errors import ApiError, send_error
 from cake_py.api.paths import PUBLIC_PATHS, is_generation, is_ui, is_ui_page
 
 REALM = 'Basic realm="cake", charset="UTF-8"'
+BODY_READ_TIMEOUT_S = 60.0  # the longest a request body may pause: a slow link still sends something this often
 
 
 def _bearer(headers: Headers) -> str | None:
@@ -213,32 +215,49 @@ class RateLimitMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for a body over `max_bytes` (0: no limit), or over the path's own limit in `overrides` (uploads)."""
+    """413 for a body over `max_bytes` (0: no limit), or over the path's own limit in `overrides` (uploads); 408 for
+    a body that stops arriving for `read_timeout` seconds (a client that sends half a request holds a connection
+    and a task for as long as it likes otherwise)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        overrides: dict[str, int] | None = None,
+        read_timeout: float = BODY_READ_TIMEOUT_S,
+    ) -> None:
         self.app, self.max_bytes, self.overrides = app, max_bytes, overrides or {}
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self.overrides.get(scope.get("path", ""), self.max_bytes) if scope["type"] == "http" else 0
-        if limit <= 0:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.overrides.get(scope.get("path", ""), self.max_bytes)
 
         def too_large(size: int | str) -> str:
             return f"request body of {size} bytes is over the limit of {limit} bytes"
 
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if limit > 0 and declared is not None and declared.isdigit() and int(declared) > limit:
             await send_error(send, scope["path"], 413, too_large(int(declared)))
             return
-        received = 0
+        received, complete = 0, False
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # past the body: a streaming answer waits here for the client to leave, untimed
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except TimeoutError:
+                raise ApiError(
+                    408, f"the request body stopped arriving: nothing came for {self.read_timeout:g} s"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
+                complete = not message.get("more_body", False)
+                if 0 < limit < received:
                     raise ApiError(413, too_large(f"more than {limit}"))
             return message
 

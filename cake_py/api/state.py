@@ -137,23 +137,29 @@ class ServerState:
         """How /v1/embeddings pools: --pooling, else what the model folder says, else the last token."""
         return self.settings.pooling or (self.source.pooling if self.source else None) or DEFAULT_POOLING
 
-    def ready(self) -> tuple[Engine, ModelSource]:
-        """The engine and model to generate with; 503 while the model is being switched or a stage of its pipeline
-        is down (before a stream's 200 is sent, not as an error inside it), 404 when none is loaded."""
+    def loaded(self) -> tuple[Engine, ModelSource]:
+        """The engine and model being served, to describe (status routes answer while a stage is down); 503 while
+        the model is being switched, 404 when none is loaded."""
         if self.switching is not None:
             raise ApiError(503, f"the server is {self.switching}; retry shortly", headers={"Retry-After": "5"})
         if self.engine is None or self.source is None:
             raise ApiError(404, NO_TEXT_MODEL)
-        if self.engine.died:
+        return self.engine, self.source
+
+    def ready(self) -> tuple[Engine, ModelSource]:
+        """The engine and model to generate with: `loaded`'s, and a 503 while a stage of its pipeline is down
+        (before a stream's 200 is sent, not as an error inside it)."""
+        engine, source = self.loaded()
+        if engine.died:
             raise ApiError(503, ENGINE_DEAD)
-        down = self.engine.pipeline.down_stages()
+        down = engine.pipeline.down_stages()
         if down:
             raise ApiError(
                 503,
                 f"pipeline stage(s) down: {', '.join(down)}; the master reconnects on its own (see GET /health)",
                 headers={"Retry-After": "5"},
             )
-        return self.engine, self.source
+        return engine, source
 
     def still_serving(self, engine: Engine) -> None:
         """Called right before submitting (on the event loop, after any await): the engine was not switched away."""

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cake_py.api.errors import EXCEPTION_HANDLERS, api_error
+from cake_py.api.middleware import BodyLimitMiddleware
+from cake_py.api.schemas import json_body
+from cake_py.errors import ClusterError, OverloadedError, RequestError
 from tests.fixtures.server import serving
 from tests.unit.api.conftest import TinyState
 
@@ -51,3 +60,61 @@ def test_a_bug_is_a_json_500_and_the_connection_serves_the_next_request(
             status, body = _exchange(sock, "/v1/models")
             assert status == 200 and json.loads(body)["object"] == "list"
         assert "a bug in a route" in caplog.text  # the traceback is in the log, not in the answer
+
+
+async def _echo(request: Request) -> Response:
+    return JSONResponse(await json_body(request))
+
+
+def test_a_client_that_leaves_while_sending_is_no_error(
+    tiny_state: TinyState, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It used to be a 500 with two tracebacks in the log, and counted as one."""
+    caplog.set_level(logging.INFO)
+    with serving(tiny_state(None)) as server:
+        server.app.router.routes.append(Route("/v1/echo", _echo, methods=["POST"]))
+        port = int(server.base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b'POST /v1/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{"partial":')
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while "left before its request was sent" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "left before its request was sent" in caplog.text
+        assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        metrics = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+        assert 'status="499"' in metrics and 'status="500"' not in metrics
+
+
+def test_a_body_that_stops_arriving_is_a_408() -> None:
+    app = Starlette(
+        routes=[Route("/v1/echo", _echo, methods=["POST"])],
+        middleware=[Middleware(BodyLimitMiddleware, max_bytes=0, read_timeout=0.2)],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+    )
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield b'{"a": '
+        await asyncio.sleep(2)
+        yield b"1}"
+
+    async def send(content: object) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/echo", content=content)  # type: ignore[arg-type]
+
+    began = time.monotonic()
+    answer = asyncio.run(send(stalls()))
+    assert answer.status_code == 408 and time.monotonic() - began < 1.5
+    assert answer.json() == {"error": "the request body stopped arriving: nothing came for 0.2 s"}
+    assert asyncio.run(send(b'{"a": 1}')).json() == {"a": 1}  # a body that comes in time is read
+
+
+@pytest.mark.parametrize(
+    ("error", "retry"),
+    [(ClusterError("worker 'w1' died"), "5"), (OverloadedError("full"), "5"), (RequestError("x"), None)],
+)
+def test_an_answer_to_retry_says_when(error: Exception, retry: str | None) -> None:
+    """A request in flight when a worker died gets the same Retry-After as one refused while it is down."""
+    assert isinstance(error, ClusterError | OverloadedError | RequestError)
+    headers = api_error(error, "/v1/chat/completions").headers or {}
+    assert headers.get("Retry-After") == retry

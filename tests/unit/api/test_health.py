@@ -44,3 +44,20 @@ def test_vllms_ping_answers_as_health_does(
         monkeypatch.setattr(engine.pipeline.stages[1], "healthy", lambda: False)
         down = client.post("/ping")
         assert down.status_code == 503 and down.json() == client.get("/health").json()
+
+
+def test_status_routes_answer_while_a_stage_is_down_and_generation_gets_retry_after(
+    split_engine: Callable[[list[tuple[str, int, int]]], Engine],
+    tiny_state: Callable[[Engine | None], ServerState],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """llama.cpp front-ends poll /props and /slots: a worker down is no reason for them to fail."""
+    engine = split_engine([("master", 0, 1), ("w1", 1, 3)])
+    with TestClient(create_app(tiny_state(engine))) as client:
+        monkeypatch.setattr(engine.pipeline.stages[1], "healthy", lambda: False)
+        props = client.get("/props")
+        assert props.status_code == 200 and props.json()["total_slots"] == engine.max_running
+        slots = client.get("/slots")
+        assert slots.status_code == 200 and not any(slot["is_processing"] for slot in slots.json())
+        refused = client.post("/completion", json={"prompt": "a", "n_predict": 1})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
