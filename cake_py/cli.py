@@ -14,9 +14,10 @@ from cake_py.cli_values import (
     data_port,
     gigabytes,
     port,
-    positive_float,
     positive_int,
     seconds_or_off,
+    thread_count,
+    timeout_seconds,
 )
 from cake_py.config import (
     DEFAULT_SERVE_PORT,
@@ -28,6 +29,7 @@ from cake_py.config import (
     check_cluster_key,
     check_device,
     check_dtype,
+    check_files_dir,
     check_tls_files,
     default_cache_dir,
     default_files_dir,
@@ -98,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
     serve.add_argument(
-        "--connect-timeout", type=positive_float, default=10.0, help="seconds to wait for each worker at startup"
+        "--connect-timeout", type=timeout_seconds, default=10.0, help="seconds to wait for each worker at startup"
     )
-    serve.add_argument("--threads", type=positive_int, help="torch threads of the master")
+    serve.add_argument("--threads", type=thread_count, help="torch threads of the master")
     serve.add_argument(
         "--failover-after",
         type=seconds_or_off,
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--device", default="auto", help=DEVICE_HELP)
     _graphs_flag(worker)
-    worker.add_argument("--threads", type=positive_int, help="torch threads of this worker")
+    worker.add_argument("--threads", type=thread_count, help="torch threads of this worker")
     worker.add_argument("--cpus", help=CPUS_HELP)
     worker.add_argument(
         "--data-port",
@@ -246,7 +248,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
             raise ConfigError("give workers either with --workers or in --config, not both")
         workers = parse_workers_flag(args.workers)
     cpus = parse_cpus(args.cpus)
-    given = args.api_key if args.api_key is not None else env("CAKE_API_KEY")  # --api-key "" is an error, not open
+    given = _given(args.api_key, "CAKE_API_KEY")  # --api-key "" is an error, not an open server
     api_keys, api_key_names = parse_api_keys(given, args.api_key_file)
     return ServeSettings(
         model=model,
@@ -260,7 +262,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         api_keys=api_keys,
         api_key_names=api_key_names,
         ui_auth=parse_ui_auth(args.ui_auth),
-        cluster_key=check_cluster_key(args.cluster_key or env("CAKE_CLUSTER_KEY")),
+        cluster_key=check_cluster_key(_given(args.cluster_key, "CAKE_CLUSTER_KEY")),
         log_level=args.log_level,
         threads=_threads(args.threads, cpus),
         rate_limit=args.rate_limit,
@@ -280,13 +282,19 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         cpus=cpus,
         chain=args.chain,
         cuda_graphs=args.cuda_graphs,
-        files_dir=args.files_dir or default_files_dir(),
+        files_dir=check_files_dir(args.files_dir or default_files_dir()),
         max_file_bytes=args.max_file_mb * 1024 * 1024,
         batch_concurrency=args.batch_concurrency,
         failover_after=args.failover_after,
         chat_template=read_chat_template(args.chat_template),
         max_model_len=args.max_model_len,
     )
+
+
+def _given(flag: str | None, variable: str) -> str | None:
+    """A flag, else its environment variable: a flag given empty (`--cluster-key "$UNSET"`) is an error to report,
+    not the same as no flag."""
+    return flag if flag is not None else env(variable)
 
 
 def _tls(args: argparse.Namespace) -> Path | None:
@@ -307,7 +315,7 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
         host=args.host,
         port=args.port,
         name=args.name,
-        cluster_key=check_cluster_key(args.cluster_key or env("CAKE_CLUSTER_KEY")),
+        cluster_key=check_cluster_key(_given(args.cluster_key, "CAKE_CLUSTER_KEY")),
         cache_dir=args.cache_dir or default_cache_dir(),
         cache_max_bytes=args.cache_max_gb,
         device=check_device(args.device),

@@ -4,6 +4,7 @@ ArgumentTypeError naming it (argparse prints that as one line and exits 2)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def at_least_one(value: str) -> int:
@@ -50,8 +51,27 @@ def positive_float(value: str) -> float:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be positive")
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive number")
+    return number
+
+
+MAX_TIMEOUT_S = 24 * 3600.0  # past ~9e9 s a gRPC deadline overflows, and fails at once
+
+
+def timeout_seconds(value: str) -> float:
+    number = positive_float(value)
+    if number > MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"{value!r} seconds is more than a day ({MAX_TIMEOUT_S:g} s)")
+    return number
+
+
+def thread_count(value: str) -> int:
+    """Torch threads: at least 1, at most 4 per CPU of this machine (thousands of OpenMP threads crash or stall)."""
+    number = at_least_one(value)
+    limit = 4 * (os.cpu_count() or 1)
+    if number > limit:
+        raise argparse.ArgumentTypeError(f"{value!r} threads is more than {limit} (4 per CPU of this machine)")
     return number
 
 

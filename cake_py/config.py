@@ -181,10 +181,15 @@ def parse_ui_auth(value: str | None) -> tuple[str, str] | None:
 
 
 def parse_address(value: str) -> str:
+    if "://" in value:
+        raise ConfigError(f"worker address {value!r} is not HOST:PORT: give it without a scheme, like 10.0.0.5:10128")
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in value):
         raise ConfigError(f"worker address {value!r} is not HOST:PORT")
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+    if host.startswith("["):
+        if not host.endswith("]") or ":" not in host[1:-1] or "[" in host[1:] or "]" in host[:-1]:
+            raise ConfigError(f"worker address {value!r}: brackets hold an IPv6 address, like [::1]:{port}")
+    elif ":" in host:
         raise ConfigError(f"worker address {value!r}: write an IPv6 address in brackets, like [{host}]:{port}")
     return value
 
@@ -210,6 +215,18 @@ def check_tls_files(cert: Path | None, key: Path | None, ca: Path | None) -> Non
                 handle.read(1)
         except OSError as error:
             raise ConfigError(f"{flag} {str(path)!r} cannot be read: {error.strerror or error}") from None
+
+
+def check_files_dir(path: Path) -> Path:
+    """--files-dir: made now if missing, so a path that cannot be a folder is a startup error, not the first
+    upload's 500."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--files-dir {str(path)!r} cannot be a folder: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--files-dir {str(path)!r} is not writable")
+    return path
 
 
 def read_chat_template(value: str | None) -> str | None:
@@ -241,6 +258,25 @@ def listen_address(host: str, port: int) -> str:
     """HOST:PORT as gRPC reads it: an IPv6 host in brackets ("::" → "[::]:10128")."""
     bare = host.strip("[]")
     return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind --host:--port once, at startup, before anything is loaded: a port in use or a host that is not this
+    machine's is one line naming them, not a late error from the server library."""
+    if port == 0:
+        return
+    import socket
+
+    bare = host.strip("[]")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
+            probe.bind(address)
+    except OSError as error:  # gaierror included
+        raise ConfigError(f"cannot listen on {listen_address(host, port)}: {error.strerror or error}") from None
 
 
 def _inclusive_range(text: str, what: str, example: str) -> tuple[int, int]:
@@ -302,13 +338,15 @@ def load_cluster_file(path: Path) -> ClusterFile:
     except yaml.YAMLError as error:
         where = " ".join(str(error).split())  # PyYAML's message spans lines; an error here is one line
         raise ConfigError(f"cluster config {str(path)!r} is not valid YAML: {where}") from error
+    except RecursionError:
+        raise ConfigError(f"cluster config {str(path)!r} is nested too deeply to be a cluster config") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"cluster config {str(path)!r} must be a mapping with 'workers'")
     unknown = set(data) - {"model", "workers"}
     if unknown:
-        raise ConfigError(f"cluster config {str(path)!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"cluster config {str(path)!r}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     raw_workers = data.get("workers") or []
     if not isinstance(raw_workers, list):
         raise ConfigError(f"cluster config {str(path)!r}: 'workers' must be a list")
@@ -321,9 +359,11 @@ def load_cluster_file(path: Path) -> ClusterFile:
             raise ConfigError(f"cluster config {str(path)!r}: worker {index + 1} may not be named 'master'")
         extra = set(item) - {"name", "address", "layers"}
         if extra:
-            raise ConfigError(f"worker {name!r}: unknown key(s) {', '.join(sorted(extra))}")
+            raise ConfigError(f"worker {name!r}: unknown key(s) {', '.join(sorted(map(str, extra)))}")
         layers = parse_layers(item["layers"], f"worker {name!r}") if item.get("layers") is not None else None
-        workers.append(WorkerSpec(name, parse_address(str(item["address"])), layers))
+        if not isinstance(item["address"], str):
+            raise ConfigError(f"worker {name!r}: address must be HOST:PORT, got {item['address']!r}")
+        workers.append(WorkerSpec(name, parse_address(item["address"]), layers))
     names = [w.name for w in workers]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:

@@ -12,7 +12,7 @@ from cake_py.api.app import create_app
 from cake_py.api.state import ServerState, context_length
 from cake_py.cluster.hostinfo import measure_tflops
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
-from cake_py.config import ServeSettings
+from cake_py.config import ServeSettings, check_can_listen
 from cake_py.engine.engine import Engine
 from cake_py.errors import ConfigError
 from cake_py.models import graphs
@@ -81,6 +81,7 @@ def build_state(settings: ServeSettings) -> ServerState:
 
 
 def serve(settings: ServeSettings) -> None:
+    check_can_listen(settings.host, settings.port)  # before minutes of loading and placing the model
     pin_cpus(settings.cpus)
     graphs.set_enabled(settings.cuda_graphs)
     state = build_state(settings)

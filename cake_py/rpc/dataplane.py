@@ -93,10 +93,15 @@ def client_tls(cert: Path | None, key: Path | None, ca: Path | None) -> ssl.SSLC
         return None
     try:
         context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"--tls-ca {str(ca)!r} is not a PEM CA bundle: {error}") from None
+    try:
         if cert is not None and key is not None:
             context.load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"cannot load TLS files: {error}") from error
+        raise ConfigError(
+            f"--tls-cert {str(cert)!r} and --tls-key {str(key)!r} are not a PEM certificate and its key: {error}"
+        ) from None
     return context
 
 

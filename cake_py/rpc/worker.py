@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from cake_py.cluster.hostinfo import measure_tflops
-from cake_py.config import WorkerSettings, listen_address
+from cake_py.config import WorkerSettings, check_can_listen, listen_address
 from cake_py.errors import ClusterError
 from cake_py.models import graphs
 from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_device, set_threads, tune_allocator
@@ -39,6 +39,7 @@ SERVER_OPTIONS = [
 
 def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer, int]:
     """Start serving; returns the server, its servicer and the bound port."""
+    check_can_listen(settings.host, settings.port)
     set_threads(settings.threads)
     tune_allocator()
     device = resolve_device(settings.device)

@@ -204,6 +204,24 @@ def test_tls_flags_are_checked_at_start_even_with_no_worker_to_reach(command: st
     assert_one_line_error(cake(command, "--tls-cert", str(cert), "--port", "1"), "--tls-cert and --tls-key")
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_an_empty_cluster_key_is_refused_not_an_open_cluster(command: str) -> None:
+    """`--cluster-key "$KEY"` with KEY unset used to run with no key at all."""
+    assert_one_line_error(cake(command, "--cluster-key", "", "--port", "1"), "--cluster-key", "not empty")
+
+
+def test_tls_files_that_are_not_pem_name_the_flags(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(bytes(range(256)))
+    flags = ("--tls-cert", str(junk), "--tls-key", str(junk), "--port", "0", "--data-port", "0")
+    assert_one_line_error(cake("worker", *flags, timeout=60), "--tls-cert", "junk.pem", "not a PEM certificate")
+    from cake_py.errors import ConfigError
+    from cake_py.rpc.dataplane import client_tls
+
+    with pytest.raises(ConfigError, match="--tls-ca .*junk.pem.* is not a PEM CA bundle"):
+        client_tls(None, None, junk)
+
+
 @pytest.mark.parametrize("value", ["-1", "soon", "inf"])
 def test_a_bad_failover_delay_is_named(value: str) -> None:
     assert_one_line_error(cake("serve", "--failover-after", value), "--failover-after", value)

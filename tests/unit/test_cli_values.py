@@ -21,6 +21,8 @@ from cake_py import cli_values
         (cli_values.seconds_or_off, "0", 0.0),
         (cli_values.seconds_or_off, "2.5", 2.5),
         (cli_values.positive_float, "0.5", 0.5),
+        (cli_values.timeout_seconds, "86400", 86400.0),
+        (cli_values.thread_count, "4", 4),
     ],
 )
 def test_values_in_range_pass(kind: Callable[[str], Any], text: str, value: Any) -> None:
@@ -38,6 +40,11 @@ def test_values_in_range_pass(kind: Callable[[str], Any], text: str, value: Any)
         (cli_values.seconds_or_off, "-1"),
         (cli_values.seconds_or_off, "nan"),
         (cli_values.positive_float, "0"),
+        (cli_values.positive_float, "inf"),
+        (cli_values.positive_float, "nan"),
+        (cli_values.timeout_seconds, "1e10"),  # past ~9e9 s a gRPC deadline overflows and fails at once
+        (cli_values.thread_count, "0"),
+        (cli_values.thread_count, "99999999999999999999"),  # torch.set_num_threads overflowed; 100000 segfaulted
     ],
 )
 def test_values_out_of_range_are_named(kind: Callable[[str], Any], text: str) -> None:

@@ -6,6 +6,8 @@ import pytest
 
 from cake_py.config import (
     WorkerSpec,
+    check_can_listen,
+    check_files_dir,
     listen_address,
     load_cluster_file,
     parse_address,
@@ -184,3 +186,59 @@ def test_an_empty_chat_template_is_refused(tmp_path: Path) -> None:
     (tmp_path / "latin1.jinja").write_bytes("{{ caf\xe9 }}".encode("latin-1"))
     with pytest.raises(ConfigError, match="cannot read.*latin1.jinja"):
         read_chat_template(str(tmp_path / "latin1.jinja"))
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("1: x\n", "unknown key(s) 1"),
+        ("null: x\n", "unknown key(s) None"),
+        ("workers: []\n1: x\nfoo: y\n", "unknown key(s) 1, foo"),
+        ('workers: [{name: a, address: "h:1", 5: 6}]\n', "worker 'a': unknown key(s) 5"),
+        ("workers: [{name: a, address: null}]\n", "worker 'a': address must be HOST:PORT, got None"),
+        ("[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ],
+    ids=lambda value: str(value)[:30],
+)
+def test_odd_yaml_in_a_cluster_config_is_named(tmp_path: Path, content: str, needle: str) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        load_cluster_file(config)
+    assert needle in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("address", "needle"),
+    [
+        ("http://127.0.0.1:10128", "without a scheme"),
+        ("[::1]x:10128", "brackets hold an IPv6 address"),
+        ("[]:10128", "brackets hold an IPv6 address"),
+        ("a b:10128", "is not HOST:PORT"),
+    ],
+)
+def test_addresses_that_cannot_be_a_worker_are_named(address: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        parse_address(address)
+    assert parse_address("[fe80::1]:10128") == "[fe80::1]:10128"
+
+
+def test_a_port_in_use_or_a_host_not_here_is_named_before_anything_loads() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            check_can_listen("127.0.0.1", port)
+    check_can_listen("127.0.0.1", port)  # free again
+    with pytest.raises(ConfigError, match="cannot listen on 192.0.2.1:8080"):  # TEST-NET-1: no host has it
+        check_can_listen("192.0.2.1", 8080)
+
+
+def test_a_files_dir_is_made_at_startup_or_named(tmp_path: Path) -> None:
+    assert check_files_dir(tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--files-dir .*file/sub.* cannot be a folder: Not a directory"):
+        check_files_dir(tmp_path / "file" / "sub")
