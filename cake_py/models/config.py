@@ -16,6 +16,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 }
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
+MAX_LAYERS = 4096  # the largest published models have under 200; a config past this is malformed
 
 
 @dataclass(frozen=True)
@@ -121,14 +122,17 @@ class ModelConfig:
             else ((_token_id(eos),) if eos is not None else ())
         )
         attention_bias = bool(raw.get("attention_bias", False))
-        sliding, windowed = _sliding_window(raw, family, int(raw["num_hidden_layers"]))
+        n_layers = int(raw["num_hidden_layers"])
+        if not 0 < n_layers <= MAX_LAYERS:  # every layer is built before its weights are looked for
+            raise ValueError(f"num_hidden_layers must be from 1 to {MAX_LAYERS}, got {raw['num_hidden_layers']!r}")
+        sliding, windowed = _sliding_window(raw, family, n_layers)
         return cls(
             family=family,
             architecture=str(architecture),
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(raw["intermediate_size"]),
-            n_layers=int(raw["num_hidden_layers"]),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
             head_dim=int(head_dim),

@@ -138,11 +138,22 @@ def test_truncated_safetensors_is_weights_error(tiny_model_factory, tmp_path: Pa
         ({"num_attention_heads": 0}, "num_attention_heads must be positive, got 0"),
         ({"num_attention_heads": "four"}, "malformed field"),
         ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads (3)"),
-        ({"num_hidden_layers": 0}, "num_hidden_layers must be positive, got 0"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be from 1 to 4096, got 0"),
+        ({"num_hidden_layers": 1e12}, "num_hidden_layers must be from 1 to 4096, got 1000000000000.0"),
         ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
         ({"eos_token_id": [2, None]}, "token ids must be integers, got None"),
     ],
-    ids=["a-list", "missing-heads", "zero-heads", "text-heads", "gqa-mismatch", "no-layers", "arch-text", "eos-null"],
+    ids=[
+        "a-list",
+        "missing-heads",
+        "zero-heads",
+        "text-heads",
+        "gqa-mismatch",
+        "no-layers",
+        "1e12-layers",
+        "arch-text",
+        "eos-null",
+    ],  # fmt: skip
 )
 def test_a_malformed_config_is_a_model_error_naming_the_field(
     tiny_llama: Path, tmp_path: Path, config: object, needle: str
