@@ -198,6 +198,14 @@ class GrammarCompiler:
         if prototype.is_error():
             reason = str(prototype.get_error()).strip().splitlines()
             raise RequestError(f"the structured output grammar is invalid: {reason[0][:500] if reason else '?'}")
+        probe = prototype.deep_copy()  # the first token's mask: a grammar no text can match fails here, not later
+        probe.compute_logit_bias()
+        if probe.is_error():
+            reason = str(probe.get_error()).strip().splitlines()
+            raise RequestError(
+                "the structured output grammar matches no text (a rule that only refers to itself never ends): "
+                f"{reason[0][:300] if reason else '?'}"
+            )
         compiled = CompiledGrammar(grammar, prototype, int(tokenizer.vocab_size), self)
         with self._lock:
             if grammar not in self._compiled:

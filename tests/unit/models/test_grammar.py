@@ -150,6 +150,7 @@ def test_bad_grammar_inputs_are_named(build: object, needle: str) -> None:
         (lambda: json_grammar({"properties": {"a": {"$ref": "#/nowhere"}}}), "nowhere"),
         (lambda: regex_grammar("(unclosed"), "invalid"),
         (lambda: lark_grammar("start: missing_rule"), "missing_rule"),
+        (lambda: lark_grammar("root ::= x\nx ::= root"), "matches no text"),  # GBNF; it used to fail mid-request
     ],
 )
 def test_grammars_that_do_not_compile_are_request_errors(tokenizer: Tokenizer, grammar: object, needle: str) -> None:
