@@ -161,3 +161,12 @@ def test_an_hf_cache_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     listed = _cake(env, "list")
     assert listed.returncode == 1 and listed.stderr.startswith("cake: error: cannot read the HF cache")
     assert listed.stderr.count("\n") == 1
+
+
+def test_the_cache_commands_say_a_path_is_no_hub_id(tmp_path: Path) -> None:
+    from cake_py.models.hub import download, remove_cached
+
+    with pytest.raises(ModelNotFoundError, match="is a path, not a Hub id"):
+        remove_cached(str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="is a path, not a Hub id"):
+        download("./some/local/folder")
