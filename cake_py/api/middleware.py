@@ -251,14 +251,16 @@ class BodyLimitMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), self.read_timeout)
             except TimeoutError:
-                raise ApiError(
-                    408, f"the request body stopped arriving: nothing came for {self.read_timeout:g} s"
+                raise ApiError(  # the rest of the body may still come: the connection cannot carry another request
+                    408,
+                    f"the request body stopped arriving: nothing came for {self.read_timeout:g} s",
+                    headers={"Connection": "close"},
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if 0 < limit < received:
-                    raise ApiError(413, too_large(f"more than {limit}"))
+                    raise ApiError(413, too_large(f"more than {limit}"), headers={"Connection": "close"})
             return message
 
         await self.app(scope, counted, send)

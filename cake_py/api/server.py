@@ -93,7 +93,7 @@ def serve(settings: ServeSettings) -> None:
         )
     config = uvicorn.Config(
         create_app(state),
-        host=settings.host,
+        host=settings.host.strip("[]"),  # uvicorn takes an IPv6 address bare ("::"), not "[::]"
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,

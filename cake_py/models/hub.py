@@ -107,9 +107,9 @@ def _check_repo_id(repo_id: str) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
+    if _looks_like_path(repo_id):  # `cake pull ./folder`: the cache commands take Hub ids only
+        raise ModelNotFoundError(f"{repo_id!r} looks like a path, not a Hub id of the form 'org/name'")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        if _looks_like_path(repo_id):  # `cake pull ./folder`: the cache commands take Hub ids only
-            raise ModelNotFoundError(f"{repo_id!r} is a path, not a Hub id of the form 'org/name'")
         raise ModelNotFoundError(f"{repo_id!r} is neither a local path nor a Hub id of the form 'org/name'")
     try:
         validate_repo_id(repo_id)

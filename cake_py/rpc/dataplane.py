@@ -28,6 +28,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -43,15 +44,21 @@ MAX_HELLO_BYTES = 4096  # magic + session + cluster key: read before the key is 
 # Before its hello is accepted a connection gets this long per read (TLS handshake included): a client that
 # connects and sends nothing must not hold a thread and a socket for ever.
 HELLO_TIMEOUT_S = 10.0
+MAX_GREETING = 64  # connections that have not said hello yet; past it more are closed at once
 # A worker's write to the next worker of a chain. Its connection thread also serves its master, so a next worker
 # that stops reading (frozen, or its link silently dead) must fail the send, not hold that thread until TCP gives up.
 PEER_SEND_TIMEOUT_S = 30.0
 _LENGTH = struct.Struct("<I")
 
 
-def _read_exact(sock: socket.socket, size: int) -> bytes:
+def _read_exact(sock: socket.socket, size: int, deadline: float | None = None) -> bytes:
     chunks, remaining = [], size
     while remaining:
+        if deadline is not None:  # a whole-read deadline: a byte every few seconds must not keep a read going
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the frame took too long to arrive")
+            sock.settimeout(left)
         chunk = sock.recv(min(remaining, 1 << 20))
         if not chunk:
             raise ConnectionError("the connection closed")
@@ -60,11 +67,11 @@ def _read_exact(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
-def read_frame(sock: socket.socket, limit: int = MAX_MESSAGE_BYTES) -> bytes:
-    (size,) = _LENGTH.unpack(_read_exact(sock, _LENGTH.size))
+def read_frame(sock: socket.socket, limit: int = MAX_MESSAGE_BYTES, deadline: float | None = None) -> bytes:
+    (size,) = _LENGTH.unpack(_read_exact(sock, _LENGTH.size, deadline))
     if size > limit:
         raise ConnectionError(f"frame of {size} bytes is over the {limit}-byte limit")
-    return _read_exact(sock, size) if size else b""
+    return _read_exact(sock, size, deadline) if size else b""
 
 
 def write_frame(sock: socket.socket, payload: bytes) -> None:
@@ -216,7 +223,8 @@ class DataPlaneServer:
         self._thread = threading.Thread(target=self._accept, name="cake-dataplane", daemon=True)
         # Open connections by the session id of their hello.
         self._sessions: dict[bytes, _Session] = {}
-        self._sessions_lock = threading.Lock()
+        self._greeting = 0  # connections accepted that have not said hello yet
+        self._sessions_lock = threading.Lock()  # both
 
     def start(self) -> None:
         self._thread.start()
@@ -240,7 +248,24 @@ class DataPlaneServer:
                 log.warning("forward fast path: accept failed: %s", error)
                 self._closed.wait(0.5)
                 continue
-            threading.Thread(target=self._serve, args=(conn, peer), name="cake-forward", daemon=True).start()
+            with self._sessions_lock:
+                crowded = self._greeting >= MAX_GREETING
+                self._greeting += not crowded
+            if crowded:  # connections that have not said hello yet: each holds a thread until it does
+                log.warning("forward fast path: %d connections have not said hello; refused %s", MAX_GREETING, peer)
+                conn.close()
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn, peer), name="cake-forward", daemon=True).start()
+            except RuntimeError as error:  # no thread to be had (a thread or memory limit): refuse this one, go on
+                log.warning("forward fast path: cannot serve a connection from %s: %s", peer, error)
+                self._greeted()
+                conn.close()
+                self._closed.wait(0.5)
+
+    def _greeted(self) -> None:
+        with self._sessions_lock:
+            self._greeting -= 1
 
     def send_to_session(self, session: bytes, payload: bytes) -> bool:
         """Write a frame on the connection whose hello carried `session`; False if it is gone or broke."""
@@ -255,13 +280,15 @@ class DataPlaneServer:
         return True
 
     def _serve(self, conn: socket.socket, peer: object) -> None:
-        session, entry = b"", None
+        session, entry, greeting = b"", None, True
         try:
             _tune(conn)
             conn.settimeout(self.hello_timeout)
             if self.tls is not None:
                 conn = self.tls.wrap_socket(conn, server_side=True)
-            hello = read_frame(conn, MAX_HELLO_BYTES)
+            hello = read_frame(conn, MAX_HELLO_BYTES, time.monotonic() + self.hello_timeout)
+            greeting = False
+            self._greeted()
             if not hello.startswith(HELLO_MAGIC) or len(hello) < len(HELLO_MAGIC) + SESSION_BYTES:
                 write_frame(conn, b"\x00not a cake forward connection (protocol mismatch)")
                 return
@@ -289,6 +316,8 @@ class DataPlaneServer:
             with self._sessions_lock:
                 if entry is not None and self._sessions.get(session) is entry:
                     del self._sessions[session]
+                if greeting:  # it never said hello
+                    self._greeting -= 1
             if entry is not None:
                 entry.close()
             else:
@@ -308,6 +337,7 @@ class DataPlaneClient:
         self._poller = select.poll()  # the socket, for `closed_by_peer`; poll, not select: fds may pass 1024
 
     def connect(self, timeout: float) -> None:
+        sock: socket.socket | None = None
         try:
             sock = socket.create_connection((self.host, self.port), timeout=timeout)
             _tune(sock)
@@ -315,11 +345,14 @@ class DataPlaneClient:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.host)
             write_frame(sock, HELLO_MAGIC + self.session + self.key)
             answer = read_frame(sock)
-        except (OSError, ssl.SSLError, ConnectionError) as error:
+        except (OSError, ssl.SSLError, ConnectionError, UnicodeError) as error:  # UnicodeError: a host IDNA refuses
+            if sock is not None:  # connected, then the hello failed (timed out): the socket is this one's to close
+                sock.close()
             raise ClusterError(f"forward fast path to {self.host}:{self.port} failed: {error}") from None
         if answer != b"\x01":
             sock.close()
-            raise ClusterError(f"forward fast path to {self.host}:{self.port} refused: {answer[1:].decode()}")
+            reason = answer[1:].decode(errors="replace")
+            raise ClusterError(f"forward fast path to {self.host}:{self.port} refused: {reason}")
         sock.settimeout(None)  # a hung worker is caught by the stage's health monitor, which closes this socket
         self._poller.register(sock, select.POLLIN)
         self.sock = sock
@@ -368,19 +401,25 @@ class PeerLinks:
         self.timeout = timeout
         self.send_timeout = send_timeout
         self._links: dict[tuple[str, int], DataPlaneClient] = {}
-        self._lock = threading.Lock()
+        self._link_locks: dict[tuple[str, int], threading.Lock] = {}  # a send, connect included, per link
+        self._lock = threading.Lock()  # the two dicts
 
     def send(self, host: str, port: int, payload: bytes) -> None:
-        """One frame to the worker at host:port; a broken link is reopened once. ClusterError when unreachable."""
+        """One frame to the worker at host:port; a broken link is reopened once. ClusterError when unreachable.
+        Each link has its own lock: one master's slow next hop (connecting, or not reading) holds up no other."""
+        key = (host, port)
         with self._lock:
-            link = self._links.get((host, port))
+            lock = self._link_locks.setdefault(key, threading.Lock())
+        with lock:
+            link = self._links.get(key)
             for attempt in range(2):
                 if link is None:
                     link = DataPlaneClient(host, port, self.key, self.tls)
                     link.connect(self.timeout)  # ClusterError, naming host:port
                     assert link.sock is not None
                     link.sock.settimeout(self.send_timeout)  # a frame whose sendall times out closes the link
-                    self._links[(host, port)] = link
+                    with self._lock:
+                        self._links[key] = link
                 try:
                     if link.closed_by_peer():
                         raise ConnectionError("the next worker closed the connection (it restarted?)")
@@ -388,13 +427,15 @@ class PeerLinks:
                     return
                 except (OSError, ConnectionError) as error:
                     link.close()
-                    del self._links[(host, port)]
+                    with self._lock:
+                        self._links.pop(key, None)
                     link = None
                     if attempt:
                         raise ClusterError(f"forward to {host}:{port} failed: {error}") from None
 
     def close(self) -> None:
         with self._lock:
-            for link in self._links.values():
-                link.close()
+            links = list(self._links.values())
             self._links.clear()
+        for link in links:
+            link.close()

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import grpc
@@ -37,6 +38,7 @@ from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
 from cake_py.rpc.weight_cache import TensorWriter, WeightCache
 
 log = logging.getLogger(__name__)
+MAX_STREAMS = 16  # Forward and Assign streams open at once; the server's pool has room for as many unary calls besides
 
 
 class ForwardActivity:
@@ -77,6 +79,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.last_master: str | None = None  # who handshook last: a master probing every few seconds is logged once
         self.cache = WeightCache(settings.cache_dir, settings.cache_max_bytes)
         self.lock = threading.Lock()
+        self.streams = threading.BoundedSemaphore(MAX_STREAMS)
         self.model: Transformer | None = None
         self.kv: KVStore | None = None
         self.model_id = ""
@@ -160,7 +163,25 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             )
         return pb.PrepareReply(missing_sha256=list(missing), cached_bytes=cached)
 
+    @contextmanager
+    def _stream_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """A stream holds one of the server's threads while it is open: past MAX_STREAMS it is refused, so that
+        streams left open (or never fed) cannot take the threads that Info, Handshake and Release need."""
+        if not self.streams.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"worker {self.name!r} already has {MAX_STREAMS} streams (Forward, Assign) open; retry later",
+            )
+        try:
+            yield
+        finally:
+            self.streams.release()
+
     def Assign(self, request_iterator: Iterator[pb.AssignChunk], context: grpc.ServicerContext) -> pb.AssignReply:
+        with self._stream_slot(context):
+            return self._assign(request_iterator, context)
+
+    def _assign(self, request_iterator: Iterator[pb.AssignChunk], context: grpc.ServicerContext) -> pb.AssignReply:
         began = time.perf_counter()
         writers: dict[str, TensorWriter] = {}
         pinned: list[str] = []
@@ -227,7 +248,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 load_ms=int((time.perf_counter() - began) * 1000),
                 assignment=self.assignment,
             )
-        except (CakeError, ValueError, KeyError) as error:
+        # RuntimeError, OverflowError, RecursionError: torch refusing a dtype or a size the header asked for, a
+        # config nested too deeply for json: bad input all the same, named, not a gRPC UNKNOWN with a traceback.
+        except (CakeError, ValueError, KeyError, RuntimeError, OverflowError, RecursionError) as error:
             self._assignment_failed(writers, str(error))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"assignment failed: {error}")
             raise  # unreachable: abort raises
@@ -259,7 +282,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self, request_iterator: Iterator[pb.ForwardRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ForwardReply]:
         try:
-            with torch.inference_mode():
+            with self._stream_slot(context), torch.inference_mode():
                 for request in request_iterator:
                     self.activity.begin()
                     try:
@@ -338,7 +361,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     )
                 if hidden.ndim != 2 or hidden.shape[0] != sum(s.n_tokens for s in batch):
                     raise ClusterError(f"hidden states of shape {list(hidden.shape)} do not match the batch")
+                if len({piece.seq_id for piece in batch}) != len(batch):
+                    twice = next(p.seq_id for p in batch if sum(q.seq_id == p.seq_id for q in batch) > 1)
+                    raise ClusterError(f"sequence {twice} appears twice in one forward")
                 for piece in batch:
+                    if piece.copy_from == piece.seq_id:  # the copy starts by clearing its target: its own cache
+                        raise ClusterError(f"sequence {piece.seq_id} cannot start as a copy of itself")
                     if piece.copy_from is not None:
                         kv.check_copy(piece)  # ValueError naming both sequences
                     elif piece.start_pos > kv.length(piece.seq_id):  # earlier is fine: a failed step run again

@@ -115,17 +115,17 @@ class WeightCache:
             self._verified.pop(sha256, None)
             return False
         identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        if stat.st_size == size and self._verified.get(sha256) == identity:
-            return True
-        if stat.st_size == size:
+        if self._verified.get(sha256) != identity:
             with path.open("rb") as handle:
-                if hashlib.file_digest(handle, "sha256").hexdigest() == sha256:
-                    self._verified[sha256] = identity
-                    return True
-        log.warning("weight cache file %s is damaged (size or sha256 differs): streaming it again", path)
-        self._verified.pop(sha256, None)
-        path.unlink(missing_ok=True)
-        return False
+                intact = hashlib.file_digest(handle, "sha256").hexdigest() == sha256
+            if not intact:
+                log.warning("weight cache file %s is damaged (its sha256 differs): streaming it again", path)
+                self._verified.pop(sha256, None)
+                path.unlink(missing_ok=True)
+                return False
+            self._verified[sha256] = identity
+        # Intact: a request that says another size is wrong about it, and must not cost the file other masters use.
+        return stat.st_size == size
 
     def touch(self, sha256: str) -> None:
         """Mark a verified file as used now (eviction goes by least recent use); it stays verified."""

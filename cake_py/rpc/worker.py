@@ -22,7 +22,7 @@ from cake_py.rpc import MAX_MESSAGE_BYTES
 from cake_py.rpc.dataplane import DataPlaneServer, server_tls
 from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
 from cake_py.rpc.security import ClusterKeyInterceptor, server_credentials, warn_if_key_in_plaintext
-from cake_py.rpc.server import WorkerServicer
+from cake_py.rpc.server import MAX_STREAMS, WorkerServicer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer,
     servicer = WorkerServicer(settings, device, measure_tflops(device))
     release_openmp_threads()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="cake-worker"),
+        futures.ThreadPoolExecutor(max_workers=2 * MAX_STREAMS, thread_name_prefix="cake-worker"),
         interceptors=[ClusterKeyInterceptor(settings.cluster_key)],
         options=SERVER_OPTIONS,
     )

@@ -125,6 +125,11 @@ def test_logit_bias_pairs_ban_or_favour_tokens(server: ServerHandle, tiny_llama:
     )
     assert set(favoured["tokens"]) == {favourite}
     # Not ids: "²" is text (str.isdigit() says digit, int() does not), a bias past float's range is the largest.
+    zeros = post(
+        server,
+        {"prompt": "The cake is", "return_tokens": True, "logit_bias": {"0" * 5000 + str(favourite): 100}, **GREEDY},
+    )
+    assert set(zeros["tokens"]) == {favourite}  # leading zeros name the same token, however many
     for text in ("\u00b2", "--5"):
         assert isinstance(post(server, {"prompt": "The cake is", "logit_bias": {text: 1}, **GREEDY})["content"], str)
     huge_bias = {"prompt": "The cake is", "return_tokens": True, "logit_bias": [[favourite, 10**400]], **GREEDY}
@@ -157,6 +162,7 @@ def test_n_predict_zero_only_reads_the_prompt(server: ServerHandle) -> None:
         ({"prompt": "a", "temperature": float("nan")}, "NaN is not a JSON number"),
         ({"prompt": "a", "logit_bias": [[5, float("inf")]]}, "Infinity is not a JSON number"),
         ({"prompt": "a", "logit_bias": {"9" * 5000: 1}}, "outside the vocabulary"),
+        ({"prompt": "a", "logit_bias": {"-" + "0" * 5000 + "5": 1}}, "token id -5 is outside the vocabulary"),
         ({"prompt": "a", "logit_bias": {"-5": 1}}, "outside the vocabulary"),
         ({"prompt": "a", "repeat_last_n": -2}, "repeat_last_n must be -1"),
         ({"prompt": "a", "post_sampling_probs": True}, "post_sampling_probs is not supported"),

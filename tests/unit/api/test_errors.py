@@ -105,6 +105,7 @@ def test_a_body_that_stops_arriving_is_a_408() -> None:
     began = time.monotonic()
     answer = asyncio.run(send(stalls()))
     assert answer.status_code == 408 and time.monotonic() - began < 1.5
+    assert answer.headers["connection"] == "close"  # the rest of that body would be read as the next request
     assert answer.json() == {"error": "the request body stopped arriving: nothing came for 0.2 s"}
     assert asyncio.run(send(b'{"a": 1}')).json() == {"a": 1}  # a body that comes in time is read
 

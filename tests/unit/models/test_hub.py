@@ -166,7 +166,8 @@ def test_an_hf_cache_that_is_a_file_is_one_line(tmp_path: Path) -> None:
 def test_the_cache_commands_say_a_path_is_no_hub_id(tmp_path: Path) -> None:
     from cake_py.models.hub import download, remove_cached
 
-    with pytest.raises(ModelNotFoundError, match="is a path, not a Hub id"):
-        remove_cached(str(tmp_path))
-    with pytest.raises(ModelNotFoundError, match="is a path, not a Hub id"):
-        download("./some/local/folder")
+    for path in (str(tmp_path), "./folder", "~/x", "./some/local/folder"):
+        with pytest.raises(ModelNotFoundError, match="looks like a path, not a Hub id"):
+            remove_cached(path)
+        with pytest.raises(ModelNotFoundError, match="looks like a path, not a Hub id"):
+            download(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cake_py.errors import ClusterError
+from cake_py.rpc import dataplane
 from cake_py.rpc.dataplane import (
     MAX_HELLO_BYTES,
     DataPlaneClient,
@@ -116,6 +117,45 @@ def test_a_client_that_sends_no_hello_is_dropped() -> None:
         server.close()
 
 
+def test_a_hello_sent_a_byte_at_a_time_has_one_deadline_in_all() -> None:
+    """The timeout was per read: a byte every few seconds held a connection and its thread for hours, no key
+    needed."""
+    server = DataPlaneServer("127.0.0.1", 0, lambda data: data, "key", None, hello_timeout=0.5)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as trickle:
+            began = time.monotonic()
+            trickle.sendall(struct.pack("<I", 100))  # a hello of 100 bytes is announced, then comes slowly
+            with pytest.raises(OSError):
+                for _ in range(100):  # 10 s of it, were nothing to stop it
+                    trickle.sendall(b"\x40")
+                    time.sleep(0.1)
+            assert time.monotonic() - began < 3
+    finally:
+        server.close()
+
+
+def test_connections_that_have_not_said_hello_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dataplane, "MAX_GREETING", 2)
+    server = DataPlaneServer("127.0.0.1", 0, lambda data: data[::-1], None, None, hello_timeout=5)
+    server.start()
+    try:
+        silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", server.port)) as third:
+            third.settimeout(5)
+            assert third.recv(1) == b""  # closed at once: two are still to say hello
+        for conn in silent:
+            conn.close()
+        time.sleep(0.3)
+        client = DataPlaneClient("127.0.0.1", server.port, None, None)
+        client.connect(timeout=5)  # room again once they left
+        assert client.exchange(b"ab") == b"ba"
+        client.close()
+    finally:
+        server.close()
+
+
 def test_an_oversized_hello_is_refused_without_reading_it(echo_server: DataPlaneServer) -> None:
     with socket.create_connection(("127.0.0.1", echo_server.port)) as client:
         client.sendall(struct.pack("<I", MAX_HELLO_BYTES + 1))  # and never the 4 KB it announces
@@ -182,6 +222,36 @@ def test_a_next_worker_that_stops_reading_fails_the_send() -> None:
         thread.join(timeout=5)
         for conn in held:
             conn.close()
+
+
+def test_a_slow_next_worker_holds_up_no_other_link() -> None:
+    """One lock for every link made a next hop that accepts and never answers the hello (or stops reading) stall
+    every other master's chained forwards through this worker."""
+    mute = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    healthy = DataPlaneServer("127.0.0.1", 0, lambda data: None, None, None)
+    healthy.start()
+    links = PeerLinks(None, timeout=2)
+    failed: list[Exception] = []
+
+    def to_the_mute_one() -> None:
+        try:
+            links.send("127.0.0.1", mute.getsockname()[1], b"x")
+        except ClusterError as error:
+            failed.append(error)
+
+    stuck = threading.Thread(target=to_the_mute_one, daemon=True)
+    try:
+        stuck.start()
+        time.sleep(0.2)  # it is connecting now
+        began = time.monotonic()
+        links.send("127.0.0.1", healthy.port, b"y")
+        assert time.monotonic() - began < 1.0
+        stuck.join(timeout=10)
+        assert failed and "timed out" in str(failed[0])
+    finally:
+        links.close()
+        healthy.close()
+        mute.close()
 
 
 # ---- a TLS connection: frames other threads send are written by the connection's own thread ----

@@ -282,6 +282,13 @@ def test_a_copy_from_a_sequence_the_worker_lacks_is_refused(fresh_worker: Worker
     assert "copy of 5 positions of sequence 1, which holds 3" in beyond.error
     missing = forward(pb.SequenceSlice(seq_id=4, start_pos=1, n_tokens=1, copy_from=99))
     assert "sequence 99, which holds 0" in missing.error
+    # A copy of itself cleared the sequence's own cache; one sequence twice in a forward cut it back.
+    itself = forward(pb.SequenceSlice(seq_id=1, start_pos=3, n_tokens=1, copy_from=1))
+    assert itself.error == "sequence 1 cannot start as a copy of itself" and fresh_worker.kv.length(1) == 3
+    twice = forward(
+        pb.SequenceSlice(seq_id=1, start_pos=3, n_tokens=1), pb.SequenceSlice(seq_id=1, start_pos=1, n_tokens=1)
+    )
+    assert twice.error == "sequence 1 appears twice in one forward" and fresh_worker.kv.length(1) == 3
 
 
 def test_a_release_for_another_assignment_frees_nothing(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
@@ -393,3 +400,22 @@ def test_a_gpu_worker_gives_dropped_layers_back_and_counts_what_its_allocator_ho
     assert fresh_worker.Unassign(unassign, Context()).dropped  # type: ignore[arg-type]
     assert released == ["cpu", "cuda"]
     assert fresh_worker.Handshake(handshake, Context()).held_bytes == 0  # type: ignore[arg-type]  # holds nothing now
+
+
+def test_streams_past_the_limit_are_refused_so_control_calls_keep_their_threads(fresh_worker: WorkerServicer) -> None:
+    """Sixteen Forward streams left open took every thread of the pool: Info, Handshake and every other master's
+    calls then timed out."""
+    from cake_py.rpc.server import MAX_STREAMS
+
+    held = [fresh_worker._stream_slot(Context()) for _ in range(MAX_STREAMS)]  # streams open, sending nothing
+    for slot in held:
+        slot.__enter__()
+    try:
+        with pytest.raises(RuntimeError, match=f"already has {MAX_STREAMS} streams"):
+            next(fresh_worker.Forward(iter([]), Context()))  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match=r"streams \(Forward, Assign\) open"):
+            fresh_worker.Assign(iter([]), Context())  # type: ignore[arg-type]
+    finally:
+        for slot in held:
+            slot.__exit__(None, None, None)
+    assert list(fresh_worker.Forward(iter([]), Context())) == []  # type: ignore[arg-type]  # room again

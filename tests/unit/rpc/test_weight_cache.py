@@ -50,6 +50,20 @@ def test_streamed_file_is_trusted_until_it_changes(tmp_path: Path, hashes: list[
     assert not cache.path(sha).exists()  # deleted, so it is streamed again
 
 
+def test_a_request_wrong_about_a_size_does_not_cost_the_file_its_users(tmp_path: Path) -> None:
+    """Another master's Prepare naming a cached tensor's hash with another size deleted the file, and the Assign of
+    the master that Prepare had told "nothing missing" failed."""
+    cache = WeightCache(tmp_path)
+    data = os.urandom(4096)
+    sha = store(cache, data)
+    assert not cache.verify(sha, len(data) + 4)  # missing for that request
+    assert cache.verify(sha, len(data)) and cache.path(sha).exists()
+    restarted = WeightCache(tmp_path)  # not verified by this process yet: hashed, found intact, kept
+    assert not restarted.verify(sha, len(data) + 4) and restarted.verify(sha, len(data))
+    cache.path(sha).write_bytes(data[:100])  # truly damaged (cut short): deleted
+    assert not restarted.verify(sha, len(data)) and not cache.path(sha).exists()
+
+
 def test_a_restarted_worker_hashes_each_file_once(tmp_path: Path, hashes: list[str]) -> None:
     data = os.urandom(4096)
     sha = store(WeightCache(tmp_path), data)
@@ -63,8 +77,9 @@ def test_wrong_size_or_missing(tmp_path: Path, hashes: list[str]) -> None:
     data = os.urandom(1024)
     sha = store(cache, data)
     assert not cache.verify(sha, len(data) + 1)
-    assert not cache.verify(sha, len(data))  # the wrong-size check deleted it
-    assert hashes == []
+    assert cache.verify(sha, len(data))  # kept: the request was wrong about it, not the file
+    assert hashes == []  # trusted since it streamed in
+    assert not cache.verify(hashlib.sha256(b"never stored").hexdigest(), 12)
 
 
 def test_two_writers_of_one_tensor_never_share_a_file(tmp_path: Path) -> None:
