@@ -23,7 +23,7 @@ from cake_py.models.hub import ModelSource
 from cake_py.models.weights import LAYER_PATTERN, load_transformer
 from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
 from cake_py.rpc.connection import TAKEOVER_IDLE_S
-from cake_py.rpc.dataplane import client_tls
+from cake_py.rpc.dataplane_client import client_tls
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.security import channel_credentials, warn_if_key_in_plaintext
 

@@ -35,7 +35,8 @@ from cake_py.rpc.connection import (
     Assignment,
     WorkerConnection,
 )
-from cake_py.rpc.dataplane import DataPlaneClient, read_frame
+from cake_py.rpc.dataplane import read_frame
+from cake_py.rpc.dataplane_client import DataPlaneClient
 from cake_py.rpc.pb import worker_pb2 as pb
 
 __all__ = ["Assignment", "RemoteStage", "WorkerConnection"]

@@ -32,7 +32,8 @@ from cake_py.models.llama import Transformer
 from cake_py.models.weights import build_transformer
 from cake_py.rpc import PROTOCOL_VERSION
 from cake_py.rpc.codec import decode_tensor, dtype_from_pb, dtype_to_pb, encode_tensor
-from cake_py.rpc.dataplane import DataPlaneServer, PeerLinks, client_tls
+from cake_py.rpc.dataplane import DataPlaneServer
+from cake_py.rpc.dataplane_client import PeerLinks, client_tls
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
 from cake_py.rpc.weight_cache import TensorWriter, WeightCache

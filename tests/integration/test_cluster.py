@@ -33,7 +33,7 @@ from cake_py.models.weights import load_transformer
 from cake_py.rpc import client as client_module
 from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
 from cake_py.rpc.codec import decode_tensor, encode_tensor
-from cake_py.rpc.dataplane import DataPlaneClient
+from cake_py.rpc.dataplane_client import DataPlaneClient
 from cake_py.rpc.pb import worker_pb2 as pb
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import (

@@ -16,7 +16,7 @@ from cake_py.config import ServeSettings, WorkerSpec
 from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.rpc.client import RemoteStage, WorkerConnection
-from cake_py.rpc.dataplane import DataPlaneClient
+from cake_py.rpc.dataplane_client import DataPlaneClient
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import LocalCluster, WorkerProcess, free_port, generate_tokens, run_cake
 from tests.fixtures.tls import Certificates, make_certificates

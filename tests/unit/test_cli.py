@@ -216,7 +216,7 @@ def test_tls_files_that_are_not_pem_name_the_flags(tmp_path: Path) -> None:
     flags = ("--tls-cert", str(junk), "--tls-key", str(junk), "--port", "0", "--data-port", "0")
     assert_one_line_error(cake("worker", *flags, timeout=60), "--tls-cert", "junk.pem", "not a PEM certificate")
     from cake_py.errors import ConfigError
-    from cake_py.rpc.dataplane import client_tls
+    from cake_py.rpc.dataplane_client import client_tls
 
     with pytest.raises(ConfigError, match="--tls-ca .*junk.pem.* is not a PEM CA bundle"):
         client_tls(None, None, junk)

@@ -13,16 +13,8 @@ import pytest
 
 from cake_py.errors import ClusterError
 from cake_py.rpc import dataplane
-from cake_py.rpc.dataplane import (
-    MAX_HELLO_BYTES,
-    DataPlaneClient,
-    DataPlaneServer,
-    PeerLinks,
-    client_tls,
-    read_frame,
-    server_tls,
-    write_frame,
-)
+from cake_py.rpc.dataplane import MAX_HELLO_BYTES, DataPlaneServer, read_frame, server_tls, write_frame
+from cake_py.rpc.dataplane_client import DataPlaneClient, client_tls
 from tests.fixtures.tls import make_certificates
 
 
@@ -67,14 +59,6 @@ def test_client_exchanges_frames_with_the_key(echo_server: DataPlaneServer) -> N
 def test_a_wrong_or_missing_key_is_refused(echo_server: DataPlaneServer, key: str | None) -> None:
     with pytest.raises(ClusterError, match="cluster key rejected"):
         DataPlaneClient("127.0.0.1", echo_server.port, key, None).connect(timeout=5)
-
-
-def test_nothing_listening_is_a_clear_error() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with pytest.raises(ClusterError, match=f"127.0.0.1:{port}"):
-        DataPlaneClient("127.0.0.1", port, None, None).connect(timeout=2)
 
 
 def test_closing_unblocks_a_waiting_exchange() -> None:
@@ -189,69 +173,6 @@ def test_accept_goes_on_after_a_failure() -> None:
         client.close()
     finally:
         server.close()
-
-
-def test_a_next_worker_that_stops_reading_fails_the_send() -> None:
-    """A worker's link to the next one: that worker answers the hello, then reads nothing (frozen). The send
-    fails within its timeout, as a ClusterError naming the address, instead of blocking the sending thread."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    held: list[socket.socket] = []
-
-    def frozen_worker() -> None:
-        for _ in range(2):  # the first link, and the one reopened after it failed
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            held.append(conn)
-            read_frame(conn)
-            write_frame(conn, b"\x01")
-
-    thread = threading.Thread(target=frozen_worker, daemon=True)
-    thread.start()
-    links = PeerLinks(None, timeout=5, send_timeout=0.3)
-    try:
-        began = time.monotonic()
-        with pytest.raises(ClusterError, match=f"127.0.0.1:{port}.*timed out"):
-            links.send("127.0.0.1", port, bytes(64 << 20))  # far more than the socket buffers hold
-        assert time.monotonic() - began < 5
-    finally:
-        links.close()
-        listener.close()
-        thread.join(timeout=5)
-        for conn in held:
-            conn.close()
-
-
-def test_a_slow_next_worker_holds_up_no_other_link() -> None:
-    """One lock for every link made a next hop that accepts and never answers the hello (or stops reading) stall
-    every other master's chained forwards through this worker."""
-    mute = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
-    healthy = DataPlaneServer("127.0.0.1", 0, lambda data: None, None, None)
-    healthy.start()
-    links = PeerLinks(None, timeout=2)
-    failed: list[Exception] = []
-
-    def to_the_mute_one() -> None:
-        try:
-            links.send("127.0.0.1", mute.getsockname()[1], b"x")
-        except ClusterError as error:
-            failed.append(error)
-
-    stuck = threading.Thread(target=to_the_mute_one, daemon=True)
-    try:
-        stuck.start()
-        time.sleep(0.2)  # it is connecting now
-        began = time.monotonic()
-        links.send("127.0.0.1", healthy.port, b"y")
-        assert time.monotonic() - began < 1.0
-        stuck.join(timeout=10)
-        assert failed and "timed out" in str(failed[0])
-    finally:
-        links.close()
-        healthy.close()
-        mute.close()
 
 
 # ---- a TLS connection: frames other threads send are written by the connection's own thread ----

@@ -22,7 +22,7 @@ from cake_py.models.kv_cache import Batch, KVStore
 from cake_py.rpc import PROTOCOL_VERSION
 from cake_py.rpc.codec import encode_tensor
 from cake_py.rpc.connection import Assignment, WorkerConnection
-from cake_py.rpc.dataplane import PeerLinks
+from cake_py.rpc.dataplane_client import PeerLinks
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.server import ForwardActivity, WorkerServicer
 from cake_py.rpc.weight_cache import LOCK_FILE, TensorWriter
