@@ -20,9 +20,10 @@ from cake_py.models import graphs
 from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_device, set_threads, tune_allocator
 from cake_py.rpc import MAX_MESSAGE_BYTES
 from cake_py.rpc.dataplane import DataPlaneServer, server_tls
+from cake_py.rpc.forward import MAX_STREAMS
 from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
 from cake_py.rpc.security import ClusterKeyInterceptor, server_credentials, warn_if_key_in_plaintext
-from cake_py.rpc.server import MAX_STREAMS, WorkerServicer
+from cake_py.rpc.server import WorkerServicer
 
 log = logging.getLogger(__name__)
 

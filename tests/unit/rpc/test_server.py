@@ -23,8 +23,9 @@ from cake_py.rpc import PROTOCOL_VERSION
 from cake_py.rpc.codec import encode_tensor
 from cake_py.rpc.connection import Assignment, WorkerConnection
 from cake_py.rpc.dataplane_client import PeerLinks
+from cake_py.rpc.forward import ForwardActivity
 from cake_py.rpc.pb import worker_pb2 as pb
-from cake_py.rpc.server import ForwardActivity, WorkerServicer
+from cake_py.rpc.server import WorkerServicer
 from cake_py.rpc.weight_cache import LOCK_FILE, TensorWriter
 
 
@@ -405,7 +406,7 @@ def test_a_gpu_worker_gives_dropped_layers_back_and_counts_what_its_allocator_ho
 def test_streams_past_the_limit_are_refused_so_control_calls_keep_their_threads(fresh_worker: WorkerServicer) -> None:
     """Sixteen Forward streams left open took every thread of the pool: Info, Handshake and every other master's
     calls then timed out."""
-    from cake_py.rpc.server import MAX_STREAMS
+    from cake_py.rpc.forward import MAX_STREAMS
 
     held = [fresh_worker._stream_slot(Context()) for _ in range(MAX_STREAMS)]  # streams open, sending nothing
     for slot in held:
