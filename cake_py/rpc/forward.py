@@ -168,8 +168,16 @@ class Forwarding:
                         f"worker {self.name!r} was re-assigned since (another master?): it now holds "
                         f"{self.model_id} layers {model.start}-{model.end - 1}"
                     )
-                if hidden.ndim != 2 or hidden.shape[0] != sum(s.n_tokens for s in batch):
-                    raise ClusterError(f"hidden states of shape {list(hidden.shape)} do not match the batch")
+                if not batch or any(piece.n_tokens < 1 for piece in batch):
+                    raise ClusterError("a forward needs sequences of at least one token each")
+                width = model.config.hidden_size
+                if hidden.ndim != 2 or hidden.shape[0] != sum(s.n_tokens for s in batch) or hidden.shape[1] != width:
+                    raise ClusterError(
+                        f"hidden states of shape {list(hidden.shape)} do not match the batch "
+                        f"({sum(s.n_tokens for s in batch)} tokens of {width})"
+                    )
+                if not hidden.is_floating_point():
+                    raise ClusterError(f"hidden states must be floating point, not {hidden.dtype}")
                 if len({piece.seq_id for piece in batch}) != len(batch):
                     twice = next(p.seq_id for p in batch if sum(q.seq_id == p.seq_id for q in batch) > 1)
                     raise ClusterError(f"sequence {twice} appears twice in one forward")

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ class BrokenLayers:
     """Layers whose forward fails in a way no handler expects."""
 
     start, end = 0, 1
+    config = SimpleNamespace(hidden_size=4)
 
     def forward_layers(self, hidden: torch.Tensor, batch: Batch, kv: KVStore) -> torch.Tensor:
         raise TypeError("unexpected layer failure")
@@ -420,3 +422,26 @@ def test_streams_past_the_limit_are_refused_so_control_calls_keep_their_threads(
         for slot in held:
             slot.__exit__(None, None, None)
     assert list(fresh_worker.Forward(iter([]), Context())) == []  # type: ignore[arg-type]  # room again
+
+
+def test_hidden_states_that_cannot_be_the_batchs_are_named(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
+    source = resolve_model(str(tiny_llama))
+    fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+    width = source.config.hidden_size
+
+    def forward(hidden: torch.Tensor, *pieces: pb.SequenceSlice) -> str:
+        message = pb.ForwardRequest(request_id=1, sequences=list(pieces))
+        encode_tensor(hidden, out=message.hidden)
+        answer = fresh_worker.forward_frame(message.SerializeToString())
+        assert answer is not None
+        return pb.ForwardReply.FromString(answer).error
+
+    one = pb.SequenceSlice(seq_id=1, start_pos=0, n_tokens=1)
+    assert forward(torch.ones(1, width), one) == ""
+    assert f"shape [1, {width + 1}] do not match the batch (1 tokens of {width})" in forward(
+        torch.ones(1, width + 1), one
+    )
+    assert "must be floating point, not torch.int64" in forward(torch.ones(1, width, dtype=torch.int64), one)
+    empty = pb.SequenceSlice(seq_id=2, start_pos=0, n_tokens=0)
+    assert "at least one token each" in forward(torch.ones(0, width), empty)
+    assert "at least one token each" in forward(torch.ones(0, width))
