@@ -62,7 +62,7 @@ def _truncation(body: dict[str, Any], context_length: int) -> int | None:
         raise ApiError(400, f"truncate_prompt_tokens must be -1 or a positive integer, got {value!r}"[:300])
     if value > context_length:
         raise ApiError(
-            400, f"truncate_prompt_tokens ({value}) is larger than the model's context ({context_length} tokens)"
+            400, f"truncate_prompt_tokens ({value}) is larger than the context ({context_length} tokens)"
         )
     return context_length if value == -1 else value
 

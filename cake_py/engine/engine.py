@@ -153,9 +153,9 @@ class Engine(Faults):
             raise RequestError("the prompt is empty")
         room = self.context_length - n_prompt
         if room < 0 or (room == 0 and params.pooling is None):  # an embedding needs no room for an answer
-            raise ContextLengthError(
-                f"the prompt has {n_prompt} tokens but the model's context is {self.context_length} tokens"
-            )
+            capped = self.context_length < self.pipeline.config.max_position_embeddings
+            limit = "the server's --max-model-len is" if capped else "the model's context is"
+            raise ContextLengthError(f"the prompt has {n_prompt} tokens but {limit} {self.context_length} tokens")
         if params.max_tokens > room:
             params = replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         return params
