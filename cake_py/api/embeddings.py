@@ -61,9 +61,7 @@ def _truncation(body: dict[str, Any], context_length: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or value >= 1):
         raise ApiError(400, f"truncate_prompt_tokens must be -1 or a positive integer, got {value!r}"[:300])
     if value > context_length:
-        raise ApiError(
-            400, f"truncate_prompt_tokens ({value}) is larger than the context ({context_length} tokens)"
-        )
+        raise ApiError(400, f"truncate_prompt_tokens ({value}) is larger than the context ({context_length} tokens)")
     return context_length if value == -1 else value
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -151,7 +152,12 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
             start, end = header.layers.start, header.layers.end
             if not 0 <= start < end <= config.n_layers:
                 raise ClusterError(f"layers [{start}, {end}) are outside the model's {config.n_layers} layers")
+            dtype = dtype_from_pb(header.compute_dtype)
+            if not dtype.is_floating_point:  # checked now: a failure after the stream would cost the old layers
+                raise ClusterError(f"compute dtype {dtype} is not a floating-point type")
             specs = {spec.name: spec for spec in header.tensors}
+            for announced in specs.values():
+                _check_spec(announced)
             pinned = [spec.sha256 for spec in header.tensors]
             received = 0
             self.status = pb.WORKER_STATUS_LOADING
@@ -179,7 +185,6 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
                 if not self.cache.verify(spec.sha256, spec.size_bytes):
                     raise ClusterError(f"tensor {name!r} was neither streamed nor in the cache")
                 tensors[name] = self.cache.load(spec.sha256, dtype_from_pb(spec.dtype), tuple(spec.shape))
-            dtype = dtype_from_pb(header.compute_dtype)
             with self.lock:
                 model = build_transformer(
                     config, tensors, start, end, with_embedding=False, with_head=False, dtype=dtype, device=self.device
@@ -272,4 +277,13 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
             protocol_version=PROTOCOL_VERSION,
             forward_idle_seconds=self.activity.idle_seconds(),
             assignment=self.assignment,
+        )
+
+
+def _check_spec(spec: pb.TensorSpec) -> None:
+    """A tensor the header announces must fit in the bytes it announces for it (its file is mapped by that shape)."""
+    wanted = math.prod(spec.shape) * dtype_from_pb(spec.dtype).itemsize
+    if wanted > spec.size_bytes:  # dims are unsigned on the wire
+        raise ClusterError(
+            f"tensor {spec.name!r}: shape {list(spec.shape)} does not fit in its {spec.size_bytes} bytes"
         )

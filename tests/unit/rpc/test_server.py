@@ -202,6 +202,29 @@ def test_an_assignment_cut_off_keeps_the_previous_layers(fresh_worker: WorkerSer
     assert not list((fresh_worker.settings.cache_dir).glob("*.partial"))
 
 
+@pytest.mark.parametrize("fault", ["int8-compute", "shape-past-bytes", "huge-shape"])
+def test_a_header_torch_would_refuse_is_refused_before_the_old_layers_go(
+    fresh_worker: WorkerServicer, tiny_llama: Path, fault: str
+) -> None:
+    """An int8 compute dtype or a shape bigger than its bytes failed while loading, after the old layers were freed:
+    UNKNOWN, and the worker FAILED."""
+    source = resolve_model(str(tiny_llama))
+    fresh_worker.Assign(iter(assign_messages(source, 0, 2)), Context())  # type: ignore[arg-type]
+    held = fresh_worker.model
+    messages = assign_messages(source, 1, 3)
+    header = messages[0].header
+    if fault == "int8-compute":
+        header.compute_dtype = pb.DTYPE_INT8
+        needle = "compute dtype torch.int8 is not a floating-point type"
+    else:
+        spec = header.tensors[0]
+        spec.shape[:] = [64, 64, 64] if fault == "shape-past-bytes" else [2**40, 2**20]
+        needle = f"tensor {spec.name!r}: shape"
+    with pytest.raises(RuntimeError, match=needle):
+        fresh_worker.Assign(iter(messages), Context())  # type: ignore[arg-type]
+    assert fresh_worker.model is held and fresh_worker.status == pb.WORKER_STATUS_READY
+
+
 def test_an_assignment_cut_off_with_nothing_held_is_failed(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
     source = resolve_model(str(tiny_llama))
     messages = assign_messages(source, 0, 2)
