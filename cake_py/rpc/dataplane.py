@@ -50,6 +50,10 @@ MAX_GREETING = 64  # connections that have not said hello yet; past it more are 
 _LENGTH = struct.Struct("<I")
 
 
+class FrameTooLarge(ConnectionError):
+    """A peer announced a frame over the limit: the stream cannot be read past it, so the connection ends."""
+
+
 def _read_exact(sock: socket.socket, size: int, deadline: float | None = None) -> bytes:
     chunks, remaining = [], size
     while remaining:
@@ -69,7 +73,7 @@ def _read_exact(sock: socket.socket, size: int, deadline: float | None = None) -
 def read_frame(sock: socket.socket, limit: int = MAX_MESSAGE_BYTES, deadline: float | None = None) -> bytes:
     (size,) = _LENGTH.unpack(_read_exact(sock, _LENGTH.size, deadline))
     if size > limit:
-        raise ConnectionError(f"frame of {size} bytes is over the {limit}-byte limit")
+        raise FrameTooLarge(f"frame of {size} bytes is over the {limit}-byte limit")
     return _read_exact(sock, size, deadline) if size else b""
 
 
@@ -290,6 +294,8 @@ class DataPlaneServer:
                     answer = self.handler(entry.next_frame())
                     if answer is not None:
                         entry.answer(answer)
+        except FrameTooLarge as error:  # not a master of this protocol, or a broken one: say why it was dropped
+            log.warning("forward connection from %s closed: %s", peer, error)
         except (OSError, ssl.SSLError, ConnectionError):
             pass  # the master went away; its sequences are released by Release or the idle timeout
         except Exception:  # a bug: into the log, not a silent thread death

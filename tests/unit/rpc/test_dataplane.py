@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
@@ -140,11 +141,18 @@ def test_connections_that_have_not_said_hello_are_bounded(monkeypatch: pytest.Mo
         server.close()
 
 
-def test_an_oversized_hello_is_refused_without_reading_it(echo_server: DataPlaneServer) -> None:
+def test_an_oversized_hello_is_refused_without_reading_it(
+    echo_server: DataPlaneServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
     with socket.create_connection(("127.0.0.1", echo_server.port)) as client:
         client.sendall(struct.pack("<I", MAX_HELLO_BYTES + 1))  # and never the 4 KB it announces
         client.settimeout(5)
         assert client.recv(1) == b""
+    deadline = time.monotonic() + 5
+    while "over the 4096-byte limit" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"frame of {MAX_HELLO_BYTES + 1} bytes is over the 4096-byte limit" in caplog.text  # why, in the log
 
 
 def test_accept_goes_on_after_a_failure() -> None:
