@@ -25,6 +25,7 @@ from cake_py.rpc.dataplane_client import PeerLinks
 from cake_py.rpc.pb import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
+MAX_CHAIN_HOPS = 256  # workers a chained forward may still pass through; a real cluster has a handful
 MAX_STREAMS = 16  # Forward and Assign streams open at once; the server's pool has room for as many unary calls besides
 
 
@@ -168,6 +169,8 @@ class Forwarding:
                         f"worker {self.name!r} was re-assigned since (another master?): it now holds "
                         f"{self.model_id} layers {model.start}-{model.end - 1}"
                     )
+                if len(request.next) > MAX_CHAIN_HOPS:  # each hop re-sends the list: a long one costs quadratic bytes
+                    raise ClusterError(f"a chain of {len(request.next)} more workers is over {MAX_CHAIN_HOPS}")
                 if not batch or any(piece.n_tokens < 1 for piece in batch):
                     raise ClusterError("a forward needs sequences of at least one token each")
                 width = model.config.hidden_size

@@ -465,6 +465,11 @@ def test_hidden_states_that_cannot_be_the_batchs_are_named(fresh_worker: WorkerS
         torch.ones(1, width + 1), one
     )
     assert "must be floating point, not torch.int64" in forward(torch.ones(1, width, dtype=torch.int64), one)
+    hops = [pb.ChainHop(host="127.0.0.1", data_port=1, session=b"n" * 16, name="w")] * 257
+    message = pb.ForwardRequest(request_id=1, sequences=[one], next=hops)  # no reply_session: answered here
+    encode_tensor(torch.ones(1, width), out=message.hidden)
+    answer = fresh_worker.forward_frame(message.SerializeToString())
+    assert answer is not None and "a chain of 257 more workers is over 256" in pb.ForwardReply.FromString(answer).error
     empty = pb.SequenceSlice(seq_id=2, start_pos=0, n_tokens=0)
     assert "at least one token each" in forward(torch.ones(0, width), empty)
     assert "at least one token each" in forward(torch.ones(0, width))
