@@ -110,4 +110,9 @@ def api_error(response: httpx.Response) -> CakeAPIError:
 
 
 def connection_error(base_url: str, error: httpx.TransportError) -> CakeConnectionError:
+    if isinstance(error, httpx.TimeoutException) and not isinstance(error, httpx.ConnectTimeout):
+        # It answered the connection, then went quiet (httpx's async timeouts carry no message of their own).
+        return CakeConnectionError(
+            f"the cake server at {base_url} did not answer in time: {type(error).__name__}: {str(error) or 'timed out'}"
+        )
     return CakeConnectionError(f"cannot reach the cake server at {base_url}: {type(error).__name__}: {error}")

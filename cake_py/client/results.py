@@ -221,23 +221,10 @@ class EventStream:
     disconnects, and the server then cancels the generation."""
 
     def __init__(self, response: httpx.Response, base_url: str) -> None:
-        self._response, self._base_url = response, base_url
-        self._events = self._read()
-
-    def _read(self) -> Generator[StreamEvent, None, None]:
-        lines = LineSplitter()
-        try:
-            for chunk in self._response.iter_bytes():
-                for line in lines.feed(chunk):
-                    if (event := parse_stream_line(line)) is not None:
-                        yield event
-            for line in lines.end():
-                if (event := parse_stream_line(line)) is not None:
-                    yield event
-        except httpx.TransportError as error:
-            raise connection_error(self._base_url, error) from error
-        finally:
-            self._response.close()
+        self._response = response
+        # A function of the response, not a method: a generator holding `self` would make a cycle, and a stream
+        # dropped after a `break` would stay open, generating, until the cycle collector ran.
+        self._events = _read_events(response, base_url)
 
     def __iter__(self) -> EventStream:
         return self
@@ -260,23 +247,8 @@ class AsyncEventStream:
     """`EventStream` for `AsyncCakeClient`: iterate with `async for`; `aclose()` or `async with` to stop early."""
 
     def __init__(self, response: httpx.Response, base_url: str) -> None:
-        self._response, self._base_url = response, base_url
-        self._events = self._read()
-
-    async def _read(self) -> AsyncGenerator[StreamEvent, None]:
-        lines = LineSplitter()
-        try:
-            async for chunk in self._response.aiter_bytes():
-                for line in lines.feed(chunk):
-                    if (event := parse_stream_line(line)) is not None:
-                        yield event
-            for line in lines.end():
-                if (event := parse_stream_line(line)) is not None:
-                    yield event
-        except httpx.TransportError as error:
-            raise connection_error(self._base_url, error) from error
-        finally:
-            await self._response.aclose()
+        self._response = response
+        self._events = _aread_events(response, base_url)  # not a method, as in EventStream
 
     def __aiter__(self) -> AsyncEventStream:
         return self
@@ -295,3 +267,35 @@ class AsyncEventStream:
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+def _read_events(response: httpx.Response, base_url: str) -> Generator[StreamEvent, None, None]:
+    lines = LineSplitter()
+    try:
+        for chunk in response.iter_bytes():
+            for line in lines.feed(chunk):
+                if (event := parse_stream_line(line)) is not None:
+                    yield event
+        for line in lines.end():
+            if (event := parse_stream_line(line)) is not None:
+                yield event
+    except httpx.TransportError as error:
+        raise connection_error(base_url, error) from error
+    finally:
+        response.close()
+
+
+async def _aread_events(response: httpx.Response, base_url: str) -> AsyncGenerator[StreamEvent, None]:
+    lines = LineSplitter()
+    try:
+        async for chunk in response.aiter_bytes():
+            for line in lines.feed(chunk):
+                if (event := parse_stream_line(line)) is not None:
+                    yield event
+        for line in lines.end():
+            if (event := parse_stream_line(line)) is not None:
+                yield event
+    except httpx.TransportError as error:
+        raise connection_error(base_url, error) from error
+    finally:
+        await response.aclose()

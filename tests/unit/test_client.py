@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import subprocess
 import sys
@@ -211,6 +212,41 @@ def test_a_stream_yields_typed_events_from_ndjson_lines() -> None:
     ]
 
 
+def test_a_stream_left_after_a_break_closes_its_connection_at_once() -> None:
+    """Its reader was a method: the generator held the stream, a cycle, so a `for … break` without `with` left the
+    connection open (and the server generating) until the cycle collector ran."""
+    chunk = _ndjson({"request_id": "r", "modality": "text", "data": _b64("a"), "metadata": {}})
+    handler = lambda request: httpx.Response(200, content=iter([chunk] * 1000))  # noqa: E731
+    gc.disable()
+    try:
+        stream = _client(handler).stream(text="Hi")
+        response = stream._response
+        for _ in stream:
+            break
+        del stream
+        assert response.is_closed
+
+        async def read_one() -> httpx.Response:
+            async def body() -> Any:
+                for _ in range(1000):
+                    yield chunk
+
+            client = AsyncCakeClient(
+                "http://cake.test", transport=httpx.MockTransport(lambda r: httpx.Response(200, content=body()))
+            )
+            stream = await client.generate(text="Hi", stream=True)
+            response = stream._response
+            async for _ in stream:
+                break
+            del stream
+            await asyncio.sleep(0.05)  # the loop runs the dropped generator's aclose
+            return response
+
+        assert asyncio.run(read_one()).is_closed
+    finally:
+        gc.enable()
+
+
 def test_an_error_line_in_a_stream_raises_stream_error() -> None:
     body = _ndjson(
         {"request_id": "s", "modality": "text", "data": _b64("a"), "metadata": {}},
@@ -319,6 +355,14 @@ def test_an_unreachable_server_is_a_connection_error() -> None:
         raise httpx.ConnectError("connection refused", request=request)
 
     with pytest.raises(CakeConnectionError, match=r"cannot reach the cake server at http://cake.test"):
+        _client(handler).health()
+
+
+def test_a_server_that_goes_quiet_is_a_timeout_not_unreachable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("", request=request)  # as httpx's async client raises it: no message
+
+    with pytest.raises(CakeConnectionError, match=r"did not answer in time: ReadTimeout: timed out$"):
         _client(handler).health()
 
 
