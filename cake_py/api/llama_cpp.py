@@ -43,9 +43,9 @@ def _logit_bias(value: Any, tokenizer: Tokenizer, vocab_size: int) -> tuple[tupl
             raise ApiError(400, f"logit_bias of {token!r} must be a number or false, got {bias!r}"[:300])
         if isinstance(token, str) and _TOKEN_ID.fullmatch(token) and isinstance(value, dict):
             # An object's keys are strings: "15043" names token 15043.
-            if len(token.lstrip("-0")) > 18:  # no vocabulary is that large; and int() of 5,000 digits raises
-                raise ApiError(400, f"logit_bias token id {token[:20]}… is outside the vocabulary [0, {vocab_size})")
             digits = token.lstrip("-").lstrip("0") or "0"  # int() refuses 4,300 digits, leading zeros included
+            if len(digits) > 18:  # no vocabulary is that large
+                raise ApiError(400, f"logit_bias token id {token[:20]}… is outside the vocabulary [0, {vocab_size})")
             ids = [-int(digits) if token.startswith("-") else int(digits)]
         elif isinstance(token, str):
             ids = tokenizer.encode_literal(token)

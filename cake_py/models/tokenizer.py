@@ -85,11 +85,8 @@ class Tokenizer:
     def set_chat_template(self, template: str) -> None:
         """Render chats with `template` instead of the model's own (`cake serve --chat-template`); ModelError, with
         the line, if it does not compile."""
-        try:
-            compiled = _compile(template)
-        except ModelError as error:
-            raise ModelError(str(error).replace("the model's chat template", "the chat template", 1)) from None
-        self.chat_template, self._template = template, compiled
+        self._template = _compile(template, "the chat template")
+        self.chat_template = template
 
     @property
     def reads_tools(self) -> bool:
@@ -279,7 +276,7 @@ class IncrementalDecoder:
         return text[len(prefix) :] if len(text) > len(prefix) else ""
 
 
-def _compile(source: str) -> jinja2.Template:
+def _compile(source: str, what: str = "the model's chat template") -> jinja2.Template:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
@@ -298,9 +295,9 @@ def _compile(source: str) -> jinja2.Template:
     try:
         return environment.from_string(source)
     except jinja2.TemplateSyntaxError as error:
-        raise ModelError(f"the model's chat template does not compile: line {error.lineno}: {error.message}") from error
+        raise ModelError(f"{what} does not compile: line {error.lineno}: {error.message}") from error
     except jinja2.TemplateError as error:
-        raise ModelError(f"the model's chat template does not compile: {error}") from error
+        raise ModelError(f"{what} does not compile: {error}") from error
 
 
 def _fallback_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
