@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Jinja chat template (a file, or the template itself) to use instead of the model's own",
     )
     serve.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let a chat request's chat_template field replace the model's template for that request (a template "
+        "runs on the server: only for clients you trust)",
+    )
+    serve.add_argument(
         "--max-model-len",
         "--ctx-size",
         dest="max_model_len",
@@ -288,6 +294,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         failover_after=args.failover_after,
         chat_template=read_chat_template(args.chat_template),
         max_model_len=args.max_model_len,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
 
 

@@ -74,6 +74,8 @@ class ServeSettings:
     failover_after: float = 0.0
     # --chat-template: a Jinja chat template replacing the startup model's own (a model loaded later keeps its own)
     chat_template: str | None = None
+    # --trust-request-chat-template: a chat request's own `chat_template` (vLLM's field) renders it; else a 400
+    trust_request_chat_template: bool = False
     # --max-model-len: the most tokens a sequence may hold (prompt and answer), at most the model's context
     max_model_len: int | None = None
 

@@ -34,7 +34,7 @@ from cake_py.api.schemas import (
     predicted_output,
     stream_usage,
 )
-from cake_py.api.state import ServerState, context_length, generation_request
+from cake_py.api.state import ServerState, chat_tokenizer, context_length, generation_request
 from cake_py.api.streaming import (
     EventStream,
     GenerationResponse,
@@ -108,8 +108,8 @@ def stream_error(error: ApiError) -> str:
 
 async def chat_completions(request: Request) -> Response:
     state, engine, source, body = await generation_request(request)
-    tokenizer = source.tokenizer
     reject_unsupported(body)
+    tokenizer = await chat_tokenizer(state.settings, source.tokenizer, body)
     messages = chat_messages(body)
     store = flag(body, "store", False)  # OpenAI's stored completions (chat_store.py)
     metadata = metadata_field(body.get("metadata"))

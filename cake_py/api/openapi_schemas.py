@@ -169,6 +169,10 @@ SCHEMAS: dict[str, Any] = {
                 "description": "continue the last (assistant) message; needs add_generation_prompt: false",
             },
             "chat_template_kwargs": {"type": "object", "description": "extra variables for the chat template"},
+            "chat_template": {
+                **STR,
+                "description": "a Jinja chat template for this request (vLLM's); needs --trust-request-chat-template",
+            },
         },
         ("messages",),
     ),
@@ -304,6 +308,7 @@ SCHEMAS: dict[str, Any] = {
             "add_generation_prompt": BOOL,
             "continue_final_message": BOOL,
             "chat_template_kwargs": {"type": "object"},
+            "chat_template": STR,
             "tools": {"type": "array"},
         }
     ),
@@ -324,6 +329,7 @@ SCHEMAS: dict[str, Any] = {
             "add_generation_prompt": BOOL,
             "continue_final_message": BOOL,
             "chat_template_kwargs": {"type": "object"},
+            "chat_template": STR,
         },
         ("messages",),
     ),

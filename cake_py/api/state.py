@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from cake_py.api.chat_store import ChatStore
@@ -19,6 +20,7 @@ from cake_py.config import ServeSettings
 from cake_py.engine.engine import ENGINE_DEAD, Engine
 from cake_py.models.hub import ModelSource
 from cake_py.models.pooling import DEFAULT_POOLING
+from cake_py.models.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from cake_py.api.batch_runner import BatchRunner
@@ -33,6 +35,23 @@ def context_length(source: ModelSource, settings: ServeSettings) -> int:
     """The most tokens a sequence of `source` may hold: --max-model-len, where the model's context is longer."""
     context = source.config.max_position_embeddings
     return min(settings.max_model_len, context) if settings.max_model_len else context
+
+
+async def chat_tokenizer(settings: ServeSettings, tokenizer: Tokenizer, body: dict[str, Any]) -> Tokenizer:
+    """The tokenizer that renders this chat request: the served model's, or one with the request's own
+    `chat_template` (vLLM's field), which only a server started with --trust-request-chat-template takes."""
+    template = body.get("chat_template")
+    if template is None:
+        return tokenizer
+    if not isinstance(template, str) or not template.strip():
+        raise ApiError(400, f"chat_template must be a Jinja template (a non-empty string), got {template!r}"[:300])
+    if not settings.trust_request_chat_template:
+        raise ApiError(
+            400,
+            "this server does not take a chat_template in requests (start it with --trust-request-chat-template "
+            "to allow it); leave the field out to use the model's own",
+        )
+    return await run_in_threadpool(tokenizer.with_chat_template, template)  # compiling a big template takes ms
 
 
 StageKey = tuple[str, int, int]  # a stage's name and layers [start, end): names alone repeat ("master")

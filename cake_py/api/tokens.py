@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.schemas import chat_messages, chat_template_options, flag, json_body
-from cake_py.api.state import NO_TEXT_MODEL, ServerState, context_length
+from cake_py.api.state import NO_TEXT_MODEL, ServerState, chat_tokenizer, context_length
 from cake_py.api.tools import prompt_messages, tool_request
 from cake_py.models.hub import ModelSource
 from cake_py.models.tokenizer import Tokenizer
@@ -68,7 +68,7 @@ async def tokenize(request: Request) -> Response:
     if not flag(body, "parse_special", True):
         raise ApiError(400, "parse_special: false is not supported: special tokens in the text are always parsed")
     if field == "messages":
-        render = _chat_renderer(body, tokenizer)
+        render = _chat_renderer(body, await chat_tokenizer(state.settings, tokenizer, body))
         add_special = flag(body, "add_special_tokens", False)  # the template writes its own (vLLM's default)
 
         def encode() -> list[int]:
@@ -113,11 +113,13 @@ def _chat_renderer(body: dict[str, Any], tokenizer: Tokenizer) -> Callable[[], s
 
 async def apply_template(request: Request) -> Response:
     """llama.cpp's /apply-template: the prompt a chat renders to, to edit and send to /completion."""
-    tokenizer = _source(request.app.state.cake).tokenizer
+    state: ServerState = request.app.state.cake
+    tokenizer = _source(state).tokenizer
     body = await json_body(request)
     if body.get("messages") is None:
         raise ApiError(400, "messages is required: chat turns as /v1/chat/completions takes them")
-    return JSONResponse({"prompt": await run_in_threadpool(_chat_renderer(body, tokenizer))})
+    render = _chat_renderer(body, await chat_tokenizer(state.settings, tokenizer, body))
+    return JSONResponse({"prompt": await run_in_threadpool(render)})
 
 
 async def detokenize(request: Request) -> Response:

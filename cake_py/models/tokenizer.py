@@ -7,8 +7,10 @@ UTF-8-safe text deltas while decoding only a small window per token.
 
 from __future__ import annotations
 
+import copy as _copy
 import json
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +24,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from cake_py.errors import ModelError, RequestError
 
 _REPLACEMENT = "\ufffd"
+_KEPT_TEMPLATES = 8  # requests' own chat templates kept compiled
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' own mark, so both cut prompts at the same place
 
 
@@ -51,6 +54,9 @@ class Tokenizer:
         self._added = {token.content for token in backend.get_added_tokens_decoder().values()}
         self._byte_level: bool | None = None  # whether the decoder is byte-level: looked up on first use
         self._literal: HFTokenizer | None = None  # for encode_literal, made on first use
+        self._template_name = "the model's chat template"  # for error messages
+        self._variants: dict[str, Tokenizer] = {}  # with_chat_template's copies, by template
+        self._lock = threading.Lock()
 
     @classmethod
     def from_folder(cls, folder: Path, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
@@ -87,6 +93,26 @@ class Tokenizer:
         the line, if it does not compile."""
         self._template = _compile(template, "the chat template")
         self.chat_template = template
+
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """This tokenizer rendering chats with `template` (a request's own, vLLM's `chat_template` field): a copy
+        sharing everything else, kept for the next request sending the same template; RequestError, with the line,
+        if it does not compile."""
+        with self._lock:
+            copy = self._variants.pop(template, None)
+        if copy is None:
+            try:
+                compiled = _compile(template, "the request's chat_template")
+            except ModelError as error:
+                raise RequestError(str(error)) from error
+            copy = _copy.copy(self)
+            copy._template, copy.chat_template, copy._variants = compiled, template, {}
+            copy._template_name = "the request's chat_template"
+        with self._lock:
+            self._variants[template] = copy  # the most recently used last
+            while len(self._variants) > _KEPT_TEMPLATES:
+                del self._variants[next(iter(self._variants))]
+        return copy
 
     @property
     def reads_tools(self) -> bool:
@@ -180,7 +206,7 @@ class Tokenizer:
         mark = _CONTINUE_TAG.strip()
         if final.strip() not in rendered or mark not in rendered:
             raise RequestError(
-                "continue_final_message: the model's chat template does not write the final message's content as "
+                f"continue_final_message: {self._template_name} does not write the final message's content as "
                 "it is, so there is no place to continue it from"
             )
         cut = rendered.rindex(mark)
@@ -204,10 +230,10 @@ class Tokenizer:
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as error:
-            raise RequestError(f"the model's chat template rejected the messages: {error}") from error
+            raise RequestError(f"{self._template_name} rejected the messages: {error}") from error
         except (TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
             # Values a request controls (message fields, chat_template_kwargs) of a type the template cannot use.
-            raise RequestError(f"the model's chat template cannot render these messages: {error}") from error
+            raise RequestError(f"{self._template_name} cannot render these messages: {error}") from error
 
     def encode_chat(
         self,

@@ -152,3 +152,32 @@ def test_a_server_chat_template_and_context_are_what_every_route_uses(tiny_llama
         own = post(server, "/apply-template", {"messages": MESSAGES}).json()["prompt"]
         assert not own.startswith("[system]")  # the tiny Llama's own template
         assert post(server, "/tokenize", {"content": "a"}).json()["max_model_len"] == 64  # the cap stays
+
+
+def test_a_request_chat_template_needs_the_server_to_trust_it(server: ServerHandle, tiny_llama: Path) -> None:
+    """vLLM's `chat_template` request field: a 400 naming --trust-request-chat-template on a server without it
+    (never silently ignored); with it, that request's chat, /tokenize and /apply-template render with it."""
+    request = {"messages": MESSAGES, "chat_template": BRACKETS, "max_tokens": 1}
+    for path in ("/v1/chat/completions", "/tokenize", "/apply-template"):
+        refused = post(server, path, request)
+        assert refused.status_code == 400 and "--trust-request-chat-template" in refused.json()["error"], path
+
+    with running_server(tiny_settings(tiny_llama, trust_request_chat_template=True)) as trusting:
+        prompt = post(trusting, "/apply-template", request).json()["prompt"]
+        assert prompt == "[system] Be brief.\n[user] What is the capital of France?\n[assistant] "
+        counted = post(trusting, "/tokenize", request).json()["count"]
+        chat = post(trusting, "/v1/chat/completions", request).json()
+        assert (
+            chat["usage"]["prompt_tokens"]
+            == counted
+            == len(post(trusting, "/tokenize", {"content": prompt}).json()["tokens"])
+        )
+        own = post(trusting, "/apply-template", {"messages": MESSAGES}).json()["prompt"]
+        assert not own.startswith("[system]")  # the next request without one: the model's own
+
+        broken = post(trusting, "/v1/chat/completions", {**request, "chat_template": "{% for m in messages %}"})
+        assert broken.status_code == 400
+        assert broken.json()["error"].startswith("the request's chat_template does not compile: line 1")
+        for bad in (7, "", ["{{ messages }}"]):
+            wrong = post(trusting, "/v1/chat/completions", {**request, "chat_template": bad})
+            assert wrong.status_code == 400 and "chat_template must be a Jinja template" in wrong.json()["error"]

@@ -248,6 +248,8 @@ def test_chat_template_and_max_model_len_reach_the_settings(tmp_path: Path) -> N
     assert (settings.chat_template, settings.max_model_len) == (inline, 64)
     settings = _serve_settings(parser.parse_args(["serve"]))
     assert (settings.chat_template, settings.max_model_len) == (None, None)
+    assert not settings.trust_request_chat_template
+    assert _serve_settings(parser.parse_args(["serve", "--trust-request-chat-template"])).trust_request_chat_template
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "lots"])

@@ -211,3 +211,27 @@ def test_a_chat_template_that_does_not_compile_names_its_line(tiny_model_factory
     with pytest.raises(ModelError, match=r"^the chat template does not compile: line 3: "):
         tokenizer.set_chat_template("{{ bos_token }}\n{% for m in messages %}\n{{ m.content }")
     assert tokenizer.chat_template == before  # the model's own is kept
+
+
+def test_a_request_template_renders_with_a_copy_kept_for_the_next_request(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    tokenizer = Tokenizer.from_folder(tiny_model_factory("llama"))
+    messages = [{"role": "user", "content": "hi"}]
+    own = tokenizer.render_chat(messages)
+    brackets = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    copy = tokenizer.with_chat_template(brackets)
+    assert copy.render_chat(messages) == "[user] hi\n"
+    assert tokenizer.render_chat(messages) == own and tokenizer.chat_template != brackets  # untouched
+    assert tokenizer.with_chat_template(brackets) is copy  # compiled once
+    assert copy.encode("hi") == tokenizer.encode("hi")
+    for index in range(8):  # eight other templates push the first one out
+        tokenizer.with_chat_template(f"{index}{{{{ messages[0].content }}}}")
+    assert tokenizer.with_chat_template(brackets) is not copy
+
+
+def test_a_request_template_that_fails_is_a_request_error_naming_it(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    tokenizer = Tokenizer.from_folder(tiny_model_factory("llama"))
+    with pytest.raises(RequestError, match=r"^the request's chat_template does not compile: line 2: "):
+        tokenizer.with_chat_template("x\n{{ messages }")
+    refusing = tokenizer.with_chat_template("{{ raise_exception('no system messages') }}")
+    with pytest.raises(RequestError, match=r"^the request's chat_template rejected the messages: no system messages"):
+        refusing.render_chat([{"role": "user", "content": "hi"}])
