@@ -2,7 +2,7 @@
 
     from cake_py.client import CakeClient
 
-    client = CakeClient("http://127.0.0.1:8080")          # api_key=..., timeout=600.0
+    client = CakeClient("http://127.0.0.1:8080")          # api_key=..., timeout=600.0 (5 s to connect)
     print(client.chat("What is the capital of France?", max_output_tokens=64).text)
     for event in client.stream(text="Tell me a story"):   # NDJSON, one event per chunk
         print(getattr(event, "text", ""), end="", flush=True)

@@ -19,7 +19,9 @@ import httpx
 from cake_py.client.errors import CakeClientError, api_error, connection_error
 from cake_py.client.results import AsyncEventStream, AudioBuffer, EventStream, GenerateResult, parse_result
 
-DEFAULT_TIMEOUT = 600.0
+# As the OpenAI client: 10 minutes for an answer (a long generation, blocking), 5 s to connect (a host that is down
+# fails at once, not after ten minutes). A float sets every phase alike.
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
 
 MediaFile = str | os.PathLike[str] | bytes | bytearray | memoryview | tuple[str, bytes]
 Media = MediaFile | Sequence[MediaFile]
@@ -123,7 +125,7 @@ class CakeClient(_ClientBase):
         self,
         base_url: str,
         api_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
         *,
         ui_auth: tuple[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
@@ -258,7 +260,7 @@ class AsyncCakeClient(_ClientBase):
         self,
         base_url: str,
         api_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
         *,
         ui_auth: tuple[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,

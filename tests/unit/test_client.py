@@ -366,6 +366,20 @@ def test_a_server_that_goes_quiet_is_a_timeout_not_unreachable() -> None:
         _client(handler).health()
 
 
+def test_connecting_has_its_own_short_timeout_unless_one_figure_is_given() -> None:
+    """As the OpenAI client: a host that is down fails after 5 s, an answer may take 10 minutes."""
+    seen: list[dict[str, float]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(200, json={"status": "healthy"})
+
+    CakeClient("http://cake.test", transport=httpx.MockTransport(handler)).health()
+    CakeClient("http://cake.test", timeout=30, transport=httpx.MockTransport(handler)).health()
+    assert (seen[0]["connect"], seen[0]["read"]) == (5.0, 600.0)
+    assert (seen[1]["connect"], seen[1]["read"]) == (30, 30)
+
+
 def test_health_returns_the_document_also_when_unhealthy_and_topology_uses_ui_auth() -> None:
     seen: list[httpx.Request] = []
 
