@@ -9,6 +9,7 @@ from types import FrameType
 import uvicorn
 
 from cake_py.api.app import create_app
+from cake_py.api.http_protocol import HeadTimeoutProtocol
 from cake_py.api.state import ServerState, context_length
 from cake_py.cluster.hostinfo import measure_tflops
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
@@ -97,6 +98,7 @@ def serve(settings: ServeSettings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
+        http=HeadTimeoutProtocol,  # a request's head must arrive in time (uvicorn has no such timeout)
     )
     _Server(config, state).run()
 

@@ -1,0 +1,77 @@
+"""uvicorn's HTTP/1.1 protocol with a deadline for each request's head (request line and headers).
+
+uvicorn times only the idle gap after a response, and forgets it at the first byte of the next request: a client
+that opens a connection and sends nothing, or a header byte every few seconds (slowloris), held that connection and
+its file descriptor for ever; a few hundred of them and the server could not accept anyone. Here the head of every
+request must arrive within `HEAD_TIMEOUT_S` of the connection opening or of the previous response: a half-sent head
+gets a 408 and the connection is closed; a connection that sent nothing is closed, as uvicorn closes an idle
+keep-alive one. The body has its own timeout (`middleware.BodyLimitMiddleware`); answers may take as long as they
+take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
+
+HEAD_TIMEOUT_S = 30.0  # a real client sends its headers in one packet; a proxy's slow link still does in seconds
+
+
+class HeadTimeoutProtocol(H11Protocol):
+    head_timeout = HEAD_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_begun = False  # a byte of the awaited request's head has arrived
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is not None and data:
+            self._head_begun = True
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:  # a whole head came: its request runs
+            self._cancel_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._arm_head_timer()  # the next request's head is awaited (unless a pipelined one already started)
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_begun = False
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_begun:  # a request was being sent: say why it is dropped (nginx's client_header_timeout)
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+            log.info(
+                "%s did not send a whole request head in %.0f s: closing its connection", client, self.head_timeout
+            )
+            body = json.dumps({"error": f"the request head did not arrive within {self.head_timeout:g} s"}).encode()
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        self.transport.close()

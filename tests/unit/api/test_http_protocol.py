@@ -1,0 +1,105 @@
+"""HeadTimeoutProtocol on a real uvicorn server: a request head that does not arrive in time is a 408 and a closed
+connection (a silent connection is just closed); requests sent in time, and answers that take longer, are untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from cake_py.api.http_protocol import HeadTimeoutProtocol
+
+
+class _QuickProtocol(HeadTimeoutProtocol):
+    head_timeout = 0.5
+
+
+async def _slow(request: Request) -> PlainTextResponse:
+    await asyncio.sleep(1.2)  # longer than the head timeout: the answer must not be cut
+    return PlainTextResponse("slow")
+
+
+async def _fast(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("fast")
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    app = Starlette(routes=[Route("/slow", _slow), Route("/fast", _fast)])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", loop="asyncio", http=_QuickProtocol, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def _connect(port: int) -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return connection
+
+
+def _read_all(connection: socket.socket) -> bytes:
+    """Everything until the server closes the connection."""
+    chunks = []
+    while chunk := connection.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_response(connection: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1]
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_connection_that_sends_nothing_is_closed(port: int) -> None:
+    with _connect(port) as connection:
+        began = time.monotonic()
+        assert _read_all(connection) == b""
+        assert 0.4 < time.monotonic() - began < 3
+
+
+def test_a_head_sent_too_slowly_is_a_408_and_a_closed_connection(port: int) -> None:
+    with _connect(port) as connection:
+        began = time.monotonic()
+        connection.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)
+        connection.sendall(b"X-Slow: 1\r\n")  # a byte now and then does not keep it open
+        answer = _read_all(connection)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert answer.endswith(b'{"error": "the request head did not arrive within 0.5 s"}')
+        assert time.monotonic() - began < 3
+
+
+def test_requests_in_time_and_slow_answers_are_untouched_and_each_next_head_is_timed(port: int) -> None:
+    with _connect(port) as connection:
+        connection.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(connection).endswith(b"\r\n\r\nslow")  # 1.2 s: longer than the head timeout
+        time.sleep(0.3)
+        connection.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive: the next request
+        assert _read_response(connection).endswith(b"\r\n\r\nfast")
+        connection.sendall(b"GET /fast HTTP/1.1\r\n")  # and the head after it stalls
+        assert _read_all(connection).startswith(b"HTTP/1.1 408 ")
