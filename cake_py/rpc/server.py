@@ -158,6 +158,7 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
             specs = {spec.name: spec for spec in header.tensors}
             for announced in specs.values():
                 _check_spec(announced)
+            _check_buildable(config, specs, start, end, dtype)
             pinned = [spec.sha256 for spec in header.tensors]
             received = 0
             self.status = pb.WORKER_STATUS_LOADING
@@ -278,6 +279,20 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
             forward_idle_seconds=self.activity.idle_seconds(),
             assignment=self.assignment,
         )
+
+
+def _check_buildable(
+    config: ModelConfig, specs: dict[str, pb.TensorSpec], start: int, end: int, dtype: torch.dtype
+) -> None:
+    """Build the layers on the meta device from the announced shapes (no memory, no data): sizes torch refuses
+    and tensors that do not fit the config are found now, before the old layers are freed for the real load."""
+    try:
+        shapes = {
+            name: torch.empty(tuple(s.shape), dtype=dtype_from_pb(s.dtype), device="meta") for name, s in specs.items()
+        }
+        build_transformer(config, shapes, start, end, with_embedding=False, with_head=False, dtype=dtype, device="meta")
+    except (CakeError, RuntimeError, ValueError) as error:
+        raise ClusterError(f"the announced layers cannot be built: {error}") from error
 
 
 def _check_spec(spec: pb.TensorSpec) -> None:
