@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py import __version__
-from cake_py.api import openapi_files, openapi_llama, openapi_scores
+from cake_py.api import openapi_files, openapi_llama, openapi_native, openapi_scores
 from cake_py.api.openapi_schemas import BOOL, INT, SCHEMAS, STR, obj, ref
 
 STATUS_TEXT = {
@@ -353,7 +353,13 @@ def document() -> dict[str, Any]:
         },
         "paths": PATHS,
         "components": {
-            "schemas": {**SCHEMAS, **openapi_files.SCHEMAS, **openapi_llama.SCHEMAS, **openapi_scores.SCHEMAS},
+            "schemas": {
+                **SCHEMAS,
+                **openapi_native.SCHEMAS,
+                **openapi_files.SCHEMAS,
+                **openapi_llama.SCHEMAS,
+                **openapi_scores.SCHEMAS,
+            },
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "basic": {"type": "http", "scheme": "basic"},
