@@ -24,7 +24,7 @@ from cake_py.api.errors import ApiError, status_of
 from cake_py.api.schemas import json_body
 from cake_py.api.state import ServerState
 from cake_py.engine.engine import Engine
-from cake_py.errors import CakeError
+from cake_py.errors import CakeError, ModelError
 from cake_py.models.device import release_device_memory, release_openmp_threads
 from cake_py.models.hub import EMBEDDED_MODEL_ID, ModelSource, list_cached, resolve_model
 
@@ -74,6 +74,13 @@ def _resolve(model_id: str | None) -> ModelSource:
     return source
 
 
+def _load_status(error: CakeError) -> int:
+    """A model that cannot be read or built is the request's bad model: 400 (404 when there is none, 503 when the
+    cluster cannot take it), not the server's 500."""
+    status = status_of(error, detail_style=True)[0]
+    return 400 if status == 500 and isinstance(error, ModelError) else status
+
+
 def _busy(state: ServerState) -> ApiError:
     return ApiError(503, f"the server is already {state.switching or 'switching models'}; retry when it is done")
 
@@ -96,7 +103,10 @@ async def load_model(request: Request) -> Response:
                 "Load again once GET /health answers 200",
                 headers={"Retry-After": "5"},
             )
-        source = await run_in_threadpool(_resolve, model_id)
+        try:
+            source = await run_in_threadpool(_resolve, model_id)
+        except CakeError as error:
+            raise ApiError(_load_status(error), str(error)) from error
         # --model-name and --chat-template are the startup model's; --max-model-len caps every model.
         settings = replace(state.settings, model=model_id, model_name=None, chat_template=None)
         state.switching = f"loading model {source.model_id!r}"
@@ -123,7 +133,7 @@ async def load_model(request: Request) -> Response:
 async def _restore(state: ServerState, source: ModelSource, settings: Any, name: str, error: Exception) -> ApiError:
     """After a failed load, serve the previous model again; the ApiError to answer says what happened to it."""
     if isinstance(error, CakeError):
-        status = status_of(error, detail_style=True)[0]
+        status = _load_status(error)
     else:  # a bug: keep its traceback in the log
         log.error("loading a model failed", exc_info=error)
         status = 500

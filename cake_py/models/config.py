@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,10 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
 MAX_LAYERS = 4096  # the largest published models have under 200; a config past this is malformed
+# Widths (hidden, intermediate, vocabulary, heads, head size): the largest published are ~260k (a vocabulary); past
+# this a config is malformed, and torch would refuse the layer's sizes, or allocate gigabytes for rope tables.
+MAX_WIDTH = 1 << 22
+MAX_CONTEXT = 1 << 31
 
 
 @dataclass(frozen=True)
@@ -57,32 +62,46 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
 
     @classmethod
-    def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
+    def from_hf(cls, raw: dict[str, Any], origin: str = "config.json") -> ModelConfig:
         """Parse a HF config.json dict; an architecture we do not implement is an UnsupportedArchitectureError,
-        a missing or malformed field a ModelError naming it."""
+        a missing or malformed field a ModelError naming it (and `origin`, where the values came from)."""
         if not isinstance(raw, dict):
-            raise ModelError(f"config.json must hold a JSON object, not a {type(raw).__name__}")
+            raise ModelError(f"{origin} must hold a JSON object, not a {type(raw).__name__}")
         try:
             config = cls._parse(raw)
         except KeyError as error:
-            raise ModelError(f"config.json has no {error.args[0]!r}") from None
-        except (TypeError, ValueError, AttributeError) as error:
-            raise ModelError(f"config.json has a malformed field: {error}") from None
+            raise ModelError(f"{origin} has no {error.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError, OverflowError) as error:  # Overflow: int(Infinity)
+            raise ModelError(f"{origin} has a malformed field: {error}") from None
         sizes = {
             "vocab_size": config.vocab_size,
             "hidden_size": config.hidden_size,
             "intermediate_size": config.intermediate_size,
-            "num_hidden_layers": config.n_layers,
+            "num_attention_heads": config.n_heads,
             "num_key_value_heads": config.n_kv_heads,
             "head_dim": config.head_dim,
         }
         for name, value in sizes.items():
-            if value <= 0:
-                raise ModelError(f"config.json: {name} must be positive, got {value}")
+            if not 0 < value <= MAX_WIDTH:
+                raise ModelError(f"{origin}: {name} must be from 1 to {MAX_WIDTH}, got {value}")
+        if not 0 < config.max_position_embeddings <= MAX_CONTEXT:
+            context = config.max_position_embeddings
+            raise ModelError(f"{origin}: max_position_embeddings must be from 1 to {MAX_CONTEXT}, got {context}")
         if config.n_heads % config.n_kv_heads:
             raise ModelError(
-                f"config.json: num_attention_heads ({config.n_heads}) is not a multiple of num_key_value_heads "
+                f"{origin}: num_attention_heads ({config.n_heads}) is not a multiple of num_key_value_heads "
                 f"({config.n_kv_heads})"
+            )
+        rope = config.rope
+        if not (math.isfinite(config.rms_norm_eps) and config.rms_norm_eps >= 0):
+            raise ModelError(f"{origin}: rms_norm_eps must be a finite number ≥ 0, got {config.rms_norm_eps}")
+        for name, number in (("rope_theta", rope.theta), ("rope_scaling factor", rope.factor)):
+            if not (math.isfinite(number) and number > 0):
+                raise ModelError(f"{origin}: {name} must be a finite number > 0, got {number}")
+        if rope.freq_factors is not None and len(rope.freq_factors) != config.head_dim // 2:
+            raise ModelError(
+                f"{origin}: {len(rope.freq_factors)} rope frequency factors for a head_dim of {config.head_dim} "
+                f"(it takes {config.head_dim // 2})"
             )
         return config
 
@@ -139,7 +158,7 @@ class ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope=_parse_rope(raw),
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(raw, "tie_word_embeddings"),
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=family != "qwen2" and attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
@@ -168,6 +187,14 @@ def _check_computable(raw: dict[str, Any]) -> None:
         raise UnsupportedArchitectureError(
             f"unsupported hidden_act {activation!r} (supported: {', '.join(sorted(SUPPORTED_ACTIVATIONS))})"
         )
+
+
+def _flag(raw: dict[str, Any], name: str) -> bool:
+    """A true/false field: a string like "false" is refused, not read as true."""
+    value = raw.get(name, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _token_id(value: Any) -> int:

@@ -109,6 +109,7 @@ class GGUFWeights:
             hf_name: tensor for tensor in self._reader.tensors if (hf_name := _hf_name(tensor.name)) is not None
         }
         self.architecture = str(self._value("general.architecture", "<none>"))
+        self.config_origin = f"the metadata of GGUF file {str(path)!r}"
         self._config = self._build_config()
 
     def _value(self, key: str, default: Any = None) -> Any:
@@ -157,7 +158,7 @@ class GGUFWeights:
             "num_hidden_layers": self._arch_value("block_count"),
             "num_attention_heads": n_heads,
             # Per-layer head counts (hybrid models) come as a list; uniform models have one value.
-            "num_key_value_heads": max(n_kv_heads) if isinstance(n_kv_heads, list) else n_kv_heads,
+            "num_key_value_heads": max(n_kv_heads) if isinstance(n_kv_heads, list) and n_kv_heads else n_kv_heads,
             "rms_norm_eps": self._arch_value("attention.layer_norm_rms_epsilon", 1e-6),
             "rope_theta": self._arch_value("rope.freq_base", 10000.0),
             "max_position_embeddings": self._arch_value("context_length", 2048),
@@ -226,9 +227,9 @@ class GGUFWeights:
         scales = torch.from_numpy(np.stack([d, zero], axis=-1))  # (N, K/32, 2)
         if self.architecture in _PERMUTED_ARCHITECTURES:
             if name.endswith("q_proj.weight"):
-                q, scales = (_unpermute_rows(t, int(self._config["num_attention_heads"])) for t in (q, scales))
+                q, scales = (_unpermute_rows(t, self._head_count("num_attention_heads"), name) for t in (q, scales))
             elif name.endswith("k_proj.weight"):
-                q, scales = (_unpermute_rows(t, int(self._config["num_key_value_heads"])) for t in (q, scales))
+                q, scales = (_unpermute_rows(t, self._head_count("num_key_value_heads"), name) for t in (q, scales))
         return q.contiguous(), scales.transpose(0, 1).contiguous()
 
     def _load_one(self, name: str) -> torch.Tensor:
@@ -245,10 +246,15 @@ class GGUFWeights:
         weights = torch.from_numpy(array.astype(np.float32, copy=False)).reshape(self.info(name).shape)
         if self.architecture in _PERMUTED_ARCHITECTURES:
             if name.endswith(("q_proj.weight", "q_proj.bias")):
-                weights = _unpermute_rows(weights, int(self._config["num_attention_heads"]))
+                weights = _unpermute_rows(weights, self._head_count("num_attention_heads"), name)
             elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                weights = _unpermute_rows(weights, int(self._config["num_key_value_heads"]))
+                weights = _unpermute_rows(weights, self._head_count("num_key_value_heads"), name)
         return weights
+
+    def _head_count(self, key: str) -> int:
+        """The config's head count as ModelConfig reads it (no kv count, or 0: as many as the heads)."""
+        value = self._config.get(key) or self._config["num_attention_heads"]
+        return int(value) if isinstance(value, int | float) else 0
 
     def tokenizer_config(self) -> dict[str, Any]:
         tokens = self._tokens
@@ -400,9 +406,14 @@ def _hf_name(gguf_name: str) -> str | None:
 _INT4_TYPES = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
 
 
-def _unpermute_rows(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
+def _unpermute_rows(weights: torch.Tensor, n_heads: int, name: str) -> torch.Tensor:
     """Undo convert_hf_to_gguf's `LlamaModel.permute`, which stores each head's rows as interleaved (x0, y0, x1, …)
     pairs; HF keeps the two rotary halves contiguous. Works for weights (out, in) and biases (out,)."""
+    if weights.dim() not in (1, 2, 3) or n_heads <= 0 or weights.shape[0] % (2 * n_heads):
+        raise WeightsError(
+            f"tensor {name!r} of shape {tuple(weights.shape)} does not hold {n_heads} heads of pairs of rows "
+            "(the GGUF file's head counts do not fit its tensors)"
+        )
     head_half = weights.shape[0] // n_heads // 2
     return weights.reshape(n_heads, head_half, 2, *weights.shape[1:]).transpose(1, 2).reshape(weights.shape)
 

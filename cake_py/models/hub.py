@@ -41,7 +41,7 @@ class ModelSource:
     config: ModelConfig = field(init=False)
 
     def __post_init__(self) -> None:
-        self.config = ModelConfig.from_hf(self.weights.config)
+        self.config = ModelConfig.from_hf(self.weights.config, self.weights.config_origin)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

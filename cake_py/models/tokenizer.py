@@ -1,8 +1,8 @@
 """Tokenizer, chat template and streaming detokenization.
 
 Wraps the `tokenizers` library on a tokenizer.json (from a HF folder, or built from GGUF metadata) and renders the
-model's own chat template with jinja2 the way transformers does. `IncrementalDecoder` turns a token stream into
-UTF-8-safe text deltas while decoding only a small window per token.
+model's own chat template (models/chat_template.py) the way transformers does. `IncrementalDecoder` turns a token
+stream into UTF-8-safe text deltas while decoding only a small window per token.
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ import json
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2 import meta
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from cake_py.errors import ModelError, RequestError
+from cake_py.models import chat_template
 
 _REPLACEMENT = "\ufffd"
 _KEPT_TEMPLATES = 8  # requests' own chat templates kept compiled
@@ -41,6 +39,10 @@ class Tokenizer:
         tokenizer_config: dict[str, Any] | None = None,
         eos_token_ids: Iterable[int] = (),
     ) -> None:
+        # As transformers does for a plain encode: padding or truncation a tokenizer.json asks for would pad every
+        # prompt (a fixed length of 10^9 allocated gigabytes and aborted the process) or cut it silently.
+        backend.no_padding()
+        backend.no_truncation()
         self.backend = backend
         self.config = tokenizer_config or {}
         self.chat_template: str | None = _template_text(self.config.get("chat_template"))
@@ -91,7 +93,7 @@ class Tokenizer:
     def set_chat_template(self, template: str) -> None:
         """Render chats with `template` instead of the model's own (`cake serve --chat-template`); ModelError, with
         the line, if it does not compile."""
-        self._template = _compile(template, "the chat template")
+        self._template = chat_template.compile_template(template, "the chat template")
         self.chat_template = template
 
     def with_chat_template(self, template: str) -> Tokenizer:
@@ -102,7 +104,7 @@ class Tokenizer:
             copy = self._variants.pop(template, None)
         if copy is None:
             try:
-                compiled = _compile(template, "the request's chat_template")
+                compiled = chat_template.compile_template(template, "the request's chat_template")
             except ModelError as error:
                 raise RequestError(str(error)) from error
             copy = _copy.copy(self)
@@ -117,13 +119,9 @@ class Tokenizer:
     @property
     def reads_tools(self) -> bool:
         """Whether the chat template renders a `tools` variable (tool definitions in the prompt)."""
-        if self.chat_template is None or "tools" not in self.chat_template:
+        if self.chat_template is None:
             return False
-        try:  # a variable the template reads, not the word in a comment or a string
-            environment = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
-            return "tools" in meta.find_undeclared_variables(environment.parse(self.chat_template))
-        except jinja2.TemplateSyntaxError:
-            return False
+        return chat_template.reads_variable(self.chat_template, "tools")
 
     @property
     def tool_call_id_length(self) -> int | None:
@@ -218,7 +216,7 @@ class Tokenizer:
         self, messages: list[dict[str, Any]], add_generation_prompt: bool, template_kwargs: Mapping[str, Any]
     ) -> str:
         if self._template is None:
-            self._template = _compile(self.chat_template or "")
+            self._template = chat_template.compile_template(self.chat_template or "", self._template_name)
         # transformers passes tools and documents (None here) and lets extra variables override the special tokens.
         variables = {
             "bos_token": self.bos_token or "",
@@ -227,13 +225,8 @@ class Tokenizer:
             "documents": None,
             **template_kwargs,
         }
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as error:
-            raise RequestError(f"{self._template_name} rejected the messages: {error}") from error
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
-            # Values a request controls (message fields, chat_template_kwargs) of a type the template cannot use.
-            raise RequestError(f"{self._template_name} cannot render these messages: {error}") from error
+        variables.update(messages=messages, add_generation_prompt=add_generation_prompt)
+        return chat_template.render(self._template, variables, self._template_name)
 
     def encode_chat(
         self,
@@ -302,30 +295,6 @@ class IncrementalDecoder:
         return text[len(prefix) :] if len(text) > len(prefix) else ""
 
 
-def _compile(source: str, what: str = "the model's chat template") -> jinja2.Template:
-    def raise_exception(message: str) -> None:
-        raise jinja2.TemplateError(message)
-
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, **_: Any) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
-
-    def strftime_now(format_: str) -> str:
-        return datetime.now().strftime(format_)
-
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    environment.filters["tojson"] = tojson
-    environment.globals["raise_exception"] = raise_exception
-    environment.globals["strftime_now"] = strftime_now
-    try:
-        return environment.from_string(source)
-    except jinja2.TemplateSyntaxError as error:
-        raise ModelError(f"{what} does not compile: line {error.lineno}: {error.message}") from error
-    except jinja2.TemplateError as error:
-        raise ModelError(f"{what} does not compile: {error}") from error
-
-
 def _fallback_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
     """ChatML, for models that ship no template."""
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
@@ -335,8 +304,10 @@ def _fallback_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bo
 def _template_text(value: Any) -> str | None:
     if isinstance(value, list):  # a list of named templates: use "default"
         named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
-        return named.get("default") or next(iter(named.values()), None)
-    return value if isinstance(value, str) else None
+        value = named.get("default") or next(iter(named.values()), None)
+    if value is not None and not isinstance(value, str):
+        raise ModelError(f"the model's chat_template must be a string, got {value!r}"[:300])
+    return value
 
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -385,7 +356,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelError(f"cannot read {str(path)!r}: {error}") from error
+        data = json.loads(path.read_text(encoding="utf-8"))
+    # ValueError: not JSON or UTF-8, an integer past 4300 digits; RecursionError: nested past Python's stack
+    except (OSError, ValueError, RecursionError) as error:
+        raise ModelError(f"cannot read {str(path)!r}: {type(error).__name__}: {error}") from error
     return data if isinstance(data, dict) else {}

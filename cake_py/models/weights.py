@@ -61,6 +61,7 @@ class WeightSource(Protocol):
     """Tensors by HF name plus the HF config dict that describes them."""
 
     path: Path
+    config_origin: str  # where the config's values come from, for error messages
 
     @property
     def config(self) -> dict[str, Any]: ...
@@ -80,10 +81,8 @@ class SafetensorsWeights:
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise ModelNotFoundError(f"no config.json in model folder {str(folder)!r}")
-        try:
-            self._config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise WeightsError(f"cannot read {str(config_path)!r}: {error}") from error
+        self.config_origin = str(config_path)
+        self._config = read_json(config_path)
         self._files = self._shard_map(folder)
         self._infos = {info.name: info for file in sorted(set(self._files.values())) for info in _read_header(file)}
         missing = set(self._files) - set(self._infos)
@@ -99,14 +98,16 @@ class SafetensorsWeights:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = read_json(index)["weight_map"]
                 files = {str(name): str(file) for name, file in weight_map.items()}
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            except (KeyError, TypeError, AttributeError) as error:
                 raise WeightsError(f"cannot read shard index {str(index)!r}: {error!r}") from None
             for file in set(files.values()):
                 # Shards sit beside the index (an HF cache links them to its blobs, so this is checked by name).
-                if Path(file).is_absolute() or ".." in Path(file).parts:
+                if Path(file).is_absolute() or ".." in Path(file).parts or "\0" in file:
                     raise WeightsError(f"shard index {str(index)!r} names a file outside the model folder: {file!r}")
+                if not (folder / file).is_file():  # a FIFO or a device would block or never end
+                    raise WeightsError(f"shard {file!r} named by {str(index)!r} is missing or not a regular file")
             return {name: folder / file for name, file in files.items()}
         single = folder / "model.safetensors"
         if not single.is_file():
@@ -144,6 +145,15 @@ class SafetensorsWeights:
         return tensors
 
 
+def read_json(path: Path) -> Any:
+    """A model folder's JSON file (config, index, tokenizer settings); WeightsError naming it if it cannot be read
+    or is not JSON (bad UTF-8, nesting past Python's stack, integers past 4300 digits included)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise WeightsError(f"cannot read {str(path)!r}: {type(error).__name__}: {error}") from error
+
+
 def _read_header(file: Path) -> list[TensorInfo]:
     """Parse a safetensors header and check that the file is long enough for every tensor it declares."""
     try:
@@ -153,8 +163,9 @@ def _read_header(file: Path) -> list[TensorInfo]:
             if header_len > size - 8:
                 raise WeightsError(f"safetensors file {str(file)!r} is truncated (header of {header_len} bytes)")
             header = json.loads(handle.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise WeightsError(f"cannot read safetensors file {str(file)!r}: {error}") from error
+    # ValueError: not JSON or UTF-8, an integer past 4300 digits; RecursionError: nested past Python's stack
+    except (OSError, struct.error, ValueError, RecursionError) as error:
+        raise WeightsError(f"cannot read safetensors file {str(file)!r}: {type(error).__name__}: {error}") from error
     infos = []
     data_len = size - 8 - header_len
     if not isinstance(header, dict):
@@ -254,13 +265,23 @@ def to_module_state(
         else:
             state[f"{target}.weight"] = dense(prefix)
 
+    def joined(pieces: list[torch.Tensor], parts: list[str], dim: int = 0) -> torch.Tensor:
+        """The fused projection; WeightsError naming the parts whose shapes cannot be put side by side."""
+        if len(pieces) == 1:
+            return pieces[0]
+        dims = {p.dim() for p in pieces}
+        rest = {tuple(p.shape[:dim]) + tuple(p.shape[dim + 1 :]) for p in pieces}
+        if len(dims) != 1 or dims.pop() <= dim or len(rest) != 1:
+            shapes = ", ".join(f"{name} {tuple(piece.shape)}" for name, piece in zip(parts, pieces, strict=True))
+            raise WeightsError(f"tensors that make one projection do not fit together: {shapes}")
+        return torch.cat(pieces, dim=dim)
+
     def linear(parts: list[str], target: str) -> None:
         if all(f"{p}.{Q4_WEIGHT}" in tensors for p in parts):
-            state[f"{target}.{Q4_WEIGHT}"] = torch.cat([tensors[f"{p}.{Q4_WEIGHT}"] for p in parts])
-            state[f"{target}.{Q4_SCALES}"] = torch.cat([tensors[f"{p}.{Q4_SCALES}"] for p in parts], dim=1)
+            state[f"{target}.{Q4_WEIGHT}"] = joined([tensors[f"{p}.{Q4_WEIGHT}"] for p in parts], parts)
+            state[f"{target}.{Q4_SCALES}"] = joined([tensors[f"{p}.{Q4_SCALES}"] for p in parts], parts, dim=1)
         else:
-            weights = [dense(p) for p in parts]
-            state[f"{target}.weight"] = weights[0] if len(weights) == 1 else torch.cat(weights)
+            state[f"{target}.weight"] = joined([dense(p) for p in parts], parts)
 
     for index, layer in enumerate(range(start, end)):
         hf, ours = f"model.layers.{layer}.", f"layers.{index}."
@@ -269,7 +290,8 @@ def to_module_state(
         state[ours + "ffn_norm.weight"] = take(hf + "post_attention_layernorm.weight")
         linear([f"{attn}{p}_proj" for p in "qkv"], ours + "attention.wqkv")
         if config.qkv_bias:
-            state[ours + "attention.wqkv.bias"] = torch.cat([take(f"{attn}{p}_proj.bias") for p in "qkv"])
+            biases = [f"{attn}{p}_proj.bias" for p in "qkv"]
+            state[ours + "attention.wqkv.bias"] = joined([take(name) for name in biases], biases)
         linear([attn + "o_proj"], ours + "attention.wo")
         if config.o_bias:
             state[ours + "attention.wo.bias"] = take(attn + "o_proj.bias")
@@ -280,7 +302,8 @@ def to_module_state(
         linear([mlp + "gate_proj", mlp + "up_proj"], ours + "feed_forward.w13")
         linear([mlp + "down_proj"], ours + "feed_forward.w2")
         if config.mlp_bias:
-            state[ours + "feed_forward.w13.bias"] = torch.cat([take(f"{mlp}{p}_proj.bias") for p in ("gate", "up")])
+            biases = [f"{mlp}{p}_proj.bias" for p in ("gate", "up")]
+            state[ours + "feed_forward.w13.bias"] = joined([take(name) for name in biases], biases)
             state[ours + "feed_forward.w2.bias"] = take(mlp + "down_proj.bias")
     if with_embedding:
         rows(EMBEDDING.removesuffix(".weight"), "embed_tokens")

@@ -96,9 +96,13 @@ def test_a_model_that_fails_to_build_leaves_the_previous_one_served(
         missing_key = http.post("/models/load", json={"model": str(broken)})
         assert missing_key.status_code == 400 and "model_id is required" in missing_key.json()["detail"]
         failed = http.post("/models/load", json={"model_id": str(broken)})
-        assert failed.status_code == 500, failed.text
+        assert failed.status_code == 400, failed.text  # the request's model is bad, not the server
         detail = failed.json()["detail"]
         assert "model.layers.3" in detail and "is served again" in detail, detail
+        (broken / "config.json").write_text(json.dumps({**config, "hidden_size": float("inf")}))  # Infinity
+        unreadable = http.post("/models/load", json={"model_id": str(broken)})
+        assert unreadable.status_code == 400, unreadable.text
+        assert "config.json has a malformed field: cannot convert float infinity" in unreadable.json()["detail"]
         current = http.get("/models/current").json()
         assert current["loaded"] is True and current["n_layers"] == 3
         # The served model answers to the path it was loaded as, which /models/available calls it by.

@@ -206,6 +206,7 @@ def _write_gguf(
     path: Path,
     quant: Callable[[str], gguf.GGMLQuantizationType],
     extra: dict[str, np.ndarray] | None = None,
+    n_heads: int | None = None,  # another head count in the metadata than the tensors hold
 ) -> Path:
     source = SafetensorsWeights(folder)
     config = ModelConfig.from_hf(source.config)
@@ -215,7 +216,7 @@ def _write_gguf(
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.n_heads)
+    writer.add_head_count(n_heads or config.n_heads)
     writer.add_head_count_kv(config.n_kv_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
@@ -262,6 +263,19 @@ def test_tiny_f32_gguf_equals_its_hf_original(kind: str, tiny_model_factory: Any
     for text in TEXTS:
         assert tokenizer.encode(text).ids == reference.encode(text).ids, text
     assert ours.tokenizer_config()["eos_token"] == "<|im_end|>"
+
+
+def test_head_counts_that_do_not_fit_the_tensors_are_named(tiny_model_factory: Any, tmp_path: Path) -> None:
+    """64 heads over the tiny Llama's 64 query rows (it has 4 of 16): un-permuting them divided by zero or reshaped
+    into a traceback."""
+    folder = tiny_model_factory("llama")
+    path = _write_gguf(folder, tmp_path / "heads.gguf", lambda _: gguf.GGMLQuantizationType.F32, n_heads=64)
+    weights = GGUFWeights(path)
+    with pytest.raises(WeightsError, match=r"'model.layers.0.self_attn.q_proj.weight' of shape \(64, 64\) does not"):
+        weights.load(["model.layers.0.self_attn.q_proj.weight"], torch.float32)
+    q4 = _write_gguf(folder, tmp_path / "q4.gguf", lambda _: gguf.GGMLQuantizationType.Q4_0, n_heads=64)
+    with pytest.raises(WeightsError, match="does not hold 64 heads"):
+        GGUFWeights(q4).load_int4("model.layers.0.self_attn.q_proj.weight")
 
 
 def test_tiny_gguf_construction_is_lazy_and_a_cut_data_section_is_reported(

@@ -1,12 +1,15 @@
 """Tokenizer: chat template rendering like transformers, incremental UTF-8-safe detokenization."""
 
 import json
+import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from cake_py.errors import ModelError, RequestError
+from cake_py.models import chat_template
 from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -235,3 +238,66 @@ def test_a_request_template_that_fails_is_a_request_error_naming_it(tiny_model_f
     refusing = tokenizer.with_chat_template("{{ raise_exception('no system messages') }}")
     with pytest.raises(RequestError, match=r"^the request's chat_template rejected the messages: no system messages"):
         refusing.render_chat([{"role": "user", "content": "hi"}])
+
+
+def test_padding_and_truncation_in_tokenizer_json_are_not_applied(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """As transformers encodes: a fixed padding of 10^9 allocated 4 GB and aborted the process."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    document = json.loads((folder / "tokenizer.json").read_text())
+    document["padding"] = {
+        "strategy": {"Fixed": 1_000_000_000},
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "<|endoftext|>",
+    }
+    document["truncation"] = {"direction": "Right", "max_length": 1, "strategy": "LongestFirst", "stride": 0}
+    (folder / "tokenizer.json").write_text(json.dumps(document))
+    tokenizer = Tokenizer.from_folder(folder)
+    assert tokenizer.encode("hello world, hello", add_special_tokens=False) == Tokenizer.from_folder(
+        tiny_model_factory("llama")
+    ).encode("hello world, hello", add_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    ("template", "needle"),
+    [
+        ("{{ 1/0 }}", "failed: ZeroDivisionError"),
+        ("{% for x in range(10**9) %}{% endfor %}", "Range too big"),
+        ("{% macro f(n) %}{{ f(n+1) }}{% endmacro %}{{ f(0) }}", "failed: RecursionError"),
+        ("{{ 'a' * 10**10 }}", "repeating 1 items 10000000000 times makes too many"),
+        ("{{ (2 ** 30000000) * 3 }}", "2 ** 30000000 is too large"),
+        ("{% for x in range(100000) %}{% for y in range(100000) %}{% endfor %}{% endfor %}", "took longer than 0.3 s"),
+    ],
+    ids=["divide-by-zero", "huge-range", "recursion", "huge-string", "huge-power", "nested-loops"],
+)
+def test_a_template_that_fails_or_runs_away_is_stopped_and_named(
+    tiny_model_factory,
+    monkeypatch: pytest.MonkeyPatch,
+    template: str,
+    needle: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """Each was a traceback (a 500 on the server), a gigabyte string, or a thread spinning for hours."""
+    monkeypatch.setattr(chat_template, "RENDER_TIMEOUT_S", 0.3)
+    tokenizer = Tokenizer.from_folder(tiny_model_factory("llama"))
+    tokenizer.set_chat_template(template)
+    began = time.monotonic()
+    with pytest.raises(RequestError, match=re.escape(needle)):
+        tokenizer.render_chat([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - began < 5
+    assert (
+        tokenizer.with_chat_template("{{ messages[0].content }}").render_chat([{"role": "user", "content": "ok"}])
+        == "ok"
+    )
+
+
+def test_a_chat_template_that_is_not_text_is_a_model_error(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": 5}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="the model's chat_template must be a string, got 5"):
+        Tokenizer.from_folder(folder)

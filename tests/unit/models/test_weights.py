@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import struct
 from collections.abc import Iterable
@@ -142,6 +144,15 @@ def test_truncated_safetensors_is_weights_error(tiny_model_factory, tmp_path: Pa
         ({"num_hidden_layers": 1e12}, "num_hidden_layers must be from 1 to 4096, got 1000000000000.0"),
         ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
         ({"eos_token_id": [2, None]}, "token ids must be integers, got None"),
+        ({"hidden_size": float("inf")}, "malformed field: cannot convert float infinity to integer"),
+        ({"hidden_size": 2**62}, "hidden_size must be from 1 to 4194304, got 4611686018427387904"),
+        ({"intermediate_size": 2**62}, "intermediate_size must be from 1 to 4194304"),
+        ({"head_dim": 2**29}, "head_dim must be from 1 to 4194304, got 536870912"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings must be from 1 to 2147483648, got 0"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+        ({"rms_norm_eps": -1}, "rms_norm_eps must be a finite number ≥ 0, got -1.0"),
+        ({"rope_parameters": {"rope_theta": 0}}, "rope_theta must be a finite number > 0, got 0.0"),
+        ({"rope_freq_factors": [1.0]}, "1 rope frequency factors for a head_dim of 16 (it takes 8)"),
     ],
     ids=[
         "a-list",
@@ -153,6 +164,15 @@ def test_truncated_safetensors_is_weights_error(tiny_model_factory, tmp_path: Pa
         "1e12-layers",
         "arch-text",
         "eos-null",
+        "infinite-width",
+        "huge-width",
+        "huge-intermediate",
+        "huge-head",
+        "no-context",
+        "tie-text",
+        "negative-eps",
+        "zero-theta",
+        "rope-factors",
     ],  # fmt: skip
 )
 def test_a_malformed_config_is_a_model_error_naming_the_field(
@@ -178,6 +198,59 @@ def test_a_malformed_safetensors_header_is_a_weights_error(tiny_llama: Path, tmp
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     with pytest.raises(WeightsError, match="model.safetensors"):
         SafetensorsWeights(folder)
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ("config-deep", "RecursionError"),
+        ("config-not-utf8", "UnicodeDecodeError"),
+        ("config-long-integer", "ValueError: Exceeds the limit (4300 digits)"),
+        ("header-deep", "RecursionError"),
+        ("index-nul", "names a file outside the model folder"),
+        ("index-fifo", "is missing or not a regular file"),
+    ],
+)
+def test_json_files_python_cannot_read_are_weights_errors(
+    tiny_model_factory,
+    tmp_path: Path,
+    damage: str,
+    needle: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """Each of these was a traceback (RecursionError, UnicodeDecodeError, ValueError) or, for a FIFO shard, a hang."""
+    folder = copy_model(tiny_model_factory("llama", sharded=damage.startswith("index")), tmp_path)
+    if damage == "config-deep":
+        (folder / "config.json").write_text("[" * 100_000)
+    elif damage == "config-not-utf8":
+        (folder / "config.json").write_bytes(b"\xff")
+    elif damage == "config-long-integer":
+        (folder / "config.json").write_text('{"hidden_size": ' + "9" * 5000 + "}")
+    elif damage == "header-deep":
+        header = b"[" * 100_000
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    else:
+        index = folder / "model.safetensors.index.json"
+        document = json.loads(index.read_text())
+        shard = next(iter(document["weight_map"].values()))
+        if damage == "index-nul":
+            document["weight_map"] = {name: "a\u0000b" for name in document["weight_map"]}
+        else:
+            (folder / shard).unlink()
+            os.mkfifo(folder / shard)
+        index.write_text(json.dumps(document))
+    with pytest.raises(WeightsError, match=re.escape(needle)):
+        SafetensorsWeights(folder)
+
+
+def test_projections_whose_parts_do_not_fit_together_are_named(tiny_llama: Path, tmp_path: Path) -> None:
+    """A transposed k_proj made torch.cat raise before any shape was checked."""
+    folder = copy_model(tiny_llama, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    key = "model.layers.0.self_attn.k_proj.weight"
+    tensors[key] = tensors[key].T.contiguous()
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"do not fit together: .*k_proj \(64, 32\)"):
+        load_whole(folder)
 
 
 def test_a_shard_index_that_is_not_a_map_is_a_weights_error(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
