@@ -47,10 +47,11 @@ class Batch:
     finishing_as: str | None = None
     owner: str = ""  # the API key's owner that made it (middleware.request_owner): its requests and files are its own
     key_name: str = ""  # and that key's name: its requests' usage is counted under it
+    created_ns: int = 0  # when it was made, in ns: batches of one second keep their order across restarts
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
-        del body["output_ttl_s"], body["finishing_as"], body["owner"], body["key_name"]
+        del body["output_ttl_s"], body["finishing_as"], body["owner"], body["key_name"], body["created_ns"]
         counts = {"total": body.pop("total"), "completed": body.pop("completed"), "failed": body.pop("failed")}
         usage = body.pop("usage")
         return {

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from cake_py.api.batch_objects import TERMINAL, USAGE_KEYS, Batch, BatchRequest, add_usage, read_requests
+from cake_py.api.errors import DISK_FULL
 from cake_py.api.file_store import BATCH_OUTPUT, FileStore, write_json
 from cake_py.api.inprocess import Routes
 from cake_py.api.middleware import Caller
+from cake_py.api.records import from_record
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,8 @@ class BatchRunner:
         return self._batches.get(batch_id)
 
     def all(self) -> list[Batch]:
-        """Oldest first."""
-        return sorted(self._batches.values(), key=lambda b: b.created_at)
+        """Oldest first (the same order after a restart: the second alone ties batches made together)."""
+        return sorted(self._batches.values(), key=lambda b: (b.created_at, b.created_ns, b.id))
 
     async def _save(self, batch: Batch, *, now: bool = True) -> None:
         """Writes the batch's record as it is at this call (`now` False: unless one was written within a second)."""
@@ -117,8 +119,8 @@ class BatchRunner:
         batches = []
         for path in sorted(self.directory.glob("batch_*.json")):
             try:
-                batches.append(Batch(**json.loads(path.read_text())))
-            except (OSError, ValueError, TypeError) as error:
+                batches.append(from_record(Batch, json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, RecursionError) as error:
                 log.warning("batch record %s is unreadable, skipped: %s", path, error)
         return batches
 
@@ -143,8 +145,8 @@ class BatchRunner:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def create(self, batch: Batch) -> None:
+        await self._save(batch)  # first: a batch whose record cannot be written (a full disk) is not made at all
         self._batches[batch.id] = batch
-        await self._save(batch)
         self._launch(batch)
 
     async def cancel(self, batch: Batch) -> None:
@@ -168,52 +170,56 @@ class BatchRunner:
 
     async def _run(self, batch: Batch) -> None:
         try:
-            if batch.status in ("finalizing", "cancelling"):  # a restart: it had answered what it would
-                await self._finish(batch, batch.finishing_as or "cancelled")
-                return
-            try:
-                path = await asyncio.to_thread(self.files.path, batch.input_file_id)
-            except KeyError:
-                message = f"input file {batch.input_file_id!r} no longer exists"
-                error = {"code": "missing_file", "line": None, "param": "input_file_id", "message": message}
-                await self._finish(batch, "failed", errors=[error])  # with what an earlier run answered
-                return
-            requests, errors = await asyncio.to_thread(read_requests, path, batch.endpoint, self.max_line_bytes)
-            if errors:
-                await self._finish(batch, "failed", errors=errors)
-                return
-            if batch.status == "cancelling":  # while it was being read
-                await self._finish(batch, "cancelled")
-                return
-            if batch.status == "validating":
-                batch.status, batch.in_progress_at, batch.total = "in_progress", int(time.time()), len(requests)
-                await self._save(batch)
-            output, error_lines = self._partial(batch, "output"), self._partial(batch, "errors")
-            answered, batch.completed, batch.failed, batch.usage = await asyncio.to_thread(
-                _recount, output, error_lines
-            )
-            pending = [request for request in requests if request.custom_id not in answered]
-            unsent: list[BatchRequest] = []
-            self._sending.add(batch.id)
-            try:
-                unsent = await self._send_all(batch, pending)
-            except asyncio.CancelledError:
-                if batch.status != "cancelling":
-                    raise  # a shutdown: the record stays as it is, to be resumed
-            finally:
-                self._sending.discard(batch.id)
-            if batch.status == "cancelling":
-                await self._finish(batch, "cancelled")
-            else:
-                await self._finish(batch, "expired" if unsent else "completed", unsent)
+            await self._run_once(batch)
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # a bug: the batch fails, saying so, with what it answered, instead of hanging
+        except Exception as error:  # a bug, or a full disk: the batch fails, saying so, instead of hanging
             log.exception("batch %s failed", batch.id)
-            message = f"internal error: {type(error).__name__}: {error}"[:300]
-            await self._finish(
-                batch, "failed", errors=[{"code": "internal_error", "line": None, "param": None, "message": message}]
-            )
+            failure = {"code": "internal_error", "line": None, "param": None, "message": _describe(error)}
+            try:
+                await self._finish(batch, "failed", errors=[failure])
+            except Exception as finish_error:  # its files cannot be stored either: failed here, retried at restart
+                log.error("batch %s: its results cannot be stored: %s", batch.id, _describe(finish_error))
+                batch.status, batch.errors, batch.failed_at = "failed", [failure], int(time.time())
+
+    async def _run_once(self, batch: Batch) -> None:
+        if batch.finishing_as is not None or batch.status in ("finalizing", "cancelling"):
+            # a restart: it had answered what it would (finishing_as: the end it was being given)
+            await self._finish(batch, batch.finishing_as or "cancelled")
+            return
+        try:
+            path = await asyncio.to_thread(self.files.path, batch.input_file_id)
+        except KeyError:
+            message = f"input file {batch.input_file_id!r} no longer exists"
+            error = {"code": "missing_file", "line": None, "param": "input_file_id", "message": message}
+            await self._finish(batch, "failed", errors=[error])  # with what an earlier run answered
+            return
+        requests, errors = await asyncio.to_thread(read_requests, path, batch.endpoint, self.max_line_bytes)
+        if errors:
+            await self._finish(batch, "failed", errors=errors)
+            return
+        if batch.status == "cancelling":  # while it was being read
+            await self._finish(batch, "cancelled")
+            return
+        if batch.status == "validating":
+            batch.status, batch.in_progress_at, batch.total = "in_progress", int(time.time()), len(requests)
+            await self._save(batch)
+        output, error_lines = self._partial(batch, "output"), self._partial(batch, "errors")
+        answered, batch.completed, batch.failed, batch.usage = await asyncio.to_thread(_recount, output, error_lines)
+        pending = [request for request in requests if request.custom_id not in answered]
+        unsent: list[BatchRequest] = []
+        self._sending.add(batch.id)
+        try:
+            unsent = await self._send_all(batch, pending)
+        except asyncio.CancelledError:
+            if batch.status != "cancelling":
+                raise  # a shutdown: the record stays as it is, to be resumed
+        finally:
+            self._sending.discard(batch.id)
+        if batch.status == "cancelling":
+            await self._finish(batch, "cancelled")
+        else:
+            await self._finish(batch, "expired" if unsent else "completed", unsent)
 
     async def _send_all(self, batch: Batch, pending: list[BatchRequest]) -> list[BatchRequest]:
         """Sends the requests as slots free up; returns those not sent before the batch expired."""
@@ -310,8 +316,12 @@ class BatchRunner:
             for path, kind in ((output, "output"), (error_lines, "error")):
                 lines = [json.dumps(line).encode() + b"\n" for line in _complete_lines(path)]
                 name = f"{batch.id}_{kind}.jsonl"
+                # One id per batch and kind: a finish cut short by a restart replaces what it stored, not twice.
+                seed = f"{batch.id}:{kind}"
                 kept = (
-                    self.files.add_lines(lines, name, BATCH_OUTPUT, batch.output_ttl_s, batch.owner) if lines else None
+                    self.files.add_lines(lines, name, BATCH_OUTPUT, batch.output_ttl_s, batch.owner, name_seed=seed)
+                    if lines
+                    else None
                 )
                 ids.append(kept.id if kept is not None else None)
             return ids[0], ids[1], completed, failed, usage
@@ -325,6 +335,15 @@ class BatchRunner:
         for path in (output, error_lines):
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(path.unlink)
+
+
+def _describe(error: BaseException) -> str:
+    """What a failed run says: the first error inside a task group's, a full disk in words."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        return "the server's disk is full: the batch's results could not be written"
+    return f"internal error: {type(error).__name__}: {error}"[:300]
 
 
 def _recount(output: Path, errors: Path) -> tuple[set[str], int, int, dict[str, int]]:

@@ -73,12 +73,14 @@ async def create_batch(request: Request) -> Response:
         raise ApiError(400, f"input_file_id: no file with id {input_file_id!r}"[:300])
     if stored.purpose != "batch":
         raise ApiError(400, f"input file {input_file_id!r} was uploaded with purpose {stored.purpose!r}, not 'batch'")
-    now = int(time.time())
+    created_ns = time.time_ns()
+    now = created_ns // 1_000_000_000
     batch = Batch(
         id=f"batch_{secrets.token_hex(12)}",
         endpoint=endpoint,
         input_file_id=input_file_id,
         created_at=now,
+        created_ns=created_ns,
         expires_at=now + COMPLETION_WINDOW_S,
         model=state.model_name,
         metadata=metadata,

@@ -6,6 +6,7 @@ the seed-001 native routes. The pure-ASGI middleware answers through `send_error
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 
@@ -136,6 +137,21 @@ async def client_gone_handler(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+async def disk_error_handler(request: Request, exc: Exception) -> Response:
+    """A full disk (uploads, batch results, stored answers) is 507 Insufficient Storage, saying so; any other
+    OSError is a bug like the rest."""
+    assert isinstance(exc, OSError)
+    if exc.errno not in DISK_FULL:
+        return await internal_error_handler(request, exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    log.error("%s %s: the disk is full%s", request.method, request.url.path, where)
+    message = "the server's disk is full: nothing was stored; retry once space is freed"
+    return JSONResponse(error_body(request, message, status=507), status_code=507)
+
+
 async def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     message = f"internal error: {type(exc).__name__}: {exc}"[:300]
@@ -176,5 +192,6 @@ EXCEPTION_HANDLERS = {
     ClientDisconnect: client_gone_handler,
     CakeError: cake_error_handler,
     HTTPException: http_exception_handler,
+    OSError: disk_error_handler,
     Exception: internal_error_handler,
 }

@@ -9,7 +9,10 @@ ones are removed when the store is next read. Every method does file I/O: call t
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -18,15 +21,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
-from cake_py.errors import RequestError
+from cake_py.api.records import from_record
+from cake_py.errors import ConfigError, RequestError
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")  # what a client may upload
 BATCH_OUTPUT = "batch_output"  # the purpose of a batch's output and error files
 BATCH_FILE_TTL_S = 30 * 24 * 3600  # OpenAI's default lifetime of a `batch` file
 MIN_TTL_S, MAX_TTL_S = 3600, 30 * 24 * 3600  # OpenAI's bounds for expires_after.seconds
 _ID = re.compile(r"file-[0-9a-f]{24}")
+log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 
 
@@ -66,11 +71,7 @@ class FileStore:
             files: dict[str, StoredFile] = {}
             if self.directory.is_dir():
                 for meta in self.directory.glob("file-*.json"):
-                    try:
-                        stored = StoredFile(**json.loads(meta.read_text()))
-                    except (OSError, ValueError, TypeError):
-                        continue  # not one of ours, or damaged: not listed
-                    if _ID.fullmatch(stored.id) and (self.directory / stored.id).is_file():
+                    if (stored := _read_stored(meta, self.directory)) is not None:
                         files[stored.id] = stored
             self._files = files
         now = time.time()
@@ -86,11 +87,16 @@ class FileStore:
         return self.directory / stored.id
 
     def get(self, file_id: str) -> StoredFile:
-        """KeyError when no file has this id (or it expired)."""
+        """KeyError when no file has this id (or it expired, or its bytes were removed behind this server's back)."""
         with self._lock:
             if not _ID.fullmatch(file_id):
                 raise KeyError(file_id)
-            return self._index()[file_id]
+            stored = self._index()[file_id]
+            if not (self.directory / file_id).is_file():
+                log.warning("stored file %s lost its content (removed outside this server): forgotten", file_id)
+                self._remove(file_id)
+                raise KeyError(file_id)
+            return stored
 
     def list(self, owner: str, purpose: str | None = None, *, newest_first: bool = True) -> list[StoredFile]:
         with self._lock:
@@ -115,33 +121,52 @@ class FileStore:
         return self._store(copy, filename, purpose, ttl_s, owner)
 
     def add_lines(
-        self, lines: Iterable[bytes], filename: str, purpose: str, ttl_s: int | None, owner: str = ""
+        self,
+        lines: Iterable[bytes],
+        filename: str,
+        purpose: str,
+        ttl_s: int | None,
+        owner: str = "",
+        *,
+        name_seed: str | None = None,
     ) -> StoredFile:
-        """Store lines (each ending in a newline) as one file: a batch's results."""
+        """Store lines (each ending in a newline) as one file: a batch's results. With `name_seed`, the id is made
+        from it, so storing the same result again (a run finished again after a restart) replaces the first."""
 
         def write(target: BinaryIO) -> None:
             for line in lines:
                 target.write(line)
 
-        return self._store(write, filename, purpose, ttl_s, owner)
+        file_id = f"file-{hashlib.sha256(name_seed.encode()).hexdigest()[:24]}" if name_seed is not None else None
+        return self._store(write, filename, purpose, ttl_s, owner, file_id)
 
     def _store(
-        self, fill: Callable[[BinaryIO], None], filename: str, purpose: str, ttl_s: int | None, owner: str
+        self,
+        fill: Callable[[BinaryIO], None],
+        filename: str,
+        purpose: str,
+        ttl_s: int | None,
+        owner: str,
+        file_id: str | None = None,
     ) -> StoredFile:
         self.directory.mkdir(parents=True, exist_ok=True)
-        file_id = f"file-{secrets.token_hex(12)}"
+        file_id = file_id or f"file-{secrets.token_hex(12)}"
         target = self.directory / file_id
+        partial = self.directory / f".{file_id}.{secrets.token_hex(4)}"
         try:
-            with open(target, "wb") as handle:
+            with open(partial, "wb") as handle:
                 fill(handle)
-        except BaseException:
-            target.unlink(missing_ok=True)
+            stored_ns = time.time_ns()
+            now = stored_ns // 1_000_000_000
+            expires = now + ttl_s if ttl_s is not None else None
+            stored = StoredFile(file_id, partial.stat().st_size, now, filename, purpose, expires, stored_ns, owner)
+            os.replace(partial, target)
+            _write_json(self.directory / f"{file_id}.json", asdict(stored))
+        except BaseException:  # a full disk, a file over the limit: nothing of it is kept
+            partial.unlink(missing_ok=True)
+            if file_id not in (self._files or {}):
+                target.unlink(missing_ok=True)
             raise
-        stored_ns = time.time_ns()
-        now = stored_ns // 1_000_000_000
-        expires = now + ttl_s if ttl_s is not None else None
-        stored = StoredFile(file_id, target.stat().st_size, now, filename, purpose, expires, stored_ns, owner)
-        _write_json(self.directory / f"{file_id}.json", asdict(stored))
         with self._lock:
             self._index()[file_id] = stored
         return stored
@@ -160,11 +185,53 @@ class FileStore:
         (self.directory / file_id).unlink(missing_ok=True)
 
 
+def claim(files_dir: Path) -> TextIO:
+    """Hold `files_dir` for this process for as long as the returned handle is open (an exclusive lock its
+    process's end releases); ConfigError naming the holder when another server has it. Two servers on one folder
+    each resumed its batches and answered every request twice, then overwrote each other's records."""
+    files_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(files_dir / ".lock", "a+", encoding="utf-8")  # held open for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        by = f" (pid {holder})" if holder.isdigit() else ""
+        raise ConfigError(
+            f"--files-dir {str(files_dir)!r} is in use by another cake serve{by}: give each server its own"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _read_stored(meta: Path, directory: Path) -> StoredFile | None:
+    """A stored file's metadata, if it is whole and its bytes are there as it says; else None (with a warning)."""
+    try:
+        stored = from_record(StoredFile, json.loads(meta.read_text(encoding="utf-8")))
+        if not _ID.fullmatch(stored.id) or meta.name != f"{stored.id}.json":
+            raise ValueError(f"id {stored.id!r} does not name this record")
+        size = (directory / stored.id).stat().st_size
+    except (OSError, ValueError, RecursionError) as error:
+        log.warning("stored file record %s is unreadable, not listed: %s", meta, error)
+        return None
+    if size != stored.bytes:
+        log.warning("stored file %s holds %d bytes, its record says %d: not listed", stored.id, size, stored.bytes)
+        return None
+    return stored
+
+
 def _write_json(path: Path, value: object) -> None:
     """Write JSON so that a reader (or a crash) sees the old content or the new, never half of it."""
     partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    partial.write_text(json.dumps(value))
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(value))
+        os.replace(partial, path)
+    except BaseException:  # a full disk: no half-written partial left behind
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, value: object) -> None:

@@ -9,6 +9,7 @@ from types import FrameType
 import uvicorn
 
 from cake_py.api.app import create_app
+from cake_py.api.file_store import claim
 from cake_py.api.http_protocol import HeadTimeoutProtocol
 from cake_py.api.state import ServerState, context_length
 from cake_py.cluster.hostinfo import measure_tflops
@@ -83,6 +84,7 @@ def build_state(settings: ServeSettings) -> ServerState:
 
 def serve(settings: ServeSettings) -> None:
     check_can_listen(settings.host, settings.port)  # before minutes of loading and placing the model
+    files_lock = claim(settings.files_dir)  # held until this process ends
     pin_cpus(settings.cpus)
     graphs.set_enabled(settings.cuda_graphs)
     state = build_state(settings)
@@ -101,6 +103,7 @@ def serve(settings: ServeSettings) -> None:
         http=HeadTimeoutProtocol,  # a request's head must arrive in time (uvicorn has no such timeout)
     )
     _Server(config, state).run()
+    files_lock.close()
 
 
 def begin_shutdown(state: ServerState) -> None:

@@ -497,3 +497,33 @@ def test_a_batch_whose_input_file_is_gone_after_a_restart_fails_keeping_its_answ
         answered = result_lines(client, failed.output_file_id)
         assert len(answered) >= 2 and failed.request_counts is not None
         assert failed.request_counts.completed == len(answered)
+
+
+def test_a_batch_failing_when_the_server_stopped_ends_failed_and_batches_keep_their_order(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A run stopped while it was being failed (its record: in_progress, finishing_as failed) ran again from the
+    start after a restart and ended completed with the stale error; batches made in one second came back in the
+    order of their random ids."""
+    settings = tiny_settings(tiny_llama, model_name="tiny", files_dir=tmp_path, batch_concurrency=1)
+    with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
+        file_id = upload(client, [request_line("one", chat_body("hi"))])
+        made = [
+            client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h").id
+            for _ in range(6)
+        ]
+        for batch_id in made:
+            wait_for(client, batch_id, ("completed",))
+    record_path = tmp_path / "batches" / f"{made[0]}.json"
+    record = json.loads(record_path.read_text())
+    error = {"code": "internal_error", "line": None, "param": None, "message": "internal error: the disk"}
+    record.update(status="in_progress", finishing_as="failed", errors=[error], output_file_id=None)
+    record_path.write_text(json.dumps(record))
+    (tmp_path / "batches" / f"{made[0]}.output.jsonl").write_text(json.dumps({"custom_id": "one"}) + "\n")
+    with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
+        failed = wait_for(client, made[0], ("failed", "completed"))
+        assert failed.status == "failed" and failed.errors is not None and failed.errors.data is not None
+        assert [e.message for e in failed.errors.data] == ["internal error: the disk"]
+        assert server.state.engine is not None and server.state.engine.stats.requests_total == 0  # not run again
+        listed = [b.id for b in client.batches.list(limit=100) if b.id in made]
+        assert listed == made[::-1]  # newest first, as created

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import socket
@@ -16,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from cake_py.api.errors import EXCEPTION_HANDLERS, api_error
 from cake_py.api.middleware import BodyLimitMiddleware
@@ -119,3 +121,21 @@ def test_an_answer_to_retry_says_when(error: Exception, retry: str | None) -> No
     assert isinstance(error, ClusterError | OverloadedError | RequestError)
     headers = api_error(error, "/v1/chat/completions").headers or {}
     assert headers.get("Retry-After") == retry
+
+
+def test_a_full_disk_is_a_507_saying_so_and_other_os_errors_a_500() -> None:
+    async def full(request: Request) -> Response:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/files/file-1")
+
+    async def other(request: Request) -> Response:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    app = Starlette(
+        routes=[Route("/v1/files", full, methods=["POST"]), Route("/v1/other", other)],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/v1/files")
+        assert answer.status_code == 507
+        assert answer.json() == {"error": "the server's disk is full: nothing was stored; retry once space is freed"}
+        assert client.get("/v1/other").status_code == 500

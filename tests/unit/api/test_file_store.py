@@ -3,13 +3,17 @@ expired and deleted ones gone from disk, unfinished uploads and foreign names ig
 
 from __future__ import annotations
 
+import errno
 import io
+import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 
-from cake_py.api.file_store import FileStore, FileTooLargeError
+from cake_py.api.file_store import FileStore, FileTooLargeError, claim
+from cake_py.errors import ConfigError
 
 
 def test_a_file_is_kept_listed_and_found_by_a_new_store(tmp_path: Path) -> None:
@@ -81,3 +85,63 @@ def test_a_file_is_listed_for_its_owner_only_also_after_a_restart(tmp_path: Path
     assert [f.id for f in store.list("alice")] == [mine.id] and store.list("bob") == store.list("") == []
     again = FileStore(tmp_path, max_file_bytes=0)
     assert again.get(mine.id).owner == "alice" and "owner" not in again.get(mine.id).to_json()
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        ({"expires_at": "soon"}, "field 'expires_at' is 'soon'"),
+        ({"filename": 12345}, "field 'filename' is 12345"),
+        ({"bytes": 4}, "holds 3 bytes, its record says 4"),
+        ({"id": "file-000000000000000000000000"}, "does not name this record"),
+    ],
+)
+def test_a_record_of_the_wrong_shape_is_not_listed_and_breaks_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, edit: dict[str, object], why: str
+) -> None:
+    """A hand-edited record (a string where a number belongs) made every listing and upload a 500."""
+    store = FileStore(tmp_path, max_file_bytes=0)
+    damaged, kept = (store.add(io.BytesIO(b"abc"), name, "batch", None) for name in ("a", "b"))
+    meta = store.directory / f"{damaged.id}.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), **edit}))
+    again = FileStore(tmp_path, max_file_bytes=0)
+    assert [f.id for f in again.list("")] == [kept.id]
+    assert why in caplog.text
+    assert again.add(io.BytesIO(b"new"), "c", "batch", None).bytes == 3
+
+
+def test_a_file_whose_bytes_were_removed_is_not_found(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, max_file_bytes=0)
+    stored = store.add(io.BytesIO(b"abc"), "a", "batch", None)
+    (store.directory / stored.id).unlink()  # another process, or a person
+    with pytest.raises(KeyError):
+        store.get(stored.id)
+    assert store.list("") == []
+
+
+def test_results_stored_again_under_their_seed_replace_the_first(tmp_path: Path) -> None:
+    """A batch finished again after a restart stored its output file twice."""
+    store = FileStore(tmp_path, max_file_bytes=0)
+    first = store.add_lines([b"1\n"], "out.jsonl", "batch_output", None, name_seed="batch_x:output")
+    second = store.add_lines([b"1\n", b"2\n"], "out.jsonl", "batch_output", None, name_seed="batch_x:output")
+    assert first.id == second.id and second.bytes == 4
+    assert [f.id for f in FileStore(tmp_path, max_file_bytes=0).list("")] == [first.id]
+
+
+def test_a_full_disk_leaves_no_part_of_the_file(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, max_file_bytes=0)
+
+    def full(_: int) -> bytes:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        store.add(type("Source", (), {"read": staticmethod(full)})(), "a", "batch", None)  # type: ignore[arg-type]
+    assert list(store.directory.iterdir()) == []
+
+
+def test_a_files_folder_is_held_by_one_server(tmp_path: Path) -> None:
+    held = claim(tmp_path / "files")
+    with pytest.raises(ConfigError, match=rf"is in use by another cake serve \(pid {os.getpid()}\)"):
+        claim(tmp_path / "files")
+    held.close()
+    claim(tmp_path / "files").close()
