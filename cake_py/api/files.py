@@ -74,6 +74,10 @@ async def upload_file(request: Request) -> Response:
             raise ApiError(400, "the field file (the file's content) is missing")
         if purpose not in UPLOAD_PURPOSES:
             raise ApiError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}, got {purpose!r}"[:300])
+        if "expires_after" in form:  # a plain field would be ignored: the file would not expire when told
+            raise ApiError(400, "send expires_after as two fields, expires_after[anchor] and expires_after[seconds]")
+        if len(form.getlist("purpose")) > 1:
+            raise ApiError(400, "purpose was sent more than once: send it once")
         prefix = "expires_after["
         expires_after = {
             key[len(prefix) : -1]: value

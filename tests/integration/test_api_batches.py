@@ -150,6 +150,12 @@ def test_bad_uploads_are_refused_naming_why(client: OpenAI, server: ServerHandle
         assert answer.status_code == 400 and "expires_after[seconds] must be" in answer.json()["error"], answer.text
     answer = httpx.post(f"{server.openai_url}/files", data={"purpose": "batch"}, files={"other": ("a", b"x")})
     assert answer.status_code == 400 and "the field file" in answer.json()["error"]
+    plain = {"purpose": "user_data", "expires_after": "3600"}  # ignored before: the file never expired
+    answer = httpx.post(f"{server.openai_url}/files", data=plain, files={"file": ("a.txt", b"x")})
+    assert answer.status_code == 400 and "expires_after[anchor] and expires_after[seconds]" in answer.json()["error"]
+    twice = {"purpose": ["user_data", "batch"]}
+    answer = httpx.post(f"{server.openai_url}/files", data=twice, files={"file": ("a.txt", b"x")})
+    assert answer.status_code == 400 and "purpose was sent more than once" in answer.json()["error"]
     answer = httpx.post(f"{server.openai_url}/files", json={"purpose": "batch"})
     assert answer.status_code == 400 and "multipart/form-data" in answer.json()["error"]
     before = sorted(p.name for p in (server.state.files.directory).iterdir())
