@@ -2,7 +2,7 @@
 // reply by aborting the fetch (the server cancels the sequence when the connection closes). Model output goes into
 // the page with textContent only.
 
-import { el } from "./dom.js";
+import { bearerHeaders, el } from "./dom.js";
 
 const FOLLOW_SLACK_PX = 40; // this close to the bottom of the conversation counts as reading its end
 const STORAGE = { apiKey: "cake.apiKey", system: "cake.systemPrompt", temperature: "cake.temperature", maxTokens: "cake.maxTokens" };
@@ -37,11 +37,17 @@ async function errorMessage(response) {
   try {
     const body = await response.json();
     const error = body.error ?? body.detail;
-    return typeof error === "string" ? error : error?.message ?? `HTTP ${response.status}`;
+    const message = typeof error === "string" ? error : error?.message ?? `HTTP ${response.status}`;
+    if (body.code === "context_length_exceeded") return `${message}. Start a New chat, or a shorter conversation`;
+    return message;
   } catch {
     return `HTTP ${response.status}`;
   }
 }
+
+// fetch and the stream reader fail with a TypeError ("Failed to fetch", "network error") when the connection does.
+const CONNECTION_LOST =
+  "The server stopped answering (the connection was lost): check that cake serve is running, then send again";
 
 export function startChat() {
   const $ = (id) => document.getElementById(id);
@@ -112,9 +118,7 @@ export function startChat() {
     const maxTokens = Number.parseInt(fields.maxTokens.value, 10);
     if (Number.isFinite(temperature)) body.temperature = temperature;
     if (Number.isFinite(maxTokens)) body.max_tokens = maxTokens;
-    const headers = { "Content-Type": "application/json" };
-    const key = fields.apiKey.value.trim();
-    if (key) headers.Authorization = `Bearer ${key}`;
+    const headers = { "Content-Type": "application/json", ...bearerHeaders(fields.apiKey.value.trim()) };
     return { headers, body: JSON.stringify(body) };
   }
 
@@ -173,27 +177,41 @@ export function startChat() {
       if (error.name === "AbortError") outcome = "stopped";
       else {
         outcome = "error";
-        showError(error.message);
+        if (asked === epoch) showError(error instanceof TypeError ? CONNECTION_LOST : error.message);
       }
     } finally {
       controller = null;
-      showFigures(tokens, firstTokenAt);
       reply.message.classList.remove("streaming");
       reply.message.dataset.state = outcome;
-      reply.meta.textContent = `${tokens} tokens · ${$("chat-tps").textContent} tok/s · ${outcome}`;
       if (asked === epoch) {
+        // A reply stopped by "New chat" leaves the new conversation's figures and state alone.
+        showFigures(tokens, firstTokenAt);
+        reply.meta.textContent = `${tokens} tokens · ${$("chat-tps").textContent} tok/s · ${outcome}`;
         if (answer) conversation.push({ role: "assistant", content: answer });
         else conversation.pop(); // the question got no answer: leave it out of the context of the next one
+        setState(outcome);
       }
-      setState(outcome);
       setBusy(false);
     }
+  }
+
+  /** Whether the settings hold values the page may send; else the first bad one is shown, with why. */
+  function settingsValid() {
+    for (const input of [fields.temperature, fields.maxTokens]) {
+      if (input.value !== "" && !input.checkValidity()) {
+        $("settings").open = true;
+        showError(`${input.labels[0]?.firstChild?.textContent.trim() ?? input.id}: ${input.validationMessage}`);
+        input.focus();
+        return false;
+      }
+    }
+    return true;
   }
 
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     const text = prompt.value.trim();
-    if (!text || controller) return;
+    if (!text || controller || !settingsValid()) return;
     prompt.value = "";
     ask(text);
   });

@@ -2,7 +2,7 @@
 // per node. Cards are created once and updated in place, so an expanded layer stays open across refreshes. With no
 // model served (none loaded, or a switch under way) the cards and figures are cleared and the view says which.
 
-import { el, formatBytes, formatMs, setText } from "./dom.js";
+import { bearerHeaders, el, formatBytes, formatMs, setText } from "./dom.js";
 
 const POLL_MS = 1000;
 const TIMEOUT_MS = 2500;
@@ -302,9 +302,8 @@ export function startCluster(onLive) {
 
   async function fetchTopology() {
     try {
-      const headers = {};
       const key = (localStorage.getItem("cake.apiKey") ?? "").trim();
-      if (bearer && key) headers.Authorization = `Bearer ${key}`;
+      const headers = bearer ? bearerHeaders(key) : {};
       const response = await fetch("/api/v1/topology", {
         cache: "no-store",
         headers,

@@ -35,3 +35,16 @@ export function setText(id, text) {
   const node = document.getElementById(id);
   if (node && node.textContent !== text) node.textContent = text;
 }
+
+/** The Authorization header for an API key; an Error saying so for a key a header cannot carry (fetch refuses
+ * anything past Latin-1 with a TypeError, which reads like a network failure: a pasted dash or quote is enough). */
+export function bearerHeaders(key) {
+  if (!key) return {};
+  if (!/^[\x21-\x7e]+$/.test(key)) {
+    throw new Error(
+      "The saved API key has a character that cannot be sent (a typographic dash, quote or space pasted with it?): " +
+        "type it again in Chat → Settings",
+    );
+  }
+  return { Authorization: `Bearer ${key}` };
+}

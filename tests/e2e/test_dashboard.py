@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, ViewportSize, expect, sync_playwright
 
 from cake_py.api import management
 from cake_py.engine.engine import Engine
@@ -338,6 +338,53 @@ def test_stop_button_cancels_the_generation_on_the_server(
     expect(page.locator("#chat-state")).to_have_text("stopped")
 
 
+def test_new_chat_during_a_reply_leaves_the_new_conversation_clean(
+    page: Page, cluster: Cluster, throttle: Callable[[Engine, float], None]
+) -> None:
+    """The stopped reply's figures and state were written over the new, empty conversation."""
+    throttle(cluster.engine, 0.05)
+    page.goto(f"{cluster.url}#chat")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "300")
+    _send(page, PROMPT)
+    expect(page.locator("#chat-tokens")).not_to_have_text(re.compile(r"^[0-2]$"), timeout=10_000)
+    page.click("#new-chat")
+    page.wait_for_timeout(500)  # the aborted reply unwinds meanwhile
+    expect(page.locator("#chat-state")).to_have_text("idle")
+    expect(page.locator("#chat-tokens")).to_have_text("0")
+    expect(page.locator("#chat-tps")).to_have_text("0.0")
+    expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#chat-error")).to_be_hidden()
+
+
+def test_settings_out_of_range_and_a_conversation_past_the_context_are_explained(
+    browser: Browser, cluster: Cluster
+) -> None:
+    with _fresh_page(browser) as (page, problems):
+        _settings_and_context(page, cluster)
+    assert [p for p in problems if "status of 400" not in p] == []  # the refused prompt, as a failed resource
+
+
+def _settings_and_context(page: Page, cluster: Cluster) -> None:
+    requests: list[Any] = []
+    page.on("request", lambda request: requests.append(request) if request.method == "POST" else None)
+    page.goto(f"{cluster.url}#chat")
+    page.fill("#temperature", "5")  # past the field's 0 to 2: it was sent as is
+    _send(page, PROMPT)
+    expect(page.locator("#chat-error")).to_contain_text("Temperature")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2.9")  # it was sent as 2
+    _send(page, PROMPT)
+    expect(page.locator("#chat-error")).to_contain_text("Max tokens")
+    assert requests == [] and page.locator(".message").count() == 0
+    expect(page.locator("#prompt")).to_have_value(PROMPT)  # kept, to send once the setting is fixed
+
+    page.fill("#max-tokens", "4")
+    page.fill("#prompt", "")
+    _send(page, "word " * 700)  # past the tiny model's context
+    expect(page.locator("#chat-error")).to_contain_text("Start a New chat")
+
+
 DISTANCE_TO_END = "(l => l.scrollHeight - l.scrollTop - l.clientHeight)(document.getElementById('messages'))"
 REPLY_LONGER_THAN = "n => [...document.querySelectorAll('.message.assistant .content')].pop().textContent.length > n"
 
@@ -418,6 +465,10 @@ def test_api_key_field_is_sent_as_bearer_and_kept(browser: Browser, tiny_llama: 
 
             page.reload()
             expect(page.locator("#api-key")).to_have_value("sesame")
+
+            page.fill("#api-key", "ses\u2011ame")  # a pasted non-breaking hyphen: fetch refused it as a TypeError
+            _send(page, PROMPT)
+            expect(page.locator("#chat-error")).to_contain_text("API key has a character that cannot be sent")
         # Chromium logs the refused request as a failed resource; anything else is a real problem.
         assert [p for p in problems if "status of 401" not in p] == []
         assert any("status of 401" in p for p in problems)
@@ -449,6 +500,9 @@ def test_a_master_that_stops_answering_is_shown_within_5_seconds(browser: Browse
         assert time.monotonic() - stopped < 5
         expect(page.locator("#connection")).to_have_class(re.compile(r"\blost\b"))
         expect(page.get_by_test_id("node-master")).to_have_class(re.compile(r"\bstale\b"))
+        page.evaluate("location.hash = '#chat'")
+        _send(page, PROMPT)  # the chat said "Failed to fetch"
+        expect(page.locator("#chat-error")).to_contain_text("The server stopped answering")
         # The refused polls show in the console as failed resources; anything else is a real problem.
         assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
 
@@ -534,6 +588,18 @@ def test_phone_sized_screen_has_no_horizontal_scroll(browser: Browser, cluster: 
         expect(page.locator(".tensor-block")).to_have_count(1)
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
         _screenshot(page, "phone-cluster.png")
+
+        def long_names(route: Route) -> None:  # a host name or an address: it widened every card past the screen
+            answer = route.fetch()
+            document = answer.json()
+            document["workers"][0]["name"] = "gpu-box-1.example.internal:10128"
+            route.fulfill(response=answer, body=json.dumps(document))
+
+        page.route("**/api/v1/topology", long_names)
+        page.reload()
+        expect(page.locator(".node", has_text="gpu-box-1.example")).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        page.unroute("**/api/v1/topology")
 
         page.goto(f"{cluster.url}#chat")
         expect(page.locator("#settings")).not_to_have_attribute("open", "")  # collapsed on a phone
