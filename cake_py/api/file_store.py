@@ -9,6 +9,7 @@ ones are removed when the store is next read. Every method does file I/O: call t
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import hashlib
 import json
@@ -18,7 +19,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -33,6 +34,7 @@ MIN_TTL_S, MAX_TTL_S = 3600, 30 * 24 * 3600  # OpenAI's bounds for expires_after
 _ID = re.compile(r"file-[0-9a-f]{24}")
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
+_GONE_KEPT = 100_000
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,9 @@ class FileStore:
         self.max_file_bytes = max_file_bytes
         self._lock = threading.Lock()
         self._files: dict[str, StoredFile] | None = None  # read from disk on first use
+        # Where deleted and expired files stood (owner, sort key): a listing in pages goes on past a page's last
+        # file when it is deleted meanwhile ("list, delete each" walks); the newest _GONE_KEPT, in this process.
+        self._gone: dict[str, tuple[str, tuple[int, int]]] = {}
 
     def _index(self) -> dict[str, StoredFile]:
         if self._files is None:
@@ -103,7 +108,16 @@ class FileStore:
             files = [
                 f for f in self._index().values() if f.owner == owner and (purpose is None or f.purpose == purpose)
             ]
-        return sorted(files, key=lambda f: (f.created_at, f.stored_ns), reverse=newest_first)
+        return sorted(files, key=_order, reverse=newest_first)
+
+    def position_of_gone(self, file_id: str, owner: str, files: Sequence[StoredFile]) -> int | None:
+        """How many of `files` (oldest first) were stored before the deleted or expired `file_id` of `owner`;
+        None if this store does not know where it stood."""
+        with self._lock:
+            gone = self._gone.get(file_id)
+        if gone is None or gone[0] != owner:
+            return None
+        return bisect.bisect_left([_order(f) for f in files], gone[1])
 
     def add(self, source: BinaryIO, filename: str, purpose: str, ttl_s: int | None, owner: str = "") -> StoredFile:
         """Store what `source` holds; FileTooLargeError past `max_file_bytes` (nothing is kept then)."""
@@ -180,9 +194,16 @@ class FileStore:
 
     def _remove(self, file_id: str) -> None:
         assert self._files is not None
-        del self._files[file_id]
+        stored = self._files.pop(file_id)
+        self._gone[file_id] = (stored.owner, _order(stored))
+        while len(self._gone) > _GONE_KEPT:
+            del self._gone[next(iter(self._gone))]
         (self.directory / f"{file_id}.json").unlink(missing_ok=True)  # first: without it the bytes are not listed
         (self.directory / file_id).unlink(missing_ok=True)
+
+
+def _order(stored: StoredFile) -> tuple[int, int]:
+    return stored.created_at, stored.stored_ns
 
 
 def claim(files_dir: Path) -> TextIO:

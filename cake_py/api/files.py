@@ -95,13 +95,15 @@ async def upload_file(request: Request) -> Response:
 
 async def list_files(request: Request) -> Response:
     purpose = request.query_params.get("purpose")
-    files = await run_in_threadpool(store_of(request).list, request_owner(request), purpose, newest_first=False)
+    store, owner = store_of(request), request_owner(request)
+    files = await run_in_threadpool(store.list, owner, purpose, newest_first=False)
     page = list_page(
         request.query_params,
         [f.to_json() for f in files],
         what="file",
         default_limit=MAX_LISTED,
         max_limit=MAX_LISTED,
+        cursor=lambda file_id: store.position_of_gone(file_id, owner, files),
     )
     return JSONResponse(page)
 

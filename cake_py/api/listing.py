@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.datastructures import QueryParams
@@ -20,9 +20,11 @@ def list_page(
     max_limit: int = 100,
     ordered: bool = True,
     default_order: str = "desc",
+    cursor: Callable[[str], int | None] | None = None,
 ) -> dict[str, Any]:
     """The page of `items` (oldest first) the query asks for; `ordered` False: no `order` (newest first always).
-    A bad order or limit, or an `after` that names none of `what`, is a 400."""
+    An `after` no longer among the items (deleted since the last page) is placed by `cursor`: how many of the
+    items were made before it. A bad order or limit, or an `after` that names none of `what`, is a 400."""
     order = query.get("order", default_order) if ordered else "desc"
     if order not in ("asc", "desc"):
         raise ApiError(400, f"order must be asc or desc, got {order!r}"[:300])
@@ -36,9 +38,12 @@ def list_page(
     after = query.get("after")
     if after is not None:
         ids = [item["id"] for item in rows]
-        if after not in ids:
+        if after in ids:
+            rows = rows[ids.index(after) + 1 :]
+        elif (before := cursor(after) if cursor is not None else None) is not None:
+            rows = list(reversed(items[:before]) if order == "desc" else items[before:])
+        else:
             raise ApiError(400, f"after: no {what} has the id {after!r}"[:300])
-        rows = rows[ids.index(after) + 1 :]
     page = rows[:limit]
     return {
         "object": "list",

@@ -533,3 +533,17 @@ def test_a_batch_failing_when_the_server_stopped_ends_failed_and_batches_keep_th
         assert server.state.engine is not None and server.state.engine.stats.requests_total == 0  # not run again
         listed = [b.id for b in client.batches.list(limit=100) if b.id in made]
         assert listed == made[::-1]  # newest first, as created
+
+
+def test_listing_in_pages_while_deleting_each_file_walks_them_all(client: OpenAI) -> None:
+    """The official client's auto-pagination asks for the page after the last one's final id, which the loop had
+    just deleted: a 400 "no file has the id" after the first page."""
+    made = {client.files.create(file=(f"{i}.txt", io.BytesIO(b"x")), purpose="evals").id for i in range(7)}
+    seen = []
+    for stored in client.files.list(purpose="evals", limit=3):
+        seen.append(stored.id)
+        client.files.delete(stored.id)
+    assert sorted(seen) == sorted(made) and len(seen) == 7
+    assert list(client.files.list(purpose="evals")) == []
+    with refused(openai.BadRequestError, "after: no file has the id 'file-000000000000000000000000'"):
+        client.files.list(after="file-000000000000000000000000")
