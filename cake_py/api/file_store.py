@@ -78,6 +78,8 @@ class FileStore:
                 for meta in self.directory.glob("file-*.json"):
                     if (stored := _read_stored(meta, self.directory)) is not None:
                         files[stored.id] = stored
+                for partial in self.directory.glob(".file-*"):  # a write a crash cut short (one server per folder)
+                    partial.unlink(missing_ok=True)
             self._files = files
         now = time.time()
         for stored in [f for f in self._files.values() if f.expires_at is not None and f.expires_at <= now]:

@@ -65,8 +65,10 @@ def test_unfinished_uploads_and_foreign_names_are_not_files(tmp_path: Path) -> N
     stored = store.add(io.BytesIO(b"abc"), "a", "batch", None)
     (store.directory / "file-0123456789abcdef01234567").write_bytes(b"no metadata: an upload cut short")
     (store.directory / "file-zzz.json").write_text("{not json")
+    (store.directory / f".{stored.id}.1234abcd").write_bytes(b"a write a crash cut short")
     again = FileStore(tmp_path, max_file_bytes=0)
     assert [f.id for f in again.list("")] == [stored.id]
+    assert not list(store.directory.glob(".file-*"))  # removed when the store is read
     for name in ("../../etc/passwd", "file-0123456789abcdef01234567", f"{stored.id}/../x", stored.id.upper()):
         with pytest.raises(KeyError):
             again.get(name)
