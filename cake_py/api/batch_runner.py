@@ -116,6 +116,8 @@ class BatchRunner:
         await asyncio.to_thread(write)
 
     def _load(self) -> list[Batch]:
+        for partial in self.directory.glob(".batch_*"):  # a record write a crash cut short (one server per folder)
+            partial.unlink(missing_ok=True)
         batches = []
         for path in sorted(self.directory.glob("batch_*.json")):
             try:
