@@ -526,7 +526,10 @@ def test_a_batch_failing_when_the_server_stopped_ends_failed_and_batches_keep_th
     record.update(status="in_progress", finishing_as="failed", errors=[error], output_file_id=None)
     record_path.write_text(json.dumps(record))
     (tmp_path / "batches" / f"{made[0]}.output.jsonl").write_text(json.dumps({"custom_id": "one"}) + "\n")
+    cut_short = tmp_path / "batches" / f".{made[1]}.json.0a1b2c3d"  # a record write a crash cut short
+    cut_short.write_text('{"id": ')
     with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
+        assert not cut_short.exists()
         failed = wait_for(client, made[0], ("failed", "completed"))
         assert failed.status == "failed" and failed.errors is not None and failed.errors.data is not None
         assert [e.message for e in failed.errors.data] == ["internal error: the disk"]
