@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,19 @@ class HeadTimeoutProtocol(H11Protocol):
         super().handle_events()
         if self.cycle is not None and not self.cycle.response_complete:  # a whole head came: its request runs
             self._cancel_head_timer()
+        else:
+            self._await_next_head()  # an answer sent before its request's body ended: that body has ended now
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
-            self._arm_head_timer()  # the next request's head is awaited (unless a pipelined one already started)
+        self._await_next_head()
+
+    def _await_next_head(self) -> None:
+        """Start timing the next request's head once the last request is all read (its body may still be arriving
+        after an early answer, such as a 401: those bytes are not a head) and no pipelined request has started."""
+        idle = self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+        if idle and self._head_timer is None and not self.transport.is_closing():
+            self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()

@@ -32,9 +32,13 @@ async def _fast(request: Request) -> PlainTextResponse:
     return PlainTextResponse("fast")
 
 
+async def _early(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("no", status_code=401)  # answered without reading the body, as a key check does
+
+
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    app = Starlette(routes=[Route("/slow", _slow), Route("/fast", _fast)])
+    app = Starlette(routes=[Route("/slow", _slow), Route("/fast", _fast), Route("/early", _early, methods=["POST"])])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", loop="asyncio", http=_QuickProtocol, lifespan="off")
@@ -103,3 +107,16 @@ def test_requests_in_time_and_slow_answers_are_untouched_and_each_next_head_is_t
         assert _read_response(connection).endswith(b"\r\n\r\nfast")
         connection.sendall(b"GET /fast HTTP/1.1\r\n")  # and the head after it stalls
         assert _read_all(connection).startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_body_still_arriving_after_an_early_answer_is_not_taken_for_a_slow_head(port: int) -> None:
+    """A 401 sent before its request's body had all come: the body's bytes armed the timer as if they were the
+    next head, and a 408 followed the 401 on a connection closed mid-upload."""
+    with _connect(port) as connection:
+        connection.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        for _ in range(10):  # 2 s for the body: longer than the head timeout
+            connection.sendall(b"x")
+            time.sleep(0.2)
+        assert b" 401 " in _read_response(connection).split(b"\r\n")[0]
+        connection.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")  # the same connection serves on
+        assert _read_response(connection).endswith(b"\r\n\r\nfast")

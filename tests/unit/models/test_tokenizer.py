@@ -265,13 +265,41 @@ def test_padding_and_truncation_in_tokenizer_json_are_not_applied(tiny_model_fac
     ("template", "needle"),
     [
         ("{{ 1/0 }}", "failed: ZeroDivisionError"),
-        ("{% for x in range(10**9) %}{% endfor %}", "Range too big"),
+        ("{% for x in range(10**9) %}{% endfor %}", "safe_range: 1000000000 is too large"),
+        ('{{ "x"|center(400000000) }}', "the center filter: 400000000 is too large"),  # folded while compiling
+        ('{{ "%0400000000d" % 1 }}', "a format with a width or precision past 999999"),
+        ('{{ "{:>1500000000}".format(1) }}', "a format with a width or precision past 999999"),
+        ('{{ "x".ljust(1500000000) }}', "ljust: 1500000000 is too large"),
+        ("{{ [[1]]|tojson(indent=300000000) }}", "the tojson filter: 300000000 is too large"),
+        ('{{ (["x" * 1000000] * 1500)|join }}', "join would make 1500000000 characters"),
+        ('{{ ("x" * 1000000).replace("x", "y" * 1500) }}', "replace would make 1500000000 characters"),
+        (
+            '{% set ns = namespace(s="x") %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}',
+            "~ would make 67108864 characters",
+        ),
+        ("{{ ([[0] * 10] * 100000)|sum(start=[]) }}", "the sum filter adds numbers"),  # quadratic, in C
         ("{% macro f(n) %}{{ f(n+1) }}{% endmacro %}{{ f(0) }}", "failed: RecursionError"),
         ("{{ 'a' * 10**10 }}", "repeating 1 items 10000000000 times makes too many"),
         ("{{ (2 ** 30000000) * 3 }}", "2 ** 30000000 is too large"),
         ("{% for x in range(100000) %}{% for y in range(100000) %}{% endfor %}{% endfor %}", "took longer than 0.3 s"),
     ],
-    ids=["divide-by-zero", "huge-range", "recursion", "huge-string", "huge-power", "nested-loops"],
+    ids=[
+        "divide-by-zero",
+        "huge-range",
+        "huge-center",
+        "huge-percent-width",
+        "huge-format-width",
+        "huge-ljust",
+        "huge-indent",
+        "huge-join",
+        "huge-replace",
+        "doubling-concat",
+        "list-sum",
+        "recursion",
+        "huge-string",
+        "huge-power",
+        "nested-loops",
+    ],
 )
 def test_a_template_that_fails_or_runs_away_is_stopped_and_named(
     tiny_model_factory,
