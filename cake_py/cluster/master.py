@@ -85,6 +85,7 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
             replies = list(pool.map(lambda c: c.handshake(settings.connect_timeout), connections))
         _refuse_the_same_worker_twice(connections, replies)
         _adopt_worker_names(connections, replies)
+        _warn_of_takeovers(connections, replies)
         if ranges is None:
             nodes = [
                 # Workers on one host share its RAM (or one GPU): each reports that memory whole.
@@ -189,6 +190,25 @@ def _master_stages(
     if stages:
         log.info("master keeps layers %s", ", ".join(f"{s.start}-{s.end - 1}" for s in stages))
     return stages
+
+
+def _warn_of_takeovers(connections: list[WorkerConnection], replies: list[pb.HandshakeReply]) -> None:
+    """Say so when a worker holds layers another master used within TAKEOVER_IDLE_S: this start takes it over
+    (a master restarted within that time looks the same), and that master's requests will fail."""
+    for conn, reply in zip(connections, replies, strict=True):
+        if not reply.assignment:
+            continue
+        try:
+            idle = conn.info().forward_idle_seconds
+        except ClusterError:
+            continue
+        if idle < TAKEOVER_IDLE_S:
+            held = f"{reply.model_id} layers {reply.layers.start}-{reply.layers.end - 1}"
+            log.warning(
+                "%s was serving another master %.0f s ago (%s): this master takes it over, and that one's requests "
+                "will fail (if it is still running, give each master its own workers)",
+                conn.label, idle, held,
+            )  # fmt: skip
 
 
 def available_workers(

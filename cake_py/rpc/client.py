@@ -49,6 +49,7 @@ _REQUEST_IDS = itertools.count(1)
 # A chained forward that no worker of its chain has worked on for this long was lost on the way (a worker's
 # connection thread died with it, say): the step fails instead of waiting forever.
 CHAIN_STALL_S = 30.0
+FAST_RETRY_MAX_S = 60.0
 
 
 def _on_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,9 @@ class RemoteStage:
         self._outbox: queue.SimpleQueue[pb.ForwardRequest | None] | None = None
         self._call: Any = None
         self._fast: DataPlaneClient | None = None
-        self._fast_failed = False  # this connection's fast path was tried and refused: use the gRPC stream
+        # After a failed fast-path connect, the gRPC stream carries the calls until this time (monotonic); the wait
+        # doubles with each failure.
+        self._fast_retry_at, self._fast_backoff = 0.0, 0.0
         self._chain_off = False  # a worker of a chain could not reach the next one: this stage is not chained again
         self.chained_calls = 0  # forward passes this stage ran inside a chained call
         self._closing = threading.Event()
@@ -117,18 +120,25 @@ class RemoteStage:
             return self._outbox, self._call
 
     def _fast_path(self) -> DataPlaneClient | None:
-        """The fast-path connection, opened on first use; None when the worker offers none or it failed."""
-        if self._fast is None and not self._fast_failed and self.connection.data_port:
+        """The fast-path connection, opened on first use; None when the worker offers none, or while a failed
+        connect waits to be tried again (1 s, doubling to a minute: one failure must not cost it for good)."""
+        if self._fast is None and self.connection.data_port and time.monotonic() >= self._fast_retry_at:
             host = self.connection.spec.address.rpartition(":")[0].strip("[]")
             client = DataPlaneClient(host, self.connection.data_port, self.connection.cluster_key, self.connection.tls)
             try:
                 client.connect(timeout=PING_TIMEOUT_S)
             except ClusterError as error:
-                self._fast_failed = True
-                log.warning("%s: %s; using the gRPC Forward stream", self.connection.label, error)
+                self._fast_backoff = min(self._fast_backoff * 2, FAST_RETRY_MAX_S) if self._fast_backoff else 1.0
+                self._fast_retry_at = time.monotonic() + self._fast_backoff
+                log.warning(
+                    "%s: %s; using the gRPC Forward stream, fast path tried again in %.0f s",
+                    self.connection.label, error, self._fast_backoff,
+                )  # fmt: skip
                 return None
+            if self._fast_backoff:
+                log.info("%s: fast path back", self.connection.label)
             with self._lock:
-                self._fast = client
+                self._fast, self._fast_backoff = client, 0.0
         return self._fast
 
     @property
@@ -143,7 +153,7 @@ class RemoteStage:
         with self._lock:
             if self._fast is not None:
                 self._fast.close()
-            self._fast, self._fast_failed = None, False
+            self._fast, self._fast_retry_at, self._fast_backoff = None, 0.0, 0.0
             if self._outbox is not None:
                 self._outbox.put(None)
             if self._call is not None:
@@ -334,7 +344,9 @@ class RemoteStage:
                     self._worked_at = self._info_at - info.forward_idle_seconds
                     held = (info.layers.start, info.layers.end) if info.HasField("layers") else None
                     if info.status != pb.WORKER_STATUS_READY:
-                        self._mark_down(f"worker lost its layers (status {info.status})")
+                        status = pb.WorkerStatus.Name(info.status).removeprefix("WORKER_STATUS_").lower()
+                        why = "another master is assigning it layers" if status == "loading" else "it lost its layers"
+                        self._mark_down(f"worker is {status}: {why}")
                     elif (
                         held != (self.start, self.end)
                         or info.model_id != self.assignment.model_id
@@ -351,6 +363,8 @@ class RemoteStage:
                 self._reconnect()
                 backoff = 0.5
             except ClusterError as error:
+                if str(error) != self._status_error:  # each new reason once (a key or TLS change, another master)
+                    log.warning("%s is still down: %s", self.connection.label, error)
                 self._status_error = str(error)
                 backoff = min(backoff * 2, 5.0)
 

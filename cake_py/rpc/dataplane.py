@@ -47,11 +47,27 @@ MAX_HELLO_BYTES = 4096  # magic + session + cluster key: read before the key is 
 # connects and sends nothing must not hold a thread and a socket for ever.
 HELLO_TIMEOUT_S = 10.0
 MAX_GREETING = 64  # connections that have not said hello yet; past it more are closed at once
+REFUSED_LOG_S = 10.0  # at most one line this often about connections refused past MAX_GREETING
 _LENGTH = struct.Struct("<I")
 
 
 class FrameTooLarge(ConnectionError):
     """A peer announced a frame over the limit: the stream cannot be read past it, so the connection ends."""
+
+    def __init__(self, message: str, head: bytes) -> None:
+        super().__init__(message)
+        self.head = head  # the length's bytes as they came: they tell what else is talking to this port
+
+
+def _stranger(head: bytes) -> str:
+    """What a connection whose first bytes are no length of ours most likely is, for the log."""
+    if head.startswith(b"PRI "):
+        return "a gRPC client: a master given this worker's fast-path port (--data-port) instead of its port?"
+    if head[:1] == b"\x16" and head[1:2] == b"\x03":
+        return "a TLS client on the plaintext fast path: start the worker with --tls-cert/--tls-key as well"
+    if head[:4] in (b"GET ", b"POST", b"HEAD", b"PUT "):
+        return "an HTTP client, not a cake master"
+    return "not a cake master (or one speaking another protocol)"
 
 
 def _read_exact(sock: socket.socket, size: int, deadline: float | None = None) -> bytes:
@@ -71,9 +87,10 @@ def _read_exact(sock: socket.socket, size: int, deadline: float | None = None) -
 
 
 def read_frame(sock: socket.socket, limit: int = MAX_MESSAGE_BYTES, deadline: float | None = None) -> bytes:
-    (size,) = _LENGTH.unpack(_read_exact(sock, _LENGTH.size, deadline))
+    head = _read_exact(sock, _LENGTH.size, deadline)
+    (size,) = _LENGTH.unpack(head)
     if size > limit:
-        raise FrameTooLarge(f"frame of {size} bytes is over the {limit}-byte limit")
+        raise FrameTooLarge(f"frame of {size} bytes is over the {limit}-byte limit", head)
     return _read_exact(sock, size, deadline) if size else b""
 
 
@@ -210,6 +227,7 @@ class DataPlaneServer:
         # Open connections by the session id of their hello.
         self._sessions: dict[bytes, _Session] = {}
         self._greeting = 0  # connections accepted that have not said hello yet
+        self._refused, self._refused_logged_at = 0, float("-inf")  # refused past MAX_GREETING since the last line
         self._sessions_lock = threading.Lock()  # both
 
     def start(self) -> None:
@@ -238,7 +256,13 @@ class DataPlaneServer:
                 crowded = self._greeting >= MAX_GREETING
                 self._greeting += not crowded
             if crowded:  # connections that have not said hello yet: each holds a thread until it does
-                log.warning("forward fast path: %d connections have not said hello; refused %s", MAX_GREETING, peer)
+                self._refused += 1
+                if time.monotonic() >= self._refused_logged_at + REFUSED_LOG_S:  # a flood: a line now and then
+                    log.warning(
+                        "forward fast path: %d connections have not said hello; refused %d (the latest from %s)",
+                        MAX_GREETING, self._refused, peer,
+                    )  # fmt: skip
+                    self._refused, self._refused_logged_at = 0, time.monotonic()
                 conn.close()
                 continue
             try:
@@ -276,6 +300,10 @@ class DataPlaneServer:
             greeting = False
             self._greeted()
             if not hello.startswith(HELLO_MAGIC) or len(hello) < len(HELLO_MAGIC) + SESSION_BYTES:
+                log.warning(
+                    "refused a forward connection from %s: its hello is not this version's (%r): a master of "
+                    "another cake version?", peer, hello[: len(HELLO_MAGIC)],
+                )  # fmt: skip
                 write_frame(conn, b"\x00not a cake forward connection (protocol mismatch)")
                 return
             key = hello[len(HELLO_MAGIC) + SESSION_BYTES :]
@@ -295,8 +323,15 @@ class DataPlaneServer:
                     if answer is not None:
                         entry.answer(answer)
         except FrameTooLarge as error:  # not a master of this protocol, or a broken one: say why it was dropped
-            log.warning("forward connection from %s closed: %s", peer, error)
-        except (OSError, ssl.SSLError, ConnectionError):
+            what = _stranger(error.head) if greeting else "a broken master"
+            log.warning("forward connection from %s closed: %s (%s)", peer, error, what)
+        except ssl.SSLError as error:
+            if greeting:  # a plaintext client on a TLS port, a certificate refused: the master's error is vaguer
+                log.warning("forward connection from %s: TLS handshake failed: %s", peer, error.reason or error)
+        except TimeoutError:
+            if greeting:
+                log.info("forward connection from %s closed: no hello within %.0f s", peer, self.hello_timeout)
+        except (OSError, ConnectionError):
             pass  # the master went away; its sequences are released by Release or the idle timeout
         except Exception:  # a bug: into the log, not a silent thread death
             log.exception("forward connection from %s failed", peer)

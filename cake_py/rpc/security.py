@@ -9,6 +9,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import ssl
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,21 @@ def key_metadata(key: str | None) -> tuple[tuple[str, str], ...]:
     return ((KEY_HEADER, key),) if key else ()
 
 
+def check_certificate_dates(path: Path, now: float | None = None) -> None:
+    """ConfigError for an expired --tls-cert (every peer would refuse it, each after a timeout, while this side
+    said nothing); a warning for one not valid yet (a clock a little behind may still catch up)."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]  # the stdlib's PEM reader
+        not_before, not_after = (ssl.cert_time_to_seconds(decoded[name]) for name in ("notBefore", "notAfter"))
+    except (ssl.SSLError, OSError, ValueError, KeyError):
+        return  # not readable as one certificate: loading it says why
+    now = time.time() if now is None else now
+    if now > not_after:
+        raise ConfigError(f"--tls-cert {str(path)!r} expired on {decoded['notAfter']}: issue a new certificate")
+    if now < not_before:
+        log.warning("--tls-cert %s is not valid before %s: peers refuse it until then", path, decoded["notBefore"])
+
+
 def server_credentials(cert: Path | None, key: Path | None, ca: Path | None) -> grpc.ServerCredentials | None:
     """TLS credentials for a worker, or None for plaintext. With a CA, masters must present a certificate."""
     if cert is None and key is None:
@@ -100,6 +117,7 @@ def server_credentials(cert: Path | None, key: Path | None, ca: Path | None) -> 
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
     cert_bytes, key_bytes = _read(cert, "TLS certificate"), _read(key, "TLS key")
     assert cert_bytes is not None and key_bytes is not None
+    check_certificate_dates(cert)
     ca_bytes = _read(ca, "TLS CA")
     return grpc.ssl_server_credentials(
         [(key_bytes, cert_bytes)], root_certificates=ca_bytes, require_client_auth=ca_bytes is not None
@@ -112,6 +130,8 @@ def channel_credentials(cert: Path | None, key: Path | None, ca: Path | None) ->
         return None
     if (cert is None) != (key is None):
         raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+    if cert is not None:
+        check_certificate_dates(cert)
     return grpc.ssl_channel_credentials(
         root_certificates=_read(ca, "TLS CA"),
         private_key=_read(key, "TLS key"),

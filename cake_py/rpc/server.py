@@ -80,6 +80,10 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
 
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeReply:
         if request.protocol_version != PROTOCOL_VERSION:
+            log.warning(
+                "refused a master at %s speaking protocol %d (this worker speaks %d): run the same cake_py version",
+                context.peer(), request.protocol_version, PROTOCOL_VERSION,
+            )  # fmt: skip
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {request.protocol_version} is not this worker's {PROTOCOL_VERSION}: "

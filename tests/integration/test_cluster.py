@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -626,6 +627,32 @@ def test_fast_path_by_default_and_grpc_stream_without_it(
             pipeline.close()
     finally:
         plain.kill()
+
+
+def test_a_failed_fast_path_connect_is_tried_again(
+    workers: list[WorkerProcess], llama: ModelSource, single_node_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One failed connect (a busy port, a slow TLS handshake) turned the fast path off for good."""
+    real_connect, failures = DataPlaneClient.connect, [1]
+
+    def flaky(self: DataPlaneClient, timeout: float) -> None:
+        if failures:
+            failures.pop()
+            raise ClusterError("the connection closed")
+        real_connect(self, timeout)
+
+    monkeypatch.setattr(DataPlaneClient, "connect", flaky)
+    pipeline = build_pipeline(settings_for(llama, [workers[0].spec((0, 3))]), llama, "cpu")
+    try:
+        prompt = llama.tokenizer.encode(PROMPT)
+        stage = next(s for s in pipeline.stages if isinstance(s, RemoteStage))
+        assert generate_tokens(pipeline, llama.tokenizer, prompt) == single_node_tokens
+        assert stage.transport == "grpc"  # the gRPC stream carried it meanwhile
+        time.sleep(1.1)  # the first wait
+        assert generate_tokens(pipeline, llama.tokenizer, prompt) == single_node_tokens
+        assert stage.transport == "fast"
+    finally:
+        pipeline.close()
 
 
 # ---- a model that fails while its layers are handed out leaves no channel open ----

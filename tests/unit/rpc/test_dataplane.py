@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -153,6 +154,33 @@ def test_an_oversized_hello_is_refused_without_reading_it(
     while "over the 4096-byte limit" not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.05)
     assert f"frame of {MAX_HELLO_BYTES + 1} bytes is over the 4096-byte limit" in caplog.text  # why, in the log
+
+
+@pytest.mark.parametrize(
+    ("first_bytes", "needle"),
+    [
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "a gRPC client: a master given this worker's fast-path port"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "a TLS client on the plaintext fast path"),
+        (b"GET / HTTP/1.1\r\n\r\n", "an HTTP client"),
+        (struct.pack("<I", 40) + b"CAKE-FWD-0" + bytes(30), "its hello is not this version's"),
+    ],
+    ids=["grpc", "tls", "http", "old-hello"],
+)
+def test_what_else_talks_to_the_fast_path_port_is_named_in_the_log(
+    echo_server: DataPlaneServer, caplog: pytest.LogCaptureFixture, first_bytes: bytes, needle: str
+) -> None:
+    """A master pointed at the data port logged 'frame of 541676112 bytes' (the gRPC preface read as a length)."""
+    caplog.set_level(logging.WARNING)
+    with socket.create_connection(("127.0.0.1", echo_server.port)) as client:
+        client.sendall(first_bytes)
+        client.settimeout(5)
+        with contextlib.suppress(ConnectionError):
+            while client.recv(1024):
+                pass
+    deadline = time.monotonic() + 5
+    while needle not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert needle in caplog.text
 
 
 def test_accept_goes_on_after_a_failure() -> None:
