@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import re
 import select
 import socket
 import ssl
@@ -50,6 +51,7 @@ _REQUEST_IDS = itertools.count(1)
 # connection thread died with it, say): the step fails instead of waiting forever.
 CHAIN_STALL_S = 30.0
 FAST_RETRY_MAX_S = 60.0
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def _on_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -363,7 +365,8 @@ class RemoteStage:
                 self._reconnect()
                 backoff = 0.5
             except ClusterError as error:
-                if str(error) != self._status_error:  # each new reason once (a key or TLS change, another master)
+                # Each new reason once (a key or TLS change, another master), not each figure in it ("in use 3 s ago")
+                if _DIGITS.sub("#", str(error)) != _DIGITS.sub("#", self._status_error):
                     log.warning("%s is still down: %s", self.connection.label, error)
                 self._status_error = str(error)
                 backoff = min(backoff * 2, 5.0)

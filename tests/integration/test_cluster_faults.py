@@ -6,6 +6,7 @@ Every wait is bounded: a request that hangs, a stage that never turns down or ne
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import shutil
 import threading
@@ -313,6 +314,7 @@ def test_a_worker_taken_by_another_master_is_not_used_until_left_idle(
     single_node_tokens: list[int],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Another model under the same folder name: a name check alone would take its layers for ours.
     other_folder = tmp_path / "other" / "llama"
@@ -327,7 +329,9 @@ def test_a_worker_taken_by_another_master_is_not_used_until_left_idle(
     prompt = llama.tokenizer.encode(PROMPT)
     try:
         assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
+        caplog.set_level(logging.WARNING)
         intruder, intruder_engine = serving_engine(other, [worker.spec()])  # a second master assigns it
+        assert "was serving another master" in caplog.text and "this master takes it over" in caplog.text
         try:
             assert token_ids(collect(intruder_engine, prompt, greedy(4), timeout=60)) != single_node_tokens[:4]
             wait_until(lambda: not pipeline.healthy(), 3.5, "the first master noticing the re-assignment")
@@ -335,6 +339,9 @@ def test_a_worker_taken_by_another_master_is_not_used_until_left_idle(
             assert refused.finish_reason == "error", refused  # not the other model's tokens
             stage = pipeline.stages[0]
             wait_until(lambda: "now serves another master" in str(stage.describe()["error"]), 10.0, "a clear reason")
+            # ...said in the master's log too, once over several tries (it was only in the topology)
+            time.sleep(2.0)
+            assert caplog.text.count("is still down: ") == 1 and "now serves another master" in caplog.text
             monkeypatch.setattr(client_module, "TAKEOVER_IDLE_S", 0.5)  # the intruder has gone quiet
             wait_until(pipeline.healthy, 15.0, "the first master taking its worker back")
             assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens

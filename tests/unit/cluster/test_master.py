@@ -5,7 +5,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from cake_py.cluster.master import _adopt_worker_names
+import pytest
+
+from cake_py.cluster.master import _adopt_worker_names, _warn_of_takeovers
 from cake_py.config import parse_workers_flag
 
 
@@ -43,3 +45,19 @@ def test_the_masters_own_part_and_the_layers_add_up_to_the_whole_model(tiny_mode
     assert ends_bytes(source, torch.bfloat16) * 2 == ends_bytes(source, torch.float32)
     total = sum(t.numel() * 4 for t in source.weights.load(source.weights.names(), torch.float32).values())
     assert sum(layer_bytes(source, torch.float32)) + ends_bytes(source, torch.float32) == total
+
+
+def test_taking_over_a_worker_another_master_used_lately_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """A second master took a busy worker without a word; the first one's requests then failed."""
+
+    def connection(label: str, idle: float) -> Any:
+        return SimpleNamespace(label=label, info=lambda: SimpleNamespace(forward_idle_seconds=idle))
+
+    def reply(assignment: int) -> Any:
+        return SimpleNamespace(assignment=assignment, model_id="tiny", layers=SimpleNamespace(start=0, end=3))
+
+    connections = [connection("worker 'busy'", 1.0), connection("worker 'idle'", 600.0), connection("worker 'new'", 0)]
+    _warn_of_takeovers(connections, [reply(7), reply(9), reply(0)])
+    said = "worker 'busy' was serving another master 1 s ago (tiny layers 0-2): this master takes it over"
+    assert said in caplog.text
+    assert "'idle'" not in caplog.text and "'new'" not in caplog.text
