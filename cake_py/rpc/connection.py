@@ -147,13 +147,23 @@ class WorkerConnection:
             return ""
         host, _, port = self.spec.address.rpartition(":")
         host = host.strip("[]")
+        refused = (
+            " (the worker refused this master's certificate{}: a worker started with --tls-ca wants the master's "
+            "--tls-cert/--tls-key, signed by that CA)"
+        )
+        self.tls.set_alpn_protocols(["h2"])  # what gRPC offers: without it the worker's gRPC port says nothing
         try:
             with socket.create_connection((host, int(port)), timeout=2.0) as raw:
-                with self.tls.wrap_socket(raw, server_hostname=host):
-                    return ""
+                with self.tls.wrap_socket(raw, server_hostname=host) as link:
+                    # With TLS 1.3 the worker judges our certificate after our side of the handshake is done: its
+                    # verdict is the first thing read (its HTTP/2 settings when all is well; else an alert, or the
+                    # connection closed at once).
+                    return "" if link.recv(1) else refused.format("")
         except ssl.SSLCertVerificationError as error:
             return f" (its certificate: {error.verify_message})"
-        except (OSError, ssl.SSLError, ValueError):
+        except ssl.SSLError as error:
+            return refused.format(f" ({error.reason})") if "ALERT" in (error.reason or "") else ""
+        except (OSError, ValueError):
             return ""
 
     def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> pb.HandshakeReply:

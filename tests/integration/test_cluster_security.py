@@ -301,8 +301,10 @@ def test_master_trusting_another_ca_refuses_the_tls_worker(
 def test_mutual_tls_needs_the_masters_certificate(
     secure: SecureWorkers, certificates: Certificates, llama: ModelSource, single_node_tokens: list[int]
 ) -> None:
-    with pytest.raises(ClusterError, match="unreachable"):
+    with pytest.raises(ClusterError, match="unreachable") as caught:
         build_pipeline(settings_for(secure.mutual, tls_ca=certificates.ca, connect_timeout=1.0), llama, "cpu")
+    # Which side refused whom (the hint blamed the worker's certificate).
+    assert "the worker refused this master's certificate: a worker started with --tls-ca" in str(caught.value)
     with_certificate = settings_for(
         secure.mutual, tls_ca=certificates.ca, tls_cert=certificates.client_cert, tls_key=certificates.client_key
     )
