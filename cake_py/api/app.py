@@ -81,6 +81,8 @@ def create_app(state: ServerState) -> Starlette:
         try:
             yield
         finally:
+            if state.restore_task is not None:  # a previous model being brought back: not any more
+                state.restore_task.cancel()
             if state.failover is not None:
                 await state.failover.stop()  # before anything stops: a stage it sees down would start a placement
             await state.batches.stop()  # before the engine stops: a request it ends would count as failed

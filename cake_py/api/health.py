@@ -1,6 +1,6 @@
 """/health (seeds 000–002): 200 `{"status": "healthy", "running": true, …}` while every stage of the served
-pipeline is up; 503 when a stage is down or the model is being switched. Never behind the API key, nor are vLLM's
-/ping (the same probe) and /version."""
+pipeline is up; 503 when a stage is down, the model is being switched, or no model is loaded. Never behind the API
+key, nor are vLLM's /ping (the same probe) and /version."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def health_document(state: ServerState) -> tuple[dict[str, object], int]:
     down = [stage.name for stage, stage_up in zip(stages, up, strict=True) if not stage_up]
     switching = state.switching
     died = engine is not None and engine.died
-    status = "loading" if switching else "unhealthy" if down or died else "healthy"
+    # No model (unloaded, or a load that failed to bring the previous one back): nothing can be served.
+    empty = engine is None and not switching
+    status = "loading" if switching else "unhealthy" if down or died or empty else "healthy"
     body: dict[str, object] = {
         "status": status,
         "running": engine is not None and not down and not switching and not died,
@@ -45,7 +47,9 @@ def health_document(state: ServerState) -> tuple[dict[str, object], int]:
         body["error"] = f"pipeline stage(s) down: {', '.join(down)}"
     elif switching:
         body["error"] = f"the server is {switching}"
-    return body, 503 if down or switching or died else 200
+    elif empty:
+        body["error"] = state.restore_error or "No text model loaded: load one with POST /models/load"
+    return body, 503 if down or switching or died or empty else 200
 
 
 async def health(request: Request) -> Response:

@@ -11,6 +11,7 @@ Everything that touches torch or the disk runs in a worker thread, never on the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 from typing import Any
@@ -29,6 +30,8 @@ from cake_py.models.device import release_device_memory, release_openmp_threads
 from cake_py.models.hub import EMBEDDED_MODEL_ID, ModelSource, list_cached, resolve_model
 
 log = logging.getLogger(__name__)
+
+RESTORE_FIRST_S = 5.0  # after a failed load that also lost the previous model: the first try to bring it back
 
 
 def current_model(state: ServerState) -> dict[str, Any]:
@@ -96,6 +99,7 @@ async def load_model(request: Request) -> Response:
     if state.switch_lock.locked():
         raise _busy(state)
     async with state.switch_lock:
+        _stop_restoring(state)
         if state.engine is not None and (down := state.engine.pipeline.down_stages()):
             raise ApiError(
                 503,
@@ -142,11 +146,48 @@ async def _restore(state: ServerState, source: ModelSource, settings: Any, name:
         engine = await run_in_threadpool(build_engine, state, source, settings)
     except Exception as restore_error:
         log.error("the previous model %r could not be loaded again: %s", name, restore_error)
+        state.restore_error = f"the previous model {name!r} could not be loaded again ({restore_error}); retrying"
+        state.restore_task = asyncio.get_running_loop().create_task(_keep_restoring(state, source, settings, name))
         return ApiError(
-            status, f"{error}; the previous model {name!r} could not be loaded again ({restore_error}): none is loaded"
+            status,
+            f"{error}; the previous model {name!r} could not be loaded again ({restore_error}): none is loaded "
+            "until it can be (tried again every few seconds, as when a worker comes back) or another is loaded",
         )
     state.engine, state.source, state.settings = engine, source, settings
     return ApiError(status, f"{error}; the previous model {name!r} is served again")
+
+
+async def _keep_restoring(state: ServerState, source: ModelSource, settings: Any, name: str) -> None:
+    """Bring the previous model back once it can be (a worker that died during the load is restarted): every
+    RESTORE_FIRST_S, doubling to a minute, until it is served or a later load or unload decides otherwise."""
+    delay = RESTORE_FIRST_S
+    while True:
+        await asyncio.sleep(delay)
+        async with state.switch_lock:
+            if state.restore_task is not asyncio.current_task() or state.engine is not None:
+                return
+            state.switching = f"loading model {name!r} again"
+            try:
+                await run_in_threadpool(release_device_memory, state.device)
+                engine = await run_in_threadpool(build_engine, state, source, settings)
+            except Exception as error:
+                delay = min(delay * 2, 60.0)
+                state.restore_error = f"the previous model {name!r} could not be loaded again ({error}); retrying"
+                log.warning("the previous model %r still cannot be loaded: %s; next try in %.0f s", name, error, delay)
+                continue
+            finally:
+                state.switching = None
+            state.engine, state.source, state.settings = engine, source, settings
+            state.restore_error, state.restore_task = None, None
+            log.info("the previous model %r is served again", name)
+            return
+
+
+def _stop_restoring(state: ServerState) -> None:
+    """A load or unload decides what is served: the previous model is no longer being brought back."""
+    if state.restore_task is not None:
+        state.restore_task.cancel()
+    state.restore_error, state.restore_task = None, None
 
 
 async def unload_model(request: Request) -> Response:
@@ -154,6 +195,7 @@ async def unload_model(request: Request) -> Response:
     if state.switch_lock.locked():
         raise _busy(state)
     async with state.switch_lock:
+        _stop_restoring(state)
         if state.engine is None:
             raise ApiError(404, "No text model loaded")
         unloaded = state.model_name

@@ -107,6 +107,9 @@ class ServerState:
     started: float = field(default_factory=time.time)
     switching: str | None = None  # what /models/load or /models/unload is doing, while it runs
     switch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # After a failed load that could not bring the previous model back either: why, and the task trying again.
+    restore_error: str | None = None
+    restore_task: asyncio.Task[None] | None = None
     metrics: ApiMetrics | None = None  # set by create_app: one registry per app
     # The model ids (paths or Hub ids) served since start, so /models/available still lists them after a switch.
     served_models: list[str] = field(default_factory=list)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from cake_py.api import management
 from cake_py.api.server import build_state
+from cake_py.errors import ClusterError
 from tests.fixtures.server import serving, tiny_settings
 
 
@@ -43,3 +45,31 @@ def test_the_old_model_is_gone_before_the_new_one_loads(
             assert http.post("/models/unload").status_code == 200
             assert old_layers() is None
     assert released == ["cpu"]
+
+
+def test_a_previous_model_that_could_not_be_restored_is_brought_back_when_it_can(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker died during a load: the new model failed and so did the previous one's restore, and the server
+    stayed without a model (and /health said 200) until someone loaded one by hand."""
+    state = build_state(tiny_settings(tiny_llama))
+    build, calls = management.build_engine, [0]
+
+    def failing_twice(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] <= 2:  # the new model, then the previous one's first restore
+            raise ClusterError("worker 'w2' at 127.0.0.1:1 is unreachable")
+        return build(*args)
+
+    monkeypatch.setattr(management, "build_engine", failing_twice)
+    monkeypatch.setattr(management, "RESTORE_FIRST_S", 0.3)
+    with serving(state) as handle, httpx.Client(base_url=handle.base_url, timeout=120) as http:
+        failed = http.post("/models/load", json={"model_id": str(tiny_llama)})
+        assert failed.status_code == 503 and "none is loaded until it can be" in failed.json()["detail"]
+        health = http.get("/health")
+        assert health.status_code == 503 and "could not be loaded again" in health.json()["error"]
+        deadline = time.monotonic() + 10
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert http.get("/health").status_code == 200 and calls[0] == 3
+        assert http.post("/generate", json={"prompt": "hi", "max_length": 2}).status_code == 200

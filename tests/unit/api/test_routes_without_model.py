@@ -72,11 +72,14 @@ def test_unknown_route_and_wrong_method_are_json(client: TestClient) -> None:
     assert client.get("/models/load").json() == {"detail": "method GET is not allowed on /models/load"}
 
 
-def test_without_a_model_health_is_up_but_not_running_and_models_are_empty(client: TestClient) -> None:
+def test_without_a_model_health_is_503_not_running_and_models_are_empty(client: TestClient) -> None:
+    """Nothing can be served (an unload, a load that lost the previous model): a load balancer must look elsewhere
+    (it answered 200 "healthy")."""
     health = client.get("/health")
-    assert health.status_code == 200
-    assert health.json()["status"] == "healthy"
+    assert health.status_code == 503
+    assert health.json()["status"] == "unhealthy"
     assert health.json()["running"] is False
+    assert health.json()["error"] == "No text model loaded: load one with POST /models/load"
     assert client.get("/v1/models").json() == {"object": "list", "data": []}
     assert client.get("/models/current").json() == {"loaded": False, "model_id": None, "name": None}
     unload = client.post("/models/unload")
@@ -127,7 +130,7 @@ def test_metrics_are_prometheus_text_from_a_registry_per_app(client: TestClient)
     first = client.get("/metrics")
     assert first.status_code == 200
     assert first.headers["content-type"].startswith("text/plain")
-    assert 'cake_http_requests_total{method="GET",route="/health",status="200"} 1.0' in first.text
+    assert 'cake_http_requests_total{method="GET",route="/health",status="503"} 1.0' in first.text
     other = ServerState(engine=None, source=None, settings=ServeSettings())
     with TestClient(create_app(other)) as second:
         assert 'route="/health"' not in second.get("/metrics").text
