@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +35,7 @@ from cake_py.config import (
     check_tls_files,
     default_cache_dir,
     default_files_dir,
-    env,
+    env_given,
     load_cluster_file,
     parse_api_keys,
     parse_cpus,
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="cake run [-h] [options] [MODEL] PROMPT",  # argparse would print "[MODEL] PROMPT [[MODEL] PROMPT ...]"
     )
     run.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
-    run.add_argument("--max-tokens", type=positive_int, default=512)
+    run.add_argument("--max-tokens", type=at_least_one, default=512)
     run.add_argument("--temperature", type=float, default=0.0)
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int)
@@ -301,7 +303,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
 def _given(flag: str | None, variable: str) -> str | None:
     """A flag, else its environment variable: a flag given empty (`--cluster-key "$UNSET"`) is an error to report,
     not the same as no flag."""
-    return flag if flag is not None else env(variable)
+    return flag if flag is not None else env_given(variable)
 
 
 def _tls(args: argparse.Namespace) -> Path | None:
@@ -355,33 +357,50 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ConfigError(f"cake run takes [MODEL] PROMPT, got {len(args.args)} arguments (quote the prompt)")
         model, prompt = (None, args.args[0]) if len(args.args) == 1 else args.args
         params = SamplingParams(
-            max_tokens=max(args.max_tokens, 1), temperature=args.temperature, top_p=args.top_p, seed=args.seed
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
         )
 
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:  # bytes the shell passed that are not UTF-8 (surrogate escapes)
+            raise ConfigError(f"the prompt is not valid UTF-8 (at character {error.start})") from None
+
         def write(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            _output(text)
 
         device = check_device(args.device)
         options = {"dtype": args.dtype, "device": device, "raw": args.raw, "cuda_graphs": args.cuda_graphs}
         options["chat_template"] = read_chat_template(args.chat_template)
         run_prompt(model, prompt, params, write, speculative_tokens=args.speculative_tokens, **options)
-        sys.stdout.write("\n")
+        _output("\n")
     elif args.command == "pull":
         from cake_py.models.hub import download
 
-        print(download(args.model))
+        _output(f"{download(args.model)}\n")
     elif args.command == "list":
         from cake_py.models.hub import list_cached
 
         for model in list_cached():
-            print(f"{model.repo_id}\t{model.size_bytes / 1e6:.1f} MB\t{model.path}")
+            _output(f"{model.repo_id}\t{model.size_bytes / 1e6:.1f} MB\t{model.path}\n")
     elif args.command == "rm":
         from cake_py.models.hub import remove_cached
 
         freed = remove_cached(args.model)
-        print(f"removed {args.model} ({freed / 1e6:.1f} MB freed)")
+        _output(f"removed {args.model} ({freed / 1e6:.1f} MB freed)\n")
     return 0
+
+
+def _output(text: str) -> None:
+    """Write to stdout now; a closed stdout or a full disk is one line (a closed pipe is main's to end quietly)."""
+    if sys.stdout is None:
+        raise ConfigError("there is no standard output to write to")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise ConfigError(f"cannot write the output: {error.strerror or error}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -400,6 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `cake run … | head`: the reader has what it wanted
+        with contextlib.suppress(OSError):  # and Python's own flush at exit must not complain either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

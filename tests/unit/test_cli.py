@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -288,3 +289,47 @@ def test_run_renders_with_the_chat_template_given(tiny_llama: Path) -> None:
     )  # fmt: skip
     assert given == expected
     assert tokenizer.render_chat([{"role": "user", "content": "hi"}]) != "[user] hi\n"  # its own is another
+
+
+def test_settings_files_that_are_no_small_regular_file_are_named(tmp_path: Path) -> None:
+    """/dev/zero as a chat template or cluster.yaml was read until memory ran out."""
+    assert_one_line_error(cake("run", "hi", "--chat-template", "/dev/zero"), "'/dev/zero' is not a regular file")
+    assert_one_line_error(cake("serve", "--config", "/dev/zero"), "--config '/dev/zero' is not a regular file")
+    big = tmp_path / "template.jinja"
+    big.write_text("{{ messages }}" * 100_000)
+    too_big = cake("run", "hi", "--chat-template", str(big))
+    assert_one_line_error(too_big, "1400000 bytes, more than 1048576 for a settings file")
+
+
+def test_a_set_but_empty_api_key_variable_is_an_error_not_an_open_server() -> None:
+    """CAKE_API_KEY=$UNSET started a server with no key, saying nothing."""
+    result = cake("serve", "--port", "1", env={**os.environ, "CAKE_API_KEY": ""}, timeout=60)
+    assert_one_line_error(result, "--api-key (or CAKE_API_KEY) holds no key")
+
+
+def test_cake_run_output_problems_and_a_prompt_that_is_not_utf8(tiny_llama: Path) -> None:
+    """Each was a traceback: a prompt of bytes that are not UTF-8, a pipe closed early, a full disk."""
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    not_utf8 = subprocess.run(
+        [sys.executable, "-m", "cake_py.cli", "run", str(tiny_llama), os.fsdecode(b"ab\xffcd")],
+        capture_output=True, text=True, timeout=120, env=environment,
+    )  # fmt: skip
+    assert_one_line_error(not_utf8, "the prompt is not valid UTF-8 (at character 2)")
+    with open("/dev/full", "w") as full:
+        disk_full = subprocess.run(
+            [sys.executable, "-m", "cake_py.cli", "run", str(tiny_llama), "hi", "--max-tokens", "4"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, env=environment,
+        )  # fmt: skip
+    assert disk_full.returncode == 1 and "Traceback" not in disk_full.stderr
+    assert "cake: error: cannot write the output: No space left on device" in disk_full.stderr
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "cake_py.cli", "run", str(tiny_llama), "hi", "--max-tokens", "200", "--raw"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment,
+    )  # fmt: skip
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.read(1)
+    reader.stdout.close()  # as `| head -c 1` does
+    assert reader.wait(timeout=120) == 141
+    assert b"Traceback" not in reader.stderr.read()
+    reader.stderr.close()
+    assert_one_line_error(cake("run", str(tiny_llama), "hi", "--max-tokens", "0"), "'0' must be at least 1")

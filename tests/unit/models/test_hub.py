@@ -171,3 +171,42 @@ def test_the_cache_commands_say_a_path_is_no_hub_id(tmp_path: Path) -> None:
             remove_cached(path)
         with pytest.raises(ModelNotFoundError, match="looks like a path, not a Hub id"):
             download(path)
+
+
+def test_a_hub_that_accepts_and_says_nothing_fails_in_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub waits for ever by default: `cake pull` hung until killed."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from cake_py.models import hub
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (the kernel does), never answers
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HUB_READ_TIMEOUT_S", 0.5)
+    began = time.monotonic()
+    try:
+        with pytest.raises(
+            ModelNotFoundError, match="'org/model' is not in the HF cache and the Hub cannot be reached"
+        ):
+            hub.download("org/model")
+    finally:
+        silent.close()
+    assert time.monotonic() - began < 20
+
+
+def test_cake_list_says_which_repos_it_skips(tmp_path: Path) -> None:
+    import os
+
+    broken = tmp_path / "hub" / "models--org--broken"
+    (broken / "refs").mkdir(parents=True)
+    (broken / "refs" / "main").write_text("0" * 40)  # a snapshot that is not there: a download cut short
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"))
+    listed = _cake(env, "list")
+    assert listed.returncode == 0 and listed.stdout == ""
+    assert "skipped in the HF cache" in listed.stderr and "models--org--broken" in listed.stderr, listed.stderr
