@@ -36,8 +36,9 @@ def keyed() -> Iterator[TestClient]:
 
 
 def test_api_key_is_required_on_every_route_but_health(keyed: TestClient) -> None:
-    assert keyed.get("/health").status_code == 200
-    assert keyed.get("/ping").status_code == keyed.post("/ping").status_code == 200  # vLLM's probes
+    # Answered without the key (503: this state serves no model), never a 401.
+    assert keyed.get("/health").status_code == 503 and keyed.get("/health").json()["running"] is False
+    assert keyed.get("/ping").status_code == keyed.post("/ping").status_code == 503  # vLLM's probes
     assert keyed.get("/version").json() == {"version": __version__}
     missing = keyed.post("/v1/chat/completions", json=CHAT)
     assert missing.status_code == 401
@@ -72,7 +73,7 @@ def test_ui_auth_guards_the_page_and_topology_with_basic() -> None:
         assert "'admin'" in client.get("/", headers=_basic("admin", "wrong")).json()["error"]
         assert client.get("/", headers=_basic("admin", "pw")).status_code == 200
         assert client.get("/api/v1/topology", headers=_basic("admin", "pw")).status_code == 404  # no model
-        assert client.get("/health").status_code == 200
+        assert client.get("/health").status_code == 503  # not behind --ui-auth (503: no model in this state)
 
 
 def test_a_malformed_basic_header_is_a_401_not_a_500() -> None:
