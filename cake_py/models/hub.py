@@ -21,8 +21,9 @@ from typing import Any
 from cake_py.errors import ModelError, ModelNotFoundError
 from cake_py.models.config import ModelConfig
 from cake_py.models.pooling import folder_pooling
+from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.tokenizer import Tokenizer
-from cake_py.models.weights import SafetensorsWeights, WeightSource
+from cake_py.models.weights import WeightSource
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from cake_py.models.config import ModelConfig
 from cake_py.models.fill_in_middle import fim_tokens
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.tokenizer import Tokenizer as CakeTokenizer
-from cake_py.models.weights import SafetensorsWeights, layer_tensor_names, load_transformer
+from cake_py.models.weights import layer_tensor_names, load_transformer
 
 transformers = pytest.importorskip("transformers")
 

@@ -18,7 +18,8 @@ from cake_py.models import llama
 from cake_py.models.config import ModelConfig, RopeConfig
 from cake_py.models.kv_cache import KVStore, SequenceSlice
 from cake_py.models.llama import Transformer, rope_inverse_frequencies
-from cake_py.models.weights import SafetensorsWeights, load_transformer
+from cake_py.models.safetensors_folder import SafetensorsWeights
+from cake_py.models.weights import load_transformer
 from tests.fixtures.tiny_models import KINDS
 
 transformers = pytest.importorskip("transformers")

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from cake_py.errors import ModelError, ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from cake_py.models.config import ModelConfig
-from cake_py.models.weights import SafetensorsWeights, load_transformer, stage_tensor_names
+from cake_py.models.safetensors_folder import SafetensorsWeights
+from cake_py.models.weights import load_transformer, stage_tensor_names
 
 
 def load_whole(folder: Path) -> torch.nn.Module:

@@ -1,0 +1,130 @@
+"""A Hugging Face model folder as a weight source: config.json plus model.safetensors, or the shards
+model.safetensors.index.json lists. Headers are read (and checked against the file sizes) up front; tensors are read
+only when a stage asks for them."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from cake_py.errors import ModelNotFoundError, WeightsError
+from cake_py.models.weights import FLOAT_TYPES, TensorInfo
+
+
+class SafetensorsWeights:
+    """A HF model folder: config.json plus model.safetensors or shards listed in model.safetensors.index.json."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise ModelNotFoundError(f"no config.json in model folder {str(folder)!r}")
+        self.config_origin = str(config_path)
+        self._config = read_json(config_path)
+        self._files = self._shard_map(folder)
+        self._infos = {info.name: info for file in sorted(set(self._files.values())) for info in _read_header(file)}
+        missing = set(self._files) - set(self._infos)
+        if missing:
+            raise WeightsError(f"{str(folder)!r}: index lists tensors missing from the shards: {sorted(missing)[:3]}")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._config
+
+    @staticmethod
+    def _shard_map(folder: Path) -> dict[str, Path]:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = read_json(index)["weight_map"]
+                files = {str(name): str(file) for name, file in weight_map.items()}
+            except (KeyError, TypeError, AttributeError) as error:
+                raise WeightsError(f"cannot read shard index {str(index)!r}: {error!r}") from None
+            for file in set(files.values()):
+                # Shards sit beside the index (an HF cache links them to its blobs, so this is checked by name).
+                if Path(file).is_absolute() or ".." in Path(file).parts or "\0" in file:
+                    raise WeightsError(f"shard index {str(index)!r} names a file outside the model folder: {file!r}")
+                if not (folder / file).is_file():  # a FIFO or a device would block or never end
+                    raise WeightsError(f"shard {file!r} named by {str(index)!r} is missing or not a regular file")
+            return {name: folder / file for name, file in files.items()}
+        single = folder / "model.safetensors"
+        if not single.is_file():
+            raise ModelNotFoundError(f"no model.safetensors or model.safetensors.index.json in {str(folder)!r}")
+        return {info.name: single for info in _read_header(single)}
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self._infos:
+            raise WeightsError(f"tensor {name!r} is missing from {str(self.path)!r}")
+        return self._infos[name]
+
+    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self._files:
+                raise WeightsError(f"tensor {name!r} is missing from {str(self.path)!r}")
+            stored = self.info(name).dtype
+            if stored not in FLOAT_TYPES:  # F8 or integer codes are quantized: a plain cast would make garbage
+                raise WeightsError(
+                    f"tensor {name!r} in {str(self.path)!r} is stored as {stored}; only unquantized float weights "
+                    f"({', '.join(sorted(FLOAT_TYPES))}) can be read from safetensors"
+                )
+            by_file.setdefault(self._files[name], []).append(name)
+        tensors: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in file_names:
+                        tensors[name] = handle.get_tensor(name).to(dtype)
+            except (SafetensorError, OSError, RuntimeError) as error:
+                raise WeightsError(f"cannot read {str(file)!r}: {error}") from error
+        return tensors
+
+
+def read_json(path: Path) -> Any:
+    """A model folder's JSON file (config, index, tokenizer settings); WeightsError naming it if it cannot be read
+    or is not JSON (bad UTF-8, nesting past Python's stack, integers past 4300 digits included)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise WeightsError(f"cannot read {str(path)!r}: {type(error).__name__}: {error}") from error
+
+
+def _read_header(file: Path) -> list[TensorInfo]:
+    """Parse a safetensors header and check that the file is long enough for every tensor it declares."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                raise WeightsError(f"safetensors file {str(file)!r} is truncated (header of {header_len} bytes)")
+            header = json.loads(handle.read(header_len))
+    # ValueError: not JSON or UTF-8, an integer past 4300 digits; RecursionError: nested past Python's stack
+    except (OSError, struct.error, ValueError, RecursionError) as error:
+        raise WeightsError(f"cannot read safetensors file {str(file)!r}: {type(error).__name__}: {error}") from error
+    infos = []
+    data_len = size - 8 - header_len
+    if not isinstance(header, dict):
+        raise WeightsError(f"safetensors file {str(file)!r} has a malformed header (not a JSON object)")
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(offset) for offset in meta["data_offsets"])
+            info = TensorInfo(name, str(meta["dtype"]), tuple(int(dim) for dim in meta["shape"]), end - begin)
+        except (KeyError, TypeError, ValueError) as error:
+            raise WeightsError(
+                f"safetensors file {str(file)!r}: tensor {name!r} has a malformed entry ({error!r})"
+            ) from None
+        if end > data_len:
+            raise WeightsError(f"safetensors file {str(file)!r} is truncated: tensor {name!r} ends past the file")
+        infos.append(info)
+    return infos
