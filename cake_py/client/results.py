@@ -12,7 +12,7 @@ import io
 import json
 import os
 import wave
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -269,16 +269,17 @@ class AsyncEventStream:
         await self.aclose()
 
 
+def _parsed(lines: Iterable[bytes]) -> Iterator[StreamEvent]:
+    """The events of whole lines, one at a time (an error line raises after the events before it are out)."""
+    return (event for line in lines if (event := parse_stream_line(line)) is not None)
+
+
 def _read_events(response: httpx.Response, base_url: str) -> Generator[StreamEvent, None, None]:
     lines = LineSplitter()
     try:
         for chunk in response.iter_bytes():
-            for line in lines.feed(chunk):
-                if (event := parse_stream_line(line)) is not None:
-                    yield event
-        for line in lines.end():
-            if (event := parse_stream_line(line)) is not None:
-                yield event
+            yield from _parsed(lines.feed(chunk))
+        yield from _parsed(lines.end())
     except httpx.TransportError as error:
         raise connection_error(base_url, error) from error
     finally:
@@ -289,12 +290,10 @@ async def _aread_events(response: httpx.Response, base_url: str) -> AsyncGenerat
     lines = LineSplitter()
     try:
         async for chunk in response.aiter_bytes():
-            for line in lines.feed(chunk):
-                if (event := parse_stream_line(line)) is not None:
-                    yield event
-        for line in lines.end():
-            if (event := parse_stream_line(line)) is not None:
+            for event in _parsed(lines.feed(chunk)):
                 yield event
+        for event in _parsed(lines.end()):
+            yield event
     except httpx.TransportError as error:
         raise connection_error(base_url, error) from error
     finally:

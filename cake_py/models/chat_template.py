@@ -73,9 +73,9 @@ class _Environment(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        _check_arguments(getattr(__obj, "__name__", "a call"), args, kwargs)
         method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format to format safely
         owner, name = getattr(method, "__self__", None), getattr(method, "__name__", "")
+        _check_arguments(name or "a call", args, kwargs)
         if isinstance(owner, str):  # the string methods that can build a large string from a small one
             if name in ("format", "format_map"):
                 _check_format(owner)
