@@ -1,6 +1,7 @@
 """Seed 001's model management: /models/load, /models/current, /models/available, /models/unload.
 
-A load resolves and checks the new model first (so a bad id leaves the served model untouched), then stops the
+A load resolves and checks the new model first (so a bad id, or a model that cannot fit where it would go when
+the master serves alone, leaves the served model untouched), then stops the
 old engine, closes its pipeline (freeing its layers on every stage), and builds the new pipeline across the same
 cluster. The workers cannot hold both models, so when the new one fails to build (a broken weights file, a worker
 gone), the old one is built again and served; the error says so. A load while a stage is down is refused before
@@ -24,9 +25,10 @@ from starlette.routing import Route
 from cake_py.api.errors import ApiError, status_of
 from cake_py.api.schemas import json_body
 from cake_py.api.state import ServerState
+from cake_py.cluster.master import check_master_holds_all, model_bytes
 from cake_py.engine.engine import Engine
-from cake_py.errors import CakeError, ModelError
-from cake_py.models.device import release_device_memory, release_openmp_threads
+from cake_py.errors import CakeError, ClusterError, ModelError
+from cake_py.models.device import release_device_memory, release_openmp_threads, torch_dtype
 from cake_py.models.hub import EMBEDDED_MODEL_ID, ModelSource, list_cached, resolve_model
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,14 @@ def _resolve(model_id: str | None) -> ModelSource:
     return source
 
 
+def _check_fits_alone(state: ServerState, source: ModelSource) -> None:
+    """Every layer loads here: refuse a model this process's memory cannot hold, counting what the current model
+    frees, before that model is dropped (found later, it is the OOM killer ending the server)."""
+    dtype = torch_dtype(state.settings.dtype)
+    held = model_bytes(state.source, dtype, state.device) if state.source is not None else 0
+    check_master_holds_all(source, dtype, state.device, held=held)
+
+
 def _load_status(error: CakeError) -> int:
     """A model that cannot be read or built is the request's bad model: 400 (404 when there is none, 503 when the
     cluster cannot take it), not the server's 500."""
@@ -113,6 +123,12 @@ async def load_model(request: Request) -> Response:
             raise ApiError(_load_status(error), str(error)) from error
         # --model-name and --chat-template are the startup model's; --max-model-len caps every model.
         settings = replace(state.settings, model=model_id, model_name=None, chat_template=None)
+        if not settings.workers:
+            try:
+                await run_in_threadpool(_check_fits_alone, state, source)
+            except ClusterError as error:
+                kept = f"; {state.model_name!r} is still loaded" if state.source is not None else ""
+                raise ApiError(400, f"{error}{kept}") from error
         state.switching = f"loading model {source.model_id!r}"
         try:
             old_engine, old_source, old_settings = state.engine, state.source, state.settings

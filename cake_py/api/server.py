@@ -68,6 +68,10 @@ def build_state(settings: ServeSettings) -> ServerState:
         )
     if settings.chat_template is not None:
         source.tokenizer.set_chat_template(settings.chat_template)
+    if not settings.workers:  # every layer here: a model larger than this memory is an error, not the OOM killer
+        from cake_py.cluster.master import check_master_holds_all
+
+        check_master_holds_all(source, torch_dtype(settings.dtype), device)
     pipeline = build_pipeline(settings, source, device)
     engine = make_engine(pipeline, source, settings)
     tflops = measure_tflops(device)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import socket
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -20,7 +18,7 @@ from cake_py.cluster.stage import LocalStage, Stage
 from cake_py.config import ServeSettings, WorkerSpec
 from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource
-from cake_py.models.weights import LAYER_PATTERN, load_transformer
+from cake_py.models.weights import LAYER_PATTERN, load_transformer, loaded_sizes
 from cake_py.rpc.client import Assignment, RemoteStage, WorkerConnection
 from cake_py.rpc.connection import TAKEOVER_IDLE_S
 from cake_py.rpc.dataplane_client import client_tls
@@ -30,26 +28,20 @@ from cake_py.rpc.security import channel_credentials, warn_if_key_in_plaintext
 log = logging.getLogger(__name__)
 
 
-def _loaded_bytes(source: ModelSource, dtype: torch.dtype) -> Iterator[tuple[str, int]]:
-    """(name, bytes once loaded in `dtype`) of every tensor: not its size on disk, which may be quantized."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    for name in source.weights.names():
-        yield name, math.prod(source.weights.info(name).shape) * itemsize
-
-
-def layer_bytes(source: ModelSource, dtype: torch.dtype) -> list[int]:
-    """Bytes each layer takes in memory once loaded in `dtype`."""
+def layer_bytes(source: ModelSource, dtype: torch.dtype, device: str | None = None) -> list[int]:
+    """Bytes each layer takes in memory once loaded in `dtype`: on `device` (quantized weights kept where its
+    kernels run them), or dense wherever it goes (placement spans devices that may not keep them)."""
     sizes = [0] * source.config.n_layers
-    for name, size in _loaded_bytes(source, dtype):
+    for name, size in loaded_sizes(source.weights, dtype, device):
         match = LAYER_PATTERN.match(name)
         if match and int(match.group(1)) < len(sizes):
             sizes[int(match.group(1))] += size
     return sizes
 
 
-def ends_bytes(source: ModelSource, dtype: torch.dtype) -> int:
-    """Bytes the master's own part (embedding, final norm, head) takes once loaded in `dtype`."""
-    return sum(size for name, size in _loaded_bytes(source, dtype) if not LAYER_PATTERN.match(name))
+def ends_bytes(source: ModelSource, dtype: torch.dtype, device: str | None = None) -> int:
+    """Bytes the master's own part (embedding, final norm, head) takes once loaded in `dtype` (on `device`)."""
+    return sum(size for name, size in loaded_sizes(source.weights, dtype, device) if not LAYER_PATTERN.match(name))
 
 
 def check_addresses(workers: list[WorkerSpec]) -> None:
@@ -100,7 +92,8 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
             ]
             # The master loads its embedding and head after placement, on memory some workers may share.
             master_pool = f"{socket.gethostname()}/{memory_identity(device)}"
-            ranges = place_automatically(layer_bytes(source, dtype), nodes, {master_pool: ends_bytes(source, dtype)})
+            reserved = {master_pool: ends_bytes(source, dtype, device)}
+            ranges = place_automatically(layer_bytes(source, dtype), nodes, reserved)
         config_json = json.dumps(source.weights.config)
         assignments = {
             conn.spec.name: Assignment(source.model_id, config_json, source.weights, *ranges[conn.spec.name], dtype)
@@ -245,13 +238,19 @@ def available_workers(
     return {spec.address for spec, ok in zip(workers, found, strict=True) if ok}
 
 
-def check_master_holds_all(source: ModelSource, dtype: torch.dtype, device: str) -> None:
-    """ClusterError unless this process's free memory holds the whole model: placing it here with no worker left
-    must not end in the master killed for memory."""
-    needed = sum(layer_bytes(source, dtype)) + ends_bytes(source, dtype)
+def model_bytes(source: ModelSource, dtype: torch.dtype, device: str) -> int:
+    """Bytes the whole model takes once loaded on `device` (an estimate: see `loaded_sizes`)."""
+    return sum(size for _, size in loaded_sizes(source.weights, dtype, device))
+
+
+def check_master_holds_all(source: ModelSource, dtype: torch.dtype, device: str, *, held: int = 0) -> None:
+    """ClusterError unless this process's free memory, plus the `held` bytes of a model it is about to let go,
+    holds the whole model: loading it here alone must not end in the master killed for memory."""
+    needed = model_bytes(source, dtype, device)
     _, free = device_memory(device)
-    if needed > free:
+    if needed > free + held:
+        held_part = f" and {held / 1e9:.1f} GB the current model frees" if held else ""
         raise ClusterError(
-            f"no worker can take layers and the master's free memory ({free / 1e9:.1f} GB on {device}) cannot hold "
-            f"the whole model ({needed / 1e9:.1f} GB)"
+            f"{source.model_id} needs {needed / 1e9:.1f} GB on {device} and this master has "
+            f"{free / 1e9:.1f} GB free{held_part}, with no worker to take layers"
         )

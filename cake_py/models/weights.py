@@ -7,8 +7,9 @@ for exactly the tensors of one stage, so a stage holding layers [10, 20) never r
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from cake_py.errors import WeightsError
 from cake_py.models.config import ModelConfig
 from cake_py.models.llama import Transformer
 from cake_py.models.quant import (
+    GROUP_SIZE,
     Q4_SCALES,
     Q4_WEIGHT,
     Q8_SCALES,
@@ -107,6 +109,27 @@ def load_stage_tensors(source: WeightSource, names: Iterable[str], dtype: torch.
         q, scales = source.load_int4(name)  # type: ignore[attr-defined]
         tensors[f"{prefix}.{Q4_WEIGHT}"], tensors[f"{prefix}.{Q4_SCALES}"] = q, scales
     return tensors
+
+
+def loaded_sizes(
+    source: WeightSource, dtype: torch.dtype, device: torch.device | str | None = None
+) -> Iterator[tuple[str, int]]:
+    """(name, bytes once loaded) of every tensor, as `load_stage_tensors` and the stage's build keep them: on a
+    device with the quantized kernels (`device` given), a GGUF's 4-bit layer weights at half a byte per weight
+    plus their group scales, and its quantized embedding/head as int8 rows; dense in `dtype` otherwise. An estimate
+    for placement and fit checks, not an allocation."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    kept = device is not None and int4_supported(device, dtype)
+    int4_names = set(getattr(source, "int4_names", lambda: set())()) if kept else set()
+    for name in source.names():
+        info = source.info(name)
+        elements = math.prod(info.shape)
+        if name in int4_names:
+            yield name, elements // 2 + elements // GROUP_SIZE * 2 * itemsize
+        elif kept and name in (EMBEDDING, LM_HEAD) and info.dtype not in FLOAT_TYPES:
+            yield name, elements + info.shape[0] * 4
+        else:
+            yield name, elements * itemsize
 
 
 def to_module_state(

@@ -73,3 +73,32 @@ def test_a_previous_model_that_could_not_be_restored_is_brought_back_when_it_can
             time.sleep(0.1)
         assert http.get("/health").status_code == 200 and calls[0] == 3
         assert http.post("/generate", json={"prompt": "hi", "max_length": 2}).status_code == 200
+
+
+def test_a_model_the_master_alone_cannot_hold_is_refused_before_the_old_one_goes(
+    tiny_llama: Path, tiny_model_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone, the master found a model larger than its memory only by loading it (the OOM killer ended the server),
+    after the served model was already dropped. What the current model frees counts: one of the same size loads."""
+    from cake_py.cluster import master
+
+    state = build_state(tiny_settings(tiny_llama))
+    larger = tiny_model_factory("smollm")
+    monkeypatch.setattr(master, "device_memory", lambda device: (8 << 30, 0))  # nothing free beyond the old model
+    with serving(state) as handle, httpx.Client(base_url=handle.base_url, timeout=120) as http:
+        refused = http.post("/models/load", json={"model_id": str(larger)})
+        assert refused.status_code == 400, refused.text
+        detail = refused.json()["detail"]
+        assert detail.startswith("smollm needs") and "GB free" in detail and "'llama' is still loaded" in detail
+        assert http.post("/generate", json={"prompt": "hi", "max_length": 2}).status_code == 200
+        assert http.post("/models/load", json={"model_id": str(tiny_llama)}).status_code == 200
+
+
+def test_a_model_the_master_alone_cannot_hold_is_a_startup_error(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cake_py.cluster import master
+
+    monkeypatch.setattr(master, "device_memory", lambda device: (8 << 30, 1000))
+    with pytest.raises(ClusterError, match=r"needs .* GB on cpu and this master has 0.0 GB free"):
+        build_state(tiny_settings(tiny_llama))

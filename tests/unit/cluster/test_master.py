@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,6 +46,25 @@ def test_the_masters_own_part_and_the_layers_add_up_to_the_whole_model(tiny_mode
     assert ends_bytes(source, torch.bfloat16) * 2 == ends_bytes(source, torch.float32)
     total = sum(t.numel() * 4 for t in source.weights.load(source.weights.names(), torch.float32).values())
     assert sum(layer_bytes(source, torch.float32)) + ends_bytes(source, torch.float32) == total
+
+
+def test_a_ggufs_4bit_weights_count_as_kept_where_their_kernels_run() -> None:
+    """The master alone refuses a model its memory cannot hold: a Q4_1 GGUF counted as dense bf16 (2.8× its real
+    size here) would refuse models that fit. Where the int4 kernels do not run (float32, a GPU) it is dense."""
+    import torch
+
+    from cake_py.cluster.master import model_bytes
+    from cake_py.cluster.pipeline import local_pipeline
+    from cake_py.models.hub import resolve_model
+
+    source = resolve_model(None)  # the embedded SmolLM2 Q4_1
+    pipeline = local_pipeline(source, torch.bfloat16)
+    modules = [pipeline.ends, *(stage.model for stage in pipeline.stages)]  # type: ignore[attr-defined]
+    built = sum(t.nbytes for module in modules for t in [*module.parameters(), *module.buffers()])
+    assert model_bytes(source, torch.bfloat16, "cpu") == built
+    dense = sum(math.prod(source.weights.info(name).shape) for name in source.weights.names()) * 2
+    assert model_bytes(source, torch.bfloat16, "cuda") == dense
+    assert model_bytes(source, torch.float32, "cpu") == dense * 2
 
 
 def test_taking_over_a_worker_another_master_used_lately_is_said(caplog: pytest.LogCaptureFixture) -> None:
