@@ -23,6 +23,7 @@ from cake_py.api.state import ServerState
 from cake_py.cluster.hostinfo import cpu_model, host_facts
 from cake_py.errors import CakeError
 
+PROBE_TIMEOUT_S = 2.0  # a worker's handshake when no model is loaded (none is connected)
 PACKAGES = ("torch", "starlette", "uvicorn", "grpcio", "tokenizers", "prometheus-client")
 
 
@@ -71,7 +72,12 @@ def _stage(stage: Any) -> dict[str, Any]:
 
 def system_info_document(state: ServerState) -> dict[str, Any]:
     engine = state.engine
-    stages = [_stage(stage) for stage in engine.pipeline.stages] if engine else []
+    if engine is not None:
+        stages = [_stage(stage) for stage in engine.pipeline.stages]
+    else:  # no model loaded: the workers still run, asked directly (with their host facts) rather than left out
+        from cake_py.cluster.master import probe_workers
+
+        stages = probe_workers(state.settings, PROBE_TIMEOUT_S)
     return {
         "master": _master(state),
         "workers": [stage for stage in stages if not stage.get("local")],

@@ -238,6 +238,55 @@ def available_workers(
     return {spec.address for spec, ok in zip(workers, found, strict=True) if ok}
 
 
+def probe_workers(settings: ServeSettings, timeout: float) -> list[dict[str, Any]]:
+    """What each configured worker is now, asked by handshake, for when no pipeline holds them (no model loaded):
+    up and holding no layers ("idle"), holding layers (another master's, or ours not yet released), or down."""
+    credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+
+    def probe(spec: WorkerSpec) -> dict[str, Any]:
+        node: dict[str, Any] = {"local": False, "name": spec.name, "host": spec.address, "layers": None}
+        connection = WorkerConnection(spec, settings.cluster_key, credentials, tls=tls)
+        try:
+            reply = connection.handshake(timeout)
+        except ClusterError as error:
+            return {**node, "status": "down", "healthy": False, "error": str(error)}
+        finally:
+            connection.close()
+        host = reply.host
+        if reply.HasField("layers"):
+            node.update(layers=[reply.layers.start, reply.layers.end], model_id=reply.model_id)
+        return {
+            **node,
+            # A --workers entry (unnamed) is shown under the --name the worker reports, as a placement shows it.
+            "name": host.worker_name if not spec.named and host.worker_name not in ("", "master") else spec.name,
+            "status": "assigned" if reply.HasField("layers") else "idle",
+            "healthy": True,
+            "error": None,
+            "description": f"{host.backend} {host.hostname}",
+            "device": host.device,
+            "backend": host.backend,
+            "hostname": host.hostname,
+            "os": host.os,
+            "vram_bytes": host.memory_total_bytes,
+            "memory_free_bytes": host.memory_free_bytes,
+            "tflops": host.tflops,
+            "threads": host.threads,
+            "torch_version": host.torch_version,
+            "accelerator": host.accelerator,
+            "cake_version": host.cake_version,
+            "python_version": host.python_version,
+            "cpu_count": host.cpu_count,
+            "ram_total_bytes": host.ram_total_bytes,
+            "memory_id": host.memory_id,
+        }
+
+    if not settings.workers:
+        return []
+    with ThreadPoolExecutor(max_workers=len(settings.workers)) as pool:
+        return list(pool.map(probe, settings.workers))
+
+
 def model_bytes(source: ModelSource, dtype: torch.dtype, device: str) -> int:
     """Bytes the whole model takes once loaded on `device` (an estimate: see `loaded_sizes`)."""
     return sum(size for _, size in loaded_sizes(source.weights, dtype, device))

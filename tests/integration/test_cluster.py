@@ -244,6 +244,31 @@ def test_closing_a_pipeline_frees_its_layers_on_the_workers(workers: list[Worker
         pipeline.close()
 
 
+def test_with_no_model_loaded_the_workers_are_still_described(workers: list[WorkerProcess], llama: ModelSource) -> None:
+    """/system/info without a model (after /models/unload) listed no workers, though they ran: it asks them."""
+    from cake_py.cluster.master import probe_workers
+
+    gone = WorkerSpec("gone", f"127.0.0.1:{free_port()}")
+    settings = settings_for(llama, [workers[0].spec(), gone])
+    pipeline = build_pipeline(settings_for(llama, [workers[0].spec((0, 3))]), llama, "cpu")
+    try:
+        held, down = probe_workers(settings, 2.0)
+        assert (held["status"], held["layers"], held["model_id"]) == ("assigned", [0, 3], llama.model_id)
+    finally:
+        pipeline.close()
+    idle, down = probe_workers(settings, 2.0)
+    assert (idle["name"], idle["host"], idle["status"], idle["layers"], idle["healthy"]) == (
+        workers[0].name,
+        workers[0].address,
+        "idle",
+        None,
+        True,
+    )
+    assert idle["device"] == "cpu" and idle["ram_total_bytes"] > 0 and idle["cake_version"]
+    assert (down["name"], down["status"], down["healthy"]) == ("gone", "down", False)
+    assert gone.address in down["error"]
+
+
 # ---- 10. sequences are released on every worker, also when several ran in one batch ----
 
 

@@ -144,3 +144,18 @@ def test_json_that_python_cannot_read_is_a_400(client: TestClient, raw: bytes) -
     response = client.post("/models/load", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["detail"].startswith("request body is not valid JSON")
+
+
+def test_system_info_without_a_model_still_lists_the_configured_workers() -> None:
+    """It listed none (they were only known through the served pipeline); a worker that cannot be reached is down."""
+    from cake_py.config import WorkerSpec
+    from tests.fixtures.cluster import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    settings = ServeSettings(rate_limit=0, workers=[WorkerSpec("gpu-box", address)])
+    with TestClient(create_app(ServerState(engine=None, source=None, settings=settings))) as client:
+        response = client.get("/system/info")
+    assert response.status_code == 200
+    (worker,) = response.json()["workers"]
+    assert (worker["name"], worker["host"], worker["status"], worker["healthy"]) == ("gpu-box", address, "down", False)
+    assert address in worker["error"]
