@@ -41,6 +41,8 @@ class WeightCache:
         # Files this process has hashed (or written and hashed), with the (size, mtime_ns, inode) they had then:
         # a re-assignment (a reconnect, a model switch back) re-hashes only what changed on disk since.
         self._verified: dict[str, tuple[int, int, int]] = {}
+        if root.exists() and not root.is_dir():  # mkdir would say "File exists"
+            raise ClusterError(f"weight cache {str(root)!r} (--cache-dir) is a file, not a folder")
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as error:

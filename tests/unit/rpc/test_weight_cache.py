@@ -216,3 +216,9 @@ def test_an_eviction_the_disk_refuses_is_named(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(Path, "unlink", refuse)
     with pytest.raises(ClusterError, match=r"cannot delete from weight cache .*Read-only file system"):
         cache.reserve({"c" * 64: 1000}, missing=1000)
+
+
+def test_a_cache_dir_that_is_a_file_is_named_as_one(tmp_path: Path) -> None:
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(ClusterError, match=r"'.*cache' \(--cache-dir\) is a file, not a folder"):
+        WeightCache(tmp_path / "cache")
