@@ -180,6 +180,14 @@ def download(repo_id: str) -> Path:
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot download {repo_id!r}: {_one_line(error)}") from error
     weights = ("model.safetensors", "model.safetensors.index.json")
+    lost = [
+        name for name in ("config.json", *weights) if (snapshot / name).is_symlink() and not (snapshot / name).exists()
+    ]
+    if lost:  # the snapshot's link outlived its blob (a cleaned cache, a partial copy): offline it stays so
+        raise ModelError(
+            f"the HF cache's copy of {repo_id!r} is damaged: {', '.join(lost)} in {snapshot} points to a file that is "
+            f"gone; remove it (cake rm {repo_id}) and download it again (cake pull {repo_id})"
+        )
     if not (snapshot / "config.json").is_file() or not any((snapshot / name).is_file() for name in weights):
         if not cached_before:
             shutil.rmtree(folder, ignore_errors=True)

@@ -61,6 +61,26 @@ def test_hub_id_resolves_from_the_hf_cache_offline(tmp_path: Path, tiny_model_fa
     assert run_python(code, env).returncode != 0
 
 
+def test_a_cached_repo_whose_blob_is_gone_is_called_damaged(tmp_path: Path, tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Offline, a snapshot whose link outlived its blob said the repo "has no config.json" (as if it never had)."""
+    import os
+
+    hf_home = tmp_path / "hf"
+    snapshot = make_hf_cache(hf_home / "hub", "tiny-org/tiny-llama", tiny_model_factory("llama"))
+    (snapshot / "model.safetensors").resolve().unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "cake_py.cli", "run", "tiny-org/tiny-llama", "hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "copy of 'tiny-org/tiny-llama' is damaged: model.safetensors in" in result.stderr
+    assert "cake rm tiny-org/tiny-llama" in result.stderr
+
+
 def test_folder_and_embedded_default(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
     folder = tiny_model_factory("qwen3")
     assert resolve_model(str(folder)).config.family == "qwen3"
