@@ -216,13 +216,18 @@ def claim(files_dir: Path) -> TextIO:
     handle = open(files_dir / ".lock", "a+", encoding="utf-8")  # held open for the process's life
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held: EWOULDBLOCK
         handle.seek(0)
         holder = handle.read().strip()
         handle.close()
         by = f" (pid {holder})" if holder.isdigit() else ""
         raise ConfigError(
             f"--files-dir {str(files_dir)!r} is in use by another cake serve{by}: give each server its own"
+        ) from None
+    except OSError as error:  # a file system without locks (some NFS mounts: ENOLCK)
+        handle.close()
+        raise ConfigError(
+            f"--files-dir {str(files_dir)!r} cannot be locked ({error.strerror}): give a folder on a local disk"
         ) from None
     handle.truncate(0)
     handle.write(f"{os.getpid()}\n")

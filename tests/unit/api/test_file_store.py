@@ -147,3 +147,19 @@ def test_a_files_folder_is_held_by_one_server(tmp_path: Path) -> None:
         claim(tmp_path / "files")
     held.close()
     claim(tmp_path / "files").close()
+
+
+def test_a_files_folder_that_cannot_be_locked_is_not_called_in_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system without locks (NFS: ENOLCK) the error blamed another cake serve that did not exist."""
+    import errno
+
+    from cake_py.api import file_store
+
+    def no_locks(handle: object, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(file_store.fcntl, "flock", no_locks)
+    with pytest.raises(ConfigError, match=r"cannot be locked \(No locks available\): give a folder on a local disk"):
+        claim(tmp_path / "files")
