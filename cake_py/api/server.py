@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from itertools import count
 from types import FrameType
 
@@ -92,7 +93,6 @@ def serve(settings: ServeSettings) -> None:
     pin_cpus(settings.cpus)
     graphs.set_enabled(settings.cuda_graphs)
     state = build_state(settings)
-    log.info("serving %s on http://%s:%d", state.model_name, settings.host, settings.port)
     if len(settings.api_keys) > 1:  # a comma in a single key's value would have split it: say what was read
         named = ", ".join(sorted(set(settings.api_key_names.values()))) or "none named"
         log.info(
@@ -130,6 +130,14 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        bound = [sock.getsockname() for server in getattr(self, "servers", []) for sock in server.sockets]
+        if bound and not self.should_exit:  # the port bound, not the one asked: --port 0 lets the OS pick
+            host, port = self.config.host, bound[0][1]
+            shown = f"[{host}]" if ":" in host else host
+            log.info("serving %s on http://%s:%d", self.state.model_name, shown, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         begin_shutdown(self.state)

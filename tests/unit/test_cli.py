@@ -333,3 +333,27 @@ def test_cake_run_output_problems_and_a_prompt_that_is_not_utf8(tiny_llama: Path
     assert b"Traceback" not in reader.stderr.read()
     reader.stderr.close()
     assert_one_line_error(cake("run", str(tiny_llama), "hi", "--max-tokens", "0"), "'0' must be at least 1")
+
+
+def test_serve_on_port_0_says_the_port_it_got(tiny_llama: Path, tmp_path: Path) -> None:
+    """`--port 0` (the OS picks a free port) logged "serving … on http://127.0.0.1:0"."""
+    import re
+    import time
+
+    import httpx
+
+    from tests.fixtures.cluster import CakeProcess
+
+    args = ["serve", str(tiny_llama), "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--threads", "1"]
+    server = CakeProcess("serve", [*args, "--dtype", "float32", "--files-dir", str(tmp_path / "files")], tmp_path)
+    server.launch()
+    try:
+        deadline = time.monotonic() + 120
+        while not (said := re.search(r"serving llama on http://127\.0\.0\.1:(\d+)", server.stderr)):
+            assert server.running and time.monotonic() < deadline, server.stderr[-2000:]
+            time.sleep(0.1)
+        port = int(said.group(1))
+        assert port != 0
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        server.kill()
