@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -191,12 +192,20 @@ class BatchRunner:
             return
         try:
             path = await asyncio.to_thread(self.files.path, batch.input_file_id)
-        except KeyError:
+            # Bodies are read as they are sent, through this descriptor: the file may be deleted meanwhile.
+            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        except (KeyError, FileNotFoundError):
             message = f"input file {batch.input_file_id!r} no longer exists"
             error = {"code": "missing_file", "line": None, "param": "input_file_id", "message": message}
             await self._finish(batch, "failed", errors=[error])  # with what an earlier run answered
             return
-        requests, errors = await asyncio.to_thread(read_requests, path, batch.endpoint, self.max_line_bytes)
+        try:
+            await self._run_input(batch, fd)
+        finally:
+            os.close(fd)
+
+    async def _run_input(self, batch: Batch, fd: int) -> None:
+        requests, errors = await asyncio.to_thread(read_requests, fd, batch.endpoint, self.max_line_bytes)
         if errors:
             await self._finish(batch, "failed", errors=errors)
             return
@@ -212,7 +221,7 @@ class BatchRunner:
         unsent: list[BatchRequest] = []
         self._sending.add(batch.id)
         try:
-            unsent = await self._send_all(batch, pending)
+            unsent = await self._send_all(batch, pending, fd)
         except asyncio.CancelledError:
             if batch.status != "cancelling":
                 raise  # a shutdown: the record stays as it is, to be resumed
@@ -223,7 +232,7 @@ class BatchRunner:
         else:
             await self._finish(batch, "expired" if unsent else "completed", unsent)
 
-    async def _send_all(self, batch: Batch, pending: list[BatchRequest]) -> list[BatchRequest]:
+    async def _send_all(self, batch: Batch, pending: list[BatchRequest], fd: int) -> list[BatchRequest]:
         """Sends the requests as slots free up; returns those not sent before the batch expired."""
         async with asyncio.TaskGroup() as group:
             for index, request in enumerate(pending):
@@ -231,13 +240,13 @@ class BatchRunner:
                 if time.time() >= batch.expires_at:
                     self.slots.release()
                     return pending[index:]
-                group.create_task(self._send(batch, request))
+                group.create_task(self._send(batch, request, fd))
         return []
 
-    async def _send(self, batch: Batch, request: BatchRequest) -> None:
+    async def _send(self, batch: Batch, request: BatchRequest, fd: int) -> None:
         try:
             try:
-                status, answer = await self._answer(batch, request)
+                status, answer = await self._answer(batch, await asyncio.to_thread(request.body, fd))
             except (
                 Exception
             ) as error:  # a request the in-process call cannot carry (a bug): its own line, not the batch's end
@@ -267,8 +276,7 @@ class BatchRunner:
         finally:
             self.slots.release()
 
-    async def _answer(self, batch: Batch, request: BatchRequest) -> tuple[int, Any]:
-        body = dict(request.body)
+    async def _answer(self, batch: Batch, body: dict[str, Any]) -> tuple[int, Any]:
         body.setdefault("priority", BATCH_PRIORITY)
         if batch.endpoint == "/v1/responses":
             body.setdefault("store", False)  # its answer is in the output file: kept there, not in the response store

@@ -464,6 +464,30 @@ def test_cancelling_a_batch_stops_its_requests(tiny_llama: Path, tmp_path: Path)
         assert client.batches.cancel(batch_id).status == "cancelled"  # again: the same batch, still cancelled
 
 
+def test_a_running_batch_reads_its_requests_as_it_sends_them_even_once_the_file_is_deleted(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Bodies are not held for the whole run (a 50,000-line file parsed whole held gigabytes): each is read from
+    the input file when it is sent, through a descriptor opened at the start, so deleting the file mid-run (as
+    OpenAI allows) loses nothing."""
+    settings = tiny_settings(tiny_llama, model_name="tiny", files_dir=tmp_path, batch_concurrency=1)
+    with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
+        lines = [
+            request_line(f"r{i}", chat_body(f"Tell story {i}", max_tokens=20 + i, ignore_eos=True)) for i in range(6)
+        ]
+        input_id = upload(client, lines)
+        batch_id = client.batches.create(
+            input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h"
+        ).id
+        wait_for_answers(client, batch_id, 1)
+        assert client.files.delete(input_id).deleted
+        done = wait_for(client, batch_id, ("completed",))
+        assert done.request_counts is not None and done.request_counts.completed == 6
+        answers = result_lines(client, done.output_file_id)
+        for i in range(6):  # each answer is its own line's request: read from the right place
+            assert answers[f"r{i}"]["response"]["body"]["usage"]["completion_tokens"] == 20 + i
+
+
 def test_a_batch_goes_on_after_a_restart_without_sending_a_request_twice(tiny_llama: Path, tmp_path: Path) -> None:
     settings = tiny_settings(tiny_llama, model_name="tiny", files_dir=tmp_path, batch_concurrency=1)
     with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:

@@ -29,6 +29,24 @@ def test_requests_are_read_in_order_skipping_blank_lines(tmp_path: Path) -> None
     assert errors == [] and [r.custom_id for r in requests] == ["a", "b"]
 
 
+def test_requests_hold_where_their_line_is_and_read_their_body_from_a_descriptor(tmp_path: Path) -> None:
+    """A request keeps no body while the batch runs (50,000 parsed bodies held gigabytes); reading it back through
+    the run's descriptor gives its own line's body, whatever the lines around it."""
+    import os
+
+    bodies = [{"messages": [{"role": "user", "content": "é" * i}], "max_tokens": i} for i in range(1, 5)]
+    path = write(tmp_path / "in.jsonl", [line("a", body=bodies[0]), "", line("b", body=bodies[1])])
+    with open(path, "a") as handle:
+        handle.write(json.dumps(line("c", body=bodies[2])) + "\r\n" + json.dumps(line("d", body=bodies[3])))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        requests, errors = read_requests(fd, URL)
+        assert errors == [] and not hasattr(requests[0], "__dict__") and "body" not in requests[0].__slots__
+        assert [request.body(fd) for request in reversed(requests)] == bodies[::-1]
+    finally:
+        os.close(fd)
+
+
 def test_each_bad_line_is_named_with_its_code(tmp_path: Path) -> None:
     lines = [
         line("a"),
