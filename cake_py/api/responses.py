@@ -85,7 +85,11 @@ async def create_response(request: Request) -> Response:
         if previous is None and isinstance(previous_id, str) and state.responses.live(previous_id, owner) is not None:
             raise ApiError(400, f"previous_response_id: response {previous_id!r} is still being answered"[:300])
         if previous is None:
-            raise ApiError(400, f"previous_response_id: no stored response has the id {previous_id!r}"[:300])
+            raise ApiError(  # OpenAI's code: clients that lost a chain (a restart forgets it) resend it whole
+                400,
+                f"previous_response_id: no stored response has the id {previous_id!r}"[:300],
+                code="previous_response_not_found",
+            )
         history = list(previous.conversation)
     history += chat_history(items)
     tools = tool_request(chat_tools(body), tokenizer.tool_call_id_length)

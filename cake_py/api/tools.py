@@ -183,15 +183,20 @@ def prompt_messages(
     if template_reads_tools:
         return [_for_template(message) for message in messages], ({"tools": request.tools} if request.active else {})
     rendered: list[dict[str, Any]] = []
-    after_tool = False
+    results: list[str] = []  # the tool results of the turn being gathered
     for message in messages:
         text = _as_text(message)
-        is_tool = message["role"] == "tool"
-        if is_tool and after_tool:  # consecutive results go in one user turn, as Qwen2.5's template writes them
-            rendered[-1] = {**rendered[-1], "content": f"{rendered[-1]['content']}\n{text['content']}"}
-        else:
-            rendered.append(text)
-        after_tool = is_tool
+        if message["role"] == "tool":  # consecutive results go in one user turn, as Qwen2.5's template writes them
+            if not results:
+                rendered.append(text)
+            results.append(text["content"])
+            continue
+        if len(results) > 1:  # joined once (adding each to the turn's text was quadratic)
+            rendered[-1] = {**rendered[-1], "content": "\n".join(results)}
+        results = []
+        rendered.append(text)
+    if len(results) > 1:
+        rendered[-1] = {**rendered[-1], "content": "\n".join(results)}
     if request.active:
         listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in request.tools)
         instructions = _SYSTEM_PROMPT.format(tools=listing)

@@ -131,6 +131,7 @@ def test_store_false_keeps_nothing(client: OpenAI, server: ServerHandle) -> None
         f"{server.base_url}/v1/responses", json={"input": "hi", "previous_response_id": response.id}, timeout=60
     )
     assert reply.status_code == 400 and response.id in reply.json()["error"]
+    assert reply.json()["code"] == "previous_response_not_found"  # OpenAI's: what a client resends the chain on
 
 
 def test_a_required_tool_is_called_and_its_output_answered(client: OpenAI) -> None:

@@ -366,6 +366,20 @@ def test_consecutive_tool_results_share_one_turn() -> None:
     }
 
 
+def test_many_tool_results_are_joined_in_linear_time_and_turns_around_them_kept() -> None:
+    """100k results were added to the turn's text one by one (quadratic: a minute of a frozen event loop)."""
+    import time
+
+    result = {"role": "tool", "tool_call_id": "a", "content": "r"}
+    history = [{"role": "user", "content": "go"}, *[result] * 100_000, {"role": "assistant", "content": "done"}]
+    began = time.monotonic()
+    messages, _ = prompt_messages([*history, result, result], _request(), template_reads_tools=False)
+    assert time.monotonic() - began < 10
+    turn = "<tool_response>\nr\n</tool_response>"
+    assert [m["role"] for m in messages[-4:]] == ["user", "user", "assistant", "user"]
+    assert messages[-3]["content"] == "\n".join([turn] * 100_000) and messages[-1]["content"] == f"{turn}\n{turn}"
+
+
 MISTRAL_LIKE = (
     "{% for m in messages %}"
     "{% if m.tool_calls %}{% for c in m.tool_calls %}"
