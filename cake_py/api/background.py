@@ -106,6 +106,7 @@ class LiveResponse:
         self.task: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()  # set, and replaced, at every new line: followers wait on the one they saw
+        self._ended = asyncio.Event()  # set by `finish`, once the end is stored
 
     @property
     def id(self) -> str:
@@ -123,6 +124,7 @@ class LiveResponse:
 
     def finish(self) -> None:
         self.finished = True
+        self._ended.set()
         self._notify()
 
     def _notify(self) -> None:
@@ -142,10 +144,13 @@ class LiveResponse:
             await wake.wait()
 
     async def cancel(self) -> None:
-        """Stop the run (its sequence leaves the engine) and wait until it has stored its end."""
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+        """Stop the run (its sequence leaves the engine) and wait until it has stored its end: a task already done
+        may not have yet (its done callback stores it a loop iteration later; a delete in between came back)."""
+        if self.task is not None:
+            if not self.task.done():
+                self.task.cancel()
+                await asyncio.gather(self.task, return_exceptions=True)
+            await self._ended.wait()
 
     def cancel_soon(self) -> None:
         """Cancel from any thread, a signal handler included (the server stopping)."""
@@ -185,18 +190,20 @@ def _end(live: LiveResponse, store: ResponseStore, stand_in: StoredResponse, str
     followers are told (a cancelled run ends with a `response.cancelled` event of this server's own)."""
     if live.finished:
         return
-    for stream in streams:
-        stream.cancel()
-    if live.response["status"] not in TERMINAL:
-        live.record_end("response.cancelled", cancelled(live.response))
-    # A completed run stored itself, with its conversation, before its last event.
-    answered = store.get(live.id, live.owner)
-    if answered is not None and answered.response["status"] == live.response["status"]:
-        final = answered
-    else:
-        final = StoredResponse(
-            without_logprobs(live.response), stand_in.input_items, stand_in.conversation, owner=live.owner
-        )
-    store.put(final.with_events(_stored_lines(live.lines)))
-    store.end_live(live)
-    live.finish()
+    try:
+        for stream in streams:
+            stream.cancel()
+        if live.response["status"] not in TERMINAL:
+            live.record_end("response.cancelled", cancelled(live.response))
+        # A completed run stored itself, with its conversation, before its last event.
+        answered = store.get(live.id, live.owner)
+        if answered is not None and answered.response["status"] == live.response["status"]:
+            final = answered
+        else:
+            final = StoredResponse(
+                without_logprobs(live.response), stand_in.input_items, stand_in.conversation, owner=live.owner
+            )
+        store.put(final.with_events(_stored_lines(live.lines)))
+        store.end_live(live)
+    finally:  # whatever happened, those waiting on its end (a cancel, a delete, followers) are let go
+        live.finish()

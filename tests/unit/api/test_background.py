@@ -52,3 +52,36 @@ def test_events_fold_into_the_response_so_far() -> None:
     assert state["output"][1] == done and cancelled(state)["output"][1]["status"] == "completed"
     final = response("completed", [done])
     assert apply_event(state, {"type": "response.completed", "response": final}) == final
+
+
+def test_a_delete_right_as_a_run_ends_waits_for_its_end_and_the_response_stays_deleted() -> None:
+    """A run's end is stored by its task's done callback, a loop iteration after the task is done. A delete in
+    between found the task done, deleted the entry, and the callback then stored the response again."""
+    import asyncio
+
+    from cake_py.api.background import LiveResponse, start_in_background
+    from cake_py.api.response_store import ResponseStore, StoredResponse
+
+    async def scenario() -> ResponseStore:
+        store = ResponseStore()
+        live = LiveResponse(response("queued", []), [], background=True)
+        deleting: list[asyncio.Task[None]] = []
+
+        async def delete() -> None:
+            await live.cancel()
+            store.delete(live.id)
+
+        async def events() -> Any:
+            final = response("completed", [])
+            store.put(StoredResponse(final, [], []))  # a completed run stores itself before its last event
+            yield {"type": "response.completed", "sequence_number": 0, "response": final}
+            deleting.append(asyncio.create_task(delete()))  # runs before the task's done callbacks
+
+        start_in_background(live, events(), store, StoredResponse(response("queued", []), [], []), [])
+        await asyncio.sleep(0.05)
+        await deleting[0]
+        await asyncio.sleep(0.05)
+        return store
+
+    store = asyncio.run(scenario())
+    assert store.get("resp_1", "") is None and store.live("resp_1", "") is None
