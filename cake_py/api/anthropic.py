@@ -228,7 +228,7 @@ def _input(function: dict[str, Any]) -> dict[str, Any]:
     return arguments if isinstance(arguments, dict) else {}
 
 
-def message_of(completion: dict[str, Any], model: str) -> dict[str, Any]:
+def message_of(completion: dict[str, Any], model: str, max_tokens: int) -> dict[str, Any]:
     """A chat completion as Anthropic's Message."""
     choice = completion["choices"][0]
     message = choice["message"]
@@ -240,7 +240,10 @@ def message_of(completion: dict[str, Any], model: str) -> dict[str, Any]:
     for call in message.get("tool_calls") or []:
         function = call["function"]
         content.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": _input(function)})
-    stop_reason, stop_sequence = stop_of(choice.get("finish_reason"), choice.get("stop_reason"))
+    usage = usage_of(completion.get("usage"))
+    stop_reason, stop_sequence = stop_of(
+        choice.get("finish_reason"), choice.get("stop_reason"), usage["output_tokens"], max_tokens
+    )
     return {
         "id": f"msg_{uuid.uuid4().hex[:24]}",
         "type": "message",
@@ -249,11 +252,24 @@ def message_of(completion: dict[str, Any], model: str) -> dict[str, Any]:
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": usage_of(completion.get("usage")),
+        "usage": usage,
     }
 
 
+def _no_thread(body: dict[str, Any]) -> None:
+    """The beta `thread` field (the server keeps the conversation; later turns send only what is new) is refused
+    the way the SDK recovers from: it then drops the field and sends the whole conversation (its tool runner does
+    this on its own). Ignored, a later turn was answered without its history or tools."""
+    if body.get("thread") is not None:
+        raise ApiError(
+            400,
+            "message threads (the thread field) are not supported here: send the whole conversation each turn",
+            details={"error_code": "thread_unsupported_request", "unsupported": ["thread"]},
+        )
+
+
 def _model(request: Request, body: dict[str, Any]) -> str:
+    _no_thread(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model (required) must be a string: any name, the served model answers")
@@ -279,7 +295,7 @@ async def messages(request: Request) -> Response:
         )
         if status != 200:
             raise _translated(status, answer)
-        return JSONResponse(message_of(answer, model))
+        return JSONResponse(message_of(answer, model, chat["max_tokens"]))
     # message_start carries the prompt's size, as Anthropic's does: counted as the chat route renders it (a bad
     # request fails there, with its own error).
     status, counted = await _routes(request).post("/tokenize", _prompt(chat))
@@ -287,7 +303,7 @@ async def messages(request: Request) -> Response:
     status, error, chunks = await _routes(request).post_stream("/v1/chat/completions", chat, request_caller(request))
     if chunks is None:
         raise _translated(status, error)
-    return _Relay(chunks, model, input_tokens)
+    return _Relay(chunks, model, input_tokens, chat["max_tokens"])
 
 
 async def count_tokens(request: Request) -> Response:
@@ -305,8 +321,8 @@ class _Relay(StreamingResponse):
     """The translated stream, which closes the chat route's stream however it ends: even when the client leaves
     before the first event (the body's generator then never starts, so its own cleanup never runs)."""
 
-    def __init__(self, chunks: AsyncGenerator[Any, None], model: str, input_tokens: int) -> None:
-        events = message_events(chunks, model, input_tokens)
+    def __init__(self, chunks: AsyncGenerator[Any, None], model: str, input_tokens: int, max_tokens: int) -> None:
+        events = message_events(chunks, model, input_tokens, max_tokens)
         super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
         self.chunks = chunks
 

@@ -31,10 +31,13 @@ def usage_of(usage: dict[str, Any] | None) -> dict[str, int]:
     }
 
 
-def stop_of(finish: str | None, stop_reason: Any) -> tuple[str, str | None]:
-    """Anthropic's stop_reason and stop_sequence for a chat choice's finish_reason and vLLM's stop_reason."""
+def stop_of(finish: str | None, stop_reason: Any, output_tokens: int, max_tokens: int) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence for a chat choice's finish_reason and vLLM's stop_reason. A length
+    stop short of `max_tokens` is the context filling up: `max_tokens` would tell a client to ask for more."""
     if finish == "stop" and isinstance(stop_reason, str):
         return "stop_sequence", stop_reason
+    if finish == "length" and output_tokens < max_tokens:
+        return "model_context_window_exceeded", None
     return STOP_REASONS.get(finish or "", "end_turn"), None
 
 
@@ -42,18 +45,20 @@ def _event(kind: str, data: dict[str, Any]) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
 
 
-async def message_events(chunks: AsyncGenerator[Any, None], model: str, input_tokens: int) -> AsyncIterator[str]:
+async def message_events(
+    chunks: AsyncGenerator[Any, None], model: str, input_tokens: int, max_tokens: int
+) -> AsyncIterator[str]:
     """The chat route's chunks as Anthropic's stream: message_start, each content block's start, deltas and stop
     (text, thinking, tool_use with its input as JSON pieces), message_delta (stop_reason, usage), message_stop. A
     client that leaves closes `chunks` at once, which stops the chat route (its sequence leaves the engine)."""
     try:
-        async for event in _translate(chunks, model, input_tokens):
+        async for event in _translate(chunks, model, input_tokens, max_tokens):
             yield event
     finally:
         await chunks.aclose()
 
 
-async def _translate(chunks: AsyncIterator[Any], model: str, input_tokens: int) -> AsyncIterator[str]:
+async def _translate(chunks: AsyncIterator[Any], model: str, input_tokens: int, max_tokens: int) -> AsyncIterator[str]:
     start: dict[str, Any] = {
         "id": f"msg_{uuid.uuid4().hex[:24]}",
         "type": "message",
@@ -67,7 +72,7 @@ async def _translate(chunks: AsyncIterator[Any], model: str, input_tokens: int) 
     }
     yield _event("message_start", {"message": start})
     blocks = _Blocks()
-    finish: tuple[str, str | None] | None = None
+    finish: tuple[str, Any] | None = None  # the chat choice's finish_reason and stop_reason
     usage: dict[str, int] = usage_of(None)
     try:
         async for chunk in chunks:
@@ -80,7 +85,7 @@ async def _translate(chunks: AsyncIterator[Any], model: str, input_tokens: int) 
                 for event in blocks.feed(choice.get("delta", {})):
                     yield event
                 if choice.get("finish_reason"):
-                    finish = stop_of(choice["finish_reason"], choice.get("stop_reason"))
+                    finish = choice["finish_reason"], choice.get("stop_reason")
     except StreamBroken as error:  # the chat route failed mid-answer: said, not passed off as the answer's end
         log.error("/v1/messages: %s", error)
         yield _error_event({"message": str(error), "code": 500})
@@ -90,7 +95,7 @@ async def _translate(chunks: AsyncIterator[Any], model: str, input_tokens: int) 
         return
     for event in blocks.close():
         yield event
-    stop_reason, stop_sequence = finish
+    stop_reason, stop_sequence = stop_of(*finish, usage["output_tokens"], max_tokens)
     yield _event(
         "message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": usage}
     )

@@ -38,9 +38,18 @@ def retry_headers(status: int) -> dict[str, str] | None:
 class ApiError(Exception):
     """An error with its HTTP status; the body shape is picked by the route family of the request's path."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        details: dict[str, object] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers
+        self.details = details  # Anthropic's `error.details` (what its SDK reads to recover), on its routes only
 
 
 # Anthropic's error types by status, for its Messages API's body.
@@ -55,21 +64,26 @@ ANTHROPIC_ERRORS = {
 }
 
 
-def error_payload(path: str, message: str, code: str | None = None, status: int = 400) -> dict[str, object]:
-    """`{"detail": …}` on the seed-001 native routes, Anthropic's `{"type": "error", "error": {type, message}}` on its
-    Messages API, `{"error": …}` (plus `code` when known) everywhere else."""
+def error_payload(
+    path: str, message: str, code: str | None = None, status: int = 400, details: dict[str, object] | None = None
+) -> dict[str, object]:
+    """`{"detail": …}` on the seed-001 native routes, Anthropic's `{"type": "error", "error": {type, message}}` (plus
+    `details` when given) on its Messages API, `{"error": …}` (plus `code` when known) everywhere else."""
     if uses_detail_errors(path):
         return {"detail": message}
     if uses_anthropic_errors(path):
-        return {"type": "error", "error": {"type": ANTHROPIC_ERRORS.get(status, "api_error"), "message": message}}
+        error: dict[str, object] = {"type": ANTHROPIC_ERRORS.get(status, "api_error"), "message": message}
+        return {"type": "error", "error": {**error, "details": details} if details else error}
     body: dict[str, object] = {"error": message}
     if code:
         body["code"] = code
     return body
 
 
-def error_body(request: Request, message: str, code: str | None = None, status: int = 400) -> dict[str, object]:
-    return error_payload(request.url.path, message, code, status)
+def error_body(
+    request: Request, message: str, code: str | None = None, status: int = 400, details: dict[str, object] | None = None
+) -> dict[str, object]:
+    return error_payload(request.url.path, message, code, status, details)
 
 
 def status_of(error: CakeError, *, detail_style: bool = False) -> tuple[int, str | None]:
@@ -105,7 +119,7 @@ async def send_error(send: Send, path: str, status: int, message: str, headers: 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    body = error_body(request, exc.message, exc.code, exc.status)
+    body = error_body(request, exc.message, exc.code, exc.status, exc.details)
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 

@@ -133,6 +133,46 @@ def test_a_forced_tool_use_and_its_result(claude: anthropic.Anthropic) -> None:
     assert answer.stop_reason in ("end_turn", "max_tokens", "tool_use")
 
 
+def test_the_sdks_tool_runner_goes_on_without_threads(claude: anthropic.Anthropic, server: ServerHandle) -> None:
+    """The SDK's tool runner sends the beta `thread` field: its later turns then carry only the new messages. The
+    field was ignored, so the second turn had no tools ("tool_choice 'required' needs tools"). Refused as Anthropic
+    refuses what it cannot thread, the SDK drops the field and sends the whole conversation."""
+    from anthropic import beta_tool
+
+    cities: list[str] = []
+
+    @beta_tool(input_schema=WEATHER["input_schema"])  # type: ignore[arg-type]
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        cities.append(city)
+        return "Sunny"
+
+    runner = claude.beta.messages.tool_runner(
+        model="tiny",
+        max_tokens=300,
+        tools=[get_weather],
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+        max_iterations=2,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+    )
+    replies = list(runner)
+    assert [reply.stop_reason for reply in replies] == ["tool_use", "tool_use"]
+    assert len(cities) >= 1
+    refused = httpx.post(
+        f"{server.base_url}/v1/messages",
+        json={
+            "model": "tiny",
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}],
+            "thread": {"type": "create"},
+        },
+        timeout=60,
+    )
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["type"] == "invalid_request_error" and "thread" in error["message"]
+    assert error["details"] == {"error_code": "thread_unsupported_request", "unsupported": ["thread"]}
+
+
 def test_an_output_format_holds_the_answer_to_a_schema(claude: anthropic.Anthropic) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     message = ask(claude, max_tokens=40, output_config={"format": {"type": "json_schema", "schema": schema}})
@@ -198,6 +238,20 @@ def test_the_sdk_reads_the_error(claude: anthropic.Anthropic) -> None:
             max_tokens=4,
             messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "x"}}]}],
         )
+
+
+def test_an_answer_cut_by_the_context_says_so_not_max_tokens(tiny_llama: Path) -> None:
+    """A context that filled before max_tokens was `max_tokens`, which tells a client to ask for more tokens (and
+    fail again); Anthropic's SDK has `model_context_window_exceeded` for it."""
+    with running_server(tiny_settings(tiny_llama, max_model_len=80)) as server:
+        with anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0) as client:
+            fields: dict[str, Any] = {"model": "tiny", "messages": [{"role": "user", "content": QUESTION}]}
+            cut = client.messages.create(max_tokens=200, extra_body={"ignore_eos": True}, **fields)
+            assert cut.stop_reason == "model_context_window_exceeded" and 0 < cut.usage.output_tokens < 200
+            with client.messages.stream(max_tokens=200, extra_body={"ignore_eos": True}, **fields) as stream:
+                assert stream.get_final_message().stop_reason == "model_context_window_exceeded"
+            short = client.messages.create(max_tokens=3, extra_body={"ignore_eos": True}, **fields)
+            assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
 
 
 def test_the_api_key_may_come_as_x_api_key(tiny_llama: Path) -> None:
