@@ -75,6 +75,15 @@ def _block_text(block: dict[str, Any], where: str) -> str:
     return text
 
 
+def _name(block: dict[str, Any], field: str, where: str) -> str:
+    """A required non-empty string field, checked here so that the error names Anthropic's path (the chat route
+    would name its own, in messages shifted by the translation)."""
+    value = block.get(field)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{where}.{field} must be a non-empty string, got {value!r}"[:300])
+    return value
+
+
 def _parts(blocks: list[Any]) -> list[dict[str, str]]:
     """Text (strings, or checked text blocks) as chat text parts: the chat route joins them as it joins any."""
     return [{"type": "text", "text": str(b.get("text", "")) if isinstance(b, dict) else b} for b in blocks]
@@ -107,12 +116,15 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             if kind == "text":
                 text.append(_block_text(block, f"{where}.content[{number}]"))
             elif kind == "tool_use" and message["role"] == "assistant":
-                arguments = json.dumps(block.get("input") or {})
+                spot = f"{where}.content[{number}]"
+                tool_input = block.get("input", {})
+                if not isinstance(tool_input, dict):
+                    raise ApiError(400, f"{spot}.input must be an object, got {tool_input!r}"[:300])
                 calls.append(
                     {
-                        "id": block.get("id"),
+                        "id": _name(block, "id", spot),
                         "type": "function",
-                        "function": {"name": block.get("name"), "arguments": arguments},
+                        "function": {"name": _name(block, "name", spot), "arguments": json.dumps(tool_input)},
                     }
                 )
             elif kind == "tool_result" and message["role"] == "user":
@@ -122,7 +134,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 result = _text_blocks(block.get("content", ""), f"{where}.content[{number}].content")
                 if block.get("is_error"):
                     result = f"Error: {result}"
-                chat.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": result})
+                tool_use_id = _name(block, "tool_use_id", f"{where}.content[{number}]")
+                chat.append({"role": "tool", "tool_call_id": tool_use_id, "content": result})
             elif kind in ("thinking", "redacted_thinking") and message["role"] == "assistant":
                 continue  # the model's earlier thinking: not part of the conversation it reads
             else:
@@ -151,7 +164,9 @@ def _tools(body: dict[str, Any]) -> dict[str, Any]:
                 raise ApiError(
                     400, f"tools[{index}]: only custom tools (name, input_schema) are supported, got {kind!r}"[:300]
                 )
-            function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
+            if not isinstance(tool["input_schema"], dict):
+                raise ApiError(400, f"tools[{index}].input_schema must be a JSON schema object"[:300])
+            function = {"name": _name(tool, "name", f"tools[{index}]"), "parameters": tool["input_schema"]}
             if tool.get("description"):
                 function["description"] = tool["description"]
             converted.append({"type": "function", "function": function})
@@ -162,7 +177,7 @@ def _tools(body: dict[str, Any]) -> dict[str, Any]:
         if kind not in ("auto", "any", "tool", "none"):
             raise ApiError(400, f"tool_choice.type must be auto, any, tool or none, got {kind!r}")
         if kind == "tool":
-            fields["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+            fields["tool_choice"] = {"type": "function", "function": {"name": _name(choice, "name", "tool_choice")}}
         else:
             fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
         if flag(choice, "disable_parallel_tool_use", False):

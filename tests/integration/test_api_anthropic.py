@@ -189,6 +189,16 @@ def test_count_tokens_is_what_a_message_reads(claude: anthropic.Anthropic) -> No
     assert with_tools.input_tokens >= counted.input_tokens
 
 
+def _calling(tool_use: dict[str, Any], tool_use_id: Any = "t1") -> list[dict[str, Any]]:
+    """A conversation whose assistant turn calls a tool (`tool_use`'s fields) and whose last turn answers it."""
+    result = {"type": "tool_result", "tool_use_id": tool_use_id, "content": "Sunny"}
+    return [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", **tool_use}]},
+        {"role": "user", "content": [{"type": "text", "text": "Here:"}, result]},
+    ]
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -212,6 +222,14 @@ def test_count_tokens_is_what_a_message_reads(claude: anthropic.Anthropic) -> No
             "messages hold nothing to answer",
         ),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "content[0].text must be"),
+        # Named by Anthropic's paths: the chat route named its own (messages[5].tool_calls[0], shifted indices)
+        ({"messages": _calling({"id": "t1", "input": {}})}, "messages[1].content[0].name must be a non-empty string"),
+        ({"messages": _calling({"id": "t1", "name": "f", "input": "x"})}, "messages[1].content[0].input must be"),
+        ({"messages": _calling({"name": "f", "input": {}})}, "messages[1].content[0].id must be a non-empty string"),
+        ({"messages": _calling({"id": "t1", "name": "f"}, 5)}, "messages[2].content[1].tool_use_id must be"),
+        ({"tools": [{"name": "", "input_schema": {}}]}, "tools[0].name must be a non-empty string"),
+        ({"tools": [{"name": "f", "input_schema": "x"}]}, "tools[0].input_schema must be"),
+        ({"tool_choice": {"type": "tool"}}, "tool_choice.name must be a non-empty string"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 12}]}]}, "content[0].text must be"),
         ({"system": [{"type": "text", "text": {"a": 1}}]}, "system[0].text must be a string"),
         ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": "x"}}, "disable_parallel_tool_use must be"),
