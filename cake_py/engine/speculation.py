@@ -79,9 +79,14 @@ class PromptLookup(_Backoff):
 class PredictionLookup(_Backoff):
     """One sequence's drafts from its predicted output: the prediction's next tokens from where the output stands in
     it. That is where the output would be had it followed the prediction since it was last placed (`expected`),
-    while its last token agrees there. Otherwise the model wrote something else: the output is placed again where
-    its last 3 tokens (anywhere ahead) or 2 (near `expected`) occur in the prediction next, and where they occur
-    nowhere it is taken for a substitution, and the prediction goes on from `expected`."""
+    while its last token agrees there. Otherwise the model wrote something else, and the output is placed again from
+    what it wrote since it last agreed (the tokens before say nothing about where it went: in repetitive text, a
+    list or JSON records, they occur all over the prediction):
+    - a token added or dropped: its last token one or two places from `expected`;
+    - else the last 2 or 3 new tokens near where it should be (from `expected`, or from the last agreed place),
+      nearest first; only when none is near, the last 3 further ahead, a guess that moves nothing until the output
+      agrees with it;
+    - else a substitution: the prediction goes on from `expected`."""
 
     def __init__(self, prediction: Sequence[int]) -> None:
         super().__init__()
@@ -91,7 +96,9 @@ class PredictionLookup(_Backoff):
             self.ends.setdefault(token, []).append(end)
         self.cursor = 0  # where in the prediction the output stood when last placed …
         self.placed_at = 0  # … and how many tokens it had then
-        self.confirmed = 0  # the last place its own tokens matched (a substitution's guess is not one)
+        self.confirmed = 0  # the last place its own tokens agreed with (a guess is not one) …
+        self.confirmed_at = 0  # … and how many tokens the output had then
+        self.guessing = False  # whether the last placing was a guess (a substitution, a far place)
 
     def propose(self, output: Sequence[int], limit: int) -> list[int]:
         """Up to `limit` tokens of the prediction that follow where `output` (the generated tokens) stands in it."""
@@ -103,28 +110,54 @@ class PredictionLookup(_Backoff):
     def _place(self, output: Sequence[int]) -> int:
         if not output:
             return 0
-        expected = min(self.cursor + len(output) - self.placed_at, len(self.prediction))
-        if self._shared(expected, output):
-            self.confirmed = expected
-            return expected
-        best, best_key = expected, (0, 0)
+        size = len(self.prediction)
+        expected = min(self.cursor + len(output) - self.placed_at, size)
+        agreeing = 0  # of the tokens since the last placing (drafts kept, and one sampled), those that followed it
+        while (
+            self.placed_at + agreeing < len(output)
+            and self.cursor + agreeing < size
+            and output[self.placed_at + agreeing] == self.prediction[self.cursor + agreeing]
+        ):
+            agreeing += 1
+        # What a guess drafted confirms it once a few tokens agree (a separator or two agree anywhere in a list).
+        if agreeing >= (PREDICTION_NGRAM if self.guessing else 1):
+            self._agreed(self.cursor + agreeing, self.placed_at + agreeing)
+        new = len(output) - self.confirmed_at  # tokens written since the output last agreed with the prediction
+        # Its last token where it should be; or a token dropped (the next one written), or added (the prediction
+        # goes on after it: seen once the output wrote the token that follows); two need two tokens to agree.
+        for offset, needed in ((0, 1), (1, 1), (-1, 1), (2, 2), (-2, 2)):
+            end = expected + offset
+            if 0 < end <= size and (offset >= 0 or new > -offset):
+                if self._shared(end, output, PREDICTION_NGRAM if offset == 0 else new) >= needed:
+                    return self._agreed(end, len(output))
+        from_confirmed = min(self.confirmed + len(output) - self.confirmed_at, size)
+        best, best_key = expected, (False, 0)
         ends = self.ends.get(output[-1], [])
-        first = bisect_right(ends, self.confirmed)  # past where it last matched: the output does not go back
+        # From a little before where it last agreed: an agreement may have been a coincidence (repeated text).
+        first = bisect_right(ends, self.confirmed - PREDICTION_WINDOW)
         for end in ends[first : first + MAX_PLACES_TRIED]:
-            shared, distance = self._shared(end, output), abs(end - expected)
-            if shared == PREDICTION_NGRAM or (shared == 2 and distance <= PREDICTION_WINDOW):
-                key = (shared, -distance)
+            shared = self._shared(end, output, new)
+            distance = min(abs(end - expected), abs(end - from_confirmed))
+            near = distance <= PREDICTION_WINDOW
+            if (near and shared >= 2) or shared == PREDICTION_NGRAM:
+                key = (near, -distance)
                 if key > best_key:
                     best, best_key = end, key
         if best_key[0]:
-            self.confirmed = best
+            return self._agreed(best, len(output))
+        self.guessing = True
         return best
 
-    def _shared(self, end: int, output: Sequence[int]) -> int:
-        """How many of the output's last tokens (at most PREDICTION_NGRAM) end the prediction's first `end`."""
+    def _agreed(self, end: int, length: int) -> int:
+        self.confirmed, self.confirmed_at, self.guessing = end, length, False
+        return end
+
+    def _shared(self, end: int, output: Sequence[int], limit: int) -> int:
+        """How many of the output's last tokens (at most `limit` and PREDICTION_NGRAM) end the prediction's first
+        `end`."""
         shared = 0
         while (
-            shared < min(PREDICTION_NGRAM, end, len(output))
+            shared < min(PREDICTION_NGRAM, limit, end, len(output))
             and self.prediction[end - 1 - shared] == output[len(output) - 1 - shared]
         ):
             shared += 1

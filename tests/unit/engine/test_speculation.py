@@ -97,6 +97,31 @@ def test_a_prediction_stays_in_step_with_text_that_repeats_and_realigns_after_ed
         assert steps <= len(answer) // 5 + 4 and rejected <= 12, (steps, rejected)
 
 
+def test_an_edit_in_repetitive_text_does_not_send_the_prediction_far_ahead() -> None:
+    """In a list or JSON records the output's last tokens around an edit recur all over the prediction: a match far
+    ahead (or one of a separator or two) placed it there, and drafting never came back (a 90-number list with one
+    comma missing in the prediction took 75 steps instead of 12)."""
+    comma, space = 10, 11
+
+    def numbers(values: list[int]) -> list[int]:  # "1, 2, 3, …" as digit tokens, a comma and a space
+        return [token for value in values for token in [*map(int, str(value)), comma, space]]
+
+    answer = numbers(list(range(1, 61)))
+    record = [20, 21, 2, 5, comma, 22, 30, comma]  # name, "age", 2 5, ",", "city", a city, ","
+    records = [token for index in range(8) for token in [*record[:1], 40 + index, *record[1:]]]
+    edited = records.copy()
+    edited[3:5] = [3, 1]  # the first record's age 25 → 31: "age" 3 recurs in every record
+    cases = {
+        "comma missing": (answer[:3] + answer[4:], answer),
+        "a number missing": (answer[:6] + answer[9:], answer),
+        "a number twice": (answer[:18] + answer[18:21] + answer[18:], answer),
+        "a value changed": (records, edited),
+    }
+    for name, (prediction, written) in cases.items():
+        steps, rejected = drafting(prediction, written)
+        assert steps <= len(written) // 5 + 6 and rejected <= 16, (name, steps, rejected)
+
+
 @pytest.fixture
 def engines(tiny_model_factory) -> Iterator:  # type: ignore[no-untyped-def]
     made: list[Engine] = []
