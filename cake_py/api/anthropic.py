@@ -92,7 +92,7 @@ def _parts(blocks: list[Any]) -> list[dict[str, str]]:
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     """Anthropic's `system` and `messages` as chat messages."""
     chat: list[dict[str, Any]] = []
-    if body.get("system") is not None:
+    if body.get("system") not in (None, "", []):  # an empty one is none: the template's default system prompt stays
         system = body["system"]
         _text_blocks(system, "system")  # checked: a string or text blocks
         chat.append({"role": "system", "content": system if isinstance(system, str) else _parts(system)})
@@ -204,6 +204,9 @@ def chat_request(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
     chat: dict[str, Any] = {"messages": _messages(body), "max_tokens": max_tokens, **_tools(body)}
     # Older clients send temperature, top_p and top_k (the current API has none: the server's defaults apply).
     chat.update({key: body[key] for key in SAMPLING if body.get(key) is not None})
+    temperature = body.get("temperature")
+    if isinstance(temperature, int | float) and not isinstance(temperature, bool) and not 0 <= temperature <= 1:
+        raise ApiError(400, f"temperature must be from 0 to 1 (Anthropic's range), got {temperature!r}")
     output = body.get("output_config") or {}
     if not isinstance(output, dict):
         raise ApiError(400, f"output_config must be an object, got {output!r}"[:300])
@@ -224,9 +227,12 @@ def chat_request(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
 def _thinking(body: dict[str, Any]) -> dict[str, Any]:
     """A reasoning model's template switch (Qwen3's and others'), honoured where the template reads it."""
     thinking = body.get("thinking")
-    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "disabled"):
-        return {"chat_template_kwargs": {"enable_thinking": thinking["type"] == "enabled"}}
-    return {}
+    if thinking is None:
+        return {}
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "adaptive", "disabled"):
+        raise ApiError(400, f"thinking must be {{type: enabled, adaptive or disabled}}, got {thinking!r}"[:300])
+    return {"chat_template_kwargs": {"enable_thinking": kind != "disabled"}}
 
 
 def _prompt(chat: dict[str, Any]) -> dict[str, Any]:

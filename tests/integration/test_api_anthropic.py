@@ -173,6 +173,15 @@ def test_the_sdks_tool_runner_goes_on_without_threads(claude: anthropic.Anthropi
     assert error["details"] == {"error_code": "thread_unsupported_request", "unsupported": ["thread"]}
 
 
+def test_an_empty_system_is_no_system(claude: anthropic.Anthropic) -> None:
+    """`system: ""` rendered an empty system message, dropping the template's default system prompt."""
+    messages: list[Any] = [{"role": "user", "content": QUESTION}]
+    plain = claude.messages.count_tokens(model="tiny", messages=messages).input_tokens
+    for empty in ("", []):
+        assert claude.messages.count_tokens(model="tiny", messages=messages, system=empty).input_tokens == plain
+    assert claude.messages.count_tokens(model="tiny", messages=messages, system="Be brief.").input_tokens != plain
+
+
 def test_an_output_format_holds_the_answer_to_a_schema(claude: anthropic.Anthropic) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     message = ask(claude, max_tokens=40, output_config={"format": {"type": "json_schema", "schema": schema}})
@@ -230,6 +239,8 @@ def _calling(tool_use: dict[str, Any], tool_use_id: Any = "t1") -> list[dict[str
         ({"tools": [{"name": "", "input_schema": {}}]}, "tools[0].name must be a non-empty string"),
         ({"tools": [{"name": "f", "input_schema": "x"}]}, "tools[0].input_schema must be"),
         ({"tool_choice": {"type": "tool"}}, "tool_choice.name must be a non-empty string"),
+        ({"thinking": "yes"}, "thinking must be {type: enabled, adaptive or disabled}"),
+        ({"temperature": 1.5}, "temperature must be from 0 to 1"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 12}]}]}, "content[0].text must be"),
         ({"system": [{"type": "text", "text": {"a": 1}}]}, "system[0].text must be a string"),
         ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": "x"}}, "disable_parallel_tool_use must be"),
