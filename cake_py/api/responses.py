@@ -22,7 +22,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cake_py.api import response_store
-from cake_py.api.background import LiveResponse, sse_event, start_in_background
+from cake_py.api.background import (
+    TERMINAL,
+    LiveResponse,
+    cancelled,
+    sse_event,
+    start_in_background,
+    without_logprobs,
+)
 from cake_py.api.errors import ApiError
 from cake_py.api.middleware import request_key_name, request_owner
 from cake_py.api.openai import chat_logprobs
@@ -164,7 +171,16 @@ async def create_response(request: Request) -> Response:
         state.responses.start_live(live)
     if stream:
         lines = (sse_event(event) async for event in _tracked(live, events))
-        return GenerationResponse(lines, streams, "text/event-stream", on_close=lambda: state.responses.end_live(live))
+
+        def closed() -> None:
+            state.responses.end_live(live)
+            # The client left mid-answer: the response it was given the id of ends cancelled with what it had (as a
+            # cancelled background run), rather than turning from in_progress to not found.
+            if store and live.response["status"] not in TERMINAL and state.responses.get(live.id, draft.owner) is None:
+                stopped = without_logprobs(cancelled(live.response))
+                state.responses.put(StoredResponse(stopped, draft.items, draft.history, owner=draft.owner))
+
+        return GenerationResponse(lines, streams, "text/event-stream", on_close=closed)
     try:
         result = (await collect_all(request, streams))[0]
     finally:

@@ -303,6 +303,32 @@ def test_a_streamed_message_opens_empty_and_its_part_comes_once(server: ServerHa
     assert len(done["item"]["content"]) == 1
 
 
+def test_a_stored_stream_the_client_leaves_ends_cancelled_with_what_it_had(
+    client: OpenAI, server: ServerHandle
+) -> None:
+    """It read in_progress while streaming, then not found once the client left: the id it was given led nowhere."""
+    import time
+
+    body = {"input": QUESTION, "max_output_tokens": 400, "stream": True, "ignore_eos": True}
+    deltas = 0
+    with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body, timeout=60) as raw:
+        for line in raw.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if event["type"] == "response.created":
+                response_id = event["response"]["id"]
+            deltas += event["type"] == "response.output_text.delta"
+            if deltas == 3:
+                break
+    deadline = time.monotonic() + 10
+    while (left := client.responses.retrieve(response_id)).status == "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left.status == "cancelled" and left.output_text and left.output[0].status == "incomplete"
+    follow = client.responses.create(model="x", previous_response_id=response_id, input="Again?", max_output_tokens=2)
+    assert follow.previous_response_id == response_id and follow.output_text  # it goes on from it
+
+
 def test_the_stored_copy_leaves_logprobs_out(client: OpenAI) -> None:
     response = client.responses.create(
         model="x", input=QUESTION, max_output_tokens=3, include=["message.output_text.logprobs"], top_logprobs=5
