@@ -20,7 +20,14 @@ from starlette.routing import Route
 
 from cake_py.api.completions import no_fill_in_middle
 from cake_py.api.errors import ApiError
-from cake_py.api.llama_cpp import Completion, EditorLimits, completion_events, llama_sampling, one_event
+from cake_py.api.llama_cpp import (
+    Completion,
+    EditorLimits,
+    completion_events,
+    llama_sampling,
+    one_event,
+    requested_repeat_last_n,
+)
 from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag
 from cake_py.api.state import generation_request
@@ -108,7 +115,16 @@ async def infill(request: Request) -> Response:
     stream = flag(body, "stream", False)  # checked before anything is submitted: a 400 must not leave it running
     streams = open_streams(state, engine, [prompt_ids], [params], request_key_name(request))
     streams[0].limit = limits
-    answer = Completion(state.model_name, tokenizer, len(prompt_ids), params, n_predict, engine.context_length)
+    answer = Completion(
+        state.model_name,
+        tokenizer,
+        len(prompt_ids),
+        params,
+        n_predict,
+        engine.context_length,
+        stream=stream,
+        repeat_last_n=requested_repeat_last_n(body),
+    )
     answer.truncated = truncated
     if stream and n_predict:
         return GenerationResponse(completion_events(request, streams, [answer]), streams, "text/event-stream")

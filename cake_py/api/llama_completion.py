@@ -22,7 +22,14 @@ from starlette.routing import Route
 
 from cake_py import __version__
 from cake_py.api.errors import ApiError
-from cake_py.api.llama_cpp import Completion, EditorLimits, completion_events, llama_sampling, one_event
+from cake_py.api.llama_cpp import (
+    Completion,
+    EditorLimits,
+    completion_events,
+    llama_sampling,
+    one_event,
+    requested_repeat_last_n,
+)
 from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag
 from cake_py.api.state import ServerState, generation_request
@@ -49,8 +56,16 @@ def _one_prompt(item: Any) -> bool:
 
 def _prompts(body: dict[str, Any]) -> list[Prompt]:
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and any(_is_id(part) for part in prompt) and _one_prompt(prompt):
-        prompts: list[Any] = [prompt]  # ids, with strings among them or not: one prompt
+    if isinstance(prompt, list) and prompt and any(_is_id(part) for part in prompt):
+        # ids, with strings among them or not: one prompt; what else is in it is named, not its first id
+        bad = next((part for part in prompt if not (_is_id(part) or isinstance(part, str))), None)
+        if bad is not None or not _one_prompt(prompt):
+            raise ApiError(
+                400,
+                f"prompt must be a non-empty string, token ids (strings among them), or a list of those; {bad!r} is "
+                "among its token ids"[:300],
+            )
+        prompts: list[Any] = [prompt]
     elif isinstance(prompt, list) and prompt:
         prompts = prompt  # strings, or lists: one prompt each
     else:
@@ -135,6 +150,8 @@ async def completion(request: Request) -> Response:
                 index=index,
                 prompt=shown,
                 return_tokens=return_tokens,
+                stream=stream,
+                repeat_last_n=requested_repeat_last_n(body),
             )
         )
     if stream and n_predict:

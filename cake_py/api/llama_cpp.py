@@ -60,6 +60,16 @@ def _logit_bias(value: Any, tokenizer: Tokenizer, vocab_size: int) -> tuple[tupl
     return tuple(biases.items())
 
 
+DEFAULT_REPEAT_LAST_N = 64
+
+
+def requested_repeat_last_n(body: dict[str, Any]) -> int:
+    repeat_last_n = int(number(body, "repeat_last_n", DEFAULT_REPEAT_LAST_N, integer=True))
+    if repeat_last_n < -1:
+        raise ApiError(400, f"repeat_last_n must be -1 (every token), 0 (off) or more, got {repeat_last_n}")
+    return repeat_last_n
+
+
 def llama_sampling(
     body: dict[str, Any], context_length: int, tokenizer: Tokenizer, vocab_size: int
 ) -> tuple[SamplingParams, int]:
@@ -70,9 +80,7 @@ def llama_sampling(
     -1: all). `vocab_size` is the model's (the logits'), which bounds logit_bias ids."""
     if flag(body, "post_sampling_probs", False):
         raise ApiError(400, "post_sampling_probs is not supported: n_probs gives the model's own probabilities")
-    repeat_last_n = int(number(body, "repeat_last_n", 64, integer=True))
-    if repeat_last_n < -1:
-        raise ApiError(400, f"repeat_last_n must be -1 (every token), 0 (off) or more, got {repeat_last_n}")
+    repeat_last_n = requested_repeat_last_n(body)
     n_predict = int(number(body, "n_predict", -1, integer=True))
     if n_predict < -1:
         raise ApiError(400, f"n_predict must be -1 (no limit), 0 (read the prompt only) or more, got {n_predict}")
@@ -99,8 +107,8 @@ def llama_sampling(
             top_logprobs=n_probs,
             raw_logprobs=True,
         )
-    except RequestError as error:
-        raise ApiError(400, str(error)) from error
+    except RequestError as error:  # named by llama.cpp's fields, as the request sent them
+        raise ApiError(400, str(error).replace("repetition_penalty", "repeat_penalty")) from error
     return params, n_predict
 
 
@@ -170,15 +178,19 @@ class Completion:
         index: int = 0,
         prompt: str | None = None,
         return_tokens: bool = False,
+        stream: bool = False,
+        repeat_last_n: int = DEFAULT_REPEAT_LAST_N,
     ) -> None:
         self.model, self.tokenizer, self.prompt_tokens = model, tokenizer, prompt_tokens
         self.params, self.n_predict, self.context_length = params, n_predict, context_length
         self.index, self.prompt, self.return_tokens = index, prompt, return_tokens
+        self.stream, self.repeat_last_n = stream, repeat_last_n  # as asked: the settings report them
         self.truncated = False  # the request was cut to fit the context
 
     def piece(self, event: GenerationEvent) -> dict[str, Any]:
-        """A streamed event's object: its text, and (when asked for) its tokens and their probabilities."""
-        return {"index": self.index, "content": event.text, "stop": False, **self._tokens(event.tokens)}
+        """A streamed event's object: its text, its tokens (always, as llama.cpp streams them) and their
+        probabilities when asked for."""
+        return {"index": self.index, "content": event.text, "stop": False, **self._tokens(event.tokens, True)}
 
     def final(
         self, content: str, last: GenerationEvent, stream: EventStream, tokens: list[SampledToken]
@@ -190,6 +202,11 @@ class Completion:
         predicted = last.completion_tokens if self.n_predict else 0  # n_predict 0: its one token is not an answer
         by_word = isinstance(last.stop_reason, str)
         stop_type = "limit" if last.finish_reason == "length" else "word" if by_word else "eos"
+        if by_word and tokens:  # as llama.cpp: the stop word's tokens leave with its text (content has neither)
+            tokens = tokens[: max(len(tokens) - len(self.tokenizer.encode_literal(str(last.stop_reason))), 0)]
+        # Out of room: the context filled before the answer ended (llama.cpp's truncated; /infill also sets it
+        # when it cut the prompt).
+        full = last.finish_reason == "length" and self.prompt_tokens + last.completion_tokens >= self.context_length
         prompt_ms, predicted_ms = (first - stream.submitted) * 1000, (now - first) * 1000
         answer: dict[str, Any] = {
             "index": self.index,
@@ -203,7 +220,7 @@ class Completion:
             "stop_type": "limit" if not self.n_predict else stop_type,
             "has_new_line": "\n" in content if self.n_predict else False,
             "stopping_word": last.stop_reason if by_word else "",
-            "truncated": self.truncated,
+            "truncated": self.truncated or full,
             "generation_settings": self.settings(),
             "timings": {
                 "cache_n": last.cached_tokens,
@@ -221,9 +238,10 @@ class Completion:
             answer["prompt"] = self.prompt
         return answer | (self._tokens(tokens) if self.n_predict else {})
 
-    def _tokens(self, tokens: list[SampledToken]) -> dict[str, Any]:
-        # `tokens` is always there, as llama.cpp sends it: empty unless return_tokens asks for them.
-        found: dict[str, Any] = {"tokens": [token.token_id for token in tokens] if self.return_tokens else []}
+    def _tokens(self, tokens: list[SampledToken], streamed: bool = False) -> dict[str, Any]:
+        # `tokens` is always there, as llama.cpp sends it: in the whole answer empty unless return_tokens asks.
+        shown = streamed or self.return_tokens
+        found: dict[str, Any] = {"tokens": [token.token_id for token in tokens] if shown else []}
         if self.params.logprobs:
             found["completion_probabilities"] = [
                 {
@@ -250,7 +268,7 @@ class Completion:
             "top_p": params.top_p,
             "min_p": params.min_p,
             "repeat_penalty": params.repetition_penalty,
-            "repeat_last_n": params.repetition_window or -1,
+            "repeat_last_n": self.repeat_last_n,
             "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty,
             "seed": -1 if params.seed is None else params.seed,
@@ -258,7 +276,7 @@ class Completion:
             "ignore_eos": params.ignore_eos,
             "n_probs": params.top_logprobs,
             "logit_bias": [list(pair) for pair in params.logit_bias],
-            "stream": False,
+            "stream": self.stream,
         }
 
 
@@ -274,7 +292,7 @@ async def completion_events(
             return
         answer = answers[index]
         pieces[index].append(event.text)
-        if event.text or (event.tokens and (answer.return_tokens or answer.params.logprobs)):
+        if event.text or event.tokens:  # a token whose text is not whole yet goes too, with its id
             yield sse(answer.piece(event))
         if event.finished:
             # Its tokens went out with the pieces: the last object repeats none of them.

@@ -60,24 +60,31 @@ async def _embedded(
     distinct = list(dict.fromkeys(text for texts in fields.values() for text in texts))
     state: ServerState = request.app.state.cake
     assert state.routes is not None  # create_app sets it
-    ask = {"input": distinct, "encoding_format": "base64", **{key: body[key] for key in PASSED if key in body}}
-    status, answer = await state.routes.post("/v1/embeddings", ask, request.receive, request_caller(request))
-    if status != 200:
-        error = answer.get("error") if isinstance(answer, dict) else None
-        code = answer.get("code") if isinstance(answer, dict) else None
-        if code == "context_length_exceeded":
-            raise ApiError(400, await _too_long(state, fields, str(error)), code=code)
-        message = str(error or f"the embeddings failed ({status})")
-        raise ApiError(status, message, code=code, headers=retry_headers(status))
+    vectors: dict[str, torch.Tensor] = {}
+    tokens = 0
+    # In requests of at most MAX_INPUTS (the embeddings route's limit): each field may hold that many on its own.
+    for start in range(0, len(distinct), MAX_INPUTS):
+        chunk = distinct[start : start + MAX_INPUTS]
+        ask = {"input": chunk, "encoding_format": "base64", **{key: body[key] for key in PASSED if key in body}}
+        status, answer = await state.routes.post("/v1/embeddings", ask, request.receive, request_caller(request))
+        if status != 200:
+            error = answer.get("error") if isinstance(answer, dict) else None
+            code = answer.get("code") if isinstance(answer, dict) else None
+            if code == "context_length_exceeded":
+                raise ApiError(400, await _too_long(state, fields, str(error)), code=code)
+            message = str(error or f"the embeddings failed ({status})")
+            raise ApiError(status, message, code=code, headers=retry_headers(status))
 
-    def decode() -> dict[str, torch.Tensor]:
-        vectors = {}
-        for item in answer["data"]:
-            raw = base64.b64decode(item["embedding"])
-            vectors[distinct[item["index"]]] = torch.frombuffer(bytearray(raw), dtype=torch.float32)
-        return vectors
+        def decode(answer: dict[str, Any] = answer, chunk: list[str] = chunk) -> dict[str, torch.Tensor]:
+            vectors = {}
+            for item in answer["data"]:
+                raw = base64.b64decode(item["embedding"])
+                vectors[chunk[item["index"]]] = torch.frombuffer(bytearray(raw), dtype=torch.float32)
+            return vectors
 
-    return await run_in_threadpool(decode), int(answer["usage"]["prompt_tokens"])
+        vectors.update(await run_in_threadpool(decode))
+        tokens += int(answer["usage"]["prompt_tokens"])
+    return vectors, tokens
 
 
 async def _too_long(state: ServerState, fields: dict[str, list[str]], error: str) -> str:
@@ -104,7 +111,7 @@ def cosines(vectors: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> l
     scores = torch.nn.functional.cosine_similarity(first.double(), second.double(), dim=1)
     if not bool(torch.isfinite(scores).all()):
         raise ApiError(500, "the model's embeddings hold values that are not finite numbers")
-    return [float(score) for score in scores]
+    return [float(score) for score in scores.clamp(-1.0, 1.0)]  # rounding put a text against itself past 1
 
 
 async def score(request: Request) -> Response:

@@ -102,6 +102,35 @@ def test_a_stop_word_is_named(server: ServerHandle) -> None:
     assert stopped["content"] == content[: content.index(word)]
 
 
+def test_a_stop_words_tokens_leave_with_its_text(server: ServerHandle, tiny_llama: Path) -> None:
+    """As llama.cpp's: `tokens` and `completion_probabilities` were the content's plus the stop word's."""
+    tokenizer = Tokenizer.from_folder(tiny_llama)
+    whole = post(server, {"prompt": "The cake is", "return_tokens": True, **GREEDY})
+
+    def a_clean_stop(index: int) -> bool:  # one token's text, found once in the answer: it stops right there
+        text = tokenizer.decode([whole["tokens"][index]])
+        return bool(text.strip()) and whole["content"].count(text) == 1 and len(tokenizer.encode_literal(text)) == 1
+
+    at = next(index for index in range(2, len(whole["tokens"])) if a_clean_stop(index))
+    word = tokenizer.decode([whole["tokens"][at]])
+    stopped = post(server, {"prompt": "The cake is", "stop": [word], "n_probs": 1, "return_tokens": True, **GREEDY})
+    assert stopped["stop_type"] == "word" and stopped["tokens"] == whole["tokens"][:at]
+    probabilities = stopped["completion_probabilities"]
+    assert b"".join(bytes(entry["bytes"]) for entry in probabilities).decode(errors="replace") == stopped["content"]
+
+
+def test_a_context_that_fills_is_truncated_and_settings_are_the_requests(tiny_llama: Path) -> None:
+    with running_server(tiny_settings(tiny_llama, max_model_len=40)) as small:
+        full = post(small, {"prompt": "The cake is", "n_predict": -1, "ignore_eos": True})
+        assert full["stop_type"] == "limit" and full["truncated"] is True  # it said false
+        short = post(small, {"prompt": "The cake is", "n_predict": 3, "repeat_last_n": 0})
+        assert short["truncated"] is False and short["generation_settings"]["repeat_last_n"] == 0  # it said -1
+        assert short["generation_settings"]["stream"] is False
+        streamed = events(small, {"prompt": "The cake is", "n_predict": 3, **GREEDY})
+        assert all(len(event["tokens"]) >= 1 for event in streamed[:-1])  # streamed chunks carry their tokens
+        assert streamed[-1]["generation_settings"]["stream"] is True
+
+
 def test_grammar_and_json_schema_hold_the_output(server: ServerHandle) -> None:
     answer = post(server, {"prompt": "Is it?", "grammar": 'root ::= "yes" | "no"', "temperature": 0.8, "seed": 1})
     assert answer["content"] in ("yes", "no") and answer["stop_type"] == "eos"
@@ -169,6 +198,9 @@ def test_n_predict_zero_only_reads_the_prompt(server: ServerHandle) -> None:
         ({"prompt": "a", "logit_bias": [[1, "high"]]}, "must be a number or false"),
         ({"prompt": "a", "logit_bias": [[10**9, 1]]}, "outside the vocabulary"),
         ({"prompt": [10**9]}, "outside the vocabulary"),
+        ({"prompt": [15, 2.5]}, "2.5 is among its token ids"),  # it named 15, a good id
+        ({"prompt": [15, None]}, "None is among its token ids"),
+        ({"prompt": "a", "repeat_penalty": 0}, "repeat_penalty must be"),  # the field sent, not the engine's
     ],
     ids=lambda value: str(value)[:60],
 )

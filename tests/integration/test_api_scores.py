@@ -122,3 +122,23 @@ def test_a_text_too_long_is_named(server: ServerHandle, path: str, body: dict[st
 def test_langchains_null_top_n_is_every_document(server: ServerHandle) -> None:
     answer = post(server, "/v1/rerank", {"query": QUERY, "documents": DOCUMENTS, "top_n": None})
     assert answer.status_code == 200 and len(answer.json()["results"]) == len(DOCUMENTS)
+
+
+def test_each_field_may_hold_the_limit_and_scores_stay_within_one(
+    server: ServerHandle, similarity: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Documents within their limit were refused as "input holds 2049 items" (the query and documents went to the
+    embeddings route in one request, over its limit); a text against itself could read 1.0000000000000004."""
+    from cake_py.api import embeddings, scores
+
+    monkeypatch.setattr(embeddings, "MAX_INPUTS", 3)
+    monkeypatch.setattr(scores, "MAX_INPUTS", 3)
+    answer = post(server, "/v1/rerank", {"query": QUERY, "documents": DOCUMENTS[:3]})  # 4 texts to embed
+    assert answer.status_code == 200, answer.text
+    ranked = {result["index"]: result["relevance_score"] for result in answer.json()["results"]}
+    for index in range(3):
+        assert ranked[index] == pytest.approx(similarity(QUERY, DOCUMENTS[index]), abs=1e-5)
+    itself = post(server, "/v1/rerank", {"query": QUERY, "documents": [QUERY]}).json()["results"][0]
+    assert itself["relevance_score"] == pytest.approx(1.0) and itself["relevance_score"] <= 1.0
+    too_many = post(server, "/v1/rerank", {"query": QUERY, "documents": [*DOCUMENTS[:3], "more"]})
+    assert too_many.status_code == 400 and "documents holds 4 texts; at most 3" in too_many.json()["error"]
