@@ -71,4 +71,6 @@ def paths(op: Any, json: Any, generation_errors: tuple[int, ...]) -> dict[str, d
         "/v1/rerank": {"post": rerank},
         "/rerank": {"post": rerank},
         "/v2/rerank": {"post": rerank},
+        "/reranking": {"post": rerank},
+        "/v1/reranking": {"post": rerank},
     }

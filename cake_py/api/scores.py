@@ -188,4 +188,6 @@ ROUTES = [
     Route("/v1/rerank", rerank, methods=["POST"]),
     Route("/rerank", rerank, methods=["POST"]),
     Route("/v2/rerank", rerank, methods=["POST"]),
+    Route("/reranking", rerank, methods=["POST"]),  # llama.cpp's names
+    Route("/v1/reranking", rerank, methods=["POST"]),
 ]

@@ -62,7 +62,7 @@ def test_a_score_is_the_cosine_of_the_two_embeddings(server: ServerHandle, simil
     assert same["data"][0]["score"] == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank"])
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank", "/reranking", "/v1/reranking"])
 def test_rerank_orders_the_documents_by_their_score(server: ServerHandle, similarity: Any, path: str) -> None:
     expected = sorted(range(len(DOCUMENTS)), key=lambda index: -similarity(QUERY, DOCUMENTS[index]))
     answer = post(server, path, {"query": QUERY, "documents": DOCUMENTS})
