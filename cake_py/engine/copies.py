@@ -96,7 +96,7 @@ class CopySources:
         if seq.reached_pipeline and done and seq.pooled is None:
             # Kept for a later prompt that starts the same way; a cancelled one frees its caches at once. Embeddings
             # are not kept: indexing a corpus would push out every chat's history.
-            return self.prefix_cache.add(seq.seq_id, seq.all_ids[: seq.n_cached])
+            return self.prefix_cache.add(seq.seq_id, seq.all_ids[: seq.n_cached], seq.capacity)
         return [seq.seq_id] if seq.reached_pipeline else []
 
     def releasable(self) -> list[int]:

@@ -34,6 +34,7 @@ from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
 from cake_py.engine.stats import EngineStats
 from cake_py.errors import CakeError, ClusterError, ContextLengthError, OverloadedError, RequestError
 from cake_py.models.device import tune_allocator
+from cake_py.models.kv_cache import copied_capacity, grown_capacity
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
@@ -372,6 +373,9 @@ class Engine(Faults):
             return
         for piece, seq in zip(batch, members, strict=True):
             seq.n_cached = piece.start_pos + piece.n_tokens
+            if piece.copy_from is not None:  # its caches start as a copy, just large enough
+                seq.capacity = copied_capacity(piece.start_pos)
+            seq.capacity = grown_capacity(seq.capacity, seq.n_cached)
             if piece.seq_id in self.copies.prefix_copies:
                 seq.cached_tokens = piece.start_pos  # prompt tokens a kept cache gave it (usage's cached_tokens)
                 self.stats.prefix_cached_tokens += piece.start_pos

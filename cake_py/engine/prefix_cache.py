@@ -23,6 +23,7 @@ IDLE_SECONDS = 300.0  # kept caches unused this long are let go (workers free id
 class _Entry:
     tokens: tuple[int, ...]
     last_used: float
+    positions: int  # what its caches take on each stage
 
 
 class PrefixCache:
@@ -42,7 +43,7 @@ class PrefixCache:
         self.quantum = max(1, quantum)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self.tokens = 0  # held by all entries
-        self.positions = 0  # what they take on the stages: each entry's tokens rounded up to whole blocks
+        self.positions = 0  # what they take on the stages: at least each entry's tokens in whole blocks
 
     def _charge(self, n_tokens: int) -> int:
         return -(-max(n_tokens, 1) // self.quantum) * self.quantum
@@ -53,11 +54,13 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, seq_id: int, tokens: Sequence[int]) -> list[int]:
-        """Keep `seq_id`'s caches, which hold `tokens`; returns the ids whose caches can go now (evicted entries,
-        or `seq_id` itself when it is not worth keeping)."""
+    def add(self, seq_id: int, tokens: Sequence[int], capacity: int = 0) -> list[int]:
+        """Keep `seq_id`'s caches, which hold `tokens` in `capacity` positions (a cache grows by doubling: one of
+        1,066 tokens takes 2,048; counting its tokens alone let kept caches take twice the budget); returns the ids
+        whose caches can go now (evicted entries, or `seq_id` itself when it is not worth keeping)."""
         tokens = tuple(tokens)
-        if len(tokens) < self.min_match or self._charge(len(tokens)) > self.max_tokens:
+        positions = max(capacity, self._charge(len(tokens)))
+        if len(tokens) < self.min_match or positions > self.max_tokens:
             return [seq_id]
         released = []
         for other, entry in list(self._entries.items()):
@@ -68,9 +71,9 @@ class PrefixCache:
                 self._entries.move_to_end(other)
                 entry.last_used = time.monotonic()
                 return [*released, seq_id]
-        self._entries[seq_id] = _Entry(tokens, time.monotonic())
+        self._entries[seq_id] = _Entry(tokens, time.monotonic(), positions)
         self.tokens += len(tokens)
-        self.positions += self._charge(len(tokens))
+        self.positions += positions
         while self.positions > self.max_tokens:
             released.append(self._drop(next(iter(self._entries))))
         return released
@@ -105,9 +108,9 @@ class PrefixCache:
         return [self._drop(seq_id) for seq_id in list(self._entries)]
 
     def _drop(self, seq_id: int) -> int:
-        n_tokens = len(self._entries.pop(seq_id).tokens)
-        self.tokens -= n_tokens
-        self.positions -= self._charge(n_tokens)
+        entry = self._entries.pop(seq_id)
+        self.tokens -= len(entry.tokens)
+        self.positions -= entry.positions
         return seq_id
 
 

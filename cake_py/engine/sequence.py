@@ -64,6 +64,7 @@ class Sequence:
         # prompt + output, grown in place: the scheduler and sampler read it every step, so it is never rebuilt.
         self.all_ids: list[int] = list(prompt_ids)
         self.n_cached = 0  # tokens whose keys/values every stage holds
+        self.capacity = 0  # positions the stages' caches of it take (they grow by doubling: models/kv_cache.py)
         self.cached_tokens = 0  # prompt tokens copied from a kept sequence instead of computed
         self.reached_pipeline = False  # a step included it: stages may hold caches to release
         self.prompt_logprobs: list[SampledToken] | None = [] if params.prompt_logprobs else None

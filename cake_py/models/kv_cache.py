@@ -16,6 +16,19 @@ import torch
 _GROWTH_QUANTUM = 256  # capacity grows in whole multiples of this many positions
 
 
+def grown_capacity(capacity: int, needed: int) -> int:
+    """The positions a cache of `capacity` holds once it holds `needed`: doubled (appends stay cheap), in whole
+    quanta. The engine follows it to count what kept caches take (engine/prefix_cache.py)."""
+    if needed <= capacity:
+        return capacity
+    return -(-max(needed, 2 * capacity) // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
+
+
+def copied_capacity(n_positions: int) -> int:
+    """The positions a cache copied from another's first `n_positions` holds: just enough, in whole quanta."""
+    return -(-max(n_positions, 1) // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
+
+
 @dataclass(frozen=True)
 class SequenceSlice:
     """`n_tokens` consecutive tokens of sequence `seq_id`, the first at position `start_pos`.
@@ -68,8 +81,7 @@ class LayerCache:
 
     def copy_prefix(self, source: LayerCache, n_positions: int) -> None:
         """Become a copy of `source`'s first `n_positions` positions (this cache is new and empty)."""
-        capacity = -(-max(n_positions, 1) // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
-        shape = (1, self.n_kv_heads, capacity, self.head_dim)
+        shape = (1, self.n_kv_heads, copied_capacity(n_positions), self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)  # see _grow
         self.values = torch.zeros_like(self.keys)
         self.keys[:, :, :n_positions] = source.keys[:, :, :n_positions]
@@ -77,8 +89,7 @@ class LayerCache:
         self.length = n_positions
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.keys.shape[2])
-        capacity = -(-capacity // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
+        capacity = grown_capacity(self.keys.shape[2], needed)
         # Zeros, not garbage, past the length: a graphed decode step reads the whole capacity, masked, and a NaN
         # there would survive the mask.
         keys = torch.zeros(1, self.n_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)

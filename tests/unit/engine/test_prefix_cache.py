@@ -276,3 +276,27 @@ def test_choices_of_a_prompt_a_kept_cache_covers_copy_it_in_one_step(engines: tu
     # Each choice copies the kept cache itself: a worker checks every copy of a step before it makes any, so one
     # copying the leader, which holds nothing yet, would fail the step (and drop every kept cache).
     assert cached.stats.prefix_cached_tokens - before == len(seeded) * (len(prompt) - 1)
+
+
+def test_the_budget_counts_what_the_stages_caches_really_take(tiny_llama_long_context: Path) -> None:
+    """A cache grows by doubling: 600 tokens take 1,024 positions, and were charged 768 (a kept cache could take
+    twice the budget). A cache copied from a kept one takes just enough."""
+    source = resolve_model(str(tiny_llama_long_context))
+    pipeline = local_pipeline(source, torch.float32)
+    engine = Engine(pipeline, source.tokenizer, max_batch_tokens=64, prefix_cache_tokens=4096)
+    engine.start()
+    try:
+        stage = engine.pipeline.stages[0]
+
+        def held() -> int:  # positions the stage's caches of kept sequences take (each layer the same)
+            return sum(stage.kv.caches_of(seq_id)[0].keys.shape[2] for seq_id in engine.prefix_cache._entries)  # type: ignore[attr-defined]  # noqa: SLF001
+
+        prompt = [40 + index % 50 for index in range(300)]
+        answer = _tokens(engine, prompt, SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True))
+        _wait_idle(engine)
+        assert held() == 1024 and engine.prefix_cache.positions == 1024
+        _tokens(engine, [*prompt, *answer, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+        _wait_idle(engine)
+        assert len(engine.prefix_cache) == 1 and held() == engine.prefix_cache.positions == 768  # copied: 599 + 9
+    finally:
+        engine.stop()
