@@ -80,6 +80,8 @@ class Engine(Faults):
         # By id, in arrival order: a cancel or a finish finds its sequence at once, however long the queue.
         self._waiting: dict[int, Sequence] = {}
         self._running: dict[int, Sequence] = {}
+        self._admitted: dict[int, int] = {}  # per request, the number of its latest admission (fair turns)
+        self._admissions = count(1)
         self._to_release: list[int] = []  # finished sequences that reached the pipeline: released once per step
         self._finished: list[tuple[Sequence, GenerationEvent | None]] = []  # their last events, sent after that
         # Choices copying their leader's prefill, and the finished sequences kept for prompts that start the same way.
@@ -405,8 +407,9 @@ class Engine(Faults):
     def _admit(self) -> None:
         """Start waiting sequences while there is room, by priority (lower first: a Batch API request waits while
         an interactive one waits), then fairly between requests: the next is the oldest of the request with the fewest
-        running (a request of a thousand inputs must not hold every slot while a chat waits behind it), the oldest
-        first among equals."""
+        running (a request of a thousand inputs must not hold every slot while a chat waits behind it), among equals
+        of the request served longest ago (in turns: with one slot the many-input request went first every time),
+        then the oldest."""
         room = self.max_running - len(self._running)
         if room <= 0 or not self._waiting:
             return
@@ -418,15 +421,24 @@ class Engine(Faults):
         for _ in range(min(room, len(self._waiting))):
             request = min(
                 heads,
-                key=lambda r: (by_request[r][heads[r]].params.priority, running[r], by_request[r][heads[r]].seq_id),
+                key=lambda r: (
+                    by_request[r][heads[r]].params.priority,
+                    running[r],
+                    self._admitted.get(r, 0),
+                    by_request[r][heads[r]].seq_id,
+                ),
             )
             seq = by_request[request][heads[request]]
             heads[request] += 1
             if heads[request] == len(by_request[request]):
                 del heads[request]
             running[request] += 1
+            self._admitted[request] = next(self._admissions)
             del self._waiting[seq.seq_id]
             self._running[seq.seq_id] = seq
+        if len(self._admitted) > 2 * (len(by_request) + len(running)) + 64:  # requests long gone
+            live = set(by_request) | set(running)
+            self._admitted = {r: n for r, n in self._admitted.items() if r in live}
 
     def _emit(self, seq: Sequence, event: GenerationEvent) -> None:
         try:
