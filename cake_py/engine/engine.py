@@ -17,7 +17,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -26,6 +25,7 @@ from itertools import count
 import torch
 
 from cake_py.cluster.pipeline import Pipeline
+from cake_py.engine.admission import Admission
 from cake_py.engine.copies import CopySources
 from cake_py.engine.faults import ENGINE_DEAD, ENGINE_STOPPED, Faults
 from cake_py.engine.outputs import step_events
@@ -80,8 +80,7 @@ class Engine(Faults):
         # By id, in arrival order: a cancel or a finish finds its sequence at once, however long the queue.
         self._waiting: dict[int, Sequence] = {}
         self._running: dict[int, Sequence] = {}
-        self._admitted: dict[int, int] = {}  # per request, the number of its latest admission (fair turns)
-        self._admissions = count(1)
+        self._admission = Admission()  # which waiting sequences start when slots free up
         self._to_release: list[int] = []  # finished sequences that reached the pipeline: released once per step
         self._finished: list[tuple[Sequence, GenerationEvent | None]] = []  # their last events, sent after that
         # Choices copying their leader's prefill, and the finished sequences kept for prompts that start the same way.
@@ -405,40 +404,13 @@ class Engine(Faults):
         self._settle()
 
     def _admit(self) -> None:
-        """Start waiting sequences while there is room, by priority (lower first: a Batch API request waits while
-        an interactive one waits), then fairly between requests: the next is the oldest of the request with the fewest
-        running (a request of a thousand inputs must not hold every slot while a chat waits behind it), among equals
-        of the request served longest ago (in turns: with one slot the many-input request went first every time),
-        then the oldest."""
+        """Start waiting sequences while there is room, in the order engine/admission.py gives."""
         room = self.max_running - len(self._running)
         if room <= 0 or not self._waiting:
             return
-        by_request: dict[int, list[Sequence]] = {}  # each request's waiting sequences, oldest first
-        for seq in self._waiting.values():
-            by_request.setdefault(seq.request, []).append(seq)
-        running = Counter(seq.request for seq in self._running.values())
-        heads = {request: 0 for request in by_request}
-        for _ in range(min(room, len(self._waiting))):
-            request = min(
-                heads,
-                key=lambda r: (
-                    by_request[r][heads[r]].params.priority,
-                    running[r],
-                    self._admitted.get(r, 0),
-                    by_request[r][heads[r]].seq_id,
-                ),
-            )
-            seq = by_request[request][heads[request]]
-            heads[request] += 1
-            if heads[request] == len(by_request[request]):
-                del heads[request]
-            running[request] += 1
-            self._admitted[request] = next(self._admissions)
+        for seq in self._admission.pick(self._waiting.values(), self._running.values(), room):
             del self._waiting[seq.seq_id]
             self._running[seq.seq_id] = seq
-        if len(self._admitted) > 2 * (len(by_request) + len(running)) + 64:  # requests long gone
-            live = set(by_request) | set(running)
-            self._admitted = {r: n for r, n in self._admitted.items() if r in live}
 
     def _emit(self, seq: Sequence, event: GenerationEvent) -> None:
         try:
