@@ -24,6 +24,7 @@ from cake_py.rpc.connection import TAKEOVER_IDLE_S
 from cake_py.rpc.dataplane_client import client_tls
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.security import channel_credentials, warn_if_key_in_plaintext
+from cake_py.rpc.stage_description import host_description
 
 log = logging.getLogger(__name__)
 
@@ -263,16 +264,7 @@ def probe_workers(settings: ServeSettings, timeout: float) -> list[dict[str, Any
             "status": "assigned" if reply.HasField("layers") else "idle",
             "healthy": True,
             "error": None,
-            "description": f"{host.backend} {host.hostname}",
-            "device": host.device,
-            "backend": host.backend,
-            "hostname": host.hostname,
-            "os": host.os,
-            "vram_bytes": host.memory_total_bytes,
-            "memory_free_bytes": host.memory_free_bytes,
-            "tflops": host.tflops,
-            "threads": host.threads,
-            "torch_version": host.torch_version,
+            **host_description(host),
             "accelerator": host.accelerator,
             "cake_version": host.cake_version,
             "python_version": host.python_version,

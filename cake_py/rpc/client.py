@@ -39,6 +39,7 @@ from cake_py.rpc.connection import (
 from cake_py.rpc.dataplane import read_frame
 from cake_py.rpc.dataplane_client import DataPlaneClient
 from cake_py.rpc.pb import worker_pb2 as pb
+from cake_py.rpc.stage_description import describe_remote
 
 __all__ = ["Assignment", "RemoteStage", "WorkerConnection"]
 
@@ -408,58 +409,21 @@ class RemoteStage:
         log.info("%s is back with layers %d-%d", self.connection.label, self.start, self.end - 1)
 
     def describe(self) -> dict[str, Any]:
-        # The last ping's figures while the worker is up; once down they describe a worker that is gone (its caches,
-        # its sequences, its load), so they are unknown (None), not shown as if live.
-        up = self._up  # read once: the monitor thread may mark the worker down or up meanwhile
-        info = self._last_info if up else None
-        # Host facts: the last ping's (current free memory), else the handshake's.
-        host = info.host if info is not None and info.HasField("host") else self.connection.host
-        node: dict[str, Any] = {
-            "local": False,
-            "name": self.name,
-            "host": self.connection.spec.address,
-            "status": "up" if up else "down",
-            "error": self._status_error or None,
-            "forward_ms": round(self.stats.forward_ms, 3),
-            "round_trip_ms": round(self.stats.round_trip_ms, 3),
-            "hop_ms": round(max(self.stats.round_trip_ms - self.stats.forward_ms, 0.0), 3),
-            "bytes_sent": self.stats.bytes_sent,
-            "bytes_received": self.stats.bytes_received,
-            "transport": self.transport,
-            "chained_calls": self.chained_calls,
-        }
-        if host is not None:
-            node.update(
-                description=f"{host.backend} {host.hostname}",
-                device=host.device,
-                backend=host.backend,
-                hostname=host.hostname,
-                os=host.os,
-                vram_bytes=host.memory_total_bytes,
-                memory_free_bytes=host.memory_free_bytes if up else None,
-                tflops=host.tflops,
-                threads=host.threads,
-                torch_version=host.torch_version,
-            )
-        if info is not None:
-            node.update(
-                kv_cache_bytes=info.kv_cache_bytes,
-                weights_bytes=info.weights_bytes,
-                live_sequences=info.live_sequences,
-                cpu_percent=info.cpu_percent,
-                process_rss_bytes=info.process_rss_bytes,
-                memory_used_bytes=info.host.memory_total_bytes - info.host.memory_free_bytes,
-            )
-        elif not up:
-            node.update(
-                kv_cache_bytes=None,
-                weights_bytes=None,
-                live_sequences=None,
-                cpu_percent=None,
-                process_rss_bytes=None,
-                memory_used_bytes=None,
-            )
-        return node
+        return describe_remote(self)
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    @property
+    def last_info(self) -> pb.InfoReply | None:
+        """The last ping's answer (the worker's load and host facts then)."""
+        return self._last_info
+
+    @property
+    def status_error(self) -> str:
+        """Why the worker is down ("" while it is up)."""
+        return self._status_error
 
     def close(self) -> None:
         """Stop using the worker and free its memory: it drops our layers (the weights stay in its disk cache)."""
