@@ -131,7 +131,7 @@ class PredictionLookup(_Backoff):
                 if self._shared(end, output, PREDICTION_NGRAM if offset == 0 else new) >= needed:
                     return self._agreed(end, len(output))
         from_confirmed = min(self.confirmed + len(output) - self.confirmed_at, size)
-        best, best_key = expected, (False, 0)
+        best, best_key = expected, None
         ends = self.ends.get(output[-1], [])
         # From a little before where it last agreed: an agreement may have been a coincidence (repeated text).
         first = bisect_right(ends, self.confirmed - PREDICTION_WINDOW)
@@ -141,11 +141,11 @@ class PredictionLookup(_Backoff):
             near = distance <= PREDICTION_WINDOW
             if (near and shared >= 2) or shared == PREDICTION_NGRAM:
                 key = (near, -distance)
-                if key > best_key:
+                if best_key is None or key > best_key:
                     best, best_key = end, key
-        if best_key[0]:
+        if best_key is not None and best_key[0]:
             return self._agreed(best, len(output))
-        self.guessing = True
+        self.guessing = True  # a far place, or a substitution at `expected`
         return best
 
     def _agreed(self, end: int, length: int) -> int:

@@ -122,6 +122,15 @@ def test_an_edit_in_repetitive_text_does_not_send_the_prediction_far_ahead() -> 
         assert steps <= len(written) // 5 + 6 and rejected <= 16, (name, steps, rejected)
 
 
+def test_a_long_stretch_left_out_or_repeated_is_followed_far_ahead() -> None:
+    """Past the window, the output's last 3 tokens place it (a guess until it agrees): a rewrite that ranked far
+    places below none never left `expected` after a 100-token deletion (259 steps, 500 tokens drafted in vain)."""
+    text = list(range(1000, 1400))
+    for answer in (text[:50] + text[150:], text[:50] + text[250:], text[:150] + text[50:150] + text[150:]):
+        steps, rejected = drafting(text, answer)
+        assert steps <= len(answer) // 5 + 40 and rejected <= 80, (len(answer), steps, rejected)
+
+
 @pytest.fixture
 def engines(tiny_model_factory) -> Iterator:  # type: ignore[no-untyped-def]
     made: list[Engine] = []
