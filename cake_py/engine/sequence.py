@@ -89,6 +89,7 @@ class Sequence:
         first token, its output so far kept (nothing is sampled again) and its choice no longer copying a leader."""
         self.restarts += 1
         self.n_cached = 0
+        self.capacity = 0  # its new caches grow from nothing
         self.cached_tokens = 0  # none of its prompt comes from a kept cache any more (one may match again)
         self.drafts = []
         self.leader = None

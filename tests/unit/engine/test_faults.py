@@ -162,9 +162,10 @@ def test_a_stage_that_keeps_going_down_ends_the_request(source: ModelSource) -> 
 
 def test_a_restarted_sequence_claims_no_cached_prompt(source: ModelSource) -> None:
     seq = Sequence(1, PROMPT, GREEDY, source.tokenizer, lambda event: None)
-    seq.n_cached, seq.cached_tokens = 5, 4  # as after copying a kept prefix
+    seq.n_cached, seq.cached_tokens, seq.capacity = 5, 4, 2048  # as after copying a kept prefix
     seq.restart()
-    assert (seq.n_cached, seq.cached_tokens, seq.restarts) == (0, 0, 1)
+    # Its new caches grow from nothing: the old capacity would charge the prefix cache what they no longer take.
+    assert (seq.n_cached, seq.cached_tokens, seq.capacity, seq.restarts) == (0, 0, 0, 1)
 
 
 def test_waiting_has_a_bound(source: ModelSource) -> None:
