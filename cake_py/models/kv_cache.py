@@ -16,12 +16,18 @@ import torch
 _GROWTH_QUANTUM = 256  # capacity grows in whole multiples of this many positions
 
 
+_DOUBLING_UNTIL = 2048  # past this many positions a cache grows by a quarter: a long one wastes less
+
+
 def grown_capacity(capacity: int, needed: int) -> int:
-    """The positions a cache of `capacity` holds once it holds `needed`: doubled (appends stay cheap), in whole
-    quanta. The engine follows it to count what kept caches take (engine/prefix_cache.py)."""
+    """The positions a cache of `capacity` holds once it holds `needed`: doubled while small, then a quarter more
+    (appends stay cheap either way; doubling a long conversation's cache left up to half of it unused, and kept
+    caches count what they take), in whole quanta. The engine follows it to count what kept caches take
+    (engine/prefix_cache.py)."""
     if needed <= capacity:
         return capacity
-    return -(-max(needed, 2 * capacity) // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
+    step = capacity if capacity < _DOUBLING_UNTIL else capacity // 4
+    return -(-max(needed, capacity + step) // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
 
 
 def copied_capacity(n_positions: int) -> int:

@@ -75,3 +75,17 @@ def test_copying_a_sequence_counts_as_using_it() -> None:
     store._last_used[1] -= 100  # noqa: SLF001  # written long ago
     store.for_batch([SequenceSlice(2, 2, 1, copy_from=1)])
     assert store.release_idle(50) == []  # a kept prefix copied just now is in use
+
+
+def test_a_cache_doubles_while_small_then_grows_by_a_quarter() -> None:
+    """A 4,300-token conversation's cache doubled to 8,192 positions (half of it unused); kept caches count what
+    they take, so it filled the whole default prefix-cache budget alone."""
+    from cake_py.models.kv_cache import LayerCache, grown_capacity
+
+    cache = LayerCache(1, 2, torch.float32, torch.device("cpu"))
+    capacities = []
+    for start in range(0, 4608, 512):  # a prefill in chunks of 512
+        cache.update(torch.zeros(1, 1, 512, 2), torch.zeros(1, 1, 512, 2), start)
+        capacities.append(cache.keys.shape[2])
+    assert capacities[:5] == [512, 1024, 2048, 2048, 2560] and capacities[-1] == 5632  # doubling: 8,192
+    assert grown_capacity(300, 301) == 768 and grown_capacity(4096, 4097) == 5120 and grown_capacity(512, 100) == 512
