@@ -124,6 +124,7 @@ class PeerLinks:
             link = self._links.get(key)
             for attempt in range(2):
                 if link is None:
+                    self._prune(key)
                     link = DataPlaneClient(host, port, self.key, self.tls)
                     link.connect(self.timeout)  # ClusterError, naming host:port
                     assert link.sock is not None
@@ -142,6 +143,24 @@ class PeerLinks:
                     link = None
                     if attempt:
                         raise ClusterError(f"forward to {host}:{port} failed: {error}") from None
+
+    def _prune(self, keep: tuple[str, int]) -> None:
+        """Close the links whose worker closed them: a restarted next worker listens on a new port, so its old link
+        was never sent on again and held its socket for good (one per restart). Links busy sending are left."""
+        with self._lock:
+            others = [(key, link) for key, link in self._links.items() if key != keep]
+        for key, link in others:
+            lock = self._link_locks.get(key)
+            if lock is None or not lock.acquire(blocking=False):
+                continue
+            try:
+                if link.closed_by_peer():
+                    link.close()
+                    with self._lock:
+                        if self._links.get(key) is link:
+                            del self._links[key]
+            finally:
+                lock.release()
 
     def close(self) -> None:
         with self._lock:

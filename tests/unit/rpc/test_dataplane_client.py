@@ -83,3 +83,31 @@ def test_a_slow_next_worker_holds_up_no_other_link() -> None:
         links.close()
         healthy.close()
         mute.close()
+
+
+def test_links_to_a_next_worker_that_restarted_on_a_new_port_are_closed() -> None:
+    """A restarted next worker listens on a new data port: the link to its old port was never sent on again and
+    kept its socket, one more each restart (CLOSE-WAIT in ss)."""
+    links = PeerLinks(None, timeout=2)
+    alive = DataPlaneServer("127.0.0.1", 0, lambda data: None, None, None)
+    try:
+        for _ in range(3):  # a next worker that answers the hello, takes a frame, and dies (its process ends)
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                port = listener.getsockname()[1]
+                sender = threading.Thread(target=links.send, args=("127.0.0.1", port, b"frame"), daemon=True)
+                sender.start()
+                conn, _ = listener.accept()
+                read_frame(conn)  # the hello
+                write_frame(conn, b"\x01")
+                sender.join(timeout=5)
+                conn.close()
+        deadline = time.monotonic() + 5
+        while not all(link.closed_by_peer() for link in links._links.values()):  # noqa: SLF001
+            assert time.monotonic() < deadline, "the dead workers' ends never read closed"
+            time.sleep(0.01)
+        alive.start()
+        links.send("127.0.0.1", alive.port, b"frame")  # a new link: those closed at the other end go
+        assert len(links._links) == 1  # noqa: SLF001
+    finally:
+        links.close()
+        alive.close()
