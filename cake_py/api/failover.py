@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cake_py.api.management import build_engine, retire
 from cake_py.api.state import ServerState
-from cake_py.cluster.master import available_workers, check_master_holds_all
+from cake_py.cluster.master import assignments_of, available_workers, check_master_holds_all
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import ENGINE_STOPPED, Engine
 from cake_py.engine.sequence import GenerationEvent, Sequence
@@ -100,6 +100,7 @@ class Failover:
         for stage in engine.pipeline.stages:
             if stage.address is not None:
                 self.names[stage.address] = stage.name
+        state.placed |= assignments_of(engine.pipeline)  # a stage that reconnected re-assigned its worker
         down = engine.pipeline.down_workers()
         self.down_since = {address: self.down_since.get(address, now) for address in down}
         if any(now - since >= self.after_s for since in self.down_since.values()):
@@ -108,7 +109,9 @@ class Failover:
             self._probed = now
             held = {address for address, (until, _) in self.held_off.items() if until > now}
             missing = [spec for spec in self.configured if spec.address in self.left_out - held]
-            back = await run_in_threadpool(available_workers, state.settings, missing, PROBE_TIMEOUT_S, None)
+            back = await run_in_threadpool(
+                available_workers, state.settings, missing, PROBE_TIMEOUT_S, None, state.placed
+            )
             self.back_since = {address: self.back_since.get(address, now) for address in back}
             if any(now - since >= BACK_FOR_S for since in self.back_since.values()) and self._idle(engine):
                 await self.place(engine)
@@ -128,7 +131,7 @@ class Failover:
             try:
                 pipeline = expected.pipeline if expected is not None else None
                 answering = await run_in_threadpool(
-                    available_workers, state.settings, self.configured, PROBE_TIMEOUT_S, pipeline
+                    available_workers, state.settings, self.configured, PROBE_TIMEOUT_S, pipeline, state.placed
                 )
             except Exception as error:  # credentials that cannot be read, say: said, then tried again later
                 log.error("failover: the workers could not be asked: %s", error)

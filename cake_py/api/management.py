@@ -25,7 +25,7 @@ from starlette.routing import Route
 from cake_py.api.errors import ApiError, status_of
 from cake_py.api.schemas import json_body
 from cake_py.api.state import ServerState
-from cake_py.cluster.master import check_master_holds_all, model_bytes
+from cake_py.cluster.master import assignments_of, check_master_holds_all, model_bytes
 from cake_py.engine.engine import Engine
 from cake_py.errors import CakeError, ClusterError, ModelError
 from cake_py.models.device import release_device_memory, release_openmp_threads, torch_dtype
@@ -66,7 +66,8 @@ def retire(engine: Engine | None) -> None:
 def build_engine(state: ServerState, source: ModelSource, settings: Any) -> Engine:
     from cake_py.api.server import build_pipeline, make_engine
 
-    pipeline = build_pipeline(settings, source, state.device)
+    pipeline = build_pipeline(settings, source, state.device, state.placed)
+    state.placed |= assignments_of(pipeline)
     engine = make_engine(pipeline, source, settings)
     release_openmp_threads()  # this pool thread is done with torch; the engine thread must own the only pool
     engine.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Collection
 from itertools import count
 from types import FrameType
 
@@ -25,12 +26,12 @@ from cake_py.models.hub import ModelSource, resolve_model
 log = logging.getLogger(__name__)
 
 
-def build_pipeline(settings: ServeSettings, source: ModelSource, device: str) -> Pipeline:
+def build_pipeline(settings: ServeSettings, source: ModelSource, device: str, placed: Collection[int] = ()) -> Pipeline:
     dtype = torch_dtype(settings.dtype)
     if settings.workers:
         from cake_py.cluster.master import connect_pipeline
 
-        return connect_pipeline(settings, source, dtype, device)
+        return connect_pipeline(settings, source, dtype, device, placed)
     return local_pipeline(source, dtype, device)
 
 
@@ -77,7 +78,7 @@ def build_state(settings: ServeSettings) -> ServerState:
     engine = make_engine(pipeline, source, settings)
     tflops = measure_tflops(device)
     release_openmp_threads()  # the engine thread must own the only OpenMP pool
-    return ServerState(
+    state = ServerState(
         engine=engine,
         source=source,
         settings=settings,
@@ -85,6 +86,11 @@ def build_state(settings: ServeSettings) -> ServerState:
         device=device,
         tflops=tflops,
     )
+    if settings.workers:
+        from cake_py.cluster.master import assignments_of
+
+        state.placed |= assignments_of(pipeline)
+    return state
 
 
 def serve(settings: ServeSettings) -> None:

@@ -120,6 +120,9 @@ class ServerState:
     files: FileStore = field(init=False)  # the Files API's, under --files-dir
     batches: BatchRunner | None = None  # the Batch API's runs: set by create_app (they call the app's routes)
     failover: Failover | None = None  # with --failover-after and workers: set by create_app
+    # The assignment numbers this server's pipelines got from their workers, retired ones included: a worker still
+    # holding one holds layers this master placed (their drop failed while it was paused), not another master's.
+    placed: set[int] = field(default_factory=set)
     routes: Routes | None = None  # the app's routes, to call from inside it: set by create_app
     # The engine serving now and what the engines before it counted, as one value: a scrape in another thread reads
     # both at once, so it never counts an engine twice (live and retired) or not at all.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -60,7 +61,20 @@ def memory_pool(host: Any) -> str:
     return f"{host.hostname}/{host.memory_id or host.device}"
 
 
-def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.dtype, device: str) -> Pipeline:
+def assignments_of(pipeline: Pipeline) -> set[int]:
+    """The assignment numbers the workers of `pipeline` gave its Assigns (random, unique to each Assign)."""
+    return {
+        stage.connection.assignment
+        for stage in pipeline.stages
+        if isinstance(stage, RemoteStage) and stage.connection.assignment
+    }
+
+
+def connect_pipeline(
+    settings: ServeSettings, source: ModelSource, dtype: torch.dtype, device: str, ours: Collection[int] = ()
+) -> Pipeline:
+    """The model placed over the workers of `settings` (and this process); `ours`: assignment numbers of this
+    master's earlier pipelines, which a worker may still hold (not another master's)."""
     """Handshake every worker, place the layers, stream them, and chain the stages in layer order."""
     n_layers = source.config.n_layers
     check_addresses(settings.workers)
@@ -78,7 +92,7 @@ def connect_pipeline(settings: ServeSettings, source: ModelSource, dtype: torch.
             replies = list(pool.map(lambda c: c.handshake(settings.connect_timeout), connections))
         _refuse_the_same_worker_twice(connections, replies)
         _adopt_worker_names(connections, replies)
-        _warn_of_takeovers(connections, replies)
+        _warn_of_takeovers(connections, replies, ours)
         if ranges is None:
             nodes = [
                 # Workers on one host share its RAM (or one GPU): each reports that memory whole.
@@ -186,11 +200,13 @@ def _master_stages(
     return stages
 
 
-def _warn_of_takeovers(connections: list[WorkerConnection], replies: list[pb.HandshakeReply]) -> None:
+def _warn_of_takeovers(
+    connections: list[WorkerConnection], replies: list[pb.HandshakeReply], ours: Collection[int] = ()
+) -> None:
     """Say so when a worker holds layers another master used within TAKEOVER_IDLE_S: this start takes it over
     (a master restarted within that time looks the same), and that master's requests will fail."""
     for conn, reply in zip(connections, replies, strict=True):
-        if not reply.assignment:
+        if not reply.assignment or reply.assignment in ours:  # none, or this master's own earlier layers
             continue
         try:
             idle = conn.info().forward_idle_seconds
@@ -206,7 +222,11 @@ def _warn_of_takeovers(connections: list[WorkerConnection], replies: list[pb.Han
 
 
 def available_workers(
-    settings: ServeSettings, workers: list[WorkerSpec], timeout: float, pipeline: Pipeline | None
+    settings: ServeSettings,
+    workers: list[WorkerSpec],
+    timeout: float,
+    pipeline: Pipeline | None,
+    placed: Collection[int] = (),
 ) -> set[str]:
     """The addresses of the workers a placement may take now: those answering a handshake within `timeout` (with
     the cluster's key and TLS) that are not another master's in use. A worker holding an assignment other than the
@@ -223,8 +243,8 @@ def available_workers(
         connection = WorkerConnection(spec, settings.cluster_key, credentials, tls=tls)
         try:
             reply = connection.handshake(timeout)
-            if not reply.assignment or reply.assignment == ours.get(spec.address):
-                return True
+            if not reply.assignment or reply.assignment == ours.get(spec.address) or reply.assignment in placed:
+                return True  # nothing, or layers of this master's (`placed`: of its earlier pipelines)
             info = connection.info(timeout)
             return info.status != pb.WORKER_STATUS_LOADING and info.forward_idle_seconds >= TAKEOVER_IDLE_S
         except ClusterError:

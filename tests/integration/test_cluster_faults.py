@@ -566,3 +566,32 @@ def test_failover_does_not_take_a_worker_another_master_is_using(
     finally:
         engine.stop()
         pipeline.close()
+
+
+def test_a_worker_holding_this_masters_earlier_layers_is_taken_back_at_once(
+    cluster: LocalCluster, llama: ModelSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker paused while a failover retired its pipeline kept those layers (their drop failed): fail-back
+    took it for another master's and waited TAKEOVER_IDLE_S (80 s in all), and a /models/load warned that "another
+    master" would fail. The assignment numbers this master's pipelines got say they are its own."""
+    from cake_py.cluster.master import assignments_of
+
+    worker = cluster.worker()
+    worker.start()
+    settings = ServeSettings(workers=[worker.spec()])
+    retired, engine = serving_engine(llama, [worker.spec()])  # its layers stay on the worker: never dropped
+    try:
+        assert token_ids(collect(engine, llama.tokenizer.encode(PROMPT), greedy(4), timeout=60))
+        engine.stop()
+        placed = assignments_of(retired)
+        assert len(placed) == 1
+        assert available_workers(settings, [worker.spec()], 2.0, None) == set()  # as another master's: just used
+        assert available_workers(settings, [worker.spec()], 2.0, None, placed) == {worker.address}
+        caplog.set_level(logging.WARNING)
+        spec_settings = ServeSettings(model=llama.model_id, workers=[worker.spec()], dtype="float32", device="cpu")
+        again = build_pipeline(spec_settings, llama, "cpu", placed)
+        again.close()
+        assert "was serving another master" not in caplog.text
+    finally:
+        engine.stop()
+        retired.close()
