@@ -136,6 +136,8 @@ class WorkerConnection:
         # A TLS mismatch looks like an unreachable worker from here: gRPC just retries the failed TLS handshakes.
         if doing != "handshaking":
             return ""
+        if self.host is not None:  # it answered before, with these settings: not a TLS or address mistake
+            return "; it answered before (is it paused, overloaded, restarting, or is the network down?)"
         if self.credentials is None:
             return "; is `cake worker` running there, without TLS? (a TLS worker needs --tls-ca on the master)"
         hint = "; is `cake worker` running there with TLS, and is its certificate signed by --tls-ca for this address?"

@@ -142,6 +142,10 @@ def test_paused_worker_fails_the_request_and_its_stale_caches_are_released(
         last = finish(events, timeout=10)[-1]
         assert last.finish_reason == "error" and last.error is not None and second.address in last.error
         assert not pipeline.healthy()
+        stage = pipeline.stages[-1]
+        # Its reconnects time out: the reason says it answered before (the hint blamed TLS and the address).
+        wait_until(lambda: "it answered before" in str(stage.describe()["error"]), 10.0, "a reconnect failing")
+        assert "TLS" not in str(stage.describe()["error"])
         second.resume()
         wait_until(pipeline.healthy, 15.0, "the master reconnecting to the resumed worker")
         # The worker kept its layers (no re-assignment), so the failed sequence's caches must be released explicitly.
