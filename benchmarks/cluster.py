@@ -221,6 +221,7 @@ def main() -> None:
         finally:
             for engine in engines.values():
                 engine.stop()
+                engine.pipeline.close()  # before the workers go: its stages would report them down
             for worker in workers:
                 worker.kill()
                 worker.wait()
