@@ -35,6 +35,9 @@ def retry_headers(status: int) -> dict[str, str] | None:
     return {"Retry-After": "5"} if status in (429, 503) else None
 
 
+MAX_MESSAGE = 1000  # characters of an error message; past this, cut
+
+
 class ApiError(Exception):
     """An error with its HTTP status; the body shape is picked by the route family of the request's path."""
 
@@ -47,6 +50,8 @@ class ApiError(Exception):
         headers: dict[str, str] | None = None,
         details: dict[str, object] | None = None,
     ):
+        if len(message) > MAX_MESSAGE:  # a message quoting a bad value of megabytes: the start names it
+            message = message[: MAX_MESSAGE - 1] + "…"
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers
         self.details = details  # Anthropic's `error.details` (what its SDK reads to recover), on its routes only

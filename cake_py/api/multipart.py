@@ -110,8 +110,6 @@ def _model_kwargs(form: FormData) -> dict[str, Any]:
     given = [key for key in MAX_TOKEN_KEYS if kwargs.get(key) is not None]
     if len(given) > 1:
         raise ApiError(400, f"model_kwargs gives {', '.join(given)}; give only one")
-    if given:
-        kwargs["max_length"] = kwargs.pop(given[0])
     return kwargs
 
 
@@ -124,7 +122,7 @@ def _text_flag(form: FormData, key: str, default: bool = False) -> bool:
         return True
     if value in ("false", "0", "no", "off"):
         return False
-    raise ApiError(400, f"{key} must be true or false, got {raw!r}")
+    raise ApiError(400, f"{key} must be true or false, got {raw!r}"[:300])
 
 
 def _b64(text: str) -> str:
@@ -148,7 +146,9 @@ async def generate_form(request: Request) -> Response:
         request_id = str(form.get("request_id") or uuid.uuid4().hex)
     if not isinstance(text, str) or not text:
         raise ApiError(400, f"text must be a non-empty prompt, got {text!r}")
-    params = native_sampling(kwargs)
+    # The answer's length under whichever name was given, errors naming it (it was renamed max_length first).
+    max_key = next((key for key in MAX_TOKEN_KEYS if kwargs.get(key) is not None), "max_length")
+    params = native_sampling(kwargs, max_key=max_key)
     system = kwargs.get("system")
     if system is not None and not isinstance(system, str):
         raise ApiError(400, f"model_kwargs.system must be a string, got {system!r}")

@@ -130,6 +130,8 @@ async def generate_batch(request: Request) -> Response:
     """Every prompt is submitted before any is awaited, so the engine batches them together."""
     state, engine, source, body = await _prepare(request)
     prompts = string_list(body, "prompts", max_items=MAX_BATCH)
+    if flag(body, "stream", False):  # silently answered whole, it looked like a stream that never started
+        raise ApiError(400, "stream is not supported on /generate/batch: its answer is one JSON document")
     params = native_sampling(body)
     prompt_ids = await run_in_threadpool(lambda: [source.tokenizer.encode(prompt) for prompt in prompts])
     per_prompt = []

@@ -311,10 +311,14 @@ def native_sampling(body: dict[str, Any], *, max_key: str = "max_length") -> Sam
     """Seed 001's sampling fields with its defaults; `do_sample: false` is greedy decoding."""
     do_sample = flag(body, "do_sample", NATIVE_DEFAULTS["do_sample"])
     seed = number(body, "seed", 0, integer=True) if body.get("seed") is not None else None
+    max_tokens = int(number({max_key: body.get(max_key)}, max_key, NATIVE_DEFAULTS["max_length"], integer=True))
+    if max_tokens < 1:  # named as sent (SamplingParams would name its own max_tokens)
+        raise ApiError(400, f"{max_key} must be at least 1, got {max_tokens}")
+    temperature = float(number(body, "temperature", NATIVE_DEFAULTS["temperature"]))  # checked even when unused
     try:
         return SamplingParams(
-            max_tokens=int(number({max_key: body.get(max_key)}, max_key, NATIVE_DEFAULTS["max_length"], integer=True)),
-            temperature=float(number(body, "temperature", NATIVE_DEFAULTS["temperature"])) if do_sample else 0.0,
+            max_tokens=max_tokens,
+            temperature=temperature if do_sample else 0.0,
             top_p=float(number(body, "top_p", NATIVE_DEFAULTS["top_p"])),
             top_k=int(number(body, "top_k", NATIVE_DEFAULTS["top_k"], integer=True)),
             repetition_penalty=float(number(body, "repetition_penalty", NATIVE_DEFAULTS["repetition_penalty"])),
@@ -334,8 +338,11 @@ def text_field(body: dict[str, Any], key: str) -> str:
 
 def string_list(body: dict[str, Any], key: str, *, max_items: int) -> list[str]:
     value = body.get(key)
-    if not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value):
-        raise ApiError(400, f"{key} must be a non-empty list of non-empty strings, got {value!r}")
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"{key} must be a non-empty list of non-empty strings, got {value!r}"[:300])
+    bad = next((index for index, item in enumerate(value) if not isinstance(item, str) or not item), None)
+    if bad is not None:  # named by its index: the whole list may be megabytes
+        raise ApiError(400, f"{key}[{bad}] must be a non-empty string, got {value[bad]!r}"[:300])
     if len(value) > max_items:
         raise ApiError(400, f"{key} holds {len(value)} items; at most {max_items} are allowed")
     return value

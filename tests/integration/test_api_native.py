@@ -211,6 +211,27 @@ def test_multipart_streams_unless_told_otherwise(http: httpx.Client) -> None:
     assert single.headers["content-type"].startswith("application/json") and "outputs" in single.json()
 
 
+def test_bad_native_values_are_named_as_sent_and_briefly(http: httpx.Client) -> None:
+    """A 3 MB bad value came back whole in the error; max_length 0 was "max_tokens must be…", a multipart
+    max_new_tokens was "max_length must be…"; a bad temperature passed with do_sample false; a batch asked to stream
+    answered whole without a word."""
+    huge = http.post("/generate/batch", json={"prompts": ["x" * 3_000_000, ""]})
+    assert huge.status_code == 400 and len(huge.content) < 2000 and "prompts[1] must be" in huge.json()["detail"]
+    long_value = http.post("/generate", json={"prompt": "hi", "temperature": "x" * 3_000_000})
+    assert long_value.status_code == 400 and len(long_value.content) < 2000
+    assert long_value.json()["detail"].startswith("temperature must be")
+    zero = http.post("/generate", json={"prompt": "a", "max_length": 0})
+    assert zero.status_code == 400 and zero.json()["detail"] == "max_length must be at least 1, got 0"
+    for key, value in (("max_new_tokens", 2.0), ("max_output_tokens", 0)):
+        form = {"text": (None, "hi"), "streaming": (None, "false"), "model_kwargs": (None, json.dumps({key: value}))}
+        named = http.post("/generate", files=form)
+        assert named.status_code == 400 and named.json()["detail"].startswith(f"{key} must be"), named.text
+    unused = http.post("/generate", json={"prompt": "a", "temperature": "hot", "do_sample": False, "max_length": 2})
+    assert unused.status_code == 400 and "temperature must be a number" in unused.json()["detail"]
+    streamed = http.post("/generate/batch", json={"prompts": ["a"], "stream": True})
+    assert streamed.status_code == 400 and "stream is not supported" in streamed.json()["detail"]
+
+
 def test_system_info_describes_master_and_stages(http: httpx.Client) -> None:
     info = http.get("/system/info").json()
     master = info["master"]
