@@ -1,11 +1,11 @@
 """Streaming an answer that may hold tool calls (see tools.py for how calls are asked for and read).
 
-- `tool_choice` `auto`: text goes out as it comes. A Hermes `<tool_call>` block whose JSON names one of the tools
-  first streams as a call, as vLLM's Hermes parser streams it: its id and name once the name is complete, then its
-  arguments' JSON piece by piece, then text again after `</tool_call>`. A block that turns out not to be a call of
-  a given tool (another name, arguments before the name, a list), and an answer that opens as JSON (Llama 3's and
-  Mistral's whole-answer calls), are held and read when the choice finishes: what was streamed cannot be taken back.
-  A call whose JSON breaks after its name went out keeps the arguments written, as a call cut by max_tokens does.
+- `tool_choice` `auto`: text goes out as it comes. A Hermes `<tool_call>` block streams as a call once its JSON
+  object is complete and reads as a call of one of the tools (its id, name and arguments then; the model writes it
+  freely, and pieces of JSON that then broke made the OpenAI SDK's partial parser raise), then text again after
+  `</tool_call>`. A block that is not a call of a given tool (another name, arguments before the name, a list, JSON
+  that breaks, a call cut short), and an answer that opens as JSON (Llama 3's and Mistral's whole-answer calls), are
+  held and read when the choice finishes, as the blocking answer reads them.
 - Forced calls (`required`, a named function): the grammar guarantees the shape, so each call goes out as it is
   written (api/forced_calls.py).
 """
@@ -169,7 +169,9 @@ class _Block:
         self.request = request
         self.index = index  # the call's index in the answer
         self.reader = ForcedCalls(listed=False, id_length=request.id_length)
-        self.call: StreamedCall | None = None
+        self.call: StreamedCall | None = None  # once its JSON object closed and reads as a call of a given tool
+        self._candidate: StreamedCall | None = None  # what the reader made of it so far
+        self._held: list[CallDelta] = []  # its pieces, sent once it is known to be a call
         self.rejected = False
         self.complete_at: int | None = None  # where its call's JSON object closed
         self.search_from = start  # where its closing tag is looked for (past tags inside the JSON's strings)
@@ -196,15 +198,23 @@ class _Block:
         if self.reader.unordered:
             self.rejected = self.call is None
             return []
-        out = []
         for delta in deltas:
             if delta.id is not None:
                 if delta.name not in self.request.names or not allow_call:
                     self.rejected = True
                     return []
-                self.call = self.reader.calls[0]
-            out.append(CallDelta(self.index, delta.arguments, delta.id, delta.name))
-        return out
+                self._candidate = self.reader.calls[0]
+            self._held.append(CallDelta(self.index, delta.arguments, delta.id, delta.name))
+        if self.complete_at is None:
+            return []
+        # Its object closed: a call only if its JSON reads as one, as the blocking answer reads it (pieces of JSON
+        # that then broke made the SDK's partial parser raise, and the blocking answer had no call).
+        found = json_calls(text[self.start : self.complete_at].strip(), self.request)
+        if self._candidate is None or len(found) != 1 or found[0]["function"]["name"] != self._candidate.name:
+            self.rejected = True
+            return []
+        self.call, held, self._held = self._candidate, self._held, []
+        return held
 
     def finish(self, block_text: str) -> list[CallDelta]:
         """The block is complete: arguments the reader could not stream (written as JSON text, or under Llama's

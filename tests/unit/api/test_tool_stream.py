@@ -140,19 +140,28 @@ def test_an_auto_hermes_call_streams_as_it_is_written_then_text_goes_on(step: in
         assert deltas[0].id is not None and deltas[0].index == 0 and deltas[0].arguments == ""
 
 
-def test_an_auto_call_streams_before_the_answer_is_complete() -> None:
+def test_an_auto_call_streams_once_its_json_object_is_complete() -> None:
+    """Its pieces wait until its object closes and reads as a call: pieces of JSON that then broke made the OpenAI
+    SDK's partial parser raise (strict tools), and the blocking answer had no call at all."""
     stream = ToolStream(tool_request({"tools": TOOLS}))
-    assert stream.feed('<tool_call>{"name": "search", "arguments": {"q": "sun') == ""
-    assert [(delta.name, delta.arguments) for delta in stream.deltas] == [("search", '{"q": "sun')]
-    assert stream.feed('ny"}}</tool_') == "" and stream.deltas[0].arguments == 'ny"}'
+    assert stream.feed('<tool_call>{"name": "search", "arguments": {"q": "sun') == "" and stream.deltas == []
+    assert stream.feed('ny"}}</tool_') == ""
+    assert _calls(stream.deltas) == [{"id": stream.deltas[0].id, "name": "search", "arguments": '{"q": "sunny"}'}]
     assert stream.feed("call> It is.") == " It is."
 
 
-def test_an_auto_call_cut_short_keeps_what_was_written() -> None:
-    content, deltas, done = _auto('Sure. <tool_call>{"name": "search", "arguments": {"q": "unfin', 4)
-    assert content == "Sure. "
-    assert _calls(deltas) == [{"id": deltas[0].id, "name": "search", "arguments": '{"q": "unfin'}]
-    assert done.unsent == [] and done.calls[0]["function"]["arguments"] == '{"q": "unfin'
+@pytest.mark.parametrize(
+    "text",
+    [
+        'Sure. <tool_call>{"name": "search", "arguments": {"q": "unfin',  # cut short (max_tokens)
+        'Sure. <tool_call>\n{"name": "search", "arguments": {"q": Paris}}\n</tool_call>',  # JSON that breaks
+        '<tool_call>{"name": "search", "arguments": null}</tool_call>',  # arguments no parser reads
+    ],
+)
+def test_a_call_whose_json_does_not_read_as_one_is_what_the_blocking_answer_says(text: str) -> None:
+    content, deltas, done = _auto(text, 4)
+    blocking = parse_answer(text, tool_request({"tools": TOOLS}))
+    assert deltas == [] and done.calls == blocking.tool_calls == [] and content == blocking.content == text
 
 
 @pytest.mark.parametrize("step", [1, 6])
@@ -216,16 +225,13 @@ def test_a_block_left_open_is_closed_by_the_next_one() -> None:
     assert blocking.content == "ok"
 
 
-def test_arguments_no_parser_reads_become_an_empty_object() -> None:
-    content, deltas, done = _auto('<tool_call>{"name": "search", "arguments": null}</tool_call>', 3)
-    assert _calls(deltas)[0]["arguments"] == "{}" and done.calls[0]["function"]["arguments"] == "{}"
-
-
 def test_content_and_call_pieces_keep_their_order_within_one_feed() -> None:
     """A feed of several tokens (speculative decoding) may end a call and start text: the call's last piece goes
     first, so a client that closes a call when text comes (Anthropic's blocks) gets all of it."""
     stream = ToolStream(tool_request({"tools": TOOLS}))
     stream.feed('Hi <tool_call>{"name": "search", "arguments": {"q"')
-    assert [type(piece).__name__ for piece in stream.pieces] == ["str", "CallDelta"]
+    assert [type(piece).__name__ for piece in stream.pieces] == ["str"]  # the call waits for its whole object
     stream.feed(": 1}}</tool_call> Done.")
-    assert [piece if isinstance(piece, str) else piece.arguments for piece in stream.pieces] == [": 1}", " Done."]
+    *call, text = stream.pieces
+    assert text == " Done." and all(isinstance(piece, CallDelta) for piece in call)
+    assert "".join(piece.arguments for piece in call if isinstance(piece, CallDelta)) == '{"q": 1}'
