@@ -230,7 +230,9 @@ async def _chat_stream(
         return sse(piece)
 
     for index in range(len(streams)):
-        yield chunk(index, {"role": "assistant", "content": ""})  # as OpenAI's first chunk
+        # As OpenAI's first chunk: content "" for an answer, null where the answer is calls (forced ones), so the
+        # SDK's accumulated message reads null as the blocking answer does, not "".
+        yield chunk(index, {"role": "assistant", "content": None if tools.forced else ""})
     completion_tokens, prompt_tokens, cached_tokens, open_count = 0, 0, 0, len(streams)
     last_events: list[GenerationEvent] = []
     answers = [ToolStream(tools) for _ in streams]  # each choice's text, held where a call may be starting

@@ -187,7 +187,10 @@ def test_forced_tool_calls_blocking_and_streamed(client: OpenAI, tool_choice: An
     expected = [_arguments(call) for call in choice.message.tool_calls]
     chunks = list(client.chat.completions.create(**kwargs, max_tokens=300, temperature=0, stream=True))
     deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
-    assert all(not delta.content for delta in deltas)
+    assert all(delta.content is None for delta in deltas)  # the first too (it was ""): the answer is calls
+    with client.chat.completions.stream(**kwargs, max_tokens=300, temperature=0) as helper:
+        final = helper.get_final_completion()  # the SDK's accumulator: content null, as the blocking answer's
+    assert final.choices[0].message.content is None and final.choices[0].message.tool_calls
     pieces = [call for delta in deltas for call in delta.tool_calls or []]
     assert len(pieces) > len(expected)  # arguments streamed as they were written, not whole at the end
     streamed: dict[int, dict[str, str]] = {}  # accumulated by index, as OpenAI's clients do
