@@ -118,9 +118,11 @@ def openai_sampling(
 ) -> SamplingParams:
     """Sampling fields of the OpenAI chat and completion routes; `vocab_size` bounds logit_bias's token ids.
     `prompt_logprobs` scores the prompt too (completions' echo with logprobs), which allows max_tokens 0."""
-    max_tokens = body.get("max_completion_tokens")
+    max_key = "max_completion_tokens"
+    max_tokens = body.get(max_key)
     if max_tokens is None:  # absent, or sent as null by clients that send every field
-        max_tokens = body.get("max_tokens")
+        max_key, max_tokens = "max_tokens", body.get("max_tokens")
+    max_tokens = number({max_key: max_tokens}, max_key, default_max_tokens, integer=True)
     logprobs_value = body.get("logprobs")
     top_logprobs = number(body, "top_logprobs", 0, integer=True)
     if isinstance(logprobs_value, int) and not isinstance(logprobs_value, bool):  # legacy completions: an int
@@ -129,10 +131,13 @@ def openai_sampling(
         logprobs, top_logprobs = True, max(top_logprobs, logprobs_value)
     else:
         logprobs = flag(body, "logprobs", False)
+    scoring = prompt_logprobs and logprobs  # echo with logprobs: the prompt is scored, nothing need be generated
+    if max_tokens < (0 if scoring else 1):  # named as sent (SamplingParams names its own max_tokens)
+        raise ApiError(400, f"{max_key} must be at least {0 if scoring else 1}, got {max_tokens}")
     seed = number(body, "seed", 0, integer=True) if body.get("seed") is not None else None
     try:
         return SamplingParams(
-            max_tokens=number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, integer=True),
+            max_tokens=max_tokens,
             temperature=float(number(body, "temperature", 1.0)),
             top_p=float(number(body, "top_p", 1.0)),
             top_k=int(number(body, "top_k", 0, integer=True)),
@@ -148,7 +153,7 @@ def openai_sampling(
             stop=stop_strings(body.get("stop")),
             logprobs=logprobs,
             top_logprobs=int(top_logprobs),
-            prompt_logprobs=prompt_logprobs and logprobs,
+            prompt_logprobs=scoring,
             priority=int(number(body, "priority", 0, integer=True)),
         )
     except RequestError as error:

@@ -286,6 +286,15 @@ def test_output_constraints_it_cannot_honour_are_a_400(server: ServerHandle, ext
     assert httpx.post(f"{server.base_url}/v1/chat/completions", json=text, timeout=60).status_code == 200
 
 
+def test_a_bad_length_is_named_as_sent(server: ServerHandle) -> None:
+    """max_completion_tokens 0 was "max_tokens must be at least 1"; echo with logprobs still allows 0."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        answer = httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": MESSAGES, key: 0}, timeout=60)
+        assert answer.status_code == 400 and answer.json()["error"] == f"{key} must be at least 1, got 0"
+    scored = {"prompt": "The cake", "max_tokens": 0, "echo": True, "logprobs": 1}
+    assert httpx.post(f"{server.base_url}/v1/completions", json=scored, timeout=60).status_code == 200
+
+
 def test_openai_client_details(client: OpenAI, server: ServerHandle) -> None:
     assert client.models.retrieve("tiny-llama").id == "tiny-llama"
     with pytest.raises(openai.NotFoundError):
