@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.exceptions import ExceptionMiddleware
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from cake_py.api import (
     anthropic,
@@ -115,14 +115,13 @@ def create_app(state: ServerState) -> Starlette:
     ]
     settings = state.settings
     state.metrics = ApiMetrics(state)
-    paths = frozenset(route.path for route in routes if isinstance(route, Route))
     # Outermost first: every request is counted, then authenticated, then rate limited, then size-checked.
     upload_limit = settings.max_file_bytes and settings.max_file_bytes + files.FORM_OVERHEAD_BYTES  # 0: none
     middleware = [
         # Outside the key check: a browser's preflight carries no key, and a 401 must still reach the page.
         *_cors(settings),
         Middleware(InternalErrorMiddleware),  # inside CORS (a page may read the 500), outside the rest (counted)
-        Middleware(MetricsMiddleware, state=state, paths=paths),
+        Middleware(MetricsMiddleware, state=state, routes=routes),
         Middleware(
             AuthMiddleware, api_keys=settings.api_keys, ui_auth=settings.ui_auth, key_names=settings.api_key_names
         ),

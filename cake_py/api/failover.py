@@ -151,6 +151,7 @@ class Failover:
             old, state.engine = state.engine, None
             # Requests in flight wait for the new placement and go on there, computed again from their first token.
             self.handed = await run_in_threadpool(_hand_over, old) if old is not None else []
+            state.recount(old)
             reasons: list[str] = []
             try:
                 for workers in attempts:

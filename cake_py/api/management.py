@@ -136,6 +136,7 @@ async def load_model(request: Request) -> Response:
             old_name = state.model_name
             state.engine, state.source = None, None
             await run_in_threadpool(retire, old_engine)
+            state.recount(old_engine)  # what a step still running when it was replaced counted
             old_engine = None  # the new model must not load while this one still holds its memory
             await run_in_threadpool(release_device_memory, state.device)
             try:
@@ -220,6 +221,7 @@ async def unload_model(request: Request) -> Response:
         try:
             old, state.engine, state.source = state.engine, None, None
             await run_in_threadpool(retire, old)
+            state.recount(old)
             del old
             await run_in_threadpool(release_device_memory, state.device)
         finally:

@@ -8,7 +8,7 @@ read at scrape time by a custom collector, so they are never stale and cost noth
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cake_py.api.state import ServerState, StageKey
@@ -213,10 +213,20 @@ class ApiMetrics:
 class MetricsMiddleware:
     """Pure ASGI (streams pass through untouched): counts each request by its route template and final status."""
 
-    def __init__(self, app: ASGIApp, state: ServerState, paths: frozenset[str] = frozenset()) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.state = state
-        self.paths = paths  # known route paths: a request refused before routing is still labelled by its route
+        # Known routes: a request refused before routing (401, 413, 429) is still labelled by its route, a path
+        # with parameters (/v1/files/{file_id}) by its template (it was "unmatched").
+        self.paths = frozenset(route.path for route in routes if isinstance(route, Route))
+        self.templates = [
+            (route.path_regex, route.path) for route in routes if isinstance(route, Route) and "{" in route.path
+        ]
+
+    def _label(self, path: str) -> str:
+        if path in self.paths:
+            return path
+        return next((template for regex, template in self.templates if regex.match(path)), "unmatched")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.state.metrics
@@ -238,7 +248,7 @@ class MetricsMiddleware:
         finally:
             metrics.in_progress.dec()
             path = scope["path"]
-            label = getattr(scope.get("route"), "path", None) or (path if path in self.paths else "unmatched")
+            label = getattr(scope.get("route"), "path", None) or self._label(path)
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
             metrics.requests.labels(label, method, str(status)).inc()
             metrics.duration.labels(label).observe(time.perf_counter() - began)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
@@ -95,6 +95,19 @@ class RetiredTotals:
             totals.stage_received_bytes[key] = totals.stage_received_bytes.get(key, 0) + stage.stats.bytes_received
         return totals
 
+    def grown_by(self, later: RetiredTotals, earlier: RetiredTotals) -> RetiredTotals:
+        """These totals plus what `later` counts beyond `earlier` (one engine's totals, read twice)."""
+        values: dict[str, Any] = {}
+        for item in fields(self):
+            mine, after, before = getattr(self, item.name), getattr(later, item.name), getattr(earlier, item.name)
+            if isinstance(mine, dict):  # per stage
+                values[item.name] = {
+                    key: mine.get(key, 0) + after.get(key, 0) - before.get(key, 0) for key in {*mine, *after}
+                }
+            else:
+                values[item.name] = mine + after - before
+        return RetiredTotals(**values)
+
 
 @dataclass
 class ServerState:
@@ -136,11 +149,20 @@ class ServerState:
             old = self.__dict__.get("engine")
             if old is not None and old is not value:
                 retired = retired.plus(old)
+                # What a step still running adds is counted once the engine stopped (`recount`).
+                self.__dict__.setdefault("_replaced", {})[id(old)] = RetiredTotals().plus(old)
             super().__setattr__("retired", retired)
             super().__setattr__("counted", (value, retired))
         elif name == "retired":  # the dataclass's own initialisation
             super().__setattr__("counted", (self.__dict__.get("engine"), value))
         super().__setattr__(name, value)
+
+    def recount(self, engine: Engine | None) -> None:
+        """Once a replaced engine has stopped: add what it counted after it was replaced (a step that was running
+        then), which the totals taken at that moment missed."""
+        earlier = self.__dict__.get("_replaced", {}).pop(id(engine), None)
+        if engine is not None and earlier is not None:
+            self.retired = self.retired.grown_by(RetiredTotals().plus(engine), earlier)
 
     def __post_init__(self) -> None:
         self.configured_model = self.settings.model

@@ -52,6 +52,18 @@ def test_made_up_http_methods_share_one_other_label(client: TestClient) -> None:
     assert "X12345" not in text and "BREW" not in text
 
 
+def test_a_request_refused_before_routing_is_labelled_by_its_route_template(tmp_path: Path) -> None:
+    """A 401 (or 413, 429) on a path with parameters was counted under route="unmatched"."""
+    settings = ServeSettings(rate_limit=0, api_keys=("sekrit",), files_dir=tmp_path / "files")
+    with TestClient(create_app(ServerState(engine=None, source=None, settings=settings))) as client:
+        assert client.get("/v1/files/file-abc").status_code == 401
+        assert client.post("/v1/batches/batch_1/cancel").status_code == 401
+        assert client.get("/no/such/route").status_code == 401
+        text = client.get("/metrics", headers={"Authorization": "Bearer sekrit"}).text
+    routes = {labels["route"] for labels, _ in samples(text, "cake_http_requests_total") if labels["status"] == "401"}
+    assert routes == {"/v1/files/{file_id}", "/v1/batches/{batch_id}/cancel", "unmatched"}
+
+
 def test_every_stage_has_its_own_series_even_when_names_repeat(
     split_engine: Callable[[list[tuple[str, int, int]]], Engine], tiny_state: Callable[[Engine | None], ServerState]
 ) -> None:
@@ -141,6 +153,25 @@ def test_a_scrape_racing_an_engine_swap_counts_the_engine_once(
     after = {family.name: family for family in EngineCollector(state).collect()}
     assert after["cake_generated_tokens"].samples[0].value == 7  # retired now, counted once
     assert state.counted == (None, state.retired)
+
+
+def test_what_an_engine_counts_after_it_was_replaced_is_counted_once_it_stopped(
+    split_engine: SplitEngine, tiny_state: TinyState
+) -> None:
+    """The totals were taken when the engine was replaced, before it stopped: a step still running then added
+    tokens nobody counted (clients got 405 tokens, the counter grew by 403)."""
+    engine = split_engine([("master", 0, 3)])
+    engine.stats.tokens_generated, engine.stats.requests_total = 7, 2
+    state = tiny_state(engine)
+    state.engine = None  # /models/unload: replaced ...
+    engine.stats.tokens_generated += 2  # ... while its last step ran
+    engine.pipeline.stages[0].stats.calls += 1
+    before = state.retired.stage_calls[("master", 0, 3)]
+    state.recount(engine)  # once it stopped
+    assert (state.retired.generated_tokens, state.retired.requests) == (9, 2)
+    assert state.retired.stage_calls[("master", 0, 3)] == before + 1 and state.counted == (None, state.retired)
+    state.recount(engine)  # counted once
+    assert state.retired.generated_tokens == 9
 
 
 def test_a_second_chat_turn_counts_the_prompt_tokens_it_copied(
