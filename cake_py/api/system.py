@@ -22,6 +22,7 @@ from cake_py.api.management import current_model
 from cake_py.api.state import ServerState
 from cake_py.cluster.hostinfo import cpu_model, host_facts
 from cake_py.errors import CakeError
+from cake_py.rpc.stage_description import host_details
 
 PROBE_TIMEOUT_S = 2.0  # a worker's handshake when no model is loaded (none is connected)
 PACKAGES = ("torch", "starlette", "uvicorn", "grpcio", "tokenizers", "prometheus-client")
@@ -53,15 +54,11 @@ def _master(state: ServerState) -> dict[str, Any]:
     }
 
 
-# Of a worker's handshake, what /system/info adds to its stage's description (the topology's).
-HOST_FIELDS = ("accelerator", "cake_version", "python_version", "cpu_count", "ram_total_bytes", "memory_id")
-
-
 def _stage(stage: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {"name": stage.name, "layers": [stage.start, stage.end]}
     host = getattr(getattr(stage, "connection", None), "host", None)
     if host is not None:
-        entry.update({name: getattr(host, name) for name in HOST_FIELDS})
+        entry.update(host_details(host))
     try:
         entry.update(stage.describe())
         entry["healthy"] = bool(stage.healthy())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,9 +25,10 @@ from cake_py.rpc.connection import TAKEOVER_IDLE_S
 from cake_py.rpc.dataplane_client import client_tls
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.security import channel_credentials, warn_if_key_in_plaintext
-from cake_py.rpc.stage_description import host_description
+from cake_py.rpc.stage_description import host_description, host_details
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def layer_bytes(source: ModelSource, dtype: torch.dtype, device: str | None = None) -> list[int]:
@@ -236,44 +237,54 @@ def available_workers(
         for stage in (pipeline.stages if pipeline is not None else [])
         if isinstance(stage, RemoteStage)
     }
-    credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
-    def available(spec: WorkerSpec) -> bool:
-        connection = WorkerConnection(spec, settings.cluster_key, credentials, tls=tls)
+    def available(connection: WorkerConnection) -> bool:
         try:
             reply = connection.handshake(timeout)
-            if not reply.assignment or reply.assignment == ours.get(spec.address) or reply.assignment in placed:
+            if (
+                not reply.assignment
+                or reply.assignment == ours.get(connection.spec.address)
+                or reply.assignment in placed
+            ):
                 return True  # nothing, or layers of this master's (`placed`: of its earlier pipelines)
             info = connection.info(timeout)
             return info.status != pb.WORKER_STATUS_LOADING and info.forward_idle_seconds >= TAKEOVER_IDLE_S
         except ClusterError:
             return False
+
+    found = _ask_each(settings, workers, available)
+    return {spec.address for spec, ok in zip(workers, found, strict=True) if ok}
+
+
+def _ask_each(settings: ServeSettings, workers: list[WorkerSpec], ask: Callable[[WorkerConnection], T]) -> list[T]:
+    """`ask` of each worker, over a connection of its own made with the cluster's key and TLS, all at once."""
+    if not workers:
+        return []
+    credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+
+    def asking(spec: WorkerSpec) -> T:
+        connection = WorkerConnection(spec, settings.cluster_key, credentials, tls=tls)
+        try:
+            return ask(connection)
         finally:
             connection.close()
 
-    if not workers:
-        return set()
     with ThreadPoolExecutor(max_workers=len(workers)) as pool:
-        found = list(pool.map(available, workers))
-    return {spec.address for spec, ok in zip(workers, found, strict=True) if ok}
+        return list(pool.map(asking, workers))
 
 
 def probe_workers(settings: ServeSettings, timeout: float) -> list[dict[str, Any]]:
     """What each configured worker is now, asked by handshake, for when no pipeline holds them (no model loaded):
     up and holding no layers ("idle"), holding layers (another master's, or ours not yet released), or down."""
-    credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
-    def probe(spec: WorkerSpec) -> dict[str, Any]:
+    def probe(connection: WorkerConnection) -> dict[str, Any]:
+        spec = connection.spec
         node: dict[str, Any] = {"local": False, "name": spec.name, "host": spec.address, "layers": None}
-        connection = WorkerConnection(spec, settings.cluster_key, credentials, tls=tls)
         try:
             reply = connection.handshake(timeout)
         except ClusterError as error:
             return {**node, "status": "down", "healthy": False, "error": str(error)}
-        finally:
-            connection.close()
         host = reply.host
         if reply.HasField("layers"):
             node.update(layers=[reply.layers.start, reply.layers.end], model_id=reply.model_id)
@@ -285,18 +296,10 @@ def probe_workers(settings: ServeSettings, timeout: float) -> list[dict[str, Any
             "healthy": True,
             "error": None,
             **host_description(host),
-            "accelerator": host.accelerator,
-            "cake_version": host.cake_version,
-            "python_version": host.python_version,
-            "cpu_count": host.cpu_count,
-            "ram_total_bytes": host.ram_total_bytes,
-            "memory_id": host.memory_id,
+            **host_details(host),
         }
 
-    if not settings.workers:
-        return []
-    with ThreadPoolExecutor(max_workers=len(settings.workers)) as pool:
-        return list(pool.map(probe, settings.workers))
+    return _ask_each(settings, settings.workers, probe)
 
 
 def model_bytes(source: ModelSource, dtype: torch.dtype, device: str) -> int:

@@ -27,6 +27,15 @@ def host_description(host: pb.HostInfo) -> dict[str, Any]:
     }
 
 
+# Of a worker's host facts, what /system/info adds to the topology's description of it.
+HOST_FIELDS = ("accelerator", "cake_version", "python_version", "cpu_count", "ram_total_bytes", "memory_id")
+
+
+def host_details(host: pb.HostInfo) -> dict[str, Any]:
+    """The facts /system/info gives beyond `host_description`: versions, CPU count, RAM, memory pool."""
+    return {name: getattr(host, name) for name in HOST_FIELDS}
+
+
 def describe_remote(stage: RemoteStage) -> dict[str, Any]:
     # The last ping's figures while the worker is up; once down they describe a worker that is gone (its caches,
     # its sequences, its load), so they are unknown (None), not shown as if live.

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cake_py.api.system import HOST_FIELDS, _stage
+from cake_py.api.system import _stage
 from cake_py.cluster import hostinfo
 from cake_py.rpc.pb import worker_pb2 as pb
+from cake_py.rpc.stage_description import HOST_FIELDS
 
 
 def test_the_accelerator_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
