@@ -205,6 +205,24 @@ class Failover:
         log.warning("failover: %r is served %s", source.model_id, why)
         return engine, ""
 
+    def load_settings(self, settings: ServeSettings) -> tuple[ServeSettings, set[str]]:
+        """(Blocking: asks the workers.) The settings a /models/load places `settings`'s model with: over the
+        configured workers that answer now (all of them: the configured cluster, manual layers included; some:
+        automatic over those), and the addresses left out. A load is not held off by an earlier failed placement."""
+        answering = available_workers(settings, self.configured, PROBE_TIMEOUT_S, None, self.state.placed)
+        left_out = {spec.address for spec in self.configured} - answering
+        specs = [spec for spec in self.configured if spec.address in answering]
+        if left_out:
+            specs = [replace(spec, layers=None) for spec in specs]
+        return replace(settings, workers=specs), left_out
+
+    def loaded(self, settings: ServeSettings, left_out: set[str]) -> None:
+        """A /models/load placed the model over `settings.workers`: fail-back restores the configured cluster from
+        there, as after a placement of its own."""
+        self.working = {spec.address for spec in settings.workers}
+        self.left_out, self.waiting = left_out, None
+        self.down_since, self.back_since, self.held_off = {}, {}, {}
+
     def _build_engine(self, source: ModelSource, settings: ServeSettings) -> Engine:
         if not settings.workers:  # every layer here: only if this process's memory holds them
             check_master_holds_all(source, torch_dtype(self.state.settings.dtype), self.state.device)

@@ -111,7 +111,8 @@ async def load_model(request: Request) -> Response:
         raise _busy(state)
     async with state.switch_lock:
         _stop_restoring(state)
-        if state.engine is not None and (down := state.engine.pipeline.down_stages()):
+        failover = state.failover  # with --failover-after, a load goes without the workers that do not answer
+        if failover is None and state.engine is not None and (down := state.engine.pipeline.down_stages()):
             raise ApiError(
                 503,
                 f"pipeline stage(s) down: {', '.join(down)}; {state.model_name!r} is still loaded. "
@@ -124,12 +125,18 @@ async def load_model(request: Request) -> Response:
             raise ApiError(_load_status(error), str(error)) from error
         # --model-name and --chat-template are the startup model's; --max-model-len caps every model.
         settings = replace(state.settings, model=model_id, model_name=None, chat_template=None)
+        left_out: set[str] = set()
+        if failover is not None:
+            settings, left_out = await run_in_threadpool(failover.load_settings, settings)
+            if left_out:
+                log.warning("loading %r without %s: not answering", source.model_id, failover.describe(left_out))
         if not settings.workers:
             try:
                 await run_in_threadpool(_check_fits_alone, state, source)
             except ClusterError as error:
                 kept = f"; {state.model_name!r} is still loaded" if state.source is not None else ""
-                raise ApiError(400, f"{error}{kept}") from error
+                without = f"no worker answers ({failover.describe(left_out)}), and " if left_out and failover else ""
+                raise ApiError(400, f"{without}{error}{kept}") from error
         state.switching = f"loading model {source.model_id!r}"
         try:
             old_engine, old_source, old_settings = state.engine, state.source, state.settings
@@ -147,6 +154,8 @@ async def load_model(request: Request) -> Response:
                 raise await _restore(state, old_source, old_settings, old_name, error) from error
             state.engine, state.source, state.settings = engine, source, settings
             state.remember(model_id)
+            if failover is not None:
+                failover.loaded(settings, left_out)
         finally:
             state.switching = None
     return JSONResponse({"status": "loaded", **current_model(state)})

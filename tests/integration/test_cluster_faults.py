@@ -417,6 +417,41 @@ def test_failover_serves_without_a_dead_worker_and_takes_it_back(
         assert server.state.failover.left_out == set() and http.get("/health").json()["left_out"] == []
 
 
+def test_a_load_while_a_worker_is_dead_places_the_model_without_it_and_takes_it_back(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --failover-after, /models/load goes over the workers that answer (it was a 503, and nothing served until
+    the dead worker came back and the load was sent again); fail-back then restores the configured cluster."""
+    monkeypatch.setattr(failover_module, "BACK_FOR_S", 1.0)
+    monkeypatch.setattr(failover_module, "PROBE_S", 0.5)
+    first, second = cluster.start_workers(2)
+    model = tiny_model_factory("llama")
+    settings = tiny_settings(model, workers=[first.spec((0, 2)), second.spec((2, 3))], failover_after=1.0)
+    with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=30.0) as http:
+
+        def greedy_text() -> str:
+            answer = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+            assert answer.status_code == 200, answer.text
+            return str(answer.json()["choices"][0]["text"])
+
+        def holders() -> set[str]:
+            """The workers holding layers; none while the model is being placed (the topology is then a 503)."""
+            answer = http.get("/api/v1/topology")
+            return {node["name"] for node in answer.json()["workers"] if node["layers"]} if answer.is_success else set()
+
+        before = greedy_text()
+        assert http.post("/models/unload").status_code == 200
+        second.kill()
+        loaded = http.post("/models/load", json={"model_id": str(model)})
+        assert loaded.status_code == 200, loaded.text
+        assert holders() == {first.name} and greedy_text() == before
+        assert [w["name"] for w in http.get("/health").json()["left_out"]] == [second.name]
+
+        second.start()
+        wait_until(lambda: holders() == {first.name, second.name}, 30.0, "fail-back once the worker answers")
+        assert greedy_text() == before and http.get("/health").json()["left_out"] == []
+
+
 def test_a_request_in_flight_when_a_worker_dies_goes_on_over_the_new_placement(
     cluster: LocalCluster, tiny_model_factory: TinyModelFactory
 ) -> None:
