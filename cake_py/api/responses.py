@@ -45,7 +45,7 @@ from cake_py.api.response_objects import (
 )
 from cake_py.api.response_store import StoredResponse
 from cake_py.api.responses_input import chat_format, chat_history, chat_tools, input_items, new_id
-from cake_py.api.schemas import chat_template_options, flag, number, openai_sampling
+from cake_py.api.schemas import chat_template_options, flag, metadata_field, number, openai_sampling
 from cake_py.api.state import ServerState, generation_request
 from cake_py.api.streaming import (
     SSE_HEADERS,
@@ -78,11 +78,7 @@ async def create_response(request: Request) -> Response:
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise ApiError(400, f"instructions must be a string, got {instructions!r}"[:300])
-    metadata = body.get("metadata")
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()) and len(metadata) <= 16
-    ):
-        raise ApiError(400, "metadata must be an object of at most 16 string values")
+    metadata = metadata_field(body.get("metadata"))
     items = input_items(body.get("input"))
     previous_id = body.get("previous_response_id")
     history: list[dict[str, Any]] = []

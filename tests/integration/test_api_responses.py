@@ -261,6 +261,8 @@ def test_logprobs_come_with_the_output_text(client: OpenAI) -> None:
         ({"input": "hi", "text": {"format": {"type": "grammar"}}}, "text.format"),
         ({"input": "hi", "tool_choice": "required"}, "needs tools"),
         ({"input": "hi", "metadata": {"a": 1}}, "metadata"),
+        ({"input": "hi", "metadata": {"k" * 65: "v"}}, "at most 64"),  # OpenAI's limits, as chat and batches keep
+        ({"input": "hi", "metadata": {"k": "v" * 513}}, "at most 512"),
     ],
 )
 def test_bad_requests_are_named(server: ServerHandle, body: dict[str, Any], needle: str) -> None:
