@@ -163,7 +163,7 @@ async def response_events(
         return out
 
     async for generated in stream:
-        if not started:
+        if not started and not generated.error:  # a run that fails before it starts goes from queued to failed
             started = True
             yield event("response.in_progress", response=draft.body("in_progress", [], None))
         if generated.error:

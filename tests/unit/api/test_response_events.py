@@ -96,3 +96,21 @@ def test_an_answer_that_is_only_text_is_one_message() -> None:
 def test_an_empty_answer_is_an_empty_message() -> None:
     events = run([""])
     assert [item["type"] for item in events[-1]["response"]["output"]] == ["message"]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_run_that_fails_before_its_first_token_goes_from_queued_to_failed(background: bool) -> None:
+    """A background run never started (its generation failed first) is not said to be in progress on the way."""
+    draft = Draft("resp_1", 0, "m", {}, False, [], [], None, False, background=background)  # type: ignore[arg-type]
+
+    async def failing() -> AsyncIterator[GenerationEvent]:
+        yield GenerationEvent(0, finish_reason="error", error="engine stopped")
+
+    async def collect() -> list[str]:
+        state: Any = SimpleNamespace()
+        stream: Any = failing()
+        events = response_events("/v1/responses", state, stream, draft, tool_request({}))
+        return [event["type"] async for event in events]
+
+    opening = ["response.queued"] if background else ["response.in_progress"]
+    assert asyncio.run(collect()) == ["response.created", *opening, "response.failed"]
