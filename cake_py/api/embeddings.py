@@ -12,8 +12,9 @@ import base64
 import struct
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
+import torch
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,9 +23,11 @@ from starlette.routing import Route
 from cake_py.api.errors import ApiError
 from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag, number
-from cake_py.api.state import generation_request
+from cake_py.api.state import ServerState, generation_request
 from cake_py.api.streaming import collect_all, open_streams
+from cake_py.engine.engine import Engine
 from cake_py.errors import RequestError
+from cake_py.models.hub import ModelSource
 from cake_py.models.pooling import Pooling
 from cake_py.models.sampling import SamplingParams
 
@@ -36,20 +39,20 @@ def _is_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def embedding_inputs(body: dict[str, Any]) -> list[str | list[int]]:
+def embedding_inputs(body: dict[str, Any], field: str = "input") -> list[str | list[int]]:
     """`input` as OpenAI takes it: a string, a list of strings, a list of token ids, or a list of those lists."""
-    value = body.get("input")
+    value = body.get(field)
     if isinstance(value, str) or (_is_ids(value) and value):
         inputs: list[Any] = [value]
     elif isinstance(value, list) and value:
         inputs = value
     else:
-        raise ApiError(400, f"input must be a string, a list of strings or a list of token ids, got {value!r}"[:300])
+        raise ApiError(400, f"{field} must be a string, a list of strings or a list of token ids, got {value!r}"[:300])
     for index, item in enumerate(inputs):
         if not (isinstance(item, str) or _is_ids(item)) or not item:
-            raise ApiError(400, f"input[{index}] must be a non-empty string or list of token ids, got {item!r}"[:300])
+            raise ApiError(400, f"{field}[{index}] must be a non-empty string or list of token ids, got {item!r}"[:300])
     if len(inputs) > MAX_INPUTS:
-        raise ApiError(400, f"input holds {len(inputs)} items; at most {MAX_INPUTS} are allowed per request")
+        raise ApiError(400, f"{field} holds {len(inputs)} items; at most {MAX_INPUTS} are allowed per request")
     return inputs
 
 
@@ -73,7 +76,6 @@ def _vector(data: bytes, encoding: str) -> list[float] | str:
 
 async def embeddings(request: Request) -> Response:
     state, engine, source, body = await generation_request(request)
-    tokenizer = source.tokenizer
     inputs = embedding_inputs(body)
     encoding = body.get("encoding_format") or "float"
     if encoding not in ENCODINGS:
@@ -85,6 +87,37 @@ async def embeddings(request: Request) -> Response:
             400, f"dimensions ({dimensions!r}): this model's embeddings have {size} dimensions and cannot be shortened"
         )
     pooling = Pooling(state.pooling, normalize=flag(body, "normalize", True))
+    vectors, n_tokens = await pooled(request, (state, engine, source, body), inputs, pooling)
+    model = state.model_name
+
+    def answer() -> Response:  # thousands of vectors take a while to write out: off the event loop
+        data = [
+            {"object": "embedding", "index": index, "embedding": _vector(vector, encoding)}
+            for index, vector in enumerate(vectors)
+        ]
+        return JSONResponse(
+            {
+                "id": f"embd-{uuid.uuid4().hex[:24]}",
+                "object": "list",
+                "created": int(time.time()),
+                "model": model,
+                "data": data,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            }
+        )
+
+    return await run_in_threadpool(answer)
+
+
+async def pooled(
+    request: Request,
+    served: tuple[ServerState, Engine, ModelSource, dict[str, Any]],
+    inputs: list[Any],
+    pooling: Pooling,
+) -> tuple[list[bytes], int]:
+    """Each input's pooled vector (float32 bytes) and the prompt tokens read; the request's errors as 4xx."""
+    state, engine, source, body = served
+    tokenizer = source.tokenizer
     add_special_tokens = flag(body, "add_special_tokens", True)
     keep = _truncation(body, engine.context_length)
 
@@ -110,27 +143,49 @@ async def embeddings(request: Request) -> Response:
         engine.check_prompt(len(ids), params)  # ContextLengthError: a 400 with code context_length_exceeded
     streams = open_streams(state, engine, prompts, [params] * len(prompts), request_key_name(request))
     results = await collect_all(request, streams)
-    n_tokens = sum(len(ids) for ids in prompts)
     vectors = [result.last.embedding for result in results]
-    model = state.model_name
+    assert all(vector is not None for vector in vectors)
+    return cast(list[bytes], vectors), sum(len(ids) for ids in prompts)
 
-    def answer() -> Response:  # thousands of vectors take a while to write out: off the event loop
-        data = []
-        for index, vector in enumerate(vectors):
-            assert vector is not None
-            data.append({"object": "embedding", "index": index, "embedding": _vector(vector, encoding)})
-        return JSONResponse(
-            {
-                "id": f"embd-{uuid.uuid4().hex[:24]}",
-                "object": "list",
-                "created": int(time.time()),
-                "model": model,
-                "data": data,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-            }
+
+def _llama_normalized(data: bytes, kind: int) -> list[float]:
+    """llama.cpp's `embd_normalize`: -1 none, 0 scaled so the largest magnitude is 32760 (int16's range), 1 taxicab,
+    2 Euclidean, p > 2 the p-norm; a zero vector stays zero."""
+    vector = torch.frombuffer(bytearray(data), dtype=torch.float32).double()
+    if kind == -1:
+        return vector.tolist()
+    if kind == 0:
+        norm = float(vector.abs().max()) / 32760.0
+    else:
+        norm = float(vector.abs().pow(kind).sum() ** (1.0 / kind))
+    return (vector / norm if norm > 0 else vector * 0).tolist()
+
+
+async def llama_embedding(request: Request) -> Response:
+    """llama.cpp's POST /embedding (not OpenAI's shape): `content` (or `input`): a string, token ids, or a list of
+    those; `embd_normalize` (2: Euclidean, the default). The answer is `[{"index": i, "embedding": [[…]]}]`: one row
+    per input, pooled by --pooling (llama.cpp's shape for a server started with a pooling; its per-token rows, with
+    pooling none, are not served)."""
+    state, engine, source, body = await generation_request(request)
+    field = "input" if "input" in body else "content"
+    if field not in body:
+        raise ApiError(400, '"input" or "content" must be provided')
+    inputs = embedding_inputs(body, field)
+    kind = body.get("embd_normalize", 2)
+    if isinstance(kind, bool) or not isinstance(kind, int) or kind < -1:
+        raise ApiError(
+            400, f"embd_normalize must be -1 (none), 0 (max absolute), 1, 2 (Euclidean) or p > 2, got {kind!r}"[:300]
         )
+    vectors, _ = await pooled(request, (state, engine, source, body), inputs, Pooling(state.pooling, normalize=False))
+
+    def answer() -> Response:
+        rows = [{"index": index, "embedding": [_llama_normalized(v, kind)]} for index, v in enumerate(vectors)]
+        return JSONResponse(rows)
 
     return await run_in_threadpool(answer)
 
 
-ROUTES = [Route("/v1/embeddings", embeddings, methods=["POST"])]
+ROUTES = [
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/embedding", llama_embedding, methods=["POST"]),  # llama.cpp's own shape
+]

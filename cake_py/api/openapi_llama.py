@@ -96,6 +96,19 @@ SCHEMAS: dict[str, Any] = {
             },
         }
     ),
+    "LlamaEmbeddingRequest": obj(
+        {
+            "content": {"oneOf": [STR, {"type": "array"}], "description": "a string, token ids, or a list of those"},
+            "input": {"oneOf": [STR, {"type": "array"}], "description": "read instead of content when sent"},
+            "embd_normalize": {
+                **INT,
+                "default": 2,
+                "description": "-1 none, 0 max absolute, 1 taxicab, 2 L2, >2 p-norm",
+            },
+            "add_special_tokens": BOOL,
+        }
+    ),
+    "LlamaEmbedding": obj({"index": INT, "embedding": {"type": "array", "items": {"type": "array", "items": NUM}}}),
     "Props": obj(
         {
             "default_generation_settings": {"type": "object"},
@@ -125,6 +138,14 @@ def paths(op: Any, json: Any, sse: dict[str, Any], generation_errors: tuple[int,
                 "llama.cpp's fill in the middle (input_prefix, input_suffix, prompt, input_extra; its sampling fields)",
                 {**json(ref("Infill")), **sse},
                 body=json(ref("InfillRequest")),
+                errors=generation_errors,
+            )
+        },
+        "/embedding": {
+            "post": op(
+                "llama.cpp's embedding (not OpenAI's shape): content or input, one pooled row each, embd_normalize",
+                json({"type": "array", "items": ref("LlamaEmbedding")}),
+                body=json(ref("LlamaEmbeddingRequest")),
                 errors=generation_errors,
             )
         },

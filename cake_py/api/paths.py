@@ -27,6 +27,7 @@ GENERATION_PATHS = frozenset(
         "/api/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        "/embedding",
         "/v1/score",
         "/score",
         "/v1/rerank",

@@ -149,3 +149,47 @@ def test_an_input_longer_than_the_context_is_openai_s_400(server: ServerHandle) 
     assert response.status_code == 400
     assert response.json()["code"] == "context_length_exceeded"
     assert post(server, {"input": [[5] * context]}).status_code == 200  # an embedding may fill the whole context
+
+
+# ---- llama.cpp's POST /embedding: its request fields and its answer's shape ----
+
+
+def llama_post(server: ServerHandle, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.base_url}/embedding", json=body, timeout=60)
+
+
+def test_llama_cpp_embedding_route_answers_in_its_shape(server: ServerHandle, reference: Any) -> None:
+    one = llama_post(server, {"content": TEXTS[0]})
+    assert one.status_code == 200, one.text
+    rows = one.json()
+    assert [row["index"] for row in rows] == [0] and len(rows[0]["embedding"]) == 1  # one pooled row per input
+    assert close(rows[0]["embedding"][0], reference(TEXTS[0]))  # embd_normalize 2 (Euclidean) by default
+    both = llama_post(server, {"input": TEXTS[:2], "content": "ignored when input is sent"}).json()
+    assert [row["index"] for row in both] == [0, 1]
+    assert close(both[1]["embedding"][0], reference(TEXTS[1]))
+    raw = reference(TEXTS[0], normalize=False)
+    assert close(llama_post(server, {"content": TEXTS[0], "embd_normalize": -1}).json()[0]["embedding"][0], raw)
+    scaled = llama_post(server, {"content": TEXTS[0], "embd_normalize": 0}).json()[0]["embedding"][0]
+    assert abs(max(abs(x) for x in scaled) - 32760.0) < 1e-3  # int16's range, as llama.cpp's
+    taxicab = llama_post(server, {"content": TEXTS[0], "embd_normalize": 1}).json()[0]["embedding"][0]
+    assert abs(sum(abs(x) for x in taxicab) - 1.0) < 1e-6
+    cubic = llama_post(server, {"content": TEXTS[0], "embd_normalize": 3}).json()[0]["embedding"][0]
+    assert abs(sum(abs(x) ** 3 for x in cubic) - 1.0) < 1e-6
+    ids = server.state.source.tokenizer.encode(TEXTS[1]) if server.state.source is not None else []
+    assert close(llama_post(server, {"content": ids}).json()[0]["embedding"][0], reference(TEXTS[1]))
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({}, '"input" or "content"'),
+        ({"content": ""}, "content[0]"),
+        ({"content": "hi", "embd_normalize": -2}, "embd_normalize"),
+        ({"content": "hi", "embd_normalize": "2"}, "embd_normalize"),
+        ({"content": [[1, 99999]]}, "99999"),
+    ],
+)
+def test_llama_cpp_embedding_bad_requests_are_named(server: ServerHandle, body: dict[str, Any], needle: str) -> None:
+    response = llama_post(server, body)
+    assert response.status_code == 400, response.text
+    assert needle in response.json()["error"]
