@@ -2,7 +2,7 @@
 // reply by aborting the fetch (the server cancels the sequence when the connection closes). Model output goes into
 // the page with textContent only.
 
-import { bearerHeaders, el } from "./dom.js";
+import { bearerHeaders, el, storage } from "./dom.js";
 
 const FOLLOW_SLACK_PX = 40; // this close to the bottom of the conversation counts as reading its end
 const STORAGE = { apiKey: "cake.apiKey", system: "cake.systemPrompt", temperature: "cake.temperature", maxTokens: "cake.maxTokens" };
@@ -34,14 +34,19 @@ export async function* sseEvents(body) {
 }
 
 async function errorMessage(response) {
+  const status = `HTTP ${response.status}${response.statusText ? ` ${response.statusText}` : ""}`;
+  let text = "";
   try {
-    const body = await response.json();
+    text = (await response.text()).trim();
+    const body = JSON.parse(text);
     const error = body.error ?? body.detail;
-    const message = typeof error === "string" ? error : error?.message ?? `HTTP ${response.status}`;
+    let message = typeof error === "string" ? error : error?.message;
+    if (!message && error !== undefined) message = `${status}: ${JSON.stringify(error).slice(0, 300)}`;
     if (body.code === "context_length_exceeded") return `${message}. Start a New chat, or a shorter conversation`;
-    return message;
+    return message || status;
   } catch {
-    return `HTTP ${response.status}`;
+    // Not JSON (a proxy's page or plain text): its text, unless it is HTML, with the status.
+    return text && !text.startsWith("<") ? `${status}: ${text.slice(0, 300)}` : status;
   }
 }
 
@@ -66,19 +71,26 @@ export function startChat() {
   if (matchMedia("(max-width: 860px)").matches) $("settings").open = false; // phones: the conversation first
 
   for (const [name, input] of Object.entries(fields)) {
-    const saved = localStorage.getItem(STORAGE[name]);
+    const saved = storage.get(STORAGE[name]);
     if (saved !== null) input.value = saved;
-    input.addEventListener("input", () => localStorage.setItem(STORAGE[name], input.value));
+    input.addEventListener("input", () => storage.set(STORAGE[name], input.value));
   }
+  // Another tab saved a setting (the API key, say): this one sends it too.
+  window.addEventListener("storage", (event) => {
+    const name = Object.keys(STORAGE).find((key) => STORAGE[key] === event.key);
+    if (name && event.newValue !== null && fields[name] !== document.activeElement) fields[name].value = event.newValue;
+  });
 
   function setState(text) {
     $("chat-state").textContent = text;
   }
 
-  function showFigures(tokens, firstTokenAt) {
+  /** Tokens so far, and the rate between the first and the last token (not meaningful for fewer than two, or
+   * for tokens that came within a few milliseconds: then "–"). */
+  function showFigures(tokens, firstTokenAt, lastTokenAt) {
     $("chat-tokens").textContent = String(tokens);
-    const seconds = firstTokenAt === null ? 0 : (performance.now() - firstTokenAt) / 1000;
-    $("chat-tps").textContent = seconds > 0 ? (tokens / seconds).toFixed(1) : "0.0";
+    const seconds = firstTokenAt === null ? 0 : (lastTokenAt - firstTokenAt) / 1000;
+    $("chat-tps").textContent = tokens >= 2 && seconds >= 0.05 ? ((tokens - 1) / seconds).toFixed(1) : "–";
   }
 
   function showError(message) {
@@ -88,7 +100,7 @@ export function startChat() {
 
   function addMessage(role, text) {
     $("chat-empty").hidden = true;
-    const content = el("div", { className: "content" }, text);
+    const content = el("div", { className: "content", dir: "auto" }, text); // right-to-left text reads as such
     const meta = el("div", { className: "meta" });
     const message = el(
       "div",
@@ -102,11 +114,16 @@ export function startChat() {
     return { message, content, meta };
   }
 
+  // The message box stays editable during a reply (the next message can be drafted; sending waits for the reply),
+  // and focus comes back to it only from nowhere: a reader typing in the settings keeps typing there.
   function setBusy(busy) {
+    const stopHadFocus = document.activeElement === stop;
     send.hidden = busy;
     stop.hidden = !busy;
-    prompt.disabled = busy;
-    if (!busy) prompt.focus();
+    list.setAttribute("aria-busy", String(busy)); // a screen reader reads the reply once, not at every token
+    if (!busy && (stopHadFocus || document.activeElement === document.body || document.activeElement === null)) {
+      prompt.focus();
+    }
   }
 
   function request() {
@@ -125,19 +142,21 @@ export function startChat() {
   async function ask(text) {
     showError("");
     conversation.push({ role: "user", content: text });
-    addMessage("user", text);
+    const question = addMessage("user", text);
     const reply = addMessage("assistant", "");
     reply.message.classList.add("streaming");
     reply.message.dataset.state = "streaming";
     controller = new AbortController();
     setBusy(true);
     setState("waiting for the first token…");
-    showFigures(0, null);
+    showFigures(0, null, null);
 
     let answer = "";
     let tokens = 0;
     let firstTokenAt = null;
+    let lastTokenAt = null;
     let finish = null;
+    let ended = false; // [DONE] or a finish reason came: a stream that closes without either was cut off
     let outcome = "done";
     const asked = epoch;
     try {
@@ -153,13 +172,17 @@ export function startChat() {
         throw new Error(message);
       }
       for await (const data of sseEvents(response.body)) {
-        if (data === "[DONE]") break;
+        if (data === "[DONE]") {
+          ended = true;
+          break;
+        }
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message ?? String(chunk.error));
         const choice = chunk.choices?.[0];
         const delta = choice?.delta?.content;
         if (delta) {
-          firstTokenAt ??= performance.now();
+          lastTokenAt = performance.now();
+          firstTokenAt ??= lastTokenAt;
           answer += delta;
           tokens += 1; // an estimate until the finish chunk's usage gives the real count
           // Follow the reply only for a reader already at its end: one who scrolled up to read stays there.
@@ -170,8 +193,9 @@ export function startChat() {
         }
         if (choice?.finish_reason) finish = choice.finish_reason;
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
-        showFigures(tokens, firstTokenAt);
+        showFigures(tokens, firstTokenAt, lastTokenAt);
       }
+      if (!ended && finish === null) throw new Error("The reply was cut off: the connection closed before it ended");
       if (finish === "length") outcome = "max tokens";
     } catch (error) {
       if (error.name === "AbortError") outcome = "stopped";
@@ -185,10 +209,17 @@ export function startChat() {
       reply.message.dataset.state = outcome;
       if (asked === epoch) {
         // A reply stopped by "New chat" leaves the new conversation's figures and state alone.
-        showFigures(tokens, firstTokenAt);
+        showFigures(tokens, firstTokenAt, lastTokenAt);
         reply.meta.textContent = `${tokens} tokens · ${$("chat-tps").textContent} tok/s · ${outcome}`;
         if (answer) conversation.push({ role: "assistant", content: answer });
-        else conversation.pop(); // the question got no answer: leave it out of the context of the next one
+        else {
+          // The question got no answer: it leaves the context of the next one, and the page shows it the same way.
+          // Its text comes back to the message box (unless a new draft is there) to send again.
+          conversation.pop();
+          question.message.dataset.state = "unsent";
+          question.meta.textContent = "not sent: no answer came, so it is not part of the conversation";
+          if (outcome === "error" && !prompt.value.trim()) prompt.value = text;
+        }
         setState(outcome);
       }
       setBusy(false);
@@ -198,7 +229,7 @@ export function startChat() {
   /** Whether the settings hold values the page may send; else the first bad one is shown, with why. */
   function settingsValid() {
     for (const input of [fields.temperature, fields.maxTokens]) {
-      if (input.value !== "" && !input.checkValidity()) {
+      if (!input.checkValidity()) { // a number the field cannot read ("1e") is invalid too, while its value reads ""
         $("settings").open = true;
         showError(`${input.labels[0]?.firstChild?.textContent.trim() ?? input.id}: ${input.validationMessage}`);
         input.focus();
@@ -216,7 +247,10 @@ export function startChat() {
     ask(text);
   });
   prompt.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    if (event.key === "Escape" && controller) {
+      event.preventDefault();
+      controller.abort();
+    } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
       event.preventDefault();
       form.requestSubmit();
     }
@@ -229,7 +263,7 @@ export function startChat() {
     list.replaceChildren($("chat-empty"));
     $("chat-empty").hidden = false;
     showError("");
-    showFigures(0, null);
+    showFigures(0, null, null);
     setState("idle");
   });
 }

@@ -2,7 +2,7 @@
 // per node. Cards are created once and updated in place, so an expanded layer stays open across refreshes. With no
 // model served (none loaded, or a switch under way) the cards and figures are cleared and the view says which.
 
-import { bearerHeaders, el, formatBytes, formatMs, setText } from "./dom.js";
+import { bearerHeaders, el, formatBytes, formatMs, setText, storage } from "./dom.js";
 
 const POLL_MS = 1000;
 const TIMEOUT_MS = 2500;
@@ -70,32 +70,38 @@ class NodeCard {
     this.root.classList.toggle("down", !up);
     this.root.classList.remove("stale");
     this.root.dataset.status = node.status;
-    this.status.textContent = up ? "up" : "down";
-    this.error.textContent = up ? "" : node.error || "not answering";
+    // Text is replaced only when it changes: a reader selecting an address or an error to copy keeps it.
+    changeText(this.status, up ? "up" : "down");
+    changeText(this.error, up ? "" : node.error || "not answering");
 
-    this.facts.replaceChildren(
-      ...fact("host", host),
-      ...fact("device", [node.device, node.hostname].filter(Boolean).join(" · ") || "unknown"),
-      ...fact("os", node.os || "unknown"),
-      ...(this.root.classList.contains("master") ? fact("runs", "embeddings, lm_head, sampling") : []),
-    );
+    const facts = [
+      ["host", host],
+      ["device", [node.device, node.hostname].filter(Boolean).join(" · ") || "unknown"],
+      ["os", node.os || "unknown"],
+      ...(this.root.classList.contains("master") ? [["runs", "embeddings, lm_head, sampling"]] : []),
+    ];
+    if (JSON.stringify(facts) !== this.factsKey) {
+      this.factsKey = JSON.stringify(facts);
+      this.facts.replaceChildren(...facts.flatMap(([label, value]) => fact(label, value)));
+    }
 
     const memory = memoryOf(node);
     this.memoryFill.style.width = memory ? `${((100 * memory.used) / memory.total).toFixed(1)}%` : "0%";
     this.memoryFill.classList.toggle("high", Boolean(memory && memory.used / memory.total > 0.9));
-    this.memoryLabel.textContent = memory
-      ? `${formatBytes(memory.used)} of ${formatBytes(memory.total)} used`
-      : "memory unknown";
+    changeText(this.memoryLabel, memory ? `${formatBytes(memory.used)} of ${formatBytes(memory.total)} used` : "memory unknown");
 
-    const figures = node.layers?.length ? [["forward", formatMs(node.forward_ms ?? NaN)]] : [];
+    const figures = node.layers?.length ? [["forward", formatMs(measured(node.forward_ms))]] : [];
     // null: not known now (a worker that is down), so not shown rather than shown as 0.
     if (node.weights_bytes != null) figures.push(["weights", formatBytes(node.weights_bytes)]);
     if (node.kv_cache_bytes != null) figures.push(["kv cache", formatBytes(node.kv_cache_bytes)]);
     if (node.live_sequences != null) figures.push(["sequences", String(node.live_sequences)]);
     if (node.tflops) figures.push(["speed", formatFlops(node.tflops)]);
-    this.metrics.replaceChildren(
-      ...figures.map(([label, value]) => el("span", { className: "metric" }, el("b", {}, value), ` ${label}`)),
-    );
+    if (JSON.stringify(figures) !== this.figuresKey) {
+      this.figuresKey = JSON.stringify(figures);
+      this.metrics.replaceChildren(
+        ...figures.map(([label, value]) => el("span", { className: "metric" }, el("b", {}, value), ` ${label}`)),
+      );
+    }
 
     this.updateLayers(node.layers || []);
   }
@@ -137,6 +143,15 @@ class NodeCard {
     this.tensors.replaceChildren(...open.map((layer) => tensorTable(layer, this.details[layer])));
     this.root.classList.toggle("expanded", open.length > 0);
   }
+}
+
+function changeText(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
+/** A time the server reports as 0 until it has measured one: not measured yet, shown as "–" rather than 0.0 ms. */
+function measured(ms) {
+  return ms > 0 ? ms : NaN;
 }
 
 function formatFlops(tflops) {
@@ -188,13 +203,15 @@ function tensorTable(layer, detail) {
 
 function hop(worker) {
   const down = worker.status !== "up";
+  const roundTrip = measured(worker.round_trip_ms);
+  const wire = Number.isNaN(roundTrip) ? NaN : (worker.hop_ms ?? NaN);
   return el(
     "div",
     { className: `hop${down ? " down" : ""}`, dataset: { to: worker.name } },
     el("span", { className: "arrow", ariaHidden: "true" }),
-    el("b", {}, formatMs(worker.round_trip_ms ?? NaN)),
+    el("b", {}, formatMs(roundTrip)),
     el("span", { className: "hop-label" }, "round trip"),
-    el("span", { className: "hop-label muted" }, `${formatMs(worker.hop_ms ?? NaN)} wire`),
+    el("span", { className: "hop-label muted" }, `${formatMs(wire)} wire`),
   );
 }
 
@@ -302,7 +319,7 @@ export function startCluster(onLive) {
 
   async function fetchTopology() {
     try {
-      const key = (localStorage.getItem("cake.apiKey") ?? "").trim();
+      const key = (storage.get("cake.apiKey") ?? "").trim();
       const headers = bearer ? bearerHeaders(key) : {};
       const response = await fetch("/api/v1/topology", {
         cache: "no-store",

@@ -48,3 +48,33 @@ export function bearerHeaders(key) {
   }
   return { Authorization: `Bearer ${key}` };
 }
+
+/** localStorage when the browser allows it; else (site data blocked: reading it throws) a map for this page, so the
+ * views work and only forget the settings on reload. */
+export const storage = (() => {
+  const memory = new Map();
+  let store = null;
+  try {
+    store = window.localStorage;
+    store.getItem("cake.probe");
+  } catch {
+    store = null;
+  }
+  return {
+    get: (key) => {
+      try {
+        return store ? store.getItem(key) : (memory.get(key) ?? null);
+      } catch {
+        return memory.get(key) ?? null;
+      }
+    },
+    set: (key, value) => {
+      memory.set(key, value);
+      try {
+        store?.setItem(key, value);
+      } catch {
+        // full or blocked: kept for this page only
+      }
+    },
+  };
+})();

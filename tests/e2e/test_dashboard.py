@@ -352,7 +352,7 @@ def test_new_chat_during_a_reply_leaves_the_new_conversation_clean(
     page.wait_for_timeout(500)  # the aborted reply unwinds meanwhile
     expect(page.locator("#chat-state")).to_have_text("idle")
     expect(page.locator("#chat-tokens")).to_have_text("0")
-    expect(page.locator("#chat-tps")).to_have_text("0.0")
+    expect(page.locator("#chat-tps")).to_have_text("–")
     expect(page.locator(".message")).to_have_count(0)
     expect(page.locator("#chat-error")).to_be_hidden()
 
@@ -573,6 +573,91 @@ def test_an_unload_and_a_model_switch_clear_the_view(
             expect(page.get_by_test_id("node-master")).to_contain_text("layers 0–2 (3)")
         # Chromium logs the 404 and 503 answers as failed resources; anything else is a real problem.
         assert [p for p in problems if not re.search(r"status of (404|503)", p)] == []
+
+
+def test_a_failed_send_gives_its_text_back_and_a_cut_stream_is_not_done(browser: Browser, cluster: Cluster) -> None:
+    """A send that got no answer is marked unsent (it is not in the next request's context) and its text comes back
+    to the message box; a proxy's plain-text error is shown; a stream that closes mid-reply says it was cut off."""
+    with _fresh_page(browser) as (page, problems):
+        page.route(
+            "**/v1/chat/completions",
+            lambda route: route.fulfill(status=503, headers={"Content-Type": "text/plain"}, body="engine overloaded"),
+        )
+        page.goto(f"{cluster.url}#chat")
+        _send(page, "first question")
+        expect(page.locator("#chat-error")).to_contain_text("HTTP 503")
+        expect(page.locator("#chat-error")).to_contain_text("engine overloaded")
+        expect(page.get_by_test_id("user-message").last).to_have_attribute("data-state", "unsent")
+        expect(page.locator("#prompt")).to_have_value("first question")
+
+        cut = 'data: {"choices": [{"index": 0, "delta": {"content": "Hello wor"}, "finish_reason": null}]}\n\n'
+        page.unroute("**/v1/chat/completions")
+        page.route(
+            "**/v1/chat/completions",
+            lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=cut),
+        )
+        _send(page, "second question")
+        reply = page.get_by_test_id("assistant-message").last
+        expect(reply).to_have_attribute("data-state", "error")
+        expect(reply.locator(".content")).to_have_text("Hello wor")
+        expect(page.locator("#chat-error")).to_contain_text("cut off")
+        expect(page.locator("#chat-tps")).to_have_text("–")  # one token: no rate to speak of
+    assert [p for p in problems if "status of 503" not in p] == []
+
+
+def test_the_views_work_with_site_data_blocked(browser: Browser, cluster: Cluster) -> None:
+    """A browser that blocks site data throws on every localStorage read: the chat could not send, the cluster view
+    never drew. Now only the settings are forgotten on reload."""
+    with _fresh_page(browser) as (page, problems):
+        page.add_init_script(
+            "Object.defineProperty(window, 'localStorage', "
+            "{ get() { throw new DOMException('The operation is insecure.', 'SecurityError'); } });"
+        )
+        page.goto(cluster.url)
+        expect(page.get_by_test_id("node-worker-1")).to_have_attribute("data-status", "up")
+        expect(page.locator("#cluster-banner")).to_be_hidden()
+        page.goto(f"{cluster.url}#chat")
+        page.fill("#max-tokens", "4")
+        _send(page, PROMPT)
+        expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "max tokens")
+    assert problems == []
+
+
+def test_focus_stays_where_the_reader_types_and_a_bad_number_is_refused(
+    page: Page, cluster: Cluster, throttle: Callable[[Engine, float], None]
+) -> None:
+    """A reply that ends moved the keyboard into the message box, mid-word in the system prompt; a temperature the
+    field cannot read ("1e") was dropped from the request without a word."""
+    throttle(cluster.engine, 0.05)
+    page.goto(f"{cluster.url}#chat")
+    page.fill("#max-tokens", "12")
+    _send(page, PROMPT)
+    reply = page.get_by_test_id("assistant-message").last
+    expect(reply).to_have_attribute("data-state", "streaming")
+    page.click("#system-prompt")
+    page.keyboard.type("You are a pirate ")
+    expect(reply).to_have_attribute("data-state", "max tokens", timeout=20_000)
+    page.keyboard.type("who rhymes.")
+    expect(page.locator("#system-prompt")).to_have_value("You are a pirate who rhymes.")
+    expect(page.locator("#prompt")).to_have_value("")
+
+    page.fill("#system-prompt", "")
+    page.click("#temperature")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("1e")
+    _send(page, PROMPT)
+    expect(page.locator("#chat-error")).to_be_visible()
+    expect(page.get_by_test_id("assistant-message")).to_have_count(1)  # nothing was sent
+
+
+def test_node_cards_keep_their_text_between_polls(page: Page, cluster: Cluster) -> None:
+    """Facts and figures were rebuilt every second, so an address or an error selected to copy went away."""
+    page.goto(cluster.url)
+    card = page.get_by_test_id("node-worker-1")
+    expect(card).to_have_attribute("data-status", "up")
+    kept = page.evaluate_handle("document.querySelector('[data-testid=\"node-worker-1\"] .facts dd')")
+    page.wait_for_timeout(2500)  # two polls or more
+    assert page.evaluate("dd => dd.isConnected", kept)
 
 
 # ---- small screens -----------------------------------------------------------------------------------------------
