@@ -14,12 +14,14 @@ FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
-# HF_HOME holds downloaded models; XDG_CACHE_HOME/cake/worker is a worker's weight cache. Both are volumes.
+# HF_HOME holds downloaded models; XDG_CACHE_HOME/cake/worker is a worker's weight cache; XDG_DATA_HOME/cake/files
+# the master's uploaded files and batches (--files-dir). All are volumes.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/data/huggingface \
     XDG_CACHE_HOME=/data/cache \
+    XDG_DATA_HOME=/data/share \
     PATH=/opt/venv/bin:$PATH
 
 # CUDA base images have no Python (or no venv module) of their own: take the distribution's.
@@ -42,11 +44,11 @@ RUN pip install . \
     && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin cake \
-    && mkdir -p /data/huggingface /data/cache/cake/worker \
+    && mkdir -p /data/huggingface /data/cache/cake/worker /data/share/cake/files \
     && chown -R cake:cake /data
 USER cake
 WORKDIR /home/cake
-VOLUME ["/data/huggingface", "/data/cache"]
+VOLUME ["/data/huggingface", "/data/cache", "/data/share"]
 
 # 8080: the HTTP API and dashboard (`cake serve`); 10128: the gRPC port of `cake worker`.
 EXPOSE 8080 10128

@@ -169,10 +169,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         _output(f"{download(args.model)}\n")
     elif args.command == "list":
+        from huggingface_hub import constants
+
         from cake_py.models.hub import list_cached
 
-        for model in list_cached():
+        models = list_cached()
+        for model in models:
             _output(f"{model.repo_id}\t{model.size_bytes / 1e6:.1f} MB\t{model.path}\n")
+        if not models:  # said on stderr: stdout stays a list (empty) for scripts
+            print(f"no models in the HF cache ({constants.HF_HUB_CACHE}); cake pull MODEL adds one", file=sys.stderr)
     elif args.command == "rm":
         from cake_py.models.hub import remove_cached
 

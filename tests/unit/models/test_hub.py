@@ -230,3 +230,13 @@ def test_cake_list_says_which_repos_it_skips(tmp_path: Path) -> None:
     listed = _cake(env, "list")
     assert listed.returncode == 0 and listed.stdout == ""
     assert "skipped in the HF cache" in listed.stderr and "models--org--broken" in listed.stderr, listed.stderr
+
+
+def test_cake_list_of_an_empty_cache_says_so_on_stderr(tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "nothing-here"))
+    listed = _cake(env, "list")
+    assert listed.returncode == 0 and listed.stdout == ""  # scripts reading the list get an empty one
+    assert "no models in the HF cache" in listed.stderr and "nothing-here" in listed.stderr, listed.stderr
