@@ -51,6 +51,7 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
         self.last_master: str | None = None  # who handshook last: a master probing every few seconds is logged once
         self.cache = WeightCache(settings.cache_dir, settings.cache_max_bytes)
         self.lock = threading.Lock()
+        self._assigning = threading.Lock()  # held through an Assign: never two at once
         self.streams = threading.BoundedSemaphore(MAX_STREAMS)
         self.model: Transformer | None = None
         self.kv: KVStore | None = None
@@ -114,6 +115,7 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
         missing: dict[str, int] = {}  # sha256 → bytes to stream
         cached = 0
         try:
+            self.cache.ensure_folder()
             for spec in request.tensors:
                 if self.cache.verify(spec.sha256, spec.size_bytes):
                     self.cache.touch(spec.sha256)  # in use again: the last to be evicted
@@ -122,26 +124,27 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
                     missing[spec.sha256] = spec.size_bytes
         except ClusterError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        try:  # under --cache-max-gb, the weights unused the longest make room for the missing ones
+        try:  # room on the disk; under --cache-max-gb, the weights unused the longest make room for the missing ones
             sizes = {spec.sha256: spec.size_bytes for spec in request.tensors}
-            self.cache.reserve(sizes, sum(missing.values()))
-            free = self.cache.free_bytes()
+            self.cache.reserve(sizes, sum(missing.values()), self.cache.free_bytes())
         except ClusterError as error:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-        # Refused before a byte streams: a master retrying every few seconds would otherwise stream the weights
-        # again each time, only to fill the disk again.
-        needed = sum(missing.values())
-        if needed > free:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the weight cache {str(self.cache.root)!r} has {free / 1e9:.2f} GB free and the missing weights need "
-                f"{needed / 1e9:.2f} GB: free space there, or start the worker with another --cache-dir",
-            )
         return pb.PrepareReply(missing_sha256=list(missing), cached_bytes=cached)
 
     def Assign(self, request_iterator: Iterator[pb.AssignChunk], context: grpc.ServicerContext) -> pb.AssignReply:
         with self._stream_slot(context):
-            return self._assign(request_iterator, context)
+            # One at a time: two masters starting together both heard "assigned", and one found its stage down a
+            # second later (the other's load replaced its layers). The second is refused, and says why.
+            if not self._assigning.acquire(blocking=False):
+                context.abort(
+                    grpc.StatusCode.ABORTED,
+                    "this worker is loading layers for another assignment right now (another master using it?): "
+                    "retry once it is done, or give each master workers of its own",
+                )
+            try:
+                return self._assign(request_iterator, context)
+            finally:
+                self._assigning.release()
 
     def _assign(self, request_iterator: Iterator[pb.AssignChunk], context: grpc.ServicerContext) -> pb.AssignReply:
         began = time.perf_counter()
@@ -164,6 +167,7 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
                 _check_spec(announced)
             _check_buildable(config, specs, start, end, dtype)
             pinned = [spec.sha256 for spec in header.tensors]
+            self.cache.hold(pinned)  # what Prepare reserved stays reserved however long the stream takes
             received = 0
             self.status = pb.WORKER_STATUS_LOADING
             for message in request_iterator:

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import socket
+import stat as stat_module
 import tempfile
 import threading
 import time
@@ -25,7 +26,9 @@ from cake_py.errors import ClusterError, ConfigError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".workers.lock"  # in the cache folder: shared by workers without a size limit, exclusive with one
-PIN_SECONDS = 600.0  # an assignment's files stay safe from eviction this long between Prepare and Assign's end
+# An assignment's files stay safe from eviction from its Prepare until its Assign starts (or this long: a master
+# that died in between), then until that Assign ends.
+PIN_SECONDS = 120.0
 _OPEN_TEMPS: set[Path] = set()  # the temp files this process's writers have open
 # In temp file names: a process id only means something on its own machine (or container).
 _HOST = "".join(char if char.isalnum() or char == "-" else "-" for char in socket.gethostname()) or "host"
@@ -37,7 +40,8 @@ class WeightCache:
         self.max_bytes = max_bytes  # 0: no limit but the disk's
         self._evicting = threading.Lock()  # two masters' Prepares must not pick the same room
         # Assignments between their Prepare and the end of their Assign: files kept from eviction, room reserved.
-        self._pins: dict[frozenset[str], tuple[float, dict[str, int]]] = {}
+        # One expiry per reservation (two masters may reserve the same files); inf once its Assign has started.
+        self._pins: dict[frozenset[str], tuple[list[float], dict[str, int]]] = {}
         # Files this process has hashed (or written and hashed), with the (size, mtime_ns, inode) they had then:
         # a re-assignment (a reconnect, a model switch back) re-hashes only what changed on disk since.
         self._verified: dict[str, tuple[int, int, int]] = {}
@@ -98,6 +102,20 @@ class WeightCache:
             raise ClusterError(f"invalid sha256 {sha256!r} in the weight manifest")
         return self.root / sha256[:2] / sha256
 
+    def ensure_folder(self) -> None:
+        """The cache folder deleted while this worker runs (an rm -rf, a cleanup job) is made again, and claimed
+        again: its lock went with it, and a worker with --cache-max-gb must not share the new one unknowingly."""
+        if self.root.is_dir() and (self.root / LOCK_FILE).exists():
+            return
+        log.warning("weight cache %s was deleted while this worker ran: making it again", self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ClusterError(f"cannot create weight cache {str(self.root)!r}: {error.strerror}") from error
+        self.close()
+        self._verified.clear()
+        self._claim()
+
     def free_bytes(self) -> int:
         """Bytes free on the cache's disk for this process (what a non-root user may write)."""
         try:
@@ -113,21 +131,39 @@ class WeightCache:
         path = self.path(sha256)
         try:
             stat = path.stat()
+            if not stat_module.S_ISREG(stat.st_mode):  # a folder, a device: not weights, whatever its name
+                self._discard(path, "is not a file")
+                return False
+            identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            if self._verified.get(sha256) != identity:
+                with path.open("rb") as handle:
+                    intact = hashlib.file_digest(handle, "sha256").hexdigest() == sha256
+                if not intact:
+                    self._discard(path, "is damaged (its sha256 differs)")
+                    return False
+                self._verified[sha256] = identity
         except FileNotFoundError:
             self._verified.pop(sha256, None)
             return False
-        identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        if self._verified.get(sha256) != identity:
-            with path.open("rb") as handle:
-                intact = hashlib.file_digest(handle, "sha256").hexdigest() == sha256
-            if not intact:
-                log.warning("weight cache file %s is damaged (its sha256 differs): streaming it again", path)
-                self._verified.pop(sha256, None)
-                path.unlink(missing_ok=True)
-                return False
-            self._verified[sha256] = identity
+        except OSError as error:  # unreadable (permissions, an I/O error)
+            raise ClusterError(f"cannot read weight cache file {str(path)!r}: {error.strerror or error}") from None
         # Intact: a request that says another size is wrong about it, and must not cost the file other masters use.
         return stat.st_size == size
+
+    def _discard(self, path: Path, why: str) -> None:
+        """Remove a cache entry that cannot be used, so that it is streamed again; ClusterError if it cannot be."""
+        log.warning("weight cache file %s %s: streaming it again", path, why)
+        self._verified.pop(path.name, None)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as error:
+            raise ClusterError(
+                f"weight cache file {str(path)!r} {why} and cannot be removed ({error.strerror or error}): "
+                "remove it, or start the worker with another --cache-dir"
+            ) from None
 
     def touch(self, sha256: str) -> None:
         """Mark a verified file as used now (eviction goes by least recent use); it stays verified."""
@@ -156,16 +192,23 @@ class WeightCache:
             raise ClusterError(f"cannot list weight cache {str(self.root)!r}: {error.strerror or error}") from None
         return sorted(found)
 
-    def reserve(self, sizes: dict[str, int], missing: int) -> int:
-        """Under the size limit: make room for an assignment's weights (`sizes`, sha256 → bytes; `missing` of them
-        still to stream) by deleting the files unused the longest, and keep its files (and the room for the missing
-        ones) from other assignments' eviction until `release` (or PIN_SECONDS). Returns the bytes freed;
-        ClusterError when they cannot fit."""
+    def reserve(self, sizes: dict[str, int], missing: int, free: int) -> int:
+        """Make room for an assignment's weights (`sizes`, sha256 → bytes; `missing` of them still to stream, with
+        `free` bytes free on the disk). Under the size limit, the files unused the longest are deleted, and its files
+        (and the room for the missing ones) are kept from other assignments' eviction until `release` (or
+        PIN_SECONDS, unless `hold` says its Assign started). Returns the bytes freed; ClusterError, having deleted
+        nothing, when they cannot fit."""
         if not self.max_bytes:
+            if missing > free:
+                raise self._no_room(free, missing)
             return 0
         with self._evicting:
             now = time.monotonic()
-            self._pins = {key: pin for key, pin in self._pins.items() if pin[0] > now}
+            self._pins = {
+                key: (alive, pin_sizes)
+                for key, (expiries, pin_sizes) in self._pins.items()
+                if (alive := [expiry for expiry in expiries if expiry > now])
+            }
             pinned = {sha: size for _, pin_sizes in self._pins.values() for sha, size in pin_sizes.items()}
             files = self.files()
             on_disk = {sha: size for _, size, sha in files}
@@ -177,12 +220,23 @@ class WeightCache:
                 )
             # Other assignments in progress: their files stay, and what they still stream is room already taken.
             streaming = sum(size for sha, size in pinned.items() if sha not in on_disk and sha not in sizes)
-            used, freed = sum(on_disk.values()) + streaming, 0
+            # What to delete, decided before anything is: a refusal must not cost weights others may still use.
+            used, doomed = sum(on_disk.values()) + streaming, []
             for _, size, sha in files:
                 if used + missing <= self.max_bytes:
                     break
-                if sha in sizes or sha in pinned:
-                    continue
+                if sha not in sizes and sha not in pinned:
+                    doomed.append(sha)
+                    used -= size
+            if used + missing > self.max_bytes:
+                raise ClusterError(
+                    f"the weight cache {str(self.root)!r} cannot make room for {missing / 1e9:.2f} GB under its "
+                    f"--cache-max-gb {self.max_bytes / 1e9:.2f}: other assignments in progress hold the rest; retry"
+                )
+            freed = sum(on_disk[sha] for sha in doomed)
+            if missing > free + freed:
+                raise self._no_room(free + freed, missing)
+            for sha in doomed:
                 try:
                     self.path(sha).unlink(missing_ok=True)
                 except OSError as error:
@@ -191,22 +245,41 @@ class WeightCache:
                         f"{error.strerror or error}"
                     ) from None
                 self._verified.pop(sha, None)
-                used -= size
-                freed += size
-            if used + missing > self.max_bytes:
-                raise ClusterError(
-                    f"the weight cache {str(self.root)!r} cannot make room for {missing / 1e9:.2f} GB under its "
-                    f"--cache-max-gb {self.max_bytes / 1e9:.2f}: other assignments in progress hold the rest; retry"
-                )
-            self._pins[frozenset(sizes)] = (now + PIN_SECONDS, dict(sizes))
+            key = frozenset(sizes)
+            self._pins.setdefault(key, ([], dict(sizes)))[0].append(now + PIN_SECONDS)
             if freed:
                 log.info("weight cache: removed %.1f MB unused the longest to stay under its limit", freed / 1e6)
             return freed
 
-    def release(self, shas: Iterable[str]) -> None:
-        """An assignment ended (loaded or failed): its files may be evicted again."""
+    def _no_room(self, free: int, needed: int) -> ClusterError:
+        # Refused before a byte streams: a master retrying every few seconds would otherwise stream the weights
+        # again each time, only to fill the disk again.
+        return ClusterError(
+            f"the weight cache {str(self.root)!r} has {free / 1e9:.2f} GB free and the missing weights need "
+            f"{needed / 1e9:.2f} GB: free space there, or start the worker with another --cache-dir"
+        )
+
+    def hold(self, shas: Iterable[str]) -> None:
+        """The Assign a reservation was made for has started: its files stay until `release`, however long it
+        streams (not only PIN_SECONDS)."""
         with self._evicting:
-            self._pins.pop(frozenset(shas), None)
+            pin = self._pins.get(frozenset(shas))
+            if pin is not None and (waiting := [expiry for expiry in pin[0] if expiry != float("inf")]):
+                pin[0].remove(min(waiting))
+                pin[0].append(float("inf"))
+
+    def release(self, shas: Iterable[str]) -> None:
+        """An assignment ended (loaded or failed), or its Prepare was refused: its files may be evicted again
+        (unless another assignment of the same files holds them too)."""
+        with self._evicting:
+            key = frozenset(shas)
+            pin = self._pins.get(key)
+            if pin is None:
+                return
+            expiries = pin[0]
+            expiries.remove(float("inf") if float("inf") in expiries else min(expiries))
+            if not expiries:
+                del self._pins[key]
 
     def _committed(self, sha256: str) -> None:
         """A file just written and hashed while streaming: verified, as it lies on disk now."""
@@ -217,13 +290,26 @@ class WeightCache:
         return TensorWriter(self, sha256, size)
 
     def load(self, sha256: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A verified file's tensor, read into memory of its own: a file mapped instead would let a copy over it
+        change the running model silently, and a truncation kill the worker (SIGBUS). A file changed since it was
+        verified is hashed as read, and refused if it differs."""
         path = self.path(sha256)
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if numel == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.from_file(str(path), shared=False, size=numel, dtype=dtype).reshape(shape)
+        raw = torch.empty(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size(), dtype=torch.uint8)
+        try:
+            with path.open("rb") as handle:
+                before = os.fstat(handle.fileno())
+                read = handle.readinto(raw.numpy().data)
+                after = os.fstat(handle.fileno())
+        except OSError as error:
+            raise ClusterError(f"cannot read weight cache file {str(path)!r}: {error.strerror or error}") from None
+        identity = (after.st_size, after.st_mtime_ns, after.st_ino)
+        changed = (before.st_size, before.st_mtime_ns) != identity[:2] or self._verified.get(sha256) != identity
+        if read != raw.numel() or (changed and hashlib.sha256(raw.numpy().data).hexdigest() != sha256):
+            self._verified.pop(sha256, None)
+            raise ClusterError(f"weight cache file {str(path)!r} changed while it was being loaded: assign again")
+        if changed:
+            self._verified[sha256] = identity
+        return raw.view(dtype).reshape(shape)
 
 
 class TensorWriter:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -476,3 +477,30 @@ def test_hidden_states_that_cannot_be_the_batchs_are_named(fresh_worker: WorkerS
     empty = pb.SequenceSlice(seq_id=2, start_pos=0, n_tokens=0)
     assert "at least one token each" in forward(torch.ones(0, width), empty)
     assert "at least one token each" in forward(torch.ones(0, width))
+
+
+def test_a_second_assign_while_one_loads_is_refused(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
+    """Two masters starting together: both Assigns ran at once and both were told "assigned", one stage then down."""
+    source = resolve_model(str(tiny_llama))
+    streaming, go_on = threading.Event(), threading.Event()
+
+    def slow(messages: list[pb.AssignChunk]) -> Iterator[pb.AssignChunk]:
+        yield messages[0]
+        streaming.set()
+        go_on.wait(30)
+        yield from messages[1:]
+
+    first = threading.Thread(
+        target=fresh_worker.Assign, args=(slow(assign_messages(source, 0, 2)), Context()), daemon=True
+    )
+    first.start()
+    try:
+        assert streaming.wait(30)
+        with pytest.raises(RuntimeError, match="loading layers for another assignment"):
+            fresh_worker.Assign(iter(assign_messages(source, 1, 3)), Context())  # type: ignore[arg-type]
+    finally:
+        go_on.set()
+        first.join(30)
+    assert fresh_worker.model is not None and (fresh_worker.model.start, fresh_worker.model.end) == (0, 2)
+    fresh_worker.Assign(iter(assign_messages(source, 1, 3)), Context())  # type: ignore[arg-type]  # once it is done
+    assert (fresh_worker.model.start, fresh_worker.model.end) == (1, 3)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cake_py.errors import ClusterError, ConfigError
 from cake_py.rpc import weight_cache
@@ -25,6 +28,9 @@ def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(weight_cache.hashlib, "file_digest", counting)
     return seen
+
+
+FREE = 10**16  # bytes free on the disk, where the disk's room is not what a test is about
 
 
 def store(cache: WeightCache, data: bytes) -> str:
@@ -170,13 +176,15 @@ def test_reserve_deletes_the_least_recently_used_outside_the_assignment(tmp_path
         os.utime(cache.path(sha), (stamp, stamp))
     cache.touch(old)  # used again: now the most recent
     assert cache.verify(old, 1000) and hashes == []  # a touch keeps it verified
-    assert cache.reserve({new: 1000}, missing=0) == 0  # 3000 bytes fit the limit
+    assert cache.reserve({new: 1000}, missing=0, free=FREE) == 0  # 3000 bytes fit the limit
     cache.release([new])
-    assert cache.reserve({new: 1000, "f" * 64: 1500}, missing=1500) == 2000  # middle (oldest now), then old
+    assert cache.reserve({new: 1000, "f" * 64: 1500}, missing=1500, free=FREE) == 2000  # middle (oldest now), then old
     assert [sha for _, _, sha in cache.files()] == [new]
     with pytest.raises(ClusterError, match="--cache-max-gb"):
-        cache.reserve({new: 1000, "e" * 64: 2500}, missing=2500)
-    assert WeightCache(tmp_path / "unlimited").reserve({}, missing=10**15) == 0
+        cache.reserve({new: 1000, "e" * 64: 2500}, missing=2500, free=FREE)
+    assert WeightCache(tmp_path / "unlimited").reserve({}, missing=10**15, free=FREE) == 0
+    with pytest.raises(ClusterError, match="GB free and the missing weights need"):  # the disk's own room
+        WeightCache(tmp_path / "unlimited").reserve({}, missing=2000, free=1000)
 
 
 def test_an_assignment_in_progress_keeps_its_files_and_its_room(tmp_path: Path) -> None:
@@ -184,19 +192,23 @@ def test_an_assignment_in_progress_keeps_its_files_and_its_room(tmp_path: Path) 
     the bytes it still streams; a failure to make room names the limit."""
     cache = WeightCache(tmp_path, max_bytes=2500)
     first, second = (store(cache, os.urandom(1000)) for _ in range(2))
-    assert cache.reserve({first: 1000, "a" * 64: 1000}, missing=1000) == 1000  # second goes; 1000 still to stream
+    assert (
+        cache.reserve({first: 1000, "a" * 64: 1000}, missing=1000, free=FREE) == 1000
+    )  # second goes; 1000 still to stream
     assert not cache.path(second).exists()
     with pytest.raises(ClusterError, match="other assignments in progress"):
-        cache.reserve({"b" * 64: 1000}, missing=1000)  # 1000 on disk + 1000 streaming + 1000 > 2500; first is kept
+        cache.reserve(
+            {"b" * 64: 1000}, missing=1000, free=FREE
+        )  # 1000 on disk + 1000 streaming + 1000 > 2500; first is kept
     assert cache.verify(first, 1000)
     cache.release([first, "a" * 64])
-    assert cache.reserve({"b" * 64: 2000}, missing=2000) == 1000  # now first may go
+    assert cache.reserve({"b" * 64: 2000}, missing=2000, free=FREE) == 1000  # now first may go
     assert not cache.path(first).exists()
 
 
 def test_a_worker_with_a_limit_needs_its_folder_alone(tmp_path: Path) -> None:
     sharing = WeightCache(tmp_path)  # a worker without a limit: others may share
-    WeightCache(tmp_path).reserve({}, 0)
+    WeightCache(tmp_path).reserve({}, 0, FREE)
     with pytest.raises(ConfigError, match="a --cache-dir of its own"):
         WeightCache(tmp_path, max_bytes=10**9)
     del sharing
@@ -215,10 +227,90 @@ def test_an_eviction_the_disk_refuses_is_named(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(Path, "unlink", refuse)
     with pytest.raises(ClusterError, match=r"cannot delete from weight cache .*Read-only file system"):
-        cache.reserve({"c" * 64: 1000}, missing=1000)
+        cache.reserve({"c" * 64: 1000}, missing=1000, free=FREE)
 
 
 def test_a_cache_dir_that_is_a_file_is_named_as_one(tmp_path: Path) -> None:
     (tmp_path / "cache").write_text("not a folder")
     with pytest.raises(ClusterError, match=r"'.*cache' \(--cache-dir\) is a file, not a folder"):
         WeightCache(tmp_path / "cache")
+
+
+def test_a_reservation_the_disk_cannot_hold_deletes_nothing_and_holds_nothing(tmp_path: Path) -> None:
+    """A Prepare refused for disk space deleted the weights unused the longest first, and its reservation then
+    refused every assignment for minutes."""
+    cache = WeightCache(tmp_path, max_bytes=3000)
+    kept = [store(cache, os.urandom(1000)) for _ in range(2)]
+    with pytest.raises(ClusterError, match="GB free and the missing weights need"):
+        cache.reserve({"a" * 64: 2000}, missing=2000, free=500)  # evicting one file would leave 1500 free: short
+    assert all(cache.path(sha).exists() for sha in kept)
+    assert cache.reserve({"b" * 64: 1000}, missing=1000, free=FREE) == 0  # nothing is held for the refused one
+
+
+def test_a_reservation_expires_unless_its_assign_started_and_two_of_the_same_files_count_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = WeightCache(tmp_path, max_bytes=2000)
+    first = store(cache, os.urandom(1000))
+    monkeypatch.setattr(weight_cache, "PIN_SECONDS", 0.05)
+    cache.reserve({first: 1000}, missing=0, free=FREE)  # a master that died before its Assign
+    time.sleep(0.1)
+    assert cache.reserve({"c" * 64: 2000}, missing=2000, free=FREE) == 1000  # its files may go
+    cache.release(["c" * 64])
+
+    second = store(cache, os.urandom(1000))
+    cache.reserve({second: 1000}, missing=0, free=FREE)
+    cache.hold([second])  # its Assign started: kept however long it streams
+    cache.reserve({second: 1000}, missing=0, free=FREE)  # another master, the same layers
+    cache.hold([second])
+    time.sleep(0.1)
+    cache.release([second])  # one of the two ended: the other still holds the file
+    with pytest.raises(ClusterError, match="other assignments in progress"):
+        cache.reserve({"d" * 64: 2000}, missing=2000, free=FREE)
+    cache.release([second])
+    assert cache.reserve({"d" * 64: 2000}, missing=2000, free=FREE) == 1000
+
+
+def test_an_entry_that_is_not_a_file_is_removed_and_streamed_again(tmp_path: Path) -> None:
+    cache = WeightCache(tmp_path)
+    sha = hashlib.sha256(b"weights").hexdigest()
+    cache.path(sha).mkdir(parents=True)  # a folder where the file should be: open() said "Is a directory"
+    (cache.path(sha) / "inside").write_text("x")
+    assert not cache.verify(sha, 7) and not cache.path(sha).exists()
+
+
+def test_an_unreadable_entry_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = WeightCache(tmp_path)
+    sha = store(cache, b"weights")
+    fresh = WeightCache(tmp_path)  # hashes it again
+
+    def failing(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Path, "open", failing)
+    with pytest.raises(ClusterError, match=r"cannot read weight cache file .*Input/output error"):
+        fresh.verify(sha, 7)
+
+
+def test_loaded_weights_are_the_workers_own_memory_not_the_file(tmp_path: Path) -> None:
+    """Weights were mapped from the cache file: a copy over it changed the running model silently."""
+    cache = WeightCache(tmp_path)
+    values = torch.arange(6, dtype=torch.float32)
+    sha = store(cache, values.numpy().tobytes())
+    assert cache.verify(sha, 24)
+    loaded = cache.load(sha, torch.float32, (2, 3))
+    with cache.path(sha).open("r+b") as handle:  # in place: same inode, same size
+        handle.write(bytes(24))
+    assert torch.equal(loaded, values.reshape(2, 3))
+    with pytest.raises(ClusterError, match="changed while it was being loaded"):
+        cache.load(sha, torch.float32, (2, 3))  # changed since it was verified: hashed as read, refused
+
+
+def test_a_cache_folder_deleted_while_the_worker_runs_is_made_and_claimed_again(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    cache = WeightCache(root, max_bytes=10**9)
+    shutil.rmtree(root)
+    cache.ensure_folder()
+    assert root.is_dir()
+    with pytest.raises(ConfigError, match="belongs to a worker started with --cache-max-gb"):  # its lock again
+        WeightCache(root)
