@@ -56,6 +56,7 @@ def make_engine(pipeline: Pipeline, source: ModelSource, settings: ServeSettings
     if settings.failover_after > 0 and settings.workers:
         # Requests a dead worker interrupts wait for the failover (api/failover.py) instead of failing.
         engine.hold_s = settings.failover_after + FAILOVER_HOLD_MARGIN_S
+    source.tokenizer.max_tokens = engine.context_length  # a text no context could hold is refused unread
     return engine
 
 

@@ -711,3 +711,26 @@ def test_a_number_json_has_no_word_for_is_a_400_before_anything_runs(server: Ser
     response = httpx.post(f"{server.base_url}/v1/chat/completions", content=body, timeout=60)
     assert response.status_code == 400, response.text
     assert "not valid JSON" in response.json()["error"] and literal.lstrip("-")[:5] in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "{text}"}]}),
+        ("/v1/completions", {"prompt": "{text}"}),
+        ("/v1/responses", {"input": "{text}"}),
+        ("/v1/messages", {"model": "x", "max_tokens": 4, "messages": [{"role": "user", "content": "{text}"}]}),
+        ("/tokenize", {"prompt": "{text}"}),
+        ("/v1/embeddings", {"input": "{text}"}),
+    ],
+)
+def test_a_text_no_context_could_hold_is_refused_before_it_is_tokenized(
+    server: ServerHandle, path: str, body: dict[str, Any]
+) -> None:
+    """A 7.5 MB prompt was tokenized whole (seconds, with the GIL held: /health froze; gigabytes) to be refused."""
+    text = "cake " * 600_000  # 3 MB
+    sent = json.loads(json.dumps(body).replace("{text}", text))
+    answer = httpx.post(f"{server.base_url}{path}", json=sent, headers={"anthropic-version": "2023-06-01"}, timeout=60)
+    assert answer.status_code == 400, answer.text
+    message = json.dumps(answer.json())
+    assert "characters" in message and "context" in message, message[:300]
