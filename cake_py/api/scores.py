@@ -30,6 +30,7 @@ from cake_py.api.errors import ApiError, retry_headers
 from cake_py.api.middleware import request_caller
 from cake_py.api.schemas import flag, json_body
 from cake_py.api.state import ServerState
+from cake_py.errors import ContextLengthError
 
 # Passed on to /v1/embeddings as they are (the embedding's options the scores depend on, and scheduling).
 PASSED = ("truncate_prompt_tokens", "priority", "add_special_tokens")
@@ -93,10 +94,16 @@ async def _too_long(state: ServerState, fields: dict[str, list[str]], error: str
     if source is None or engine is None:
         return error
 
+    def too_long(text: str) -> bool:
+        try:
+            return len(source.tokenizer.encode(text)) > engine.context_length
+        except ContextLengthError:  # too long to be worth tokenizing
+            return True
+
     def first_too_long() -> str | None:
         for name, texts in fields.items():
             for index, text in enumerate(texts):
-                if len(source.tokenizer.encode(text)) > engine.context_length:
+                if too_long(text):
                     return name if name == "query" else f"{name}[{index}]"
         return None
 

@@ -239,3 +239,26 @@ def test_a_public_route_compares_no_key_and_sets_no_owner() -> None:
     app = AuthMiddleware(_echo_state, api_keys=("alice-key", "bob-key"))
     assert _call(app, "/health", {"authorization": "Bearer alice-key"}) == {}
     assert "cake_owner" in _call(app, "/v1/models", {"authorization": "Bearer alice-key"})
+
+
+def test_every_route_that_runs_the_model_is_rate_limited() -> None:
+    """/v1/reranking and /infill ran the model with no limit: a route is limited when its handler asks for the
+    engine (generation_request), and an alias when the route it aliases is."""
+    import inspect
+
+    from starlette.routing import Route
+
+    from cake_py.api.paths import GENERATION_PATHS
+
+    state = ServerState(engine=None, source=None, settings=ServeSettings())  # type: ignore[arg-type]
+    routes = [route for route in create_app(state).routes if isinstance(route, Route)]
+    limited = {route.endpoint for route in routes if route.path in GENERATION_PATHS}
+    missing = [
+        route.path
+        for route in routes
+        if route.path not in GENERATION_PATHS
+        and route.methods
+        and "POST" in route.methods
+        and (route.endpoint in limited or "generation_request(" in inspect.getsource(route.endpoint))
+    ]
+    assert missing == []
