@@ -33,7 +33,9 @@ EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # What a text model needs from a Hub repo; skips other formats (.bin, .pth, onnx) the repo may also carry.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 # Mistral's repos also carry their own-format copy of the weights (consolidated.safetensors), as large as the model.
-HUB_IGNORED = ["consolidated*.safetensors", "original/*"]
+# Weights in subfolders (checkpoint-100/, onnx/, text_encoder/) are never read (fnmatch's * matches "/": the
+# patterns above take them); JSON at any depth is kept (1_Pooling/config.json says how embeddings pool).
+HUB_IGNORED = ["consolidated*.safetensors", "original/*", "*/*.safetensors"]
 
 
 @dataclass

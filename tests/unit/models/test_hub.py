@@ -124,10 +124,16 @@ def test_hub_downloads_skip_mistral_consolidated_weights() -> None:
         "tokenizer_config.json",
         "chat_template.jinja",
         "pytorch_model.bin",
+        "checkpoint-100/model.safetensors",  # fnmatch's * matches "/": these were downloaded and never used
+        "onnx/model.safetensors",
+        "text_encoder/model.safetensors",
+        "1_Pooling/config.json",  # read for the embedding pooling
     ]
     kept = list(filter_repo_objects(files, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED))
     assert "consolidated.safetensors" not in kept and "pytorch_model.bin" not in kept
+    assert not [name for name in kept if "/" in name and name.endswith(".safetensors")], kept
     assert {"config.json", "model-00001-of-00003.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(kept)
+    assert "1_Pooling/config.json" in kept
 
 
 def _cake(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -140,7 +146,11 @@ def test_pull_list_rm_through_huggingface_hub_from_a_hub_over_http(tmp_path: Pat
 
     tiny = folder_files(tiny_model_factory("llama"))
     repos = {
-        "org/good": tiny,
+        "org/good": {
+            **tiny,
+            "checkpoint-100/model.safetensors": tiny["model.safetensors"],
+            "1_Pooling/config.json": b"{}",
+        },
         "org/renamed": tiny,  # the same commit as org/good: removing one must leave the other
         "org/bin-only": {"config.json": tiny["config.json"], "pytorch_model.bin": b"x" * 100},
         "org/gguf-only": {"README.md": b"hi", "model.Q4_0.gguf": b"GGUF"},
@@ -153,6 +163,8 @@ def test_pull_list_rm_through_huggingface_hub_from_a_hub_over_http(tmp_path: Pat
             pulled = _cake(env, "pull", repo)
             assert pulled.returncode == 0, pulled.stderr
             assert (Path(pulled.stdout.strip()) / "model.safetensors").is_file()
+        snapshot = Path(_cake(env, "pull", "org/good").stdout.strip())
+        assert (snapshot / "1_Pooling" / "config.json").is_file() and not (snapshot / "checkpoint-100").exists()
         for repo in ("org/bin-only", "org/gguf-only"):
             refused = _cake(env, "pull", repo)
             assert refused.returncode == 1
