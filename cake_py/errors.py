@@ -19,6 +19,11 @@ class ModelNotFoundError(ModelError):
     """The model path or Hub id does not exist (or is not cached while offline)."""
 
 
+class HubError(ModelError):
+    """The Hugging Face Hub (or its file server) failed or stopped answering during a download: not the model's
+    fault nor this server's, and worth trying again."""
+
+
 class UnsupportedArchitectureError(ModelError):
     """config.json names an architecture cake_py does not implement."""
 

@@ -20,6 +20,7 @@ from cake_py.errors import (
     CakeError,
     ClusterError,
     ContextLengthError,
+    HubError,
     ModelNotFoundError,
     OverloadedError,
     RequestError,
@@ -103,6 +104,8 @@ def status_of(error: CakeError, *, detail_style: bool = False) -> tuple[int, str
         return 400, None
     if isinstance(error, ModelNotFoundError):
         return 404, None
+    if isinstance(error, HubError):  # an upstream failure: Bad Gateway
+        return 502, None
     if isinstance(error, ClusterError | OverloadedError):
         return 503, None
     return 500, None

@@ -89,8 +89,8 @@ def _check_fits_alone(state: ServerState, source: ModelSource) -> None:
 
 
 def _load_status(error: CakeError) -> int:
-    """A model that cannot be read or built is the request's bad model: 400 (404 when there is none, 503 when the
-    cluster cannot take it), not the server's 500."""
+    """A model that cannot be read or built is the request's bad model: 400 (404 when there is none, 502 when the
+    Hub fails to send it, 503 when the cluster cannot take it), not the server's 500."""
     status = status_of(error, detail_style=True)[0]
     return 400 if status == 500 and isinstance(error, ModelError) else status
 

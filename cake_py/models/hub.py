@@ -6,6 +6,7 @@ by huggingface_hub itself). `cake pull|list|rm` are thin wrappers over the same 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -18,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from cake_py.errors import ModelError, ModelNotFoundError
+from cake_py.errors import HubError, ModelError, ModelNotFoundError
 from cake_py.models.config import ModelConfig
 from cake_py.models.pooling import folder_pooling
 from cake_py.models.safetensors_folder import SafetensorsWeights
@@ -181,6 +182,12 @@ def download(repo_id: str) -> Path:
         raise ModelNotFoundError(f"cannot download {repo_id!r} from the Hub: {_one_line(error)}") from error
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot download {repo_id!r}: {_one_line(error)}") from error
+    except _transport_errors() as error:  # refused, dropped or silent connections, once huggingface_hub stops retrying
+        raise HubError(
+            f"cannot download {repo_id!r}: the Hub or its file server stopped answering "
+            f"({type(error).__name__}: {_one_line(error)[:200] or 'no answer'}); try again: the download resumes "
+            "where it stopped"
+        ) from error
     weights = ("model.safetensors", "model.safetensors.index.json")
     lost = [
         name for name in ("config.json", *weights) if (snapshot / name).is_symlink() and not (snapshot / name).exists()
@@ -198,6 +205,18 @@ def download(repo_id: str) -> Path:
             "Hugging Face safetensors checkpoints; for a GGUF, download the file and pass its path"
         )
     return snapshot
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The connection and timeout errors of the HTTP client huggingface_hub uses (httpx2 from its 2.0, httpx
+    before), which it raises as they are once its retries end."""
+    found = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 @dataclass(frozen=True)

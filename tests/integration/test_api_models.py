@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from cake_py.models.hub import EMBEDDED_MODEL_ID
+from tests.fixtures.fake_hub import HubBehaviour, fake_hub, folder_files
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 pytestmark = pytest.mark.slow
@@ -113,3 +114,28 @@ def test_a_model_that_fails_to_build_leaves_the_previous_one_served(
         assert answer.status_code == 200, answer.text
         wrong_type = http.post("/generate", json={"prompt": "hi", "model_id": 5})
         assert wrong_type.status_code == 400 and "model_id" in wrong_type.json()["detail"]
+
+
+def test_a_hub_that_stops_answering_is_a_502_naming_it(
+    server: ServerHandle, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub's ConnectError (its file server refusing connections) was a 500 "internal error"."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:  # a port where nothing listens: the file server refuses connections
+        probe.bind(("127.0.0.1", 0))
+        refusing = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with fake_hub({"org/tiny": folder_files(tiny_llama)}, HubBehaviour(weights_at=refusing)) as endpoint:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        with httpx.Client(base_url=server.base_url, timeout=120) as http:
+            failed = http.post("/models/load", json={"model_id": "org/tiny"})
+            assert failed.status_code == 502, failed.text  # the Hub's failure: neither the model's nor this server's
+            detail = failed.json()["detail"]
+            assert detail.startswith("cannot download 'org/tiny': the Hub or its file server stopped answering"), detail
+            assert http.get("/models/current").json()["loaded"] is True  # still serving the previous model

@@ -11,7 +11,7 @@ import pytest
 
 from cake_py.errors import ModelNotFoundError
 from cake_py.models.hub import HUB_IGNORED, HUB_PATTERNS, embedded_model_path, resolve_model
-from tests.fixtures.fake_hub import fake_hub, folder_files
+from tests.fixtures.fake_hub import HubBehaviour, fake_hub, folder_files
 
 
 def make_hf_cache(cache: Path, repo_id: str, model_folder: Path) -> Path:
@@ -252,3 +252,30 @@ def test_cake_list_of_an_empty_cache_says_so_on_stderr(tmp_path: Path) -> None:
     listed = _cake(env, "list")
     assert listed.returncode == 0 and listed.stdout == ""  # scripts reading the list get an empty one
     assert "no models in the HF cache" in listed.stderr and "nothing-here" in listed.stderr, listed.stderr
+
+
+def _hub_env(hf_home: Path, endpoint: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return {**env, "HF_HOME": str(hf_home), "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def _refusing_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens: connections to it are refused."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_a_file_server_that_refuses_connections_is_one_line(tmp_path: Path, tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """huggingface_hub raises httpx's ConnectError once its retries end: `cake pull` printed its traceback."""
+    behaviour = HubBehaviour(weights_at=_refusing_url())  # the Hub answers; its CDN does not
+    with fake_hub({"org/tiny": folder_files(tiny_model_factory("llama"))}, behaviour) as endpoint:
+        pulled = _cake(_hub_env(tmp_path / "hf", endpoint), "pull", "org/tiny")
+    assert pulled.returncode == 1 and "Traceback" not in pulled.stderr, pulled.stderr
+    lines = [line for line in pulled.stderr.splitlines() if "WARNING" not in line]
+    assert len(lines) == 1 and lines[0].startswith("cake: error: cannot download 'org/tiny': the Hub or its file")
+    assert "stopped answering (ConnectError" in lines[0] and "resumes" in lines[0], lines[0]
