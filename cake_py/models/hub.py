@@ -169,6 +169,8 @@ def download(repo_id: str) -> Path:
         with _hub_warnings_silenced():  # "No files matched …": the check below says it in our words, on one line
             snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        if isinstance(error.__cause__, HfHubHTTPError):  # the Hub answered, with an error: not "offline"
+            raise _http_error(repo_id, error.__cause__) from error
         raise ModelNotFoundError(
             f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {_one_line(error)})"
         ) from error
@@ -179,7 +181,7 @@ def download(repo_id: str) -> Path:
     except RepositoryNotFoundError as error:
         raise ModelNotFoundError(f"model {repo_id!r} is not on the Hub (or is private: set HF_TOKEN)") from error
     except HfHubHTTPError as error:
-        raise ModelNotFoundError(f"cannot download {repo_id!r} from the Hub: {_one_line(error)}") from error
+        raise _http_error(repo_id, error) from error
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot download {repo_id!r}: {_one_line(error)}") from error
     except _transport_errors() as error:  # refused, dropped or silent connections, once huggingface_hub stops retrying
@@ -217,6 +219,27 @@ def _transport_errors() -> tuple[type[Exception], ...]:
         except (ImportError, AttributeError):
             continue
     return tuple(found)
+
+
+def _http_error(repo_id: str, error: Any) -> ModelError:
+    """The Hub's HTTP error answer in one short line: its status and its own reason (huggingface_hub's message is
+    a paragraph, and for most statuses calls it a lost connection). A 5xx or 429 is the Hub's failure (HubError,
+    502 from /models/load); any other status is about this repo or token (404)."""
+    response = error.response
+    status = response.status_code
+    reason = (
+        response.headers.get("X-Error-Message")
+        or getattr(error, "server_message", None)
+        or getattr(response, "reason_phrase", None)  # httpx's; requests' (huggingface_hub < 1.0) is `reason`
+        or getattr(response, "reason", None)
+    )
+    said = " ".join(str(reason or "no reason given").split())[:200]
+    message = f"cannot download {repo_id!r}: the Hub answered HTTP {status}: {said}"
+    if status in (401, 403):
+        return ModelNotFoundError(f"{message}; check HF_TOKEN's permissions")
+    if status >= 500 or status == 429:
+        return HubError(f"{message}; try again later")
+    return ModelNotFoundError(message)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cake_py.errors import ModelNotFoundError
+from cake_py.errors import HubError, ModelNotFoundError
 from cake_py.models.hub import HUB_IGNORED, HUB_PATTERNS, embedded_model_path, resolve_model
 from tests.fixtures.fake_hub import HubBehaviour, fake_hub, folder_files
 
@@ -279,3 +279,30 @@ def test_a_file_server_that_refuses_connections_is_one_line(tmp_path: Path, tiny
     lines = [line for line in pulled.stderr.splitlines() if "WARNING" not in line]
     assert len(lines) == 1 and lines[0].startswith("cake: error: cannot download 'org/tiny': the Hub or its file")
     assert "stopped answering (ConnectError" in lines[0] and "resumes" in lines[0], lines[0]
+
+
+def test_http_errors_of_the_hub_say_its_status_not_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 403 or a 503 of the Hub read "the Hub cannot be reached (offline: … check your internet connection …)"."""
+    from huggingface_hub import constants
+
+    from cake_py.models import hub
+
+    errors = {
+        "/api/models/org/forbidden": (403, "Your token does not have read access"),
+        "/api/models/org/down": (503, "Service temporarily unavailable"),
+    }
+    with fake_hub({}, HubBehaviour(errors=errors)) as endpoint:
+        env = _hub_env(tmp_path / "hf", endpoint)
+        forbidden = _cake(env, "pull", "org/forbidden")
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        with pytest.raises(HubError) as down:  # the Hub's failure, not the model's: /models/load answers 502
+            hub.download("org/down")
+    assert forbidden.returncode == 1 and "Traceback" not in forbidden.stderr, forbidden.stderr
+    assert forbidden.stderr == (
+        "cake: error: cannot download 'org/forbidden': the Hub answered HTTP 403: Your token does not have read "
+        "access; check HF_TOKEN's permissions\n"
+    )
+    assert str(down.value) == (
+        "cannot download 'org/down': the Hub answered HTTP 503: Service temporarily unavailable; try again later"
+    )
