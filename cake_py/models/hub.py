@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -276,6 +277,8 @@ def _bound_hub_timeouts() -> None:
 
 
 def list_cached() -> list[CachedModel]:
+    """The model repos of the HF cache that can be served; one whose current snapshot lacks its config.json or
+    weights (a pull that failed or was interrupted, or a repo of another format) is named in a warning instead."""
     from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
@@ -287,16 +290,43 @@ def list_cached() -> list[CachedModel]:
         raise ModelError(f"cannot read the HF cache {constants.HF_HUB_CACHE!r}: {error}") from None
     for warning in info.warnings:  # a broken download or a damaged repo: not listed, but said
         log.warning("skipped in the HF cache: %s (cake rm it, then cake pull it again)", _one_line(warning))
-    return sorted(
-        (
-            CachedModel(
-                repo.repo_id, repo.size_on_disk, tuple(r.commit_hash for r in repo.revisions), Path(repo.repo_path)
+    models = []
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        current = max(repo.revisions, key=lambda r: ("main" in r.refs, r.last_modified))
+        missing = _missing_files(Path(current.snapshot_path))
+        if missing:
+            log.warning(
+                "not listed: %s lacks %s in the HF cache (a pull cut short?): cake pull %s to finish it, or cake rm %s",
+                repo.repo_id,
+                missing,
+                repo.repo_id,
+                repo.repo_id,
             )
-            for repo in info.repos
-            if repo.repo_type == "model"
-        ),
-        key=lambda m: m.repo_id,
-    )
+            continue
+        revisions = tuple(r.commit_hash for r in repo.revisions)
+        models.append(CachedModel(repo.repo_id, repo.size_on_disk, revisions, Path(repo.repo_path)))
+    return sorted(models, key=lambda m: m.repo_id)
+
+
+def _missing_files(snapshot: Path) -> str | None:
+    """What a snapshot lacks of config.json and its safetensors weights (the shard index's files), or None."""
+    if not (snapshot / "config.json").is_file():
+        return "config.json"
+    if (snapshot / "model.safetensors").is_file():
+        return None
+    index = snapshot / "model.safetensors.index.json"
+    if not index.is_file():
+        return "model.safetensors"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "a readable model.safetensors.index.json"
+    absent = [str(shard) for shard in shards if not (snapshot / str(shard)).is_file()]
+    if not shards or absent:
+        return ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "") or "its shards"
+    return None
 
 
 def remove_cached(repo_id: str) -> int:

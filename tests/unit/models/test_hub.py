@@ -306,3 +306,35 @@ def test_http_errors_of_the_hub_say_its_status_not_offline(tmp_path: Path, monke
     assert str(down.value) == (
         "cannot download 'org/down': the Hub answered HTTP 503: Service temporarily unavailable; try again later"
     )
+
+
+def test_list_names_a_pull_cut_short_instead_of_listing_it(  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_model_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot without its config.json or weights (a failed or interrupted pull) was listed as a model of 0 MB."""
+    import os
+
+    from huggingface_hub import constants
+
+    from cake_py.models.hub import list_cached
+
+    cache = tmp_path / "hub"
+    make_hf_cache(cache, "org/good", tiny_model_factory("llama"))
+    make_hf_cache(cache, "org/sharded", tiny_model_factory("llama", sharded=True))
+    make_hf_cache(cache, "org/no-weights", tiny_model_factory("llama"))
+    (cache / "models--org--no-weights" / "blobs" / "blob-model.safetensors").unlink()
+    (next((cache / "models--org--no-weights" / "snapshots").iterdir()) / "model.safetensors").unlink()
+    make_hf_cache(cache, "org/a-shard-short", tiny_model_factory("llama", sharded=True))
+    shard = next((cache / "models--org--a-shard-short" / "snapshots").glob("*/model-00002-*.safetensors"))
+    shard.resolve().unlink()
+    shard.unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(cache))
+    listed = _cake(env, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["org/good", "org/sharded"]
+    for repo in ("org/no-weights", "org/a-shard-short"):
+        assert f"cake pull {repo} to finish it, or cake rm {repo}" in listed.stderr, listed.stderr
+    assert "model-00002-of-" in listed.stderr  # what is missing is named
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # the server's /models/available reads the same list
+    assert [model.repo_id for model in list_cached()] == ["org/good", "org/sharded"]
