@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -213,7 +214,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CakeError as error:
         print(f"cake: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line (what it stopped, when that says), no traceback
+        print(f"cake: interrupted: {interrupt}" if str(interrupt) else "cake: interrupted", file=sys.stderr)
+        if any(thread is not threading.main_thread() and thread.is_alive() for thread in threading.enumerate()):
+            # A download's pool threads (huggingface_hub's): even as daemons, exiting joins them, file by file.
+            with contextlib.suppress(OSError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(130)
         return 130
     except BrokenPipeError:  # `cake run … | head`: the reader has what it wanted
         with contextlib.suppress(OSError):  # and Python's own flush at exit must not complain either

@@ -13,7 +13,8 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -168,7 +169,12 @@ def download(repo_id: str) -> Path:
     cached_before = folder.exists()
     try:
         with _hub_warnings_silenced():  # "No files matched …": the check below says it in our words, on one line
-            snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED))
+            snapshot = Path(
+                _interruptible(
+                    repo_id,
+                    lambda: snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED),
+                )
+            )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
         if isinstance(error.__cause__, HfHubHTTPError):  # the Hub answered, with an error: not "offline"
             raise _http_error(repo_id, error.__cause__) from error
@@ -241,6 +247,44 @@ def _http_error(repo_id: str, error: Any) -> ModelError:
     if status >= 500 or status == 429:
         return HubError(f"{message}; try again later")
     return ModelNotFoundError(message)
+
+
+class DownloadInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a download; `str()` says what was stopped and removed (the CLI prints it)."""
+
+
+def _interruptible(repo_id: str, download: Callable[[], str]) -> str:
+    """Run `download` so that Ctrl-C stops it at once. huggingface_hub's thread pool makes its caller wait for
+    every file before a KeyboardInterrupt goes on (a second Ctrl-C left `blobs/*.incomplete` files for ever): here
+    the download runs in a daemon thread the main thread waits for, and on Ctrl-C the repo's partial blobs are
+    removed. Python's exit still joins the pool's threads: whoever catches the KeyboardInterrupt must end the process
+    without waiting for them (cake_py.cli.main does, with os._exit). Off the main thread (a server's /models/load),
+    which no Ctrl-C reaches, the download runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        return download()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["snapshot"] = download()
+        except BaseException as error:  # handed to the waiting thread, which raises it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=f"cake-download {repo_id}", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        partials = list((_repo_folder(repo_id) / "blobs").glob("*.incomplete"))
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        removed = "; its partial files are removed" if partials else ""
+        raise DownloadInterrupted(f"the download of {repo_id!r} stopped{removed}") from None
+    if "error" in outcome:
+        raise outcome["error"]
+    snapshot: str = outcome["snapshot"]
+    return snapshot
 
 
 @dataclass(frozen=True)

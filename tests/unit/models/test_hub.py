@@ -338,3 +338,37 @@ def test_list_names_a_pull_cut_short_instead_of_listing_it(  # type: ignore[no-u
     assert "model-00002-of-" in listed.stderr  # what is missing is named
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # the server's /models/available reads the same list
     assert [model.repo_id for model in list_cached()] == ["org/good", "org/sharded"]
+
+
+def test_ctrl_c_stops_a_download_at_once_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    """huggingface_hub's thread pool made Ctrl-C wait for the whole download; a second one left `.incomplete`
+    files in the cache for ever."""
+    import signal
+    import time
+
+    weights = b"\0" * (4 << 20)  # 4 MiB at 1 KiB per 10 ms: minutes, unless interrupted
+    repos = {"org/big": {"config.json": b"{}", "model.safetensors": weights}}
+    hf_home = tmp_path / "hf"
+    # SIGINT ends Python with KeyboardInterrupt only where it is not ignored (a test run in the background).
+    main = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    main += "from cake_py.cli import main; sys.exit(main(sys.argv[1:]))"
+    with fake_hub(repos, HubBehaviour(trickle_s=0.01)) as endpoint:
+        command = [sys.executable, "-c", main, "pull", "org/big"]
+        env = _hub_env(hf_home, endpoint)
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as cake:
+            try:
+                deadline = time.monotonic() + 60
+                while not list(hf_home.glob("hub/*/blobs/*.incomplete")) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert list(hf_home.glob("hub/*/blobs/*.incomplete")), "the download never started"
+                time.sleep(0.5)
+                cake.send_signal(signal.SIGINT)
+                interrupted = time.monotonic()
+                out, err = cake.communicate(timeout=30)
+            finally:
+                if cake.poll() is None:
+                    cake.kill()
+    assert time.monotonic() - interrupted < 5, err
+    assert cake.returncode == 130, err
+    assert err.startswith("cake: interrupted: the download of 'org/big' stopped") and err.count("\n") == 1, err
+    assert out == "" and not list(hf_home.glob("hub/**/*.incomplete"))
