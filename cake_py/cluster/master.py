@@ -89,8 +89,7 @@ def connect_pipeline(
     warn_if_key_in_plaintext(settings.cluster_key, credentials is not None, hosts, "the master")
     connections = [WorkerConnection(spec, settings.cluster_key, credentials, tls=tls) for spec in settings.workers]
     try:
-        with ThreadPoolExecutor(max_workers=len(connections)) as pool:
-            replies = list(pool.map(lambda c: c.handshake(settings.connect_timeout), connections))
+        replies = _all_at_once(connections, lambda c: c.handshake(settings.connect_timeout), connections)
         _refuse_the_same_worker_twice(connections, replies)
         _adopt_worker_names(connections, replies)
         _warn_of_takeovers(connections, replies, ours)
@@ -117,13 +116,12 @@ def connect_pipeline(
             if conn.spec.name in ranges and ranges[conn.spec.name][0] < ranges[conn.spec.name][1]
         }
         active = [conn for conn in connections if conn.spec.name in assignments]
-        with ThreadPoolExecutor(max_workers=max(len(active), 1)) as pool:
-            replies_assign = list(pool.map(lambda c: c.assign(assignments[c.spec.name]), active))
-        for conn, reply in zip(active, replies_assign, strict=True):
+        replies_assign = _all_at_once(connections, lambda c: c.assign(assignments[c.spec.name]), active)
+        for conn, assigned in zip(active, replies_assign, strict=True):
             log.info(
                 "%s holds layers %d-%d (%.1f MB streamed, %.1f MB from its cache, %d ms)",
-                conn.label, reply.layers.start, reply.layers.end - 1,
-                reply.received_bytes / 1e6, reply.reused_bytes / 1e6, reply.load_ms,
+                conn.label, assigned.layers.start, assigned.layers.end - 1,
+                assigned.received_bytes / 1e6, assigned.reused_bytes / 1e6, assigned.load_ms,
             )  # fmt: skip
     except BaseException:  # a worker, or the weights (a bad shard), failed: close every channel opened here
         for conn in connections:
@@ -220,6 +218,23 @@ def _warn_of_takeovers(
                 "will fail (if it is still running, give each master its own workers)",
                 conn.label, idle, held,
             )  # fmt: skip
+
+
+def _all_at_once(
+    connections: list[WorkerConnection], call: Callable[[WorkerConnection], T], targets: list[WorkerConnection]
+) -> list[T]:
+    """`call` of each target, all at once. A failure or a Ctrl-C closes every connection before anything waits,
+    which ends the calls still under way: a pool's own exit waited for them (a Ctrl-C during a handshake waited out
+    --connect-timeout, one during a weight stream the whole stream)."""
+    pool = ThreadPoolExecutor(max_workers=max(len(targets), 1))
+    try:
+        return list(pool.map(call, targets))
+    except BaseException:
+        for conn in connections:
+            conn.close()
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def available_workers(

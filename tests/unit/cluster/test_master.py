@@ -81,3 +81,46 @@ def test_taking_over_a_worker_another_master_used_lately_is_said(caplog: pytest.
     said = "worker 'busy' was serving another master 1 s ago (tiny layers 0-2): this master takes it over"
     assert said in caplog.text
     assert "'idle'" not in caplog.text and "'new'" not in caplog.text
+
+
+def test_ctrl_c_while_a_worker_says_nothing_ends_cake_serve_at_once(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    """The handshakes' thread pool waited for its calls on the way out: Ctrl-C waited out --connect-timeout (and
+    during a weight stream, the whole stream)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the handshake waits its deadline
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    main = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    main += "from cake_py.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", main, "serve", str(tiny_llama), "--workers", f"127.0.0.1:{port}"]
+    command += ["--connect-timeout", "60", "--port", "0", "--threads", "1", "--log-level", "info"]
+    cake = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    connected: socket.socket | None = None
+    try:
+        deadline = time.monotonic() + 60
+        silent.settimeout(1)
+        while connected is None and time.monotonic() < deadline and cake.poll() is None:
+            try:
+                connected, _ = silent.accept()  # the master is handshaking now
+            except TimeoutError:
+                continue
+        assert connected is not None, "the master never connected"
+        time.sleep(0.5)
+        cake.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        _, err = cake.communicate(timeout=30)
+        assert time.monotonic() - interrupted < 5, "Ctrl-C waited for the handshake's deadline"
+        assert cake.returncode == 130 and "Traceback" not in err, err
+        assert "cake: interrupted" in err
+    finally:
+        if cake.poll() is None:
+            cake.kill()
+            cake.wait()
+        if connected is not None:
+            connected.close()
+        silent.close()
