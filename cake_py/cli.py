@@ -200,15 +200,30 @@ def _output(text: str) -> None:
         raise ConfigError(f"cannot write the output: {error.strerror or error}") from None
 
 
+def _usable_streams() -> None:
+    """stdout or stderr closed at start (`>&-`) is the null device, as for a daemon: Python leaves it None, and the
+    first print or log config fails. Output that the terminal's encoding cannot hold is replaced, not a traceback."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - for the process's life
+        elif hasattr(stream, "reconfigure"):
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="replace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    _usable_streams()
     logging.basicConfig(
         level=getattr(args, "log_level", "warning").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # A log line that cannot be written (stderr on a full disk) is dropped, not replaced by a traceback about it.
+    logging.raiseExceptions = False
     try:
         return _dispatch(args)
     except CakeError as error:

@@ -110,6 +110,9 @@ def serve(settings: ServeSettings) -> None:
         host=settings.host.strip("[]"),  # uvicorn takes an IPv6 address bare ("::"), not "[::]"
         port=settings.port,
         log_level=settings.log_level,
+        # uvicorn's own loggers (startup, access lines) go through cake's handler: stderr, timestamped, one format.
+        # Its default config wrote them to stdout without a time, and failed at startup when stdout was closed.
+        log_config=None,
         timeout_graceful_shutdown=5,
         http=HeadTimeoutProtocol,  # a request's head must arrive in time (uvicorn has no such timeout)
     )

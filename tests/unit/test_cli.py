@@ -355,5 +355,40 @@ def test_serve_on_port_0_says_the_port_it_got(tiny_llama: Path, tmp_path: Path) 
         port = int(said.group(1))
         assert port != 0
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        # uvicorn's access lines join cake's own on stderr, timestamped (they went to stdout without a time).
+        deadline = time.monotonic() + 10
+        while '"GET /health HTTP/1.1" 200' not in server.stderr and time.monotonic() < deadline:
+            time.sleep(0.1)
+        line = next(line for line in server.stderr.splitlines() if '"GET /health HTTP/1.1" 200' in line)
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line), line
+        assert server.stdout == ""
     finally:
         server.kill()
+
+
+def test_serve_with_stdout_closed_serves_and_run_writes_what_the_terminal_cannot_encode(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """`cake serve >&-` failed once the model was loaded (uvicorn's log config read the closed stdout); `cake run`
+    on a terminal whose encoding lacks a character of the answer was a UnicodeEncodeError traceback."""
+    import re
+    import time
+
+    import httpx
+
+    log = tmp_path / "serve.log"
+    command = f'exec "$0" -m cake_py.cli serve {tiny_llama} --port 0 --threads 1 --files-dir {tmp_path} >&-'
+    with log.open("w") as sink:
+        server = subprocess.Popen(["bash", "-c", command, sys.executable], stderr=sink, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (said := re.search(r"serving llama on http://127\.0\.0\.1:(\d+)", log.read_text())):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{said.group(1)}/health", timeout=10).status_code == 200
+    finally:
+        server.kill()
+        server.wait()
+    environment = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    ascii_only = cake("run", str(tiny_llama), "Ünïcödé ☕", "--max-tokens", "24", "--raw", env=environment)
+    assert ascii_only.returncode == 0 and "Traceback" not in ascii_only.stderr, ascii_only.stderr
