@@ -116,10 +116,17 @@ def api_error(error: CakeError, path: str) -> ApiError:
     return ApiError(status, str(error), code=code, headers=retry_headers(status))  # a stage down, a full queue
 
 
-async def send_error(send: Send, path: str, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    """A JSON error answered straight from ASGI middleware, before (or instead of) any route."""
-    body = json.dumps(error_payload(path, message, status=status)).encode()
+async def send_error(
+    send: Send, scope: Scope, status: int, message: str, headers: dict[str, str] | None = None
+) -> None:
+    """A JSON error answered straight from ASGI middleware, before (or instead of) any route. A request whose body
+    is left unread gets the connection closed after the answer: kept open, a client refused (no key, say) could
+    trickle a declared gigabyte into it for ever."""
+    body = json.dumps(error_payload(scope["path"], message, status=status)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    sent = dict(scope.get("headers") or [])
+    if sent.get(b"content-length", b"0") not in (b"", b"0") or b"transfer-encoding" in sent:
+        raw_headers.append((b"connection", b"close"))
     raw_headers += [(key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

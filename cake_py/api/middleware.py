@@ -118,7 +118,7 @@ class AuthMiddleware:
             refusal, key = self._check(scope["path"], Headers(scope=scope))
             if refusal is not None:
                 message, challenge = refusal
-                await send_error(send, scope["path"], 401, message, {"WWW-Authenticate": challenge})
+                await send_error(send, scope, 401, message, {"WWW-Authenticate": challenge})
                 return
             if self.owners and key is not None:
                 state = scope.setdefault("state", {})
@@ -209,7 +209,7 @@ class RateLimitMiddleware:
                 per_minute = round(self.limiter.rate * 60)
                 message = f"rate limit exceeded: {per_minute} requests per minute (burst {self.limiter.capacity:.0f})"
                 retry = str(max(1, math.ceil(wait)))
-                await send_error(send, scope["path"], 429, f"{message}; retry in {retry} s", {"Retry-After": retry})
+                await send_error(send, scope, 429, f"{message}; retry in {retry} s", {"Retry-After": retry})
                 return
         await self.app(scope, receive, send)
 
@@ -240,7 +240,7 @@ class BodyLimitMiddleware:
 
         declared = Headers(scope=scope).get("content-length")
         if limit > 0 and declared is not None and declared.isdigit() and int(declared) > limit:
-            await send_error(send, scope["path"], 413, too_large(int(declared)))
+            await send_error(send, scope, 413, too_large(int(declared)))
             return
         received, complete = 0, False
 

@@ -150,3 +150,30 @@ def test_each_keys_usage_is_counted_under_its_name(tiny_llama: Path) -> None:
         bob = hashlib.sha256(b"bob-key").hexdigest()[:12]  # no name given: the first digits of its digest
         assert key_counts(text, bob)[0] == 1.0 and key_counts(text, bob)[2] == 5.0
         assert "alice-key" not in text and "bob-key" not in text
+
+
+def test_a_refused_request_with_a_body_left_unread_is_closed(server: ServerHandle) -> None:
+    """A client without a key declared a gigabyte and trickled it: the 401 came, and the connection stayed open."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.base_url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        conn.sendall(f"{head}Content-Length: 1000000000\r\n\r\n{{".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:  # the refusal's head (its body is short and follows)
+            answer += conn.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer.lower()
+        deadline = time.monotonic() + 10
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                conn.sendall(b" ")  # a byte more of the body, as a trickling client sends
+                conn.settimeout(0.2)
+                closed = conn.recv(65536) == b""
+            except TimeoutError:
+                continue
+            except ConnectionError:  # reset: closed with the body unread
+                closed = True
+        assert closed, "the connection stayed open"
