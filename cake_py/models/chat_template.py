@@ -4,7 +4,8 @@ A template is code from the model's files (or, with --trust-request-chat-templat
 keeps it from reaching Python's internals; these limits keep it from holding a thread or the memory: a render that
 runs past `RENDER_TIMEOUT_S` is stopped, and the operations that build large values from small ones (`*`, `**`,
 `%`, `+`, `~`, widths and indents, join, replace, format) are checked before they run: at most `MAX_PRODUCT` items,
-bits or characters of width, `MAX_TEXT` characters in one result. These guard against accidents and runaway
+bits or characters of width, `MAX_TEXT` characters in one result (a list counting its strings' characters) and in
+the whole output. These guard against accidents and runaway
 templates; a template stays code its author controls (the model's, or a client trusted with
 --trust-request-chat-template).
 """
@@ -67,7 +68,7 @@ class _Environment(ImmutableSandboxedEnvironment):
             if _is_int(left) and _is_int(right) and abs(left).bit_length() + abs(right).bit_length() > MAX_PRODUCT:
                 raise jinja2.TemplateError("the product of these integers is too large")
         if operator == "+" and isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
-            _check_size(len(left) + len(right), "+")
+            _check_size(_weight(left) + _weight(right), "+")
         if operator == "%" and isinstance(left, str):
             _check_format(left)
         return super().call_binop(context, operator, left, right)
@@ -132,6 +133,14 @@ def _check_format(text: str) -> None:
 def _check_size(size: int, what: str) -> None:
     if size > MAX_TEXT:
         raise jinja2.TemplateError(f"{what} would make {size} characters or items, past {MAX_TEXT}")
+
+
+def _weight(value: str | list[Any] | tuple[Any, ...]) -> int:
+    """A string's characters; a list's items, each counting its characters if a string: a list grown item by item
+    (`ns.items = ns.items + [big ~ i]`) holds the characters of all of them."""
+    if isinstance(value, str):
+        return len(value)
+    return sum(len(item) if isinstance(item, str) else 1 for item in value)
 
 
 def _joined_size(items: Any, separator: str) -> int:
@@ -221,7 +230,13 @@ def _render_within(template: jinja2.Template, variables: Mapping[str, Any], seco
     timer.daemon = True
     timer.start()
     try:
-        return template.render(**variables)
+        pieces, total = [], 0
+        for piece in template.generate(**variables):  # the output too is bounded, not only each operation
+            total += len(piece)
+            if total > MAX_TEXT:
+                raise jinja2.TemplateError(f"the rendered prompt passed {MAX_TEXT} characters")
+            pieces.append(piece)
+        return "".join(pieces)
     finally:
         with lock:
             state["rendering"] = False

@@ -282,6 +282,12 @@ def test_padding_and_truncation_in_tokenizer_json_are_not_applied(tiny_model_fac
         ("{{ 'a' * 10**10 }}", "repeating 1 items 10000000000 times makes too many"),
         ("{{ (2 ** 30000000) * 3 }}", "2 ** 30000000 is too large"),
         ("{% for x in range(100000) %}{% for y in range(100000) %}{% endfor %}{% endfor %}", "took longer than 0.3 s"),
+        (
+            '{% set ns = namespace(l=[]) %}{% set s = "x" * 1000000 %}'
+            "{% for i in range(100) %}{% set ns.l = ns.l + [s ~ i] %}{% endfor %}",
+            "+ would make",
+        ),
+        ('{% set s = "x" * 1000000 %}{% for i in range(100) %}{{ s }}{% endfor %}', "the rendered prompt passed"),
     ],
     ids=[
         "divide-by-zero",
@@ -299,6 +305,8 @@ def test_padding_and_truncation_in_tokenizer_json_are_not_applied(tiny_model_fac
         "huge-string",
         "huge-power",
         "nested-loops",
+        "list-of-big-strings",
+        "output-piling-up",
     ],
 )
 def test_a_template_that_fails_or_runs_away_is_stopped_and_named(
