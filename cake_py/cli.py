@@ -50,6 +50,13 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
     cpus = parse_cpus(args.cpus)
     given = _given(args.api_key, "CAKE_API_KEY")  # --api-key "" is an error, not an open server
     api_keys, api_key_names = parse_api_keys(given, args.api_key_file)
+    admin_key = _given(args.admin_key, "CAKE_ADMIN_KEY")
+    if admin_key is not None:
+        admin_key = admin_key.strip()
+        if not admin_key:
+            raise ConfigError("--admin-key (or CAKE_ADMIN_KEY) holds no key")
+        if api_keys and admin_key not in api_keys:  # the admin's key reaches the rest of the API too
+            api_keys, api_key_names = (*api_keys, admin_key), {**api_key_names, admin_key: "admin"}
     return ServeSettings(
         model=model,
         config_path=args.config,
@@ -61,6 +68,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         device=check_device(args.device),
         api_keys=api_keys,
         api_key_names=api_key_names,
+        admin_key=admin_key,
         ui_auth=parse_ui_auth(args.ui_auth),
         cluster_key=check_cluster_key(_given(args.cluster_key, "CAKE_CLUSTER_KEY")),
         log_level=args.log_level,

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         "files, batches and stored answers are its own",
     )
     serve.add_argument("--api-key-file", type=Path, help="API keys, one per line (# comments); adds to --api-key")
+    serve.add_argument(
+        "--admin-key",
+        help="the key /models/load and /models/unload need (also CAKE_ADMIN_KEY); without it, the one --api-key "
+        "may, and with several keys none may",
+    )
     serve.add_argument("--ui-auth", help="USER:PASS for HTTP Basic auth on the web UI and topology")
     serve.add_argument(
         "--allowed-origins",

@@ -44,6 +44,9 @@ class ServeSettings:
     # objects (files, batches, stored completions and responses) are its own, and each has its own rate limit.
     api_keys: tuple[str, ...] = ()
     api_key_names: dict[str, str] = field(default_factory=dict)  # key → the name --api-key-file gives it
+    # --admin-key: the one key /models/load and /models/unload take (with several API keys, none takes them without
+    # it: one tenant would switch the model for every other); also an API key when the API has keys.
+    admin_key: str | None = None
     ui_auth: tuple[str, str] | None = None
     # CORS: origins whose pages may call the API; () = none; None = any (*) when --api-key guards it, else none
     allowed_origins: tuple[str, ...] | None = None

@@ -123,7 +123,11 @@ def create_app(state: ServerState) -> Starlette:
         Middleware(InternalErrorMiddleware),  # inside CORS (a page may read the 500), outside the rest (counted)
         Middleware(MetricsMiddleware, state=state, routes=routes),
         Middleware(
-            AuthMiddleware, api_keys=settings.api_keys, ui_auth=settings.ui_auth, key_names=settings.api_key_names
+            AuthMiddleware,
+            api_keys=settings.api_keys,
+            ui_auth=settings.ui_auth,
+            key_names=settings.api_key_names,
+            admin_key=settings.admin_key,
         ),
         Middleware(RateLimitMiddleware, per_minute=settings.rate_limit, burst=settings.rate_burst),
         Middleware(

@@ -100,6 +100,10 @@ def request_key_name(request: Request) -> str:
     return str(request.scope.get("state", {}).get(NAME_KEY, ""))
 
 
+ADMIN_PATHS = frozenset({"/models/load", "/models/unload"})  # they change the model every client is served
+FORBIDDEN = ""  # the challenge of a refusal that is a 403: a key was given and is not the one it takes
+
+
 class AuthMiddleware:
     def __init__(
         self,
@@ -107,8 +111,9 @@ class AuthMiddleware:
         api_keys: tuple[str, ...] = (),
         ui_auth: tuple[str, str] | None = None,
         key_names: dict[str, str] | None = None,
+        admin_key: str | None = None,
     ) -> None:
-        self.app, self.api_keys, self.ui_auth = app, api_keys, ui_auth
+        self.app, self.api_keys, self.ui_auth, self.admin_key = app, api_keys, ui_auth, admin_key
         self.owners = len(api_keys) > 1
         names = key_names or {}
         self.identities = {key: (owner_of(key), names.get(key) or owner_of(key)[:12]) for key in api_keys}
@@ -116,14 +121,31 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             refusal, key = self._check(scope["path"], Headers(scope=scope))
+            if refusal is None and scope["path"] in ADMIN_PATHS:
+                refusal = self._check_admin(Headers(scope=scope))
             if refusal is not None:
                 message, challenge = refusal
-                await send_error(send, scope, 401, message, {"WWW-Authenticate": challenge})
+                status = 403 if challenge == FORBIDDEN else 401
+                await send_error(send, scope, status, message, {"WWW-Authenticate": challenge} if status == 401 else {})
                 return
             if self.owners and key is not None:
                 state = scope.setdefault("state", {})
                 state[OWNER_KEY], state[NAME_KEY] = self.identities[key]
         await self.app(scope, receive, send)
+
+    def _check_admin(self, headers: Headers) -> tuple[str, str] | None:
+        """Loading and unloading the model are the admin's: the --admin-key's holder, or with one API key and no
+        admin key its holder (as before), or anyone on an open server. With several keys and no admin key, nobody."""
+        if self.admin_key is None:
+            if len(self.api_keys) > 1:
+                return "with several API keys, loading or unloading the model needs the server's --admin-key", FORBIDDEN
+            return None
+        token = _bearer(headers)
+        if token is None:
+            return "loading or unloading the model needs the --admin-key as the Bearer key", "Bearer"
+        if not _same(token, self.admin_key):
+            return "loading or unloading the model needs the --admin-key, not this key", FORBIDDEN
+        return None
 
     def _check(self, path: str, headers: Headers) -> tuple[tuple[str, str] | None, str | None]:
         """(None, the key it gave, if one was checked) when the request may pass, else ((message, WWW-Authenticate

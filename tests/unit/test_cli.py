@@ -392,3 +392,16 @@ def test_serve_with_stdout_closed_serves_and_run_writes_what_the_terminal_cannot
     environment = {**os.environ, "PYTHONIOENCODING": "ascii"}
     ascii_only = cake("run", str(tiny_llama), "Ünïcödé ☕", "--max-tokens", "24", "--raw", env=environment)
     assert ascii_only.returncode == 0 and "Traceback" not in ascii_only.stderr, ascii_only.stderr
+
+
+def test_the_admin_key_is_an_api_key_too_and_an_empty_one_is_refused() -> None:
+    from cake_py.cli import _serve_settings, build_parser
+
+    parser = build_parser()
+    settings = _serve_settings(parser.parse_args(["serve", "--api-key", "a,b", "--admin-key", "root"]))
+    assert settings.admin_key == "root" and settings.api_keys == ("a", "b", "root")
+    assert settings.api_key_names["root"] == "admin"
+    open_api = _serve_settings(parser.parse_args(["serve", "--admin-key", "root"]))
+    assert open_api.api_keys == () and open_api.admin_key == "root"  # the API stays open; its models are guarded
+    result = cake("serve", "--port", "1", env={**os.environ, "CAKE_ADMIN_KEY": " "}, timeout=60)
+    assert_one_line_error(result, "--admin-key (or CAKE_ADMIN_KEY) holds no key")

@@ -262,3 +262,25 @@ def test_every_route_that_runs_the_model_is_rate_limited() -> None:
         and (route.endpoint in limited or "generation_request(" in inspect.getsource(route.endpoint))
     ]
     assert missing == []
+
+
+def test_loading_and_unloading_the_model_are_the_admins() -> None:
+    """Any key could unload the model for every other key's clients, or load one (a Hub download) in its place."""
+    unload = "/models/unload"  # with no model loaded, a request let through is a 404 "No text model loaded"
+    with _client(api_keys=("alice", "bob"), rate_limit=0) as several:
+        refused = several.post(unload, headers={"Authorization": "Bearer alice"})
+        assert refused.status_code == 403 and "--admin-key" in refused.json()["detail"]
+        assert several.post("/models/load", json={"model_id": None}, headers={"x-api-key": "bob"}).status_code == 403
+        assert several.get("/models/current", headers={"Authorization": "Bearer bob"}).status_code == 200  # reads
+    with _client(api_keys=("alice", "bob", "root"), admin_key="root", rate_limit=0) as administered:
+        assert administered.post(unload, headers={"Authorization": "Bearer alice"}).status_code == 403
+        assert administered.post(unload).status_code == 401
+        assert administered.post(unload, headers={"Authorization": "Bearer root"}).status_code == 404
+    with _client(api_keys=("alice",), rate_limit=0) as single:  # one key: its holder is the admin, as before
+        assert single.post(unload, headers={"Authorization": "Bearer alice"}).status_code == 404
+    with _client(admin_key="root", rate_limit=0) as open_api:  # an open API, its model management guarded
+        assert open_api.get("/v1/models").status_code == 200
+        missing = open_api.post(unload)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        assert open_api.post(unload, headers={"Authorization": "Bearer nope"}).status_code == 403
+        assert open_api.post(unload, headers={"Authorization": "Bearer root"}).status_code == 404
