@@ -63,6 +63,7 @@ class GGUFWeights:
         self.path = path
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        _check_metadata(path)
         try:
             # Maps the file read-only and parses metadata and tensor descriptors; no tensor data is touched.
             self._reader = gguf.GGUFReader(path, "r")
@@ -250,6 +251,51 @@ class GGUFWeights:
             raise
         except Exception as error:  # the tokenizers library raises plain Exception on what it cannot build
             raise WeightsError(f"GGUF file {str(self.path)!r} has a tokenizer that cannot be built: {error}") from None
+
+
+MAX_METADATA_KEYS = 65_536
+MAX_ARRAY_ITEMS = 1 << 20  # the largest vocabularies (262k tokens) and merge lists (~500k) are well under
+
+
+def _check_metadata(path: Path) -> None:
+    """Refuse a header gguf's reader would take minutes and gigabytes to parse (it builds an array per string: 3M
+    empty tokens in a 23 MB file took 87 s and 4.9 GB), by reading the counts first; a cut or malformed header
+    is left to the reader, which names it."""
+    import mmap
+    import struct
+
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types of fixed size
+    try:
+        with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:4] != b"GGUF":
+                return
+            n_kv = struct.unpack_from("<Q", data, 16)[0]
+            if n_kv > MAX_METADATA_KEYS:
+                raise WeightsError(f"GGUF file {str(path)!r} declares {n_kv} metadata keys, past {MAX_METADATA_KEYS}")
+            offset = 24
+            for _ in range(n_kv):
+                key_length = struct.unpack_from("<Q", data, offset)[0]
+                key = bytes(data[offset + 8 : offset + 8 + min(key_length, 200)]).decode("utf-8", "replace")
+                offset += 8 + key_length
+                kind = struct.unpack_from("<I", data, offset)[0]
+                offset += 4
+                count = 1
+                if kind == 9:  # an array: its items' type and count
+                    kind, count = struct.unpack_from("<IQ", data, offset)
+                    offset += 12
+                    if count > MAX_ARRAY_ITEMS:
+                        raise WeightsError(
+                            f"GGUF file {str(path)!r}: metadata {key!r} holds {count} items, past {MAX_ARRAY_ITEMS}"
+                        )
+                if kind == 8:  # strings: each its length, then its bytes
+                    for _ in range(count):
+                        offset += 8 + struct.unpack_from("<Q", data, offset)[0]
+                elif kind in sizes:
+                    offset += sizes[kind] * count
+                else:
+                    return  # nested arrays, unknown types: the reader decides
+    except (struct.error, OSError, ValueError):
+        return  # cut short or unreadable: the reader says so, naming the path
 
 
 def _hf_name(gguf_name: str) -> str | None:
