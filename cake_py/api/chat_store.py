@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
+from cake_py.api.eviction import victim
 from cake_py.api.listing import list_page
 from cake_py.api.middleware import request_owner
 from cake_py.api.schemas import json_body, metadata_field
@@ -149,7 +150,8 @@ class ChatStore:
             while self._entries and (
                 len(self._entries) > self.max_completions or self._characters > self.max_characters
             ):
-                self._drop(next(iter(self._entries)))
+                by_size = len(self._entries) <= self.max_completions
+                self._drop(victim(self._entries, lambda stored: stored.owner, by_size))
 
     def get(self, completion_id: str) -> StoredCompletion | None:
         with self._lock:

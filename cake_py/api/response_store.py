@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
+from cake_py.api.eviction import victim
 from cake_py.api.listing import list_page
 from cake_py.api.middleware import request_owner
 
@@ -69,7 +70,8 @@ class ResponseStore:
             while len(self._entries) > self.max_responses or (
                 self._characters > self.max_characters and len(self._entries) > 1
             ):
-                self._drop(next(iter(self._entries)))
+                by_size = len(self._entries) <= self.max_responses
+                self._drop(victim(self._entries, lambda stored: stored.owner, by_size))
 
     def get(self, response_id: str, owner: str) -> StoredResponse | None:
         """The stored response, if `owner` made it (another key's is not found)."""

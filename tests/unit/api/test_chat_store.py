@@ -70,3 +70,11 @@ def test_the_store_drops_the_oldest_past_its_bounds() -> None:
     assert [s.completion["id"] for s in small.all()] == ["b"]
     assert small.update("b", {"k": "v"}).completion["metadata"] == {"k": "v"}  # type: ignore[union-attr]
     assert small.delete("b") and not small.delete("b") and len(small) == 0
+
+
+def test_one_key_filling_the_store_evicts_its_own_not_another_keys() -> None:
+    store = ChatStore(max_completions=3)
+    store.put({"id": "alices", "model": "m"}, [], None, owner="alice")
+    for index in range(10):
+        store.put({"id": f"bob{index}", "model": "m"}, [], None, owner="bob")
+    assert store.get("alices") is not None and store.get("bob9") is not None and len(store) == 3

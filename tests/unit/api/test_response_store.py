@@ -33,3 +33,17 @@ def test_a_response_is_only_its_owners() -> None:
     store.put(StoredResponse({"id": "r"}, [], [], owner="alice"))
     assert store.get("r", "alice") is not None
     assert store.get("r", "bob") is None and store.get("r", "") is None  # another key's is not found
+
+
+def test_one_key_filling_the_store_evicts_its_own_not_another_keys() -> None:
+    """A batch of 1,100 stored responses from one key evicted another key's only response."""
+    store = ResponseStore(max_responses=4, max_characters=10**9)
+    store.put(StoredResponse({"id": "alices"}, [], [], owner="alice"))
+    for index in range(10):
+        store.put(StoredResponse({"id": f"bob{index}"}, [], [], owner="bob"))
+    assert store.get("alices", "alice") is not None and len(store) == 4
+    sized = ResponseStore(max_responses=100, max_characters=3000)
+    sized.put(StoredResponse({"id": "alices", "output": ["x" * 500]}, [], [], owner="alice"))
+    for index in range(10):
+        sized.put(StoredResponse({"id": f"bob{index}", "output": ["y" * 500]}, [], [], owner="bob"))
+    assert sized.get("alices", "alice") is not None and sized.get("bob9", "bob") is not None
