@@ -100,6 +100,7 @@ def serve(settings: ServeSettings) -> None:
     pin_cpus(settings.cpus)
     graphs.set_enabled(settings.cuda_graphs)
     state = build_state(settings)
+    warn_of_an_open_api(settings)
     if len(settings.api_keys) > 1:  # a comma in a single key's value would have split it: say what was read
         named = ", ".join(sorted(set(settings.api_key_names.values()))) or "none named"
         log.info(
@@ -118,6 +119,17 @@ def serve(settings: ServeSettings) -> None:
     )
     _Server(config, state).run()
     files_lock.close()
+
+
+def warn_of_an_open_api(settings: ServeSettings) -> None:
+    """--ui-auth alone reads like a guarded server; it guards the page, not the API."""
+    if settings.ui_auth is not None and not settings.api_keys:
+        log.warning(
+            "--ui-auth guards the web page and the topology only: the API (generation, files%s) is open to anyone "
+            "who reaches %s; add --api-key to guard it",
+            "" if settings.admin_key else ", model loading",
+            settings.host,
+        )
 
 
 def begin_shutdown(state: ServerState) -> None:
