@@ -327,7 +327,7 @@ def list_cached() -> list[CachedModel]:
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        info = scan_cache_dir()
+        info = scan_cache_dir(constants.HF_HUB_CACHE)  # read now (its default is bound when imported)
     except CacheNotFound:
         return []
     except (OSError, ValueError) as error:  # HF_HUB_CACHE is a file, unreadable, …
