@@ -116,6 +116,9 @@ def api_error(error: CakeError, path: str) -> ApiError:
     return ApiError(status, str(error), code=code, headers=retry_headers(status))  # a stage down, a full queue
 
 
+UNREAD_BODY_KEPT = 1 << 20  # bytes of an unread body below which an early refusal keeps the connection
+
+
 async def send_error(
     send: Send, scope: Scope, status: int, message: str, headers: dict[str, str] | None = None
 ) -> None:
@@ -125,7 +128,10 @@ async def send_error(
     body = json.dumps(error_payload(scope["path"], message, status=status)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     sent = dict(scope.get("headers") or [])
-    if sent.get(b"content-length", b"0") not in (b"", b"0") or b"transfer-encoding" in sent:
+    declared = sent.get(b"content-length", b"0")
+    # A small body is read and dropped by the server after the answer, keeping the connection; closing it with
+    # bytes unread makes the kernel reset it, and the client may lose the answer (a 429 read as a lost connection).
+    if b"transfer-encoding" in sent or not declared.isdigit() or int(declared) > UNREAD_BODY_KEPT:
         raw_headers.append((b"connection", b"close"))
     raw_headers += [(key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
