@@ -105,7 +105,7 @@ class WeightCache:
     def ensure_folder(self) -> None:
         """The cache folder deleted while this worker runs (an rm -rf, a cleanup job) is made again, and claimed
         again: its lock went with it, and a worker with --cache-max-gb must not share the new one unknowingly."""
-        if self.root.is_dir() and (self.root / LOCK_FILE).exists():
+        if self._holds_lock():
             return
         log.warning("weight cache %s was deleted while this worker ran: making it again", self.root)
         try:
@@ -114,7 +114,22 @@ class WeightCache:
             raise ClusterError(f"cannot create weight cache {str(self.root)!r}: {error.strerror}") from error
         self.close()
         self._verified.clear()
-        self._claim()
+        try:
+            self._claim()
+        except ConfigError as error:  # another worker made it and claimed it: refuse this Prepare (and the next)
+            raise ClusterError(str(error)) from None
+
+    def _holds_lock(self) -> bool:
+        """Whether this process's lock is on the folder's lock file as it is now: not on one deleted since (another
+        worker may have made the folder again and claimed it), nor lost when a claim failed."""
+        lock_file = self.__dict__.get("_lock_file")
+        if lock_file is None:
+            return False
+        try:
+            held, current = os.fstat(lock_file.fileno()), (self.root / LOCK_FILE).stat()
+        except OSError:
+            return False
+        return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
     def free_bytes(self) -> int:
         """Bytes free on the cache's disk for this process (what a non-root user may write)."""

@@ -314,3 +314,33 @@ def test_a_cache_folder_deleted_while_the_worker_runs_is_made_and_claimed_again(
     assert root.is_dir()
     with pytest.raises(ConfigError, match="belongs to a worker started with --cache-max-gb"):  # its lock again
         WeightCache(root)
+
+
+def test_a_cache_folder_claimed_by_another_worker_meanwhile_refuses_prepare_with_a_cluster_error(
+    tmp_path: Path,
+) -> None:
+    """The folder was deleted and another worker made it again first: Prepare got a ConfigError (gRPC UNKNOWN with a
+    traceback), and this worker, its lock closed, went on deleting weights without the exclusive lock."""
+    root = tmp_path / "cache"
+    cache = WeightCache(root, max_bytes=10**9)
+    shutil.rmtree(root)
+    other = WeightCache(root)  # a sharing worker makes the folder again and holds its shared lock
+    with pytest.raises(ClusterError, match="is in use by another worker"):
+        cache.ensure_folder()
+    with pytest.raises(ClusterError, match="is in use by another worker"):  # still refused: no lock held
+        cache.ensure_folder()
+    other.close()
+    cache.ensure_folder()  # free again: claimed, exclusively
+    with pytest.raises(ConfigError, match="belongs to a worker started with --cache-max-gb"):
+        WeightCache(root)
+
+
+def test_a_lock_file_made_again_by_someone_else_is_not_mistaken_for_this_workers_lock(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    cache = WeightCache(root, max_bytes=10**9)
+    shutil.rmtree(root)
+    root.mkdir()
+    (root / ".workers.lock").touch()  # exists, but this worker's lock is on the deleted file
+    cache.ensure_folder()
+    with pytest.raises(ConfigError, match="belongs to a worker started with --cache-max-gb"):
+        WeightCache(root)
