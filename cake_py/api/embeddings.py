@@ -123,7 +123,10 @@ async def pooled(
 
     def encode_all() -> list[list[int]]:
         return [
-            tokenizer.encode(item, add_special_tokens=add_special_tokens) if isinstance(item, str) else list(item)
+            # Truncating: a text of any length is cut to the context below, so it is not refused for its length.
+            tokenizer.encode(item, add_special_tokens=add_special_tokens, check=keep is None)
+            if isinstance(item, str)
+            else list(item)
             for item in inputs
         ]
 

@@ -151,8 +151,11 @@ class Tokenizer:
         token = self.backend.token_to_id(name) if name in self._added else None
         return None if token is None else int(token)
 
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        self.check_length(text)
+    def encode(self, text: str, *, add_special_tokens: bool = True, check: bool = True) -> list[int]:
+        """`text`'s token ids; `check`: refuse first a text no context could hold (`check_length`). A caller that cuts
+        the ids to the context itself (truncate_prompt_tokens) passes False: the request body's limit bounds it."""
+        if check:
+            self.check_length(text)
         # encode_batch lets go of the GIL while it works (encode holds it): a long text does not stop the server.
         return list(self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
@@ -166,10 +169,11 @@ class Tokenizer:
                 (len(token) for token in self.backend.get_vocab(with_added_tokens=True)), default=1
             )
         limit = self.max_tokens * 2 * self._longest_token
-        if len(text) > limit:
+        # A normalizer may drop whitespace (BERT's): a run of it may be no token at all, so it counts as one character.
+        if len(text) > limit and (folded := len(_WHITESPACE_RUN.sub(" ", text))) > limit:
             raise ContextLengthError(
-                f"the text has {len(text)} characters, more than the context of {self.max_tokens} tokens can hold "
-                f"(at most {limit} characters with this vocabulary)"
+                f"the text has {folded} characters (a run of whitespace counted as one), more than the context of "
+                f"{self.max_tokens} tokens can hold (at most {limit} characters with this vocabulary)"
             )
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
@@ -332,6 +336,7 @@ def _template_text(value: Any) -> str | None:
     return value
 
 
+_WHITESPACE_RUN = re.compile(r"\s{2,}")
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 

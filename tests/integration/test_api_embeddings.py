@@ -193,3 +193,20 @@ def test_llama_cpp_embedding_bad_requests_are_named(server: ServerHandle, body: 
     response = llama_post(server, body)
     assert response.status_code == 400, response.text
     assert needle in response.json()["error"]
+
+
+def test_truncation_keeps_the_end_of_a_text_of_any_length(server: ServerHandle) -> None:
+    """A text longer than the context could hold at any tokenization was refused, though truncate_prompt_tokens asks
+    for its last tokens (scores and reranking pass it on too)."""
+    assert server.state.engine is not None and server.state.source is not None
+    tokenizer, context = server.state.source.tokenizer, server.state.engine.context_length
+    assert tokenizer.max_tokens is not None
+    text = "The capital of France is Paris. " * (tokenizer.max_tokens * 2)
+    refused = post(server, {"input": text})
+    assert refused.status_code == 400 and "characters" in refused.json()["error"]  # without truncation: too long
+    ids = tokenizer.encode(text, check=False)
+    answer = post(server, {"input": text, "truncate_prompt_tokens": -1})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] == context
+    expected = post(server, {"input": [ids[-context:]]}).json()["data"][0]["embedding"]
+    assert answer.json()["data"][0]["embedding"] == expected

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cake_py.errors import ModelError, RequestError
+from cake_py.errors import ContextLengthError, ModelError, RequestError
 from cake_py.models import chat_template
 from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -337,3 +337,26 @@ def test_a_chat_template_that_is_not_text_is_a_model_error(tiny_model_factory, t
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="the model's chat_template must be a string, got 5"):
         Tokenizer.from_folder(folder)
+
+
+def _wordpiece() -> Tokenizer:
+    """A BERT-style tokenizer: its normalizer and pre-tokenizer drop whitespace altogether."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "long": 3}
+    backend = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer()
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer = Tokenizer(backend)
+    tokenizer.max_tokens = 100  # at most 100 × 2 × 5 = 1000 characters
+    return tokenizer
+
+
+def test_a_short_prompt_padded_with_whitespace_is_not_refused_for_its_length() -> None:
+    """BERT's tokenizers drop whitespace: two words apart by 40,000 spaces are two tokens, and were refused."""
+    tokenizer = _wordpiece()
+    assert tokenizer.encode("hello " + " " * 40_000 + "\n\t world") == [1, 2]
+    with pytest.raises(ContextLengthError, match=r"the text has 1200 characters .*at most 1000 characters"):
+        tokenizer.encode("hello " * 200)  # a text that long is refused before it is tokenized
+    assert len(tokenizer.encode("hello " * 200, check=False)) == 200  # a caller that cuts the ids itself
