@@ -143,15 +143,17 @@ class ChatStore:
             owner,
         )
         size = len(stored.completion_text) + len(stored.messages_text)
+        new = completion["id"]
         with self._lock:
-            self._drop(completion["id"])
-            self._entries[completion["id"]] = (stored, size)
+            self._drop(new)
+            self._entries[new] = (stored, size)
             self._characters += size
             while self._entries and (
                 len(self._entries) > self.max_completions or self._characters > self.max_characters
             ):
                 by_size = len(self._entries) <= self.max_completions
-                self._drop(victim(self._entries, lambda stored: stored.owner, by_size))
+                # Nothing but the new entry left: it alone is larger than the store.
+                self._drop(victim(self._entries, lambda entry: entry.owner, by_size, new) or new)
 
     def get(self, completion_id: str) -> StoredCompletion | None:
         with self._lock:

@@ -11,11 +11,19 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def victim(entries: OrderedDict[str, tuple[T, int]], owner_of: Callable[[T], str], by_size: bool) -> str:
-    """The key of the entry to drop: the oldest of the owner with the most entries (or characters, `by_size`)."""
+def victim(
+    entries: OrderedDict[str, tuple[T, int]], owner_of: Callable[[T], str], by_size: bool, keep: str
+) -> str | None:
+    """The key of the entry to drop: the oldest of the owner with the most entries (or characters, `by_size`), never
+    `keep` (the entry just stored: its client was told it is stored). Another owner's when that owner holds only
+    `keep`; None when nothing else is left."""
     held: dict[str, int] = {}
-    for stored, size in entries.values():
+    oldest: dict[str, str] = {}  # owner → its oldest entry but `keep`
+    for key, (stored, size) in entries.items():
         owner = owner_of(stored)
         held[owner] = held.get(owner, 0) + (size if by_size else 1)
-    largest = max(held, key=held.__getitem__)
-    return next(key for key, (stored, _) in entries.items() if owner_of(stored) == largest)
+        if key != keep:
+            oldest.setdefault(owner, key)
+    if not oldest:
+        return None
+    return oldest[max(oldest, key=held.__getitem__)]

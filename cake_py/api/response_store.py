@@ -63,15 +63,17 @@ class ResponseStore:
 
     def put(self, stored: StoredResponse) -> None:
         size = _size(stored)
+        new = stored.response["id"]
         with self._lock:
-            self._drop(stored.response["id"])
-            self._entries[stored.response["id"]] = (stored, size)
+            self._drop(new)
+            self._entries[new] = (stored, size)
             self._characters += size
             while len(self._entries) > self.max_responses or (
                 self._characters > self.max_characters and len(self._entries) > 1
             ):
                 by_size = len(self._entries) <= self.max_responses
-                self._drop(victim(self._entries, lambda stored: stored.owner, by_size))
+                # Nothing but the new entry left: it alone is larger than the store.
+                self._drop(victim(self._entries, lambda entry: entry.owner, by_size, new) or new)
 
     def get(self, response_id: str, owner: str) -> StoredResponse | None:
         """The stored response, if `owner` made it (another key's is not found)."""

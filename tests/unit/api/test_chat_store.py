@@ -78,3 +78,13 @@ def test_one_key_filling_the_store_evicts_its_own_not_another_keys() -> None:
     for index in range(10):
         store.put({"id": f"bob{index}", "model": "m"}, [], None, owner="bob")
     assert store.get("alices") is not None and store.get("bob9") is not None and len(store) == 3
+
+
+def test_the_completion_just_stored_is_kept_when_its_owner_becomes_the_largest() -> None:
+    store = ChatStore(max_characters=1500)
+    for index in range(4):
+        store.put({"id": f"alice{index}", "text": "x" * 200}, [], None, owner="alice")
+    store.put({"id": "bobs", "text": "y" * 800}, [], None, owner="bob")
+    assert store.get("bobs") is not None and store.get("alice0") is None and store.get("alice3") is not None
+    store.put({"id": "huge", "text": "z" * 5000}, [], None, owner="carol")  # alone larger than the store: not kept
+    assert store.get("huge") is None

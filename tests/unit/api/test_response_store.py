@@ -47,3 +47,14 @@ def test_one_key_filling_the_store_evicts_its_own_not_another_keys() -> None:
     for index in range(10):
         sized.put(StoredResponse({"id": f"bob{index}", "output": ["y" * 500]}, [], [], owner="bob"))
     assert sized.get("alices", "alice") is not None and sized.get("bob9", "bob") is not None
+
+
+def test_the_response_just_stored_is_kept_when_its_owner_becomes_the_largest() -> None:
+    """A key's first, large response made it the largest owner and was evicted at once: its client had been told it
+    was stored, and then could not read it."""
+    store = ResponseStore(max_responses=100, max_characters=3000)
+    for index in range(4):
+        store.put(StoredResponse({"id": f"alice{index}", "output": ["x" * 500]}, [], [], owner="alice"))
+    store.put(StoredResponse({"id": "bobs", "output": ["y" * 1700]}, [], [], owner="bob"))
+    assert store.get("bobs", "bob") is not None
+    assert store.get("alice0", "alice") is None and store.get("alice3", "alice") is not None  # alice's oldest went
