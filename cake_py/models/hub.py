@@ -338,6 +338,14 @@ def list_cached() -> list[CachedModel]:
     for repo in info.repos:
         if repo.repo_type != "model":
             continue
+        if not repo.revisions:  # an empty snapshots/ (a pull stopped before its first file)
+            log.warning(
+                "not listed: %s has no snapshot in the HF cache: cake pull %s to fetch it, or cake rm %s",
+                repo.repo_id,
+                repo.repo_id,
+                repo.repo_id,
+            )
+            continue
         current = max(repo.revisions, key=lambda r: ("main" in r.refs, r.last_modified))
         missing = _missing_files(Path(current.snapshot_path))
         if missing:

@@ -328,11 +328,13 @@ def test_list_names_a_pull_cut_short_instead_of_listing_it(  # type: ignore[no-u
     shard = next((cache / "models--org--a-shard-short" / "snapshots").glob("*/model-00002-*.safetensors"))
     shard.resolve().unlink()
     shard.unlink()
+    (cache / "models--org--no-snapshot" / "snapshots").mkdir(parents=True)  # stopped before its first file
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_CACHE=str(cache))
     listed = _cake(env, "list")
     assert listed.returncode == 0, listed.stderr
     assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["org/good", "org/sharded"]
+    assert "org/no-snapshot has no snapshot in the HF cache" in listed.stderr, listed.stderr  # max() of nothing
     for repo in ("org/no-weights", "org/a-shard-short"):
         assert f"cake pull {repo} to finish it, or cake rm {repo}" in listed.stderr, listed.stderr
     assert "model-00002-of-" in listed.stderr  # what is missing is named
