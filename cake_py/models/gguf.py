@@ -255,6 +255,7 @@ class GGUFWeights:
 
 MAX_METADATA_KEYS = 65_536
 MAX_ARRAY_ITEMS = 1 << 20  # the largest vocabularies (262k tokens) and merge lists (~500k) are well under
+MAX_TOTAL_ITEMS = 4 << 20  # over every array: many arrays under the limit each would cost as much
 
 
 def _check_metadata(path: Path) -> None:
@@ -269,27 +270,35 @@ def _check_metadata(path: Path) -> None:
         with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             if data[:4] != b"GGUF":
                 return
-            n_kv = struct.unpack_from("<Q", data, 16)[0]
+            # A big-endian file's version reads as n << 16 in little-endian (gguf's reader tells them apart so too).
+            order = ">" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF == 0 else "<"
+            n_kv = struct.unpack_from(f"{order}Q", data, 16)[0]
             if n_kv > MAX_METADATA_KEYS:
                 raise WeightsError(f"GGUF file {str(path)!r} declares {n_kv} metadata keys, past {MAX_METADATA_KEYS}")
-            offset = 24
+            offset, total = 24, 0
             for _ in range(n_kv):
-                key_length = struct.unpack_from("<Q", data, offset)[0]
+                key_length = struct.unpack_from(f"{order}Q", data, offset)[0]
                 key = bytes(data[offset + 8 : offset + 8 + min(key_length, 200)]).decode("utf-8", "replace")
                 offset += 8 + key_length
-                kind = struct.unpack_from("<I", data, offset)[0]
+                kind = struct.unpack_from(f"{order}I", data, offset)[0]
                 offset += 4
                 count = 1
                 if kind == 9:  # an array: its items' type and count
-                    kind, count = struct.unpack_from("<IQ", data, offset)
+                    kind, count = struct.unpack_from(f"{order}IQ", data, offset)
                     offset += 12
+                    total += count
                     if count > MAX_ARRAY_ITEMS:
                         raise WeightsError(
                             f"GGUF file {str(path)!r}: metadata {key!r} holds {count} items, past {MAX_ARRAY_ITEMS}"
                         )
+                    if total > MAX_TOTAL_ITEMS:
+                        raise WeightsError(
+                            f"GGUF file {str(path)!r}: its metadata arrays hold {total} items by {key!r}, past "
+                            f"{MAX_TOTAL_ITEMS} in all"
+                        )
                 if kind == 8:  # strings: each its length, then its bytes
                     for _ in range(count):
-                        offset += 8 + struct.unpack_from("<Q", data, offset)[0]
+                        offset += 8 + struct.unpack_from(f"{order}Q", data, offset)[0]
                 elif kind in sizes:
                     offset += sizes[kind] * count
                 else:

@@ -530,3 +530,47 @@ def test_the_metadata_check_reads_a_real_file_in_milliseconds(smollm_path: Path)
     began = time.perf_counter()
     _check_metadata(smollm_path)
     assert time.perf_counter() - began < 1.0
+
+
+def _header(order: str, arrays: list[tuple[bytes, int]]) -> bytes:
+    """A GGUF header of empty-string arrays (no tensors), in byte order `order`."""
+    import struct
+
+    data = b"GGUF" + struct.pack(f"{order}IQQ", 3, 0, len(arrays))
+    for key, count in arrays:
+        data += struct.pack(f"{order}Q", len(key)) + key + struct.pack(f"{order}IIQ", 9, 8, count)
+        data += struct.pack(f"{order}Q", 0) * min(count, 1000)
+    return data
+
+
+def test_metadata_arrays_too_large_in_all_are_refused(tmp_path: Path) -> None:
+    """Each array under the limit, five of them past it together: as slow and as large as one array that big."""
+    import struct
+
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, 5)
+    for index in range(5):  # arrays of a million bytes each (gguf's reader makes an object per item whatever its type)
+        key = f"key.{index}".encode()
+        data += struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 0, 1_000_000) + bytes(1_000_000)
+    path = tmp_path / "many.gguf"
+    path.write_bytes(data)
+    with pytest.raises(WeightsError, match=r"hold 5000000 items by 'key.4', past 4194304 in all"):
+        GGUFWeights(path)
+
+
+def test_the_metadata_check_reads_a_big_endian_file_in_its_byte_order(tmp_path: Path) -> None:
+    """A big-endian file's counts read in little-endian order are huge: it was refused for "declaring" 2^56 keys."""
+    import gguf
+
+    from cake_py.models.gguf import _check_metadata
+
+    writer = gguf.GGUFWriter(tmp_path / "big.gguf", "llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_token_list(["a", "b", "c"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _check_metadata(tmp_path / "big.gguf")  # passes: 3 tokens
+    bomb = tmp_path / "big-bomb.gguf"
+    bomb.write_bytes(_header(">", [(b"tokenizer.ggml.tokens", 3_000_000)]))
+    with pytest.raises(WeightsError, match=r"holds 3000000 items, past 1048576"):
+        _check_metadata(bomb)
