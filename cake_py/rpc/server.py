@@ -167,7 +167,8 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
                 _check_spec(announced)
             _check_buildable(config, specs, start, end, dtype)
             pinned = [spec.sha256 for spec in header.tensors]
-            self.cache.hold(pinned)  # what Prepare reserved stays reserved however long the stream takes
+            # What Prepare reserved stays reserved however long the stream takes.
+            self.cache.hold({spec.sha256: spec.size_bytes for spec in header.tensors})
             received = 0
             self.status = pb.WORKER_STATUS_LOADING
             for message in request_iterator:

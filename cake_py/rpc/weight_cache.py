@@ -274,14 +274,15 @@ class WeightCache:
             f"{needed / 1e9:.2f} GB: free space there, or start the worker with another --cache-dir"
         )
 
-    def hold(self, shas: Iterable[str]) -> None:
-        """The Assign a reservation was made for has started: its files stay until `release`, however long it
-        streams (not only PIN_SECONDS)."""
+    def hold(self, sizes: dict[str, int]) -> None:
+        """The Assign a reservation was made for has started: its files (`sizes`, sha256 → bytes) stay until
+        `release`, however long it streams (not only PIN_SECONDS). Held even when its reservation expired (a slow
+        master): `release` must then drop this hold, not another master's reservation of the same files."""
         with self._evicting:
-            pin = self._pins.get(frozenset(shas))
-            if pin is not None and (waiting := [expiry for expiry in pin[0] if expiry != float("inf")]):
+            pin = self._pins.setdefault(frozenset(sizes), ([], dict(sizes)))
+            if waiting := [expiry for expiry in pin[0] if expiry != float("inf")]:
                 pin[0].remove(min(waiting))
-                pin[0].append(float("inf"))
+            pin[0].append(float("inf"))
 
     def release(self, shas: Iterable[str]) -> None:
         """An assignment ended (loaded or failed), or its Prepare was refused: its files may be evicted again

@@ -260,9 +260,9 @@ def test_a_reservation_expires_unless_its_assign_started_and_two_of_the_same_fil
 
     second = store(cache, os.urandom(1000))
     cache.reserve({second: 1000}, missing=0, free=FREE)
-    cache.hold([second])  # its Assign started: kept however long it streams
+    cache.hold({second: 1000})  # its Assign started: kept however long it streams
     cache.reserve({second: 1000}, missing=0, free=FREE)  # another master, the same layers
-    cache.hold([second])
+    cache.hold({second: 1000})
     time.sleep(0.1)
     cache.release([second])  # one of the two ended: the other still holds the file
     with pytest.raises(ClusterError, match="other assignments in progress"):
@@ -344,3 +344,24 @@ def test_a_lock_file_made_again_by_someone_else_is_not_mistaken_for_this_workers
     cache.ensure_folder()
     with pytest.raises(ConfigError, match="belongs to a worker started with --cache-max-gb"):
         WeightCache(root)
+
+
+def test_an_assign_whose_reservation_expired_holds_its_files_and_releases_only_its_own_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Assign starting after its reservation expired held nothing, and its end then dropped another master's
+    reservation of the same files (which could then be evicted under it)."""
+    cache = WeightCache(tmp_path, max_bytes=2000)
+    first = store(cache, os.urandom(1000))
+    monkeypatch.setattr(weight_cache, "PIN_SECONDS", 0.05)
+    cache.reserve({first: 1000}, missing=0, free=FREE)
+    time.sleep(0.1)  # expired before its Assign started
+    monkeypatch.setattr(weight_cache, "PIN_SECONDS", 60.0)
+    cache.reserve({}, missing=0, free=FREE)  # any Prepare forgets expired reservations
+    cache.hold({first: 1000})  # held all the same while it streams
+    with pytest.raises(ClusterError, match="other assignments in progress"):
+        cache.reserve({"c" * 64: 2000}, missing=2000, free=FREE)
+    cache.reserve({first: 1000}, missing=0, free=FREE)  # another master reserves the same files
+    cache.release([first])  # the first Assign ends
+    with pytest.raises(ClusterError, match="other assignments in progress"):  # the other's reservation stands
+        cache.reserve({"c" * 64: 2000}, missing=2000, free=FREE)
