@@ -63,10 +63,15 @@ def fitted_prompt(
 ) -> tuple[list[int], bool]:
     """The FIM prompt within `budget` tokens, and whether it was cut, as llama.cpp fits an editor's request to the
     context instead of refusing it: the oldest chunks of other files go first, then the prefix loses its start and
-    the suffix its end, three tokens to one."""
+    the suffix its end, keeping three tokens of the prefix's end to one of the suffix's start."""
+    # More of the prefix (suffix) than `budget` tokens can stand for is cut before it is tokenized: tokenizing
+    # megabytes once per bisection step below would take seconds each, only to be cut.
+    most = tokenizer.most_characters(budget)
+    cut = len(prefix) > most or len(suffix) > most
+    prefix, suffix = prefix[len(prefix) - most :] if len(prefix) > most else prefix, suffix[:most]
     ids = fim_prompt(tokenizer, prefix, suffix, typed=typed, files=files)
     if len(ids) <= budget:
-        return ids, False
+        return ids, cut
     # The fewest oldest chunks to drop, by bisection: each try tokenizes the whole prompt again, and an editor's ring
     # holds dozens of chunks, so dropping them one at a time would cost a quadratic number of chunk encodes.
     low, high = 0, len(files)  # dropping `high` chunks fits, or none do and the prefix/suffix cut below must
@@ -79,12 +84,12 @@ def fitted_prompt(
     files = files[high:]
     ids = fim_prompt(tokenizer, prefix, suffix, typed=typed, files=files)
     before, after = tokenizer.encode_literal(prefix), tokenizer.encode_literal(suffix)
-    over = len(ids) - budget
-    if over > 0:
-        from_suffix = min(len(after), over // 4)
-        from_prefix = min(len(before), over - from_suffix)
-        from_suffix = min(len(after), over - from_prefix)
-        before, after = before[from_prefix:], after[: len(after) - from_suffix]
+    if len(ids) > budget:  # as llama.cpp: the prefix's end fills three quarters of the room, the suffix's start one
+        room = max(budget - (len(ids) - len(before) - len(after)), 0)
+        take_suffix = min(len(after), room // 4)
+        take_prefix = min(len(before), room - take_suffix)
+        take_suffix = min(len(after), room - take_prefix)  # a short prefix leaves its share to the suffix
+        before, after = before[len(before) - take_prefix :], after[:take_suffix]
         ids = fim_prompt(tokenizer, before, after, typed=typed)
     return ids, True
 

@@ -144,7 +144,8 @@ class Tokenizer:
         if self._literal is None:  # a copy: the flag is the backend's, and encode runs on several threads
             self._literal = HFTokenizer.from_str(self.backend.to_str())
             self._literal.encode_special_tokens = True
-        return list(self._literal.encode(text, add_special_tokens=False).ids)
+        # encode_batch lets go of the GIL while it works, as in `encode`.
+        return list(self._literal.encode_batch([text], add_special_tokens=False)[0].ids)
 
     def added_id(self, name: str) -> int | None:
         """The id of `name` when it is an added token of the vocabulary (a special token), else None."""
@@ -164,17 +165,22 @@ class Tokenizer:
         longest token's characters each (twice: a normalizer may drop characters before they are matched)."""
         if self.max_tokens is None:
             return
-        if self._longest_token is None:
-            self._longest_token = max(
-                (len(token) for token in self.backend.get_vocab(with_added_tokens=True)), default=1
-            )
-        limit = self.max_tokens * 2 * self._longest_token
+        limit = self.most_characters(self.max_tokens)
         # A normalizer may drop whitespace (BERT's): a run of it may be no token at all, so it counts as one character.
         if len(text) > limit and (folded := len(_WHITESPACE_RUN.sub(" ", text))) > limit:
             raise ContextLengthError(
                 f"the text has {folded} characters (a run of whitespace counted as one), more than the context of "
                 f"{self.max_tokens} tokens can hold (at most {limit} characters with this vocabulary)"
             )
+
+    def most_characters(self, n_tokens: int) -> int:
+        """The most characters `n_tokens` tokens can stand for: twice the longest token's each (twice: a normalizer
+        may drop characters before they are matched)."""
+        if self._longest_token is None:
+            self._longest_token = max(
+                (len(token) for token in self.backend.get_vocab(with_added_tokens=True)), default=1
+            )
+        return n_tokens * 2 * self._longest_token
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
