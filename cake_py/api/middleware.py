@@ -114,7 +114,9 @@ class AuthMiddleware:
         admin_key: str | None = None,
     ) -> None:
         self.app, self.api_keys, self.ui_auth, self.admin_key = app, api_keys, ui_auth, admin_key
-        self.owners = len(api_keys) > 1
+        # Stored objects are per key with several users' keys; the admin's key (--admin-key) is the operator's, not
+        # another user's: a one-user server given one keeps seeing its files and responses as before.
+        self.owners = len([key for key in api_keys if key != admin_key]) > 1
         names = key_names or {}
         self.identities = {key: (owner_of(key), names.get(key) or owner_of(key)[:12]) for key in api_keys}
 

@@ -241,6 +241,15 @@ def test_a_public_route_compares_no_key_and_sets_no_owner() -> None:
     assert "cake_owner" in _call(app, "/v1/models", {"authorization": "Bearer alice-key"})
 
 
+def test_an_admin_key_on_a_one_user_server_keeps_everything_shared() -> None:
+    """--admin-key adds the admin's key to the API's: one user's server turned per-key, and the files and responses
+    it had stored (owner "") were no longer found."""
+    alone = AuthMiddleware(_echo_state, api_keys=("alice-key", "root"), admin_key="root")
+    assert _call(alone, "/v1/models", {"authorization": "Bearer alice-key"}) == {}  # no owner: all shared
+    several = AuthMiddleware(_echo_state, api_keys=("alice-key", "bob-key", "root"), admin_key="root")
+    assert "cake_owner" in _call(several, "/v1/models", {"authorization": "Bearer alice-key"})
+
+
 def test_every_route_that_runs_the_model_is_rate_limited() -> None:
     """/v1/reranking and /infill ran the model with no limit: a route is limited when its handler asks for the
     engine (generation_request), and an alias when the route it aliases is."""
