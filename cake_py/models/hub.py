@@ -256,7 +256,7 @@ class DownloadInterrupted(KeyboardInterrupt):
 def _interruptible(repo_id: str, download: Callable[[], str]) -> str:
     """Run `download` so that Ctrl-C stops it at once. huggingface_hub's thread pool makes its caller wait for
     every file before a KeyboardInterrupt goes on (a second Ctrl-C left `blobs/*.incomplete` files for ever): here
-    the download runs in a daemon thread the main thread waits for, and on Ctrl-C the repo's partial blobs are
+    the download runs in a daemon thread the main thread waits for, and on Ctrl-C the partial blobs it began are
     removed. Python's exit still joins the pool's threads: whoever catches the KeyboardInterrupt must end the process
     without waiting for them (cake_py.cli.main does, with os._exit). Off the main thread (a server's /models/load),
     which no Ctrl-C reaches, the download runs as it is."""
@@ -270,13 +270,17 @@ def _interruptible(repo_id: str, download: Callable[[], str]) -> str:
         except BaseException as error:  # handed to the waiting thread, which raises it
             outcome["error"] = error
 
+    blobs = _repo_folder(repo_id) / "blobs"
+    # Partial blobs already there are another process's download of this repo (or one huggingface_hub resumes):
+    # only those this download began are removed on Ctrl-C.
+    before = set(blobs.glob("*.incomplete"))
     thread = threading.Thread(target=run, name=f"cake-download {repo_id}", daemon=True)
     thread.start()
     try:
         while thread.is_alive():
             thread.join(0.2)
     except KeyboardInterrupt:
-        partials = list((_repo_folder(repo_id) / "blobs").glob("*.incomplete"))
+        partials = [partial for partial in blobs.glob("*.incomplete") if partial not in before]
         for partial in partials:
             partial.unlink(missing_ok=True)
         removed = "; its partial files are removed" if partials else ""

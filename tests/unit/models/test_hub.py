@@ -351,6 +351,9 @@ def test_ctrl_c_stops_a_download_at_once_and_leaves_no_partial_file(tmp_path: Pa
     weights = b"\0" * (4 << 20)  # 4 MiB at 1 KiB per 10 ms: minutes, unless interrupted
     repos = {"org/big": {"config.json": b"{}", "model.safetensors": weights}}
     hf_home = tmp_path / "hf"
+    theirs = hf_home / "hub" / "models--org--big" / "blobs" / "0123abcd.incomplete"  # another pull's, under way
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"partial")
     # SIGINT ends Python with KeyboardInterrupt only where it is not ignored (a test run in the background).
     main = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     main += "from cake_py.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -360,9 +363,9 @@ def test_ctrl_c_stops_a_download_at_once_and_leaves_no_partial_file(tmp_path: Pa
         with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as cake:
             try:
                 deadline = time.monotonic() + 60
-                while not list(hf_home.glob("hub/*/blobs/*.incomplete")) and time.monotonic() < deadline:
+                while len(list(hf_home.glob("hub/*/blobs/*.incomplete"))) < 2 and time.monotonic() < deadline:
                     time.sleep(0.1)
-                assert list(hf_home.glob("hub/*/blobs/*.incomplete")), "the download never started"
+                assert len(list(hf_home.glob("hub/*/blobs/*.incomplete"))) == 2, "the download never started"
                 time.sleep(0.5)
                 cake.send_signal(signal.SIGINT)
                 interrupted = time.monotonic()
@@ -373,4 +376,4 @@ def test_ctrl_c_stops_a_download_at_once_and_leaves_no_partial_file(tmp_path: Pa
     assert time.monotonic() - interrupted < 5, err
     assert cake.returncode == 130, err
     assert err.startswith("cake: interrupted: the download of 'org/big' stopped") and err.count("\n") == 1, err
-    assert out == "" and not list(hf_home.glob("hub/**/*.incomplete"))
+    assert out == "" and list(hf_home.glob("hub/**/*.incomplete")) == [theirs]  # only its own partial went
