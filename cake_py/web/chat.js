@@ -41,7 +41,7 @@ async function errorMessage(response) {
     const body = JSON.parse(text);
     const error = body.error ?? body.detail;
     let message = typeof error === "string" ? error : error?.message;
-    if (!message && error !== undefined) message = `${status}: ${JSON.stringify(error).slice(0, 300)}`;
+    if (!message && error != null) message = `${status}: ${JSON.stringify(error).slice(0, 300)}`;
     if (body.code === "context_length_exceeded") return `${message}. Start a New chat, or a shorter conversation`;
     return message || status;
   } catch {
@@ -120,6 +120,7 @@ export function startChat() {
     const stopHadFocus = document.activeElement === stop;
     send.hidden = busy;
     stop.hidden = !busy;
+    if (!busy) $("composer-hint").hidden = true;
     list.setAttribute("aria-busy", String(busy)); // a screen reader reads the reply once, not at every token
     if (!busy && (stopHadFocus || document.activeElement === document.body || document.activeElement === null)) {
       prompt.focus();
@@ -242,6 +243,8 @@ export function startChat() {
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     const text = prompt.value.trim();
+    // Sending during a reply would be silently nothing: say why the message stays in the box.
+    if (text && controller) $("composer-hint").hidden = false;
     if (!text || controller || !settingsValid()) return;
     prompt.value = "";
     ask(text);

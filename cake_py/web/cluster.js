@@ -218,7 +218,8 @@ function hop(worker) {
 async function problem(response) {
   try {
     const body = await response.json();
-    return body.error ?? `HTTP ${response.status}`;
+    const error = body.error ?? body.detail; // a string here; an object ({message}) from a proxy or another server
+    return (typeof error === "string" ? error : error?.message) || `HTTP ${response.status}`;
   } catch {
     return `HTTP ${response.status}`;
   }

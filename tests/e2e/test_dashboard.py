@@ -314,6 +314,10 @@ def test_stop_button_cancels_the_generation_on_the_server(
 
     expect(page.locator("#chat-tokens")).not_to_have_text(re.compile(r"^[0-2]$"), timeout=10_000)
     assert engine.in_flight == 1
+    page.fill("#prompt", "next question")
+    page.press("#prompt", "Enter")  # during a reply: it waits in the box, and the page says so (it said nothing)
+    expect(page.locator("#composer-hint")).to_be_visible()
+    expect(page.locator("#prompt")).to_have_value("next question")
     page.click("#stop")
 
     reply = page.get_by_test_id("assistant-message").last
@@ -336,6 +340,7 @@ def test_stop_button_cancels_the_generation_on_the_server(
     expect(page.locator("#send")).to_be_visible()
     expect(page.locator("#stop")).to_be_hidden()
     expect(page.locator("#chat-state")).to_have_text("stopped")
+    expect(page.locator("#composer-hint")).to_be_hidden()
 
 
 def test_new_chat_during_a_reply_leaves_the_new_conversation_clean(
@@ -589,6 +594,15 @@ def test_a_failed_send_gives_its_text_back_and_a_cut_stream_is_not_done(browser:
         expect(page.locator("#chat-error")).to_contain_text("engine overloaded")
         expect(page.get_by_test_id("user-message").last).to_have_attribute("data-state", "unsent")
         expect(page.locator("#prompt")).to_have_value("first question")
+        page.unroute("**/v1/chat/completions")
+        page.route(  # an error field that is null: the status alone, not "HTTP 400: null"
+            "**/v1/chat/completions",
+            lambda route: route.fulfill(
+                status=400, headers={"Content-Type": "application/json"}, body='{"detail": null}'
+            ),
+        )
+        _send(page, "first question")
+        expect(page.locator("#chat-error")).to_have_text(re.compile(r"^HTTP 400( Bad Request)?$"))
 
         cut = 'data: {"choices": [{"index": 0, "delta": {"content": "Hello wor"}, "finish_reason": null}]}\n\n'
         page.unroute("**/v1/chat/completions")
@@ -602,7 +616,7 @@ def test_a_failed_send_gives_its_text_back_and_a_cut_stream_is_not_done(browser:
         expect(reply.locator(".content")).to_have_text("Hello wor")
         expect(page.locator("#chat-error")).to_contain_text("cut off")
         expect(page.locator("#chat-tps")).to_have_text("–")  # one token: no rate to speak of
-    assert [p for p in problems if "status of 503" not in p] == []
+    assert [p for p in problems if "status of 503" not in p and "status of 400" not in p] == []
 
 
 def test_the_views_work_with_site_data_blocked(browser: Browser, cluster: Cluster) -> None:
