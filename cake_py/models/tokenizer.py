@@ -114,6 +114,7 @@ class Tokenizer:
             copy = _copy.copy(self)
             copy._template, copy.chat_template, copy._variants = compiled, template, {}
             copy._template_name = "the request's chat_template"
+        copy.max_tokens = self.max_tokens  # the context now: a load or a failover may have changed it since the copy
         with self._lock:
             self._variants[template] = copy  # the most recently used last
             while len(self._variants) > _KEPT_TEMPLATES:

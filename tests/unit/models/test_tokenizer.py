@@ -360,3 +360,14 @@ def test_a_short_prompt_padded_with_whitespace_is_not_refused_for_its_length() -
     with pytest.raises(ContextLengthError, match=r"the text has 1200 characters .*at most 1000 characters"):
         tokenizer.encode("hello " * 200)  # a text that long is refused before it is tokenized
     assert len(tokenizer.encode("hello " * 200, check=False)) == 200  # a caller that cuts the ids itself
+
+
+def test_a_requests_chat_template_copy_follows_the_context_as_it_changes(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """A kept copy held the context of when it was made: after a failover shrank it, texts were let through."""
+    tokenizer = Tokenizer.from_folder(tiny_model_factory("llama"))
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.max_tokens = 10_000
+    assert tokenizer.with_chat_template(template).max_tokens == 10_000
+    tokenizer.max_tokens = 10
+    with pytest.raises(ContextLengthError):
+        tokenizer.with_chat_template(template).encode("word " * 10_000)
