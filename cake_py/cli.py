@@ -92,6 +92,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         cuda_graphs=args.cuda_graphs,
         files_dir=check_files_dir(args.files_dir or default_files_dir()),
         max_file_bytes=args.max_file_mb * 1024 * 1024,
+        files_max_bytes=args.files_max_gb,
         batch_concurrency=args.batch_concurrency,
         failover_after=args.failover_after,
         chat_template=read_chat_template(args.chat_template),

@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-file-mb", type=at_least_one, default=512, help="largest file the Files API accepts, in MiB"
     )
     serve.add_argument(
+        "--files-max-gb",
+        type=gigabytes,
+        default=0,
+        help="most the Files API keeps for each API key (one key or none: for everyone), in GB (0: no limit)",
+    )
+    serve.add_argument(
         "--batch-concurrency",
         type=at_least_one,
         help="requests of one batch running at once (default: half of --max-running)",

@@ -73,6 +73,7 @@ class ServeSettings:
     # requests run at once (None: half of max_running, so interactive requests keep slots of their own).
     files_dir: Path = field(default_factory=lambda: default_files_dir())
     max_file_bytes: int = 512 * 1024 * 1024
+    files_max_bytes: int = 0  # --files-max-gb: what the Files API keeps per API key, uploads refused past it (0: none)
     batch_concurrency: int | None = None
     # A worker down this many seconds has its layers placed on the nodes still up (0: off; api/failover.py).
     failover_after: float = 0.0

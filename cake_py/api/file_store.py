@@ -59,13 +59,19 @@ class FileTooLargeError(RequestError):
     pass
 
 
+class StorageFullError(RequestError):
+    """An upload past what the store keeps for its owner (--files-max-gb)."""
+
+
 class FileStore:
     """Files by id in one directory (created on the first write)."""
 
-    def __init__(self, directory: Path, max_file_bytes: int) -> None:
+    def __init__(self, directory: Path, max_file_bytes: int, max_owner_bytes: int = 0) -> None:
         self.directory = directory / "files"
         self.max_file_bytes = max_file_bytes
+        self.max_owner_bytes = max_owner_bytes  # of an owner's uploads and batch results together (0: no limit)
         self._lock = threading.Lock()
+        self._uploading: dict[str, int] = {}  # owner → bytes of its uploads under way: two at once count both
         self._files: dict[str, StoredFile] | None = None  # read from disk on first use
         # Where deleted and expired files stood (owner, sort key): a listing in pages goes on past a page's last
         # file when it is deleted meanwhile ("list, delete each" walks); the newest _GONE_KEPT, in this process.
@@ -122,19 +128,45 @@ class FileStore:
         return bisect.bisect_left([_order(f) for f in files], gone[1])
 
     def add(self, source: BinaryIO, filename: str, purpose: str, ttl_s: int | None, owner: str = "") -> StoredFile:
-        """Store what `source` holds; FileTooLargeError past `max_file_bytes` (nothing is kept then)."""
+        """Store what `source` holds; FileTooLargeError past `max_file_bytes`, StorageFullError past what the store
+        keeps for `owner` (nothing is kept then). Batch results are not refused: they count, but a batch the store
+        accepted is not lost at its end."""
+        size = 0
 
         def copy(target: BinaryIO) -> None:
-            size = 0
+            nonlocal size
             while chunk := source.read(_CHUNK):
                 size += len(chunk)
                 if self.max_file_bytes and size > self.max_file_bytes:
                     raise FileTooLargeError(
                         f"file {filename!r} is over the {self.max_file_bytes}-byte limit (--max-file-mb)"
                     )
+                self._take_room(owner, len(chunk), filename)
                 target.write(chunk)
 
-        return self._store(copy, filename, purpose, ttl_s, owner)
+        try:
+            return self._store(copy, filename, purpose, ttl_s, owner)
+        finally:
+            with self._lock:
+                left = self._uploading.get(owner, 0) - size
+                if left > 0:
+                    self._uploading[owner] = left
+                else:
+                    self._uploading.pop(owner, None)
+
+    def _take_room(self, owner: str, n_bytes: int, filename: str) -> None:
+        """Count `n_bytes` more of an upload of `owner`'s; StorageFullError when its files would pass the limit."""
+        if not self.max_owner_bytes:
+            return
+        with self._lock:
+            uploading = self._uploading.get(owner, 0) + n_bytes
+            self._uploading[owner] = uploading
+            stored = sum(f.bytes for f in self._index().values() if f.owner == owner)
+        if stored + uploading > self.max_owner_bytes:
+            raise StorageFullError(
+                f"file {filename!r} does not fit: the files kept for this API key hold {stored} bytes, and at most "
+                f"{self.max_owner_bytes} are kept (--files-max-gb); delete some files first"
+            )
 
     def add_lines(
         self,
@@ -166,6 +198,8 @@ class FileStore:
         file_id: str | None = None,
     ) -> StoredFile:
         self.directory.mkdir(parents=True, exist_ok=True)
+        with self._lock:  # read before this write begins: a first read removes unfinished writes it finds
+            self._index()
         file_id = file_id or f"file-{secrets.token_hex(12)}"
         target = self.directory / file_id
         partial = self.directory / f".{file_id}.{secrets.token_hex(4)}"

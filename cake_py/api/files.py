@@ -21,6 +21,7 @@ from cake_py.api.file_store import (
     UPLOAD_PURPOSES,
     FileStore,
     FileTooLargeError,
+    StorageFullError,
     StoredFile,
 )
 from cake_py.api.listing import list_page
@@ -88,7 +89,7 @@ async def upload_file(request: Request) -> Response:
         filename = upload.filename or "upload"
         try:
             stored = await run_in_threadpool(store.add, upload.file, filename, purpose, ttl, request_owner(request))
-        except FileTooLargeError as error:
+        except (FileTooLargeError, StorageFullError) as error:
             raise ApiError(413, str(error)) from None
     return JSONResponse(stored.to_json())
 

@@ -166,7 +166,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.configured_model = self.settings.model
-        self.files = FileStore(self.settings.files_dir, self.settings.max_file_bytes)
+        self.files = FileStore(self.settings.files_dir, self.settings.max_file_bytes, self.settings.files_max_bytes)
         self.remember(self.settings.model)
 
     def remember(self, model_id: str | None) -> None:

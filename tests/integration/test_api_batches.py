@@ -574,3 +574,21 @@ def test_listing_in_pages_while_deleting_each_file_walks_them_all(client: OpenAI
     assert list(client.files.list(purpose="evals")) == []
     with refused(openai.BadRequestError, "after: no file has the id 'file-000000000000000000000000'"):
         client.files.list(after="file-000000000000000000000000")
+
+
+def test_each_key_has_its_own_files_quota(tiny_llama: Path, tmp_path: Path) -> None:
+    settings = tiny_settings(
+        tiny_llama, api_keys=("alice-key", "bob-key"), files_dir=tmp_path, files_max_bytes=1000, rate_limit=0
+    )
+    with running_server(settings) as server:
+        clients = {
+            name: OpenAI(base_url=server.openai_url, api_key=f"{name}-key", max_retries=0, timeout=60)
+            for name in ("alice", "bob")
+        }
+        clients["alice"].files.create(file=("a.txt", b"x" * 800), purpose="user_data")
+        with refused(openai.APIStatusError, r"'b.txt' does not fit: .*hold 800 bytes.*--files-max-gb") as caught:
+            clients["alice"].files.create(file=("b.txt", b"y" * 300), purpose="user_data")
+        assert caught.value.status_code == 413
+        assert clients["bob"].files.create(file=("b.txt", b"y" * 300), purpose="user_data").bytes == 300
+        for client in clients.values():
+            client.close()

@@ -141,6 +141,8 @@ def test_flags_reach_the_settings() -> None:
     assert (serve.pooling, _serve_settings(parser.parse_args(["serve", "--pooling", "mean"])).pooling) == (None, "mean")
     assert _worker_settings(parser.parse_args(["worker", "--cache-max-gb", "2.5"])).cache_max_bytes == 2_500_000_000
     assert _worker_settings(parser.parse_args(["worker"])).cache_max_bytes == 0
+    assert _serve_settings(parser.parse_args(["serve", "--files-max-gb", "0.5"])).files_max_bytes == 500_000_000
+    assert _serve_settings(parser.parse_args(["serve"])).files_max_bytes == 0
     assert _serve_settings(parser.parse_args(["serve", "--speculative-tokens", "6"])).speculative_tokens == 6
     assert _serve_settings(parser.parse_args(["serve"])).speculative_tokens == 0
 
@@ -170,6 +172,7 @@ def test_an_unknown_pooling_is_refused() -> None:
 
 def test_a_bad_cache_limit_is_refused() -> None:
     assert_one_line_error(cake("worker", "--cache-max-gb", "-1"), "'-1'")
+    assert_one_line_error(cake("serve", "--files-max-gb", "lots"), "'lots'")
 
 
 def test_a_bad_allowed_origin_is_refused() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cake_py.api.file_store import FileStore, FileTooLargeError, claim
+from cake_py.api.file_store import FileStore, FileTooLargeError, StorageFullError, claim
 from cake_py.errors import ConfigError
 
 
@@ -163,3 +163,29 @@ def test_a_files_folder_that_cannot_be_locked_is_not_called_in_use(
     monkeypatch.setattr(file_store.fcntl, "flock", no_locks)
     with pytest.raises(ConfigError, match=r"cannot be locked \(No locks available\): give a folder on a local disk"):
         claim(tmp_path / "files")
+
+
+def test_each_key_keeps_at_most_its_share_and_two_uploads_at_once_count_together(tmp_path: Path) -> None:
+    """--files-max-gb: one key could fill the disk with uploads of 512 MiB each, any number of them."""
+    store = FileStore(tmp_path, max_file_bytes=0, max_owner_bytes=10)
+    kept = store.add(io.BytesIO(b"x" * 6), "a.txt", "user_data", None, owner="alice")
+    with pytest.raises(StorageFullError, match=r"'b.txt' does not fit: .* hold 6 bytes, and at most 10 are kept"):
+        store.add(io.BytesIO(b"y" * 5), "b.txt", "user_data", None, owner="alice")
+    assert [f.id for f in store.list("alice")] == [kept.id] and len(os.listdir(store.directory)) == 2  # nothing kept
+    store.add(io.BytesIO(b"z" * 9), "c.txt", "user_data", None, owner="bob")  # another key's share is its own
+    store.add_lines([b"y" * 8 + b"\n"], "out.jsonl", "batch_output", None, owner="alice")  # a batch's results: kept
+    assert store.delete(kept.id)
+    assert store.add(io.BytesIO(b"w"), "d.txt", "user_data", None, owner="carol").bytes == 1
+
+    class Racing(io.BytesIO):
+        """An upload during which another upload of the same key is stored (two requests at once)."""
+
+        def read(self, size: int = -1) -> bytes:
+            chunk = super().read(size)
+            if not chunk:  # its bytes are counted by now, not yet stored
+                with pytest.raises(StorageFullError):
+                    store.add(io.BytesIO(b"v" * 4), "e.txt", "user_data", None, owner="carol")
+            return chunk
+
+    store.add(Racing(b"u" * 6), "f.txt", "user_data", None, owner="carol")  # 1 + 6 kept; 4 more would pass 10
+    assert sum(f.bytes for f in store.list("carol")) == 7 and store._uploading == {}
