@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cake_py.api.middleware import is_admin, request_key_name
 from cake_py.api.state import ServerState, StageKey
 from cake_py.cluster.stage import StageStats
 from cake_py.engine.sequence import GenerationEvent
@@ -178,15 +179,17 @@ class ApiMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        # With several API keys (--api-key A,B or --api-key-file), what each key asked for, by its name.
+        # With several API keys (--api-key A,B or --api-key-file), what each key asked for, by its name; in a
+        # registry of their own: a key sees its own series, the admin every key's (`render`).
+        self.key_registry = CollectorRegistry()
         self.key_requests = Counter(
-            "cake_api_key_requests", "Generation requests by API key", ["key"], registry=self.registry
+            "cake_api_key_requests", "Generation requests by API key", ["key"], registry=self.key_registry
         )
         self.key_prompt_tokens = Counter(
-            "cake_api_key_prompt_tokens", "Prompt tokens by API key", ["key"], registry=self.registry
+            "cake_api_key_prompt_tokens", "Prompt tokens by API key", ["key"], registry=self.key_registry
         )
         self.key_completion_tokens = Counter(
-            "cake_api_key_completion_tokens", "Generated tokens by API key", ["key"], registry=self.registry
+            "cake_api_key_completion_tokens", "Generated tokens by API key", ["key"], registry=self.key_registry
         )
         self.registry.register(EngineCollector(state))
         self.registry.register(ServiceCollector(state))
@@ -206,8 +209,24 @@ class ApiMetrics:
 
         return on_last
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, viewer: str | None = None) -> bytes:
+        """The scrape; the per-key series all (`viewer` None: the admin, or a server with one key or none) or only
+        those of the key named `viewer` (another tenant's name and usage are not every key's to read)."""
+        keys = _OnlyKey(self.key_registry, viewer) if viewer is not None else self.key_registry
+        return generate_latest(self.registry) + generate_latest(keys)  # type: ignore[arg-type]
+
+
+class _OnlyKey:
+    """A registry's families with only the samples of one key (generate_latest reads no more than `collect`)."""
+
+    def __init__(self, registry: CollectorRegistry, key: str) -> None:
+        self.registry, self.key = registry, key
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            shown = Metric(family.name, family.documentation, family.type, family.unit)
+            shown.samples = [sample for sample in family.samples if sample.labels.get("key") == self.key]
+            yield shown
 
 
 class MetricsMiddleware:
@@ -257,7 +276,9 @@ class MetricsMiddleware:
 async def metrics_endpoint(request: Request) -> Response:
     state: ServerState = request.app.state.cake
     assert state.metrics is not None
-    body = await run_in_threadpool(state.metrics.render)
+    name = request_key_name(request)  # "" with one key or none: nothing to tell apart
+    viewer = None if is_admin(request) or not name else name
+    body = await run_in_threadpool(state.metrics.render, viewer)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

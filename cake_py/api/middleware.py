@@ -64,6 +64,7 @@ def _same(given: str, expected: str) -> bool:
 
 OWNER_KEY = "cake_owner"  # in the request's scope["state"]
 NAME_KEY = "cake_key_name"  # and the key's name, for the metrics: --api-key-file's, else the owner's first digits
+ADMIN_MARK = "cake_admin"  # present when the request came with the --admin-key
 
 
 def owner_of(key: str) -> str:
@@ -93,6 +94,11 @@ def request_caller(request: Request) -> Caller:
 def request_owner(request: Request) -> str:
     """Whose stored objects a request sees and makes: its key's owner with several keys, else "" (everyone)."""
     return str(request.scope.get("state", {}).get(OWNER_KEY, ""))
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the request came with the server's --admin-key."""
+    return bool(request.scope.get("state", {}).get(ADMIN_MARK))
 
 
 def request_key_name(request: Request) -> str:
@@ -133,6 +139,8 @@ class AuthMiddleware:
             if self.owners and key is not None:
                 state = scope.setdefault("state", {})
                 state[OWNER_KEY], state[NAME_KEY] = self.identities[key]
+            if self.admin_key is not None and key is not None and _same(key, self.admin_key):
+                scope.setdefault("state", {})[ADMIN_MARK] = True
         await self.app(scope, receive, send)
 
     def _check_admin(self, headers: Headers) -> tuple[str, str] | None:

@@ -136,13 +136,20 @@ def key_counts(metrics: str, name: str) -> tuple[float, float, float]:
     return value("requests"), value("prompt_tokens"), value("completion_tokens")
 
 
-def test_each_keys_usage_is_counted_under_its_name(tiny_llama: Path) -> None:
-    settings = tiny_settings(tiny_llama, api_keys=("alice-key", "bob-key"), api_key_names={"alice-key": "alice"})
+def test_each_keys_usage_is_counted_under_its_name_and_only_the_admin_reads_every_keys(tiny_llama: Path) -> None:
+    """Any key read every other key's name and usage in /metrics: now its own, and the --admin-key all of them."""
+    settings = tiny_settings(
+        tiny_llama,
+        api_keys=("alice-key", "bob-key", "root"),
+        api_key_names={"alice-key": "alice", "root": "admin"},
+        admin_key="root",
+    )
     with running_server(settings) as server, client_of(server, "alice-key") as a, client_of(server, "bob-key") as b:
         one = a.chat.completions.create(model="x", messages=ASK, max_tokens=3, n=2)
         two = a.completions.create(model="x", prompt=["cake", "cake"], max_tokens=4, n=2)  # a prompt given twice
         b.completions.create(model="x", prompt="cake", max_tokens=5)
-        text = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": "Bearer bob-key"}).text
+        text = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": "Bearer root"}).text
+        bobs = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": "Bearer bob-key"}).text
         assert one.usage is not None and two.usage is not None
         prompts = one.usage.prompt_tokens + two.usage.prompt_tokens  # as usage counts them: per prompt, not per choice
         generated = one.usage.completion_tokens + two.usage.completion_tokens
@@ -150,6 +157,8 @@ def test_each_keys_usage_is_counted_under_its_name(tiny_llama: Path) -> None:
         bob = hashlib.sha256(b"bob-key").hexdigest()[:12]  # no name given: the first digits of its digest
         assert key_counts(text, bob)[0] == 1.0 and key_counts(text, bob)[2] == 5.0
         assert "alice-key" not in text and "bob-key" not in text
+        assert key_counts(bobs, bob)[2] == 5.0 and "alice" not in bobs  # bob's own series, not alice's
+        assert "cake_http_requests_total" in bobs  # the server's own figures are everyone's
 
 
 def test_a_refused_request_with_a_body_left_unread_is_closed(server: ServerHandle) -> None:
