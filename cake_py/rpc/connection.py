@@ -11,6 +11,7 @@ import hashlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 HANDSHAKE_TIMEOUT_S = 10.0
+PROGRESS_EVERY_S = 10.0  # a line on the master's log this often while weights stream to a worker
 VERIFY_BYTES_PER_S = 50e6  # the slowest rate a worker may hash its cached weights at (an old disk, no SHA units)
 PING_INTERVAL_S = 1.0
 PING_TIMEOUT_S = 1.5
@@ -255,12 +257,19 @@ class WorkerConnection:
                 tensors=specs,
             )
             digests = {spec.name: spec.sha256 for spec in specs}
+            to_send = sum({spec.sha256: spec.size_bytes for spec in specs if spec.sha256 in missing}.values())
+            if to_send:  # a large model streams for minutes: say so, and how far it is (chunks, below)
+                log.info(
+                    "%s: streaming %.1f MB of weights for %s (%.1f MB are in its cache)",
+                    self.label, to_send / 1e6, layers, (total - to_send) / 1e6,
+                )  # fmt: skip
 
             def chunks() -> Iterator[pb.AssignChunk]:
                 yield pb.AssignChunk(header=header)
                 sent: set[str] = set()
                 if not missing:
                     return
+                streamed, report_at = 0, time.monotonic() + PROGRESS_EVERY_S
                 for name, tensor in assignment.tensors():
                     digest = digests[name]
                     if digest not in missing or digest in sent:
@@ -270,6 +279,13 @@ class WorkerConnection:
                     for offset in range(0, len(data), WEIGHT_CHUNK_BYTES):
                         piece = data[offset : offset + WEIGHT_CHUNK_BYTES]
                         yield pb.AssignChunk(chunk=pb.TensorChunk(name=name, offset=offset, data=bytes(piece)))
+                        streamed += len(piece)
+                        if time.monotonic() >= report_at:
+                            report_at = time.monotonic() + PROGRESS_EVERY_S
+                            log.info(
+                                "%s: %.1f of %.1f MB streamed (%d%%)",
+                                self.label, streamed / 1e6, to_send / 1e6, 100 * streamed // to_send,
+                            )  # fmt: skip
 
             reply = stub.Assign(chunks(), timeout=3600, metadata=self.metadata)
             self.assignment = reply.assignment

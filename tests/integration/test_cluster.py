@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import queue
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -476,6 +478,28 @@ def test_weight_cache_survives_a_restart_and_repairs_a_damaged_file(
     finally:
         pipeline.close()
         worker.stop()
+
+
+def test_the_master_says_how_far_a_weight_stream_is(
+    cluster: LocalCluster, llama: ModelSource, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large model streamed for minutes with nothing on the master's log between its start and its end."""
+    from cake_py.rpc import connection
+
+    worker = cluster.worker(name="progress")
+    worker.start()
+    monkeypatch.setattr(connection, "PROGRESS_EVERY_S", 0.0)  # a line per chunk
+    assignment = Assignment(llama.model_id, json.dumps(llama.weights.config), llama.weights, 0, 3, torch.float32)
+    link = WorkerConnection(worker.spec(), None, None)
+    try:
+        with caplog.at_level(logging.INFO, logger="cake_py.rpc.connection"):
+            link.assign(assignment)
+    finally:
+        link.close()
+        worker.stop()
+    assert re.search(r"worker 'progress' at \S+: streaming [\d.]+ MB of weights for layers 0-2", caplog.text)
+    shares = [int(share) for share in re.findall(r"MB streamed \((\d+)%\)", caplog.text)]
+    assert shares and shares == sorted(shares) and shares[-1] == 100, caplog.text
 
 
 # ---- 1b. the real model, SmolLM2-135M, in float32 over two workers ----
