@@ -131,24 +131,27 @@ class FileStore:
         """Store what `source` holds; FileTooLargeError past `max_file_bytes`, StorageFullError past what the store
         keeps for `owner` (nothing is kept then). Batch results are not refused: they count, but a batch the store
         accepted is not lost at its end."""
-        size = 0
+        counted = 0  # of this upload's bytes in self._uploading
 
         def copy(target: BinaryIO) -> None:
-            nonlocal size
+            nonlocal counted
+            size = 0
             while chunk := source.read(_CHUNK):
                 size += len(chunk)
                 if self.max_file_bytes and size > self.max_file_bytes:
                     raise FileTooLargeError(
                         f"file {filename!r} is over the {self.max_file_bytes}-byte limit (--max-file-mb)"
                     )
-                self._take_room(owner, len(chunk), filename)
+                if self.max_owner_bytes:
+                    counted += len(chunk)
+                    self._take_room(owner, len(chunk), filename)
                 target.write(chunk)
 
         try:
             return self._store(copy, filename, purpose, ttl_s, owner)
         finally:
             with self._lock:
-                left = self._uploading.get(owner, 0) - size
+                left = self._uploading.get(owner, 0) - counted
                 if left > 0:
                     self._uploading[owner] = left
                 else:
@@ -156,8 +159,6 @@ class FileStore:
 
     def _take_room(self, owner: str, n_bytes: int, filename: str) -> None:
         """Count `n_bytes` more of an upload of `owner`'s; StorageFullError when its files would pass the limit."""
-        if not self.max_owner_bytes:
-            return
         with self._lock:
             uploading = self._uploading.get(owner, 0) + n_bytes
             self._uploading[owner] = uploading

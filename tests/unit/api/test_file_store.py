@@ -189,3 +189,19 @@ def test_each_key_keeps_at_most_its_share_and_two_uploads_at_once_count_together
 
     store.add(Racing(b"u" * 6), "f.txt", "user_data", None, owner="carol")  # 1 + 6 kept; 4 more would pass 10
     assert sum(f.bytes for f in store.list("carol")) == 7 and store._uploading == {}
+
+
+def test_an_upload_refused_for_its_size_leaves_the_count_of_another_under_way(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, max_file_bytes=8, max_owner_bytes=10)
+
+    class Racing(io.BytesIO):
+        def read(self, size: int = -1) -> bytes:
+            chunk = super().read(size)
+            if not chunk:  # 6 bytes of this upload counted: a 9-byte upload is too large, and takes none of them
+                with pytest.raises(FileTooLargeError):
+                    store.add(io.BytesIO(b"v" * 9), "big.txt", "user_data", None, owner="carol")
+                assert store._uploading == {"carol": 6}
+            return chunk
+
+    store.add(Racing(b"u" * 6), "f.txt", "user_data", None, owner="carol")
+    assert store._uploading == {}
