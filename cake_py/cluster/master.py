@@ -88,7 +88,6 @@ def connect_pipeline(
     hosts = [spec.address.rpartition(":")[0] for spec in settings.workers]
     warn_if_key_in_plaintext(settings.cluster_key, credentials is not None, hosts, "the master")
     connections = [WorkerConnection(spec, settings.cluster_key, credentials, tls=tls) for spec in settings.workers]
-    log.info("connecting to %s", ", ".join(conn.label for conn in connections))
     try:
         replies = _all_at_once(connections, lambda c: c.handshake(settings.connect_timeout), connections)
         _refuse_the_same_worker_twice(connections, replies)
