@@ -103,6 +103,20 @@ class GGUFWeights:
             return None
         return [float(x) for x in gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)]
 
+    def _end_token_ids(self) -> list[int] | None:
+        """The tokens that end a generation as llama.cpp decides (`llama_vocab`'s EOG set): the end, end-of-turn,
+        end-of-message and FIM tokens the metadata names, and the tokens named like a turn's end (`<|im_end|>`,
+        `<|eot_id|>`, …). A GGUF names one `eos_token_id`; an instruct model may end its turn with another (Llama 3's
+        `<|eot_id|>` beside `<|end_of_text|>`, Qwen's `<|endoftext|>` beside `<|im_end|>`), where llama.cpp stops."""
+        keys = ("eos", "eot", "eom", "fim_pad", "fim_rep", "fim_sep")
+        named = [self._value(f"tokenizer.ggml.{key}_token_id") for key in keys]
+        ids = [int(token_id) for token_id in named if token_id is not None]
+        try:
+            ids += [token_id for token_id, token in enumerate(self._tokens) if token in _END_TOKENS]
+        except WeightsError:  # a vocabulary that is not UTF-8: named when the tokenizer is built
+            pass
+        return list(dict.fromkeys(ids)) or None
+
     def _build_config(self) -> dict[str, Any]:
         arch = self.architecture
         if arch in _ARCHITECTURES:  # an unknown one is reported by ModelConfig.from_hf, naming the architecture
@@ -130,7 +144,7 @@ class GGUFWeights:
             "max_position_embeddings": self._arch_value("context_length", 2048),
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
             "bos_token_id": self._value("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self._value("tokenizer.ggml.eos_token_id"),
+            "eos_token_id": self._end_token_ids(),
         }
         if (head_dim := self._arch_value("attention.key_length")) is not None:
             config["head_dim"] = head_dim
@@ -317,6 +331,22 @@ def _hf_name(gguf_name: str) -> str | None:
     layer, part, kind = match.groups()
     return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
 
+
+# The token texts llama.cpp ends a generation on whatever their type (llama-vocab.cpp, `special_eog_ids`).
+_END_TOKENS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+    }
+)
 
 _INT4_TYPES = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
 

@@ -89,7 +89,8 @@ def dequantize_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 def test_smollm_logits_match_transformers(smollm: GGUFWeights, smollm_hf_tokenizer: Any) -> None:
     config = ModelConfig.from_hf(smollm.config)
     assert (config.family, config.n_layers, config.n_heads, config.n_kv_heads) == ("llama", 30, 9, 3)
-    assert config.tie_word_embeddings and config.eos_token_ids == (2,)
+    # <|im_end|>, the file's eos; <|endoftext|>, which llama.cpp ends a generation on too.
+    assert config.tie_word_embeddings and config.eos_token_ids == (2, 0)
     model = load_transformer(
         smollm, config, 0, config.n_layers, with_embedding=True, with_head=True, dtype=torch.float32
     )
@@ -252,6 +253,8 @@ def test_tiny_f32_gguf_equals_its_hf_original(kind: str, tiny_model_factory: Any
         # llama.cpp's qwen2/qwen3 metadata has no sliding-window keys: llama.cpp runs these GGUFs with full
         # attention on every layer, and so does this loader.
         expected_config = dataclasses.replace(expected_config, sliding_window=None, windowed_layers=())
+    # The file names <|im_end|> its eos; llama.cpp also ends a generation on <|endoftext|> (id 0), and so does this.
+    expected_config = dataclasses.replace(expected_config, eos_token_ids=(*expected_config.eos_token_ids, 0))
     config = ModelConfig.from_hf(ours.config)
     assert config.rms_norm_eps == pytest.approx(expected_config.rms_norm_eps)
     assert dataclasses.replace(config, rms_norm_eps=expected_config.rms_norm_eps) == expected_config
@@ -447,6 +450,20 @@ def test_a_tokenizer_that_cannot_be_built_is_a_weights_error(
     source = _tokenizer_only(tmp_path / "t.gguf", model, ["a", "b", "ab"], **extra)
     with pytest.raises(WeightsError, match=message):
         source.tokenizer_json()
+
+
+def test_generation_ends_on_the_tokens_llama_cpp_ends_on(tmp_path: Path) -> None:
+    """llama.cpp's end-of-generation set, not only the file's one eos: Llama 3.1 Instruct GGUFs name
+    <|end_of_text|> their eos and end turns with <|eot_id|> (and <|eom_id|> after a tool call); a Qwen GGUF names
+    <|im_end|> and its model may end with <|endoftext|>. Stopping on the eos alone generated past the turn's end."""
+    tokens = ["a", "b", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_start|>", "<x_end>", "<|endoftext|>"]
+    source = _tokenizer_only(
+        tmp_path / "t.gguf", "gpt2", tokens, tokenizer_pre="default", eos_token_id=2, eot_token_id=6
+    )
+    config = ModelConfig.from_hf(source.config)
+    assert config.eos_token_ids == (2, 6, 3, 4, 7)  # the metadata's first, then the ones named like an end
+    plain = _tokenizer_only(tmp_path / "plain.gguf", "gpt2", ["a", "b"], tokenizer_pre="default", eos_token_id=1)
+    assert ModelConfig.from_hf(plain.config).eos_token_ids == (1,)
 
 
 def test_a_token_that_is_not_utf8_is_a_weights_error(tmp_path: Path) -> None:
