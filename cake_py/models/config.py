@@ -133,7 +133,9 @@ class ModelConfig:
         if n_heads <= 0:
             raise ValueError(f"num_attention_heads must be positive, got {n_heads}")
         hidden = int(raw["hidden_size"])
-        head_dim = raw.get("head_dim") or hidden // n_heads
+        # transformers' Qwen3Config defaults head_dim to 128, not hidden_size / heads as the other families do.
+        default_head_dim = QWEN3_HEAD_DIM if family == "qwen3" and "head_dim" not in raw else hidden // n_heads
+        head_dim = raw.get("head_dim") or default_head_dim
         eos = raw.get("eos_token_id")
         eos_ids = (
             tuple(_token_id(i) for i in eos)
@@ -169,6 +171,10 @@ class ModelConfig:
             eos_token_ids=eos_ids,
         )
 
+
+# transformers' defaults for fields a config.json may leave out, where they differ by family.
+QWEN3_HEAD_DIM = 128
+DEFAULT_SLIDING_WINDOW = 4096
 
 # What the layer code computes: a checkpoint that needs anything else would load and answer garbage, so it is refused.
 SUPPORTED_ACTIVATIONS = {"silu", "swish"}
@@ -206,7 +212,8 @@ def _token_id(value: Any) -> int:
 def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[int | None, tuple[bool, ...]]:
     """The window and which layers use it, as transformers decides: config.json's `layer_types` when given; else
     Mistral windows every layer, and Qwen2/Qwen3 (with use_sliding_window) the layers from max_window_layers on."""
-    window = raw.get("sliding_window")
+    # Absent, transformers' Mistral and Qwen configs default it to 4096 (Qwen's applies with use_sliding_window).
+    window = raw.get("sliding_window", DEFAULT_SLIDING_WINDOW if family != "llama" else None)
     if not window:
         return None, ()
     layer_types = raw.get("layer_types")

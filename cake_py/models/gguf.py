@@ -146,8 +146,10 @@ class GGUFWeights:
             "bos_token_id": self._value("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self._end_token_ids(),
         }
-        if (head_dim := self._arch_value("attention.key_length")) is not None:
-            config["head_dim"] = head_dim
+        # llama.cpp's defaults, spelled out: a HF config without them would take transformers' (Qwen3's head_dim of
+        # 128, Mistral's window of 4096), which llama.cpp does not.
+        config["head_dim"] = self._arch_value("attention.key_length") or _head_dim(config)
+        config["sliding_window"] = None
         if "model.layers.0.self_attn.q_proj.bias" in self._tensors and arch != "qwen2":
             config["attention_bias"] = True  # Qwen2's q/k/v bias is implied by its family
         if "model.layers.0.mlp.gate_proj.bias" in self._tensors:
@@ -319,6 +321,12 @@ def _check_metadata(path: Path) -> None:
                     return  # nested arrays, unknown types: the reader decides
     except (struct.error, OSError, ValueError):
         return  # cut short or unreadable: the reader says so, naming the path
+
+
+def _head_dim(config: dict[str, Any]) -> Any:
+    """hidden_size / heads, as llama.cpp computes it without `attention.key_length` (ModelConfig judges the values)."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
 
 
 def _hf_name(gguf_name: str) -> str | None:

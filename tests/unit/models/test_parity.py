@@ -270,3 +270,33 @@ def test_bfloat16_llama_tracks_transformers(tiny_llama: Path) -> None:
         tokens.append(int(last.argmax()))
         (logits,) = run(ours, kv, [(0, len(tokens) - 1, torch.tensor(tokens[-1:]))])
     assert tokens[len(prompt) :] == generated
+
+
+@pytest.mark.parametrize(
+    ("config_class", "fields", "left_out"),
+    [
+        ("MistralConfig", {"sliding_window": 8}, "sliding_window"),
+        ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "sliding_window"),
+        ("Qwen3Config", {"head_dim": 16}, "head_dim"),
+        ("Qwen3Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "sliding_window"),
+        ("LlamaConfig", {"head_dim": 24}, "head_dim"),
+    ],
+)
+def test_a_field_left_out_of_config_json_takes_transformers_default(
+    config_class: str, fields: dict[str, object], left_out: str
+) -> None:
+    """A config.json may leave out a field its family defaults: transformers' Mistral (and Qwen with
+    use_sliding_window) then windows at 4096, and Qwen3's heads are 128 wide whatever the hidden size. Reading them
+    as "no window" and hidden / heads attended past the window, or built heads of the wrong width."""
+    sizes = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3}
+    raw = getattr(transformers, config_class)(**sizes, **fields).to_dict()
+    raw.pop(left_out)
+    raw.pop("layer_types", None)  # as configs written before transformers 4.54 are: layers windowed by the rules
+    reference = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+    ours = ModelConfig.from_hf({**raw, "model_type": reference.model_type})
+    width = getattr(reference, "head_dim", None) or reference.hidden_size // reference.num_attention_heads
+    assert ours.head_dim == width
+    kinds = getattr(reference, "layer_types", None) or ["sliding_attention"] * reference.num_hidden_layers
+    window = getattr(reference, "sliding_window", None)
+    expected = [window if kind == "sliding_attention" else None for kind in kinds]
+    assert [ours.window_of(layer) for layer in range(ours.n_layers)] == expected
