@@ -70,6 +70,10 @@ def requested_repeat_last_n(body: dict[str, Any]) -> int:
     return repeat_last_n
 
 
+# The order the samplers apply in, as llama.cpp names them in generation_settings (the ones this server has).
+SAMPLERS = ("penalties", "top_k", "top_p", "min_p", "temperature")
+
+
 def llama_sampling(
     body: dict[str, Any], context_length: int, tokenizer: Tokenizer, vocab_size: int
 ) -> tuple[SamplingParams, int]:
@@ -106,6 +110,7 @@ def llama_sampling(
             logprobs=n_probs > 0,
             top_logprobs=n_probs,
             raw_logprobs=True,
+            temperature_last=True,
         )
     except RequestError as error:  # named by llama.cpp's fields, as the request sent them
         raise ApiError(400, str(error).replace("repetition_penalty", "repeat_penalty")) from error
@@ -277,6 +282,7 @@ class Completion:
             "n_probs": params.top_logprobs,
             "logit_bias": [list(pair) for pair in params.logit_bias],
             "stream": self.stream,
+            "samplers": list(SAMPLERS),
         }
 
 

@@ -59,6 +59,9 @@ class SamplingParams:
     prediction: tuple[int, ...] | None = None
     # vLLM's: when sequences wait for a slot, a lower priority starts first (Batch API requests run at 1).
     priority: int = 0
+    # llama.cpp's sampler order: top-k, top-p, min-p on the model's distribution, the temperature last (its routes
+    # set it); else vLLM's, the temperature first.
+    temperature_last: bool = False
 
     def __post_init__(self) -> None:
         if self.pooling is not None and self.max_tokens:
@@ -159,9 +162,12 @@ class Sampler:
         if params.greedy:
             token = int(torch.argmax(logits))
         else:
-            # Shifted so the best logit is 0 before dividing: a small temperature cannot overflow the others.
-            scaled = (logits - logits.max()) / params.temperature
-            ids, probs = candidates(scaled, params.top_k, params.top_p, params.min_p)
+            if params.temperature_last:
+                ids, probs = temperature_last_candidates(logits, params)
+            else:
+                # Shifted so the best logit is 0 before dividing: a small temperature cannot overflow the others.
+                scaled = (logits - logits.max()) / params.temperature
+                ids, probs = candidates(scaled, params.top_k, params.top_p, params.min_p)
             # Drawn on the CPU with a CPU generator: a seed draws the same tokens whatever device computed the logits.
             cdf = probs.cpu().double().cumsum(0)
             if not 0.0 < float(cdf[-1]) < math.inf:  # NaN logits (a broken stage), or every token masked
@@ -259,6 +265,21 @@ def candidates(
         n_kept = max(int((before < top_p).sum()), 1)  # keep the token that crosses top_p
         probs, ids = probs[:n_kept], ids[:n_kept]
     return ids, probs
+
+
+def temperature_last_candidates(
+    logits: torch.Tensor, params: SamplingParams
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`candidates` in llama.cpp's default order: top-k, then top-p over what top-k kept, then min-p, all on the
+    model's own distribution, and only then the temperature over the tokens left (common_sampler's chain)."""
+    shifted = logits - logits.max()
+    ids, _ = candidates(shifted, params.top_k, params.top_p)
+    kept = shifted if ids is None else shifted[ids]
+    if params.min_p > 0.0:  # p < min_p * p_max  ⇔  logit < max_logit (0 here) + log(min_p)
+        keep = kept >= math.log(params.min_p)
+        kept = kept[keep]
+        ids = keep.nonzero().squeeze(1) if ids is None else ids[keep]
+    return ids, torch.softmax(kept / params.temperature, dim=-1)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:

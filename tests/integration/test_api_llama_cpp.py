@@ -252,6 +252,11 @@ def test_repeat_penalty_weighs_only_the_last_repeat_last_n_tokens(server: Server
     assert post(server, everything)["generation_settings"]["repeat_last_n"] == -1
 
 
+def test_the_samplers_run_in_llama_cpps_order(server: ServerHandle) -> None:
+    answer = httpx.post(f"{server.base_url}/completion", json={"prompt": "cake", "n_predict": 2}, timeout=60).json()
+    assert answer["generation_settings"]["samplers"] == ["penalties", "top_k", "top_p", "min_p", "temperature"]
+
+
 def test_llama_cpps_other_fields(server: ServerHandle) -> None:
     answer = post(server, {"prompt": "The cake is", **GREEDY})
     assert answer["tokens"] == [] and answer["has_new_line"] == ("\n" in answer["content"])

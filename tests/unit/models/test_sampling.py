@@ -1,6 +1,9 @@
 """Sampling: parameter validation, greedy, seeds, top-k/top-p, logit bias, repetition, frequency and presence
 penalties, and stop strings."""
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ from cake_py.models.sampling import (
     apply_repetition_penalty,
     candidates,
     filter_logits,
+    temperature_last_candidates,
 )
 
 
@@ -277,3 +281,37 @@ def test_min_tokens_holds_end_tokens_back_until_enough_are_drawn() -> None:
     assert sampler.sample(logits, []).token_id == 0
     with pytest.raises(RequestError, match="min_tokens must be between 0 and max_tokens"):
         SamplingParams(max_tokens=4, min_tokens=5)
+
+
+def _llama_cpp_distribution(logits: torch.Tensor, top_k: int, top_p: float, min_p: float, t: float) -> torch.Tensor:
+    """llama.cpp's common_sampler chain written plainly: top-k, softmax, top-p, min-p, then the temperature."""
+    order = torch.argsort(logits, descending=True)
+    kept = order[:top_k] if top_k > 0 else order
+    probs = torch.softmax(logits[kept], dim=-1)
+    before = probs.cumsum(0) - probs
+    kept = kept[before < top_p]
+    kept = kept[logits[kept] >= logits.max() + math.log(min_p)] if min_p > 0 else kept
+    dense = torch.zeros_like(logits)
+    dense[kept] = torch.softmax(logits[kept] / t, dim=-1)
+    return dense
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "min_p", "temperature"),
+    [(40, 0.95, 0.05, 0.8), (0, 1.0, 0.05, 0.5), (0, 0.9, 0.0, 1.5), (5, 1.0, 0.0, 0.8), (0, 1.0, 0.0, 0.8)],
+)
+def test_llama_cpp_routes_apply_the_temperature_last(
+    top_k: int, top_p: float, min_p: float, temperature: float
+) -> None:
+    """/completion filtered the tokens after the temperature (vLLM's order): with its defaults (T 0.8, min_p 0.05)
+    it kept logits within 2.4 of the best where llama.cpp keeps those within 3.0."""
+    logits = torch.randn(3000, generator=torch.Generator().manual_seed(7)) * 2
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, temperature_last=True)
+    ids, probs = temperature_last_candidates(logits, params)
+    dense = probs / probs.sum()
+    if ids is not None:
+        dense = torch.zeros_like(logits).index_put_((ids,), dense)
+    torch.testing.assert_close(dense, _llama_cpp_distribution(logits, top_k, top_p, min_p, temperature))
+    edge = torch.tensor([0.0, -2.6, -10.0])  # -2.6 ≥ log(0.05) = -3.0, though -2.6 / 0.8 is not
+    draws = Sampler(replace(params, min_p=0.05, top_k=0, top_p=1.0, temperature=0.8, seed=1))
+    assert 1 in {draws.sample(edge, []).token_id for _ in range(200)}
