@@ -43,7 +43,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         cluster = load_cluster_file(args.config)
         model = model or cluster.model
         workers = cluster.workers
-    if args.workers:
+    if args.workers is not None:  # --workers "$UNSET" is an error to report, not a master serving alone
         if workers:
             raise ConfigError("give workers either with --workers or in --config, not both")
         workers = parse_workers_flag(args.workers)

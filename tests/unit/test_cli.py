@@ -166,6 +166,12 @@ def test_an_api_key_with_no_key_in_it_is_refused_not_an_open_server(value: str) 
     assert_one_line_error(cake("serve", "--api-key", value), "holds no key")
 
 
+@pytest.mark.parametrize("value", ["", " ", ","])
+def test_a_workers_flag_with_no_address_is_refused_not_a_master_serving_alone(value: str) -> None:
+    """--workers "" (a variable left unset) started a master with every layer and no workers, saying nothing."""
+    assert_one_line_error(cake("serve", "--port", "1", "--workers", value, timeout=60), "lists no HOST:PORT")
+
+
 def test_an_unknown_pooling_is_refused() -> None:
     assert_one_line_error(cake("serve", "--pooling", "cls"), "'cls'")
 
