@@ -178,9 +178,11 @@ def parse_api_keys(value: str | None, key_file: Path | None = None) -> tuple[tup
         raise ConfigError("--api-key (or CAKE_API_KEY) holds no key: give KEY, or KEY1,KEY2")
     names: dict[str, str] = {}
     if key_file is not None:
+        # A small regular file: /dev/zero was read until memory ran out, and a FIFO held startup forever.
+        content = read_settings_file(key_file, "--api-key-file")
         try:
-            lines = key_file.read_text(encoding="utf-8-sig").splitlines()  # a BOM some editors write is not a key
-        except (OSError, UnicodeDecodeError) as error:
+            lines = content.decode("utf-8-sig").splitlines()  # a BOM some editors write is not a key
+        except UnicodeDecodeError as error:
             raise ConfigError(f"--api-key-file {str(key_file)!r} cannot be read: {error}") from None
         for number, line in enumerate(lines, 1):
             fields = line.split()

@@ -308,6 +308,8 @@ def test_settings_files_that_are_no_small_regular_file_are_named(tmp_path: Path)
     big.write_text("{{ messages }}" * 100_000)
     too_big = cake("run", "hi", "--chat-template", str(big))
     assert_one_line_error(too_big, "1400000 bytes, more than 1048576 for a settings file")
+    result = cake("serve", "--api-key-file", "/dev/zero", timeout=60)
+    assert_one_line_error(result, "--api-key-file '/dev/zero' is not a regular file")
 
 
 def test_a_set_but_empty_api_key_variable_is_an_error_not_an_open_server() -> None:
