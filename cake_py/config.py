@@ -363,12 +363,39 @@ class ClusterFile:
     workers: list[WorkerSpec]
 
 
+def _unique_keys_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping: it keeps the last silently, so a second
+    `workers:` (a pasted block) dropped the first list and the master served without those workers."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden, as YAML says
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: PyYAML's own error names it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found key {key!r} twice", key_node.start_mark
+                    )
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def load_cluster_file(path: Path) -> ClusterFile:
     """Parse cluster.yaml: `model` (optional) and `workers: [{name, address, layers?}]`."""
     import yaml
 
     try:
-        data = yaml.safe_load(read_settings_file(path, "--config"))  # bytes: PyYAML reads UTF-8/16 and BOMs itself
+        # bytes: PyYAML reads UTF-8/16 and BOMs itself
+        data = yaml.load(read_settings_file(path, "--config"), Loader=_unique_keys_loader())  # noqa: S506 - safe
     except yaml.YAMLError as error:
         where = " ".join(str(error).split())  # PyYAML's message spans lines; an error here is one line
         raise ConfigError(f"cluster config {str(path)!r} is not valid YAML: {where}") from error

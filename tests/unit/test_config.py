@@ -197,6 +197,8 @@ def test_an_empty_chat_template_is_refused(tmp_path: Path) -> None:
         ('workers: [{name: a, address: "h:1", 5: 6}]\n', "worker 'a': unknown key(s) 5"),
         ("workers: [{name: a, address: null}]\n", "worker 'a': address must be HOST:PORT, got None"),
         ("[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ('workers: [{name: a, address: "h:1"}]\nworkers: []\n', "found key 'workers' twice"),
+        ('workers: [{name: a, address: "h:1", address: "h:2"}]\n', "found key 'address' twice"),
     ],
     ids=lambda value: str(value)[:30],
 )
