@@ -28,6 +28,7 @@ from cake_py.client.errors import (
     RateLimitError,
     ServiceUnavailableError,
     StreamError,
+    StreamInterruptedError,
 )
 from cake_py.client.http import AsyncCakeClient, CakeClient, Media, MediaFile
 from cake_py.client.results import (
@@ -64,5 +65,6 @@ __all__ = [
     "ServiceUnavailableError",
     "StreamError",
     "StreamEvent",
+    "StreamInterruptedError",
     "TextChunk",
 ]

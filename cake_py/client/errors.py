@@ -28,6 +28,11 @@ class StreamError(CakeClientError):
         self.message, self.request_id = message, request_id
 
 
+class StreamInterruptedError(StreamError, CakeConnectionError):
+    """The connection broke, went quiet or ended in the middle of a stream (the server died, a proxy cut it): both a
+    `StreamError` (the generation did not finish) and a `CakeConnectionError` (the transport failed)."""
+
+
 class CakeAPIError(CakeClientError):
     """An error answer: `status_code`, the server's `message`, its JSON `body`, `code` and `retry_after` if given."""
 
@@ -116,3 +121,15 @@ def connection_error(base_url: str, error: httpx.TransportError) -> CakeConnecti
             f"the cake server at {base_url} did not answer in time: {type(error).__name__}: {str(error) or 'timed out'}"
         )
     return CakeConnectionError(f"cannot reach the cake server at {base_url}: {type(error).__name__}: {error}")
+
+
+def stream_interrupted(base_url: str, error: httpx.TransportError | None, request_id: str | None) -> StreamError:
+    """A stream whose connection failed (`error`) or ended cleanly (None) before its last event: the server was
+    reached, so not "cannot reach" but what happened mid-stream."""
+    if error is None:
+        what = "the connection ended before its last event (done)"
+    elif isinstance(error, httpx.TimeoutException):
+        what = f"the server went quiet: {type(error).__name__}: {str(error) or 'timed out'}"
+    else:
+        what = f"the connection broke: {type(error).__name__}: {error}"
+    return StreamInterruptedError(f"the stream from the cake server at {base_url} stopped midway: {what}", request_id)

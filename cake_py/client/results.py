@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from cake_py.client.errors import CakeClientError, StreamError, connection_error
+from cake_py.client.errors import CakeClientError, StreamError, stream_interrupted
 
 if TYPE_CHECKING:
     import numpy
@@ -274,27 +274,44 @@ def _parsed(lines: Iterable[bytes]) -> Iterator[StreamEvent]:
     return (event for line in lines if (event := parse_stream_line(line)) is not None)
 
 
+class _Progress:
+    """What a stream has shown so far: its request id, and whether its last event (done) came."""
+
+    def __init__(self) -> None:
+        self.request_id: str | None = None
+        self.done = False
+
+    def saw(self, event: StreamEvent) -> StreamEvent:
+        self.request_id = event.request_id or self.request_id
+        self.done = self.done or event.done
+        return event
+
+
 def _read_events(response: httpx.Response, base_url: str) -> Generator[StreamEvent, None, None]:
-    lines = LineSplitter()
+    lines, progress = LineSplitter(), _Progress()
     try:
         for chunk in response.iter_bytes():
-            yield from _parsed(lines.feed(chunk))
-        yield from _parsed(lines.end())
-    except httpx.TransportError as error:
-        raise connection_error(base_url, error) from error
+            yield from map(progress.saw, _parsed(lines.feed(chunk)))
+        yield from map(progress.saw, _parsed(lines.end()))
+    except httpx.TransportError as error:  # the server died, went quiet, or a proxy cut the connection
+        raise stream_interrupted(base_url, error, progress.request_id) from error
     finally:
         response.close()
+    if not progress.done:  # a connection closed cleanly before the end: the answer is cut short, not complete
+        raise stream_interrupted(base_url, None, progress.request_id)
 
 
 async def _aread_events(response: httpx.Response, base_url: str) -> AsyncGenerator[StreamEvent, None]:
-    lines = LineSplitter()
+    lines, progress = LineSplitter(), _Progress()
     try:
         async for chunk in response.aiter_bytes():
             for event in _parsed(lines.feed(chunk)):
-                yield event
+                yield progress.saw(event)
         for event in _parsed(lines.end()):
-            yield event
+            yield progress.saw(event)
     except httpx.TransportError as error:
-        raise connection_error(base_url, error) from error
+        raise stream_interrupted(base_url, error, progress.request_id) from error
     finally:
         await response.aclose()
+    if not progress.done:
+        raise stream_interrupted(base_url, None, progress.request_id)

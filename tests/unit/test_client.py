@@ -37,6 +37,7 @@ from cake_py.client import (
     RateLimitError,
     ServiceUnavailableError,
     StreamError,
+    StreamEvent,
     TextChunk,
 )
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
@@ -257,6 +258,53 @@ def test_an_error_line_in_a_stream_raises_stream_error() -> None:
     with pytest.raises(StreamError, match="worker-1") as caught:
         next(stream)
     assert caught.value.request_id == "s"
+
+
+def _cut_stream(request: httpx.Request, error: httpx.TransportError | None) -> Iterator[bytes]:
+    """A body that sends one text event, then fails with `error` (or ends cleanly, when None) before its done."""
+    yield _ndjson({"request_id": "s", "modality": "text", "data": _b64("a"), "metadata": {}})
+    if error is not None:
+        raise error
+
+
+@pytest.mark.parametrize(
+    ("error", "needle"),
+    [
+        (httpx.RemoteProtocolError("peer closed connection without sending complete message body"), "broke"),
+        (httpx.ReadTimeout(""), "went quiet: ReadTimeout: timed out"),
+        (None, "ended before its last event"),
+    ],
+    ids=["server died", "server went quiet", "closed before done"],
+)
+def test_a_stream_cut_midway_is_a_stream_error_not_an_unreachable_server(
+    error: httpx.TransportError | None, needle: str
+) -> None:
+    """A server killed mid-stream raised CakeConnectionError "cannot reach the cake server" (it had been reached), not
+    the StreamError the README promises for a failure in the middle of a stream; one whose connection closed cleanly
+    before the done event ended the iteration as if the answer were whole."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=_cut_stream(request, error))
+
+    stream = _client(handler).stream(text="Hi")
+    assert next(stream) == TextChunk("a", {}, False, "s")
+    with pytest.raises(StreamError, match=needle) as caught:
+        next(stream)
+    assert isinstance(caught.value, CakeConnectionError)  # also what it was before, for code that caught that
+    assert "cannot reach" not in str(caught.value) and caught.value.request_id == "s"
+
+    async def read_async() -> list[StreamEvent]:
+        async def body() -> Any:
+            for chunk in _cut_stream(httpx.Request("POST", "http://cake.test"), error):
+                yield chunk
+
+        client = AsyncCakeClient(
+            "http://cake.test", transport=httpx.MockTransport(lambda r: httpx.Response(200, content=body()))
+        )
+        return [event async for event in await client.stream(text="Hi")]
+
+    with pytest.raises(StreamError, match=needle):
+        asyncio.run(read_async())
 
 
 @pytest.mark.parametrize(
