@@ -110,6 +110,10 @@ def _json_body(values: Mapping[str, Any]) -> dict[str, Any]:
 class _ClientBase:
     def __init__(self, base_url: str, api_key: str | None, ui_auth: tuple[str, str] | None) -> None:
         self.base_url = base_url.rstrip("/")
+        # A key travels in a header: printable ASCII without spaces, as the server's --api-key takes it. Anything
+        # else failed each request later, as a bare UnicodeEncodeError or as "cannot reach the cake server".
+        if api_key and not all("!" <= char <= "~" for char in api_key):
+            raise ValueError("api_key must be printable ASCII without spaces (as the server's --api-key)")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # The UI routes (topology) take HTTP Basic when the server runs with --ui-auth; it replaces the key there.
         self._ui_headers: dict[str, str] = {}

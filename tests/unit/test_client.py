@@ -428,6 +428,15 @@ def test_connecting_has_its_own_short_timeout_unless_one_figure_is_given() -> No
     assert (seen[1]["connect"], seen[1]["read"]) == (30, 30)
 
 
+@pytest.mark.parametrize("key", ["ключ", "a\nb", "two words"])
+def test_an_api_key_no_header_can_carry_is_refused_when_the_client_is_made(key: str) -> None:
+    """It failed each request instead: a bare UnicodeEncodeError, or a CakeConnectionError "cannot reach"."""
+    for kind in (CakeClient, AsyncCakeClient):
+        with pytest.raises(ValueError, match="api_key must be printable ASCII without spaces") as caught:
+            kind("http://cake.test", api_key=key)
+        assert key not in str(caught.value)
+
+
 def test_health_returns_the_document_also_when_unhealthy_and_topology_uses_ui_auth() -> None:
     seen: list[httpx.Request] = []
 
