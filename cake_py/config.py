@@ -357,6 +357,16 @@ def parse_workers_flag(value: str) -> list[WorkerSpec]:
     return [WorkerSpec(f"worker-{i + 1}", parse_address(address), named=False) for i, address in enumerate(addresses)]
 
 
+def _worker_name(value: Any, index: int, path: Path) -> str:
+    """A worker's `name`: worker-N when left out; a number is its text. `name: ""`, `name: 0` became worker-N and
+    `name: [a]` "['a']", without a word."""
+    if value is None:
+        return f"worker-{index + 1}"
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+        raise ConfigError(f"cluster config {str(path)!r}: worker #{index + 1}'s name must be a word, got {value!r}")
+    return str(value)
+
+
 @dataclass(frozen=True)
 class ClusterFile:
     model: str | None
@@ -415,7 +425,7 @@ def load_cluster_file(path: Path) -> ClusterFile:
     for index, item in enumerate(raw_workers):
         if not isinstance(item, dict) or "address" not in item:
             raise ConfigError(f"cluster config {str(path)!r}: worker #{index + 1} needs an 'address'")
-        name = str(item.get("name") or f"worker-{index + 1}")
+        name = _worker_name(item.get("name"), index, path)
         if name == "master":  # the master's own stages carry that name (topology, /health, /metrics)
             raise ConfigError(f"cluster config {str(path)!r}: worker {index + 1} may not be named 'master'")
         extra = set(item) - {"name", "address", "layers"}

@@ -66,6 +66,12 @@ def test_bad_cluster_files(tmp_path: Path, text: str, needle: str) -> None:
         load_cluster_file(path)
 
 
+def test_a_number_as_a_worker_name_is_its_text(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text('workers: [{name: 0, address: "h:1"}, {name: 7, address: "h:2"}, {address: "h:3"}]\n')
+    assert [worker.name for worker in load_cluster_file(path).workers] == ["0", "7", "worker-3"]
+
+
 def test_missing_cluster_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_cluster_file(tmp_path / "nope.yaml")
@@ -198,6 +204,9 @@ def test_an_empty_chat_template_is_refused(tmp_path: Path) -> None:
         ("workers: [{name: a, address: null}]\n", "worker 'a': address must be HOST:PORT, got None"),
         ("[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
         ('workers: [{name: a, address: "h:1"}]\nworkers: []\n', "found key 'workers' twice"),
+        ('workers: [{name: "", address: "h:1"}]\n', "worker #1's name must be a word, got ''"),
+        ('workers: [{name: [a], address: "h:1"}]\n', "worker #1's name must be a word, got ['a']"),
+        ('workers: [{name: a, address: "h:1"}, {name: true, address: "h:2"}]\n', "#2's name must be a word, got True"),
         ('workers: [{name: a, address: "h:1", address: "h:2"}]\n', "found key 'address' twice"),
     ],
     ids=lambda value: str(value)[:30],
