@@ -201,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="TCP port of the forward fast path (0: any free port, announced to the master; -1: off, gRPC only)",
     )
     worker.add_argument(
-        "--kv-idle-seconds", type=positive_int, default=600, help="free a sequence's KV caches after this idle time"
+        "--kv-idle-seconds",
+        type=at_least_one,
+        default=600,
+        help="free a sequence's KV caches after this many seconds idle",
     )
     worker.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _tls_flags(worker)

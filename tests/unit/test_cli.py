@@ -172,6 +172,10 @@ def test_a_workers_flag_with_no_address_is_refused_not_a_master_serving_alone(va
     assert_one_line_error(cake("serve", "--port", "1", "--workers", value, timeout=60), "lists no HOST:PORT")
 
 
+def test_a_kv_idle_time_of_zero_is_refused_not_taken_as_one_second() -> None:
+    assert_one_line_error(cake("worker", "--kv-idle-seconds", "0"), "--kv-idle-seconds: '0' must be at least 1")
+
+
 def test_an_unknown_pooling_is_refused() -> None:
     assert_one_line_error(cake("serve", "--pooling", "cls"), "'cls'")
 
