@@ -202,8 +202,9 @@ class CakeClient(_ClientBase):
     def chat(
         self, text: str, *, images: Media | None = None, audio: Media | None = None, **model_kwargs: Any
     ) -> GenerateResult:
-        """One user message through the model's chat template (`system=` sets a system prompt)."""
-        return self.generate(text=text, images=images, audio=audio, **model_kwargs)
+        """One user message through the model's chat template (`system=` sets a system prompt); blocking, as its
+        type says (`stream=True` is a TypeError: use `stream(text=...)`)."""
+        return self.generate(text=text, images=images, audio=audio, stream=False, **model_kwargs)
 
     def stream(
         self,
@@ -338,7 +339,7 @@ class AsyncCakeClient(_ClientBase):
     async def chat(
         self, text: str, *, images: Media | None = None, audio: Media | None = None, **model_kwargs: Any
     ) -> GenerateResult:
-        return await self.generate(text=text, images=images, audio=audio, **model_kwargs)
+        return await self.generate(text=text, images=images, audio=audio, stream=False, **model_kwargs)
 
     async def stream(
         self,

@@ -428,6 +428,16 @@ def test_connecting_has_its_own_short_timeout_unless_one_figure_is_given() -> No
     assert (seen[1]["connect"], seen[1]["read"]) == (30, 30)
 
 
+def test_chat_is_blocking_whatever_its_keywords_say() -> None:
+    """chat("hi", stream=True) returned an EventStream where its type (and the README) promise a GenerateResult."""
+    client = _client(lambda request: httpx.Response(200, json=ANSWER))
+    with pytest.raises(TypeError, match="stream"):
+        client.chat("Hi", stream=True)
+    async_client = AsyncCakeClient("http://cake.test", transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+    with pytest.raises(TypeError, match="stream"):
+        asyncio.run(async_client.chat("Hi", stream=True))
+
+
 @pytest.mark.parametrize("key", ["ключ", "a\nb", "two words"])
 def test_an_api_key_no_header_can_carry_is_refused_when_the_client_is_made(key: str) -> None:
     """It failed each request instead: a bare UnicodeEncodeError, or a CakeConnectionError "cannot reach"."""
