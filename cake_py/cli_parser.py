@@ -11,6 +11,7 @@ from cake_py.cli_values import (
     at_least_one,
     data_port,
     gigabytes,
+    host,
     port,
     positive_int,
     seconds_or_off,
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-path", dest="model_path", help="alias of MODEL")
     serve.add_argument("--config", type=Path, help="cluster.yaml with the model and workers")
     serve.add_argument("--workers", help="comma-separated HOST:PORT of workers (automatic placement)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", type=host, default="127.0.0.1")
     serve.add_argument("--port", type=port, default=DEFAULT_SERVE_PORT)
     serve.add_argument("--model-name", help="model id reported by the API (default: the model's id)")
     serve.add_argument("--dtype", default="bfloat16", choices=DTYPES)
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tls_flags(serve)
 
     worker = commands.add_parser("worker", help="run a worker that holds a range of layers for a master")
-    worker.add_argument("--host", default="0.0.0.0")
+    worker.add_argument("--host", type=host, default="0.0.0.0")
     worker.add_argument("--port", type=port, default=DEFAULT_WORKER_PORT)
     worker.add_argument("--name", help="worker name shown in the topology (default: hostname:port)")
     worker.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")

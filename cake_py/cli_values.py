@@ -21,6 +21,13 @@ def port(value: str) -> int:
     return number
 
 
+def host(value: str) -> str:
+    """--host: an address or a name; empty (`--host "$UNSET"`) is refused, not taken as every interface."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"{value!r} is no address: give one such as 127.0.0.1, or 0.0.0.0 for all")
+    return value.strip()
+
+
 def data_port(value: str) -> int:
     return -1 if value.strip() == "-1" else port(value)
 

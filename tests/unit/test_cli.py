@@ -172,6 +172,14 @@ def test_a_workers_flag_with_no_address_is_refused_not_a_master_serving_alone(va
     assert_one_line_error(cake("serve", "--port", "1", "--workers", value, timeout=60), "lists no HOST:PORT")
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_an_empty_host_is_refused_not_taken_as_every_interface(command: str) -> None:
+    """serve --host "" (a variable left unset) listened on 0.0.0.0 and ::, an open API on every interface where
+    the default is loopback; a worker's was gRPC's two-line bind error."""
+    result = cake(command, "--host", "", "--port", "1", timeout=60)
+    assert_one_line_error(result, "argument --host: '' is no address")
+
+
 def test_a_kv_idle_time_of_zero_is_refused_not_taken_as_one_second() -> None:
     assert_one_line_error(cake("worker", "--kv-idle-seconds", "0"), "--kv-idle-seconds: '0' must be at least 1")
 
