@@ -217,7 +217,14 @@ def parse_address(value: str) -> str:
     if "://" in value:
         raise ConfigError(f"worker address {value!r} is not HOST:PORT: give it without a scheme, like 10.0.0.5:10128")
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in value):
+    # ASCII digits only: str.isdigit() and int() also take other scripts' digits ("١٢"), which gRPC does not
+    if (
+        not sep
+        or not host
+        or not re.fullmatch(r"[0-9]+", port)
+        or not 0 < int(port) < 65536
+        or any(c.isspace() for c in value)
+    ):
         raise ConfigError(f"worker address {value!r} is not HOST:PORT")
     if host.startswith("["):
         if not host.endswith("]") or ":" not in host[1:-1] or "[" in host[1:] or "]" in host[:-1]:

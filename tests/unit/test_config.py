@@ -226,6 +226,7 @@ def test_odd_yaml_in_a_cluster_config_is_named(tmp_path: Path, content: str, nee
         ("[::1]x:10128", "brackets hold an IPv6 address"),
         ("[]:10128", "brackets hold an IPv6 address"),
         ("a b:10128", "is not HOST:PORT"),
+        ("127.0.0.1:\u0661\u0662", "is not HOST:PORT"),  # Arabic-Indic "12": isdigit() and int() take it
     ],
 )
 def test_addresses_that_cannot_be_a_worker_are_named(address: str, needle: str) -> None:
