@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
@@ -48,6 +49,10 @@ PING_TIMEOUT_S = 1.5
 RELEASE_TIMEOUT_S = 1.5
 # A worker that another master re-assigned is taken back only once that master has left it idle this long.
 TAKEOVER_IDLE_S = 60.0
+# A worker that answers no ping this long while it verifies or receives its layers is hung (paused, frozen): the
+# Prepare or Assign is given up. Without this, only gRPC's keepalive noticed, after about 70 s (a stalled stream
+# fills the socket's buffers, and the keepalive pings wait behind them), the Prepare's own deadline after 60 s.
+ASSIGN_STALL_S = 10.0
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
@@ -119,6 +124,40 @@ class WorkerConnection:
                 self.channel = grpc.insecure_channel(self.spec.address, options=CHANNEL_OPTIONS)
             self.stub = pb_grpc.WorkerStub(self.channel)
         return self.stub
+
+    def _watchdog(self) -> tuple[grpc.Channel, pb_grpc.WorkerStub]:
+        """A channel of its own (its own TCP connection: a stalled Assign stream may fill the shared one's buffers)
+        for the pings that tell a hung worker from a slow one."""
+        options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        if self.credentials is not None:
+            channel = grpc.secure_channel(self.spec.address, self.credentials, options=options)
+        else:
+            channel = grpc.insecure_channel(self.spec.address, options=options)
+        return channel, pb_grpc.WorkerStub(channel)
+
+    def _await(self, call: Any, doing: str) -> Any:
+        """The result of a long call (Prepare, Assign), given up once the worker has answered no ping for
+        ASSIGN_STALL_S; gRPC errors are raised as they are."""
+        channel, stub = self._watchdog()
+        try:
+            answered = time.monotonic()
+            while True:
+                try:
+                    return call.result(timeout=PING_INTERVAL_S)
+                except grpc.FutureTimeoutError:
+                    pass
+                try:
+                    stub.Info(pb.InfoRequest(), timeout=PING_TIMEOUT_S, metadata=self.metadata)
+                    answered = time.monotonic()
+                except grpc.RpcError:
+                    if time.monotonic() - answered >= ASSIGN_STALL_S:
+                        call.cancel()
+                        raise ClusterError(
+                            f"{self.label} stopped answering while {doing} (no answer for {ASSIGN_STALL_S:.0f} s: "
+                            "is it paused, hung, or is the network down?)"
+                        ) from None
+        finally:
+            channel.close()
 
     def close(self) -> None:
         if self.channel is not None:
@@ -240,10 +279,13 @@ class WorkerConnection:
         # The worker hashes every cached tensor it has: give it time for a large model on a slow disk.
         total = sum(spec.size_bytes for spec in specs)
         try:
-            prepared = stub.Prepare(
-                pb.PrepareRequest(model_id=assignment.model_id, tensors=specs),
-                timeout=max(60.0, total / VERIFY_BYTES_PER_S),
-                metadata=self.metadata,
+            prepared = self._await(
+                stub.Prepare.future(
+                    pb.PrepareRequest(model_id=assignment.model_id, tensors=specs),
+                    timeout=max(60.0, total / VERIFY_BYTES_PER_S),
+                    metadata=self.metadata,
+                ),
+                f"verifying its weight cache for {layers}",
             )
         except grpc.RpcError as error:
             raise self.error(error, f"verifying its weight cache for {layers}") from None
@@ -287,7 +329,7 @@ class WorkerConnection:
                                 self.label, streamed / 1e6, to_send / 1e6, 100 * streamed // to_send,
                             )  # fmt: skip
 
-            reply = stub.Assign(chunks(), timeout=3600, metadata=self.metadata)
+            reply = self._await(stub.Assign.future(chunks(), timeout=3600, metadata=self.metadata), f"loading {layers}")
             self.assignment = reply.assignment
             return reply
         except grpc.RpcError as error:

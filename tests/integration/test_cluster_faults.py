@@ -33,6 +33,7 @@ from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.sampling import SamplingParams
 from cake_py.rpc import client as client_module
 from cake_py.rpc.client import RemoteStage
+from cake_py.rpc.connection import ASSIGN_STALL_S, Assignment, WorkerConnection
 from cake_py.rpc.dataplane import DataPlaneServer
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import LocalCluster, collect, free_port, generate_tokens, greedy, token_ids, wait_until
@@ -634,3 +635,27 @@ def test_a_worker_holding_this_masters_earlier_layers_is_taken_back_at_once(
     finally:
         engine.stop()
         retired.close()
+
+
+def test_a_worker_that_hangs_while_it_gets_its_layers_is_given_up_in_seconds(
+    cluster: LocalCluster, llama: ModelSource
+) -> None:
+    """A worker frozen while it verifies or receives its layers (at startup, a re-assign, a failover placement) fails
+    the Assign within ASSIGN_STALL_S, not after Prepare's 60 s deadline or gRPC keepalive's ~70 s, during which a
+    failover placement left the whole cluster answering 503."""
+    worker = cluster.worker("--data-port", "-1", name="frozen")
+    worker.start()
+    assignment = Assignment(llama.model_id, json.dumps(llama.weights.config), llama.weights, 0, 3, torch.float32)
+    connection = WorkerConnection(worker.spec(), None, None)
+    try:
+        connection.handshake()
+        worker.pause()
+        began = time.monotonic()
+        with pytest.raises(ClusterError, match="'frozen' .* stopped answering while verifying its weight cache"):
+            connection.assign(assignment)
+        assert time.monotonic() - began < ASSIGN_STALL_S + 10
+        worker.resume()
+        assert connection.assign(assignment).received_bytes > 0  # it serves again once it answers
+    finally:
+        worker.resume()
+        connection.close()

@@ -137,18 +137,31 @@ def test_worker_figures_come_from_its_last_ping_and_are_unknown_once_it_is_down(
         remote.close()
 
 
+class MissedDeadline:
+    """A call's future that ends with its deadline missed."""
+
+    def result(self, timeout: float | None = None) -> Any:
+        error = grpc.RpcError()
+        error.code = lambda: grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        error.details = lambda: "Deadline Exceeded"  # type: ignore[attr-defined]
+        raise error
+
+
+class TimeoutPrepare:
+    def __init__(self, timeouts: list[float]) -> None:
+        self.timeouts = timeouts
+
+    def future(self, request: Any, timeout: float, metadata: Any) -> MissedDeadline:
+        self.timeouts.append(timeout)
+        return MissedDeadline()
+
+
 class TimeoutStub:
     """A worker stub whose Prepare records its deadline and then misses it."""
 
     def __init__(self) -> None:
         self.timeouts: list[float] = []
-
-    def Prepare(self, request: Any, timeout: float, metadata: Any) -> Any:
-        self.timeouts.append(timeout)
-        error = grpc.RpcError()
-        error.code = lambda: grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-        error.details = lambda: "Deadline Exceeded"  # type: ignore[attr-defined]
-        raise error
+        self.Prepare = TimeoutPrepare(self.timeouts)
 
 
 def test_verifying_a_large_cache_gets_time_and_says_what_timed_out(monkeypatch: pytest.MonkeyPatch) -> None:
