@@ -232,7 +232,11 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"assignment failed: {reason}")
             raise  # unreachable: abort raises
         except BaseException as error:  # the master cancelled, the disk filled, memory ran out: never stuck LOADING
-            self._assignment_failed(writers, f"{type(error).__name__}: {error}")
+            # The stream's own error says nothing (an empty RpcError): name what happened instead.
+            cut = isinstance(error, grpc.RpcError) and not str(error)
+            reason = "the master cancelled the stream or its connection broke" if cut else ""
+            reason = reason or f"{type(error).__name__}: {error}"
+            self._assignment_failed(writers, reason)
             raise
         finally:
             self.cache.release(pinned)  # what Prepare kept from eviction for it may go again

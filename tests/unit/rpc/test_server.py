@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import pytest
 import torch
 
@@ -504,3 +505,18 @@ def test_a_second_assign_while_one_loads_is_refused(fresh_worker: WorkerServicer
     assert fresh_worker.model is not None and (fresh_worker.model.start, fresh_worker.model.end) == (0, 2)
     fresh_worker.Assign(iter(assign_messages(source, 1, 3)), Context())  # type: ignore[arg-type]  # once it is done
     assert (fresh_worker.model.start, fresh_worker.model.end) == (1, 3)
+
+
+def test_an_assignment_the_master_cut_off_says_so(fresh_worker: WorkerServicer, tiny_llama: Path) -> None:
+    """gRPC ends the stream of a master that cancelled or went away with an RpcError whose text is empty: the log and
+    the status must still say what happened (they said "RpcError: ")."""
+    messages = assign_messages(resolve_model(str(tiny_llama)), 0, 2)
+
+    def cancelled() -> Iterator[pb.AssignChunk]:
+        yield from messages[:2]
+        raise grpc.RpcError()
+
+    with pytest.raises(grpc.RpcError):
+        fresh_worker.Assign(cancelled(), Context())  # type: ignore[arg-type]
+    assert fresh_worker.status == pb.WORKER_STATUS_FAILED
+    assert fresh_worker.error == "the master cancelled the stream or its connection broke"
