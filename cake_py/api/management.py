@@ -95,6 +95,10 @@ def _load_status(error: CakeError) -> int:
     return 400 if status == 500 and isinstance(error, ModelError) else status
 
 
+async def _not_answering(engine: Engine) -> list[str]:
+    return await run_in_threadpool(engine.pipeline.not_answering)
+
+
 def _busy(state: ServerState) -> ApiError:
     return ApiError(503, f"the server is already {state.switching or 'switching models'}; retry when it is done")
 
@@ -112,7 +116,9 @@ async def load_model(request: Request) -> Response:
     async with state.switch_lock:
         _stop_restoring(state)
         failover = state.failover  # with --failover-after, a load goes without the workers that do not answer
-        if failover is None and state.engine is not None and (down := state.engine.pipeline.down_stages()):
+        # Every worker asked now: one that froze a moment ago still looks up, and switching would unload the model
+        # that serves for one that cannot load.
+        if failover is None and state.engine is not None and (down := await _not_answering(state.engine)):
             raise ApiError(
                 503,
                 f"pipeline stage(s) down: {', '.join(down)}; {state.model_name!r} is still loaded. "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -87,6 +88,13 @@ class Pipeline:
     def down_stages(self) -> list[str]:
         """The names of the stages that are down now (cheap: each stage keeps its state, nothing is asked)."""
         return [stage.name for stage in self.stages if not stage.healthy()]
+
+    def not_answering(self) -> list[str]:
+        """The names of the stages down, or whose worker does not answer a ping now (all asked at once): before a
+        step that cannot be undone (a model switch), not the state of the last ping, which may be a second old."""
+        with ThreadPoolExecutor(max(len(self.stages), 1)) as pool:
+            answers = list(pool.map(lambda stage: stage.answers(), self.stages))
+        return [stage.name for stage, answered in zip(self.stages, answers, strict=True) if not answered]
 
     def down_workers(self) -> list[str]:
         """The addresses of the workers whose stages are down now."""

@@ -52,6 +52,10 @@ class Stage(Protocol):
 
     def healthy(self) -> bool: ...
 
+    def answers(self) -> bool:
+        """Whether it is up and answers now (asks a worker: `healthy` is only as fresh as the last ping)."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """The node this stage runs on, for topology: `local` True for the master's own layers."""
         ...
@@ -82,6 +86,9 @@ class LocalStage:
         self.kv.release(seq_ids)
 
     def healthy(self) -> bool:
+        return True
+
+    def answers(self) -> bool:
         return True
 
     def describe(self) -> dict[str, Any]:

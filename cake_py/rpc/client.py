@@ -330,6 +330,16 @@ class RemoteStage:
     def healthy(self) -> bool:
         return self._up
 
+    def answers(self) -> bool:
+        if not self._up:
+            return False
+        try:
+            self.connection.info()
+        except ClusterError as error:
+            self._mark_down(str(error))
+            return False
+        return True
+
     def _mark_down(self, reason: str) -> None:
         if self._up:  # the first reason is the cause; later ones are its echoes (a cancelled stream, a closed socket)
             log.error("%s is down: %s", self.connection.label, reason)

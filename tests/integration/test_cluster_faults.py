@@ -310,6 +310,27 @@ def test_topology_and_health_over_http_during_generation_and_faults(
         assert completion.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_a_load_just_after_a_worker_froze_is_refused_and_the_model_stays(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory
+) -> None:
+    """The load looked at the stages' state as of their last ping: a worker frozen a moment before still looked up,
+    the model serving was unloaded, and nothing was served until the worker answered again."""
+    first, second = cluster.start_workers(2)
+    settings = tiny_settings(tiny_model_factory("llama"), workers=[first.spec((0, 2)), second.spec((2, 3))])
+    with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=30.0) as http:
+        second.pause()
+        try:
+            load = http.post("/models/load", json={"model_id": None})
+        finally:
+            second.resume()
+        assert load.status_code == 503 and "still loaded" in load.json()["detail"], load.text
+        assert second.name in load.json()["detail"]
+        assert http.get("/models/current").json()["loaded"] is True
+        wait_until(lambda: http.get("/health").status_code == 200, 15.0, "/health turning 200 after the pause")
+        completion = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        assert completion.status_code == 200, completion.text
+
+
 # ---- a worker another master re-assigned: never run on its weights; taken back only once it is left idle ----
 
 

@@ -214,6 +214,9 @@ class InProcessWorker:
     def healthy(self) -> bool:
         return True
 
+    def answers(self) -> bool:
+        return True
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
 

@@ -55,6 +55,9 @@ class DyingStage(LocalStage):
     def healthy(self) -> bool:
         return not self.down
 
+    def answers(self) -> bool:
+        return not self.down
+
     def come_back(self) -> None:
         self.down = False
 
