@@ -525,3 +525,34 @@ def test_the_last_event_names_the_stop_string_or_token_that_ended_it(engine: Eng
     assert stop.strip(), text
     by_string = list(engine.generate(prompt, replace(GREEDY, stop=("NEVER-THERE", stop))))
     assert (by_string[-1].finish_reason, by_string[-1].stop_reason) == ("stop", stop)
+
+
+def test_a_short_prompt_is_not_prefilled_behind_long_ones(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Prefills share each step's token budget shortest first: a 5-token prompt admitted after four 450-token ones
+    gets its first token before any of them (first come, first served held it until every long prefill was done)."""
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, max_batch_tokens=64)
+    first_token_step: dict[str, int] = {}
+    done = threading.Semaphore(0)
+
+    def sink(name: str) -> Callable[[GenerationEvent], None]:
+        def receive(event: GenerationEvent) -> None:
+            if event.tokens and name not in first_token_step:
+                first_token_step[name] = engine.stats.steps  # the engine thread counts its step before the events
+            if event.finished:
+                done.release()
+
+        return receive
+
+    engine.start()
+    try:
+        for index in range(4):
+            prompt = [5 + (index * 7 + position) % 300 for position in range(450)]
+            engine.submit(prompt, replace(GREEDY, max_tokens=2), sink(f"long-{index}"))
+        engine.submit([7, 8, 9, 10, 11], replace(GREEDY, max_tokens=2), sink("short"))
+        for _ in range(5):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    longs = [step for name, step in first_token_step.items() if name != "short"]
+    assert first_token_step["short"] < min(longs), first_token_step
