@@ -262,7 +262,9 @@ class Engine(Faults):
 
     @property
     def in_flight(self) -> int:
-        return len(self._running) + len(self._waiting)
+        """Sequences running or waiting to start, those submitted during the step in progress included (still in the
+        inbox): never fewer than `queue_depth`."""
+        return len(self._running) + self.queue_depth
 
     @property
     def queue_depth(self) -> int:

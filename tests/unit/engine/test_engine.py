@@ -556,3 +556,12 @@ def test_a_short_prompt_is_not_prefilled_behind_long_ones(tiny_model_factory) ->
         engine.stop()
     longs = [step for name, step in first_token_step.items() if name != "short"]
     assert first_token_step["short"] < min(longs), first_token_step
+
+
+def test_a_sequence_still_in_the_inbox_counts_as_in_flight(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """A sequence submitted while the engine is inside a step waits in its inbox until the step ends: it is queued,
+    and so in flight (/metrics showed cake_queue_depth 15 beside cake_sequences_in_flight 9 during a long prefill)."""
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)  # not started: nothing leaves the inbox
+    engine.submit([5, 6, 7], GREEDY, lambda event: None)
+    assert (engine.queue_depth, engine.in_flight) == (1, 1)
