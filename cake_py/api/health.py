@@ -44,7 +44,8 @@ def health_document(state: ServerState) -> tuple[dict[str, object], int]:
     if died:
         body["error"] = ENGINE_DEAD
     elif down:
-        body["error"] = f"pipeline stage(s) down: {', '.join(down)}"
+        assert engine is not None
+        body["error"] = f"pipeline stage(s) down: {engine.pipeline.down_with_reasons(up)}"
     elif switching:
         body["error"] = f"the server is {switching}"
     elif empty:

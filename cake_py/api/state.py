@@ -203,7 +203,8 @@ class ServerState:
         if down:
             raise ApiError(
                 503,
-                f"pipeline stage(s) down: {', '.join(down)}; the master reconnects on its own (see GET /health)",
+                f"pipeline stage(s) down: {engine.pipeline.down_with_reasons()}; the master reconnects on its own "
+                "(see GET /health)",
                 headers={"Retry-After": "5"},
             )
         return engine, source

@@ -89,6 +89,17 @@ class Pipeline:
         """The names of the stages that are down now (cheap: each stage keeps its state, nothing is asked)."""
         return [stage.name for stage in self.stages if not stage.healthy()]
 
+    def down_with_reasons(self, up: Sequence[bool] | None = None) -> str:
+        """The stages down now (or not `up`, read once by the caller), each with why ("w2 (refused our cluster
+        key)"): a reason the master cannot mend itself (a wrong key, another master) is told to the client, not only
+        logged."""
+        up = [stage.healthy() for stage in self.stages] if up is None else up
+        return ", ".join(
+            f"{stage.name} ({reason})" if (reason := getattr(stage, "status_error", "")) else stage.name
+            for stage, stage_up in zip(self.stages, up, strict=True)
+            if not stage_up
+        )
+
     def not_answering(self) -> list[str]:
         """The names of the stages down, or whose worker does not answer a ping now (all asked at once): before a
         step that cannot be undone (a model switch), not the state of the last ping, which may be a second old."""

@@ -331,6 +331,29 @@ def test_a_load_just_after_a_worker_froze_is_refused_and_the_model_stays(
         assert completion.status_code == 200, completion.text
 
 
+def test_health_and_refusals_say_why_a_worker_is_down(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory
+) -> None:
+    """A worker restarted with another cluster key was only "down" in /health and in the 503 ("the master reconnects
+    on its own": it never will); why was in the master's log alone."""
+    worker = cluster.worker("--cluster-key", "right-key")
+    worker.start()
+    settings = tiny_settings(tiny_model_factory("llama"), workers=[worker.spec()], cluster_key="right-key")
+    with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=30.0) as http:
+        worker.stop()
+        worker.args[worker.args.index("right-key")] = "another-key"
+        worker.start()
+
+        def said() -> bool:
+            return "cluster key" in str(http.get("/health").json().get("error"))
+
+        wait_until(said, 20.0, "/health naming the refused cluster key")
+        refused = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+        assert refused.status_code == 503 and "cluster key" in refused.json()["error"], refused.text
+        assert worker.name in refused.json()["error"]
+    worker.stop()
+
+
 # ---- a worker another master re-assigned: never run on its weights; taken back only once it is left idle ----
 
 
