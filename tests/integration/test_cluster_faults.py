@@ -31,6 +31,7 @@ from cake_py.engine.sequence import GenerationEvent
 from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.sampling import SamplingParams
+from cake_py.rpc import chain as chain_module
 from cake_py.rpc import client as client_module
 from cake_py.rpc.client import RemoteStage
 from cake_py.rpc.connection import ASSIGN_STALL_S, Assignment, WorkerConnection
@@ -213,7 +214,7 @@ def test_a_chained_forward_lost_on_the_way_fails_the_step(
 ) -> None:
     """The first worker passes its output to a server that takes frames and never answers: both real workers
     stay up and idle, so only their pings' forward_idle_seconds can tell the master its hidden states are gone."""
-    monkeypatch.setattr(client_module, "CHAIN_STALL_S", 2.0)
+    monkeypatch.setattr(chain_module, "CHAIN_STALL_S", 2.0)
     black_hole = DataPlaneServer("127.0.0.1", 0, lambda frame: None, None, None)
     black_hole.start()
     first, second = cluster.start_workers(2)
