@@ -15,20 +15,22 @@ from cake_py.cli_parser import build_parser
 from cake_py.config import (
     ServeSettings,
     WorkerSettings,
-    check_cluster_key,
     check_device,
     check_dtype,
-    check_files_dir,
-    check_tls_files,
     default_cache_dir,
     default_files_dir,
     env_given,
     load_cluster_file,
-    parse_api_keys,
     parse_cpus,
+    parse_workers_flag,
+)
+from cake_py.config_checks import (
+    check_cluster_key,
+    check_files_dir,
+    check_tls_files,
+    parse_api_keys,
     parse_origins,
     parse_ui_auth,
-    parse_workers_flag,
     read_chat_template,
 )
 from cake_py.errors import CakeError, ConfigError

@@ -16,7 +16,8 @@ from cake_py.api.http_protocol import HeadTimeoutProtocol
 from cake_py.api.state import ServerState, context_length
 from cake_py.cluster.hostinfo import measure_tflops
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
-from cake_py.config import ServeSettings, check_can_listen
+from cake_py.config import ServeSettings
+from cake_py.config_checks import check_can_listen
 from cake_py.engine.engine import Engine
 from cake_py.errors import ConfigError
 from cake_py.models import graphs

@@ -14,7 +14,8 @@ import grpc
 import torch
 
 from cake_py.cluster.hostinfo import measure_tflops
-from cake_py.config import WorkerSettings, check_can_listen, listen_address
+from cake_py.config import WorkerSettings
+from cake_py.config_checks import check_can_listen, listen_address
 from cake_py.errors import ClusterError
 from cake_py.models import graphs
 from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_device, set_threads, tune_allocator

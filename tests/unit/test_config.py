@@ -1,4 +1,5 @@
-"""cluster.yaml parsing, layer ranges and flag validation: every error names the bad value."""
+"""cluster.yaml parsing, layer ranges and flag validation (cake_py.config and cake_py.config_checks): every error
+names the bad value."""
 
 from pathlib import Path
 
@@ -6,16 +7,18 @@ import pytest
 
 from cake_py.config import (
     WorkerSpec,
+    load_cluster_file,
+    parse_address,
+    parse_cpus,
+    parse_layers,
+    parse_workers_flag,
+)
+from cake_py.config_checks import (
     check_can_listen,
     check_files_dir,
     listen_address,
-    load_cluster_file,
-    parse_address,
     parse_api_keys,
-    parse_cpus,
-    parse_layers,
     parse_ui_auth,
-    parse_workers_flag,
     read_chat_template,
 )
 from cake_py.errors import ConfigError
@@ -115,7 +118,7 @@ def test_bad_cpus_name_the_item(value: str, needle: str) -> None:
 
 
 def test_allowed_origins_are_star_or_origins() -> None:
-    from cake_py.config import parse_origins
+    from cake_py.config_checks import parse_origins
 
     assert parse_origins("*") == ("*",)
     assert parse_origins("") == ()

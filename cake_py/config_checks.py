@@ -1,0 +1,154 @@
+"""Checks of the values `cake serve` and `cake worker` are given (keys, TLS files, origins, the files folder, a chat
+template, the listening address): each a ConfigError naming the flag and the bad value, found before anything
+starts. cake_py.config holds the settings these fill."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from cake_py.config import read_settings_file
+from cake_py.errors import ConfigError
+
+
+def parse_origins(value: str) -> tuple[str, ...]:
+    """--allowed-origins: `*`, or comma-separated origins such as https://app.example.com ('' allows none)."""
+    origins = tuple(origin.strip().rstrip("/") for origin in value.split(",") if origin.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(f"--allowed-origins: {origin!r} is not * or an origin such as https://app.example.com")
+    return origins
+
+
+def parse_api_keys(value: str | None, key_file: Path | None = None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """--api-key KEY[,KEY…] (a comma-separated list, as llama.cpp's server takes it) and --api-key-file (one key per
+    line, or a name and its key: `alice KEY`; blank lines and # comments skipped): the keys, and the names given. A
+    key travels in an HTTP header: printable ASCII without spaces. The messages name where a bad key is, never the
+    key."""
+    keys = [("--api-key", key.strip()) for key in (value or "").split(",") if key.strip()]
+    if value is not None and not keys:  # given, but nothing in it: never a server left open by a typo
+        raise ConfigError("--api-key (or CAKE_API_KEY) holds no key: give KEY, or KEY1,KEY2")
+    names: dict[str, str] = {}
+    if key_file is not None:
+        # A small regular file: /dev/zero was read until memory ran out, and a FIFO held startup forever.
+        content = read_settings_file(key_file, "--api-key-file")
+        try:
+            lines = content.decode("utf-8-sig").splitlines()  # a BOM some editors write is not a key
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"--api-key-file {str(key_file)!r} cannot be read: {error}") from None
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            comment = next((at for at, field in enumerate(fields) if field.startswith("#")), len(fields))
+            fields = fields[:comment]  # `KEY  # bob's` keeps KEY: a comment is never read as a key
+            if not fields:
+                continue
+            where = f"line {number} of --api-key-file"
+            if len(fields) > 2 or len(fields) == 2 and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", fields[0]):
+                raise ConfigError(f"{where} must be a key, or a name (letters, digits, _ . @ -) and its key")
+            keys.append((where, fields[-1]))
+            if len(fields) == 2:
+                names[fields[1]] = fields[0]
+        if not any(where.startswith("line") for where, _ in keys):
+            raise ConfigError(f"--api-key-file {str(key_file)!r} holds no key (one per line)")
+    for where, key in keys:
+        if not all("!" <= char <= "~" for char in key):
+            raise ConfigError(f"the API key of {where} must be printable ASCII without spaces")
+    return tuple(dict.fromkeys(key for _, key in keys)), names
+
+
+def parse_ui_auth(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"--ui-auth must be USER:PASS, got {value!r}")
+    return user, password
+
+
+def check_cluster_key(key: str | None) -> str | None:
+    """A cluster key travels in gRPC metadata, which carries printable ASCII only: anything else would fail every
+    call with a cryptic transport error, so it is refused at startup."""
+    if key is not None and (not key or not all(" " <= char <= "~" for char in key)):
+        raise ConfigError("--cluster-key must be printable ASCII (letters, digits, punctuation), and not empty")
+    return key
+
+
+def check_tls_files(cert: Path | None, key: Path | None, ca: Path | None) -> None:
+    """--tls-cert and --tls-key come together, and every file given can be read: checked at startup, before any
+    connection would fail on them (a master with no workers would never find out)."""
+    if (cert is None) != (key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both (the certificate and its private key)")
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
+        if path is None:
+            continue
+        try:
+            with path.open("rb") as handle:
+                handle.read(1)
+        except OSError as error:
+            raise ConfigError(f"{flag} {str(path)!r} cannot be read: {error.strerror or error}") from None
+
+
+def check_files_dir(path: Path) -> Path:
+    """--files-dir: made now if missing, so a path that cannot be a folder is a startup error, not the first
+    upload's 500."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--files-dir {str(path)!r} cannot be a folder: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--files-dir {str(path)!r} is not writable")
+    return path
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template, as vLLM takes it: a file holding a Jinja chat template, or the template itself."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise ConfigError("--chat-template is empty: give a template file or a Jinja template")
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except OSError:  # a long one-line template is no file name (ENAMETOOLONG)
+        is_file = False
+    if not is_file and ("{{" in value or "{%" in value):
+        return value
+    try:
+        exists = path.exists()
+    except OSError:
+        exists = False
+    if not exists:
+        raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    try:
+        template = read_settings_file(path, "--chat-template").decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--chat-template: cannot read {value!r}: {error}") from None
+    if not template.strip():
+        raise ConfigError(f"--chat-template: the file {value!r} is empty")
+    return template
+
+
+def listen_address(host: str, port: int) -> str:
+    """HOST:PORT as gRPC reads it: an IPv6 host in brackets ("::" → "[::]:10128")."""
+    bare = host.strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind --host:--port once, at startup, before anything is loaded: a port in use or a host that is not this
+    machine's is one line naming them, not a late error from the server library."""
+    if port == 0:
+        return
+    import socket
+
+    bare = host.strip("[]")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
+            probe.bind(address)
+    except OSError as error:  # gaierror included
+        raise ConfigError(f"cannot listen on {listen_address(host, port)}: {error.strerror or error}") from None
