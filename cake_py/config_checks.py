@@ -87,6 +87,9 @@ def check_tls_files(cert: Path | None, key: Path | None, ca: Path | None) -> Non
                 handle.read(1)
         except OSError as error:
             raise ConfigError(f"{flag} {str(path)!r} cannot be read: {error.strerror or error}") from None
+    from cake_py.rpc.dataplane_client import client_tls  # the files as PEM: a master with no workers used none
+
+    client_tls(cert, key, ca)
 
 
 def check_files_dir(path: Path) -> Path:

@@ -237,6 +237,8 @@ def test_tls_files_that_are_not_pem_name_the_flags(tmp_path: Path) -> None:
     junk.write_bytes(bytes(range(256)))
     flags = ("--tls-cert", str(junk), "--tls-key", str(junk), "--port", "0", "--data-port", "0")
     assert_one_line_error(cake("worker", *flags, timeout=60), "--tls-cert", "junk.pem", "not a PEM certificate")
+    serve = ("--tls-cert", str(junk), "--tls-key", str(junk), "--port", "0")  # a master with no workers too
+    assert_one_line_error(cake("serve", *serve, timeout=60), "--tls-cert", "junk.pem", "not a PEM certificate")
     from cake_py.errors import ConfigError
     from cake_py.rpc.dataplane_client import client_tls
 
