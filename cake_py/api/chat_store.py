@@ -146,13 +146,14 @@ class ChatStore:
         new = completion["id"]
         with self._lock:
             self._drop(new)
+            if size > self.max_characters:  # larger than the whole store: not kept, and nothing else dropped for it
+                return
             self._entries[new] = (stored, size)
             self._characters += size
             while self._entries and (
                 len(self._entries) > self.max_completions or self._characters > self.max_characters
             ):
                 by_size = len(self._entries) <= self.max_completions
-                # Nothing but the new entry left: it alone is larger than the store.
                 self._drop(victim(self._entries, lambda entry: entry.owner, by_size, new) or new)
 
     def get(self, completion_id: str) -> StoredCompletion | None:

@@ -72,8 +72,13 @@ class ResponseStore:
                 self._characters > self.max_characters and len(self._entries) > 1
             ):
                 by_size = len(self._entries) <= self.max_responses
-                # Nothing but the new entry left: it alone is larger than the store.
-                self._drop(victim(self._entries, lambda entry: entry.owner, by_size, new) or new)
+                # Larger than the whole store alone: kept (a next turn may chain on it), room made among its own
+                # owner's entries only, never by clearing every other key's.
+                only = stored.owner if by_size and size > self.max_characters else None
+                key = victim(self._entries, lambda entry: entry.owner, by_size, new, only)
+                if key is None:
+                    break
+                self._drop(key)
 
     def get(self, response_id: str, owner: str) -> StoredResponse | None:
         """The stored response, if `owner` made it (another key's is not found)."""

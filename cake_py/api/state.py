@@ -199,12 +199,11 @@ class ServerState:
         engine, source = self.loaded()
         if engine.died:
             raise ApiError(503, ENGINE_DEAD)
-        down = engine.pipeline.down_stages()
+        down = engine.pipeline.down_with_reasons()  # read once: a stage back meanwhile must not leave "down: ;"
         if down:
             raise ApiError(
                 503,
-                f"pipeline stage(s) down: {engine.pipeline.down_with_reasons()}; the master reconnects on its own "
-                "(see GET /health)",
+                f"pipeline stage(s) down: {down}; the master reconnects on its own (see GET /health)",
                 headers={"Retry-After": "5"},
             )
         return engine, source

@@ -170,8 +170,9 @@ class Sampler:
                 ids, probs = candidates(scaled, params.top_k, params.top_p, params.min_p)
             # Drawn on the CPU with a CPU generator: a seed draws the same tokens whatever device computed the logits.
             cdf = probs.cpu().double().cumsum(0)
-            if not 0.0 < float(cdf[-1]) < math.inf:  # NaN logits (a broken stage), or every token masked
-                raise ValueError(f"the logits give no token a probability (their total is {float(cdf[-1])})")
+            total = float(cdf[-1]) if len(cdf) else 0.0  # no candidate left: NaN logits fail every filter
+            if not 0.0 < total < math.inf:  # NaN logits (a broken stage), or every token masked
+                raise ValueError(f"the logits give no token a probability (their total is {total})")
             uniform = torch.rand(1, dtype=torch.float64, generator=self.generator) * cdf[-1]
             index = min(int(torch.searchsorted(cdf, uniform, right=True)), len(cdf) - 1)
             token = int(ids[index]) if ids is not None else index

@@ -88,3 +88,11 @@ def test_the_completion_just_stored_is_kept_when_its_owner_becomes_the_largest()
     assert store.get("bobs") is not None and store.get("alice0") is None and store.get("alice3") is not None
     store.put({"id": "huge", "text": "z" * 5000}, [], None, owner="carol")  # alone larger than the store: not kept
     assert store.get("huge") is None
+
+
+def test_a_completion_larger_than_the_store_clears_no_other_keys_entries() -> None:
+    store = ChatStore(max_characters=2000)
+    for index in range(5):
+        store.put({"id": f"bob{index}", "text": "y" * 100}, [], None, owner="bob")
+    store.put({"id": "alices", "text": "x" * 3000}, [], None, owner="alice")
+    assert store.get("alices") is None and all(store.get(f"bob{index}") is not None for index in range(5))

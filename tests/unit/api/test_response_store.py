@@ -58,3 +58,12 @@ def test_the_response_just_stored_is_kept_when_its_owner_becomes_the_largest() -
     store.put(StoredResponse({"id": "bobs", "output": ["y" * 1700]}, [], [], owner="bob"))
     assert store.get("bobs", "bob") is not None
     assert store.get("alice0", "alice") is None and store.get("alice3", "alice") is not None  # alice's oldest went
+
+
+def test_a_response_larger_than_the_store_clears_no_other_keys_entries() -> None:
+    store = ResponseStore(max_responses=100, max_characters=2000)
+    for index in range(5):
+        store.put(StoredResponse({"id": f"bob{index}", "output": ["y" * 100]}, [], [], owner="bob"))
+    store.put(StoredResponse({"id": "alices", "output": ["x" * 3000]}, [], [], owner="alice"))
+    assert all(store.get(f"bob{index}", "bob") is not None for index in range(5))  # every one was evicted
+    assert store.get("alices", "alice") is not None  # kept alone past the limit, as with one key

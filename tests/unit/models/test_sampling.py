@@ -315,3 +315,9 @@ def test_llama_cpp_routes_apply_the_temperature_last(
     edge = torch.tensor([0.0, -2.6, -10.0])  # -2.6 ≥ log(0.05) = -3.0, though -2.6 / 0.8 is not
     draws = Sampler(replace(params, min_p=0.05, top_k=0, top_p=1.0, temperature=0.8, seed=1))
     assert 1 in {draws.sample(edge, []).token_id for _ in range(200)}
+
+
+def test_nan_logits_are_named_in_llama_cpps_order_too() -> None:
+    params = SamplingParams(temperature=0.8, min_p=0.05, temperature_last=True, seed=1)
+    with pytest.raises(ValueError, match="the logits give no token a probability"):  # it was an IndexError
+        Sampler(params).sample(torch.full((10,), float("nan")), [])
