@@ -135,9 +135,11 @@ class WorkerConnection:
             channel = grpc.insecure_channel(self.spec.address, options=options)
         return channel, pb_grpc.WorkerStub(channel)
 
-    def _await(self, call: Any, doing: str) -> Any:
+    def _await(self, call: Any, doing: str, progress: list[float] | None = None) -> Any:
         """The result of a long call (Prepare, Assign), given up once the worker has answered no ping for
-        ASSIGN_STALL_S; gRPC errors are raised as they are."""
+        ASSIGN_STALL_S and (`progress`: when the worker last took a chunk of the stream) read nothing either: a link
+        whose buffers the stream keeps full may delay the pings of a worker that is alive and reading. gRPC errors
+        are raised as they are."""
         channel, stub = self._watchdog()
         try:
             answered = time.monotonic()
@@ -150,6 +152,7 @@ class WorkerConnection:
                     stub.Info(pb.InfoRequest(), timeout=PING_TIMEOUT_S, metadata=self.metadata)
                     answered = time.monotonic()
                 except grpc.RpcError:
+                    answered = max(answered, progress[0] if progress else 0.0)
                     if time.monotonic() - answered >= ASSIGN_STALL_S:
                         call.cancel()
                         raise ClusterError(
@@ -306,6 +309,8 @@ class WorkerConnection:
                     self.label, to_send / 1e6, layers, (total - to_send) / 1e6,
                 )  # fmt: skip
 
+            progress = [time.monotonic()]  # gRPC asks for the next chunk once the worker has taken the ones before
+
             def chunks() -> Iterator[pb.AssignChunk]:
                 yield pb.AssignChunk(header=header)
                 sent: set[str] = set()
@@ -321,6 +326,7 @@ class WorkerConnection:
                     for offset in range(0, len(data), WEIGHT_CHUNK_BYTES):
                         piece = data[offset : offset + WEIGHT_CHUNK_BYTES]
                         yield pb.AssignChunk(chunk=pb.TensorChunk(name=name, offset=offset, data=bytes(piece)))
+                        progress[0] = time.monotonic()
                         streamed += len(piece)
                         if time.monotonic() >= report_at:
                             report_at = time.monotonic() + PROGRESS_EVERY_S
@@ -329,7 +335,8 @@ class WorkerConnection:
                                 self.label, streamed / 1e6, to_send / 1e6, 100 * streamed // to_send,
                             )  # fmt: skip
 
-            reply = self._await(stub.Assign.future(chunks(), timeout=3600, metadata=self.metadata), f"loading {layers}")
+            call = stub.Assign.future(chunks(), timeout=3600, metadata=self.metadata)
+            reply = self._await(call, f"loading {layers}", progress)
             self.assignment = reply.assignment
             return reply
         except grpc.RpcError as error:

@@ -174,3 +174,59 @@ def test_verifying_a_large_cache_gets_time_and_says_what_timed_out(monkeypatch: 
     with pytest.raises(ClusterError, match="verifying its weight cache for layers 0-9"):
         connection.assign(Assignment("m", "{}", None, 0, 10, torch.bfloat16))  # type: ignore[arg-type]
     assert stub.timeouts == [size / VERIFY_BYTES_PER_S]
+
+
+class _SlowCall:
+    """A gRPC future that is not done until told; records a cancel."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.cancelled = False
+
+    def result(self, timeout: float) -> str:
+        if self.done.wait(timeout):
+            return "loaded"
+        raise grpc.FutureTimeoutError()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Unanswered(grpc.RpcError):
+    pass
+
+
+def test_a_stream_the_worker_keeps_reading_is_not_given_up_though_its_pings_go_unanswered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A link kept full by the weight stream may delay every ping past its timeout: the worker taking chunks is
+    alive, and the Assign went on being cancelled after ASSIGN_STALL_S all the same."""
+    from cake_py.rpc import connection
+
+    monkeypatch.setattr(connection, "PING_INTERVAL_S", 0.01)
+    monkeypatch.setattr(connection, "ASSIGN_STALL_S", 0.3)
+
+    class Stub:
+        def Info(self, *args: object, **kwargs: object) -> None:
+            raise _Unanswered()
+
+    class Channel:
+        def close(self) -> None:
+            pass
+
+    link = WorkerConnection(WorkerSpec("w", "127.0.0.1:1"), None, None)
+    monkeypatch.setattr(link, "_watchdog", lambda: (Channel(), Stub()))
+    call, progress = _SlowCall(), [time.monotonic()]
+
+    def reading() -> None:  # the worker takes a chunk every 50 ms for a second, then the stream ends
+        for _ in range(20):
+            time.sleep(0.05)
+            progress[0] = time.monotonic()
+        call.done.set()
+
+    threading.Thread(target=reading, daemon=True).start()
+    assert link._await(call, "loading layers 0-1", progress) == "loaded" and not call.cancelled
+    stalled = _SlowCall()
+    with pytest.raises(ClusterError, match="stopped answering while loading layers 0-1"):
+        link._await(stalled, "loading layers 0-1", [time.monotonic()])  # nothing read, no ping answered
+    assert stalled.cancelled
