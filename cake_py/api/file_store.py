@@ -147,15 +147,19 @@ class FileStore:
                     self._take_room(owner, len(chunk), filename)
                 target.write(chunk)
 
+        def settle() -> None:  # under the lock: no moment where the file counts both stored and uploading
+            nonlocal counted
+            left, counted = self._uploading.get(owner, 0) - counted, 0
+            if left > 0:
+                self._uploading[owner] = left
+            else:
+                self._uploading.pop(owner, None)
+
         try:
-            return self._store(copy, filename, purpose, ttl_s, owner)
+            return self._store(copy, filename, purpose, ttl_s, owner, settle=settle)
         finally:
             with self._lock:
-                left = self._uploading.get(owner, 0) - counted
-                if left > 0:
-                    self._uploading[owner] = left
-                else:
-                    self._uploading.pop(owner, None)
+                settle()  # refused or failed: what it counted is given back (stored: nothing is left to give)
 
     def _take_room(self, owner: str, n_bytes: int, filename: str) -> None:
         """Count `n_bytes` more of an upload of `owner`'s; StorageFullError when its files would pass the limit."""
@@ -197,7 +201,9 @@ class FileStore:
         ttl_s: int | None,
         owner: str,
         file_id: str | None = None,
+        settle: Callable[[], None] | None = None,
     ) -> StoredFile:
+        """Write a file with `fill` and index it; `settle` runs under the lock as it is indexed."""
         self.directory.mkdir(parents=True, exist_ok=True)
         with self._lock:  # read before this write begins: a first read removes unfinished writes it finds
             self._index()
@@ -220,6 +226,8 @@ class FileStore:
             raise
         with self._lock:
             self._index()[file_id] = stored
+            if settle is not None:
+                settle()
         return stored
 
     def delete(self, file_id: str) -> bool:

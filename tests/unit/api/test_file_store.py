@@ -9,10 +9,11 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cake_py.api.file_store import FileStore, FileTooLargeError, StorageFullError, claim
+from cake_py.api.file_store import FileStore, FileTooLargeError, StorageFullError, StoredFile, claim
 from cake_py.errors import ConfigError
 
 
@@ -205,3 +206,19 @@ def test_an_upload_refused_for_its_size_leaves_the_count_of_another_under_way(tm
 
     store.add(Racing(b"u" * 6), "f.txt", "user_data", None, owner="carol")
     assert store._uploading == {}
+
+
+def test_a_stored_upload_stops_counting_as_under_way_as_it_is_indexed(tmp_path: Path) -> None:
+    """Between being indexed and giving back its count, an upload counted twice: another upload of the same key
+    near the limit was refused for room it had."""
+    seen: list[dict[str, int]] = []
+
+    class Probe(FileStore):
+        def _store(self, *args: Any, **kwargs: Any) -> StoredFile:
+            stored = super()._store(*args, **kwargs)
+            seen.append(dict(self._uploading))  # right after it is indexed, before add returns
+            return stored
+
+    store = Probe(tmp_path, max_file_bytes=0, max_owner_bytes=10)
+    store.add(io.BytesIO(b"x" * 6), "a.txt", "user_data", None, owner="alice")
+    assert seen == [{}]
