@@ -52,6 +52,22 @@ class CopySources:
         self.prefix_copies[seq.seq_id] = kept
         return kept
 
+    def prefill_left(self, seq: Sequence) -> int:
+        """The prompt tokens `seq` has yet to compute (0 once it decodes), counting what its first slice would copy
+        (a choice: all but the last token; a later turn: its kept prefix) before `source` has looked: prefills are
+        ordered by it, and a follow-up turn with a long history computes only its new tokens."""
+        if not seq.prefilling:
+            return 0
+        if seq.n_cached:
+            copied = seq.n_cached
+        elif seq.leader is not None:
+            copied = len(seq.prompt_ids) - 1
+        elif seq.reads_every_prompt_row:
+            copied = 0
+        else:
+            copied = self.prefix_cache.shared_length(seq.prompt_ids)
+        return len(seq.prompt_ids) - copied
+
     def _shared_prefill(self, seq: Sequence) -> int | None:
         """For a sequence that shares its leader's prefill and has not started: the leader's id once that prefill is
         done (this sequence then holds all but the prompt's last token, copied), 0 while it runs, None when there is

@@ -361,7 +361,9 @@ class Engine(Faults):
         suspect = self._take_suspect()  # it runs alone now (or waits, unplanned, for the prefill it copies)
         candidates = [suspect] if suspect is not None else self._running.values()
         self.copies.new_step()
-        plan = plan_step(candidates, self.max_batch_tokens, self.copies.source, self.speculative_tokens)
+        plan = plan_step(
+            candidates, self.max_batch_tokens, self.copies.source, self.speculative_tokens, self.copies.prefill_left
+        )
         if not plan.batch:
             return
         batch, members = plan.batch, plan.members

@@ -46,18 +46,20 @@ def plan_step(
     budget: int,
     shared_prefill: Callable[[Sequence], int | None],
     speculate: int = 0,
+    prefill_left: Callable[[Sequence], int] = _prefill_left,
 ) -> StepPlan:
     """Slices of at most `budget` tokens in all. Decoding sequences come first: they cost one token each and keep
     streams flowing during long prefills. Then the prefills, those with the fewest prompt tokens left first: a short
     prompt admitted behind long ones gets its first token in the next step instead of after every long prefill
     (first come, first served held a 5-token chat behind four 450-token prompts for 29 steps); a long one waits
-    only for the shorter prompts' own tokens, and at most max_running prompts prefill at once.
-    `shared_prefill(seq)` is 0 for a sequence that waits for the prefill it will copy, else the id to copy from (or
-    None). With `speculate`, a decoding sequence (when at most SPECULATE_MAX_DECODING decode in this step) adds up to
-    that many draft tokens to its slice; one with a predicted output drafts from it (up to `speculate`, or
-    PREDICTION_DRAFTS when that is 0) whatever `speculate` is."""
+    only for the shorter prompts' own tokens, and at most max_running prompts prefill at once. `prefill_left(seq)`
+    counts the tokens it has yet to prefill, what it would copy left out (the engine's counts a kept prefix before
+    `shared_prefill` has matched it). `shared_prefill(seq)` is 0 for a sequence that waits for the prefill it will
+    copy, else the id to copy from (or None). With `speculate`, a decoding sequence (when at most
+    SPECULATE_MAX_DECODING decode in this step) adds up to that many draft tokens to its slice; one with a predicted
+    output drafts from it (up to `speculate`, or PREDICTION_DRAFTS when that is 0) whatever `speculate` is."""
     plan = StepPlan()
-    ordered = sorted(running, key=_prefill_left)  # stable: among equals, the order they were admitted in
+    ordered = sorted(running, key=prefill_left)  # stable: among equals, the order they were admitted in
     drafting = sum(not seq.prefilling for seq in ordered) <= SPECULATE_MAX_DECODING
     # (beyond that, a batch already shares each pass over the weights: drafts would only add rows)
     for position, seq in enumerate(ordered):

@@ -81,15 +81,24 @@ class PrefixCache:
     def match(self, prompt: Sequence[int]) -> tuple[int, int] | None:
         """(kept sequence id, positions to copy) for the entry sharing the longest prefix with `prompt`, at most all
         but its last token (whose logits are needed); None below `min_match`. The entry counts as used."""
+        best = self._best(prompt)
+        if best is not None:
+            self._entries.move_to_end(best[0])
+            self._entries[best[0]].last_used = time.monotonic()
+        return best
+
+    def shared_length(self, prompt: Sequence[int]) -> int:
+        """The positions `match` would copy for `prompt` (0: none), touching nothing: for ordering prefills."""
+        best = self._best(prompt)
+        return 0 if best is None else best[1]
+
+    def _best(self, prompt: Sequence[int]) -> tuple[int, int] | None:
         best: tuple[int, int] | None = None
         limit = len(prompt) - 1
         for seq_id, entry in self._entries.items():
             shared = _prefix_length(entry.tokens, prompt, limit)
             if shared >= self.min_match and (best is None or shared > best[1]):
                 best = (seq_id, shared)
-        if best is not None:
-            self._entries.move_to_end(best[0])
-            self._entries[best[0]].last_used = time.monotonic()
         return best
 
     def expired(self) -> list[int]:

@@ -565,3 +565,39 @@ def test_a_sequence_still_in_the_inbox_counts_as_in_flight(tiny_model_factory) -
     engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)  # not started: nothing leaves the inbox
     engine.submit([5, 6, 7], GREEDY, lambda event: None)
     assert (engine.queue_depth, engine.in_flight) == (1, 1)
+
+
+def test_a_follow_up_turn_is_ordered_by_what_it_computes_not_by_its_history(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Prefills were ordered by their prompt before the prefix cache had matched them: a turn whose 400-token
+    history is kept, computing 3 new tokens, waited behind every 300-token prompt."""
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(
+        local_pipeline(source, torch.float32), source.tokenizer, max_batch_tokens=64, prefix_cache_tokens=4096
+    )
+    history = [5 + (position * 11) % 300 for position in range(400)]
+    first_token_step: dict[str, int] = {}
+    done = threading.Semaphore(0)
+
+    def sink(name: str) -> Callable[[GenerationEvent], None]:
+        def receive(event: GenerationEvent) -> None:
+            if event.tokens and name not in first_token_step:
+                first_token_step[name] = engine.stats.steps
+            if event.finished:
+                done.release()
+
+        return receive
+
+    engine.start()
+    try:
+        engine.submit(history, replace(GREEDY, max_tokens=1), sink("first turn"))
+        assert done.acquire(timeout=60)
+        for index in range(3):
+            prompt = [7 + (index * 13 + position) % 290 for position in range(300)]
+            engine.submit(prompt, replace(GREEDY, max_tokens=2), sink(f"long-{index}"))
+        engine.submit([*history, 9, 10, 11], replace(GREEDY, max_tokens=2), sink("follow-up"))
+        for _ in range(4):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    longs = [step for name, step in first_token_step.items() if name.startswith("long")]
+    assert first_token_step["follow-up"] < min(longs), first_token_step
