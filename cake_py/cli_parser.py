@@ -10,6 +10,7 @@ from cake_py import __version__
 from cake_py.cli_values import (
     at_least_one,
     data_port,
+    display_name,
     gigabytes,
     host,
     port,
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", help="comma-separated HOST:PORT of workers (automatic placement)")
     serve.add_argument("--host", type=host, default="127.0.0.1")
     serve.add_argument("--port", type=port, default=DEFAULT_SERVE_PORT)
-    serve.add_argument("--model-name", help="model id reported by the API (default: the model's id)")
+    serve.add_argument("--model-name", type=display_name, help="model id reported by the API (default: the model's id)")
     serve.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     serve.add_argument("--device", default="auto", help=DEVICE_HELP)
     serve.add_argument(
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a worker that holds a range of layers for a master")
     worker.add_argument("--host", type=host, default="0.0.0.0")
     worker.add_argument("--port", type=port, default=DEFAULT_WORKER_PORT)
-    worker.add_argument("--name", help="worker name shown in the topology (default: hostname:port)")
+    worker.add_argument("--name", type=display_name, help="worker name shown in the topology (default: hostname:port)")
     worker.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
     worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
     worker.add_argument(

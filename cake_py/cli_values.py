@@ -28,6 +28,16 @@ def host(value: str) -> str:
     return value.strip()
 
 
+def display_name(value: str) -> str:
+    """--name, --model-name: a name shown in the API, the topology and the logs; empty (an unset variable) or holding
+    a line break or another control character (a forged log line) is refused, not replaced silently."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"{value!r} is no name: leave the flag out for the default")
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise argparse.ArgumentTypeError(f"{value!r} holds a control character (a line break?)")
+    return value.strip()
+
+
 def data_port(value: str) -> int:
     return -1 if value.strip() == "-1" else port(value)
 

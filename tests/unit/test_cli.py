@@ -188,6 +188,22 @@ def test_an_unknown_pooling_is_refused() -> None:
     assert_one_line_error(cake("serve", "--pooling", "cls"), "'cls'")
 
 
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "needle"),
+    [
+        ("worker", "--name", "", "is no name"),
+        ("worker", "--name", "a\nb", "control character"),
+        ("serve", "--model-name", " ", "is no name"),
+        ("serve", "--model-name", "tiny\n2026-11-23 INFO forged", "control character"),
+    ],
+)
+def test_a_name_that_is_empty_or_holds_a_line_break_is_refused(
+    command: str, flag: str, value: str, needle: str
+) -> None:
+    """--name "" fell back to hostname:port silently; a --model-name with a line break went into the logs as is."""
+    assert_one_line_error(cake(command, flag, value), flag, needle)
+
+
 def test_a_bad_cache_limit_is_refused() -> None:
     assert_one_line_error(cake("worker", "--cache-max-gb", "-1"), "'-1'")
     assert_one_line_error(cake("serve", "--files-max-gb", "lots"), "'lots'")
