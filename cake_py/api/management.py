@@ -95,10 +95,6 @@ def _load_status(error: CakeError) -> int:
     return 400 if status == 500 and isinstance(error, ModelError) else status
 
 
-async def _not_answering(engine: Engine) -> list[str]:
-    return await run_in_threadpool(engine.pipeline.not_answering)
-
-
 def _busy(state: ServerState) -> ApiError:
     return ApiError(503, f"the server is already {state.switching or 'switching models'}; retry when it is done")
 
@@ -118,7 +114,11 @@ async def load_model(request: Request) -> Response:
         failover = state.failover  # with --failover-after, a load goes without the workers that do not answer
         # Every worker asked now: one that froze a moment ago still looks up, and switching would unload the model
         # that serves for one that cannot load.
-        if failover is None and state.engine is not None and (down := await _not_answering(state.engine)):
+        if (
+            failover is None
+            and state.engine is not None
+            and (down := await run_in_threadpool(state.engine.pipeline.not_answering))
+        ):
             raise ApiError(
                 503,
                 f"pipeline stage(s) down: {', '.join(down)}; {state.model_name!r} is still loaded. "

@@ -162,8 +162,8 @@ class Tokenizer:
         return list(self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def check_length(self, text: str) -> None:
-        """ContextLengthError for a text more characters long than `max_tokens` tokens can ever be: twice the
-        longest token's characters each (twice: a normalizer may drop characters before they are matched)."""
+        """ContextLengthError for a text more characters long than `max_tokens` tokens can ever be
+        (`most_characters`)."""
         if self.max_tokens is None:
             return
         limit = self.most_characters(self.max_tokens)
