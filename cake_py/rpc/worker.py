@@ -61,6 +61,8 @@ def start_server(settings: WorkerSettings) -> tuple[grpc.Server, WorkerServicer,
         raise ClusterError(f"cannot listen on {address}: {error}") from error
     if port == 0:
         raise ClusterError(f"cannot listen on {address}: the port is in use or the host is not local")
+    if not settings.name and settings.port == 0:  # the default name names the port the OS picked, not `:0`
+        servicer.name = f"{os.uname().nodename}:{port}"
     if settings.data_port >= 0:
         servicer.dataplane = DataPlaneServer(
             settings.host.strip("[]"),  # a socket binds the bare address
