@@ -69,6 +69,14 @@ def unfinished(response: dict[str, Any]) -> dict[str, Any]:
     return {**response, "output": output}
 
 
+def keeping_output(live: LiveResponse, event: dict[str, Any]) -> dict[str, Any]:
+    """`event` as it is recorded and sent: a `response.failed` (the engine's failure, which knows nothing of the
+    output) carries what the run had written, its unfinished items incomplete."""
+    if event["type"] != "response.failed":
+        return event
+    return {**event, "response": {**event["response"], "output": unfinished(live.response)["output"]}}
+
+
 def without_logprobs(value: Any) -> Any:
     """`value` with every `logprobs` list emptied: what the store keeps (20 alternatives a token would take most of
     it for little use)."""
@@ -176,9 +184,7 @@ def start_in_background(
 async def _run(live: LiveResponse, events: AsyncIterator[dict[str, Any]]) -> None:
     try:
         async for event in events:
-            if event["type"] == "response.failed":  # keep what was written before the failure
-                event = {**event, "response": {**event["response"], "output": unfinished(live.response)["output"]}}
-            live.record(event)
+            live.record(keeping_output(live, event))
     except Exception:  # a bug: into the log, and the response ends failed rather than in_progress for ever
         log.exception("background response %s failed", live.id)
         error = {"code": "server_error", "message": "the server failed while answering this response"}

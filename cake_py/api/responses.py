@@ -26,6 +26,7 @@ from cake_py.api.background import (
     TERMINAL,
     LiveResponse,
     cancelled,
+    keeping_output,
     sse_event,
     start_in_background,
     without_logprobs,
@@ -170,11 +171,13 @@ async def create_response(request: Request) -> Response:
 
         def closed() -> None:
             state.responses.end_live(live)
-            # The client left mid-answer: the response it was given the id of ends cancelled with what it had (as a
-            # cancelled background run), rather than turning from in_progress to not found.
-            if store and live.response["status"] not in TERMINAL and state.responses.get(live.id, draft.owner) is None:
-                stopped = without_logprobs(cancelled(live.response))
-                state.responses.put(StoredResponse(stopped, draft.items, draft.history, owner=draft.owner))
+            # The client left mid-answer, or the answer failed: the response it was given the id of ends cancelled
+            # (or failed) with what it had, as a background run does, rather than turning from in_progress to not
+            # found. One that completed stored itself, with its answer.
+            if store and state.responses.get(live.id, draft.owner) is None:
+                ended = live.response if live.response["status"] in TERMINAL else cancelled(live.response)
+                kept = StoredResponse(without_logprobs(ended), draft.items, draft.history, owner=draft.owner)
+                state.responses.put(kept)
 
         return GenerationResponse(lines, streams, "text/event-stream", on_close=closed)
     try:
@@ -212,6 +215,7 @@ def _start_background(
 
 async def _tracked(live: LiveResponse, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     async for event in events:
+        event = keeping_output(live, event)
         live.record(event)
         yield event
 

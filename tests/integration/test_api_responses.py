@@ -331,6 +331,29 @@ def test_a_stored_stream_the_client_leaves_ends_cancelled_with_what_it_had(
     assert follow.previous_response_id == response_id and follow.output_text  # it goes on from it
 
 
+def test_a_stored_stream_that_fails_ends_failed_with_what_it_had(tiny_llama_long_context: Path) -> None:
+    """The engine stopping mid-answer (a model switch): response.failed came with no output (the text already sent
+    was gone from it) and nothing was stored, so the id the stream gave was not found; a background run keeps both."""
+    with running_server(tiny_settings(tiny_llama_long_context)) as handle:
+        body = {"input": QUESTION, "max_output_tokens": 1500, "stream": True, "ignore_eos": True}
+        events: list[dict[str, Any]] = []
+        with httpx.stream("POST", f"{handle.base_url}/v1/responses", json=body, timeout=60) as raw:
+            for line in raw.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    if sum(event["type"] == "response.output_text.delta" for event in events) == 3:
+                        assert handle.state.engine is not None
+                        handle.state.engine.request_stop()
+        failed = events[-1]["response"]
+        stored = httpx.get(f"{handle.base_url}/v1/responses/{failed['id']}")
+    assert events[-1]["type"] == "response.failed" and failed["error"]["code"] == "server_error"
+    text = "".join(event["delta"] for event in events if event["type"] == "response.output_text.delta")
+    [item] = failed["output"]
+    assert item["status"] == "incomplete" and item["content"][0]["text"] == text != ""
+    assert stored.status_code == 200 and stored.json()["status"] == "failed"
+    assert stored.json()["output"] == failed["output"]
+
+
 def test_the_stored_copy_leaves_logprobs_out(client: OpenAI) -> None:
     response = client.responses.create(
         model="x", input=QUESTION, max_output_tokens=3, include=["message.output_text.logprobs"], top_logprobs=5
