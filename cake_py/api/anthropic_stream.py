@@ -5,7 +5,6 @@ event when the chat route reports an error or breaks off."""
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -13,6 +12,7 @@ from typing import Any
 
 from cake_py.api.errors import ANTHROPIC_ERRORS
 from cake_py.api.inprocess import StreamBroken
+from cake_py.api.streaming import sse
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def stop_of(finish: str | None, stop_reason: Any, output_tokens: int, max_tokens
 
 
 def _event(kind: str, data: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+    """An event as its SSE lines, its JSON on one line whatever the text holds (streaming.sse)."""
+    return f"event: {kind}\n" + sse({"type": kind, **data})
 
 
 async def message_events(

@@ -63,3 +63,15 @@ def test_a_limit_that_ends_a_stream_ends_its_sequence(tiny_model_factory) -> Non
         assert engine.in_flight == 0 and engine.stats.tokens_generated < 400
     finally:
         engine.close()
+
+
+def test_an_anthropic_event_stays_on_one_line_and_keeps_its_text() -> None:
+    """Its events were written with json.dumps alone: U+2028 and the like stayed raw, and a client reading lines with
+    str.splitlines (httpx's iter_lines) got the event cut in two."""
+    from cake_py.api.anthropic_stream import _event
+
+    event = _event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": ODD}})
+    kind, data = event.rstrip("\n").splitlines()
+    assert kind == "event: content_block_delta" and data.startswith("data: ")
+    assert json.loads(data[len("data: ") :])["delta"]["text"] == ODD
+    assert "é 猫 🎂" in data
