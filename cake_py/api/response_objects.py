@@ -56,9 +56,11 @@ class Draft:
 
 
 def usage_of(event: GenerationEvent) -> dict[str, Any]:
+    """OpenAI's usage: `cache_write_tokens` (tokens written to a prompt cache kept on purpose, a field its schema
+    requires) is none here, as Anthropic's `cache_creation_input_tokens` is."""
     return {
         "input_tokens": event.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": event.cached_tokens},
+        "input_tokens_details": {"cached_tokens": event.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": event.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": event.prompt_tokens + event.completion_tokens,

@@ -331,6 +331,30 @@ def test_a_stored_stream_the_client_leaves_ends_cancelled_with_what_it_had(
     assert follow.previous_response_id == response_id and follow.output_text  # it goes on from it
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"max_output_tokens": 4},
+        {"tools": [WEATHER], "tool_choice": "required", "max_output_tokens": 300},
+        {"include": ["message.output_text.logprobs"], "top_logprobs": 2, "max_output_tokens": 3},
+    ],
+)
+def test_every_event_and_response_holds_to_the_sdks_types(server: ServerHandle, extra: dict[str, Any]) -> None:
+    """Validated as the SDK's models (it only constructs them, so a missing field went unnoticed there): the usage
+    lacked input_tokens_details.cache_write_tokens, which the schema requires."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    body = {"input": QUESTION, "temperature": 0, **extra}
+    Response.model_validate(httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=60).json())
+    with httpx.stream("POST", f"{server.base_url}/v1/responses", json={**body, "stream": True}, timeout=60) as raw:
+        events = [json.loads(line[6:]) for line in raw.iter_lines() if line.startswith("data: ")]
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    for event in events:
+        adapter.validate_python(event)
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+
+
 def test_a_stored_stream_that_fails_ends_failed_with_what_it_had(tiny_llama_long_context: Path) -> None:
     """The engine stopping mid-answer (a model switch): response.failed came with no output (the text already sent
     was gone from it) and nothing was stored, so the id the stream gave was not found; a background run keeps both."""
