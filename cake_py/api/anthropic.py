@@ -19,13 +19,14 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from cake_py.api.anthropic_stream import message_events, stop_of, usage_of
+from cake_py.api.anthropic_stream import PING, message_events, stop_of, usage_of
 from cake_py.api.errors import ApiError, retry_headers
 from cake_py.api.inprocess import Routes
+from cake_py.api.keepalive import KeepAliveResponse
 from cake_py.api.middleware import request_caller
 from cake_py.api.schemas import flag, json_body, strict_loads
 from cake_py.api.streaming import SSE_HEADERS
@@ -338,9 +339,12 @@ async def count_tokens(request: Request) -> Response:
     return JSONResponse({"input_tokens": answer["count"]})
 
 
-class _Relay(StreamingResponse):
+class _Relay(KeepAliveResponse):
     """The translated stream, which closes the chat route's stream however it ends: even when the client leaves
-    before the first event (the body's generator then never starts, so its own cleanup never runs)."""
+    before the first event (the body's generator then never starts, so its own cleanup never runs). A silent stream
+    (a long prefill) sends Anthropic's `ping` event."""
+
+    keepalive = PING.encode()
 
     def __init__(self, chunks: AsyncGenerator[Any, None], model: str, input_tokens: int, max_tokens: int) -> None:
         events = message_events(chunks, model, input_tokens, max_tokens)

@@ -46,6 +46,9 @@ def _event(kind: str, data: dict[str, Any]) -> str:
     return f"event: {kind}\n" + sse({"type": kind, **data})
 
 
+PING = _event("ping", {})  # what a silent stream sends (cake_py.api.keepalive); the SDKs skip it
+
+
 async def message_events(
     chunks: AsyncGenerator[Any, None], model: str, input_tokens: int, max_tokens: int
 ) -> AsyncIterator[str]:

@@ -15,11 +15,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.eviction import victim
+from cake_py.api.keepalive import KeepAliveResponse
 from cake_py.api.listing import list_page
 from cake_py.api.middleware import request_owner
 
@@ -162,7 +163,7 @@ async def get_response(request: Request) -> Response:
                 f"response {response_id!r} was not created with background: true, so it cannot be streamed again"[:300],
             )
         lines = _replay(stored.events[max(after + 1, 0) :])
-    return StreamingResponse(
+    return KeepAliveResponse(  # a background response followed live may be silent (a long prefill)
         lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api import response_store
@@ -32,6 +32,7 @@ from cake_py.api.background import (
     without_logprobs,
 )
 from cake_py.api.errors import ApiError
+from cake_py.api.keepalive import KeepAliveResponse
 from cake_py.api.middleware import request_key_name, request_owner
 from cake_py.api.openai import chat_logprobs
 from cake_py.api.reasoning import is_reasoning_template, opens_thinking, split_reasoning
@@ -209,7 +210,7 @@ def _start_background(
     stand_in = StoredResponse(live.response, draft.items, draft.history, owner=draft.owner)
     start_in_background(live, events, state.responses, stand_in, streams)
     if stream:
-        return StreamingResponse(live.follow(-1), media_type="text/event-stream", headers=SSE_HEADERS)
+        return KeepAliveResponse(live.follow(-1), media_type="text/event-stream", headers=SSE_HEADERS)
     return JSONResponse(live.response)
 
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cake_py.api.errors import ApiError, api_error
+from cake_py.api.keepalive import KeepAliveResponse
 from cake_py.api.state import ServerState
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
@@ -211,9 +211,10 @@ async def merged(streams: list[EventStream]) -> AsyncIterator[tuple[int, Generat
             stream.cancel()
 
 
-class GenerationResponse(StreamingResponse):
+class GenerationResponse(KeepAliveResponse):
     """A streamed answer that cancels its sequences however it ends, even when the client leaves before the
-    first chunk (then the body's generator never starts, so its own cleanup never runs)."""
+    first chunk (then the body's generator never starts, so its own cleanup never runs). An SSE answer keeps its
+    connection alive while it is silent (keepalive); NDJSON has no line a reader would skip."""
 
     def __init__(
         self,
@@ -226,6 +227,8 @@ class GenerationResponse(StreamingResponse):
         super().__init__(content, media_type=media_type, headers=headers)
         self.streams = streams
         self.on_close = on_close
+        if media_type != "text/event-stream":
+            self.keepalive = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -13,6 +13,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from cake_py.api import keepalive
 from cake_py.models.tokenizer import Tokenizer
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
@@ -95,6 +96,25 @@ def test_chat_stream_through_the_openai_client(client: OpenAI) -> None:
     assert "".join(pieces) == expected
     assert finish == "length"
     assert usage is not None and usage.completion_tokens == 12
+
+
+def test_keepalive_comments_are_skipped_by_the_client(
+    client: OpenAI, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keep-alive every millisecond: the raw stream holds comment lines, the SDK reads the same answer."""
+    expected = _greedy_chat(client)
+    monkeypatch.setattr(keepalive, "KEEPALIVE_S", 0.001)
+    body = {"model": "x", "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "stream": True}
+    raw = httpx.post(f"{server.openai_url}/chat/completions", json=body, timeout=60).text
+    assert ": keep-alive\n\n" in raw and raw.endswith("data: [DONE]\n\n")
+    stream = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == expected
 
 
 def test_seed_makes_sampling_reproducible(client: OpenAI) -> None:
