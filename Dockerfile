@@ -2,7 +2,7 @@
 #
 #   docker build -t cake_py .                                   # CPU (default)
 #   docker run -p 8080:8080 cake_py                             # embedded SmolLM2-135M-Instruct on :8080
-#   docker run -p 10128:10128 cake_py worker --host 0.0.0.0     # a worker
+#   docker run -p 10128:10128 -p 10129:10129 cake_py worker --host 0.0.0.0 --data-port 10129   # a worker (gRPC, fast path)
 #
 # CUDA: a CUDA base image with Python 3.11+ (Ubuntu 24.04 ships 3.12) and the matching torch wheel index:
 #   docker build -t cake_py:cuda --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
