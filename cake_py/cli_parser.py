@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from cake_py import __version__
 from cake_py.cli_values import (
@@ -29,8 +30,24 @@ from cake_py.config import (
 )
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that names each value flag's default (`--port` 8080, `run --temperature` 0.0), as the README's synopsis
+    does, unless its text already says it; `--help` showed none of them."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.option_strings and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS):
+            if "default" not in text:
+                text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (plus usage) and exits 2, never a traceback."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -38,6 +55,8 @@ class _Parser(argparse.ArgumentParser):
 
 CPUS_HELP = "run on these CPUs only, e.g. 0-3,6, as SCHED_BATCH (default threads: their count)"
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (one GPU of several) or mps"
+DTYPE_HELP = "dtype the model computes in"
+LOG_HELP = "least severe log lines written to stderr"
 
 
 def _graphs_flag(parser: argparse.ArgumentParser) -> None:
@@ -65,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-path", dest="model_path", help="alias of MODEL")
     serve.add_argument("--config", type=Path, help="cluster.yaml with the model and workers")
     serve.add_argument("--workers", help="comma-separated HOST:PORT of workers (automatic placement)")
-    serve.add_argument("--host", type=host, default="127.0.0.1")
-    serve.add_argument("--port", type=port, default=DEFAULT_SERVE_PORT)
+    serve.add_argument("--host", type=host, default="127.0.0.1", help="address the HTTP API listens on")
+    serve.add_argument("--port", type=port, default=DEFAULT_SERVE_PORT, help="port of the HTTP API")
     serve.add_argument("--model-name", type=display_name, help="model id reported by the API (default: the model's id)")
-    serve.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    serve.add_argument("--dtype", default="bfloat16", choices=DTYPES, help=DTYPE_HELP)
     serve.add_argument("--device", default="auto", help=DEVICE_HELP)
     serve.add_argument(
         "--api-key",
@@ -176,13 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKENS",
         help="the most tokens a sequence may hold, prompt and answer (default: the model's context)",
     )
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help=LOG_HELP
+    )
     _graphs_flag(serve)
     _tls_flags(serve)
 
     worker = commands.add_parser("worker", help="run a worker that holds a range of layers for a master")
-    worker.add_argument("--host", type=host, default="0.0.0.0")
-    worker.add_argument("--port", type=port, default=DEFAULT_WORKER_PORT)
+    worker.add_argument("--host", type=host, default="0.0.0.0", help="address the gRPC port listens on")
+    worker.add_argument("--port", type=port, default=DEFAULT_WORKER_PORT, help="gRPC port the master dials")
     worker.add_argument("--name", type=display_name, help="worker name shown in the topology (default: hostname:port)")
     worker.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
     worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
@@ -208,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=600,
         help="free a sequence's KV caches after this many seconds idle",
     )
-    worker.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    worker.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help=LOG_HELP
+    )
     _tls_flags(worker)
 
     run = commands.add_parser(
@@ -217,11 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
         usage="cake run [-h] [options] [MODEL] PROMPT",  # argparse would print "[MODEL] PROMPT [[MODEL] PROMPT ...]"
     )
     run.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
-    run.add_argument("--max-tokens", type=at_least_one, default=512)
-    run.add_argument("--temperature", type=float, default=0.0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--seed", type=int)
-    run.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    run.add_argument("--max-tokens", type=at_least_one, default=512, help="most tokens of the answer")
+    run.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's probability mass")
+    run.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    run.add_argument("--dtype", default="bfloat16", choices=DTYPES, help=DTYPE_HELP)
     run.add_argument("--device", default="auto", help=DEVICE_HELP)
     _graphs_flag(run)
     run.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")

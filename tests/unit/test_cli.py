@@ -33,6 +33,32 @@ def test_help_lists_every_command() -> None:
         assert command in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("command", "needles"),
+    [
+        (
+            "serve",
+            ["--host HOST address the HTTP API listens on (default: 127.0.0.1)", "(default: 8080)", "(default: 16)"],
+        ),
+        ("worker", ["(default: 0.0.0.0)", "(default: 10128)", "(default: 600)"]),
+        ("run", ["(default: 512)", "sampling temperature (0: greedy) (default: 0.0)", "(default: bfloat16)"]),
+    ],
+)
+def test_help_names_each_flags_default(command: str, needles: list[str]) -> None:
+    """`cake serve --help` named neither the address and port it listens on nor the dtype (the README's synopsis
+    did); a switch has no default to name, and a help that names its own is left as it is."""
+    result = cake(command, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # as wrapped to no width
+    for needle in [
+        *needles,
+        "--no-cuda-graphs on a GPU, run every decode step eagerly instead of replaying one "
+        "sequence's steps as CUDA graphs --",
+    ]:
+        assert needle in text
+    assert not any(f"(default: {value})" in text for value in ("True", "False", "None"))
+
+
 def test_bad_flag_value() -> None:
     result = cake("serve", "--dtype", "int3")
     assert result.returncode == 2
