@@ -233,6 +233,13 @@ def build_transformer(
     with torch.device("meta"):
         model = Transformer(config, start, end, with_embedding=with_embedding, with_head=with_head)
     state = to_module_state(tensors, config, start, end, with_embedding=with_embedding, with_head=with_head)
+    # Before the quantized kernels replace their modules: a `.q4_weight`/`.q8_weight` has the shape of the weight it
+    # stands for, and a kernel given another one loaded fine and failed at the first forward pass.
+    for name, parameter in model.named_parameters():
+        prefix, shape = name.removesuffix(".weight"), tuple(parameter.shape)
+        for key in (name, f"{prefix}.{Q4_WEIGHT}", f"{prefix}.{Q8_WEIGHT}"):
+            if key in state and tuple(state[key].shape) != shape:
+                raise WeightsError(f"tensor for {name!r} has shape {tuple(state[key].shape)}, expected {shape}")
     what = f"layers {start}-{end - 1}" if end > start else "the embedding and head"
     try:
         quantized_modules = _install_quantized(model, state, dtype, device)
@@ -241,10 +248,6 @@ def build_transformer(
             raise
         raise _placement_error(error, what, dtype, device) from None
     state = placed(state, dtype, device, what)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    for name, shape in expected.items():
-        if name in state and tuple(state[name].shape) != shape:
-            raise WeightsError(f"tensor for {name!r} has shape {tuple(state[name].shape)}, expected {shape}")
     if state.get("embed_tokens.weight") is not None and "lm_head.weight" in state:
         if state["lm_head.weight"].data_ptr() != state["embed_tokens.weight"].data_ptr() and config.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]  # one copy of tied weights in memory

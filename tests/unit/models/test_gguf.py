@@ -310,6 +310,21 @@ def test_quantized_tensors_dequantize_close_to_original(qtype: str, tiny_model_f
             assert (error <= tolerance * original[name].abs().amax(dim=1)).all(), name
 
 
+@pytest.mark.parametrize(
+    ("field", "module"), [("intermediate_size", "layers.0.feed_forward.w13"), ("vocab_size", "embed_tokens")]
+)
+def test_quantized_weights_that_do_not_fit_the_config_are_named_at_load(
+    field: str, module: str, tiny_model_factory: Any, tmp_path: Path
+) -> None:
+    """In bf16 on the CPU, 4-bit weights and a quantized embedding reach their kernels as stored: ones that did not fit
+    the config loaded, and the first forward pass failed with a traceback (float32 named them at load)."""
+    path = _write_gguf(tiny_model_factory("llama"), tmp_path / "q4.gguf", lambda _: gguf.GGMLQuantizationType.Q4_0)
+    weights = GGUFWeights(path)
+    config = ModelConfig.from_hf({**weights.config, field: weights.config[field] + 32})
+    with pytest.raises(WeightsError, match=rf"tensor for '{module}\.weight' has shape"):
+        load_transformer(weights, config, 0, config.n_layers, with_embedding=True, with_head=True, dtype=torch.bfloat16)
+
+
 def _write_metadata_only(
     path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]
 ) -> Path:
