@@ -154,9 +154,13 @@ class GGUFWeights:
             config["attention_bias"] = True  # Qwen2's q/k/v bias is implied by its family
         if "model.layers.0.mlp.gate_proj.bias" in self._tensors:
             config["mlp_bias"] = True
-        scaling = self._arch_value("rope.scaling.type")
-        if scaling not in (None, "none"):
-            config["rope_scaling"] = {"rope_type": scaling, "factor": self._arch_value("rope.scaling.factor", 1.0)}
+        # As llama.cpp reads them: no type is linear, and older converters wrote the factor as `rope.scale_linear`.
+        scaling = self._arch_value("rope.scaling.type", "linear")
+        factor = self._arch_value("rope.scaling.factor")
+        if factor is None:
+            factor = self._arch_value("rope.scale_linear")
+        if scaling != "none" and (scaling != "linear" or factor not in (None, 0, 1)):
+            config["rope_scaling"] = {"rope_type": scaling, "factor": factor or 1.0}
             if (original := self._arch_value("rope.scaling.original_context_length")) is not None:
                 config["rope_scaling"]["original_max_position_embeddings"] = original
         if (factors := self._rope_freq_factors()) is not None:

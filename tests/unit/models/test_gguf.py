@@ -435,6 +435,37 @@ def test_llama3_rope_from_a_gguf_rope_freqs_tensor(tiny_model_factory: Any, tmp_
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("keys", "kind", "factor"),
+    [
+        ({"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}, "linear", 4.0),
+        ({"rope.scaling.factor": 4.0}, "linear", 4.0),
+        ({"rope.scale_linear": 4.0}, "linear", 4.0),
+        ({"rope.scaling.type": "none", "rope.scaling.factor": 4.0}, "default", 1.0),
+        ({}, "default", 1.0),
+    ],
+)
+def test_rope_scaling_is_read_as_llama_cpp_reads_it(
+    keys: dict[str, Any], kind: str, factor: float, tmp_path: Path
+) -> None:
+    """llama.cpp takes a GGUF without `rope.scaling.type` as linear, with the factor of `rope.scale_linear` (the key
+    converters wrote before `rope.scaling.factor`) where the newer key is absent: such files (Vicuna-16K, LongChat)
+    ran here with positions unscaled."""
+    path = tmp_path / "rope.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    for add, value in [("block_count", 1), ("embedding_length", 64), ("feed_forward_length", 128), ("head_count", 2)]:
+        getattr(writer, f"add_{add}")(value)
+    writer.add_vocab_size(8)
+    for key, value in keys.items():
+        (writer.add_string if isinstance(value, str) else writer.add_float32)(f"llama.{key}", value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    rope = ModelConfig.from_hf(GGUFWeights(path).config).rope
+    assert (rope.kind, rope.factor) == (kind, factor)
+
+
 def _tokenizer_only(path: Path, model: str, tokens: list[str], **extra: Any) -> GGUFWeights:
     """A GGUF holding just enough to build its tokenizer, with the tokenizer.ggml.* values in `extra`."""
     writer = gguf.GGUFWriter(path, "llama")
