@@ -70,6 +70,11 @@ class GGUFWeights:
         except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as error:
             # A cut file fails here too: the reader's views of the missing bytes come up short.
             raise WeightsError(f"cannot read GGUF file {str(path)!r} (corrupt or truncated): {error}") from error
+        if self._reader.byte_order == "S":  # its metadata reads right, its tensors' bytes would not (llama.cpp refuses)
+            raise WeightsError(
+                f"GGUF file {str(path)!r} is {self._reader.endianess.name.lower()}-endian, unlike this machine: "
+                "use a copy in this machine's byte order"
+            )
         # Tensors map to HF names; ones the Llama family has no use for (e.g. `rope_freqs`) are left out.
         self._tensors: dict[str, gguf.ReaderTensor] = {
             hf_name: tensor for tensor in self._reader.tensors if (hf_name := _hf_name(tensor.name)) is not None

@@ -637,3 +637,18 @@ def test_the_metadata_check_reads_a_big_endian_file_in_its_byte_order(tmp_path: 
     bomb.write_bytes(_header(">", [(b"tokenizer.ggml.tokens", 3_000_000)]))
     with pytest.raises(WeightsError, match=r"holds 3000000 items, past 1048576"):
         _check_metadata(bomb)
+
+
+def test_a_big_endian_file_is_refused_naming_its_byte_order(tmp_path: Path) -> None:
+    """gguf's reader reads a big-endian file's metadata right, but its tensors came back as little-endian numbers:
+    a model that loaded with garbage weights (a norm weight of 1.0 read as 4.6e-41). llama.cpp refuses such a file."""
+    path = tmp_path / "big.gguf"
+    writer = gguf.GGUFWriter(path, "llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_block_count(1)
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(WeightsError, match=rf"'{path}' is big-endian, unlike this machine"):
+        GGUFWeights(path)
