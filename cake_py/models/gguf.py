@@ -9,6 +9,7 @@ The vocabulary's translation is gguf_tokenizer.py.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from collections.abc import Iterable
 from functools import cached_property
@@ -328,6 +329,21 @@ def _check_metadata(path: Path) -> None:
                     offset += sizes[kind] * count
                 else:
                     return  # nested arrays, unknown types: the reader decides
+            # Then the tensors' descriptors: a type gguf does not know (a newer llama.cpp's) is named with its tensor.
+            for _ in range(struct.unpack_from(f"{order}Q", data, 8)[0]):
+                name_length = struct.unpack_from(f"{order}Q", data, offset)[0]
+                name = bytes(data[offset + 8 : offset + 8 + min(name_length, 200)]).decode("utf-8", "replace")
+                offset += 8 + name_length
+                n_dims = struct.unpack_from(f"{order}I", data, offset)[0]
+                if n_dims > 4:  # GGML_MAX_DIMS: not a descriptor llama.cpp wrote, the reader names it
+                    return
+                offset += 4 + 8 * n_dims
+                kind, offset = struct.unpack_from(f"{order}I", data, offset)[0], offset + 12
+                if kind not in _KNOWN_TYPES:
+                    raise WeightsError(
+                        f"tensor {name!r} in {str(path)!r} has GGML type {kind}, which gguf "
+                        f"{importlib.metadata.version('gguf')} does not know (a newer llama.cpp's type?)"
+                    )
     except (struct.error, OSError, ValueError):
         return  # cut short or unreadable: the reader says so, naming the path
 
@@ -366,6 +382,7 @@ _END_TOKENS = frozenset(
 )
 
 _INT4_TYPES = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
+_KNOWN_TYPES = {int(kind) for kind in gguf.GGMLQuantizationType}
 
 
 def _unpermute_rows(weights: torch.Tensor, n_heads: int, name: str) -> torch.Tensor:

@@ -359,6 +359,22 @@ def test_unsupported_quantization_names_tensor_and_type(tmp_path: Path) -> None:
         source.load(["model.layers.0.self_attn.q_proj.weight"], torch.float32)
 
 
+def test_a_tensor_type_gguf_does_not_know_is_named_with_its_tensor(tmp_path: Path) -> None:
+    """A type newer than the installed gguf package (llama.cpp adds some now and then) was "corrupt or truncated"."""
+    import struct
+
+    blocks = np.zeros((64, 2 * 34), dtype=np.uint8)  # 64 rows of 64 values in Q8_0
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    path = _write_metadata_only(tmp_path / "new.gguf", "llama", {"blk.0.attn_q.weight": (blocks, q8_0)})
+    data = bytearray(path.read_bytes())
+    name = b"blk.0.attn_q.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name) + 4 + 2 * 8  # past its name and 2 dims
+    struct.pack_into("<I", data, at, 99)
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=r"tensor 'blk.0.attn_q.weight' in .* has GGML type 99, which gguf \S+ does"):
+        GGUFWeights(path)
+
+
 def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
     """A llama.cpp "llama" (SentencePiece BPE) vocabulary without merges: they are rebuilt from the scores."""
     pieces = ["▁", "e", "h", "l", "o", "t", "w", "r", "d", "a", "n", "s", "i", "c"]
