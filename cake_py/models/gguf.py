@@ -76,6 +76,11 @@ class GGUFWeights:
                 f"GGUF file {str(path)!r} is {self._reader.endianess.name.lower()}-endian, unlike this machine: "
                 "use a copy in this machine's byte order"
             )
+        if (parts := self._value("split.count", 1)) > 1:  # llama.cpp's gguf-split: tensors are spread over the parts
+            raise WeightsError(
+                f"GGUF file {str(path)!r} is part {self._value('split.no', 0) + 1} of {parts} of a split model: merge "
+                f"them into one file (llama.cpp's `llama-gguf-split --merge FIRST-PART OUT.gguf`) and pass that"
+            )
         # Tensors map to HF names; ones the Llama family has no use for (e.g. `rope_freqs`) are left out.
         self._tensors: dict[str, gguf.ReaderTensor] = {
             hf_name: tensor for tensor in self._reader.tensors if (hf_name := _hf_name(tensor.name)) is not None
