@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cake_py.errors import ModelNotFoundError, WeightsError
-from cake_py.models.gguf_tokenizer import tokenizer_json
+from cake_py.models.gguf_tokenizer import BOS_PRE_TOKENIZERS, tokenizer_json
 from cake_py.models.weights import TensorInfo
 
 # general.architecture → HF architectures[0]; an architecture missing here keeps its GGUF name, so
@@ -260,8 +260,10 @@ class GGUFWeights:
             token_id = self._value(f"tokenizer.ggml.{key}")
             return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
 
-        # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
-        default_bos = self._value("tokenizer.ggml.model") == "llama"
+        # llama.cpp adds BOS unless the file says otherwise to a sentencepiece vocabulary, and to a BPE one split as
+        # Llama 3's or Tekken: a Llama 3 GGUF without add_bos_token wants it before every prompt.
+        kind, pre = self._value("tokenizer.ggml.model"), self._value("tokenizer.ggml.pre")
+        default_bos = kind == "llama" or (kind == "gpt2" and pre in BOS_PRE_TOKENIZERS)
         config: dict[str, Any] = {
             "bos_token": token("bos_token_id"),
             "eos_token": token("eos_token_id"),

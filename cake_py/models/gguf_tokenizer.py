@@ -52,6 +52,12 @@ _PRE_TOKENIZER_SPLITS = {
     "tekken": _TEKKEN_SPLIT,
 }
 
+# Pre-tokenizers whose BPE vocabularies llama.cpp adds BOS to when the file has no tokenizer.ggml.add_bos_token
+# (llama-vocab.cpp sets `add_bos = true` for them): Llama 3's above all.
+BOS_PRE_TOKENIZERS = frozenset(
+    {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "tekken", "chameleon"}
+)
+
 
 def tokenizer_json(path: Path, value: Metadata, tokens: list[str], config: dict[str, Any]) -> str:
     """The vocabulary of GGUF file `path` (its `value`s, its `tokens`, its tokenizer config) as a tokenizer.json

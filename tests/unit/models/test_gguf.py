@@ -530,6 +530,27 @@ def test_a_tokenizer_that_cannot_be_built_is_a_weights_error(
         source.tokenizer_json()
 
 
+@pytest.mark.parametrize(
+    ("pre", "extra", "adds_bos"),
+    [
+        ("llama-bpe", {}, True),
+        ("tekken", {}, True),
+        ("llama-bpe", {"add_bos_token": False}, False),
+        ("qwen2", {}, False),
+    ],
+)
+def test_bos_is_added_where_llama_cpp_adds_it(pre: str, extra: dict[str, Any], adds_bos: bool, tmp_path: Path) -> None:
+    """llama.cpp adds BOS to a Llama 3 (or Tekken) vocabulary whose file has no tokenizer.ggml.add_bos_token, as the
+    model was trained; such a GGUF's raw prompts went in here without it."""
+    tokens = ["<|begin_of_text|>", "a", "b", "ab"]
+    source = _tokenizer_only(
+        tmp_path / "t.gguf", "gpt2", tokens, tokenizer_pre=pre, token_merges=["a b"], bos_token_id=0, **extra
+    )
+    assert source.tokenizer_config()["add_bos_token"] is adds_bos
+    ids = CakeTokenizer.from_json(source.tokenizer_json(), source.tokenizer_config()).encode("ab")
+    assert ids == ([0, 3] if adds_bos else [3])
+
+
 def test_generation_ends_on_the_tokens_llama_cpp_ends_on(tmp_path: Path) -> None:
     """llama.cpp's end-of-generation set, not only the file's one eos: Llama 3.1 Instruct GGUFs name
     <|end_of_text|> their eos and end turns with <|eot_id|> (and <|eom_id|> after a tool call); a Qwen GGUF names
