@@ -130,8 +130,7 @@ class GrammarMatcher:
         compiled grammar is dropped, since copies of it share the exhausted state."""
         if self.matcher.is_error():
             self.on_error()
-            reason = str(self.matcher.get_error()).strip().splitlines()
-            raise RequestError(f"the structured output grammar failed: {reason[0][:300] if reason else 'unknown'}")
+            raise RequestError(f"the structured output grammar failed: {_reason(self.matcher.get_error())}")
 
     @property
     def finished(self) -> bool:
@@ -196,15 +195,13 @@ class GrammarCompiler:
         tokenizer = self._grammar_tokenizer()
         prototype = _on_big_stack(lambda: llguidance.LLMatcher(tokenizer, grammar, log_level=0))
         if prototype.is_error():
-            reason = str(prototype.get_error()).strip().splitlines()
-            raise RequestError(f"the structured output grammar is invalid: {reason[0][:500] if reason else '?'}")
+            raise RequestError(f"the structured output grammar is invalid: {_reason(prototype.get_error())}")
         probe = prototype.deep_copy()  # the first token's mask: a grammar no text can match fails here, not later
         probe.compute_logit_bias()
         if probe.is_error():
-            reason = str(probe.get_error()).strip().splitlines()
             raise RequestError(
                 "the structured output grammar matches no text (a rule that only refers to itself never ends): "
-                f"{reason[0][:300] if reason else '?'}"
+                f"{_reason(probe.get_error())}"
             )
         compiled = CompiledGrammar(grammar, prototype, int(tokenizer.vocab_size), self)
         with self._lock:
@@ -267,6 +264,17 @@ def compiler_for(tokenizer: Tokenizer) -> GrammarCompiler:
 def _check_size(what: str, text: str) -> None:
     if len(text) > MAX_GRAMMAR_CHARS:
         raise RequestError(f"the {what} is {len(text)} characters long; at most {MAX_GRAMMAR_CHARS} are allowed")
+
+
+def _reason(error: object) -> str:
+    """llguidance's error on one line: its first line and, from a regex parser's report (the pattern, a caret line,
+    then `error: …`), the line that says what is wrong, which the first line ("regex parse error:") leaves out."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown"
+    first = lines[0] if len(lines[0]) <= 300 else lines[0][:297] + "..."  # it may quote the whole pattern
+    detail = next((line for line in lines[1:] if line.startswith("error:")), None)
+    return f"{first} {detail.removeprefix('error:').strip()[:200]}" if detail else first
 
 
 def _shown(value: object) -> str:

@@ -149,13 +149,18 @@ def test_bad_grammar_inputs_are_named(build: object, needle: str) -> None:
         (lambda: json_grammar({"type": "nonsense"}), "nonsense"),
         (lambda: json_grammar({"properties": {"a": {"$ref": "#/nowhere"}}}), "nowhere"),
         (lambda: regex_grammar("(unclosed"), "invalid"),
+        # What is wrong with a regex: the parser's report says it after the pattern and a caret line.
+        (lambda: regex_grammar("[a-"), "regex parse error: unclosed character class"),
+        (lambda: json_grammar({"type": "string", "pattern": "(?=x)"}), "look-around"),
+        (lambda: regex_grammar("(" * 300 + "a" + ")" * 300), r"\(\.\.\. .*nested parentheses"),
         (lambda: lark_grammar("start: missing_rule"), "missing_rule"),
         (lambda: lark_grammar("root ::= x\nx ::= root"), "matches no text"),  # GBNF; it used to fail mid-request
     ],
 )
 def test_grammars_that_do_not_compile_are_request_errors(tokenizer: Tokenizer, grammar: object, needle: str) -> None:
-    with pytest.raises(RequestError, match=needle):
+    with pytest.raises(RequestError, match=needle) as caught:
         compiler_for(tokenizer).compile(grammar())  # type: ignore[operator]
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 600
 
 
 def test_errors_during_generation_are_named_and_do_not_poison_the_grammar(tokenizer: Tokenizer) -> None:
