@@ -161,17 +161,31 @@ def calls_grammar(request: ToolRequest) -> str:
     return json_grammar(calls)
 
 
+# Keywords whose values are JSON data, not schemas: a "$ref" key inside them is a value the output must hold.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# Keywords whose values map names (any name: "enum", "$ref") to schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
 def _rebased(schema: Any, base: str) -> Any:
-    """`schema` with its local references ("#…") made relative to `base`, where it is moved."""
-    if isinstance(schema, dict):
-        moved = {key: _rebased(value, base) for key, value in schema.items()}
-        reference = schema.get("$ref")
-        if isinstance(reference, str) and reference.startswith("#"):
-            moved["$ref"] = base + reference[1:]
-        return moved
+    """`schema` with its local pointer references ("#", "#/…") made relative to `base`, where it is moved. An
+    anchor ("#name") names its place wherever that is, so it stays."""
     if isinstance(schema, list):
         return [_rebased(value, base) for value in schema]
-    return schema
+    if not isinstance(schema, dict):
+        return schema
+    moved: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _DATA_KEYWORDS:
+            moved[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            moved[key] = {name: _rebased(item, base) for name, item in value.items()}
+        else:
+            moved[key] = _rebased(value, base)
+    reference = schema.get("$ref")
+    if isinstance(reference, str) and (reference == "#" or reference.startswith("#/")):
+        moved["$ref"] = base + reference[1:]
+    return moved
 
 
 def prompt_messages(

@@ -332,6 +332,46 @@ def test_forced_calls_follow_the_tools_own_definitions(tiny_llama: Path) -> None
         assert arguments["place"].keys() <= {"city"}
 
 
+def test_forced_calls_keep_the_tools_values_and_anchors(tiny_llama: Path) -> None:
+    # Moving a tool's schema under the wrapper's $defs rebases its pointers, not data that looks like one (a const
+    # or enum value with a "$ref" key, a property named "enum") nor anchors, which name their place wherever it is.
+    tokenizer = Tokenizer.from_folder(tiny_llama)
+    pointer = {"$ref": "#/a"}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "$defs": {"Flag": {"$anchor": "flag", "type": "boolean"}},
+                "type": "object",
+                "properties": {
+                    "ref": {"const": pointer},
+                    "pick": {"enum": [pointer, 1]},
+                    "enum": {"$ref": "#/$defs/Flag"},
+                    "flag": {"$ref": "#flag"},
+                },
+                "required": ["ref", "pick", "enum", "flag"],
+            },
+        },
+    }
+    request = tool_request({"tools": [tool], "tool_choice": "required"})
+    grammar = compiler_for(tokenizer).compile(calls_grammar(request))
+
+    def accepted(arguments: str) -> bool:
+        matcher = grammar.start()
+        text = '[{"name": "f", "arguments": ' + arguments + "}]"
+        try:
+            for token in tokenizer.encode(text, add_special_tokens=False):
+                matcher.consume(token)
+        except RequestError:
+            return False
+        return matcher.finished
+
+    assert accepted('{"ref": {"$ref": "#/a"}, "pick": {"$ref": "#/a"}, "enum": true, "flag": false}')
+    assert not accepted('{"ref": {"$ref": "#/$defs/tool0/a"}, "pick": 1, "enum": true, "flag": false}')
+    assert not accepted('{"ref": {"$ref": "#/a"}, "pick": 1, "enum": 3, "flag": false}')
+
+
 @pytest.mark.parametrize(
     ("tool_choice", "tools", "needle"),
     [
