@@ -8,7 +8,7 @@ older `guided_*` fields) → one grammar for the sampler (models/grammar.py).
   Beside it, `whitespace_pattern` or `disable_any_whitespace` set how JSON may be spaced.
 - `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`: the same, as vLLM named them before 0.12.
 - llama.cpp's forms: `response_format: {"type": "json_object", "schema": {…}}`, top-level `json_schema` and
-  `grammar` (GBNF, which llguidance converts; Lark too).
+  `grammar` (GBNF, which llguidance converts; Lark too; an empty one is none, as llama.cpp reads it).
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def _requested(body: dict[str, Any]) -> list[tuple[str, Callable[[], str] | None
                 where = f"structured_outputs.{kind}"
                 found.append((where, _from_structured(kind, structured[kind], where, whitespace)))
     for field, kind in _GUIDED_FIELDS.items():
-        if body.get(field) is not None:
+        # llama.cpp reads an empty grammar as none (clients such as SillyTavern always send one), beside a schema too
+        if body.get(field) is not None and not (field == "grammar" and body[field] == ""):
             found.append((field, _from_structured(kind, body[field], field)))
     return found
 

@@ -314,6 +314,9 @@ def test_llama_cpp_forms_gbnf_and_vllm_spacing(client: OpenAI) -> None:
 
     _check(json.loads(chat({"response_format": {"type": "json_object", "schema": SCHEMA}})))
     _check(json.loads(chat({"json_schema": SCHEMA})))
+    # llama.cpp reads an empty grammar as none, as clients that always send one expect
+    _check(json.loads(chat({"grammar": "", "json_schema": SCHEMA})))
+    _check(json.loads(chat({"grammar": "", "response_format": {"type": "json_object", "schema": SCHEMA}})))
     assert chat({"grammar": 'root ::= "yes" | "no"'}) in ("yes", "no")  # GBNF, as llama.cpp takes it
     assert chat({"structured_outputs": {"grammar": "root ::= [0-9] [0-9]"}}).isdigit()
     compact = chat({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True, "disable_fallback": False}})
