@@ -169,11 +169,14 @@ _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitio
 
 def _rebased(schema: Any, base: str) -> Any:
     """`schema` with its local pointer references ("#", "#/…") made relative to `base`, where it is moved. An
-    anchor ("#name") names its place wherever that is, so it stays."""
+    anchor ("#name") names its place wherever that is, so it stays; so do the references of a schema with an `$id`."""
     if isinstance(schema, list):
         return [_rebased(value, base) for value in schema]
     if not isinstance(schema, dict):
         return schema
+    identifier = schema.get("$id")
+    if isinstance(identifier, str) and not identifier.startswith("#"):
+        return schema  # a resource of its own ($id): its references are relative to it, wherever it sits
     moved: dict[str, Any] = {}
     for key, value in schema.items():
         if key in _DATA_KEYWORDS:

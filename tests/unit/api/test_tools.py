@@ -372,6 +372,36 @@ def test_forced_calls_keep_the_tools_values_and_anchors(tiny_llama: Path) -> Non
     assert not accepted('{"ref": {"$ref": "#/a"}, "pick": 1, "enum": 3, "flag": false}')
 
 
+def test_forced_calls_of_a_tool_schema_with_its_own_id(tiny_llama: Path) -> None:
+    # A schema with an $id is a resource of its own: its "#/…" references resolve against it wherever it sits, so
+    # they are not rebased (they were, to pointers inside it that do not exist: a 400 under any tool_choice).
+    tokenizer = Tokenizer.from_folder(tiny_llama)
+    parameters = {
+        "$id": "https://example.com/schemas/locate.json",
+        "type": "object",
+        "properties": {"place": {"$ref": "#/definitions/Place"}, "near": {"$ref": "#"}},
+        "required": ["place"],
+        "definitions": {"Place": {"enum": ["Oslo", "Rome"]}},
+    }
+    tool = {"type": "function", "function": {"name": "locate", "parameters": parameters}}
+    request = tool_request({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "locate"}}})
+    grammar = compiler_for(tokenizer).compile(calls_grammar(request))
+
+    def accepted(arguments: str) -> bool:
+        matcher = grammar.start()
+        text = '{"name": "locate", "arguments": ' + arguments + "}"
+        try:
+            for token in tokenizer.encode(text, add_special_tokens=False):
+                matcher.consume(token)
+        except RequestError:
+            return False
+        return matcher.finished
+
+    assert accepted('{"place": "Oslo", "near": {"place": "Rome"}}')
+    assert not accepted('{"place": "Paris"}')
+    assert not accepted('{"place": "Oslo", "near": {"name": "locate", "arguments": {"place": "Rome"}}}')
+
+
 @pytest.mark.parametrize(
     ("tool_choice", "tools", "needle"),
     [
