@@ -64,9 +64,10 @@ def finish_reason(reason: str | None) -> str:
     return "stop" if reason in (None, "cancelled") else reason
 
 
-def _call_finish(called: bool, reason: str | None) -> str:
-    """`tool_calls` for an answer that calls tools, unless max_tokens cut it (a call may be partial): `length`."""
-    return "tool_calls" if called and reason != "length" else finish_reason(reason)
+def _call_finish(called: bool, reason: str | None, cut: bool = False) -> str:
+    """`tool_calls` for an answer that calls tools, unless it was cut short, so that a call may be partial: by
+    max_tokens (`length`), or (`cut`) by a stop string or token inside forced calls (`stop`; stop_reason names it)."""
+    return "tool_calls" if called and reason != "length" and not cut else finish_reason(reason)
 
 
 def reject_unsupported(body: dict[str, Any]) -> None:
@@ -174,7 +175,8 @@ async def chat_completions(request: Request) -> Response:
             message["reasoning_content"] = reasoning
         if answer.tool_calls:
             message["tool_calls"] = answer.tool_calls
-        finish = _call_finish(bool(answer.tool_calls), result.last.finish_reason)
+        cut = tools.forced and result.last.stop_reason is not None  # the stop text went, and the call with it
+        finish = _call_finish(bool(answer.tool_calls), result.last.finish_reason, cut)
         logprobs = {"content": chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None
         choice = {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
         choices.append({**choice, "stop_reason": result.last.stop_reason})  # vLLM's: the stop string or token id
@@ -277,7 +279,7 @@ async def _chat_stream(
             on_finish = include_usage is None and open_count == 0  # Cake's default: usage on the last finish chunk
             counts = usage(prompt_tokens, completion_tokens, cached_tokens, _predicted(params, last_events))
             last = {"usage": counts} if on_finish else {}
-            finish = _call_finish(bool(done.calls), event.finish_reason)
+            finish = _call_finish(bool(done.calls), event.finish_reason, tools.forced and event.stop_reason is not None)
             yield chunk(index, {}, finish, stop_reason=event.stop_reason, **last)
     if include_usage and open_count == 0:
         kind = "chat.completion.chunk"

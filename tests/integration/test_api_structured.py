@@ -339,3 +339,18 @@ def test_a_forced_call_cut_by_max_tokens_is_the_same_partial_call_streamed_or_no
             )
     blocking = {index: call.function.arguments for index, call in enumerate(choice.message.tool_calls or [])}
     assert streamed == blocking and blocking  # the call as far as it was written, either way
+
+
+def test_a_forced_call_cut_by_a_stop_string_is_no_finished_call(client: OpenAI) -> None:
+    # The stop string goes from the text, and with it the rest of the call: finish_reason "tool_calls" would have the
+    # client run a call whose arguments are not JSON.
+    kwargs: Any = {"model": "x", "messages": ASK, "tools": [WEATHER_TOOL], "tool_choice": "required"}
+    completion = client.chat.completions.create(**kwargs, max_tokens=300, temperature=0, stop=['"unit"'])
+    choice: Any = completion.choices[0]
+    assert choice.finish_reason == "stop" and choice.stop_reason == '"unit"'
+    assert choice.message.tool_calls and choice.message.tool_calls[0].function.arguments.endswith(", ")
+    chunks = list(client.chat.completions.create(**kwargs, max_tokens=300, temperature=0, stop=['"unit"'], stream=True))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    cut = client.chat.completions.create(**{**kwargs, "tool_choice": named}, max_tokens=300, stop=["city"])
+    assert cut.choices[0].finish_reason == "stop"
