@@ -6,7 +6,8 @@ older `guided_*` fields) → one grammar for the sampler (models/grammar.py).
 - `structured_outputs`: exactly one of `json` (a schema, as an object or its JSON text), `json_object: true`,
   `regex`, `choice` (a list of strings), `grammar` (llguidance's Lark syntax, or GBNF).
   Beside it, `whitespace_pattern` or `disable_any_whitespace` set how JSON may be spaced.
-- `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`: the same, as vLLM named them before 0.12.
+- `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`: the same, as vLLM named them before 0.12, and
+  `guided_whitespace_pattern` beside `guided_json`.
 - llama.cpp's forms: `response_format: {"type": "json_object", "schema": {…}}`, top-level `json_schema` and
   `grammar` (GBNF, which llguidance converts; Lark too; an empty one is none, as llama.cpp reads it).
 """
@@ -131,10 +132,17 @@ def _requested(body: dict[str, Any]) -> list[tuple[str, Callable[[], str] | None
             if structured.get(kind) is not None:
                 where = f"structured_outputs.{kind}"
                 found.append((where, _from_structured(kind, structured[kind], where, whitespace)))
+    # vLLM's spacing beside guided_json, as whitespace_pattern is beside structured_outputs' kinds
+    guided_spacing = body.get("guided_whitespace_pattern")
+    if guided_spacing is None:
+        guided_spacing = _DEFAULT_WHITESPACE
+    elif not isinstance(guided_spacing, str):
+        raise ApiError(400, f"guided_whitespace_pattern must be a regex string, got {guided_spacing!r}"[:300])
     for field, kind in _GUIDED_FIELDS.items():
         # llama.cpp reads an empty grammar as none (clients such as SillyTavern always send one), beside a schema too
         if body.get(field) is not None and not (field == "grammar" and body[field] == ""):
-            found.append((field, _from_structured(kind, body[field], field)))
+            spacing = guided_spacing if field == "guided_json" else _DEFAULT_WHITESPACE
+            found.append((field, _from_structured(kind, body[field], field, spacing)))
     return found
 
 

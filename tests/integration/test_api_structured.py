@@ -138,6 +138,7 @@ def test_json_object_mode_and_vllm_fields(client: OpenAI) -> None:
         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "one kind of structured output"),
         ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "one kind of structured output"),
         ({"guided_grammar": "start: nothing_here"}, "nothing_here"),
+        ({"guided_json": {}, "guided_whitespace_pattern": 5}, "guided_whitespace_pattern must be a regex string"),
     ],
 )
 def test_bad_structured_output_requests_are_400s_naming_the_problem(
@@ -320,6 +321,9 @@ def test_llama_cpp_forms_gbnf_and_vllm_spacing(client: OpenAI) -> None:
     assert chat({"grammar": 'root ::= "yes" | "no"'}) in ("yes", "no")  # GBNF, as llama.cpp takes it
     assert chat({"structured_outputs": {"grammar": "root ::= [0-9] [0-9]"}}).isdigit()
     compact = chat({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True, "disable_fallback": False}})
+    _check(json.loads(compact))
+    assert not any(character.isspace() for character in compact)
+    compact = chat({"guided_json": SCHEMA, "guided_whitespace_pattern": ""})  # vLLM's older name, beside guided_json
     _check(json.loads(compact))
     assert not any(character.isspace() for character in compact)
 
