@@ -259,8 +259,8 @@ async def _chat_stream(
                 extra = {}  # the step's logprobs go with its first content
             else:
                 yield chunk(index, {"tool_calls": [_call_delta(delta) for delta in piece]})
-        if "logprobs" in extra:
-            yield chunk(index, {"content": ""}, **extra)
+        if "logprobs" in extra:  # the step wrote no content: its logprobs go alone, no "" where the answer is calls
+            yield chunk(index, {} if tools.forced else {"content": ""}, **extra)
         if event.finished:
             done = answer.finish()
             if done.deltas:

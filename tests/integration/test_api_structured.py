@@ -358,3 +358,18 @@ def test_a_forced_call_cut_by_a_stop_string_is_no_finished_call(client: OpenAI) 
     named = {"type": "function", "function": {"name": "get_weather"}}
     cut = client.chat.completions.create(**{**kwargs, "tool_choice": named}, max_tokens=300, stop=["city"])
     assert cut.choices[0].finish_reason == "stop"
+
+
+def test_streamed_forced_calls_with_logprobs_keep_content_null(client: OpenAI) -> None:
+    # The steps' logprobs ride on chunks of their own (a call's text is not content): a "" content there made the
+    # SDK's accumulated message read "" where the blocking answer is null.
+    kwargs: Any = {"model": "x", "messages": ASK, "tools": [WEATHER_TOOL], "tool_choice": "required"}
+    kwargs.update(max_tokens=300, temperature=0, logprobs=True, top_logprobs=2)
+    blocking = client.chat.completions.create(**kwargs).choices[0]
+    with client.chat.completions.stream(**kwargs) as helper:
+        streamed = helper.get_final_completion().choices[0]
+    assert blocking.message.content is None and streamed.message.content is None
+    assert blocking.logprobs and streamed.logprobs and blocking.logprobs.content and streamed.logprobs.content
+    assert [item.token for item in streamed.logprobs.content] == [item.token for item in blocking.logprobs.content]
+    assert streamed.message.tool_calls and blocking.message.tool_calls
+    assert streamed.message.tool_calls[0].function.arguments == blocking.message.tool_calls[0].function.arguments
