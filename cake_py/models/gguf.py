@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cake_py.errors import ModelNotFoundError, WeightsError
+from cake_py.models.gguf_split import split_parts
 from cake_py.models.gguf_tokenizer import BOS_PRE_TOKENIZERS, tokenizer_json
 from cake_py.models.weights import TensorInfo
 
@@ -64,26 +65,11 @@ class GGUFWeights:
         self.path = path
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
-        _check_metadata(path)
-        try:
-            # Maps the file read-only and parses metadata and tensor descriptors; no tensor data is touched.
-            self._reader = gguf.GGUFReader(path, "r")
-        except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as error:
-            # A cut file fails here too: the reader's views of the missing bytes come up short.
-            raise WeightsError(f"cannot read GGUF file {str(path)!r} (corrupt or truncated): {error}") from error
-        if self._reader.byte_order == "S":  # its metadata reads right, its tensors' bytes would not (llama.cpp refuses)
-            raise WeightsError(
-                f"GGUF file {str(path)!r} is {self._reader.endianess.name.lower()}-endian, unlike this machine: "
-                "use a copy in this machine's byte order"
-            )
-        if (parts := self._value("split.count", 1)) > 1:  # llama.cpp's gguf-split: tensors are spread over the parts
-            raise WeightsError(
-                f"GGUF file {str(path)!r} is part {self._value('split.no', 0) + 1} of {parts} of a split model: merge "
-                f"them into one file (llama.cpp's `llama-gguf-split --merge FIRST-PART OUT.gguf`) and pass that"
-            )
-        # Tensors map to HF names; ones the Llama family has no use for (e.g. `rope_freqs`) are left out.
+        self._reader = _open(path)
+        self._readers = split_parts(path, self._reader, _open)  # every part of a split model, the first first
+        # Tensors (from whichever part holds them) map to HF names; ones the Llama family has no use for are left out.
         self._tensors: dict[str, gguf.ReaderTensor] = {
-            hf_name: tensor for tensor in self._reader.tensors if (hf_name := _hf_name(tensor.name)) is not None
+            hf_name: tensor for r in self._readers for tensor in r.tensors if (hf_name := _hf_name(tensor.name))
         }
         self.architecture = str(self._value("general.architecture", "<none>"))
         self.config_origin = f"the metadata of GGUF file {str(path)!r}"
@@ -109,7 +95,7 @@ class GGUFWeights:
 
     def _rope_freq_factors(self) -> list[float] | None:
         """llama.cpp stores Llama 3 rope scaling as a `rope_freqs` tensor of per-frequency divisors."""
-        tensor = next((t for t in self._reader.tensors if t.name == "rope_freqs.weight"), None)
+        tensor = next((t for r in self._readers for t in r.tensors if t.name == "rope_freqs.weight"), None)
         if tensor is None:
             return None
         return [float(x) for x in gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)]
@@ -353,6 +339,23 @@ def _check_metadata(path: Path) -> None:
                     )
     except (struct.error, OSError, ValueError):
         return  # cut short or unreadable: the reader says so, naming the path
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    """One GGUF file's reader, refusing what it would misread or take minutes over, naming the path."""
+    _check_metadata(path)
+    try:
+        # Maps the file read-only and parses metadata and tensor descriptors; no tensor data is touched.
+        reader = gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as error:
+        # A cut file fails here too: the reader's views of the missing bytes come up short.
+        raise WeightsError(f"cannot read GGUF file {str(path)!r} (corrupt or truncated): {error}") from error
+    if reader.byte_order == "S":  # its metadata reads right, its tensors' bytes would not (llama.cpp refuses)
+        raise WeightsError(
+            f"GGUF file {str(path)!r} is {reader.endianess.name.lower()}-endian, unlike this machine: "
+            "use a copy in this machine's byte order"
+        )
+    return reader
 
 
 def _head_dim(config: dict[str, Any]) -> Any:

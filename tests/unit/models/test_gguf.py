@@ -375,22 +375,6 @@ def test_a_tensor_type_gguf_does_not_know_is_named_with_its_tensor(tmp_path: Pat
         GGUFWeights(path)
 
 
-def test_a_part_of_a_split_model_is_refused_saying_how_to_merge_it(tmp_path: Path) -> None:
-    """llama.cpp's gguf-split spreads a big model's tensors over files: the first part loaded without the rest, and
-    failed on a "missing" tensor; a later part was an "unsupported architecture '<none>'"."""
-    writer = gguf.GGUFWriter(tmp_path / "model.gguf", "llama", split_max_tensors=1)
-    writer.add_block_count(1)
-    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"):
-        writer.add_tensor(name, np.ones(64, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    for part in (1, 2):
-        with pytest.raises(WeightsError, match=rf"is part {part} of 2 of a split model: merge them .*--merge"):
-            GGUFWeights(tmp_path / f"model-0000{part}-of-00002.gguf")
-
-
 def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
     """A llama.cpp "llama" (SentencePiece BPE) vocabulary without merges: they are rebuilt from the scores."""
     pieces = ["▁", "e", "h", "l", "o", "t", "w", "r", "d", "a", "n", "s", "i", "c"]
