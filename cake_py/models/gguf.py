@@ -66,10 +66,10 @@ class GGUFWeights:
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
         self._reader = _open(path)
-        self._readers = split_parts(path, self._reader, _open)  # every part of a split model, the first first
+        self.parts = split_parts(path, self._reader, _open)  # every part of a split model, the first first
         # Tensors (from whichever part holds them) map to HF names; ones the Llama family has no use for are left out.
         self._tensors: dict[str, gguf.ReaderTensor] = {
-            hf_name: tensor for r in self._readers for tensor in r.tensors if (hf_name := _hf_name(tensor.name))
+            hf_name: tensor for r in self.parts for tensor in r.tensors if (hf_name := _hf_name(tensor.name))
         }
         self.architecture = str(self._value("general.architecture", "<none>"))
         self.config_origin = f"the metadata of GGUF file {str(path)!r}"
@@ -95,7 +95,7 @@ class GGUFWeights:
 
     def _rope_freq_factors(self) -> list[float] | None:
         """llama.cpp stores Llama 3 rope scaling as a `rope_freqs` tensor of per-frequency divisors."""
-        tensor = next((t for r in self._readers for t in r.tensors if t.name == "rope_freqs.weight"), None)
+        tensor = next((t for r in self.parts for t in r.tensors if t.name == "rope_freqs.weight"), None)
         if tensor is None:
             return None
         return [float(x) for x in gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)]

@@ -42,6 +42,13 @@ def part_path(path: Path, number: int, count: int, new_number: int) -> Path | No
     return path.with_name(path.name[: -len(tail)] + _tail(new_number, count, path.suffix))
 
 
+def model_name(path: Path, n_parts: int) -> str:
+    """The model's name from its (first) file's: a split model's without its part's tail (`Qwen2.5-72B-Q4_K_M`, not
+    `Qwen2.5-72B-Q4_K_M-00001-of-00012`)."""
+    tail = _tail(1, n_parts, path.suffix)
+    return path.name[: -len(tail)] if n_parts > 1 and path.name.endswith(tail) else path.stem
+
+
 def split_parts(
     path: Path, first: gguf.GGUFReader, open_part: Callable[[Path], gguf.GGUFReader]
 ) -> list[gguf.GGUFReader]:

@@ -84,6 +84,7 @@ def embedded_model_path() -> Path:
 def resolve_model(spec: str | None) -> ModelSource:
     """Turn a MODEL argument (or None for the embedded default) into a loaded-on-demand `ModelSource`."""
     from cake_py.models.gguf import GGUFWeights
+    from cake_py.models.gguf_split import model_name
 
     if spec is None or spec == "":
         return ModelSource(EMBEDDED_MODEL_ID, GGUFWeights(embedded_model_path()))
@@ -98,7 +99,8 @@ def resolve_model(spec: str | None) -> ModelSource:
     if path.suffix.lower() == ".gguf":
         if not is_file:
             raise ModelNotFoundError(f"GGUF file {spec!r} does not exist")
-        return ModelSource(path.stem, GGUFWeights(path))
+        weights = GGUFWeights(path)
+        return ModelSource(model_name(path, len(weights.parts)), weights)
     if is_dir:
         return ModelSource(path.name, SafetensorsWeights(path))
     if exists:
@@ -211,7 +213,8 @@ def download(repo_id: str) -> Path:
             shutil.rmtree(folder, ignore_errors=True)
         raise ModelNotFoundError(
             f"Hub repo {repo_id!r} has no config.json with model.safetensors (or its shard index): cake_py serves "
-            "Hugging Face safetensors checkpoints; for a GGUF, download the file and pass its path"
+            "Hugging Face safetensors checkpoints; for a GGUF, download the file (every part of a split one) and "
+            "pass its path (the first part's)"
         )
     return snapshot
 

@@ -66,6 +66,7 @@ def test_a_split_model_loads_from_its_first_part_as_the_whole_file(
     assert torch.equal(_logits(ours, ids), _logits(expected, ids))
     # The way `cake serve`, `cake run` and /models/load open it: greedy tokens equal the unsplit file's.
     split_source, whole_source = resolve_model(str(parts[0])), resolve_model(str(whole))
+    assert split_source.model_id == whole_source.model_id == "tiny"  # not "tiny-00001-of-00003"
     prompt = whole_source.tokenizer.encode("The quick brown cake")
     assert split_source.tokenizer.encode("The quick brown cake") == prompt
     tokens = generate_tokens(local_pipeline(split_source, torch.float32), split_source.tokenizer, prompt, 16)
