@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cake_py.errors import ModelNotFoundError, WeightsError
+from cake_py.models.gguf_int4 import INT4_TYPES, int4_groups
 from cake_py.models.gguf_split import split_parts
 from cake_py.models.gguf_tokenizer import BOS_PRE_TOKENIZERS, tokenizer_json
 from cake_py.models.weights import TensorInfo
@@ -181,33 +182,23 @@ class GGUFWeights:
         return {name: self._load_one(name).to(dtype) for name in names}
 
     def int4_names(self) -> set[str]:
-        """2-D weights stored in a 4-bit format (Q4_0, Q4_1) that `load_int4` can hand over without dequantizing."""
+        """2-D weights stored in a 4-bit format (Q4_0, Q4_1, Q4_K) that `load_int4` hands over without dequantizing."""
         return {
             name
             for name, tensor in self._tensors.items()
-            if tensor.tensor_type in _INT4_TYPES and len(tensor.shape) == 2 and name.endswith(".weight")
+            if tensor.tensor_type in INT4_TYPES and len(tensor.shape) == 2 and name.endswith(".weight")
         }
 
     def load_int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A Q4_0/Q4_1 weight as (uint8 (N, K) values 0..15, float32 (K/32, N, 2) scale and zero per group).
+        """A Q4_0/Q4_1/Q4_K weight as (uint8 (N, K) values 0..15, float32 (K/32, N, 2) scale and zero per group).
 
-        Represents `(q - 8) * scale + zero` exactly (see cake_py.models.quant), rows un-permuted like `load`.
+        Represents `(q - 8) * scale + zero` exactly (see cake_py.models.gguf_int4), rows un-permuted like `load`.
         """
         tensor = self._tensor(name)
-        if tensor.tensor_type not in _INT4_TYPES:
+        if tensor.tensor_type not in INT4_TYPES:
             raise WeightsError(f"tensor {name!r} is {tensor.tensor_type.name}, not a 4-bit type")
-        n_rows, n_cols = self.info(name).shape
-        blocks = np.asarray(tensor.data).reshape(n_rows, n_cols // 32, -1)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
-        if tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1:
-            m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            packed, zero = blocks[..., 4:20], m + 8 * d
-        else:
-            packed, zero = blocks[..., 2:18], np.zeros_like(d)
-        # A block stores element j in the low nibble of byte j and element j + 16 in its high nibble.
-        values = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(n_rows, n_cols)
-        q = torch.from_numpy(np.ascontiguousarray(values))
-        scales = torch.from_numpy(np.stack([d, zero], axis=-1))  # (N, K/32, 2)
+        values, groups = int4_groups(tensor.data, tensor.tensor_type, *self.info(name).shape)
+        q, scales = torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(groups)  # (N, K), (N, K/32, 2)
         if self.architecture in _PERMUTED_ARCHITECTURES:
             if name.endswith("q_proj.weight"):
                 q, scales = (_unpermute_rows(t, self._head_count("num_attention_heads"), name) for t in (q, scales))
@@ -391,7 +382,6 @@ _END_TOKENS = frozenset(
     }
 )
 
-_INT4_TYPES = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
 _KNOWN_TYPES = {int(kind) for kind in gguf.GGMLQuantizationType}
 
 

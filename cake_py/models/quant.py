@@ -1,7 +1,8 @@
-"""4-bit weights run as stored: GGUF Q4_0/Q4_1 blocks as torch's int4 weight-only matmul (CPU).
+"""4-bit weights run as stored: GGUF Q4_0/Q4_1/Q4_K blocks as torch's int4 weight-only matmul (CPU).
 
 A GGUF Q4_1 block of 32 weights is `d * q + m` with q in 0..15; torch's int4 kernel computes
-`(q - 8) * scale + zero` per group of 32, so scale = d and zero = m + 8d represent it exactly (Q4_0: zero = 0).
+`(q - 8) * scale + zero` per group of 32, so scale = d and zero = m + 8d represent it exactly (Q4_0: zero = 0;
+Q4_K's groups of 32 likewise, from their 6-bit scales and mins: cake_py.models.gguf_int4 reads each layout).
 Decode is memory-bound, and 4-bit weights move a quarter of the bytes of bf16 ones.
 
 On the wire and in state dicts a 4-bit linear is two plain tensors: `<prefix>.q4_weight` (uint8 (N, K), one
