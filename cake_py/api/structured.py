@@ -7,7 +7,7 @@ older `guided_*` fields) → one grammar for the sampler (models/grammar.py).
   `regex`, `choice` (a list of strings), `grammar` (llguidance's Lark syntax, or GBNF).
   Beside it, `whitespace_pattern` or `disable_any_whitespace` set how JSON may be spaced.
 - `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`: the same, as vLLM named them before 0.12, and
-  `guided_whitespace_pattern` beside `guided_json`.
+  `guided_whitespace_pattern` beside `guided_json` or a JSON `response_format` (vLLM spaces both with it).
 - llama.cpp's forms: `response_format: {"type": "json_object", "schema": {…}}`, top-level `json_schema` and
   `grammar` (GBNF, which llguidance converts; Lark too; an empty one is none, as llama.cpp reads it).
 """
@@ -63,23 +63,25 @@ def _schema(value: Any, where: str) -> Any:
     return value
 
 
-def _from_response_format(value: Any) -> Callable[[], str] | None:
+def _from_response_format(value: Any, whitespace: Any = _DEFAULT_WHITESPACE) -> Callable[[], str] | None:
+    """`whitespace`: vLLM's guided_whitespace_pattern, which spaces response_format's JSON as it does guided_json's."""
     kind = value.get("type") if isinstance(value, dict) else None
+    spacing: dict[str, Any] = {} if whitespace is _DEFAULT_WHITESPACE else {"whitespace": whitespace}
     if kind == "text":
         return None
     if kind == "json_object":
         if value.get("schema") is not None:  # llama.cpp's form: a JSON object of this schema
             schema = _schema(value["schema"], "response_format.schema")
-            return lambda: json_grammar(schema)
-        return lambda: json_grammar(None)
+            return lambda: json_grammar(schema, **spacing)
+        return lambda: json_grammar(None, **spacing)
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict):
             raise ApiError(400, "response_format json_schema needs a json_schema object, with its 'schema'")
         if spec.get("schema") is None:  # OpenAI's schema is optional: then any JSON object
-            return lambda: json_grammar(None)
+            return lambda: json_grammar(None, **spacing)
         schema = _schema(spec["schema"], "response_format.json_schema.schema")
-        return lambda: json_grammar(schema)
+        return lambda: json_grammar(schema, **spacing)
     shown = repr(kind if isinstance(value, dict) else value)[:200]
     raise ApiError(400, f"response_format type {shown} is not supported; use text, json_object or json_schema")
 
@@ -117,8 +119,15 @@ def _whitespace(structured: dict[str, Any]) -> Any:
 def _requested(body: dict[str, Any]) -> list[tuple[str, Callable[[], str] | None]]:
     """(field, how to build its grammar) for every structured-output field the request sets."""
     found: list[tuple[str, Callable[[], str] | None]] = []
+    # vLLM's spacing of the JSON that guided_json or response_format ask for (its GuidedDecodingParams take both from
+    # the one field), as whitespace_pattern is beside structured_outputs' kinds
+    guided_spacing = body.get("guided_whitespace_pattern")
+    if guided_spacing is None:
+        guided_spacing = _DEFAULT_WHITESPACE
+    elif not isinstance(guided_spacing, str):
+        raise ApiError(400, f"guided_whitespace_pattern must be a regex string, got {guided_spacing!r}"[:300])
     if body.get("response_format") is not None:
-        found.append(("response_format", _from_response_format(body["response_format"])))
+        found.append(("response_format", _from_response_format(body["response_format"], guided_spacing)))
     structured = body.get("structured_outputs")
     if structured is not None:
         if not isinstance(structured, dict):
@@ -132,12 +141,6 @@ def _requested(body: dict[str, Any]) -> list[tuple[str, Callable[[], str] | None
             if structured.get(kind) is not None:
                 where = f"structured_outputs.{kind}"
                 found.append((where, _from_structured(kind, structured[kind], where, whitespace)))
-    # vLLM's spacing beside guided_json, as whitespace_pattern is beside structured_outputs' kinds
-    guided_spacing = body.get("guided_whitespace_pattern")
-    if guided_spacing is None:
-        guided_spacing = _DEFAULT_WHITESPACE
-    elif not isinstance(guided_spacing, str):
-        raise ApiError(400, f"guided_whitespace_pattern must be a regex string, got {guided_spacing!r}"[:300])
     for field, kind in _GUIDED_FIELDS.items():
         # llama.cpp reads an empty grammar as none (clients such as SillyTavern always send one), beside a schema too
         if body.get(field) is not None and not (field == "grammar" and body[field] == ""):
