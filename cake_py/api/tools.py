@@ -133,12 +133,21 @@ def calls_grammar(request: ToolRequest) -> str:
     list of one or more calls (exactly one without parallel_tool_calls) of any of the tools."""
 
     definitions: dict[str, Any] = {}
+    identifiers: set[str] = set()  # the tools' own $ids: one document may hold each once
 
     def call_schema(index: int, tool: dict[str, Any]) -> dict[str, Any]:
         function = tool["function"]
         # The tool's schema moves under the wrapper's $defs: its own references ("#/$defs/…", "#") are rebased
         # there, so they still point into it.
         arguments = {**function["parameters"], "type": "object"}
+        identifier = arguments.get("$id")
+        if isinstance(identifier, str) and not identifier.startswith("#"):
+            if identifier in identifiers:
+                # A second tool with the same $id (each schema stood alone): in one document both would be the one
+                # resource, whose references resolved into the last one's (a call of the first had to write the
+                # second's values). Without it, this one's references are rebased as any tool's are.
+                del arguments["$id"]
+            identifiers.add(identifier)
         if "properties" in arguments and "additionalProperties" not in arguments:
             # Only the declared arguments (OpenAI's strict mode requires this): a model may not invent others.
             arguments["additionalProperties"] = False

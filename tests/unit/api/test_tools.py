@@ -402,6 +402,39 @@ def test_forced_calls_of_a_tool_schema_with_its_own_id(tiny_llama: Path) -> None
     assert not accepted('{"place": "Oslo", "near": {"name": "locate", "arguments": {"place": "Rome"}}}')
 
 
+def test_required_calls_of_tools_that_share_an_id(tiny_llama: Path) -> None:
+    # Each tool's schema stands alone, so two may carry the same $id; in the one document of the calls' grammar they
+    # were the one resource, whose references resolved into the last tool's: a call of the first had to write the
+    # second's values (silently: the grammar compiled).
+    tokenizer = Tokenizer.from_folder(tiny_llama)
+
+    def tool(name: str, value: str) -> dict[str, Any]:
+        parameters = {
+            "$id": "https://example.com/schemas/pick.json",
+            "type": "object",
+            "properties": {"x": {"$ref": "#/$defs/Value"}},
+            "required": ["x"],
+            "$defs": {"Value": {"enum": [value]}},
+        }
+        return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+    request = tool_request({"tools": [tool("first", "A"), tool("second", "B")], "tool_choice": "required"})
+    grammar = compiler_for(tokenizer).compile(calls_grammar(request))
+
+    def accepted(name: str, value: str) -> bool:
+        matcher = grammar.start()
+        text = '[{"name": "' + name + '", "arguments": {"x": "' + value + '"}}]'
+        try:
+            for token in tokenizer.encode(text, add_special_tokens=False):
+                matcher.consume(token)
+        except RequestError:
+            return False
+        return matcher.finished
+
+    assert accepted("first", "A") and accepted("second", "B")
+    assert not accepted("first", "B") and not accepted("second", "A")
+
+
 @pytest.mark.parametrize(
     ("tool_choice", "tools", "needle"),
     [
