@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,30 +26,38 @@ async def _slow(*pieces: tuple[float, str]) -> AsyncIterator[str]:
         yield text
 
 
-def _bodies(response: Any, fail_on: bytes | None = None) -> list[bytes]:
-    sent: list[dict[str, Any]] = []
+def _sent(response: Any, fail_on: bytes | None = None) -> list[tuple[float, bytes]]:
+    """The body's writes between the start and the end, each with the time it was written."""
+    sent: list[tuple[float, dict[str, Any]]] = []
 
     async def send(message: dict[str, Any]) -> None:
         if fail_on is not None and message.get("body") == fail_on:
             raise OSError("the client is gone")
-        sent.append(message)
+        sent.append((time.monotonic(), message))
 
     asyncio.run(response(SCOPE, _never, send))
-    assert sent[0]["type"] == "http.response.start"
-    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
-    return [message["body"] for message in sent[1:-1]]
+    assert sent[0][1]["type"] == "http.response.start"
+    assert sent[-1][1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    return [(when, message["body"]) for when, message in sent[1:-1]]
+
+
+def _bodies(response: Any, fail_on: bytes | None = None) -> list[bytes]:
+    return [body for _, body in _sent(response, fail_on)]
 
 
 def test_a_silent_stream_gets_comments_between_its_events(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(keepalive, "KEEPALIVE_S", 0.05)
     body = _slow((0.0, "data: 1\n\n"), (0.4, "data: 2\n\n"), (0.0, "data: [DONE]\n\n"))
-    bodies = _bodies(KeepAliveResponse(body, media_type="text/event-stream"))
+    sent = _sent(KeepAliveResponse(body, media_type="text/event-stream"))
+    bodies = [data for _, data in sent]
     assert bodies[0] == b"data: 1\n\n" and bodies[-2:] == [b"data: 2\n\n", b"data: [DONE]\n\n"]
-    assert 3 <= len(bodies[1:-2]) <= 9 and set(bodies[1:-2]) == {SSE_COMMENT}
+    assert bodies[1:-2] and set(bodies[1:-2]) == {SSE_COMMENT}
+    # Each keep-alive comes a whole interval after the write before it, however slow the machine is.
+    assert all(later - earlier >= 0.049 for (earlier, _), (later, _) in zip(sent, sent[1:-2], strict=False))
 
 
 def test_a_stream_that_keeps_talking_gets_none(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(keepalive, "KEEPALIVE_S", 0.3)
+    monkeypatch.setattr(keepalive, "KEEPALIVE_S", 2.0)  # far over the gaps, even on a loaded machine
     body = _slow(*[(0.02, f"data: {n}\n\n") for n in range(10)])
     assert _bodies(KeepAliveResponse(body, media_type="text/event-stream")) == [
         f"data: {n}\n\n".encode() for n in range(10)
