@@ -31,6 +31,8 @@ from cake_py.api.middleware import request_caller
 from cake_py.api.schemas import flag, json_body, strict_loads
 from cake_py.api.streaming import SSE_HEADERS
 
+CHAT_FORMAT = "response_format"  # what output_config.format becomes in the chat request
+
 if TYPE_CHECKING:
     from cake_py.api.state import ServerState
 
@@ -215,7 +217,7 @@ def chat_request(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         form = output["format"]
         if not isinstance(form, dict) or form.get("type") != "json_schema" or not isinstance(form.get("schema"), dict):
             raise ApiError(400, f"output_config.format must be {{type: json_schema, schema}}, got {form!r}"[:300])
-        chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": form["schema"]}}
+        chat[CHAT_FORMAT] = {"type": "json_schema", "json_schema": {"name": "output", "schema": form["schema"]}}
     if stops:
         chat["stop"] = stops
     chat.update(_continuation(chat["messages"]))
@@ -363,6 +365,8 @@ def _translated(status: int, answer: Any) -> ApiError:
     message = answer.get("error") if isinstance(answer, dict) else None
     if isinstance(message, dict):
         message = message.get("message")
+    if isinstance(message, str) and message.startswith(CHAT_FORMAT):  # the field the client sent, not ours
+        message = "output_config.format" + message[len(CHAT_FORMAT) :]
     headers = retry_headers(status)
     return ApiError(status, str(message or f"the request failed ({status})"), headers=headers)
 

@@ -107,7 +107,7 @@ async def create_response(request: Request) -> Response:
     params = openai_sampling(
         {**sampling, "max_tokens": max_output, "logprobs": want_logprobs}, vocab_size=engine.vocab_size
     )
-    grammar = await structured_grammar(chat_format(body), tokenizer)
+    grammar = await structured_grammar(chat_format(body), tokenizer, {"response_format": "text.format"})
     if tools.forced and grammar is not None:
         raise ApiError(400, f"tool_choice {tools.choice!r} writes calls, so it cannot be combined with text.format")
     if tools.active:

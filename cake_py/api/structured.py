@@ -149,9 +149,12 @@ def _requested(body: dict[str, Any]) -> list[tuple[str, Callable[[], str] | None
     return found
 
 
-async def structured_grammar(body: dict[str, Any], tokenizer: Tokenizer) -> CompiledGrammar | None:
+async def structured_grammar(
+    body: dict[str, Any], tokenizer: Tokenizer, shown_as: dict[str, str] | None = None
+) -> CompiledGrammar | None:
     """The grammar the request's output must match, compiled once (off the event loop) so a bad schema, regex or
-    grammar is a 400 naming the problem; None when the output is free text."""
+    grammar is a 400 naming the problem (a field by its `shown_as` name: the one the client sent); None when the
+    output is free text."""
     requested = [(field, build) for field, build in _requested(body) if build is not None]
     if not requested:
         return None
@@ -159,7 +162,7 @@ async def structured_grammar(body: dict[str, Any], tokenizer: Tokenizer) -> Comp
         fields = ", ".join(field for field, _ in requested)
         raise ApiError(400, f"send one kind of structured output at a time, not {fields}")
     field, build = requested[0]
-    return await compiled_grammar(build, tokenizer, field)
+    return await compiled_grammar(build, tokenizer, (shown_as or {}).get(field, field))
 
 
 async def compiled_grammar(build: Callable[[], str], tokenizer: Tokenizer, field: str) -> CompiledGrammar:

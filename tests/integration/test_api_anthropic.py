@@ -240,6 +240,10 @@ def _calling(tool_use: dict[str, Any], tool_use_id: Any = "t1") -> list[dict[str
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "only custom tools"),
         ({"temperature": -1.0}, "temperature"),
         ({"output_config": {"format": {"type": "xml"}}}, "output_config.format must be"),
+        (  # the chat route's compile error, named by the field this route was sent
+            {"output_config": {"format": {"type": "json_schema", "schema": {"type": "bogus"}}}},
+            "output_config.format: the structured output grammar is invalid",
+        ),
         (
             {"messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": "x"}]}]},
             "messages hold nothing to answer",

@@ -259,6 +259,10 @@ def test_logprobs_come_with_the_output_text(client: OpenAI) -> None:
         ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         ({"input": "hi", "max_output_tokens": "8"}, "max_output_tokens"),
         ({"input": "hi", "text": {"format": {"type": "grammar"}}}, "text.format"),
+        (
+            {"input": "hi", "text": {"format": {"type": "json_schema", "name": "o", "schema": {"type": "bogus"}}}},
+            "text.format: the structured output grammar is invalid",
+        ),
         ({"input": "hi", "tool_choice": "required"}, "needs tools"),
         ({"input": "hi", "metadata": {"a": 1}}, "metadata"),
         ({"input": "hi", "metadata": {"k" * 65: "v"}}, "at most 64"),  # OpenAI's limits, as chat and batches keep
