@@ -5,7 +5,12 @@ Q4_K; dimensions are multiples of Q4_K's 256-value blocks), then loads it in bf1
 the int4 kernel and dequantized. Reports the bytes each holds and the anonymous resident memory its load added, and
 times greedy one-token decode steps (embedding, layers, head) after a 64-token prefill, the two models alternating.
 
-    .venv/bin/python benchmarks/q4_k.py            # --threads 1 --tokens 64 --runs 5
+With `--mixed` the file is laid out like llama.cpp's Q4_K_M: attn_v and ffn_down of the layers it gives more bits
+(the first and last eighth, every third between) stored in another type (Q8_0 here: gguf-py cannot write their Q6_K;
+both are dequantized to bf16 alike), and the baseline is what such a file got before (`before`): a fused q/k/v whose
+v is not 4-bit dequantized whole, where now q/k stay on the int4 kernel beside a dense v.
+
+    .venv/bin/python benchmarks/q4_k.py            # --threads 1 --tokens 64 --runs 5 [--mixed]
 """
 
 from __future__ import annotations
@@ -45,11 +50,26 @@ def resident_mib() -> float:
     return float("nan")
 
 
+def more_bits(layers: int) -> list[int]:
+    """The layers whose attn_v and ffn_down llama.cpp's Q4_K_M stores in Q6_K (`use_more_bits` in llama-quant.cpp)."""
+    return [i for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2]
+
+
 def load(path: Path, mode: str, layers: int | None = None) -> tuple[torch.nn.Module, ModelConfig]:
     """The model in bf16 on the CPU, printing what it holds and how much resident memory its load added."""
     source = GGUFWeights(path)
-    if mode == "dense":  # as before: Q4_K was not among the weights handed over as 4-bit
+    if mode == "dense":  # as before Q4_K ran on the int4 kernel: it was not among the weights handed over as 4-bit
         source.int4_names = set  # type: ignore[method-assign]
+    elif mode == "before":  # as before a fused projection could mix: q/k (gate/up) beside a v that is not 4-bit dense
+        int4 = source.int4_names()
+        fused = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
+        mixed = set()
+        for module in {name.rsplit(".", 2)[0] for name in int4}:  # model.layers.N.self_attn, model.layers.N.mlp
+            for parts in fused:
+                names = {f"{module}.{part}.weight" for part in parts}
+                if names & int4 and not names <= int4:
+                    mixed |= names
+        source.int4_names = lambda: int4 - mixed  # type: ignore[method-assign]
     config = ModelConfig.from_hf(source.config)
     before = resident_mib()
     end = config.n_layers if layers is None else layers
@@ -80,16 +100,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--mixed", action="store_true", help="a Q4_K_M-like file, against the way it ran before")
     args = parser.parse_args()
+    modes = ("int4", "before" if args.mixed else "dense")
+    other = [f"blk.{i}.{part}.weight" for i in more_bits(SHAPE["layers"]) for part in ("attn_v", "ffn_down")]
     torch.set_num_threads(args.threads)
     tune_allocator()
     with tempfile.TemporaryDirectory() as folder:
-        path = write_random_llama(Path(folder) / "q4_k.gguf", **SHAPE)
-        print(f"random Llama {SHAPE}, layer weights Q4_K ({path.stat().st_size / 2**20:.1f} MiB file), bf16, "
+        path = write_random_llama(Path(folder) / "q4_k.gguf", **SHAPE, q8_0=tuple(other) if args.mixed else ())
+        layout = f"Q4_K, {len(other)} attn_v/ffn_down Q8_0" if args.mixed else "Q4_K"
+        print(f"random Llama {SHAPE}, layer weights {layout} ({path.stat().st_size / 2**20:.1f} MiB file), bf16, "
               f"{args.threads} thread(s), {args.tokens} decode steps, median of {args.runs} runs")  # fmt: skip
-        for mode in ("int4", "dense"):
+        for mode in modes:
             load(path, mode, layers=1)
-        models = {mode: load(path, mode) for mode in ("int4", "dense")}
+        models = {mode: load(path, mode) for mode in modes}
         times: dict[str, list[float]] = {mode: [] for mode in models}
         with torch.inference_mode():
             for run in range(args.runs + 1):  # the first round is a warm-up
@@ -98,8 +122,8 @@ def main() -> None:
                         times[mode].append(decode_ms(model, config, args.tokens))
                     else:
                         decode_ms(model, config, 4)
-    int4, dense = (statistics.median(times[mode]) for mode in ("int4", "dense"))
-    print(f"decode: int4 {int4:.2f} ms/token, dense {dense:.2f} ms/token ({dense / int4:.2f}x)")
+    int4, baseline = (statistics.median(times[mode]) for mode in modes)
+    print(f"decode: int4 {int4:.2f} ms/token, {modes[1]} {baseline:.2f} ms/token ({baseline / int4:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,18 @@ class Int4Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+class SplitLinear(nn.Module):
+    """A fused projection whose parts are stored in different types (a Q4_K_M file's Q4_K q/k beside a Q6_K v): its
+    4-bit rows on the int4 kernel, the others dense, each piece's outputs side by side in the fused order."""
+
+    def __init__(self, pieces: list[nn.Module]) -> None:
+        super().__init__()
+        self.pieces = nn.ModuleList(pieces)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([piece(x) for piece in self.pieces], dim=-1)
+
+
 # ---- 8-bit rows: the embedding and lm_head of a quantized GGUF (Q8_0 and friends) ----
 Q8_WEIGHT = "q8_weight"
 Q8_SCALES = "q8_scales"

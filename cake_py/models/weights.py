@@ -7,6 +7,7 @@ for exactly the tensors of one stage, so a stage holding layers [10, 20) never r
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -29,6 +30,7 @@ from cake_py.models.quant import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    SplitLinear,
     dequantize,
     dequantize_rows_int8,
     int4_supported,
@@ -40,6 +42,7 @@ EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}  # stored types that are not quantized (safetensors and GGUF names)
+PIECES = "pieces"  # `<projection>.pieces.<i>.…`: a fused projection whose parts mix 4-bit and other types
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,9 @@ def to_module_state(
 ) -> dict[str, torch.Tensor]:
     """Rename HF tensors to `Transformer` parameters, fusing q/k/v and gate/up projections.
 
-    4-bit weights keep their `.q4_weight`/`.q4_scales` form when every part of a fused projection has it;
-    otherwise they are dequantized so the parts can be concatenated.
+    4-bit weights keep their `.q4_weight`/`.q4_scales` form. A fused projection whose parts mix 4-bit and other
+    types becomes pieces, `<target>.pieces.<i>.…`: each run of consecutive parts stored alike fused into one (q‖k
+    4-bit, v dense), its bias still `<target>.bias`; `build_transformer` makes them a `SplitLinear`.
     """
     state: dict[str, torch.Tensor] = {}
 
@@ -180,11 +184,14 @@ def to_module_state(
         return torch.cat(pieces, dim=dim)
 
     def linear(parts: list[str], target: str) -> None:
-        if all(f"{p}.{Q4_WEIGHT}" in tensors for p in parts):
-            state[f"{target}.{Q4_WEIGHT}"] = joined([tensors[f"{p}.{Q4_WEIGHT}"] for p in parts], parts)
-            state[f"{target}.{Q4_SCALES}"] = joined([tensors[f"{p}.{Q4_SCALES}"] for p in parts], parts, dim=1)
-        else:
-            state[f"{target}.weight"] = joined([dense(p) for p in parts], parts)
+        runs = [list(run) for _, run in itertools.groupby(parts, key=lambda p: f"{p}.{Q4_WEIGHT}" in tensors)]
+        for index, run in enumerate(runs):
+            prefix = target if len(runs) == 1 else f"{target}.{PIECES}.{index}"
+            if f"{run[0]}.{Q4_WEIGHT}" in tensors:
+                state[f"{prefix}.{Q4_WEIGHT}"] = joined([tensors[f"{p}.{Q4_WEIGHT}"] for p in run], run)
+                state[f"{prefix}.{Q4_SCALES}"] = joined([tensors[f"{p}.{Q4_SCALES}"] for p in run], run, dim=1)
+            else:
+                state[f"{prefix}.weight"] = joined([dense(p) for p in run], run)
 
     for index, layer in enumerate(range(start, end)):
         hf, ours = f"model.layers.{layer}.", f"layers.{index}."
@@ -242,6 +249,7 @@ def build_transformer(
                 raise WeightsError(f"tensor for {name!r} has shape {tuple(state[key].shape)}, expected {shape}")
     what = f"layers {start}-{end - 1}" if end > start else "the embedding and head"
     try:
+        _install_split(model, state, int4_supported(device, dtype))
         quantized_modules = _install_quantized(model, state, dtype, device)
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not _is_placement_error(error):
@@ -284,6 +292,44 @@ def _placement_error(error: BaseException, what: str, dtype: torch.dtype, device
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     hint = "spread the model over workers, or use a smaller --dtype" if "memory" in reason.lower() else "try --dtype"
     return WeightsError(f"cannot place {what} on {device} in {str(dtype).removeprefix('torch.')}: {reason} ({hint})")
+
+
+def _install_split(model: Transformer, state: dict[str, torch.Tensor], int4: bool) -> None:
+    """Each fused projection stored as pieces (see `to_module_state`) becomes a `SplitLinear` of them where the int4
+    kernel runs, its 4-bit pieces left for `_install_quantized` and the bias split by rows; elsewhere its pieces are
+    dequantized back into one dense weight."""
+    marker = f".{PIECES}."
+    for path in sorted({key.split(marker)[0] for key in state if marker in key}):
+        linear = model.get_submodule(path)
+        assert isinstance(linear, nn.Linear)
+        indices = sorted(
+            {int(key[len(path + marker) :].split(".")[0]) for key in state if key.startswith(path + marker)}
+        )
+        prefixes = [f"{path}.{PIECES}.{i}" for i in indices]
+        weights = [state[f"{p}.{Q4_WEIGHT}"] if f"{p}.{Q4_WEIGHT}" in state else state[f"{p}.weight"] for p in prefixes]
+        shapes = [tuple(weight.shape) for weight in weights]
+        if {s[1:] for s in shapes} != {(linear.in_features,)} or sum(s[0] for s in shapes) != linear.out_features:
+            raise WeightsError(
+                f"tensors for {path!r} have shapes {shapes}, expected {tuple(linear.weight.shape)} in all"
+            )
+        if not int4:
+            state[f"{path}.weight"] = torch.cat(
+                [
+                    dequantize(state.pop(f"{p}.{Q4_WEIGHT}"), state.pop(f"{p}.{Q4_SCALES}"))
+                    if f"{p}.{Q4_WEIGHT}" in state
+                    else state.pop(f"{p}.weight").float()
+                    for p in prefixes
+                ]
+            )
+            continue
+        bias = state.pop(f"{path}.bias", None)
+        if bias is not None:
+            for prefix, chunk in zip(prefixes, bias.split([s[0] for s in shapes]), strict=True):
+                state[f"{prefix}.bias"] = chunk
+        with torch.device("meta"):  # placeholders: dense pieces take their weights as the rest of the model does
+            pieces: list[nn.Module] = [nn.Linear(linear.in_features, s[0], bias=bias is not None) for s in shapes]
+        parent, _, child = path.rpartition(".")
+        model.get_submodule(parent).register_module(child, SplitLinear(pieces))
 
 
 def _install_quantized(

@@ -12,8 +12,15 @@ import torch
 from cake_py.models.config import ModelConfig
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.kv_cache import SequenceSlice
-from cake_py.models.quant import Int4Linear, dequantize
-from cake_py.models.weights import load_stage_tensors, load_transformer, loaded_sizes
+from cake_py.models.quant import Int4Linear, SplitLinear, dequantize
+from cake_py.models.weights import (
+    build_transformer,
+    load_stage_tensors,
+    load_transformer,
+    loaded_sizes,
+    stage_tensor_names,
+)
+from cake_py.rpc.codec import decode_tensor, encode_tensor
 from tests.fixtures.q4_k import quantize_q4_k, write_random_llama
 
 
@@ -48,18 +55,86 @@ def _logits(source: GGUFWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torc
         return model.head(model.forward_layers(model.embed(ids), batch, model.new_kv_store())).float(), model
 
 
-@pytest.mark.parametrize("dense", [(), ("attn_v.weight",)])
-def test_q4_k_layers_run_on_the_int4_kernel_and_match_the_dense_model(dense: tuple[str, ...], tmp_path: Path) -> None:
-    """In bf16 on the CPU the Q4_K projections are Int4Linear modules (a fused projection only when all its parts are
-    Q4_K: an F32 v_proj leaves q/k/v dense) and the logits are the float32 dequantized model's to bf16 tolerance."""
-    source = GGUFWeights(write_random_llama(tmp_path / "q4k.gguf", dense=dense))
+@pytest.mark.parametrize(
+    ("dense", "q8_0", "split"),
+    [
+        ((), (), {}),
+        (("attn_v.weight",), (), {"attention.wqkv": "4d"}),  # q‖k int4, v dense
+        ((), ("attn_v.weight",), {"attention.wqkv": "4d"}),  # a Q4_K_M file's Q6_K v, modelled by Q8_0
+        ((), ("attn_k.weight", "ffn_gate.weight"), {"attention.wqkv": "4d4", "feed_forward.w13": "d4"}),
+        ((), ("ffn_down.weight",), {"feed_forward.w2": ""}),  # a standalone projection: dense alone
+    ],
+)
+def test_q4_k_layers_run_on_the_int4_kernel_and_match_the_dense_model(
+    dense: tuple[str, ...], q8_0: tuple[str, ...], split: dict[str, str], tmp_path: Path
+) -> None:
+    """In bf16 on the CPU every Q4_K projection runs on the int4 kernel: a fused one whose parts mix Q4_K with other
+    types (F32, Q8_0) as a SplitLinear of int4 and dense pieces ("4d": q‖k int4, v dense), and the logits are the
+    float32 dequantized model's to bf16 tolerance."""
+    source = GGUFWeights(write_random_llama(tmp_path / "q4k.gguf", dense=dense, q8_0=q8_0))
     logits, model = _logits(source, torch.bfloat16)
-    expected, _ = _logits(source, torch.float32)
-    int4 = {name for name, module in model.named_modules() if isinstance(module, Int4Linear)}
-    kept = {"attention.wo", "feed_forward.w13", "feed_forward.w2"} | (set() if dense else {"attention.wqkv"})
-    assert int4 == {f"layers.{i}.{part}" for i in range(2) for part in kept}
-    assert torch.allclose(logits, expected, rtol=0, atol=0.05 * expected.abs().max().item())
-    assert (logits.argmax(-1) == expected.argmax(-1)).all()
+    expected, reference = _logits(source, torch.float32)
+    assert not any(isinstance(m, Int4Linear | SplitLinear) for m in reference.modules())  # float32 stays exact
+    int4, kinds = set(), {}
+    for i in range(2):
+        for part in ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2"):
+            module, path = model.get_submodule(f"layers.{i}.{part}"), f"layers.{i}.{part}"
+            if isinstance(module, SplitLinear):
+                kinds[part] = "".join("4" if isinstance(p, Int4Linear) else "d" for p in module.pieces)
+                int4 |= {f"{path}.pieces.{j}" for j, p in enumerate(module.pieces) if isinstance(p, Int4Linear)}
+            elif isinstance(module, Int4Linear):
+                int4.add(path)
+            else:
+                kinds[part] = ""  # dense whole
+    assert kinds == split
+    assert int4 == {name for name, module in model.named_modules() if isinstance(module, Int4Linear)}
+    tolerance = 0.05 * expected.abs().max().item()
+    assert torch.allclose(logits, expected, rtol=0, atol=tolerance)
+    # the token picked is the reference's best, or within the tolerance of it (random weights make near-ties)
+    picked = expected.gather(-1, logits.argmax(-1, keepdim=True))[:, 0]
+    assert (picked >= expected.max(-1).values - tolerance).all()
+
+
+def test_a_split_projection_holds_its_4_bit_rows_packed_and_only_the_rest_dense(tmp_path: Path) -> None:
+    """q‖k stay packed 4-bit in the state dict; only v's rows are dense bf16 (before, all of q/k/v were)."""
+    source = GGUFWeights(write_random_llama(tmp_path / "q4k.gguf", q8_0=("attn_v.weight",)))
+    _, model = _logits(source, torch.bfloat16)
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("layers.0.attention.wqkv.")}
+    assert set(state) == {f"layers.0.attention.wqkv.pieces.0.{n}" for n in ("packed", "scales")} | {
+        "layers.0.attention.wqkv.pieces.1.weight"
+    }
+    assert state["layers.0.attention.wqkv.pieces.1.weight"].shape == (2 * 64, 256)  # v: kv_heads * head_dim rows
+    assert state["layers.0.attention.wqkv.pieces.1.weight"].dtype == torch.bfloat16
+    assert model.get_submodule("layers.0.attention.wqkv.pieces.0").out_features == (4 + 2) * 64  # q‖k
+
+
+def test_a_worker_given_a_split_projection_decodes_the_single_nodes_tokens(tmp_path: Path) -> None:
+    """A worker holding the second layer and the head, built from the tensors the master streams (q4_weight/q4_scales
+    and a Q8_0 v as bf16, through the wire codec), decodes the same greedy tokens as one node holding it all."""
+    source = GGUFWeights(write_random_llama(tmp_path / "q4k.gguf", q8_0=("attn_v.weight", "ffn_down.weight")))
+    config = ModelConfig.from_hf(source.config)
+    whole = load_transformer(source, config, 0, 2, with_embedding=True, with_head=True, dtype=torch.bfloat16)
+    master = load_transformer(source, config, 0, 1, with_embedding=True, with_head=False, dtype=torch.bfloat16)
+    names = stage_tensor_names(source, config, 1, 2, with_embedding=False, with_head=True)
+    sent = load_stage_tensors(source, names, torch.bfloat16)
+    assert "model.layers.1.self_attn.q_proj.q4_weight" in sent and "model.layers.1.self_attn.v_proj.weight" in sent
+    received = {name: decode_tensor(encode_tensor(tensor)) for name, tensor in sent.items()}
+    build_transformer(config, received, 1, 2, with_embedding=False, with_head=True, dtype=torch.bfloat16, device="meta")
+    worker = build_transformer(config, received, 1, 2, with_embedding=False, with_head=True, dtype=torch.bfloat16)
+    assert isinstance(worker.get_submodule("layers.0.attention.wqkv"), SplitLinear)
+
+    def greedy(stages: list[torch.nn.Module]) -> list[int]:
+        kvs, tokens = [stage.new_kv_store() for stage in stages], [5, 17, 3, 90]
+        with torch.inference_mode():
+            for step in range(8):
+                ids = torch.tensor(tokens if step == 0 else tokens[-1:])
+                hidden, batch = stages[0].embed(ids), [SequenceSlice(0, len(tokens) - len(ids), len(ids))]
+                for stage, kv in zip(stages, kvs, strict=True):
+                    hidden = stage.forward_layers(hidden, batch, kv)
+                tokens.append(int(stages[-1].head(hidden)[-1].argmax()))
+        return tokens
+
+    assert greedy([master, worker]) == greedy([whole])
 
 
 def test_q4_k_weights_are_sized_and_sent_as_4_bit(tmp_path: Path) -> None:
@@ -72,3 +147,42 @@ def test_q4_k_weights_are_sized_and_sent_as_4_bit(tmp_path: Path) -> None:
     assert sizes[name] == elements // 2 + elements // 32 * 4
     tensors = load_stage_tensors(source, [name], torch.bfloat16)
     assert set(tensors) == {"model.layers.1.mlp.down_proj.q4_weight", "model.layers.1.mlp.down_proj.q4_scales"}
+
+
+def test_a_split_projection_splits_its_bias_by_rows() -> None:
+    """Qwen2's q/k/v bias goes with each piece's rows: the split projection computes the dense one's output."""
+    config = ModelConfig.from_hf(
+        {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": 16,
+            "hidden_size": 64,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        }
+    )
+    assert config.qkv_bias
+    generator = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+    prefix = "model.layers.0."
+    for name, rows in [("self_attn.q_proj", 64), ("self_attn.k_proj", 32), ("mlp.gate_proj", 64), ("mlp.up_proj", 64)]:
+        tensors[f"{prefix}{name}.q4_weight"] = torch.randint(0, 16, (rows, 64), dtype=torch.uint8, generator=generator)
+        tensors[f"{prefix}{name}.q4_scales"] = torch.rand(2, rows, 2, generator=generator) * 0.1
+    for name, shape in [("self_attn.v_proj.weight", (32, 64)), ("self_attn.o_proj.weight", (64, 64))]:
+        tensors[prefix + name] = torch.randn(shape, generator=generator) * 0.1
+    tensors[prefix + "mlp.down_proj.weight"] = torch.randn(64, 64, generator=generator) * 0.1
+    for name, rows in [("q_proj", 64), ("k_proj", 32), ("v_proj", 32)]:
+        tensors[f"{prefix}self_attn.{name}.bias"] = torch.randn(rows, generator=generator)
+    for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        tensors[prefix + name] = torch.ones(64)
+    models = {
+        dtype: build_transformer(config, dict(tensors), 0, 1, with_embedding=False, with_head=False, dtype=dtype)
+        for dtype in (torch.bfloat16, torch.float32)
+    }
+    split, dense = (models[dtype].get_submodule("layers.0.attention.wqkv") for dtype in models)
+    assert isinstance(split, SplitLinear) and isinstance(dense, torch.nn.Linear)
+    x = torch.randn(3, 64, generator=generator)
+    expected = dense(x)
+    assert torch.allclose(split(x.bfloat16()).float(), expected, rtol=0.02, atol=0.05 * expected.abs().max().item())
