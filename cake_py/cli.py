@@ -177,9 +177,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_prompt(model, prompt, params, write, speculative_tokens=args.speculative_tokens, **options)
         _output("\n")
     elif args.command == "pull":
-        from cake_py.models.hub import download
+        from cake_py.models.hub_gguf import hub_model
 
-        _output(f"{download(args.model)}\n")
+        _output(f"{hub_model(args.model)[1]}\n")
     elif args.command == "list":
         from huggingface_hub import constants
 

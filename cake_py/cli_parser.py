@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     serve = commands.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible API + web UI)")
-    serve.add_argument("model", nargs="?", help="HF repo id, local HF folder or .gguf file (default: embedded)")
+    serve.add_argument(
+        "model",
+        nargs="?",
+        help="HF repo id (org/name; org/name:Q4_K_M picks a GGUF repo's quantization, as llama.cpp's -hf), local HF "
+        "folder or .gguf file (default: embedded)",
+    )
     serve.add_argument("--model-path", dest="model_path", help="alias of MODEL")
     serve.add_argument("--config", type=Path, help="cluster.yaml with the model and workers")
     serve.add_argument("--workers", help="comma-separated HOST:PORT of workers (automatic placement)")
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     pull = commands.add_parser("pull", help="download a model from the Hugging Face Hub into the HF cache")
-    pull.add_argument("model")
+    pull.add_argument("model", help="HF repo id: org/name, or org/name:QUANT for only that GGUF quantization")
     commands.add_parser("list", help="list models in the HF cache")
     remove = commands.add_parser("rm", help="delete a model from the HF cache")
     remove.add_argument("model")

@@ -107,7 +107,10 @@ def resolve_model(spec: str | None) -> ModelSource:
         raise ModelNotFoundError(f"model path {spec!r} is neither a model folder nor a .gguf file")
     if _looks_like_path(spec):
         raise ModelNotFoundError(f"model path {spec!r} does not exist")
-    return ModelSource(spec, SafetensorsWeights(download(spec)))
+    from cake_py.models.hub_gguf import hub_model
+
+    model_id, found = hub_model(spec)  # a Hub repo's GGUF (`org/name:Q4_K_M`) or safetensors snapshot
+    return ModelSource(model_id, GGUFWeights(found) if found.is_file() else SafetensorsWeights(found))
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -150,7 +153,7 @@ def _hub_warnings_silenced() -> Iterator[None]:
         hub_log.setLevel(level)
 
 
-def download(repo_id: str) -> Path:
+def download(repo_id: str, local_files_only: bool = False) -> Path:
     """The snapshot folder of `repo_id`, downloaded into the HF cache if needed (from cache when offline).
 
     Only repos with config.json and safetensors weights can be served; for any other, what the download left in
@@ -174,7 +177,12 @@ def download(repo_id: str) -> Path:
             snapshot = Path(
                 _interruptible(
                     repo_id,
-                    lambda: snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED),
+                    lambda: snapshot_download(
+                        repo_id,
+                        allow_patterns=HUB_PATTERNS,
+                        ignore_patterns=HUB_IGNORED,
+                        local_files_only=local_files_only,  # the Hub was just found unreachable
+                    ),
                 )
             )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
@@ -213,8 +221,7 @@ def download(repo_id: str) -> Path:
             shutil.rmtree(folder, ignore_errors=True)
         raise ModelNotFoundError(
             f"Hub repo {repo_id!r} has no config.json with model.safetensors (or its shard index): cake_py serves "
-            "Hugging Face safetensors checkpoints; for a GGUF, download the file (every part of a split one) and "
-            "pass its path (the first part's)"
+            "Hugging Face safetensors checkpoints and the GGUF files of a repo (org/name:QUANT, as llama.cpp's -hf)"
         )
     return snapshot
 
@@ -371,8 +378,8 @@ def list_cached() -> list[CachedModel]:
 
 def _missing_files(snapshot: Path) -> str | None:
     """What a snapshot lacks of config.json and its safetensors weights (the shard index's files), or None."""
-    if not (snapshot / "config.json").is_file():
-        return "config.json"
+    if not (snapshot / "config.json").is_file():  # a GGUF repo's pulled quantization (cake pull org/name:Q4_K_M)
+        return None if any(snapshot.glob("*.gguf")) else "config.json"
     if (snapshot / "model.safetensors").is_file():
         return None
     index = snapshot / "model.safetensors.index.json"

@@ -165,20 +165,21 @@ def test_pull_list_rm_through_huggingface_hub_from_a_hub_over_http(tmp_path: Pat
             assert (Path(pulled.stdout.strip()) / "model.safetensors").is_file()
         snapshot = Path(_cake(env, "pull", "org/good").stdout.strip())
         assert (snapshot / "1_Pooling" / "config.json").is_file() and not (snapshot / "checkpoint-100").exists()
-        for repo in ("org/bin-only", "org/gguf-only"):
-            refused = _cake(env, "pull", repo)
-            assert refused.returncode == 1
-            assert refused.stderr.count("\n") == 1 and "no config.json with model.safetensors" in refused.stderr
-            assert not (hf_home / "hub" / f"models--{repo.replace('/', '--')}").exists()  # nothing left behind
+        refused = _cake(env, "pull", "org/bin-only")
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1 and "no config.json with model.safetensors" in refused.stderr
+        assert not (hf_home / "hub" / "models--org--bin-only").exists()  # nothing left behind
+        gguf_only = _cake(env, "pull", "org/gguf-only")  # its GGUF, as llama.cpp's -hf takes it (test_hub_gguf.py)
+        assert gguf_only.returncode == 0 and gguf_only.stdout.endswith("/model.Q4_0.gguf\n"), gguf_only.stderr
         missing = _cake(env, "pull", "org/nope")
         assert missing.returncode == 1
         assert missing.stderr == "cake: error: model 'org/nope' is not on the Hub (or is private: set HF_TOKEN)\n"
     listed = _cake(env, "list")
-    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["org/good", "org/renamed"]
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["org/gguf-only", "org/good", "org/renamed"]
     offline = {**env, "HF_HUB_OFFLINE": "1"}
     removed = _cake(offline, "rm", "org/renamed")
     assert removed.returncode == 0 and removed.stdout.startswith("removed org/renamed ("), removed.stderr
-    assert [line.split("\t")[0] for line in _cake(offline, "list").stdout.splitlines()] == ["org/good"]
+    assert [line.split("\t")[0] for line in _cake(offline, "list").stdout.splitlines()] == ["org/gguf-only", "org/good"]
     answer = _cake(offline, "run", "org/good", "Hello", "--max-tokens", "2", "--dtype", "float32")
     assert answer.returncode == 0, answer.stderr  # served from the cache, no Hub
 
