@@ -183,7 +183,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "list":
         from huggingface_hub import constants
 
-        from cake_py.models.hub import list_cached
+        from cake_py.models.hf_cache import list_cached
 
         models = list_cached()
         for model in models:
@@ -191,7 +191,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not models:  # said on stderr: stdout stays a list (empty) for scripts
             print(f"no models in the HF cache ({constants.HF_HUB_CACHE}); cake pull MODEL adds one", file=sys.stderr)
     elif args.command == "rm":
-        from cake_py.models.hub import remove_cached
+        from cake_py.models.hf_cache import remove_cached
 
         freed = remove_cached(args.model)
         _output(f"removed {args.model} ({freed / 1e6:.1f} MB freed)\n")

@@ -29,7 +29,8 @@ from cake_py.cluster.master import assignments_of, check_master_holds_all, model
 from cake_py.engine.engine import Engine
 from cake_py.errors import CakeError, ClusterError, ModelError
 from cake_py.models.device import release_device_memory, release_openmp_threads, torch_dtype
-from cake_py.models.hub import EMBEDDED_MODEL_ID, ModelSource, list_cached, resolve_model
+from cake_py.models.hf_cache import list_cached
+from cake_py.models.hub import EMBEDDED_MODEL_ID, ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
 

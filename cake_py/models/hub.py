@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import logging
-import os
 import shutil
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,7 +114,7 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -131,14 +128,14 @@ def _check_repo_id(repo_id: str) -> None:
         raise ModelNotFoundError(f"{repo_id!r} is neither a local path nor a valid Hub id: {error}") from None
 
 
-def _repo_folder(repo_id: str) -> Path:
+def repo_folder(repo_id: str) -> Path:
     """Where huggingface_hub keeps a model repo: `<HF_HUB_CACHE>/models--org--name`."""
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())  # huggingface_hub's HTTP errors span several lines
 
 
@@ -168,14 +165,14 @@ def download(repo_id: str, local_files_only: bool = False) -> Path:
         RepositoryNotFoundError,
     )
 
-    _check_repo_id(repo_id)
-    _bound_hub_timeouts()
-    folder = _repo_folder(repo_id)
+    check_repo_id(repo_id)
+    bound_hub_timeouts()
+    folder = repo_folder(repo_id)
     cached_before = folder.exists()
     try:
         with _hub_warnings_silenced():  # "No files matched …": the check below says it in our words, on one line
             snapshot = Path(
-                _interruptible(
+                interruptible(
                     repo_id,
                     lambda: snapshot_download(
                         repo_id,
@@ -187,9 +184,9 @@ def download(repo_id: str, local_files_only: bool = False) -> Path:
             )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
         if isinstance(error.__cause__, HfHubHTTPError):  # the Hub answered, with an error: not "offline"
-            raise _http_error(repo_id, error.__cause__) from error
+            raise http_error(repo_id, error.__cause__) from error
         raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {_one_line(error)})"
+            f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {one_line(error)})"
         ) from error
     except GatedRepoError as error:
         raise ModelNotFoundError(
@@ -198,13 +195,13 @@ def download(repo_id: str, local_files_only: bool = False) -> Path:
     except RepositoryNotFoundError as error:
         raise ModelNotFoundError(f"model {repo_id!r} is not on the Hub (or is private: set HF_TOKEN)") from error
     except HfHubHTTPError as error:
-        raise _http_error(repo_id, error) from error
+        raise http_error(repo_id, error) from error
     except (OSError, ValueError) as error:
-        raise ModelError(f"cannot download {repo_id!r}: {_one_line(error)}") from error
-    except _transport_errors() as error:  # refused, dropped or silent connections, once huggingface_hub stops retrying
+        raise ModelError(f"cannot download {repo_id!r}: {one_line(error)}") from error
+    except transport_errors() as error:  # refused, dropped or silent connections, once huggingface_hub stops retrying
         raise HubError(
             f"cannot download {repo_id!r}: the Hub or its file server stopped answering "
-            f"({type(error).__name__}: {_one_line(error)[:200] or 'no answer'}); try again: the download resumes "
+            f"({type(error).__name__}: {one_line(error)[:200] or 'no answer'}); try again: the download resumes "
             "where it stopped"
         ) from error
     weights = ("model.safetensors", "model.safetensors.index.json")
@@ -226,7 +223,7 @@ def download(repo_id: str, local_files_only: bool = False) -> Path:
     return snapshot
 
 
-def _transport_errors() -> tuple[type[Exception], ...]:
+def transport_errors() -> tuple[type[Exception], ...]:
     """The connection and timeout errors of the HTTP client huggingface_hub uses (httpx2 from its 2.0, httpx
     before), which it raises as they are once its retries end."""
     found = []
@@ -238,7 +235,7 @@ def _transport_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
-def _http_error(repo_id: str, error: Any) -> ModelError:
+def http_error(repo_id: str, error: Any) -> ModelError:
     """The Hub's HTTP error answer in one short line: its status and its own reason (huggingface_hub's message is
     a paragraph, and for most statuses calls it a lost connection). A 5xx or 429 is the Hub's failure (HubError,
     502 from /models/load); any other status is about this repo or token (404)."""
@@ -263,7 +260,7 @@ class DownloadInterrupted(KeyboardInterrupt):
     """Ctrl-C during a download; `str()` says what was stopped and removed (the CLI prints it)."""
 
 
-def _interruptible(repo_id: str, download: Callable[[], str]) -> str:
+def interruptible(repo_id: str, download: Callable[[], str]) -> str:
     """Run `download` so that Ctrl-C stops it at once. huggingface_hub's thread pool makes its caller wait for
     every file before a KeyboardInterrupt goes on (a second Ctrl-C left `blobs/*.incomplete` files for ever): here
     the download runs in a daemon thread the main thread waits for, and on Ctrl-C the partial blobs it began are
@@ -280,7 +277,7 @@ def _interruptible(repo_id: str, download: Callable[[], str]) -> str:
         except BaseException as error:  # handed to the waiting thread, which raises it
             outcome["error"] = error
 
-    blobs = _repo_folder(repo_id) / "blobs"
+    blobs = repo_folder(repo_id) / "blobs"
     # Partial blobs already there are another process's download of this repo (or one huggingface_hub resumes):
     # only those this download began are removed on Ctrl-C.
     before = set(blobs.glob("*.incomplete"))
@@ -301,18 +298,10 @@ def _interruptible(repo_id: str, download: Callable[[], str]) -> str:
     return snapshot
 
 
-@dataclass(frozen=True)
-class CachedModel:
-    repo_id: str
-    size_bytes: int
-    revisions: tuple[str, ...]
-    path: Path
-
-
 HUB_CONNECT_TIMEOUT_S, HUB_READ_TIMEOUT_S = 10.0, 15.0
 
 
-def _bound_hub_timeouts() -> None:
+def bound_hub_timeouts() -> None:
     """huggingface_hub's HTTP client waits for ever by default: a Hub or proxy that accepts the connection and says
     nothing hung `cake pull` (and `run`/`serve` of a model already cached) until killed. With a timeout it fails
     in seconds, and a cached model is used as when the Hub cannot be reached at all."""
@@ -332,83 +321,3 @@ def _bound_hub_timeouts() -> None:
         return made
 
     set_client_factory(client)
-
-
-def list_cached() -> list[CachedModel]:
-    """The model repos of the HF cache that can be served; one whose current snapshot lacks its config.json or
-    weights (a pull that failed or was interrupted, or a repo of another format) is named in a warning instead."""
-    from huggingface_hub import constants, scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    try:
-        info = scan_cache_dir(constants.HF_HUB_CACHE)  # read now (its default is bound when imported)
-    except CacheNotFound:
-        return []
-    except (OSError, ValueError) as error:  # HF_HUB_CACHE is a file, unreadable, …
-        raise ModelError(f"cannot read the HF cache {constants.HF_HUB_CACHE!r}: {error}") from None
-    for warning in info.warnings:  # a broken download or a damaged repo: not listed, but said
-        log.warning("skipped in the HF cache: %s (cake rm it, then cake pull it again)", _one_line(warning))
-    models = []
-    for repo in info.repos:
-        if repo.repo_type != "model":
-            continue
-        if not repo.revisions:  # an empty snapshots/ (a pull stopped before its first file)
-            log.warning(
-                "not listed: %s has no snapshot in the HF cache: cake pull %s to fetch it, or cake rm %s",
-                repo.repo_id,
-                repo.repo_id,
-                repo.repo_id,
-            )
-            continue
-        current = max(repo.revisions, key=lambda r: ("main" in r.refs, r.last_modified))
-        missing = _missing_files(Path(current.snapshot_path))
-        if missing:
-            log.warning(
-                "not listed: %s lacks %s in the HF cache (a pull cut short?): cake pull %s to finish it, or cake rm %s",
-                repo.repo_id,
-                missing,
-                repo.repo_id,
-                repo.repo_id,
-            )
-            continue
-        revisions = tuple(r.commit_hash for r in repo.revisions)
-        models.append(CachedModel(repo.repo_id, repo.size_on_disk, revisions, Path(repo.repo_path)))
-    return sorted(models, key=lambda m: m.repo_id)
-
-
-def _missing_files(snapshot: Path) -> str | None:
-    """What a snapshot lacks of config.json and its safetensors weights (the shard index's files), or None."""
-    if not (snapshot / "config.json").is_file():  # a GGUF repo's pulled quantization (cake pull org/name:Q4_K_M)
-        return None if any(snapshot.glob("*.gguf")) else "config.json"
-    if (snapshot / "model.safetensors").is_file():
-        return None
-    index = snapshot / "model.safetensors.index.json"
-    if not index.is_file():
-        return "model.safetensors"
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return "a readable model.safetensors.index.json"
-    absent = [str(shard) for shard in shards if not (snapshot / str(shard)).is_file()]
-    if not shards or absent:
-        return ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "") or "its shards"
-    return None
-
-
-def remove_cached(repo_id: str) -> int:
-    """Delete `repo_id`'s folder from the HF cache, every revision (as huggingface_hub does when all of a repo's
-    revisions are deleted); returns the bytes freed. A half-downloaded repo that scanning skips is removed too."""
-    _check_repo_id(repo_id)
-    folder = _repo_folder(repo_id)
-    if not folder.is_dir():
-        raise ModelNotFoundError(f"model {repo_id!r} is not in the HF cache")
-    freed = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            status = os.lstat(os.path.join(root, name))
-            freed += status.st_size if stat.S_ISREG(status.st_mode) else 0  # blobs; snapshots only link to them
-    try:
-        shutil.rmtree(folder)
-    except OSError as error:
-        raise ModelError(f"cannot remove {str(folder)!r}: {error}") from None
-    return freed

@@ -80,7 +80,7 @@ def choose(repo_id: str, files: list[str], tag: str | None) -> list[str]:
 
 def _cached_files(repo_id: str) -> list[str] | None:
     """The files of `repo_id`'s cached snapshot (its `main`, else its newest), or None when none is cached."""
-    folder = hub._repo_folder(repo_id)
+    folder = hub.repo_folder(repo_id)
     ref = folder / "refs" / "main"
     snapshots = folder / "snapshots"
     snapshot = snapshots / ref.read_text().strip() if ref.is_file() else None
@@ -105,7 +105,7 @@ def repo_files(repo_id: str) -> tuple[list[str] | None, Exception | None]:
         RepositoryNotFoundError,
     )
 
-    unreachable: tuple[type[Exception], ...] = (OfflineModeIsEnabled, LocalEntryNotFoundError, *hub._transport_errors())
+    unreachable: tuple[type[Exception], ...] = (OfflineModeIsEnabled, LocalEntryNotFoundError, *hub.transport_errors())
     try:
         # model_info, not list_repo_files: that one retries a silent Hub for a minute; this fails in one timeout
         return [sibling.rfilename for sibling in HfApi().model_info(repo_id).siblings or []], None
@@ -118,7 +118,7 @@ def repo_files(repo_id: str) -> tuple[list[str] | None, Exception | None]:
     except RepositoryNotFoundError as error:
         raise ModelNotFoundError(f"model {repo_id!r} is not on the Hub (or is private: set HF_TOKEN)") from error
     except HfHubHTTPError as error:
-        raise hub._http_error(repo_id, error) from error
+        raise hub.http_error(repo_id, error) from error
 
 
 def is_gguf_repo(files: list[str]) -> bool:
@@ -137,21 +137,21 @@ def download_gguf(repo_id: str, files: list[str], tag: str | None, online: bool)
     chosen = choose(repo_id, files, tag)
     try:
         snapshot = Path(
-            hub._interruptible(
+            hub.interruptible(
                 repo_id, lambda: snapshot_download(repo_id, allow_patterns=[*chosen], local_files_only=not online)
             )
         )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
         if isinstance(error.__cause__, HfHubHTTPError):
-            raise hub._http_error(repo_id, error.__cause__) from error
+            raise hub.http_error(repo_id, error.__cause__) from error
         raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {hub._one_line(error)})"
+            f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {hub.one_line(error)})"
         ) from error
     except HfHubHTTPError as error:
-        raise hub._http_error(repo_id, error) from error
+        raise hub.http_error(repo_id, error) from error
     except (OSError, ValueError) as error:
-        raise ModelError(f"cannot download {repo_id!r}: {hub._one_line(error)}") from error
-    except hub._transport_errors() as error:
+        raise ModelError(f"cannot download {repo_id!r}: {hub.one_line(error)}") from error
+    except hub.transport_errors() as error:
         raise HubError(
             f"cannot download {repo_id!r}: the Hub or its file server stopped answering "
             f"({type(error).__name__}); try again: the download resumes where it stopped"
@@ -168,11 +168,11 @@ def hub_model(spec: str) -> tuple[str, Path]:
     """A Hub MODEL (`org/name`, `org/name:TAG`) as (model id, path to load): a GGUF's first part, or a safetensors
     repo's snapshot folder (`hub.download`)."""
     repo_id, tag = split_tag(spec)
-    hub._check_repo_id(repo_id)
-    hub._bound_hub_timeouts()
+    hub.check_repo_id(repo_id)
+    hub.bound_hub_timeouts()
     files, unreachable = repo_files(repo_id)
     if files is None:  # the Hub did not answer (offline) and nothing of the repo is cached
-        reason = hub._one_line(unreachable) if unreachable else "no answer"
+        reason = hub.one_line(unreachable) if unreachable else "no answer"
         raise ModelNotFoundError(
             f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {reason[:300]})"
         )

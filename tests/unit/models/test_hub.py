@@ -42,7 +42,7 @@ def test_hub_id_resolves_from_the_hf_cache_offline(tmp_path: Path, tiny_model_fa
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
     code = (
-        "from cake_py.models.hub import resolve_model, list_cached\n"
+        "from cake_py.models.hub import resolve_model\nfrom cake_py.models.hf_cache import list_cached\n"
         "s = resolve_model('tiny-org/tiny-llama')\n"
         "print(s.model_id, s.config.n_layers, s.weights.path)\n"
         "print([m.repo_id for m in list_cached()])\n"
@@ -197,7 +197,8 @@ def test_an_hf_cache_that_is_a_file_is_one_line(tmp_path: Path) -> None:
 
 
 def test_the_cache_commands_say_a_path_is_no_hub_id(tmp_path: Path) -> None:
-    from cake_py.models.hub import download, remove_cached
+    from cake_py.models.hf_cache import remove_cached
+    from cake_py.models.hub import download
 
     for path in (str(tmp_path), "./folder", "~/x", "./some/local/folder"):
         with pytest.raises(ModelNotFoundError, match="looks like a path, not a Hub id"):
@@ -317,7 +318,7 @@ def test_list_names_a_pull_cut_short_instead_of_listing_it(  # type: ignore[no-u
 
     from huggingface_hub import constants
 
-    from cake_py.models.hub import list_cached
+    from cake_py.models.hf_cache import list_cached
 
     cache = tmp_path / "hub"
     make_hf_cache(cache, "org/good", tiny_model_factory("llama"))
