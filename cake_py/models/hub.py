@@ -157,13 +157,6 @@ def download(repo_id: str, local_files_only: bool = False) -> Path:
     the cache is removed again (unless the repo was cached before) and the error says what is missing.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
 
     check_repo_id(repo_id)
     bound_hub_timeouts()
@@ -182,28 +175,11 @@ def download(repo_id: str, local_files_only: bool = False) -> Path:
                     ),
                 )
             )
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-        if isinstance(error.__cause__, HfHubHTTPError):  # the Hub answered, with an error: not "offline"
-            raise http_error(repo_id, error.__cause__) from error
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {one_line(error)})"
-        ) from error
-    except GatedRepoError as error:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is gated: accept its terms on huggingface.co and set HF_TOKEN"
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise ModelNotFoundError(f"model {repo_id!r} is not on the Hub (or is private: set HF_TOKEN)") from error
-    except HfHubHTTPError as error:
-        raise http_error(repo_id, error) from error
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot download {repo_id!r}: {one_line(error)}") from error
-    except transport_errors() as error:  # refused, dropped or silent connections, once huggingface_hub stops retrying
-        raise HubError(
-            f"cannot download {repo_id!r}: the Hub or its file server stopped answering "
-            f"({type(error).__name__}: {one_line(error)[:200] or 'no answer'}); try again: the download resumes "
-            "where it stopped"
-        ) from error
+    except Exception as error:
+        failed = download_error(repo_id, error)
+        if failed is None:
+            raise
+        raise failed from error
     weights = ("model.safetensors", "model.safetensors.index.json")
     lost = [
         name for name in ("config.json", *weights) if (snapshot / name).is_symlink() and not (snapshot / name).exists()
@@ -233,6 +209,45 @@ def transport_errors() -> tuple[type[Exception], ...]:
         except (ImportError, AttributeError):
             continue
     return tuple(found)
+
+
+def answer_error(repo_id: str, error: Exception) -> ModelError | None:
+    """The Hub's answer refusing `repo_id` (gated, no such repo, an HTTP error status) in one line; None when
+    `error` is not an answer of the Hub."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(error, GatedRepoError):  # before RepositoryNotFoundError, its base class
+        return ModelNotFoundError(f"model {repo_id!r} is gated: accept its terms on huggingface.co and set HF_TOKEN")
+    if isinstance(error, RepositoryNotFoundError):
+        return ModelNotFoundError(f"model {repo_id!r} is not on the Hub (or is private: set HF_TOKEN)")
+    if isinstance(error, HfHubHTTPError):
+        return http_error(repo_id, error)
+    return None
+
+
+def download_error(repo_id: str, error: Exception) -> ModelError | None:
+    """A failed download of `repo_id` (snapshot_download) as one line: offline without the files, the Hub's
+    refusal, a local file error, a connection the Hub stopped answering; None for any other error."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(error, LocalEntryNotFoundError | OfflineModeIsEnabled):  # OSErrors: checked before those
+        if isinstance(error.__cause__, HfHubHTTPError):  # the Hub answered, with an error: not "offline"
+            return http_error(repo_id, error.__cause__)
+        return ModelNotFoundError(
+            f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {one_line(error)})"
+        )
+    refused = answer_error(repo_id, error)
+    if refused is not None:
+        return refused
+    if isinstance(error, OSError | ValueError):
+        return ModelError(f"cannot download {repo_id!r}: {one_line(error)}")
+    if isinstance(error, transport_errors()):  # refused, dropped or silent connections, once its retries end
+        return HubError(
+            f"cannot download {repo_id!r}: the Hub or its file server stopped answering "
+            f"({type(error).__name__}: {one_line(error)[:200] or 'no answer'}); try again: the download resumes "
+            "where it stopped"
+        )
+    return None
 
 
 def http_error(repo_id: str, error: Any) -> ModelError:

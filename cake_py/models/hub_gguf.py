@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from cake_py.errors import HubError, ModelError, ModelNotFoundError
+from cake_py.errors import ModelNotFoundError
 from cake_py.models import hub
 
 # llama.cpp's default tag ("latest"): Q4_K_M first, then any Q4, then the first GGUF of the repo.
@@ -97,13 +97,7 @@ def repo_files(repo_id: str) -> tuple[list[str] | None, Exception | None]:
     neither listed nor cached; and why the Hub did not answer (None: it did). An error answer of the Hub (no such
     repo, gated, 5xx) is raised as `download` raises it."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     unreachable: tuple[type[Exception], ...] = (OfflineModeIsEnabled, LocalEntryNotFoundError, *hub.transport_errors())
     try:
@@ -111,14 +105,11 @@ def repo_files(repo_id: str) -> tuple[list[str] | None, Exception | None]:
         return [sibling.rfilename for sibling in HfApi().model_info(repo_id).siblings or []], None
     except unreachable as error:
         return _cached_files(repo_id), error
-    except GatedRepoError as error:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is gated: accept its terms on huggingface.co and set HF_TOKEN"
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise ModelNotFoundError(f"model {repo_id!r} is not on the Hub (or is private: set HF_TOKEN)") from error
-    except HfHubHTTPError as error:
-        raise hub.http_error(repo_id, error) from error
+    except Exception as error:
+        refused = hub.answer_error(repo_id, error)
+        if refused is None:
+            raise
+        raise refused from error
 
 
 def is_gguf_repo(files: list[str]) -> bool:
@@ -132,7 +123,6 @@ def is_gguf_repo(files: list[str]) -> bool:
 def download_gguf(repo_id: str, files: list[str], tag: str | None, online: bool) -> Path:
     """The chosen GGUF's first part in the HF cache, every chosen file downloaded if needed."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     chosen = choose(repo_id, files, tag)
     try:
@@ -141,21 +131,11 @@ def download_gguf(repo_id: str, files: list[str], tag: str | None, online: bool)
                 repo_id, lambda: snapshot_download(repo_id, allow_patterns=[*chosen], local_files_only=not online)
             )
         )
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-        if isinstance(error.__cause__, HfHubHTTPError):
-            raise hub.http_error(repo_id, error.__cause__) from error
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the HF cache and the Hub cannot be reached (offline: {hub.one_line(error)})"
-        ) from error
-    except HfHubHTTPError as error:
-        raise hub.http_error(repo_id, error) from error
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot download {repo_id!r}: {hub.one_line(error)}") from error
-    except hub.transport_errors() as error:
-        raise HubError(
-            f"cannot download {repo_id!r}: the Hub or its file server stopped answering "
-            f"({type(error).__name__}); try again: the download resumes where it stopped"
-        ) from error
+    except Exception as error:
+        failed = hub.download_error(repo_id, error)
+        if failed is None:
+            raise
+        raise failed from error
     missing = [name for name in chosen if not (snapshot / name).is_file()]
     if missing:  # offline, with a cached snapshot that lacks them
         raise ModelNotFoundError(
