@@ -187,7 +187,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         models = list_cached()
         for model in models:
-            _output(f"{model.repo_id}\t{model.size_bytes / 1e6:.1f} MB\t{model.path}\n")
+            _output(f"{model.model_id}\t{model.size_bytes / 1e6:.1f} MB\t{model.path}\n")
         if not models:  # said on stderr: stdout stays a list (empty) for scripts
             print(f"no models in the HF cache ({constants.HF_HUB_CACHE}); cake pull MODEL adds one", file=sys.stderr)
     elif args.command == "rm":

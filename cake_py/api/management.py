@@ -264,7 +264,7 @@ def _available(state: ServerState) -> list[dict[str, Any]]:
     for served in state.served_models:
         add(served, "configured" if served == state.configured_model else "loaded", served)
     for cached in list_cached():
-        add(cached.repo_id, "hf-cache", cached.repo_id, size_bytes=cached.size_bytes, path=str(cached.path))
+        add(cached.model_id, "hf-cache", cached.model_id, size_bytes=cached.size_bytes, path=str(cached.path))
     return list(models.values())
 
 

@@ -78,6 +78,12 @@ def choose(repo_id: str, files: list[str], tag: str | None) -> list[str]:
     return sorted(parts)
 
 
+def complete(chosen: list[str]) -> bool:
+    """Whether `choose`'s files are the whole GGUF: every part of a split one (a cache may hold some of them)."""
+    split = _SPLIT.search(chosen[0])
+    return split is None or len(chosen) == int(split.group(2))
+
+
 def _cached_files(repo_id: str) -> list[str] | None:
     """The files of `repo_id`'s cached snapshot (its `main`, else its newest), or None when none is cached."""
     folder = hub.repo_folder(repo_id)

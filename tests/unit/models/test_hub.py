@@ -175,11 +175,18 @@ def test_pull_list_rm_through_huggingface_hub_from_a_hub_over_http(tmp_path: Pat
         assert missing.returncode == 1
         assert missing.stderr == "cake: error: model 'org/nope' is not on the Hub (or is private: set HF_TOKEN)\n"
     listed = _cake(env, "list")
-    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["org/gguf-only", "org/good", "org/renamed"]
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == [
+        "org/gguf-only:Q4_0",
+        "org/good",
+        "org/renamed",
+    ]
     offline = {**env, "HF_HUB_OFFLINE": "1"}
     removed = _cake(offline, "rm", "org/renamed")
     assert removed.returncode == 0 and removed.stdout.startswith("removed org/renamed ("), removed.stderr
-    assert [line.split("\t")[0] for line in _cake(offline, "list").stdout.splitlines()] == ["org/gguf-only", "org/good"]
+    assert [line.split("\t")[0] for line in _cake(offline, "list").stdout.splitlines()] == [
+        "org/gguf-only:Q4_0",
+        "org/good",
+    ]
     answer = _cake(offline, "run", "org/good", "Hello", "--max-tokens", "2", "--dtype", "float32")
     assert answer.returncode == 0, answer.stderr  # served from the cache, no Hub
 

@@ -4,12 +4,14 @@ downloaded, offline they come from the HF cache, and a tag that fits nothing is 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gguf
 import pytest
 from huggingface_hub import constants
 
+from cake_py.api.management import _available
 from cake_py.errors import ModelNotFoundError
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.hub import resolve_model
@@ -119,3 +121,54 @@ def test_a_silent_hub_fails_a_tagged_model_in_one_timeout(tmp_path: Path, monkey
     finally:
         silent.close()
     assert time.monotonic() - began < 10
+
+
+def test_cached_quantizations_are_listed_and_removed_by_tag(
+    gguf_repo: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cake list` names each pulled quantization as the MODEL that serves it (a bare id would take the default,
+    maybe one not pulled), a split one in a subfolder (as big files are published) included; `cake rm org/name:TAG`
+    removes that one's files only, and the repo once nothing servable is left."""
+    hf_home = tmp_path / "hf"
+    repo = {(f"tiny-Q4_K_M/{name}" if "-of-" in name else name): data for name, data in gguf_repo.items()}
+    with fake_hub({"org/tiny-GGUF": repo}) as endpoint:
+        env = _hub_env(hf_home, endpoint)
+        for tag in ("Q8_0", "Q4_K_M"):
+            pulled = _cake(env, "pull", f"org/tiny-GGUF:{tag}")
+            assert pulled.returncode == 0, pulled.stderr
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    listed = _cake(offline, "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert [row[0] for row in rows] == ["org/tiny-GGUF:Q4_K_M", "org/tiny-GGUF:Q8_0"], listed.stdout
+    assert Path(rows[0][2]).name == "tiny-Q4_K_M-00001-of-00003.gguf" and Path(rows[0][2]).parent.name == "tiny-Q4_K_M"
+    assert Path(rows[1][2]).name == "tiny-Q8_0.gguf"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))  # /models/available lists them so too
+    state = SimpleNamespace(source=None, served_models=[], configured_model=None, settings=None)
+    available = {model["model_id"]: model["load_as"] for model in _available(state)}  # type: ignore[arg-type]
+    assert available["org/tiny-GGUF:Q8_0"] == "org/tiny-GGUF:Q8_0" and "org/tiny-GGUF" not in available
+    snapshot = Path(rows[1][2]).parent
+    blobs = hf_home / "hub" / "models--org--tiny-GGUF" / "blobs"
+    q8_bytes = (snapshot / "tiny-Q8_0.gguf").stat().st_size
+    assert sum(float(row[1].split()[0]) for row in rows) * 1e6 == pytest.approx(
+        sum(blob.stat().st_size for blob in blobs.iterdir()), abs=1e5
+    )
+
+    unknown = _cake(offline, "rm", "org/tiny-GGUF:Q5_K_S")
+    assert unknown.returncode == 1
+    assert unknown.stderr == (
+        "cake: error: 'org/tiny-GGUF' has no GGUF matching 'Q5_K_S' in the HF cache; it holds: Q4_K_M, Q8_0\n"
+    )
+    removed = _cake(offline, "rm", "org/tiny-GGUF:q8_0")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout == f"removed org/tiny-GGUF:q8_0 ({q8_bytes / 1e6:.1f} MB freed)\n"
+    assert not (snapshot / "tiny-Q8_0.gguf").exists() and len(list(blobs.iterdir())) == 3  # the 3 parts' blobs
+    assert [line.split("\t")[0] for line in _cake(offline, "list").stdout.splitlines()] == ["org/tiny-GGUF:Q4_K_M"]
+    served = _cake(offline, "run", "org/tiny-GGUF:Q4_K_M", "hi", "--max-tokens", "2")
+    assert served.returncode == 0, served.stderr
+
+    (snapshot / "tiny-Q4_K_M" / "tiny-Q4_K_M-00002-of-00003.gguf").unlink()  # a split file missing a part
+    partial = _cake(offline, "list")
+    assert partial.stdout == "" and "org/tiny-GGUF lacks parts of its split GGUF" in partial.stderr, partial.stderr
+    _cake(env, "rm", "org/tiny-GGUF:Q4_K_M")
+    assert not (hf_home / "hub" / "models--org--tiny-GGUF").exists()  # nothing servable was left
