@@ -12,6 +12,9 @@ from cake_py.models.kv_cache import SequenceSlice
 
 SPECULATE_MAX_DECODING = 2  # drafts only while this few sequences decode together
 PREDICTION_DRAFTS = 8  # draft tokens per step from a predicted output when --speculative-tokens does not say
+# A prefill that got none of the budget this many steps in a row goes before the other prefills for a step: shortest
+# first alone let a stream of short prompts hold a long one back for as long as they kept coming.
+PREFILL_AGING_STEPS = 8
 
 
 @dataclass
@@ -52,14 +55,21 @@ def plan_step(
     streams flowing during long prefills. Then the prefills, those with the fewest prompt tokens left first: a short
     prompt admitted behind long ones gets its first token in the next step instead of after every long prefill
     (first come, first served held a 5-token chat behind four 450-token prompts for 29 steps); a long one waits
-    only for the shorter prompts' own tokens, and at most max_running prompts prefill at once. `prefill_left(seq)`
+    only for the shorter prompts' own tokens, and at most max_running prompts prefill at once; one passed over for
+    PREFILL_AGING_STEPS steps in a row goes first among the prefills (so it gets at least one chunk in every
+    PREFILL_AGING_STEPS + 1 steps, however many short prompts keep arriving). `prefill_left(seq)`
     counts the tokens it has yet to prefill, what it would copy left out (the engine's counts a kept prefix before
     `shared_prefill` has matched it). `shared_prefill(seq)` is 0 for a sequence that waits for the prefill it will
     copy, else the id to copy from (or None). With `speculate`, a decoding sequence (when at most
     SPECULATE_MAX_DECODING decode in this step) adds up to that many draft tokens to its slice; one with a predicted
     output drafts from it (up to `speculate`, or PREDICTION_DRAFTS when that is 0) whatever `speculate` is."""
     plan = StepPlan()
-    ordered = sorted(running, key=prefill_left)  # stable: among equals, the order they were admitted in
+
+    def order(seq: Sequence) -> tuple[int, ...]:
+        left = prefill_left(seq)
+        return (0,) if left == 0 else (1, int(seq.passed_over < PREFILL_AGING_STEPS), left)
+
+    ordered = sorted(running, key=order)  # stable: among equals, the order they were admitted in
     drafting = sum(not seq.prefilling for seq in ordered) <= SPECULATE_MAX_DECODING
     # (beyond that, a batch already shares each pass over the weights: drafts would only add rows)
     for position, seq in enumerate(ordered):
@@ -80,6 +90,9 @@ def plan_step(
         plan.ids.extend(known[seq.n_cached : seq.n_cached + n] + drafts)
         plan.members.append(seq)
         budget -= n + len(drafts)
+    planned = {seq.seq_id for seq in plan.members}
+    for seq in ordered:
+        seq.passed_over = 0 if seq.seq_id in planned or not seq.prefilling else seq.passed_over + 1
     offset = 0
     for piece, seq in zip(plan.batch, plan.members, strict=True):
         scoring_rows, targets = seq.scoring_rows(piece.start_pos, piece.n_tokens, offset)

@@ -73,6 +73,7 @@ class Sequence:
         # A sequence with the same prompt whose prefill this one copies instead of repeating (see Engine.submit).
         self.leader: int | None = None
         self.request = 0  # the request it belongs to (the engine starts requests' sequences fairly)
+        self.passed_over = 0  # steps in a row its prefill got none of the budget (engine/plan.py ages it)
         self.lookup: PromptLookup | None = None  # prompt lookup decoding's index, made on the first draft
         self.prediction: PredictionLookup | None = None  # its index, made on the first draft (the engine thread)
         self.drafts: list[int] = []  # this step's draft tokens (engine/speculation.py)
