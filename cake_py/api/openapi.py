@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py import __version__
-from cake_py.api import openapi_files, openapi_llama, openapi_native, openapi_scores
+from cake_py.api import openapi_conversations, openapi_files, openapi_llama, openapi_native, openapi_scores
 from cake_py.api.openapi_schemas import BOOL, INT, SCHEMAS, STR, obj, ref
 
 STATUS_TEXT = {
@@ -338,6 +338,7 @@ PATHS: dict[str, dict[str, Any]] = {
         )
     },
     **openapi_files.paths(_op, _json),
+    **openapi_conversations.paths(_op, _json),
     **openapi_llama.paths(_op, _json, SSE, GEN),
     **openapi_scores.paths(_op, _json, GEN),
 }
@@ -357,6 +358,7 @@ def document() -> dict[str, Any]:
                 **SCHEMAS,
                 **openapi_native.SCHEMAS,
                 **openapi_files.SCHEMAS,
+                **openapi_conversations.SCHEMAS,
                 **openapi_llama.SCHEMAS,
                 **openapi_scores.SCHEMAS,
             },

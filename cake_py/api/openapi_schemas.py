@@ -325,9 +325,16 @@ SCHEMAS: dict[str, Any] = {
     "AppliedTemplate": obj({"prompt": STR}),
     "ResponseRequest": obj(
         {
-            "input": {"oneOf": [STR, {"type": "array", "items": {"type": "object"}}]},
+            "input": {
+                "oneOf": [STR, {"type": "array", "items": {"type": "object"}}],
+                "description": "required unless conversation is given",
+            },
             "instructions": STR,
-            "previous_response_id": STR,
+            "previous_response_id": {**STR, "description": "not together with conversation"},
+            "conversation": {
+                "oneOf": [STR, obj({"id": STR}, ("id",))],
+                "description": "a conversation's id: its items come before input, and the answer's are added to it",
+            },
             "max_output_tokens": INT,
             "temperature": {"type": "number"},
             "top_p": {"type": "number"},
@@ -343,7 +350,6 @@ SCHEMAS: dict[str, Any] = {
             "metadata": {"type": "object"},
             "truncation": {"const": "disabled"},
         },
-        ("input",),
     ),
     "Response": obj(
         {
@@ -356,6 +362,7 @@ SCHEMAS: dict[str, Any] = {
             "usage": {"type": ["object", "null"]},
             "error": {"type": ["object", "null"]},
             "incomplete_details": {"type": ["object", "null"]},
+            "conversation": {"type": ["object", "null"], "properties": {"id": STR}},
         }
     ),
     "Model": obj({"id": STR, "object": STR, "created": INT, "owned_by": STR}),

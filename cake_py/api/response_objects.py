@@ -31,6 +31,7 @@ class Draft:
     thinking: bool | None = None  # a reasoning model's answer: whether it starts inside <think> (None: not one)
     background: bool = False  # answered by a task of the server's own (background.py)
     owner: str = ""  # the API key's owner that asked (middleware.request_owner): the stored response is its own
+    conversation: str | None = None  # the stored conversation (`conversation`) its items are added to when it ends
 
     def body(
         self,
@@ -108,7 +109,9 @@ def finish_response(
     output: list[dict[str, Any]] | None = None,
     text: str | None = None,
 ) -> dict[str, Any]:
-    """The finished response object; stored (with its conversation) unless the request said `store: false`. The
+    """The finished response object; stored (with its conversation) unless the request said `store: false`, and its
+    input and output items added to the request's `conversation`, if it named one (a response that failed or was
+    cancelled never comes here, so it adds nothing, as in OpenAI's API). The
     stored conversation leaves the thinking out, as reasoning models' templates leave it out of past turns. A stream
     gives its items in the order they came (`output`) and its messages' `text`; else it is the reasoning, the
     message, then the calls."""
@@ -126,6 +129,8 @@ def finish_response(
             ]
         stored = StoredResponse(without_logprobs(response), draft.items, [*draft.history, answer], owner=draft.owner)
         state.responses.put(stored)
+    if draft.conversation is not None:  # the stored copy's items: without logprobs, as the store keeps them
+        state.conversations.add_items(draft.conversation, draft.owner, [*draft.items, *without_logprobs(output)])
     return response
 
 

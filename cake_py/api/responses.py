@@ -1,12 +1,14 @@
 """OpenAI's Responses API: POST /v1/responses, blocking or streamed as its semantic events (the responses it stores
 and their routes are response_store.py).
 
-A request becomes a chat (responses_input.py): `instructions` is its system message, `previous_response_id` puts the
-stored conversation that response ended before the new input (its instructions are not carried over, as in
-OpenAI's API), and it then runs as /v1/chat/completions runs one: the model's chat template, function tools, and
-`text.format` as structured output. The answer's `output` is a message (`output_text`) and/or `function_call`
-items (response_objects.py). A stream is its semantic events (response_events.py), each as `event:` and `data:`
-lines, with no `[DONE]`; a background response is answered by a task of the server's own (background.py).
+A request becomes a chat (responses_input.py, response_prompt.py): `instructions` is its system message,
+`previous_response_id` puts the stored conversation that response ended before the new input (its instructions are
+not carried over, as in OpenAI's API), or `conversation` a stored conversation's items (conversations.py; the
+answer's input and output items are added to it once it has ended with an answer), and it then runs as
+/v1/chat/completions runs one: the model's chat template, function tools, and `text.format` as structured output.
+The answer's `output` is a message (`output_text`) and/or `function_call` items (response_objects.py). A stream is
+its semantic events (response_events.py), each as `event:` and `data:` lines, with no `[DONE]`; a background
+response is answered by a task of the server's own (background.py).
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cake_py.api import response_store
+from cake_py.api import response_prompt, response_store
 from cake_py.api.background import (
     TERMINAL,
     LiveResponse,
@@ -45,9 +46,10 @@ from cake_py.api.response_objects import (
     status_of,
     with_item_ids,
 )
+from cake_py.api.response_prompt import response_input
 from cake_py.api.response_store import StoredResponse
-from cake_py.api.responses_input import chat_format, chat_history, chat_tools, input_items, new_id
-from cake_py.api.schemas import chat_template_options, flag, metadata_field, number, openai_sampling
+from cake_py.api.responses_input import chat_format, new_id
+from cake_py.api.schemas import flag, metadata_field, number, openai_sampling
 from cake_py.api.state import ServerState, generation_request
 from cake_py.api.streaming import (
     SSE_HEADERS,
@@ -57,7 +59,7 @@ from cake_py.api.streaming import (
     open_streams,
 )
 from cake_py.api.structured import compiled_grammar, structured_grammar
-from cake_py.api.tools import calls_grammar, parse_answer, prompt_messages, tool_request
+from cake_py.api.tools import calls_grammar, parse_answer
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Sampling fields passed on as the chat completion reads them (vLLM's extras included); the rest are Responses'.
@@ -67,9 +69,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetitio
 async def create_response(request: Request) -> Response:
     state, engine, source, body = await generation_request(request)
     tokenizer = source.tokenizer
-    for field in ("conversation", "prompt"):
-        if body.get(field) not in (None, False):
-            raise ApiError(400, f"{field} is not supported by this server; send the request without it")
+    if body.get("prompt") not in (None, False):
+        raise ApiError(400, "prompt is not supported by this server; send the request without it")
     truncation = body.get("truncation")
     if truncation not in (None, "disabled"):
         raise ApiError(400, f"truncation {truncation!r} is not supported: only disabled (an over-long input is a 400)")
@@ -77,27 +78,9 @@ async def create_response(request: Request) -> Response:
     if not isinstance(include, list) or not all(isinstance(item, str) for item in include):
         raise ApiError(400, f"include must be a list of strings, got {include!r}"[:300])
     want_logprobs = LOGPROBS_INCLUDE in include  # the others name outputs this server never makes (reasoning, tools' …)
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise ApiError(400, f"instructions must be a string, got {instructions!r}"[:300])
     metadata = metadata_field(body.get("metadata"))
-    items = input_items(body.get("input"))
-    previous_id = body.get("previous_response_id")
-    history: list[dict[str, Any]] = []
-    if previous_id is not None:
-        owner = request_owner(request)
-        previous = state.responses.get(previous_id, owner) if isinstance(previous_id, str) else None
-        if previous is None and isinstance(previous_id, str) and state.responses.live(previous_id, owner) is not None:
-            raise ApiError(400, f"previous_response_id: response {previous_id!r} is still being answered"[:300])
-        if previous is None:
-            raise ApiError(  # OpenAI's code: clients that lost a chain (a restart forgets it) resend it whole
-                400,
-                f"previous_response_id: no stored response has the id {previous_id!r}"[:300],
-                code="previous_response_not_found",
-            )
-        history = list(previous.conversation)
-    history += chat_history(items)
-    tools = tool_request(chat_tools(body), tokenizer.tool_call_id_length)
+    found = response_input(state, request, body, tokenizer)
+    tools = found.tools
     max_output = body.get("max_output_tokens")
     if max_output is not None:
         number(body, "max_output_tokens", 0, integer=True)  # a 400 naming it when it is not an integer
@@ -119,14 +102,7 @@ async def create_response(request: Request) -> Response:
     background = flag(body, "background", False)
     if background and not store:
         raise ApiError(400, "background: true needs store: true (a background response is read back from the store)")
-    system = [{"role": "system", "content": instructions}] if instructions else []
-    messages, tool_variables = prompt_messages(system + history, tools, tokenizer.reads_tools)
-    if not messages:
-        raise ApiError(400, "input holds no message to answer")
-    kwargs = chat_template_options(body, messages).kwargs  # vLLM's chat_template_kwargs (e.g. enable_thinking)
-    prompt_text, prompt_ids = await run_in_threadpool(
-        tokenizer.chat_prompt, messages, template_kwargs={**kwargs, **tool_variables}
-    )
+    prompt_text, prompt_ids = await response_prompt.response_prompt(found, body, tokenizer)
     params = engine.check_prompt(len(prompt_ids), params)
     thinking = opens_thinking(prompt_text) if is_reasoning_template(tokenizer.chat_template) and not grammar else None
     draft = Draft(
@@ -134,10 +110,11 @@ async def create_response(request: Request) -> Response:
         created_at=int(time.time()),
         model=state.model_name,
         echo={
-            "instructions": instructions,
+            "instructions": found.instructions,
             "max_output_tokens": max_output,
             "parallel_tool_calls": tools.parallel,
-            "previous_response_id": previous_id,
+            "previous_response_id": found.previous_id,
+            "conversation": {"id": found.conversation.id} if found.conversation is not None else None,
             "reasoning": {"effort": None, "summary": None},
             "store": store,
             "temperature": params.temperature,
@@ -151,17 +128,18 @@ async def create_response(request: Request) -> Response:
             "background": background,
         },
         store=store,
-        history=history,
-        items=items,
+        history=found.history,
+        items=found.items,
         tokenizer=tokenizer,
         logprobs=want_logprobs,
         thinking=thinking,
         background=background,
         owner=request_owner(request),
+        conversation=found.conversation.id if found.conversation is not None else None,
     )
     streams = open_streams(state, engine, [prompt_ids], [params], request_key_name(request))
     opening = draft.body("queued" if background else "in_progress", [], None)
-    live = LiveResponse(opening, items, background=background, owner=draft.owner)
+    live = LiveResponse(opening, found.items, background=background, owner=draft.owner)
     events = response_events(request.url.path, state, streams[0], draft, tools)
     if background:
         return _start_background(state, live, events, draft, streams, stream)
@@ -221,4 +199,8 @@ async def _tracked(live: LiveResponse, events: AsyncIterator[dict[str, Any]]) ->
         yield event
 
 
-ROUTES = [Route("/v1/responses", create_response, methods=["POST"]), *response_store.ROUTES]
+ROUTES = [
+    Route("/v1/responses", create_response, methods=["POST"]),
+    *response_prompt.ROUTES,  # before /v1/responses/{response_id}: input_tokens is no response's id
+    *response_store.ROUTES,
+]

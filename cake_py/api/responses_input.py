@@ -46,15 +46,16 @@ def _string(item: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def input_items(value: Any) -> list[dict[str, Any]]:
-    """`input`, checked, as items with ids (what GET /v1/responses/{id}/input_items lists)."""
+def input_items(value: Any, field: str = "input") -> list[dict[str, Any]]:
+    """`input`, checked, as items with ids (what GET /v1/responses/{id}/input_items lists); `field` names the request
+    field they came in (a conversation's `items` are checked as `input` is)."""
     if isinstance(value, str):
         value = [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
-        raise ApiError(400, f"input must be a string or a non-empty list of items, got {value!r}"[:300])
+        raise ApiError(400, f"{field} must be a string or a non-empty list of items, got {value!r}"[:300])
     items = []
     for index, item in enumerate(value):
-        where = f"input[{index}]"
+        where = f"{field}[{index}]"
         if not isinstance(item, dict):
             raise ApiError(400, f"{where} must be an object, got {item!r}"[:300])
         kind = item.get("type", "message")
@@ -105,7 +106,7 @@ def input_items(value: Any) -> list[dict[str, Any]]:
     seen: set[str] = set()
     for item in items:  # one pass: a count per item froze the server for minutes on 100k items
         if item["id"] in seen:
-            raise ApiError(400, f"input items share the id {item['id']!r}; each item's id must be unique"[:300])
+            raise ApiError(400, f"{field} items share the id {item['id']!r}; each item's id must be unique"[:300])
         seen.add(item["id"])
     return items
 
@@ -123,6 +124,8 @@ def chat_history(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Items as chat messages: calls join the assistant turn before them, results are tool messages."""
     messages: list[dict[str, Any]] = []
     for item in items:
+        if item["type"] == "reasoning":  # a conversation's: left out, as templates leave past thinking out
+            continue
         if item["type"] == "message":
             role = "system" if item["role"] == "developer" else item["role"]
             messages.append({"role": role, "content": item["content"][0]["text"]})

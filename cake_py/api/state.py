@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from cake_py.api.chat_store import ChatStore
+from cake_py.api.conversation_store import ConversationStore
 from cake_py.api.errors import ApiError
 from cake_py.api.file_store import FileStore
 from cake_py.api.response_store import ResponseStore
@@ -129,6 +130,7 @@ class ServerState:
     configured_model: str | None = field(init=False)  # the one the server started with (None: embedded)
     retired: RetiredTotals = field(default_factory=RetiredTotals)
     responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
+    conversations: ConversationStore = field(default_factory=ConversationStore)  # the Conversations API's
     chat_completions: ChatStore = field(default_factory=ChatStore)  # chat completions created with store: true
     files: FileStore = field(init=False)  # the Files API's, under --files-dir
     batches: BatchRunner | None = None  # the Batch API's runs: set by create_app (they call the app's routes)

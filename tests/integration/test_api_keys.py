@@ -1,7 +1,7 @@
 """Several API keys (`--api-key A,B`, `--api-key-file`) on a real server: each key's files, batches, stored chat
-completions and stored responses are its own (another key gets a 404, and its lists leave them out), a batch's
-requests and result files belong to its key, each key has its own rate limit, and /metrics counts each key's
-usage under its name."""
+completions, stored responses and conversations are its own (another key gets a 404, and its lists leave them out),
+a batch's requests and result files belong to its key, each key has its own rate limit, and /metrics counts each
+key's usage under its name."""
 
 from __future__ import annotations
 
@@ -80,6 +80,26 @@ def test_a_stored_response_is_its_keys_own(alice: OpenAI, bob: OpenAI) -> None:
         bob.responses.create(model="x", input="And then?", previous_response_id=made.id, max_output_tokens=16)
     assert "no stored response" in str(refused.value.body)
     assert alice.responses.create(model="x", input="And then?", previous_response_id=made.id, max_output_tokens=16)
+
+
+def test_a_conversation_is_its_keys_own(alice: OpenAI, bob: OpenAI) -> None:
+    made = alice.conversations.create(items=[{"role": "user", "content": "Tell me about cake."}])
+    assert alice.conversations.retrieve(made.id).id == made.id
+    for call in (
+        lambda: bob.conversations.retrieve(made.id),
+        lambda: bob.conversations.update(made.id, metadata={"x": "y"}),
+        lambda: bob.conversations.items.list(made.id),
+        lambda: bob.conversations.items.create(made.id, items=[{"role": "user", "content": "mine now"}]),
+        lambda: bob.conversations.delete(made.id),
+        lambda: bob.responses.create(model="x", conversation=made.id, input="And then?", max_output_tokens=2),
+        lambda: bob.responses.input_tokens.count(model="x", conversation=made.id, input="And then?"),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert alice.conversations.retrieve(made.id).metadata == {}  # bob's update never reached it
+    assert len(alice.conversations.items.list(made.id).data) == 1  # nor his items or his answer
+    assert alice.responses.create(model="x", conversation=made.id, input="And then?", max_output_tokens=2)
+    assert len(alice.conversations.items.list(made.id).data) == 3
 
 
 def test_files_and_batches_are_their_keys_own(alice: OpenAI, bob: OpenAI) -> None:

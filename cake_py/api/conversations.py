@@ -1,0 +1,173 @@
+"""OpenAI's Conversations API: POST /v1/conversations (optional initial `items`, at most 20, and `metadata`), GET,
+POST (new `metadata`) and DELETE /v1/conversations/{id}, and its items: POST /v1/conversations/{id}/items (at most
+20 at a time), GET …/items (`after`, `limit` 1–100 (20), `order` (`desc`)), GET and DELETE …/items/{item_id}.
+
+Items are checked as a response's `input` is (responses_input.py): messages, `function_call` and
+`function_call_output` items, each given an id (`msg_…`, `fc_…`, `fco_…`) unless it came with one. A response
+created with `conversation` reads them as its earlier turns and adds its own (responses.py); the store is
+conversation_store.py. Another API key's conversation is not found, as another key's stored response is not."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cake_py.api.conversation_store import StoredConversation
+from cake_py.api.errors import ApiError
+from cake_py.api.listing import list_page
+from cake_py.api.middleware import request_owner
+from cake_py.api.responses_input import input_items, new_id
+from cake_py.api.schemas import json_body, metadata_field
+
+if TYPE_CHECKING:
+    from cake_py.api.state import ServerState
+
+MAX_ADDED_ITEMS = 20  # OpenAI's: items added by one request
+
+
+def conversation_id(value: Any) -> str:
+    """A request's `conversation`: its id, or `{"id": …}`."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f'conversation must be a conversation id or {{"id": "conv_…"}}, got {value!r}'[:300])
+    return value
+
+
+def stored_conversation(state: ServerState, conversation: str, owner: str) -> StoredConversation:
+    """The conversation `owner` made under that id; else a 404 naming it (OpenAI's status)."""
+    found = state.conversations.get(conversation, owner)
+    if found is None:
+        raise ApiError(404, f"no conversation has the id {conversation!r}"[:300])
+    return found
+
+
+def refuse_held_ids(conversation: StoredConversation, items: list[dict[str, Any]]) -> None:
+    """A 400 naming an item id the conversation already holds (its items are read back by id)."""
+    held = {item["id"] for item in conversation.items}
+    for item in items:
+        if item["id"] in held:
+            raise ApiError(400, f"conversation {conversation.id!r} already holds an item with the id {item['id']!r}")
+
+
+def _new_items(value: Any, *, required: bool) -> list[dict[str, Any]]:
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or (required and not value):
+        raise ApiError(400, f"items must be a {'non-empty ' if required else ''}list of items, got {value!r}"[:300])
+    if len(value) > MAX_ADDED_ITEMS:
+        raise ApiError(400, f"items holds {len(value)} items; at most {MAX_ADDED_ITEMS} can be added at a time")
+    return input_items(value, "items") if value else []
+
+
+def _items_page(added: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": added,
+        "first_id": added[0]["id"] if added else None,
+        "last_id": added[-1]["id"] if added else None,
+        "has_more": False,
+    }
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.cake
+    return state
+
+
+def _found(request: Request) -> StoredConversation:
+    return stored_conversation(_state(request), request.path_params["conversation_id"], request_owner(request))
+
+
+def _no_item(conversation: str, item_id: str) -> ApiError:
+    return ApiError(404, f"conversation {conversation!r} has no item with the id {item_id!r}"[:300])
+
+
+async def create_conversation(request: Request) -> Response:
+    body = await json_body(request) if await request.body() else {}  # no body: an empty conversation
+    metadata = metadata_field(body.get("metadata")) or {}
+    items = _new_items(body.get("items"), required=False)
+    conversation = StoredConversation(
+        id=new_id("conv"),
+        created_at=int(time.time()),
+        metadata=metadata,
+        items=tuple(items),
+        owner=request_owner(request),
+    )
+    _state(request).conversations.put(conversation)
+    return JSONResponse(conversation.body)
+
+
+async def retrieve_conversation(request: Request) -> Response:
+    return JSONResponse(_found(request).body)
+
+
+async def update_conversation(request: Request) -> Response:
+    """OpenAI's update: `metadata` (required; null clears it) replaces the conversation's."""
+    body = await json_body(request)
+    if "metadata" not in body:
+        raise ApiError(400, "metadata is required: the conversation's new metadata (null clears it)")
+    metadata = metadata_field(body["metadata"]) or {}
+    found = _found(request)
+    updated = _state(request).conversations.update(found.id, found.owner, metadata)
+    if updated is None:  # gone since it was found (evicted)
+        raise ApiError(404, f"no conversation has the id {found.id!r}")
+    return JSONResponse(updated.body)
+
+
+async def delete_conversation(request: Request) -> Response:
+    found = _found(request)
+    _state(request).conversations.delete(found.id, found.owner)
+    return JSONResponse({"id": found.id, "object": "conversation.deleted", "deleted": True})
+
+
+async def add_items(request: Request) -> Response:
+    """Append the body's `items` in order; the answer lists them as stored (their ids included)."""
+    body = await json_body(request)
+    found = _found(request)
+    items = _new_items(body.get("items"), required=True)
+    refuse_held_ids(found, items)
+    added = _state(request).conversations.add_items(found.id, found.owner, items)
+    if added is None:
+        raise ApiError(404, f"no conversation has the id {found.id!r}")
+    return JSONResponse(_items_page(added))
+
+
+async def list_items(request: Request) -> Response:
+    """OpenAI's listing: `order` (desc by default), `limit` (20, at most 100), `after` (an item id). `include` names
+    outputs this server does not keep (logprobs, built-in tools' results) and changes nothing."""
+    found = _found(request)
+    return JSONResponse(list_page(request.query_params, found.items, what="item of this conversation"))
+
+
+async def retrieve_item(request: Request) -> Response:
+    found, item_id = _found(request), request.path_params["item_id"]
+    item = found.item(item_id)
+    if item is None:
+        raise _no_item(found.id, item_id)
+    return JSONResponse(item)
+
+
+async def delete_item(request: Request) -> Response:
+    """Remove one item; the answer is the conversation (OpenAI's)."""
+    found, item_id = _found(request), request.path_params["item_id"]
+    updated = _state(request).conversations.delete_item(found.id, found.owner, item_id)
+    if updated is None:
+        raise _no_item(found.id, item_id)
+    return JSONResponse(updated.body)
+
+
+ROUTES = [
+    Route("/v1/conversations", create_conversation, methods=["POST"]),
+    Route("/v1/conversations/{conversation_id}", retrieve_conversation, methods=["GET"]),
+    Route("/v1/conversations/{conversation_id}", update_conversation, methods=["POST"]),
+    Route("/v1/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
+    Route("/v1/conversations/{conversation_id}/items", add_items, methods=["POST"]),
+    Route("/v1/conversations/{conversation_id}/items", list_items, methods=["GET"]),
+    Route("/v1/conversations/{conversation_id}/items/{item_id}", retrieve_item, methods=["GET"]),
+    Route("/v1/conversations/{conversation_id}/items/{item_id}", delete_item, methods=["DELETE"]),
+]
