@@ -3,9 +3,11 @@
     python examples/openai_responses.py
 
 1. A conversation kept by the server: the second turn sends only `previous_response_id` and its new question.
-2. A streamed answer, printed as its `response.output_text.delta` events arrive.
-3. A background response: the server answers on its own; the client polls it until it has ended.
-4. Embeddings of three sentences, and which one is nearest the first (unit vectors: the dot product is the cosine).
+2. A stored conversation (the Conversations API): each response in it reads its items and adds its own turn; the
+   input tokens of a turn are counted before it is sent.
+3. A streamed answer, printed as its `response.output_text.delta` events arrive.
+4. A background response: the server answers on its own; the client polls it until it has ended.
+5. Embeddings of three sentences, and which one is nearest the first (unit vectors: the dot product is the cosine).
 
 Environment: CAKE_BASE_URL (default http://127.0.0.1:8080), CAKE_API_KEY (when the server runs with --api-key),
 CAKE_MAX_TOKENS (default 64). Needs `pip install openai`.
@@ -48,7 +50,23 @@ def main() -> int:
     cached = second.usage.input_tokens_details.cached_tokens  # the first turn's caches, kept by the server
     print(f"second turn: {second.usage.input_tokens} input tokens, {cached} cached")
 
-    # 2. Streamed.
+    # 2. A stored conversation: no ids to chain, the server adds each turn to it.
+    conversation = client.conversations.create(metadata={"topic": "France"})
+    question = "What is the capital of France?"
+    counted = client.responses.input_tokens.count(model=model, conversation=conversation.id, input=question)
+    turn = client.responses.create(
+        model=model, conversation=conversation.id, input=question, temperature=0, max_output_tokens=max_tokens
+    )
+    assert turn.usage is not None
+    print(f"conversation turn: {counted.input_tokens} input tokens counted, {turn.usage.input_tokens} used")
+    client.responses.create(
+        model=model, conversation=conversation.id, input="And its river?", temperature=0, max_output_tokens=max_tokens
+    )
+    items = client.conversations.items.list(conversation.id, order="asc")
+    print(f"conversation items: {', '.join(getattr(item, 'role', item.type) for item in items)}")
+    client.conversations.delete(conversation.id)
+
+    # 3. Streamed.
     print("streamed: ", end="", flush=True)
     with client.responses.stream(
         model=model, input="Write a haiku about cake.", max_output_tokens=max_tokens
@@ -59,7 +77,7 @@ def main() -> int:
             elif event.type in ("response.completed", "response.incomplete"):
                 print(f"\nstream ended: {event.type}")
 
-    # 3. In the background: the create call returns at once (queued); poll (or client.responses.cancel(job.id)).
+    # 4. In the background: the create call returns at once (queued); poll (or client.responses.cancel(job.id)).
     job = client.responses.create(
         model=model, input="Name three French cheeses.", max_output_tokens=max_tokens, background=True
     )
@@ -68,7 +86,7 @@ def main() -> int:
         job = client.responses.retrieve(job.id)
     print(f"background ({job.status}): {job.output_text}")
 
-    # 4. Embeddings.
+    # 5. Embeddings.
     texts = ["Paris is the capital of France.", "The French capital is Paris.", "I like to eat bananas."]
     vectors = [item.embedding for item in client.embeddings.create(model=model, input=texts).data]
     similarity = [sum(a * b for a, b in zip(vectors[0], other, strict=True)) for other in vectors[1:]]

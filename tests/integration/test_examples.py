@@ -92,6 +92,9 @@ def test_openai_responses_example(server: ServerHandle) -> None:
     assert re.search(r"^second \((completed|incomplete)\): ", output, re.M)
     turn = re.search(r"^second turn: (\d+) input tokens, (\d+) cached$", output, re.M)
     assert turn is not None and 0 < int(turn.group(2)) < int(turn.group(1))  # the first turn's caches were kept
+    counted = re.search(r"^conversation turn: (\d+) input tokens counted, (\d+) used$", output, re.M)
+    assert counted is not None and counted.group(1) == counted.group(2)  # the count is what the turn used
+    assert re.search(r"^conversation items: user, assistant, user, assistant$", output, re.M)
     assert re.search(r"^streamed: ", output, re.M)
     assert re.search(r"^stream ended: response\.(completed|incomplete)$", output, re.M)
     assert re.search(r"^background \((completed|incomplete)\): ", output, re.M)
