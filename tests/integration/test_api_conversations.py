@@ -162,6 +162,30 @@ def test_a_conversation_may_hold_the_whole_question(client: OpenAI) -> None:
     assert texts(client, made.id) == [("user", QUESTION), ("assistant", answer.output_text)]
 
 
+def test_a_call_and_its_output_are_turns_of_the_conversation(client: OpenAI) -> None:
+    """The model's call is added as a function_call item; the next turn sends its result, which reads it back."""
+    made = client.conversations.create()
+    tools: Any = [WEATHER]
+    asked = client.responses.create(
+        model="x", conversation=made.id, input=QUESTION, tools=tools, tool_choice="required", max_output_tokens=300
+    )
+    [call] = [item for item in asked.output if item.type == "function_call"]
+    items: list[Any] = client.conversations.items.list(made.id, order="asc").data
+    assert [item.type for item in items] == ["message", "function_call"]
+    assert (items[1].id, items[1].call_id, items[1].name) == (call.id, call.call_id, "get_weather")
+    result: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    counted = client.responses.input_tokens.count(model="x", conversation=made.id, input=result, tools=tools)
+    chained = client.responses.input_tokens.count(model="x", previous_response_id=asked.id, input=result, tools=tools)
+    assert counted.input_tokens == chained.input_tokens  # the same turns as the stored response's chain holds
+    answered = client.responses.create(
+        model="x", conversation=made.id, input=result, tools=tools, max_output_tokens=2, temperature=0
+    )
+    assert answered.usage is not None and counted.input_tokens == answered.usage.input_tokens
+    items = client.conversations.items.list(made.id, order="asc").data
+    assert [item.type for item in items][:3] == ["message", "function_call", "function_call_output"]
+    assert items[2].call_id == call.call_id and items[2].output == "sunny"
+
+
 def test_a_streamed_response_adds_its_turn_once_it_has_ended(client: OpenAI) -> None:
     made = client.conversations.create()
     with client.responses.stream(
