@@ -123,8 +123,12 @@ def _item_id(item: dict[str, Any], prefix: str, where: str) -> str:
 def chat_history(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Items as chat messages: calls join the assistant turn before them, results are tool messages."""
     messages: list[dict[str, Any]] = []
-    for item in items:
-        if item["type"] == "reasoning":  # a conversation's: left out, as templates leave past thinking out
+    for index, item in enumerate(items):
+        if item["type"] == "reasoning":  # a conversation's (`input` drops them): left out, as templates leave past
+            # thinking out; but a turn that was only thinking stays an empty assistant turn, as a chain keeps it
+            following = items[index + 1] if index + 1 < len(items) else None
+            if following is None or not (following["type"] == "function_call" or following.get("role") == "assistant"):
+                messages.append({"role": "assistant", "content": ""})
             continue
         if item["type"] == "message":
             role = "system" if item["role"] == "developer" else item["role"]

@@ -7,6 +7,8 @@ created response reports as its input tokens."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +16,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.fixtures.server import ServerHandle
+from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
 SERVED_MODEL = "tiny_llama_long_context"  # the server and client fixtures: tests/integration/conftest.py
 SERVED_OPTIONS = {"model_name": "tiny-llama"}
@@ -270,3 +272,28 @@ def test_the_count_reads_the_earlier_turns_as_create_does(client: OpenAI, server
     ):
         answer = httpx.post(f"{server.base_url}/v1/responses/input_tokens", json=body, timeout=60)
         assert answer.status_code == status and needle in answer.json()["error"], answer.text
+
+
+@pytest.fixture(scope="module")
+def reasoning_client(tiny_llama_reasoning: Path) -> Iterator[OpenAI]:
+    with (
+        running_server(tiny_settings(tiny_llama_reasoning)) as handle,
+        OpenAI(base_url=handle.openai_url, api_key="unused", max_retries=0, timeout=60) as openai_client,
+    ):
+        yield openai_client
+
+
+def test_a_turn_that_was_only_thinking_is_still_a_turn(reasoning_client: OpenAI) -> None:
+    """The random reasoning model never closes its thinking: its answer is one reasoning item, which the next turn
+    leaves out of the prompt, keeping an empty assistant turn in its place, as a stored response's chain does."""
+    made = reasoning_client.conversations.create()
+    thought = reasoning_client.responses.create(
+        model="x", conversation=made.id, input=QUESTION, max_output_tokens=8, temperature=0
+    )
+    items: list[Any] = reasoning_client.conversations.items.list(made.id, order="asc").data
+    assert [item.type for item in items] == ["message", "reasoning"] and items[1].id == thought.output[0].id
+    counted = reasoning_client.responses.input_tokens.count(model="x", conversation=made.id, input="And then?")
+    chained = reasoning_client.responses.input_tokens.count(
+        model="x", previous_response_id=thought.id, input="And then?"
+    )
+    assert counted.input_tokens == chained.input_tokens

@@ -28,3 +28,23 @@ def test_many_calls_join_one_assistant_turn_in_linear_time() -> None:
     (turn,) = chat_history(items)
     assert time.monotonic() - began < 10
     assert turn["role"] == "assistant" and turn["content"] == "ok" and len(turn["tool_calls"]) == N
+
+
+def test_a_conversations_reasoning_is_left_out_but_a_turn_of_only_thinking_stays_a_turn() -> None:
+    """Stored conversations hold reasoning items (`input` drops them): thinking before an answer or a call leaves
+    nothing, thinking alone stays an empty assistant turn (as a stored response's chain keeps that turn)."""
+    question = {"type": "message", "id": "q", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}
+    answer = {"type": "message", "id": "a", "role": "assistant", "content": [{"type": "output_text", "text": "yo"}]}
+    thinking = {"type": "reasoning", "id": "r", "summary": [], "content": []}
+    call = {"type": "function_call", "id": "f", "call_id": "c", "name": "f", "arguments": "{}"}
+    assert chat_history([question, thinking, answer]) == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
+    assert [message["role"] for message in chat_history([question, thinking, call])] == ["user", "assistant"]
+    assert chat_history([question, thinking, question]) == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "hi"},
+    ]
+    assert chat_history([question, thinking])[-1] == {"role": "assistant", "content": ""}
