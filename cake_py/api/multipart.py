@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from cake_py.api.errors import ApiError
 from cake_py.api.middleware import request_key_name
-from cake_py.api.schemas import NATIVE_FIELDS, flag, native_sampling, strict_loads
+from cake_py.api.schemas import NATIVE_FIELDS, flag, native_sampling, no_lone_surrogates, strict_loads
 from cake_py.api.state import ServerState
 from cake_py.api.streaming import (
     EventStream,
@@ -101,6 +101,7 @@ def _model_kwargs(form: FormData) -> dict[str, Any]:
         raise ApiError(400, f"model_kwargs is not valid JSON ({str(error)[:200]}): {raw[:200]!r}") from None
     if not isinstance(kwargs, dict):
         raise ApiError(400, f"model_kwargs must be a JSON object, got {raw[:200]!r}")
+    no_lone_surrogates(raw, kwargs, "model_kwargs")
     unknown = sorted(set(kwargs) - KWARGS)
     if unknown:
         known = ", ".join(sorted(KWARGS))

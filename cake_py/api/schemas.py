@@ -45,13 +45,20 @@ async def json_body(request: Request) -> dict[str, Any]:
         raise ApiError(400, f"request body is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(raw):  # a pair makes one character; a lone half is no text at all
-        try:
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as error:
-            bad = error.object[error.start : error.end].encode("unicode_escape").decode()
-            raise ApiError(400, f"request body holds a lone UTF-16 surrogate ({bad}), which is not text") from None
+    no_lone_surrogates(raw, body, "request body")
     return body
+
+
+def no_lone_surrogates(raw: str | bytes, value: Any, where: str) -> None:
+    """400 when the JSON text `raw`, read as `value`, escapes half a UTF-16 surrogate pair (a pair makes one
+    character; a lone half is no text at all, and the tokenizer fails on it as a 500)."""
+    if not _SURROGATE_ESCAPE.search(raw.encode("utf-8", "replace") if isinstance(raw, str) else raw):
+        return
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = error.object[error.start : error.end].encode("unicode_escape").decode()
+        raise ApiError(400, f"{where} holds a lone UTF-16 surrogate ({bad}), which is not text") from None
 
 
 def number(body: dict[str, Any], key: str, default: float, *, integer: bool = False) -> Any:

@@ -199,6 +199,18 @@ def test_multipart_through_httpx_and_a_missing_text(http: httpx.Client) -> None:
     assert "text must be a non-empty prompt" in missing.json()["detail"]
 
 
+def test_a_lone_surrogate_in_model_kwargs_is_a_400_not_a_tokenizer_crash(http: httpx.Client) -> None:
+    """The JSON body's check for half a UTF-16 pair did not cover model_kwargs: a `system` holding one reached the
+    tokenizer, whose TypeError was a 500 with a traceback in the log."""
+    for kwargs in ('{"system": "\\ud800"}', '{"stop": ["\\udfff"]}'):
+        form = {"text": (None, "hi"), "streaming": (None, "false"), "model_kwargs": (None, kwargs)}
+        refused = http.post("/generate", files=form)
+        assert refused.status_code == 400, refused.text
+        assert "model_kwargs holds a lone UTF-16 surrogate" in refused.json()["detail"]
+    cake = '{"system": "\\ud83c\\udf82", "max_output_tokens": 2}'  # a whole pair is one character: served
+    assert http.post("/generate", files={**form, "model_kwargs": (None, cake)}).status_code == 200
+
+
 def test_multipart_streams_unless_told_otherwise(http: httpx.Client) -> None:
     # Seed 000 passes streaming=false to get one JSON document; without the field the answer is an NDJSON stream.
     files = {"text": (None, "Hello"), "model_kwargs": (None, '{"max_output_tokens": 3}')}
