@@ -153,7 +153,10 @@ async def generate_form(request: Request) -> Response:
     system = kwargs.get("system")
     if system is not None and not isinstance(system, str):
         raise ApiError(400, f"model_kwargs.system must be a string, got {system!r}")
-    if flag(kwargs, "chat_template", True):
+    templated = flag(kwargs, "chat_template", True)
+    if system and not templated:  # only the template has a place for it: it was dropped without a word
+        raise ApiError(400, "model_kwargs.system needs the chat template; with chat_template false the text goes as is")
+    if templated:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": text})
         prompt_ids = await run_in_threadpool(source.tokenizer.encode_chat, messages)

@@ -211,6 +211,19 @@ def test_a_lone_surrogate_in_model_kwargs_is_a_400_not_a_tokenizer_crash(http: h
     assert http.post("/generate", files={**form, "model_kwargs": (None, cake)}).status_code == 200
 
 
+def test_a_system_prompt_without_the_chat_template_is_a_400_not_dropped(http: httpx.Client) -> None:
+    """With chat_template false the text goes to the model as is: a `system` given with it was left out without a
+    word, and the answer looked like one that had followed it."""
+    kwargs = {"system": "Answer in French.", "chat_template": False, "max_output_tokens": 2}
+    form = {"text": (None, "hi"), "streaming": (None, "false"), "model_kwargs": (None, json.dumps(kwargs))}
+    refused = http.post("/generate", files=form)
+    assert refused.status_code == 400, refused.text
+    assert "model_kwargs.system needs the chat template" in refused.json()["detail"]
+    for allowed in ({**kwargs, "chat_template": True}, {**kwargs, "system": ""}):
+        form["model_kwargs"] = (None, json.dumps(allowed))
+        assert http.post("/generate", files=form).status_code == 200
+
+
 def test_multipart_streams_unless_told_otherwise(http: httpx.Client) -> None:
     # Seed 000 passes streaming=false to get one JSON document; without the field the answer is an NDJSON stream.
     files = {"text": (None, "Hello"), "model_kwargs": (None, '{"max_output_tokens": 3}')}
