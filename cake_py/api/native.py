@@ -126,6 +126,21 @@ async def _one_generation(
     return JSONResponse({**answer(result), "usage": usage(len(prompt_ids), result.last.completion_tokens)})
 
 
+def _prompt_error(index: int, error: CakeError, path: str) -> ApiError:
+    return ApiError(api_error(error, path).status, f"prompts[{index}]: {error}")
+
+
+def _encode_each(source: ModelSource, prompts: list[str], path: str) -> list[list[int]]:
+    """Every prompt's tokens; one the tokenizer refuses (far too long to count) is named by its index."""
+    encoded = []
+    for index, prompt in enumerate(prompts):
+        try:
+            encoded.append(source.tokenizer.encode(prompt))
+        except CakeError as error:
+            raise _prompt_error(index, error, path) from error
+    return encoded
+
+
 async def generate_batch(request: Request) -> Response:
     """Every prompt is submitted before any is awaited, so the engine batches them together."""
     state, engine, source, body = await _prepare(request)
@@ -133,13 +148,13 @@ async def generate_batch(request: Request) -> Response:
     if flag(body, "stream", False):  # silently answered whole, it looked like a stream that never started
         raise ApiError(400, "stream is not supported on /generate/batch: its answer is one JSON document")
     params = native_sampling(body)
-    prompt_ids = await run_in_threadpool(lambda: [source.tokenizer.encode(prompt) for prompt in prompts])
+    prompt_ids = await run_in_threadpool(_encode_each, source, prompts, request.url.path)
     per_prompt = []
     for index, ids in enumerate(prompt_ids):
         try:
             per_prompt.append(engine.check_prompt(len(ids), params))
         except CakeError as error:
-            raise ApiError(api_error(error, request.url.path).status, f"prompts[{index}]: {error}") from error
+            raise _prompt_error(index, error, request.url.path) from error
     results = await collect_all(request, open_streams(state, engine, prompt_ids, per_prompt, request_key_name(request)))
     return JSONResponse(
         {

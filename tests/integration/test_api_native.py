@@ -105,6 +105,9 @@ def test_native_errors_are_detail_with_seed_001_statuses(http: httpx.Client) -> 
     batch = http.post("/generate/batch", json={"prompts": ["ok", "cake " * 600]})
     assert batch.status_code == 413
     assert batch.json()["detail"].startswith("prompts[1]:")
+    # One far too long to tokenize is refused by the tokenizer: it lost its index, the batch's only way to name it.
+    huge = http.post("/generate/batch", json={"prompts": ["ok", "ok", "cake " * 25_000]})
+    assert huge.status_code == 413 and huge.json()["detail"].startswith("prompts[2]: the text has"), huge.text
     assert http.post("/generate/batch", json={"prompts": []}).status_code == 400
 
 
