@@ -17,7 +17,7 @@ from cake_py.models.tokenizer import Tokenizer
 
 MAX_CHOICES = 8
 MAX_TOKEN_IDS = 64  # stop_token_ids per request
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff, escaped in JSON text
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff, escaped in JSON text
 
 
 def _not_a_number(name: str) -> Any:
@@ -40,19 +40,22 @@ def strict_loads(text: str | bytes) -> Any:
 async def json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
-        body = strict_loads(raw) if raw else None
+        # Decoded here, strictly: json.loads decodes bytes with "surrogatepass", so a UTF-8 body holding an encoded
+        # surrogate (ED A0 80) read as a lone one. The encoding is JSON's own guess (UTF-8, UTF-16 or UTF-32).
+        text = raw.decode(json.detect_encoding(raw))
+        body = strict_loads(text) if raw else None
     except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, over-long integers, deep nesting
         raise ApiError(400, f"request body is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
-    no_lone_surrogates(raw, body, "request body")
+    no_lone_surrogates(text, body, "request body")
     return body
 
 
-def no_lone_surrogates(raw: str | bytes, value: Any, where: str) -> None:
+def no_lone_surrogates(raw: str, value: Any, where: str) -> None:
     """400 when the JSON text `raw`, read as `value`, escapes half a UTF-16 surrogate pair (a pair makes one
     character; a lone half is no text at all, and the tokenizer fails on it as a 500)."""
-    if not _SURROGATE_ESCAPE.search(raw.encode("utf-8", "replace") if isinstance(raw, str) else raw):
+    if not _SURROGATE_ESCAPE.search(raw):
         return
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")

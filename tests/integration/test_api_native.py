@@ -202,6 +202,21 @@ def test_multipart_through_httpx_and_a_missing_text(http: httpx.Client) -> None:
     assert "text must be a non-empty prompt" in missing.json()["detail"]
 
 
+def test_a_surrogate_however_the_json_body_carries_it_is_a_400(http: httpx.Client) -> None:
+    """Python's JSON reader decodes bytes with "surrogatepass" and guesses UTF-16/32: a lone surrogate encoded in
+    UTF-8 bytes (not valid UTF-8), or escaped in a UTF-16 body (which the check for escapes, on the bytes, missed),
+    reached the tokenizer as a 500."""
+    headers = {"content-type": "application/json"}
+    fields = (("/generate", '"prompt": "{}"'), ("/chat", '"messages": [{{"role": "user", "content": "{}"}}]'))
+    for path, field in fields:
+        encoded = http.post(path, content=("{" + field.format("\udc80") + "}").encode("utf-8", "surrogatepass"))
+        assert encoded.status_code == 400 and "not valid JSON" in encoded.json()["detail"], encoded.text
+        escaped = http.post(path, content=("{" + field.format("\\ud800") + "}").encode("utf-16"), headers=headers)
+        assert escaped.status_code == 400 and "lone UTF-16 surrogate" in escaped.json()["detail"], escaped.text
+    whole = http.post("/generate", content='{"prompt": "\\ud83c\\udf82", "max_length": 2}'.encode("utf-16"))
+    assert whole.status_code == 200, whole.text  # UTF-16 JSON is still read; a whole pair is one character
+
+
 def test_a_lone_surrogate_in_model_kwargs_is_a_400_not_a_tokenizer_crash(http: httpx.Client) -> None:
     """The JSON body's check for half a UTF-16 pair did not cover model_kwargs: a `system` holding one reached the
     tokenizer, whose TypeError was a 500 with a traceback in the log."""
