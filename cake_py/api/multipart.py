@@ -47,6 +47,7 @@ EXTENSIONS = {
     "video": {".mp4", ".mov", ".webm", ".mkv", ".avi"},
 }
 MAX_FILES = 16
+MAX_REQUEST_ID = 256  # characters: a uuid takes 32
 
 
 def _modality_of(filename: str) -> str:
@@ -114,6 +115,18 @@ def _model_kwargs(form: FormData) -> dict[str, Any]:
     return kwargs
 
 
+def _request_id(form: FormData) -> str:
+    """The client's id, or a new one. Bounded: it is echoed on every line of a stream, so a megabyte id made every
+    token a megabyte to encode and send."""
+    given = form.get("request_id")
+    if not given:
+        return uuid.uuid4().hex
+    value = str(given)
+    if len(value) > MAX_REQUEST_ID:
+        raise ApiError(400, f"request_id has {len(value)} characters; at most {MAX_REQUEST_ID} are allowed")
+    return value
+
+
 def _text_flag(form: FormData, key: str, default: bool = False) -> bool:
     raw = form.get(key)
     if raw is None or raw == "":
@@ -144,7 +157,7 @@ async def generate_form(request: Request) -> Response:
         # Streaming unless told otherwise: seed 000's examples pass streaming=false for a single JSON document.
         streaming = _text_flag(form, "streaming", default=True)
         kwargs = _model_kwargs(form)
-        request_id = str(form.get("request_id") or uuid.uuid4().hex)
+        request_id = _request_id(form)
     if not isinstance(text, str) or not text:
         raise ApiError(400, f"text must be a non-empty prompt, got {text!r}")
     # The answer's length under whichever name was given, errors naming it (it was renamed max_length first).

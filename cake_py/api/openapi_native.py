@@ -40,7 +40,7 @@ SCHEMAS: dict[str, Any] = {
                 "description": "JSON object: temperature, top_p, top_k, repetition_penalty, "
                 "seed, stop, max_output_tokens, do_sample, chat_template, system",
             },
-            "request_id": STR,
+            "request_id": {**STR, "maxLength": 256},
         },
         ("text",),
     ),

@@ -242,6 +242,16 @@ def test_a_system_prompt_without_the_chat_template_is_a_400_not_dropped(http: ht
         assert http.post("/generate", files=form).status_code == 200
 
 
+def test_a_request_id_is_echoed_up_to_its_bound(http: httpx.Client) -> None:
+    """The id goes out on every line of a stream: a 7 MB one made each token a 7 MB line (224 MB for 60 tokens)."""
+    form = {"text": (None, "hi"), "streaming": (None, "false"), "model_kwargs": (None, '{"max_output_tokens": 2}')}
+    kept = http.post("/generate", files={**form, "request_id": (None, "r" * 256)})
+    assert kept.status_code == 200 and kept.json()["request_id"] == "r" * 256
+    refused = http.post("/generate", files={**form, "request_id": (None, "r" * 257)})
+    assert refused.status_code == 400
+    assert refused.json() == {"detail": "request_id has 257 characters; at most 256 are allowed"}
+
+
 def test_multipart_streams_unless_told_otherwise(http: httpx.Client) -> None:
     # Seed 000 passes streaming=false to get one JSON document; without the field the answer is an NDJSON stream.
     files = {"text": (None, "Hello"), "model_kwargs": (None, '{"max_output_tokens": 3}')}
