@@ -61,7 +61,7 @@ def _modalities(form: FormData, key: str, default: str) -> list[str]:
         raw = default
     if not isinstance(raw, str):
         raise ApiError(400, f"{key} must be a comma-separated list, not a file upload")
-    if raw == "auto":
+    if raw.strip().lower() == "auto":  # read as the modalities are, whatever its case
         return []
     items = [item.strip().lower() for item in raw.split(",") if item.strip()]
     for item in items:

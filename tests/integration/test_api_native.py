@@ -252,6 +252,14 @@ def test_a_request_id_is_echoed_up_to_its_bound(http: httpx.Client) -> None:
     assert refused.json() == {"detail": "request_id has 257 characters; at most 256 are allowed"}
 
 
+def test_modalities_are_read_whatever_their_case_auto_included(http: httpx.Client) -> None:
+    """TEXT was read as text but AUTO was an unknown modality: only the names were lowered, not the default."""
+    form = {"text": (None, "hi"), "streaming": (None, "false"), "model_kwargs": (None, '{"max_output_tokens": 2}')}
+    for given in ("AUTO", " Auto ", "TEXT"):
+        answer = http.post("/generate", files={**form, "input_modalities": (None, given)})
+        assert answer.status_code == 200, (given, answer.text)
+
+
 def test_multipart_streams_unless_told_otherwise(http: httpx.Client) -> None:
     # Seed 000 passes streaming=false to get one JSON document; without the field the answer is an NDJSON stream.
     files = {"text": (None, "Hello"), "model_kwargs": (None, '{"max_output_tokens": 3}')}
