@@ -45,6 +45,8 @@ def current_model(state: ServerState) -> dict[str, Any]:
     return {
         "loaded": True,
         "model_id": source.model_id,
+        # What /models/load takes to load it again: model_id is a local folder's name, not its path.
+        "load_as": state.settings.model,
         "name": state.model_name,
         "architecture": config.architecture,
         "family": config.family,

@@ -106,6 +106,7 @@ def test_a_model_that_fails_to_build_leaves_the_previous_one_served(
         assert "config.json has a malformed field: cannot convert float infinity" in unreadable.json()["detail"]
         current = http.get("/models/current").json()
         assert current["loaded"] is True and current["n_layers"] == 3
+        assert (current["model_id"], current["load_as"]) == (tiny_llama.name, str(tiny_llama))  # loadable anywhere
         # The served model answers to the path it was loaded as, which /models/available calls it by.
         available = http.get("/models/available").json()
         assert available["current"] == str(tiny_llama)
