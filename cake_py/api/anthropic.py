@@ -26,9 +26,10 @@ from starlette.types import Receive, Scope, Send
 from cake_py.api.anthropic_stream import PING, message_events, stop_of, usage_of
 from cake_py.api.errors import ApiError, retry_headers
 from cake_py.api.inprocess import Routes
+from cake_py.api.json_body import json_body, strict_loads
 from cake_py.api.keepalive import KeepAliveResponse
 from cake_py.api.middleware import request_caller
-from cake_py.api.schemas import flag, json_body, strict_loads
+from cake_py.api.schemas import flag
 from cake_py.api.streaming import SSE_HEADERS
 
 CHAT_FORMAT = "response_format"  # what output_config.format becomes in the chat request

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cake_py.api.schemas import strict_loads
+from cake_py.api.json_body import strict_loads
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 MAX_REQUESTS = 50_000  # OpenAI's most requests in one batch

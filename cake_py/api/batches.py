@@ -17,9 +17,10 @@ from cake_py.api.batch_objects import ENDPOINTS, TERMINAL, Batch
 from cake_py.api.batch_runner import COMPLETION_WINDOW_S, BatchRunner
 from cake_py.api.errors import ApiError
 from cake_py.api.file_store import MAX_TTL_S, MIN_TTL_S
+from cake_py.api.json_body import json_body
 from cake_py.api.listing import list_page
 from cake_py.api.middleware import request_key_name, request_owner
-from cake_py.api.schemas import json_body, metadata_field
+from cake_py.api.schemas import metadata_field
 from cake_py.api.state import ServerState
 
 

@@ -18,9 +18,10 @@ from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.eviction import victim
+from cake_py.api.json_body import json_body
 from cake_py.api.listing import list_page
 from cake_py.api.middleware import request_owner
-from cake_py.api.schemas import json_body, metadata_field
+from cake_py.api.schemas import metadata_field
 
 if TYPE_CHECKING:
     from cake_py.api.state import ServerState

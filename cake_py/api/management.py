@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError, status_of
-from cake_py.api.schemas import json_body
+from cake_py.api.json_body import json_body
 from cake_py.api.state import ServerState
 from cake_py.cluster.master import assignments_of, check_master_holds_all, model_bytes
 from cake_py.engine.engine import Engine

@@ -22,8 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cake_py.api.errors import ApiError
+from cake_py.api.json_body import no_lone_surrogates, strict_loads
 from cake_py.api.middleware import request_key_name
-from cake_py.api.schemas import NATIVE_FIELDS, flag, native_sampling, no_lone_surrogates, strict_loads
+from cake_py.api.schemas import NATIVE_FIELDS, flag, native_sampling
 from cake_py.api.state import ServerState
 from cake_py.api.streaming import (
     EventStream,

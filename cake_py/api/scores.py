@@ -27,8 +27,9 @@ from starlette.routing import Route
 
 from cake_py.api.embeddings import MAX_INPUTS
 from cake_py.api.errors import ApiError, retry_headers
+from cake_py.api.json_body import json_body
 from cake_py.api.middleware import request_caller
-from cake_py.api.schemas import flag, json_body
+from cake_py.api.schemas import flag
 from cake_py.api.state import ServerState
 from cake_py.errors import ContextLengthError
 

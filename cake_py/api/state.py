@@ -15,8 +15,8 @@ from cake_py.api.chat_store import ChatStore
 from cake_py.api.conversation_store import ConversationStore
 from cake_py.api.errors import ApiError
 from cake_py.api.file_store import FileStore
+from cake_py.api.json_body import json_body
 from cake_py.api.response_store import ResponseStore
-from cake_py.api.schemas import json_body
 from cake_py.config import ServeSettings
 from cake_py.engine.engine import ENGINE_DEAD, Engine
 from cake_py.models.hub import ModelSource

@@ -20,7 +20,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from cake_py.api.errors import ApiError
-from cake_py.api.schemas import strict_loads
+from cake_py.api.json_body import strict_loads
 from cake_py.errors import RequestError
 from cake_py.models.grammar import (
     CompiledGrammar,

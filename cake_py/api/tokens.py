@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
-from cake_py.api.schemas import chat_messages, chat_template_options, flag, json_body
+from cake_py.api.json_body import json_body
+from cake_py.api.schemas import chat_messages, chat_template_options, flag
 from cake_py.api.state import NO_TEXT_MODEL, ServerState, chat_tokenizer, context_length
 from cake_py.api.tools import prompt_messages, tool_request
 from cake_py.models.hub import ModelSource

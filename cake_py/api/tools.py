@@ -22,7 +22,7 @@ from typing import Any
 
 from cake_py.api.errors import ApiError
 from cake_py.api.forced_calls import ForcedCalls, new_call_id
-from cake_py.api.schemas import strict_loads
+from cake_py.api.json_body import strict_loads
 from cake_py.models.grammar import json_grammar
 
 MAX_TOOLS = 128

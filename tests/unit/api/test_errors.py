@@ -20,8 +20,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from cake_py.api.errors import EXCEPTION_HANDLERS, api_error
+from cake_py.api.json_body import json_body
 from cake_py.api.middleware import BodyLimitMiddleware
-from cake_py.api.schemas import json_body
 from cake_py.errors import ClusterError, OverloadedError, RequestError
 from tests.fixtures.server import serving
 from tests.unit.api.conftest import TinyState
