@@ -19,10 +19,11 @@ from starlette.routing import Route
 from cake_py.api.conversation_store import StoredConversation
 from cake_py.api.conversations import conversation_id, refuse_held_ids, stored_conversation
 from cake_py.api.errors import ApiError
+from cake_py.api.json_body import json_body
 from cake_py.api.middleware import request_owner
 from cake_py.api.responses_input import chat_format, chat_history, chat_tools, input_items
 from cake_py.api.schemas import chat_template_options
-from cake_py.api.state import ServerState, generation_request
+from cake_py.api.state import ServerState
 from cake_py.api.tools import ToolRequest, prompt_messages, tool_request
 from cake_py.models.tokenizer import Tokenizer
 
@@ -84,8 +85,11 @@ async def response_prompt(found: ResponseInput, body: dict[str, Any], tokenizer:
 
 
 async def count_input_tokens(request: Request) -> Response:
-    """OpenAI's input token count: the request's prompt, as create would render it, counted (nothing runs)."""
-    state, _, source, body = await generation_request(request)
+    """OpenAI's input token count: the request's prompt, as create would render it, counted. Nothing runs, so it is
+    not rate limited (as /tokenize and /v1/messages/count_tokens are not)."""
+    state: ServerState = request.app.state.cake
+    _, source = state.ready()
+    body = await json_body(request)
     chat_format(body)  # checked as create checks it (the format constrains the answer, not the prompt)
     found = response_input(state, request, body, source.tokenizer)
     _, ids = await response_prompt(found, body, source.tokenizer)
