@@ -13,7 +13,6 @@ The last test kills a worker of the module's cluster, so it stays last in the fi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import threading
@@ -26,25 +25,15 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Route, ViewportSize, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect
 
 from cake_py.api import management
 from cake_py.engine.engine import Engine
+from tests.fixtures.browser import PHONE, fresh_page, send_message
 from tests.fixtures.cluster import LocalCluster, WorkerProcess
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
-DESKTOP: ViewportSize = {"width": 1400, "height": 900}
-PHONE: ViewportSize = {"width": 390, "height": 844}
 PROMPT = "What is the capital of France?"
 
 
@@ -80,48 +69,6 @@ def cluster(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 # ---- the browser -------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"Debian's Chromium is missing at {CHROMIUM}: the browser tests need it and never skip. "
-            "Install it with `scripts/setup.sh --browser` (or `apt-get install -y chromium`)."
-        )
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-def _collect_problems(page: Page) -> list[str]:
-    """Script errors and console errors of `page`, as they happen."""
-    problems: list[str] = []
-    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
-    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
-    return problems
-
-
-@contextlib.contextmanager
-def _fresh_page(browser: Browser) -> Iterator[tuple[Page, list[str]]]:
-    """A page in a new browser context (empty localStorage), and the script and console errors it reports."""
-    context = browser.new_context(viewport=DESKTOP)
-    try:
-        page = context.new_page()
-        yield page, _collect_problems(page)
-    finally:
-        context.close()
-
-
-@pytest.fixture()
-def page(browser: Browser) -> Iterator[Page]:
-    """A fresh page that must raise no script error and log no console error."""
-    with _fresh_page(browser) as (page, problems):
-        yield page
-    assert problems == [], f"the page reported errors: {problems}"
 
 
 def _screenshot(page: Page, name: str) -> None:
@@ -166,11 +113,6 @@ def _greedy_reply(cluster: Cluster, messages: list[dict[str, str]], max_tokens: 
     response.raise_for_status()
     content: str = response.json()["choices"][0]["message"]["content"]
     return content
-
-
-def _send(page: Page, text: str) -> None:
-    page.fill("#prompt", text)
-    page.press("#prompt", "Enter")
 
 
 # ---- cluster view ------------------------------------------------------------------------------------------------
@@ -269,7 +211,7 @@ def test_chat_streams_a_reply_and_keeps_the_conversation(
     requests: list[Any] = []
     page.on("request", lambda request: requests.append(request) if request.method == "POST" else None)
 
-    _send(page, PROMPT)
+    send_message(page, PROMPT)
     reply = page.get_by_test_id("assistant-message").last
     expect(reply).to_have_attribute("data-state", "streaming")
     expect(reply.locator(".content")).not_to_be_empty()
@@ -288,7 +230,7 @@ def test_chat_streams_a_reply_and_keeps_the_conversation(
     # The second turn carries the whole conversation, the system prompt first.
     page.fill("#system-prompt", "You answer in one word.")
     page.fill("#max-tokens", "8")
-    _send(page, "And of Italy?")
+    send_message(page, "And of Italy?")
     expect(page.get_by_test_id("assistant-message")).to_have_count(2)
     expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "max tokens", timeout=20_000)
     sent = requests[-1].post_data_json
@@ -310,7 +252,7 @@ def test_stop_button_cancels_the_generation_on_the_server(
     page.goto(f"{cluster.url}#chat")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "400")
-    _send(page, PROMPT)
+    send_message(page, PROMPT)
 
     expect(page.locator("#chat-tokens")).not_to_have_text(re.compile(r"^[0-2]$"), timeout=10_000)
     assert engine.in_flight == 1
@@ -351,7 +293,7 @@ def test_new_chat_during_a_reply_leaves_the_new_conversation_clean(
     page.goto(f"{cluster.url}#chat")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "300")
-    _send(page, PROMPT)
+    send_message(page, PROMPT)
     expect(page.locator("#chat-tokens")).not_to_have_text(re.compile(r"^[0-2]$"), timeout=10_000)
     page.click("#new-chat")
     page.wait_for_timeout(500)  # the aborted reply unwinds meanwhile
@@ -365,7 +307,7 @@ def test_new_chat_during_a_reply_leaves_the_new_conversation_clean(
 def test_settings_out_of_range_and_a_conversation_past_the_context_are_explained(
     browser: Browser, cluster: Cluster
 ) -> None:
-    with _fresh_page(browser) as (page, problems):
+    with fresh_page(browser) as (page, problems):
         _settings_and_context(page, cluster)
     assert [p for p in problems if "status of 400" not in p] == []  # the refused prompt, as a failed resource
 
@@ -375,18 +317,18 @@ def _settings_and_context(page: Page, cluster: Cluster) -> None:
     page.on("request", lambda request: requests.append(request) if request.method == "POST" else None)
     page.goto(f"{cluster.url}#chat")
     page.fill("#temperature", "5")  # past the field's 0 to 2: it was sent as is
-    _send(page, PROMPT)
+    send_message(page, PROMPT)
     expect(page.locator("#chat-error")).to_contain_text("Temperature")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "2.9")  # it was sent as 2
-    _send(page, PROMPT)
+    send_message(page, PROMPT)
     expect(page.locator("#chat-error")).to_contain_text("Max tokens")
     assert requests == [] and page.locator(".message").count() == 0
     expect(page.locator("#prompt")).to_have_value(PROMPT)  # kept, to send once the setting is fixed
 
     page.fill("#max-tokens", "4")
     page.fill("#prompt", "")
-    _send(page, "word " * 700)  # past the tiny model's context
+    send_message(page, "word " * 700)  # past the tiny model's context
     expect(page.locator("#chat-error")).to_contain_text("Start a New chat")
 
 
@@ -409,7 +351,7 @@ def test_a_reader_who_scrolls_up_during_a_reply_stays_where_they_are(
             document.getElementById("messages").append(earlier);
         }"""
     )
-    _send(page, PROMPT)
+    send_message(page, PROMPT)
     reply = page.get_by_test_id("assistant-message").last.locator(".content")
 
     def wait_for_more_text() -> None:
@@ -444,7 +386,7 @@ def test_model_output_is_inserted_as_text_never_as_html(page: Page, cluster: Clu
         lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=stream),
     )
     page.goto(f"{cluster.url}#chat")
-    _send(page, "show me markup")
+    send_message(page, "show me markup")
     reply = page.get_by_test_id("assistant-message").last
     expect(reply).to_have_attribute("data-state", "done")
     assert reply.locator(".content").text_content() == markup
@@ -454,17 +396,17 @@ def test_model_output_is_inserted_as_text_never_as_html(page: Page, cluster: Clu
 
 
 def test_api_key_field_is_sent_as_bearer_and_kept(browser: Browser, tiny_llama: Path) -> None:
-    with _fresh_page(browser) as (page, problems):
+    with fresh_page(browser) as (page, problems):
         with running_server(tiny_settings(tiny_llama, api_keys=("sesame",))) as server:
             page.goto(f"{server.base_url}/#chat")
             page.fill("#max-tokens", "4")
-            _send(page, PROMPT)
+            send_message(page, PROMPT)
             # Without the key the server refuses, and the page says where the key goes.
             expect(page.locator("#chat-error")).to_contain_text("API key")
             expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "error")
 
             page.fill("#api-key", "sesame")
-            _send(page, PROMPT)
+            send_message(page, PROMPT)
             expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "max tokens")
             expect(page.locator("#chat-error")).to_be_hidden()
 
@@ -472,7 +414,7 @@ def test_api_key_field_is_sent_as_bearer_and_kept(browser: Browser, tiny_llama: 
             expect(page.locator("#api-key")).to_have_value("sesame")
 
             page.fill("#api-key", "ses\u2011ame")  # a pasted non-breaking hyphen: fetch refused it as a TypeError
-            _send(page, PROMPT)
+            send_message(page, PROMPT)
             expect(page.locator("#chat-error")).to_contain_text("API key has a character that cannot be sent")
         # Chromium logs the refused request as a failed resource; anything else is a real problem.
         assert [p for p in problems if "status of 401" not in p] == []
@@ -481,7 +423,7 @@ def test_api_key_field_is_sent_as_bearer_and_kept(browser: Browser, tiny_llama: 
 
 def test_the_cluster_view_uses_the_saved_api_key(browser: Browser, tiny_llama: Path) -> None:
     # With --api-key (and no --ui-auth) the topology needs the key: the view says where it goes, then uses it.
-    with _fresh_page(browser) as (page, problems):
+    with fresh_page(browser) as (page, problems):
         with running_server(tiny_settings(tiny_llama, api_keys=("sesame",))) as server:
             page.goto(f"{server.base_url}/")
             expect(page.locator("#cluster-banner")).to_contain_text("needs the API key")
@@ -495,7 +437,7 @@ def test_the_cluster_view_uses_the_saved_api_key(browser: Browser, tiny_llama: P
 
 
 def test_a_master_that_stops_answering_is_shown_within_5_seconds(browser: Browser, tiny_llama: Path) -> None:
-    with _fresh_page(browser) as (page, problems):
+    with fresh_page(browser) as (page, problems):
         with running_server(tiny_settings(tiny_llama)) as server:
             page.goto(f"{server.base_url}/")
             expect(page.locator("#connection")).to_have_class(re.compile(r"\bok\b"))
@@ -506,7 +448,7 @@ def test_a_master_that_stops_answering_is_shown_within_5_seconds(browser: Browse
         expect(page.locator("#connection")).to_have_class(re.compile(r"\blost\b"))
         expect(page.get_by_test_id("node-master")).to_have_class(re.compile(r"\bstale\b"))
         page.evaluate("location.hash = '#chat'")
-        _send(page, PROMPT)  # the chat said "Failed to fetch"
+        send_message(page, PROMPT)  # the chat said "Failed to fetch"
         expect(page.locator("#chat-error")).to_contain_text("The server stopped answering")
         # The refused polls show in the console as failed resources; anything else is a real problem.
         assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
@@ -516,7 +458,7 @@ def test_an_unload_and_a_model_switch_clear_the_view(
     browser: Browser, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What was drawn belongs to a model that is gone: cards, tiles and the header's name go, and the view says why."""
-    with _fresh_page(browser) as (page, problems):
+    with fresh_page(browser) as (page, problems):
         with running_server(tiny_settings(tiny_llama, model_name="tiny-llama")) as server:
             page.goto(f"{server.base_url}/")
             expect(page.locator("#model-name")).to_have_text("tiny-llama")
@@ -583,13 +525,13 @@ def test_an_unload_and_a_model_switch_clear_the_view(
 def test_a_failed_send_gives_its_text_back_and_a_cut_stream_is_not_done(browser: Browser, cluster: Cluster) -> None:
     """A send that got no answer is marked unsent (it is not in the next request's context) and its text comes back
     to the message box; a proxy's plain-text error is shown; a stream that closes mid-reply says it was cut off."""
-    with _fresh_page(browser) as (page, problems):
+    with fresh_page(browser) as (page, problems):
         page.route(
             "**/v1/chat/completions",
             lambda route: route.fulfill(status=503, headers={"Content-Type": "text/plain"}, body="engine overloaded"),
         )
         page.goto(f"{cluster.url}#chat")
-        _send(page, "first question")
+        send_message(page, "first question")
         expect(page.locator("#chat-error")).to_contain_text("HTTP 503")
         expect(page.locator("#chat-error")).to_contain_text("engine overloaded")
         expect(page.get_by_test_id("user-message").last).to_have_attribute("data-state", "unsent")
@@ -601,7 +543,7 @@ def test_a_failed_send_gives_its_text_back_and_a_cut_stream_is_not_done(browser:
                 status=400, headers={"Content-Type": "application/json"}, body='{"detail": null}'
             ),
         )
-        _send(page, "first question")
+        send_message(page, "first question")
         expect(page.locator("#chat-error")).to_have_text(re.compile(r"^HTTP 400( Bad Request)?$"))
 
         cut = 'data: {"choices": [{"index": 0, "delta": {"content": "Hello wor"}, "finish_reason": null}]}\n\n'
@@ -610,7 +552,7 @@ def test_a_failed_send_gives_its_text_back_and_a_cut_stream_is_not_done(browser:
             "**/v1/chat/completions",
             lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=cut),
         )
-        _send(page, "second question")
+        send_message(page, "second question")
         reply = page.get_by_test_id("assistant-message").last
         expect(reply).to_have_attribute("data-state", "error")
         expect(reply.locator(".content")).to_have_text("Hello wor")
@@ -622,7 +564,7 @@ def test_a_failed_send_gives_its_text_back_and_a_cut_stream_is_not_done(browser:
 def test_the_views_work_with_site_data_blocked(browser: Browser, cluster: Cluster) -> None:
     """A browser that blocks site data throws on every localStorage read: the chat could not send, the cluster view
     never drew. Now only the settings are forgotten on reload."""
-    with _fresh_page(browser) as (page, problems):
+    with fresh_page(browser) as (page, problems):
         page.add_init_script(
             "Object.defineProperty(window, 'localStorage', "
             "{ get() { throw new DOMException('The operation is insecure.', 'SecurityError'); } });"
@@ -632,7 +574,7 @@ def test_the_views_work_with_site_data_blocked(browser: Browser, cluster: Cluste
         expect(page.locator("#cluster-banner")).to_be_hidden()
         page.goto(f"{cluster.url}#chat")
         page.fill("#max-tokens", "4")
-        _send(page, PROMPT)
+        send_message(page, PROMPT)
         expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "max tokens")
     assert problems == []
 
@@ -645,7 +587,7 @@ def test_focus_stays_where_the_reader_types_and_a_bad_number_is_refused(
     throttle(cluster.engine, 0.05)
     page.goto(f"{cluster.url}#chat")
     page.fill("#max-tokens", "12")
-    _send(page, PROMPT)
+    send_message(page, PROMPT)
     reply = page.get_by_test_id("assistant-message").last
     expect(reply).to_have_attribute("data-state", "streaming")
     page.click("#system-prompt")
@@ -659,7 +601,7 @@ def test_focus_stays_where_the_reader_types_and_a_bad_number_is_refused(
     page.click("#temperature")
     page.keyboard.press("Control+A")
     page.keyboard.type("1e")
-    _send(page, PROMPT)
+    send_message(page, PROMPT)
     expect(page.locator("#chat-error")).to_be_visible()
     expect(page.get_by_test_id("assistant-message")).to_have_count(1)  # nothing was sent
 
@@ -704,7 +646,7 @@ def test_phone_sized_screen_has_no_horizontal_scroll(browser: Browser, cluster: 
         expect(page.locator("#settings")).not_to_have_attribute("open", "")  # collapsed on a phone
         page.click("#settings summary")
         page.fill("#max-tokens", "24")
-        _send(page, PROMPT)
+        send_message(page, PROMPT)
         expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", re.compile("done|max"))
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
         _screenshot(page, "phone-chat.png")
