@@ -111,7 +111,16 @@ export function startChat() {
     );
     list.append(message);
     list.scrollTop = list.scrollHeight;
-    return { message, content, meta };
+    return { message, content, meta, thinking: null };
+  }
+
+  /** A reasoning model's thinking (`reasoning_content`): shown in its own block above the answer, never sent back. */
+  function thinkingOf(reply) {
+    if (!reply.thinking) {
+      reply.thinking = el("div", { className: "thought", dir: "auto" });
+      reply.content.before(el("details", { className: "thinking", open: true }, el("summary", {}, "Thinking"), reply.thinking));
+    }
+    return reply.thinking;
   }
 
   // The message box stays editable during a reply (the next message can be drafted; sending waits for the reply),
@@ -153,6 +162,7 @@ export function startChat() {
     showFigures(0, null, null);
 
     let answer = "";
+    let thought = "";
     let tokens = 0;
     let firstTokenAt = null;
     let lastTokenAt = null;
@@ -181,16 +191,23 @@ export function startChat() {
         if (chunk.error) throw new Error(chunk.error.message ?? String(chunk.error));
         const choice = chunk.choices?.[0];
         const delta = choice?.delta?.content;
-        if (delta) {
+        const reasoning = choice?.delta?.reasoning_content;
+        if (delta || reasoning) {
           lastTokenAt = performance.now();
           firstTokenAt ??= lastTokenAt;
-          answer += delta;
           tokens += 1; // an estimate until the finish chunk's usage gives the real count
           // Follow the reply only for a reader already at its end: one who scrolled up to read stays there.
           const following = list.scrollHeight - list.scrollTop - list.clientHeight <= FOLLOW_SLACK_PX;
-          reply.content.textContent = answer;
+          if (reasoning) {
+            thought += reasoning;
+            thinkingOf(reply).textContent = thought;
+          }
+          if (delta) {
+            answer += delta;
+            reply.content.textContent = answer;
+          }
           if (following) list.scrollTop = list.scrollHeight;
-          setState("streaming");
+          setState(delta ? "streaming" : "thinking");
         }
         if (choice?.finish_reason) finish = choice.finish_reason;
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
@@ -218,7 +235,9 @@ export function startChat() {
           // Its text comes back to the message box (unless a new draft is there) to send again.
           conversation.pop();
           question.message.dataset.state = "unsent";
-          question.meta.textContent = "not sent: no answer came, so it is not part of the conversation";
+          question.meta.textContent = thought
+            ? "no answer came after the thinking, so it is not part of the conversation"
+            : "not sent: no answer came, so it is not part of the conversation";
           if (outcome === "error" && !prompt.value.trim()) prompt.value = text;
         }
         setState(outcome);

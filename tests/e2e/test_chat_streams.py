@@ -1,0 +1,78 @@
+"""The dashboard's chat against streams that are not a plain answer, in headless Chromium: a reasoning model's
+thinking (`reasoning_content`), and very long replies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from playwright.sync_api import Browser, Page, expect
+
+from tests.fixtures.browser import fresh_page, send_message
+from tests.fixtures.server import running_server, tiny_settings
+
+
+def _sse(chunks: list[dict[str, Any]]) -> str:
+    return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+
+
+def _delta(**delta: str) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+
+def _finish(reason: str, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "choices": [{"index": 0, "delta": {}, "finish_reason": reason}],
+        "usage": {"completion_tokens": completion_tokens},
+    }
+
+
+def test_a_reasoning_models_thinking_is_shown_and_counted(browser: Browser, tiny_llama_reasoning: Path) -> None:
+    """Its reasoning_content was dropped: a reply still thinking at max_tokens showed nothing, the rate read "–" and
+    the question said "no answer came" though the model wrote every token it was allowed."""
+    with running_server(tiny_settings(tiny_llama_reasoning)) as server:
+        with fresh_page(browser) as (page, problems):  # closed before the server stops: no refused poll
+            page.goto(f"{server.base_url}/#chat")
+            page.fill("#max-tokens", "20")
+            send_message(page, "hello")
+            reply = page.get_by_test_id("assistant-message").last
+            expect(reply).to_have_attribute("data-state", "max tokens", timeout=20_000)
+            # The random tiny model never closes its <think>: all 20 tokens are thinking.
+            expect(reply.locator(".thinking .thought")).not_to_be_empty()
+            expect(reply.locator(".content")).to_have_text("")
+            expect(page.locator("#chat-tokens")).to_have_text("20")
+            expect(page.get_by_test_id("user-message").last.locator(".meta")).to_contain_text("after the thinking")
+        assert problems == []
+
+
+def test_thinking_stays_out_of_the_conversation_sent_back(page: Page, tiny_llama: Path) -> None:
+    stream = _sse(
+        [
+            _delta(role="assistant", content=""),
+            _delta(reasoning_content="The user asks <b>where</b>."),
+            _delta(reasoning_content=" France's capital."),
+            _delta(content="Paris"),
+            _finish("stop", 4),
+        ]
+    )
+    bodies: list[Any] = []
+
+    def answer(route: Any) -> None:
+        bodies.append(route.request.post_data_json)
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=stream)
+
+    with running_server(tiny_settings(tiny_llama)) as server:
+        page.route("**/v1/chat/completions", answer)
+        page.goto(f"{server.base_url}/#chat")
+        send_message(page, "Capital of France?")
+        reply = page.get_by_test_id("assistant-message").last
+        expect(reply).to_have_attribute("data-state", "done")
+        expect(reply.locator(".thought")).to_have_text("The user asks <b>where</b>. France's capital.")
+        assert reply.locator(".thought *").count() == 0  # model text, never markup
+        expect(reply.locator(".content")).to_have_text("Paris")
+        expect(page.locator("#chat-tokens")).to_have_text("4")
+
+        send_message(page, "And Italy?")
+        expect(page.get_by_test_id("assistant-message")).to_have_count(2)
+        assert bodies[-1]["messages"][1] == {"role": "assistant", "content": "Paris"}
