@@ -5,7 +5,8 @@
 import { bearerHeaders, el, formatBytes, formatMs, setText, storage } from "./dom.js";
 
 const POLL_MS = 1000;
-const TIMEOUT_MS = 2500;
+const SLOW_MS = 2500; // no answer by then: the view says the master is not answering, and goes on waiting for it
+const GIVE_UP_MS = 30_000; // still none: the request is dropped and asked again (a connection that died silently)
 
 /** "model.layers.7" → 7 */
 function layerIndex(name) {
@@ -302,13 +303,13 @@ export function startCluster(onLive) {
     for (const id of ["sum-nodes", "sum-layer-size", "sum-step", "sum-queue", "sum-tokens"]) setText(id, "");
   }
 
-  function setConnected(ok, message) {
+  function setConnected(ok, message, next = "Retrying every second…") {
     const connection = document.getElementById("connection");
     connection.className = `conn ${ok ? "ok" : "lost"}`;
     connection.title = ok ? "topology: live" : `topology: ${message}`;
     banner.hidden = ok;
     if (!ok) {
-      banner.textContent = `${message}. Retrying every second…`;
+      banner.textContent = `${message}. ${next}`;
       for (const card of cards.values()) card.markStale();
     }
   }
@@ -318,14 +319,17 @@ export function startCluster(onLive) {
   // which an Authorization header of ours would replace, so none is sent until a Bearer challenge comes.
   let bearer = false;
 
+  // A slow answer is still an answer: a master that takes longer than SLOW_MS (busy, or a big model's tensor list)
+  // was dropped at that point and asked again, so it was never drawn and always "not answering".
   async function fetchTopology() {
+    const slow = setTimeout(() => setConnected(false, "The master is not answering", "Waiting for it…"), SLOW_MS);
     try {
       const key = (storage.get("cake.apiKey") ?? "").trim();
       const headers = bearer ? bearerHeaders(key) : {};
       const response = await fetch("/api/v1/topology", {
         cache: "no-store",
         headers,
-        signal: AbortSignal.timeout(TIMEOUT_MS),
+        signal: AbortSignal.timeout(GIVE_UP_MS),
       });
       if (response.status === 401 && (response.headers.get("WWW-Authenticate") ?? "").startsWith("Bearer")) {
         const retry = !bearer && key;
@@ -343,6 +347,8 @@ export function startCluster(onLive) {
       const unreachable = error.name === "TimeoutError" || error instanceof TypeError; // no answer at all
       setConnected(false, unreachable ? "The master is not answering" : error.message);
       return null;
+    } finally {
+      clearTimeout(slow);
     }
   }
 

@@ -1,0 +1,48 @@
+"""The dashboard's cluster view against a master that answers badly, in headless Chromium: slowly."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, expect
+
+from cake_py.api import topology
+from tests.fixtures.browser import fresh_page
+from tests.fixtures.server import running_server, tiny_settings
+
+
+def test_a_slow_master_is_drawn_once_it_answers_and_never_asked_twice_at_once(
+    browser: Browser, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A topology that took more than 2.5 s was dropped at 2.5 s and asked again: the view never drew the master
+    and said it was not answering, though it answered every time."""
+    document = topology.topology_document
+    lock = threading.Lock()
+    running, most = 0, 0
+
+    def slow(state: Any) -> dict[str, Any]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            time.sleep(3.5)
+            return document(state)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(topology, "topology_document", slow)
+    with running_server(tiny_settings(tiny_llama, model_name="tiny-llama")) as server:
+        with fresh_page(browser) as (page, problems):
+            page.goto(f"{server.base_url}/")
+            expect(page.locator("#cluster-banner")).to_contain_text("not answering", timeout=5000)
+            expect(page.get_by_test_id("node-master")).to_contain_text("layers 0–2 (3)", timeout=10_000)
+            expect(page.locator("#model-name")).to_have_text("tiny-llama")
+            page.wait_for_timeout(5000)  # another slow answer or more
+        assert problems == []
+    assert most == 1, f"{most} topology requests ran at once"
