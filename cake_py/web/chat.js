@@ -1,6 +1,6 @@
 // The chat view: streams POST /v1/chat/completions (SSE over fetch), keeps the conversation in memory, and stops a
 // reply by aborting the fetch (the server cancels the sequence when the connection closes). Model output goes into
-// the page with textContent only.
+// the page as text only (text nodes, textContent), never as markup.
 
 import { bearerHeaders, el, storage } from "./dom.js";
 
@@ -100,7 +100,8 @@ export function startChat() {
 
   function addMessage(role, text) {
     $("chat-empty").hidden = true;
-    const content = el("div", { className: "content", dir: "auto" }, text); // right-to-left text reads as such
+    const body = document.createTextNode(text); // a reply grows by appending to it
+    const content = el("div", { className: "content", dir: "auto" }, body); // right-to-left text reads as such
     const meta = el("div", { className: "meta" });
     const message = el(
       "div",
@@ -111,16 +112,24 @@ export function startChat() {
     );
     list.append(message);
     list.scrollTop = list.scrollHeight;
-    return { message, content, meta, thinking: null };
+    return { message, content, meta, body, thinking: null };
   }
 
-  /** A reasoning model's thinking (`reasoning_content`): shown in its own block above the answer, never sent back. */
+  /** A reasoning model's thinking (`reasoning_content`): shown in its own block above the answer, never sent back.
+   * Its text node, to append to. */
   function thinkingOf(reply) {
     if (!reply.thinking) {
-      reply.thinking = el("div", { className: "thought", dir: "auto" });
-      reply.content.before(el("details", { className: "thinking", open: true }, el("summary", {}, "Thinking"), reply.thinking));
+      reply.thinking = document.createTextNode("");
+      const thought = el("div", { className: "thought", dir: "auto" }, reply.thinking);
+      reply.content.before(el("details", { className: "thinking", open: true }, el("summary", {}, "Thinking"), thought));
     }
     return reply.thinking;
+  }
+
+  /** Appends to a text node what `text` has past it (one text node per reply: re-setting the whole text each time
+   * made the browser lay all of it out again). */
+  function grow(node, text) {
+    if (text.length > node.length) node.appendData(text.slice(node.length));
   }
 
   // The message box stays editable during a reply (the next message can be drafted; sending waits for the reply),
@@ -170,6 +179,20 @@ export function startChat() {
     let ended = false; // [DONE] or a finish reason came: a stream that closes without either was cut off
     let outcome = "done";
     const asked = epoch;
+    // Drawn at most once a frame, however many deltas came meanwhile: drawing (and measuring) at every delta laid the
+    // whole reply out each time, so a long reply that came in a burst froze the tab for minutes.
+    let frame = 0;
+    const draw = () => {
+      frame = 0;
+      if (asked !== epoch) return; // "New chat" came: its figures and state are not this reply's
+      // Follow the reply only for a reader already at its end: one who scrolled up to read stays there.
+      const following = list.scrollHeight - list.scrollTop - list.clientHeight <= FOLLOW_SLACK_PX;
+      if (thought) grow(thinkingOf(reply), thought);
+      grow(reply.body, answer);
+      if (following) list.scrollTop = list.scrollHeight;
+      if (tokens) setState(answer ? "streaming" : "thinking");
+      showFigures(tokens, firstTokenAt, lastTokenAt);
+    };
     try {
       const { headers, body } = request();
       const response = await fetch("/v1/chat/completions", { method: "POST", headers, body, signal: controller.signal });
@@ -196,22 +219,12 @@ export function startChat() {
           lastTokenAt = performance.now();
           firstTokenAt ??= lastTokenAt;
           tokens += 1; // an estimate until the finish chunk's usage gives the real count
-          // Follow the reply only for a reader already at its end: one who scrolled up to read stays there.
-          const following = list.scrollHeight - list.scrollTop - list.clientHeight <= FOLLOW_SLACK_PX;
-          if (reasoning) {
-            thought += reasoning;
-            thinkingOf(reply).textContent = thought;
-          }
-          if (delta) {
-            answer += delta;
-            reply.content.textContent = answer;
-          }
-          if (following) list.scrollTop = list.scrollHeight;
-          setState(delta ? "streaming" : "thinking");
+          thought += reasoning ?? "";
+          answer += delta ?? "";
+          frame ||= requestAnimationFrame(draw);
         }
         if (choice?.finish_reason) finish = choice.finish_reason;
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
-        showFigures(tokens, firstTokenAt, lastTokenAt);
       }
       if (!ended && finish === null) throw new Error("The reply was cut off: the connection closed before it ended");
       if (finish === "length") outcome = "max tokens";
@@ -222,6 +235,8 @@ export function startChat() {
         if (asked === epoch) showError(error instanceof TypeError ? CONNECTION_LOST : error.message);
       }
     } finally {
+      cancelAnimationFrame(frame);
+      draw(); // what came since the last frame
       controller = null;
       reply.message.classList.remove("streaming");
       reply.message.dataset.state = outcome;

@@ -76,3 +76,24 @@ def test_thinking_stays_out_of_the_conversation_sent_back(page: Page, tiny_llama
         send_message(page, "And Italy?")
         expect(page.get_by_test_id("assistant-message")).to_have_count(2)
         assert bodies[-1]["messages"][1] == {"role": "assistant", "content": "Paris"}
+
+
+def test_a_long_reply_that_comes_in_a_burst_does_not_freeze_the_page(page: Page, tiny_llama: Path) -> None:
+    """Every delta re-set the whole reply's text and measured the list, so the browser laid the reply out again at
+    each one: 5,000 deltas arriving together (a fast cluster, a slow tab) took the page about 40 s, 20,000 minutes."""
+    n = 5000
+    words = [f"word{i} " for i in range(n)]
+    stream = _sse([_delta(role="assistant", content=""), *(_delta(content=w) for w in words), _finish("length", n)])
+    with running_server(tiny_settings(tiny_llama)) as server:
+        page.route(
+            "**/v1/chat/completions",
+            lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=stream),
+        )
+        page.goto(f"{server.base_url}/#chat")
+        send_message(page, "Count to five thousand.")
+        reply = page.get_by_test_id("assistant-message").last
+        expect(reply).to_have_attribute("data-state", "max tokens", timeout=10_000)
+        assert reply.locator(".content").text_content() == "".join(words)
+        expect(page.locator("#chat-tokens")).to_have_text(str(n))
+        distance = "(l => l.scrollHeight - l.scrollTop - l.clientHeight)(document.getElementById('messages'))"
+        assert page.evaluate(distance) <= 40  # it followed the reply to its end
