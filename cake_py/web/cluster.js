@@ -309,7 +309,7 @@ export function startCluster(onLive) {
     connection.title = ok ? "topology: live" : `topology: ${message}`;
     banner.hidden = ok;
     if (!ok) {
-      banner.textContent = `${message}. ${next}`;
+      changeText(banner, `${message}. ${next}`); // set only when it changes: a live region re-set is read out again
       for (const card of cards.values()) card.markStale();
     }
   }

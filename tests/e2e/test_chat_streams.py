@@ -1,5 +1,5 @@
 """The dashboard's chat against streams that are not a plain answer, in headless Chromium: a reasoning model's
-thinking (`reasoning_content`), and very long replies."""
+thinking (`reasoning_content`), very long replies, and errors."""
 
 from __future__ import annotations
 
@@ -97,3 +97,19 @@ def test_a_long_reply_that_comes_in_a_burst_does_not_freeze_the_page(page: Page,
         expect(page.locator("#chat-tokens")).to_have_text(str(n))
         distance = "(l => l.scrollHeight - l.scrollTop - l.clientHeight)(document.getElementById('messages'))"
         assert page.evaluate(distance) <= 40  # it followed the reply to its end
+
+
+def test_an_error_is_announced(browser: Browser, tiny_llama: Path) -> None:
+    """The chat's error banner was no live region: a screen reader never said why a reply did not come."""
+    with running_server(tiny_settings(tiny_llama)) as server:
+        with fresh_page(browser) as (page, problems):
+            page.route(
+                "**/v1/chat/completions",
+                lambda route: route.fulfill(
+                    status=503, headers={"Content-Type": "application/json"}, body='{"error": "the cluster is busy"}'
+                ),
+            )
+            page.goto(f"{server.base_url}/#chat")
+            send_message(page, "hello")
+            expect(page.get_by_role("alert")).to_have_text("the cluster is busy")
+        assert [p for p in problems if "status of 503" not in p] == []

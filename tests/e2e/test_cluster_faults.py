@@ -1,4 +1,4 @@
-"""The dashboard's cluster view against a master that answers badly, in headless Chromium: slowly."""
+"""The dashboard's cluster view against a master that answers badly, in headless Chromium: slowly, or not at all."""
 
 from __future__ import annotations
 
@@ -46,3 +46,20 @@ def test_a_slow_master_is_drawn_once_it_answers_and_never_asked_twice_at_once(
             page.wait_for_timeout(5000)  # another slow answer or more
         assert problems == []
     assert most == 1, f"{most} topology requests ran at once"
+
+
+def test_a_master_that_stops_answering_is_announced_once(browser: Browser, tiny_llama: Path) -> None:
+    """The banner was no live region, so a screen reader never said the master was lost; and its text was re-set at
+    every poll, which a live region says again every second."""
+    with running_server(tiny_settings(tiny_llama)) as server:
+        with fresh_page(browser) as (page, problems):
+            page.goto(f"{server.base_url}/")
+            expect(page.get_by_test_id("node-master")).to_be_visible()
+            page.route("**/api/v1/topology", lambda route: route.abort("connectionrefused"))
+            expect(page.get_by_role("status")).to_contain_text("not answering")
+            said = page.evaluate_handle("document.getElementById('cluster-banner').firstChild")
+            page.wait_for_timeout(2500)  # two failed polls or more
+            assert page.evaluate("text => text.isConnected", said), "the banner's text was replaced"
+            page.unroute("**/api/v1/topology")
+            expect(page.get_by_role("status")).to_have_count(0)  # back: the banner goes
+        assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
