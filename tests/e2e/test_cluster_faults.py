@@ -1,14 +1,16 @@
-"""The dashboard's cluster view against a master that answers badly, in headless Chromium: slowly, or not at all."""
+"""The dashboard's cluster view off the happy path, in headless Chromium: a master that answers slowly or not at all,
+and workers whose long names differ only at their end."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Browser, Page, Route, expect
 
 from cake_py.api import topology
 from tests.fixtures.browser import fresh_page
@@ -63,3 +65,27 @@ def test_a_master_that_stops_answering_is_announced_once(browser: Browser, tiny_
             page.unroute("**/api/v1/topology")
             expect(page.get_by_role("status")).to_have_count(0)  # back: the banner goes
         assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
+
+
+def test_workers_whose_names_differ_at_the_end_are_told_apart(page: Page, tiny_llama: Path) -> None:
+    """A card's name was cut with an ellipsis after a dozen characters: two workers named by their hosts
+    (ip-10-0-0-5.eu-west-1.compute.internal, ip-10-0-0-6.…) read the same, so which one was down could not be told."""
+    names = [f"ip-10-0-0-{n}.eu-west-1.compute.internal" for n in (5, 6)]
+
+    def two_workers(route: Route) -> None:
+        answer = route.fetch()
+        document = answer.json()
+        master = document["master"]
+        document["workers"] = [{**master, "name": name, "host": name, "layers": []} for name in names]
+        document["workers"][1].update(status="down", error="not answering")
+        route.fulfill(response=answer, body=json.dumps(document))
+
+    with running_server(tiny_settings(tiny_llama)) as server:
+        page.route("**/api/v1/topology", two_workers)
+        page.goto(f"{server.base_url}/")
+        for name in names:
+            title = page.get_by_test_id(f"node-{name}").locator("h3")
+            expect(title).to_have_text(name)
+            assert title.evaluate("h3 => h3.scrollWidth <= h3.clientWidth"), f"{name} is cut short"
+        page.unroute("**/api/v1/topology")
+        page.goto("about:blank")  # no poll is left in flight when the server stops
