@@ -135,11 +135,13 @@ export function startChat() {
   // The message box stays editable during a reply (the next message can be drafted; sending waits for the reply),
   // and focus comes back to it only from nowhere: a reader typing in the settings keeps typing there.
   function setBusy(busy) {
+    const sendHadFocus = document.activeElement === send;
     const stopHadFocus = document.activeElement === stop;
     send.hidden = busy;
     stop.hidden = !busy;
     if (!busy) $("composer-hint").hidden = true;
     list.setAttribute("aria-busy", String(busy)); // a screen reader reads the reply once, not at every token
+    if (busy && sendHadFocus) stop.focus(); // Send hides: the keyboard goes to the button that takes its place
     if (!busy && (stopHadFocus || document.activeElement === document.body || document.activeElement === null)) {
       prompt.focus();
     }

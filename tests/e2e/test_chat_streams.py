@@ -113,3 +113,27 @@ def test_an_error_is_announced(browser: Browser, tiny_llama: Path) -> None:
             send_message(page, "hello")
             expect(page.get_by_role("alert")).to_have_text("the cluster is busy")
         assert [p for p in problems if "status of 503" not in p] == []
+
+
+def test_a_reply_sent_with_the_send_button_can_be_stopped_from_the_keyboard(page: Page, tiny_llama: Path) -> None:
+    """Send hides while a reply streams, and focus on it fell to the page: a keyboard user who sent with the button
+    had to find Stop again (and Escape works only in the message box)."""
+    with running_server(tiny_settings(tiny_llama)) as server:
+        page.goto(f"{server.base_url}/#chat")
+        page.evaluate(  # a fetch whose body stays open until it is aborted, as a slow reply's does
+            """() => {
+                const real = window.fetch;
+                window.fetch = (url, init) => url.includes("/chat/completions")
+                    ? Promise.resolve(new Response(new ReadableStream({ start(c) {
+                        init.signal.addEventListener("abort", () => c.error(new DOMException("stopped", "AbortError")));
+                      } }), { headers: { "Content-Type": "text/event-stream" } }))
+                    : real(url, init);
+            }"""
+        )
+        page.fill("#prompt", "hello")
+        page.focus("#send")
+        page.keyboard.press("Enter")
+        expect(page.locator("#stop")).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "stopped")
+        expect(page.locator("#prompt")).to_be_focused()
