@@ -8,14 +8,22 @@ from typing import Any
 
 from cake_py.errors import ModelError, UnsupportedArchitectureError
 
-# architectures[0] or model_type → family handled by cake_py.models.llama (all are Llama-shaped decoders).
+# architectures[0] → family: Llama-shaped decoders (cake_py.models.llama) and Gemma 3 (cake_py.models.gemma).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+# model_type → family, for a config.json without `architectures`.
+SUPPORTED_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+}
 SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
 MAX_LAYERS = 4096  # the largest published models have under 200; a config past this is malformed
 # Widths (hidden, intermediate, vocabulary, heads, head size): the largest published are ~260k (a vocabulary); past
@@ -38,7 +46,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # llama | mistral | qwen2 | qwen3
+    family: str  # llama | mistral | qwen2 | qwen3 | gemma3
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -53,7 +61,12 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2, Llama attention_bias)
     o_bias: bool = False  # bias on the output projection (Llama attention_bias)
     mlp_bias: bool = False
-    qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3, Gemma 3)
+    activation: str = "silu"  # of the feed-forward's gate: silu | gelu_tanh (Gemma's gelu_pytorch_tanh)
+    # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (Gemma), else by head_dim ** -0.5.
+    query_pre_attn_scalar: float | None = None
+    # The rope of the windowed layers where it differs from `rope` (Gemma 3: rope_local_base_freq, unscaled).
+    local_rope: RopeConfig | None = None
     sliding_window: int | None = None  # the window of the layers that have one (see `window_of`)
     # Per layer, whether it attends through the window; empty: every layer does when sliding_window is set.
     windowed_layers: tuple[bool, ...] = ()
@@ -95,7 +108,12 @@ class ModelConfig:
         rope = config.rope
         if not (math.isfinite(config.rms_norm_eps) and config.rms_norm_eps >= 0):
             raise ModelError(f"{origin}: rms_norm_eps must be a finite number ≥ 0, got {config.rms_norm_eps}")
-        for name, number in (("rope_theta", rope.theta), ("rope_scaling factor", rope.factor)):
+        numbers = [("rope_theta", rope.theta), ("rope_scaling factor", rope.factor)]
+        if config.local_rope is not None:
+            numbers.append(("rope_local_base_freq", config.local_rope.theta))
+        if config.query_pre_attn_scalar is not None:
+            numbers.append(("query_pre_attn_scalar", config.query_pre_attn_scalar))
+        for name, number in numbers:
             if not (math.isfinite(number) and number > 0):
                 raise ModelError(f"{origin}: {name} must be a finite number > 0, got {number}")
         if rope.freq_factors is not None and len(rope.freq_factors) != config.head_dim // 2:
@@ -111,6 +129,17 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def rope_of(self, layer: int) -> RopeConfig:
+        """The rope of layer `layer` (absolute index): `local_rope` for a windowed layer where there is one."""
+        if self.local_rope is not None and self.window_of(layer) is not None:
+            return self.local_rope
+        return self.rope
+
+    @property
+    def attention_scale(self) -> float:
+        """What attention scores are multiplied by before the softmax."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> ModelConfig:
         architectures = raw.get("architectures") or []
@@ -120,22 +149,23 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if architecture is not None and architecture in SUPPORTED_ARCHITECTURES:
             family = SUPPORTED_ARCHITECTURES[architecture]
-        elif architecture is None and model_type in SUPPORTED_MODEL_TYPES:
-            family = str(model_type)
+        elif architecture is None and isinstance(model_type, str) and model_type in SUPPORTED_MODEL_TYPES:
+            family = SUPPORTED_MODEL_TYPES[model_type]
             architecture = next(a for a, f in SUPPORTED_ARCHITECTURES.items() if f == family)
         else:
             name = architecture or model_type or "<none>"
             supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
             raise UnsupportedArchitectureError(f"unsupported architecture {name!r} (supported: {supported})")
 
-        _check_computable(raw)
+        _check_computable(raw, family)
         n_heads = int(raw["num_attention_heads"])
         if n_heads <= 0:
             raise ValueError(f"num_attention_heads must be positive, got {n_heads}")
         hidden = int(raw["hidden_size"])
-        # transformers' Qwen3Config defaults head_dim to 128, not hidden_size / heads as the other families do.
-        default_head_dim = QWEN3_HEAD_DIM if family == "qwen3" and "head_dim" not in raw else hidden // n_heads
-        head_dim = raw.get("head_dim") or default_head_dim
+        # transformers' Qwen3Config and Gemma3TextConfig default head_dim to a width of their own, not hidden_size /
+        # heads as the other families do (a head_dim of null is hidden_size / heads in all).
+        default_head_dim = DEFAULT_HEAD_DIMS.get(family) if "head_dim" not in raw else None
+        head_dim = raw.get("head_dim") or default_head_dim or hidden // n_heads
         eos = raw.get("eos_token_id")
         eos_ids = (
             tuple(_token_id(i) for i in eos)
@@ -147,6 +177,9 @@ class ModelConfig:
         if not 0 < n_layers <= MAX_LAYERS:  # every layer is built before its weights are looked for
             raise ValueError(f"num_hidden_layers must be from 1 to {MAX_LAYERS}, got {raw['num_hidden_layers']!r}")
         sliding, windowed = _sliding_window(raw, family, n_layers)
+        gemma = family == "gemma3"
+        rope, local_rope = _parse_gemma_ropes(raw) if gemma else (_parse_rope(raw), None)
+        scalar = float(raw.get("query_pre_attn_scalar", GEMMA_QUERY_PRE_ATTN_SCALAR)) if gemma else None
         return cls(
             family=family,
             architecture=str(architecture),
@@ -158,13 +191,16 @@ class ModelConfig:
             n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope=_parse_rope(raw),
+            rope=rope,
+            local_rope=local_rope,
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=_flag(raw, "tie_word_embeddings"),
+            tie_word_embeddings=_flag(raw, "tie_word_embeddings", default=gemma),  # Gemma's default: tied
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=family != "qwen2" and attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "gemma3"),
+            activation=SUPPORTED_ACTIVATIONS[_activation(raw, family)],
+            query_pre_attn_scalar=scalar,
             sliding_window=int(sliding) if sliding else None,
             windowed_layers=windowed,
             bos_token_id=_token_id(raw["bos_token_id"]) if raw.get("bos_token_id") is not None else None,
@@ -173,14 +209,20 @@ class ModelConfig:
 
 
 # transformers' defaults for fields a config.json may leave out, where they differ by family.
-QWEN3_HEAD_DIM = 128
+DEFAULT_HEAD_DIMS = {"qwen3": 128, "gemma3": 256}
 DEFAULT_SLIDING_WINDOW = 4096
+GEMMA_QUERY_PRE_ATTN_SCALAR = 256
+GEMMA_SLIDING_WINDOW_PATTERN = 6  # every 6th layer attends to everything, the others through the window
+GEMMA_ROPE_THETA, GEMMA_LOCAL_ROPE_THETA = 1_000_000.0, 10_000.0
 
 # What the layer code computes: a checkpoint that needs anything else would load and answer garbage, so it is refused.
-SUPPORTED_ACTIVATIONS = {"silu", "swish"}
+# HF's activation name → ours.
+SUPPORTED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# Gemma fields that change what a layer computes, which the layer code does not implement.
+GEMMA_UNSUPPORTED = ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")
 
 
-def _check_computable(raw: dict[str, Any]) -> None:
+def _check_computable(raw: dict[str, Any], family: str) -> None:
     quantization = raw.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
@@ -188,16 +230,32 @@ def _check_computable(raw: dict[str, Any]) -> None:
             f"unsupported quantized checkpoint (quantization_config quant_method {method!r}); use the unquantized "
             "model or a GGUF file"
         )
-    activation = raw.get("hidden_act", "silu")
+    name, activation = _activation_field(raw, family), _activation(raw, family)
     if activation not in SUPPORTED_ACTIVATIONS:
         raise UnsupportedArchitectureError(
-            f"unsupported hidden_act {activation!r} (supported: {', '.join(sorted(SUPPORTED_ACTIVATIONS))})"
+            f"unsupported {name} {activation!r} (supported: {', '.join(sorted(SUPPORTED_ACTIVATIONS))})"
         )
+    if family == "gemma3":
+        for field_name in GEMMA_UNSUPPORTED:
+            if raw.get(field_name) not in (None, False):
+                raise UnsupportedArchitectureError(
+                    f"unsupported {field_name} {raw[field_name]!r} (Gemma 3 text models are computed without it)"
+                )
 
 
-def _flag(raw: dict[str, Any], name: str) -> bool:
+def _activation_field(raw: dict[str, Any], family: str) -> str:
+    """Gemma configs name the activation `hidden_activation`; the others `hidden_act`."""
+    return "hidden_activation" if family == "gemma3" and "hidden_activation" in raw else "hidden_act"
+
+
+def _activation(raw: dict[str, Any], family: str) -> Any:
+    default = "gelu_pytorch_tanh" if family == "gemma3" else "silu"
+    return raw.get(_activation_field(raw, family), default)
+
+
+def _flag(raw: dict[str, Any], name: str, default: bool = False) -> bool:
     """A true/false field: a string like "false" is refused, not read as true."""
-    value = raw.get(name, False)
+    value = raw.get(name, default)
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
     return value
@@ -211,16 +269,25 @@ def _token_id(value: Any) -> int:
 
 def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[int | None, tuple[bool, ...]]:
     """The window and which layers use it, as transformers decides: config.json's `layer_types` when given; else
-    Mistral windows every layer, and Qwen2/Qwen3 (with use_sliding_window) the layers from max_window_layers on."""
-    # Absent, transformers' Mistral and Qwen configs default it to 4096 (Qwen's applies with use_sliding_window).
+    Mistral windows every layer, Qwen2/Qwen3 (with use_sliding_window) the layers from max_window_layers on, and
+    Gemma 3 all but every `sliding_window_pattern`-th layer."""
+    # Absent, transformers' Mistral, Qwen and Gemma configs default it to 4096 (Qwen's applies with
+    # use_sliding_window).
     window = raw.get("sliding_window", DEFAULT_SLIDING_WINDOW if family != "llama" else None)
     if not window:
+        if family == "gemma3":  # its windowed layers would attend to everything, and take the wrong rope
+            raise ValueError(f"sliding_window must be a number of positions for Gemma 3, got {window!r}")
         return None, ()
     layer_types = raw.get("layer_types")
     if isinstance(layer_types, list) and len(layer_types) == n_layers:
         windowed = tuple(kind == "sliding_attention" for kind in layer_types)
     elif family == "mistral":
         windowed = (True,) * n_layers
+    elif family == "gemma3":
+        pattern = int(raw.get("sliding_window_pattern", GEMMA_SLIDING_WINDOW_PATTERN))
+        if pattern <= 0:
+            raise ValueError(f"sliding_window_pattern must be positive, got {pattern}")
+        windowed = tuple(bool((index + 1) % pattern) for index in range(n_layers))
     elif family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
         first = int(raw.get("max_window_layers", 28))
         windowed = tuple(index >= first for index in range(n_layers))
@@ -231,14 +298,33 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
 
 def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     # transformers ≥5 writes `rope_parameters`; older configs use `rope_theta` + `rope_scaling`.
-    params = dict(raw.get("rope_parameters") or {})
-    scaling = raw.get("rope_scaling") or {}
-    params = {**params, **{k: v for k, v in scaling.items() if v is not None}}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    # rope_scaling's own kind wins: transformers 5 also writes rope_parameters' "rope_type": "default" beside it.
-    kind = str(
-        scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or params.get("type") or "default"
-    )
+    params = {"rope_theta": raw.get("rope_theta", 10000.0), **(raw.get("rope_parameters") or {})}
+    return _rope(_with_scaling(params, raw.get("rope_scaling") or {}), raw)
+
+
+def _parse_gemma_ropes(raw: dict[str, Any]) -> tuple[RopeConfig, RopeConfig]:
+    """Gemma 3's two ropes as transformers' Gemma3TextConfig sets them: full-attention layers take `rope_theta`
+    with `rope_scaling`, sliding ones `rope_local_base_freq` unscaled; transformers ≥5 writes both as
+    `rope_parameters` per layer kind."""
+    per_kind = raw.get("rope_parameters") or {}
+    full = {"rope_theta": raw.get("rope_theta", GEMMA_ROPE_THETA), **(per_kind.get("full_attention") or {})}
+    local = {"rope_theta": raw.get("rope_local_base_freq", GEMMA_LOCAL_ROPE_THETA)}
+    local.update(per_kind.get("sliding_attention") or {})
+    return _rope(_with_scaling(full, raw.get("rope_scaling") or {}), raw), _rope(local, raw)
+
+
+def _with_scaling(params: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
+    """`params` updated by an older config's `rope_scaling`, whose own kind wins: transformers 5 also writes
+    rope_parameters' "rope_type": "default" beside it."""
+    merged = {**params, **{k: v for k, v in scaling.items() if v is not None}}
+    if kind := scaling.get("rope_type") or scaling.get("type"):
+        merged["rope_type"] = kind
+    return merged
+
+
+def _rope(params: dict[str, Any], raw: dict[str, Any]) -> RopeConfig:
+    theta = float(params.get("rope_theta", 10000.0))
+    kind = str(params.get("rope_type") or params.get("type") or "default")
     if kind not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedArchitectureError(
             f"unsupported rope_scaling type {kind!r} (supported: {', '.join(sorted(SUPPORTED_ROPE_TYPES))})"

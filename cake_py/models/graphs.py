@@ -51,7 +51,7 @@ class _Graph:
     hidden: torch.Tensor  # (1, hidden): the step's input is copied here
     position: torch.Tensor  # (1,) long: the new token's position
     out: torch.Tensor  # (1, hidden): the step's output, overwritten by each replay
-    rope: tuple[torch.Tensor, torch.Tensor]  # the tables the graph reads, kept alive with it
+    rope: list[tuple[torch.Tensor, torch.Tensor]]  # the tables the graph reads (per rope), kept alive with it
 
 
 def _buffers(caches: list[LayerCache]) -> tuple[tuple[int, int, int], ...]:

@@ -2,12 +2,15 @@
 
 A `Transformer` is one stage's part of the model: layers [start, end) plus, optionally, the token embedding and
 the head (final norm + lm_head). It never knows where the other layers run. Hidden states use the varlen layout
-of `kv_cache.Batch`: (T, hidden) with the tokens of every sequence of the batch concatenated.
+of `kv_cache.Batch`: (T, hidden) with the tokens of every sequence of the batch concatenated. Gemma 3
+(gemma.py) is this decoder with its own norms, block and embedding.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,17 +78,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 BATCHED_DECODE_MAX_KEYS = 1024
 
 
+# A norm module of (dim, eps): RMSNorm, or Gemma's.
+NormFactory = Callable[[int, float], nn.Module]
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, norm: NormFactory = RMSNorm) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.scale = config.attention_scale
         self.sliding_window = config.window_of(layer)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
         self.wqkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
         self.wo = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = norm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = norm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def project(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -122,8 +130,9 @@ class Attention(nn.Module):
             if piece.n_tokens == 1 and mask is None and x.device.type == "cpu":
                 outputs.append(self._decode_attention(q[offset], keys[0], values[0]))
             else:
+                causal = mask is None and piece.n_tokens > 1
                 out = F.scaled_dot_product_attention(
-                    q_seq, keys, values, attn_mask=mask, is_causal=mask is None and piece.n_tokens > 1, enable_gqa=True
+                    q_seq, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
                 )  # (1, n_heads, t, head_dim)
                 outputs.append(out[0].transpose(0, 1).reshape(piece.n_tokens, -1))
             offset = end
@@ -145,7 +154,9 @@ class Attention(nn.Module):
             visible &= key_pos > position - self.sliding_window
         query = q.transpose(0, 1).unsqueeze(0)  # (1, n_heads, 1, head_dim)
         mask = visible.view(1, 1, 1, -1)
-        out = F.scaled_dot_product_attention(query, cache.keys, cache.values, attn_mask=mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            query, cache.keys, cache.values, attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
         return self.wo(out.view(1, self.n_heads * self.head_dim))
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -155,7 +166,7 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         # Accumulate in float32 like the fused kernels do, so 16-bit results track them token for token.
         q = q.view(self.n_kv_heads, group, self.head_dim).float()  # (n_kv_heads, group, head_dim)
-        scores = torch.bmm(q, keys.float().transpose(1, 2)) * self.head_dim**-0.5  # (n_kv_heads, group, L)
+        scores = torch.bmm(q, keys.float().transpose(1, 2)) * self.scale  # (n_kv_heads, group, L)
         out = torch.bmm(torch.softmax(scores, dim=-1), values.float())  # (n_kv_heads, group, head_dim)
         return out.to(values.dtype).reshape(1, self.n_heads * self.head_dim)
 
@@ -186,7 +197,7 @@ class Attention(nn.Module):
             keys[index, :, : lengths[index]] = cached_k[0]
             values[index, :, : lengths[index]] = cached_v[0]
         queries = q.view(n, self.n_kv_heads, group, self.head_dim).float()  # (n, n_kv_heads, group, head_dim)
-        scores = torch.matmul(queries, keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # (n, kv, group, L)
+        scores = torch.matmul(queries, keys.float().transpose(-1, -2)) * self.scale  # (n, kv, group, L)
         padding = torch.arange(longest, device=q.device)[None, :] >= torch.tensor(lengths, device=q.device)[:, None]
         scores.masked_fill_(padding[:, None, None, :], float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (n, n_kv_heads, group, head_dim)
@@ -206,24 +217,34 @@ class Attention(nn.Module):
         return mask
 
 
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
+
+
 class FeedForward(nn.Module):
+    """A gated MLP: SwiGLU, or GeGLU (Gemma)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
+        self.activation = ACTIVATIONS[config.activation]
         self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)  # gate ‖ up
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.activation(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, norm: NormFactory = RMSNorm) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config, layer)  # the absolute layer index: some models window only some layers
-        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention_norm = norm(config.hidden_size, config.rms_norm_eps)
+        # The absolute layer index: some models window only some layers.
+        self.attention = Attention(config, layer, norm)
+        self.ffn_norm = norm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
     def forward(
@@ -239,8 +260,14 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+RopeTables = list[tuple[torch.Tensor, torch.Tensor]]  # per rope of `Transformer.ropes`, its cos and sin
+
+
 class Transformer(nn.Module):
     """Layers [start, end) of a model, with the embedding and/or the head when this part holds them."""
+
+    norm_type: NormFactory = RMSNorm
+    block_type: Callable[[ModelConfig, int], Block] = Block
 
     def __init__(self, config: ModelConfig, start: int, end: int, *, with_embedding: bool, with_head: bool) -> None:
         super().__init__()
@@ -248,13 +275,17 @@ class Transformer(nn.Module):
             raise ValueError(f"layer range [{start}, {end}) is outside the model's {config.n_layers} layers")
         self.config, self.start, self.end = config, start, end
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if with_embedding else None
-        self.layers = nn.ModuleList(Block(config, layer) for layer in range(start, end))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if with_head else None
+        self.layers = nn.ModuleList(type(self).block_type(config, layer) for layer in range(start, end))
+        self.norm = type(self).norm_type(config.hidden_size, config.rms_norm_eps) if with_head else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if with_head else None
-        self.inv_freq = rope_inverse_frequencies(config.rope, config.head_dim)
-        # cos and sin of positions [0, n), (n, 1, head_dim) each, grown on demand: a decode step slices its rows
-        # instead of running a dozen small ops per step (per stage, in a cluster).
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The distinct ropes of these layers (one, or Gemma 3's local and global), and each layer's index among them.
+        layer_ropes = [config.rope_of(layer) for layer in range(start, end)]
+        self.ropes = list(dict.fromkeys(layer_ropes)) or [config.rope]
+        self.layer_ropes = tuple(self.ropes.index(rope) for rope in layer_ropes)
+        self.inv_freqs = [rope_inverse_frequencies(rope, config.head_dim) for rope in self.ropes]
+        # Per rope, cos and sin of positions [0, n), (n, 1, head_dim) each, grown on demand: a decode step slices
+        # its rows instead of running a dozen small ops per step (per stage, in a cluster).
+        self._rope: RopeTables | None = None
         self.cuda_graphs = graphs.enabled()  # on a GPU, replay one sequence's decode steps (models/graphs.py)
         self._decode_graphs: DecodeGraphs | None = None
 
@@ -289,9 +320,10 @@ class Transformer(nn.Module):
             out = self._decode_graphs.run(hidden, batch[0], kv)  # one sequence's decode step, replayed
             if out is not None:
                 return out
-        cos, sin = self.rope(batch, hidden)
+        ropes = self.rope(batch, hidden)
         per_sequence = kv.for_batch(batch)
         for index, layer in enumerate(self.layers):
+            cos, sin = ropes[self.layer_ropes[index]]
             hidden = layer(hidden, cos, sin, batch, [caches[index] for caches in per_sequence])
         return hidden
 
@@ -299,33 +331,36 @@ class Transformer(nn.Module):
         """One token of one sequence through this part's layers with fixed shapes and addresses (see
         `Attention.decode_static`); `caches` are the sequence's, one per layer, and their lengths are not updated.
         Run it only after `_rope_tables(capacity)`: the tables must already cover every position it may be asked."""
-        cos, sin = self._rope_tables(1, hidden)
-        cos, sin = cos.index_select(0, position), sin.index_select(0, position)  # (1, 1, head_dim)
-        for layer, cache in zip(self.layers, caches, strict=True):
+        ropes = [  # (1, 1, head_dim) cos and sin per rope
+            (cos.index_select(0, position), sin.index_select(0, position)) for cos, sin in self._rope_tables(1, hidden)
+        ]
+        for layer, cache, rope in zip(self.layers, caches, self.layer_ropes, strict=True):
             assert isinstance(layer, Block)
-            hidden = layer.decode_static(hidden, cos, sin, position, cache)
+            hidden = layer.decode_static(hidden, *ropes[rope], position, cache)
         return hidden
 
-    def _rope_tables(self, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of positions [0, n ≥ end): (n, 1, head_dim) each, on `like`'s device and dtype."""
+    def _rope_tables(self, end: int, like: torch.Tensor) -> RopeTables:
+        """Per rope, cos and sin of positions [0, n ≥ end): (n, 1, head_dim) each, on `like`'s device and dtype."""
         tables = self._rope
-        if tables is not None and (tables[0].dtype != like.dtype or tables[0].device != like.device):
+        if tables is not None and (tables[0][0].dtype != like.dtype or tables[0][0].device != like.device):
             tables = None  # another dtype or device: start over
-        if tables is None or tables[0].shape[0] < end:
-            size = max(end, 2 * tables[0].shape[0] if tables is not None else 256)
+        if tables is None or tables[0][0].shape[0] < end:
+            size = max(end, 2 * tables[0][0].shape[0] if tables is not None else 256)
             positions = torch.arange(size, device=like.device)
-            tables = self._rope = rope_tables(self.inv_freq.to(like.device), positions, like.dtype)
+            tables = self._rope = [
+                rope_tables(inv_freq.to(like.device), positions, like.dtype) for inv_freq in self.inv_freqs
+            ]
         return tables
 
-    def rope(self, batch: Batch, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for every token of the batch, in layout order: (T, 1, head_dim) each, on `like`'s device and
-        dtype. Rows of a table computed once, so equal to computing them for these positions alone."""
-        cos, sin = self._rope_tables(max(s.start_pos + s.n_tokens for s in batch), like)
+    def rope(self, batch: Batch, like: torch.Tensor) -> RopeTables:
+        """Per rope, cos and sin for every token of the batch, in layout order: (T, 1, head_dim) each, on `like`'s
+        device and dtype. Rows of a table computed once, so equal to computing them for these positions alone."""
+        tables = self._rope_tables(max(s.start_pos + s.n_tokens for s in batch), like)
         if len(batch) == 1:
-            s = batch[0]
-            return cos[s.start_pos : s.start_pos + s.n_tokens], sin[s.start_pos : s.start_pos + s.n_tokens]
+            rows = slice(batch[0].start_pos, batch[0].start_pos + batch[0].n_tokens)
+            return [(cos[rows], sin[rows]) for cos, sin in tables]
         positions = batch_positions(batch, like.device)
-        return cos[positions], sin[positions]
+        return [(cos[positions], sin[positions]) for cos, sin in tables]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) → (N, vocab) float32 logits."""

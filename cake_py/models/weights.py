@@ -20,6 +20,7 @@ from torch import nn
 
 from cake_py.errors import WeightsError
 from cake_py.models.config import ModelConfig
+from cake_py.models.gemma import GemmaTransformer
 from cake_py.models.llama import Transformer
 from cake_py.models.quant import (
     GROUP_SIZE,
@@ -43,6 +44,17 @@ FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}  # stored types that are not quantized (safetensors and GGUF names)
 PIECES = "pieces"  # `<projection>.pieces.<i>.…`: a fused projection whose parts mix 4-bit and other types
+# family → the model class of its stages (the others: llama.Transformer).
+MODEL_CLASSES: dict[str, type[Transformer]] = {"gemma3": GemmaTransformer}
+# HF norm of a layer → ours: Llama-shaped blocks have two, Gemma's four (its post_attention_layernorm normalises the
+# attention's output; the feed-forward's input norm is pre_feedforward_layernorm).
+BLOCK_NORMS = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+GEMMA_BLOCK_NORMS = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffn_norm",
+}
 
 
 @dataclass(frozen=True)
@@ -196,8 +208,8 @@ def to_module_state(
     for index, layer in enumerate(range(start, end)):
         hf, ours = f"model.layers.{layer}.", f"layers.{index}."
         attn = hf + "self_attn."
-        state[ours + "attention_norm.weight"] = take(hf + "input_layernorm.weight")
-        state[ours + "ffn_norm.weight"] = take(hf + "post_attention_layernorm.weight")
+        for hf_norm, norm in (GEMMA_BLOCK_NORMS if config.family == "gemma3" else BLOCK_NORMS).items():
+            state[f"{ours}{norm}.weight"] = take(f"{hf}{hf_norm}.weight")
         linear([f"{attn}{p}_proj" for p in "qkv"], ours + "attention.wqkv")
         if config.qkv_bias:
             biases = [f"{attn}{p}_proj.bias" for p in "qkv"]
@@ -238,7 +250,8 @@ def build_transformer(
 ) -> Transformer:
     """A `Transformer` for [start, end) whose parameters are exactly `tensors` (HF names), in `dtype`."""
     with torch.device("meta"):
-        model = Transformer(config, start, end, with_embedding=with_embedding, with_head=with_head)
+        model_class = MODEL_CLASSES.get(config.family, Transformer)
+        model = model_class(config, start, end, with_embedding=with_embedding, with_head=with_head)
     state = to_module_state(tensors, config, start, end, with_embedding=with_embedding, with_head=with_head)
     # Before the quantized kernels replace their modules: a `.q4_weight`/`.q8_weight` has the shape of the weight it
     # stands for, and a kernel given another one loaded fine and failed at the first forward pass.

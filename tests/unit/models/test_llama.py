@@ -16,7 +16,7 @@ CONFIG = ModelConfig(
 
 
 def direct(model: Transformer, batch: list[SequenceSlice], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_tables(model.inv_freq, batch_positions(batch), dtype)
+    return rope_tables(model.inv_freqs[0], batch_positions(batch), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -30,7 +30,7 @@ def test_cached_rope_equals_direct_computation(dtype: torch.dtype) -> None:
         [SequenceSlice(1, 8, 1), SequenceSlice(2, 0, 5), SequenceSlice(3, 1000, 2)],  # mixed batch, grows again
     ]
     for batch in batches:
-        cos, sin = model.rope(batch, like)
+        ((cos, sin),) = model.rope(batch, like)  # one rope: every Llama layer shares it
         expected_cos, expected_sin = direct(model, batch, dtype)
         assert cos.dtype == dtype and cos.shape == expected_cos.shape == (sum(s.n_tokens for s in batch), 1, 16)
         assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
@@ -39,6 +39,6 @@ def test_cached_rope_equals_direct_computation(dtype: torch.dtype) -> None:
 def test_rope_tables_follow_the_dtype() -> None:
     model = Transformer(CONFIG, 0, 2, with_embedding=False, with_head=False)
     batch = [SequenceSlice(1, 3, 2)]
-    assert model.rope(batch, torch.empty(0, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
-    cos, sin = model.rope(batch, torch.empty(0))
+    assert model.rope(batch, torch.empty(0, dtype=torch.bfloat16))[0][0].dtype == torch.bfloat16
+    ((cos, sin),) = model.rope(batch, torch.empty(0))
     assert cos.dtype == torch.float32 and torch.equal(sin, direct(model, batch, torch.float32)[1])

@@ -113,6 +113,14 @@ def test_fixture_exercises_the_architecture(pair: Pair) -> None:
         assert config.qkv_bias and biases and all(p.abs().min() > 0 for p in biases)
     if pair.kind == "qwen3":
         assert config.qk_norm and config.n_heads * config.head_dim != config.hidden_size
+    if pair.kind == "gemma3":
+        # Sliding layers around a full one, each kind with its own rope, a window the prompts outgrow.
+        assert [config.window_of(layer) for layer in range(config.n_layers)] == [16, None, 16]
+        assert config.sliding_window is not None and config.sliding_window < len(pair.prompt) + N_GREEDY
+        assert config.rope_of(0) == config.rope_of(2) != config.rope_of(1)
+        assert (config.rope_of(0).theta, config.rope_of(1).kind) == (1e4, "linear")
+        assert config.attention_scale != config.head_dim**-0.5 and config.activation == "gelu_tanh"
+        assert config.tie_word_embeddings and "lm_head.weight" not in SafetensorsWeights(pair.folder).names()
     assert config.n_kv_heads < config.n_heads
 
 
@@ -244,11 +252,15 @@ def test_split_model_equals_whole(pair: Pair) -> None:
     assert front_kv.length(0) == back_kv.length(0) == len(ids)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
 @torch.inference_mode()
-def test_bfloat16_llama_tracks_transformers(tiny_llama: Path) -> None:
-    ours, reference = load_ours(tiny_llama, torch.bfloat16), load_reference(tiny_llama, torch.bfloat16)
+def test_bfloat16_tracks_transformers(kind: str, tiny_model_factory) -> None:
+    """In bfloat16 too: where a cast happens (Gemma's norms scale before casting, its embedding scale is rounded to
+    bfloat16) shows here, not in float32."""
+    folder = tiny_model_factory(kind)
+    ours, reference = load_ours(folder, torch.bfloat16), load_reference(folder, torch.bfloat16)
     assert ours.dtype == torch.bfloat16
-    prompt = encode_prompt(tiny_llama)
+    prompt = encode_prompt(folder)
     (logits,) = run(ours, ours.new_kv_store(), [(0, 0, prompt)])
     expected = reference_logits(reference, prompt)
     assert logits.dtype == torch.float32
