@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cake_py.errors import ModelNotFoundError, WeightsError
+from cake_py.models import gguf_gemma
 from cake_py.models.gguf_int4 import INT4_TYPES, int4_groups
 from cake_py.models.gguf_split import split_parts
 from cake_py.models.gguf_tokenizer import BOS_PRE_TOKENIZERS, tokenizer_json
@@ -33,6 +34,7 @@ _ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    gguf_gemma.ARCHITECTURE: "Gemma3ForCausalLM",
 }
 # llama.cpp's converter interleaves the two rotary halves of each q/k head for these (they use its "normal" rope);
 # Qwen use the NEOX rope, which already matches HF's rotate-half layout, so their rows are stored as is.
@@ -56,6 +58,8 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where an architecture's blocks differ from the Llama family's.
+_BLOCK_NAMES_OF = {gguf_gemma.ARCHITECTURE: {**_BLOCK_NAMES, **gguf_gemma.BLOCK_NAMES}}
 _BLOCK_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -68,11 +72,12 @@ class GGUFWeights:
             raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
         self._reader = _open(path)
         self.parts = split_parts(path, self._reader, _open)  # every part of a split model, the first first
-        # Tensors (from whichever part holds them) map to HF names; ones the Llama family has no use for are left out.
-        self._tensors: dict[str, gguf.ReaderTensor] = {
-            hf_name: tensor for r in self.parts for tensor in r.tensors if (hf_name := _hf_name(tensor.name))
-        }
         self.architecture = str(self._value("general.architecture", "<none>"))
+        # Tensors (from whichever part holds them) map to HF names; ones the model code has no use for are left out.
+        names = _BLOCK_NAMES_OF.get(self.architecture, _BLOCK_NAMES)
+        self._tensors: dict[str, gguf.ReaderTensor] = {
+            hf_name: tensor for r in self.parts for tensor in r.tensors if (hf_name := _hf_name(tensor.name, names))
+        }
         self.config_origin = f"the metadata of GGUF file {str(path)!r}"
         self._config = self._build_config()
 
@@ -148,6 +153,8 @@ class GGUFWeights:
         # 128, Mistral's window of 4096), which llama.cpp does not.
         config["head_dim"] = self._arch_value("attention.key_length") or _head_dim(config)
         config["sliding_window"] = None
+        if arch == gguf_gemma.ARCHITECTURE:
+            config.update(gguf_gemma.gemma3_fields(self._arch_value, config))
         if "model.layers.0.self_attn.q_proj.bias" in self._tensors and arch != "qwen2":
             config["attention_bias"] = True  # Qwen2's q/k/v bias is implied by its family
         if "model.layers.0.mlp.gate_proj.bias" in self._tensors:
@@ -218,6 +225,8 @@ class GGUFWeights:
         if not array.flags.writeable:  # unquantized tensors come back as views of the read-only memmap
             array = array.copy()
         weights = torch.from_numpy(array.astype(np.float32, copy=False)).reshape(self.info(name).shape)
+        if self.architecture == gguf_gemma.ARCHITECTURE and gguf_gemma.is_shifted_norm(name):
+            weights = weights - gguf_gemma.NORM_OFFSET  # back to HF's zero-centred weight
         if self.architecture in _PERMUTED_ARCHITECTURES:
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 weights = _unpermute_rows(weights, self._head_count("num_attention_heads"), name)
@@ -355,15 +364,15 @@ def _head_dim(config: dict[str, Any]) -> Any:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    """The HF name of a GGUF tensor, or None for one the Llama family has no use for (e.g. `rope_freqs`)."""
+def _hf_name(gguf_name: str, block_names: dict[str, str]) -> str | None:
+    """The HF name of a GGUF tensor, or None for one the model code has no use for (e.g. `rope_freqs`)."""
     if gguf_name in _TOP_LEVEL_NAMES:
         return _TOP_LEVEL_NAMES[gguf_name]
     match = _BLOCK_PATTERN.match(gguf_name)
-    if match is None or match.group(2) not in _BLOCK_NAMES:
+    if match is None or match.group(2) not in block_names:
         return None
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    return f"model.layers.{layer}.{block_names[part]}.{kind}"
 
 
 # The token texts llama.cpp ends a generation on whatever their type (llama-vocab.cpp, `special_eog_ids`).
