@@ -124,16 +124,27 @@ def test_greedy_tokens_equal_single_node(
         pipeline.close()
 
 
-def test_other_architecture_with_biases_over_two_workers(
-    workers: list[WorkerProcess], tiny_model_factory: TinyModelFactory
+@pytest.mark.parametrize(
+    ("kind", "ranges"),
+    [
+        ("qwen2", [(0, 1), (1, 2)]),  # 2 layers, attention biases
+        # 3 layers: a sliding one with the local rope on each worker, the full one on the first; the master scales
+        # the embedding and applies the (1 + weight) final norm.
+        ("gemma3", [(0, 2), (2, 3)]),
+    ],
+    ids=["qwen2", "gemma3"],
+)
+def test_other_architectures_over_two_workers(
+    kind: str, ranges: list[tuple[int, int]], workers: list[WorkerProcess], tiny_model_factory: TinyModelFactory
 ) -> None:
-    qwen2 = resolve_model(str(tiny_model_factory("qwen2")))  # 2 layers, attention biases
-    prompt = qwen2.tokenizer.encode(PROMPT)
-    expected = generate_tokens(local_pipeline(qwen2, torch.float32), qwen2.tokenizer, prompt)
-    specs = [workers[0].spec((0, 1)), workers[1].spec((1, 2))]
-    pipeline = build_pipeline(settings_for(qwen2, specs), qwen2, "cpu")
+    source = resolve_model(str(tiny_model_factory(kind)))
+    prompt = source.tokenizer.encode(PROMPT)
+    expected = generate_tokens(local_pipeline(source, torch.float32), source.tokenizer, prompt)
+    specs = [worker.spec(layers) for worker, layers in zip(workers, ranges, strict=False)]
+    pipeline = build_pipeline(settings_for(source, specs), source, "cpu")
     try:
-        assert generate_tokens(pipeline, qwen2.tokenizer, prompt) == expected
+        assert layout(pipeline) == [(spec.name, *layers) for spec, layers in zip(specs, ranges, strict=True)]
+        assert generate_tokens(pipeline, source.tokenizer, prompt) == expected
     finally:
         pipeline.close()
 
