@@ -14,6 +14,10 @@ import torch
 from cake_py.errors import ModelError, UnsupportedArchitectureError
 from cake_py.models.config import ModelConfig
 from cake_py.models.gemma import GemmaTransformer
+from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.safetensors_folder import SafetensorsWeights
+from cake_py.models.weights import load_transformer
+from tests.conftest import TinyModelFactory
 
 transformers = pytest.importorskip("transformers")
 
@@ -156,3 +160,32 @@ def test_the_embedding_scale_is_rounded_to_the_dtype_as_transformers_rounds_it(d
     tokens = torch.arange(10)
     with torch.inference_mode():
         assert torch.equal(ours.embed(tokens), reference(tokens))
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_a_model_split_at_any_layer_computes_what_the_whole_does(
+    split: int, tiny_model_factory: TinyModelFactory
+) -> None:
+    """Each stage holds the ropes of its own layers only (sliding, full, sliding: a stage of layer 0 has the local
+    rope alone), and the two stages chained, prefilling past the window and then decoding, equal the whole model."""
+    source = SafetensorsWeights(tiny_model_factory("gemma3"))
+    config = ModelConfig.from_hf(source.config)
+
+    def stage(start: int, end: int) -> GemmaTransformer:
+        model = load_transformer(
+            source, config, start, end, with_embedding=start == 0, with_head=end == 3, dtype=torch.float32
+        )
+        assert isinstance(model, GemmaTransformer)
+        return model
+
+    whole, front, back = stage(0, 3), stage(0, split), stage(split, 3)
+    assert len(whole.ropes) == 2 and {len(front.ropes), len(back.ropes)} == {1, 2}
+    assert [whole.ropes[i] for i in whole.layer_ropes] == [config.rope_of(layer) for layer in range(3)]
+    kvs = [model.new_kv_store() for model in (whole, front, back)]
+    ids = torch.randint(0, config.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for start, end in [(0, 20), (20, 21), (21, 22), (22, 24)]:
+            batch = [SequenceSlice(0, start, end - start)]
+            expected = whole.head(whole.forward_layers(whole.embed(ids[start:end]), batch, kvs[0]))
+            hidden = front.forward_layers(front.embed(ids[start:end]), batch, kvs[1])
+            torch.testing.assert_close(back.head(back.forward_layers(hidden, batch, kvs[2])), expected)
