@@ -79,10 +79,11 @@ def assert_graphed(pipeline: Pipeline) -> None:
     assert model._decode_graphs is not None and not model._decode_graphs.disabled
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen3", "gemma3"])
 def test_graphed_decode_across_a_reallocation_equals_eager(kind: str, tiny_model_factory: TinyModelFactory) -> None:
     """A 250-token prompt and 24 tokens more: the caches grow past 256 positions mid-generation (the graph is
-    recorded again), and the windowed models slide their window all along. Graphs, eager and the CPU agree."""
+    recorded again), and the windowed models slide their window all along (Gemma 3 with a rope per layer kind).
+    Graphs, eager and the CPU agree."""
     source = resolve_model(str(tiny_model_factory(kind)))
     ids = [5 + (i * 13) % 300 for i in range(250)]
     graphed = local_pipeline(source, torch.float32, DEVICE)
