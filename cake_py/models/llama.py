@@ -266,6 +266,7 @@ RopeTables = list[tuple[torch.Tensor, torch.Tensor]]  # per rope of `Transformer
 class Transformer(nn.Module):
     """Layers [start, end) of a model, with the embedding and/or the head when this part holds them."""
 
+    # What the final norm and the blocks are built from: a family with its own (gemma.py) overrides them.
     norm_type: NormFactory = RMSNorm
     block_type: Callable[[ModelConfig, int], Block] = Block
 
