@@ -283,9 +283,12 @@ def load_cluster_file(path: Path) -> ClusterFile:
     unknown = set(data) - {"model", "workers"}
     if unknown:
         raise ConfigError(f"cluster config {str(path)!r}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
-    raw_workers = data.get("workers") or []
+    # Only a missing or null `workers` means none: `workers: {}`, `''` or `0` served without workers, silently.
+    raw_workers = data.get("workers")
+    if raw_workers is None:
+        raw_workers = []
     if not isinstance(raw_workers, list):
-        raise ConfigError(f"cluster config {str(path)!r}: 'workers' must be a list")
+        raise ConfigError(f"cluster config {str(path)!r}: 'workers' must be a list, got {raw_workers!r}")
     workers: list[WorkerSpec] = []
     for index, item in enumerate(raw_workers):
         if not isinstance(item, dict) or "address" not in item:

@@ -211,6 +211,10 @@ def test_an_empty_chat_template_is_refused(tmp_path: Path) -> None:
         ('workers: [{name: [a], address: "h:1"}]\n', "worker #1's name must be a word, got ['a']"),
         ('workers: [{name: a, address: "h:1"}, {name: true, address: "h:2"}]\n', "#2's name must be a word, got True"),
         ('workers: [{name: a, address: "h:1", address: "h:2"}]\n', "found key 'address' twice"),
+        ("workers: {}\n", "'workers' must be a list, got {}"),
+        ("workers: ''\n", "'workers' must be a list, got ''"),
+        ("workers: 0\n", "'workers' must be a list, got 0"),
+        ("workers: false\n", "'workers' must be a list, got False"),
     ],
     ids=lambda value: str(value)[:30],
 )
@@ -257,3 +261,10 @@ def test_a_files_dir_is_made_at_startup_or_named(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="--files-dir .*file/sub.* cannot be a folder: Not a directory"):
         check_files_dir(tmp_path / "file" / "sub")
+
+
+@pytest.mark.parametrize("content", ["", "model: org/m\n", "workers:\n", "workers: []\n"])
+def test_a_cluster_config_without_workers_has_none(tmp_path: Path, content: str) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(content)
+    assert load_cluster_file(config).workers == []
