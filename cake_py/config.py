@@ -308,4 +308,7 @@ def load_cluster_file(path: Path) -> ClusterFile:
     if duplicates:
         raise ConfigError(f"cluster config {str(path)!r}: duplicate worker name(s) {', '.join(sorted(duplicates))}")
     model = data.get("model")
-    return ClusterFile(str(model) if model else None, workers)
+    # str() turned `model: [a, b]` or `model: true` into a name to look up, and `model: ""` served the embedded default
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise ConfigError(f"cluster config {str(path)!r}: 'model' must be a Hub id or a path in quotes, got {model!r}")
+    return ClusterFile(model, workers)
