@@ -229,6 +229,10 @@ def _worker_name(value: Any, index: int, path: Path) -> str:
         return f"worker-{index + 1}"
     if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
         raise ConfigError(f"cluster config {str(path)!r}: worker #{index + 1}'s name must be a word, got {value!r}")
+    if any(ord(char) < 32 or ord(char) == 127 for char in str(value)):  # a line break forges log lines, as --name's
+        raise ConfigError(
+            f"cluster config {str(path)!r}: worker #{index + 1}'s name {value!r} holds a control character"
+        )
     return str(value)
 
 

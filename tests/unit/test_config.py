@@ -215,6 +215,7 @@ def test_an_empty_chat_template_is_refused(tmp_path: Path) -> None:
         ("workers: ''\n", "'workers' must be a list, got ''"),
         ("workers: 0\n", "'workers' must be a list, got 0"),
         ("workers: false\n", "'workers' must be a list, got False"),
+        ('workers: [{name: "a\\nb", address: "h:1"}]\n', "#1's name 'a\\nb' holds a control character"),
         ("model: [a, b]\n", "'model' must be a Hub id or a path in quotes, got ['a', 'b']"),
         ("model: true\n", "'model' must be a Hub id or a path in quotes, got True"),
         ("model: 7\n", "'model' must be a Hub id or a path in quotes, got 7"),
