@@ -27,19 +27,22 @@ from cake_py.config import (
 from cake_py.config_checks import (
     check_cluster_key,
     check_files_dir,
+    check_model,
     check_tls_files,
     parse_api_keys,
     parse_origins,
     parse_ui_auth,
     read_chat_template,
+    run_arguments,
 )
 from cake_py.errors import CakeError, ConfigError
 
 
 def _serve_settings(args: argparse.Namespace) -> ServeSettings:
-    if args.model and args.model_path and args.model != args.model_path:
-        raise ConfigError(f"MODEL {args.model!r} and --model-path {args.model_path!r} disagree")
-    model = args.model or args.model_path
+    model, model_path = check_model(args.model, "MODEL"), check_model(args.model_path, "--model-path")
+    if model and model_path and model != model_path:
+        raise ConfigError(f"MODEL {model!r} and --model-path {model_path!r} disagree")
+    model = model or model_path
     workers = []
     if args.config is not None:
         cluster = load_cluster_file(args.config)
@@ -156,9 +159,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cake_py.engine.oneshot import run_prompt
         from cake_py.models.sampling import SamplingParams
 
-        if len(args.args) > 2:
-            raise ConfigError(f"cake run takes [MODEL] PROMPT, got {len(args.args)} arguments (quote the prompt)")
-        model, prompt = (None, args.args[0]) if len(args.args) == 1 else args.args
+        model, prompt = run_arguments(args.args)
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
         )
@@ -186,8 +187,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cake_py.models.hf_cache import list_cached
 
         models = list_cached()
-        for model in models:
-            _output(f"{model.model_id}\t{model.size_bytes / 1e6:.1f} MB\t{model.path}\n")
+        for cached in models:
+            _output(f"{cached.model_id}\t{cached.size_bytes / 1e6:.1f} MB\t{cached.path}\n")
         if not models:  # said on stderr: stdout stays a list (empty) for scripts
             print(f"no models in the HF cache ({constants.HF_HUB_CACHE}); cake pull MODEL adds one", file=sys.stderr)
     elif args.command == "rm":

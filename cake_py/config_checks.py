@@ -6,10 +6,28 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from cake_py.config import read_settings_file
 from cake_py.errors import ConfigError
+
+
+def check_model(value: str | None, where: str) -> str | None:
+    """MODEL or --model-path as given: empty (`cake serve "$MODEL"` with the variable unset) is refused, not taken as
+    no model: the embedded default was served in its place without a word."""
+    if value is not None and not value.strip():
+        raise ConfigError(f"{where} {value!r} names no model: leave it out for the embedded default")
+    return value
+
+
+def run_arguments(args: Sequence[str]) -> tuple[str | None, str]:
+    """`cake run [MODEL] PROMPT`'s arguments → (MODEL, or None for the embedded default; PROMPT)."""
+    if len(args) > 2:
+        raise ConfigError(f"cake run takes [MODEL] PROMPT, got {len(args)} arguments (quote the prompt)")
+    if len(args) == 1:
+        return None, args[0]
+    return check_model(args[0], "MODEL"), args[1]
 
 
 def parse_origins(value: str) -> tuple[str, ...]:

@@ -472,3 +472,24 @@ def test_the_admin_key_is_an_api_key_too_and_an_empty_one_is_refused() -> None:
     assert open_api.api_keys == () and open_api.admin_key == "root"  # the API stays open; its models are guarded
     result = cake("serve", "--port", "1", env={**os.environ, "CAKE_ADMIN_KEY": " "}, timeout=60)
     assert_one_line_error(result, "--admin-key (or CAKE_ADMIN_KEY) holds no key")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["serve", ""], "MODEL '' names no model"),
+        (["serve", "--model-path", " "], "--model-path ' ' names no model"),
+        (["serve", "org/model", "--model-path", ""], "--model-path '' names no model"),
+    ],
+)
+def test_an_empty_model_is_refused_not_the_embedded_default(args: list[str], needle: str) -> None:
+    """`cake serve "$MODEL"` with the variable unset served the embedded default, saying nothing."""
+    from cake_py.cli import _serve_settings, build_parser
+    from cake_py.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        _serve_settings(build_parser().parse_args(args))
+
+
+def test_run_with_an_empty_model_is_refused_not_the_embedded_default() -> None:
+    assert_one_line_error(cake("run", "", "hi", "--max-tokens", "1"), "MODEL '' names no model")
