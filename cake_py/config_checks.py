@@ -22,12 +22,24 @@ def check_model(value: str | None, where: str) -> str | None:
 
 
 def run_arguments(args: Sequence[str]) -> tuple[str | None, str]:
-    """`cake run [MODEL] PROMPT`'s arguments → (MODEL, or None for the embedded default; PROMPT)."""
+    """`cake run [MODEL] PROMPT`'s arguments → (MODEL, or None for the embedded default; PROMPT). A lone argument
+    naming a local model is refused: it would be the prompt, answered by another model."""
     if len(args) > 2:
         raise ConfigError(f"cake run takes [MODEL] PROMPT, got {len(args)} arguments (quote the prompt)")
     if len(args) == 1:
+        if _is_model(args[0]):  # `cake run ./model` (ollama's way): the embedded default answered the path
+            raise ConfigError(f"{args[0]!r} is a model and no prompt: cake run MODEL PROMPT")
         return None, args[0]
     return check_model(args[0], "MODEL"), args[1]
+
+
+def _is_model(text: str) -> bool:
+    """A local model folder (config.json inside) or .gguf file: what a lone `cake run` argument is not meant to be."""
+    path = Path(text)
+    try:
+        return path.is_dir() and (path / "config.json").is_file() or path.suffix.lower() == ".gguf" and path.is_file()
+    except (OSError, ValueError):  # a prompt too long for a file name, or holding a NUL
+        return False
 
 
 def parse_origins(value: str) -> tuple[str, ...]:

@@ -493,3 +493,11 @@ def test_an_empty_model_is_refused_not_the_embedded_default(args: list[str], nee
 
 def test_run_with_an_empty_model_is_refused_not_the_embedded_default() -> None:
     assert_one_line_error(cake("run", "", "hi", "--max-tokens", "1"), "MODEL '' names no model")
+
+
+def test_run_with_a_model_and_no_prompt_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    """`cake run ./model` (ollama's `ollama run MODEL`) sent the path as the prompt to the embedded default."""
+    assert_one_line_error(cake("run", str(tiny_llama), "--max-tokens", "1"), "is a model and no prompt")
+    gguf = tmp_path / "m.GGUF"
+    gguf.write_bytes(b"")
+    assert_one_line_error(cake("run", str(gguf), "--max-tokens", "1"), "is a model and no prompt")
