@@ -100,4 +100,6 @@ def gigabytes(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of GB") from None
     if not 0 <= number < 1e9:
         raise argparse.ArgumentTypeError(f"{value!r} must be a size in GB, 0 or more")
+    if 0 < number * 1e9 < 1:  # it would be 0 bytes, which these flags read as no limit at all
+        raise argparse.ArgumentTypeError(f"{value!r} GB is less than a byte (0 means no limit)")
     return int(number * 1e9)

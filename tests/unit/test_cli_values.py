@@ -23,6 +23,9 @@ from cake_py import cli_values
         (cli_values.positive_float, "0.5", 0.5),
         (cli_values.timeout_seconds, "86400", 86400.0),
         (cli_values.thread_count, "4", 4),
+        (cli_values.gigabytes, "0", 0),
+        (cli_values.gigabytes, "2.5", 2_500_000_000),
+        (cli_values.gigabytes, "1e-9", 1),
     ],
 )
 def test_values_in_range_pass(kind: Callable[[str], Any], text: str, value: Any) -> None:
@@ -45,6 +48,8 @@ def test_values_in_range_pass(kind: Callable[[str], Any], text: str, value: Any)
         (cli_values.timeout_seconds, "1e10"),  # past ~9e9 s a gRPC deadline overflows and fails at once
         (cli_values.thread_count, "0"),
         (cli_values.thread_count, "99999999999999999999"),  # torch.set_num_threads overflowed; 100000 segfaulted
+        (cli_values.gigabytes, "-1"),
+        (cli_values.gigabytes, "1e-10"),  # 0.1 byte became 0: no limit, the opposite of a tiny one
     ],
 )
 def test_values_out_of_range_are_named(kind: Callable[[str], Any], text: str) -> None:
