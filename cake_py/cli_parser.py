@@ -4,6 +4,7 @@ commands). Values are checked as they are parsed (cli_values.py); turning them i
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from cake_py.config import (
     default_cache_dir,
     default_files_dir,
 )
+from cake_py.errors import ConfigError
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -57,6 +59,14 @@ CPUS_HELP = "run on these CPUs only, e.g. 0-3,6, as SCHED_BATCH (default threads
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (one GPU of several) or mps"
 DTYPE_HELP = "dtype the model computes in"
 LOG_HELP = "least severe log lines written to stderr"
+
+
+def _default_folder(default: Callable[[], Path]) -> str:
+    """A default folder for --help: without a home folder, the reason (the command fails on it only if it needs it)."""
+    try:
+        return str(default())
+    except ConfigError as error:
+        return f"none, {error}"
 
 
 def _graphs_flag(parser: argparse.ArgumentParser) -> None:
@@ -123,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="place the model again without a worker down this long, and with it once it is back (0: off)",
     )
-    serve.add_argument("--files-dir", type=Path, help=f"Files and Batch APIs' storage (default: {default_files_dir()})")
+    serve.add_argument(
+        "--files-dir", type=Path, help=f"Files and Batch APIs' storage (default: {_default_folder(default_files_dir)})"
+    )
     serve.add_argument(
         "--max-file-mb", type=at_least_one, default=512, help="largest file the Files API accepts, in MiB"
     )
@@ -211,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--port", type=port, default=DEFAULT_WORKER_PORT, help="gRPC port the master dials")
     worker.add_argument("--name", type=display_name, help="worker name shown in the topology (default: hostname:port)")
     worker.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
-    worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {default_cache_dir()})")
+    worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {_default_folder(default_cache_dir)})")
     worker.add_argument(
         "--cache-max-gb",
         type=gigabytes,

@@ -135,14 +135,24 @@ def read_settings_file(path: Path, flag: str) -> bytes:
         raise ConfigError(f"{flag}: cannot read {str(path)!r}: {error.strerror or error}") from None
 
 
+def _base_dir(variable: str, *under_home: str) -> Path:
+    """An XDG base folder: the variable, else its place under the home folder."""
+    value = env(variable)
+    if value:
+        return Path(value)
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME and no passwd entry (a container run as a uid it does not know)
+        raise ConfigError(f"there is no home folder to keep files in: set HOME or {variable}") from None
+    return home.joinpath(*under_home)
+
+
 def default_cache_dir() -> Path:
-    base = env("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "cake" / "worker"
+    return _base_dir("XDG_CACHE_HOME", ".cache") / "cake" / "worker"
 
 
 def default_files_dir() -> Path:
-    base = env("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "cake" / "files"
+    return _base_dir("XDG_DATA_HOME", ".local", "share") / "cake" / "files"
 
 
 def check_dtype(value: str) -> str:

@@ -501,3 +501,31 @@ def test_run_with_a_model_and_no_prompt_is_refused(tiny_llama: Path, tmp_path: P
     gguf = tmp_path / "m.GGUF"
     gguf.write_bytes(b"")
     assert_one_line_error(cake("run", str(gguf), "--max-tokens", "1"), "is a model and no prompt")
+
+
+def test_no_home_folder_is_named_where_a_default_folder_is_needed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no HOME and no passwd entry (a container run as an unknown uid), Path.home() raised while the parser's
+    help was built: a traceback for every command, --help and cake run included."""
+    import pwd
+
+    from cake_py.cli import _serve_settings, _worker_settings, build_parser
+    from cake_py.errors import ConfigError
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(uid)
+
+    for variable in ("HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["worker", "--help"])
+    assert "set HOME or XDG_CACHE_HOME" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(ConfigError, match="no home folder to keep files in: set HOME or XDG_CACHE_HOME"):
+        _worker_settings(parser.parse_args(["worker"]))
+    with pytest.raises(ConfigError, match="set HOME or XDG_DATA_HOME"):
+        _serve_settings(parser.parse_args(["serve"]))
+    monkeypatch.setenv("XDG_CACHE_HOME", "/tmp/cache")
+    assert _worker_settings(parser.parse_args(["worker"])).cache_dir == Path("/tmp/cache/cake/worker")
