@@ -136,9 +136,10 @@ def read_settings_file(path: Path, flag: str) -> bytes:
 
 
 def _base_dir(variable: str, *under_home: str) -> Path:
-    """An XDG base folder: the variable, else its place under the home folder."""
+    """An XDG base folder: the variable, else its place under the home folder. A relative value is ignored, as the
+    XDG spec says: it named a different folder from every working directory (weights cached again, files lost)."""
     value = env(variable)
-    if value:
+    if value and os.path.isabs(value):
         return Path(value)
     try:
         home = Path.home()

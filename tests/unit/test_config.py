@@ -273,3 +273,15 @@ def test_a_cluster_config_without_workers_has_none(tmp_path: Path, content: str)
     config = tmp_path / "cluster.yaml"
     config.write_text(content)
     assert load_cluster_file(config).workers == []
+
+
+def test_a_relative_xdg_folder_is_ignored_as_the_spec_says(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cake_py.config import default_cache_dir, default_files_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")
+    monkeypatch.setenv("XDG_DATA_HOME", "./data")
+    assert default_cache_dir() == tmp_path / ".cache" / "cake" / "worker"
+    assert default_files_dir() == tmp_path / ".local" / "share" / "cake" / "files"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/srv/cache")
+    assert default_cache_dir() == Path("/srv/cache/cake/worker")
