@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="send hidden states back through the master after every worker instead of worker to worker",
     )
     serve.add_argument("--rate-limit", type=positive_int, default=60, help="requests/min per client; 0 = off")
-    serve.add_argument("--rate-burst", type=positive_int, default=10, help="requests a client may send at once")
+    serve.add_argument("--rate-burst", type=at_least_one, default=10, help="requests a client may send at once")
     serve.add_argument(
         "--max-body-bytes", type=positive_int, default=8 * 1024 * 1024, help="largest request body; 0 = no limit"
     )

@@ -529,3 +529,13 @@ def test_no_home_folder_is_named_where_a_default_folder_is_needed(
         _serve_settings(parser.parse_args(["serve"]))
     monkeypatch.setenv("XDG_CACHE_HOME", "/tmp/cache")
     assert _worker_settings(parser.parse_args(["worker"])).cache_dir == Path("/tmp/cache/cake/worker")
+
+
+def test_a_rate_burst_of_zero_is_refused_not_taken_as_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """--rate-burst 0 (meant as no bursts, or as off like --rate-limit 0) was a burst of 1, silently."""
+    from cake_py.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--rate-burst", "0"])
+    assert exit_.value.code == 2
+    assert "--rate-burst: '0' must be at least 1" in capsys.readouterr().err
