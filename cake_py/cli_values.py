@@ -29,12 +29,16 @@ def host(value: str) -> str:
 
 
 def display_name(value: str) -> str:
-    """--name, --model-name: a name shown in the API, the topology and the logs; empty (an unset variable) or holding
-    a line break or another control character (a forged log line) is refused, not replaced silently."""
+    """--name, --model-name: a name shown in the API, the topology and the logs; empty (an unset variable), holding
+    a line break or another control character (a forged log line) or not UTF-8 is refused, not replaced silently."""
     if not value.strip():
         raise argparse.ArgumentTypeError(f"{value!r} is no name: leave the flag out for the default")
     if any(ord(char) < 32 or ord(char) == 127 for char in value):
         raise argparse.ArgumentTypeError(f"{value!r} holds a control character (a line break?)")
+    try:  # bytes a non-UTF-8 terminal passed (surrogate escapes): every response naming the model was a 500
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not valid UTF-8 (the terminal's encoding?)") from None
     return value.strip()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -55,3 +56,9 @@ def test_values_in_range_pass(kind: Callable[[str], Any], text: str, value: Any)
 def test_values_out_of_range_are_named(kind: Callable[[str], Any], text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
         kind(text)
+
+
+@pytest.mark.parametrize("text", ["", " ", "a\nb", "caf\udce9"])  # the last: Latin-1 bytes as Python passes them
+def test_names_that_cannot_be_shown_are_named(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(text))):
+        cli_values.display_name(text)
