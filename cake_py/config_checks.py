@@ -93,6 +93,10 @@ def parse_ui_auth(value: str | None) -> tuple[str, str] | None:
     user, sep, password = value.partition(":")
     if not sep or not user or not password:
         raise ConfigError(f"--ui-auth must be USER:PASS, got {value!r}")
+    try:  # bytes a non-UTF-8 terminal passed (surrogate escapes): every page behind it answered a 500
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"--ui-auth for user {user!r} is not valid UTF-8 (the terminal's encoding?)") from None
     return user, password
 
 

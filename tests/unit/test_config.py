@@ -285,3 +285,11 @@ def test_a_relative_xdg_folder_is_ignored_as_the_spec_says(monkeypatch: pytest.M
     assert default_files_dir() == tmp_path / ".local" / "share" / "cake" / "files"
     monkeypatch.setenv("XDG_CACHE_HOME", "/srv/cache")
     assert default_cache_dir() == Path("/srv/cache/cake/worker")
+
+
+def test_a_ui_auth_that_is_not_utf8_is_named_without_its_password() -> None:
+    """Latin-1 bytes from the terminal (surrogate escapes) made every page behind --ui-auth a 500."""
+    with pytest.raises(ConfigError, match=r"--ui-auth for user 'admin' is not valid UTF-8") as caught:
+        parse_ui_auth("admin:caf\udce9")
+    assert "caf" not in str(caught.value)
+    assert parse_ui_auth("admin:café") == ("admin", "café")
