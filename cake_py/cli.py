@@ -25,6 +25,7 @@ from cake_py.config import (
     parse_workers_flag,
 )
 from cake_py.config_checks import (
+    check_admin_key,
     check_cluster_key,
     check_files_dir,
     check_model,
@@ -55,13 +56,9 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
     cpus = parse_cpus(args.cpus)
     given = _given(args.api_key, "CAKE_API_KEY")  # --api-key "" is an error, not an open server
     api_keys, api_key_names = parse_api_keys(given, args.api_key_file)
-    admin_key = _given(args.admin_key, "CAKE_ADMIN_KEY")
-    if admin_key is not None:
-        admin_key = admin_key.strip()
-        if not admin_key:
-            raise ConfigError("--admin-key (or CAKE_ADMIN_KEY) holds no key")
-        if api_keys and admin_key not in api_keys:  # the admin's key reaches the rest of the API too
-            api_keys, api_key_names = (*api_keys, admin_key), {**api_key_names, admin_key: "admin"}
+    admin_key = check_admin_key(_given(args.admin_key, "CAKE_ADMIN_KEY"))
+    if admin_key is not None and api_keys and admin_key not in api_keys:  # the admin's key reaches the rest too
+        api_keys, api_key_names = (*api_keys, admin_key), {**api_key_names, admin_key: "admin"}
     return ServeSettings(
         model=model,
         config_path=args.config,

@@ -87,6 +87,19 @@ def parse_api_keys(value: str | None, key_file: Path | None = None) -> tuple[tup
     return tuple(dict.fromkeys(key for _, key in keys)), names
 
 
+def check_admin_key(value: str | None) -> str | None:
+    """--admin-key (or CAKE_ADMIN_KEY): one key, held to the API keys' rule (printable ASCII, no spaces): one the
+    header cannot carry as given was never matched (non-ASCII) or a 500 (bytes that are not UTF-8)."""
+    if value is None:
+        return None
+    key = value.strip()
+    if not key:
+        raise ConfigError("--admin-key (or CAKE_ADMIN_KEY) holds no key")
+    if not all("!" <= char <= "~" for char in key):
+        raise ConfigError("--admin-key (or CAKE_ADMIN_KEY) must be printable ASCII without spaces")
+    return key
+
+
 def parse_ui_auth(value: str | None) -> tuple[str, str] | None:
     if value is None:
         return None

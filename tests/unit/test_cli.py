@@ -539,3 +539,15 @@ def test_a_rate_burst_of_zero_is_refused_not_taken_as_one(capsys: pytest.Capture
         build_parser().parse_args(["serve", "--rate-burst", "0"])
     assert exit_.value.code == 2
     assert "--rate-burst: '0' must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["café", "caf\udce9", "two words"])
+def test_an_admin_key_a_header_cannot_carry_is_refused(key: str) -> None:
+    """--admin-key café was never matched (a header arrives as Latin-1), and Latin-1 bytes from the terminal made
+    /models/load a 500: held to the API keys' rule, printable ASCII without spaces."""
+    from cake_py.cli import _serve_settings, build_parser
+    from cake_py.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--admin-key .* must be printable ASCII without spaces") as caught:
+        _serve_settings(build_parser().parse_args(["serve", "--admin-key", key]))
+    assert key not in str(caught.value)
