@@ -163,6 +163,10 @@ def read_chat_template(value: str | None) -> str | None:
     except OSError:  # a long one-line template is no file name (ENAMETOOLONG)
         is_file = False
     if not is_file and ("{{" in value or "{%" in value):
+        try:  # bytes a non-UTF-8 terminal passed (surrogate escapes): the tokenizer raised on every prompt
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ConfigError(f"--chat-template is not valid UTF-8 (at character {error.start})") from None
         return value
     try:
         exists = path.exists()

@@ -293,3 +293,9 @@ def test_a_ui_auth_that_is_not_utf8_is_named_without_its_password() -> None:
         parse_ui_auth("admin:caf\udce9")
     assert "caf" not in str(caught.value)
     assert parse_ui_auth("admin:café") == ("admin", "café")
+
+
+def test_a_chat_template_given_inline_that_is_not_utf8_is_named() -> None:
+    """Latin-1 bytes from the terminal (surrogate escapes) went into every prompt: the tokenizer raised a TypeError."""
+    with pytest.raises(ConfigError, match=r"--chat-template is not valid UTF-8 \(at character 3\)"):
+        read_chat_template("caf\udce9{{ messages[0].content }}")
