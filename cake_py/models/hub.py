@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -78,6 +79,12 @@ def embedded_model_path() -> Path:
     return path
 
 
+def _shown(name: str) -> str:
+    """A file's name as the model's id: bytes that are not UTF-8 (a Latin-1 name) as U+FFFD, since the id goes into
+    every JSON answer, and the surrogate escapes Python keeps them as made each of those a 500."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
 def resolve_model(spec: str | None) -> ModelSource:
     """Turn a MODEL argument (or None for the embedded default) into a loaded-on-demand `ModelSource`."""
     from cake_py.models.gguf import GGUFWeights
@@ -97,9 +104,9 @@ def resolve_model(spec: str | None) -> ModelSource:
         if not is_file:
             raise ModelNotFoundError(f"GGUF file {spec!r} does not exist")
         weights = GGUFWeights(path)
-        return ModelSource(model_name(path, len(weights.parts)), weights)
+        return ModelSource(_shown(model_name(path, len(weights.parts))), weights)
     if is_dir:
-        return ModelSource(path.name, SafetensorsWeights(path))
+        return ModelSource(_shown(path.name), SafetensorsWeights(path))
     if exists:
         raise ModelNotFoundError(f"model path {spec!r} is neither a model folder nor a .gguf file")
     if _looks_like_path(spec):

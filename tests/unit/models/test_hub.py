@@ -386,3 +386,15 @@ def test_ctrl_c_stops_a_download_at_once_and_leaves_no_partial_file(tmp_path: Pa
     assert cake.returncode == 130, err
     assert err.startswith("cake: interrupted: the download of 'org/big' stopped") and err.count("\n") == 1, err
     assert out == "" and list(hf_home.glob("hub/**/*.incomplete")) == [theirs]  # only its own partial went
+
+
+def test_a_gguf_whose_name_is_not_utf8_has_an_id_json_can_carry(tmp_path: Path) -> None:
+    """A Latin-1 file name reached every JSON answer as surrogate escapes: /v1/models, /health and all were 500s."""
+    import json
+    import os
+
+    link = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.gguf"))
+    link.symlink_to(embedded_model_path())
+    model_id = resolve_model(str(link)).model_id
+    assert model_id == "caf\ufffd"
+    json.dumps(model_id, ensure_ascii=False).encode("utf-8")
