@@ -173,6 +173,10 @@ def check_device(value: str) -> str:
 def parse_address(value: str) -> str:
     if "://" in value:
         raise ConfigError(f"worker address {value!r} is not HOST:PORT: give it without a scheme, like 10.0.0.5:10128")
+    try:  # bytes a non-UTF-8 terminal passed (surrogate escapes): gRPC raised on them, a traceback
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"worker address {value!r} is not valid UTF-8 (the terminal's encoding?)") from None
     host, sep, port = value.rpartition(":")
     # ASCII digits only: str.isdigit() and int() also take other scripts' digits ("١٢"), which gRPC does not
     if (

@@ -239,6 +239,7 @@ def test_odd_yaml_in_a_cluster_config_is_named(tmp_path: Path, content: str, nee
         ("[]:10128", "brackets hold an IPv6 address"),
         ("a b:10128", "is not HOST:PORT"),
         ("127.0.0.1:\u0661\u0662", "is not HOST:PORT"),  # Arabic-Indic "12": isdigit() and int() take it
+        ("caf\udce9:10128", "is not valid UTF-8"),  # Latin-1 bytes from the terminal: gRPC raised on them
     ],
 )
 def test_addresses_that_cannot_be_a_worker_are_named(address: str, needle: str) -> None:
