@@ -191,9 +191,8 @@ def listen_address(host: str, port: int) -> str:
 
 def check_can_listen(host: str, port: int) -> None:
     """Bind --host:--port once, at startup, before anything is loaded: a port in use or a host that is not this
-    machine's is one line naming them, not a late error from the server library."""
-    if port == 0:
-        return
+    machine's is one line naming them, not a late error from the server library. Port 0 binds a free port: the
+    host is checked all the same."""
     import socket
 
     bare = host.strip("[]")
@@ -206,3 +205,5 @@ def check_can_listen(host: str, port: int) -> None:
             probe.bind(address)
     except OSError as error:  # gaierror included
         raise ConfigError(f"cannot listen on {listen_address(host, port)}: {error.strerror or error}") from None
+    except UnicodeError:  # idna refuses it (a label over 63 characters, `a..b`, bytes that are not UTF-8)
+        raise ConfigError(f"cannot listen on {listen_address(host, port)}: {host!r} is no host name") from None

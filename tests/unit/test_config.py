@@ -1,6 +1,7 @@
 """cluster.yaml parsing, layer ranges and flag validation (cake_py.config and cake_py.config_checks): every error
 names the bad value."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,15 @@ def test_a_port_in_use_or_a_host_not_here_is_named_before_anything_loads() -> No
     check_can_listen("127.0.0.1", port)  # free again
     with pytest.raises(ConfigError, match="cannot listen on 192.0.2.1:8080"):  # TEST-NET-1: no host has it
         check_can_listen("192.0.2.1", 8080)
+    check_can_listen("127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("host", ["a" * 64, "a..b", "caf\udce9"])
+@pytest.mark.parametrize("port", [8080, 0])
+def test_a_host_that_is_no_host_name_is_named(host: str, port: int) -> None:
+    """The idna codec raised UnicodeError (no OSError) on these: a traceback from cake serve and cake worker."""
+    with pytest.raises(ConfigError, match=f"{re.escape(repr(host))} is no host name"):
+        check_can_listen(host, port)
 
 
 def test_a_files_dir_is_made_at_startup_or_named(tmp_path: Path) -> None:
