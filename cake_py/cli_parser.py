@@ -13,6 +13,7 @@ from cake_py.cli_values import (
     at_least_one,
     data_port,
     display_name,
+    folder,
     gigabytes,
     host,
     port,
@@ -134,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="place the model again without a worker down this long, and with it once it is back (0: off)",
     )
     serve.add_argument(
-        "--files-dir", type=Path, help=f"Files and Batch APIs' storage (default: {_default_folder(default_files_dir)})"
+        "--files-dir",
+        type=folder,
+        help=f"Files and Batch APIs' storage (default: {_default_folder(default_files_dir)})",
     )
     serve.add_argument(
         "--max-file-mb", type=at_least_one, default=512, help="largest file the Files API accepts, in MiB"
@@ -223,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--port", type=port, default=DEFAULT_WORKER_PORT, help="gRPC port the master dials")
     worker.add_argument("--name", type=display_name, help="worker name shown in the topology (default: hostname:port)")
     worker.add_argument("--cluster-key", help="shared secret between master and workers (also CAKE_CLUSTER_KEY)")
-    worker.add_argument("--cache-dir", type=Path, help=f"weight cache (default: {_default_folder(default_cache_dir)})")
+    worker.add_argument(
+        "--cache-dir", type=folder, help=f"weight cache (default: {_default_folder(default_cache_dir)})"
+    )
     worker.add_argument(
         "--cache-max-gb",
         type=gigabytes,

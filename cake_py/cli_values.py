@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 
 def at_least_one(value: str) -> int:
@@ -40,6 +41,13 @@ def display_name(value: str) -> str:
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError(f"{value!r} is not valid UTF-8 (the terminal's encoding?)") from None
     return value.strip()
+
+
+def folder(value: str) -> Path:
+    """--cache-dir, --files-dir: empty (`--cache-dir "$UNSET"`) is refused, not taken as the working directory."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"{value!r} is no folder: leave the flag out for the default")
+    return Path(value)
 
 
 def data_port(value: str) -> int:

@@ -551,3 +551,12 @@ def test_an_admin_key_a_header_cannot_carry_is_refused(key: str) -> None:
     with pytest.raises(ConfigError, match="--admin-key .* must be printable ASCII without spaces") as caught:
         _serve_settings(build_parser().parse_args(["serve", "--admin-key", key]))
     assert key not in str(caught.value)
+
+
+@pytest.mark.parametrize(("command", "flag"), [("worker", "--cache-dir"), ("serve", "--files-dir")])
+def test_an_empty_folder_flag_is_refused(command: str, flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from cake_py.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, flag, ""])
+    assert f"argument {flag}: '' is no folder" in capsys.readouterr().err

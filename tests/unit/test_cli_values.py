@@ -62,3 +62,10 @@ def test_values_out_of_range_are_named(kind: Callable[[str], Any], text: str) ->
 def test_names_that_cannot_be_shown_are_named(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(text))):
         cli_values.display_name(text)
+
+
+@pytest.mark.parametrize("text", ["", " "])
+def test_an_empty_folder_is_refused_not_the_working_directory(text: str) -> None:
+    """--cache-dir "$UNSET" cached every weight in the directory the worker was started from (Path("") is ".")."""
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"{text!r} is no folder")):
+        cli_values.folder(text)
