@@ -171,6 +171,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         device = check_device(args.device)
         options = {"dtype": args.dtype, "device": device, "raw": args.raw, "cuda_graphs": args.cuda_graphs}
+        options["threads"] = args.threads
         options["chat_template"] = read_chat_template(args.chat_template)
         run_prompt(model, prompt, params, write, speculative_tokens=args.speculative_tokens, **options)
         _output("\n")

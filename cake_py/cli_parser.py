@@ -56,6 +56,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 CPUS_HELP = "run on these CPUs only, e.g. 0-3,6, as SCHED_BATCH (default threads: their count)"
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (one GPU of several) or mps"
 DTYPE_HELP = "dtype the model computes in"
@@ -216,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the most tokens a sequence may hold, prompt and answer (default: the model's context)",
     )
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help=LOG_HELP
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help=LOG_HELP,  # INFO as info
     )
     _graphs_flag(serve)
     _tls_flags(serve)
@@ -252,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="free a sequence's KV caches after this many seconds idle",
     )
     worker.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help=LOG_HELP
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help=LOG_HELP,  # INFO as info
     )
     _tls_flags(worker)
 
@@ -268,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="sampling seed (default: random)")
     run.add_argument("--dtype", default="bfloat16", choices=DTYPES, help=DTYPE_HELP)
     run.add_argument("--device", default="auto", help=DEVICE_HELP)
+    run.add_argument("--threads", type=thread_count, help="torch threads (default: torch's, one per core)")
     _graphs_flag(run)
     run.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
     run.add_argument("--chat-template", metavar="TEMPLATE", help="a Jinja chat template (a file, or the template)")

@@ -8,7 +8,7 @@ from cake_py.cluster.pipeline import local_pipeline
 from cake_py.engine.engine import Engine
 from cake_py.errors import CakeError
 from cake_py.models import graphs
-from cake_py.models.device import release_openmp_threads, resolve_device, torch_dtype
+from cake_py.models.device import release_openmp_threads, resolve_device, set_threads, torch_dtype
 from cake_py.models.hub import resolve_model
 from cake_py.models.sampling import SamplingParams
 
@@ -25,8 +25,10 @@ def run_prompt(
     cuda_graphs: bool = True,
     speculative_tokens: int = 0,
     chat_template: str | None = None,
+    threads: int | None = None,
 ) -> str:
     """Generate an answer to `prompt` (chat-templated unless `raw`), writing text as it streams; returns it."""
+    set_threads(threads)
     graphs.set_enabled(cuda_graphs)
     source = resolve_model(model)
     tokenizer = source.tokenizer

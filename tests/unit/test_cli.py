@@ -560,3 +560,25 @@ def test_an_empty_folder_flag_is_refused(command: str, flag: str, capsys: pytest
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, flag, ""])
     assert f"argument {flag}: '' is no folder" in capsys.readouterr().err
+
+
+def test_run_takes_a_thread_count_and_a_log_level_in_any_case(tiny_llama: Path) -> None:
+    """`cake run` had no --threads (as serve and worker have, and llama.cpp's -t): only OMP_NUM_THREADS bounded it;
+    --log-level INFO was refused."""
+    ran = cake("run", str(tiny_llama), "hi", "--threads", "1", "--max-tokens", "2", "--dtype", "float32")
+    assert ran.returncode == 0, ran.stderr
+    assert_one_line_error(cake("run", "hi", "--threads", "0"), "--threads")
+    from cake_py.cli_parser import build_parser
+    from cake_py.engine.oneshot import run_prompt
+    from cake_py.models.sampling import SamplingParams
+
+    before = torch.get_num_threads()
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        run_prompt(str(tiny_llama), "hi", params, lambda _: None, dtype="float32", device="cpu", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+    assert build_parser().parse_args(["worker", "--log-level", "INFO"]).log_level == "info"
+    assert build_parser().parse_args(["run", "hi", "--threads", "3"]).threads == 3
