@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cake_py.errors import ConfigError
+from cake_py.cluster.placement import check_manual
+from cake_py.errors import ClusterError, ConfigError
 
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -326,6 +328,12 @@ def load_cluster_file(path: Path) -> ClusterFile:
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise ConfigError(f"cluster config {str(path)!r}: duplicate worker name(s) {', '.join(sorted(duplicates))}")
+    # What needs no model is said now, not once the model is loaded (after a download, maybe): layers for some
+    # workers only, overlapping ranges. Whether they fit the model is checked when its layer count is known.
+    try:
+        check_manual({worker.name: worker.layers for worker in workers}, n_layers=sys.maxsize)
+    except ClusterError as error:
+        raise ConfigError(str(error)) from None
     model = data.get("model")
     # str() turned `model: [a, b]` or `model: true` into a name to look up, and `model: ""` served the embedded default
     if model is not None and (not isinstance(model, str) or not model.strip()):

@@ -44,11 +44,11 @@ def test_cluster_file(tmp_path: Path) -> None:
         "model: org/model\n"
         "workers:\n"
         "  - name: a\n    address: 10.0.0.5:10128\n    layers: '0-14'\n"
-        "  - name: b\n    address: 10.0.0.6:10128\n"
+        "  - name: b\n    address: 10.0.0.6:10128\n    layers: '15-29'\n"
     )
     cluster = load_cluster_file(path)
     assert cluster.model == "org/model"
-    assert cluster.workers == [WorkerSpec("a", "10.0.0.5:10128", (0, 15)), WorkerSpec("b", "10.0.0.6:10128")]
+    assert cluster.workers == [WorkerSpec("a", "10.0.0.5:10128", (0, 15)), WorkerSpec("b", "10.0.0.6:10128", (15, 30))]
 
 
 @pytest.mark.parametrize(
@@ -61,6 +61,9 @@ def test_cluster_file(tmp_path: Path) -> None:
         ("wrkers: []", "wrkers"),
         ("workers: [{address: 'h:1', layer: 3}]", "layer"),
         ("workers: [", "YAML"),
+        # Said before the model is loaded (it may be a download away): they need no layer count.
+        ("workers: [{address: 'h:1', layers: '0-4'}, {address: 'h:2'}]", r"'worker-2' have no layers while others do"),
+        ("workers: [{address: 'h:1', layers: '0-4'}, {address: 'h:2', layers: '4-9'}]", "overlap on layer 4"),
     ],
 )
 def test_bad_cluster_files(tmp_path: Path, text: str, needle: str) -> None:
