@@ -24,7 +24,7 @@ _QUANT = re.compile(r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Za-z0-9]+)*|BF16|F16|F32)(?![
 def split_tag(spec: str) -> tuple[str, str | None]:
     """`org/name:TAG` as (repo id, tag); a spec without ':' has no tag. Repo ids never hold ':'."""
     repo_id, colon, tag = spec.partition(":")
-    if colon and (not tag or ":" in tag or "/" in tag):
+    if colon and (not repo_id or not tag or ":" in tag or "/" in tag):
         raise ModelNotFoundError(f"{spec!r} is not of the form 'org/name' or 'org/name:QUANT' (e.g. ':Q4_K_M')")
     return repo_id, tag or None
 

@@ -49,6 +49,8 @@ def test_the_tag_picks_the_files_as_llama_cpp_does() -> None:
         choose("o/r", ["config.json", "model.safetensors"], "Q4_K_M")
     with pytest.raises(ModelNotFoundError, match="not of the form 'org/name' or 'org/name:QUANT'"):
         resolve_model("org/name:")
+    with pytest.raises(ModelNotFoundError, match=r"^':Q4' is not of the form"):  # it named '', not what was given
+        resolve_model(":Q4")
 
 
 @pytest.fixture(scope="module")
