@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from cake_py.cluster.pipeline import local_pipeline
 from cake_py.engine.engine import Engine
-from cake_py.errors import CakeError
+from cake_py.errors import CakeError, ConfigError
 from cake_py.models import graphs
 from cake_py.models.device import release_openmp_threads, resolve_device, set_threads, torch_dtype
 from cake_py.models.hub import resolve_model
@@ -28,6 +28,8 @@ def run_prompt(
     threads: int | None = None,
 ) -> str:
     """Generate an answer to `prompt` (chat-templated unless `raw`), writing text as it streams; returns it."""
+    if raw and chat_template is not None:  # the template would go unused without a word
+        raise ConfigError("--raw sends PROMPT without a chat template, so --chat-template has no use: drop one of them")
     set_threads(threads)
     graphs.set_enabled(cuda_graphs)
     source = resolve_model(model)

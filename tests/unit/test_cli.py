@@ -564,10 +564,11 @@ def test_an_empty_folder_flag_is_refused(command: str, flag: str, capsys: pytest
 
 def test_run_takes_a_thread_count_and_a_log_level_in_any_case(tiny_llama: Path) -> None:
     """`cake run` had no --threads (as serve and worker have, and llama.cpp's -t): only OMP_NUM_THREADS bounded it;
-    --log-level INFO was refused."""
+    --log-level INFO was refused; --raw ignored --chat-template without a word."""
     ran = cake("run", str(tiny_llama), "hi", "--threads", "1", "--max-tokens", "2", "--dtype", "float32")
     assert ran.returncode == 0, ran.stderr
     assert_one_line_error(cake("run", "hi", "--threads", "0"), "--threads")
+    assert_one_line_error(cake("run", "hi", "--raw", "--chat-template", "{{ x }}"), "--raw sends PROMPT without")
     from cake_py.cli_parser import build_parser
     from cake_py.engine.oneshot import run_prompt
     from cake_py.models.sampling import SamplingParams
