@@ -19,6 +19,7 @@ from cake_py.cli_values import (
     port,
     positive_int,
     seconds_or_off,
+    seed,
     thread_count,
     timeout_seconds,
 )
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-tokens", type=at_least_one, default=512, help="most tokens of the answer")
     run.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's probability mass")
-    run.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    run.add_argument("--seed", type=seed, help="sampling seed (default, or -1: random)")
     run.add_argument("--dtype", default="bfloat16", choices=DTYPES, help=DTYPE_HELP)
     run.add_argument("--device", default="auto", help=DEVICE_HELP)
     run.add_argument("--threads", type=thread_count, help="torch threads (default: torch's, one per core)")

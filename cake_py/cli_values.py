@@ -104,6 +104,15 @@ def thread_count(value: str) -> int:
     return number
 
 
+def seed(value: str) -> int | None:
+    """A sampling seed; -1 is a random one, as llama.cpp's -s -1 (and its HTTP routes' seed) reads it."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    return None if number == -1 else number
+
+
 def gigabytes(value: str) -> int:
     """A size in GB (decimal, as disks are sold) → bytes; 0 allowed."""
     try:

@@ -583,3 +583,5 @@ def test_run_takes_a_thread_count_and_a_log_level_in_any_case(tiny_llama: Path) 
 
     assert build_parser().parse_args(["worker", "--log-level", "INFO"]).log_level == "info"
     assert build_parser().parse_args(["run", "hi", "--threads", "3"]).threads == 3
+    assert build_parser().parse_args(["run", "hi", "--seed", "-1"]).seed is None  # random, as llama.cpp's -s -1
+    assert build_parser().parse_args(["run", "hi", "--seed", "-2"]).seed == -2
