@@ -34,6 +34,7 @@ from cake_py.config_checks import (
     parse_origins,
     parse_ui_auth,
     read_chat_template,
+    read_prompt,
     run_arguments,
 )
 from cake_py.errors import CakeError, ConfigError
@@ -157,6 +158,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cake_py.models.sampling import SamplingParams
 
         model, prompt = run_arguments(args.args)
+        prompt = read_prompt(prompt, getattr(sys.stdin, "buffer", None))
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
         )

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from cake_py.config import read_settings_file
 from cake_py.errors import ConfigError
@@ -28,9 +29,27 @@ def run_arguments(args: Sequence[str]) -> tuple[str | None, str]:
         raise ConfigError(f"cake run takes [MODEL] PROMPT, got {len(args)} arguments (quote the prompt)")
     if len(args) == 1:
         if _is_model(args[0]):  # `cake run ./model` (ollama's way): the embedded default answered the path
-            raise ConfigError(f"{args[0]!r} is a model and no prompt: cake run MODEL PROMPT")
+            raise ConfigError(f"{args[0]!r} is a model and no prompt: cake run MODEL PROMPT (- reads it from stdin)")
         return None, args[0]
     return check_model(args[0], "MODEL"), args[1]
+
+
+MAX_STDIN_PROMPT_BYTES = 64 * 1024 * 1024  # far past any model's context; a stream without end is not waited out
+
+
+def read_prompt(prompt: str, stdin: BinaryIO | None) -> str:
+    """`cake run`'s PROMPT: `-` reads it from stdin (`cat question.txt | cake run -`), as UTF-8; the rest as given."""
+    if prompt != "-":
+        return prompt
+    if stdin is None:  # closed (`<&-`)
+        raise ConfigError("the prompt is - (read from stdin), but stdin is closed")
+    data = stdin.read(MAX_STDIN_PROMPT_BYTES + 1)
+    if len(data) > MAX_STDIN_PROMPT_BYTES:
+        raise ConfigError(f"the prompt on stdin is over {MAX_STDIN_PROMPT_BYTES // (1024 * 1024)} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"the prompt on stdin is not valid UTF-8 (at byte {error.start})") from None
 
 
 def _is_model(text: str) -> bool:

@@ -585,3 +585,19 @@ def test_run_takes_a_thread_count_and_a_log_level_in_any_case(tiny_llama: Path) 
     assert build_parser().parse_args(["run", "hi", "--threads", "3"]).threads == 3
     assert build_parser().parse_args(["run", "hi", "--seed", "-1"]).seed is None  # random, as llama.cpp's -s -1
     assert build_parser().parse_args(["run", "hi", "--seed", "-2"]).seed == -2
+
+
+def test_run_reads_the_prompt_from_stdin_when_it_is_a_dash(tiny_llama: Path) -> None:
+    """`cat question.txt | cake run MODEL -`: a long or multi-line prompt had to fit in one shell argument."""
+    command = [sys.executable, "-m", "cake_py.cli", "run", str(tiny_llama)]
+    flags = ["--max-tokens", "4", "--dtype", "float32", "--raw"]
+    given = subprocess.run([*command, "hello\nthere", *flags], capture_output=True, text=True, timeout=120)
+    piped = subprocess.run([*command, "-", *flags], input="hello\nthere", capture_output=True, text=True, timeout=120)
+    assert given.returncode == 0 and piped.returncode == 0, piped.stderr
+    assert piped.stdout == given.stdout
+    not_utf8 = subprocess.run([*command, "-", *flags], input=b"caf\xe9", capture_output=True, timeout=120)
+    assert not_utf8.returncode == 1
+    assert not_utf8.stderr.decode() == "cake: error: the prompt on stdin is not valid UTF-8 (at byte 3)\n"
+    closed = subprocess.run([*command, "-", *flags], stdin=None, capture_output=True, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(0))  # fmt: skip
+    assert_one_line_error(closed, "stdin is closed")
