@@ -3,7 +3,9 @@
 A GGUF Q4_1 block of 32 weights is `d * q + m` with q in 0..15; torch's int4 kernel computes
 `(q - 8) * scale + zero` per group of 32, so scale = d and zero = m + 8d represent it exactly (Q4_0: zero = 0;
 Q4_K's groups of 32 likewise, from their 6-bit scales and mins: cake_py.models.gguf_int4 reads each layout).
-Decode is memory-bound, and 4-bit weights move a quarter of the bytes of bf16 ones.
+Decode is memory-bound, and 4-bit weights move a quarter of the bytes of bf16 ones. The kernel is a matrix-vector
+one, though: its cost grows with every row, at about 2.5× a dense bf16 matmul's per row. So a prefill chunk of many
+rows unpacks the layer's weights into a bf16 scratch tensor, freed after the matmul, and runs the dense matmul.
 
 On the wire and in state dicts a 4-bit linear is two plain tensors: `<prefix>.q4_weight` (uint8 (N, K), one
 4-bit value per byte) and `<prefix>.q4_scales` (float32 (K/group, N, 2): scale and zero per group and row).
@@ -15,6 +17,16 @@ import torch
 from torch import nn
 
 GROUP_SIZE = 32
+# Rows from which a 4-bit linear unpacks its weights and runs a dense matmul. Unpacking costs about as much as
+# 60 (1 thread) to 80 (2 threads) rows of the kernel over the dense matmul: SmolLM2's four layer linears ran
+# 0.88× as fast unpacked as on the kernel at 64 rows, 1.01× at 80, 1.15× at 96 with 2 threads, and 1.07×, 1.23×,
+# 1.33× with 1 (2026-11-23, interleaved, median of 15). Decode steps, a row or a few per sequence, stay below it.
+DENSE_ROWS = 80
+# torch's CPU int4 pack stores columns in blocks of 64: byte [block, k, j] holds column 64·block + j in its low
+# nibble and column 64·block + 32 + j in its high one. Other widths are laid out otherwise and keep the kernel.
+PACK_BLOCK = 64
+# A value q moved to the high nibble of its byte, with that byte's top bit flipped, reads as the int8 16·(q - 8).
+HIGH_NIBBLES, TOP_BITS = -0x0F0F0F0F0F0F0F10, -0x7F7F7F7F7F7F7F80  # 0xF0F0…F0 and 0x8080…80 as int64
 Q4_WEIGHT = "q4_weight"
 Q4_SCALES = "q4_scales"
 
@@ -45,16 +57,56 @@ class Int4Linear(nn.Module):
         self.packed: torch.Tensor
         self.scales: torch.Tensor
         self.bias: torch.Tensor | None
+        self.affine_factors = torch.tensor([1 / 16, 1.0], dtype=dtype).view(2, 1, 1, 1)  # scale / 16, zero
+        # bf16 only: a CPU float16 matmul is as slow as the kernel, and scale / 16 could lose bits to subnormals.
+        # Checked against the values packed, in case a torch release lays its pack out otherwise.
+        self.unpacks = (
+            dtype == torch.bfloat16
+            and self.out_features % PACK_BLOCK == 0
+            and torch.equal(self.nibbles().permute(0, 2, 1).reshape(q.shape), (q.to(torch.int8) - 8) * 16)
+        )
 
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales.nbytes + (self.bias.nbytes if self.bias is not None else 0)
 
+    def nibbles(self) -> torch.Tensor:
+        """The packed values as 16·(q - 8): int8 (N/64, K, 64), [block, k, j] that of column 64·block + j."""
+        blocks = self.out_features // PACK_BLOCK
+        # 8 packed bytes a lane (per-byte ops writing half rows ran 3× slower): the low nibbles shifted up beside
+        # the high ones, then both masked and flipped in place
+        packed = self.packed.view(torch.int64).view(blocks, self.in_features, PACK_BLOCK // 16)
+        lanes = torch.empty(blocks, self.in_features, 2, PACK_BLOCK // 16, dtype=torch.int64)
+        torch.bitwise_left_shift(packed, 4, out=lanes[:, :, 0])
+        lanes[:, :, 1].copy_(packed)
+        lanes.bitwise_and_(HIGH_NIBBLES).bitwise_xor_(TOP_BITS)
+        return lanes.view(torch.int8).view(blocks, self.in_features, PACK_BLOCK)
+
+    def dense_weight(self) -> torch.Tensor:
+        """Wᵀ (K, N) in the scales' dtype: each weight `(q - 8) * scale + zero`, rounded once as a dense copy is."""
+        n, k = self.out_features, self.in_features
+        blocks, groups = n // PACK_BLOCK, k // GROUP_SIZE
+        weight = torch.empty(k, n, dtype=self.scales.dtype)
+        # (blocks, groups, 32, 64): a group's 32 k by a block's 64 columns
+        blocked = weight.view(groups, GROUP_SIZE, blocks, PACK_BLOCK).permute(2, 0, 1, 3)
+        blocked.copy_(self.nibbles().view(blocks, groups, GROUP_SIZE, PACK_BLOCK))
+        # each group's scale / 16 and zero, (2, K/group, 1, N): contiguous, so that the broadcast below runs
+        # vectorised (from the interleaved scales it cost 4× as much). Exact: 16 is a power of 2.
+        affine = torch.empty(2, groups, 1, n, dtype=self.scales.dtype)
+        torch.mul(self.scales.permute(2, 0, 1).unsqueeze(2), self.affine_factors, out=affine)
+        grouped = weight.view(groups, GROUP_SIZE, n)
+        torch.addcmul(affine[1], grouped, affine[0], out=grouped)
+        return weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scales)
-        if self.bias is not None:
-            out = out + self.bias
+        if self.unpacks and rows.shape[0] >= DENSE_ROWS:
+            weight = self.dense_weight()
+            out = torch.mm(rows, weight) if self.bias is None else torch.addmm(self.bias, rows, weight)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scales)
+            if self.bias is not None:
+                out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

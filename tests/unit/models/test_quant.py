@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cake_py.models import quant
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.quant import (
+    DENSE_ROWS,
     GROUP_SIZE,
     Int4Linear,
     Int8Embedding,
@@ -32,6 +34,48 @@ def test_int4_linear_matches_dense(rows: int, n: int, k: int) -> None:
     expected = F.linear(x.float(), dequantize(q, scales).bfloat16().float(), bias)
     # both sides see bf16 inputs; the kernel keeps bf16 scales
     assert torch.allclose(layer(x).float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+
+
+def test_unpacked_weights_equal_a_dense_copy() -> None:
+    q, scales = random_int4(192, 128)
+    scales[..., 1] -= 0.05  # zeros of both signs
+    layer = Int4Linear(q, scales, None, torch.bfloat16)
+    assert layer.unpacks
+    # the same values a dense copy holds, bit for bit: a prefill chunk computes what a dense model computes
+    assert torch.equal(layer.dense_weight(), dequantize(q, layer.scales.float()).bfloat16().t())
+    assert not Int4Linear(q, scales, None, torch.float16).unpacks  # no faster dense matmul to run it on
+
+
+@pytest.mark.parametrize(("n", "with_bias"), [(192, True), (128, False), (96, True)])
+def test_a_prefill_chunk_computes_what_the_int4_kernel_computes(
+    n: int, with_bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q, scales = random_int4(n, 128)
+    bias = torch.randn(n) if with_bias else None
+    layer = Int4Linear(q, scales, bias, torch.bfloat16)
+    assert layer.unpacks == (n % 64 == 0)  # torch packs other widths otherwise: those keep the kernel
+    x = torch.randn(2, DENSE_ROWS, 128, dtype=torch.bfloat16)
+    chunk = layer(x)
+    monkeypatch.setattr(quant, "DENSE_ROWS", 10**9)
+    kernel = layer(x)
+    assert chunk.shape == kernel.shape == (2, DENSE_ROWS, n)
+    assert torch.allclose(chunk.float(), kernel.float(), atol=0.02 * kernel.abs().max().item(), rtol=0)
+
+
+def test_decode_rows_keep_the_int4_kernel_and_a_chunk_unpacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, scales = random_int4(128, 64)
+    layer = Int4Linear(q, scales, None, torch.bfloat16)
+    kernel_rows: list[int] = []
+    kernel = torch._weight_int4pack_mm_for_cpu
+
+    def counted(x: torch.Tensor, *args: object) -> torch.Tensor:
+        kernel_rows.append(x.shape[0])
+        return kernel(x, *args)
+
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", counted)
+    for rows in (1, 8, DENSE_ROWS - 1, DENSE_ROWS, 512):
+        layer(torch.randn(rows, 64, dtype=torch.bfloat16))
+    assert kernel_rows == [1, 8, DENSE_ROWS - 1]
 
 
 def test_dequantize_formula() -> None:
