@@ -120,3 +120,32 @@ def test_smollm2_bf16_quantized_tracks_float32() -> None:
     agree = (logits[torch.bfloat16].argmax(-1) == logits[torch.float32].argmax(-1)).float().mean()
     assert agree >= 0.9
     assert logits[torch.bfloat16][-1].argmax() == logits[torch.float32][-1].argmax()
+
+
+@pytest.mark.slow
+def test_smollm2_prefill_chunk_unpacked_agrees_with_the_kernel_and_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt long enough to unpack (the default threshold) predicts the tokens the kernel and float32 predict."""
+    from cake_py.models.hub import resolve_model
+    from cake_py.models.weights import load_transformer
+
+    source = resolve_model(None)
+    config = source.config
+    text = "The history of the city of Paris, the capital of France, begins " * 12
+    ids = torch.tensor(source.tokenizer.encode(text)[: DENSE_ROWS + 40])
+    logits = {}
+    for label, dtype, threshold in [
+        ("unpacked", torch.bfloat16, DENSE_ROWS),
+        ("kernel", torch.bfloat16, 10**9),
+        ("float32", torch.float32, DENSE_ROWS),
+    ]:
+        monkeypatch.setattr(quant, "DENSE_ROWS", threshold)
+        model = load_transformer(
+            source.weights, config, 0, config.n_layers, with_embedding=True, with_head=True, dtype=dtype
+        )
+        with torch.inference_mode():
+            batch = [SequenceSlice(0, 0, len(ids))]
+            logits[label] = model.head(model.forward_layers(model.embed(ids), batch, model.new_kv_store())).float()
+    predicted = logits["unpacked"].argmax(-1)
+    assert (predicted == logits["kernel"].argmax(-1)).float().mean() >= 0.95
+    assert (predicted == logits["float32"].argmax(-1)).float().mean() >= 0.95
+    assert (logits["unpacked"] - logits["kernel"]).abs().max() < 0.1 * logits["kernel"].abs().max()
