@@ -121,11 +121,19 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
+def _exists(spec: str) -> bool:
+    """Whether a bare name (`tiny`) is a file or folder here: `cake pull tiny` then means a path, not a Hub id."""
+    try:
+        return "/" not in spec and Path(spec).exists()
+    except (OSError, ValueError):  # a name too long for a path, or holding a NUL
+        return False
+
+
 def check_repo_id(repo_id: str) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if _looks_like_path(repo_id):  # `cake pull ./folder`: the cache commands take Hub ids only
+    if _looks_like_path(repo_id) or _exists(repo_id):  # `cake pull ./folder`: the cache commands take Hub ids only
         raise ModelNotFoundError(f"{repo_id!r} looks like a path, not a Hub id of the form 'org/name'")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ModelNotFoundError(f"{repo_id!r} is neither a local path nor a Hub id of the form 'org/name'")

@@ -203,11 +203,13 @@ def test_an_hf_cache_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     assert listed.stderr.count("\n") == 1
 
 
-def test_the_cache_commands_say_a_path_is_no_hub_id(tmp_path: Path) -> None:
+def test_the_cache_commands_say_a_path_is_no_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cake_py.models.hf_cache import remove_cached
     from cake_py.models.hub import download
 
-    for path in (str(tmp_path), "./folder", "~/x", "./some/local/folder"):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # `cake pull tiny` beside a folder tiny said "neither a local path nor a Hub id"
+    for path in (str(tmp_path), "./folder", "~/x", "./some/local/folder", "tiny"):
         with pytest.raises(ModelNotFoundError, match="looks like a path, not a Hub id"):
             remove_cached(path)
         with pytest.raises(ModelNotFoundError, match="looks like a path, not a Hub id"):
