@@ -43,7 +43,7 @@ def stored_conversation(state: ServerState, conversation: str, owner: str) -> St
     """The conversation `owner` made under that id; else a 404 naming it (OpenAI's status)."""
     found = state.conversations.get(conversation, owner)
     if found is None:
-        raise ApiError(404, f"no conversation has the id {conversation!r}"[:300])
+        raise _no_conversation(conversation)
     return found
 
 
@@ -84,6 +84,10 @@ def _found(request: Request) -> StoredConversation:
     return stored_conversation(_state(request), request.path_params["conversation_id"], request_owner(request))
 
 
+def _no_conversation(conversation: str) -> ApiError:
+    return ApiError(404, f"no conversation has the id {conversation!r}"[:300])
+
+
 def _no_item(conversation: str, item_id: str) -> ApiError:
     return ApiError(404, f"conversation {conversation!r} has no item with the id {item_id!r}"[:300])
 
@@ -116,7 +120,7 @@ async def update_conversation(request: Request) -> Response:
     found = _found(request)
     updated = _state(request).conversations.update(found.id, found.owner, metadata)
     if updated is None:  # gone since it was found (evicted)
-        raise ApiError(404, f"no conversation has the id {found.id!r}")
+        raise _no_conversation(found.id)
     return JSONResponse(updated.body)
 
 
@@ -134,7 +138,7 @@ async def add_items(request: Request) -> Response:
     refuse_held_ids(found, items)
     added = _state(request).conversations.add_items(found.id, found.owner, items)
     if added is None:
-        raise ApiError(404, f"no conversation has the id {found.id!r}")
+        raise _no_conversation(found.id)
     return JSONResponse(_items_page(added))
 
 

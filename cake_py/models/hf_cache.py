@@ -66,12 +66,13 @@ def list_cached() -> list[CachedModel]:
         current = max(repo.revisions, key=lambda r: ("main" in r.refs, r.last_modified))
         snapshot = Path(current.snapshot_path)
         revisions = tuple(r.commit_hash for r in repo.revisions)
-        quantized = _quantizations(repo.repo_id, snapshot, revisions)
+        files = _snapshot_files(snapshot)
+        quantized = _quantizations(repo.repo_id, snapshot, files, revisions)
         missing = _missing_files(snapshot)
         if missing is None:
             models.append(CachedModel(repo.repo_id, repo.size_on_disk, revisions, Path(repo.repo_path)))
         elif not quantized:
-            if hub_gguf.quantizations(_snapshot_files(snapshot)):
+            if hub_gguf.quantizations(files):
                 missing = "parts of its split GGUF"
             log.warning(
                 "not listed: %s lacks %s in the HF cache (a pull cut short?): cake pull %s to finish it, or cake rm %s",
@@ -90,9 +91,9 @@ def _snapshot_files(snapshot: Path) -> list[str]:
     return sorted(path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file())
 
 
-def _quantizations(repo_id: str, snapshot: Path, revisions: tuple[str, ...]) -> list[CachedModel]:
-    """The GGUF quantizations a snapshot holds whole (a split one with every part), each as its `org/name:TAG`."""
-    files = _snapshot_files(snapshot)
+def _quantizations(repo_id: str, snapshot: Path, files: list[str], revisions: tuple[str, ...]) -> list[CachedModel]:
+    """The GGUF quantizations a snapshot (whose `files` these are) holds whole (a split one with every part), each
+    as its `org/name:TAG`."""
     found = []
     for tag in hub_gguf.quantizations(files):
         chosen = hub_gguf.choose(repo_id, files, tag)
