@@ -18,7 +18,7 @@ from openai import OpenAI
 
 from cake_py.api import keepalive
 from cake_py.api.tool_stream import ToolStream
-from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+from tests.fixtures.server import ServerHandle, running_server, slow_steps, tiny_settings
 
 SERVED_MODEL = "tiny_llama_long_context"  # the server and client fixtures: tests/integration/conftest.py
 SERVED_OPTIONS = {"model_name": "tiny"}
@@ -86,6 +86,7 @@ def test_a_silent_stream_pings_and_the_sdk_skips_it(
     """Anthropic's `ping` event as the keep-alive, every millisecond here: the SDK reads the same message."""
     blocking = ask(claude)
     monkeypatch.setattr(keepalive, "KEEPALIVE_S", 0.001)
+    slow_steps(monkeypatch, server, 0.02)  # a silence of 20 ms before each token, however fast the machine
     body = {"model": "tiny", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "stream": True}
     raw = httpx.post(f"{server.base_url}/v1/messages", json={**body, "temperature": 0}, timeout=60).text
     assert 'event: ping\ndata: {"type":"ping"}\n\n' in raw and raw.rstrip().endswith('{"type":"message_stop"}')

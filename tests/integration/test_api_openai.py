@@ -15,7 +15,7 @@ from openai import OpenAI
 
 from cake_py.api import keepalive
 from cake_py.models.tokenizer import Tokenizer
-from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+from tests.fixtures.server import ServerHandle, running_server, slow_steps, tiny_settings
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -104,6 +104,7 @@ def test_keepalive_comments_are_skipped_by_the_client(
     """A keep-alive every millisecond: the raw stream holds comment lines, the SDK reads the same answer."""
     expected = _greedy_chat(client)
     monkeypatch.setattr(keepalive, "KEEPALIVE_S", 0.001)
+    slow_steps(monkeypatch, server, 0.02)  # a silence of 20 ms before each token, however fast the machine
     body = {"model": "x", "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "stream": True}
     raw = httpx.post(f"{server.openai_url}/chat/completions", json=body, timeout=60).text
     assert ": keep-alive\n\n" in raw and raw.endswith("data: [DONE]\n\n")
