@@ -15,7 +15,7 @@ import asyncio
 import copy
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cake_py.api.response_store import ResponseStore, StoredResponse
@@ -172,13 +172,14 @@ def start_in_background(
     store: ResponseStore,
     stand_in: StoredResponse,
     streams: list[EventStream],
+    on_end: Callable[[], None] | None = None,
 ) -> None:
     """Answer a background response in a task of its own. `stand_in` (the conversation before the answer) is what
-    is stored for a run that does not complete."""
+    is stored for a run that does not complete; `on_end` is called once the run is over, however it ended."""
     store.start_live(live)
     live.task = asyncio.create_task(_run(live, events))
     # A done callback, not the coroutine's own `finally`: a task cancelled before its first step never runs that.
-    live.task.add_done_callback(lambda _: _end(live, store, stand_in, streams))
+    live.task.add_done_callback(lambda _: _end(live, store, stand_in, streams, on_end))
 
 
 async def _run(live: LiveResponse, events: AsyncIterator[dict[str, Any]]) -> None:
@@ -191,7 +192,13 @@ async def _run(live: LiveResponse, events: AsyncIterator[dict[str, Any]]) -> Non
         live.record_end("response.failed", {**unfinished(live.response), "status": "failed", "error": error})
 
 
-def _end(live: LiveResponse, store: ResponseStore, stand_in: StoredResponse, streams: list[EventStream]) -> None:
+def _end(
+    live: LiveResponse,
+    store: ResponseStore,
+    stand_in: StoredResponse,
+    streams: list[EventStream],
+    on_end: Callable[[], None] | None = None,
+) -> None:
     """The run is over, however it ended: its sequence leaves the engine, its end is stored with its events, and its
     followers are told (a cancelled run ends with a `response.cancelled` event of this server's own)."""
     if live.finished:
@@ -212,4 +219,6 @@ def _end(live: LiveResponse, store: ResponseStore, stand_in: StoredResponse, str
         store.put(final.with_events(_stored_lines(live.lines)))
         store.end_live(live)
     finally:  # whatever happened, those waiting on its end (a cancel, a delete, followers) are let go
+        if on_end is not None:
+            on_end()
         live.finish()

@@ -56,6 +56,7 @@ class ConversationStore:
         self._entries: OrderedDict[str, tuple[StoredConversation, int]] = OrderedDict()
         self._characters = 0
         self._lock = threading.Lock()  # routes run on the event loop, but tests and threads may read it too
+        self._held: set[str] = set()  # conversations a response is being answered in (hold)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -118,6 +119,20 @@ class ConversationStore:
             new = replace(old, items=tuple(kept for kept in old.items if kept["id"] != item_id))
             self._set(new, size - _size(item))
             return new
+
+    def hold(self, conversation_id: str) -> bool:
+        """Mark the conversation as one a response is being answered in; False when one already is. A response
+        reads the items and adds its own when it ends, so two at once would each answer without the other's turn
+        and add both in the order they finish."""
+        with self._lock:
+            if conversation_id in self._held:
+                return False
+            self._held.add(conversation_id)
+            return True
+
+    def let_go(self, conversation_id: str) -> None:
+        with self._lock:
+            self._held.discard(conversation_id)
 
     def delete(self, conversation_id: str, owner: str) -> bool:
         with self._lock:

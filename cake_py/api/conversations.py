@@ -4,8 +4,8 @@ POST (new `metadata`) and DELETE /v1/conversations/{id}, and its items: POST /v1
 
 Items are checked as a response's `input` is (responses_input.py): messages, `function_call` and
 `function_call_output` items, each given an id (`msg_…`, `fc_…`, `fco_…`) unless it came with one. A response
-created with `conversation` reads them as its earlier turns and adds its own (responses.py); the store is
-conversation_store.py. Another API key's conversation is not found, as another key's stored response is not."""
+created with `conversation` reads them as its earlier turns and adds its own (responses.py), one response at a
+time (ConversationHold); the store is conversation_store.py. Another API key's conversation is not found, as another key's stored response is not."""
 
 from __future__ import annotations
 
@@ -45,6 +45,27 @@ def stored_conversation(state: ServerState, conversation: str, owner: str) -> St
     if found is None:
         raise _no_conversation(conversation)
     return found
+
+
+class ConversationHold:
+    """A response's hold on its conversation, from reading its items until its own are added (or it ends without
+    an answer): a second response in that conversation meanwhile is OpenAI's 400 `conversation_locked`, which its
+    clients retry. `release` is safe to call more than once; a hold on no conversation does nothing."""
+
+    def __init__(self, state: ServerState, conversation: StoredConversation | None) -> None:
+        self._store = state.conversations
+        self._id = conversation.id if conversation is not None else None
+        if self._id is not None and not self._store.hold(self._id):
+            raise ApiError(
+                400,
+                f"another response is being answered in conversation {self._id!r}: retry once it has ended"[:300],
+                code="conversation_locked",
+            )
+
+    def release(self) -> None:
+        if self._id is not None:
+            self._store.let_go(self._id)
+            self._id = None
 
 
 def refuse_held_ids(conversation: StoredConversation, items: list[dict[str, Any]]) -> None:

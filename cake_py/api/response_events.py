@@ -170,6 +170,8 @@ async def response_events(
             error = event_error(generated, path)
             code = "server_error" if error.status >= 500 else "invalid_prompt"  # codes of OpenAI's ResponseError
             failed = draft.body("failed", [], None, error={"code": code, "message": error.message})
+            if draft.let_go is not None:  # it adds nothing: the conversation is free before the client reads this
+                draft.let_go()
             yield event("response.failed", response=failed)
             return
         if draft.logprobs and generated.tokens:

@@ -4,6 +4,7 @@ response_events.py streams them)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ class Draft:
     background: bool = False  # answered by a task of the server's own (background.py)
     owner: str = ""  # the API key's owner that asked (middleware.request_owner): the stored response is its own
     conversation: str | None = None  # the stored conversation (`conversation`) its items are added to when it ends
+    # Lets the conversation go (conversations.ConversationHold): once its items are added, or it failed; before
+    # the last event, so a client that sends the next turn when it reads it never finds the conversation held.
+    let_go: Callable[[], None] | None = None
 
     def body(
         self,
@@ -131,6 +135,8 @@ def finish_response(
         state.responses.put(stored)
     if draft.conversation is not None:  # the stored copy's items: without logprobs, as the store keeps them
         state.conversations.add_items(draft.conversation, draft.owner, [*draft.items, *without_logprobs(output)])
+    if draft.let_go is not None:
+        draft.let_go()
     return response
 
 

@@ -32,6 +32,7 @@ from cake_py.api.background import (
     start_in_background,
     without_logprobs,
 )
+from cake_py.api.conversations import ConversationHold
 from cake_py.api.errors import ApiError
 from cake_py.api.keepalive import KeepAliveResponse
 from cake_py.api.middleware import request_key_name, request_owner
@@ -46,7 +47,7 @@ from cake_py.api.response_objects import (
     status_of,
     with_item_ids,
 )
-from cake_py.api.response_prompt import response_input
+from cake_py.api.response_prompt import ResponseInput, response_input
 from cake_py.api.response_store import StoredResponse
 from cake_py.api.responses_input import chat_format, new_id
 from cake_py.api.schemas import flag, metadata_field, number, openai_sampling
@@ -60,6 +61,8 @@ from cake_py.api.streaming import (
 )
 from cake_py.api.structured import compiled_grammar, structured_grammar
 from cake_py.api.tools import calls_grammar, parse_answer
+from cake_py.engine.engine import Engine
+from cake_py.models.tokenizer import Tokenizer
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Sampling fields passed on as the chat completion reads them (vLLM's extras included); the rest are Responses'.
@@ -80,6 +83,28 @@ async def create_response(request: Request) -> Response:
     want_logprobs = LOGPROBS_INCLUDE in include  # the others name outputs this server never makes (reasoning, tools' …)
     metadata = metadata_field(body.get("metadata"))
     found = response_input(state, request, body, tokenizer)
+    # Held from reading its items (just now, with no await between) until this answer's own are added to it.
+    hold = ConversationHold(state, found.conversation)
+    try:
+        return await _answer(request, state, engine, tokenizer, body, found, hold, want_logprobs, metadata)
+    except BaseException:
+        hold.release()  # refused or failed before an answer began: nothing is added
+        raise
+
+
+async def _answer(
+    request: Request,
+    state: ServerState,
+    engine: Engine,
+    tokenizer: Tokenizer,
+    body: dict[str, Any],
+    found: ResponseInput,
+    hold: ConversationHold,
+    want_logprobs: bool,
+    metadata: dict[str, str] | None,
+) -> Response:
+    """The answer to a checked request: blocking, streamed, or in the background. `hold` is let go once the answer's
+    items are added to its conversation (finish_response) or it failed; else when the stream or the run ends."""
     tools = found.tools
     max_output = body.get("max_output_tokens")
     if max_output is not None:
@@ -136,19 +161,21 @@ async def create_response(request: Request) -> Response:
         background=background,
         owner=request_owner(request),
         conversation=found.conversation.id if found.conversation is not None else None,
+        let_go=hold.release,
     )
     streams = open_streams(state, engine, [prompt_ids], [params], request_key_name(request))
     opening = draft.body("queued" if background else "in_progress", [], None)
     live = LiveResponse(opening, found.items, background=background, owner=draft.owner)
     events = response_events(request.url.path, state, streams[0], draft, tools)
     if background:
-        return _start_background(state, live, events, draft, streams, stream)
+        return _start_background(state, live, events, draft, streams, stream, hold)
     if store:  # GET /v1/responses/{id} finds it in_progress until it is stored
         state.responses.start_live(live)
     if stream:
         lines = (sse_event(event) async for event in _tracked(live, events))
 
         def closed() -> None:
+            hold.release()  # a client that left, or an error: nothing was added (an answer let it go already)
             state.responses.end_live(live)
             # The client left mid-answer, or the answer failed: the response it was given the id of ends cancelled
             # (or failed) with what it had, as a background run does, rather than turning from in_progress to not
@@ -183,10 +210,11 @@ def _start_background(
     draft: Draft,
     streams: list[EventStream],
     stream: bool,
+    hold: ConversationHold,
 ) -> Response:
     """Answer in a task of the server's own; the request returns the queued response, or follows its events."""
     stand_in = StoredResponse(live.response, draft.items, draft.history, owner=draft.owner)
-    start_in_background(live, events, state.responses, stand_in, streams)
+    start_in_background(live, events, state.responses, stand_in, streams, on_end=hold.release)
     if stream:
         return KeepAliveResponse(live.follow(-1), media_type="text/event-stream", headers=SSE_HEADERS)
     return JSONResponse(live.response)

@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+from tests.fixtures.server import ServerHandle, running_server, steps_held, tiny_settings
 
 SERVED_MODEL = "tiny_llama_long_context"  # the server and client fixtures: tests/integration/conftest.py
 SERVED_OPTIONS = {"model_name": "tiny-llama"}
@@ -225,6 +225,76 @@ def test_a_background_response_adds_its_turn_and_a_cancelled_one_nothing(client:
     cancelled = client.responses.cancel(long.id)
     assert cancelled.status == "cancelled"
     assert len(texts(client, made.id)) == 2  # neither its input nor its partial output
+
+
+def refused_as_locked(client: OpenAI, conversation_id: str) -> dict[str, Any]:
+    """The error body of a response asked for in a conversation that one is being answered in."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="x", conversation=conversation_id, input="And?", max_output_tokens=1)
+    body: dict[str, Any] = refused.value.response.json()
+    assert body["code"] == "conversation_locked" and conversation_id in body["error"]
+    return body
+
+
+def answered_once_free(client: OpenAI, conversation_id: str, text: str) -> Any:
+    """A response in the conversation, once the server has seen the one holding it end (a client that left is
+    noticed when the server next writes to it)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return client.responses.create(model="x", conversation=conversation_id, input=text, max_output_tokens=2)
+        except openai.BadRequestError as refused:
+            assert refused.response.json()["code"] == "conversation_locked" and time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_a_conversation_answers_one_response_at_a_time(
+    client: OpenAI, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second response in a conversation while one is answered there is OpenAI's 400 `conversation_locked`: each
+    would read the items without the other's turn. Whatever way a response ends, it lets the conversation go."""
+    made = client.conversations.create()
+    body = {"model": "x", "conversation": made.id, "input": QUESTION, "max_output_tokens": 1500, "stream": True}
+    with (
+        steps_held(monkeypatch, server),
+        httpx.stream("POST", f"{server.openai_url}/responses", json=body, timeout=60) as running,
+    ):
+        lines = running.iter_lines()  # kept: a dropped iterator closes the response, and the server sees it go
+        assert "response.created" in next(lines)  # it is being answered
+        refused_as_locked(client, made.id)
+    # The client left mid-answer: its turn is not added, and the conversation is free again.
+    first = answered_once_free(client, made.id, "Hi")
+    assert texts(client, made.id) == [("user", "Hi"), ("assistant", first.output_text)]
+
+    # A request refused after its conversation was read (max_output_tokens is checked later) holds nothing.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="x", conversation=made.id, input="x", max_output_tokens=0)
+    assert "max_output_tokens" in refused.value.response.json()["error"]
+    # A streamed answer lets it go before its last event: the next turn, sent on reading it, is answered.
+    events = list(
+        client.responses.create(model="x", conversation=made.id, input="More", max_output_tokens=2, stream=True)
+    )
+    streamed = events[-1].response  # type: ignore[union-attr]
+    after = client.responses.create(model="x", conversation=made.id, input="Bye", max_output_tokens=2)
+    assert [text for role, text in texts(client, made.id) if role == "user"] == ["Hi", "More", "Bye"]
+    assert texts(client, made.id)[-3:] == [
+        ("assistant", streamed.output_text),
+        ("user", "Bye"),
+        ("assistant", after.output_text),
+    ]
+
+    # A background run holds it until it ends; cancelled, it adds nothing and lets it go.
+    with steps_held(monkeypatch, server):
+        long = client.responses.create(
+            model="x", conversation=made.id, input="Go on.", max_output_tokens=1500, background=True
+        )
+        refused_as_locked(client, made.id)
+        assert client.responses.cancel(long.id).status == "cancelled"
+    client.responses.create(model="x", conversation=made.id, input="Again", max_output_tokens=1)
+    assert [text for role, text in texts(client, made.id) if role == "user"] == ["Hi", "More", "Bye", "Again"]
+    # Another conversation was never held.
+    other = client.conversations.create()
+    client.responses.create(model="x", conversation=other.id, input="Hi", max_output_tokens=1)
 
 
 def test_conversation_refusals_are_named(client: OpenAI, server: ServerHandle) -> None:
