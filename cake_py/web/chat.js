@@ -7,13 +7,20 @@ import { bearerHeaders, el, storage } from "./dom.js";
 const FOLLOW_SLACK_PX = 40; // this close to the bottom of the conversation counts as reading its end
 const STORAGE = { apiKey: "cake.apiKey", system: "cake.systemPrompt", temperature: "cake.temperature", maxTokens: "cake.maxTokens" };
 
+// Why a reply failed, told apart: the connection (fetch and the stream reader fail with a TypeError, "Failed to
+// fetch" or "network error", when it does) or what the server sent (an event this page cannot read).
+class ConnectionLost extends Error {}
+class MalformedReply extends Error {}
+
 /** Yields the `data:` payload of each server-sent event of a response body. */
 export async function* sseEvents(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   try {
     for (;;) {
-      const { value, done } = await reader.read();
+      const { value, done } = await reader.read().catch((error) => {
+        throw error instanceof TypeError ? new ConnectionLost(error.message) : error;
+      });
       if (done) return;
       buffer += value;
       let end;
@@ -50,9 +57,45 @@ async function errorMessage(response) {
   }
 }
 
-// fetch and the stream reader fail with a TypeError ("Failed to fetch", "network error") when the connection does.
 const CONNECTION_LOST =
   "The server stopped answering (the connection was lost): check that cake serve is running, then send again";
+
+/** A value's kind, for saying what was wrong with it: "null", "an array", "a number"… */
+function kindOf(value) {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "an array";
+  return typeof value === "object" ? "an object" : `a ${typeof value}`;
+}
+
+function malformed(what, data) {
+  const shown = data.length > 80 ? `${data.slice(0, 80)}…` : data;
+  return new MalformedReply(`The server sent a malformed reply: ${what} (data: ${shown})`);
+}
+
+/** One streamed chunk of a chat completion, checked for the fields the page reads: each is absent, null or of the
+ * type OpenAI's stream gives it; anything else is a MalformedReply naming the field. */
+function readChunk(data) {
+  let chunk;
+  try {
+    chunk = JSON.parse(data);
+  } catch {
+    throw malformed("an event is not JSON", data);
+  }
+  if (kindOf(chunk) !== "an object") throw malformed(`an event is ${kindOf(chunk)}, not a JSON object`, data);
+  const check = (value, kind, name) => {
+    if (value != null && kindOf(value) !== kind) throw malformed(`${name} is ${kindOf(value)}, not ${kind}`, data);
+    return value;
+  };
+  check(chunk.choices, "an array", "choices");
+  const choice = check(chunk.choices?.[0], "an object", "choices[0]");
+  check(choice?.delta, "an object", "delta");
+  check(choice?.delta?.content, "a string", "delta.content");
+  check(choice?.delta?.reasoning_content, "a string", "delta.reasoning_content");
+  check(choice?.finish_reason, "a string", "finish_reason");
+  check(chunk.usage, "an object", "usage");
+  check(chunk.usage?.completion_tokens, "a number", "usage.completion_tokens");
+  return chunk;
+}
 
 export function startChat() {
   const $ = (id) => document.getElementById(id);
@@ -197,7 +240,10 @@ export function startChat() {
     };
     try {
       const { headers, body } = request();
-      const response = await fetch("/v1/chat/completions", { method: "POST", headers, body, signal: controller.signal });
+      const response = await fetch("/v1/chat/completions", { method: "POST", headers, body, signal: controller.signal })
+        .catch((error) => {
+          throw error instanceof TypeError ? new ConnectionLost(error.message) : error;
+        });
       if (!response.ok) {
         const message = await errorMessage(response);
         if (response.status === 401) {
@@ -212,8 +258,11 @@ export function startChat() {
           ended = true;
           break;
         }
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message ?? String(chunk.error));
+        const chunk = readChunk(data);
+        if (chunk.error) {
+          const { error } = chunk;
+          throw new Error(typeof error === "string" ? error : (error.message ?? JSON.stringify(error).slice(0, 300)));
+        }
         const choice = chunk.choices?.[0];
         const delta = choice?.delta?.content;
         const reasoning = choice?.delta?.reasoning_content;
@@ -234,7 +283,7 @@ export function startChat() {
       if (error.name === "AbortError") outcome = "stopped";
       else {
         outcome = "error";
-        if (asked === epoch) showError(error instanceof TypeError ? CONNECTION_LOST : error.message);
+        if (asked === epoch) showError(error instanceof ConnectionLost ? CONNECTION_LOST : error.message);
       }
     } finally {
       cancelAnimationFrame(frame);

@@ -1,10 +1,14 @@
 // The cluster view: polls GET /api/v1/topology every second and draws the pipeline, master → workers, one card
 // per node. Cards are created once and updated in place, so an expanded layer stays open across refreshes. With no
 // model served (none loaded, or a switch under way) the cards and figures are cleared and the view says which.
+// A master that does not answer is asked again after 1 s, then 2, 4, 8 and at most every 15 s (the banner counts
+// down, and Retry now, the tab coming back or the window regaining focus asks at once); a hidden tab asks nothing.
 
 import { bearerHeaders, el, formatBytes, formatMs, setText, storage } from "./dom.js";
 
 const POLL_MS = 1000;
+const RETRY_FIRST_MS = 1000; // after a failed poll; doubled at each failure in a row, up to RETRY_MAX_MS
+const RETRY_MAX_MS = 15_000;
 const SLOW_MS = 2500; // no answer by then: the view says the master is not answering, and goes on waiting for it
 const GIVE_UP_MS = 30_000; // still none: the request is dropped and asked again (a connection that died silently)
 
@@ -303,13 +307,21 @@ export function startCluster(onLive) {
     for (const id of ["sum-nodes", "sum-layer-size", "sum-step", "sum-queue", "sum-tokens"]) setText(id, "");
   }
 
-  function setConnected(ok, message, next = "Retrying every second…") {
+  // The banner: a message (the live region's text, set only when it changes: a live region re-set is read out again),
+  // then what happens next (a countdown, hidden from screen readers so it is not read out every second) and a button.
+  const bannerMessage = document.createTextNode("");
+  const bannerNext = el("span", { className: "banner-next", ariaHidden: "true" });
+  const retryButton = el("button", { type: "button", className: "banner-action", hidden: true }, "Retry now");
+  banner.replaceChildren(bannerMessage, " ", bannerNext, " ", retryButton);
+
+  function setConnected(ok, message, next = "") {
     const connection = document.getElementById("connection");
     connection.className = `conn ${ok ? "ok" : "lost"}`;
     connection.title = ok ? "topology: live" : `topology: ${message}`;
     banner.hidden = ok;
     if (!ok) {
-      changeText(banner, `${message}. ${next}`); // set only when it changes: a live region re-set is read out again
+      changeText(bannerMessage, `${message}.`);
+      changeText(bannerNext, next);
       for (const card of cards.values()) card.markStale();
     }
   }
@@ -321,6 +333,7 @@ export function startCluster(onLive) {
 
   // A slow answer is still an answer: a master that takes longer than SLOW_MS (busy, or a big model's tensor list)
   // was dropped at that point and asked again, so it was never drawn and always "not answering".
+  // Resolves to {topology}, {noModel} or {error: what to show}.
   async function fetchTopology() {
     const slow = setTimeout(() => setConnected(false, "The master is not answering", "Waiting for it…"), SLOW_MS);
     try {
@@ -342,27 +355,95 @@ export function startCluster(onLive) {
         return { noModel: { label, reason: await problem(response) } };
       }
       if (!response.ok) throw new Error(`The topology is unavailable: ${await problem(response)}`);
-      return { topology: await response.json() };
+      const text = await response.text(); // a connection cut here is a TypeError: not answering, as above
+      let topology;
+      try {
+        topology = JSON.parse(text);
+      } catch {
+        throw new Error(`The master's topology is not JSON (${text.slice(0, 60) || "an empty answer"})`);
+      }
+      if (typeof topology !== "object" || topology === null || Array.isArray(topology)) {
+        throw new Error(`The master's topology is not a JSON object (${text.slice(0, 60)})`);
+      }
+      return { topology };
     } catch (error) {
       const unreachable = error.name === "TimeoutError" || error instanceof TypeError; // no answer at all
-      setConnected(false, unreachable ? "The master is not answering" : error.message);
-      return null;
+      return { error: unreachable ? "The master is not answering" : error.message };
     } finally {
       clearTimeout(slow);
     }
   }
 
-  async function poll() {
-    const answer = await fetchTopology();
-    try {
-      if (answer?.topology) render(answer.topology);
-      else if (answer?.noModel) showNoModel(answer.noModel);
-      if (answer) setConnected(true);
-      onLive(answer?.topology ?? null, answer?.noModel?.label);
-    } finally {
-      setTimeout(poll, POLL_MS); // after the answer, so a slow master is never asked twice at once
-    }
+  // One request at a time: the next is planned when an answer (or a failure) comes, never on a fixed clock, so a
+  // slow master is never asked twice at once.
+  let timer = 0; // the planned poll
+  let asking = false; // a request is in flight
+  let failures = 0; // failed polls in a row
+  let retryAt = 0; // when the planned retry runs (Date.now() scale), for the countdown
+  let countdown = 0;
+
+  function plan(ms) {
+    clearTimeout(timer);
+    timer = setTimeout(poll, ms);
   }
+
+  function showRetry(message) {
+    const seconds = Math.max(1, Math.ceil((retryAt - Date.now()) / 1000));
+    setConnected(false, message, `Retrying in ${seconds} s.`);
+    retryButton.hidden = false;
+  }
+
+  async function poll() {
+    clearTimeout(timer);
+    clearInterval(countdown);
+    timer = 0;
+    if (asking || document.hidden) return; // the answer plans the next poll; a tab shown again polls at once
+    asking = true;
+    retryButton.hidden = true;
+    if (failures) changeText(bannerNext, "Retrying now…");
+    const answer = await fetchTopology();
+    asking = false;
+    if (answer.error) {
+      // Asked again later and later while it fails: a master that is down is not asked every second for ever.
+      failures += 1;
+      const wait = Math.min(RETRY_FIRST_MS * 2 ** (failures - 1), RETRY_MAX_MS);
+      retryAt = Date.now() + wait;
+      showRetry(answer.error);
+      countdown = setInterval(() => showRetry(answer.error), 1000);
+      plan(wait);
+      onLive(null);
+      return;
+    }
+    failures = 0;
+    plan(POLL_MS);
+    try {
+      if (answer.topology) render(answer.topology);
+      else showNoModel(answer.noModel);
+    } catch (error) {
+      // An answer this page cannot read (another server's JSON, a field of the wrong type): said, not thrown.
+      setConnected(false, `The master's topology could not be read (${error.message})`, "Asking again every second.");
+      return;
+    }
+    setConnected(true);
+    onLive(answer.topology ?? null, answer.noModel?.label);
+  }
+
+  /** Asks now rather than at the planned time, when the master is failing (a person is waiting to see it back). */
+  function retryNow() {
+    if (failures && !asking) poll();
+  }
+
+  retryButton.addEventListener("click", poll);
+  // A hidden tab polls nothing (its planned poll finds it hidden and stops); shown again, it asks at once.
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && !asking) poll();
+  });
+  window.addEventListener("focus", retryNow);
+  window.addEventListener("online", retryNow);
+  document.getElementById("api-key").addEventListener("change", retryNow); // the key the topology asked for
+  window.addEventListener("hashchange", () => {
+    if (location.hash !== "#chat") retryNow(); // back to the cluster view
+  });
 
   poll();
 }

@@ -1,5 +1,5 @@
 """The dashboard's chat against streams that are not a plain answer, in headless Chromium: a reasoning model's
-thinking (`reasoning_content`), very long replies, and errors."""
+thinking (`reasoning_content`), very long replies, errors, malformed events and a connection lost mid-reply."""
 
 from __future__ import annotations
 
@@ -137,3 +137,52 @@ def test_a_reply_sent_with_the_send_button_can_be_stopped_from_the_keyboard(page
         page.keyboard.press("Enter")
         expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "stopped")
         expect(page.locator("#prompt")).to_be_focused()
+
+
+def test_a_malformed_event_is_not_called_a_lost_connection(page: Page, tiny_llama: Path) -> None:
+    """`data: null` made reading the chunk throw a TypeError, and every TypeError read as "the server stopped
+    answering": the page blamed the connection for a reply it could not read. Now it says what was malformed, and
+    a connection that does drop mid-reply still says so."""
+    first = f"data: {json.dumps(_delta(role='assistant', content='Hel'))}\n\n"
+    cases = {
+        "null": "an event is null, not a JSON object",
+        "{oops": "an event is not JSON",
+        "[1, 2]": "an event is an array",
+        json.dumps(_delta(content=7)): "delta.content is a number, not a string",
+        json.dumps({"choices": "none"}): "choices is a string",
+    }
+    events: list[str] = []
+    with running_server(tiny_settings(tiny_llama)) as server:
+        page.route(
+            "**/v1/chat/completions",
+            lambda route: route.fulfill(
+                status=200, headers={"Content-Type": "text/event-stream"}, body=f"{first}data: {events[-1]}\n\n"
+            ),
+        )
+        page.goto(f"{server.base_url}/#chat")
+        alert = page.get_by_role("alert")
+        for event, said in cases.items():
+            events.append(event)
+            send_message(page, "hello")
+            reply = page.get_by_test_id("assistant-message").last
+            expect(reply).to_have_attribute("data-state", "error")
+            expect(alert).to_contain_text("The server sent a malformed reply")
+            expect(alert).to_contain_text(said)
+            expect(alert).not_to_contain_text("stopped answering")
+
+        page.unroute("**/v1/chat/completions")
+        page.evaluate(  # a body that gives one token, then fails as a dropped connection does
+            """first => {
+                const real = window.fetch;
+                window.fetch = (url, init) => url.includes("/chat/completions")
+                    ? Promise.resolve(new Response(new ReadableStream({ start(c) {
+                        c.enqueue(new TextEncoder().encode(first));
+                        setTimeout(() => c.error(new TypeError("network error")), 50);
+                      } }), { headers: { "Content-Type": "text/event-stream" } }))
+                    : real(url, init);
+            }""",
+            first,
+        )
+        send_message(page, "hello")
+        expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "error")
+        expect(alert).to_contain_text("The server stopped answering")

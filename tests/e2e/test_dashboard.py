@@ -4,9 +4,9 @@
 What a person sees: both workers with their layer ranges, a layer's tensors, live figures that move without a
 reload, a chat that streams token by token and keeps the conversation, a stop button that cancels the generation
 on the server (and frees it on every worker), model output shown as text even when it looks like HTML, an API key
-field that the server's key check accepts, a phone-sized screen without sideways scrolling, a master that stops
-answering and a killed worker's card both shown within 5 s. Screenshots of every view go to
-`test-artifacts/dashboard/`.
+field that the server's key check accepts, view tabs that follow the arrow keys, a phone-sized screen without
+sideways scrolling, a master that stops answering and a killed worker's card both shown within 5 s. Screenshots of
+every view go to `test-artifacts/dashboard/`.
 
 The last test kills a worker of the module's cluster, so it stays last in the file.
 """
@@ -614,6 +614,44 @@ def test_node_cards_keep_their_text_between_polls(page: Page, cluster: Cluster) 
     kept = page.evaluate_handle("document.querySelector('[data-testid=\"node-worker-1\"] .facts dd')")
     page.wait_for_timeout(2500)  # two polls or more
     assert page.evaluate("dd => dd.isConnected", kept)
+
+
+def test_the_view_tabs_follow_the_arrow_keys(page: Page, cluster: Cluster) -> None:
+    """The views' links are a tablist, but only Tab and Enter reached them: the arrow keys, Home and End did nothing
+    (the WAI-ARIA tabs pattern), and the unselected tab was a tab stop of its own."""
+    page.goto(cluster.url)
+    tabs = {name: page.get_by_role("tab", name=name) for name in ("Cluster", "Chat")}
+
+    def selected(name: str) -> None:
+        other = "Chat" if name == "Cluster" else "Cluster"
+        expect(tabs[name]).to_be_focused()
+        expect(tabs[name]).to_have_attribute("aria-selected", "true")
+        expect(tabs[name]).to_have_attribute("tabindex", "0")  # the tablist's one tab stop
+        expect(tabs[other]).to_have_attribute("aria-selected", "false")
+        expect(tabs[other]).to_have_attribute("tabindex", "-1")
+        expect(page.get_by_role("tabpanel")).to_have_attribute("aria-labelledby", f"tab-{name.lower()}")
+
+    tabs["Cluster"].focus()
+    page.keyboard.press("ArrowRight")
+    selected("Chat")  # the keyboard stays on the tab, not in the message box
+    expect(page).to_have_url(re.compile("#chat$"))
+    page.keyboard.press("ArrowRight")  # past the last: the first
+    selected("Cluster")
+    page.keyboard.press("ArrowLeft")  # before the first: the last
+    selected("Chat")
+    page.keyboard.press("Home")
+    selected("Cluster")
+    page.keyboard.press("End")
+    selected("Chat")
+    page.keyboard.press("ArrowLeft")
+    selected("Cluster")
+    page.keyboard.press("Tab")  # out of the tablist, into the view: not onto the other tab
+    expect(tabs["Chat"]).not_to_be_focused()
+    expect(tabs["Cluster"]).not_to_be_focused()
+
+    tabs["Chat"].click()  # a click still puts the keyboard in the message box
+    expect(page.locator("#prompt")).to_be_focused()
+    expect(tabs["Chat"]).to_have_attribute("tabindex", "0")
 
 
 # ---- small screens -----------------------------------------------------------------------------------------------

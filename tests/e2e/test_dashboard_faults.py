@@ -1,9 +1,11 @@
-"""The dashboard's cluster view off the happy path, in headless Chromium: a master that answers slowly or not at all,
-and workers whose long names differ only at their end."""
+"""The dashboard's cluster view off the happy path, in headless Chromium: a master that answers slowly or not at all
+(asked less and less often while it is down, never from a hidden tab), and workers whose long names differ only at
+their end."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect
 
 from cake_py.api import topology
-from tests.fixtures.browser import fresh_page
+from tests.fixtures.browser import fresh_page, set_hidden
 from tests.fixtures.server import running_server, tiny_settings
 
 
@@ -64,6 +66,102 @@ def test_a_master_that_stops_answering_is_announced_once(browser: Browser, tiny_
             assert page.evaluate("text => text.isConnected", said), "the banner's text was replaced"
             page.unroute("**/api/v1/topology")
             expect(page.get_by_role("status")).to_have_count(0)  # back: the banner goes
+        assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
+
+
+TOPOLOGY = "**/api/v1/topology"
+
+
+def _wait_for_asks(page: Page, asked: list[float], count: int, within_s: float) -> float:
+    """Seconds until `asked` holds `count` requests; fails past `within_s`."""
+    start = time.monotonic()
+    while len(asked) < count:
+        assert time.monotonic() - start < within_s, f"{len(asked)} topology requests, not {count}, in {within_s} s"
+        page.wait_for_timeout(20)
+    return time.monotonic() - start
+
+
+def test_a_master_that_stays_down_is_asked_less_and_less_often(browser: Browser, tiny_llama: Path) -> None:
+    """The view asked a master that was down once a second for as long as the tab stayed open, each failure an error
+    in the console, and said only "Retrying every second": now 1 s, 2 s, 4 s… apart (at most 15 s), with a
+    countdown, a Retry now button, and every second again once it answers."""
+    with running_server(tiny_settings(tiny_llama)) as server:
+        with fresh_page(browser) as (page, problems):
+            page.goto(f"{server.base_url}/")
+            expect(page.get_by_test_id("node-master")).to_be_visible()
+            asked: list[float] = []
+
+            def refuse(route: Route) -> None:
+                asked.append(time.monotonic())
+                route.abort("connectionrefused")
+
+            page.route(TOPOLOGY, refuse)
+            banner = page.get_by_role("status")
+            expect(banner).to_contain_text("not answering")
+            # Failures at +0, +1 and +3 s: the next try is 4 s off.
+            expect(banner).to_contain_text("Retrying in 4 s", timeout=6000)
+            assert len(asked) == 3, asked
+            gaps = [round(b - a, 2) for a, b in zip(asked, asked[1:], strict=False)]
+            assert gaps[0] >= 0.8 and gaps[1] >= 1.8, f"asked again sooner than 1 s, then 2 s: {gaps}"
+            page.wait_for_timeout(2500)
+            assert len(asked) == 3, "asked again before the 4 s were up"  # every second, this was 5 or 6
+            expect(banner).to_contain_text(re.compile(r"Retrying in [12] s"))  # the countdown moves
+
+            page.get_by_role("button", name="Retry now").click()
+            _wait_for_asks(page, asked, 4, within_s=0.8)
+            expect(banner).to_contain_text("Retrying in 8 s")
+
+            page.unroute(TOPOLOGY)
+            page.route(TOPOLOGY, lambda route: (asked.append(time.monotonic()), route.continue_()))
+            page.get_by_role("button", name="Retry now").click()
+            expect(page.get_by_role("status")).to_have_count(0)  # back: the banner goes
+            expect(page.locator("#connection")).to_have_class(re.compile(r"\bok\b"))
+            # Answered: asked every second again, not 16 s later.
+            _wait_for_asks(page, asked, 7, within_s=3)
+            page.unroute(TOPOLOGY)
+            page.goto("about:blank")
+        assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
+
+
+def test_a_hidden_tab_asks_nothing_and_asks_at_once_when_shown_again(browser: Browser, tiny_llama: Path) -> None:
+    """A tab in the background polled the topology every second like a visible one; shown again, it waited for its
+    next poll. Now a hidden tab asks nothing, and one shown again asks at once, also while the master is down."""
+    with running_server(tiny_settings(tiny_llama)) as server:
+        with fresh_page(browser) as (page, problems):
+            asked: list[float] = []
+            failing = False
+
+            def answer(route: Route) -> None:
+                asked.append(time.monotonic())
+                if failing:
+                    route.abort("connectionrefused")
+                else:
+                    route.continue_()
+
+            page.route(TOPOLOGY, answer)
+            page.goto(f"{server.base_url}/")
+            expect(page.get_by_test_id("node-master")).to_be_visible()
+
+            set_hidden(page, True)
+            page.wait_for_timeout(300)  # a poll already under way ends
+            before = len(asked)
+            page.wait_for_timeout(3000)
+            assert len(asked) == before, f"a hidden tab asked {len(asked) - before} times in 3 s"
+            set_hidden(page, False)
+            _wait_for_asks(page, asked, before + 1, within_s=0.8)  # at once, not at the next second's poll
+
+            # The master goes: shown again, the tab asks at once rather than at the end of its pause.
+            failing = True
+            expect(page.get_by_role("status")).to_contain_text("Retrying in 4 s", timeout=8000)
+            set_hidden(page, True)
+            before = len(asked)
+            page.wait_for_timeout(5000)  # past the 4 s retry
+            assert len(asked) == before, "a hidden tab retried"
+            set_hidden(page, False)
+            _wait_for_asks(page, asked, before + 1, within_s=0.8)
+            expect(page.get_by_role("status")).to_contain_text("Retrying in 8 s")
+            page.unroute(TOPOLOGY)
+            page.goto("about:blank")
         assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
 
 
