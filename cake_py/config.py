@@ -338,4 +338,19 @@ def load_cluster_file(path: Path) -> ClusterFile:
     # str() turned `model: [a, b]` or `model: true` into a name to look up, and `model: ""` served the embedded default
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise ConfigError(f"cluster config {str(path)!r}: 'model' must be a Hub id or a path in quotes, got {model!r}")
-    return ClusterFile(model, workers)
+    return ClusterFile(model and _beside(path, model), workers)
+
+
+def _beside(config: Path, model: str) -> str:
+    """cluster.yaml's `model` as a path relative to the file's folder (as docker-compose and kustomize read paths in
+    their files), when one exists there; anything else as written: an absolute or `~` path, a Hub id (`org/name`
+    reads as a relative path too), or a path found from the working directory only, as before."""
+    if os.path.isabs(model) or model.startswith("~"):
+        return model
+    # The folder's real path: what the master shows (/models/current's load_as) loads again from any directory.
+    try:
+        beside = config.parent.resolve() / model
+        exists = beside.exists()
+    except (OSError, ValueError, RuntimeError):  # a name too long for the OS, a NUL, a symlink loop: left as given
+        return model
+    return str(beside) if exists else model

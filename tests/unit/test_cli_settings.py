@@ -109,3 +109,28 @@ def test_settings_files_that_are_no_small_regular_file_are_named(tmp_path: Path)
     assert_one_line_error(too_big, "1400000 bytes, more than 1048576 for a settings file")
     result = cake("serve", "--api-key-file", "/dev/zero", timeout=60)
     assert_one_line_error(result, "--api-key-file '/dev/zero' is not a regular file")
+
+
+def test_the_cluster_files_model_is_found_beside_it_and_a_model_argument_from_here(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model: ./llama` in deploy/cluster.yaml is deploy/llama whatever the working directory; a MODEL on the
+    command line is read from the working directory, as any argument is, and overrides the file's."""
+    from cake_py.cli import _serve_settings, build_parser
+    from cake_py.models.hub import resolve_model
+
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    (deploy / "llama").symlink_to(tiny_llama)
+    (deploy / "cluster.yaml").write_text("model: ./llama\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    parser = build_parser()
+    settings = _serve_settings(parser.parse_args(["serve", "--config", "../deploy/cluster.yaml"]))
+    assert settings.model == str(deploy.resolve() / "llama")
+    assert resolve_model(settings.model).model_id == "llama"
+    (elsewhere / "mine").symlink_to(tiny_llama)
+    given = _serve_settings(parser.parse_args(["serve", "./mine", "--config", "../deploy/cluster.yaml"]))
+    assert given.model == "./mine"
+    assert resolve_model(given.model).model_id == "mine"

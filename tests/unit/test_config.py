@@ -1,6 +1,7 @@
 """cluster.yaml parsing, layer ranges and flag validation (cake_py.config and cake_py.config_checks): every error
 names the bad value."""
 
+import os
 import re
 from pathlib import Path
 
@@ -49,6 +50,51 @@ def test_cluster_file(tmp_path: Path) -> None:
     cluster = load_cluster_file(path)
     assert cluster.model == "org/model"
     assert cluster.workers == [WorkerSpec("a", "10.0.0.5:10128", (0, 15)), WorkerSpec("b", "10.0.0.6:10128", (15, 30))]
+
+
+def test_a_relative_model_path_is_read_from_the_cluster_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model: ./llama` beside cluster.yaml was looked up in the working directory: `cake serve --config
+    deploy/cluster.yaml` from anywhere else said it did not exist (or served another folder of that name)."""
+    deploy = (tmp_path / "deploy").resolve()
+    (deploy / "llama").mkdir(parents=True)
+    (deploy / "model.gguf").write_bytes(b"")
+    (tmp_path / "models" / "shared").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "llama").mkdir(parents=True)  # the same name in the working directory: the file's folder wins
+    monkeypatch.chdir(elsewhere)
+    config = deploy / "cluster.yaml"
+    for written, found in [
+        ("./llama", deploy / "llama"),
+        ("llama", deploy / "llama"),
+        ("model.gguf", deploy / "model.gguf"),
+        ("../models/shared", deploy / ".." / "models" / "shared"),
+    ]:
+        config.write_text(f"model: {written!r}\n")
+        assert load_cluster_file(config).model == str(found), written
+        # A relative --config too: the model's path is absolute, so /models/current's load_as loads it again.
+        relative = Path(os.path.relpath(config, elsewhere))
+        assert load_cluster_file(relative).model == str(found), written
+
+
+@pytest.mark.parametrize(
+    "written", ["org/name", "org/name:Q4_K_M", "./only-here", "/abs/model", "~/models/llama", "missing.gguf"]
+)
+def test_a_model_not_beside_the_cluster_file_means_what_it_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    """Hub ids read as relative paths: one is a path only where the file's folder holds it. Anything else, an
+    absolute or ~ path, or a path found from the working directory only (as before), is left as written."""
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "only-here").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "deploy" / "cluster.yaml"
+    config.write_text(f"model: {written!r}\n")
+    assert load_cluster_file(config).model == written
+    (tmp_path / "deploy" / "org" / "name").mkdir(parents=True)  # a folder org/name beside it: that path, not the Hub
+    config.write_text("model: org/name\n")
+    assert load_cluster_file(config).model == str((tmp_path / "deploy").resolve() / "org" / "name")
 
 
 @pytest.mark.parametrize(
