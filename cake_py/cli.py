@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from cake_py.config_checks import (
     read_prompt,
     run_arguments,
 )
-from cake_py.errors import CakeError, ConfigError
+from cake_py.errors import CakeError, ConfigError, Stopped
 
 
 def _serve_settings(args: argparse.Namespace) -> ServeSettings:
@@ -224,6 +225,24 @@ def _usable_streams() -> None:
                 stream.reconfigure(errors="replace")
 
 
+# A server stopped on a signal: Ctrl-C is 130 (128 + SIGINT), as the shell reports an interrupted command, so a script
+# sees it was interrupted; SIGTERM is how a service manager asks for a stop (docker stop, systemctl stop, Kubernetes),
+# and a stop done as asked is a success, 0, as nginx, gunicorn and PostgreSQL end on it.
+STOPPED_EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 0}
+
+
+def _exit_now(code: int) -> int:
+    """`code`, as main's result; with other threads still running (a download's pool, a server's handlers), exit
+    at once instead: even daemon threads are joined at exit, a download's file by file."""
+    if any(thread is not threading.main_thread() and thread.is_alive() for thread in threading.enumerate()):
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -241,15 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CakeError as error:
         print(f"cake: error: {error}", file=sys.stderr)
         return 1
+    except Stopped as stopped:  # serve or worker, stopped cleanly on a signal
+        print(f"cake {args.command}: stopped ({stopped})", file=sys.stderr)
+        return _exit_now(STOPPED_EXIT_CODES[stopped.signum])
     except KeyboardInterrupt as interrupt:  # Ctrl-C: one line (what it stopped, when that says), no traceback
         print(f"cake: interrupted: {interrupt}" if str(interrupt) else "cake: interrupted", file=sys.stderr)
-        if any(thread is not threading.main_thread() and thread.is_alive() for thread in threading.enumerate()):
-            # A download's pool threads (huggingface_hub's): even as daemons, exiting joins them, file by file.
-            with contextlib.suppress(OSError):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(130)
-        return 130
+        return _exit_now(130)
     except BrokenPipeError:  # `cake run … | head`: the reader has what it wanted
         with contextlib.suppress(OSError):  # and Python's own flush at exit must not complain either
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

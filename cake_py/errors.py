@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class CakeError(Exception):
     """Base of every error cake_py raises on purpose. `str(error)` is a complete one-line message."""
@@ -50,3 +52,12 @@ class ClusterError(CakeError):
 
 class StageError(ClusterError):
     """A pipeline stage failed while serving a forward pass."""
+
+
+class Stopped(Exception):  # noqa: N818 - not an error: how a server's run ends
+    """`cake serve` or `cake worker` stopped cleanly on SIGINT or SIGTERM, its work ended and its ports closed. Not a
+    CakeError: the CLI says it stopped, in one line, and exits 130 for SIGINT or 0 for SIGTERM (cli.py)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

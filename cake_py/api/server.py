@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
-from collections.abc import Collection
+import threading
+from collections.abc import Collection, Iterator
 from itertools import count
 from types import FrameType
 
@@ -19,7 +22,7 @@ from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.config import ServeSettings
 from cake_py.config_checks import check_can_listen
 from cake_py.engine.engine import Engine
-from cake_py.errors import ConfigError
+from cake_py.errors import ConfigError, Stopped
 from cake_py.models import graphs
 from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_device, set_threads, torch_dtype
 from cake_py.models.hub import ModelSource, resolve_model
@@ -118,8 +121,11 @@ def serve(settings: ServeSettings) -> None:
         timeout_graceful_shutdown=5,
         http=HeadTimeoutProtocol,  # a request's head must arrive in time (uvicorn has no such timeout)
     )
-    _Server(config, state).run()
+    server = _Server(config, state)
+    server.run()
     files_lock.close()
+    if server.stopped_by is not None:
+        raise Stopped(server.stopped_by)
 
 
 def warn_of_an_open_api(settings: ServeSettings) -> None:
@@ -153,6 +159,22 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
+        self.stopped_by: int | None = None  # the first SIGINT or SIGTERM
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, without raising the signal again once the server has stopped (it did, since 0.29): SIGINT then
+        reached the CLI as a KeyboardInterrupt (exit 130, as an interrupted start), and SIGTERM killed the process
+        unlike the worker's clean exit. serve() raises Stopped instead, as run_worker does."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        original = {signum: signal.signal(signum, self.handle_exit) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in original.items():
+                signal.signal(signum, handler)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -163,5 +185,7 @@ class _Server(uvicorn.Server):
             log.info("serving %s on http://%s:%d", self.state.model_name, shown, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
         begin_shutdown(self.state)
         super().handle_exit(sig, frame)

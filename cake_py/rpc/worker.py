@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from concurrent import futures
 
@@ -16,7 +15,7 @@ import torch
 from cake_py.cluster.hostinfo import measure_tflops
 from cake_py.config import WorkerSettings
 from cake_py.config_checks import check_can_listen, listen_address
-from cake_py.errors import ClusterError
+from cake_py.errors import ClusterError, Stopped
 from cake_py.models import graphs
 from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_device, set_threads, tune_allocator
 from cake_py.rpc import MAX_MESSAGE_BYTES
@@ -98,28 +97,29 @@ def run_worker(settings: WorkerSettings) -> None:
     if settings.tls_cert and not settings.tls_ca:
         log.warning("--tls-cert without --tls-ca: this worker cannot verify the next worker of a chained forward, "
                     "so its output goes back through the master")  # fmt: skip
-    tls = "TLS" if settings.tls_cert else "plaintext"
-    fast = f", forward fast path on port {servicer.dataplane.port}" if servicer.dataplane else ""
-    where = listen_address(settings.host, port)
-    print(f"cake worker {servicer.name!r} listening on {where} ({tls}, device {servicer.device}{fast})", flush=True)
     stop = threading.Event()
-    threading.Thread(
-        target=_reap_idle_sequences, args=(servicer, settings.kv_idle_seconds, stop), name="cake-reaper", daemon=True
-    ).start()
+    stopped_by: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
         if stop.is_set():  # asked again: whatever still runs (a long cache hash, say) is not waited for
             os._exit(128 + signum)
+        stopped_by.append(signum)
         stop.set()
 
+    # Before the line that says it listens: a signal sent on reading it is a clean stop, not an interrupted start.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
+    tls = "TLS" if settings.tls_cert else "plaintext"
+    fast = f", forward fast path on port {servicer.dataplane.port}" if servicer.dataplane else ""
+    where = listen_address(settings.host, port)
+    print(f"cake worker {servicer.name!r} listening on {where} ({tls}, device {servicer.device}{fast})", flush=True)
+    threading.Thread(
+        target=_reap_idle_sequences, args=(servicer, settings.kv_idle_seconds, stop), name="cake-reaper", daemon=True
+    ).start()
     stop.wait()
     if servicer.dataplane is not None:
         servicer.dataplane.close()
     servicer.peers.close()
     server.stop(grace=1).wait()
-    # A handler cancelled by the stop may still be hashing or loading gigabytes; exiting must not wait for it.
-    logging.shutdown()
-    sys.stdout.flush()
-    os._exit(0)
+    # A handler cancelled by the stop may still be hashing or loading gigabytes: the CLI exits without waiting for it.
+    raise Stopped(stopped_by[0])

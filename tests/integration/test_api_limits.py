@@ -169,8 +169,8 @@ def test_a_full_queue_is_a_503_and_shutdown_ends_every_open_stream(tiny_llama: P
             assert "--max-queue 3" in refused.json()["error"]
             master.signal(signal.SIGTERM)
             endings = [[line for line in lines if line.startswith("data: ")][-2:] for lines in opened]
-        assert master.process is not None  # uvicorn ends by re-raising the signal once it has shut down cleanly
-        assert master.process.wait(timeout=15) == -signal.SIGTERM, master.stderr[-2000:]
+        assert master.process is not None  # a clean stop on SIGTERM, as asked, is a success (README)
+        assert master.process.wait(timeout=15) == 0, master.stderr[-2000:]
         assert "Traceback" not in master.stderr, master.stderr[-4000:]
     assert all(ending[-1] == "data: [DONE]" for ending in endings), endings
     stopped = [ending for ending in endings if "engine stopped" in ending[0]]
