@@ -5,7 +5,8 @@ POST (new `metadata`) and DELETE /v1/conversations/{id}, and its items: POST /v1
 Items are checked as a response's `input` is (responses_input.py): messages, `function_call` and
 `function_call_output` items, each given an id (`msg_…`, `fc_…`, `fco_…`) unless it came with one. A response
 created with `conversation` reads them as its earlier turns and adds its own (responses.py), one response at a
-time (ConversationHold); the store is conversation_store.py. Another API key's conversation is not found, as another key's stored response is not."""
+time (ConversationHold); the store is conversation_store.py. Another API key's conversation is not found, as
+another key's stored response is not."""
 
 from __future__ import annotations
 
