@@ -93,6 +93,30 @@ def throttle(monkeypatch: pytest.MonkeyPatch) -> Callable[[Engine, float], None]
     return apply
 
 
+@pytest.fixture()
+def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Engine, float], threading.Event]]:
+    """Hold an engine's steps until the returned event is set, then run one per `seconds`: a reply that is surely
+    still under way while the test looks at it, however fast or loaded the machine (a throttled 12-token reply
+    could end before a loaded machine's browser was looked at). Set again at teardown: no step is left waiting."""
+    gates: list[threading.Event] = []
+
+    def apply(engine: Engine, seconds: float) -> threading.Event:
+        step, gate = engine.step, threading.Event()
+        gates.append(gate)
+
+        def held_step() -> None:
+            gate.wait(timeout=60)
+            time.sleep(seconds)
+            step()
+
+        monkeypatch.setattr(engine, "step", held_step)
+        return gate
+
+    yield apply
+    for gate in gates:
+        gate.set()
+
+
 def _watch_text(page: Page, selector: str) -> None:
     """Record, in window.__lengths, the text length of the last element matching `selector` at every DOM change."""
     page.evaluate(
@@ -199,11 +223,11 @@ def test_live_figures_refresh_without_a_reload(
 
 
 def test_chat_streams_a_reply_and_keeps_the_conversation(
-    page: Page, cluster: Cluster, throttle: Callable[[Engine, float], None]
+    page: Page, cluster: Cluster, held: Callable[[Engine, float], threading.Event]
 ) -> None:
     max_tokens = 40
     expected = _greedy_reply(cluster, [{"role": "user", "content": PROMPT}], max_tokens)
-    throttle(cluster.engine, 0.03)  # one token per network read: the text must be seen to grow
+    go_on = held(cluster.engine, 0.03)  # one token per network read: the text must be seen to grow
     page.goto(f"{cluster.url}#chat")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", str(max_tokens))
@@ -214,8 +238,9 @@ def test_chat_streams_a_reply_and_keeps_the_conversation(
     send_message(page, PROMPT)
     reply = page.get_by_test_id("assistant-message").last
     expect(reply).to_have_attribute("data-state", "streaming")
+    expect(page.locator("#stop")).to_be_visible()  # seen during the reply: its steps wait for go_on
+    go_on.set()
     expect(reply.locator(".content")).not_to_be_empty()
-    expect(page.locator("#stop")).to_be_visible()
     expect(reply).to_have_attribute("data-state", "max tokens", timeout=20_000)
 
     assert reply.locator(".content").text_content() == expected  # the streamed deltas add up to the reply
@@ -580,11 +605,11 @@ def test_the_views_work_with_site_data_blocked(browser: Browser, cluster: Cluste
 
 
 def test_focus_stays_where_the_reader_types_and_a_bad_number_is_refused(
-    page: Page, cluster: Cluster, throttle: Callable[[Engine, float], None]
+    page: Page, cluster: Cluster, held: Callable[[Engine, float], threading.Event]
 ) -> None:
     """A reply that ends moved the keyboard into the message box, mid-word in the system prompt; a temperature the
     field cannot read ("1e") was dropped from the request without a word."""
-    throttle(cluster.engine, 0.05)
+    go_on = held(cluster.engine, 0.05)
     page.goto(f"{cluster.url}#chat")
     page.fill("#max-tokens", "12")
     send_message(page, PROMPT)
@@ -592,6 +617,7 @@ def test_focus_stays_where_the_reader_types_and_a_bad_number_is_refused(
     expect(reply).to_have_attribute("data-state", "streaming")
     page.click("#system-prompt")
     page.keyboard.type("You are a pirate ")
+    go_on.set()  # the reply comes, and ends, while the reader types in the system prompt
     expect(reply).to_have_attribute("data-state", "max tokens", timeout=20_000)
     page.keyboard.type("who rhymes.")
     expect(page.locator("#system-prompt")).to_have_value("You are a pirate who rhymes.")

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,20 +307,25 @@ def test_a_batch_being_finished_ends_as_it_was_going_to(
 ) -> None:
     """A cancel that comes while the result files are stored changes nothing: one output file, the batch completed,
     on disk as in memory."""
-    real = FileStore.add_lines
+    real, cancelled = FileStore.add_lines, threading.Event()
 
-    def slow(self: FileStore, *args: Any, **kwargs: Any) -> Any:
-        time.sleep(0.3)
+    def held(self: FileStore, *args: Any, **kwargs: Any) -> Any:
+        # Stored only once the cancel was answered, so it comes while the files are stored on any machine: a 0.3 s
+        # pause here was a window that a loaded machine's status poll and cancel could both miss.
+        cancelled.wait(timeout=60)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(FileStore, "add_lines", slow)
+    monkeypatch.setattr(FileStore, "add_lines", held)
     batch = client.batches.create(
         input_file_id=upload(client, [request_line("one", chat_body("hi"))]),
         endpoint="/v1/chat/completions",
         completion_window="24h",
     )
-    wait_for(client, batch.id, ("finalizing",))
-    assert client.batches.cancel(batch.id).status == "finalizing"
+    try:
+        wait_for(client, batch.id, ("finalizing",))
+        assert client.batches.cancel(batch.id).status == "finalizing"
+    finally:
+        cancelled.set()
     done = wait_for(client, batch.id, ("completed", "cancelled"))
     assert done.status == "completed"
     outputs = [f for f in client.files.list(purpose="batch_output") if f.filename.startswith(batch.id)]
