@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from openai import OpenAI
 
 from cake_py.api.server import begin_shutdown
-from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+from tests.fixtures.server import ServerHandle, running_server, slow_steps, tiny_settings
 
 QUESTION = "What is the capital of France?"
-LONG = 1500  # output tokens: seconds of work for the tiny model, so a cancel lands mid-answer
+LONG = 1500  # output tokens: with STEP_S before each step, 15 s or more of work, so a cancel lands mid-answer
+STEP_S = 0.01  # before each engine step where a test needs its answer under way: a fast machine wrote LONG tokens
+# in well under a second, before a poll, a cancel or a shutdown came
 
 
 SERVED_MODEL = "tiny_llama_long_context"  # the server and client fixtures: tests/integration/conftest.py
@@ -42,8 +45,8 @@ def generated_tokens(server: ServerHandle) -> int:
 
 
 def stopped_early(server: ServerHandle, tokens_before: int) -> bool:
-    """Whether the engine is idle having generated fewer than LONG tokens since `tokens_before` (the tiny model
-    writes LONG tokens in about a second: a run that was not stopped would finish them)."""
+    """Whether the engine is idle having generated fewer than LONG tokens since `tokens_before` (a run that was not
+    stopped is still running after these 10 s: LONG steps of STEP_S take 15 s)."""
     engine = server.state.engine
     assert engine is not None
     deadline = time.monotonic() + 10
@@ -79,7 +82,10 @@ def test_a_background_response_is_answered_without_its_request(client: OpenAI) -
     assert follow_up.status == "incomplete"
 
 
-def test_a_poll_reads_the_answer_as_far_as_it_has_come(client: OpenAI, server: ServerHandle) -> None:
+def test_a_poll_reads_the_answer_as_far_as_it_has_come(
+    client: OpenAI, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_steps(monkeypatch, server, STEP_S)
     started = client.responses.create(model="x", input=QUESTION, max_output_tokens=LONG, temperature=0, background=True)
     seen: list[str] = []
     deadline = time.monotonic() + 30
@@ -122,7 +128,10 @@ def test_a_stream_left_early_does_not_stop_a_background_response(client: OpenAI,
     assert done.status == "incomplete" and done.usage is not None and done.usage.output_tokens == 24
 
 
-def test_cancel_stops_a_background_response(client: OpenAI, server: ServerHandle) -> None:
+def test_cancel_stops_a_background_response(
+    client: OpenAI, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_steps(monkeypatch, server, STEP_S)
     before = generated_tokens(server)
     started = client.responses.create(model="x", input=QUESTION, max_output_tokens=LONG, temperature=0, background=True)
     url = f"{server.base_url}/v1/responses/{started.id}"
@@ -153,7 +162,10 @@ def test_cancel_stops_a_background_response(client: OpenAI, server: ServerHandle
         assert [event["type"] for event in sse_events(raw.iter_lines())] == ["response.cancelled"]
 
 
-def test_delete_cancels_a_running_background_response(client: OpenAI, server: ServerHandle) -> None:
+def test_delete_cancels_a_running_background_response(
+    client: OpenAI, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_steps(monkeypatch, server, STEP_S)
     before = generated_tokens(server)
     started = client.responses.create(model="x", input=QUESTION, max_output_tokens=LONG, temperature=0, background=True)
     url = f"{server.base_url}/v1/responses/{started.id}"
@@ -175,7 +187,10 @@ def test_only_background_responses_are_cancelled_or_streamed_again(client: OpenA
     assert ended.status_code == 400 and done.status in ended.json()["error"]
 
 
-def test_a_response_being_answered_reads_in_progress(client: OpenAI, server: ServerHandle) -> None:
+def test_a_response_being_answered_reads_in_progress(
+    client: OpenAI, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_steps(monkeypatch, server, STEP_S)
     body = {"input": QUESTION, "max_output_tokens": LONG, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body, timeout=60) as raw:
         lines = raw.iter_lines()
@@ -192,10 +207,13 @@ def test_a_response_being_answered_reads_in_progress(client: OpenAI, server: Ser
     assert httpx.get(url).json()["status"] == "cancelled"  # left early: stored as it stood, cancelled
 
 
-def test_a_server_stopping_cancels_its_background_responses(tiny_llama_long_context: Path) -> None:
+def test_a_server_stopping_cancels_its_background_responses(
+    tiny_llama_long_context: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What a shutdown signal does (begin_shutdown, then the lifespan's end): running background responses end
     cancelled with the output they had, not failed by the engine's stop."""
     with running_server(tiny_settings(tiny_llama_long_context)) as handle:
+        slow_steps(monkeypatch, handle, STEP_S)
         response_id = started_with_output(handle)
         begin_shutdown(handle.state)
         stored = wait_stored(handle, response_id)
@@ -203,9 +221,12 @@ def test_a_server_stopping_cancels_its_background_responses(tiny_llama_long_cont
     assert stored["output"][0]["content"][0]["text"]
 
 
-def test_an_engine_that_stops_fails_a_background_response_keeping_its_output(tiny_llama_long_context: Path) -> None:
+def test_an_engine_that_stops_fails_a_background_response_keeping_its_output(
+    tiny_llama_long_context: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The engine stopping alone (a model switch) fails a running background response; what it wrote stays."""
     with running_server(tiny_settings(tiny_llama_long_context)) as handle:
+        slow_steps(monkeypatch, handle, STEP_S)
         response_id = started_with_output(handle)
         engine = handle.state.engine
         assert engine is not None
