@@ -319,9 +319,12 @@ def test_the_api_key_may_come_as_x_api_key(tiny_llama: Path) -> None:
         assert refused.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
 
 
-def test_a_client_that_leaves_a_stream_stops_its_generation(server: ServerHandle) -> None:
+def test_a_client_that_leaves_a_stream_stops_its_generation(
+    server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = server.state.engine
     assert engine is not None
+    slow_steps(monkeypatch, server, 0.01)  # 1500 tokens take 15 s: a run the client's leaving did not stop still runs
     body = {"model": "tiny", "max_tokens": 1500, "stream": True, "messages": [{"role": "user", "content": "Talk"}]}
     before = engine.stats.tokens_generated
     with httpx.stream(
@@ -336,9 +339,12 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(server: ServerHandle
     assert engine.in_flight == 0 and engine.stats.tokens_generated - before < 1500
 
 
-def test_a_client_that_leaves_a_blocking_request_stops_its_generation(server: ServerHandle) -> None:
+def test_a_client_that_leaves_a_blocking_request_stops_its_generation(
+    server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = server.state.engine
     assert engine is not None
+    slow_steps(monkeypatch, server, 0.01)  # 1500 tokens take 15 s: a fast machine answered them within the 0.3 s
     body = {"model": "tiny", "max_tokens": 1500, "messages": [{"role": "user", "content": "Talk"}], "ignore_eos": True}
     before = engine.stats.tokens_generated
     with pytest.raises(httpx.TimeoutException):

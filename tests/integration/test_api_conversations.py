@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.fixtures.server import ServerHandle, running_server, steps_held, tiny_settings
+from tests.fixtures.server import ServerHandle, running_server, slow_steps, steps_held, tiny_settings
 
 SERVED_MODEL = "tiny_llama_long_context"  # the server and client fixtures: tests/integration/conftest.py
 SERVED_OPTIONS = {"model_name": "tiny-llama"}
@@ -208,7 +208,9 @@ def test_a_streamed_response_adds_its_turn_once_it_has_ended(client: OpenAI) -> 
     assert texts(client, made.id) == [("user", QUESTION), ("assistant", final.output_text)]
 
 
-def test_a_background_response_adds_its_turn_and_a_cancelled_one_nothing(client: OpenAI) -> None:
+def test_a_background_response_adds_its_turn_and_a_cancelled_one_nothing(
+    client: OpenAI, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     made = client.conversations.create()
     job = client.responses.create(
         model="x", conversation=made.id, input=QUESTION, max_output_tokens=5, temperature=0, background=True
@@ -219,6 +221,7 @@ def test_a_background_response_adds_its_turn_and_a_cancelled_one_nothing(client:
         time.sleep(0.05)
     assert texts(client, made.id) == [("user", QUESTION), ("assistant", job.output_text)]
 
+    slow_steps(monkeypatch, server, 0.01)  # 1500 tokens take 15 s: still running when the cancel comes
     long = client.responses.create(
         model="x", conversation=made.id, input="Go on.", max_output_tokens=1500, background=True
     )

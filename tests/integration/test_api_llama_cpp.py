@@ -13,7 +13,7 @@ import pytest
 from openai import OpenAI
 
 from cake_py.models.tokenizer import Tokenizer
-from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+from tests.fixtures.server import ServerHandle, running_server, slow_steps, tiny_settings
 
 SERVED_MODEL = "tiny_llama"  # the server and client fixtures: tests/integration/conftest.py
 GREEDY = {"temperature": 0, "n_predict": 8}
@@ -264,10 +264,13 @@ def test_llama_cpps_other_fields(server: ServerHandle) -> None:
     assert isinstance(props["bos_token"], str) and isinstance(props["eos_token"], str)
 
 
-def test_slots_show_what_runs_without_its_prompt(tiny_llama: Path) -> None:
+def test_slots_show_what_runs_without_its_prompt(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A generation in flight holds a slot (its progress, never its prompt's text); with every slot busy,
     fail_on_no_slot is a 503."""
     with running_server(tiny_settings(tiny_llama, max_running=1)) as server:
+        slow_steps(
+            monkeypatch, server, 0.01
+        )  # 400 tokens take 4 s: a fast machine ended them before the slots were read
         url = f"{server.base_url}/slots"
         idle = httpx.get(url, timeout=30).json()
         assert [(slot["id"], slot["id_task"], slot["is_processing"]) for slot in idle] == [(0, -1, False)]

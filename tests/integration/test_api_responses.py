@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+from tests.fixtures.server import ServerHandle, running_server, slow_steps, tiny_settings
 
 QUESTION = "What is the capital of France?"
 WEATHER = {
@@ -310,11 +310,12 @@ def test_a_streamed_message_opens_empty_and_its_part_comes_once(server: ServerHa
 
 
 def test_a_stored_stream_the_client_leaves_ends_cancelled_with_what_it_had(
-    client: OpenAI, server: ServerHandle
+    client: OpenAI, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It read in_progress while streaming, then not found once the client left: the id it was given led nowhere."""
     import time
 
+    slow_steps(monkeypatch, server, 0.01)  # 400 tokens take 4 s: a fast machine wrote them all before the client left
     body = {"input": QUESTION, "max_output_tokens": 400, "stream": True, "ignore_eos": True}
     deltas = 0
     with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body, timeout=60) as raw:
@@ -359,10 +360,13 @@ def test_every_event_and_response_holds_to_the_sdks_types(server: ServerHandle, 
     assert events[-1]["type"] in ("response.completed", "response.incomplete")
 
 
-def test_a_stored_stream_that_fails_ends_failed_with_what_it_had(tiny_llama_long_context: Path) -> None:
+def test_a_stored_stream_that_fails_ends_failed_with_what_it_had(
+    tiny_llama_long_context: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The engine stopping mid-answer (a model switch): response.failed came with no output (the text already sent
     was gone from it) and nothing was stored, so the id the stream gave was not found; a background run keeps both."""
     with running_server(tiny_settings(tiny_llama_long_context)) as handle:
+        slow_steps(monkeypatch, handle, 0.01)  # 1500 tokens take 15 s: still under way when the engine stops
         body = {"input": QUESTION, "max_output_tokens": 1500, "stream": True, "ignore_eos": True}
         events: list[dict[str, Any]] = []
         with httpx.stream("POST", f"{handle.base_url}/v1/responses", json=body, timeout=60) as raw:

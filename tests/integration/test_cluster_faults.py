@@ -38,7 +38,7 @@ from cake_py.rpc.connection import ASSIGN_STALL_S, Assignment, WorkerConnection
 from cake_py.rpc.dataplane import DataPlaneServer
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import LocalCluster, collect, free_port, generate_tokens, greedy, token_ids, wait_until
-from tests.fixtures.server import running_server, tiny_settings
+from tests.fixtures.server import running_server, slow_steps, tiny_settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -499,7 +499,7 @@ def test_a_load_while_a_worker_is_dead_places_the_model_without_it_and_takes_it_
 
 
 def test_a_request_in_flight_when_a_worker_dies_goes_on_over_the_new_placement(
-    cluster: LocalCluster, tiny_model_factory: TinyModelFactory
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, second = cluster.start_workers(2)
     settings = tiny_settings(tiny_model_factory("llama"), workers=[first.spec(), second.spec()], failover_after=1.0)
@@ -508,6 +508,7 @@ def test_a_request_in_flight_when_a_worker_dies_goes_on_over_the_new_placement(
         uninterrupted = http.post("/v1/completions", json=body)
         assert uninterrupted.status_code == 200, uninterrupted.text
         engine = server.state.engine
+        slow_steps(monkeypatch, server, 0.01)  # 400 tokens take 4 s: the answer had not all been sent before the kill
         pieces, finish = [], None
         with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
             for line in stream.iter_lines():
