@@ -435,8 +435,25 @@ def test_min_tokens_is_clipped_with_max_tokens_to_the_room_left(engine: Engine) 
     assert (clipped.max_tokens, clipped.min_tokens) == (room, room)
 
 
+def _steps_wait_for(engine: Engine, monkeypatch: pytest.MonkeyPatch, ready: Callable[[], bool]) -> threading.Event:
+    """Once `ready()` holds, `engine`'s next step waits for the returned event (60 s at most): what a test submits
+    meanwhile is all waiting by then, however long a loaded machine keeps the test's thread from running (the tiny
+    model's few hundred tokens take well under a second)."""
+    step, go_on = engine.step, threading.Event()
+
+    def held_step() -> None:
+        if ready():
+            go_on.wait(timeout=60)
+        step()
+
+    monkeypatch.setattr(engine, "step", held_step)
+    return go_on
+
+
 @pytest.mark.parametrize(("slots", "latest"), [(2, 3), (1, 2)])
-def test_waiting_sequences_start_fairly_between_requests(tiny_model_factory, slots: int, latest: int) -> None:  # type: ignore[no-untyped-def]
+def test_waiting_sequences_start_fairly_between_requests(  # type: ignore[no-untyped-def]
+    tiny_model_factory, monkeypatch: pytest.MonkeyPatch, slots: int, latest: int
+) -> None:
     """Room goes to the request with the fewest running sequences, and among equals to the one served longest ago:
     a request sent after a big one starts in the next free slot instead of behind all of the big one's sequences
     (with one slot both had none running, and the big one, older, went first every time)."""
@@ -456,21 +473,24 @@ def test_waiting_sequences_start_fairly_between_requests(tiny_model_factory, slo
         return receive
 
     long = replace(GREEDY, max_tokens=8)
+    chat_sent = _steps_wait_for(engine, monkeypatch, lambda: True)  # the big ones do not all finish before the chat
     engine.start()
     try:
         with engine.submitting():  # one request of six sequences
             for index in range(6):
                 engine.submit([5, 6, 7 + index], long, sink(f"big-{index}"))
         engine.submit([9, 9, 9], replace(GREEDY, max_tokens=2), sink("chat"))
+        chat_sent.set()
         for _ in range(7):
             assert done.acquire(timeout=60)
     finally:
+        chat_sent.set()
         engine.stop()
     assert order.index("chat") <= latest, order  # the big ones in the slots, at most one more, then the chat
     assert sorted(order) == sorted([*(f"big-{index}" for index in range(6)), "chat"])
 
 
-def test_a_lower_priority_number_starts_first(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_lower_priority_number_starts_first(tiny_model_factory, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """vLLM's `priority`: of the sequences waiting for a slot, the lowest number starts first, whatever the order
     they came in (a Batch API request, at 1, waits while an interactive one, at 0, waits)."""
     source = resolve_model(str(tiny_model_factory("llama")))
@@ -489,6 +509,7 @@ def test_a_lower_priority_number_starts_first(tiny_model_factory) -> None:  # ty
 
         return receive
 
+    all_sent = _steps_wait_for(engine, monkeypatch, lambda: bool(started))  # "first" runs on once all are waiting
     engine.start()
     try:
         # The one slot is busy while the others come, each its own request.
@@ -499,9 +520,11 @@ def test_a_lower_priority_number_starts_first(tiny_model_factory) -> None:  # ty
         for index, priority in enumerate((1, 1, 0, 5, -2)):
             params = replace(GREEDY, max_tokens=2, priority=priority)
             engine.submit([5, 6, 7 + index], params, sink(f"p{priority}-{index}"))
+        all_sent.set()
         for _ in range(6):
             assert done.acquire(timeout=60)
     finally:
+        all_sent.set()
         engine.stop()
     assert started == ["first", "p-2-4", "p0-2", "p1-0", "p1-1", "p5-3"]
 
