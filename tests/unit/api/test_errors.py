@@ -97,7 +97,7 @@ def test_a_body_that_stops_arriving_is_a_408() -> None:
 
     async def stalls() -> AsyncIterator[bytes]:
         yield b'{"a": '
-        await asyncio.sleep(2)
+        await asyncio.sleep(30)  # far past the bound below: a 2 s stall left a loaded machine's client 1.5 s to start
         yield b"1}"
 
     async def send(content: object) -> httpx.Response:
@@ -106,7 +106,7 @@ def test_a_body_that_stops_arriving_is_a_408() -> None:
 
     began = time.monotonic()
     answer = asyncio.run(send(stalls()))
-    assert answer.status_code == 408 and time.monotonic() - began < 1.5
+    assert answer.status_code == 408 and time.monotonic() - began < 10
     assert answer.headers["connection"] == "close"  # the rest of that body would be read as the next request
     assert answer.json() == {"error": "the request body stopped arriving: nothing came for 0.2 s"}
     assert asyncio.run(send(b'{"a": 1}')).json() == {"a": 1}  # a body that comes in time is read

@@ -59,10 +59,12 @@ def test_a_slow_next_worker_holds_up_no_other_link() -> None:
     """One lock for every link made a next hop that accepts and never answers the hello (or stops reading) stall
     every other master's chained forwards through this worker."""
     mute = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    mute.settimeout(10)
     healthy = DataPlaneServer("127.0.0.1", 0, lambda data: None, None, None)
     healthy.start()
-    links = PeerLinks(None, timeout=2)
+    links = PeerLinks(None, timeout=6)  # what a send held up behind the mute link would wait: far past the bound below
     failed: list[Exception] = []
+    accepted: list[socket.socket] = []
 
     def to_the_mute_one() -> None:
         try:
@@ -73,16 +75,18 @@ def test_a_slow_next_worker_holds_up_no_other_link() -> None:
     stuck = threading.Thread(target=to_the_mute_one, daemon=True)
     try:
         stuck.start()
-        time.sleep(0.2)  # it is connecting now
+        accepted.append(mute.accept()[0])  # it is connected now, waiting for the hello's answer (a sleep guessed)
         began = time.monotonic()
         links.send("127.0.0.1", healthy.port, b"y")
-        assert time.monotonic() - began < 1.0
-        stuck.join(timeout=10)
+        assert time.monotonic() - began < 3.0  # a loaded machine's margin; held up, it would wait ~6 s
+        stuck.join(timeout=20)
         assert failed and "timed out" in str(failed[0])
     finally:
         links.close()
         healthy.close()
         mute.close()
+        for connection in accepted:
+            connection.close()
 
 
 def test_links_to_a_next_worker_that_restarted_on_a_new_port_are_closed() -> None:

@@ -204,7 +204,8 @@ def test_a_stream_the_worker_keeps_reading_is_not_given_up_though_its_pings_go_u
     from cake_py.rpc import connection
 
     monkeypatch.setattr(connection, "PING_INTERVAL_S", 0.01)
-    monkeypatch.setattr(connection, "ASSIGN_STALL_S", 0.3)
+    # 20 times the reader's 50 ms between chunks: 0.3 s was a pause a loaded machine could give that thread
+    monkeypatch.setattr(connection, "ASSIGN_STALL_S", 1.0)
 
     class Stub:
         def Info(self, *args: object, **kwargs: object) -> None:
@@ -218,8 +219,8 @@ def test_a_stream_the_worker_keeps_reading_is_not_given_up_though_its_pings_go_u
     monkeypatch.setattr(link, "_watchdog", lambda: (Channel(), Stub()))
     call, progress = _SlowCall(), [time.monotonic()]
 
-    def reading() -> None:  # the worker takes a chunk every 50 ms for a second, then the stream ends
-        for _ in range(20):
+    def reading() -> None:  # the worker takes a chunk every 50 ms for 2 s (past ASSIGN_STALL_S), then the stream ends
+        for _ in range(40):
             time.sleep(0.05)
             progress[0] = time.monotonic()
         call.done.set()
