@@ -127,15 +127,17 @@ def test_connections_that_have_not_said_hello_are_bounded(monkeypatch: pytest.Mo
     server.start()
     try:
         silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
-        time.sleep(0.3)
-        with socket.create_connection(("127.0.0.1", server.port)) as third:
+        with socket.create_connection(("127.0.0.1", server.port)) as third:  # accepted after them, in order
             third.settimeout(5)
             assert third.recv(1) == b""  # closed at once: two are still to say hello
         for conn in silent:
             conn.close()
-        time.sleep(0.3)
+        # Room again once the server has seen them leave: waited for (a 0.3 s sleep guessed; a loaded machine lags)
+        deadline = time.monotonic() + 10
+        while server._greeting and time.monotonic() < deadline:  # noqa: SLF001
+            time.sleep(0.01)
         client = DataPlaneClient("127.0.0.1", server.port, None, None)
-        client.connect(timeout=5)  # room again once they left
+        client.connect(timeout=5)
         assert client.exchange(b"ab") == b"ba"
         client.close()
     finally:
