@@ -77,14 +77,15 @@ def write_cluster_yaml(path: Path, layers: dict[str, str]) -> Path:
 
 def test_overlapping_layers_name_both_workers_and_the_layers(tmp_path: Path, tiny: Path) -> None:
     config = write_cluster_yaml(tmp_path / "cluster.yaml", {"box-a": "0-1", "box-b": "1-2"})
-    # The default 10 s connect timeout stands: the error must not wait for the (absent) workers.
-    line = one_line_error(run_cake(*serve_args(tiny, "--config", str(config)), timeout=8))
+    # The error must not wait for the (absent) workers: 600 s of connecting would outlast the run's 60 s. (The
+    # default 10 s against an 8 s run left a loaded machine's start, torch's import and all, under a second.)
+    line = one_line_error(run_cake(*serve_args(tiny, "--config", str(config), "--connect-timeout", "600")))
     assert "'box-a' (layers 0-1)" in line and "'box-b' (layers 1-2)" in line and "overlap on layer 1" in line, line
 
 
 def test_out_of_range_layers_name_the_worker(tmp_path: Path, tiny: Path) -> None:
     config = write_cluster_yaml(tmp_path / "cluster.yaml", {"box-a": "0-0", "too-far": "1-3"})
-    line = one_line_error(run_cake(*serve_args(tiny, "--config", str(config)), timeout=8))
+    line = one_line_error(run_cake(*serve_args(tiny, "--config", str(config), "--connect-timeout", "600")))
     assert "worker 'too-far': layers 1-3 out of range" in line and "0-2" in line, line
 
 
