@@ -17,7 +17,7 @@ import pytest
 
 from cake_py.cluster.placement import check_manual
 from cake_py.config import load_cluster_file
-from tests.fixtures.server import ServerHandle, running_server, tiny_settings
+from tests.fixtures.server import ServerHandle, running_server, slow_steps, tiny_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples"
@@ -148,7 +148,10 @@ def test_curl_completions(server: ServerHandle) -> None:
     assert body["choices"][0]["logprobs"] is not None
 
 
-def test_curl_responses(server: ServerHandle) -> None:
+def test_curl_responses(server: ServerHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The script cancels a 400-token background answer "at once", a curl later: 10 ms a step makes that 4 s, still
+    # running when the cancel comes (a fast machine could finish it first, and the cancel was then refused).
+    slow_steps(monkeypatch, server, 0.01)
     output = _curl("responses.sh", server)
     first, second, stored, job, polled, cancelled = _json_lines(output)
     assert first["object"] == "response" and second["previous_response_id"] == first["id"]
