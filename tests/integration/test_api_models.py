@@ -7,10 +7,12 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from cake_py.api import management
 from cake_py.models.hub import EMBEDDED_MODEL_ID
 from tests.fixtures.fake_hub import HubBehaviour, fake_hub, folder_files
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
@@ -36,8 +38,20 @@ def test_unload_then_generation_routes_say_no_text_model(server: ServerHandle, t
         assert http.get("/metrics").status_code == 200
 
 
-def test_load_switches_the_model_and_answers_503_meanwhile(server: ServerHandle, tiny_llama: Path) -> None:
+def test_load_switches_the_model_and_answers_503_meanwhile(
+    server: ServerHandle, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     outcome: dict[str, httpx.Response] = {}
+    # The new engine is built only once the requests below were answered: they come while the model is switched on
+    # any machine (polled against a real load, a fast one could end the switch between the 503 and the next two).
+    building, go_on, build = threading.Event(), threading.Event(), management.build_engine
+
+    def held_build(*args: Any) -> Any:
+        building.set()
+        go_on.wait(60)
+        return build(*args)
+
+    monkeypatch.setattr(management, "build_engine", held_build)
 
     def load() -> None:
         outcome["load"] = httpx.post(f"{server.base_url}/models/load", json={"model_id": None}, timeout=120)
@@ -45,16 +59,15 @@ def test_load_switches_the_model_and_answers_503_meanwhile(server: ServerHandle,
     loader = threading.Thread(target=load)
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         loader.start()
-        seen: list[httpx.Response] = []
-        while loader.is_alive() and len(seen) < 200:
-            response = http.post("/generate", json={"prompt": "hi", "max_length": 1})
-            if response.status_code == 503:
-                seen.append(response)
-                health = http.get("/health")
-                busy = http.post("/models/load", json={"model_id": None})
-                break
+        try:
+            assert building.wait(60), "the load never started building"
+            seen = [http.post("/generate", json={"prompt": "hi", "max_length": 1})]
+            health = http.get("/health")
+            busy = http.post("/models/load", json={"model_id": None})
+        finally:
+            go_on.set()
         loader.join()
-        assert seen, "no request arrived while the model was being switched"
+        assert seen[0].status_code == 503, seen[0].text
         assert "loading model" in seen[0].json()["detail"]
         assert seen[0].headers["retry-after"] == "5"
         assert (health.status_code, health.json()["status"]) == (503, "loading")
