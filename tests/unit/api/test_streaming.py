@@ -24,7 +24,7 @@ def test_sse_passes_done_through() -> None:
     assert sse("[DONE]") == "data: [DONE]\n\n"
 
 
-def test_a_limit_that_ends_a_stream_ends_its_sequence(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_limit_that_ends_a_stream_ends_its_sequence(tiny_model_factory, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """EventStream.limit (/infill's editor limits): the event it returns finished is the stream's last, and the
     engine stops generating that sequence."""
     import asyncio
@@ -42,6 +42,13 @@ def test_a_limit_that_ends_a_stream_ends_its_sequence(tiny_model_factory) -> Non
 
     source = resolve_model(str(tiny_model_factory("llama")))
     engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)
+    step = engine.step
+
+    def slow_step() -> None:  # 400 steps take 4 s or more: a fast engine could end them before the limit was read
+        time.sleep(0.01)
+        step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
     engine.start()
     seen: list[GenerationEvent] = []
 
