@@ -153,12 +153,16 @@ def test_a_client_leaving_a_blocking_request_cancels_it(slow_server: tuple[Serve
     assert engine.stats.tokens_generated < 200
 
 
-def test_a_full_queue_is_a_503_and_shutdown_ends_every_open_stream(tiny_llama: Path, tmp_path: Path) -> None:
+def test_a_full_queue_is_a_503_and_shutdown_ends_every_open_stream(
+    tiny_llama_long_context: Path, tmp_path: Path
+) -> None:
     """A real `cake serve`: one sequence runs, three wait, the fifth request is refused; then SIGTERM. Every open
     stream ends with the engine's error and [DONE] inside the grace period, none is cut mid-chunk."""
-    body = {"messages": MESSAGES, "max_tokens": 400, "temperature": 0, "stream": True}
+    # 1500 tokens (the long-context copy): the running one must not end before the fifth request comes, and a fast
+    # machine wrote 400 in well under a second (no step can be slowed in another process).
+    body = {"messages": MESSAGES, "max_tokens": 1500, "temperature": 0, "stream": True}
     with LocalCluster(tmp_path) as cluster, httpx.Client(timeout=30) as http:
-        master = cluster.serve(str(tiny_llama), "--max-running", "1", "--max-queue", "3")
+        master = cluster.serve(str(tiny_llama_long_context), "--max-running", "1", "--max-queue", "3")
         with contextlib.ExitStack() as streams:
             opened = []
             for _ in range(4):
