@@ -226,16 +226,21 @@ def test_llama3_rope_parameters_are_parsed(tiny_model_factory) -> None:
     assert (rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position_embeddings) == (1.0, 4.0, 64)
 
 
-def test_kv_store_releases_idle_sequences() -> None:
-    import time
+def test_kv_store_releases_idle_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
 
     import torch
 
+    from cake_py.models import kv_cache
     from cake_py.models.kv_cache import KVStore, SequenceSlice
 
+    # The store's own clock, moved by hand: with real time a loaded machine could pause this thread for the 30 ms
+    # between the second use and the check, and sequence 2 looked idle too.
+    now = [100.0]
+    monkeypatch.setattr(kv_cache, "time", SimpleNamespace(monotonic=lambda: now[0]))
     store = KVStore(2, 1, 4, torch.float32, torch.device("cpu"))
     store.for_batch([SequenceSlice(1, 0, 1), SequenceSlice(2, 0, 1)])
-    time.sleep(0.05)
+    now[0] += 0.05
     store.for_batch([SequenceSlice(2, 1, 1)])
     assert store.release_idle(0.03) == [1]
     assert store.sequence_ids() == [2]
