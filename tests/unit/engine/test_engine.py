@@ -438,7 +438,7 @@ def test_min_tokens_is_clipped_with_max_tokens_to_the_room_left(engine: Engine) 
 def _steps_wait_for(engine: Engine, monkeypatch: pytest.MonkeyPatch, ready: Callable[[], bool]) -> threading.Event:
     """Once `ready()` holds, `engine`'s next step waits for the returned event (60 s at most): what a test submits
     meanwhile is all waiting by then, however long a loaded machine keeps the test's thread from running (the tiny
-    model's few hundred tokens take well under a second)."""
+    model's steps take milliseconds: a few hundred of them could pass meanwhile)."""
     step, go_on = engine.step, threading.Event()
 
     def held_step() -> None:
