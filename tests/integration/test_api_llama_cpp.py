@@ -268,9 +268,8 @@ def test_slots_show_what_runs_without_its_prompt(tiny_llama: Path, monkeypatch: 
     """A generation in flight holds a slot (its progress, never its prompt's text); with every slot busy,
     fail_on_no_slot is a 503."""
     with running_server(tiny_settings(tiny_llama, max_running=1)) as server:
-        slow_steps(
-            monkeypatch, server, 0.01
-        )  # 400 tokens take 4 s: a fast machine ended them before the slots were read
+        # 400 tokens take 4 s or more: a fast machine had ended them before the slots were read
+        slow_steps(monkeypatch, server, 0.01)
         url = f"{server.base_url}/slots"
         idle = httpx.get(url, timeout=30).json()
         assert [(slot["id"], slot["id_task"], slot["is_processing"]) for slot in idle] == [(0, -1, False)]
