@@ -34,6 +34,7 @@ def test_a_reasoning_models_thinking_is_shown_and_counted(browser: Browser, tiny
     with running_server(tiny_settings(tiny_llama_reasoning)) as server:
         with fresh_page(browser) as (page, problems):  # closed before the server stops: no refused poll
             page.goto(f"{server.base_url}/#chat")
+            page.fill("#temperature", "0")  # greedy: sampled at the page's 0.7, it could end or close <think> early
             page.fill("#max-tokens", "20")
             send_message(page, "hello")
             reply = page.get_by_test_id("assistant-message").last
