@@ -222,8 +222,13 @@ def test_a_background_response_adds_its_turn_and_a_cancelled_one_nothing(
     assert texts(client, made.id) == [("user", QUESTION), ("assistant", job.output_text)]
 
     slow_steps(monkeypatch, server, 0.01)  # 1500 tokens take 15 s: still running when the cancel comes
-    long = client.responses.create(
-        model="x", conversation=made.id, input="Go on.", max_output_tokens=1500, background=True
+    long = client.responses.create(  # no end sampled early either: it must still run when the cancel comes
+        model="x",
+        conversation=made.id,
+        input="Go on.",
+        max_output_tokens=1500,
+        background=True,
+        extra_body={"ignore_eos": True},
     )
     cancelled = client.responses.cancel(long.id)
     assert cancelled.status == "cancelled"
