@@ -5,7 +5,8 @@ is llama.cpp's completion object (`content`, `stop`, `tokens_predicted`, `stop_t
 `generation_settings`, …), or with `stream` its SSE events, `data: {"content": "<piece>", "stop": false}`, then the
 whole object with `stop: true` (no `[DONE]`, as llama.cpp sends none). Sampling takes llama.cpp's names and
 defaults; `n_predict: 0` only reads the prompt into the prefix cache (the editors' warm-up requests); `n_indent` and
-`t_max_predict_ms` end the middle as llama.cpp's server does (EditorLimits).
+`t_max_predict_ms` end the middle as llama.cpp's server does (EditorLimits). As llama.cpp's, it takes /completion's
+other options too: `grammar` and `json_schema`, `return_tokens`, `response_fields`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.routing import Route
 
 from cake_py.api.completions import no_fill_in_middle
 from cake_py.api.errors import ApiError
+from cake_py.api.llama_completion import llama_grammar
 from cake_py.api.llama_cpp import (
     Completion,
     EditorLimits,
@@ -27,6 +29,7 @@ from cake_py.api.llama_cpp import (
     llama_sampling,
     one_event,
     requested_repeat_last_n,
+    response_fields,
 )
 from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag
@@ -106,6 +109,7 @@ async def infill(request: Request) -> Response:
         _files(body),
     )
     params, n_predict = llama_sampling(body, engine.context_length, tokenizer, engine.vocab_size)
+    params = replace(params, grammar=await llama_grammar(body, tokenizer))
     if not params.ignore_eos:  # the markers and file tokens a code model may write after the middle end it too
         params = replace(params, stop_token_ids=params.stop_token_ids | fim_stops(tokenizer))
 
@@ -127,8 +131,10 @@ async def infill(request: Request) -> Response:
         params,
         n_predict,
         engine.context_length,
+        return_tokens=flag(body, "return_tokens", False),
         stream=stream,
         repeat_last_n=requested_repeat_last_n(body),
+        fields=response_fields(body),
     )
     answer.truncated = truncated
     if stream and n_predict:

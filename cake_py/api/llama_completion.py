@@ -3,8 +3,9 @@
 
 `/completion` takes `prompt` as llama.cpp does: a string, token ids, ids and strings mixed (one prompt; a string
 first gets the tokenizer's BOS), or a list of those (several prompts: a list of answers, or their events tagged by
-`index`). llama.cpp's sampling names and defaults (`llama_cpp.llama_sampling`), `n_probs`, `logit_bias` pairs,
-`grammar` (GBNF or Lark) and `json_schema`, `n_indent` and `t_max_predict_ms`, `return_tokens`; `cache_prompt`,
+`index`). `n_cmpl` (alias `n`) answers each prompt that many times (prompt 0's answers first). llama.cpp's sampling
+names and defaults (`llama_cpp.llama_sampling`), `n_probs`, `logit_bias` pairs, `grammar` (GBNF or Lark) and
+`json_schema`, `n_indent` and `t_max_predict_ms`, `return_tokens`, `response_fields`; `cache_prompt`,
 `id_slot` and `samplers` are accepted and change nothing (the prefix cache is always on, the scheduler picks slots,
 the sampler order is fixed). `/props` is llama.cpp's description of the server: the defaults of `/completion`, the
 slots (`--max-running`), the model and its chat template.
@@ -21,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py import __version__
+from cake_py.api import schemas
 from cake_py.api.errors import ApiError
 from cake_py.api.llama_cpp import (
     Completion,
@@ -29,6 +31,7 @@ from cake_py.api.llama_cpp import (
     llama_sampling,
     one_event,
     requested_repeat_last_n,
+    response_fields,
 )
 from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag
@@ -80,7 +83,16 @@ def _prompts(body: dict[str, Any]) -> list[Prompt]:
             )
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} are allowed")
-    return prompts
+    # llama.cpp's n_cmpl (its alias `n`, OpenAI's name): each prompt's answers, one after the other.
+    key = "n_cmpl" if body.get("n_cmpl") is not None else "n"
+    n_cmpl = int(schemas.number(body, key, 1, integer=True))
+    if not 1 <= n_cmpl <= MAX_PROMPTS:
+        raise ApiError(400, f"{key} must be between 1 and {MAX_PROMPTS}, got {n_cmpl}")
+    if len(prompts) * n_cmpl > MAX_PROMPTS:
+        raise ApiError(
+            400, f"prompt holds {len(prompts)} prompts × {key} {n_cmpl}; at most {MAX_PROMPTS} answers are allowed"
+        )
+    return [prompt for prompt in prompts for _ in range(n_cmpl)]
 
 
 def _encode(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
@@ -96,7 +108,7 @@ def _encode(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
     return ids
 
 
-async def _grammar(body: dict[str, Any], tokenizer: Tokenizer) -> CompiledGrammar | None:
+async def llama_grammar(body: dict[str, Any], tokenizer: Tokenizer) -> CompiledGrammar | None:
     """llama.cpp's `grammar` (GBNF, or llguidance's Lark) or `json_schema`: the output must match it. As llama.cpp
     reads them, an empty grammar is none (clients such as SillyTavern always send one), and a grammar wins over a
     json_schema sent with it."""
@@ -117,9 +129,10 @@ async def completion(request: Request) -> Response:
     tokenizer = source.tokenizer
     prompts = _prompts(body)
     params, n_predict = llama_sampling(body, engine.context_length, tokenizer, engine.vocab_size)
-    params = replace(params, grammar=await _grammar(body, tokenizer))
+    params = replace(params, grammar=await llama_grammar(body, tokenizer))
     return_tokens = flag(body, "return_tokens", False)
     stream = flag(body, "stream", False)
+    fields = response_fields(body)
 
     def encode_all() -> list[list[int]]:
         return [_encode(tokenizer, prompt) for prompt in prompts]
@@ -152,6 +165,7 @@ async def completion(request: Request) -> Response:
                 return_tokens=return_tokens,
                 stream=stream,
                 repeat_last_n=requested_repeat_last_n(body),
+                fields=fields,
             )
         )
     if stream and n_predict:

@@ -1,8 +1,8 @@
 """llama.cpp server's shapes, shared by its routes here (`/completion`, `/infill`): its sampling names and defaults
 (`n_predict`, `repeat_penalty`, `n_probs`, `logit_bias` as pairs), its editor limits (`n_indent`,
 `t_max_predict_ms`), its completion object (`content`, `stop`, `tokens_predicted`, `stop_type`, `stopping_word`,
-`timings`, `generation_settings`, …) and its SSE stream: `data: {"content": "<piece>", "stop": false}` events, then
-the whole object with `stop: true`, and no `[DONE]` (llama.cpp sends none)."""
+`timings`, `generation_settings`, …; `response_fields` picks some of it) and its SSE stream: `data: {"content":
+"<piece>", "stop": false}` events, then the whole object with `stop: true`, and no `[DONE]` (llama.cpp sends none)."""
 
 from __future__ import annotations
 
@@ -117,6 +117,32 @@ def llama_sampling(
     return params, n_predict
 
 
+def response_fields(body: dict[str, Any]) -> tuple[str, ...]:
+    """llama.cpp's `response_fields`: the whole answer's fields to send (`generation_settings/n_predict` names a
+    nested one); absent or empty: all of them."""
+    fields = body.get("response_fields")
+    if fields is None:
+        return ()
+    if not isinstance(fields, list) or not all(isinstance(field, str) for field in fields):
+        raise ApiError(400, f"response_fields must be a list of field names, got {fields!r}"[:300])
+    return tuple(fields)
+
+
+def picked(answer: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """As llama.cpp picks `response_fields`: each path found (`a/b` reads `answer["a"]["b"]`) under its whole path
+    as the key; a path not found is left out, without an error."""
+    found: dict[str, Any] = {}
+    for path in fields:
+        value: Any = answer
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            found[path] = value
+    return found
+
+
 class EditorLimits:
     """llama.cpp's limits for editors, on the text as it streams: `n_indent` ends it before the first line (after
     its first) indented less than that many spaces or tabs, cut where that line's text begins; `t_max_predict_ms`
@@ -185,11 +211,13 @@ class Completion:
         return_tokens: bool = False,
         stream: bool = False,
         repeat_last_n: int = DEFAULT_REPEAT_LAST_N,
+        fields: tuple[str, ...] = (),
     ) -> None:
         self.model, self.tokenizer, self.prompt_tokens = model, tokenizer, prompt_tokens
         self.params, self.n_predict, self.context_length = params, n_predict, context_length
         self.index, self.prompt, self.return_tokens = index, prompt, return_tokens
         self.stream, self.repeat_last_n = stream, repeat_last_n  # as asked: the settings report them
+        self.fields = fields  # response_fields: the whole answer's fields to send (none: all)
         self.truncated = False  # the request was cut to fit the context
 
     def piece(self, event: GenerationEvent) -> dict[str, Any]:
@@ -198,9 +226,16 @@ class Completion:
         return {"index": self.index, "content": event.text, "stop": False, **self._tokens(event.tokens, True)}
 
     def final(
-        self, content: str, last: GenerationEvent, stream: EventStream, tokens: list[SampledToken]
+        self,
+        content: str,
+        last: GenerationEvent,
+        stream: EventStream,
+        tokens: list[SampledToken],
+        *,
+        streamed: bool = False,
     ) -> dict[str, Any]:
-        """The whole object, once `last` ended it: `content` and `tokens` are all it generated."""
+        """The whole object, once `last` ended it: `content` and `tokens` are all it generated (`streamed`: its
+        pieces went out before it, and its own `content` is empty)."""
         now = time.perf_counter()
         first = stream.first_token_at or now
         computed = self.prompt_tokens - last.cached_tokens  # prompt tokens not given by the prefix cache
@@ -215,7 +250,7 @@ class Completion:
         prompt_ms, predicted_ms = (first - stream.submitted) * 1000, (now - first) * 1000
         answer: dict[str, Any] = {
             "index": self.index,
-            "content": content if self.n_predict else "",
+            "content": content if self.n_predict and not streamed else "",
             "id_slot": -1,
             "stop": True,
             "model": self.model,
@@ -241,7 +276,8 @@ class Completion:
         }
         if self.prompt is not None:
             answer["prompt"] = self.prompt
-        return answer | (self._tokens(tokens) if self.n_predict else {})
+        answer |= self._tokens(tokens) if self.n_predict else {}
+        return picked(answer, self.fields) if self.fields else answer
 
     def _tokens(self, tokens: list[SampledToken], streamed: bool = False) -> dict[str, Any]:
         # `tokens` is always there, as llama.cpp sends it: in the whole answer empty unless return_tokens asks.
@@ -302,10 +338,10 @@ async def completion_events(
             yield sse(answer.piece(event))
         if event.finished:
             # Its tokens went out with the pieces: the last object repeats none of them.
-            yield sse(answer.final("".join(pieces[index]), event, streams[index], []) | {"content": ""})
+            yield sse(answer.final("".join(pieces[index]), event, streams[index], [], streamed=True))
 
 
 async def one_event(*finals: dict[str, Any]) -> AsyncIterator[str]:
-    """The stream of answers that generate nothing (`n_predict: 0`): each one's last object."""
+    """The stream of answers that generate nothing (`n_predict: 0`, their content empty): each one's last object."""
     for final in finals:
-        yield sse(final | {"content": ""})
+        yield sse(final)

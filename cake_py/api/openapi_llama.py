@@ -27,6 +27,14 @@ SAMPLING = {
     "n_indent": {**INT, "default": 0},
     "t_max_predict_ms": {**NUM, "default": 0},
     "stream": BOOL,
+    "grammar": {**STR, "description": "GBNF (or llguidance's Lark) the output must match"},
+    "json_schema": {"type": "object"},
+    "return_tokens": BOOL,
+    "response_fields": {
+        "type": "array",
+        "items": STR,
+        "description": "the answer's fields to send, `a/b` a nested one (sent under its whole path)",
+    },
 }
 TOKEN_PROBABILITY = obj({"id": INT, "token": STR, "logprob": NUM, "bytes": {"type": "array", "items": INT}})
 COMPLETION = {
@@ -76,9 +84,7 @@ SCHEMAS: dict[str, Any] = {
                 "description": "a string, token ids (strings among them), or a list of those (several prompts)",
             },
             **SAMPLING,
-            "grammar": {**STR, "description": "GBNF (or llguidance's Lark) the output must match"},
-            "json_schema": {"type": "object"},
-            "return_tokens": BOOL,
+            "n_cmpl": {**INT, "minimum": 1, "default": 1, "description": "answers per prompt (alias n)"},
             "cache_prompt": {**BOOL, "description": "accepted; the prefix cache is always on"},
         },
         ("prompt",),

@@ -181,3 +181,17 @@ def test_the_start_of_a_file_is_filled_in_too(client: OpenAI, tiny_llama_fim: Pa
     tokenizer = Tokenizer.from_folder(tiny_llama_fim)
     answer = client.completions.create(model="x", prompt="", suffix=SUFFIX, max_tokens=3, temperature=0)
     assert answer.usage is not None and answer.usage.prompt_tokens == len(fim_prompt(tokenizer, "", SUFFIX))
+
+
+def test_infill_takes_completions_grammar_and_return_tokens(server: ServerHandle) -> None:
+    """llama.cpp's /infill takes /completion's options: a grammar (or json_schema) holds the middle, return_tokens
+    gives its ids, response_fields picks the answer's fields (they were ignored: a free middle, `tokens: []`)."""
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "temperature": 0.8, "seed": 3}
+    held = httpx.post(f"{server.base_url}/infill", json={**body, "grammar": 'root ::= "7" | "8"'}, timeout=60).json()
+    assert held["content"] in ("7", "8") and held["stop_type"] == "eos"
+    schema = {**body, "json_schema": {"type": "integer"}, "n_predict": 6}
+    assert httpx.post(f"{server.base_url}/infill", json=schema, timeout=60).json()["content"].lstrip("-").isdigit()
+    tokens = {**body, "n_predict": 3, "return_tokens": True, "response_fields": ["tokens", "generation_settings/seed"]}
+    answer = httpx.post(f"{server.base_url}/infill", json=tokens, timeout=60).json()
+    assert set(answer) == {"tokens", "generation_settings/seed"} and len(answer["tokens"]) == 3
+    assert answer["generation_settings/seed"] == 3

@@ -287,3 +287,33 @@ def test_slots_show_what_runs_without_its_prompt(tiny_llama: Path, monkeypatch: 
         assert busy["params"]["n_predict"] == 400 and busy["next_token"]["n_decoded"] >= 1
         assert busy["next_token"]["n_remain"] == 400 - busy["next_token"]["n_decoded"]
         assert full.status_code == 503 and full.json()["error"] == "no slot available"
+
+
+def test_response_fields_pick_the_answers_fields(server: ServerHandle) -> None:
+    """llama.cpp's response_fields: only those fields, a nested one under its whole path, a missing one left out
+    (the whole answer came back)."""
+    fields = ["content", "generation_settings/n_predict", "timings/predicted_n", "no_such_field", "content/x"]
+    answer = post(server, {"prompt": "The cake is", "response_fields": fields, **GREEDY})
+    assert set(answer) == {"content", "generation_settings/n_predict", "timings/predicted_n"}
+    assert answer["generation_settings/n_predict"] == 8 and answer["timings/predicted_n"] == 8
+    assert answer["content"] == post(server, {"prompt": "The cake is", **GREEDY})["content"]
+    streamed = events(server, {"prompt": "The cake is", "response_fields": ["stop_type"], **GREEDY})
+    assert streamed[-1] == {"stop_type": "limit"} and all(not event["stop"] for event in streamed[:-1])
+    bad = httpx.post(f"{server.base_url}/completion", json={"prompt": "a", "response_fields": "content"}, timeout=60)
+    assert bad.status_code == 400 and "response_fields must be a list" in bad.json()["error"]
+
+
+def test_n_cmpl_answers_each_prompt_that_many_times(server: ServerHandle) -> None:
+    """llama.cpp's n_cmpl (alias n): prompts × n_cmpl answers, each prompt's together (one answer came back)."""
+    answers = post(server, {"prompt": ["Once upon a time", "The cake is"], "n_cmpl": 2, **GREEDY})
+    assert [answer["index"] for answer in answers] == [0, 1, 2, 3]
+    first, second = (
+        post(server, {"prompt": prompt, **GREEDY})["content"] for prompt in ("Once upon a time", "The cake is")
+    )
+    assert [answer["content"] for answer in answers] == [first, first, second, second]
+    assert len(post(server, {"prompt": "The cake is", "n": 3, **GREEDY})) == 3
+    streamed = events(server, {"prompt": "The cake is", "n_cmpl": 2, **GREEDY})
+    assert sorted(event["index"] for event in streamed if event["stop"]) == [0, 1]
+    for body in ({"n_cmpl": 0}, {"n_cmpl": 17}, {"prompt": ["a"] * 9, "n_cmpl": 2}, {"n": "2"}):
+        bad = httpx.post(f"{server.base_url}/completion", json={"prompt": "a", **body}, timeout=60)
+        assert bad.status_code == 400 and ("n_cmpl" in bad.text or "n must be" in bad.text), bad.text
