@@ -191,4 +191,5 @@ async def llama_embedding(request: Request) -> Response:
 ROUTES = [
     Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/embedding", llama_embedding, methods=["POST"]),  # llama.cpp's own shape
+    Route("/embeddings", llama_embedding, methods=["POST"]),  # llama.cpp's name for it too (not OpenAI's shape)
 ]

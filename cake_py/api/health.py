@@ -1,6 +1,6 @@
-"""/health (seeds 000–002): 200 `{"status": "healthy", "running": true, …}` while every stage of the served
-pipeline is up; 503 when a stage is down, the model is being switched, or no model is loaded. Never behind the API
-key, nor are vLLM's /ping (the same probe) and /version."""
+"""/health (seeds 000–002; llama.cpp's /v1/health too): 200 `{"status": "healthy", "running": true, …}` while
+every stage of the served pipeline is up; 503 when a stage is down, the model is being switched, or no model is
+loaded. Never behind the API key, nor are vLLM's /ping (the same probe) and /version."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ async def version(request: Request) -> Response:
 
 ROUTES = [
     Route("/health", health, methods=["GET"]),
+    Route("/v1/health", health, methods=["GET"]),  # llama.cpp's other name for it
     Route("/ping", health, methods=["GET", "POST"]),  # vLLM's (SageMaker's) name for the same probe
     Route("/version", version, methods=["GET"]),
 ]

@@ -300,6 +300,7 @@ PATHS: dict[str, dict[str, Any]] = {
         )
     },
     "/health": {"get": _op("200 while every stage is up, 503 otherwise", _json(ref("Health")), security=PUBLIC)},
+    "/v1/health": {"get": _op("llama.cpp's name for /health", _json(ref("Health")), security=PUBLIC)},
     "/ping": {
         method: _op("vLLM's name for /health", _json(ref("Health")), security=PUBLIC) for method in ("get", "post")
     },

@@ -136,6 +136,12 @@ def paths(op: Any, json: Any, sse: dict[str, Any], generation_errors: tuple[int,
         body=json(ref("LlamaCompletionRequest")),
         errors=generation_errors,
     )
+    embedding = op(
+        "llama.cpp's embedding (not OpenAI's shape): content or input, one pooled row each, embd_normalize",
+        json({"type": "array", "items": ref("LlamaEmbedding")}),
+        body=json(ref("LlamaEmbeddingRequest")),
+        errors=generation_errors,
+    )
     return {
         "/completion": {"post": completion},
         "/completions": {"post": completion},
@@ -147,14 +153,8 @@ def paths(op: Any, json: Any, sse: dict[str, Any], generation_errors: tuple[int,
                 errors=generation_errors,
             )
         },
-        "/embedding": {
-            "post": op(
-                "llama.cpp's embedding (not OpenAI's shape): content or input, one pooled row each, embd_normalize",
-                json({"type": "array", "items": ref("LlamaEmbedding")}),
-                body=json(ref("LlamaEmbeddingRequest")),
-                errors=generation_errors,
-            )
-        },
+        "/embedding": {"post": embedding},
+        "/embeddings": {"post": embedding},
         "/slots": {
             "get": op(
                 "llama.cpp's slots: one per sequence run at once, busy ones with their progress (no prompt text)",

@@ -28,6 +28,7 @@ GENERATION_PATHS = frozenset(
         "/v1/completions",
         "/v1/embeddings",
         "/embedding",
+        "/embeddings",
         "/v1/score",
         "/score",
         "/v1/rerank",
@@ -54,7 +55,7 @@ UI_PATHS = frozenset({"/", "/api/v1/topology"})
 UI_PREFIXES = ("/static/", "/web/")
 
 # Never behind a key: load balancers and orchestrators probe it.
-PUBLIC_PATHS = frozenset({"/health", "/ping", "/version"})
+PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/ping", "/version"})
 
 
 def uses_detail_errors(path: str) -> bool:

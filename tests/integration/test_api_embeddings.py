@@ -177,6 +177,9 @@ def test_llama_cpp_embedding_route_answers_in_its_shape(server: ServerHandle, re
     assert abs(sum(abs(x) ** 3 for x in cubic) - 1.0) < 1e-6
     ids = server.state.source.tokenizer.encode(TEXTS[1]) if server.state.source is not None else []
     assert close(llama_post(server, {"content": ids}).json()[0]["embedding"][0], reference(TEXTS[1]))
+    # llama.cpp's POST /embeddings is this route too (its non-OpenAI shape; it was a 404)
+    plural = httpx.post(f"{server.base_url}/embeddings", json={"input": TEXTS[0]}, timeout=60)
+    assert plural.status_code == 200 and close(plural.json()[0]["embedding"][0], reference(TEXTS[0]))
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ def test_api_key_is_required_on_every_route_but_health(keyed: TestClient) -> Non
     # Answered without the key (503: this state serves no model), never a 401.
     assert keyed.get("/health").status_code == 503 and keyed.get("/health").json()["running"] is False
     assert keyed.get("/ping").status_code == keyed.post("/ping").status_code == 503  # vLLM's probes
+    assert keyed.get("/v1/health").status_code == 503  # llama.cpp's other name for it (it was a 404)
     assert keyed.get("/version").json() == {"version": __version__}
     missing = keyed.post("/v1/chat/completions", json=CHAT)
     assert missing.status_code == 401
