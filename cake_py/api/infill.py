@@ -121,7 +121,9 @@ async def infill(request: Request) -> Response:
     prompt_ids, truncated = await run_in_threadpool(prompt)
     params = engine.check_prompt(len(prompt_ids), params)  # n_predict -1: what room the context has
     limits = EditorLimits.of(body)
-    stream = flag(body, "stream", False)  # checked before anything is submitted: a 400 must not leave it running
+    # Checked before anything is submitted: a 400 must not leave it running.
+    stream, return_tokens = flag(body, "stream", False), flag(body, "return_tokens", False)
+    fields, timings_per_token = response_fields(body), flag(body, "timings_per_token", False)
     streams = open_streams(state, engine, [prompt_ids], [params], request_key_name(request))
     streams[0].limit = limits
     answer = Completion(
@@ -131,10 +133,11 @@ async def infill(request: Request) -> Response:
         params,
         n_predict,
         engine.context_length,
-        return_tokens=flag(body, "return_tokens", False),
+        return_tokens=return_tokens,
         stream=stream,
         repeat_last_n=requested_repeat_last_n(body),
-        fields=response_fields(body),
+        fields=fields,
+        timings_per_token=timings_per_token,
     )
     answer.truncated = truncated
     if stream and n_predict:

@@ -133,6 +133,7 @@ async def completion(request: Request) -> Response:
     return_tokens = flag(body, "return_tokens", False)
     stream = flag(body, "stream", False)
     fields = response_fields(body)
+    timings_per_token = flag(body, "timings_per_token", False)
 
     def encode_all() -> list[list[int]]:
         return [_encode(tokenizer, prompt) for prompt in prompts]
@@ -166,6 +167,7 @@ async def completion(request: Request) -> Response:
                 stream=stream,
                 repeat_last_n=requested_repeat_last_n(body),
                 fields=fields,
+                timings_per_token=timings_per_token,
             )
         )
     if stream and n_predict:

@@ -212,18 +212,31 @@ class Completion:
         stream: bool = False,
         repeat_last_n: int = DEFAULT_REPEAT_LAST_N,
         fields: tuple[str, ...] = (),
+        timings_per_token: bool = False,
     ) -> None:
         self.model, self.tokenizer, self.prompt_tokens = model, tokenizer, prompt_tokens
         self.params, self.n_predict, self.context_length = params, n_predict, context_length
         self.index, self.prompt, self.return_tokens = index, prompt, return_tokens
         self.stream, self.repeat_last_n = stream, repeat_last_n  # as asked: the settings report them
         self.fields = fields  # response_fields: the whole answer's fields to send (none: all)
+        self.timings_per_token = timings_per_token  # each streamed piece carries the timings so far
         self.truncated = False  # the request was cut to fit the context
 
-    def piece(self, event: GenerationEvent) -> dict[str, Any]:
-        """A streamed event's object: its text, its tokens (always, as llama.cpp streams them) and their
-        probabilities when asked for."""
-        return {"index": self.index, "content": event.text, "stop": False, **self._tokens(event.tokens, True)}
+    def piece(self, event: GenerationEvent, stream: EventStream) -> dict[str, Any]:
+        """A streamed event's object, as llama.cpp's: its text, its tokens (always) and their probabilities when
+        asked for, the counts so far, and with `timings_per_token` the timings so far."""
+        piece = {
+            "index": self.index,
+            "content": event.text,
+            "stop": False,
+            "id_slot": -1,
+            "tokens_predicted": event.completion_tokens,
+            "tokens_evaluated": self.prompt_tokens,
+            **self._tokens(event.tokens, True),
+        }
+        if self.timings_per_token:
+            piece["timings"] = self._timings(event.cached_tokens, event.completion_tokens, stream)
+        return piece
 
     def final(
         self,
@@ -236,9 +249,6 @@ class Completion:
     ) -> dict[str, Any]:
         """The whole object, once `last` ended it: `content` and `tokens` are all it generated (`streamed`: its
         pieces went out before it, and its own `content` is empty)."""
-        now = time.perf_counter()
-        first = stream.first_token_at or now
-        computed = self.prompt_tokens - last.cached_tokens  # prompt tokens not given by the prefix cache
         predicted = last.completion_tokens if self.n_predict else 0  # n_predict 0: its one token is not an answer
         by_word = isinstance(last.stop_reason, str)
         stop_type = "limit" if last.finish_reason == "length" else "word" if by_word else "eos"
@@ -247,7 +257,6 @@ class Completion:
         # Out of room: the context filled before the answer ended (llama.cpp's truncated; /infill also sets it
         # when it cut the prompt).
         full = last.finish_reason == "length" and self.prompt_tokens + last.completion_tokens >= self.context_length
-        prompt_ms, predicted_ms = (first - stream.submitted) * 1000, (now - first) * 1000
         answer: dict[str, Any] = {
             "index": self.index,
             "content": content if self.n_predict and not streamed else "",
@@ -262,22 +271,30 @@ class Completion:
             "stopping_word": last.stop_reason if by_word else "",
             "truncated": self.truncated or full,
             "generation_settings": self.settings(),
-            "timings": {
-                "cache_n": last.cached_tokens,
-                "prompt_n": computed,
-                "prompt_ms": round(prompt_ms, 3),
-                "prompt_per_token_ms": round(prompt_ms / max(computed, 1), 3),
-                "prompt_per_second": round(computed / max(prompt_ms / 1000, 1e-9), 3),
-                "predicted_n": predicted,
-                "predicted_ms": round(predicted_ms, 3),
-                "predicted_per_token_ms": round(predicted_ms / max(predicted, 1), 3),
-                "predicted_per_second": round(predicted / max(predicted_ms / 1000, 1e-9), 3),
-            },
+            "timings": self._timings(last.cached_tokens, predicted, stream),
         }
         if self.prompt is not None:
             answer["prompt"] = self.prompt
         answer |= self._tokens(tokens) if self.n_predict else {}
         return picked(answer, self.fields) if self.fields else answer
+
+    def _timings(self, cached: int, predicted: int, stream: EventStream) -> dict[str, Any]:
+        """llama.cpp's `timings` until now: the prompt's (until the first token), then the tokens predicted since."""
+        now = time.perf_counter()
+        first = stream.first_token_at or now
+        computed = self.prompt_tokens - cached  # prompt tokens not given by the prefix cache
+        prompt_ms, predicted_ms = (first - stream.submitted) * 1000, (now - first) * 1000
+        return {
+            "cache_n": cached,
+            "prompt_n": computed,
+            "prompt_ms": round(prompt_ms, 3),
+            "prompt_per_token_ms": round(prompt_ms / max(computed, 1), 3),
+            "prompt_per_second": round(computed / max(prompt_ms / 1000, 1e-9), 3),
+            "predicted_n": predicted,
+            "predicted_ms": round(predicted_ms, 3),
+            "predicted_per_token_ms": round(predicted_ms / max(predicted, 1), 3),
+            "predicted_per_second": round(predicted / max(predicted_ms / 1000, 1e-9), 3),
+        }
 
     def _tokens(self, tokens: list[SampledToken], streamed: bool = False) -> dict[str, Any]:
         # `tokens` is always there, as llama.cpp sends it: in the whole answer empty unless return_tokens asks.
@@ -335,7 +352,7 @@ async def completion_events(
         answer = answers[index]
         pieces[index].append(event.text)
         if event.text or event.tokens:  # a token whose text is not whole yet goes too, with its id
-            yield sse(answer.piece(event))
+            yield sse(answer.piece(event, streams[index]))
         if event.finished:
             # Its tokens went out with the pieces: the last object repeats none of them.
             yield sse(answer.final("".join(pieces[index]), event, streams[index], [], streamed=True))

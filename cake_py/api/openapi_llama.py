@@ -30,6 +30,7 @@ SAMPLING = {
     "grammar": {**STR, "description": "GBNF (or llguidance's Lark) the output must match"},
     "json_schema": {"type": "object"},
     "return_tokens": BOOL,
+    "timings_per_token": {**BOOL, "description": "each streamed piece carries the timings so far"},
     "response_fields": {
         "type": "array",
         "items": STR,

@@ -158,14 +158,23 @@ def test_bad_infill_fields_are_named(server: ServerHandle, body: dict[str, objec
     assert answer.status_code == 400 and needle in answer.json()["error"]
 
 
-def test_a_bad_stream_flag_leaves_nothing_running(server: ServerHandle) -> None:
+@pytest.mark.parametrize(
+    ("field", "needle"),
+    [
+        ({"stream": "yes"}, "stream must be true or false"),
+        ({"return_tokens": "yes"}, "return_tokens must be true or false"),
+        ({"timings_per_token": "yes"}, "timings_per_token must be true or false"),
+        ({"response_fields": "content"}, "response_fields must be a list"),
+    ],
+)
+def test_a_bad_flag_leaves_nothing_running(server: ServerHandle, field: dict[str, object], needle: str) -> None:
     """The 400 comes before the prompt is submitted: it used to leave a generation running to the context's end."""
     engine = server.state.engine
     assert engine is not None
     before = engine.stats.tokens_generated
-    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "stream": "yes", "ignore_eos": True}
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "ignore_eos": True, **field}
     answer = httpx.post(f"{server.base_url}/infill", json=body, timeout=60)
-    assert answer.status_code == 400 and "stream must be true or false" in answer.json()["error"]
+    assert answer.status_code == 400 and needle in answer.json()["error"]
     time.sleep(0.5)
     assert not engine.running() and engine.stats.tokens_generated == before
 

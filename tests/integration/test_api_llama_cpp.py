@@ -317,3 +317,17 @@ def test_n_cmpl_answers_each_prompt_that_many_times(server: ServerHandle) -> Non
     for body in ({"n_cmpl": 0}, {"n_cmpl": 17}, {"prompt": ["a"] * 9, "n_cmpl": 2}, {"n": "2"}):
         bad = httpx.post(f"{server.base_url}/completion", json={"prompt": "a", **body}, timeout=60)
         assert bad.status_code == 400 and ("n_cmpl" in bad.text or "n must be" in bad.text), bad.text
+
+
+def test_streamed_pieces_count_as_llama_cpps_and_carry_timings_when_asked(server: ServerHandle) -> None:
+    """Each streamed piece has llama.cpp's counts (tokens_predicted so far, tokens_evaluated, id_slot), and with
+    timings_per_token its timings so far (the pieces had neither)."""
+    streamed = events(server, {"prompt": "The cake is", "timings_per_token": True, **GREEDY})
+    pieces = [event for event in streamed if not event["stop"]]
+    assert [piece["tokens_predicted"] for piece in pieces] == sorted(piece["tokens_predicted"] for piece in pieces)
+    assert pieces[-1]["tokens_predicted"] == 8 and {piece["tokens_evaluated"] for piece in pieces} == {4}
+    assert all(piece["id_slot"] == -1 for piece in pieces)
+    timings = [piece["timings"] for piece in pieces]
+    assert [t["predicted_n"] for t in timings] == [piece["tokens_predicted"] for piece in pieces]
+    assert all(t["prompt_n"] + t["cache_n"] == 4 and t["prompt_ms"] >= 0 for t in timings)
+    assert all("timings" not in piece for piece in events(server, {"prompt": "The cake is", **GREEDY})[:-1])
