@@ -77,17 +77,20 @@ SAMPLERS = ("penalties", "top_k", "top_p", "min_p", "temperature")
 def llama_sampling(
     body: dict[str, Any], context_length: int, tokenizer: Tokenizer, vocab_size: int
 ) -> tuple[SamplingParams, int]:
-    """llama.cpp's sampling fields with its defaults, and `n_predict`: -1 (the default) generates until the end token
-    or the context is full, 0 nothing (the prompt is only read). `n_probs` > 0 asks for that many alternatives of
-    each generated token (at most 20 here), from the model's own distribution (llama.cpp's default;
-    `post_sampling_probs` is not supported). `repeat_penalty` weighs the last `repeat_last_n` tokens (64; 0: off;
-    -1: all). `vocab_size` is the model's (the logits'), which bounds logit_bias ids."""
+    """llama.cpp's sampling fields with its defaults, and `n_predict` (or else `max_tokens`): -1 (the default)
+    generates until the end token or the context is full, 0 nothing (the prompt is only read). `n_probs` > 0 asks
+    for that many alternatives of each generated token (at most 20 here), from the model's own distribution
+    (llama.cpp's default; `post_sampling_probs` is not supported). `repeat_penalty` weighs the last
+    `repeat_last_n` tokens (64; 0: off; -1: all). `vocab_size` is the model's (the logits'), which bounds
+    logit_bias ids."""
     if flag(body, "post_sampling_probs", False):
         raise ApiError(400, "post_sampling_probs is not supported: n_probs gives the model's own probabilities")
     repeat_last_n = requested_repeat_last_n(body)
-    n_predict = int(number(body, "n_predict", -1, integer=True))
+    # As llama.cpp reads it: OpenAI's max_tokens when n_predict is not sent (clients that speak both send it).
+    key = "n_predict" if body.get("n_predict") is not None else "max_tokens"
+    n_predict = int(number(body, key, -1, integer=True))
     if n_predict < -1:
-        raise ApiError(400, f"n_predict must be -1 (no limit), 0 (read the prompt only) or more, got {n_predict}")
+        raise ApiError(400, f"{key} must be -1 (no limit), 0 (read the prompt only) or more, got {n_predict}")
     seed = int(number(body, "seed", -1, integer=True))
     n_probs = int(number(body, "n_probs", 0, integer=True))
     if not 0 <= n_probs <= MAX_TOP_LOGPROBS:

@@ -331,3 +331,13 @@ def test_streamed_pieces_count_as_llama_cpps_and_carry_timings_when_asked(server
     assert [t["predicted_n"] for t in timings] == [piece["tokens_predicted"] for piece in pieces]
     assert all(t["prompt_n"] + t["cache_n"] == 4 and t["prompt_ms"] >= 0 for t in timings)
     assert all("timings" not in piece for piece in events(server, {"prompt": "The cake is", **GREEDY})[:-1])
+
+
+def test_max_tokens_stands_for_n_predict_when_it_is_not_sent(server: ServerHandle) -> None:
+    """llama.cpp reads OpenAI's max_tokens when n_predict is absent (it was ignored: the answer ran to the context)."""
+    answer = post(server, {"prompt": "The cake is", "max_tokens": 3, "temperature": 0, "ignore_eos": True})
+    assert answer["tokens_predicted"] == 3 and answer["generation_settings"]["n_predict"] == 3
+    both = {"prompt": "The cake is", "max_tokens": 3, "n_predict": 5, "temperature": 0, "ignore_eos": True}
+    assert post(server, both)["tokens_predicted"] == 5
+    bad = httpx.post(f"{server.base_url}/completion", json={"prompt": "a", "max_tokens": -2}, timeout=60)
+    assert bad.status_code == 400 and "max_tokens must be -1" in bad.json()["error"]
