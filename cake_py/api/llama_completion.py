@@ -95,14 +95,14 @@ def _prompts(body: dict[str, Any]) -> list[Prompt]:
     return [prompt for prompt in prompts for _ in range(n_cmpl)]
 
 
-def _encode(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
-    """As llama.cpp tokenizes a prompt: a first string gets the tokenizer's BOS (when it adds one), later strings
-    none; token ids go in as they are."""
+def encode_mixed(tokenizer: Tokenizer, prompt: Prompt, add_special: bool = True) -> list[int]:
+    """As llama.cpp tokenizes a prompt (its tokenize_mixed): a first string gets the tokenizer's BOS (when it adds
+    one and `add_special`), later strings none; token ids go in as they are."""
     parts = [prompt] if isinstance(prompt, str) else prompt
     ids: list[int] = []
     for position, part in enumerate(parts):
         if isinstance(part, str):
-            ids += tokenizer.encode(part, add_special_tokens=position == 0)
+            ids += tokenizer.encode(part, add_special_tokens=add_special and position == 0)
         else:
             ids.append(part)
     return ids
@@ -136,7 +136,7 @@ async def completion(request: Request) -> Response:
     timings_per_token = flag(body, "timings_per_token", False)
 
     def encode_all() -> list[list[int]]:
-        return [_encode(tokenizer, prompt) for prompt in prompts]
+        return [encode_mixed(tokenizer, prompt) for prompt in prompts]
 
     prompt_ids = await run_in_threadpool(encode_all)
     per_prompt = []

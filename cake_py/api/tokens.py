@@ -2,7 +2,8 @@
 POST /apply-template (a chat's prompt text, as /v1/chat/completions renders it: `{"prompt": …}`).
 
 /tokenize takes vLLM's `prompt` (text) or `messages` (a chat, rendered as /v1/chat/completions would render it, tools
-included: the count is what that request's prompt costs), or llama.cpp's `content`. The answer is vLLM's `count`,
+included: the count is what that request's prompt costs), or llama.cpp's `content` (text, or token ids and strings
+mixed, as its /completion's prompt). The answer is vLLM's `count`,
 `max_model_len` and `tokens`; with llama.cpp's `with_pieces`, `tokens` holds `{id, piece}` objects as llama.cpp
 sends them. /detokenize answers the text under both servers' names, `prompt` (vLLM) and `content` (llama.cpp).
 The tokenizer runs off the event loop; no engine is needed, so a cluster with a stage down still answers.
@@ -20,6 +21,7 @@ from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.json_body import json_body
+from cake_py.api.llama_completion import encode_mixed
 from cake_py.api.schemas import chat_messages, chat_template_options, flag
 from cake_py.api.state import NO_TEXT_MODEL, ServerState, chat_tokenizer, context_length
 from cake_py.api.tools import prompt_messages, tool_request
@@ -75,12 +77,25 @@ async def tokenize(request: Request) -> Response:
         def encode() -> list[int]:
             return tokenizer.encode(render(), add_special_tokens=add_special)
 
+    elif field == "content":  # llama.cpp's: a string, or token ids and strings mixed (its tokenize_mixed)
+        content = body[field]
+        if not isinstance(content, str | list) or any(
+            isinstance(part, bool) or not isinstance(part, str | int) for part in content
+        ):
+            raise ApiError(400, f"content must be a string, or token ids and strings, got {content!r}"[:300])
+        bad = next((t for t in content if isinstance(t, int) and not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"content token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})")
+        add_special = flag(body, "add_special", False)  # llama.cpp adds no BOS by default (vLLM does)
+
+        def encode() -> list[int]:
+            return encode_mixed(tokenizer, content, add_special)
+
     else:
         text = body[field]
         if not isinstance(text, str):
             raise ApiError(400, f"{field} must be a string, got {text!r}"[:300])
-        # vLLM adds special tokens (a BOS) by default, llama.cpp's add_special does not.
-        add_special = flag(body, "add_special", False) if field == "content" else flag(body, "add_special_tokens", True)
+        add_special = flag(body, "add_special_tokens", True)
 
         def encode() -> list[int]:
             return tokenizer.encode(text, add_special_tokens=add_special)

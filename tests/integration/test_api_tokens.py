@@ -71,6 +71,11 @@ def test_llama_cpp_content_and_pieces(server: ServerHandle) -> None:
     assert "".join(piece["piece"] for piece in pieces) == "Hello world"
     multibyte = post(server, "/tokenize", {"content": "é", "with_pieces": True}).json()["tokens"]
     assert all(isinstance(piece["piece"], str | list) for piece in multibyte)
+    # llama.cpp's content may mix token ids and strings (a 400 before): ids as they are, later strings no BOS
+    mixed = post(server, "/tokenize", {"content": [*plain["tokens"], " again"], "add_special": True}).json()
+    assert mixed["tokens"] == plain["tokens"] + tokenizer.encode(" again", add_special_tokens=False)
+    first = post(server, "/tokenize", {"content": ["Hello world", 7], "add_special": True}).json()["tokens"]
+    assert first == [*tokenizer.encode("Hello world", add_special_tokens=True), 7]
 
 
 def test_detokenize_gives_the_text_back_under_both_names(server: ServerHandle) -> None:
@@ -101,7 +106,8 @@ def test_apply_template_gives_the_prompt_a_chat_is_answered_from(server: ServerH
     [
         ("/tokenize", {}, "exactly one of"),
         ("/tokenize", {"prompt": "a", "content": "b"}, "got prompt, content"),
-        ("/tokenize", {"content": ["a"]}, "content must be a string"),
+        ("/tokenize", {"content": ["a", 1.5]}, "content must be a string, or token ids and strings"),
+        ("/tokenize", {"content": [1, 99999]}, "99999"),
         ("/tokenize", {"messages": []}, "messages"),
         ("/tokenize", {"prompt": "a", "parse_special": False}, "parse_special"),
         ("/tokenize", {"prompt": "a", "with_pieces": "yes"}, "with_pieces"),
