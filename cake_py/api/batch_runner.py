@@ -219,9 +219,10 @@ class BatchRunner:
         answered, batch.completed, batch.failed, batch.usage = await asyncio.to_thread(_recount, output, error_lines)
         pending = [request for request in requests if request.custom_id not in answered]
         unsent: list[BatchRequest] = []
-        self._sending.add(batch.id)
+        self._sending.add(batch.id)  # a cancel from here on cancels the run; one before it is seen just below
         try:
-            unsent = await self._send_all(batch, pending, fd)
+            if batch.status != "cancelling":  # cancelled while its answers so far were counted: none is sent
+                unsent = await self._send_all(batch, pending, fd)
         except asyncio.CancelledError:
             if batch.status != "cancelling":
                 raise  # a shutdown: the record stays as it is, to be resumed

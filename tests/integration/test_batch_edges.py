@@ -1,0 +1,71 @@
+"""Edges of the Batch API that its main tests (test_api_batches.py) do not reach: a cancel that lands in the
+moments between a run's validation and its first request, through the official `openai` client against a real
+uvicorn server on the tiny Llama."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from cake_py.api import batch_runner
+from tests.fixtures.server import running_server, tiny_settings
+
+
+def chat_line(custom_id: str) -> dict[str, Any]:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": custom_id}], "max_tokens": 4}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def upload(client: OpenAI, lines: list[dict[str, Any]]) -> str:
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    return client.files.create(file=("requests.jsonl", io.BytesIO(data)), purpose="batch").id
+
+
+def wait_ended(client: OpenAI, batch_id: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while (batch := client.batches.retrieve(batch_id)).status not in batch_runner.TERMINAL:
+        assert time.monotonic() < deadline, f"batch {batch_id} is still {batch.status} after {timeout} s"
+        time.sleep(0.05)
+    return batch
+
+
+def test_a_batch_cancelled_while_its_answers_so_far_are_counted_sends_nothing(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run counts what an earlier run answered (reading its result lines, slow for a big resumed batch) after it
+    is in_progress and before it may be cancelled where it is: a cancel then was only seen at the end, after every
+    request had been sent and answered."""
+    counting, counted = threading.Event(), threading.Event()
+    recount = batch_runner._recount
+
+    def held_recount(*paths: Path) -> Any:
+        counting.set()
+        counted.wait(30)
+        return recount(*paths)
+
+    monkeypatch.setattr(batch_runner, "_recount", held_recount)
+    settings = tiny_settings(tiny_llama, model_name="tiny", files_dir=tmp_path)
+    with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
+        batch_id = client.batches.create(
+            input_file_id=upload(client, [chat_line(f"r{i}") for i in range(3)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        ).id
+        assert counting.wait(30)
+        try:
+            assert client.batches.cancel(batch_id).status == "cancelling"
+        finally:
+            counted.set()
+        cancelled = wait_ended(client, batch_id)
+        assert cancelled.status == "cancelled" and cancelled.request_counts is not None
+        assert (cancelled.request_counts.completed, cancelled.request_counts.failed) == (0, 0)
+        assert cancelled.output_file_id is None
+        engine = server.state.engine
+        assert engine is not None and engine.stats.requests_total == 0  # none of its requests was sent
