@@ -13,6 +13,7 @@ from cake_py.api.json_body import strict_loads
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 MAX_REQUESTS = 50_000  # OpenAI's most requests in one batch
 MAX_REPORTED_ERRORS = 100  # of an input file that fails validation
+SHOWN_CHARS = 100  # of a bad value quoted in an error: 100 errors quoting megabyte values made a 500 MB Batch object
 TERMINAL = ("failed", "completed", "expired", "cancelled")
 USAGE_KEYS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens")
 
@@ -142,11 +143,18 @@ def read_requests(
             if not isinstance(custom_id, str) or not custom_id:
                 error(number, "invalid_request", f"line {number} has no custom_id (a non-empty string)", "custom_id")
             elif custom_id in seen:
-                error(number, "duplicate_custom_id", f"custom_id {custom_id!r} is used more than once", "custom_id")
+                error(
+                    number, "duplicate_custom_id", f"custom_id {_shown(custom_id)} is used more than once", "custom_id"
+                )
             elif entry.get("method") != "POST":
-                error(number, "invalid_request", f"method must be POST, got {entry.get('method')!r}", "method")
+                error(number, "invalid_request", f"method must be POST, got {_shown(entry.get('method'))}", "method")
             elif entry.get("url") != endpoint:
-                error(number, "mismatched_endpoint", f"url {entry.get('url')!r} is not the batch's {endpoint}", "url")
+                error(
+                    number,
+                    "mismatched_endpoint",
+                    f"url {_shown(entry.get('url'))} is not the batch's {endpoint}",
+                    "url",
+                )
             elif not isinstance(body, dict):
                 error(number, "invalid_request", f"line {number}'s body is not a JSON object", "body")
             else:
@@ -158,3 +166,9 @@ def read_requests(
     if not requests and not errors:
         error(None, "empty_file", "the input file holds no requests")
     return requests, errors
+
+
+def _shown(value: Any) -> str:
+    """A bad value as an error quotes it: its repr, cut short."""
+    shown = repr(value)
+    return shown if len(shown) <= SHOWN_CHARS else f"{shown[:SHOWN_CHARS]}..."

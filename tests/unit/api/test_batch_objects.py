@@ -70,6 +70,17 @@ def test_each_bad_line_is_named_with_its_code(tmp_path: Path) -> None:
     ]
 
 
+def test_an_error_quotes_a_huge_bad_value_cut_short(tmp_path: Path) -> None:
+    """Each of 100 errors quoted its whole value: a file of megabyte-long methods made a Batch object (kept, and
+    sent with each retrieve and list) of hundreds of megabytes."""
+    huge = "x" * 1_000_000
+    lines = [line("a"), line("a" + huge), line("a" + huge), line("m", method=huge), line("u", url=[huge])]
+    _, errors = read_requests(write(tmp_path / "in.jsonl", lines), URL)
+    assert [e["code"] for e in errors] == ["duplicate_custom_id", "invalid_request", "mismatched_endpoint"]
+    assert all(len(e["message"]) < 200 for e in errors), [len(e["message"]) for e in errors]
+    assert errors[0]["message"].startswith("custom_id 'axxx") and "..." in errors[0]["message"]
+
+
 def test_an_empty_file_and_a_flood_of_errors(tmp_path: Path) -> None:
     _, errors = read_requests(write(tmp_path / "empty.jsonl", ["", ""]), URL)
     assert [e["code"] for e in errors] == ["empty_file"]
