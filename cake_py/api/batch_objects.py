@@ -13,6 +13,7 @@ from cake_py.api.json_body import strict_loads
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 MAX_REQUESTS = 50_000  # OpenAI's most requests in one batch
 MAX_REPORTED_ERRORS = 100  # of an input file that fails validation
+_SKIPPED_CHUNK = 1 << 20  # the rest of a line over the limit is read past this much at a time
 SHOWN_CHARS = 100  # of a bad value quoted in an error: 100 errors quoting megabyte values made a 500 MB Batch object
 TERMINAL = ("failed", "completed", "expired", "cancelled")
 USAGE_KEYS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens")
@@ -120,10 +121,17 @@ def read_requests(
     def error(line: int | None, code: str, message: str, param: str | None = None) -> None:
         errors.append({"code": code, "line": line, "message": message, "param": param})
 
-    offset = 0
+    offset = number = 0
+    # A line is read up to the limit, the rest skipped: a 500 MB file without a newline was one 500 MB read.
+    longest = max_line_bytes + 1 if max_line_bytes else -1
     with open(path, "rb", closefd=not isinstance(path, int)) as handle:  # an open descriptor stays open
-        for number, raw in enumerate(handle, 1):
+        while raw := handle.readline(longest):
+            number += 1
             start, offset = offset, offset + len(raw)
+            if max_line_bytes and len(raw) > max_line_bytes:
+                rest = raw
+                while not rest.endswith(b"\n") and (rest := handle.readline(_SKIPPED_CHUNK)):
+                    offset += len(rest)
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
             if not raw.strip():

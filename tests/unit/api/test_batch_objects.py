@@ -4,6 +4,7 @@ Batch object as OpenAI's client reads it."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,25 @@ def test_a_line_over_the_body_limit_is_refused(tmp_path: Path) -> None:
     requests, errors = read_requests(path, URL, max_line_bytes=300)
     assert [(e["line"], e["code"]) for e in errors] == [(2, "request_too_large")]
     assert read_requests(path, URL)[1] == []  # no limit
+
+
+def test_a_huge_line_is_skipped_without_being_read_whole(tmp_path: Path) -> None:
+    """A line over the limit was read whole before being refused: a file of hundreds of megabytes without a
+    newline took as much memory, for each batch made from it."""
+    path = tmp_path / "in.jsonl"
+    with path.open("wb") as handle:
+        handle.write(json.dumps(line("a")).encode() + b"\n")
+        handle.write(b"x" * (40 << 20) + b"\n")
+        handle.write(json.dumps(line("b")).encode() + b"\n")
+        handle.write(b"y" * (3 << 20))  # the last line, without a newline
+    tracemalloc.start()
+    try:
+        requests, errors = read_requests(path, URL, max_line_bytes=4096)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak} bytes at the peak"
+    assert [(e["line"], e["code"]) for e in errors] == [(2, "request_too_large"), (4, "request_too_large")]
+    assert [r.custom_id for r in requests] == ["a", "b"]
+    with path.open("rb") as handle:  # each request still knows where its line is
+        assert requests[1].body(handle.fileno()) == {"messages": []}
