@@ -241,41 +241,38 @@ class BatchRunner:
                 if time.time() >= batch.expires_at:
                     self.slots.release()
                     return pending[index:]
-                group.create_task(self._send(batch, request, fd))
+                # Given back when the task ends, also one cancelled before it starts (its `finally` never runs):
+                # the task group cancels its new tasks when a request fails the batch (a full disk).
+                group.create_task(self._send(batch, request, fd)).add_done_callback(lambda _: self.slots.release())
         return []
 
     async def _send(self, batch: Batch, request: BatchRequest, fd: int) -> None:
         try:
-            try:
-                status, answer = await self._answer(batch, await asyncio.to_thread(request.body, fd))
-            except (
-                Exception
-            ) as error:  # a request the in-process call cannot carry (a bug): its own line, not the batch's end
-                log.exception("batch %s: request %r failed", batch.id, request.custom_id)
-                status, answer = 500, {"error": f"internal error: {type(error).__name__}: {error}"[:300]}
-            line = {
-                "id": f"batch_req_{secrets.token_hex(12)}",
-                "custom_id": request.custom_id,
-                "response": {"status_code": status, "request_id": f"req_{secrets.token_hex(12)}", "body": answer},
-                "error": None,
-            }
-            succeeded = 200 <= status < 300
-            # Written even if the batch is cancelled meanwhile (its answer is in); _finish waits for it.
-            write = asyncio.ensure_future(
-                asyncio.to_thread(_append, self._partial(batch, "output" if succeeded else "errors"), [line])
-            )
-            writes = self._writes.setdefault(batch.id, set())
-            writes.add(write)
-            write.add_done_callback(writes.discard)
-            await asyncio.shield(write)
-            if succeeded:
-                batch.completed += 1
-                add_usage(batch.usage, answer)
-            else:
-                batch.failed += 1
-            await self._save(batch, now=False)
-        finally:
-            self.slots.release()
+            status, answer = await self._answer(batch, await asyncio.to_thread(request.body, fd))
+        except Exception as error:  # a request the in-process call cannot carry (a bug): its line, not the batch's end
+            log.exception("batch %s: request %r failed", batch.id, request.custom_id)
+            status, answer = 500, {"error": f"internal error: {type(error).__name__}: {error}"[:300]}
+        line = {
+            "id": f"batch_req_{secrets.token_hex(12)}",
+            "custom_id": request.custom_id,
+            "response": {"status_code": status, "request_id": f"req_{secrets.token_hex(12)}", "body": answer},
+            "error": None,
+        }
+        succeeded = 200 <= status < 300
+        # Written even if the batch is cancelled meanwhile (its answer is in); _finish waits for it.
+        write = asyncio.ensure_future(
+            asyncio.to_thread(_append, self._partial(batch, "output" if succeeded else "errors"), [line])
+        )
+        writes = self._writes.setdefault(batch.id, set())
+        writes.add(write)
+        write.add_done_callback(writes.discard)
+        await asyncio.shield(write)
+        if succeeded:
+            batch.completed += 1
+            add_usage(batch.usage, answer)
+        else:
+            batch.failed += 1
+        await self._save(batch, now=False)
 
     async def _answer(self, batch: Batch, body: dict[str, Any]) -> tuple[int, Any]:
         body.setdefault("priority", BATCH_PRIORITY)

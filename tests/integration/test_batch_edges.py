@@ -1,9 +1,10 @@
 """Edges of the Batch API that its main tests (test_api_batches.py) do not reach: a cancel that lands in the
-moments between a run's validation and its first request, through the official `openai` client against a real
-uvicorn server on the tiny Llama."""
+moments between a run's validation and its first request, and a batch failing on a full disk while its next request
+was about to start, through the official `openai` client against a real uvicorn server on the tiny Llama."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import threading
@@ -69,3 +70,37 @@ def test_a_batch_cancelled_while_its_answers_so_far_are_counted_sends_nothing(
         assert cancelled.output_file_id is None
         engine = server.state.engine
         assert engine is not None and engine.stats.requests_total == 0  # none of its requests was sent
+
+
+def test_a_batch_failing_on_a_full_disk_leaves_its_slots_to_the_next_batch(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose answer cannot be written fails the batch, and the run's task group cancels its other
+    requests: one started just then, not yet running, never gave back its slot. With one slot (batch_concurrency
+    1), every later batch waited in_progress for ever."""
+    append = batch_runner._append
+    full = threading.Event()
+    full.set()
+
+    def append_once_full(path: Path, lines: list[dict[str, Any]]) -> None:
+        if full.is_set():
+            full.clear()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        append(path, lines)
+
+    monkeypatch.setattr(batch_runner, "_append", append_once_full)
+    settings = tiny_settings(tiny_llama, model_name="tiny", files_dir=tmp_path, batch_concurrency=1)
+    with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
+        first = client.batches.create(
+            input_file_id=upload(client, [chat_line(f"r{i}") for i in range(3)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        ).id
+        failed = wait_ended(client, first)
+        assert failed.status == "failed" and failed.errors is not None and failed.errors.data is not None
+        assert "disk is full" in (failed.errors.data[0].message or "")
+        second = client.batches.create(
+            input_file_id=upload(client, [chat_line("again")]), endpoint="/v1/chat/completions", completion_window="24h"
+        ).id
+        done = wait_ended(client, second, timeout=30)
+        assert done.status == "completed" and done.request_counts is not None and done.request_counts.completed == 1
