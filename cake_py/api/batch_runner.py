@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -49,21 +50,32 @@ _APPEND_LOCK = threading.Lock()  # result lines are appended from worker threads
 
 
 def _complete_lines(path: Path) -> Iterator[dict[str, Any]]:
-    """The result lines a run wrote before it stopped; a line cut short by a crash is dropped (and the file is
-    rewritten without it, so that lines appended next stay whole)."""
+    """The result lines a run wrote before it stopped, read one at a time (read whole, a 50,000-answer batch's lines
+    held gigabytes as it finished); a line cut short by a crash is dropped (and the file is rewritten without it,
+    so that lines appended next stay whole)."""
     if not path.exists():
         return
-    kept, lines = [], []
-    for raw in path.read_bytes().splitlines(keepends=True):
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            continue
-        if raw.endswith(b"\n") and isinstance(line, dict):
-            kept.append(raw)
-            lines.append(line)
-    path.write_bytes(b"".join(kept))
-    yield from lines
+    cut = False
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if (line := _whole_line(raw)) is None:
+                cut = True
+            else:
+                yield line
+    if cut:
+        mended = path.with_name(f".{path.name}.{secrets.token_hex(4)}")  # a crash leaves it to _load to remove
+        with open(path, "rb") as source, open(mended, "wb") as target:
+            target.writelines(raw for raw in source if _whole_line(raw) is not None)
+        os.replace(mended, path)
+
+
+def _whole_line(raw: bytes) -> dict[str, Any] | None:
+    """A result line, unless it was cut short."""
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        return None
+    return line if raw.endswith(b"\n") and isinstance(line, dict) else None
 
 
 class BatchRunner:
@@ -322,13 +334,21 @@ class BatchRunner:
             _, completed, failed, usage = _recount(output, error_lines)
             ids = []
             for path, kind in ((output, "output"), (error_lines, "error")):
-                lines = [json.dumps(line).encode() + b"\n" for line in _complete_lines(path)]
+                lines = (json.dumps(line).encode() + b"\n" for line in _complete_lines(path))
+                first = next(lines, None)
                 name = f"{batch.id}_{kind}.jsonl"
                 # One id per batch and kind: a finish cut short by a restart replaces what it stored, not twice.
                 seed = f"{batch.id}:{kind}"
                 kept = (
-                    self.files.add_lines(lines, name, BATCH_OUTPUT, batch.output_ttl_s, batch.owner, name_seed=seed)
-                    if lines
+                    self.files.add_lines(
+                        itertools.chain([first], lines),
+                        name,
+                        BATCH_OUTPUT,
+                        batch.output_ttl_s,
+                        batch.owner,
+                        name_seed=seed,
+                    )
+                    if first is not None
                     else None
                 )
                 ids.append(kept.id if kept is not None else None)
