@@ -29,6 +29,15 @@ def upload(client: OpenAI, lines: list[dict[str, Any]]) -> str:
     return client.files.create(file=("requests.jsonl", io.BytesIO(data)), purpose="batch").id
 
 
+def started(client: OpenAI, count: int) -> str:
+    """The id of a new batch of `count` chat requests (custom ids r0, r1, …)."""
+    return client.batches.create(
+        input_file_id=upload(client, [chat_line(f"r{i}") for i in range(count)]),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    ).id
+
+
 def wait_ended(client: OpenAI, batch_id: str, timeout: float = 60) -> Any:
     deadline = time.monotonic() + timeout
     while (batch := client.batches.retrieve(batch_id)).status not in batch_runner.TERMINAL:
@@ -54,11 +63,7 @@ def test_a_batch_cancelled_while_its_answers_so_far_are_counted_sends_nothing(
     monkeypatch.setattr(batch_runner, "_recount", held_recount)
     settings = tiny_settings(tiny_llama, model_name="tiny", files_dir=tmp_path)
     with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
-        batch_id = client.batches.create(
-            input_file_id=upload(client, [chat_line(f"r{i}") for i in range(3)]),
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-        ).id
+        batch_id = started(client, 3)
         assert counting.wait(30)
         try:
             assert client.batches.cancel(batch_id).status == "cancelling"
@@ -91,11 +96,7 @@ def test_a_batch_failing_on_a_full_disk_leaves_its_slots_to_the_next_batch(
     monkeypatch.setattr(batch_runner, "_append", append_once_full)
     settings = tiny_settings(tiny_llama, model_name="tiny", files_dir=tmp_path, batch_concurrency=1)
     with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
-        first = client.batches.create(
-            input_file_id=upload(client, [chat_line(f"r{i}") for i in range(3)]),
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-        ).id
+        first = started(client, 3)
         failed = wait_ended(client, first)
         assert failed.status == "failed" and failed.errors is not None and failed.errors.data is not None
         assert "disk is full" in (failed.errors.data[0].message or "")
