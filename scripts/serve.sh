@@ -14,10 +14,12 @@ CACHE="${CAKE_WORKER_CACHE:-.cache/workers}"
 CPUS="${CAKE_CPUS:-$(.venv/bin/python -c 'import os; print(min(os.sched_getaffinity(0)))')}"
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT INT TERM HUP
 for i in 1 2; do
     # One torch thread each: three processes share this machine's cores without spinning against each other.
-    .venv/bin/cake worker --host 127.0.0.1 --port $((WORKER_PORT + i - 1)) --name "local-$i" --threads 1 --cpus "$CPUS" \
+    # In a session of their own (setsid), so that Ctrl-C reaches the master alone: it stops first, telling the
+    # workers to drop its layers, and cleanup then stops them (with the terminal's Ctrl-C they were gone already).
+    setsid .venv/bin/cake worker --host 127.0.0.1 --port $((WORKER_PORT + i - 1)) --name "local-$i" --threads 1 --cpus "$CPUS" \
         --cache-dir "$CACHE/local-$i" &
     pids+=($!)
 done
