@@ -376,7 +376,8 @@ def test_ctrl_c_stops_a_download_at_once_and_leaves_no_partial_file(tmp_path: Pa
                 deadline = time.monotonic() + 60
                 while len(list(hf_home.glob("hub/*/blobs/*.incomplete"))) < 2 and time.monotonic() < deadline:
                     time.sleep(0.1)
-                assert len(list(hf_home.glob("hub/*/blobs/*.incomplete"))) == 2, "the download never started"
+                # Ours and theirs; for a moment config.json's partial too (3), on a machine slow to finish it.
+                assert len(list(hf_home.glob("hub/*/blobs/*.incomplete"))) >= 2, "the download never started"
                 time.sleep(0.5)
                 cake.send_signal(signal.SIGINT)
                 interrupted = time.monotonic()
