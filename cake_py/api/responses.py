@@ -66,7 +66,10 @@ from cake_py.models.tokenizer import Tokenizer
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Sampling fields passed on as the chat completion reads them (vLLM's extras included); the rest are Responses'.
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "top_logprobs", "priority")
+_SAMPLING_FIELDS = (
+    *("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "top_logprobs", "priority"),
+    "ignore_eos",
+)
 
 
 async def create_response(request: Request) -> Response:

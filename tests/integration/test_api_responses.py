@@ -360,6 +360,22 @@ def test_every_event_and_response_holds_to_the_sdks_types(server: ServerHandle, 
     assert events[-1]["type"] in ("response.completed", "response.incomplete")
 
 
+def test_ignore_eos_holds_on_a_response(client: OpenAI) -> None:
+    """vLLM's ignore_eos, which /v1/chat/completions honours, was dropped here: a sampled answer of the random tiny
+    model ended at its end token anyway (tests that stop a long answer midway relied on it)."""
+
+    def answer(**extra: Any) -> Any:
+        body = {"seed": 7, **extra}
+        return client.responses.create(
+            model="x", input=QUESTION, max_output_tokens=1500, temperature=1.0, extra_body=body
+        )
+
+    free = answer()
+    assert free.status == "completed" and free.usage is not None and free.usage.output_tokens < 1500  # its end
+    held = answer(ignore_eos=True)
+    assert held.status == "incomplete" and held.usage is not None and held.usage.output_tokens == 1500
+
+
 def test_a_stored_stream_that_fails_ends_failed_with_what_it_had(
     tiny_llama_long_context: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
