@@ -93,6 +93,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         connect_timeout=args.connect_timeout,
         cpus=cpus,
         chain=args.chain,
+        micro_batch_tokens=args.micro_batch_tokens,
         cuda_graphs=args.cuda_graphs,
         files_dir=check_files_dir(args.files_dir or default_files_dir()),
         max_file_bytes=args.max_file_mb * 1024 * 1024,

@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="send hidden states back through the master after every worker instead of worker to worker",
     )
+    serve.add_argument(
+        "--micro-batch-tokens",
+        type=positive_int,
+        default=128,
+        help="cut a step of at least twice this many tokens into pieces the workers compute at once, each on the "
+        "piece before the next worker's (a long prompt's prefill); 0 = off",
+    )
     serve.add_argument("--rate-limit", type=positive_int, default=60, help="requests/min per client; 0 = off")
     serve.add_argument("--rate-burst", type=at_least_one, default=10, help="requests a client may send at once")
     serve.add_argument(

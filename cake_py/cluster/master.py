@@ -140,7 +140,12 @@ def connect_pipeline(
     try:
         stages += _master_stages(source, dtype, device, [(s.start, s.end) for s in stages])
         stages.sort(key=lambda stage: stage.start)
-        return Pipeline(load_ends(source, dtype, device), stages, chain=settings.chain)
+        return Pipeline(
+            load_ends(source, dtype, device),
+            stages,
+            chain=settings.chain,
+            micro_batch_tokens=settings.micro_batch_tokens,
+        )
     except BaseException:
         for stage in stages:  # loading the master's own part failed: stop the monitors, close the channels
             stage.close()

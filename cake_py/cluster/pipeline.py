@@ -8,12 +8,17 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from cake_py.cluster.micro_batches import split_batch
 from cake_py.cluster.stage import LocalStage, Stage
 from cake_py.errors import ClusterError
 from cake_py.models.hub import ModelSource
 from cake_py.models.kv_cache import Batch
 from cake_py.models.llama import Transformer
 from cake_py.models.weights import load_transformer
+
+# Tokens per piece of a pipelined step: enough rows that each piece's matmuls stay efficient (and a 4-bit layer
+# unpacks its weights for a dense matmul, quant.DENSE_ROWS), few enough that a 512-token step makes 4 pieces.
+MICRO_BATCH_TOKENS = 128
 
 
 @runtime_checkable
@@ -26,15 +31,29 @@ class ChainableStage(Protocol):
         """Run this stage and then `followers` in one chained call; returns the output and how many ran."""
         ...
 
+    def forward_pieces(self, followers: Sequence[Any], pieces: Sequence[tuple[torch.Tensor, Batch]]) -> Any:
+        """Run the pieces of one step through this stage and `followers`, all in flight at once: their outputs in
+        order, or None when they could not be pipelined (the batch is then run whole)."""
+        ...
+
 
 class Pipeline:
     """Token ids → embedding → stage after stage → final norm + lm_head → logits of the rows asked for.
 
     Consecutive stages that can chain (remote workers on the fast path, `chain` on) run as one chained call: each
-    worker passes its output to the next and the last one answers, one handoff per stage plus one.
+    worker passes its output to the next and the last one answers, one handoff per stage plus one. When every
+    stage is in one chain of two or more, a step of at least twice `micro_batch_tokens` tokens (a long prompt's prefill)
+    is cut into pieces of about that many (cake_py.cluster.micro_batches), all sent at once: while the second
+    worker computes a piece, the first computes the next one, instead of waiting for the whole step.
     """
 
-    def __init__(self, ends: Transformer, stages: Sequence[Stage], chain: bool = True) -> None:
+    def __init__(
+        self,
+        ends: Transformer,
+        stages: Sequence[Stage],
+        chain: bool = True,
+        micro_batch_tokens: int = MICRO_BATCH_TOKENS,
+    ) -> None:
         covered = 0
         for stage in stages:
             if stage.start != covered:
@@ -47,6 +66,7 @@ class Pipeline:
         self.config = ends.config
         # The stages that can ever chain, decided once: whether one can right now is asked per step.
         self._chainers = [stage if chain and isinstance(stage, ChainableStage) else None for stage in self.stages]
+        self.micro_batch_tokens = micro_batch_tokens
 
     def logits(self, token_ids: torch.Tensor, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
         """(T,) ids in the batch's layout → (len(rows), vocab) float32 logits at those token rows."""
@@ -58,7 +78,10 @@ class Pipeline:
         """`logits`, and the final hidden states (float32, after the final norm) at `hidden_rows` when any are asked
         for (embeddings): (len(hidden_rows), hidden)."""
         hidden = self.ends.embed(token_ids)
-        index = 0
+        pipelined = self._pipelined(hidden, batch)
+        if pipelined is not None:
+            hidden = pipelined
+        index = len(self.stages) if pipelined is not None else 0
         while index < len(self.stages):
             run = self._chain_from(index)
             if len(run) > 1:
@@ -68,6 +91,18 @@ class Pipeline:
             index += ran
         final = self.ends.final_hidden(hidden[list(hidden_rows)]) if hidden_rows else None
         return self.ends.head(hidden[list(rows)]), final
+
+    def _pipelined(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """The output of every stage for a step cut into pieces in flight at once, or None when it is not cut: too
+        few tokens, stages that are not all one chain now, or a chain that cannot take pieces (TLS)."""
+        if not self.micro_batch_tokens or hidden.shape[0] < 2 * self.micro_batch_tokens or len(self.stages) < 2:
+            return None
+        run = self._chain_from(0)
+        if len(run) < len(self.stages):
+            return None
+        pieces = [(hidden[first:end], piece) for first, end, piece in split_batch(batch, self.micro_batch_tokens)]
+        outputs = run[0].forward_pieces(run[1:], pieces)
+        return None if outputs is None else torch.cat(outputs)
 
     def _chain_from(self, start: int) -> list[ChainableStage]:
         """The stages from `start` on that can chain now, up to the first that cannot."""

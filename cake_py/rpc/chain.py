@@ -10,6 +10,7 @@ import logging
 import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from cake_py.rpc.pb import worker_pb2 as pb
 
 if TYPE_CHECKING:
     from cake_py.rpc.client import RemoteStage
+    from cake_py.rpc.dataplane_client import DataPlaneClient
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +59,20 @@ def wire_slices(batch: Batch) -> list[pb.SequenceSlice]:
     ]
 
 
-def forward_chain(chain: Sequence[RemoteStage], hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Run the first stage of `chain` and then the others, each worker passing its output straight to the next;
-    the last one answers. Returns the hidden states and how many stages ran: fewer than all when a worker could not
-    reach the next one (the caller goes on from there, and these stages are not chained again)."""
-    first, followers = chain[0], chain[1:]
+def _clients(chain: Sequence[RemoteStage]) -> list[DataPlaneClient] | None:
+    """Each stage's fast-path connection; None when one is gone (the stage went down since it was seen chainable)."""
     clients = []
-    for stage in chain:  # the caller just saw every one chainable; one may have gone down since
+    for stage in chain:
         client = stage._fast
         if client is None or not stage._up:
-            return first.forward(hidden, batch), 1
+            return None
         clients.append(client)
-    began = time.perf_counter()
+    return clients
+
+
+def _request(
+    chain: Sequence[RemoteStage], clients: Sequence[DataPlaneClient], hidden: torch.Tensor, batch: Batch
+) -> pb.ForwardRequest:
     request = pb.ForwardRequest(
         request_id=next(REQUEST_IDS),
         sequences=wire_slices(batch),
@@ -80,64 +84,157 @@ def forward_chain(chain: Sequence[RemoteStage], hidden: torch.Tensor, batch: Bat
                 name=stage.name,
                 assignment=stage.connection.assignment,
             )
-            for stage, client in zip(followers, clients[1:], strict=True)
+            for stage, client in zip(chain[1:], clients[1:], strict=True)
         ],
         reply_session=clients[0].session,
-        assignment=first.connection.assignment,
+        assignment=chain[0].connection.assignment,
     )
     encode_tensor(hidden, out=request.hidden)
+    return request
+
+
+def forward_chain(chain: Sequence[RemoteStage], hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Run the first stage of `chain` and then the others, each worker passing its output straight to the next;
+    the last one answers. Returns the hidden states and how many stages ran: fewer than all when a worker could not
+    reach the next one (the caller goes on from there, and these stages are not chained again)."""
+    first = chain[0]
+    clients = _clients(chain)  # the caller just saw every one chainable; one may have gone down since
+    if clients is None:
+        return first.forward(hidden, batch), 1
+    began = time.perf_counter()
+    request = _request(chain, clients, hidden, batch)
     payload = request.SerializeToString()
-    # Any worker of the chain may answer: the last with the result, another with an error or a broken chain.
-    by_socket: dict[socket.socket, RemoteStage] = {}
-    for stage, client in zip(chain, clients, strict=True):
-        if client.sock is None:  # closed since: the stage was just marked down
-            raise stage._broken(ConnectionError("the connection closed"))
-        by_socket[client.sock] = stage
+    replies = _Replies(chain, clients)
     try:
         clients[0].send(payload)
-        sent_at = time.monotonic()
-        poller = select.poll()  # poll, not select: descriptors may be numbered past select's 1024
-        for sock in by_socket:
-            poller.register(sock, select.POLLIN)
-        by_fd = {sock.fileno(): sock for sock in by_socket}
     except (OSError, ConnectionError) as error:
         raise first._broken(error) from None
-    while True:
+    stage, reply = replies.next({request.request_id})
+    ran = chain.index(stage) + 1
+    if ran < len(chain):
+        log.warning("%s; these workers are not chained again", reply.chain_error)
+        for member in chain:
+            member._chain_off = True
+    out = on_device_of(decode_tensor(reply.hidden), hidden)
+    _record(chain[:ran], list(reply.chain_forward_us), began, len(payload), len(reply.hidden.data))
+    return out, ran
+
+
+def forward_chain_pieces(
+    chain: Sequence[RemoteStage], pieces: Sequence[tuple[torch.Tensor, Batch]]
+) -> list[torch.Tensor] | None:
+    """The pieces of one step (cake_py.cluster.micro_batches) through the whole chain, all sent at once: each worker
+    computes a piece while the next worker computes the one before. Returns each piece's output in order; None when
+    the chain cannot take them now (a stage went down since, or a connection is TLS, whose socket one thread must
+    not write while another reads it), or a worker could not pass a piece on (these workers are then not chained
+    again): the caller runs the batch whole, stage after stage, each worker rewriting the positions the pieces
+    reached (a step run again may start before a cache's end).
+
+    The pieces are written by a thread of their own while this one reads the answers: the last worker may answer
+    piece 1 before the first worker has read piece 4, and a master that only wrote would leave the last worker's
+    answer unread, the last worker blocked writing it, the first blocked passing it a piece, and its own write."""
+    clients = _clients(chain)
+    if clients is None or any(isinstance(client.sock, ssl.SSLSocket) for client in clients):
+        return None
+    requests = [_request(chain, clients, hidden, batch) for hidden, batch in pieces]
+    payloads = [request.SerializeToString() for request in requests]
+    replies = _Replies(chain, clients)
+    failure: list[BaseException] = []
+
+    def send_all() -> None:
         try:
-            # A TLS socket may hold an answer already decrypted, which poll cannot see.
-            readable: list[socket.socket] = [s for s in by_socket if isinstance(s, ssl.SSLSocket) and s.pending()]
-            readable = readable or [by_fd[fd] for fd, _ in poller.poll(PING_INTERVAL_S * 1000)]
-        except (OSError, ValueError) as error:  # a socket closed under us: its stage was marked down
-            down = next((stage for stage in chain if not stage._up), first)
-            raise down._broken(error) from None
-        if not readable and _stalled(chain, sent_at):
-            for member in chain:
-                member._chain_off = True
-            raise StageError(
-                f"chained forward {request.request_id} through {', '.join(s.name for s in chain)} was lost: no "
-                f"worker has worked on it for {CHAIN_STALL_S:.0f} s; these workers are not chained again"
-            )
-        for sock in readable:
-            stage = by_socket[sock]
+            for payload in payloads:
+                clients[0].send(payload)
+        except (OSError, ConnectionError) as error:
+            failure.append(error)
+
+    sender = threading.Thread(target=send_all, name="cake-chain-sender", daemon=True)
+    sender.start()
+    waiting = {request.request_id: index for index, request in enumerate(requests)}
+    outputs: list[torch.Tensor | None] = [None] * len(pieces)
+    try:
+        while waiting:
+            stage, reply = replies.next(set(waiting), failure)
+            if chain.index(stage) + 1 < len(chain):
+                log.warning("%s; these workers are not chained again", reply.chain_error)
+                for member in chain:
+                    member._chain_off = True
+                return None
+            index = waiting.pop(reply.request_id)
+            outputs[index] = on_device_of(decode_tensor(reply.hidden), pieces[index][0])
+            _record_piece(chain, list(reply.chain_forward_us), len(payloads[index]), len(reply.hidden.data))
+    finally:
+        sender.join(CHAIN_STALL_S)
+        if sender.is_alive():  # the first worker stopped reading: its connection is of no more use
+            chain[0]._broken(ConnectionError("it stopped reading its input"))
+            sender.join()
+    return [output for output in outputs if output is not None]
+
+
+class _Replies:
+    """The answers to chained forwards: any worker of the chain may answer, the last with a result, another with an
+    error or a broken chain."""
+
+    def __init__(self, chain: Sequence[RemoteStage], clients: Sequence[DataPlaneClient]) -> None:
+        self.chain = chain
+        self.by_socket: dict[socket.socket, RemoteStage] = {}
+        for stage, client in zip(chain, clients, strict=True):
+            if client.sock is None:  # closed since: the stage was just marked down
+                raise stage._broken(ConnectionError("the connection closed"))
+            self.by_socket[client.sock] = stage
+        self.sent_at = time.monotonic()
+        self.poller = select.poll()  # poll, not select: descriptors may be numbered past select's 1024
+        try:
+            for sock in self.by_socket:
+                self.poller.register(sock, select.POLLIN)
+            self.by_fd = {sock.fileno(): sock for sock in self.by_socket}
+        except (OSError, ValueError) as error:
+            raise chain[0]._broken(error) from None
+        self.ready: list[socket.socket] = []
+
+    def next(self, request_ids: set[int], failure: Sequence[BaseException] = ()) -> tuple[RemoteStage, pb.ForwardReply]:
+        """The next answer to one of `request_ids` and the stage that gave it (a worker's error raised as a
+        StageError, a broken connection as its stage's); answers to earlier, failed steps are skipped.
+        `failure`: where a thread writing the requests puts the error that stopped it."""
+        while True:
+            if failure:
+                raise self.chain[0]._broken(failure[0])
+            if not self.ready:
+                self.ready = self._wait()
+                if not self.ready:
+                    continue
+            sock = self.ready.pop()
+            stage = self.by_socket[sock]
             try:
                 reply = pb.ForwardReply.FromString(read_frame(sock))
             except (OSError, ConnectionError, DecodeError) as error:
                 raise stage._broken(error) from None
-            if reply.request_id != request.request_id:
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                self.ready.append(sock)  # another answer, already decrypted, which poll cannot see
+            if reply.request_id not in request_ids:
                 continue  # an answer to an earlier, failed step
             if reply.error:
                 raise StageError(f"{stage.connection.label}: {reply.error}")
-            ran = chain.index(stage) + 1
-            if ran < len(chain):
-                if not reply.chain_error:
-                    raise StageError(f"{stage.connection.label} answered a chained forward it should pass on")
-                log.warning("%s; these workers are not chained again", reply.chain_error)
-                for member in chain:
-                    member._chain_off = True
-            out = on_device_of(decode_tensor(reply.hidden), hidden)
-            forward_us = list(reply.chain_forward_us)
-            _record(chain[:ran], forward_us, began, len(payload), len(reply.hidden.data))
-            return out, ran
+            if self.chain.index(stage) + 1 < len(self.chain) and not reply.chain_error:
+                raise StageError(f"{stage.connection.label} answered a chained forward it should pass on")
+            return stage, reply
+
+    def _wait(self) -> list[socket.socket]:
+        try:
+            # A TLS socket may hold an answer already decrypted, which poll cannot see.
+            readable: list[socket.socket] = [s for s in self.by_socket if isinstance(s, ssl.SSLSocket) and s.pending()]
+            readable = readable or [self.by_fd[fd] for fd, _ in self.poller.poll(PING_INTERVAL_S * 1000)]
+        except (OSError, ValueError) as error:  # a socket closed under us: its stage was marked down
+            down = next((stage for stage in self.chain if not stage._up), self.chain[0])
+            raise down._broken(error) from None
+        if not readable and _stalled(self.chain, self.sent_at):
+            for member in self.chain:
+                member._chain_off = True
+            raise StageError(
+                f"chained forward through {', '.join(s.name for s in self.chain)} was lost: no worker has worked "
+                f"on it for {CHAIN_STALL_S:.0f} s; these workers are not chained again"
+            )
+        return readable
 
 
 def _record(ran: Sequence[RemoteStage], forward_us: list[int], began: float, sent: int, received: int) -> None:
@@ -148,4 +245,13 @@ def _record(ran: Sequence[RemoteStage], forward_us: list[int], began: float, sen
     transfer = max(total_ms - sum(forwards), 0.0) / len(ran)
     for stage, forward_ms in zip(ran, forwards, strict=True):
         stage.stats.record(forward_ms, forward_ms + transfer, sent, received)
+        stage.chained_calls += 1
+
+
+def _record_piece(chain: Sequence[RemoteStage], forward_us: list[int], sent: int, received: int) -> None:
+    """A piece of a pipelined step, as a call of each stage: its own compute, and its hop taken as the stage's
+    current figure (pieces overlap, so their transfer times cannot be told apart from the others' compute)."""
+    for stage, us in zip(chain, (forward_us + [0] * len(chain))[: len(chain)], strict=True):
+        hop_ms = max(stage.stats.round_trip_ms - stage.stats.forward_ms, 0.0)
+        stage.stats.record(us / 1000, us / 1000 + hop_ms, sent, received)
         stage.chained_calls += 1

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from cake_py.cluster.stage import StageStats
 from cake_py.errors import ClusterError, StageError
 from cake_py.models.kv_cache import Batch
-from cake_py.rpc.chain import REQUEST_IDS, forward_chain, on_device_of, wire_slices
+from cake_py.rpc.chain import REQUEST_IDS, forward_chain, forward_chain_pieces, on_device_of, wire_slices
 from cake_py.rpc.codec import decode_tensor, encode_tensor
 from cake_py.rpc.connection import (
     PING_INTERVAL_S,
@@ -191,6 +191,12 @@ class RemoteStage:
     ) -> tuple[torch.Tensor, int]:
         """This stage and then `followers`, each worker passing its output to the next (cake_py.rpc.chain)."""
         return forward_chain([self, *followers], hidden, batch)
+
+    def forward_pieces(
+        self, followers: Sequence[RemoteStage], pieces: Sequence[tuple[torch.Tensor, Batch]]
+    ) -> list[torch.Tensor] | None:
+        """A step's pieces through this stage and `followers` at once, pipelined (cake_py.rpc.chain)."""
+        return forward_chain_pieces([self, *followers], pieces)
 
     def _broken(self, error: BaseException) -> StageError:
         self._mark_down(f"the forward connection broke: {error}")
