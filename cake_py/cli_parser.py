@@ -165,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--micro-batch-tokens",
         type=positive_int,
-        default=128,
         help="cut a step of at least twice this many tokens into pieces the workers compute at once, each on the "
-        "piece before the next worker's (a long prompt's prefill); 0 = off",
+        "piece before the next worker's (a long prompt's prefill); 0 = off (default: 128 where the workers are on "
+        "other hosts or GPUs, off where they share one host's CPUs)",
     )
     serve.add_argument("--rate-limit", type=positive_int, default=60, help="requests/min per client; 0 = off")
     serve.add_argument("--rate-burst", type=at_least_one, default=10, help="requests a client may send at once")

@@ -70,8 +70,9 @@ class ServeSettings:
     connect_timeout: float = 10.0  # seconds to wait for each worker at startup (it may still be starting)
     cpus: tuple[int, ...] | None = None  # CPUs this process may run on (--cpus); None = wherever the OS likes
     chain: bool = True  # workers pass hidden states straight to the next worker (--no-chain: via the master)
-    # A chained step of at least twice this many tokens runs as pieces in flight at once (cluster/micro_batches.py)
-    micro_batch_tokens: int = 128
+    # A chained step of at least twice this many tokens runs as pieces in flight at once (cluster/micro_batches.py);
+    # None: 128 where the workers compute apart (other hosts or GPUs), else off (cluster/master.py)
+    micro_batch_tokens: int | None = None
     cuda_graphs: bool = True  # on a GPU, one sequence's decode steps replay as CUDA graphs (--no-cuda-graphs)
     # The Files and Batch APIs: where files and batches are kept, the largest upload, and how many of a batch's
     # requests run at once (None: half of max_running, so interactive requests keep slots of their own).

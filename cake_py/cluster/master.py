@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from cake_py.cluster.hostinfo import device_memory, memory_identity
-from cake_py.cluster.pipeline import Pipeline, load_ends
+from cake_py.cluster.pipeline import MICRO_BATCH_TOKENS, Pipeline, load_ends
 from cake_py.cluster.placement import NodeCapacity, check_manual, place_automatically
 from cake_py.cluster.stage import LocalStage, Stage
 from cake_py.config import ServeSettings, WorkerSpec
@@ -60,6 +60,16 @@ def memory_pool(host: Any) -> str:
     """A handshake's HostInfo → its memory pool. Workers naming the same pool draw on one memory: a host's RAM,
     or one GPU (by its UUID; not every GPU of a box, and not a GPU and the RAM)."""
     return f"{host.hostname}/{host.memory_id or host.device}"
+
+
+def micro_batch_tokens(asked: int | None, pools: list[str]) -> int:
+    """The pieces a chained step is cut into (cake_py.cluster.micro_batches): as `--micro-batch-tokens` asks, else
+    MICRO_BATCH_TOKENS where the workers compute apart (other hosts, or other GPUs), and whole steps where they all
+    share one host's CPUs: there a piece only waits for the core the other worker is using, and each piece costs
+    a little more than its share of the whole step (a 4-bit layer unpacks its weights once per piece)."""
+    if asked is not None:
+        return asked
+    return MICRO_BATCH_TOKENS if len(set(pools)) > 1 else 0
 
 
 def assignments_of(pipeline: Pipeline) -> set[int]:
@@ -144,7 +154,10 @@ def connect_pipeline(
             load_ends(source, dtype, device),
             stages,
             chain=settings.chain,
-            micro_batch_tokens=settings.micro_batch_tokens,
+            micro_batch_tokens=micro_batch_tokens(
+                settings.micro_batch_tokens,
+                [memory_pool(reply.host) for conn, reply in zip(connections, replies, strict=True) if conn in active],
+            ),
         )
     except BaseException:
         for stage in stages:  # loading the master's own part failed: stop the monitors, close the channels

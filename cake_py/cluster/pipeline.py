@@ -52,7 +52,7 @@ class Pipeline:
         ends: Transformer,
         stages: Sequence[Stage],
         chain: bool = True,
-        micro_batch_tokens: int = MICRO_BATCH_TOKENS,
+        micro_batch_tokens: int = 0,
     ) -> None:
         covered = 0
         for stage in stages:

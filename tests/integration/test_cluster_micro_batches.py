@@ -87,6 +87,17 @@ def test_pieces_in_flight_equal_a_single_node(
         pipeline.close()
 
 
+def test_workers_sharing_this_host_run_steps_whole_unless_asked(
+    workers: list[WorkerProcess], llama: ModelSource
+) -> None:
+    specs = [worker.spec((index, index + 1)) for index, worker in enumerate(workers)]
+    pipeline = build_pipeline(ServeSettings(model=llama.model_id, workers=specs, dtype="float32"), llama, "cpu")
+    try:
+        assert pipeline.micro_batch_tokens == 0  # one host's CPUs: cutting only adds work
+    finally:
+        pipeline.close()
+
+
 def test_off_and_short_steps_run_whole(
     workers: list[WorkerProcess], llama: ModelSource, single_node: list[torch.Tensor]
 ) -> None:

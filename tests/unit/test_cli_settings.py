@@ -31,7 +31,7 @@ def test_flags_reach_the_settings() -> None:
     assert _serve_settings(parser.parse_args(["serve"])).files_max_bytes == 0
     assert _serve_settings(parser.parse_args(["serve", "--speculative-tokens", "6"])).speculative_tokens == 6
     assert _serve_settings(parser.parse_args(["serve"])).speculative_tokens == 0
-    assert _serve_settings(parser.parse_args(["serve"])).micro_batch_tokens == 128
+    assert _serve_settings(parser.parse_args(["serve"])).micro_batch_tokens is None
     assert _serve_settings(parser.parse_args(["serve", "--micro-batch-tokens", "0"])).micro_batch_tokens == 0
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from cake_py.cluster.master import _adopt_worker_names, _warn_of_takeovers
+from cake_py.cluster.master import _adopt_worker_names, _warn_of_takeovers, micro_batch_tokens
+from cake_py.cluster.pipeline import MICRO_BATCH_TOKENS
 from cake_py.config import parse_workers_flag
 
 
@@ -124,3 +125,18 @@ def test_ctrl_c_while_a_worker_says_nothing_ends_cake_serve_at_once(tiny_llama) 
         if connected is not None:
             connected.close()
         silent.close()
+
+
+@pytest.mark.parametrize(
+    ("asked", "pools", "expected"),
+    [
+        (None, ["a/ram", "b/ram"], MICRO_BATCH_TOKENS),  # two hosts: each worker computes on its own
+        (None, ["box/GPU-1", "box/GPU-2"], MICRO_BATCH_TOKENS),  # two GPUs of one host
+        (None, ["box/ram", "box/ram"], 0),  # one host's CPUs: a piece would wait for the other worker's core
+        (None, ["a/ram"], 0),
+        (64, ["box/ram", "box/ram"], 64),  # asked: as asked
+        (0, ["a/ram", "b/ram"], 0),
+    ],
+)
+def test_steps_are_cut_where_workers_compute_apart(asked: int | None, pools: list[str], expected: int) -> None:
+    assert micro_batch_tokens(asked, pools) == expected
