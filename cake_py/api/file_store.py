@@ -99,6 +99,14 @@ class FileStore:
     def bytes_of(self, stored: StoredFile) -> Path:
         return self.directory / stored.id
 
+    def open_bytes(self, stored: StoredFile) -> BinaryIO:
+        """A handle on a stored file's bytes, to read it whole: a deletion after this open does not cut it short
+        (the open file keeps its data); KeyError when the file went after `stored` was looked up."""
+        try:
+            return open(self.bytes_of(stored), "rb")  # the caller closes it once it has read it
+        except FileNotFoundError:
+            raise KeyError(stored.id) from None
+
     def get(self, file_id: str) -> StoredFile:
         """KeyError when no file has this id (or it expired, or its bytes were removed behind this server's back)."""
         with self._lock:

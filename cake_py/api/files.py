@@ -5,12 +5,17 @@ by `file_store.FileStore`."""
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import AsyncIterator
+from typing import BinaryIO
+from urllib.parse import quote
 
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
@@ -31,6 +36,7 @@ from cake_py.api.state import ServerState
 MAX_LISTED = 10_000  # OpenAI's most files per page, and its default
 UPLOAD_PATH = "/v1/files"
 FORM_OVERHEAD_BYTES = 64 * 1024  # an upload's body: the file, its form fields and boundaries
+CONTENT_CHUNK = 64 * 1024  # what a download reads at a time, as Starlette's FileResponse does
 
 
 def store_of(request: Request) -> FileStore:
@@ -125,8 +131,34 @@ async def delete_file(request: Request) -> Response:
 async def file_content(request: Request) -> Response:
     store = store_of(request)
     stored = await stored_file(store, request.path_params["file_id"], request_owner(request))
-    # A deletion between here and the read ends the response short; FileResponse reads in a thread.
-    return FileResponse(store.bytes_of(stored), media_type="application/octet-stream", filename=stored.filename)
+    # Opened once and read from that handle: a deletion after the lookup either comes first (the open fails: the
+    # 404 of a missing file) or finds it open (POSIX keeps an open file's data: it is served whole). Reading by
+    # path, as FileResponse does, answered a 500 when the file went between the lookup and its stat.
+    try:
+        handle = await run_in_threadpool(store.open_bytes, stored)
+    except KeyError:
+        raise ApiError(404, f"no file with id {stored.id!r}") from None
+    size = os.fstat(handle.fileno()).st_size
+    return StreamingResponse(
+        _chunks(handle),
+        media_type="application/octet-stream",
+        headers={"content-length": str(size), "content-disposition": _attachment(stored.filename)},
+        background=BackgroundTask(handle.close),  # also when the body was never read (closing twice is harmless)
+    )
+
+
+async def _chunks(handle: BinaryIO) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await run_in_threadpool(handle.read, CONTENT_CHUNK):
+            yield chunk
+    finally:
+        handle.close()  # a client that left mid-way: the stream is cancelled here
+
+
+def _attachment(filename: str) -> str:
+    """Content-Disposition for a download named `filename`, as Starlette's FileResponse writes it."""
+    quoted = quote(filename)
+    return f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
 
 
 ROUTES = [
