@@ -207,6 +207,9 @@ class BatchRunner:
             # Bodies are read as they are sent, through this descriptor: the file may be deleted meanwhile.
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         except (KeyError, FileNotFoundError):
+            if batch.status == "cancelling":  # cancelled while it was looked up: it ends as the cancel promised
+                await self._finish(batch, "cancelled")
+                return
             message = f"input file {batch.input_file_id!r} no longer exists"
             error = {"code": "missing_file", "line": None, "param": "input_file_id", "message": message}
             await self._finish(batch, "failed", errors=[error])  # with what an earlier run answered
@@ -218,11 +221,13 @@ class BatchRunner:
 
     async def _run_input(self, batch: Batch, fd: int) -> None:
         requests, errors = await asyncio.to_thread(read_requests, fd, batch.endpoint, self.max_line_bytes)
+        # Cancelled while it was being read: it ends cancelled, as OpenAI's cancel promises (`cancelling`, then
+        # `cancelled`), whatever the validation found; nothing was sent. A bad file used to end it `failed`.
+        if batch.status == "cancelling":
+            await self._finish(batch, "cancelled")
+            return
         if errors:
             await self._finish(batch, "failed", errors=errors)
-            return
-        if batch.status == "cancelling":  # while it was being read
-            await self._finish(batch, "cancelled")
             return
         if batch.status == "validating":
             batch.status, batch.in_progress_at, batch.total = "in_progress", int(time.time()), len(requests)

@@ -1,6 +1,7 @@
-"""Edges of the Batch API that its main tests (test_api_batches.py) do not reach: a cancel that lands in the
-moments between a run's validation and its first request, and a batch failing on a full disk while its next request
-was about to start, through the official `openai` client against a real uvicorn server on the tiny Llama."""
+"""Edges of the Batch API that its main tests (test_api_batches.py) do not reach: a cancel that lands while a run
+validates its input file or in the moments between that and its first request, and a batch failing on a full disk
+while its next request was about to start, through the official `openai` client against a real uvicorn server on
+the tiny Llama."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from openai import OpenAI
 
 from cake_py.api import batch_runner
+from cake_py.api.file_store import FileStore
 from tests.fixtures.server import running_server, tiny_settings
 
 
@@ -73,6 +75,49 @@ def test_a_batch_cancelled_while_its_answers_so_far_are_counted_sends_nothing(
         assert cancelled.status == "cancelled" and cancelled.request_counts is not None
         assert (cancelled.request_counts.completed, cancelled.request_counts.failed) == (0, 0)
         assert cancelled.output_file_id is None
+        engine = server.state.engine
+        assert engine is not None and engine.stats.requests_total == 0  # none of its requests was sent
+
+
+@pytest.mark.parametrize("input_file", ["with a bad line", "deleted"])
+def test_a_batch_cancelled_while_its_input_file_is_validated_ends_cancelled(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, input_file: str
+) -> None:
+    """OpenAI's cancel answers `cancelling`, then the batch is `cancelled`. One cancelled while its input file was
+    looked up or read ended `failed` when that file turned out bad or gone: the validation overrode the cancel."""
+    validating, go_on = threading.Event(), threading.Event()
+
+    def held(real: Any) -> Any:
+        def hook(*args: Any) -> Any:
+            validating.set()
+            assert go_on.wait(30)
+            return real(*args)
+
+        return hook
+
+    if input_file == "deleted":  # held as the run looks the file up; the test deletes it meanwhile
+        monkeypatch.setattr(FileStore, "path", held(FileStore.path))
+    else:  # held as the run reads it (the bad line is found after the cancel)
+        monkeypatch.setattr(batch_runner, "read_requests", held(batch_runner.read_requests))
+    settings = tiny_settings(tiny_llama, model_name="tiny", files_dir=tmp_path)
+    with running_server(settings) as server, OpenAI(base_url=server.openai_url, api_key="x", max_retries=0) as client:
+        lines = [chat_line("r0"), {"custom_id": "r1", "method": "GET"}]  # r1: a bad line (method must be POST)
+        file_id = upload(client, lines)
+        batch_id = client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        ).id
+        assert validating.wait(30)
+        try:
+            cancelling = client.batches.cancel(batch_id)
+            assert (cancelling.status, cancelling.cancelling_at is not None) == ("cancelling", True)
+            if input_file == "deleted":
+                assert client.files.delete(file_id).deleted
+        finally:
+            go_on.set()
+        cancelled = wait_ended(client, batch_id)
+        assert cancelled.status == "cancelled", cancelled.errors
+        assert cancelled.cancelled_at is not None and cancelled.failed_at is None and cancelled.errors is None
+        assert cancelled.output_file_id is None and cancelled.error_file_id is None
         engine = server.state.engine
         assert engine is not None and engine.stats.requests_total == 0  # none of its requests was sent
 
