@@ -29,6 +29,7 @@ from cake_py.api.inprocess import Routes
 from cake_py.api.json_body import json_body, strict_loads
 from cake_py.api.keepalive import KeepAliveResponse
 from cake_py.api.middleware import request_caller
+from cake_py.api.partial_json import loads_partial
 from cake_py.api.schemas import flag
 from cake_py.api.streaming import SSE_HEADERS
 
@@ -245,11 +246,17 @@ def _prompt(chat: dict[str, Any]) -> dict[str, Any]:
 
 
 def _input(function: dict[str, Any]) -> dict[str, Any]:
-    """A call's arguments as a tool_use block's `input`; arguments cut short (max_tokens) are an empty input."""
+    """A call's arguments as a tool_use block's `input`. Arguments max_tokens cut short keep what was written whole
+    (partial_json): Anthropic's API closes a cut tool_use block with the members it completed, and a client reading
+    the stream (its `input_json_delta` pieces, the SDK's partial parser) gets the same. `{}` lost them all."""
+    arguments_text = function.get("arguments") or "{}"
     try:
-        arguments = strict_loads(function.get("arguments") or "{}")
+        arguments = strict_loads(arguments_text)
     except ValueError:
-        return {}
+        try:
+            arguments = loads_partial(arguments_text)
+        except ValueError:  # not JSON cut short but wrong JSON (the SDK's stream parser raises on it)
+            return {}
     return arguments if isinstance(arguments, dict) else {}
 
 
