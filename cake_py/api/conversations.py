@@ -1,6 +1,7 @@
 """OpenAI's Conversations API: POST /v1/conversations (optional initial `items`, at most 20, and `metadata`), GET,
 POST (new `metadata`) and DELETE /v1/conversations/{id}, and its items: POST /v1/conversations/{id}/items (at most
-20 at a time), GET …/items (`after`, `limit` 1–100 (20), `order` (`desc`)), GET and DELETE …/items/{item_id}.
+20 at a time), GET …/items (`after`, `limit` 1–100 (20), `order` (`desc`), `include`), GET (`include`) and DELETE
+…/items/{item_id}.
 
 Items are checked as a response's `input` is (responses_input.py): messages, `function_call` and
 `function_call_output` items, each given an id (`msg_…`, `fc_…`, `fco_…`) unless it came with one. A response
@@ -19,6 +20,7 @@ from starlette.routing import Route
 
 from cake_py.api.conversation_store import StoredConversation
 from cake_py.api.errors import ApiError
+from cake_py.api.include import LOGPROBS_INCLUDE, query_include
 from cake_py.api.json_body import json_body
 from cake_py.api.listing import list_page
 from cake_py.api.middleware import request_owner
@@ -164,19 +166,37 @@ async def add_items(request: Request) -> Response:
     return JSONResponse(_items_page(added))
 
 
+def _included(item: dict[str, Any], include: list[str]) -> dict[str, Any]:
+    """An item as `include` asks for it. Logprobs: every output_text part has its `logprobs`, empty (the store keeps
+    none, as the response store does: 20 alternatives a token would take most of its room). The other values name
+    outputs this server never makes and change nothing."""
+    content = item.get("content")
+    if LOGPROBS_INCLUDE not in include or not isinstance(content, list):
+        return item
+    parts = [
+        {**part, "logprobs": part.get("logprobs") or []}
+        if isinstance(part, dict) and part.get("type") == "output_text"
+        else part
+        for part in content
+    ]
+    return {**item, "content": parts}
+
+
 async def list_items(request: Request) -> Response:
-    """OpenAI's listing: `order` (desc by default), `limit` (20, at most 100), `after` (an item id). `include` names
-    outputs this server does not keep (logprobs, built-in tools' results) and changes nothing."""
+    """OpenAI's listing: `order` (desc by default), `limit` (20, at most 100), `after` (an item id), `include`."""
+    include = query_include(request.query_params)
     found = _found(request)
-    return JSONResponse(list_page(request.query_params, found.items, what="item of this conversation"))
+    page = list_page(request.query_params, found.items, what="item of this conversation")
+    return JSONResponse({**page, "data": [_included(item, include) for item in page["data"]]})
 
 
 async def retrieve_item(request: Request) -> Response:
+    include = query_include(request.query_params)
     found, item_id = _found(request), request.path_params["item_id"]
     item = found.item(item_id)
     if item is None:
         raise _no_item(found.id, item_id)
-    return JSONResponse(item)
+    return JSONResponse(_included(item, include))
 
 
 async def delete_item(request: Request) -> Response:

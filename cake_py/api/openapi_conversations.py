@@ -6,13 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from cake_py.api.include import INCLUDABLE
 from cake_py.api.openapi_schemas import INT, STR, obj, ref
 
 METADATA = {"type": "object", "additionalProperties": STR, "maxProperties": 16}
 ITEMS = {"type": "array", "items": {"type": "object"}, "maxItems": 20}
 CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": STR}
 ITEM_ID = {"name": "item_id", "in": "path", "required": True, "schema": STR}
-INCLUDE = {"name": "include", "in": "query", "schema": {"type": "array", "items": STR}}
+INCLUDE = {
+    "name": "include",
+    "in": "query",
+    "schema": {"type": "array", "items": {"enum": list(INCLUDABLE)}},
+    "description": "logprobs come back empty (none are stored); the other values change nothing",
+}
 ERRORS = (400, 401, 404)
 
 SCHEMAS: dict[str, Any] = {
