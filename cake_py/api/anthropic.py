@@ -252,7 +252,7 @@ def _input(function: dict[str, Any]) -> dict[str, Any]:
     arguments_text = function.get("arguments") or "{}"
     try:
         arguments = strict_loads(arguments_text)
-    except ValueError:
+    except (ValueError, RecursionError):  # cut short, or nested past what Python's reader takes
         try:
             arguments = loads_partial(arguments_text)
         except ValueError:  # not JSON cut short but wrong JSON (the SDK's stream parser raises on it)

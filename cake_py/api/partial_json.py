@@ -27,6 +27,8 @@ def loads_partial(text: str) -> Any:
         value, _, _ = _Reader(text).value(0)  # what follows a whole value is not read (as in jiter's partial mode)
     except _Cut:
         raise ValueError("the text ends before its first value does") from None
+    except RecursionError:  # a model's output nested thousands deep: refused, as the SDK's parser refuses it
+        raise ValueError("the text nests too deep to read") from None
     return value
 
 

@@ -82,3 +82,8 @@ def test_a_tool_use_cut_by_max_tokens_keeps_the_input_written_whole() -> None:
     ]
     wrong = message_of(_completion('{"unit" "celsius"'), "tiny", max_tokens=9)  # not cut but wrong: no input
     assert wrong["content"][0]["input"] == {}
+
+
+def test_nesting_too_deep_is_wrong_json_not_a_crash() -> None:
+    with pytest.raises(ValueError, match="too deep"):
+        loads_partial('{"a": ' + "[" * 100_000)
