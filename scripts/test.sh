@@ -7,4 +7,4 @@ bash scripts/setup.sh --browser
 .venv/bin/ruff format --check cake_py tests scripts benchmarks examples
 .venv/bin/mypy
 # CAKE_NO_SKIP turns any skipped test into a failure: CI must run the browser, cluster and parity tests.
-CAKE_NO_SKIP=1 .venv/bin/python -m pytest -q "$@"
+CAKE_NO_SKIP=1 .venv/bin/python -m pytest -q --durations=30 "$@"
