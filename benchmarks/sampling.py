@@ -6,7 +6,9 @@ Logits over SmolLM2's vocabulary size: the embedded model's own logits for a sho
 distributions: a nucleus of a few tokens to a few hundred). Each setting is timed both ways in this run, median of
 five batches of --draws: the sampler (`Sampler.sample`: top-k directly, top-p from a widening top-k, one
 inverse-CDF draw) and the baseline it replaced (`filter_logits` over the whole vocabulary, softmax,
-`torch.multinomial`), which computes the same distribution.
+`torch.multinomial`), which computes the same distribution. Then llama.cpp's routes (`/completion` defaults: no
+chain, the path above) against each of its other samplers turned on (models/llama_samplers.py: the chain), with a
+history of 300 tokens for the penalties and DRY.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cake_py.cluster.pipeline import local_pipeline  # noqa: E402
 from cake_py.models.hub import resolve_model  # noqa: E402
 from cake_py.models.kv_cache import SequenceSlice  # noqa: E402
+from cake_py.models.llama_samplers import LlamaSamplers  # noqa: E402
 from cake_py.models.sampling import Sampler, SamplingParams, filter_logits  # noqa: E402
 
 SETTINGS = {
@@ -31,6 +34,17 @@ SETTINGS = {
     "OpenAI top-p 0.95, T 0.8": SamplingParams(temperature=0.8, top_p=0.95),
     "temperature 1.0 only": SamplingParams(temperature=1.0),
     "min-p 0.05, T 0.9": SamplingParams(temperature=0.9, min_p=0.05),
+}
+
+LLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "temperature_last": True}
+LLAMA_SETTINGS = {
+    "defaults (no chain)": LlamaSamplers(),
+    "typical_p 0.9": LlamaSamplers(typical_p=0.9),
+    "top_n_sigma 1.0": LlamaSamplers(top_n_sigma=1.0),
+    "xtc 0.5 / 0.1": LlamaSamplers(xtc_probability=0.5, xtc_threshold=0.1),
+    "dry 0.8 (whole history)": LlamaSamplers(dry_multiplier=0.8),
+    "dynatemp_range 0.5": LlamaSamplers(dynatemp_range=0.5),
+    "mirostat 2": LlamaSamplers(mirostat=2),
 }
 
 
@@ -76,6 +90,11 @@ def main() -> None:
         fast = ms_per_draw(lambda sampler=sampler: sampler.sample(logits, []), args.draws)
         slow = ms_per_draw(lambda p=params, g=generator: baseline(logits, p, g), args.draws)
         print(f"{name:50s} {fast:9.3f} {slow:9.3f} {slow / fast:7.1f}x")
+    history = list(range(300))
+    print(f"\nllama.cpp's samplers on /completion's defaults, ms per draw (median)\n{'setting':50s} {'sampler':>9s}")
+    for name, llama in LLAMA_SETTINGS.items():
+        sampler = Sampler(SamplingParams(**LLAMA_DEFAULTS, llama=llama))  # type: ignore[arg-type]
+        print(f"{name:50s} {ms_per_draw(lambda s=sampler: s.sample(logits, history), args.draws):9.3f}")
 
 
 if __name__ == "__main__":

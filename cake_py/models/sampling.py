@@ -16,6 +16,7 @@ import torch
 
 from cake_py.errors import RequestError
 from cake_py.models.grammar import CompiledGrammar, GrammarMatcher
+from cake_py.models.llama_samplers import LlamaChain, LlamaSamplers
 from cake_py.models.pooling import Pooling
 
 MAX_STOP_STRINGS = 16
@@ -62,6 +63,8 @@ class SamplingParams:
     # llama.cpp's sampler order: top-k, top-p, min-p on the model's distribution, the temperature last (its routes
     # set it); else vLLM's, the temperature first.
     temperature_last: bool = False
+    # llama.cpp's routes: its other samplers and their order (llama_samplers.py); None, as on the other routes: none.
+    llama: LlamaSamplers | None = None
 
     def __post_init__(self) -> None:
         if self.pooling is not None and self.max_tokens:
@@ -133,6 +136,17 @@ class Sampler:
         else:
             self.generator.seed()
         self.generated: dict[int, int] = {}  # token id → how many times this sampler chose it
+        # llama.cpp's chain, only where its settings draw otherwise than the path below (none: no cost per token)
+        llama, penalized = params.llama, params.repetition_penalty != 1.0 or self._counts_penalize
+        self.chain = (
+            LlamaChain(llama, params.top_k, params.top_p, params.min_p, params.temperature, penalized)
+            if llama is not None and llama.replaces_default(params.top_k, params.top_p, params.min_p, penalized)
+            else None
+        )
+
+    @property
+    def _counts_penalize(self) -> bool:
+        return bool(self.params.frequency_penalty or self.params.presence_penalty)
 
     def sample(self, logits: torch.Tensor, history: Sequence[int]) -> SampledToken:
         """`history` is the prompt and the tokens generated so far (the repetition penalty weighs both)."""
@@ -141,16 +155,13 @@ class Sampler:
         # vLLM's order: the bias first, then the penalties; all of them before greedy's argmax too.
         if params.logit_bias:
             logits = apply_logit_bias(logits, params.logit_bias)
-        if params.repetition_penalty != 1.0 and history:
-            window = history[-params.repetition_window :] if params.repetition_window else history
-            logits = apply_repetition_penalty(logits, window, params.repetition_penalty)
+        if self.chain is None:  # the chain applies them where its order puts them
+            logits = self._penalized(logits, history)
         if params.min_tokens and len(self.end_ids) and sum(self.generated.values()) < params.min_tokens:
             # End ids come from the model's own files, unchecked: one past the vocabulary would be a device-side
             # assert on a GPU, which breaks every later request of the process.
             end_ids = self.end_ids[self.end_ids < logits.shape[-1]]
             logits = logits.index_fill(0, end_ids.to(logits.device), float("-inf"))
-        if (params.frequency_penalty or params.presence_penalty) and self.generated:
-            logits = apply_frequency_presence(logits, self.generated, params.frequency_penalty, params.presence_penalty)
         if self.grammar is not None:  # last: no processor may bring back a token the grammar forbids
             allowed = self.grammar.allowed(logits.shape[-1]).to(logits.device)
             logits = logits.masked_fill(~allowed, float("-inf"))
@@ -159,7 +170,9 @@ class Sampler:
                     "no token can come next: the structured output allows only tokens that min_tokens, "
                     "stop_token_ids or logit_bias rule out"
                 )
-        if params.greedy:
+        if self.chain is not None:
+            token = self.chain.choose(logits, history, lambda scores: self._penalized(scores, history), self.generator)
+        elif params.greedy:
             token = int(torch.argmax(logits))
         else:
             if params.temperature_last:
@@ -189,6 +202,17 @@ class Sampler:
             # is not JSON).
             top = tuple((i, v) for i, v in zip(indices.tolist(), values.tolist(), strict=True) if v > -math.inf)
         return SampledToken(token, float(logprobs[token]), top)
+
+    def _penalized(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """The repetition penalty over the last repetition_window tokens of `history`, then the frequency and
+        presence penalties over the tokens this sampler chose."""
+        params = self.params
+        if params.repetition_penalty != 1.0 and history:
+            window = history[-params.repetition_window :] if params.repetition_window else history
+            logits = apply_repetition_penalty(logits, window, params.repetition_penalty)
+        if self._counts_penalize and self.generated:
+            logits = apply_frequency_presence(logits, self.generated, params.frequency_penalty, params.presence_penalty)
+        return logits
 
 
 def prompt_token_logprobs(logits: torch.Tensor, targets: Sequence[int], top: int) -> list[SampledToken]:
