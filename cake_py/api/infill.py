@@ -31,6 +31,7 @@ from cake_py.api.llama_cpp import (
     requested_repeat_last_n,
     response_fields,
 )
+from cake_py.api.llama_sampler_fields import with_dry_breakers
 from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag
 from cake_py.api.state import generation_request
@@ -110,6 +111,7 @@ async def infill(request: Request) -> Response:
     )
     params, n_predict = llama_sampling(body, engine.context_length, tokenizer, engine.vocab_size)
     params = replace(params, grammar=await llama_grammar(body, tokenizer))
+    params = await with_dry_breakers(params, tokenizer)
     if not params.ignore_eos:  # the markers and file tokens a code model may write after the middle end it too
         params = replace(params, stop_token_ids=params.stop_token_ids | fim_stops(tokenizer))
 

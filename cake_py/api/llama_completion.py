@@ -5,10 +5,10 @@
 first gets the tokenizer's BOS), or a list of those (several prompts: a list of answers, or their events tagged by
 `index`). `n_cmpl` (alias `n`) answers each prompt that many times (prompt 0's answers first). llama.cpp's sampling
 names and defaults (`llama_cpp.llama_sampling`), `n_probs`, `logit_bias` pairs, `grammar` (GBNF or Lark) and
-`json_schema`, `n_indent` and `t_max_predict_ms`, `return_tokens`, `response_fields`; `cache_prompt`,
-`id_slot` and `samplers` are accepted and change nothing (the prefix cache is always on, the scheduler picks slots,
-the sampler order is fixed). `/props` is llama.cpp's description of the server: the defaults of `/completion`, the
-slots (`--max-running`), the model and its chat template.
+`json_schema`, `n_indent` and `t_max_predict_ms`, `return_tokens`, `response_fields`, and llama.cpp's other samplers
+with `samplers` choosing their order (`llama_sampler_fields`); `cache_prompt` and `id_slot` are accepted and change
+nothing (the prefix cache is always on, the scheduler picks slots). `/props` is llama.cpp's description of the
+server: the defaults of `/completion`, the slots (`--max-running`), the model and its chat template.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from cake_py.api.llama_cpp import (
     requested_repeat_last_n,
     response_fields,
 )
+from cake_py.api.llama_sampler_fields import sampler_settings, with_dry_breakers
 from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag
 from cake_py.api.state import ServerState, generation_request
@@ -130,6 +131,7 @@ async def completion(request: Request) -> Response:
     prompts = _prompts(body)
     params, n_predict = llama_sampling(body, engine.context_length, tokenizer, engine.vocab_size)
     params = replace(params, grammar=await llama_grammar(body, tokenizer))
+    params = await with_dry_breakers(params, tokenizer)
     return_tokens = flag(body, "return_tokens", False)
     stream = flag(body, "stream", False)
     fields = response_fields(body)
@@ -232,6 +234,7 @@ async def slots(request: Request) -> Response:
             "top_p": params.top_p,
             "min_p": params.min_p,
             "seed": params.seed if params.seed is not None else -1,
+            **sampler_settings(params, engine.context_length),
         }
         decoded = len(seq.output_ids) if seq is not None else 0
         if seq is not None:

@@ -16,6 +16,7 @@ from typing import Any
 from starlette.requests import Request
 
 from cake_py.api.errors import ApiError
+from cake_py.api.llama_sampler_fields import llama_samplers, sampler_settings
 from cake_py.api.schemas import flag, number, stop_strings
 from cake_py.api.streaming import EventStream, event_error, merged, sse
 from cake_py.engine.sequence import GenerationEvent
@@ -70,10 +71,6 @@ def requested_repeat_last_n(body: dict[str, Any]) -> int:
     return repeat_last_n
 
 
-# The order the samplers apply in, as llama.cpp names them in generation_settings (the ones this server has).
-SAMPLERS = ("penalties", "top_k", "top_p", "min_p", "temperature")
-
-
 def llama_sampling(
     body: dict[str, Any], context_length: int, tokenizer: Tokenizer, vocab_size: int
 ) -> tuple[SamplingParams, int]:
@@ -81,8 +78,9 @@ def llama_sampling(
     generates until the end token or the context is full, 0 nothing (the prompt is only read). `n_probs` > 0 asks
     for that many alternatives of each generated token (at most 20 here), from the model's own distribution
     (llama.cpp's default; `post_sampling_probs` is not supported). `repeat_penalty` weighs the last
-    `repeat_last_n` tokens (64; 0: off; -1: all). `vocab_size` is the model's (the logits'), which bounds
-    logit_bias ids."""
+    `repeat_last_n` tokens (64; 0: off; -1: all). llama.cpp's other samplers and their order: llama_sampler_fields
+    (DRY's breakers are found in the vocabulary afterwards: `with_dry_breakers`). `vocab_size` is the model's (the
+    logits'), which bounds logit_bias ids."""
     if flag(body, "post_sampling_probs", False):
         raise ApiError(400, "post_sampling_probs is not supported: n_probs gives the model's own probabilities")
     repeat_last_n = requested_repeat_last_n(body)
@@ -114,6 +112,7 @@ def llama_sampling(
             top_logprobs=n_probs,
             raw_logprobs=True,
             temperature_last=True,
+            llama=llama_samplers(body),
         )
     except RequestError as error:  # named by llama.cpp's fields, as the request sent them
         raise ApiError(400, str(error).replace("repetition_penalty", "repeat_penalty")) from error
@@ -338,7 +337,7 @@ class Completion:
             "n_probs": params.top_logprobs,
             "logit_bias": [list(pair) for pair in params.logit_bias],
             "stream": self.stream,
-            "samplers": list(SAMPLERS),
+            **sampler_settings(params, self.context_length),
         }
 
 

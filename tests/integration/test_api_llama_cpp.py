@@ -254,7 +254,17 @@ def test_repeat_penalty_weighs_only_the_last_repeat_last_n_tokens(server: Server
 
 def test_the_samplers_run_in_llama_cpps_order(server: ServerHandle) -> None:
     answer = httpx.post(f"{server.base_url}/completion", json={"prompt": "cake", "n_predict": 2}, timeout=60).json()
-    assert answer["generation_settings"]["samplers"] == ["penalties", "top_k", "top_p", "min_p", "temperature"]
+    assert answer["generation_settings"]["samplers"] == [
+        "penalties",
+        "dry",
+        "top_n_sigma",
+        "top_k",
+        "typ_p",
+        "top_p",
+        "min_p",
+        "xtc",
+        "temperature",
+    ]
 
 
 def test_llama_cpps_other_fields(server: ServerHandle) -> None:

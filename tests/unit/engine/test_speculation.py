@@ -19,6 +19,7 @@ from cake_py.engine.sequence import GenerationEvent
 from cake_py.engine.speculation import PredictionLookup, PromptLookup
 from cake_py.models.grammar import compiler_for, regex_grammar
 from cake_py.models.hub import resolve_model
+from cake_py.models.llama_samplers import LlamaSamplers
 from cake_py.models.sampling import SamplingParams
 
 REPEATED = [5, 17, 42, 9, 33, 8, 61, 2] * 4  # a prompt whose continuation the model tends to copy
@@ -192,6 +193,26 @@ def test_speculation_gives_the_tokens_of_one_at_a_time_in_fewer_steps(engines, m
     assert stats.accepted_draft_tokens > 0 and stats.steps < plain.stats.steps
     if make is grammar_params:
         assert stats.accepted_draft_tokens < stats.draft_tokens  # the change rejected some
+
+
+@pytest.mark.parametrize(
+    "llama",
+    [
+        LlamaSamplers(mirostat=2),
+        LlamaSamplers(mirostat=1, mirostat_tau=2.0),
+        LlamaSamplers(dry_multiplier=0.5, dry_base=1.3),
+        LlamaSamplers(xtc_probability=0.5, xtc_threshold=0.1),
+    ],
+    ids=["mirostat 2", "mirostat 1", "dry", "xtc"],
+)
+def test_llama_cpps_stateful_samplers_draw_the_same_with_speculation(engines, llama) -> None:  # type: ignore[no-untyped-def]
+    """Mirostat's mu, DRY's history and XTC's coin advance once per kept token: a rejected draft is never sampled,
+    so drafting changes nothing."""
+    plain, speculative = engines(), engines(speculative_tokens=4)
+    options = {"temperature": 0.9, "seed": 7, "logit_bias": ((77, 8.0),), "temperature_last": True, "llama": llama}
+    expected, _ = tokens(plain, REPEATED, repeating(plain, **options))
+    assert tokens(speculative, REPEATED, repeating(speculative, **options))[0] == expected
+    assert speculative.stats.draft_tokens > 0
 
 
 def test_unrepeated_text_drafts_nothing_and_costs_no_steps(engines) -> None:  # type: ignore[no-untyped-def]
