@@ -5,8 +5,8 @@ cut a repeat short: no repeat reaches back past the last breaker in the history.
 
 The algorithm is llama.cpp's (`llama_sampler_dry_apply`, from koboldcpp): the breakers are matched as token
 sequences ("head" token → "tail" tokens), found once per tokenizer by scanning its vocabulary
-(`get_overlapping_token_sequences`), and the repeat lengths come from a reversed Z-algorithm over the history, linear
-in its length. Pure Python: no torch.
+(`get_overlapping_token_sequences`), and the repeat lengths are those of its reversed Z-algorithm, computed with
+numpy (no torch): a per-token cost of a few vectorised passes over the history.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from cake_py.models.tokenizer import Tokenizer
@@ -31,65 +33,34 @@ def dry_penalties(
     history: Sequence[int], multiplier: float, base: float, allowed_length: int, breakers: Breakers
 ) -> dict[int, float]:
     """What each token that would extend a repeat of `history`'s end loses from its logit (tokens absent lose
-    nothing). `history` is the window DRY looks at, oldest first."""
+    nothing). `history` is the window DRY looks at, oldest first.
+
+    llama.cpp's steps, vectorised: its Z-algorithm gives, for each position, the length of the longest suffix of
+    the history that also ends there, capped by the breakers' limit; only positions holding the history's last token
+    can have one, and their lengths grow a token at a time (a few steps in prose, not one per token of history)."""
     n = len(history)
     if n <= allowed_length:
         return {}
-
-    def back(i: int) -> int:  # the i-th token from the end (llama.cpp's ring_buffer::rat)
-        return history[n - 1 - i]
-
-    # Step 1: the latest breaker limits how long a repeat can be.
-    rep_limit = n
-    for i in range(n):
-        tails = breakers.get(back(i))
-        if tails is None:
-            continue
-        longest = -1
-        for tail in tails:
-            size = len(tail)
-            if longest < size <= i and all(tail[offset] == back(i - offset - 1) for offset in range(size)):
-                longest = size
-        if longest >= 0:
-            rep_limit = i - longest
-            break
+    tokens = np.fromiter(history, dtype=np.int64, count=n)
+    rep_limit = _repeat_limit(tokens, breakers)
     if rep_limit < allowed_length:
         return {}
-
-    # Step 2: repeat[j] is the length of the longest suffix of `history` that also ends at history[j] (capped by
-    # rep_limit), by the Z-algorithm run from the end. llama.cpp compares against the capped lengths: so do we.
-    repeat = [0] * n
-    last = n - 1
-    left = right = 0
-    for k in range(1, n):
-        if k > right:
-            length = 0
-            while length + k < n and back(length) == back(length + k):
-                length += 1
-            repeat[last - k] = min(length, rep_limit)
-            if length > 0:
-                left, right = k, k + length - 1
-        else:
-            pair = k - left
-            if repeat[last - pair] < right - k + 1:
-                repeat[last - k] = min(repeat[last - pair], rep_limit)
-            else:
-                i = right + 1
-                while i < n and back(i) == back(i - k):
-                    i += 1
-                repeat[last - k] = min(i - k, rep_limit)
-                left, right = k, i - 1
-
-    # Step 3: the token after each long enough repeat would extend it; each token keeps its longest.
+    # lengths[j]: how many tokens ending at position j (< n - 1) match the history's last ones, at most rep_limit
+    lengths = np.zeros(n - 1, dtype=np.int64)
+    alive = np.flatnonzero(tokens[:-1] == tokens[-1]) if rep_limit > 0 else np.zeros(0, dtype=np.int64)
+    size = 0
+    while alive.size and size < rep_limit:
+        lengths[alive] += 1
+        size += 1
+        before = alive - size
+        alive = alive[(before >= 0) & (tokens[np.maximum(before, 0)] == tokens[n - 1 - size])]
+    # The token after each long enough repeat would extend it; each token keeps its longest.
+    ends = np.flatnonzero(lengths >= allowed_length)
     longest_before: dict[int, int] = {}
-    for j in range(n - 1):
-        length = repeat[j]
-        if length >= allowed_length:
-            token = history[j + 1]
-            if longest_before.get(token, -1) < length:
-                longest_before[token] = length
-
-    # Step 4: the penalties, the exponent capped so the power stays a float32.
+    for token, length in zip(tokens[ends + 1].tolist(), lengths[ends].tolist(), strict=True):
+        if longest_before.get(token, -1) < length:
+            longest_before[token] = length
+    # The penalties, the exponent capped so the power stays a float32.
     max_exponent = int(FLOAT_MAX_LOG / math.log(base)) if base > 1.000001 else 0
     penalties: dict[int, float] = {}
     for token, length in longest_before.items():
@@ -100,6 +71,25 @@ def dry_penalties(
             exponent = max_exponent
         penalties[token] = multiplier * base**exponent
     return penalties
+
+
+def _repeat_limit(tokens: np.ndarray, breakers: Breakers) -> int:
+    """How far back a repeat may reach: to just after the latest complete breaker (its head and, after it, its
+    tail, the longest one that matches), or the whole history."""
+    n = len(tokens)
+    if not breakers:
+        return n
+    heads = np.flatnonzero(np.isin(tokens, np.fromiter(breakers, dtype=np.int64, count=len(breakers))))
+    for position in heads[::-1].tolist():
+        i = n - 1 - position  # counted from the end, as llama.cpp's ring buffer counts
+        longest = -1
+        for tail in breakers[int(tokens[position])]:
+            size = len(tail)
+            if longest < size <= i and tuple(tokens[position + 1 : position + 1 + size].tolist()) == tail:
+                longest = size
+        if longest >= 0:
+            return i - longest
+    return n
 
 
 def overlapping_sequences(

@@ -1,8 +1,10 @@
 """DRY (models/dry.py) against llama.cpp's own cases (tests/test-sampling.cpp's test_dry: the penalties its
-expected probabilities imply) and cases worked out by hand from its algorithm: repeat lengths, the exponent,
-sequence breakers cutting a repeat, a breaker token never penalised, and breakers found in a vocabulary."""
+expected probabilities imply), cases worked out by hand from its algorithm (repeat lengths, the exponent, sequence
+breakers cutting a repeat, a breaker token never penalised, breakers found in a vocabulary), and a line-by-line
+transcription of llama_sampler_dry_apply (its Z-algorithm) on random histories."""
 
 import math
+import random
 
 import pytest
 
@@ -70,3 +72,74 @@ def test_breakers_are_found_as_llama_cpp_finds_them() -> None:
     # "a" and "ca" end with its start (the rest, "b", is token 9 here); "ab" holds it whole; "b:" only ends it
     assert overlapping_sequences(vocab, b"ab", encode) == {0: {(9,)}, 3: {()}, 6: {(9,)}}
     assert tails == ["b", "b"]
+
+
+def llama_cpp_dry(
+    history: list[int], multiplier: float, base: float, allowed: int, breakers: dict[int, tuple[tuple[int, ...], ...]]
+) -> dict[int, float]:
+    """llama_sampler_dry_apply, transcribed: the breakers' limit, the reversed Z-algorithm (comparing against capped
+    lengths, as it does), the longest repeat per next token, the capped exponent."""
+    n = len(history)
+    if n <= allowed:
+        return {}
+
+    def rat(i: int) -> int:
+        return history[n - 1 - i]
+
+    rep_limit = n
+    for i in range(n):
+        longest = -1
+        for tail in breakers.get(rat(i), ()):
+            if longest < len(tail) <= i and all(tail[o] == rat(i - o - 1) for o in range(len(tail))):
+                longest = len(tail)
+        if longest >= 0:
+            rep_limit = i - longest
+            break
+    if rep_limit < allowed:
+        return {}
+    count = [0] * n
+    last, lt, rt = n - 1, 0, 0
+    for k in range(1, n):
+        if k > rt:
+            m = 0
+            while m + k < n and rat(m) == rat(m + k):
+                m += 1
+            count[last - k] = min(m, rep_limit)
+            if m > 0:
+                lt, rt = k, k + m - 1
+        elif count[last - (k - lt)] < rt - k + 1:
+            count[last - k] = min(count[last - (k - lt)], rep_limit)
+        else:
+            i = rt + 1
+            while i < n and rat(i) == rat(i - k):
+                i += 1
+            count[last - k] = min(i - k, rep_limit)
+            lt, rt = k, i - 1
+    best: dict[int, int] = {}
+    for i in range(n - 1):
+        if count[i] >= allowed:
+            token = rat(n - 2 - i)
+            best[token] = max(best.get(token, -1), count[i])
+    cap = int(88.7228391 / math.log(base)) if base > 1.000001 else 0
+    return {
+        token: multiplier * base ** (min(length - allowed, cap) if cap > 0 else length - allowed)
+        for token, length in best.items()
+        if not any(not tail for tail in breakers.get(token, ()))
+    }
+
+
+def test_the_vectorised_lengths_are_llama_cpps() -> None:
+    draw = random.Random(0)
+    for _ in range(400):
+        alphabet = draw.randint(1, 5)
+        history = [draw.randrange(alphabet) for _ in range(draw.randint(0, 60))]
+        if draw.random() < 0.3:  # a long loop
+            history += history[-draw.randint(1, 4) :] * draw.randint(2, 8) if history else []
+        breakers: dict[int, tuple[tuple[int, ...], ...]] = {}
+        for _ in range(draw.randint(0, 2)):
+            head = draw.randrange(alphabet + 1)
+            tail = tuple(draw.randrange(alphabet) for _ in range(draw.randint(0, 2)))
+            breakers[head] = (*breakers.get(head, ()), tail)
+        allowed, base = draw.randint(0, 4), draw.choice([1.0, 1.1, 1.75, 3.0])
+        expected = llama_cpp_dry(history, 0.8, base, allowed, breakers)
+        assert dry_penalties(history, 0.8, base, allowed, breakers) == pytest.approx(expected), (history, breakers)
