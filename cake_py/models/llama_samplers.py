@@ -250,10 +250,11 @@ def mirostat_v2(
     """Mirostat 2: of `logits`, the tokens whose surprise (-log2 p) is at most mu (the most likely one at least),
     one drawn from them; returns its index in `logits` and the new mu."""
     probs = torch.softmax(logits.double(), dim=-1)
-    kept = (probs >= 2.0 ** (-mu)).nonzero().squeeze(1)  # -log2 p <= mu; a prefix once sorted, as llama.cpp cuts
+    # -log2 p <= mu: the prefix llama.cpp keeps of the sorted tokens; the draw needs no order (no sort: as mu
+    # grows over predictable text, this can be most of the vocabulary)
+    kept = (probs >= 2.0 ** (-mu)).nonzero().squeeze(1)
     if not len(kept):
         kept = torch.argmax(logits).reshape(1)
-    kept = kept[torch.argsort(logits[kept], descending=True, stable=True)]
     probs = torch.softmax(logits[kept].double(), dim=-1)
     index = draw(probs, generator) if len(probs) > 1 else 0
     return int(kept[index]), mu - eta * (-math.log2(float(probs[index])) - tau)
