@@ -85,6 +85,16 @@ class GGUFWeights:
         field = self._reader.get_field(key)
         return default if field is None else field.contents()
 
+    def _token_id(self, key: str) -> int | None:
+        """`tokenizer.ggml.<key>` (a token id), None when absent; WeightsError naming the key when it is not one (a
+        string there ended the load in a ValueError's traceback)."""
+        value = self._value(f"tokenizer.ggml.{key}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise WeightsError(
+                f"GGUF file {str(self.path)!r}: metadata tokenizer.ggml.{key} must be a token id, got {value!r}"[:300]
+            )
+        return value
+
     def _arch_value(self, key: str, default: Any = None) -> Any:
         return self._value(f"{self.architecture}.{key}", default)
 
@@ -112,8 +122,8 @@ class GGUFWeights:
         `<|eot_id|>`, …). A GGUF names one `eos_token_id`; an instruct model may end its turn with another (Llama 3's
         `<|eot_id|>` beside `<|end_of_text|>`, Qwen's `<|endoftext|>` beside `<|im_end|>`), where llama.cpp stops."""
         keys = ("eos", "eot", "eom", "fim_pad", "fim_rep", "fim_sep")
-        named = [self._value(f"tokenizer.ggml.{key}_token_id") for key in keys]
-        ids = [int(token_id) for token_id in named if token_id is not None]
+        named = [self._token_id(f"{key}_token_id") for key in keys]
+        ids = [token_id for token_id in named if token_id is not None]
         try:
             ids += [token_id for token_id, token in enumerate(self._tokens) if token in _END_TOKENS]
         except WeightsError:  # a vocabulary that is not UTF-8: named when the tokenizer is built
@@ -146,7 +156,7 @@ class GGUFWeights:
             "rope_theta": self._arch_value("rope.freq_base", 10000.0),
             "max_position_embeddings": self._arch_value("context_length", 2048),
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
-            "bos_token_id": self._value("tokenizer.ggml.bos_token_id"),
+            "bos_token_id": self._token_id("bos_token_id"),
             "eos_token_id": self._end_token_ids(),
         }
         # llama.cpp's defaults, spelled out: a HF config without them would take transformers' (Qwen3's head_dim of
@@ -243,7 +253,7 @@ class GGUFWeights:
         tokens = self._tokens
 
         def token(key: str) -> str | None:
-            token_id = self._value(f"tokenizer.ggml.{key}")
+            token_id = self._token_id(key)
             return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
 
         # llama.cpp adds BOS unless the file says otherwise to a sentencepiece vocabulary, and to a BPE one split as
@@ -273,6 +283,10 @@ class GGUFWeights:
 
 
 MAX_METADATA_KEYS = 65_536
+# The largest published models hold a few thousand tensors (llama.cpp merges a MoE layer's experts into one); a
+# descriptor takes at least 24 bytes (name length, dimension count, type, offset), so a file holds no more than that.
+MAX_TENSORS = 1 << 20
+MIN_DESCRIPTOR_BYTES = 24
 MAX_ARRAY_ITEMS = 1 << 20  # the largest vocabularies (262k tokens) and merge lists (~500k) are well under
 MAX_TOTAL_ITEMS = 4 << 20  # over every array: many arrays under the limit each would cost as much
 
@@ -323,7 +337,15 @@ def _check_metadata(path: Path) -> None:
                 else:
                     return  # nested arrays, unknown types: the reader decides
             # Then the tensors' descriptors: a type gguf does not know (a newer llama.cpp's) is named with its tensor.
-            for _ in range(struct.unpack_from(f"{order}Q", data, 8)[0]):
+            n_tensors = struct.unpack_from(f"{order}Q", data, 8)[0]
+            if n_tensors > min(MAX_TENSORS, (len(data) - offset) // MIN_DESCRIPTOR_BYTES):
+                raise WeightsError(
+                    f"GGUF file {str(path)!r} declares {n_tensors} tensors, more than its {len(data)} bytes can "
+                    "describe (corrupt header)"
+                    if n_tensors <= MAX_TENSORS
+                    else f"GGUF file {str(path)!r} declares {n_tensors} tensors, past {MAX_TENSORS}"
+                )
+            for _ in range(n_tensors):
                 name_length = struct.unpack_from(f"{order}Q", data, offset)[0]
                 name = bytes(data[offset + 8 : offset + 8 + min(name_length, 200)]).decode("utf-8", "replace")
                 offset += 8 + name_length
@@ -337,7 +359,8 @@ def _check_metadata(path: Path) -> None:
                         f"tensor {name!r} in {str(path)!r} has GGML type {kind}, which gguf "
                         f"{importlib.metadata.version('gguf')} does not know (a newer llama.cpp's type?)"
                     )
-    except (struct.error, OSError, ValueError):
+    # OverflowError: an offset past what struct can index, where a length field lies (a descriptor read from the data)
+    except (struct.error, OSError, ValueError, OverflowError):
         return  # cut short or unreadable: the reader says so, naming the path
 
 

@@ -20,11 +20,21 @@ from cake_py.errors import ModelNotFoundError, WeightsError
 SPLIT_NO = "split.no"
 SPLIT_COUNT = "split.count"
 SPLIT_TENSORS = "split.tensors.count"
+SHOWN_PARTS = 3  # missing parts named in an error; the rest are counted
 
 
 def _value(reader: gguf.GGUFReader, key: str) -> Any:
     field = reader.get_field(key)
     return None if field is None else field.contents()
+
+
+def _number(reader: gguf.GGUFReader, key: str, path: Path) -> int | None:
+    """A split key's value (None when absent); WeightsError naming the file and the key when it is not a whole
+    number (gguf-split writes them as integers: anything else is a damaged or hand-made header)."""
+    value = _value(reader, key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise WeightsError(f"GGUF file {str(path)!r}: metadata {key} must be a whole number, got {value!r}"[:300])
+    return value
 
 
 def _tail(number: int, count: int, suffix: str) -> str:
@@ -54,10 +64,10 @@ def split_parts(
 ) -> list[gguf.GGUFReader]:
     """The readers of every part of the model whose first part is `first` (read from `path`), in order; `[first]`
     for a file that is not split. `open_part` reads one more part (its own checks naming its path)."""
-    count = int(_value(first, SPLIT_COUNT) or 1)
+    count = _number(first, SPLIT_COUNT, path) or 1
     if count <= 1:
         return [first]
-    number = int(_value(first, SPLIT_NO) or 0) + 1
+    number = (_number(first, SPLIT_NO, path) or 0) + 1
     if number != 1:
         first_path = part_path(path, number, count, 1)
         where = f"{str(first_path)!r}" if first_path is not None else f"the one whose {SPLIT_NO} is 0"
@@ -73,17 +83,25 @@ def split_parts(
         )
     others = [p for p in paths if p is not None]
     if missing := [str(p) for p in others if not p.is_file()]:
+        # The first few by name: a header claiming 65535 parts made a line of megabytes.
+        named = ", ".join(map(repr, missing[:SHOWN_PARTS]))
+        if len(missing) > SHOWN_PARTS:
+            named += f" and {len(missing) - SHOWN_PARTS} more"
         raise ModelNotFoundError(
             f"GGUF file {str(path)!r} is part 1 of a split model of {count} parts, and "
-            f"{'its part ' if len(missing) == 1 else 'its parts '}{', '.join(map(repr, missing))} "
+            f"{'its part ' if len(missing) == 1 else 'its parts '}{named} "
             f"{'does' if len(missing) == 1 else 'do'} not exist: download every part into the same folder"
         )
     readers = [first]
     for number, part in enumerate(others, start=2):
         reader = open_part(part)
-        says = (_value(reader, SPLIT_NO), _value(reader, SPLIT_COUNT))
-        if says != (number - 1, count):
-            told = "is not a part of a split model" if None in says else f"says it is part {says[0] + 1} of {says[1]}"
+        says_no, says_count = _number(reader, SPLIT_NO, part), _number(reader, SPLIT_COUNT, part)
+        if (says_no, says_count) != (number - 1, count):
+            told = (
+                "is not a part of a split model"
+                if says_no is None or says_count is None
+                else f"says it is part {says_no + 1} of {says_count}"
+            )
             raise WeightsError(
                 f"GGUF file {str(part)!r} should be part {number} of {count} of the split model {str(path)!r}, "
                 f"but its metadata {told}"
@@ -105,7 +123,7 @@ def _check_tensors(path: Path, count: int, readers: list[gguf.GGUFReader]) -> No
                     f"model {str(path)!r}"
                 )
             seen[tensor.name] = number
-    expected = _value(readers[0], SPLIT_TENSORS)
+    expected = _number(readers[0], SPLIT_TENSORS, path)
     if expected is not None and int(expected) != len(seen):
         raise WeightsError(
             f"the {count} parts of the split model {str(path)!r} hold {len(seen)} tensors where its first part "

@@ -1,0 +1,100 @@
+"""Models got elsewhere that cannot be loaded: each is refused with one WeightsError or ModelError naming the file and
+the bad value, where it is read, never a traceback of another type, a hang, or memory spent on what a header claims."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from cake_py.errors import ModelNotFoundError, WeightsError
+from cake_py.models.gguf import GGUFWeights
+
+MAX_TENSORS = 1 << 20  # what a header may declare (cake_py.models.gguf.MAX_TENSORS)
+
+
+# The hyper-parameters a llama GGUF cannot do without (GGUFWeights names the first one missing).
+HYPER_PARAMETERS = {
+    "llama.block_count": 1,
+    "llama.embedding_length": 8,
+    "llama.feed_forward_length": 16,
+    "llama.attention.head_count": 2,
+}
+
+
+def _small_gguf(path: Path, **metadata: object) -> Path:
+    """A llama GGUF of two tensors and the given metadata (ints as UINT32, strings as strings): no model to run,
+    enough for GGUFWeights to read."""
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, value in {**HYPER_PARAMETERS, **metadata}.items():
+        kind = gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32
+        writer.add_key_value(key, value, kind)
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(8, dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _with_tensor_count(path: Path, count: int) -> Path:
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<Q", data, 8, count)  # after the magic and the version
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("count", [2**64 - 1, 5 * 10**9, MAX_TENSORS + 1])
+def test_a_tensor_count_of_billions_is_refused_before_it_is_read(count: int, tmp_path: Path) -> None:
+    """The header check read descriptors on into the data, and an offset past what struct can index ended the load
+    in an OverflowError's traceback."""
+    path = _with_tensor_count(_small_gguf(tmp_path / "lying.gguf"), count)
+    with pytest.raises(WeightsError, match=rf"'{path}' declares {count} tensors, past {MAX_TENSORS}"):
+        GGUFWeights(path)
+
+
+def test_a_tensor_count_the_file_cannot_hold_is_refused(tmp_path: Path) -> None:
+    path = _with_tensor_count(_small_gguf(tmp_path / "lying.gguf"), 100_000)
+    with pytest.raises(WeightsError, match=r"declares 100000 tensors, more than its \d+ bytes can describe"):
+        GGUFWeights(path)
+
+
+def test_one_tensor_more_than_the_file_holds_is_a_weights_error(tmp_path: Path) -> None:
+    """The last descriptor is read from the bytes after the real ones: a name's length there took the offset past
+    what struct can index, and an OverflowError's traceback ended the load."""
+    path = _with_tensor_count(_small_gguf(tmp_path / "one-more.gguf"), 3)
+    data = path.read_bytes()
+    last = data.index(b"output_norm.weight") + len(b"output_norm.weight") + 4 + 8 + 4 + 8  # its dims, type, offset
+    path.write_bytes(data[:last] + b"\xff" * (len(data) - last))  # a name 2**64 - 1 bytes long
+    with pytest.raises(WeightsError, match=rf"cannot read GGUF file '{path}' \(corrupt or truncated\)"):
+        GGUFWeights(path)
+
+
+@pytest.mark.parametrize("key", ["eos_token_id", "bos_token_id", "eot_token_id"])
+def test_a_token_id_that_is_not_a_number_is_named(key: str, tmp_path: Path) -> None:
+    path = _small_gguf(tmp_path / "ids.gguf", **{f"tokenizer.ggml.{key}": "x"})
+    with pytest.raises(WeightsError, match=rf"metadata tokenizer.ggml.{key} must be a token id, got 'x'"):
+        GGUFWeights(path)
+
+
+@pytest.mark.parametrize("key", ["split.count", "split.no"])
+def test_split_metadata_that_is_not_a_number_is_named(key: str, tmp_path: Path) -> None:
+    values: dict[str, object] = {"split.count": 2, "split.no": 0, key: "a"}
+    path = _small_gguf(tmp_path / "model-00001-of-00002.gguf", **values)
+    with pytest.raises(WeightsError, match=rf"'{path}': metadata {key} must be a whole number, got 'a'"):
+        GGUFWeights(path)
+
+
+def test_a_split_of_thousands_of_missing_parts_names_a_few(tmp_path: Path) -> None:
+    """A first part claiming 65535 parts listed all 65534 missing paths: a line of megabytes."""
+    path = _small_gguf(tmp_path / "big-00001-of-65535.gguf", **{"split.count": 65535, "split.no": 0})
+    with pytest.raises(ModelNotFoundError) as raised:
+        GGUFWeights(path)
+    message = str(raised.value)
+    assert "big-00005-of-65535" not in message
+    assert "big-00004-of-65535.gguf' and 65531 more do not exist" in message
+    assert len(message) < 1000
