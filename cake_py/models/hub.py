@@ -24,7 +24,7 @@ from cake_py.models.config import ModelConfig
 from cake_py.models.pooling import folder_pooling
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.tokenizer import Tokenizer
-from cake_py.models.weights import WeightSource
+from cake_py.models.weights import WeightSource, check_weights
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class ModelSource:
 
     def __post_init__(self) -> None:
         self.config = ModelConfig.from_hf(self.weights.config, self.weights.config_origin)
+        # Now, not when a stage loads: by then /models/load has dropped the served model, and a cluster's first
+        # workers hold their layers of a model a later worker refuses.
+        check_weights(self.weights, self.config)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

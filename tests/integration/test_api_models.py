@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from cake_py.api import management
 from cake_py.models.hub import EMBEDDED_MODEL_ID
@@ -104,15 +106,18 @@ def test_a_model_that_fails_to_build_leaves_the_previous_one_served(
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama, broken)
     config = json.loads((broken / "config.json").read_text())
-    config["num_hidden_layers"] += 1  # resolves and reads fine; building it finds layer 3's weights missing
-    (broken / "config.json").write_text(json.dumps(config))
+    # Its headers fit the config (so it resolves); reading layer 2's tensor, building it finds integers, not weights.
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.2.mlp.up_proj.weight"] = tensors["model.layers.2.mlp.up_proj.weight"].to(torch.int32)
+    save_file(tensors, broken / "model.safetensors")
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         missing_key = http.post("/models/load", json={"model": str(broken)})
         assert missing_key.status_code == 400 and "model_id is required" in missing_key.json()["detail"]
         failed = http.post("/models/load", json={"model_id": str(broken)})
         assert failed.status_code == 400, failed.text  # the request's model is bad, not the server
         detail = failed.json()["detail"]
-        assert "model.layers.3" in detail and "is served again" in detail, detail
+        assert "'model.layers.2.mlp.up_proj.weight'" in detail and "stored as I32" in detail, detail
+        assert "is served again" in detail, detail
         (broken / "config.json").write_text(json.dumps({**config, "hidden_size": float("inf")}))  # Infinity
         unreadable = http.post("/models/load", json={"model_id": str(broken)})
         assert unreadable.status_code == 400, unreadable.text

@@ -3,15 +3,20 @@ the bad value, where it is read, never a traceback of another type, a hang, or m
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from cake_py.errors import ModelNotFoundError, WeightsError
 from cake_py.models.gguf import GGUFWeights
+from cake_py.models.hub import resolve_model
+from tests.fixtures.tiny_models import copy_model
 
 MAX_TENSORS = 1 << 20  # what a header may declare (cake_py.models.gguf.MAX_TENSORS)
 
@@ -98,3 +103,37 @@ def test_a_split_of_thousands_of_missing_parts_names_a_few(tmp_path: Path) -> No
     assert "big-00005-of-65535" not in message
     assert "big-00004-of-65535.gguf' and 65531 more do not exist" in message
     assert len(message) < 1000
+
+
+def _damaged_copy(folder: Path, destination: Path, **config: object) -> Path:
+    copy = copy_model(folder, destination)
+    path = copy / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return copy
+
+
+def test_weights_for_layers_past_the_config_are_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    """A config of 2 layers over weights of 3 loaded, ran layers 0-1 and answered garbage: layer 2 was never read."""
+    folder = _damaged_copy(tiny_llama, tmp_path, num_hidden_layers=2)
+    with pytest.raises(WeightsError, match=r"holds weights for layer 2, but .*config.json says the model has 2 layers"):
+        resolve_model(str(folder))
+
+
+def test_a_tensor_of_the_wrong_shape_in_the_last_layer_is_found_at_resolve(tiny_llama: Path, tmp_path: Path) -> None:
+    """Found only when its stage loaded: after /models/load had dropped the served model, or once a cluster's first
+    workers had taken their layers of a model the last one refused."""
+    folder = copy_model(tiny_llama, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.2.mlp.down_proj.weight"] = torch.zeros(64, 32)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(WeightsError, match=rf"'{folder}': tensor for 'layers.2.feed_forward.w2.weight' has shape"):
+        resolve_model(str(folder))
+
+
+def test_a_tensor_missing_from_the_last_layer_is_found_at_resolve(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.2.self_attn.k_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"'model.layers.2.self_attn.k_proj.weight' is missing"):
+        resolve_model(str(folder))
