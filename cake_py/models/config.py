@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cake_py.errors import ModelError, UnsupportedArchitectureError
+from cake_py.models import config_fields as fields
 
 # architectures[0] → family: Llama-shaped decoders (cake_py.models.llama) and Gemma 3 (cake_py.models.gemma).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -143,8 +144,8 @@ class ModelConfig:
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> ModelConfig:
         architectures = raw.get("architectures") or []
-        if not isinstance(architectures, list):
-            raise ValueError(f"architectures must be a list, got {architectures!r}")
+        if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+            raise ValueError(f"architectures must be a list of class names, got {fields.shown(architectures)}")
         architecture = architectures[0] if architectures else None
         model_type = raw.get("model_type")
         if architecture is not None and architecture in SUPPORTED_ARCHITECTURES:
@@ -158,14 +159,14 @@ class ModelConfig:
             raise UnsupportedArchitectureError(f"unsupported architecture {name!r} (supported: {supported})")
 
         _check_computable(raw, family)
-        n_heads = int(raw["num_attention_heads"])
+        n_heads = fields.integer(raw, "num_attention_heads")
         if n_heads <= 0:
             raise ValueError(f"num_attention_heads must be positive, got {n_heads}")
-        hidden = int(raw["hidden_size"])
+        hidden = fields.integer(raw, "hidden_size")
         # transformers' Qwen3Config and Gemma3TextConfig default head_dim to a width of their own, not hidden_size /
         # heads as the other families do (a head_dim of null is hidden_size / heads in all).
         default_head_dim = DEFAULT_HEAD_DIMS.get(family) if "head_dim" not in raw else None
-        head_dim = raw.get("head_dim") or default_head_dim or hidden // n_heads
+        head_dim = fields.integer(raw, "head_dim", None) or default_head_dim or hidden // n_heads
         eos = raw.get("eos_token_id")
         eos_ids = (
             tuple(_token_id(i) for i in eos)
@@ -173,27 +174,27 @@ class ModelConfig:
             else ((_token_id(eos),) if eos is not None else ())
         )
         attention_bias = bool(raw.get("attention_bias", False))
-        n_layers = int(raw["num_hidden_layers"])
+        n_layers = fields.integer(raw, "num_hidden_layers")
         if not 0 < n_layers <= MAX_LAYERS:  # every layer is built before its weights are looked for
             raise ValueError(f"num_hidden_layers must be from 1 to {MAX_LAYERS}, got {raw['num_hidden_layers']!r}")
         sliding, windowed = _sliding_window(raw, family, n_layers)
         gemma = family == "gemma3"
         rope, local_rope = _parse_gemma_ropes(raw) if gemma else (_parse_rope(raw), None)
-        scalar = float(raw.get("query_pre_attn_scalar", GEMMA_QUERY_PRE_ATTN_SCALAR)) if gemma else None
+        scalar = fields.number(raw, "query_pre_attn_scalar", GEMMA_QUERY_PRE_ATTN_SCALAR) if gemma else None
         return cls(
             family=family,
             architecture=str(architecture),
-            vocab_size=int(raw["vocab_size"]),
+            vocab_size=fields.integer(raw, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
+            intermediate_size=fields.integer(raw, "intermediate_size"),
             n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            n_kv_heads=fields.integer(raw, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            rms_norm_eps=fields.number(raw, "rms_norm_eps", 1e-6),
             rope=rope,
             local_rope=local_rope,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            max_position_embeddings=fields.integer(raw, "max_position_embeddings", 2048),
             tie_word_embeddings=_flag(raw, "tie_word_embeddings", default=gemma),  # Gemma's default: tied
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=family != "qwen2" and attention_bias,
@@ -201,7 +202,7 @@ class ModelConfig:
             qk_norm=family in ("qwen3", "gemma3"),
             activation=SUPPORTED_ACTIVATIONS[_activation(raw, family)],
             query_pre_attn_scalar=scalar,
-            sliding_window=int(sliding) if sliding else None,
+            sliding_window=sliding,
             windowed_layers=windowed,
             bos_token_id=_token_id(raw["bos_token_id"]) if raw.get("bos_token_id") is not None else None,
             eos_token_ids=eos_ids,
@@ -248,9 +249,13 @@ def _activation_field(raw: dict[str, Any], family: str) -> str:
     return "hidden_activation" if family == "gemma3" and "hidden_activation" in raw else "hidden_act"
 
 
-def _activation(raw: dict[str, Any], family: str) -> Any:
+def _activation(raw: dict[str, Any], family: str) -> str:
     default = "gelu_pytorch_tanh" if family == "gemma3" else "silu"
-    return raw.get(_activation_field(raw, family), default)
+    name = _activation_field(raw, family)
+    value = raw.get(name, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be the name of an activation, got {fields.shown(value)}")
+    return value
 
 
 def _flag(raw: dict[str, Any], name: str, default: bool = False) -> bool:
@@ -273,7 +278,11 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
     Gemma 3 all but every `sliding_window_pattern`-th layer."""
     # Absent, transformers' Mistral, Qwen and Gemma configs default it to 4096 (Qwen's applies with
     # use_sliding_window).
-    window = raw.get("sliding_window", DEFAULT_SLIDING_WINDOW if family != "llama" else None)
+    window = raw.get("sliding_window", DEFAULT_SLIDING_WINDOW if family != "llama" else None)  # null: none
+    if window is not None:
+        window = fields.whole(window, "sliding_window")
+        if window < 0:  # a negative window was taken as one, and masked every key out
+            raise ValueError(f"sliding_window must be a number of positions, got {window}")
     if not window:
         if family == "gemma3":  # its windowed layers would attend to everything, and take the wrong rope
             raise ValueError(f"sliding_window must be a number of positions for Gemma 3, got {window!r}")
@@ -284,33 +293,33 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
     elif family == "mistral":
         windowed = (True,) * n_layers
     elif family == "gemma3":
-        pattern = int(raw.get("sliding_window_pattern", GEMMA_SLIDING_WINDOW_PATTERN))
+        pattern = fields.integer(raw, "sliding_window_pattern", GEMMA_SLIDING_WINDOW_PATTERN)
         if pattern <= 0:
             raise ValueError(f"sliding_window_pattern must be positive, got {pattern}")
         windowed = tuple(bool((index + 1) % pattern) for index in range(n_layers))
     elif family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
-        first = int(raw.get("max_window_layers", 28))
+        first = fields.integer(raw, "max_window_layers", 28)
         windowed = tuple(index >= first for index in range(n_layers))
     else:
         return None, ()
-    return (int(window), windowed) if any(windowed) else (None, ())
+    return (window, windowed) if any(windowed) else (None, ())
 
 
 def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     # transformers ≥5 writes `rope_parameters`; older configs use `rope_theta` + `rope_scaling`.
-    params = {"rope_theta": raw.get("rope_theta", 10000.0), **(raw.get("rope_parameters") or {})}
-    return _rope(_with_scaling(params, raw.get("rope_scaling") or {}), raw)
+    params = {"rope_theta": raw.get("rope_theta", 10000.0), **fields.json_object(raw, "rope_parameters")}
+    return _rope(_with_scaling(params, fields.json_object(raw, "rope_scaling")), raw)
 
 
 def _parse_gemma_ropes(raw: dict[str, Any]) -> tuple[RopeConfig, RopeConfig]:
     """Gemma 3's two ropes as transformers' Gemma3TextConfig sets them: full-attention layers take `rope_theta`
     with `rope_scaling`, sliding ones `rope_local_base_freq` unscaled; transformers ≥5 writes both as
     `rope_parameters` per layer kind."""
-    per_kind = raw.get("rope_parameters") or {}
-    full = {"rope_theta": raw.get("rope_theta", GEMMA_ROPE_THETA), **(per_kind.get("full_attention") or {})}
+    per_kind = fields.json_object(raw, "rope_parameters")
+    full = {"rope_theta": raw.get("rope_theta", GEMMA_ROPE_THETA), **fields.json_object(per_kind, "full_attention")}
     local = {"rope_theta": raw.get("rope_local_base_freq", GEMMA_LOCAL_ROPE_THETA)}
-    local.update(per_kind.get("sliding_attention") or {})
-    return _rope(_with_scaling(full, raw.get("rope_scaling") or {}), raw), _rope(local, raw)
+    local.update(fields.json_object(per_kind, "sliding_attention"))
+    return _rope(_with_scaling(full, fields.json_object(raw, "rope_scaling")), raw), _rope(local, raw)
 
 
 def _with_scaling(params: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
@@ -323,7 +332,7 @@ def _with_scaling(params: dict[str, Any], scaling: dict[str, Any]) -> dict[str, 
 
 
 def _rope(params: dict[str, Any], raw: dict[str, Any]) -> RopeConfig:
-    theta = float(params.get("rope_theta", 10000.0))
+    theta = fields.number(params, "rope_theta", 10000.0)
     kind = str(params.get("rope_type") or params.get("type") or "default")
     if kind not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedArchitectureError(
@@ -332,9 +341,19 @@ def _rope(params: dict[str, Any], raw: dict[str, Any]) -> RopeConfig:
     return RopeConfig(
         theta=theta,
         kind=kind,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
-        freq_factors=tuple(float(f) for f in raw["rope_freq_factors"]) if raw.get("rope_freq_factors") else None,
+        factor=fields.number(params, "factor", 1.0, "rope_scaling factor"),
+        low_freq_factor=fields.number(params, "low_freq_factor", 1.0, "rope_scaling low_freq_factor"),
+        high_freq_factor=fields.number(params, "high_freq_factor", 4.0, "rope_scaling high_freq_factor"),
+        original_max_position_embeddings=fields.integer(
+            params, "original_max_position_embeddings", 8192, "rope_scaling original_max_position_embeddings"
+        ),
+        freq_factors=_freq_factors(raw.get("rope_freq_factors")),
     )
+
+
+def _freq_factors(value: Any) -> tuple[float, ...] | None:
+    if not value:
+        return None
+    if not isinstance(value, list) or not all(fields.is_number(f) for f in value):
+        raise ValueError(f"rope_freq_factors must be a list of numbers, got {fields.shown(value)}")
+    return tuple(float(f) for f in value)

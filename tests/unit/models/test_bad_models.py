@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cake_py.errors import ModelNotFoundError, WeightsError
+from cake_py.errors import ModelError, ModelNotFoundError, WeightsError
+from cake_py.models.config import ModelConfig
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.hub import resolve_model
 from tests.fixtures.tiny_models import copy_model
@@ -137,3 +138,53 @@ def test_a_tensor_missing_from_the_last_layer_is_found_at_resolve(tiny_llama: Pa
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(WeightsError, match=r"'model.layers.2.self_attn.k_proj.weight' is missing"):
         resolve_model(str(folder))
+
+
+LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        # int() took these without a word: 64.5 as 64, true as 1 (one layer of three loaded), "64" as 64.
+        ("hidden_size", 64.5, "hidden_size must be a whole number, got 64.5"),
+        ("num_hidden_layers", True, "num_hidden_layers must be a whole number, got True"),
+        ("num_attention_heads", "4", "num_attention_heads must be a whole number, got '4'"),
+        ("vocab_size", [384], "vocab_size must be a whole number, got [384]"),
+        # Refused before, but naming no field: "int() argument must be ... not 'NoneType'", "unhashable type".
+        ("intermediate_size", None, "intermediate_size must be a whole number, got None"),
+        ("rms_norm_eps", "x", "rms_norm_eps must be a number, got 'x'"),
+        ("rope_scaling", [1, 2], "rope_scaling must be a JSON object, got [1, 2]"),
+        ("rope_scaling", {"rope_type": "linear", "factor": "x"}, "rope_scaling factor must be a number, got 'x'"),
+        ("rope_freq_factors", "abc", "rope_freq_factors must be a list of numbers, got 'abc'"),
+        ("hidden_act", ["silu"], "hidden_act must be the name of an activation, got ['silu']"),
+        ("architectures", [{"a": 1}], "architectures must be a list of class names"),
+    ],
+)
+def test_a_config_field_of_the_wrong_type_is_named(field: str, value: object, needle: str) -> None:
+    with pytest.raises(ModelError) as raised:
+        ModelConfig.from_hf({**LLAMA_CONFIG, field: value}, "config.json")
+    assert str(raised.value).startswith("config.json"), raised.value
+    assert needle in str(raised.value)
+
+
+def test_whole_numbers_written_as_floats_and_absent_windows_still_load() -> None:
+    config = ModelConfig.from_hf({**LLAMA_CONFIG, "hidden_size": 64.0, "sliding_window": None})
+    assert config.hidden_size == 64 and isinstance(config.hidden_size, int)
+    mistral = {**LLAMA_CONFIG, "architectures": ["MistralForCausalLM"]}
+    assert ModelConfig.from_hf({**mistral, "sliding_window": None}).sliding_window is None  # Mistral 7B v0.2's
+    assert ModelConfig.from_hf(mistral).sliding_window == 4096  # transformers' default
+
+
+def test_a_negative_sliding_window_is_refused() -> None:
+    """It was taken as a window, and masked out every key: a model that loaded and answered garbage."""
+    with pytest.raises(ModelError, match="sliding_window must be a number of positions, got -3"):
+        ModelConfig.from_hf({**LLAMA_CONFIG, "architectures": ["MistralForCausalLM"], "sliding_window": -3})

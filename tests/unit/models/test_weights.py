@@ -113,7 +113,7 @@ def test_unsupported_architecture_is_named(tiny_llama: Path, tmp_path: Path) -> 
         ({"num_hidden_layers": 1e12}, "num_hidden_layers must be from 1 to 4096, got 1000000000000.0"),
         ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
         ({"eos_token_id": [2, None]}, "token ids must be integers, got None"),
-        ({"hidden_size": float("inf")}, "malformed field: cannot convert float infinity to integer"),
+        ({"hidden_size": float("inf")}, "malformed field: hidden_size must be a whole number, got inf"),
         ({"hidden_size": 2**62}, "hidden_size must be from 1 to 4194304, got 4611686018427387904"),
         ({"intermediate_size": 2**62}, "intermediate_size must be from 1 to 4194304"),
         ({"head_dim": 2**29}, "head_dim must be from 1 to 4194304, got 536870912"),
