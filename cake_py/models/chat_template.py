@@ -32,6 +32,10 @@ RENDER_TIMEOUT_S = 5.0  # a long chat renders in milliseconds
 MAX_PRODUCT = 1 << 20  # items of a repeated string or list, bits of an integer power or product, widths
 MAX_TEXT = 1 << 25  # characters (or items) one operation may build: a prompt of millions of tokens fits
 _BIG_NUMBER = re.compile(r"[0-9]{7,}")
+# A template's output comes in pieces of a few characters, each a string object of ~60 bytes: kept apart until the
+# end, the MAX_TEXT characters a loop can write in RENDER_TIMEOUT_S held 750 MB per request. Joined as they come,
+# the output costs about a byte per character.
+JOINED_PIECES = 4096
 
 
 class _TemplateTimeout(BaseException):
@@ -230,13 +234,18 @@ def _render_within(template: jinja2.Template, variables: Mapping[str, Any], seco
     timer.daemon = True
     timer.start()
     try:
-        pieces, total = [], 0
+        chunks: list[str] = []  # the output so far, joined every JOINED_PIECES pieces
+        pieces: list[str] = []
+        total = 0
         for piece in template.generate(**variables):  # the output too is bounded, not only each operation
             total += len(piece)
             if total > MAX_TEXT:
                 raise jinja2.TemplateError(f"the rendered prompt passed {MAX_TEXT} characters")
             pieces.append(piece)
-        return "".join(pieces)
+            if len(pieces) == JOINED_PIECES:
+                chunks.append("".join(pieces))
+                pieces.clear()
+        return "".join(chunks + pieces)
     finally:
         with lock:
             state["rendering"] = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 from pathlib import Path
 
 import gguf
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cake_py.errors import ModelError, ModelNotFoundError, WeightsError
+from cake_py.models import chat_template
 from cake_py.models.config import ModelConfig
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.hub import resolve_model
@@ -188,3 +190,19 @@ def test_a_negative_sliding_window_is_refused() -> None:
     """It was taken as a window, and masked out every key: a model that loaded and answered garbage."""
     with pytest.raises(ModelError, match="sliding_window must be a number of positions, got -3"):
         ModelConfig.from_hf({**LLAMA_CONFIG, "architectures": ["MistralForCausalLM"], "sliding_window": -3})
+
+
+def test_a_chat_template_writing_many_small_pieces_holds_about_a_byte_per_character() -> None:
+    """Each piece a template writes is a string object of ~60 bytes: kept apart until the end, a loop writing the
+    32M characters allowed held 750 MB for the 5 s a render may take, on every request."""
+    template = chat_template.compile_template(
+        "{% for i in range(200) %}{% for j in range(500) %}{{ j }}{% endfor %}{% endfor %}", "the chat template"
+    )
+    tracemalloc.start()
+    try:
+        rendered = chat_template.render(template, {}, "the chat template")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(rendered) == 200 * sum(len(str(j)) for j in range(500))
+    assert peak < 8 * len(rendered), f"{peak / len(rendered):.1f} bytes per character"
