@@ -337,6 +337,8 @@ def _fallback_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bo
 def _template_text(value: Any) -> str | None:
     if isinstance(value, list):  # a list of named templates: use "default"
         named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        if not named:  # left out, the model rendered with the ChatML fallback instead, without a word
+            raise ModelError(f"the model's chat_template list holds no named template: {value!r}"[:300])
         value = named.get("default") or next(iter(named.values()), None)
     if value is not None and not isinstance(value, str):
         raise ModelError(f"the model's chat_template must be a string, got {value!r}"[:300])
@@ -394,4 +396,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     # ValueError: not JSON or UTF-8, an integer past 4300 digits; RecursionError: nested past Python's stack
     except (OSError, ValueError, RecursionError) as error:
         raise ModelError(f"cannot read {str(path)!r}: {type(error).__name__}: {error}") from error
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):  # dropped silently, it took the model's chat template and special tokens with it
+        raise ModelError(f"{str(path)!r} must hold a JSON object, not a {type(data).__name__}")
+    return data

@@ -206,3 +206,21 @@ def test_a_chat_template_writing_many_small_pieces_holds_about_a_byte_per_charac
         tracemalloc.stop()
     assert len(rendered) == 200 * sum(len(str(j)) for j in range(500))
     assert peak < 8 * len(rendered), f"{peak / len(rendered):.1f} bytes per character"
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "generation_config.json"])
+def test_a_tokenizer_setting_file_that_is_not_an_object_is_named(file: str, tiny_llama: Path, tmp_path: Path) -> None:
+    """Read as no settings: the model lost its chat template, special tokens and end tokens without a word, and
+    rendered chats with the ChatML fallback."""
+    folder = copy_model(tiny_llama, tmp_path)
+    (folder / file).write_text("[1]")
+    with pytest.raises(ModelError, match=rf"'{folder / file}' must hold a JSON object, not a list"):
+        resolve_model(str(folder)).tokenizer  # noqa: B018 - read for its error
+
+
+def test_a_chat_template_list_without_a_named_template_is_named(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    path = folder / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": [1, 2]}))
+    with pytest.raises(ModelError, match=r"chat_template list holds no named template: \[1, 2\]"):
+        resolve_model(str(folder)).tokenizer  # noqa: B018 - read for its error
