@@ -134,6 +134,7 @@ def connect_pipeline(
                 assigned.received_bytes / 1e6, assigned.reused_bytes / 1e6, assigned.load_ms,
             )  # fmt: skip
     except BaseException:  # a worker, or the weights (a bad shard), failed: close every channel opened here
+        _drop_what_was_assigned(connections)
         for conn in connections:
             conn.close()
         raise
@@ -163,6 +164,17 @@ def connect_pipeline(
         for stage in stages:  # loading the master's own part failed: stop the monitors, close the channels
             stage.close()
         raise
+
+
+def _drop_what_was_assigned(connections: list[WorkerConnection]) -> None:
+    """The workers whose Assign succeeded before another's failed drop those layers: they freed their old ones for
+    them, and held half a model no pipeline would use until some master assigned them again."""
+    for conn in connections:
+        if conn.assignment:
+            try:
+                conn.unassign()
+            except ClusterError as error:  # gone too: a worker restarted holds nothing anyway
+                log.warning("%s keeps its layers of the failed placement: %s", conn.label, error)
 
 
 def _refuse_the_same_worker_twice(connections: list[WorkerConnection], replies: list[Any]) -> None:
