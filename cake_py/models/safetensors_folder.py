@@ -89,6 +89,10 @@ class SafetensorsWeights:
         return tensors
 
 
+# The safetensors library refuses a larger header (its MAX_HEADER_SIZE), and so does every other reader of the format.
+MAX_HEADER_BYTES = 100_000_000
+
+
 def read_json(path: Path) -> Any:
     """A model folder's JSON file (config, index, tokenizer settings); WeightsError naming it if it cannot be read
     or is not JSON (bad UTF-8, nesting past Python's stack, integers past 4300 digits included)."""
@@ -104,6 +108,11 @@ def _read_header(file: Path) -> list[TensorInfo]:
         size = file.stat().st_size
         with file.open("rb") as handle:
             (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > MAX_HEADER_BYTES:  # the format's own limit; parsed, such a header held gigabytes
+                raise WeightsError(
+                    f"safetensors file {str(file)!r} declares a header of {header_len} bytes, past the format's "
+                    f"limit of {MAX_HEADER_BYTES}"
+                )
             if header_len > size - 8:
                 raise WeightsError(f"safetensors file {str(file)!r} is truncated (header of {header_len} bytes)")
             header = json.loads(handle.read(header_len))

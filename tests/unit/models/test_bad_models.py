@@ -224,3 +224,14 @@ def test_a_chat_template_list_without_a_named_template_is_named(tiny_llama: Path
     path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": [1, 2]}))
     with pytest.raises(ModelError, match=r"chat_template list holds no named template: \[1, 2\]"):
         resolve_model(str(folder)).tokenizer  # noqa: B018 - read for its error
+
+
+def test_a_safetensors_header_past_the_formats_limit_is_refused_unread(tiny_llama: Path, tmp_path: Path) -> None:
+    """A header as long as its file allows was read and parsed whole: the format's own readers stop at 100 MB."""
+    folder = copy_model(tiny_llama, tmp_path)
+    weights = folder / "model.safetensors"
+    with weights.open("wb") as handle:
+        handle.write(struct.pack("<Q", 100_000_001) + b"{")
+        handle.truncate(8 + 100_000_001)  # sparse: a file that long, on no disk space
+    with pytest.raises(WeightsError, match=r"declares a header of 100000001 bytes, past the format's limit"):
+        resolve_model(str(folder))
