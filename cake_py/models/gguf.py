@@ -9,6 +9,7 @@ The vocabulary's translation is gguf_tokenizer.py.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import re
 from collections.abc import Iterable
@@ -223,15 +224,25 @@ class GGUFWeights:
                 q, scales = (_unpermute_rows(t, self._head_count("num_key_value_heads"), name) for t in (q, scales))
         return q.contiguous(), scales.transpose(0, 1).contiguous()
 
+    def check_readable(self, names: Iterable[str]) -> None:
+        """WeightsError naming the first of `names` stored in a type gguf cannot dequantize (an integer type, one
+        newer than its version), found by dequantizing one block of zeros of each type: no tensor data is read."""
+        for name in names:
+            kind = self._tensor(name).tensor_type
+            if not _dequantizable(kind):
+                raise self._undequantizable(name, kind)
+
+    def _undequantizable(self, name: str, kind: gguf.GGMLQuantizationType) -> WeightsError:
+        return WeightsError(
+            f"tensor {name!r} in {str(self.path)!r} has quantization type {kind.name!r}, which cannot be dequantized"
+        )
+
     def _load_one(self, name: str) -> torch.Tensor:
         tensor = self._tensor(name)
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as error:
-            raise WeightsError(
-                f"tensor {name!r} in {str(self.path)!r} has quantization type {tensor.tensor_type.name!r}, "
-                "which cannot be dequantized"
-            ) from error
+            raise self._undequantizable(name, tensor.tensor_type) from error
         if not array.flags.writeable:  # unquantized tensors come back as views of the read-only memmap
             array = array.copy()
         weights = torch.from_numpy(array.astype(np.float32, copy=False)).reshape(self.info(name).shape)
@@ -379,6 +390,16 @@ def _open(path: Path) -> gguf.GGUFReader:
             "use a copy in this machine's byte order"
         )
     return reader
+
+
+@functools.cache
+def _dequantizable(kind: gguf.GGMLQuantizationType) -> bool:
+    block_bytes = gguf.GGML_QUANT_SIZES[kind][1]
+    try:
+        gguf.quants.dequantize(np.zeros(block_bytes, dtype=np.uint8), kind)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _head_dim(config: dict[str, Any]) -> Any:

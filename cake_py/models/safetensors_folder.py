@@ -66,17 +66,22 @@ class SafetensorsWeights:
             raise WeightsError(f"tensor {name!r} is missing from {str(self.path)!r}")
         return self._infos[name]
 
-    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        by_file: dict[Path, list[str]] = {}
+    def check_readable(self, names: Iterable[str]) -> None:
+        """WeightsError naming the first of `names` stored in a type `load` cannot read, from the header alone."""
         for name in names:
-            if name not in self._files:
-                raise WeightsError(f"tensor {name!r} is missing from {str(self.path)!r}")
             stored = self.info(name).dtype
             if stored not in FLOAT_TYPES:  # F8 or integer codes are quantized: a plain cast would make garbage
                 raise WeightsError(
                     f"tensor {name!r} in {str(self.path)!r} is stored as {stored}; only unquantized float weights "
                     f"({', '.join(sorted(FLOAT_TYPES))}) can be read from safetensors"
                 )
+
+    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self._files:
+                raise WeightsError(f"tensor {name!r} is missing from {str(self.path)!r}")
+            self.check_readable([name])
             by_file.setdefault(self._files[name], []).append(name)
         tensors: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():

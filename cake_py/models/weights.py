@@ -82,6 +82,9 @@ class WeightSource(Protocol):
 
     def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
 
+    def check_readable(self, names: Iterable[str]) -> None:
+        """WeightsError naming the first of `names` stored in a type `load` cannot read (headers only)."""
+
 
 def layer_tensor_names(source: WeightSource, layer: int) -> list[str]:
     prefix = f"model.layers.{layer}."
@@ -373,9 +376,9 @@ def _install_quantized(
 
 
 def check_weights(source: WeightSource, config: ModelConfig) -> None:
-    """WeightsError unless `source` holds every tensor of the whole model with the shape `config` gives it, and no
-    layer past the config's last. Found from the headers alone (the model built on the meta device: no memory, no
-    data read), before anything is loaded, placed on a worker, or unloaded for it."""
+    """WeightsError unless `source` holds every tensor of the whole model, in a type it can read and with the shape
+    `config` gives it, and no layer past the config's last. Found from the headers alone (the model built on the
+    meta device: no memory, no data read), before anything is loaded, placed on a worker, or unloaded for it."""
     layers = {int(match.group(1)) for name in source.names() if (match := LAYER_PATTERN.match(name))}
     if beyond := sorted(layer for layer in layers if layer >= config.n_layers):
         # Loaded, those layers were never read: a model that answered garbage, its config from another checkpoint.
@@ -385,6 +388,7 @@ def check_weights(source: WeightSource, config: ModelConfig) -> None:
         )
     names = stage_tensor_names(source, config, 0, config.n_layers, with_embedding=True, with_head=True)
     try:
+        source.check_readable(names)  # read, an integer tensor failed the load after the served model was dropped
         shapes = {name: torch.empty(source.info(name).shape, device="meta") for name in names}
         build_transformer(
             config, shapes, 0, config.n_layers, with_embedding=True, with_head=True, dtype=torch.float32, device="meta"

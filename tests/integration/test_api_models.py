@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cake_py.api import management
+from cake_py.errors import WeightsError
 from cake_py.models.hub import EMBEDDED_MODEL_ID
 from tests.fixtures.fake_hub import HubBehaviour, fake_hub, folder_files
 from tests.fixtures.server import ServerHandle, running_server, tiny_settings
@@ -101,23 +102,36 @@ def test_load_back_by_path_and_a_bad_id_leaves_the_served_model(server: ServerHa
 
 
 def test_a_model_that_fails_to_build_leaves_the_previous_one_served(
-    server: ServerHandle, tiny_llama: Path, tmp_path: Path
+    server: ServerHandle, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama, broken)
     config = json.loads((broken / "config.json").read_text())
-    # Its headers fit the config (so it resolves); reading layer 2's tensor, building it finds integers, not weights.
-    tensors = load_file(broken / "model.safetensors")
-    tensors["model.layers.2.mlp.up_proj.weight"] = tensors["model.layers.2.mlp.up_proj.weight"].to(torch.int32)
-    save_file(tensors, broken / "model.safetensors")
+    build, builds = management.build_engine, [0]
+
+    def out_of_memory_once(*args: Any) -> Any:  # what still fails once the files' headers are found sound
+        builds[0] += 1
+        if builds[0] == 1:
+            raise WeightsError("cannot place layers 0-2 on cpu in float32: out of memory")
+        return build(*args)
+
+    monkeypatch.setattr(management, "build_engine", out_of_memory_once)
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         missing_key = http.post("/models/load", json={"model": str(broken)})
         assert missing_key.status_code == 400 and "model_id is required" in missing_key.json()["detail"]
         failed = http.post("/models/load", json={"model_id": str(broken)})
         assert failed.status_code == 400, failed.text  # the request's model is bad, not the server
         detail = failed.json()["detail"]
+        assert "out of memory" in detail and "is served again" in detail and builds[0] == 2, detail
+        # Integers where weights go: refused from the header, before the served model is dropped (no build at all).
+        tensors = load_file(broken / "model.safetensors")
+        tensors["model.layers.2.mlp.up_proj.weight"] = tensors["model.layers.2.mlp.up_proj.weight"].to(torch.int32)
+        save_file(tensors, broken / "model.safetensors")
+        integers = http.post("/models/load", json={"model_id": str(broken)})
+        assert integers.status_code == 400, integers.text
+        detail = integers.json()["detail"]
         assert "'model.layers.2.mlp.up_proj.weight'" in detail and "stored as I32" in detail, detail
-        assert "is served again" in detail, detail
+        assert "served again" not in detail and builds[0] == 2, detail
         (broken / "config.json").write_text(json.dumps({**config, "hidden_size": float("inf")}))  # Infinity
         unreadable = http.post("/models/load", json={"model_id": str(broken)})
         assert unreadable.status_code == 400, unreadable.text

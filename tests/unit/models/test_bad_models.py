@@ -33,15 +33,17 @@ HYPER_PARAMETERS = {
 }
 
 
-def _small_gguf(path: Path, **metadata: object) -> Path:
-    """A llama GGUF of two tensors and the given metadata (ints as UINT32, strings as strings): no model to run,
-    enough for GGUFWeights to read."""
+def _small_gguf(path: Path, embedding: np.ndarray | None = None, **metadata: object) -> Path:
+    """A llama GGUF of two tensors (three with `embedding`) and the given metadata (ints as UINT32, strings as
+    strings): no model to run, enough for GGUFWeights to read."""
     writer = gguf.GGUFWriter(path, "llama")
     for key, value in {**HYPER_PARAMETERS, **metadata}.items():
         kind = gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32
         writer.add_key_value(key, value, kind)
     writer.add_tensor("blk.0.attn_norm.weight", np.ones(8, dtype=np.float32))
     writer.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    if embedding is not None:
+        writer.add_tensor("token_embd.weight", embedding)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -235,3 +237,21 @@ def test_a_safetensors_header_past_the_formats_limit_is_refused_unread(tiny_llam
         handle.truncate(8 + 100_000_001)  # sparse: a file that long, on no disk space
     with pytest.raises(WeightsError, match=r"declares a header of 100000001 bytes, past the format's limit"):
         resolve_model(str(folder))
+
+
+def test_a_tensor_stored_as_integers_is_found_at_resolve(tiny_llama: Path, tmp_path: Path) -> None:
+    """Found only when its stage read it: after /models/load had dropped the served model."""
+    folder = copy_model(tiny_llama, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.2.mlp.up_proj.weight"] = tensors["model.layers.2.mlp.up_proj.weight"].to(torch.int32)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"'model.layers.2.mlp.up_proj.weight' in .* is stored as I32"):
+        resolve_model(str(folder))
+
+
+def test_a_gguf_tensor_of_a_type_gguf_cannot_dequantize_is_named_unread(tmp_path: Path) -> None:
+    path = _small_gguf(tmp_path / "integers.gguf", embedding=np.ones((4, 8), dtype=np.int32))
+    weights = GGUFWeights(path)
+    weights.check_readable(["model.norm.weight"])  # F32
+    with pytest.raises(WeightsError, match=r"'model.embed_tokens.weight' in .* has quantization type 'I32'"):
+        weights.check_readable(["model.norm.weight", "model.embed_tokens.weight"])
