@@ -5,6 +5,7 @@ only when a stage asks for them."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -94,6 +95,9 @@ class SafetensorsWeights:
         return tensors
 
 
+# Bytes per element of the safetensors dtypes of whole bytes (F4 and F6 pack several elements in a byte).
+ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+ITEM_BYTES |= {"I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 # The safetensors library refuses a larger header (its MAX_HEADER_SIZE), and so does every other reader of the format.
 MAX_HEADER_BYTES = 100_000_000
 
@@ -140,5 +144,12 @@ def _read_header(file: Path) -> list[TensorInfo]:
             ) from None
         if end > data_len:
             raise WeightsError(f"safetensors file {str(file)!r} is truncated: tensor {name!r} ends past the file")
+        itemsize = ITEM_BYTES.get(info.dtype)
+        if itemsize is not None and (begin > end or math.prod(info.shape) * itemsize != end - begin):
+            # The library refuses it at load, naming no tensor, after /models/load has dropped the served model.
+            raise WeightsError(
+                f"safetensors file {str(file)!r}: tensor {name!r} of shape {list(info.shape)} in {info.dtype} "
+                f"takes {math.prod(info.shape) * itemsize} bytes, but its offsets {[begin, end]} give it {end - begin}"
+            )
         infos.append(info)
     return infos

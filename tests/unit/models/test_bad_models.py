@@ -255,3 +255,19 @@ def test_a_gguf_tensor_of_a_type_gguf_cannot_dequantize_is_named_unread(tmp_path
     weights.check_readable(["model.norm.weight"])  # F32
     with pytest.raises(WeightsError, match=r"'model.embed_tokens.weight' in .* has quantization type 'I32'"):
         weights.check_readable(["model.norm.weight", "model.embed_tokens.weight"])
+
+
+def test_safetensors_offsets_that_do_not_fit_the_shape_are_named_at_resolve(tiny_llama: Path, tmp_path: Path) -> None:
+    """The library refused them when the tensor was read, naming no tensor ("invalid shape, data type, or offset"),
+    after /models/load had dropped the served model."""
+    folder = copy_model(tiny_llama, tmp_path)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    begin = header["model.norm.weight"]["data_offsets"][0]
+    header["model.norm.weight"]["data_offsets"] = [begin, begin + 128]  # half of its 64 float32s
+    text = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+    with pytest.raises(WeightsError, match=r"'model.norm.weight' of shape \[64\] in F32 takes 256 bytes, but its"):
+        resolve_model(str(folder))
