@@ -25,7 +25,7 @@ class SafetensorsWeights:
         self.path = folder
         config_path = folder / "config.json"
         if not config_path.is_file():
-            raise ModelNotFoundError(f"no config.json in model folder {str(folder)!r}")
+            raise ModelNotFoundError(f"no config.json in model folder {str(folder)!r}{_gguf_hint(folder)}")
         self.config_origin = str(config_path)
         self._config = read_json(config_path)
         self._files = self._shard_map(folder)
@@ -100,6 +100,18 @@ ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16":
 ITEM_BYTES |= {"I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 # The safetensors library refuses a larger header (its MAX_HEADER_SIZE), and so does every other reader of the format.
 MAX_HEADER_BYTES = 100_000_000
+
+
+def _gguf_hint(folder: Path) -> str:
+    """A folder of GGUF files (where llama.cpp users keep them) is served by naming one: say which."""
+    try:
+        found = sorted(path.name for path in folder.glob("*.gguf"))
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    named = ", ".join(repr(name) for name in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return f"; it holds GGUF files ({named}): pass one of them (a split model's first part) as the model"
 
 
 def read_json(path: Path) -> Any:

@@ -271,3 +271,11 @@ def test_safetensors_offsets_that_do_not_fit_the_shape_are_named_at_resolve(tiny
     weights.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
     with pytest.raises(WeightsError, match=r"'model.norm.weight' of shape \[64\] in F32 takes 256 bytes, but its"):
         resolve_model(str(folder))
+
+
+def test_a_folder_of_gguf_files_says_to_pass_one(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    _small_gguf(folder / "tiny-Q4_K_M.gguf")
+    with pytest.raises(ModelNotFoundError, match=r"it holds GGUF files \('tiny-Q4_K_M.gguf'\): pass one of them"):
+        resolve_model(str(folder))
