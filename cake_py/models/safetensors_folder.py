@@ -140,7 +140,7 @@ def _read_header(file: Path) -> list[TensorInfo]:
     # ValueError: not JSON or UTF-8, an integer past 4300 digits; RecursionError: nested past Python's stack
     except (OSError, struct.error, ValueError, RecursionError) as error:
         raise WeightsError(f"cannot read safetensors file {str(file)!r}: {type(error).__name__}: {error}") from error
-    infos = []
+    infos, spans = [], []
     data_len = size - 8 - header_len
     if not isinstance(header, dict):
         raise WeightsError(f"safetensors file {str(file)!r} has a malformed header (not a JSON object)")
@@ -156,6 +156,8 @@ def _read_header(file: Path) -> list[TensorInfo]:
             ) from None
         if end > data_len:
             raise WeightsError(f"safetensors file {str(file)!r} is truncated: tensor {name!r} ends past the file")
+        if any(dim < 0 for dim in info.shape):  # two of them made a size that fit its offsets
+            raise WeightsError(f"safetensors file {str(file)!r}: tensor {name!r} has shape {list(info.shape)}")
         itemsize = ITEM_BYTES.get(info.dtype)
         if itemsize is not None and (begin > end or math.prod(info.shape) * itemsize != end - begin):
             # The library refuses it at load, naming no tensor, after /models/load has dropped the served model.
@@ -164,4 +166,26 @@ def _read_header(file: Path) -> list[TensorInfo]:
                 f"takes {math.prod(info.shape) * itemsize} bytes, but its offsets {[begin, end]} give it {end - begin}"
             )
         infos.append(info)
+        spans.append((begin, end, name))
+    _check_layout(file, spans, data_len)
     return infos
+
+
+def _check_layout(file: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """The tensors' bytes one after the other, from the data's start to the file's end, as the format requires: the
+    library refuses overlaps and gaps when a tensor is read (naming no file), after /models/load has dropped the
+    served model."""
+    reached, last = 0, None
+    for begin, end, name in sorted(spans):
+        if begin != reached:
+            where = f"where {last!r} ends" if last is not None else "the start of the data"
+            how = "overlaps" if begin < reached else "leaves a gap after"
+            raise WeightsError(
+                f"safetensors file {str(file)!r}: tensor {name!r} begins at byte {begin}, and {how} {where} "
+                f"({reached})"
+            )
+        reached, last = end, name
+    if reached != data_len:
+        raise WeightsError(
+            f"safetensors file {str(file)!r}: its tensors end at byte {reached} of its {data_len} bytes of data"
+        )

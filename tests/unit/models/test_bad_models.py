@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import struct
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -257,19 +259,47 @@ def test_a_gguf_tensor_of_a_type_gguf_cannot_dequantize_is_named_unread(tmp_path
         weights.check_readable(["model.norm.weight", "model.embed_tokens.weight"])
 
 
-def test_safetensors_offsets_that_do_not_fit_the_shape_are_named_at_resolve(tiny_llama: Path, tmp_path: Path) -> None:
-    """The library refused them when the tensor was read, naming no tensor ("invalid shape, data type, or offset"),
-    after /models/load had dropped the served model."""
-    folder = copy_model(tiny_llama, tmp_path)
-    weights = folder / "model.safetensors"
+def _edit_header(weights: Path, edit: Callable[[dict[str, Any]], None], tail: bytes = b"") -> None:
+    """Rewrite a safetensors file's header through `edit` (its data kept, `tail` bytes added after it)."""
     data = weights.read_bytes()
     length = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + length])
-    begin = header["model.norm.weight"]["data_offsets"][0]
-    header["model.norm.weight"]["data_offsets"] = [begin, begin + 128]  # half of its 64 float32s
+    edit(header)
     text = json.dumps(header).encode()
-    weights.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
-    with pytest.raises(WeightsError, match=r"'model.norm.weight' of shape \[64\] in F32 takes 256 bytes, but its"):
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :] + tail)
+
+
+def _norm(header: dict[str, Any], **entry: Any) -> None:
+    header["model.norm.weight"].update(entry)
+
+
+@pytest.mark.parametrize(
+    ("edit", "tail", "needle"),
+    [
+        # The library refused these only when the tensor was read, naming no tensor ("invalid shape, data type, or
+        # offset", "invalid offset"), after /models/load had dropped the served model.
+        (
+            lambda h: _norm(h, data_offsets=[h["model.norm.weight"]["data_offsets"][0]] * 2),
+            b"",
+            r"'model.norm.weight' of shape \[64\] in F32 takes 256 bytes, but its offsets .* give it 0",
+        ),
+        (
+            lambda h: _norm(h, data_offsets=[0, 256]),
+            b"",
+            r"begins at byte 0, and overlaps where 'model.norm.weight' ends",
+        ),
+        (lambda h: None, b"\0" * 8, r"its tensors end at byte \d+ of its \d+ bytes of data"),
+        # Two negative dimensions made a size that fit its offsets, and torch's refusal a traceback.
+        (lambda h: _norm(h, shape=[-8, -8]), b"", r"'model.norm.weight' has shape \[-8, -8\]"),
+    ],
+    ids=["size", "overlap", "trailing-bytes", "negative-shape"],
+)
+def test_a_safetensors_layout_the_format_forbids_is_named_at_resolve(
+    edit: Callable[[dict[str, Any]], None], tail: bytes, needle: str, tiny_llama: Path, tmp_path: Path
+) -> None:
+    folder = copy_model(tiny_llama, tmp_path)
+    _edit_header(folder / "model.safetensors", edit, tail)
+    with pytest.raises(WeightsError, match=needle):
         resolve_model(str(folder))
 
 
