@@ -84,7 +84,10 @@ class GGUFWeights:
 
     def _value(self, key: str, default: Any = None) -> Any:
         field = self._reader.get_field(key)
-        return default if field is None else field.contents()
+        try:
+            return default if field is None else field.contents()
+        except UnicodeDecodeError as error:  # gguf decodes a string when it is read, not when the file is opened
+            raise WeightsError(f"GGUF file {str(self.path)!r}: metadata {key} is not UTF-8 text ({error})") from None
 
     def _token_id(self, key: str) -> int | None:
         """`tokenizer.ggml.<key>` (a token id), None when absent; WeightsError naming the key when it is not one (a
@@ -101,10 +104,7 @@ class GGUFWeights:
 
     @cached_property
     def _tokens(self) -> list[str]:
-        try:
-            return list(self._value("tokenizer.ggml.tokens", []))
-        except UnicodeDecodeError as error:
-            raise WeightsError(f"GGUF file {str(self.path)!r} has a token that is not UTF-8: {error}") from None
+        return list(self._value("tokenizer.ggml.tokens", []))  # a token that is not UTF-8: a WeightsError naming it
 
     @property
     def config(self) -> dict[str, Any]:

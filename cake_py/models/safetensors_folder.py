@@ -181,8 +181,7 @@ def _check_layout(file: Path, spans: list[tuple[int, int, str]], data_len: int) 
             where = f"where {last!r} ends" if last is not None else "the start of the data"
             how = "overlaps" if begin < reached else "leaves a gap after"
             raise WeightsError(
-                f"safetensors file {str(file)!r}: tensor {name!r} begins at byte {begin}, and {how} {where} "
-                f"({reached})"
+                f"safetensors file {str(file)!r}: tensor {name!r} begins at byte {begin}, and {how} {where} ({reached})"
             )
         reached, last = end, name
     if reached != data_len:

@@ -309,3 +309,16 @@ def test_a_folder_of_gguf_files_says_to_pass_one(tmp_path: Path) -> None:
     _small_gguf(folder / "tiny-Q4_K_M.gguf")
     with pytest.raises(ModelNotFoundError, match=r"it holds GGUF files \('tiny-Q4_K_M.gguf'\): pass one of them"):
         resolve_model(str(folder))
+
+
+@pytest.mark.parametrize("key", ["general.architecture", "tokenizer.chat_template"])
+def test_gguf_metadata_text_that_is_not_utf8_is_named(key: str, tmp_path: Path) -> None:
+    """gguf decodes a string when it is read, not when the file is opened: a bad architecture name was a
+    UnicodeDecodeError's traceback, a bad chat template "a tokenizer that cannot be built"."""
+    path = _small_gguf(tmp_path / "text.gguf", **{"tokenizer.chat_template": "{{ messages }}"})
+    data = bytearray(path.read_bytes())
+    at = data.index(key.encode()) + len(key) + 4 + 8  # past the key, its value's type and its length
+    data[at] = 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=rf"'{path}': metadata {key} is not UTF-8 text"):
+        GGUFWeights(path).tokenizer_config()
