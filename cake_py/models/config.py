@@ -114,6 +114,14 @@ class ModelConfig:
             numbers.append(("rope_local_base_freq", config.local_rope.theta))
         if config.query_pre_attn_scalar is not None:
             numbers.append(("query_pre_attn_scalar", config.query_pre_attn_scalar))
+        if rope.kind == "llama3":  # the wavelengths divide by them: a 0 was a ZeroDivisionError's traceback
+            numbers.append(("rope_scaling low_freq_factor", rope.low_freq_factor))
+            numbers.append(("rope_scaling original_max_position_embeddings", rope.original_max_position_embeddings))
+            if not rope.high_freq_factor > rope.low_freq_factor:  # the band between them is smoothed over
+                raise ModelError(
+                    f"{origin}: rope_scaling high_freq_factor ({rope.high_freq_factor}) must be greater than its "
+                    f"low_freq_factor ({rope.low_freq_factor})"
+                )
         for name, number in numbers:
             if not (math.isfinite(number) and number > 0):
                 raise ModelError(f"{origin}: {name} must be a finite number > 0, got {number}")

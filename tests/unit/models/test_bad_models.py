@@ -157,6 +157,9 @@ LLAMA_CONFIG = {
 }
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
     [
@@ -173,9 +176,13 @@ LLAMA_CONFIG = {
         ("rope_freq_factors", "abc", "rope_freq_factors must be a list of numbers, got 'abc'"),
         ("hidden_act", ["silu"], "hidden_act must be the name of an activation, got ['silu']"),
         ("architectures", [{"a": 1}], "architectures must be a list of class names"),
+        # Llama 3 rope wavelengths divide by these: a 0 was a ZeroDivisionError's traceback when the model was built.
+        ("rope_scaling", {**LLAMA3_ROPE, "low_freq_factor": 0}, "low_freq_factor must be a finite number > 0, got 0"),
+        ("rope_scaling", {**LLAMA3_ROPE, "high_freq_factor": 1}, "high_freq_factor (1.0) must be greater than its"),
+        ("rope_scaling", {**LLAMA3_ROPE, "original_max_position_embeddings": 0}, "original_max_position_embeddings"),
     ],
 )
-def test_a_config_field_of_the_wrong_type_is_named(field: str, value: object, needle: str) -> None:
+def test_a_bad_config_field_is_named(field: str, value: object, needle: str) -> None:
     with pytest.raises(ModelError) as raised:
         ModelConfig.from_hf({**LLAMA_CONFIG, field: value}, "config.json")
     assert str(raised.value).startswith("config.json"), raised.value
