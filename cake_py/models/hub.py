@@ -24,7 +24,8 @@ from cake_py.models.config import ModelConfig
 from cake_py.models.pooling import folder_pooling
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.tokenizer import Tokenizer
-from cake_py.models.weights import WeightSource, check_weights
+from cake_py.models.weights import WeightSource
+from cake_py.models.weights_check import check_weights
 
 log = logging.getLogger(__name__)
 

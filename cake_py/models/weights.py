@@ -375,29 +375,6 @@ def _install_quantized(
     return installed
 
 
-def check_weights(source: WeightSource, config: ModelConfig) -> None:
-    """WeightsError unless `source` holds every tensor of the whole model, in a type it can read and with the shape
-    `config` gives it, and no layer past the config's last. Found from the headers alone (the model built on the
-    meta device: no memory, no data read), before anything is loaded, placed on a worker, or unloaded for it."""
-    layers = {int(match.group(1)) for name in source.names() if (match := LAYER_PATTERN.match(name))}
-    if beyond := sorted(layer for layer in layers if layer >= config.n_layers):
-        # Loaded, those layers were never read: a model that answered garbage, its config from another checkpoint.
-        raise WeightsError(
-            f"{str(source.path)!r} holds weights for layer {beyond[-1]}, but {source.config_origin} says the model "
-            f"has {config.n_layers} layers (0-{config.n_layers - 1}): the config does not belong to these weights"
-        )
-    names = stage_tensor_names(source, config, 0, config.n_layers, with_embedding=True, with_head=True)
-    try:
-        source.check_readable(names)  # read, an integer tensor failed the load after the served model was dropped
-        shapes = {name: torch.empty(source.info(name).shape, device="meta") for name in names}
-        build_transformer(
-            config, shapes, 0, config.n_layers, with_embedding=True, with_head=True, dtype=torch.float32, device="meta"
-        )
-    except WeightsError as error:
-        where = str(source.path)
-        raise (error if where in str(error) else WeightsError(f"{where!r}: {error}")) from None
-
-
 def load_transformer(
     source: WeightSource,
     config: ModelConfig,

@@ -23,7 +23,7 @@ from cake_py.models.gguf import GGUFWeights
 from cake_py.models.hub import resolve_model
 from tests.fixtures.tiny_models import copy_model
 
-MAX_TENSORS = 1 << 20  # what a header may declare (cake_py.models.gguf.MAX_TENSORS)
+MAX_TENSORS = 1 << 20  # what a header may declare (cake_py.models.gguf_header.MAX_TENSORS)
 
 
 # The hyper-parameters a llama GGUF cannot do without (GGUFWeights names the first one missing).

@@ -625,10 +625,10 @@ def test_metadata_arrays_too_large_are_refused_before_they_are_parsed(tmp_path: 
 def test_the_metadata_check_reads_a_real_file_in_milliseconds(smollm_path: Path) -> None:
     import time
 
-    from cake_py.models.gguf import _check_metadata
+    from cake_py.models.gguf_header import check_header
 
     began = time.perf_counter()
-    _check_metadata(smollm_path)
+    check_header(smollm_path)
     assert time.perf_counter() - began < 1.0
 
 
@@ -661,7 +661,7 @@ def test_the_metadata_check_reads_a_big_endian_file_in_its_byte_order(tmp_path: 
     """A big-endian file's counts read in little-endian order are huge: it was refused for "declaring" 2^56 keys."""
     import gguf
 
-    from cake_py.models.gguf import _check_metadata
+    from cake_py.models.gguf_header import check_header
 
     writer = gguf.GGUFWriter(tmp_path / "big.gguf", "llama", endianess=gguf.GGUFEndian.BIG)
     writer.add_token_list(["a", "b", "c"])
@@ -669,11 +669,11 @@ def test_the_metadata_check_reads_a_big_endian_file_in_its_byte_order(tmp_path: 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    _check_metadata(tmp_path / "big.gguf")  # passes: 3 tokens
+    check_header(tmp_path / "big.gguf")  # passes: 3 tokens
     bomb = tmp_path / "big-bomb.gguf"
     bomb.write_bytes(_header(">", [(b"tokenizer.ggml.tokens", 3_000_000)]))
     with pytest.raises(WeightsError, match=r"holds 3000000 items, past 1048576"):
-        _check_metadata(bomb)
+        check_header(bomb)
 
 
 def test_a_big_endian_file_is_refused_naming_its_byte_order(tmp_path: Path) -> None:
