@@ -2,15 +2,15 @@
 step cut into pieces that the two workers compute at once (`--micro-batch-tokens`), and a single node.
 
     .venv/bin/python benchmarks/pipelined_prefill.py [--prompt-tokens 1024] [--rounds 6] [--micro-batch-tokens 128]
-                                                     [--dense]
+                                                     [--dense] [--unpinned]
 
 SmolLM2 (the embedded Q4_1 GGUF, bf16 with 4-bit kernels; `--dense`: the Hub's bf16 checkpoint, every weight
 dequantized, as benchmarks/cluster.py writes it), prefilled in steps of 512 tokens as `cake serve` does;
 the time is the whole prompt through every layer (the time to first token, less sampling). The workers are real
 `cake worker` processes on 127.0.0.1 with one torch thread each, the first on core 0 and the second on core 1 (as two
-machines would each hold their own); the master is this process, with one thread. Each round runs every
-configuration once, back to back: this VM has slow phases lasting seconds, so ratios are medians of per-round
-ratios.
+machines would each hold their own; `--unpinned`: wherever the OS puts them, as scripts/serve.sh starts them); the
+master is this process, with one thread. Each round runs every configuration once, back to back: this VM has slow
+phases lasting seconds, so ratios are medians of per-round ratios.
 
 Configurations:
   cluster, whole      every step through worker 1, then worker 2 (`--micro-batch-tokens 0`)
@@ -63,14 +63,14 @@ def prefill_s(pipeline: Pipeline, ids: list[int]) -> float:
     return elapsed
 
 
-def start_worker(index: int, cache: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_worker(index: int, cache: Path, pin: bool) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as probe:  # a free port (another run may hold fixed ones)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     cpus = sorted(os.sched_getaffinity(0))
     command = [sys.executable, "-m", "cake_py.cli", "worker", "--host", "127.0.0.1", "--port", str(port),
                "--threads", "1", "--cache-dir", str(cache / str(index)), "--log-level", "warning",
-               "--cpus", str(cpus[index % len(cpus)])]  # fmt: skip
+               *(["--cpus", str(cpus[index % len(cpus)])] if pin else [])]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL), f"127.0.0.1:{port}"
 
 
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--micro-batch-tokens", type=int, default=128)
     parser.add_argument("--dense", action="store_true", help="the Hub's bf16 checkpoint: every weight dequantized")
+    parser.add_argument("--unpinned", action="store_true", help="workers wherever the OS puts them (as serve.sh)")
     args = parser.parse_args()
     source = resolve_model(None)
     text = "Paris is the capital of France, on the Seine, known for its museums, cafes and bridges. "
@@ -89,7 +90,7 @@ def main() -> None:
         if args.dense:
             (Path(cache) / "dense").mkdir()
             source = write_dense_checkpoint(source, Path(cache) / "dense")
-        started = [start_worker(index, Path(cache)) for index in range(2)]
+        started = [start_worker(index, Path(cache), not args.unpinned) for index in range(2)]
         time.sleep(1.0)
         try:
             specs = [WorkerSpec(f"w{index}", address) for index, (_, address) in enumerate(started)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -62,14 +62,24 @@ def memory_pool(host: Any) -> str:
     return f"{host.hostname}/{host.memory_id or host.device}"
 
 
-def micro_batch_tokens(asked: int | None, pools: list[str]) -> int:
+def micro_batch_tokens(asked: int | None, hosts: Sequence[Any]) -> int:
     """The pieces a chained step is cut into (cake_py.cluster.micro_batches): as `--micro-batch-tokens` asks, else
-    MICRO_BATCH_TOKENS where the workers compute apart (other hosts, or other GPUs), and whole steps where they all
-    share one host's CPUs: there a piece only waits for the core the other worker is using, and each piece costs
-    a little more than its share of the whole step (a 4-bit layer unpacks its weights once per piece)."""
+    MICRO_BATCH_TOKENS where the workers (their handshakes' HostInfo) can compute at the same time: each on a host or
+    GPU of its own, or CPU workers whose threads fit in their host's cores. Where they cannot (two on one GPU, or
+    more threads than cores) a piece only waits for the other worker's turn, and costs a little more than its share
+    of the whole step (a 4-bit layer unpacks its weights once per piece)."""
     if asked is not None:
         return asked
-    return MICRO_BATCH_TOKENS if len(set(pools)) > 1 else 0
+    pools: dict[str, list[Any]] = {}
+    for host in hosts:
+        pools.setdefault(memory_pool(host), []).append(host)
+    for members in pools.values():
+        if len(members) > 1 and not (
+            all(host.device == "cpu" for host in members)
+            and sum(host.threads for host in members) <= members[0].cpu_count
+        ):
+            return 0
+    return MICRO_BATCH_TOKENS
 
 
 def assignments_of(pipeline: Pipeline) -> set[int]:
@@ -157,7 +167,7 @@ def connect_pipeline(
             chain=settings.chain,
             micro_batch_tokens=micro_batch_tokens(
                 settings.micro_batch_tokens,
-                [memory_pool(reply.host) for conn, reply in zip(connections, replies, strict=True) if conn in active],
+                [reply.host for conn, reply in zip(connections, replies, strict=True) if conn in active],
             ),
         )
     except BaseException:

@@ -4,13 +4,14 @@ a step) computes exactly what a single node computes, and falls back to the whol
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
 
 from cake_py.api.server import build_pipeline
-from cake_py.cluster.pipeline import Pipeline, local_pipeline
+from cake_py.cluster.pipeline import MICRO_BATCH_TOKENS, Pipeline, local_pipeline
 from cake_py.config import ServeSettings
 from cake_py.errors import StageError
 from cake_py.models.hub import ModelSource, resolve_model
@@ -87,13 +88,14 @@ def test_pieces_in_flight_equal_a_single_node(
         pipeline.close()
 
 
-def test_workers_sharing_this_host_run_steps_whole_unless_asked(
+def test_workers_sharing_this_host_cut_steps_only_where_their_threads_fit_its_cores(
     workers: list[WorkerProcess], llama: ModelSource
 ) -> None:
     specs = [worker.spec((index, index + 1)) for index, worker in enumerate(workers)]
     pipeline = build_pipeline(ServeSettings(model=llama.model_id, workers=specs, dtype="float32"), llama, "cpu")
     try:
-        assert pipeline.micro_batch_tokens == 0  # one host's CPUs: cutting only adds work
+        fits = len(workers) <= (os.cpu_count() or 1)  # one thread each
+        assert pipeline.micro_batch_tokens == (MICRO_BATCH_TOKENS if fits else 0)
     finally:
         pipeline.close()
 

@@ -127,16 +127,24 @@ def test_ctrl_c_while_a_worker_says_nothing_ends_cake_serve_at_once(tiny_llama) 
         silent.close()
 
 
+def _host(name: str, device: str = "cpu", threads: int = 1, cpus: int = 2) -> Any:
+    """A handshake's HostInfo as far as the pool and the cores go."""
+    memory_id = "ram" if device == "cpu" else f"cuda-{device}"
+    return SimpleNamespace(hostname=name, memory_id=memory_id, device=device, threads=threads, cpu_count=cpus)
+
+
 @pytest.mark.parametrize(
-    ("asked", "pools", "expected"),
+    ("asked", "hosts", "expected"),
     [
-        (None, ["a/ram", "b/ram"], MICRO_BATCH_TOKENS),  # two hosts: each worker computes on its own
-        (None, ["box/GPU-1", "box/GPU-2"], MICRO_BATCH_TOKENS),  # two GPUs of one host
-        (None, ["box/ram", "box/ram"], 0),  # one host's CPUs: a piece would wait for the other worker's core
-        (None, ["a/ram"], 0),
-        (64, ["box/ram", "box/ram"], 64),  # asked: as asked
-        (0, ["a/ram", "b/ram"], 0),
+        (None, [_host("a"), _host("b")], MICRO_BATCH_TOKENS),  # two hosts: each worker computes on its own
+        (None, [_host("box", "GPU-1"), _host("box", "GPU-2")], MICRO_BATCH_TOKENS),  # two GPUs of one host
+        (None, [_host("box"), _host("box")], MICRO_BATCH_TOKENS),  # a thread each on a 2-core host
+        (None, [_host("box", threads=2), _host("box", threads=1)], 0),  # 3 threads on 2 cores: they take turns
+        (None, [_host("box", "GPU-1"), _host("box", "GPU-1")], 0),  # one GPU: they take turns
+        (None, [_host("a")], MICRO_BATCH_TOKENS),  # one worker: the pipeline runs its steps whole anyway
+        (64, [_host("box", threads=4), _host("box", threads=4)], 64),  # asked: as asked
+        (0, [_host("a"), _host("b")], 0),
     ],
 )
-def test_steps_are_cut_where_workers_compute_apart(asked: int | None, pools: list[str], expected: int) -> None:
-    assert micro_batch_tokens(asked, pools) == expected
+def test_steps_are_cut_where_workers_compute_at_once(asked: int | None, hosts: list[Any], expected: int) -> None:
+    assert micro_batch_tokens(asked, hosts) == expected
