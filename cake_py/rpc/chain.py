@@ -112,9 +112,7 @@ def forward_chain(chain: Sequence[RemoteStage], hidden: torch.Tensor, batch: Bat
     stage, reply = replies.next({request.request_id})
     ran = chain.index(stage) + 1
     if ran < len(chain):
-        log.warning("%s; these workers are not chained again", reply.chain_error)
-        for member in chain:
-            member._chain_off = True
+        _stop_chaining(chain, reply.chain_error)
     out = on_device_of(decode_tensor(reply.hidden), hidden)
     _record(chain[:ran], list(reply.chain_forward_us), began, len(payload), len(reply.hidden.data))
     return out, ran
@@ -156,9 +154,7 @@ def forward_chain_pieces(
         while waiting:
             stage, reply = replies.next(set(waiting), failure)
             if chain.index(stage) + 1 < len(chain):
-                log.warning("%s; these workers are not chained again", reply.chain_error)
-                for member in chain:
-                    member._chain_off = True
+                _stop_chaining(chain, reply.chain_error)
                 return None
             index = waiting.pop(reply.request_id)
             outputs[index] = on_device_of(decode_tensor(reply.hidden), pieces[index][0])
@@ -169,6 +165,13 @@ def forward_chain_pieces(
             chain[0]._broken(ConnectionError("it stopped reading its input"))
             sender.join()
     return [output for output in outputs if output is not None]
+
+
+def _stop_chaining(chain: Sequence[RemoteStage], why: str) -> None:
+    """A worker of `chain` could not pass its output on: these workers are not chained again."""
+    log.warning("%s; these workers are not chained again", why)
+    for member in chain:
+        member._chain_off = True
 
 
 class _Replies:
