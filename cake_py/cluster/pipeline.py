@@ -94,7 +94,7 @@ class Pipeline:
 
     def _pipelined(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor | None:
         """The output of every stage for a step cut into pieces in flight at once, or None when it is not cut: too
-        few tokens, stages that are not all one chain now, or a chain that cannot take pieces (TLS)."""
+        few tokens, stages that are not all one chain now, or a chain that cannot take pieces now."""
         if not self.micro_batch_tokens or hidden.shape[0] < 2 * self.micro_batch_tokens or len(self.stages) < 2:
             return None
         run = self._chain_from(0)

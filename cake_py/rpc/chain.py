@@ -38,6 +38,9 @@ REQUEST_IDS = itertools.count(1)
 # connection thread died with it, say): the step fails instead of waiting forever.
 CHAIN_STALL_S = 30.0
 
+# How often a reader waiting on the other workers looks whether the first worker's TLS connection is free to read.
+MUTED_POLL_S = 0.05
+
 
 def on_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A decoded (CPU) tensor moved to the device of `like`; no torch call when that is the CPU (the hot path)."""
@@ -123,16 +126,18 @@ def forward_chain_pieces(
 ) -> list[torch.Tensor] | None:
     """The pieces of one step (cake_py.cluster.micro_batches) through the whole chain, all sent at once: each worker
     computes a piece while the next worker computes the one before. Returns each piece's output in order; None when
-    the chain cannot take them now (a stage went down since, or a connection is TLS, whose socket one thread must
-    not write while another reads it), or a worker could not pass a piece on (these workers are then not chained
-    again): the caller runs the batch whole, stage after stage, each worker rewriting the positions the pieces
-    reached (a step run again may start before a cache's end).
+    the chain cannot take them now (a stage went down since), or a worker could not pass a piece on (these workers
+    are then not chained again): the caller runs the batch whole, stage after stage, each worker rewriting the
+    positions the pieces reached (a step run again may start before a cache's end).
 
     The pieces are written by a thread of their own while this one reads the answers: the last worker may answer
     piece 1 before the first worker has read piece 4, and a master that only wrote would leave the last worker's
-    answer unread, the last worker blocked writing it, the first blocked passing it a piece, and its own write."""
+    answer unread, the last worker blocked writing it, the first blocked passing it a piece, and its own write.
+    Over TLS the first worker's connection is not read until the sender is done with it (OpenSSL's state of one
+    connection must not be read and written by two threads at once): only errors come back on it, and the first
+    worker goes on reading the pieces after an error, so they wait in the socket's buffer meanwhile."""
     clients = _clients(chain)
-    if clients is None or any(isinstance(client.sock, ssl.SSLSocket) for client in clients):
+    if clients is None:
         return None
     requests = [_request(chain, clients, hidden, batch) for hidden, batch in pieces]
     payloads = [request.SerializeToString() for request in requests]
@@ -147,6 +152,8 @@ def forward_chain_pieces(
             failure.append(error)
 
     sender = threading.Thread(target=send_all, name="cake-chain-sender", daemon=True)
+    if isinstance(clients[0].sock, ssl.SSLSocket):
+        replies.mute(clients[0].sock, while_alive=sender)
     sender.start()
     waiting = {request.request_id: index for index, request in enumerate(requests)}
     outputs: list[torch.Tensor | None] = [None] * len(pieces)
@@ -194,6 +201,18 @@ class _Replies:
         except (OSError, ValueError) as error:
             raise chain[0]._broken(error) from None
         self.ready: list[socket.socket] = []
+        self.muted: socket.socket | None = None
+        self.writer: threading.Thread | None = None
+
+    def mute(self, sock: socket.socket, while_alive: threading.Thread) -> None:
+        """Leave `sock` unread while `while_alive` runs (a thread writing it, over TLS)."""
+        self.poller.unregister(sock)
+        self.muted, self.writer = sock, while_alive
+
+    def _unmute_when_written(self) -> None:
+        if self.muted is not None and self.writer is not None and not self.writer.is_alive():
+            self.poller.register(self.muted, select.POLLIN)
+            self.muted = self.writer = None
 
     def next(self, request_ids: set[int], failure: Sequence[BaseException] = ()) -> tuple[RemoteStage, pb.ForwardReply]:
         """The next answer to one of `request_ids` and the stage that gave it (a worker's error raised as a
@@ -223,10 +242,15 @@ class _Replies:
             return stage, reply
 
     def _wait(self) -> list[socket.socket]:
+        self._unmute_when_written()
+        # While a socket is muted, look again for the end of its writer every so often (its errors wait till then).
+        timeout_s = MUTED_POLL_S if self.muted is not None else PING_INTERVAL_S
         try:
             # A TLS socket may hold an answer already decrypted, which poll cannot see.
-            readable: list[socket.socket] = [s for s in self.by_socket if isinstance(s, ssl.SSLSocket) and s.pending()]
-            readable = readable or [self.by_fd[fd] for fd, _ in self.poller.poll(PING_INTERVAL_S * 1000)]
+            readable: list[socket.socket] = [
+                s for s in self.by_socket if s is not self.muted and isinstance(s, ssl.SSLSocket) and s.pending()
+            ]
+            readable = readable or [self.by_fd[fd] for fd, _ in self.poller.poll(timeout_s * 1000)]
         except (OSError, ValueError) as error:  # a socket closed under us: its stage was marked down
             down = next((stage for stage in self.chain if not stage._up), self.chain[0])
             raise down._broken(error) from None

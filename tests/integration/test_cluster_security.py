@@ -13,8 +13,9 @@ import torch
 from cake_py.api.server import build_pipeline
 from cake_py.cluster.pipeline import Pipeline, local_pipeline
 from cake_py.config import ServeSettings, WorkerSpec
-from cake_py.errors import ClusterError
+from cake_py.errors import ClusterError, StageError
 from cake_py.models.hub import ModelSource, resolve_model
+from cake_py.models.kv_cache import SequenceSlice
 from cake_py.rpc.client import RemoteStage, WorkerConnection
 from cake_py.rpc.dataplane_client import DataPlaneClient
 from tests.conftest import TinyModelFactory
@@ -211,13 +212,18 @@ def test_keyed_workers_chain_with_the_cluster_key(
 
 
 def tls_pipeline(
-    certificates: Certificates, first: WorkerProcess, second: WorkerProcess, llama: ModelSource
+    certificates: Certificates,
+    first: WorkerProcess,
+    second: WorkerProcess,
+    llama: ModelSource,
+    micro_batch_tokens: int | None = None,
 ) -> Pipeline:
     """A TLS master (mutual: it presents its certificate) with `first` on layers 0-1 and `second` on layer 2."""
     settings = settings_for(
         first, tls_ca=certificates.ca, tls_cert=certificates.client_cert, tls_key=certificates.client_key
     )
     settings.workers = [first.spec((0, 2)), second.spec((2, 3))]
+    settings.micro_batch_tokens = micro_batch_tokens
     return build_pipeline(settings, llama, "cpu")
 
 
@@ -234,6 +240,42 @@ def test_tls_workers_chain(
         assert [stage.transport for stage in stages] == ["fast+tls", "fast+tls"]
         assert all(stage.chained_calls == stage.stats.calls > 0 for stage in stages)
     finally:
+        pipeline.close()
+
+
+def all_logits(pipeline: Pipeline, batch: list[SequenceSlice], vocab: int) -> torch.Tensor:
+    n_rows = sum(s.n_tokens for s in batch)
+    ids = torch.randint(0, vocab, (n_rows,), generator=torch.Generator().manual_seed(n_rows))
+    return pipeline.run(ids, batch, list(range(n_rows)))[0]
+
+
+def test_a_tls_chain_takes_steps_in_pieces(
+    secure: SecureWorkers, certificates: Certificates, llama: ModelSource
+) -> None:
+    """Pieces in flight over TLS: the master writes the first worker's connection from one thread and reads the
+    others' from another, and reads the first's only once it is done writing (a worker's errors come back there).
+    Megabytes go each way, so an answer left unread would stall the whole chain."""
+    steps = [
+        [SequenceSlice(1, 0, 30)],  # 8 pieces of 4 rows
+        [SequenceSlice(1, 30, 1), SequenceSlice(2, 10, 20, copy_from=1)],
+        [SequenceSlice(seq_id, 0, 500) for seq_id in range(10, 18)],  # 1000 pieces
+    ]
+    local = local_pipeline(llama, torch.float32)
+    want = [all_logits(local, batch, llama.config.vocab_size) for batch in steps]
+    pipeline = tls_pipeline(certificates, secure.mutual, secure.mutual_too, llama, micro_batch_tokens=4)
+    try:
+        with pytest.raises(StageError, match="sequence 77 starts at 5"):  # the first worker refuses every piece
+            pipeline.run(torch.zeros(20, dtype=torch.long), [SequenceSlice(77, 5, 20)], [19])
+        for batch, expected in zip(steps, want, strict=True):
+            torch.testing.assert_close(
+                all_logits(pipeline, batch, llama.config.vocab_size), expected, atol=1e-4, rtol=1e-4
+            )
+        stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+        assert [stage.transport for stage in stages] == ["fast+tls", "fast+tls"]
+        assert [stage.chained_calls for stage in stages] == [7 + 5 + 1000] * 2  # the refused step counted none
+        assert all(stage.healthy() and stage.chainable() for stage in stages)
+    finally:
+        pipeline.release([1, 2, 77, *range(10, 18)])
         pipeline.close()
 
 
