@@ -2,15 +2,17 @@
 step cut into pieces that the two workers compute at once (`--micro-batch-tokens`), and a single node.
 
     .venv/bin/python benchmarks/pipelined_prefill.py [--prompt-tokens 1024] [--rounds 6] [--micro-batch-tokens 128]
-                                                     [--dense] [--unpinned]
+                                                     [--dense] [--unpinned] [--workers 2] [--master-layers 0]
 
 SmolLM2 (the embedded Q4_1 GGUF, bf16 with 4-bit kernels; `--dense`: the Hub's bf16 checkpoint, every weight
 dequantized, as benchmarks/cluster.py writes it), prefilled in steps of 512 tokens as `cake serve` does;
 the time is the whole prompt through every layer (the time to first token, less sampling). The workers are real
 `cake worker` processes on 127.0.0.1 with one torch thread each, the first on core 0 and the second on core 1 (as two
 machines would each hold their own; `--unpinned`: wherever the OS puts them, as scripts/serve.sh starts them); the
-master is this process, with one thread. Each round runs every configuration once, back to back: this VM has slow
-phases lasting seconds, so ratios are medians of per-round ratios.
+master is this process, with one thread. `--master-layers N`: the master holds the last N layers itself (as in
+examples/cluster-3-node.yaml) and the workers share the others; `--workers 1 --master-layers 15` is master and one
+worker half and half. Each round runs every configuration once, back to back: this VM has slow phases lasting
+seconds, so ratios are medians of per-round ratios.
 
 Configurations:
   cluster, whole      every step through worker 1, then worker 2 (`--micro-batch-tokens 0`)
@@ -81,6 +83,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=128)
     parser.add_argument("--dense", action="store_true", help="the Hub's bf16 checkpoint: every weight dequantized")
     parser.add_argument("--unpinned", action="store_true", help="workers wherever the OS puts them (as serve.sh)")
+    parser.add_argument("--workers", type=int, default=2, help="how many workers")
+    parser.add_argument("--master-layers", type=int, default=0, help="the last N layers stay on the master")
     args = parser.parse_args()
     source = resolve_model(None)
     text = "Paris is the capital of France, on the Seine, known for its museums, cafes and bridges. "
@@ -90,10 +94,15 @@ def main() -> None:
         if args.dense:
             (Path(cache) / "dense").mkdir()
             source = write_dense_checkpoint(source, Path(cache) / "dense")
-        started = [start_worker(index, Path(cache), not args.unpinned) for index in range(2)]
+        started = [start_worker(index, Path(cache), not args.unpinned) for index in range(args.workers)]
         time.sleep(1.0)
         try:
-            specs = [WorkerSpec(f"w{index}", address) for index, (_, address) in enumerate(started)]
+            shared = source.config.n_layers - args.master_layers  # the workers' layers, in equal runs
+            bounds = [shared * index // args.workers for index in range(args.workers + 1)]
+            specs = [
+                WorkerSpec(f"w{index}", address, (bounds[index], bounds[index + 1]) if args.master_layers else None)
+                for index, (_, address) in enumerate(started)
+            ]
             settings = ServeSettings(dtype="bfloat16", workers=specs, micro_batch_tokens=args.micro_batch_tokens)
             pieces = build_pipeline(settings, source, "cpu")
             whole = Pipeline(pieces.ends, pieces.stages, micro_batch_tokens=0)  # the same workers and connections

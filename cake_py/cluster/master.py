@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from cake_py.cluster.hostinfo import device_memory, memory_identity
+from cake_py.cluster.hostinfo import device_memory, host_facts, memory_identity
 from cake_py.cluster.pipeline import MICRO_BATCH_TOKENS, Pipeline, load_ends
 from cake_py.cluster.placement import NodeCapacity, check_manual, place_automatically
 from cake_py.cluster.stage import LocalStage, Stage
@@ -64,8 +64,9 @@ def memory_pool(host: Any) -> str:
 
 def micro_batch_tokens(asked: int | None, hosts: Sequence[Any]) -> int:
     """The pieces a chained step is cut into (cake_py.cluster.micro_batches): as `--micro-batch-tokens` asks, else
-    MICRO_BATCH_TOKENS where the workers (their handshakes' HostInfo) can compute at the same time: each on a host or
-    GPU of its own, or CPU workers whose threads fit in their host's cores. Where they cannot (two on one GPU, or
+    MICRO_BATCH_TOKENS where the workers (their handshakes' HostInfo; the master's HostFacts when it holds layers)
+    can compute at the same time: each on a host or GPU of its own, or CPU workers whose threads fit in their host's
+    cores. Where they cannot (two on one GPU, or
     more threads than cores) a piece only waits for the other worker's turn, and costs a little more than its share
     of the whole step (a 4-bit layer unpacks its weights once per piece)."""
     if asked is not None:
@@ -159,16 +160,16 @@ def connect_pipeline(
             conn.close()
     stages: list[Stage] = [RemoteStage(conn, assignments[conn.spec.name]) for conn in active]
     try:
-        stages += _master_stages(source, dtype, device, [(s.start, s.end) for s in stages])
-        stages.sort(key=lambda stage: stage.start)
+        own = _master_stages(source, dtype, device, [(s.start, s.end) for s in stages])
+        stages = sorted([*stages, *own], key=lambda stage: stage.start)
+        computing: list[Any] = [reply.host for conn, reply in zip(connections, replies, strict=True) if conn in active]
+        if own:  # the master computes pieces too, on its host's cores or GPU
+            computing.append(host_facts(device, 0.0))
         return Pipeline(
             load_ends(source, dtype, device),
             stages,
             chain=settings.chain,
-            micro_batch_tokens=micro_batch_tokens(
-                settings.micro_batch_tokens,
-                [reply.host for conn, reply in zip(connections, replies, strict=True) if conn in active],
-            ),
+            micro_batch_tokens=micro_batch_tokens(settings.micro_batch_tokens, computing),
         )
     except BaseException:
         for stage in stages:  # loading the master's own part failed: stop the monitors, close the channels

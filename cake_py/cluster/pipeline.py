@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -31,9 +32,16 @@ class ChainableStage(Protocol):
         """Run this stage and then `followers` in one chained call; returns the output and how many ran."""
         ...
 
-    def forward_pieces(self, followers: Sequence[Any], pieces: Sequence[tuple[torch.Tensor, Batch]]) -> Any:
-        """Run the pieces of one step through this stage and `followers`, all in flight at once: their outputs in
-        order, or None when they could not be pipelined (the batch is then run whole)."""
+    def forward_pieces(
+        self,
+        followers: Sequence[Any],
+        pieces: Sequence[tuple[torch.Tensor, Batch]],
+        lead: Callable[[torch.Tensor, Batch], torch.Tensor] | None = None,
+        trail: Callable[[torch.Tensor, Batch], torch.Tensor] | None = None,
+    ) -> Any:
+        """Run the pieces of one step through this stage and `followers`, all in flight at once (`lead` on each
+        before it is sent, `trail` on each output in order): their outputs in order, or None when they could not be
+        pipelined (the batch is then run whole)."""
         ...
 
 
@@ -41,10 +49,12 @@ class Pipeline:
     """Token ids → embedding → stage after stage → final norm + lm_head → logits of the rows asked for.
 
     Consecutive stages that can chain (remote workers on the fast path, `chain` on) run as one chained call: each
-    worker passes its output to the next and the last one answers, one handoff per stage plus one. When every
-    stage is in one chain of two or more, a step of at least twice `micro_batch_tokens` tokens (a long prompt's prefill)
-    is cut into pieces of about that many (cake_py.cluster.micro_batches), all sent at once: while the second
-    worker computes a piece, the first computes the next one, instead of waiting for the whole step.
+    worker passes its output to the next and the last one answers, one handoff per stage plus one. When the
+    workers' stages are one chain, between the master's own stages before and after it (if any), and there are two
+    stages or more, a step of at least twice `micro_batch_tokens` tokens (a long prompt's prefill) is cut into
+    pieces of about that many (cake_py.cluster.micro_batches), all sent at once: while the second worker computes a
+    piece, the first computes the next one, and the master its layers of the ones before and after, instead of
+    each waiting for the whole step.
     """
 
     def __init__(
@@ -94,14 +104,17 @@ class Pipeline:
 
     def _pipelined(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor | None:
         """The output of every stage for a step cut into pieces in flight at once, or None when it is not cut: too
-        few tokens, stages that are not all one chain now, or a chain that cannot take pieces now."""
+        few tokens, stages that are not one chain now (with the master's own before and after it), or a chain that
+        cannot take pieces now."""
         if not self.micro_batch_tokens or hidden.shape[0] < 2 * self.micro_batch_tokens or len(self.stages) < 2:
             return None
-        run = self._chain_from(0)
-        if len(run) < len(self.stages):
+        first = next((index for index, stage in enumerate(self.stages) if not isinstance(stage, LocalStage)), 0)
+        run = self._chain_from(first)
+        lead, trail = self.stages[:first], self.stages[first + len(run) :]
+        if not run or not all(isinstance(stage, LocalStage) for stage in (*lead, *trail)):
             return None
-        pieces = [(hidden[first:end], piece) for first, end, piece in split_batch(batch, self.micro_batch_tokens)]
-        outputs = run[0].forward_pieces(run[1:], pieces)
+        pieces = [(hidden[start:end], piece) for start, end, piece in split_batch(batch, self.micro_batch_tokens)]
+        outputs = run[0].forward_pieces(run[1:], pieces, _as_step(lead, on_sender=True), _as_step(trail))
         return None if outputs is None else torch.cat(outputs)
 
     def _chain_from(self, start: int) -> list[ChainableStage]:
@@ -152,6 +165,23 @@ class Pipeline:
     def close(self) -> None:
         for stage in self.stages:
             stage.close()
+
+
+def _as_step(stages: Sequence[Stage], on_sender: bool = False) -> Callable[[torch.Tensor, Batch], torch.Tensor] | None:
+    """The master's own `stages` as one step on a piece of a pipelined step (None when there are none). `on_sender`:
+    it runs on the thread sending the pieces, in the caller's grad and inference modes (torch keeps them per
+    thread: a cache written there outside inference mode would be a tensor of another kind)."""
+    if not stages:
+        return None
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def step(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        with torch.inference_mode(inference) if on_sender else nullcontext(), torch.set_grad_enabled(grad):
+            for stage in stages:
+                hidden = stage.forward(hidden, batch)
+        return hidden
+
+    return step
 
 
 def load_ends(source: ModelSource, dtype: torch.dtype, device: str = "cpu") -> Transformer:

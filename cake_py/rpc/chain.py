@@ -12,7 +12,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The master's own layers run on a piece of a pipelined step: (hidden, the piece's batch) → hidden.
+PieceStep = Callable[[torch.Tensor, Batch], torch.Tensor]
+
 # One sequence for every stage of the process: a late answer to a failed step can never match a newer request.
 REQUEST_IDS = itertools.count(1)
 
@@ -38,8 +41,8 @@ REQUEST_IDS = itertools.count(1)
 # connection thread died with it, say): the step fails instead of waiting forever.
 CHAIN_STALL_S = 30.0
 
-# How often a reader waiting on the other workers looks whether the first worker's TLS connection is free to read.
-MUTED_POLL_S = 0.05
+# How often a reader of pipelined pieces looks whether the thread sending them stopped (done, or failed).
+WRITER_POLL_S = 0.05
 
 
 def on_device_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -74,10 +77,14 @@ def _clients(chain: Sequence[RemoteStage]) -> list[DataPlaneClient] | None:
 
 
 def _request(
-    chain: Sequence[RemoteStage], clients: Sequence[DataPlaneClient], hidden: torch.Tensor, batch: Batch
+    chain: Sequence[RemoteStage],
+    clients: Sequence[DataPlaneClient],
+    hidden: torch.Tensor,
+    batch: Batch,
+    request_id: int,
 ) -> pb.ForwardRequest:
     request = pb.ForwardRequest(
-        request_id=next(REQUEST_IDS),
+        request_id=request_id,
         sequences=wire_slices(batch),
         next=[
             pb.ChainHop(
@@ -105,7 +112,7 @@ def forward_chain(chain: Sequence[RemoteStage], hidden: torch.Tensor, batch: Bat
     if clients is None:
         return first.forward(hidden, batch), 1
     began = time.perf_counter()
-    request = _request(chain, clients, hidden, batch)
+    request = _request(chain, clients, hidden, batch, next(REQUEST_IDS))
     payload = request.SerializeToString()
     replies = _Replies(chain, clients)
     try:
@@ -122,13 +129,18 @@ def forward_chain(chain: Sequence[RemoteStage], hidden: torch.Tensor, batch: Bat
 
 
 def forward_chain_pieces(
-    chain: Sequence[RemoteStage], pieces: Sequence[tuple[torch.Tensor, Batch]]
+    chain: Sequence[RemoteStage],
+    pieces: Sequence[tuple[torch.Tensor, Batch]],
+    lead: PieceStep | None = None,
+    trail: PieceStep | None = None,
 ) -> list[torch.Tensor] | None:
     """The pieces of one step (cake_py.cluster.micro_batches) through the whole chain, all sent at once: each worker
-    computes a piece while the next worker computes the one before. Returns each piece's output in order; None when
-    the chain cannot take them now (a stage went down since), or a worker could not pass a piece on (these workers
-    are then not chained again): the caller runs the batch whole, stage after stage, each worker rewriting the
-    positions the pieces reached (a step run again may start before a cache's end).
+    computes a piece while the next worker computes the one before. `lead`: the master's own layers before the chain,
+    run on each piece just before it is sent; `trail`: its layers after the chain, run on each answer in order as it
+    comes, so the master computes while the workers do. Returns each piece's output in order; None when the chain
+    cannot take them now (a stage went down since), or a worker could not pass a piece on (these workers are then
+    not chained again): the caller runs the batch whole, stage after stage, each stage rewriting the positions the
+    pieces reached (a step run again may start before a cache's end).
 
     The pieces are written by a thread of their own while this one reads the answers: the last worker may answer
     piece 1 before the first worker has read piece 4, and a master that only wrote would leave the last worker's
@@ -139,34 +151,48 @@ def forward_chain_pieces(
     clients = _clients(chain)
     if clients is None:
         return None
-    requests = [_request(chain, clients, hidden, batch) for hidden, batch in pieces]
-    payloads = [request.SerializeToString() for request in requests]
+    request_ids = [next(REQUEST_IDS) for _ in pieces]
+    sent_bytes = [0] * len(pieces)
     replies = _Replies(chain, clients)
-    failure: list[BaseException] = []
+    stop = threading.Event()  # the reader gave up: no more pieces
 
     def send_all() -> None:
+        sending = False
         try:
-            for payload in payloads:
+            for index, (hidden, batch) in enumerate(pieces):
+                if stop.is_set():
+                    return
+                if lead is not None:
+                    hidden = lead(hidden, batch)
+                payload = _request(chain, clients, hidden, batch, request_ids[index]).SerializeToString()
+                sent_bytes[index] = len(payload)
+                sending = True
                 clients[0].send(payload)
-        except (OSError, ConnectionError) as error:
-            failure.append(error)
+                sending = False
+        except BaseException as error:  # the reader raises it: a broken link as the first stage's failure
+            replies.failure.append((error, sending and isinstance(error, (OSError, ConnectionError))))
 
     sender = threading.Thread(target=send_all, name="cake-chain-sender", daemon=True)
-    if isinstance(clients[0].sock, ssl.SSLSocket):
-        replies.mute(clients[0].sock, while_alive=sender)
+    first_sock = clients[0].sock
+    replies.watch(sender, mute=first_sock if isinstance(first_sock, ssl.SSLSocket) else None)
     sender.start()
-    waiting = {request.request_id: index for index, request in enumerate(requests)}
+    waiting = {request_id: index for index, request_id in enumerate(request_ids)}
     outputs: list[torch.Tensor | None] = [None] * len(pieces)
+    finished = 0  # the pieces `trail` ran on, in order
     try:
         while waiting:
-            stage, reply = replies.next(set(waiting), failure)
+            stage, reply = replies.next(set(waiting))
             if chain.index(stage) + 1 < len(chain):
                 _stop_chaining(chain, reply.chain_error)
                 return None
             index = waiting.pop(reply.request_id)
             outputs[index] = on_device_of(decode_tensor(reply.hidden), pieces[index][0])
-            _record_piece(chain, list(reply.chain_forward_us), len(payloads[index]), len(reply.hidden.data))
+            _record_piece(chain, list(reply.chain_forward_us), sent_bytes[index], len(reply.hidden.data))
+            while trail is not None and finished < len(pieces) and (output := outputs[finished]) is not None:
+                outputs[finished] = trail(output, pieces[finished][1])  # a sequence's pieces in their order
+                finished += 1
     finally:
+        stop.set()
         sender.join(CHAIN_STALL_S)
         if sender.is_alive():  # the first worker stopped reading: its connection is of no more use
             chain[0]._broken(ConnectionError("it stopped reading its input"))
@@ -201,26 +227,33 @@ class _Replies:
         except (OSError, ValueError) as error:
             raise chain[0]._broken(error) from None
         self.ready: list[socket.socket] = []
-        self.muted: socket.socket | None = None
+        # A thread writing the requests (pipelined pieces), and the first worker's socket when it must not be read
+        # meanwhile (TLS); what stopped that thread, and whether it was the connection (else raised as it is).
         self.writer: threading.Thread | None = None
+        self.muted: socket.socket | None = None
+        self.failure: list[tuple[BaseException, bool]] = []
 
-    def mute(self, sock: socket.socket, while_alive: threading.Thread) -> None:
-        """Leave `sock` unread while `while_alive` runs (a thread writing it, over TLS)."""
-        self.poller.unregister(sock)
-        self.muted, self.writer = sock, while_alive
+    def watch(self, writer: threading.Thread, mute: socket.socket | None = None) -> None:
+        """Answers come while `writer` sends the requests: raise what stops it, and leave `mute` unread until it is
+        done."""
+        self.writer = writer
+        if mute is not None:
+            self.poller.unregister(mute)
+            self.muted = mute
 
-    def _unmute_when_written(self) -> None:
-        if self.muted is not None and self.writer is not None and not self.writer.is_alive():
-            self.poller.register(self.muted, select.POLLIN)
-            self.muted = self.writer = None
+    def _writer_done(self) -> None:
+        if self.writer is not None and not self.writer.is_alive():
+            if self.muted is not None:
+                self.poller.register(self.muted, select.POLLIN)
+            self.writer = self.muted = None
 
-    def next(self, request_ids: set[int], failure: Sequence[BaseException] = ()) -> tuple[RemoteStage, pb.ForwardReply]:
+    def next(self, request_ids: set[int]) -> tuple[RemoteStage, pb.ForwardReply]:
         """The next answer to one of `request_ids` and the stage that gave it (a worker's error raised as a
-        StageError, a broken connection as its stage's); answers to earlier, failed steps are skipped.
-        `failure`: where a thread writing the requests puts the error that stopped it."""
+        StageError, a broken connection as its stage's); answers to earlier, failed steps are skipped."""
         while True:
-            if failure:
-                raise self.chain[0]._broken(failure[0])
+            if self.failure:
+                error, broken_link = self.failure[0]
+                raise self.chain[0]._broken(error) if broken_link else error
             if not self.ready:
                 self.ready = self._wait()
                 if not self.ready:
@@ -242,9 +275,9 @@ class _Replies:
             return stage, reply
 
     def _wait(self) -> list[socket.socket]:
-        self._unmute_when_written()
-        # While a socket is muted, look again for the end of its writer every so often (its errors wait till then).
-        timeout_s = MUTED_POLL_S if self.muted is not None else PING_INTERVAL_S
+        self._writer_done()
+        # While a thread writes the requests, look every so often whether it stopped (failed, or done with a socket).
+        timeout_s = WRITER_POLL_S if self.writer is not None else PING_INTERVAL_S
         try:
             # A TLS socket may hold an answer already decrypted, which poll cannot see.
             readable: list[socket.socket] = [

@@ -25,7 +25,14 @@ from google.protobuf.message import DecodeError
 from cake_py.cluster.stage import StageStats
 from cake_py.errors import ClusterError, StageError
 from cake_py.models.kv_cache import Batch
-from cake_py.rpc.chain import REQUEST_IDS, forward_chain, forward_chain_pieces, on_device_of, wire_slices
+from cake_py.rpc.chain import (
+    REQUEST_IDS,
+    PieceStep,
+    forward_chain,
+    forward_chain_pieces,
+    on_device_of,
+    wire_slices,
+)
 from cake_py.rpc.codec import decode_tensor, encode_tensor
 from cake_py.rpc.connection import (
     PING_INTERVAL_S,
@@ -193,10 +200,14 @@ class RemoteStage:
         return forward_chain([self, *followers], hidden, batch)
 
     def forward_pieces(
-        self, followers: Sequence[RemoteStage], pieces: Sequence[tuple[torch.Tensor, Batch]]
+        self,
+        followers: Sequence[RemoteStage],
+        pieces: Sequence[tuple[torch.Tensor, Batch]],
+        lead: PieceStep | None = None,
+        trail: PieceStep | None = None,
     ) -> list[torch.Tensor] | None:
         """A step's pieces through this stage and `followers` at once, pipelined (cake_py.rpc.chain)."""
-        return forward_chain_pieces([self, *followers], pieces)
+        return forward_chain_pieces([self, *followers], pieces, lead, trail)
 
     def _broken(self, error: BaseException) -> StageError:
         self._mark_down(f"the forward connection broke: {error}")

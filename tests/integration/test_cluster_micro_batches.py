@@ -12,6 +12,7 @@ import torch
 
 from cake_py.api.server import build_pipeline
 from cake_py.cluster.pipeline import MICRO_BATCH_TOKENS, Pipeline, local_pipeline
+from cake_py.cluster.stage import LocalStage
 from cake_py.config import ServeSettings
 from cake_py.errors import StageError
 from cake_py.models.hub import ModelSource, resolve_model
@@ -179,4 +180,101 @@ def test_a_chain_broken_during_pieces_runs_the_batch_whole(
         assert all(stage.healthy() for stage in stages)
     finally:
         pipeline.release([1, 2, 3, 99])
+        pipeline.close()
+
+
+def master_and_workers(
+    llama: ModelSource, workers: list[WorkerProcess], layers: Sequence[tuple[int, int]], micro_batch_tokens: int | None
+) -> Pipeline:
+    """Workers on `layers` (in order), the master on every layer none of them holds."""
+    specs = [worker.spec(held) for worker, held in zip(workers, layers, strict=False)]
+    settings = ServeSettings(model=llama.model_id, workers=specs, dtype="float32", device="cpu")
+    settings.micro_batch_tokens = micro_batch_tokens
+    return build_pipeline(settings, llama, "cpu")
+
+
+def local_calls(pipeline: Pipeline) -> list[int]:
+    return [stage.stats.calls for stage in pipeline.stages if isinstance(stage, LocalStage)]
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        pytest.param([(1, 2), (2, 3)], id="master-first"),
+        pytest.param([(0, 1), (1, 2)], id="master-last"),
+        pytest.param([(1, 2)], id="master-around-one-worker"),
+    ],
+)
+def test_a_master_holding_layers_computes_its_pieces_beside_the_workers(
+    layers: list[tuple[int, int]], workers: list[WorkerProcess], llama: ModelSource, single_node: list[torch.Tensor]
+) -> None:
+    """The master runs its layers before the chain on each piece as it sends it, and its layers after the chain on
+    each answer as it comes: logits as a single node's, every piece a call of every stage."""
+    pipeline = master_and_workers(llama, workers, layers, micro_batch_tokens=4)
+    try:
+        assert len(pipeline.stages) == 3
+        got = run_steps(pipeline, STEPS, llama.config.vocab_size)
+        for want, have in zip(single_node, got, strict=True):
+            torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+        assert chained(pipeline) == [sum(PIECES)] * len(layers)
+        assert local_calls(pipeline) == [sum(PIECES)] * (3 - len(layers))
+        # Thousands of rows in small pieces: the master computes on both threads while megabytes are in flight.
+        steps = [[SequenceSlice(seq_id, 0, 300) for seq_id in range(10, 14)]]
+        want_rows = run_steps(local_pipeline(llama, torch.float32), steps, llama.config.vocab_size)[0]
+        torch.testing.assert_close(
+            run_steps(pipeline, steps, llama.config.vocab_size)[0], want_rows, atol=1e-4, rtol=1e-4
+        )
+    finally:
+        pipeline.release([1, 2, 3, *range(10, 14)])
+        pipeline.close()
+
+
+def test_a_master_layer_between_workers_runs_steps_whole(
+    workers: list[WorkerProcess], llama: ModelSource, single_node: list[torch.Tensor]
+) -> None:
+    pipeline = master_and_workers(llama, [workers[0], workers[2]], [(0, 1), (2, 3)], micro_batch_tokens=4)
+    try:
+        got = run_steps(pipeline, STEPS, llama.config.vocab_size)
+        for want, have in zip(single_node, got, strict=True):
+            torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+        assert [stage.stats.calls for stage in pipeline.stages] == [len(STEPS)] * 3
+    finally:
+        pipeline.release([1, 2, 3])
+        pipeline.close()
+
+
+def test_the_master_counts_among_what_computes_when_it_holds_layers(
+    workers: list[WorkerProcess], llama: ModelSource
+) -> None:
+    pipeline = master_and_workers(llama, workers, [(1, 2), (2, 3)], micro_batch_tokens=None)
+    try:
+        fits = 2 + torch.get_num_threads() <= (os.cpu_count() or 1)  # the workers' one thread each, and ours
+        assert pipeline.micro_batch_tokens == (MICRO_BATCH_TOKENS if fits else 0)
+    finally:
+        pipeline.close()
+
+
+def test_a_step_the_master_refuses_or_a_broken_chain_loses_nothing(
+    workers: list[WorkerProcess], llama: ModelSource, single_node: list[torch.Tensor], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The master's own layer refusing a piece (on the thread sending them) fails the step with its error and sends
+    nothing more; a chain that breaks mid-pieces runs the step again whole, the master rewriting its positions."""
+    caplog.set_level(logging.WARNING)
+    pipeline = master_and_workers(llama, workers, [(1, 2), (2, 3)], micro_batch_tokens=4)
+    try:
+        with pytest.raises(ValueError, match="cannot write at position 5"):
+            pipeline.run(torch.zeros(20, dtype=torch.long), [SequenceSlice(77, 5, 20)], [19])
+        assert chained(pipeline) == [0, 0]
+        stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+        pipeline.run(torch.zeros(2, dtype=torch.long), [SequenceSlice(99, 0, 2)], [1])  # opens the fast paths
+        fast = stages[1]._fast
+        assert fast is not None
+        fast.port = free_port()  # the first worker cannot pass its pieces on
+        got = run_steps(pipeline, STEPS, llama.config.vocab_size)
+        for want, have in zip(single_node, got, strict=True):
+            torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+        assert f"cannot pass its output to {stages[1].name!r}" in caplog.text
+        assert all(stage.healthy() for stage in stages)
+    finally:
+        pipeline.release([1, 2, 3, 77, 99])
         pipeline.close()
