@@ -80,6 +80,9 @@ def build_engine(state: ServerState, source: ModelSource, settings: Any) -> Engi
 def _resolve(model_id: str | None) -> ModelSource:
     source = resolve_model(model_id)
     source.tokenizer  # noqa: B018 - read now, so a broken tokenizer fails the load before the old model is dropped
+    from cake_py.api.server import warn_of_a_broken_template
+
+    warn_of_a_broken_template(source)
     return source
 
 

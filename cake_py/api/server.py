@@ -64,6 +64,13 @@ def make_engine(pipeline: Pipeline, source: ModelSource, settings: ServeSettings
     return engine
 
 
+def warn_of_a_broken_template(source: ModelSource) -> None:
+    """A model whose own chat template does not compile still serves completions; its chats fail (a 500), each with
+    the reason: say it once at load too, with the way out."""
+    if (problem := source.tokenizer.template_error()) is not None:
+        log.warning("%s: chat requests fail until `--chat-template FILE` gives one that compiles", problem)
+
+
 def build_state(settings: ServeSettings) -> ServerState:
     set_threads(settings.threads)
     device = resolve_device(settings.device)
@@ -75,6 +82,7 @@ def build_state(settings: ServeSettings) -> ServerState:
         )
     if settings.chat_template is not None:
         source.tokenizer.set_chat_template(settings.chat_template)
+    warn_of_a_broken_template(source)
     if not settings.workers:  # every layer here: a model larger than this memory is an error, not the OOM killer
         from cake_py.cluster.master import check_master_holds_all
 

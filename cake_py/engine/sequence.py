@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 from cake_py.engine.speculation import PredictionLookup, PromptLookup
 from cake_py.errors import CakeError
+from cake_py.models.detokenizer import IncrementalDecoder
 from cake_py.models.pooling import PoolingState
 from cake_py.models.sampling import SampledToken, Sampler, SamplingParams, StopMatcher
-from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
+from cake_py.models.tokenizer import Tokenizer
 
 
 @dataclass

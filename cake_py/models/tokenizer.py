@@ -21,7 +21,6 @@ from tokenizers import Tokenizer as HFTokenizer
 from cake_py.errors import ContextLengthError, ModelError, RequestError
 from cake_py.models import chat_template
 
-_REPLACEMENT = "\ufffd"
 _KEPT_TEMPLATES = 8  # requests' own chat templates kept compiled
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' own mark, so both cut prompts at the same place
 
@@ -99,6 +98,18 @@ class Tokenizer:
         the line, if it does not compile."""
         self._template = chat_template.compile_template(template, "the chat template")
         self.chat_template = template
+
+    def template_error(self) -> str | None:
+        """Why the chat template does not compile, or None (it does, or there is none): asked when a model loads, so
+        the server says so then, not only to every chat request."""
+        if not self.chat_template:
+            return None
+        try:
+            if self._template is None:
+                self._template = chat_template.compile_template(self.chat_template, self._template_name)
+        except ModelError as error:
+            return str(error)
+        return None
 
     def with_chat_template(self, template: str) -> Tokenizer:
         """This tokenizer rendering chats with `template` (a request's own, vLLM's `chat_template` field): a copy
@@ -293,39 +304,6 @@ class Tokenizer:
             template_kwargs=template_kwargs,
         )
         return text, self.encode(text, add_special_tokens=False)
-
-
-class IncrementalDecoder:
-    """Detokenizes a growing token list into text deltas, never emitting half of a UTF-8 character.
-
-    Keeps two offsets into the ids (the vLLM scheme): text is decoded only from `prefix_offset`, a few tokens back,
-    so each step costs a handful of tokens rather than the whole output.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
-        self.tokenizer = tokenizer
-        # A little prompt context lets tokenizers that mark word starts (SentencePiece "▁") place spaces right.
-        context = list(prompt_ids[-4:])
-        self.ids: list[int] = context
-        self.prefix_offset = 0
-        self.read_offset = len(context)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
-        text = decode(self.ids[self.prefix_offset :])
-        if len(text) > len(prefix) and not text.endswith(_REPLACEMENT):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back (an incomplete character at the very end), as replacement characters."""
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix) :] if len(text) > len(prefix) else ""
 
 
 def _fallback_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:

@@ -40,3 +40,27 @@ def test_weights_that_do_not_fit_their_config_are_refused_before_the_served_mode
         assert "'model.layers.3.input_layernorm.weight' is missing" in refused.json()["detail"]
         assert builds == [] and state.engine is served  # never dropped, never rebuilt
         assert http.post("/generate", json={"prompt": "hi", "max_length": 2}).status_code == 200
+
+
+def test_a_model_whose_template_does_not_compile_is_said_at_startup_and_at_load(
+    tiny_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Such a model still serves completions (its chats fail, each a 500 with the reason), and the server says so
+    when the model loads, not only to each chat request."""
+    broken = copy_model(tiny_llama, tmp_path)
+    settings_file = broken / "tokenizer_config.json"
+    tokenizer_config = json.loads(settings_file.read_text())
+    settings_file.write_text(json.dumps({**tokenizer_config, "chat_template": "{% for m in messages %}{{ m }"}))
+    warning = "the model's chat template does not compile: line 1"
+    state = build_state(tiny_settings(broken))
+    assert warning in caplog.text and "--chat-template FILE" in caplog.text
+    caplog.clear()
+    with serving(state) as handle, httpx.Client(base_url=handle.base_url, timeout=120) as http:
+        chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 500 and chat.json()["error"].startswith(warning), chat.text  # the model's fault
+        assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        caplog.clear()  # the 500 was logged with its reason
+        assert http.post("/models/load", json={"model_id": str(tiny_llama)}).status_code == 200
+        assert warning not in caplog.text
+        assert http.post("/models/load", json={"model_id": str(broken)}).status_code == 200
+        assert warning in caplog.text

@@ -1,4 +1,4 @@
-"""Tokenizer: chat template rendering like transformers, incremental UTF-8-safe detokenization."""
+"""Tokenizer: chat template rendering like transformers, encoding and decoding."""
 
 import json
 import re
@@ -10,7 +10,7 @@ import pytest
 
 from cake_py.errors import ContextLengthError, ModelError, RequestError
 from cake_py.models import chat_template
-from cake_py.models.tokenizer import IncrementalDecoder, Tokenizer
+from cake_py.models.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -37,32 +37,6 @@ def test_chat_template_matches_transformers(tiny_model_factory) -> None:  # type
 
 def test_eos_comes_from_the_files(tokenizer: Tokenizer) -> None:
     assert tokenizer.backend.token_to_id("<|im_end|>") in tokenizer.eos_token_ids
-
-
-def test_incremental_decoding_equals_full_decoding(tokenizer: Tokenizer) -> None:
-    text = "Streaming text: naïve café — 東京 🚀 done."
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    decoder = IncrementalDecoder(tokenizer)
-    pieces = [decoder.push(token) for token in ids] + [decoder.flush()]
-    assert "".join(pieces) == tokenizer.decode(ids)
-    assert all("\ufffd" not in piece for piece in pieces)  # never half a character
-
-
-def test_incremental_decoding_decodes_only_a_window(tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
-    ids = tokenizer.encode("word " * 200, add_special_tokens=False)
-    decoder = IncrementalDecoder(tokenizer)
-    longest = 0
-    original = tokenizer.decode
-
-    def spy(batch, **kwargs):  # type: ignore[no-untyped-def]
-        nonlocal longest
-        longest = max(longest, len(batch))
-        return original(batch, **kwargs)
-
-    monkeypatch.setattr(tokenizer, "decode", spy)
-    for token in ids:
-        decoder.push(token)
-    assert longest < 12  # a few tokens, never the whole output
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
@@ -371,3 +345,17 @@ def test_a_requests_chat_template_copy_follows_the_context_as_it_changes(tiny_mo
     tokenizer.max_tokens = 10
     with pytest.raises(ContextLengthError):
         tokenizer.with_chat_template(template).encode("word " * 10_000)
+
+
+def test_template_error_says_why_the_models_template_does_not_compile(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    assert Tokenizer.from_folder(folder).template_error() is None
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{% if %}"}))
+    assert Tokenizer.from_folder(folder).template_error() == (
+        "the model's chat template does not compile: line 1: Expected an expression, got 'end of statement block'"
+    )
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer.from_folder(folder).template_error() is None  # no template: ChatML, nothing to compile
