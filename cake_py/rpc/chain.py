@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import select
 import socket
 import ssl
@@ -163,10 +164,12 @@ def forward_chain_pieces(
                 if stop.is_set():
                     return
                 if lead is not None:
+                    replies.sent_at = math.inf  # the master computing its own layers is no stall of the chain's
                     hidden = lead(hidden, batch)
                 payload = _request(chain, clients, hidden, batch, request_ids[index]).SerializeToString()
                 sent_bytes[index] = len(payload)
                 sending = True
+                replies.sent_at = time.monotonic()  # (a first worker that stops reading stalls the chain from here)
                 clients[0].send(payload)
                 sending = False
         except BaseException as error:  # the reader raises it: a broken link as the first stage's failure
@@ -218,7 +221,7 @@ class _Replies:
             if client.sock is None:  # closed since: the stage was just marked down
                 raise stage._broken(ConnectionError("the connection closed"))
             self.by_socket[client.sock] = stage
-        self.sent_at = time.monotonic()
+        self.sent_at = time.monotonic()  # the last request sent: the chain is stalled when no worker worked since
         self.poller = select.poll()  # poll, not select: descriptors may be numbered past select's 1024
         try:
             for sock in self.by_socket:

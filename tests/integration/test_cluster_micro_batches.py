@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -16,7 +17,8 @@ from cake_py.cluster.stage import LocalStage
 from cake_py.config import ServeSettings
 from cake_py.errors import StageError
 from cake_py.models.hub import ModelSource, resolve_model
-from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.kv_cache import Batch, SequenceSlice
+from cake_py.rpc import chain as chain_module
 from cake_py.rpc.client import RemoteStage
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import LocalCluster, WorkerProcess, free_port, generate_tokens
@@ -277,4 +279,32 @@ def test_a_step_the_master_refuses_or_a_broken_chain_loses_nothing(
         assert all(stage.healthy() for stage in stages)
     finally:
         pipeline.release([1, 2, 3, 77, 99])
+        pipeline.close()
+
+
+def test_a_master_computing_its_layers_longer_than_a_stall_is_no_lost_chain(
+    workers: list[WorkerProcess], llama: ModelSource, single_node: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers wait idle while the master computes its layers of the first piece (a slow master, a large share
+    of the model): that is no chained forward lost on the way, whose limit is CHAIN_STALL_S."""
+    monkeypatch.setattr(chain_module, "CHAIN_STALL_S", 1.0)
+    pipeline = master_and_workers(llama, workers, [(1, 2), (2, 3)], micro_batch_tokens=4)
+    own = pipeline.stages[0]
+    assert isinstance(own, LocalStage)
+    forward, slowed = own.forward, []
+
+    def slow_first_piece(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if not slowed:
+            slowed.append(batch)
+            time.sleep(2.5)  # a slow computation (not a synchronisation): the workers' pings go on meanwhile
+        return forward(hidden, batch)
+
+    monkeypatch.setattr(own, "forward", slow_first_piece)
+    try:
+        got = run_steps(pipeline, STEPS, llama.config.vocab_size)
+        for want, have in zip(single_node, got, strict=True):
+            torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+        assert slowed and chained(pipeline) == [sum(PIECES)] * 2
+    finally:
+        pipeline.release([1, 2, 3])
         pipeline.close()
