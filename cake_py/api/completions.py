@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
+from cake_py.api.llama_sampler_fields import openai_llama_sampling
 from cake_py.api.middleware import request_key_name
 from cake_py.api.openai import finish_reason, reject_unsupported, seeded, stream_error, usage_chunk
 from cake_py.api.schemas import choice_count, flag, openai_sampling, stream_usage
@@ -95,6 +96,7 @@ async def completions(request: Request) -> Response:
     params = openai_sampling(
         body, vocab_size=engine.vocab_size, default_max_tokens=COMPLETION_MAX_TOKENS, prompt_logprobs=echo_prompt
     )
+    params = await openai_llama_sampling(params, body, tokenizer)
     params = replace(params, grammar=await structured_grammar(body, tokenizer))
     if fim is not None:  # the markers and file tokens a code model may write after the middle end it too
         params = replace(params, stop_token_ids=params.stop_token_ids | fim_stops(tokenizer))

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from cake_py.api.chat_store import ChatFold
 from cake_py.api.errors import ApiError
 from cake_py.api.forced_calls import CallDelta
+from cake_py.api.llama_sampler_fields import openai_llama_sampling
 from cake_py.api.middleware import request_key_name, request_owner
 from cake_py.api.reasoning import ReasoningStream, is_reasoning_template, opens_thinking, split_reasoning
 from cake_py.api.schemas import (
@@ -117,6 +118,7 @@ async def chat_completions(request: Request) -> Response:
     template = chat_template_options(body, messages)
     tools = tool_request(body, tokenizer.tool_call_id_length)
     params = openai_sampling(body, vocab_size=engine.vocab_size)
+    params = await openai_llama_sampling(params, body, source.tokenizer)  # DRY's breakers: the model's vocabulary
     grammar = await structured_grammar(body, tokenizer)
     if tools.forced and grammar is not None:
         raise ApiError(400, f"tool_choice {tools.choice!r} writes calls, so it cannot be combined with a format")

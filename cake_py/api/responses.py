@@ -35,6 +35,7 @@ from cake_py.api.background import (
 from cake_py.api.conversations import ConversationHold
 from cake_py.api.errors import ApiError
 from cake_py.api.keepalive import KeepAliveResponse
+from cake_py.api.llama_sampler_fields import PENALTY_FIELDS, SAMPLER_FIELDS, openai_llama_sampling
 from cake_py.api.middleware import request_key_name, request_owner
 from cake_py.api.openai import chat_logprobs
 from cake_py.api.reasoning import is_reasoning_template, opens_thinking, split_reasoning
@@ -65,10 +66,11 @@ from cake_py.engine.engine import Engine
 from cake_py.models.tokenizer import Tokenizer
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
-# Sampling fields passed on as the chat completion reads them (vLLM's extras included); the rest are Responses'.
+# Sampling fields passed on as the chat completion reads them (vLLM's extras and llama.cpp's samplers included);
+# the rest are Responses'.
 _SAMPLING_FIELDS = (
     *("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "top_logprobs", "priority"),
-    "ignore_eos",
+    *("ignore_eos", *SAMPLER_FIELDS, *PENALTY_FIELDS),
 )
 
 
@@ -118,6 +120,7 @@ async def _answer(
     params = openai_sampling(
         {**sampling, "max_tokens": max_output, "logprobs": want_logprobs}, vocab_size=engine.vocab_size
     )
+    params = await openai_llama_sampling(params, sampling, tokenizer)
     grammar = await structured_grammar(chat_format(body), tokenizer, {"response_format": "text.format"})
     if tools.forced and grammar is not None:
         raise ApiError(400, f"tool_choice {tools.choice!r} writes calls, so it cannot be combined with text.format")
