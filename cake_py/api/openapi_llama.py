@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cake_py.api.openapi_schemas import BOOL, INT, NUM, STR, obj, ref
+from cake_py.api.openapi_schemas import BOOL, INT, LLAMA_SAMPLERS, NUM, STR, obj, ref
 
 SAMPLING = {
     "n_predict": {**INT, "default": -1, "description": "-1: until the end token or the context is full; 0: read only"},
@@ -16,26 +16,7 @@ SAMPLING = {
     "repeat_penalty": {**NUM, "default": 1.0},
     "presence_penalty": {**NUM, "default": 0.0},
     "frequency_penalty": {**NUM, "default": 0.0},
-    "typical_p": {**NUM, "minimum": 0, "maximum": 1, "default": 1.0, "description": "1: off"},
-    "min_keep": {**INT, "minimum": 0, "default": 0},
-    "top_n_sigma": {**NUM, "default": -1.0, "description": "0 or less: off"},
-    "xtc_probability": {**NUM, "minimum": 0, "maximum": 1, "default": 0.0},
-    "xtc_threshold": {**NUM, "minimum": 0, "maximum": 1, "default": 0.1, "description": "above 0.5: off"},
-    "dry_multiplier": {**NUM, "minimum": 0, "default": 0.0, "description": "0: off"},
-    "dry_base": {**NUM, "default": 1.75, "description": "below 1: the default"},
-    "dry_allowed_length": {**INT, "minimum": 0, "default": 2},
-    "dry_penalty_last_n": {**INT, "minimum": -1, "default": -1, "description": "-1: the context; 0: off"},
-    "dry_sequence_breakers": {"type": "array", "items": STR, "minItems": 1, "maxItems": 32},
-    "mirostat": {"enum": [0, 1, 2], "default": 0},
-    "mirostat_tau": {**NUM, "minimum": 0, "default": 5.0},
-    "mirostat_eta": {**NUM, "minimum": 0, "default": 0.1},
-    "dynatemp_range": {**NUM, "minimum": 0, "default": 0.0},
-    "dynatemp_exponent": {**NUM, "minimum": 0, "default": 1.0},
-    "samplers": {
-        "oneOf": [{"type": "array", "items": STR}, STR],
-        "description": "the chain's order and subset: names (penalties, dry, top_n_sigma, top_k, typ_p, top_p, min_p,"
-        " xtc, temperature) or their letters (e d s k y p m x t)",
-    },
+    **LLAMA_SAMPLERS,
     "seed": {**INT, "default": -1},
     "stop": {"type": "array", "items": STR},
     "ignore_eos": BOOL,

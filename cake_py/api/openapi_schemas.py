@@ -52,6 +52,29 @@ TOOL = obj(
     ("type", "function"),
 )
 PENALTY = {**NUM, "minimum": -2, "maximum": 2, "default": 0}
+# llama.cpp's other samplers, on its routes and (any of them sent: llama.cpp's chain) on the OpenAI ones.
+LLAMA_SAMPLERS = {
+    "typical_p": {**NUM, "minimum": 0, "maximum": 1, "default": 1.0, "description": "1: off"},
+    "min_keep": {**INT, "minimum": 0, "default": 0},
+    "top_n_sigma": {**NUM, "default": -1.0, "description": "0 or less: off"},
+    "xtc_probability": {**NUM, "minimum": 0, "maximum": 1, "default": 0.0},
+    "xtc_threshold": {**NUM, "minimum": 0, "maximum": 1, "default": 0.1, "description": "above 0.5: off"},
+    "dry_multiplier": {**NUM, "minimum": 0, "default": 0.0, "description": "0: off"},
+    "dry_base": {**NUM, "default": 1.75, "description": "below 1: the default"},
+    "dry_allowed_length": {**INT, "minimum": 0, "default": 2},
+    "dry_penalty_last_n": {**INT, "minimum": -1, "default": -1, "description": "-1: the context; 0: off"},
+    "dry_sequence_breakers": {"type": "array", "items": STR, "minItems": 1, "maxItems": 32},
+    "mirostat": {"enum": [0, 1, 2], "default": 0},
+    "mirostat_tau": {**NUM, "minimum": 0, "default": 5.0},
+    "mirostat_eta": {**NUM, "minimum": 0, "default": 0.1},
+    "dynatemp_range": {**NUM, "minimum": 0, "default": 0.0},
+    "dynatemp_exponent": {**NUM, "minimum": 0, "default": 1.0},
+    "samplers": {
+        "oneOf": [{"type": "array", "items": STR}, STR],
+        "description": "the chain's order and subset: names (penalties, dry, top_n_sigma, top_k, typ_p, top_p, min_p,"
+        " xtc, temperature) or their letters (e d s k y p m x t)",
+    },
+}
 OPENAI_SAMPLING = {
     "model": {**STR, "description": "ignored: the served model answers"},
     "max_tokens": {**INT, "default": 2048, "description": "clipped to the room left in the context"},
@@ -64,6 +87,9 @@ OPENAI_SAMPLING = {
     "priority": {**INT, "default": 0, "description": "vLLM's: waiting for a slot, a lower number starts first"},
     "stop_token_ids": {"type": "array", "items": INT, "description": "token ids that end a choice"},
     "repetition_penalty": NUM,
+    "repeat_penalty": {**NUM, "description": "llama.cpp's name for repetition_penalty"},
+    "repeat_last_n": {**INT, "minimum": -1, "description": "the last tokens the penalty weighs; -1 (default): all"},
+    **LLAMA_SAMPLERS,
     "presence_penalty": {**PENALTY, "description": "subtracted once from the logit of each token generated so far"},
     "frequency_penalty": {**PENALTY, "description": "subtracted from a token's logit per time it was generated"},
     "logit_bias": {
