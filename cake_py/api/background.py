@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from cake_py.api.include import without_logprobs
 from cake_py.api.response_store import ResponseStore, StoredResponse
 from cake_py.api.streaming import EventStream, sse
 
@@ -77,25 +78,11 @@ def keeping_output(live: LiveResponse, event: dict[str, Any]) -> dict[str, Any]:
     return {**event, "response": {**event["response"], "output": unfinished(live.response)["output"]}}
 
 
-def without_logprobs(value: Any) -> Any:
-    """`value` with every `logprobs` list emptied: what the store keeps (20 alternatives a token would take most of
-    it for little use)."""
-    if isinstance(value, dict):
-        return {key: [] if key == "logprobs" else without_logprobs(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_logprobs(item) for item in value]
-    return value
-
-
-def _stored_lines(lines: list[str]) -> tuple[str, ...]:
-    """The event lines the store keeps: those holding logprobs rewritten without them."""
-    kept = []
-    for line in lines:
-        if '"logprobs":[{' in line:
-            event = json.loads(line[line.index("data: ") + len("data: ") :])
-            line = sse_event(without_logprobs(event))
-        kept.append(line)
-    return tuple(kept)
+def line_without_logprobs(line: str) -> str:
+    """An event's SSE lines as the store keeps them: rewritten without logprobs where it holds some."""
+    if '"logprobs":[{' not in line:
+        return line
+    return sse_event(without_logprobs(json.loads(line[line.index("data: ") + len("data: ") :])))
 
 
 class LiveResponse:
@@ -139,13 +126,15 @@ class LiveResponse:
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
 
-    async def follow(self, starting_after: int) -> AsyncIterator[str]:
-        """Every event after sequence number `starting_after`, then each new one as it comes, to the end."""
+    async def follow(self, starting_after: int, logprobs: bool = True) -> AsyncIterator[str]:
+        """Every event after sequence number `starting_after`, then each new one as it comes, to the end (without
+        their logprobs when not `logprobs`)."""
         index = max(starting_after + 1, 0)
         while True:
             wake = self._wake
             while index < len(self.lines):
-                yield self.lines[index]
+                line = self.lines[index]
+                yield line if logprobs else line_without_logprobs(line)
                 index += 1
             if self.finished:
                 return
@@ -216,7 +205,7 @@ def _end(
             final = StoredResponse(
                 without_logprobs(live.response), stand_in.input_items, stand_in.conversation, owner=live.owner
             )
-        store.put(final.with_events(_stored_lines(live.lines)))
+        store.put(final.with_events(line_without_logprobs(line) for line in live.lines))
         store.end_live(live)
     finally:  # whatever happened, those waiting on its end (a cancel, a delete, followers) are let go
         if on_end is not None:

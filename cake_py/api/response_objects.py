@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cake_py.api.background import without_logprobs
+from cake_py.api.include import without_logprobs
 from cake_py.api.response_store import StoredResponse
 from cake_py.api.responses_input import new_id
 from cake_py.api.state import ServerState

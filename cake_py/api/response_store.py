@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from cake_py.api.errors import ApiError
 from cake_py.api.eviction import victim
+from cake_py.api.include import LOGPROBS_INCLUDE, query_values, without_logprobs
 from cake_py.api.keepalive import KeepAliveResponse
 from cake_py.api.listing import list_page
 from cake_py.api.middleware import request_owner
@@ -134,15 +135,19 @@ def _stored(state: ServerState, response_id: str, owner: str) -> StoredResponse:
 
 async def get_response(request: Request) -> Response:
     """The response as far as it has come (`queued`/`in_progress` while it is answered); with `stream=true`, a
-    background response's events after `starting_after` (default: all), then the rest as they come."""
+    background response's events after `starting_after` (default: all), then the rest as they come. As on
+    POST /v1/responses, `include` may hold any value, and `message.output_text.logprobs` keeps the logprobs a response
+    still being answered has (the store keeps none: a stored response's are empty either way)."""
     state: ServerState = request.app.state.cake
     response_id, owner = request.path_params["response_id"], request_owner(request)
     stream = request.query_params.get("stream", "false").lower()
     if stream not in ("true", "false"):
         raise ApiError(400, f"stream must be true or false, got {stream!r}"[:300])
+    logprobs = LOGPROBS_INCLUDE in query_values(request.query_params)
     live = state.responses.live(response_id, owner)
     if stream == "false":
-        return JSONResponse(live.response if live is not None else _stored(state, response_id, owner).response)
+        response = live.response if live is not None else _stored(state, response_id, owner).response
+        return JSONResponse(response if logprobs else without_logprobs(response))
     raw = request.query_params.get("starting_after", "-1")
     try:
         after = int(raw)
@@ -152,7 +157,7 @@ async def get_response(request: Request) -> Response:
         ) from None
     lines: AsyncIterator[str]
     if live is not None and live.background:
-        lines = live.follow(after)
+        lines = live.follow(after, logprobs)
     else:
         stored = state.responses.get(response_id, owner) if live is None else None
         if stored is None and live is None:

@@ -30,10 +30,10 @@ from cake_py.api.background import (
     keeping_output,
     sse_event,
     start_in_background,
-    without_logprobs,
 )
 from cake_py.api.conversations import ConversationHold
 from cake_py.api.errors import ApiError
+from cake_py.api.include import LOGPROBS_INCLUDE, without_logprobs
 from cake_py.api.keepalive import KeepAliveResponse
 from cake_py.api.llama_sampler_fields import PENALTY_FIELDS, SAMPLER_FIELDS, openai_llama_sampling
 from cake_py.api.middleware import request_key_name, request_owner
@@ -65,7 +65,6 @@ from cake_py.api.tools import calls_grammar, parse_answer
 from cake_py.engine.engine import Engine
 from cake_py.models.tokenizer import Tokenizer
 
-LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Sampling fields passed on as the chat completion reads them (vLLM's extras and llama.cpp's samplers included);
 # the rest are Responses'.
 _SAMPLING_FIELDS = (
