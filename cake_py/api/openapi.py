@@ -155,6 +155,13 @@ PATHS: dict[str, dict[str, Any]] = {
                 {"name": "response_id", "in": "path", "required": True, "schema": STR},
                 {"name": "stream", "in": "query", "schema": BOOL},
                 {"name": "starting_after", "in": "query", "schema": INT},
+                {
+                    "name": "include",
+                    "in": "query",
+                    "schema": {"type": "array", "items": STR},
+                    "description": "message.output_text.logprobs keeps a response's logprobs while it is answered "
+                    "(none are stored); any other value is accepted and changes nothing",
+                },
             ],
         },
         "delete": {
