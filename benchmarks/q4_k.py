@@ -7,10 +7,11 @@ times greedy one-token decode steps (embedding, layers, head) after a 64-token p
 
 With `--mixed` the file is laid out like llama.cpp's Q4_K_M: attn_v and ffn_down of the layers it gives more bits
 (the first and last eighth, every third between) stored in another type (Q8_0 here: gguf-py cannot write their Q6_K;
-both are dequantized to bf16 alike), and the baseline is what such a file got before (`before`): a fused q/k/v whose
-v is not 4-bit dequantized whole, where now q/k stay on the int4 kernel beside a dense v.
+both run as int8 rows alike), and the baseline is what such a file got before (`dense-v`): those weights dequantized
+to bf16 beside the 4-bit ones. With `--q8` every layer weight is Q8_0 (a Q8_0, Q6_K or Q5_K_M file alike): int8
+rows against the same weights dequantized to bf16 (`dense`), as they ran before.
 
-    .venv/bin/python benchmarks/q4_k.py            # --threads 1 --tokens 64 --runs 5 [--mixed]
+    .venv/bin/python benchmarks/q4_k.py            # --threads 1 --tokens 64 --runs 5 [--mixed | --q8]
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cake_py.models import weights  # noqa: E402
 from cake_py.models.config import ModelConfig  # noqa: E402
 from cake_py.models.device import tune_allocator  # noqa: E402
 from cake_py.models.gguf import GGUFWeights  # noqa: E402
 from cake_py.models.kv_cache import SequenceSlice  # noqa: E402
-from cake_py.models.weights import load_transformer  # noqa: E402
+from cake_py.models.weights import EMBEDDING, FLOAT_TYPES, LM_HEAD, TensorInfo, load_transformer  # noqa: E402
 from tests.fixtures.q4_k import write_random_llama  # noqa: E402
 
 SHAPE = {"hidden": 512, "intermediate": 1536, "layers": 30, "heads": 8, "kv_heads": 4, "vocab": 8192}
@@ -55,25 +57,26 @@ def more_bits(layers: int) -> list[int]:
     return [i for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2]
 
 
+def embedding_and_head_only(name: str, info: TensorInfo) -> bool:
+    """The int8-rows rule as it was before layer weights took it: only a quantized embedding and lm_head."""
+    return name in (EMBEDDING, LM_HEAD) and info.dtype not in FLOAT_TYPES
+
+
 def load(path: Path, mode: str, layers: int | None = None) -> tuple[torch.nn.Module, ModelConfig]:
     """The model in bf16 on the CPU, printing what it holds and how much resident memory its load added."""
     source = GGUFWeights(path)
-    if mode == "dense":  # as before Q4_K ran on the int4 kernel: it was not among the weights handed over as 4-bit
+    if mode == "dense":  # as before Q4_K ran on the int4 kernel (and other types as int8 rows): all dequantized
         source.int4_names = set  # type: ignore[method-assign]
-    elif mode == "before":  # as before a fused projection could mix: q/k (gate/up) beside a v that is not 4-bit dense
-        int4 = source.int4_names()
-        fused = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
-        mixed = set()
-        for module in {name.rsplit(".", 2)[0] for name in int4}:  # model.layers.N.self_attn, model.layers.N.mlp
-            for parts in fused:
-                names = {f"{module}.{part}.weight" for part in parts}
-                if names & int4 and not names <= int4:
-                    mixed |= names
-        source.int4_names = lambda: int4 - mixed  # type: ignore[method-assign]
     config = ModelConfig.from_hf(source.config)
     before = resident_mib()
     end = config.n_layers if layers is None else layers
-    model = load_transformer(source, config, 0, end, with_embedding=True, with_head=True, dtype=torch.bfloat16)
+    rule = weights._int8_rows
+    if mode in ("dense", "dense-v"):  # layer weights of other types than 4-bit dequantized, as before
+        weights._int8_rows = embedding_and_head_only
+    try:
+        model = load_transformer(source, config, 0, end, with_embedding=True, with_head=True, dtype=torch.bfloat16)
+    finally:
+        weights._int8_rows = rule
     if layers is not None:  # a warm-up: the first load's one-time allocations (libraries, pools) are not a model's
         return model, config
     held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()]) / 2**20
@@ -101,14 +104,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--mixed", action="store_true", help="a Q4_K_M-like file, against the way it ran before")
+    parser.add_argument("--q8", action="store_true", help="every layer weight Q8_0: int8 rows against dense bf16")
     args = parser.parse_args()
-    modes = ("int4", "before" if args.mixed else "dense")
+    modes = ("int4", "dense-v") if args.mixed else ("int8", "dense") if args.q8 else ("int4", "dense")
     other = [f"blk.{i}.{part}.weight" for i in more_bits(SHAPE["layers"]) for part in ("attn_v", "ffn_down")]
+    if args.q8:
+        other = [
+            f"{part}.weight" for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+        ]
     torch.set_num_threads(args.threads)
     tune_allocator()
     with tempfile.TemporaryDirectory() as folder:
-        path = write_random_llama(Path(folder) / "q4_k.gguf", **SHAPE, q8_0=tuple(other) if args.mixed else ())
-        layout = f"Q4_K, {len(other)} attn_v/ffn_down Q8_0" if args.mixed else "Q4_K"
+        q8_0 = tuple(other) if args.mixed or args.q8 else ()
+        path = write_random_llama(Path(folder) / "q4_k.gguf", **SHAPE, q8_0=q8_0)
+        layout = "Q8_0" if args.q8 else f"Q4_K, {len(other)} attn_v/ffn_down Q8_0" if args.mixed else "Q4_K"
         print(f"random Llama {SHAPE}, layer weights {layout} ({path.stat().st_size / 2**20:.1f} MiB file), bf16, "
               f"{args.threads} thread(s), {args.tokens} decode steps, median of {args.runs} runs")  # fmt: skip
         for mode in modes:
@@ -122,8 +131,8 @@ def main() -> None:
                         times[mode].append(decode_ms(model, config, args.tokens))
                     else:
                         decode_ms(model, config, 4)
-    int4, baseline = (statistics.median(times[mode]) for mode in modes)
-    print(f"decode: int4 {int4:.2f} ms/token, {modes[1]} {baseline:.2f} ms/token ({baseline / int4:.2f}x)")
+    kept, baseline = (statistics.median(times[mode]) for mode in modes)
+    print(f"decode: {modes[0]} {kept:.2f} ms/token, {modes[1]} {baseline:.2f} ms/token ({baseline / kept:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ rows unpacks the layer's weights into a bf16 scratch tensor, freed after the mat
 
 On the wire and in state dicts a 4-bit linear is two plain tensors: `<prefix>.q4_weight` (uint8 (N, K), one
 4-bit value per byte) and `<prefix>.q4_scales` (float32 (K/group, N, 2): scale and zero per group and row).
+
+Weights a GGUF stores in other quantized types (Q8_0, Q5_K, Q6_K, …: no exact int4 form) run as int8 rows with one
+scale per row, torch's int8 weight-only kernel (`<prefix>.q8_weight`, `<prefix>.q8_scales`): half the bytes of bf16,
+at an error of at most half a step of 1/127 of the row's largest weight on top of the file's own.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ class SplitLinear(nn.Module):
         return torch.cat([piece(x) for piece in self.pieces], dim=-1)
 
 
-# ---- 8-bit rows: the embedding and lm_head of a quantized GGUF (Q8_0 and friends) ----
+# ---- 8-bit rows: a GGUF's weights stored in another quantized type than 4-bit ones (Q8_0, Q6_K, Q5_K, …) ----
 Q8_WEIGHT = "q8_weight"
 Q8_SCALES = "q8_scales"
 
@@ -139,19 +143,32 @@ def dequantize_rows_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """y = x Wᵀ with int8 rows and one scale per output row (torch's CPU int8 weight-only kernel)."""
+    """y = x Wᵀ (+ b) with int8 rows and one scale per output row (torch's CPU int8 weight-only kernel). Like the
+    4-bit kernel it is a matrix-vector one, dearer per row than a dense matmul: from DENSE_ROWS rows (bf16) the
+    weights are dequantized into a scratch tensor for a dense matmul."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(
+        self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.register_buffer("q", q)
         self.register_buffer("scales", scales.to(dtype))
+        self.register_buffer("bias", bias.to(dtype) if bias is not None else None)
         self.q: torch.Tensor
         self.scales: torch.Tensor
+        self.bias: torch.Tensor | None
+        self.unpacks = dtype == torch.bfloat16  # a CPU float16 matmul is as slow as the kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        out = torch._weight_int8pack_mm(rows, self.q, self.scales)
+        if self.unpacks and rows.shape[0] >= DENSE_ROWS:
+            weight = self.q * self.scales[:, None]  # (N, K) in the scales' dtype, one op
+            out = torch.mm(rows, weight.t()) if self.bias is None else torch.addmm(self.bias, rows, weight.t())
+        else:
+            out = torch._weight_int8pack_mm(rows, self.q, self.scales)
+            if self.bias is not None:
+                out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

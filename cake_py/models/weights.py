@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 
 from cake_py.errors import WeightsError
 from cake_py.models.config import ModelConfig
@@ -28,22 +27,18 @@ from cake_py.models.quant import (
     Q4_WEIGHT,
     Q8_SCALES,
     Q8_WEIGHT,
-    Int4Linear,
-    Int8Embedding,
-    Int8Linear,
-    SplitLinear,
     dequantize,
     dequantize_rows_int8,
     int4_supported,
     quantize_rows_int8,
 )
+from cake_py.models.quantized_modules import PIECES, install_quantized, install_split
 
 LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.")
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}  # stored types that are not quantized (safetensors and GGUF names)
-PIECES = "pieces"  # `<projection>.pieces.<i>.…`: a fused projection whose parts mix 4-bit and other types
 # family → the model class of its stages (the others: llama.Transformer).
 MODEL_CLASSES: dict[str, type[Transformer]] = {"gemma3": GemmaTransformer}
 # HF norm of a layer → ours: Llama-shaped blocks have two, Gemma's four (its post_attention_layernorm normalises the
@@ -108,15 +103,15 @@ def stage_tensor_names(
 
 def load_stage_tensors(source: WeightSource, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The named tensors in `dtype`. With a 16-bit compute dtype, weights a GGUF stores quantized stay small:
-    4-bit layer weights as `.q4_weight` + `.q4_scales`, a quantized embedding/lm_head as int8 rows
-    (`.q8_weight` + `.q8_scales`), since decode speed is bound by the bytes of weights read per token."""
+    4-bit layer weights as `.q4_weight` + `.q4_scales`, the others (Q8_0, Q6_K, …; the embedding and lm_head
+    whatever their type) as int8 rows (`.q8_weight` + `.q8_scales`), since decode speed is bound by the bytes of
+    weights read per token."""
     names = list(names)
     int4_names: set[str] = set()
-    if dtype in (torch.bfloat16, torch.float16):
-        int4_names = set(getattr(source, "int4_names", lambda: set())()) & set(names)
     int8_names: set[str] = set()
     if dtype in (torch.bfloat16, torch.float16):
-        int8_names = {n for n in names if n in (EMBEDDING, LM_HEAD) and source.info(n).dtype not in FLOAT_TYPES}
+        int4_names = set(getattr(source, "int4_names", lambda: set())()) & set(names)
+        int8_names = {n for n in names if n not in int4_names and _int8_rows(n, source.info(n))}
     tensors = source.load([n for n in names if n not in int4_names | int8_names], dtype)
     for name in int8_names:
         prefix = name.removesuffix(".weight")
@@ -129,12 +124,19 @@ def load_stage_tensors(source: WeightSource, names: Iterable[str], dtype: torch.
     return tensors
 
 
+def _int8_rows(name: str, info: TensorInfo) -> bool:
+    """Whether a weight is kept as int8 rows (with 16-bit compute; a 4-bit one is asked first): the embedding, the
+    lm_head or a layer's linear weight, stored in a quantized type."""
+    linear = LAYER_PATTERN.match(name) is not None and len(info.shape) == 2 and name.endswith(".weight")
+    return (linear or name in (EMBEDDING, LM_HEAD)) and info.dtype not in FLOAT_TYPES
+
+
 def loaded_sizes(
     source: WeightSource, dtype: torch.dtype, device: torch.device | str | None = None
 ) -> Iterator[tuple[str, int]]:
     """(name, bytes once loaded) of every tensor, as `load_stage_tensors` and the stage's build keep them: on a
     device with the quantized kernels (`device` given), a GGUF's 4-bit layer weights at half a byte per weight
-    plus their group scales, and its quantized embedding/head as int8 rows; dense in `dtype` otherwise. An estimate
+    plus their group scales, and its other quantized weights as int8 rows; dense in `dtype` otherwise. An estimate
     for placement and fit checks, not an allocation."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     kept = device is not None and int4_supported(device, dtype)
@@ -144,8 +146,10 @@ def loaded_sizes(
         elements = math.prod(info.shape)
         if name in int4_names:
             yield name, elements // 2 + elements // GROUP_SIZE * 2 * itemsize
-        elif kept and name in (EMBEDDING, LM_HEAD) and info.dtype not in FLOAT_TYPES:
-            yield name, elements + info.shape[0] * 4
+        elif kept and name in (EMBEDDING, LM_HEAD) and _int8_rows(name, info):
+            yield name, elements + info.shape[0] * 4  # a tied one's scales twice: embedding's and head's
+        elif kept and _int8_rows(name, info):
+            yield name, elements + info.shape[0] * itemsize
         else:
             yield name, elements * itemsize
 
@@ -161,9 +165,10 @@ def to_module_state(
 ) -> dict[str, torch.Tensor]:
     """Rename HF tensors to `Transformer` parameters, fusing q/k/v and gate/up projections.
 
-    4-bit weights keep their `.q4_weight`/`.q4_scales` form. A fused projection whose parts mix 4-bit and other
-    types becomes pieces, `<target>.pieces.<i>.…`: each run of consecutive parts stored alike fused into one (q‖k
-    4-bit, v dense), its bias still `<target>.bias`; `build_transformer` makes them a `SplitLinear`.
+    Quantized weights keep their `.q4_weight`/`.q4_scales` or `.q8_weight`/`.q8_scales` form. A fused projection
+    whose parts are stored in different forms becomes pieces, `<target>.pieces.<i>.…`: each run of consecutive parts
+    stored alike fused into one (a Q4_K_M file's q‖k 4-bit, v int8 rows), its bias still `<target>.bias`;
+    `build_transformer` makes them a `SplitLinear`.
     """
     state: dict[str, torch.Tensor] = {}
 
@@ -198,13 +203,19 @@ def to_module_state(
             raise WeightsError(f"tensors that make one projection do not fit together: {shapes}")
         return torch.cat(pieces, dim=dim)
 
+    def kind(part: str) -> str:
+        return next((key for key in (Q4_WEIGHT, Q8_WEIGHT) if f"{part}.{key}" in tensors), "weight")
+
     def linear(parts: list[str], target: str) -> None:
-        runs = [list(run) for _, run in itertools.groupby(parts, key=lambda p: f"{p}.{Q4_WEIGHT}" in tensors)]
+        runs = [list(run) for _, run in itertools.groupby(parts, key=kind)]
         for index, run in enumerate(runs):
             prefix = target if len(runs) == 1 else f"{target}.{PIECES}.{index}"
-            if f"{run[0]}.{Q4_WEIGHT}" in tensors:
+            if kind(run[0]) == Q4_WEIGHT:
                 state[f"{prefix}.{Q4_WEIGHT}"] = joined([tensors[f"{p}.{Q4_WEIGHT}"] for p in run], run)
                 state[f"{prefix}.{Q4_SCALES}"] = joined([tensors[f"{p}.{Q4_SCALES}"] for p in run], run, dim=1)
+            elif kind(run[0]) == Q8_WEIGHT:
+                state[f"{prefix}.{Q8_WEIGHT}"] = joined([tensors[f"{p}.{Q8_WEIGHT}"] for p in run], run)
+                state[f"{prefix}.{Q8_SCALES}"] = joined([tensors[f"{p}.{Q8_SCALES}"] for p in run], run)
             else:
                 state[f"{prefix}.weight"] = joined([dense(p) for p in run], run)
 
@@ -265,8 +276,8 @@ def build_transformer(
                 raise WeightsError(f"tensor for {name!r} has shape {tuple(state[key].shape)}, expected {shape}")
     what = f"layers {start}-{end - 1}" if end > start else "the embedding and head"
     try:
-        _install_split(model, state, int4_supported(device, dtype))
-        quantized_modules = _install_quantized(model, state, dtype, device)
+        install_split(model, state, int4_supported(device, dtype))
+        quantized_modules = install_quantized(model, state, dtype, device)
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not _is_placement_error(error):
             raise
@@ -308,71 +319,6 @@ def _placement_error(error: BaseException, what: str, dtype: torch.dtype, device
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     hint = "spread the model over workers, or use a smaller --dtype" if "memory" in reason.lower() else "try --dtype"
     return WeightsError(f"cannot place {what} on {device} in {str(dtype).removeprefix('torch.')}: {reason} ({hint})")
-
-
-def _install_split(model: Transformer, state: dict[str, torch.Tensor], int4: bool) -> None:
-    """Each fused projection stored as pieces (see `to_module_state`) becomes a `SplitLinear` of them where the int4
-    kernel runs, its 4-bit pieces left for `_install_quantized` and the bias split by rows; elsewhere its pieces are
-    dequantized back into one dense weight."""
-    marker = f".{PIECES}."
-    for path in sorted({key.split(marker)[0] for key in state if marker in key}):
-        linear = model.get_submodule(path)
-        assert isinstance(linear, nn.Linear)
-        indices = sorted(
-            {int(key[len(path + marker) :].split(".")[0]) for key in state if key.startswith(path + marker)}
-        )
-        prefixes = [f"{path}.{PIECES}.{i}" for i in indices]
-        weights = [state[f"{p}.{Q4_WEIGHT}"] if f"{p}.{Q4_WEIGHT}" in state else state[f"{p}.weight"] for p in prefixes]
-        shapes = [tuple(weight.shape) for weight in weights]
-        if {s[1:] for s in shapes} != {(linear.in_features,)} or sum(s[0] for s in shapes) != linear.out_features:
-            raise WeightsError(
-                f"tensors for {path!r} have shapes {shapes}, expected {tuple(linear.weight.shape)} in all"
-            )
-        if not int4:
-            state[f"{path}.weight"] = torch.cat(
-                [
-                    dequantize(state.pop(f"{p}.{Q4_WEIGHT}"), state.pop(f"{p}.{Q4_SCALES}"))
-                    if f"{p}.{Q4_WEIGHT}" in state
-                    else state.pop(f"{p}.weight").float()
-                    for p in prefixes
-                ]
-            )
-            continue
-        bias = state.pop(f"{path}.bias", None)
-        if bias is not None:
-            for prefix, chunk in zip(prefixes, bias.split([s[0] for s in shapes]), strict=True):
-                state[f"{prefix}.bias"] = chunk
-        with torch.device("meta"):  # placeholders: dense pieces take their weights as the rest of the model does
-            pieces: list[nn.Module] = [nn.Linear(linear.in_features, s[0], bias=bias is not None) for s in shapes]
-        parent, _, child = path.rpartition(".")
-        model.get_submodule(parent).register_module(child, SplitLinear(pieces))
-
-
-def _install_quantized(
-    model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
-) -> set[str]:
-    """Swap the module of each `.q4_weight` / `.q8_weight` entry for its quantized kernel (CPU, 16-bit), or
-    dequantize the entry into a plain `.weight` elsewhere. Returns the paths of the swapped modules."""
-    installed = set()
-    for weight_key, scales_key in ((Q4_WEIGHT, Q4_SCALES), (Q8_WEIGHT, Q8_SCALES)):
-        for key in [k for k in state if k.endswith(f".{weight_key}")]:
-            path = key.removesuffix(f".{weight_key}")
-            q, scales = state.pop(key), state.pop(f"{path}.{scales_key}")
-            four_bit = weight_key == Q4_WEIGHT
-            if not int4_supported(device, dtype):
-                state[f"{path}.weight"] = dequantize(q, scales) if four_bit else dequantize_rows_int8(q, scales)
-                continue
-            module: nn.Module
-            if four_bit:
-                module = Int4Linear(q, scales, state.pop(f"{path}.bias", None), dtype)
-            elif path == "embed_tokens":
-                module = Int8Embedding(q, scales, dtype)
-            else:
-                module = Int8Linear(q, scales, dtype)
-            parent, _, child = path.rpartition(".")
-            (model.get_submodule(parent) if parent else model).register_module(child, module)
-            installed.add(path)
-    return installed
 
 
 def load_transformer(

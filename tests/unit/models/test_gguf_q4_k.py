@@ -12,7 +12,7 @@ import torch
 from cake_py.models.config import ModelConfig
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.kv_cache import SequenceSlice
-from cake_py.models.quant import Int4Linear, SplitLinear, dequantize
+from cake_py.models.quant import Int4Linear, Int8Linear, SplitLinear, dequantize, quantize_rows_int8
 from cake_py.models.weights import (
     build_transformer,
     load_stage_tensors,
@@ -59,31 +59,36 @@ def _logits(source: GGUFWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     ("dense", "q8_0", "split"),
     [
         ((), (), {}),
-        (("attn_v.weight",), (), {"attention.wqkv": "4d"}),  # q‖k int4, v dense
-        ((), ("attn_v.weight",), {"attention.wqkv": "4d"}),  # a Q4_K_M file's Q6_K v, modelled by Q8_0
-        ((), ("attn_k.weight", "ffn_gate.weight"), {"attention.wqkv": "4d4", "feed_forward.w13": "d4"}),
-        ((), ("ffn_down.weight",), {"feed_forward.w2": ""}),  # a standalone projection: dense alone
+        (("attn_v.weight",), (), {"attention.wqkv": "4d"}),  # q‖k int4, v dense (stored as F32)
+        ((), ("attn_v.weight",), {"attention.wqkv": "48"}),  # a Q4_K_M file's Q6_K v, modelled by Q8_0: int8 rows
+        ((), ("attn_k.weight", "ffn_gate.weight"), {"attention.wqkv": "484", "feed_forward.w13": "84"}),
+        ((), ("ffn_down.weight",), {"feed_forward.w2": "8"}),  # a standalone projection: int8 rows alone
     ],
 )
 def test_q4_k_layers_run_on_the_int4_kernel_and_match_the_dense_model(
     dense: tuple[str, ...], q8_0: tuple[str, ...], split: dict[str, str], tmp_path: Path
 ) -> None:
-    """In bf16 on the CPU every Q4_K projection runs on the int4 kernel: a fused one whose parts mix Q4_K with other
-    types (F32, Q8_0) as a SplitLinear of int4 and dense pieces ("4d": q‖k int4, v dense), and the logits are the
-    float32 dequantized model's to bf16 tolerance."""
+    """In bf16 on the CPU every Q4_K projection runs on the int4 kernel, every Q8_0 one on int8 rows: a fused one
+    whose parts mix types (Q4_K, Q8_0, F32) as a SplitLinear of int4, int8 and dense pieces ("4d": q‖k int4, v
+    dense; "48": v int8 rows), and the logits are the float32 dequantized model's to bf16 tolerance."""
     source = GGUFWeights(write_random_llama(tmp_path / "q4k.gguf", dense=dense, q8_0=q8_0))
     logits, model = _logits(source, torch.bfloat16)
     expected, reference = _logits(source, torch.float32)
-    assert not any(isinstance(m, Int4Linear | SplitLinear) for m in reference.modules())  # float32 stays exact
+    assert not any(isinstance(m, Int4Linear | Int8Linear | SplitLinear) for m in reference.modules())  # exact
     int4, kinds = set(), {}
     for i in range(2):
         for part in ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2"):
             module, path = model.get_submodule(f"layers.{i}.{part}"), f"layers.{i}.{part}"
             if isinstance(module, SplitLinear):
-                kinds[part] = "".join("4" if isinstance(p, Int4Linear) else "d" for p in module.pieces)
+                kinds[part] = "".join(
+                    "4" if isinstance(p, Int4Linear) else "8" if isinstance(p, Int8Linear) else "d"
+                    for p in module.pieces
+                )
                 int4 |= {f"{path}.pieces.{j}" for j, p in enumerate(module.pieces) if isinstance(p, Int4Linear)}
             elif isinstance(module, Int4Linear):
                 int4.add(path)
+            elif isinstance(module, Int8Linear):
+                kinds[part] = "8"
             else:
                 kinds[part] = ""  # dense whole
     assert kinds == split
@@ -95,29 +100,31 @@ def test_q4_k_layers_run_on_the_int4_kernel_and_match_the_dense_model(
     assert (picked >= expected.max(-1).values - tolerance).all()
 
 
-def test_a_split_projection_holds_its_4_bit_rows_packed_and_only_the_rest_dense(tmp_path: Path) -> None:
-    """q‖k stay packed 4-bit in the state dict; only v's rows are dense bf16 (before, all of q/k/v were)."""
+def test_a_split_projection_holds_its_4_bit_rows_packed_and_the_rest_as_int8_rows(tmp_path: Path) -> None:
+    """q‖k stay packed 4-bit in the state dict, v's rows int8 (before, v was dense bf16, and before that all of
+    q/k/v were)."""
     source = GGUFWeights(write_random_llama(tmp_path / "q4k.gguf", q8_0=("attn_v.weight",)))
     _, model = _logits(source, torch.bfloat16)
     state = {k: v for k, v in model.state_dict().items() if k.startswith("layers.0.attention.wqkv.")}
     assert set(state) == {f"layers.0.attention.wqkv.pieces.0.{n}" for n in ("packed", "scales")} | {
-        "layers.0.attention.wqkv.pieces.1.weight"
+        f"layers.0.attention.wqkv.pieces.1.{n}" for n in ("q", "scales")
     }
-    assert state["layers.0.attention.wqkv.pieces.1.weight"].shape == (2 * 64, 256)  # v: kv_heads * head_dim rows
-    assert state["layers.0.attention.wqkv.pieces.1.weight"].dtype == torch.bfloat16
+    assert state["layers.0.attention.wqkv.pieces.1.q"].shape == (2 * 64, 256)  # v: kv_heads * head_dim rows
+    assert state["layers.0.attention.wqkv.pieces.1.q"].dtype == torch.int8
     assert model.get_submodule("layers.0.attention.wqkv.pieces.0").out_features == (4 + 2) * 64  # q‖k
 
 
 def test_a_worker_given_a_split_projection_decodes_the_single_nodes_tokens(tmp_path: Path) -> None:
     """A worker holding the second layer and the head, built from the tensors the master streams (q4_weight/q4_scales
-    and a Q8_0 v as bf16, through the wire codec), decodes the same greedy tokens as one node holding it all."""
+    and a Q8_0 v as q8_weight/q8_scales, through the wire codec), decodes the same greedy tokens as one node holding
+    it all."""
     source = GGUFWeights(write_random_llama(tmp_path / "q4k.gguf", q8_0=("attn_v.weight", "ffn_down.weight")))
     config = ModelConfig.from_hf(source.config)
     whole = load_transformer(source, config, 0, 2, with_embedding=True, with_head=True, dtype=torch.bfloat16)
     master = load_transformer(source, config, 0, 1, with_embedding=True, with_head=False, dtype=torch.bfloat16)
     names = stage_tensor_names(source, config, 1, 2, with_embedding=False, with_head=True)
     sent = load_stage_tensors(source, names, torch.bfloat16)
-    assert "model.layers.1.self_attn.q_proj.q4_weight" in sent and "model.layers.1.self_attn.v_proj.weight" in sent
+    assert "model.layers.1.self_attn.q_proj.q4_weight" in sent and "model.layers.1.self_attn.v_proj.q8_weight" in sent
     received = {name: decode_tensor(encode_tensor(tensor)) for name, tensor in sent.items()}
     build_transformer(config, received, 1, 2, with_embedding=False, with_head=True, dtype=torch.bfloat16, device="meta")
     worker = build_transformer(config, received, 1, 2, with_embedding=False, with_head=True, dtype=torch.bfloat16)
@@ -149,8 +156,30 @@ def test_q4_k_weights_are_sized_and_sent_as_4_bit(tmp_path: Path) -> None:
     assert set(tensors) == {"model.layers.1.mlp.down_proj.q4_weight", "model.layers.1.mlp.down_proj.q4_scales"}
 
 
-def test_a_split_projection_splits_its_bias_by_rows() -> None:
-    """Qwen2's q/k/v bias goes with each piece's rows: the split projection computes the dense one's output."""
+def test_q8_0_layer_weights_are_sized_and_sent_as_int8_rows(tmp_path: Path) -> None:
+    """Placement counts a layer weight stored in another quantized type (Q8_0 here; Q6_K, Q5_K alike) at a byte per
+    value plus a scale per row, and a worker is sent it as q8_weight/q8_scales; float32 still reads it dense."""
+    source = GGUFWeights(write_random_llama(tmp_path / "q8.gguf", q8_0=("ffn_down.weight",)))
+    name = "model.layers.1.mlp.down_proj.weight"
+    rows, columns = source.info(name).shape
+    assert dict(loaded_sizes(source, torch.bfloat16, "cpu"))[name] == rows * columns + rows * 2
+    assert dict(loaded_sizes(source, torch.float32, "cpu"))[name] == rows * columns * 4
+    tensors = load_stage_tensors(source, [name], torch.bfloat16)
+    assert set(tensors) == {"model.layers.1.mlp.down_proj.q8_weight", "model.layers.1.mlp.down_proj.q8_scales"}
+    assert tensors["model.layers.1.mlp.down_proj.q8_weight"].dtype == torch.int8
+    dense = source.load([name], torch.float32)[name]
+    back = (
+        tensors["model.layers.1.mlp.down_proj.q8_weight"].float()
+        * tensors["model.layers.1.mlp.down_proj.q8_scales"][:, None]
+    )
+    assert (back - dense).abs().max() <= dense.abs().amax(dim=1).max() / 254 + 1e-6  # half a step of the row's scale
+    assert set(load_stage_tensors(source, [name], torch.float32)) == {name}
+
+
+@pytest.mark.parametrize("v_rows", ["dense", "int8"])
+def test_a_split_projection_splits_its_bias_by_rows(v_rows: str) -> None:
+    """Qwen2's q/k/v bias goes with each piece's rows (v dense, or int8 rows): the split projection computes the
+    dense one's output."""
     config = ModelConfig.from_hf(
         {
             "architectures": ["Qwen2ForCausalLM"],
@@ -172,6 +201,9 @@ def test_a_split_projection_splits_its_bias_by_rows() -> None:
         tensors[f"{prefix}{name}.q4_scales"] = torch.rand(2, rows, 2, generator=generator) * 0.1
     for name, shape in [("self_attn.v_proj.weight", (32, 64)), ("self_attn.o_proj.weight", (64, 64))]:
         tensors[prefix + name] = torch.randn(shape, generator=generator) * 0.1
+    if v_rows == "int8":
+        q8, scales8 = quantize_rows_int8(tensors.pop(prefix + "self_attn.v_proj.weight"))
+        tensors[prefix + "self_attn.v_proj.q8_weight"], tensors[prefix + "self_attn.v_proj.q8_scales"] = q8, scales8
     tensors[prefix + "mlp.down_proj.weight"] = torch.randn(64, 64, generator=generator) * 0.1
     for name, rows in [("q_proj", 64), ("k_proj", 32), ("v_proj", 32)]:
         tensors[f"{prefix}self_attn.{name}.bias"] = torch.randn(rows, generator=generator)
@@ -183,6 +215,7 @@ def test_a_split_projection_splits_its_bias_by_rows() -> None:
     }
     split, dense = (models[dtype].get_submodule("layers.0.attention.wqkv") for dtype in models)
     assert isinstance(split, SplitLinear) and isinstance(dense, torch.nn.Linear)
+    assert isinstance(split.pieces[1], Int8Linear if v_rows == "int8" else torch.nn.Linear)
     x = torch.randn(3, 64, generator=generator)
     expected = dense(x)
     assert torch.allclose(split(x.bfloat16()).float(), expected, rtol=0.02, atol=0.05 * expected.abs().max().item())

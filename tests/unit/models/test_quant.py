@@ -62,17 +62,23 @@ def test_a_prefill_chunk_computes_what_the_int4_kernel_computes(
     assert torch.allclose(chunk.float(), kernel.float(), atol=0.02 * kernel.abs().max().item(), rtol=0)
 
 
-def test_decode_rows_keep_the_int4_kernel_and_a_chunk_unpacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    q, scales = random_int4(128, 64)
-    layer = Int4Linear(q, scales, None, torch.bfloat16)
+def kernel_calls(monkeypatch: pytest.MonkeyPatch, kernel_name: str) -> list[int]:
+    """The rows of each call of torch's `kernel_name` from now on (the call still runs)."""
     kernel_rows: list[int] = []
-    kernel = torch._weight_int4pack_mm_for_cpu
+    kernel = getattr(torch, kernel_name)
 
     def counted(x: torch.Tensor, *args: object) -> torch.Tensor:
         kernel_rows.append(x.shape[0])
         return kernel(x, *args)
 
-    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", counted)
+    monkeypatch.setattr(torch, kernel_name, counted)
+    return kernel_rows
+
+
+def test_decode_rows_keep_the_int4_kernel_and_a_chunk_unpacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, scales = random_int4(128, 64)
+    layer = Int4Linear(q, scales, None, torch.bfloat16)
+    kernel_rows = kernel_calls(monkeypatch, "_weight_int4pack_mm_for_cpu")
     for rows in (1, 8, DENSE_ROWS - 1, DENSE_ROWS, 512):
         layer(torch.randn(rows, 64, dtype=torch.bfloat16))
     assert kernel_rows == [1, 8, DENSE_ROWS - 1]
@@ -95,6 +101,24 @@ def test_int8_rows_round_trip_and_kernels() -> None:
     ids = torch.tensor([3, 0, 49])
     looked_up = Int8Embedding(q, scales, torch.bfloat16)(ids).float()
     assert torch.allclose(looked_up, dequantize_rows_int8(q, scales)[ids], atol=0.02, rtol=0.01)
+
+
+def test_int8_rows_with_a_bias_keep_the_kernel_for_decode_and_unpack_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer's int8 rows (a GGUF's Q8_0/Q6_K projection): decode rows on the int8 kernel, a prefill chunk from
+    DENSE_ROWS rows as a dense matmul over the dequantized rows, both computing the dequantized weights' output."""
+    weights, bias = torch.randn(96, 64), torch.randn(96)
+    q, scales = quantize_rows_int8(weights)
+    layer = Int8Linear(q, scales, torch.bfloat16, bias)
+    kernel_rows = kernel_calls(monkeypatch, "_weight_int8pack_mm")
+    for rows in (1, 8, DENSE_ROWS - 1, DENSE_ROWS, 300):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        expected = F.linear(x.float(), dequantize_rows_int8(q, scales), bias)
+        out = layer(x).float()
+        assert torch.allclose(out, expected, atol=0.02 * expected.abs().max().item(), rtol=0), rows
+    assert kernel_rows == [1, 8, DENSE_ROWS - 1]
+    half = Int8Linear(q, scales, torch.float16, bias)  # a CPU float16 matmul is no faster: the kernel throughout
+    half(torch.randn(DENSE_ROWS, 64, dtype=torch.float16))
+    assert kernel_rows[-1] == DENSE_ROWS
 
 
 @pytest.mark.slow
