@@ -77,6 +77,8 @@ class Pipeline:
         # The stages that can ever chain, decided once: whether one can right now is asked per step.
         self._chainers = [stage if chain and isinstance(stage, ChainableStage) else None for stage in self.stages]
         self.micro_batch_tokens = micro_batch_tokens
+        # The model's sliding window, if some of its layers have one: it decides where a slice may be cut in pieces.
+        self.window = next(filter(None, map(self.config.window_of, range(self.config.n_layers))), None)
 
     def logits(self, token_ids: torch.Tensor, batch: Batch, rows: Sequence[int]) -> torch.Tensor:
         """(T,) ids in the batch's layout → (len(rows), vocab) float32 logits at those token rows."""
@@ -113,7 +115,8 @@ class Pipeline:
         lead, trail = self.stages[:first], self.stages[first + len(run) :]
         if not run or not all(isinstance(stage, LocalStage) for stage in (*lead, *trail)):
             return None
-        pieces = [(hidden[start:end], piece) for start, end, piece in split_batch(batch, self.micro_batch_tokens)]
+        cut = split_batch(batch, self.micro_batch_tokens, self.window)
+        pieces = [(hidden[start:end], piece) for start, end, piece in cut]
         outputs = run[0].forward_pieces(run[1:], pieces, _as_step(lead, on_sender=True), _as_step(trail))
         return None if outputs is None else torch.cat(outputs)
 

@@ -34,7 +34,7 @@ from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
 from cake_py.engine.stats import EngineStats
 from cake_py.errors import CakeError, ClusterError, ContextLengthError, OverloadedError, RequestError
 from cake_py.models.device import tune_allocator
-from cake_py.models.kv_cache import copied_capacity, grown_capacity
+from cake_py.models.kv_layout import copied_capacity, grown_capacity
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 

@@ -5,7 +5,8 @@ On a GPU a batch-1 decode step of a small model is bound by launching kernels fr
 call. Replays need fixed shapes and addresses, so the recorded step (`Transformer.decode_static`) writes the new
 keys/values at a position held in a device tensor and attends over the sequence's whole cache, up to its capacity,
 masking what lies after the new token. One graph per sequence, recorded on its first decode step and again each
-time its caches are reallocated (they grow by doubling); dropped once the sequence's caches are gone.
+time its caches are reallocated (they grow by doubling, and a sliding window's drops its oldest positions: a replay
+writes no further than the buffer's end, and never drops); dropped once the sequence's caches are gone.
 
 Anything else (a prefill, several sequences in a step, a step that grows the caches, a step run again after a
 failure) runs eagerly. A recording that fails (out of memory for a moment) makes the next 256 steps eager; after
@@ -47,16 +48,22 @@ def enabled() -> bool:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    buffers: tuple[tuple[int, int, int], ...]  # each layer's keys, values and capacity when recorded (see _buffers)
+    buffers: tuple[tuple[int, int, int, int], ...]  # each layer's buffers and layout when recorded (see _buffers)
     hidden: torch.Tensor  # (1, hidden): the step's input is copied here
     position: torch.Tensor  # (1,) long: the new token's position
     out: torch.Tensor  # (1, hidden): the step's output, overwritten by each replay
     rope: list[tuple[torch.Tensor, torch.Tensor]]  # the tables the graph reads (per rope), kept alive with it
 
 
-def _buffers(caches: list[LayerCache]) -> tuple[tuple[int, int, int], ...]:
-    """What a recorded step reads and writes: replayed only while every layer's caches are these same buffers."""
-    return tuple((cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape[2]) for cache in caches)
+def _buffers(caches: list[LayerCache]) -> tuple[tuple[int, int, int, int], ...]:
+    """What a recorded step reads and writes: replayed only while every layer's caches are these same buffers, holding
+    positions from the same start (the step was recorded with it)."""
+    return tuple((cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape[2], cache.start) for cache in caches)
+
+
+def _full(cache: LayerCache, position: int) -> bool:
+    """Whether `position` lies past the end of the cache's buffer (which a replay cannot grow)."""
+    return position - cache.start >= cache.keys.shape[2]
 
 
 class DecodeGraphs:
@@ -79,8 +86,9 @@ class DecodeGraphs:
         if self.steps < self.eager_until:
             return None
         caches = kv.caches_of(piece.seq_id)  # marks the sequence used (the worker frees idle ones)
-        if not caches or piece.start_pos != caches[0].length or piece.start_pos >= caches[0].keys.shape[2]:
-            return None  # new, rewound (a step run again) or full (it grows eagerly, then is recorded again)
+        if not caches or piece.start_pos != caches[0].length or any(_full(cache, piece.start_pos) for cache in caches):
+            # New, rewound (a step run again) or full (it grows, or a window's drops, eagerly; then recorded again).
+            return None
         buffers = _buffers(caches)
         graph = kv.graphs.get(piece.seq_id)
         with torch.cuda.device(hidden.device):  # recorded and replayed on the model's GPU (cuda:N)
@@ -115,7 +123,11 @@ class DecodeGraphs:
             )
 
     def _record(
-        self, hidden: torch.Tensor, position: int, caches: list[LayerCache], buffers: tuple[tuple[int, int, int], ...]
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        caches: list[LayerCache],
+        buffers: tuple[tuple[int, int, int, int], ...],
     ) -> _Graph:
         """Record the step at `position` (the warm-up runs it for real: the replay recomputes the same values).
 
@@ -124,7 +136,7 @@ class DecodeGraphs:
         model = self.model()
         if model is None:
             raise RuntimeError("the model is gone")
-        rope = model._rope_tables(caches[0].keys.shape[2], hidden)
+        rope = model._rope_tables(max(cache.start + cache.keys.shape[2] for cache in caches), hidden)
         static_hidden = hidden.detach().clone()
         static_position = torch.full((1,), position, dtype=torch.long, device=hidden.device)
         if self.stream is None:

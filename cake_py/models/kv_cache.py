@@ -2,7 +2,9 @@
 
 A batch is a list of `SequenceSlice`s whose tokens are concatenated along the first axis of the hidden states
 (a "varlen" layout): sequences of different lengths, some prefilling and some decoding, share every matmul.
-Each sequence owns one growing cache per layer; memory follows what sequences actually use.
+Each sequence owns one cache per layer; memory follows what sequences actually use: a layer that attends to every
+position keeps them all in a growing buffer, a sliding-window layer only the window its queries can still read
+(kv_layout.py).
 """
 
 from __future__ import annotations
@@ -13,26 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-_GROWTH_QUANTUM = 256  # capacity grows in whole multiples of this many positions
-
-
-_DOUBLING_UNTIL = 2048  # past this many positions a cache grows by a quarter: a long one wastes less
-
-
-def grown_capacity(capacity: int, needed: int) -> int:
-    """The positions a cache of `capacity` holds once it holds `needed`: doubled while small, then a quarter more
-    (appends stay cheap either way; doubling a long conversation's cache left up to half of it unused, and kept
-    caches count what they take), in whole quanta. The engine follows it to count what kept caches take
-    (engine/prefix_cache.py)."""
-    if needed <= capacity:
-        return capacity
-    step = capacity if capacity < _DOUBLING_UNTIL else capacity // 4
-    return -(-max(needed, capacity + step) // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
-
-
-def copied_capacity(n_positions: int) -> int:
-    """The positions a cache copied from another's first `n_positions` holds: just enough, in whole quanta."""
-    return -(-max(n_positions, 1) // _GROWTH_QUANTUM) * _GROWTH_QUANTUM
+from cake_py.models.kv_layout import Layout, after_copy, after_write, can_copy, first_read
 
 
 @dataclass(frozen=True)
@@ -61,55 +44,103 @@ def batch_positions(batch: Batch, device: torch.device | None = None) -> torch.T
 
 
 class LayerCache:
-    """Keys and values of one layer for one sequence: (1, n_kv_heads, capacity, head_dim) each."""
+    """Keys and values of one layer for one sequence: (1, n_kv_heads, capacity, head_dim) each, holding positions
+    [start, length) from the front of the buffer. `start` stays 0 without a `window`; with one, the oldest
+    positions are dropped as kv_layout.py says, and attention reads only the window (`update` returns it)."""
 
-    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, window: int | None = None
+    ) -> None:
         self.n_kv_heads, self.head_dim, self.dtype, self.device = n_kv_heads, head_dim, dtype, device
+        self.window = window
         self.keys = torch.empty(1, n_kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
-        self.length = 0
+        self.start = 0  # the first position held (at the buffer's front)
+        self.length = 0  # one past the last position held
 
     @property
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
 
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.start, self.keys.shape[2])
+
     def update(self, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (1, n_kv, t, hd) at `start_pos` and return views of the cache up to the new end."""
+        """Write (1, n_kv, t, hd) at `start_pos` and return views of the positions its queries read, from
+        `first_read(window, start_pos)` up to the new end."""
         if start_pos > self.length:
             raise ValueError(f"cache holds {self.length} positions; cannot write at position {start_pos}")
+        reads_from = first_read(self.window, start_pos)
+        if start_pos and reads_from < self.start:  # a write at 0 starts over and reads nothing held
+            raise ValueError(
+                f"a {self.window}-position window's cache holds positions from {self.start}; a write at position "
+                f"{start_pos} reads from {reads_from}"
+            )
         end = start_pos + keys.shape[2]
-        if end > self.keys.shape[2]:
-            self._grow(end)
-        self.keys[:, :, start_pos:end] = keys
-        self.values[:, :, start_pos:end] = values
+        layout = after_write(self.layout, self.window, start_pos, end)
+        if layout != self.layout:
+            self._relayout(layout, start_pos)
+        self.keys[:, :, start_pos - self.start : end - self.start] = keys
+        self.values[:, :, start_pos - self.start : end - self.start] = values
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys[:, :, reads_from - self.start : end - self.start], self.values[
+            :, :, reads_from - self.start : end - self.start
+        ]
+
+    def holds_prefix(self, n_positions: int) -> bool:
+        """Whether a copy of this cache's first `n_positions` can be made: it holds that many and, for a window,
+        has not dropped what the copy needs."""
+        return self.length >= n_positions and can_copy(self.start, self.window, n_positions)
 
     def copy_prefix(self, source: LayerCache, n_positions: int) -> None:
-        """Become a copy of `source`'s first `n_positions` positions (this cache is new and empty)."""
-        shape = (1, self.n_kv_heads, copied_capacity(n_positions), self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)  # see _grow
+        """Become a copy of `source`'s first `n_positions` positions (this cache is new and empty): all of them, or
+        for a window those a write at `n_positions` reads."""
+        if not source.holds_prefix(n_positions):
+            raise ValueError(
+                f"cannot copy {n_positions} positions of a cache that holds positions [{source.start}, {source.length})"
+            )
+        layout = after_copy(self.window, n_positions)
+        shape = (1, self.n_kv_heads, layout.capacity, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)  # see _relayout
         self.values = torch.zeros_like(self.keys)
-        self.keys[:, :, :n_positions] = source.keys[:, :, :n_positions]
-        self.values[:, :, :n_positions] = source.values[:, :, :n_positions]
-        self.length = n_positions
+        held = n_positions - layout.start
+        offset = layout.start - source.start
+        self.keys[:, :, :held] = source.keys[:, :, offset : offset + held]
+        self.values[:, :, :held] = source.values[:, :, offset : offset + held]
+        self.start, self.length = layout.start, n_positions
 
-    def _grow(self, needed: int) -> None:
-        capacity = grown_capacity(self.keys.shape[2], needed)
+    def _relayout(self, layout: Layout, keep_until: int) -> None:
+        """Move positions [layout.start, keep_until) into a new buffer of `layout.capacity` (what lies past
+        `keep_until` is being rewritten)."""
         # Zeros, not garbage, past the length: a graphed decode step reads the whole capacity, masked, and a NaN
         # there would survive the mask.
-        keys = torch.zeros(1, self.n_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
+        keys = torch.zeros(1, self.n_kv_heads, layout.capacity, self.head_dim, dtype=self.dtype, device=self.device)
         values = torch.zeros_like(keys)
-        keys[:, :, : self.length] = self.keys[:, :, : self.length]
-        values[:, :, : self.length] = self.values[:, :, : self.length]
-        self.keys, self.values = keys, values
+        first = max(layout.start, self.start)  # a write at 0 keeps nothing
+        held = max(0, keep_until - first)
+        offset = first - self.start
+        keys[:, :, :held] = self.keys[:, :, offset : offset + held]
+        values[:, :, :held] = self.values[:, :, offset : offset + held]
+        self.keys, self.values, self.start = keys, values, layout.start
 
 
 class KVStore:
     """The caches of every live sequence for `n_layers` consecutive layers of one stage."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        windows: Sequence[int | None] = (),
+    ) -> None:
+        if windows and len(windows) != n_layers:
+            raise ValueError(f"{len(windows)} sliding windows for {n_layers} layers")
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.windows: tuple[int | None, ...] = tuple(windows) or (None,) * n_layers  # each layer's, None: no window
         self.dtype, self.device = dtype, device
         self._caches: dict[int, list[LayerCache]] = {}
         self._last_used: dict[int, float] = {}
@@ -125,18 +156,19 @@ class KVStore:
         return [self._get(s.seq_id) for s in batch]
 
     def check_copy(self, piece: SequenceSlice) -> None:
-        """ValueError unless `piece.copy_from` can seed `piece`: a source holding its prefix."""
-        if self.length(piece.copy_from or 0) < piece.start_pos:
+        """ValueError unless `piece.copy_from` can seed `piece`: a source holding its prefix (and, in a windowed
+        layer, the window before it)."""
+        source = self._caches.get(piece.copy_from or 0)
+        if source is None or not all(cache.holds_prefix(piece.start_pos) for cache in source):
             raise ValueError(
                 f"sequence {piece.seq_id} starts as a copy of {piece.start_pos} positions of sequence "
-                f"{piece.copy_from}, which holds {self.length(piece.copy_from or 0)}"
+                f"{piece.copy_from}, which holds {_held(source)}"
             )
 
     def _copy(self, source_id: int, seq_id: int, n_positions: int) -> None:
         source = self._caches.get(source_id)
-        if source is None or source[0].length < n_positions:
-            held = source[0].length if source else 0
-            raise ValueError(f"cannot copy {n_positions} positions of sequence {source_id}: it holds {held}")
+        if source is None or not all(cache.holds_prefix(n_positions) for cache in source):
+            raise ValueError(f"cannot copy {n_positions} positions of sequence {source_id}: it holds {_held(source)}")
         self._last_used[source_id] = time.monotonic()  # a kept prefix copied all day is in use, not idle
         caches = self._get(seq_id)
         for cache, original in zip(caches, source, strict=True):
@@ -146,7 +178,7 @@ class KVStore:
         self._last_used[seq_id] = time.monotonic()
         caches = self._caches.get(seq_id)
         if caches is None:
-            caches = [LayerCache(self.n_kv_heads, self.head_dim, self.dtype, self.device) for _ in range(self.n_layers)]
+            caches = [LayerCache(self.n_kv_heads, self.head_dim, self.dtype, self.device, w) for w in self.windows]
             self._caches[seq_id] = caches
         return caches
 
@@ -181,3 +213,11 @@ class KVStore:
     def nbytes(self) -> int:
         # A snapshot first: Info and the dashboard read this while the forward thread adds and drops sequences.
         return sum(c.nbytes for caches in list(self._caches.values()) for c in caches)
+
+
+def _held(caches: list[LayerCache] | None) -> str:
+    """What a sequence's caches hold, for an error: its length, and what its windowed layers dropped."""
+    if not caches:
+        return "0"
+    dropped = max(cache.start for cache in caches)
+    return f"{caches[0].length}" + (f" (its windowed layers from position {dropped} on)" if dropped else "")

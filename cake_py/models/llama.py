@@ -20,6 +20,7 @@ from cake_py.models import graphs
 from cake_py.models.config import ModelConfig, RopeConfig
 from cake_py.models.graphs import DecodeGraphs
 from cake_py.models.kv_cache import Batch, KVStore, LayerCache, batch_positions
+from cake_py.models.kv_layout import first_read
 
 
 class RMSNorm(nn.Module):
@@ -125,8 +126,10 @@ class Attention(nn.Module):
             q_seq = q[offset:end].transpose(0, 1).unsqueeze(0)  # (1, n_heads, t, head_dim)
             k_seq = k[offset:end].transpose(0, 1).unsqueeze(0)  # (1, n_kv_heads, t, head_dim)
             v_seq = v[offset:end].transpose(0, 1).unsqueeze(0)
-            keys, values = cache.update(k_seq, v_seq, piece.start_pos)  # (1, n_kv_heads, L, head_dim)
-            mask = self._mask(piece.start_pos, piece.n_tokens, keys.shape[2], x.device)
+            # What its queries read: every position, or the window before its first one: (1, n_kv_heads, L, head_dim)
+            keys, values = cache.update(k_seq, v_seq, piece.start_pos)
+            key_start = first_read(self.sliding_window, piece.start_pos)
+            mask = self._mask(piece.start_pos, piece.n_tokens, key_start, keys.shape[2], x.device)
             if piece.n_tokens == 1 and mask is None and x.device.type == "cpu":
                 outputs.append(self._decode_attention(q[offset], keys[0], values[0]))
             else:
@@ -144,11 +147,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """One token of one sequence at `position` ((1,) on the device), with fixed shapes and addresses only (what
         a CUDA graph can replay): the new keys/values go in at `position`, and attention reads the whole cache, up
-        to its capacity, masking every position after this one (and outside the window). x: (1, hidden)."""
+        to its capacity, masking every position after this one (and outside the window). The cache's `start` (a
+        window's cache dropped the positions before it) is read once: a graph is recorded again when it moves.
+        x: (1, hidden)."""
         q, k, v = self.project(x, cos, sin)
-        cache.keys.index_copy_(2, position, k.transpose(0, 1).unsqueeze(0))  # (1, n_kv_heads, 1, head_dim)
-        cache.values.index_copy_(2, position, v.transpose(0, 1).unsqueeze(0))
-        key_pos = torch.arange(cache.keys.shape[2], device=x.device)
+        slot = position - cache.start  # where the position lies in the buffer
+        cache.keys.index_copy_(2, slot, k.transpose(0, 1).unsqueeze(0))  # (1, n_kv_heads, 1, head_dim)
+        cache.values.index_copy_(2, slot, v.transpose(0, 1).unsqueeze(0))
+        key_pos = cache.start + torch.arange(cache.keys.shape[2], device=x.device)
         visible = key_pos <= position
         if self.sliding_window is not None:
             visible &= key_pos > position - self.sliding_window
@@ -203,16 +209,20 @@ class Attention(nn.Module):
         out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (n, n_kv_heads, group, head_dim)
         return out.to(v.dtype).reshape(n, self.n_heads * self.head_dim)
 
-    def _mask(self, start_pos: int, n_tokens: int, n_keys: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean (t, L) mask where a plain causal or no mask is not enough; None otherwise."""
+    def _mask(
+        self, start_pos: int, n_tokens: int, key_start: int, n_keys: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """Boolean (t, L) mask of t queries from `start_pos` over L keys from `key_start`, where a plain causal or no
+        mask is not enough; None otherwise."""
         window = self.sliding_window
-        windowed = window is not None and n_keys > window
-        if not windowed and (n_tokens == 1 or start_pos == 0):
-            return None  # decode sees every key; a fresh prefill is plain causal
+        if n_tokens == 1:
+            return None  # a decode step's keys are what it reads: every position, or its window
+        if start_pos == 0 and (window is None or n_tokens <= window):
+            return None  # a fresh prefill within its window is plain causal (keys and queries both from 0)
         query_pos = torch.arange(start_pos, start_pos + n_tokens, device=device)[:, None]
-        key_pos = torch.arange(n_keys, device=device)[None, :]
+        key_pos = torch.arange(key_start, key_start + n_keys, device=device)[None, :]
         mask = key_pos <= query_pos
-        if window is not None and windowed:
+        if window is not None:
             mask &= key_pos > query_pos - window
         return mask
 
@@ -303,7 +313,8 @@ class Transformer(nn.Module):
         return next(self.parameters()).device
 
     def new_kv_store(self) -> KVStore:
-        return KVStore(self.n_layers, self.config.n_kv_heads, self.config.head_dim, self.dtype, self.device)
+        windows = [self.config.window_of(layer) for layer in range(self.start, self.end)]
+        return KVStore(self.n_layers, self.config.n_kv_heads, self.config.head_dim, self.dtype, self.device, windows)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(T,) token ids (on any device: the engine builds them on the CPU) → (T, hidden) on this model's device."""
@@ -331,7 +342,8 @@ class Transformer(nn.Module):
     def decode_static(self, hidden: torch.Tensor, position: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
         """One token of one sequence through this part's layers with fixed shapes and addresses (see
         `Attention.decode_static`); `caches` are the sequence's, one per layer, and their lengths are not updated.
-        Run it only after `_rope_tables(capacity)`: the tables must already cover every position it may be asked."""
+        Run it only after `_rope_tables(end)` for the end of every cache's buffer (`start + capacity`): the tables
+        must already cover every position it may be asked."""
         ropes = [  # (1, 1, head_dim) cos and sin per rope
             (cos.index_select(0, position), sin.index_select(0, position)) for cos, sin in self._rope_tables(1, hidden)
         ]

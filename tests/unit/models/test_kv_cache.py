@@ -80,7 +80,8 @@ def test_copying_a_sequence_counts_as_using_it() -> None:
 def test_a_cache_doubles_while_small_then_grows_by_a_quarter() -> None:
     """A 4,300-token conversation's cache doubled to 8,192 positions (half of it unused); kept caches count what
     they take, so it filled the whole default prefix-cache budget alone."""
-    from cake_py.models.kv_cache import LayerCache, grown_capacity
+    from cake_py.models.kv_cache import LayerCache
+    from cake_py.models.kv_layout import grown_capacity
 
     cache = LayerCache(1, 2, torch.float32, torch.device("cpu"))
     capacities = []
