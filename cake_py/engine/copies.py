@@ -5,20 +5,37 @@
   leader that finishes before every choice has copied it keeps its caches until then.
 - Prefix caching: a finished sequence's caches stay for a while (engine/prefix_cache.py), and a new prompt that
   starts with its tokens copies them.
+A sliding-window layer's caches hold only the window before their last write (models/kv_layout.py): each
+sequence's layouts are followed here, step by step, so that a copy is offered only where they still hold what it
+needs, and kept caches are counted at what they take.
 Engine-thread bookkeeping only (plus a count the submitting threads update under the engine's submit lock).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Listing
+
 from cake_py.engine.prefix_cache import PrefixCache
 from cake_py.engine.sequence import GenerationEvent, Sequence
-from cake_py.models.kv_cache import Batch
+from cake_py.models.kv_cache import Batch, SequenceSlice
+from cake_py.models.kv_layout import after_copy, after_write, can_copy, copied_capacity, grown_capacity
 
 
 class CopySources:
-    def __init__(self, prefix_cache_tokens: int, running: dict[int, Sequence], waiting: dict[int, Sequence]) -> None:
+    def __init__(
+        self,
+        prefix_cache_tokens: int,
+        running: dict[int, Sequence],
+        waiting: dict[int, Sequence],
+        windows: Listing[int | None] = (),
+    ) -> None:
         self.running, self.waiting = running, waiting  # the engine's own schedule
-        self.prefix_cache = PrefixCache(prefix_cache_tokens)  # 0 tokens: nothing is kept
+        # The model's sliding window (its windowed layers share one), and how many of its layers have it.
+        self.window = next((window for window in windows if window is not None), None)
+        if any(window not in (None, self.window) for window in windows):
+            raise ValueError(f"sliding windows of different sizes ({sorted({w for w in windows if w})}) in one model")
+        self.n_layers, self.n_windowed = max(len(windows), 1), sum(window is not None for window in windows)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens, window=self.window)  # 0 tokens: nothing is kept
         # Finished sequences whose prefill other choices still wait to copy: released once none does.
         self.kept_for_copies: dict[int, Sequence] = {}
         self.inbox_copies: dict[int, int] = {}  # leader id → choices still in the inbox that will copy it
@@ -81,6 +98,9 @@ class CopySources:
             return None
         if leader.n_cached < shared:
             return 0
+        if not can_copy(leader.windowed.start, self.window, shared):  # its windowed layers dropped what is needed
+            seq.leader = None
+            return None
         kept = self.prefix_copies.get(leader.seq_id)
         if kept is not None:  # the leader copies a kept prefix in this very step (stages hold none of it yet)
             seq.n_cached = shared
@@ -100,6 +120,24 @@ class CopySources:
         self.prefix_copies.clear()
         return self.prefix_cache.clear()
 
+    # ---- the stages' caches ----
+    def wrote(self, seq: Sequence, piece: SequenceSlice) -> None:
+        """A step wrote `piece` of `seq` on every stage: its caches' layouts follow (the stages' own, step for step:
+        models/kv_layout.py). Where a stage's window dropped less (a replayed decode step drops nothing until its
+        buffer is full), it holds more than followed here: a copy offered is always one it can serve."""
+        end = piece.start_pos + piece.n_tokens
+        if piece.copy_from is not None:  # its caches start as a copy, just large enough
+            seq.capacity = copied_capacity(piece.start_pos)
+            seq.windowed = after_copy(self.window, piece.start_pos)
+        seq.capacity = grown_capacity(seq.capacity, end)
+        if self.window is not None:
+            seq.windowed = after_write(seq.windowed, self.window, piece.start_pos, end)
+
+    def _taken(self, seq: Sequence) -> int:
+        """The positions its caches take on each stage, averaged over the model's layers (windowed ones take less)."""
+        full = (self.n_layers - self.n_windowed) * seq.capacity + self.n_windowed * seq.windowed.capacity
+        return -(-full // self.n_layers)
+
     # ---- finished sequences ----
     def finished(self, seq: Sequence, event: GenerationEvent | None) -> list[int]:
         """A sequence left the schedule: the ids whose caches can go now (its own, unless it is kept for choices
@@ -112,7 +150,8 @@ class CopySources:
         if seq.reached_pipeline and done and seq.pooled is None:
             # Kept for a later prompt that starts the same way; a cancelled one frees its caches at once. Embeddings
             # are not kept: indexing a corpus would push out every chat's history.
-            return self.prefix_cache.add(seq.seq_id, seq.all_ids[: seq.n_cached], seq.capacity)
+            kept = seq.all_ids[: seq.n_cached]
+            return self.prefix_cache.add(seq.seq_id, kept, self._taken(seq), kept_from=seq.windowed.start)
         return [seq.seq_id] if seq.reached_pipeline else []
 
     def releasable(self) -> list[int]:

@@ -34,7 +34,6 @@ from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
 from cake_py.engine.stats import EngineStats
 from cake_py.errors import CakeError, ClusterError, ContextLengthError, OverloadedError, RequestError
 from cake_py.models.device import tune_allocator
-from cake_py.models.kv_layout import copied_capacity, grown_capacity
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
@@ -84,7 +83,8 @@ class Engine(Faults):
         self._to_release: list[int] = []  # finished sequences that reached the pipeline: released once per step
         self._finished: list[tuple[Sequence, GenerationEvent | None]] = []  # their last events, sent after that
         # Choices copying their leader's prefill, and the finished sequences kept for prompts that start the same way.
-        self.copies = CopySources(prefix_cache_tokens, self._running, self._waiting)
+        windows = [pipeline.config.window_of(layer) for layer in range(pipeline.config.n_layers)]
+        self.copies = CopySources(prefix_cache_tokens, self._running, self._waiting, windows)
         self.prefix_cache = self.copies.prefix_cache
         # The sequences of a failed step, in order: each runs alone until it has passed a step (or failed one alone),
         # so that one sequence's fault (or a batch too big for memory) ends only its own request.
@@ -378,9 +378,7 @@ class Engine(Faults):
             return
         for piece, seq in zip(batch, members, strict=True):
             seq.n_cached = piece.start_pos + piece.n_tokens
-            if piece.copy_from is not None:  # its caches start as a copy, just large enough
-                seq.capacity = copied_capacity(piece.start_pos)
-            seq.capacity = grown_capacity(seq.capacity, seq.n_cached)
+            self.copies.wrote(seq, piece)
             if piece.seq_id in self.copies.prefix_copies:
                 seq.cached_tokens = piece.start_pos  # prompt tokens a kept cache gave it (usage's cached_tokens)
                 self.stats.prefix_cached_tokens += piece.start_pos

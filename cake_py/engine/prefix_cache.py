@@ -5,6 +5,8 @@ This is bookkeeping only: which finished sequences are kept and what they hold. 
 `copy_from` (the first `start_pos` positions of another sequence), the same as n > 1 choices use, so it works
 unchanged through workers. Kept caches are bounded by a token budget and an idle time, least recently used first;
 a worker may also have dropped them (its own idle timeout, a restart), which the engine learns from a failed copy.
+A model's sliding-window layers keep only the window before their last write (models/kv_layout.py): an entry is
+offered only for a prefix long enough that the window before it is still held.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from cake_py.models.kv_layout import can_copy
 
 MIN_MATCH = 16  # a shorter shared prefix saves less than it costs to look up and copy
 QUANTUM = 256  # stages hold caches in whole blocks of this many positions (models/kv_cache.py): the budget counts them
@@ -24,6 +28,7 @@ class _Entry:
     tokens: tuple[int, ...]
     last_used: float
     positions: int  # what its caches take on each stage
+    kept_from: int  # the first position its windowed layers still hold (0: all, or no window)
 
 
 class PrefixCache:
@@ -36,11 +41,13 @@ class PrefixCache:
         min_match: int = MIN_MATCH,
         idle_seconds: float = IDLE_SECONDS,
         quantum: int = QUANTUM,
+        window: int | None = None,
     ) -> None:
         self.max_tokens = max_tokens  # the budget, in positions as the stages hold them (whole blocks)
         self.min_match = max(1, min_match)
         self.idle_seconds = idle_seconds
         self.quantum = max(1, quantum)
+        self.window = window  # the model's sliding window, if some of its layers have one
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self.tokens = 0  # held by all entries
         self.positions = 0  # what they take on the stages: at least each entry's tokens in whole blocks
@@ -54,24 +61,26 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, seq_id: int, tokens: Sequence[int], capacity: int = 0) -> list[int]:
+    def add(self, seq_id: int, tokens: Sequence[int], capacity: int = 0, *, kept_from: int = 0) -> list[int]:
         """Keep `seq_id`'s caches, which hold `tokens` in `capacity` positions (a cache grows by doubling: one of
-        1,066 tokens takes 2,048; counting its tokens alone let kept caches take twice the budget); returns the ids
-        whose caches can go now (evicted entries, or `seq_id` itself when it is not worth keeping)."""
+        1,066 tokens takes 2,048; counting its tokens alone let kept caches take twice the budget; 0: its tokens in
+        whole blocks), its windowed layers those from `kept_from` on; returns the ids whose caches can go now
+        (evicted entries, or `seq_id` itself when it is not worth keeping)."""
         tokens = tuple(tokens)
-        positions = max(capacity, self._charge(len(tokens)))
+        positions = capacity or self._charge(len(tokens))
         if len(tokens) < self.min_match or positions > self.max_tokens:
             return [seq_id]
         released = []
         for other, entry in list(self._entries.items()):
             shared = _prefix_length(entry.tokens, tokens)
-            if shared == len(entry.tokens):  # the new one holds all it holds
+            # One serves every copy the other does when it holds all its tokens and its windows dropped no more.
+            if shared == len(entry.tokens) and kept_from <= entry.kept_from:  # the new one holds all it holds
                 released.append(self._drop(other))
-            elif shared == len(tokens):  # it already holds all the new one holds
+            elif shared == len(tokens) and entry.kept_from <= kept_from:  # it already holds all the new one holds
                 self._entries.move_to_end(other)
                 entry.last_used = time.monotonic()
                 return [*released, seq_id]
-        self._entries[seq_id] = _Entry(tokens, time.monotonic(), positions)
+        self._entries[seq_id] = _Entry(tokens, time.monotonic(), positions, kept_from)
         self.tokens += len(tokens)
         self.positions += positions
         while self.positions > self.max_tokens:
@@ -97,7 +106,8 @@ class PrefixCache:
         limit = len(prompt) - 1
         for seq_id, entry in self._entries.items():
             shared = _prefix_length(entry.tokens, prompt, limit)
-            if shared >= self.min_match and (best is None or shared > best[1]):
+            servable = can_copy(entry.kept_from, self.window, shared)  # its windows still hold what the copy needs
+            if shared >= self.min_match and servable and (best is None or shared > best[1]):
                 best = (seq_id, shared)
         return best
 

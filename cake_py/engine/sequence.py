@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from cake_py.engine.speculation import PredictionLookup, PromptLookup
 from cake_py.errors import CakeError
 from cake_py.models.detokenizer import IncrementalDecoder
+from cake_py.models.kv_layout import Layout
 from cake_py.models.pooling import PoolingState
 from cake_py.models.sampling import SampledToken, Sampler, SamplingParams, StopMatcher
 from cake_py.models.tokenizer import Tokenizer
@@ -65,7 +66,8 @@ class Sequence:
         # prompt + output, grown in place: the scheduler and sampler read it every step, so it is never rebuilt.
         self.all_ids: list[int] = list(prompt_ids)
         self.n_cached = 0  # tokens whose keys/values every stage holds
-        self.capacity = 0  # positions the stages' caches of it take (they grow by doubling: models/kv_cache.py)
+        self.capacity = 0  # positions the stages' caches of it take (they grow by doubling: models/kv_layout.py)
+        self.windowed = Layout()  # what the caches of its sliding-window layers hold, if the model has any
         self.cached_tokens = 0  # prompt tokens copied from a kept sequence instead of computed
         self.reached_pipeline = False  # a step included it: stages may hold caches to release
         self.prompt_logprobs: list[SampledToken] | None = [] if params.prompt_logprobs else None
@@ -92,6 +94,7 @@ class Sequence:
         self.restarts += 1
         self.n_cached = 0
         self.capacity = 0  # its new caches grow from nothing
+        self.windowed = Layout()
         self.cached_tokens = 0  # none of its prompt comes from a kept cache any more (one may match again)
         self.drafts = []
         self.leader = None
