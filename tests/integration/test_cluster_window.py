@@ -104,15 +104,25 @@ def test_windowed_layers_on_workers_equal_a_single_node(
         engine.pipeline.close()
 
 
+@pytest.mark.parametrize(
+    "layers",
+    [
+        pytest.param([(0, 2), (2, 3)], id="workers"),
+        pytest.param([(1, 2), (2, 3)], id="master-first"),  # the master's windowed layer 0 computes pieces too
+        pytest.param([(0, 1), (1, 2)], id="master-last"),
+    ],
+)
 def test_pieces_of_steps_past_the_window_then_rewritten_equal_a_single_node(
-    workers: list[WorkerProcess], tiny_model_factory: TinyModelFactory
+    layers: list[tuple[int, int]], workers: list[WorkerProcess], tiny_model_factory: TinyModelFactory
 ) -> None:
-    """Steps cut in pieces in flight on both workers, through the window's drops; then drafts rewritten, and a step
-    run again whole at the same positions (as after a chain that could not take its pieces)."""
+    """Steps cut in pieces in flight on both workers (and the master, where it holds a layer), through the window's
+    drops; then drafts rewritten, and a step run again whole at the same positions (as after a chain that could not
+    take its pieces)."""
     from cake_py.models.kv_cache import SequenceSlice
+    from cake_py.rpc.client import RemoteStage
 
     source = resolve_model(str(tiny_model_factory("gemma3")))
-    specs = [workers[0].spec((0, 2)), workers[1].spec((2, 3))]
+    specs = [worker.spec(held) for worker, held in zip(workers, layers, strict=True)]
     settings = ServeSettings(model=source.model_id, workers=specs, dtype="float32", device="cpu")
     settings.micro_batch_tokens = 4
     steps = [
@@ -133,6 +143,7 @@ def test_pieces_of_steps_past_the_window_then_rewritten_equal_a_single_node(
             rows = list(range(len(step_ids)))
             expected = single.run(step_ids, batch, rows)[0]
             torch.testing.assert_close(pipeline.run(step_ids, batch, rows)[0], expected, atol=1e-4, rtol=1e-4)
-        assert all(stage.chained_calls > 0 for stage in pipeline.stages)  # type: ignore[attr-defined]
+        remote = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+        assert len(remote) == 2 and all(stage.chained_calls > len(steps) for stage in remote)  # some steps in pieces
     finally:
         pipeline.close()
