@@ -28,6 +28,7 @@ from cake_py.api.errors import ApiError, retry_headers
 from cake_py.api.inprocess import Routes
 from cake_py.api.json_body import json_body, strict_loads
 from cake_py.api.keepalive import KeepAliveResponse
+from cake_py.api.llama_sampler_fields import PENALTY_FIELDS, SAMPLER_FIELDS
 from cake_py.api.middleware import request_caller
 from cake_py.api.partial_json import loads_partial
 from cake_py.api.schemas import flag
@@ -39,16 +40,11 @@ if TYPE_CHECKING:
     from cake_py.api.state import ServerState
 
 # Older clients' sampling fields, and vLLM's extensions, passed to the chat route as they are.
+# Passed on to the chat completion as it reads them (vLLM's extras and llama.cpp's samplers included).
 SAMPLING = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "ignore_eos",
-    "min_tokens",
-    "repetition_penalty",
-    "priority",
+    *("temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "min_tokens", "repetition_penalty", "priority"),
+    *SAMPLER_FIELDS,
+    *PENALTY_FIELDS,
 )
 
 

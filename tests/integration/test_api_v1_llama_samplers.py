@@ -1,8 +1,8 @@
 """llama.cpp's sampler fields on the OpenAI-compatible routes (/v1/completions, /v1/chat/completions and its /api/v1
-alias, /v1/responses), sent as the official `openai` client sends extra fields (`extra_body`), on a real uvicorn
-server with the tiny Llama: the same settings and seed draw the same tokens as llama.cpp's /completion, each group
-changes a sampled answer, neutral values change nothing, `repeat_penalty` is `repetition_penalty` by its llama.cpp
-name, and a bad value is a 400 naming the field."""
+alias, /v1/responses) and Anthropic's /v1/messages, sent as the official `openai` client sends extra fields
+(`extra_body`), on a real uvicorn server with the tiny Llama: the same settings and seed draw the same tokens as
+llama.cpp's /completion, each group changes a sampled answer, neutral values change nothing, `repeat_penalty` is
+`repetition_penalty` by its llama.cpp name, and a bad value is a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -152,6 +152,25 @@ def test_responses_pass_the_fields_on(client: OpenAI) -> None:
     )
     assert response.output_text == chat(client, fields, continued=False)
     assert response.output_text != chat(client, {}, continued=False)
+
+
+def test_anthropic_messages_pass_the_fields_on(server: ServerHandle, client: OpenAI) -> None:
+    fields = GROUPS["mirostat"]
+
+    def message(extra: dict[str, Any]) -> str:
+        body = {"model": "x", "max_tokens": LENGTH, "messages": [{"role": "user", "content": PROMPT}], **COMMON}
+        answer = httpx.post(f"{server.base_url}/v1/messages", json={**body, **extra}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["content"][0]["text"])
+
+    assert message(fields) == chat(client, fields, continued=False)
+    assert message(fields) != message({})
+    refused = httpx.post(
+        f"{server.base_url}/v1/messages",
+        json={"model": "x", "max_tokens": 2, "messages": [{"role": "user", "content": "a"}], "mirostat": 3},
+        timeout=60,
+    )
+    assert refused.status_code == 400 and "mirostat" in refused.text, refused.text
 
 
 def test_repeat_penalty_is_repetition_penalty_by_llama_cpps_name(client: OpenAI) -> None:
