@@ -1,4 +1,5 @@
-"""uvicorn's HTTP/1.1 protocol with a deadline for each request's head (request line and headers).
+"""uvicorn's HTTP/1.1 protocol with a deadline for each request's head (request line and headers), and for a client
+that stops reading its answer.
 
 uvicorn times only the idle gap after a response, and forgets it at the first byte of the next request: a client
 that opens a connection and sends nothing, or a header byte every few seconds (slowloris), held that connection and
@@ -7,13 +8,24 @@ request must arrive within `HEAD_TIMEOUT_S` of the connection opening or of the 
 gets a 408 and the connection is closed; a connection that sent nothing is closed, as uvicorn closes an idle
 keep-alive one. The body has its own timeout (`middleware.BodyLimitMiddleware`); answers may take as long as they
 take.
+
+A client that keeps its connection open but stops reading (a slow reader) held its stream's slot in the engine, which
+went on generating into a buffer nobody read until max_tokens, and then held the connection and that buffer for ever:
+uvicorn waits for the socket to drain without a limit. Here, once the socket's buffers are full (asyncio pauses the
+writes), the client must take some of the waiting bytes every `WRITE_STALL_TIMEOUT_S` (nginx's send_timeout: the time
+between two successful writes, not for the whole answer); if it takes none, the connection is dropped, which ends the
+request as a disconnect does (its sequence is cancelled, its slot and caches freed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import struct
+import sys
+import termios
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -21,20 +33,69 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger(__name__)
 
 HEAD_TIMEOUT_S = 30.0  # a real client sends its headers in one packet; a proxy's slow link still does in seconds
+WRITE_STALL_TIMEOUT_S = 60.0  # nginx's send_timeout: a slow link still takes some bytes this often
 
 
 class HeadTimeoutProtocol(H11Protocol):
     head_timeout = HEAD_TIMEOUT_S
+    write_stall_timeout = WRITE_STALL_TIMEOUT_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_begun = False  # a byte of the awaited request's head has arrived
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_buffered = 0  # bytes waiting to be written when the stall timer was armed
         super().connection_made(transport)
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_stall_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._arm_stall_timer()
+
+    def resume_writing(self) -> None:
+        self._cancel_stall_timer()
+        super().resume_writing()
+
+    def _unsent(self) -> int:
+        """Bytes written but not yet taken by the client: asyncio's buffer, and on Linux the socket's send queue.
+        The socket's queue counts: the kernel wakes asyncio's writer only once half of it has drained, which takes
+        a slow client (or a link far away) much longer than taking some of it."""
+        size = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sys.platform == "linux" and sock is not None:
+            try:
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            except OSError:  # closed under us: asyncio's buffer tells enough
+                return size
+            size += struct.unpack("i", queued)[0]
+        return size
+
+    def _arm_stall_timer(self) -> None:
+        self._cancel_stall_timer()
+        self._stall_buffered = self._unsent()
+        self._stall_timer = self.loop.call_later(self.write_stall_timeout, self._write_stalled)
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _write_stalled(self) -> None:
+        self._stall_timer = None
+        if not self.transport.get_write_buffer_size():  # drained: resume_writing comes, or the connection is closing
+            return
+        if self._unsent() < self._stall_buffered:  # it took some: a slow link, not a stall
+            self._arm_stall_timer()
+            return
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        log.info("%s read nothing of its answer in %g s: dropping its connection", client, self.write_stall_timeout)
+        # abort, not close: close waits for the buffer to drain, which is what never happens
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._head_timer is not None and data:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from openai import OpenAI
 
 from cake_py.api import topology as topology_module
+from cake_py.api.http_protocol import HeadTimeoutProtocol
 from cake_py.cluster.hostinfo import HostFacts
 from cake_py.cluster.stage import LocalStage
 from tests.fixtures.cluster import LocalCluster
@@ -182,3 +185,51 @@ def test_a_full_queue_is_a_503_and_shutdown_ends_every_open_stream(
     assert all(ending[-1] == "data: [DONE]" for ending in endings), endings
     stopped = [ending for ending in endings if "engine stopped" in ending[0]]
     assert len(stopped) >= 3, endings  # the queued ones at least: they never ran
+
+
+def _requests_in_progress(server: ServerHandle) -> float:
+    """cake_http_requests_in_progress, less the /metrics request that reads it."""
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    line = next(line for line in text.splitlines() if line.startswith("cake_http_requests_in_progress "))
+    return float(line.split()[1]) - 1
+
+
+def test_a_client_that_stops_reading_its_stream_is_dropped_and_its_request_ends(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that keeps its connection open but reads nothing: once its answer passed what the sockets' buffers
+    hold, the server waited for it to read for ever, holding the request, its connection and its unsent events."""
+    monkeypatch.setattr(HeadTimeoutProtocol, "write_stall_timeout", 0.5)
+    made = HeadTimeoutProtocol.connection_made
+
+    def small_send_buffer(protocol: HeadTimeoutProtocol, transport: asyncio.Transport) -> None:
+        # a remote client's connection buffers far less than loopback's, which grows to 4 MB
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        made(protocol, transport)
+
+    monkeypatch.setattr(HeadTimeoutProtocol, "connection_made", small_send_buffer)
+    # 400 tokens with 20 alternatives each: about 900 kB of chunks, more than the sockets buffer
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 400,
+        "min_tokens": 400,
+        "stream": True,
+        "logprobs": True,
+        "top_logprobs": 20,
+    }
+    payload = json.dumps(body).encode()
+    with running_server(tiny_settings(tiny_llama)) as server, socket.socket() as reader:
+        engine = server.state.engine
+        assert engine is not None
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window it offers
+        reader.connect(("127.0.0.1", int(server.base_url.rsplit(":", 1)[1])))
+        reader.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+        )
+        assert _wait_for(lambda: engine.in_flight == 1)
+        # never read: the server drops the connection, which cancels what is left and ends the request
+        assert _wait_for(lambda: _requests_in_progress(server) == 0 and engine.in_flight == 0, 60)
+        assert (
+            httpx.post(f"{server.openai_url}/completions", json={"prompt": "cake", "max_tokens": 2}).status_code == 200
+        )
