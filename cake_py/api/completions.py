@@ -23,6 +23,7 @@ from cake_py.api.schemas import choice_count, flag, openai_sampling, stream_usag
 from cake_py.api.state import generation_request
 from cake_py.api.streaming import GenerationResponse, collect_all, event_error, merged, open_streams, sse, usage
 from cake_py.api.structured import structured_grammar
+from cake_py.api.token_lists import only_ids, outside_vocabulary
 from cake_py.models.fill_in_middle import fim_prompt, fim_stops, fim_tokens
 from cake_py.models.sampling import SampledToken
 from cake_py.models.tokenizer import Tokenizer
@@ -68,14 +69,14 @@ def _completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts: list[Any] = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    elif prompt and only_ids(prompt):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt:
         prompts = prompt
     else:
         raise ApiError(400, f"prompt must be a string, a list of strings or a list of token ids, got {prompt!r}")
     for item in prompts:
-        ids_ok = isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+        ids_ok = bool(item) and only_ids(item)
         text_ok = isinstance(item, str) and (item or body.get("suffix") is not None)
         if not text_ok and not ids_ok:
             raise ApiError(400, f"prompt {item!r} must be a non-empty string or a non-empty list of token ids")
@@ -111,9 +112,10 @@ async def completions(request: Request) -> Response:
 
     prompt_ids = await run_in_threadpool(encode_all)
     per_prompt = []  # each prompt's max_tokens is clipped to its own room in the context, not the longest's
+    vocab_size = tokenizer.vocab_size
     for ids in prompt_ids:
-        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
-            raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size}), got {ids!r}"[:300])
+        if outside_vocabulary(ids, vocab_size) is not None:
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab_size}), got {ids[:40]!r}"[:300])
         per_prompt.append(engine.check_prompt(len(ids), params))
 
     def echoed(prompt: str | list[int]) -> str:

@@ -25,6 +25,7 @@ from cake_py.api.middleware import request_key_name
 from cake_py.api.schemas import flag, number
 from cake_py.api.state import ServerState, generation_request
 from cake_py.api.streaming import collect_all, open_streams
+from cake_py.api.token_lists import only_ids, outside_vocabulary
 from cake_py.engine.engine import Engine
 from cake_py.errors import RequestError
 from cake_py.models.hub import ModelSource
@@ -35,21 +36,17 @@ MAX_INPUTS = 2048  # OpenAI's limit per request (--max-queue may allow fewer)
 ENCODINGS = ("float", "base64")
 
 
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
 def embedding_inputs(body: dict[str, Any], field: str = "input") -> list[str | list[int]]:
     """`input` as OpenAI takes it: a string, a list of strings, a list of token ids, or a list of those lists."""
     value = body.get(field)
-    if isinstance(value, str) or (_is_ids(value) and value):
+    if isinstance(value, str) or (only_ids(value) and value):
         inputs: list[Any] = [value]
     elif isinstance(value, list) and value:
         inputs = value
     else:
         raise ApiError(400, f"{field} must be a string, a list of strings or a list of token ids, got {value!r}"[:300])
     for index, item in enumerate(inputs):
-        if not (isinstance(item, str) or _is_ids(item)) or not item:
+        if not (isinstance(item, str) or only_ids(item)) or not item:
             raise ApiError(400, f"{field}[{index}] must be a non-empty string or list of token ids, got {item!r}"[:300])
     if len(inputs) > MAX_INPUTS:
         raise ApiError(400, f"{field} holds {len(inputs)} items; at most {MAX_INPUTS} are allowed per request")
@@ -135,12 +132,13 @@ async def pooled(
         params = SamplingParams(max_tokens=0, pooling=pooling, priority=int(number(body, "priority", 0, integer=True)))
     except RequestError as error:
         raise ApiError(400, str(error)) from error
+    vocab_size = tokenizer.vocab_size
     for index, ids in enumerate(prompts):
         if keep is not None:
             prompts[index] = ids = ids[-keep:]
-        bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+        bad = outside_vocabulary(ids, vocab_size)
         if bad is not None:
-            raise ApiError(400, f"input[{index}]: token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})")
+            raise ApiError(400, f"input[{index}]: token id {bad} is outside the vocabulary [0, {vocab_size})")
         if not ids:
             raise ApiError(400, f"input[{index}] is empty once tokenized")
         engine.check_prompt(len(ids), params)  # ContextLengthError: a 400 with code context_length_exceeded

@@ -39,6 +39,7 @@ from cake_py.api.schemas import flag
 from cake_py.api.state import ServerState, generation_request
 from cake_py.api.streaming import GenerationResponse, collect_all, open_streams
 from cake_py.api.structured import compiled_grammar
+from cake_py.api.token_lists import first_not_of, has_bad, holds_an_id, ids_and_strings, outside_vocabulary
 from cake_py.models.grammar import CompiledGrammar, json_grammar, lark_grammar
 from cake_py.models.tokenizer import Tokenizer
 
@@ -47,23 +48,17 @@ MAX_PROMPTS = 16
 Prompt = str | list[int | str]
 
 
-def _is_id(item: Any) -> bool:
-    return isinstance(item, int) and not isinstance(item, bool)
-
-
 def _one_prompt(item: Any) -> bool:
     """A string, or token ids with strings among them (non-empty)."""
-    return isinstance(item, str) or (
-        isinstance(item, list) and bool(item) and all(_is_id(part) or isinstance(part, str) for part in item)
-    )
+    return isinstance(item, str) or (bool(item) and ids_and_strings(item))
 
 
 def _prompts(body: dict[str, Any]) -> list[Prompt]:
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and any(_is_id(part) for part in prompt):
+    if isinstance(prompt, list) and prompt and holds_an_id(prompt):
         # ids, with strings among them or not: one prompt; what else is in it is named, not its first id
-        bad = next((part for part in prompt if not (_is_id(part) or isinstance(part, str))), None)
-        if bad is not None or not _one_prompt(prompt):
+        bad = first_not_of(prompt, (int, str))
+        if has_bad(bad):
             raise ApiError(
                 400,
                 f"prompt must be a non-empty string, token ids (strings among them), or a list of those; {bad!r} is "
@@ -142,10 +137,11 @@ async def completion(request: Request) -> Response:
 
     prompt_ids = await run_in_threadpool(encode_all)
     per_prompt = []
+    vocab_size = tokenizer.vocab_size
     for ids in prompt_ids:
-        bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+        bad = outside_vocabulary(ids, vocab_size)
         if bad is not None:
-            raise ApiError(400, f"prompt token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})")
+            raise ApiError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
         per_prompt.append(engine.check_prompt(len(ids), params))  # n_predict -1: each prompt's own room
     limits = [EditorLimits.of(body) for _ in prompts]  # one each: they keep the text they have seen
     streams = open_streams(state, engine, prompt_ids, per_prompt, request_key_name(request))

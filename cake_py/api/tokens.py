@@ -24,6 +24,7 @@ from cake_py.api.json_body import json_body
 from cake_py.api.llama_completion import encode_mixed
 from cake_py.api.schemas import chat_messages, chat_template_options, flag
 from cake_py.api.state import NO_TEXT_MODEL, ServerState, chat_tokenizer, context_length
+from cake_py.api.token_lists import ids_among, ids_and_strings, only_ids, outside_vocabulary
 from cake_py.api.tools import prompt_messages, tool_request
 from cake_py.models.hub import ModelSource
 from cake_py.models.tokenizer import Tokenizer
@@ -79,11 +80,9 @@ async def tokenize(request: Request) -> Response:
 
     elif field == "content":  # llama.cpp's: a string, or token ids and strings mixed (its tokenize_mixed)
         content = body[field]
-        if not isinstance(content, str | list) or any(
-            isinstance(part, bool) or not isinstance(part, str | int) for part in content
-        ):
+        if not isinstance(content, str) and not ids_and_strings(content):
             raise ApiError(400, f"content must be a string, or token ids and strings, got {content!r}"[:300])
-        bad = next((t for t in content if isinstance(t, int) and not 0 <= t < tokenizer.vocab_size), None)
+        bad = None if isinstance(content, str) else outside_vocabulary(ids_among(content), tokenizer.vocab_size)
         if bad is not None:
             raise ApiError(400, f"content token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})")
         add_special = flag(body, "add_special", False)  # llama.cpp adds no BOS by default (vLLM does)
@@ -143,9 +142,9 @@ async def detokenize(request: Request) -> Response:
     tokenizer = _source(state).tokenizer
     body = await json_body(request)
     ids = body.get("tokens")
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    if not only_ids(ids):
         raise ApiError(400, f"tokens must be a list of token ids, got {ids!r}"[:300])
-    bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+    bad = outside_vocabulary(ids, tokenizer.vocab_size)
     if bad is not None:
         raise ApiError(400, f"token id {bad} is outside the model's vocabulary (0-{tokenizer.vocab_size - 1})")
     text = await run_in_threadpool(tokenizer.decode, ids, skip_special_tokens=False)
