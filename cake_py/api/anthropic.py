@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncGenerator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -315,7 +317,7 @@ async def messages(request: Request) -> Response:
     body = await json_body(request)
     model = _model(request, body)
     stream = flag(body, "stream", False)
-    chat = chat_request(body, stream=stream)
+    chat = await run_in_threadpool(partial(chat_request, body, stream=stream))  # a big chat is seconds of Python
     if not stream:
         # The client's own receive goes along: if it leaves, the chat route sees it and stops generating.
         status, answer = await _routes(request).post(
@@ -337,7 +339,7 @@ async def messages(request: Request) -> Response:
 async def count_tokens(request: Request) -> Response:
     body = await json_body(request)
     _model(request, body)
-    chat = _messages(body)
+    chat = await run_in_threadpool(_messages, body)
     tokenize = {"messages": chat, **_tools(body), **_continuation(chat), **_thinking(body)}
     status, answer = await _routes(request).post("/tokenize", tokenize)
     if status != 200:

@@ -40,7 +40,32 @@ class ResponseInput:
     tools: ToolRequest
 
 
-def response_input(state: ServerState, request: Request, body: dict[str, Any], tokenizer: Tokenizer) -> ResponseInput:
+CheckedItems = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # input items, and the same as chat messages
+
+
+async def checked_items(body: dict[str, Any]) -> CheckedItems | None:
+    """The request's `input` items and their chat messages, made in a thread (None: no input): a list of a hundred
+    thousand items fits in a body, and checking it (an id drawn for each) on the event loop stalled every other
+    client for a second."""
+    value = body.get("input")
+    if value is None:
+        return None
+
+    def check() -> CheckedItems:
+        items = input_items(value)
+        return items, chat_history(items)
+
+    return await run_in_threadpool(check)
+
+
+def response_input(
+    state: ServerState,
+    request: Request,
+    body: dict[str, Any],
+    tokenizer: Tokenizer,
+    checked: CheckedItems | None,
+) -> ResponseInput:
+    """What the request asks; `checked`: its input items as `checked_items` gives them."""
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise ApiError(400, f"instructions must be a string, got {instructions!r}"[:300])
@@ -52,7 +77,12 @@ def response_input(state: ServerState, request: Request, body: dict[str, Any], t
             raise ApiError(400, "conversation and previous_response_id cannot be used together; send one of them")
         conversation = stored_conversation(state, conversation_id(body["conversation"]), owner)
     # A conversation may hold the whole question already (items added through its own routes).
-    items = input_items(body.get("input")) if body.get("input") is not None or conversation is None else []
+    if checked is not None:
+        items, items_history = checked
+    elif conversation is not None:
+        items, items_history = [], []
+    else:
+        raise ApiError(400, "input must be a string or a non-empty list of items, got None")
     history: list[dict[str, Any]] = []
     if conversation is not None:
         refuse_held_ids(conversation, items)  # this request's items are added to it
@@ -68,7 +98,7 @@ def response_input(state: ServerState, request: Request, body: dict[str, Any], t
                 code="previous_response_not_found",
             )
         history = list(previous.conversation)
-    history += chat_history(items)
+    history += items_history
     tools = tool_request(chat_tools(body), tokenizer.tool_call_id_length)
     return ResponseInput(instructions, items, history, previous_id, conversation, tools)
 
@@ -76,7 +106,9 @@ def response_input(state: ServerState, request: Request, body: dict[str, Any], t
 async def response_prompt(found: ResponseInput, body: dict[str, Any], tokenizer: Tokenizer) -> tuple[str, list[int]]:
     """The prompt's text and token ids: rendered by the model's chat template (in a thread: it tokenizes)."""
     system = [{"role": "system", "content": found.instructions}] if found.instructions else []
-    messages, tool_variables = prompt_messages(system + found.history, found.tools, tokenizer.reads_tools)
+    messages, tool_variables = await run_in_threadpool(
+        prompt_messages, system + found.history, found.tools, tokenizer.reads_tools
+    )
     if not messages:
         raise ApiError(400, "input holds no message to answer")
     kwargs = chat_template_options(body, messages).kwargs  # vLLM's chat_template_kwargs (e.g. enable_thinking)
@@ -91,7 +123,7 @@ async def count_input_tokens(request: Request) -> Response:
     _, source = state.ready()
     body = await json_body(request)
     chat_format(body)  # checked as create checks it (the format constrains the answer, not the prompt)
-    found = response_input(state, request, body, source.tokenizer)
+    found = response_input(state, request, body, source.tokenizer, await checked_items(body))
     _, ids = await response_prompt(found, body, source.tokenizer)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": len(ids)})
 

@@ -48,7 +48,7 @@ from cake_py.api.response_objects import (
     status_of,
     with_item_ids,
 )
-from cake_py.api.response_prompt import ResponseInput, response_input
+from cake_py.api.response_prompt import ResponseInput, checked_items, response_input
 from cake_py.api.response_store import StoredResponse
 from cake_py.api.responses_input import chat_format, new_id
 from cake_py.api.schemas import flag, metadata_field, number, openai_sampling
@@ -86,7 +86,8 @@ async def create_response(request: Request) -> Response:
         raise ApiError(400, f"include must be a list of strings, got {include!r}"[:300])
     want_logprobs = LOGPROBS_INCLUDE in include  # the others name outputs this server never makes (reasoning, tools' …)
     metadata = metadata_field(body.get("metadata"))
-    found = response_input(state, request, body, tokenizer)
+    checked = await checked_items(body)
+    found = response_input(state, request, body, tokenizer, checked)  # no await from here on: see the hold below
     # Held from reading its items (just now, with no await between) until this answer's own are added to it.
     hold = ConversationHold(state, found.conversation)
     try:

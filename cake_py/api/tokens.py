@@ -72,7 +72,7 @@ async def tokenize(request: Request) -> Response:
     if not flag(body, "parse_special", True):
         raise ApiError(400, "parse_special: false is not supported: special tokens in the text are always parsed")
     if field == "messages":
-        render = _chat_renderer(body, await chat_tokenizer(state.settings, tokenizer, body))
+        render = await run_in_threadpool(_chat_renderer, body, await chat_tokenizer(state.settings, tokenizer, body))
         add_special = flag(body, "add_special_tokens", False)  # the template writes its own (vLLM's default)
 
         def encode() -> list[int]:
@@ -109,7 +109,8 @@ async def tokenize(request: Request) -> Response:
 
 def _chat_renderer(body: dict[str, Any], tokenizer: Tokenizer) -> Callable[[], str]:
     """The prompt text /v1/chat/completions renders for the body's `messages` (tools and template options included):
-    checked now (a 400 naming the bad value), rendered when called (off the event loop)."""
+    checked now (a 400 naming the bad value), rendered when called. Both in a thread: a chat of 100,000 messages is
+    a second of Python, which on the event loop stalled every other client."""
     messages = chat_messages(body)
     template = chat_template_options(body, messages)
     tools = tool_request(body, tokenizer.tool_call_id_length)
@@ -133,7 +134,7 @@ async def apply_template(request: Request) -> Response:
     body = await json_body(request)
     if body.get("messages") is None:
         raise ApiError(400, "messages is required: chat turns as /v1/chat/completions takes them")
-    render = _chat_renderer(body, await chat_tokenizer(state.settings, tokenizer, body))
+    render = await run_in_threadpool(_chat_renderer, body, await chat_tokenizer(state.settings, tokenizer, body))
     return JSONResponse({"prompt": await run_in_threadpool(render)})
 
 

@@ -1,28 +1,9 @@
-"""Large token-id lists (and long prompt strings) are checked without a Python step per item on the event loop.
-
-A request under the body limit holds a million token ids; checked item by item in generators on the event loop, it
-stalled every other client for a second or more before its answer. The cost is counted here in Python function calls
-on the event loop's thread (each generator step is one), not in time: the count does not depend on the machine.
-"""
+"""The token-list checks (token_lists.py) say what the Python loops they replace said; what they save the event
+loop is measured in test_loop_cost.py."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import sys
-from pathlib import Path
-from types import FrameType
-from typing import Any
-
-import pytest
-
-from cake_py.api.app import create_app
-from cake_py.api.server import build_state
 from cake_py.api.token_lists import first_not_of, has_bad, ids_among, ids_and_strings, only_ids, outside_vocabulary
-from tests.fixtures.server import tiny_settings
-
-MILLION = 1_000_000
-LOOP_CALLS = 20_000  # what a request's handling costs in Python calls on the loop, with room to spare
 
 
 def test_the_checks() -> None:
@@ -35,83 +16,3 @@ def test_the_checks() -> None:
     assert ids_among([1, "a", 2, True, "b", 3]) == [1, 2, 3]
     assert outside_vocabulary([0, 5, 9], 10) is None and outside_vocabulary([], 10) is None
     assert outside_vocabulary([3, 12, -1], 10) == 12 and outside_vocabulary([3, -1, 12], 10) == -1
-
-
-def _serve(model: Path, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, int]]:
-    """(status, Python calls made on the event loop's thread while answering) of each request, in order."""
-    app = create_app(build_state(tiny_settings(model)))
-
-    async def call(path: str, body: bytes) -> int:
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            if messages:
-                return messages.pop()
-            await asyncio.Event().wait()  # the client stays
-            raise AssertionError("unreachable")
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 80),
-            "state": {},
-        }
-        await app(scope, receive, send)
-        return int(next(message["status"] for message in sent if message["type"] == "http.response.start"))
-
-    async def main() -> list[tuple[int, int]]:
-        answers = []
-        async with app.router.lifespan_context(app):
-            for path, body in requests:
-                payload = json.dumps(body).encode()
-                calls = 0
-
-                def count(frame: FrameType, event: str, arg: Any) -> None:
-                    nonlocal calls
-                    calls += event == "call"
-
-                sys.setprofile(count)  # this thread only: the thread pool's work is off the loop
-                try:
-                    status = await call(path, payload)
-                finally:
-                    sys.setprofile(None)
-                answers.append((status, calls))
-        return answers
-
-    return asyncio.run(main())
-
-
-@pytest.mark.parametrize(
-    ("path", "body", "status"),
-    [
-        ("/v1/completions", {"prompt": [1] * MILLION + [10**6], "max_tokens": 1}, 400),  # the bad id last
-        ("/v1/completions", {"prompt": [[1] * MILLION], "max_tokens": 1}, 400),  # too long for the context
-        ("/completion", {"prompt": [1] * MILLION + [10**6], "n_predict": 1}, 400),
-        ("/completion", {"prompt": [1] * MILLION + [None], "n_predict": 1}, 400),
-        ("/v1/embeddings", {"input": [1] * MILLION + [-1]}, 400),
-        ("/tokenize", {"content": "a" * MILLION}, 400),  # a string was walked character by character
-        ("/tokenize", {"content": [1] * MILLION + ["a", 10**6]}, 400),
-        ("/detokenize", {"tokens": [1] * MILLION + [10**6]}, 400),
-        ("/detokenize", {"tokens": [1] * 100_000}, 200),
-    ],
-    ids=lambda value: value if isinstance(value, str) else "",
-)
-def test_a_large_request_costs_the_event_loop_few_python_calls(
-    tiny_llama: Path, path: str, body: dict[str, Any], status: int
-) -> None:
-    [(answered, calls)] = _serve(tiny_llama, [(path, body)])
-    assert answered == status
-    assert calls < LOOP_CALLS, f"{calls} Python calls on the event loop"
