@@ -117,3 +117,14 @@ def test_a_large_request_costs_the_event_loop_few_python_calls(
     [(answered, calls)] = _serve(tiny_llama, [(path, body)])
     assert answered == status
     assert calls < LOOP_CALLS, f"{calls} Python calls on the event loop"
+
+
+def test_an_echoed_prompt_with_logprobs_costs_the_event_loop_in_proportion_to_its_length(
+    tiny_llama_long_context: Path,
+) -> None:
+    """Each token's text_offset summed every token before it again: quadratic in the prompt's length (a full context
+    of 32,000 tokens held the event loop for half a minute)."""
+    body = {"prompt": [5] * 2000, "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 0}
+    [(answered, calls)] = _serve(tiny_llama_long_context, [("/v1/completions", body)])
+    assert answered == 200
+    assert calls < 20 * 2000, f"{calls} Python calls on the event loop"  # ~5 a token; it was 1,000 a token
