@@ -213,14 +213,22 @@ async def completions(request: Request) -> Response:
 
         return GenerationResponse(stream_chunks(), streams, "text/event-stream")
     results = await collect_all(request, streams)
-    choices = []
-    for index, result in enumerate(results):
-        prefix = echo[index // n]
-        last = result.last
-        choice = piece(index, prefix + result.text, finish_reason(last.finish_reason), None, last.stop_reason)
-        choice = choice["choices"][0]
-        choice["logprobs"] = legacy_logprobs(result.tokens, len(prefix), scored_prompt(index, result.prompt_logprobs))
-        choices.append(choice)
+
+    def built() -> list[dict[str, Any]]:
+        choices = []
+        for index, result in enumerate(results):
+            prefix = echo[index // n]
+            last = result.last
+            choice = piece(index, prefix + result.text, finish_reason(last.finish_reason), None, last.stop_reason)
+            choice = choice["choices"][0]
+            choice["logprobs"] = legacy_logprobs(
+                result.tokens, len(prefix), scored_prompt(index, result.prompt_logprobs)
+            )
+            choices.append(choice)
+        return choices
+
+    # In a thread: the logprobs of 8 long choices (or of an echoed prompt) are seconds of Python on the event loop
+    choices = await run_in_threadpool(built)
     return JSONResponse(
         {
             "id": completion_id,

@@ -168,33 +168,40 @@ async def chat_completions(request: Request) -> Response:
         )
         return GenerationResponse(chunks, streams, "text/event-stream")
     results = await collect_all(request, streams)
-    choices = []
-    for index, result in enumerate(results):
-        reasoning, text = split_reasoning(result.text, thinking) if thinking is not None else (None, result.text)
-        answer = parse_answer(text or "", tools)
-        message: dict[str, Any] = {"role": "assistant", "content": answer.content if text is not None else None}
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
-        if answer.tool_calls:
-            message["tool_calls"] = answer.tool_calls
-        cut = tools.forced and result.last.stop_reason is not None  # the stop text went, and the call with it
-        finish = _call_finish(bool(answer.tool_calls), result.last.finish_reason, cut)
-        logprobs = {"content": chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None
-        choice = {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
-        choices.append({**choice, "stop_reason": result.last.stop_reason})  # vLLM's: the stop string or token id
-    completion = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage(
-            len(prompt_ids),
-            sum(result.last.completion_tokens for result in results),
-            max(result.last.cached_tokens for result in results),
-            _predicted(params, [result.last for result in results]),
-        ),
-    }
+
+    def built() -> dict[str, Any]:
+        choices = []
+        for index, result in enumerate(results):
+            reasoning, text = split_reasoning(result.text, thinking) if thinking is not None else (None, result.text)
+            answer = parse_answer(text or "", tools)
+            message: dict[str, Any] = {"role": "assistant", "content": answer.content if text is not None else None}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            if answer.tool_calls:
+                message["tool_calls"] = answer.tool_calls
+            cut = tools.forced and result.last.stop_reason is not None  # the stop text went, and the call with it
+            finish = _call_finish(bool(answer.tool_calls), result.last.finish_reason, cut)
+            logprobs = {"content": chat_logprobs(result.tokens, tokenizer)} if params.logprobs else None
+            choice = {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
+            choices.append({**choice, "stop_reason": result.last.stop_reason})  # vLLM's: the stop string or token id
+        completion = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage(
+                len(prompt_ids),
+                sum(result.last.completion_tokens for result in results),
+                max(result.last.cached_tokens for result in results),
+                _predicted(params, [result.last for result in results]),
+            ),
+        }
+        return completion
+
+    # In a thread: the logprobs of 8 choices of 1,500 tokens with 20 alternatives each are seconds of Python, which
+    # on the event loop stalled every other client's stream
+    completion = await run_in_threadpool(built)
     if store:
         keep(completion)
     return JSONResponse(completion)
