@@ -171,10 +171,15 @@ async def completion(request: Request) -> Response:
     if stream and n_predict:
         return GenerationResponse(completion_events(request, streams, answers), streams, "text/event-stream")
     results = await collect_all(request, streams)
-    finals = [
-        answer.final(result.text, result.last, stream_, result.tokens)
-        for answer, result, stream_ in zip(answers, results, streams, strict=True)
-    ]
+
+    def built() -> list[dict[str, Any]]:
+        return [
+            answer.final(result.text, result.last, stream_, result.tokens)
+            for answer, result, stream_ in zip(answers, results, streams, strict=True)
+        ]
+
+    # In a thread: n_probs alternatives of thousands of tokens are a second of Python on the event loop
+    finals = await run_in_threadpool(built)
     if stream:  # n_predict 0, streamed: each prompt's one event
         return GenerationResponse(one_event(*finals), [], "text/event-stream")
     return JSONResponse(finals[0] if len(finals) == 1 else finals)

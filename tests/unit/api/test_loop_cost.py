@@ -130,20 +130,24 @@ def test_an_echoed_prompt_with_logprobs_costs_the_event_loop_in_proportion_to_it
     assert calls < 20 * 2000, f"{calls} Python calls on the event loop"  # ~5 a token; it was 1,000 a token
 
 
+GREEDY = {"temperature": 0}  # the same answer with logprobs and without
+LONG = {"max_tokens": 200, "min_tokens": 200, **GREEDY}
+
+
 @pytest.mark.parametrize(
     ("path", "body", "logprobs"),
     [
-        ("/v1/chat/completions", {"messages": [HI]}, {"logprobs": True, "top_logprobs": 20}),
-        ("/v1/completions", {"prompt": "hi"}, {"logprobs": 20}),
+        ("/v1/chat/completions", {"messages": [HI], "n": 2, **LONG}, {"logprobs": True, "top_logprobs": 20}),
+        ("/v1/completions", {"prompt": "hi", "n": 2, **LONG}, {"logprobs": 20}),
+        ("/completion", {"prompt": ["hi", "ho"], "n_predict": 200, "ignore_eos": True, **GREEDY}, {"n_probs": 20}),
     ],
-    ids=["chat", "completions"],
+    ids=["chat", "completions", "llama.cpp"],
 )
 def test_a_blocking_answers_logprobs_are_built_off_the_event_loop(
     tiny_llama: Path, path: str, body: dict[str, Any], logprobs: dict[str, Any]
 ) -> None:
-    """2 choices of 200 tokens with 20 alternatives each: 8,400 entries, built on the event loop (8 choices of 1,500
+    """2 answers of 200 tokens with 20 alternatives each: 8,400 entries, built on the event loop (8 choices of 1,500
     tokens stalled every other client for almost 5 s). Counted against the same answer without logprobs."""
-    answer = {**body, "n": 2, "max_tokens": 200, "min_tokens": 200, "temperature": 0}
-    [(plain_status, plain), (status, calls)] = _serve(tiny_llama, [(path, answer), (path, {**answer, **logprobs})])
+    [(plain_status, plain), (status, calls)] = _serve(tiny_llama, [(path, body), (path, {**body, **logprobs})])
     assert plain_status == status == 200
     assert calls - plain < 5_000, f"{calls - plain} Python calls on the event loop for the logprobs"
