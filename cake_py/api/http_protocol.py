@@ -20,15 +20,17 @@ request as a disconnect does (its sequence is cancelled, its slot and caches fre
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import logging
 import struct
 import sys
-import termios
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+if sys.platform == "linux":  # the socket's send queue (TIOCOUTQ) is read on Linux only
+    import fcntl
+    import termios
 
 log = logging.getLogger(__name__)
 
