@@ -17,15 +17,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cake_py.errors import HubError, ModelError, ModelNotFoundError
 from cake_py.models.config import ModelConfig
-from cake_py.models.pooling import folder_pooling
-from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.tokenizer import Tokenizer
-from cake_py.models.weights import WeightSource
-from cake_py.models.weights_check import check_weights
+
+# What reads weights imports torch (3 s and more): imported where a model is resolved, so that `cake pull`, `list`
+# and `rm`, which only look at the HF cache through this module, start without it.
+if TYPE_CHECKING:
+    from cake_py.models.weights import WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class ModelSource:
     config: ModelConfig = field(init=False)
 
     def __post_init__(self) -> None:
+        from cake_py.models.weights_check import check_weights
+
         self.config = ModelConfig.from_hf(self.weights.config, self.weights.config_origin)
         # Now, not when a stage loads: by then /models/load has dropped the served model, and a cluster's first
         # workers hold their layers of a model a later worker refuses.
@@ -67,6 +70,8 @@ class ModelSource:
     @cached_property
     def pooling(self) -> str | None:
         """How the model's embeddings pool, when its folder says (a sentence-transformers config); None otherwise."""
+        from cake_py.models.pooling import folder_pooling
+
         return folder_pooling(self.weights.path) if self.weights.path.is_dir() else None
 
 
@@ -93,6 +98,7 @@ def resolve_model(spec: str | None) -> ModelSource:
     """Turn a MODEL argument (or None for the embedded default) into a loaded-on-demand `ModelSource`."""
     from cake_py.models.gguf import GGUFWeights
     from cake_py.models.gguf_split import model_name
+    from cake_py.models.safetensors_folder import SafetensorsWeights
 
     if spec is None or spec == "":
         return ModelSource(EMBEDDED_MODEL_ID, GGUFWeights(embedded_model_path()))

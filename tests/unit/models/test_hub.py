@@ -255,6 +255,25 @@ def test_cake_list_says_which_repos_it_skips(tmp_path: Path) -> None:
     assert "skipped in the HF cache" in listed.stderr and "models--org--broken" in listed.stderr, listed.stderr
 
 
+def test_the_cache_commands_start_without_torch(tmp_path: Path) -> None:
+    """`cake list`, `pull` and `rm` only look at the HF cache and the Hub: importing torch (3 s and more) made each
+    take seconds before it read a file."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    code = (
+        "import sys\nfrom cake_py.cli import main\n"
+        "commands = [['list'], ['pull', 'org/model'], ['pull', 'org/model:Q4_K_M'], ['rm', 'org/model']]\n"
+        "codes = [main(command) for command in commands]\n"
+        "print(codes, 'torch' in sys.modules)\n"
+    )
+    result = run_python(code, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[0, 1, 1, 1] False", result.stderr  # each ran (the last three fail), no torch
+    assert result.stderr.count("is not in the HF cache") == 3, result.stderr
+
+
 def test_cake_list_of_an_empty_cache_says_so_on_stderr(tmp_path: Path) -> None:
     import os
 
