@@ -147,36 +147,40 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    # Each command checks what it was given before it imports what runs it (torch takes seconds to import): a bad
+    # flag or settings file is answered at once.
     if args.command == "serve":
+        serve_settings = _serve_settings(args)
         from cake_py.api.server import serve
 
-        serve(_serve_settings(args))
+        serve(serve_settings)
     elif args.command == "worker":
+        worker_settings = _worker_settings(args)
         from cake_py.rpc.worker import run_worker
 
-        run_worker(_worker_settings(args))
+        run_worker(worker_settings)
     elif args.command == "run":
-        from cake_py.engine.oneshot import run_prompt
-        from cake_py.models.sampling import SamplingParams
-
         model, prompt = run_arguments(args.args)
         prompt = read_prompt(prompt, getattr(sys.stdin, "buffer", None))
-        params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
-        )
-
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as error:  # bytes the shell passed that are not UTF-8 (surrogate escapes)
             raise ConfigError(f"the prompt is not valid UTF-8 (at character {error.start})") from None
-
-        def write(text: str) -> None:
-            _output(text)
-
         device = check_device(args.device)
         options = {"dtype": args.dtype, "device": device, "raw": args.raw, "cuda_graphs": args.cuda_graphs}
         options["threads"] = args.threads
         options["chat_template"] = read_chat_template(args.chat_template)
+
+        from cake_py.engine.oneshot import run_prompt
+        from cake_py.models.sampling import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
+
+        def write(text: str) -> None:
+            _output(text)
+
         run_prompt(model, prompt, params, write, speculative_tokens=args.speculative_tokens, **options)
         _output("\n")
     elif args.command == "pull":

@@ -3,6 +3,8 @@ run with, and each bad one named in one line before anything starts."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,21 @@ def test_settings_files_that_are_no_small_regular_file_are_named(tmp_path: Path)
     assert_one_line_error(too_big, "1400000 bytes, more than 1048576 for a settings file")
     result = cake("serve", "--api-key-file", "/dev/zero", timeout=60)
     assert_one_line_error(result, "--api-key-file '/dev/zero' is not a regular file")
+
+
+def test_bad_settings_are_refused_before_torch_is_imported() -> None:
+    """serve, worker and run imported what runs them (torch: 3 s and more) before they read their flags and
+    settings files, so a bad one was answered only seconds later."""
+    code = (
+        "import sys\nfrom cake_py.cli import main\n"
+        "commands = [['serve', '--config', '/dev/zero'], ['worker', '--cpus', '9999'],"
+        " ['run', 'hi', '--chat-template', '/dev/zero'], ['run', 'hi', '--device', 'gpu']]\n"
+        "codes = [main(command) for command in commands]\n"
+        "print(codes, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[1, 1, 1, 1] False", result.stderr  # each refused, and no torch
+    assert result.stderr.count("cake: error: ") == 4, result.stderr
 
 
 def test_the_cluster_files_model_is_found_beside_it_and_a_model_argument_from_here(
