@@ -285,7 +285,12 @@ class Transformer(nn.Module):
         if not 0 <= start <= end <= config.n_layers:
             raise ValueError(f"layer range [{start}, {end}) is outside the model's {config.n_layers} layers")
         self.config, self.start, self.end = config, start, end
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if with_embedding else None
+        self.embed_tokens: nn.Embedding | None = None
+        if with_embedding:
+            # Given a weight, not initialised at random: a model's weights are loaded in place of it (weights.py), and
+            # a random init on the meta device, where models are built, imports torch._dynamo (a second and more).
+            weight = torch.empty(config.vocab_size, config.hidden_size)
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(type(self).block_type(config, layer) for layer in range(start, end))
         self.norm = type(self).norm_type(config.hidden_size, config.rms_norm_eps) if with_head else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if with_head else None

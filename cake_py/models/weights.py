@@ -7,6 +7,7 @@ for exactly the tensors of one stage, so a stage holding layers [10, 20) never r
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -201,6 +202,13 @@ def to_module_state(
         if len(dims) != 1 or dims.pop() <= dim or len(rest) != 1:
             shapes = ", ".join(f"{name} {tuple(piece.shape)}" for name, piece in zip(parts, pieces, strict=True))
             raise WeightsError(f"tensors that make one projection do not fit together: {shapes}")
+        if pieces[0].is_meta:
+            # A shapes-only build (a worker checks an assignment so): torch.cat's meta kernel is Python code whose
+            # first call imports torch._dynamo, a second and more added to every worker's first assignment.
+            shape = [*pieces[0].shape]
+            shape[dim] = sum(piece.shape[dim] for piece in pieces)
+            result_dtype = functools.reduce(torch.promote_types, (piece.dtype for piece in pieces))
+            return torch.empty(shape, dtype=result_dtype, device="meta")
         return torch.cat(pieces, dim=dim)
 
     def kind(part: str) -> str:

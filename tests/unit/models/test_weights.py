@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from cake_py.errors import ModelError, UnsupportedArchitectureError, WeightsError
 from cake_py.models.config import ModelConfig
 from cake_py.models.safetensors_folder import SafetensorsWeights
-from cake_py.models.weights import load_transformer, stage_tensor_names
+from cake_py.models.weights import load_transformer, stage_tensor_names, to_module_state
 from tests.fixtures.tiny_models import copy_model
 
 
@@ -166,6 +168,44 @@ def test_projections_whose_parts_do_not_fit_together_are_named(tiny_llama: Path,
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(WeightsError, match=r"do not fit together: .*k_proj \(64, 32\)"):
         load_whole(folder)
+
+
+def test_a_build_from_shapes_alone_is_what_the_weights_build(tiny_llama: Path) -> None:
+    """The model is first built on the meta device, from shapes alone (a worker checks its assignment so, a master
+    a model it resolves): the fused projections come out as from the real tensors, dtype promotion included."""
+    source = SafetensorsWeights(tiny_llama)
+    config = ModelConfig.from_hf(source.config)
+    tensors = source.load(source.names(), torch.float32)
+    tensors["model.layers.1.self_attn.q_proj.weight"] = tensors["model.layers.1.self_attn.q_proj.weight"].half()
+    shapes = {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta") for name, tensor in tensors.items()}
+    real = to_module_state(tensors, config, 0, config.n_layers, with_embedding=True, with_head=True)
+    meta = to_module_state(shapes, config, 0, config.n_layers, with_embedding=True, with_head=True)
+    assert {name: (t.shape, t.dtype) for name, t in meta.items()} == {
+        name: (t.shape, t.dtype) for name, t in real.items()
+    }
+    assert all(tensor.is_meta for tensor in meta.values())
+
+
+def test_building_a_model_from_shapes_does_not_import_torch_dynamo(tiny_llama: Path) -> None:
+    """torch.cat's and nn.init's meta kernels are Python code whose first call imports torch._dynamo: a second and
+    more added to each worker's first assignment and each master's model resolution."""
+    code = (
+        "import sys, torch\n"
+        "from cake_py.models.config import ModelConfig\n"
+        "from cake_py.models.safetensors_folder import SafetensorsWeights\n"
+        "from cake_py.models.weights import build_transformer\n"
+        "from pathlib import Path\n"
+        "source = SafetensorsWeights(Path(sys.argv[1]))\n"
+        "config = ModelConfig.from_hf(source.config)\n"
+        "shapes = {n: torch.empty(source.info(n).shape, device='meta') for n in source.names()}\n"
+        "for start, end, edges in ((0, config.n_layers, True), (1, 2, False)):\n"
+        "    build_transformer(config, shapes, start, end, with_embedding=edges, with_head=edges,\n"
+        "                      dtype=torch.float32, device='meta')\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_llama)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize(
