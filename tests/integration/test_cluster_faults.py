@@ -33,8 +33,9 @@ from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.sampling import SamplingParams
 from cake_py.rpc import chain as chain_module
 from cake_py.rpc import client as client_module
+from cake_py.rpc import connection as connection_module
 from cake_py.rpc.client import RemoteStage
-from cake_py.rpc.connection import ASSIGN_STALL_S, Assignment, WorkerConnection
+from cake_py.rpc.connection import Assignment, WorkerConnection
 from cake_py.rpc.dataplane import DataPlaneServer
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import LocalCluster, collect, free_port, generate_tokens, greedy, token_ids, wait_until
@@ -50,6 +51,13 @@ LONG = 450  # tokens: far more than a test waits for before it breaks a worker (
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(tmp_path_factory.mktemp("faults")) as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def _a_quick_failover_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failover watch looks at the stages every 0.2 s (every second in a server): what a test waits for is then
+    the behaviour it checks, not the watch's next look. (Nothing here depends on how seldom it looks.)"""
+    monkeypatch.setattr(failover_module, "CHECK_S", 0.2)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +181,9 @@ def test_first_worker_of_a_chain_killed_mid_generation(
     first = cluster.worker()
     second = cluster.worker("--data-port", str(free_port()))  # the same fast-path port after a restart
     for worker in (first, second):
-        worker.start()
+        worker.launch()  # side by side: their imports overlap
+    for worker in (first, second):
+        worker.wait_ready()
     pipeline, engine = serving_engine(llama, [first.spec((0, 1)), second.spec((1, 3))])
     stages = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
     prompt = llama.tokenizer.encode(PROMPT)
@@ -411,7 +421,8 @@ def test_a_worker_taken_by_another_master_is_not_used_until_left_idle(
 def test_failover_serves_without_a_dead_worker_and_takes_it_back(
     cluster: LocalCluster, tiny_model_factory: TinyModelFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(failover_module, "BACK_FOR_S", 2.0)  # answering this long before it is taken back
+    monkeypatch.setattr(failover_module, "BACK_FOR_S", 1.0)  # answering this long before it is taken back
+    monkeypatch.setattr(failover_module, "PROBE_S", 0.5)
     first, second = cluster.start_workers(2)
     workers = [first.spec((0, 2)), second.spec((2, 3))]
     settings = tiny_settings(tiny_model_factory("llama"), workers=workers, failover_after=1.0)
@@ -686,11 +697,12 @@ def test_a_worker_holding_this_masters_earlier_layers_is_taken_back_at_once(
 
 
 def test_a_worker_that_hangs_while_it_gets_its_layers_is_given_up_in_seconds(
-    cluster: LocalCluster, llama: ModelSource
+    cluster: LocalCluster, llama: ModelSource, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker frozen while it verifies or receives its layers (at startup, a re-assign, a failover placement) fails
     the Assign within ASSIGN_STALL_S, not after Prepare's 60 s deadline or gRPC keepalive's ~70 s, during which a
     failover placement left the whole cluster answering 503."""
+    monkeypatch.setattr(connection_module, "ASSIGN_STALL_S", 3.0)  # 10 s in a server: that long here is no more proof
     worker = cluster.worker("--data-port", "-1", name="frozen")
     worker.start()
     assignment = Assignment(llama.model_id, json.dumps(llama.weights.config), llama.weights, 0, 3, torch.float32)
@@ -701,7 +713,7 @@ def test_a_worker_that_hangs_while_it_gets_its_layers_is_given_up_in_seconds(
         began = time.monotonic()
         with pytest.raises(ClusterError, match="'frozen' .* stopped answering while verifying its weight cache"):
             connection.assign(assignment)
-        assert time.monotonic() - began < ASSIGN_STALL_S + 10
+        assert time.monotonic() - began < connection_module.ASSIGN_STALL_S + 10
         worker.resume()
         assert connection.assign(assignment).received_bytes > 0  # it serves again once it answers
     finally:
