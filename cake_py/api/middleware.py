@@ -37,6 +37,10 @@ from cake_py.api.paths import PUBLIC_PATHS, is_generation, is_ui, is_ui_page
 
 REALM = 'Basic realm="cake", charset="UTF-8"'
 BODY_READ_TIMEOUT_S = 60.0  # the longest a request body may pause: a slow link still sends something this often
+# Bodies of the largest size the server holds at once, all requests together: each request keeps its body (and
+# what it parsed) in memory until it is answered, and a queue of 1,024 requests of 8 MB would hold about 17 GB.
+IN_FLIGHT_BODIES = 64
+IN_FLIGHT_RETRY_S = "1"
 
 
 def _bearer(headers: Headers) -> str | None:
@@ -249,7 +253,10 @@ class RateLimitMiddleware:
 class BodyLimitMiddleware:
     """413 for a body over `max_bytes` (0: no limit), or over the path's own limit in `overrides` (uploads); 408 for
     a body that stops arriving for `read_timeout` seconds (a client that sends half a request holds a connection
-    and a task for as long as it likes otherwise)."""
+    and a task for as long as it likes otherwise); 503 (with Retry-After) for a body that would take the bodies of
+    the requests being answered past `in_flight_bytes` (default IN_FLIGHT_BODIES × `max_bytes`; uploads, which have
+    their own limit and go to disk, are not counted): a request holds its body until it is answered, so many large
+    ones queued could otherwise take all the memory."""
 
     def __init__(
         self,
@@ -257,9 +264,12 @@ class BodyLimitMiddleware:
         max_bytes: int,
         overrides: dict[str, int] | None = None,
         read_timeout: float = BODY_READ_TIMEOUT_S,
+        in_flight_bytes: int | None = None,
     ) -> None:
         self.app, self.max_bytes, self.overrides = app, max_bytes, overrides or {}
         self.read_timeout = read_timeout
+        self.in_flight_limit = max_bytes * IN_FLIGHT_BODIES if in_flight_bytes is None else in_flight_bytes
+        self.in_flight = 0  # bytes of the bodies of the requests being answered (event loop only: no lock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -274,10 +284,26 @@ class BodyLimitMiddleware:
         if limit > 0 and declared is not None and declared.isdigit() and int(declared) > limit:
             await send_error(send, scope, 413, too_large(int(declared)))
             return
-        received, complete = 0, False
+        budgeted = self.in_flight_limit > 0 and scope.get("path", "") not in self.overrides
+
+        def busy() -> str:
+            return (
+                f"the server holds {self.in_flight} bytes of request bodies being answered, its limit of "
+                f"{self.in_flight_limit} ({IN_FLIGHT_BODIES} x --max-body-bytes): retry shortly"
+            )
+
+        if (
+            budgeted
+            and declared is not None
+            and declared.isdigit()
+            and self.in_flight + int(declared) > self.in_flight_limit
+        ):
+            await send_error(send, scope, 503, busy(), {"Retry-After": IN_FLIGHT_RETRY_S})
+            return
+        received, complete, held = 0, False, 0
 
         async def counted() -> Message:
-            nonlocal received, complete
+            nonlocal received, complete, held
             if complete:  # past the body: a streaming answer waits here for the client to leave, untimed
                 return await receive()
             try:
@@ -289,10 +315,20 @@ class BodyLimitMiddleware:
                     headers={"Connection": "close"},
                 ) from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                received += size
                 complete = not message.get("more_body", False)
                 if 0 < limit < received:
                     raise ApiError(413, too_large(f"more than {limit}"), headers={"Connection": "close"})
+                if budgeted:
+                    if self.in_flight + size > self.in_flight_limit:  # a body without a declared length
+                        headers = {"Retry-After": IN_FLIGHT_RETRY_S, "Connection": "close"}
+                        raise ApiError(503, busy(), headers=headers)
+                    self.in_flight += size
+                    held += size
             return message
 
-        await self.app(scope, counted, send)
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            self.in_flight -= held

@@ -139,3 +139,45 @@ def test_a_full_disk_is_a_507_saying_so_and_other_os_errors_a_500() -> None:
         assert answer.status_code == 507
         assert answer.json() == {"error": "the server's disk is full: nothing was stored; retry once space is freed"}
         assert client.get("/v1/other").status_code == 500
+
+
+def test_request_bodies_in_flight_have_a_byte_budget() -> None:
+    """Each request holds its body until it is answered: past the budget a new one is a 503 with Retry-After, whether
+    its length is declared or not, until answered requests give their bytes back. Uploads are not counted."""
+    read, release = asyncio.Event(), asyncio.Event()
+
+    async def held(request: Request) -> Response:
+        body = await json_body(request)
+        read.set()
+        await release.wait()  # a request waiting for a slot, holding its body
+        return JSONResponse(body)
+
+    app = Starlette(
+        routes=[Route("/v1/held", held, methods=["POST"]), Route("/v1/echo", _echo, methods=["POST"])],
+        middleware=[Middleware(BodyLimitMiddleware, max_bytes=0, overrides={"/v1/echo": 0}, in_flight_bytes=100)],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+    )
+    padded = {"a": "x" * 60}  # 71 bytes
+
+    async def chunks() -> AsyncIterator[bytes]:  # no declared length
+        yield b'{"b": "'
+        yield b"y" * 40 + b'"}'
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            first = asyncio.create_task(client.post("/v1/held", json=padded))
+            await asyncio.wait_for(read.wait(), 10)  # the first request read its body and waits in its handler
+            # Answered at once: without the budget they would wait for the release with the first one.
+            declared = await asyncio.wait_for(client.post("/v1/held", json=padded), 10)
+            streamed = await asyncio.wait_for(client.post("/v1/held", content=chunks()), 10)
+            upload = await client.post("/v1/echo", json=padded)  # another path's own limit: not counted
+            release.set()
+            return [await first, declared, streamed, upload, await client.post("/v1/held", json=padded)]
+
+    first, declared, streamed, upload, after = asyncio.run(scenario())
+    assert first.status_code == 200 and first.json() == padded
+    for refused in (declared, streamed):
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert "bytes of request bodies being answered, its limit of 100" in refused.json()["error"]
+    assert upload.status_code == 200
+    assert after.status_code == 200  # the first one's bytes were given back
