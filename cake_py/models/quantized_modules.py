@@ -34,13 +34,21 @@ def stored_weight(state: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     return state[f"{prefix}.weight"]
 
 
+def dequantized(state: dict[str, torch.Tensor], prefix: str, pop: bool = False) -> torch.Tensor | None:
+    """`prefix`'s weight as float32 when `state` holds it quantized (4-bit values or int8 rows; taken out of
+    `state` with `pop`), else None."""
+    take = state.pop if pop else state.__getitem__
+    if f"{prefix}.{Q4_WEIGHT}" in state:
+        return dequantize(take(f"{prefix}.{Q4_WEIGHT}"), take(f"{prefix}.{Q4_SCALES}"))
+    if f"{prefix}.{Q8_WEIGHT}" in state:
+        return dequantize_rows_int8(take(f"{prefix}.{Q8_WEIGHT}"), take(f"{prefix}.{Q8_SCALES}"))
+    return None
+
+
 def pop_dense(state: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     """`prefix`'s weight taken out of `state` as a float tensor, dequantized if it was stored quantized."""
-    if f"{prefix}.{Q4_WEIGHT}" in state:
-        return dequantize(state.pop(f"{prefix}.{Q4_WEIGHT}"), state.pop(f"{prefix}.{Q4_SCALES}"))
-    if f"{prefix}.{Q8_WEIGHT}" in state:
-        return dequantize_rows_int8(state.pop(f"{prefix}.{Q8_WEIGHT}"), state.pop(f"{prefix}.{Q8_SCALES}"))
-    return state.pop(f"{prefix}.weight").float()
+    weight = dequantized(state, prefix, pop=True)
+    return state.pop(f"{prefix}.weight").float() if weight is None else weight
 
 
 def install_split(model: nn.Module, state: dict[str, torch.Tensor], kernels: bool) -> None:

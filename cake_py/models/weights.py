@@ -28,12 +28,10 @@ from cake_py.models.quant import (
     Q4_WEIGHT,
     Q8_SCALES,
     Q8_WEIGHT,
-    dequantize,
-    dequantize_rows_int8,
     int4_supported,
     quantize_rows_int8,
 )
-from cake_py.models.quantized_modules import PIECES, install_quantized, install_split
+from cake_py.models.quantized_modules import PIECES, dequantized, install_quantized, install_split
 
 LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.")
 EMBEDDING = "model.embed_tokens.weight"
@@ -179,11 +177,8 @@ def to_module_state(
         return tensors[name]
 
     def dense(prefix: str) -> torch.Tensor:
-        if f"{prefix}.weight" not in tensors and f"{prefix}.{Q4_WEIGHT}" in tensors:
-            return dequantize(tensors[f"{prefix}.{Q4_WEIGHT}"], tensors[f"{prefix}.{Q4_SCALES}"])
-        if f"{prefix}.weight" not in tensors and f"{prefix}.{Q8_WEIGHT}" in tensors:
-            return dequantize_rows_int8(tensors[f"{prefix}.{Q8_WEIGHT}"], tensors[f"{prefix}.{Q8_SCALES}"])
-        return take(f"{prefix}.weight")
+        weight = dequantized(tensors, prefix) if f"{prefix}.weight" not in tensors else None
+        return take(f"{prefix}.weight") if weight is None else weight
 
     def rows(prefix: str, target: str) -> None:
         """Embedding or head: int8 rows when the weights came that way, else dense."""
