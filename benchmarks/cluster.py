@@ -18,6 +18,8 @@ Configurations:
                        pinned, and SCHED_BATCH)
   cluster, no chain    the same, with every worker answering the master (`--no-chain`) instead of the next worker
   cluster, unpinned    the same processes as "cluster, --cpus" wherever the OS puts them
+  cluster, N threads   with --worker-threads N: two more workers with N torch threads each and a short OpenMP spin
+                       (--worker-spin, GOMP_SPINCOUNT), unpinned, behind a master computing with one thread
 
 A hop's cost is the round trip the master sees minus the worker's own compute, per Forward call (p50); in a chain,
 the chain's time minus its workers' compute, shared out evenly between its stages. "In the pipeline" it includes
@@ -125,17 +127,19 @@ def write_dense_checkpoint(source: ModelSource, folder: Path) -> ModelSource:
 
 
 def start_workers(
-    count: int, cache: Path, device: str, graphs_flag: list[str]
+    count: int, cache: Path, device: str, graphs_flag: list[str], threads: int = 1, spin: int | None = None
 ) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """`count` workers with `threads` torch threads each; `spin` caps how long their idle OpenMP threads spin."""
     processes, addresses = [], []
+    environment = dict(os.environ) if spin is None else {**os.environ, "GOMP_SPINCOUNT": str(spin)}
     for index in range(count):
         with socket.socket() as probe:  # a free port (another run may hold fixed ones)
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         command = [sys.executable, "-m", "cake_py.cli", "worker", "--host", "127.0.0.1", "--port", str(port),
-                   "--threads", "1", "--cache-dir", str(cache / str(index)), "--log-level", "warning",
-                   "--device", device, *graphs_flag]  # fmt: skip
-        processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))
+                   "--threads", str(threads), "--cache-dir", str(cache / f"{threads}-{index}"),
+                   "--log-level", "warning", "--device", device, *graphs_flag]  # fmt: skip
+        processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, env=environment))
         addresses.append(f"127.0.0.1:{port}")
     time.sleep(1.0)
     return processes, addresses
@@ -156,11 +160,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the master and the workers compute (cpu or cuda)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="GPU: every step eager")
     parser.add_argument("--hop-calls", type=int, default=200, help="back-to-back Forward calls to one worker")
+    parser.add_argument("--worker-threads", type=int, default=0, help="also measure workers with this many threads")
+    parser.add_argument("--worker-spin", type=int, default=10000, help="GOMP_SPINCOUNT of --worker-threads workers")
     args = parser.parse_args()
     graphs.set_enabled(args.cuda_graphs)
     everywhere = tuple(sorted(os.sched_getaffinity(0)))
     pinned = parse_cpus(args.cpus) or everywhere
     names = ["single, --cpus", "single, all cores", "cluster, --cpus", "cluster, no chain", "cluster, unpinned"]
+    threaded = f"cluster, {args.worker_threads} threads"
+    names += [threaded] if args.worker_threads else []
     results: dict[str, list[float]] = {name: [] for name in names}
     stats: dict[str, list[RecordingStats]] = {}
     back_to_back: dict[bool, list[float]] = {}  # unpinned or not: hop ms of back-to-back Forward calls
@@ -172,6 +180,12 @@ def main() -> None:
         ids = source.tokenizer.encode_chat([{"role": "user", "content": "Tell me about Paris."}])
         graphs_flag = [] if args.cuda_graphs else ["--no-cuda-graphs"]
         workers, addresses = start_workers(3, Path(cache), args.device, graphs_flag)
+        more_addresses: list[str] = []
+        if args.worker_threads:
+            more, more_addresses = start_workers(
+                2, Path(cache), args.device, graphs_flag, args.worker_threads, args.worker_spin
+            )
+            workers += more
         specs = [WorkerSpec(f"w{i}", address) for i, address in enumerate(addresses[:2])]
         engines: dict[str, Engine] = {}
         try:
@@ -186,12 +200,16 @@ def main() -> None:
                 "cluster, no chain": (unchained, 1),
                 "cluster, unpinned": (cluster, 1),
             }
+            if args.worker_threads:  # the master keeps one thread: a second pool would make libgomp stop spinning
+                threaded_specs = [WorkerSpec(f"t{i}", address) for i, address in enumerate(more_addresses)]
+                settings = ServeSettings(dtype=args.dtype, workers=threaded_specs)
+                setups[threaded] = (build_pipeline(settings, source, args.device), 1)
             for name, (pipeline, threads) in setups.items():
                 engines[name] = start_engine(pipeline, source, threads, ids)
                 stats[name] = [RecordingStats() for _ in pipeline.stages]
             for round_index in range(args.rounds):
                 for name in names:
-                    unpinned = name in ("single, all cores", "cluster, unpinned")
+                    unpinned = name in ("single, all cores", "cluster, unpinned", threaded)
                     for pid in [os.getpid()] + [worker.pid for worker in workers]:
                         set_process_cpus(pid, everywhere if unpinned else pinned)
                         set_process_batch(pid, not unpinned)  # as --cpus does
@@ -243,6 +261,8 @@ def main() -> None:
     print(f"cluster, --cpus / single, all cores  {ratio('cluster, --cpus', 'single, all cores'):.2f}x")
     print(f"cluster, no chain / single, --cpus   {ratio('cluster, no chain', 'single, --cpus'):.2f}x")
     print(f"cluster, unpinned / single, all cores {ratio('cluster, unpinned', 'single, all cores'):.2f}x")
+    if args.worker_threads:
+        print(f"{threaded} / single, all cores  {ratio(threaded, 'single, all cores'):.2f}x")
     hops = {f"in the pipeline, {name}": [h for r in stats[name] for h in r.hops_ms] for name in names[2:]}
     hops["back to back, --cpus"] = back_to_back[False]
     hops["back to back, unpinned"] = back_to_back[True]
