@@ -16,6 +16,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
+    "Gemma2ForCausalLM": "gemma2",
 }
 # model_type → family, for a config.json without `architectures`.
 SUPPORTED_MODEL_TYPES = {
@@ -24,6 +25,7 @@ SUPPORTED_MODEL_TYPES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma3_text": "gemma3",
+    "gemma2": "gemma2",
 }
 SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
 MAX_LAYERS = 4096  # the largest published models have under 200; a config past this is malformed
@@ -47,7 +49,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # llama | mistral | qwen2 | qwen3 | gemma3
+    family: str  # llama | mistral | qwen2 | qwen3 | gemma3 | gemma2
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -71,6 +73,9 @@ class ModelConfig:
     sliding_window: int | None = None  # the window of the layers that have one (see `window_of`)
     # Per layer, whether it attends through the window; empty: every layer does when sliding_window is set.
     windowed_layers: tuple[bool, ...] = ()
+    # cap · tanh(x / cap) on the attention scores before the mask, and on the head's logits (Gemma 2; Gemma 3 may).
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
@@ -114,6 +119,9 @@ class ModelConfig:
             numbers.append(("rope_local_base_freq", config.local_rope.theta))
         if config.query_pre_attn_scalar is not None:
             numbers.append(("query_pre_attn_scalar", config.query_pre_attn_scalar))
+        for cap_name in ("attn_logit_softcapping", "final_logit_softcapping"):  # a 0 divides, a negative flips
+            if (cap := getattr(config, cap_name)) is not None:
+                numbers.append((cap_name, cap))
         if rope.kind == "llama3":  # the wavelengths divide by them: a 0 was a ZeroDivisionError's traceback
             numbers.append(("rope_scaling low_freq_factor", rope.low_freq_factor))
             numbers.append(("rope_scaling original_max_position_embeddings", rope.original_max_position_embeddings))
@@ -186,9 +194,10 @@ class ModelConfig:
         if not 0 < n_layers <= MAX_LAYERS:  # every layer is built before its weights are looked for
             raise ValueError(f"num_hidden_layers must be from 1 to {MAX_LAYERS}, got {raw['num_hidden_layers']!r}")
         sliding, windowed = _sliding_window(raw, family, n_layers)
-        gemma = family == "gemma3"
-        rope, local_rope = _parse_gemma_ropes(raw) if gemma else (_parse_rope(raw), None)
+        gemma = family in GEMMA_FAMILIES
+        rope, local_rope = _parse_gemma_ropes(raw) if family == "gemma3" else (_parse_rope(raw), None)
         scalar = fields.number(raw, "query_pre_attn_scalar", GEMMA_QUERY_PRE_ATTN_SCALAR) if gemma else None
+        caps = {name: _softcap(raw, name, family) for name in SOFTCAP_DEFAULTS}
         return cls(
             family=family,
             architecture=str(architecture),
@@ -212,23 +221,28 @@ class ModelConfig:
             query_pre_attn_scalar=scalar,
             sliding_window=sliding,
             windowed_layers=windowed,
+            **caps,
             bos_token_id=_token_id(raw["bos_token_id"]) if raw.get("bos_token_id") is not None else None,
             eos_token_ids=eos_ids,
         )
 
 
 # transformers' defaults for fields a config.json may leave out, where they differ by family.
-DEFAULT_HEAD_DIMS = {"qwen3": 128, "gemma3": 256}
+DEFAULT_HEAD_DIMS = {"qwen3": 128, "gemma3": 256, "gemma2": 256}
 DEFAULT_SLIDING_WINDOW = 4096
 GEMMA_QUERY_PRE_ATTN_SCALAR = 256
 GEMMA_SLIDING_WINDOW_PATTERN = 6  # every 6th layer attends to everything, the others through the window
+GEMMA2_SLIDING_WINDOW_PATTERN = 2  # Gemma 2: every other layer, from layer 0, through the window
+GEMMA_FAMILIES = ("gemma3", "gemma2")  # (1 + weight) norms, four per block, a scaled embedding (models/gemma.py)
+# Gemma2Config's soft-caps where config.json leaves them out (null: none); Gemma3TextConfig's are None.
+SOFTCAP_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 GEMMA_ROPE_THETA, GEMMA_LOCAL_ROPE_THETA = 1_000_000.0, 10_000.0
 
 # What the layer code computes: a checkpoint that needs anything else would load and answer garbage, so it is refused.
 # HF's activation name → ours.
 SUPPORTED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # Gemma fields that change what a layer computes, which the layer code does not implement.
-GEMMA_UNSUPPORTED = ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")
+GEMMA_UNSUPPORTED = ("use_bidirectional_attention",)
 
 
 def _check_computable(raw: dict[str, Any], family: str) -> None:
@@ -244,21 +258,21 @@ def _check_computable(raw: dict[str, Any], family: str) -> None:
         raise UnsupportedArchitectureError(
             f"unsupported {name} {activation!r} (supported: {', '.join(sorted(SUPPORTED_ACTIVATIONS))})"
         )
-    if family == "gemma3":
+    if family in GEMMA_FAMILIES:
         for field_name in GEMMA_UNSUPPORTED:
             if raw.get(field_name) not in (None, False):
                 raise UnsupportedArchitectureError(
-                    f"unsupported {field_name} {raw[field_name]!r} (Gemma 3 text models are computed without it)"
+                    f"unsupported {field_name} {raw[field_name]!r} (Gemma text models are computed without it)"
                 )
 
 
 def _activation_field(raw: dict[str, Any], family: str) -> str:
     """Gemma configs name the activation `hidden_activation`; the others `hidden_act`."""
-    return "hidden_activation" if family == "gemma3" and "hidden_activation" in raw else "hidden_act"
+    return "hidden_activation" if family in GEMMA_FAMILIES and "hidden_activation" in raw else "hidden_act"
 
 
 def _activation(raw: dict[str, Any], family: str) -> str:
-    default = "gelu_pytorch_tanh" if family == "gemma3" else "silu"
+    default = "gelu_pytorch_tanh" if family in GEMMA_FAMILIES else "silu"
     name = _activation_field(raw, family)
     value = raw.get(name, default)
     if not isinstance(value, str):
@@ -272,6 +286,18 @@ def _flag(raw: dict[str, Any], name: str, default: bool = False) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
     return value
+
+
+def _softcap(raw: dict[str, Any], name: str, family: str) -> float | None:
+    """A soft-cap of a Gemma config (None: no capping): absent, transformers' default for the family; null, none.
+    Gemma 3 normalises q and k instead of capping their scores: transformers' Gemma 3 caps its logits but never its
+    attention scores (its attention passes no cap on, eager included), whatever the config says, and so does this."""
+    if family not in GEMMA_FAMILIES:
+        return None
+    if name not in raw:
+        return SOFTCAP_DEFAULTS[name] if family == "gemma2" else None
+    cap = None if raw[name] is None else fields.number(raw, name, 0.0)
+    return None if family == "gemma3" and name == "attn_logit_softcapping" else cap
 
 
 def _token_id(value: Any) -> int:
@@ -292,8 +318,9 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
         if window < 0:  # a negative window was taken as one, and masked every key out
             raise ValueError(f"sliding_window must be a number of positions, got {window}")
     if not window:
-        if family == "gemma3":  # its windowed layers would attend to everything, and take the wrong rope
-            raise ValueError(f"sliding_window must be a number of positions for Gemma 3, got {window!r}")
+        if family in GEMMA_FAMILIES:  # its windowed layers would attend to everything (Gemma 3's: the wrong rope)
+            name = "Gemma 3" if family == "gemma3" else "Gemma 2"
+            raise ValueError(f"sliding_window must be a number of positions for {name}, got {window!r}")
         return None, ()
     layer_types = raw.get("layer_types")
     if isinstance(layer_types, list) and len(layer_types) == n_layers:
@@ -305,6 +332,8 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
         if pattern <= 0:
             raise ValueError(f"sliding_window_pattern must be positive, got {pattern}")
         windowed = tuple(bool((index + 1) % pattern) for index in range(n_layers))
+    elif family == "gemma2":  # Gemma2Config has no pattern field: its layers alternate
+        windowed = tuple(bool((index + 1) % GEMMA2_SLIDING_WINDOW_PATTERN) for index in range(n_layers))
     elif family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
         first = fields.integer(raw, "max_window_layers", 28)
         windowed = tuple(index >= first for index in range(n_layers))

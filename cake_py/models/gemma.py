@@ -1,4 +1,4 @@
-"""Gemma 3 text decoders (gemma-3-270m, gemma-3-1b, the text part of the bigger ones) in plain torch.
+"""Gemma 3 text decoders (gemma-3-270m, gemma-3-1b, the text part of the bigger ones) and Gemma 2 in plain torch.
 
 Gemma 3 is the Llama-shaped decoder of llama.py (GQA attention with q/k norms, a gated MLP, rope) with four
 differences, each a module here: its RMSNorm scales by (1 + weight) in float32; a block normalises each branch's
@@ -6,6 +6,10 @@ output again before adding it back (four norms per block); the embedding is scal
 attention layers alternate between a sliding window with a local rope and full attention with the global one
 (`ModelConfig.window_of` / `rope_of`, which `Transformer` already follows). The GeGLU activation and the
 `query_pre_attn_scalar` attention scale are config fields the shared modules read.
+
+Gemma 2 is the same model without the q/k norms, with one rope for all layers, every other layer windowed, and its
+attention scores and final logits soft-capped (`attn_logit_softcapping`, `final_logit_softcapping`: config fields
+that llama.py's `Attention` and `Transformer.head` read, models/softcapping.py).
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ class GemmaBlock(Block):
 
 
 class GemmaTransformer(Transformer):
-    """Layers [start, end) of a Gemma 3 model, with the embedding and/or the head when this part holds them."""
+    """Layers [start, end) of a Gemma 3 or Gemma 2 model, with the embedding and/or the head when this part holds
+    them."""
 
     norm_type = GemmaRMSNorm
     block_type = GemmaBlock

@@ -21,6 +21,7 @@ from cake_py.models.config import ModelConfig, RopeConfig
 from cake_py.models.graphs import DecodeGraphs
 from cake_py.models.kv_cache import Batch, KVStore, LayerCache, batch_positions
 from cake_py.models.kv_layout import first_read
+from cake_py.models.softcapping import capped_attention, soft_cap
 
 
 class RMSNorm(nn.Module):
@@ -89,6 +90,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.scale = config.attention_scale
         self.sliding_window = config.window_of(layer)
+        self.softcap = config.attn_logit_softcapping  # None: SDPA; else the scores are capped (softcapping.py)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
         self.wqkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
@@ -134,9 +136,12 @@ class Attention(nn.Module):
                 outputs.append(self._decode_attention(q[offset], keys[0], values[0]))
             else:
                 causal = mask is None and piece.n_tokens > 1
-                out = F.scaled_dot_product_attention(
-                    q_seq, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
-                )  # (1, n_heads, t, head_dim)
+                if self.softcap is not None:
+                    out = capped_attention(q_seq, keys, values, mask, causal, self.scale, self.softcap)
+                else:
+                    out = F.scaled_dot_product_attention(
+                        q_seq, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
+                    )  # (1, n_heads, t, head_dim)
                 outputs.append(out[0].transpose(0, 1).reshape(piece.n_tokens, -1))
             offset = end
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -160,9 +165,12 @@ class Attention(nn.Module):
             visible &= key_pos > position - self.sliding_window
         query = q.transpose(0, 1).unsqueeze(0)  # (1, n_heads, 1, head_dim)
         mask = visible.view(1, 1, 1, -1)
-        out = F.scaled_dot_product_attention(
-            query, cache.keys, cache.values, attn_mask=mask, scale=self.scale, enable_gqa=True
-        )
+        if self.softcap is not None:
+            out = capped_attention(query, cache.keys, cache.values, visible, False, self.scale, self.softcap)
+        else:
+            out = F.scaled_dot_product_attention(
+                query, cache.keys, cache.values, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
         return self.wo(out.view(1, self.n_heads * self.head_dim))
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -173,6 +181,8 @@ class Attention(nn.Module):
         # Accumulate in float32 like the fused kernels do, so 16-bit results track them token for token.
         q = q.view(self.n_kv_heads, group, self.head_dim).float()  # (n_kv_heads, group, head_dim)
         scores = torch.bmm(q, keys.float().transpose(1, 2)) * self.scale  # (n_kv_heads, group, L)
+        if self.softcap is not None:
+            scores = soft_cap(scores, self.softcap)
         out = torch.bmm(torch.softmax(scores, dim=-1), values.float())  # (n_kv_heads, group, head_dim)
         return out.to(values.dtype).reshape(1, self.n_heads * self.head_dim)
 
@@ -204,6 +214,8 @@ class Attention(nn.Module):
             values[index, :, : lengths[index]] = cached_v[0]
         queries = q.view(n, self.n_kv_heads, group, self.head_dim).float()  # (n, n_kv_heads, group, head_dim)
         scores = torch.matmul(queries, keys.float().transpose(-1, -2)) * self.scale  # (n, kv, group, L)
+        if self.softcap is not None:  # before the padding is masked, as the reference caps before its mask
+            scores = soft_cap(scores, self.softcap)
         padding = torch.arange(longest, device=q.device)[None, :] >= torch.tensor(lengths, device=q.device)[:, None]
         scores.masked_fill_(padding[:, None, None, :], float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (n, n_kv_heads, group, head_dim)
@@ -381,10 +393,13 @@ class Transformer(nn.Module):
         return [(cos[positions], sin[positions]) for cos, sin in tables]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, hidden) → (N, vocab) float32 logits."""
+        """(N, hidden) → (N, vocab) float32 logits, soft-capped where the model caps them (every sampler and logprob
+        reads these)."""
         if self.norm is None or self.lm_head is None:
             raise RuntimeError("this part of the model does not hold the head")
-        return self.lm_head(self.norm(hidden)).float()
+        logits = self.lm_head(self.norm(hidden)).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else soft_cap(logits, cap)
 
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) after the last layer → (N, hidden) float32 after the final norm: the model's last hidden state

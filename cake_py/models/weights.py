@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from cake_py.errors import WeightsError
-from cake_py.models.config import ModelConfig
+from cake_py.models.config import GEMMA_FAMILIES, ModelConfig
 from cake_py.models.gemma import GemmaTransformer
 from cake_py.models.llama import Transformer
 from cake_py.models.quant import (
@@ -39,7 +39,7 @@ FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}  # stored types that are not quantized (safetensors and GGUF names)
 # family → the model class of its stages (the others: llama.Transformer).
-MODEL_CLASSES: dict[str, type[Transformer]] = {"gemma3": GemmaTransformer}
+MODEL_CLASSES: dict[str, type[Transformer]] = {"gemma3": GemmaTransformer, "gemma2": GemmaTransformer}
 # HF norm of a layer → ours: Llama-shaped blocks have two, Gemma's four (its post_attention_layernorm normalises the
 # attention's output; the feed-forward's input norm is pre_feedforward_layernorm).
 BLOCK_NORMS = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
@@ -225,7 +225,7 @@ def to_module_state(
     for index, layer in enumerate(range(start, end)):
         hf, ours = f"model.layers.{layer}.", f"layers.{index}."
         attn = hf + "self_attn."
-        for hf_norm, norm in (GEMMA_BLOCK_NORMS if config.family == "gemma3" else BLOCK_NORMS).items():
+        for hf_norm, norm in (GEMMA_BLOCK_NORMS if config.family in GEMMA_FAMILIES else BLOCK_NORMS).items():
             state[f"{ours}{norm}.weight"] = take(f"{hf}{hf_norm}.weight")
         linear([f"{attn}{p}_proj" for p in "qkv"], ours + "attention.wqkv")
         if config.qkv_bias:

@@ -6,6 +6,8 @@ the tiny Gemma 3 of tests/fixtures/tiny_models.py.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.weights import load_transformer
 from tests.conftest import TinyModelFactory
+from tests.fixtures.tiny_models import copy_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,13 +118,11 @@ def test_fields_left_out_take_transformers_defaults() -> None:
 @pytest.mark.parametrize(
     ("changes", "needle"),
     [
-        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping 30.0"),
-        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping 50.0"),
         ({"use_bidirectional_attention": True}, "use_bidirectional_attention True"),
         ({"hidden_activation": "gelu"}, "unsupported hidden_activation 'gelu'"),
         ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"}, "Gemma3ForConditional"),
     ],
-    ids=["final-softcap", "attention-softcap", "bidirectional", "exact-gelu", "multimodal"],
+    ids=["bidirectional", "exact-gelu", "multimodal"],
 )
 def test_a_config_the_layers_would_compute_wrongly_is_refused(changes: dict[str, Any], needle: str) -> None:
     with pytest.raises(UnsupportedArchitectureError) as raised:
@@ -142,6 +143,33 @@ def test_a_malformed_gemma_field_is_named(changes: dict[str, Any], needle: str) 
     with pytest.raises(ModelError, match="config.json") as raised:
         ModelConfig.from_hf({**HUB_CONFIG, **changes})
     assert needle in str(raised.value)
+
+
+@torch.inference_mode()
+def test_a_gemma3_config_with_soft_caps_computes_what_transformers_does(
+    tiny_model_factory: TinyModelFactory, tmp_path: Path
+) -> None:
+    """Gemma3TextConfig's caps (None in the published configs, refused here before) are read as transformers reads
+    them: the logits are capped (by Gemma 2's code), the attention scores are not (transformers' Gemma 3 attention,
+    eager included, never passes its cap on), through prefill, a chunk and cached decode steps past the window."""
+    folder = copy_model(tiny_model_factory("gemma3"), tmp_path)
+    raw = json.loads((folder / "config.json").read_text())
+    raw.update(attn_logit_softcapping=3.0, final_logit_softcapping=2.0)
+    (folder / "config.json").write_text(json.dumps(raw))
+    source = SafetensorsWeights(folder)
+    config = ModelConfig.from_hf(source.config)
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (None, 2.0)
+    ours = load_transformer(source, config, 0, 3, with_embedding=True, with_head=True, dtype=torch.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    ids = torch.randint(0, config.vocab_size, (30,), generator=torch.Generator().manual_seed(2))
+    expected = reference(ids[None]).logits[0]
+    assert expected.abs().max() <= 2.0
+    kv = ours.new_kv_store()
+    for start, end in [(0, 12), (12, 20)] + [(position, position + 1) for position in range(20, 30)]:
+        logits = ours.head(ours.forward_layers(ours.embed(ids[start:end]), [SequenceSlice(0, start, end - start)], kv))
+        torch.testing.assert_close(logits, expected[start:end], atol=1e-4, rtol=0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

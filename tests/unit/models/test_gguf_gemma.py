@@ -13,7 +13,6 @@ import gguf
 import pytest
 import torch
 
-from cake_py.errors import UnsupportedArchitectureError
 from cake_py.models import gguf_gemma
 from cake_py.models.config import ModelConfig
 from cake_py.models.gguf import GGUFWeights
@@ -157,10 +156,12 @@ def test_the_27b_scales_attention_by_hidden_over_heads() -> None:
     assert other["query_pre_attn_scalar"] == 128
 
 
-def test_a_softcapped_gguf_is_refused_by_name() -> None:
-    metadata = {"attention.sliding_window": 1024, "final_logit_softcapping": 30.0}
+def test_a_softcapped_gguf_caps_its_logits_as_its_config_would() -> None:
+    """The caps in the metadata become the config's, read as transformers reads a Gemma 3 config: the logits capped,
+    the attention scores not (test_gemma.py)."""
+    metadata = {"attention.sliding_window": 1024, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}
     sizes = {"num_hidden_layers": 26, "hidden_size": 1152, "num_attention_heads": 4, "head_dim": 256}
     fields = gguf_gemma.gemma3_fields(lambda key, default=None: metadata.get(key, default), sizes)
     raw = {"architectures": ["Gemma3ForCausalLM"], "vocab_size": 256, "intermediate_size": 64, **sizes, **fields}
-    with pytest.raises(UnsupportedArchitectureError, match="final_logit_softcapping 30.0"):
-        ModelConfig.from_hf(raw)
+    config = ModelConfig.from_hf(raw)
+    assert (config.final_logit_softcapping, config.attn_logit_softcapping) == (30.0, None)

@@ -7,7 +7,7 @@ prefill, the KV cache, varlen batches and a model split into two stages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -121,6 +121,21 @@ def test_fixture_exercises_the_architecture(pair: Pair) -> None:
         assert (config.rope_of(0).theta, config.rope_of(1).kind) == (1e4, "linear")
         assert config.attention_scale != config.head_dim**-0.5 and config.activation == "gelu_tanh"
         assert config.tie_word_embeddings and "lm_head.weight" not in SafetensorsWeights(pair.folder).names()
+    if pair.kind == "gemma2":
+        # Every other layer windowed from layer 0 (Gemma2Config's default), one rope, and caps that bend the logits:
+        # the same weights uncapped are far from the reference.
+        assert [config.window_of(layer) for layer in range(config.n_layers)] == [16, None, 16]
+        assert config.sliding_window is not None and config.sliding_window < len(pair.prompt) + N_GREEDY
+        assert len(pair.ours.ropes) == 1 and not config.qk_norm and config.attention_scale != config.head_dim**-0.5
+        assert config.attn_logit_softcapping is not None and config.final_logit_softcapping is not None
+        expected = reference_logits(pair.reference, pair.prompt)
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            uncapped = load_transformer(
+                SafetensorsWeights(pair.folder), replace(config, **{cap: None}), 0, config.n_layers,
+                with_embedding=True, with_head=True, dtype=torch.float32,
+            )  # fmt: skip
+            (logits,) = run(uncapped, uncapped.new_kv_store(), [(0, 0, pair.prompt)])
+            assert (logits - expected).abs().max() > 0.05 * expected.abs().max()
     assert config.n_kv_heads < config.n_heads
 
 
@@ -252,7 +267,7 @@ def test_split_model_equals_whole(pair: Pair) -> None:
     assert front_kv.length(0) == back_kv.length(0) == len(ids)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gemma2"])
 @torch.inference_mode()
 def test_bfloat16_tracks_transformers(kind: str, tiny_model_factory) -> None:
     """In bfloat16 too: where a cast happens (Gemma's norms scale before casting, its embedding scale is rounded to
@@ -264,7 +279,9 @@ def test_bfloat16_tracks_transformers(kind: str, tiny_model_factory) -> None:
     (logits,) = run(ours, ours.new_kv_store(), [(0, 0, prompt)])
     expected = reference_logits(reference, prompt)
     assert logits.dtype == torch.float32
-    assert_logits_close(logits, expected, tolerance=2e-2)
+    # Gemma 2's logits are capped under 1 here, where bfloat16's steps are ~0.004: transformers' own bfloat16 logits
+    # are 0.024 from its float32 ones (ours 0.021), and from ours by as much.
+    assert_logits_close(logits, expected, tolerance=3e-2 if kind == "gemma2" else 2e-2)
 
     n_tokens = 8
     generated = reference.generate(
