@@ -36,6 +36,7 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     gguf_gemma.ARCHITECTURE: "Gemma3ForCausalLM",
+    gguf_gemma.GEMMA2_ARCHITECTURE: "Gemma2ForCausalLM",
 }
 # llama.cpp's converter interleaves the two rotary halves of each q/k head for these (they use its "normal" rope);
 # Qwen use the NEOX rope, which already matches HF's rotate-half layout, so their rows are stored as is.
@@ -60,7 +61,7 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 # Where an architecture's blocks differ from the Llama family's.
-_BLOCK_NAMES_OF = {gguf_gemma.ARCHITECTURE: {**_BLOCK_NAMES, **gguf_gemma.BLOCK_NAMES}}
+_BLOCK_NAMES_OF = {arch: {**_BLOCK_NAMES, **gguf_gemma.BLOCK_NAMES} for arch in gguf_gemma.ARCHITECTURES}
 _BLOCK_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -166,6 +167,8 @@ class GGUFWeights:
         config["sliding_window"] = None
         if arch == gguf_gemma.ARCHITECTURE:
             config.update(gguf_gemma.gemma3_fields(self._arch_value, config))
+        if arch == gguf_gemma.GEMMA2_ARCHITECTURE:
+            config.update(gguf_gemma.gemma2_fields(self._arch_value, config))
         if "model.layers.0.self_attn.q_proj.bias" in self._tensors and arch != "qwen2":
             config["attention_bias"] = True  # Qwen2's q/k/v bias is implied by its family
         if "model.layers.0.mlp.gate_proj.bias" in self._tensors:
@@ -246,7 +249,7 @@ class GGUFWeights:
         if not array.flags.writeable:  # unquantized tensors come back as views of the read-only memmap
             array = array.copy()
         weights = torch.from_numpy(array.astype(np.float32, copy=False)).reshape(self.info(name).shape)
-        if self.architecture == gguf_gemma.ARCHITECTURE and gguf_gemma.is_shifted_norm(name):
+        if self.architecture in gguf_gemma.ARCHITECTURES and gguf_gemma.is_shifted_norm(name):
             weights = weights - gguf_gemma.NORM_OFFSET  # back to HF's zero-centred weight
         if self.architecture in _PERMUTED_ARCHITECTURES:
             if name.endswith(("q_proj.weight", "q_proj.bias")):
