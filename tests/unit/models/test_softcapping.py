@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from cake_py.models import softcapping
 from cake_py.models.softcapping import capped_attention, soft_cap
 
 transformers = pytest.importorskip("transformers")
@@ -53,6 +54,33 @@ def test_capped_attention_matches_transformers_eager(
         query, keys, values, attn_mask=visible, scale=SCALE, enable_gqa=True
     )
     assert (uncapped - expected).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["causal", "mask"])
+def test_queries_go_through_in_blocks_with_the_same_result(explicit: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long chunk's scores are computed a block of queries at a time (bounded memory), to the same attention."""
+    generator = torch.Generator().manual_seed(3)
+    n_queries, n_keys = 23, 30
+    query = 3 * torch.randn(1, N_HEADS, n_queries, HEAD_DIM, generator=generator)
+    keys, values = (torch.randn(1, N_KV_HEADS, n_keys, HEAD_DIM, generator=generator) for _ in range(2))
+    causal = torch.ones(n_queries, n_keys, dtype=torch.bool).tril(n_keys - n_queries)
+    windowed = causal & (torch.arange(n_keys) >= 4)  # an explicit mask that differs from the causal one
+    mask = windowed if explicit else None
+    expected = reference(query, keys, values, windowed if explicit else causal)
+    whole = capped_attention(query, keys, values, mask, not explicit, SCALE, CAP)
+    computed: list[int] = []
+    block = softcapping._capped_block
+
+    def counted(query: torch.Tensor, *args: object) -> torch.Tensor:
+        computed.append(query.shape[2])
+        return block(query, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(softcapping, "_capped_block", counted)
+    monkeypatch.setattr(softcapping, "MAX_SCORES", 5 * N_HEADS * n_keys)  # blocks of 5 queries
+    blocked = capped_attention(query, keys, values, mask, not explicit, SCALE, CAP)
+    assert computed == [5, 5, 5, 5, 3]
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(blocked, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_soft_cap_bends_large_values_and_keeps_small_ones() -> None:
