@@ -17,6 +17,10 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
     "Gemma2ForCausalLM": "gemma2",
+    # Llama variants (cake_py.models.variants).
+    "SmolLM3ForCausalLM": "smollm3",
+    "GraniteForCausalLM": "granite",
+    "Olmo2ForCausalLM": "olmo2",
 }
 # model_type → family, for a config.json without `architectures`.
 SUPPORTED_MODEL_TYPES = {
@@ -26,6 +30,9 @@ SUPPORTED_MODEL_TYPES = {
     "qwen3": "qwen3",
     "gemma3_text": "gemma3",
     "gemma2": "gemma2",
+    "smollm3": "smollm3",
+    "granite": "granite",
+    "olmo2": "olmo2",
 }
 SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
 MAX_LAYERS = 4096  # the largest published models have under 200; a config past this is malformed
@@ -49,7 +56,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # llama | mistral | qwen2 | qwen3 | gemma3 | gemma2
+    family: str  # llama | mistral | qwen2 | qwen3 | gemma3 | gemma2 | smollm3 | granite | olmo2
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -64,7 +71,7 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2, Llama attention_bias)
     o_bias: bool = False  # bias on the output projection (Llama attention_bias)
     mlp_bias: bool = False
-    qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3, Gemma 3)
+    qk_norm: bool = False  # RMSNorm on q and k before rope: per head (Qwen3, Gemma 3), all heads at once (OLMo 2)
     activation: str = "silu"  # of the feed-forward's gate: silu | gelu_tanh (Gemma's gelu_pytorch_tanh)
     # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (Gemma), else by head_dim ** -0.5.
     query_pre_attn_scalar: float | None = None
@@ -76,6 +83,14 @@ class ModelConfig:
     # cap · tanh(x / cap) on the attention scores before the mask, and on the head's logits (Gemma 2; Gemma 3 may).
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # Per layer, whether it rotates q and k; empty: every layer does (SmolLM3's NoPE layers do not).
+    rope_layers: tuple[bool, ...] = ()
+    # Granite's scalings: the embedding multiplied, each branch multiplied before it is added back, the attention
+    # scores scaled by attention_multiplier (in place of head_dim ** -0.5), the logits divided.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
@@ -122,6 +137,8 @@ class ModelConfig:
         for cap_name in ("attn_logit_softcapping", "final_logit_softcapping"):  # a 0 divides, a negative flips
             if (cap := getattr(config, cap_name)) is not None:
                 numbers.append((cap_name, cap))
+        if config.family == "granite":
+            numbers += [(name, getattr(config, name)) for name in GRANITE_MULTIPLIERS]
         if rope.kind == "llama3":  # the wavelengths divide by them: a 0 was a ZeroDivisionError's traceback
             numbers.append(("rope_scaling low_freq_factor", rope.low_freq_factor))
             numbers.append(("rope_scaling original_max_position_embeddings", rope.original_max_position_embeddings))
@@ -146,6 +163,10 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def uses_rope(self, layer: int) -> bool:
+        """Whether layer `layer` (absolute index) rotates its queries and keys."""
+        return not self.rope_layers or self.rope_layers[layer]
+
     def rope_of(self, layer: int) -> RopeConfig:
         """The rope of layer `layer` (absolute index): `local_rope` for a windowed layer where there is one."""
         if self.local_rope is not None and self.window_of(layer) is not None:
@@ -155,6 +176,8 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         """What attention scores are multiplied by before the softmax."""
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
@@ -198,6 +221,7 @@ class ModelConfig:
         rope, local_rope = _parse_gemma_ropes(raw) if family == "gemma3" else (_parse_rope(raw), None)
         scalar = fields.number(raw, "query_pre_attn_scalar", GEMMA_QUERY_PRE_ATTN_SCALAR) if gemma else None
         caps = {name: _softcap(raw, name, family) for name in SOFTCAP_DEFAULTS}
+        granite = {name: fields.number(raw, name, 1.0) for name in GRANITE_MULTIPLIERS} if family == "granite" else {}
         return cls(
             family=family,
             architecture=str(architecture),
@@ -216,12 +240,14 @@ class ModelConfig:
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=family != "qwen2" and attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "gemma3"),
+            qk_norm=family in ("qwen3", "gemma3", "olmo2"),
             activation=SUPPORTED_ACTIVATIONS[_activation(raw, family)],
             query_pre_attn_scalar=scalar,
             sliding_window=sliding,
             windowed_layers=windowed,
             **caps,
+            rope_layers=_rope_layers(raw, n_layers) if family == "smollm3" else (),
+            **granite,
             bos_token_id=_token_id(raw["bos_token_id"]) if raw.get("bos_token_id") is not None else None,
             eos_token_ids=eos_ids,
         )
@@ -237,6 +263,11 @@ GEMMA_FAMILIES = ("gemma3", "gemma2")  # (1 + weight) norms, four per block, a s
 # Gemma2Config's soft-caps where config.json leaves them out (null: none); Gemma3TextConfig's are None.
 SOFTCAP_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 GEMMA_ROPE_THETA, GEMMA_LOCAL_ROPE_THETA = 1_000_000.0, 10_000.0
+# GraniteConfig's scalings, each 1.0 when absent (attention_multiplier too: not head_dim ** -0.5).
+GRANITE_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+SMOLLM3_NO_ROPE_LAYER_INTERVAL = 4  # SmolLM3Config's default: every 4th layer has no rope
+# Families whose transformers model has no sliding window, whatever config.json says of one.
+WINDOWLESS_FAMILIES = ("granite", "olmo2")
 
 # What the layer code computes: a checkpoint that needs anything else would load and answer garbage, so it is refused.
 # HF's activation name → ours.
@@ -310,9 +341,12 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
     """The window and which layers use it, as transformers decides: config.json's `layer_types` when given; else
     Mistral windows every layer, Qwen2/Qwen3 (with use_sliding_window) the layers from max_window_layers on, and
     Gemma 3 all but every `sliding_window_pattern`-th layer."""
+    if family in WINDOWLESS_FAMILIES:
+        return None, ()
     # Absent, transformers' Mistral, Qwen and Gemma configs default it to 4096 (Qwen's applies with
-    # use_sliding_window).
-    window = raw.get("sliding_window", DEFAULT_SLIDING_WINDOW if family != "llama" else None)  # null: none
+    # use_sliding_window; SmolLM3's has none).
+    default = DEFAULT_SLIDING_WINDOW if family not in ("llama", "smollm3") else None
+    window = raw.get("sliding_window", default)  # null: none
     if window is not None:
         window = fields.whole(window, "sliding_window")
         if window < 0:  # a negative window was taken as one, and masked every key out
@@ -337,9 +371,25 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
     elif family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
         first = fields.integer(raw, "max_window_layers", 28)
         windowed = tuple(index >= first for index in range(n_layers))
+    elif family == "smollm3" and raw.get("use_sliding_window"):  # SmolLM3Config: its NoPE layers are the windowed
+        windowed = tuple(not rope for rope in _rope_layers(raw, n_layers))
     else:
         return None, ()
     return (window, windowed) if any(windowed) else (None, ())
+
+
+def _rope_layers(raw: dict[str, Any], n_layers: int) -> tuple[bool, ...]:
+    """SmolLM3's per-layer rope, as SmolLM3Config decides: `no_rope_layers` (1: rope, 0: none, one per layer at
+    least), else no rope on every `no_rope_layer_interval`-th layer."""
+    flags = raw.get("no_rope_layers")
+    if flags is None:
+        interval = fields.integer(raw, "no_rope_layer_interval", SMOLLM3_NO_ROPE_LAYER_INTERVAL)
+        if interval <= 0:
+            raise ValueError(f"no_rope_layer_interval must be positive, got {interval}")
+        return tuple(bool((index + 1) % interval) for index in range(n_layers))
+    if not isinstance(flags, list) or len(flags) < n_layers or any(flag not in (0, 1) for flag in flags):
+        raise ValueError(f"no_rope_layers must be a list of 0 or 1 per layer ({n_layers}), got {fields.shown(flags)}")
+    return tuple(bool(flag) for flag in flags[:n_layers])
 
 
 def _parse_rope(raw: dict[str, Any]) -> RopeConfig:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from cake_py.errors import WeightsError
-from cake_py.models.config import GEMMA_FAMILIES, ModelConfig
+from cake_py.models.config import ModelConfig
 from cake_py.models.gemma import GemmaTransformer
 from cake_py.models.llama import Transformer
 from cake_py.models.quant import (
@@ -32,6 +32,7 @@ from cake_py.models.quant import (
     quantize_rows_int8,
 )
 from cake_py.models.quantized_modules import PIECES, dequantized, install_quantized, install_split
+from cake_py.models.variants import GraniteTransformer, Olmo2Transformer, SmolLM3Transformer
 
 LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.")
 EMBEDDING = "model.embed_tokens.weight"
@@ -39,7 +40,13 @@ FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}  # stored types that are not quantized (safetensors and GGUF names)
 # family → the model class of its stages (the others: llama.Transformer).
-MODEL_CLASSES: dict[str, type[Transformer]] = {"gemma3": GemmaTransformer, "gemma2": GemmaTransformer}
+MODEL_CLASSES: dict[str, type[Transformer]] = {
+    "gemma3": GemmaTransformer,
+    "gemma2": GemmaTransformer,
+    "smollm3": SmolLM3Transformer,
+    "granite": GraniteTransformer,
+    "olmo2": Olmo2Transformer,
+}
 # HF norm of a layer → ours: Llama-shaped blocks have two, Gemma's four (its post_attention_layernorm normalises the
 # attention's output; the feed-forward's input norm is pre_feedforward_layernorm).
 BLOCK_NORMS = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
@@ -49,6 +56,9 @@ GEMMA_BLOCK_NORMS = {
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffn_norm",
 }
+# OLMo 2 normalises each branch's output only.
+OLMO2_BLOCK_NORMS = {"post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffn_norm"}
+FAMILY_BLOCK_NORMS = {"gemma3": GEMMA_BLOCK_NORMS, "gemma2": GEMMA_BLOCK_NORMS, "olmo2": OLMO2_BLOCK_NORMS}
 
 
 @dataclass(frozen=True)
@@ -225,7 +235,7 @@ def to_module_state(
     for index, layer in enumerate(range(start, end)):
         hf, ours = f"model.layers.{layer}.", f"layers.{index}."
         attn = hf + "self_attn."
-        for hf_norm, norm in (GEMMA_BLOCK_NORMS if config.family in GEMMA_FAMILIES else BLOCK_NORMS).items():
+        for hf_norm, norm in FAMILY_BLOCK_NORMS.get(config.family, BLOCK_NORMS).items():
             state[f"{ours}{norm}.weight"] = take(f"{hf}{hf_norm}.weight")
         linear([f"{attn}{p}_proj" for p in "qkv"], ours + "attention.wqkv")
         if config.qkv_bias:
