@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cake_py.errors import ModelNotFoundError, WeightsError
-from cake_py.models import gguf_gemma
+from cake_py.models import gguf_gemma, gguf_variants
 from cake_py.models.gguf_header import check_header
 from cake_py.models.gguf_int4 import INT4_TYPES, int4_groups
 from cake_py.models.gguf_split import split_parts
@@ -37,10 +37,11 @@ _ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     gguf_gemma.ARCHITECTURE: "Gemma3ForCausalLM",
     gguf_gemma.GEMMA2_ARCHITECTURE: "Gemma2ForCausalLM",
+    **gguf_variants.ARCHITECTURES,
 }
 # llama.cpp's converter interleaves the two rotary halves of each q/k head for these (they use its "normal" rope);
 # Qwen use the NEOX rope, which already matches HF's rotate-half layout, so their rows are stored as is.
-_PERMUTED_ARCHITECTURES = {"llama", "mistral"}
+_PERMUTED_ARCHITECTURES = {"llama", "mistral", *gguf_variants.PERMUTED}
 
 _TOP_LEVEL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -61,7 +62,10 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 # Where an architecture's blocks differ from the Llama family's.
-_BLOCK_NAMES_OF = {arch: {**_BLOCK_NAMES, **gguf_gemma.BLOCK_NAMES} for arch in gguf_gemma.ARCHITECTURES}
+_BLOCK_NAMES_OF = {
+    **{arch: {**_BLOCK_NAMES, **gguf_gemma.BLOCK_NAMES} for arch in gguf_gemma.ARCHITECTURES},
+    **{arch: {**_BLOCK_NAMES, **names} for arch, names in gguf_variants.BLOCK_NAMES.items()},
+}
 _BLOCK_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -135,7 +139,8 @@ class GGUFWeights:
     def _build_config(self) -> dict[str, Any]:
         arch = self.architecture
         if arch in _ARCHITECTURES:  # an unknown one is reported by ModelConfig.from_hf, naming the architecture
-            for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
+            required = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+            for key in required + gguf_variants.REQUIRED_KEYS.get(arch, ()):
                 if self._arch_value(key) is None:
                     raise WeightsError(f"GGUF file {str(self.path)!r} lacks the metadata key {arch}.{key}")
         n_heads = self._arch_value("attention.head_count")
@@ -169,6 +174,8 @@ class GGUFWeights:
             config.update(gguf_gemma.gemma3_fields(self._arch_value, config))
         if arch == gguf_gemma.GEMMA2_ARCHITECTURE:
             config.update(gguf_gemma.gemma2_fields(self._arch_value, config))
+        elif arch in gguf_variants.ARCHITECTURES:
+            config.update(gguf_variants.variant_fields(arch, self._arch_value, config))
         if "model.layers.0.self_attn.q_proj.bias" in self._tensors and arch != "qwen2":
             config["attention_bias"] = True  # Qwen2's q/k/v bias is implied by its family
         if "model.layers.0.mlp.gate_proj.bias" in self._tensors:
