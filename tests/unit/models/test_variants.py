@@ -5,6 +5,7 @@ transformers; here, that a model computed without the difference would fail that
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from cake_py.models.config import ModelConfig
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.weights import build_transformer, stage_tensor_names
 from tests.conftest import TinyModelFactory
+from tests.fixtures.tiny_models import copy_model
 from tests.unit.models.test_parity import encode_prompt, load_reference, reference_logits, run
 
 transformers = pytest.importorskip("transformers")
@@ -154,3 +156,22 @@ def test_a_variant_computed_without_its_difference_leaves_transformers(
     assert (_prefill_logits(folder, config) - expected).abs().max().item() < 1e-4 * scale
     changed = _prefill_logits(folder, dataclasses.replace(config, **without))
     assert (changed - expected).abs().max().item() > 0.05 * scale
+
+
+@torch.inference_mode()
+def test_a_windowed_smollm3_matches_transformers(tiny_model_factory: TinyModelFactory, tmp_path: Path) -> None:
+    """SmolLM3 with use_sliding_window: its NoPE layer (layer 1) attends through an 8-position window, shorter than
+    the prompt, and its other layers to everything (SmolLM3-3B itself has no window)."""
+    folder = copy_model(tiny_model_factory("smollm3"), tmp_path)
+    raw = json.loads((folder / "config.json").read_text())
+    raw.update(use_sliding_window=True, sliding_window=8)
+    raw.pop("layer_types")  # transformers derives them: the NoPE layers windowed
+    raw["layer_types"] = transformers.SmolLM3Config(**raw).layer_types
+    (folder / "config.json").write_text(json.dumps(raw))
+    config = ModelConfig.from_hf(raw)
+    assert [config.window_of(layer) for layer in range(config.n_layers)] == [None, 8, None]
+    assert len(encode_prompt(folder)) > 8
+    expected = reference_logits(load_reference(folder), encode_prompt(folder))
+    torch.testing.assert_close(_prefill_logits(folder, config), expected, rtol=0.0, atol=1e-4 * expected.abs().max())
+    unwindowed = _prefill_logits(folder, dataclasses.replace(config, sliding_window=None, windowed_layers=()))
+    assert (unwindowed - expected).abs().max() > 0.05 * expected.abs().max()  # the window shows
