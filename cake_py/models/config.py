@@ -8,6 +8,7 @@ from typing import Any
 
 from cake_py.errors import ModelError, UnsupportedArchitectureError
 from cake_py.models import config_fields as fields
+from cake_py.models import config_variants as variants
 
 # architectures[0] → family: Llama-shaped decoders (cake_py.models.llama) and Gemma 3 (cake_py.models.gemma).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -138,7 +139,7 @@ class ModelConfig:
             if (cap := getattr(config, cap_name)) is not None:
                 numbers.append((cap_name, cap))
         if config.family == "granite":
-            numbers += [(name, getattr(config, name)) for name in GRANITE_MULTIPLIERS]
+            numbers += [(name, getattr(config, name)) for name in variants.GRANITE_MULTIPLIERS]
         if rope.kind == "llama3":  # the wavelengths divide by them: a 0 was a ZeroDivisionError's traceback
             numbers.append(("rope_scaling low_freq_factor", rope.low_freq_factor))
             numbers.append(("rope_scaling original_max_position_embeddings", rope.original_max_position_embeddings))
@@ -221,7 +222,7 @@ class ModelConfig:
         rope, local_rope = _parse_gemma_ropes(raw) if family == "gemma3" else (_parse_rope(raw), None)
         scalar = fields.number(raw, "query_pre_attn_scalar", GEMMA_QUERY_PRE_ATTN_SCALAR) if gemma else None
         caps = {name: _softcap(raw, name, family) for name in SOFTCAP_DEFAULTS}
-        granite = {name: fields.number(raw, name, 1.0) for name in GRANITE_MULTIPLIERS} if family == "granite" else {}
+        granite = variants.granite_scalings(raw) if family == "granite" else {}
         return cls(
             family=family,
             architecture=str(architecture),
@@ -246,7 +247,7 @@ class ModelConfig:
             sliding_window=sliding,
             windowed_layers=windowed,
             **caps,
-            rope_layers=_rope_layers(raw, n_layers) if family == "smollm3" else (),
+            rope_layers=variants.smollm3_rope_layers(raw, n_layers) if family == "smollm3" else (),
             **granite,
             bos_token_id=_token_id(raw["bos_token_id"]) if raw.get("bos_token_id") is not None else None,
             eos_token_ids=eos_ids,
@@ -263,11 +264,6 @@ GEMMA_FAMILIES = ("gemma3", "gemma2")  # (1 + weight) norms, four per block, a s
 # Gemma2Config's soft-caps where config.json leaves them out (null: none); Gemma3TextConfig's are None.
 SOFTCAP_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 GEMMA_ROPE_THETA, GEMMA_LOCAL_ROPE_THETA = 1_000_000.0, 10_000.0
-# GraniteConfig's scalings, each 1.0 when absent (attention_multiplier too: not head_dim ** -0.5).
-GRANITE_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
-SMOLLM3_NO_ROPE_LAYER_INTERVAL = 4  # SmolLM3Config's default: every 4th layer has no rope
-# Families whose transformers model has no sliding window, whatever config.json says of one.
-WINDOWLESS_FAMILIES = ("granite", "olmo2")
 
 # What the layer code computes: a checkpoint that needs anything else would load and answer garbage, so it is refused.
 # HF's activation name → ours.
@@ -341,7 +337,7 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
     """The window and which layers use it, as transformers decides: config.json's `layer_types` when given; else
     Mistral windows every layer, Qwen2/Qwen3 (with use_sliding_window) the layers from max_window_layers on, and
     Gemma 3 all but every `sliding_window_pattern`-th layer."""
-    if family in WINDOWLESS_FAMILIES:
+    if family in variants.WINDOWLESS_FAMILIES:
         return None, ()
     # Absent, transformers' Mistral, Qwen and Gemma configs default it to 4096 (Qwen's applies with
     # use_sliding_window; SmolLM3's has none).
@@ -372,24 +368,10 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
         first = fields.integer(raw, "max_window_layers", 28)
         windowed = tuple(index >= first for index in range(n_layers))
     elif family == "smollm3" and raw.get("use_sliding_window"):  # SmolLM3Config: its NoPE layers are the windowed
-        windowed = tuple(not rope for rope in _rope_layers(raw, n_layers))
+        windowed = tuple(not rope for rope in variants.smollm3_rope_layers(raw, n_layers))
     else:
         return None, ()
     return (window, windowed) if any(windowed) else (None, ())
-
-
-def _rope_layers(raw: dict[str, Any], n_layers: int) -> tuple[bool, ...]:
-    """SmolLM3's per-layer rope, as SmolLM3Config decides: `no_rope_layers` (1: rope, 0: none, one per layer at
-    least), else no rope on every `no_rope_layer_interval`-th layer."""
-    flags = raw.get("no_rope_layers")
-    if flags is None:
-        interval = fields.integer(raw, "no_rope_layer_interval", SMOLLM3_NO_ROPE_LAYER_INTERVAL)
-        if interval <= 0:
-            raise ValueError(f"no_rope_layer_interval must be positive, got {interval}")
-        return tuple(bool((index + 1) % interval) for index in range(n_layers))
-    if not isinstance(flags, list) or len(flags) < n_layers or any(flag not in (0, 1) for flag in flags):
-        raise ValueError(f"no_rope_layers must be a list of 0 or 1 per layer ({n_layers}), got {fields.shown(flags)}")
-    return tuple(bool(flag) for flag in flags[:n_layers])
 
 
 def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
