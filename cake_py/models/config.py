@@ -221,7 +221,6 @@ class ModelConfig:
         gemma = family in GEMMA_FAMILIES
         rope, local_rope = _parse_gemma_ropes(raw) if family == "gemma3" else (_parse_rope(raw), None)
         scalar = fields.number(raw, "query_pre_attn_scalar", GEMMA_QUERY_PRE_ATTN_SCALAR) if gemma else None
-        caps = {name: _softcap(raw, name, family) for name in SOFTCAP_DEFAULTS}
         granite = variants.granite_scalings(raw) if family == "granite" else {}
         return cls(
             family=family,
@@ -246,7 +245,8 @@ class ModelConfig:
             query_pre_attn_scalar=scalar,
             sliding_window=sliding,
             windowed_layers=windowed,
-            **caps,
+            attn_logit_softcapping=_softcap(raw, "attn_logit_softcapping", family),
+            final_logit_softcapping=_softcap(raw, "final_logit_softcapping", family),
             rope_layers=variants.smollm3_rope_layers(raw, n_layers) if family == "smollm3" else (),
             **granite,
             bos_token_id=_token_id(raw["bos_token_id"]) if raw.get("bos_token_id") is not None else None,
