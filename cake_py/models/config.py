@@ -9,6 +9,7 @@ from typing import Any
 from cake_py.errors import ModelError, UnsupportedArchitectureError
 from cake_py.models import config_fields as fields
 from cake_py.models import config_variants as variants
+from cake_py.models.config_moe import MoeConfig, parse_moe
 
 # architectures[0] → family: Llama-shaped decoders (cake_py.models.llama) and Gemma 3 (cake_py.models.gemma).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -22,6 +23,10 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "SmolLM3ForCausalLM": "smollm3",
     "GraniteForCausalLM": "granite",
     "Olmo2ForCausalLM": "olmo2",
+    # Mixtures of experts (cake_py.models.moe).
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # model_type → family, for a config.json without `architectures`.
 SUPPORTED_MODEL_TYPES = {
@@ -34,6 +39,9 @@ SUPPORTED_MODEL_TYPES = {
     "smollm3": "smollm3",
     "granite": "granite",
     "olmo2": "olmo2",
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
 }
 SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
 MAX_LAYERS = 4096  # the largest published models have under 200; a config past this is malformed
@@ -57,7 +65,8 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # llama | mistral | qwen2 | qwen3 | gemma3 | gemma2 | smollm3 | granite | olmo2
+    family: str  # llama | mistral | qwen2 | qwen3 | gemma3 | gemma2 | smollm3 | granite | olmo2 | mixtral | qwen2_moe
+    # | qwen3_moe
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -95,6 +104,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
+    moe: MoeConfig | None = None  # the experts of a mixture-of-experts family (models/moe.py)
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any], origin: str = "config.json") -> ModelConfig:
@@ -237,10 +247,11 @@ class ModelConfig:
             local_rope=local_rope,
             max_position_embeddings=fields.integer(raw, "max_position_embeddings", 2048),
             tie_word_embeddings=_flag(raw, "tie_word_embeddings", default=gemma),  # Gemma's default: tied
-            qkv_bias=family == "qwen2" or attention_bias,
-            o_bias=family != "qwen2" and attention_bias,
+            # Qwen2-MoE's q/k/v bias is its own field, on unless a config turns it off.
+            qkv_bias=family == "qwen2" or attention_bias or (family == "qwen2_moe" and _flag(raw, "qkv_bias", True)),
+            o_bias=family not in ("qwen2", "qwen2_moe") and attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "gemma3", "olmo2"),
+            qk_norm=family in ("qwen3", "gemma3", "olmo2", "qwen3_moe"),
             activation=SUPPORTED_ACTIVATIONS[_activation(raw, family)],
             query_pre_attn_scalar=scalar,
             sliding_window=sliding,
@@ -251,6 +262,7 @@ class ModelConfig:
             **granite,
             bos_token_id=_token_id(raw["bos_token_id"]) if raw.get("bos_token_id") is not None else None,
             eos_token_ids=eos_ids,
+            moe=parse_moe(raw, family, n_layers),
         )
 
 
@@ -340,8 +352,8 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
     if family in variants.WINDOWLESS_FAMILIES:
         return None, ()
     # Absent, transformers' Mistral, Qwen and Gemma configs default it to 4096 (Qwen's applies with
-    # use_sliding_window; SmolLM3's has none).
-    default = DEFAULT_SLIDING_WINDOW if family not in ("llama", "smollm3") else None
+    # use_sliding_window; SmolLM3's and Mixtral's have none, like Llama's).
+    default = DEFAULT_SLIDING_WINDOW if family not in ("llama", "smollm3", "mixtral") else None
     window = raw.get("sliding_window", default)  # null: none
     if window is not None:
         window = fields.whole(window, "sliding_window")
@@ -355,8 +367,8 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
     layer_types = raw.get("layer_types")
     if isinstance(layer_types, list) and len(layer_types) == n_layers:
         windowed = tuple(kind == "sliding_attention" for kind in layer_types)
-    elif family == "mistral":
-        windowed = (True,) * n_layers
+    elif family in ("mistral", "mixtral") or (family == "qwen3_moe" and raw.get("use_sliding_window")):
+        windowed = (True,) * n_layers  # Qwen3-MoE's attention takes the window in every layer, when it is used
     elif family == "gemma3":
         pattern = fields.integer(raw, "sliding_window_pattern", GEMMA_SLIDING_WINDOW_PATTERN)
         if pattern <= 0:
@@ -364,7 +376,7 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
         windowed = tuple(bool((index + 1) % pattern) for index in range(n_layers))
     elif family == "gemma2":  # Gemma2Config has no pattern field: its layers alternate
         windowed = tuple(bool((index + 1) % GEMMA2_SLIDING_WINDOW_PATTERN) for index in range(n_layers))
-    elif family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
+    elif family in ("qwen2", "qwen3", "qwen2_moe") and raw.get("use_sliding_window"):
         first = fields.integer(raw, "max_window_layers", 28)
         windowed = tuple(index >= first for index in range(n_layers))
     elif family == "smollm3" and raw.get("use_sliding_window"):  # SmolLM3Config: its NoPE layers are the windowed

@@ -267,7 +267,7 @@ class Block(nn.Module):
         # The absolute layer index: some models window only some layers.
         self.attention = Attention(config, layer, norm)
         self.ffn_norm = norm(config.hidden_size, config.rms_norm_eps)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward: nn.Module = FeedForward(config)  # or a mixture of experts (moe.py)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, caches: list[LayerCache]

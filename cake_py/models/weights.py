@@ -22,6 +22,7 @@ from cake_py.errors import WeightsError
 from cake_py.models.config import ModelConfig
 from cake_py.models.gemma import GemmaTransformer
 from cake_py.models.llama import Transformer
+from cake_py.models.moe import MoeTransformer
 from cake_py.models.quant import (
     GROUP_SIZE,
     Q4_SCALES,
@@ -33,6 +34,7 @@ from cake_py.models.quant import (
 )
 from cake_py.models.quantized_modules import PIECES, dequantized, install_quantized, install_split
 from cake_py.models.variants import GraniteTransformer, Olmo2Transformer, SmolLM3Transformer
+from cake_py.models.weights_moe import sparse_mlp_state
 
 LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.")
 EMBEDDING = "model.embed_tokens.weight"
@@ -46,6 +48,9 @@ MODEL_CLASSES: dict[str, type[Transformer]] = {
     "smollm3": SmolLM3Transformer,
     "granite": GraniteTransformer,
     "olmo2": Olmo2Transformer,
+    "mixtral": MoeTransformer,
+    "qwen2_moe": MoeTransformer,
+    "qwen3_moe": MoeTransformer,
 }
 # HF norm of a layer → ours: Llama-shaped blocks have two, Gemma's four (its post_attention_layernorm normalises the
 # attention's output; the feed-forward's input norm is pre_feedforward_layernorm).
@@ -247,6 +252,9 @@ def to_module_state(
         if config.qk_norm:
             state[ours + "attention.q_norm.weight"] = take(attn + "q_norm.weight")
             state[ours + "attention.k_norm.weight"] = take(attn + "k_norm.weight")
+        if config.moe is not None and config.moe.is_sparse(layer):
+            state.update(sparse_mlp_state(tensors, config.moe, hf, ours + "feed_forward."))
+            continue
         mlp = hf + "mlp."
         linear([mlp + "gate_proj", mlp + "up_proj"], ours + "feed_forward.w13")
         linear([mlp + "down_proj"], ours + "feed_forward.w2")

@@ -1,0 +1,115 @@
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE) in plain torch.
+
+They are the Llama-shaped decoder of llama.py whose feed-forward, in the layers the config makes sparse
+(`MoeConfig.is_sparse`), is a `SparseMoE`: a router picks each token's top-k experts (gated MLPs) and sums their
+outputs weighted by the routing probabilities, plus, in Qwen2-MoE, a shared expert behind a sigmoid gate. The
+routing is transformers' own: a float32 softmax over every router logit, then the top k, renormalised to sum to 1
+by Mixtral always and by Qwen with `norm_topk_prob`.
+
+Cost on a CPU: a token computes k experts (k · 3 · hidden · expert_intermediate multiply-adds, a dense MLP k experts
+wide, plus hidden · n_experts for the router), and a decode step reads only those k experts' weights, which is what
+bounds its speed; memory holds all n_experts. A prefill groups the tokens routed to each expert into one matmul per
+expert that any token picked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cake_py.models.config import ModelConfig
+from cake_py.models.config_moe import MoeConfig
+from cake_py.models.llama import ACTIVATIONS, Block, FeedForward, Transformer
+
+
+class SparseMoE(nn.Module):
+    """The router (`gate`) and the experts' weights as 3D tensors, one row per expert: `w13` (n_experts,
+    2 · expert_intermediate, hidden) holds gate ‖ up, `w2` (n_experts, hidden, expert_intermediate) down."""
+
+    def __init__(self, config: ModelConfig, moe: MoeConfig) -> None:
+        super().__init__()
+        self.moe = moe
+        self.activation = ACTIVATIONS[config.activation]
+        size, hidden = moe.expert_intermediate_size, config.hidden_size
+        self.gate = nn.Linear(hidden, moe.n_experts, bias=False)
+        # Given a tensor, not initialised: weights are loaded in place of it (see Transformer's embedding).
+        self.w13 = nn.Parameter(torch.empty(moe.n_experts, 2 * size, hidden))
+        self.w2 = nn.Parameter(torch.empty(moe.n_experts, hidden, size))
+        self.shared_expert: FeedForward | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        if moe.shared_expert_intermediate_size is not None:
+            shared = dataclasses.replace(config, intermediate_size=moe.shared_expert_intermediate_size)
+            self.shared_expert = FeedForward(shared)
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, hidden) → each token's routing weights (T, k) and experts (T, k), as transformers routes."""
+        probabilities = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (T, n_experts)
+        weights, experts = torch.topk(probabilities, self.moe.top_k, dim=-1)
+        if self.moe.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights if self.moe.float32_routing_weights else weights.to(x.dtype)), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.route(x)
+        out = self._experts(x, weights, experts)
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert `expert`'s gated MLP of (n, hidden): its weights are views of the 3D tensors, never copied."""
+        gate, up = F.linear(x, self.w13[expert]).split(self.moe.expert_intermediate_size, dim=-1)
+        return F.linear(self.activation(gate) * up, self.w2[expert])
+
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Σ over each token's k experts of weight · expert(token): (T, hidden). The pairs (token, expert) are sorted
+        by expert, and each expert that any token picked runs once over its tokens; experts are added in ascending
+        order, as transformers adds them (the same sums to the last bit in 16-bit dtypes)."""
+        n_tokens, k = experts.shape
+        out = torch.zeros_like(x)
+        if n_tokens == 1:
+            # A decode step: k experts, no sorting on the device (one small host read of k indices).
+            for expert, slot in sorted(zip(experts[0].tolist(), range(k), strict=True)):
+                # A (1,)-shaped weight, not a scalar: Mixtral's float32 weight promotes the product to float32, as in
+                # transformers (a 0-d tensor would not).
+                out += (self._expert(expert, x) * weights[0, slot : slot + 1]).to(out.dtype)
+            return out
+        flat = experts.flatten()  # (T·k,) the expert of each (token, slot) pair, token-major
+        order = torch.argsort(flat, stable=True)  # pairs grouped by expert, tokens ascending within a group
+        counts = torch.bincount(flat, minlength=self.moe.n_experts).tolist()  # one host read per layer
+        flat_weights = weights.flatten()
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start : start + count]
+            start += count
+            tokens = pairs // k
+            contribution = self._expert(expert, x[tokens]) * flat_weights[pairs, None]
+            out.index_add_(0, tokens, contribution.to(out.dtype))
+        return out
+
+
+class MoeBlock(Block):
+    """A Llama-shaped block whose feed-forward is a `SparseMoE` where the config makes the layer sparse."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__(config, layer)
+        if config.moe is not None and config.moe.is_sparse(layer):
+            self.feed_forward = SparseMoE(config, config.moe)  # the dense one, built on the meta device, dropped
+
+
+class MoeTransformer(Transformer):
+    """Layers [start, end) of a mixture-of-experts model, with the embedding and/or the head when this part holds
+    them. Its decode steps run eagerly, never as CUDA graphs: which experts a step runs is read back from the device
+    (a recorded graph would replay the experts of the step it recorded)."""
+
+    block_type = MoeBlock
+
+    def __init__(self, config: ModelConfig, start: int, end: int, *, with_embedding: bool, with_head: bool) -> None:
+        super().__init__(config, start, end, with_embedding=with_embedding, with_head=with_head)
+        self.cuda_graphs = False

@@ -1,0 +1,84 @@
+"""A sparse layer's mixture-of-experts tensors (HF names) → `SparseMoE` parameters (models/moe.py).
+
+Checkpoints store the experts in one of three forms, all accepted:
+- one tensor per expert and projection, as the Hub's checkpoints (and transformers' save_pretrained) do:
+  Mixtral's `block_sparse_moe.experts.N.w1/w3/w2` (gate/up/down), Qwen's `mlp.experts.N.gate_proj/up_proj/down_proj`;
+- 3D tensors, transformers' in-memory layout: `mlp.experts.gate_up_proj` (n_experts, 2 · size, hidden) and
+  `mlp.experts.down_proj` (n_experts, hidden, size);
+- 3D tensors per projection, llama.cpp's (gguf.py names them `mlp.experts.gate_proj` / `up_proj` / `down_proj`).
+The router is `<mlp>.gate.weight`; Qwen2-MoE's shared expert `mlp.shared_expert.*` and `mlp.shared_expert_gate`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cake_py.errors import WeightsError
+from cake_py.models.config_moe import MoeConfig
+from cake_py.models.quantized_modules import dequantized
+
+# Mixtral's names for an expert's gate, up and down projections; Qwen's are gate_proj, up_proj, down_proj.
+MIXTRAL_PROJECTIONS = ("w1", "w3", "w2")
+QWEN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def sparse_mlp_state(tensors: dict[str, torch.Tensor], moe: MoeConfig, hf: str, ours: str) -> dict[str, torch.Tensor]:
+    """The `SparseMoE` state (under `ours`, e.g. `layers.0.feed_forward.`) of the layer whose HF names start with
+    `hf` (`model.layers.N.`); WeightsError naming a tensor that is missing."""
+
+    def take(name: str) -> torch.Tensor:
+        if name not in tensors:
+            prefix = name.removesuffix(".weight")
+            weight = dequantized(tensors, prefix)  # a GGUF's quantized 2D weight, kept as int8 rows
+            if weight is None:
+                raise WeightsError(f"tensor {name!r} is missing from the weights")
+            return weight
+        return tensors[name]
+
+    mlp = hf + ("block_sparse_moe." if f"{hf}block_sparse_moe.gate.weight" in tensors else "mlp.")
+    experts = mlp + "experts."
+    state = {ours + "gate.weight": take(mlp + "gate.weight")}
+    if experts + "gate_up_proj" in tensors:
+        state[ours + "w13"], state[ours + "w2"] = tensors[experts + "gate_up_proj"], take(experts + "down_proj")
+    elif experts + "gate_proj" in tensors:
+        gate, up = tensors[experts + "gate_proj"], take(experts + "up_proj")
+        state[ours + "w13"], state[ours + "w2"] = _joined([gate, up], dim=1), take(experts + "down_proj")
+    else:
+        projections = MIXTRAL_PROJECTIONS if f"{experts}0.w1.weight" in tensors else QWEN_PROJECTIONS
+        gate_name, up_name, down_name = projections
+        fused = [
+            _joined([take(f"{experts}{e}.{gate_name}.weight"), take(f"{experts}{e}.{up_name}.weight")], dim=0)
+            for e in range(moe.n_experts)
+        ]
+        state[ours + "w13"] = _stacked(fused)
+        state[ours + "w2"] = _stacked([take(f"{experts}{e}.{down_name}.weight") for e in range(moe.n_experts)])
+    if moe.shared_expert_intermediate_size is not None:
+        shared = mlp + "shared_expert."
+        state[ours + "shared_expert.w13.weight"] = _joined(
+            [take(shared + "gate_proj.weight"), take(shared + "up_proj.weight")], dim=0
+        )
+        state[ours + "shared_expert.w2.weight"] = take(shared + "down_proj.weight")
+        state[ours + "shared_expert_gate.weight"] = take(mlp + "shared_expert_gate.weight")
+    return state
+
+
+def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat, checking that the pieces fit; on the meta device (a shapes-only build) without torch.cat's meta
+    kernel, whose first call imports torch._dynamo (a second and more, see weights.to_module_state)."""
+    first = pieces[0]
+    rest = {(p.dim(), *p.shape[:dim], *p.shape[dim + 1 :]) for p in pieces}  # all but `dim` must agree
+    if len(rest) != 1 or first.dim() <= dim:
+        shapes = ", ".join(str(tuple(p.shape)) for p in pieces)
+        raise WeightsError(f"expert tensors that make one projection do not fit together: {shapes}")
+    if first.is_meta:
+        shape = [*first.shape]
+        shape[dim] = sum(p.shape[dim] for p in pieces)
+        return torch.empty(shape, dtype=first.dtype, device="meta")
+    return torch.cat(pieces, dim=dim)
+
+
+def _stacked(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """One (n_experts, …) tensor of per-expert tensors of one shape."""
+    if len({tuple(p.shape) for p in pieces}) != 1:
+        raise WeightsError(f"experts of one layer have different shapes: {sorted({tuple(p.shape) for p in pieces})}")
+    return _joined([p.unsqueeze(0) for p in pieces], dim=0)
