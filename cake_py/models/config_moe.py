@@ -41,8 +41,9 @@ def parse_moe(raw: dict[str, Any], family: str, n_layers: int) -> MoeConfig | No
     if family not in MOE_FAMILIES:
         return None
     mixtral = family == "mixtral"
-    # MixtralConfig names it num_local_experts (and maps num_experts onto it); the Qwen configs name it num_experts.
-    key = "num_local_experts" if mixtral or "num_experts" not in raw else "num_experts"
+    # Hub configs name it num_local_experts (Mixtral) or num_experts (Qwen); transformers 5 writes Qwen3-MoE's as
+    # num_local_experts too.
+    key = "num_local_experts" if "num_local_experts" in raw else "num_experts"
     n_experts = fields.integer(raw, key, 8 if mixtral else 60 if family == "qwen2_moe" else 128)
     if not 0 < n_experts <= MAX_EXPERTS:
         raise ValueError(f"{key} must be from 1 to {MAX_EXPERTS}, got {n_experts}")

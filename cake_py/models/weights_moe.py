@@ -5,8 +5,10 @@ Checkpoints store the experts in one of three forms, all accepted:
   Mixtral's `block_sparse_moe.experts.N.w1/w3/w2` (gate/up/down), Qwen's `mlp.experts.N.gate_proj/up_proj/down_proj`;
 - 3D tensors, transformers' in-memory layout: `mlp.experts.gate_up_proj` (n_experts, 2 · size, hidden) and
   `mlp.experts.down_proj` (n_experts, hidden, size);
-- 3D tensors per projection, llama.cpp's (gguf.py names them `mlp.experts.gate_proj` / `up_proj` / `down_proj`).
-The router is `<mlp>.gate.weight`; Qwen2-MoE's shared expert `mlp.shared_expert.*` and `mlp.shared_expert_gate`.
+- 3D tensors per projection, llama.cpp's (gguf_moe.py names them `mlp.experts.gate_proj.weight` / `up_proj` /
+  `down_proj`).
+The router is `<mlp>.gate.weight`; Qwen2-MoE's shared expert `mlp.shared_expert.*` and `mlp.shared_expert_gate`
+(llama.cpp stores that gate as a vector).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ def sparse_mlp_state(tensors: dict[str, torch.Tensor], moe: MoeConfig, hf: str, 
     state = {ours + "gate.weight": take(mlp + "gate.weight")}
     if experts + "gate_up_proj" in tensors:
         state[ours + "w13"], state[ours + "w2"] = tensors[experts + "gate_up_proj"], take(experts + "down_proj")
-    elif experts + "gate_proj" in tensors:
-        gate, up = tensors[experts + "gate_proj"], take(experts + "up_proj")
-        state[ours + "w13"], state[ours + "w2"] = _joined([gate, up], dim=1), take(experts + "down_proj")
+    elif experts + "gate_proj.weight" in tensors:
+        gate, up = tensors[experts + "gate_proj.weight"], take(experts + "up_proj.weight")
+        state[ours + "w13"], state[ours + "w2"] = _joined([gate, up], dim=1), take(experts + "down_proj.weight")
     else:
         projections = MIXTRAL_PROJECTIONS if f"{experts}0.w1.weight" in tensors else QWEN_PROJECTIONS
         gate_name, up_name, down_name = projections
@@ -58,7 +60,7 @@ def sparse_mlp_state(tensors: dict[str, torch.Tensor], moe: MoeConfig, hf: str, 
             [take(shared + "gate_proj.weight"), take(shared + "up_proj.weight")], dim=0
         )
         state[ours + "shared_expert.w2.weight"] = take(shared + "down_proj.weight")
-        state[ours + "shared_expert_gate.weight"] = take(mlp + "shared_expert_gate.weight")
+        state[ours + "shared_expert_gate.weight"] = take(mlp + "shared_expert_gate.weight").reshape(1, -1)
     return state
 
 
