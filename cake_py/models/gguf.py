@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cake_py.errors import ModelNotFoundError, WeightsError
-from cake_py.models import gguf_gemma, gguf_variants
+from cake_py.models import gguf_gemma, gguf_moe, gguf_variants
 from cake_py.models.gguf_header import check_header
 from cake_py.models.gguf_int4 import INT4_TYPES, int4_groups
 from cake_py.models.gguf_split import split_parts
@@ -38,6 +38,7 @@ _ARCHITECTURES = {
     gguf_gemma.ARCHITECTURE: "Gemma3ForCausalLM",
     gguf_gemma.GEMMA2_ARCHITECTURE: "Gemma2ForCausalLM",
     **gguf_variants.ARCHITECTURES,
+    **gguf_moe.ARCHITECTURES,  # and Mixtral, a `llama` with experts
 }
 # llama.cpp's converter interleaves the two rotary halves of each q/k head for these (they use its "normal" rope);
 # Qwen use the NEOX rope, which already matches HF's rotate-half layout, so their rows are stored as is.
@@ -60,6 +61,7 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    **gguf_moe.BLOCK_NAMES,  # routers and experts, in the files that have them
 }
 # Where an architecture's blocks differ from the Llama family's.
 _BLOCK_NAMES_OF = {
@@ -176,6 +178,7 @@ class GGUFWeights:
             config.update(gguf_gemma.gemma2_fields(self._arch_value, config))
         elif arch in gguf_variants.ARCHITECTURES:
             config.update(gguf_variants.variant_fields(arch, self._arch_value, config))
+        config.update(gguf_moe.moe_fields(arch, self._arch_value, self._tensors.keys(), config["num_hidden_layers"]))
         if "model.layers.0.self_attn.q_proj.bias" in self._tensors and arch != "qwen2":
             config["attention_bias"] = True  # Qwen2's q/k/v bias is implied by its family
         if "model.layers.0.mlp.gate_proj.bias" in self._tensors:
