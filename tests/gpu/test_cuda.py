@@ -72,10 +72,14 @@ def test_float32_on_the_gpu_equals_the_cpu(kind: str, tiny_model_factory: TinyMo
 
 
 def assert_graphed(pipeline: Pipeline) -> None:
-    """The pipeline's local layers replayed their decode steps as CUDA graphs (on a GPU)."""
+    """The pipeline's local layers replayed their decode steps as CUDA graphs (on a GPU); a mixture of experts' ran
+    eagerly (models/moe.py)."""
     if DEVICE != "cuda":
         return
     model = pipeline.stages[0].model  # type: ignore[attr-defined]
+    if model.config.moe is not None:
+        assert model._decode_graphs is None
+        return
     assert model._decode_graphs is not None and not model._decode_graphs.disabled
 
 

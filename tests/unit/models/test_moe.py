@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from cake_py.cluster.master import layer_bytes
 from cake_py.errors import ModelError
+from cake_py.models import graphs
 from cake_py.models.config import ModelConfig
 from cake_py.models.hub import ModelSource
 from cake_py.models.kv_cache import SequenceSlice
@@ -102,6 +103,12 @@ def test_a_token_computes_only_its_top_k_experts(
     assert len({expert for expert, _ in prefill_calls}) == len(prefill_calls)  # each expert at most once
     assert sum(n for _, n in prefill_calls) == 40 * moe.moe.top_k  # k (token, expert) pairs per token
     torch.testing.assert_close(batched, one_by_one)
+
+
+def test_moe_models_decode_eagerly_never_as_cuda_graphs(tiny_model_factory) -> None:
+    """Which experts a step runs is read back from the device: a recorded graph would replay the recorded step's."""
+    assert graphs.enabled()
+    assert load_whole(tiny_model_factory("mixtral")).cuda_graphs is False
 
 
 def _fuse_experts(folder: Path, destination: Path, *, per_projection: bool) -> Path:
