@@ -67,31 +67,32 @@ class SparseMoE(nn.Module):
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Σ over each token's k experts of weight · expert(token): (T, hidden). The pairs (token, expert) are sorted
-        by expert, and each expert that any token picked runs once over its tokens; experts are added in ascending
-        order, as transformers adds them (the same sums to the last bit in 16-bit dtypes)."""
+        by expert, and each expert that any token picked runs once over its tokens. As transformers' default
+        (grouped) experts do, each pair's weighted output is kept apart and a token's k of them are summed in float32,
+        in slot order, then cast: the same result to the last bit in bfloat16 (its eager loop adds in bfloat16)."""
         n_tokens, k = experts.shape
-        out = torch.zeros_like(x)
         if n_tokens == 1:
-            # A decode step: k experts, no sorting on the device (one small host read of k indices).
-            for expert, slot in sorted(zip(experts[0].tolist(), range(k), strict=True)):
-                # A (1,)-shaped weight, not a scalar: Mixtral's float32 weight promotes the product to float32, as in
-                # transformers (a 0-d tensor would not).
-                out += (self._expert(expert, x) * weights[0, slot : slot + 1]).to(out.dtype)
-            return out
+            # A decode step: k experts, no sorting on the device (one small host read of k indices). The weight is
+            # (1,)-shaped, not a scalar: Mixtral's float32 weight promotes the product to float32, as in transformers.
+            outputs = [
+                (self._expert(expert, x) * weights[0, slot : slot + 1]).float()
+                for slot, expert in enumerate(experts[0].tolist())
+            ]
+            return torch.stack(outputs, dim=1).sum(dim=1).to(x.dtype)  # (1, k, hidden) → (1, hidden)
         flat = experts.flatten()  # (T·k,) the expert of each (token, slot) pair, token-major
         order = torch.argsort(flat, stable=True)  # pairs grouped by expert, tokens ascending within a group
         counts = torch.bincount(flat, minlength=self.moe.n_experts).tolist()  # one host read per layer
         flat_weights = weights.flatten()
+        pair_outputs = x.new_empty(n_tokens * k, x.shape[1], dtype=torch.float32)  # every pair is written once
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             pairs = order[start : start + count]
             start += count
-            tokens = pairs // k
-            contribution = self._expert(expert, x[tokens]) * flat_weights[pairs, None]
-            out.index_add_(0, tokens, contribution.to(out.dtype))
-        return out
+            contribution = self._expert(expert, x[pairs // k]) * flat_weights[pairs, None]
+            pair_outputs[pairs] = contribution.float()
+        return pair_outputs.view(n_tokens, k, -1).sum(dim=1).to(x.dtype)
 
 
 class MoeBlock(Block):

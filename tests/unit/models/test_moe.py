@@ -105,6 +105,28 @@ def test_a_token_computes_only_its_top_k_experts(
     torch.testing.assert_close(batched, one_by_one)
 
 
+@pytest.mark.parametrize("kind", MOE_KINDS)
+@torch.inference_mode()
+def test_a_sparse_layer_in_bfloat16_equals_transformers_to_the_last_bit(kind: str, tiny_model_factory) -> None:
+    """transformers' default experts sum a token's k weighted outputs in float32 (Mixtral's weights stay float32
+    too): adding them in bfloat16, expert by expert, differed in the last bit, and flipped greedy near-ties."""
+    transformers = pytest.importorskip("transformers")
+    folder = tiny_model_factory(kind)
+    source = SafetensorsWeights(folder)
+    config = ModelConfig.from_hf(source.config)
+    ours = load_transformer(
+        source, config, 0, config.n_layers, with_embedding=True, with_head=True, dtype=torch.bfloat16
+    )
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    x = torch.randn(40, config.hidden_size, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    sparse = [index for index, layer in enumerate(ours.layers) if isinstance(layer.feed_forward, SparseMoE)]
+    assert sparse
+    for index in sparse:
+        expected = reference.model.layers[index].mlp(x[None])[0]
+        assert torch.equal(ours.layers[index].feed_forward(x), expected)  # a prefill
+        assert torch.equal(ours.layers[index].feed_forward(x[:1]), expected[:1])  # a decode step
+
+
 def test_moe_models_decode_eagerly_never_as_cuda_graphs(tiny_model_factory) -> None:
     """Which experts a step runs is read back from the device: a recorded graph would replay the recorded step's."""
     assert graphs.enabled()
