@@ -92,7 +92,7 @@ class SparseMoE(nn.Module):
             start += count
             contribution = self._expert(expert, x[pairs // k]) * flat_weights[pairs, None]
             pair_outputs[pairs] = contribution.float()
-        return pair_outputs.view(n_tokens, k, -1).sum(dim=1).to(x.dtype)
+        return pair_outputs.view(n_tokens, k, x.shape[1]).sum(dim=1).to(x.dtype)  # (T, k, hidden) → (T, hidden)
 
 
 class MoeBlock(Block):

@@ -103,6 +103,7 @@ def test_a_token_computes_only_its_top_k_experts(
     assert len({expert for expert, _ in prefill_calls}) == len(prefill_calls)  # each expert at most once
     assert sum(n for _, n in prefill_calls) == 40 * moe.moe.top_k  # k (token, expert) pairs per token
     torch.testing.assert_close(batched, one_by_one)
+    assert moe(tokens[:0]).shape == (0, model.config.hidden_size)  # no tokens: nothing to route, no error
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
