@@ -23,11 +23,14 @@ from torch import nn
 from cake_py.models.config import ModelConfig
 from cake_py.models.config_moe import MoeConfig
 from cake_py.models.llama import ACTIVATIONS, Block, FeedForward, Transformer
+from cake_py.models.quant import DENSE_ROWS
 
 
 class SparseMoE(nn.Module):
     """The router (`gate`) and the experts' weights as 3D tensors, one row per expert: `w13` (n_experts,
-    2 · expert_intermediate, hidden) holds gate ‖ up, `w2` (n_experts, hidden, expert_intermediate) down."""
+    2 · expert_intermediate, hidden) holds gate ‖ up, `w2` (n_experts, hidden, expert_intermediate) down. Either may
+    instead be int8 rows with a scale each (`keep_int8`: a GGUF's quantized experts with 16-bit compute on a CPU),
+    run by torch's int8 weight-only kernel as `quant.Int8Linear` runs a dense layer's."""
 
     def __init__(self, config: ModelConfig, moe: MoeConfig) -> None:
         super().__init__()
@@ -38,6 +41,14 @@ class SparseMoE(nn.Module):
         # Given a tensor, not initialised: weights are loaded in place of it (see Transformer's embedding).
         self.w13 = nn.Parameter(torch.empty(moe.n_experts, 2 * size, hidden))
         self.w2 = nn.Parameter(torch.empty(moe.n_experts, hidden, size))
+        # The int8 forms (n_experts, N, K) and their scales (n_experts, N), where `keep_int8` replaced a weight: set
+        # from the loaded weights, not from a state dict (so not persistent: load_state_dict does not look for them).
+        for name in ("w13_q8", "w13_scales", "w2_q8", "w2_scales"):
+            self.register_buffer(name, None, persistent=False)
+        self.w13_q8: torch.Tensor | None
+        self.w13_scales: torch.Tensor | None
+        self.w2_q8: torch.Tensor | None
+        self.w2_scales: torch.Tensor | None
         self.shared_expert: FeedForward | None = None
         self.shared_expert_gate: nn.Linear | None = None
         if moe.shared_expert_intermediate_size is not None:
@@ -60,10 +71,28 @@ class SparseMoE(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
+    def keep_int8(self, name: str, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        """Replace weight `name` (w13 or w2) by int8 rows `q` (n_experts, N, K) and their scales (n_experts, N)."""
+        delattr(self, name)  # the dense parameter, never loaded
+        setattr(self, f"{name}_q8", q)
+        setattr(self, f"{name}_scales", scales.to(dtype))
+
+    def _linear(
+        self, x: torch.Tensor, expert: int, q: torch.Tensor | None, scales: torch.Tensor | None, name: str
+    ) -> torch.Tensor:
+        """x (n, K) times expert `expert`'s (N, K) weight, transposed: a view of the dense 3D weight, or its int8 rows
+        (from DENSE_ROWS rows in bfloat16, dequantized for one dense matmul, as Int8Linear does)."""
+        if q is None or scales is None:
+            return F.linear(x, getattr(self, name)[expert])
+        if x.dtype == torch.bfloat16 and x.shape[0] >= DENSE_ROWS:
+            return torch.mm(x, (q[expert] * scales[expert][:, None]).t())
+        return torch._weight_int8pack_mm(x, q[expert], scales[expert])
+
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `expert`'s gated MLP of (n, hidden): its weights are views of the 3D tensors, never copied."""
-        gate, up = F.linear(x, self.w13[expert]).split(self.moe.expert_intermediate_size, dim=-1)
-        return F.linear(self.activation(gate) * up, self.w2[expert])
+        fused = self._linear(x, expert, self.w13_q8, self.w13_scales, "w13")
+        gate, up = fused.split(self.moe.expert_intermediate_size, dim=-1)
+        return self._linear(self.activation(gate) * up, expert, self.w2_q8, self.w2_scales, "w2")
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Σ over each token's k experts of weight · expert(token): (T, hidden). The pairs (token, expert) are sorted

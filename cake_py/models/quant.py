@@ -132,14 +132,15 @@ Q8_SCALES = "q8_scales"
 
 
 def quantize_rows_int8(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float → int8 (N, K) and float32 (N,) scales, symmetric per row."""
-    scales = weights.float().abs().amax(dim=1).clamp(min=1e-12) / 127
-    q = torch.round(weights.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    """(…, N, K) float → int8 (…, N, K) and float32 (…, N) scales, symmetric per row (a MoE layer's experts: one
+    (N, K) matrix each)."""
+    scales = weights.float().abs().amax(dim=-1).clamp(min=1e-12) / 127
+    q = torch.round(weights.float() / scales[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
 
 def dequantize_rows_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return q.float() * scales[:, None]
+    return q.float() * scales[..., None]
 
 
 class Int8Linear(nn.Module):

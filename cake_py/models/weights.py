@@ -34,7 +34,7 @@ from cake_py.models.quant import (
 )
 from cake_py.models.quantized_modules import PIECES, dequantized, install_quantized, install_split
 from cake_py.models.variants import GraniteTransformer, Olmo2Transformer, SmolLM3Transformer
-from cake_py.models.weights_moe import sparse_mlp_state
+from cake_py.models.weights_moe import install_int8_experts, sparse_mlp_state
 
 LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.")
 EMBEDDING = "model.embed_tokens.weight"
@@ -140,8 +140,8 @@ def load_stage_tensors(source: WeightSource, names: Iterable[str], dtype: torch.
 
 def _int8_rows(name: str, info: TensorInfo) -> bool:
     """Whether a weight is kept as int8 rows (with 16-bit compute; a 4-bit one is asked first): the embedding, the
-    lm_head or a layer's linear weight, stored in a quantized type."""
-    linear = LAYER_PATTERN.match(name) is not None and len(info.shape) == 2 and name.endswith(".weight")
+    lm_head or a layer's linear weight (a MoE layer's experts: a 3D tensor of them), stored in a quantized type."""
+    linear = LAYER_PATTERN.match(name) is not None and len(info.shape) in (2, 3) and name.endswith(".weight")
     return (linear or name in (EMBEDDING, LM_HEAD)) and info.dtype not in FLOAT_TYPES
 
 
@@ -163,7 +163,7 @@ def loaded_sizes(
         elif kept and name in (EMBEDDING, LM_HEAD) and _int8_rows(name, info):
             yield name, elements + info.shape[0] * 4  # a tied one's scales twice: embedding's and head's
         elif kept and _int8_rows(name, info):
-            yield name, elements + info.shape[0] * itemsize
+            yield name, elements + elements // info.shape[-1] * itemsize  # a scale per row
         else:
             yield name, elements * itemsize
 
@@ -297,6 +297,7 @@ def build_transformer(
                 raise WeightsError(f"tensor for {name!r} has shape {tuple(state[key].shape)}, expected {shape}")
     what = f"layers {start}-{end - 1}" if end > start else "the embedding and head"
     try:
+        install_int8_experts(model, state, dtype, device)
         install_split(model, state, int4_supported(device, dtype))
         quantized_modules = install_quantized(model, state, dtype, device)
     except (torch.OutOfMemoryError, RuntimeError) as error:

@@ -9,6 +9,10 @@ Checkpoints store the experts in one of three forms, all accepted:
   `down_proj`).
 The router is `<mlp>.gate.weight`; Qwen2-MoE's shared expert `mlp.shared_expert.*` and `mlp.shared_expert_gate`
 (llama.cpp stores that gate as a vector).
+
+With 16-bit compute, load_stage_tensors keeps a GGUF's quantized 3D experts as int8 rows (`.q8_weight` +
+`.q8_scales`); they stay so, as `<layer>.feed_forward.w13.q8_weight` …, and `install_int8_experts` hands them to
+their `SparseMoE` (on a CPU) or dequantizes them (elsewhere, where torch's int8 kernel does not run).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 
 from cake_py.errors import WeightsError
 from cake_py.models.config_moe import MoeConfig
+from cake_py.models.moe import SparseMoE
+from cake_py.models.quant import Q8_SCALES, Q8_WEIGHT, dequantize_rows_int8, int4_supported
 from cake_py.models.quantized_modules import dequantized
 
 # Mixtral's names for an expert's gate, up and down projections; Qwen's are gate_proj, up_proj, down_proj.
@@ -42,9 +48,15 @@ def sparse_mlp_state(tensors: dict[str, torch.Tensor], moe: MoeConfig, hf: str, 
     state = {ours + "gate.weight": take(mlp + "gate.weight")}
     if experts + "gate_up_proj" in tensors:
         state[ours + "w13"], state[ours + "w2"] = tensors[experts + "gate_up_proj"], take(experts + "down_proj")
-    elif experts + "gate_proj.weight" in tensors:
-        gate, up = tensors[experts + "gate_proj.weight"], take(experts + "up_proj.weight")
-        state[ours + "w13"], state[ours + "w2"] = _joined([gate, up], dim=1), take(experts + "down_proj.weight")
+    elif any(f"{experts}gate_proj.{kind}" in tensors for kind in ("weight", Q8_WEIGHT)):
+        per_projection = {"w13": ["gate_proj", "up_proj"], "w2": ["down_proj"]}
+        for target, names in per_projection.items():
+            parts = [experts + name for name in names]
+            if all(f"{part}.{Q8_WEIGHT}" in tensors for part in parts):  # kept as int8 rows: stays so
+                for key in (Q8_WEIGHT, Q8_SCALES):
+                    state[f"{ours}{target}.{key}"] = _joined([tensors[f"{part}.{key}"] for part in parts], dim=1)
+            else:
+                state[ours + target] = _joined([take(f"{part}.weight") for part in parts], dim=1)
     else:
         projections = MIXTRAL_PROJECTIONS if f"{experts}0.w1.weight" in tensors else QWEN_PROJECTIONS
         gate_name, up_name, down_name = projections
@@ -62,6 +74,26 @@ def sparse_mlp_state(tensors: dict[str, torch.Tensor], moe: MoeConfig, hf: str, 
         state[ours + "shared_expert.w2.weight"] = take(shared + "down_proj.weight")
         state[ours + "shared_expert_gate.weight"] = take(mlp + "shared_expert_gate.weight").reshape(1, -1)
     return state
+
+
+def install_int8_experts(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
+) -> None:
+    """Each `SparseMoE` weight whose state is int8 rows (`<path>.w13.q8_weight` + `.q8_scales`) keeps them, taken out
+    of `state`, where torch's int8 kernel runs (a CPU, 16-bit compute); elsewhere the entry becomes the dense weight
+    (float32, `placed` casts it)."""
+    for path, module in model.named_modules():
+        if not isinstance(module, SparseMoE):
+            continue
+        for name in ("w13", "w2"):
+            key = f"{path}.{name}"
+            if f"{key}.{Q8_WEIGHT}" not in state:
+                continue
+            q, scales = state.pop(f"{key}.{Q8_WEIGHT}"), state.pop(f"{key}.{Q8_SCALES}")
+            if int4_supported(device, dtype):
+                module.keep_int8(name, q.contiguous(), scales, dtype)
+            else:
+                state[key] = dequantize_rows_int8(q, scales)
 
 
 def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:

@@ -1,20 +1,26 @@
 """Mixture-of-experts models on real `cake worker` processes: a master and one or two workers holding the sparse
-layers (each worker receiving every expert of its layers by tensor name) give the single node's greedy tokens."""
+layers (each worker receiving every expert of its layers by tensor name, as int8 rows from a quantized GGUF in
+bfloat16) give the single node's greedy tokens."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
 from cake_py.api.server import build_pipeline
+from cake_py.cluster.master import layer_bytes
 from cake_py.cluster.pipeline import local_pipeline
+from cake_py.cluster.stage import LocalStage
 from cake_py.config import ServeSettings
 from cake_py.models.hub import resolve_model
 from cake_py.rpc.client import RemoteStage
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import LocalCluster, WorkerProcess, generate_tokens
+from tests.unit.models.test_gguf_moe import write_moe_gguf
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -50,5 +56,29 @@ def test_moe_layers_on_workers_give_the_single_node_tokens(
         assert remote == ranges
         assert generate_tokens(pipeline, source.tokenizer, prompt) == expected
         assert len(set(expected)) > 4  # a model that routes well enough to say something varied
+    finally:
+        pipeline.close()
+
+
+def test_int8_experts_of_a_gguf_on_a_worker_give_the_single_node_tokens(
+    workers: list[WorkerProcess], tiny_model_factory: TinyModelFactory, tmp_path: Path
+) -> None:
+    """A Q8_0 Mixtral GGUF in bfloat16: the worker receives its layers' experts as int8 rows and runs them so, as the
+    master does for its own layer."""
+    path = write_moe_gguf(tiny_model_factory("mixtral"), tmp_path / "mixtral.gguf", gguf.GGMLQuantizationType.Q8_0)
+    source = resolve_model(str(path))
+    prompt = source.tokenizer.encode(PROMPT)
+    single = local_pipeline(source, torch.bfloat16)
+    expected = generate_tokens(single, source.tokenizer, prompt)
+    settings = ServeSettings(model=source.model_id, workers=[workers[0].spec((1, 3))], dtype="bfloat16", device="cpu")
+    pipeline = build_pipeline(settings, source, "cpu")
+    try:
+        master = pipeline.stages[0]
+        assert isinstance(master, LocalStage) and (master.start, master.end) == (0, 1)
+        assert master.model.layers[0].feed_forward.w13_q8 is not None  # int8 rows on the master too
+        assert generate_tokens(pipeline, source.tokenizer, prompt) == expected
+        # The worker holds its layers in the bytes placement counted for them: experts as int8 rows, not bf16.
+        (remote,) = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
+        assert remote.connection.info().weights_bytes == sum(layer_bytes(source, torch.bfloat16, "cpu")[1:3])
     finally:
         pipeline.close()

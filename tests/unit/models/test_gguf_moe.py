@@ -1,6 +1,7 @@
 """Mixture-of-experts GGUFs: the tiny Mixtral, Qwen2-MoE and Qwen3-MoE converted the way llama.cpp's
 convert_hf_to_gguf.py converts them (experts as 3D tensors per projection, Mixtral as a `llama` with expert_count,
-q/k rows permuted for it) compute what their safetensors originals compute, in float32 and with Q8_0 experts."""
+q/k rows permuted for it) compute what their safetensors originals compute, in float32 and with Q8_0 experts
+(int8 rows in bfloat16)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from cake_py.cluster.master import layer_bytes
 from cake_py.models.config import ModelConfig
 from cake_py.models.gguf import GGUFWeights
+from cake_py.models.hub import ModelSource
 from cake_py.models.kv_cache import SequenceSlice
+from cake_py.models.moe import SparseMoE
+from cake_py.models.quant import dequantize_rows_int8
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.weights import WeightSource, load_transformer
 from tests.unit.models.test_gguf import _permute, _write_tokenizer
@@ -150,3 +155,41 @@ def test_quantized_experts_are_dequantized(tiny_model_factory: Any, tmp_path: Pa
     quantized, original = logits_of(ours, ids), logits_of(SafetensorsWeights(folder), ids)
     assert not torch.equal(quantized, original)
     torch.testing.assert_close(quantized, original, rtol=0, atol=0.02 * float(original.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_quantized_experts_stay_int8_rows_in_bfloat16(kind: str, tiny_model_factory: Any, tmp_path: Path) -> None:
+    """With 16-bit compute on a CPU, Q8_0 experts run as int8 rows (torch's int8 kernel for a decode step, dequantized
+    per expert for a long chunk), as placement counted them: a quarter of float32's bytes, not bf16's half. The tiny
+    Qwen3-MoE's down experts (rows of 48, no whole Q8_0 block) stay float and run dense beside its int8 gate/up."""
+    folder = tiny_model_factory(kind)
+    source = GGUFWeights(write_moe_gguf(folder, tmp_path / "q8.gguf", gguf.GGMLQuantizationType.Q8_0))
+    config = ModelConfig.from_hf(source.config)
+    model = load_transformer(
+        source, config, 0, config.n_layers, with_embedding=True, with_head=True, dtype=torch.bfloat16
+    )
+    layers = [layer for layer in model.layers if isinstance(layer.feed_forward, SparseMoE)]
+    for layer in layers:
+        moe = layer.feed_forward
+        assert moe.w13_q8 is not None and moe.w13_q8.dtype == torch.int8 and not hasattr(moe, "w13")
+        assert (moe.w2_q8 is not None) == (kind == "mixtral") and hasattr(moe, "w2") == (kind != "mixtral")
+    placement = layer_bytes(ModelSource(kind, source), torch.bfloat16, "cpu")
+    assert [sum(t.nbytes for t in (*layer.parameters(), *layer.buffers())) for layer in model.layers] == placement
+    generator = torch.Generator().manual_seed(6)
+    for layer in layers:
+        moe = layer.feed_forward
+        for n_tokens in (1, 20, 100):  # the int8 kernel below DENSE_ROWS (80) rows, a dense matmul from them
+            x = torch.randn(n_tokens, config.hidden_size, generator=generator).to(torch.bfloat16)
+            with torch.inference_mode():
+                weights, experts = moe.route(x)
+                ours = moe._experts(x, weights, experts).float()
+            # The same experts, weights dequantized from the int8 rows, computed in float32.
+            w13 = dequantize_rows_int8(moe.w13_q8, moe.w13_scales.float()) if moe.w13_q8 is not None else None
+            w2 = dequantize_rows_int8(moe.w2_q8, moe.w2_scales.float()) if moe.w2_q8 is not None else moe.w2.float()
+            assert w13 is not None
+            expected = torch.zeros(n_tokens, config.hidden_size)
+            for token in range(n_tokens):
+                for weight, expert in zip(weights[token].tolist(), experts[token].tolist(), strict=True):
+                    gate, up = (w13[expert] @ x[token].float()).split(moe.moe.expert_intermediate_size)
+                    expected[token] += weight * (w2[expert] @ (torch.nn.functional.silu(gate) * up))
+            torch.testing.assert_close(ours, expected, rtol=0, atol=0.02 * float(expected.abs().max()))
