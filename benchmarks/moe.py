@@ -1,5 +1,6 @@
 """One mixture-of-experts feed-forward layer in bfloat16 on the CPU: cake_py's `SparseMoE` against transformers' own
-sparse block on the same weights, a dense MLP as wide as the k experts a token runs, and one as wide as every expert.
+sparse block on the same weights, the same layer with its experts as int8 rows (a GGUF's quantized experts in bf16),
+a dense MLP as wide as the k experts a token runs, and one as wide as every expert.
 
     .venv/bin/python benchmarks/moe.py [--rows 1,128] [--threads 1] [--rounds 7]
 
@@ -27,6 +28,7 @@ from cake_py.models.config import ModelConfig  # noqa: E402
 from cake_py.models.config_moe import MoeConfig  # noqa: E402
 from cake_py.models.llama import FeedForward  # noqa: E402
 from cake_py.models.moe import SparseMoE  # noqa: E402
+from cake_py.models.quant import quantize_rows_int8  # noqa: E402
 
 # name → (n_experts, top_k, hidden, expert width, the transformers config class and its expert-count field)
 SHAPES = {
@@ -64,11 +66,16 @@ def build(name: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         reference.gate.weight.copy_(ours.gate.weight)
         reference.experts.gate_up_proj.copy_(ours.w13)
         reference.experts.down_proj.copy_(ours.w2)
+    int8 = SparseMoE(config, moe).to(torch.bfloat16).eval()
+    int8.gate.load_state_dict(ours.gate.state_dict())
+    for weight in ("w13", "w2"):
+        int8.keep_int8(weight, *quantize_rows_int8(getattr(ours, weight)), torch.bfloat16)
     active = FeedForward(ModelConfig("llama", 10, hidden, top_k * width, 1, 8, 8, hidden // 8)).to(torch.bfloat16)
     every = FeedForward(ModelConfig("llama", 10, hidden, n_experts * width, 1, 8, 8, hidden // 8)).to(torch.bfloat16)
     return {
         "cake_py SparseMoE": ours,
         "transformers block": lambda x: reference(x[None])[0],
+        "int8 experts": int8,
         "dense k·I": active,
         "dense E·I": every,
     }

@@ -89,7 +89,7 @@ class SparseMoE(nn.Module):
         return torch._weight_int8pack_mm(x, q[expert], scales[expert])
 
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert `expert`'s gated MLP of (n, hidden): its weights are views of the 3D tensors, never copied."""
+        """Expert `expert`'s gated MLP of (n, hidden): dense weights are views of the 3D tensors, never copied."""
         fused = self._linear(x, expert, self.w13_q8, self.w13_scales, "w13")
         gate, up = fused.split(self.moe.expert_intermediate_size, dim=-1)
         return self._linear(self.activation(gate) * up, expert, self.w2_q8, self.w2_scales, "w2")
