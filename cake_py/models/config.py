@@ -10,6 +10,7 @@ from cake_py.errors import ModelError, UnsupportedArchitectureError
 from cake_py.models import config_fields as fields
 from cake_py.models import config_variants as variants
 from cake_py.models.config_moe import MoeConfig, parse_moe
+from cake_py.models.rope_fields import scaling_fields
 
 # architectures[0] → family: Llama-shaped decoders (cake_py.models.llama) and Gemma 3 (cake_py.models.gemma).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -43,7 +44,13 @@ SUPPORTED_MODEL_TYPES = {
     "qwen2_moe": "qwen2_moe",
     "qwen3_moe": "qwen3_moe",
 }
-SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
+SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear", "yarn", "longrope"}
+# Rope types refused with a reason of their own (the others are named as unsupported).
+REFUSED_ROPE_TYPES = {
+    "dynamic": "dynamic NTK recomputes the frequencies for each length a sequence reaches, so the keys a KV cache "
+    "holds were rotated with other frequencies than the queries that read them, and transformers' answer depends on "
+    "the calls before (it keeps the frequencies of the longest sequence seen)",
+}
 MAX_LAYERS = 4096  # the largest published models have under 200; a config past this is malformed
 # Widths (hidden, intermediate, vocabulary, heads, head size): the largest published are ~260k (a vocabulary); past
 # this a config is malformed, and torch would refuse the layer's sizes, or allocate gigabytes for rope tables.
@@ -54,13 +61,20 @@ MAX_CONTEXT = 1 << 31
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    kind: str = "default"  # default | llama3 | linear
+    kind: str = "default"  # default | llama3 | linear | yarn | longrope (cake_py.models.rope)
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     # Per-frequency divisors as llama.cpp stores them (GGUF `rope_freqs`): how Llama 3 scaling arrives from a GGUF.
     freq_factors: tuple[float, ...] | None = None
+    # What cos and sin are multiplied by (YaRN, LongRoPE), resolved from the config's fields when it is parsed.
+    attention_factor: float = 1.0
+    beta_fast: float = 32.0  # YaRN: the ramp between interpolated and extrapolated frequencies
+    beta_slow: float = 1.0
+    truncate: bool = True
+    short_factor: tuple[float, ...] | None = None  # LongRoPE: per-frequency divisors within the original context
+    long_factor: tuple[float, ...] | None = None  # and past it
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,16 @@ class ModelConfig:
                     f"{origin}: rope_scaling high_freq_factor ({rope.high_freq_factor}) must be greater than its "
                     f"low_freq_factor ({rope.low_freq_factor})"
                 )
+        numbers.append(("rope_scaling attention_factor", rope.attention_factor))
+        if rope.kind == "yarn":  # the ramp's ends are logarithms of them
+            numbers += [("rope_scaling beta_fast", rope.beta_fast), ("rope_scaling beta_slow", rope.beta_slow)]
+        for name, factors in (("short_factor", rope.short_factor), ("long_factor", rope.long_factor)):
+            if factors is not None and len(factors) != config.head_dim // 2:
+                raise ModelError(
+                    f"{origin}: rope_scaling {name} has {len(factors)} factors for a head_dim of {config.head_dim} "
+                    f"(it takes {config.head_dim // 2})"
+                )
+            numbers += [(f"rope_scaling {name}", factor) for factor in factors or ()]
         for name, number in numbers:
             if not (math.isfinite(number) and number > 0):
                 raise ModelError(f"{origin}: {name} must be a finite number > 0, got {number}")
@@ -415,10 +439,14 @@ def _with_scaling(params: dict[str, Any], scaling: dict[str, Any]) -> dict[str, 
 def _rope(params: dict[str, Any], raw: dict[str, Any]) -> RopeConfig:
     theta = fields.number(params, "rope_theta", 10000.0)
     kind = str(params.get("rope_type") or params.get("type") or "default")
+    if kind in REFUSED_ROPE_TYPES:
+        raise UnsupportedArchitectureError(f"unsupported rope_scaling type {kind!r}: {REFUSED_ROPE_TYPES[kind]}")
     if kind not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedArchitectureError(
             f"unsupported rope_scaling type {kind!r} (supported: {', '.join(sorted(SUPPORTED_ROPE_TYPES))})"
         )
+    if kind in ("yarn", "longrope"):
+        return RopeConfig(theta=theta, kind=kind, **scaling_fields(kind, params, raw))
     return RopeConfig(
         theta=theta,
         kind=kind,

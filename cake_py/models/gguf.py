@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cake_py.errors import ModelNotFoundError, WeightsError
-from cake_py.models import gguf_gemma, gguf_moe, gguf_variants
+from cake_py.models import gguf_gemma, gguf_moe, gguf_rope, gguf_variants
 from cake_py.models.gguf_header import check_header
 from cake_py.models.gguf_int4 import INT4_TYPES, int4_groups
 from cake_py.models.gguf_split import split_parts
@@ -192,6 +192,8 @@ class GGUFWeights:
             config["rope_scaling"] = {"rope_type": scaling, "factor": factor or 1.0}
             if (original := self._arch_value("rope.scaling.original_context_length")) is not None:
                 config["rope_scaling"]["original_max_position_embeddings"] = original
+            if scaling == "yarn":
+                config["rope_scaling"].update(gguf_rope.yarn_fields(self._arch_value, arch))
         if (factors := self._rope_freq_factors()) is not None:
             config["rope_freq_factors"] = factors
         return config

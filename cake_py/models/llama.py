@@ -19,8 +19,9 @@ from torch import nn
 from cake_py.models import graphs
 from cake_py.models.config import ModelConfig, RopeConfig
 from cake_py.models.graphs import DecodeGraphs
-from cake_py.models.kv_cache import Batch, KVStore, LayerCache, batch_positions
+from cake_py.models.kv_cache import Batch, KVStore, LayerCache
 from cake_py.models.kv_layout import first_read
+from cake_py.models.rope import longrope_inverse_frequencies, slice_rows, with_long_rows, yarn_inverse_frequencies
 from cake_py.models.softcapping import capped_attention, soft_cap
 
 
@@ -37,7 +38,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """(head_dim/2,) float32 inverse frequencies, with Llama 3 or linear scaling applied."""
+    """(head_dim/2,) float32 inverse frequencies, with Llama 3, linear or YaRN scaling applied (LongRoPE's short
+    factors: its long ones are `longrope_inverse_frequencies(rope, head_dim, long=True)`)."""
+    if rope.kind == "yarn":
+        return yarn_inverse_frequencies(rope, head_dim)
+    if rope.kind == "longrope":
+        return longrope_inverse_frequencies(rope, head_dim, long=False)
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if rope.freq_factors is not None:
         if len(rope.freq_factors) != len(inv_freq):
@@ -59,12 +65,15 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 def rope_tables(
-    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for each position: (T, 1, head_dim), computed in float32 then cast."""
+    """cos and sin for each position, times `scale` (a rope's attention factor): (T, 1, head_dim), computed in
+    float32 then cast."""
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
     angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, head_dim)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    if scale == 1.0:
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -311,9 +320,17 @@ class Transformer(nn.Module):
         self.ropes = list(dict.fromkeys(layer_ropes)) or [config.rope]
         self.layer_ropes = tuple(self.ropes.index(rope) for rope in layer_ropes)
         self.inv_freqs = [rope_inverse_frequencies(rope, config.head_dim) for rope in self.ropes]
+        # LongRoPE's long-factor frequencies, None for the other ropes.
+        self.long_inv_freqs = [
+            longrope_inverse_frequencies(rope, config.head_dim, long=True) if rope.kind == "longrope" else None
+            for rope in self.ropes
+        ]
         # Per rope, cos and sin of positions [0, n), (n, 1, head_dim) each, grown on demand: a decode step slices
-        # its rows instead of running a dozen small ops per step (per stage, in a cluster).
+        # its rows instead of running a dozen small ops per step (per stage, in a cluster). A LongRoPE table has
+        # 2n rows: first the rows of one-token steps (short factors before the original context, long ones from
+        # it), then the long rows that a slice reaching past the original context takes for all its positions.
         self._rope: RopeTables | None = None
+        self._rope_size = 0  # n
         self.cuda_graphs = graphs.enabled()  # on a GPU, replay one sequence's decode steps (models/graphs.py)
         self._decode_graphs: DecodeGraphs | None = None
 
@@ -374,23 +391,24 @@ class Transformer(nn.Module):
         tables = self._rope
         if tables is not None and (tables[0][0].dtype != like.dtype or tables[0][0].device != like.device):
             tables = None  # another dtype or device: start over
-        if tables is None or tables[0][0].shape[0] < end:
-            size = max(end, 2 * tables[0][0].shape[0] if tables is not None else 256)
+        if tables is None or self._rope_size < end:
+            size = max(end, 2 * self._rope_size if tables is not None else 256)
             positions = torch.arange(size, device=like.device)
-            tables = self._rope = [
-                rope_tables(inv_freq.to(like.device), positions, like.dtype) for inv_freq in self.inv_freqs
-            ]
+            tables = []
+            for rope, inv_freq, long_inv_freq in zip(self.ropes, self.inv_freqs, self.long_inv_freqs, strict=True):
+                cos, sin = rope_tables(inv_freq.to(like.device), positions, like.dtype, rope.attention_factor)
+                if long_inv_freq is not None:
+                    long = rope_tables(long_inv_freq.to(like.device), positions, like.dtype, rope.attention_factor)
+                    cos, sin = with_long_rows(rope, (cos, sin), long, positions)
+                tables.append((cos, sin))
+            self._rope, self._rope_size = tables, size
         return tables
 
     def rope(self, batch: Batch, like: torch.Tensor) -> RopeTables:
         """Per rope, cos and sin for every token of the batch, in layout order: (T, 1, head_dim) each, on `like`'s
         device and dtype. Rows of a table computed once, so equal to computing them for these positions alone."""
         tables = self._rope_tables(max(s.start_pos + s.n_tokens for s in batch), like)
-        if len(batch) == 1:
-            rows = slice(batch[0].start_pos, batch[0].start_pos + batch[0].n_tokens)
-            return [(cos[rows], sin[rows]) for cos, sin in tables]
-        positions = batch_positions(batch, like.device)
-        return [(cos[positions], sin[positions]) for cos, sin in tables]
+        return [slice_rows(rope, table, self._rope_size, batch) for rope, table in zip(self.ropes, tables, strict=True)]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) → (N, vocab) float32 logits, soft-capped where the model caps them (every sampler and logprob

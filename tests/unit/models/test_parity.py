@@ -101,6 +101,11 @@ def test_fixture_exercises_the_architecture(pair: Pair) -> None:
         default = rope_inverse_frequencies(RopeConfig(theta=config.rope.theta), config.head_dim)
         assert config.rope.kind == "llama3"
         assert not torch.allclose(rope_inverse_frequencies(config.rope, config.head_dim), default)
+    if pair.kind == "yarn":  # frequencies interpolated in part, cos and sin scaled
+        default = rope_inverse_frequencies(RopeConfig(theta=config.rope.theta), config.head_dim)
+        scaled = rope_inverse_frequencies(config.rope, config.head_dim)
+        assert config.rope.kind == "yarn" and config.rope.attention_factor > 1
+        assert scaled[0] == default[0] and scaled[-1] == default[-1] / config.rope.factor
     if pair.kind == "smollm":
         assert config.tie_word_embeddings and "lm_head.weight" not in SafetensorsWeights(pair.folder).names()
     if pair.kind in ("mistral", "qwen2", "qwen3"):

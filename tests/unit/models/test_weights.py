@@ -211,15 +211,15 @@ def test_building_a_model_from_shapes_does_not_import_torch_dynamo(tiny_llama: P
 @pytest.mark.parametrize(
     "rope_fields",
     [
-        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}},
-        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}},
+        {"rope_scaling": {"rope_type": "proportional", "factor": 4.0}},
+        {"rope_parameters": {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 4.0}},
     ],
     ids=["rope_scaling", "rope_parameters"],
 )
 def test_unsupported_rope_type_is_named(tiny_llama: Path, tmp_path: Path, rope_fields: dict[str, object]) -> None:
     folder = copy_model(tiny_llama, tmp_path)
     edit_config(folder, **rope_fields)
-    with pytest.raises(UnsupportedArchitectureError, match="yarn"):
+    with pytest.raises(UnsupportedArchitectureError, match="proportional"):
         ModelConfig.from_hf(SafetensorsWeights(folder).config)
 
 
