@@ -10,7 +10,7 @@ from cake_py.errors import ModelError, UnsupportedArchitectureError
 from cake_py.models import config_fields as fields
 from cake_py.models import config_variants as variants
 from cake_py.models.config_moe import MoeConfig, parse_moe
-from cake_py.models.rope_fields import scaling_fields
+from cake_py.models.rope_fields import scaling_fields, scaling_numbers
 
 # architectures[0] → family: Llama-shaped decoders (cake_py.models.llama) and Gemma 3 (cake_py.models.gemma).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "SmolLM3ForCausalLM": "smollm3",
     "GraniteForCausalLM": "granite",
     "Olmo2ForCausalLM": "olmo2",
+    "Phi3ForCausalLM": "phi3",
     # Mixtures of experts (cake_py.models.moe).
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
@@ -40,6 +41,7 @@ SUPPORTED_MODEL_TYPES = {
     "smollm3": "smollm3",
     "granite": "granite",
     "olmo2": "olmo2",
+    "phi3": "phi3",
     "mixtral": "mixtral",
     "qwen2_moe": "qwen2_moe",
     "qwen3_moe": "qwen3_moe",
@@ -79,8 +81,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # llama | mistral | qwen2 | qwen3 | gemma3 | gemma2 | smollm3 | granite | olmo2 | mixtral | qwen2_moe
-    # | qwen3_moe
+    family: str  # a value of SUPPORTED_ARCHITECTURES: llama, mistral, qwen2, gemma3, mixtral, phi3…
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -101,6 +102,8 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     # The rope of the windowed layers where it differs from `rope` (Gemma 3: rope_local_base_freq, unscaled).
     local_rope: RopeConfig | None = None
+    # The share of each head's dimensions rope rotates, the first ones (Phi-4-mini: 0.75); the rest pass through.
+    partial_rotary_factor: float = 1.0
     sliding_window: int | None = None  # the window of the layers that have one (see `window_of`)
     # Per layer, whether it attends through the window; empty: every layer does when sliding_window is set.
     windowed_layers: tuple[bool, ...] = ()
@@ -172,16 +175,7 @@ class ModelConfig:
                     f"{origin}: rope_scaling high_freq_factor ({rope.high_freq_factor}) must be greater than its "
                     f"low_freq_factor ({rope.low_freq_factor})"
                 )
-        numbers.append(("rope_scaling attention_factor", rope.attention_factor))
-        if rope.kind == "yarn":  # the ramp's ends are logarithms of them
-            numbers += [("rope_scaling beta_fast", rope.beta_fast), ("rope_scaling beta_slow", rope.beta_slow)]
-        for name, factors in (("short_factor", rope.short_factor), ("long_factor", rope.long_factor)):
-            if factors is not None and len(factors) != config.head_dim // 2:
-                raise ModelError(
-                    f"{origin}: rope_scaling {name} has {len(factors)} factors for a head_dim of {config.head_dim} "
-                    f"(it takes {config.head_dim // 2})"
-                )
-            numbers += [(f"rope_scaling {name}", factor) for factor in factors or ()]
+        numbers += scaling_numbers(config, origin)  # YaRN's, LongRoPE's, the rotated share's
         for name, number in numbers:
             if not (math.isfinite(number) and number > 0):
                 raise ModelError(f"{origin}: {name} must be a finite number > 0, got {number}")
@@ -207,6 +201,11 @@ class ModelConfig:
         if self.local_rope is not None and self.window_of(layer) is not None:
             return self.local_rope
         return self.rope
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's first dimensions rope rotates, as transformers rounds it."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def attention_scale(self) -> float:
@@ -253,7 +252,7 @@ class ModelConfig:
             raise ValueError(f"num_hidden_layers must be from 1 to {MAX_LAYERS}, got {raw['num_hidden_layers']!r}")
         sliding, windowed = _sliding_window(raw, family, n_layers)
         gemma = family in GEMMA_FAMILIES
-        rope, local_rope = _parse_gemma_ropes(raw) if family == "gemma3" else (_parse_rope(raw), None)
+        rope, local_rope = _parse_gemma_ropes(raw) if family == "gemma3" else (_parse_rope(raw, family), None)
         scalar = fields.number(raw, "query_pre_attn_scalar", GEMMA_QUERY_PRE_ATTN_SCALAR) if gemma else None
         granite = variants.granite_scalings(raw) if family == "granite" else {}
         return cls(
@@ -278,6 +277,7 @@ class ModelConfig:
             qk_norm=family in ("qwen3", "gemma3", "olmo2", "qwen3_moe"),
             activation=SUPPORTED_ACTIVATIONS[_activation(raw, family)],
             query_pre_attn_scalar=scalar,
+            partial_rotary_factor=_partial_rotary_factor(raw) if family == "phi3" else 1.0,
             sliding_window=sliding,
             windowed_layers=windowed,
             attn_logit_softcapping=_softcap(raw, "attn_logit_softcapping", family),
@@ -293,6 +293,7 @@ class ModelConfig:
 # transformers' defaults for fields a config.json may leave out, where they differ by family.
 DEFAULT_HEAD_DIMS = {"qwen3": 128, "gemma3": 256, "gemma2": 256}
 DEFAULT_SLIDING_WINDOW = 4096
+PHI3_LONGROPE_NAMES = ("su", "yarn")  # what Phi-3 configs before "longrope" called it (Phi3Config renames them)
 GEMMA_QUERY_PRE_ATTN_SCALAR = 256
 GEMMA_SLIDING_WINDOW_PATTERN = 6  # every 6th layer attends to everything, the others through the window
 GEMMA2_SLIDING_WINDOW_PATTERN = 2  # Gemma 2: every other layer, from layer 0, through the window
@@ -376,8 +377,8 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
     if family in variants.WINDOWLESS_FAMILIES:
         return None, ()
     # Absent, transformers' Mistral, Qwen and Gemma configs default it to 4096 (Qwen's applies with
-    # use_sliding_window; SmolLM3's and Mixtral's have none, like Llama's).
-    default = DEFAULT_SLIDING_WINDOW if family not in ("llama", "smollm3", "mixtral") else None
+    # use_sliding_window; SmolLM3's, Mixtral's and Phi-3's have none, like Llama's).
+    default = DEFAULT_SLIDING_WINDOW if family not in ("llama", "smollm3", "mixtral", "phi3") else None
     window = raw.get("sliding_window", default)  # null: none
     if window is not None:
         window = fields.whole(window, "sliding_window")
@@ -391,7 +392,7 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
     layer_types = raw.get("layer_types")
     if isinstance(layer_types, list) and len(layer_types) == n_layers:
         windowed = tuple(kind == "sliding_attention" for kind in layer_types)
-    elif family in ("mistral", "mixtral") or (family == "qwen3_moe" and raw.get("use_sliding_window")):
+    elif family in ("mistral", "mixtral", "phi3") or (family == "qwen3_moe" and raw.get("use_sliding_window")):
         windowed = (True,) * n_layers  # Qwen3-MoE's attention takes the window in every layer, when it is used
     elif family == "gemma3":
         pattern = fields.integer(raw, "sliding_window_pattern", GEMMA_SLIDING_WINDOW_PATTERN)
@@ -410,10 +411,20 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
     return (window, windowed) if any(windowed) else (None, ())
 
 
-def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
+def _parse_rope(raw: dict[str, Any], family: str) -> RopeConfig:
     # transformers ≥5 writes `rope_parameters`; older configs use `rope_theta` + `rope_scaling`.
     params = {"rope_theta": raw.get("rope_theta", 10000.0), **fields.json_object(raw, "rope_parameters")}
-    return _rope(_with_scaling(params, fields.json_object(raw, "rope_scaling")), raw)
+    params = _with_scaling(params, fields.json_object(raw, "rope_scaling"))
+    kind = params.get("rope_type") or params.get("type")
+    if family == "phi3" and kind in PHI3_LONGROPE_NAMES:  # as transformers' Phi3Config reads older configs
+        params["rope_type"] = "longrope"
+    return _rope(params, raw)
+
+
+def _partial_rotary_factor(raw: dict[str, Any]) -> float:
+    """Phi-3's share of rotated dimensions: top-level (Phi-4-mini) or among transformers 5's rope_parameters."""
+    inner = fields.number(fields.json_object(raw, "rope_parameters"), "partial_rotary_factor", 1.0)
+    return fields.number(raw, "partial_rotary_factor", inner)
 
 
 def _parse_gemma_ropes(raw: dict[str, Any]) -> tuple[RopeConfig, RopeConfig]:

@@ -77,7 +77,11 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (T, heads, head_dim) by the tables (HF's rotate-half layout)."""
+    """Rotate (T, heads, head_dim) by the tables (HF's rotate-half layout); tables narrower than the heads rotate
+    their first dimensions and pass the others through (a partial rotary factor)."""
+    if cos.shape[-1] < x.shape[-1]:
+        rotary = cos.shape[-1]
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -319,10 +323,10 @@ class Transformer(nn.Module):
         layer_ropes = [config.rope_of(layer) for layer in range(start, end)]
         self.ropes = list(dict.fromkeys(layer_ropes)) or [config.rope]
         self.layer_ropes = tuple(self.ropes.index(rope) for rope in layer_ropes)
-        self.inv_freqs = [rope_inverse_frequencies(rope, config.head_dim) for rope in self.ropes]
+        self.inv_freqs = [rope_inverse_frequencies(rope, config.rotary_dim) for rope in self.ropes]
         # LongRoPE's long-factor frequencies, None for the other ropes.
         self.long_inv_freqs = [
-            longrope_inverse_frequencies(rope, config.head_dim, long=True) if rope.kind == "longrope" else None
+            longrope_inverse_frequencies(rope, config.rotary_dim, long=True) if rope.kind == "longrope" else None
             for rope in self.ropes
         ]
         # Per rope, cos and sin of positions [0, n), (n, 1, head_dim) each, grown on demand: a decode step slices

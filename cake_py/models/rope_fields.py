@@ -5,9 +5,13 @@ are parsed by commands that never load a model."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cake_py.errors import ModelError
 from cake_py.models import config_fields as fields
+
+if TYPE_CHECKING:
+    from cake_py.models.config import ModelConfig
 
 
 def scaling_fields(kind: str, params: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +50,29 @@ def scaling_fields(kind: str, params: dict[str, Any], raw: dict[str, Any]) -> di
             long_factor=_factors(params, "long_factor"),
         )
     return out
+
+
+def scaling_numbers(config: ModelConfig, origin: str) -> list[tuple[str, float]]:
+    """The numbers of `config`'s rope scaling and partial rotation that must be finite and > 0, by name; a
+    ModelError (naming `origin`) for a rotated share or a count of LongRoPE factors that does not fit the heads."""
+    rope, share = config.rope, config.partial_rotary_factor
+    numbers = [("rope_scaling attention_factor", rope.attention_factor), ("partial_rotary_factor", share)]
+    if rope.kind == "yarn":  # the ramp's ends are logarithms of them
+        numbers += [("rope_scaling beta_fast", rope.beta_fast), ("rope_scaling beta_slow", rope.beta_slow)]
+    rotary = int(config.head_dim * share) if math.isfinite(share) else 0
+    if not (0 < rotary <= config.head_dim and rotary % 2 == 0):
+        raise ModelError(
+            f"{origin}: partial_rotary_factor {share} rotates {rotary} of a head's {config.head_dim} dimensions (it "
+            "must rotate an even number of them, at least 2)"
+        )
+    for name, factors in (("short_factor", rope.short_factor), ("long_factor", rope.long_factor)):
+        if factors is not None and len(factors) != rotary // 2:
+            raise ModelError(
+                f"{origin}: rope_scaling {name} has {len(factors)} factors for {rotary} rotated dimensions (it takes "
+                f"{rotary // 2})"
+            )
+        numbers += [(f"rope_scaling {name}", factor) for factor in factors or ()]
+    return numbers
 
 
 def _factors(params: dict[str, Any], key: str) -> tuple[float, ...]:

@@ -242,7 +242,9 @@ def to_module_state(
         attn = hf + "self_attn."
         for hf_norm, norm in FAMILY_BLOCK_NORMS.get(config.family, BLOCK_NORMS).items():
             state[f"{ours}{norm}.weight"] = take(f"{hf}{hf_norm}.weight")
-        linear([f"{attn}{p}_proj" for p in "qkv"], ours + "attention.wqkv")
+        # Phi-3's checkpoints hold q/k/v and gate/up already fused, in our order.
+        phi3 = config.family == "phi3"
+        linear([attn + "qkv_proj"] if phi3 else [f"{attn}{p}_proj" for p in "qkv"], ours + "attention.wqkv")
         if config.qkv_bias:
             biases = [f"{attn}{p}_proj.bias" for p in "qkv"]
             state[ours + "attention.wqkv.bias"] = joined([take(name) for name in biases], biases)
@@ -256,7 +258,7 @@ def to_module_state(
             state.update(sparse_mlp_state(tensors, config.moe, hf, ours + "feed_forward."))
             continue
         mlp = hf + "mlp."
-        linear([mlp + "gate_proj", mlp + "up_proj"], ours + "feed_forward.w13")
+        linear([mlp + "gate_up_proj"] if phi3 else [mlp + "gate_proj", mlp + "up_proj"], ours + "feed_forward.w13")
         linear([mlp + "down_proj"], ours + "feed_forward.w2")
         if config.mlp_bias:
             biases = [f"{mlp}{p}_proj.bias" for p in ("gate", "up")]

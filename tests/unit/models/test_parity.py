@@ -106,6 +106,11 @@ def test_fixture_exercises_the_architecture(pair: Pair) -> None:
         scaled = rope_inverse_frequencies(config.rope, config.head_dim)
         assert config.rope.kind == "yarn" and config.rope.attention_factor > 1
         assert scaled[0] == default[0] and scaled[-1] == default[-1] / config.rope.factor
+    if pair.kind == "phi3":  # fused checkpoint projections, a partial rotation, LongRoPE's scaled cos and sin
+        names = SafetensorsWeights(pair.folder).names()
+        assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
+        assert config.rotary_dim == 12 < config.head_dim and config.rope.kind == "longrope"
+        assert config.rope.attention_factor > 1 and config.rope.original_max_position_embeddings == 64
     if pair.kind == "smollm":
         assert config.tie_word_embeddings and "lm_head.weight" not in SafetensorsWeights(pair.folder).names()
     if pair.kind in ("mistral", "qwen2", "qwen3"):

@@ -85,7 +85,7 @@ def test_longrope_frequencies_and_attention_factor_match_transformers(
 ) -> None:
     reference = getattr(transformers, config_class)(**SIZES, max_position_embeddings=131072, **fields)
     compute = rope_utils.ROPE_INIT_FUNCTIONS["longrope"]
-    raw = {**reference.to_dict(), "model_type": "llama"}  # read as a Llama's: the rope fields are the same
+    raw = reference.to_dict()
     for long, seq_len in ((False, None), (True, 4097)):
         expected_freqs, expected_factor = compute(reference, "cpu", seq_len=seq_len)
         inv_freq, factor = frequencies_of(raw, long)
@@ -178,7 +178,10 @@ def test_the_static_decode_step_follows_longrope_past_the_original_context(longr
 @pytest.mark.parametrize(
     ("rope", "needle"),
     [
-        ({**LONGROPE, "short_factor": SHORT[:-1]}, "short_factor has 31 factors for a head_dim of 64 (it takes 32)"),
+        (
+            {**LONGROPE, "short_factor": SHORT[:-1]},
+            "short_factor has 31 factors for 64 rotated dimensions (it takes 32)",
+        ),
         ({**LONGROPE, "long_factor": "x"}, "long_factor must be a list of numbers, got 'x'"),
         ({**LONGROPE, "long_factor": [0.0] * 32}, "long_factor must be a finite number > 0, got 0.0"),
         ({**YARN, "beta_slow": -1}, "beta_slow must be a finite number > 0, got -1.0"),
@@ -251,3 +254,37 @@ def test_a_yarn_gguf_key_computed_otherwise_is_refused_naming_it(key: str, value
     with pytest.raises(UnsupportedArchitectureError) as raised:
         ModelConfig.from_hf(GGUFWeights(path).config)
     assert f"llama.{key} = {value}" in str(raised.value)
+
+
+PHI3 = {**SIZES, "architectures": ["Phi3ForCausalLM"], "vocab_size": 384, "intermediate_size": 160}
+
+
+@pytest.mark.parametrize("name", ["su", "yarn"])
+def test_a_phi3_config_naming_longrope_by_its_older_names_reads_as_longrope(name: str) -> None:
+    """Phi-3 configs written before "longrope" say "su" (Phi-3-medium-128k) or "yarn"; transformers' Phi3Config renames
+    both LongRoPE (5.23 then fails its own check of an "su" config, having looked for the original context first)."""
+    scaling = {"type": name, "short_factor": SHORT, "long_factor": LONG}
+    raw = {**PHI3, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_scaling": scaling}
+    rope = ModelConfig.from_hf(raw).rope
+    assert rope.kind == "longrope" and rope.long_factor == tuple(LONG) and rope.original_max_position_embeddings == 4096
+    if name == "yarn":
+        reference = transformers.Phi3Config(**{k: v for k, v in raw.items() if k != "architectures"})
+        assert reference.rope_parameters["rope_type"] == "longrope"
+        expected_freqs, expected_factor = rope_utils.ROPE_INIT_FUNCTIONS["longrope"](reference, "cpu", seq_len=4097)
+        torch.testing.assert_close(longrope_inverse_frequencies(rope, 64, long=True), expected_freqs, rtol=0, atol=0)
+        assert rope.attention_factor == pytest.approx(expected_factor, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("share", "needle"),
+    [
+        (0.0, "partial_rotary_factor 0.0 rotates 0 of a head's 64 dimensions"),
+        (0.99, "partial_rotary_factor 0.99 rotates 63 of a head's 64 dimensions"),
+        (1.5, "partial_rotary_factor 1.5 rotates 96 of a head's 64 dimensions"),
+        ("half", "partial_rotary_factor must be a number, got 'half'"),
+    ],
+)
+def test_a_rotated_share_that_does_not_fit_the_heads_is_named(share: object, needle: str) -> None:
+    with pytest.raises(ModelError) as raised:
+        ModelConfig.from_hf({**PHI3, "partial_rotary_factor": share}, "config.json")
+    assert needle in str(raised.value), raised.value
