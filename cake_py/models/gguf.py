@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cake_py.errors import ModelNotFoundError, WeightsError
-from cake_py.models import gguf_gemma, gguf_moe, gguf_rope, gguf_variants
+from cake_py.models import gguf_gemma, gguf_moe, gguf_phi3, gguf_rope, gguf_variants
 from cake_py.models.gguf_header import check_header
 from cake_py.models.gguf_int4 import INT4_TYPES, int4_groups
 from cake_py.models.gguf_split import split_parts
@@ -39,6 +39,7 @@ _ARCHITECTURES = {
     gguf_gemma.GEMMA2_ARCHITECTURE: "Gemma2ForCausalLM",
     **gguf_variants.ARCHITECTURES,
     **gguf_moe.ARCHITECTURES,  # and Mixtral, a `llama` with experts
+    gguf_phi3.ARCHITECTURE: "Phi3ForCausalLM",
 }
 # llama.cpp's converter interleaves the two rotary halves of each q/k head for these (they use its "normal" rope);
 # Qwen use the NEOX rope, which already matches HF's rotate-half layout, so their rows are stored as is.
@@ -68,6 +69,7 @@ _BLOCK_NAMES_OF = {
     **{arch: {**_BLOCK_NAMES, **gguf_gemma.BLOCK_NAMES} for arch in gguf_gemma.ARCHITECTURES},
     **{arch: {**_BLOCK_NAMES, **names} for arch, names in gguf_variants.BLOCK_NAMES.items()},
 }
+_BLOCK_NAMES_OF[gguf_phi3.ARCHITECTURE] = {**_BLOCK_NAMES, **gguf_phi3.BLOCK_NAMES}
 _BLOCK_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -117,9 +119,10 @@ class GGUFWeights:
     def config(self) -> dict[str, Any]:
         return self._config
 
-    def _rope_freq_factors(self) -> list[float] | None:
-        """llama.cpp stores Llama 3 rope scaling as a `rope_freqs` tensor of per-frequency divisors."""
-        tensor = next((t for r in self.parts for t in r.tensors if t.name == "rope_freqs.weight"), None)
+    def _rope_freq_factors(self, name: str = "rope_freqs.weight") -> list[float] | None:
+        """llama.cpp stores Llama 3 rope scaling as a `rope_freqs` tensor of per-frequency divisors (and Phi-3's
+        LongRoPE as two such tensors)."""
+        tensor = next((t for r in self.parts for t in r.tensors if t.name == name), None)
         if tensor is None:
             return None
         return [float(x) for x in gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)]
@@ -196,6 +199,9 @@ class GGUFWeights:
                 config["rope_scaling"].update(gguf_rope.yarn_fields(self._arch_value, arch))
         if (factors := self._rope_freq_factors()) is not None:
             config["rope_freq_factors"] = factors
+        if arch == gguf_phi3.ARCHITECTURE:
+            long, short = (self._rope_freq_factors(n) for n in (gguf_phi3.LONG_FACTORS, gguf_phi3.SHORT_FACTORS))
+            config.update(gguf_phi3.phi3_fields(self._arch_value, config, long, short))
         return config
 
     def names(self) -> list[str]:
