@@ -22,8 +22,9 @@ def scaling_fields(kind: str, params: dict[str, Any], raw: dict[str, Any]) -> di
     name = "rope_scaling original_max_position_embeddings"
     inner = fields.integer(params, "original_max_position_embeddings", context, name)
     original = fields.integer(raw, "original_max_position_embeddings", inner)
-    if original <= 0:
-        raise ValueError(f"rope_scaling original_max_position_embeddings must be positive, got {original}")
+    if original <= 0 or (kind == "longrope" and original == 1):  # LongRoPE's attention factor divides by ln of it
+        least = 1 if kind == "yarn" else 2
+        raise ValueError(f"rope_scaling original_max_position_embeddings must be at least {least}, got {original}")
     # No factor: the ratio of the contexts, as transformers takes it.
     factor = fields.number(params, "factor", context / original, "rope_scaling factor")
     attention = None
@@ -57,8 +58,10 @@ def scaling_numbers(config: ModelConfig, origin: str) -> list[tuple[str, float]]
     ModelError (naming `origin`) for a rotated share or a count of LongRoPE factors that does not fit the heads."""
     rope, share = config.rope, config.partial_rotary_factor
     numbers = [("rope_scaling attention_factor", rope.attention_factor), ("partial_rotary_factor", share)]
-    if rope.kind == "yarn":  # the ramp's ends are logarithms of them
+    if rope.kind == "yarn":  # the ramp's ends are logarithms of the betas, divided by the theta's
         numbers += [("rope_scaling beta_fast", rope.beta_fast), ("rope_scaling beta_slow", rope.beta_slow)]
+        if rope.theta == 1:
+            raise ModelError(f"{origin}: rope_theta must not be 1 with yarn rope scaling (its logarithm divides)")
     rotary = int(config.head_dim * share) if math.isfinite(share) else 0
     if not (0 < rotary <= config.head_dim and rotary % 2 == 0):
         raise ModelError(

@@ -186,7 +186,12 @@ def test_the_static_decode_step_follows_longrope_past_the_original_context(longr
         ({**LONGROPE, "long_factor": [0.0] * 32}, "long_factor must be a finite number > 0, got 0.0"),
         ({**YARN, "beta_slow": -1}, "beta_slow must be a finite number > 0, got -1.0"),
         ({**YARN, "truncate": "no"}, "truncate must be true or false, got 'no'"),
-        ({**YARN, "original_max_position_embeddings": 0}, "original_max_position_embeddings must be positive, got 0"),
+        ({**YARN, "original_max_position_embeddings": 0}, "original_max_position_embeddings must be at least 1, got 0"),
+        (
+            {**LONGROPE, "original_max_position_embeddings": 1},
+            "original_max_position_embeddings must be at least 2, got 1",
+        ),
+        ({**YARN, "rope_theta": 1}, "rope_theta must not be 1 with yarn rope scaling"),
         ({**YARN, "attention_factor": -2}, "attention_factor must be a finite number > 0, got -2.0"),
     ],
 )
