@@ -9,7 +9,6 @@ of `kv_cache.Batch`: (T, hidden) with the tokens of every sequence of the batch 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
@@ -17,11 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from cake_py.models import graphs
-from cake_py.models.config import ModelConfig, RopeConfig
+from cake_py.models.config import ModelConfig
 from cake_py.models.graphs import DecodeGraphs
 from cake_py.models.kv_cache import Batch, KVStore, LayerCache
 from cake_py.models.kv_layout import first_read
-from cake_py.models.rope import longrope_inverse_frequencies, slice_rows, with_long_rows, yarn_inverse_frequencies
+from cake_py.models.rope import (
+    apply_rope,
+    longrope_inverse_frequencies,
+    rope_inverse_frequencies,
+    rope_tables,
+    slice_rows,
+    with_long_rows,
+)
 from cake_py.models.softcapping import capped_attention, soft_cap
 
 
@@ -35,56 +41,6 @@ class RMSNorm(nn.Module):
         # Normalise in float32 like the reference implementation, scale in the weights' dtype.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
-
-
-def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """(head_dim/2,) float32 inverse frequencies, with Llama 3, linear or YaRN scaling applied (LongRoPE's short
-    factors: its long ones are `longrope_inverse_frequencies(rope, head_dim, long=True)`)."""
-    if rope.kind == "yarn":
-        return yarn_inverse_frequencies(rope, head_dim)
-    if rope.kind == "longrope":
-        return longrope_inverse_frequencies(rope, head_dim, long=False)
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-    if rope.freq_factors is not None:
-        if len(rope.freq_factors) != len(inv_freq):
-            raise ValueError(f"{len(rope.freq_factors)} rope frequency factors for a head_dim of {head_dim}")
-        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32, device="cpu")
-    if rope.kind == "linear":
-        return inv_freq / rope.factor
-    if rope.kind == "llama3":
-        old_context = rope.original_max_position_embeddings
-        low_wavelen = old_context / rope.low_freq_factor
-        high_wavelen = old_context / rope.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-        smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return torch.where(is_medium, smoothed, scaled)
-    return inv_freq
-
-
-def rope_tables(
-    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for each position, times `scale` (a rope's attention factor): (T, 1, head_dim), computed in
-    float32 then cast."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, head_dim)
-    if scale == 1.0:
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (T, heads, head_dim) by the tables (HF's rotate-half layout); tables narrower than the heads rotate
-    their first dimensions and pass the others through (a partial rotary factor)."""
-    if cos.shape[-1] < x.shape[-1]:
-        rotary = cos.shape[-1]
-        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 # Decoding sequences whose caches hold at most this many positions attend as one padded batch on a CPU: a pass per

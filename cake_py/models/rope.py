@@ -1,7 +1,9 @@
-"""The rope scalings of long-context configs (YaRN, LongRoPE), as transformers' modeling_rope_utils computes them.
+"""Rotary position embeddings: the inverse frequencies of a model's rope (plain, linear, Llama 3, YaRN, LongRoPE, as
+transformers' modeling_rope_utils computes them), the cos/sin tables of positions, and the rotation of q and k.
 
-Both change the inverse frequencies and multiply cos and sin by an attention factor (`RopeConfig.attention_factor`,
-resolved when the config is parsed: it may depend on max_position_embeddings). LongRoPE has two sets of
+YaRN and LongRoPE, the scalings of long-context configs, both change the inverse frequencies and multiply cos and
+sin by an attention factor (`RopeConfig.attention_factor`, resolved when the config is parsed: it may depend on
+max_position_embeddings). LongRoPE has two sets of
 frequencies: the short factors for sequences within `original_max_position_embeddings`, the long ones past it.
 transformers picks one set per forward pass, by the largest position it holds + 1; here each sequence's slice of a
 batch is judged alone (transformers judges a padded batch by its longest sequence, which makes a sequence's
@@ -18,7 +20,7 @@ import torch
 from cake_py.models.kv_cache import Batch, batch_positions
 
 if TYPE_CHECKING:
-    from cake_py.models.config import RopeConfig
+    from cake_py.models.config_rope import RopeConfig
 
 Table = tuple[torch.Tensor, torch.Tensor]  # cos and sin, (n, 1, head_dim) each
 
@@ -92,3 +94,53 @@ def slice_rows(rope: RopeConfig, table: Table, size: int, batch: Batch) -> Table
         counts = torch.tensor([s.n_tokens for s in batch], device=cos.device)
         rows = rows + torch.tensor(offsets, device=cos.device).repeat_interleave(counts)
     return cos[rows], sin[rows]
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """(head_dim/2,) float32 inverse frequencies, with Llama 3, linear or YaRN scaling applied (LongRoPE's short
+    factors: its long ones are `longrope_inverse_frequencies(rope, head_dim, long=True)`)."""
+    if rope.kind == "yarn":
+        return yarn_inverse_frequencies(rope, head_dim)
+    if rope.kind == "longrope":
+        return longrope_inverse_frequencies(rope, head_dim, long=False)
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if rope.freq_factors is not None:
+        if len(rope.freq_factors) != len(inv_freq):
+            raise ValueError(f"{len(rope.freq_factors)} rope frequency factors for a head_dim of {head_dim}")
+        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32, device="cpu")
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        old_context = rope.original_max_position_embeddings
+        low_wavelen = old_context / rope.low_freq_factor
+        high_wavelen = old_context / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for each position, times `scale` (a rope's attention factor): (T, 1, head_dim), computed in
+    float32 then cast."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, head_dim)
+    if scale == 1.0:
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (T, heads, head_dim) by the tables (HF's rotate-half layout); tables narrower than the heads rotate
+    their first dimensions and pass the others through (a partial rotary factor)."""
+    if cos.shape[-1] < x.shape[-1]:
+        rotary = cos.shape[-1]
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -17,7 +17,8 @@ from torch import nn
 
 from cake_py.models.config import ModelConfig
 from cake_py.models.kv_cache import Batch, LayerCache
-from cake_py.models.llama import Attention, Block, FeedForward, Transformer, apply_rope
+from cake_py.models.llama import Attention, Block, FeedForward, Transformer
+from cake_py.models.rope import apply_rope
 
 
 class NoRopeAttention(Attention):

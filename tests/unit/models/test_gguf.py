@@ -421,7 +421,7 @@ def test_missing_hyper_parameter_names_the_key(tmp_path: Path) -> None:
 def test_llama3_rope_from_a_gguf_rope_freqs_tensor(tiny_model_factory: Any, tmp_path: Path) -> None:
     """llama.cpp writes Llama 3 rope scaling as per-frequency divisors; the model must compute what HF's llama3
     rope_scaling computes, not plain rope."""
-    from cake_py.models.llama import rope_inverse_frequencies
+    from cake_py.models.rope import rope_inverse_frequencies
 
     folder = tiny_model_factory("llama3")
     original = SafetensorsWeights(folder)

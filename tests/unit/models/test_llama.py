@@ -7,7 +7,8 @@ import torch
 
 from cake_py.models.config import ModelConfig, RopeConfig
 from cake_py.models.kv_cache import SequenceSlice, batch_positions
-from cake_py.models.llama import Transformer, rope_tables
+from cake_py.models.llama import Transformer
+from cake_py.models.rope import rope_tables
 
 CONFIG = ModelConfig(
     family="llama", vocab_size=32, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4, n_kv_heads=2,

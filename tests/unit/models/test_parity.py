@@ -17,7 +17,8 @@ from tokenizers import Tokenizer
 from cake_py.models import llama
 from cake_py.models.config import ModelConfig, RopeConfig
 from cake_py.models.kv_cache import KVStore, SequenceSlice
-from cake_py.models.llama import Transformer, rope_inverse_frequencies
+from cake_py.models.llama import Transformer
+from cake_py.models.rope import rope_inverse_frequencies
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.weights import load_transformer
 from tests.fixtures.tiny_models import KINDS

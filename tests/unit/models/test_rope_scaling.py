@@ -19,8 +19,7 @@ from cake_py.models import graphs
 from cake_py.models.config import ModelConfig, RopeConfig
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.kv_cache import SequenceSlice
-from cake_py.models.llama import rope_inverse_frequencies
-from cake_py.models.rope import longrope_inverse_frequencies
+from cake_py.models.rope import longrope_inverse_frequencies, rope_inverse_frequencies
 from tests.unit.models.test_parity import load_ours, load_reference, reference_logits, run
 
 transformers = pytest.importorskip("transformers")
