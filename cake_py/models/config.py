@@ -9,6 +9,7 @@ from typing import Any
 from cake_py.errors import ModelError, UnsupportedArchitectureError
 from cake_py.models import config_fields as fields
 from cake_py.models import config_variants as variants
+from cake_py.models import multimodal
 from cake_py.models.config_moe import MoeConfig, parse_moe
 from cake_py.models.config_rope import RopeConfig, parse_gemma_ropes, parse_rope, partial_rotary_factor
 from cake_py.models.rope_fields import scaling_numbers
@@ -21,6 +22,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
     "Gemma2ForCausalLM": "gemma2",
+    # Multimodal checkpoints, served as their language model (cake_py.models.multimodal).
+    "Gemma3ForConditionalGeneration": "gemma3",
     # Llama variants (cake_py.models.variants).
     "SmolLM3ForCausalLM": "smollm3",
     "GraniteForCausalLM": "granite",
@@ -191,6 +194,7 @@ class ModelConfig:
 
     @classmethod
     def _parse(cls, raw: dict[str, Any]) -> ModelConfig:
+        raw = multimodal.text_config(raw)
         architectures = raw.get("architectures") or []
         if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
             raise ValueError(f"architectures must be a list of class names, got {fields.shown(architectures)}")

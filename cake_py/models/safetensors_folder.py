@@ -8,6 +8,7 @@ import json
 import math
 import struct
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from cake_py.errors import ModelNotFoundError, WeightsError
+from cake_py.models import multimodal
 from cake_py.models.weights import FLOAT_TYPES, TensorInfo
 
 
@@ -33,6 +35,16 @@ class SafetensorsWeights:
         missing = set(self._files) - set(self._infos)
         if missing:
             raise WeightsError(f"{str(folder)!r}: index lists tensors missing from the shards: {sorted(missing)[:3]}")
+        # The name weights.py speaks → the stored one: a multimodal checkpoint's language model under its prefix,
+        # its vision tower and projector left out (never loaded, streamed or counted in placement).
+        self._stored = {name: name for name in self._files}
+        if multimodal.architecture_of(self._config) is not None:
+            try:
+                self._stored = multimodal.text_tensor_names(list(self._files))
+            except ValueError as error:
+                raise WeightsError(f"{str(folder)!r}: {error}") from None
+            self._files = {name: self._files[stored] for name, stored in self._stored.items()}
+            self._infos = {name: replace(self._infos[stored], name=name) for name, stored in self._stored.items()}
 
     @property
     def config(self) -> dict[str, Any]:
@@ -89,7 +101,7 @@ class SafetensorsWeights:
             try:
                 with safe_open(str(file), framework="pt") as handle:
                     for name in file_names:
-                        tensors[name] = handle.get_tensor(name).to(dtype)
+                        tensors[name] = handle.get_tensor(self._stored[name]).to(dtype)
             except (SafetensorError, OSError, RuntimeError) as error:
                 raise WeightsError(f"cannot read {str(file)!r}: {error}") from error
         return tensors

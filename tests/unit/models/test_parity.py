@@ -132,6 +132,17 @@ def test_fixture_exercises_the_architecture(pair: Pair) -> None:
         assert (config.rope_of(0).theta, config.rope_of(1).kind) == (1e4, "linear")
         assert config.attention_scale != config.head_dim**-0.5 and config.activation == "gelu_tanh"
         assert config.tie_word_embeddings and "lm_head.weight" not in SafetensorsWeights(pair.folder).names()
+    if pair.kind == "gemma3_vision":
+        # The multimodal checkpoint: the reference carries a vision tower and projector that are never loaded here.
+        assert type(pair.reference).__name__ == "Gemma3ForConditionalGeneration"
+        assert any(name.startswith("model.vision_tower.") for name, _ in pair.reference.named_parameters())
+        names = SafetensorsWeights(pair.folder).names()
+        assert (
+            "model.layers.0.self_attn.q_proj.weight" in names
+            and config.architecture == pair.reference.config.architectures[0]
+        )
+        assert not any("vision" in name or "projector" in name for name in names)
+        assert [config.window_of(layer) for layer in range(config.n_layers)] == [16, None, 16]
     if pair.kind == "gemma2":
         # Every other layer windowed from layer 0 (Gemma2Config's default), one rope, and caps that bend the logits:
         # the same weights uncapped are far from the reference.
