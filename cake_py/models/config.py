@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Gemma2ForCausalLM": "gemma2",
     # Multimodal checkpoints, served as their language model (cake_py.models.multimodal).
     "Gemma3ForConditionalGeneration": "gemma3",
+    "Mistral3ForConditionalGeneration": "mistral",
     # Llama variants (cake_py.models.variants).
     "SmolLM3ForCausalLM": "smollm3",
     "GraniteForCausalLM": "granite",

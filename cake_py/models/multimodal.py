@@ -1,17 +1,18 @@
 """Multimodal checkpoints served as the text models they hold, as llama.cpp serves them (its GGUF holds the language
 model; the vision part is a separate mmproj file that is not read).
 
-A `Gemma3ForConditionalGeneration` config.json nests its language model's config under `text_config`, which leaves
-out whatever transformers' config class defaults, and keeps a few of its fields (the tied head, the token ids) at the
-top level. Its weights hold the language model under a prefix (`language_model.model.layers.N…` as transformers
-writes them, `model.language_model.layers.N…` in its 4.52-4.57 layout) beside a vision tower and a projector, which
-are never loaded, streamed to workers, or counted in placement.
+A `Gemma3ForConditionalGeneration` or `Mistral3ForConditionalGeneration` config.json nests its language model's
+config under `text_config`, which leaves out whatever transformers' config class defaults, and keeps a few of its
+fields (the tied head, the token ids) at the top level. Its weights hold the language model under a prefix
+(`language_model.model.layers.N…` as transformers writes them, `model.language_model.layers.N…` in its 4.52-4.57
+layout) beside a vision tower and a projector, which are never loaded, streamed to workers, or counted in placement.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from cake_py.errors import UnsupportedArchitectureError
 from cake_py.models import config_fields as fields
 
 # Gemma3TextConfig's defaults (transformers' configuration_gemma3.py), applied to what `text_config` leaves out: the
@@ -36,12 +37,34 @@ GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
     "final_logit_softcapping": None,
     "attn_logit_softcapping": None,
 }
+# MistralConfig's defaults, for Mistral3ForConditionalGeneration (Mistral Small 3.1/3.2): its published configs give
+# nearly every field, but the context (the class's 131072, not the 2048 a text config.json is read with) and the
+# window (4096 unless null) are left out by some.
+MISTRAL_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096 * 32,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "sliding_window": 4096,
+}
 # Multimodal architecture → the defaults of its language model's config class.
 TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
     "Gemma3ForConditionalGeneration": GEMMA3_TEXT_DEFAULTS,
+    "Mistral3ForConditionalGeneration": MISTRAL_TEXT_DEFAULTS,
 }
+# The `text_config` model_type each serves (absent: that one). Another is another model (Ministral 3's `ministral3`
+# under Mistral3ForConditionalGeneration computes its attention otherwise): refused, naming it.
+TEXT_MODEL_TYPES = {"Gemma3ForConditionalGeneration": "gemma3_text", "Mistral3ForConditionalGeneration": "mistral"}
 # A config.json without `architectures`: its model_type → the architecture.
-MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration"}
+MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration"}
 # Fields of the whole model's config that are its language model's: where the top level gives one, it wins (the
 # published Gemma 3 configs give their two end-of-turn ids there only).
 TOP_LEVEL_FIELDS = ("tie_word_embeddings", "eos_token_id", "bos_token_id", "pad_token_id")
@@ -78,6 +101,12 @@ def text_config(raw: dict[str, Any]) -> dict[str, Any]:
     if raw.get("text_config") is None:
         raise KeyError("text_config")
     nested = fields.json_object(raw, "text_config")
+    text_type = nested.get("model_type", TEXT_MODEL_TYPES[architecture])
+    if text_type != TEXT_MODEL_TYPES[architecture]:
+        raise UnsupportedArchitectureError(
+            f"unsupported {architecture} language model {fields.shown(text_type)} (text_config model_type; "
+            f"supported: {TEXT_MODEL_TYPES[architecture]!r})"
+        )
     merged = {**TEXT_DEFAULTS[architecture], **nested}
     merged.update({name: raw[name] for name in TOP_LEVEL_FIELDS if raw.get(name) is not None})
     merged["architectures"] = [architecture]

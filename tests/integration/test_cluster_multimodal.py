@@ -1,6 +1,7 @@
-"""A multimodal checkpoint (Gemma 3's, a vision tower beside its language model) on a real `cake worker`: the worker
-parses the multimodal config it is sent and builds its layers from the language model's tensors alone, giving a single
-node's greedy tokens; `cake serve` answers its text and refuses an image with a 400 saying it only reads text."""
+"""Multimodal checkpoints (Gemma 3's, Mistral Small 3.1's: a vision tower beside the language model) on a real
+`cake worker`: the worker parses the multimodal config it is sent and builds its layers from the language model's
+tensors alone, giving a single node's greedy tokens; `cake serve` answers text and refuses an image with a 400 saying
+it only reads text."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ pytestmark = pytest.mark.timeout(180)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 PROMPT = [5 + (i * 13) % 300 for i in range(20)]  # with 24 tokens more, past the 16-position window
-KIND = "gemma3_vision"
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +51,13 @@ def _tokens(engine: Engine, prompt: list[int]) -> list[int]:
             return out
 
 
+@pytest.mark.parametrize("kind", ["gemma3_vision", "mistral3_vision"])
 @torch.inference_mode()
 def test_multimodal_checkpoint_split_over_a_worker_equals_a_single_node(
-    worker: WorkerProcess, tiny_model_factory: TinyModelFactory
+    kind: str, worker: WorkerProcess, tiny_model_factory: TinyModelFactory
 ) -> None:
-    """The master holds layer 0 with the embedding and head, the worker layers 1-2 (full, then windowed)."""
-    source = resolve_model(str(tiny_model_factory(KIND)))
+    """The master holds layer 0 with the embedding and head, the worker layers 1-2."""
+    source = resolve_model(str(tiny_model_factory(kind)))
     settings = ServeSettings(model=source.model_id, workers=[worker.spec((1, 3))], dtype="float32", device="cpu")
     engine = Engine(build_pipeline(settings, source, "cpu"), source.tokenizer)
     single = Engine(local_pipeline(source, torch.float32), source.tokenizer)
@@ -75,7 +76,7 @@ def test_multimodal_checkpoint_split_over_a_worker_equals_a_single_node(
 def test_an_image_part_is_a_400_and_text_is_answered(
     cluster: LocalCluster, worker: WorkerProcess, tiny_model_factory: TinyModelFactory
 ) -> None:
-    folder = tiny_model_factory(KIND)
+    folder = tiny_model_factory("gemma3_vision")
     master = cluster.serve(str(folder), "--workers", worker.address)
     try:
         url = f"{master.url}/v1/chat/completions"

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cake_py.cluster.master import ends_bytes, layer_bytes
-from cake_py.errors import ModelError, WeightsError
+from cake_py.errors import ModelError, UnsupportedArchitectureError, WeightsError
 from cake_py.models.config import ModelConfig
 from cake_py.models.hub import resolve_model
 from cake_py.models.kv_cache import SequenceSlice
@@ -25,7 +25,7 @@ from tests.fixtures.tiny_models import copy_model
 
 transformers = pytest.importorskip("transformers")
 
-KIND = "gemma3_vision"
+KINDS = ("gemma3_vision", "mistral3_vision")
 VISION = {"model_type": "siglip_vision_model", "hidden_size": 1152, "num_hidden_layers": 27, "patch_size": 14}
 # google/gemma-3-4b-it's and gemma-3-27b-it's config.json as published (their vision_config cut short): the language
 # model's head count, vocabulary, context and ropes are Gemma3TextConfig's defaults, its end-of-turn ids top-level.
@@ -60,6 +60,35 @@ GEMMA3_27B_TEXT = {
     "sliding_window": 1024,
 }
 GEMMA3_27B = {**GEMMA3_4B, "text_config": GEMMA3_27B_TEXT}
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503's config.json (its vision_config cut short).
+MISTRAL_SMALL: dict[str, Any] = {
+    "architectures": ["Mistral3ForConditionalGeneration"],
+    "image_token_index": 10,
+    "model_type": "mistral3",
+    "multimodal_projector_bias": False,
+    "projector_hidden_act": "gelu",
+    "spatial_merge_size": 2,
+    "text_config": {
+        "attention_dropout": 0.0,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 5120,
+        "initializer_range": 0.02,
+        "intermediate_size": 32768,
+        "max_position_embeddings": 131072,
+        "model_type": "mistral",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 40,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000000.0,
+        "sliding_window": None,
+        "use_cache": True,
+        "vocab_size": 131072,
+    },
+    "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "num_hidden_layers": 24, "patch_size": 14},
+    "vision_feature_layer": -1,
+}
 
 
 @pytest.mark.parametrize("raw", [GEMMA3_4B, GEMMA3_27B], ids=["4b", "27b"])
@@ -92,6 +121,34 @@ def test_a_published_config_reads_as_transformers_reads_it(raw: dict[str, Any]) 
     assert config.local_rope is not None and config.local_rope.theta == local["rope_theta"]
     assert config.activation == "gelu_tanh" and config.tie_word_embeddings
     assert config.eos_token_ids == (1, 106) and config.bos_token_id == 2  # the top level's, then the text's default
+
+
+def test_mistral_small_reads_as_transformers_reads_it() -> None:
+    config = ModelConfig.from_hf(json.loads(json.dumps(MISTRAL_SMALL)))
+    text = transformers.Mistral3Config(**json.loads(json.dumps(MISTRAL_SMALL))).text_config
+    assert (config.family, config.architecture) == ("mistral", "Mistral3ForConditionalGeneration")
+    assert (config.vocab_size, config.hidden_size, config.n_layers, config.n_heads, config.n_kv_heads) == (
+        text.vocab_size,
+        text.hidden_size,
+        text.num_hidden_layers,
+        text.num_attention_heads,
+        text.num_key_value_heads,
+    )
+    assert config.head_dim == text.head_dim == 128 != config.hidden_size // config.n_heads
+    assert config.rope.theta == text.rope_parameters["rope_theta"] == 1e9
+    assert config.sliding_window is None and config.max_position_embeddings == text.max_position_embeddings
+    assert config.rms_norm_eps == text.rms_norm_eps and config.activation == "silu"
+    assert not config.tie_word_embeddings  # its head is stored (language_model.lm_head.weight)
+    assert (config.bos_token_id, config.eos_token_ids) == (1, (2,))  # MistralConfig's, as the config leaves them out
+
+
+def test_another_language_model_under_a_multimodal_architecture_is_refused_by_name() -> None:
+    """Ministral 3 is published as Mistral3ForConditionalGeneration with a text model of its own kind."""
+    raw = {**MISTRAL_SMALL, "text_config": {**MISTRAL_SMALL["text_config"], "model_type": "ministral3"}}
+    with pytest.raises(
+        UnsupportedArchitectureError, match="Mistral3ForConditionalGeneration language model 'ministral3'"
+    ):
+        ModelConfig.from_hf(raw)
 
 
 def test_a_text_config_that_is_not_an_object_is_named() -> None:
@@ -138,9 +195,10 @@ MODEL_LAYOUT = {
 }
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @torch.inference_mode()
-def test_both_layouts_give_the_same_model(tiny_model_factory: TinyModelFactory, tmp_path: Path) -> None:
-    original = tiny_model_factory(KIND)
+def test_both_layouts_give_the_same_model(kind: str, tiny_model_factory: TinyModelFactory, tmp_path: Path) -> None:
+    original = tiny_model_factory(kind)
     folder = copy_model(original, tmp_path)
     _rewrite(folder, MODEL_LAYOUT)
     with safe_open(str(folder / "model.safetensors"), "pt") as handle:
@@ -152,7 +210,7 @@ def test_both_layouts_give_the_same_model(tiny_model_factory: TinyModelFactory, 
 def test_a_checkpoint_holding_both_layouts_is_refused_naming_both(
     tiny_model_factory: TinyModelFactory, tmp_path: Path
 ) -> None:
-    folder = copy_model(tiny_model_factory(KIND), tmp_path)
+    folder = copy_model(tiny_model_factory(KINDS[0]), tmp_path)
     file = folder / "model.safetensors"
     with safe_open(str(file), "pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
@@ -162,9 +220,10 @@ def test_a_checkpoint_holding_both_layouts_is_refused_naming_both(
         SafetensorsWeights(folder)
 
 
-def test_the_vision_tower_is_never_counted_or_loaded(tiny_model_factory: TinyModelFactory) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_vision_tower_is_never_counted_or_loaded(kind: str, tiny_model_factory: TinyModelFactory) -> None:
     """Placement's per-layer sizes and the master's own part add up to the language model's bytes, not the file's."""
-    folder = tiny_model_factory(KIND)
+    folder = tiny_model_factory(kind)
     with safe_open(str(folder / "model.safetensors"), "pt") as handle:
         sizes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
     language = sum(4 * torch.Size(shape).numel() for name, shape in sizes.items() if name.startswith("language_model"))

@@ -21,7 +21,7 @@ from cake_py.models.llama import Transformer
 from cake_py.models.rope import rope_inverse_frequencies
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.weights import load_transformer
-from tests.fixtures.tiny_models import KINDS
+from tests.fixtures.tiny_models import KINDS, reference_class
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,7 +51,7 @@ def load_ours(folder: Path, dtype: torch.dtype = torch.float32, start: int = 0, 
 
 
 def load_reference(folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    return reference_class(transformers.AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype).eval()
 
 
 def encode_prompt(folder: Path) -> torch.Tensor:
@@ -114,10 +114,11 @@ def test_fixture_exercises_the_architecture(pair: Pair) -> None:
         assert config.rope.attention_factor > 1 and config.rope.original_max_position_embeddings == 64
     if pair.kind == "smollm":
         assert config.tie_word_embeddings and "lm_head.weight" not in SafetensorsWeights(pair.folder).names()
-    if pair.kind in ("mistral", "qwen2", "qwen3"):
+    if pair.kind in ("mistral", "qwen2", "qwen3", "mistral3_vision"):
         assert config.sliding_window is not None and config.sliding_window < len(pair.prompt) + N_GREEDY
         # Mistral windows every layer; Qwen only from max_window_layers (1) on, as transformers decides.
-        expected = [config.sliding_window] * 3 if pair.kind == "mistral" else [None, config.sliding_window]
+        mistral = pair.kind in ("mistral", "mistral3_vision")
+        expected = [config.sliding_window] * 3 if mistral else [None, config.sliding_window]
         assert [config.window_of(layer) for layer in range(config.n_layers)] == expected
     if pair.kind == "qwen2":
         biases = [p for name, p in pair.reference.named_parameters() if name.endswith("proj.bias")]
@@ -132,16 +133,16 @@ def test_fixture_exercises_the_architecture(pair: Pair) -> None:
         assert (config.rope_of(0).theta, config.rope_of(1).kind) == (1e4, "linear")
         assert config.attention_scale != config.head_dim**-0.5 and config.activation == "gelu_tanh"
         assert config.tie_word_embeddings and "lm_head.weight" not in SafetensorsWeights(pair.folder).names()
-    if pair.kind == "gemma3_vision":
-        # The multimodal checkpoint: the reference carries a vision tower and projector that are never loaded here.
-        assert type(pair.reference).__name__ == "Gemma3ForConditionalGeneration"
+    if pair.kind in ("gemma3_vision", "mistral3_vision"):
+        # The multimodal checkpoints: the reference carries a vision tower and projector that are never loaded here.
+        assert type(pair.reference).__name__ == config.architecture == pair.reference.config.architectures[0]
         assert any(name.startswith("model.vision_tower.") for name, _ in pair.reference.named_parameters())
         names = SafetensorsWeights(pair.folder).names()
-        assert (
-            "model.layers.0.self_attn.q_proj.weight" in names
-            and config.architecture == pair.reference.config.architectures[0]
-        )
+        assert "model.layers.0.self_attn.q_proj.weight" in names
         assert not any("vision" in name or "projector" in name for name in names)
+    if pair.kind == "mistral3_vision":  # Mistral Small's head is its own: stored as language_model.lm_head
+        assert not config.tie_word_embeddings and "lm_head.weight" in SafetensorsWeights(pair.folder).names()
+    if pair.kind == "gemma3_vision":
         assert [config.window_of(layer) for layer in range(config.n_layers)] == [16, None, 16]
     if pair.kind == "gemma2":
         # Every other layer windowed from layer 0 (Gemma2Config's default), one rope, and caps that bend the logits:
