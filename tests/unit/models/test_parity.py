@@ -290,7 +290,7 @@ def test_split_model_equals_whole(pair: Pair) -> None:
     assert front_kv.length(0) == back_kv.length(0) == len(ids)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3", "gemma2", "olmo2", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gemma2", "olmo2", "qwen2_moe", "qwen3_moe", "gemma3_vision"])
 @torch.inference_mode()
 def test_bfloat16_tracks_transformers(kind: str, tiny_model_factory) -> None:
     """In bfloat16 too: where a cast happens (Gemma's norms scale before casting, its embedding scale is rounded to
