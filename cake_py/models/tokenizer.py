@@ -81,6 +81,11 @@ class Tokenizer:
                 config["chat_template"] = template_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as error:
                 raise ModelError(f"cannot read chat template {str(template_file)!r}: {error}") from error
+        processor_file = folder / "chat_template.json"
+        if config.get("chat_template") is None and processor_file.is_file():
+            # A multimodal model's processor keeps it there (transformers' legacy file), its tokenizer's config
+            # maybe none: left unread, its chat was rendered in the ChatML fallback, not the model's own format.
+            config["chat_template"] = _read_json(processor_file).get("chat_template")
         generation = folder / "generation_config.json"
         eos = set(eos_token_ids) | _eos_ids(_read_json(generation).get("eos_token_id"), generation)
         return cls(backend, config, eos)

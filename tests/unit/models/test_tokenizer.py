@@ -74,6 +74,28 @@ def test_a_chat_template_file_is_the_template(tiny_model_factory, tmp_path: Path
     assert rendered == reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def test_a_processors_chat_template_json_is_the_template_when_the_tokenizer_has_none(
+    tiny_model_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    # Multimodal repos may keep the template in the processor's chat_template.json only.
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("gemma3_vision"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    own = config.pop("chat_template")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    messages = [{"role": "user", "content": "hi"}]
+    assert Tokenizer.from_folder(folder).render_chat(messages) == "<user>hi\n"
+    # The tokenizer's own template, where it has one, is still the one used.
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": own}))
+    assert Tokenizer.from_folder(folder).chat_template == own
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.json").write_text("[]")
+    with pytest.raises(ModelError, match=r"chat_template\.json' must hold a JSON object"):
+        Tokenizer.from_folder(folder)
+
+
 def test_token_bytes_rebuild_text_whose_characters_span_tokens(tokenizer: Tokenizer) -> None:
     # OpenAI's logprob `bytes`: joined, they give back the text, where each token's own text may be only U+FFFD.
     text = "café 日本 🎂 ok"
