@@ -10,6 +10,7 @@ tensors it is asked for, from a read-only memmap. The vocabulary's translation i
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Iterable
 from functools import cached_property
@@ -221,22 +222,29 @@ class GGUFWeights:
         return {name: self._load_one(name).to(dtype) for name in names}
 
     def int4_names(self) -> set[str]:
-        """2-D weights stored in a 4-bit format (Q4_0, Q4_1, Q4_K) that `load_int4` hands over without dequantizing."""
+        """Weights stored in a 4-bit format (Q4_0, Q4_1, Q4_K) that `load_int4` hands over without dequantizing: 2-D
+        ones, and a MoE layer's experts (3-D, one (N, K) matrix each)."""
         return {
             name
             for name, tensor in self._tensors.items()
-            if tensor.tensor_type in INT4_TYPES and len(tensor.shape) == 2 and name.endswith(".weight")
+            if tensor.tensor_type in INT4_TYPES and len(tensor.shape) in (2, 3) and name.endswith(".weight")
         }
 
     def load_int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A Q4_0/Q4_1/Q4_K weight as (uint8 (N, K) values 0..15, float32 (K/32, N, 2) scale and zero per group).
+        """A Q4_0/Q4_1/Q4_K weight as (uint8 (N, K) values 0..15, float32 (K/32, N, 2) scale and zero per group);
+        3-D experts as (E, N, K) and (E, K/32, N, 2).
 
         Represents `(q - 8) * scale + zero` exactly (see cake_py.models.gguf_int4), rows un-permuted like `load`.
         """
         tensor = self._tensor(name)
         if tensor.tensor_type not in INT4_TYPES:
             raise WeightsError(f"tensor {name!r} is {tensor.tensor_type.name}, not a 4-bit type")
-        values, groups = int4_groups(tensor.data, tensor.tensor_type, *self.info(name).shape)
+        *lead, n_rows, n_cols = self.info(name).shape
+        values, groups = int4_groups(tensor.data, tensor.tensor_type, math.prod(lead) * n_rows, n_cols)
+        if lead:  # experts: each (N, K) matrix's groups transposed on its own
+            q = torch.from_numpy(np.ascontiguousarray(values)).reshape(*lead, n_rows, n_cols)
+            scales = torch.from_numpy(groups).reshape(*lead, n_rows, n_cols // 32, 2)
+            return q, scales.transpose(-3, -2).contiguous()
         q, scales = torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(groups)  # (N, K), (N, K/32, 2)
         if self.architecture in _PERMUTED_ARCHITECTURES:
             if name.endswith("q_proj.weight"):

@@ -4,7 +4,8 @@
 What llama.cpp stores differently from a HF checkpoint (convert_hf_to_gguf.py, llama-model.cpp):
 - each layer's experts as 3D tensors, one per projection: `ffn_gate_exps` / `ffn_up_exps` (n_experts, size, hidden)
   and `ffn_down_exps` (n_experts, hidden, size) once its innermost-first shape is read; they are named
-  `mlp.experts.{gate,up,down}_proj.weight` here (weights_moe.py reads that form) and loaded dequantized;
+  `mlp.experts.{gate,up,down}_proj.weight` here (weights_moe.py reads that form) and loaded dequantized, or with
+  16-bit compute kept 4-bit (Q4_0, Q4_1, Q4_K) or as int8 rows (other quantized types);
 - the router as `ffn_gate_inp`; Qwen2-MoE's shared expert as `ffn_{gate,up,down}_shexp` and its gate as the vector
   `ffn_gate_inp_shexp`;
 - the routing as llama.cpp fixes it per architecture: top-k weights renormalised for Mixtral and Qwen3-MoE, not for

@@ -10,6 +10,10 @@ Cost on a CPU: a token computes k experts (k · 3 · hidden · expert_intermedia
 wide, plus hidden · n_experts for the router), and a decode step reads only those k experts' weights, which is what
 bounds its speed; memory holds all n_experts. A prefill groups the tokens routed to each expert into one matmul per
 expert that any token picked.
+
+A GGUF's 4-bit experts (Q4_0, Q4_1, Q4_K) stay 4-bit on a CPU with 16-bit compute: one `quant.Int4Linear` per expert
+and projection, so a step runs only its experts' packs, a prefill the dense unpacking from DENSE_ROWS rows as a
+dense layer does, and memory holds about the file's size. Other quantized experts run as int8 rows.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ from torch import nn
 from cake_py.models.config import ModelConfig
 from cake_py.models.config_moe import MoeConfig
 from cake_py.models.llama import ACTIVATIONS, Block, FeedForward, Transformer
-from cake_py.models.quant import DENSE_ROWS
+from cake_py.models.quant import DENSE_ROWS, Int4Linear
 
 
 class SparseMoE(nn.Module):
     """The router (`gate`) and the experts' weights as 3D tensors, one row per expert: `w13` (n_experts,
     2 · expert_intermediate, hidden) holds gate ‖ up, `w2` (n_experts, hidden, expert_intermediate) down. Either may
-    instead be int8 rows with a scale each (`keep_int8`: a GGUF's quantized experts with 16-bit compute on a CPU),
-    run by torch's int8 weight-only kernel as `quant.Int8Linear` runs a dense layer's."""
+    instead be one `Int4Linear` per expert (`keep_int4`: a GGUF's 4-bit experts with 16-bit compute on a CPU) or
+    int8 rows with a scale each (`keep_int8`: its other quantized experts), run by torch's int8 weight-only kernel as
+    `quant.Int8Linear` runs a dense layer's."""
 
     def __init__(self, config: ModelConfig, moe: MoeConfig) -> None:
         super().__init__()
@@ -49,6 +54,10 @@ class SparseMoE(nn.Module):
         self.w13_scales: torch.Tensor | None
         self.w2_q8: torch.Tensor | None
         self.w2_scales: torch.Tensor | None
+        # The 4-bit forms, where `keep_int4` replaced a weight: a list indexed by expert, so a step picks its packs
+        # without copying them.
+        self.w13_q4: nn.ModuleList | None = None
+        self.w2_q4: nn.ModuleList | None = None
         self.shared_expert: FeedForward | None = None
         self.shared_expert_gate: nn.Linear | None = None
         if moe.shared_expert_intermediate_size is not None:
@@ -77,11 +86,20 @@ class SparseMoE(nn.Module):
         setattr(self, f"{name}_q8", q)
         setattr(self, f"{name}_scales", scales.to(dtype))
 
-    def _linear(
-        self, x: torch.Tensor, expert: int, q: torch.Tensor | None, scales: torch.Tensor | None, name: str
-    ) -> torch.Tensor:
-        """x (n, K) times expert `expert`'s (N, K) weight, transposed: a view of the dense 3D weight, or its int8 rows
-        (from DENSE_ROWS rows in bfloat16, dequantized for one dense matmul, as Int8Linear does)."""
+    def keep_int4(self, name: str, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        """Replace weight `name` (w13 or w2) by 4-bit values `q` (n_experts, N, K) with their scale and zero per group
+        (n_experts, K/32, N, 2), packed per expert for torch's CPU int4 kernel."""
+        delattr(self, name)  # the dense parameter, never loaded
+        setattr(self, f"{name}_q4", nn.ModuleList(Int4Linear(q[e], scales[e], None, dtype) for e in range(len(q))))
+
+    def _linear(self, x: torch.Tensor, expert: int, name: str) -> torch.Tensor:
+        """x (n, K) times expert `expert`'s (N, K) weight, transposed: its Int4Linear, a view of the dense 3D weight,
+        or its int8 rows (from DENSE_ROWS rows in bfloat16, dequantized for one dense matmul, as Int8Linear does)."""
+        int4: nn.ModuleList | None = getattr(self, f"{name}_q4")
+        if int4 is not None:
+            return int4[expert](x)
+        q: torch.Tensor | None = getattr(self, f"{name}_q8")
+        scales: torch.Tensor | None = getattr(self, f"{name}_scales")
         if q is None or scales is None:
             return F.linear(x, getattr(self, name)[expert])
         if x.dtype == torch.bfloat16 and x.shape[0] >= DENSE_ROWS:
@@ -90,9 +108,9 @@ class SparseMoE(nn.Module):
 
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `expert`'s gated MLP of (n, hidden): dense weights are views of the 3D tensors, never copied."""
-        fused = self._linear(x, expert, self.w13_q8, self.w13_scales, "w13")
+        fused = self._linear(x, expert, "w13")
         gate, up = fused.split(self.moe.expert_intermediate_size, dim=-1)
-        return self._linear(self.activation(gate) * up, expert, self.w2_q8, self.w2_scales, "w2")
+        return self._linear(self.activation(gate) * up, expert, "w2")
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Σ over each token's k experts of weight · expert(token): (T, hidden). The pairs (token, expert) are sorted

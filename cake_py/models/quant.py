@@ -41,12 +41,13 @@ def int4_supported(device: str | torch.device, dtype: torch.dtype) -> bool:
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(N, K) uint8 values and (K/group, N, 2) scale/zero → (N, K) float32 weights."""
-    n, k = q.shape
-    scale = scales[..., 0].t().reshape(n, k // GROUP_SIZE, 1)
-    zero = scales[..., 1].t().reshape(n, k // GROUP_SIZE, 1)
-    grouped = q.reshape(n, k // GROUP_SIZE, GROUP_SIZE).float()
-    return ((grouped - 8) * scale + zero).reshape(n, k)
+    """(…, N, K) uint8 values and (…, K/group, N, 2) scale/zero → (…, N, K) float32 weights (a MoE layer's experts:
+    one leading dimension)."""
+    *lead, n, k = q.shape
+    scale = scales[..., 0].transpose(-1, -2).reshape(*lead, n, k // GROUP_SIZE, 1)
+    zero = scales[..., 1].transpose(-1, -2).reshape(*lead, n, k // GROUP_SIZE, 1)
+    grouped = q.reshape(*lead, n, k // GROUP_SIZE, GROUP_SIZE).float()
+    return ((grouped - 8) * scale + zero).reshape(*lead, n, k)
 
 
 class Int4Linear(nn.Module):

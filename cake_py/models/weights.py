@@ -34,7 +34,7 @@ from cake_py.models.quant import (
 )
 from cake_py.models.quantized_modules import PIECES, dequantized, install_quantized, install_split
 from cake_py.models.variants import GraniteTransformer, Olmo2Transformer, SmolLM3Transformer
-from cake_py.models.weights_moe import install_int8_experts, sparse_mlp_state
+from cake_py.models.weights_moe import install_quantized_experts, sparse_mlp_state
 
 LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.")
 EMBEDDING = "model.embed_tokens.weight"
@@ -299,9 +299,9 @@ def build_transformer(
                 raise WeightsError(f"tensor for {name!r} has shape {tuple(state[key].shape)}, expected {shape}")
     what = f"layers {start}-{end - 1}" if end > start else "the embedding and head"
     try:
-        install_int8_experts(model, state, dtype, device)
+        experts = install_quantized_experts(model, state, dtype, device)
         install_split(model, state, int4_supported(device, dtype))
-        quantized_modules = install_quantized(model, state, dtype, device)
+        quantized_modules = install_quantized(model, state, dtype, device) | experts
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not _is_placement_error(error):
             raise

@@ -1,6 +1,6 @@
 """Mixture-of-experts models on real `cake worker` processes: a master and one or two workers holding the sparse
-layers (each worker receiving every expert of its layers by tensor name, as int8 rows from a quantized GGUF in
-bfloat16) give the single node's greedy tokens."""
+layers (each worker receiving every expert of its layers by tensor name: 4-bit values from a Q4_0 GGUF in bfloat16, int8
+rows from a Q8_0 one) give the single node's greedy tokens."""
 
 from __future__ import annotations
 
@@ -60,12 +60,14 @@ def test_moe_layers_on_workers_give_the_single_node_tokens(
         pipeline.close()
 
 
-def test_int8_experts_of_a_gguf_on_a_worker_give_the_single_node_tokens(
-    workers: list[WorkerProcess], tiny_model_factory: TinyModelFactory, tmp_path: Path
+@pytest.mark.parametrize(("qtype", "form"), [("Q8_0", "w13_q8"), ("Q4_0", "w13_q4")])
+def test_quantized_experts_of_a_gguf_on_a_worker_give_the_single_node_tokens(
+    qtype: str, form: str, workers: list[WorkerProcess], tiny_model_factory: TinyModelFactory, tmp_path: Path
 ) -> None:
-    """A Q8_0 Mixtral GGUF in bfloat16: the worker receives its layers' experts as int8 rows and runs them so, as the
-    master does for its own layer."""
-    path = write_moe_gguf(tiny_model_factory("mixtral"), tmp_path / "mixtral.gguf", gguf.GGMLQuantizationType.Q8_0)
+    """A Q8_0 or Q4_0 Mixtral GGUF in bfloat16: the worker receives its layers' experts as int8 rows or 4-bit values
+    and runs them so, as the master does for its own layer."""
+    expert_type = gguf.GGMLQuantizationType[qtype]
+    path = write_moe_gguf(tiny_model_factory("mixtral"), tmp_path / "mixtral.gguf", expert_type)
     source = resolve_model(str(path))
     prompt = source.tokenizer.encode(PROMPT)
     single = local_pipeline(source, torch.bfloat16)
@@ -75,9 +77,10 @@ def test_int8_experts_of_a_gguf_on_a_worker_give_the_single_node_tokens(
     try:
         master = pipeline.stages[0]
         assert isinstance(master, LocalStage) and (master.start, master.end) == (0, 1)
-        assert master.model.layers[0].feed_forward.w13_q8 is not None  # int8 rows on the master too
+        assert getattr(master.model.layers[0].feed_forward, form) is not None  # kept so on the master too
         assert generate_tokens(pipeline, source.tokenizer, prompt) == expected
-        # The worker holds its layers in the bytes placement counted for them: experts as int8 rows, not bf16.
+        # The worker holds its layers in the bytes placement counted for them: experts as int8 rows or 4-bit packs
+        # (half a byte a weight), not bf16.
         (remote,) = [stage for stage in pipeline.stages if isinstance(stage, RemoteStage)]
         assert remote.connection.info().weights_bytes == sum(layer_bytes(source, torch.bfloat16, "cpu")[1:3])
     finally:

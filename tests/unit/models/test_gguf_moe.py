@@ -6,6 +6,7 @@ q/k rows permuted for it) compute what their safetensors originals compute, in f
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,14 @@ def _gguf_tensors(source: SafetensorsWeights, config: ModelConfig) -> dict[str, 
     return tensors
 
 
-def write_moe_gguf(folder: Path, path: Path, expert_type: gguf.GGMLQuantizationType) -> Path:
+def write_moe_gguf(
+    folder: Path,
+    path: Path,
+    expert_type: gguf.GGMLQuantizationType,
+    types: Mapping[str, gguf.GGMLQuantizationType] | None = None,
+) -> Path:
+    """The tiny model as llama.cpp converts it, its experts in `expert_type` or, per projection, `types`
+    (`{"ffn_up_exps": Q8_0}`: a file whose projections mix types, as Q4_K_M files do)."""
     source = SafetensorsWeights(folder)
     config = ModelConfig.from_hf(source.config)
     moe = config.moe
@@ -113,7 +121,8 @@ def write_moe_gguf(folder: Path, path: Path, expert_type: gguf.GGMLQuantizationT
     for name, array in _gguf_tensors(source, config).items():
         # Quantized where a row holds whole blocks of 32 (the tiny Qwen3-MoE's gate and up experts).
         quantized = name.endswith("_exps.weight") and array.shape[-1] % 32 == 0
-        qtype = expert_type if quantized else gguf.GGMLQuantizationType.F32
+        chosen = (types or {}).get(name.split(".")[-2], expert_type)
+        qtype = chosen if quantized else gguf.GGMLQuantizationType.F32
         writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
