@@ -1,12 +1,13 @@
 """One mixture-of-experts feed-forward layer in bfloat16 on the CPU: cake_py's `SparseMoE` against transformers' own
-sparse block on the same weights, the same layer with its experts as int8 rows (a GGUF's quantized experts in bf16),
-a dense MLP as wide as the k experts a token runs, and one as wide as every expert.
+sparse block on the same weights, the same layer with its experts as int8 rows (a GGUF's other quantized experts)
+and as int4 groups of 32 (a GGUF's Q4_0/Q4_1/Q4_K experts in bf16, one `Int4Linear` per expert), a dense MLP as
+wide as the k experts a token runs, and one as wide as every expert.
 
     .venv/bin/python benchmarks/moe.py [--rows 1,128] [--threads 1] [--rounds 7]
 
 Two shapes, each a scaled-down published model with its own expert count and top k: Mixtral-like (8 experts, 2 per
 token, hidden 1024, experts 3584 wide) and Qwen3-MoE-like (128 experts, 8 per token, hidden 1024, experts 384
-wide). For each --rows (1: a decode step; more: a prefill chunk), the four are timed alternating, --rounds times,
+wide). For each --rows (1: a decode step; more: a prefill chunk), they are timed alternating, --rounds times,
 the median of each; the ratios are against cake_py's. "dense k·I" is the floor a sparse layer can approach (the
 same multiply-adds and weight bytes per token), "dense E·I" what computing every expert would cost.
 """
@@ -28,13 +29,25 @@ from cake_py.models.config import ModelConfig  # noqa: E402
 from cake_py.models.config_moe import MoeConfig  # noqa: E402
 from cake_py.models.llama import FeedForward  # noqa: E402
 from cake_py.models.moe import SparseMoE  # noqa: E402
-from cake_py.models.quant import quantize_rows_int8  # noqa: E402
+from cake_py.models.quant import GROUP_SIZE, quantize_rows_int8  # noqa: E402
 
 # name → (n_experts, top_k, hidden, expert width, the transformers config class and its expert-count field)
 SHAPES = {
     "mixtral-like": (8, 2, 1024, 3584, "MixtralConfig", "num_local_experts"),
     "qwen3-moe-like": (128, 8, 1024, 384, "Qwen3MoeConfig", "num_experts"),
 }
+
+
+def quantize_int4(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, N, K) → uint8 (E, N, K) values 0..15 and float32 (E, K/32, N, 2) scale and zero per group of 32, as a
+    GGUF's Q4_1 blocks are: `(q - 8) * scale + zero` spans each group's min to max."""
+    n_experts, n, k = weights.shape
+    groups = weights.float().reshape(n_experts, n, k // GROUP_SIZE, GROUP_SIZE)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.uint8).reshape(n_experts, n, k)
+    scales = torch.stack([scale[..., 0], low[..., 0] + 8 * scale[..., 0]], dim=-1)  # (E, N, K/32, 2)
+    return q, scales.transpose(1, 2).contiguous()
 
 
 def build(name: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -70,12 +83,17 @@ def build(name: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     int8.gate.load_state_dict(ours.gate.state_dict())
     for weight in ("w13", "w2"):
         int8.keep_int8(weight, *quantize_rows_int8(getattr(ours, weight)), torch.bfloat16)
+    int4 = SparseMoE(config, moe).to(torch.bfloat16).eval()
+    int4.gate.load_state_dict(ours.gate.state_dict())
+    for weight in ("w13", "w2"):
+        int4.keep_int4(weight, *quantize_int4(getattr(ours, weight)), torch.bfloat16)
     active = FeedForward(ModelConfig("llama", 10, hidden, top_k * width, 1, 8, 8, hidden // 8)).to(torch.bfloat16)
     every = FeedForward(ModelConfig("llama", 10, hidden, n_experts * width, 1, 8, 8, hidden // 8)).to(torch.bfloat16)
     return {
         "cake_py SparseMoE": ours,
         "transformers block": lambda x: reference(x[None])[0],
         "int8 experts": int8,
+        "int4 experts": int4,
         "dense k·I": active,
         "dense E·I": every,
     }
