@@ -18,8 +18,9 @@ from cake_py.models.gguf import GGUFWeights
 from cake_py.models.hub import ModelSource
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.moe import SparseMoE
-from cake_py.models.quant import Int4Linear
+from cake_py.models.quant import Int4Linear, dequantize
 from cake_py.models.weights import load_stage_tensors, load_transformer, loaded_sizes
+from tests.fixtures.q4_k import quantize_q4_k
 from tests.unit.models.test_gguf_moe import logits_of, write_moe_gguf
 
 Q4 = {"Q4_0": gguf.GGMLQuantizationType.Q4_0, "Q4_1": gguf.GGMLQuantizationType.Q4_1}
@@ -133,3 +134,27 @@ def test_experts_whose_projections_mix_types_keep_each_form(
         hidden = model.forward_layers(model.embed(ids), [SequenceSlice(0, 0, len(ids))], model.new_kv_store())
         logits = model.head(hidden).float()
     assert torch.allclose(logits, expected, rtol=0, atol=0.08 * expected.abs().max().item())
+
+
+def test_3d_q4_k_experts_load_as_each_experts_groups(tmp_path: Path) -> None:
+    """A 3D Q4_K expert tensor's values and groups, expert by expert, are exactly gguf-py's dequantization."""
+    weights = torch.randn(3, 8, 512, generator=torch.Generator().manual_seed(3)).numpy()
+    path = tmp_path / "experts.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(512)
+    writer.add_feed_forward_length(8)
+    writer.add_head_count(4)
+    blocks = quantize_q4_k(weights.reshape(24, 512)).reshape(3, 8, -1)
+    writer.add_tensor("blk.0.ffn_up_exps.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = GGUFWeights(path)
+    name = "model.layers.0.mlp.experts.up_proj.weight"
+    assert source.int4_names() == {name}
+    q, scales = source.load_int4(name)
+    assert q.shape == (3, 8, 512) and scales.shape == (3, 512 // 32, 8, 2)
+    expected = source.load([name], torch.float32)[name]  # gguf.quants.dequantize
+    assert torch.allclose(dequantize(q, scales), expected, rtol=0, atol=1e-6 * expected.abs().max().item())
