@@ -19,7 +19,13 @@ from cake_py.models.hub import ModelSource
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.moe import SparseMoE
 from cake_py.models.quant import Int4Linear, dequantize
-from cake_py.models.weights import load_stage_tensors, load_transformer, loaded_sizes
+from cake_py.models.weights import (
+    build_transformer,
+    load_stage_tensors,
+    load_transformer,
+    loaded_sizes,
+    stage_tensor_names,
+)
 from tests.fixtures.q4_k import quantize_q4_k
 from tests.unit.models.test_gguf_moe import logits_of, write_moe_gguf
 
@@ -158,3 +164,29 @@ def test_3d_q4_k_experts_load_as_each_experts_groups(tmp_path: Path) -> None:
     assert q.shape == (3, 8, 512) and scales.shape == (3, 512 // 32, 8, 2)
     expected = source.load([name], torch.float32)[name]  # gguf.quants.dequantize
     assert torch.allclose(dequantize(q, scales), expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+
+
+def test_4_bit_experts_are_dequantized_where_the_int4_kernel_does_not_run(
+    tiny_model_factory: Any, tmp_path: Path
+) -> None:
+    """A stage's 4-bit experts built where torch's int4 kernel does not run (float32 here; a GPU alike) become dense
+    3D weights, the same as gguf's own dequantization: the float32 logits are the dequantized file's."""
+    source = GGUFWeights(
+        write_moe_gguf(tiny_model_factory("mixtral"), tmp_path / "q4.gguf", gguf.GGMLQuantizationType.Q4_1)
+    )
+    config = ModelConfig.from_hf(source.config)
+    names = stage_tensor_names(source, config, 0, config.n_layers, with_embedding=True, with_head=True)
+    experts = [name for name in names if ".experts." in name]
+    tensors = load_stage_tensors(source, experts, torch.bfloat16)  # as a bf16 stage is sent them: 4-bit
+    assert len(tensors) == 2 * len(experts) and all(".q4_" in name for name in tensors)
+    tensors |= source.load([name for name in names if name not in experts], torch.float32)
+    model = build_transformer(
+        config, tensors, 0, config.n_layers, with_embedding=True, with_head=True, dtype=torch.float32
+    )
+    moe = model.layers[0].feed_forward
+    assert isinstance(moe, SparseMoE) and moe.w13_q4 is None and moe.w13.dtype == torch.float32
+    ids = torch.randint(0, config.vocab_size, (20,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        hidden = model.forward_layers(model.embed(ids), [SequenceSlice(0, 0, len(ids))], model.new_kv_store())
+        logits = model.head(hidden)
+    torch.testing.assert_close(logits, logits_of(source, ids), rtol=0, atol=1e-4)
