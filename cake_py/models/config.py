@@ -350,8 +350,8 @@ def _token_id(value: Any) -> int:
 
 def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[int | None, tuple[bool, ...]]:
     """The window and which layers use it, as transformers decides: config.json's `layer_types` when given; else
-    Mistral windows every layer, Qwen2/Qwen3 (with use_sliding_window) the layers from max_window_layers on, and
-    Gemma 3 all but every `sliding_window_pattern`-th layer."""
+    Mistral windows every layer, Qwen2/Qwen3 (with use_sliding_window) the layers from max_window_layers on,
+    Qwen2-MoE every other layer below it, and Gemma 3 all but every `sliding_window_pattern`-th layer."""
     if family in variants.WINDOWLESS_FAMILIES:
         return None, ()
     # Absent, transformers' Mistral, Qwen and Gemma configs default it to 4096 (Qwen's applies with
@@ -379,9 +379,12 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> tuple[in
         windowed = tuple(bool((index + 1) % pattern) for index in range(n_layers))
     elif family == "gemma2":  # Gemma2Config has no pattern field: its layers alternate
         windowed = tuple(bool((index + 1) % GEMMA2_SLIDING_WINDOW_PATTERN) for index in range(n_layers))
-    elif family in ("qwen2", "qwen3", "qwen2_moe") and raw.get("use_sliding_window"):
+    elif family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
         first = fields.integer(raw, "max_window_layers", 28)
         windowed = tuple(index >= first for index in range(n_layers))
+    elif family == "qwen2_moe" and raw.get("use_sliding_window"):  # Qwen2MoeConfig: every other layer, below them
+        below = fields.integer(raw, "max_window_layers", 28)
+        windowed = tuple(bool((index + 1) % 2) and index < below for index in range(n_layers))
     elif family == "smollm3" and raw.get("use_sliding_window"):  # SmolLM3Config: its NoPE layers are the windowed
         windowed = tuple(not rope for rope in variants.smollm3_rope_layers(raw, n_layers))
     else:

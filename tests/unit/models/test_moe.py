@@ -228,3 +228,26 @@ def test_mixtral_layers_are_all_sparse_and_unwindowed_by_default() -> None:
     assert config.sliding_window is None and config.moe is not None
     assert (config.moe.n_experts, config.moe.top_k, config.moe.expert_intermediate_size) == (8, 2, 14336)
     assert all(config.moe.sparse_layers) and len(config.moe.sparse_layers) == 32
+
+
+@pytest.mark.parametrize("max_window_layers", [3, 28])
+def test_qwen2_moe_windows_the_layers_transformers_windows(max_window_layers: int) -> None:
+    """Qwen2MoeConfig windows every other layer below max_window_layers (not Qwen2's layers from it on)."""
+    transformers = pytest.importorskip("transformers")
+    raw = {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "use_sliding_window": True,
+        "sliding_window": 8,
+        "max_window_layers": max_window_layers,
+    }
+    reference = transformers.Qwen2MoeConfig(**{k: v for k, v in raw.items() if k != "architectures"})
+    config = ModelConfig.from_hf(raw)
+    assert config.sliding_window == reference.sliding_window == 8
+    expected = [kind == "sliding_attention" for kind in reference.layer_types]
+    assert [config.window_of(layer) is not None for layer in range(6)] == expected
