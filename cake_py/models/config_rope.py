@@ -19,6 +19,7 @@ REFUSED_ROPE_TYPES = {
     "the calls before (it keeps the frequencies of the longest sequence seen)",
 }
 PHI3_LONGROPE_NAMES = ("su", "yarn")  # what Phi-3 configs before "longrope" called it (Phi3Config renames them)
+PHI3_ORIGINAL_CONTEXT = 4096  # Phi3Config's original_max_position_embeddings, where config.json leaves it out
 GEMMA_ROPE_THETA, GEMMA_LOCAL_ROPE_THETA = 1_000_000.0, 10_000.0
 
 
@@ -48,6 +49,8 @@ def parse_rope(raw: dict[str, Any], family: str) -> RopeConfig:
     kind = params.get("rope_type") or params.get("type")
     if family == "phi3" and kind in PHI3_LONGROPE_NAMES:  # as transformers' Phi3Config reads older configs
         params["rope_type"] = "longrope"
+    if family == "phi3" and "original_max_position_embeddings" not in raw:  # Phi3Config's default, over the rope's
+        params["original_max_position_embeddings"] = PHI3_ORIGINAL_CONTEXT
     return _rope(params, raw)
 
 

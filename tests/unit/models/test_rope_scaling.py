@@ -7,6 +7,7 @@ The tiny LongRoPE model's original context is 16 positions: prompts of 12 tokens
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,20 @@ def test_longrope_frequencies_and_attention_factor_match_transformers(
         inv_freq, factor = frequencies_of(raw, long)
         torch.testing.assert_close(inv_freq, expected_freqs, rtol=0, atol=0)
         assert factor == pytest.approx(expected_factor, rel=1e-12) and factor > 1.0
+
+
+def test_a_phi3_config_without_its_original_context_takes_phi3configs_4096() -> None:
+    """Phi3Config defaults original_max_position_embeddings to 4096 (not max_position_embeddings): LongRoPE's factor,
+    attention factor and the length past which the long factors apply all follow it."""
+    raw = {**SIZES, "vocab_size": 64, "intermediate_size": 64, "max_position_embeddings": 131072}
+    # Without the field: the phi3 case above hands LONGROPE itself to Phi3Config, which writes it in.
+    raw["rope_scaling"] = {key: value for key, value in LONGROPE.items() if key != "original_max_position_embeddings"}
+    reference = transformers.Phi3Config(**copy.deepcopy(raw))  # it writes its defaults into the dicts it is given
+    config = ModelConfig.from_hf({"architectures": ["Phi3ForCausalLM"], **raw})
+    original = reference.rope_parameters["original_max_position_embeddings"]
+    assert config.rope.original_max_position_embeddings == original == 4096
+    _, expected_factor = rope_utils.ROPE_INIT_FUNCTIONS["longrope"](reference, "cpu")
+    assert config.rope.attention_factor == pytest.approx(expected_factor, rel=1e-12) and expected_factor > 1.0
 
 
 @pytest.fixture(scope="module")
