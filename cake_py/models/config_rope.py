@@ -91,15 +91,19 @@ def _rope(params: dict[str, Any], raw: dict[str, Any]) -> RopeConfig:
         )
     if kind in ("yarn", "longrope"):
         return RopeConfig(theta=theta, kind=kind, **scaling_fields(kind, params, raw))
+    # Llama 3's original context, as transformers' standardize_rope_params fills it: a top-level field wins, and
+    # with none the model's own context (not 8192).
+    key, original = "original_max_position_embeddings", 8192  # unused by the other kinds
+    if kind == "llama3":
+        context = fields.integer(raw, "max_position_embeddings", 2048)
+        original = fields.integer(raw, key, fields.integer(params, key, context, f"rope_scaling {key}"))
     return RopeConfig(
         theta=theta,
         kind=kind,
         factor=fields.number(params, "factor", 1.0, "rope_scaling factor"),
         low_freq_factor=fields.number(params, "low_freq_factor", 1.0, "rope_scaling low_freq_factor"),
         high_freq_factor=fields.number(params, "high_freq_factor", 4.0, "rope_scaling high_freq_factor"),
-        original_max_position_embeddings=fields.integer(
-            params, "original_max_position_embeddings", 8192, "rope_scaling original_max_position_embeddings"
-        ),
+        original_max_position_embeddings=original,
         freq_factors=_freq_factors(raw.get("rope_freq_factors")),
     )
 

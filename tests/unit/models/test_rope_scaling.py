@@ -107,6 +107,19 @@ def test_a_phi3_config_without_its_original_context_takes_phi3configs_4096() -> 
     assert config.rope.attention_factor == pytest.approx(expected_factor, rel=1e-12) and expected_factor > 1.0
 
 
+def test_llama3_scaling_without_its_original_context_takes_max_position_embeddings() -> None:
+    """transformers fills a llama3 rope's missing original_max_position_embeddings with max_position_embeddings (a
+    top-level one winning), not 8192: the wavelengths it smooths between follow it."""
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    raw = {**SIZES, "vocab_size": 64, "intermediate_size": 64, "max_position_embeddings": 32768}
+    for top_level in ({}, {"original_max_position_embeddings": 2048}):
+        reference = transformers.LlamaConfig(**raw, **top_level, rope_parameters=dict(rope))
+        expected, _ = rope_utils.ROPE_INIT_FUNCTIONS["llama3"](reference, "cpu")
+        config = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], **raw, **top_level, "rope_scaling": rope})
+        assert config.rope.original_max_position_embeddings == top_level.get("original_max_position_embeddings", 32768)
+        torch.testing.assert_close(rope_inverse_frequencies(config.rope, config.head_dim), expected, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def longrope_model(tiny_model_factory) -> Path:
     return tiny_model_factory("longrope")
