@@ -71,7 +71,7 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": SHORT, "
     ("config_class", "fields"),
     [
         # Phi-3's own config: the original context at the top level, no factor (the ratio of the contexts).
-        ("Phi3Config", {"original_max_position_embeddings": 4096, "rope_parameters": LONGROPE}),
+        ("Phi3Config", {"original_max_position_embeddings": 4096, "rope_parameters": {**LONGROPE}}),  # it writes in
         ("LlamaConfig", {"rope_parameters": {**LONGROPE, "original_max_position_embeddings": 4096, "factor": 8.0}}),
         (
             "LlamaConfig",
@@ -97,8 +97,7 @@ def test_a_phi3_config_without_its_original_context_takes_phi3configs_4096() -> 
     """Phi3Config defaults original_max_position_embeddings to 4096 (not max_position_embeddings): LongRoPE's factor,
     attention factor and the length past which the long factors apply all follow it."""
     raw = {**SIZES, "vocab_size": 64, "intermediate_size": 64, "max_position_embeddings": 131072}
-    # Without the field: the phi3 case above hands LONGROPE itself to Phi3Config, which writes it in.
-    raw["rope_scaling"] = {key: value for key, value in LONGROPE.items() if key != "original_max_position_embeddings"}
+    raw["rope_scaling"] = dict(LONGROPE)  # without the field
     reference = transformers.Phi3Config(**copy.deepcopy(raw))  # it writes its defaults into the dicts it is given
     config = ModelConfig.from_hf({"architectures": ["Phi3ForCausalLM"], **raw})
     original = reference.rope_parameters["original_max_position_embeddings"]
