@@ -24,6 +24,7 @@ from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.tokenizer import Tokenizer as CakeTokenizer
 from cake_py.models.weights import layer_tensor_names, load_transformer
+from tests.fixtures.gguf_files import gguf_name, permute, write_file, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,22 +36,6 @@ TEXTS = [
     "def f(x: int) -> int:\n    return x ** 2  # 3.14159, 2024-12-31, 1000000\n",
     CHAT,
 ]
-GGUF_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 
 
 @pytest.fixture(scope="module")
@@ -170,39 +155,6 @@ def test_missing_file_raises_model_not_found(tmp_path: Path) -> None:
 # --- tiny models converted to GGUF the way llama.cpp's convert_hf_to_gguf.py does ---------------------------------
 
 
-def _gguf_name(hf_name: str) -> str:
-    if hf_name in GGUF_NAMES:
-        return GGUF_NAMES[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    part, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{GGUF_NAMES[part]}.{kind}"
-
-
-def _permute(weights: np.ndarray, n_heads: int) -> np.ndarray:
-    """convert_hf_to_gguf `LlamaModel.permute`: interleave the rotary halves of each head's rows."""
-    return (
-        weights.reshape(n_heads, 2, weights.shape[0] // n_heads // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
-    )
-
-
-def _write_tokenizer(writer: gguf.GGUFWriter, folder: Path) -> None:
-    """The folder's byte-level BPE tokenizer.json as tokenizer.ggml.* metadata."""
-    spec = json.loads((folder / "tokenizer.json").read_text())
-    vocab = {**spec["model"]["vocab"], **{added["content"]: added["id"] for added in spec["added_tokens"]}}
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    special = {added["content"] for added in spec["added_tokens"] if added["special"]}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if token in special else 1 for token in tokens])
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
-    writer.add_eos_token_id(vocab["<|im_end|>"])
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
-
-
 def _write_gguf(
     folder: Path,
     path: Path,
@@ -225,21 +177,18 @@ def _write_gguf(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope.theta)
     writer.add_vocab_size(config.vocab_size)
-    _write_tokenizer(writer, folder)
+    write_tokenizer(writer, folder)
     for name, array in (extra or {}).items():  # tensors without an HF name, such as rope_freqs
         writer.add_tensor(name, array)
     for name, tensor in source.load(source.names(), torch.float32).items():
         array = tensor.numpy()
         if arch == "llama" and ".q_proj." in name:
-            array = _permute(array, config.n_heads)
+            array = permute(array, config.n_heads)
         elif arch == "llama" and ".k_proj." in name:
-            array = _permute(array, config.n_kv_heads)
+            array = permute(array, config.n_kv_heads)
         qtype = quant(name) if array.ndim == 2 else gguf.GGMLQuantizationType.F32
-        writer.add_tensor(_gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        writer.add_tensor(gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    write_file(writer)
     return path
 
 
@@ -335,10 +284,7 @@ def _write_metadata_only(
     writer.add_head_count(2)
     for name, (array, qtype) in tensors.items():
         writer.add_tensor(name, array, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     return path
 
 
@@ -391,10 +337,7 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     source = GGUFWeights(tmp_path / "spm.gguf")
     ours = Tokenizer.from_str(source.tokenizer_json())
     reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
@@ -410,10 +353,7 @@ def test_missing_hyper_parameter_names_the_key(tmp_path: Path) -> None:
     path = tmp_path / "partial.gguf"
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     with pytest.raises(WeightsError, match=r"llama\.embedding_length"):
         GGUFWeights(path)
 
@@ -474,10 +414,7 @@ def test_rope_scaling_is_read_as_llama_cpp_reads_it(
     writer.add_vocab_size(8)
     for key, value in keys.items():
         (writer.add_string if isinstance(value, str) else writer.add_float32)(f"llama.{key}", value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     rope = ModelConfig.from_hf(GGUFWeights(path).config).rope
     assert (rope.kind, rope.factor) == (kind, factor)
 
@@ -491,10 +428,7 @@ def _tokenizer_only(path: Path, model: str, tokens: list[str], **extra: Any) -> 
     writer.add_token_list(tokens)
     for key, value in extra.items():
         getattr(writer, f"add_{key}")(value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     return GGUFWeights(path)
 
 
@@ -598,10 +532,7 @@ def test_deepseek_fill_in_the_middle_tokens_stay_whole(
     writer.add_token_types([3 if token in special else 1 for token in tokens] + [token_type] * len(names))
     writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
     writer.add_eos_token_id(vocab["<|im_end|>"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     source = GGUFWeights(tmp_path / "deepseek.gguf")
     tokenizer = CakeTokenizer.from_json(source.tokenizer_json(), source.tokenizer_config())
     ids = tuple(range(len(tokens), len(tokens) + 3))
@@ -665,10 +596,7 @@ def test_the_metadata_check_reads_a_big_endian_file_in_its_byte_order(tmp_path: 
 
     writer = gguf.GGUFWriter(tmp_path / "big.gguf", "llama", endianess=gguf.GGUFEndian.BIG)
     writer.add_token_list(["a", "b", "c"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     check_header(tmp_path / "big.gguf")  # passes: 3 tokens
     bomb = tmp_path / "big-bomb.gguf"
     bomb.write_bytes(_header(">", [(b"tokenizer.ggml.tokens", 3_000_000)]))
@@ -683,9 +611,6 @@ def test_a_big_endian_file_is_refused_naming_its_byte_order(tmp_path: Path) -> N
     writer = gguf.GGUFWriter(path, "llama", endianess=gguf.GGUFEndian.BIG)
     writer.add_block_count(1)
     writer.add_tensor("blk.0.attn_norm.weight", np.ones(64, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     with pytest.raises(WeightsError, match=rf"'{path}' is big-endian, unlike this machine"):
         GGUFWeights(path)

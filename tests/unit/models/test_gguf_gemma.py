@@ -19,6 +19,7 @@ from cake_py.models.gguf import GGUFWeights
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.weights import WeightSource, load_transformer
+from tests.fixtures.gguf_files import gguf_name, write_file
 from tests.fixtures.tiny_models import copy_model
 
 # HF name (or its part within a block) → llama.cpp's, for Gemma 3 (gguf's MODEL_TENSORS[GEMMA3]).
@@ -39,14 +40,6 @@ GGUF_NAMES = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-
-
-def gguf_name(hf_name: str) -> str:
-    if hf_name in GGUF_NAMES:
-        return GGUF_NAMES[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    part, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{GGUF_NAMES[part]}.{kind}"
 
 
 def write_gemma_gguf(folder: Path, path: Path, *, spelled_out: bool) -> Path:
@@ -82,11 +75,8 @@ def write_gemma_gguf(folder: Path, path: Path, *, spelled_out: bool) -> Path:
     for name, tensor in source.load(source.names(), torch.float32).items():
         if name.endswith("norm.weight"):
             tensor = tensor + 1  # Gemma3Model.modify_tensors: llama.cpp's norms multiply by the weight alone
-        writer.add_tensor(gguf_name(name), tensor.numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        writer.add_tensor(gguf_name(name, GGUF_NAMES), tensor.numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
+    write_file(writer)
     return path
 
 

@@ -17,8 +17,9 @@ from cake_py.models import gguf_gemma
 from cake_py.models.config import ModelConfig
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.safetensors_folder import SafetensorsWeights
+from tests.fixtures.gguf_files import gguf_name, write_file
 from tests.fixtures.tiny_models import copy_model
-from tests.unit.models.test_gguf_gemma import gguf_name, logits
+from tests.unit.models.test_gguf_gemma import GGUF_NAMES, logits
 
 
 def write_gemma2_gguf(folder: Path, path: Path, *, with_metadata: bool = True) -> Path:
@@ -52,11 +53,8 @@ def write_gemma2_gguf(folder: Path, path: Path, *, with_metadata: bool = True) -
     for name, tensor in source.load(source.names(), torch.float32).items():
         if name.endswith("norm.weight"):
             tensor = tensor + 1  # Gemma2Model.modify_tensors: llama.cpp's norms multiply by the weight alone
-        writer.add_tensor(gguf_name(name), tensor.numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        writer.add_tensor(gguf_name(name, GGUF_NAMES), tensor.numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
+    write_file(writer)
     return path
 
 

@@ -24,25 +24,12 @@ from cake_py.models.moe import SparseMoE
 from cake_py.models.quant import dequantize_rows_int8
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.weights import WeightSource, load_transformer
-from tests.unit.models.test_gguf import _permute, _write_tokenizer
+from tests.fixtures.gguf_files import LLAMA_NAMES, permute, write_file, write_tokenizer
 
 ARCHITECTURES = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 # HF name (or its part within a block) → llama.cpp's (gguf's MODEL_TENSORS).
 NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+    **LLAMA_NAMES,
     "mlp.gate": "ffn_gate_inp",
     "block_sparse_moe.gate": "ffn_gate_inp",
     "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
@@ -76,9 +63,9 @@ def _gguf_tensors(source: SafetensorsWeights, config: ModelConfig) -> dict[str, 
             experts.setdefault(f"blk.{layer}.{EXPERT_NAMES[projection]}.weight", {})[int(index)] = array
             continue
         if ARCHITECTURES[config.family] == "llama" and part == "self_attn.q_proj":
-            array = _permute(array, config.n_heads)
+            array = permute(array, config.n_heads)
         elif ARCHITECTURES[config.family] == "llama" and part == "self_attn.k_proj":
-            array = _permute(array, config.n_kv_heads)
+            array = permute(array, config.n_kv_heads)
         elif part == "mlp.shared_expert_gate":
             array = array.reshape(-1)  # llama.cpp's is a vector
         tensors[f"blk.{layer}.{NAMES[part]}.{rest.rsplit('.', 1)[1]}"] = array
@@ -117,17 +104,14 @@ def write_moe_gguf(
         writer.add_expert_feed_forward_length(moe.expert_intermediate_size)
     if moe.shared_expert_intermediate_size is not None:
         writer.add_expert_shared_feed_forward_length(moe.shared_expert_intermediate_size)
-    _write_tokenizer(writer, folder)
+    write_tokenizer(writer, folder)
     for name, array in _gguf_tensors(source, config).items():
         # Quantized where a row holds whole blocks of 32 (the tiny Qwen3-MoE's gate and up experts).
         quantized = name.endswith("_exps.weight") and array.shape[-1] % 32 == 0
         chosen = (types or {}).get(name.split(".")[-2], expert_type)
         qtype = chosen if quantized else gguf.GGMLQuantizationType.F32
         writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     return path
 
 

@@ -18,7 +18,7 @@ from cake_py.models.config import ModelConfig
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.safetensors_folder import SafetensorsWeights
 from cake_py.models.weights import WeightSource, load_transformer
-from tests.unit.models.test_gguf import _write_tokenizer
+from tests.fixtures.gguf_files import gguf_name, write_file, write_tokenizer
 from tests.unit.models.test_parity import run
 
 # HF name (or its part within a block) → llama.cpp's, for Phi-3 (gguf's MODEL_TENSORS[PHI3]).
@@ -33,14 +33,6 @@ GGUF_NAMES = {
     "mlp.gate_up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-
-
-def gguf_name(hf_name: str) -> str:
-    if hf_name in GGUF_NAMES:
-        return GGUF_NAMES[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    part, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{GGUF_NAMES[part]}.{kind}"
 
 
 def write_phi3_gguf(folder: Path, path: Path, *, longrope: bool) -> Path:
@@ -59,7 +51,7 @@ def write_phi3_gguf(folder: Path, path: Path, *, longrope: bool) -> Path:
     writer.add_rope_dimension_count(config.rotary_dim)
     writer.add_rope_freq_base(config.rope.theta)
     writer.add_vocab_size(config.vocab_size)
-    _write_tokenizer(writer, folder)
+    write_tokenizer(writer, folder)
     rope = config.rope
     if longrope:
         original = rope.original_max_position_embeddings
@@ -69,11 +61,8 @@ def write_phi3_gguf(folder: Path, path: Path, *, longrope: bool) -> Path:
         writer.add_tensor("rope_factors_long.weight", np.array(rope.long_factor, dtype=np.float32))
         writer.add_tensor("rope_factors_short.weight", np.array(rope.short_factor, dtype=np.float32))
     for name, tensor in source.load(source.names(), torch.float32).items():
-        writer.add_tensor(gguf_name(name), tensor.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        writer.add_tensor(gguf_name(name, GGUF_NAMES), tensor.numpy())
+    write_file(writer)
     return path
 
 

@@ -18,23 +18,14 @@ from cake_py.errors import UnsupportedArchitectureError, WeightsError
 from cake_py.models.config import ModelConfig
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.safetensors_folder import SafetensorsWeights
+from tests.fixtures.gguf_files import LLAMA_NAMES, gguf_name, permute, write_file, write_tokenizer
 from tests.fixtures.tiny_models import _randomise
-from tests.unit.models.test_gguf import GGUF_NAMES, _permute, _write_tokenizer
 from tests.unit.models.test_gguf_gemma import logits
 
 transformers = pytest.importorskip("transformers")
 
 # Where OLMo 2's blocks differ from Llama's in llama.cpp's names (gguf's MODEL_TENSORS[OLMO2]).
 OLMO2_NAMES = {"post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}
-
-
-def gguf_name(hf_name: str, arch: str) -> str:
-    names = {**GGUF_NAMES, **(OLMO2_NAMES if arch == "olmo2" else {})}
-    if hf_name in names:
-        return names[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    part, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{names[part]}.{kind}"
 
 
 def write_variant_gguf(folder: Path, path: Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -67,18 +58,16 @@ def write_variant_gguf(folder: Path, path: Path, metadata: dict[str, Any] | None
             writer.add_float32(f"{arch}.{key}", value)
         elif value is not None:
             writer.add_uint32(f"{arch}.{key}", value)
-    _write_tokenizer(writer, folder)
+    write_tokenizer(writer, folder)
+    names = {**LLAMA_NAMES, **(OLMO2_NAMES if arch == "olmo2" else {})}
     for name, tensor in source.load(source.names(), torch.float32).items():
         array = tensor.numpy()
         if arch != "olmo2" and ".q_proj." in name:
-            array = _permute(array, config.n_heads)
+            array = permute(array, config.n_heads)
         elif arch != "olmo2" and ".k_proj." in name:
-            array = _permute(array, config.n_kv_heads)
-        writer.add_tensor(gguf_name(name, arch), array, raw_dtype=gguf.GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            array = permute(array, config.n_kv_heads)
+        writer.add_tensor(gguf_name(name, names), array, raw_dtype=gguf.GGMLQuantizationType.F32)
+    write_file(writer)
     return path
 
 

@@ -26,6 +26,7 @@ from cake_py.models.weights import (
     loaded_sizes,
     stage_tensor_names,
 )
+from tests.fixtures.gguf_files import write_file
 from tests.fixtures.q4_k import quantize_q4_k
 from tests.unit.models.test_gguf_moe import logits_of, write_moe_gguf
 
@@ -153,10 +154,7 @@ def test_3d_q4_k_experts_load_as_each_experts_groups(tmp_path: Path) -> None:
     writer.add_head_count(4)
     blocks = quantize_q4_k(weights.reshape(24, 512)).reshape(3, 8, -1)
     writer.add_tensor("blk.0.ffn_up_exps.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     source = GGUFWeights(path)
     name = "model.layers.0.mlp.experts.up_proj.weight"
     assert source.int4_names() == {name}

@@ -21,6 +21,7 @@ from cake_py.models.config import ModelConfig, RopeConfig
 from cake_py.models.gguf import GGUFWeights
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.rope import longrope_inverse_frequencies, rope_inverse_frequencies
+from tests.fixtures.gguf_files import write_file
 from tests.unit.models.test_parity import load_ours, load_reference, reference_logits, run
 
 transformers = pytest.importorskip("transformers")
@@ -245,10 +246,7 @@ def write_rope_gguf(path: Path, keys: dict[str, Any]) -> Path:
     for key, value in keys.items():
         add = writer.add_string if isinstance(value, str) else writer.add_uint32 if isinstance(value, int) else None
         (add or writer.add_float32)(f"llama.{key}", value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_file(writer)
     return path
 
 
