@@ -89,6 +89,8 @@ def slice_rows(rope: RopeConfig, table: Table, size: int, batch: Batch) -> Table
         first = piece.start_pos + long_rows_offset(rope, piece.start_pos + piece.n_tokens, size)
         return cos[first : first + piece.n_tokens], sin[first : first + piece.n_tokens]
     rows = batch_positions(batch, cos.device)
+    if rope.kind != "longrope":  # one table row per position: nothing to look up per sequence on each step
+        return cos[rows], sin[rows]
     offsets = [long_rows_offset(rope, s.start_pos + s.n_tokens, size) for s in batch]
     if any(offsets):  # each token of a slice past LongRoPE's original context reads the long rows
         counts = torch.tensor([s.n_tokens for s in batch], device=cos.device)
