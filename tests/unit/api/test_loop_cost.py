@@ -91,6 +91,7 @@ def _serve(model: Path, requests: list[tuple[str, dict[str, Any]]]) -> list[tupl
     [
         ("/v1/completions", {"prompt": [1] * MILLION + [10**6], "max_tokens": 1}, 400),  # the bad id last
         ("/v1/completions", {"prompt": [[1] * MILLION], "max_tokens": 1}, 400),  # too long for the context
+        ("/v1/completions", {"prompt": [1.5] * MILLION, "max_tokens": 1}, 400),  # each number was checked on the loop
         ("/completion", {"prompt": [1] * MILLION + [10**6], "n_predict": 1}, 400),
         ("/completion", {"prompt": [1] * MILLION + [None], "n_predict": 1}, 400),
         ("/v1/embeddings", {"input": [1] * MILLION + [-1]}, 400),
