@@ -17,6 +17,16 @@ from cake_py.api.middleware import NOBODY, Caller
 LARGE_ANSWER_BYTES = 256 * 1024
 
 
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()
+
+
+async def _payload(body: dict[str, Any]) -> bytes:
+    """The body as JSON, written in a thread: a translated request (a long chat, a Messages request near the body
+    limit) is megabytes of JSON, tens of ms or more of writing that would hold every other stream on the loop."""
+    return await asyncio.to_thread(_encode, body)
+
+
 def _scope(app: ASGIApp, path: str, payload: bytes, caller: Caller) -> Scope:
     return {
         "type": "http",
@@ -68,7 +78,7 @@ async def post_json(
 ) -> tuple[int, Any]:
     """POSTs `body` to `path` through `dispatch` (routes and error handlers; `app` is what they find as
     request.app). Cancelling this call, or `outer`'s client leaving, is how the caller stops it."""
-    payload = json.dumps(body).encode()
+    payload = await _payload(body)
     status, chunks = 500, []
 
     async def send(message: Message) -> None:
@@ -94,7 +104,7 @@ async def post_json_stream(
     """POSTs `body` to a route that answers with SSE: (status, error body, None) when it answers otherwise than 200,
     else (200, None, the `data:` payloads as they come, parsed, up to `[DONE]`). Leaving the iterator early cancels
     the route (its sequences leave the engine)."""
-    payload = json.dumps(body).encode()
+    payload = await _payload(body)
     messages: asyncio.Queue[Message] = asyncio.Queue()
     task = asyncio.ensure_future(dispatch(_scope(app, path, payload, caller), _receiver(payload, None), messages.put))
     task.add_done_callback(lambda _: messages.put_nowait({"type": "cake.done"}))

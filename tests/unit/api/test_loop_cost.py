@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytest
 
+from cake_py.api import inprocess
 from cake_py.api.app import create_app
 from cake_py.api.server import build_state
 from tests.fixtures.server import tiny_settings
@@ -152,3 +154,16 @@ def test_a_blocking_answers_logprobs_are_built_off_the_event_loop(
     [(plain_status, plain), (status, calls)] = _serve(tiny_llama, [(path, body), (path, {**body, **logprobs})])
     assert plain_status == status == 200
     assert calls - plain < 5_000, f"{calls - plain} Python calls on the event loop for the logprobs"
+
+
+def test_a_translated_request_is_written_off_the_event_loop(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v1/messages answers through the chat route, as a JSON body it writes: megabytes for a long chat, written
+    in a thread (each write's thread is recorded here: the event loop's is the test's own)."""
+    threads: list[threading.Thread] = []
+    encode = inprocess._encode
+    monkeypatch.setattr(inprocess, "_encode", lambda body: threads.append(threading.current_thread()) or encode(body))
+    body = {"model": "x", "max_tokens": 1, "messages": [HI]}
+    answers = _serve(tiny_llama, [("/v1/messages", body), ("/v1/messages", {**body, "stream": True})])
+    assert [status for status, _ in answers] == [200, 200]
+    assert len(threads) >= 3  # the blocking chat, the stream's prompt count and its chat
+    assert threading.current_thread() not in threads
