@@ -9,7 +9,9 @@ What llama.cpp stores differently from a HF checkpoint (convert_hf_to_gguf.py, l
 - the router as `ffn_gate_inp`; Qwen2-MoE's shared expert as `ffn_{gate,up,down}_shexp` and its gate as the vector
   `ffn_gate_inp_shexp`;
 - the routing as llama.cpp fixes it per architecture: top-k weights renormalised for Mixtral and Qwen3-MoE, not for
-  Qwen2-MoE, unless the file says otherwise (`expert_weights_norm`); a layer without a router is dense.
+  Qwen2-MoE, unless the file says otherwise (`expert_weights_norm`); a layer without a router is dense;
+- the expert widths, where the first Qwen2-MoE conversions left them out, as llama.cpp derives them: experts
+  `feed_forward_length / expert_used_count` wide, the shared expert `feed_forward_length` wide.
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ def moe_fields(arch: str, value: Callable[..., Any], names: Collection[str], n_l
         fields["architectures"] = [MIXTRAL]
         fields["num_local_experts"] = fields.pop("num_experts")
         return fields  # Mixtral's experts are as wide as feed_forward_length, and every layer is sparse
-    fields["moe_intermediate_size"] = value("expert_feed_forward_length")
+    # llama.cpp's widths where the keys are missing (0 counts as missing there too), not transformers' defaults.
+    dense, used = value("feed_forward_length"), fields["num_experts_per_tok"]
+    derived = dense // used if isinstance(dense, int) and isinstance(used, int) and used > 0 else None
+    fields["moe_intermediate_size"] = value("expert_feed_forward_length") or derived
     if isinstance(n_layers, int):
         fields["mlp_only_layers"] = [
             layer for layer in range(n_layers) if f"model.layers.{layer}.{ROUTER}" not in names
         ]
     if arch == "qwen2moe":
-        fields["shared_expert_intermediate_size"] = value("expert_shared_feed_forward_length")
+        fields["shared_expert_intermediate_size"] = value("expert_shared_feed_forward_length") or dense
     return fields

@@ -79,9 +79,11 @@ def write_moe_gguf(
     path: Path,
     expert_type: gguf.GGMLQuantizationType,
     types: Mapping[str, gguf.GGMLQuantizationType] | None = None,
+    expert_sizes: bool = True,
 ) -> Path:
     """The tiny model as llama.cpp converts it, its experts in `expert_type` or, per projection, `types`
-    (`{"ffn_up_exps": Q8_0}`: a file whose projections mix types, as Q4_K_M files do)."""
+    (`{"ffn_up_exps": Q8_0}`: a file whose projections mix types, as Q4_K_M files do); without `expert_sizes`, the
+    expert widths are left out of the metadata, as the first Qwen2-MoE conversions left them."""
     source = SafetensorsWeights(folder)
     config = ModelConfig.from_hf(source.config)
     moe = config.moe
@@ -100,9 +102,9 @@ def write_moe_gguf(
     writer.add_vocab_size(config.vocab_size)
     writer.add_expert_count(moe.n_experts)
     writer.add_expert_used_count(moe.top_k)
-    if config.family != "mixtral":
+    if config.family != "mixtral" and expert_sizes:
         writer.add_expert_feed_forward_length(moe.expert_intermediate_size)
-    if moe.shared_expert_intermediate_size is not None:
+    if moe.shared_expert_intermediate_size is not None and expert_sizes:
         writer.add_expert_shared_feed_forward_length(moe.shared_expert_intermediate_size)
     write_tokenizer(writer, folder)
     for name, array in _gguf_tensors(source, config).items():
@@ -136,6 +138,25 @@ def test_a_moe_gguf_computes_what_its_hf_original_does(kind: str, tiny_model_fac
     assert same == dataclasses.replace(expected, sliding_window=None, windowed_layers=())
     ids = torch.randint(0, config.vocab_size, (20,), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(logits_of(ours, ids), logits_of(original, ids), rtol=0, atol=1e-4)
+
+
+def test_expert_widths_missing_from_the_metadata_are_llama_cpps(tiny_model_factory: Any, tmp_path: Path) -> None:
+    """Without `expert_feed_forward_length` llama.cpp sizes the experts feed_forward_length / expert_used_count, and
+    without `expert_shared_feed_forward_length` the shared expert feed_forward_length (llama-model.cpp, qwen2moe and
+    qwen3moe): transformers' defaults (1408 / 768 wide experts, a 5632 wide shared expert) were read instead, and
+    such a file failed to load or loaded as another model."""
+    folder = tiny_model_factory("qwen3_moe")  # feed_forward_length 96, 2 experts per token: 48 wide, as it has
+    ours = GGUFWeights(
+        write_moe_gguf(folder, tmp_path / "qwen3.gguf", gguf.GGMLQuantizationType.F32, expert_sizes=False)
+    )
+    assert ModelConfig.from_hf(ours.config).moe == ModelConfig.from_hf(SafetensorsWeights(folder).config).moe
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(logits_of(ours, ids), logits_of(SafetensorsWeights(folder), ids), rtol=0, atol=1e-4)
+    path = write_moe_gguf(
+        tiny_model_factory("qwen2_moe"), tmp_path / "qwen2.gguf", gguf.GGMLQuantizationType.F32, expert_sizes=False
+    )
+    moe = ModelConfig.from_hf(GGUFWeights(path).config).moe  # feed_forward_length 160, 2 experts per token
+    assert moe is not None and (moe.expert_intermediate_size, moe.shared_expert_intermediate_size) == (80, 160)
 
 
 def test_quantized_experts_are_dequantized(tiny_model_factory: Any, tmp_path: Path) -> None:
