@@ -42,9 +42,13 @@ _TEKKEN_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# Pre-tokenizer names whose rule is GPT-2's own regex, which ByteLevel(use_regex=True) applies. Names in neither
-# table load with it too, with a warning: their prompts may split differently from how the model was trained.
-_GPT2_PRE_TOKENIZERS = {"default", "gpt-2", "gpt2"}
+# Pre-tokenizer names whose rule is GPT-2's own regex, which ByteLevel(use_regex=True) applies (llama-vocab.cpp's GPT2,
+# MPT, OLMO, JAIS, TRILLION, GRANITE_DOCLING). Names in no table load with it too, with a warning: their prompts may
+# split differently from how the model was trained.
+_GPT2_PRE_TOKENIZERS = {"default", "gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling"}
+# Names llama.cpp splits each digit alone, then by GPT-2's regex (its STARCODER, REFACT, COMMAND_R, SMOLLM, CODESHELL,
+# EXAONE, MINERVA): SmolLM's, StarCoder's, and Granite 3.x's (`refact`), as their own tokenizer.json splits them.
+_DIGIT_PRE_TOKENIZERS = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
 _PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
@@ -112,8 +116,8 @@ def _byte_level_tokenizer(path: Path, value: Metadata, tokens: list[str], merges
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
-    elif pre == "smollm":
-        # SmolLM's own tokenizer.json: single digits, then the GPT-2 regex (llama.cpp: "\p{N}" + GPT-2).
+    elif pre in _DIGIT_PRE_TOKENIZERS:
+        # As SmolLM's own tokenizer.json: single digits, then the GPT-2 regex (llama.cpp: "\p{N}" + GPT-2).
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:
         if pre not in _GPT2_PRE_TOKENIZERS:

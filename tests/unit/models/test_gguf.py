@@ -509,6 +509,33 @@ def test_tekken_splits_as_mistral_and_an_unknown_pre_tokenizer_loads_with_a_warn
     assert "tokenizer.ggml.pre 'made-up' is not known here" in caplog.text
 
 
+@pytest.mark.parametrize("pre", ["refact", "starcoder", "command-r", "codeshell", "exaone", "minerva-7b", "smollm"])
+def test_pre_tokenizers_llama_cpp_splits_digit_by_digit_split_so(
+    pre: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """llama.cpp gives these names SmolLM's rule, each digit alone then GPT-2's (llama-vocab.cpp: STARCODER, REFACT,
+    COMMAND_R, SMOLLM, CODESHELL, EXAONE, MINERVA); Granite 3.x GGUFs name theirs `refact`, as their tokenizer.json
+    splits digits. They loaded with GPT-2's rule and a warning: "2024" went in as other tokens than trained on."""
+    source = _tokenizer_only(tmp_path / "t.gguf", "gpt2", ["a", "b", "ab"], tokenizer_pre=pre, token_merges=["a b"])
+    with caplog.at_level("WARNING"):
+        pieces = Tokenizer.from_str(source.tokenizer_json()).pre_tokenizer.pre_tokenize_str("in 2024")
+    assert [piece for piece, _ in pieces] == ["in", "Ġ", "2", "0", "2", "4"]
+    assert "is not known here" not in caplog.text
+
+
+@pytest.mark.parametrize("pre", ["phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling"])
+def test_pre_tokenizers_llama_cpp_splits_as_gpt2_load_without_a_warning(
+    pre: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """llama.cpp splits these with GPT-2's regex alone (llama-vocab.cpp: GPT2, MPT, OLMO, JAIS, TRILLION,
+    GRANITE_DOCLING), as they were loaded here already, but with a warning that the rule might differ."""
+    source = _tokenizer_only(tmp_path / "t.gguf", "gpt2", ["a", "b", "ab"], tokenizer_pre=pre, token_merges=["a b"])
+    with caplog.at_level("WARNING"):
+        pieces = Tokenizer.from_str(source.tokenizer_json()).pre_tokenizer.pre_tokenize_str("in 2024")
+    assert [piece for piece, _ in pieces] == ["in", "Ġ2024"]
+    assert "is not known here" not in caplog.text
+
+
 @pytest.mark.parametrize("token_type", [3, 4], ids=["control", "user-defined"])
 def test_deepseek_fill_in_the_middle_tokens_stay_whole(
     token_type: int, tiny_model_factory: Any, tmp_path: Path
