@@ -46,8 +46,9 @@ def split_batch(
                 row += current.n_tokens
                 current = None
             elif _cuttable(current, rows, window):  # the first `rows` tokens here, the rest in the next piece
-                taken.append(replace(current, n_tokens=rows))
-                current = SequenceSlice(current.seq_id, current.start_pos + rows, current.n_tokens - rows)
+                whole = current.extent  # both parts are computed for the sequence the whole slice was (LongRoPE)
+                taken.append(replace(current, n_tokens=rows, rope_end=whole))
+                current = SequenceSlice(current.seq_id, current.start_pos + rows, current.n_tokens - rows, None, whole)
                 row = end
             else:  # whole, past this piece's planned end; what is left is cut again, or joins it when short
                 taken.append(current)

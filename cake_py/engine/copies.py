@@ -28,6 +28,7 @@ class CopySources:
         running: dict[int, Sequence],
         waiting: dict[int, Sequence],
         windows: Listing[int | None] = (),
+        long_from: int | None = None,
     ) -> None:
         self.running, self.waiting = running, waiting  # the engine's own schedule
         # The model's sliding window (its windowed layers share one), and how many of its layers have it.
@@ -36,6 +37,9 @@ class CopySources:
             raise ValueError(f"sliding windows of different sizes ({sorted({w for w in windows if w})}) in one model")
         self.n_layers, self.n_windowed = max(len(windows), 1), sum(window is not None for window in windows)
         self.prefix_cache = PrefixCache(prefix_cache_tokens, window=self.window)  # 0 tokens: nothing is kept
+        # LongRoPE's original context: caches computed for a sequence past it (its long factors) serve only
+        # sequences past it, and those computed within it only sequences within it.
+        self.long_from = long_from
         # Finished sequences whose prefill other choices still wait to copy: released once none does.
         self.kept_for_copies: dict[int, Sequence] = {}
         self.inbox_copies: dict[int, int] = {}  # leader id → choices still in the inbox that will copy it
@@ -62,7 +66,7 @@ class CopySources:
         shared = self._shared_prefill(seq)
         if shared is not None or seq.n_cached or seq.leader is not None or seq.reads_every_prompt_row:
             return shared
-        match = self.prefix_cache.match(seq.prompt_ids)
+        match = self.prefix_cache.match(seq.prompt_ids, long_rope=self._long(seq))
         if match is None:
             return None
         kept, seq.n_cached = match
@@ -82,8 +86,12 @@ class CopySources:
         elif seq.reads_every_prompt_row:
             copied = 0
         else:
-            copied = self.prefix_cache.shared_length(seq.prompt_ids)
+            copied = self.prefix_cache.shared_length(seq.prompt_ids, long_rope=self._long(seq))
         return len(seq.prompt_ids) - copied
+
+    def _long(self, seq: Sequence) -> bool:
+        """Whether `seq`, computed from its start now, is computed with LongRoPE's long factors (engine/plan.py)."""
+        return self.long_from is not None and seq.n_tokens > self.long_from
 
     def _shared_prefill(self, seq: Sequence) -> int | None:
         """For a sequence that shares its leader's prefill and has not started: the leader's id once that prefill is
@@ -98,6 +106,9 @@ class CopySources:
             return None
         if leader.n_cached < shared:
             return 0
+        if leader.rope_long != self._long(seq):  # computed again past LongRoPE's original context since
+            seq.leader = None
+            return None
         if not can_copy(leader.windowed.start, self.window, shared):  # its windowed layers dropped what is needed
             seq.leader = None
             return None
@@ -151,7 +162,9 @@ class CopySources:
             # Kept for a later prompt that starts the same way; a cancelled one frees its caches at once. Embeddings
             # are not kept: indexing a corpus would push out every chat's history.
             kept = seq.all_ids[: seq.n_cached]
-            return self.prefix_cache.add(seq.seq_id, kept, self._taken(seq), kept_from=seq.windowed.start)
+            return self.prefix_cache.add(
+                seq.seq_id, kept, self._taken(seq), kept_from=seq.windowed.start, long_rope=seq.rope_long
+            )
         return [seq.seq_id] if seq.reached_pipeline else []
 
     def releasable(self) -> list[int]:

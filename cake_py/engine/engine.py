@@ -84,7 +84,9 @@ class Engine(Faults):
         self._finished: list[tuple[Sequence, GenerationEvent | None]] = []  # their last events, sent after that
         # Choices copying their leader's prefill, and the finished sequences kept for prompts that start the same way.
         windows = [pipeline.config.window_of(layer) for layer in range(pipeline.config.n_layers)]
-        self.copies = CopySources(prefix_cache_tokens, self._running, self._waiting, windows)
+        # LongRoPE's original context: a sequence past it is computed with the long factors, all of it.
+        self.long_from = pipeline.config.rope.long_from
+        self.copies = CopySources(prefix_cache_tokens, self._running, self._waiting, windows, self.long_from)
         self.prefix_cache = self.copies.prefix_cache
         # The sequences of a failed step, in order: each runs alone until it has passed a step (or failed one alone),
         # so that one sequence's fault (or a batch too big for memory) ends only its own request.
@@ -362,7 +364,12 @@ class Engine(Faults):
         candidates = [suspect] if suspect is not None else self._running.values()
         self.copies.new_step()
         plan = plan_step(
-            candidates, self.max_batch_tokens, self.copies.source, self.speculative_tokens, self.copies.prefill_left
+            candidates,
+            self.max_batch_tokens,
+            self.copies.source,
+            self.speculative_tokens,
+            self.copies.prefill_left,
+            self.long_from,
         )
         if not plan.batch:
             return
@@ -403,7 +410,18 @@ class Engine(Faults):
                 self._finish(seq, event)
             else:
                 self._emit(seq, event)
+                self._past_original_context(seq)
         self._settle()
+
+    def _past_original_context(self, seq: Sequence) -> None:
+        """A sequence computed within LongRoPE's original context that has just passed it is computed again from its
+        start, all of it with the long factors, as transformers' Phi-3 `generate` does: its cached keys were rotated
+        with the short ones, which the long queries would misread. Its caches go at this step's release."""
+        if self.long_from is None or seq.rope_long or not seq.n_cached or seq.n_tokens <= self.long_from:
+            return
+        self._to_release.append(seq.seq_id)
+        seq.restart(fault=False)
+        seq.reached_pipeline = False  # released above: nothing of it is left on the stages until its next slice
 
     def _admit(self) -> None:
         """Start waiting sequences while there is room, in the order engine/admission.py gives."""

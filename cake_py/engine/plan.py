@@ -50,6 +50,7 @@ def plan_step(
     shared_prefill: Callable[[Sequence], int | None],
     speculate: int = 0,
     prefill_left: Callable[[Sequence], int] = _prefill_left,
+    long_from: int | None = None,
 ) -> StepPlan:
     """Slices of at most `budget` tokens in all. Decoding sequences come first: they cost one token each and keep
     streams flowing during long prefills. Then the prefills, those with the fewest prompt tokens left first: a short
@@ -62,7 +63,10 @@ def plan_step(
     `shared_prefill` has matched it). `shared_prefill(seq)` is 0 for a sequence that waits for the prefill it will
     copy, else the id to copy from (or None). With `speculate`, a decoding sequence (when at most
     SPECULATE_MAX_DECODING decode in this step) adds up to that many draft tokens to its slice; one with a predicted
-    output drafts from it (up to `speculate`, or PREDICTION_DRAFTS when that is 0) whatever `speculate` is."""
+    output drafts from it (up to `speculate`, or PREDICTION_DRAFTS when that is 0) whatever `speculate` is.
+    `long_from` is LongRoPE's original context (RopeConfig.long_from): a sequence whose first slice is planned here
+    is computed with the long factors when its known tokens pass it (every piece of a long prompt alike), and one
+    computed within it drafts no token past it (the engine computes it again once it passes: Engine.step)."""
     plan = StepPlan()
 
     def order(seq: Sequence) -> tuple[int, ...]:
@@ -82,11 +86,16 @@ def plan_step(
         n = min(len(known) - seq.n_cached, budget)
         drafts: list[int] = []
         limit = speculate or (PREDICTION_DRAFTS if seq.params.prediction else 0)
+        if seq.n_cached == 0 or copy_from is not None:  # its caches start here: rotated as its length says
+            seq.rope_long = long_from is not None and len(known) > long_from
+        if long_from is not None and not seq.rope_long:
+            limit = max(0, min(limit, long_from - len(known)))
         if drafting and limit and n == 1 and copy_from is None and seq.params.pooling is None:
             later = len(ordered) - position - 1  # drafts leave each later sequence at least one token of the budget
             drafts = seq.draft(min(limit, budget - 1 - later), lookup=speculate > 0)
         seq.drafts = drafts
-        plan.batch.append(SequenceSlice(seq.seq_id, seq.n_cached, n + len(drafts), copy_from))
+        rope_end = len(known) if seq.rope_long else 0  # (a slice's own end is within the original context)
+        plan.batch.append(SequenceSlice(seq.seq_id, seq.n_cached, n + len(drafts), copy_from, rope_end))
         plan.ids.extend(known[seq.n_cached : seq.n_cached + n] + drafts)
         plan.members.append(seq)
         budget -= n + len(drafts)

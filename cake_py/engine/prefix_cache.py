@@ -29,6 +29,7 @@ class _Entry:
     last_used: float
     positions: int  # what its caches take on each stage
     kept_from: int  # the first position its windowed layers still hold (0: all, or no window)
+    long_rope: bool  # computed with LongRoPE's long factors: it serves only prompts computed so
 
 
 class PrefixCache:
@@ -61,17 +62,22 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, seq_id: int, tokens: Sequence[int], capacity: int = 0, *, kept_from: int = 0) -> list[int]:
+    def add(
+        self, seq_id: int, tokens: Sequence[int], capacity: int = 0, *, kept_from: int = 0, long_rope: bool = False
+    ) -> list[int]:
         """Keep `seq_id`'s caches, which hold `tokens` in `capacity` positions (a cache grows by doubling: one of
         1,066 tokens takes 2,048; counting its tokens alone let kept caches take twice the budget; 0: its tokens in
-        whole blocks), its windowed layers those from `kept_from` on; returns the ids whose caches can go now
-        (evicted entries, or `seq_id` itself when it is not worth keeping)."""
+        whole blocks), its windowed layers those from `kept_from` on, rotated with LongRoPE's long factors when
+        `long_rope`; returns the ids whose caches can go now (evicted entries, or `seq_id` itself when it is not
+        worth keeping)."""
         tokens = tuple(tokens)
         positions = capacity or self._charge(len(tokens))
         if len(tokens) < self.min_match or positions > self.max_tokens:
             return [seq_id]
         released = []
         for other, entry in list(self._entries.items()):
+            if entry.long_rope != long_rope:  # neither serves the other's copies
+                continue
             shared = _prefix_length(entry.tokens, tokens)
             # One serves every copy the other does when it holds all its tokens and its windows dropped no more.
             if shared == len(entry.tokens) and kept_from <= entry.kept_from:  # the new one holds all it holds
@@ -80,31 +86,34 @@ class PrefixCache:
                 self._entries.move_to_end(other)
                 entry.last_used = time.monotonic()
                 return [*released, seq_id]
-        self._entries[seq_id] = _Entry(tokens, time.monotonic(), positions, kept_from)
+        self._entries[seq_id] = _Entry(tokens, time.monotonic(), positions, kept_from, long_rope)
         self.tokens += len(tokens)
         self.positions += positions
         while self.positions > self.max_tokens:
             released.append(self._drop(next(iter(self._entries))))
         return released
 
-    def match(self, prompt: Sequence[int]) -> tuple[int, int] | None:
+    def match(self, prompt: Sequence[int], *, long_rope: bool = False) -> tuple[int, int] | None:
         """(kept sequence id, positions to copy) for the entry sharing the longest prefix with `prompt`, at most all
-        but its last token (whose logits are needed); None below `min_match`. The entry counts as used."""
-        best = self._best(prompt)
+        but its last token (whose logits are needed), among those rotated as `prompt` will be (`long_rope`); None
+        below `min_match`. The entry counts as used."""
+        best = self._best(prompt, long_rope)
         if best is not None:
             self._entries.move_to_end(best[0])
             self._entries[best[0]].last_used = time.monotonic()
         return best
 
-    def shared_length(self, prompt: Sequence[int]) -> int:
+    def shared_length(self, prompt: Sequence[int], *, long_rope: bool = False) -> int:
         """The positions `match` would copy for `prompt` (0: none), touching nothing: for ordering prefills."""
-        best = self._best(prompt)
+        best = self._best(prompt, long_rope)
         return 0 if best is None else best[1]
 
-    def _best(self, prompt: Sequence[int]) -> tuple[int, int] | None:
+    def _best(self, prompt: Sequence[int], long_rope: bool) -> tuple[int, int] | None:
         best: tuple[int, int] | None = None
         limit = len(prompt) - 1
         for seq_id, entry in self._entries.items():
+            if entry.long_rope != long_rope:
+                continue
             shared = _prefix_length(entry.tokens, prompt, limit)
             servable = can_copy(entry.kept_from, self.window, shared)  # its windows still hold what the copy needs
             if shared >= self.min_match and servable and (best is None or shared > best[1]):

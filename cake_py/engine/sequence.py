@@ -66,6 +66,7 @@ class Sequence:
         # prompt + output, grown in place: the scheduler and sampler read it every step, so it is never rebuilt.
         self.all_ids: list[int] = list(prompt_ids)
         self.n_cached = 0  # tokens whose keys/values every stage holds
+        self.rope_long = False  # its caches were computed with LongRoPE's long factors (engine/plan.py)
         self.capacity = 0  # positions the stages' caches of it take (they grow by doubling: models/kv_layout.py)
         self.windowed = Layout()  # what the caches of its sliding-window layers hold, if the model has any
         self.cached_tokens = 0  # prompt tokens copied from a kept sequence instead of computed
@@ -88,10 +89,11 @@ class Sequence:
         self.created = time.monotonic()
         self.first_token_at: float | None = None
 
-    def restart(self) -> None:
-        """Its caches are lost (a stage went down, or it moves to another engine): it is computed again from its
-        first token, its output so far kept (nothing is sampled again) and its choice no longer copying a leader."""
-        self.restarts += 1
+    def restart(self, *, fault: bool = True) -> None:
+        """Its caches are lost (a stage went down, or it moves to another engine; without `fault`, LongRoPE's long
+        factors take over: Engine.step): it is computed again from its first token, its output so far kept (nothing
+        is sampled again) and its choice no longer copying a leader."""
+        self.restarts += fault
         self.n_cached = 0
         self.capacity = 0  # its new caches grow from nothing
         self.windowed = Layout()

@@ -41,6 +41,12 @@ class RopeConfig:
     short_factor: tuple[float, ...] | None = None  # LongRoPE: per-frequency divisors within the original context
     long_factor: tuple[float, ...] | None = None  # and past it
 
+    @property
+    def long_from(self) -> int | None:
+        """LongRoPE's original context: a sequence longer than it is rotated with the long factors, all of it (its
+        caches computed within it are computed again: engine/plan.py). None for every other rope."""
+        return self.original_max_position_embeddings if self.kind == "longrope" else None
+
 
 def parse_rope(raw: dict[str, Any], family: str) -> RopeConfig:
     # transformers ≥5 writes `rope_parameters`; older configs use `rope_theta` + `rope_scaling`.

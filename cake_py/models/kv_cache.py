@@ -23,13 +23,21 @@ class SequenceSlice:
     """`n_tokens` consecutive tokens of sequence `seq_id`, the first at position `start_pos`.
 
     With `copy_from`, the sequence has no caches yet: they start as a copy of the first `start_pos` positions of
-    sequence `copy_from`'s (the choices of an n > 1 request share their prompt's prefill).
+    sequence `copy_from`'s (the choices of an n > 1 request share their prompt's prefill). `rope_end` is the length
+    the sequence is known to reach when this slice is computed (its whole prompt, while a prompt is prefilled in
+    pieces; 0: this slice's own end): LongRoPE rotates every piece of a long prompt with its long factors.
     """
 
     seq_id: int
     start_pos: int
     n_tokens: int
     copy_from: int | None = None
+    rope_end: int = 0
+
+    @property
+    def extent(self) -> int:
+        """The sequence length this slice is computed for: what LongRoPE picks its factors by."""
+        return max(self.start_pos + self.n_tokens, self.rope_end)
 
 
 Batch = Sequence[SequenceSlice]

@@ -62,9 +62,10 @@ def longrope_inverse_frequencies(rope: RopeConfig, dim: int, long: bool) -> torc
 
 
 def long_rows_offset(rope: RopeConfig, end: int, size: int) -> int:
-    """Where, in a rope's table, the rows of a slice whose last position is `end` - 1 start past its position:
-    `size` (the long rows, kept after the `size` merged ones) for a LongRoPE slice that reaches past the original
-    context, as transformers judges a forward pass by its largest position + 1; else 0."""
+    """Where, in a rope's table, the rows of a slice computed for a sequence of `end` tokens start past its
+    position: `size` (the long rows, kept after the `size` merged ones) for a LongRoPE sequence past the original
+    context, as transformers judges a forward pass by its largest position + 1 (a prompt prefilled in pieces is
+    judged by its whole length: SequenceSlice.extent); else 0."""
     if rope.kind == "longrope" and end > rope.original_max_position_embeddings:
         return size
     return 0
@@ -86,12 +87,12 @@ def slice_rows(rope: RopeConfig, table: Table, size: int, batch: Batch) -> Table
     cos, sin = table
     if len(batch) == 1:
         piece = batch[0]
-        first = piece.start_pos + long_rows_offset(rope, piece.start_pos + piece.n_tokens, size)
+        first = piece.start_pos + long_rows_offset(rope, piece.extent, size)
         return cos[first : first + piece.n_tokens], sin[first : first + piece.n_tokens]
     rows = batch_positions(batch, cos.device)
     if rope.kind != "longrope":  # one table row per position: nothing to look up per sequence on each step
         return cos[rows], sin[rows]
-    offsets = [long_rows_offset(rope, s.start_pos + s.n_tokens, size) for s in batch]
+    offsets = [long_rows_offset(rope, s.extent, size) for s in batch]
     if any(offsets):  # each token of a slice past LongRoPE's original context reads the long rows
         counts = torch.tensor([s.n_tokens for s in batch], device=cos.device)
         rows = rows + torch.tensor(offsets, device=cos.device).repeat_interleave(counts)

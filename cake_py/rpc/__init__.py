@@ -13,7 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 # Version of the wire contract in proto/cake/v1/worker.proto. Bump it on any change a peer built from the old
 # .proto would misread; Handshake refuses a peer whose version differs.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # Bytes of weight data per Assign TensorChunk: large enough to amortise per-message cost, small enough to keep
 # both ends' memory flat while streaming a multi-GB layer range.

@@ -61,7 +61,9 @@ def _stalled(chain: Sequence[RemoteStage], sent_at: float) -> bool:
 
 def wire_slices(batch: Batch) -> list[pb.SequenceSlice]:
     return [
-        pb.SequenceSlice(seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens, copy_from=s.copy_from or 0)
+        pb.SequenceSlice(
+            seq_id=s.seq_id, start_pos=s.start_pos, n_tokens=s.n_tokens, copy_from=s.copy_from or 0, rope_end=s.rope_end
+        )
         for s in batch
     ]
 

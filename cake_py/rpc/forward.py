@@ -158,7 +158,10 @@ class Forwarding:
     def _forward_one(self, request: pb.ForwardRequest) -> pb.ForwardReply:
         reply = pb.ForwardReply(request_id=request.request_id)
         try:
-            batch = [SequenceSlice(s.seq_id, s.start_pos, s.n_tokens, s.copy_from or None) for s in request.sequences]
+            batch = [
+                SequenceSlice(s.seq_id, s.start_pos, s.n_tokens, s.copy_from or None, s.rope_end)
+                for s in request.sequences
+            ]
             hidden = decode_tensor(request.hidden)
             with self.lock:
                 model, kv = self.model, self.kv

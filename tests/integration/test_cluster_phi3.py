@@ -51,3 +51,24 @@ def test_a_split_model_gives_the_single_nodes_greedy_tokens(
         pipeline.close()
     assert got == expected
     assert len(set(got)) > N_TOKENS // 4  # not one token repeated: the comparison would prove little
+
+
+@pytest.mark.parametrize("prompt_length", [24, 12], ids=["prompt-past", "decoding-past"])
+def test_longrope_past_the_original_context_in_pieces_and_computed_again(
+    prompt_length: int, workers: list[WorkerProcess], tiny_model_factory: TinyModelFactory
+) -> None:
+    """The Phi-3 with an original context of 16 positions over two workers, prompts prefilled in pieces of 8: each
+    piece of a 24-token prompt takes the long factors on the workers (the prompt's length crosses the wire with
+    it), and a 12-token prompt whose decoding passes the original context is computed again on them; the single
+    node, given each prompt in one pass, gives the same tokens."""
+    source = resolve_model(str(tiny_model_factory("phi3-longrope")))
+    prompt = PROMPT[:prompt_length]
+    specs = [worker.spec(held) for worker, held in zip(workers, [(0, 1), (1, 2)], strict=True)]
+    settings = ServeSettings(model=source.model_id, workers=specs, dtype="float32", device="cpu")
+    expected = generate_tokens(local_pipeline(source, torch.float32), source.tokenizer, prompt, 20)
+    pipeline = build_pipeline(settings, source, "cpu")
+    try:
+        got = generate_tokens(pipeline, source.tokenizer, prompt, 20, max_batch_tokens=8)
+    finally:
+        pipeline.close()
+    assert got == expected

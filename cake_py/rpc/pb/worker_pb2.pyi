@@ -204,16 +204,18 @@ class AssignReply(_message.Message):
     def __init__(self, layers: _Optional[_Union[LayerRange, _Mapping]] = ..., received_bytes: _Optional[int] = ..., reused_bytes: _Optional[int] = ..., n_tensors: _Optional[int] = ..., load_ms: _Optional[int] = ..., assignment: _Optional[int] = ...) -> None: ...
 
 class SequenceSlice(_message.Message):
-    __slots__ = ("seq_id", "start_pos", "n_tokens", "copy_from")
+    __slots__ = ("seq_id", "start_pos", "n_tokens", "copy_from", "rope_end")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COPY_FROM_FIELD_NUMBER: _ClassVar[int]
+    ROPE_END_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start_pos: int
     n_tokens: int
     copy_from: int
-    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., n_tokens: _Optional[int] = ..., copy_from: _Optional[int] = ...) -> None: ...
+    rope_end: int
+    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., n_tokens: _Optional[int] = ..., copy_from: _Optional[int] = ..., rope_end: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("request_id", "sequences", "hidden", "next", "reply_session", "chain_forward_us", "assignment")

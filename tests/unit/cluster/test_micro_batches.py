@@ -50,6 +50,14 @@ def test_a_cut_copy_seeds_the_caches_once() -> None:
     assert [s.start_pos for s in parts] == [64, 64 + parts[0].n_tokens, 64 + parts[0].n_tokens + parts[1].n_tokens]
 
 
+def test_each_part_of_a_cut_slice_is_computed_for_the_whole_slices_sequence() -> None:
+    """LongRoPE picks its factors by the length a slice is computed for (SequenceSlice.extent): the parts of a cut
+    slice carry the whole slice's end, or the longer length it was given (a prompt prefilled in steps)."""
+    pieces = split_batch([SequenceSlice(1, 0, 300), SequenceSlice(2, 0, 100, rope_end=500)], 128)
+    assert len(_parts(pieces, 1)) > 1 and {s.extent for s in _parts(pieces, 1)} == {300}
+    assert {s.extent for s in _parts(pieces, 2)} == {500}
+
+
 def test_a_short_batch_is_one_piece() -> None:
     batch = [SequenceSlice(1, 0, 200), SequenceSlice(2, 3, 1)]
     assert split_batch(batch, 128) == [(0, 201, batch)]

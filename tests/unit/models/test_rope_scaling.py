@@ -148,7 +148,9 @@ def test_longrope_prompt_and_greedy_decoding_past_the_original_context_match_tra
 ) -> None:
     """transformers picks the factors of a forward pass by its largest position + 1: a prompt within the original
     context is rotated with the short ones, one past it with the long ones (all its positions), and each decode step
-    from position 16 on with the long ones, its cache keeping what the prompt's keys were rotated with."""
+    from position 16 on with the long ones, its cache keeping what the prompt's keys were rotated with (as Llama's
+    `generate` does; the engine computes such a sequence again, as Phi-3's does: tests/unit/engine/test_long_rope.py).
+    """
     ours, reference = load_ours(longrope_model), load_reference(longrope_model)
     prompt = tokens(length, seed=length)
     (logits,) = run(ours, ours.new_kv_store(), [(0, 0, prompt)])

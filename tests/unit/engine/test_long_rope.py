@@ -1,0 +1,104 @@
+"""LongRoPE through the engine, against transformers' Phi-3 `generate` (the reference nobody here wrote): a sequence
+past the original context is rotated with the long factors, all of it, however the engine computes it.
+
+transformers rotates a forward pass by its largest position + 1, and its Phi-3 `generate` computes a sequence again
+from its start, with the long factors, when it first passes the original context. The engine prefills a prompt in
+pieces of --max-batch-tokens and copies kept caches: each piece of a long prompt must take the long factors, a
+sequence that passes the original context while it decodes is computed again, and caches rotated one way are never
+copied into a sequence rotated the other way. The tiny model's original context is 16 positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cake_py.cluster.pipeline import local_pipeline
+from cake_py.engine.engine import Engine
+from cake_py.engine.sequence import GenerationEvent
+from cake_py.models.hub import resolve_model
+from cake_py.models.sampling import SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+ORIGINAL = 16
+
+
+@pytest.fixture(scope="module")
+def phi3(tiny_model_factory) -> Path:  # type: ignore[no-untyped-def]
+    return tiny_model_factory("phi3-longrope")
+
+
+@pytest.fixture(scope="module")
+def reference(phi3: Path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(phi3, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def engine(phi3: Path) -> Iterator[Engine]:
+    source = resolve_model(str(phi3))
+    pipeline = local_pipeline(source, torch.float32)
+    engine = Engine(pipeline, source.tokenizer, max_batch_tokens=8, prefix_cache_tokens=4096)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def ours(engine: Engine, prompt: list[int], n: int) -> tuple[list[int], GenerationEvent]:
+    params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n)  # as `generate`'s min_new_tokens
+    tokens, last = [], None
+    for event in engine.generate(prompt, params):
+        tokens += [token.token_id for token in event.tokens]
+        last = event
+    assert last is not None and last.finish_reason == "length", last
+    return tokens, last
+
+
+@torch.inference_mode()
+def expected(reference: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = reference.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n
+    )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def test_a_long_prompt_prefilled_in_pieces_is_rotated_as_one_pass_rotates_it(
+    engine: Engine, reference: torch.nn.Module
+) -> None:
+    """24 tokens in pieces of 8: the two pieces within the original context took its short factors (their keys then
+    misread by every later query)."""
+    prompt = prompt_of(24, seed=1)
+    assert ours(engine, prompt, 12)[0] == expected(reference, prompt, 12)
+
+
+def test_a_sequence_that_decodes_past_the_original_context_is_computed_again(
+    engine: Engine, reference: torch.nn.Module
+) -> None:
+    """12 prompt tokens within the original context, then 20 generated past it: at position 16 transformers computes
+    the sequence again with the long factors, and so does the engine."""
+    prompt = prompt_of(12, seed=2)
+    assert ours(engine, prompt, 20)[0] == expected(reference, prompt, 20)
+
+
+def test_kept_caches_serve_only_prompts_rotated_as_they_were(engine: Engine, reference: torch.nn.Module) -> None:
+    """A finished sequence of 16 cached positions (within the original context, short factors) is not copied into a
+    24-token prompt that starts with them (long factors); a finished long one is copied into a longer prompt."""
+    short_prompt = prompt_of(12, seed=3)
+    short_tokens, _ = ours(engine, short_prompt, 5)  # 17 tokens: the last one's keys never computed
+    longer = short_prompt + short_tokens[:4] + prompt_of(8, seed=4)  # its first 16 tokens are the kept ones
+    tokens, last = ours(engine, longer, 6)
+    assert last.cached_tokens == 0
+    assert tokens == expected(reference, longer, 6)
+
+    longest = longer + tokens + prompt_of(3, seed=5)  # starts with the long sequence's 29 cached tokens
+    tokens, last = ours(engine, longest, 4)
+    assert last.cached_tokens == len(longer) + len(tokens) + 1  # what the long one computed (its last token's not)
+    assert tokens == expected(reference, longest, 4)
