@@ -51,8 +51,12 @@ def prompt_of(n: int, seed: int) -> list[int]:
     return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def ours(engine: Engine, prompt: list[int], n: int) -> tuple[list[int], GenerationEvent]:
-    params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n)  # as `generate`'s min_new_tokens
+def ours(
+    engine: Engine, prompt: list[int], n: int, prediction: list[int] | None = None
+) -> tuple[list[int], GenerationEvent]:
+    params = SamplingParams(  # min_tokens as `generate`'s min_new_tokens
+        temperature=0.0, max_tokens=n, min_tokens=n, prediction=tuple(prediction) if prediction else None
+    )
     tokens, last = [], None
     for event in engine.generate(prompt, params):
         tokens += [token.token_id for token in event.tokens]
@@ -86,6 +90,16 @@ def test_a_sequence_that_decodes_past_the_original_context_is_computed_again(
     the sequence again with the long factors, and so does the engine."""
     prompt = prompt_of(12, seed=2)
     assert ours(engine, prompt, 20)[0] == expected(reference, prompt, 20)
+
+
+def test_drafts_stop_at_the_original_context(engine: Engine, reference: torch.nn.Module) -> None:
+    """A predicted output drafts up to 8 tokens a step, all of them right here: a step from position 12 would have
+    computed positions 13-20 with the short factors' sequence, past the original context."""
+    prompt = prompt_of(12, seed=6)
+    answer = expected(reference, prompt, 20)
+    tokens, last = ours(engine, prompt, 20, prediction=answer)
+    assert tokens == answer
+    assert last.accepted_prediction_tokens >= 10  # drafted on both sides of position 16
 
 
 def test_kept_caches_serve_only_prompts_rotated_as_they_were(engine: Engine, reference: torch.nn.Module) -> None:
