@@ -419,6 +419,8 @@ class Engine(Faults):
         with the short ones, which the long queries would misread. Its caches go at this step's release."""
         if self.long_from is None or seq.rope_long or not seq.n_cached or seq.n_tokens <= self.long_from:
             return
+        if seq.seq_id not in self._running:  # its consumer broke on this event: it is over, its caches released
+            return
         self._to_release.append(seq.seq_id)
         seq.restart(fault=False)
         seq.reached_pipeline = False  # released above: nothing of it is left on the stages until its next slice
