@@ -14,7 +14,7 @@ from starlette.routing import Route
 from cake_py import __version__
 from cake_py.api.failover import left_out
 from cake_py.api.state import ServerState
-from cake_py.engine.engine import ENGINE_DEAD
+from cake_py.engine.faults import ENGINE_DEAD
 
 
 def health_document(state: ServerState) -> tuple[dict[str, object], int]:

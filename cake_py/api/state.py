@@ -18,7 +18,8 @@ from cake_py.api.file_store import FileStore
 from cake_py.api.json_body import json_body
 from cake_py.api.response_store import ResponseStore
 from cake_py.config import ServeSettings
-from cake_py.engine.engine import ENGINE_DEAD, Engine
+from cake_py.engine.engine import Engine
+from cake_py.engine.faults import ENGINE_DEAD
 from cake_py.models.hub import ModelSource
 from cake_py.models.pooling import DEFAULT_POOLING
 from cake_py.models.tokenizer import Tokenizer

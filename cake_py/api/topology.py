@@ -14,7 +14,7 @@ from cake_py.api.failover import left_out
 from cake_py.api.state import NO_TEXT_MODEL, ServerState
 from cake_py.cluster.hostinfo import host_facts
 from cake_py.cluster.topology import build_topology
-from cake_py.engine.engine import ENGINE_DEAD
+from cake_py.engine.faults import ENGINE_DEAD
 
 
 def live_figures(state: ServerState) -> dict[str, object]:

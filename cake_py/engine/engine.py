@@ -7,8 +7,8 @@ every stage at once. The choices of an n > 1 request share one prefill: the late
 first one's caches (on every stage) and compute only the prompt's last token; likewise a new prompt that starts
 with a finished sequence's tokens copies its kept caches (prefix caching): engine/copies.py decides both. What a
 step's outputs mean for each sequence (tokens, prompt scores, embeddings) is engine/outputs.py; what it does when a
-step fails or a stage goes down (retries, holding requests for a failover, handing them over) is engine/faults.py.
-Torch runs only on this thread.
+step fails or a stage goes down (retries, holding requests for a failover, handing them over) is engine/faults.py;
+how requests come in (checks, queueing, cancels) is engine/submission.py. Torch runs only on this thread.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
 from itertools import count
 
 import torch
@@ -27,25 +25,20 @@ import torch
 from cake_py.cluster.pipeline import Pipeline
 from cake_py.engine.admission import Admission
 from cake_py.engine.copies import CopySources
-from cake_py.engine.faults import ENGINE_DEAD, ENGINE_STOPPED, Faults
+from cake_py.engine.faults import ENGINE_STOPPED, Faults
 from cake_py.engine.outputs import step_events
 from cake_py.engine.plan import plan_step
-from cake_py.engine.sequence import EventSink, GenerationEvent, Sequence
+from cake_py.engine.sequence import GenerationEvent, Sequence
 from cake_py.engine.stats import EngineStats
-from cake_py.errors import CakeError, ClusterError, ContextLengthError, OverloadedError, RequestError
+from cake_py.engine.submission import Submission
+from cake_py.errors import CakeError, ClusterError
 from cake_py.models.device import tune_allocator
-from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-# Requests are numbered for fairness between them, across engines: a request handed over to the engine that
-# replaces its own (failover) stays apart from that engine's own.
-_REQUEST_IDS = count(1)
-
-
-class Engine(Faults):
+class Engine(Submission, Faults):
     """Owns a pipeline and a tokenizer; `submit` is thread-safe and returns at once."""
 
     def __init__(
@@ -150,128 +143,6 @@ class Engine(Faults):
     def died(self) -> bool:
         """Whether the engine thread ended without being asked to (a bug): nothing would ever answer."""
         return self._dead or (self._thread is not None and not self._thread.is_alive() and not self._stopping)
-
-    def check_prompt(self, n_prompt: int, params: SamplingParams) -> SamplingParams:
-        """Raise ContextLengthError when the prompt alone fills the context; clip max_tokens to what is left."""
-        if n_prompt == 0:
-            raise RequestError("the prompt is empty")
-        room = self.context_length - n_prompt
-        if room < 0 or (room == 0 and params.pooling is None):  # an embedding needs no room for an answer
-            capped = self.context_length < self.pipeline.config.max_position_embeddings
-            limit = "the server's --max-model-len is" if capped else "the model's context is"
-            raise ContextLengthError(f"the prompt has {n_prompt} tokens but {limit} {self.context_length} tokens")
-        if params.max_tokens > room:
-            params = replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
-        return params
-
-    @contextmanager
-    def submitting(self) -> Iterator[None]:
-        """Submit several sequences as one request: the engine sees them all at once, so they start in one step
-        (and choices find the prefill they copy)."""
-        with self._submit_lock:  # the engine thread takes it for each sequence it takes from the inbox
-            outer, self._request = self._request, self._request or next(_REQUEST_IDS)
-            try:
-                yield
-            finally:
-                self._request = outer
-
-    def check_room(self, count: int) -> None:
-        """Whether a request of `count` sequences may queue now: OverloadedError while the queue is too full for
-        them (retry later), RequestError if they could never fit. Submit them with `queue_checked=True`."""
-        if count > self.max_queued:
-            raise RequestError(
-                f"the request needs {count} sequences (prompts × n) but at most {self.max_queued} can wait to start "
-                "(--max-queue): send fewer at once"
-            )
-        if self.queue_depth + count > self.max_queued:
-            raise OverloadedError(
-                f"the server is busy: {self.queue_depth} sequences are waiting to start (--max-queue "
-                f"{self.max_queued}); retry shortly"
-            )
-
-    def submit(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        sink: EventSink,
-        *,
-        queue_checked: bool = False,
-        share_prefill_with: int | None = None,
-    ) -> int:
-        """Queue a generation; events go to `sink` from the engine thread. Returns the sequence id.
-
-        `share_prefill_with` names an earlier sequence with the same prompt (another choice of an n > 1 request):
-        once its prefill is done, this one starts from a copy of its caches on every stage and computes only the
-        prompt's last token, for its own first sample. RequestError for a bad prompt, OverloadedError when
-        `max_queued` sequences already wait (unless the request passed `check_room` as a whole), ClusterError when
-        the engine is stopping or its thread died."""
-        params = self.check_prompt(len(prompt_ids), params)
-        bad = next((token for token in prompt_ids if not 0 <= token < self.vocab_size), None)
-        if bad is not None:  # it would fail the embedding lookup of the whole batch it joins
-            raise RequestError(f"token id {bad} is outside the model's vocabulary (0-{self.vocab_size - 1})")
-        seq = Sequence(next(self._seq_ids), list(prompt_ids), params, self.tokenizer, sink)
-        if not seq.reads_every_prompt_row:  # a copied prefill scores and pools nothing
-            seq.leader = share_prefill_with
-        with self._submit_lock:
-            if self.died:
-                raise ClusterError(ENGINE_DEAD)
-            if self._stopping:
-                raise ClusterError(ENGINE_STOPPED)
-            if not queue_checked:
-                self.check_room(1)
-            seq.request = self._request or next(_REQUEST_IDS)
-            self.copies.queued(seq)
-            self._queued += 1
-            self._inbox.put(seq)
-        self._wake.set()
-        return seq.seq_id
-
-    def cancel(self, seq_id: int) -> None:
-        with self._submit_lock:  # not lost between this engine and the one its sequences moved to
-            successor = self._successor
-            if successor is None:
-                self._inbox.put(seq_id)
-                self._wake.set()
-                return
-        successor.cancel(seq_id)
-
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
-        """Blocking iterator over one generation's events (for the CLI and tests)."""
-        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
-        seq_id = self.submit(prompt_ids, params, events.put)
-        try:
-            while True:
-                event = events.get()
-                yield event
-                if event.finished:
-                    return
-        finally:
-            self.cancel(seq_id)  # a no-op when it already finished; frees caches when the caller stopped early
-
-    def running(self) -> list[Sequence]:
-        """The sequences holding a slot now, for a look from another thread (llama.cpp's /slots): a copy, which
-        the engine thread may outdate at its next step."""
-        for _ in range(3):
-            try:
-                return list(self._running.values())
-            except RuntimeError:  # the engine thread changed the schedule during the copy: look again
-                continue
-        return []
-
-    def tokens_per_second(self) -> float:
-        """Generated tokens/s over the last 5 s; 0 once the engine has been idle that long."""
-        return self.stats.current_rate()
-
-    @property
-    def in_flight(self) -> int:
-        """Sequences running or waiting to start, those submitted during the step in progress included (still in the
-        inbox): never fewer than `queue_depth`."""
-        return len(self._running) + self.queue_depth
-
-    @property
-    def queue_depth(self) -> int:
-        """Sequences admitted but not yet running (fresh, unlike stats.waiting, which is set once per step)."""
-        return len(self._waiting) + self._queued
 
     # ---- engine thread ----
     def _loop(self) -> None:

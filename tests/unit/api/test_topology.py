@@ -12,7 +12,8 @@ from starlette.testclient import TestClient
 from cake_py.api.app import create_app
 from cake_py.api.state import ServerState
 from cake_py.api.topology import topology_document
-from cake_py.engine.engine import ENGINE_DEAD, Engine
+from cake_py.engine.engine import Engine
+from cake_py.engine.faults import ENGINE_DEAD
 from cake_py.models.kv_cache import SequenceSlice
 
 
