@@ -82,6 +82,8 @@ class DecodeGraphs:
         """The layers' output for a one-token step of one sequence, replayed; None when it must run eagerly."""
         if self.disabled or piece.n_tokens != 1 or piece.copy_from is not None:
             return None
+        if piece.extent > piece.start_pos + 1:  # one token of a longer prompt (a micro-batch cut): LongRoPE rotates
+            return None  # it by the whole prompt (rope.slice_rows), a replay by its position alone
         self.steps += 1
         if self.steps < self.eager_until:
             return None

@@ -86,3 +86,42 @@ def test_a_failed_recording_runs_eagerly_for_a_while_then_tries_again(
         assert decode.run(hidden, SequenceSlice(1, 4, 1), kv) is None  # eager every time: the caller computes
     assert recordings == [1, 1 + graphs.RETRY_AFTER_STEPS, 1 + 2 * graphs.RETRY_AFTER_STEPS]
     assert decode.disabled and kv.graphs == {}
+
+
+def test_one_token_of_a_long_prompt_cut_into_micro_batches_is_not_replayed(
+    tiny_model_factory: TinyModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --micro-batch-tokens 1, each token of a LongRoPE prompt past the original context (16 positions here)
+    reaches a worker as a one-token slice of its own, rotated by the whole prompt's length (rope_end): the long
+    factors at every position. A replayed step reads its row by position alone, short factors before position 16, so
+    such a slice runs eagerly: it is never recorded."""
+    import contextlib
+
+    source = resolve_model(str(tiny_model_factory("phi3-longrope")))
+    config = source.config
+    layers = load_transformer(
+        source.weights, config, 0, config.n_layers, with_embedding=False, with_head=False, dtype=torch.float32
+    )
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randn(6, config.hidden_size, generator=generator)
+    kv = layers.new_kv_store()
+    for position in range(5):  # the prompt's first pieces, each computed for the 24-token prompt
+        layers.forward_layers(prompt[position : position + 1], [SequenceSlice(1, position, 1, None, 24)], kv)
+    recordings: list[int] = []
+
+    def recording(self: graphs.DecodeGraphs, *args: object) -> None:
+        recordings.append(self.steps)
+        raise torch.OutOfMemoryError("no CUDA here: the step would be recorded now")
+
+    monkeypatch.setattr(graphs.DecodeGraphs, "_record", recording)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # the CPU stands in
+    piece = SequenceSlice(1, 5, 1, None, 24)
+    assert graphs.DecodeGraphs(layers).run(prompt[5:], piece, kv) is None
+    assert recordings == []
+    # Why: the fixed-shape step at position 5 computes what the short factors give, not this slice's long ones.
+    caches = kv.caches_of(1)
+    assert caches is not None
+    layers._rope_tables(max(cache.start + cache.keys.shape[2] for cache in caches), prompt)
+    static = layers.decode_static(prompt[5:], torch.tensor([5]), caches)
+    eager = layers.forward_layers(prompt[5:], [piece], kv)
+    assert not torch.allclose(static, eager, atol=1e-3)
