@@ -287,14 +287,14 @@ class Engine(Submission, Faults):
     def _past_original_context(self, seq: Sequence) -> None:
         """A sequence computed within LongRoPE's original context that has just passed it is computed again from its
         start, all of it with the long factors, as transformers' Phi-3 `generate` does: its cached keys were rotated
-        with the short ones, which the long queries would misread. Its caches go at this step's release."""
+        with the short ones, which the long queries would misread. Its next slice rewrites its caches from position
+        0 (as a failover's restart does): released, its id's caches would be freed again by a release a stage got
+        late (RemoteStage frees a failed Release at its next ping), after its new slices."""
         if self.long_from is None or seq.rope_long or not seq.n_cached or seq.n_tokens <= self.long_from:
             return
         if seq.seq_id not in self._running:  # its consumer broke on this event: it is over, its caches released
             return
-        self._to_release.append(seq.seq_id)
         seq.restart(fault=False)
-        seq.reached_pipeline = False  # released above: nothing of it is left on the stages until its next slice
 
     def _admit(self) -> None:
         """Start waiting sequences while there is room, in the order engine/admission.py gives."""

@@ -10,16 +10,18 @@ copied into a sequence rotated the other way. The tiny model's original context 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
-from cake_py.cluster.pipeline import local_pipeline
+from cake_py.cluster.pipeline import Pipeline, local_pipeline
+from cake_py.cluster.stage import LocalStage
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
 from cake_py.models.hub import resolve_model
+from cake_py.models.kv_cache import Batch
 from cake_py.models.sampling import SamplingParams
 
 transformers = pytest.importorskip("transformers")
@@ -116,3 +118,42 @@ def test_kept_caches_serve_only_prompts_rotated_as_they_were(engine: Engine, ref
     tokens, last = ours(engine, longest, 4)
     assert last.cached_tokens == len(longer) + len(tokens) + 1  # what the long one computed (its last token's not)
     assert tokens == expected(reference, longest, 4)
+
+
+class ReleasedLate(LocalStage):
+    """A stage whose releases take effect after its next forward pass, as a worker's do when a Release fails while
+    it is up: RemoteStage frees them at its next ping (cake_py/rpc/client.py), whatever ran in between."""
+
+    def __init__(self, stage: LocalStage) -> None:
+        super().__init__(stage.model, stage.name)
+        self.late: list[int] = []
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        self.late += seq_ids
+
+    def forward(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        out = super().forward(hidden, batch)
+        late, self.late = self.late, []
+        self.kv.release(late)
+        return out
+
+
+def test_a_sequence_computed_again_keeps_its_id_s_caches_through_a_late_release(
+    phi3: Path, reference: torch.nn.Module
+) -> None:
+    """Computed again past the original context, a sequence keeps its id: a release of its old caches that reached
+    a stage after its first new slice freed the new ones, and its next step failed (the request ended with an
+    error). Its caches are rewritten from position 0 instead, as a failover's restart does."""
+    source = resolve_model(str(phi3))
+    pipeline = local_pipeline(source, torch.float32)
+    stage = pipeline.stages[0]
+    assert isinstance(stage, LocalStage)
+    engine = Engine(Pipeline(pipeline.ends, [ReleasedLate(stage)]), source.tokenizer, max_batch_tokens=8)
+    engine.start()
+    try:
+        prompt = prompt_of(12, seed=7)
+        tokens, last = ours(engine, prompt, 10)
+    finally:
+        engine.stop()
+    assert last.error is None
+    assert tokens == expected(reference, prompt, 10)
