@@ -261,6 +261,15 @@ def test_old_layers_are_freed_before_the_new_ones_load(
     assert fresh_worker.weights_bytes == sum(p.nbytes for p in fresh_worker.model.parameters())
 
 
+def test_a_master_of_another_protocol_version_is_refused_naming_both(fresh_worker: WorkerServicer) -> None:
+    """A master built from another .proto would misread or be misread (protocol 5 added the slices' rope_end): its
+    handshake is refused, saying which versions met."""
+    older = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION - 1, master_name="old")
+    with pytest.raises(RuntimeError, match=f"protocol version {PROTOCOL_VERSION - 1} is not this worker's "
+                       f"{PROTOCOL_VERSION}: run the same cake_py version"):  # fmt: skip
+        fresh_worker.Handshake(older, Context())  # type: ignore[arg-type]
+
+
 def test_handshake_counts_the_memory_held_layers_would_give_back(fresh_worker: WorkerServicer) -> None:
     handshake = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION)
     plain = fresh_worker.Handshake(handshake, Context())  # type: ignore[arg-type]
