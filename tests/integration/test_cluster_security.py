@@ -253,7 +253,8 @@ def test_a_tls_chain_takes_steps_in_pieces(
     secure: SecureWorkers, certificates: Certificates, llama: ModelSource
 ) -> None:
     """Pieces in flight over TLS: the master writes the first worker's connection from one thread and reads the
-    others' from another, and reads the first's only once it is done writing (a worker's errors come back there).
+    others' from another, and reads the first's only once it is done writing (a worker's errors come back there;
+    that no read comes sooner is tests/unit/rpc/test_chain.py's, which orders the events: here it could not show).
     Megabytes go each way, so an answer left unread would stall the whole chain."""
     steps = [
         [SequenceSlice(1, 0, 30)],  # 8 pieces of 4 rows
