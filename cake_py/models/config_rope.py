@@ -54,7 +54,12 @@ def parse_rope(raw: dict[str, Any], family: str) -> RopeConfig:
     params = _with_scaling(params, fields.json_object(raw, "rope_scaling"))
     kind = params.get("rope_type") or params.get("type")
     if family == "phi3" and kind in PHI3_LONGROPE_NAMES:  # as transformers' Phi3Config reads older configs
-        params["rope_type"] = "longrope"
+        params["rope_type"] = kind = "longrope"
+    if family == "phi3" and kind not in (None, "default", "longrope"):  # as Phi3Config.validate_rope refuses them
+        raise UnsupportedArchitectureError(
+            f"unsupported rope_scaling type {kind!r} for Phi-3 (its configs take 'longrope' or none, as "
+            "transformers' Phi3Config)"
+        )
     if family == "phi3" and "original_max_position_embeddings" not in raw:  # Phi3Config's default, over the rope's
         params["original_max_position_embeddings"] = PHI3_ORIGINAL_CONTEXT
     return _rope(params, raw)

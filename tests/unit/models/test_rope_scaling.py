@@ -14,6 +14,7 @@ from typing import Any
 import gguf
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from cake_py.errors import ModelError, UnsupportedArchitectureError
 from cake_py.models import graphs
@@ -229,6 +230,18 @@ def test_a_bad_scaling_field_is_named(rope: dict[str, Any], needle: str) -> None
     with pytest.raises(ModelError) as raised:
         ModelConfig.from_hf({**raw, "rope_scaling": rope}, "config.json")
     assert str(raised.value).startswith("config.json") and needle in str(raised.value), raised.value
+
+
+@pytest.mark.parametrize("kind", ["linear", "llama3"])
+def test_a_phi3_config_with_another_scaling_than_longrope_is_refused(kind: str) -> None:
+    """transformers' Phi3Config refuses it (Phi3Config.validate_rope): none is published, and what it would mean for
+    Phi-3 is nobody's reference."""
+    raw = {**SIZES, "architectures": ["Phi3ForCausalLM"], "vocab_size": 384, "intermediate_size": 160}
+    scaling = {"rope_type": kind, "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    with pytest.raises(UnsupportedArchitectureError, match=f"unsupported rope_scaling type '{kind}' for Phi-3"):
+        ModelConfig.from_hf({**raw, "rope_scaling": scaling})
+    with pytest.raises(StrictDataclassClassValidationError, match="must be one of"):  # the reference agrees
+        transformers.Phi3Config(**{**raw, "rope_scaling": scaling})
 
 
 def test_dynamic_ntk_is_refused_saying_why() -> None:
