@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Listing
 
+from cake_py.engine.plan import rotated_long
 from cake_py.engine.prefix_cache import PrefixCache
 from cake_py.engine.sequence import GenerationEvent, Sequence
 from cake_py.models.kv_cache import Batch, SequenceSlice
@@ -91,7 +92,7 @@ class CopySources:
 
     def _long(self, seq: Sequence) -> bool:
         """Whether `seq`, computed from its start now, is computed with LongRoPE's long factors (engine/plan.py)."""
-        return self.long_from is not None and seq.n_tokens > self.long_from
+        return rotated_long(self.long_from, seq.n_tokens)
 
     def _shared_prefill(self, seq: Sequence) -> int | None:
         """For a sequence that shares its leader's prefill and has not started: the leader's id once that prefill is

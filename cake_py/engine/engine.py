@@ -27,7 +27,7 @@ from cake_py.engine.admission import Admission
 from cake_py.engine.copies import CopySources
 from cake_py.engine.faults import ENGINE_STOPPED, Faults
 from cake_py.engine.outputs import step_events
-from cake_py.engine.plan import plan_step
+from cake_py.engine.plan import plan_step, rotated_long
 from cake_py.engine.sequence import GenerationEvent, Sequence
 from cake_py.engine.stats import EngineStats
 from cake_py.engine.submission import Submission
@@ -290,7 +290,7 @@ class Engine(Submission, Faults):
         with the short ones, which the long queries would misread. Its next slice rewrites its caches from position
         0 (as a failover's restart does): released, its id's caches would be freed again by a release a stage got
         late (RemoteStage frees a failed Release at its next ping), after its new slices."""
-        if self.long_from is None or seq.rope_long or not seq.n_cached or seq.n_tokens <= self.long_from:
+        if seq.rope_long or not seq.n_cached or not rotated_long(self.long_from, seq.n_tokens):
             return
         if seq.seq_id not in self._running:  # its consumer broke on this event: it is over, its caches released
             return

@@ -39,6 +39,12 @@ class StepPlan:
         return self.rows + [row for _, rows, _ in self.scored for row in rows]
 
 
+def rotated_long(long_from: int | None, length: int) -> bool:
+    """Whether a sequence of `length` tokens is rotated with LongRoPE's long factors, all of it (`long_from`:
+    RopeConfig.long_from, None for every other rope)."""
+    return long_from is not None and length > long_from
+
+
 def _prefill_left(seq: Sequence) -> int:
     """0 for a decoding sequence, else the prompt tokens it has yet to compute."""
     return len(seq.prompt_ids) - seq.n_cached if seq.prefilling else 0
@@ -87,7 +93,7 @@ def plan_step(
         drafts: list[int] = []
         limit = speculate or (PREDICTION_DRAFTS if seq.params.prediction else 0)
         if seq.n_cached == 0 or copy_from is not None:  # its caches start here: rotated as its length says
-            seq.rope_long = long_from is not None and len(known) > long_from
+            seq.rope_long = rotated_long(long_from, len(known))
         if long_from is not None and not seq.rope_long:
             limit = max(0, min(limit, long_from - len(known)))
         if drafting and limit and n == 1 and copy_from is None and seq.params.pooling is None:
