@@ -27,7 +27,7 @@ from torch import nn
 from cake_py.models.config import ModelConfig
 from cake_py.models.config_moe import MoeConfig
 from cake_py.models.llama import ACTIVATIONS, Block, FeedForward, Transformer
-from cake_py.models.quant import DENSE_ROWS, Int4Linear
+from cake_py.models.quant import DENSE_ROWS, Int4Linear, int8_rows_mm
 
 
 class SparseMoE(nn.Module):
@@ -94,7 +94,7 @@ class SparseMoE(nn.Module):
 
     def _linear(self, x: torch.Tensor, expert: int, name: str) -> torch.Tensor:
         """x (n, K) times expert `expert`'s (N, K) weight, transposed: its Int4Linear, a view of the dense 3D weight,
-        or its int8 rows (from DENSE_ROWS rows in bfloat16, dequantized for one dense matmul, as Int8Linear does)."""
+        or its int8 rows (from DENSE_ROWS rows in bfloat16, cast for dense matmuls: `quant.int8_rows_mm`)."""
         int4: nn.ModuleList | None = getattr(self, f"{name}_q4")
         if int4 is not None:
             return int4[expert](x)
@@ -103,7 +103,7 @@ class SparseMoE(nn.Module):
         if q is None or scales is None:
             return F.linear(x, getattr(self, name)[expert])
         if x.dtype == torch.bfloat16 and x.shape[0] >= DENSE_ROWS:
-            return torch.mm(x, (q[expert] * scales[expert][:, None]).t())
+            return int8_rows_mm(x, q[expert], scales[expert])
         return torch._weight_int8pack_mm(x, q[expert], scales[expert])
 
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,14 @@ DENSE_ROWS = 80
 PACK_BLOCK = 64
 # A value q moved to the high nibble of its byte, with that byte's top bit flipped, reads as the int8 16·(q - 8).
 HIGH_NIBBLES, TOP_BITS = -0x0F0F0F0F0F0F0F10, -0x7F7F7F7F7F7F7F80  # 0xF0F0…F0 and 0x8080…80 as int64
+# Rows from which int8 rows run as dense bf16 matmuls instead of the int8 kernel (also a matrix-vector one). Casting
+# int8 to bf16 is cheap, so this comes early: on 1-2 threads the kernel cost 1.3-2.2× the cast and matmul at 16 rows
+# (SmolLM2's 49152-row lm_head, a 3072×576 and a 14336×4096 weight; 2026-11-24), 2.3-4.5× at 128; 0.5-0.8× at 8.
+INT8_DENSE_ROWS = 16
+# Weight elements cast per piece: a 4 MiB bf16 scratch stays under glibc's mmap threshold, so it is not page-faulted
+# in on every call as SmolLM2's whole lm_head cast at once (56 MiB) was (6× as long). 1-8 M elements measured alike
+# within noise for weights from 576×576 to 14336×4096; 0.5 M was slower.
+INT8_PIECE_ELEMENTS = 1 << 21
 Q4_WEIGHT = "q4_weight"
 Q4_SCALES = "q4_scales"
 
@@ -144,10 +152,26 @@ def dequantize_rows_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales[..., None]
 
 
+def int8_rows_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) times the int8 rows q (N, K) with one scale per row, transposed, as dense matmuls in x's dtype: the
+    rows cast in pieces into a small scratch (exactly: |q| ≤ 127 fits bf16's 8 bits), each piece's product written
+    into its columns, then every column scaled, in the kernel's own order (the scale after the dot product)."""
+    n, k = q.shape
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    step = max(1, INT8_PIECE_ELEMENTS // k)
+    scratch = torch.empty(min(step, n), k, dtype=x.dtype, device=x.device)
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        piece = scratch[: end - start]
+        piece.copy_(q[start:end])
+        torch.mm(x, piece.t(), out=out if end - start == n else out[:, start:end])
+    return out.mul_(scales)
+
+
 class Int8Linear(nn.Module):
     """y = x Wᵀ (+ b) with int8 rows and one scale per output row (torch's CPU int8 weight-only kernel). Like the
-    4-bit kernel it is a matrix-vector one, dearer per row than a dense matmul: from DENSE_ROWS rows (bf16) the
-    weights are dequantized into a scratch tensor for a dense matmul."""
+    4-bit kernel it is a matrix-vector one, dearer per row than a dense matmul: from INT8_DENSE_ROWS rows (bf16:
+    batched decode of many sequences, prefill chunks) the rows are cast for dense matmuls (`int8_rows_mm`)."""
 
     def __init__(
         self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None
@@ -164,9 +188,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.unpacks and rows.shape[0] >= DENSE_ROWS:
-            weight = self.q * self.scales[:, None]  # (N, K) in the scales' dtype, one op
-            out = torch.mm(rows, weight.t()) if self.bias is None else torch.addmm(self.bias, rows, weight.t())
+        if self.unpacks and rows.shape[0] >= INT8_DENSE_ROWS:
+            out = int8_rows_mm(rows, self.q, self.scales)
+            if self.bias is not None:
+                out.add_(self.bias)
         else:
             out = torch._weight_int8pack_mm(rows, self.q, self.scales)
             if self.bias is not None:

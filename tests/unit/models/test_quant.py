@@ -9,6 +9,7 @@ from cake_py.models.kv_cache import SequenceSlice
 from cake_py.models.quant import (
     DENSE_ROWS,
     GROUP_SIZE,
+    INT8_DENSE_ROWS,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
@@ -103,22 +104,40 @@ def test_int8_rows_round_trip_and_kernels() -> None:
     assert torch.allclose(looked_up, dequantize_rows_int8(q, scales)[ids], atol=0.02, rtol=0.01)
 
 
-def test_int8_rows_with_a_bias_keep_the_kernel_for_decode_and_unpack_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A layer's int8 rows (a GGUF's Q8_0/Q6_K projection): decode rows on the int8 kernel, a prefill chunk from
-    DENSE_ROWS rows as a dense matmul over the dequantized rows, both computing the dequantized weights' output."""
+def test_int8_rows_with_a_bias_keep_the_kernel_for_decode_and_run_dense_from_a_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Int8 rows (a GGUF's Q8_0/Q6_K projection, a quantized lm_head): a few rows on the int8 kernel, from
+    INT8_DENSE_ROWS rows (many sequences decoding, a prefill chunk) dense matmuls over the rows cast to bf16, both
+    computing the dequantized weights' output."""
     weights, bias = torch.randn(96, 64), torch.randn(96)
     q, scales = quantize_rows_int8(weights)
     layer = Int8Linear(q, scales, torch.bfloat16, bias)
     kernel_rows = kernel_calls(monkeypatch, "_weight_int8pack_mm")
-    for rows in (1, 8, DENSE_ROWS - 1, DENSE_ROWS, 300):
+    for rows in (1, 8, INT8_DENSE_ROWS - 1, INT8_DENSE_ROWS, 300):
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         expected = F.linear(x.float(), dequantize_rows_int8(q, scales), bias)
         out = layer(x).float()
         assert torch.allclose(out, expected, atol=0.02 * expected.abs().max().item(), rtol=0), rows
-    assert kernel_rows == [1, 8, DENSE_ROWS - 1]
+    assert kernel_rows == [1, 8, INT8_DENSE_ROWS - 1]
     half = Int8Linear(q, scales, torch.float16, bias)  # a CPU float16 matmul is no faster: the kernel throughout
     half(torch.randn(DENSE_ROWS, 64, dtype=torch.float16))
     assert kernel_rows[-1] == DENSE_ROWS
+
+
+def test_int8_rows_cast_in_pieces_compute_what_the_kernel_computes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows are cast a few at a time into a small scratch (a whole lm_head cast at once page-faulted on every
+    call): pieces of 10 rows over 96, the last one short, each written into its own columns of the output."""
+    generator = torch.Generator().manual_seed(1)
+    q, scales = quantize_rows_int8(torch.randn(96, 64, generator=generator))
+    layer = Int8Linear(q, scales, torch.bfloat16)
+    x = torch.randn(INT8_DENSE_ROWS + 3, 64, dtype=torch.bfloat16, generator=generator)
+    kernel = torch._weight_int8pack_mm(x, q, layer.scales).float()
+    whole = layer(x).float()
+    monkeypatch.setattr(quant, "INT8_PIECE_ELEMENTS", 10 * 64)
+    pieces = layer(x).float()
+    assert torch.equal(pieces, whole)  # the same products, whatever the pieces
+    assert torch.allclose(pieces, kernel, atol=0.01 * kernel.abs().max().item(), rtol=0)
 
 
 @pytest.mark.slow
