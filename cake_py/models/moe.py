@@ -13,7 +13,8 @@ expert that any token picked.
 
 A GGUF's 4-bit experts (Q4_0, Q4_1, Q4_K) stay 4-bit on a CPU with 16-bit compute: one `quant.Int4Linear` per expert
 and projection, so a step runs only its experts' packs, a prefill the dense unpacking from DENSE_ROWS rows as a
-dense layer does, and memory holds about the file's size. Other quantized experts run as int8 rows.
+dense layer does, and memory holds about the file's size. Other quantized experts run as int8 rows (an expert given
+INT8_DENSE_ROWS rows or more casts them for a dense matmul, as `quant.Int8Linear` does).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cake_py.models import quant
 from cake_py.models.config import ModelConfig
 from cake_py.models.config_moe import MoeConfig
 from cake_py.models.llama import ACTIVATIONS, Block, FeedForward, Transformer
-from cake_py.models.quant import DENSE_ROWS, Int4Linear, int8_rows_mm
+from cake_py.models.quant import Int4Linear, int8_rows_mm
 
 
 class SparseMoE(nn.Module):
@@ -94,7 +96,7 @@ class SparseMoE(nn.Module):
 
     def _linear(self, x: torch.Tensor, expert: int, name: str) -> torch.Tensor:
         """x (n, K) times expert `expert`'s (N, K) weight, transposed: its Int4Linear, a view of the dense 3D weight,
-        or its int8 rows (from DENSE_ROWS rows in bfloat16, cast for dense matmuls: `quant.int8_rows_mm`)."""
+        or its int8 rows (from INT8_DENSE_ROWS rows in bfloat16, cast for dense matmuls: `quant.int8_rows_mm`)."""
         int4: nn.ModuleList | None = getattr(self, f"{name}_q4")
         if int4 is not None:
             return int4[expert](x)
@@ -102,7 +104,7 @@ class SparseMoE(nn.Module):
         scales: torch.Tensor | None = getattr(self, f"{name}_scales")
         if q is None or scales is None:
             return F.linear(x, getattr(self, name)[expert])
-        if x.dtype == torch.bfloat16 and x.shape[0] >= DENSE_ROWS:
+        if x.dtype == torch.bfloat16 and x.shape[0] >= quant.INT8_DENSE_ROWS:
             return int8_rows_mm(x, q[expert], scales[expert])
         return torch._weight_int8pack_mm(x, q[expert], scales[expert])
 

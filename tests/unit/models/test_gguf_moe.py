@@ -173,9 +173,10 @@ def test_quantized_experts_are_dequantized(tiny_model_factory: Any, tmp_path: Pa
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
 def test_quantized_experts_stay_int8_rows_in_bfloat16(kind: str, tiny_model_factory: Any, tmp_path: Path) -> None:
-    """With 16-bit compute on a CPU, Q8_0 experts run as int8 rows (torch's int8 kernel for a decode step, dequantized
-    per expert for a long chunk), as placement counted them: a quarter of float32's bytes, not bf16's half. The tiny
-    Qwen3-MoE's down experts (rows of 48, no whole Q8_0 block) stay float and run dense beside its int8 gate/up."""
+    """With 16-bit compute on a CPU, Q8_0 experts run as int8 rows (torch's int8 kernel for a decode step, cast to
+    bf16 for an expert given 16 rows or more), as placement counted them: a quarter of float32's bytes, not bf16's
+    half. The tiny Qwen3-MoE's down experts (rows of 48, no whole Q8_0 block) stay float and run dense beside its
+    int8 gate/up."""
     folder = tiny_model_factory(kind)
     source = GGUFWeights(write_moe_gguf(folder, tmp_path / "q8.gguf", gguf.GGMLQuantizationType.Q8_0))
     config = ModelConfig.from_hf(source.config)
@@ -192,7 +193,7 @@ def test_quantized_experts_stay_int8_rows_in_bfloat16(kind: str, tiny_model_fact
     generator = torch.Generator().manual_seed(6)
     for layer in layers:
         moe = layer.feed_forward
-        for n_tokens in (1, 20, 100):  # the int8 kernel below DENSE_ROWS (80) rows, a dense matmul from them
+        for n_tokens in (1, 20, 100):  # the int8 kernel below INT8_DENSE_ROWS (16) rows an expert, a cast from them
             x = torch.randn(n_tokens, config.hidden_size, generator=generator).to(torch.bfloat16)
             with torch.inference_mode():
                 weights, experts = moe.route(x)
