@@ -89,7 +89,10 @@ class DataPlaneClient:
         if sock is not None:
             self._poller.unregister(sock)
             try:
-                sock.shutdown(socket.SHUT_RDWR)  # unblocks a thread waiting in recv
+                # Unblocks a thread waiting in recv. The plain socket's shutdown, also for TLS: SSLSocket.shutdown
+                # drops the TLS state before the descriptor, and a write from another thread (the chain's sender,
+                # when the health monitor closes this) landing in between went out unencrypted.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
             sock.close()

@@ -4,14 +4,17 @@ hold up more than their own link."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from cake_py.errors import ClusterError
 from cake_py.rpc.dataplane import DataPlaneServer, read_frame, write_frame
 from cake_py.rpc.dataplane_client import DataPlaneClient, PeerLinks
+from tests.fixtures.tls import make_certificates
 
 
 def test_nothing_listening_is_a_clear_error() -> None:
@@ -115,3 +118,48 @@ def test_links_to_a_next_worker_that_restarted_on_a_new_port_are_closed() -> Non
     finally:
         links.close()
         alive.close()
+
+
+def test_closing_a_tls_link_never_lets_a_concurrent_write_out_in_plaintext(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() runs on the stage's health monitor thread while the chain's sender may be writing the same socket.
+    SSLSocket.shutdown drops the TLS state before it shuts the descriptor, so a write landing in between went out
+    unencrypted. The write here lands exactly there; the worker end reads the bytes as they crossed the network."""
+    certificates = make_certificates(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(certificates.server_cert, certificates.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    secret = b"hidden states in plaintext"
+    on_the_wire = bytearray()
+
+    def worker() -> None:
+        raw, _ = listener.accept()
+        with server.wrap_socket(raw, server_side=True) as conn:
+            read_frame(conn)  # the hello
+            write_frame(conn, b"\x01")
+            while chunk := socket.socket.recv(conn, 65536):  # under TLS: what the network carried
+                on_the_wire.extend(chunk)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    client = DataPlaneClient("127.0.0.1", port, None, ssl.create_default_context(cafile=str(certificates.ca)))
+    try:
+        client.connect(timeout=5)
+        sock = client.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        plain_shutdown = socket.socket.shutdown
+
+        def sender_writes_meanwhile(self: socket.socket, how: int) -> None:
+            if self is sock:
+                sock.send(secret)  # the sender's next write, between close()'s start and the descriptor's shutdown
+            plain_shutdown(self, how)
+
+        monkeypatch.setattr(socket.socket, "shutdown", sender_writes_meanwhile)
+        client.close()
+        thread.join(timeout=5)
+    finally:
+        listener.close()
+    assert not thread.is_alive()
+    assert on_the_wire and secret not in on_the_wire  # the write went out, encrypted
