@@ -190,12 +190,10 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.unpacks and rows.shape[0] >= INT8_DENSE_ROWS:
             out = int8_rows_mm(rows, self.q, self.scales)
-            if self.bias is not None:
-                out.add_(self.bias)
         else:
             out = torch._weight_int8pack_mm(rows, self.q, self.scales)
-            if self.bias is not None:
-                out = out + self.bias
+        if self.bias is not None:
+            out.add_(self.bias)  # either way a fresh tensor
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
