@@ -13,7 +13,6 @@ process, median of 3 rounds after a warm-up. Both measured in this run.
 from __future__ import annotations
 
 import argparse
-import queue
 import statistics
 import sys
 import time
@@ -24,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from streams import concurrent_rate  # noqa: E402
+
 from cake_py.cluster.pipeline import local_pipeline  # noqa: E402
 from cake_py.engine.engine import Engine  # noqa: E402
-from cake_py.engine.sequence import GenerationEvent  # noqa: E402
 from cake_py.models import quant  # noqa: E402
 from cake_py.models.device import release_openmp_threads, tune_allocator  # noqa: E402
 from cake_py.models.hub import resolve_model  # noqa: E402
@@ -65,16 +65,6 @@ def engine_rates(batches: list[int], tokens: int) -> None:
     ids = source.tokenizer.encode_chat([{"role": "user", "content": "Tell me a story about a cake."}])
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
 
-    def rate(batch: int) -> float:
-        events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
-        began = time.perf_counter()
-        for _ in range(batch):
-            engine.submit(ids, params, events.put)
-        finished = 0
-        while finished < batch:
-            finished += events.get().finished
-        return batch * tokens / (time.perf_counter() - began)
-
     now = quant.INT8_DENSE_ROWS
     print(f"\nengine, {tokens} tokens per sequence, tok/s in all (prefill included), median of 3 after a warm-up")
     print(f"{'sequences':>9} {'int8 kernel':>12} {f'cast from {now} rows':>19} {'speed-up':>9}")
@@ -84,7 +74,7 @@ def engine_rates(batches: list[int], tokens: int) -> None:
             for round_ in range(4):
                 for threshold, into in ((10**9, before), (now, after)):
                     quant.INT8_DENSE_ROWS = threshold
-                    measured = rate(batch)
+                    measured = concurrent_rate(engine, ids, params, batch)
                     if round_:
                         into.append(measured)
             b, a = statistics.median(before), statistics.median(after)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from cake_py.models.kv_layout import Layout, after_copy, after_write, can_copy, first_read
+from cake_py.models.kv_pool import PoolSet, RowPool
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,13 @@ class LayerCache:
     positions are dropped as kv_layout.py says, and attention reads only the window (`update` returns it)."""
 
     def __init__(
-        self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, window: int | None = None
+        self,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        window: int | None = None,
+        pools: PoolSet | None = None,
     ) -> None:
         self.n_kv_heads, self.head_dim, self.dtype, self.device = n_kv_heads, head_dim, dtype, device
         self.window = window
@@ -65,6 +72,9 @@ class LayerCache:
         self.values = torch.empty_like(self.keys)
         self.start = 0  # the first position held (at the buffer's front)
         self.length = 0  # one past the last position held
+        self._pools = pools  # the layer's pools (kv_pool.py); None: a buffer of its own whatever its size
+        self.pool: RowPool | None = None  # the pool whose row the buffer is, if any
+        self.row = -1
 
     @property
     def nbytes(self) -> int:
@@ -74,9 +84,34 @@ class LayerCache:
     def layout(self) -> Layout:
         return Layout(self.start, self.keys.shape[2])
 
+    def bind(self, pool: RowPool, row: int) -> None:
+        """Make the buffer `row` of `pool` (taken for this cache, or moved there)."""
+        self.pool, self.row = pool, row
+        self.keys, self.values = pool.keys[row : row + 1], pool.values[row : row + 1]
+
+    def free(self) -> None:
+        """Give the buffer back (its row to the pool): the cache holds nothing."""
+        if self.pool is not None:
+            self.pool.give(self.row)
+            self.pool, self.row = None, -1
+        self.keys = torch.empty(1, self.n_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+        self.values = torch.empty_like(self.keys)
+        self.start = self.length = 0
+
     def update(self, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (1, n_kv, t, hd) at `start_pos` and return views of the positions its queries read, from
         `first_read(window, start_pos)` up to the new end."""
+        end = start_pos + keys.shape[2]
+        reads_from = self.make_room(start_pos, end)
+        self.keys[:, :, start_pos - self.start : end - self.start] = keys
+        self.values[:, :, start_pos - self.start : end - self.start] = values
+        return self.keys[:, :, reads_from - self.start : end - self.start], self.values[
+            :, :, reads_from - self.start : end - self.start
+        ]
+
+    def make_room(self, start_pos: int, end: int) -> int:
+        """Lay the buffer out for a write of positions [start_pos, end), which the caller then makes, and count them
+        held; returns the first position the write's queries read."""
         if start_pos > self.length:
             raise ValueError(f"cache holds {self.length} positions; cannot write at position {start_pos}")
         reads_from = first_read(self.window, start_pos)
@@ -85,16 +120,12 @@ class LayerCache:
                 f"a {self.window}-position window's cache holds positions from {self.start}; a write at position "
                 f"{start_pos} reads from {reads_from}"
             )
-        end = start_pos + keys.shape[2]
-        layout = after_write(self.layout, self.window, start_pos, end)
-        if layout != self.layout:
-            self._relayout(layout, start_pos)
-        self.keys[:, :, start_pos - self.start : end - self.start] = keys
-        self.values[:, :, start_pos - self.start : end - self.start] = values
+        if self.window is not None or end > self.keys.shape[2]:  # else: the layout stays (a decode step's case)
+            layout = after_write(self.layout, self.window, start_pos, end)
+            if layout != self.layout:
+                self._relayout(layout, start_pos)
         self.length = end
-        return self.keys[:, :, reads_from - self.start : end - self.start], self.values[
-            :, :, reads_from - self.start : end - self.start
-        ]
+        return reads_from
 
     def holds_prefix(self, n_positions: int) -> bool:
         """Whether a copy of this cache's first `n_positions` can be made: it holds that many and, for a window,
@@ -109,28 +140,39 @@ class LayerCache:
                 f"cannot copy {n_positions} positions of a cache that holds positions [{source.start}, {source.length})"
             )
         layout = after_copy(self.window, n_positions)
-        shape = (1, self.n_kv_heads, layout.capacity, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)  # see _relayout
-        self.values = torch.zeros_like(self.keys)
         held = n_positions - layout.start
         offset = layout.start - source.start
-        self.keys[:, :, :held] = source.keys[:, :, offset : offset + held]
-        self.values[:, :, :held] = source.values[:, :, offset : offset + held]
+        self._move(layout.capacity, source, offset, held)
         self.start, self.length = layout.start, n_positions
 
     def _relayout(self, layout: Layout, keep_until: int) -> None:
         """Move positions [layout.start, keep_until) into a new buffer of `layout.capacity` (what lies past
         `keep_until` is being rewritten)."""
-        # Zeros, not garbage, past the length: a graphed decode step reads the whole capacity, masked, and a NaN
-        # there would survive the mask.
-        keys = torch.zeros(1, self.n_kv_heads, layout.capacity, self.head_dim, dtype=self.dtype, device=self.device)
-        values = torch.zeros_like(keys)
         first = max(layout.start, self.start)  # a write at 0 keeps nothing
-        held = max(0, keep_until - first)
-        offset = first - self.start
-        keys[:, :, :held] = self.keys[:, :, offset : offset + held]
-        values[:, :, :held] = self.values[:, :, offset : offset + held]
-        self.keys, self.values, self.start = keys, values, layout.start
+        self._move(layout.capacity, self, first - self.start, max(0, keep_until - first))
+        self.start = layout.start
+
+    def _move(self, capacity: int, source: LayerCache, offset: int, held: int) -> None:
+        """Take a new buffer of `capacity` positions, all zeros, and copy `held` positions of `source`'s buffer
+        from `offset` to its front; the old buffer goes back."""
+        # Zeros, not garbage, past the length: a graphed or padded decode step reads past it, masked, and a NaN
+        # there would survive the mask.
+        pool = self._pools.pool(capacity) if self._pools is not None else None
+        if pool is None:
+            keys = torch.zeros(1, self.n_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
+            values = torch.zeros_like(keys)
+        else:
+            row = pool.take(self)  # may move the pool's rows, this cache's or the source's too: read them after
+            keys, values = pool.keys[row : row + 1], pool.values[row : row + 1]
+        keys[:, :, :held] = source.keys[:, :, offset : offset + held]
+        values[:, :, :held] = source.values[:, :, offset : offset + held]
+        old_pool, old_row = self.pool, self.row
+        if pool is None:
+            self.keys, self.values, self.pool, self.row = keys, values, None, -1
+        else:
+            self.bind(pool, row)
+        if old_pool is not None:  # bound to the new buffer first: giving a row back may move the others
+            old_pool.give(old_row)
 
 
 class KVStore:
@@ -150,6 +192,7 @@ class KVStore:
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.windows: tuple[int | None, ...] = tuple(windows) or (None,) * n_layers  # each layer's, None: no window
         self.dtype, self.device = dtype, device
+        self._pools = [PoolSet(n_kv_heads, head_dim, dtype, device) for _ in range(n_layers)]
         self._caches: dict[int, list[LayerCache]] = {}
         self._last_used: dict[int, float] = {}
         # Per sequence, whatever a model keeps beside its caches (a recorded decode step): released with them.
@@ -186,7 +229,10 @@ class KVStore:
         self._last_used[seq_id] = time.monotonic()
         caches = self._caches.get(seq_id)
         if caches is None:
-            caches = [LayerCache(self.n_kv_heads, self.head_dim, self.dtype, self.device, w) for w in self.windows]
+            caches = [
+                LayerCache(self.n_kv_heads, self.head_dim, self.dtype, self.device, window, pools)
+                for window, pools in zip(self.windows, self._pools, strict=True)
+            ]
             self._caches[seq_id] = caches
         return caches
 
@@ -203,7 +249,8 @@ class KVStore:
 
     def release(self, seq_ids: Iterable[int]) -> None:
         for seq_id in seq_ids:
-            self._caches.pop(seq_id, None)
+            for cache in self._caches.pop(seq_id, ()):
+                cache.free()
             self._last_used.pop(seq_id, None)
             self.graphs.pop(seq_id, None)
 
@@ -219,8 +266,56 @@ class KVStore:
 
     @property
     def nbytes(self) -> int:
+        """What the caches take: their pools' rows, spare ones too, and the buffers of their own."""
         # A snapshot first: Info and the dashboard read this while the forward thread adds and drops sequences.
-        return sum(c.nbytes for caches in list(self._caches.values()) for c in caches)
+        own = sum(c.nbytes for caches in list(self._caches.values()) for c in caches if c.pool is None)
+        return own + sum(pools.reserved_bytes for pools in self._pools)
+
+
+def decode_step(
+    caches: Sequence[LayerCache], positions: Sequence[int], keys: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One new key and value per sequence (keys, values: (n, n_kv_heads, head_dim)) written at its position, and
+    every sequence's keys and values from position 0 to the longest's end, past each one's own end zeros or what a
+    rolled-back write left (finite, for a mask to hide): (n, n_kv_heads, longest, head_dim) each.
+
+    The caches of one pool are written and read with one indexed op each (kv_pool.py); the rest one by one. Every
+    cache must hold its positions from 0 (a window's cache until it drops any)."""
+    for cache, position in zip(caches, positions, strict=True):
+        cache.make_room(position, position + 1)
+        if cache.start:
+            raise ValueError(f"a padded decode step reads from position 0; a cache holds positions from {cache.start}")
+    n, longest = len(caches), max(positions) + 1
+    groups: dict[int, list[int]] = {}
+    for index, cache in enumerate(caches):
+        groups.setdefault(id(cache.pool) if cache.pool is not None else -1 - index, []).append(index)
+    if len(groups) == 1 and caches[0].pool is not None:  # the common case: every cache a row of one pool
+        pool = caches[0].pool
+        rows = torch.tensor([cache.row for cache in caches], device=keys.device)
+        slots = torch.tensor(positions, device=keys.device)
+        pool.keys[rows, :, slots] = keys
+        pool.values[rows, :, slots] = values
+        return pool.keys[:, :, :longest].index_select(0, rows), pool.values[:, :, :longest].index_select(0, rows)
+    padded_keys = keys.new_zeros(n, keys.shape[1], longest, keys.shape[2])  # (n, n_kv_heads, longest, head_dim)
+    padded_values = torch.zeros_like(padded_keys)
+    for members in groups.values():
+        first = caches[members[0]]
+        if first.pool is None:
+            index, position = members[0], positions[members[0]]
+            first.keys[0, :, position] = keys[index]
+            first.values[0, :, position] = values[index]
+            padded_keys[index, :, : position + 1] = first.keys[0, :, : position + 1]
+            padded_values[index, :, : position + 1] = first.values[0, :, : position + 1]
+            continue
+        pool, width = first.pool, min(longest, first.pool.capacity)
+        picked = torch.tensor(members, device=keys.device)
+        rows = torch.tensor([caches[i].row for i in members], device=keys.device)
+        slots = torch.tensor([positions[i] for i in members], device=keys.device)
+        pool.keys[rows, :, slots] = keys[picked]
+        pool.values[rows, :, slots] = values[picked]
+        padded_keys[picked, :, :width] = pool.keys[:, :, :width].index_select(0, rows)
+        padded_values[picked, :, :width] = pool.values[:, :, :width].index_select(0, rows)
+    return padded_keys, padded_values
 
 
 def _held(caches: list[LayerCache] | None) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 from cake_py.models import graphs
 from cake_py.models.config import ModelConfig
 from cake_py.models.graphs import DecodeGraphs
-from cake_py.models.kv_cache import Batch, KVStore, LayerCache
+from cake_py.models.kv_cache import Batch, KVStore, LayerCache, decode_step
 from cake_py.models.kv_layout import first_read
 from cake_py.models.rope import (
     apply_rope,
@@ -172,20 +172,14 @@ class Attention(nn.Module):
         q: (n, n_heads, head_dim); k, v: (n, n_kv_heads, head_dim) → (n, n_heads * head_dim).
         """
         n, group = len(batch), self.n_heads // self.n_kv_heads
-        lengths = [piece.start_pos + 1 for piece in batch]
-        longest = max(lengths)
-        keys = k.new_zeros(n, self.n_kv_heads, longest, self.head_dim)  # (n, n_kv_heads, L, head_dim)
-        values = v.new_zeros(n, self.n_kv_heads, longest, self.head_dim)
-        for index, (piece, cache) in enumerate(zip(batch, caches, strict=True)):
-            new_k, new_v = (t[index].view(1, self.n_kv_heads, 1, self.head_dim) for t in (k, v))
-            cached_k, cached_v = cache.update(new_k, new_v, piece.start_pos)
-            keys[index, :, : lengths[index]] = cached_k[0]
-            values[index, :, : lengths[index]] = cached_v[0]
+        positions = [piece.start_pos for piece in batch]
+        keys, values = decode_step(caches, positions, k, v)  # (n, n_kv_heads, L, head_dim), past each end finite
+        longest = keys.shape[2]
         queries = q.view(n, self.n_kv_heads, group, self.head_dim).float()  # (n, n_kv_heads, group, head_dim)
         scores = torch.matmul(queries, keys.float().transpose(-1, -2)) * self.scale  # (n, kv, group, L)
         if self.softcap is not None:  # before the padding is masked, as the reference caps before its mask
             scores = soft_cap(scores, self.softcap)
-        padding = torch.arange(longest, device=q.device)[None, :] >= torch.tensor(lengths, device=q.device)[:, None]
+        padding = torch.arange(longest, device=q.device)[None, :] > torch.tensor(positions, device=q.device)[:, None]
         scores.masked_fill_(padding[:, None, None, :], float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (n, n_kv_heads, group, head_dim)
         return out.to(v.dtype).reshape(n, self.n_heads * self.head_dim)

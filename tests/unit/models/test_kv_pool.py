@@ -1,0 +1,199 @@
+"""KV caches as rows of per-layer pools: rows move when a pool grows or shrinks, and every cache still reads what it
+wrote; a padded decode step over pooled and unpooled caches alike."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cake_py.models import kv_pool
+from cake_py.models.kv_cache import KVStore, LayerCache, SequenceSlice, decode_step
+from cake_py.models.kv_pool import PoolSet, RowPool
+
+CPU = torch.device("cpu")
+
+
+class Owner:
+    def __init__(self) -> None:
+        self.pool: RowPool | None = None
+        self.row = -1
+
+    def bind(self, pool: RowPool, row: int) -> None:
+        self.pool, self.row = pool, row
+
+
+def test_a_pool_grows_by_half_keeps_its_rows_and_rebinds_their_owners_when_they_move() -> None:
+    pool = RowPool(2, 4, 3, torch.float32, CPU)
+    owners = [Owner() for _ in range(7)]
+    for number, owner in enumerate(owners):
+        row = pool.take(owner)
+        owner.bind(pool, row)
+        assert torch.count_nonzero(pool.keys[row]) == 0  # a row taken is zeros
+        pool.keys[row].fill_(number)
+        pool.values[row].fill_(-number)
+    assert pool.n_rows == 9 and pool.n_used == 7  # 1, 2, 3, 4, 6, 9
+    for number, owner in enumerate(owners):
+        assert owner.pool is pool
+        assert torch.all(pool.keys[owner.row] == number) and torch.all(pool.values[owner.row] == -number)
+
+
+def test_a_pool_mostly_empty_moves_its_rows_down_and_gives_memory_back() -> None:
+    pool = RowPool(1, 2, 2, torch.float32, CPU)
+    owners = [Owner() for _ in range(9)]
+    for number, owner in enumerate(owners):
+        owner.bind(pool, pool.take(owner))
+        pool.keys[owner.row].fill_(number)
+    for owner in owners[:6]:  # the lowest rows go: the ones left sit at the top
+        pool.give(owner.row)
+    assert pool.n_used == 3 and pool.n_rows == 4  # at a third in use: half again what is used
+    for number, owner in zip(range(6, 9), owners[6:], strict=True):
+        assert owner.row < 4 and torch.all(pool.keys[owner.row] == number)
+    for owner in owners[6:]:
+        pool.give(owner.row)
+    assert pool.n_rows == 0 and pool.keys.numel() == 0  # an idle pool holds nothing
+
+
+def test_only_short_caches_are_pooled() -> None:
+    pools = PoolSet(1, 2, torch.float32, CPU)
+    assert pools.pool(256) is pools.pool(256) and pools.pool(256) is not pools.pool(512)
+    assert pools.pool(kv_pool.POOLED_MAX_CAPACITY) is not None
+    assert pools.pool(kv_pool.POOLED_MAX_CAPACITY + 256) is None and pools.pool(0) is None
+
+
+def test_caches_growing_past_each_other_keep_what_they_wrote() -> None:
+    """Caches leave a pool for the next one up as they grow: the rows left behind move down, rebound each time."""
+    pools = PoolSet(1, 2, torch.float32, CPU)
+    caches = [LayerCache(1, 2, torch.float32, CPU, pools=pools) for _ in range(6)]
+    for step, length in enumerate((100, 300, 600, 1100, 2100)):
+        for index, cache in enumerate(caches[step:], start=step):  # the first ones stop growing, one at a time
+            start = cache.length
+            written = torch.arange(start, length, dtype=torch.float32).view(1, 1, -1, 1).expand(1, 1, -1, 2) + index
+            cache.update(written, -written, start)
+    for index, cache in enumerate(caches):
+        expected = torch.arange(cache.length, dtype=torch.float32) + index
+        assert torch.equal(cache.keys[0, 0, : cache.length, 0], expected)
+        assert torch.equal(cache.values[0, 0, : cache.length, 1], -expected)
+    assert [cache.pool is not None for cache in caches] == [True] * 4 + [False] * 2  # 2,560 positions: its own
+
+
+def test_a_released_sequence_gives_its_rows_back() -> None:
+    store = KVStore(2, 1, 2, torch.float32, CPU)
+    for seq_id in (1, 2, 3):
+        for cache in store.for_batch([SequenceSlice(seq_id, 0, 4)])[0]:
+            cache.update(torch.ones(1, 1, 4, 2), torch.ones(1, 1, 4, 2), 0)
+    row_bytes = 2 * 256 * 2 * 4  # keys and values of 256 positions, float32
+    assert store.nbytes == 2 * 3 * row_bytes  # two layers of 3 rows (1, 2, 3: no spare one)
+    store.release([2])
+    assert store.nbytes == 2 * 3 * row_bytes  # a spare row each: still memory taken
+    store.release([1, 3])
+    assert store.nbytes == 0
+
+
+def padded_reference(caches: list[LayerCache], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(positions) + 1
+    keys = torch.stack([torch.nn.functional.pad(c.keys[0, :, : p + 1], (0, 0, 0, longest - p - 1)) for c, p in
+                        zip(caches, positions, strict=True)])  # fmt: skip
+    values = torch.stack([torch.nn.functional.pad(c.values[0, :, : p + 1], (0, 0, 0, longest - p - 1)) for c, p in
+                          zip(caches, positions, strict=True)])  # fmt: skip
+    return keys, values
+
+
+@pytest.mark.parametrize("lengths", [(3, 40, 17, 250), (3, 300, 700, 2100, 9)])
+def test_a_padded_decode_step_writes_each_token_and_reads_every_cache_from_0(lengths: tuple[int, ...]) -> None:
+    """One pool (every cache under 256 positions), or pools of several sizes and a cache of its own."""
+    pools = PoolSet(2, 3, torch.float32, CPU)
+    generator = torch.Generator().manual_seed(0)
+    caches = []
+    for length in lengths:
+        cache = LayerCache(2, 3, torch.float32, CPU, pools=pools)
+        cache.update(torch.randn(1, 2, length, 3, generator=generator), torch.randn(1, 2, length, 3), 0)
+        caches.append(cache)
+    new_keys, new_values = torch.randn(len(lengths), 2, 3, generator=generator), torch.randn(len(lengths), 2, 3)
+    positions = list(lengths)
+    keys, values = decode_step(caches, positions, new_keys, new_values)
+    expected_keys, expected_values = padded_reference(caches, positions)
+    for index, position in enumerate(positions):
+        assert caches[index].length == position + 1
+        assert torch.equal(caches[index].keys[0, :, position], new_keys[index])
+        assert torch.equal(keys[index, :, : position + 1], expected_keys[index, :, : position + 1])
+        assert torch.equal(values[index, :, : position + 1], expected_values[index, :, : position + 1])
+    assert keys.shape == (len(lengths), 2, max(lengths) + 1, 3) and torch.isfinite(keys).all()
+    assert torch.isfinite(values).all()
+
+
+def test_a_padded_decode_step_refuses_a_cache_that_dropped_its_first_positions() -> None:
+    cache = LayerCache(1, 2, torch.float32, CPU, window=4, pools=PoolSet(1, 2, torch.float32, CPU))
+    cache.update(torch.ones(1, 1, 10, 2), torch.ones(1, 1, 10, 2), 0)
+    cache.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 10)
+    with pytest.raises(ValueError, match="holds positions from 8"):
+        decode_step([cache], [11], torch.ones(1, 1, 2), torch.ones(1, 1, 2))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_work_on_pooled_caches_reads_the_same_as_caches_of_their_own(seed: int) -> None:
+    """Sequences come and go, prefill, decode together, copy another's prefix and roll back, in random order: with
+    pools (rows moving all the time) and without, every sequence's caches hold the same positions."""
+    rng = random.Random(seed)
+    stores = {limit: KVStore(2, 1, 2, torch.float32, CPU, windows=(None, 300)) for limit in (2048, 0)}
+    lengths: dict[int, int] = {}
+    for step in range(150):
+        action = rng.choice(["new", "decode", "decode", "decode", "prefill", "copy", "release", "rollback"])
+        live = sorted(lengths)
+        batch: list[SequenceSlice] = []
+        if action == "new" or not live:
+            batch = [SequenceSlice(step + 1000, 0, rng.randint(1, 400))]
+        elif action == "decode":
+            batch = [SequenceSlice(s, lengths[s], 1) for s in rng.sample(live, rng.randint(1, len(live)))]
+        elif action == "prefill":
+            seq_id = rng.choice(live)
+            batch = [SequenceSlice(seq_id, lengths[seq_id], rng.randint(2, 600))]
+        elif action == "copy":
+            source = rng.choice(live)
+            batch = [SequenceSlice(step + 1000, min(lengths[source], rng.randint(1, 200)), 1, copy_from=source)]
+            if not stores[0].caches_of(source)[1].holds_prefix(batch[0].start_pos):  # type: ignore[index]
+                continue
+        elif action == "release":
+            gone = rng.sample(live, rng.randint(1, min(3, len(live))))
+            for store in stores.values():
+                store.release(gone)
+            for seq_id in gone:
+                del lengths[seq_id]
+            continue
+        else:  # a speculative draft rejected: written again from a little earlier (within what a window keeps)
+            seq_id = rng.choice(live)
+            start = max(0, lengths[seq_id] - rng.randint(1, 4))
+            if stores[0].caches_of(seq_id)[1].start > max(0, start - 299):  # type: ignore[index]
+                continue
+            batch = [SequenceSlice(seq_id, start, 1)]
+        for limit, store in stores.items():
+            kv_pool.POOLED_MAX_CAPACITY = limit
+            try:
+                generator = torch.Generator().manual_seed(step)
+                per_sequence = store.for_batch(batch)
+                for layer, window in enumerate((None, 300)):
+                    caches = [layers[layer] for layers in per_sequence]
+                    decoding = all(p.n_tokens == 1 for p in batch) and all(
+                        window is None or p.start_pos < window for p in batch
+                    )
+                    if decoding and len(batch) > 1:
+                        new = torch.randn(len(batch), 1, 2, generator=generator)
+                        decode_step(caches, [p.start_pos for p in batch], new, -new)
+                    else:
+                        for piece, cache in zip(batch, caches, strict=True):
+                            new = torch.randn(1, 1, piece.n_tokens, 2, generator=generator)
+                            cache.update(new, -new, piece.start_pos)
+            finally:
+                kv_pool.POOLED_MAX_CAPACITY = 2048
+        for piece in batch:
+            lengths[piece.seq_id] = piece.start_pos + piece.n_tokens
+        for seq_id in lengths:
+            pooled, own = stores[2048].caches_of(seq_id), stores[0].caches_of(seq_id)
+            assert pooled is not None and own is not None
+            for a, b in zip(pooled, own, strict=True):
+                assert (a.start, a.length) == (b.start, b.length)
+                held = a.length - a.start
+                assert torch.equal(a.keys[:, :, :held], b.keys[:, :, :held])
+                assert torch.equal(a.values[:, :, :held], b.values[:, :, :held])
+    assert any(cache.pool is not None for caches in stores[2048]._caches.values() for cache in caches)
