@@ -46,6 +46,14 @@ class OverloadedError(CakeError):
     """Too many requests are waiting: refused now rather than queued for minutes."""
 
 
+class KVMemoryError(CakeError):
+    """A sequence's KV caches would grow into the memory kept free for everything else: that sequence ends with this
+    error instead of the process being killed for memory. Its message starts with `MARK`, which survives the wire
+    (a worker's error reaches the master as text)."""
+
+    MARK = "not enough memory for the KV caches"
+
+
 class ClusterError(CakeError):
     """A worker is unreachable, refuses us, or the topology is invalid."""
 

@@ -1,7 +1,8 @@
 """What the engine does when things fail (the Engine class mixes this in; engine.py keeps the schedule):
 
 - A failed step ends only the sequences at fault: a batch that failed runs again one sequence at a time, and a copy
-  of kept prefixes a stage lost is dropped and the step tried again.
+  of kept prefixes a stage lost is dropped and the step tried again. A stage short of memory for KV caches gets the
+  kept prefixes' memory first (they are dropped and the step tried again); then the sequence that cannot grow ends.
 - With `hold_s` (failover), a stage that goes down does not end the requests it was serving: they wait for it, or
   move to the engine that replaces this one (`hand_over`, `adopt`), and are computed again from their first token.
   One restarted MAX_RESTARTS times ends instead (a worker that crashes on every forward).
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from cake_py.cluster.pipeline import Pipeline
 from cake_py.engine.copies import CopySources
 from cake_py.engine.sequence import GenerationEvent, Sequence
-from cake_py.errors import CakeError, ClusterError
+from cake_py.errors import CakeError, ClusterError, KVMemoryError
 from cake_py.models.kv_cache import Batch
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,13 @@ HOLD_CHECK_S = 0.5  # how often held sequences look whether the pipeline is whol
 # A sequence computed again this many times (a stage that keeps going down, perhaps because of this very request)
 # ends with the error instead of being held once more.
 MAX_RESTARTS = 3
+
+
+def _short_of_memory(error: Exception) -> bool:
+    """Whether a step failed for memory: a stage's KV caches could not grow (a worker's error arrives as text), or a
+    GPU's allocator ran out."""
+    text = str(error)
+    return KVMemoryError.MARK in text or "CUDA out of memory" in text
 
 
 class Faults:
@@ -73,6 +81,11 @@ class Faults:
         if not isinstance(error, CakeError):
             log.exception("forward pass failed")
             error = CakeError(f"internal error in the forward pass: {type(error).__name__}: {error}")
+        if _short_of_memory(error) and len(self.copies.prefix_cache) and not self.pipeline.down_stages():
+            # Kept prefixes are the memory to give up first: the running sequences need it more.
+            log.warning("a step ran out of memory for KV caches: the kept prefixes are dropped, the step retried")
+            self._to_release += self.copies.drop_prefixes(batch, members)
+            return
         if self.copies.prefix_copies and not self.pipeline.down_stages():
             # A kept cache a stage no longer holds (its idle timeout, a restart: then it lost them all).
             log.warning(

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from cake_py.errors import KVMemoryError
 from cake_py.models.kv_layout import Layout, after_copy, after_write, can_copy, first_read
-from cake_py.models.kv_pool import PoolSet, RowPool
+from cake_py.models.kv_pool import PoolSet, RowPool, check_room
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,17 @@ class LayerCache:
         from `offset` to its front; the old buffer goes back."""
         # Zeros, not garbage, past the length: a graphed or padded decode step reads past it, masked, and a NaN
         # there would survive the mask.
-        pool = self._pools.pool(capacity) if self._pools is not None else None
+        try:
+            pool, row = self._allocate(capacity)
+        except KVMemoryError:
+            if self._pools is None:
+                raise
+            self._pools.trim_all()  # the pools' spare rows first
+            pool, row = self._allocate(capacity)
         if pool is None:
             keys = torch.zeros(1, self.n_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
             values = torch.zeros_like(keys)
-        else:
-            row = pool.take(self)  # may move the pool's rows, this cache's or the source's too: read them after
+        else:  # taking the row may have moved the pool's rows, this cache's or the source's too: read after it
             keys, values = pool.keys[row : row + 1], pool.values[row : row + 1]
         keys[:, :, :held] = source.keys[:, :, offset : offset + held]
         values[:, :, :held] = source.values[:, :, offset : offset + held]
@@ -173,6 +179,15 @@ class LayerCache:
             self.bind(pool, row)
         if old_pool is not None:  # bound to the new buffer first: giving a row back may move the others
             old_pool.give(old_row)
+
+    def _allocate(self, capacity: int) -> tuple[RowPool | None, int]:
+        """A row of the pool for `capacity` positions taken for this cache, or (None, -1) for a buffer of its own,
+        once there is room for it (KVMemoryError otherwise)."""
+        pool = self._pools.pool(capacity) if self._pools is not None else None
+        if pool is None:
+            check_room(2 * capacity * self.n_kv_heads * self.head_dim * self.dtype.itemsize, self.device)
+            return None, -1
+        return pool, pool.take(self)
 
 
 class KVStore:
@@ -192,7 +207,8 @@ class KVStore:
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.windows: tuple[int | None, ...] = tuple(windows) or (None,) * n_layers  # each layer's, None: no window
         self.dtype, self.device = dtype, device
-        self._pools = [PoolSet(n_kv_heads, head_dim, dtype, device) for _ in range(n_layers)]
+        self._pools: list[PoolSet] = []
+        self._pools += [PoolSet(n_kv_heads, head_dim, dtype, device, self._pools) for _ in range(n_layers)]
         self._caches: dict[int, list[LayerCache]] = {}
         self._last_used: dict[int, float] = {}
         # Per sequence, whatever a model keeps beside its caches (a recorded decode step): released with them.

@@ -17,9 +17,41 @@ from __future__ import annotations
 import heapq
 from typing import Protocol
 
+import psutil
 import torch
 
+from cake_py.errors import KVMemoryError
+
 POOLED_MAX_CAPACITY = 2048  # positions: caches up to this size share pools (every doubling step of kv_layout.py)
+# Host memory KV caches never take: the larger of these. What a step needs besides (activations; a layer's 4-bit
+# weights unpacked for a prefill chunk) and the rest of the machine live there; caches that grew into it had the
+# kernel kill the whole process (a worker: every request through it) where one sequence should end.
+KEEP_FREE_BYTES = 1 << 30
+KEEP_FREE_FRACTION = 0.05
+
+
+def check_room(nbytes: int, device: torch.device) -> None:
+    """KVMemoryError unless `nbytes` more of KV caches leave the host the memory it keeps free. An accelerator's
+    allocator raises its own error when full; only host memory is checked (read at each growth: other processes
+    use it too)."""
+    if device.type != "cpu":
+        return
+    memory = psutil.virtual_memory()
+    keep = max(KEEP_FREE_BYTES, int(memory.total * KEEP_FREE_FRACTION))
+    if memory.available - nbytes < keep:
+        raise KVMemoryError(
+            f"{KVMemoryError.MARK}: {_size(nbytes)} more would leave {_size(memory.available - nbytes)} of this "
+            f"host's memory free, under the {_size(keep)} kept free (fewer concurrent sequences, `--max-running`, "
+            "or a shorter `--max-model-len` need less)"
+        )
+
+
+def _size(nbytes: int) -> str:
+    """Bytes as people read them: 512 B, 96.0 KiB, 1.5 GiB."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if abs(nbytes) >= 1 << shift:
+            return f"{nbytes / (1 << shift):.1f} {unit}"
+    return f"{nbytes} B"
 
 
 class RowOwner(Protocol):
@@ -36,6 +68,7 @@ class RowPool:
     def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.capacity = capacity
         self._shape = (n_kv_heads, capacity, head_dim)
+        self._row_bytes = n_kv_heads * capacity * head_dim * dtype.itemsize  # keys or values
         self.keys = torch.zeros(0, *self._shape, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self._owners: list[RowOwner | None] = []
@@ -67,10 +100,17 @@ class RowPool:
         if used * 3 <= self.n_rows:
             self._resize(used + used // 2)
 
+    def trim(self) -> None:
+        """Give back every spare row (memory is short)."""
+        if self.n_used < self.n_rows:
+            self._resize(self.n_used)
+
     def _resize(self, n_rows: int) -> None:
         """Reallocate to `n_rows` rows: the used rows above it move down into free ones first."""
         if n_rows < self.n_rows:
             self._compact(n_rows)
+        else:  # the old rows stay until the new ones hold a copy
+            check_room(2 * n_rows * self._row_bytes, self.keys.device)
         keep = min(n_rows, self.n_rows)
         keys = self.keys.new_zeros(n_rows, *self._shape)
         values = self.values.new_zeros(n_rows, *self._shape)
@@ -95,11 +135,26 @@ class RowPool:
 
 
 class PoolSet:
-    """One layer's pools, by capacity."""
+    """One layer's pools, by capacity; `siblings` are the pool sets of the stage's other layers (and this one), whose
+    spare rows go too when memory is short."""
 
-    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        siblings: list[PoolSet] | None = None,
+    ) -> None:
         self.n_kv_heads, self.head_dim, self.dtype, self.device = n_kv_heads, head_dim, dtype, device
         self._pools: dict[int, RowPool] = {}
+        self.siblings = siblings if siblings is not None else [self]
+
+    def trim_all(self) -> None:
+        """Every spare row of the stage's pools given back: what a cache that cannot grow tries before failing."""
+        for pools in self.siblings:
+            for pool in list(pools._pools.values()):
+                pool.trim()
 
     def pool(self, capacity: int) -> RowPool | None:
         """The pool for caches of `capacity` positions; None past `POOLED_MAX_CAPACITY` (a buffer of its own)."""

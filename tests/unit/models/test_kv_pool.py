@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from cake_py.errors import KVMemoryError
 from cake_py.models import kv_pool
 from cake_py.models.kv_cache import KVStore, LayerCache, SequenceSlice, decode_step
 from cake_py.models.kv_pool import PoolSet, RowPool
@@ -197,3 +198,68 @@ def test_random_work_on_pooled_caches_reads_the_same_as_caches_of_their_own(seed
                 assert torch.equal(a.keys[:, :, :held], b.keys[:, :, :held])
                 assert torch.equal(a.values[:, :, :held], b.values[:, :, :held])
     assert any(cache.pool is not None for caches in stores[2048]._caches.values() for cache in caches)
+
+
+class FakeMemory:
+    """A host with `available` bytes free, the KV caches of `store` (if any) taken out of it as they grow."""
+
+    def __init__(self, available: int, store: KVStore | None = None) -> None:
+        self.available, self.store = available, store
+
+    def __call__(self) -> object:
+        used = self.store.nbytes if self.store is not None else 0
+        return type("Memory", (), {"total": 1 << 40, "available": self.available - used})()
+
+
+@pytest.fixture
+def keep_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv_pool, "KEEP_FREE_BYTES", 0)
+    monkeypatch.setattr(kv_pool, "KEEP_FREE_FRACTION", 0.0)
+
+
+def test_caches_never_grow_into_the_memory_kept_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", FakeMemory(3 << 30))
+    monkeypatch.setattr(kv_pool, "KEEP_FREE_FRACTION", 0.0)
+    kv_pool.check_room(1 << 30, CPU)  # 2 GiB left: fine
+    with pytest.raises(KVMemoryError, match=r"^not enough memory for the KV caches: 2\.5 GiB more would leave "
+                       r"512\.0 MiB of this host's memory free, under the 1\.0 GiB kept free"):  # fmt: skip
+        kv_pool.check_room(5 << 29, CPU)
+    kv_pool.check_room(1 << 40, torch.device("meta"))  # an accelerator's own allocator says when it is full
+
+
+@pytest.mark.usefixtures("keep_nothing")
+@pytest.mark.parametrize("pooled", [True, False])
+def test_a_cache_that_cannot_grow_keeps_what_it_held_and_grows_once_there_is_room(
+    monkeypatch: pytest.MonkeyPatch, pooled: bool
+) -> None:
+    memory = FakeMemory(5 * 256 * 2 * 4)  # keys and values of 256 positions, 2.5 times over
+    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", memory)
+    cache = LayerCache(1, 2, torch.float32, CPU, pools=PoolSet(1, 2, torch.float32, CPU) if pooled else None)
+    cache.update(torch.ones(1, 1, 200, 2), torch.ones(1, 1, 200, 2), 0)
+    memory.available -= cache.nbytes
+    with pytest.raises(KVMemoryError, match="not enough memory for the KV caches"):
+        cache.update(torch.ones(1, 1, 100, 2), torch.ones(1, 1, 100, 2), 200)  # 512 positions: twice as much
+    assert cache.length == 200 and cache.keys.shape[2] == 256 and torch.all(cache.keys[0, 0, :200] == 1)
+    memory.available += 2 * cache.nbytes
+    cache.update(torch.full((1, 1, 100, 2), 2.0), torch.ones(1, 1, 100, 2), 200)  # the same write again
+    assert cache.length == 300 and torch.all(cache.keys[0, 0, :200] == 1) and torch.all(cache.keys[0, 0, 200:300] == 2)
+
+
+@pytest.mark.usefixtures("keep_nothing")
+def test_spare_rows_of_every_layer_go_before_a_cache_fails_to_grow(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = KVStore(2, 1, 2, torch.float32, CPU)
+    row = 2 * 256 * 2 * 4  # keys and values of 256 positions
+    memory = FakeMemory(100 * row, store)
+    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", memory)
+    for seq_id in range(4):
+        for cache in store.for_batch([SequenceSlice(seq_id, 0, 10)])[0]:
+            cache.update(torch.ones(1, 1, 10, 2), torch.ones(1, 1, 10, 2), 0)
+    store.release([1, 2])  # 4 rows a layer, 2 of them spare
+    assert store.nbytes == 8 * row
+    memory.available = 9 * row  # 1 row free: sequence 0's first 512-position row takes 2
+    (caches,) = store.for_batch([SequenceSlice(0, 10, 300)])
+    for cache in caches:
+        cache.update(torch.ones(1, 1, 300, 2), torch.ones(1, 1, 300, 2), 10)
+    assert [cache.keys.shape[2] for cache in caches] == [512, 512] and torch.all(caches[1].keys[0, 0, :310] == 1)
+    # Each layer: sequence 3's row and the one sequence 0 left (a pool half used keeps it), and the 512-position row.
+    assert store.nbytes == 2 * (2 + 2) * row

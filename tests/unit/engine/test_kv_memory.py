@@ -1,0 +1,125 @@
+"""A host short of memory for KV caches ends the sequence that cannot grow, not the process; kept prefixes give
+their memory first."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from cake_py.cluster.pipeline import Pipeline, load_ends, local_pipeline
+from cake_py.cluster.stage import LocalStage
+from cake_py.engine.engine import Engine
+from cake_py.errors import KVMemoryError
+from cake_py.models import kv_pool
+from cake_py.models.hub import ModelSource, resolve_model
+from cake_py.models.kv_cache import KVStore
+from cake_py.models.sampling import SamplingParams
+from tests.unit.engine.test_engine_faults import InProcessWorker, run_together, tokens
+
+# The tiny Llama's caches of 256 positions: 3 layers × keys and values × 2 kv heads × 16 wide, float32.
+BLOCK = 3 * 2 * 2 * 256 * 16 * 4
+
+
+class HostMemory:
+    """A host with `size` bytes for KV caches: the stage's caches take theirs out of it as they grow."""
+
+    def __init__(self, size: int, store: KVStore) -> None:
+        self.size, self.store = size, store
+
+    def __call__(self) -> object:
+        return type("Memory", (), {"total": 1 << 40, "available": self.size - self.store.nbytes})()
+
+
+@pytest.fixture(scope="module")
+def source(tiny_model_factory) -> ModelSource:  # type: ignore[no-untyped-def]
+    return resolve_model(str(tiny_model_factory("llama")))
+
+
+def engine_on_a_small_host(source: ModelSource, monkeypatch: pytest.MonkeyPatch, prefix_cache_tokens: int) -> Engine:
+    engine = Engine(
+        local_pipeline(source, torch.float32),
+        source.tokenizer,
+        max_batch_tokens=64,
+        prefix_cache_tokens=prefix_cache_tokens,
+    )
+    stage = engine.pipeline.stages[0]
+    assert isinstance(stage, LocalStage)
+    # Room for 2.9 blocks: two sequences under 256 positions, not one of them grown to 512 (2 blocks) beside the other
+    # (the caches grow a layer at a time, each leaving its old row behind until the pool trims it).
+    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", HostMemory(29 * BLOCK // 10, stage.kv))
+    monkeypatch.setattr(kv_pool, "KEEP_FREE_BYTES", 0)
+    monkeypatch.setattr(kv_pool, "KEEP_FREE_FRACTION", 0.0)
+    return engine
+
+
+def test_the_sequence_that_cannot_grow_ends_with_why_and_the_others_go_on(
+    source: ModelSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_on_a_small_host(source, monkeypatch, prefix_cache_tokens=0)
+    engine.start()
+    try:
+        short = ([5, 6, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+        long = ([11 + i % 50 for i in range(200)], SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True))
+        _, (short_events, long_events) = run_together(engine, [short, long])
+        assert short_events[-1].finish_reason == "length" and len(tokens(short_events)) == 100
+        last = long_events[-1]
+        assert last.finish_reason == "error" and last.error is not None
+        assert last.error.startswith(KVMemoryError.MARK)
+        # It ran until its caches had to grow: its 57th token was its last, the step writing position 256 failed.
+        assert len(tokens(long_events)) == 57
+        again = run_together(engine, [short])[1][0]  # the engine, and the host, are fine
+        assert tokens(again) == tokens(short_events)
+    finally:
+        engine.stop()
+
+
+def test_kept_prefixes_give_their_memory_to_a_sequence_that_must_grow(
+    source: ModelSource, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = engine_on_a_small_host(source, monkeypatch, prefix_cache_tokens=8192)
+    engine.start()
+    try:
+        kept = ([30 + i for i in range(30)], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        (kept_id,), _ = run_together(engine, [kept])
+        assert kept_id in engine.prefix_cache
+        long = ([11 + i % 50 for i in range(200)], SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True))
+        with caplog.at_level(logging.WARNING, logger="cake_py.engine.faults"):
+            events = run_together(engine, [long])[1][0]
+        assert events[-1].finish_reason == "length" and len(tokens(events)) == 150
+        assert kept_id not in engine.prefix_cache
+        assert "the kept prefixes are dropped" in caplog.text
+    finally:
+        engine.stop()
+
+
+def test_a_worker_short_of_memory_says_so_and_the_master_drops_kept_prefixes_on_every_stage(
+    source: ModelSource, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's KVMemoryError reaches the master as text (a StageError naming the worker): the master still
+    knows it for what it is, and the kept prefixes it drops free the worker's memory."""
+    worker = InProcessWorker(tmp_path, source, (0, source.config.n_layers), lambda batch: False, after=False)
+    assert worker.worker.kv is not None
+    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", HostMemory(29 * BLOCK // 10, worker.worker.kv))
+    monkeypatch.setattr(kv_pool, "KEEP_FREE_BYTES", 0)
+    monkeypatch.setattr(kv_pool, "KEEP_FREE_FRACTION", 0.0)
+    pipeline = Pipeline(load_ends(source, torch.float32), [worker])  # type: ignore[list-item]
+    engine = Engine(pipeline, source.tokenizer, max_batch_tokens=64, prefix_cache_tokens=8192)
+    engine.start()
+    try:
+        kept = ([30 + i for i in range(30)], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        (kept_id,), _ = run_together(engine, [kept])
+        long = ([11 + i % 50 for i in range(200)], SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True))
+        with caplog.at_level(logging.WARNING, logger="cake_py.engine.faults"):
+            events = run_together(engine, [long])[1][0]
+        assert events[-1].finish_reason == "length" and len(tokens(events)) == 150
+        assert kept_id not in engine.prefix_cache and kept_id not in worker.worker.kv.sequence_ids()
+        assert "the kept prefixes are dropped" in caplog.text
+        short = ([5, 6, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+        _, (_, failed) = run_together(engine, [short, long])  # the long one kept: not room for a third grown one
+        assert failed[-1].finish_reason == "error"
+        assert (failed[-1].error or "").startswith(f"w0: {KVMemoryError.MARK}: ")
+    finally:
+        engine.stop()
