@@ -2,7 +2,8 @@
 
 - A failed step ends only the sequences at fault: a batch that failed runs again one sequence at a time, and a copy
   of kept prefixes a stage lost is dropped and the step tried again. A stage short of memory for KV caches gets the
-  kept prefixes' memory first (they are dropped and the step tried again); then the sequence that cannot grow ends.
+  kept prefixes' memory first (they are dropped and the step tried again); then the sequence that cannot grow waits
+  for a running one to finish and is computed again (`_preempt`), or ends if it runs alone.
 - With `hold_s` (failover), a stage that goes down does not end the requests it was serving: they wait for it, or
   move to the engine that replaces this one (`hand_over`, `adopt`), and are computed again from their first token.
   One restarted MAX_RESTARTS times ends instead (a worker that crashes on every forward).
@@ -61,6 +62,7 @@ class Faults:
     _wake: threading.Event
     _stopping: bool
     _dead: bool
+    _admit_below: int | None
 
     @property
     def held(self) -> int:
@@ -92,6 +94,8 @@ class Faults:
                 "a step copying kept prefixes failed (%s): the kept caches are dropped, the step retried", error
             )
             self._to_release += self.copies.drop_prefixes(batch, members)
+            return
+        if len(members) == 1 and _short_of_memory(error) and self._preempt(members[0], error):
             return
         if len(members) > 1 and not self.pipeline.down_stages():
             log.warning("a step of %d sequences failed (%s): each runs alone once", len(members), error)
@@ -138,6 +142,31 @@ class Faults:
             self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(error), exception=error))
             return
         seq.restart()
+
+    def _preempt(self, seq: Sequence, error: CakeError) -> bool:
+        """A sequence that failed alone for memory while others run waits for one of them to finish, its caches let
+        go, and is then computed again from its first token (vLLM's preemption by recomputation; its output so far is
+        kept, nothing is sampled twice). No other sequence starts meanwhile. False where it cannot wait: it runs alone
+        (its memory will not come from anyone), a choice waits to copy its prefill, a stage is down, or it was
+        computed again MAX_RESTARTS times."""
+        if (
+            len(self._running) < 2
+            or seq.restarts >= MAX_RESTARTS
+            or self.copies.awaited(seq.seq_id)
+            or self.pipeline.down_stages()
+        ):
+            return False
+        log.warning(
+            "sequence %d waits for memory for its KV caches (%s): %d other(s) run", seq.seq_id, error,
+            len(self._running) - 1,
+        )  # fmt: skip
+        seq.restart()
+        seq.reached_pipeline = False
+        del self._running[seq.seq_id]
+        self._waiting[seq.seq_id] = seq
+        self._to_release.append(seq.seq_id)
+        self._admit_below = len(self._running)  # nothing starts until one of those has finished
+        return True
 
     def _take_suspect(self) -> Sequence | None:
         """The first sequence of a failed step still running (finished or cancelled ones are skipped), to be run
