@@ -77,6 +77,11 @@ class EngineCollector(Collector):
             "Drafted tokens the samples confirmed (each one a step saved)",
             value=retired.accepted_draft_tokens + stats.accepted_draft_tokens,
         )
+        yield CounterMetricFamily(
+            "cake_preemptions",
+            "Sequences that let their KV caches go to wait for memory, then were computed again",
+            value=retired.preemptions + stats.preemptions,
+        )
         yield GaugeMetricFamily(
             "cake_prefix_cache_kept_tokens",
             "Tokens whose caches are kept for prompts that start the same way",

@@ -74,6 +74,7 @@ class RetiredTotals:
     prefix_cached_tokens: int = 0
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    preemptions: int = 0
 
     def plus(self, engine: Engine) -> RetiredTotals:
         """These totals and `engine`'s, as a new object: a scrape reading this one meanwhile sees it unchanged."""
@@ -89,6 +90,7 @@ class RetiredTotals:
             self.prefix_cached_tokens + stats.prefix_cached_tokens,
             self.draft_tokens + stats.draft_tokens,
             self.accepted_draft_tokens + stats.accepted_draft_tokens,
+            self.preemptions + stats.preemptions,
         )
         for stage in engine.pipeline.stages:
             key = (stage.name, stage.start, stage.end)

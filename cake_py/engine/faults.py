@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from cake_py.cluster.pipeline import Pipeline
 from cake_py.engine.copies import CopySources
 from cake_py.engine.sequence import GenerationEvent, Sequence
+from cake_py.engine.stats import EngineStats
 from cake_py.errors import CakeError, ClusterError, KVMemoryError
 from cake_py.models.kv_cache import Batch
 
@@ -63,6 +64,7 @@ class Faults:
     _stopping: bool
     _dead: bool
     _admit_below: int | None
+    stats: EngineStats
 
     @property
     def held(self) -> int:
@@ -161,6 +163,7 @@ class Faults:
             len(self._running) - 1,
         )  # fmt: skip
         seq.restart()
+        self.stats.preemptions += 1
         seq.reached_pipeline = False
         del self._running[seq.seq_id]
         self._waiting[seq.seq_id] = seq

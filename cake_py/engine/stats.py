@@ -18,6 +18,7 @@ class EngineStats:
     prefix_cached_tokens: int = 0  # prompt tokens copied from kept caches instead of computed (prefix caching)
     draft_tokens: int = 0  # prompt lookup decoding: tokens drafted, and of those the ones the samples confirmed
     accepted_draft_tokens: int = 0
+    preemptions: int = 0  # sequences that let their caches go to wait for memory, computed again later
     steps: int = 0
     running: int = 0
     waiting: int = 0

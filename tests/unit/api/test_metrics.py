@@ -210,3 +210,21 @@ def test_drafted_and_confirmed_tokens_are_counted(
     ((_, confirmed),) = samples(text, "cake_accepted_draft_tokens_total")
     assert drafted >= confirmed > 0
     assert (drafted, confirmed) == (engine.stats.draft_tokens, engine.stats.accepted_draft_tokens)
+
+
+def test_preemptions_are_counted_across_engines(
+    tiny_llama: Path, tiny_state: Callable[[Engine | None], ServerState]
+) -> None:
+    """Sequences that waited for memory (engine/faults.py `_preempt`): the engine's count, plus a replaced one's."""
+    source = resolve_model(str(tiny_llama))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)
+    state = tiny_state(engine)
+    with TestClient(create_app(state)) as client:
+        engine.stats.preemptions = 2
+        ((_, counted),) = samples(client.get("/metrics").text, "cake_preemptions_total")
+        assert counted == 2
+        replacement = Engine(local_pipeline(source, torch.float32), source.tokenizer)
+        state.engine = replacement  # what a model switch does: the old engine's counts are kept
+        replacement.stats.preemptions = 1
+        ((_, counted),) = samples(client.get("/metrics").text, "cake_preemptions_total")
+        assert counted == 3
