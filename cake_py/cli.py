@@ -95,6 +95,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         chain=args.chain,
         micro_batch_tokens=args.micro_batch_tokens,
         cuda_graphs=args.cuda_graphs,
+        keep_free_bytes=_mebibytes(args.keep_free_mb),
         files_dir=check_files_dir(args.files_dir or default_files_dir()),
         max_file_bytes=args.max_file_mb * 1024 * 1024,
         files_max_bytes=args.files_max_gb,
@@ -143,7 +144,12 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
         data_port=args.data_port,
         cpus=cpus,
         cuda_graphs=args.cuda_graphs,
+        keep_free_bytes=_mebibytes(args.keep_free_mb),
     )
+
+
+def _mebibytes(value: int | None) -> int | None:
+    return None if value is None else value * 1024 * 1024
 
 
 def _dispatch(args: argparse.Namespace) -> int:

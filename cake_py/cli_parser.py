@@ -81,6 +81,15 @@ def _graphs_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _memory_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-free-mb",
+        type=positive_int,
+        help="host memory in MiB that KV caches never take: a sequence that would grow into it waits or ends with "
+        "an error instead of the process being killed (default: 1024 or 5%% of RAM, whichever is more; 0: none)",
+    )
+
+
 def _tls_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate of this node (enables TLS)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of this node")
@@ -232,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=LOG_HELP,  # INFO as info
     )
     _graphs_flag(serve)
+    _memory_flag(serve)
     _tls_flags(serve)
 
     worker = commands.add_parser("worker", help="run a worker that holds a range of layers for a master")
@@ -250,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--device", default="auto", help=DEVICE_HELP)
     _graphs_flag(worker)
+    _memory_flag(worker)
     worker.add_argument("--threads", type=thread_count, help="torch threads of this worker")
     worker.add_argument("--cpus", help=CPUS_HELP)
     worker.add_argument(

@@ -74,6 +74,7 @@ class ServeSettings:
     # None: 128 where the workers compute apart (other hosts or GPUs), else off (cluster/master.py)
     micro_batch_tokens: int | None = None
     cuda_graphs: bool = True  # on a GPU, one sequence's decode steps replay as CUDA graphs (--no-cuda-graphs)
+    keep_free_bytes: int | None = None  # host memory KV caches never take (--keep-free-mb); None: kv_pool's default
     # The Files and Batch APIs: where files and batches are kept, the largest upload, and how many of a batch's
     # requests run at once (None: half of max_running, so interactive requests keep slots of their own).
     files_dir: Path = field(default_factory=lambda: default_files_dir())
@@ -108,6 +109,7 @@ class WorkerSettings:
     tls_ca: Path | None = None
     cpus: tuple[int, ...] | None = None
     cuda_graphs: bool = True
+    keep_free_bytes: int | None = None  # as ServeSettings'
 
 
 def env(name: str) -> str | None:

@@ -23,7 +23,7 @@ from cake_py.config import ServeSettings
 from cake_py.config_checks import check_can_listen
 from cake_py.engine.engine import Engine
 from cake_py.errors import ConfigError, Stopped
-from cake_py.models import graphs
+from cake_py.models import graphs, kv_pool
 from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_device, set_threads, torch_dtype
 from cake_py.models.hub import ModelSource, resolve_model
 
@@ -111,6 +111,7 @@ def serve(settings: ServeSettings) -> None:
     files_lock = claim(settings.files_dir)  # held until this process ends
     pin_cpus(settings.cpus)
     graphs.set_enabled(settings.cuda_graphs)
+    kv_pool.set_keep_free(settings.keep_free_bytes)
     state = build_state(settings)
     warn_of_an_open_api(settings)
     if len(settings.api_keys) > 1:  # a comma in a single key's value would have split it: say what was read

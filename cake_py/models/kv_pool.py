@@ -28,6 +28,14 @@ POOLED_MAX_CAPACITY = 2048  # positions: caches up to this size share pools (eve
 # kernel kill the whole process (a worker: every request through it) where one sequence should end.
 KEEP_FREE_BYTES = 1 << 30
 KEEP_FREE_FRACTION = 0.05
+_keep_free: int | None = None  # what --keep-free-mb set instead (`set_keep_free`)
+
+
+def set_keep_free(nbytes: int | None) -> None:
+    """The host memory KV caches never take from now on; None: the larger of KEEP_FREE_BYTES and KEEP_FREE_FRACTION
+    of the host's memory."""
+    global _keep_free
+    _keep_free = nbytes
 
 
 def check_room(nbytes: int, device: torch.device) -> None:
@@ -37,18 +45,18 @@ def check_room(nbytes: int, device: torch.device) -> None:
     if device.type != "cpu":
         return
     memory = psutil.virtual_memory()
-    keep = max(KEEP_FREE_BYTES, int(memory.total * KEEP_FREE_FRACTION))
+    keep = _keep_free if _keep_free is not None else max(KEEP_FREE_BYTES, int(memory.total * KEEP_FREE_FRACTION))
     if memory.available - nbytes < keep:
         raise KVMemoryError(
             f"{KVMemoryError.MARK}: {_size(nbytes)} more would leave {_size(memory.available - nbytes)} of this "
-            f"host's memory free, under the {_size(keep)} kept free (fewer concurrent sequences, `--max-running`, "
-            "or a shorter `--max-model-len` need less)"
+            f"host's memory free, under the {_size(keep)} kept free (`--keep-free-mb`; fewer concurrent sequences, "
+            "`--max-running`, or a shorter `--max-model-len` need less)"
         )
 
 
 def _size(nbytes: int) -> str:
     """Bytes as people read them: 512 B, 96.0 KiB, 1.5 GiB."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if abs(nbytes) >= 1 << shift:
             return f"{nbytes / (1 << shift):.1f} {unit}"
     return f"{nbytes} B"

@@ -16,7 +16,7 @@ from cake_py.cluster.hostinfo import measure_tflops
 from cake_py.config import WorkerSettings
 from cake_py.config_checks import check_can_listen, listen_address
 from cake_py.errors import ClusterError, Stopped
-from cake_py.models import graphs
+from cake_py.models import graphs, kv_pool
 from cake_py.models.device import pin_cpus, release_openmp_threads, resolve_device, set_threads, tune_allocator
 from cake_py.rpc import MAX_MESSAGE_BYTES
 from cake_py.rpc.dataplane import DataPlaneServer, server_tls
@@ -89,6 +89,7 @@ def _reap_idle_sequences(servicer: WorkerServicer, idle_seconds: float, stop: th
 def run_worker(settings: WorkerSettings) -> None:
     pin_cpus(settings.cpus)
     graphs.set_enabled(settings.cuda_graphs)
+    kv_pool.set_keep_free(settings.keep_free_bytes)
     server, servicer, port = start_server(settings)
     if not settings.cluster_key:
         log.warning("no --cluster-key: any master that can reach this worker can use it")

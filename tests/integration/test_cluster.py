@@ -26,7 +26,7 @@ from cake_py.cluster.stage import LocalStage
 from cake_py.config import ServeSettings, WorkerSpec, load_cluster_file
 from cake_py.engine.engine import Engine
 from cake_py.engine.sequence import GenerationEvent
-from cake_py.errors import ClusterError, WeightsError
+from cake_py.errors import ClusterError, KVMemoryError, StageError, WeightsError
 from cake_py.models.grammar import compiler_for, regex_grammar
 from cake_py.models.hub import ModelSource, resolve_model
 from cake_py.models.kv_cache import SequenceSlice
@@ -536,18 +536,42 @@ def test_smollm2_over_two_workers_equals_single_node(workers: list[WorkerProcess
 # ---- a sequence its master never releases is freed after --kv-idle-seconds ----
 
 
-def test_worker_frees_sequences_no_master_releases(cluster: LocalCluster, llama: ModelSource) -> None:
-    worker = cluster.worker("--kv-idle-seconds", "1", name="reaper")
+def first_layers_on(worker: WorkerProcess, llama: ModelSource) -> tuple[WorkerConnection, RemoteStage]:
+    """Start `worker` and assign it the model's first 3 layers, in float32: its connection and the stage."""
     worker.start()
     assignment = Assignment(llama.model_id, json.dumps(llama.weights.config), llama.weights, 0, 3, torch.float32)
     connection = WorkerConnection(worker.spec(), None, None)
     connection.handshake()
     connection.assign(assignment)
-    remote = RemoteStage(connection, assignment)
+    return connection, RemoteStage(connection, assignment)
+
+
+def test_worker_frees_sequences_no_master_releases(cluster: LocalCluster, llama: ModelSource) -> None:
+    worker = cluster.worker("--kv-idle-seconds", "1", name="reaper")
+    connection, remote = first_layers_on(worker, llama)
     try:
         remote.forward(torch.randn(4, llama.config.hidden_size), [SequenceSlice(5, 0, 4)])
         assert connection.info().live_sequences == 1
         wait_until(lambda: connection.info().live_sequences == 0, 10.0, "the idle sequence to be freed")
+    finally:
+        remote.close()
+        worker.kill()
+
+
+# ---- a worker keeps --keep-free-mb of its host's memory from KV caches ----
+
+
+def test_a_worker_refuses_kv_caches_that_would_take_the_memory_it_keeps_free(
+    cluster: LocalCluster, llama: ModelSource
+) -> None:
+    """No host has 100 TB free: the first cache fails to grow, with the error the master recognises (faults.py), and
+    the worker serves on."""
+    worker = cluster.worker("--keep-free-mb", str(100 * 1024 * 1024), name="tight")
+    connection, remote = first_layers_on(worker, llama)
+    try:
+        with pytest.raises(StageError, match=f"{KVMemoryError.MARK}: .* under the 100.0 TiB kept free"):
+            remote.forward(torch.randn(4, llama.config.hidden_size), [SequenceSlice(5, 0, 4)])
+        assert connection.info().status == pb.WORKER_STATUS_READY
     finally:
         remote.close()
         worker.kill()

@@ -179,3 +179,15 @@ def test_no_home_folder_is_named_where_a_default_folder_is_needed(
         _serve_settings(parser.parse_args(["serve"]))
     monkeypatch.setenv("XDG_CACHE_HOME", "/tmp/cache")
     assert _worker_settings(parser.parse_args(["worker"])).cache_dir == Path("/tmp/cache/cake/worker")
+
+
+def test_the_memory_kept_from_kv_caches_is_given_in_mebibytes_on_both_sides(tmp_path: Path) -> None:
+    from cake_py.cli import _serve_settings, _worker_settings, build_parser
+
+    parser = build_parser()
+    files = ["--files-dir", str(tmp_path)]
+    assert _worker_settings(parser.parse_args(["worker", "--keep-free-mb", "512"])).keep_free_bytes == 512 << 20
+    assert _worker_settings(parser.parse_args(["worker"])).keep_free_bytes is None  # kv_pool's default
+    assert _serve_settings(parser.parse_args(["serve", *files, "--keep-free-mb", "0"])).keep_free_bytes == 0
+    assert _serve_settings(parser.parse_args(["serve", *files])).keep_free_bytes is None
+    assert_one_line_error(cake("serve", "--keep-free-mb", "lots"), "--keep-free-mb: 'lots' is not an integer")

@@ -263,3 +263,15 @@ def test_spare_rows_of_every_layer_go_before_a_cache_fails_to_grow(monkeypatch: 
     assert [cache.keys.shape[2] for cache in caches] == [512, 512] and torch.all(caches[1].keys[0, 0, :310] == 1)
     # Each layer: sequence 3's row and the one sequence 0 left (a pool half used keeps it), and the 512-position row.
     assert store.nbytes == 2 * (2 + 2) * row
+
+
+def test_the_memory_kept_free_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", FakeMemory(3 << 30))
+    try:
+        kv_pool.set_keep_free(0)  # --keep-free-mb 0: everything available may go
+        kv_pool.check_room(3 << 30, CPU)
+        kv_pool.set_keep_free(2560 << 20)
+        with pytest.raises(KVMemoryError, match="under the 2.5 GiB kept free .`--keep-free-mb`"):
+            kv_pool.check_room(1 << 30, CPU)
+    finally:
+        kv_pool.set_keep_free(None)
