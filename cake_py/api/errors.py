@@ -21,6 +21,7 @@ from cake_py.errors import (
     ClusterError,
     ContextLengthError,
     HubError,
+    KVMemoryError,
     ModelNotFoundError,
     OverloadedError,
     RequestError,
@@ -106,7 +107,7 @@ def status_of(error: CakeError, *, detail_style: bool = False) -> tuple[int, str
         return 404, None
     if isinstance(error, HubError):  # an upstream failure: Bad Gateway
         return 502, None
-    if isinstance(error, ClusterError | OverloadedError):
+    if isinstance(error, ClusterError | OverloadedError | KVMemoryError):  # the cluster short of a stage or of room
         return 503, None
     return 500, None
 

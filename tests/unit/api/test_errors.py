@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from starlette.testclient import TestClient
 from cake_py.api.errors import EXCEPTION_HANDLERS, api_error
 from cake_py.api.json_body import json_body
 from cake_py.api.middleware import BodyLimitMiddleware
-from cake_py.errors import ClusterError, OverloadedError, RequestError
+from cake_py.errors import ClusterError, KVMemoryError, OverloadedError, RequestError
 from tests.fixtures.server import serving
 from tests.unit.api.conftest import TinyState
 
@@ -114,11 +115,16 @@ def test_a_body_that_stops_arriving_is_a_408() -> None:
 
 @pytest.mark.parametrize(
     ("error", "retry"),
-    [(ClusterError("worker 'w1' died"), "5"), (OverloadedError("full"), "5"), (RequestError("x"), None)],
+    [
+        (ClusterError("worker 'w1' died"), "5"),
+        (OverloadedError("full"), "5"),
+        (KVMemoryError(f"{KVMemoryError.MARK}: …"), "5"),  # the master's own stage; a worker's is a ClusterError
+        (RequestError("x"), None),
+    ],
 )
 def test_an_answer_to_retry_says_when(error: Exception, retry: str | None) -> None:
     """A request in flight when a worker died gets the same Retry-After as one refused while it is down."""
-    assert isinstance(error, ClusterError | OverloadedError | RequestError)
+    assert isinstance(error, ClusterError | OverloadedError | RequestError | KVMemoryError)
     headers = api_error(error, "/v1/chat/completions").headers or {}
     assert headers.get("Retry-After") == retry
 
@@ -181,3 +187,26 @@ def test_request_bodies_in_flight_have_a_byte_budget() -> None:
         assert "bytes of request bodies being answered, its limit of 100" in refused.json()["error"]
     assert upload.status_code == 200
     assert after.status_code == 200  # the first one's bytes were given back
+
+
+def test_a_request_whose_kv_caches_find_no_memory_is_a_503_saying_so(
+    tiny_llama: Path, tiny_state: TinyState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone on a host without room for its first caches, it cannot wait for anyone: 503, with why and Retry-After."""
+    import torch
+
+    from cake_py.api.app import create_app
+    from cake_py.cluster.pipeline import local_pipeline
+    from cake_py.engine.engine import Engine
+    from cake_py.models import kv_pool
+    from cake_py.models.hub import resolve_model
+
+    source = resolve_model(str(tiny_llama))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)
+    memory = type("Memory", (), {"total": 1 << 40, "available": 1 << 10})()  # 1 KiB free
+    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", lambda: memory)
+    monkeypatch.setattr(kv_pool, "KEEP_FREE_BYTES", 0)
+    with TestClient(create_app(tiny_state(engine))) as client:
+        answer = client.post("/v1/completions", json={"prompt": "The oven", "max_tokens": 5})
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+    assert answer.json()["error"].startswith(f"{KVMemoryError.MARK}: ")
