@@ -109,6 +109,8 @@ class Faults:
             for seq in list(self._running.values()):  # the others of the step's sequences lost theirs too
                 self._restart(seq, error)
             return
+        if _short_of_memory(error):  # the operator's to know: the host is too small for what is asked of it
+            log.warning("%d sequence(s) end, no memory to wait for: %s", len(members), error)
         for seq in members:
             self._finish(seq, GenerationEvent(seq.seq_id, finish_reason="error", error=str(error), exception=error))
 

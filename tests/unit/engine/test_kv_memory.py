@@ -74,13 +74,17 @@ def test_a_sequence_that_cannot_grow_waits_for_another_to_finish_and_is_computed
         engine.stop()
 
 
-def test_a_sequence_alone_that_cannot_grow_ends_with_why(source: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sequence_alone_that_cannot_grow_ends_with_why(
+    source: ModelSource, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     engine = engine_on_a_small_host(source, monkeypatch, prefix_cache_tokens=0)
     monkeypatch.setattr(kv_pool.psutil, "virtual_memory", HostMemory(3 * BLOCK // 2, engine.pipeline.stages[0].kv))  # type: ignore[attr-defined]
     engine.start()
     try:
         long = ([11 + i % 50 for i in range(200)], SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True))
-        events = run_together(engine, [long])[1][0]
+        with caplog.at_level(logging.WARNING, logger="cake_py.engine.faults"):
+            events = run_together(engine, [long])[1][0]
+        assert f"1 sequence(s) end, no memory to wait for: {KVMemoryError.MARK}" in caplog.text
         last = events[-1]
         assert last.finish_reason == "error" and (last.error or "").startswith(KVMemoryError.MARK)
         # It ran until its caches had to grow: its 57th token was its last, the step writing position 256 failed.
