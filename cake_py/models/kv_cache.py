@@ -160,7 +160,7 @@ class LayerCache:
         # there would survive the mask.
         try:
             pool, row = self._allocate(capacity)
-        except KVMemoryError:
+        except (KVMemoryError, torch.OutOfMemoryError):
             if self._pools is None:
                 raise
             self._pools.trim_all()  # the pools' spare rows first

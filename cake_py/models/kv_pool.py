@@ -9,7 +9,8 @@ reads and writes it as before. Longer caches keep buffers of their own: a spare 
 
 A pool grows by half when it runs out, and gives memory back once at most a third of it is in use (down to half again
 what is used, or nothing), moving its rows down; every move rebinds the owner's views (graphs.py records a step again
-when its caches' addresses change). Spare rows are at most a third of a pool, never a whole idle one.
+when its caches' addresses change). Spare rows are under two thirds of a pool, an idle pool holds none, and when
+memory runs short every spare row is given back (`PoolSet.trim_all`).
 """
 
 from __future__ import annotations
@@ -106,40 +107,45 @@ class RowPool:
         heapq.heappush(self._free, row)
         used = self.n_used
         if used * 3 <= self.n_rows:
-            self._resize(used + used // 2)
+            self._shrink(used + used // 2)
 
     def trim(self) -> None:
         """Give back every spare row (memory is short)."""
         if self.n_used < self.n_rows:
-            self._resize(self.n_used)
+            self._shrink(self.n_used)
+
+    def _shrink(self, n_rows: int) -> None:
+        """Shrink if memory allows: the smaller copy is allocated before the larger one goes, and a failure to
+        allocate it (a GPU short of memory just then) keeps the pool as it is, whole."""
+        try:
+            self._resize(n_rows)
+        except (KVMemoryError, torch.OutOfMemoryError):
+            pass
 
     def _resize(self, n_rows: int) -> None:
-        """Reallocate to `n_rows` rows: the used rows above it move down into free ones first."""
-        if n_rows < self.n_rows:
-            self._compact(n_rows)
-        else:  # the old rows stay until the new ones hold a copy
+        """Reallocate to `n_rows` rows, the used rows above it moved down into free ones. The new tensors are
+        allocated first: if that fails, nothing has changed."""
+        if n_rows > self.n_rows:  # the old rows stay until the new ones hold a copy
             check_room(2 * n_rows * self._row_bytes, self.keys.device)
-        keep = min(n_rows, self.n_rows)
         keys = self.keys.new_zeros(n_rows, *self._shape)
         values = self.values.new_zeros(n_rows, *self._shape)
+        keep = min(n_rows, self.n_rows)
         keys[:keep] = self.keys[:keep]
         values[:keep] = self.values[:keep]
-        self.keys, self.values = keys, values
-        self._owners = self._owners[:keep] + [None] * (n_rows - keep)
-        self._free = [row for row, owner in enumerate(self._owners) if owner is None]
+        owners = self._owners[:keep] + [None] * (n_rows - keep)
+        if n_rows < self.n_rows:  # every used row at or above n_rows into a free one below it
+            free_below = (row for row in range(keep) if owners[row] is None)
+            moving = [row for row in range(n_rows, self.n_rows) if self._owners[row] is not None]
+            for source, target in zip(moving, free_below, strict=False):
+                keys[target] = self.keys[source]
+                values[target] = self.values[source]
+                owners[target] = self._owners[source]
+        self.keys, self.values, self._owners = keys, values, owners
+        self._free = [row for row, owner in enumerate(owners) if owner is None]
         heapq.heapify(self._free)
-        for row, owner in enumerate(self._owners):
+        for row, owner in enumerate(owners):
             if owner is not None:
                 owner.bind(self, row)
-
-    def _compact(self, n_rows: int) -> None:
-        """Move every used row at or above `n_rows` into a free row below it."""
-        free_below = sorted(row for row in self._free if row < n_rows)
-        moving = [row for row in range(n_rows, self.n_rows) if self._owners[row] is not None]
-        for source, target in zip(moving, free_below, strict=False):
-            self.keys[target] = self.keys[source]
-            self.values[target] = self.values[source]
-            self._owners[target], self._owners[source] = self._owners[source], None
 
 
 class PoolSet:

@@ -275,3 +275,29 @@ def test_the_memory_kept_free_can_be_set(monkeypatch: pytest.MonkeyPatch) -> Non
             kv_pool.check_room(1 << 30, CPU)
     finally:
         kv_pool.set_keep_free(None)
+
+
+def test_a_pool_that_cannot_allocate_its_smaller_copy_stays_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shrink moved rows before allocating the smaller copy: a GPU out of memory just then left a cache bound to
+    one row while the pool had moved it to another (a later resize read the stale one back). Now the copy comes
+    first, and a failed one keeps the pool as it was."""
+    store = KVStore(1, 1, 2, torch.float32, CPU)
+    for seq_id in range(6):
+        (caches,) = store.for_batch([SequenceSlice(seq_id, 0, 4)])
+        caches[0].update(torch.full((1, 1, 4, 2), float(seq_id)), torch.full((1, 1, 4, 2), float(seq_id)), 0)
+    store.release([0, 1, 2])
+    real = torch.Tensor.new_zeros
+
+    def out_of_memory(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", out_of_memory)
+    store.release([3])  # 2 of 6 rows in use: the shrink fails, the release does not
+    monkeypatch.setattr(torch.Tensor, "new_zeros", real)
+    assert store.sequence_ids() == [4, 5]
+    last = store.caches_of(5)[0]  # type: ignore[index]
+    last.update(torch.full((1, 1, 1, 2), 55.0), torch.full((1, 1, 1, 2), 55.0), 4)
+    store._pools[0].trim_all()  # noqa: SLF001  # rows move now
+    assert last.keys[0, 0, :5, 0].tolist() == [5, 5, 5, 5, 55]
+    assert store.caches_of(4)[0].keys[0, 0, :4, 0].tolist() == [4, 4, 4, 4]  # type: ignore[index]
+    assert store.nbytes == 2 * 2 * 256 * 2 * 4
