@@ -84,7 +84,8 @@ class Engine(Submission, Faults):
         # The sequences of a failed step, in order: each runs alone until it has passed a step (or failed one alone),
         # so that one sequence's fault (or a batch too big for memory) ends only its own request.
         self._suspects: dict[int, None] = {}
-        self._admit_below: int | None = None  # while set, sequences start only once fewer than this many run
+        # Set when memory ran short: no more than this many sequences run at once until none runs.
+        self._admit_below: int | None = None
         self._stopping = False
         self._dead = False  # the thread ended on an error no step handler caught
         # Held to queue a sequence, and by the engine thread for its last look at the inbox: a sequence is either
@@ -299,11 +300,12 @@ class Engine(Submission, Faults):
 
     def _admit(self) -> None:
         """Start waiting sequences while there is room, in the order engine/admission.py gives."""
-        if self._admit_below is not None:  # a sequence waits for memory (faults.py): until one running has finished
-            if len(self._running) >= self._admit_below:
-                return
-            self._admit_below = None
         room = self.max_running - len(self._running)
+        if self._admit_below is not None:  # memory ran short with this many running (faults.py): no more run at once
+            if self._running:
+                room = min(room, self._admit_below - len(self._running))
+            else:
+                self._admit_below = None  # all have finished: memory is as free as it gets
         if room <= 0 or not self._waiting:
             return
         for seq in self._admission.pick(self._waiting.values(), self._running.values(), room):

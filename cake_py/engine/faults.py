@@ -150,8 +150,9 @@ class Faults:
     def _preempt(self, seq: Sequence, error: CakeError) -> bool:
         """A sequence that failed alone for memory while others run waits for one of them to finish, its caches let
         go, and is then computed again from its first token (vLLM's preemption by recomputation; its output so far is
-        kept, nothing is sampled twice). No other sequence starts meanwhile. False where it cannot wait: it runs alone
-        (its memory will not come from anyone), a choice waits to copy its prefill, a stage is down, or it was
+        kept, nothing is sampled twice). No other sequence starts meanwhile, and until the engine is idle again no
+        more than those others run at once (what memory held when it ran short). False where it cannot wait: it runs
+        alone (its memory will not come from anyone), a choice waits to copy its prefill, a stage is down, or it was
         computed again MAX_RESTARTS times."""
         if (
             len(self._running) < 2
@@ -170,7 +171,9 @@ class Faults:
         del self._running[seq.seq_id]
         self._waiting[seq.seq_id] = seq
         self._to_release.append(seq.seq_id)
-        self._admit_below = len(self._running)  # nothing starts until one of those has finished
+        # Nothing starts until one of those has finished, and no more run at once until the engine is idle.
+        running = len(self._running)
+        self._admit_below = running if self._admit_below is None else min(self._admit_below, running)
         return True
 
     def _take_suspect(self) -> Sequence | None:

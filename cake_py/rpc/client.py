@@ -145,6 +145,7 @@ class RemoteStage:
     def forward(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         if not self._up:
             raise StageError(f"{self.connection.label} is down: {self._status_error}")
+        self.starting_over(batch)
         began = time.perf_counter()
         request = pb.ForwardRequest(
             request_id=next(REQUEST_IDS),
@@ -197,6 +198,8 @@ class RemoteStage:
         self, followers: Sequence[RemoteStage], hidden: torch.Tensor, batch: Batch
     ) -> tuple[torch.Tensor, int]:
         """This stage and then `followers`, each worker passing its output to the next (cake_py.rpc.chain)."""
+        for stage in (self, *followers):
+            stage.starting_over(batch)
         return forward_chain([self, *followers], hidden, batch)
 
     def forward_pieces(
@@ -207,7 +210,20 @@ class RemoteStage:
         trail: PieceStep | None = None,
     ) -> list[torch.Tensor] | None:
         """A step's pieces through this stage and `followers` at once, pipelined (cake_py.rpc.chain)."""
+        for stage in (self, *followers):
+            for _, batch in pieces:
+                stage.starting_over(batch)
         return forward_chain_pieces([self, *followers], pieces, lead, trail)
+
+    def starting_over(self, batch: Batch) -> None:
+        """The sequences `batch` computes from their first position, or copies afresh, get new caches here: a
+        Release still pending for their old ones (a failed one, sent again at the next ping) must not free those.
+        The engine computes a sequence again under its own id (a failover's restart, a preemption for memory)."""
+        if self._unreleased:
+            with self._unreleased_lock:
+                self._unreleased.difference_update(
+                    piece.seq_id for piece in batch if piece.start_pos == 0 or piece.copy_from is not None
+                )
 
     def _broken(self, error: BaseException) -> StageError:
         self._mark_down(f"the forward connection broke: {error}")

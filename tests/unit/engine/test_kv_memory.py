@@ -144,3 +144,21 @@ def test_a_worker_short_of_memory_says_so_and_the_master_drops_kept_prefixes_on_
         assert f"(w0: {KVMemoryError.MARK}: " in caplog.text and "waits for memory for its KV caches" in caplog.text
     finally:
         engine.stop()
+
+
+def test_after_memory_ran_short_no_more_run_at_once_until_the_engine_is_idle(source: ModelSource) -> None:
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)  # not started: admission by hand
+    params = SamplingParams(temperature=0.0, max_tokens=5)
+    engine.submit([5, 6, 7], params, lambda event: None)
+    engine._drain_inbox()  # noqa: SLF001
+    engine._admit()  # noqa: SLF001
+    assert len(engine._running) == 1  # noqa: SLF001
+    engine._admit_below = 2  # noqa: SLF001  # as `_preempt` leaves it: 2 ran when memory ran short
+    for _ in range(3):
+        engine.submit([5, 6, 7], params, lambda event: None)
+    engine._drain_inbox()  # noqa: SLF001
+    engine._admit()  # noqa: SLF001
+    assert (len(engine._running), len(engine._waiting)) == (2, 2)  # noqa: SLF001
+    engine._running.clear()  # noqa: SLF001  # both finished: the engine is idle, the limit goes
+    engine._admit()  # noqa: SLF001
+    assert (len(engine._running), len(engine._waiting), engine._admit_below) == (2, 0, None)  # noqa: SLF001

@@ -14,6 +14,7 @@ import torch
 
 from cake_py.config import WorkerSpec
 from cake_py.errors import ClusterError
+from cake_py.models.kv_cache import SequenceSlice
 from cake_py.rpc.client import RemoteStage
 from cake_py.rpc.connection import VERIFY_BYTES_PER_S, Assignment, WorkerConnection
 from cake_py.rpc.pb import worker_pb2 as pb
@@ -231,3 +232,15 @@ def test_a_stream_the_worker_keeps_reading_is_not_given_up_though_its_pings_go_u
     with pytest.raises(ClusterError, match="stopped answering while loading layers 0-1"):
         link._await(stalled, "loading layers 0-1", [time.monotonic()])  # nothing read, no ping answered
     assert stalled.cancelled
+
+
+def test_a_pending_release_never_frees_a_sequence_computed_again_under_its_id(
+    stage: tuple[RemoteStage, FlakyConnection],
+) -> None:
+    """A Release that failed is sent again at the next ping; a sequence the engine computes again from its first
+    token meanwhile (preempted for memory, restarted after a failover) has new caches there by then."""
+    remote, connection = stage
+    connection.release_failures = 10**6  # every Release fails: what is pending stays visible
+    remote.release([5, 8, 9])
+    remote.starting_over([SequenceSlice(5, 0, 4), SequenceSlice(8, 12, 1), SequenceSlice(9, 3, 1, copy_from=2)])
+    assert remote._unreleased == {8}  # noqa: SLF001  # 8 goes on from position 12: its old caches are still to go
