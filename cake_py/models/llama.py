@@ -44,9 +44,10 @@ class RMSNorm(nn.Module):
 
 
 # Decoding sequences whose caches hold at most this many positions attend as one padded batch on a CPU: a pass per
-# sequence costs tens of µs in small ops, and copying the caches into the batch costs more than that from about here
-# (benchmarks/long_context.py: 8 sequences at 2k positions step 1.4-1.7x faster one by one).
-BATCHED_DECODE_MAX_KEYS = 1024
+# sequence costs tens of µs in small ops, and reading the caches into the batch (one gather per pool, kv_pool.py; then
+# converted to float32) costs more than that from about here (benchmarks/long_context.py, 8 sequences: padded
+# 1.2-1.5x faster at 1024-1280 positions, 1.1x at 1536, 0.9x at 1900; before the pools the turn was at ~1k).
+BATCHED_DECODE_MAX_KEYS = 1536
 
 
 # A norm module of (dim, eps): RMSNorm, or Gemma's.
