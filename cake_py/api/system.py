@@ -22,6 +22,7 @@ from cake_py.api.management import current_model
 from cake_py.api.state import ServerState
 from cake_py.cluster.hostinfo import cpu_model, host_facts
 from cake_py.errors import CakeError
+from cake_py.host_memory import host_memory
 from cake_py.rpc.stage_description import host_details
 
 PROBE_TIMEOUT_S = 2.0  # a worker's handshake when no model is loaded (none is connected)
@@ -39,15 +40,15 @@ def _versions() -> dict[str, str | None]:
 
 
 def _master(state: ServerState) -> dict[str, Any]:
-    memory = psutil.virtual_memory()
+    total, available = host_memory()  # RAM within a container's limit
     process = psutil.Process()
     return {
         **host_facts(state.device, state.tflops).as_dict(),
         "cpu_model": cpu_model(),
         "cpu_percent": psutil.cpu_percent(interval=None),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "ram_available_bytes": int(memory.available),
-        "ram_used_percent": memory.percent,
+        "ram_available_bytes": available,
+        "ram_used_percent": round(100 * (1 - available / total), 1) if total else None,
         "process_rss_bytes": int(process.memory_info().rss),
         "uptime_seconds": round(time.time() - state.started, 1),
         "versions": _versions(),

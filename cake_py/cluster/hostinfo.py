@@ -10,10 +10,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import psutil
 import torch
 
 from cake_py import __version__
+from cake_py.host_memory import host_memory
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,7 @@ def device_memory(device: str) -> tuple[int, int]:
     if device.startswith("cuda") and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(torch.device(device))
         return int(total), int(free)
-    memory = psutil.virtual_memory()
-    return int(memory.total), int(memory.available)
+    return host_memory()  # RAM, within a container's limit
 
 
 def memory_identity(device: str) -> str:
@@ -121,7 +120,7 @@ def host_facts(device: str, tflops: float) -> HostFacts:
         cake_version=__version__,
         python_version=platform.python_version(),
         cpu_count=os.cpu_count() or 1,
-        ram_total_bytes=int(psutil.virtual_memory().total),
+        ram_total_bytes=host_memory()[0],
         memory_id=memory_identity(device),
         accelerator=accelerator_name(device),
     )

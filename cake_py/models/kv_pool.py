@@ -18,10 +18,10 @@ from __future__ import annotations
 import heapq
 from typing import Protocol
 
-import psutil
 import torch
 
 from cake_py.errors import KVMemoryError
+from cake_py.host_memory import host_memory
 
 POOLED_MAX_CAPACITY = 2048  # positions: caches up to this size share pools (every doubling step of kv_layout.py)
 # Host memory KV caches never take: the larger of these. What a step needs besides (activations; a layer's 4-bit
@@ -45,11 +45,11 @@ def check_room(nbytes: int, device: torch.device) -> None:
     use it too)."""
     if device.type != "cpu":
         return
-    memory = psutil.virtual_memory()
-    keep = _keep_free if _keep_free is not None else max(KEEP_FREE_BYTES, int(memory.total * KEEP_FREE_FRACTION))
-    if memory.available - nbytes < keep:
+    total, available = host_memory()  # within a container's limit
+    keep = _keep_free if _keep_free is not None else max(KEEP_FREE_BYTES, int(total * KEEP_FREE_FRACTION))
+    if available - nbytes < keep:
         raise KVMemoryError(
-            f"{KVMemoryError.MARK}: {_size(nbytes)} more would leave {_size(memory.available - nbytes)} of this "
+            f"{KVMemoryError.MARK}: {_size(nbytes)} more would leave {_size(available - nbytes)} of this "
             f"host's memory free, under the {_size(keep)} kept free (`--keep-free-mb`; fewer concurrent sequences, "
             "`--max-running`, or a shorter `--max-model-len` need less)"
         )

@@ -203,8 +203,7 @@ def test_a_request_whose_kv_caches_find_no_memory_is_a_503_saying_so(
 
     source = resolve_model(str(tiny_llama))
     engine = Engine(local_pipeline(source, torch.float32), source.tokenizer)
-    memory = type("Memory", (), {"total": 1 << 40, "available": 1 << 10})()  # 1 KiB free
-    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", lambda: memory)
+    monkeypatch.setattr(kv_pool, "host_memory", lambda: (1 << 40, 1 << 10))  # 1 KiB free
     monkeypatch.setattr(kv_pool, "KEEP_FREE_BYTES", 0)
     with TestClient(create_app(tiny_state(engine))) as client:
         answer = client.post("/v1/completions", json={"prompt": "The oven", "max_tokens": 5})

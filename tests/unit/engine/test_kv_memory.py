@@ -29,8 +29,8 @@ class HostMemory:
     def __init__(self, size: int, store: KVStore) -> None:
         self.size, self.store = size, store
 
-    def __call__(self) -> object:
-        return type("Memory", (), {"total": 1 << 40, "available": self.size - self.store.nbytes})()
+    def __call__(self) -> tuple[int, int]:
+        return 1 << 40, self.size - self.store.nbytes  # (total, available), as host_memory() answers
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def engine_on_a_small_host(source: ModelSource, monkeypatch: pytest.MonkeyPatch,
     assert isinstance(stage, LocalStage)
     # Room for 2.9 blocks: two sequences under 256 positions, not one of them grown to 512 (2 blocks) beside the other
     # (the caches grow a layer at a time, each leaving its old row behind until the pool trims it).
-    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", HostMemory(29 * BLOCK // 10, stage.kv))
+    monkeypatch.setattr(kv_pool, "host_memory", HostMemory(29 * BLOCK // 10, stage.kv))
     monkeypatch.setattr(kv_pool, "KEEP_FREE_BYTES", 0)
     monkeypatch.setattr(kv_pool, "KEEP_FREE_FRACTION", 0.0)
     return engine
@@ -78,7 +78,7 @@ def test_a_sequence_alone_that_cannot_grow_ends_with_why(
     source: ModelSource, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = engine_on_a_small_host(source, monkeypatch, prefix_cache_tokens=0)
-    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", HostMemory(3 * BLOCK // 2, engine.pipeline.stages[0].kv))  # type: ignore[attr-defined]
+    monkeypatch.setattr(kv_pool, "host_memory", HostMemory(3 * BLOCK // 2, engine.pipeline.stages[0].kv))  # type: ignore[attr-defined]
     engine.start()
     try:
         long = ([11 + i % 50 for i in range(200)], SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True))
@@ -121,7 +121,7 @@ def test_a_worker_short_of_memory_says_so_and_the_master_drops_kept_prefixes_on_
     knows it for what it is, and the kept prefixes it drops free the worker's memory."""
     worker = InProcessWorker(tmp_path, source, (0, source.config.n_layers), lambda batch: False, after=False)
     assert worker.worker.kv is not None
-    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", HostMemory(29 * BLOCK // 10, worker.worker.kv))
+    monkeypatch.setattr(kv_pool, "host_memory", HostMemory(29 * BLOCK // 10, worker.worker.kv))
     monkeypatch.setattr(kv_pool, "KEEP_FREE_BYTES", 0)
     monkeypatch.setattr(kv_pool, "KEEP_FREE_FRACTION", 0.0)
     pipeline = Pipeline(load_ends(source, torch.float32), [worker])  # type: ignore[list-item]

@@ -206,9 +206,9 @@ class FakeMemory:
     def __init__(self, available: int, store: KVStore | None = None) -> None:
         self.available, self.store = available, store
 
-    def __call__(self) -> object:
+    def __call__(self) -> tuple[int, int]:
         used = self.store.nbytes if self.store is not None else 0
-        return type("Memory", (), {"total": 1 << 40, "available": self.available - used})()
+        return 1 << 40, self.available - used  # (total, available), as host_memory() answers
 
 
 @pytest.fixture
@@ -218,7 +218,7 @@ def keep_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_caches_never_grow_into_the_memory_kept_free(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", FakeMemory(3 << 30))
+    monkeypatch.setattr(kv_pool, "host_memory", FakeMemory(3 << 30))
     monkeypatch.setattr(kv_pool, "KEEP_FREE_FRACTION", 0.0)
     kv_pool.check_room(1 << 30, CPU)  # 2 GiB left: fine
     with pytest.raises(KVMemoryError, match=r"^not enough memory for the KV caches: 2\.5 GiB more would leave "
@@ -233,7 +233,7 @@ def test_a_cache_that_cannot_grow_keeps_what_it_held_and_grows_once_there_is_roo
     monkeypatch: pytest.MonkeyPatch, pooled: bool
 ) -> None:
     memory = FakeMemory(5 * 256 * 2 * 4)  # keys and values of 256 positions, 2.5 times over
-    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", memory)
+    monkeypatch.setattr(kv_pool, "host_memory", memory)
     cache = LayerCache(1, 2, torch.float32, CPU, pools=PoolSet(1, 2, torch.float32, CPU) if pooled else None)
     cache.update(torch.ones(1, 1, 200, 2), torch.ones(1, 1, 200, 2), 0)
     memory.available -= cache.nbytes
@@ -250,7 +250,7 @@ def test_spare_rows_of_every_layer_go_before_a_cache_fails_to_grow(monkeypatch: 
     store = KVStore(2, 1, 2, torch.float32, CPU)
     row = 2 * 256 * 2 * 4  # keys and values of 256 positions
     memory = FakeMemory(100 * row, store)
-    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", memory)
+    monkeypatch.setattr(kv_pool, "host_memory", memory)
     for seq_id in range(4):
         for cache in store.for_batch([SequenceSlice(seq_id, 0, 10)])[0]:
             cache.update(torch.ones(1, 1, 10, 2), torch.ones(1, 1, 10, 2), 0)
@@ -266,7 +266,7 @@ def test_spare_rows_of_every_layer_go_before_a_cache_fails_to_grow(monkeypatch: 
 
 
 def test_the_memory_kept_free_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kv_pool.psutil, "virtual_memory", FakeMemory(3 << 30))
+    monkeypatch.setattr(kv_pool, "host_memory", FakeMemory(3 << 30))
     try:
         kv_pool.set_keep_free(0)  # --keep-free-mb 0: everything available may go
         kv_pool.check_room(3 << 30, CPU)
