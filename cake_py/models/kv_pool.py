@@ -22,6 +22,7 @@ import torch
 
 from cake_py.errors import KVMemoryError
 from cake_py.host_memory import host_memory
+from cake_py.models.device import release_free_heap
 
 POOLED_MAX_CAPACITY = 2048  # positions: caches up to this size share pools (every doubling step of kv_layout.py)
 # Host memory KV caches never take: the larger of these. What a step needs besides (activations; a layer's 4-bit
@@ -42,11 +43,13 @@ def set_keep_free(nbytes: int | None) -> None:
 def check_room(nbytes: int, device: torch.device) -> None:
     """KVMemoryError unless `nbytes` more of KV caches leave the host the memory it keeps free. An accelerator's
     allocator raises its own error when full; only host memory is checked (read at each growth: other processes
-    use it too)."""
+    use it too). Before refusing, the free memory glibc's heaps keep is handed back and the figures read again."""
     if device.type != "cpu":
         return
     total, available = host_memory()  # within a container's limit
     keep = _keep_free if _keep_free is not None else max(KEEP_FREE_BYTES, int(total * KEEP_FREE_FRACTION))
+    if available - nbytes < keep and release_free_heap():  # the heaps' free memory counted as used: give it back
+        total, available = host_memory()
     if available - nbytes < keep:
         raise KVMemoryError(
             f"{KVMemoryError.MARK}: {_size(nbytes)} more would leave {_size(available - nbytes)} of this "
@@ -115,8 +118,9 @@ class RowPool:
             self._shrink(self.n_used)
 
     def _shrink(self, n_rows: int) -> None:
-        """Shrink if memory allows: the smaller copy is allocated before the larger one goes, and a failure to
-        allocate it (a GPU short of memory just then) keeps the pool as it is, whole."""
+        """Shrink if memory allows: the smaller copy is allocated before the larger one goes, and where there is no
+        room for it (a host short of memory: its kernel would kill the process rather than fail the allocation), or
+        allocating it fails (a GPU short of memory just then), the pool stays as it is, whole."""
         try:
             self._resize(n_rows)
         except (KVMemoryError, torch.OutOfMemoryError):
@@ -124,9 +128,9 @@ class RowPool:
 
     def _resize(self, n_rows: int) -> None:
         """Reallocate to `n_rows` rows, the used rows above it moved down into free ones. The new tensors are
-        allocated first: if that fails, nothing has changed."""
-        if n_rows > self.n_rows:  # the old rows stay until the new ones hold a copy
-            check_room(2 * n_rows * self._row_bytes, self.keys.device)
+        allocated first (the old ones stay until they hold a copy: room is needed for both), so if that fails, nothing
+        has changed."""
+        check_room(2 * n_rows * self._row_bytes, self.keys.device)
         keys = self.keys.new_zeros(n_rows, *self._shape)
         values = self.values.new_zeros(n_rows, *self._shape)
         keep = min(n_rows, self.n_rows)

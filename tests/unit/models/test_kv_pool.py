@@ -256,13 +256,14 @@ def test_spare_rows_of_every_layer_go_before_a_cache_fails_to_grow(monkeypatch: 
             cache.update(torch.ones(1, 1, 10, 2), torch.ones(1, 1, 10, 2), 0)
     store.release([1, 2])  # 4 rows a layer, 2 of them spare
     assert store.nbytes == 8 * row
-    memory.available = 9 * row  # 1 row free: sequence 0's first 512-position row takes 2
-    (caches,) = store.for_batch([SequenceSlice(0, 10, 300)])
+    # 2 rows' worth free: sequence 0 growing to 768 positions needs 3 (a trim needs room for its copy: 2 rows).
+    memory.available = 10 * row
+    (caches,) = store.for_batch([SequenceSlice(0, 10, 600)])
     for cache in caches:
-        cache.update(torch.ones(1, 1, 300, 2), torch.ones(1, 1, 300, 2), 10)
-    assert [cache.keys.shape[2] for cache in caches] == [512, 512] and torch.all(caches[1].keys[0, 0, :310] == 1)
-    # Each layer: sequence 3's row and the one sequence 0 left (a pool half used keeps it), and the 512-position row.
-    assert store.nbytes == 2 * (2 + 2) * row
+        cache.update(torch.ones(1, 1, 600, 2), torch.ones(1, 1, 600, 2), 10)
+    assert [cache.keys.shape[2] for cache in caches] == [768, 768] and torch.all(caches[1].keys[0, 0, :610] == 1)
+    # Each layer: sequence 3's row and the one sequence 0 left (a pool half used keeps it), and the 768-position row.
+    assert store.nbytes == 2 * (2 + 3) * row
 
 
 def test_the_memory_kept_free_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -301,3 +302,30 @@ def test_a_pool_that_cannot_allocate_its_smaller_copy_stays_whole(monkeypatch: p
     assert last.keys[0, 0, :5, 0].tolist() == [5, 5, 5, 5, 55]
     assert store.caches_of(4)[0].keys[0, 0, :4, 0].tolist() == [4, 4, 4, 4]  # type: ignore[index]
     assert store.nbytes == 2 * 2 * 256 * 2 * 4
+
+
+def test_the_heaps_free_memory_is_handed_back_before_a_cache_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps freed temporaries in its heaps (device.tune_allocator), charged to the process and its container:
+    a worker in a tight cgroup refused caches its own heap had room for."""
+    readings = iter([(1 << 40, 100 << 20), (1 << 40, 900 << 20)])  # the heap's 800 MiB back after the trim
+    trims: list[bool] = []
+    monkeypatch.setattr(kv_pool, "host_memory", lambda: next(readings))
+    monkeypatch.setattr(kv_pool, "release_free_heap", lambda: trims.append(True) or True)
+    kv_pool.set_keep_free(0)
+    try:
+        kv_pool.check_room(500 << 20, CPU)
+        assert trims == [True]
+        monkeypatch.setattr(kv_pool, "host_memory", lambda: (1 << 40, 100 << 20))
+        monkeypatch.setattr(kv_pool, "release_free_heap", lambda: False)  # nothing to hand back: refused
+        with pytest.raises(KVMemoryError):
+            kv_pool.check_room(500 << 20, CPU)
+    finally:
+        kv_pool.set_keep_free(None)
+
+
+def test_handing_the_heaps_free_memory_back_runs_here() -> None:
+    from cake_py.models.device import release_free_heap
+
+    garbage = [bytearray(1 << 20) for _ in range(64)]  # 64 MiB freed into the heap
+    del garbage
+    assert isinstance(release_free_heap(), bool)
