@@ -17,7 +17,7 @@ import torch
 
 from cake_py.errors import KVMemoryError
 from cake_py.models.kv_layout import Layout, after_copy, after_write, can_copy, first_read
-from cake_py.models.kv_pool import PoolSet, RowPool, check_room
+from cake_py.models.kv_pool import PoolSet, RowPool, cache_bytes, check_room
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class LayerCache:
         once there is room for it (KVMemoryError otherwise)."""
         pool = self._pools.pool(capacity) if self._pools is not None else None
         if pool is None:
-            check_room(2 * capacity * self.n_kv_heads * self.head_dim * self.dtype.itemsize, self.device)
+            check_room(cache_bytes(self.n_kv_heads, capacity, self.head_dim, self.dtype), self.device)
             return None, -1
         return pool, pool.take(self)
 

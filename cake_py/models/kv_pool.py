@@ -58,6 +58,11 @@ def check_room(nbytes: int, device: torch.device) -> None:
         )
 
 
+def cache_bytes(n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Keys and values of one cache of `capacity` positions."""
+    return 2 * n_kv_heads * capacity * head_dim * dtype.itemsize
+
+
 def _size(nbytes: int) -> str:
     """Bytes as people read them: 512 B, 96.0 KiB, 1.5 GiB."""
     for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
@@ -80,7 +85,7 @@ class RowPool:
     def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.capacity = capacity
         self._shape = (n_kv_heads, capacity, head_dim)
-        self._row_bytes = n_kv_heads * capacity * head_dim * dtype.itemsize  # keys or values
+        self._row_bytes = cache_bytes(n_kv_heads, capacity, head_dim, dtype)  # keys and values
         self.keys = torch.zeros(0, *self._shape, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self._owners: list[RowOwner | None] = []
@@ -130,7 +135,7 @@ class RowPool:
         """Reallocate to `n_rows` rows, the used rows above it moved down into free ones. The new tensors are
         allocated first (the old ones stay until they hold a copy: room is needed for both), so if that fails, nothing
         has changed."""
-        check_room(2 * n_rows * self._row_bytes, self.keys.device)
+        check_room(n_rows * self._row_bytes, self.keys.device)
         keys = self.keys.new_zeros(n_rows, *self._shape)
         values = self.values.new_zeros(n_rows, *self._shape)
         keep = min(n_rows, self.n_rows)
