@@ -69,7 +69,10 @@ def dry_penalties(
         exponent = length - allowed_length
         if max_exponent > 0 and exponent > max_exponent:
             exponent = max_exponent
-        penalties[token] = multiplier * base**exponent
+        try:
+            penalties[token] = multiplier * base**exponent
+        except OverflowError:  # a base too large for even the cap (llama.cpp's float power: infinity)
+            penalties[token] = math.inf
     return penalties
 
 

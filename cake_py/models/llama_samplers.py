@@ -35,6 +35,7 @@ SAMPLER_LETTERS = {
 }
 DEFAULT_ORDER = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
 DEFAULT_BREAKERS = ("\n", ":", '"', "*")
+MAX_MIN_KEEP = 2**31 - 1  # more than any vocabulary; past it a count no longer compares with a tensor's
 MIROSTAT_M = 100  # mirostat 1 estimates the distribution's exponent from the m most likely tokens (llama.cpp's m)
 
 Penalize = Callable[[torch.Tensor], torch.Tensor]  # the repetition, frequency and presence penalties, on all logits
@@ -85,6 +86,8 @@ class LlamaSamplers:
         ):
             if getattr(self, name) < 0:
                 raise RequestError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.min_keep > MAX_MIN_KEEP:
+            raise RequestError(f"min_keep must be at most {MAX_MIN_KEEP}, got {self.min_keep}"[:300])
         if self.dry_base < 1.0:
             raise RequestError(f"dry_base must be 1 or more, got {self.dry_base}")
         if self.dry_penalty_last_n < -1:
@@ -252,7 +255,8 @@ def mirostat_v2(
     probs = torch.softmax(logits.double(), dim=-1)
     # -log2 p <= mu: the prefix llama.cpp keeps of the sorted tokens; the draw needs no order (no sort: as mu
     # grows over predictable text, this can be most of the vocabulary)
-    kept = (probs >= 2.0 ** (-mu)).nonzero().squeeze(1)
+    # 2 ** 1000 > 1: no token (the most likely one below); a mu pushed far below it would overflow the power
+    kept = (probs >= 2.0 ** min(-mu, 1000.0)).nonzero().squeeze(1)
     if not len(kept):
         kept = torch.argmax(logits).reshape(1)
     probs = torch.softmax(logits[kept].double(), dim=-1)

@@ -143,3 +143,8 @@ def test_the_vectorised_lengths_are_llama_cpps() -> None:
         allowed, base = draw.randint(0, 4), draw.choice([1.0, 1.1, 1.75, 3.0])
         expected = llama_cpp_dry(history, 0.8, base, allowed, breakers)
         assert dry_penalties(history, 0.8, base, allowed, breakers) == pytest.approx(expected), (history, breakers)
+
+
+def test_a_base_too_large_for_any_power_penalises_without_limit() -> None:
+    """llama.cpp computes base ** exponent in float: past float's range, infinity (the token cannot be drawn)."""
+    assert dry_penalties([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2], 1.0, 1e308, 2, {}) == {3: math.inf}

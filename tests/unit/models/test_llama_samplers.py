@@ -42,6 +42,7 @@ def llama_params(**settings: object) -> SamplingParams:
         ("xtc_probability", 2.0, "xtc_probability must be between 0 and 1"),
         ("xtc_threshold", -0.5, "xtc_threshold"),
         ("min_keep", -1, "min_keep must be 0 or more, got -1"),
+        ("min_keep", 10**23, "min_keep must be at most 2147483647, got 1000"),
         ("dry_multiplier", -0.8, "dry_multiplier"),
         ("dry_allowed_length", -2, "dry_allowed_length"),
         ("dry_base", 0.5, "dry_base must be 1 or more"),
@@ -118,6 +119,15 @@ def test_mirostat_2_truncates_at_mu_and_moves_it() -> None:
         index, mu = mirostat_v2(logits, 2.5, 1.25, 0.1, torch.Generator().manual_seed(seed))
         assert index in (1, 3)
         assert mu == pytest.approx(2.5 - 0.1 * (-math.log2({1: 2 / 3, 3: 1 / 3}[index]) - 1.25))
+
+
+@pytest.mark.parametrize("mu", [-1e6, -float("inf"), float("nan"), 1e6])
+def test_mirostat_2_with_mu_pushed_out_of_range_still_draws(mu: float) -> None:
+    """A huge eta drives mu far below 0 (2 ** -mu would overflow): no token's surprise is that low, so the most
+    likely one is drawn; far above, every token is kept."""
+    logits = logits_of(0.125, 0.5, 0.125, 0.25)
+    index, _ = mirostat_v2(logits, mu, 5.0, 1e300, torch.Generator().manual_seed(0))
+    assert index == 1 or mu > 0
 
 
 def test_neutral_settings_make_no_chain_and_draw_as_before() -> None:
