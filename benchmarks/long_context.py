@@ -1,8 +1,9 @@
 """Decode steps of several sequences with long caches: the attention path chosen by cache length (one padded pass
-over short caches, one pass per sequence over long ones, on a CPU) against always one padded pass (the baseline).
+over short caches, one pass per sequence over long ones, on a CPU) against always one padded pass (the baseline), or
+with `--baseline one-by-one` against always one pass per sequence.
 
     .venv/bin/python benchmarks/long_context.py [--sequences 8] [--contexts 64,256,1024,2048] [--steps 5]
-                                                [--threads 2] [--rounds 3]
+                                                [--threads 2] [--rounds 3] [--baseline padded|one-by-one]
 
 SmolLM2-135M (the embedded Q4_1 GGUF), bf16 with int4 kernels, the master's local stage alone (no engine, no
 sampling): each sequence is prefilled to the context length, then each configuration runs --steps decode steps of
@@ -22,10 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cake_py.cluster.pipeline import local_pipeline  # noqa: E402
+from streams import embedded_stage  # noqa: E402
+
 from cake_py.models import llama  # noqa: E402
-from cake_py.models.device import tune_allocator  # noqa: E402
-from cake_py.models.hub import resolve_model  # noqa: E402
 from cake_py.models.kv_cache import SequenceSlice  # noqa: E402
 
 
@@ -48,29 +48,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", choices=("padded", "one-by-one"), default="padded")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    tune_allocator()  # as the engine thread runs
-    source = resolve_model(None)
-    pipeline = local_pipeline(source, torch.bfloat16)
-    stage, ends = pipeline.stages[0], pipeline.ends
+    stage, ends = embedded_stage(args.threads)
     adaptive = llama.BATCHED_DECODE_MAX_KEYS
+    baseline_limit = 10**9 if args.baseline == "padded" else 0
     print(f"{args.sequences} sequences, ms per decode step of all of them ({args.threads} threads)")
-    print(f"{'context':>8} {'always padded':>14} {'chosen by length':>17} {'speedup':>8}")
+    print(f"{'context':>8} {'always ' + args.baseline:>18} {'chosen by length':>17} {'speedup':>8}")
     with torch.inference_mode():
         for context in (int(value) for value in args.contexts.split(",")):
             seq_ids = [context * 1000 + index for index in range(args.sequences)]
             for seq_id in seq_ids:
                 stage.forward(ends.embed(torch.arange(100, 100 + context)), [SequenceSlice(seq_id, 0, context)])
             position = context
-            results: dict[int, list[float]] = {10**9: [], adaptive: []}
+            results: dict[int, list[float]] = {baseline_limit: [], adaptive: []}
             for _ in range(args.rounds):
                 for limit in results:
                     llama.BATCHED_DECODE_MAX_KEYS = limit
                     step_ms, position = decode_steps(stage, ends, seq_ids, position, args.steps)
                     results[limit].append(step_ms)
-            padded, chosen = statistics.median(results[10**9]), statistics.median(results[adaptive])
-            print(f"{context:>8} {padded:>14.1f} {chosen:>17.1f} {padded / chosen:>7.2f}×")
+            baseline, chosen = statistics.median(results[baseline_limit]), statistics.median(results[adaptive])
+            print(f"{context:>8} {baseline:>18.1f} {chosen:>17.1f} {baseline / chosen:>7.2f}×")
             stage.release(seq_ids)
             llama.BATCHED_DECODE_MAX_KEYS = adaptive
 

@@ -19,6 +19,11 @@ from cake_py.errors import KVMemoryError
 from cake_py.models.kv_layout import Layout, after_copy, after_write, can_copy, first_read
 from cake_py.models.kv_pool import PoolSet, RowPool, cache_bytes, check_room
 
+# A padded decode step attends over a view of its pool's rows from its first sequence's to its last's when at most one
+# row in this many more lies between them: a row attended needlessly costs about 1.5x a row gathered (32 rows of 1000
+# positions, one thread: gathered 4.2 ms, in place 2.5 ms).
+SPAN_SLACK = 4
+
 
 @dataclass(frozen=True)
 class SequenceSlice:
@@ -290,13 +295,16 @@ class KVStore:
 
 def decode_step(
     caches: Sequence[LayerCache], positions: Sequence[int], keys: torch.Tensor, values: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One new key and value per sequence (keys, values: (n, n_kv_heads, head_dim)) written at its position, and
     every sequence's keys and values from position 0 to the longest's end, past each one's own end zeros or what a
-    rolled-back write left (finite, for a mask to hide): (n, n_kv_heads, longest, head_dim) each.
+    rolled-back write left (finite, for a mask to hide): (m, n_kv_heads, longest, head_dim) each, and the row of
+    each sequence in them, (n,) (None: row i is sequence i's, m = n).
 
-    The caches of one pool are written and read with one indexed op each (kv_pool.py); the rest one by one. Every
-    cache must hold its positions from 0 (a window's cache until it drops any)."""
+    The caches of one pool are written and read with one indexed op each (kv_pool.py); the rest one by one. Where
+    every cache is a row of one pool and those rows lie close together, what is read is a view of the pool's rows
+    from the first to the last of them, rows of other caches or free ones in between: no copy at all. Every cache
+    must hold its positions from 0 (a window's cache until it drops any)."""
     for cache, position in zip(caches, positions, strict=True):
         cache.make_room(position, position + 1)
         if cache.start:
@@ -307,31 +315,36 @@ def decode_step(
         groups.setdefault(id(cache.pool) if cache.pool is not None else -1 - index, []).append(index)
     if len(groups) == 1 and caches[0].pool is not None:  # the common case: every cache a row of one pool
         pool = caches[0].pool
-        rows = torch.tensor([cache.row for cache in caches], device=keys.device)
+        row_list = [cache.row for cache in caches]
+        rows = torch.tensor(row_list, device=keys.device)
         slots = torch.tensor(positions, device=keys.device)
         pool.keys[rows, :, slots] = keys
         pool.values[rows, :, slots] = values
-        return pool.keys[:, :, :longest].index_select(0, rows), pool.values[:, :, :longest].index_select(0, rows)
+        first, last = min(row_list), max(row_list)
+        if last - first < n + n // SPAN_SLACK:  # attending to a few rows more costs less than gathering them
+            span = slice(first, last + 1)
+            return pool.keys[span, :, :longest], pool.values[span, :, :longest], rows - first
+        return pool.keys[:, :, :longest].index_select(0, rows), pool.values[:, :, :longest].index_select(0, rows), None
     padded_keys = keys.new_zeros(n, keys.shape[1], longest, keys.shape[2])  # (n, n_kv_heads, longest, head_dim)
     padded_values = torch.zeros_like(padded_keys)
     for members in groups.values():
-        first = caches[members[0]]
-        if first.pool is None:
+        first_cache = caches[members[0]]
+        if first_cache.pool is None:
             index, position = members[0], positions[members[0]]
-            first.keys[0, :, position] = keys[index]
-            first.values[0, :, position] = values[index]
-            padded_keys[index, :, : position + 1] = first.keys[0, :, : position + 1]
-            padded_values[index, :, : position + 1] = first.values[0, :, : position + 1]
+            first_cache.keys[0, :, position] = keys[index]
+            first_cache.values[0, :, position] = values[index]
+            padded_keys[index, :, : position + 1] = first_cache.keys[0, :, : position + 1]
+            padded_values[index, :, : position + 1] = first_cache.values[0, :, : position + 1]
             continue
-        pool, width = first.pool, min(longest, first.pool.capacity)
+        group_pool, width = first_cache.pool, min(longest, first_cache.pool.capacity)
         picked = torch.tensor(members, device=keys.device)
-        rows = torch.tensor([caches[i].row for i in members], device=keys.device)
-        slots = torch.tensor([positions[i] for i in members], device=keys.device)
-        pool.keys[rows, :, slots] = keys[picked]
-        pool.values[rows, :, slots] = values[picked]
-        padded_keys[picked, :, :width] = pool.keys[:, :, :width].index_select(0, rows)
-        padded_values[picked, :, :width] = pool.values[:, :, :width].index_select(0, rows)
-    return padded_keys, padded_values
+        group_rows = torch.tensor([caches[i].row for i in members], device=keys.device)
+        group_slots = torch.tensor([positions[i] for i in members], device=keys.device)
+        group_pool.keys[group_rows, :, group_slots] = keys[picked]
+        group_pool.values[group_rows, :, group_slots] = values[picked]
+        padded_keys[picked, :, :width] = group_pool.keys[:, :, :width].index_select(0, group_rows)
+        padded_values[picked, :, :width] = group_pool.values[:, :, :width].index_select(0, group_rows)
+    return padded_keys, padded_values, None
 
 
 def _held(caches: list[LayerCache] | None) -> str:

@@ -44,10 +44,10 @@ class RMSNorm(nn.Module):
 
 
 # Decoding sequences whose caches hold at most this many positions attend as one padded batch on a CPU: a pass per
-# sequence costs tens of µs in small ops, and reading the caches into the batch (one gather per pool, kv_pool.py; then
-# converted to float32) costs more than that from about here (benchmarks/long_context.py, 8 sequences: padded
-# 1.2-1.5x faster at 1024-1280 positions, 1.1x at 1536, 0.9x at 1900; before the pools the turn was at ~1k).
-BATCHED_DECODE_MAX_KEYS = 1536
+# sequence costs tens of µs in small ops, and past here the padded pass costs more than that
+# (benchmarks/long_context.py, 8 sequences, both passes in the fused kernel: padded 1.1x faster at 256-768 positions,
+# even at 1024, 0.85x at 1280-4096).
+BATCHED_DECODE_MAX_KEYS = 1024
 
 
 # A norm module of (dim, eps): RMSNorm, or Gemma's.
@@ -102,7 +102,7 @@ class Attention(nn.Module):
             keys, values = cache.update(k_seq, v_seq, piece.start_pos)
             key_start = first_read(self.sliding_window, piece.start_pos)
             mask = self._mask(piece.start_pos, piece.n_tokens, key_start, keys.shape[2], x.device)
-            if piece.n_tokens == 1 and mask is None and x.device.type == "cpu":
+            if piece.n_tokens == 1 and mask is None and self.softcap is None:
                 outputs.append(self._decode_attention(q[offset], keys[0], values[0]))
             else:
                 causal = mask is None and piece.n_tokens > 1
@@ -144,17 +144,13 @@ class Attention(nn.Module):
         return self.wo(out.view(1, self.n_heads * self.head_dim))
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """One query token against its cache, as two small batched matmuls per kv head (half the cost of the
-        CPU SDPA kernels at this size; on a GPU, one SDPA kernel beats these eight small ones).
-        q: (n_heads, head_dim); keys, values: (n_kv_heads, L, head_dim)."""
-        group = self.n_heads // self.n_kv_heads
-        # Accumulate in float32 like the fused kernels do, so 16-bit results track them token for token.
-        q = q.view(self.n_kv_heads, group, self.head_dim).float()  # (n_kv_heads, group, head_dim)
-        scores = torch.bmm(q, keys.float().transpose(1, 2)) * self.scale  # (n_kv_heads, group, L)
-        if self.softcap is not None:
-            scores = soft_cap(scores, self.softcap)
-        out = torch.bmm(torch.softmax(scores, dim=-1), values.float())  # (n_kv_heads, group, head_dim)
-        return out.to(values.dtype).reshape(1, self.n_heads * self.head_dim)
+        """One query token against its cache in the fused kernel, in the cache's dtype, accumulating in float32 (on a
+        CPU 1.1-1.4x the decode step of float32 matmuls, more the longer the cache: benchmarks/decode_attention.py).
+        q: (n_heads, head_dim); keys, values: (n_kv_heads, L, head_dim) → (1, n_heads * head_dim)."""
+        out = F.scaled_dot_product_attention(
+            q[None, :, None], keys[None], values[None], scale=self.scale, enable_gqa=True
+        )  # (1, n_heads, 1, head_dim)
+        return out.reshape(1, self.n_heads * self.head_dim)
 
     def _pads_cheaply(self, batch: Batch, device: torch.device) -> bool:
         """Whether decoding sequences attend in one pass over their caches copied into a padded batch: on a CPU only
@@ -172,18 +168,33 @@ class Attention(nn.Module):
 
         q: (n, n_heads, head_dim); k, v: (n, n_kv_heads, head_dim) → (n, n_heads * head_dim).
         """
-        n, group = len(batch), self.n_heads // self.n_kv_heads
-        positions = [piece.start_pos for piece in batch]
-        keys, values = decode_step(caches, positions, k, v)  # (n, n_kv_heads, L, head_dim), past each end finite
-        longest = keys.shape[2]
-        queries = q.view(n, self.n_kv_heads, group, self.head_dim).float()  # (n, n_kv_heads, group, head_dim)
-        scores = torch.matmul(queries, keys.float().transpose(-1, -2)) * self.scale  # (n, kv, group, L)
-        if self.softcap is not None:  # before the padding is masked, as the reference caps before its mask
-            scores = soft_cap(scores, self.softcap)
-        padding = torch.arange(longest, device=q.device)[None, :] > torch.tensor(positions, device=q.device)[:, None]
-        scores.masked_fill_(padding[:, None, None, :], float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (n, n_kv_heads, group, head_dim)
-        return out.to(v.dtype).reshape(n, self.n_heads * self.head_dim)
+        starts = [piece.start_pos for piece in batch]
+        keys, values, rows = decode_step(caches, starts, k, v)
+        positions = torch.tensor(starts, device=q.device)
+        # keys, values: (m, n_kv_heads, L, head_dim), sequence i's in row rows[i] (None: row i), finite past its end
+        if rows is not None:  # a view of the pool's rows: a query for each, one that reads only key 0 where none
+            queries, ends = q.new_zeros(keys.shape[0], *q.shape[1:]), positions.new_zeros(keys.shape[0])
+            queries[rows], ends[rows] = q, positions
+        else:
+            queries, ends = q, positions
+        visible = torch.arange(keys.shape[2], device=q.device)[None, :] <= ends[:, None]  # (m, L)
+        if self.softcap is None:  # the fused kernel, in the caches' dtype, accumulating in float32
+            out = F.scaled_dot_product_attention(
+                queries.unsqueeze(2),
+                keys,
+                values,
+                attn_mask=visible[:, None, None, :],
+                scale=self.scale,
+                enable_gqa=True,
+            )  # (m, n_heads, 1, head_dim)
+        else:  # capped before the padding is masked, as the reference caps before its mask
+            group = self.n_heads // self.n_kv_heads
+            grouped = queries.view(-1, self.n_kv_heads, group, self.head_dim).float()  # (m, n_kv_heads, group, hd)
+            scores = soft_cap(torch.matmul(grouped, keys.float().transpose(-1, -2)) * self.scale, self.softcap)
+            scores.masked_fill_(~visible[:, None, None, :], float("-inf"))  # (m, n_kv_heads, group, L)
+            out = torch.matmul(torch.softmax(scores, dim=-1), values.float()).to(v.dtype)
+        out = out.reshape(-1, self.n_heads * self.head_dim)
+        return out if rows is None else out[rows]
 
     def _mask(
         self, start_pos: int, n_tokens: int, key_start: int, n_keys: int, device: torch.device

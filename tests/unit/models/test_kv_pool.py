@@ -113,7 +113,9 @@ def test_a_padded_decode_step_writes_each_token_and_reads_every_cache_from_0(len
         caches.append(cache)
     new_keys, new_values = torch.randn(len(lengths), 2, 3, generator=generator), torch.randn(len(lengths), 2, 3)
     positions = list(lengths)
-    keys, values = decode_step(caches, positions, new_keys, new_values)
+    keys, values, rows = decode_step(caches, positions, new_keys, new_values)
+    if rows is not None:  # a view of the pool's rows: each sequence's where `rows` says
+        keys, values = keys[rows], values[rows]
     expected_keys, expected_values = padded_reference(caches, positions)
     for index, position in enumerate(positions):
         assert caches[index].length == position + 1
@@ -122,6 +124,34 @@ def test_a_padded_decode_step_writes_each_token_and_reads_every_cache_from_0(len
         assert torch.equal(values[index, :, : position + 1], expected_values[index, :, : position + 1])
     assert keys.shape == (len(lengths), 2, max(lengths) + 1, 3) and torch.isfinite(keys).all()
     assert torch.isfinite(values).all()
+
+
+@pytest.mark.parametrize(("released", "a_view"), [((), True), ((2,), True), ((1, 2, 3, 4, 5, 6), False)])
+def test_a_padded_decode_step_reads_close_rows_in_place(released: tuple[int, ...], a_view: bool) -> None:
+    """Rows of one pool close together are read as a view of the pool from the first to the last (the rows between
+    come along, each sequence's where `rows` says); rows far apart are gathered."""
+    store = KVStore(1, 2, 3, torch.float32, CPU)
+    generator = torch.Generator().manual_seed(1)
+    for seq_id in range(8):
+        (cache,) = store.for_batch([SequenceSlice(seq_id, 0, 5 + seq_id)])[0]
+        cache.update(torch.randn(1, 2, 5 + seq_id, 3, generator=generator), torch.randn(1, 2, 5 + seq_id, 3), 0)
+    store.release(released)
+    live = [seq_id for seq_id in range(8) if seq_id not in released]
+    caches = [store.caches_of(seq_id)[0] for seq_id in live]  # type: ignore[index]
+    positions = [cache.length for cache in caches]
+    new_keys = torch.randn(len(caches), 2, 3, generator=generator)
+    keys, values, rows = decode_step(caches, positions, new_keys, -new_keys)
+    pool = caches[0].pool
+    assert pool is not None
+    assert (rows is not None) == a_view
+    assert (keys.untyped_storage().data_ptr() == pool.keys.untyped_storage().data_ptr()) == a_view
+    if rows is not None:
+        assert keys.shape[0] == max(c.row for c in caches) - min(c.row for c in caches) + 1
+        keys, values = keys[rows], values[rows]
+    expected_keys, expected_values = padded_reference(caches, positions)
+    for index, position in enumerate(positions):
+        assert torch.equal(keys[index, :, : position + 1], expected_keys[index, :, : position + 1])
+        assert torch.equal(values[index, :, : position + 1], expected_values[index, :, : position + 1])
 
 
 def test_a_padded_decode_step_refuses_a_cache_that_dropped_its_first_positions() -> None:
