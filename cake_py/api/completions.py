@@ -96,7 +96,11 @@ async def completions(request: Request) -> Response:
     fim = _fill_in_middle(body, tokenizer, state.model_name, echo_prompt)
     # echo with logprobs scores the prompt too (each token given the ones before it), and may generate nothing.
     params = openai_sampling(
-        body, vocab_size=engine.vocab_size, default_max_tokens=COMPLETION_MAX_TOKENS, prompt_logprobs=echo_prompt
+        body,
+        vocab_size=engine.vocab_size,
+        default_max_tokens=COMPLETION_MAX_TOKENS,
+        prompt_logprobs=echo_prompt,
+        logprobs_count=True,
     )
     params = await openai_llama_sampling(params, body, tokenizer)
     params = replace(params, grammar=await structured_grammar(body, tokenizer))

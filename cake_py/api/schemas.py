@@ -76,10 +76,17 @@ def logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
 
 
 def openai_sampling(
-    body: dict[str, Any], *, vocab_size: int, default_max_tokens: int = 2048, prompt_logprobs: bool = False
+    body: dict[str, Any],
+    *,
+    vocab_size: int,
+    default_max_tokens: int = 2048,
+    prompt_logprobs: bool = False,
+    logprobs_count: bool = False,
 ) -> SamplingParams:
     """Sampling fields of the OpenAI chat and completion routes; `vocab_size` bounds logit_bias's token ids.
-    `prompt_logprobs` scores the prompt too (completions' echo with logprobs), which allows max_tokens 0."""
+    `prompt_logprobs` scores the prompt too (completions' echo with logprobs), which allows max_tokens 0.
+    `logprobs_count` takes an integer `logprobs` (the legacy completions API's count of top logprobs); chat's is a
+    boolean only, as OpenAI's (an integer there turned logprobs on, 0 included)."""
     max_key = "max_completion_tokens"
     max_tokens = body.get(max_key)
     if max_tokens is None:  # absent, or sent as null by clients that send every field
@@ -87,7 +94,7 @@ def openai_sampling(
     max_tokens = number({max_key: max_tokens}, max_key, default_max_tokens, integer=True)
     logprobs_value = body.get("logprobs")
     top_logprobs = number(body, "top_logprobs", 0, integer=True)
-    if isinstance(logprobs_value, int) and not isinstance(logprobs_value, bool):  # legacy completions: an int
+    if logprobs_count and isinstance(logprobs_value, int) and not isinstance(logprobs_value, bool):
         if logprobs_value < 0:
             raise ApiError(400, f"logprobs must be true/false or a count of at least 0, got {logprobs_value}")
         logprobs, top_logprobs = True, max(top_logprobs, logprobs_value)

@@ -316,6 +316,19 @@ def test_a_bad_length_is_named_as_sent(server: ServerHandle) -> None:
     assert httpx.post(f"{server.base_url}/v1/completions", json=scored, timeout=60).status_code == 200
 
 
+@pytest.mark.parametrize("logprobs", [0, 1, "true"])
+def test_chat_logprobs_is_a_boolean_and_completions_a_count(server: ServerHandle, logprobs: object) -> None:
+    """Chat took the legacy completions' integer: 0 turned logprobs on and 1 asked for one top logprob."""
+    chat = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "logprobs": logprobs})
+    assert chat.status_code == 400, chat.text
+    assert chat.json()["error"] == f"logprobs must be true or false, got {logprobs!r}"
+    if isinstance(logprobs, int):
+        completion = _post(server, "/v1/completions", {"prompt": "cake", "max_tokens": 2, "logprobs": logprobs})
+        assert completion.status_code == 200, completion.text
+        tops = completion.json()["choices"][0]["logprobs"]["top_logprobs"]
+        assert [len(top) for top in tops] == [logprobs] * 2
+
+
 def test_openai_client_details(client: OpenAI, server: ServerHandle) -> None:
     assert client.models.retrieve("tiny-llama").id == "tiny-llama"
     with pytest.raises(openai.NotFoundError):
