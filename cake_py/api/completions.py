@@ -4,7 +4,6 @@ blocking. Shares the chat route's sampling fields, seeding and stream framing (o
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -55,6 +54,22 @@ def _fill_in_middle(body: dict[str, Any], tokenizer: Tokenizer, model: str, echo
     if fim_tokens(tokenizer) is None:
         raise ApiError(400, no_fill_in_middle("suffix", model))
     return suffix
+
+
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))  # in UTF-8, every other byte starts a character
+
+
+def text_offsets(pieces: list[bytes], start: int, limit: int) -> tuple[list[int], int]:
+    """Where each token (by its bytes) starts in the answer's text, the first at character `start`: at the character
+    its first byte begins or continues, so a token holding part of a character (its own text only U+FFFD) starts
+    where that character does. Summing the tokens' own texts counted U+FFFD as characters, past the text's end.
+    Capped at `limit`, the text's length (a stop string cuts tokens' text off); also the (uncapped) offset after."""
+    offsets = []
+    for piece in pieces:
+        continues = bool(piece) and 0x80 <= piece[0] < 0xC0 and start > 0
+        offsets.append(min(start - 1 if continues else start, limit))
+        start += len(piece.translate(None, _CONTINUATION_BYTES))  # bytes.translate: in C, for long echoed prompts
+    return offsets, start
 
 
 def no_fill_in_middle(field: str, model: str) -> str:
@@ -143,27 +158,28 @@ async def completions(request: Request) -> Response:
     n_prompt_tokens = sum(len(ids) for ids in prompt_ids)  # counted once per prompt, like OpenAI
 
     def legacy_logprobs(
-        tokens: list[SampledToken], offset: int, prompt: tuple[int, list[SampledToken]] | None = None
-    ) -> dict[str, Any] | None:
-        """OpenAI's legacy logprobs of `tokens`, their text starting at `offset`. With `prompt` (its first token id
-        and the scored rest), the prompt's tokens come first, from offset 0; the first has no logprob (null)."""
+        tokens: list[SampledToken], offset: int, limit: int, prompt: tuple[int, list[SampledToken]] | None = None
+    ) -> tuple[dict[str, Any] | None, int]:
+        """OpenAI's legacy logprobs of `tokens`, their text starting at `offset` and ending by `limit` (text_offsets),
+        and the offset after them. With `prompt` (its first token id and the scored rest), the prompt's tokens come
+        first, from offset 0; the first has no logprob (null)."""
         if not params.logprobs:
-            return None
+            return None, offset
         entries: list[SampledToken | None] = list(tokens)
-        texts = [tokenizer.token_text(t.token_id) for t in tokens]
+        ids = [t.token_id for t in tokens]
         if prompt is not None:
             first, scored = prompt
             entries = [None, *scored, *entries]
-            texts = [tokenizer.token_text(first), *(tokenizer.token_text(t.token_id) for t in scored), *texts]
+            ids = [first, *(t.token_id for t in scored), *ids]
             offset = 0
-        return {
-            "tokens": texts,
+        offsets, end = text_offsets([tokenizer.token_bytes(i) for i in ids], offset, limit)
+        logprobs = {
+            "tokens": [tokenizer.token_text(i) for i in ids],
             "token_logprobs": [t.logprob if t else None for t in entries],
             "top_logprobs": [{tokenizer.token_text(i): lp for i, lp in t.top_logprobs} if t else None for t in entries],
-            # each token's start: a running sum (summing every prefix again was quadratic: an echoed prompt of 8,000
-            # tokens held the event loop for 2 s, a full context's for half a minute)
-            "text_offset": list(itertools.accumulate(map(len, texts[:-1]), initial=offset)) if texts else [],
+            "text_offset": offsets,
         }
+        return logprobs, end
 
     def scored_prompt(index: int, scored: list[SampledToken] | None) -> tuple[int, list[SampledToken]] | None:
         return (prompt_ids[index // n][0], scored) if params.prompt_logprobs and scored is not None else None
@@ -187,6 +203,7 @@ async def completions(request: Request) -> Response:
         async def stream_chunks() -> AsyncIterator[str]:
             total, open_count = 0, len(streams)
             offsets = [len(echo[k // n]) for k in range(len(streams))]
+            sent = list(offsets)  # the characters each choice's text has so far: no offset passes them
             for index in range(len(streams)):
                 if echo[index // n] and not params.prompt_logprobs:
                     yield sse(piece(index, echo[index // n], None, None))
@@ -195,18 +212,17 @@ async def completions(request: Request) -> Response:
                     yield stream_error(event_error(event, request.url.path))
                     break  # the stream still ends with [DONE], as vLLM's does after an error
                 if event.prompt_logprobs is not None:  # scored: the echo goes out with its logprobs, first
-                    echoed_logprobs = legacy_logprobs([], 0, scored_prompt(index, event.prompt_logprobs))
-                    assert echoed_logprobs is not None
+                    scored = scored_prompt(index, event.prompt_logprobs)
+                    echoed_logprobs, offsets[index] = legacy_logprobs([], 0, sent[index], scored)
                     yield sse(piece(index, echo[index // n], None, echoed_logprobs))
-                    offsets[index] = sum(len(token) for token in echoed_logprobs["tokens"])
                 finish = None
                 if event.finished:
                     total += event.completion_tokens
                     open_count -= 1
                     finish = finish_reason(event.finish_reason)
-                logprobs = legacy_logprobs(event.tokens, offsets[index])
-                if logprobs is not None:  # by the tokens' own text, as the blocking answer counts (not emitted text)
-                    offsets[index] += sum(len(token) for token in logprobs["tokens"])
+                sent[index] += len(event.text)
+                # by the tokens' own bytes, as the blocking answer counts (the text may come tokens later)
+                logprobs, offsets[index] = legacy_logprobs(event.tokens, offsets[index], sent[index])
                 chunk = piece(index, event.text, finish, logprobs, event.stop_reason)
                 if event.finished and open_count == 0 and include_usage is None:
                     chunk["usage"] = usage(n_prompt_tokens, total)
@@ -223,11 +239,10 @@ async def completions(request: Request) -> Response:
         for index, result in enumerate(results):
             prefix = echo[index // n]
             last = result.last
-            choice = piece(index, prefix + result.text, finish_reason(last.finish_reason), None, last.stop_reason)
-            choice = choice["choices"][0]
-            choice["logprobs"] = legacy_logprobs(
-                result.tokens, len(prefix), scored_prompt(index, result.prompt_logprobs)
-            )
+            text = prefix + result.text
+            choice = piece(index, text, finish_reason(last.finish_reason), None, last.stop_reason)["choices"][0]
+            scored = scored_prompt(index, result.prompt_logprobs)
+            choice["logprobs"] = legacy_logprobs(result.tokens, len(prefix), len(text), scored)[0]
             choices.append(choice)
         return choices
 

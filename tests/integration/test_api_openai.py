@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -274,6 +275,28 @@ def test_streamed_logprob_offsets_match_the_blocking_ones(server: ServerHandle) 
                 logprobs = json.loads(line.removeprefix("data: "))["choices"][0]["logprobs"]
                 offsets += logprobs["text_offset"] if logprobs else []
     assert offsets == blocking["choices"][0]["logprobs"]["text_offset"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprob_offsets_index_the_text_of_multibyte_characters(server: ServerHandle, stream: bool) -> None:
+    """Offsets were summed over each token's text alone, U+FFFD for part of a character: "héllo 日本" (8 characters)
+    got offsets up to 9. A token holding part of a character starts where that character starts."""
+    prompt = "héllo 日本"
+    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "stream": stream}
+    if stream:
+        choices = [c["choices"][0] for c in _sse_chunks(server, "/v1/completions", body) if c["choices"]]
+    else:
+        response = _post(server, "/v1/completions", body)
+        assert response.status_code == 200, response.text
+        choices = response.json()["choices"]
+    assert "".join(choice["text"] for choice in choices) == prompt
+    offsets = [offset for choice in choices if choice["logprobs"] for offset in choice["logprobs"]["text_offset"]]
+    tokenizer = _tokenizer(server)
+    raw = [tokenizer.token_bytes(token) for token in tokenizer.encode(prompt)]
+    assert b"".join(raw) == prompt.encode() and b"\xc3" in raw  # "é" is split across two tokens
+    character_of_byte = [index for index, character in enumerate(prompt) for _ in character.encode()]
+    starts = itertools.accumulate((len(piece) for piece in raw[:-1]), initial=0)
+    assert offsets == [character_of_byte[start] for start in starts]
 
 
 def test_a_finished_request_sends_the_engine_no_cancel(server: ServerHandle, monkeypatch: pytest.MonkeyPatch) -> None:
