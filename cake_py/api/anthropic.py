@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from cake_py.api.anthropic_stream import PING, message_events, stop_of, usage_of
+from cake_py.api.anthropic_stream import PING, message_events, stop_of, tool_use_id, usage_of
 from cake_py.api.errors import ApiError, retry_headers
 from cake_py.api.inprocess import Routes
 from cake_py.api.json_body import json_body, strict_loads
@@ -35,6 +35,7 @@ from cake_py.api.middleware import request_caller
 from cake_py.api.partial_json import loads_partial
 from cake_py.api.schemas import flag
 from cake_py.api.streaming import SSE_HEADERS
+from cake_py.api.tools import TOOL_NAME
 
 CHAT_FORMAT = "response_format"  # what output_config.format becomes in the chat request
 
@@ -154,26 +155,14 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _tools(body: dict[str, Any]) -> dict[str, Any]:
-    """Anthropic's `tools` and `tool_choice` as the chat route's fields."""
+    """Anthropic's `tools` and `tool_choice` as the chat route's fields, checked here: the chat route's errors would
+    name the fields they become (`function.parameters`, tool_choice 'required')."""
     fields: dict[str, Any] = {}
     tools = body.get("tools")
     if tools:
         if not isinstance(tools, list):
             raise ApiError(400, "tools must be a list of {name, description, input_schema}")
-        converted = []
-        for index, tool in enumerate(tools):
-            if not isinstance(tool, dict) or "input_schema" not in tool:
-                kind = tool.get("type") if isinstance(tool, dict) else tool
-                raise ApiError(
-                    400, f"tools[{index}]: only custom tools (name, input_schema) are supported, got {kind!r}"[:300]
-                )
-            if not isinstance(tool["input_schema"], dict):
-                raise ApiError(400, f"tools[{index}].input_schema must be a JSON schema object"[:300])
-            function = {"name": _name(tool, "name", f"tools[{index}]"), "parameters": tool["input_schema"]}
-            if tool.get("description"):
-                function["description"] = tool["description"]
-            converted.append({"type": "function", "function": function})
-        fields["tools"] = converted
+        fields["tools"] = [_tool(index, tool) for index, tool in enumerate(tools)]
     choice = body.get("tool_choice")
     if choice is not None:
         kind = choice.get("type") if isinstance(choice, dict) else None
@@ -183,9 +172,32 @@ def _tools(body: dict[str, Any]) -> dict[str, Any]:
             fields["tool_choice"] = {"type": "function", "function": {"name": _name(choice, "name", "tool_choice")}}
         else:
             fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
+        if kind in ("any", "tool") and not tools:
+            raise ApiError(400, f"tool_choice {{type: {kind}}} needs tools")
         if flag(choice, "disable_parallel_tool_use", False):
             fields["parallel_tool_calls"] = False
     return fields
+
+
+def _tool(index: int, tool: Any) -> dict[str, Any]:
+    """A custom tool as a chat function tool."""
+    where = f"tools[{index}]"
+    if not isinstance(tool, dict) or "input_schema" not in tool:
+        kind = tool.get("type") if isinstance(tool, dict) else tool
+        raise ApiError(400, f"{where}: only custom tools (name, input_schema) are supported, got {kind!r}"[:300])
+    schema = tool["input_schema"]
+    if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+        raise ApiError(400, f"{where}.input_schema must be a JSON schema of an object, got {schema!r}"[:300])
+    name = _name(tool, "name", where)
+    if not TOOL_NAME.fullmatch(name):
+        raise ApiError(400, f"{where}.name must be 1-64 letters, digits, _ or -, got {name!r}"[:300])
+    description = tool.get("description")
+    if description is not None and not isinstance(description, str):
+        raise ApiError(400, f"{where}.description must be a string, got {description!r}"[:300])
+    function = {"name": name, "parameters": schema}
+    if description:
+        function["description"] = description
+    return {"type": "function", "function": function}
 
 
 def _continuation(messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -269,7 +281,8 @@ def message_of(completion: dict[str, Any], model: str, max_tokens: int) -> dict[
         content.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or []:
         function = call["function"]
-        content.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": _input(function)})
+        tool_use = {"type": "tool_use", "id": tool_use_id(call["id"]), "name": function["name"]}
+        content.append({**tool_use, "input": _input(function)})
     usage = usage_of(completion.get("usage"))
     stop_reason, stop_sequence = stop_of(
         choice.get("finish_reason"), choice.get("stop_reason"), usage["output_tokens"], max_tokens

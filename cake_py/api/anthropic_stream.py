@@ -114,6 +114,12 @@ def _error_event(error: Any) -> str:
     return _event("error", {"error": {"type": kind, "message": message}})
 
 
+def tool_use_id(call_id: str) -> str:
+    """A chat tool call's id as a tool_use block's: Anthropic's prefix, `toolu_`, where OpenAI's is `call_` (clients
+    and tests that tell ids apart by their prefix). A later turn sends it back as it is: the chat route takes any id."""
+    return f"toolu_{call_id.removeprefix('call_')}"
+
+
 class _Blocks:
     """The content blocks of a streamed answer: chat deltas in, Anthropic's block events out. Tool calls are keyed
     on their index: a call re-sent whole (as forced calls may be at the end) opens no second block."""
@@ -156,7 +162,8 @@ class _Blocks:
                 continue
             function = call.get("function") or {}
             if self.call != position:
-                started = {"type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": {}}
+                call_id = tool_use_id(call.get("id") or "")
+                started: dict[str, Any] = {"type": "tool_use", "id": call_id, "name": function.get("name"), "input": {}}
                 events += self._open("tool_use", started)
                 self.call = position
             if function.get("arguments"):

@@ -26,7 +26,7 @@ from cake_py.api.json_body import strict_loads
 from cake_py.models.grammar import json_grammar
 
 MAX_TOOLS = 128
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's and Anthropic's rule
 # A block, or a last one the answer ended in before its closing tag (cut at the end token, as vLLM's Hermes parser
 # also reads it).
 OPEN_TAG = "<tool_call>"
@@ -112,7 +112,7 @@ def _tool(index: int, tool: Any) -> dict[str, Any]:
         raise ApiError(400, f'{where} must be {{"type": "function", "function": {{…}}}}, got {tool!r}'[:300])
     function = tool["function"]
     name = function.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise ApiError(400, f"{where}.function.name must be 1-64 letters, digits, _ or -, got {name!r}"[:300])
     parameters = function.get("parameters")
     if parameters is None:

@@ -124,7 +124,7 @@ def test_a_forced_tool_use_and_its_result(claude: anthropic.Anthropic) -> None:
     message = ask(claude, tools=[WEATHER], tool_choice=forced, max_tokens=300)
     uses = [block for block in message.content if block.type == "tool_use"]
     assert len(uses) == 1 and uses[0].name == "get_weather" and isinstance(uses[0].input["city"], str)
-    assert message.stop_reason == "tool_use" and uses[0].id
+    assert message.stop_reason == "tool_use" and uses[0].id.startswith("toolu_")  # Anthropic's prefix, not call_
     with claude.messages.stream(
         model="tiny",
         messages=[{"role": "user", "content": QUESTION}],
@@ -136,6 +136,7 @@ def test_a_forced_tool_use_and_its_result(claude: anthropic.Anthropic) -> None:
         final = stream.get_final_message()
     streamed = [block for block in final.content if block.type == "tool_use"]
     assert [(b.name, b.input) for b in streamed] == [(uses[0].name, uses[0].input)]
+    assert streamed[0].id.startswith("toolu_") and streamed[0].id != uses[0].id
     answer = claude.messages.create(
         model="tiny",
         max_tokens=8,
@@ -267,6 +268,15 @@ def _calling(tool_use: dict[str, Any], tool_use_id: Any = "t1") -> list[dict[str
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 12}]}]}, "content[0].text must be"),
         ({"system": [{"type": "text", "text": {"a": 1}}]}, "system[0].text must be a string"),
         ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": "x"}}, "disable_parallel_tool_use must be"),
+        # Named as sent: the chat route's errors named what they become (tool_choice 'required', function.parameters)
+        ({"tool_choice": {"type": "any"}}, "tool_choice {type: any} needs tools"),
+        ({"tool_choice": {"type": "tool", "name": "f"}, "tools": []}, "tool_choice {type: tool} needs tools"),
+        (
+            {"tools": [{"name": "a", "input_schema": {"type": "string"}}]},
+            "tools[0].input_schema must be a JSON schema of an object",
+        ),
+        ({"tools": [{"name": "a b", "input_schema": {}}]}, "tools[0].name must be 1-64 letters"),
+        ({"tools": [{"name": "a", "description": 5, "input_schema": {}}]}, "tools[0].description must be a string"),
     ],
     ids=str,
 )
@@ -275,8 +285,10 @@ def test_bad_requests_get_anthropics_error_body(server: ServerHandle, extra: dic
     body = {key: value for key, value in body.items() if value is not None}
     for route, stream in (("/v1/messages", False), ("/v1/messages", True), ("/v1/messages/count_tokens", False)):
         answer = httpx.post(f"{server.base_url}{route}", json={**body, "stream": stream}, timeout=60)
-        if route.endswith("count_tokens") and not ("messages" in needle or "text must be" in needle):
-            continue  # count_tokens reads the messages and system, not the sampling and output fields
+        if route.endswith("count_tokens") and not (
+            "messages" in needle or "text must be" in needle or "tool" in needle
+        ):
+            continue  # count_tokens reads the messages, system and tools, not the sampling and output fields
         assert answer.status_code == 400, (route, answer.text)
         error = answer.json()
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
