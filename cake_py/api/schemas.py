@@ -219,6 +219,11 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 400, f"messages[{index}].role {role!r} is not one of system, developer, user, assistant, tool"
             )
         content = message.get("content")
+        if content is None and not (role == "assistant" and message.get("tool_calls")):
+            # as OpenAI: only an assistant's turn that calls tools may have no content (else an empty turn was read)
+            raise ApiError(
+                400, f"messages[{index}].content is required (only an assistant's with tool_calls may omit it)"
+            )
         if isinstance(content, list):
             parts = []
             for part in content:

@@ -759,6 +759,32 @@ def test_a_text_part_whose_text_is_no_string_is_a_400(server: ServerHandle, cont
         assert "messages[0]: a text part's text must be a string" in response.json()["error"]
 
 
+@pytest.mark.parametrize(
+    "message",
+    [{"role": "user"}, {"role": "user", "content": None}, {"role": "system"}, {"role": "developer", "content": None},
+     {"role": "tool", "tool_call_id": "c1"}, {"role": "assistant", "content": None}],
+    ids=str,
+)  # fmt: skip
+def test_a_message_without_content_is_a_400(server: ServerHandle, message: dict[str, Any]) -> None:
+    """A user message with no content was read as an empty turn and answered (OpenAI answers a 400)."""
+    messages = [message, {"role": "user", "content": "Hi"}][: 1 if message["role"] == "user" else 2]
+    for route in ("/v1/chat/completions", "/tokenize", "/apply-template"):
+        response = _post(server, route, {"messages": messages, "max_tokens": 1})
+        assert response.status_code == 400, (route, response.text)
+        assert response.json()["error"].startswith("messages[0].content is required"), response.text
+
+
+def test_an_assistant_turn_that_calls_tools_may_have_no_content(server: ServerHandle) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    ]
+    response = _post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 1})
+    assert response.status_code == 200, response.text
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_a_number_json_has_no_word_for_is_a_400_before_anything_runs(server: ServerHandle, literal: str) -> None:
     """Python's JSON reads NaN and Infinity (and 1e999 as infinity): kept in a stored message or echoed in an answer,
