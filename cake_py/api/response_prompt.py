@@ -71,6 +71,8 @@ def response_input(
         raise ApiError(400, f"instructions must be a string, got {instructions!r}"[:300])
     owner = request_owner(request)
     previous_id = body.get("previous_response_id")
+    if previous_id is not None and not isinstance(previous_id, str):  # not an id no response has (not_found)
+        raise ApiError(400, f"previous_response_id must be a string, got {previous_id!r}"[:300])
     conversation = None
     if body.get("conversation") is not None:
         if previous_id is not None:  # OpenAI's rule: each names the turns before the input
@@ -88,8 +90,8 @@ def response_input(
         refuse_held_ids(conversation, items)  # this request's items are added to it
         history = chat_history(list(conversation.items))
     elif previous_id is not None:
-        previous = state.responses.get(previous_id, owner) if isinstance(previous_id, str) else None
-        if previous is None and isinstance(previous_id, str) and state.responses.live(previous_id, owner) is not None:
+        previous = state.responses.get(previous_id, owner)
+        if previous is None and state.responses.live(previous_id, owner) is not None:
             raise ApiError(400, f"previous_response_id: response {previous_id!r} is still being answered"[:300])
         if previous is None:
             raise ApiError(  # OpenAI's code: clients that lost a chain (a restart forgets it) resend it whole

@@ -33,9 +33,9 @@ def _text(content: Any, where: str) -> str:
     texts = []
     for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+        if kind not in TEXT_PARTS:
             raise ApiError(400, f"{where}.content[{index}] of type {kind!r}: this model only reads text parts"[:300])
-        texts.append(part["text"])
+        texts.append(_string(part, "text", f"{where}.content[{index}]"))
     return "\n".join(texts)
 
 
