@@ -227,12 +227,14 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(content, list):
             parts = []
             for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    kind = part.get("type") if isinstance(part, dict) else part
+                kind = part.get("type") if isinstance(part, dict) else part
+                # an assistant's earlier refusal (OpenAI's refusal part) is what it said: its text, in the history
+                key = "refusal" if kind == "refusal" and role == "assistant" else "text"
+                if kind != key:
                     raise ApiError(400, f"messages[{index}] has a {kind!r} part; this model only reads text")
-                text = part.get("text")
+                text = part.get(key)
                 if not isinstance(text, str):
-                    raise ApiError(400, f"messages[{index}]: a text part's text must be a string, got {text!r}"[:300])
+                    raise ApiError(400, f"messages[{index}]: a {key} part's {key} must be a string, got {text!r}"[:300])
                 parts.append(text)
             content = "\n".join(parts)
         if content is None:

@@ -559,6 +559,22 @@ def test_text_parts_of_a_message_are_joined_by_newlines(server: ServerHandle) ->
     assert response.json()["usage"]["prompt_tokens"] == len(joined)
 
 
+def test_an_assistants_refusal_in_the_history_is_its_text(server: ServerHandle) -> None:
+    """OpenAI accepts an assistant message's refusal part (as its SDK hands one back); it was a 400."""
+    refusal = [{"type": "refusal", "refusal": "I can't"}]
+    messages = [*MESSAGES, {"role": "assistant", "content": refusal}, {"role": "user", "content": "Why?"}]
+    response = _post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 1})
+    assert response.status_code == 200, response.text
+    as_text = [*MESSAGES, {"role": "assistant", "content": "I can't"}, {"role": "user", "content": "Why?"}]
+    assert response.json()["usage"]["prompt_tokens"] == len(_tokenizer(server).encode_chat(as_text))
+    for message, needle in (
+        ({"role": "user", "content": refusal}, "has a 'refusal' part"),  # only the assistant's
+        ({"role": "assistant", "content": [{"type": "refusal", "refusal": None}]}, "refusal must be a string"),
+    ):
+        refused = _post(server, "/v1/chat/completions", {"messages": [*MESSAGES, message], "max_tokens": 1})
+        assert refused.status_code == 400 and needle in refused.json()["error"], refused.text
+
+
 @pytest.mark.parametrize(("top_k", "status"), [(-1, 200), (0, 200), (-2, 400)])
 def test_top_k_minus_one_is_off(server: ServerHandle, top_k: int, status: int) -> None:
     response = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "top_k": top_k})
