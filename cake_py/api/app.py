@@ -144,6 +144,9 @@ def create_app(state: ServerState) -> Starlette:
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=lifespan,
     )
+    # A path with a stray trailing slash is a JSON 404 naming it: Starlette's redirect was an empty 307 to an absolute
+    # URL (a body-less error, and one a client behind a proxy follows to the wrong host). No route here needs it.
+    app.router.redirect_slashes = False
     app.state.cake = state
     # A batch's requests go to the routes and their error handlers, not through the middleware (auth, rate limit).
     state.routes = Routes(app, ExceptionMiddleware(app.router, handlers=EXCEPTION_HANDLERS))  # type: ignore[arg-type]

@@ -72,6 +72,14 @@ def test_unknown_route_and_wrong_method_are_json(client: TestClient) -> None:
     assert client.get("/models/load").json() == {"detail": "method GET is not allowed on /models/load"}
 
 
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/chat/completions/"), ("GET", "/health/")])
+def test_a_trailing_slash_is_a_json_404_not_a_redirect(client: TestClient, method: str, path: str) -> None:
+    """Starlette redirected it: an empty 307 with an absolute Location, where every error is JSON."""
+    response = client.request(method, path, json={"messages": []}, follow_redirects=False)
+    assert response.status_code == 404
+    assert response.json() == {"error": f"no route for {method} {path}"}
+
+
 def test_without_a_model_health_is_503_not_running_and_models_are_empty(client: TestClient) -> None:
     """Nothing can be served (an unload, a load that lost the previous model): a load balancer must look elsewhere
     (it answered 200 "healthy")."""
