@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,7 +335,7 @@ def load_cluster_file(path: Path) -> ClusterFile:
     # What needs no model is said now, not once the model is loaded (after a download, maybe): layers for some
     # workers only, overlapping ranges. Whether they fit the model is checked when its layer count is known.
     try:
-        check_manual({worker.name: worker.layers for worker in workers}, n_layers=sys.maxsize)
+        check_manual({worker.name: worker.layers for worker in workers}, n_layers=None)
     except ClusterError as error:
         raise ConfigError(str(error)) from None
     model = data.get("model")

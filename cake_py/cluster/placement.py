@@ -30,8 +30,9 @@ def _describe(start: int, end: int) -> str:
     return f"layers {start}-{end - 1}" if end - start > 1 else f"layer {start}"
 
 
-def check_manual(ranges: dict[str, tuple[int, int] | None], n_layers: int) -> dict[str, tuple[int, int]]:
-    """Validate per-worker half-open ranges; layers no worker holds stay on the master."""
+def check_manual(ranges: dict[str, tuple[int, int] | None], n_layers: int | None) -> dict[str, tuple[int, int]]:
+    """Validate per-worker half-open ranges; layers no worker holds stay on the master. `n_layers` None (the model
+    not known yet) checks all but the range: a stand-in count would be named as the model's."""
     given = {name: r for name, r in ranges.items() if r is not None}
     missing = [name for name, r in ranges.items() if r is None]
     if given and missing:
@@ -42,7 +43,7 @@ def check_manual(ranges: dict[str, tuple[int, int] | None], n_layers: int) -> di
     for name, (start, end) in given.items():
         if start >= end:
             raise ClusterError(f"worker {name!r}: empty layer range")
-        if end > n_layers:
+        if n_layers is not None and end > n_layers:
             raise ClusterError(
                 f"worker {name!r}: {_describe(start, end)} out of range (the model has layers 0-{n_layers - 1})"
             )

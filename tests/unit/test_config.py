@@ -119,6 +119,20 @@ def test_bad_cluster_files(tmp_path: Path, text: str, needle: str) -> None:
         load_cluster_file(path)
 
 
+def test_layers_past_any_model_wait_for_the_models_layer_count_to_be_named(tmp_path: Path) -> None:
+    """Checked before the model was known, a huge range was "out of range (the model has layers
+    0-9223372036854775806)": the stand-in count, named as the model's."""
+    from cake_py.cluster.placement import check_manual
+    from cake_py.errors import ClusterError
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text('workers: [{name: a, address: "h:1", layers: "0-99999999999999999999999"}]\n')
+    workers = load_cluster_file(path).workers
+    assert workers[0].layers == (0, 10**23)
+    with pytest.raises(ClusterError, match=r"out of range \(the model has layers 0-29\)$"):
+        check_manual({worker.name: worker.layers for worker in workers}, n_layers=30)
+
+
 def test_a_number_as_a_worker_name_is_its_text(tmp_path: Path) -> None:
     path = tmp_path / "cluster.yaml"
     path.write_text('workers: [{name: 0, address: "h:1"}, {name: 7, address: "h:2"}, {address: "h:3"}]\n')
