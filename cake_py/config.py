@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -197,8 +198,20 @@ def parse_address(value: str) -> str:
         if not host.endswith("]") or ":" not in host[1:-1] or "[" in host[1:] or "]" in host[:-1]:
             raise ConfigError(f"worker address {value!r}: brackets hold an IPv6 address, like [::1]:{port}")
     elif ":" in host:
-        raise ConfigError(f"worker address {value!r}: write an IPv6 address in brackets, like [{host}]:{port}")
+        if _is_ipv6(host):
+            raise ConfigError(f"worker address {value!r}: write an IPv6 address in brackets, like [{host}]:{port}")
+        # Not an IPv6 address with a port (127.0.0.1:18610:5): brackets around it would be no better.
+        raise ConfigError(f"worker address {value!r} is not HOST:PORT (one ':', or an IPv6 address in brackets)")
     return value
+
+
+def _is_ipv6(host: str) -> bool:
+    """An IPv6 address as written without brackets (fe80::1%eth0 with its zone too)."""
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _inclusive_range(text: str, what: str, example: str) -> tuple[int, int]:

@@ -157,6 +157,17 @@ def test_ipv6_addresses_are_bracketed() -> None:
     assert parse_address("[::1]:10128") == "[::1]:10128"
     with pytest.raises(ConfigError, match=r"in brackets, like \[::1\]:10128"):
         parse_address("::1:10128")  # gRPC would read it as another address
+    assert parse_address("[fe80::1%eth0]:10128") == "[fe80::1%eth0]:10128"
+    with pytest.raises(ConfigError, match=r"like \[fe80::1%eth0\]:10128"):
+        parse_address("fe80::1%eth0:10128")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:18610:5", "box:1:2", "2001:db8:0:0:0:0:0:1"])
+def test_an_address_with_colons_that_is_not_ipv6_is_not_told_to_use_brackets(address: str) -> None:
+    """127.0.0.1:18610:5 was told "write an IPv6 address in brackets, like [127.0.0.1:18610]:5"."""
+    with pytest.raises(ConfigError) as caught:
+        parse_address(address)
+    assert str(caught.value) == f"worker address {address!r} is not HOST:PORT (one ':', or an IPv6 address in brackets)"
     assert [listen_address(host, 7) for host in ("::", "[::1]", "0.0.0.0", "box")] == [
         "[::]:7",
         "[::1]:7",
