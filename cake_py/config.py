@@ -250,9 +250,11 @@ def parse_cpus(value: str | None) -> tuple[int, ...] | None:
 
 
 def parse_workers_flag(value: str) -> list[WorkerSpec]:
-    addresses = [item.strip() for item in value.split(",") if item.strip()]
-    if not addresses:
+    addresses = [item.strip() for item in value.split(",")]
+    if not any(addresses):
         raise ConfigError(f"--workers {value!r} lists no HOST:PORT")
+    if "" in addresses:  # `a,,b` or `a,` from a list built in a script: an address left out, maybe a worker
+        raise ConfigError(f"--workers {value!r}: entry {addresses.index('') + 1} is empty (a comma too many?)")
     return [WorkerSpec(f"worker-{i + 1}", parse_address(address), named=False) for i, address in enumerate(addresses)]
 
 

@@ -153,6 +153,17 @@ def test_flags() -> None:
         parse_address("host:99999")
 
 
+@pytest.mark.parametrize(
+    ("value", "entry"), [("127.0.0.1:18610,,127.0.0.1:18611", 2), ("a:1,", 2), (",a:1", 1), ("a:1, ,b:2", 2)]
+)
+def test_an_empty_entry_in_the_workers_flag_is_named(value: str, entry: int) -> None:
+    """`a,,b` served with the workers left, where --workers "" was an error: an address left out of a list that a
+    script built was a worker missing from the cluster without a word."""
+    with pytest.raises(ConfigError) as caught:
+        parse_workers_flag(value)
+    assert str(caught.value) == f"--workers {value!r}: entry {entry} is empty (a comma too many?)"
+
+
 def test_ipv6_addresses_are_bracketed() -> None:
     assert parse_address("[::1]:10128") == "[::1]:10128"
     with pytest.raises(ConfigError, match=r"in brackets, like \[::1\]:10128"):
