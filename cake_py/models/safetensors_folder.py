@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import struct
 from collections.abc import Iterable
 from dataclasses import replace
@@ -54,11 +55,7 @@ class SafetensorsWeights:
     def _shard_map(folder: Path) -> dict[str, Path]:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = read_json(index)["weight_map"]
-                files = {str(name): str(file) for name, file in weight_map.items()}
-            except (KeyError, TypeError, AttributeError) as error:
-                raise WeightsError(f"cannot read shard index {str(index)!r}: {error!r}") from None
+            files = _weight_map(index)
             for file in set(files.values()):
                 # Shards sit beside the index (an HF cache links them to its blobs, so this is checked by name).
                 if Path(file).is_absolute() or ".." in Path(file).parts or "\0" in file:
@@ -124,6 +121,27 @@ def _gguf_hint(folder: Path) -> str:
         return ""
     named = ", ".join(repr(name) for name in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
     return f"; it holds GGUF files ({named}): pass one of them (a split model's first part) as the model"
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's tensor name → shard file, checked: Python's own words about a document of
+    another shape ("'int' object has no attribute 'items'") were the message."""
+    document = read_json(index)
+    if not isinstance(document, dict) or "weight_map" not in document:
+        raise WeightsError(f"shard index {str(index)!r} has no weight_map, got {reprlib.repr(document)}")
+    weight_map = document["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise WeightsError(
+            f"shard index {str(index)!r}: weight_map must be an object mapping tensor names to shard files, "
+            f"got {reprlib.repr(weight_map)}"
+        )
+    for name, file in weight_map.items():  # JSON's keys are strings already
+        if not isinstance(file, str):
+            raise WeightsError(
+                f"shard index {str(index)!r}: weight_map gives tensor {name!r} the shard {reprlib.repr(file)}, "
+                "not a file name"
+            )
+    return weight_map
 
 
 def read_json(path: Path) -> Any:

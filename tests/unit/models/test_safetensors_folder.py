@@ -96,11 +96,27 @@ def test_json_files_python_cannot_read_are_weights_errors(
         SafetensorsWeights(folder)
 
 
-def test_a_shard_index_that_is_not_a_map_is_a_weights_error(tiny_model_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("document", "said"),
+    [
+        ('{"weight_map": 5}', ": weight_map must be an object mapping tensor names to shard files, got 5"),
+        ('{"weight_map": [1, 2]}', ": weight_map must be an object mapping tensor names to shard files, got [1, 2]"),
+        ('{"weight_map": {"w": 7}}', ": weight_map gives tensor 'w' the shard 7, not a file name"),
+        ('{"metadata": {}}', " has no weight_map, got {'metadata': {}}"),
+        ("[1]", " has no weight_map, got [1]"),
+    ],
+    ids=["number", "list", "shard-number", "no-map", "not-an-object"],
+)
+def test_a_shard_index_that_is_not_a_map_is_said_in_our_words(  # type: ignore[no-untyped-def]
+    tiny_model_factory, tmp_path: Path, document: str, said: str
+) -> None:
+    """{"weight_map": 5} was "cannot read shard index '…': AttributeError("'int' object has no attribute 'items'")"."""
     folder = copy_model(tiny_model_factory("llama", sharded=True), tmp_path)
-    (folder / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}')
-    with pytest.raises(WeightsError, match="shard index"):
+    index = folder / "model.safetensors.index.json"
+    index.write_text(document)
+    with pytest.raises(WeightsError) as raised:
         SafetensorsWeights(folder)
+    assert str(raised.value) == f"shard index {str(index)!r}{said}"
 
 
 def test_quantized_or_missing_tensors_are_weights_errors(tiny_llama: Path, tmp_path: Path) -> None:
