@@ -60,6 +60,29 @@ def _with_tensor_count(path: Path, count: int) -> Path:
     return path
 
 
+@pytest.mark.parametrize("cut", ["empty", "magic", "counts", "metadata", "descriptors", "data"])
+def test_a_cut_gguf_says_where_it_ends_in_its_own_words(tmp_path: Path, cut: str) -> None:
+    """A GGUF cut at 20 bytes or 1 MB was "(corrupt or truncated): When changing to a larger dtype, its size must be
+    a divisor of …", numpy's words about the reader's short views."""
+    whole = _small_gguf(tmp_path / "whole.gguf")
+    reader = gguf.GGUFReader(whole)
+    data_start = min(tensor.data_offset for tensor in reader.tensors)
+    data_end = max(tensor.data_offset + tensor.n_bytes for tensor in reader.tensors)
+    second_descriptor = whole.read_bytes().index(b"output_norm.weight")  # cut in its name
+    size = {"empty": 0, "magic": 3, "counts": 20, "metadata": 60, "descriptors": second_descriptor + 4}
+    size["data"] = data_end - 1
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(whole.read_bytes()[: size[cut]])
+    said = {
+        "empty": "the file is empty",
+        "data": f"the file ends before its tensor data does: {data_end - 1} bytes, {data_end} expected",
+    }.get(cut, f"its header runs past the end of the file ({size[cut]} bytes)")
+    assert size[cut] < data_start or cut == "data"
+    with pytest.raises(WeightsError) as raised:
+        GGUFWeights(path)
+    assert str(raised.value) == f"cannot read GGUF file {str(path)!r} (corrupt or truncated): {said}"
+
+
 @pytest.mark.parametrize("count", [2**64 - 1, 5 * 10**9, MAX_TENSORS + 1])
 def test_a_tensor_count_of_billions_is_refused_before_it_is_read(count: int, tmp_path: Path) -> None:
     """The header check read descriptors on into the data, and an offset past what struct can index ended the load

@@ -143,8 +143,9 @@ def test_truncated_smollm_raises_naming_the_path(smollm_path: Path, tmp_path: Pa
     path = tmp_path / "cut.gguf"
     with smollm_path.open("rb") as original:
         path.write_bytes(original.read(1 << 20))  # ends inside the tokenizer metadata
-    with pytest.raises(WeightsError, match=str(path)):
+    with pytest.raises(WeightsError, match=str(path)) as raised:
         GGUFWeights(path)
+    assert str(raised.value).endswith("its header runs past the end of the file (1048576 bytes)")
 
 
 def test_missing_file_raises_model_not_found(tmp_path: Path) -> None:
