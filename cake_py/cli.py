@@ -254,6 +254,14 @@ def _exit_now(code: int) -> int:
     return code
 
 
+def _interrupt_on_sigint() -> None:
+    """Ctrl-C ends a server's startup as it ends its serving. Python raises KeyboardInterrupt only where SIGINT was not
+    ignored at launch, and a non-interactive shell starts background jobs (`( cake serve … & )`) with it ignored: a
+    startup (a download, the workers' handshakes) went on through Ctrl-C, though the serving after it stops on one."""
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -267,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A log line that cannot be written (stderr on a full disk) is dropped, not replaced by a traceback about it.
     logging.raiseExceptions = False
     try:
+        if args.command in ("serve", "worker"):
+            _interrupt_on_sigint()
         return _dispatch(args)
     except CakeError as error:
         print(f"cake: error: {error}", file=sys.stderr)

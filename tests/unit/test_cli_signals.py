@@ -1,14 +1,19 @@
 """Real `cake worker` and `cake serve` processes stopped by a signal: both stop cleanly, say so in one line on
-stderr, and exit the same way, 130 on SIGINT (Ctrl-C) and 0 on SIGTERM (a stop asked for, done)."""
+stderr, and exit the same way, 130 on SIGINT (Ctrl-C) and 0 on SIGTERM (a stop asked for, done); a SIGINT while
+they start ends them as Ctrl-C does, even where they were started with SIGINT ignored."""
 
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.cluster import CakeProcess, LocalCluster
+from tests.fixtures.cluster import REPO_ROOT, CakeProcess, LocalCluster, child_env
 
 STOPS = [(signal.SIGINT, 130), (signal.SIGTERM, 0)]
 
@@ -45,3 +50,78 @@ def test_serve_stops_on_a_signal_says_so_and_exits_as_a_worker_does(
         master = cluster.serve(str(tiny_llama))
         master.signal(signum)
         assert_stopped(master, "serve", signum, code)
+
+
+def _start_ignoring_sigint(*args: str) -> subprocess.Popen[str]:
+    """`cake ARGS` started as bash starts a background job of a script (`( cake serve … & )`): SIGINT ignored."""
+    command = [sys.executable, "-m", "cake_py.cli", *args]
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO_ROOT,
+        env=child_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as bash does
+    )
+
+
+def _assert_interrupted(cake: subprocess.Popen[str]) -> str:
+    """SIGINT now: the process ends at once as a Ctrl-C during startup does; its stdout."""
+    cake.send_signal(signal.SIGINT)
+    interrupted = time.monotonic()
+    out, err = cake.communicate(timeout=30)
+    assert time.monotonic() - interrupted < 5, err
+    assert cake.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "cake: interrupted", err
+    return out
+
+
+def _catches_sigint(pid: int) -> bool:
+    """Whether the process has a handler for SIGINT (Linux's view of it: a bit of SigCgt)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(line for line in status if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the handlers from /proc")
+def test_a_worker_started_with_sigint_ignored_still_stops_on_it_while_it_starts() -> None:
+    """Started with SIGINT ignored, Python raises no KeyboardInterrupt: the worker ignored it until it served."""
+    cake = _start_ignoring_sigint("worker", "--host", "127.0.0.1", "--port", "0", "--threads", "1")
+    try:
+        deadline = time.monotonic() + 30
+        while not _catches_sigint(cake.pid):  # its handler in place: before torch is imported, after the fix
+            assert cake.poll() is None and time.monotonic() < deadline, "the worker never handled SIGINT"
+            time.sleep(0.01)
+        assert "listening on" not in _assert_interrupted(cake)
+    finally:
+        if cake.poll() is None:
+            cake.kill()
+            cake.communicate()
+
+
+def test_serve_started_with_sigint_ignored_still_stops_on_it_while_it_starts(tiny_llama: Path) -> None:
+    """Started with SIGINT ignored, `cake serve` waited out --connect-timeout of a worker that never answered."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the handshake waits its deadline
+    port = silent.getsockname()[1]
+    args = ["serve", str(tiny_llama), "--workers", f"127.0.0.1:{port}", "--connect-timeout", "60", "--port", "0"]
+    cake = _start_ignoring_sigint(*args, "--threads", "1")
+    connected: socket.socket | None = None
+    try:
+        silent.settimeout(1)
+        deadline = time.monotonic() + 60
+        while connected is None and time.monotonic() < deadline and cake.poll() is None:
+            try:
+                connected, _ = silent.accept()  # the master is handshaking now
+            except TimeoutError:
+                continue
+        assert connected is not None, "the master never connected"
+        _assert_interrupted(cake)
+    finally:
+        if cake.poll() is None:
+            cake.kill()
+            cake.communicate()
+        if connected is not None:
+            connected.close()
+        silent.close()
