@@ -102,7 +102,11 @@ def _load_status(error: CakeError) -> int:
 
 
 def _busy(state: ServerState) -> ApiError:
-    return ApiError(503, f"the server is already {state.switching or 'switching models'}; retry when it is done")
+    return ApiError(
+        503,
+        f"the server is already {state.switching or 'switching models'}; retry when it is done",
+        headers={"Retry-After": "5"},  # as the generation routes answer during a switch
+    )
 
 
 async def load_model(request: Request) -> Response:

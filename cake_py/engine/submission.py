@@ -62,6 +62,11 @@ class Submission:
         if room < 0 or (room == 0 and params.pooling is None):  # an embedding needs no room for an answer
             capped = self.context_length < self.pipeline.config.max_position_embeddings
             limit = "the server's --max-model-len is" if capped else "the model's context is"
+            if room == 0:  # it fits, with no room left for a single token of the answer
+                raise ContextLengthError(
+                    f"the prompt has {n_prompt} tokens, which fills {limit.replace(' is', '')} of "
+                    f"{self.context_length} tokens: no room is left for the answer"
+                )
             raise ContextLengthError(f"the prompt has {n_prompt} tokens but {limit} {self.context_length} tokens")
         if params.max_tokens > room:
             params = replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))

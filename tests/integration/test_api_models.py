@@ -75,6 +75,7 @@ def test_load_switches_the_model_and_answers_503_meanwhile(
         assert seen[0].headers["retry-after"] == "5"
         assert (health.status_code, health.json()["status"]) == (503, "loading")
         assert busy.status_code == 503 and "already" in busy.json()["detail"]
+        assert busy.headers["retry-after"] == "5"
         loaded = outcome["load"]
         assert loaded.status_code == 200, loaded.text
         assert loaded.json()["model_id"] == EMBEDDED_MODEL_ID

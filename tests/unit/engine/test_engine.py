@@ -103,6 +103,12 @@ def test_prompt_longer_than_context_is_refused(engine: Engine) -> None:
         engine.submit(list(range(600)), GREEDY, lambda e: None)
 
 
+def test_a_prompt_that_fills_the_context_is_refused_for_want_of_room(engine: Engine) -> None:
+    with pytest.raises(ContextLengthError, match="the prompt has 512 tokens, which fills the model's context of 512 "
+                       "tokens: no room is left for the answer"):  # fmt: skip
+        engine.check_prompt(512, SamplingParams(max_tokens=8))
+
+
 def test_max_tokens_is_clipped_to_the_context(engine: Engine) -> None:
     params = engine.check_prompt(500, SamplingParams(max_tokens=2048))
     assert params.max_tokens == 12
