@@ -33,6 +33,7 @@ from cake_py.api.schemas import (
     metadata_field,
     openai_sampling,
     predicted_output,
+    prompt_cut,
     stream_usage,
 )
 from cake_py.api.state import ServerState, chat_tokenizer, context_length, generation_request
@@ -130,6 +131,8 @@ async def chat_completions(request: Request) -> Response:
     n = choice_count(body)
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)
+    if flag(body, "echo", False):  # vLLM's chat echo (the last message repeated in the answer): refused, not ignored
+        raise ApiError(400, "echo is not supported on chat completions (it is a /v1/completions field)")
     messages, tool_variables = await run_in_threadpool(prompt_messages, messages, tools, tokenizer.reads_tools)
     prompt_text, prompt_ids = await run_in_threadpool(
         tokenizer.chat_prompt,
@@ -138,6 +141,8 @@ async def chat_completions(request: Request) -> Response:
         continue_final_message=template.continue_final_message,
         template_kwargs={**template.kwargs, **tool_variables},
     )
+    if (cut := prompt_cut(body, engine.context_length)) is not None:
+        prompt_ids = prompt_ids[-cut:]  # its start goes, template tokens too, as vLLM cuts it
     params = engine.check_prompt(len(prompt_ids), params)
     # A reasoning model's thinking goes to reasoning_content; None: not one (its text is all content).
     continued = messages[-1]["content"] if template.continue_final_message else None

@@ -120,6 +120,8 @@ def openai_sampling(
             logit_bias=logit_bias(body.get("logit_bias"), vocab_size),
             seed=seed,
             stop=stop_strings(body.get("stop")),
+            include_stop=flag(body, "include_stop_str_in_output", False),
+            skip_special_tokens=flag(body, "skip_special_tokens", True),
             logprobs=logprobs,
             top_logprobs=int(top_logprobs),
             prompt_logprobs=scoring,
@@ -127,6 +129,19 @@ def openai_sampling(
         )
     except RequestError as error:
         raise ApiError(400, str(error)) from error
+
+
+def prompt_cut(body: dict[str, Any], context_length: int) -> int | None:
+    """vLLM's truncate_prompt_tokens: how many of a prompt's last tokens are read (-1: as many as the context holds);
+    None: all of them."""
+    if body.get("truncate_prompt_tokens") is None:
+        return None
+    keep = number(body, "truncate_prompt_tokens", 0, integer=True)
+    if keep == -1:
+        return context_length
+    if keep < 1:
+        raise ApiError(400, f"truncate_prompt_tokens must be -1 (the context's length) or at least 1, got {keep}")
+    return int(keep)
 
 
 def token_ids(body: dict[str, Any], key: str, vocab_size: int) -> frozenset[int]:
@@ -158,6 +173,10 @@ def stream_usage(body: dict[str, Any], stream: bool) -> bool | None:
         raise ApiError(400, "stream_options is only allowed when stream is true")
     if not isinstance(options, dict):
         raise ApiError(400, f"stream_options must be an object, got {options!r}"[:300])
+    if options.get("continuous_usage_stats"):  # vLLM's usage in every chunk: refused, not silently left out
+        raise ApiError(
+            400, "stream_options.continuous_usage_stats is not supported: usage comes once, at the end (include_usage)"
+        )
     include = options.get("include_usage")
     if include is None:
         return None

@@ -56,7 +56,7 @@ class Sequence:
         self.prompt_ids = prompt_ids
         self.params = params
         self.sink = sink
-        self.decoder = IncrementalDecoder(tokenizer, prompt_ids)
+        self.decoder = IncrementalDecoder(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stop = StopMatcher(params.stop)
         # ignore_eos drops the model's end tokens only: ids the request itself asks to stop at still stop it.
         self.stop_ids = (frozenset() if params.ignore_eos else tokenizer.eos_token_ids) | params.stop_token_ids
@@ -180,6 +180,8 @@ class Sequence:
             event.text = text
             if stopped:
                 event.finish_reason, event.stop_reason = "stop", self.stop.matched
+                if self.params.include_stop and self.stop.matched is not None:
+                    event.text += self.stop.matched
             elif self.sampler.grammar is not None and self.sampler.grammar.finished:  # the structure is complete
                 event.text += self.stop.feed(self.decoder.flush())[0] + self.stop.flush()
                 event.finish_reason = "stop"

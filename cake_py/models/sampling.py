@@ -42,6 +42,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); ids are unique
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    include_stop: bool = False  # vLLM's include_stop_str_in_output: the stop string reached ends the text
+    skip_special_tokens: bool = True  # vLLM's: False writes special tokens (not the end token) into the text
     logprobs: bool = False
     top_logprobs: int = 0
     # Logprobs of the model's own distribution (llama.cpp's, vLLM's raw_logprobs) instead of the one the bias,

@@ -511,6 +511,7 @@ def test_stream_and_echo_must_be_booleans(server: ServerHandle, route: str, extr
         ({"stream_options": {"include_usage": True}}, "only allowed when stream is true"),
         ({"stream": True, "stream_options": "usage"}, "stream_options must be an object"),
         ({"stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
+        ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "continuous_usage_stats is not"),
     ],
 )
 def test_bad_stream_options_are_a_400(server: ServerHandle, extra: dict[str, object], needle: str) -> None:
@@ -714,6 +715,70 @@ def test_vllm_end_token_controls(client: OpenAI, server: ServerHandle) -> None:
     for bad in ({"stop_token_ids": [10**9]}, {"min_tokens": 7}, {"min_p": 1.5}, {"ignore_eos": "yes"}):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="x", prompt="Hello", max_tokens=6, extra_body=bad)
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(client: OpenAI) -> None:
+    """vLLM's include_stop_str_in_output: the text ends with the stop string that ended it, streamed or not."""
+    text = _greedy_chat(client, max_tokens=24)
+    match = re.search(r"[A-Za-z]{2,}", text[1:])
+    assert match, f"the tiny model's greedy text {text!r} has no word to stop on"
+    stop = match.group(0)
+    asked = {"model": "x", "messages": MESSAGES, "max_tokens": 24, "temperature": 0, "stop": [stop]}
+    kept = client.chat.completions.create(**asked, extra_body={"include_stop_str_in_output": True})  # type: ignore[call-overload]
+    assert kept.choices[0].message.content == text[: text.find(stop) + len(stop)]
+    assert kept.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(
+        **asked,
+        stream=True,
+        extra_body={"include_stop_str_in_output": True},  # type: ignore[call-overload]
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == kept.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**asked, extra_body={"include_stop_str_in_output": 1})  # type: ignore[call-overload]
+    assert "include_stop_str_in_output must be true or false" in str(refused.value.body)
+
+
+def test_truncate_prompt_tokens_reads_the_prompts_last_tokens(server: ServerHandle) -> None:
+    """vLLM's truncate_prompt_tokens: only the prompt's last k tokens are read (-1: as many as the context holds);
+    the answer is the one to those tokens alone."""
+    prompt = "one two three four five six seven eight nine ten"
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        cut = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0,
+                                                 "truncate_prompt_tokens": 3, "echo": True})  # fmt: skip
+        assert cut.status_code == 200, cut.text
+        assert cut.json()["usage"]["prompt_tokens"] == 3
+        ids = http.post("/tokenize", json={"content": prompt}).json()["tokens"]
+        alone = http.post("/v1/completions", json={"prompt": ids[-3:], "max_tokens": 6, "temperature": 0})
+        echoed = cut.json()["choices"][0]["text"]
+        assert echoed.endswith(alone.json()["choices"][0]["text"])  # the same answer, after the prompt as read
+        assert not echoed.startswith("one")  # the echo is the prompt as read, not as sent
+        whole = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "truncate_prompt_tokens": -1})
+        assert whole.json()["usage"]["prompt_tokens"] == len(ids)
+        chat = http.post(
+            "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, "truncate_prompt_tokens": 4}
+        )
+        assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 4
+        for bad in (0, -2, "3"):
+            refused = http.post(
+                "/v1/completions", json={"prompt": prompt, "max_tokens": 1, "truncate_prompt_tokens": bad}
+            )
+            assert refused.status_code == 400 and "truncate_prompt_tokens" in refused.json()["error"]
+
+
+def test_skip_special_tokens_false_writes_them_out(server: ServerHandle) -> None:
+    """vLLM's skip_special_tokens: false writes special tokens the model draws into the text (true, the default,
+    leaves them out); a chat's echo is refused, not ignored."""
+    assert server.state.source is not None
+    tokenizer, special = server.state.source.tokenizer, "<|im_start|>"  # a special token that does not end the text
+    special_id = tokenizer.backend.token_to_id(special)
+    assert special_id is not None and special_id not in tokenizer.eos_token_ids
+    body = {"prompt": "cake", "max_tokens": 2, "logit_bias": {str(special_id): 100}, "temperature": 0}
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == ""
+        shown = http.post("/v1/completions", json={**body, "skip_special_tokens": False}).json()["choices"][0]["text"]
+        assert shown == special * 2
+        echo = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, "echo": True})
+        assert echo.status_code == 400 and "echo is not supported" in echo.json()["error"]
 
 
 def test_a_chat_turn_reports_the_prompt_tokens_the_prefix_cache_gave(client: OpenAI) -> None:
