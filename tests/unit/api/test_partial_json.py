@@ -78,7 +78,7 @@ def test_a_tool_use_cut_by_max_tokens_keeps_the_input_written_whole() -> None:
     message = message_of(_completion('{"unit": "celsius", "city": "Par'), "tiny", max_tokens=9)
     assert message["stop_reason"] == "max_tokens"
     assert message["content"] == [
-        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"unit": "celsius"}}
+        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"unit": "celsius"}}  # Anthropic's prefix
     ]
     wrong = message_of(_completion('{"unit" "celsius"'), "tiny", max_tokens=9)  # not cut but wrong: no input
     assert wrong["content"][0]["input"] == {}
