@@ -19,7 +19,7 @@ from cake_py.api.errors import ApiError
 from cake_py.api.llama_sampler_fields import openai_llama_sampling
 from cake_py.api.middleware import request_key_name
 from cake_py.api.openai import finish_reason, reject_unsupported, seeded, stream_error, usage_chunk
-from cake_py.api.schemas import choice_count, flag, openai_sampling, prompt_cut, stream_usage
+from cake_py.api.schemas import choice_count, cut_prompt, flag, openai_sampling, prompt_cut, stream_usage
 from cake_py.api.state import generation_request
 from cake_py.api.streaming import GenerationResponse, collect_all, event_error, merged, open_streams, sse, usage
 from cake_py.api.structured import structured_grammar
@@ -126,13 +126,21 @@ async def completions(request: Request) -> Response:
     include_usage = stream_usage(body, stream)
 
     keep = prompt_cut(body, engine.context_length)
+    if keep is not None and fim is not None:  # a cut from the left would take the FIM markers with the prefix
+        raise ApiError(400, "truncate_prompt_tokens cannot be combined with suffix")
+    head = tokenizer.encode("", check=False) if keep is not None else []  # what the tokenizer puts before a text
+    cut = [False] * len(prompts)  # per prompt, whether it was cut short
 
     def encode_all() -> list[list[int]]:
         if fim is not None:  # prefix-suffix-middle: the answer is what goes between
-            encoded = [fim_prompt(tokenizer, p, fim) for p in prompts]
-        else:
-            encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        return encoded if keep is None else [ids[-keep:] for ids in encoded]  # their starts go, as vLLM cuts them
+            return [fim_prompt(tokenizer, p, fim) for p in prompts]
+        # A prompt to be cut is not refused for its length first: only what is kept must fit.
+        encoded = [tokenizer.encode(p, check=keep is None) if isinstance(p, str) else list(p) for p in prompts]
+        kept = []
+        for index, (ids, prompt) in enumerate(zip(encoded, prompts, strict=True)):
+            kept.append(cut_prompt(ids, keep, head if isinstance(prompt, str) else ()))
+            cut[index] = len(kept[-1]) < len(ids)
+        return kept
 
     prompt_ids = await run_in_threadpool(encode_all)
     per_prompt = []  # each prompt's max_tokens is clipped to its own room in the context, not the longest's
@@ -149,7 +157,7 @@ async def completions(request: Request) -> Response:
         return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
 
     # A prompt cut short is echoed as read.
-    echo = [echoed(prompt if keep is None else ids) for prompt, ids in zip(prompts, prompt_ids, strict=True)]
+    echo = [echoed(ids if short else prompt) for prompt, ids, short in zip(prompts, prompt_ids, cut, strict=True)]
     completion_id, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), state.model_name
     # Choice k is prompt k // n, sample k % n.
     streams = open_streams(

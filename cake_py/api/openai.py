@@ -29,6 +29,7 @@ from cake_py.api.schemas import (
     chat_messages,
     chat_template_options,
     choice_count,
+    cut_prompt,
     flag,
     metadata_field,
     openai_sampling,
@@ -134,15 +135,16 @@ async def chat_completions(request: Request) -> Response:
     if flag(body, "echo", False):  # vLLM's chat echo (the last message repeated in the answer): refused, not ignored
         raise ApiError(400, "echo is not supported on chat completions (it is a /v1/completions field)")
     messages, tool_variables = await run_in_threadpool(prompt_messages, messages, tools, tokenizer.reads_tools)
+    cut = prompt_cut(body, engine.context_length)
     prompt_text, prompt_ids = await run_in_threadpool(
         tokenizer.chat_prompt,
         messages,
         add_generation_prompt=template.add_generation_prompt,
         continue_final_message=template.continue_final_message,
         template_kwargs={**template.kwargs, **tool_variables},
+        check=cut is None,  # a prompt to be cut is not refused for its length first: only what is kept must fit
     )
-    if (cut := prompt_cut(body, engine.context_length)) is not None:
-        prompt_ids = prompt_ids[-cut:]  # its start goes, template tokens too, as vLLM cuts it
+    prompt_ids = cut_prompt(prompt_ids, cut)  # its start goes, template tokens too, as vLLM cuts it
     params = engine.check_prompt(len(prompt_ids), params)
     # A reasoning model's thinking goes to reasoning_content; None: not one (its text is all content).
     continued = messages[-1]["content"] if template.continue_final_message else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,16 +133,26 @@ def openai_sampling(
 
 
 def prompt_cut(body: dict[str, Any], context_length: int) -> int | None:
-    """vLLM's truncate_prompt_tokens: how many of a prompt's last tokens are read (-1: as many as the context holds);
-    None: all of them."""
+    """vLLM's truncate_prompt_tokens: how many of a prompt's last tokens are read (-1: as many as leave room for one
+    token of the answer); None: all of them."""
     if body.get("truncate_prompt_tokens") is None:
         return None
     keep = number(body, "truncate_prompt_tokens", 0, integer=True)
     if keep == -1:
-        return context_length
+        return context_length - 1
     if keep < 1:
-        raise ApiError(400, f"truncate_prompt_tokens must be -1 (the context's length) or at least 1, got {keep}")
+        raise ApiError(400, f"truncate_prompt_tokens must be -1 (all the context holds) or at least 1, got {keep}")
     return int(keep)
+
+
+def cut_prompt(ids: list[int], keep: int | None, head: Sequence[int] = ()) -> list[int]:
+    """A prompt's last `keep` tokens (all of them for None), after `head`, the special tokens the tokenizer put before
+    every text (a BOS), where it starts with them: they stay, as a tokenizer truncating from the left keeps them."""
+    if keep is None or len(ids) <= keep:
+        return ids
+    if head and keep > len(head) and ids[: len(head)] == list(head):
+        return [*head, *ids[len(ids) - (keep - len(head)) :]]
+    return ids[len(ids) - keep :]
 
 
 def token_ids(body: dict[str, Any], key: str, vocab_size: int) -> frozenset[int]:

@@ -299,8 +299,9 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template_kwargs: Mapping[str, Any] | None = None,
+        check: bool = True,
     ) -> tuple[str, list[int]]:
-        """The rendered chat prompt and its token ids (encode_chat's, with the text it encoded)."""
+        """The rendered chat prompt and its token ids (encode_chat's, with the text it encoded); `check` as encode's."""
         # The template writes any BOS itself, so special tokens are not added again.
         text = self.render_chat(
             messages,
@@ -308,7 +309,7 @@ class Tokenizer:
             continue_final_message=continue_final_message,
             template_kwargs=template_kwargs,
         )
-        return text, self.encode(text, add_special_tokens=False)
+        return text, self.encode(text, add_special_tokens=False, check=check)
 
 
 def _fallback_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:

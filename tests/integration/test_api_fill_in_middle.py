@@ -51,7 +51,12 @@ def test_a_fill_in_the_middle_marker_ends_the_middle(server: ServerHandle, tiny_
 
 
 @pytest.mark.parametrize(
-    ("extra", "needle"), [({"suffix": 3}, "suffix must be a string"), ({"suffix": "x", "echo": True}, "echo")]
+    ("extra", "needle"),
+    [
+        ({"suffix": 3}, "suffix must be a string"),
+        ({"suffix": "x", "echo": True}, "echo"),
+        ({"suffix": "x", "truncate_prompt_tokens": 4}, "truncate_prompt_tokens cannot be combined with suffix"),
+    ],
 )
 def test_bad_suffixes_are_named(server: ServerHandle, extra: dict[str, object], needle: str) -> None:
     answer = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "a", "max_tokens": 2, **extra})

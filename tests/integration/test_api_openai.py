@@ -754,10 +754,27 @@ def test_truncate_prompt_tokens_reads_the_prompts_last_tokens(server: ServerHand
         assert not echoed.startswith("one")  # the echo is the prompt as read, not as sent
         whole = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "truncate_prompt_tokens": -1})
         assert whole.json()["usage"]["prompt_tokens"] == len(ids)
+        uncut = http.post(
+            "/v1/completions", json={"prompt": prompt, "max_tokens": 1, "truncate_prompt_tokens": 99, "echo": True}
+        )
+        assert uncut.json()["choices"][0]["text"].startswith(prompt)  # nothing cut: echoed as sent
         chat = http.post(
             "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, "truncate_prompt_tokens": 4}
         )
         assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 4
+        # A text longer than the context could ever hold is read, cut to its last tokens, not refused for its length.
+        long_text = "one two three " * 2000
+        for route, field in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
+            value: object = long_text if field == "prompt" else [{"role": "user", "content": long_text}]
+            body = {field: value, "max_tokens": 1, "truncate_prompt_tokens": 8}
+            long = http.post(route, json=body)
+            assert long.status_code == 200, long.text
+            assert long.json()["usage"]["prompt_tokens"] == 8
+            everything = http.post(route, json={**body, "truncate_prompt_tokens": -1})
+            assert everything.status_code == 200, everything.text  # as many as leave room for one token
+            assert everything.json()["usage"]["prompt_tokens"] == server.state.engine.context_length - 1  # type: ignore[union-attr]
+            refused = http.post(route, json={**body, "truncate_prompt_tokens": None})
+            assert refused.status_code == 400 and refused.json()["code"] == "context_length_exceeded"
         for bad in (0, -2, "3"):
             refused = http.post(
                 "/v1/completions", json={"prompt": prompt, "max_tokens": 1, "truncate_prompt_tokens": bad}
