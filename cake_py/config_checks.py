@@ -30,6 +30,8 @@ def run_arguments(args: Sequence[str]) -> tuple[str | None, str]:
     if len(args) == 1:
         if _is_model(args[0]):  # `cake run ./model` (ollama's way): the embedded default answered the path
             raise ConfigError(f"{args[0]!r} is a model and no prompt: cake run MODEL PROMPT (- reads it from stdin)")
+        if _names_a_gguf_file(args[0]):  # a mistyped model path: answering it as a prompt would hide the typo
+            raise ConfigError(f"{args[0]!r} looks like a .gguf file, but there is none: cake run MODEL PROMPT")
         return None, args[0]
     return check_model(args[0], "MODEL"), args[1]
 
@@ -59,6 +61,11 @@ def _is_model(text: str) -> bool:
         return path.is_dir() and (path / "config.json").is_file() or path.suffix.lower() == ".gguf" and path.is_file()
     except (OSError, ValueError):  # a prompt too long for a file name, or holding a NUL
         return False
+
+
+def _names_a_gguf_file(text: str) -> bool:
+    """One word ending in .gguf: a model file's name, not a prompt, whether or not the file is there."""
+    return text.strip().lower().endswith(".gguf") and not any(c.isspace() for c in text.strip())
 
 
 def parse_origins(value: str) -> tuple[str, ...]:

@@ -16,5 +16,5 @@ echo
 echo
 "${CURL[@]}" "$BASE/tokenize" -H 'Content-Type: application/json' -d '{"content": "Hello, world!", "with_pieces": true}'
 echo
-"${CURL[@]}" "$BASE/detokenize" -H 'Content-Type: application/json' -d '{"tokens": [1, 2, 3]}'
+"${CURL[@]}" "$BASE/detokenize" -H 'Content-Type: application/json' -d '{"tokens": [19556, 28, 905, 17]}'  # "Hello, world!"
 echo

@@ -117,6 +117,9 @@ def test_run_with_a_model_and_no_prompt_is_refused(tiny_llama: Path, tmp_path: P
     gguf = tmp_path / "m.GGUF"
     gguf.write_bytes(b"")
     assert_one_line_error(cake("run", str(gguf), "--max-tokens", "1"), "is a model and no prompt")
+    # A mistyped model path was answered as a prompt, slowly and at length.
+    missing = str(tmp_path / "no-such-model.gguf")
+    assert_one_line_error(cake("run", missing, "--max-tokens", "1"), "looks like a .gguf file, but there is none")
 
 
 def test_run_takes_a_thread_count_and_a_log_level_in_any_case(tiny_llama: Path) -> None:
