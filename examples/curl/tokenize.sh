@@ -9,12 +9,15 @@ if [[ -n "${CAKE_API_KEY:-}" ]]; then AUTH=(-H "Authorization: Bearer $CAKE_API_
 # --fail-with-body: an error answer (JSON, naming the problem) is printed and the script stops with curl's exit 22.
 CURL=(curl -sS --fail-with-body ${AUTH[@]+"${AUTH[@]}"})
 
-"${CURL[@]}" "$BASE/tokenize" -H 'Content-Type: application/json' -d '{"prompt": "Hello, world!", "return_token_strs": true}'
-echo
+tokenized=$("${CURL[@]}" "$BASE/tokenize" -H 'Content-Type: application/json' \
+  -d '{"prompt": "Hello, world!", "return_token_strs": true}')
+echo "$tokenized"
 "${CURL[@]}" "$BASE/tokenize" -H 'Content-Type: application/json' \
   -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}'
 echo
 "${CURL[@]}" "$BASE/tokenize" -H 'Content-Type: application/json' -d '{"content": "Hello, world!", "with_pieces": true}'
 echo
-"${CURL[@]}" "$BASE/detokenize" -H 'Content-Type: application/json' -d '{"tokens": [19556, 28, 905, 17]}'  # "Hello, world!"
+# Back to text: the ids of "Hello, world!" above.
+ids=$(sed -E 's/.*"tokens":(\[[^]]*\]).*/\1/' <<<"$tokenized")
+"${CURL[@]}" "$BASE/detokenize" -H 'Content-Type: application/json' -d "{\"tokens\": $ids}"
 echo

@@ -181,6 +181,7 @@ def test_curl_tokenize(server: ServerHandle) -> None:
     assert by_messages["count"] > by_prompt["count"]
     assert all(set(piece) == {"id", "piece"} for piece in by_content["tokens"])
     assert set(text) == {"prompt", "content"}
+    assert text["content"] == "Hello, world!"  # the first call's ids, back to text
 
 
 def test_curl_models(server: ServerHandle) -> None:
