@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.cluster import REPO_ROOT, CakeProcess, LocalCluster, child_env
+from tests.fixtures.cluster import REPO_ROOT, CakeProcess, LocalCluster, child_env, first_connection
 
 STOPS = [(signal.SIGINT, 130), (signal.SIGTERM, 0)]
 
@@ -109,14 +109,7 @@ def test_serve_started_with_sigint_ignored_still_stops_on_it_while_it_starts(tin
     cake = _start_ignoring_sigint(*args, "--threads", "1")
     connected: socket.socket | None = None
     try:
-        silent.settimeout(1)
-        deadline = time.monotonic() + 60
-        while connected is None and time.monotonic() < deadline and cake.poll() is None:
-            try:
-                connected, _ = silent.accept()  # the master is handshaking now
-            except TimeoutError:
-                continue
-        assert connected is not None, "the master never connected"
+        connected = first_connection(silent, cake)  # the master is handshaking now
         _assert_interrupted(cake)
     finally:
         if cake.poll() is None:

@@ -93,6 +93,8 @@ def test_ctrl_c_while_a_worker_says_nothing_ends_cake_serve_at_once(tiny_llama) 
     import sys
     import time
 
+    from tests.fixtures.cluster import first_connection
+
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the handshake waits its deadline
     silent.listen(8)
     port = silent.getsockname()[1]
@@ -103,14 +105,7 @@ def test_ctrl_c_while_a_worker_says_nothing_ends_cake_serve_at_once(tiny_llama) 
     cake = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     connected: socket.socket | None = None
     try:
-        deadline = time.monotonic() + 60
-        silent.settimeout(1)
-        while connected is None and time.monotonic() < deadline and cake.poll() is None:
-            try:
-                connected, _ = silent.accept()  # the master is handshaking now
-            except TimeoutError:
-                continue
-        assert connected is not None, "the master never connected"
+        connected = first_connection(silent, cake)  # the master is handshaking now
         time.sleep(0.5)
         cake.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
