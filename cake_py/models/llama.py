@@ -145,7 +145,7 @@ class Attention(nn.Module):
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """One query token against its cache in the fused kernel, in the cache's dtype, accumulating in float32 (on a
-        CPU 1.1-1.4x the decode step of float32 matmuls, more the longer the cache: benchmarks/decode_attention.py).
+        CPU 1.06-1.31x the decode step of float32 matmuls, more the longer the cache: benchmarks/decode_attention.py).
         q: (n_heads, head_dim); keys, values: (n_kv_heads, L, head_dim) → (1, n_heads * head_dim)."""
         out = F.scaled_dot_product_attention(
             q[None, :, None], keys[None], values[None], scale=self.scale, enable_gqa=True
@@ -153,8 +153,8 @@ class Attention(nn.Module):
         return out.reshape(1, self.n_heads * self.head_dim)
 
     def _pads_cheaply(self, batch: Batch, device: torch.device) -> bool:
-        """Whether decoding sequences attend in one pass over their caches copied into a padded batch: on a CPU only
-        while the caches are short (the copy grows with them); on an accelerator always. Never past a sliding
+        """Whether decoding sequences attend in one pass over their caches padded to the longest: on a CPU only while
+        the caches are short (the padding's work grows with them); on an accelerator always. Never past a sliding
         window."""
         longest = max(p.start_pos for p in batch) + 1
         if self.sliding_window is not None and longest > self.sliding_window:
