@@ -103,6 +103,12 @@ def _image_bytes(response: httpx.Response) -> bytes:
         raise CakeClientError(f"malformed image answer ({error}): {response.text[:200]!r}") from error
 
 
+def _refuse_chat_stream(stream: bool) -> None:
+    """`chat` is blocking by its type; a stream is `stream(text=...)`'s (which returns an event stream)."""
+    if stream:
+        raise TypeError("chat() is blocking and returns a GenerateResult; for a stream use stream(text=...)")
+
+
 def _json_body(values: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
@@ -200,10 +206,17 @@ class CakeClient(_ClientBase):
         return EventStream(response, self.base_url) if stream else parse_result(_json(response))
 
     def chat(
-        self, text: str, *, images: Media | None = None, audio: Media | None = None, **model_kwargs: Any
+        self,
+        text: str,
+        *,
+        images: Media | None = None,
+        audio: Media | None = None,
+        stream: Literal[False] = False,
+        **model_kwargs: Any,
     ) -> GenerateResult:
         """One user message through the model's chat template (`system=` sets a system prompt); blocking, as its
         type says (`stream=True` is a TypeError: use `stream(text=...)`)."""
+        _refuse_chat_stream(stream)
         return self.generate(text=text, images=images, audio=audio, stream=False, **model_kwargs)
 
     def stream(
@@ -337,8 +350,15 @@ class AsyncCakeClient(_ClientBase):
         return AsyncEventStream(response, self.base_url) if stream else parse_result(_json(response))
 
     async def chat(
-        self, text: str, *, images: Media | None = None, audio: Media | None = None, **model_kwargs: Any
+        self,
+        text: str,
+        *,
+        images: Media | None = None,
+        audio: Media | None = None,
+        stream: Literal[False] = False,
+        **model_kwargs: Any,
     ) -> GenerateResult:
+        _refuse_chat_stream(stream)
         return await self.generate(text=text, images=images, audio=audio, stream=False, **model_kwargs)
 
     async def stream(

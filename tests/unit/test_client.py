@@ -431,11 +431,13 @@ def test_connecting_has_its_own_short_timeout_unless_one_figure_is_given() -> No
 def test_chat_is_blocking_whatever_its_keywords_say() -> None:
     """chat("hi", stream=True) returned an EventStream where its type (and the README) promise a GenerateResult."""
     client = _client(lambda request: httpx.Response(200, json=ANSWER))
-    with pytest.raises(TypeError, match="stream"):
-        client.chat("Hi", stream=True)
+    refusal = r"chat\(\) is blocking and returns a GenerateResult; for a stream use stream\(text=\.\.\.\)"
+    with pytest.raises(TypeError, match=refusal):
+        client.chat("Hi", stream=True)  # type: ignore[call-overload, arg-type]
     async_client = AsyncCakeClient("http://cake.test", transport=httpx.MockTransport(lambda r: httpx.Response(200)))
-    with pytest.raises(TypeError, match="stream"):
-        asyncio.run(async_client.chat("Hi", stream=True))
+    with pytest.raises(TypeError, match=refusal):
+        asyncio.run(async_client.chat("Hi", stream=True))  # type: ignore[arg-type]
+    assert client.chat("Hi", stream=False).text == "Paris"
 
 
 @pytest.mark.parametrize("key", ["ключ", "a\nb", "two words"])
