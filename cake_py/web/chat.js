@@ -227,11 +227,12 @@ export function startChat() {
     // Drawn at most once a frame, however many deltas came meanwhile: drawing (and measuring) at every delta laid the
     // whole reply out each time, so a long reply that came in a burst froze the tab for minutes.
     let frame = 0;
+    // Follow the reply only for a reader already at its end: one who scrolled up to read stays there.
+    const atEnd = () => list.scrollHeight - list.scrollTop - list.clientHeight <= FOLLOW_SLACK_PX;
     const draw = () => {
       frame = 0;
       if (asked !== epoch) return; // "New chat" came: its figures and state are not this reply's
-      // Follow the reply only for a reader already at its end: one who scrolled up to read stays there.
-      const following = list.scrollHeight - list.scrollTop - list.clientHeight <= FOLLOW_SLACK_PX;
+      const following = atEnd();
       if (thought) grow(thinkingOf(reply), thought);
       grow(reply.body, answer);
       if (following) list.scrollTop = list.scrollHeight;
@@ -286,6 +287,9 @@ export function startChat() {
         if (asked === epoch) showError(error instanceof ConnectionLost ? CONNECTION_LOST : error.message);
       }
     } finally {
+      // Measured before the last text and the status line below it lengthen the conversation: drawing scrolled to
+      // the end of the text, and the status line, written after, was left half below the list.
+      const following = atEnd();
       cancelAnimationFrame(frame);
       draw(); // what came since the last frame
       controller = null;
@@ -306,6 +310,7 @@ export function startChat() {
             : "not sent: no answer came, so it is not part of the conversation";
           if (outcome === "error" && !prompt.value.trim()) prompt.value = text;
         }
+        if (following) list.scrollTop = list.scrollHeight;
         setState(outcome);
       }
       setBusy(false);

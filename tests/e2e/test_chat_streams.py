@@ -187,3 +187,60 @@ def test_a_malformed_event_is_not_called_a_lost_connection(page: Page, tiny_llam
         send_message(page, "hello")
         expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "error")
         expect(alert).to_contain_text("The server stopped answering")
+
+
+# Each chat request's body stays open, written to by `_push` from the test, until `_push(page, None)` ends it.
+HELD_REPLY = """() => {
+    const real = window.fetch;
+    window.fetch = (url, init) => url.includes("/chat/completions")
+        ? Promise.resolve(new Response(new ReadableStream({ start(c) { window.__reply = c; } }),
+            { headers: { "Content-Type": "text/event-stream" } }))
+        : real(url, init);
+}"""
+
+
+def _push(page: Page, text: str | None) -> None:
+    if text is None:
+        page.evaluate("() => { try { window.__reply.close(); } catch {} }")  # unless the page cancelled it
+    else:
+        page.evaluate("text => window.__reply.enqueue(new TextEncoder().encode(text))", text)
+
+
+DISTANCE_TO_END = "(l => l.scrollHeight - l.scrollTop - l.clientHeight)(document.getElementById('messages'))"
+
+
+def test_a_finished_replys_status_line_is_scrolled_into_view(page: Page, tiny_llama: Path) -> None:
+    """The list followed the reply's text to its end and only then wrote its status line ("2 tokens · … · max
+    tokens", "· error") under it: the line was left half below the list. A reader who scrolled up stays put."""
+    with running_server(tiny_settings(tiny_llama)) as server:
+        page.goto(f"{server.base_url}/#chat")
+        page.evaluate(HELD_REPLY)
+        page.evaluate(  # an earlier conversation taller than the list, so that it scrolls
+            """() => {
+                const earlier = document.createElement("div");
+                earlier.style.minHeight = "3000px";
+                document.getElementById("messages").append(earlier);
+            }"""
+        )
+        endings = {
+            "max tokens": _sse([_delta(content="Paris"), _finish("length", 2)]),
+            "error": 'data: {"error": "boom"}\n\n',
+        }
+        for state, ending in endings.items():
+            send_message(page, "Capital of France?")
+            reply = page.get_by_test_id("assistant-message").last
+            _push(page, ending)
+            _push(page, None)
+            expect(reply).to_have_attribute("data-state", state)
+            expect(reply.locator(".meta")).to_contain_text(state)
+            assert page.evaluate(DISTANCE_TO_END) <= 1, f"the end of a reply that ended with {state} is out of view"
+
+        send_message(page, "And of Italy?")
+        reply = page.get_by_test_id("assistant-message").last
+        _push(page, _sse([_delta(content="Rome")]).removesuffix("data: [DONE]\n\n"))
+        expect(reply.locator(".content")).to_have_text("Rome")
+        page.evaluate("document.getElementById('messages').scrollTop = 100")  # the reader scrolls up to read
+        _push(page, f"data: {json.dumps(_finish('stop', 1))}\n\ndata: [DONE]\n\n")
+        _push(page, None)
+        expect(reply).to_have_attribute("data-state", "done")
+        assert page.evaluate("document.getElementById('messages').scrollTop") == 100  # no jump to the end
