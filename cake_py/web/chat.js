@@ -255,9 +255,12 @@ export function startChat() {
         throw new Error(message);
       }
       for await (const data of sseEvents(response.body)) {
+        // Nothing follows [DONE] but the body's end, which is read rather than cancelled: leaving the loop cancels
+        // the body, and a body cancelled before its end is a failed request (net::ERR_ABORTED) in DevTools.
+        if (ended) continue;
         if (data === "[DONE]") {
           ended = true;
-          break;
+          continue;
         }
         const chunk = readChunk(data);
         if (chunk.error) {

@@ -3,14 +3,20 @@ thinking (`reasoning_content`), very long replies, errors, malformed events and 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from playwright.sync_api import Browser, Page, expect
 
+from cake_py.api.streaming import GenerationResponse
 from tests.fixtures.browser import fresh_page, send_message
-from tests.fixtures.server import running_server, tiny_settings
+from tests.fixtures.server import running_server, slow_steps, tiny_settings
 
 
 def _sse(chunks: list[dict[str, Any]]) -> str:
@@ -244,3 +250,47 @@ def test_a_finished_replys_status_line_is_scrolled_into_view(page: Page, tiny_ll
         _push(page, None)
         expect(reply).to_have_attribute("data-state", "done")
         assert page.evaluate("document.getElementById('messages').scrollTop") == 100  # no jump to the end
+
+
+def test_a_finished_reply_is_no_failed_request_and_stop_still_cancels(
+    browser: Browser, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page cancelled the body as soon as it read `data: [DONE]`, before the body's end: every reply that came
+    whole showed in DevTools as a failed request (net::ERR_ABORTED). Stop still cancels the reply on the server."""
+    make = GenerationResponse.__init__
+
+    def ends_later(self: GenerationResponse, content: AsyncIterator[str], *args: Any, **kwargs: Any) -> None:
+        async def then_a_pause() -> AsyncIterator[str]:
+            async for chunk in content:
+                yield chunk
+            await asyncio.sleep(0.5)  # the body ends a moment after [DONE]: a page that cancels it is surely early
+
+        make(self, then_a_pause(), *args, **kwargs)
+
+    monkeypatch.setattr(GenerationResponse, "__init__", ends_later)
+    with running_server(tiny_settings(tiny_llama)) as server:
+        with fresh_page(browser) as (page, problems):
+            failed: list[str] = []
+            page.on("requestfailed", lambda request: failed.append(f"{request.url}: {request.failure}"))
+            page.goto(f"{server.base_url}/#chat")
+            page.fill("#temperature", "0")  # greedy: sampled, the random model may end before its 4 tokens
+            page.fill("#max-tokens", "4")
+            send_message(page, "hello")
+            reply = page.get_by_test_id("assistant-message").last
+            expect(reply).to_have_attribute("data-state", "max tokens")
+            assert failed == []
+
+            engine = server.state.engine
+            assert engine is not None
+            slow_steps(monkeypatch, server, 0.05)  # 400 tokens would take 20 s: time to press Stop
+            page.fill("#max-tokens", "400")
+            send_message(page, "hello")
+            expect(page.locator("#chat-tokens")).not_to_have_text(re.compile(r"^[0-2]$"), timeout=10_000)
+            page.click("#stop")
+            expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "stopped")
+            deadline = time.monotonic() + 5
+            while engine.in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine.in_flight == 0, "the server kept generating after Stop"
+            assert len(failed) == 1 and "ERR_ABORTED" in failed[0], failed  # the stopped reply, cancelled
+        assert problems == []
