@@ -11,6 +11,7 @@ const RETRY_FIRST_MS = 1000; // after a failed poll; doubled at each failure in 
 const RETRY_MAX_MS = 15_000;
 const SLOW_MS = 2500; // no answer by then: the view says the master is not answering, and goes on waiting for it
 const GIVE_UP_MS = 30_000; // still none: the request is dropped and asked again (a connection that died silently)
+const LOGIN = "cake.topologyLogin"; // "basic" where a --ui-auth master answered the saved key with its Basic login
 
 /** "model.layers.7" → 7 */
 function layerIndex(name) {
@@ -326,10 +327,18 @@ export function startCluster(onLive) {
     }
   }
 
-  // A master with --api-key (and no --ui-auth) guards the topology with the same key as the API: once it asks for
-  // a Bearer token, send the one saved in the chat's settings. With --ui-auth the browser's Basic login is used,
-  // which an Authorization header of ours would replace, so none is sent until a Bearer challenge comes.
-  let bearer = false;
+  // A master with --api-key (and no --ui-auth) guards the topology with the same key as the API: the one saved in
+  // the chat's settings goes from the first poll (sent only once a 401 asked for it, it cost a 401 at every load).
+  // With --ui-auth the browser's Basic login is used, which an Authorization header of ours replaces: a Basic
+  // challenge to a poll that sent the key says so, and the key stops going, remembered in this browser so that later
+  // loads do not try it first (a Bearer challenge turns it back on).
+  let bearer = storage.get(LOGIN) !== "basic";
+
+  function setBearer(on) {
+    bearer = on;
+    const login = on ? "bearer" : "basic";
+    if (storage.get(LOGIN) !== login) storage.set(LOGIN, login);
+  }
 
   // A slow answer is still an answer: a master that takes longer than SLOW_MS (busy, or a big model's tensor list)
   // was dropped at that point and asked again, so it was never drawn and always "not answering".
@@ -338,17 +347,30 @@ export function startCluster(onLive) {
     const slow = setTimeout(() => setConnected(false, "The master is not answering", "Waiting for it…"), SLOW_MS);
     try {
       const key = (storage.get("cake.apiKey") ?? "").trim();
-      const headers = bearer ? bearerHeaders(key) : {};
+      let headers = {};
+      let unsendable = null; // a saved key no header can carry: said if the master asks for the key, else not sent
+      try {
+        if (bearer) headers = bearerHeaders(key);
+      } catch (error) {
+        unsendable = error;
+      }
+      const sent = "Authorization" in headers;
       const response = await fetch("/api/v1/topology", {
         cache: "no-store",
         headers,
         signal: AbortSignal.timeout(GIVE_UP_MS),
       });
-      if (response.status === 401 && (response.headers.get("WWW-Authenticate") ?? "").startsWith("Bearer")) {
+      const challenge = response.status === 401 ? (response.headers.get("WWW-Authenticate") ?? "") : null;
+      if (challenge?.startsWith("Bearer")) {
+        if (unsendable) throw unsendable;
         const retry = !bearer && key;
-        bearer = true;
+        setBearer(true);
         if (retry) return await fetchTopology();
         throw new Error(`The topology needs the API key: enter it in Chat → Settings (${await problem(response)})`);
+      }
+      if (challenge !== null && sent) {
+        setBearer(false); // --ui-auth: the browser's login, not the key
+        return await fetchTopology();
       }
       if (response.status === 404 || response.status === 503) {
         const label = response.status === 404 ? "No model loaded" : "Loading…";
