@@ -234,6 +234,7 @@ async function problem(response) {
 export function startCluster(onLive) {
   const pipeline = document.getElementById("pipeline");
   const banner = document.getElementById("cluster-banner");
+  const summary = document.getElementById("summary");
   const cards = new Map();
   const expanded = new Set();
   let order = "";
@@ -320,6 +321,7 @@ export function startCluster(onLive) {
     connection.className = `conn ${ok ? "ok" : "lost"}`;
     connection.title = ok ? "topology: live" : `topology: ${message}`;
     banner.hidden = ok;
+    summary.classList.toggle("stale", !ok); // its figures are the last ones heard, as the cards' are
     if (!ok) {
       changeText(bannerMessage, `${message}.`);
       changeText(bannerNext, next);
@@ -434,6 +436,9 @@ export function startCluster(onLive) {
       countdown = setInterval(() => showRetry(answer.error), 1000);
       plan(wait);
       onLive(null);
+      // The live figures are not known now: "–", as in the header (the rest of the summary dims, as the cards do).
+      for (const id of ["sum-tps", "sum-in-flight"]) setText(id, "–");
+      for (const id of ["sum-step", "sum-queue"]) setText(id, "");
       return;
     }
     failures = 0;

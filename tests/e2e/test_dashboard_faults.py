@@ -190,3 +190,41 @@ def test_workers_whose_names_differ_at_the_end_are_told_apart(page: Page, tiny_l
             assert title.evaluate("h3 => h3.scrollWidth <= h3.clientWidth"), f"{name} is cut short"
         page.unroute("**/api/v1/topology")
         page.goto("about:blank")  # no poll is left in flight when the server stops
+
+
+OPACITY = "n => { let o = 1; for (; n; n = n.parentElement) o *= Number(getComputedStyle(n).opacity); return o; }"
+# The summary dimmed as the master's card is (both fade in 0.2 s: read once, either may be halfway).
+DIMMED_AS_THE_CARDS = f"""() => {{
+    const opacity = {OPACITY};
+    const card = opacity(document.querySelector('[data-testid="node-master"]'));
+    return card < 1 && opacity(document.getElementById("sum-nodes")) === card;
+}}"""
+NOT_DIMMED = f"() => ({OPACITY})(document.getElementById('sum-nodes')) === 1"
+
+
+def test_the_summary_is_dimmed_and_its_live_figures_cleared_while_the_master_is_lost(
+    browser: Browser, tiny_llama: Path
+) -> None:
+    """With the master lost, the header's figures read "–" and the cards dimmed, but the summary's tiles kept their
+    last tokens/s, requests in flight and "on 3 nodes · 3 up" as if live."""
+    with running_server(tiny_settings(tiny_llama)) as server:
+        with fresh_page(browser) as (page, problems):
+            page.goto(f"{server.base_url}/")
+            expect(page.get_by_test_id("node-master")).to_be_visible()
+            expect(page.locator("#sum-tps")).to_have_text("0.0")
+            page.wait_for_function(NOT_DIMMED)
+
+            page.route(TOPOLOGY, lambda route: route.abort("connectionrefused"))
+            expect(page.get_by_role("status")).to_contain_text("not answering")
+            expect(page.locator("#live-tps")).to_have_text("–")
+            for tile in ("#sum-tps", "#sum-in-flight"):
+                expect(page.locator(tile)).to_have_text("–")
+            page.wait_for_function(DIMMED_AS_THE_CARDS, timeout=5000)
+
+            page.unroute(TOPOLOGY)
+            expect(page.get_by_role("status")).to_have_count(0)  # back: the figures are live again
+            expect(page.locator("#sum-tps")).to_have_text("0.0")
+            expect(page.locator("#sum-in-flight")).to_have_text("0")
+            page.wait_for_function(NOT_DIMMED, timeout=5000)
+            page.goto("about:blank")
+        assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
