@@ -40,7 +40,8 @@ export async function* sseEvents(body) {
   }
 }
 
-async function errorMessage(response) {
+/** The message of an error answer; `tooLong`: what to do about a conversation past the model's context. */
+async function errorMessage(response, tooLong) {
   const status = `HTTP ${response.status}${response.statusText ? ` ${response.statusText}` : ""}`;
   let text = "";
   try {
@@ -49,7 +50,7 @@ async function errorMessage(response) {
     const error = body.error ?? body.detail;
     let message = typeof error === "string" ? error : error?.message;
     if (!message && error != null) message = `${status}: ${JSON.stringify(error).slice(0, 300)}`;
-    if (body.code === "context_length_exceeded") return `${message}. Start a New chat, or a shorter conversation`;
+    if (body.code === "context_length_exceeded") return `${message}. ${tooLong}`;
     return message || status;
   } catch {
     // Not JSON (a proxy's page or plain text): its text, unless it is HTML, with the status.
@@ -203,6 +204,14 @@ export function startChat() {
     return { headers, body: JSON.stringify(body) };
   }
 
+  /** What to shorten when the request does not fit in the model's context. A New chat helps only where there
+   * are earlier turns to leave behind: with one, it would send the same system prompt and message again. */
+  function contextAdvice() {
+    if (conversation.length > 1) return "Start a New chat, or a shorter conversation";
+    if (fields.system.value.trim()) return "Shorten the system prompt (in Settings) or this message";
+    return "Shorten this message";
+  }
+
   async function ask(text) {
     showError("");
     conversation.push({ role: "user", content: text });
@@ -246,7 +255,7 @@ export function startChat() {
           throw error instanceof TypeError ? new ConnectionLost(error.message) : error;
         });
       if (!response.ok) {
-        const message = await errorMessage(response);
+        const message = await errorMessage(response, contextAdvice());
         if (response.status === 401) {
           $("settings").open = true;
           fields.apiKey.focus();

@@ -294,3 +294,32 @@ def test_a_finished_reply_is_no_failed_request_and_stop_still_cancels(
             assert engine.in_flight == 0, "the server kept generating after Stop"
             assert len(failed) == 1 and "ERR_ABORTED" in failed[0], failed  # the stopped reply, cancelled
         assert problems == []
+
+
+def test_a_request_past_the_context_names_what_to_shorten(browser: Browser, tiny_llama: Path) -> None:
+    """The page always advised "Start a New chat, or a shorter conversation", which cannot help a conversation of one
+    turn: a New chat sends the same system prompt and message again."""
+    too_long = "word " * 700  # past the tiny model's context
+    with running_server(tiny_settings(tiny_llama)) as server:
+        with fresh_page(browser) as (page, problems):
+            page.goto(f"{server.base_url}/#chat")
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "2")
+            error = page.locator("#chat-error")
+            send_message(page, too_long)
+            expect(error).to_contain_text("Shorten this message")
+            expect(error).not_to_contain_text("New chat")
+
+            page.fill("#prompt", "")
+            page.fill("#system-prompt", too_long)
+            send_message(page, "hello")
+            expect(error).to_contain_text("Shorten the system prompt (in Settings) or this message")
+            expect(error).not_to_contain_text("New chat")
+
+            page.fill("#system-prompt", "")
+            page.fill("#prompt", "")
+            send_message(page, "hello")
+            expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "max tokens")
+            send_message(page, too_long)  # a second turn: leaving the first behind helps
+            expect(error).to_contain_text("Start a New chat, or a shorter conversation")
+        assert [p for p in problems if "status of 400" not in p] == []

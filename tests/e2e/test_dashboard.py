@@ -354,7 +354,7 @@ def _settings_and_context(page: Page, cluster: Cluster) -> None:
     page.fill("#max-tokens", "4")
     page.fill("#prompt", "")
     send_message(page, "word " * 700)  # past the tiny model's context
-    expect(page.locator("#chat-error")).to_contain_text("Start a New chat")
+    expect(page.locator("#chat-error")).to_contain_text("Shorten this message")
 
 
 DISTANCE_TO_END = "(l => l.scrollHeight - l.scrollTop - l.clientHeight)(document.getElementById('messages'))"
