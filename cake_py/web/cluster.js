@@ -221,6 +221,12 @@ function hop(worker) {
   );
 }
 
+/** A tile's line under its figure, cut with an ellipsis where it is too long for the tile: its title holds it all. */
+function setSub(id, text) {
+  setText(id, text);
+  document.getElementById(id).title = text;
+}
+
 async function problem(response) {
   try {
     const body = await response.json();
@@ -274,12 +280,12 @@ export function startCluster(onLive) {
     const live = topology.live ?? {};
     const up = nodes.filter((node) => node.status === "up").length; // the master too: its engine may have died
     setText("sum-model", topology.model);
-    setText("sum-dtype", `${topology.model_id} · ${topology.dtype}`);
+    setSub("sum-dtype", `${topology.dtype} · ${topology.model_id}`); // the dtype first: a long id is what is cut
     setText("sum-layers", String(topology.num_layers));
     // --failover-after: configured workers the served placement goes without.
     const leftOut = (topology.left_out ?? []).map((worker) => worker.name);
     const leftOutText = leftOut.length ? ` · left out: ${leftOut.join(", ")}` : "";
-    setText("sum-nodes", `on ${nodes.length} nodes · ${up} up${leftOutText}`);
+    setSub("sum-nodes", `on ${nodes.length} nodes · ${up} up${leftOutText}`);
     setText("sum-weights", formatBytes(topology.memory_bytes));
     setText("sum-layer-size", `${formatBytes(topology.layer_size_bytes)} per layer`);
     setText("sum-tps", (live.tokens_per_second ?? 0).toFixed(1));
@@ -304,9 +310,10 @@ export function startCluster(onLive) {
       el("p", { className: "no-model", dataset: { testid: "no-model" } }, el("b", {}, state.label), ` ${state.reason}`),
     );
     setText("sum-model", state.label);
-    setText("sum-dtype", state.reason);
+    setSub("sum-dtype", state.reason);
     for (const id of ["sum-layers", "sum-weights", "sum-tps", "sum-in-flight", "sum-total"]) setText(id, "–");
-    for (const id of ["sum-nodes", "sum-layer-size", "sum-step", "sum-queue", "sum-tokens"]) setText(id, "");
+    setSub("sum-nodes", "");
+    for (const id of ["sum-layer-size", "sum-step", "sum-queue", "sum-tokens"]) setText(id, "");
   }
 
   // The banner: a message (the live region's text, set only when it changes: a live region re-set is read out again),
