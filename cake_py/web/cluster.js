@@ -285,7 +285,7 @@ export function startCluster(onLive) {
     // --failover-after: configured workers the served placement goes without.
     const leftOut = (topology.left_out ?? []).map((worker) => worker.name);
     const leftOutText = leftOut.length ? ` · left out: ${leftOut.join(", ")}` : "";
-    setSub("sum-nodes", `on ${nodes.length} nodes · ${up} up${leftOutText}`);
+    setSub("sum-nodes", `on ${nodes.length} ${nodes.length === 1 ? "node" : "nodes"} · ${up} up${leftOutText}`);
     setText("sum-weights", formatBytes(topology.memory_bytes));
     setText("sum-layer-size", `${formatBytes(topology.layer_size_bytes)} per layer`);
     setText("sum-tps", (live.tokens_per_second ?? 0).toFixed(1));

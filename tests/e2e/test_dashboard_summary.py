@@ -43,3 +43,21 @@ def test_the_model_tile_shows_the_dtype_and_holds_the_whole_line_in_its_title(pa
         expect(line).to_have_attribute("title", full)
         page.unroute(TOPOLOGY)
         page.goto("about:blank")  # no poll is left in flight when the server stops
+
+
+def test_the_layers_tile_counts_one_node_in_the_singular(page: Page, tiny_llama: Path) -> None:
+    """A master alone read "on 1 nodes · 1 up"."""
+
+    def with_a_worker(route: Route) -> None:
+        answer = route.fetch()
+        document = answer.json()
+        document["workers"] = [{**document["master"], "name": "worker-1", "host": "worker-1", "layers": []}]
+        route.fulfill(response=answer, body=json.dumps(document))
+
+    with running_server(tiny_settings(tiny_llama)) as server:
+        page.goto(f"{server.base_url}/")
+        expect(page.locator("#sum-nodes")).to_have_text("on 1 node · 1 up")
+        page.route(TOPOLOGY, with_a_worker)
+        expect(page.locator("#sum-nodes")).to_have_text("on 2 nodes · 2 up")
+        page.unroute(TOPOLOGY)
+        page.goto("about:blank")  # no poll is left in flight when the server stops
