@@ -209,7 +209,8 @@ function tensorTable(layer, detail) {
 
 function hop(worker) {
   const down = worker.status !== "up";
-  const roundTrip = measured(worker.round_trip_ms);
+  // A worker that is down has no round trip now: its last one is not shown as if current (as its memory is not).
+  const roundTrip = down ? NaN : measured(worker.round_trip_ms);
   const wire = Number.isNaN(roundTrip) ? NaN : (worker.hop_ms ?? NaN);
   return el(
     "div",

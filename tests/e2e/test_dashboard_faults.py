@@ -228,3 +228,31 @@ def test_the_summary_is_dimmed_and_its_live_figures_cleared_while_the_master_is_
             page.wait_for_function(NOT_DIMMED, timeout=5000)
             page.goto("about:blank")
         assert [p for p in problems if "ERR_CONNECTION_REFUSED" not in p] == []
+
+
+def test_the_hop_to_a_worker_that_is_down_shows_no_round_trip(page: Page, tiny_llama: Path) -> None:
+    """The arrow to a worker that was down kept its last figures ("10.5 ms round trip · 0.5 ms wire") as if it were
+    still answering, while its card said "memory unknown"."""
+
+    def two_workers(route: Route) -> None:
+        answer = route.fetch()
+        document = answer.json()
+        master = document["master"]
+        document["workers"] = [
+            {**master, "name": name, "host": name, "layers": [], "round_trip_ms": 10.5, "hop_ms": 0.5}
+            for name in ("worker-1", "worker-2")
+        ]
+        document["workers"][1].update(status="down", error="not answering")
+        route.fulfill(response=answer, body=json.dumps(document))
+
+    with running_server(tiny_settings(tiny_llama)) as server:
+        page.route(TOPOLOGY, two_workers)
+        page.goto(f"{server.base_url}/")
+        up, down = (page.locator(f'.hop[data-to="{name}"]') for name in ("worker-1", "worker-2"))
+        expect(up.locator("b")).to_have_text("10.5 ms")  # round trip
+        expect(up.locator(".hop-label.muted")).to_have_text("0.5 ms wire")
+        expect(down).to_have_class(re.compile(r"\bdown\b"))
+        expect(down.locator("b")).to_have_text("–")
+        expect(down.locator(".hop-label.muted")).to_have_text("– wire")
+        page.unroute(TOPOLOGY)
+        page.goto("about:blank")  # no poll is left in flight when the server stops
