@@ -257,8 +257,7 @@ export function startChat() {
       if (!response.ok) {
         const message = await errorMessage(response, contextAdvice());
         if (response.status === 401) {
-          $("settings").open = true;
-          fields.apiKey.focus();
+          showKeyField();
           throw new Error(`${message}: enter the server's API key in Settings`);
         }
         throw new Error(message);
@@ -329,6 +328,12 @@ export function startChat() {
     }
   }
 
+  /** Where a key the server refused, or one that cannot be sent, is fixed: Settings open, the key field focused. */
+  function showKeyField() {
+    $("settings").open = true;
+    fields.apiKey.focus();
+  }
+
   /** Whether the settings hold values the page may send; else the first bad one is shown, with why. */
   function settingsValid() {
     for (const input of [fields.temperature, fields.maxTokens]) {
@@ -338,6 +343,13 @@ export function startChat() {
         input.focus();
         return false;
       }
+    }
+    try {
+      bearerHeaders(fields.apiKey.value.trim()); // a key no header can carry (a pasted typographic dash, say)
+    } catch (error) {
+      showError(error.message);
+      showKeyField();
+      return false;
     }
     return true;
   }

@@ -323,3 +323,25 @@ def test_a_request_past_the_context_names_what_to_shorten(browser: Browser, tiny
             send_message(page, too_long)  # a second turn: leaving the first behind helps
             expect(error).to_contain_text("Start a New chat, or a shorter conversation")
         assert [p for p in problems if "status of 400" not in p] == []
+
+
+def test_a_key_that_cannot_be_sent_opens_the_key_field(page: Page, tiny_llama: Path) -> None:
+    """A key with a pasted typographic dash was refused with a clear message, but unlike a key the server refuses,
+    Settings stayed closed and focus went to the message box: the field to fix was left to be found. Now it is
+    refused before the message is sent, as a bad number in Settings is, and the key field is opened and focused."""
+    with running_server(tiny_settings(tiny_llama)) as server:
+        page.goto(f"{server.base_url}/#chat")
+        page.fill("#api-key", "ses\u2011ame")  # a non-breaking hyphen: no header can carry it
+        page.evaluate("document.getElementById('settings').open = false")  # as on a phone
+        send_message(page, "hello")
+        expect(page.get_by_role("alert")).to_contain_text("API key has a character that cannot be sent")
+        expect(page.locator("#settings")).to_have_attribute("open", "")
+        expect(page.locator("#api-key")).to_be_focused()
+        expect(page.locator("#prompt")).to_have_value("hello")  # kept, to send once the key is fixed
+        expect(page.locator(".message")).to_have_count(0)
+
+        page.fill("#api-key", "sesame")
+        page.fill("#max-tokens", "2")
+        send_message(page, "hello")
+        expect(page.get_by_test_id("assistant-message").last).not_to_have_attribute("data-state", "streaming")
+        expect(page.get_by_role("alert")).to_be_hidden()
