@@ -17,6 +17,7 @@ ASSETS: dict[str, str] = {
     "cluster.js": "text/javascript; charset=utf-8",
     "chat.js": "text/javascript; charset=utf-8",
     "dom.js": "text/javascript; charset=utf-8",
+    "node_card.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 PAGE = "index.html"
