@@ -251,7 +251,8 @@ class RateLimitMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for a body over `max_bytes` (0: no limit), or over the path's own limit in `overrides` (uploads); 408 for
+    """415 for a compressed body (Content-Encoding: nothing decompresses it); 413 for a body over `max_bytes` (0: no
+    limit), or over the path's own limit in `overrides` (uploads); 408 for
     a body that stops arriving for `read_timeout` seconds (a client that sends half a request holds a connection
     and a task for as long as it likes otherwise); 503 (with Retry-After) for a body that would take the bodies of
     the requests being answered past `in_flight_bytes` (default IN_FLIGHT_BODIES × `max_bytes`; uploads, which have
@@ -280,7 +281,13 @@ class BodyLimitMiddleware:
         def too_large(size: int | str) -> str:
             return f"request body of {size} bytes is over the limit of {limit} bytes"
 
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):  # parsed as it came, a gzip body would read as malformed JSON
+            message = f"Content-Encoding {encoding!r} is not supported: send the request body uncompressed"
+            await send_error(send, scope, 415, message)
+            return
+        declared = headers.get("content-length")
         if limit > 0 and declared is not None and declared.isdigit() and int(declared) > limit:
             await send_error(send, scope, 413, too_large(int(declared)))
             return

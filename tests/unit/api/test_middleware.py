@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 from collections.abc import Iterator
 
@@ -182,6 +183,22 @@ def test_body_over_the_limit_is_413_from_content_length_or_while_streaming() -> 
         assert "over the limit of 100 bytes" in streamed.json()["detail"]
         small = client.post("/models/load", content=b"[]", headers={"content-type": "application/json"})
         assert small.status_code == 400
+
+
+def test_a_compressed_body_is_415_naming_its_encoding() -> None:
+    """A gzip body was parsed as it came: its JSON read as malformed (or, as {}, 'messages must be...')."""
+    body = gzip.compress(b'{"messages": [{"role": "user", "content": "hi"}]}')
+    with _client(rate_limit=0) as client:
+        for path, field in (("/v1/chat/completions", "error"), ("/models/load", "detail")):
+            sent = client.post(
+                path, content=body, headers={"content-type": "application/json", "content-encoding": "GZip"}
+            )
+            assert sent.status_code == 415
+            assert sent.json() == {
+                field: "Content-Encoding 'gzip' is not supported: send the request body uncompressed"
+            }
+        plain = client.post("/v1/chat/completions", json=CHAT, headers={"content-encoding": "identity"})
+        assert (plain.status_code, plain.json()) == (404, {"error": "No text model loaded"})  # past the middleware
 
 
 PREFLIGHT = {
