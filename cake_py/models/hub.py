@@ -117,8 +117,8 @@ def resolve_model(spec: str | None) -> ModelSource:
         return ModelSource(_shown(model_name(path, len(weights.parts))), weights)
     if is_dir:
         return ModelSource(_shown(path.name), SafetensorsWeights(path))
-    if exists:
-        raise ModelNotFoundError(f"model path {spec!r} is neither a model folder nor a .gguf file")
+    if exists:  # there, but not a model: a bad model (400 on /models/load), not a missing one
+        raise ModelError(f"model path {spec!r} is neither a model folder nor a .gguf file")
     if _looks_like_path(spec):
         raise ModelNotFoundError(f"model path {spec!r} does not exist")
     from cake_py.models.hub_gguf import hub_model

@@ -95,6 +95,9 @@ def test_load_back_by_path_and_a_bad_id_leaves_the_served_model(server: ServerHa
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         missing = http.post("/models/load", json={"model_id": str(tiny_llama / "missing")})
         assert missing.status_code == 404
+        not_a_model = http.post("/models/load", json={"model_id": str(tiny_llama / "config.json")})
+        assert not_a_model.status_code == 400  # there, but no model: docs/api.md's "unreadable or malformed"
+        assert "neither a model folder nor a .gguf file" in not_a_model.json()["detail"]
         assert http.get("/models/current").json()["loaded"] is True  # still serving the previous model
         back = http.post("/models/load", json={"model_id": str(tiny_llama)})
         assert back.status_code == 200

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cake_py.errors import HubError, ModelNotFoundError
+from cake_py.errors import HubError, ModelError, ModelNotFoundError
 from cake_py.models.hub import HUB_IGNORED, HUB_PATTERNS, embedded_model_path, resolve_model
 from tests.fixtures.fake_hub import HubBehaviour, fake_hub, folder_files
 
@@ -99,8 +99,9 @@ def test_missing_paths_are_named(tmp_path: Path) -> None:
 def test_model_paths_that_are_not_models_are_named(tmp_path: Path) -> None:
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"x")
-    with pytest.raises(ModelNotFoundError, match="neither a model folder nor a .gguf file"):
+    with pytest.raises(ModelError, match="neither a model folder nor a .gguf file") as refused:
         resolve_model(str(weights))  # a file inside a model folder, not the folder
+    assert not isinstance(refused.value, ModelNotFoundError)  # it is there: a bad model, not a missing one
     with pytest.raises(ModelNotFoundError, match="GGUF file .*UPPER.GGUF"):
         resolve_model(str(tmp_path / "UPPER.GGUF"))  # the suffix in capitals is still a GGUF
     with pytest.raises(ModelNotFoundError, match="no such user"):
