@@ -58,6 +58,11 @@ class ClusterError(CakeError):
     """A worker is unreachable, refuses us, or the topology is invalid."""
 
 
+class WorkerSilentError(ClusterError):
+    """A worker's connection is open but it answered nothing in time: paused, overloaded, or the network stalls (a
+    worker that died closes its connection, which is a plain ClusterError)."""
+
+
 class StageError(ClusterError):
     """A pipeline stage failed while serving a forward pass."""
 

@@ -2,9 +2,10 @@
 
 Hidden states take the forward fast path (cake_py.rpc.dataplane) when the worker offers one, else one long-lived
 gRPC Forward stream; one message each way per step either way. A monitor thread pings the worker every second:
-when it stops answering, the stage turns down (in-flight calls fail at once, /health turns 503), and the monitor
-reconnects with backoff, re-assigning the layers (from the worker's disk cache) so the cluster serves again
-without a restart.
+when its connection closes (the worker died) or it has answered nothing for SILENT_DOWN_S (a late ping is only a
+stall: a GC pause, swapping, a CPU-starved VM), the stage turns down (in-flight calls fail at once, /health turns
+503), and the monitor reconnects with backoff, re-assigning the layers (from the worker's disk cache) so the cluster
+serves again without a restart.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from cake_py.cluster.stage import StageStats
-from cake_py.errors import ClusterError, StageError
+from cake_py.errors import ClusterError, StageError, WorkerSilentError
 from cake_py.models.kv_cache import Batch
 from cake_py.rpc.chain import (
     REQUEST_IDS,
@@ -51,6 +52,11 @@ __all__ = ["Assignment", "RemoteStage", "WorkerConnection"]
 log = logging.getLogger(__name__)
 
 FAST_RETRY_MAX_S = 60.0
+# A worker whose connection is open but that has answered no ping for this long is down: the requests it holds fail
+# and /health turns 503. A shorter silence is a latency spike its requests wait out (one missed ping used to fail
+# every request in flight, though the worker was back a second later). While it is silent it is pinged again at
+# once, so it is down this long after its last answer, give or take a ping's timeout.
+SILENT_DOWN_S = 5.0
 _DIGITS = re.compile(r"[0-9]+")
 
 
@@ -78,6 +84,8 @@ class RemoteStage:
         self._closing = threading.Event()
         self._last_info: pb.InfoReply | None = None
         self._info_at = 0.0  # time.monotonic() of the last ping's answer
+        self._answered_at = time.monotonic()  # of the last answer (a ping's, or the Assign that made it up)
+        self._late = False  # the last ping went unanswered (the worker is silent, not yet for SILENT_DOWN_S)
         self._worked_at = 0.0  # when, by that answer, the worker last worked on a forward (now: working, or can't say)
         # Sequences finished while the worker was down: it may still hold their caches (a network cut, a pause),
         # so they are released once it is back.
@@ -250,10 +258,34 @@ class RemoteStage:
             return False
         try:
             self.connection.info()
+        except WorkerSilentError:
+            self._missed()
+            return False
         except ClusterError as error:
             self._mark_down(str(error))
             return False
+        self._answered_at = time.monotonic()
         return True
+
+    def _missed(self) -> None:
+        """A ping went unanswered though the connection is open: down once the worker has been silent for
+        SILENT_DOWN_S, a stall until then."""
+        silent = time.monotonic() - self._answered_at
+        if silent >= SILENT_DOWN_S:
+            self._mark_down(
+                f"it answered nothing for {silent:.0f} s (is it paused, overloaded, or is the network down?)"
+            )
+        elif not self._late:
+            log.warning(
+                "%s is late answering its ping: its requests wait; down if it stays silent for %.0f s",
+                self.connection.label, SILENT_DOWN_S,
+            )  # fmt: skip
+        self._late = True
+
+    def _ping_timeout(self) -> float:
+        """A ping's timeout: PING_TIMEOUT_S, cut to end when the worker will have been silent for SILENT_DOWN_S."""
+        left = self._answered_at + SILENT_DOWN_S - time.monotonic()
+        return min(PING_TIMEOUT_S, max(left, 0.05))
 
     def _mark_down(self, reason: str) -> None:
         if self._up:  # the first reason is the cause; later ones are its echoes (a cancelled stream, a closed socket)
@@ -264,11 +296,14 @@ class RemoteStage:
 
     def _watch(self) -> None:
         backoff = 0.5
-        while not self._closing.wait(PING_INTERVAL_S if self._up else backoff):
+        while not self._closing.wait((0.0 if self._late else PING_INTERVAL_S) if self._up else backoff):
             if self._up:
                 try:
-                    info = self._last_info = self.connection.info()
-                    self._info_at = time.monotonic()
+                    info = self._last_info = self.connection.info(self._ping_timeout())
+                    self._info_at = self._answered_at = time.monotonic()
+                    if self._late:
+                        log.info("%s answers again", self.connection.label)
+                    self._late = False
                     self._worked_at = self._info_at - info.forward_idle_seconds
                     held = (info.layers.start, info.layers.end) if info.HasField("layers") else None
                     if info.status != pb.WORKER_STATUS_READY:
@@ -284,6 +319,8 @@ class RemoteStage:
                         self._mark_down(f"worker was re-assigned: it holds {info.model_id} {held}")
                     else:
                         self._release_unreleased()
+                except WorkerSilentError:
+                    self._missed()
                 except ClusterError as error:
                     self._mark_down(str(error))
                 continue
@@ -330,6 +367,7 @@ class RemoteStage:
                 self._unreleased = set()
             self.connection.assign(self.assignment)  # restarted, or abandoned: our weights, no caches from before
         self._last_info = self.connection.info()
+        self._answered_at, self._late = time.monotonic(), False
         self._up, self._status_error = True, ""
         log.info("%s is back with layers %d-%d", self.connection.label, self.start, self.end - 1)
 

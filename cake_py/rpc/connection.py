@@ -20,7 +20,7 @@ import grpc
 import torch
 
 from cake_py.config import WorkerSpec
-from cake_py.errors import ClusterError
+from cake_py.errors import ClusterError, WorkerSilentError
 from cake_py.models.weights import LAYER_PATTERN, WeightSource, load_stage_tensors
 from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES
 from cake_py.rpc.codec import dtype_to_pb
@@ -45,7 +45,7 @@ VERIFY_BYTES_PER_S = 50e6  # the slowest rate a worker may hash its cached weigh
 PING_INTERVAL_S = 1.0
 PING_TIMEOUT_S = 1.5
 # Release runs on the engine thread, between steps: a hung worker may hold every stream up this long before the
-# ids wait for the health monitor instead (it marks the worker down within about PING_TIMEOUT_S anyway).
+# ids wait for the health monitor instead (it marks the worker down once it has been silent for client.SILENT_DOWN_S).
 RELEASE_TIMEOUT_S = 1.5
 # A worker that another master re-assigned is taken back only once that master has left it idle this long.
 TAKEOVER_IDLE_S = 60.0
@@ -173,7 +173,8 @@ class WorkerConnection:
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return ClusterError(f"{self.label} refused our cluster key: give master and worker the same --cluster-key")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return ClusterError(f"{self.label} is unreachable ({doing}): {details}{self._first_contact_hint(doing)}")
+            kind = WorkerSilentError if code == grpc.StatusCode.DEADLINE_EXCEEDED else ClusterError
+            return kind(f"{self.label} is unreachable ({doing}): {details}{self._first_contact_hint(doing)}")
         return ClusterError(f"{self.label} failed while {doing}: {details}")
 
     def _first_contact_hint(self, doing: str) -> str:

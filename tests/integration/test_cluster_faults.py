@@ -137,20 +137,51 @@ def test_killed_worker_fails_the_request_and_the_stage_comes_back(
         pipeline.close()
 
 
-# ---- a paused worker (a network stall): the request fails, and its caches do not leak once it is back ----
+# ---- a paused worker: a short stall is waited out; a long one fails the request, and its caches do not leak ----
+
+
+def test_a_worker_paused_for_a_few_seconds_is_a_stall_its_requests_wait_out(
+    cluster: LocalCluster, llama: ModelSource, single_node_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One ping unanswered within 1.5 s marked the stage down and failed every request in flight, though the worker
+    answered again a second later with the same layers (a GC pause, swapping, a CPU-starved VM)."""
+    monkeypatch.setattr(client_module, "SILENT_DOWN_S", 15.0)  # 5 s in a server: room here for a loaded machine
+    first, second = cluster.start_workers(2)
+    pipeline, engine = serving_engine(llama, [first.spec((0, 1)), second.spec((1, 3))])
+    prompt = llama.tokenizer.encode(PROMPT)
+    try:
+        _, events = start_long_generation(engine, prompt)
+        first.pause()  # 4 s: pings a second apart with a 1.5 s timeout, so at least one goes unanswered
+        try:
+            time.sleep(4.0)
+            assert pipeline.healthy()  # a stall, not a worker down: /health stays 200
+        finally:
+            first.resume()
+        rest = finish(events, timeout=60)
+        assert rest[-1].finish_reason == "length", rest[-1].error
+        assert pipeline.healthy()
+        assert token_ids(collect(engine, prompt, greedy(32), timeout=60)) == single_node_tokens
+    finally:
+        first.resume()
+        engine.stop()
+        pipeline.close()
 
 
 def test_paused_worker_fails_the_request_and_its_stale_caches_are_released(
-    cluster: LocalCluster, llama: ModelSource, single_node_tokens: list[int]
+    cluster: LocalCluster, llama: ModelSource, single_node_tokens: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(client_module, "SILENT_DOWN_S", 2.0)  # 5 s in a server
     first, second = cluster.start_workers(2)
     pipeline, engine = serving_engine(llama, [first.spec((0, 1)), second.spec((1, 3))])
     prompt = llama.tokenizer.encode(PROMPT)
     try:
         _, events = start_long_generation(engine, prompt)
         second.pause()
-        last = finish(events, timeout=10)[-1]
+        paused = time.monotonic()
+        last = finish(events, timeout=10)[-1]  # silent for SILENT_DOWN_S: an error in bounded time, not a hang
+        assert time.monotonic() - paused >= 1.0  # not at the first late ping (its last answer was <= 1 s before)
         assert last.finish_reason == "error" and last.error is not None and second.address in last.error
+        assert "answered nothing for 2 s" in last.error, last.error
         assert not pipeline.healthy()
         stage = pipeline.stages[-1]
         # Its reconnects time out: the reason says it answered before (the hint blamed TLS and the address).

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cake_py.config import WorkerSpec
-from cake_py.errors import ClusterError
+from cake_py.errors import ClusterError, WorkerSilentError
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.rpc.client import RemoteStage
 from cake_py.rpc.connection import VERIFY_BYTES_PER_S, Assignment, WorkerConnection
@@ -74,6 +74,67 @@ def test_the_first_reason_a_stage_went_down_is_kept(stage: tuple[RemoteStage, Fl
     remote._mark_down("Locally cancelled by application!")  # the engine thread, seeing its stream cancelled
     assert remote._status_error == "unreachable (reporting its status): Deadline Exceeded"
     assert not remote.healthy()
+
+
+class SilentConnection(FlakyConnection):
+    """A worker whose connection stays open but whose pings go unanswered while `silent` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.silent = threading.Event()
+        self.timeouts: list[float] = []
+
+    def info(self, timeout: float = 1.5) -> pb.InfoReply:
+        if self.silent.is_set():
+            self.timeouts.append(timeout)
+            time.sleep(min(timeout, 0.05))
+            raise WorkerSilentError(f"{self.label} is unreachable (reporting its status): Deadline Exceeded")
+        return super().info(timeout)
+
+
+def test_a_worker_is_down_only_once_silent_for_a_while_and_then_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single ping unanswered within its 1.5 s turned the stage down, failing every request in flight."""
+    from cake_py.rpc import client
+
+    monkeypatch.setattr(client, "PING_INTERVAL_S", 0.05)
+    monkeypatch.setattr(client, "SILENT_DOWN_S", 1.5)
+    connection = SilentConnection()
+    assignment = Assignment("m", "{}", None, 0, 2, torch.float32)  # type: ignore[arg-type]
+    remote = RemoteStage(connection, assignment)  # type: ignore[arg-type]
+    try:
+        time.sleep(0.2)
+        connection.silent.set()
+        began = time.monotonic()
+        time.sleep(0.5)
+        assert remote.healthy() and len(connection.timeouts) >= 2, connection.timeouts  # late pings: a stall
+        assert remote.answers() is False and remote.healthy()  # a switch waits for it; nothing in flight fails
+        connection.silent.clear()
+        deadline = time.monotonic() + 5
+        while remote._late and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert remote.healthy() and not remote._late  # it answered again: nothing happened
+
+        connection.silent.set()
+        began = time.monotonic()
+        while remote.healthy() and time.monotonic() - began < 10:
+            time.sleep(0.02)
+        assert not remote.healthy()
+        assert time.monotonic() - began >= 1.0  # silent for SILENT_DOWN_S (less the last ping's age), not at once
+        assert "answered nothing for" in remote.status_error and "paused" in remote.status_error
+        assert max(connection.timeouts) <= 1.5  # every ping within its timeout, the last cut to end the silence
+    finally:
+        connection.silent.clear()
+        remote.close()
+
+
+def test_a_closed_connection_is_down_at_once(stage: tuple[RemoteStage, FlakyConnection]) -> None:
+    remote, connection = stage
+
+    def refused(timeout: float = 1.5) -> pb.InfoReply:
+        raise ClusterError(f"{connection.label} is unreachable (reporting its status): Connection refused")
+
+    connection.info = refused  # type: ignore[method-assign]
+    assert remote.answers() is False and not remote.healthy()
 
 
 GIB = 1 << 30
