@@ -229,7 +229,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/image": {"post": _media_op("Image generation (Cake legacy): 404 until an image model is loaded")},
     "/v1/audio/speech": {"post": _media_op("Text to speech: 404 until an audio model is loaded")},
     "/api/v1/topology": {
-        "get": _op("Cluster topology and live figures", _json(ref("Topology")), errors=(401, 404, 503), security=UI)
+        "get": _op("Cluster topology and live figures", _json(ref("Topology")), errors=(401,), security=UI)
     },
     "/": {
         "get": _op(

@@ -132,11 +132,13 @@ SCHEMAS: dict[str, Any] = {
     ),
     "Topology": obj(
         {
-            "model": STR,
-            "model_id": STR,
+            "state": {"type": "string", "enum": ["serving", "switching", "no_model"]},
+            "reason": NULL_STR,
+            "model": NULL_STR,
+            "model_id": NULL_STR,
             "dtype": STR,
-            "num_layers": INT,
-            "memory_bytes": INT,
+            "num_layers": {"type": ["integer", "null"]},
+            "memory_bytes": {"type": ["integer", "null"]},
             "master": {"type": "object"},
             "workers": {"type": "array", "items": {"type": "object"}},
             "layer_details": {"type": "object"},

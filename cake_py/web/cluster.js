@@ -1,6 +1,7 @@
 // The cluster view: polls GET /api/v1/topology every second and draws the pipeline, master → workers, one card
 // per node. Cards are created once and updated in place, so an expanded layer stays open across refreshes. With no
-// model served (none loaded, or a switch under way) the cards and figures are cleared and the view says which.
+// model served (none loaded, or a switch under way) the model's cards and figures are cleared, the view says which,
+// and the master and workers are shown as they are now (up or down, holding none of a model's layers).
 // A master that does not answer is asked again after 1 s, then 2, 4, 8 and at most every 15 s (the banner counts
 // down, and Retry now, the tab coming back or the window regaining focus asks at once); a hidden tab asks nothing.
 
@@ -39,6 +40,22 @@ export function startCluster(onLive) {
   let order = "";
   let model = null;
 
+  const nodesOf = (topology) => [{ ...topology.master, name: topology.master.name || "master" }, ...topology.workers];
+  // Cards are keyed by role and name: a worker may be called "master" too.
+  const keyOf = (node, i) => `${i === 0 ? "master" : "worker"}:${node.name}`;
+
+  /** Each node's card, created or updated; the cards of nodes no longer listed go. */
+  function updateCards(nodes, details) {
+    const seen = new Set();
+    nodes.forEach((node, i) => {
+      const key = keyOf(node, i);
+      seen.add(key);
+      if (!cards.has(key)) cards.set(key, new NodeCard(node.name, i === 0 ? "master" : "worker", expanded));
+      cards.get(key).update(node, i === 0 ? location.host : node.host, details);
+    });
+    for (const key of [...cards.keys()]) if (!seen.has(key)) cards.delete(key);
+  }
+
   function render(topology) {
     if (topology.model_id !== model) {
       // Another model (a /models/load): its layers and tensors differ, so every card starts afresh.
@@ -47,17 +64,8 @@ export function startCluster(onLive) {
       expanded.clear();
       order = "";
     }
-    const nodes = [{ ...topology.master, name: topology.master.name || "master" }, ...topology.workers];
-    // Cards are keyed by role and name: a worker may be called "master" too.
-    const keyOf = (node, i) => `${i === 0 ? "master" : "worker"}:${node.name}`;
-    const seen = new Set();
-    nodes.forEach((node, i) => {
-      const key = keyOf(node, i);
-      seen.add(key);
-      if (!cards.has(key)) cards.set(key, new NodeCard(node.name, i === 0 ? "master" : "worker", expanded));
-      cards.get(key).update(node, i === 0 ? location.host : node.host, topology.layer_details ?? {});
-    });
-    for (const key of [...cards.keys()]) if (!seen.has(key)) cards.delete(key);
+    const nodes = nodesOf(topology);
+    updateCards(nodes, topology.layer_details ?? {});
 
     // Rebuild the pipeline only when its shape changes; the hops between cards are small, so they are redrawn.
     const shape = nodes.map(keyOf).join(">");
@@ -89,23 +97,31 @@ export function startCluster(onLive) {
     setText("sum-tokens", `${live.tokens_generated ?? 0} tokens generated`);
   }
 
-  // The master answers but serves no model: none is loaded (404), or one is being loaded or unloaded (503). What
-  // was drawn belongs to a model that is gone, so the cards and figures go, not just dim.
-  function showNoModel(state) {
-    // Redrawn when what it says changes; a model drawn since resets `order`, so the same words draw again then.
-    const shown = `none:${state.label}:${state.reason}`;
-    if (order === shown) return;
-    model = null;
-    cards.clear();
-    expanded.clear();
-    order = shown;
-    pipeline.replaceChildren(
-      el("p", { className: "no-model", dataset: { testid: "no-model" } }, el("b", {}, state.label), ` ${state.reason}`),
-    );
+  // The master answers but serves no model: none is loaded, or one is being loaded or unloaded (the topology's
+  // `state`; an older master answers 404 or 503, without its nodes). What was drawn belongs to a model that is gone,
+  // so those cards and figures go, not just dim; the nodes are drawn again as they are now, holding no layers.
+  function showNoModel(state, topology = null) {
+    if (model !== null || !order.startsWith("none:")) {
+      model = null;
+      cards.clear();
+      expanded.clear();
+    }
+    const nodes = topology ? nodesOf(topology) : [];
+    updateCards(nodes, {});
+    // Redrawn when what it says or who is listed changes; a model drawn since resets `order`.
+    const shown = `none:${state.label}:${state.reason}:${nodes.map(keyOf).join(">")}`;
+    if (order !== shown) {
+      order = shown;
+      pipeline.replaceChildren(
+        el("p", { className: "no-model", dataset: { testid: "no-model" } }, el("b", {}, state.label), ` ${state.reason}`),
+        ...nodes.map((node, i) => cards.get(keyOf(node, i)).root),
+      );
+    }
     setText("sum-model", state.label);
     setSub("sum-dtype", state.reason);
     for (const id of ["sum-layers", "sum-weights", "sum-tps", "sum-in-flight", "sum-total"]) setText(id, "–");
-    setSub("sum-nodes", "");
+    const up = nodes.filter((node) => node.status === "up").length;
+    setSub("sum-nodes", nodes.length ? `${nodes.length} ${nodes.length === 1 ? "node" : "nodes"} · ${up} up` : "");
     for (const id of ["sum-layer-size", "sum-step", "sum-queue", "sum-tokens"]) setText(id, "");
   }
 
@@ -144,7 +160,7 @@ export function startCluster(onLive) {
 
   // A slow answer is still an answer: a master that takes longer than SLOW_MS (busy, or a big model's tensor list)
   // was dropped at that point and asked again, so it was never drawn and always "not answering".
-  // Resolves to {topology}, {noModel} or {error: what to show}.
+  // Resolves to {topology}, {noModel} (with the topology's nodes, from a master that lists them) or {error}.
   async function fetchTopology() {
     const slow = setTimeout(() => setConnected(false, "The master is not answering", "Waiting for it…"), SLOW_MS);
     try {
@@ -188,6 +204,10 @@ export function startCluster(onLive) {
       }
       if (typeof topology !== "object" || topology === null || Array.isArray(topology)) {
         throw new Error(`The master's topology is not a JSON object (${text.slice(0, 60)})`);
+      }
+      if (topology.state && topology.state !== "serving") {
+        const label = topology.state === "switching" ? "Loading…" : "No model loaded";
+        return { noModel: { label, reason: topology.reason ?? "" }, topology };
       }
       return { topology };
     } catch (error) {
@@ -244,15 +264,15 @@ export function startCluster(onLive) {
     failures = 0;
     plan(POLL_MS);
     try {
-      if (answer.topology) render(answer.topology);
-      else showNoModel(answer.noModel);
+      if (answer.noModel) showNoModel(answer.noModel, answer.topology);
+      else render(answer.topology);
     } catch (error) {
       // An answer this page cannot read (another server's JSON, a field of the wrong type): said, not thrown.
       setConnected(false, `The master's topology could not be read (${error.message})`, "Asking again every second.");
       return;
     }
     setConnected(true);
-    onLive(answer.topology ?? null, answer.noModel?.label);
+    onLive(answer.noModel ? null : answer.topology, answer.noModel?.label);
   }
 
   /** Asks now rather than at the planned time, when the master is failing (a person is waiting to see it back). */

@@ -354,6 +354,32 @@ def test_topology_and_health_over_http_during_generation_and_faults(
         assert completion.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_with_no_model_served_the_topology_lists_the_workers_as_they_are(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory
+) -> None:
+    """After an unload (or a failed load whose restore failed) the topology was a 404, so the cluster view could not
+    show the worker at fault, only /health could."""
+    first, second = cluster.start_workers(2)
+    settings = tiny_settings(tiny_model_factory("llama"), workers=[first.spec((0, 2)), second.spec((2, 3))])
+    with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=30.0) as http:
+        assert http.post("/models/unload").status_code == 200
+        answer = http.get("/api/v1/topology")
+        assert answer.status_code == 200, answer.text
+        document = answer.json()
+        assert document["state"] == "no_model" and document["model_id"] is None
+        nodes = {node["name"]: node for node in document["workers"]}
+        assert {name: node["status"] for name, node in nodes.items()} == {first.name: "up", second.name: "up"}
+        assert nodes[first.name]["host"] == first.address and nodes[first.name]["layers"] == []
+        assert nodes[first.name]["hostname"]  # its host facts, as a served topology shows them
+        second.pause()
+        try:
+            nodes = {node["name"]: node for node in http.get("/api/v1/topology").json()["workers"]}
+        finally:
+            second.resume()
+        assert nodes[first.name]["status"] == "up"
+        assert nodes[second.name]["status"] == "down" and second.address in nodes[second.name]["error"]
+
+
 def test_a_load_just_after_a_worker_froze_is_refused_and_the_model_stays(
     cluster: LocalCluster, tiny_model_factory: TinyModelFactory
 ) -> None:

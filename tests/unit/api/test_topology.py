@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
+import httpx
 import pytest
 import torch
 from starlette.testclient import TestClient
 
+from cake_py.api import topology as topology_module
 from cake_py.api.app import create_app
 from cake_py.api.state import ServerState
 from cake_py.api.topology import topology_document
+from cake_py.config import WorkerSpec
 from cake_py.engine.engine import Engine
 from cake_py.engine.faults import ENGINE_DEAD
 from cake_py.models.kv_cache import SequenceSlice
@@ -58,21 +63,52 @@ def test_a_master_whose_engine_died_is_shown_down_with_why(
     assert master["error"] == ENGINE_DEAD
 
 
-def test_a_model_switch_is_503_and_no_model_is_404(
-    split_engine: Callable[[list[tuple[str, int, int]]], Engine], tiny_state: Callable[[Engine | None], ServerState]
+def test_a_model_switch_and_no_model_still_list_the_nodes_and_say_why(
+    split_engine: Callable[[list[tuple[str, int, int]]], Engine],
+    tiny_state: Callable[[Engine | None], ServerState],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A switch answered 503 and no model 404, so the cluster view showed nothing exactly when a worker was in
+    trouble (a failed load, a failover placement): only /health named the worker at fault."""
+    monkeypatch.setattr(topology_module, "PROBE_TIMEOUT_S", 0.5)
     engine = split_engine([("master", 0, 3)])
     state = tiny_state(engine)
+    gone = WorkerSpec("w1", f"127.0.0.1:{_closed_port()}", named=True)  # a configured worker nothing answers for
+    state.settings = replace(state.settings, workers=[gone])
     with TestClient(create_app(state)) as client:
-        assert client.get("/api/v1/topology").status_code == 200
+        served = client.get("/api/v1/topology").json()
+        assert served["state"] == "serving" and served["reason"] is None and served["model_id"]
         # What /models/load and /models/unload set while they run: the old engine is gone, the new one not there.
         state.engine, state.source, state.switching = None, None, "loading model 'tiny'"
-        switching = client.get("/api/v1/topology")
-        assert switching.status_code == 503
-        assert switching.json() == {"error": "the server is loading model 'tiny'; retry shortly"}
-        assert switching.headers["Retry-After"] == "5"
-        state.switching = None
-        unloaded = client.get("/api/v1/topology")
-        assert unloaded.status_code == 404
-        assert unloaded.json() == {"error": "No text model loaded"}
+        for answer, (kind, reason) in (
+            (client.get("/api/v1/topology"), ("switching", "the server is loading model 'tiny'")),
+            (_unloaded(state, client), ("no_model", "No text model loaded: load one with POST /models/load")),
+        ):
+            assert answer.status_code == 200, answer.text
+            document = answer.json()
+            assert (document["state"], document["reason"]) == (kind, reason)
+            assert (document["model"], document["model_id"], document["num_layers"]) == (None, None, None)
+            assert document["layer_details"] == {} and document["master"]["layers"] == []
+            assert document["master"]["status"] == "up" and document["master"]["hostname"]
+            [worker] = document["workers"]
+            assert (worker["name"], worker["host"], worker["status"], worker["layers"]) == (
+                "w1",
+                gone.address,
+                "down",
+                [],
+            )
+            assert gone.address in worker["error"]
+        state.restore_error = "the previous model 'tiny' could not be loaded again: worker 'w1' froze"
+        assert client.get("/api/v1/topology").json()["reason"] == state.restore_error
     engine.close()  # taken off the state by hand: the app's shutdown no longer sees it
+
+
+def _unloaded(state: ServerState, client: TestClient) -> httpx.Response:
+    state.switching = None
+    return client.get("/api/v1/topology")
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
