@@ -40,6 +40,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 HANDSHAKE_TIMEOUT_S = 10.0
+KNOCK_TIMEOUT_S = 2.0  # a failed first handshake's own look at the port: connect, and wait this long for a word
+# What an HTTP/2 client sends first (the preface, then an empty SETTINGS frame): a plaintext gRPC server answers with
+# its own SETTINGS; a TLS server closes the connection (it is no TLS record); a paused process says nothing.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 PROGRESS_EVERY_S = 10.0  # a line on the master's log this often while weights stream to a worker
 VERIFY_BYTES_PER_S = 50e6  # the slowest rate a worker may hash its cached weights at (an old disk, no SHA units)
 PING_INTERVAL_S = 1.0
@@ -110,6 +114,7 @@ class WorkerConnection:
         self.stub: pb_grpc.WorkerStub | None = None
         self.host: pb.HostInfo | None = None
         self.assignment = 0  # the number of our last Assign on this worker (0: none, or dropped by unassign)
+        self._handshake_timeout = HANDSHAKE_TIMEOUT_S  # the last handshake's, for what its failure says
         self._manifest: list[pb.TensorSpec] | None = None
 
     @property
@@ -174,8 +179,53 @@ class WorkerConnection:
             return ClusterError(f"{self.label} refused our cluster key: give master and worker the same --cluster-key")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             kind = WorkerSilentError if code == grpc.StatusCode.DEADLINE_EXCEEDED else ClusterError
+            if doing == "handshaking" and self.host is None:
+                return kind(self._first_contact_error(details))
             return kind(f"{self.label} is unreachable ({doing}): {details}{self._first_contact_hint(doing)}")
         return ClusterError(f"{self.label} failed while {doing}: {details}")
+
+    def _first_contact_error(self, details: str) -> str:
+        """What a first handshake that failed ran into. gRPC says "Deadline Exceeded" alike for a port where nothing
+        listens, a worker that is paused, and a TLS mismatch (it retries each until the deadline): a look of our own
+        at the port tells them apart."""
+        unreachable = f"{self.label} is unreachable (handshaking)"
+        found = self._knock()
+        if found == "refused":
+            return f"{unreachable}: nothing listens there (connection refused): is `cake worker` running, on that port?"
+        if found == "silent":
+            return (
+                f"{unreachable}: it accepted the connection but answered nothing within "
+                f"{self._handshake_timeout:g} s (is it paused or overloaded, or is it not `cake worker`?)"
+            )
+        if found == "plaintext" and self.credentials is not None:
+            return (
+                f"{unreachable}: it answers without TLS and this master speaks TLS (--tls-ca): start the worker with "
+                "TLS (--tls-cert/--tls-key), or the master without --tls-ca"
+            )
+        if found.startswith("no connection"):
+            return f"{unreachable}: {found} (is the host up and the address right, or does a firewall drop it?)"
+        return f"{unreachable}: {details}{self._first_contact_hint('handshaking')}"
+
+    def _knock(self) -> str:
+        """ "refused", "no connection (why)", "silent" (connected, no word within KNOCK_TIMEOUT_S), "plaintext" (an
+        HTTP/2 server without TLS answered) or "closed" (closed at once, or answered in something else: TLS)."""
+        host, _, port = self.spec.address.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=KNOCK_TIMEOUT_S) as raw:
+                raw.sendall(_HTTP2_PREFACE)
+                try:
+                    first = raw.recv(9)
+                except TimeoutError:
+                    return "silent"
+                except OSError:
+                    return "closed"
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return f"no connection within {KNOCK_TIMEOUT_S:g} s"
+        except (OSError, ValueError) as error:
+            return f"no connection ({error})"
+        return "plaintext" if len(first) >= 4 and first[3] == 0x04 else "closed"  # a SETTINGS frame's type
 
     def _first_contact_hint(self, doing: str) -> str:
         # A TLS mismatch looks like an unreachable worker from here: gRPC just retries the failed TLS handshakes.
@@ -215,6 +265,7 @@ class WorkerConnection:
 
     def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> pb.HandshakeReply:
         stub = self._open()
+        self._handshake_timeout = timeout
         try:
             reply = stub.Handshake(
                 pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, master_name=self.master_name),

@@ -3,6 +3,7 @@ it says when something fails. Real worker processes are in tests/integration."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -305,3 +306,61 @@ def test_a_pending_release_never_frees_a_sequence_computed_again_under_its_id(
     remote.release([5, 8, 9])
     remote.starting_over([SequenceSlice(5, 0, 4), SequenceSlice(8, 12, 1), SequenceSlice(9, 3, 1, copy_from=2)])
     assert remote._unreleased == {8}  # noqa: SLF001  # 8 goes on from position 12: its old caches are still to go
+
+
+@pytest.fixture
+def port_that(request: pytest.FixtureRequest) -> Iterator[str]:
+    """127.0.0.1:PORT where nothing listens ("refused"), a process that accepts connections and says nothing
+    ("silent": a paused worker), or one that closes each at once ("closes": a TLS worker, to a plaintext master)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    stop = threading.Event()
+    if request.param == "refused":
+        listener.close()
+    else:
+        listener.listen(16)  # the kernel completes the connections: a SIGSTOPped worker's port does the same
+        if request.param == "closes":
+            listener.settimeout(0.1)
+
+            def close_each() -> None:
+                while not stop.is_set():
+                    try:
+                        listener.accept()[0].close()
+                    except OSError:
+                        continue
+
+            threading.Thread(target=close_each, daemon=True).start()
+    yield address
+    stop.set()
+    listener.close()
+
+
+@pytest.mark.parametrize(
+    ("port_that", "said"),
+    [
+        ("refused", "is unreachable (handshaking): nothing listens there (connection refused)"),
+        ("silent", "it accepted the connection but answered nothing within 0.5 s (is it paused or overloaded"),
+        ("closes", "is `cake worker` running there, without TLS? (a TLS worker needs --tls-ca on the master)"),
+    ],
+    indirect=["port_that"],
+)
+def test_a_first_handshake_that_fails_says_what_happened(
+    port_that: str, said: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port with nothing listening, a frozen worker and a TLS worker all read "Deadline Exceeded; is `cake worker`
+    running there, without TLS?": the hint blamed TLS for a worker that was paused or not started."""
+    from cake_py.rpc import connection
+
+    monkeypatch.setattr(connection, "KNOCK_TIMEOUT_S", 0.5)
+    link = WorkerConnection(WorkerSpec("w1", port_that), None, None)
+    try:
+        with pytest.raises(ClusterError) as caught:
+            link.handshake(timeout=0.5)
+    finally:
+        link.close()
+    message = str(caught.value)
+    assert message.startswith(f"worker 'w1' at {port_that} is unreachable (handshaking)"), message
+    assert said in message, message
+    if "TLS" not in said:
+        assert "TLS" not in message, message
