@@ -108,7 +108,10 @@ def connect_pipeline(
     tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
     hosts = [spec.address.rpartition(":")[0] for spec in settings.workers]
     warn_if_key_in_plaintext(settings.cluster_key, credentials is not None, hosts, "the master")
-    connections = [WorkerConnection(spec, settings.cluster_key, credentials, tls=tls) for spec in settings.workers]
+    connections = [
+        WorkerConnection(spec, settings.cluster_key, credentials, tls=tls, names=settings.worker_names)
+        for spec in settings.workers
+    ]
     try:
         replies = _all_at_once(connections, lambda c: c.handshake(settings.connect_timeout), connections)
         _refuse_the_same_worker_twice(connections, replies)
@@ -206,12 +209,15 @@ def _adopt_worker_names(connections: list[WorkerConnection], replies: list[Any])
     """Workers given by --workers (no names) are shown under the --name they report, when those are unique and none
     is "master", the name of the master's own stages (its card, /health and /metrics would mix the two up)."""
     reported = [reply.host.worker_name for reply in replies]
-    if len(set(reported)) != len(reported) or not all(reported) or "master" in reported:
-        return
+    adopted = len(set(reported)) == len(reported) and all(reported) and "master" not in reported
     taken = {conn.spec.name for conn in connections if conn.spec.named}
     for conn, name in zip(connections, reported, strict=True):
-        if not conn.spec.named and name not in taken:
-            conn.spec = replace(conn.spec, name=name)
+        if not conn.spec.named:
+            shown = name if adopted and name not in taken else None
+            if conn.names is not None:
+                conn.spec = conn.names.adopt(conn.configured, shown)
+            elif shown is not None:
+                conn.spec = replace(conn.configured, name=shown)
 
 
 def _master_stages(
@@ -320,7 +326,7 @@ def _ask_each(settings: ServeSettings, workers: list[WorkerSpec], ask: Callable[
     tls = client_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
     def asking(spec: WorkerSpec) -> T:
-        connection = WorkerConnection(spec, settings.cluster_key, credentials, tls=tls)
+        connection = WorkerConnection(spec, settings.cluster_key, credentials, tls=tls, names=settings.worker_names)
         try:
             return ask(connection)
         finally:

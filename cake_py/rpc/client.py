@@ -348,6 +348,11 @@ class RemoteStage:
 
     def _reconnect(self) -> None:
         reply = self.connection.handshake(timeout=PING_TIMEOUT_S)
+        names = self.connection.names
+        renamed = names.renamed(self.connection.spec, reply.host.worker_name) if names is not None else None
+        if renamed is not None:  # restarted under another --name: shown under it, as a placement would show it
+            log.info("%s is back as %r (its new --name)", self.connection.label, renamed.name)
+            self.connection.spec, self.name = renamed, renamed.name
         layers = reply.layers if reply.HasField("layers") else None
         held = (layers.start, layers.end) if layers is not None else None
         if reply.assignment and reply.assignment == self.connection.assignment and held == (self.start, self.end):

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import torch
 
-from cake_py.config import WorkerSpec
+from cake_py.config import WorkerNames, WorkerSpec
 from cake_py.errors import ClusterError, WorkerSilentError
 from cake_py.models.weights import LAYER_PATTERN, WeightSource, load_stage_tensors
 from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES
@@ -102,8 +102,11 @@ class WorkerConnection:
         master_name: str = "master",
         *,
         tls: ssl.SSLContext | None = None,
+        names: WorkerNames | None = None,
     ) -> None:
-        self.spec = spec
+        self.configured = spec
+        self.names = names  # the master's: `spec` is shown under the name it has there
+        self.spec = names.shown(spec) if names is not None else spec
         self.cluster_key = cluster_key
         self.tls = tls  # for the forward fast path; gRPC has its own `credentials`
         self.data_port = 0

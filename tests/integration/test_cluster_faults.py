@@ -380,6 +380,44 @@ def test_with_no_model_served_the_topology_lists_the_workers_as_they_are(
         assert nodes[second.name]["status"] == "down" and second.address in nodes[second.name]["error"]
 
 
+def test_a_worker_has_one_name_in_every_message_and_a_new_name_after_a_restart(
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory
+) -> None:
+    """--workers entries are shown under the --name their workers report: a worker restarted under another --name
+    kept its old one in /health and the topology, and a load that could not reach a worker called it `worker-2`
+    (its name before any handshake) while /health and the log said `beta`."""
+    first, second = cluster.worker(name="alpha"), cluster.worker(name="beta")
+    for worker in (first, second):
+        worker.launch()
+    for worker in (first, second):
+        worker.wait_ready()
+    model = tiny_model_factory("llama")
+    specs = [WorkerSpec("worker-1", first.address, named=False), WorkerSpec("worker-2", second.address, named=False)]
+    settings = tiny_settings(model, workers=specs, connect_timeout=1.0)
+    with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=30.0) as http:
+
+        def names() -> list[str]:
+            return [stage["name"] for stage in http.get("/health").json()["stages"]]
+
+        assert names() == ["alpha", "beta"]
+        second.stop()
+        second.args[second.args.index("--name") + 1] = "gamma"
+        second.start()  # same port, same cache
+        wait_until(lambda: names() == ["alpha", "gamma"], 20.0, "/health showing the worker's new --name")
+        wait_until(lambda: http.get("/health").status_code == 200, 20.0, "the restarted worker serving")
+        topology = http.get("/api/v1/topology").json()
+        assert [node["name"] for node in topology["workers"]] == ["alpha", "gamma"]
+
+        assert http.post("/models/unload").status_code == 200
+        second.kill()
+        load = http.post("/models/load", json={"model_id": str(model)})
+        assert load.status_code >= 400, load.text
+        detail = load.json()["detail"]
+        assert f"worker 'gamma' at {second.address}" in detail and "worker-2" not in detail, detail
+        down = {node["name"]: node["status"] for node in http.get("/api/v1/topology").json()["workers"]}
+        assert down == {"alpha": "up", "gamma": "down"}
+
+
 def test_a_load_just_after_a_worker_froze_is_refused_and_the_model_stays(
     cluster: LocalCluster, tiny_model_factory: TinyModelFactory
 ) -> None:

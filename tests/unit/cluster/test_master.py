@@ -10,14 +10,15 @@ import pytest
 
 from cake_py.cluster.master import _adopt_worker_names, _warn_of_takeovers, micro_batch_tokens
 from cake_py.cluster.pipeline import MICRO_BATCH_TOKENS
-from cake_py.config import parse_workers_flag
+from cake_py.config import WorkerNames, parse_workers_flag
 
 
-def _handshakes(*names: str) -> tuple[list[Any], list[Any]]:
-    """Connections as --workers gives them (worker-1, worker-2, … unnamed) and replies reporting `names`."""
-    specs = parse_workers_flag(",".join(f"127.0.0.1:{10128 + i}" for i in range(len(names))))
-    connections = [SimpleNamespace(spec=spec) for spec in specs]
-    replies = [SimpleNamespace(host=SimpleNamespace(worker_name=name)) for name in names]
+def _handshakes(*reported: str) -> tuple[list[Any], list[Any]]:
+    """Connections as --workers gives them (worker-1, worker-2, … unnamed) and replies reporting `reported`."""
+    specs = parse_workers_flag(",".join(f"127.0.0.1:{10128 + i}" for i in range(len(reported))))
+    names = WorkerNames()
+    connections = [SimpleNamespace(spec=spec, configured=spec, names=names) for spec in specs]
+    replies = [SimpleNamespace(host=SimpleNamespace(worker_name=name)) for name in reported]
     return connections, replies
 
 
