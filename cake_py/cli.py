@@ -141,6 +141,7 @@ def _worker_settings(args: argparse.Namespace) -> WorkerSettings:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         kv_idle_seconds=max(args.kv_idle_seconds, 1),
+        assign_idle_seconds=args.assign_idle_seconds,
         data_port=args.data_port,
         cpus=cpus,
         cuda_graphs=args.cuda_graphs,

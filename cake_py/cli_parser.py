@@ -276,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="free a sequence's KV caches after this many seconds idle",
     )
     worker.add_argument(
+        "--assign-idle-seconds",
+        type=at_least_one,
+        default=60,
+        help="give up a master's layer assignment whose weight stream sends nothing this long (a master frozen or "
+        "gone mid-stream), so that other masters can assign this worker",
+    )
+    worker.add_argument(
         "--log-level",
         default="info",
         type=str.lower,

@@ -139,6 +139,7 @@ class ServeSettings:
 @dataclass
 class WorkerSettings:
     kv_idle_seconds: float = 600.0  # KV caches of a sequence no master touched for this long are freed
+    assign_idle_seconds: float = 60.0  # an Assign stream that sends nothing this long is given up (a frozen master)
     data_port: int = 0  # forward fast path: 0 = a free port (announced in the handshake), -1 = off
     host: str = "0.0.0.0"
     port: int = DEFAULT_WORKER_PORT

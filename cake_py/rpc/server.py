@@ -150,6 +150,7 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
         began = time.perf_counter()
         writers: dict[str, TensorWriter] = {}
         pinned: list[str] = []
+        request_iterator = stream = IdleLimitedStream(request_iterator, context, self.settings.assign_idle_seconds)
         try:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("payload") != "header":
@@ -239,6 +240,7 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
             self._assignment_failed(writers, reason)
             raise
         finally:
+            stream.close()
             self.cache.release(pinned)  # what Prepare kept from eviction for it may go again
 
     def _assignment_failed(self, writers: dict[str, TensorWriter], reason: str) -> None:
@@ -292,6 +294,70 @@ class WorkerServicer(Forwarding, pb_grpc.WorkerServicer):
             forward_idle_seconds=self.activity.idle_seconds(),
             assignment=self.assignment,
         )
+
+
+class IdleLimitedStream:
+    """A master's Assign stream, given up (ClusterError) once the next message has not come for `seconds`.
+
+    gRPC's request iterator waits with no timeout, and the master's call runs for up to an hour: a master frozen
+    mid-stream (SIGSTOP, a host that hangs) held the worker's one Assign all that time, every other master refused
+    meanwhile. A watcher cancels the call instead, which ends the wait; a message that comes after it gave up is
+    not taken."""
+
+    def __init__(self, messages: Iterator[pb.AssignChunk], context: grpc.ServicerContext, seconds: float) -> None:
+        self.messages = messages
+        self.context = context
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.waiting_since: float | None = None  # while the reader waits for the next message
+        self.gave_up = False
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, name="cake-assign-idle", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(min(self.seconds / 4, 1.0)):
+            with self.lock:
+                since = self.waiting_since
+                if since is None or time.monotonic() - since < self.seconds:
+                    continue
+                self.gave_up = True
+            self.context.cancel()
+            return
+
+    def __iter__(self) -> IdleLimitedStream:
+        return self
+
+    def __next__(self) -> pb.AssignChunk:
+        with self.lock:
+            self.waiting_since = time.monotonic()
+        try:
+            message = next(self.messages)
+        except StopIteration:
+            # A cancelled call may end its iterator as if the master had sent everything: it did not.
+            if self.gave_up:
+                raise self._given_up() from None
+            if not self.context.is_active():
+                raise ClusterError("the master cancelled the stream or its connection broke") from None
+            raise
+        except grpc.RpcError:
+            if self.gave_up:  # the cancel's own error says nothing: say why
+                raise self._given_up() from None
+            raise
+        finally:
+            with self.lock:
+                self.waiting_since = None
+        if self.gave_up:
+            raise self._given_up()
+        return message
+
+    def _given_up(self) -> ClusterError:
+        return ClusterError(
+            f"the master sent nothing for {self.seconds:.0f} s (frozen, or its host or network gone?): "
+            "given up so that other masters can assign this worker"
+        )
+
+    def close(self) -> None:
+        self.done.set()
 
 
 def _check_buildable(

@@ -31,6 +31,10 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
+    # The worker pings its masters too: a master whose host vanished (powered off, its link cut: no reset ever
+    # comes) is noticed within a minute and its streams end, an Assign's lock with them (gRPC's default: 2 hours).
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
     # gRPC turns SO_REUSEPORT on by default: a second worker on a busy port would then start "fine" and the kernel
     # would split masters' connections between the two. A busy port must be an error.

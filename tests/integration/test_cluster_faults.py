@@ -37,6 +37,7 @@ from cake_py.rpc import connection as connection_module
 from cake_py.rpc.client import RemoteStage
 from cake_py.rpc.connection import Assignment, WorkerConnection
 from cake_py.rpc.dataplane import DataPlaneServer
+from cake_py.rpc.pb import worker_pb2 as pb
 from tests.conftest import TinyModelFactory
 from tests.fixtures.cluster import LocalCluster, collect, free_port, generate_tokens, greedy, token_ids, wait_until
 from tests.fixtures.server import running_server, slow_steps, tiny_settings
@@ -814,3 +815,42 @@ def test_a_worker_that_hangs_while_it_gets_its_layers_is_given_up_in_seconds(
     finally:
         worker.resume()
         connection.close()
+
+
+def test_a_master_frozen_while_it_streams_weights_leaves_the_worker_free_for_another(
+    cluster: LocalCluster, llama: ModelSource
+) -> None:
+    """A master paused (SIGSTOP) while it streamed a worker its weights held the worker's Assign until the call's
+    hour ran out: every other master was refused at once, "loading layers for another assignment", still 8.5 minutes
+    later. The worker gives up a stream that sends nothing for --assign-idle-seconds (60 s in a server)."""
+    worker = cluster.worker("--assign-idle-seconds", "1", name="shared")
+    worker.start()
+    assignment = Assignment(llama.model_id, json.dumps(llama.weights.config), llama.weights, 0, 3, torch.float32)
+    frozen, other = WorkerConnection(worker.spec(), None, None), WorkerConnection(worker.spec(), None, None)
+    thawed = threading.Event()
+
+    def header_then_nothing() -> Iterator[pb.AssignChunk]:  # what the worker reads from a master frozen mid-stream
+        yield pb.AssignChunk(
+            header=pb.AssignHeader(
+                model_id=assignment.model_id,
+                config_json=assignment.config_json,
+                layers=pb.LayerRange(start=assignment.start, end=assignment.end),
+                compute_dtype=pb.DTYPE_FLOAT32,
+                tensors=frozen.manifest(assignment),
+            )
+        )
+        thawed.wait(60)
+
+    try:
+        frozen.handshake()
+        call = frozen._open().Assign.future(header_then_nothing(), timeout=3600)
+        wait_until(
+            lambda: "assignment failed: the master sent nothing for 1 s" in worker.stderr, 30, "the stream given up"
+        )
+        assert call.exception(timeout=30) is not None  # ended on the worker's side too
+        other.handshake()
+        assert other.assign(assignment).layers.end == 3  # not "loading layers for another assignment"
+    finally:
+        thawed.set()
+        frozen.close()
+        other.close()

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +29,7 @@ from cake_py.rpc.connection import Assignment, WorkerConnection
 from cake_py.rpc.dataplane_client import PeerLinks
 from cake_py.rpc.forward import ForwardActivity
 from cake_py.rpc.pb import worker_pb2 as pb
+from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
 from cake_py.rpc.server import WorkerServicer
 from cake_py.rpc.weight_cache import LOCK_FILE, TensorWriter
 
@@ -160,6 +162,9 @@ class Context:
 
     def abort(self, code: object, details: str) -> None:
         raise RuntimeError(f"aborted: {details}")
+
+    def is_active(self) -> bool:
+        return True
 
 
 def assign_messages(source: ModelSource, start: int, end: int) -> list[pb.AssignChunk]:
@@ -529,3 +534,39 @@ def test_an_assignment_the_master_cut_off_says_so(fresh_worker: WorkerServicer, 
         fresh_worker.Assign(cancelled(), Context())  # type: ignore[arg-type]
     assert fresh_worker.status == pb.WORKER_STATUS_FAILED
     assert fresh_worker.error == "the master cancelled the stream or its connection broke"
+
+
+def test_an_assign_stream_that_sends_nothing_is_given_up_and_frees_the_worker(tmp_path: Path, tiny_llama: Path) -> None:
+    """A master frozen mid-stream (SIGSTOP) held the worker's one Assign for as long as the call's hour: every other
+    master was refused meanwhile, "loading layers for another assignment". Over real gRPC: the wait it must end is
+    gRPC's own."""
+    settings = WorkerSettings(name="w1", cache_dir=tmp_path / "cache", assign_idle_seconds=1)
+    worker = WorkerServicer(settings, "cpu", 1.0)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_WorkerServicer_to_server(worker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    messages = assign_messages(resolve_model(str(tiny_llama)), 0, 2)
+    thawed = threading.Event()
+
+    def header_then_nothing() -> Iterator[pb.AssignChunk]:
+        yield messages[0]
+        thawed.wait(60)
+
+    try:
+        stub = pb_grpc.WorkerStub(channel)
+        frozen = stub.Assign.future(header_then_nothing())
+        with pytest.raises(grpc.RpcError):  # given up: not a FutureTimeoutError
+            frozen.result(timeout=30)
+        deadline = time.monotonic() + 30  # the call ends as the worker cancels it; its handler goes on a moment
+        while worker._assigning.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.status == pb.WORKER_STATUS_FAILED
+        assert worker.error.startswith("the master sent nothing for 1 s"), worker.error
+        assert stub.Assign(iter(messages), timeout=30).layers.end == 2  # the next master is not refused
+        assert worker.status == pb.WORKER_STATUS_READY
+    finally:
+        thawed.set()
+        channel.close()
+        server.stop(None)
