@@ -38,7 +38,7 @@ from cake_py.config_checks import (
     read_prompt,
     run_arguments,
 )
-from cake_py.errors import CakeError, ConfigError, Stopped
+from cake_py.errors import CakeError, ConfigError, Stopped, StoppedStarting
 
 
 def _serve_settings(args: argparse.Namespace) -> ServeSettings:
@@ -255,12 +255,19 @@ def _exit_now(code: int) -> int:
     return code
 
 
-def _interrupt_on_sigint() -> None:
-    """Ctrl-C ends a server's startup as it ends its serving. Python raises KeyboardInterrupt only where SIGINT was not
-    ignored at launch, and a non-interactive shell starts background jobs (`( cake serve … & )`) with it ignored: a
-    startup (a download, the workers' handshakes) went on through Ctrl-C, though the serving after it stops on one."""
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM end a server's startup as they end its serving. Python raises KeyboardInterrupt only where
+    SIGINT was not ignored at launch, and a non-interactive shell starts background jobs (`( cake serve … & )`) with
+    it ignored: a startup (a download, the workers' handshakes) went on through Ctrl-C, though the serving after it
+    stops on one. SIGTERM's default killed the process without a word (exit 143), where a stop while serving says so
+    and exits 0: `docker stop` during a long placement is such a stop. The server's own handlers replace these."""
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _stop_starting)
+
+
+def _stop_starting(signum: int, _frame: object) -> None:
+    raise StoppedStarting(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,12 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.raiseExceptions = False
     try:
         if args.command in ("serve", "worker"):
-            _interrupt_on_sigint()
+            _stop_on_signals()
         return _dispatch(args)
     except CakeError as error:
         print(f"cake: error: {error}", file=sys.stderr)
         return 1
-    except Stopped as stopped:  # serve or worker, stopped cleanly on a signal
+    except (Stopped, StoppedStarting) as stopped:  # serve or worker, stopped on a signal, serving or starting
         print(f"cake {args.command}: stopped ({stopped})", file=sys.stderr)
         return _exit_now(STOPPED_EXIT_CODES[stopped.signum])
     except KeyboardInterrupt as interrupt:  # Ctrl-C: one line (what it stopped, when that says), no traceback

@@ -74,3 +74,13 @@ class Stopped(Exception):  # noqa: N818 - not an error: how a server's run ends
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+class StoppedStarting(BaseException):  # noqa: N818 - not an error: how a startup ends on SIGTERM
+    """SIGTERM while `cake serve` or `cake worker` starts (a download, a handshake, a weight stream), raised where the
+    main thread is, as KeyboardInterrupt is for SIGINT. A BaseException like it, so that no `except Exception` of
+    the startup takes it for a failure; the CLI says it stopped and exits as a stop while serving does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

@@ -1,6 +1,7 @@
 """Real `cake worker` and `cake serve` processes stopped by a signal: both stop cleanly, say so in one line on
 stderr, and exit the same way, 130 on SIGINT (Ctrl-C) and 0 on SIGTERM (a stop asked for, done); a SIGINT while
-they start ends them as Ctrl-C does, even where they were started with SIGINT ignored."""
+they start ends them as Ctrl-C does, even where they were started with SIGINT ignored, and a SIGTERM then stops them
+as it does while they serve."""
 
 from __future__ import annotations
 
@@ -83,6 +84,54 @@ def _catches_sigint(pid: int) -> bool:
     with open(f"/proc/{pid}/status") as status:
         caught = next(line for line in status if line.startswith("SigCgt:"))
     return bool(int(caught.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def _assert_stopped_starting(cake: subprocess.Popen[str], command: str) -> str:
+    """SIGTERM now: the process ends at once, saying it stopped, and exits 0 as a stop while serving does; its
+    stdout."""
+    cake.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    out, err = cake.communicate(timeout=30)
+    assert time.monotonic() - stopped < 5, err
+    assert cake.returncode == 0 and "Traceback" not in err, (cake.returncode, err)
+    assert err.splitlines()[-1] == f"cake {command}: stopped (SIGTERM)", err
+    return out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the handlers from /proc")
+def test_a_worker_stops_on_sigterm_while_it_starts_as_it_does_serving() -> None:
+    """SIGTERM before the worker listened killed it by the signal's default: exit 143, not a word on stderr."""
+    cake = _start_ignoring_sigint("worker", "--host", "127.0.0.1", "--port", "0", "--threads", "1")
+    try:
+        deadline = time.monotonic() + 30
+        while not _catches_sigint(cake.pid):  # the CLI's startup handlers are in place: before torch is imported
+            assert cake.poll() is None and time.monotonic() < deadline, "the worker never handled SIGINT"
+            time.sleep(0.01)
+        assert "listening on" not in _assert_stopped_starting(cake, "worker")
+    finally:
+        if cake.poll() is None:
+            cake.kill()
+            cake.communicate()
+
+
+def test_serve_stops_on_sigterm_while_it_handshakes_as_it_does_serving(tiny_llama: Path) -> None:
+    """`docker stop` during a long startup: SIGTERM while the master handshook with its workers exited 143 with
+    nothing on stderr, where Ctrl-C there said `cake: interrupted` and a SIGTERM while serving exits 0."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the handshake waits its deadline
+    port = silent.getsockname()[1]
+    args = ["serve", str(tiny_llama), "--workers", f"127.0.0.1:{port}", "--connect-timeout", "60", "--port", "0"]
+    cake = _start_ignoring_sigint(*args, "--threads", "1")
+    connected: socket.socket | None = None
+    try:
+        connected = first_connection(silent, cake)  # the master is handshaking now
+        _assert_stopped_starting(cake, "serve")
+    finally:
+        if cake.poll() is None:
+            cake.kill()
+            cake.communicate()
+        if connected is not None:
+            connected.close()
+        silent.close()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads the handlers from /proc")
