@@ -244,8 +244,9 @@ STOPPED_EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 0}
 
 
 def _exit_now(code: int) -> int:
-    """`code`, as main's result; with other threads still running (a download's pool, a server's handlers), exit
-    at once instead: even daemon threads are joined at exit, a download's file by file."""
+    """`code`, as main's result; with other threads still running (a download's pool, a server's handlers, a weight
+    stream), exit at once instead: even daemon threads are joined at exit, a download's file by file, and one still
+    in torch or gRPC's native code when the interpreter exits aborts the process."""
     if any(thread is not threading.main_thread() and thread.is_alive() for thread in threading.enumerate()):
         with contextlib.suppress(OSError):
             sys.stdout.flush()
@@ -288,7 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except CakeError as error:
         print(f"cake: error: {error}", file=sys.stderr)
-        return 1
+        # A startup that failed may leave threads in torch or gRPC (another worker's weight stream, loaded a layer at
+        # a time on gRPC's thread): the interpreter's exit ran C++ destructors under them, and the process aborted
+        # after this line ("terminate called without an active exception", SIGABRT).
+        return _exit_now(1)
     except (Stopped, StoppedStarting) as stopped:  # serve or worker, stopped on a signal, serving or starting
         print(f"cake {args.command}: stopped ({stopped})", file=sys.stderr)
         return _exit_now(STOPPED_EXIT_CODES[stopped.signum])

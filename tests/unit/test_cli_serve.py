@@ -79,3 +79,35 @@ def test_serve_with_stdout_closed_serves_and_run_writes_what_the_terminal_cannot
     environment = {**os.environ, "PYTHONIOENCODING": "ascii"}
     ascii_only = cake("run", str(tiny_llama), "Ünïcödé ☕", "--max-tokens", "24", "--raw", env=environment)
     assert ascii_only.returncode == 0 and "Traceback" not in ascii_only.stderr, ascii_only.stderr
+
+
+# What a failed startup leaves running: another worker's weight stream, which gRPC's thread loads a layer at a time
+# (torch), kept busy here so that the exit meets it every time.
+_BUSY_THEN_SERVE = """
+import sys, threading, time
+import torch
+from cake_py.cli import main
+
+def busy() -> None:
+    torch.set_num_threads(1)
+    layer = torch.randn(1024, 1024)
+    while True:
+        layer = (layer @ layer).clamp_(-1, 1)
+
+threading.Thread(target=busy, daemon=True).start()
+time.sleep(0.5)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_startup_error_while_a_thread_is_in_torch_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A startup that failed while another worker's Assign was still streaming printed its error, then aborted:
+    `terminate called without an active exception`, rc 134 (1 run in 9 with real workers). The interpreter's exit
+    ran C++ destructors under the thread still in torch."""
+    missing = str(tmp_path / "missing.gguf")
+    args = ["serve", missing, "--port", "0", "--threads", "1", "--files-dir", str(tmp_path / "files")]
+    result = subprocess.run(
+        [sys.executable, "-c", _BUSY_THEN_SERVE, *args], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1, result.stderr
+    assert_one_line_error(result, "missing.gguf")
