@@ -19,9 +19,18 @@ from cake_py.api.errors import ApiError
 from cake_py.api.llama_sampler_fields import openai_llama_sampling
 from cake_py.api.middleware import request_key_name
 from cake_py.api.openai import finish_reason, reject_unsupported, seeded, stream_error, usage_chunk
-from cake_py.api.schemas import choice_count, cut_prompt, flag, openai_sampling, prompt_cut, stream_usage
+from cake_py.api.schemas import (
+    MAX_CHOICES,
+    choice_count,
+    cut_prompt,
+    flag,
+    number,
+    openai_sampling,
+    prompt_cut,
+    stream_usage,
+)
 from cake_py.api.state import generation_request
-from cake_py.api.streaming import GenerationResponse, collect_all, event_error, merged, open_streams, sse, usage
+from cake_py.api.streaming import GenerationResponse, Result, collect_all, event_error, merged, open_streams, sse, usage
 from cake_py.api.structured import structured_grammar
 from cake_py.api.token_lists import only_ids, outside_vocabulary
 from cake_py.models.fill_in_middle import fim_prompt, fim_stops, fim_tokens
@@ -37,9 +46,34 @@ def _reject_unsupported_completion(body: dict[str, Any]) -> None:
     for field in ("tools", "tool_choice", "functions", "function_call"):
         if body.get(field) is not None:
             raise ApiError(400, f"{field} is a chat field: send it to /v1/chat/completions")
-    best_of = body.get("best_of")
-    if best_of is not None and (best_of != 1 or isinstance(best_of, bool)):
-        raise ApiError(400, f"best_of ({best_of!r}) is not supported by this server; leave it out or send 1"[:300])
+
+
+def best_of_count(body: dict[str, Any], n: int, stream: bool) -> int:
+    """OpenAI's `best_of`: how many completions of each prompt are generated, of which the `n` with the highest
+    log probability per token are returned (default n). Not streamed, as OpenAI's: the best is known at the end."""
+    if body.get("best_of") is None:
+        return n
+    best_of = number(body, "best_of", n, integer=True)
+    if not n <= best_of <= MAX_CHOICES:
+        raise ApiError(400, f"best_of must be between n ({n}) and {MAX_CHOICES}, got {best_of}")
+    if stream and best_of > n:
+        raise ApiError(400, f"best_of ({best_of}) above n ({n}) cannot be streamed: the best are known at the end")
+    return int(best_of)
+
+
+def best_choices(results: list[Result], per_prompt: int, n: int) -> list[Result]:
+    """Of each prompt's `per_prompt` results in a row, the `n` whose tokens have the highest mean logprob (the first
+    drawn first among equals), best first: OpenAI's best_of."""
+
+    def score(result: Result) -> float:
+        logprobs = [t.logprob for t in result.tokens if t.logprob is not None]
+        return sum(logprobs) / len(logprobs) if logprobs else 0.0
+
+    chosen = []
+    for start in range(0, len(results), per_prompt):
+        candidates = results[start : start + per_prompt]
+        chosen += sorted(candidates, key=score, reverse=True)[:n]
+    return chosen
 
 
 def _fill_in_middle(body: dict[str, Any], tokenizer: Tokenizer, model: str, echo: bool) -> str | None:
@@ -124,6 +158,10 @@ async def completions(request: Request) -> Response:
     n = choice_count(body)
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)
+    best_of = best_of_count(body, n, stream)
+    wants_logprobs = params.logprobs
+    if best_of > n:  # ranked by the logprob of each token drawn: computed, and left out of the answer unless asked
+        params = replace(params, logprobs=True)
 
     keep = prompt_cut(body, engine.context_length)
     if keep is not None and fim is not None:  # a cut from the left would take the FIM markers with the prefix
@@ -163,10 +201,10 @@ async def completions(request: Request) -> Response:
     streams = open_streams(
         state,
         engine,
-        [ids for ids in prompt_ids for _ in range(n)],
-        [seeded(clipped, i) for clipped in per_prompt for i in range(n)],
+        [ids for ids in prompt_ids for _ in range(best_of)],
+        [seeded(clipped, i) for clipped in per_prompt for i in range(best_of)],
         request_key_name(request),
-        n,
+        best_of,
     )
     n_prompt_tokens = sum(len(ids) for ids in prompt_ids)  # counted once per prompt, like OpenAI
 
@@ -176,7 +214,7 @@ async def completions(request: Request) -> Response:
         """OpenAI's legacy logprobs of `tokens`, their text starting at `offset` and ending by `limit` (text_offsets),
         and the offset after them. With `prompt` (its first token id and the scored rest), the prompt's tokens come
         first, from offset 0; the first has no logprob (null)."""
-        if not params.logprobs:
+        if not wants_logprobs:
             return None, offset
         entries: list[SampledToken | None] = list(tokens)
         ids = [t.token_id for t in tokens]
@@ -246,10 +284,11 @@ async def completions(request: Request) -> Response:
 
         return GenerationResponse(stream_chunks(), streams, "text/event-stream")
     results = await collect_all(request, streams)
+    returned = results if best_of == n else best_choices(results, best_of, n)
 
     def built() -> list[dict[str, Any]]:
         choices = []
-        for index, result in enumerate(results):
+        for index, result in enumerate(returned):
             prefix = echo[index // n]
             last = result.last
             text = prefix + result.text

@@ -246,7 +246,13 @@ SCHEMAS: dict[str, Any] = {
             "prompt": {"oneOf": [STR, {"type": "array", "items": STR}, {"type": "array", "items": INT}]},
             "echo": {**BOOL, "description": "with logprobs, the prompt's tokens are scored too (max_tokens may be 0)"},
             "suffix": {**STR, "description": "fill in the middle (a model with FIM tokens; else a 400)"},
-            "best_of": {"const": 1, "description": "any other value is a 400"},
+            "best_of": {
+                **INT,
+                "minimum": 1,
+                "maximum": 8,
+                "description": "samples drawn per prompt, of which the n with the highest mean logprob are returned "
+                "(default n; not streamed unless equal to n)",
+            },
             "logprobs": {**INT, "maximum": 20},
         },
         ("prompt",),

@@ -476,18 +476,43 @@ def test_completions_echo_the_prompt_as_sent(server: ServerHandle) -> None:
     [
         ({"suffix": "!"}, 400),
         ({"suffix": ""}, 400),
-        ({"best_of": 2}, 400),
+        ({"best_of": 0}, 400),
+        ({"best_of": 2, "n": 3}, 400),
+        ({"best_of": 9}, 400),
+        ({"best_of": 1.5}, 400),
+        ({"best_of": 3, "stream": True}, 400),
+        ({"best_of": 2, "n": 2, "stream": True}, 200),
         ({"best_of": 1}, 200),
         ({"suffix": None}, 200),
     ],
 )
-def test_a_suffix_without_fill_in_the_middle_tokens_and_best_of_are_refused(
+def test_a_suffix_without_fill_in_the_middle_tokens_and_a_bad_best_of_are_refused(
     server: ServerHandle, extra: dict[str, object], status: int
 ) -> None:
     response = _post(server, "/v1/completions", {"prompt": "cake", "max_tokens": 2, **extra})
     assert response.status_code == status, response.text
     if status == 400:
         assert next(iter(extra)) in response.json()["error"]
+
+
+def test_best_of_returns_the_choices_with_the_highest_logprob_per_token(server: ServerHandle) -> None:
+    """best_of was a 400. Now the n of best_of samples with the highest mean logprob: the same seeded samples, drawn
+    as n=4 choices with their logprobs, say which two those are."""
+    body = {"prompt": "The cake", "max_tokens": 6, "temperature": 1.5, "seed": 11, "ignore_eos": True}
+    drawn = _post(server, "/v1/completions", {**body, "n": 4, "logprobs": 0}).json()["choices"]
+    means = [sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"]) for c in drawn]
+    ranked = [drawn[i]["text"] for i in sorted(range(4), key=lambda i: -means[i])]
+    assert ranked[:2] != [c["text"] for c in drawn[:2]], "the best two should not be the first two drawn here"
+    best = _post(server, "/v1/completions", {**body, "n": 2, "best_of": 4}).json()
+    assert [c["text"] for c in best["choices"]] == ranked[:2]
+    assert [c["index"] for c in best["choices"]] == [0, 1]
+    assert all(c["logprobs"] is None for c in best["choices"])  # computed to rank them, not asked for
+    assert best["usage"]["completion_tokens"] == 4 * 6  # every sample drawn counts, as OpenAI bills best_of
+    with_logprobs = _post(server, "/v1/completions", {**body, "best_of": 4, "logprobs": 1}).json()["choices"]
+    assert [c["text"] for c in with_logprobs] == ranked[:1]
+    assert len(with_logprobs[0]["logprobs"]["top_logprobs"][0]) == 1
+    two_prompts = {**body, "prompt": ["The cake", "The cake"], "best_of": 4}
+    assert [c["text"] for c in _post(server, "/v1/completions", two_prompts).json()["choices"]] == ranked[:1] * 2
 
 
 @pytest.mark.parametrize(
