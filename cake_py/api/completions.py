@@ -159,6 +159,12 @@ async def completions(request: Request) -> Response:
     stream = flag(body, "stream", False)
     include_usage = stream_usage(body, stream)
     best_of = best_of_count(body, n, stream)
+    if len(prompts) * best_of > MAX_CHOICES:  # one request draws no more sequences than one prompt's n may
+        raise ApiError(
+            400,
+            f"{len(prompts)} prompts x {best_of} samples each ({'best_of' if best_of > n else 'n'}) are "
+            f"{len(prompts) * best_of} completions; a request draws at most {MAX_CHOICES}",
+        )
     wants_logprobs = params.logprobs
     if best_of > n:  # ranked by the logprob of each token drawn: computed, and left out of the answer unless asked
         params = replace(params, logprobs=True)

@@ -100,7 +100,7 @@ OPENAI_SAMPLING = {
     },
     "stop": STOP,
     "seed": INT,
-    "n": {**INT, "minimum": 1, "maximum": 8},
+    "n": {**INT, "minimum": 1, "maximum": 128},
     "stream": BOOL,
     "stream_options": {
         **obj({"include_usage": BOOL}),
@@ -249,7 +249,7 @@ SCHEMAS: dict[str, Any] = {
             "best_of": {
                 **INT,
                 "minimum": 1,
-                "maximum": 8,
+                "maximum": 128,
                 "description": "samples drawn per prompt, of which the n with the highest mean logprob are returned "
                 "(default n; not streamed unless equal to n)",
             },

@@ -13,7 +13,7 @@ from cake_py.errors import RequestError
 from cake_py.models.sampling import SamplingParams
 from cake_py.models.tokenizer import Tokenizer
 
-MAX_CHOICES = 8
+MAX_CHOICES = 128  # OpenAI's bound on n; on completions, prompts × samples per prompt are bounded by it too
 MAX_TOKEN_IDS = 64  # stop_token_ids per request
 
 

@@ -478,7 +478,10 @@ def test_completions_echo_the_prompt_as_sent(server: ServerHandle) -> None:
         ({"suffix": ""}, 400),
         ({"best_of": 0}, 400),
         ({"best_of": 2, "n": 3}, 400),
-        ({"best_of": 9}, 400),
+        ({"best_of": 129}, 400),
+        ({"n": 129}, 400),
+        ({"prompt": ["cake"] * 16, "n": 9}, 400),
+        ({"prompt": ["cake"] * 2, "best_of": 65}, 400),
         ({"best_of": 1.5}, 400),
         ({"best_of": 3, "stream": True}, 400),
         ({"best_of": 2, "n": 2, "stream": True}, 200),
@@ -492,7 +495,15 @@ def test_a_suffix_without_fill_in_the_middle_tokens_and_a_bad_best_of_are_refuse
     response = _post(server, "/v1/completions", {"prompt": "cake", "max_tokens": 2, **extra})
     assert response.status_code == status, response.text
     if status == 400:
-        assert next(iter(extra)) in response.json()["error"]
+        error = response.json()["error"]
+        assert next(iter(extra)) in error or ("prompts x" in error and "at most 128" in error), error
+
+
+def test_n_goes_to_openais_128(client: OpenAI) -> None:
+    """n was capped at 8 where OpenAI takes up to 128 (pass@k evaluations draw 20-100 samples)."""
+    chat = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, n=20, seed=1)
+    assert sorted(choice.index for choice in chat.choices) == list(range(20))
+    assert chat.usage is not None and 20 <= chat.usage.completion_tokens <= 40  # 1-2 tokens each
 
 
 def test_best_of_returns_the_choices_with_the_highest_logprob_per_token(server: ServerHandle) -> None:
