@@ -75,20 +75,36 @@ class Assignment:
     end: int
     dtype: torch.dtype
 
-    def names_by_layer(self) -> Iterator[list[str]]:
+    def names_by_layer(self) -> Iterator[tuple[int, list[str]]]:
+        """Each layer of the range, in order, with the names of its tensors in the source."""
         by_layer: dict[int, list[str]] = {}
         for name in self.source.names():
             match = LAYER_PATTERN.match(name)
             if match and self.start <= int(match.group(1)) < self.end:
                 by_layer.setdefault(int(match.group(1)), []).append(name)
         for layer in sorted(by_layer):
-            yield by_layer[layer]
+            yield layer, by_layer[layer]
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The range's tensors in the compute dtype, one layer in memory at a time."""
-        for names in self.names_by_layer():
+    def tensors(self, layers: set[int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The range's tensors in the compute dtype, one layer in memory at a time (only those of `layers`: all for
+        None)."""
+        for layer, names in self.names_by_layer():
+            if layers is not None and layer not in layers:
+                continue
             loaded = load_stage_tensors(self.source, names, self.dtype)
             yield from loaded.items()
+
+
+def _layers_of(digests: set[str], specs: list[pb.TensorSpec]) -> set[int] | None:
+    """The layers holding a tensor of `digests`; None (every layer) where one is outside the layers."""
+    layers = set()
+    for spec in specs:
+        if spec.sha256 in digests:
+            match = LAYER_PATTERN.match(spec.name)
+            if match is None:
+                return None
+            layers.add(int(match.group(1)))
+    return layers
 
 
 class WorkerConnection:
@@ -372,7 +388,10 @@ class WorkerConnection:
                 if not missing:
                     return
                 streamed, report_at = 0, time.monotonic() + PROGRESS_EVERY_S
-                for name, tensor in assignment.tensors():
+                # Layers whose tensors the worker has are not loaded again: loading them sent nothing for as long,
+                # and a worker gives up an Assign that sends nothing for --assign-idle-seconds (a failover growing a
+                # worker's range by a few layers of a large model would load its many cached ones first).
+                for name, tensor in assignment.tensors(_layers_of(missing, specs)):
                     digest = digests[name]
                     if digest not in missing or digest in sent:
                         continue

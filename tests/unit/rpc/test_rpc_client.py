@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,6 +16,7 @@ import torch
 
 from cake_py.config import WorkerSpec
 from cake_py.errors import ClusterError, WorkerSilentError
+from cake_py.models.hub import resolve_model
 from cake_py.models.kv_cache import SequenceSlice
 from cake_py.rpc.client import RemoteStage
 from cake_py.rpc.connection import VERIFY_BYTES_PER_S, Assignment, WorkerConnection
@@ -364,3 +366,50 @@ def test_a_first_handshake_that_fails_says_what_happened(
     assert said in message, message
     if "TLS" not in said:
         assert "TLS" not in message, message
+
+
+class _Answered:
+    def __init__(self, reply: Any) -> None:
+        self.reply = reply
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.reply
+
+
+def test_layers_the_worker_has_cached_are_not_loaded_again_for_its_assign(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama: Path
+) -> None:
+    """Every layer was loaded again to skip the cached ones' tensors: a stream that sent nothing meanwhile, which a
+    worker gives up after --assign-idle-seconds (a failover growing a range of a large model by a few layers)."""
+    source = resolve_model(str(tiny_llama))
+    assignment = Assignment(source.model_id, "{}", source.weights, 0, 3, torch.float32)
+    connection = WorkerConnection(WorkerSpec("w1", "127.0.0.1:1"), None, None)
+    specs = connection.manifest(assignment)
+    missing = [spec.sha256 for spec in specs if spec.name.startswith("model.layers.1.")]
+    loaded: list[str] = []
+    load = source.weights.load
+
+    def counted(names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        loaded.extend(names)
+        return load(names, dtype)
+
+    monkeypatch.setattr(source.weights, "load", counted)
+    sent: list[pb.AssignChunk] = []
+
+    class Stub:
+        class Prepare:
+            @staticmethod
+            def future(request: Any, timeout: float, metadata: Any) -> _Answered:
+                return _Answered(pb.PrepareReply(missing_sha256=missing))
+
+        class Assign:
+            @staticmethod
+            def future(chunks: Iterator[pb.AssignChunk], timeout: float, metadata: Any) -> _Answered:
+                sent.extend(chunks)
+                return _Answered(pb.AssignReply(assignment=7))
+
+    monkeypatch.setattr(connection, "_open", lambda: Stub)
+    assert connection.assign(assignment).assignment == 7
+    assert loaded and {name.split(".")[2] for name in loaded} == {"1"}  # layers 0 and 2 are in the worker's cache
+    streamed = {chunk.chunk.name for chunk in sent if chunk.WhichOneof("payload") == "chunk"}
+    assert streamed == {spec.name for spec in specs if spec.sha256 in missing}
