@@ -4,7 +4,9 @@ switch guard that keeps requests off an engine that is being replaced."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +115,27 @@ class RetiredTotals:
         return RetiredTotals(**values)
 
 
+PROBES_REUSED_S = 2.0  # how long one probe of the workers (no model served) answers every poll that asks
+
+
+class RecentProbes:
+    """The workers as last probed (no model served), reused for PROBES_REUSED_S: every dashboard tab polls the
+    topology each second, and a probe of a worker that does not answer takes its whole timeout. One probe runs at
+    a time; the polls that come meanwhile wait for it and take its answer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nodes: list[dict[str, Any]] | None = None
+        self._at = 0.0
+
+    def get(self, probe: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The last probe's nodes (copies: callers change them), or `probe()`'s if those are too old."""
+        with self._lock:
+            if self._nodes is None or time.monotonic() - self._at >= PROBES_REUSED_S:
+                self._nodes, self._at = probe(), time.monotonic()
+            return [dict(node) for node in self._nodes]
+
+
 @dataclass
 class ServerState:
     engine: Engine | None
@@ -141,6 +164,7 @@ class ServerState:
     # The assignment numbers this server's pipelines got from their workers, retired ones included: a worker still
     # holding one holds layers this master placed (their drop failed while it was paused), not another master's.
     placed: set[int] = field(default_factory=set)
+    worker_probes: RecentProbes = field(default_factory=RecentProbes)  # /api/v1/topology's and /system/info's
     routes: Routes | None = None  # the app's routes, to call from inside it: set by create_app
     # The engine serving now and what the engines before it counted, as one value: a scrape in another thread reads
     # both at once, so it never counts an engine twice (live and retired) or not at all.

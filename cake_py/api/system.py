@@ -75,7 +75,7 @@ def system_info_document(state: ServerState) -> dict[str, Any]:
     else:  # no model loaded: the workers still run, asked directly (with their host facts) rather than left out
         from cake_py.cluster.master import probe_workers
 
-        stages = probe_workers(state.settings, PROBE_TIMEOUT_S)
+        stages = state.worker_probes.get(lambda: probe_workers(state.settings, PROBE_TIMEOUT_S))
     return {
         "master": _master(state),
         "workers": [stage for stage in stages if not stage.get("local")],

@@ -72,7 +72,7 @@ def unserved_document(state: ServerState, switching: str | None) -> dict[str, An
         reason = state.restore_error or f"{NO_TEXT_MODEL}: load one with POST /models/load"
     master = host_facts(state.device, state.tflops)
     workers = []
-    for node in probe_workers(state.settings, PROBE_TIMEOUT_S):
+    for node in state.worker_probes.get(lambda: probe_workers(state.settings, PROBE_TIMEOUT_S)):
         held = node.pop("layers")  # [start, end) of a model this master does not serve: another's, or one let go
         if held is not None:
             node["held_layers"] = layer_names(*held)

@@ -338,22 +338,22 @@ def _ask_each(settings: ServeSettings, workers: list[WorkerSpec], ask: Callable[
 
 def probe_workers(settings: ServeSettings, timeout: float) -> list[dict[str, Any]]:
     """What each configured worker is now, asked by handshake, for when no pipeline holds them (no model loaded):
-    up and holding no layers ("idle"), holding layers (another master's, or ours not yet released), or down."""
+    up and holding no layers ("idle"), holding layers (another master's, or ours not yet released), or down. Each is
+    shown under the name the master shows it under (`ServeSettings.worker_names`), which a placement took from the
+    worker's --name where no other worker has it."""
 
     def probe(connection: WorkerConnection) -> dict[str, Any]:
         spec = connection.spec
         node: dict[str, Any] = {"local": False, "name": spec.name, "host": spec.address, "layers": None}
         try:
-            reply = connection.handshake(timeout)
+            reply = connection.handshake(timeout, diagnose=False)
         except ClusterError as error:
-            return {**node, "status": "down", "healthy": False, "error": str(error)}
+            return {**node, **DOWN_FACTS, "status": "down", "healthy": False, "error": str(error)}
         host = reply.host
         if reply.HasField("layers"):
             node.update(layers=[reply.layers.start, reply.layers.end], model_id=reply.model_id)
         return {
             **node,
-            # A --workers entry (unnamed) is shown under the --name the worker reports, as a placement shows it.
-            "name": host.worker_name if not spec.named and host.worker_name not in ("", "master") else spec.name,
             "status": "assigned" if reply.HasField("layers") else "idle",
             "healthy": True,
             "error": None,
@@ -362,6 +362,12 @@ def probe_workers(settings: ServeSettings, timeout: float) -> list[dict[str, Any
         }
 
     return _ask_each(settings, settings.workers, probe)
+
+
+# What a worker that does not answer cannot say of itself: unknown, but there (the topology's node fields).
+DOWN_FACTS: dict[str, Any] = {
+    key: None for key in ("description", "vram_bytes", "tflops", "backend", "device", "hostname", "os")
+}
 
 
 def model_bytes(source: ModelSource, dtype: torch.dtype, device: str) -> int:

@@ -134,6 +134,7 @@ class WorkerConnection:
         self.host: pb.HostInfo | None = None
         self.assignment = 0  # the number of our last Assign on this worker (0: none, or dropped by unassign)
         self._handshake_timeout = HANDSHAKE_TIMEOUT_S  # the last handshake's, for what its failure says
+        self._diagnose = True  # whether a failed first handshake looks at the port itself to say why (a knock)
         self._manifest: list[pb.TensorSpec] | None = None
 
     @property
@@ -198,7 +199,7 @@ class WorkerConnection:
             return ClusterError(f"{self.label} refused our cluster key: give master and worker the same --cluster-key")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             kind = WorkerSilentError if code == grpc.StatusCode.DEADLINE_EXCEEDED else ClusterError
-            if doing == "handshaking" and self.host is None:
+            if doing == "handshaking" and self.host is None and self._diagnose:
                 return kind(self._first_contact_error(details))
             return kind(f"{self.label} is unreachable ({doing}): {details}{self._first_contact_hint(doing)}")
         return ClusterError(f"{self.label} failed while {doing}: {details}")
@@ -282,9 +283,12 @@ class WorkerConnection:
         except (OSError, ValueError):
             return ""
 
-    def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> pb.HandshakeReply:
+    def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S, *, diagnose: bool = True) -> pb.HandshakeReply:
+        """The worker's facts and protocol version. A first one that fails says why, from a look of its own at the
+        port (up to KNOCK_TIMEOUT_S more) unless `diagnose` is off: a probe repeated every second (a dashboard's) has
+        no time for that."""
         stub = self._open()
-        self._handshake_timeout = timeout
+        self._handshake_timeout, self._diagnose = timeout, diagnose
         try:
             reply = stub.Handshake(
                 pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, master_name=self.master_name),

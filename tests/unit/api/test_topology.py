@@ -12,9 +12,10 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
+from cake_py.api import state as state_module
 from cake_py.api import topology as topology_module
 from cake_py.api.app import create_app
-from cake_py.api.state import ServerState
+from cake_py.api.state import PROBES_REUSED_S, RecentProbes, ServerState
 from cake_py.api.topology import topology_document
 from cake_py.config import WorkerSpec
 from cake_py.engine.engine import Engine
@@ -112,3 +113,24 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def test_polls_with_no_model_served_share_one_probe_of_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every poll (each dashboard tab asks every second) probed every worker, a silent one for its whole timeout:
+    the polls of PROBES_REUSED_S take one probe's answer, and later ones probe again."""
+    now = [100.0]
+    monkeypatch.setattr(state_module.time, "monotonic", lambda: now[0])
+    probes: list[int] = []
+
+    def probe() -> list[dict[str, object]]:
+        probes.append(1)
+        return [{"name": "w1", "status": "down"}]
+
+    recent = RecentProbes()
+    first = recent.get(probe)
+    first[0]["name"] = "changed by its caller"
+    now[0] += PROBES_REUSED_S - 0.1
+    assert recent.get(probe) == [{"name": "w1", "status": "down"}] and len(probes) == 1  # a copy each
+    now[0] += 0.1
+    recent.get(probe)
+    assert len(probes) == 2

@@ -8,9 +8,19 @@ from typing import Any
 
 import pytest
 
-from cake_py.cluster.master import _adopt_worker_names, _warn_of_takeovers, micro_batch_tokens
+from cake_py.cluster.master import (
+    DOWN_FACTS,
+    _adopt_worker_names,
+    _warn_of_takeovers,
+    micro_batch_tokens,
+    probe_workers,
+)
 from cake_py.cluster.pipeline import MICRO_BATCH_TOKENS
-from cake_py.config import WorkerNames, parse_workers_flag
+from cake_py.config import ServeSettings, WorkerNames, parse_workers_flag
+from cake_py.rpc import PROTOCOL_VERSION
+from cake_py.rpc.connection import WorkerConnection
+from cake_py.rpc.pb import worker_pb2 as pb
+from tests.fixtures.cluster import free_port
 
 
 def _handshakes(*reported: str) -> tuple[list[Any], list[Any]]:
@@ -144,3 +154,39 @@ def _host(name: str, device: str = "cpu", threads: int = 1, cpus: int = 2) -> An
 )
 def test_steps_are_cut_where_workers_compute_at_once(asked: int | None, hosts: list[Any], expected: int) -> None:
     assert micro_batch_tokens(asked, hosts) == expected
+
+
+def _probed(monkeypatch: pytest.MonkeyPatch, settings: ServeSettings, reported: str) -> list[dict[str, Any]]:
+    """probe_workers over `settings.workers`, each answering its handshake as a worker named `reported`."""
+
+    def handshake(self: WorkerConnection, timeout: float = 1.0, *, diagnose: bool = True) -> pb.HandshakeReply:
+        return pb.HandshakeReply(protocol_version=PROTOCOL_VERSION, host=pb.HostInfo(worker_name=reported))
+
+    monkeypatch.setattr(WorkerConnection, "handshake", handshake)
+    return probe_workers(settings, 1.0)
+
+
+def test_probed_workers_are_shown_under_the_names_the_master_shows_them_under(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A probe (no model served) named each worker by the --name it reported, bypassing the master's rules: two
+    workers started with one --name were both shown under it, and the dashboard drew one card for the two."""
+    specs = parse_workers_flag("127.0.0.1:10128,127.0.0.1:10129")
+    settings = ServeSettings(workers=specs)
+    names = [node["name"] for node in _probed(monkeypatch, settings, "same")]
+    assert names == [spec.name for spec in specs] and len(set(names)) == 2
+    settings.worker_names.adopt(specs[0], "gpu-a")  # as a placement adopts a name no other worker has
+    assert [node["name"] for node in _probed(monkeypatch, settings, "same")] == ["gpu-a", specs[1].name]
+
+
+def test_a_probe_of_a_worker_that_is_not_there_is_quick_and_lists_its_fields_as_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each probe of a worker that did not answer also knocked on its port to say why (up to 2 s more), at every
+    1-second poll of the dashboard with no model served; and it lacked the fields a topology node has."""
+    knocked: list[str] = []
+    monkeypatch.setattr(WorkerConnection, "_knock", lambda self: knocked.append(self.spec.address) or "refused")
+    settings = ServeSettings(workers=parse_workers_flag(f"127.0.0.1:{free_port()}"))
+    [down] = probe_workers(settings, 0.5)
+    assert (down["status"], knocked) == ("down", [])
+    assert {key: down[key] for key in DOWN_FACTS} == DOWN_FACTS
