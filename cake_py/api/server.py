@@ -88,9 +88,14 @@ def build_state(settings: ServeSettings) -> ServerState:
 
         check_master_holds_all(source, torch_dtype(settings.dtype), device)
     pipeline = build_pipeline(settings, source, device)
-    engine = make_engine(pipeline, source, settings)
-    tflops = measure_tflops(device)
-    release_openmp_threads()  # the engine thread must own the only OpenMP pool
+    engine: Engine | None = None
+    try:
+        engine = make_engine(pipeline, source, settings)
+        tflops = measure_tflops(device)
+        release_openmp_threads()  # the engine thread must own the only OpenMP pool
+    except BaseException:  # a failure, or a stop (SIGTERM, Ctrl-C): the workers drop the layers just placed
+        (engine.close if engine is not None else pipeline.close)()
+        raise
     state = ServerState(
         engine=engine,
         source=source,
