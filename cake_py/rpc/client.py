@@ -57,6 +57,9 @@ FAST_RETRY_MAX_S = 60.0
 # every request in flight, though the worker was back a second later). While it is silent it is pinged again at
 # once, so it is down this long after its last answer, give or take a ping's timeout.
 SILENT_DOWN_S = 5.0
+# A forward unanswered this long, by a worker that answers its pings and has worked on no forward as long, was lost
+# (dropped on the worker's side): the stage turns down and the step fails, as a chained one does (chain.CHAIN_STALL_S).
+FORWARD_LOST_S = 30.0
 _DIGITS = re.compile(r"[0-9]+")
 
 
@@ -87,6 +90,7 @@ class RemoteStage:
         self._answered_at = time.monotonic()  # of the last answer (a ping's, or the Assign that made it up)
         self._late = False  # the last ping went unanswered (the worker is silent, not yet for SILENT_DOWN_S)
         self._worked_at = 0.0  # when, by that answer, the worker last worked on a forward (now: working, or can't say)
+        self._sent_at: float | None = None  # when the forward now waiting for this worker's answer was sent
         # Sequences finished while the worker was down: it may still hold their caches (a network cut, a pause),
         # so they are released once it is back.
         self._unreleased: set[int] = set()
@@ -161,27 +165,11 @@ class RemoteStage:
             assignment=self.connection.assignment,
         )
         encode_tensor(hidden, out=request.hidden)
-        fast = self._fast_path()
-        if fast is not None:
-            try:
-                sock = fast.send(request.SerializeToString())
-                reply = pb.ForwardReply.FromString(read_frame(sock))
-                # A chained step that failed may still be answered here later: such answers are skipped. An error
-                # without an id (the worker could not parse the request) is this request's answer.
-                while reply.request_id != request.request_id and not (reply.error and not reply.request_id):
-                    reply = pb.ForwardReply.FromString(read_frame(sock))
-            except (OSError, ConnectionError, DecodeError) as error:
-                raise self._broken(error) from None
-        else:
-            outbox, call = self._stream()
-            outbox.put(request)
-            try:
-                reply = next(call)
-            except (grpc.RpcError, StopIteration) as error:
-                self._mark_down(str(error.details() if isinstance(error, grpc.Call) else "stream ended"))
-                raise StageError(
-                    f"{self.connection.label} failed during a forward pass: {self._status_error}"
-                ) from None
+        self._sent_at = time.monotonic()  # the monitor marks the worker down if this forward is lost
+        try:
+            reply = self._exchange(request)
+        finally:
+            self._sent_at = None
         if reply.error:
             raise StageError(f"{self.connection.label}: {reply.error}")
         out = on_device_of(decode_tensor(reply.hidden), hidden)
@@ -193,6 +181,28 @@ class RemoteStage:
         round_trip_ms = (time.perf_counter() - began) * 1000
         self.stats.record(reply.forward_us / 1000, round_trip_ms, len(request.hidden.data), len(reply.hidden.data))
         return out
+
+    def _exchange(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+        """`request` sent, on the fast path or the gRPC stream, and its answer."""
+        fast = self._fast_path()
+        if fast is not None:
+            try:
+                sock = fast.send(request.SerializeToString())
+                reply = pb.ForwardReply.FromString(read_frame(sock))
+                # A chained step that failed may still be answered here later: such answers are skipped. An error
+                # without an id (the worker could not parse the request) is this request's answer.
+                while reply.request_id != request.request_id and not (reply.error and not reply.request_id):
+                    reply = pb.ForwardReply.FromString(read_frame(sock))
+            except (OSError, ConnectionError, DecodeError) as error:
+                raise self._broken(error) from None
+            return reply
+        outbox, call = self._stream()
+        outbox.put(request)
+        try:
+            return next(call)
+        except (grpc.RpcError, StopIteration) as error:
+            self._mark_down(str(error.details() if isinstance(error, grpc.Call) else "stream ended"))
+            raise StageError(f"{self.connection.label} failed during a forward pass: {self._status_error}") from None
 
     # ---- chained forward ----
     def chainable(self) -> bool:
@@ -282,6 +292,17 @@ class RemoteStage:
             )  # fmt: skip
         self._late = True
 
+    def _lost_forward(self) -> str | None:
+        """Why the forward waiting for this worker's answer is lost, if it is: sent over FORWARD_LOST_S ago, and the
+        worker, answering its pings since, has worked on no forward for as long (one it works on now reads 0).
+        Nothing else bounds that wait: a forward the worker dropped left the engine thread waiting for ever."""
+        sent, now = self._sent_at, time.monotonic()
+        if sent is None or now - sent < FORWARD_LOST_S or self._info_at <= sent:
+            return None
+        if self._worked_at >= now - FORWARD_LOST_S:
+            return None
+        return f"a forward sent {now - sent:.0f} s ago got no answer, and the worker has worked on none since"
+
     def _ping_timeout(self) -> float:
         """A ping's timeout: PING_TIMEOUT_S, cut to end when the worker will have been silent for SILENT_DOWN_S."""
         left = self._answered_at + SILENT_DOWN_S - time.monotonic()
@@ -317,6 +338,8 @@ class RemoteStage:
                     ):
                         # Someone else (another master) re-assigned it: its caches and maybe its layers are not ours.
                         self._mark_down(f"worker was re-assigned: it holds {info.model_id} {held}")
+                    elif (lost := self._lost_forward()) is not None:
+                        self._mark_down(lost)
                     else:
                         self._release_unreleased()
                 except WorkerSilentError:

@@ -413,3 +413,44 @@ def test_layers_the_worker_has_cached_are_not_loaded_again_for_its_assign(
     assert loaded and {name.split(".")[2] for name in loaded} == {"1"}  # layers 0 and 2 are in the worker's cache
     streamed = {chunk.chunk.name for chunk in sent if chunk.WhichOneof("payload") == "chunk"}
     assert streamed == {spec.name for spec in specs if spec.sha256 in missing}
+
+
+class IdleConnection(FlakyConnection):
+    """Answers its pings, and says it has worked on no forward for `idle` seconds."""
+
+    def __init__(self, idle: float) -> None:
+        super().__init__()
+        self.idle = idle
+
+    def info(self, timeout: float = 1.5) -> pb.InfoReply:
+        return pb.InfoReply(
+            status=pb.WORKER_STATUS_READY,
+            layers=pb.LayerRange(start=0, end=2),
+            model_id="m",
+            forward_idle_seconds=self.idle,
+        )
+
+
+@pytest.mark.parametrize(("idle", "lost"), [(60.0, True), (0.0, False)])
+def test_a_forward_the_worker_dropped_turns_the_stage_down(
+    monkeypatch: pytest.MonkeyPatch, idle: float, lost: bool
+) -> None:
+    """A forward a worker dropped while it went on answering its pings was waited for for ever (no timeout on the
+    stream's read or the fast path's socket): the engine thread hung. One it works on (a long prefill) is not lost."""
+    from cake_py.rpc import client
+
+    monkeypatch.setattr(client, "FORWARD_LOST_S", 0.3)
+    connection = IdleConnection(idle)
+    remote = RemoteStage(connection, Assignment("m", "{}", None, 0, 2, torch.float32))  # type: ignore[arg-type]
+    try:
+        remote._sent_at = time.monotonic()  # noqa: SLF001  # what forward() sets while it waits for the answer
+        deadline = time.monotonic() + (5 if lost else 2)  # pings come every second
+        while remote.healthy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if lost:
+            assert not remote.healthy()
+            assert "got no answer, and the worker has worked on none since" in remote._status_error  # noqa: SLF001
+        else:
+            assert remote.healthy()
+    finally:
+        remote.close()
