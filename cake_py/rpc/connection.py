@@ -19,7 +19,8 @@ from typing import Any
 import grpc
 import torch
 
-from cake_py.config import WorkerNames, WorkerSpec
+from cake_py.cluster.names import WorkerNames
+from cake_py.config import WorkerSpec
 from cake_py.errors import ClusterError, WorkerSilentError
 from cake_py.models.weights import LAYER_PATTERN, WeightSource, load_stage_tensors
 from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES

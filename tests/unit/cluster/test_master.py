@@ -15,8 +15,9 @@ from cake_py.cluster.master import (
     micro_batch_tokens,
     probe_workers,
 )
+from cake_py.cluster.names import WorkerNames
 from cake_py.cluster.pipeline import MICRO_BATCH_TOKENS
-from cake_py.config import ServeSettings, WorkerNames, parse_workers_flag
+from cake_py.config import ServeSettings, parse_workers_flag
 from cake_py.rpc import PROTOCOL_VERSION
 from cake_py.rpc.connection import WorkerConnection
 from cake_py.rpc.pb import worker_pb2 as pb
