@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ from cake_py.errors import ClusterError, WorkerSilentError
 from cake_py.models.weights import LAYER_PATTERN, WeightSource, load_stage_tensors
 from cake_py.rpc import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES
 from cake_py.rpc.codec import dtype_to_pb
+from cake_py.rpc.first_contact import knock, tls_probe
 from cake_py.rpc.pb import worker_pb2 as pb
 from cake_py.rpc.pb import worker_pb2_grpc as pb_grpc
 from cake_py.rpc.security import key_metadata
@@ -41,10 +41,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 HANDSHAKE_TIMEOUT_S = 10.0
-KNOCK_TIMEOUT_S = 2.0  # a failed first handshake's own look at the port: connect, and wait this long for a word
-# What an HTTP/2 client sends first (the preface, then an empty SETTINGS frame): a plaintext gRPC server answers with
-# its own SETTINGS; a TLS server closes the connection (it is no TLS record); a paused process says nothing.
-_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 PROGRESS_EVERY_S = 10.0  # a line on the master's log this often while weights stream to a worker
 VERIFY_BYTES_PER_S = 50e6  # the slowest rate a worker may hash its cached weights at (an old disk, no SHA units)
 PING_INTERVAL_S = 1.0
@@ -210,7 +206,7 @@ class WorkerConnection:
         listens, a worker that is paused, and a TLS mismatch (it retries each until the deadline): a look of our own
         at the port tells them apart."""
         unreachable = f"{self.label} is unreachable (handshaking)"
-        found = self._knock()
+        found = knock(self.spec.address)
         if found == "refused":
             return f"{unreachable}: nothing listens there (connection refused): is `cake worker` running, on that port?"
         if found == "silent":
@@ -227,27 +223,6 @@ class WorkerConnection:
             return f"{unreachable}: {found} (is the host up and the address right, or does a firewall drop it?)"
         return f"{unreachable}: {details}{self._first_contact_hint('handshaking')}"
 
-    def _knock(self) -> str:
-        """ "refused", "no connection (why)", "silent" (connected, no word within KNOCK_TIMEOUT_S), "plaintext" (an
-        HTTP/2 server without TLS answered) or "closed" (closed at once, or answered in something else: TLS)."""
-        host, _, port = self.spec.address.rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=KNOCK_TIMEOUT_S) as raw:
-                raw.sendall(_HTTP2_PREFACE)
-                try:
-                    first = raw.recv(9)
-                except TimeoutError:
-                    return "silent"
-                except OSError:
-                    return "closed"
-        except ConnectionRefusedError:
-            return "refused"
-        except TimeoutError:
-            return f"no connection within {KNOCK_TIMEOUT_S:g} s"
-        except (OSError, ValueError) as error:
-            return f"no connection ({error})"
-        return "plaintext" if len(first) >= 4 and first[3] == 0x04 else "closed"  # a SETTINGS frame's type
-
     def _first_contact_hint(self, doing: str) -> str:
         # A TLS mismatch looks like an unreachable worker from here: gRPC just retries the failed TLS handshakes.
         if doing != "handshaking":
@@ -257,32 +232,7 @@ class WorkerConnection:
         if self.credentials is None:
             return "; is `cake worker` running there, without TLS? (a TLS worker needs --tls-ca on the master)"
         hint = "; is `cake worker` running there with TLS, and is its certificate signed by --tls-ca for this address?"
-        return hint + self._tls_probe()
-
-    def _tls_probe(self) -> str:
-        """gRPC only says it could not connect: a TLS handshake of our own finds out why the certificate failed."""
-        if self.tls is None:
-            return ""
-        host, _, port = self.spec.address.rpartition(":")
-        host = host.strip("[]")
-        refused = (
-            " (the worker refused this master's certificate{}: a worker started with --tls-ca wants the master's "
-            "--tls-cert/--tls-key, signed by that CA)"
-        )
-        self.tls.set_alpn_protocols(["h2"])  # what gRPC offers: without it the worker's gRPC port says nothing
-        try:
-            with socket.create_connection((host, int(port)), timeout=2.0) as raw:
-                with self.tls.wrap_socket(raw, server_hostname=host) as link:
-                    # With TLS 1.3 the worker judges our certificate after our side of the handshake is done: its
-                    # verdict is the first thing read (its HTTP/2 settings when all is well; else an alert, or the
-                    # connection closed at once).
-                    return "" if link.recv(1) else refused.format("")
-        except ssl.SSLCertVerificationError as error:
-            return f" (its certificate: {error.verify_message})"
-        except ssl.SSLError as error:
-            return refused.format(f" ({error.reason})") if "ALERT" in (error.reason or "") else ""
-        except (OSError, ValueError):
-            return ""
+        return hint + (tls_probe(self.spec.address, self.tls) if self.tls is not None else "")
 
     def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S, *, diagnose: bool = True) -> pb.HandshakeReply:
         """The worker's facts and protocol version. A first one that fails says why, from a look of its own at the

@@ -19,6 +19,7 @@ from cake_py.cluster.names import WorkerNames
 from cake_py.cluster.pipeline import MICRO_BATCH_TOKENS
 from cake_py.config import ServeSettings, parse_workers_flag
 from cake_py.rpc import PROTOCOL_VERSION
+from cake_py.rpc import connection as connection_module
 from cake_py.rpc.connection import WorkerConnection
 from cake_py.rpc.pb import worker_pb2 as pb
 from tests.fixtures.cluster import free_port
@@ -186,7 +187,7 @@ def test_a_probe_of_a_worker_that_is_not_there_is_quick_and_lists_its_fields_as_
     """Each probe of a worker that did not answer also knocked on its port to say why (up to 2 s more), at every
     1-second poll of the dashboard with no model served; and it lacked the fields a topology node has."""
     knocked: list[str] = []
-    monkeypatch.setattr(WorkerConnection, "_knock", lambda self: knocked.append(self.spec.address) or "refused")
+    monkeypatch.setattr(connection_module, "knock", lambda address: knocked.append(address) or "refused")
     settings = ServeSettings(workers=parse_workers_flag(f"127.0.0.1:{free_port()}"))
     [down] = probe_workers(settings, 0.5)
     assert (down["status"], knocked) == ("down", [])

@@ -352,9 +352,9 @@ def test_a_first_handshake_that_fails_says_what_happened(
 ) -> None:
     """A port with nothing listening, a frozen worker and a TLS worker all read "Deadline Exceeded; is `cake worker`
     running there, without TLS?": the hint blamed TLS for a worker that was paused or not started."""
-    from cake_py.rpc import connection
+    from cake_py.rpc import first_contact
 
-    monkeypatch.setattr(connection, "KNOCK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(first_contact, "KNOCK_TIMEOUT_S", 0.5)
     link = WorkerConnection(WorkerSpec("w1", port_that), None, None)
     try:
         with pytest.raises(ClusterError) as caught:
