@@ -356,10 +356,13 @@ def test_topology_and_health_over_http_during_generation_and_faults(
 
 
 def test_with_no_model_served_the_topology_lists_the_workers_as_they_are(
-    cluster: LocalCluster, tiny_model_factory: TinyModelFactory
+    cluster: LocalCluster, tiny_model_factory: TinyModelFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After an unload (or a failed load whose restore failed) the topology was a 404, so the cluster view could not
     show the worker at fault, only /health could."""
+    from cake_py.api import state as state_module
+
+    monkeypatch.setattr(state_module, "PROBES_REUSED_S", 0.0)  # every call probes (polls of 2 s share one probe)
     first, second = cluster.start_workers(2)
     settings = tiny_settings(tiny_model_factory("llama"), workers=[first.spec((0, 2)), second.spec((2, 3))])
     with running_server(settings) as server, httpx.Client(base_url=server.base_url, timeout=30.0) as http:
