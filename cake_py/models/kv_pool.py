@@ -134,7 +134,12 @@ class RowPool:
     def _resize(self, n_rows: int) -> None:
         """Reallocate to `n_rows` rows, the used rows above it moved down into free ones. The new tensors are
         allocated first (the old ones stay until they hold a copy: room is needed for both), so if that fails, nothing
-        has changed."""
+        has changed. A pool with no row in use empties at once (nothing to copy: no room needed, so it goes when
+        memory is shortest too, where a copy of even a few rows is refused)."""
+        if n_rows == 0 and self.n_used == 0:
+            self.keys, self.values = self.keys[:0].clone(), self.values[:0].clone()
+            self._owners, self._free = [], []
+            return
         check_room(n_rows * self._row_bytes, self.keys.device)
         keys = self.keys.new_zeros(n_rows, *self._shape)
         values = self.values.new_zeros(n_rows, *self._shape)

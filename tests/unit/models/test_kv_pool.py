@@ -359,3 +359,23 @@ def test_handing_the_heaps_free_memory_back_runs_here() -> None:
     garbage = [bytearray(1 << 20) for _ in range(64)]  # 64 MiB freed into the heap
     del garbage
     assert isinstance(release_free_heap(), bool)
+
+
+def test_a_pool_whose_rows_are_all_given_back_empties_when_memory_is_shortest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shrink allocates its smaller copy first, and the memory check refused even an empty one once free memory
+    was under the margin kept free: after a burst under memory pressure an idle worker kept every pool it had grown
+    (230 MB), and each later request was a 503 for want of memory."""
+    store = KVStore(2, 1, 2, torch.float32, CPU)
+    for seq_id in range(4):
+        for cache in store.for_batch([SequenceSlice(seq_id, 0, 10)])[0]:
+            cache.update(torch.ones(1, 1, 10, 2), torch.ones(1, 1, 10, 2), 0)
+    assert store.nbytes > 0
+    monkeypatch.setattr(kv_pool, "host_memory", FakeMemory(1 << 20))
+    try:
+        kv_pool.set_keep_free(2 << 20)  # 1 MiB free, under the 2 MiB kept free: every check_room refuses
+        store.release([0, 1, 2, 3])
+        assert store.nbytes == 0
+    finally:
+        kv_pool.set_keep_free(None)
