@@ -38,6 +38,7 @@ class Submission:
     context_length: int
     vocab_size: int
     max_queued: int
+    max_running: int
     _seq_ids: Iterator[int]
     _request: int | None
     _inbox: queue.SimpleQueue[Sequence | int]
@@ -84,16 +85,19 @@ class Submission:
                 self._request = outer
 
     def check_room(self, count: int) -> None:
-        """Whether a request of `count` sequences may queue now: OverloadedError while the queue is too full for
-        them (retry later), RequestError if they could never fit. Submit them with `queue_checked=True`."""
-        if count > self.max_queued:
+        """Whether a request of `count` sequences may queue now: OverloadedError while more than `max_queued` would
+        be left waiting for a slot (retry later), RequestError if they could never fit. Sequences that free slots
+        take at once do not wait: a burst on an idle server was refused past --max-queue though every one would
+        start in the next step. Submit them with `queue_checked=True`."""
+        if count > self.max_queued + self.max_running:
             raise RequestError(
-                f"the request needs {count} sequences (prompts × n) but at most {self.max_queued} can wait to start "
-                "(--max-queue): send fewer at once"
+                f"the request needs {count} sequences (prompts × n) but at most {self.max_running} run and "
+                f"{self.max_queued} wait to start (--max-running, --max-queue): send fewer at once"
             )
-        if self.queue_depth + count > self.max_queued:
+        free = max(0, self.max_running - len(self._running))
+        if self.queue_depth + count - free > self.max_queued:
             raise OverloadedError(
-                f"the server is busy: {self.queue_depth} sequences are waiting to start (--max-queue "
+                f"the server is busy: {max(0, self.queue_depth - free)} sequences are waiting to start (--max-queue "
                 f"{self.max_queued}); retry shortly"
             )
 

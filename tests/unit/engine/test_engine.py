@@ -248,7 +248,8 @@ def test_a_full_queue_refuses_and_queued_cancels_release_nothing(tiny_model_fact
     releases = _counting_releases(pipeline)
     engine = Engine(pipeline, source.tokenizer, max_running=2, max_queued=500)
     finished: list[GenerationEvent] = []
-    ids = [engine.submit([5, 6, 7], GREEDY, finished.append) for _ in range(500)]  # not started: all wait
+    # Not started: 2 would take the free slots, 500 wait.
+    ids = [engine.submit([5, 6, 7], GREEDY, finished.append) for _ in range(502)]
     with pytest.raises(OverloadedError, match="500 sequences are waiting"):
         engine.submit([5, 6, 7], GREEDY, finished.append)
     for seq_id in ids[2:]:
@@ -257,13 +258,13 @@ def test_a_full_queue_refuses_and_queued_cancels_release_nothing(tiny_model_fact
     try:
         for _ in range(3000):
             # (the sink also gets the two running sequences' token events: count the ends)
-            if sum(event.finished for event in finished) == 500 and engine.in_flight == 0:
+            if sum(event.finished for event in finished) == 502 and engine.in_flight == 0:
                 break
             threading.Event().wait(0.02)
     finally:
         engine.stop()
     reasons = [event.finish_reason for event in finished]
-    assert reasons.count("cancelled") == 498 and reasons.count("length") == 2
+    assert reasons.count("cancelled") == 500 and reasons.count("length") == 2
     # Only the two that ran had caches anywhere; they are released together or one step apart, never per cancel.
     released = [seq_id for call in releases for seq_id in call]
     assert sorted(released) == sorted(ids[:2]) and len(releases) <= 2
@@ -322,14 +323,27 @@ def test_a_release_that_raises_loses_no_answer_and_stops_nothing(tiny_model_fact
 
 def test_a_request_is_admitted_whole_or_refused_whole(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
     source = resolve_model(str(tiny_model_factory("llama")))
-    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, max_queued=4)
-    engine.check_room(4)  # an idle engine takes a request of 4 sequences, submitted one after another
-    for _ in range(3):
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, max_running=2, max_queued=4)
+    engine.check_room(6)  # an idle engine takes a request of 6 sequences: 2 start, 4 wait
+    for _ in range(5):
         engine.submit([5], GREEDY, lambda event: None, queue_checked=True)
+    engine.check_room(1)  # the 2 free slots take 2 of the 6: 4 wait
     with pytest.raises(OverloadedError, match="3 sequences are waiting"):
         engine.check_room(2)
-    with pytest.raises(RequestError, match="needs 5 sequences"):
-        engine.check_room(5)  # never fits: a 400, not "retry shortly"
+    with pytest.raises(RequestError, match=r"needs 7 sequences \(prompts × n\) but at most 2 run and 4 wait"):
+        engine.check_room(7)  # never fits: a 400, not "retry shortly"
+
+
+def test_a_burst_that_free_slots_take_is_not_refused_for_the_queue(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """With --max-queue 4 an idle server refused 11 of 16 simultaneous requests, though its 16 slots would start
+    every one in the next step: sequences not yet taken from the inbox counted as waiting."""
+    source = resolve_model(str(tiny_model_factory("llama")))
+    engine = Engine(local_pipeline(source, torch.float32), source.tokenizer, max_running=16, max_queued=4)
+    for _ in range(20):  # not started: nothing leaves the inbox, as within one step of a running engine
+        engine.check_room(1)
+        engine.submit([5], GREEDY, lambda event: None, queue_checked=True)
+    with pytest.raises(OverloadedError, match="4 sequences are waiting"):
+        engine.check_room(1)
 
 
 def test_close_waits_for_a_step_in_progress_before_closing_the_pipeline(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
