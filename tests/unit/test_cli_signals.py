@@ -68,17 +68,6 @@ def _start_ignoring_sigint(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _assert_interrupted(cake: subprocess.Popen[str]) -> str:
-    """SIGINT now: the process ends at once as a Ctrl-C during startup does; its stdout."""
-    cake.send_signal(signal.SIGINT)
-    interrupted = time.monotonic()
-    out, err = cake.communicate(timeout=30)
-    assert time.monotonic() - interrupted < 5, err
-    assert cake.returncode == 130 and "Traceback" not in err, err
-    assert err.splitlines()[-1] == "cake: interrupted", err
-    return out
-
-
 def _catches_sigint(pid: int) -> bool:
     """Whether the process has a handler for SIGINT (Linux's view of it: a bit of SigCgt)."""
     with open(f"/proc/{pid}/status") as status:
@@ -86,37 +75,42 @@ def _catches_sigint(pid: int) -> bool:
     return bool(int(caught.split()[1], 16) & (1 << (signal.SIGINT - 1)))
 
 
-def _assert_stopped_starting(cake: subprocess.Popen[str], command: str) -> str:
-    """SIGTERM now: the process ends at once, saying it stopped, and exits 0 as a stop while serving does; its
-    stdout."""
-    cake.send_signal(signal.SIGTERM)
+def _assert_stopped_starting(cake: subprocess.Popen[str], command: str, signum: int) -> str:
+    """`signum` now: the process ends at once, as a Ctrl-C (SIGINT: "cake: interrupted", 130) or a stop while
+    serving (SIGTERM: "cake <command>: stopped (SIGTERM)", 0) does; its stdout."""
+    said, code = ("cake: interrupted", 130) if signum == signal.SIGINT else (f"cake {command}: stopped (SIGTERM)", 0)
+    cake.send_signal(signum)
     stopped = time.monotonic()
     out, err = cake.communicate(timeout=30)
     assert time.monotonic() - stopped < 5, err
-    assert cake.returncode == 0 and "Traceback" not in err, (cake.returncode, err)
-    assert err.splitlines()[-1] == f"cake {command}: stopped (SIGTERM)", err
+    assert cake.returncode == code and "Traceback" not in err, (cake.returncode, err)
+    assert err.splitlines()[-1] == said, err
     return out
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads the handlers from /proc")
-def test_a_worker_stops_on_sigterm_while_it_starts_as_it_does_serving() -> None:
-    """SIGTERM before the worker listened killed it by the signal's default: exit 143, not a word on stderr."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_worker_stops_on_a_signal_while_it_starts_as_it_does_serving(signum: int) -> None:
+    """Started with SIGINT ignored, Python raises no KeyboardInterrupt: the worker ignored it until it served; and
+    SIGTERM before it listened killed it by the signal's default: exit 143, not a word on stderr."""
     cake = _start_ignoring_sigint("worker", "--host", "127.0.0.1", "--port", "0", "--threads", "1")
     try:
         deadline = time.monotonic() + 30
         while not _catches_sigint(cake.pid):  # the CLI's startup handlers are in place: before torch is imported
             assert cake.poll() is None and time.monotonic() < deadline, "the worker never handled SIGINT"
             time.sleep(0.01)
-        assert "listening on" not in _assert_stopped_starting(cake, "worker")
+        assert "listening on" not in _assert_stopped_starting(cake, "worker", signum)
     finally:
         if cake.poll() is None:
             cake.kill()
             cake.communicate()
 
 
-def test_serve_stops_on_sigterm_while_it_handshakes_as_it_does_serving(tiny_llama: Path) -> None:
-    """`docker stop` during a long startup: SIGTERM while the master handshook with its workers exited 143 with
-    nothing on stderr, where Ctrl-C there said `cake: interrupted` and a SIGTERM while serving exits 0."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_on_a_signal_while_it_handshakes_as_it_does_serving(tiny_llama: Path, signum: int) -> None:
+    """Started with SIGINT ignored, `cake serve` waited out --connect-timeout of a worker that never answered; and
+    `docker stop` during a long startup (SIGTERM while the master handshook with its workers) exited 143 with nothing
+    on stderr, where a SIGTERM while serving exits 0."""
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the handshake waits its deadline
     port = silent.getsockname()[1]
     args = ["serve", str(tiny_llama), "--workers", f"127.0.0.1:{port}", "--connect-timeout", "60", "--port", "0"]
@@ -124,42 +118,7 @@ def test_serve_stops_on_sigterm_while_it_handshakes_as_it_does_serving(tiny_llam
     connected: socket.socket | None = None
     try:
         connected = first_connection(silent, cake)  # the master is handshaking now
-        _assert_stopped_starting(cake, "serve")
-    finally:
-        if cake.poll() is None:
-            cake.kill()
-            cake.communicate()
-        if connected is not None:
-            connected.close()
-        silent.close()
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="reads the handlers from /proc")
-def test_a_worker_started_with_sigint_ignored_still_stops_on_it_while_it_starts() -> None:
-    """Started with SIGINT ignored, Python raises no KeyboardInterrupt: the worker ignored it until it served."""
-    cake = _start_ignoring_sigint("worker", "--host", "127.0.0.1", "--port", "0", "--threads", "1")
-    try:
-        deadline = time.monotonic() + 30
-        while not _catches_sigint(cake.pid):  # its handler in place: before torch is imported, after the fix
-            assert cake.poll() is None and time.monotonic() < deadline, "the worker never handled SIGINT"
-            time.sleep(0.01)
-        assert "listening on" not in _assert_interrupted(cake)
-    finally:
-        if cake.poll() is None:
-            cake.kill()
-            cake.communicate()
-
-
-def test_serve_started_with_sigint_ignored_still_stops_on_it_while_it_starts(tiny_llama: Path) -> None:
-    """Started with SIGINT ignored, `cake serve` waited out --connect-timeout of a worker that never answered."""
-    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: the handshake waits its deadline
-    port = silent.getsockname()[1]
-    args = ["serve", str(tiny_llama), "--workers", f"127.0.0.1:{port}", "--connect-timeout", "60", "--port", "0"]
-    cake = _start_ignoring_sigint(*args, "--threads", "1")
-    connected: socket.socket | None = None
-    try:
-        connected = first_connection(silent, cake)  # the master is handshaking now
-        _assert_interrupted(cake)
+        _assert_stopped_starting(cake, "serve", signum)
     finally:
         if cake.poll() is None:
             cake.kill()
