@@ -289,8 +289,9 @@ def test_a_finished_reply_is_no_failed_request_and_stop_still_cancels(
             page.click("#stop")
             expect(page.get_by_test_id("assistant-message").last).to_have_attribute("data-state", "stopped")
             deadline = time.monotonic() + 5
-            while engine.in_flight and time.monotonic() < deadline:
-                time.sleep(0.05)
+            # page.wait_for_timeout, not time.sleep: Playwright delivers the requestfailed event only while it runs
+            while (engine.in_flight or not failed) and time.monotonic() < deadline:
+                page.wait_for_timeout(50)
             assert engine.in_flight == 0, "the server kept generating after Stop"
             assert len(failed) == 1 and "ERR_ABORTED" in failed[0], failed  # the stopped reply, cancelled
         assert problems == []
