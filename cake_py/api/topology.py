@@ -14,7 +14,7 @@ from cake_py.api.failover import left_out
 from cake_py.api.state import NO_TEXT_MODEL, ServerState
 from cake_py.api.system import PROBE_TIMEOUT_S
 from cake_py.cluster.hostinfo import host_facts
-from cake_py.cluster.topology import build_topology, layer_names
+from cake_py.cluster.topology import build_topology, layer_names, master_node
 from cake_py.engine.faults import ENGINE_DEAD
 
 
@@ -70,7 +70,6 @@ def unserved_document(state: ServerState, switching: str | None) -> dict[str, An
         reason = f"the server is {switching}"
     else:
         reason = state.restore_error or f"{NO_TEXT_MODEL}: load one with POST /models/load"
-    master = host_facts(state.device, state.tflops)
     workers = []
     for node in state.worker_probes.get(lambda: probe_workers(state.settings, PROBE_TIMEOUT_S)):
         held = node.pop("layers")  # [start, end) of a model this master does not serve: another's, or one let go
@@ -87,22 +86,7 @@ def unserved_document(state: ServerState, switching: str | None) -> dict[str, An
         "num_layers": None,
         "memory_bytes": None,
         "layer_size_bytes": None,
-        "master": {
-            "name": "master",
-            "device": master.device,
-            "backend": master.backend,
-            "layers": [],
-            "vram_bytes": master.memory_total_bytes,
-            "memory_free_bytes": master.memory_free_bytes,
-            "tflops": master.tflops,
-            "hostname": master.hostname,
-            "os": master.os,
-            "status": "up",
-            "error": None,
-            "forward_ms": None,
-            "kv_cache_bytes": None,
-            "live_sequences": None,
-        },
+        "master": master_node(host_facts(state.device, state.tflops), []),
         "workers": workers,
         "layer_details": {},
         "live": live_figures(state),

@@ -47,6 +47,33 @@ def layer_names(start: int, end: int) -> list[str]:
     return [f"model.layers.{i}" for i in range(start, end)]
 
 
+def master_node(
+    master: HostFacts,
+    layers: list[str],
+    error: str | None = None,
+    forward_ms: float | None = None,
+    kv_cache_bytes: int | None = None,
+    live_sequences: int | None = None,
+) -> dict[str, Any]:
+    """The master's node: its host facts, the layers it holds, and its live figures (None: not known, no model)."""
+    return {
+        "name": "master",
+        "device": master.device,
+        "backend": master.backend,
+        "layers": layers,
+        "vram_bytes": master.memory_total_bytes,
+        "memory_free_bytes": master.memory_free_bytes,
+        "tflops": master.tflops,
+        "hostname": master.hostname,
+        "os": master.os,
+        "status": "down" if error else "up",
+        "error": error,
+        "forward_ms": forward_ms,
+        "kv_cache_bytes": kv_cache_bytes,
+        "live_sequences": live_sequences,
+    }
+
+
 def build_topology(
     source: ModelSource,
     model_name: str,
@@ -83,22 +110,9 @@ def build_topology(
         "num_layers": source.config.n_layers,
         "memory_bytes": total,
         "layer_size_bytes": int(sum(layer_sizes) / len(layer_sizes)) if layer_sizes else 0,
-        "master": {
-            "name": "master",
-            "device": master.device,
-            "backend": master.backend,
-            "layers": master_layers,
-            "vram_bytes": master.memory_total_bytes,
-            "memory_free_bytes": master.memory_free_bytes,
-            "tflops": master.tflops,
-            "hostname": master.hostname,
-            "os": master.os,
-            "status": "down" if master_error else "up",
-            "error": master_error,
-            "forward_ms": master_forward_ms,
-            "kv_cache_bytes": master_kv_bytes,
-            "live_sequences": master_sequences,
-        },
+        "master": master_node(
+            master, master_layers, master_error, master_forward_ms, master_kv_bytes, master_sequences
+        ),
         "workers": workers,
         "layer_details": details,
         "live": live,
